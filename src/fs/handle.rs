@@ -1,0 +1,96 @@
+//! Open files and directories. A file opened for writing works on a private staged copy
+//! (created at the first write, or at open with `O_TRUNC`); reads through it see its own writes,
+//! and everybody else keeps seeing the committed content until the copy is committed.
+
+use std::ffi::OsString;
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+
+use super::error::{Errno, FsResult};
+use super::inode::Ino;
+use crate::store::{Content, Kind, Staged, Store};
+
+/// An open regular file.
+pub struct FileHandle {
+    pub ino: Ino,
+    pub writable: bool,
+    pub append: bool,
+    /// Whether the kernel serves this handle without its page cache.
+    pub direct_io: bool,
+    /// The committed content as of open (or of this handle's last commit).
+    pub committed: Option<Arc<dyn Content>>,
+    /// The working copy, once this handle has started changing the file.
+    pub staged: Option<Staged>,
+    /// The working copy differs from what was last committed.
+    pub dirty: bool,
+}
+
+impl FileHandle {
+    /// Creates the working copy if there is none yet, seeded from the committed content.
+    pub fn ensure_staged(&mut self, store: &dyn Store) -> FsResult<&Staged> {
+        if self.staged.is_none() {
+            let seed = self.committed.as_deref();
+            self.staged = Some(store.stage(seed)?);
+        }
+        Ok(self.staged.as_ref().expect("just staged"))
+    }
+
+    /// Reads up to `size` bytes at `offset` from what this handle sees.
+    pub fn read(&self, offset: u64, size: usize) -> FsResult<Vec<u8>> {
+        let mut buf = vec![0u8; size];
+        let mut done = 0;
+        while done < size {
+            let n = match (&self.staged, &self.committed) {
+                (Some(staged), _) => staged
+                    .file
+                    .read_at(&mut buf[done..], offset + done as u64)?,
+                (None, Some(content)) => content.read_at(&mut buf[done..], offset + done as u64)?,
+                (None, None) => 0,
+            };
+            if n == 0 {
+                break;
+            }
+            done += n;
+        }
+        buf.truncate(done);
+        Ok(buf)
+    }
+
+    /// Writes `data` at `offset` (at the end for `O_APPEND` handles) into the working copy.
+    pub fn write(&mut self, store: &dyn Store, offset: u64, data: &[u8]) -> FsResult<u32> {
+        if !self.writable {
+            return Err(Errno::EBADF);
+        }
+        let append = self.append;
+        let staged = self.ensure_staged(store)?;
+        let offset = if append {
+            staged.file.metadata()?.len()
+        } else {
+            offset
+        };
+        staged.file.write_all_at(data, offset)?;
+        self.dirty = true;
+        Ok(data.len() as u32)
+    }
+
+    /// Sets the working copy's length.
+    pub fn truncate(&mut self, store: &dyn Store, size: u64) -> FsResult<()> {
+        let staged = self.ensure_staged(store)?;
+        staged.file.set_len(size)?;
+        self.dirty = true;
+        Ok(())
+    }
+}
+
+/// One entry of a directory listing.
+#[derive(Clone, Debug)]
+pub struct DirItem {
+    pub name: OsString,
+    pub kind: Kind,
+}
+
+/// An open directory: a snapshot of its entries, refreshed when reading restarts at 0.
+pub struct DirHandle {
+    pub ino: Ino,
+    pub entries: Vec<DirItem>,
+}

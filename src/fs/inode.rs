@@ -1,0 +1,221 @@
+//! The inode table: kernel inode numbers ↔ entries of the space, kept as a tree of
+//! (parent, name) links so renaming a directory moves everything below it at once.
+
+use std::collections::HashMap;
+use std::ffi::{OsStr, OsString};
+use std::path::PathBuf;
+
+use crate::store::Kind;
+
+/// A kernel inode number.
+pub type Ino = u64;
+
+/// The inode number of the space root.
+pub const ROOT: Ino = 1;
+
+/// Parent value of an entry that no longer has a name (unlinked or replaced while in use).
+const DETACHED: Ino = 0;
+
+#[derive(Debug)]
+struct Node {
+    parent: Ino,
+    name: OsString,
+    kind: Kind,
+    /// How many times the kernel has been told about this inode and not forgotten it.
+    nlookup: u64,
+}
+
+/// Maps inode numbers to names in the space.
+#[derive(Debug)]
+pub struct InodeTable {
+    nodes: HashMap<Ino, Node>,
+    children: HashMap<(Ino, OsString), Ino>,
+    next: Ino,
+}
+
+impl Default for InodeTable {
+    fn default() -> Self {
+        let mut nodes = HashMap::new();
+        nodes.insert(
+            ROOT,
+            Node {
+                parent: DETACHED,
+                name: OsString::new(),
+                kind: Kind::Dir,
+                nlookup: 1,
+            },
+        );
+        InodeTable {
+            nodes,
+            children: HashMap::new(),
+            next: ROOT + 1,
+        }
+    }
+}
+
+impl InodeTable {
+    /// The path of `ino` relative to the space root, or `None` if it is unknown or detached.
+    pub fn path(&self, ino: Ino) -> Option<PathBuf> {
+        let mut names = Vec::new();
+        let mut cur = ino;
+        while cur != ROOT {
+            let node = self.nodes.get(&cur)?;
+            if node.parent == DETACHED {
+                return None;
+            }
+            names.push(node.name.as_os_str());
+            cur = node.parent;
+        }
+        Some(names.iter().rev().collect())
+    }
+
+    /// The parent directory of `ino` (the root is its own parent).
+    pub fn parent(&self, ino: Ino) -> Option<Ino> {
+        match self.nodes.get(&ino)?.parent {
+            DETACHED if ino == ROOT => Some(ROOT),
+            DETACHED => None,
+            parent => Some(parent),
+        }
+    }
+
+    /// The kind recorded for `ino`.
+    pub fn kind(&self, ino: Ino) -> Option<Kind> {
+        self.nodes.get(&ino).map(|n| n.kind)
+    }
+
+    /// The inode of `name` in `parent`, if the kernel knows it.
+    pub fn child(&self, parent: Ino, name: &OsStr) -> Option<Ino> {
+        self.children.get(&(parent, name.to_os_string())).copied()
+    }
+
+    /// Records that the kernel now holds a reference to `name` in `parent` (of `kind`),
+    /// returning its inode number. An entry whose kind changed behind our back gets a new inode.
+    pub fn remember(&mut self, parent: Ino, name: &OsStr, kind: Kind) -> Ino {
+        let key = (parent, name.to_os_string());
+        if let Some(&ino) = self.children.get(&key) {
+            let node = self
+                .nodes
+                .get_mut(&ino)
+                .expect("child index points at a node");
+            if node.kind == kind {
+                node.nlookup += 1;
+                return ino;
+            }
+            self.detach(parent, name);
+        }
+        let ino = self.next;
+        self.next += 1;
+        self.nodes.insert(
+            ino,
+            Node {
+                parent,
+                name: name.to_os_string(),
+                kind,
+                nlookup: 1,
+            },
+        );
+        self.children.insert(key, ino);
+        ino
+    }
+
+    /// Drops `n` kernel references to `ino`; the inode is forgotten when none are left.
+    pub fn forget(&mut self, ino: Ino, n: u64) {
+        if ino == ROOT {
+            return;
+        }
+        let Some(node) = self.nodes.get_mut(&ino) else {
+            return;
+        };
+        node.nlookup = node.nlookup.saturating_sub(n);
+        if node.nlookup == 0 {
+            let node = self.nodes.remove(&ino).expect("present");
+            if node.parent != DETACHED {
+                self.children.remove(&(node.parent, node.name));
+            }
+        }
+    }
+
+    /// Removes the name `name` in `parent`; its inode (if still in use) becomes detached.
+    pub fn detach(&mut self, parent: Ino, name: &OsStr) {
+        if let Some(ino) = self.children.remove(&(parent, name.to_os_string()))
+            && let Some(node) = self.nodes.get_mut(&ino)
+        {
+            node.parent = DETACHED;
+        }
+    }
+
+    /// Moves the entry `name` in `parent` to `new_name` in `new_parent`, replacing (detaching)
+    /// whatever was there; with `exchange`, the two entries swap places.
+    pub fn rename(
+        &mut self,
+        parent: Ino,
+        name: &OsStr,
+        new_parent: Ino,
+        new_name: &OsStr,
+        exchange: bool,
+    ) {
+        let src = self.children.remove(&(parent, name.to_os_string()));
+        let dst = self.children.remove(&(new_parent, new_name.to_os_string()));
+        if let Some(ino) = src {
+            self.place(ino, new_parent, new_name);
+        }
+        if let Some(ino) = dst {
+            if exchange {
+                self.place(ino, parent, name);
+            } else if let Some(node) = self.nodes.get_mut(&ino) {
+                node.parent = DETACHED;
+            }
+        }
+    }
+
+    fn place(&mut self, ino: Ino, parent: Ino, name: &OsStr) {
+        if let Some(node) = self.nodes.get_mut(&ino) {
+            node.parent = parent;
+            node.name = name.to_os_string();
+            self.children.insert((parent, name.to_os_string()), ino);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    #[test]
+    fn paths_follow_directory_renames() {
+        let mut t = InodeTable::default();
+        let a = t.remember(ROOT, OsStr::new("a"), Kind::Dir);
+        let f = t.remember(a, OsStr::new("f"), Kind::File);
+        assert_eq!(t.path(f).unwrap(), Path::new("a/f"));
+        t.rename(ROOT, OsStr::new("a"), ROOT, OsStr::new("b"), false);
+        assert_eq!(t.path(f).unwrap(), Path::new("b/f"));
+        assert_eq!(t.child(ROOT, OsStr::new("a")), None);
+    }
+
+    #[test]
+    fn replaced_and_unlinked_entries_are_detached() {
+        let mut t = InodeTable::default();
+        let x = t.remember(ROOT, OsStr::new("x"), Kind::File);
+        let y = t.remember(ROOT, OsStr::new("y"), Kind::File);
+        t.rename(ROOT, OsStr::new("x"), ROOT, OsStr::new("y"), false);
+        assert_eq!(t.path(x).unwrap(), Path::new("y"));
+        assert_eq!(t.path(y), None);
+        t.detach(ROOT, OsStr::new("y"));
+        assert_eq!(t.path(x), None);
+    }
+
+    #[test]
+    fn exchange_swaps_and_forget_releases() {
+        let mut t = InodeTable::default();
+        let x = t.remember(ROOT, OsStr::new("x"), Kind::File);
+        let y = t.remember(ROOT, OsStr::new("y"), Kind::Dir);
+        t.rename(ROOT, OsStr::new("x"), ROOT, OsStr::new("y"), true);
+        assert_eq!(t.path(x).unwrap(), Path::new("y"));
+        assert_eq!(t.path(y).unwrap(), Path::new("x"));
+        assert_eq!(t.remember(ROOT, OsStr::new("y"), Kind::File), x);
+        t.forget(x, 2);
+        assert_eq!(t.child(ROOT, OsStr::new("y")), None);
+        assert_ne!(t.remember(ROOT, OsStr::new("y"), Kind::File), x);
+    }
+}

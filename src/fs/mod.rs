@@ -1,0 +1,736 @@
+//! The filesystem core: inodes, open handles, staged writes committed on close, directory
+//! listings. It knows nothing of FUSE: every operation takes plain values and returns an
+//! [`Errno`] on failure, so it is tested without a mount.
+
+pub mod error;
+pub mod handle;
+pub mod inode;
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::SystemTime;
+
+pub use error::{Errno, FsResult};
+use handle::{DirHandle, DirItem, FileHandle};
+use inode::InodeTable;
+pub use inode::{Ino, ROOT};
+
+use crate::store::{Kind, Meta, Owner, RenameMode, SetAttr, Store, StoreStatfs, TimeSpec};
+
+/// Longest file name accepted (as on ext4 and most Linux filesystems).
+pub const NAME_MAX: usize = 255;
+
+/// Options of the filesystem core.
+#[derive(Clone, Debug, Default)]
+pub struct FsOptions {
+    /// Make every commit durable (file and directory fsync), not only those asked by `fsync`.
+    pub sync_on_close: bool,
+    /// Give new entries the caller's uid/gid (needs a root daemon).
+    pub owner_from_caller: bool,
+}
+
+/// Attributes of an inode as shown to programs.
+#[derive(Clone, Debug)]
+pub struct Attr {
+    pub ino: Ino,
+    pub kind: Kind,
+    pub size: u64,
+    pub blocks: u64,
+    pub perm: u16,
+    pub nlink: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub atime: SystemTime,
+    pub mtime: SystemTime,
+    pub ctime: SystemTime,
+}
+
+impl Attr {
+    fn new(ino: Ino, meta: &Meta) -> Attr {
+        Attr {
+            ino,
+            kind: meta.kind,
+            size: meta.size,
+            blocks: meta.blocks,
+            perm: meta.perm,
+            nlink: meta.nlink,
+            uid: meta.uid,
+            gid: meta.gid,
+            atime: meta.atime,
+            mtime: meta.mtime,
+            ctime: meta.ctime,
+        }
+    }
+}
+
+/// Who asks for an operation.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Caller {
+    pub uid: u32,
+    pub gid: u32,
+    pub pid: u32,
+}
+
+/// Requested attribute changes (`setattr`).
+#[derive(Clone, Debug, Default)]
+pub struct AttrChanges {
+    pub size: Option<u64>,
+    pub perm: Option<u16>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub atime: Option<TimeSpec>,
+    pub mtime: Option<TimeSpec>,
+}
+
+/// The result of opening a file: the handle, and how the kernel should cache it.
+#[derive(Clone, Copy, Debug)]
+pub struct Opened {
+    pub fh: u64,
+    /// Bypass the kernel page cache for this handle (its reads and writes come to us).
+    pub direct_io: bool,
+    /// The kernel's cached pages of this file are still the committed content: keep them.
+    pub keep_cache: bool,
+}
+
+/// One entry produced by `readdir`.
+#[derive(Clone, Debug)]
+pub struct Listed {
+    pub ino: Ino,
+    /// The offset of the entry after this one.
+    pub next: u64,
+    pub kind: Kind,
+    pub name: std::ffi::OsString,
+}
+
+/// Per-inode bookkeeping of open handles, which decides how the kernel may cache the file.
+///
+/// The kernel page cache is shared by every handle of an inode, but a writer's changes must stay
+/// invisible until its commit. So: a writer alone on the inode goes through the page cache; any
+/// handle opened while another writer (or, for a writer, anyone) has the inode open is served
+/// with direct I/O, which bypasses the cache. Readers keep the cached pages only when they
+/// are known to hold the current committed version.
+#[derive(Debug, Default)]
+struct OpenState {
+    readers: u32,
+    writers: u32,
+    /// The committed version the kernel's cached pages hold, if known.
+    cached_version: Option<(u64, u64, i64)>,
+}
+
+/// A mounted space: the store plus the state of the kernel's view of it.
+pub struct Fs {
+    store: Arc<dyn Store>,
+    options: FsOptions,
+    table: RwLock<InodeTable>,
+    opens: Mutex<HashMap<Ino, OpenState>>,
+    files: RwLock<HashMap<u64, Arc<Mutex<FileHandle>>>>,
+    dirs: Mutex<HashMap<u64, DirHandle>>,
+    next_fh: AtomicU64,
+}
+
+fn check_name(name: &OsStr) -> FsResult<()> {
+    let bytes = name.as_bytes();
+    if bytes.len() > NAME_MAX {
+        return Err(Errno::ENAMETOOLONG);
+    }
+    if bytes.is_empty() || bytes == b"." || bytes == b".." || bytes.contains(&b'/') {
+        return Err(Errno::EINVAL);
+    }
+    Ok(())
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn read_lock<T>(m: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    m.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn write_lock<T>(m: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    m.write().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Fs {
+    pub fn new(store: Arc<dyn Store>, options: FsOptions) -> Fs {
+        Fs {
+            store,
+            options,
+            table: RwLock::new(InodeTable::default()),
+            opens: Mutex::new(HashMap::new()),
+            files: RwLock::new(HashMap::new()),
+            dirs: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+        }
+    }
+
+    fn owner(&self, caller: &Caller) -> Owner {
+        self.options
+            .owner_from_caller
+            .then_some((caller.uid, caller.gid))
+    }
+
+    /// The path of `ino`, or ENOENT if it no longer has a name.
+    fn path(&self, ino: Ino) -> FsResult<PathBuf> {
+        read_lock(&self.table).path(ino).ok_or(Errno::ENOENT)
+    }
+
+    /// The path of `name` inside the directory `parent`, after checking the name.
+    fn child_path(&self, parent: Ino, name: &OsStr) -> FsResult<PathBuf> {
+        check_name(name)?;
+        let table = read_lock(&self.table);
+        if table.kind(parent) != Some(Kind::Dir) {
+            return Err(if table.kind(parent).is_some() {
+                Errno::ENOTDIR
+            } else {
+                Errno::ENOENT
+            });
+        }
+        Ok(table.path(parent).ok_or(Errno::ENOENT)?.join(name))
+    }
+
+    fn remember(&self, parent: Ino, name: &OsStr, meta: &Meta) -> Attr {
+        let ino = write_lock(&self.table).remember(parent, name, meta.kind);
+        Attr::new(ino, meta)
+    }
+
+    fn file(&self, fh: u64) -> FsResult<Arc<Mutex<FileHandle>>> {
+        read_lock(&self.files).get(&fh).cloned().ok_or(Errno::EBADF)
+    }
+
+    // ---- names ---------------------------------------------------------------------------
+
+    /// Looks up `name` in `parent`; the kernel now holds one more reference to the result.
+    pub fn lookup(&self, parent: Ino, name: &OsStr) -> FsResult<Attr> {
+        if name.len() > NAME_MAX {
+            return Err(Errno::ENAMETOOLONG);
+        }
+        let path = self.child_path(parent, name)?;
+        match self.store.stat(&path) {
+            Ok(meta) => Ok(self.remember(parent, name, &meta)),
+            Err(e) => {
+                if e.raw_os_error() == Some(libc::ENOENT) {
+                    write_lock(&self.table).detach(parent, name);
+                }
+                Err(e.into())
+            }
+        }
+    }
+
+    /// The kernel dropped `n` references to `ino`.
+    pub fn forget(&self, ino: Ino, n: u64) {
+        write_lock(&self.table).forget(ino, n);
+    }
+
+    pub fn getattr(&self, ino: Ino, fh: Option<u64>) -> FsResult<Attr> {
+        if let Some(fh) = fh
+            && let Ok(handle) = self.file(fh)
+        {
+            let h = lock(&handle);
+            if let Some(staged) = &h.staged {
+                let meta = crate::store::local::meta_of(&staged.file.metadata()?);
+                return Ok(Attr::new(ino, &meta));
+            }
+            if read_lock(&self.table).path(ino).is_none()
+                && let Some(content) = &h.committed
+            {
+                return Ok(Attr::new(ino, &content.meta()?));
+            }
+        }
+        let path = self.path(ino)?;
+        Ok(Attr::new(ino, &self.store.stat(&path)?))
+    }
+
+    pub fn setattr(&self, ino: Ino, fh: Option<u64>, changes: &AttrChanges) -> FsResult<Attr> {
+        if let Some(size) = changes.size {
+            self.truncate(ino, fh, size)?;
+        }
+        let attr = SetAttr {
+            perm: changes.perm,
+            uid: changes.uid,
+            gid: changes.gid,
+            atime: changes.atime,
+            mtime: changes.mtime,
+        };
+        let any = attr.perm.is_some()
+            || attr.uid.is_some()
+            || attr.gid.is_some()
+            || attr.atime.is_some()
+            || attr.mtime.is_some();
+        if any {
+            self.store.set_attr(&self.path(ino)?, &attr)?;
+        }
+        self.getattr(ino, fh)
+    }
+
+    /// Truncation: through a writable handle it changes that handle's working copy; by path
+    /// (`truncate(2)`) it is committed at once, atomically.
+    fn truncate(&self, ino: Ino, fh: Option<u64>, size: u64) -> FsResult<()> {
+        if read_lock(&self.table).kind(ino) == Some(Kind::Dir) {
+            return Err(Errno::EISDIR);
+        }
+        if let Some(fh) = fh
+            && let Ok(handle) = self.file(fh)
+        {
+            let mut h = lock(&handle);
+            if h.writable {
+                return h.truncate(self.store.as_ref(), size);
+            }
+        }
+        let path = self.path(ino)?;
+        let committed = self.store.open(&path)?;
+        let mut temp = FileHandle {
+            ino,
+            writable: true,
+            append: false,
+            direct_io: true,
+            committed: Some(committed),
+            staged: None,
+            dirty: false,
+        };
+        temp.truncate(self.store.as_ref(), size)?;
+        self.commit(&mut temp, false)
+    }
+
+    pub fn readlink(&self, ino: Ino) -> FsResult<Vec<u8>> {
+        let target = self.store.readlink(&self.path(ino)?)?;
+        Ok(target.into_os_string().into_encoded_bytes())
+    }
+
+    /// `mknod`: regular files only; FIFOs, sockets and devices have no place in a file store.
+    pub fn mknod(&self, parent: Ino, name: &OsStr, mode: u32, caller: &Caller) -> FsResult<Attr> {
+        if mode & libc::S_IFMT != libc::S_IFREG && mode & libc::S_IFMT != 0 {
+            return Err(Errno::EPERM);
+        }
+        let path = self.child_path(parent, name)?;
+        let meta = self
+            .store
+            .create(&path, (mode & 0o7777) as u16, self.owner(caller), true)?;
+        Ok(self.remember(parent, name, &meta))
+    }
+
+    pub fn mkdir(&self, parent: Ino, name: &OsStr, mode: u32, caller: &Caller) -> FsResult<Attr> {
+        let path = self.child_path(parent, name)?;
+        let meta = self
+            .store
+            .mkdir(&path, (mode & 0o7777) as u16, self.owner(caller))?;
+        Ok(self.remember(parent, name, &meta))
+    }
+
+    pub fn symlink(
+        &self,
+        parent: Ino,
+        name: &OsStr,
+        target: &Path,
+        caller: &Caller,
+    ) -> FsResult<Attr> {
+        let path = self.child_path(parent, name)?;
+        if target.as_os_str().is_empty() || target.as_os_str().len() > libc::PATH_MAX as usize {
+            return Err(Errno::EINVAL);
+        }
+        let meta = self.store.symlink(target, &path, self.owner(caller))?;
+        Ok(self.remember(parent, name, &meta))
+    }
+
+    pub fn unlink(&self, parent: Ino, name: &OsStr) -> FsResult<()> {
+        let path = self.child_path(parent, name)?;
+        let mut table = write_lock(&self.table);
+        if self.store.stat(&path)?.kind == Kind::Dir {
+            return Err(Errno::EISDIR);
+        }
+        self.store.unlink(&path)?;
+        table.detach(parent, name);
+        Ok(())
+    }
+
+    pub fn rmdir(&self, parent: Ino, name: &OsStr) -> FsResult<()> {
+        let path = self.child_path(parent, name)?;
+        let mut table = write_lock(&self.table);
+        self.store.rmdir(&path)?;
+        table.detach(parent, name);
+        Ok(())
+    }
+
+    /// `rename`/`renameat2`: `flags` may hold `RENAME_NOREPLACE` or `RENAME_EXCHANGE`.
+    pub fn rename(
+        &self,
+        parent: Ino,
+        name: &OsStr,
+        new_parent: Ino,
+        new_name: &OsStr,
+        flags: u32,
+    ) -> FsResult<()> {
+        let mode = match flags {
+            0 => RenameMode::Replace,
+            libc::RENAME_NOREPLACE => RenameMode::NoReplace,
+            libc::RENAME_EXCHANGE => RenameMode::Exchange,
+            _ => return Err(Errno::EINVAL),
+        };
+        let from = self.child_path(parent, name)?;
+        let to = self.child_path(new_parent, new_name)?;
+        // Renames hold the table exclusively so that no commit resolves a path mid-rename.
+        let mut table = write_lock(&self.table);
+        self.store.rename(&from, &to, mode)?;
+        table.rename(
+            parent,
+            name,
+            new_parent,
+            new_name,
+            mode == RenameMode::Exchange,
+        );
+        Ok(())
+    }
+
+    /// Hard links are refused: a commit replaces a file's content by a new one, which would
+    /// silently split linked names apart.
+    pub fn link(&self, _ino: Ino, _new_parent: Ino, _new_name: &OsStr) -> FsResult<Attr> {
+        Err(Errno::EPERM)
+    }
+
+    // ---- files ---------------------------------------------------------------------------
+
+    /// Opens the file `ino` with the `open(2)` flags `flags`.
+    pub fn open(&self, ino: Ino, flags: i32) -> FsResult<Opened> {
+        let path = self.path(ino)?;
+        self.open_path(ino, &path, flags)
+    }
+
+    fn open_path(&self, ino: Ino, path: &Path, flags: i32) -> FsResult<Opened> {
+        let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
+        let truncate = writable && flags & libc::O_TRUNC != 0;
+        let committed = self.store.open(path)?;
+        let version = committed.meta()?.version;
+        let staged = if truncate {
+            Some(self.store.stage(None)?)
+        } else {
+            None
+        };
+        let (direct_io, keep_cache) = {
+            let mut opens = lock(&self.opens);
+            let state = opens.entry(ino).or_default();
+            if writable {
+                let alone = state.readers == 0 && state.writers == 0;
+                // A writer alone fills the page cache with its own (not yet committed) data.
+                state.cached_version = None;
+                state.writers += 1;
+                (!alone, false)
+            } else {
+                state.readers += 1;
+                if state.writers > 0 {
+                    (true, false)
+                } else {
+                    let keep = state.cached_version == Some(version);
+                    state.cached_version = Some(version);
+                    (false, keep)
+                }
+            }
+        };
+        let handle = FileHandle {
+            ino,
+            writable,
+            append: flags & libc::O_APPEND != 0,
+            direct_io,
+            committed: Some(committed),
+            dirty: staged.is_some(),
+            staged,
+        };
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        write_lock(&self.files).insert(fh, Arc::new(Mutex::new(handle)));
+        Ok(Opened {
+            fh,
+            direct_io,
+            keep_cache,
+        })
+    }
+
+    /// Creates and opens `name` in `parent` (`open` with `O_CREAT`).
+    pub fn create(
+        &self,
+        parent: Ino,
+        name: &OsStr,
+        mode: u32,
+        flags: i32,
+        caller: &Caller,
+    ) -> FsResult<(Attr, Opened)> {
+        let path = self.child_path(parent, name)?;
+        let perm = (mode & 0o7777) as u16;
+        let meta = match self.store.create(&path, perm, self.owner(caller), true) {
+            Ok(meta) => meta,
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) && flags & libc::O_EXCL == 0 => {
+                let meta = self.store.stat(&path)?;
+                if meta.kind == Kind::Dir {
+                    return Err(Errno::EISDIR);
+                }
+                meta
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let attr = self.remember(parent, name, &meta);
+        match self.open_path(attr.ino, &path, flags) {
+            Ok(opened) => Ok((attr, opened)),
+            Err(e) => {
+                self.forget(attr.ino, 1);
+                Err(e)
+            }
+        }
+    }
+
+    pub fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<Vec<u8>> {
+        let handle = self.file(fh)?;
+        let h = lock(&handle);
+        h.read(offset, size as usize)
+    }
+
+    pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
+        let handle = self.file(fh)?;
+        let mut h = lock(&handle);
+        h.write(self.store.as_ref(), offset, data)
+    }
+
+    /// `close()` of one descriptor: commits what the handle changed, so commit errors reach the
+    /// caller's `close()`.
+    pub fn flush(&self, fh: u64) -> FsResult<()> {
+        let handle = self.file(fh)?;
+        let mut h = lock(&handle);
+        if h.dirty {
+            self.commit(&mut h, self.options.sync_on_close)?;
+        }
+        Ok(())
+    }
+
+    /// `fsync()`: commits and makes the file durable, without closing it.
+    pub fn fsync(&self, fh: u64) -> FsResult<()> {
+        let handle = self.file(fh)?;
+        let mut h = lock(&handle);
+        if h.dirty {
+            return self.commit(&mut h, true);
+        }
+        let path = read_lock(&self.table).path(h.ino);
+        match path {
+            Some(path) => Ok(self.store.sync(&path)?),
+            None => Ok(()),
+        }
+    }
+
+    /// The last reference to the handle is gone: commit what is left (a mapping written after
+    /// `close()`), then forget the handle.
+    pub fn release(&self, fh: u64) -> FsResult<()> {
+        let Some(handle) = write_lock(&self.files).remove(&fh) else {
+            return Err(Errno::EBADF);
+        };
+        let mut h = lock(&handle);
+        let result = if h.dirty {
+            self.commit(&mut h, self.options.sync_on_close)
+        } else {
+            Ok(())
+        };
+        if let Some(staged) = h.staged.take() {
+            if result.is_err() {
+                log::error!(
+                    "dropping uncommitted changes to inode {} after a failed commit",
+                    h.ino
+                );
+            }
+            self.store.discard(staged);
+        }
+        let mut opens = lock(&self.opens);
+        if let Some(state) = opens.get_mut(&h.ino) {
+            if h.writable {
+                state.writers -= 1;
+            } else {
+                state.readers -= 1;
+            }
+            if state.readers == 0 && state.writers == 0 && state.cached_version.is_none() {
+                opens.remove(&h.ino);
+            }
+        }
+        result
+    }
+
+    /// Commits the handle's working copy over the file's current path. A file unlinked while
+    /// open has no path: its changes are dropped, as on any POSIX filesystem.
+    fn commit(&self, h: &mut FileHandle, durable: bool) -> FsResult<()> {
+        let Some(staged) = h.staged.take() else {
+            h.dirty = false;
+            return Ok(());
+        };
+        let table = read_lock(&self.table);
+        let Some(path) = table.path(h.ino) else {
+            drop(table);
+            self.store.discard(staged);
+            h.dirty = false;
+            return Ok(());
+        };
+        match self.store.commit(staged, &path, durable) {
+            Ok(content) => {
+                drop(table);
+                let version = content.meta().ok().map(|m| m.version);
+                h.committed = Some(content);
+                h.dirty = false;
+                let mut opens = lock(&self.opens);
+                if let Some(state) = opens.get_mut(&h.ino) {
+                    // A cached writer's pages are exactly what it just committed.
+                    let sole_cached_writer = !h.direct_io && state.writers == 1;
+                    state.cached_version = if sole_cached_writer { version } else { None };
+                }
+                Ok(())
+            }
+            Err((e, staged)) => {
+                h.staged = Some(staged);
+                log::error!("commit of {} failed: {e}", path.display());
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Commits every open handle's pending changes (on shutdown).
+    pub fn commit_all(&self) -> usize {
+        let handles: Vec<_> = read_lock(&self.files).values().cloned().collect();
+        let mut committed = 0;
+        for handle in handles {
+            let mut h = lock(&handle);
+            if h.dirty && self.commit(&mut h, self.options.sync_on_close).is_ok() {
+                committed += 1;
+            }
+        }
+        committed
+    }
+
+    // ---- directories ---------------------------------------------------------------------
+
+    pub fn opendir(&self, ino: Ino) -> FsResult<u64> {
+        let path = self.path(ino)?;
+        let entries = self.list(&path)?;
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        lock(&self.dirs).insert(fh, DirHandle { ino, entries });
+        Ok(fh)
+    }
+
+    fn list(&self, path: &Path) -> FsResult<Vec<DirItem>> {
+        let mut entries: Vec<DirItem> = self
+            .store
+            .list(path)?
+            .into_iter()
+            .map(|e| DirItem {
+                name: e.name,
+                kind: e.kind,
+            })
+            .collect();
+        entries.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(entries)
+    }
+
+    /// Entries of an open directory from `offset` on (`.` and `..` first).
+    pub fn readdir(&self, fh: u64, offset: u64) -> FsResult<Vec<Listed>> {
+        let mut dirs = lock(&self.dirs);
+        let dir = dirs.get_mut(&fh).ok_or(Errno::EBADF)?;
+        if offset == 0 {
+            // rewinddir(): show the directory as it is now.
+            dir.entries = self.list(&self.path(dir.ino)?)?;
+        }
+        let table = read_lock(&self.table);
+        let mut out = Vec::new();
+        for (i, item) in dot_entries().iter().chain(dir.entries.iter()).enumerate() {
+            if (i as u64) < offset {
+                continue;
+            }
+            // Entries the kernel has not looked up yet have no inode number: readdir shows a
+            // placeholder (the kernel looks the name up before using it).
+            let ino = match i {
+                0 => dir.ino,
+                1 => table.parent(dir.ino).unwrap_or(ROOT),
+                _ => table.child(dir.ino, &item.name).unwrap_or(u64::MAX),
+            };
+            out.push(Listed {
+                ino,
+                next: i as u64 + 1,
+                kind: item.kind,
+                name: item.name.clone(),
+            });
+        }
+        Ok(out)
+    }
+
+    /// `readdirplus`: like `readdir`, with attributes; every entry handed to `emit` counts as a
+    /// lookup. `emit` returns false when the reply buffer is full (that entry is not counted).
+    pub fn readdirplus(
+        &self,
+        fh: u64,
+        offset: u64,
+        mut emit: impl FnMut(&Listed, &Attr) -> bool,
+    ) -> FsResult<()> {
+        let (dir_ino, listed) = {
+            let dirs = lock(&self.dirs);
+            let ino = dirs.get(&fh).ok_or(Errno::EBADF)?.ino;
+            drop(dirs);
+            (ino, self.readdir(fh, offset)?)
+        };
+        let dir_path = self.path(dir_ino)?;
+        for entry in listed {
+            let dot = entry.name == "." || entry.name == "..";
+            let attr = if dot {
+                let ino = if entry.name == "." {
+                    dir_ino
+                } else {
+                    entry.ino
+                };
+                let path = if entry.name == "." {
+                    dir_path.clone()
+                } else {
+                    dir_path.parent().map(Path::to_path_buf).unwrap_or_default()
+                };
+                let Ok(meta) = self.store.stat(&path) else {
+                    continue;
+                };
+                Attr::new(ino, &meta)
+            } else {
+                let Ok(meta) = self.store.stat(&dir_path.join(&entry.name)) else {
+                    continue; // removed since the listing was taken
+                };
+                self.remember(dir_ino, &entry.name, &meta)
+            };
+            let listed = Listed {
+                ino: attr.ino,
+                ..entry
+            };
+            if !emit(&listed, &attr) {
+                if !dot {
+                    self.forget(attr.ino, 1);
+                }
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// `fsync` of a directory: its entries are durable on return.
+    pub fn fsyncdir(&self, ino: Ino) -> FsResult<()> {
+        Ok(self.store.sync(&self.path(ino)?)?)
+    }
+
+    pub fn releasedir(&self, fh: u64) {
+        lock(&self.dirs).remove(&fh);
+    }
+
+    pub fn statfs(&self) -> FsResult<StoreStatfs> {
+        Ok(self.store.statfs()?)
+    }
+}
+
+/// The `.` and `..` entries of a directory listing.
+fn dot_entries() -> [DirItem; 2] {
+    [
+        DirItem {
+            name: ".".into(),
+            kind: Kind::Dir,
+        },
+        DirItem {
+            name: "..".into(),
+            kind: Kind::Dir,
+        },
+    ]
+}

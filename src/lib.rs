@@ -1,0 +1,13 @@
+//! roomfs: agent storage as an ordinary directory. A FUSE daemon mounts rooms (shared, durable
+//! file stores) and sessions (an agent's scoped storage); writes are staged and committed
+//! atomically on close.
+//!
+//! Layers, top to bottom: [`fuse`] (thin kernel adapter) → [`fs`] (the filesystem core, no FUSE
+//! types) → [`store`] (the storage backend trait and its local-disk implementation).
+
+pub mod cli;
+pub mod fs;
+pub mod fuse;
+pub mod mount;
+pub mod space;
+pub mod store;

@@ -1,0 +1,561 @@
+//! The local-disk store: a space is a plain directory tree under the data dir, so operators can
+//! inspect and back it up with ordinary tools. Working copies live in a staging area on the
+//! same filesystem, so a commit is one atomic `rename`.
+
+use std::ffi::CString;
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use super::{
+    Content, DirEntry, Kind, Meta, Owner, RenameMode, SetAttr, Staged, Store, StoreStatfs, TimeSpec,
+};
+
+/// A space stored as a directory tree on local disk.
+pub struct LocalStore {
+    root: PathBuf,
+    staging: Arc<StagingArea>,
+}
+
+impl LocalStore {
+    /// Opens (creating if needed) the space directory `root`, staging working copies in `staging`.
+    pub fn open(root: PathBuf, staging: Arc<StagingArea>) -> io::Result<LocalStore> {
+        fs::create_dir_all(&root)?;
+        Ok(LocalStore { root, staging })
+    }
+
+    fn full(&self, path: &Path) -> PathBuf {
+        if path.as_os_str().is_empty() {
+            self.root.clone()
+        } else {
+            self.root.join(path)
+        }
+    }
+}
+
+/// The per-process directory of working copies, `<data-dir>/.staging/<instance>/`.
+///
+/// Each process holds an exclusive `flock` on its instance's `lock` file; at start-up, instance
+/// directories whose lock can be taken belong to processes that are gone (a crash, `kill -9`) and
+/// are removed: their working copies were never committed, so the committed files are untouched.
+pub struct StagingArea {
+    dir: PathBuf,
+    counter: AtomicU64,
+    _lock: nix::fcntl::Flock<File>,
+}
+
+impl StagingArea {
+    /// Creates this process's staging directory under `data_dir` and removes stale ones.
+    pub fn create(data_dir: &Path) -> io::Result<(StagingArea, usize)> {
+        let base = data_dir.join(".staging");
+        fs::create_dir_all(&base)?;
+        let removed = Self::remove_stale(&base)?;
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos();
+        let dir = base.join(format!("{}-{nanos}", std::process::id()));
+        fs::DirBuilder::new().mode(0o700).create(&dir)?;
+        let lock = nix::fcntl::Flock::lock(
+            File::create(dir.join("lock"))?,
+            nix::fcntl::FlockArg::LockExclusiveNonblock,
+        )
+        .map_err(|(_, e)| io::Error::from(e))?;
+        Ok((
+            StagingArea {
+                dir,
+                counter: AtomicU64::new(0),
+                _lock: lock,
+            },
+            removed,
+        ))
+    }
+
+    /// Removes instance directories no live process holds; returns how many working copies
+    /// were dropped.
+    fn remove_stale(base: &Path) -> io::Result<usize> {
+        let mut removed = 0;
+        for entry in fs::read_dir(base)? {
+            let entry = entry?;
+            let dir = entry.path();
+            if !entry.file_type()?.is_dir() {
+                continue;
+            }
+            let Ok(lock) = File::open(dir.join("lock")) else {
+                // A directory without a lock file was never fully created: stale.
+                removed += count_files(&dir);
+                fs::remove_dir_all(&dir)?;
+                continue;
+            };
+            match nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+                Ok(_held) => {
+                    removed += count_files(&dir).saturating_sub(1);
+                    fs::remove_dir_all(&dir)?;
+                }
+                Err(_) => continue, // a live process owns it
+            }
+        }
+        Ok(removed)
+    }
+
+    fn new_file(&self) -> io::Result<(File, PathBuf)> {
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        let path = self.dir.join(format!("w{n}"));
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(&path)?;
+        Ok((file, path))
+    }
+}
+
+impl Drop for StagingArea {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn count_files(dir: &Path) -> usize {
+    fs::read_dir(dir).map(|d| d.count()).unwrap_or(0)
+}
+
+/// Committed content backed by an open local file.
+struct LocalContent(File);
+
+impl Content for LocalContent {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        self.0.read_at(buf, offset)
+    }
+    fn meta(&self) -> io::Result<Meta> {
+        Ok(meta_of(&self.0.metadata()?))
+    }
+    fn local_file(&self) -> Option<&File> {
+        Some(&self.0)
+    }
+}
+
+fn time(secs: i64, nsecs: i64) -> SystemTime {
+    if secs >= 0 {
+        UNIX_EPOCH + Duration::new(secs as u64, nsecs as u32)
+    } else {
+        UNIX_EPOCH - Duration::from_secs(secs.unsigned_abs()) + Duration::from_nanos(nsecs as u64)
+    }
+}
+
+/// Converts local metadata into the store's attribute type.
+pub fn meta_of(m: &fs::Metadata) -> Meta {
+    let ft = m.file_type();
+    let kind = if ft.is_file() {
+        Kind::File
+    } else if ft.is_dir() {
+        Kind::Dir
+    } else if ft.is_symlink() {
+        Kind::Symlink
+    } else {
+        Kind::Special
+    };
+    Meta {
+        kind,
+        size: m.size(),
+        blocks: m.blocks(),
+        perm: (m.mode() & 0o7777) as u16,
+        nlink: m.nlink() as u32,
+        uid: m.uid(),
+        gid: m.gid(),
+        atime: time(m.atime(), m.atime_nsec()),
+        mtime: time(m.mtime(), m.mtime_nsec()),
+        ctime: time(m.ctime(), m.ctime_nsec()),
+        version: (m.dev(), m.ino(), m.ctime() * 1_000_000_000 + m.ctime_nsec()),
+    }
+}
+
+fn cstr(path: &Path) -> io::Result<CString> {
+    CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+}
+
+fn check(ret: libc::c_int) -> io::Result<()> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+fn chown_file(file: &File, owner: Owner) -> io::Result<()> {
+    if let Some((uid, gid)) = owner {
+        std::os::unix::fs::fchown(file, Some(uid), Some(gid))?;
+    }
+    Ok(())
+}
+
+fn timespec(t: Option<TimeSpec>) -> libc::timespec {
+    match t {
+        None => libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_OMIT,
+        },
+        Some(TimeSpec::Now) => libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_NOW,
+        },
+        Some(TimeSpec::At(t)) => {
+            let (sec, nsec) = match t.duration_since(UNIX_EPOCH) {
+                Ok(d) => (d.as_secs() as i64, d.subsec_nanos() as i64),
+                Err(e) => {
+                    let d = e.duration();
+                    let mut sec = -(d.as_secs() as i64);
+                    let mut nsec = -(d.subsec_nanos() as i64);
+                    if nsec < 0 {
+                        sec -= 1;
+                        nsec += 1_000_000_000;
+                    }
+                    (sec, nsec)
+                }
+            };
+            libc::timespec {
+                tv_sec: sec,
+                tv_nsec: nsec,
+            }
+        }
+    }
+}
+
+/// Copies all of `src` into `dst` from offset 0, in the kernel where possible.
+fn copy_content(src: &dyn Content, dst: &File) -> io::Result<()> {
+    if let Some(file) = src.local_file() {
+        let len = file.metadata()?.len();
+        let mut off_in: i64 = 0;
+        let mut off_out: i64 = 0;
+        while (off_in as u64) < len {
+            let want = (len - off_in as u64).min(1 << 30) as usize;
+            let n =
+                nix::fcntl::copy_file_range(file, Some(&mut off_in), dst, Some(&mut off_out), want)
+                    .map_err(io::Error::from)?;
+            if n == 0 {
+                break;
+            }
+        }
+        return Ok(());
+    }
+    let mut buf = vec![0u8; 1 << 20];
+    let mut off = 0u64;
+    loop {
+        let n = src.read_at(&mut buf, off)?;
+        if n == 0 {
+            return Ok(());
+        }
+        dst.write_all_at(&buf[..n], off)?;
+        off += n as u64;
+    }
+}
+
+fn sync_dir_of(path: &Path) -> io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("/"));
+    File::open(dir)?.sync_all()
+}
+
+impl Store for LocalStore {
+    fn stat(&self, path: &Path) -> io::Result<Meta> {
+        Ok(meta_of(&fs::symlink_metadata(self.full(path))?))
+    }
+
+    fn list(&self, path: &Path) -> io::Result<Vec<DirEntry>> {
+        let mut out = Vec::new();
+        for entry in fs::read_dir(self.full(path))? {
+            let entry = entry?;
+            let ft = entry.file_type()?;
+            let kind = if ft.is_file() {
+                Kind::File
+            } else if ft.is_dir() {
+                Kind::Dir
+            } else if ft.is_symlink() {
+                Kind::Symlink
+            } else {
+                Kind::Special
+            };
+            out.push(DirEntry {
+                name: entry.file_name(),
+                kind,
+            });
+        }
+        Ok(out)
+    }
+
+    fn open(&self, path: &Path) -> io::Result<Arc<dyn Content>> {
+        let file = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(self.full(path))?;
+        if !file.metadata()?.is_file() {
+            return Err(io::Error::from_raw_os_error(libc::EISDIR));
+        }
+        Ok(Arc::new(LocalContent(file)))
+    }
+
+    fn create(&self, path: &Path, perm: u16, owner: Owner, exclusive: bool) -> io::Result<Meta> {
+        let mut opts = OpenOptions::new();
+        opts.write(true)
+            .mode(u32::from(perm))
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC);
+        if exclusive {
+            opts.create_new(true);
+        } else {
+            opts.create(true);
+        }
+        let file = opts.open(self.full(path))?;
+        file.set_permissions(fs::Permissions::from_mode(u32::from(perm)))?;
+        chown_file(&file, owner)?;
+        Ok(meta_of(&file.metadata()?))
+    }
+
+    fn stage(&self, seed: Option<&dyn Content>) -> io::Result<Staged> {
+        let (file, path) = self.staging.new_file()?;
+        let staged = Staged { file, path };
+        match seed.map_or(Ok(()), |seed| copy_content(seed, &staged.file)) {
+            Ok(()) => Ok(staged),
+            Err(e) => {
+                self.discard(staged);
+                Err(e)
+            }
+        }
+    }
+
+    fn commit(
+        &self,
+        staged: Staged,
+        path: &Path,
+        durable: bool,
+    ) -> Result<Arc<dyn Content>, (io::Error, Staged)> {
+        let target = self.full(path);
+        let prepared = (|| {
+            // The new content takes over the identity (mode, owner) of the file it replaces.
+            let current = fs::symlink_metadata(&target)?;
+            if !current.is_file() {
+                return Err(io::Error::from_raw_os_error(libc::EISDIR));
+            }
+            staged.file.set_permissions(current.permissions())?;
+            if nix::unistd::geteuid().is_root() {
+                chown_file(&staged.file, Some((current.uid(), current.gid())))?;
+            }
+            if durable {
+                staged.file.sync_all()?;
+            }
+            fs::rename(&staged.path, &target)
+        })();
+        if let Err(e) = prepared {
+            return Err((e, staged));
+        }
+        if durable && let Err(e) = sync_dir_of(&target) {
+            log::error!(
+                "committed {} but could not sync its directory: {e}",
+                path.display()
+            );
+        }
+        Ok(Arc::new(LocalContent(staged.file)))
+    }
+
+    fn discard(&self, staged: Staged) {
+        if let Err(e) = fs::remove_file(&staged.path) {
+            log::warn!(
+                "could not remove working copy {}: {e}",
+                staged.path.display()
+            );
+        }
+    }
+
+    fn mkdir(&self, path: &Path, perm: u16, owner: Owner) -> io::Result<Meta> {
+        let full = self.full(path);
+        fs::DirBuilder::new().mode(u32::from(perm)).create(&full)?;
+        let c = cstr(&full)?;
+        // Apply the exact mode (the process umask must not narrow it) and the owner.
+        check(unsafe { libc::chmod(c.as_ptr(), libc::mode_t::from(perm)) })?;
+        if let Some((uid, gid)) = owner {
+            check(unsafe { libc::lchown(c.as_ptr(), uid, gid) })?;
+        }
+        self.stat(path)
+    }
+
+    fn rmdir(&self, path: &Path) -> io::Result<()> {
+        fs::remove_dir(self.full(path))
+    }
+
+    fn unlink(&self, path: &Path) -> io::Result<()> {
+        fs::remove_file(self.full(path))
+    }
+
+    fn rename(&self, from: &Path, to: &Path, mode: RenameMode) -> io::Result<()> {
+        let (f, t) = (cstr(&self.full(from))?, cstr(&self.full(to))?);
+        let flags = match mode {
+            RenameMode::Replace => 0,
+            RenameMode::NoReplace => libc::RENAME_NOREPLACE,
+            RenameMode::Exchange => libc::RENAME_EXCHANGE,
+        };
+        check(unsafe {
+            libc::renameat2(
+                libc::AT_FDCWD,
+                f.as_ptr(),
+                libc::AT_FDCWD,
+                t.as_ptr(),
+                flags,
+            )
+        })
+    }
+
+    fn symlink(&self, target: &Path, path: &Path, owner: Owner) -> io::Result<Meta> {
+        let full = self.full(path);
+        std::os::unix::fs::symlink(target, &full)?;
+        if let Some((uid, gid)) = owner {
+            let c = cstr(&full)?;
+            check(unsafe { libc::lchown(c.as_ptr(), uid, gid) })?;
+        }
+        self.stat(path)
+    }
+
+    fn readlink(&self, path: &Path) -> io::Result<PathBuf> {
+        fs::read_link(self.full(path))
+    }
+
+    fn set_attr(&self, path: &Path, attr: &SetAttr) -> io::Result<Meta> {
+        let c = cstr(&self.full(path))?;
+        if let Some(perm) = attr.perm {
+            check(unsafe {
+                libc::fchmodat(
+                    libc::AT_FDCWD,
+                    c.as_ptr(),
+                    libc::mode_t::from(perm),
+                    libc::AT_SYMLINK_NOFOLLOW,
+                )
+            })?;
+        }
+        if attr.uid.is_some() || attr.gid.is_some() {
+            let uid = attr.uid.unwrap_or(u32::MAX);
+            let gid = attr.gid.unwrap_or(u32::MAX);
+            check(unsafe { libc::lchown(c.as_ptr(), uid, gid) })?;
+        }
+        if attr.atime.is_some() || attr.mtime.is_some() {
+            let times = [timespec(attr.atime), timespec(attr.mtime)];
+            check(unsafe {
+                libc::utimensat(
+                    libc::AT_FDCWD,
+                    c.as_ptr(),
+                    times.as_ptr(),
+                    libc::AT_SYMLINK_NOFOLLOW,
+                )
+            })?;
+        }
+        self.stat(path)
+    }
+
+    fn sync(&self, path: &Path) -> io::Result<()> {
+        let full = self.full(path);
+        File::open(&full)?.sync_all()?;
+        sync_dir_of(&full)
+    }
+
+    fn statfs(&self) -> io::Result<StoreStatfs> {
+        let s = nix::sys::statvfs::statvfs(&self.root).map_err(io::Error::from)?;
+        Ok(StoreStatfs {
+            blocks: s.blocks(),
+            bfree: s.blocks_free(),
+            bavail: s.blocks_available(),
+            files: s.files(),
+            ffree: s.files_free(),
+            bsize: s.fragment_size() as u32,
+            namelen: s.name_max() as u32,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> (tempfile::TempDir, LocalStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let (area, _) = StagingArea::create(dir.path()).unwrap();
+        let store = LocalStore::open(dir.path().join("rooms/r"), Arc::new(area)).unwrap();
+        (dir, store)
+    }
+
+    #[test]
+    fn commit_replaces_atomically_and_old_readers_keep_their_version() {
+        let (_d, s) = store();
+        s.create(Path::new("f"), 0o644, None, true).unwrap();
+        let old = s.open(Path::new("f")).unwrap();
+        s.set_attr(
+            Path::new("f"),
+            &SetAttr {
+                perm: Some(0o640),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let staged = s.stage(None).unwrap();
+        staged.file.write_all_at(b"new", 0).unwrap();
+        let committed = s
+            .commit(staged, Path::new("f"), true)
+            .map_err(|(e, _)| e)
+            .unwrap();
+        let mut buf = [0u8; 8];
+        assert_eq!(
+            old.read_at(&mut buf, 0).unwrap(),
+            0,
+            "old snapshot stays empty"
+        );
+        assert_eq!(committed.read_at(&mut buf, 0).unwrap(), 3);
+        assert_eq!(fs::read(s.full(Path::new("f"))).unwrap(), b"new");
+        assert_eq!(s.stat(Path::new("f")).unwrap().perm, 0o640);
+    }
+
+    #[test]
+    fn stage_seeds_from_committed_content() {
+        let (_d, s) = store();
+        fs::write(s.full(Path::new("f")), b"hello world").unwrap();
+        let seed = s.open(Path::new("f")).unwrap();
+        let staged = s.stage(Some(seed.as_ref())).unwrap();
+        let mut buf = vec![0u8; 32];
+        let n = staged.file.read_at(&mut buf, 0).unwrap();
+        assert_eq!(&buf[..n], b"hello world");
+        s.discard(staged);
+    }
+
+    #[test]
+    fn stale_staging_of_dead_process_is_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let stale = dir.path().join(".staging/999999-1");
+        fs::create_dir_all(&stale).unwrap();
+        fs::write(stale.join("lock"), b"").unwrap();
+        fs::write(stale.join("w0"), b"partial").unwrap();
+        let (area, removed) = StagingArea::create(dir.path()).unwrap();
+        assert_eq!(removed, 1);
+        assert!(!stale.exists());
+        // A live area is not removed by a second process starting.
+        let (_other, removed2) = StagingArea::create(dir.path()).unwrap();
+        assert_eq!(removed2, 0);
+        assert!(area.dir.exists());
+    }
+
+    #[test]
+    fn rename_noreplace_and_exchange() {
+        let (_d, s) = store();
+        fs::write(s.full(Path::new("a")), b"A").unwrap();
+        fs::write(s.full(Path::new("b")), b"B").unwrap();
+        let err = s
+            .rename(Path::new("a"), Path::new("b"), RenameMode::NoReplace)
+            .unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EEXIST));
+        s.rename(Path::new("a"), Path::new("b"), RenameMode::Exchange)
+            .unwrap();
+        assert_eq!(fs::read(s.full(Path::new("b"))).unwrap(), b"A");
+        assert_eq!(fs::read(s.full(Path::new("a"))).unwrap(), b"B");
+    }
+}

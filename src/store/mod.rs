@@ -1,0 +1,144 @@
+//! The storage backend behind a space: a trait the filesystem core talks to, so an object store
+//! can be added later without touching the core. Paths are relative to the space root (`""` is
+//! the root itself) and never contain `.` or `..` components.
+
+pub mod local;
+
+use std::ffi::OsString;
+use std::fs::File;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+/// The type of a stored entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    File,
+    Dir,
+    Symlink,
+    /// FIFOs, sockets and device nodes found in the backing store (never created by roomfs).
+    Special,
+}
+
+/// Attributes of a stored entry.
+#[derive(Clone, Debug)]
+pub struct Meta {
+    pub kind: Kind,
+    pub size: u64,
+    pub blocks: u64,
+    pub perm: u16,
+    pub nlink: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub atime: SystemTime,
+    pub mtime: SystemTime,
+    pub ctime: SystemTime,
+    /// Identity of the stored object (device, inode number, ctime in ns): changes whenever the
+    /// committed content is replaced, so caches can tell whether they are stale.
+    pub version: (u64, u64, i64),
+}
+
+/// One directory entry as listed by the store.
+#[derive(Clone, Debug)]
+pub struct DirEntry {
+    pub name: OsString,
+    pub kind: Kind,
+}
+
+/// Attribute changes (`chmod`, `chown`, `utimens`); `None` leaves a field alone.
+#[derive(Clone, Debug, Default)]
+pub struct SetAttr {
+    pub perm: Option<u16>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub atime: Option<TimeSpec>,
+    pub mtime: Option<TimeSpec>,
+}
+
+/// A timestamp to set: a given time or "now".
+#[derive(Clone, Copy, Debug)]
+pub enum TimeSpec {
+    Now,
+    At(SystemTime),
+}
+
+/// How `rename` treats an existing target.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RenameMode {
+    /// Replace the target (POSIX `rename`).
+    Replace,
+    /// Fail with EEXIST if the target exists (`RENAME_NOREPLACE`).
+    NoReplace,
+    /// Swap source and target atomically (`RENAME_EXCHANGE`).
+    Exchange,
+}
+
+/// Owner given to new entries; `None` keeps the daemon's own (when it cannot chown).
+pub type Owner = Option<(u32, u32)>;
+
+/// Committed content of a file, opened at one moment: later commits do not change what it reads.
+pub trait Content: Send + Sync {
+    /// Reads at `offset`; returns 0 at end of file.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize>;
+    /// Current attributes of this content (size and times as committed).
+    fn meta(&self) -> io::Result<Meta>;
+    /// The local file behind this content, when there is one (fast copies, fsync).
+    fn local_file(&self) -> Option<&File>;
+}
+
+/// A private, writable working copy of a file on local disk. It becomes the file's content
+/// only when committed.
+#[derive(Debug)]
+pub struct Staged {
+    pub file: File,
+    pub path: PathBuf,
+}
+
+/// Usage and capacity of the storage behind a space.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StoreStatfs {
+    pub blocks: u64,
+    pub bfree: u64,
+    pub bavail: u64,
+    pub files: u64,
+    pub ffree: u64,
+    pub bsize: u32,
+    pub namelen: u32,
+}
+
+/// A storage backend holding one space.
+pub trait Store: Send + Sync + 'static {
+    /// Attributes of `path` (symlinks are not followed).
+    fn stat(&self, path: &Path) -> io::Result<Meta>;
+    /// Entries of the directory `path`, without `.` and `..`.
+    fn list(&self, path: &Path) -> io::Result<Vec<DirEntry>>;
+    /// Opens the committed content of the file at `path`.
+    fn open(&self, path: &Path) -> io::Result<Arc<dyn Content>>;
+    /// Creates an empty committed file (fails with EEXIST if `exclusive` and it exists).
+    fn create(&self, path: &Path, perm: u16, owner: Owner, exclusive: bool) -> io::Result<Meta>;
+    /// Makes a private working copy seeded with `seed` (or empty).
+    fn stage(&self, seed: Option<&dyn Content>) -> io::Result<Staged>;
+    /// Atomically replaces the content at `path` with `staged`, keeping the permissions and owner
+    /// of the file it replaces; with `durable`, the data and the directory entry are on stable
+    /// storage when this returns. Returns the committed content, or the working copy back on
+    /// failure (so the caller can retry or discard it).
+    fn commit(
+        &self,
+        staged: Staged,
+        path: &Path,
+        durable: bool,
+    ) -> Result<Arc<dyn Content>, (io::Error, Staged)>;
+    /// Drops a working copy that will never be committed.
+    fn discard(&self, staged: Staged);
+    fn mkdir(&self, path: &Path, perm: u16, owner: Owner) -> io::Result<Meta>;
+    fn rmdir(&self, path: &Path) -> io::Result<()>;
+    fn unlink(&self, path: &Path) -> io::Result<()>;
+    fn rename(&self, from: &Path, to: &Path, mode: RenameMode) -> io::Result<()>;
+    fn symlink(&self, target: &Path, path: &Path, owner: Owner) -> io::Result<Meta>;
+    fn readlink(&self, path: &Path) -> io::Result<PathBuf>;
+    fn set_attr(&self, path: &Path, attr: &SetAttr) -> io::Result<Meta>;
+    /// Makes the committed content of `path` and its directory entry durable.
+    fn sync(&self, path: &Path) -> io::Result<()>;
+    fn statfs(&self) -> io::Result<StoreStatfs>;
+}
