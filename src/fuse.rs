@@ -56,6 +56,18 @@ impl FuseAdapter {
     }
 }
 
+/// Tells the kernel about attribute changes through FUSE notifications.
+pub struct Notify(pub fuser::Notifier);
+
+impl crate::fs::KernelCache for Notify {
+    fn attributes_changed(&self, ino: u64) {
+        // A negative offset invalidates the attributes only, never waiting on page locks.
+        if let Err(e) = self.0.inval_inode(INodeNo(ino), -1, 0) {
+            log::debug!("attribute invalidation of inode {ino} failed: {e}");
+        }
+    }
+}
+
 fn errno(e: Errno) -> fuser::Errno {
     fuser::Errno::from_i32(e.0)
 }

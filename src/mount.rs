@@ -211,6 +211,7 @@ pub fn run(spec: &MountSpec) -> Result<(), String> {
     let background = session
         .spawn()
         .map_err(|e| format!("cannot start serving {}: {e}", mountpoint.display()))?;
+    fs.set_kernel_cache(Box::new(crate::fuse::Notify(background.notifier())));
     log::info!(
         "mounted {} at {} (data in {})",
         spec.space,

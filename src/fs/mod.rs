@@ -117,13 +117,23 @@ pub struct Listed {
 struct OpenState {
     readers: u32,
     writers: u32,
+    /// The open handles of this inode.
+    handles: Vec<u64>,
     /// The committed version the kernel's cached pages hold, if known.
     cached_version: Option<(u64, u64, i64)>,
+}
+
+/// Tells the kernel that what it cached about an inode is stale (the FUSE adapter implements
+/// it with FUSE notifications; without a mount there is nothing to tell).
+pub trait KernelCache: Send + Sync {
+    /// The attributes (size, times) of `ino` changed.
+    fn attributes_changed(&self, ino: Ino);
 }
 
 /// A mounted space: the store plus the state of the kernel's view of it.
 pub struct Fs {
     store: Arc<dyn Store>,
+    kernel: std::sync::OnceLock<Box<dyn KernelCache>>,
     options: FsOptions,
     table: RwLock<InodeTable>,
     opens: Mutex<HashMap<Ino, OpenState>>,
@@ -159,6 +169,7 @@ impl Fs {
     pub fn new(store: Arc<dyn Store>, options: FsOptions) -> Fs {
         Fs {
             store,
+            kernel: std::sync::OnceLock::new(),
             options,
             table: RwLock::new(InodeTable::default()),
             opens: Mutex::new(HashMap::new()),
@@ -166,6 +177,11 @@ impl Fs {
             dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
         }
+    }
+
+    /// Connects the kernel's caches, once the mount exists.
+    pub fn set_kernel_cache(&self, kernel: Box<dyn KernelCache>) {
+        let _ = self.kernel.set(kernel);
     }
 
     fn owner(&self, caller: &Caller) -> Owner {
@@ -226,23 +242,38 @@ impl Fs {
         write_lock(&self.table).forget(ino, n);
     }
 
+    /// Attributes of `ino`. While a handle has uncommitted changes, its working copy's size and
+    /// times are shown (the kernel shares one size per inode among all handles anyway); a file
+    /// unlinked while open shows the content its handles still hold.
     pub fn getattr(&self, ino: Ino, fh: Option<u64>) -> FsResult<Attr> {
-        if let Some(fh) = fh
-            && let Ok(handle) = self.file(fh)
-        {
+        let handles = match fh {
+            Some(fh) => vec![fh],
+            None => lock(&self.opens)
+                .get(&ino)
+                .map(|s| s.handles.clone())
+                .unwrap_or_default(),
+        };
+        let path = read_lock(&self.table).path(ino);
+        let mut fallback = None;
+        for fh in handles {
+            let Ok(handle) = self.file(fh) else { continue };
             let h = lock(&handle);
+            if h.ino != ino {
+                continue;
+            }
             if let Some(staged) = &h.staged {
                 let meta = crate::store::local::meta_of(&staged.file.metadata()?);
                 return Ok(Attr::new(ino, &meta));
             }
-            if read_lock(&self.table).path(ino).is_none()
-                && let Some(content) = &h.committed
-            {
-                return Ok(Attr::new(ino, &content.meta()?));
+            if path.is_none() && fallback.is_none() {
+                fallback = h.committed.clone();
             }
         }
-        let path = self.path(ino)?;
-        Ok(Attr::new(ino, &self.store.stat(&path)?))
+        match (path, fallback) {
+            (Some(path), _) => Ok(Attr::new(ino, &self.store.stat(&path)?)),
+            (None, Some(content)) => Ok(Attr::new(ino, &content.meta()?)),
+            (None, None) => Err(Errno::ENOENT),
+        }
     }
 
     pub fn setattr(&self, ino: Ino, fh: Option<u64>, changes: &AttrChanges) -> FsResult<Attr> {
@@ -409,9 +440,11 @@ impl Fs {
         } else {
             None
         };
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         let (direct_io, keep_cache) = {
             let mut opens = lock(&self.opens);
             let state = opens.entry(ino).or_default();
+            state.handles.push(fh);
             if writable {
                 let alone = state.readers == 0 && state.writers == 0;
                 // A writer alone fills the page cache with its own (not yet committed) data.
@@ -438,7 +471,6 @@ impl Fs {
             dirty: staged.is_some(),
             staged,
         };
-        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         write_lock(&self.files).insert(fh, Arc::new(Mutex::new(handle)));
         Ok(Opened {
             fh,
@@ -539,6 +571,7 @@ impl Fs {
         }
         let mut opens = lock(&self.opens);
         if let Some(state) = opens.get_mut(&h.ino) {
+            state.handles.retain(|&other| other != fh);
             if h.writable {
                 state.writers -= 1;
             } else {
@@ -576,6 +609,10 @@ impl Fs {
                     // A cached writer's pages are exactly what it just committed.
                     let sole_cached_writer = !h.direct_io && state.writers == 1;
                     state.cached_version = if sole_cached_writer { version } else { None };
+                }
+                drop(opens);
+                if let Some(kernel) = self.kernel.get() {
+                    kernel.attributes_changed(h.ino);
                 }
                 Ok(())
             }

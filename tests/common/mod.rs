@@ -1,0 +1,182 @@
+//! Test support: a real roomfs mount run as a child process, always unmounted on drop.
+#![allow(dead_code)]
+
+use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_roomfs");
+
+/// A mounted space in a temporary directory. Dropping it unmounts, stops the daemon it started
+/// (by pid) and removes the temporary directory.
+pub struct Mounted {
+    pub tmp: tempfile::TempDir,
+    pub mnt: PathBuf,
+    pub data: PathBuf,
+    pub child: Option<Child>,
+    pub args: Vec<String>,
+}
+
+pub fn is_mounted(path: &Path) -> bool {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let want = path.to_string_lossy().replace(' ', "\\040");
+    info.lines()
+        .any(|l| l.split(' ').nth(4) == Some(want.as_str()))
+}
+
+impl Mounted {
+    /// Mounts room `r1` with default options.
+    pub fn room() -> Mounted {
+        Mounted::with_args(&["--room", "r1"])
+    }
+
+    /// Mounts with extra `roomfs mount` arguments (the data dir and mount point are added).
+    pub fn with_args(args: &[&str]) -> Mounted {
+        let tmp = tempfile::Builder::new()
+            .prefix("roomfs-test-")
+            .tempdir_in("/tmp")
+            .unwrap();
+        let mnt = tmp.path().join("mnt");
+        let data = tmp.path().join("data");
+        std::fs::create_dir(&mnt).unwrap();
+        let mut m = Mounted {
+            tmp,
+            mnt,
+            data,
+            child: None,
+            args: args.iter().map(|s| s.to_string()).collect(),
+        };
+        m.start();
+        m
+    }
+
+    /// Starts (again) the daemon for this mount point and waits until it is mounted.
+    pub fn start(&mut self) {
+        let child = Command::new(BIN)
+            .arg("mount")
+            .arg("--data-dir")
+            .arg(&self.data)
+            .args(&self.args)
+            .arg(&self.mnt)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start roomfs");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while !is_mounted(&self.mnt) {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                let out = self.child.take().unwrap().wait_with_output().unwrap();
+                panic!(
+                    "roomfs exited ({status}) before mounting: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            assert!(Instant::now() < deadline, "roomfs did not mount in time");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn p(&self, rel: &str) -> PathBuf {
+        self.mnt.join(rel)
+    }
+
+    /// The committed file in the data dir behind `rel` (room r1 unless the args say otherwise).
+    pub fn backing(&self, rel: &str) -> PathBuf {
+        let (kind, id) = match self.args.iter().position(|a| a == "--session") {
+            Some(i) => ("sessions", self.args[i + 1].clone()),
+            None => {
+                let i = self.args.iter().position(|a| a == "--room").unwrap();
+                ("rooms", self.args[i + 1].clone())
+            }
+        };
+        self.data.join(kind).join(id).join(rel)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// Kills the daemon with SIGKILL (a crash) and waits for it; the dead mount stays behind.
+    pub fn crash(&mut self) {
+        let mut child = self.child.take().unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    /// Sends `sig` to the daemon and waits for it to exit, returning its exit status and stderr.
+    pub fn signal_and_wait(&mut self, sig: i32) -> (std::process::ExitStatus, String) {
+        let child = self.child.take().unwrap();
+        unsafe { libc::kill(child.id() as i32, sig) };
+        let out = child.wait_with_output().unwrap();
+        (out.status, String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+
+    /// Unmounts with `roomfs unmount`, waits for the daemon; returns its exit status.
+    pub fn unmount(&mut self) -> std::process::ExitStatus {
+        let out = Command::new(BIN)
+            .arg("unmount")
+            .arg(&self.mnt)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "unmount failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let child = self.child.take().unwrap();
+        child.wait_with_output().unwrap().status
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        if is_mounted(&self.mnt) {
+            let c = CString::new(self.mnt.as_os_str().as_bytes()).unwrap();
+            unsafe {
+                if libc::umount2(c.as_ptr(), 0) != 0 {
+                    libc::umount2(c.as_ptr(), libc::MNT_DETACH);
+                }
+            }
+        }
+        if let Some(mut child) = self.child.take() {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// The errno of a failed `std::io` call.
+pub fn errno<T: std::fmt::Debug>(r: std::io::Result<T>) -> i32 {
+    r.expect_err("expected the call to fail")
+        .raw_os_error()
+        .expect("an OS error")
+}
+
+/// Runs a Python 3 snippet with `MNT` in its environment; panics with its output on failure.
+pub fn python(mnt: &Path, code: &str) -> String {
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(code)
+        .env("MNT", mnt)
+        .output()
+        .expect("python3 runs");
+    assert!(
+        out.status.success(),
+        "python failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub fn cstr(p: &Path) -> CString {
+    CString::new(p.as_os_str().as_bytes()).unwrap()
+}

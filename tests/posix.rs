@@ -1,0 +1,597 @@
+//! POSIX semantics through a real mount, driven with std::fs, libc and Python as agents do.
+
+mod common;
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::time::{Duration, SystemTime};
+
+use common::{Mounted, cstr, errno, python};
+
+#[test]
+fn create_write_read_and_list() {
+    let m = Mounted::room();
+    fs::write(m.p("hello.txt"), b"hi").unwrap();
+    assert_eq!(fs::read(m.p("hello.txt")).unwrap(), b"hi");
+    assert_eq!(fs::read(m.backing("hello.txt")).unwrap(), b"hi");
+    let names: Vec<_> = fs::read_dir(&m.mnt)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, vec!["hello.txt"]);
+    let meta = fs::metadata(m.p("hello.txt")).unwrap();
+    assert_eq!(meta.len(), 2);
+    assert!(meta.is_file());
+}
+
+#[test]
+fn o_excl_on_existing_file_is_eexist() {
+    let m = Mounted::room();
+    fs::write(m.p("a"), b"1").unwrap();
+    let r = OpenOptions::new().write(true).create_new(true).open(m.p("a"));
+    assert_eq!(errno(r), libc::EEXIST);
+    assert_eq!(fs::read(m.p("a")).unwrap(), b"1");
+}
+
+#[test]
+fn missing_file_is_enoent() {
+    let m = Mounted::room();
+    assert_eq!(errno(File::open(m.p("nope"))), libc::ENOENT);
+    assert_eq!(errno(fs::metadata(m.p("d/nope"))), libc::ENOENT);
+}
+
+#[test]
+fn readers_see_the_previous_version_until_close() {
+    let m = Mounted::room();
+    fs::write(m.p("doc"), b"old version").unwrap();
+    let mut w = File::create(m.p("doc")).unwrap(); // O_TRUNC
+    w.write_all(b"new content, longer than before").unwrap();
+    assert_eq!(fs::read(m.p("doc")).unwrap(), b"old version");
+    assert_eq!(fs::read(m.backing("doc")).unwrap(), b"old version");
+    // A reader opened before the commit keeps its version even after it.
+    let mut early = File::open(m.p("doc")).unwrap();
+    drop(w);
+    assert_eq!(fs::read(m.p("doc")).unwrap(), b"new content, longer than before");
+    let mut buf = String::new();
+    early.read_to_string(&mut buf).unwrap();
+    assert!(
+        buf == "old version" || buf == "new content, longer than before",
+        "a reader sees one whole version: {buf:?}"
+    );
+}
+
+#[test]
+fn a_handle_reads_its_own_writes() {
+    let m = Mounted::room();
+    fs::write(m.p("f"), b"0123456789").unwrap();
+    let mut f = OpenOptions::new().read(true).write(true).open(m.p("f")).unwrap();
+    f.write_all_at(b"AB", 3).unwrap();
+    let mut buf = [0u8; 10];
+    f.read_exact_at(&mut buf, 0).unwrap();
+    assert_eq!(&buf, b"012AB56789");
+    assert_eq!(f.metadata().unwrap().len(), 10);
+    f.write_all_at(b"XYZ", 12).unwrap();
+    assert_eq!(f.metadata().unwrap().len(), 15, "fstat sees the handle's size");
+    drop(f);
+    assert_eq!(fs::read(m.p("f")).unwrap(), b"012AB56789\0\0XYZ");
+}
+
+#[test]
+fn random_pwrite_pattern_matches_a_model() {
+    let m = Mounted::room();
+    let mut model = vec![0u8; 256 * 1024];
+    let mut f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(m.p("rand.bin"))
+        .unwrap();
+    f.set_len(model.len() as u64).unwrap();
+    let mut seed = 0x2545F4914F6CDD1Du64;
+    for i in 0..400 {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let off = (seed % (model.len() as u64 - 5000)) as usize;
+        let len = (seed >> 40) as usize % 4999 + 1;
+        let byte = (i % 251) as u8;
+        let data = vec![byte; len];
+        f.write_all_at(&data, off as u64).unwrap();
+        model[off..off + len].copy_from_slice(&data);
+    }
+    drop(f);
+    assert_eq!(fs::read(m.p("rand.bin")).unwrap(), model);
+}
+
+#[test]
+fn append_with_o_append_and_python_a_mode() {
+    let m = Mounted::room();
+    for i in 0..20 {
+        let mut f = OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(m.p("log"))
+            .unwrap();
+        writeln!(f, "line {i}").unwrap();
+    }
+    let text = fs::read_to_string(m.p("log")).unwrap();
+    assert_eq!(text.lines().count(), 20);
+    assert!(text.ends_with("line 19\n"));
+    python(
+        &m.mnt,
+        "import os\nfor i in range(50):\n  open(os.environ['MNT']+'/py.log','a').write(f'{i}\\n')\n\
+         assert open(os.environ['MNT']+'/py.log').read().split() == [str(i) for i in range(50)]",
+    );
+    // An O_APPEND writer lands at the end even after seeking.
+    let mut f = OpenOptions::new().append(true).open(m.p("log")).unwrap();
+    f.seek(SeekFrom::Start(0)).unwrap();
+    f.write_all(b"tail\n").unwrap();
+    drop(f);
+    assert!(fs::read_to_string(m.p("log")).unwrap().ends_with("line 19\ntail\n"));
+}
+
+#[test]
+fn truncate_and_ftruncate() {
+    let m = Mounted::room();
+    fs::write(m.p("t"), b"hello world").unwrap();
+    let f = OpenOptions::new().write(true).open(m.p("t")).unwrap();
+    f.set_len(5).unwrap();
+    assert_eq!(f.metadata().unwrap().len(), 5);
+    drop(f);
+    assert_eq!(fs::read(m.p("t")).unwrap(), b"hello");
+    // truncate(2) by path commits at once.
+    let c = cstr(&m.p("t"));
+    assert_eq!(unsafe { libc::truncate(c.as_ptr(), 2) }, 0);
+    assert_eq!(fs::read(m.p("t")).unwrap(), b"he");
+    assert_eq!(fs::read(m.backing("t")).unwrap(), b"he");
+    assert_eq!(unsafe { libc::truncate(c.as_ptr(), 4) }, 0);
+    assert_eq!(fs::read(m.p("t")).unwrap(), b"he\0\0");
+    // Opening with O_TRUNC and closing without writing leaves an empty file.
+    drop(File::create(m.p("t")).unwrap());
+    assert_eq!(fs::metadata(m.p("t")).unwrap().len(), 0);
+    assert_eq!(fs::metadata(m.backing("t")).unwrap().len(), 0);
+}
+
+#[test]
+fn fsync_commits_without_closing() {
+    let m = Mounted::room();
+    fs::write(m.p("s"), b"v1").unwrap();
+    let mut f = File::create(m.p("s")).unwrap();
+    f.write_all(b"v2").unwrap();
+    assert_eq!(fs::read(m.backing("s")).unwrap(), b"v1");
+    f.sync_all().unwrap();
+    assert_eq!(fs::read(m.backing("s")).unwrap(), b"v2");
+    assert_eq!(fs::read(m.p("s")).unwrap(), b"v2");
+    f.write_all(b"+v3").unwrap();
+    assert_eq!(fs::read(m.backing("s")).unwrap(), b"v2");
+    drop(f);
+    assert_eq!(fs::read(m.p("s")).unwrap(), b"v2+v3");
+}
+
+#[test]
+fn closing_without_changes_commits_nothing() {
+    let m = Mounted::room();
+    fs::write(m.p("same"), b"x").unwrap();
+    let before = fs::metadata(m.backing("same")).unwrap();
+    drop(OpenOptions::new().write(true).open(m.p("same")).unwrap());
+    drop(OpenOptions::new().read(true).write(true).open(m.p("same")).unwrap());
+    let after = fs::metadata(m.backing("same")).unwrap();
+    assert_eq!(before.ino(), after.ino(), "no new version was committed");
+    assert_eq!(before.mtime_nsec(), after.mtime_nsec());
+}
+
+#[test]
+fn unlink_keeps_open_handles_working() {
+    let m = Mounted::room();
+    fs::write(m.p("gone"), b"still readable").unwrap();
+    let mut r = File::open(m.p("gone")).unwrap();
+    let mut w = OpenOptions::new().read(true).write(true).open(m.p("gone")).unwrap();
+    fs::remove_file(m.p("gone")).unwrap();
+    assert_eq!(errno(fs::metadata(m.p("gone"))), libc::ENOENT);
+    let mut s = String::new();
+    r.read_to_string(&mut s).unwrap();
+    assert_eq!(s, "still readable");
+    w.write_all(b"STILL").unwrap();
+    let mut buf = [0u8; 14];
+    w.read_exact_at(&mut buf, 0).unwrap();
+    assert_eq!(&buf, b"STILL readable");
+    assert_eq!(w.metadata().unwrap().len(), 14);
+    drop(w);
+    // The unlinked file's changes do not resurrect it.
+    assert_eq!(errno(fs::metadata(m.p("gone"))), libc::ENOENT);
+    assert!(!m.backing("gone").exists());
+}
+
+#[test]
+fn mkdir_rmdir_and_enotempty() {
+    let m = Mounted::room();
+    fs::create_dir(m.p("d")).unwrap();
+    assert_eq!(errno(fs::create_dir(m.p("d"))), libc::EEXIST);
+    fs::write(m.p("d/f"), b"x").unwrap();
+    assert_eq!(errno(fs::remove_dir(m.p("d"))), libc::ENOTEMPTY);
+    assert_eq!(errno(fs::remove_file(m.p("d"))), libc::EISDIR);
+    assert_eq!(errno(fs::remove_dir(m.p("d/f"))), libc::ENOTDIR);
+    fs::remove_file(m.p("d/f")).unwrap();
+    fs::remove_dir(m.p("d")).unwrap();
+    assert!(!m.backing("d").exists());
+    fs::create_dir_all(m.p("a/b/c")).unwrap();
+    assert!(m.backing("a/b/c").is_dir());
+}
+
+#[test]
+fn readdir_has_dot_entries_with_the_right_inodes() {
+    let m = Mounted::room();
+    fs::create_dir_all(m.p("x/y")).unwrap();
+    fs::write(m.p("x/f"), b"").unwrap();
+    let dir = cstr(&m.p("x"));
+    let mut seen = Vec::new();
+    unsafe {
+        let d = libc::opendir(dir.as_ptr());
+        assert!(!d.is_null());
+        loop {
+            let e = libc::readdir(d);
+            if e.is_null() {
+                break;
+            }
+            let name = std::ffi::CStr::from_ptr((*e).d_name.as_ptr())
+                .to_string_lossy()
+                .into_owned();
+            seen.push((name, (*e).d_ino));
+        }
+        libc::closedir(d);
+    }
+    let mut names: Vec<_> = seen.iter().map(|(n, _)| n.as_str()).collect();
+    names.sort();
+    assert_eq!(names, [".", "..", "f", "y"]);
+    let ino_of = |n: &str| seen.iter().find(|(s, _)| s == n).unwrap().1;
+    assert_eq!(ino_of("."), fs::metadata(m.p("x")).unwrap().ino());
+    assert_eq!(ino_of(".."), fs::metadata(&m.mnt).unwrap().ino());
+}
+
+#[test]
+fn large_directories_list_completely() {
+    let m = Mounted::room();
+    fs::create_dir(m.p("many")).unwrap();
+    for i in 0..1500 {
+        fs::write(m.p(&format!("many/file-with-a-longish-name-{i:05}")), b"").unwrap();
+    }
+    let mut names: Vec<_> = fs::read_dir(m.p("many"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names.len(), 1500);
+    assert_eq!(names[0], "file-with-a-longish-name-00000");
+    for e in fs::read_dir(m.p("many")).unwrap() {
+        assert_eq!(e.unwrap().metadata().unwrap().len(), 0);
+    }
+}
+
+#[test]
+fn rename_files_and_directories() {
+    let m = Mounted::room();
+    fs::write(m.p("a"), b"A").unwrap();
+    fs::write(m.p("b"), b"B").unwrap();
+    fs::rename(m.p("a"), m.p("b")).unwrap();
+    assert_eq!(fs::read(m.p("b")).unwrap(), b"A");
+    assert_eq!(errno(fs::metadata(m.p("a"))), libc::ENOENT);
+    fs::create_dir_all(m.p("d1/sub")).unwrap();
+    fs::write(m.p("d1/sub/f"), b"deep").unwrap();
+    fs::rename(m.p("d1"), m.p("d2")).unwrap();
+    assert_eq!(fs::read(m.p("d2/sub/f")).unwrap(), b"deep");
+    assert_eq!(fs::read(m.backing("d2/sub/f")).unwrap(), b"deep");
+    // A directory replaces an empty one, not a full one.
+    fs::create_dir(m.p("empty")).unwrap();
+    fs::rename(m.p("d2"), m.p("empty")).unwrap();
+    assert_eq!(fs::read(m.p("empty/sub/f")).unwrap(), b"deep");
+    fs::create_dir_all(m.p("full/x")).unwrap();
+    fs::create_dir(m.p("other")).unwrap();
+    assert_eq!(errno(fs::rename(m.p("other"), m.p("full"))), libc::ENOTEMPTY);
+    assert_eq!(errno(fs::rename(m.p("b"), m.p("full"))), libc::EISDIR);
+    assert_eq!(errno(fs::rename(m.p("full"), m.p("full/x/in"))), libc::EINVAL);
+}
+
+#[test]
+fn rename_noreplace_and_exchange() {
+    let m = Mounted::room();
+    fs::write(m.p("a"), b"A").unwrap();
+    fs::write(m.p("b"), b"B").unwrap();
+    let (a, b) = (cstr(&m.p("a")), cstr(&m.p("b")));
+    let r = unsafe {
+        libc::renameat2(libc::AT_FDCWD, a.as_ptr(), libc::AT_FDCWD, b.as_ptr(), libc::RENAME_NOREPLACE)
+    };
+    assert_eq!(r, -1);
+    assert_eq!(std::io::Error::last_os_error().raw_os_error(), Some(libc::EEXIST));
+    assert_eq!(fs::read(m.p("b")).unwrap(), b"B");
+    let r = unsafe {
+        libc::renameat2(libc::AT_FDCWD, a.as_ptr(), libc::AT_FDCWD, b.as_ptr(), libc::RENAME_EXCHANGE)
+    };
+    assert_eq!(r, 0);
+    assert_eq!(fs::read(m.p("a")).unwrap(), b"B");
+    assert_eq!(fs::read(m.p("b")).unwrap(), b"A");
+}
+
+#[test]
+fn a_writer_commits_to_where_its_file_was_renamed() {
+    let m = Mounted::room();
+    let mut f = File::create(m.p("draft")).unwrap();
+    f.write_all(b"content").unwrap();
+    fs::rename(m.p("draft"), m.p("final")).unwrap();
+    drop(f);
+    assert_eq!(fs::read(m.p("final")).unwrap(), b"content");
+    assert!(!m.backing("draft").exists());
+}
+
+#[test]
+fn stat_times_chmod_and_utimens() {
+    let m = Mounted::room();
+    let before = SystemTime::now() - Duration::from_secs(2);
+    fs::write(m.p("f"), b"12345").unwrap();
+    let meta = fs::metadata(m.p("f")).unwrap();
+    assert_eq!(meta.len(), 5);
+    assert!(meta.modified().unwrap() >= before);
+    assert!(meta.modified().unwrap() <= SystemTime::now() + Duration::from_secs(2));
+    fs::set_permissions(m.p("f"), fs::Permissions::from_mode(0o600)).unwrap();
+    assert_eq!(fs::metadata(m.p("f")).unwrap().mode() & 0o7777, 0o600);
+    assert_eq!(fs::metadata(m.backing("f")).unwrap().mode() & 0o7777, 0o600);
+    // A commit keeps the mode.
+    fs::write(m.p("f"), b"changed").unwrap();
+    assert_eq!(fs::metadata(m.p("f")).unwrap().mode() & 0o7777, 0o600);
+    let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000_000);
+    File::options()
+        .write(true)
+        .open(m.p("f"))
+        .unwrap()
+        .set_modified(t)
+        .unwrap();
+    assert_eq!(fs::metadata(m.p("f")).unwrap().modified().unwrap(), t);
+    assert_eq!(fs::metadata(m.backing("f")).unwrap().modified().unwrap(), t);
+    // Creation modes are honoured.
+    let f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o640)
+        .open(m.p("g"))
+        .unwrap();
+    drop(f);
+    let mode = fs::metadata(m.p("g")).unwrap().mode() & 0o777;
+    assert_eq!(mode & !0o022, 0o640 & !0o022);
+}
+
+#[test]
+fn symlinks_and_readlink() {
+    let m = Mounted::room();
+    fs::write(m.p("target"), b"T").unwrap();
+    std::os::unix::fs::symlink("target", m.p("link")).unwrap();
+    assert_eq!(fs::read_link(m.p("link")).unwrap().to_str(), Some("target"));
+    assert_eq!(fs::read(m.p("link")).unwrap(), b"T");
+    assert!(fs::symlink_metadata(m.p("link")).unwrap().file_type().is_symlink());
+    assert!(fs::symlink_metadata(m.backing("link")).unwrap().file_type().is_symlink());
+    std::os::unix::fs::symlink("dangling", m.p("dl")).unwrap();
+    assert_eq!(errno(fs::read(m.p("dl"))), libc::ENOENT);
+    fs::remove_file(m.p("link")).unwrap();
+    assert!(m.backing("target").exists());
+}
+
+#[test]
+fn statfs_reports_the_backing_capacity() {
+    let m = Mounted::room();
+    let c = cstr(&m.mnt);
+    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+    assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut s) }, 0);
+    assert!(s.f_blocks > 0);
+    assert!(s.f_bavail <= s.f_blocks);
+    assert_eq!(s.f_namemax, 255);
+}
+
+#[test]
+fn mmap_reads_and_shared_writes_are_committed() {
+    let m = Mounted::room();
+    fs::write(m.p("map"), vec![b'a'; 8192]).unwrap();
+    python(
+        &m.mnt,
+        r#"
+import mmap, os
+p = os.environ['MNT'] + '/map'
+with open(p, 'r+b') as f:
+    mm = mmap.mmap(f.fileno(), 0)
+    assert mm[:4] == b'aaaa'
+    mm[0:5] = b'HELLO'
+    mm[8000:8003] = b'END'
+    mm.flush()
+    mm.close()
+with open(p, 'rb') as f:
+    mm = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+    assert mm[:5] == b'HELLO' and mm[8000:8003] == b'END', mm[:8]
+"#,
+    );
+    let data = fs::read(m.backing("map")).unwrap();
+    assert_eq!(&data[..5], b"HELLO");
+    assert_eq!(&data[8000..8003], b"END");
+    assert_eq!(data.len(), 8192);
+}
+
+#[test]
+fn fcntl_and_flock_locks_work_between_processes() {
+    let m = Mounted::room();
+    fs::write(m.p("lockfile"), b"").unwrap();
+    python(
+        &m.mnt,
+        r#"
+import fcntl, os, subprocess, sys
+p = os.environ['MNT'] + '/lockfile'
+f = open(p, 'r+')
+fcntl.lockf(f, fcntl.LOCK_EX)
+probe = "import fcntl,sys\nf=open(sys.argv[1],'r+')\ntry:\n fcntl.lockf(f, fcntl.LOCK_EX|fcntl.LOCK_NB)\n print('got')\nexcept OSError:\n print('busy')"
+assert subprocess.run([sys.executable, '-c', probe, p], capture_output=True, text=True).stdout.strip() == 'busy'
+fcntl.lockf(f, fcntl.LOCK_UN)
+assert subprocess.run([sys.executable, '-c', probe, p], capture_output=True, text=True).stdout.strip() == 'got'
+fcntl.flock(f, fcntl.LOCK_EX)
+probe2 = probe.replace('lockf', 'flock')
+assert subprocess.run([sys.executable, '-c', probe2, p], capture_output=True, text=True).stdout.strip() == 'busy'
+"#,
+    );
+}
+
+#[test]
+fn sqlite_database_works() {
+    let m = Mounted::room();
+    let out = python(
+        &m.mnt,
+        r#"
+import os, sqlite3
+db = os.environ['MNT'] + '/notes.db'
+c = sqlite3.connect(db)
+c.execute('create table notes(id integer primary key, body text)')
+for i in range(200):
+    c.execute('insert into notes(body) values (?)', (f'note {i}',))
+    if i % 50 == 0:
+        c.commit()
+c.commit()
+c.close()
+c = sqlite3.connect(db)
+print(c.execute('select count(*), max(body) from notes').fetchone())
+print(c.execute('pragma integrity_check').fetchone()[0])
+"#,
+    );
+    assert_eq!(out, "(200, 'note 99')\nok\n");
+}
+
+#[test]
+fn hard_links_and_xattrs_are_refused_with_documented_errnos() {
+    let m = Mounted::room();
+    fs::write(m.p("f"), b"x").unwrap();
+    assert_eq!(errno(fs::hard_link(m.p("f"), m.p("g"))), libc::EPERM);
+    let (p, name, val) = (cstr(&m.p("f")), c"user.k", b"v");
+    let r = unsafe { libc::setxattr(p.as_ptr(), name.as_ptr(), val.as_ptr().cast(), 1, 0) };
+    assert_eq!(r, -1);
+    assert_eq!(std::io::Error::last_os_error().raw_os_error(), Some(libc::EOPNOTSUPP));
+    let mut buf = [0u8; 16];
+    let r = unsafe { libc::getxattr(p.as_ptr(), name.as_ptr(), buf.as_mut_ptr().cast(), 16) };
+    assert_eq!(r, -1);
+    assert_eq!(std::io::Error::last_os_error().raw_os_error(), Some(libc::EOPNOTSUPP));
+}
+
+#[test]
+fn special_files_are_refused() {
+    let m = Mounted::room();
+    let p = cstr(&m.p("fifo"));
+    assert_eq!(unsafe { libc::mkfifo(p.as_ptr(), 0o644) }, -1);
+    assert_eq!(std::io::Error::last_os_error().raw_os_error(), Some(libc::EPERM));
+    assert!(!m.backing("fifo").exists());
+}
+
+#[test]
+fn names_too_long_are_enametoolong() {
+    let m = Mounted::room();
+    let long = "x".repeat(256);
+    assert_eq!(errno(fs::write(m.p(&long), b"")), libc::ENAMETOOLONG);
+    assert_eq!(errno(fs::create_dir(m.p(&long))), libc::ENAMETOOLONG);
+    let ok = "y".repeat(255);
+    fs::write(m.p(&ok), b"fine").unwrap();
+    assert_eq!(fs::read(m.p(&ok)).unwrap(), b"fine");
+    // Odd but valid bytes are kept as they are.
+    fs::write(m.p("line\nbreak and ünïcode"), b"odd").unwrap();
+    assert_eq!(fs::read(m.backing("line\nbreak and ünïcode")).unwrap(), b"odd");
+}
+
+#[test]
+fn dotdot_cannot_leave_the_space() {
+    let m = Mounted::room();
+    fs::write(m.p("inside"), b"in").unwrap();
+    // `..` at the mount root is resolved by the kernel above the mount, never into the data dir.
+    let up = fs::read_dir(m.p("..")).unwrap();
+    let names: Vec<_> = up.map(|e| e.unwrap().file_name()).collect();
+    assert!(names.iter().any(|n| n == "mnt"));
+    assert!(names.iter().any(|n| n == "data"), "the parent is the real parent of the mount");
+    std::os::unix::fs::symlink("../../../etc/hostname", m.p("escape")).unwrap();
+    // Following the link resolves in the caller's namespace, like any symlink; the store itself
+    // only ever holds the link.
+    assert!(fs::symlink_metadata(m.backing("escape")).unwrap().file_type().is_symlink());
+}
+
+#[test]
+fn a_commit_error_is_reported_by_close() {
+    let m = Mounted::room();
+    fs::create_dir(m.p("dir")).unwrap();
+    let f = File::create(m.p("dir/f")).unwrap();
+    (&f).write_all(b"data").unwrap();
+    // The directory disappears behind the mount's back (an operator, another host).
+    fs::remove_dir_all(m.backing("dir")).unwrap();
+    let fd = std::os::fd::IntoRawFd::into_raw_fd(f);
+    let r = unsafe { libc::close(fd) };
+    assert_eq!(r, -1, "close() reports the failed commit");
+    assert_eq!(std::io::Error::last_os_error().raw_os_error(), Some(libc::ENOENT));
+}
+
+#[test]
+fn concurrent_writers_last_close_wins_whole() {
+    let m = Mounted::room();
+    fs::write(m.p("shared"), b"").unwrap();
+    let mut a = OpenOptions::new().write(true).open(m.p("shared")).unwrap();
+    let mut b = OpenOptions::new().write(true).open(m.p("shared")).unwrap();
+    a.write_all(&[b'a'; 100_000]).unwrap();
+    b.write_all(&[b'b'; 50_000]).unwrap();
+    a.write_all(&[b'a'; 100_000]).unwrap();
+    drop(b);
+    assert_eq!(fs::read(m.p("shared")).unwrap(), vec![b'b'; 50_000]);
+    drop(a);
+    assert_eq!(fs::read(m.p("shared")).unwrap(), vec![b'a'; 200_000]);
+}
+
+#[test]
+fn many_processes_at_once() {
+    let m = Mounted::room();
+    let out = python(
+        &m.mnt,
+        r#"
+import os
+from concurrent.futures import ProcessPoolExecutor
+root = os.environ['MNT']
+def work(n):
+    d = f'{root}/w{n}'
+    os.mkdir(d)
+    for i in range(100):
+        with open(f'{d}/f{i}', 'w') as f:
+            f.write(f'{n}:{i}' * 100)
+    for i in range(100):
+        assert open(f'{d}/f{i}').read() == f'{n}:{i}' * 100
+    return len(os.listdir(d))
+with ProcessPoolExecutor(8) as ex:
+    print(sum(ex.map(work, range(8))))
+"#,
+    );
+    assert_eq!(out.trim(), "800");
+}
+
+#[test]
+fn tools_agents_run_work() {
+    let m = Mounted::room();
+    // cp -r, tar, and a git repository.
+    let sh = |cmd: &str| {
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(cmd)
+            .current_dir(&m.mnt)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{cmd}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    sh("mkdir -p src/a && echo one > src/a/1 && echo two > src/2 && cp -r src copy && tar cf t.tar src && mkdir x && tar xf t.tar -C x");
+    assert_eq!(fs::read(m.p("copy/a/1")).unwrap(), b"one\n");
+    assert_eq!(fs::read(m.p("x/src/2")).unwrap(), b"two\n");
+    if std::process::Command::new("git").arg("--version").output().is_ok() {
+        sh("git init -q repo && cd repo && git config user.email t@e && git config user.name t \
+            && echo hi > readme && git add readme && git commit -qm first \
+            && echo more >> readme && git commit -qam second && git gc -q && git fsck --strict");
+        assert_eq!(sh("cd repo && git log --format=%s").trim(), "second\nfirst");
+    }
+}
