@@ -93,6 +93,23 @@ pub fn mount_at(path: &Path) -> Option<MountEntry> {
 /// Checks and canonicalises a mount point, with a message that says what is wrong.
 pub fn check_mountpoint(path: &Path) -> Result<PathBuf, String> {
     let shown = path.display();
+    if let Err(e) = std::fs::metadata(path)
+        && e.raw_os_error() == Some(libc::ENOTCONN)
+    {
+        // A roomfs daemon died (crash, kill -9) and left its mount behind: clear it, so the
+        // next mount works without manual steps. Other dead FUSE mounts are not ours to touch.
+        let stale = mounts()
+            .unwrap_or_default()
+            .into_iter()
+            .rfind(|m| m.mountpoint.as_os_str() == path.as_os_str() && m.is_roomfs());
+        if let Some(m) = stale {
+            log::warn!(
+                "clearing the dead roomfs mount left at {}",
+                m.mountpoint.display()
+            );
+            unmount(&m.mountpoint, true)?;
+        }
+    }
     let meta = std::fs::metadata(path).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => format!("mount point {shown} does not exist"),
         _ => format!("mount point {shown} is not usable: {e}"),

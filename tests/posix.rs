@@ -29,7 +29,10 @@ fn create_write_read_and_list() {
 fn o_excl_on_existing_file_is_eexist() {
     let m = Mounted::room();
     fs::write(m.p("a"), b"1").unwrap();
-    let r = OpenOptions::new().write(true).create_new(true).open(m.p("a"));
+    let r = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(m.p("a"));
     assert_eq!(errno(r), libc::EEXIST);
     assert_eq!(fs::read(m.p("a")).unwrap(), b"1");
 }
@@ -52,7 +55,10 @@ fn readers_see_the_previous_version_until_close() {
     // A reader opened before the commit keeps its version even after it.
     let mut early = File::open(m.p("doc")).unwrap();
     drop(w);
-    assert_eq!(fs::read(m.p("doc")).unwrap(), b"new content, longer than before");
+    assert_eq!(
+        fs::read(m.p("doc")).unwrap(),
+        b"new content, longer than before"
+    );
     let mut buf = String::new();
     early.read_to_string(&mut buf).unwrap();
     assert!(
@@ -65,14 +71,22 @@ fn readers_see_the_previous_version_until_close() {
 fn a_handle_reads_its_own_writes() {
     let m = Mounted::room();
     fs::write(m.p("f"), b"0123456789").unwrap();
-    let mut f = OpenOptions::new().read(true).write(true).open(m.p("f")).unwrap();
+    let mut f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(m.p("f"))
+        .unwrap();
     f.write_all_at(b"AB", 3).unwrap();
     let mut buf = [0u8; 10];
     f.read_exact_at(&mut buf, 0).unwrap();
     assert_eq!(&buf, b"012AB56789");
     assert_eq!(f.metadata().unwrap().len(), 10);
     f.write_all_at(b"XYZ", 12).unwrap();
-    assert_eq!(f.metadata().unwrap().len(), 15, "fstat sees the handle's size");
+    assert_eq!(
+        f.metadata().unwrap().len(),
+        15,
+        "fstat sees the handle's size"
+    );
     drop(f);
     assert_eq!(fs::read(m.p("f")).unwrap(), b"012AB56789\0\0XYZ");
 }
@@ -129,7 +143,11 @@ fn append_with_o_append_and_python_a_mode() {
     f.seek(SeekFrom::Start(0)).unwrap();
     f.write_all(b"tail\n").unwrap();
     drop(f);
-    assert!(fs::read_to_string(m.p("log")).unwrap().ends_with("line 19\ntail\n"));
+    assert!(
+        fs::read_to_string(m.p("log"))
+            .unwrap()
+            .ends_with("line 19\ntail\n")
+    );
 }
 
 #[test]
@@ -176,7 +194,13 @@ fn closing_without_changes_commits_nothing() {
     fs::write(m.p("same"), b"x").unwrap();
     let before = fs::metadata(m.backing("same")).unwrap();
     drop(OpenOptions::new().write(true).open(m.p("same")).unwrap());
-    drop(OpenOptions::new().read(true).write(true).open(m.p("same")).unwrap());
+    drop(
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(m.p("same"))
+            .unwrap(),
+    );
     let after = fs::metadata(m.backing("same")).unwrap();
     assert_eq!(before.ino(), after.ino(), "no new version was committed");
     assert_eq!(before.mtime_nsec(), after.mtime_nsec());
@@ -187,7 +211,11 @@ fn unlink_keeps_open_handles_working() {
     let m = Mounted::room();
     fs::write(m.p("gone"), b"still readable").unwrap();
     let mut r = File::open(m.p("gone")).unwrap();
-    let mut w = OpenOptions::new().read(true).write(true).open(m.p("gone")).unwrap();
+    let mut w = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(m.p("gone"))
+        .unwrap();
     fs::remove_file(m.p("gone")).unwrap();
     assert_eq!(errno(fs::metadata(m.p("gone"))), libc::ENOENT);
     let mut s = String::new();
@@ -288,9 +316,15 @@ fn rename_files_and_directories() {
     assert_eq!(fs::read(m.p("empty/sub/f")).unwrap(), b"deep");
     fs::create_dir_all(m.p("full/x")).unwrap();
     fs::create_dir(m.p("other")).unwrap();
-    assert_eq!(errno(fs::rename(m.p("other"), m.p("full"))), libc::ENOTEMPTY);
+    assert_eq!(
+        errno(fs::rename(m.p("other"), m.p("full"))),
+        libc::ENOTEMPTY
+    );
     assert_eq!(errno(fs::rename(m.p("b"), m.p("full"))), libc::EISDIR);
-    assert_eq!(errno(fs::rename(m.p("full"), m.p("full/x/in"))), libc::EINVAL);
+    assert_eq!(
+        errno(fs::rename(m.p("full"), m.p("full/x/in"))),
+        libc::EINVAL
+    );
 }
 
 #[test]
@@ -300,13 +334,28 @@ fn rename_noreplace_and_exchange() {
     fs::write(m.p("b"), b"B").unwrap();
     let (a, b) = (cstr(&m.p("a")), cstr(&m.p("b")));
     let r = unsafe {
-        libc::renameat2(libc::AT_FDCWD, a.as_ptr(), libc::AT_FDCWD, b.as_ptr(), libc::RENAME_NOREPLACE)
+        libc::renameat2(
+            libc::AT_FDCWD,
+            a.as_ptr(),
+            libc::AT_FDCWD,
+            b.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
     };
     assert_eq!(r, -1);
-    assert_eq!(std::io::Error::last_os_error().raw_os_error(), Some(libc::EEXIST));
+    assert_eq!(
+        std::io::Error::last_os_error().raw_os_error(),
+        Some(libc::EEXIST)
+    );
     assert_eq!(fs::read(m.p("b")).unwrap(), b"B");
     let r = unsafe {
-        libc::renameat2(libc::AT_FDCWD, a.as_ptr(), libc::AT_FDCWD, b.as_ptr(), libc::RENAME_EXCHANGE)
+        libc::renameat2(
+            libc::AT_FDCWD,
+            a.as_ptr(),
+            libc::AT_FDCWD,
+            b.as_ptr(),
+            libc::RENAME_EXCHANGE,
+        )
     };
     assert_eq!(r, 0);
     assert_eq!(fs::read(m.p("a")).unwrap(), b"B");
@@ -367,8 +416,18 @@ fn symlinks_and_readlink() {
     std::os::unix::fs::symlink("target", m.p("link")).unwrap();
     assert_eq!(fs::read_link(m.p("link")).unwrap().to_str(), Some("target"));
     assert_eq!(fs::read(m.p("link")).unwrap(), b"T");
-    assert!(fs::symlink_metadata(m.p("link")).unwrap().file_type().is_symlink());
-    assert!(fs::symlink_metadata(m.backing("link")).unwrap().file_type().is_symlink());
+    assert!(
+        fs::symlink_metadata(m.p("link"))
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
+    assert!(
+        fs::symlink_metadata(m.backing("link"))
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
     std::os::unix::fs::symlink("dangling", m.p("dl")).unwrap();
     assert_eq!(errno(fs::read(m.p("dl"))), libc::ENOENT);
     fs::remove_file(m.p("link")).unwrap();
@@ -467,11 +526,17 @@ fn hard_links_and_xattrs_are_refused_with_documented_errnos() {
     let (p, name, val) = (cstr(&m.p("f")), c"user.k", b"v");
     let r = unsafe { libc::setxattr(p.as_ptr(), name.as_ptr(), val.as_ptr().cast(), 1, 0) };
     assert_eq!(r, -1);
-    assert_eq!(std::io::Error::last_os_error().raw_os_error(), Some(libc::EOPNOTSUPP));
+    assert_eq!(
+        std::io::Error::last_os_error().raw_os_error(),
+        Some(libc::EOPNOTSUPP)
+    );
     let mut buf = [0u8; 16];
     let r = unsafe { libc::getxattr(p.as_ptr(), name.as_ptr(), buf.as_mut_ptr().cast(), 16) };
     assert_eq!(r, -1);
-    assert_eq!(std::io::Error::last_os_error().raw_os_error(), Some(libc::EOPNOTSUPP));
+    assert_eq!(
+        std::io::Error::last_os_error().raw_os_error(),
+        Some(libc::EOPNOTSUPP)
+    );
 }
 
 #[test]
@@ -479,7 +544,10 @@ fn special_files_are_refused() {
     let m = Mounted::room();
     let p = cstr(&m.p("fifo"));
     assert_eq!(unsafe { libc::mkfifo(p.as_ptr(), 0o644) }, -1);
-    assert_eq!(std::io::Error::last_os_error().raw_os_error(), Some(libc::EPERM));
+    assert_eq!(
+        std::io::Error::last_os_error().raw_os_error(),
+        Some(libc::EPERM)
+    );
     assert!(!m.backing("fifo").exists());
 }
 
@@ -494,7 +562,10 @@ fn names_too_long_are_enametoolong() {
     assert_eq!(fs::read(m.p(&ok)).unwrap(), b"fine");
     // Odd but valid bytes are kept as they are.
     fs::write(m.p("line\nbreak and ünïcode"), b"odd").unwrap();
-    assert_eq!(fs::read(m.backing("line\nbreak and ünïcode")).unwrap(), b"odd");
+    assert_eq!(
+        fs::read(m.backing("line\nbreak and ünïcode")).unwrap(),
+        b"odd"
+    );
 }
 
 #[test]
@@ -505,11 +576,19 @@ fn dotdot_cannot_leave_the_space() {
     let up = fs::read_dir(m.p("..")).unwrap();
     let names: Vec<_> = up.map(|e| e.unwrap().file_name()).collect();
     assert!(names.iter().any(|n| n == "mnt"));
-    assert!(names.iter().any(|n| n == "data"), "the parent is the real parent of the mount");
+    assert!(
+        names.iter().any(|n| n == "data"),
+        "the parent is the real parent of the mount"
+    );
     std::os::unix::fs::symlink("../../../etc/hostname", m.p("escape")).unwrap();
     // Following the link resolves in the caller's namespace, like any symlink; the store itself
     // only ever holds the link.
-    assert!(fs::symlink_metadata(m.backing("escape")).unwrap().file_type().is_symlink());
+    assert!(
+        fs::symlink_metadata(m.backing("escape"))
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
 }
 
 #[test]
@@ -523,7 +602,10 @@ fn a_commit_error_is_reported_by_close() {
     let fd = std::os::fd::IntoRawFd::into_raw_fd(f);
     let r = unsafe { libc::close(fd) };
     assert_eq!(r, -1, "close() reports the failed commit");
-    assert_eq!(std::io::Error::last_os_error().raw_os_error(), Some(libc::ENOENT));
+    assert_eq!(
+        std::io::Error::last_os_error().raw_os_error(),
+        Some(libc::ENOENT)
+    );
 }
 
 #[test]
@@ -585,13 +667,21 @@ fn tools_agents_run_work() {
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
-    sh("mkdir -p src/a && echo one > src/a/1 && echo two > src/2 && cp -r src copy && tar cf t.tar src && mkdir x && tar xf t.tar -C x");
+    sh(
+        "mkdir -p src/a && echo one > src/a/1 && echo two > src/2 && cp -r src copy && tar cf t.tar src && mkdir x && tar xf t.tar -C x",
+    );
     assert_eq!(fs::read(m.p("copy/a/1")).unwrap(), b"one\n");
     assert_eq!(fs::read(m.p("x/src/2")).unwrap(), b"two\n");
-    if std::process::Command::new("git").arg("--version").output().is_ok() {
-        sh("git init -q repo && cd repo && git config user.email t@e && git config user.name t \
+    if std::process::Command::new("git")
+        .arg("--version")
+        .output()
+        .is_ok()
+    {
+        sh(
+            "git init -q repo && cd repo && git config user.email t@e && git config user.name t \
             && echo hi > readme && git add readme && git commit -qm first \
-            && echo more >> readme && git commit -qam second && git gc -q && git fsck --strict");
+            && echo more >> readme && git commit -qam second && git gc -q && git fsck --strict",
+        );
         assert_eq!(sh("cd repo && git log --format=%s").trim(), "second\nfirst");
     }
 }

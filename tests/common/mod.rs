@@ -17,6 +17,7 @@ pub struct Mounted {
     pub data: PathBuf,
     pub child: Option<Child>,
     pub args: Vec<String>,
+    log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 pub fn is_mounted(path: &Path) -> bool {
@@ -47,14 +48,15 @@ impl Mounted {
             data,
             child: None,
             args: args.iter().map(|s| s.to_string()).collect(),
+            log: Default::default(),
         };
         m.start();
         m
     }
 
-    /// Starts (again) the daemon for this mount point and waits until it is mounted.
+    /// Starts (again) the daemon for this mount point and waits until it reports the mount.
     pub fn start(&mut self) {
-        let child = Command::new(BIN)
+        let mut child = Command::new(BIN)
             .arg("mount")
             .arg("--data-dir")
             .arg(&self.data)
@@ -65,19 +67,46 @@ impl Mounted {
             .stderr(Stdio::piped())
             .spawn()
             .expect("start roomfs");
+        // Drain the daemon's log in the background; the mount is up once it says so (a dead
+        // mount left by a crash would still be listed in mountinfo).
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let log = self.log.clone();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if line.contains(" mounted ") {
+                    let _ = tx.send(());
+                }
+                log.lock().unwrap().push(line);
+            }
+        });
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(15);
-        while !is_mounted(&self.mnt) {
-            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                let out = self.child.take().unwrap().wait_with_output().unwrap();
-                panic!(
-                    "roomfs exited ({status}) before mounting: {}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
+        loop {
+            if rx.recv_timeout(Duration::from_millis(20)).is_ok() {
+                break;
             }
-            assert!(Instant::now() < deadline, "roomfs did not mount in time");
-            std::thread::sleep(Duration::from_millis(20));
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                self.child = None;
+                std::thread::sleep(Duration::from_millis(50));
+                panic!("roomfs exited ({status}) before mounting: {}", self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "roomfs did not mount in time: {}",
+                self.log()
+            );
         }
+        assert!(is_mounted(&self.mnt));
+    }
+
+    /// What the daemon(s) of this mount logged so far.
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().join("\n")
     }
 
     pub fn p(&self, rel: &str) -> PathBuf {
@@ -109,10 +138,11 @@ impl Mounted {
 
     /// Sends `sig` to the daemon and waits for it to exit, returning its exit status and stderr.
     pub fn signal_and_wait(&mut self, sig: i32) -> (std::process::ExitStatus, String) {
-        let child = self.child.take().unwrap();
+        let mut child = self.child.take().unwrap();
         unsafe { libc::kill(child.id() as i32, sig) };
-        let out = child.wait_with_output().unwrap();
-        (out.status, String::from_utf8_lossy(&out.stderr).into_owned())
+        let status = child.wait().unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        (status, self.log())
     }
 
     /// Unmounts with `roomfs unmount`, waits for the daemon; returns its exit status.
@@ -127,8 +157,7 @@ impl Mounted {
             "unmount failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let child = self.child.take().unwrap();
-        child.wait_with_output().unwrap().status
+        self.child.take().unwrap().wait().unwrap()
     }
 }
 

@@ -1,0 +1,223 @@
+//! The daemon's life: start-up errors, clean unmounts, signals, and crashes.
+
+mod common;
+
+use std::fs::{self, File};
+use std::io::Write;
+use std::process::Command;
+
+use common::{BIN, Mounted, is_mounted};
+
+fn roomfs(args: &[&str]) -> (i32, String) {
+    let out = Command::new(BIN).args(args).output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn bad_mount_arguments_give_one_clear_message() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let data = data.to_str().unwrap();
+    let file = tmp.path().join("file");
+    fs::write(&file, b"").unwrap();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec!["mount", "--data-dir", data, "--room", "r", "/nonexistent/x"],
+            "does not exist",
+        ),
+        (
+            vec![
+                "mount",
+                "--data-dir",
+                data,
+                "--room",
+                "r",
+                file.to_str().unwrap(),
+            ],
+            "is not a directory",
+        ),
+        (
+            vec!["mount", "--data-dir", data, "--room", "../x", "/tmp"],
+            "invalid room id",
+        ),
+        (vec!["mount", "--data-dir", data, "/tmp"], "--room"),
+        (
+            vec![
+                "mount",
+                "--data-dir",
+                data,
+                "--room",
+                "a",
+                "--session",
+                "b",
+                "/tmp",
+            ],
+            "cannot be used with",
+        ),
+        (vec!["mount", "--bogus", "/tmp"], "unexpected argument"),
+        (
+            vec![
+                "mount",
+                "--data-dir",
+                data,
+                "--room",
+                "r",
+                "--threads",
+                "0",
+                "/tmp",
+            ],
+            "--threads",
+        ),
+        (vec!["unmount", "/tmp"], "not a mount point"),
+        (vec!["unmount", "/proc"], "not a roomfs mount"),
+    ];
+    for (args, want) in cases {
+        let (code, err) = roomfs(&args);
+        assert_ne!(code, 0, "{args:?} should fail");
+        assert!(err.contains(want), "{args:?}: expected {want:?} in {err:?}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        assert!(err.lines().count() <= 8, "{args:?}: short message: {err}");
+    }
+}
+
+#[test]
+fn a_mount_point_in_use_is_refused() {
+    let m = Mounted::room();
+    let (code, err) = roomfs(&[
+        "mount",
+        "--data-dir",
+        m.data.to_str().unwrap(),
+        "--room",
+        "other",
+        m.mnt.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 1);
+    assert!(err.contains("already in use"), "{err}");
+    // The first mount is unaffected.
+    fs::write(m.p("still"), b"works").unwrap();
+}
+
+#[test]
+fn roomfs_unmount_ends_the_daemon_cleanly() {
+    let mut m = Mounted::room();
+    fs::write(m.p("kept"), b"data").unwrap();
+    let status = m.unmount();
+    assert!(status.success());
+    assert!(!is_mounted(&m.mnt));
+    assert_eq!(fs::read(m.backing("kept")).unwrap(), b"data");
+    // The data is plain files; the next mount shows it again.
+    m.start();
+    assert_eq!(fs::read(m.p("kept")).unwrap(), b"data");
+}
+
+#[test]
+fn sigterm_and_sigint_commit_and_unmount() {
+    for sig in [libc::SIGTERM, libc::SIGINT] {
+        let mut m = Mounted::room();
+        fs::write(m.p("f"), b"committed").unwrap();
+        let (status, stderr) = m.signal_and_wait(sig);
+        assert!(
+            status.success(),
+            "exit after signal {sig}: {status} {stderr}"
+        );
+        assert!(!is_mounted(&m.mnt), "nothing stays mounted");
+        assert_eq!(fs::read(m.backing("f")).unwrap(), b"committed");
+    }
+}
+
+#[test]
+fn sigterm_with_open_files_commits_them_and_detaches() {
+    let mut m = Mounted::room();
+    let mut f = File::create(m.p("open")).unwrap();
+    f.write_all(b"pending data").unwrap();
+    let pid = m.pid();
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    // The mount goes away even though a file is open, and the pending write is committed.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while is_mounted(&m.mnt) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(!is_mounted(&m.mnt));
+    assert_eq!(fs::read(m.backing("open")).unwrap(), b"pending data");
+    drop(f);
+}
+
+#[test]
+fn kill_9_never_leaves_a_partial_file_and_the_next_mount_recovers() {
+    let mut m = Mounted::room();
+    fs::write(m.p("doc"), b"version one").unwrap();
+    let mut f = File::create(m.p("doc")).unwrap();
+    f.write_all(&vec![b'x'; 3 << 20]).unwrap();
+    m.crash();
+    drop(f); // the dead mount answers ENOTCONN; nothing is committed
+    assert_eq!(fs::read(m.backing("doc")).unwrap(), b"version one");
+    let staging = m.data.join(".staging");
+    let leftovers: usize = fs::read_dir(&staging)
+        .unwrap()
+        .map(|d| fs::read_dir(d.unwrap().path()).unwrap().count())
+        .sum();
+    assert!(
+        leftovers >= 2,
+        "the crash left its working copy (and lock) behind"
+    );
+    // The next mount clears the dead mount point and the stale working copies by itself.
+    m.start();
+    assert_eq!(fs::read(m.p("doc")).unwrap(), b"version one");
+    let dirs: Vec<_> = fs::read_dir(&staging).unwrap().collect();
+    assert_eq!(dirs.len(), 1, "only the live daemon's staging remains");
+    let live = dirs.into_iter().next().unwrap().unwrap().path();
+    assert_eq!(fs::read_dir(live).unwrap().count(), 1, "just its lock file");
+}
+
+#[test]
+fn kill_9_during_many_commits_leaves_only_whole_versions() {
+    let mut m = Mounted::room();
+    let code = format!(
+        r#"
+import os
+p = os.environ['MNT'] + '/f'
+i = 0
+while True:
+    with open(p, 'wb') as f:
+        f.write(str(i).encode() * 10000)
+    i += 1
+"#
+    );
+    let mut writer = Command::new("python3")
+        .arg("-c")
+        .arg(code)
+        .env("MNT", &m.mnt)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    m.crash();
+    let _ = writer.wait();
+    let data = fs::read(m.backing("f")).unwrap();
+    assert!(!data.is_empty(), "a committed version exists");
+    let text = String::from_utf8(data).unwrap();
+    let unit_len = text.len() / 10000;
+    let unit = &text[..unit_len];
+    assert_eq!(
+        text,
+        unit.repeat(10000),
+        "the committed file is one whole version"
+    );
+}
+
+#[test]
+fn sync_on_close_mounts_work() {
+    let m = Mounted::with_args(&["--room", "durable", "--sync-on-close"]);
+    fs::write(m.p("f"), b"durable").unwrap();
+    assert_eq!(fs::read(m.backing("f")).unwrap(), b"durable");
+}
+
+#[test]
+fn sessions_live_under_sessions() {
+    let m = Mounted::with_args(&["--session", "s-1"]);
+    fs::write(m.p("out.txt"), b"x").unwrap();
+    assert!(m.data.join("sessions/s-1/out.txt").exists());
+}
