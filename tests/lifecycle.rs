@@ -130,7 +130,7 @@ fn sigterm_and_sigint_commit_and_unmount() {
 
 #[test]
 fn sigterm_with_open_files_commits_them_and_detaches() {
-    let mut m = Mounted::room();
+    let m = Mounted::room();
     let mut f = File::create(m.p("open")).unwrap();
     f.write_all(b"pending data").unwrap();
     let pid = m.pid();
@@ -175,8 +175,7 @@ fn kill_9_never_leaves_a_partial_file_and_the_next_mount_recovers() {
 #[test]
 fn kill_9_during_many_commits_leaves_only_whole_versions() {
     let mut m = Mounted::room();
-    let code = format!(
-        r#"
+    let code = r#"
 import os
 p = os.environ['MNT'] + '/f'
 i = 0
@@ -184,8 +183,7 @@ while True:
     with open(p, 'wb') as f:
         f.write(str(i).encode() * 10000)
     i += 1
-"#
-    );
+"#.to_string();
     let mut writer = Command::new("python3")
         .arg("-c")
         .arg(code)

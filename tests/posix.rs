@@ -71,7 +71,7 @@ fn readers_see_the_previous_version_until_close() {
 fn a_handle_reads_its_own_writes() {
     let m = Mounted::room();
     fs::write(m.p("f"), b"0123456789").unwrap();
-    let mut f = OpenOptions::new()
+    let f = OpenOptions::new()
         .read(true)
         .write(true)
         .open(m.p("f"))
@@ -95,7 +95,7 @@ fn a_handle_reads_its_own_writes() {
 fn random_pwrite_pattern_matches_a_model() {
     let m = Mounted::room();
     let mut model = vec![0u8; 256 * 1024];
-    let mut f = OpenOptions::new()
+    let f = OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
