@@ -449,7 +449,8 @@ impl Filesystem for FuseAdapter {
     }
 
     // Extended attributes are not stored (a commit replaces the file, and object stores have
-    // no equivalent): ENOSYS makes the kernel answer EOPNOTSUPP from then on without asking.
+    // no equivalent). Reading them: ENOSYS makes the kernel answer EOPNOTSUPP from then on
+    // without asking (it asks for security.capability on every write otherwise).
     fn getxattr(
         &self,
         _req: &Request,
@@ -468,18 +469,18 @@ impl Filesystem for FuseAdapter {
     fn setxattr(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         _name: &OsStr,
         _value: &[u8],
         _flags: i32,
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        reply.error(fuser::Errno::ENOSYS);
+        empty(reply, self.fs.change_xattr(ino.0));
     }
 
-    fn removexattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
-        reply.error(fuser::Errno::ENOSYS);
+    fn removexattr(&self, _req: &Request, ino: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        empty(reply, self.fs.change_xattr(ino.0));
     }
 
     fn ioctl(

@@ -8,6 +8,8 @@
 pub mod cli;
 pub mod fs;
 pub mod fuse;
+pub mod grant;
 pub mod mount;
 pub mod space;
 pub mod store;
+pub mod token;

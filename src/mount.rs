@@ -28,6 +28,8 @@ pub struct MountSpec {
     pub cache_ttl: Duration,
     /// Threads serving kernel requests.
     pub threads: usize,
+    /// What the mount may touch.
+    pub grant: crate::grant::Grant,
 }
 
 /// One line of `/proc/self/mountinfo` that matters here.
@@ -199,6 +201,7 @@ pub fn run(spec: &MountSpec) -> Result<(), String> {
         FsOptions {
             sync_on_close: spec.sync_on_close,
             owner_from_caller: is_root,
+            grant: spec.grant.clone(),
         },
     ));
     let adapter = FuseAdapter::new(fs.clone(), spec.cache_ttl);
@@ -230,10 +233,11 @@ pub fn run(spec: &MountSpec) -> Result<(), String> {
         .map_err(|e| format!("cannot start serving {}: {e}", mountpoint.display()))?;
     fs.set_kernel_cache(Box::new(crate::fuse::Notify(background.notifier())));
     log::info!(
-        "mounted {} at {} (data in {})",
+        "mounted {} at {} (data in {}, grant: {})",
         spec.space,
         mountpoint.display(),
-        root.display()
+        root.display(),
+        spec.grant
     );
 
     let (done_tx, done_rx) = mpsc::channel::<()>();

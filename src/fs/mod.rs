@@ -19,6 +19,7 @@ use handle::{DirHandle, DirItem, FileHandle};
 use inode::InodeTable;
 pub use inode::{Ino, ROOT};
 
+use crate::grant::{Access, Grant};
 use crate::store::{Kind, Meta, Owner, RenameMode, SetAttr, Store, StoreStatfs, TimeSpec};
 
 /// Longest file name accepted (as on ext4 and most Linux filesystems).
@@ -31,6 +32,8 @@ pub struct FsOptions {
     pub sync_on_close: bool,
     /// Give new entries the caller's uid/gid (needs a root daemon).
     pub owner_from_caller: bool,
+    /// The paths this mount may touch; everything else is EACCES.
+    pub grant: Grant,
 }
 
 /// Attributes of an inode as shown to programs.
@@ -142,6 +145,12 @@ pub struct Fs {
     next_fh: AtomicU64,
 }
 
+/// Logs a refused operation and returns its errno (EACCES, also under read-only prefixes).
+fn deny(op: &str, path: &Path, why: &dyn std::fmt::Display) -> Errno {
+    log::info!("denied {op} {:?}: {why}", path);
+    Errno::EACCES
+}
+
 fn check_name(name: &OsStr) -> FsResult<()> {
     let bytes = name.as_bytes();
     if bytes.len() > NAME_MAX {
@@ -182,6 +191,34 @@ impl Fs {
     /// Connects the kernel's caches, once the mount exists.
     pub fn set_kernel_cache(&self, kernel: Box<dyn KernelCache>) {
         let _ = self.kernel.set(kernel);
+    }
+
+    /// The grant's decision for `op` on `path`; a refusal is logged so operators see what a
+    /// sandbox tried.
+    fn allow(&self, op: &str, path: &Path, access: Access) -> FsResult<()> {
+        if self.options.grant.is_full() {
+            return Ok(());
+        }
+        self.options
+            .grant
+            .check(path.as_os_str().as_bytes(), access)
+            .map_err(|denied| deny(op, path, &denied))
+    }
+
+    /// Directories above granted prefixes may be traversed and listed (filtered), not read.
+    fn allow_traverse(&self, op: &str, path: &Path) -> FsResult<()> {
+        if self.options.grant.can_traverse(path.as_os_str().as_bytes()) {
+            Ok(())
+        } else {
+            Err(deny(op, path, &"outside the grant"))
+        }
+    }
+
+    /// Whether `name` in the directory `dir` is visible through the grant.
+    fn shows(&self, dir: &Path, name: &OsStr) -> bool {
+        self.options
+            .grant
+            .shows(dir.as_os_str().as_bytes(), name.as_bytes())
     }
 
     fn owner(&self, caller: &Caller) -> Owner {
@@ -226,6 +263,9 @@ impl Fs {
             return Err(Errno::ENAMETOOLONG);
         }
         let path = self.child_path(parent, name)?;
+        if !self.shows(path.parent().unwrap_or(Path::new("")), name) {
+            return Err(deny("lookup", &path, &"outside the grant"));
+        }
         match self.store.stat(&path) {
             Ok(meta) => Ok(self.remember(parent, name, &meta)),
             Err(e) => {
@@ -270,13 +310,19 @@ impl Fs {
             }
         }
         match (path, fallback) {
-            (Some(path), _) => Ok(Attr::new(ino, &self.store.stat(&path)?)),
+            (Some(path), _) => {
+                self.allow_traverse("stat", &path)?;
+                Ok(Attr::new(ino, &self.store.stat(&path)?))
+            }
             (None, Some(content)) => Ok(Attr::new(ino, &content.meta()?)),
             (None, None) => Err(Errno::ENOENT),
         }
     }
 
     pub fn setattr(&self, ino: Ino, fh: Option<u64>, changes: &AttrChanges) -> FsResult<Attr> {
+        if let Some(path) = read_lock(&self.table).path(ino) {
+            self.allow("setattr", &path, Access::Write)?;
+        }
         if let Some(size) = changes.size {
             self.truncate(ino, fh, size)?;
         }
@@ -328,7 +374,9 @@ impl Fs {
     }
 
     pub fn readlink(&self, ino: Ino) -> FsResult<Vec<u8>> {
-        let target = self.store.readlink(&self.path(ino)?)?;
+        let path = self.path(ino)?;
+        self.allow("readlink", &path, Access::Read)?;
+        let target = self.store.readlink(&path)?;
         Ok(target.into_os_string().into_encoded_bytes())
     }
 
@@ -338,6 +386,7 @@ impl Fs {
             return Err(Errno::EPERM);
         }
         let path = self.child_path(parent, name)?;
+        self.allow("mknod", &path, Access::Write)?;
         let meta = self
             .store
             .create(&path, (mode & 0o7777) as u16, self.owner(caller), true)?;
@@ -346,6 +395,7 @@ impl Fs {
 
     pub fn mkdir(&self, parent: Ino, name: &OsStr, mode: u32, caller: &Caller) -> FsResult<Attr> {
         let path = self.child_path(parent, name)?;
+        self.allow("mkdir", &path, Access::Write)?;
         let meta = self
             .store
             .mkdir(&path, (mode & 0o7777) as u16, self.owner(caller))?;
@@ -360,6 +410,7 @@ impl Fs {
         caller: &Caller,
     ) -> FsResult<Attr> {
         let path = self.child_path(parent, name)?;
+        self.allow("symlink", &path, Access::Write)?;
         if target.as_os_str().is_empty() || target.as_os_str().len() > libc::PATH_MAX as usize {
             return Err(Errno::EINVAL);
         }
@@ -369,6 +420,7 @@ impl Fs {
 
     pub fn unlink(&self, parent: Ino, name: &OsStr) -> FsResult<()> {
         let path = self.child_path(parent, name)?;
+        self.allow("unlink", &path, Access::Write)?;
         let mut table = write_lock(&self.table);
         if self.store.stat(&path)?.kind == Kind::Dir {
             return Err(Errno::EISDIR);
@@ -380,6 +432,7 @@ impl Fs {
 
     pub fn rmdir(&self, parent: Ino, name: &OsStr) -> FsResult<()> {
         let path = self.child_path(parent, name)?;
+        self.allow("rmdir", &path, Access::Write)?;
         let mut table = write_lock(&self.table);
         self.store.rmdir(&path)?;
         table.detach(parent, name);
@@ -403,6 +456,15 @@ impl Fs {
         };
         let from = self.child_path(parent, name)?;
         let to = self.child_path(new_parent, new_name)?;
+        self.allow("rename", &from, Access::Write)?;
+        self.allow("rename to", &to, Access::Write)?;
+        // Moving or replacing a directory that holds differently granted paths would carry
+        // them somewhere else.
+        for end in [&from, &to] {
+            if self.options.grant.leads_to(end.as_os_str().as_bytes()) {
+                return Err(deny("rename", end, &"it contains separately granted paths"));
+            }
+        }
         // Renames hold the table exclusively so that no commit resolves a path mid-rename.
         let mut table = write_lock(&self.table);
         self.store.rename(&from, &to, mode)?;
@@ -416,10 +478,22 @@ impl Fs {
         Ok(())
     }
 
-    /// Hard links are refused: a commit replaces a file's content by a new one, which would
-    /// silently split linked names apart.
-    pub fn link(&self, _ino: Ino, _new_parent: Ino, _new_name: &OsStr) -> FsResult<Attr> {
+    /// Hard links are refused (EPERM; EACCES first where the grant forbids either name): a
+    /// commit replaces a file's content by a new one, which would split linked names apart.
+    pub fn link(&self, ino: Ino, new_parent: Ino, new_name: &OsStr) -> FsResult<Attr> {
+        let from = self.path(ino)?;
+        let to = self.child_path(new_parent, new_name)?;
+        self.allow("link", &from, Access::Write)?;
+        self.allow("link to", &to, Access::Write)?;
         Err(Errno::EPERM)
+    }
+
+    /// Extended attributes are not stored: changing one is EOPNOTSUPP where the grant allows
+    /// writing, EACCES where it does not.
+    pub fn change_xattr(&self, ino: Ino) -> FsResult<()> {
+        let path = self.path(ino)?;
+        self.allow("setxattr", &path, Access::Write)?;
+        Err(Errno::EOPNOTSUPP)
     }
 
     // ---- files ---------------------------------------------------------------------------
@@ -432,6 +506,12 @@ impl Fs {
 
     fn open_path(&self, ino: Ino, path: &Path, flags: i32) -> FsResult<Opened> {
         let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
+        let access = if writable || flags & libc::O_TRUNC != 0 {
+            Access::Write
+        } else {
+            Access::Read
+        };
+        self.allow("open", path, access)?;
         let truncate = writable && flags & libc::O_TRUNC != 0;
         let committed = self.store.open(path)?;
         let version = committed.meta()?.version;
@@ -489,6 +569,7 @@ impl Fs {
         caller: &Caller,
     ) -> FsResult<(Attr, Opened)> {
         let path = self.child_path(parent, name)?;
+        self.allow("create", &path, Access::Write)?;
         let perm = (mode & 0o7777) as u16;
         let meta = match self.store.create(&path, perm, self.owner(caller), true) {
             Ok(meta) => meta,
@@ -641,17 +722,20 @@ impl Fs {
 
     pub fn opendir(&self, ino: Ino) -> FsResult<u64> {
         let path = self.path(ino)?;
+        self.allow_traverse("opendir", &path)?;
         let entries = self.list(&path)?;
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         lock(&self.dirs).insert(fh, DirHandle { ino, entries });
         Ok(fh)
     }
 
+    /// The entries of directory `path` that the grant shows, sorted by name.
     fn list(&self, path: &Path) -> FsResult<Vec<DirItem>> {
         let mut entries: Vec<DirItem> = self
             .store
             .list(path)?
             .into_iter()
+            .filter(|e| self.shows(path, &e.name))
             .map(|e| DirItem {
                 name: e.name,
                 kind: e.kind,
@@ -746,7 +830,9 @@ impl Fs {
 
     /// `fsync` of a directory: its entries are durable on return.
     pub fn fsyncdir(&self, ino: Ino) -> FsResult<()> {
-        Ok(self.store.sync(&self.path(ino)?)?)
+        let path = self.path(ino)?;
+        self.allow_traverse("fsyncdir", &path)?;
+        Ok(self.store.sync(&path)?)
     }
 
     pub fn releasedir(&self, fh: u64) {
