@@ -82,7 +82,7 @@ pub struct MountArgs {
         long,
         value_name = "ID",
         conflicts_with = "session",
-        required_unless_present = "session"
+        required_unless_present_any = ["session", "token"]
     )]
     pub room: Option<String>,
     /// Mount the session with this id (an agent's session storage).

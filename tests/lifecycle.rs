@@ -183,7 +183,8 @@ while True:
     with open(p, 'wb') as f:
         f.write(str(i).encode() * 10000)
     i += 1
-"#.to_string();
+"#
+    .to_string();
     let mut writer = Command::new("python3")
         .arg("-c")
         .arg(code)

@@ -214,6 +214,42 @@ impl Fs {
         }
     }
 
+    /// Under a restricted grant, a symlink at `link` may only point at paths the grant shows:
+    /// never outside the space (absolute, or climbing above the root) or outside the grant,
+    /// because other participants of the room would follow it with their own rights.
+    fn allow_link_target(&self, op: &str, link: &Path, target: &Path) -> FsResult<()> {
+        if self.options.grant.is_full() {
+            return Ok(());
+        }
+        let mut resolved: Vec<&OsStr> = link
+            .parent()
+            .map(|p| p.iter().collect())
+            .unwrap_or_default();
+        let mut inside = !target.is_absolute();
+        for part in target.iter() {
+            match part.as_bytes() {
+                b"." => {}
+                b".." => inside &= resolved.pop().is_some(),
+                _ => resolved.push(part),
+            }
+        }
+        let resolved: PathBuf = resolved.iter().collect();
+        if inside
+            && self
+                .options
+                .grant
+                .can_traverse(resolved.as_os_str().as_bytes())
+        {
+            Ok(())
+        } else {
+            Err(deny(
+                op,
+                link,
+                &format!("its target {target:?} leaves the grant"),
+            ))
+        }
+    }
+
     /// Whether `name` in the directory `dir` is visible through the grant.
     fn shows(&self, dir: &Path, name: &OsStr) -> bool {
         self.options
@@ -377,6 +413,7 @@ impl Fs {
         let path = self.path(ino)?;
         self.allow("readlink", &path, Access::Read)?;
         let target = self.store.readlink(&path)?;
+        self.allow_link_target("readlink", &path, &target)?;
         Ok(target.into_os_string().into_encoded_bytes())
     }
 
@@ -414,6 +451,7 @@ impl Fs {
         if target.as_os_str().is_empty() || target.as_os_str().len() > libc::PATH_MAX as usize {
             return Err(Errno::EINVAL);
         }
+        self.allow_link_target("symlink", &path, target)?;
         let meta = self.store.symlink(target, &path, self.owner(caller))?;
         Ok(self.remember(parent, name, &meta))
     }

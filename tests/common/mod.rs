@@ -35,6 +35,11 @@ impl Mounted {
 
     /// Mounts with extra `roomfs mount` arguments (the data dir and mount point are added).
     pub fn with_args(args: &[&str]) -> Mounted {
+        Mounted::with_setup(args, |_| {})
+    }
+
+    /// Like [`Mounted::with_args`], after `setup` has filled the data dir (given its path).
+    pub fn with_setup(args: &[&str], setup: impl FnOnce(&Path)) -> Mounted {
         let tmp = tempfile::Builder::new()
             .prefix("roomfs-test-")
             .tempdir_in("/tmp")
@@ -50,6 +55,8 @@ impl Mounted {
             args: args.iter().map(|s| s.to_string()).collect(),
             log: Default::default(),
         };
+        std::fs::create_dir_all(&m.data).unwrap();
+        setup(&m.data);
         m.start();
         m
     }
