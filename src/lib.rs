@@ -10,6 +10,7 @@ pub mod fs;
 pub mod fuse;
 pub mod grant;
 pub mod mount;
+pub mod records;
 pub mod space;
 pub mod store;
 pub mod token;
