@@ -100,6 +100,10 @@ pub struct MountArgs {
     /// File holding the secret tokens are signed with.
     #[arg(long, value_name = "FILE")]
     pub secret_file: Option<PathBuf>,
+    /// Where agent records are kept (sessions show them read-only under .meta); default
+    /// <data-dir>/records. An experimental-agent `.agent/` directory can be served as is.
+    #[arg(long, value_name = "DIR")]
+    pub records_dir: Option<PathBuf>,
     /// Make every close durable (fsync of the file and its directory): survives power loss, at
     /// the cost of write speed. Without it, fsync() alone does that.
     #[arg(long)]
@@ -204,8 +208,11 @@ fn mount_spec(args: MountArgs) -> Result<MountSpec, String> {
             args.threads
         ));
     }
+    let data_dir = args.data_dir.unwrap_or_else(default_data_dir);
     Ok(MountSpec {
-        data_dir: args.data_dir.unwrap_or_else(default_data_dir),
+        records_dir: args.records_dir.unwrap_or_else(|| data_dir.join("records")),
+        limits: None,
+        data_dir,
         space,
         mountpoint: args.mountpoint,
         sync_on_close: args.sync_on_close,

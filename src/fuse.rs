@@ -48,9 +48,14 @@ impl FuseAdapter {
         }
     }
 
+    /// How long the kernel may cache `a`: not at all for generated content.
+    fn ttl(&self, a: &Attr) -> Duration {
+        if a.volatile { Duration::ZERO } else { self.ttl }
+    }
+
     fn entry(&self, reply: ReplyEntry, result: Result<Attr, Errno>) {
         match result {
-            Ok(a) => reply.entry(&self.ttl, &self.attr(&a), Generation(0)),
+            Ok(a) => reply.entry(&self.ttl(&a), &self.attr(&a), Generation(0)),
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -152,7 +157,7 @@ impl Filesystem for FuseAdapter {
 
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
         match self.fs.getattr(ino.0, fh.map(|f| f.0)) {
-            Ok(a) => reply.attr(&self.ttl, &self.attr(&a)),
+            Ok(a) => reply.attr(&self.ttl(&a), &self.attr(&a)),
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -184,7 +189,7 @@ impl Filesystem for FuseAdapter {
             mtime: time_spec(mtime),
         };
         match self.fs.setattr(ino.0, fh.map(|f| f.0), &changes) {
-            Ok(a) => reply.attr(&self.ttl, &self.attr(&a)),
+            Ok(a) => reply.attr(&self.ttl(&a), &self.attr(&a)),
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -293,7 +298,7 @@ impl Filesystem for FuseAdapter {
             .create(parent.0, name, mode & !umask, flags, &caller(req))
         {
             Ok((a, o)) => reply.created(
-                &self.ttl,
+                &self.ttl(&a),
                 &self.attr(&a),
                 Generation(0),
                 FileHandle(o.fh),
@@ -414,7 +419,7 @@ impl Filesystem for FuseAdapter {
                 INodeNo(a.ino),
                 e.next,
                 &e.name,
-                &self.ttl,
+                &self.ttl(a),
                 &self.attr(a),
                 Generation(0),
             )

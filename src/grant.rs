@@ -235,6 +235,33 @@ impl Grant {
         }
     }
 
+    /// This grant with everything under `prefix` made read-only (paths under it stay hidden
+    /// if the grant did not cover them). Used to keep the `.meta` view read-only.
+    pub fn with_read_only(&self, prefix: &str) -> Grant {
+        let prefix = normalise(prefix).expect("a valid built-in prefix");
+        let mut rules = match &self.rules {
+            None => vec![GrantRule {
+                path: String::new(),
+                read_only: false,
+            }],
+            Some(rules) => rules.clone(),
+        };
+        let covered = self.check(prefix.as_bytes(), Access::Read).is_ok();
+        for rule in rules.iter_mut() {
+            if covers(prefix.as_bytes(), rule.path.as_bytes()) {
+                rule.read_only = true;
+            }
+        }
+        if covered && !rules.iter().any(|r| r.path == prefix) {
+            rules.push(GrantRule {
+                path: prefix,
+                read_only: true,
+            });
+        }
+        rules.sort_by(|a, b| a.path.cmp(&b.path));
+        Grant { rules: Some(rules) }
+    }
+
     /// Whether directory `dir` may be looked up in, stat'ed and listed: true
     /// for readable directories and for ancestors of a granted prefix (their
     /// listings are then filtered by [`Grant::shows`]).
@@ -335,6 +362,35 @@ fn covers(prefix: &[u8], path: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn with_read_only_locks_a_subtree_without_widening() {
+        let full = Grant::full().with_read_only(".meta/");
+        assert!(full.check(b"x/y", Access::Write).is_ok());
+        assert_eq!(
+            full.check(b".meta/session.json", Access::Write),
+            Err(Denied::ReadOnly)
+        );
+        assert!(full.check(b".meta/session.json", Access::Read).is_ok());
+        let narrow = Grant::parse_cli(&["outputs/:rw".into()])
+            .unwrap()
+            .with_read_only(".meta");
+        assert_eq!(
+            narrow.check(b".meta/session.json", Access::Read),
+            Err(Denied::Outside)
+        );
+        let meta_rw = Grant::parse_cli(&[".meta/messages:rw".into()])
+            .unwrap()
+            .with_read_only(".meta");
+        assert_eq!(
+            meta_rw.check(b".meta/messages/m.json", Access::Write),
+            Err(Denied::ReadOnly)
+        );
+        assert_eq!(
+            meta_rw.check(b".meta/session.json", Access::Read),
+            Err(Denied::Outside)
+        );
+    }
 
     fn rule(path: &str, read_only: bool) -> GrantRule {
         GrantRule {

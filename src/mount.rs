@@ -3,16 +3,21 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::time::Duration;
 
 use fuser::{Config, MountOption, Session, SessionACL};
 use signal_hook::consts::{SIGINT, SIGTERM};
 
-use crate::fs::{Fs, FsOptions};
+use crate::fs::{Fs, FsOptions, Limits, Quota};
 use crate::fuse::FuseAdapter;
-use crate::space::SpaceId;
+use crate::grant::Grant;
+use crate::records::RecordStore;
+use crate::space::{SpaceId, SpaceKind};
+use crate::store::Store;
 use crate::store::local::{LocalStore, StagingArea};
+use crate::store::meta::{META_DIR, MetaOverlay};
 
 /// The source name roomfs mounts show in `/proc/mounts` begins with this.
 pub const SOURCE_PREFIX: &str = "roomfs:";
@@ -29,7 +34,31 @@ pub struct MountSpec {
     /// Threads serving kernel requests.
     pub threads: usize,
     /// What the mount may touch.
-    pub grant: crate::grant::Grant,
+    pub grant: Grant,
+    /// Where agent records live (sessions show them under `.meta`).
+    pub records_dir: PathBuf,
+    /// Limits of the space; `None` reads those recorded for a session by the daemon.
+    pub limits: Option<Limits>,
+}
+
+impl MountSpec {
+    /// The quota of a standalone mount: the given limits, or the session's recorded ones.
+    fn quota(&self) -> Result<Option<Arc<Quota>>, String> {
+        let limits = match (self.limits, self.space.kind) {
+            (Some(limits), _) => limits,
+            (None, SpaceKind::Session) => {
+                crate::space::recorded_limits(&self.data_dir, &self.space.id).unwrap_or_default()
+            }
+            (None, SpaceKind::Room) => Limits::default(),
+        };
+        if limits.is_unlimited() {
+            return Ok(None);
+        }
+        let root = self.data_dir.join(self.space.rel_dir());
+        Quota::scan(&root, limits)
+            .map(|q| Some(Arc::new(q)))
+            .map_err(|e| format!("cannot count the usage of {}: {e}", root.display()))
+    }
 }
 
 /// One line of `/proc/self/mountinfo` that matters here.
@@ -165,18 +194,170 @@ pub fn unmount(path: &Path, lazy: bool) -> Result<(), String> {
     }
 }
 
-/// Mounts `spec` and serves it in the foreground until it is unmounted (`roomfs unmount`,
-/// `umount`) or the process gets SIGINT/SIGTERM, which commit pending writes and unmount.
-pub fn run(spec: &MountSpec) -> Result<(), String> {
-    let mountpoint = check_mountpoint(&spec.mountpoint)?;
-    if !Path::new("/dev/fuse").exists() {
-        return Err(
-            "/dev/fuse is missing: load the fuse kernel module (modprobe fuse), or give \
-                    the container the device (--device /dev/fuse)"
-                .into(),
+/// What a mount shares with other mounts of the same process: the staging area, the record
+/// store (for `.meta` in sessions) and the space's quota.
+#[derive(Clone)]
+pub struct Resources {
+    pub staging: Arc<StagingArea>,
+    pub records: Option<Arc<RecordStore>>,
+    pub quota: Option<Arc<Quota>>,
+}
+
+/// A space mounted and being served.
+pub struct ActiveMount {
+    pub mountpoint: PathBuf,
+    pub space: SpaceId,
+    pub grant: Grant,
+    pub fs: Arc<Fs>,
+    ended: Arc<AtomicBool>,
+    waiter: Option<std::thread::JoinHandle<std::io::Result<()>>>,
+}
+
+impl ActiveMount {
+    /// Mounts `spec`; `on_end` runs (on another thread) when the mount goes away, whoever
+    /// unmounted it.
+    pub fn start(
+        spec: &MountSpec,
+        resources: Resources,
+        on_end: impl FnOnce() + Send + 'static,
+    ) -> Result<ActiveMount, String> {
+        let mountpoint = check_mountpoint(&spec.mountpoint)?;
+        if !Path::new("/dev/fuse").exists() {
+            return Err(
+                "/dev/fuse is missing: load the fuse kernel module (modprobe fuse), or \
+                        give the container the device (--device /dev/fuse)"
+                    .into(),
+            );
+        }
+        let root = spec.data_dir.join(spec.space.rel_dir());
+        let new_space = !root.exists();
+        let local = LocalStore::open(root.clone(), resources.staging.clone())
+            .map_err(|e| format!("cannot open {} at {}: {e}", spec.space, root.display()))?;
+        let is_root = nix::unistd::geteuid().is_root();
+        if new_space && is_root {
+            // A new space belongs to whoever owns the mount point, so that user can write in it.
+            let owner = std::fs::metadata(&mountpoint).map_err(|e| e.to_string())?;
+            use std::os::unix::fs::MetadataExt;
+            std::os::unix::fs::chown(&root, Some(owner.uid()), Some(owner.gid()))
+                .map_err(|e| format!("cannot set the owner of {}: {e}", root.display()))?;
+        }
+        // Sessions show their agent records under .meta, which is never writable.
+        let (store, grant): (Arc<dyn Store>, Grant) = match (&resources.records, spec.space.kind) {
+            (Some(records), SpaceKind::Session) => (
+                Arc::new(MetaOverlay::new(
+                    Arc::new(local),
+                    records.clone(),
+                    spec.space.id.clone(),
+                )),
+                spec.grant.with_read_only(META_DIR),
+            ),
+            _ => (Arc::new(local), spec.grant.clone()),
+        };
+        let fs = Arc::new(Fs::new(
+            store,
+            FsOptions {
+                sync_on_close: spec.sync_on_close,
+                owner_from_caller: is_root,
+                grant,
+                links_anywhere: spec.grant.is_full(),
+                quota: resources.quota.clone(),
+            },
+        ));
+        let adapter = FuseAdapter::new(fs.clone(), spec.cache_ttl);
+        let mut config = Config::default();
+        config.mount_options = vec![
+            MountOption::FSName(format!("{SOURCE_PREFIX}{}", spec.space.rel_dir().display())),
+            MountOption::Subtype("roomfs".into()),
+            MountOption::DefaultPermissions,
+            MountOption::NoDev,
+            MountOption::NoSuid,
+        ];
+        // Sandboxed agents usually run as other users than the daemon.
+        config.acl = if is_root {
+            SessionACL::All
+        } else {
+            SessionACL::Owner
+        };
+        config.n_threads = Some(spec.threads.max(1));
+        config.clone_fd = true;
+        let session =
+            Session::new(adapter, &mountpoint, &config).map_err(|e| match e.raw_os_error() {
+                Some(libc::EPERM) | Some(libc::EACCES) => format!(
+                    "not permitted to mount at {}: run as root, or install fuse3 for \
+                     unprivileged mounts",
+                    mountpoint.display()
+                ),
+                _ => format!("cannot mount at {}: {e}", mountpoint.display()),
+            })?;
+        let background = session
+            .spawn()
+            .map_err(|e| format!("cannot start serving {}: {e}", mountpoint.display()))?;
+        fs.set_kernel_cache(Box::new(crate::fuse::Notify(background.notifier())));
+        log::info!(
+            "mounted {} at {} (data in {}, grant: {})",
+            spec.space,
+            mountpoint.display(),
+            root.display(),
+            spec.grant
         );
+        let ended = Arc::new(AtomicBool::new(false));
+        let ended_flag = ended.clone();
+        let waiter = std::thread::spawn(move || {
+            let result = background.join();
+            ended_flag.store(true, Ordering::SeqCst);
+            on_end();
+            result
+        });
+        Ok(ActiveMount {
+            mountpoint,
+            space: spec.space.clone(),
+            grant: spec.grant.clone(),
+            fs,
+            ended,
+            waiter: Some(waiter),
+        })
     }
-    let data_dir = &spec.data_dir;
+
+    /// Whether the mount is gone (unmounted by anyone).
+    pub fn has_ended(&self) -> bool {
+        self.ended.load(Ordering::SeqCst)
+    }
+
+    /// Commits open files and unmounts; with files still open, detaches the mount lazily
+    /// (they keep working until closed) unless `lazy` is false and then reports EBUSY.
+    pub fn unmount(&self, lazy: bool) -> Result<(), String> {
+        if self.has_ended() {
+            return Ok(());
+        }
+        self.fs.commit_all();
+        match unmount(&self.mountpoint, false) {
+            Ok(()) => Ok(()),
+            Err(_) if lazy => {
+                log::warn!(
+                    "files still open under {}: detaching lazily",
+                    self.mountpoint.display()
+                );
+                unmount(&self.mountpoint, true)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Waits until the mount has ended.
+    pub fn wait(mut self) -> Result<(), String> {
+        match self.waiter.take().map(|w| w.join()) {
+            Some(Ok(Err(e))) => log::warn!("session ended with an error: {e}"),
+            Some(Err(_)) => return Err("the filesystem thread panicked".into()),
+            _ => {}
+        }
+        log::info!("unmounted {}", self.mountpoint.display());
+        Ok(())
+    }
+}
+
+/// Prepares the data dir of a process: creates it and its staging area (removing what crashed
+/// processes left).
+pub fn prepare_data_dir(data_dir: &Path) -> Result<Arc<StagingArea>, String> {
     std::fs::create_dir_all(data_dir)
         .map_err(|e| format!("cannot create data dir {}: {e}", data_dir.display()))?;
     let (staging, stale) = StagingArea::create(data_dir)
@@ -184,91 +365,54 @@ pub fn run(spec: &MountSpec) -> Result<(), String> {
     if stale > 0 {
         log::info!("removed {stale} uncommitted working copies left by an earlier crash");
     }
-    let root = data_dir.join(spec.space.rel_dir());
-    let new_space = !root.exists();
-    let store = LocalStore::open(root.clone(), Arc::new(staging))
-        .map_err(|e| format!("cannot open {} at {}: {e}", spec.space, root.display()))?;
-    let is_root = nix::unistd::geteuid().is_root();
-    if new_space && is_root {
-        // A new space belongs to whoever owns the mount point, so that user can write in it.
-        let owner = std::fs::metadata(&mountpoint).map_err(|e| e.to_string())?;
-        use std::os::unix::fs::MetadataExt;
-        std::os::unix::fs::chown(&root, Some(owner.uid()), Some(owner.gid()))
-            .map_err(|e| format!("cannot set the owner of {}: {e}", root.display()))?;
-    }
-    let fs = Arc::new(Fs::new(
-        Arc::new(store),
-        FsOptions {
-            sync_on_close: spec.sync_on_close,
-            owner_from_caller: is_root,
-            grant: spec.grant.clone(),
-        },
-    ));
-    let adapter = FuseAdapter::new(fs.clone(), spec.cache_ttl);
-    let mut config = Config::default();
-    config.mount_options = vec![
-        MountOption::FSName(format!("{SOURCE_PREFIX}{}", spec.space.rel_dir().display())),
-        MountOption::Subtype("roomfs".into()),
-        MountOption::DefaultPermissions,
-        MountOption::NoDev,
-        MountOption::NoSuid,
-    ];
-    // Sandboxed agents usually run as other users than the daemon.
-    config.acl = if is_root {
-        SessionACL::All
-    } else {
-        SessionACL::Owner
-    };
-    config.n_threads = Some(spec.threads.max(1));
-    config.clone_fd = true;
-    let session = Session::new(adapter, &mountpoint, &config).map_err(|e| match e.raw_os_error() {
-        Some(libc::EPERM) | Some(libc::EACCES) => format!(
-            "not permitted to mount at {}: run as root, or install fuse3 for unprivileged mounts",
-            mountpoint.display()
-        ),
-        _ => format!("cannot mount at {}: {e}", mountpoint.display()),
-    })?;
-    let background = session
-        .spawn()
-        .map_err(|e| format!("cannot start serving {}: {e}", mountpoint.display()))?;
-    fs.set_kernel_cache(Box::new(crate::fuse::Notify(background.notifier())));
-    log::info!(
-        "mounted {} at {} (data in {}, grant: {})",
-        spec.space,
-        mountpoint.display(),
-        root.display(),
-        spec.grant
-    );
+    Ok(Arc::new(staging))
+}
 
-    let (done_tx, done_rx) = mpsc::channel::<()>();
-    let waiter = std::thread::spawn(move || {
-        let result = background.join();
-        let _ = done_tx.send(());
-        result
-    });
+/// Mounts `spec` and serves it in the foreground until it is unmounted (`roomfs unmount`,
+/// `umount`) or the process gets SIGINT/SIGTERM, which commit pending writes and unmount.
+pub fn run(spec: &MountSpec) -> Result<(), String> {
+    check_mountpoint(&spec.mountpoint)?;
+    let staging = prepare_data_dir(&spec.data_dir)?;
+    let records = match spec.space.kind {
+        SpaceKind::Session => Some(Arc::new(RecordStore::open(&spec.records_dir).map_err(
+            |e| format!("cannot open records at {}: {e}", spec.records_dir.display()),
+        )?)),
+        SpaceKind::Room => None,
+    };
+    let resources = Resources {
+        staging,
+        records,
+        quota: spec.quota()?,
+    };
+    // Signals are caught before mounting, so one arriving early still unmounts cleanly.
+    enum Event {
+        Signal(i32),
+        Ended,
+    }
+    let (tx, rx) = mpsc::channel::<Event>();
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
         .map_err(|e| format!("cannot install signal handlers: {e}"))?;
     let signal_handle = signals.handle();
-    let signal_fs = fs.clone();
-    let signal_mountpoint = mountpoint.clone();
+    let signal_tx = tx.clone();
     std::thread::spawn(move || {
-        if let Some(sig) = signals.forever().next() {
-            log::info!("signal {sig}: committing open files and unmounting");
-            signal_fs.commit_all();
-            if unmount(&signal_mountpoint, false).is_err() {
-                log::warn!("files still open: detaching the mount lazily");
-                let _ = unmount(&signal_mountpoint, true);
-            }
+        for sig in signals.forever() {
+            let _ = signal_tx.send(Event::Signal(sig));
         }
     });
-    // Wait for the session to end (unmounted by us, `roomfs unmount` or `umount`).
-    let _ = done_rx.recv();
-    signal_handle.close();
-    match waiter.join() {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => log::warn!("session ended with an error: {e}"),
-        Err(_) => return Err("the filesystem thread panicked".into()),
+    let mount = ActiveMount::start(spec, resources, move || {
+        let _ = tx.send(Event::Ended);
+    })?;
+    for event in rx {
+        match event {
+            Event::Signal(sig) => {
+                log::info!("signal {sig}: committing open files and unmounting");
+                if let Err(e) = mount.unmount(true) {
+                    log::error!("{e}");
+                }
+            }
+            Event::Ended => break,
+        }
     }
-    log::info!("unmounted {}", mountpoint.display());
-    Ok(())
+    signal_handle.close();
+    mount.wait()
 }

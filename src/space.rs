@@ -1,7 +1,7 @@
 //! Spaces (rooms and sessions) and where their data lives under the data dir.
 
 use std::fmt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// What kind of space a mount shows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -110,4 +110,87 @@ mod tests {
         let s = SpaceId::new(SpaceKind::Session, "s1").unwrap();
         assert_eq!(s.rel_dir(), PathBuf::from("sessions/s1"));
     }
+}
+
+/// What the daemon records about a session space, in `<data-dir>/state/sessions/<id>.json`.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionState {
+    pub id: String,
+    pub limits: crate::fs::Limits,
+    /// End the session after this many seconds without activity.
+    pub ttl_secs: Option<u64>,
+    /// Unix milliseconds.
+    pub created_at: u64,
+    /// Unix milliseconds of the last activity seen (a mount, a record write).
+    pub last_active: u64,
+}
+
+fn sessions_state_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("state/sessions")
+}
+
+/// Loads the recorded state of session `id`, if it was created through the daemon.
+pub fn load_session_state(data_dir: &Path, id: &str) -> std::io::Result<Option<SessionState>> {
+    let path = sessions_state_dir(data_dir).join(format!("{id}.json"));
+    match std::fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| std::io::Error::other(format!("{}: {e}", path.display()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Writes a session's state atomically (temporary file, fsync, rename).
+pub fn save_session_state(data_dir: &Path, state: &SessionState) -> std::io::Result<()> {
+    use std::io::Write;
+    let dir = sessions_state_dir(data_dir);
+    std::fs::create_dir_all(&dir)?;
+    let tmp = dir.join(format!(".tmp-{}-{}", state.id, std::process::id()));
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(&serde_json::to_vec_pretty(state).map_err(std::io::Error::other)?)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, dir.join(format!("{}.json", state.id)))
+}
+
+/// Removes a session's recorded state.
+pub fn delete_session_state(data_dir: &Path, id: &str) -> std::io::Result<()> {
+    match std::fs::remove_file(sessions_state_dir(data_dir).join(format!("{id}.json"))) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// The states of every recorded session.
+pub fn list_session_states(data_dir: &Path) -> std::io::Result<Vec<SessionState>> {
+    let dir = sessions_state_dir(data_dir);
+    let mut out = Vec::new();
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(e),
+    };
+    for entry in entries {
+        let name = entry?.file_name();
+        let Some(id) = name.to_str().and_then(|n| n.strip_suffix(".json")) else {
+            continue;
+        };
+        if id.starts_with('.') {
+            continue;
+        }
+        if let Some(state) = load_session_state(data_dir, id)? {
+            out.push(state);
+        }
+    }
+    out.sort_by(|a, b| a.id.cmp(&b.id));
+    Ok(out)
+}
+
+/// The limits recorded for session `id` (none if it was not created through the daemon).
+pub fn recorded_limits(data_dir: &Path, id: &str) -> Option<crate::fs::Limits> {
+    load_session_state(data_dir, id)
+        .ok()
+        .flatten()
+        .map(|s| s.limits)
 }

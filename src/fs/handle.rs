@@ -35,6 +35,22 @@ impl FileHandle {
         Ok(self.staged.as_ref().expect("just staged"))
     }
 
+    /// The size this handle sees now.
+    pub fn size(&self) -> FsResult<u64> {
+        match (&self.staged, &self.committed) {
+            (Some(staged), _) => Ok(staged.file.metadata()?.len()),
+            _ => self.committed_size(),
+        }
+    }
+
+    /// The size of the committed content this handle started from.
+    pub fn committed_size(&self) -> FsResult<u64> {
+        match &self.committed {
+            Some(content) => Ok(content.meta()?.size),
+            None => Ok(0),
+        }
+    }
+
     /// Reads up to `size` bytes at `offset` from what this handle sees.
     pub fn read(&self, offset: u64, size: usize) -> FsResult<Vec<u8>> {
         let mut buf = vec![0u8; size];

@@ -5,6 +5,7 @@
 pub mod error;
 pub mod handle;
 pub mod inode;
+pub mod quota;
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -18,6 +19,7 @@ pub use error::{Errno, FsResult};
 use handle::{DirHandle, DirItem, FileHandle};
 use inode::InodeTable;
 pub use inode::{Ino, ROOT};
+pub use quota::{Limits, Quota, Usage};
 
 use crate::grant::{Access, Grant};
 use crate::store::{Kind, Meta, Owner, RenameMode, SetAttr, Store, StoreStatfs, TimeSpec};
@@ -34,6 +36,11 @@ pub struct FsOptions {
     pub owner_from_caller: bool,
     /// The paths this mount may touch; everything else is EACCES.
     pub grant: Grant,
+    /// Symlinks may point anywhere (the operator's own, full-access mounts); otherwise they must
+    /// stay within the grant.
+    pub links_anywhere: bool,
+    /// The space's limits and usage, shared by all its mounts; `None` is unlimited.
+    pub quota: Option<Arc<Quota>>,
 }
 
 /// Attributes of an inode as shown to programs.
@@ -50,6 +57,8 @@ pub struct Attr {
     pub atime: SystemTime,
     pub mtime: SystemTime,
     pub ctime: SystemTime,
+    /// Generated content: the kernel must ask again every time.
+    pub volatile: bool,
 }
 
 impl Attr {
@@ -66,6 +75,7 @@ impl Attr {
             atime: meta.atime,
             mtime: meta.mtime,
             ctime: meta.ctime,
+            volatile: meta.volatile,
         }
     }
 }
@@ -218,7 +228,7 @@ impl Fs {
     /// never outside the space (absolute, or climbing above the root) or outside the grant,
     /// because other participants of the room would follow it with their own rights.
     fn allow_link_target(&self, op: &str, link: &Path, target: &Path) -> FsResult<()> {
-        if self.options.grant.is_full() {
+        if self.options.links_anywhere {
             return Ok(());
         }
         let mut resolved: Vec<&OsStr> = link
@@ -255,6 +265,20 @@ impl Fs {
         self.options
             .grant
             .shows(dir.as_os_str().as_bytes(), name.as_bytes())
+    }
+
+    /// Runs `create` holding one reserved entry of the quota (released if it fails).
+    fn creating<T>(&self, create: impl FnOnce() -> FsResult<T>) -> FsResult<T> {
+        if let Some(q) = &self.options.quota {
+            q.add_entry()?;
+        }
+        let result = create();
+        if result.is_err()
+            && let Some(q) = &self.options.quota
+        {
+            q.remove_entry(0);
+        }
+        result
     }
 
     fn owner(&self, caller: &Caller) -> Owner {
@@ -386,6 +410,9 @@ impl Fs {
         if read_lock(&self.table).kind(ino) == Some(Kind::Dir) {
             return Err(Errno::EISDIR);
         }
+        if let Some(q) = &self.options.quota {
+            q.check_size(size)?;
+        }
         if let Some(fh) = fh
             && let Ok(handle) = self.file(fh)
         {
@@ -424,18 +451,22 @@ impl Fs {
         }
         let path = self.child_path(parent, name)?;
         self.allow("mknod", &path, Access::Write)?;
-        let meta = self
-            .store
-            .create(&path, (mode & 0o7777) as u16, self.owner(caller), true)?;
+        let meta = self.creating(|| {
+            Ok(self
+                .store
+                .create(&path, (mode & 0o7777) as u16, self.owner(caller), true)?)
+        })?;
         Ok(self.remember(parent, name, &meta))
     }
 
     pub fn mkdir(&self, parent: Ino, name: &OsStr, mode: u32, caller: &Caller) -> FsResult<Attr> {
         let path = self.child_path(parent, name)?;
         self.allow("mkdir", &path, Access::Write)?;
-        let meta = self
-            .store
-            .mkdir(&path, (mode & 0o7777) as u16, self.owner(caller))?;
+        let meta = self.creating(|| {
+            Ok(self
+                .store
+                .mkdir(&path, (mode & 0o7777) as u16, self.owner(caller))?)
+        })?;
         Ok(self.remember(parent, name, &meta))
     }
 
@@ -452,7 +483,8 @@ impl Fs {
             return Err(Errno::EINVAL);
         }
         self.allow_link_target("symlink", &path, target)?;
-        let meta = self.store.symlink(target, &path, self.owner(caller))?;
+        let meta =
+            self.creating(|| Ok(self.store.symlink(target, &path, self.owner(caller))?))?;
         Ok(self.remember(parent, name, &meta))
     }
 
@@ -460,11 +492,13 @@ impl Fs {
         let path = self.child_path(parent, name)?;
         self.allow("unlink", &path, Access::Write)?;
         let mut table = write_lock(&self.table);
-        if self.store.stat(&path)?.kind == Kind::Dir {
+        let meta = self.store.stat(&path)?;
+        if meta.kind == Kind::Dir {
             return Err(Errno::EISDIR);
         }
         self.store.unlink(&path)?;
         table.detach(parent, name);
+        self.released(&meta);
         Ok(())
     }
 
@@ -474,6 +508,9 @@ impl Fs {
         let mut table = write_lock(&self.table);
         self.store.rmdir(&path)?;
         table.detach(parent, name);
+        if let Some(q) = &self.options.quota {
+            q.remove_entry(0);
+        }
         Ok(())
     }
 
@@ -505,7 +542,14 @@ impl Fs {
         }
         // Renames hold the table exclusively so that no commit resolves a path mid-rename.
         let mut table = write_lock(&self.table);
+        let replaced = match mode {
+            RenameMode::Replace => self.store.stat(&to).ok(),
+            _ => None,
+        };
         self.store.rename(&from, &to, mode)?;
+        if let Some(meta) = replaced {
+            self.released(&meta);
+        }
         table.rename(
             parent,
             name,
@@ -514,6 +558,17 @@ impl Fs {
             mode == RenameMode::Exchange,
         );
         Ok(())
+    }
+
+    /// Gives back the quota held by a removed (or replaced) entry.
+    fn released(&self, meta: &Meta) {
+        if let Some(q) = &self.options.quota {
+            q.remove_entry(if meta.kind == Kind::File {
+                meta.size
+            } else {
+                0
+            });
+        }
     }
 
     /// Hard links are refused (EPERM; EACCES first where the grant forbids either name): a
@@ -609,16 +664,18 @@ impl Fs {
         let path = self.child_path(parent, name)?;
         self.allow("create", &path, Access::Write)?;
         let perm = (mode & 0o7777) as u16;
-        let meta = match self.store.create(&path, perm, self.owner(caller), true) {
+        let created =
+            self.creating(|| Ok(self.store.create(&path, perm, self.owner(caller), true)?));
+        let meta = match created {
             Ok(meta) => meta,
-            Err(e) if e.raw_os_error() == Some(libc::EEXIST) && flags & libc::O_EXCL == 0 => {
+            Err(e) if e == Errno::EEXIST && flags & libc::O_EXCL == 0 => {
                 let meta = self.store.stat(&path)?;
                 if meta.kind == Kind::Dir {
                     return Err(Errno::EISDIR);
                 }
                 meta
             }
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(e),
         };
         let attr = self.remember(parent, name, &meta);
         match self.open_path(attr.ino, &path, flags) {
@@ -639,7 +696,13 @@ impl Fs {
     pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
         let handle = self.file(fh)?;
         let mut h = lock(&handle);
-        h.write(self.store.as_ref(), offset, data)
+        let Some(q) = &self.options.quota else {
+            return h.write(self.store.as_ref(), offset, data);
+        };
+        let start = if h.append { h.size()? } else { offset };
+        let len = q.fit_write(start, data.len())?;
+        q.check_growth(h.committed_size()?, start + len as u64)?;
+        h.write(self.store.as_ref(), offset, &data[..len])
     }
 
     /// `close()` of one descriptor: commits what the handle changed, so commit errors reach the
@@ -717,6 +780,19 @@ impl Fs {
             h.dirty = false;
             return Ok(());
         };
+        // The byte quota is charged for the growth of the committed file.
+        let sizes = match &self.options.quota {
+            Some(q) => {
+                let old = self.store.stat(&path).map(|m| m.size).unwrap_or(0);
+                let new = staged.file.metadata().map(|m| m.len()).unwrap_or(0);
+                if let Err(e) = q.resize(old, new) {
+                    h.staged = Some(staged);
+                    return Err(e);
+                }
+                Some((q, old, new))
+            }
+            None => None,
+        };
         match self.store.commit(staged, &path, durable) {
             Ok(content) => {
                 drop(table);
@@ -736,6 +812,9 @@ impl Fs {
                 Ok(())
             }
             Err((e, staged)) => {
+                if let Some((q, old, new)) = sizes {
+                    let _ = q.resize(new, old);
+                }
                 h.staged = Some(staged);
                 log::error!("commit of {} failed: {e}", path.display());
                 Err(e.into())
@@ -877,8 +956,24 @@ impl Fs {
         lock(&self.dirs).remove(&fh);
     }
 
+    /// Capacity and usage; a space with limits reports its limits and what it uses of them.
     pub fn statfs(&self) -> FsResult<StoreStatfs> {
-        Ok(self.store.statfs()?)
+        let mut s = self.store.statfs()?;
+        if let Some(q) = &self.options.quota {
+            let (limits, usage) = (q.limits(), q.usage());
+            let bsize = u64::from(s.bsize.max(1));
+            if let Some(max) = limits.max_bytes {
+                let free_blocks = max.saturating_sub(usage.bytes) / bsize;
+                s.blocks = max / bsize;
+                s.bfree = free_blocks.min(s.bfree);
+                s.bavail = free_blocks.min(s.bavail);
+            }
+            if let Some(max) = limits.max_files {
+                s.files = max;
+                s.ffree = max.saturating_sub(usage.files).min(s.ffree);
+            }
+        }
+        Ok(s)
     }
 }
 

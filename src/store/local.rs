@@ -174,6 +174,7 @@ pub fn meta_of(m: &fs::Metadata) -> Meta {
         mtime: time(m.mtime(), m.mtime_nsec()),
         ctime: time(m.ctime(), m.ctime_nsec()),
         version: (m.dev(), m.ino(), m.ctime() * 1_000_000_000 + m.ctime_nsec()),
+        volatile: false,
     }
 }
 

@@ -3,6 +3,7 @@
 //! the root itself) and never contain `.` or `..` components.
 
 pub mod local;
+pub mod meta;
 
 use std::ffi::OsString;
 use std::fs::File;
@@ -37,6 +38,8 @@ pub struct Meta {
     /// Identity of the stored object (device, inode number, ctime in ns): changes whenever the
     /// committed content is replaced, so caches can tell whether they are stale.
     pub version: (u64, u64, i64),
+    /// Generated on demand (the `.meta` view): the kernel must not cache its attributes.
+    pub volatile: bool,
 }
 
 /// One directory entry as listed by the store.

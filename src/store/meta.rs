@@ -1,0 +1,414 @@
+//! The `.meta` view of a session space: the agent's session records as read-only JSON files,
+//! rendered from the record store when they are looked at, layered over the space's store.
+//!
+//! ```text
+//! .meta/session.json          the Session record
+//! .meta/history.json          messages in order, each with its parts in index order
+//! .meta/messages/<id>.json    each Message record
+//! .meta/parts/<id>.json       each Part record
+//! ```
+//! Every change under `.meta` is refused with EROFS (mounts also refuse it earlier, with
+//! EACCES, through their grant).
+
+use std::ffi::OsString;
+use std::fs::File;
+use std::hash::{Hash, Hasher};
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use super::{
+    Content, DirEntry, Kind, Meta, Owner, RenameMode, SetAttr, Staged, Store, StoreStatfs,
+};
+use crate::records::{ChildCollection, MetaPath, RecordStore};
+
+/// The name of the virtual directory at the root of session spaces.
+pub const META_DIR: &str = ".meta";
+
+/// A session space's store with the `.meta` view on top.
+pub struct MetaOverlay {
+    inner: Arc<dyn Store>,
+    records: Arc<RecordStore>,
+    session: String,
+}
+
+/// What a path under `.meta` names.
+enum Node {
+    Root,
+    Dir(ChildCollection),
+    File(MetaPath),
+}
+
+fn erofs() -> io::Error {
+    io::Error::from_raw_os_error(libc::EROFS)
+}
+
+fn enoent() -> io::Error {
+    io::Error::from_raw_os_error(libc::ENOENT)
+}
+
+/// Classifies `path`: `None` if it is not under `.meta`.
+fn classify(path: &Path) -> Option<io::Result<Node>> {
+    let mut parts = path.components().map(|c| match c {
+        Component::Normal(s) => s.as_bytes(),
+        _ => b"",
+    });
+    if parts.next()? != META_DIR.as_bytes() {
+        return None;
+    }
+    let node = match (parts.next(), parts.next(), parts.next()) {
+        (None, _, _) => Ok(Node::Root),
+        (Some(b"session.json"), None, _) => Ok(Node::File(MetaPath::Session)),
+        (Some(b"history.json"), None, _) => Ok(Node::File(MetaPath::History)),
+        (Some(b"messages"), None, _) => Ok(Node::Dir(ChildCollection::Message)),
+        (Some(b"parts"), None, _) => Ok(Node::Dir(ChildCollection::Part)),
+        (Some(dir @ (b"messages" | b"parts")), Some(file), None) => {
+            match file
+                .strip_suffix(b".json")
+                .and_then(|id| std::str::from_utf8(id).ok())
+            {
+                Some(id) if *dir == b"messages"[..] => {
+                    Ok(Node::File(MetaPath::Message(id.to_string())))
+                }
+                Some(id) => Ok(Node::File(MetaPath::Part(id.to_string()))),
+                None => Err(enoent()),
+            }
+        }
+        _ => Err(enoent()),
+    };
+    Some(node)
+}
+
+/// Rendered JSON held in memory: a `.meta` file as opened.
+struct Rendered {
+    bytes: Vec<u8>,
+    meta: Meta,
+}
+
+impl Content for Rendered {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        let start = (offset as usize).min(self.bytes.len());
+        let n = buf.len().min(self.bytes.len() - start);
+        buf[..n].copy_from_slice(&self.bytes[start..start + n]);
+        Ok(n)
+    }
+    fn meta(&self) -> io::Result<Meta> {
+        Ok(self.meta.clone())
+    }
+    fn local_file(&self) -> Option<&File> {
+        None
+    }
+}
+
+impl MetaOverlay {
+    pub fn new(inner: Arc<dyn Store>, records: Arc<RecordStore>, session: String) -> MetaOverlay {
+        MetaOverlay {
+            inner,
+            records,
+            session,
+        }
+    }
+
+    /// Attributes of a virtual entry; owned like the space root.
+    fn virtual_meta(&self, kind: Kind, bytes: Option<&[u8]>) -> io::Result<Meta> {
+        let root = self.inner.stat(Path::new(""))?;
+        let now = SystemTime::now();
+        let (size, perm, version) = match bytes {
+            Some(b) => {
+                // Identity of generated content is its hash: any change makes caches stale.
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                b.hash(&mut h);
+                (
+                    b.len() as u64,
+                    0o444,
+                    (u64::MAX, h.finish(), b.len() as i64),
+                )
+            }
+            None => (0, 0o555, (u64::MAX, 0, 0)),
+        };
+        Ok(Meta {
+            kind,
+            size,
+            blocks: size.div_ceil(512),
+            perm,
+            nlink: if kind == Kind::Dir { 2 } else { 1 },
+            uid: root.uid,
+            gid: root.gid,
+            atime: now,
+            mtime: now,
+            ctime: now,
+            version,
+            volatile: true,
+        })
+    }
+
+    fn render(&self, path: &MetaPath) -> io::Result<Vec<u8>> {
+        self.records
+            .meta_file(&self.session, path)?
+            .ok_or_else(enoent)
+    }
+
+    fn list_meta(&self, node: Node) -> io::Result<Vec<DirEntry>> {
+        let entry = |name: String, kind| DirEntry {
+            name: OsString::from(name),
+            kind,
+        };
+        match node {
+            Node::Root => {
+                let mut out = vec![
+                    entry("messages".into(), Kind::Dir),
+                    entry("parts".into(), Kind::Dir),
+                ];
+                if self
+                    .records
+                    .meta_file(&self.session, &MetaPath::Session)?
+                    .is_some()
+                {
+                    out.push(entry("session.json".into(), Kind::File));
+                    out.push(entry("history.json".into(), Kind::File));
+                }
+                Ok(out)
+            }
+            Node::Dir(collection) => Ok(self
+                .records
+                .list_ids(collection, &self.session)?
+                .unwrap_or_default()
+                .into_iter()
+                .map(|id| entry(format!("{id}.json"), Kind::File))
+                .collect()),
+            Node::File(_) => Err(io::Error::from_raw_os_error(libc::ENOTDIR)),
+        }
+    }
+
+    fn refuse_meta(&self, path: &Path) -> io::Result<()> {
+        match classify(path) {
+            Some(_) => Err(erofs()),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Store for MetaOverlay {
+    fn stat(&self, path: &Path) -> io::Result<Meta> {
+        match classify(path) {
+            None => self.inner.stat(path),
+            Some(node) => match node? {
+                Node::Root | Node::Dir(_) => self.virtual_meta(Kind::Dir, None),
+                Node::File(file) => self.virtual_meta(Kind::File, Some(&self.render(&file)?)),
+            },
+        }
+    }
+
+    fn list(&self, path: &Path) -> io::Result<Vec<DirEntry>> {
+        match classify(path) {
+            Some(node) => self.list_meta(node?),
+            None if path.as_os_str().is_empty() => {
+                let mut entries = self.inner.list(path)?;
+                // The view replaces anything stored under that name.
+                entries.retain(|e| e.name != META_DIR);
+                entries.push(DirEntry {
+                    name: META_DIR.into(),
+                    kind: Kind::Dir,
+                });
+                Ok(entries)
+            }
+            None => self.inner.list(path),
+        }
+    }
+
+    fn open(&self, path: &Path) -> io::Result<Arc<dyn Content>> {
+        match classify(path) {
+            None => self.inner.open(path),
+            Some(node) => match node? {
+                Node::File(file) => {
+                    let bytes = self.render(&file)?;
+                    let meta = self.virtual_meta(Kind::File, Some(&bytes))?;
+                    Ok(Arc::new(Rendered { bytes, meta }))
+                }
+                _ => Err(io::Error::from_raw_os_error(libc::EISDIR)),
+            },
+        }
+    }
+
+    fn create(&self, path: &Path, perm: u16, owner: Owner, exclusive: bool) -> io::Result<Meta> {
+        self.refuse_meta(path)?;
+        self.inner.create(path, perm, owner, exclusive)
+    }
+
+    fn stage(&self, seed: Option<&dyn Content>) -> io::Result<Staged> {
+        self.inner.stage(seed)
+    }
+
+    fn commit(
+        &self,
+        staged: Staged,
+        path: &Path,
+        durable: bool,
+    ) -> Result<Arc<dyn Content>, (io::Error, Staged)> {
+        match self.refuse_meta(path) {
+            Err(e) => Err((e, staged)),
+            Ok(()) => self.inner.commit(staged, path, durable),
+        }
+    }
+
+    fn discard(&self, staged: Staged) {
+        self.inner.discard(staged)
+    }
+
+    fn mkdir(&self, path: &Path, perm: u16, owner: Owner) -> io::Result<Meta> {
+        self.refuse_meta(path)?;
+        self.inner.mkdir(path, perm, owner)
+    }
+
+    fn rmdir(&self, path: &Path) -> io::Result<()> {
+        self.refuse_meta(path)?;
+        self.inner.rmdir(path)
+    }
+
+    fn unlink(&self, path: &Path) -> io::Result<()> {
+        self.refuse_meta(path)?;
+        self.inner.unlink(path)
+    }
+
+    fn rename(&self, from: &Path, to: &Path, mode: RenameMode) -> io::Result<()> {
+        self.refuse_meta(from)?;
+        self.refuse_meta(to)?;
+        self.inner.rename(from, to, mode)
+    }
+
+    fn symlink(&self, target: &Path, path: &Path, owner: Owner) -> io::Result<Meta> {
+        self.refuse_meta(path)?;
+        self.inner.symlink(target, path, owner)
+    }
+
+    fn readlink(&self, path: &Path) -> io::Result<PathBuf> {
+        match classify(path) {
+            Some(_) => Err(io::Error::from_raw_os_error(libc::EINVAL)),
+            None => self.inner.readlink(path),
+        }
+    }
+
+    fn set_attr(&self, path: &Path, attr: &SetAttr) -> io::Result<Meta> {
+        self.refuse_meta(path)?;
+        self.inner.set_attr(path, attr)
+    }
+
+    fn sync(&self, path: &Path) -> io::Result<()> {
+        match classify(path) {
+            Some(_) => Ok(()),
+            None => self.inner.sync(path),
+        }
+    }
+
+    fn statfs(&self) -> io::Result<StoreStatfs> {
+        self.inner.statfs()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::local::{LocalStore, StagingArea};
+
+    fn overlay() -> (tempfile::TempDir, MetaOverlay) {
+        let dir = tempfile::tempdir().unwrap();
+        let (area, _) = StagingArea::create(dir.path()).unwrap();
+        let store = LocalStore::open(dir.path().join("sessions/ses_7f3a"), Arc::new(area)).unwrap();
+        let records_dir = dir.path().join("records");
+        let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/agent-records");
+        for entry in std::fs::read_dir(fixtures).unwrap() {
+            let entry = entry.unwrap();
+            let to = records_dir.join(entry.file_name());
+            std::fs::create_dir_all(&to).unwrap();
+            for f in std::fs::read_dir(entry.path()).unwrap() {
+                let f = f.unwrap();
+                std::fs::copy(f.path(), to.join(f.file_name())).unwrap();
+            }
+        }
+        let records = Arc::new(RecordStore::open(&records_dir).unwrap());
+        let o = MetaOverlay::new(Arc::new(store), records, "ses_7f3a".into());
+        (dir, o)
+    }
+
+    fn names(o: &MetaOverlay, path: &str) -> Vec<String> {
+        let mut v: Vec<_> = o
+            .list(Path::new(path))
+            .unwrap()
+            .into_iter()
+            .map(|e| e.name.into_string().unwrap())
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn the_view_lists_and_renders_the_sessions_records() {
+        let (_d, o) = overlay();
+        assert_eq!(names(&o, ""), [".meta"]);
+        assert_eq!(
+            names(&o, ".meta"),
+            ["history.json", "messages", "parts", "session.json"]
+        );
+        assert_eq!(
+            names(&o, ".meta/messages"),
+            [
+                "msg_0001.json",
+                "msg_0002.json",
+                "msg_0003.json",
+                "msg_0004.json"
+            ]
+        );
+        let content = o.open(Path::new(".meta/session.json")).unwrap();
+        let mut buf = vec![0u8; 4096];
+        let n = content.read_at(&mut buf, 0).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&buf[..n]).unwrap();
+        assert_eq!(v["id"], "ses_7f3a");
+        let meta = o.stat(Path::new(".meta/session.json")).unwrap();
+        assert_eq!(meta.size, n as u64);
+        assert_eq!(meta.perm, 0o444);
+        assert!(meta.volatile);
+        assert_eq!(o.stat(Path::new(".meta/parts")).unwrap().perm, 0o555);
+        assert_eq!(
+            o.stat(Path::new(".meta/messages/nope.json"))
+                .unwrap_err()
+                .raw_os_error(),
+            Some(libc::ENOENT)
+        );
+    }
+
+    #[test]
+    fn changes_under_meta_are_erofs() {
+        let (_d, o) = overlay();
+        let p = Path::new(".meta/session.json");
+        let code = |e: io::Error| e.raw_os_error();
+        assert_eq!(code(o.unlink(p).unwrap_err()), Some(libc::EROFS));
+        assert_eq!(
+            code(
+                o.create(Path::new(".meta/x"), 0o644, None, true)
+                    .unwrap_err()
+            ),
+            Some(libc::EROFS)
+        );
+        assert_eq!(
+            code(o.mkdir(Path::new(".meta/d"), 0o755, None).unwrap_err()),
+            Some(libc::EROFS)
+        );
+        assert_eq!(
+            code(
+                o.rename(p, Path::new("out"), RenameMode::Replace)
+                    .unwrap_err()
+            ),
+            Some(libc::EROFS)
+        );
+        assert_eq!(
+            code(o.rmdir(Path::new(".meta")).unwrap_err()),
+            Some(libc::EROFS)
+        );
+        let staged = o.stage(None).unwrap();
+        let (e, staged) = o.commit(staged, p, false).err().unwrap();
+        assert_eq!(e.raw_os_error(), Some(libc::EROFS));
+        o.discard(staged);
+    }
+}
