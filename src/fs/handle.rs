@@ -91,6 +91,10 @@ impl FileHandle {
 
     /// Sets the working copy's length.
     pub fn truncate(&mut self, store: &dyn Store, size: u64) -> FsResult<()> {
+        if size == 0 && self.staged.is_none() {
+            // Truncating to nothing (`open(O_TRUNC)`): no need to copy the old content first.
+            self.staged = Some(store.stage(None)?);
+        }
         let staged = self.ensure_staged(store)?;
         staged.file.set_len(size)?;
         self.dirty = true;

@@ -259,6 +259,20 @@ fn copy_content(src: &dyn Content, dst: &File) -> io::Result<()> {
     }
 }
 
+/// Atomically swaps two existing paths (`renameat2(RENAME_EXCHANGE)`).
+fn exchange(a: &Path, b: &Path) -> io::Result<()> {
+    let (a, b) = (cstr(a)?, cstr(b)?);
+    check(unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            a.as_ptr(),
+            libc::AT_FDCWD,
+            b.as_ptr(),
+            libc::RENAME_EXCHANGE,
+        )
+    })
+}
+
 fn sync_dir_of(path: &Path) -> io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("/"));
     File::open(dir)?.sync_all()
@@ -350,10 +364,19 @@ impl Store for LocalStore {
             if durable {
                 staged.file.sync_all()?;
             }
-            fs::rename(&staged.path, &target)
+            // Swap the new content in, then drop the old: unlike a rename over an existing
+            // file, an exchange does not make ext4 force the new data to disk (auto_da_alloc),
+            // which costs ~0.4 ms per commit. Durability is fsync's job (above).
+            exchange(&staged.path, &target)
         })();
         if let Err(e) = prepared {
             return Err((e, staged));
+        }
+        if let Err(e) = fs::remove_file(&staged.path) {
+            log::warn!(
+                "could not remove the replaced version of {}: {e}",
+                path.display()
+            );
         }
         if durable && let Err(e) = sync_dir_of(&target) {
             log::error!(
