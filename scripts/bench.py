@@ -1,0 +1,931 @@
+#!/usr/bin/env python3
+"""roomfs benchmark: throughput of a roomfs mount relative to the native disk.
+
+Every result is a ratio target/native measured in the same run: for each round
+the workloads run on the native directory and then on the mount, back to back
+(native, roomfs, native, roomfs, ...).  The table shows medians over rounds of
+the absolute numbers and of the per-round ratios, plus the min..max spread of
+the per-round ratios.  Nothing is pass/fail on time; a workload FAILs only when
+it raises or produces a wrong result, and then the script exits non-zero.
+
+Usage (normally through scripts/bench, which builds first):
+  python3 scripts/bench.py [--rounds N] [--quick] [--peers] [--install-peers]
+                           [--workdir DIR] [--json FILE] [--keep]
+
+Hidden options (for development and comparisons):
+  --target {roomfs,bindfs,fuse-overlayfs}   what the main column measures
+  --fs-cmd TEMPLATE  any FUSE command as the main column; placeholders {src}
+                     (backing dir), {mnt} (mountpoint), {work} (scratch dir).
+                     It may stay in the foreground or daemonize.
+  --fs-name NAME     column label for --fs-cmd
+  --roomfs-bin PATH  roomfs binary (default: <repo>/target/release/roomfs)
+  --timeout S        per workload-group watchdog (default 300 s): on expiry the
+                     FUSE connection is aborted and the daemon killed, and the
+                     workload is reported as FAIL.
+  --mount-timeout S  how long to wait for a mount to appear (default 10 s)
+  --fs-unmount-cmd TEMPLATE  first unmount attempt for --fs-cmd (then umount, umount -l)
+
+Method: each round runs five workload groups (seq, files, append, pwrite,
+latency); each group runs on every target in turn, in a fresh subdirectory,
+before the next group starts, so slow drifts in machine load hit all targets
+alike.  Before every timed section os.sync() runs (untimed) so no target pays
+for the previous one's dirty pages; caches are never dropped, so seq-read of
+the file just written is served from the page cache natively (and, for a FUSE
+target, from whatever caching the daemon and kernel do) - as a user would see.
+For the main target, files written in the latency group are also checked in
+the backing store (DIR/rooms/ID/... for roomfs) after the mount reports them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import random
+import shlex
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+
+MiB = 1 << 20
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOM_ID = "bench"
+
+# (workload, unit, target ratio for the main column or None); see LOWER_IS_BETTER
+WORKLOADS = [
+    ("seq-write", "MB/s", 0.6),
+    ("seq-read", "MB/s", 0.8),
+    ("create", "files/s", 0.35),
+    ("list+stat", "files/s", 0.15),
+    ("small-read", "files/s", 0.25),
+    ("delete", "files/s", None),
+    ("append", "ops/s", 0.1),
+    ("random-pwrite", "ops/s", 0.25),
+    ("latency", "us", None),  # lower is better; ratio is native/target
+]
+LOWER_IS_BETTER = {"latency"}
+GROUPS = [
+    ("seq", ["seq-write", "seq-read"]),
+    ("files", ["create", "list+stat", "small-read", "delete"]),
+    ("append", ["append"]),
+    ("pwrite", ["random-pwrite"]),
+    ("latency", ["latency"]),
+]
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+class WorkloadError(Exception):
+    """A workload produced a wrong result."""
+
+
+class Interrupted(BaseException):
+    pass
+
+
+# ---------------------------------------------------------------- mounts ---
+
+def _unescape_mount_field(s: str) -> str:
+    out, i = [], 0
+    while i < len(s):
+        if s[i] == "\\" and i + 4 <= len(s) and s[i + 1:i + 4].isdigit():
+            out.append(chr(int(s[i + 1:i + 4], 8)))
+            i += 4
+        else:
+            out.append(s[i])
+            i += 1
+    return "".join(out)
+
+
+def mounted_paths() -> list[str]:
+    with open("/proc/mounts") as f:
+        return [_unescape_mount_field(line.split()[1]) for line in f if line.strip()]
+
+
+def is_mounted(path: str) -> bool:
+    # no realpath(): it would lstat() the mountpoint and could block on a hung
+    # daemon; all our paths are already canonical (workdir is realpath'd).
+    return path in mounted_paths()
+
+
+def mounts_under(root: str) -> list[str]:
+    root = os.path.realpath(root)
+    return [m for m in mounted_paths() if m == root or m.startswith(root + "/")]
+
+
+def fuse_conn_id(path: str) -> str | None:
+    """Minor device number of the mount = its /sys/fs/fuse/connections id."""
+    # path is canonical already; realpath() would lstat() the mount
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                fields = line.split()
+                if _unescape_mount_field(fields[4]) == path:
+                    return fields[2].split(":")[1]
+    except OSError:
+        pass
+    return None
+
+
+def run_quiet(cmd: list[str], timeout: float = 20) -> bool:
+    try:
+        r = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, timeout=timeout)
+        return r.returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+class Target:
+    """A directory to run workloads in: native, or a FUSE mountpoint."""
+
+    def __init__(self, name: str, base: str):
+        self.name = name
+        self.base = base
+        self.root = base          # where workloads run
+        self.proc: subprocess.Popen | None = None
+        self.mnt: str | None = None
+        self.conn: str | None = None
+        self.logfile: str | None = None
+        self.unmount_cmd: list[str] | None = None
+        self.setup_error: str | None = None
+        self.ready = False
+
+    # -- lifecycle ------------------------------------------------------
+    def setup(self) -> None:
+        os.makedirs(self.root, exist_ok=True)
+
+    def teardown(self) -> None:
+        pass
+
+    def healthy(self) -> str | None:
+        return None
+
+    def abort(self) -> None:
+        pass
+
+    def log_tail(self, n: int = 30) -> str:
+        return ""
+
+    def backing_path(self, rel: str) -> str | None:
+        """Where a file written at root/rel is stored underneath, if known."""
+        return None
+
+
+class NativeTarget(Target):
+    pass
+
+
+class FuseTarget(Target):
+    def __init__(self, name: str, base: str, cmd_template: list[str],
+                 unmount_cmd: list[str] | None, mount_timeout: float):
+        super().__init__(name, base)
+        self.src = os.path.join(base, "src")
+        self.work = os.path.join(base, "work")
+        self.mnt = os.path.join(base, "mnt")
+        self.root = self.mnt
+        self.logfile = os.path.join(base, "daemon.log")
+        self.cmd_template = cmd_template
+        self.unmount_tmpl = unmount_cmd
+        self.mount_timeout = mount_timeout
+        self.backing_root: str | None = None  # set for known file systems
+
+    def backing_path(self, rel: str) -> str | None:
+        return os.path.join(self.backing_root, rel) if self.backing_root else None
+
+    def _fmt(self, parts: list[str]) -> list[str]:
+        return [p.format(src=self.src, mnt=self.mnt, work=self.work) for p in parts]
+
+    def setup(self) -> None:
+        for d in (self.src, self.work, self.mnt):
+            os.makedirs(d, exist_ok=True)
+        cmd = self._fmt(self.cmd_template)
+        log(f"[{self.name}] mounting: {shlex.join(cmd)}")
+        with open(self.logfile, "wb") as lf:
+            # own session: a terminal Ctrl-C reaches only us; we tear down.
+            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=lf,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + self.mount_timeout
+        exited_ok = False
+        while time.monotonic() < deadline:
+            if is_mounted(self.mnt):
+                break
+            rc = self.proc.poll()
+            if rc is not None and not exited_ok:
+                if rc != 0:
+                    raise RuntimeError(
+                        f"{self.name}: mount command exited with status {rc} before "
+                        f"{self.mnt} appeared in /proc/mounts; its output:\n{self.log_tail()}")
+                exited_ok = True  # daemonized; keep polling
+            time.sleep(0.05)
+        else:
+            raise RuntimeError(
+                f"{self.name}: {self.mnt} did not appear in /proc/mounts within "
+                f"{self.mount_timeout:g} s; daemon output:\n{self.log_tail()}")
+        if exited_ok or self.proc.poll() is not None:
+            self.proc = None  # daemonized: we do not know its pid
+        self.conn = fuse_conn_id(self.mnt)
+        self.ready = True
+        with Watchdog(self, self.mount_timeout, "first stat of the mountpoint") as wd:
+            try:
+                os.stat(self.mnt)
+            except OSError as e:
+                raise RuntimeError(f"{self.name}: stat({self.mnt}) failed after mounting: {e}"
+                                   + (" (timed out)" if wd.fired.is_set() else "")) from e
+        log(f"[{self.name}] mounted at {self.mnt}"
+            + (f" (pid {self.proc.pid})" if self.proc else " (daemonized)"))
+
+    def healthy(self) -> str | None:
+        if not is_mounted(self.mnt):
+            return f"{self.mnt} is no longer mounted"
+        if self.proc is not None and self.proc.poll() is not None:
+            return f"daemon exited with status {self.proc.returncode}"
+        return None
+
+    def abort(self) -> None:
+        """Unblock anything stuck in this FUSE mount (watchdog expiry).
+
+        Killing our daemon closes its /dev/fuse fd, which fails every pending
+        request with ENOTCONN.  Without a pid (daemonized --fs-cmd) abort the
+        connection through fusectl, mounting it just for that if needed."""
+        if self.proc is not None and self.proc.poll() is None:
+            log(f"[{self.name}] killing daemon pid {self.proc.pid}")
+            try:
+                os.kill(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            return
+        if not self.conn:
+            return
+        ctl = "/sys/fs/fuse/connections"
+        mounted_ctl = False
+        if not os.path.exists(f"{ctl}/{self.conn}") and os.path.isdir(ctl) and ctl not in mounted_paths():
+            mounted_ctl = run_quiet(["mount", "-t", "fusectl", "fusectl", ctl])
+        try:
+            with open(f"{ctl}/{self.conn}/abort", "w") as f:
+                f.write("1")
+            log(f"[{self.name}] aborted FUSE connection {self.conn}")
+        except OSError as e:
+            log(f"[{self.name}] could not abort FUSE connection {self.conn}: {e}")
+        finally:
+            if mounted_ctl:
+                run_quiet(["umount", ctl])
+
+    def log_tail(self, n: int = 30) -> str:
+        try:
+            with open(self.logfile, "rb") as f:
+                lines = f.read().decode(errors="replace").splitlines()
+            return "\n".join("    " + l for l in lines[-n:]) or "    (no output)"
+        except OSError:
+            return "    (no log)"
+
+    def teardown(self) -> None:
+        mnt = self.mnt
+        attempts: list[list[str]] = []
+        if self.unmount_tmpl:
+            attempts.append(self._fmt(self.unmount_tmpl))
+        attempts += [["umount", mnt], ["umount", "-l", mnt]]
+        for cmd in attempts:
+            if not is_mounted(mnt):
+                break
+            ok = run_quiet(cmd)
+            if not ok and cmd[:2] != ["umount", "-l"]:
+                log(f"[{self.name}] '{shlex.join(cmd)}' failed")
+            for _ in range(50):
+                if not is_mounted(mnt):
+                    break
+                time.sleep(0.1)
+        if is_mounted(mnt):
+            log(f"[{self.name}] WARNING: {mnt} is still mounted")
+        p = self.proc
+        if p is not None:
+            try:
+                p.wait(timeout=10 if self.ready else 0.5)
+            except subprocess.TimeoutExpired:
+                log(f"[{self.name}] daemon pid {p.pid} still running; SIGTERM")
+                p.send_signal(signal.SIGTERM)
+                try:
+                    p.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    log(f"[{self.name}] SIGKILL pid {p.pid}")
+                    p.kill()
+                    p.wait()
+            if p.returncode not in (0, None, -signal.SIGTERM):
+                log(f"[{self.name}] daemon exited with status {p.returncode}")
+            self.proc = None
+
+
+class OverlayTarget(FuseTarget):
+    def setup(self) -> None:
+        os.makedirs(os.path.join(self.work, "lower"), exist_ok=True)
+        os.makedirs(os.path.join(self.work, "ovl"), exist_ok=True)
+        super().setup()
+
+
+def make_target(kind: str, base: str, args) -> Target:
+    if kind == "native":
+        return NativeTarget("native", base)
+    if kind == "roomfs":
+        binary = args.roomfs_bin or os.path.join(REPO, "target", "release", "roomfs")
+        t = FuseTarget("roomfs", base,
+                       [binary, "mount", "--data-dir", "{src}", "--room", ROOM_ID, "{mnt}"],
+                       [binary, "unmount", "{mnt}"], args.mount_timeout)
+        t.backing_root = os.path.join(t.src, "rooms", ROOM_ID)
+    elif kind == "bindfs":
+        t = FuseTarget("bindfs", base, ["bindfs", "-f", "{src}", "{mnt}"],
+                       None, args.mount_timeout)
+        t.backing_root = t.src
+    elif kind == "fuse-overlayfs":
+        t = OverlayTarget("fuse-overlayfs", base,
+                          ["fuse-overlayfs", "-f", "-o",
+                           "lowerdir={work}/lower,upperdir={src},workdir={work}/ovl", "{mnt}"],
+                          None, args.mount_timeout)
+        t.backing_root = t.src
+    else:
+        raise ValueError(kind)
+    return t
+
+
+# ------------------------------------------------------------- workloads ---
+
+class Sizes:
+    def __init__(self, quick: bool):
+        self.seq_bytes = (64 if quick else 1024) * MiB
+        self.nfiles = 500 if quick else 5000
+        self.small = 4096
+        self.appends = 2000
+        self.pwrite_file = 64 * MiB
+        self.pwrites = 2000
+        self.lat_files = 1000
+
+
+def _now() -> int:
+    return time.perf_counter_ns()
+
+
+def _secs(t0: int, t1: int) -> float:
+    return max(t1 - t0, 1) / 1e9
+
+
+def group_seq(d: str, sz: Sizes, rnd: random.Random) -> dict:
+    res = {}
+    path = os.path.join(d, "seq.bin")
+    base = bytearray(rnd.randbytes(MiB))
+    nchunks = sz.seq_bytes // MiB
+
+    def expect(i: int) -> bytes:
+        return i.to_bytes(8, "little") + bytes(base[8:])
+
+    os.sync()
+    t0 = _now()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        buf = base
+        for i in range(nchunks):
+            buf[0:8] = i.to_bytes(8, "little")
+            mv = memoryview(buf)
+            while mv:
+                n = os.write(fd, mv)
+                if n <= 0:
+                    raise WorkloadError(f"os.write returned {n}")
+                mv = mv[n:]
+    finally:
+        os.close(fd)
+    t1 = _now()
+    res["seq-write"] = sz.seq_bytes / 1e6 / _secs(t0, t1)
+    st = os.stat(path)
+    if st.st_size != sz.seq_bytes:
+        raise WorkloadError(f"seq-write: size {st.st_size} != {sz.seq_bytes}")
+    _verify_seq_samples(path, nchunks, expect, "seq-write")
+
+    os.sync()
+    t0 = _now()
+    fd = os.open(path, os.O_RDONLY)
+    total = 0
+    bad = 0
+    try:
+        while True:
+            b = os.read(fd, MiB)
+            if not b:
+                break
+            if len(b) == MiB and total % MiB == 0 and b[:8] != (total // MiB).to_bytes(8, "little"):
+                bad += 1
+            total += len(b)
+    finally:
+        os.close(fd)
+    t1 = _now()
+    if total != sz.seq_bytes:
+        return {**res, "seq-read": WorkloadError(f"seq-read: read {total} bytes, expected {sz.seq_bytes}")}
+    if bad:
+        return {**res, "seq-read": WorkloadError(f"seq-read: {bad} chunks with a wrong header")}
+    res["seq-read"] = sz.seq_bytes / 1e6 / _secs(t0, t1)
+    os.unlink(path)
+    return res
+
+
+def _verify_seq_samples(path, nchunks, expect, what):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for i in sorted({0, nchunks // 2, nchunks - 1}):
+            got = os.pread(fd, MiB, i * MiB)
+            if got != expect(i):
+                raise WorkloadError(f"{what}: chunk {i} reads back wrong")
+    finally:
+        os.close(fd)
+
+
+def group_files(d: str, sz: Sizes, rnd: random.Random) -> dict:
+    res: dict = {}
+    data = rnd.randbytes(sz.small)
+    names = [f"f{i:05d}" for i in range(sz.nfiles)]
+    paths = [os.path.join(d, n) for n in names]
+    later = ("list+stat", "small-read", "delete")
+
+    def fail_rest(start: str, err: Exception) -> dict:
+        idx = ["create", *later].index(start)
+        for w in ["create", *later][idx:]:
+            res[w] = err if w == start else WorkloadError(f"skipped: {start} failed")
+        return res
+
+    os.sync()
+    try:
+        t0 = _now()
+        for p in paths:
+            with open(p, "wb") as f:
+                f.write(data)
+        t1 = _now()
+    except Exception as e:  # noqa: BLE001
+        return fail_rest("create", e)
+    res["create"] = sz.nfiles / _secs(t0, t1)
+
+    os.sync()
+    try:
+        t0 = _now()
+        listed = os.listdir(d)
+        wrong = 0
+        for n in listed:
+            if os.stat(os.path.join(d, n)).st_size != sz.small:
+                wrong += 1
+        t1 = _now()
+        if sorted(listed) != names:
+            raise WorkloadError(f"list+stat: listed {len(listed)} entries, expected {sz.nfiles} f*")
+        if wrong:
+            raise WorkloadError(f"list+stat: {wrong} files with st_size != {sz.small}")
+        res["list+stat"] = sz.nfiles / _secs(t0, t1)
+    except Exception as e:  # noqa: BLE001
+        res["list+stat"] = e
+
+    os.sync()
+    try:
+        t0 = _now()
+        wrong = 0
+        for p in paths:
+            with open(p, "rb") as f:
+                if f.read() != data:
+                    wrong += 1
+        t1 = _now()
+        if wrong:
+            raise WorkloadError(f"small-read: {wrong} files with wrong content")
+        res["small-read"] = sz.nfiles / _secs(t0, t1)
+    except Exception as e:  # noqa: BLE001
+        res["small-read"] = e
+
+    os.sync()
+    try:
+        t0 = _now()
+        for p in paths:
+            os.unlink(p)
+        t1 = _now()
+        left = os.listdir(d)
+        if left:
+            raise WorkloadError(f"delete: {len(left)} entries left after unlinking all")
+        res["delete"] = sz.nfiles / _secs(t0, t1)
+    except Exception as e:  # noqa: BLE001
+        res["delete"] = e
+    return res
+
+
+def group_append(d: str, sz: Sizes, rnd: random.Random) -> dict:
+    p = os.path.join(d, "append.log")
+    lines = [f"append line {i:06d} {rnd.getrandbits(32):08x}\n" for i in range(sz.appends)]
+    os.sync()
+    t0 = _now()
+    for line in lines:
+        with open(p, "a") as f:
+            f.write(line)
+    t1 = _now()
+    with open(p) as f:
+        got = f.read()
+    n = got.count("\n")
+    if n != sz.appends:
+        raise WorkloadError(f"append: file has {n} lines, expected {sz.appends}")
+    if got != "".join(lines):
+        raise WorkloadError("append: content differs from what was appended")
+    return {"append": sz.appends / _secs(t0, t1)}
+
+
+def group_pwrite(d: str, sz: Sizes, rnd: random.Random) -> dict:
+    p = os.path.join(d, "rand.bin")
+    blk = 4096
+    nblocks = sz.pwrite_file // blk
+    fill = rnd.randbytes(MiB)
+    with open(p, "wb") as f:  # not timed
+        for _ in range(sz.pwrite_file // MiB):
+            f.write(fill)
+    base = rnd.randbytes(blk)
+    offsets = [rnd.randrange(nblocks) * blk for _ in range(sz.pwrites)]
+    blocks = [i.to_bytes(8, "little") + base[8:] for i in range(sz.pwrites)]
+    os.sync()
+    t0 = _now()
+    fd = os.open(p, os.O_RDWR)
+    try:
+        for off, b in zip(offsets, blocks):
+            n = os.pwrite(fd, b, off)
+            if n != blk:
+                raise WorkloadError(f"random-pwrite: short write {n} at {off}")
+    finally:
+        os.close(fd)
+    t1 = _now()
+    final = dict(zip(offsets, blocks))  # last write wins
+    sample = rnd.sample(sorted(final), min(200, len(final)))
+    st = os.stat(p)
+    if st.st_size != sz.pwrite_file:
+        raise WorkloadError(f"random-pwrite: size changed to {st.st_size}")
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        for off in sample:
+            if os.pread(fd, blk, off) != final[off]:
+                raise WorkloadError(f"random-pwrite: block at {off} reads back wrong")
+        # and one untouched block keeps the fill pattern
+        untouched = next((o for o in range(0, sz.pwrite_file, blk) if o not in final), None)
+        if untouched is not None and os.pread(fd, blk, untouched) != fill[untouched % MiB:untouched % MiB + blk]:
+            raise WorkloadError(f"random-pwrite: untouched block at {untouched} changed")
+    finally:
+        os.close(fd)
+    os.unlink(p)
+    return {"random-pwrite": sz.pwrites / _secs(t0, t1)}
+
+
+def group_latency(d: str, sz: Sizes, rnd: random.Random, backing=None) -> dict:
+    data = rnd.randbytes(100)
+    paths = [os.path.join(d, f"l{i:05d}") for i in range(sz.lat_files)]
+    lat = []
+    os.sync()
+    for p in paths:
+        t0 = _now()
+        with open(p, "wb") as f:
+            f.write(data)
+        t1 = _now()
+        lat.append((t1 - t0) / 1e3)
+    sizes = {os.stat(p).st_size for p in paths}
+    if sizes != {100}:
+        raise WorkloadError(f"latency: file sizes {sorted(sizes)[:5]} != 100")
+    if backing is not None:  # committed data is where it should be (untimed)
+        for p in (paths[0], paths[-1]):
+            bp = backing(p)
+            try:
+                with open(bp, "rb") as f:
+                    ok = f.read() == data
+            except OSError as e:
+                raise WorkloadError(f"latency: {os.path.basename(p)} not in the backing store: {e}")
+            if not ok:
+                raise WorkloadError(f"latency: {bp} has different content than was written")
+    return {"latency": statistics.median(lat)}
+
+
+GROUP_FUNCS = {"seq": group_seq, "files": group_files, "append": group_append,
+               "pwrite": group_pwrite, "latency": group_latency}
+
+
+class Watchdog:
+    """Abort the target's FUSE mount if the body runs longer than `seconds`."""
+
+    def __init__(self, target: Target, seconds: float, what: str):
+        self.target, self.seconds, self.what = target, seconds, what
+        self.fired = threading.Event()
+        self.timer = threading.Timer(seconds, self._expire)
+        self.timer.daemon = True
+
+    def _expire(self):
+        self.fired.set()
+        log(f"[{self.target.name}] watchdog: {self.what} exceeded {self.seconds:g} s"
+            + (", aborting the mount" if self.target.mnt else ""))
+        self.target.abort()
+
+    def __enter__(self):
+        self.timer.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.timer.cancel()
+        return False
+
+
+def run_group(target: Target, group: str, wl_names: list[str], rnd_seed: int,
+              sz: Sizes, round_no: int, timeout: float, check_backing: bool = False) -> dict:
+    """Run one workload group in a fresh subdirectory; never raises (except Ctrl-C)."""
+    bad = target.healthy()
+    if bad:
+        return {w: WorkloadError(f"{target.name}: {bad}") for w in wl_names}
+    d = os.path.join(target.root, f"r{round_no}-{group}")
+    with Watchdog(target, timeout, group) as wd:
+        try:
+            os.mkdir(d)
+            fn = GROUP_FUNCS[group]
+            if group == "latency" and check_backing and target.backing_path("x"):
+                def backing(p: str) -> str | None:
+                    return target.backing_path(os.path.relpath(p, target.root))
+                res = fn(d, sz, random.Random(rnd_seed), backing)
+            else:
+                res = fn(d, sz, random.Random(rnd_seed))
+            shutil.rmtree(d)  # not timed
+        except Exception as e:  # noqa: BLE001
+            if wd.fired.is_set():
+                e = WorkloadError(f"timed out after {timeout:g} s ({type(e).__name__}: {e})")
+            res = {w: e for w in wl_names}
+    for w in wl_names:
+        res.setdefault(w, WorkloadError("no result"))
+    return res
+
+
+# ---------------------------------------------------------------- report ---
+
+def git_commit() -> str:
+    try:
+        r = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"],
+                           capture_output=True, text=True, timeout=10)
+        if r.returncode != 0:
+            return "uncommitted"
+        c = r.stdout.strip()
+        s = subprocess.run(["git", "--no-optional-locks", "-C", REPO, "status", "--porcelain",
+                            "--untracked-files=no"], capture_output=True, text=True, timeout=10)
+        return c + ("+dirty" if s.stdout.strip() else "")
+    except (OSError, subprocess.TimeoutExpired):
+        return "uncommitted"
+
+
+def fmt_val(v: float, unit: str) -> str:
+    if v >= 100:
+        s = f"{v:,.0f}"
+    elif v >= 10:
+        s = f"{v:.1f}"
+    else:
+        s = f"{v:.2f}"
+    return f"{s} {unit}"
+
+
+def summarize(results: dict, names: list[str], rounds: int) -> dict:
+    """results[target][workload] = list (per round) of float | Exception."""
+    summary: dict = {}
+    for wl, unit, goal in WORKLOADS:
+        row: dict = {"unit": unit, "target": goal, "cols": {}}
+        nat = results["native"][wl]
+        for name in names:
+            vals = results[name][wl]
+            errs = [(i, v) for i, v in enumerate(vals) if isinstance(v, BaseException)]
+            col: dict = {"values": [v if not isinstance(v, BaseException) else None for v in vals],
+                         "errors": [f"round {i + 1}: {type(v).__name__}: {v}" for i, v in errs]}
+            good = [v for v in vals if not isinstance(v, BaseException)]
+            col["median"] = statistics.median(good) if good and not errs else None
+            if name != "native":
+                ratios = []
+                for a, b in zip(nat, vals):
+                    if isinstance(a, BaseException) or isinstance(b, BaseException):
+                        continue
+                    ratios.append(a / b if wl in LOWER_IS_BETTER else b / a)
+                col["ratios"] = ratios
+                ok = not errs and not any(isinstance(a, BaseException) for a in nat)
+                col["ratio"] = statistics.median(ratios) if ratios and ok else None
+                col["spread"] = (min(ratios), max(ratios)) if ratios and ok else None
+            row["cols"][name] = col
+        summary[wl] = row
+    return summary
+
+
+def render(summary: dict, names: list[str], primary: str, header: str) -> str:
+    others = [n for n in names if n != "native"]
+    cols = ["workload", "native"]
+    for n in others:
+        cols += [n, f"ratio", "spread"]
+        if n == primary:
+            cols += ["target", ""]
+    rows = []
+    for wl, row in summary.items():
+        unit, goal = row["unit"], row["target"]
+        nat = row["cols"]["native"]
+        r = [wl, "FAIL" if nat["errors"] else fmt_val(nat["median"], unit)]
+        for n in others:
+            c = row["cols"][n]
+            r.append("FAIL" if c["errors"] else fmt_val(c["median"], unit))
+            if c["ratio"] is None:
+                r += ["FAIL", "-"]
+            else:
+                lo, hi = c["spread"]
+                r += [f"{c['ratio']:.2f}", f"{lo:.2f}..{hi:.2f}"]
+            if n == primary:
+                r.append(f">={goal:g}" if goal is not None else "-")
+                if c["ratio"] is None:
+                    r.append("FAIL")
+                elif goal is not None and c["ratio"] < goal:
+                    r.append("below")
+                else:
+                    r.append("")
+        rows.append(r)
+    widths = [max(len(str(x)) for x in col) for col in zip(cols, *rows)]
+    right = {i for i, c in enumerate(cols) if c not in ("workload", "")}
+
+    def line(cells):
+        return "  ".join((c.rjust(w) if i in right else c.ljust(w))
+                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    out = [header, line(cols), line(["-" * w for w in widths])]
+    out += [line(r) for r in rows]
+    return "\n".join(out)
+
+
+# ------------------------------------------------------------------ main ---
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(
+        prog="scripts/bench",
+        description="Benchmark roomfs against the native filesystem (ratios, higher is better).")
+    ap.add_argument("--rounds", type=int, default=5, help="rounds, interleaved native/roomfs (default 5)")
+    ap.add_argument("--quick", action="store_true", help="small sizes (64 MiB, 500 files) for a smoke run")
+    ap.add_argument("--peers", action="store_true", help="also measure bindfs and fuse-overlayfs if installed")
+    ap.add_argument("--install-peers", action="store_true",
+                    help="apt-get install -y bindfs fuse-overlayfs fuse3 first (implies --peers)")
+    ap.add_argument("--workdir", help="parent of the scratch dir (default /var/tmp); a fresh "
+                    "subdirectory is created there and removed at the end")
+    ap.add_argument("--json", metavar="FILE", help="also write results as JSON")
+    ap.add_argument("--keep", action="store_true", help="keep the scratch dir (and daemon logs)")
+    S = argparse.SUPPRESS
+    ap.add_argument("--target", default="roomfs", choices=["roomfs", "bindfs", "fuse-overlayfs"], help=S)
+    ap.add_argument("--fs-cmd", help=S)
+    ap.add_argument("--fs-name", default="custom", help=S)
+    ap.add_argument("--fs-unmount-cmd", help=S)
+    ap.add_argument("--roomfs-bin", help=S)
+    ap.add_argument("--timeout", type=float, default=300, help=S)
+    ap.add_argument("--mount-timeout", type=float, default=10, help=S)
+    a = ap.parse_args(argv)
+    if a.rounds < 1:
+        ap.error("--rounds must be >= 1")
+    if a.install_peers:
+        a.peers = True
+    return a
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if os.geteuid() != 0:
+        log("note: not root; FUSE mounts may need fusermount3 and user_allow_other")
+
+    def on_signal(signum, _frame):
+        raise Interrupted(signal.Signals(signum).name)
+
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(s, on_signal)
+
+    if args.install_peers:
+        log("installing peers: apt-get install -y bindfs fuse-overlayfs fuse3")
+        subprocess.run(["apt-get", "install", "-y", "bindfs", "fuse-overlayfs", "fuse3"], check=False,
+                       stdout=sys.stderr)
+
+    parent = args.workdir or "/var/tmp"
+    os.makedirs(parent, exist_ok=True)
+    workdir = os.path.realpath(tempfile.mkdtemp(prefix="roomfs-bench-", dir=parent))
+    log(f"scratch dir: {workdir}")
+
+    # targets: native first, then the primary, then peers
+    if args.fs_cmd:
+        primary = args.fs_name
+        t = FuseTarget(primary, os.path.join(workdir, primary), shlex.split(args.fs_cmd),
+                       shlex.split(args.fs_unmount_cmd) if args.fs_unmount_cmd else None,
+                       args.mount_timeout)
+    else:
+        primary = args.target
+        t = make_target(primary, os.path.join(workdir, primary), args)
+        if primary == "roomfs" and not os.access(t.cmd_template[0], os.X_OK):
+            log(f"error: roomfs binary {t.cmd_template[0]} not found (run scripts/bench to build it)")
+            shutil.rmtree(workdir, ignore_errors=True)
+            return 2
+    targets: list[Target] = [NativeTarget("native", os.path.join(workdir, "native")), t]
+    notes = []
+    if args.peers:
+        for peer, exe in (("bindfs", "bindfs"), ("fuse-overlayfs", "fuse-overlayfs")):
+            if peer == primary:
+                continue
+            if shutil.which(exe) is None:
+                notes.append(f"peer {peer} not installed (use --install-peers)")
+                continue
+            pt = make_target(peer, os.path.join(workdir, peer), args)
+            targets.append(pt)
+    names = [t.name for t in targets]
+    sz = Sizes(args.quick)
+    results = {t.name: {w: [] for w, _, _ in WORKLOADS} for t in targets}
+    rc = 0
+    started = time.monotonic()
+    mounted: list[Target] = []
+    interrupted = None
+    try:
+        for tg in targets:
+            mounted.append(tg)  # registered first: torn down even if setup is interrupted
+            try:
+                tg.setup()
+            except Exception as e:  # noqa: BLE001
+                if tg.name == primary:
+                    raise
+                tg.setup_error = str(e)
+                log(f"[{tg.name}] mount failed: {e}")
+        for rnd_no in range(args.rounds):
+            log(f"round {rnd_no + 1}/{args.rounds}")
+            for gi, (group, wls) in enumerate(GROUPS):
+                seed = rnd_no * 1000 + gi
+                for tg in targets:
+                    t0 = time.monotonic()
+                    if tg.setup_error:
+                        res = {w: RuntimeError(f"mount failed: {tg.setup_error}") for w in wls}
+                    else:
+                        res = run_group(tg, group, wls, seed, sz, rnd_no, args.timeout,
+                                        check_backing=tg.name == primary)
+                    for w in wls:
+                        results[tg.name][w].append(res[w])
+                    st = " ".join(("FAIL" if isinstance(res[w], BaseException) else f"{res[w]:.0f}")
+                                  for w in wls)
+                    log(f"  {group:8s} {tg.name:15s} {st}  ({time.monotonic() - t0:.1f}s)")
+    except Interrupted as e:
+        interrupted = str(e)
+        log(f"interrupted by {e}; cleaning up")
+    except Exception as e:  # noqa: BLE001
+        interrupted = f"{type(e).__name__}: {e}"
+        log(f"error: {e}")
+        if not isinstance(e, RuntimeError):
+            traceback.print_exc()
+    finally:
+        for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(s, signal.SIG_IGN)
+        failed_logs = {}
+        for tg in reversed(mounted):
+            if tg.ready and tg.proc is not None and tg.proc.poll() is not None:
+                failed_logs[tg.name] = tg.log_tail()  # daemon died during the run
+            try:
+                tg.teardown()
+            except Exception as e:  # noqa: BLE001
+                log(f"[{tg.name}] teardown error: {e}")
+        left = mounts_under(workdir)
+        if left:
+            log(f"ERROR: mounts left behind: {left}; not removing {workdir}")
+            rc = 3
+        elif args.keep:
+            log(f"kept scratch dir {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+        for n, tail in failed_logs.items():
+            log(f"[{n}] daemon output (tail):\n{tail}")
+
+    if interrupted is not None:
+        return rc or (130 if "SIG" in interrupted else 2)
+
+    summary = summarize(results, names, args.rounds)
+    now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    mode = "quick (64 MiB, 500 files)" if args.quick else "full (1 GiB, 5000 files)"
+    header = (f"# {now} | kernel {os.uname().release} | {os.cpu_count()} CPUs | commit {git_commit()}"
+              f" | {args.rounds} rounds, {mode} | {time.monotonic() - started:.0f} s\n"
+              f"# ratio = {primary}/native per round (median; spread = min..max over rounds); "
+              f"higher is better everywhere:\n"
+              f"#   latency shows median us per create+write+close, its ratio is native/{primary}")
+    print(render(summary, names, primary, header))
+    for n in notes:
+        print(f"# note: {n}")
+    fails = []
+    for wl, row in summary.items():
+        for n, c in row["cols"].items():
+            by_msg: dict[str, list[str]] = {}
+            for e in c["errors"]:
+                rno, msg = e.split(": ", 1)
+                by_msg.setdefault(msg, []).append(rno.split()[1])
+            for msg, rnos in by_msg.items():
+                fails.append(f"FAIL {wl} [{n}] round{'s' if len(rnos) > 1 else ''} {','.join(rnos)}: {msg}")
+    for f in fails:
+        print(f)
+    if args.json:
+        doc = {"date": now, "kernel": os.uname().release, "cpus": os.cpu_count(),
+               "commit": git_commit(), "rounds": args.rounds, "quick": args.quick,
+               "primary": primary, "targets": names, "workloads": summary, "failures": fails}
+        with open(args.json, "w") as f:
+            json.dump(doc, f, indent=2)
+    if fails:
+        rc = rc or 1
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
