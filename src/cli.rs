@@ -5,6 +5,12 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::control::client::{Client, ClientError};
+use crate::control::{
+    DEFAULT_SOCKET, EndSessionRequest, MountRequest, SessionRequest, UnmountRequest,
+};
+use crate::daemon::{self, Config};
+use crate::fs::Limits;
 use crate::grant::Grant;
 use crate::mount::{self, MountSpec};
 use crate::space::{SpaceId, SpaceKind, default_data_dir};
@@ -32,6 +38,116 @@ pub enum Command {
     /// Issue or check grant tokens (JWT, HS256, MeshAgent participant-token format).
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Run the daemon: many mounts, sessions and agent records, controlled through an
+    /// HTTP/JSON API on a Unix socket. Runs in the foreground (systemd runs it).
+    Serve(ServeArgs),
+    /// List the daemon's mounts.
+    Mounts(SocketArgs),
+    /// Show the daemon's status.
+    Status(SocketArgs),
+    /// Create, list, show and end sessions (through the daemon).
+    #[command(subcommand)]
+    Session(SessionCommand),
+    /// Read and write agent records (through the daemon), as the agent SDK's storage does.
+    #[command(subcommand)]
+    Records(RecordsCommand),
+}
+
+#[derive(Args, Debug)]
+pub struct SocketArgs {
+    /// The daemon's control socket.
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// JSON configuration file (see README); every field is optional.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// The control socket (overrides the configuration; default /run/roomfs/control.sock).
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// Where spaces are stored (overrides the configuration).
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SessionCommand {
+    /// Create a session space with limits (default: the daemon's session limits).
+    Create {
+        id: String,
+        /// Largest file, e.g. 10M (K/M/G are powers of 1000, Ki/Mi/Gi of 1024).
+        #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+        max_file_size: Option<u64>,
+        /// Most files, directories and links together.
+        #[arg(long, value_name = "N")]
+        max_files: Option<u64>,
+        /// Most bytes in all files together, e.g. 50M.
+        #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+        max_bytes: Option<u64>,
+        /// End the session after this long without activity: 30m, 2h, 1d.
+        #[arg(long, value_name = "DURATION")]
+        ttl: Option<String>,
+        #[command(flatten)]
+        socket: SocketArgs,
+    },
+    /// End a session: unmount it and delete its files and records (after exporting paths).
+    End {
+        id: String,
+        /// A path of the session to copy into --to-room first (repeatable), e.g. outputs/.
+        #[arg(long = "export", value_name = "PATH", requires = "to_room")]
+        export: Vec<String>,
+        /// The room exported paths go to.
+        #[arg(long, value_name = "ROOM")]
+        to_room: Option<String>,
+        #[command(flatten)]
+        socket: SocketArgs,
+    },
+    /// List sessions with their limits and usage.
+    List(SocketArgs),
+    /// Show one session.
+    Show {
+        id: String,
+        #[command(flatten)]
+        socket: SocketArgs,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum RecordsCommand {
+    /// Send one storage call, e.g. '{"method":"session.get","id":"s1"}'.
+    Call {
+        json: String,
+        #[command(flatten)]
+        socket: SocketArgs,
+    },
+    /// Print a record: session, message, part, sandbox or setup.
+    Get {
+        collection: String,
+        id: String,
+        #[command(flatten)]
+        socket: SocketArgs,
+    },
+    /// Store a record from a JSON file (or standard input with `-`).
+    Set {
+        collection: String,
+        id: String,
+        #[arg(default_value = "-")]
+        file: PathBuf,
+        #[command(flatten)]
+        socket: SocketArgs,
+    },
+    /// List a session's messages or parts.
+    List {
+        /// `message` or `part`.
+        collection: String,
+        #[arg(long, value_name = "ID")]
+        session: String,
+        #[command(flatten)]
+        socket: SocketArgs,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -114,6 +230,16 @@ pub struct MountArgs {
     /// Threads serving filesystem requests.
     #[arg(long, value_name = "N", default_value_t = 4)]
     pub threads: usize,
+    /// Keep idle CPUs from halting for this many microseconds after each request (spinning at
+    /// the lowest priority), which cuts request latency on VMs; 0 turns it off.
+    #[arg(long, value_name = "MICROSECONDS", default_value_t = 1000)]
+    pub poll_window_us: u64,
+    /// Ask the daemon (`roomfs serve`) to serve this mount instead of serving it here.
+    #[arg(long)]
+    pub daemon: bool,
+    /// The daemon's control socket (with --daemon).
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_SOCKET)]
+    pub socket: PathBuf,
     /// The directory to mount on.
     pub mountpoint: PathBuf,
 }
@@ -123,6 +249,9 @@ pub struct UnmountArgs {
     /// Detach even if files are open (they keep working until closed).
     #[arg(long)]
     pub lazy: bool,
+    /// The daemon's control socket: mounts it serves are unmounted through it.
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_SOCKET)]
+    pub socket: PathBuf,
     /// The mount point to unmount.
     pub mountpoint: PathBuf,
 }
@@ -130,8 +259,26 @@ pub struct UnmountArgs {
 /// Runs a parsed command line; the error is one sentence for the user.
 pub fn run(cli: Cli) -> Result<(), String> {
     match cli.command {
+        Command::Mount(args) if args.daemon => mount_via_daemon(&args),
         Command::Mount(args) => mount::run(&mount_spec(args)?),
         Command::Unmount(args) => unmount(&args),
+        Command::Serve(args) => {
+            let mut config = match &args.config {
+                Some(path) => Config::load(path)?,
+                None => Config::default(),
+            };
+            if args.socket.is_some() {
+                config.socket = args.socket;
+            }
+            if args.data_dir.is_some() {
+                config.data_dir = args.data_dir;
+            }
+            daemon::serve(config)
+        }
+        Command::Mounts(s) => print_json(&client(&s).mounts()),
+        Command::Status(s) => print_json(&client(&s).status()),
+        Command::Session(cmd) => session(cmd),
+        Command::Records(cmd) => records(cmd),
         Command::Token(TokenCommand::Issue(args)) => {
             println!("{}", issue_token(&args)?);
             Ok(())
@@ -147,6 +294,153 @@ pub fn run(cli: Cli) -> Result<(), String> {
             Ok(())
         }
     }
+}
+
+fn client(s: &SocketArgs) -> Client {
+    Client::new(&s.socket)
+}
+
+/// Prints an API answer as pretty JSON, or turns its error into the CLI's message.
+fn print_json<T: serde::Serialize>(result: &Result<T, ClientError>) -> Result<(), String> {
+    match result {
+        Ok(value) => {
+            let text = serde_json::to_string_pretty(value).map_err(|e| e.to_string())?;
+            println!("{text}");
+            Ok(())
+        }
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Parses sizes like `1048576`, `10M`, `10MB`, `4Ki`, `1GiB`.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size (like 1048576, 10M or 4Ki)"))?;
+    let factor: u64 = match unit.trim_end_matches(['B', 'b']) {
+        "" => 1,
+        "K" | "k" => 1000,
+        "M" => 1000 * 1000,
+        "G" => 1000 * 1000 * 1000,
+        "Ki" => 1 << 10,
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        _ => {
+            return Err(format!(
+                "{text:?}: unknown unit {unit:?} (use K, M, G, Ki, Mi, Gi)"
+            ));
+        }
+    };
+    n.checked_mul(factor)
+        .ok_or_else(|| format!("{text:?} is too large"))
+}
+
+fn mount_via_daemon(args: &MountArgs) -> Result<(), String> {
+    let mountpoint = args
+        .mountpoint
+        .canonicalize()
+        .map_err(|e| format!("mount point {}: {e}", args.mountpoint.display()))?;
+    let req = MountRequest {
+        mountpoint: mountpoint.to_string_lossy().into_owned(),
+        room: args.room.clone(),
+        session: args.session.clone(),
+        grant: args.grants.clone(),
+        token: args.token.clone(),
+        sync_on_close: args.sync_on_close.then_some(true),
+    };
+    let info = Client::new(&args.socket)
+        .add_mount(&req)
+        .map_err(|e| e.to_string())?;
+    println!(
+        "mounted {} {} at {} (grant: {})",
+        info.kind, info.id, info.mountpoint, info.grant
+    );
+    Ok(())
+}
+
+fn session(cmd: SessionCommand) -> Result<(), String> {
+    match cmd {
+        SessionCommand::Create {
+            id,
+            max_file_size,
+            max_files,
+            max_bytes,
+            ttl,
+            socket,
+        } => {
+            let limits = (max_file_size.is_some() || max_files.is_some() || max_bytes.is_some())
+                .then_some(Limits {
+                    max_file_bytes: max_file_size,
+                    max_files,
+                    max_bytes,
+                });
+            let ttl_secs = ttl
+                .map(|t| token::parse_duration(&t).map(|d| d.as_secs()))
+                .transpose()
+                .map_err(|e| format!("--ttl: {e}"))?;
+            print_json(&client(&socket).create_session(&SessionRequest {
+                id,
+                limits,
+                ttl_secs,
+            }))
+        }
+        SessionCommand::End {
+            id,
+            export,
+            to_room,
+            socket,
+        } => print_json(&client(&socket).end_session(&id, &EndSessionRequest { export, to_room })),
+        SessionCommand::List(socket) => print_json(&client(&socket).sessions()),
+        SessionCommand::Show { id, socket } => print_json(&client(&socket).session(&id)),
+    }
+}
+
+fn records(cmd: RecordsCommand) -> Result<(), String> {
+    let (envelope, socket) = match cmd {
+        RecordsCommand::Call { json, socket } => (
+            serde_json::from_str(&json).map_err(|e| format!("not JSON: {e}"))?,
+            socket,
+        ),
+        RecordsCommand::Get {
+            collection,
+            id,
+            socket,
+        } => (
+            serde_json::json!({"method": format!("{collection}.get"), "id": id}),
+            socket,
+        ),
+        RecordsCommand::Set {
+            collection,
+            id,
+            file,
+            socket,
+        } => {
+            let text = if file.as_os_str() == "-" {
+                std::io::read_to_string(std::io::stdin()).map_err(|e| e.to_string())?
+            } else {
+                std::fs::read_to_string(&file)
+                    .map_err(|e| format!("cannot read {}: {e}", file.display()))?
+            };
+            let value: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| format!("{} is not JSON: {e}", file.display()))?;
+            (
+                serde_json::json!({"method": format!("{collection}.set"), "id": id, "value": value}),
+                socket,
+            )
+        }
+        RecordsCommand::List {
+            collection,
+            session,
+            socket,
+        } => (
+            serde_json::json!({"method": format!("{collection}.listBySession"), "sessionId": session}),
+            socket,
+        ),
+    };
+    print_json(&client(&socket).storage(&envelope))
 }
 
 fn issue_token(args: &TokenIssueArgs) -> Result<String, String> {
@@ -218,11 +512,28 @@ fn mount_spec(args: MountArgs) -> Result<MountSpec, String> {
         sync_on_close: args.sync_on_close,
         cache_ttl: Duration::from_secs_f64(args.cache_ttl),
         threads: args.threads,
+        poll_window: Duration::from_micros(args.poll_window_us.min(1_000_000)),
         grant,
     })
 }
 
 fn unmount(args: &UnmountArgs) -> Result<(), String> {
+    // A mount the daemon serves is unmounted through it, so it forgets the mount too.
+    if args.socket.exists() {
+        let target = args
+            .mountpoint
+            .canonicalize()
+            .unwrap_or(args.mountpoint.clone());
+        let req = UnmountRequest {
+            mountpoint: target.to_string_lossy().into_owned(),
+            lazy: args.lazy,
+        };
+        match Client::new(&args.socket).remove_mount(&req) {
+            Ok(()) => return Ok(()),
+            Err(ClientError::Api { status: 404, .. } | ClientError::NoDaemon { .. }) => {}
+            Err(e) => return Err(e.to_string()),
+        }
+    }
     let path = args
         .mountpoint
         .canonicalize()

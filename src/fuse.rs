@@ -14,6 +14,7 @@ use fuser::{
 };
 
 use crate::fs::{Attr, AttrChanges, Caller, Errno, Fs, Opened};
+use crate::poll::Poller;
 use crate::store::{Kind, TimeSpec};
 
 /// Serves one [`Fs`] to the kernel.
@@ -21,11 +22,19 @@ pub struct FuseAdapter {
     fs: Arc<Fs>,
     /// How long the kernel may trust attributes and names without asking again.
     ttl: Duration,
+    poller: Option<Arc<Poller>>,
 }
 
 impl FuseAdapter {
-    pub fn new(fs: Arc<Fs>, ttl: Duration) -> FuseAdapter {
-        FuseAdapter { fs, ttl }
+    pub fn new(fs: Arc<Fs>, ttl: Duration, poller: Option<Arc<Poller>>) -> FuseAdapter {
+        FuseAdapter { fs, ttl, poller }
+    }
+
+    /// Marks a request: keeps CPUs from halting while requests keep coming.
+    fn busy(&self) {
+        if let Some(p) = &self.poller {
+            p.activity();
+        }
     }
 
     fn attr(&self, a: &Attr) -> FileAttr {
@@ -103,6 +112,9 @@ fn open_flags(o: &Opened) -> FopenFlags {
     if o.keep_cache {
         flags |= FopenFlags::FOPEN_KEEP_CACHE;
     }
+    if o.no_flush {
+        flags |= FopenFlags::FOPEN_NOFLUSH;
+    }
     flags
 }
 
@@ -124,9 +136,12 @@ impl Filesystem for FuseAdapter {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         // Each flag is optional: ask for what the running kernel offers.
         for flag in [
+            // O_TRUNC must reach open(): the kernel's separate truncate carries no file handle,
+            // so it could not be kept in the writer's working copy.
             InitFlags::FUSE_ATOMIC_O_TRUNC,
+            // Always readdirplus (not the AUTO heuristic): `ls -l`, `find`, `os.walk` and
+            // list-then-stat all want the attributes.
             InitFlags::FUSE_DO_READDIRPLUS,
-            InitFlags::FUSE_READDIRPLUS_AUTO,
             InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP,
             InitFlags::FUSE_PARALLEL_DIROPS,
             InitFlags::FUSE_MAX_PAGES,
@@ -148,14 +163,17 @@ impl Filesystem for FuseAdapter {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        self.busy();
         self.entry(reply, self.fs.lookup(parent.0, name));
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.busy();
         self.fs.forget(ino.0, nlookup);
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
+        self.busy();
         match self.fs.getattr(ino.0, fh.map(|f| f.0)) {
             Ok(a) => reply.attr(&self.ttl(&a), &self.attr(&a)),
             Err(e) => reply.error(errno(e)),
@@ -180,6 +198,7 @@ impl Filesystem for FuseAdapter {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        self.busy();
         let changes = AttrChanges {
             size,
             perm: mode.map(|m| (m & 0o7777) as u16),
@@ -195,6 +214,7 @@ impl Filesystem for FuseAdapter {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        self.busy();
         match self.fs.readlink(ino.0) {
             Ok(target) => reply.data(&target),
             Err(e) => reply.error(errno(e)),
@@ -211,6 +231,7 @@ impl Filesystem for FuseAdapter {
         _rdev: u32,
         reply: ReplyEntry,
     ) {
+        self.busy();
         let result = self.fs.mknod(parent.0, name, mode & !umask, &caller(req));
         self.entry(reply, result);
     }
@@ -224,15 +245,18 @@ impl Filesystem for FuseAdapter {
         umask: u32,
         reply: ReplyEntry,
     ) {
+        self.busy();
         let result = self.fs.mkdir(parent.0, name, mode & !umask, &caller(req));
         self.entry(reply, result);
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.busy();
         empty(reply, self.fs.unlink(parent.0, name));
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.busy();
         empty(reply, self.fs.rmdir(parent.0, name));
     }
 
@@ -244,6 +268,7 @@ impl Filesystem for FuseAdapter {
         target: &Path,
         reply: ReplyEntry,
     ) {
+        self.busy();
         let result = self.fs.symlink(parent.0, link_name, target, &caller(req));
         self.entry(reply, result);
     }
@@ -258,6 +283,7 @@ impl Filesystem for FuseAdapter {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
+        self.busy();
         empty(
             reply,
             self.fs
@@ -273,10 +299,12 @@ impl Filesystem for FuseAdapter {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
+        self.busy();
         self.entry(reply, self.fs.link(ino.0, newparent.0, newname));
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        self.busy();
         match self.fs.open(ino.0, flags.0) {
             Ok(o) => reply.opened(FileHandle(o.fh), open_flags(&o)),
             Err(e) => reply.error(errno(e)),
@@ -293,6 +321,7 @@ impl Filesystem for FuseAdapter {
         flags: i32,
         reply: ReplyCreate,
     ) {
+        self.busy();
         match self
             .fs
             .create(parent.0, name, mode & !umask, flags, &caller(req))
@@ -319,6 +348,7 @@ impl Filesystem for FuseAdapter {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        self.busy();
         match self.fs.read(fh.0, offset, size) {
             Ok(data) => reply.data(&data),
             Err(e) => reply.error(errno(e)),
@@ -337,6 +367,7 @@ impl Filesystem for FuseAdapter {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        self.busy();
         match self.fs.write(fh.0, offset, data) {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(errno(e)),
@@ -351,6 +382,7 @@ impl Filesystem for FuseAdapter {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
+        self.busy();
         empty(reply, self.fs.flush(fh.0));
     }
 
@@ -364,6 +396,7 @@ impl Filesystem for FuseAdapter {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        self.busy();
         empty(reply, self.fs.release(fh.0));
     }
 
@@ -375,10 +408,12 @@ impl Filesystem for FuseAdapter {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
+        self.busy();
         empty(reply, self.fs.fsync(fh.0));
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        self.busy();
         match self.fs.opendir(ino.0) {
             Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
             Err(e) => reply.error(errno(e)),
@@ -393,6 +428,7 @@ impl Filesystem for FuseAdapter {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
+        self.busy();
         match self.fs.readdir(fh.0, offset) {
             Ok(entries) => {
                 for e in entries {
@@ -414,6 +450,7 @@ impl Filesystem for FuseAdapter {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
+        self.busy();
         let result = self.fs.readdirplus(fh.0, offset, |e, a| {
             !reply.add(
                 INodeNo(a.ino),
@@ -438,6 +475,7 @@ impl Filesystem for FuseAdapter {
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
+        self.busy();
         self.fs.releasedir(fh.0);
         reply.ok();
     }
@@ -450,6 +488,7 @@ impl Filesystem for FuseAdapter {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
+        self.busy();
         empty(reply, self.fs.fsyncdir(ino.0));
     }
 
@@ -464,10 +503,12 @@ impl Filesystem for FuseAdapter {
         _size: u32,
         reply: ReplyXattr,
     ) {
+        self.busy();
         reply.error(fuser::Errno::ENOSYS);
     }
 
     fn listxattr(&self, _req: &Request, _ino: INodeNo, _size: u32, reply: ReplyXattr) {
+        self.busy();
         reply.error(fuser::Errno::ENOSYS);
     }
 
@@ -481,10 +522,12 @@ impl Filesystem for FuseAdapter {
         _position: u32,
         reply: ReplyEmpty,
     ) {
+        self.busy();
         empty(reply, self.fs.change_xattr(ino.0));
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        self.busy();
         empty(reply, self.fs.change_xattr(ino.0));
     }
 
@@ -499,10 +542,12 @@ impl Filesystem for FuseAdapter {
         _out_size: u32,
         reply: fuser::ReplyIoctl,
     ) {
+        self.busy();
         reply.error(fuser::Errno::ENOTTY);
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        self.busy();
         match self.fs.statfs() {
             Ok(s) => reply.statfs(
                 s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.bsize,

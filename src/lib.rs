@@ -6,10 +6,13 @@
 //! types) → [`store`] (the storage backend trait and its local-disk implementation).
 
 pub mod cli;
+pub mod control;
+pub mod daemon;
 pub mod fs;
 pub mod fuse;
 pub mod grant;
 pub mod mount;
+pub mod poll;
 pub mod records;
 pub mod space;
 pub mod store;

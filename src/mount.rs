@@ -13,6 +13,7 @@ use signal_hook::consts::{SIGINT, SIGTERM};
 use crate::fs::{Fs, FsOptions, Limits, Quota};
 use crate::fuse::FuseAdapter;
 use crate::grant::Grant;
+use crate::poll::Poller;
 use crate::records::RecordStore;
 use crate::space::{SpaceId, SpaceKind};
 use crate::store::Store;
@@ -33,6 +34,8 @@ pub struct MountSpec {
     pub cache_ttl: Duration,
     /// Threads serving kernel requests.
     pub threads: usize,
+    /// How long CPUs are kept from idling after a request (zero: never); see [`crate::poll`].
+    pub poll_window: Duration,
     /// What the mount may touch.
     pub grant: Grant,
     /// Where agent records live (sessions show them under `.meta`).
@@ -201,6 +204,8 @@ pub struct Resources {
     pub staging: Arc<StagingArea>,
     pub records: Option<Arc<RecordStore>>,
     pub quota: Option<Arc<Quota>>,
+    /// The process's adaptive polling, if enabled.
+    pub poller: Option<Arc<Poller>>,
 }
 
 /// A space mounted and being served.
@@ -263,7 +268,7 @@ impl ActiveMount {
                 quota: resources.quota.clone(),
             },
         ));
-        let adapter = FuseAdapter::new(fs.clone(), spec.cache_ttl);
+        let adapter = FuseAdapter::new(fs.clone(), spec.cache_ttl, resources.poller.clone());
         let mut config = Config::default();
         config.mount_options = vec![
             MountOption::FSName(format!("{SOURCE_PREFIX}{}", spec.space.rel_dir().display())),
@@ -383,6 +388,7 @@ pub fn run(spec: &MountSpec) -> Result<(), String> {
         staging,
         records,
         quota: spec.quota()?,
+        poller: Poller::start(spec.poll_window),
     };
     // Signals are caught before mounting, so one arriving early still unmounts cleanly.
     enum Event {

@@ -107,6 +107,8 @@ pub struct Opened {
     pub direct_io: bool,
     /// The kernel's cached pages of this file are still the committed content: keep them.
     pub keep_cache: bool,
+    /// Closing it commits nothing (read-only), so the kernel need not send `flush`.
+    pub no_flush: bool,
 }
 
 /// One entry produced by `readdir`.
@@ -153,6 +155,15 @@ pub struct Fs {
     files: RwLock<HashMap<u64, Arc<Mutex<FileHandle>>>>,
     dirs: Mutex<HashMap<u64, DirHandle>>,
     next_fh: AtomicU64,
+    /// Unix seconds of the last open, listing or change (inactivity timeouts use it).
+    last_activity: AtomicU64,
+}
+
+fn unix_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// Logs a refused operation and returns its errno (EACCES, also under read-only prefixes).
@@ -195,7 +206,17 @@ impl Fs {
             files: RwLock::new(HashMap::new()),
             dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
+            last_activity: AtomicU64::new(unix_secs()),
         }
+    }
+
+    /// Unix seconds of the last open, listing or change through this mount.
+    pub fn last_activity(&self) -> u64 {
+        self.last_activity.load(Ordering::Relaxed)
+    }
+
+    fn touch(&self) {
+        self.last_activity.store(unix_secs(), Ordering::Relaxed);
     }
 
     /// Connects the kernel's caches, once the mount exists.
@@ -269,6 +290,7 @@ impl Fs {
 
     /// Runs `create` holding one reserved entry of the quota (released if it fails).
     fn creating<T>(&self, create: impl FnOnce() -> FsResult<T>) -> FsResult<T> {
+        self.touch();
         if let Some(q) = &self.options.quota {
             q.add_entry()?;
         }
@@ -598,6 +620,7 @@ impl Fs {
     }
 
     fn open_path(&self, ino: Ino, path: &Path, flags: i32) -> FsResult<Opened> {
+        self.touch();
         let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
         let access = if writable || flags & libc::O_TRUNC != 0 {
             Access::Write
@@ -649,6 +672,7 @@ impl Fs {
             fh,
             direct_io,
             keep_cache,
+            no_flush: !writable,
         })
     }
 
@@ -800,13 +824,19 @@ impl Fs {
                 h.committed = Some(content);
                 h.dirty = false;
                 let mut opens = lock(&self.opens);
-                if let Some(state) = opens.get_mut(&h.ino) {
-                    // A cached writer's pages are exactly what it just committed.
-                    let sole_cached_writer = !h.direct_io && state.writers == 1;
-                    state.cached_version = if sole_cached_writer { version } else { None };
-                }
+                let others_open = match opens.get_mut(&h.ino) {
+                    Some(state) => {
+                        // A cached writer's pages are exactly what it just committed.
+                        let sole_cached_writer = !h.direct_io && state.writers == 1;
+                        state.cached_version = if sole_cached_writer { version } else { None };
+                        state.handles.len() > 1
+                    }
+                    None => false,
+                };
                 drop(opens);
-                if let Some(kernel) = self.kernel.get() {
+                // Alone, the handle's own writes kept the kernel's view right; with others
+                // open, what the kernel cached (size, times) may be another handle's.
+                if others_open && let Some(kernel) = self.kernel.get() {
                     kernel.attributes_changed(h.ino);
                 }
                 Ok(())
@@ -838,6 +868,7 @@ impl Fs {
     // ---- directories ---------------------------------------------------------------------
 
     pub fn opendir(&self, ino: Ino) -> FsResult<u64> {
+        self.touch();
         let path = self.path(ino)?;
         self.allow_traverse("opendir", &path)?;
         let entries = self.list(&path)?;

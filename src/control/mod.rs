@@ -1,0 +1,190 @@
+//! The control API: HTTP/JSON on a Unix socket, served by the daemon ([`server`]) and used by
+//! the CLI ([`client`]). This module holds the wire types and [`ControlPlane`], the daemon-side
+//! implementation the server calls into.
+//!
+//! Routes (all JSON; an error is `{"error": "<message>"}` with a 4xx/5xx status):
+//!
+//! | method and path                | request              | response                      |
+//! |--------------------------------|----------------------|-------------------------------|
+//! | `GET /v1/status`               |                      | [`Status`]                    |
+//! | `GET /v1/mounts`               |                      | `[`[`MountInfo`]`]`           |
+//! | `POST /v1/mounts`              | [`MountRequest`]     | 201 [`MountInfo`]             |
+//! | `POST /v1/mounts/remove`       | [`UnmountRequest`]   | `{}`                          |
+//! | `GET /v1/sessions`             |                      | `[`[`SessionInfo`]`]`         |
+//! | `POST /v1/sessions`            | [`SessionRequest`]   | 201 [`SessionInfo`]           |
+//! | `GET /v1/sessions/{id}`        |                      | [`SessionInfo`]               |
+//! | `POST /v1/sessions/{id}/end`   | [`EndSessionRequest`] (empty body = `{}`) | [`EndReport`] |
+//! | `POST /v1/storage`             | storage envelope     | the envelope's result         |
+
+pub mod client;
+pub mod server;
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::records::RecordError;
+
+/// Default path of the daemon's control socket.
+pub const DEFAULT_SOCKET: &str = "/run/roomfs/control.sock";
+
+/// What the daemon does for the control API. The server runs every call on a blocking thread,
+/// so implementations may mount, unmount and touch the disk.
+pub trait ControlPlane: Send + Sync + 'static {
+    fn status(&self) -> Status;
+    fn mounts(&self) -> Vec<MountInfo>;
+    fn add_mount(&self, req: MountRequest) -> Result<MountInfo, ApiError>;
+    fn remove_mount(&self, req: UnmountRequest) -> Result<(), ApiError>;
+    fn sessions(&self) -> Vec<SessionInfo>;
+    fn session(&self, id: &str) -> Result<SessionInfo, ApiError>;
+    fn create_session(&self, req: SessionRequest) -> Result<SessionInfo, ApiError>;
+    fn end_session(&self, id: &str, req: EndSessionRequest) -> Result<EndReport, ApiError>;
+    /// The agent SDK's storage envelope: `{"method":"session.get","id":...}` etc.; the result
+    /// may be `null`.
+    fn storage(&self, envelope: serde_json::Value) -> Result<serde_json::Value, ApiError>;
+}
+
+/// An error answer of the API: an HTTP status and a message for the user.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    pub status: u16,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: u16, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            message: message.into(),
+        }
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> ApiError {
+        ApiError::new(400, message)
+    }
+
+    pub fn not_found(message: impl Into<String>) -> ApiError {
+        ApiError::new(404, message)
+    }
+
+    pub fn conflict(message: impl Into<String>) -> ApiError {
+        ApiError::new(409, message)
+    }
+
+    pub fn internal(message: impl Into<String>) -> ApiError {
+        ApiError::new(500, message)
+    }
+}
+
+impl fmt::Display for ApiError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for ApiError {}
+
+impl From<RecordError> for ApiError {
+    fn from(err: RecordError) -> ApiError {
+        ApiError::new(err.http_status(), err.to_string())
+    }
+}
+
+/// `GET /v1/status`.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct Status {
+    pub version: String,
+    pub data_dir: String,
+    pub socket: String,
+    pub mounts: usize,
+    pub sessions: usize,
+    pub uptime_secs: u64,
+}
+
+/// Limits of a space (the filesystem core's type); `None` is unlimited.
+pub use crate::fs::Limits;
+
+/// `POST /v1/mounts`: mount a room or a session at `mountpoint`.
+#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct MountRequest {
+    pub mountpoint: String,
+    pub room: Option<String>,
+    pub session: Option<String>,
+    /// Granted prefixes, `PATH:ro` or `PATH:rw` (e.g. `inputs/:ro`).
+    #[serde(default)]
+    pub grant: Vec<String>,
+    pub token: Option<String>,
+    pub sync_on_close: Option<bool>,
+}
+
+/// A mount served by the daemon.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct MountInfo {
+    pub mountpoint: String,
+    /// `"room"` or `"session"`.
+    pub kind: String,
+    pub id: String,
+    /// The grant in display form.
+    pub grant: String,
+    /// Whether the mount comes from the daemon's configuration rather than the API.
+    pub from_config: bool,
+}
+
+/// `POST /v1/mounts/remove`.
+#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct UnmountRequest {
+    pub mountpoint: String,
+    #[serde(default)]
+    pub lazy: bool,
+}
+
+/// `POST /v1/sessions`.
+#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SessionRequest {
+    pub id: String,
+    /// `None`: the daemon's session defaults.
+    pub limits: Option<Limits>,
+    pub ttl_secs: Option<u64>,
+}
+
+/// A session known to the daemon.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct SessionInfo {
+    pub id: String,
+    pub limits: Limits,
+    pub ttl_secs: Option<u64>,
+    /// Unix time in milliseconds.
+    pub created_at: u64,
+    /// Unix time in milliseconds.
+    pub last_active: u64,
+    pub files: u64,
+    pub bytes: u64,
+    /// Mount points serving the session.
+    pub mounts: Vec<String>,
+}
+
+/// `POST /v1/sessions/{id}/end`.
+#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct EndSessionRequest {
+    /// Paths inside the session to copy into `to_room` before deleting it (e.g. `outputs/`).
+    #[serde(default)]
+    pub export: Vec<String>,
+    pub to_room: Option<String>,
+}
+
+/// What ending a session did.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct EndReport {
+    pub id: String,
+    pub deleted_files: u64,
+    pub deleted_records: u64,
+    pub exported: Vec<String>,
+    pub unmounted: Vec<String>,
+}
+
+#[cfg(test)]
+mod tests;

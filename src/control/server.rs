@@ -1,0 +1,265 @@
+//! The control API's HTTP server (axum on tokio) on a Unix socket.
+
+use std::fs::{self, DirBuilder, Permissions};
+use std::future::Future;
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use axum::Json;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::PathRejection;
+use axum::extract::{DefaultBodyLimit, FromRequest, Path as UrlPath, Request, State};
+use axum::http::{Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+
+use super::{
+    ApiError, ControlPlane, EndSessionRequest, MountRequest, SessionRequest, UnmountRequest,
+};
+
+/// Largest accepted request body.
+pub const MAX_BODY_BYTES: usize = 16 << 20;
+
+type Plane = Arc<dyn ControlPlane>;
+
+/// Binds the control socket at `path` with mode 0600, creating its parent directory (mode
+/// 0755) if missing. A socket file nothing answers on is replaced; a live one is an
+/// `AddrInUse` error naming the path, and any other kind of file there is left alone.
+///
+/// The socket is bound under a temporary name, restricted, then renamed into place, so it is
+/// never reachable with looser permissions.
+pub fn bind(path: &Path) -> io::Result<UnixListener> {
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(parent)
+            .map_err(|err| annotate(err, format!("cannot create {}", parent.display())))?;
+    }
+    match fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => match UnixStream::connect(path) {
+            Ok(_) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    format!("another roomfs daemon is serving {}", path.display()),
+                ));
+            }
+            Err(err) if err.kind() == io::ErrorKind::ConnectionRefused => {
+                log::info!("replacing the stale control socket {}", path.display());
+            }
+            Err(err) => {
+                return Err(annotate(err, format!("cannot check {}", path.display())));
+            }
+        },
+        Ok(_) => {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("{} exists and is not a socket", path.display()),
+            ));
+        }
+        Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+        Err(err) => return Err(annotate(err, format!("cannot check {}", path.display()))),
+    }
+
+    let tmp = temp_path(path);
+    match fs::remove_file(&tmp) {
+        Err(err) if err.kind() != io::ErrorKind::NotFound => {
+            return Err(annotate(err, format!("cannot remove {}", tmp.display())));
+        }
+        _ => {}
+    }
+    let listener = UnixListener::bind(&tmp)
+        .map_err(|err| annotate(err, format!("cannot bind {}", tmp.display())))?;
+    let placed = fs::set_permissions(&tmp, Permissions::from_mode(0o600))
+        .and_then(|()| fs::rename(&tmp, path))
+        .map_err(|err| annotate(err, format!("cannot install {}", path.display())));
+    if let Err(err) = placed {
+        let _ = fs::remove_file(&tmp);
+        return Err(err);
+    }
+    Ok(listener)
+}
+
+/// `<path>.<pid>.tmp`, beside `path`.
+fn temp_path(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(format!(".{}.tmp", std::process::id()));
+    PathBuf::from(name)
+}
+
+fn annotate(err: io::Error, context: String) -> io::Error {
+    io::Error::new(err.kind(), format!("{context}: {err}"))
+}
+
+/// Serves the control API on `listener` (from [`bind`]) until `shutdown` completes, then
+/// finishes the requests under way and returns. Must run inside a tokio runtime.
+///
+/// The socket file is left in place; the next [`bind`] replaces it.
+pub async fn serve(
+    listener: UnixListener,
+    plane: Arc<dyn ControlPlane>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> io::Result<()> {
+    listener.set_nonblocking(true)?;
+    let listener = tokio::net::UnixListener::from_std(listener)?;
+    axum::serve(listener, router(plane))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+fn router(plane: Plane) -> Router {
+    Router::new()
+        .route("/v1/status", get(status))
+        .route("/v1/mounts", get(mounts).post(add_mount))
+        .route("/v1/mounts/remove", post(remove_mount))
+        .route("/v1/sessions", get(sessions).post(create_session))
+        .route("/v1/sessions/{id}", get(session))
+        .route("/v1/sessions/{id}/end", post(end_session))
+        .route("/v1/storage", post(storage))
+        .fallback(no_such_endpoint)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(plane)
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if self.status >= 500 {
+            log::warn!("control API: {}", self.message);
+        }
+        let status = StatusCode::from_u16(self.status)
+            .ok()
+            .filter(|s| s.is_client_error() || s.is_server_error())
+            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        (status, Json(json!({ "error": self.message }))).into_response()
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+/// Runs a [`ControlPlane`] call on tokio's blocking pool.
+async fn blocking<T: Send + 'static>(call: impl FnOnce() -> T + Send + 'static) -> ApiResult<T> {
+    tokio::task::spawn_blocking(call)
+        .await
+        .map_err(|err| ApiError::internal(format!("the request failed inside the daemon: {err}")))
+}
+
+/// A request body, read within [`MAX_BODY_BYTES`], with errors as JSON. JSON is parsed by the
+/// handlers, whatever the `Content-Type`.
+struct Body(Bytes);
+
+impl<S: Send + Sync> FromRequest<S> for Body {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> ApiResult<Body> {
+        let bytes = Bytes::from_request(req, state).await.map_err(|err| {
+            if err.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                let limit = MAX_BODY_BYTES >> 20;
+                ApiError::new(413, format!("the request body is larger than {limit} MiB"))
+            } else {
+                ApiError::new(err.status().as_u16(), err.body_text())
+            }
+        })?;
+        Ok(Body(bytes))
+    }
+}
+
+impl Body {
+    fn parse<T: DeserializeOwned>(&self) -> ApiResult<T> {
+        if self.0.is_empty() {
+            return Err(ApiError::bad_request(
+                "the request body is empty; expected JSON",
+            ));
+        }
+        parse_json(&self.0)
+    }
+
+    /// Like [`Body::parse`], but an empty body is `{}`.
+    fn parse_or_empty<T: DeserializeOwned>(&self) -> ApiResult<T> {
+        parse_json(if self.0.is_empty() { b"{}" } else { &self.0 })
+    }
+}
+
+fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> ApiResult<T> {
+    serde_json::from_slice(bytes)
+        .map_err(|err| ApiError::bad_request(format!("invalid request body: {err}")))
+}
+
+/// The `{id}` of a route, with errors as JSON.
+fn path_id(id: Result<UrlPath<String>, PathRejection>) -> ApiResult<String> {
+    id.map(|UrlPath(id)| id)
+        .map_err(|err| ApiError::new(err.status().as_u16(), err.body_text()))
+}
+
+fn created<T: Serialize>(value: T) -> Response {
+    (StatusCode::CREATED, Json(value)).into_response()
+}
+
+async fn status(State(plane): State<Plane>) -> ApiResult<Response> {
+    Ok(Json(blocking(move || plane.status()).await?).into_response())
+}
+
+async fn mounts(State(plane): State<Plane>) -> ApiResult<Response> {
+    Ok(Json(blocking(move || plane.mounts()).await?).into_response())
+}
+
+async fn add_mount(State(plane): State<Plane>, body: Body) -> ApiResult<Response> {
+    let req: MountRequest = body.parse()?;
+    Ok(created(blocking(move || plane.add_mount(req)).await??))
+}
+
+async fn remove_mount(State(plane): State<Plane>, body: Body) -> ApiResult<Response> {
+    let req: UnmountRequest = body.parse()?;
+    blocking(move || plane.remove_mount(req)).await??;
+    Ok(Json(json!({})).into_response())
+}
+
+async fn sessions(State(plane): State<Plane>) -> ApiResult<Response> {
+    Ok(Json(blocking(move || plane.sessions()).await?).into_response())
+}
+
+async fn session(
+    State(plane): State<Plane>,
+    id: Result<UrlPath<String>, PathRejection>,
+) -> ApiResult<Response> {
+    let id = path_id(id)?;
+    Ok(Json(blocking(move || plane.session(&id)).await??).into_response())
+}
+
+async fn create_session(State(plane): State<Plane>, body: Body) -> ApiResult<Response> {
+    let req: SessionRequest = body.parse()?;
+    Ok(created(blocking(move || plane.create_session(req)).await??))
+}
+
+async fn end_session(
+    State(plane): State<Plane>,
+    id: Result<UrlPath<String>, PathRejection>,
+    body: Body,
+) -> ApiResult<Response> {
+    let id = path_id(id)?;
+    let req: EndSessionRequest = body.parse_or_empty()?;
+    Ok(Json(blocking(move || plane.end_session(&id, req)).await??).into_response())
+}
+
+async fn storage(State(plane): State<Plane>, body: Body) -> ApiResult<Response> {
+    let envelope: Value = body.parse()?;
+    Ok(Json(blocking(move || plane.storage(envelope)).await??).into_response())
+}
+
+async fn no_such_endpoint(method: Method, uri: Uri) -> ApiError {
+    ApiError::not_found(format!("no such endpoint: {method} {}", uri.path()))
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+    ApiError::new(
+        405,
+        format!("method {method} is not allowed on {}", uri.path()),
+    )
+}

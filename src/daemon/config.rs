@@ -1,0 +1,173 @@
+//! The daemon's configuration file: JSON, every field optional.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::fs::Limits;
+
+/// `roomfs serve --config FILE`. Unknown fields are an error, so a typo never goes unnoticed.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Where spaces live (default: /var/lib/roomfs, or the XDG data dir when not root).
+    pub data_dir: Option<PathBuf>,
+    /// The control socket (default /run/roomfs/control.sock).
+    pub socket: Option<PathBuf>,
+    /// Where agent records live (default <data_dir>/records).
+    pub records_dir: Option<PathBuf>,
+    /// The secret that grant tokens are signed with (needed for mounts with a token).
+    pub secret_file: Option<PathBuf>,
+    /// Make every close durable (fsync), not only fsync() calls.
+    pub sync_on_close: bool,
+    /// Seconds the kernel caches attributes and names.
+    pub cache_ttl_secs: f64,
+    /// Threads serving each mount.
+    pub threads: usize,
+    /// Microseconds idle CPUs are kept from halting after a request (0: off); see README.
+    pub poll_window_us: u64,
+    /// Limits of new sessions unless `session create` gives others.
+    pub session_limits: Limits,
+    /// End sessions after this many seconds without activity (none: never).
+    pub session_ttl_secs: Option<u64>,
+    /// Limits of every room (default: unlimited).
+    pub room_limits: Limits,
+    /// Mounts to set up at start (and again after every restart).
+    pub mounts: Vec<ConfigMount>,
+}
+
+/// A mount listed in the configuration.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigMount {
+    pub mountpoint: PathBuf,
+    #[serde(default)]
+    pub room: Option<String>,
+    #[serde(default)]
+    pub session: Option<String>,
+    /// Granted prefixes, "PATH:ro" or "PATH:rw"; none is full access.
+    #[serde(default)]
+    pub grant: Vec<String>,
+    /// A signed grant token instead of `room` and `grant`.
+    #[serde(default)]
+    pub token: Option<String>,
+}
+
+/// Session limits mirroring common agent platforms: 10 MB a file, 100 files, 50 MB in all.
+pub const DEFAULT_SESSION_LIMITS: Limits = Limits {
+    max_file_bytes: Some(10 * 1000 * 1000),
+    max_files: Some(100),
+    max_bytes: Some(50 * 1000 * 1000),
+};
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            data_dir: None,
+            socket: None,
+            records_dir: None,
+            secret_file: None,
+            sync_on_close: false,
+            cache_ttl_secs: 1.0,
+            threads: 4,
+            poll_window_us: 1000,
+            session_limits: DEFAULT_SESSION_LIMITS,
+            session_ttl_secs: None,
+            room_limits: Limits::default(),
+            mounts: Vec::new(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads and checks a configuration file; the error names the file and what is wrong.
+    pub fn load(path: &Path) -> Result<Config, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read config {}: {e}", path.display()))?;
+        let config: Config =
+            serde_json::from_str(&text).map_err(|e| format!("config {}: {e}", path.display()))?;
+        config
+            .check()
+            .map_err(|e| format!("config {}: {e}", path.display()))?;
+        Ok(config)
+    }
+
+    /// Checks values serde cannot.
+    pub fn check(&self) -> Result<(), String> {
+        if !(self.cache_ttl_secs.is_finite() && (0.0..=3600.0).contains(&self.cache_ttl_secs)) {
+            return Err(format!(
+                "cache_ttl_secs must be between 0 and 3600, not {}",
+                self.cache_ttl_secs
+            ));
+        }
+        if self.poll_window_us > 1_000_000 {
+            return Err(format!(
+                "poll_window_us must be at most 1000000, not {}",
+                self.poll_window_us
+            ));
+        }
+        if !(1..=64).contains(&self.threads) {
+            return Err(format!(
+                "threads must be between 1 and 64, not {}",
+                self.threads
+            ));
+        }
+        for (i, m) in self.mounts.iter().enumerate() {
+            let spaces = usize::from(m.room.is_some()) + usize::from(m.session.is_some());
+            if m.token.is_none() && spaces != 1 {
+                return Err(format!(
+                    "mounts[{i}]: give exactly one of \"room\" or \"session\""
+                ));
+            }
+            if m.token.is_some() && (m.session.is_some() || !m.grant.is_empty()) {
+                return Err(format!(
+                    "mounts[{i}]: a \"token\" carries the room and grant; drop \"session\"/\"grant\""
+                ));
+            }
+            if !m.mountpoint.is_absolute() {
+                return Err(format!("mounts[{i}]: mountpoint must be an absolute path"));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, String> {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.json");
+        std::fs::write(&p, text).unwrap();
+        Config::load(&p)
+    }
+
+    #[test]
+    fn every_field_is_optional() {
+        assert_eq!(parse("{}").unwrap(), Config::default());
+        let c = parse(
+            r#"{"session_limits": {"max_files": 5}, "mounts": [{"mountpoint": "/m", "room": "r"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(c.session_limits.max_files, Some(5));
+        assert_eq!(c.session_limits.max_bytes, None);
+        assert_eq!(c.mounts[0].room.as_deref(), Some("r"));
+    }
+
+    #[test]
+    fn unknown_and_invalid_fields_are_clear_errors() {
+        let e = parse(r#"{"data_dri": "/x"}"#).unwrap_err();
+        assert!(e.contains("unknown field `data_dri`"), "{e}");
+        let e = parse(r#"{"threads": 0}"#).unwrap_err();
+        assert!(e.contains("threads"), "{e}");
+        let e = parse(r#"{"mounts": [{"mountpoint": "/m"}]}"#).unwrap_err();
+        assert!(e.contains("mounts[0]"), "{e}");
+        let e = parse(r#"{"mounts": [{"mountpoint": "rel", "room": "r"}]}"#).unwrap_err();
+        assert!(e.contains("absolute"), "{e}");
+        let e = parse(r#"{"session_limits": {"max_file": 1}}"#).unwrap_err();
+        assert!(e.contains("max_file"), "{e}");
+        let e = parse("{").unwrap_err();
+        assert!(e.contains("EOF"), "{e}");
+    }
+}

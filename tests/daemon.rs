@@ -1,0 +1,639 @@
+//! The daemon, driven through its socket and CLI as an agent host would.
+
+mod common;
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{BIN, cstr, errno, is_mounted};
+use serde_json::{Value, json};
+
+/// A `roomfs serve` in a temporary directory; dropping it stops it and unmounts what it left.
+struct Daemon {
+    tmp: tempfile::TempDir,
+    socket: PathBuf,
+    data: PathBuf,
+    config: Option<PathBuf>,
+    child: Option<Child>,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Daemon {
+    fn start() -> Daemon {
+        Daemon::with_config(None)
+    }
+
+    /// Starts a daemon; `config` is the JSON config (its `mounts` paths may use `{tmp}`).
+    fn with_config(config: Option<&str>) -> Daemon {
+        let tmp = tempfile::Builder::new()
+            .prefix("roomfs-daemon-")
+            .tempdir_in("/tmp")
+            .unwrap();
+        let config = config.map(|text| {
+            let p = tmp.path().join("config.json");
+            fs::write(&p, text.replace("{tmp}", tmp.path().to_str().unwrap())).unwrap();
+            p
+        });
+        let mut d = Daemon {
+            socket: tmp.path().join("control.sock"),
+            data: tmp.path().join("data"),
+            tmp,
+            config,
+            child: None,
+            log: Default::default(),
+        };
+        d.run();
+        d
+    }
+
+    fn run(&mut self) {
+        let mut cmd = Command::new(BIN);
+        cmd.arg("serve")
+            .arg("--socket")
+            .arg(&self.socket)
+            .arg("--data-dir")
+            .arg(&self.data);
+        if let Some(c) = &self.config {
+            cmd.arg("--config").arg(c);
+        }
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let log = self.log.clone();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if line.contains("serving the control API") {
+                    let _ = tx.send(());
+                }
+                log.lock().unwrap().push(line);
+            }
+        });
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while rx.recv_timeout(Duration::from_millis(20)).is_err() {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                self.child = None;
+                std::thread::sleep(Duration::from_millis(50));
+                panic!("roomfs serve exited ({status}): {}", self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "daemon did not start: {}",
+                self.log()
+            );
+        }
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+
+    /// A fresh directory to mount on.
+    fn dir(&self, name: &str) -> PathBuf {
+        let p = self.tmp.path().join(name);
+        fs::create_dir_all(&p).unwrap();
+        p
+    }
+
+    /// Runs `roomfs ARGS --socket SOCKET`; returns (exit code, stdout, stderr).
+    fn cli(&self, args: &[&str]) -> (i32, String, String) {
+        let out = Command::new(BIN)
+            .args(args)
+            .arg("--socket")
+            .arg(&self.socket)
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// Runs a CLI command that must succeed and prints JSON.
+    fn json(&self, args: &[&str]) -> Value {
+        let (code, out, err) = self.cli(args);
+        assert_eq!(code, 0, "roomfs {args:?}: {err}");
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?} printed {out:?}: {e}"))
+    }
+
+    /// One storage call through `roomfs records call`.
+    fn call(&self, envelope: Value) -> Value {
+        self.json(&["records", "call", &envelope.to_string()])
+    }
+
+    fn stop(&mut self) -> ExitStatus {
+        let mut child = self.child.take().unwrap();
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        child.wait().unwrap()
+    }
+
+    fn mount(&self, args: &[&str], mnt: &Path) {
+        let mut all = vec!["mount", "--daemon"];
+        all.extend_from_slice(args);
+        all.push(mnt.to_str().unwrap());
+        let (code, _, err) = self.cli(&all);
+        assert_eq!(code, 0, "mount {args:?}: {err}");
+        assert!(is_mounted(&mnt.canonicalize().unwrap()));
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let info = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let tmp = self.tmp.path().to_string_lossy().into_owned();
+        for line in info.lines() {
+            if let Some(mp) = line.split(' ').nth(4).filter(|m| m.starts_with(&tmp)) {
+                let c = cstr(Path::new(mp));
+                unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+            }
+        }
+    }
+}
+
+fn fixture(collection: &str, id: &str) -> Value {
+    let p = format!(
+        "{}/tests/fixtures/agent-records/{collection}/{id}.json",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    serde_json::from_str(&fs::read_to_string(p).unwrap()).unwrap()
+}
+
+/// Loads the fixture session ses_7f3a with its messages and parts through the API.
+fn load_fixture_session(d: &Daemon) {
+    d.call(
+        json!({"method": "session.set", "id": "ses_7f3a", "value": fixture("session", "ses_7f3a")}),
+    );
+    for m in ["msg_0001", "msg_0002", "msg_0003", "msg_0004"] {
+        d.call(json!({"method": "message.set", "id": m, "value": fixture("message", m)}));
+    }
+    for p in 1..=7 {
+        let id = format!("prt_000{p}");
+        d.call(json!({"method": "part.set", "id": id, "value": fixture("part", &id)}));
+    }
+}
+
+#[test]
+fn records_follow_the_sdk_semantics_for_every_collection() {
+    let d = Daemon::start();
+    for (collection, id) in [
+        ("session", "ses_7f3a"),
+        ("session", "ses_empty"),
+        ("message", "msg_0003"),
+        ("part", "prt_0007"),
+        ("sandbox", "sbx_19c"),
+        ("setup", "setup_v3"),
+    ] {
+        let value = fixture(collection, id);
+        assert_eq!(
+            d.call(json!({"method": format!("{collection}.get"), "id": id})),
+            Value::Null
+        );
+        d.call(json!({"method": format!("{collection}.set"), "id": id, "value": value}));
+        // Unknown fields, nulls, floats and non-ASCII text round-trip unchanged.
+        assert_eq!(
+            d.call(json!({"method": format!("{collection}.get"), "id": id})),
+            value,
+            "{collection}/{id}"
+        );
+    }
+    let merged = d.call(json!({"method": "session.update", "id": "ses_7f3a", "updates": {"updatedAt": 5, "model": "m2"}}));
+    assert_eq!(merged["model"], "m2");
+    assert_eq!(merged["system"], fixture("session", "ses_7f3a")["system"]);
+    let merged = d.call(
+        json!({"method": "sandbox.update", "id": "sbx_19c", "updates": {"binding": "local"}}),
+    );
+    assert_eq!(
+        merged["metadata"],
+        fixture("sandbox", "sbx_19c")["metadata"]
+    );
+    load_fixture_session(&d);
+    let messages = d.call(json!({"method": "message.listBySession", "sessionId": "ses_7f3a"}));
+    let ids: Vec<_> = messages
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["msg_0001", "msg_0002", "msg_0003", "msg_0004"]);
+    let parts = d.call(json!({"method": "part.listBySession", "sessionId": "ses_7f3a"}));
+    assert_eq!(parts.as_array().unwrap().len(), 7);
+    assert_eq!(
+        d.call(json!({"method": "message.listBySession", "sessionId": "ses_empty"})),
+        json!([])
+    );
+    // update of a missing id is a 404 error with a readable message; bad calls are refused.
+    let (code, _, err) = d.cli(&[
+        "records",
+        "call",
+        r#"{"method":"message.update","id":"nope","updates":{}}"#,
+    ]);
+    assert_eq!(code, 1);
+    assert!(err.contains("nope"), "{err}");
+    let (code, _, err) = d.cli(&["records", "call", r#"{"method":"session.drop","id":"x"}"#]);
+    assert_eq!(code, 1);
+    assert!(err.contains("session.drop"), "{err}");
+    let (code, _, err) = d.cli(&["records", "call", "not json"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("not JSON"), "{err}");
+    // The records are plain files in the SDK's localStorage layout.
+    assert!(d.data.join("records/message/msg_0003.json").exists());
+    // CLI conveniences.
+    assert_eq!(
+        d.json(&["records", "get", "setup", "setup_v3"]),
+        fixture("setup", "setup_v3")
+    );
+    assert_eq!(
+        d.json(&["records", "list", "message", "--session", "ses_7f3a"])
+            .as_array()
+            .unwrap()
+            .len(),
+        4
+    );
+}
+
+#[test]
+fn meta_shows_the_sessions_records_read_only_and_fresh() {
+    let d = Daemon::start();
+    d.json(&["session", "create", "ses_7f3a"]);
+    load_fixture_session(&d);
+    let mnt = d.dir("mnt");
+    d.mount(&["--session", "ses_7f3a"], &mnt);
+    let meta = mnt.join(".meta");
+    let session: Value =
+        serde_json::from_slice(&fs::read(meta.join("session.json")).unwrap()).unwrap();
+    assert_eq!(session, fixture("session", "ses_7f3a"));
+    assert_eq!(
+        fs::metadata(meta.join("session.json"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o444
+    );
+    assert_eq!(
+        fs::metadata(&meta).unwrap().permissions().mode() & 0o777,
+        0o555
+    );
+    let mut names: Vec<_> = fs::read_dir(meta.join("parts"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names.len(), 7);
+    assert_eq!(names[0], "prt_0001.json");
+    let msg3: Value =
+        serde_json::from_slice(&fs::read(meta.join("messages/msg_0003.json")).unwrap()).unwrap();
+    assert_eq!(msg3, fixture("message", "msg_0003"));
+    // history: messages in order, each with its parts in index order.
+    let history: Value =
+        serde_json::from_slice(&fs::read(meta.join("history.json")).unwrap()).unwrap();
+    let msgs = history["messages"].as_array().unwrap();
+    assert_eq!(msgs.len(), 4);
+    let last_parts: Vec<_> = msgs[3]["parts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        last_parts[0], "prt_0007",
+        "prt_0007 has index 0 in msg_0004"
+    );
+    // The size at stat is the size read, and an update shows on the next open.
+    let path = meta.join("session.json");
+    assert_eq!(
+        fs::metadata(&path).unwrap().len(),
+        fs::read(&path).unwrap().len() as u64
+    );
+    d.call(json!({"method": "session.update", "id": "ses_7f3a", "updates": {"system": "A much longer system prompt than before, to change the size."}}));
+    let fresh: Value = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
+    assert_eq!(
+        fresh["system"],
+        "A much longer system prompt than before, to change the size."
+    );
+    assert_eq!(
+        fs::metadata(&path).unwrap().len(),
+        fs::read(&path).unwrap().len() as u64
+    );
+    d.call(json!({"method": "message.set", "id": "msg_0005", "value": {"id": "msg_0005", "sessionId": "ses_7f3a", "role": "user", "createdAt": 1763700099000u64}}));
+    assert!(meta.join("messages/msg_0005.json").exists());
+    // Every change under .meta is refused with EACCES, and nothing changes.
+    let before = fs::read(&path).unwrap();
+    assert_eq!(errno(fs::write(meta.join("new.json"), b"{}")), libc::EACCES);
+    assert_eq!(
+        errno(fs::OpenOptions::new().write(true).open(&path)),
+        libc::EACCES
+    );
+    assert_eq!(
+        errno(
+            fs::OpenOptions::new()
+                .write(true)
+                .truncate(true)
+                .open(&path)
+        ),
+        libc::EACCES
+    );
+    assert_eq!(unsafe { libc::truncate(cstr(&path).as_ptr(), 0) }, -1);
+    assert_eq!(
+        std::io::Error::last_os_error().raw_os_error(),
+        Some(libc::EACCES)
+    );
+    assert_eq!(errno(fs::remove_file(&path)), libc::EACCES);
+    assert_eq!(
+        errno(fs::rename(&path, mnt.join("stolen.json"))),
+        libc::EACCES
+    );
+    fs::write(mnt.join("mine.json"), b"{}").unwrap();
+    assert_eq!(
+        errno(fs::rename(mnt.join("mine.json"), meta.join("mine.json"))),
+        libc::EACCES
+    );
+    assert_eq!(errno(fs::create_dir(meta.join("d"))), libc::EACCES);
+    assert_eq!(errno(fs::remove_dir(meta.join("parts"))), libc::EACCES);
+    assert_eq!(
+        errno(fs::set_permissions(
+            &path,
+            fs::Permissions::from_mode(0o666)
+        )),
+        libc::EACCES
+    );
+    assert_eq!(
+        unsafe { libc::utimensat(libc::AT_FDCWD, cstr(&path).as_ptr(), std::ptr::null(), 0) },
+        -1
+    );
+    assert_eq!(
+        std::io::Error::last_os_error().raw_os_error(),
+        Some(libc::EACCES)
+    );
+    assert_eq!(fs::read(&path).unwrap(), before);
+    // A mount whose grant does not cover .meta cannot read it.
+    let narrow = d.dir("narrow");
+    d.mount(
+        &["--session", "ses_7f3a", "--grant", "outputs/:rw"],
+        &narrow,
+    );
+    assert_eq!(
+        errno(fs::read(narrow.join(".meta/session.json"))),
+        libc::EACCES
+    );
+    assert_eq!(fs::read_dir(&narrow).unwrap().count(), 0);
+}
+
+#[test]
+fn ending_a_session_removes_everything_after_exporting() {
+    let mut d = Daemon::start();
+    d.json(&["session", "create", "s1"]);
+    d.call(json!({"method": "session.set", "id": "s1", "value": {"id": "s1", "createdAt": 1, "updatedAt": 1, "model": "m"}}));
+    d.call(json!({"method": "message.set", "id": "m1", "value": {"id": "m1", "sessionId": "s1", "role": "user", "createdAt": 2}}));
+    let mnt = d.dir("mnt");
+    d.mount(&["--session", "s1"], &mnt);
+    fs::create_dir_all(mnt.join("outputs/charts")).unwrap();
+    fs::write(mnt.join("outputs/report.md"), b"# done").unwrap();
+    fs::write(mnt.join("outputs/charts/a.svg"), b"<svg/>").unwrap();
+    fs::write(mnt.join("scratch.tmp"), b"x").unwrap();
+    let report = d.json(&[
+        "session",
+        "end",
+        "s1",
+        "--export",
+        "outputs/",
+        "--to-room",
+        "team",
+    ]);
+    assert_eq!(report["exported"], json!(["team/outputs"]));
+    assert_eq!(report["deleted_records"], 2);
+    assert!(
+        !is_mounted(&mnt.canonicalize().unwrap()),
+        "the session's mount is gone"
+    );
+    assert!(!d.data.join("sessions/s1").exists());
+    assert!(!d.data.join("records/message/m1.json").exists());
+    assert_eq!(
+        fs::read(d.data.join("rooms/team/outputs/report.md")).unwrap(),
+        b"# done"
+    );
+    assert_eq!(
+        fs::read(d.data.join("rooms/team/outputs/charts/a.svg")).unwrap(),
+        b"<svg/>"
+    );
+    assert!(!d.data.join("rooms/team/scratch.tmp").exists());
+    let (code, _, err) = d.cli(&["session", "show", "s1"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("no session"), "{err}");
+    // Bad requests change nothing.
+    d.json(&["session", "create", "s2"]);
+    let (code, _, err) = d.cli(&[
+        "session",
+        "end",
+        "s2",
+        "--export",
+        "../etc",
+        "--to-room",
+        "team",
+    ]);
+    assert_eq!(code, 1, "{err}");
+    let (code, _, err) = d.cli(&[
+        "session",
+        "end",
+        "s2",
+        "--export",
+        "missing/",
+        "--to-room",
+        "team",
+    ]);
+    assert_eq!(code, 1);
+    assert!(err.contains("missing"), "{err}");
+    assert!(d.data.join("sessions/s2").exists());
+    let (code, _, err) = d.cli(&["session", "create", "s2"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("already exists"), "{err}");
+    assert!(d.stop().success());
+}
+
+#[test]
+fn idle_sessions_end_after_their_ttl() {
+    let d = Daemon::start();
+    d.json(&["session", "create", "brief", "--ttl", "2s"]);
+    fs::write(d.data.join("sessions/brief/f"), b"x").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while d.data.join("sessions/brief").exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(!d.data.join("sessions/brief").exists(), "{}", d.log());
+    assert_eq!(d.json(&["session", "list"]), json!([]));
+}
+
+#[test]
+fn limits_give_efbig_and_edquot_and_show_in_statfs() {
+    let d = Daemon::start();
+    d.json(&[
+        "session",
+        "create",
+        "lim",
+        "--max-file-size",
+        "1000",
+        "--max-files",
+        "4",
+        "--max-bytes",
+        "2500",
+    ]);
+    let mnt = d.dir("mnt");
+    d.mount(&["--session", "lim"], &mnt);
+    // Largest file: a write is cut at the limit, then EFBIG; the file keeps what fit.
+    let mut f = fs::File::create(mnt.join("big")).unwrap();
+    use std::io::Write;
+    let err = f.write_all(&[b'x'; 1500]).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EFBIG));
+    drop(f);
+    assert_eq!(fs::metadata(mnt.join("big")).unwrap().len(), 1000);
+    let extend = fs::OpenOptions::new()
+        .write(true)
+        .open(mnt.join("big"))
+        .and_then(|f| f.set_len(2000));
+    assert_eq!(errno(extend), libc::EFBIG);
+    assert_eq!(fs::metadata(mnt.join("big")).unwrap().len(), 1000);
+    // Total bytes: 1000 used; 1000 more fits, the next 1000 does not.
+    fs::write(mnt.join("b"), [b'y'; 1000]).unwrap();
+    let err = fs::write(mnt.join("c"), [b'z'; 1000]).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EDQUOT));
+    // Entries: big, b, c (created, empty) → one more, then EDQUOT.
+    fs::create_dir(mnt.join("d")).unwrap();
+    assert_eq!(errno(fs::write(mnt.join("e"), b"")), libc::EDQUOT);
+    assert_eq!(errno(fs::create_dir(mnt.join("e"))), libc::EDQUOT);
+    fs::remove_file(mnt.join("c")).unwrap();
+    fs::write(mnt.join("e"), b"").unwrap();
+    // statfs reports the limits and the usage.
+    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+    assert_eq!(unsafe { libc::statvfs(cstr(&mnt).as_ptr(), &mut s) }, 0);
+    assert_eq!(s.f_files, 4);
+    assert_eq!(s.f_ffree, 0);
+    assert_eq!(s.f_blocks * s.f_frsize, 2500 / s.f_frsize * s.f_frsize);
+    let info = d.json(&["session", "show", "lim"]);
+    assert_eq!(info["files"], 4);
+    assert_eq!(info["bytes"], 2000);
+}
+
+#[test]
+fn configured_mounts_come_back_after_a_restart_and_sigterm_unmounts_all() {
+    let mut d = Daemon::with_config(Some(
+        r#"{"mounts": [{"mountpoint": "{tmp}/room", "room": "r1", "grant": ["inputs/:ro", "outputs/:rw"]}]}"#,
+    ));
+    let room = d.tmp.path().join("room");
+    assert!(is_mounted(&room));
+    fs::create_dir_all(d.data.join("rooms/r1/inputs")).unwrap();
+    fs::create_dir(room.join("outputs")).unwrap();
+    fs::write(room.join("outputs/x"), b"1").unwrap();
+    assert_eq!(errno(fs::write(room.join("inputs/x"), b"1")), libc::EACCES);
+    let runtime = d.dir("runtime");
+    d.mount(&["--room", "r2"], &runtime);
+    let mounts = d.json(&["mounts"]);
+    assert_eq!(mounts.as_array().unwrap().len(), 2);
+    assert_eq!(mounts[0]["from_config"], true);
+    let status = d.stop();
+    assert!(status.success(), "SIGTERM exits 0");
+    assert!(
+        !is_mounted(&room) && !is_mounted(&runtime),
+        "nothing stays mounted"
+    );
+    assert!(!d.socket.exists(), "the socket is removed");
+    d.run();
+    assert!(is_mounted(&room), "the configured mount is back");
+    assert_eq!(fs::read(room.join("outputs/x")).unwrap(), b"1");
+    assert!(!is_mounted(&runtime), "runtime mounts are not");
+}
+
+#[test]
+fn mounts_are_managed_through_the_cli() {
+    let d = Daemon::start();
+    let mnt = d.dir("mnt");
+    d.mount(&["--room", "r1"], &mnt);
+    let (code, _, err) = d.cli(&["mount", "--daemon", "--room", "r1", mnt.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(err.contains("already in use"), "{err}");
+    let (code, _, err) = d.cli(&[
+        "mount",
+        "--daemon",
+        "--session",
+        "nope",
+        d.dir("x").to_str().unwrap(),
+    ]);
+    assert_eq!(code, 1);
+    assert!(err.contains("no session"), "{err}");
+    let (code, _, err) = d.cli(&["unmount", mnt.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(!is_mounted(&mnt.canonicalize().unwrap()));
+    assert_eq!(d.json(&["mounts"]), json!([]));
+    let status = d.json(&["status"]);
+    assert_eq!(status["mounts"], 0);
+    // A missing daemon is one clear sentence.
+    let out = Command::new(BIN)
+        .args(["status", "--socket", "/nonexistent/sock"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no roomfs daemon"));
+}
+
+#[test]
+fn bad_config_is_a_clear_error_at_start() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tmp.path().join("c.json");
+    fs::write(&cfg, r#"{"sesion_limits": {}}"#).unwrap();
+    let out = Command::new(BIN)
+        .args(["serve", "--socket"])
+        .arg(tmp.path().join("s"))
+        .arg("--config")
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(err.contains("unknown field `sesion_limits`"), "{err}");
+}
+
+#[test]
+fn a_node_script_plays_the_sdk_storage_function() {
+    let d = Daemon::start();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/node/sdk_storage.mjs");
+    let out = Command::new("node")
+        .arg(script)
+        .arg(&d.socket)
+        .arg("ses_node")
+        .output()
+        .expect("node is installed by scripts/setup");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("sdk storage: ok"));
+    // What the script stored is what the daemon holds.
+    assert_eq!(
+        d.call(json!({"method": "session.get", "id": "ses_node"}))["lastMessageId"],
+        "m2"
+    );
+}
