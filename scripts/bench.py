@@ -337,7 +337,8 @@ def make_target(kind: str, base: str, args) -> Target:
     if kind == "roomfs":
         binary = args.roomfs_bin or os.path.join(REPO, "target", "release", "roomfs")
         t = FuseTarget("roomfs", base,
-                       [binary, "mount", "--data-dir", "{src}", "--room", ROOM_ID, "{mnt}"],
+                       [binary, "mount", "--data-dir", "{src}", "--room", ROOM_ID]
+                       + shlex.split(args.roomfs_args) + ["{mnt}"],
                        [binary, "unmount", "{mnt}"], args.mount_timeout)
         t.backing_root = os.path.join(t.src, "rooms", ROOM_ID)
     elif kind == "bindfs":
@@ -773,6 +774,8 @@ def parse_args(argv):
     ap.add_argument("--fs-name", default="custom", help=S)
     ap.add_argument("--fs-unmount-cmd", help=S)
     ap.add_argument("--roomfs-bin", help=S)
+    ap.add_argument("--roomfs-args", default="",
+                    help="extra `roomfs mount` options, e.g. '--poll-window-us 0' (for A/B runs)")
     ap.add_argument("--timeout", type=float, default=300, help=S)
     ap.add_argument("--mount-timeout", type=float, default=10, help=S)
     a = ap.parse_args(argv)
