@@ -348,6 +348,21 @@ impl Daemon {
             .collect()
     }
 
+    /// Unix ms of the session's last activity: its recorded state, its mounts, its records.
+    fn last_active(&self, state: &SessionState, space: &SpaceId) -> u64 {
+        let fs_activity = lock(&self.mounts)
+            .iter()
+            .filter(|s| s.mount.space == *space)
+            .map(|s| s.mount.fs.last_activity() * 1000)
+            .max()
+            .unwrap_or(0);
+        let records = lock(&self.record_activity)
+            .get(&state.id)
+            .copied()
+            .unwrap_or(0);
+        state.last_active.max(fs_activity).max(records)
+    }
+
     fn session_info(&self, state: SessionState) -> SessionInfo {
         let space = SpaceId {
             kind: SpaceKind::Session,
@@ -359,29 +374,21 @@ impl Daemon {
                 .map(|q| q.usage())
                 .unwrap_or_default(),
         };
-        let mounts = lock(&self.mounts);
-        let serving: Vec<_> = mounts.iter().filter(|s| s.mount.space == space).collect();
-        let fs_activity = serving
+        let last_active = self.last_active(&state, &space);
+        let mounts = lock(&self.mounts)
             .iter()
-            .map(|s| s.mount.fs.last_activity() * 1000)
-            .max()
-            .unwrap_or(0);
-        let records = lock(&self.record_activity)
-            .get(&state.id)
-            .copied()
-            .unwrap_or(0);
+            .filter(|s| s.mount.space == space)
+            .map(|s| s.mount.mountpoint.to_string_lossy().into_owned())
+            .collect();
         SessionInfo {
             id: state.id,
             limits: state.limits,
             ttl_secs: state.ttl_secs,
             created_at: state.created_at,
-            last_active: state.last_active.max(fs_activity).max(records),
+            last_active,
             files: usage.files,
             bytes: usage.bytes,
-            mounts: serving
-                .iter()
-                .map(|s| s.mount.mountpoint.to_string_lossy().into_owned())
-                .collect(),
+            mounts,
         }
     }
 
@@ -392,12 +399,18 @@ impl Daemon {
             loop {
                 std::thread::sleep(Duration::from_secs(1));
                 let Some(daemon) = me.upgrade() else { return };
-                for info in daemon.sessions() {
-                    let Some(ttl) = info.ttl_secs else { continue };
-                    if now_ms().saturating_sub(info.last_active) > ttl * 1000 {
-                        log::info!("session {} idle for over {ttl}s: ending it", info.id);
-                        if let Err(e) = daemon.end_session(&info.id, EndSessionRequest::default()) {
-                            log::error!("ending idle session {}: {}", info.id, e.message);
+                let states = space::list_session_states(&daemon.data_dir).unwrap_or_default();
+                for state in states {
+                    let Some(ttl) = state.ttl_secs else { continue };
+                    let space = SpaceId {
+                        kind: SpaceKind::Session,
+                        id: state.id.clone(),
+                    };
+                    if now_ms().saturating_sub(daemon.last_active(&state, &space)) > ttl * 1000 {
+                        log::info!("session {} idle for over {ttl}s: ending it", state.id);
+                        if let Err(e) = daemon.end_session(&state.id, EndSessionRequest::default())
+                        {
+                            log::error!("ending idle session {}: {}", state.id, e.message);
                         }
                     }
                 }

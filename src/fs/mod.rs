@@ -468,11 +468,11 @@ impl Fs {
 
     /// `mknod`: regular files only; FIFOs, sockets and devices have no place in a file store.
     pub fn mknod(&self, parent: Ino, name: &OsStr, mode: u32, caller: &Caller) -> FsResult<Attr> {
+        let path = self.child_path(parent, name)?;
+        self.allow("mknod", &path, Access::Write)?;
         if mode & libc::S_IFMT != libc::S_IFREG && mode & libc::S_IFMT != 0 {
             return Err(Errno::EPERM);
         }
-        let path = self.child_path(parent, name)?;
-        self.allow("mknod", &path, Access::Write)?;
         let meta = self.creating(|| {
             Ok(self
                 .store
@@ -1020,4 +1020,259 @@ fn dot_entries() -> [DirItem; 2] {
             kind: Kind::Dir,
         },
     ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::local::{LocalStore, StagingArea};
+
+    const RW: i32 = libc::O_RDWR;
+
+    struct Setup {
+        _dir: tempfile::TempDir,
+        root: PathBuf,
+        fs: Fs,
+    }
+
+    fn setup(options: FsOptions) -> Setup {
+        let dir = tempfile::tempdir().unwrap();
+        let (area, _) = StagingArea::create(dir.path()).unwrap();
+        let root = dir.path().join("rooms/r");
+        let store = LocalStore::open(root.clone(), Arc::new(area)).unwrap();
+        Setup {
+            _dir: dir,
+            root,
+            fs: Fs::new(Arc::new(store), options),
+        }
+    }
+
+    fn full() -> Setup {
+        setup(FsOptions {
+            links_anywhere: true,
+            ..Default::default()
+        })
+    }
+
+    fn name(s: &str) -> &OsStr {
+        OsStr::new(s)
+    }
+
+    fn create(fs: &Fs, parent: Ino, n: &str, flags: i32) -> (Attr, Opened) {
+        fs.create(parent, name(n), 0o644, flags, &Caller::default())
+            .unwrap()
+    }
+
+    #[test]
+    fn writes_are_invisible_until_the_handle_commits() {
+        let s = full();
+        let (attr, w) = create(&s.fs, ROOT, "f", RW);
+        s.fs.write(w.fh, 0, b"hello").unwrap();
+        assert_eq!(std::fs::read(s.root.join("f")).unwrap(), b"");
+        let r = s.fs.open(attr.ino, libc::O_RDONLY).unwrap();
+        assert!(
+            r.direct_io,
+            "a reader opened during a write bypasses the page cache"
+        );
+        assert_eq!(s.fs.read(r.fh, 0, 100).unwrap(), b"");
+        assert_eq!(s.fs.read(w.fh, 0, 100).unwrap(), b"hello");
+        assert_eq!(s.fs.getattr(attr.ino, Some(w.fh)).unwrap().size, 5);
+        s.fs.flush(w.fh).unwrap();
+        assert_eq!(std::fs::read(s.root.join("f")).unwrap(), b"hello");
+        // The reader keeps the version it opened.
+        assert_eq!(s.fs.read(r.fh, 0, 100).unwrap(), b"");
+        s.fs.release(w.fh).unwrap();
+        s.fs.release(r.fh).unwrap();
+        let again = s.fs.open(attr.ino, libc::O_RDONLY).unwrap();
+        assert!(
+            again.keep_cache,
+            "the sole writer's cached pages are the committed version"
+        );
+        assert!(again.no_flush);
+        assert_eq!(s.fs.read(again.fh, 0, 100).unwrap(), b"hello");
+    }
+
+    #[test]
+    fn a_flush_without_changes_commits_nothing() {
+        let s = full();
+        let (attr, w) = create(&s.fs, ROOT, "f", RW);
+        s.fs.write(w.fh, 0, b"v1").unwrap();
+        s.fs.release(w.fh).unwrap();
+        let ino_before = std::fs::metadata(s.root.join("f")).unwrap();
+        let h = s.fs.open(attr.ino, RW).unwrap();
+        s.fs.flush(h.fh).unwrap();
+        s.fs.release(h.fh).unwrap();
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(
+            std::fs::metadata(s.root.join("f")).unwrap().ino(),
+            ino_before.ino()
+        );
+    }
+
+    #[test]
+    fn renames_and_unlinks_of_open_files() {
+        let s = full();
+        let (attr, w) = create(&s.fs, ROOT, "draft", RW);
+        s.fs.write(w.fh, 0, b"text").unwrap();
+        s.fs.rename(ROOT, name("draft"), ROOT, name("final"), 0)
+            .unwrap();
+        s.fs.flush(w.fh).unwrap();
+        assert_eq!(std::fs::read(s.root.join("final")).unwrap(), b"text");
+        assert!(!s.root.join("draft").exists());
+        let w2 = s.fs.open(attr.ino, RW).unwrap();
+        s.fs.write(w2.fh, 0, b"TEXT").unwrap();
+        s.fs.unlink(ROOT, name("final")).unwrap();
+        assert_eq!(s.fs.getattr(attr.ino, None).unwrap().size, 4);
+        s.fs.release(w2.fh).unwrap();
+        s.fs.release(w.fh).unwrap();
+        assert!(
+            !s.root.join("final").exists(),
+            "an unlinked file is not resurrected"
+        );
+    }
+
+    #[test]
+    fn truncate_by_path_commits_and_append_writes_at_the_end() {
+        let s = full();
+        let (attr, w) = create(&s.fs, ROOT, "log", RW);
+        s.fs.write(w.fh, 0, b"one\n").unwrap();
+        s.fs.release(w.fh).unwrap();
+        let a =
+            s.fs.open(attr.ino, libc::O_WRONLY | libc::O_APPEND)
+                .unwrap();
+        s.fs.write(a.fh, 0, b"two\n").unwrap();
+        s.fs.release(a.fh).unwrap();
+        assert_eq!(std::fs::read(s.root.join("log")).unwrap(), b"one\ntwo\n");
+        let changes = AttrChanges {
+            size: Some(3),
+            ..Default::default()
+        };
+        assert_eq!(s.fs.setattr(attr.ino, None, &changes).unwrap().size, 3);
+        assert_eq!(std::fs::read(s.root.join("log")).unwrap(), b"one");
+    }
+
+    #[test]
+    fn names_are_checked() {
+        let s = full();
+        let long = "x".repeat(256);
+        let c = Caller::default();
+        assert_eq!(
+            s.fs.mkdir(ROOT, name(&long), 0o755, &c).unwrap_err(),
+            Errno::ENAMETOOLONG
+        );
+        assert_eq!(
+            s.fs.lookup(ROOT, name(&long)).unwrap_err(),
+            Errno::ENAMETOOLONG
+        );
+        assert_eq!(
+            s.fs.mkdir(ROOT, name(".."), 0o755, &c).unwrap_err(),
+            Errno::EINVAL
+        );
+        assert_eq!(
+            s.fs.mkdir(ROOT, name("a/b"), 0o755, &c).unwrap_err(),
+            Errno::EINVAL
+        );
+        assert_eq!(
+            s.fs.lookup(ROOT, name("missing")).unwrap_err(),
+            Errno::ENOENT
+        );
+        let fifo = libc::S_IFIFO | 0o644;
+        assert_eq!(
+            s.fs.mknod(ROOT, name("p"), fifo, &c).unwrap_err(),
+            Errno::EPERM
+        );
+    }
+
+    #[test]
+    fn the_grant_decides_every_operation() {
+        let grant = Grant::parse_cli(&["in/:ro".into(), "out/:rw".into()]).unwrap();
+        let s = setup(FsOptions {
+            grant,
+            ..Default::default()
+        });
+        std::fs::create_dir_all(s.root.join("in")).unwrap();
+        std::fs::create_dir_all(s.root.join("out")).unwrap();
+        std::fs::write(s.root.join("in/a"), b"a").unwrap();
+        std::fs::write(s.root.join("secret"), b"s").unwrap();
+        let c = Caller::default();
+        assert_eq!(
+            s.fs.lookup(ROOT, name("secret")).unwrap_err(),
+            Errno::EACCES
+        );
+        let fh = s.fs.opendir(ROOT).unwrap();
+        let names: Vec<_> =
+            s.fs.readdir(fh, 0)
+                .unwrap()
+                .into_iter()
+                .map(|e| e.name)
+                .collect();
+        assert_eq!(names, [".", "..", "in", "out"]);
+        let inp = s.fs.lookup(ROOT, name("in")).unwrap().ino;
+        let a = s.fs.lookup(inp, name("a")).unwrap().ino;
+        assert!(s.fs.open(a, libc::O_RDONLY).is_ok());
+        assert_eq!(s.fs.open(a, RW).unwrap_err(), Errno::EACCES);
+        assert_eq!(
+            s.fs.mkdir(inp, name("d"), 0o755, &c).unwrap_err(),
+            Errno::EACCES
+        );
+        let out = s.fs.lookup(ROOT, name("out")).unwrap().ino;
+        assert_eq!(
+            s.fs.rename(inp, name("a"), out, name("a"), 0).unwrap_err(),
+            Errno::EACCES
+        );
+        assert_eq!(
+            s.fs.symlink(out, name("l"), Path::new("/etc/passwd"), &c)
+                .unwrap_err(),
+            Errno::EACCES
+        );
+        s.fs.symlink(out, name("ok"), Path::new("../in/a"), &c)
+            .unwrap();
+        assert_eq!(s.fs.link(a, out, name("h")).unwrap_err(), Errno::EACCES);
+    }
+
+    #[test]
+    fn quota_limits_file_size_entries_and_bytes() {
+        let quota = Arc::new(Quota::new(
+            Limits {
+                max_file_bytes: Some(10),
+                max_files: Some(2),
+                max_bytes: Some(15),
+            },
+            Usage::default(),
+        ));
+        let s = setup(FsOptions {
+            links_anywhere: true,
+            quota: Some(quota.clone()),
+            ..Default::default()
+        });
+        let (_, w) = create(&s.fs, ROOT, "a", RW);
+        assert_eq!(
+            s.fs.write(w.fh, 0, &[1; 16]).unwrap(),
+            10,
+            "cut short at the limit"
+        );
+        assert_eq!(s.fs.write(w.fh, 10, &[1; 1]).unwrap_err(), Errno::EFBIG);
+        s.fs.release(w.fh).unwrap();
+        assert_eq!(
+            quota.usage(),
+            Usage {
+                files: 1,
+                bytes: 10
+            }
+        );
+        let (_, w) = create(&s.fs, ROOT, "b", RW);
+        assert_eq!(s.fs.write(w.fh, 0, &[1; 6]).unwrap_err(), Errno::EDQUOT);
+        s.fs.write(w.fh, 0, &[1; 5]).unwrap();
+        s.fs.release(w.fh).unwrap();
+        let c = Caller::default();
+        assert_eq!(
+            s.fs.mkdir(ROOT, name("d"), 0o755, &c).unwrap_err(),
+            Errno::EDQUOT
+        );
+        s.fs.unlink(ROOT, name("a")).unwrap();
+        assert_eq!(quota.usage(), Usage { files: 1, bytes: 5 });
+        s.fs.mkdir(ROOT, name("d"), 0o755, &c).unwrap();
+        let st = s.fs.statfs().unwrap();
+        assert_eq!((st.files, st.ffree), (2, 0));
+    }
 }
