@@ -15,7 +15,7 @@ use fuser::{
 
 use crate::fs::{Attr, AttrChanges, Caller, Errno, Fs, Opened};
 use crate::poll::Poller;
-use crate::store::{Kind, TimeSpec};
+use crate::store::{Kind, SetAttr, TimeSpec};
 
 /// Serves one [`Fs`] to the kernel.
 pub struct FuseAdapter {
@@ -201,11 +201,13 @@ impl Filesystem for FuseAdapter {
         self.busy();
         let changes = AttrChanges {
             size,
-            perm: mode.map(|m| (m & 0o7777) as u16),
-            uid,
-            gid,
-            atime: time_spec(atime),
-            mtime: time_spec(mtime),
+            attr: SetAttr {
+                perm: mode.map(|m| (m & 0o7777) as u16),
+                uid,
+                gid,
+                atime: time_spec(atime),
+                mtime: time_spec(mtime),
+            },
         };
         match self.fs.setattr(ino.0, fh.map(|f| f.0), &changes) {
             Ok(a) => reply.attr(&self.ttl(&a), &self.attr(&a)),

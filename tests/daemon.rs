@@ -5,7 +5,7 @@ mod common;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -60,41 +60,11 @@ impl Daemon {
         if let Some(c) = &self.config {
             cmd.arg("--config").arg(c);
         }
-        let mut child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        let log = self.log.clone();
-        std::thread::spawn(move || {
-            use std::io::BufRead;
-            for line in std::io::BufReader::new(stderr)
-                .lines()
-                .map_while(Result::ok)
-            {
-                if line.contains("serving the control API") {
-                    let _ = tx.send(());
-                }
-                log.lock().unwrap().push(line);
-            }
-        });
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while rx.recv_timeout(Duration::from_millis(20)).is_err() {
-            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                self.child = None;
-                std::thread::sleep(Duration::from_millis(50));
-                panic!("roomfs serve exited ({status}): {}", self.log());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "daemon did not start: {}",
-                self.log()
-            );
-        }
+        self.child = Some(common::start_logged(
+            &mut cmd,
+            "serving the control API",
+            &self.log,
+        ));
     }
 
     fn log(&self) -> String {

@@ -22,7 +22,7 @@ pub use inode::{Ino, ROOT};
 pub use quota::{Limits, Quota, Usage};
 
 use crate::grant::{Access, Grant};
-use crate::store::{Kind, Meta, Owner, RenameMode, SetAttr, Store, StoreStatfs, TimeSpec};
+use crate::store::{Kind, Meta, Owner, RenameMode, SetAttr, Store, StoreStatfs};
 
 /// Longest file name accepted (as on ext4 and most Linux filesystems).
 pub const NAME_MAX: usize = 255;
@@ -88,15 +88,11 @@ pub struct Caller {
     pub pid: u32,
 }
 
-/// Requested attribute changes (`setattr`).
+/// Requested attribute changes (`setattr`): a new size, and the rest as the store takes them.
 #[derive(Clone, Debug, Default)]
 pub struct AttrChanges {
     pub size: Option<u64>,
-    pub perm: Option<u16>,
-    pub uid: Option<u32>,
-    pub gid: Option<u32>,
-    pub atime: Option<TimeSpec>,
-    pub mtime: Option<TimeSpec>,
+    pub attr: SetAttr,
 }
 
 /// The result of opening a file: the handle, and how the kernel should cache it.
@@ -408,20 +404,14 @@ impl Fs {
         if let Some(size) = changes.size {
             self.truncate(ino, fh, size)?;
         }
-        let attr = SetAttr {
-            perm: changes.perm,
-            uid: changes.uid,
-            gid: changes.gid,
-            atime: changes.atime,
-            mtime: changes.mtime,
-        };
+        let attr = &changes.attr;
         let any = attr.perm.is_some()
             || attr.uid.is_some()
             || attr.gid.is_some()
             || attr.atime.is_some()
             || attr.mtime.is_some();
         if any {
-            self.store.set_attr(&self.path(ino)?, &attr)?;
+            self.store.set_attr(&self.path(ino)?, attr)?;
         }
         self.getattr(ino, fh)
     }

@@ -150,10 +150,9 @@ fn time(secs: i64, nsecs: i64) -> SystemTime {
     }
 }
 
-/// Converts local metadata into the store's attribute type.
-pub fn meta_of(m: &fs::Metadata) -> Meta {
-    let ft = m.file_type();
-    let kind = if ft.is_file() {
+/// The store's kind of a local file type.
+fn kind_of(ft: fs::FileType) -> Kind {
+    if ft.is_file() {
         Kind::File
     } else if ft.is_dir() {
         Kind::Dir
@@ -161,9 +160,13 @@ pub fn meta_of(m: &fs::Metadata) -> Meta {
         Kind::Symlink
     } else {
         Kind::Special
-    };
+    }
+}
+
+/// Converts local metadata into the store's attribute type.
+pub fn meta_of(m: &fs::Metadata) -> Meta {
     Meta {
-        kind,
+        kind: kind_of(m.file_type()),
         size: m.size(),
         blocks: m.blocks(),
         perm: (m.mode() & 0o7777) as u16,
@@ -287,19 +290,9 @@ impl Store for LocalStore {
         let mut out = Vec::new();
         for entry in fs::read_dir(self.full(path))? {
             let entry = entry?;
-            let ft = entry.file_type()?;
-            let kind = if ft.is_file() {
-                Kind::File
-            } else if ft.is_dir() {
-                Kind::Dir
-            } else if ft.is_symlink() {
-                Kind::Symlink
-            } else {
-                Kind::Special
-            };
             out.push(DirEntry {
+                kind: kind_of(entry.file_type()?),
                 name: entry.file_name(),
-                kind,
             });
         }
         Ok(out)

@@ -5,6 +5,7 @@ use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_roomfs");
@@ -17,7 +18,7 @@ pub struct Mounted {
     pub data: PathBuf,
     pub child: Option<Child>,
     pub args: Vec<String>,
-    log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    log: Arc<Mutex<Vec<String>>>,
 }
 
 pub fn is_mounted(path: &Path) -> bool {
@@ -63,51 +64,15 @@ impl Mounted {
 
     /// Starts (again) the daemon for this mount point and waits until it reports the mount.
     pub fn start(&mut self) {
-        let mut child = Command::new(BIN)
-            .arg("mount")
+        let mut cmd = Command::new(BIN);
+        cmd.arg("mount")
             .arg("--data-dir")
             .arg(&self.data)
             .args(&self.args)
-            .arg(&self.mnt)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start roomfs");
-        // Drain the daemon's log in the background; the mount is up once it says so (a dead
-        // mount left by a crash would still be listed in mountinfo).
-        let stderr = child.stderr.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        let log = self.log.clone();
-        std::thread::spawn(move || {
-            use std::io::BufRead;
-            for line in std::io::BufReader::new(stderr)
-                .lines()
-                .map_while(Result::ok)
-            {
-                if line.contains(" mounted ") {
-                    let _ = tx.send(());
-                }
-                log.lock().unwrap().push(line);
-            }
-        });
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            if rx.recv_timeout(Duration::from_millis(20)).is_ok() {
-                break;
-            }
-            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                self.child = None;
-                std::thread::sleep(Duration::from_millis(50));
-                panic!("roomfs exited ({status}) before mounting: {}", self.log());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "roomfs did not mount in time: {}",
-                self.log()
-            );
-        }
+            .arg(&self.mnt);
+        // The mount is up once the daemon says so (a dead mount left by a crash would still be
+        // listed in mountinfo).
+        self.child = Some(start_logged(&mut cmd, " mounted ", &self.log));
         assert!(is_mounted(&self.mnt));
     }
 
@@ -187,6 +152,53 @@ impl Drop for Mounted {
             let _ = child.wait();
         }
     }
+}
+
+/// Starts `cmd` with its stderr collected into `log`, and waits until a line contains `ready`;
+/// panics with the log if the process exits first or takes over 20 s.
+pub fn start_logged(
+    cmd: &mut Command,
+    ready: &'static str,
+    log: &Arc<Mutex<Vec<String>>>,
+) -> Child {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start roomfs");
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let sink = log.clone();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if line.contains(ready) {
+                let _ = tx.send(());
+            }
+            sink.lock().unwrap().push(line);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let text = |log: &Arc<Mutex<Vec<String>>>| log.lock().unwrap().join("\n");
+    while rx.recv_timeout(Duration::from_millis(20)).is_err() {
+        if let Some(status) = child.try_wait().unwrap() {
+            std::thread::sleep(Duration::from_millis(50));
+            panic!(
+                "roomfs exited ({status}) before it was ready: {}",
+                text(log)
+            );
+        }
+        assert!(
+            Instant::now() < deadline,
+            "roomfs was not ready in time: {}",
+            text(log)
+        );
+    }
+    child
 }
 
 /// The errno of a failed `std::io` call.
