@@ -607,3 +607,30 @@ fn a_node_script_plays_the_sdk_storage_function() {
         "m2"
     );
 }
+
+#[test]
+fn the_daemon_tells_systemd_when_it_is_ready() {
+    use std::os::unix::net::UnixDatagram;
+    let tmp = tempfile::tempdir().unwrap();
+    let notify = tmp.path().join("notify.sock");
+    let listener = UnixDatagram::bind(&notify).unwrap();
+    listener
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut cmd = Command::new(BIN);
+    cmd.args(["serve", "--socket"])
+        .arg(tmp.path().join("control.sock"))
+        .arg("--data-dir")
+        .arg(tmp.path().join("data"))
+        .env("NOTIFY_SOCKET", &notify);
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let mut child = common::start_logged(&mut cmd, "serving the control API", &log);
+    let mut buf = [0u8; 256];
+    let n = listener.recv(&mut buf).expect("a notification");
+    let message = String::from_utf8_lossy(&buf[..n]);
+    assert!(message.contains("READY=1"), "{message}");
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(child.wait().unwrap().success());
+    let n = listener.recv(&mut buf).expect("a notification");
+    assert!(String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1"));
+}

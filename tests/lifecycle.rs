@@ -220,3 +220,20 @@ fn sessions_live_under_sessions() {
     fs::write(m.p("out.txt"), b"x").unwrap();
     assert!(m.data.join("sessions/s-1/out.txt").exists());
 }
+
+#[test]
+fn unmount_of_a_busy_mount_says_so_and_lazy_detaches() {
+    let mut m = Mounted::room();
+    let f = File::create(m.p("held")).unwrap();
+    let (code, err) = roomfs(&["unmount", m.mnt.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(err.contains("busy"), "{err}");
+    assert!(is_mounted(&m.mnt), "still mounted after a refused unmount");
+    let (code, err) = roomfs(&["unmount", "--lazy", m.mnt.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(!is_mounted(&m.mnt));
+    drop(f);
+    let status = m.child.take().unwrap().wait().unwrap();
+    assert!(status.success());
+    assert!(m.backing("held").exists());
+}

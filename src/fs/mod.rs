@@ -380,8 +380,7 @@ impl Fs {
                 continue;
             }
             if let Some(staged) = &h.staged {
-                let meta = crate::store::local::meta_of(&staged.file.metadata()?);
-                return Ok(Attr::new(ino, &meta));
+                return Ok(Attr::new(ino, &staged.meta()?));
             }
             if path.is_none() && fallback.is_none() {
                 fallback = h.committed.clone();

@@ -98,6 +98,13 @@ pub struct Staged {
     pub path: PathBuf,
 }
 
+impl Staged {
+    /// Attributes of the working copy as it is now.
+    pub fn meta(&self) -> io::Result<Meta> {
+        Ok(local::meta_of(&self.file.metadata()?))
+    }
+}
+
 /// Usage and capacity of the storage behind a space.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct StoreStatfs {
