@@ -227,6 +227,16 @@ impl ActiveMount {
         on_end: impl FnOnce() + Send + 'static,
     ) -> Result<ActiveMount, String> {
         let mountpoint = check_mountpoint(&spec.mountpoint)?;
+        // Serving a mount from inside itself would make the daemon wait on its own requests.
+        if let Ok(data_dir) = spec.data_dir.canonicalize()
+            && (mountpoint.starts_with(&data_dir) || data_dir.starts_with(&mountpoint))
+        {
+            return Err(format!(
+                "mount point {} and data dir {} must not contain each other",
+                mountpoint.display(),
+                data_dir.display()
+            ));
+        }
         if !Path::new("/dev/fuse").exists() {
             return Err(
                 "/dev/fuse is missing: load the fuse kernel module (modprobe fuse), or \

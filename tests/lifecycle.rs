@@ -72,6 +72,17 @@ fn bad_mount_arguments_give_one_clear_message() {
             "--threads",
         ),
         (vec!["unmount", "/tmp"], "not a mount point"),
+        (
+            vec![
+                "mount",
+                "--data-dir",
+                data,
+                "--room",
+                "r",
+                tmp.path().to_str().unwrap(),
+            ],
+            "must not contain each other",
+        ),
         (vec!["unmount", "/proc"], "not a roomfs mount"),
     ];
     for (args, want) in cases {
