@@ -68,6 +68,23 @@ fn readers_see_the_previous_version_until_close() {
 }
 
 #[test]
+fn a_reader_open_before_a_truncating_writer_keeps_the_whole_old_version() {
+    let m = Mounted::room();
+    fs::write(m.p("doc"), b"old version, quite long").unwrap();
+    let mut early = File::open(m.p("doc")).unwrap();
+    let mut w = File::create(m.p("doc")).unwrap();
+    w.write_all(b"new").unwrap();
+    let mut seen = Vec::new();
+    early.read_to_end(&mut seen).unwrap();
+    assert_eq!(
+        seen, b"old version, quite long",
+        "never a cut or mixed version"
+    );
+    drop(w);
+    assert_eq!(fs::read(m.p("doc")).unwrap(), b"new");
+}
+
+#[test]
 fn a_handle_reads_its_own_writes() {
     let m = Mounted::room();
     fs::write(m.p("f"), b"0123456789").unwrap();

@@ -360,9 +360,14 @@ impl Fs {
         write_lock(&self.table).forget(ino, n);
     }
 
-    /// Attributes of `ino`. While a handle has uncommitted changes, its working copy's size and
-    /// times are shown (the kernel shares one size per inode among all handles anyway); a file
-    /// unlinked while open shows the content its handles still hold.
+    /// Attributes of `ino`.
+    ///
+    /// The kernel keeps one size per inode and cuts reads through the page cache at it, so the
+    /// size shown must suit the one handle that reads through the page cache (see
+    /// [`OpenState`]): a writer working alone sees its working copy; a reader that opened first
+    /// keeps seeing the committed size while another handle (using direct I/O) writes. Asked
+    /// through a handle (`fstat`), a writer sees its own working copy. A file unlinked while
+    /// open shows the content its handles still hold.
     pub fn getattr(&self, ino: Ino, fh: Option<u64>) -> FsResult<Attr> {
         let handles = match fh {
             Some(fh) => vec![fh],
@@ -371,6 +376,7 @@ impl Fs {
                 .map(|s| s.handles.clone())
                 .unwrap_or_default(),
         };
+        let asked_through_handle = fh.is_some();
         let path = read_lock(&self.table).path(ino);
         let mut fallback = None;
         for fh in handles {
@@ -379,7 +385,9 @@ impl Fs {
             if h.ino != ino {
                 continue;
             }
-            if let Some(staged) = &h.staged {
+            if let Some(staged) = &h.staged
+                && (asked_through_handle || !h.direct_io)
+            {
                 return Ok(Attr::new(ino, &staged.meta()?));
             }
             if path.is_none() && fallback.is_none() {
