@@ -536,6 +536,18 @@ fn configured_mounts_come_back_after_a_restart_and_sigterm_unmounts_all() {
 }
 
 #[test]
+fn a_configured_mount_that_fails_does_not_stop_the_daemon() {
+    let d = Daemon::with_config(Some(
+        r#"{"mounts": [{"mountpoint": "{tmp}/gone", "session": "ended-long-ago"},
+                       {"mountpoint": "{tmp}/room", "room": "r1"}]}"#,
+    ));
+    assert!(is_mounted(&d.tmp.path().join("room")));
+    assert!(!is_mounted(&d.tmp.path().join("gone")));
+    assert!(d.log().contains("configured mount at"), "{}", d.log());
+    assert_eq!(d.json(&["mounts"]).as_array().unwrap().len(), 1);
+}
+
+#[test]
 fn mounts_are_managed_through_the_cli() {
     let d = Daemon::start();
     let mnt = d.dir("mnt");

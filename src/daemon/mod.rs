@@ -170,15 +170,14 @@ impl Daemon {
             started: Instant::now(),
             me: me.clone(),
         });
+        // A configured mount that cannot be set up (a session since ended, a path in use) is
+        // logged; the daemon still serves everything else.
         for m in daemon.config.mounts.clone() {
-            // Configured mount points are created if missing (like systemd's mount units).
             if let Err(e) = std::fs::create_dir_all(&m.mountpoint)
                 && !m.mountpoint.exists()
             {
-                return Err(format!(
-                    "cannot create mount point {}: {e}",
-                    m.mountpoint.display()
-                ));
+                log::error!("cannot create mount point {}: {e}", m.mountpoint.display());
+                continue;
             }
             let req = MountRequest {
                 mountpoint: m.mountpoint.to_string_lossy().into_owned(),
@@ -189,11 +188,11 @@ impl Daemon {
                 sync_on_close: None,
             };
             if let Err(e) = daemon.mount(req, true) {
-                return Err(format!(
+                log::error!(
                     "configured mount at {} failed: {}",
                     m.mountpoint.display(),
                     e.message
-                ));
+                );
             }
         }
         daemon.spawn_reaper();
