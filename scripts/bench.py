@@ -13,7 +13,7 @@ Usage (normally through scripts/bench, which builds first):
                            [--workdir DIR] [--json FILE] [--keep]
 
 Hidden options (for development and comparisons):
-  --target {roomfs,bindfs,fuse-overlayfs}   what the main column measures
+  --target {roomfs,bindfs,fuse-overlayfs,rclone}   what the main column measures
   --fs-cmd TEMPLATE  any FUSE command as the main column; placeholders {src}
                      (backing dir), {mnt} (mountpoint), {work} (scratch dir).
                      It may stay in the foreground or daemonize.
@@ -343,6 +343,13 @@ def make_target(kind: str, base: str, args) -> Target:
         t.backing_root = os.path.join(t.src, "rooms", ROOM_ID)
     elif kind == "bindfs":
         t = FuseTarget("bindfs", base, ["bindfs", "-f", "{src}", "{mnt}"],
+                       None, args.mount_timeout)
+        t.backing_root = t.src
+    elif kind == "rclone":
+        # rclone's local backend, with the write cache its docs recommend for POSIX-ish use.
+        t = FuseTarget("rclone", base,
+                       ["rclone", "mount", "--vfs-cache-mode", "writes", "--vfs-write-back", "0s", "--allow-non-empty",
+                        "--cache-dir", "{work}/cache", ":local:{src}", "{mnt}"],
                        None, args.mount_timeout)
         t.backing_root = t.src
     elif kind == "fuse-overlayfs":
@@ -761,15 +768,15 @@ def parse_args(argv):
         description="Benchmark roomfs against the native filesystem (ratios, higher is better).")
     ap.add_argument("--rounds", type=int, default=5, help="rounds, interleaved native/roomfs (default 5)")
     ap.add_argument("--quick", action="store_true", help="small sizes (64 MiB, 500 files) for a smoke run")
-    ap.add_argument("--peers", action="store_true", help="also measure bindfs and fuse-overlayfs if installed")
+    ap.add_argument("--peers", action="store_true", help="also measure bindfs, fuse-overlayfs and rclone if installed")
     ap.add_argument("--install-peers", action="store_true",
-                    help="apt-get install -y bindfs fuse-overlayfs fuse3 first (implies --peers)")
+                    help="apt-get install -y bindfs fuse-overlayfs rclone fuse3 first (implies --peers)")
     ap.add_argument("--workdir", help="parent of the scratch dir (default /var/tmp); a fresh "
                     "subdirectory is created there and removed at the end")
     ap.add_argument("--json", metavar="FILE", help="also write results as JSON")
     ap.add_argument("--keep", action="store_true", help="keep the scratch dir (and daemon logs)")
     S = argparse.SUPPRESS
-    ap.add_argument("--target", default="roomfs", choices=["roomfs", "bindfs", "fuse-overlayfs"], help=S)
+    ap.add_argument("--target", default="roomfs", choices=["roomfs", "bindfs", "fuse-overlayfs", "rclone"], help=S)
     ap.add_argument("--fs-cmd", help=S)
     ap.add_argument("--fs-name", default="custom", help=S)
     ap.add_argument("--fs-unmount-cmd", help=S)
@@ -798,8 +805,8 @@ def main(argv=None) -> int:
         signal.signal(s, on_signal)
 
     if args.install_peers:
-        log("installing peers: apt-get install -y bindfs fuse-overlayfs fuse3")
-        subprocess.run(["apt-get", "install", "-y", "bindfs", "fuse-overlayfs", "fuse3"], check=False,
+        log("installing peers: apt-get install -y bindfs fuse-overlayfs rclone fuse3")
+        subprocess.run(["apt-get", "install", "-y", "bindfs", "fuse-overlayfs", "rclone", "fuse3"], check=False,
                        stdout=sys.stderr)
 
     parent = args.workdir or "/var/tmp"
@@ -823,7 +830,7 @@ def main(argv=None) -> int:
     targets: list[Target] = [NativeTarget("native", os.path.join(workdir, "native")), t]
     notes = []
     if args.peers:
-        for peer, exe in (("bindfs", "bindfs"), ("fuse-overlayfs", "fuse-overlayfs")):
+        for peer, exe in (("bindfs", "bindfs"), ("fuse-overlayfs", "fuse-overlayfs"), ("rclone", "rclone")):
             if peer == primary:
                 continue
             if shutil.which(exe) is None:
