@@ -357,7 +357,18 @@ impl Fs {
 
     /// The kernel dropped `n` references to `ino`.
     pub fn forget(&self, ino: Ino, n: u64) {
-        write_lock(&self.table).forget(ino, n);
+        let gone = {
+            let mut table = write_lock(&self.table);
+            table.forget(ino, n);
+            table.kind(ino).is_none()
+        };
+        // The kernel no longer knows the inode, so its cache bookkeeping can go too.
+        if gone {
+            let mut opens = lock(&self.opens);
+            if opens.get(&ino).is_some_and(|s| s.handles.is_empty()) {
+                opens.remove(&ino);
+            }
+        }
     }
 
     /// Attributes of `ino`.
