@@ -244,6 +244,14 @@ impl ActiveMount {
                     .into(),
             );
         }
+        let rw = nix::unistd::AccessFlags::R_OK | nix::unistd::AccessFlags::W_OK;
+        if nix::unistd::access("/dev/fuse", rw).is_err() {
+            return Err(
+                "not permitted to use /dev/fuse: run as root, or make the device usable \
+                        by this user (most distributions ship it with mode 0666)"
+                    .into(),
+            );
+        }
         let root = spec.data_dir.join(spec.space.rel_dir());
         let new_space = !root.exists();
         let local = LocalStore::open(root.clone(), resources.staging.clone())
