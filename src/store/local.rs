@@ -1,6 +1,6 @@
 //! The local-disk store: a space is a plain directory tree under the data dir, so operators can
 //! inspect and back it up with ordinary tools. Working copies live in a staging area on the
-//! same filesystem, so a commit is one atomic `rename`.
+//! same filesystem, so a commit is one atomic exchange of names (`renameat2`).
 
 use std::ffi::CString;
 use std::fs::{self, File, OpenOptions};
