@@ -128,6 +128,8 @@ pub struct Listed {
 struct OpenState {
     readers: u32,
     writers: u32,
+    /// Readers that read through the page cache (opened while no writer was open).
+    cached_readers: u32,
     /// The open handles of this inode.
     handles: Vec<u64>,
     /// The committed version the kernel's cached pages hold, if known.
@@ -373,21 +375,21 @@ impl Fs {
 
     /// Attributes of `ino`.
     ///
-    /// The kernel keeps one size per inode and cuts reads through the page cache at it, so the
-    /// size shown must suit the one handle that reads through the page cache (see
-    /// [`OpenState`]): a writer working alone sees its working copy; a reader that opened first
-    /// keeps seeing the committed size while another handle (using direct I/O) writes. Asked
-    /// through a handle (`fstat`), a writer sees its own working copy. A file unlinked while
-    /// open shows the content its handles still hold.
+    /// The kernel keeps one size per inode and cuts reads through the page cache at it (FUSE
+    /// sends no file handle with `fstat`). So while a reader that reads through the page cache
+    /// has the file open, the committed size is shown: a writer that came later must not make
+    /// that reader see a cut version. Otherwise a handle's uncommitted working copy is shown, so
+    /// a writer sees its own size. A file unlinked while open shows the content its handles
+    /// still hold.
     pub fn getattr(&self, ino: Ino, fh: Option<u64>) -> FsResult<Attr> {
+        let (handles, cached_readers) = match lock(&self.opens).get(&ino) {
+            Some(state) => (state.handles.clone(), state.cached_readers),
+            None => (Vec::new(), 0),
+        };
         let handles = match fh {
             Some(fh) => vec![fh],
-            None => lock(&self.opens)
-                .get(&ino)
-                .map(|s| s.handles.clone())
-                .unwrap_or_default(),
+            None => handles,
         };
-        let asked_through_handle = fh.is_some();
         let path = read_lock(&self.table).path(ino);
         let mut fallback = None;
         for fh in handles {
@@ -397,7 +399,7 @@ impl Fs {
                 continue;
             }
             if let Some(staged) = &h.staged
-                && (asked_through_handle || !h.direct_io)
+                && cached_readers == 0
             {
                 return Ok(Attr::new(ino, &staged.meta()?));
             }
@@ -662,6 +664,7 @@ impl Fs {
                 } else {
                     let keep = state.cached_version == Some(version);
                     state.cached_version = Some(version);
+                    state.cached_readers += 1;
                     (false, keep)
                 }
             }
@@ -790,6 +793,9 @@ impl Fs {
                 state.writers -= 1;
             } else {
                 state.readers -= 1;
+                if !h.direct_io {
+                    state.cached_readers -= 1;
+                }
             }
             if state.readers == 0 && state.writers == 0 && state.cached_version.is_none() {
                 opens.remove(&h.ino);
