@@ -448,12 +448,14 @@ fn idle_sessions_end_after_their_ttl() {
     let d = Daemon::start();
     d.json(&["session", "create", "brief", "--ttl", "2s"]);
     fs::write(d.data.join("sessions/brief/f"), b"x").unwrap();
+    // Ending removes the files, then the records, then the session's state: wait for the last.
     let deadline = Instant::now() + Duration::from_secs(15);
-    while d.data.join("sessions/brief").exists() && Instant::now() < deadline {
+    while d.json(&["session", "list"]) != json!([]) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert!(!d.data.join("sessions/brief").exists(), "{}", d.log());
-    assert_eq!(d.json(&["session", "list"]), json!([]));
+    assert_eq!(d.json(&["session", "list"]), json!([]), "{}", d.log());
+    assert!(!d.data.join("sessions/brief").exists());
+    assert!(d.log().contains("idle for over 2s"), "{}", d.log());
 }
 
 #[test]
