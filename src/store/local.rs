@@ -127,18 +127,30 @@ fn count_files(dir: &Path) -> usize {
     fs::read_dir(dir).map(|d| d.count()).unwrap_or(0)
 }
 
-/// Committed content backed by an open local file.
-struct LocalContent(File);
+/// Committed content backed by an open local file, with its attributes read once.
+struct LocalContent {
+    file: File,
+    meta: Meta,
+}
+
+impl LocalContent {
+    fn new(file: File, meta: &fs::Metadata) -> LocalContent {
+        LocalContent {
+            meta: meta_of(meta),
+            file,
+        }
+    }
+}
 
 impl Content for LocalContent {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
-        self.0.read_at(buf, offset)
+        self.file.read_at(buf, offset)
     }
     fn meta(&self) -> io::Result<Meta> {
-        Ok(meta_of(&self.0.metadata()?))
+        Ok(self.meta.clone())
     }
     fn local_file(&self) -> Option<&File> {
-        Some(&self.0)
+        Some(&self.file)
     }
 }
 
@@ -262,16 +274,16 @@ fn copy_content(src: &dyn Content, dst: &File) -> io::Result<()> {
     }
 }
 
-/// Atomically swaps two existing paths (`renameat2(RENAME_EXCHANGE)`).
-fn exchange(a: &Path, b: &Path) -> io::Result<()> {
-    let (a, b) = (cstr(a)?, cstr(b)?);
+/// `renameat2(from, to, flags)` on full paths.
+fn renameat2(from: &Path, to: &Path, flags: libc::c_uint) -> io::Result<()> {
+    let (from, to) = (cstr(from)?, cstr(to)?);
     check(unsafe {
         libc::renameat2(
             libc::AT_FDCWD,
-            a.as_ptr(),
+            from.as_ptr(),
             libc::AT_FDCWD,
-            b.as_ptr(),
-            libc::RENAME_EXCHANGE,
+            to.as_ptr(),
+            flags,
         )
     })
 }
@@ -303,10 +315,11 @@ impl Store for LocalStore {
             .read(true)
             .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(self.full(path))?;
-        if !file.metadata()?.is_file() {
+        let meta = file.metadata()?;
+        if !meta.is_file() {
             return Err(io::Error::from_raw_os_error(libc::EISDIR));
         }
-        Ok(Arc::new(LocalContent(file)))
+        Ok(Arc::new(LocalContent::new(file, &meta)))
     }
 
     fn create(&self, path: &Path, perm: u16, owner: Owner, exclusive: bool) -> io::Result<Meta> {
@@ -357,14 +370,16 @@ impl Store for LocalStore {
             if durable {
                 staged.file.sync_all()?;
             }
+            let before = staged.file.metadata()?;
             // Swap the new content in, then drop the old: unlike a rename over an existing
             // file, an exchange does not make ext4 force the new data to disk (auto_da_alloc),
             // which costs ~0.4 ms per commit. Durability is fsync's job (above).
-            exchange(&staged.path, &target)
+            renameat2(&staged.path, &target, libc::RENAME_EXCHANGE).map(|()| before)
         })();
-        if let Err(e) = prepared {
-            return Err((e, staged));
-        }
+        let before = match prepared {
+            Ok(before) => before,
+            Err(e) => return Err((e, staged)),
+        };
         if let Err(e) = fs::remove_file(&staged.path) {
             log::warn!(
                 "could not remove the replaced version of {}: {e}",
@@ -377,7 +392,9 @@ impl Store for LocalStore {
                 path.display()
             );
         }
-        Ok(Arc::new(LocalContent(staged.file)))
+        // Read after the exchange: it changed the ctime, part of the version readers compare.
+        let meta = staged.file.metadata().unwrap_or(before);
+        Ok(Arc::new(LocalContent::new(staged.file, &meta)))
     }
 
     fn discard(&self, staged: Staged) {
@@ -410,21 +427,12 @@ impl Store for LocalStore {
     }
 
     fn rename(&self, from: &Path, to: &Path, mode: RenameMode) -> io::Result<()> {
-        let (f, t) = (cstr(&self.full(from))?, cstr(&self.full(to))?);
         let flags = match mode {
             RenameMode::Replace => 0,
             RenameMode::NoReplace => libc::RENAME_NOREPLACE,
             RenameMode::Exchange => libc::RENAME_EXCHANGE,
         };
-        check(unsafe {
-            libc::renameat2(
-                libc::AT_FDCWD,
-                f.as_ptr(),
-                libc::AT_FDCWD,
-                t.as_ptr(),
-                flags,
-            )
-        })
+        renameat2(&self.full(from), &self.full(to), flags)
     }
 
     fn symlink(&self, target: &Path, path: &Path, owner: Owner) -> io::Result<Meta> {

@@ -84,7 +84,7 @@ pub type Owner = Option<(u32, u32)>;
 pub trait Content: Send + Sync {
     /// Reads at `offset`; returns 0 at end of file.
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize>;
-    /// Current attributes of this content (size and times as committed).
+    /// Attributes of this content as it was opened or committed (its identity and size).
     fn meta(&self) -> io::Result<Meta>;
     /// The local file behind this content, when there is one (fast copies, fsync).
     fn local_file(&self) -> Option<&File>;
