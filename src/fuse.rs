@@ -15,6 +15,7 @@ use fuser::{
 
 use crate::fs::{Attr, AttrChanges, Caller, Errno, Fs, Opened};
 use crate::poll::Poller;
+use crate::reader_gate::{ReaderGate, Turn};
 use crate::store::{Kind, SetAttr, TimeSpec};
 
 /// Serves one [`Fs`] to the kernel.
@@ -23,18 +24,34 @@ pub struct FuseAdapter {
     /// How long the kernel may trust attributes and names without asking again.
     ttl: Duration,
     poller: Option<Arc<Poller>>,
+    gate: Arc<ReaderGate>,
 }
 
+/// Reads and writes above this size may take a while: another thread reads requests meanwhile.
+const LARGE_IO: u32 = 64 << 10;
+
 impl FuseAdapter {
-    pub fn new(fs: Arc<Fs>, ttl: Duration, poller: Option<Arc<Poller>>) -> FuseAdapter {
-        FuseAdapter { fs, ttl, poller }
+    pub fn new(
+        fs: Arc<Fs>,
+        ttl: Duration,
+        poller: Option<Arc<Poller>>,
+        gate: Arc<ReaderGate>,
+    ) -> FuseAdapter {
+        FuseAdapter {
+            fs,
+            ttl,
+            poller,
+            gate,
+        }
     }
 
-    /// Marks a request: keeps CPUs from halting while requests keep coming.
-    fn busy(&self) {
+    /// Starts serving a request: keeps CPUs from halting while requests keep coming, and has
+    /// another thread read requests meanwhile if this one `may_block`.
+    fn turn(&self, may_block: bool) -> Turn<'_> {
         if let Some(p) = &self.poller {
             p.activity();
         }
+        self.gate.enter(may_block)
     }
 
     fn attr(&self, a: &Attr) -> FileAttr {
@@ -163,17 +180,17 @@ impl Filesystem for FuseAdapter {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        self.busy();
+        let _turn = self.turn(false);
         self.entry(reply, self.fs.lookup(parent.0, name));
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
-        self.busy();
+        let _turn = self.turn(false);
         self.fs.forget(ino.0, nlookup);
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
-        self.busy();
+        let _turn = self.turn(false);
         match self.fs.getattr(ino.0, fh.map(|f| f.0)) {
             Ok(a) => reply.attr(&self.ttl(&a), &self.attr(&a)),
             Err(e) => reply.error(errno(e)),
@@ -198,7 +215,7 @@ impl Filesystem for FuseAdapter {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        self.busy();
+        let _turn = self.turn(size.is_some());
         let changes = AttrChanges {
             size,
             attr: SetAttr {
@@ -216,7 +233,7 @@ impl Filesystem for FuseAdapter {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        self.busy();
+        let _turn = self.turn(false);
         match self.fs.readlink(ino.0) {
             Ok(target) => reply.data(&target),
             Err(e) => reply.error(errno(e)),
@@ -233,7 +250,7 @@ impl Filesystem for FuseAdapter {
         _rdev: u32,
         reply: ReplyEntry,
     ) {
-        self.busy();
+        let _turn = self.turn(false);
         let result = self.fs.mknod(parent.0, name, mode & !umask, &caller(req));
         self.entry(reply, result);
     }
@@ -247,18 +264,18 @@ impl Filesystem for FuseAdapter {
         umask: u32,
         reply: ReplyEntry,
     ) {
-        self.busy();
+        let _turn = self.turn(false);
         let result = self.fs.mkdir(parent.0, name, mode & !umask, &caller(req));
         self.entry(reply, result);
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        self.busy();
+        let _turn = self.turn(false);
         empty(reply, self.fs.unlink(parent.0, name));
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        self.busy();
+        let _turn = self.turn(false);
         empty(reply, self.fs.rmdir(parent.0, name));
     }
 
@@ -270,7 +287,7 @@ impl Filesystem for FuseAdapter {
         target: &Path,
         reply: ReplyEntry,
     ) {
-        self.busy();
+        let _turn = self.turn(false);
         let result = self.fs.symlink(parent.0, link_name, target, &caller(req));
         self.entry(reply, result);
     }
@@ -285,7 +302,7 @@ impl Filesystem for FuseAdapter {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        self.busy();
+        let _turn = self.turn(false);
         empty(
             reply,
             self.fs
@@ -301,12 +318,12 @@ impl Filesystem for FuseAdapter {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        self.busy();
+        let _turn = self.turn(false);
         self.entry(reply, self.fs.link(ino.0, newparent.0, newname));
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        self.busy();
+        let _turn = self.turn(false);
         match self.fs.open(ino.0, flags.0) {
             Ok(o) => reply.opened(FileHandle(o.fh), open_flags(&o)),
             Err(e) => reply.error(errno(e)),
@@ -323,7 +340,7 @@ impl Filesystem for FuseAdapter {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        self.busy();
+        let _turn = self.turn(false);
         match self
             .fs
             .create(parent.0, name, mode & !umask, flags, &caller(req))
@@ -350,7 +367,7 @@ impl Filesystem for FuseAdapter {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        self.busy();
+        let _turn = self.turn(size > LARGE_IO);
         match self.fs.read(fh.0, offset, size) {
             Ok(data) => reply.data(&data),
             Err(e) => reply.error(errno(e)),
@@ -369,7 +386,7 @@ impl Filesystem for FuseAdapter {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        self.busy();
+        let _turn = self.turn(data.len() > LARGE_IO as usize || self.fs.write_may_copy(fh.0));
         match self.fs.write(fh.0, offset, data) {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(errno(e)),
@@ -384,7 +401,7 @@ impl Filesystem for FuseAdapter {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        self.busy();
+        let _turn = self.turn(self.fs.syncs_on_close());
         empty(reply, self.fs.flush(fh.0));
     }
 
@@ -398,7 +415,7 @@ impl Filesystem for FuseAdapter {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        self.busy();
+        let _turn = self.turn(self.fs.syncs_on_close());
         empty(reply, self.fs.release(fh.0));
     }
 
@@ -410,12 +427,12 @@ impl Filesystem for FuseAdapter {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        self.busy();
+        let _turn = self.turn(true);
         empty(reply, self.fs.fsync(fh.0));
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        self.busy();
+        let _turn = self.turn(true);
         match self.fs.opendir(ino.0) {
             Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
             Err(e) => reply.error(errno(e)),
@@ -430,7 +447,7 @@ impl Filesystem for FuseAdapter {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        self.busy();
+        let _turn = self.turn(offset == 0);
         match self.fs.readdir(fh.0, offset) {
             Ok(entries) => {
                 for e in entries {
@@ -452,7 +469,7 @@ impl Filesystem for FuseAdapter {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        self.busy();
+        let _turn = self.turn(offset == 0);
         let result = self.fs.readdirplus(fh.0, offset, |e, a| {
             !reply.add(
                 INodeNo(a.ino),
@@ -477,7 +494,7 @@ impl Filesystem for FuseAdapter {
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
-        self.busy();
+        let _turn = self.turn(false);
         self.fs.releasedir(fh.0);
         reply.ok();
     }
@@ -490,7 +507,7 @@ impl Filesystem for FuseAdapter {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        self.busy();
+        let _turn = self.turn(true);
         empty(reply, self.fs.fsyncdir(ino.0));
     }
 
@@ -505,12 +522,12 @@ impl Filesystem for FuseAdapter {
         _size: u32,
         reply: ReplyXattr,
     ) {
-        self.busy();
+        let _turn = self.turn(false);
         reply.error(fuser::Errno::ENOSYS);
     }
 
     fn listxattr(&self, _req: &Request, _ino: INodeNo, _size: u32, reply: ReplyXattr) {
-        self.busy();
+        let _turn = self.turn(false);
         reply.error(fuser::Errno::ENOSYS);
     }
 
@@ -524,12 +541,12 @@ impl Filesystem for FuseAdapter {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        self.busy();
+        let _turn = self.turn(false);
         empty(reply, self.fs.change_xattr(ino.0));
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
-        self.busy();
+        let _turn = self.turn(false);
         empty(reply, self.fs.change_xattr(ino.0));
     }
 
@@ -544,12 +561,12 @@ impl Filesystem for FuseAdapter {
         _out_size: u32,
         reply: fuser::ReplyIoctl,
     ) {
-        self.busy();
+        let _turn = self.turn(false);
         reply.error(fuser::Errno::ENOTTY);
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        self.busy();
+        let _turn = self.turn(false);
         match self.fs.statfs() {
             Ok(s) => reply.statfs(
                 s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.bsize,

@@ -13,6 +13,7 @@ pub mod fuse;
 pub mod grant;
 pub mod mount;
 pub mod poll;
+pub mod reader_gate;
 pub mod records;
 pub mod space;
 pub mod store;

@@ -14,6 +14,7 @@ use crate::fs::{Fs, FsOptions, Limits, Quota};
 use crate::fuse::FuseAdapter;
 use crate::grant::Grant;
 use crate::poll::Poller;
+use crate::reader_gate::ReaderGate;
 use crate::records::RecordStore;
 use crate::space::{SpaceId, SpaceKind};
 use crate::store::Store;
@@ -214,6 +215,8 @@ pub struct ActiveMount {
     pub space: SpaceId,
     pub grant: Grant,
     pub fs: Arc<Fs>,
+    /// Releases the session's standby threads when we unmount.
+    gate: Arc<ReaderGate>,
     ended: Arc<AtomicBool>,
     waiter: Option<std::thread::JoinHandle<std::io::Result<()>>>,
 }
@@ -286,7 +289,14 @@ impl ActiveMount {
                 quota: resources.quota.clone(),
             },
         ));
-        let adapter = FuseAdapter::new(fs.clone(), spec.cache_ttl, resources.poller.clone());
+        let threads = spec.threads.max(1);
+        let gate = Arc::new(ReaderGate::new(threads));
+        let adapter = FuseAdapter::new(
+            fs.clone(),
+            spec.cache_ttl,
+            resources.poller.clone(),
+            gate.clone(),
+        );
         let mut config = Config::default();
         config.mount_options = vec![
             MountOption::FSName(format!("{SOURCE_PREFIX}{}", spec.space.rel_dir().display())),
@@ -301,7 +311,7 @@ impl ActiveMount {
         } else {
             SessionACL::Owner
         };
-        config.n_threads = Some(spec.threads.max(1));
+        config.n_threads = Some(threads);
         config.clone_fd = true;
         let session =
             Session::new(adapter, &mountpoint, &config).map_err(|e| match e.raw_os_error() {
@@ -312,6 +322,7 @@ impl ActiveMount {
                 ),
                 _ => format!("cannot mount at {}: {e}", mountpoint.display()),
             })?;
+        gate.set_device(&session);
         let background = session
             .spawn()
             .map_err(|e| format!("cannot start serving {}: {e}", mountpoint.display()))?;
@@ -336,6 +347,7 @@ impl ActiveMount {
             space: spec.space.clone(),
             grant: spec.grant.clone(),
             fs,
+            gate,
             ended,
             waiter: Some(waiter),
         })
@@ -354,7 +366,10 @@ impl ActiveMount {
         }
         self.fs.commit_all();
         match unmount(&self.mountpoint, false) {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                self.gate.close();
+                Ok(())
+            }
             Err(_) if lazy => {
                 log::warn!(
                     "files still open under {}: detaching lazily",

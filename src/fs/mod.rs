@@ -740,6 +740,21 @@ impl Fs {
         h.write(self.store.as_ref(), offset, &data[..len])
     }
 
+    /// Whether commits at close are made durable (they then wait for the disk).
+    pub fn syncs_on_close(&self) -> bool {
+        self.options.sync_on_close
+    }
+
+    /// Whether a write through `fh` would first copy a large committed file into a working copy.
+    pub fn write_may_copy(&self, fh: u64) -> bool {
+        const LARGE: u64 = 1 << 20;
+        let Ok(handle) = self.file(fh) else {
+            return false;
+        };
+        let h = lock(&handle);
+        h.writable && h.staged.is_none() && h.committed_size().is_ok_and(|size| size > LARGE)
+    }
+
     /// `close()` of one descriptor: commits what the handle changed, so commit errors reach the
     /// caller's `close()`.
     pub fn flush(&self, fh: u64) -> FsResult<()> {
