@@ -28,7 +28,9 @@ pub struct FuseAdapter {
 }
 
 /// Reads and writes above this size may take a while: another thread reads requests meanwhile.
-const LARGE_IO: u32 = 64 << 10;
+/// Above the kernel's readahead requests (128 KiB), which come in streams where handing over
+/// each one would cost more than it saves.
+const LARGE_IO: u32 = 256 << 10;
 
 impl FuseAdapter {
     pub fn new(

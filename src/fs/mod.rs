@@ -653,10 +653,13 @@ impl Fs {
             state.handles.push(fh);
             if writable {
                 let alone = state.readers == 0 && state.writers == 0;
-                // A writer alone fills the page cache with its own (not yet committed) data.
+                // A writer alone starts from the committed version: pages cached of exactly
+                // that version stay (dropping a large file's pages costs milliseconds). It then
+                // fills the page cache with its own, not yet committed, data.
+                let keep = alone && state.cached_version == Some(version);
                 state.cached_version = None;
                 state.writers += 1;
-                (!alone, false)
+                (!alone, keep)
             } else {
                 state.readers += 1;
                 if state.writers > 0 {
@@ -1119,6 +1122,24 @@ mod tests {
         );
         assert!(again.no_flush);
         assert_eq!(s.fs.read(again.fh, 0, 100).unwrap(), b"hello");
+    }
+
+    #[test]
+    fn a_lone_writer_keeps_cached_pages_only_of_the_version_it_opens() {
+        let s = full();
+        let (attr, w) = create(&s.fs, ROOT, "f", RW);
+        s.fs.write(w.fh, 0, b"v1").unwrap();
+        s.fs.release(w.fh).unwrap();
+        // The pages cached are v1, the committed version: a new writer may keep them.
+        let w2 = s.fs.open(attr.ino, RW).unwrap();
+        assert!(w2.keep_cache && !w2.direct_io);
+        s.fs.write(w2.fh, 0, b"v2").unwrap();
+        s.fs.release(w2.fh).unwrap();
+        // Changed behind the mount's back: the cached pages are of another version.
+        std::fs::write(s.root.join("f"), b"outside").unwrap();
+        let w3 = s.fs.open(attr.ino, RW).unwrap();
+        assert!(!w3.keep_cache, "pages of another version are dropped");
+        s.fs.release(w3.fh).unwrap();
     }
 
     #[test]

@@ -8,8 +8,8 @@ use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::{
@@ -46,8 +46,14 @@ impl LocalStore {
 pub struct StagingArea {
     dir: PathBuf,
     counter: AtomicU64,
+    /// Removes replaced versions of large files off the request path, started at first use.
+    remover: Mutex<Option<mpsc::Sender<PathBuf>>>,
     _lock: nix::fcntl::Flock<File>,
 }
+
+/// Replaced versions at least this large are removed in the background: freeing their blocks
+/// takes milliseconds on ext4 (more with `discard`), which `close()` would otherwise wait for.
+const REMOVE_LATER_SIZE: u64 = 1 << 20;
 
 impl StagingArea {
     /// Creates this process's staging directory under `data_dir` and removes stale ones.
@@ -70,6 +76,7 @@ impl StagingArea {
             StagingArea {
                 dir,
                 counter: AtomicU64::new(0),
+                remover: Mutex::new(None),
                 _lock: lock,
             },
             removed,
@@ -114,6 +121,40 @@ impl StagingArea {
             .custom_flags(libc::O_CLOEXEC)
             .open(&path)?;
         Ok((file, path))
+    }
+}
+
+impl StagingArea {
+    /// Removes `path` (a replaced version inside this staging area) now, or soon on a
+    /// background thread if it is large. One left behind by a crash is stale staging, removed
+    /// at the next start.
+    fn remove_replaced(&self, path: &Path, size: u64) {
+        if size >= REMOVE_LATER_SIZE {
+            let mut remover = self.remover.lock().unwrap_or_else(|e| e.into_inner());
+            if remover.is_none() {
+                let (tx, rx) = mpsc::channel::<PathBuf>();
+                let spawned = std::thread::Builder::new()
+                    .name("roomfs-remove".into())
+                    .spawn(move || {
+                        for path in rx {
+                            if let Err(e) = fs::remove_file(&path) {
+                                log::warn!("could not remove {}: {e}", path.display());
+                            }
+                        }
+                    });
+                if spawned.is_ok() {
+                    *remover = Some(tx);
+                }
+            }
+            if let Some(tx) = remover.as_ref()
+                && tx.send(path.to_path_buf()).is_ok()
+            {
+                return;
+            }
+        }
+        if let Err(e) = fs::remove_file(path) {
+            log::warn!("could not remove {}: {e}", path.display());
+        }
     }
 }
 
@@ -374,18 +415,15 @@ impl Store for LocalStore {
             // Swap the new content in, then drop the old: unlike a rename over an existing
             // file, an exchange does not make ext4 force the new data to disk (auto_da_alloc),
             // which costs ~0.4 ms per commit. Durability is fsync's job (above).
-            renameat2(&staged.path, &target, libc::RENAME_EXCHANGE).map(|()| before)
+            renameat2(&staged.path, &target, libc::RENAME_EXCHANGE)
+                .map(|()| (before, current.len()))
         })();
-        let before = match prepared {
-            Ok(before) => before,
+        let (before, replaced_size) = match prepared {
+            Ok(sizes) => sizes,
             Err(e) => return Err((e, staged)),
         };
-        if let Err(e) = fs::remove_file(&staged.path) {
-            log::warn!(
-                "could not remove the replaced version of {}: {e}",
-                path.display()
-            );
-        }
+        // The staging path now names the replaced version.
+        self.staging.remove_replaced(&staged.path, replaced_size);
         if durable && let Err(e) = sync_dir_of(&target) {
             log::error!(
                 "committed {} but could not sync its directory: {e}",
@@ -509,6 +547,45 @@ mod tests {
         let (area, _) = StagingArea::create(dir.path()).unwrap();
         let store = LocalStore::open(dir.path().join("rooms/r"), Arc::new(area)).unwrap();
         (dir, store)
+    }
+
+    #[test]
+    fn large_replaced_versions_are_removed_in_the_background() {
+        let (d, s) = store();
+        let big = vec![7u8; REMOVE_LATER_SIZE as usize];
+        fs::write(s.full(Path::new("f")), &big).unwrap();
+        let staged = s.stage(None).unwrap();
+        staged.file.write_all_at(b"small", 0).unwrap();
+        s.commit(staged, Path::new("f"), false)
+            .map_err(|(e, _)| e)
+            .unwrap();
+        assert_eq!(fs::read(s.full(Path::new("f"))).unwrap(), b"small");
+        let staging = d.path().join(".staging");
+        let leftovers = || {
+            walk(&staging)
+                .into_iter()
+                .filter(|p| p.file_name().is_some_and(|n| n != "lock"))
+                .count()
+        };
+        for _ in 0..500 {
+            if leftovers() == 0 {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        panic!("the replaced version is still in the staging area");
+    }
+
+    fn walk(dir: &Path) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        for e in fs::read_dir(dir).unwrap().flatten() {
+            if e.file_type().unwrap().is_dir() {
+                out.extend(walk(&e.path()));
+            } else {
+                out.push(e.path());
+            }
+        }
+        out
     }
 
     #[test]
