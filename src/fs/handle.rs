@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use super::error::{Errno, FsResult};
 use super::inode::Ino;
+use super::seed::{LAZY_SEED_MIN, Seeding};
 use crate::store::{Content, Kind, Staged, Store};
 
 /// An open regular file.
@@ -21,6 +22,8 @@ pub struct FileHandle {
     pub committed: Option<Arc<dyn Content>>,
     /// The working copy, once this handle has started changing the file.
     pub staged: Option<Staged>,
+    /// The copying of the committed content into a large working copy, while under way.
+    pub seeding: Option<Arc<Seeding>>,
     /// The working copy differs from what was last committed.
     pub dirty: bool,
 }
@@ -29,10 +32,47 @@ impl FileHandle {
     /// Creates the working copy if there is none yet, seeded from the committed content.
     pub fn ensure_staged(&mut self, store: &dyn Store) -> FsResult<&Staged> {
         if self.staged.is_none() {
-            let seed = self.committed.as_deref();
-            self.staged = Some(store.stage(seed)?);
+            let size = self.committed_size()?;
+            match &self.committed {
+                Some(content) if size >= LAZY_SEED_MIN => {
+                    // A sparse copy of the right size, filled in chunks (see `seed`).
+                    let staged = store.stage(None)?;
+                    let prepared = staged
+                        .file
+                        .set_len(size)
+                        .and_then(|()| staged.file.try_clone());
+                    match prepared {
+                        Ok(dest) => {
+                            self.seeding = Some(Seeding::start(content.clone(), dest, size));
+                            self.staged = Some(staged);
+                        }
+                        Err(e) => {
+                            store.discard(staged);
+                            return Err(e.into());
+                        }
+                    }
+                }
+                seed => self.staged = Some(store.stage(seed.as_deref())?),
+            }
         }
         Ok(self.staged.as_ref().expect("just staged"))
+    }
+
+    /// Completes the seeding of the working copy, if under way (before a commit).
+    pub fn finish_seeding(&mut self) -> FsResult<()> {
+        if let Some(seeding) = &self.seeding {
+            seeding.finish()?;
+        }
+        self.seeding = None;
+        Ok(())
+    }
+
+    /// Makes the working copy ready to be read or written at `offset..offset + len`.
+    fn seeded(&self, offset: u64, len: u64, write: bool) -> FsResult<()> {
+        if let Some(seeding) = &self.seeding {
+            seeding.prepare(offset, len, write)?;
+        }
+        Ok(())
     }
 
     /// The size this handle sees now.
@@ -53,6 +93,7 @@ impl FileHandle {
 
     /// Reads up to `size` bytes at `offset` from what this handle sees.
     pub fn read(&self, offset: u64, size: usize) -> FsResult<Vec<u8>> {
+        self.seeded(offset, size as u64, false)?;
         let mut buf = vec![0u8; size];
         let mut done = 0;
         while done < size {
@@ -84,7 +125,14 @@ impl FileHandle {
         } else {
             offset
         };
-        staged.file.write_all_at(data, offset)?;
+        self.seeded(offset, data.len() as u64, true)?;
+        let staged = self.staged.as_ref().expect("staged above");
+        if let Err(e) = staged.file.write_all_at(data, offset) {
+            if let Some(seeding) = &self.seeding {
+                seeding.write_failed(offset, data.len() as u64);
+            }
+            return Err(e.into());
+        }
         self.dirty = true;
         Ok(data.len() as u32)
     }
@@ -95,10 +143,26 @@ impl FileHandle {
             // Truncating to nothing (`open(O_TRUNC)`): no need to copy the old content first.
             self.staged = Some(store.stage(None)?);
         }
-        let staged = self.ensure_staged(store)?;
+        self.ensure_staged(store)?;
+        if let Some(seeding) = self.seeding.take() {
+            // Nothing beyond `size` is needed; nothing may be copied there after the cut.
+            if let Err(e) = seeding.finish_up_to(size) {
+                self.seeding = Some(seeding);
+                return Err(e.into());
+            }
+        }
+        let staged = self.staged.as_ref().expect("staged above");
         staged.file.set_len(size)?;
         self.dirty = true;
         Ok(())
+    }
+}
+
+impl Drop for FileHandle {
+    fn drop(&mut self) {
+        if let Some(seeding) = &self.seeding {
+            seeding.cancel();
+        }
     }
 }
 

@@ -6,6 +6,7 @@ pub mod error;
 pub mod handle;
 pub mod inode;
 pub mod quota;
+pub mod seed;
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -462,6 +463,7 @@ impl Fs {
             direct_io: true,
             committed: Some(committed),
             staged: None,
+            seeding: None,
             dirty: false,
         };
         temp.truncate(self.store.as_ref(), size)?;
@@ -680,6 +682,7 @@ impl Fs {
             committed: Some(committed),
             dirty: staged.is_some(),
             staged,
+            seeding: None,
         };
         write_lock(&self.files).insert(fh, Arc::new(Mutex::new(handle)));
         Ok(Opened {
@@ -755,7 +758,11 @@ impl Fs {
             return false;
         };
         let h = lock(&handle);
-        h.writable && h.staged.is_none() && h.committed_size().is_ok_and(|size| size > LARGE)
+        // Larger files are seeded lazily (see `seed`): their first write copies a block or two.
+        h.writable
+            && h.staged.is_none()
+            && h.committed_size()
+                .is_ok_and(|size| size > LARGE && size < seed::LAZY_SEED_MIN)
     }
 
     /// `close()` of one descriptor: commits what the handle changed, so commit errors reach the
@@ -825,6 +832,7 @@ impl Fs {
     /// Commits the handle's working copy over the file's current path. A file unlinked while
     /// open has no path: its changes are dropped, as on any POSIX filesystem.
     fn commit(&self, h: &mut FileHandle, durable: bool) -> FsResult<()> {
+        h.finish_seeding()?;
         let Some(staged) = h.staged.take() else {
             h.dirty = false;
             return Ok(());
@@ -1140,6 +1148,48 @@ mod tests {
         let w3 = s.fs.open(attr.ino, RW).unwrap();
         assert!(!w3.keep_cache, "pages of another version are dropped");
         s.fs.release(w3.fh).unwrap();
+    }
+
+    #[test]
+    fn large_files_are_seeded_lazily_and_commit_whole() {
+        let s = full();
+        let len = (seed::LAZY_SEED_MIN + 12345) as usize;
+        let original: Vec<u8> = (0..len).map(|i| (i % 253) as u8).collect();
+        std::fs::write(s.root.join("big"), &original).unwrap();
+        let attr = s.fs.lookup(ROOT, name("big")).unwrap();
+        let h = s.fs.open(attr.ino, RW).unwrap();
+        let mut expect = original.clone();
+        for offset in [len - 3, 2 << 20, 17] {
+            s.fs.write(h.fh, offset as u64, b"XYZ").unwrap();
+            expect[offset..offset + 3].copy_from_slice(b"XYZ");
+        }
+        // The handle sees the seed plus its writes, before the commit too.
+        assert_eq!(s.fs.read(h.fh, 0, 32).unwrap(), &expect[..32]);
+        assert_eq!(
+            s.fs.read(h.fh, (3 << 20) - 5, 10).unwrap(),
+            &expect[(3 << 20) - 5..(3 << 20) + 5]
+        );
+        assert_eq!(std::fs::read(s.root.join("big")).unwrap(), original);
+        s.fs.release(h.fh).unwrap();
+        assert!(std::fs::read(s.root.join("big")).unwrap() == expect);
+
+        // A truncation while seeding keeps exactly the bytes below the cut.
+        let h = s.fs.open(attr.ino, RW).unwrap();
+        s.fs.write(h.fh, 5, b"abc").unwrap();
+        let cut = (1 << 20) + 7;
+        s.fs.setattr(
+            attr.ino,
+            Some(h.fh),
+            &AttrChanges {
+                size: Some(cut as u64),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        s.fs.release(h.fh).unwrap();
+        expect[5..8].copy_from_slice(b"abc");
+        expect.truncate(cut);
+        assert!(std::fs::read(s.root.join("big")).unwrap() == expect);
     }
 
     #[test]

@@ -288,31 +288,11 @@ fn timespec(t: Option<TimeSpec>) -> libc::timespec {
 
 /// Copies all of `src` into `dst` from offset 0, in the kernel where possible.
 fn copy_content(src: &dyn Content, dst: &File) -> io::Result<()> {
-    if let Some(file) = src.local_file() {
-        let len = file.metadata()?.len();
-        let mut off_in: i64 = 0;
-        let mut off_out: i64 = 0;
-        while (off_in as u64) < len {
-            let want = (len - off_in as u64).min(1 << 30) as usize;
-            let n =
-                nix::fcntl::copy_file_range(file, Some(&mut off_in), dst, Some(&mut off_out), want)
-                    .map_err(io::Error::from)?;
-            if n == 0 {
-                break;
-            }
-        }
-        return Ok(());
-    }
-    let mut buf = vec![0u8; 1 << 20];
-    let mut off = 0u64;
-    loop {
-        let n = src.read_at(&mut buf, off)?;
-        if n == 0 {
-            return Ok(());
-        }
-        dst.write_all_at(&buf[..n], off)?;
-        off += n as u64;
-    }
+    let len = match src.local_file() {
+        Some(file) => file.metadata()?.len(),
+        None => src.meta()?.size,
+    };
+    super::copy_range(src, dst, 0, len)
 }
 
 /// `renameat2(from, to, flags)` on full paths.

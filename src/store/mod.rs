@@ -90,6 +90,38 @@ pub trait Content: Send + Sync {
     fn local_file(&self) -> Option<&File>;
 }
 
+/// Copies `len` bytes at `offset` of `src` to the same offset of `dst` (in the kernel when
+/// `src` is a local file); stops early at the end of `src`.
+pub fn copy_range(src: &dyn Content, dst: &File, offset: u64, len: u64) -> io::Result<()> {
+    let end = offset + len;
+    if let Some(file) = src.local_file() {
+        let mut off_in = offset as i64;
+        let mut off_out = offset as i64;
+        while (off_in as u64) < end {
+            let want = (end - off_in as u64).min(1 << 30) as usize;
+            let n =
+                nix::fcntl::copy_file_range(file, Some(&mut off_in), dst, Some(&mut off_out), want)
+                    .map_err(io::Error::from)?;
+            if n == 0 {
+                break;
+            }
+        }
+        return Ok(());
+    }
+    let mut buf = vec![0u8; len.min(1 << 20) as usize];
+    let mut off = offset;
+    while off < end {
+        let want = (end - off).min(buf.len() as u64) as usize;
+        let n = src.read_at(&mut buf[..want], off)?;
+        if n == 0 {
+            break;
+        }
+        std::os::unix::fs::FileExt::write_all_at(dst, &buf[..n], off)?;
+        off += n as u64;
+    }
+    Ok(())
+}
+
 /// A private, writable working copy of a file on local disk. It becomes the file's content
 /// only when committed.
 #[derive(Debug)]

@@ -1,0 +1,372 @@
+//! Lazy seeding of a large working copy: the committed content is copied by a background
+//! thread, and on demand, instead of all at once at the first write.
+//!
+//! A writer's first write into a large file used to wait for the whole file to be copied
+//! (tens of milliseconds for 64 MiB). Now the working copy starts as a sparse file of the
+//! committed size, and the copy is tracked in 4 KiB blocks: a block a write covers entirely is
+//! simply marked as present (the write supplies it), a block a write or read covers in part is
+//! copied first, and a background thread copies every block still missing, a chunk at a time.
+//! A block is copied at most once and never after a write into it, so a copy never overwrites
+//! newer data. Commits and truncations wait until every block is present ([`Seeding::finish`]).
+
+use std::fs::File;
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+
+use crate::store::{Content, copy_range};
+
+/// Files at least this large are seeded lazily; smaller ones are copied at once.
+pub const LAZY_SEED_MIN: u64 = 4 << 20;
+const BLOCK: u64 = 4096;
+/// Blocks per chunk: one bit each in a `u64`.
+const BLOCKS: u64 = 64;
+const CHUNK: u64 = BLOCK * BLOCKS;
+
+#[derive(Clone, Copy, Default)]
+struct Chunk {
+    /// Blocks that hold their final data (seeded, or marked for a write that covers them).
+    present: u64,
+    /// The background copier is copying this chunk's missing blocks.
+    copying: bool,
+}
+
+/// The seeding state of one working copy, shared with its background copier.
+pub struct Seeding {
+    source: Arc<dyn Content>,
+    dest: File,
+    len: u64,
+    chunks: Mutex<Vec<Chunk>>,
+    copied: Condvar,
+    /// Set when the working copy is dropped or cut: the copier stops.
+    cancelled: AtomicBool,
+}
+
+/// The bits of the blocks of chunk `index` that exist in a file of `len` bytes.
+fn blocks_in_file(index: usize, len: u64) -> u64 {
+    let start = index as u64 * CHUNK;
+    let blocks = (len.saturating_sub(start)).div_ceil(BLOCK).min(BLOCKS);
+    if blocks == BLOCKS {
+        u64::MAX
+    } else {
+        (1u64 << blocks) - 1
+    }
+}
+
+impl Seeding {
+    /// Starts seeding `dest` (already sized to `len`) from `source`, copying in the background.
+    pub fn start(source: Arc<dyn Content>, dest: File, len: u64) -> Arc<Seeding> {
+        let seeding = Arc::new(Seeding {
+            source,
+            dest,
+            len,
+            chunks: Mutex::new(vec![Chunk::default(); len.div_ceil(CHUNK) as usize]),
+            copied: Condvar::new(),
+            cancelled: AtomicBool::new(false),
+        });
+        let copier = seeding.clone();
+        let spawned = std::thread::Builder::new()
+            .name("roomfs-seed".into())
+            .spawn(move || {
+                // Idle time only: the requests the writer is waiting for come first.
+                // SAFETY: a plain syscall on this thread.
+                unsafe {
+                    let param = libc::sched_param { sched_priority: 0 };
+                    libc::sched_setscheduler(0, libc::SCHED_IDLE, &param);
+                }
+                copier.copy_all_in_background()
+            });
+        if let Err(e) = spawned {
+            // Nothing lost: missing blocks are still copied by `finish`.
+            log::debug!("seeding without a background copier: {e}");
+        }
+        seeding
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Vec<Chunk>> {
+        self.chunks.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Waits until the background copier is done with chunk `index`.
+    fn idle<'a>(
+        &'a self,
+        mut chunks: MutexGuard<'a, Vec<Chunk>>,
+        index: usize,
+    ) -> MutexGuard<'a, Vec<Chunk>> {
+        while chunks[index].copying {
+            chunks = self.copied.wait(chunks).unwrap_or_else(|e| e.into_inner());
+        }
+        chunks
+    }
+
+    fn copy_all_in_background(&self) {
+        let count = self.lock().len();
+        for index in 0..count {
+            let missing = {
+                let mut chunks = self.lock();
+                // Checked under the lock, so `finish_up_to` sees every copy it must wait for.
+                if self.cancelled.load(Ordering::Relaxed) {
+                    return;
+                }
+                let missing = blocks_in_file(index, self.len) & !chunks[index].present;
+                if missing == 0 {
+                    continue;
+                }
+                chunks[index].copying = true;
+                missing
+            };
+            // An error leaves the blocks missing: `finish` copies them, and reports its error.
+            let copied = self.copy_blocks(index, missing).is_ok();
+            let mut chunks = self.lock();
+            if copied {
+                chunks[index].present |= missing;
+            }
+            chunks[index].copying = false;
+            self.copied.notify_all();
+        }
+    }
+
+    /// Copies the blocks of chunk `index` in `mask` from the source, in runs.
+    fn copy_blocks(&self, index: usize, mut mask: u64) -> io::Result<()> {
+        let base = index as u64 * CHUNK;
+        while mask != 0 {
+            let first = mask.trailing_zeros() as u64;
+            let run = (mask >> first).trailing_ones() as u64;
+            let offset = base + first * BLOCK;
+            let len = (run * BLOCK).min(self.len - offset);
+            copy_range(self.source.as_ref(), &self.dest, offset, len)?;
+            mask &= !(if run == BLOCKS {
+                u64::MAX
+            } else {
+                ((1u64 << run) - 1) << first
+            });
+        }
+        Ok(())
+    }
+
+    /// Prepares `offset..offset + len` of the working copy to be read (`write == false`) or
+    /// overwritten: copies the blocks it needs from the seed, and marks the blocks a write
+    /// covers entirely as present without copying them.
+    pub fn prepare(&self, offset: u64, len: u64, write: bool) -> io::Result<()> {
+        let end = (offset + len).min(self.len);
+        if len == 0 || offset >= end {
+            return Ok(());
+        }
+        let first_block = offset / BLOCK;
+        let last_block = (end - 1) / BLOCK;
+        let mut block = first_block;
+        while block <= last_block {
+            let index = (block / BLOCKS) as usize;
+            let chunk_end = (index as u64 + 1) * BLOCKS - 1;
+            let (mut copy, mut cover) = (0u64, 0u64);
+            for b in block..=last_block.min(chunk_end) {
+                let bit = 1u64 << (b % BLOCKS);
+                let (start, stop) = (b * BLOCK, ((b + 1) * BLOCK).min(self.len));
+                if write && offset <= start && offset + len >= stop {
+                    cover |= bit;
+                } else {
+                    copy |= bit;
+                }
+            }
+            let chunks = self.lock();
+            let mut chunks = self.idle(chunks, index);
+            let copy = copy & !chunks[index].present;
+            if copy != 0 {
+                // The chunk stays locked while its few blocks are copied: the copier cannot
+                // take them meanwhile.
+                self.copy_blocks(index, copy)?;
+            }
+            chunks[index].present |= copy | cover;
+            block = chunk_end + 1;
+        }
+        Ok(())
+    }
+
+    /// A write prepared with [`prepare`](Self::prepare) failed: the blocks it was to supply
+    /// are missing again (copied from the seed later), so the working copy never keeps a hole.
+    pub fn write_failed(&self, offset: u64, len: u64) {
+        let mut chunks = self.lock();
+        let end = (offset + len).min(self.len);
+        let mut block = offset.div_ceil(BLOCK);
+        while (block + 1) * BLOCK <= end || (block * BLOCK < end && end == self.len) {
+            chunks[(block / BLOCKS) as usize].present &= !(1u64 << (block % BLOCKS));
+            block += 1;
+        }
+    }
+
+    /// Copies everything still missing (before a commit).
+    pub fn finish(&self) -> io::Result<()> {
+        self.finish_up_to(self.len)
+    }
+
+    /// Copies what is missing below `size` and stops copying the rest (before truncating the
+    /// working copy to `size`: no copy may land beyond it afterwards).
+    pub fn finish_up_to(&self, size: u64) -> io::Result<()> {
+        self.cancel();
+        let mut chunks = self.lock();
+        let end = size.min(self.len);
+        for index in 0..end.div_ceil(CHUNK) as usize {
+            chunks = self.idle(chunks, index);
+            let missing = blocks_in_file(index, end) & !chunks[index].present;
+            if missing != 0 {
+                self.copy_blocks(index, missing)?;
+                chunks[index].present |= missing;
+            }
+        }
+        for index in 0..chunks.len() {
+            chunks = self.idle(chunks, index);
+        }
+        Ok(())
+    }
+
+    /// Stops the background copier (the working copy is being dropped).
+    pub fn cancel(&self) {
+        self.cancelled.store(true, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Meta;
+    use std::os::unix::fs::FileExt;
+
+    /// Committed content held in memory (not a local file: exercises the read/write copy).
+    struct Bytes(Vec<u8>);
+
+    impl Content for Bytes {
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+            let start = (offset as usize).min(self.0.len());
+            let n = buf.len().min(self.0.len() - start);
+            buf[..n].copy_from_slice(&self.0[start..start + n]);
+            Ok(n)
+        }
+        fn meta(&self) -> io::Result<Meta> {
+            Err(io::Error::other("not needed"))
+        }
+        fn local_file(&self) -> Option<&File> {
+            None
+        }
+    }
+
+    fn pattern(len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i * 7 % 251) as u8).collect()
+    }
+
+    fn working_copy(len: u64) -> (tempfile::TempDir, File) {
+        let dir = tempfile::tempdir().unwrap();
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dir.path().join("w"))
+            .unwrap();
+        file.set_len(len).unwrap();
+        (dir, file)
+    }
+
+    #[test]
+    fn writes_survive_the_background_copy_and_the_rest_is_seeded() {
+        let len = 5 * CHUNK + 123;
+        let seed = pattern(len as usize);
+        let (_d, file) = working_copy(len);
+        let dest = file.try_clone().unwrap();
+        let seeding = Seeding::start(Arc::new(Bytes(seed.clone())), dest, len);
+        // Writes into chunks the copier may not have reached yet, and across a boundary.
+        let mut expect = seed.clone();
+        for (offset, data) in [(3 * CHUNK + 10, b"three"), (CHUNK - 2, b"cross")] {
+            seeding.prepare(offset, data.len() as u64, true).unwrap();
+            file.write_all_at(data, offset).unwrap();
+            expect[offset as usize..offset as usize + data.len()].copy_from_slice(data);
+        }
+        seeding.finish().unwrap();
+        let mut got = vec![0u8; len as usize];
+        file.read_exact_at(&mut got, 0).unwrap();
+        assert!(got == expect, "working copy = seed + the writes");
+    }
+
+    #[test]
+    fn a_cancelled_seeding_still_copies_on_demand() {
+        let len = 3 * CHUNK;
+        let seed = pattern(len as usize);
+        let (_d, file) = working_copy(len);
+        let seeding = Seeding::start(
+            Arc::new(Bytes(seed.clone())),
+            file.try_clone().unwrap(),
+            len,
+        );
+        seeding.cancel();
+        seeding.prepare(2 * CHUNK, 10, false).unwrap();
+        let mut got = [0u8; 10];
+        file.read_exact_at(&mut got, 2 * CHUNK).unwrap();
+        assert_eq!(&got, &seed[2 * CHUNK as usize..2 * CHUNK as usize + 10]);
+        seeding.finish().unwrap();
+    }
+
+    #[test]
+    fn random_writes_and_reads_match_a_model() {
+        let len = 3 * CHUNK + 5000;
+        let seed = pattern(len as usize);
+        let (_d, file) = working_copy(len);
+        let seeding = Seeding::start(
+            Arc::new(Bytes(seed.clone())),
+            file.try_clone().unwrap(),
+            len,
+        );
+        let mut model = seed.clone();
+        let mut x: u64 = 0x9e3779b97f4a7c15;
+        let mut next = |n: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % n
+        };
+        for round in 0..300 {
+            let offset = next(len);
+            let size = 1 + next(3 * BLOCK);
+            if round % 3 == 0 {
+                seeding.prepare(offset, size, false).unwrap();
+                let end = (offset + size).min(len) as usize;
+                let mut got = vec![0u8; end - offset as usize];
+                file.read_exact_at(&mut got, offset).unwrap();
+                assert!(
+                    got == model[offset as usize..end],
+                    "read at {offset}+{size}"
+                );
+            } else {
+                let data = vec![(round % 250) as u8 + 1; size as usize];
+                seeding.prepare(offset, size, true).unwrap();
+                file.write_all_at(&data, offset).unwrap();
+                let end = offset as usize + data.len();
+                if end > model.len() {
+                    model.resize(end, 0);
+                }
+                model[offset as usize..end].copy_from_slice(&data);
+            }
+        }
+        seeding.finish().unwrap();
+        let mut got = vec![0u8; model.len()];
+        file.read_exact_at(&mut got, 0).unwrap();
+        assert!(got == model);
+    }
+
+    #[test]
+    fn a_failed_write_gets_its_blocks_from_the_seed_again() {
+        let len = 2 * CHUNK;
+        let seed = pattern(len as usize);
+        let (_d, file) = working_copy(len);
+        let seeding = Seeding::start(
+            Arc::new(Bytes(seed.clone())),
+            file.try_clone().unwrap(),
+            len,
+        );
+        seeding.cancel(); // no background copy: only `finish` can fill the blocks
+        seeding.prepare(BLOCK, 2 * BLOCK, true).unwrap();
+        seeding.write_failed(BLOCK, 2 * BLOCK);
+        seeding.finish().unwrap();
+        let mut got = vec![0u8; len as usize];
+        file.read_exact_at(&mut got, 0).unwrap();
+        assert!(got == seed);
+    }
+}
