@@ -163,3 +163,49 @@ impl Poller {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+
+    /// The CPU latency the kernel currently grants (the strictest request of all processes).
+    fn granted_latency() -> Option<i32> {
+        let mut device = File::open(CPU_LATENCY_DEVICE).ok()?;
+        let mut value = [0u8; 4];
+        device.read_exact(&mut value).ok()?;
+        Some(i32::from_ne_bytes(value))
+    }
+
+    fn wait_for(mut cond: impl FnMut() -> bool) -> bool {
+        for _ in 0..400 {
+            if cond() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        false
+    }
+
+    #[test]
+    fn requests_low_latency_while_busy_and_withdraws_it_when_idle() {
+        let Some(before) = granted_latency() else {
+            eprintln!("skipped: {CPU_LATENCY_DEVICE} is not readable (needs root)");
+            return;
+        };
+        let poller = Poller::start(Duration::from_millis(50)).expect("a non-zero window");
+        poller.activity();
+        assert!(
+            wait_for(|| granted_latency() == Some(LOW_LATENCY)),
+            "a request makes the poller ask for zero latency"
+        );
+        if before != LOW_LATENCY {
+            // Someone else on the machine may hold a zero request too: only then can the
+            // withdrawal not be seen.
+            assert!(
+                wait_for(|| granted_latency() != Some(LOW_LATENCY)),
+                "the request is withdrawn after the window"
+            );
+        }
+    }
+}
