@@ -266,13 +266,26 @@ mod tests {
         (dir, file)
     }
 
+    /// A working copy of `len` bytes being seeded from a pattern: (dir guard, the working
+    /// copy, its seeding, the seed).
+    fn seeding_of(len: u64) -> (tempfile::TempDir, File, Arc<Seeding>, Vec<u8>) {
+        let seed = pattern(len as usize);
+        let (dir, file) = working_copy(len);
+        let dest = file.try_clone().unwrap();
+        let seeding = Seeding::start(Arc::new(Bytes(seed.clone())), dest, len);
+        (dir, file, seeding, seed)
+    }
+
+    fn contents(file: &File, len: usize) -> Vec<u8> {
+        let mut got = vec![0u8; len];
+        file.read_exact_at(&mut got, 0).unwrap();
+        got
+    }
+
     #[test]
     fn writes_survive_the_background_copy_and_the_rest_is_seeded() {
         let len = 5 * CHUNK + 123;
-        let seed = pattern(len as usize);
-        let (_d, file) = working_copy(len);
-        let dest = file.try_clone().unwrap();
-        let seeding = Seeding::start(Arc::new(Bytes(seed.clone())), dest, len);
+        let (_d, file, seeding, seed) = seeding_of(len);
         // Writes into chunks the copier may not have reached yet, and across a boundary.
         let mut expect = seed.clone();
         for (offset, data) in [(3 * CHUNK + 10, b"three"), (CHUNK - 2, b"cross")] {
@@ -281,21 +294,16 @@ mod tests {
             expect[offset as usize..offset as usize + data.len()].copy_from_slice(data);
         }
         seeding.finish().unwrap();
-        let mut got = vec![0u8; len as usize];
-        file.read_exact_at(&mut got, 0).unwrap();
-        assert!(got == expect, "working copy = seed + the writes");
+        assert!(
+            contents(&file, len as usize) == expect,
+            "working copy = seed + the writes"
+        );
     }
 
     #[test]
     fn a_cancelled_seeding_still_copies_on_demand() {
         let len = 3 * CHUNK;
-        let seed = pattern(len as usize);
-        let (_d, file) = working_copy(len);
-        let seeding = Seeding::start(
-            Arc::new(Bytes(seed.clone())),
-            file.try_clone().unwrap(),
-            len,
-        );
+        let (_d, file, seeding, seed) = seeding_of(len);
         seeding.cancel();
         seeding.prepare(2 * CHUNK, 10, false).unwrap();
         let mut got = [0u8; 10];
@@ -307,13 +315,7 @@ mod tests {
     #[test]
     fn random_writes_and_reads_match_a_model() {
         let len = 3 * CHUNK + 5000;
-        let seed = pattern(len as usize);
-        let (_d, file) = working_copy(len);
-        let seeding = Seeding::start(
-            Arc::new(Bytes(seed.clone())),
-            file.try_clone().unwrap(),
-            len,
-        );
+        let (_d, file, seeding, seed) = seeding_of(len);
         let mut model = seed.clone();
         let mut x: u64 = 0x9e3779b97f4a7c15;
         let mut next = |n: u64| {
@@ -346,27 +348,17 @@ mod tests {
             }
         }
         seeding.finish().unwrap();
-        let mut got = vec![0u8; model.len()];
-        file.read_exact_at(&mut got, 0).unwrap();
-        assert!(got == model);
+        assert!(contents(&file, model.len()) == model);
     }
 
     #[test]
     fn a_failed_write_gets_its_blocks_from_the_seed_again() {
         let len = 2 * CHUNK;
-        let seed = pattern(len as usize);
-        let (_d, file) = working_copy(len);
-        let seeding = Seeding::start(
-            Arc::new(Bytes(seed.clone())),
-            file.try_clone().unwrap(),
-            len,
-        );
+        let (_d, file, seeding, seed) = seeding_of(len);
         seeding.cancel(); // no background copy: only `finish` can fill the blocks
         seeding.prepare(BLOCK, 2 * BLOCK, true).unwrap();
         seeding.write_failed(BLOCK, 2 * BLOCK);
         seeding.finish().unwrap();
-        let mut got = vec![0u8; len as usize];
-        file.read_exact_at(&mut got, 0).unwrap();
-        assert!(got == seed);
+        assert!(contents(&file, len as usize) == seed);
     }
 }
