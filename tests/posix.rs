@@ -140,6 +140,38 @@ fn random_pwrite_pattern_matches_a_model() {
 }
 
 #[test]
+fn writes_into_a_large_committed_file_keep_its_other_bytes() {
+    // Large enough to be seeded lazily (the working copy is filled in the background).
+    let m = Mounted::room();
+    let len = 6 << 20;
+    let original: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+    fs::write(m.p("big.bin"), &original).unwrap();
+    let reader = File::open(m.p("big.bin")).unwrap();
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(m.p("big.bin"))
+        .unwrap();
+    let mut model = original.clone();
+    for (off, data) in [(5 << 20, &b"five"[..]), (4095, b"edge"), (len - 2, b"end!")] {
+        f.write_all_at(data, off as u64).unwrap();
+        let end = off + data.len();
+        model.resize(model.len().max(end), 0);
+        model[off..end].copy_from_slice(data);
+    }
+    // The writer reads its own bytes and the seed around them; others see the old version.
+    let mut around = vec![0u8; 8192];
+    f.read_exact_at(&mut around, 0).unwrap();
+    assert!(around == model[..8192]);
+    let mut old = vec![0u8; len];
+    reader.read_exact_at(&mut old, 0).unwrap();
+    assert!(old == original, "the uncommitted writes stay invisible");
+    drop(f);
+    assert!(fs::read(m.p("big.bin")).unwrap() == model);
+    assert!(fs::read(m.backing("big.bin")).unwrap() == model);
+}
+
+#[test]
 fn append_with_o_append_and_python_a_mode() {
     let m = Mounted::room();
     for i in 0..20 {
