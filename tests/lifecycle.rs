@@ -4,6 +4,7 @@ mod common;
 
 use std::fs::{self, File};
 use std::io::Write;
+use std::os::unix::fs::MetadataExt;
 use std::process::Command;
 
 use common::{BIN, Mounted, is_mounted};
@@ -216,6 +217,78 @@ while True:
         unit.repeat(10000),
         "the committed file is one whole version"
     );
+}
+
+#[test]
+fn kill_9_during_many_appends_leaves_only_whole_appends() {
+    let mut m = Mounted::room();
+    let code = r#"
+import os
+p = os.environ['MNT'] + '/log'
+i = 0
+while True:
+    with open(p, 'a') as f:
+        f.write(f'line {i:08d} ' + 'x' * (i % 3000) + '\n')
+    i += 1
+"#;
+    let mut writer = Command::new("python3")
+        .arg("-c")
+        .arg(code)
+        .env("MNT", &m.mnt)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    m.crash();
+    let _ = writer.wait();
+    // The next start undoes an append the crash interrupted (if it hit one), then every line
+    // of the file is a whole append, in order.
+    m.start();
+    let text = String::from_utf8(fs::read(m.p("log")).unwrap()).unwrap();
+    assert!(text.ends_with('\n'), "no partial last line");
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(
+        lines.len() > 10,
+        "the writer got going ({} lines)",
+        lines.len()
+    );
+    for (i, line) in lines.iter().enumerate() {
+        assert_eq!(*line, format!("line {i:08} {}", "x".repeat(i % 3000)));
+    }
+}
+
+#[test]
+fn an_append_cut_short_by_a_crash_is_undone_at_the_next_start() {
+    // What a daemon killed in the middle of an in-place append leaves: its staging directory
+    // (lock not held) with a marker linked to the file, and part of the tail written.
+    let m = Mounted::with_setup(&["--room", "r1"], |data| {
+        let room = data.join("rooms/r1");
+        fs::create_dir_all(&room).unwrap();
+        fs::write(room.join("log"), b"kept\n").unwrap();
+        let meta = fs::metadata(room.join("log")).unwrap();
+        let stale = data.join(".staging/4000000-1");
+        fs::create_dir_all(&stale).unwrap();
+        fs::write(stale.join("lock"), b"").unwrap();
+        let marker = format!("append-5-17-{}.{}-0", meta.mtime(), meta.mtime_nsec());
+        fs::hard_link(room.join("log"), stale.join(marker)).unwrap();
+        let mut f = fs::OpenOptions::new()
+            .append(true)
+            .open(room.join("log"))
+            .unwrap();
+        f.write_all(b"half a").unwrap();
+    });
+    assert_eq!(fs::read(m.p("log")).unwrap(), b"kept\n");
+    let meta = fs::metadata(m.backing("log")).unwrap();
+    assert_eq!(meta.nlink(), 1, "the marker went with the stale staging");
+    // And appending works again, in place.
+    let mut f = fs::OpenOptions::new()
+        .append(true)
+        .open(m.p("log"))
+        .unwrap();
+    f.write_all(b"next\n").unwrap();
+    drop(f);
+    assert_eq!(fs::read(m.backing("log")).unwrap(), b"kept\nnext\n");
+    assert_eq!(fs::metadata(m.backing("log")).unwrap().ino(), meta.ino());
 }
 
 #[test]

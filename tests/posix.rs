@@ -203,6 +203,53 @@ fn append_with_o_append_and_python_a_mode() {
 }
 
 #[test]
+fn appends_to_a_large_log_are_in_place_and_invisible_until_close() {
+    let m = Mounted::room();
+    let head: Vec<u8> = (0..6u32 << 20).map(|i| b'a' + (i % 26) as u8).collect();
+    fs::write(m.p("big.log"), &head).unwrap();
+    let inode = fs::metadata(m.backing("big.log")).unwrap().ino();
+    let mut f = OpenOptions::new()
+        .append(true)
+        .open(m.p("big.log"))
+        .unwrap();
+    f.write_all(b"first\n").unwrap();
+    f.write_all(b"second\n").unwrap();
+    // Other opens see the previous version until the appender closes. (Not from a child
+    // process: spawning one closes its inherited copy of `f`, and that close commits.)
+    assert!(fs::read(m.p("big.log")).unwrap() == head);
+    assert_eq!(
+        fs::metadata(m.backing("big.log")).unwrap().len(),
+        head.len() as u64
+    );
+    // `stat` shows the writer's size meanwhile, as with a working copy (README).
+    assert_eq!(
+        fs::metadata(m.p("big.log")).unwrap().len(),
+        head.len() as u64 + 13
+    );
+    drop(f);
+    let all = fs::read(m.p("big.log")).unwrap();
+    assert_eq!(all.len(), head.len() + 13);
+    assert!(all[..head.len()] == head[..]);
+    assert_eq!(&all[head.len()..], b"first\nsecond\n");
+    let backing = fs::metadata(m.backing("big.log")).unwrap();
+    assert_eq!(backing.ino(), inode, "the 6 MiB file was not copied");
+    assert_eq!(backing.len(), all.len() as u64);
+    // The shell's `>>` appends the same way.
+    let status = std::process::Command::new("sh")
+        .arg("-c")
+        .arg("echo shell >> \"$0\"")
+        .arg(m.p("big.log"))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert!(
+        fs::read(m.backing("big.log"))
+            .unwrap()
+            .ends_with(b"second\nshell\n")
+    );
+}
+
+#[test]
 fn truncate_and_ftruncate() {
     let m = Mounted::room();
     fs::write(m.p("t"), b"hello world").unwrap();

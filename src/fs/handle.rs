@@ -1,15 +1,21 @@
 //! Open files and directories. A file opened for writing works on a private staged copy
 //! (created at the first write, or at open with `O_TRUNC`); reads through it see its own writes,
 //! and everybody else keeps seeing the committed content until the copy is committed.
+//! Appends (`O_APPEND`) first wait in memory, so they can be committed by adding them to the
+//! committed file in place (see `store::append`) instead of copying it.
 
 use std::ffi::OsString;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use super::error::{Errno, FsResult};
 use super::inode::Ino;
 use super::seed::{LAZY_SEED_MIN, Seeding};
-use crate::store::{Content, Kind, Staged, Store};
+use crate::store::{Content, Kind, Meta, Staged, Store};
+
+/// Appended bytes kept in memory, at most: beyond that a working copy takes them over.
+pub const APPEND_BUFFER_MAX: usize = 128 << 10;
 
 /// An open regular file.
 pub struct FileHandle {
@@ -24,38 +30,92 @@ pub struct FileHandle {
     pub staged: Option<Staged>,
     /// The copying of the committed content into a large working copy, while under way.
     pub seeding: Option<Arc<Seeding>>,
+    /// Bytes appended after the committed content, while there is no working copy.
+    pub appended: Vec<u8>,
+    /// When `appended` last grew (the mtime the handle shows).
+    pub appended_at: Option<SystemTime>,
     /// The working copy differs from what was last committed.
     pub dirty: bool,
 }
 
 impl FileHandle {
-    /// Creates the working copy if there is none yet, seeded from the committed content.
+    /// A handle open on `committed` that has not changed anything yet.
+    pub fn new(
+        ino: Ino,
+        writable: bool,
+        append: bool,
+        direct_io: bool,
+        committed: Option<Arc<dyn Content>>,
+    ) -> FileHandle {
+        FileHandle {
+            ino,
+            writable,
+            append,
+            direct_io,
+            committed,
+            staged: None,
+            seeding: None,
+            appended: Vec::new(),
+            appended_at: None,
+            dirty: false,
+        }
+    }
+
+    /// Creates the working copy if there is none yet, seeded from the committed content and
+    /// the appends waiting in memory.
     pub fn ensure_staged(&mut self, store: &dyn Store) -> FsResult<&Staged> {
         if self.staged.is_none() {
-            let size = self.committed_size()?;
-            match &self.committed {
-                Some(content) if size >= LAZY_SEED_MIN => {
-                    // A sparse copy of the right size, filled in chunks (see `seed`).
-                    let staged = store.stage(None)?;
-                    let prepared = staged
-                        .file
-                        .set_len(size)
-                        .and_then(|()| staged.file.try_clone());
-                    match prepared {
-                        Ok(dest) => {
-                            self.seeding = Some(Seeding::start(content.clone(), dest, size));
-                            self.staged = Some(staged);
-                        }
-                        Err(e) => {
-                            store.discard(staged);
-                            return Err(e.into());
-                        }
+            self.stage(store)?;
+            if !self.appended.is_empty() {
+                let at = self.committed_size()?;
+                let written = self
+                    .seeded(at, self.appended.len() as u64, true)
+                    .and_then(|()| {
+                        let staged = self.staged.as_ref().expect("just staged");
+                        Ok(staged.file.write_all_at(&self.appended, at)?)
+                    });
+                if let Err(e) = written {
+                    // Back to the appends in memory; nothing is lost.
+                    if let Some(seeding) = self.seeding.take() {
+                        seeding.cancel();
                     }
+                    if let Some(staged) = self.staged.take() {
+                        store.discard(staged);
+                    }
+                    return Err(e);
                 }
-                seed => self.staged = Some(store.stage(seed.as_deref())?),
+                self.appended = Vec::new();
+                self.appended_at = None;
             }
         }
         Ok(self.staged.as_ref().expect("just staged"))
+    }
+
+    /// Creates the working copy, seeded from the committed content.
+    fn stage(&mut self, store: &dyn Store) -> FsResult<()> {
+        let size = self.committed_size()?;
+        match &self.committed {
+            Some(content) if size >= LAZY_SEED_MIN => {
+                // A sparse copy of the right size, filled in chunks (see `seed`).
+                let staged = store.stage(None)?;
+                let prepared = staged
+                    .file
+                    .set_len(size)
+                    .and_then(|()| staged.file.try_clone());
+                match prepared {
+                    Ok(dest) => {
+                        self.seeding = Some(Seeding::start(content.clone(), dest, size));
+                        self.staged = Some(staged);
+                    }
+                    Err(e) => {
+                        store.discard(staged);
+                        return Err(e.into());
+                    }
+                }
+            }
+            seed => self.staged = Some(store.stage(seed.as_deref())?),
+        }
+        Ok(())
     }
 
     /// Completes the seeding of the working copy, if under way (before a commit).
@@ -77,10 +137,26 @@ impl FileHandle {
 
     /// The size this handle sees now.
     pub fn size(&self) -> FsResult<u64> {
-        match (&self.staged, &self.committed) {
-            (Some(staged), _) => Ok(staged.file.metadata()?.len()),
-            _ => self.committed_size(),
+        match &self.staged {
+            Some(staged) => Ok(staged.file.metadata()?.len()),
+            None => Ok(self.committed_size()? + self.appended.len() as u64),
         }
+    }
+
+    /// Attributes of what this handle sees, while it has uncommitted changes.
+    pub fn pending_meta(&self) -> FsResult<Option<Meta>> {
+        if let Some(staged) = &self.staged {
+            return Ok(Some(staged.meta()?));
+        }
+        let (Some(content), Some(at)) = (&self.committed, self.appended_at) else {
+            return Ok(None);
+        };
+        let mut meta = content.meta()?;
+        meta.size += self.appended.len() as u64;
+        meta.blocks = meta.size.div_ceil(512);
+        meta.mtime = at;
+        meta.ctime = at;
+        Ok(Some(meta))
     }
 
     /// The size of the committed content this handle started from.
@@ -96,12 +172,18 @@ impl FileHandle {
         self.seeded(offset, size as u64, false)?;
         let mut buf = vec![0u8; size];
         let mut done = 0;
+        let committed_size = self.committed_size()?;
         while done < size {
+            let at = offset + done as u64;
             let n = match (&self.staged, &self.committed) {
-                (Some(staged), _) => staged
-                    .file
-                    .read_at(&mut buf[done..], offset + done as u64)?,
-                (None, Some(content)) => content.read_at(&mut buf[done..], offset + done as u64)?,
+                (Some(staged), _) => staged.file.read_at(&mut buf[done..], at)?,
+                (None, _) if at >= committed_size => {
+                    let from = (at - committed_size).min(self.appended.len() as u64) as usize;
+                    let n = (size - done).min(self.appended.len() - from);
+                    buf[done..done + n].copy_from_slice(&self.appended[from..from + n]);
+                    n
+                }
+                (None, Some(content)) => content.read_at(&mut buf[done..], at)?,
                 (None, None) => 0,
             };
             if n == 0 {
@@ -119,6 +201,13 @@ impl FileHandle {
             return Err(Errno::EBADF);
         }
         let append = self.append;
+        if append && self.staged.is_none() && self.appended.len() + data.len() <= APPEND_BUFFER_MAX
+        {
+            self.appended.extend_from_slice(data);
+            self.appended_at = Some(SystemTime::now());
+            self.dirty = true;
+            return Ok(data.len() as u32);
+        }
         let staged = self.ensure_staged(store)?;
         let offset = if append {
             staged.file.metadata()?.len()
@@ -142,6 +231,8 @@ impl FileHandle {
         if size == 0 && self.staged.is_none() {
             // Truncating to nothing (`open(O_TRUNC)`): no need to copy the old content first.
             self.staged = Some(store.stage(None)?);
+            self.appended = Vec::new();
+            self.appended_at = None;
         }
         self.ensure_staged(store)?;
         if let Some(seeding) = self.seeding.take() {

@@ -23,7 +23,7 @@ pub use inode::{Ino, ROOT};
 pub use quota::{Limits, Quota, Usage};
 
 use crate::grant::{Access, Grant};
-use crate::store::{Kind, Meta, Owner, RenameMode, SetAttr, Store, StoreStatfs};
+use crate::store::{Content, Kind, Meta, Owner, RenameMode, SetAttr, Store, StoreStatfs};
 
 /// Longest file name accepted (as on ext4 and most Linux filesystems).
 pub const NAME_MAX: usize = 255;
@@ -399,10 +399,10 @@ impl Fs {
             if h.ino != ino {
                 continue;
             }
-            if let Some(staged) = &h.staged
-                && cached_readers == 0
+            if cached_readers == 0
+                && let Some(meta) = h.pending_meta()?
             {
-                return Ok(Attr::new(ino, &staged.meta()?));
+                return Ok(Attr::new(ino, &meta));
             }
             if path.is_none() && fallback.is_none() {
                 fallback = h.committed.clone();
@@ -456,16 +456,7 @@ impl Fs {
         }
         let path = self.path(ino)?;
         let committed = self.store.open(&path)?;
-        let mut temp = FileHandle {
-            ino,
-            writable: true,
-            append: false,
-            direct_io: true,
-            committed: Some(committed),
-            staged: None,
-            seeding: None,
-            dirty: false,
-        };
+        let mut temp = FileHandle::new(ino, true, false, true, Some(committed));
         temp.truncate(self.store.as_ref(), size)?;
         self.commit(&mut temp, false)
     }
@@ -674,16 +665,15 @@ impl Fs {
                 }
             }
         };
-        let handle = FileHandle {
+        let mut handle = FileHandle::new(
             ino,
             writable,
-            append: flags & libc::O_APPEND != 0,
+            flags & libc::O_APPEND != 0,
             direct_io,
-            committed: Some(committed),
-            dirty: staged.is_some(),
-            staged,
-            seeding: None,
-        };
+            Some(committed),
+        );
+        handle.dirty = staged.is_some();
+        handle.staged = staged;
         write_lock(&self.files).insert(fh, Arc::new(Mutex::new(handle)));
         Ok(Opened {
             fh,
@@ -759,8 +749,10 @@ impl Fs {
         };
         let h = lock(&handle);
         // Larger files are seeded lazily (see `seed`): their first write copies a block or two.
+        // Appends wait in memory (up to `APPEND_BUFFER_MAX`, past which this misses one copy).
         h.writable
             && h.staged.is_none()
+            && !h.append
             && h.committed_size()
                 .is_ok_and(|size| size > LARGE && size < seed::LAZY_SEED_MIN)
     }
@@ -833,6 +825,13 @@ impl Fs {
     /// open has no path: its changes are dropped, as on any POSIX filesystem.
     fn commit(&self, h: &mut FileHandle, durable: bool) -> FsResult<()> {
         h.finish_seeding()?;
+        if h.staged.is_none() && !h.appended.is_empty() {
+            if !durable && self.commit_appended(h)? {
+                return Ok(());
+            }
+            // Not possible in place (or a durable commit): a working copy takes the appends.
+            h.ensure_staged(self.store.as_ref())?;
+        }
         let Some(staged) = h.staged.take() else {
             h.dirty = false;
             return Ok(());
@@ -860,25 +859,7 @@ impl Fs {
         match self.store.commit(staged, &path, durable) {
             Ok(content) => {
                 drop(table);
-                let version = content.meta().ok().map(|m| m.version);
-                h.committed = Some(content);
-                h.dirty = false;
-                let mut opens = lock(&self.opens);
-                let others_open = match opens.get_mut(&h.ino) {
-                    Some(state) => {
-                        // A cached writer's pages are exactly what it just committed.
-                        let sole_cached_writer = !h.direct_io && state.writers == 1;
-                        state.cached_version = if sole_cached_writer { version } else { None };
-                        state.handles.len() > 1
-                    }
-                    None => false,
-                };
-                drop(opens);
-                // Alone, the handle's own writes kept the kernel's view right; with others
-                // open, what the kernel cached (size, times) may be another handle's.
-                if others_open && let Some(kernel) = self.kernel.get() {
-                    kernel.attributes_changed(h.ino);
-                }
+                self.committed(h, content);
                 Ok(())
             }
             Err((e, staged)) => {
@@ -889,6 +870,73 @@ impl Fs {
                 log::error!("commit of {} failed: {e}", path.display());
                 Err(e.into())
             }
+        }
+    }
+
+    /// Commits the appends waiting in `h` by adding them to the committed file in place; false
+    /// when the store cannot do that now (see `Store::append`).
+    fn commit_appended(&self, h: &mut FileHandle) -> FsResult<bool> {
+        let table = read_lock(&self.table);
+        let Some(path) = table.path(h.ino) else {
+            // Unlinked while open: the appends go with the file.
+            h.appended = Vec::new();
+            h.appended_at = None;
+            h.dirty = false;
+            return Ok(true);
+        };
+        let Some(base) = h.committed.clone() else {
+            return Ok(false);
+        };
+        let old = base.meta()?.size;
+        let new = old + h.appended.len() as u64;
+        if let Some(q) = &self.options.quota {
+            q.resize(old, new)?;
+        }
+        let undo_quota = || {
+            if let Some(q) = &self.options.quota {
+                let _ = q.resize(new, old);
+            }
+        };
+        match self.store.append(base.as_ref(), &path, &h.appended) {
+            Ok(Some(content)) => {
+                drop(table);
+                h.appended = Vec::new();
+                h.appended_at = None;
+                self.committed(h, content);
+                Ok(true)
+            }
+            Ok(None) => {
+                undo_quota();
+                Ok(false)
+            }
+            Err(e) => {
+                undo_quota();
+                log::error!("append to {} failed: {e}", path.display());
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Bookkeeping after `h` committed `content`.
+    fn committed(&self, h: &mut FileHandle, content: Arc<dyn Content>) {
+        let version = content.meta().ok().map(|m| m.version);
+        h.committed = Some(content);
+        h.dirty = false;
+        let mut opens = lock(&self.opens);
+        let others_open = match opens.get_mut(&h.ino) {
+            Some(state) => {
+                // A cached writer's pages are exactly what it just committed.
+                let sole_cached_writer = !h.direct_io && state.writers == 1;
+                state.cached_version = if sole_cached_writer { version } else { None };
+                state.handles.len() > 1
+            }
+            None => false,
+        };
+        drop(opens);
+        // Alone, the handle's own writes kept the kernel's view right; with others open, what
+        // the kernel cached (size, times) may be another handle's.
+        if others_open && let Some(kernel) = self.kernel.get() {
+            kernel.attributes_changed(h.ino);
         }
     }
 
@@ -1249,6 +1297,69 @@ mod tests {
         };
         assert_eq!(s.fs.setattr(attr.ino, None, &changes).unwrap().size, 3);
         assert_eq!(std::fs::read(s.root.join("log")).unwrap(), b"one");
+    }
+
+    #[test]
+    fn appends_commit_in_place_and_stay_private_until_close() {
+        use std::os::unix::fs::MetadataExt;
+        let s = full();
+        let (attr, w) = create(&s.fs, ROOT, "log", RW);
+        s.fs.write(w.fh, 0, b"one\n").unwrap();
+        s.fs.release(w.fh).unwrap();
+        let backing = s.root.join("log");
+        let inode = std::fs::metadata(&backing).unwrap().ino();
+        let append = libc::O_WRONLY | libc::O_APPEND;
+
+        let old_reader = s.fs.open(attr.ino, libc::O_RDONLY).unwrap();
+        let a = s.fs.open(attr.ino, append).unwrap();
+        s.fs.write(a.fh, 0, b"two\n").unwrap();
+        s.fs.write(a.fh, 0, b"three\n").unwrap();
+        // Not on disk yet; the handle sees its appends, others do not.
+        assert_eq!(std::fs::read(&backing).unwrap(), b"one\n");
+        assert_eq!(s.fs.read(a.fh, 2, 100).unwrap(), b"e\ntwo\nthree\n");
+        s.fs.flush(a.fh).unwrap();
+        s.fs.release(a.fh).unwrap();
+        assert_eq!(std::fs::read(&backing).unwrap(), b"one\ntwo\nthree\n");
+        let after = std::fs::metadata(&backing).unwrap();
+        assert_eq!(after.ino(), inode, "committed in place, not by a copy");
+        assert_eq!(after.nlink(), 1, "no crash marker left");
+        // A reader opened before the commit keeps reading its version.
+        assert_eq!(s.fs.read(old_reader.fh, 0, 100).unwrap(), b"one\n");
+        s.fs.release(old_reader.fh).unwrap();
+
+        // Two appenders from one version: the last close wins, whole.
+        let x = s.fs.open(attr.ino, append).unwrap();
+        let y = s.fs.open(attr.ino, append).unwrap();
+        s.fs.write(x.fh, 0, b"x\n").unwrap();
+        s.fs.write(y.fh, 0, b"y\n").unwrap();
+        assert_eq!(s.fs.getattr(attr.ino, Some(x.fh)).unwrap().size, 16);
+        s.fs.release(x.fh).unwrap();
+        s.fs.release(y.fh).unwrap();
+        assert_eq!(std::fs::read(&backing).unwrap(), b"one\ntwo\nthree\ny\n");
+
+        // More than the buffer holds moves to a working copy and still commits whole.
+        let big = vec![b'z'; handle::APPEND_BUFFER_MAX + 10];
+        let b = s.fs.open(attr.ino, append).unwrap();
+        s.fs.write(b.fh, 0, b"small\n").unwrap();
+        s.fs.write(b.fh, 0, &big).unwrap();
+        s.fs.write(b.fh, 0, b"end").unwrap();
+        s.fs.release(b.fh).unwrap();
+        let mut expected = b"one\ntwo\nthree\ny\nsmall\n".to_vec();
+        expected.extend_from_slice(&big);
+        expected.extend_from_slice(b"end");
+        assert_eq!(std::fs::read(&backing).unwrap(), expected);
+
+        // Truncating through an appending handle drops the waiting appends first.
+        let t = s.fs.open(attr.ino, libc::O_RDWR | libc::O_APPEND).unwrap();
+        s.fs.write(t.fh, 0, b"gone").unwrap();
+        let cut = AttrChanges {
+            size: Some(2),
+            ..Default::default()
+        };
+        assert_eq!(s.fs.setattr(attr.ino, Some(t.fh), &cut).unwrap().size, 2);
+        s.fs.write(t.fh, 0, b"!").unwrap();
+        s.fs.release(t.fh).unwrap();
+        assert_eq!(std::fs::read(&backing).unwrap(), b"on!");
     }
 
     #[test]

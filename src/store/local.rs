@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use super::append::{append_in_place, roll_back_unfinished};
 use super::{
     Content, DirEntry, Kind, Meta, Owner, RenameMode, SetAttr, Staged, Store, StoreStatfs, TimeSpec,
 };
@@ -101,6 +102,7 @@ impl StagingArea {
             };
             match nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusiveNonblock) {
                 Ok(_held) => {
+                    roll_back_unfinished(&dir);
                     removed += count_files(&dir).saturating_sub(1);
                     fs::remove_dir_all(&dir)?;
                 }
@@ -110,9 +112,14 @@ impl StagingArea {
         Ok(removed)
     }
 
+    /// A fresh name in this staging area.
+    fn new_name(&self, name: impl FnOnce(u64) -> String) -> PathBuf {
+        self.dir
+            .join(name(self.counter.fetch_add(1, Ordering::Relaxed)))
+    }
+
     fn new_file(&self) -> io::Result<(File, PathBuf)> {
-        let n = self.counter.fetch_add(1, Ordering::Relaxed);
-        let path = self.dir.join(format!("w{n}"));
+        let path = self.new_name(|n| format!("w{n}"));
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -185,7 +192,13 @@ impl LocalContent {
 
 impl Content for LocalContent {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
-        self.file.read_at(buf, offset)
+        // Only this version's bytes: a later in-place append may have grown the file.
+        let left = self.meta.size.saturating_sub(offset);
+        let len = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+        if len == 0 {
+            return Ok(0);
+        }
+        self.file.read_at(&mut buf[..len], offset)
     }
     fn meta(&self) -> io::Result<Meta> {
         Ok(self.meta.clone())
@@ -288,11 +301,7 @@ fn timespec(t: Option<TimeSpec>) -> libc::timespec {
 
 /// Copies all of `src` into `dst` from offset 0, in the kernel where possible.
 fn copy_content(src: &dyn Content, dst: &File) -> io::Result<()> {
-    let len = match src.local_file() {
-        Some(file) => file.metadata()?.len(),
-        None => src.meta()?.size,
-    };
-    super::copy_range(src, dst, 0, len)
+    super::copy_range(src, dst, 0, src.meta()?.size)
 }
 
 /// `renameat2(from, to, flags)` on full paths.
@@ -413,6 +422,26 @@ impl Store for LocalStore {
         // Read after the exchange: it changed the ctime, part of the version readers compare.
         let meta = staged.file.metadata().unwrap_or(before);
         Ok(Arc::new(LocalContent::new(staged.file, &meta)))
+    }
+
+    fn append(
+        &self,
+        base: &dyn Content,
+        path: &Path,
+        tail: &[u8],
+    ) -> io::Result<Option<Arc<dyn Content>>> {
+        let was = base.meta()?;
+        let (dev, ino, _) = was.version;
+        let appended = append_in_place(&self.full(path), (dev, ino), was.size, tail, |mark| {
+            self.staging.new_name(|n| mark.name(n))
+        })?;
+        Ok(match appended {
+            Some(file) => {
+                let meta = file.metadata()?;
+                Some(Arc::new(LocalContent::new(file, &meta)))
+            }
+            None => None,
+        })
     }
 
     fn discard(&self, staged: Staged) {

@@ -257,6 +257,16 @@ impl Store for MetaOverlay {
         self.inner.discard(staged)
     }
 
+    fn append(
+        &self,
+        base: &dyn Content,
+        path: &Path,
+        tail: &[u8],
+    ) -> io::Result<Option<Arc<dyn Content>>> {
+        self.refuse_meta(path)?;
+        self.inner.append(base, path, tail)
+    }
+
     fn mkdir(&self, path: &Path, perm: u16, owner: Owner) -> io::Result<Meta> {
         self.refuse_meta(path)?;
         self.inner.mkdir(path, perm, owner)

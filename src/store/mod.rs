@@ -2,6 +2,7 @@
 //! can be added later without touching the core. Paths are relative to the space root (`""` is
 //! the root itself) and never contain `.` or `..` components.
 
+pub mod append;
 pub mod local;
 pub mod meta;
 
@@ -173,6 +174,19 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Arc<dyn Content>, (io::Error, Staged)>;
     /// Drops a working copy that will never be committed.
     fn discard(&self, staged: Staged);
+    /// Commits bytes appended to the file at `path` by adding `tail` to it in place, without a
+    /// working copy. Only when the file still is exactly `base` (same object, same size) and
+    /// nobody else is appending to it; readers of `base` keep reading only its bytes. `None`
+    /// when this store or this moment does not allow it: the caller then commits a working copy.
+    fn append(
+        &self,
+        base: &dyn Content,
+        path: &Path,
+        tail: &[u8],
+    ) -> io::Result<Option<Arc<dyn Content>>> {
+        let _ = (base, path, tail);
+        Ok(None)
+    }
     fn mkdir(&self, path: &Path, perm: u16, owner: Owner) -> io::Result<Meta>;
     fn rmdir(&self, path: &Path) -> io::Result<()>;
     fn unlink(&self, path: &Path) -> io::Result<()>;
