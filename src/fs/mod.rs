@@ -794,13 +794,13 @@ impl Fs {
         } else {
             Ok(())
         };
+        if result.is_err() && (h.staged.is_some() || !h.appended.is_empty()) {
+            log::error!(
+                "dropping uncommitted changes to inode {} after a failed commit",
+                h.ino
+            );
+        }
         if let Some(staged) = h.staged.take() {
-            if result.is_err() {
-                log::error!(
-                    "dropping uncommitted changes to inode {} after a failed commit",
-                    h.ino
-                );
-            }
             self.store.discard(staged);
         }
         let mut opens = lock(&self.opens);
@@ -1471,10 +1471,16 @@ mod tests {
                 bytes: 10
             }
         );
-        let (_, w) = create(&s.fs, ROOT, "b", RW);
+        let (b, w) = create(&s.fs, ROOT, "b", RW);
         assert_eq!(s.fs.write(w.fh, 0, &[1; 6]).unwrap_err(), Errno::EDQUOT);
-        s.fs.write(w.fh, 0, &[1; 5]).unwrap();
+        s.fs.write(w.fh, 0, &[1; 3]).unwrap();
         s.fs.release(w.fh).unwrap();
+        // Appends committed in place are counted like any growth.
+        let w = s.fs.open(b.ino, libc::O_WRONLY | libc::O_APPEND).unwrap();
+        assert_eq!(s.fs.write(w.fh, 0, &[1; 3]).unwrap_err(), Errno::EDQUOT);
+        s.fs.write(w.fh, 0, &[1; 2]).unwrap();
+        s.fs.release(w.fh).unwrap();
+        assert_eq!(quota.usage().bytes, 15);
         let c = Caller::default();
         assert_eq!(
             s.fs.mkdir(ROOT, name("d"), 0o755, &c).unwrap_err(),
