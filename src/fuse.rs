@@ -383,13 +383,18 @@ impl Filesystem for FuseAdapter {
         fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _write_flags: WriteFlags,
+        write_flags: WriteFlags,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
         let _turn = self.turn(data.len() > LARGE_IO as usize || self.fs.write_may_copy(fh.0));
-        match self.fs.write(fh.0, offset, data) {
+        let written = if write_flags.contains(WriteFlags::FUSE_WRITE_CACHE) {
+            self.fs.write_back(fh.0, offset, data)
+        } else {
+            self.fs.write(fh.0, offset, data)
+        };
+        match written {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(errno(e)),
         }

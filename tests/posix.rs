@@ -572,6 +572,33 @@ with open(p, 'rb') as f:
 }
 
 #[test]
+fn a_shared_mapping_of_an_append_handle_writes_in_place() {
+    // Pages written back from a mapping carry their offset even when the descriptor was
+    // opened with O_APPEND; only write(2) through such a descriptor goes to the end.
+    let m = Mounted::room();
+    fs::write(m.p("map"), vec![b'a'; 8192]).unwrap();
+    python(
+        &m.mnt,
+        r#"
+import mmap, os
+p = os.environ['MNT'] + '/map'
+fd = os.open(p, os.O_RDWR | os.O_APPEND)
+mm = mmap.mmap(fd, 0)
+mm[100:105] = b'HELLO'
+mm.flush()
+mm.close()
+os.write(fd, b'tail')
+os.close(fd)
+"#,
+    );
+    let data = fs::read(m.backing("map")).unwrap();
+    assert_eq!(data.len(), 8196);
+    assert_eq!(&data[100..105], b"HELLO");
+    assert_eq!(&data[8192..], b"tail");
+    assert!(data[..100].iter().all(|&b| b == b'a'));
+}
+
+#[test]
 fn fcntl_and_flock_locks_work_between_processes() {
     let m = Mounted::room();
     fs::write(m.p("lockfile"), b"").unwrap();

@@ -195,12 +195,19 @@ impl FileHandle {
         Ok(buf)
     }
 
-    /// Writes `data` at `offset` (at the end for `O_APPEND` handles) into the working copy.
-    pub fn write(&mut self, store: &dyn Store, offset: u64, data: &[u8]) -> FsResult<u32> {
+    /// Writes `data` at `offset` (at the end for `O_APPEND` handles, unless `placed`: pages
+    /// written back from a mapping) into the working copy.
+    pub fn write(
+        &mut self,
+        store: &dyn Store,
+        offset: u64,
+        data: &[u8],
+        placed: bool,
+    ) -> FsResult<u32> {
         if !self.writable {
             return Err(Errno::EBADF);
         }
-        let append = self.append;
+        let append = self.append && !placed;
         if append && self.staged.is_none() && self.appended.len() + data.len() <= APPEND_BUFFER_MAX
         {
             self.appended.extend_from_slice(data);

@@ -724,16 +724,31 @@ impl Fs {
         h.read(offset, size as usize)
     }
 
+    /// `write(2)` through `fh`: at `offset`, or at the end for an `O_APPEND` handle.
     pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
+        self.write_to(fh, offset, data, false)
+    }
+
+    /// A write-back of cached pages (a shared mapping) through `fh`: always at `offset`, even
+    /// for an `O_APPEND` handle.
+    pub fn write_back(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
+        self.write_to(fh, offset, data, true)
+    }
+
+    fn write_to(&self, fh: u64, offset: u64, data: &[u8], placed: bool) -> FsResult<u32> {
         let handle = self.file(fh)?;
         let mut h = lock(&handle);
         let Some(q) = &self.options.quota else {
-            return h.write(self.store.as_ref(), offset, data);
+            return h.write(self.store.as_ref(), offset, data, placed);
         };
-        let start = if h.append { h.size()? } else { offset };
+        let start = if h.append && !placed {
+            h.size()?
+        } else {
+            offset
+        };
         let len = q.fit_write(start, data.len())?;
         q.check_growth(h.committed_size()?, start + len as u64)?;
-        h.write(self.store.as_ref(), offset, &data[..len])
+        h.write(self.store.as_ref(), offset, &data[..len], placed)
     }
 
     /// Whether commits at close are made durable (they then wait for the disk).
