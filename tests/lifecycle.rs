@@ -184,6 +184,21 @@ fn kill_9_never_leaves_a_partial_file_and_the_next_mount_recovers() {
     assert_eq!(fs::read_dir(live).unwrap().count(), 1, "just its lock file");
 }
 
+/// Runs the Python loop `code` against the mount (its path in `$MNT`), kills the daemon with
+/// SIGKILL while the loop runs, and waits for the loop to fail and exit.
+fn crash_while_running(m: &mut Mounted, code: &str) {
+    let mut writer = Command::new("python3")
+        .arg("-c")
+        .arg(code)
+        .env("MNT", &m.mnt)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    m.crash();
+    let _ = writer.wait();
+}
+
 #[test]
 fn kill_9_during_many_commits_leaves_only_whole_versions() {
     let mut m = Mounted::room();
@@ -195,18 +210,8 @@ while True:
     with open(p, 'wb') as f:
         f.write(str(i).encode() * 10000)
     i += 1
-"#
-    .to_string();
-    let mut writer = Command::new("python3")
-        .arg("-c")
-        .arg(code)
-        .env("MNT", &m.mnt)
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(700));
-    m.crash();
-    let _ = writer.wait();
+"#;
+    crash_while_running(&mut m, code);
     let data = fs::read(m.backing("f")).unwrap();
     assert!(!data.is_empty(), "a committed version exists");
     let text = String::from_utf8(data).unwrap();
@@ -231,16 +236,7 @@ while True:
         f.write(f'line {i:08d} ' + 'x' * (i % 3000) + '\n')
     i += 1
 "#;
-    let mut writer = Command::new("python3")
-        .arg("-c")
-        .arg(code)
-        .env("MNT", &m.mnt)
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(700));
-    m.crash();
-    let _ = writer.wait();
+    crash_while_running(&mut m, code);
     // The next start undoes an append the crash interrupted (if it hit one), then every line
     // of the file is a whole append, in order.
     m.start();
