@@ -16,12 +16,13 @@
 //! - Power loss: durable commits (fsync, `--sync-on-close`) do not come here; they copy and
 //!   exchange, as before.
 
-use std::ffi::CString;
 use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+
+use super::patch::{link_open_file, target_name};
 
 /// What a marker records: the file's size and mtime before the append, and the size after it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -125,33 +126,6 @@ fn append_locked(
         return Err(e);
     }
     Ok(true)
-}
-
-fn target_name(file: &File) -> String {
-    fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd()))
-        .map(|p| p.display().to_string())
-        .unwrap_or_else(|_| "a file".into())
-}
-
-/// Links the open `file` at `path` (through `/proc/self/fd`, which needs no privilege), so
-/// the link is to exactly this object even if its name changes meanwhile.
-fn link_open_file(file: &File, path: &Path) -> io::Result<()> {
-    let from = CString::new(format!("/proc/self/fd/{}", file.as_raw_fd()))?;
-    let to = CString::new(path.as_os_str().as_encoded_bytes())
-        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-    let ret = unsafe {
-        libc::linkat(
-            libc::AT_FDCWD,
-            from.as_ptr(),
-            libc::AT_FDCWD,
-            to.as_ptr(),
-            libc::AT_SYMLINK_FOLLOW,
-        )
-    };
-    if ret < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
 }
 
 /// Cuts `file` back to its size before the append and restores its mtime.

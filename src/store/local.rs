@@ -8,11 +8,12 @@ use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::append::{append_in_place, roll_back_unfinished};
+use super::patch::{PATCH_MIN, Patch, finish_unfinished, hold_for_reading, patch_in_place};
 use super::{
     Content, DirEntry, Kind, Meta, Owner, RenameMode, SetAttr, Staged, Store, StoreStatfs, TimeSpec,
 };
@@ -21,13 +22,31 @@ use super::{
 pub struct LocalStore {
     root: PathBuf,
     staging: Arc<StagingArea>,
+    /// Set when a reader could not take its read lock: patches would no longer be isolated.
+    no_patches: AtomicBool,
 }
 
 impl LocalStore {
     /// Opens (creating if needed) the space directory `root`, staging working copies in `staging`.
     pub fn open(root: PathBuf, staging: Arc<StagingArea>) -> io::Result<LocalStore> {
         fs::create_dir_all(&root)?;
-        Ok(LocalStore { root, staging })
+        Ok(LocalStore {
+            root,
+            staging,
+            no_patches: AtomicBool::new(false),
+        })
+    }
+
+    /// The committed content in `file`. A reader of a patchable file holds the read lock
+    /// (see `patch`), waiting for a patch under way to finish.
+    fn content(&self, file: File, meta: &fs::Metadata) -> Arc<dyn Content> {
+        if meta.len() >= PATCH_MIN
+            && let Err(e) = hold_for_reading(&file)
+            && !self.no_patches.swap(true, Ordering::Relaxed)
+        {
+            log::warn!("no read locks on this filesystem ({e}): large files are copied on commit");
+        }
+        Arc::new(LocalContent::new(file, meta))
     }
 
     fn full(&self, path: &Path) -> PathBuf {
@@ -102,6 +121,7 @@ impl StagingArea {
             };
             match nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusiveNonblock) {
                 Ok(_held) => {
+                    finish_unfinished(&dir);
                     roll_back_unfinished(&dir);
                     removed += count_files(&dir).saturating_sub(1);
                     fs::remove_dir_all(&dir)?;
@@ -349,7 +369,7 @@ impl Store for LocalStore {
         if !meta.is_file() {
             return Err(io::Error::from_raw_os_error(libc::EISDIR));
         }
-        Ok(Arc::new(LocalContent::new(file, &meta)))
+        Ok(self.content(file, &meta))
     }
 
     fn create(&self, path: &Path, perm: u16, owner: Owner, exclusive: bool) -> io::Result<Meta> {
@@ -421,7 +441,7 @@ impl Store for LocalStore {
         }
         // Read after the exchange: it changed the ctime, part of the version readers compare.
         let meta = staged.file.metadata().unwrap_or(before);
-        Ok(Arc::new(LocalContent::new(staged.file, &meta)))
+        Ok(self.content(staged.file, &meta))
     }
 
     fn append(
@@ -431,6 +451,11 @@ impl Store for LocalStore {
         tail: &[u8],
     ) -> io::Result<Option<Arc<dyn Content>>> {
         let was = base.meta()?;
+        if was.size < PATCH_MIN && was.size + tail.len() as u64 >= PATCH_MIN {
+            // Its readers hold no read lock (too small to be patched): keep it below the size
+            // where patches begin, so it never becomes patchable under them.
+            return Ok(None);
+        }
         let (dev, ino, _) = was.version;
         let appended = append_in_place(&self.full(path), (dev, ino), was.size, tail, |mark| {
             self.staging.new_name(|n| mark.name(n))
@@ -438,7 +463,45 @@ impl Store for LocalStore {
         Ok(match appended {
             Some(file) => {
                 let meta = file.metadata()?;
-                Some(Arc::new(LocalContent::new(file, &meta)))
+                Some(self.content(file, &meta))
+            }
+            None => None,
+        })
+    }
+
+    fn patch(
+        &self,
+        base: &dyn Content,
+        path: &Path,
+        staged: &Staged,
+        written: &[(u64, u64)],
+        durable: bool,
+    ) -> io::Result<Option<Arc<dyn Content>>> {
+        let was = base.meta()?;
+        let (Some(base_file), false) = (base.local_file(), self.no_patches.load(Ordering::Relaxed))
+        else {
+            return Ok(None);
+        };
+        let to = staged.file.metadata()?.len();
+        if was.size < PATCH_MIN || to < was.size {
+            return Ok(None);
+        }
+        let patch = Patch {
+            staged: &staged.file,
+            staged_path: &staged.path,
+            from: was.size,
+            to,
+            written,
+            durable,
+        };
+        let (dev, ino, _) = was.version;
+        let patched = patch_in_place(&self.full(path), base_file, (dev, ino), &patch, |mark| {
+            self.staging.new_name(|n| mark.name(n))
+        })?;
+        Ok(match patched {
+            Some(file) => {
+                let meta = file.metadata()?;
+                Some(self.content(file, &meta))
             }
             None => None,
         })

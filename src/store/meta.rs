@@ -267,6 +267,18 @@ impl Store for MetaOverlay {
         self.inner.append(base, path, tail)
     }
 
+    fn patch(
+        &self,
+        base: &dyn Content,
+        path: &Path,
+        staged: &Staged,
+        written: &[(u64, u64)],
+        durable: bool,
+    ) -> io::Result<Option<Arc<dyn Content>>> {
+        self.refuse_meta(path)?;
+        self.inner.patch(base, path, staged, written, durable)
+    }
+
     fn mkdir(&self, path: &Path, perm: u16, owner: Owner) -> io::Result<Meta> {
         self.refuse_meta(path)?;
         self.inner.mkdir(path, perm, owner)

@@ -5,6 +5,7 @@
 pub mod append;
 pub mod local;
 pub mod meta;
+pub mod patch;
 
 use std::ffi::OsString;
 use std::fs::File;
@@ -185,6 +186,23 @@ pub trait Store: Send + Sync + 'static {
         tail: &[u8],
     ) -> io::Result<Option<Arc<dyn Content>>> {
         let _ = (base, path, tail);
+        Ok(None)
+    }
+    /// Commits a large working copy by writing into the committed file at `path`, in place,
+    /// only what the writer changed: the ranges `written` (below `base`'s size) and everything
+    /// beyond `base`'s size. Only when the file still is exactly `base` and nobody else reads,
+    /// appends to or patches it; with `durable`, as durable as `commit`. `None` when this store
+    /// or this moment does not allow it: the caller then completes the working copy and
+    /// commits it whole. `staged` stays the caller's to discard.
+    fn patch(
+        &self,
+        base: &dyn Content,
+        path: &Path,
+        staged: &Staged,
+        written: &[(u64, u64)],
+        durable: bool,
+    ) -> io::Result<Option<Arc<dyn Content>>> {
+        let _ = (base, path, staged, written, durable);
         Ok(None)
     }
     fn mkdir(&self, path: &Path, perm: u16, owner: Owner) -> io::Result<Meta>;
