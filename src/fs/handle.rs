@@ -36,6 +36,9 @@ pub struct FileHandle {
     pub appended_at: Option<SystemTime>,
     /// The working copy differs from what was last committed.
     pub dirty: bool,
+    /// Nobody else had the file open when this writer opened it: a large working copy is
+    /// seeded on demand only, hoping to commit it as a patch (see `store::patch`).
+    pub may_patch: bool,
 }
 
 impl FileHandle {
@@ -58,6 +61,7 @@ impl FileHandle {
             appended: Vec::new(),
             appended_at: None,
             dirty: false,
+            may_patch: false,
         }
     }
 
@@ -104,7 +108,8 @@ impl FileHandle {
                     .and_then(|()| staged.file.try_clone());
                 match prepared {
                     Ok(dest) => {
-                        self.seeding = Some(Seeding::start(content.clone(), dest, size));
+                        let on_demand = self.may_patch;
+                        self.seeding = Some(Seeding::start(content.clone(), dest, size, on_demand));
                         self.staged = Some(staged);
                     }
                     Err(e) => {
@@ -125,6 +130,15 @@ impl FileHandle {
         }
         self.seeding = None;
         Ok(())
+    }
+
+    /// The ranges to patch into the committed file, when the working copy may be committed
+    /// as a patch: seeded on demand, and never cut (a truncation completes the seeding).
+    pub fn patch_ranges(&self) -> Option<Vec<(u64, u64)>> {
+        self.seeding
+            .as_ref()
+            .filter(|s| s.on_demand())
+            .map(|s| s.written())
     }
 
     /// Makes the working copy ready to be read or written at `offset..offset + len`.

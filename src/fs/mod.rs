@@ -640,7 +640,7 @@ impl Fs {
             None
         };
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        let (direct_io, keep_cache) = {
+        let (direct_io, keep_cache, alone) = {
             let mut opens = lock(&self.opens);
             let state = opens.entry(ino).or_default();
             state.handles.push(fh);
@@ -652,16 +652,16 @@ impl Fs {
                 let keep = alone && state.cached_version == Some(version);
                 state.cached_version = None;
                 state.writers += 1;
-                (!alone, keep)
+                (!alone, keep, alone)
             } else {
                 state.readers += 1;
                 if state.writers > 0 {
-                    (true, false)
+                    (true, false, false)
                 } else {
                     let keep = state.cached_version == Some(version);
                     state.cached_version = Some(version);
                     state.cached_readers += 1;
-                    (false, keep)
+                    (false, keep, false)
                 }
             }
         };
@@ -674,6 +674,7 @@ impl Fs {
         );
         handle.dirty = staged.is_some();
         handle.staged = staged;
+        handle.may_patch = alone && !handle.append;
         write_lock(&self.files).insert(fh, Arc::new(Mutex::new(handle)));
         Ok(Opened {
             fh,
@@ -839,6 +840,9 @@ impl Fs {
     /// Commits the handle's working copy over the file's current path. A file unlinked while
     /// open has no path: its changes are dropped, as on any POSIX filesystem.
     fn commit(&self, h: &mut FileHandle, durable: bool) -> FsResult<()> {
+        if self.commit_patch(h, durable)? {
+            return Ok(());
+        }
         h.finish_seeding()?;
         if h.staged.is_none() && !h.appended.is_empty() {
             if !durable && self.commit_appended(h)? {
@@ -882,6 +886,56 @@ impl Fs {
                     let _ = q.resize(new, old);
                 }
                 h.staged = Some(staged);
+                log::error!("commit of {} failed: {e}", path.display());
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Commits a large working copy by writing only what the handle changed into the committed
+    /// file in place; false when it was not seeded for that or the store cannot do it now (see
+    /// `Store::patch`): the caller then commits the whole copy.
+    fn commit_patch(&self, h: &mut FileHandle, durable: bool) -> FsResult<bool> {
+        let (Some(ranges), Some(base), Some(staged)) =
+            (h.patch_ranges(), h.committed.clone(), h.staged.as_ref())
+        else {
+            return Ok(false);
+        };
+        let table = read_lock(&self.table);
+        let Some(path) = table.path(h.ino) else {
+            return Ok(false); // unlinked while open: `commit` drops the changes
+        };
+        let old = base.meta()?.size;
+        let new = staged.file.metadata()?.len();
+        if let Some(q) = &self.options.quota {
+            q.resize(old, new)?;
+        }
+        let undo_quota = || {
+            if let Some(q) = &self.options.quota {
+                let _ = q.resize(new, old);
+            }
+        };
+        match self
+            .store
+            .patch(base.as_ref(), &path, staged, &ranges, durable)
+        {
+            Ok(Some(content)) => {
+                drop(table);
+                if let Some(seeding) = h.seeding.take() {
+                    seeding.cancel();
+                }
+                if let Some(staged) = h.staged.take() {
+                    self.store.discard(staged);
+                }
+                self.committed(h, content);
+                Ok(true)
+            }
+            Ok(None) => {
+                undo_quota();
+                Ok(false)
+            }
+            Err(e) => {
+                undo_quota();
                 log::error!("commit of {} failed: {e}", path.display());
                 Err(e.into())
             }
@@ -1253,6 +1307,80 @@ mod tests {
         expect[5..8].copy_from_slice(b"abc");
         expect.truncate(cut);
         assert!(std::fs::read(s.root.join("big")).unwrap() == expect);
+    }
+
+    #[test]
+    fn large_files_are_patched_in_place_unless_somebody_else_has_them_open() {
+        use std::os::unix::fs::MetadataExt;
+        let s = full();
+        let len = (seed::LAZY_SEED_MIN + 4096) as usize;
+        let original: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+        let path = s.root.join("db");
+        std::fs::write(&path, &original).unwrap();
+        let inode = || std::fs::metadata(&path).unwrap().ino();
+        let first = inode();
+        let attr = s.fs.lookup(ROOT, name("db")).unwrap();
+        let write = |fh: u64, offset: usize, data: &[u8], expect: &mut Vec<u8>| {
+            s.fs.write(fh, offset as u64, data).unwrap();
+            if expect.len() < offset + data.len() {
+                expect.resize(offset + data.len(), 0);
+            }
+            expect[offset..offset + data.len()].copy_from_slice(data);
+        };
+
+        // Alone: the changed blocks and the new tail go into the same file.
+        let mut v1 = original.clone();
+        let w = s.fs.open(attr.ino, RW).unwrap();
+        write(w.fh, 4096 * 3, &[1u8; 4096], &mut v1);
+        write(w.fh, 1 << 20, b"middle", &mut v1);
+        write(w.fh, len + 10, b"tail", &mut v1);
+        assert!(
+            std::fs::read(&path).unwrap() == original,
+            "private until close"
+        );
+        s.fs.release(w.fh).unwrap();
+        assert!(std::fs::read(&path).unwrap() == v1);
+        assert_eq!(inode(), first, "patched in place");
+        assert_eq!(std::fs::metadata(&path).unwrap().nlink(), 1);
+
+        // A reader open: the writer commits a whole copy, the reader keeps its version.
+        let mut v2 = v1.clone();
+        let r = s.fs.open(attr.ino, libc::O_RDONLY).unwrap();
+        let w = s.fs.open(attr.ino, RW).unwrap();
+        write(w.fh, 0, b"v2", &mut v2);
+        s.fs.release(w.fh).unwrap();
+        assert!(std::fs::read(&path).unwrap() == v2);
+        let second = inode();
+        assert_ne!(second, first, "a new file, not a patch under the reader");
+        assert_eq!(s.fs.read(r.fh, 4096 * 3, 4).unwrap(), [1u8; 4]);
+        assert_eq!(s.fs.read(r.fh, 0, 2).unwrap(), &v1[..2]);
+        s.fs.release(r.fh).unwrap();
+
+        // Two writers: the last close wins, whole, though the first to open could patch.
+        let (mut a, mut b) = (v2.clone(), v2.clone());
+        let wa = s.fs.open(attr.ino, RW).unwrap();
+        let wb = s.fs.open(attr.ino, RW).unwrap();
+        write(wa.fh, 8192, b"AAAA", &mut a);
+        write(wb.fh, 2 << 20, b"BBBB", &mut b);
+        s.fs.release(wb.fh).unwrap();
+        assert!(std::fs::read(&path).unwrap() == b);
+        s.fs.release(wa.fh).unwrap();
+        assert!(
+            std::fs::read(&path).unwrap() == a,
+            "the last close wins, whole"
+        );
+
+        // fsync commits a durable patch; the handle goes on writing and patches again.
+        let mut v3 = a.clone();
+        let third = inode();
+        let w = s.fs.open(attr.ino, RW).unwrap();
+        write(w.fh, 100, b"synced", &mut v3);
+        s.fs.fsync(w.fh).unwrap();
+        assert!(std::fs::read(&path).unwrap() == v3);
+        write(w.fh, 3 << 20, b"after", &mut v3);
+        s.fs.release(w.fh).unwrap();
+        assert!(std::fs::read(&path).unwrap() == v3);
+        assert_eq!(inode(), third, "both commits patched the same file");
     }
 
     #[test]

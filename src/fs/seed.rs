@@ -8,6 +8,11 @@
 //! copied first, and a background thread copies every block still missing, a chunk at a time.
 //! A block is copied at most once and never after a write into it, so a copy never overwrites
 //! newer data. Commits and truncations wait until every block is present ([`Seeding::finish`]).
+//!
+//! A writer that may commit by patching the file in place (see `store::patch`) seeds without
+//! the background copier: the working copy then holds only the blocks it wrote (and those it
+//! read in part), which [`Seeding::written`] lists for the patch. Should the patch not be
+//! possible, `finish` still copies the rest.
 
 use std::fs::File;
 use std::io;
@@ -17,7 +22,8 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use crate::store::{Content, copy_range};
 
 /// Files at least this large are seeded lazily; smaller ones are copied at once.
-pub const LAZY_SEED_MIN: u64 = 4 << 20;
+/// The same size as patches start at: a patch needs a lazily seeded working copy.
+pub const LAZY_SEED_MIN: u64 = crate::store::patch::PATCH_MIN;
 const BLOCK: u64 = 4096;
 /// Blocks per chunk: one bit each in a `u64`.
 const BLOCKS: u64 = 64;
@@ -27,6 +33,8 @@ const CHUNK: u64 = BLOCK * BLOCKS;
 struct Chunk {
     /// Blocks that hold their final data (seeded, or marked for a write that covers them).
     present: u64,
+    /// Blocks the writer wrote into (in full or in part).
+    written: u64,
     /// The background copier is copying this chunk's missing blocks.
     copying: bool,
 }
@@ -40,6 +48,8 @@ pub struct Seeding {
     copied: Condvar,
     /// Set when the working copy is dropped or cut: the copier stops.
     cancelled: AtomicBool,
+    /// No background copier: blocks are copied only when a read or a partial write needs them.
+    on_demand: bool,
 }
 
 /// The bits of the blocks of chunk `index` that exist in a file of `len` bytes.
@@ -54,8 +64,9 @@ fn blocks_in_file(index: usize, len: u64) -> u64 {
 }
 
 impl Seeding {
-    /// Starts seeding `dest` (already sized to `len`) from `source`, copying in the background.
-    pub fn start(source: Arc<dyn Content>, dest: File, len: u64) -> Arc<Seeding> {
+    /// Starts seeding `dest` (already sized to `len`) from `source`, copying in the background
+    /// unless `on_demand`.
+    pub fn start(source: Arc<dyn Content>, dest: File, len: u64, on_demand: bool) -> Arc<Seeding> {
         let seeding = Arc::new(Seeding {
             source,
             dest,
@@ -63,7 +74,11 @@ impl Seeding {
             chunks: Mutex::new(vec![Chunk::default(); len.div_ceil(CHUNK) as usize]),
             copied: Condvar::new(),
             cancelled: AtomicBool::new(false),
+            on_demand,
         });
+        if on_demand {
+            return seeding;
+        }
         let copier = seeding.clone();
         let spawned = std::thread::Builder::new()
             .name("roomfs-seed".into())
@@ -170,6 +185,9 @@ impl Seeding {
             }
             let chunks = self.lock();
             let mut chunks = self.idle(chunks, index);
+            if write {
+                chunks[index].written |= copy | cover;
+            }
             let copy = copy & !chunks[index].present;
             if copy != 0 {
                 // The chunk stays locked while its few blocks are copied: the copier cannot
@@ -189,9 +207,41 @@ impl Seeding {
         let end = (offset + len).min(self.len);
         let mut block = offset.div_ceil(BLOCK);
         while (block + 1) * BLOCK <= end || (block * BLOCK < end && end == self.len) {
-            chunks[(block / BLOCKS) as usize].present &= !(1u64 << (block % BLOCKS));
+            let chunk = &mut chunks[(block / BLOCKS) as usize];
+            chunk.present &= !(1u64 << (block % BLOCKS));
+            chunk.written &= !(1u64 << (block % BLOCKS));
             block += 1;
         }
+    }
+
+    /// Whether this working copy is seeded without a background copier (it may be patched).
+    pub fn on_demand(&self) -> bool {
+        self.on_demand
+    }
+
+    /// The byte ranges of the seeded size the writer wrote into, whole blocks, in order.
+    pub fn written(&self) -> Vec<(u64, u64)> {
+        let chunks = self.lock();
+        let mut ranges: Vec<(u64, u64)> = Vec::new();
+        for (index, chunk) in chunks.iter().enumerate() {
+            let mut mask = chunk.written;
+            while mask != 0 {
+                let first = mask.trailing_zeros() as u64;
+                let run = (mask >> first).trailing_ones() as u64;
+                let start = index as u64 * CHUNK + first * BLOCK;
+                let end = (start + run * BLOCK).min(self.len);
+                match ranges.last_mut() {
+                    Some((s, l)) if *s + *l == start => *l = end - *s,
+                    _ => ranges.push((start, end - start)),
+                }
+                mask &= !(if run == BLOCKS {
+                    u64::MAX
+                } else {
+                    ((1u64 << run) - 1) << first
+                });
+            }
+        }
+        ranges
     }
 
     /// Copies everything still missing (before a commit).
@@ -272,7 +322,7 @@ mod tests {
         let seed = pattern(len as usize);
         let (dir, file) = working_copy(len);
         let dest = file.try_clone().unwrap();
-        let seeding = Seeding::start(Arc::new(Bytes(seed.clone())), dest, len);
+        let seeding = Seeding::start(Arc::new(Bytes(seed.clone())), dest, len, false);
         (dir, file, seeding, seed)
     }
 
@@ -349,6 +399,47 @@ mod tests {
         }
         seeding.finish().unwrap();
         assert!(contents(&file, model.len()) == model);
+    }
+
+    #[test]
+    fn on_demand_seeding_copies_only_what_reads_and_partial_writes_need() {
+        let len = 3 * CHUNK + 100;
+        let seed = pattern(len as usize);
+        let (_d, file) = working_copy(len);
+        let dest = file.try_clone().unwrap();
+        let seeding = Seeding::start(Arc::new(Bytes(seed.clone())), dest, len, true);
+        assert!(seeding.on_demand());
+        // A whole block, a partial write across two blocks, a read, and the last short block.
+        seeding.prepare(BLOCK, BLOCK, true).unwrap();
+        seeding.prepare(CHUNK - 10, 20, true).unwrap();
+        seeding.prepare(2 * CHUNK, 10, false).unwrap();
+        seeding.prepare(len - 50, 50, true).unwrap();
+        let last = (len - 1) / BLOCK * BLOCK;
+        assert_eq!(
+            seeding.written(),
+            vec![
+                (BLOCK, BLOCK),
+                (CHUNK - BLOCK, 2 * BLOCK),
+                (last, len - last)
+            ],
+            "adjacent blocks merge across chunks; the read is not a write"
+        );
+        // The partially written blocks were copied first; nothing else was copied.
+        let mut got = vec![0u8; BLOCK as usize];
+        file.read_exact_at(&mut got, CHUNK - BLOCK).unwrap();
+        assert!(got == seed[(CHUNK - BLOCK) as usize..CHUNK as usize]);
+        file.read_exact_at(&mut got, 3 * BLOCK).unwrap();
+        assert!(
+            got.iter().all(|&b| b == 0),
+            "an untouched block stays a hole"
+        );
+        seeding.write_failed(BLOCK, BLOCK);
+        assert_eq!(seeding.written()[0], (CHUNK - BLOCK, 2 * BLOCK));
+        seeding.finish().unwrap();
+        assert!(
+            contents(&file, len as usize) == seed,
+            "finish copies the rest"
+        );
     }
 
     #[test]
