@@ -4,7 +4,7 @@ mod common;
 
 use std::fs::{self, File};
 use std::io::Write;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::process::Command;
 
 use common::{BIN, Mounted, is_mounted};
@@ -285,6 +285,85 @@ fn an_append_cut_short_by_a_crash_is_undone_at_the_next_start() {
     drop(f);
     assert_eq!(fs::read(m.backing("log")).unwrap(), b"kept\nnext\n");
     assert_eq!(fs::metadata(m.backing("log")).unwrap().ino(), meta.ino());
+}
+
+#[test]
+fn kill_9_during_many_patches_leaves_only_whole_versions() {
+    let mut m = Mounted::room();
+    let code = r#"
+import os
+p = os.environ['MNT'] + '/db'
+with open(p, 'wb') as f:
+    f.write(b'-' * (4608 << 10))
+i = 0
+while True:
+    fd = os.open(p, os.O_RDWR)
+    for k in range(8):
+        os.pwrite(fd, b'%08d' % i * 512, (k * 140 + 3) * 4096)
+    os.close(fd)
+    i += 1
+"#;
+    crash_while_running(&mut m, code);
+    // The next start finishes a patch the crash interrupted (if it hit one): all eight blocks
+    // are then of one version, the rest of the file is untouched.
+    m.start();
+    let data = fs::read(m.p("db")).unwrap();
+    assert_eq!(data.len(), 4608 << 10);
+    let block = |k: usize| &data[(k * 140 + 3) * 4096..(k * 140 + 4) * 4096];
+    let version = block(0)[..8].to_vec();
+    assert!(version != b"--------", "the writer got going");
+    let whole = version.repeat(512);
+    for k in 0..8 {
+        assert!(block(k) == whole, "block {k} is of the same version");
+    }
+    let dashes = data
+        .iter()
+        .enumerate()
+        .filter(|&(at, _)| !(0..8).any(|k| (at / 4096) == k * 140 + 3))
+        .all(|(_, &b)| b == b'-');
+    assert!(dashes, "the bytes nobody wrote are untouched");
+}
+
+#[test]
+fn a_patch_cut_short_by_a_crash_is_finished_at_the_next_start() {
+    // What a daemon killed in the middle of a patch commit leaves: its staging directory (lock
+    // not held) with the working copy and the file linked as markers, and part of the patch
+    // written.
+    let len: usize = 4 << 20;
+    let m = Mounted::with_setup(&["--room", "r1"], |data| {
+        let room = data.join("rooms/r1");
+        fs::create_dir_all(&room).unwrap();
+        fs::write(room.join("db"), vec![b'o'; len]).unwrap();
+        let stale = data.join(".staging/4000000-2");
+        fs::create_dir_all(&stale).unwrap();
+        fs::write(stale.join("lock"), b"").unwrap();
+        // The working copy: sparse, with the two blocks written and a tail.
+        let work = fs::File::create(stale.join("w0")).unwrap();
+        work.set_len(len as u64).unwrap();
+        work.write_all_at(&[b'n'; 4096], 8192).unwrap();
+        work.write_all_at(&[b'n'; 4096], 3 << 20).unwrap();
+        work.write_all_at(b"tail", len as u64).unwrap();
+        let marker = stale.join(format!("patch-{len}-{}-0", len + 4));
+        fs::hard_link(
+            stale.join("w0"),
+            stale.join(format!("patch-{len}-{}-0.data", len + 4)),
+        )
+        .unwrap();
+        fs::hard_link(room.join("db"), marker).unwrap();
+        // The crash came after the first block.
+        let f = fs::OpenOptions::new()
+            .write(true)
+            .open(room.join("db"))
+            .unwrap();
+        f.write_all_at(&[b'n'; 4096], 8192).unwrap();
+    });
+    let data = fs::read(m.p("db")).unwrap();
+    let mut expect = vec![b'o'; len];
+    expect[8192..12288].fill(b'n');
+    expect[3 << 20..(3 << 20) + 4096].fill(b'n');
+    expect.extend_from_slice(b"tail");
+    assert!(data == expect, "the interrupted patch was finished");
+    assert_eq!(fs::metadata(m.backing("db")).unwrap().nlink(), 1);
 }
 
 #[test]

@@ -645,6 +645,100 @@ print(c.execute('pragma integrity_check').fetchone()[0])
 }
 
 #[test]
+fn a_large_sqlite_database_is_updated_in_place() {
+    let m = Mounted::room();
+    python(
+        &m.mnt,
+        r#"
+import os, sqlite3
+c = sqlite3.connect(os.environ['MNT'] + '/big.db')
+c.execute('create table t(id integer primary key, body text)')
+c.executemany('insert into t(body) values (?)', [('x' * 2000,) for _ in range(3000)])
+c.commit()
+c.close()
+"#,
+    );
+    let before = fs::metadata(m.backing("big.db")).unwrap();
+    assert!(
+        before.len() > 5 << 20,
+        "a database of {} bytes",
+        before.len()
+    );
+    // Transactions that change a few pages (each commit is an fsync) patch the file in place.
+    let out = python(
+        &m.mnt,
+        r#"
+import os, sqlite3
+c = sqlite3.connect(os.environ['MNT'] + '/big.db')
+for i in range(5):
+    c.execute('update t set body = ? where id % 500 = ?', (f'changed {i}', i))
+    c.commit()
+c.close()
+c = sqlite3.connect(os.environ['MNT'] + '/big.db')
+print(c.execute("select count(*) from t where body like 'changed%'").fetchone()[0])
+print(c.execute('pragma integrity_check').fetchone()[0])
+"#,
+    );
+    assert_eq!(out, "30\nok\n");
+    let after = fs::metadata(m.backing("big.db")).unwrap();
+    assert_eq!(after.ino(), before.ino(), "patched, not copied");
+}
+
+#[test]
+fn random_writes_into_a_large_file_are_patched_in_place_and_private_until_close() {
+    let m = Mounted::room();
+    let original: Vec<u8> = (0..6u32 << 20).map(|i| (i % 251) as u8).collect();
+    fs::write(m.p("data.bin"), &original).unwrap();
+    let inode = fs::metadata(m.backing("data.bin")).unwrap().ino();
+    let mut expect = original.clone();
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(m.p("data.bin"))
+        .unwrap();
+    for (i, offset) in [5 << 20, 4096, 3 << 20, (1 << 20) + 100]
+        .into_iter()
+        .enumerate()
+    {
+        let block = [i as u8 + 1; 4096];
+        f.write_all_at(&block, offset as u64).unwrap();
+        expect[offset..offset + 4096].copy_from_slice(&block);
+    }
+    f.write_all_at(b"grown", original.len() as u64 + 3).unwrap();
+    expect.extend_from_slice(b"\0\0\0grown");
+    // The writer reads its own writes and, around them, the file it opened.
+    let mut got = vec![0u8; 8192];
+    f.read_exact_at(&mut got, (1 << 20) - 4000).unwrap();
+    assert!(got[..] == expect[(1 << 20) - 4000..(1 << 20) + 4192]);
+    // Everybody else still reads the previous version.
+    assert!(fs::read(m.p("data.bin")).unwrap() == original);
+    drop(f);
+    assert!(fs::read(m.p("data.bin")).unwrap() == expect);
+    let backing = fs::metadata(m.backing("data.bin")).unwrap();
+    assert_eq!(
+        backing.ino(),
+        inode,
+        "the 6 MiB file was patched, not copied"
+    );
+    assert_eq!(backing.nlink(), 1, "no crash marker left");
+
+    // With a reader holding the file open, the writer's commit is a whole new file, and the
+    // reader keeps reading the version it opened.
+    let reader = File::open(m.p("data.bin")).unwrap();
+    let f = OpenOptions::new()
+        .write(true)
+        .open(m.p("data.bin"))
+        .unwrap();
+    f.write_all_at(b"second", 0).unwrap();
+    drop(f);
+    let mut head = [0u8; 6];
+    reader.read_exact_at(&mut head, 0).unwrap();
+    assert_eq!(head, expect[..6]);
+    assert_eq!(&fs::read(m.p("data.bin")).unwrap()[..6], b"second");
+    assert_ne!(fs::metadata(m.backing("data.bin")).unwrap().ino(), inode);
+}
+
+#[test]
 fn hard_links_and_xattrs_are_refused_with_documented_errnos() {
     let m = Mounted::room();
     fs::write(m.p("f"), b"x").unwrap();
