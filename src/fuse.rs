@@ -408,7 +408,7 @@ impl Filesystem for FuseAdapter {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        let _turn = self.turn(self.fs.syncs_on_close());
+        let _turn = self.turn(self.fs.commit_may_block(fh.0));
         empty(reply, self.fs.flush(fh.0));
     }
 
@@ -422,7 +422,7 @@ impl Filesystem for FuseAdapter {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        let _turn = self.turn(self.fs.syncs_on_close());
+        let _turn = self.turn(self.fs.commit_may_block(fh.0));
         empty(reply, self.fs.release(fh.0));
     }
 

@@ -752,9 +752,17 @@ impl Fs {
         h.write(self.store.as_ref(), offset, &data[..len], placed)
     }
 
-    /// Whether commits at close are made durable (they then wait for the disk).
-    pub fn syncs_on_close(&self) -> bool {
-        self.options.sync_on_close
+    /// Whether closing `fh` may take long: a durable commit, or the commit of a large working
+    /// copy (written as a patch, or completed by copying the rest).
+    pub fn commit_may_block(&self, fh: u64) -> bool {
+        if self.options.sync_on_close {
+            return true;
+        }
+        let Ok(handle) = self.file(fh) else {
+            return false;
+        };
+        let h = lock(&handle);
+        h.dirty && h.seeding.is_some()
     }
 
     /// Whether a write through `fh` would first copy a large committed file into a working copy.

@@ -5,6 +5,7 @@
 use std::ffi::CString;
 use std::fs::{self, File, OpenOptions};
 use std::io;
+use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -37,16 +38,44 @@ impl LocalStore {
         })
     }
 
-    /// The committed content in `file`. A reader of a patchable file holds the read lock
-    /// (see `patch`), waiting for a patch under way to finish.
-    fn content(&self, file: File, meta: &fs::Metadata) -> Arc<dyn Content> {
-        if meta.len() >= PATCH_MIN
-            && let Err(e) = hold_for_reading(&file)
-            && !self.no_patches.swap(true, Ordering::Relaxed)
-        {
-            log::warn!("no read locks on this filesystem ({e}): large files are copied on commit");
+    /// The committed content in `file`, with its attributes `meta`. A reader of a patchable
+    /// file holds the read lock (see `patch`), waiting for a patch under way to finish (the
+    /// attributes are then read again).
+    fn content(&self, file: File, mut meta: fs::Metadata) -> Arc<dyn Content> {
+        if meta.len() >= PATCH_MIN {
+            match hold_for_reading(&file) {
+                Ok(()) => meta = file.metadata().unwrap_or(meta),
+                Err(e) => {
+                    if !self.no_patches.swap(true, Ordering::Relaxed) {
+                        log::warn!(
+                            "no read locks on this filesystem ({e}): large files are copied \
+                             on commit"
+                        );
+                    }
+                }
+            }
         }
-        Arc::new(LocalContent::new(file, meta))
+        Arc::new(LocalContent::new(file, &meta))
+    }
+
+    /// Attributes of `file`, which has a second link: the crash marker of an in-place append
+    /// or patch. One under way holds the file's `flock` (wait for it to end); one whose process
+    /// died is finished or undone first. Either way the attributes are of a whole version.
+    fn settled(&self, file: &File) -> io::Result<fs::Metadata> {
+        let fd = file.as_raw_fd();
+        while unsafe { libc::flock(fd, libc::LOCK_SH) } != 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EINTR) {
+                return Err(e);
+            }
+        }
+        let mut meta = file.metadata();
+        if meta.as_ref().is_ok_and(|m| m.nlink() > 1) {
+            self.staging.recover_stale();
+            meta = file.metadata();
+        }
+        unsafe { libc::flock(fd, libc::LOCK_UN) };
+        meta
     }
 
     fn full(&self, path: &Path) -> PathBuf {
@@ -80,7 +109,7 @@ impl StagingArea {
     pub fn create(data_dir: &Path) -> io::Result<(StagingArea, usize)> {
         let base = data_dir.join(".staging");
         fs::create_dir_all(&base)?;
-        let removed = Self::remove_stale(&base)?;
+        let removed = Self::remove_stale(&base, true)?;
         let nanos = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default()
@@ -103,9 +132,10 @@ impl StagingArea {
         ))
     }
 
-    /// Removes instance directories no live process holds; returns how many working copies
-    /// were dropped.
-    fn remove_stale(base: &Path) -> io::Result<usize> {
+    /// Removes instance directories no live process holds, after finishing the patches and
+    /// undoing the appends they left unfinished; returns how many working copies were dropped.
+    /// `at_start`: also directories without a lock file (later, one may be a process starting).
+    fn remove_stale(base: &Path, at_start: bool) -> io::Result<usize> {
         let mut removed = 0;
         for entry in fs::read_dir(base)? {
             let entry = entry?;
@@ -114,6 +144,9 @@ impl StagingArea {
                 continue;
             }
             let Ok(lock) = File::open(dir.join("lock")) else {
+                if !at_start {
+                    continue;
+                }
                 // A directory without a lock file was never fully created: stale.
                 removed += count_files(&dir);
                 fs::remove_dir_all(&dir)?;
@@ -130,6 +163,17 @@ impl StagingArea {
             }
         }
         Ok(removed)
+    }
+
+    /// Recovers what dead processes left unfinished, while running: a file that still shows a
+    /// crash marker's second link must be whole before anybody reads it.
+    fn recover_stale(&self) {
+        let Some(base) = self.dir.parent() else {
+            return;
+        };
+        if let Err(e) = Self::remove_stale(base, false) {
+            log::warn!("could not recover stale staging: {e}");
+        }
     }
 
     /// A fresh name in this staging area.
@@ -365,11 +409,14 @@ impl Store for LocalStore {
             .read(true)
             .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(self.full(path))?;
-        let meta = file.metadata()?;
+        let mut meta = file.metadata()?;
         if !meta.is_file() {
             return Err(io::Error::from_raw_os_error(libc::EISDIR));
         }
-        Ok(self.content(file, &meta))
+        if meta.nlink() > 1 {
+            meta = self.settled(&file)?;
+        }
+        Ok(self.content(file, meta))
     }
 
     fn create(&self, path: &Path, perm: u16, owner: Owner, exclusive: bool) -> io::Result<Meta> {
@@ -441,7 +488,7 @@ impl Store for LocalStore {
         }
         // Read after the exchange: it changed the ctime, part of the version readers compare.
         let meta = staged.file.metadata().unwrap_or(before);
-        Ok(self.content(staged.file, &meta))
+        Ok(self.content(staged.file, meta))
     }
 
     fn append(
@@ -463,7 +510,7 @@ impl Store for LocalStore {
         Ok(match appended {
             Some(file) => {
                 let meta = file.metadata()?;
-                Some(self.content(file, &meta))
+                Some(self.content(file, meta))
             }
             None => None,
         })
@@ -501,7 +548,7 @@ impl Store for LocalStore {
         Ok(match patched {
             Some(file) => {
                 let meta = file.metadata()?;
-                Some(self.content(file, &meta))
+                Some(self.content(file, meta))
             }
             None => None,
         })
@@ -716,6 +763,50 @@ mod tests {
         let (_other, removed2) = StagingArea::create(dir.path()).unwrap();
         assert_eq!(removed2, 0);
         assert!(area.dir.exists());
+    }
+
+    #[test]
+    fn opening_a_file_with_a_crash_marker_waits_for_or_recovers_it() {
+        use crate::store::append::AppendMark;
+        let (d, s) = store();
+        let target = s.full(Path::new("log"));
+        fs::write(&target, b"whole\n").unwrap();
+        // An append under way in a live process: it holds the flock and a marker link.
+        let appender = OpenOptions::new().append(true).open(&target).unwrap();
+        assert_eq!(
+            unsafe { libc::flock(appender.as_raw_fd(), libc::LOCK_EX) },
+            0
+        );
+        let live_marker = d.path().join("live-marker");
+        fs::hard_link(&target, &live_marker).unwrap();
+        appender.write_all_at(b"half", 6).unwrap();
+        let opened = std::thread::scope(|scope| {
+            let reader = scope.spawn(|| s.open(Path::new("log")).unwrap().meta().unwrap().size);
+            std::thread::sleep(Duration::from_millis(50));
+            assert!(!reader.is_finished(), "the reader waits for the append");
+            appender.write_all_at(b" line\n", 10).unwrap();
+            fs::remove_file(&live_marker).unwrap();
+            unsafe { libc::flock(appender.as_raw_fd(), libc::LOCK_UN) };
+            reader.join().unwrap()
+        });
+        assert_eq!(opened, 16, "a whole version: the append done");
+
+        // A dead process's marker: the append is undone before the file is read.
+        let stale = d.path().join(".staging/999999-5");
+        fs::create_dir_all(&stale).unwrap();
+        fs::write(stale.join("lock"), b"").unwrap();
+        let now = fs::metadata(&target).unwrap();
+        let mark = AppendMark {
+            from: 16,
+            to: 30,
+            mtime: (now.mtime(), now.mtime_nsec()),
+        };
+        fs::hard_link(&target, stale.join(mark.name(0))).unwrap();
+        appender.write_all_at(b"cut sh", 16).unwrap();
+        let content = s.open(Path::new("log")).unwrap();
+        assert_eq!(content.meta().unwrap().size, 16);
+        assert_eq!(fs::read(&target).unwrap(), b"whole\nhalf line\n");
+        assert!(!stale.exists(), "the stale staging is gone");
     }
 
     #[test]
