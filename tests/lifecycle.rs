@@ -185,16 +185,34 @@ fn kill_9_never_leaves_a_partial_file_and_the_next_mount_recovers() {
 }
 
 /// Runs the Python loop `code` against the mount (its path in `$MNT`), kills the daemon with
-/// SIGKILL while the loop runs, and waits for the loop to fail and exit.
+/// SIGKILL while the loop runs, and waits for the loop to fail and exit. The loop calls
+/// `going()` after its first pass; the kill comes 300 ms after that, so it always hits a loop
+/// that is under way, however slow the machine is.
 fn crash_while_running(m: &mut Mounted, code: &str) {
+    use std::io::BufRead;
+    let code = format!("def going():\n    print('going', flush=True)\n{code}");
     let mut writer = Command::new("python3")
         .arg("-c")
         .arg(code)
         .env("MNT", &m.mnt)
+        .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(700));
+    let stdout = writer.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = std::io::BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let first = rx.recv_timeout(std::time::Duration::from_secs(60));
+    if first.as_deref().map(str::trim) != Ok("going") {
+        let _ = writer.kill();
+        let _ = writer.wait();
+        panic!("the loop never completed a pass: {first:?}");
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
     m.crash();
     let _ = writer.wait();
 }
@@ -209,6 +227,8 @@ i = 0
 while True:
     with open(p, 'wb') as f:
         f.write(str(i).encode() * 10000)
+    if i == 0:
+        going()
     i += 1
 "#;
     crash_while_running(&mut m, code);
@@ -234,6 +254,8 @@ i = 0
 while True:
     with open(p, 'a') as f:
         f.write(f'line {i:08d} ' + 'x' * (i % 3000) + '\n')
+    if i == 0:
+        going()
     i += 1
 "#;
     crash_while_running(&mut m, code);
@@ -290,17 +312,18 @@ fn an_append_cut_short_by_a_crash_is_undone_at_the_next_start() {
 #[test]
 fn kill_9_during_many_patches_leaves_only_whole_versions() {
     let mut m = Mounted::room();
+    fs::write(m.p("db"), vec![b'-'; 4608 << 10]).unwrap();
     let code = r#"
 import os
 p = os.environ['MNT'] + '/db'
-with open(p, 'wb') as f:
-    f.write(b'-' * (4608 << 10))
 i = 0
 while True:
     fd = os.open(p, os.O_RDWR)
     for k in range(8):
         os.pwrite(fd, b'%08d' % i * 512, (k * 140 + 3) * 4096)
     os.close(fd)
+    if i == 0:
+        going()
     i += 1
 "#;
     crash_while_running(&mut m, code);

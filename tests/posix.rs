@@ -7,7 +7,7 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::time::{Duration, SystemTime};
 
-use common::{Mounted, cstr, errno, python};
+use common::{Mounted, cstr, errno, output, python, quiet};
 
 #[test]
 fn create_write_read_and_list() {
@@ -48,6 +48,7 @@ fn missing_file_is_enoent() {
 fn readers_see_the_previous_version_until_close() {
     let m = Mounted::room();
     fs::write(m.p("doc"), b"old version").unwrap();
+    let _quiet = quiet();
     let mut w = File::create(m.p("doc")).unwrap(); // O_TRUNC
     w.write_all(b"new content, longer than before").unwrap();
     assert_eq!(fs::read(m.p("doc")).unwrap(), b"old version");
@@ -208,6 +209,7 @@ fn appends_to_a_large_log_are_in_place_and_invisible_until_close() {
     let head: Vec<u8> = (0..6u32 << 20).map(|i| b'a' + (i % 26) as u8).collect();
     fs::write(m.p("big.log"), &head).unwrap();
     let inode = fs::metadata(m.backing("big.log")).unwrap().ino();
+    let quiet = quiet();
     let mut f = OpenOptions::new()
         .append(true)
         .open(m.p("big.log"))
@@ -215,7 +217,8 @@ fn appends_to_a_large_log_are_in_place_and_invisible_until_close() {
     f.write_all(b"first\n").unwrap();
     f.write_all(b"second\n").unwrap();
     // Other opens see the previous version until the appender closes. (Not from a child
-    // process: spawning one closes its inherited copy of `f`, and that close commits.)
+    // process: spawning one closes its inherited copy of `f`, and that close commits; hence
+    // `quiet` too.)
     assert!(fs::read(m.p("big.log")).unwrap() == head);
     assert_eq!(
         fs::metadata(m.backing("big.log")).unwrap().len(),
@@ -227,6 +230,7 @@ fn appends_to_a_large_log_are_in_place_and_invisible_until_close() {
         head.len() as u64 + 13
     );
     drop(f);
+    drop(quiet);
     let all = fs::read(m.p("big.log")).unwrap();
     assert_eq!(all.len(), head.len() + 13);
     assert!(all[..head.len()] == head[..]);
@@ -235,13 +239,13 @@ fn appends_to_a_large_log_are_in_place_and_invisible_until_close() {
     assert_eq!(backing.ino(), inode, "the 6 MiB file was not copied");
     assert_eq!(backing.len(), all.len() as u64);
     // The shell's `>>` appends the same way.
-    let status = std::process::Command::new("sh")
-        .arg("-c")
-        .arg("echo shell >> \"$0\"")
-        .arg(m.p("big.log"))
-        .status()
-        .unwrap();
-    assert!(status.success());
+    let out = output(
+        std::process::Command::new("sh")
+            .arg("-c")
+            .arg("echo shell >> \"$0\"")
+            .arg(m.p("big.log")),
+    );
+    assert!(out.status.success());
     assert!(
         fs::read(m.backing("big.log"))
             .unwrap()
@@ -275,6 +279,7 @@ fn truncate_and_ftruncate() {
 fn fsync_commits_without_closing() {
     let m = Mounted::room();
     fs::write(m.p("s"), b"v1").unwrap();
+    let _quiet = quiet();
     let mut f = File::create(m.p("s")).unwrap();
     f.write_all(b"v2").unwrap();
     assert_eq!(fs::read(m.backing("s")).unwrap(), b"v1");
@@ -691,6 +696,7 @@ fn random_writes_into_a_large_file_are_patched_in_place_and_private_until_close(
     fs::write(m.p("data.bin"), &original).unwrap();
     let inode = fs::metadata(m.backing("data.bin")).unwrap().ino();
     let mut expect = original.clone();
+    let _quiet = quiet();
     let f = OpenOptions::new()
         .read(true)
         .write(true)
@@ -873,12 +879,12 @@ fn tools_agents_run_work() {
     let m = Mounted::room();
     // cp -r, tar, and a git repository.
     let sh = |cmd: &str| {
-        let out = std::process::Command::new("sh")
-            .arg("-c")
-            .arg(cmd)
-            .current_dir(&m.mnt)
-            .output()
-            .unwrap();
+        let out = output(
+            std::process::Command::new("sh")
+                .arg("-c")
+                .arg(cmd)
+                .current_dir(&m.mnt),
+        );
         assert!(
             out.status.success(),
             "{cmd}: {}{}",

@@ -5,7 +5,7 @@ use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_roomfs");
@@ -119,11 +119,7 @@ impl Mounted {
 
     /// Unmounts with `roomfs unmount`, waits for the daemon; returns its exit status.
     pub fn unmount(&mut self) -> std::process::ExitStatus {
-        let out = Command::new(BIN)
-            .arg("unmount")
-            .arg(&self.mnt)
-            .output()
-            .unwrap();
+        let out = output(Command::new(BIN).arg("unmount").arg(&self.mnt));
         assert!(
             out.status.success(),
             "unmount failed: {}",
@@ -154,6 +150,27 @@ impl Drop for Mounted {
     }
 }
 
+/// Starting a child process closes, at its `exec`, the child's copies of every descriptor the
+/// test process has open, and on roomfs every close commits (README). So a test that keeps a
+/// file open for writing while it checks what others see holds [`quiet`], and every child
+/// started here holds [`spawning`] while it starts: no other test's child commits its file.
+static SPAWNS: RwLock<()> = RwLock::new(());
+
+pub fn spawning() -> RwLockReadGuard<'static, ()> {
+    SPAWNS.read().unwrap_or_else(|e| e.into_inner())
+}
+
+/// No child processes start while this is held (never start one while holding it).
+pub fn quiet() -> RwLockWriteGuard<'static, ()> {
+    SPAWNS.write().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Runs `cmd` to its end (holding [`spawning`]) and returns its output.
+pub fn output(cmd: &mut Command) -> std::process::Output {
+    let _spawning = spawning();
+    cmd.output().expect("the command runs")
+}
+
 /// Starts `cmd` with its stderr collected into `log`, and waits until a line contains `ready`;
 /// panics with the log if the process exits first or takes over 20 s.
 pub fn start_logged(
@@ -161,12 +178,14 @@ pub fn start_logged(
     ready: &'static str,
     log: &Arc<Mutex<Vec<String>>>,
 ) -> Child {
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start roomfs");
+    let spawned = {
+        let _spawning = spawning();
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+    };
+    let mut child = spawned.expect("start roomfs");
     let stderr = child.stderr.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     let sink = log.clone();
@@ -210,12 +229,7 @@ pub fn errno<T: std::fmt::Debug>(r: std::io::Result<T>) -> i32 {
 
 /// Runs a Python 3 snippet with `MNT` in its environment; panics with its output on failure.
 pub fn python(mnt: &Path, code: &str) -> String {
-    let out = Command::new("python3")
-        .arg("-c")
-        .arg(code)
-        .env("MNT", mnt)
-        .output()
-        .expect("python3 runs");
+    let out = output(Command::new("python3").arg("-c").arg(code).env("MNT", mnt));
     assert!(
         out.status.success(),
         "python failed:\n{}\n{}",
