@@ -915,39 +915,47 @@ impl Fs {
         };
         let old = base.meta()?.size;
         let new = staged.file.metadata()?.len();
+        let patched = self.charged((old, new), "commit", &path, || {
+            self.store
+                .patch(base.as_ref(), &path, staged, &ranges, durable)
+        })?;
+        let Some(content) = patched else {
+            return Ok(false);
+        };
+        drop(table);
+        if let Some(seeding) = h.seeding.take() {
+            seeding.cancel();
+        }
+        if let Some(staged) = h.staged.take() {
+            self.store.discard(staged);
+        }
+        self.committed(h, content);
+        Ok(true)
+    }
+
+    /// Charges the byte quota for the file growing from `old` to `new` bytes, then runs
+    /// `attempt`, a commit in place by the store; gives the quota back unless it went in.
+    /// `None`: the store declined (the caller commits a working copy instead).
+    fn charged(
+        &self,
+        (old, new): (u64, u64),
+        what: &str,
+        path: &Path,
+        attempt: impl FnOnce() -> std::io::Result<Option<Arc<dyn Content>>>,
+    ) -> FsResult<Option<Arc<dyn Content>>> {
         if let Some(q) = &self.options.quota {
             q.resize(old, new)?;
         }
-        let undo_quota = || {
-            if let Some(q) = &self.options.quota {
-                let _ = q.resize(new, old);
-            }
-        };
-        match self
-            .store
-            .patch(base.as_ref(), &path, staged, &ranges, durable)
+        let result = attempt();
+        if !matches!(result, Ok(Some(_)))
+            && let Some(q) = &self.options.quota
         {
-            Ok(Some(content)) => {
-                drop(table);
-                if let Some(seeding) = h.seeding.take() {
-                    seeding.cancel();
-                }
-                if let Some(staged) = h.staged.take() {
-                    self.store.discard(staged);
-                }
-                self.committed(h, content);
-                Ok(true)
-            }
-            Ok(None) => {
-                undo_quota();
-                Ok(false)
-            }
-            Err(e) => {
-                undo_quota();
-                log::error!("commit of {} failed: {e}", path.display());
-                Err(e.into())
-            }
+            let _ = q.resize(new, old);
         }
+        result.map_err(|e| {
+            log::error!("{what} of {} failed: {e}", path.display());
+            e.into()
+        })
     }
 
     /// Commits the appends waiting in `h` by adding them to the committed file in place; false
@@ -966,32 +974,17 @@ impl Fs {
         };
         let old = base.meta()?.size;
         let new = old + h.appended.len() as u64;
-        if let Some(q) = &self.options.quota {
-            q.resize(old, new)?;
-        }
-        let undo_quota = || {
-            if let Some(q) = &self.options.quota {
-                let _ = q.resize(new, old);
-            }
+        let appended = self.charged((old, new), "append", &path, || {
+            self.store.append(base.as_ref(), &path, &h.appended)
+        })?;
+        let Some(content) = appended else {
+            return Ok(false);
         };
-        match self.store.append(base.as_ref(), &path, &h.appended) {
-            Ok(Some(content)) => {
-                drop(table);
-                h.appended = Vec::new();
-                h.appended_at = None;
-                self.committed(h, content);
-                Ok(true)
-            }
-            Ok(None) => {
-                undo_quota();
-                Ok(false)
-            }
-            Err(e) => {
-                undo_quota();
-                log::error!("append to {} failed: {e}", path.display());
-                Err(e.into())
-            }
-        }
+        drop(table);
+        h.appended = Vec::new();
+        h.appended_at = None;
+        self.committed(h, content);
+        Ok(true)
     }
 
     /// Bookkeeping after `h` committed `content`.
