@@ -142,21 +142,31 @@ impl Seeding {
     }
 
     /// Copies the blocks of chunk `index` in `mask` from the source, in runs.
-    fn copy_blocks(&self, index: usize, mut mask: u64) -> io::Result<()> {
+    fn copy_blocks(&self, index: usize, mask: u64) -> io::Result<()> {
+        for (offset, len) in self.runs(index, mask) {
+            copy_range(self.source.as_ref(), &self.dest, offset, len)?;
+        }
+        Ok(())
+    }
+
+    /// The byte ranges of the runs of blocks set in `mask`, in chunk `index` (cut at the end
+    /// of the seeded size).
+    fn runs(&self, index: usize, mut mask: u64) -> impl Iterator<Item = (u64, u64)> + '_ {
         let base = index as u64 * CHUNK;
-        while mask != 0 {
+        std::iter::from_fn(move || {
+            if mask == 0 {
+                return None;
+            }
             let first = mask.trailing_zeros() as u64;
             let run = (mask >> first).trailing_ones() as u64;
-            let offset = base + first * BLOCK;
-            let len = (run * BLOCK).min(self.len - offset);
-            copy_range(self.source.as_ref(), &self.dest, offset, len)?;
             mask &= !(if run == BLOCKS {
                 u64::MAX
             } else {
                 ((1u64 << run) - 1) << first
             });
-        }
-        Ok(())
+            let offset = base + first * BLOCK;
+            Some((offset, (run * BLOCK).min(self.len - offset)))
+        })
     }
 
     /// Prepares `offset..offset + len` of the working copy to be read (`write == false`) or
@@ -224,21 +234,11 @@ impl Seeding {
         let chunks = self.lock();
         let mut ranges: Vec<(u64, u64)> = Vec::new();
         for (index, chunk) in chunks.iter().enumerate() {
-            let mut mask = chunk.written;
-            while mask != 0 {
-                let first = mask.trailing_zeros() as u64;
-                let run = (mask >> first).trailing_ones() as u64;
-                let start = index as u64 * CHUNK + first * BLOCK;
-                let end = (start + run * BLOCK).min(self.len);
+            for (start, len) in self.runs(index, chunk.written) {
                 match ranges.last_mut() {
-                    Some((s, l)) if *s + *l == start => *l = end - *s,
-                    _ => ranges.push((start, end - start)),
+                    Some((s, l)) if *s + *l == start => *l += len,
+                    _ => ranges.push((start, len)),
                 }
-                mask &= !(if run == BLOCKS {
-                    u64::MAX
-                } else {
-                    ((1u64 << run) - 1) << first
-                });
             }
         }
         ranges

@@ -22,7 +22,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use super::patch::{link_open_file, target_name};
+use super::patch::{link_open_file, markers, target_name};
 
 /// What a marker records: the file's size and mtime before the append, and the size after it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -151,15 +151,8 @@ fn roll_back(file: &File, mark: &AppendMark) -> io::Result<()> {
 /// how many it undid. A file whose size is outside what the marker allows was changed since by
 /// something else and is left alone.
 pub fn roll_back_unfinished(dir: &Path) -> usize {
-    let Ok(entries) = fs::read_dir(dir) else {
-        return 0;
-    };
     let mut undone = 0;
-    for entry in entries.flatten() {
-        let Some(mark) = entry.file_name().to_str().and_then(AppendMark::parse) else {
-            continue;
-        };
-        let path = entry.path();
+    for (mark, path) in markers(dir, AppendMark::parse) {
         let result = OpenOptions::new()
             .write(true)
             .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)

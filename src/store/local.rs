@@ -40,11 +40,12 @@ impl LocalStore {
 
     /// The committed content in `file`, with its attributes `meta`. A reader of a patchable
     /// file holds the read lock (see `patch`), waiting for a patch under way to finish (the
-    /// attributes are then read again).
+    /// attributes are then read again, only then).
     fn content(&self, file: File, mut meta: fs::Metadata) -> Arc<dyn Content> {
         if meta.len() >= PATCH_MIN {
             match hold_for_reading(&file) {
-                Ok(()) => meta = file.metadata().unwrap_or(meta),
+                Ok(false) => {}
+                Ok(true) => meta = file.metadata().unwrap_or(meta),
                 Err(e) => {
                     if !self.no_patches.swap(true, Ordering::Relaxed) {
                         log::warn!(
@@ -530,7 +531,7 @@ impl Store for LocalStore {
             return Ok(None);
         };
         let to = staged.file.metadata()?.len();
-        if was.size < PATCH_MIN || to < was.size {
+        if was.size < PATCH_MIN {
             return Ok(None);
         }
         let patch = Patch {
@@ -807,6 +808,37 @@ mod tests {
         assert_eq!(content.meta().unwrap().size, 16);
         assert_eq!(fs::read(&target).unwrap(), b"whole\nhalf line\n");
         assert!(!stale.exists(), "the stale staging is gone");
+    }
+
+    #[test]
+    fn a_reader_opening_during_a_patch_gets_the_patched_version() {
+        let (_d, s) = store();
+        let target = s.full(Path::new("db"));
+        fs::write(&target, vec![b'o'; PATCH_MIN as usize]).unwrap();
+        // A patcher holds the exclusive lock (as `patch_in_place` does while writing).
+        let patcher = OpenOptions::new().write(true).open(&target).unwrap();
+        let mut lock: libc::flock = unsafe { std::mem::zeroed() };
+        lock.l_type = libc::F_WRLCK as libc::c_short;
+        assert_eq!(
+            unsafe { libc::fcntl(patcher.as_raw_fd(), libc::F_OFD_SETLK, &lock) },
+            0
+        );
+        let seen = std::thread::scope(|scope| {
+            let reader = scope.spawn(|| s.open(Path::new("db")).unwrap());
+            std::thread::sleep(Duration::from_millis(50));
+            assert!(!reader.is_finished(), "the reader waits for the patch");
+            patcher.write_all_at(b"grown", PATCH_MIN).unwrap();
+            drop(patcher);
+            reader.join().unwrap()
+        });
+        assert_eq!(
+            seen.meta().unwrap().size,
+            PATCH_MIN + 5,
+            "the size after the patch"
+        );
+        let mut tail = [0u8; 5];
+        assert_eq!(seen.read_at(&mut tail, PATCH_MIN).unwrap(), 5);
+        assert_eq!(&tail, b"grown");
     }
 
     #[test]

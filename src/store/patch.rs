@@ -93,9 +93,13 @@ fn lock_whole(file: &File, kind: libc::c_int, wait: bool) -> io::Result<bool> {
 }
 
 /// Takes the shared lock every reader of a patchable file holds while it has it open; waits
-/// while a patch is being applied. Released when `file` is closed.
-pub fn hold_for_reading(file: &File) -> io::Result<()> {
-    lock_whole(file, libc::F_RDLCK, true).map(|_| ())
+/// while a patch is being applied. Returns whether it waited (the file may have changed since
+/// its attributes were read). Released when `file` is closed.
+pub fn hold_for_reading(file: &File) -> io::Result<bool> {
+    if lock_whole(file, libc::F_RDLCK, false)? {
+        return Ok(false);
+    }
+    lock_whole(file, libc::F_RDLCK, true).map(|_| true)
 }
 
 /// A working copy to patch into the committed file.
@@ -358,19 +362,24 @@ pub fn link_open_file(file: &File, path: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// The crash markers in the staging directory `dir` that `parse` recognizes by name, with
+/// their paths.
+pub fn markers<T>(dir: &Path, parse: fn(&str) -> Option<T>) -> Vec<(T, PathBuf)> {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| Some((entry.file_name().to_str().and_then(parse)?, entry.path())))
+        .collect()
+}
+
 /// Finishes the patches a dead process left unfinished in its staging directory `dir`;
 /// returns how many it finished. Markers whose working copy link is missing were never
 /// started (the file marker comes second) and are dropped.
 pub fn finish_unfinished(dir: &Path) -> usize {
-    let Ok(entries) = fs::read_dir(dir) else {
-        return 0;
-    };
     let mut finished = 0;
-    for entry in entries.flatten() {
-        let Some(mark) = entry.file_name().to_str().and_then(PatchMark::parse) else {
-            continue;
-        };
-        let marker = entry.path();
+    for (mark, marker) in markers(dir, PatchMark::parse) {
         let data = PatchMark::data_path(&marker);
         if !data.exists() {
             continue;
