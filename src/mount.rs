@@ -290,7 +290,10 @@ impl ActiveMount {
             },
         ));
         let threads = spec.threads.max(1);
-        let gate = Arc::new(ReaderGate::new(threads));
+        let gate = Arc::new(ReaderGate::new(
+            threads,
+            ReaderGate::spin_window(resources.poller.is_some()),
+        ));
         let adapter = FuseAdapter::new(
             fs.clone(),
             spec.cache_ttl,
@@ -368,6 +371,11 @@ impl ActiveMount {
         match unmount(&self.mountpoint, false) {
             Ok(()) => {
                 self.gate.close();
+                let (caught, ran_out) = self.gate.spins();
+                log::debug!(
+                    "{}: {caught} requests caught by spinning, {ran_out} spins ran out",
+                    self.mountpoint.display()
+                );
                 Ok(())
             }
             Err(_) if lazy => {
