@@ -22,7 +22,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use super::patch::{link_open_file, markers, target_name};
+use super::patch::{link_open_file, markers, open_for_change, target_name};
 
 /// What a marker records: the file's size and mtime before the append, and the size after it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -66,18 +66,9 @@ pub fn append_in_place(
     tail: &[u8],
     marker: impl FnOnce(&AppendMark) -> PathBuf,
 ) -> io::Result<Option<File>> {
-    let Ok(file) = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(target)
-    else {
+    let Some(file) = open_for_change(target) else {
         return Ok(None);
     };
-    // Released explicitly below, and in any case when `file` is closed.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        return Ok(None);
-    }
     let result = append_locked(&file, (dev, ino), size, tail, marker);
     unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_UN) };
     Ok(result?.then_some(file))

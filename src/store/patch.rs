@@ -131,18 +131,9 @@ pub fn patch_in_place(
     patch: &Patch,
     marker: impl FnOnce(&PatchMark) -> PathBuf,
 ) -> io::Result<Option<File>> {
-    let Ok(file) = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(target)
-    else {
+    let Some(file) = open_for_change(target) else {
         return Ok(None);
     };
-    // Released explicitly below, and in any case when `file` is closed.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        return Ok(None);
-    }
     let result = patch_locked(&file, base, (dev, ino), patch, marker);
     if let Ok(true) = result
         && let Err(e) = lock_whole(&file, libc::F_RDLCK, false)
@@ -335,6 +326,20 @@ fn data_extents(file: &File, end: u64) -> io::Result<Vec<(u64, u64)>> {
 }
 
 /// The file's path, for messages.
+/// `target` opened for an in-place change, holding its `flock` (which appenders and patchers
+/// take, and readers of a file with a crash marker wait on): `None` when it cannot be opened
+/// or somebody else holds the lock. The lock goes with the file when it is closed.
+pub fn open_for_change(target: &Path) -> Option<File> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(target)
+        .ok()?;
+    // SAFETY: a valid descriptor; flock touches no memory.
+    (unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0).then_some(file)
+}
+
 pub fn target_name(file: &File) -> String {
     fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd()))
         .map(|p| p.display().to_string())
