@@ -201,7 +201,7 @@ impl Filesystem for FuseAdapter {
 
     fn setattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -227,6 +227,7 @@ impl Filesystem for FuseAdapter {
                 atime: time_spec(atime),
                 mtime: time_spec(mtime),
             },
+            by: req.pid(),
         };
         match self.fs.setattr(ino.0, fh.map(|f| f.0), &changes) {
             Ok(a) => reply.attr(&self.ttl(&a), &self.attr(&a)),
@@ -324,9 +325,9 @@ impl Filesystem for FuseAdapter {
         self.entry(reply, self.fs.link(ino.0, newparent.0, newname));
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let _turn = self.turn(false);
-        match self.fs.open(ino.0, flags.0) {
+        match self.fs.open(ino.0, flags.0, req.pid()) {
             Ok(o) => reply.opened(FileHandle(o.fh), open_flags(&o)),
             Err(e) => reply.error(errno(e)),
         }
@@ -378,7 +379,7 @@ impl Filesystem for FuseAdapter {
 
     fn write(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
         offset: u64,
@@ -392,7 +393,7 @@ impl Filesystem for FuseAdapter {
         let written = if write_flags.contains(WriteFlags::FUSE_WRITE_CACHE) {
             self.fs.write_back(fh.0, offset, data)
         } else {
-            self.fs.write(fh.0, offset, data)
+            self.fs.write(fh.0, offset, data, req.pid())
         };
         match written {
             Ok(n) => reply.written(n),
@@ -402,14 +403,14 @@ impl Filesystem for FuseAdapter {
 
     fn flush(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
         let _turn = self.turn(self.fs.commit_may_block(fh.0));
-        empty(reply, self.fs.flush(fh.0));
+        empty(reply, self.fs.flush(fh.0, req.pid()));
     }
 
     fn release(

@@ -9,6 +9,7 @@ use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use super::closers::Users;
 use super::error::{Errno, FsResult};
 use super::inode::Ino;
 use super::seed::{LAZY_SEED_MIN, Seeding};
@@ -39,6 +40,8 @@ pub struct FileHandle {
     /// Nobody else had the file open when this writer opened it: a large working copy is
     /// seeded on demand only, hoping to commit it as a patch (see `store::patch`).
     pub may_patch: bool,
+    /// The threads that opened the handle or changed the file through it.
+    pub users: Users,
 }
 
 impl FileHandle {
@@ -62,6 +65,7 @@ impl FileHandle {
             appended_at: None,
             dirty: false,
             may_patch: false,
+            users: Users::default(),
         }
     }
 

@@ -2,6 +2,7 @@
 //! listings. It knows nothing of FUSE: every operation takes plain values and returns an
 //! [`Errno`] on failure, so it is tested without a mount.
 
+pub mod closers;
 pub mod error;
 pub mod handle;
 pub mod inode;
@@ -16,6 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::SystemTime;
 
+pub use closers::Tid;
 pub use error::{Errno, FsResult};
 use handle::{DirHandle, DirItem, FileHandle};
 use inode::InodeTable;
@@ -94,6 +96,8 @@ pub struct Caller {
 pub struct AttrChanges {
     pub size: Option<u64>,
     pub attr: SetAttr,
+    /// The thread asking (see `closers`); 0 when unknown.
+    pub by: Tid,
 }
 
 /// The result of opening a file: the handle, and how the kernel should cache it.
@@ -423,7 +427,7 @@ impl Fs {
             self.allow("setattr", &path, Access::Write)?;
         }
         if let Some(size) = changes.size {
-            self.truncate(ino, fh, size)?;
+            self.truncate(ino, fh, size, changes.by)?;
         }
         let attr = &changes.attr;
         let any = attr.perm.is_some()
@@ -439,7 +443,7 @@ impl Fs {
 
     /// Truncation: through a writable handle it changes that handle's working copy; by path
     /// (`truncate(2)`) it is committed at once, atomically.
-    fn truncate(&self, ino: Ino, fh: Option<u64>, size: u64) -> FsResult<()> {
+    fn truncate(&self, ino: Ino, fh: Option<u64>, size: u64, by: Tid) -> FsResult<()> {
         if read_lock(&self.table).kind(ino) == Some(Kind::Dir) {
             return Err(Errno::EISDIR);
         }
@@ -451,6 +455,7 @@ impl Fs {
         {
             let mut h = lock(&handle);
             if h.writable {
+                h.users.add(by);
                 return h.truncate(self.store.as_ref(), size);
             }
         }
@@ -617,12 +622,13 @@ impl Fs {
     // ---- files ---------------------------------------------------------------------------
 
     /// Opens the file `ino` with the `open(2)` flags `flags`.
-    pub fn open(&self, ino: Ino, flags: i32) -> FsResult<Opened> {
+    /// Opens the file `ino` with the `open(2)` flags `flags`, for thread `by`.
+    pub fn open(&self, ino: Ino, flags: i32, by: Tid) -> FsResult<Opened> {
         let path = self.path(ino)?;
-        self.open_path(ino, &path, flags)
+        self.open_path(ino, &path, flags, by)
     }
 
-    fn open_path(&self, ino: Ino, path: &Path, flags: i32) -> FsResult<Opened> {
+    fn open_path(&self, ino: Ino, path: &Path, flags: i32, by: Tid) -> FsResult<Opened> {
         self.touch();
         let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
         let access = if writable || flags & libc::O_TRUNC != 0 {
@@ -674,6 +680,7 @@ impl Fs {
         );
         handle.dirty = staged.is_some();
         handle.staged = staged;
+        handle.users.add(by);
         handle.may_patch = alone && !handle.append;
         write_lock(&self.files).insert(fh, Arc::new(Mutex::new(handle)));
         Ok(Opened {
@@ -710,7 +717,7 @@ impl Fs {
             Err(e) => return Err(e),
         };
         let attr = self.remember(parent, name, &meta);
-        match self.open_path(attr.ino, &path, flags) {
+        match self.open_path(attr.ino, &path, flags, caller.pid) {
             Ok(opened) => Ok((attr, opened)),
             Err(e) => {
                 self.forget(attr.ino, 1);
@@ -725,20 +732,26 @@ impl Fs {
         h.read(offset, size as usize)
     }
 
-    /// `write(2)` through `fh`: at `offset`, or at the end for an `O_APPEND` handle.
-    pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
-        self.write_to(fh, offset, data, false)
+    /// `write(2)` through `fh` by thread `by`: at `offset`, or at the end for an `O_APPEND`
+    /// handle.
+    pub fn write(&self, fh: u64, offset: u64, data: &[u8], by: Tid) -> FsResult<u32> {
+        self.write_to(fh, offset, data, Some(by))
     }
 
     /// A write-back of cached pages (a shared mapping) through `fh`: always at `offset`, even
     /// for an `O_APPEND` handle.
     pub fn write_back(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
-        self.write_to(fh, offset, data, true)
+        self.write_to(fh, offset, data, None)
     }
 
-    fn write_to(&self, fh: u64, offset: u64, data: &[u8], placed: bool) -> FsResult<u32> {
+    /// A write by thread `by`, or a write-back (`None`: the kernel's, at its offset).
+    fn write_to(&self, fh: u64, offset: u64, data: &[u8], by: Option<Tid>) -> FsResult<u32> {
+        let placed = by.is_none();
         let handle = self.file(fh)?;
         let mut h = lock(&handle);
+        if let Some(by) = by {
+            h.users.add(by);
+        }
         let Some(q) = &self.options.quota else {
             return h.write(self.store.as_ref(), offset, data, placed);
         };
@@ -783,9 +796,18 @@ impl Fs {
 
     /// `close()` of one descriptor: commits what the handle changed, so commit errors reach the
     /// caller's `close()`.
-    pub fn flush(&self, fh: u64) -> FsResult<()> {
+    /// `close()` by thread `by` of one copy of the descriptor: commits, unless `by` is of a
+    /// process that never used the handle (see `closers`).
+    pub fn flush(&self, fh: u64, by: Tid) -> FsResult<()> {
         let handle = self.file(fh)?;
         let mut h = lock(&handle);
+        if h.dirty && h.users.stranger(by, closers::thread_group) {
+            log::debug!(
+                "not committing inode {} at a close by thread {by} of another process",
+                h.ino
+            );
+            return Ok(());
+        }
         if h.dirty {
             self.commit(&mut h, self.options.sync_on_close)?;
         }
@@ -1186,6 +1208,8 @@ mod tests {
     use crate::store::local::{LocalStore, StagingArea};
 
     const RW: i32 = libc::O_RDWR;
+    /// A caller the test does not name: every close commits.
+    const CALLER: Tid = 0;
 
     struct Setup {
         _dir: tempfile::TempDir,
@@ -1225,9 +1249,9 @@ mod tests {
     fn writes_are_invisible_until_the_handle_commits() {
         let s = full();
         let (attr, w) = create(&s.fs, ROOT, "f", RW);
-        s.fs.write(w.fh, 0, b"hello").unwrap();
+        s.fs.write(w.fh, 0, b"hello", CALLER).unwrap();
         assert_eq!(std::fs::read(s.root.join("f")).unwrap(), b"");
-        let r = s.fs.open(attr.ino, libc::O_RDONLY).unwrap();
+        let r = s.fs.open(attr.ino, libc::O_RDONLY, CALLER).unwrap();
         assert!(
             r.direct_io,
             "a reader opened during a write bypasses the page cache"
@@ -1235,13 +1259,13 @@ mod tests {
         assert_eq!(s.fs.read(r.fh, 0, 100).unwrap(), b"");
         assert_eq!(s.fs.read(w.fh, 0, 100).unwrap(), b"hello");
         assert_eq!(s.fs.getattr(attr.ino, Some(w.fh)).unwrap().size, 5);
-        s.fs.flush(w.fh).unwrap();
+        s.fs.flush(w.fh, CALLER).unwrap();
         assert_eq!(std::fs::read(s.root.join("f")).unwrap(), b"hello");
         // The reader keeps the version it opened.
         assert_eq!(s.fs.read(r.fh, 0, 100).unwrap(), b"");
         s.fs.release(w.fh).unwrap();
         s.fs.release(r.fh).unwrap();
-        let again = s.fs.open(attr.ino, libc::O_RDONLY).unwrap();
+        let again = s.fs.open(attr.ino, libc::O_RDONLY, CALLER).unwrap();
         assert!(
             again.keep_cache,
             "the sole writer's cached pages are the committed version"
@@ -1251,19 +1275,57 @@ mod tests {
     }
 
     #[test]
+    fn a_close_by_a_process_that_never_used_the_handle_does_not_commit() {
+        let s = full();
+        // SAFETY: gettid has no preconditions.
+        let me = unsafe { libc::gettid() } as Tid;
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let stranger = child.id();
+        let (attr, created) = create(&s.fs, ROOT, "f", RW);
+        s.fs.release(created.fh).unwrap();
+        let w = s.fs.open(attr.ino, RW, me).unwrap();
+        s.fs.write(w.fh, 0, b"half", me).unwrap();
+        // A child closing the copy it inherited, at exec or exit.
+        s.fs.flush(w.fh, stranger).unwrap();
+        assert_eq!(std::fs::read(s.root.join("f")).unwrap(), b"");
+        s.fs.write(w.fh, 4, b" and whole", me).unwrap();
+        s.fs.flush(w.fh, me).unwrap();
+        assert_eq!(std::fs::read(s.root.join("f")).unwrap(), b"half and whole");
+
+        // A process that wrote through the handle commits at its close.
+        s.fs.write(w.fh, 0, b"HALF", stranger).unwrap();
+        s.fs.flush(w.fh, stranger).unwrap();
+        assert_eq!(std::fs::read(s.root.join("f")).unwrap(), b"HALF and whole");
+
+        // The last close always commits, whoever it comes from.
+        let w2 = s.fs.open(attr.ino, RW, me).unwrap();
+        s.fs.write(w2.fh, 0, b"last", me).unwrap();
+        s.fs.flush(w2.fh, stranger).unwrap();
+        assert_eq!(std::fs::read(s.root.join("f")).unwrap(), b"HALF and whole");
+        s.fs.release(w2.fh).unwrap();
+        assert_eq!(std::fs::read(s.root.join("f")).unwrap(), b"last and whole");
+        s.fs.release(w.fh).unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    #[test]
     fn a_lone_writer_keeps_cached_pages_only_of_the_version_it_opens() {
         let s = full();
         let (attr, w) = create(&s.fs, ROOT, "f", RW);
-        s.fs.write(w.fh, 0, b"v1").unwrap();
+        s.fs.write(w.fh, 0, b"v1", CALLER).unwrap();
         s.fs.release(w.fh).unwrap();
         // The pages cached are v1, the committed version: a new writer may keep them.
-        let w2 = s.fs.open(attr.ino, RW).unwrap();
+        let w2 = s.fs.open(attr.ino, RW, CALLER).unwrap();
         assert!(w2.keep_cache && !w2.direct_io);
-        s.fs.write(w2.fh, 0, b"v2").unwrap();
+        s.fs.write(w2.fh, 0, b"v2", CALLER).unwrap();
         s.fs.release(w2.fh).unwrap();
         // Changed behind the mount's back: the cached pages are of another version.
         std::fs::write(s.root.join("f"), b"outside").unwrap();
-        let w3 = s.fs.open(attr.ino, RW).unwrap();
+        let w3 = s.fs.open(attr.ino, RW, CALLER).unwrap();
         assert!(!w3.keep_cache, "pages of another version are dropped");
         s.fs.release(w3.fh).unwrap();
     }
@@ -1275,10 +1337,10 @@ mod tests {
         let original: Vec<u8> = (0..len).map(|i| (i % 253) as u8).collect();
         std::fs::write(s.root.join("big"), &original).unwrap();
         let attr = s.fs.lookup(ROOT, name("big")).unwrap();
-        let h = s.fs.open(attr.ino, RW).unwrap();
+        let h = s.fs.open(attr.ino, RW, CALLER).unwrap();
         let mut expect = original.clone();
         for offset in [len - 3, 2 << 20, 17] {
-            s.fs.write(h.fh, offset as u64, b"XYZ").unwrap();
+            s.fs.write(h.fh, offset as u64, b"XYZ", CALLER).unwrap();
             expect[offset..offset + 3].copy_from_slice(b"XYZ");
         }
         // The handle sees the seed plus its writes, before the commit too.
@@ -1292,8 +1354,8 @@ mod tests {
         assert!(std::fs::read(s.root.join("big")).unwrap() == expect);
 
         // A truncation while seeding keeps exactly the bytes below the cut.
-        let h = s.fs.open(attr.ino, RW).unwrap();
-        s.fs.write(h.fh, 5, b"abc").unwrap();
+        let h = s.fs.open(attr.ino, RW, CALLER).unwrap();
+        s.fs.write(h.fh, 5, b"abc", CALLER).unwrap();
         let cut = (1 << 20) + 7;
         s.fs.setattr(
             attr.ino,
@@ -1322,7 +1384,7 @@ mod tests {
         let first = inode();
         let attr = s.fs.lookup(ROOT, name("db")).unwrap();
         let write = |fh: u64, offset: usize, data: &[u8], expect: &mut Vec<u8>| {
-            s.fs.write(fh, offset as u64, data).unwrap();
+            s.fs.write(fh, offset as u64, data, CALLER).unwrap();
             if expect.len() < offset + data.len() {
                 expect.resize(offset + data.len(), 0);
             }
@@ -1331,7 +1393,7 @@ mod tests {
 
         // Alone: the changed blocks and the new tail go into the same file.
         let mut v1 = original.clone();
-        let w = s.fs.open(attr.ino, RW).unwrap();
+        let w = s.fs.open(attr.ino, RW, CALLER).unwrap();
         write(w.fh, 4096 * 3, &[1u8; 4096], &mut v1);
         write(w.fh, 1 << 20, b"middle", &mut v1);
         write(w.fh, len + 10, b"tail", &mut v1);
@@ -1346,8 +1408,8 @@ mod tests {
 
         // A reader open: the writer commits a whole copy, the reader keeps its version.
         let mut v2 = v1.clone();
-        let r = s.fs.open(attr.ino, libc::O_RDONLY).unwrap();
-        let w = s.fs.open(attr.ino, RW).unwrap();
+        let r = s.fs.open(attr.ino, libc::O_RDONLY, CALLER).unwrap();
+        let w = s.fs.open(attr.ino, RW, CALLER).unwrap();
         write(w.fh, 0, b"v2", &mut v2);
         s.fs.release(w.fh).unwrap();
         assert!(std::fs::read(&path).unwrap() == v2);
@@ -1359,8 +1421,8 @@ mod tests {
 
         // Two writers: the last close wins, whole, though the first to open could patch.
         let (mut a, mut b) = (v2.clone(), v2.clone());
-        let wa = s.fs.open(attr.ino, RW).unwrap();
-        let wb = s.fs.open(attr.ino, RW).unwrap();
+        let wa = s.fs.open(attr.ino, RW, CALLER).unwrap();
+        let wb = s.fs.open(attr.ino, RW, CALLER).unwrap();
         write(wa.fh, 8192, b"AAAA", &mut a);
         write(wb.fh, 2 << 20, b"BBBB", &mut b);
         s.fs.release(wb.fh).unwrap();
@@ -1374,7 +1436,7 @@ mod tests {
         // fsync commits a durable patch; the handle goes on writing and patches again.
         let mut v3 = a.clone();
         let third = inode();
-        let w = s.fs.open(attr.ino, RW).unwrap();
+        let w = s.fs.open(attr.ino, RW, CALLER).unwrap();
         write(w.fh, 100, b"synced", &mut v3);
         s.fs.fsync(w.fh).unwrap();
         assert!(std::fs::read(&path).unwrap() == v3);
@@ -1388,11 +1450,11 @@ mod tests {
     fn a_flush_without_changes_commits_nothing() {
         let s = full();
         let (attr, w) = create(&s.fs, ROOT, "f", RW);
-        s.fs.write(w.fh, 0, b"v1").unwrap();
+        s.fs.write(w.fh, 0, b"v1", CALLER).unwrap();
         s.fs.release(w.fh).unwrap();
         let ino_before = std::fs::metadata(s.root.join("f")).unwrap();
-        let h = s.fs.open(attr.ino, RW).unwrap();
-        s.fs.flush(h.fh).unwrap();
+        let h = s.fs.open(attr.ino, RW, CALLER).unwrap();
+        s.fs.flush(h.fh, CALLER).unwrap();
         s.fs.release(h.fh).unwrap();
         use std::os::unix::fs::MetadataExt;
         assert_eq!(
@@ -1405,14 +1467,14 @@ mod tests {
     fn renames_and_unlinks_of_open_files() {
         let s = full();
         let (attr, w) = create(&s.fs, ROOT, "draft", RW);
-        s.fs.write(w.fh, 0, b"text").unwrap();
+        s.fs.write(w.fh, 0, b"text", CALLER).unwrap();
         s.fs.rename(ROOT, name("draft"), ROOT, name("final"), 0)
             .unwrap();
-        s.fs.flush(w.fh).unwrap();
+        s.fs.flush(w.fh, CALLER).unwrap();
         assert_eq!(std::fs::read(s.root.join("final")).unwrap(), b"text");
         assert!(!s.root.join("draft").exists());
-        let w2 = s.fs.open(attr.ino, RW).unwrap();
-        s.fs.write(w2.fh, 0, b"TEXT").unwrap();
+        let w2 = s.fs.open(attr.ino, RW, CALLER).unwrap();
+        s.fs.write(w2.fh, 0, b"TEXT", CALLER).unwrap();
         s.fs.unlink(ROOT, name("final")).unwrap();
         assert_eq!(s.fs.getattr(attr.ino, None).unwrap().size, 4);
         s.fs.release(w2.fh).unwrap();
@@ -1427,12 +1489,12 @@ mod tests {
     fn truncate_by_path_commits_and_append_writes_at_the_end() {
         let s = full();
         let (attr, w) = create(&s.fs, ROOT, "log", RW);
-        s.fs.write(w.fh, 0, b"one\n").unwrap();
+        s.fs.write(w.fh, 0, b"one\n", CALLER).unwrap();
         s.fs.release(w.fh).unwrap();
         let a =
-            s.fs.open(attr.ino, libc::O_WRONLY | libc::O_APPEND)
+            s.fs.open(attr.ino, libc::O_WRONLY | libc::O_APPEND, CALLER)
                 .unwrap();
-        s.fs.write(a.fh, 0, b"two\n").unwrap();
+        s.fs.write(a.fh, 0, b"two\n", CALLER).unwrap();
         s.fs.release(a.fh).unwrap();
         assert_eq!(std::fs::read(s.root.join("log")).unwrap(), b"one\ntwo\n");
         let changes = AttrChanges {
@@ -1448,20 +1510,20 @@ mod tests {
         use std::os::unix::fs::MetadataExt;
         let s = full();
         let (attr, w) = create(&s.fs, ROOT, "log", RW);
-        s.fs.write(w.fh, 0, b"one\n").unwrap();
+        s.fs.write(w.fh, 0, b"one\n", CALLER).unwrap();
         s.fs.release(w.fh).unwrap();
         let backing = s.root.join("log");
         let inode = std::fs::metadata(&backing).unwrap().ino();
         let append = libc::O_WRONLY | libc::O_APPEND;
 
-        let old_reader = s.fs.open(attr.ino, libc::O_RDONLY).unwrap();
-        let a = s.fs.open(attr.ino, append).unwrap();
-        s.fs.write(a.fh, 0, b"two\n").unwrap();
-        s.fs.write(a.fh, 0, b"three\n").unwrap();
+        let old_reader = s.fs.open(attr.ino, libc::O_RDONLY, CALLER).unwrap();
+        let a = s.fs.open(attr.ino, append, CALLER).unwrap();
+        s.fs.write(a.fh, 0, b"two\n", CALLER).unwrap();
+        s.fs.write(a.fh, 0, b"three\n", CALLER).unwrap();
         // Not on disk yet; the handle sees its appends, others do not.
         assert_eq!(std::fs::read(&backing).unwrap(), b"one\n");
         assert_eq!(s.fs.read(a.fh, 2, 100).unwrap(), b"e\ntwo\nthree\n");
-        s.fs.flush(a.fh).unwrap();
+        s.fs.flush(a.fh, CALLER).unwrap();
         s.fs.release(a.fh).unwrap();
         assert_eq!(std::fs::read(&backing).unwrap(), b"one\ntwo\nthree\n");
         let after = std::fs::metadata(&backing).unwrap();
@@ -1472,10 +1534,10 @@ mod tests {
         s.fs.release(old_reader.fh).unwrap();
 
         // Two appenders from one version: the last close wins, whole.
-        let x = s.fs.open(attr.ino, append).unwrap();
-        let y = s.fs.open(attr.ino, append).unwrap();
-        s.fs.write(x.fh, 0, b"x\n").unwrap();
-        s.fs.write(y.fh, 0, b"y\n").unwrap();
+        let x = s.fs.open(attr.ino, append, CALLER).unwrap();
+        let y = s.fs.open(attr.ino, append, CALLER).unwrap();
+        s.fs.write(x.fh, 0, b"x\n", CALLER).unwrap();
+        s.fs.write(y.fh, 0, b"y\n", CALLER).unwrap();
         assert_eq!(s.fs.getattr(attr.ino, Some(x.fh)).unwrap().size, 16);
         s.fs.release(x.fh).unwrap();
         s.fs.release(y.fh).unwrap();
@@ -1483,10 +1545,10 @@ mod tests {
 
         // More than the buffer holds moves to a working copy and still commits whole.
         let big = vec![b'z'; handle::APPEND_BUFFER_MAX + 10];
-        let b = s.fs.open(attr.ino, append).unwrap();
-        s.fs.write(b.fh, 0, b"small\n").unwrap();
-        s.fs.write(b.fh, 0, &big).unwrap();
-        s.fs.write(b.fh, 0, b"end").unwrap();
+        let b = s.fs.open(attr.ino, append, CALLER).unwrap();
+        s.fs.write(b.fh, 0, b"small\n", CALLER).unwrap();
+        s.fs.write(b.fh, 0, &big, CALLER).unwrap();
+        s.fs.write(b.fh, 0, b"end", CALLER).unwrap();
         s.fs.release(b.fh).unwrap();
         let mut expected = b"one\ntwo\nthree\ny\nsmall\n".to_vec();
         expected.extend_from_slice(&big);
@@ -1494,14 +1556,16 @@ mod tests {
         assert_eq!(std::fs::read(&backing).unwrap(), expected);
 
         // Truncating through an appending handle drops the waiting appends first.
-        let t = s.fs.open(attr.ino, libc::O_RDWR | libc::O_APPEND).unwrap();
-        s.fs.write(t.fh, 0, b"gone").unwrap();
+        let t =
+            s.fs.open(attr.ino, libc::O_RDWR | libc::O_APPEND, CALLER)
+                .unwrap();
+        s.fs.write(t.fh, 0, b"gone", CALLER).unwrap();
         let cut = AttrChanges {
             size: Some(2),
             ..Default::default()
         };
         assert_eq!(s.fs.setattr(attr.ino, Some(t.fh), &cut).unwrap().size, 2);
-        s.fs.write(t.fh, 0, b"!").unwrap();
+        s.fs.write(t.fh, 0, b"!", CALLER).unwrap();
         s.fs.release(t.fh).unwrap();
         assert_eq!(std::fs::read(&backing).unwrap(), b"on!");
     }
@@ -1564,8 +1628,8 @@ mod tests {
         assert_eq!(names, [".", "..", "in", "out"]);
         let inp = s.fs.lookup(ROOT, name("in")).unwrap().ino;
         let a = s.fs.lookup(inp, name("a")).unwrap().ino;
-        assert!(s.fs.open(a, libc::O_RDONLY).is_ok());
-        assert_eq!(s.fs.open(a, RW).unwrap_err(), Errno::EACCES);
+        assert!(s.fs.open(a, libc::O_RDONLY, CALLER).is_ok());
+        assert_eq!(s.fs.open(a, RW, CALLER).unwrap_err(), Errno::EACCES);
         assert_eq!(
             s.fs.mkdir(inp, name("d"), 0o755, &c).unwrap_err(),
             Errno::EACCES
@@ -1602,11 +1666,14 @@ mod tests {
         });
         let (_, w) = create(&s.fs, ROOT, "a", RW);
         assert_eq!(
-            s.fs.write(w.fh, 0, &[1; 16]).unwrap(),
+            s.fs.write(w.fh, 0, &[1; 16], CALLER).unwrap(),
             10,
             "cut short at the limit"
         );
-        assert_eq!(s.fs.write(w.fh, 10, &[1; 1]).unwrap_err(), Errno::EFBIG);
+        assert_eq!(
+            s.fs.write(w.fh, 10, &[1; 1], CALLER).unwrap_err(),
+            Errno::EFBIG
+        );
         s.fs.release(w.fh).unwrap();
         assert_eq!(
             quota.usage(),
@@ -1616,13 +1683,21 @@ mod tests {
             }
         );
         let (b, w) = create(&s.fs, ROOT, "b", RW);
-        assert_eq!(s.fs.write(w.fh, 0, &[1; 6]).unwrap_err(), Errno::EDQUOT);
-        s.fs.write(w.fh, 0, &[1; 3]).unwrap();
+        assert_eq!(
+            s.fs.write(w.fh, 0, &[1; 6], CALLER).unwrap_err(),
+            Errno::EDQUOT
+        );
+        s.fs.write(w.fh, 0, &[1; 3], CALLER).unwrap();
         s.fs.release(w.fh).unwrap();
         // Appends committed in place are counted like any growth.
-        let w = s.fs.open(b.ino, libc::O_WRONLY | libc::O_APPEND).unwrap();
-        assert_eq!(s.fs.write(w.fh, 0, &[1; 3]).unwrap_err(), Errno::EDQUOT);
-        s.fs.write(w.fh, 0, &[1; 2]).unwrap();
+        let w =
+            s.fs.open(b.ino, libc::O_WRONLY | libc::O_APPEND, CALLER)
+                .unwrap();
+        assert_eq!(
+            s.fs.write(w.fh, 0, &[1; 3], CALLER).unwrap_err(),
+            Errno::EDQUOT
+        );
+        s.fs.write(w.fh, 0, &[1; 2], CALLER).unwrap();
         s.fs.release(w.fh).unwrap();
         assert_eq!(quota.usage().bytes, 15);
         let c = Caller::default();

@@ -5,7 +5,7 @@ use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_roomfs");
@@ -150,24 +150,8 @@ impl Drop for Mounted {
     }
 }
 
-/// Starting a child process closes, at its `exec`, the child's copies of every descriptor the
-/// test process has open, and on roomfs every close commits (README). So a test that keeps a
-/// file open for writing while it checks what others see holds [`quiet`], and every child
-/// started here holds [`spawning`] while it starts: no other test's child commits its file.
-static SPAWNS: RwLock<()> = RwLock::new(());
-
-pub fn spawning() -> RwLockReadGuard<'static, ()> {
-    SPAWNS.read().unwrap_or_else(|e| e.into_inner())
-}
-
-/// No child processes start while this is held (never start one while holding it).
-pub fn quiet() -> RwLockWriteGuard<'static, ()> {
-    SPAWNS.write().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Runs `cmd` to its end (holding [`spawning`]) and returns its output.
+/// Runs `cmd` to its end and returns its output.
 pub fn output(cmd: &mut Command) -> std::process::Output {
-    let _spawning = spawning();
     cmd.output().expect("the command runs")
 }
 
@@ -178,14 +162,12 @@ pub fn start_logged(
     ready: &'static str,
     log: &Arc<Mutex<Vec<String>>>,
 ) -> Child {
-    let spawned = {
-        let _spawning = spawning();
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-    };
-    let mut child = spawned.expect("start roomfs");
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start roomfs");
     let stderr = child.stderr.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     let sink = log.clone();
