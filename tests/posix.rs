@@ -682,6 +682,104 @@ print(c.execute('pragma integrity_check').fetchone()[0])
     assert_eq!(out, "(200, 'note 99')\nok\n");
 }
 
+/// Several connections, in one process and in several, to one database: sqlite coordinates
+/// them with locks and expects every handle opened read-write to see the others' writes.
+#[test]
+fn sqlite_with_several_connections_and_processes() {
+    let m = Mounted::room();
+    let out = python(
+        &m.mnt,
+        r#"
+import os, sqlite3
+from concurrent.futures import ProcessPoolExecutor
+root = os.environ['MNT']
+
+def work(args):
+    db, n = args
+    c = sqlite3.connect(db, timeout=60)
+    for i in range(60):
+        c.execute('insert into t values (?)', (n * 1000 + i,))
+        c.commit()
+        c.execute('select count(*) from t').fetchone()
+    c.close()
+    return 60
+
+for mode in ('delete', 'wal'):
+    db = f'{root}/{mode}.db'
+    a, b = sqlite3.connect(db), sqlite3.connect(db)
+    a.execute(f'pragma journal_mode={mode}')
+    a.execute('create table t(x)')
+    a.commit()
+    for i in range(5):
+        a.execute('insert into t values (?)', (i,))
+        a.commit()
+        assert b.execute('select count(*) from t').fetchone()[0] == 2 * i + 1
+        b.execute('insert into t values (?)', (100 + i,))
+        b.commit()
+        assert a.execute('select count(*) from t').fetchone()[0] == 2 * i + 2
+    with ProcessPoolExecutor(3) as ex:
+        added = sum(ex.map(work, [(db, n) for n in range(3)]))
+    assert added == 180
+    for c in (a, b, sqlite3.connect(db)):
+        assert c.execute('select count(*) from t').fetchone()[0] == 190
+        assert c.execute('pragma integrity_check').fetchone()[0] == 'ok'
+    a.close(); b.close()
+print('ok')
+"#,
+    );
+    assert_eq!(out.trim(), "ok");
+    let out = output(
+        std::process::Command::new("sqlite3")
+            .arg(m.p("wal.db"))
+            .arg("select count(*) from t"),
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "190");
+}
+
+/// Read-write opens without `O_TRUNC` or `O_APPEND` share one working copy (README): each sees
+/// the others' writes at once, any close commits them, and other opens see only what is committed.
+#[test]
+fn read_write_opens_see_each_others_writes() {
+    let m = Mounted::room();
+    fs::write(m.p("table"), b"0000000000").unwrap();
+    let a = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(m.p("table"))
+        .unwrap();
+    let b = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(m.p("table"))
+        .unwrap();
+    a.write_all_at(b"AA", 0).unwrap();
+    let mut got = [0u8; 10];
+    b.read_exact_at(&mut got, 0).unwrap();
+    assert_eq!(&got, b"AA00000000");
+    // Another process updating in place joins them too.
+    python(
+        &m.mnt,
+        r#"
+import os
+with open(os.environ['MNT'] + '/table', 'r+b') as f:
+    assert f.read() == b'AA00000000', 'a new read-write open sees the shared copy'
+    f.seek(4); f.write(b'PP')
+    f.flush()
+    assert open(os.environ['MNT'] + '/table', 'rb').read() == b'0000000000', 'readers see the committed version'
+"#,
+    );
+    // The other process's close committed everything written so far.
+    assert_eq!(fs::read(m.p("table")).unwrap(), b"AA00PP0000");
+    b.write_all_at(b"BB", 8).unwrap();
+    a.read_exact_at(&mut got, 0).unwrap();
+    assert_eq!(&got, b"AA00PP00BB");
+    assert_eq!(fs::read(m.p("table")).unwrap(), b"AA00PP0000");
+    drop(a);
+    assert_eq!(fs::read(m.p("table")).unwrap(), b"AA00PP00BB");
+    drop(b);
+    assert_eq!(fs::read(m.backing("table")).unwrap(), b"AA00PP00BB");
+}
+
 #[test]
 fn a_large_sqlite_database_is_updated_in_place() {
     let m = Mounted::room();

@@ -1,6 +1,7 @@
-//! Open files and directories. A file opened for writing works on a private staged copy
-//! (created at the first write, or at open with `O_TRUNC`); reads through it see its own writes,
-//! and everybody else keeps seeing the committed content until the copy is committed.
+//! Open files and directories. A file opened for writing works on a staged copy (created at
+//! the first write, or at open with `O_TRUNC`), private to the handle or shared by read-write
+//! opens; reads through it see its writes, and everybody else keeps seeing the committed
+//! content until the copy is committed.
 //! Appends (`O_APPEND`) first wait in memory, so they can be committed by adding them to the
 //! committed file in place (see `store::append`) instead of copying it.
 

@@ -128,8 +128,9 @@ pub struct Listed {
 /// invisible until its commit. So: a writer alone on the inode goes through the page cache; any
 /// handle opened while another writer (or, for a writer, anyone) has the inode open is served
 /// with direct I/O, which bypasses the cache. Readers keep the cached pages only when they
-/// are known to hold the current committed version.
-#[derive(Debug, Default)]
+/// are known to hold the current committed version. Read-write opens that share one handle
+/// (see `open_path`) are one writer as far as the cache goes: they all see its working copy.
+#[derive(Default)]
 struct OpenState {
     readers: u32,
     writers: u32,
@@ -139,6 +140,9 @@ struct OpenState {
     handles: Vec<u64>,
     /// The committed version the kernel's cached pages hold, if known.
     cached_version: Option<(u64, u64, i64)>,
+    /// The handle that read-write opens without `O_TRUNC`/`O_APPEND` share, and how many of
+    /// the open file handles are it.
+    shared: Option<(Arc<Mutex<FileHandle>>, u32)>,
 }
 
 /// Tells the kernel that what it cached about an inode is stale (the FUSE adapter implements
@@ -646,9 +650,21 @@ impl Fs {
             None
         };
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        // Read-write opens that neither truncate nor append update the file together (sqlite
+        // connections): they share one handle, so each sees the others' writes at once.
+        let shares = flags & libc::O_ACCMODE == libc::O_RDWR
+            && flags & (libc::O_TRUNC | libc::O_APPEND) == 0;
         let (direct_io, keep_cache, alone) = {
             let mut opens = lock(&self.opens);
             let state = opens.entry(ino).or_default();
+            if shares && let Some((shared, members)) = &mut state.shared {
+                *members += 1;
+                let shared = shared.clone();
+                state.handles.push(fh);
+                state.writers += 1;
+                drop(opens);
+                return Ok(self.join(fh, shared, committed, by));
+            }
             state.handles.push(fh);
             if writable {
                 let alone = state.readers == 0 && state.writers == 0;
@@ -682,13 +698,58 @@ impl Fs {
         handle.staged = staged;
         handle.users.add(by);
         handle.may_patch = alone && !handle.append;
-        write_lock(&self.files).insert(fh, Arc::new(Mutex::new(handle)));
+        let handle = Arc::new(Mutex::new(handle));
+        if shares {
+            let mut opens = lock(&self.opens);
+            if let Some(state) = opens.get_mut(&ino) {
+                // A second read-write open racing this one made its own handle: it stays
+                // private, as every writer was before sharing.
+                state.shared.get_or_insert_with(|| (handle.clone(), 1));
+            }
+        }
+        write_lock(&self.files).insert(fh, handle);
         Ok(Opened {
             fh,
             direct_io,
             keep_cache,
             no_flush: !writable,
         })
+    }
+
+    /// Makes `fh` another name of the shared read-write handle `shared`. While it has nothing
+    /// uncommitted, it moves on to `latest` (the version this open found), so a new member
+    /// never reads older data than a fresh open would.
+    fn join(
+        &self,
+        fh: u64,
+        shared: Arc<Mutex<FileHandle>>,
+        latest: Arc<dyn Content>,
+        by: Tid,
+    ) -> Opened {
+        let mut h = lock(&shared);
+        h.users.add(by);
+        let current = h
+            .committed
+            .as_ref()
+            .and_then(|c| c.meta().ok())
+            .map(|m| m.version);
+        let moved = !h.dirty
+            && h.staged.is_none()
+            && h.appended.is_empty()
+            && latest.meta().ok().map(|m| m.version) != current;
+        if moved {
+            h.committed = Some(latest);
+        }
+        let direct_io = h.direct_io;
+        drop(h);
+        write_lock(&self.files).insert(fh, shared);
+        Opened {
+            fh,
+            direct_io,
+            // The kernel's pages are the shared handle's view, unless it just moved on.
+            keep_cache: !direct_io && !moved,
+            no_flush: false,
+        }
     }
 
     /// Creates and opens `name` in `parent` (`open` with `O_CREAT`).
@@ -835,6 +896,9 @@ impl Fs {
             return Err(Errno::EBADF);
         };
         let mut h = lock(&handle);
+        if self.leave_shared(&handle, h.ino, fh) {
+            return Ok(());
+        }
         let result = if h.dirty {
             self.commit(&mut h, self.options.sync_on_close)
         } else {
@@ -865,6 +929,29 @@ impl Fs {
             }
         }
         result
+    }
+
+    /// `fh` of the shared handle `handle` is released: true while other file handles still
+    /// share it (nothing to commit or close yet); the last one ends the sharing.
+    fn leave_shared(&self, handle: &Arc<Mutex<FileHandle>>, ino: Ino, fh: u64) -> bool {
+        let mut opens = lock(&self.opens);
+        let Some(state) = opens.get_mut(&ino) else {
+            return false;
+        };
+        let Some((shared, members)) = &mut state.shared else {
+            return false;
+        };
+        if !Arc::ptr_eq(shared, handle) {
+            return false;
+        }
+        if *members == 1 {
+            state.shared = None;
+            return false;
+        }
+        *members -= 1;
+        state.handles.retain(|&other| other != fh);
+        state.writers -= 1;
+        true
     }
 
     /// Commits the handle's working copy over the file's current path. A file unlinked while
@@ -1301,7 +1388,7 @@ mod tests {
         assert_eq!(std::fs::read(s.root.join("f")).unwrap(), b"HALF and whole");
 
         // The last close always commits, whoever it comes from.
-        let w2 = s.fs.open(attr.ino, RW, me).unwrap();
+        let w2 = s.fs.open(attr.ino, libc::O_WRONLY, me).unwrap();
         s.fs.write(w2.fh, 0, b"last", me).unwrap();
         s.fs.flush(w2.fh, stranger).unwrap();
         assert_eq!(std::fs::read(s.root.join("f")).unwrap(), b"HALF and whole");
@@ -1310,6 +1397,56 @@ mod tests {
         s.fs.release(w.fh).unwrap();
         child.kill().unwrap();
         child.wait().unwrap();
+    }
+
+    #[test]
+    fn read_write_opens_share_one_working_copy() {
+        let s = full();
+        let (attr, created) = create(&s.fs, ROOT, "db", RW);
+        s.fs.write(created.fh, 0, b"v1", CALLER).unwrap();
+        s.fs.release(created.fh).unwrap();
+
+        let a = s.fs.open(attr.ino, RW, CALLER).unwrap();
+        let reader = s.fs.open(attr.ino, libc::O_RDONLY, CALLER).unwrap();
+        let b = s.fs.open(attr.ino, RW, CALLER).unwrap();
+        assert_eq!(b.direct_io, a.direct_io, "members read through one view");
+        s.fs.write(a.fh, 0, b"A2", CALLER).unwrap();
+        assert_eq!(s.fs.read(b.fh, 0, 10).unwrap(), b"A2", "b sees a's write");
+        s.fs.write(b.fh, 2, b"+B", CALLER).unwrap();
+        assert_eq!(s.fs.read(a.fh, 0, 10).unwrap(), b"A2+B");
+        // Until a member commits, everybody else sees the committed version.
+        assert_eq!(s.fs.read(reader.fh, 0, 10).unwrap(), b"v1");
+        assert_eq!(std::fs::read(s.root.join("db")).unwrap(), b"v1");
+        // Any member's close commits what all of them wrote.
+        s.fs.flush(b.fh, CALLER).unwrap();
+        assert_eq!(std::fs::read(s.root.join("db")).unwrap(), b"A2+B");
+        s.fs.release(b.fh).unwrap();
+        s.fs.write(a.fh, 0, b"a3", CALLER).unwrap();
+        assert_eq!(s.fs.read(a.fh, 0, 10).unwrap(), b"a3+B");
+        s.fs.release(a.fh).unwrap();
+        assert_eq!(std::fs::read(s.root.join("db")).unwrap(), b"a3+B");
+        s.fs.release(reader.fh).unwrap();
+
+        // Write-only, truncating and appending opens keep their own copies.
+        let c = s.fs.open(attr.ino, RW, CALLER).unwrap();
+        let w = s.fs.open(attr.ino, libc::O_WRONLY, CALLER).unwrap();
+        let t = s.fs.open(attr.ino, RW | libc::O_TRUNC, CALLER).unwrap();
+        s.fs.write(w.fh, 0, b"private", CALLER).unwrap();
+        assert_eq!(s.fs.read(c.fh, 0, 10).unwrap(), b"a3+B");
+        assert_eq!(s.fs.read(t.fh, 0, 10).unwrap(), b"");
+        s.fs.release(t.fh).unwrap();
+        s.fs.release(w.fh).unwrap();
+        assert_eq!(std::fs::read(s.root.join("db")).unwrap(), b"private");
+        // A new member of a handle with nothing uncommitted reads what a fresh open would.
+        let d = s.fs.open(attr.ino, RW, CALLER).unwrap();
+        assert!(!d.keep_cache, "the shared view moved on to a newer version");
+        assert_eq!(s.fs.read(c.fh, 0, 10).unwrap(), b"private");
+        s.fs.release(c.fh).unwrap();
+        s.fs.release(d.fh).unwrap();
+        assert!(
+            lock(&s.fs.opens).get(&attr.ino).is_none(),
+            "nothing left open"
+        );
     }
 
     #[test]
@@ -1421,8 +1558,8 @@ mod tests {
 
         // Two writers: the last close wins, whole, though the first to open could patch.
         let (mut a, mut b) = (v2.clone(), v2.clone());
-        let wa = s.fs.open(attr.ino, RW, CALLER).unwrap();
-        let wb = s.fs.open(attr.ino, RW, CALLER).unwrap();
+        let wa = s.fs.open(attr.ino, libc::O_WRONLY, CALLER).unwrap();
+        let wb = s.fs.open(attr.ino, libc::O_WRONLY, CALLER).unwrap();
         write(wa.fh, 8192, b"AAAA", &mut a);
         write(wb.fh, 2 << 20, b"BBBB", &mut b);
         s.fs.release(wb.fh).unwrap();
