@@ -4,6 +4,7 @@ mod common;
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::fd::FromRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::time::{Duration, SystemTime};
 
@@ -307,6 +308,32 @@ print('ok')
 "#,
     );
     assert_eq!(out.trim(), "ok");
+}
+
+/// `fstat` of a file being written shows the file's mode and owner with the working copy's
+/// size and times, before and after a `chmod`.
+#[test]
+fn a_writer_sees_the_files_mode_while_writing() {
+    let m = Mounted::room();
+    let path = cstr(&m.p("tool"));
+    let fd = unsafe {
+        libc::open(
+            path.as_ptr(),
+            libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL,
+            0o750,
+        )
+    };
+    assert!(fd >= 0);
+    let f = unsafe { File::from_raw_fd(fd) };
+    (&f).write_all(b"#!/bin/sh\n").unwrap();
+    let st = f.metadata().unwrap();
+    assert_eq!((st.mode() & 0o7777, st.len()), (0o750, 10));
+    fs::set_permissions(m.p("tool"), fs::Permissions::from_mode(0o700)).unwrap();
+    let st = f.metadata().unwrap();
+    assert_eq!((st.mode() & 0o7777, st.len()), (0o700, 10));
+    drop(f);
+    let st = fs::metadata(m.p("tool")).unwrap();
+    assert_eq!((st.mode() & 0o7777, st.len()), (0o700, 10));
 }
 
 #[test]
@@ -1035,4 +1062,11 @@ fn tools_agents_run_work() {
         && echo more >> readme && git commit -qam second && git gc -q && git fsck --strict",
     );
     assert_eq!(sh("cd repo && git log --format=%s").trim(), "second\nfirst");
+    // A clone with an executable file is clean: git records the mode it sees while writing.
+    sh(
+        "cd repo && printf '#!/bin/sh\\necho ran\\n' > run && chmod +x run && git add run \
+        && git commit -qm exec && cd .. && git clone -q repo clone",
+    );
+    assert_eq!(sh("cd clone && git status --porcelain"), "");
+    assert_eq!(sh("cd clone && ./run").trim(), "ran");
 }

@@ -165,7 +165,18 @@ impl FileHandle {
     /// Attributes of what this handle sees, while it has uncommitted changes.
     pub fn pending_meta(&self) -> FsResult<Option<Meta>> {
         if let Some(staged) = &self.staged {
-            return Ok(Some(staged.meta()?));
+            // The working copy gives the size and times; mode, owner and the rest stay the
+            // file's (the copy itself is a private 0600 file in the staging area).
+            let copy = staged.meta()?;
+            let mut meta = match &self.committed {
+                Some(content) => content.meta()?,
+                None => copy.clone(),
+            };
+            meta.size = copy.size;
+            meta.blocks = copy.blocks;
+            meta.mtime = copy.mtime;
+            meta.ctime = copy.ctime;
+            return Ok(Some(meta));
         }
         let (Some(content), Some(at)) = (&self.committed, self.appended_at) else {
             return Ok(None);

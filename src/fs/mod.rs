@@ -408,8 +408,12 @@ impl Fs {
                 continue;
             }
             if cached_readers == 0
-                && let Some(meta) = h.pending_meta()?
+                && let Some(mut meta) = h.pending_meta()?
             {
+                // A `chmod`/`chown` since the handle opened went to the committed file.
+                if let Some(now) = path.as_ref().and_then(|p| self.store.stat(p).ok()) {
+                    (meta.perm, meta.uid, meta.gid) = (now.perm, now.uid, now.gid);
+                }
                 return Ok(Attr::new(ino, &meta));
             }
             if path.is_none() && fallback.is_none() {
@@ -1397,6 +1401,28 @@ mod tests {
         s.fs.release(w.fh).unwrap();
         child.kill().unwrap();
         child.wait().unwrap();
+    }
+
+    #[test]
+    fn a_working_copy_shows_the_files_mode_and_its_own_size() {
+        let s = full();
+        let (attr, w) =
+            s.fs.create(ROOT, name("x"), 0o750, RW, &Caller::default())
+                .unwrap();
+        s.fs.write(w.fh, 0, b"1234", CALLER).unwrap();
+        let seen = s.fs.getattr(attr.ino, Some(w.fh)).unwrap();
+        assert_eq!((seen.perm, seen.size), (0o750, 4));
+        let chmod = AttrChanges {
+            attr: SetAttr {
+                perm: Some(0o700),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        s.fs.setattr(attr.ino, None, &chmod).unwrap();
+        let seen = s.fs.getattr(attr.ino, Some(w.fh)).unwrap();
+        assert_eq!((seen.perm, seen.size), (0o700, 4));
+        s.fs.release(w.fh).unwrap();
     }
 
     #[test]
