@@ -249,6 +249,70 @@ fn appends_to_a_large_log_are_in_place_and_invisible_until_close() {
     );
 }
 
+/// A reader that has a log open reads the lines appended (and committed) after it opened, as
+/// `tail -f` does; a line is there whole once its appender closed, never before.
+#[test]
+fn an_open_reader_follows_committed_appends() {
+    let m = Mounted::room();
+    fs::write(m.p("run.log"), b"start\n").unwrap();
+    let out = python(
+        &m.mnt,
+        r#"
+import os, subprocess
+p = os.path.join(os.environ['MNT'], 'run.log')
+r = open(p, 'rb')
+assert r.read() == b'start\n'
+subprocess.run(['sh', '-c', 'echo one >> "$0"; echo two >> "$0"', p], check=True)
+with open(p, 'a') as a:
+    a.write('three\n'); a.flush()
+    assert r.read() == b'one\ntwo\n', 'appends still open are not shown'
+assert r.read() == b'three\n'
+assert r.read() == b''
+print('ok')
+"#,
+    );
+    assert_eq!(out.trim(), "ok");
+    // `tail -f` prints lines appended while it runs.
+    let mut tail = std::process::Command::new("tail")
+        .args(["-s", "0.1", "-f"])
+        .arg(m.p("run.log"))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = tail.stdout.take().unwrap();
+    // Should tail never print the line, stop it after 20 s so the test fails, not hangs.
+    let (done, wait) = std::sync::mpsc::channel::<()>();
+    let pid = tail.id() as libc::pid_t;
+    let watchdog = std::thread::spawn(move || {
+        if wait.recv_timeout(Duration::from_secs(20)).is_err() {
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    OpenOptions::new()
+        .append(true)
+        .open(m.p("run.log"))
+        .unwrap()
+        .write_all(b"four\n")
+        .unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 256];
+    while !seen.ends_with(b"four\n") {
+        let n = stdout.read(&mut buf).unwrap();
+        assert!(
+            n > 0,
+            "tail ended early: {}",
+            String::from_utf8_lossy(&seen)
+        );
+        seen.extend_from_slice(&buf[..n]);
+    }
+    let _ = done.send(());
+    watchdog.join().unwrap();
+    let _ = tail.kill();
+    let _ = tail.wait();
+    assert!(String::from_utf8_lossy(&seen).ends_with("three\nfour\n"));
+}
+
 #[test]
 fn truncate_and_ftruncate() {
     let m = Mounted::room();

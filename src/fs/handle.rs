@@ -207,6 +207,11 @@ impl FileHandle {
             let at = offset + done as u64;
             let n = match (&self.staged, &self.committed) {
                 (Some(staged), _) => staged.file.read_at(&mut buf[done..], at)?,
+                // A reader follows whole appends committed after it opened; a writer's view
+                // of the committed part ends where its own appends begin.
+                (None, Some(content)) if !self.writable => {
+                    content.read_appended_at(&mut buf[done..], at)?
+                }
                 (None, _) if at >= committed_size => {
                     let from = (at - committed_size).min(self.appended.len() as u64) as usize;
                     let n = (size - done).min(self.appended.len() - from);

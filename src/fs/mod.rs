@@ -1686,14 +1686,18 @@ mod tests {
         // Not on disk yet; the handle sees its appends, others do not.
         assert_eq!(std::fs::read(&backing).unwrap(), b"one\n");
         assert_eq!(s.fs.read(a.fh, 2, 100).unwrap(), b"e\ntwo\nthree\n");
+        assert_eq!(s.fs.read(old_reader.fh, 0, 100).unwrap(), b"one\n");
         s.fs.flush(a.fh, CALLER).unwrap();
         s.fs.release(a.fh).unwrap();
         assert_eq!(std::fs::read(&backing).unwrap(), b"one\ntwo\nthree\n");
         let after = std::fs::metadata(&backing).unwrap();
         assert_eq!(after.ino(), inode, "committed in place, not by a copy");
         assert_eq!(after.nlink(), 1, "no crash marker left");
-        // A reader opened before the commit keeps reading its version.
-        assert_eq!(s.fs.read(old_reader.fh, 0, 100).unwrap(), b"one\n");
+        // A reader opened before the commit reads on into the committed appends.
+        assert_eq!(
+            s.fs.read(old_reader.fh, 0, 100).unwrap(),
+            b"one\ntwo\nthree\n"
+        );
         s.fs.release(old_reader.fh).unwrap();
 
         // Two appenders from one version: the last close wins, whole.

@@ -5,7 +5,8 @@
 //!
 //! What keeps this as safe as an exchange:
 //! - Isolation: the tail is written only at commit (until then it waits in the handle), and
-//!   readers of the earlier version read only up to the size they opened (`LocalContent`).
+//!   readers read past the size they opened only while no append is under way (no marker,
+//!   below), so they see whole appends only (`LocalContent::read_appended_at`).
 //! - One appender at a time: the appender holds an exclusive `flock` on the file (shared by all
 //!   processes using the data dir) and checks the file still is the version it started from.
 //! - Crash safety: before writing, a hard link to the file is made in the staging area, named

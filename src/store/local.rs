@@ -271,6 +271,33 @@ impl Content for LocalContent {
     fn local_file(&self) -> Option<&File> {
         Some(&self.file)
     }
+    fn read_appended_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        let end = offset + buf.len() as u64;
+        if end <= self.meta.size {
+            return self.read_at(buf, offset);
+        }
+        let Some(size) = self.settled_size()? else {
+            return self.read_at(buf, offset);
+        };
+        let left = size.max(self.meta.size).saturating_sub(offset);
+        let len = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+        if len == 0 {
+            return Ok(0);
+        }
+        self.file.read_at(&mut buf[..len], offset)
+    }
+}
+
+impl LocalContent {
+    /// The file's size now, if no append (or patch) is under way on it: its crash marker, a
+    /// second link, exists from before the first byte is written until after the last. Two
+    /// looks, since one `fstat` reads the link count and the size one after the other.
+    fn settled_size(&self) -> io::Result<Option<u64>> {
+        let first = self.file.metadata()?;
+        let second = self.file.metadata()?;
+        let settled = first.nlink() == 1 && second.nlink() == 1 && first.len() == second.len();
+        Ok(settled.then_some(first.len()))
+    }
 }
 
 fn time(secs: i64, nsecs: i64) -> SystemTime {
@@ -667,6 +694,38 @@ mod tests {
         let (area, _) = StagingArea::create(dir.path()).unwrap();
         let store = LocalStore::open(dir.path().join("rooms/r"), Arc::new(area)).unwrap();
         (dir, store)
+    }
+
+    #[test]
+    fn a_reader_follows_whole_appends_only() {
+        use std::io::Write;
+        let (_d, s) = store();
+        let path = Path::new("log");
+        fs::write(s.full(path), b"one\n").unwrap();
+        let reader = s.open(path).unwrap();
+        let mut buf = [0u8; 16];
+        assert_eq!(reader.read_appended_at(&mut buf, 0).unwrap(), 4);
+        let appended = s.append(reader.as_ref(), path, b"two\n").unwrap();
+        assert!(appended.is_some(), "appended in place");
+        assert_eq!(
+            reader.read_at(&mut buf, 4).unwrap(),
+            0,
+            "its own version ends"
+        );
+        assert_eq!(reader.read_appended_at(&mut buf, 4).unwrap(), 4);
+        assert_eq!(&buf[..4], b"two\n");
+        // A second link is the marker of an append under way: nothing past the version.
+        let marker = s.full(Path::new("marker"));
+        fs::hard_link(s.full(path), &marker).unwrap();
+        fs::OpenOptions::new()
+            .append(true)
+            .open(s.full(path))
+            .unwrap()
+            .write_all(b"thr")
+            .unwrap();
+        assert_eq!(reader.read_appended_at(&mut buf, 4).unwrap(), 0);
+        fs::remove_file(&marker).unwrap();
+        assert_eq!(reader.read_appended_at(&mut buf, 4).unwrap(), 7);
     }
 
     #[test]

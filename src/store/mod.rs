@@ -90,6 +90,11 @@ pub trait Content: Send + Sync {
     fn meta(&self) -> io::Result<Meta>;
     /// The local file behind this content, when there is one (fast copies, fsync).
     fn local_file(&self) -> Option<&File>;
+    /// Reads at `offset` like `read_at`, and on past this version's end into what whole
+    /// appends committed to it since (in place, see `append`), as `tail -f` expects.
+    fn read_appended_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        self.read_at(buf, offset)
+    }
 }
 
 /// Copies `len` bytes at `offset` of `src` to the same offset of `dst` (in the kernel when
