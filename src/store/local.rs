@@ -258,12 +258,7 @@ impl LocalContent {
 impl Content for LocalContent {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
         // Only this version's bytes: a later in-place append may have grown the file.
-        let left = self.meta.size.saturating_sub(offset);
-        let len = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
-        if len == 0 {
-            return Ok(0);
-        }
-        self.file.read_at(&mut buf[..len], offset)
+        self.read_before(buf, offset, self.meta.size)
     }
     fn meta(&self) -> io::Result<Meta> {
         Ok(self.meta.clone())
@@ -276,19 +271,22 @@ impl Content for LocalContent {
         if end <= self.meta.size {
             return self.read_at(buf, offset);
         }
-        let Some(size) = self.settled_size()? else {
-            return self.read_at(buf, offset);
-        };
-        let left = size.max(self.meta.size).saturating_sub(offset);
+        let size = self.settled_size()?.unwrap_or(0);
+        self.read_before(buf, offset, size.max(self.meta.size))
+    }
+}
+
+impl LocalContent {
+    /// Reads at `offset`, nothing at or past `end`.
+    fn read_before(&self, buf: &mut [u8], offset: u64, end: u64) -> io::Result<usize> {
+        let left = end.saturating_sub(offset);
         let len = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
         if len == 0 {
             return Ok(0);
         }
         self.file.read_at(&mut buf[..len], offset)
     }
-}
 
-impl LocalContent {
     /// The file's size now, if no append (or patch) is under way on it: its crash marker, a
     /// second link, exists from before the first byte is written until after the last. Two
     /// looks, since one `fstat` reads the link count and the size one after the other.
