@@ -110,7 +110,9 @@ fn file_type(kind: Kind) -> FileType {
         Kind::File => FileType::RegularFile,
         Kind::Dir => FileType::Directory,
         Kind::Symlink => FileType::Symlink,
-        // Special files are never created by roomfs; show anything found as a plain file.
+        Kind::Fifo => FileType::NamedPipe,
+        Kind::Socket => FileType::Socket,
+        // Device nodes are never created by roomfs; show any found as a plain file.
         Kind::Special => FileType::RegularFile,
     }
 }

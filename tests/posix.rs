@@ -6,6 +6,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::FromRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use common::{Mounted, cstr, errno, output, python};
@@ -454,6 +455,9 @@ fn unlink_keeps_open_handles_working() {
     w.read_exact_at(&mut buf, 0).unwrap();
     assert_eq!(&buf, b"STILL readable");
     assert_eq!(w.metadata().unwrap().len(), 14);
+    // No name is left: fstat shows no links, for the reader and the writer alike.
+    assert_eq!(r.metadata().unwrap().nlink(), 0);
+    assert_eq!(w.metadata().unwrap().nlink(), 0);
     drop(w);
     // The unlinked file's changes do not resurrect it.
     assert_eq!(errno(fs::metadata(m.p("gone"))), libc::ENOENT);
@@ -987,15 +991,111 @@ fn hard_links_and_xattrs_are_refused_with_documented_errnos() {
 }
 
 #[test]
-fn special_files_are_refused() {
+fn fifos_and_unix_sockets_work_and_device_nodes_are_refused() {
+    use std::os::unix::fs::FileTypeExt;
+    use std::os::unix::net::{UnixListener, UnixStream};
     let m = Mounted::room();
+    // A FIFO: the kernel carries the data; the store keeps the name and its attributes.
     let p = cstr(&m.p("fifo"));
-    assert_eq!(unsafe { libc::mkfifo(p.as_ptr(), 0o644) }, -1);
+    assert_eq!(unsafe { libc::mkfifo(p.as_ptr(), 0o640) }, 0);
+    let meta = fs::symlink_metadata(m.p("fifo")).unwrap();
+    assert!(meta.file_type().is_fifo());
+    assert_eq!(meta.mode() & 0o7777, 0o640);
+    assert!(
+        fs::symlink_metadata(m.backing("fifo"))
+            .unwrap()
+            .file_type()
+            .is_fifo()
+    );
+    let writer = {
+        let path = m.p("fifo");
+        std::thread::spawn(move || fs::write(path, b"through the pipe"))
+    };
+    assert_eq!(fs::read(m.p("fifo")).unwrap(), b"through the pipe");
+    writer.join().unwrap().unwrap();
+    fs::set_permissions(m.p("fifo"), fs::Permissions::from_mode(0o600)).unwrap();
+    fs::rename(m.p("fifo"), m.p("pipe")).unwrap();
+    assert_eq!(fs::metadata(m.p("pipe")).unwrap().mode() & 0o7777, 0o600);
+    // A Unix socket bound to a name in the mount.
+    let listener = UnixListener::bind(m.p("agent.sock")).unwrap();
+    let server = std::thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        conn.write_all(b"hello over the socket").unwrap();
+    });
+    let mut got = String::new();
+    UnixStream::connect(m.p("agent.sock"))
+        .unwrap()
+        .read_to_string(&mut got)
+        .unwrap();
+    server.join().unwrap();
+    assert_eq!(got, "hello over the socket");
+    assert!(
+        fs::metadata(m.p("agent.sock"))
+            .unwrap()
+            .file_type()
+            .is_socket()
+    );
+    let mut names: Vec<_> = fs::read_dir(&m.mnt)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            (e.file_name().into_string().unwrap(), e.file_type().unwrap())
+        })
+        .collect();
+    names.sort_by(|a, b| a.0.cmp(&b.0));
+    assert!(names[0].0 == "agent.sock" && names[0].1.is_socket());
+    assert!(names[1].0 == "pipe" && names[1].1.is_fifo());
+    fs::remove_file(m.p("agent.sock")).unwrap();
+    fs::remove_file(m.p("pipe")).unwrap();
+    // Device nodes: refused (a space holds data; mounts are nodev anyway).
+    let dev = cstr(&m.p("null"));
+    let r = unsafe { libc::mknod(dev.as_ptr(), libc::S_IFCHR | 0o666, libc::makedev(1, 3)) };
+    assert_eq!(r, -1);
     assert_eq!(
         std::io::Error::last_os_error().raw_os_error(),
         Some(libc::EPERM)
     );
-    assert!(!m.backing("fifo").exists());
+    assert!(!m.backing("null").exists());
+}
+
+#[test]
+fn paths_whose_backing_path_exceeds_path_max_work() {
+    let m = Mounted::room();
+    // Deep enough that the backing path (data dir + space + path) is longer than PATH_MAX,
+    // while the path through the mount is not.
+    let path_max = libc::PATH_MAX as usize;
+    let name = "file.txt";
+    let mut dir = String::new();
+    loop {
+        // Path of the file if this directory were its last: aim 2 bytes below PATH_MAX.
+        let left = path_max - 2 - m.p(&dir).as_os_str().len() - "/".len() - name.len();
+        let component = left.saturating_sub(1).min(200);
+        if component == 0 {
+            break;
+        }
+        dir.push_str(&"d".repeat(component));
+        fs::create_dir(m.p(&dir)).unwrap();
+        dir.push('/');
+    }
+    let file = format!("{dir}{name}");
+    assert!(m.backing(&file).as_os_str().len() >= path_max);
+    assert!(m.p(&file).as_os_str().len() < path_max);
+    fs::write(m.p(&file), b"deep").unwrap();
+    assert_eq!(fs::read(m.p(&file)).unwrap(), b"deep");
+    let mut f = OpenOptions::new().append(true).open(m.p(&file)).unwrap();
+    f.write_all(b" down").unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    let renamed = format!("{dir}moved.tx");
+    fs::rename(m.p(&file), m.p(&renamed)).unwrap();
+    assert_eq!(fs::read_to_string(m.p(&renamed)).unwrap(), "deep down");
+    std::os::unix::fs::symlink("moved.tx", m.p(&file)).unwrap();
+    assert_eq!(fs::read_link(m.p(&file)).unwrap(), Path::new("moved.tx"));
+    let listed = fs::read_dir(m.p(&dir)).unwrap().count();
+    assert_eq!(listed, 2);
+    fs::remove_file(m.p(&file)).unwrap();
+    fs::remove_file(m.p(&renamed)).unwrap();
+    fs::remove_dir(m.p(&dir)).unwrap();
 }
 
 #[test]

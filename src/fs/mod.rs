@@ -411,8 +411,10 @@ impl Fs {
                 && let Some(mut meta) = h.pending_meta()?
             {
                 // A `chmod`/`chown` since the handle opened went to the committed file.
-                if let Some(now) = path.as_ref().and_then(|p| self.store.stat(p).ok()) {
-                    (meta.perm, meta.uid, meta.gid) = (now.perm, now.uid, now.gid);
+                match path.as_ref().map(|p| self.store.stat(p)) {
+                    Some(Ok(now)) => (meta.perm, meta.uid, meta.gid) = (now.perm, now.uid, now.gid),
+                    Some(Err(_)) => {}
+                    None => meta.nlink = 0, // unlinked while open
                 }
                 return Ok(Attr::new(ino, &meta));
             }
@@ -425,7 +427,11 @@ impl Fs {
                 self.allow_traverse("stat", &path)?;
                 Ok(Attr::new(ino, &self.store.stat(&path)?))
             }
-            (None, Some(content)) => Ok(Attr::new(ino, &content.meta()?)),
+            (None, Some(content)) => {
+                let mut attr = Attr::new(ino, &content.meta()?);
+                attr.nlink = 0; // no name left: only its open handles keep it
+                Ok(attr)
+            }
             (None, None) => Err(Errno::ENOENT),
         }
     }
@@ -486,13 +492,19 @@ impl Fs {
     pub fn mknod(&self, parent: Ino, name: &OsStr, mode: u32, caller: &Caller) -> FsResult<Attr> {
         let path = self.child_path(parent, name)?;
         self.allow("mknod", &path, Access::Write)?;
-        if mode & libc::S_IFMT != libc::S_IFREG && mode & libc::S_IFMT != 0 {
-            return Err(Errno::EPERM);
-        }
+        // Device nodes are refused: a space is data, and mounts are `nodev` anyway.
+        let kind = match mode & libc::S_IFMT {
+            0 | libc::S_IFREG => Kind::File,
+            libc::S_IFIFO => Kind::Fifo,
+            libc::S_IFSOCK => Kind::Socket,
+            _ => return Err(Errno::EPERM),
+        };
+        let (perm, owner) = ((mode & 0o7777) as u16, self.owner(caller));
         let meta = self.creating(|| {
-            Ok(self
-                .store
-                .create(&path, (mode & 0o7777) as u16, self.owner(caller), true)?)
+            Ok(match kind {
+                Kind::File => self.store.create(&path, perm, owner, true)?,
+                _ => self.store.mknod(&path, kind, perm, owner)?,
+            })
         })?;
         Ok(self.remember(parent, name, &meta))
     }

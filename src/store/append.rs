@@ -23,6 +23,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
+use super::at::At;
 use super::patch::{link_open_file, markers, open_for_change, target_name};
 
 /// What a marker records: the file's size and mtime before the append, and the size after it.
@@ -56,12 +57,12 @@ impl AppendMark {
     }
 }
 
-/// Appends `tail` to the committed file at `target`, which must still be the object
+/// Appends `tail` to the committed file `target`, which must still be the object
 /// `(dev, ino)` of size `size`. `marker` is where the crash marker goes (a fresh name in the
 /// staging area, on the same filesystem). Returns the file (open for reading) when the tail
 /// is in, `None` when the file is not in the expected state or another appender holds it.
 pub fn append_in_place(
-    target: &Path,
+    target: &At,
     (dev, ino): (u64, u64),
     size: u64,
     tail: &[u8],
@@ -199,7 +200,7 @@ mod tests {
 
         // Wrong size: somebody appended meanwhile.
         assert!(
-            append_in_place(&target, id, 3, b"x", marker)
+            append_in_place(&At::path(&target).unwrap(), id, 3, b"x", marker)
                 .unwrap()
                 .is_none()
         );
@@ -210,7 +211,7 @@ mod tests {
             0
         );
         assert!(
-            append_in_place(&target, id, 4, b"x", marker)
+            append_in_place(&At::path(&target).unwrap(), id, 4, b"x", marker)
                 .unwrap()
                 .is_none()
         );
@@ -218,14 +219,14 @@ mod tests {
         // A marker (second link) of an unfinished append.
         fs::hard_link(&target, dir.path().join("stale")).unwrap();
         assert!(
-            append_in_place(&target, id, 4, b"x", marker)
+            append_in_place(&At::path(&target).unwrap(), id, 4, b"x", marker)
                 .unwrap()
                 .is_none()
         );
         fs::remove_file(dir.path().join("stale")).unwrap();
         assert_eq!(fs::read(&target).unwrap(), b"one\n");
 
-        let file = append_in_place(&target, id, 4, b"two\n", marker)
+        let file = append_in_place(&At::path(&target).unwrap(), id, 4, b"two\n", marker)
             .unwrap()
             .expect("appended");
         assert_eq!(fs::read(&target).unwrap(), b"one\ntwo\n");

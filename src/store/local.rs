@@ -2,11 +2,11 @@
 //! inspect and back it up with ordinary tools. Working copies live in a staging area on the
 //! same filesystem, so a commit is one atomic exchange of names (`renameat2`).
 
-use std::ffi::CString;
+use std::ffi::{CString, OsStr, OsString};
 use std::fs::{self, File, OpenOptions};
 use std::io;
-use std::os::fd::AsRawFd;
-use std::os::unix::ffi::OsStrExt;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::append::{append_in_place, roll_back_unfinished};
+use super::at::{At, check};
 use super::patch::{PATCH_MIN, Patch, finish_unfinished, hold_for_reading, patch_in_place};
 use super::{
     Content, DirEntry, Kind, Meta, Owner, RenameMode, SetAttr, Staged, Store, StoreStatfs, TimeSpec,
@@ -21,7 +22,8 @@ use super::{
 
 /// A space stored as a directory tree on local disk.
 pub struct LocalStore {
-    root: PathBuf,
+    /// The space's directory, held open: every path is resolved from it (see `at`).
+    root_fd: OwnedFd,
     staging: Arc<StagingArea>,
     /// Set when a reader could not take its read lock: patches would no longer be isolated.
     no_patches: AtomicBool,
@@ -31,8 +33,11 @@ impl LocalStore {
     /// Opens (creating if needed) the space directory `root`, staging working copies in `staging`.
     pub fn open(root: PathBuf, staging: Arc<StagingArea>) -> io::Result<LocalStore> {
         fs::create_dir_all(&root)?;
+        let root_fd = At::path(&root)?
+            .open(libc::O_PATH | libc::O_DIRECTORY, 0)?
+            .into();
         Ok(LocalStore {
-            root,
+            root_fd,
             staging,
             no_patches: AtomicBool::new(false),
         })
@@ -79,12 +84,25 @@ impl LocalStore {
         meta
     }
 
-    fn full(&self, path: &Path) -> PathBuf {
-        if path.as_os_str().is_empty() {
-            self.root.clone()
-        } else {
-            self.root.join(path)
+    /// `path` for the `*at` system calls, resolved from the space root.
+    fn at(&self, path: &Path) -> io::Result<At> {
+        At::new(self.root_fd.as_raw_fd(), path)
+    }
+
+    /// Gives a directory or node just made at `at` its exact mode (the process umask must not
+    /// narrow it) and `owner`.
+    fn settle_new(at: &At, perm: u16, owner: Owner) -> io::Result<()> {
+        chmod_at(at, perm, 0)?;
+        if let Some((uid, gid)) = owner {
+            chown_at(at, uid, gid)?;
         }
+        Ok(())
+    }
+
+    /// Fsyncs the directory holding `path` (after its entry changed).
+    fn sync_dir_of(&self, path: &Path) -> io::Result<()> {
+        let dir = self.at(path.parent().unwrap_or(Path::new("")))?;
+        dir.open(libc::O_RDONLY | libc::O_DIRECTORY, 0)?.sync_all()
     }
 }
 
@@ -306,23 +324,35 @@ fn time(secs: i64, nsecs: i64) -> SystemTime {
     }
 }
 
-/// The store's kind of a local file type.
-fn kind_of(ft: fs::FileType) -> Kind {
-    if ft.is_file() {
-        Kind::File
-    } else if ft.is_dir() {
-        Kind::Dir
-    } else if ft.is_symlink() {
-        Kind::Symlink
-    } else {
-        Kind::Special
+/// The store's kind of a local file type (the `S_IFMT` bits of a mode).
+fn kind_of(mode: u32) -> Kind {
+    match mode & libc::S_IFMT {
+        libc::S_IFREG => Kind::File,
+        libc::S_IFDIR => Kind::Dir,
+        libc::S_IFLNK => Kind::Symlink,
+        libc::S_IFIFO => Kind::Fifo,
+        libc::S_IFSOCK => Kind::Socket,
+        _ => Kind::Special,
     }
+}
+
+/// The store's kind of a directory entry's type; `None` when the directory did not say.
+fn kind_of_entry(t: nix::dir::Type) -> Option<Kind> {
+    use nix::dir::Type;
+    Some(match t {
+        Type::File => Kind::File,
+        Type::Directory => Kind::Dir,
+        Type::Symlink => Kind::Symlink,
+        Type::Fifo => Kind::Fifo,
+        Type::Socket => Kind::Socket,
+        Type::BlockDevice | Type::CharacterDevice => Kind::Special,
+    })
 }
 
 /// Converts local metadata into the store's attribute type.
 pub fn meta_of(m: &fs::Metadata) -> Meta {
     Meta {
-        kind: kind_of(m.file_type()),
+        kind: kind_of(m.mode()),
         size: m.size(),
         blocks: m.blocks(),
         perm: (m.mode() & 0o7777) as u16,
@@ -337,17 +367,31 @@ pub fn meta_of(m: &fs::Metadata) -> Meta {
     }
 }
 
+/// Converts attributes read with `fstatat` into the store's attribute type.
+fn meta_of_stat(st: &libc::stat) -> Meta {
+    Meta {
+        kind: kind_of(st.st_mode),
+        size: st.st_size as u64,
+        blocks: st.st_blocks as u64,
+        perm: (st.st_mode & 0o7777) as u16,
+        nlink: st.st_nlink as u32,
+        uid: st.st_uid,
+        gid: st.st_gid,
+        atime: time(st.st_atime, st.st_atime_nsec),
+        mtime: time(st.st_mtime, st.st_mtime_nsec),
+        ctime: time(st.st_ctime, st.st_ctime_nsec),
+        version: (
+            st.st_dev,
+            st.st_ino,
+            st.st_ctime * 1_000_000_000 + st.st_ctime_nsec,
+        ),
+        volatile: false,
+    }
+}
+
 fn cstr(path: &Path) -> io::Result<CString> {
     CString::new(path.as_os_str().as_bytes())
         .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
-}
-
-fn check(ret: libc::c_int) -> io::Result<()> {
-    if ret < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
 }
 
 fn chown_file(file: &File, owner: Owner) -> io::Result<()> {
@@ -394,47 +438,79 @@ fn copy_content(src: &dyn Content, dst: &File) -> io::Result<()> {
     super::copy_range(src, dst, 0, src.meta()?.size)
 }
 
-/// `renameat2(from, to, flags)` on full paths.
-fn renameat2(from: &Path, to: &Path, flags: libc::c_uint) -> io::Result<()> {
-    let (from, to) = (cstr(from)?, cstr(to)?);
+fn renameat2(from: &At, to: &At, flags: libc::c_uint) -> io::Result<()> {
+    // SAFETY: valid descriptors and NUL-terminated paths.
     check(unsafe {
         libc::renameat2(
-            libc::AT_FDCWD,
-            from.as_ptr(),
-            libc::AT_FDCWD,
-            to.as_ptr(),
+            from.dir(),
+            from.name().as_ptr(),
+            to.dir(),
+            to.name().as_ptr(),
             flags,
         )
     })
 }
 
-fn sync_dir_of(path: &Path) -> io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("/"));
-    File::open(dir)?.sync_all()
+/// `fchownat` without following a symlink; `u32::MAX` leaves an id alone.
+fn chown_at(at: &At, uid: u32, gid: u32) -> io::Result<()> {
+    // SAFETY: a valid descriptor and a NUL-terminated path.
+    check(unsafe {
+        libc::fchownat(
+            at.dir(),
+            at.name().as_ptr(),
+            uid,
+            gid,
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    })
+}
+
+/// `fchmodat`: the exact mode (the process umask does not narrow it).
+fn chmod_at(at: &At, perm: u16, flags: libc::c_int) -> io::Result<()> {
+    // SAFETY: a valid descriptor and a NUL-terminated path.
+    check(unsafe {
+        libc::fchmodat(
+            at.dir(),
+            at.name().as_ptr(),
+            libc::mode_t::from(perm),
+            flags,
+        )
+    })
 }
 
 impl Store for LocalStore {
     fn stat(&self, path: &Path) -> io::Result<Meta> {
-        Ok(meta_of(&fs::symlink_metadata(self.full(path))?))
+        Ok(meta_of_stat(&self.at(path)?.stat()?))
     }
 
     fn list(&self, path: &Path) -> io::Result<Vec<DirEntry>> {
+        let dir = self.at(path)?;
+        let fd = dir.open(libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW, 0)?;
+        let mut entries = nix::dir::Dir::from_fd(fd.into()).map_err(io::Error::from)?;
+        let listed = entries.as_raw_fd();
         let mut out = Vec::new();
-        for entry in fs::read_dir(self.full(path))? {
-            let entry = entry?;
-            out.push(DirEntry {
-                kind: kind_of(entry.file_type()?),
-                name: entry.file_name(),
-            });
+        for entry in entries.iter() {
+            let entry = entry.map_err(io::Error::from)?;
+            let name = entry.file_name().to_bytes();
+            if name == b"." || name == b".." {
+                continue;
+            }
+            let name = OsStr::from_bytes(name).to_os_string();
+            let kind = match entry.file_type().and_then(kind_of_entry) {
+                Some(kind) => kind,
+                // The filesystem did not say (DT_UNKNOWN): ask the entry itself.
+                None => kind_of(At::new(listed, Path::new(&name))?.stat()?.st_mode),
+            };
+            out.push(DirEntry { name, kind });
         }
         Ok(out)
     }
 
     fn open(&self, path: &Path) -> io::Result<Arc<dyn Content>> {
-        let file = OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(self.full(path))?;
+        // O_NONBLOCK: a FIFO in the store must not block the daemon (it is refused below).
+        let file = self
+            .at(path)?
+            .open(libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK, 0)?;
         let mut meta = file.metadata()?;
         if !meta.is_file() {
             return Err(io::Error::from_raw_os_error(libc::EISDIR));
@@ -446,16 +522,9 @@ impl Store for LocalStore {
     }
 
     fn create(&self, path: &Path, perm: u16, owner: Owner, exclusive: bool) -> io::Result<Meta> {
-        let mut opts = OpenOptions::new();
-        opts.write(true)
-            .mode(u32::from(perm))
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC);
-        if exclusive {
-            opts.create_new(true);
-        } else {
-            opts.create(true);
-        }
-        let file = opts.open(self.full(path))?;
+        let excl = if exclusive { libc::O_EXCL } else { 0 };
+        let flags = libc::O_WRONLY | libc::O_CREAT | excl | libc::O_NOFOLLOW;
+        let file = self.at(path)?.open(flags, libc::mode_t::from(perm))?;
         file.set_permissions(fs::Permissions::from_mode(u32::from(perm)))?;
         chown_file(&file, owner)?;
         Ok(meta_of(&file.metadata()?))
@@ -479,16 +548,17 @@ impl Store for LocalStore {
         path: &Path,
         durable: bool,
     ) -> Result<Arc<dyn Content>, (io::Error, Staged)> {
-        let target = self.full(path);
         let prepared = (|| {
+            let target = self.at(path)?;
             // The new content takes over the identity (mode, owner) of the file it replaces.
-            let current = fs::symlink_metadata(&target)?;
-            if !current.is_file() {
+            let current = target.stat()?;
+            if current.st_mode & libc::S_IFMT != libc::S_IFREG {
                 return Err(io::Error::from_raw_os_error(libc::EISDIR));
             }
-            staged.file.set_permissions(current.permissions())?;
+            let perm = fs::Permissions::from_mode(current.st_mode & 0o7777);
+            staged.file.set_permissions(perm)?;
             if nix::unistd::geteuid().is_root() {
-                chown_file(&staged.file, Some((current.uid(), current.gid())))?;
+                chown_file(&staged.file, Some((current.st_uid, current.st_gid)))?;
             }
             if durable {
                 staged.file.sync_all()?;
@@ -497,8 +567,8 @@ impl Store for LocalStore {
             // Swap the new content in, then drop the old: unlike a rename over an existing
             // file, an exchange does not make ext4 force the new data to disk (auto_da_alloc),
             // which costs ~0.4 ms per commit. Durability is fsync's job (above).
-            renameat2(&staged.path, &target, libc::RENAME_EXCHANGE)
-                .map(|()| (before, current.len()))
+            renameat2(&At::path(&staged.path)?, &target, libc::RENAME_EXCHANGE)
+                .map(|()| (before, current.st_size as u64))
         })();
         let (before, replaced_size) = match prepared {
             Ok(sizes) => sizes,
@@ -506,7 +576,7 @@ impl Store for LocalStore {
         };
         // The staging path now names the replaced version.
         self.staging.remove_replaced(&staged.path, replaced_size);
-        if durable && let Err(e) = sync_dir_of(&target) {
+        if durable && let Err(e) = self.sync_dir_of(path) {
             log::error!(
                 "committed {} but could not sync its directory: {e}",
                 path.display()
@@ -530,7 +600,7 @@ impl Store for LocalStore {
             return Ok(None);
         }
         let (dev, ino, _) = was.version;
-        let appended = append_in_place(&self.full(path), (dev, ino), was.size, tail, |mark| {
+        let appended = append_in_place(&self.at(path)?, (dev, ino), was.size, tail, |mark| {
             self.staging.new_name(|n| mark.name(n))
         })?;
         Ok(match appended {
@@ -568,7 +638,7 @@ impl Store for LocalStore {
             durable,
         };
         let (dev, ino, _) = was.version;
-        let patched = patch_in_place(&self.full(path), base_file, (dev, ino), &patch, |mark| {
+        let patched = patch_in_place(&self.at(path)?, base_file, (dev, ino), &patch, |mark| {
             self.staging.new_name(|n| mark.name(n))
         })?;
         Ok(match patched {
@@ -590,23 +660,38 @@ impl Store for LocalStore {
     }
 
     fn mkdir(&self, path: &Path, perm: u16, owner: Owner) -> io::Result<Meta> {
-        let full = self.full(path);
-        fs::DirBuilder::new().mode(u32::from(perm)).create(&full)?;
-        let c = cstr(&full)?;
-        // Apply the exact mode (the process umask must not narrow it) and the owner.
-        check(unsafe { libc::chmod(c.as_ptr(), libc::mode_t::from(perm)) })?;
-        if let Some((uid, gid)) = owner {
-            check(unsafe { libc::lchown(c.as_ptr(), uid, gid) })?;
-        }
-        self.stat(path)
+        let at = self.at(path)?;
+        let mode = libc::mode_t::from(perm);
+        // SAFETY: a valid descriptor and a NUL-terminated path.
+        check(unsafe { libc::mkdirat(at.dir(), at.name().as_ptr(), mode) })?;
+        Self::settle_new(&at, perm, owner)?;
+        Ok(meta_of_stat(&at.stat()?))
+    }
+
+    fn mknod(&self, path: &Path, kind: Kind, perm: u16, owner: Owner) -> io::Result<Meta> {
+        let file_type = match kind {
+            Kind::Fifo => libc::S_IFIFO,
+            Kind::Socket => libc::S_IFSOCK,
+            _ => return Err(io::Error::from_raw_os_error(libc::EPERM)),
+        };
+        let at = self.at(path)?;
+        let mode = file_type | libc::mode_t::from(perm);
+        // SAFETY: a valid descriptor and a NUL-terminated path.
+        check(unsafe { libc::mknodat(at.dir(), at.name().as_ptr(), mode, 0) })?;
+        Self::settle_new(&at, perm, owner)?;
+        Ok(meta_of_stat(&at.stat()?))
     }
 
     fn rmdir(&self, path: &Path) -> io::Result<()> {
-        fs::remove_dir(self.full(path))
+        let at = self.at(path)?;
+        // SAFETY: a valid descriptor and a NUL-terminated path.
+        check(unsafe { libc::unlinkat(at.dir(), at.name().as_ptr(), libc::AT_REMOVEDIR) })
     }
 
     fn unlink(&self, path: &Path) -> io::Result<()> {
-        fs::remove_file(self.full(path))
+        let at = self.at(path)?;
+        // SAFETY: a valid descriptor and a NUL-terminated path.
+        check(unsafe { libc::unlinkat(at.dir(), at.name().as_ptr(), 0) })
     }
 
     fn rename(&self, from: &Path, to: &Path, mode: RenameMode) -> io::Result<()> {
@@ -615,62 +700,75 @@ impl Store for LocalStore {
             RenameMode::NoReplace => libc::RENAME_NOREPLACE,
             RenameMode::Exchange => libc::RENAME_EXCHANGE,
         };
-        renameat2(&self.full(from), &self.full(to), flags)
+        renameat2(&self.at(from)?, &self.at(to)?, flags)
     }
 
     fn symlink(&self, target: &Path, path: &Path, owner: Owner) -> io::Result<Meta> {
-        let full = self.full(path);
-        std::os::unix::fs::symlink(target, &full)?;
+        let at = self.at(path)?;
+        let target = cstr(target)?;
+        // SAFETY: a valid descriptor and NUL-terminated paths.
+        check(unsafe { libc::symlinkat(target.as_ptr(), at.dir(), at.name().as_ptr()) })?;
         if let Some((uid, gid)) = owner {
-            let c = cstr(&full)?;
-            check(unsafe { libc::lchown(c.as_ptr(), uid, gid) })?;
+            chown_at(&at, uid, gid)?;
         }
-        self.stat(path)
+        Ok(meta_of_stat(&at.stat()?))
     }
 
     fn readlink(&self, path: &Path) -> io::Result<PathBuf> {
-        fs::read_link(self.full(path))
+        let at = self.at(path)?;
+        let mut buf = vec![0u8; libc::PATH_MAX as usize + 1];
+        // SAFETY: a valid descriptor, a NUL-terminated path and a buffer of the given size.
+        let n = unsafe {
+            libc::readlinkat(
+                at.dir(),
+                at.name().as_ptr(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+            )
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        buf.truncate(n as usize);
+        Ok(PathBuf::from(OsString::from_vec(buf)))
     }
 
     fn set_attr(&self, path: &Path, attr: &SetAttr) -> io::Result<Meta> {
-        let c = cstr(&self.full(path))?;
+        let at = self.at(path)?;
         if let Some(perm) = attr.perm {
-            check(unsafe {
-                libc::fchmodat(
-                    libc::AT_FDCWD,
-                    c.as_ptr(),
-                    libc::mode_t::from(perm),
-                    libc::AT_SYMLINK_NOFOLLOW,
-                )
-            })?;
+            chmod_at(&at, perm, libc::AT_SYMLINK_NOFOLLOW)?;
         }
         if attr.uid.is_some() || attr.gid.is_some() {
-            let uid = attr.uid.unwrap_or(u32::MAX);
-            let gid = attr.gid.unwrap_or(u32::MAX);
-            check(unsafe { libc::lchown(c.as_ptr(), uid, gid) })?;
+            chown_at(
+                &at,
+                attr.uid.unwrap_or(u32::MAX),
+                attr.gid.unwrap_or(u32::MAX),
+            )?;
         }
         if attr.atime.is_some() || attr.mtime.is_some() {
             let times = [timespec(attr.atime), timespec(attr.mtime)];
+            // SAFETY: a valid descriptor, a NUL-terminated path and two timespecs.
             check(unsafe {
                 libc::utimensat(
-                    libc::AT_FDCWD,
-                    c.as_ptr(),
+                    at.dir(),
+                    at.name().as_ptr(),
                     times.as_ptr(),
                     libc::AT_SYMLINK_NOFOLLOW,
                 )
             })?;
         }
-        self.stat(path)
+        Ok(meta_of_stat(&at.stat()?))
     }
 
     fn sync(&self, path: &Path) -> io::Result<()> {
-        let full = self.full(path);
-        File::open(&full)?.sync_all()?;
-        sync_dir_of(&full)
+        let at = self.at(path)?;
+        at.open(libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK, 0)?
+            .sync_all()?;
+        self.sync_dir_of(path)
     }
 
     fn statfs(&self) -> io::Result<StoreStatfs> {
-        let s = nix::sys::statvfs::statvfs(&self.root).map_err(io::Error::from)?;
+        let s = nix::sys::statvfs::fstatvfs(&self.root_fd).map_err(io::Error::from)?;
         Ok(StoreStatfs {
             blocks: s.blocks(),
             bfree: s.blocks_free(),
@@ -686,12 +784,23 @@ impl Store for LocalStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::FileTypeExt;
 
     fn store() -> (tempfile::TempDir, LocalStore) {
         let dir = tempfile::tempdir().unwrap();
         let (area, _) = StagingArea::create(dir.path()).unwrap();
         let store = LocalStore::open(dir.path().join("rooms/r"), Arc::new(area)).unwrap();
         (dir, store)
+    }
+
+    impl LocalStore {
+        /// The backing file of `path`, for tests that look behind the store's back.
+        fn full(&self, path: &Path) -> PathBuf {
+            let fd = self.root_fd.as_raw_fd();
+            fs::read_link(format!("/proc/self/fd/{fd}"))
+                .unwrap()
+                .join(path)
+        }
     }
 
     #[test]
@@ -911,5 +1020,63 @@ mod tests {
             .unwrap();
         assert_eq!(fs::read(s.full(Path::new("b"))).unwrap(), b"A");
         assert_eq!(fs::read(s.full(Path::new("a"))).unwrap(), b"B");
+    }
+
+    #[test]
+    fn fifos_and_socket_names_are_stored_and_devices_refused() {
+        let (_d, s) = store();
+        let fifo = s.mknod(Path::new("pipe"), Kind::Fifo, 0o640, None).unwrap();
+        assert_eq!((fifo.kind, fifo.perm), (Kind::Fifo, 0o640));
+        let sock = s
+            .mknod(Path::new("sock"), Kind::Socket, 0o755, None)
+            .unwrap();
+        assert_eq!((sock.kind, sock.perm), (Kind::Socket, 0o755));
+        assert!(
+            fs::metadata(s.full(Path::new("pipe")))
+                .unwrap()
+                .file_type()
+                .is_fifo()
+        );
+        let mut listed: Vec<_> = s
+            .list(Path::new(""))
+            .unwrap()
+            .into_iter()
+            .map(|e| (e.name.into_string().unwrap(), e.kind))
+            .collect();
+        listed.sort_by(|a, b| a.0.cmp(&b.0));
+        assert_eq!(
+            listed,
+            vec![("pipe".into(), Kind::Fifo), ("sock".into(), Kind::Socket)]
+        );
+        // Opening a FIFO as file content neither blocks nor succeeds.
+        assert!(s.open(Path::new("pipe")).is_err());
+        let dev = s.mknod(Path::new("dev"), Kind::Special, 0o600, None);
+        assert_eq!(dev.unwrap_err().raw_os_error(), Some(libc::EPERM));
+    }
+
+    #[test]
+    fn paths_longer_than_path_max_work_like_short_ones() {
+        let (_d, s) = store();
+        let mut dir = PathBuf::new();
+        while dir.as_os_str().len() < libc::PATH_MAX as usize {
+            dir.push("d".repeat(250));
+            s.mkdir(&dir, 0o755, None).unwrap();
+        }
+        let (a, b) = (dir.join("a"), dir.join("b"));
+        s.create(&a, 0o644, None, true).unwrap();
+        let staged = s.stage(None).unwrap();
+        staged.file.write_all_at(b"long", 0).unwrap();
+        s.commit(staged, &a, true).map_err(|(e, _)| e).unwrap();
+        s.rename(&a, &b, RenameMode::Replace).unwrap();
+        assert_eq!(s.stat(&b).unwrap().size, 4);
+        let mut buf = [0u8; 8];
+        assert_eq!(s.open(&b).unwrap().read_at(&mut buf, 0).unwrap(), 4);
+        assert_eq!(&buf[..4], b"long");
+        assert_eq!(s.list(&dir).unwrap().len(), 1);
+        s.symlink(Path::new("b"), &a, None).unwrap();
+        assert_eq!(s.readlink(&a).unwrap(), Path::new("b"));
+        s.unlink(&a).unwrap();
+        s.unlink(&b).unwrap();
+        s.rmdir(&dir).unwrap();
     }
 }

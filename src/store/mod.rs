@@ -3,6 +3,7 @@
 //! the root itself) and never contain `.` or `..` components.
 
 pub mod append;
+pub mod at;
 pub mod local;
 pub mod meta;
 pub mod patch;
@@ -20,7 +21,11 @@ pub enum Kind {
     File,
     Dir,
     Symlink,
-    /// FIFOs, sockets and device nodes found in the backing store (never created by roomfs).
+    /// A named pipe: the kernel passes its data between processes; the store keeps its name.
+    Fifo,
+    /// The name of a Unix socket (`bind`); as for a FIFO, only the name is stored.
+    Socket,
+    /// Device nodes found in the backing store (never created by roomfs).
     Special,
 }
 
@@ -209,6 +214,12 @@ pub trait Store: Send + Sync + 'static {
     ) -> io::Result<Option<Arc<dyn Content>>> {
         let _ = (base, path, staged, written, durable);
         Ok(None)
+    }
+    /// Creates a FIFO or a socket's name (`kind` is `Fifo` or `Socket`). Stores that cannot
+    /// keep such entries refuse with EPERM.
+    fn mknod(&self, path: &Path, kind: Kind, perm: u16, owner: Owner) -> io::Result<Meta> {
+        let _ = (path, kind, perm, owner);
+        Err(io::Error::from_raw_os_error(libc::EPERM))
     }
     fn mkdir(&self, path: &Path, perm: u16, owner: Owner) -> io::Result<Meta>;
     fn rmdir(&self, path: &Path) -> io::Result<()>;

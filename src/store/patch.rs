@@ -31,6 +31,8 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
+use super::at::At;
+
 /// Files at least this large may be patched in place, and their readers hold the read lock.
 pub const PATCH_MIN: u64 = 4 << 20;
 
@@ -117,7 +119,7 @@ pub struct Patch<'a> {
     pub durable: bool,
 }
 
-/// Patches the committed file at `target`, which must still be the object `(dev, ino)` of
+/// Patches the committed file `target`, which must still be the object `(dev, ino)` of
 /// size `patch.from`, with `patch`. `base` is the writer's open view of that version (its
 /// shared lock is given up while the patch is applied, and taken back if there is no patch);
 /// `marker` names the crash marker (a fresh name in the staging area, on the same filesystem
@@ -125,7 +127,7 @@ pub struct Patch<'a> {
 /// `None` when it is not possible now: the file is not in the expected state, somebody reads
 /// it, appends to it or patches it, or there is no room for the new bytes.
 pub fn patch_in_place(
-    target: &Path,
+    target: &At,
     base: &File,
     (dev, ino): (u64, u64),
     patch: &Patch,
@@ -325,21 +327,16 @@ fn data_extents(file: &File, end: u64) -> io::Result<Vec<(u64, u64)>> {
     Ok(out)
 }
 
-/// The file's path, for messages.
 /// `target` opened for an in-place change, holding its `flock` (which appenders and patchers
 /// take, and readers of a file with a crash marker wait on): `None` when it cannot be opened
 /// or somebody else holds the lock. The lock goes with the file when it is closed.
-pub fn open_for_change(target: &Path) -> Option<File> {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(target)
-        .ok()?;
+pub fn open_for_change(target: &At) -> Option<File> {
+    let file = target.open(libc::O_RDWR | libc::O_NOFOLLOW, 0).ok()?;
     // SAFETY: a valid descriptor; flock touches no memory.
     (unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0).then_some(file)
 }
 
+/// The file's path, for messages.
 pub fn target_name(file: &File) -> String {
     fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd()))
         .map(|p| p.display().to_string())
@@ -495,7 +492,7 @@ mod tests {
             durable: false,
         };
         let before = id(&target);
-        let file = patch_in_place(&target, &base, before, &patch, |m| {
+        let file = patch_in_place(&At::path(&target).unwrap(), &base, before, &patch, |m| {
             dir.path().join(m.name(0))
         })
         .unwrap()
@@ -518,9 +515,13 @@ mod tests {
         };
         let stranger = File::open(&target).unwrap();
         assert!(
-            patch_in_place(&target, &stranger, before, &other, |m| dir
-                .path()
-                .join(m.name(1)))
+            patch_in_place(
+                &At::path(&target).unwrap(),
+                &stranger,
+                before,
+                &other,
+                |m| dir.path().join(m.name(1))
+            )
             .unwrap()
             .is_none()
         );
@@ -542,7 +543,7 @@ mod tests {
         };
         let ident = id(&target);
         let try_patch = || {
-            patch_in_place(&target, &base, ident, &patch, |m| {
+            patch_in_place(&At::path(&target).unwrap(), &base, ident, &patch, |m| {
                 dir.path().join(m.name(0))
             })
             .unwrap()
@@ -567,9 +568,9 @@ mod tests {
         // Refused attempts gave the writer's read lock back: a stranger cannot patch either.
         let stranger = File::open(&target).unwrap();
         assert!(
-            patch_in_place(&target, &stranger, ident, &patch, |m| dir
-                .path()
-                .join(m.name(1)))
+            patch_in_place(&At::path(&target).unwrap(), &stranger, ident, &patch, |m| {
+                dir.path().join(m.name(1))
+            })
             .unwrap()
             .is_none()
         );
