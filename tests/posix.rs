@@ -465,6 +465,38 @@ fn unlink_keeps_open_handles_working() {
 }
 
 #[test]
+fn a_writers_size_survives_lookups_and_listings_after_the_cache_expires() {
+    // A short cache time, so that the kernel asks again (lookup, readdirplus) while writing.
+    let m = Mounted::with_args(&["--room", "r1", "--cache-ttl", "0.1"]);
+    fs::write(m.p("grow.bin"), [b'x'; 100]).unwrap();
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(m.p("grow.bin"))
+        .unwrap();
+    f.write_all_at(&[b'y'; 100], 100).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    // A lookup by path and a listing with attributes, by the writer or anybody else.
+    assert_eq!(fs::metadata(m.p("grow.bin")).unwrap().len(), 200);
+    std::thread::sleep(Duration::from_millis(300));
+    let listed: Vec<_> = fs::read_dir(&m.mnt)
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .collect();
+    assert_eq!(listed, vec![200]);
+    // The writer's own view is not cut at the committed size.
+    assert_eq!(f.metadata().unwrap().len(), 200);
+    let mut buf = vec![0u8; 300];
+    assert_eq!(f.read_at(&mut buf, 0).unwrap(), 200);
+    assert_eq!(&buf[100..200], &[b'y'; 100]);
+    f.set_len(50).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(fs::metadata(m.p("grow.bin")).unwrap().len(), 50);
+    drop(f);
+    assert_eq!(fs::read(m.p("grow.bin")).unwrap(), [b'x'; 50]);
+}
+
+#[test]
 fn mkdir_rmdir_and_enotempty() {
     let m = Mounted::room();
     fs::create_dir(m.p("d")).unwrap();

@@ -337,7 +337,22 @@ impl Fs {
 
     fn remember(&self, parent: Ino, name: &OsStr, meta: &Meta) -> Attr {
         let ino = write_lock(&self.table).remember(parent, name, meta.kind);
-        Attr::new(ino, meta)
+        self.as_open(Attr::new(ino, meta))
+    }
+
+    /// `attr`, read from the store, as the kernel must see it: while the file is open, what
+    /// `getattr` shows (a writer's uncommitted size, see there). The kernel takes the size in
+    /// every reply that carries attributes (lookup, readdirplus, create) as the file's size, and
+    /// would otherwise cut the writer's own reads and mappings at the committed size.
+    fn as_open(&self, attr: Attr) -> Attr {
+        let open = lock(&self.opens)
+            .get(&attr.ino)
+            .is_some_and(|state| !state.handles.is_empty());
+        if open {
+            self.getattr(attr.ino, None).unwrap_or(attr)
+        } else {
+            attr
+        }
     }
 
     fn file(&self, fh: u64) -> FsResult<Arc<Mutex<FileHandle>>> {
@@ -795,7 +810,8 @@ impl Fs {
         };
         let attr = self.remember(parent, name, &meta);
         match self.open_path(attr.ino, &path, flags, caller.pid) {
-            Ok(opened) => Ok((attr, opened)),
+            // Joining a shared working copy: its size, not the committed one.
+            Ok(opened) => Ok((self.as_open(attr), opened)),
             Err(e) => {
                 self.forget(attr.ino, 1);
                 Err(e)
