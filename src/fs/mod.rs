@@ -1790,9 +1790,13 @@ mod tests {
             s.fs.lookup(ROOT, name("missing")).unwrap_err(),
             Errno::ENOENT
         );
-        let fifo = libc::S_IFIFO | 0o644;
+        let fifo =
+            s.fs.mknod(ROOT, name("p"), libc::S_IFIFO | 0o644, &c)
+                .unwrap();
+        assert_eq!((fifo.kind, fifo.perm), (Kind::Fifo, 0o644));
+        let device = libc::S_IFCHR | 0o644;
         assert_eq!(
-            s.fs.mknod(ROOT, name("p"), fifo, &c).unwrap_err(),
+            s.fs.mknod(ROOT, name("dev"), device, &c).unwrap_err(),
             Errno::EPERM
         );
     }
