@@ -403,6 +403,24 @@ impl Filesystem for FuseAdapter {
         }
     }
 
+    fn fallocate(
+        &self,
+        req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        // Zeroing or growing a large file may copy or write much: off the request threads.
+        let _turn = self.turn(length > u64::from(LARGE_IO) || self.fs.write_may_copy(fh.0));
+        empty(
+            reply,
+            self.fs.fallocate(fh.0, offset, length, mode, req.pid()),
+        );
+    }
+
     fn flush(
         &self,
         req: &Request,

@@ -486,7 +486,21 @@ fn limits_give_efbig_and_edquot_and_show_in_statfs() {
         .open(mnt.join("big"))
         .and_then(|f| f.set_len(2000));
     assert_eq!(errno(extend), libc::EFBIG);
+    // ... and so is growing it with fallocate, while zeroing inside it is fine.
+    let f = fs::OpenOptions::new()
+        .write(true)
+        .open(mnt.join("big"))
+        .unwrap();
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&f);
+    assert_eq!(unsafe { libc::posix_fallocate(fd, 0, 2000) }, libc::EFBIG);
+    let zero = libc::FALLOC_FL_ZERO_RANGE;
+    assert_eq!(unsafe { libc::fallocate(fd, zero, 990, 10) }, 0);
+    drop(f);
     assert_eq!(fs::metadata(mnt.join("big")).unwrap().len(), 1000);
+    assert_eq!(
+        fs::read(mnt.join("big")).unwrap()[985..],
+        *b"xxxxx\0\0\0\0\0\0\0\0\0\0"
+    );
     // Total bytes: 1000 used; 1000 more fits, the next 1000 does not.
     fs::write(mnt.join("b"), [b'y'; 1000]).unwrap();
     let err = fs::write(mnt.join("c"), [b'z'; 1000]).unwrap_err();

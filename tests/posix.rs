@@ -336,6 +336,93 @@ fn truncate_and_ftruncate() {
     assert_eq!(fs::metadata(m.backing("t")).unwrap().len(), 0);
 }
 
+/// `fallocate(2)` and `posix_fallocate`: growing, reserving, punching holes and zeroing
+/// ranges change the file like writes do (private until close, then committed whole), in small
+/// files and in large ones that are patched in place.
+#[test]
+fn fallocate_grows_reserves_and_zeroes_like_writes() {
+    let m = Mounted::room();
+    let fallocate = |f: &File, mode: i32, offset: i64, len: i64| {
+        let fd = std::os::fd::AsRawFd::as_raw_fd(f);
+        match unsafe { libc::fallocate(fd, mode, offset, len) } {
+            0 => Ok(()),
+            _ => Err(std::io::Error::last_os_error()),
+        }
+    };
+    let keep = libc::FALLOC_FL_KEEP_SIZE;
+    let punch = libc::FALLOC_FL_PUNCH_HOLE | keep;
+    let zero = libc::FALLOC_FL_ZERO_RANGE;
+
+    fs::write(m.p("f"), b"hello world").unwrap();
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(m.p("f"))
+        .unwrap();
+    // Growing (mode 0) reserves the space and extends the file, for this handle only.
+    fallocate(&f, 0, 0, 1 << 20).unwrap();
+    assert_eq!(f.metadata().unwrap().len(), 1 << 20);
+    assert_eq!(fs::read(m.backing("f")).unwrap(), b"hello world");
+    // KEEP_SIZE past the end leaves the size alone.
+    fallocate(&f, keep, 0, 2 << 20).unwrap();
+    assert_eq!(f.metadata().unwrap().len(), 1 << 20);
+    // A punched hole and a zeroed range read as zeros; zeroing past the end grows the file.
+    fallocate(&f, punch, 2, 3).unwrap();
+    fallocate(&f, zero, (1 << 20) - 2, 4).unwrap();
+    assert_eq!(f.metadata().unwrap().len(), (1 << 20) + 2);
+    let mut head = [0u8; 11];
+    f.read_exact_at(&mut head, 0).unwrap();
+    assert_eq!(&head, b"he\0\0\0 world");
+    assert_eq!(fs::read(m.backing("f")).unwrap(), b"hello world");
+    drop(f);
+    let mut expected = b"he\0\0\0 world".to_vec();
+    expected.resize((1 << 20) + 2, 0);
+    assert!(fs::read(m.p("f")).unwrap() == expected);
+    assert!(fs::read(m.backing("f")).unwrap() == expected);
+
+    // Python's os.posix_fallocate, on a new file.
+    let out = python(
+        &m.mnt,
+        r#"
+import os
+p = os.path.join(os.environ['MNT'], 'py')
+fd = os.open(p, os.O_CREAT | os.O_WRONLY, 0o644)
+os.posix_fallocate(fd, 0, 4096)
+os.close(fd)
+print(os.stat(p).st_size, open(p, 'rb').read() == bytes(4096))
+"#,
+    );
+    assert_eq!(out.trim(), "4096 True");
+
+    // A large file is patched in place: only the zeroed range changes.
+    let size = 8 << 20;
+    let mut model: Vec<u8> = (0..size).map(|i| (i * 7 % 251) as u8).collect();
+    fs::write(m.p("big"), &model).unwrap();
+    let ino = fs::metadata(m.backing("big")).unwrap().ino();
+    let f = OpenOptions::new().write(true).open(m.p("big")).unwrap();
+    fallocate(&f, punch, 5000, 70_000).unwrap();
+    fallocate(&f, zero | keep, (size - 100) as i64, 1000).unwrap();
+    drop(f);
+    model[5000..75_000].fill(0);
+    model[size - 100..].fill(0);
+    assert!(fs::read(m.p("big")).unwrap() == model);
+    assert!(fs::read(m.backing("big")).unwrap() == model);
+    assert_eq!(
+        fs::metadata(m.backing("big")).unwrap().ino(),
+        ino,
+        "patched"
+    );
+
+    // Read-only descriptors and modes that move data are refused; nothing changed.
+    let r = File::open(m.p("big")).unwrap();
+    assert_eq!(errno(fallocate(&r, 0, 0, 1)), libc::EBADF);
+    let w = OpenOptions::new().write(true).open(m.p("big")).unwrap();
+    let collapse = libc::FALLOC_FL_COLLAPSE_RANGE;
+    assert_eq!(errno(fallocate(&w, collapse, 0, 4096)), libc::EOPNOTSUPP);
+    drop((r, w));
+    assert!(fs::read(m.backing("big")).unwrap() == model);
+}
+
 /// A child closing the copies it inherited (at `exec`, at exit) commits nothing the parent
 /// writes; a child writing through an inherited descriptor commits at its close, as a process
 /// that opens the file itself does.
@@ -1002,7 +1089,7 @@ fn random_writes_into_a_large_file_are_patched_in_place_and_private_until_close(
 }
 
 #[test]
-fn hard_links_and_xattrs_are_refused_with_documented_errnos() {
+fn hard_links_xattrs_and_o_tmpfile_are_refused_with_documented_errnos() {
     let m = Mounted::room();
     fs::write(m.p("f"), b"x").unwrap();
     assert_eq!(errno(fs::hard_link(m.p("f"), m.p("g"))), libc::EPERM);
@@ -1020,6 +1107,19 @@ fn hard_links_and_xattrs_are_refused_with_documented_errnos() {
         std::io::Error::last_os_error().raw_os_error(),
         Some(libc::EOPNOTSUPP)
     );
+    // O_TMPFILE is refused; Python's TemporaryFile, which tries it first, falls back.
+    let tmp = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_TMPFILE)
+        .open(&m.mnt);
+    assert_eq!(errno(tmp), libc::EOPNOTSUPP);
+    let out = python(
+        &m.mnt,
+        "import os, tempfile\nf = tempfile.TemporaryFile(dir=os.environ['MNT'])\n\
+         f.write(b'scratch'); f.seek(0); print(f.read().decode(), len(os.listdir(os.environ['MNT'])))",
+    );
+    assert_eq!(out.trim(), "scratch 1");
 }
 
 #[test]

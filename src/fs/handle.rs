@@ -19,6 +19,40 @@ use crate::store::{Content, Kind, Meta, Staged, Store};
 /// Appended bytes kept in memory, at most: beyond that a working copy takes them over.
 pub const APPEND_BUFFER_MAX: usize = 128 << 10;
 
+/// What a `fallocate(2)` asks of an open file (the modes the kernel forwards to FUSE).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Allocation {
+    /// Space for the range (mode 0); the file grows to cover it unless `keep_size`.
+    Reserve { keep_size: bool },
+    /// The range reads as zeros (`FALLOC_FL_ZERO_RANGE`, or `FALLOC_FL_PUNCH_HOLE`, which
+    /// always keeps the size); the file grows to cover it unless `keep_size`.
+    Zero { keep_size: bool },
+}
+
+impl Allocation {
+    /// The allocation `fallocate` mode `mode` asks for; EOPNOTSUPP for modes that move data
+    /// (`COLLAPSE_RANGE`, `INSERT_RANGE`) or that no filesystem accepts.
+    pub fn from_mode(mode: i32) -> FsResult<Allocation> {
+        let keep_size = mode & libc::FALLOC_FL_KEEP_SIZE != 0;
+        match mode & !libc::FALLOC_FL_KEEP_SIZE {
+            0 => Ok(Allocation::Reserve { keep_size }),
+            libc::FALLOC_FL_PUNCH_HOLE if keep_size => Ok(Allocation::Zero { keep_size }),
+            libc::FALLOC_FL_ZERO_RANGE => Ok(Allocation::Zero { keep_size }),
+            _ => Err(Errno::EOPNOTSUPP),
+        }
+    }
+
+    /// The size of a file of `size` bytes after this allocation of `offset..end`.
+    pub fn size_after(self, size: u64, end: u64) -> u64 {
+        match self {
+            Allocation::Reserve { keep_size } | Allocation::Zero { keep_size } if !keep_size => {
+                size.max(end)
+            }
+            _ => size,
+        }
+    }
+}
+
 /// An open regular file.
 pub struct FileHandle {
     pub ino: Ino,
@@ -287,6 +321,52 @@ impl FileHandle {
         let staged = self.staged.as_ref().expect("staged above");
         staged.file.set_len(size)?;
         self.dirty = true;
+        Ok(())
+    }
+
+    /// `fallocate(2)` of `offset..offset + len` through this handle (see [`Allocation`]).
+    /// Growing and zeroing change the working copy like writes; a reservation changes no
+    /// content, and takes space only in a working copy and below the end of the file.
+    pub fn allocate(
+        &mut self,
+        store: &dyn Store,
+        how: Allocation,
+        offset: u64,
+        len: u64,
+    ) -> FsResult<()> {
+        if !self.writable {
+            return Err(Errno::EBADF);
+        }
+        let end = offset.checked_add(len).ok_or(Errno::EFBIG)?;
+        let size = self.size()?;
+        let grown = how.size_after(size, end);
+        if grown > size {
+            self.truncate(store, grown)?;
+        }
+        match how {
+            Allocation::Zero { .. } if offset < size => {
+                let len = end.min(size) - offset;
+                self.ensure_staged(store)?;
+                self.seeded(offset, len, true)?;
+                let staged = self.staged.as_ref().expect("staged above");
+                if let Err(e) = staged.zero(offset, len) {
+                    if let Some(seeding) = &self.seeding {
+                        seeding.write_failed(offset, len);
+                    }
+                    return Err(e.into());
+                }
+                self.dirty = true;
+            }
+            Allocation::Zero { .. } => {}
+            // Space past the end (`FALLOC_FL_KEEP_SIZE`) is not reserved: it would be disk use
+            // the size-based quota does not see.
+            Allocation::Reserve { .. } if offset < grown => {
+                if let Some(staged) = &self.staged {
+                    staged.reserve(offset, end.min(grown) - offset)?;
+                }
+            }
+            Allocation::Reserve { .. } => {}
+        }
         Ok(())
     }
 }

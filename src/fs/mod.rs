@@ -19,7 +19,7 @@ use std::time::SystemTime;
 
 pub use closers::Tid;
 pub use error::{Errno, FsResult};
-use handle::{DirHandle, DirItem, FileHandle};
+use handle::{Allocation, DirHandle, DirItem, FileHandle};
 use inode::InodeTable;
 pub use inode::{Ino, ROOT};
 pub use quota::{Limits, Quota, Usage};
@@ -858,6 +858,23 @@ impl Fs {
         h.write(self.store.as_ref(), offset, &data[..len], placed)
     }
 
+    /// `fallocate(2)` through `fh` by thread `by`, with the kernel's `mode` flags.
+    pub fn fallocate(&self, fh: u64, offset: u64, len: u64, mode: i32, by: Tid) -> FsResult<()> {
+        let how = Allocation::from_mode(mode)?;
+        let handle = self.file(fh)?;
+        let mut h = lock(&handle);
+        if !h.writable {
+            return Err(Errno::EBADF);
+        }
+        h.users.add(by);
+        if let Some(q) = &self.options.quota {
+            let grown = how.size_after(h.size()?, offset.saturating_add(len));
+            q.check_size(grown)?;
+            q.check_growth(h.committed_size()?, grown)?;
+        }
+        h.allocate(self.store.as_ref(), how, offset, len)
+    }
+
     /// Whether closing `fh` may take long: a durable commit, or the commit of a large working
     /// copy (written as a patch, or completed by copying the rest).
     pub fn commit_may_block(&self, fh: u64) -> bool {
@@ -1694,6 +1711,61 @@ mod tests {
         };
         assert_eq!(s.fs.setattr(attr.ino, None, &changes).unwrap().size, 3);
         assert_eq!(std::fs::read(s.root.join("log")).unwrap(), b"one");
+    }
+
+    #[test]
+    fn fallocate_changes_the_working_copy_like_a_write() {
+        use std::os::unix::fs::MetadataExt;
+        let keep = libc::FALLOC_FL_KEEP_SIZE;
+        let s = full();
+        let (attr, w) = create(&s.fs, ROOT, "f", RW);
+        s.fs.write(w.fh, 0, b"abcdef", CALLER).unwrap();
+        s.fs.release(w.fh).unwrap();
+        let ino_before = std::fs::metadata(s.root.join("f")).unwrap().ino();
+        // A reservation inside the file, or past its end keeping the size, changes nothing.
+        let w = s.fs.open(attr.ino, RW, CALLER).unwrap();
+        s.fs.fallocate(w.fh, 0, 2, keep, CALLER).unwrap();
+        s.fs.fallocate(w.fh, 0, 100, keep, CALLER).unwrap();
+        s.fs.release(w.fh).unwrap();
+        let meta = std::fs::metadata(s.root.join("f")).unwrap();
+        assert_eq!(
+            (meta.ino(), meta.len()),
+            (ino_before, 6),
+            "nothing committed"
+        );
+        // Appends waiting in memory move into the working copy that a zeroing needs.
+        let a =
+            s.fs.open(attr.ino, libc::O_WRONLY | libc::O_APPEND, CALLER)
+                .unwrap();
+        s.fs.write(a.fh, 0, b"gh", CALLER).unwrap();
+        let punch = libc::FALLOC_FL_PUNCH_HOLE | keep;
+        s.fs.fallocate(a.fh, 4, 3, punch, CALLER).unwrap();
+        assert_eq!(s.fs.getattr(attr.ino, Some(a.fh)).unwrap().size, 8);
+        assert_eq!(std::fs::read(s.root.join("f")).unwrap(), b"abcdef");
+        s.fs.release(a.fh).unwrap();
+        assert_eq!(std::fs::read(s.root.join("f")).unwrap(), b"abcd\0\0\0h");
+        // Growing by zeroing past the end; bad modes and read-only handles are refused.
+        let w = s.fs.open(attr.ino, RW, CALLER).unwrap();
+        s.fs.fallocate(w.fh, 6, 4, libc::FALLOC_FL_ZERO_RANGE, CALLER)
+            .unwrap();
+        let insert = libc::FALLOC_FL_INSERT_RANGE;
+        assert_eq!(
+            s.fs.fallocate(w.fh, 0, 4096, insert, CALLER),
+            Err(Errno::EOPNOTSUPP)
+        );
+        assert_eq!(
+            s.fs.fallocate(w.fh, 0, 1, libc::FALLOC_FL_PUNCH_HOLE, CALLER),
+            Err(Errno::EOPNOTSUPP),
+            "a hole is punched only with KEEP_SIZE"
+        );
+        s.fs.release(w.fh).unwrap();
+        assert_eq!(
+            std::fs::read(s.root.join("f")).unwrap(),
+            b"abcd\0\0\0\0\0\0"
+        );
+        let r = s.fs.open(attr.ino, libc::O_RDONLY, CALLER).unwrap();
+        assert_eq!(s.fs.fallocate(r.fh, 0, 1, 0, CALLER), Err(Errno::EBADF));
+        s.fs.release(r.fh).unwrap();
     }
 
     #[test]

@@ -11,9 +11,13 @@ pub mod patch;
 use std::ffi::OsString;
 use std::fs::File;
 use std::io;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::SystemTime;
+
+use nix::errno::Errno;
+use nix::fcntl::{FallocateFlags, fallocate};
 
 /// The type of a stored entry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -146,6 +150,47 @@ impl Staged {
     /// Attributes of the working copy as it is now.
     pub fn meta(&self) -> io::Result<Meta> {
         Ok(local::meta_of(&self.file.metadata()?))
+    }
+
+    /// Allocates disk space for `offset..offset + len` without changing the size, so a full
+    /// disk shows now rather than at a later write. A staging filesystem that cannot
+    /// preallocate is not an error: the space is then taken as the data arrives.
+    pub fn reserve(&self, offset: u64, len: u64) -> io::Result<()> {
+        let (offset, len) = off_t_range(offset, len)?;
+        match fallocate(&self.file, FallocateFlags::FALLOC_FL_KEEP_SIZE, offset, len) {
+            Err(Errno::EOPNOTSUPP) => Ok(()),
+            other => Ok(other?),
+        }
+    }
+
+    /// Makes `offset..offset + len` read as zeros without changing the size: a hole where the
+    /// staging filesystem can punch one, zeros written otherwise.
+    pub fn zero(&self, offset: u64, len: u64) -> io::Result<()> {
+        let (at, n) = off_t_range(offset, len)?;
+        let punch = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
+        match fallocate(&self.file, punch, at, n) {
+            Err(Errno::EOPNOTSUPP) => {}
+            other => return Ok(other?),
+        }
+        let zeros = vec![0u8; len.min(1 << 20) as usize];
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(zeros.len() as u64) as usize;
+            self.file.write_all_at(&zeros[..n], offset + done)?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+}
+
+/// `offset` and `len` as the `off_t`s of `fallocate(2)` (EFBIG past its range).
+fn off_t_range(offset: u64, len: u64) -> io::Result<(libc::off_t, libc::off_t)> {
+    let end = offset
+        .checked_add(len)
+        .filter(|&e| e <= libc::off_t::MAX as u64);
+    match end {
+        Some(_) => Ok((offset as libc::off_t, len as libc::off_t)),
+        None => Err(io::Error::from_raw_os_error(libc::EFBIG)),
     }
 }
 
