@@ -70,7 +70,7 @@ impl FuseAdapter {
             nlink: a.nlink,
             uid: a.uid,
             gid: a.gid,
-            rdev: 0,
+            rdev: kernel_rdev(a.rdev),
             blksize: 4096,
             flags: 0,
         }
@@ -112,9 +112,16 @@ fn file_type(kind: Kind) -> FileType {
         Kind::Symlink => FileType::Symlink,
         Kind::Fifo => FileType::NamedPipe,
         Kind::Socket => FileType::Socket,
-        // Device nodes are never created by roomfs; show any found as a plain file.
-        Kind::Special => FileType::RegularFile,
+        Kind::BlockDevice => FileType::BlockDevice,
+        Kind::CharDevice => FileType::CharDevice,
     }
+}
+
+/// A device number as the kernel reads it from FUSE attributes (`new_decode_dev`: 12 bits of
+/// major, 20 of minor).
+fn kernel_rdev(rdev: u64) -> u32 {
+    let (major, minor) = (libc::major(rdev), libc::minor(rdev));
+    (minor & 0xff) | ((major & 0xfff) << 8) | ((minor & !0xff) << 12)
 }
 
 fn caller(req: &Request) -> Caller {

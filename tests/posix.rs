@@ -1123,7 +1123,7 @@ fn hard_links_xattrs_and_o_tmpfile_are_refused_with_documented_errnos() {
 }
 
 #[test]
-fn fifos_and_unix_sockets_work_and_device_nodes_are_refused() {
+fn fifos_and_unix_sockets_work_and_device_nodes_are_neither_made_nor_opened() {
     use std::os::unix::fs::FileTypeExt;
     use std::os::unix::net::{UnixListener, UnixStream};
     let m = Mounted::room();
@@ -1188,6 +1188,28 @@ fn fifos_and_unix_sockets_work_and_device_nodes_are_refused() {
         Some(libc::EPERM)
     );
     assert!(!m.backing("null").exists());
+    // One an operator put into the store shows as what it is, and cannot be opened (nodev).
+    let backing = cstr(&m.backing("null"));
+    let devno = libc::makedev(1, 3);
+    assert_eq!(
+        unsafe { libc::mknod(backing.as_ptr(), libc::S_IFCHR | 0o666, devno) },
+        0
+    );
+    let meta = fs::symlink_metadata(m.p("null")).unwrap();
+    assert!(meta.file_type().is_char_device());
+    assert_eq!(meta.rdev(), devno);
+    assert_eq!(errno(File::open(m.p("null"))), libc::EACCES);
+    fs::remove_file(m.p("null")).unwrap();
+    assert!(fs::symlink_metadata(m.backing("null")).is_err());
+    let backing = cstr(&m.backing("disk"));
+    let devno = libc::makedev(259, 70_000); // a minor past 8 bits, as NVMe partitions have
+    assert_eq!(
+        unsafe { libc::mknod(backing.as_ptr(), libc::S_IFBLK | 0o600, devno) },
+        0
+    );
+    let meta = fs::symlink_metadata(m.p("disk")).unwrap();
+    assert!(meta.file_type().is_block_device());
+    assert_eq!(meta.rdev(), devno);
 }
 
 #[test]

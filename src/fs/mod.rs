@@ -60,6 +60,8 @@ pub struct Attr {
     pub atime: SystemTime,
     pub mtime: SystemTime,
     pub ctime: SystemTime,
+    /// The device number of a device node (see `Meta::rdev`).
+    pub rdev: u64,
     /// Generated content: the kernel must ask again every time.
     pub volatile: bool,
 }
@@ -78,6 +80,7 @@ impl Attr {
             atime: meta.atime,
             mtime: meta.mtime,
             ctime: meta.ctime,
+            rdev: meta.rdev,
             volatile: meta.volatile,
         }
     }

@@ -46,11 +46,11 @@ impl LocalStore {
     /// The committed content in `file`, with its attributes `meta`. A reader of a patchable
     /// file holds the read lock (see `patch`), waiting for a patch under way to finish (the
     /// attributes are then read again, only then).
-    fn content(&self, file: File, mut meta: fs::Metadata) -> Arc<dyn Content> {
-        if meta.len() >= PATCH_MIN {
+    fn content(&self, file: File, mut st: libc::stat) -> Arc<dyn Content> {
+        if st.st_size as u64 >= PATCH_MIN {
             match hold_for_reading(&file) {
                 Ok(false) => {}
-                Ok(true) => meta = file.metadata().unwrap_or(meta),
+                Ok(true) => st = fstat(&file).unwrap_or(st),
                 Err(e) => {
                     if !self.no_patches.swap(true, Ordering::Relaxed) {
                         log::warn!(
@@ -61,13 +61,16 @@ impl LocalStore {
                 }
             }
         }
-        Arc::new(LocalContent::new(file, &meta))
+        Arc::new(LocalContent {
+            meta: meta_of(&st),
+            file,
+        })
     }
 
     /// Attributes of `file`, which has a second link: the crash marker of an in-place append
     /// or patch. One under way holds the file's `flock` (wait for it to end); one whose process
     /// died is finished or undone first. Either way the attributes are of a whole version.
-    fn settled(&self, file: &File) -> io::Result<fs::Metadata> {
+    fn settled(&self, file: &File) -> io::Result<libc::stat> {
         let fd = file.as_raw_fd();
         while unsafe { libc::flock(fd, libc::LOCK_SH) } != 0 {
             let e = io::Error::last_os_error();
@@ -75,13 +78,13 @@ impl LocalStore {
                 return Err(e);
             }
         }
-        let mut meta = file.metadata();
-        if meta.as_ref().is_ok_and(|m| m.nlink() > 1) {
+        let mut st = fstat(file);
+        if st.as_ref().is_ok_and(|st| st.st_nlink > 1) {
             self.staging.recover_stale();
-            meta = file.metadata();
+            st = fstat(file);
         }
         unsafe { libc::flock(fd, libc::LOCK_UN) };
-        meta
+        st
     }
 
     /// `path` for the `*at` system calls, resolved from the space root.
@@ -264,15 +267,6 @@ struct LocalContent {
     meta: Meta,
 }
 
-impl LocalContent {
-    fn new(file: File, meta: &fs::Metadata) -> LocalContent {
-        LocalContent {
-            meta: meta_of(meta),
-            file,
-        }
-    }
-}
-
 impl Content for LocalContent {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
         // Only this version's bytes: a later in-place append may have grown the file.
@@ -332,7 +326,8 @@ fn kind_of(mode: u32) -> Kind {
         libc::S_IFLNK => Kind::Symlink,
         libc::S_IFIFO => Kind::Fifo,
         libc::S_IFSOCK => Kind::Socket,
-        _ => Kind::Special,
+        libc::S_IFBLK => Kind::BlockDevice,
+        _ => Kind::CharDevice, // S_IFCHR, the only type left
     }
 }
 
@@ -345,32 +340,24 @@ fn kind_of_entry(t: nix::dir::Type) -> Option<Kind> {
         Type::Symlink => Kind::Symlink,
         Type::Fifo => Kind::Fifo,
         Type::Socket => Kind::Socket,
-        Type::BlockDevice | Type::CharacterDevice => Kind::Special,
+        Type::BlockDevice => Kind::BlockDevice,
+        Type::CharacterDevice => Kind::CharDevice,
     })
 }
 
-/// Converts local metadata into the store's attribute type.
-pub fn meta_of(m: &fs::Metadata) -> Meta {
-    Meta {
-        kind: kind_of(m.mode()),
-        size: m.size(),
-        blocks: m.blocks(),
-        perm: (m.mode() & 0o7777) as u16,
-        nlink: m.nlink() as u32,
-        uid: m.uid(),
-        gid: m.gid(),
-        atime: time(m.atime(), m.atime_nsec()),
-        mtime: time(m.mtime(), m.mtime_nsec()),
-        ctime: time(m.ctime(), m.ctime_nsec()),
-        version: (m.dev(), m.ino(), m.ctime() * 1_000_000_000 + m.ctime_nsec()),
-        volatile: false,
-    }
+/// Attributes of an open file.
+pub fn fstat(file: &File) -> io::Result<libc::stat> {
+    Ok(nix::sys::stat::fstat(file)?)
 }
 
-/// Converts attributes read with `fstatat` into the store's attribute type.
-fn meta_of_stat(st: &libc::stat) -> Meta {
+/// Converts local attributes (`fstat`, `fstatat`) into the store's attribute type.
+pub fn meta_of(st: &libc::stat) -> Meta {
     Meta {
         kind: kind_of(st.st_mode),
+        rdev: match st.st_mode & libc::S_IFMT {
+            libc::S_IFBLK | libc::S_IFCHR => st.st_rdev,
+            _ => 0,
+        },
         size: st.st_size as u64,
         blocks: st.st_blocks as u64,
         perm: (st.st_mode & 0o7777) as u16,
@@ -480,7 +467,7 @@ fn chmod_at(at: &At, perm: u16, flags: libc::c_int) -> io::Result<()> {
 
 impl Store for LocalStore {
     fn stat(&self, path: &Path) -> io::Result<Meta> {
-        Ok(meta_of_stat(&self.at(path)?.stat()?))
+        Ok(meta_of(&self.at(path)?.stat()?))
     }
 
     fn list(&self, path: &Path) -> io::Result<Vec<DirEntry>> {
@@ -507,18 +494,23 @@ impl Store for LocalStore {
     }
 
     fn open(&self, path: &Path) -> io::Result<Arc<dyn Content>> {
-        // O_NONBLOCK: a FIFO in the store must not block the daemon (it is refused below).
-        let file = self
-            .at(path)?
-            .open(libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK, 0)?;
-        let mut meta = file.metadata()?;
-        if !meta.is_file() {
-            return Err(io::Error::from_raw_os_error(libc::EISDIR));
+        // Only regular files are content: the type is checked before opening, so a device
+        // node found in the store is never opened, and again after (it may have been
+        // replaced meanwhile; O_NONBLOCK: a FIFO must not block the daemon).
+        let not_a_file = || io::Error::from_raw_os_error(libc::EISDIR);
+        let at = self.at(path)?;
+        if kind_of(at.stat()?.st_mode) != Kind::File {
+            return Err(not_a_file());
         }
-        if meta.nlink() > 1 {
-            meta = self.settled(&file)?;
+        let file = at.open(libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK, 0)?;
+        let mut st = fstat(&file)?;
+        if kind_of(st.st_mode) != Kind::File {
+            return Err(not_a_file());
         }
-        Ok(self.content(file, meta))
+        if st.st_nlink > 1 {
+            st = self.settled(&file)?;
+        }
+        Ok(self.content(file, st))
     }
 
     fn create(&self, path: &Path, perm: u16, owner: Owner, exclusive: bool) -> io::Result<Meta> {
@@ -527,7 +519,7 @@ impl Store for LocalStore {
         let file = self.at(path)?.open(flags, libc::mode_t::from(perm))?;
         file.set_permissions(fs::Permissions::from_mode(u32::from(perm)))?;
         chown_file(&file, owner)?;
-        Ok(meta_of(&file.metadata()?))
+        Ok(meta_of(&fstat(&file)?))
     }
 
     fn stage(&self, seed: Option<&dyn Content>) -> io::Result<Staged> {
@@ -563,7 +555,7 @@ impl Store for LocalStore {
             if durable {
                 staged.file.sync_all()?;
             }
-            let before = staged.file.metadata()?;
+            let before = fstat(&staged.file)?;
             // Swap the new content in, then drop the old: unlike a rename over an existing
             // file, an exchange does not make ext4 force the new data to disk (auto_da_alloc),
             // which costs ~0.4 ms per commit. Durability is fsync's job (above).
@@ -583,8 +575,8 @@ impl Store for LocalStore {
             );
         }
         // Read after the exchange: it changed the ctime, part of the version readers compare.
-        let meta = staged.file.metadata().unwrap_or(before);
-        Ok(self.content(staged.file, meta))
+        let st = fstat(&staged.file).unwrap_or(before);
+        Ok(self.content(staged.file, st))
     }
 
     fn append(
@@ -605,8 +597,8 @@ impl Store for LocalStore {
         })?;
         Ok(match appended {
             Some(file) => {
-                let meta = file.metadata()?;
-                Some(self.content(file, meta))
+                let st = fstat(&file)?;
+                Some(self.content(file, st))
             }
             None => None,
         })
@@ -643,8 +635,8 @@ impl Store for LocalStore {
         })?;
         Ok(match patched {
             Some(file) => {
-                let meta = file.metadata()?;
-                Some(self.content(file, meta))
+                let st = fstat(&file)?;
+                Some(self.content(file, st))
             }
             None => None,
         })
@@ -665,7 +657,7 @@ impl Store for LocalStore {
         // SAFETY: a valid descriptor and a NUL-terminated path.
         check(unsafe { libc::mkdirat(at.dir(), at.name().as_ptr(), mode) })?;
         Self::settle_new(&at, perm, owner)?;
-        Ok(meta_of_stat(&at.stat()?))
+        Ok(meta_of(&at.stat()?))
     }
 
     fn mknod(&self, path: &Path, kind: Kind, perm: u16, owner: Owner) -> io::Result<Meta> {
@@ -679,7 +671,7 @@ impl Store for LocalStore {
         // SAFETY: a valid descriptor and a NUL-terminated path.
         check(unsafe { libc::mknodat(at.dir(), at.name().as_ptr(), mode, 0) })?;
         Self::settle_new(&at, perm, owner)?;
-        Ok(meta_of_stat(&at.stat()?))
+        Ok(meta_of(&at.stat()?))
     }
 
     fn rmdir(&self, path: &Path) -> io::Result<()> {
@@ -711,7 +703,7 @@ impl Store for LocalStore {
         if let Some((uid, gid)) = owner {
             chown_at(&at, uid, gid)?;
         }
-        Ok(meta_of_stat(&at.stat()?))
+        Ok(meta_of(&at.stat()?))
     }
 
     fn readlink(&self, path: &Path) -> io::Result<PathBuf> {
@@ -757,7 +749,7 @@ impl Store for LocalStore {
                 )
             })?;
         }
-        Ok(meta_of_stat(&at.stat()?))
+        Ok(meta_of(&at.stat()?))
     }
 
     fn sync(&self, path: &Path) -> io::Result<()> {
@@ -1050,8 +1042,19 @@ mod tests {
         );
         // Opening a FIFO as file content neither blocks nor succeeds.
         assert!(s.open(Path::new("pipe")).is_err());
-        let dev = s.mknod(Path::new("dev"), Kind::Special, 0o600, None);
+        let dev = s.mknod(Path::new("dev"), Kind::CharDevice, 0o600, None);
         assert_eq!(dev.unwrap_err().raw_os_error(), Some(libc::EPERM));
+        // A device node placed in the store by someone else is shown, never opened.
+        let devno = libc::makedev(1, 3);
+        let placed = CString::new(s.full(Path::new("null")).into_os_string().into_vec()).unwrap();
+        assert_eq!(
+            unsafe { libc::mknod(placed.as_ptr(), libc::S_IFCHR | 0o600, devno) },
+            0
+        );
+        let meta = s.stat(Path::new("null")).unwrap();
+        assert_eq!((meta.kind, meta.rdev), (Kind::CharDevice, devno));
+        let open = s.open(Path::new("null")).map(|_| ());
+        assert_eq!(open.unwrap_err().raw_os_error(), Some(libc::EISDIR));
     }
 
     #[test]

@@ -139,6 +139,7 @@ impl MetaOverlay {
             atime: now,
             mtime: now,
             ctime: now,
+            rdev: 0,
             version,
             volatile: true,
         })

@@ -29,8 +29,10 @@ pub enum Kind {
     Fifo,
     /// The name of a Unix socket (`bind`); as for a FIFO, only the name is stored.
     Socket,
-    /// Device nodes found in the backing store (never created by roomfs).
-    Special,
+    /// Device nodes, when found in the backing store: shown as what they are (with their
+    /// device number), never created nor opened by roomfs (mounts are `nodev`).
+    BlockDevice,
+    CharDevice,
 }
 
 /// Attributes of a stored entry.
@@ -46,6 +48,8 @@ pub struct Meta {
     pub atime: SystemTime,
     pub mtime: SystemTime,
     pub ctime: SystemTime,
+    /// The device number (`st_rdev`) of a device node; 0 for anything else.
+    pub rdev: u64,
     /// Identity of the stored object (device, inode number, ctime in ns): changes whenever the
     /// committed content is replaced, so caches can tell whether they are stale.
     pub version: (u64, u64, i64),
@@ -149,7 +153,7 @@ pub struct Staged {
 impl Staged {
     /// Attributes of the working copy as it is now.
     pub fn meta(&self) -> io::Result<Meta> {
-        Ok(local::meta_of(&self.file.metadata()?))
+        Ok(local::meta_of(&local::fstat(&self.file)?))
     }
 
     /// Allocates disk space for `offset..offset + len` without changing the size, so a full
