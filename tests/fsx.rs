@@ -1,8 +1,8 @@
 //! fsx-style random operations (after xfstests' `fsx`) on one file through a real mount, checked
 //! byte for byte against an in-memory model of the file.
 //!
-//! The operations are `pwrite`, `pread`, `ftruncate`, `fstat`, reads and writes through shared
-//! mappings, `fsync`/`fdatasync`, close and reopen, reopen with `O_TRUNC`, a second read-write
+//! The operations are `pwrite`, `pread`, `ftruncate`, `fallocate` (growing, keeping the size,
+//! punching holes, zeroing ranges), `fstat`, reads and writes through shared mappings, `fsync`/`fdatasync`, close and reopen, reopen with `O_TRUNC`, a second read-write
 //! descriptor that shares the first one's working copy for a while, and (rarely, it takes a
 //! second) waiting out the kernel's attribute cache before looking the path up again. Every
 //! commit point (a close, an `fsync`) is followed by a fresh read of the file through the mount
@@ -307,6 +307,7 @@ enum Op {
     Write,
     Read,
     Truncate,
+    Fallocate,
     Fstat,
     MapRead,
     MapWrite,
@@ -318,10 +319,11 @@ enum Op {
     ExpireCache,
 }
 
-const OPS: [Op; 12] = [
+const OPS: [Op; 13] = [
     Op::Write,
     Op::Read,
     Op::Truncate,
+    Op::Fallocate,
     Op::Fstat,
     Op::MapRead,
     Op::MapWrite,
@@ -408,7 +410,8 @@ impl<'a> Fsx<'a> {
         } else {
             match self.rng.below(100) {
                 0..25 => Op::Write,
-                25..48 => Op::Read,
+                25..45 => Op::Read,
+                45..48 => Op::Fallocate,
                 48..54 => Op::Truncate,
                 54..58 => Op::Fstat,
                 58..66 => Op::MapRead,
@@ -425,6 +428,7 @@ impl<'a> Fsx<'a> {
             Op::Write => self.write()?,
             Op::Read => self.read()?,
             Op::Truncate => self.truncate()?,
+            Op::Fallocate => self.fallocate()?,
             Op::Fstat => self.fstat()?,
             Op::MapRead => self.map_read()?,
             Op::MapWrite => self.map_write()?,
@@ -605,6 +609,50 @@ impl<'a> Fsx<'a> {
         io(
             || format!("ftruncate to {to:#x}"),
             self.fd(which).set_len(to),
+        )
+    }
+
+    fn fallocate(&mut self) -> Result<(), String> {
+        let which = self.pick();
+        let size = self.size();
+        let keep = libc::FALLOC_FL_KEEP_SIZE;
+        let (mode, name) = match self.rng.below(5) {
+            0 => (0, "grow"),
+            1 => (keep, "keep-size"),
+            2 => (libc::FALLOC_FL_PUNCH_HOLE | keep, "punch-hole"),
+            3 => (libc::FALLOC_FL_ZERO_RANGE, "zero-range"),
+            _ => (libc::FALLOC_FL_ZERO_RANGE | keep, "zero-range keep-size"),
+        };
+        let len = self.rng.len(2 * MAX_IO);
+        let off = if self.rng.percent(20) {
+            (size + self.rng.below(2 * self.page)).min(self.max_len - len)
+        } else {
+            self.rng.below(self.max_len - len + 1)
+        };
+        let end = (off + len) as usize;
+        if mode & keep == 0 && end > self.model.len() {
+            self.model.resize(end, 0);
+        }
+        if mode & (libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE) != 0 {
+            let to = end.min(self.model.len());
+            if (off as usize) < to {
+                self.model[off as usize..to].fill(0);
+            }
+        }
+        self.note(format!(
+            "fallocate fd{which} {name} {off:#x}+{len:#x} (size {size:#x} -> {:#x})",
+            self.size()
+        ));
+        let fd = self.fd(which).as_raw_fd();
+        // SAFETY: a plain system call on an open descriptor.
+        let r = unsafe { libc::fallocate(fd, mode, off as libc::off_t, len as libc::off_t) };
+        io(
+            || format!("fallocate {name} {off:#x}+{len:#x}"),
+            if r == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            },
         )
     }
 
