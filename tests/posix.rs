@@ -423,6 +423,65 @@ print(os.stat(p).st_size, open(p, 'rb').read() == bytes(4096))
     assert!(fs::read(m.backing("big")).unwrap() == model);
 }
 
+/// A write that fails on a full disk is reported, and so is every commit of what that handle
+/// wrote (`fsync`, `close`): the file keeps its previous version, and the space the working
+/// copy took is given back. Cutting the file to nothing starts over.
+#[test]
+fn a_full_disk_fails_the_write_and_the_close_and_keeps_the_previous_version() {
+    use std::os::fd::{AsRawFd, IntoRawFd};
+    let m = Mounted::on_small_disk(&["--room", "r1"], 8 << 20);
+    let previous = b"previous version\n".repeat(1000);
+    fs::write(m.p("keep.txt"), &previous).unwrap();
+    let free = || {
+        let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+        assert_eq!(unsafe { libc::statvfs(cstr(&m.mnt).as_ptr(), &mut s) }, 0);
+        s.f_bavail * s.f_frsize
+    };
+    let free_before = free();
+    let fill = |f: &mut File| loop {
+        if let Err(e) = f.write_all(&[b'x'; 1 << 20]) {
+            return e.raw_os_error();
+        }
+    };
+    let close = |f: File| match unsafe { libc::close(f.into_raw_fd()) } {
+        0 => 0,
+        _ => std::io::Error::last_os_error().raw_os_error().unwrap(),
+    };
+
+    // Replacing a file: the write fails, fsync and close fail the same way.
+    let mut f = File::create(m.p("keep.txt")).unwrap();
+    assert_eq!(fill(&mut f), Some(libc::ENOSPC));
+    assert_eq!(errno(f.sync_all()), libc::ENOSPC);
+    assert_eq!(close(f), libc::ENOSPC);
+    assert!(fs::read(m.p("keep.txt")).unwrap() == previous);
+    assert!(fs::read(m.backing("keep.txt")).unwrap() == previous);
+    assert!(
+        free() + (64 << 10) >= free_before,
+        "the working copy's space is back"
+    );
+
+    // A new file stays empty, as it was created.
+    let mut f = File::create(m.p("new.bin")).unwrap();
+    assert_eq!(fill(&mut f), Some(libc::ENOSPC));
+    assert_eq!(close(f), libc::ENOSPC);
+    assert_eq!(fs::metadata(m.p("new.bin")).unwrap().len(), 0);
+
+    // Cutting the file to nothing after the failure starts over: that commit goes in.
+    let mut f = OpenOptions::new()
+        .write(true)
+        .open(m.p("keep.txt"))
+        .unwrap();
+    assert_eq!(fill(&mut f), Some(libc::ENOSPC));
+    f.set_len(0).unwrap();
+    assert_eq!(
+        unsafe { libc::pwrite(f.as_raw_fd(), b"short".as_ptr().cast(), 5, 0) },
+        5
+    );
+    assert_eq!(close(f), 0);
+    assert_eq!(fs::read(m.p("keep.txt")).unwrap(), b"short");
+    assert!(free() + (64 << 10) >= free_before);
+}
+
 /// A child closing the copies it inherited (at `exec`, at exit) commits nothing the parent
 /// writes; a child writing through an inherited descriptor commits at its close, as a process
 /// that opens the file itself does.

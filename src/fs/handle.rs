@@ -72,6 +72,10 @@ pub struct FileHandle {
     pub appended_at: Option<SystemTime>,
     /// The working copy differs from what was last committed.
     pub dirty: bool,
+    /// A change to the working copy failed part way (a write on a full disk): it may hold
+    /// part of that change, so it is never committed (see `Fs::commit`); the file keeps its
+    /// previous version. Cleared only by cutting the copy to nothing (starting over).
+    pub spoiled: Option<Errno>,
     /// Nobody else had the file open when this writer opened it: a large working copy is
     /// seeded on demand only, hoping to commit it as a patch (see `store::patch`).
     pub may_patch: bool,
@@ -99,6 +103,7 @@ impl FileHandle {
             appended: Vec::new(),
             appended_at: None,
             dirty: false,
+            spoiled: None,
             may_patch: false,
             users: Users::default(),
         }
@@ -296,7 +301,7 @@ impl FileHandle {
             if let Some(seeding) = &self.seeding {
                 seeding.write_failed(offset, data.len() as u64);
             }
-            return Err(e.into());
+            return Err(self.spoil(e));
         }
         self.dirty = true;
         Ok(data.len() as u32)
@@ -321,7 +326,18 @@ impl FileHandle {
         let staged = self.staged.as_ref().expect("staged above");
         staged.file.set_len(size)?;
         self.dirty = true;
+        if size == 0 {
+            self.spoiled = None; // nothing of a failed write is left
+        }
         Ok(())
+    }
+
+    /// Records that a change to the working copy failed part way (see `spoiled`).
+    fn spoil(&mut self, e: std::io::Error) -> Errno {
+        let errno = Errno::from(e);
+        self.spoiled.get_or_insert(errno);
+        self.dirty = true;
+        errno
     }
 
     /// `fallocate(2)` of `offset..offset + len` through this handle (see [`Allocation`]).
@@ -353,7 +369,7 @@ impl FileHandle {
                     if let Some(seeding) = &self.seeding {
                         seeding.write_failed(offset, len);
                     }
-                    return Err(e.into());
+                    return Err(self.spoil(e));
                 }
                 self.dirty = true;
             }

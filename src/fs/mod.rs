@@ -1007,8 +1007,17 @@ impl Fs {
     }
 
     /// Commits the handle's working copy over the file's current path. A file unlinked while
-    /// open has no path: its changes are dropped, as on any POSIX filesystem.
+    /// open has no path: its changes are dropped, as on any POSIX filesystem. A spoiled working
+    /// copy (a write into it failed) is refused with that write's error, every time.
     fn commit(&self, h: &mut FileHandle, durable: bool) -> FsResult<()> {
+        if let Some(e) = h.spoiled {
+            let path = read_lock(&self.table).path(h.ino);
+            log::warn!(
+                "not committing {}: a write into it failed ({e}); it keeps its previous version",
+                path.as_deref().unwrap_or(Path::new("(unlinked)")).display()
+            );
+            return Err(e);
+        }
         if self.commit_patch(h, durable)? {
             return Ok(());
         }

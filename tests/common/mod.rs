@@ -39,6 +39,25 @@ impl Mounted {
         Mounted::with_setup(args, |_| {})
     }
 
+    /// Like [`Mounted::with_args`], with the data dir on a tmpfs of `bytes`: a small disk to
+    /// fill. It is unmounted on drop, after the daemon.
+    pub fn on_small_disk(args: &[&str], bytes: u64) -> Mounted {
+        Mounted::with_setup(args, |data| {
+            let (dir, options) = (cstr(data), CString::new(format!("size={bytes}")).unwrap());
+            // SAFETY: NUL-terminated strings that outlive the call.
+            let r = unsafe {
+                libc::mount(
+                    c"roomfs-test".as_ptr(),
+                    dir.as_ptr(),
+                    c"tmpfs".as_ptr(),
+                    0,
+                    options.as_ptr().cast(),
+                )
+            };
+            assert_eq!(r, 0, "mount tmpfs: {}", std::io::Error::last_os_error());
+        })
+    }
+
     /// Like [`Mounted::with_args`], after `setup` has filled the data dir (given its path).
     pub fn with_setup(args: &[&str], setup: impl FnOnce(&Path)) -> Mounted {
         let tmp = tempfile::Builder::new()
@@ -146,6 +165,10 @@ impl Drop for Mounted {
             }
             let _ = child.kill();
             let _ = child.wait();
+        }
+        if is_mounted(&self.data) {
+            // A small disk (`on_small_disk`).
+            unsafe { libc::umount2(cstr(&self.data).as_ptr(), libc::MNT_DETACH) };
         }
     }
 }
