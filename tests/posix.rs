@@ -425,7 +425,8 @@ print(os.stat(p).st_size, open(p, 'rb').read() == bytes(4096))
 
 /// A write that fails on a full disk is reported, and so is every commit of what that handle
 /// wrote (`fsync`, `close`): the file keeps its previous version, and the space the working
-/// copy took is given back. Cutting the file to nothing starts over.
+/// copy took is given back. Writing the failed bytes again, or cutting them off, makes the
+/// handle committable again, so sqlite recovers from a full disk on its own.
 #[test]
 fn a_full_disk_fails_the_write_and_the_close_and_keeps_the_previous_version() {
     use std::os::fd::{AsRawFd, IntoRawFd};
@@ -480,6 +481,56 @@ fn a_full_disk_fails_the_write_and_the_close_and_keeps_the_previous_version() {
     assert_eq!(close(f), 0);
     assert_eq!(fs::read(m.p("keep.txt")).unwrap(), b"short");
     assert!(free() + (64 << 10) >= free_before);
+
+    // Writing the failed block again once there is room: committed whole.
+    fs::write(
+        m.p("ballast"),
+        vec![b'b'; (free_before - (1 << 20)) as usize],
+    )
+    .unwrap();
+    let f = OpenOptions::new()
+        .write(true)
+        .open(m.p("keep.txt"))
+        .unwrap();
+    let block = [b'k'; 4096];
+    let mut at = 0;
+    let failed_at = loop {
+        if let Err(e) = f.write_all_at(&block, at) {
+            assert_eq!(e.raw_os_error(), Some(libc::ENOSPC));
+            break at;
+        }
+        at += 4096;
+    };
+    fs::remove_file(m.p("ballast")).unwrap();
+    f.write_all_at(&block, failed_at).unwrap();
+    assert_eq!(close(f), 0);
+    let expected = vec![b'k'; failed_at as usize + 4096];
+    assert!(fs::read(m.backing("keep.txt")).unwrap() == expected);
+
+    // sqlite: a transaction that does not fit fails, the connection goes on, nothing is lost.
+    let out = python(
+        &m.mnt,
+        r#"
+import os, sqlite3
+p = os.path.join(os.environ['MNT'], 'notes.db')
+db = sqlite3.connect(p)
+db.execute('create table t(x)')
+db.executemany('insert into t values (?)', [(i,) for i in range(100)])
+db.commit()
+try:
+    db.execute('insert into t values (?)', (b'z' * (16 << 20),))
+    db.commit()
+    print('the large insert fit')
+except sqlite3.OperationalError as e:
+    print('full:', e)
+db.execute("insert into t values ('after')")
+db.commit()
+db.close()
+db = sqlite3.connect(p)
+print(db.execute('pragma integrity_check').fetchone()[0], db.execute('select count(*) from t').fetchone()[0])
+"#,
+    );
+    assert_eq!(out, "full: database or disk is full\nok 101\n");
 }
 
 /// A child closing the copies it inherited (at `exec`, at exit) commits nothing the parent

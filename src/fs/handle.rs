@@ -53,6 +53,14 @@ impl Allocation {
     }
 }
 
+/// The span of a working copy that failed changes left undefined, and the first error.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Spoiled {
+    pub from: u64,
+    pub to: u64,
+    pub errno: Errno,
+}
+
 /// An open regular file.
 pub struct FileHandle {
     pub ino: Ino,
@@ -72,10 +80,10 @@ pub struct FileHandle {
     pub appended_at: Option<SystemTime>,
     /// The working copy differs from what was last committed.
     pub dirty: bool,
-    /// A change to the working copy failed part way (a write on a full disk): it may hold
-    /// part of that change, so it is never committed (see `Fs::commit`); the file keeps its
-    /// previous version. Cleared only by cutting the copy to nothing (starting over).
-    pub spoiled: Option<Errno>,
+    /// Where changes to the working copy failed part way (a write on a full disk): those
+    /// bytes are undefined, so the copy is not committed (see `Fs::commit`) until later writes
+    /// or a truncation define them again (as a database rolling back does).
+    pub spoiled: Option<Spoiled>,
     /// Nobody else had the file open when this writer opened it: a large working copy is
     /// seeded on demand only, hoping to commit it as a patch (see `store::patch`).
     pub may_patch: bool,
@@ -297,13 +305,15 @@ impl FileHandle {
         };
         self.seeded(offset, data.len() as u64, true)?;
         let staged = self.staged.as_ref().expect("staged above");
+        let len = data.len() as u64;
         if let Err(e) = staged.file.write_all_at(data, offset) {
             if let Some(seeding) = &self.seeding {
-                seeding.write_failed(offset, data.len() as u64);
+                seeding.write_failed(offset, len);
             }
-            return Err(self.spoil(e));
+            return Err(self.spoil(offset, len, e));
         }
         self.dirty = true;
+        self.defined(offset, len);
         Ok(data.len() as u32)
     }
 
@@ -326,18 +336,49 @@ impl FileHandle {
         let staged = self.staged.as_ref().expect("staged above");
         staged.file.set_len(size)?;
         self.dirty = true;
-        if size == 0 {
-            self.spoiled = None; // nothing of a failed write is left
-        }
+        self.cut_spoiled(size);
         Ok(())
     }
 
-    /// Records that a change to the working copy failed part way (see `spoiled`).
-    fn spoil(&mut self, e: std::io::Error) -> Errno {
+    /// The working copy was cut to `size`: nothing past it is left of a failed change.
+    fn cut_spoiled(&mut self, size: u64) {
+        self.spoiled = self.spoiled.and_then(|s| {
+            (size > s.from).then_some(Spoiled {
+                to: s.to.min(size),
+                ..s
+            })
+        });
+    }
+
+    /// Records that a change of `offset..offset + len` failed part way (see `spoiled`).
+    fn spoil(&mut self, offset: u64, len: u64, e: std::io::Error) -> Errno {
         let errno = Errno::from(e);
-        self.spoiled.get_or_insert(errno);
+        let (from, to) = (offset, offset.saturating_add(len));
+        self.spoiled = Some(match self.spoiled {
+            Some(s) => Spoiled {
+                from: s.from.min(from),
+                to: s.to.max(to),
+                errno: s.errno,
+            },
+            None => Spoiled { from, to, errno },
+        });
         self.dirty = true;
         errno
+    }
+
+    /// `offset..offset + len` of the working copy was written in full: a spoiled span it
+    /// covers, from either end, is defined again.
+    fn defined(&mut self, offset: u64, len: u64) {
+        let Some(s) = &mut self.spoiled else { return };
+        let end = offset.saturating_add(len);
+        if offset <= s.from && end > s.from {
+            s.from = end;
+        } else if offset < s.to && end >= s.to {
+            s.to = offset;
+        }
+        if s.from >= s.to {
+            self.spoiled = None;
+        }
     }
 
     /// `fallocate(2)` of `offset..offset + len` through this handle (see [`Allocation`]).
@@ -369,9 +410,10 @@ impl FileHandle {
                     if let Some(seeding) = &self.seeding {
                         seeding.write_failed(offset, len);
                     }
-                    return Err(self.spoil(e));
+                    return Err(self.spoil(offset, len, e));
                 }
                 self.dirty = true;
+                self.defined(offset, len);
             }
             Allocation::Zero { .. } => {}
             // Space past the end (`FALLOC_FL_KEEP_SIZE`) is not reserved: it would be disk use
@@ -406,4 +448,47 @@ pub struct DirItem {
 pub struct DirHandle {
     pub ino: Ino,
     pub entries: Vec<DirItem>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn enospc() -> std::io::Error {
+        std::io::Error::from_raw_os_error(libc::ENOSPC)
+    }
+
+    fn span(h: &FileHandle) -> Option<(u64, u64)> {
+        h.spoiled.map(|s| (s.from, s.to))
+    }
+
+    #[test]
+    fn a_failed_span_is_defined_again_by_writes_covering_it_or_a_cut() {
+        let mut h = FileHandle::new(1, true, false, false, None);
+        assert_eq!(h.spoil(100, 50, enospc()), Errno::ENOSPC);
+        h.spoil(120, 50, std::io::Error::from_raw_os_error(libc::EIO));
+        assert_eq!(span(&h), Some((100, 170)));
+        assert_eq!(
+            h.spoiled.unwrap().errno,
+            Errno::ENOSPC,
+            "the first error stays"
+        );
+        h.defined(130, 10); // inside: still undefined on both sides
+        assert_eq!(span(&h), Some((100, 170)));
+        h.defined(90, 20); // covers the start
+        assert_eq!(span(&h), Some((110, 170)));
+        h.defined(160, 100); // covers the end
+        assert_eq!(span(&h), Some((110, 160)));
+        h.defined(110, 50);
+        assert_eq!(span(&h), None);
+
+        // A cut into the span shortens it; one at or before its start ends it.
+        h.spoil(4096, 4096, enospc());
+        h.cut_spoiled(9000);
+        assert_eq!(span(&h), Some((4096, 8192)));
+        h.cut_spoiled(6000);
+        assert_eq!(span(&h), Some((4096, 6000)));
+        h.cut_spoiled(4096);
+        assert_eq!(span(&h), None);
+    }
 }

@@ -1008,15 +1008,20 @@ impl Fs {
 
     /// Commits the handle's working copy over the file's current path. A file unlinked while
     /// open has no path: its changes are dropped, as on any POSIX filesystem. A spoiled working
-    /// copy (a write into it failed) is refused with that write's error, every time.
+    /// copy (a write into it failed, and its bytes were not written again) is refused with
+    /// that write's error.
     fn commit(&self, h: &mut FileHandle, durable: bool) -> FsResult<()> {
-        if let Some(e) = h.spoiled {
+        if let Some(s) = h.spoiled {
             let path = read_lock(&self.table).path(h.ino);
             log::warn!(
-                "not committing {}: a write into it failed ({e}); it keeps its previous version",
-                path.as_deref().unwrap_or(Path::new("(unlinked)")).display()
+                "not committing {}: a write into bytes {}..{} failed ({}) and they were not \
+                 written again; it keeps its previous version",
+                path.as_deref().unwrap_or(Path::new("(unlinked)")).display(),
+                s.from,
+                s.to,
+                s.errno
             );
-            return Err(e);
+            return Err(s.errno);
         }
         if self.commit_patch(h, durable)? {
             return Ok(());
