@@ -961,6 +961,11 @@ impl Fs {
                 "dropping uncommitted changes to inode {} after a failed commit",
                 h.ino
             );
+            // The kernel may hold the dropped size (its cached pages are dropped at the next
+            // open: they are of no committed version).
+            if let Some(kernel) = self.kernel.get() {
+                kernel.attributes_changed(h.ino);
+            }
         }
         if let Some(staged) = h.staged.take() {
             self.store.discard(staged);
