@@ -255,6 +255,17 @@ fn meta_shows_the_sessions_records_read_only_and_fresh() {
     let session: Value =
         serde_json::from_slice(&fs::read(meta.join("session.json")).unwrap()).unwrap();
     assert_eq!(session, fixture("session", "ses_7f3a"));
+    // `cp` (copy_file_range, served by the daemon) of a record into the space.
+    let cp = std::process::Command::new("cp")
+        .arg(meta.join("session.json"))
+        .arg(mnt.join("session-copy.json"))
+        .status()
+        .unwrap();
+    assert!(cp.success());
+    assert_eq!(
+        fs::read(mnt.join("session-copy.json")).unwrap(),
+        fs::read(meta.join("session.json")).unwrap()
+    );
     assert_eq!(
         fs::metadata(meta.join("session.json"))
             .unwrap()

@@ -2,7 +2,8 @@
 //! byte for byte against an in-memory model of the file.
 //!
 //! The operations are `pwrite`, `pread`, `ftruncate`, `fallocate` (growing, keeping the size,
-//! punching holes, zeroing ranges), `fstat`, reads and writes through shared mappings, `fsync`/`fdatasync`, close and reopen, reopen with `O_TRUNC`, a second read-write
+//! punching holes, zeroing ranges), `copy_file_range` from another file of the mount, `fstat`,
+//! reads and writes through shared mappings, `fsync`/`fdatasync`, close and reopen, reopen with `O_TRUNC`, a second read-write
 //! descriptor that shares the first one's working copy for a while, and (rarely, it takes a
 //! second) waiting out the kernel's attribute cache before looking the path up again. Every
 //! commit point (a close, an `fsync`) is followed by a fresh read of the file through the mount
@@ -26,6 +27,8 @@ use std::time::{Duration, Instant};
 use common::Mounted;
 
 const NAME: &str = "fsx.bin";
+/// The file `copy_file_range` copies from.
+const SOURCE: &str = "fsx-source.bin";
 const DEFAULT_SEED: u64 = 0x0f5c_2024_5eed;
 const DEFAULT_OPS: u64 = 3000;
 const DEFAULT_MAX_LEN: u64 = 1 << 20;
@@ -308,6 +311,7 @@ enum Op {
     Read,
     Truncate,
     Fallocate,
+    CopyIn,
     Fstat,
     MapRead,
     MapWrite,
@@ -319,11 +323,12 @@ enum Op {
     ExpireCache,
 }
 
-const OPS: [Op; 13] = [
+const OPS: [Op; 14] = [
     Op::Write,
     Op::Read,
     Op::Truncate,
     Op::Fallocate,
+    Op::CopyIn,
     Op::Fstat,
     Op::MapRead,
     Op::MapWrite,
@@ -352,6 +357,8 @@ struct Fsx<'a> {
     f: Option<File>,
     /// A second read-write descriptor sharing `f`'s working copy, and for how many more ops.
     second: Option<File>,
+    /// The file `copy_file_range` copies from (open read-only), and its content.
+    source: Option<(File, Vec<u8>)>,
     second_left: u64,
     /// `f` was opened with `O_TRUNC`: a private writer, which no other open shares.
     truncating: bool,
@@ -375,6 +382,7 @@ impl<'a> Fsx<'a> {
             committed: Vec::new(),
             f: None,
             second: None,
+            source: None,
             second_left: 0,
             truncating: false,
             op: 0,
@@ -394,6 +402,17 @@ impl<'a> Fsx<'a> {
         self.note(format!("create size {len:#x}"));
         self.committed = vec![self.model.clone()];
         self.check_committed("the initial file")?;
+        let source_len = MAX_IO + self.rng.below(self.max_len / 2);
+        let source = self.rng.bytes(source_len as usize);
+        io(
+            || "write the source file".into(),
+            fs::write(self.m.p(SOURCE), &source),
+        )?;
+        let file = io(
+            || "open the source file".into(),
+            File::open(self.m.p(SOURCE)),
+        )?;
+        self.source = Some((file, source));
         self.open(false)?;
         for op in 0..self.ops {
             self.op = op;
@@ -409,7 +428,8 @@ impl<'a> Fsx<'a> {
             Op::ExpireCache
         } else {
             match self.rng.below(100) {
-                0..25 => Op::Write,
+                0..23 => Op::Write,
+                23..25 => Op::CopyIn,
                 25..45 => Op::Read,
                 45..48 => Op::Fallocate,
                 48..54 => Op::Truncate,
@@ -429,6 +449,7 @@ impl<'a> Fsx<'a> {
             Op::Read => self.read()?,
             Op::Truncate => self.truncate()?,
             Op::Fallocate => self.fallocate()?,
+            Op::CopyIn => self.copy_in()?,
             Op::Fstat => self.fstat()?,
             Op::MapRead => self.map_read()?,
             Op::MapWrite => self.map_write()?,
@@ -654,6 +675,64 @@ impl<'a> Fsx<'a> {
                 Err(std::io::Error::last_os_error())
             },
         )
+    }
+
+    fn copy_in(&mut self) -> Result<(), String> {
+        let which = self.pick();
+        let src_len = self.source.as_ref().expect("the source is open").1.len() as u64;
+        let off_in = self.rng.below(src_len + 1);
+        let len = self.rng.len(2 * MAX_IO).min(self.max_len);
+        let off_out = if self.rng.percent(20) {
+            (self.size() + self.rng.below(2 * self.page)).min(self.max_len - len)
+        } else {
+            self.rng.below(self.max_len - len + 1)
+        };
+        let n = len.min(src_len - off_in);
+        let (source_file, source) = self.source.as_ref().expect("the source is open");
+        let copied = source[off_in as usize..(off_in + n) as usize].to_vec();
+        let (src_fd, dst_fd) = (source_file.as_raw_fd(), self.fd(which).as_raw_fd());
+        let before = self.size();
+        let end = (off_out + n) as usize;
+        if end > self.model.len() {
+            self.model.resize(end, 0);
+        }
+        self.model[off_out as usize..end].copy_from_slice(&copied);
+        self.note(format!(
+            "copy_file_range fd{which} {off_in:#x}+{len:#x} -> {off_out:#x} (size {before:#x} \
+             -> {:#x})",
+            self.size()
+        ));
+        // The kernel may copy less per call: call again for the rest, as `cp` does.
+        let mut done = 0u64;
+        while done < n {
+            let (mut from, mut to) = ((off_in + done) as i64, (off_out + done) as i64);
+            // SAFETY: plain system call on open descriptors and offsets on the stack.
+            let r = unsafe {
+                libc::copy_file_range(src_fd, &mut from, dst_fd, &mut to, (n - done) as usize, 0)
+            };
+            match r {
+                r if r > 0 => done += r as u64,
+                0 => return Err(format!("copy_file_range stopped after {done:#x} of {n:#x}")),
+                _ => {
+                    let e = std::io::Error::last_os_error();
+                    return Err(format!("copy_file_range {off_in:#x}+{n:#x}: {e}"));
+                }
+            }
+        }
+        if self.second.is_some() && n > 0 {
+            let other = 1 - which;
+            let got = io(
+                || format!("pread fd{other} after the copy"),
+                read_full_at(self.fd(other), off_out, n),
+            )?;
+            compare(
+                &format!("pread through fd{other} of what fd{which} just copied"),
+                off_out,
+                &got,
+                &copied,
+            )?;
+        }
+        Ok(())
     }
 
     fn fstat(&mut self) -> Result<(), String> {

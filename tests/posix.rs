@@ -423,6 +423,73 @@ print(os.stat(p).st_size, open(p, 'rb').read() == bytes(4096))
     assert!(fs::read(m.backing("big")).unwrap() == model);
 }
 
+/// `copy_file_range` (what `cp` uses) inside a mount copies what the source descriptor sees
+/// into the destination's working copy: private until close, then committed whole; into a large
+/// file, only the copied range is patched in.
+#[test]
+fn cp_and_copy_file_range_work_like_read_and_write() {
+    let m = Mounted::room();
+    let data: Vec<u8> = (0..5_000_000u32).map(|i| (i * 31 % 253) as u8).collect();
+    fs::write(m.p("big"), &data).unwrap();
+    let out = output(
+        std::process::Command::new("cp")
+            .arg(m.p("big"))
+            .arg(m.p("copy")),
+    );
+    assert!(out.status.success(), "{out:?}");
+    assert!(fs::read(m.p("copy")).unwrap() == data);
+    assert!(fs::read(m.backing("copy")).unwrap() == data);
+
+    let out = python(
+        &m.mnt,
+        r#"
+import os
+d = os.environ['MNT']
+a = os.open(os.path.join(d, 'a'), os.O_CREAT | os.O_RDWR, 0o644)
+os.write(a, b'0123456789')
+b = os.open(os.path.join(d, 'b'), os.O_CREAT | os.O_RDWR, 0o644)
+os.write(b, b'XXXXXXXXXXXX')
+print(os.copy_file_range(a, b, 6, 2, 8))      # a's own, uncommitted bytes
+print(os.copy_file_range(a, b, 100, 8, 20))   # short at a's end, past b's end
+print(os.pread(b, 100, 0))
+print(open(os.path.join(d, 'b'), 'rb').read())  # nothing committed yet
+os.close(a); os.close(b)
+print(open(os.path.join(d, 'b'), 'rb').read())
+"#,
+    );
+    assert_eq!(
+        out,
+        "6\n2\nb'XXXXXXXX234567\\x00\\x00\\x00\\x00\\x00\\x0089'\nb''\n\
+         b'XXXXXXXX234567\\x00\\x00\\x00\\x00\\x00\\x0089'\n"
+    );
+
+    // Into the middle of a large file: patched in place, the rest kept.
+    let ino = fs::metadata(m.backing("big")).unwrap().ino();
+    let src = File::open(m.p("copy")).unwrap();
+    let dst = OpenOptions::new().write(true).open(m.p("big")).unwrap();
+    let (mut off_in, mut off_out) = (0i64, 2_000_000i64);
+    let n = unsafe {
+        libc::copy_file_range(
+            std::os::fd::AsRawFd::as_raw_fd(&src),
+            &mut off_in,
+            std::os::fd::AsRawFd::as_raw_fd(&dst),
+            &mut off_out,
+            100_000,
+            0,
+        )
+    };
+    assert_eq!(n, 100_000);
+    drop((src, dst));
+    let mut expected = data.clone();
+    expected[2_000_000..2_100_000].copy_from_slice(&data[..100_000]);
+    assert!(fs::read(m.backing("big")).unwrap() == expected);
+    assert_eq!(
+        fs::metadata(m.backing("big")).unwrap().ino(),
+        ino,
+        "patched"
+    );
+}
+
 /// A write that fails on a full disk is reported, and so is every commit of what that handle
 /// wrote (`fsync`, `close`): the file keeps its previous version, and the space the working
 /// copy took is given back. Writing the failed bytes again, or cutting them off, makes the
