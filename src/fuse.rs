@@ -99,6 +99,22 @@ impl crate::fs::KernelCache for Notify {
             log::debug!("attribute invalidation of inode {ino} failed: {e}");
         }
     }
+
+    fn data_changed(&self, ino: u64) {
+        // Dropping pages waits on their locks, which a read waiting for this daemon may hold:
+        // from another thread, so the caller goes on (rare: appenders racing each other).
+        let notifier = self.0.clone();
+        let spawned = std::thread::Builder::new()
+            .name("roomfs-inval".into())
+            .spawn(move || {
+                if let Err(e) = notifier.inval_inode(INodeNo(ino), 0, 0) {
+                    log::debug!("page invalidation of inode {ino} failed: {e}");
+                }
+            });
+        if let Err(e) = spawned {
+            log::warn!("could not invalidate the cached pages of inode {ino}: {e}");
+        }
+    }
 }
 
 fn errno(e: Errno) -> fuser::Errno {

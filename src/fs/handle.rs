@@ -87,6 +87,10 @@ pub struct FileHandle {
     /// Nobody else had the file open when this writer opened it: a large working copy is
     /// seeded on demand only, hoping to commit it as a patch (see `store::patch`).
     pub may_patch: bool,
+    /// The kernel's cached pages of the file are not what this append handle sees: it moved on
+    /// to a version others committed (see `Fs::follow_appends`), or the kernel, going by a
+    /// size it cached before another commit, placed its appends elsewhere than at the end.
+    pub moved: bool,
     /// The threads that opened the handle or changed the file through it.
     pub users: Users,
 }
@@ -113,6 +117,7 @@ impl FileHandle {
             dirty: false,
             spoiled: None,
             may_patch: false,
+            moved: false,
             users: Users::default(),
         }
     }
@@ -290,6 +295,9 @@ impl FileHandle {
             return Err(Errno::EBADF);
         }
         let append = self.append && !placed;
+        if append && offset != self.size()? {
+            self.moved = true;
+        }
         if append && self.staged.is_none() && self.appended.len() + data.len() <= APPEND_BUFFER_MAX
         {
             self.appended.extend_from_slice(data);

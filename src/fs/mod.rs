@@ -15,7 +15,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 pub use closers::Tid;
 pub use error::{Errno, FsResult};
@@ -153,7 +153,16 @@ struct OpenState {
 pub trait KernelCache: Send + Sync {
     /// The attributes (size, times) of `ino` changed.
     fn attributes_changed(&self, ino: Ino);
+    /// The content of `ino` changed: cached pages and attributes are stale. Called with file
+    /// handles locked, so it must not wait for the kernel (which may wait for a read that
+    /// waits for such a lock).
+    fn data_changed(&self, ino: Ino);
 }
+
+/// How often a commit of appends retries in place while other appenders get in its way, and
+/// the pause between tries (at most 10 ms in all; then it commits through a working copy).
+const APPEND_RETRIES: u32 = 50;
+const APPEND_RETRY_PAUSE: Duration = Duration::from_micros(200);
 
 /// A mounted space: the store plus the state of the kernel's view of it.
 pub struct Fs {
@@ -1069,8 +1078,19 @@ impl Fs {
         }
         h.finish_seeding()?;
         if h.staged.is_none() && !h.appended.is_empty() {
-            if !durable && self.commit_appended(h)? {
-                return Ok(());
+            // Another appender may get in between: follow it, a few times at most.
+            for attempt in 1.. {
+                self.follow_appends(h)?;
+                if durable {
+                    break;
+                }
+                if self.commit_appended(h)? {
+                    return Ok(());
+                }
+                if attempt == APPEND_RETRIES || !self.others_appending(h)? {
+                    break;
+                }
+                std::thread::sleep(APPEND_RETRY_PAUSE);
             }
             // Not possible in place (or a durable commit): a working copy takes the appends.
             h.ensure_staged(self.store.as_ref())?;
@@ -1174,6 +1194,38 @@ impl Fs {
         })
     }
 
+    /// An append handle's bytes go at the end of the file as it is when they are committed:
+    /// if others committed since the handle opened (another appender, most often), it moves on
+    /// to their version first, so no appender's bytes replace another's. Only for appends
+    /// still waiting in memory, the handle's only change.
+    fn follow_appends(&self, h: &mut FileHandle) -> FsResult<()> {
+        let Some(path) = read_lock(&self.table).path(h.ino) else {
+            return Ok(()); // unlinked: `commit` drops the appends
+        };
+        let now = self.store.stat(&path)?;
+        let opened = h.committed.as_ref().map(|c| c.meta()).transpose()?;
+        if now.kind != Kind::File || opened.is_some_and(|m| m.version == now.version) {
+            return Ok(());
+        }
+        h.committed = Some(self.store.open(&path)?);
+        h.moved = true;
+        Ok(())
+    }
+
+    /// Whether the file `h` appends to changed since `h` last looked, or another append to it
+    /// is under way (its crash marker is a second link, or it holds the file's lock): an
+    /// in-place append is worth retrying.
+    fn others_appending(&self, h: &FileHandle) -> FsResult<bool> {
+        let Some(path) = read_lock(&self.table).path(h.ino) else {
+            return Ok(false);
+        };
+        let now = self.store.stat(&path)?;
+        let seen = h.committed.as_ref().map(|c| c.meta()).transpose()?;
+        Ok(now.nlink > 1
+            || seen.is_none_or(|m| m.version != now.version)
+            || self.store.changing(&path))
+    }
+
     /// Commits the appends waiting in `h` by adding them to the committed file in place; false
     /// when the store cannot do that now (see `Store::append`).
     fn commit_appended(&self, h: &mut FileHandle) -> FsResult<bool> {
@@ -1211,8 +1263,9 @@ impl Fs {
         let mut opens = lock(&self.opens);
         let others_open = match opens.get_mut(&h.ino) {
             Some(state) => {
-                // A cached writer's pages are exactly what it just committed.
-                let sole_cached_writer = !h.direct_io && state.writers == 1;
+                // A cached writer's pages are exactly what it just committed (unless it moved
+                // on to another version, see `follow_appends`).
+                let sole_cached_writer = !h.direct_io && !h.moved && state.writers == 1;
                 state.cached_version = if sole_cached_writer { version } else { None };
                 state.handles.len() > 1
             }
@@ -1221,8 +1274,14 @@ impl Fs {
         drop(opens);
         // Alone, the handle's own writes kept the kernel's view right; with others open, what
         // the kernel cached (size, times) may be another handle's.
-        if others_open && let Some(kernel) = self.kernel.get() {
-            kernel.attributes_changed(h.ino);
+        if let Some(kernel) = self.kernel.get() {
+            if others_open || h.moved {
+                kernel.attributes_changed(h.ino);
+            }
+            if h.moved && !h.direct_io {
+                // Its pages hold this handle's appends where the kernel thought the file ended.
+                kernel.data_changed(h.ino);
+            }
         }
     }
 
@@ -1898,7 +1957,7 @@ mod tests {
         );
         s.fs.release(old_reader.fh).unwrap();
 
-        // Two appenders from one version: the last close wins, whole.
+        // Two appenders from one version: each one's bytes go at the end as it is at its commit.
         let x = s.fs.open(attr.ino, append, CALLER).unwrap();
         let y = s.fs.open(attr.ino, append, CALLER).unwrap();
         s.fs.write(x.fh, 0, b"x\n", CALLER).unwrap();
@@ -1906,7 +1965,7 @@ mod tests {
         assert_eq!(s.fs.getattr(attr.ino, Some(x.fh)).unwrap().size, 16);
         s.fs.release(x.fh).unwrap();
         s.fs.release(y.fh).unwrap();
-        assert_eq!(std::fs::read(&backing).unwrap(), b"one\ntwo\nthree\ny\n");
+        assert_eq!(std::fs::read(&backing).unwrap(), b"one\ntwo\nthree\nx\ny\n");
 
         // More than the buffer holds moves to a working copy and still commits whole.
         let big = vec![b'z'; handle::APPEND_BUFFER_MAX + 10];
@@ -1915,7 +1974,7 @@ mod tests {
         s.fs.write(b.fh, 0, &big, CALLER).unwrap();
         s.fs.write(b.fh, 0, b"end", CALLER).unwrap();
         s.fs.release(b.fh).unwrap();
-        let mut expected = b"one\ntwo\nthree\ny\nsmall\n".to_vec();
+        let mut expected = b"one\ntwo\nthree\nx\ny\nsmall\n".to_vec();
         expected.extend_from_slice(&big);
         expected.extend_from_slice(b"end");
         assert_eq!(std::fs::read(&backing).unwrap(), expected);

@@ -631,6 +631,20 @@ impl Store for LocalStore {
         })
     }
 
+    fn changing(&self, path: &Path) -> bool {
+        // Appenders and patchers hold the file's lock exclusively (readers of large files
+        // share it): a shared lock that cannot be had means a change is under way.
+        let Ok(file) = self
+            .at(path)
+            .and_then(|at| at.open(libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK, 0))
+        else {
+            return false;
+        };
+        let fd = file.as_raw_fd();
+        // SAFETY: a valid descriptor; flock touches no memory.
+        unsafe { libc::flock(fd, libc::LOCK_SH | libc::LOCK_NB) != 0 }
+    }
+
     fn patch(
         &self,
         base: &dyn Content,

@@ -247,6 +247,13 @@ pub trait Store: Send + Sync + 'static {
         let _ = (base, path, tail);
         Ok(None)
     }
+    /// Whether an in-place change of the file at `path` (an `append` or `patch`) is under way
+    /// right now, by this process or another: an append that found the file busy is worth
+    /// trying again shortly.
+    fn changing(&self, path: &Path) -> bool {
+        let _ = path;
+        false
+    }
     /// Commits a large working copy by writing into the committed file at `path`, in place,
     /// only what the writer changed: the ranges `written` (below `base`'s size) and everything
     /// beyond `base`'s size. Only when the file still is exactly `base` and nobody else reads,
