@@ -30,7 +30,7 @@ pub enum Kind {
     /// The name of a Unix socket (`bind`); as for a FIFO, only the name is stored.
     Socket,
     /// Device nodes, when found in the backing store: shown as what they are (with their
-    /// device number), never created nor opened by roomfs (mounts are `nodev`).
+    /// device number), never created by roomfs; the kernel refuses to open them (`nodev`).
     BlockDevice,
     CharDevice,
 }
