@@ -1078,19 +1078,22 @@ impl Fs {
         }
         h.finish_seeding()?;
         if h.staged.is_none() && !h.appended.is_empty() {
-            // Another appender may get in between: follow it, a few times at most.
+            // In place, onto the version the handle knows (the store checks it still is the
+            // file); if others appended meanwhile, follow them, a few times at most.
             for attempt in 1.. {
-                self.follow_appends(h)?;
-                if durable {
-                    break;
-                }
-                if self.commit_appended(h)? {
+                if !durable && self.commit_appended(h)? {
                     return Ok(());
                 }
-                if attempt == APPEND_RETRIES || !self.others_appending(h)? {
+                let moved = self.follow_appends(h)?;
+                if durable || attempt == APPEND_RETRIES {
                     break;
                 }
-                std::thread::sleep(APPEND_RETRY_PAUSE);
+                if !moved {
+                    if !self.others_appending(h)? {
+                        break; // not possible in place, and nobody in the way
+                    }
+                    std::thread::sleep(APPEND_RETRY_PAUSE);
+                }
             }
             // Not possible in place (or a durable commit): a working copy takes the appends.
             h.ensure_staged(self.store.as_ref())?;
@@ -1197,19 +1200,19 @@ impl Fs {
     /// An append handle's bytes go at the end of the file as it is when they are committed:
     /// if others committed since the handle opened (another appender, most often), it moves on
     /// to their version first, so no appender's bytes replace another's. Only for appends
-    /// still waiting in memory, the handle's only change.
-    fn follow_appends(&self, h: &mut FileHandle) -> FsResult<()> {
+    /// still waiting in memory, the handle's only change. True if it moved.
+    fn follow_appends(&self, h: &mut FileHandle) -> FsResult<bool> {
         let Some(path) = read_lock(&self.table).path(h.ino) else {
-            return Ok(()); // unlinked: `commit` drops the appends
+            return Ok(false); // unlinked: `commit` drops the appends
         };
         let now = self.store.stat(&path)?;
         let opened = h.committed.as_ref().map(|c| c.meta()).transpose()?;
         if now.kind != Kind::File || opened.is_some_and(|m| m.version == now.version) {
-            return Ok(());
+            return Ok(false);
         }
         h.committed = Some(self.store.open(&path)?);
         h.moved = true;
-        Ok(())
+        Ok(true)
     }
 
     /// Whether the file `h` appends to changed since `h` last looked, or another append to it
