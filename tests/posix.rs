@@ -206,7 +206,8 @@ fn append_with_o_append_and_python_a_mode() {
 
 /// Appenders keep each other's lines: an `O_APPEND` handle's bytes go at the end of the file as
 /// it is when the handle commits, so processes appending to one log (each opening, writing a
-/// line and closing, or holding the file open) lose nothing, and each commit stays whole.
+/// line and closing, or holding the file open, with more than fits in memory) lose nothing,
+/// and each commit stays whole.
 #[test]
 fn concurrent_appenders_keep_every_line() {
     let m = Mounted::room();
@@ -230,9 +231,18 @@ print(len(lines), len(set(lines)))
 for w in range(4):
     mine = [l for l in lines if l.startswith(f'{w}-')]
     assert mine == [f'{w}-{i}' for i in range(150)], (w, len(mine), mine[:5])
+# An appender whose bytes no longer fit in memory keeps another's too.
+big = open(p, 'a'); big.write('B' * 200000 + '\n'); big.flush()
+small = open(p, 'a'); small.write('small\n'); small.close()
+big.write('big-end\n'); big.close()
+tail = open(p).read().split()[-3:]
+print(tail[0], len(tail[1]), tail[2])
 "#,
     );
-    assert_eq!(out, "['start', 'a1', 'a2', 'b1']\n604 604\n");
+    assert_eq!(
+        out,
+        "['start', 'a1', 'a2', 'b1']\n604 604\nsmall 200000 big-end\n"
+    );
 }
 
 #[test]

@@ -91,6 +91,10 @@ pub struct FileHandle {
     /// to a version others committed (see `Fs::follow_appends`), or the kernel, going by a
     /// size it cached before another commit, placed its appends elsewhere than at the end.
     pub moved: bool,
+    /// Where this append handle's bytes begin in its working copy, while it has only appended
+    /// since the copy was made: they can then be taken back out and appended to a newer
+    /// version (see `Fs::commit`).
+    pub appends_from: Option<u64>,
     /// The threads that opened the handle or changed the file through it.
     pub users: Users,
 }
@@ -118,6 +122,7 @@ impl FileHandle {
             spoiled: None,
             may_patch: false,
             moved: false,
+            appends_from: None,
             users: Users::default(),
         }
     }
@@ -295,6 +300,9 @@ impl FileHandle {
             return Err(Errno::EBADF);
         }
         let append = self.append && !placed;
+        if !append {
+            self.appends_from = None;
+        }
         if append && offset != self.size()? {
             self.moved = true;
         }
@@ -304,6 +312,10 @@ impl FileHandle {
             self.appended_at = Some(SystemTime::now());
             self.dirty = true;
             return Ok(data.len() as u32);
+        }
+        if append && self.staged.is_none() {
+            // The working copy takes the committed bytes, then only appends.
+            self.appends_from = Some(self.committed_size()?);
         }
         let staged = self.ensure_staged(store)?;
         let offset = if append {
@@ -327,6 +339,7 @@ impl FileHandle {
 
     /// Sets the working copy's length.
     pub fn truncate(&mut self, store: &dyn Store, size: u64) -> FsResult<()> {
+        self.appends_from = None;
         if size == 0 && self.staged.is_none() {
             // Truncating to nothing (`open(O_TRUNC)`): no need to copy the old content first.
             self.staged = Some(store.stage(None)?);
@@ -356,6 +369,32 @@ impl FileHandle {
                 ..s
             })
         });
+    }
+
+    /// Takes the appends out of the working copy (see `appends_from`) back into memory,
+    /// dropping the copy, so they can be appended to another version; false (nothing changed)
+    /// when the copy holds other changes, or more than `most` appended bytes.
+    pub fn take_back_appends(&mut self, store: &dyn Store, most: u64) -> FsResult<bool> {
+        let (Some(from), Some(staged)) = (self.appends_from, &self.staged) else {
+            return Ok(false);
+        };
+        let len = staged.file.metadata()?.len();
+        if len < from || len - from > most || self.spoiled.is_some() {
+            return Ok(false);
+        }
+        let mut tail = vec![0u8; (len - from) as usize];
+        staged.file.read_exact_at(&mut tail, from)?;
+        if let Some(seeding) = self.seeding.take() {
+            seeding.cancel();
+        }
+        if let Some(staged) = self.staged.take() {
+            store.discard(staged);
+        }
+        tail.extend_from_slice(&self.appended);
+        self.appended = tail;
+        self.appended_at = Some(SystemTime::now());
+        self.appends_from = None;
+        Ok(true)
     }
 
     /// Records that a change of `offset..offset + len` failed part way (see `spoiled`).
@@ -402,6 +441,7 @@ impl FileHandle {
         if !self.writable {
             return Err(Errno::EBADF);
         }
+        self.appends_from = None;
         let end = offset.checked_add(len).ok_or(Errno::EFBIG)?;
         let size = self.size()?;
         let grown = how.size_after(size, end);

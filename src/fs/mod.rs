@@ -162,6 +162,9 @@ pub trait KernelCache: Send + Sync {
 /// How often a commit of appends retries in place while other appenders get in its way, and
 /// the pause between tries (at most 10 ms in all; then it commits through a working copy).
 const APPEND_RETRIES: u32 = 50;
+/// The most bytes an appender's working copy may hold for them to be appended to a version
+/// others committed meanwhile (they are read into memory); past that, its copy wins whole.
+const APPENDS_TAKEN_BACK_MAX: u64 = 64 << 20;
 const APPEND_RETRY_PAUSE: Duration = Duration::from_micros(200);
 
 /// A mounted space: the store plus the state of the kernel's view of it.
@@ -1077,6 +1080,11 @@ impl Fs {
             return Ok(());
         }
         h.finish_seeding()?;
+        if h.appends_from.is_some() && self.file_moved_on(h)? {
+            // Appends in a working copy of an older version: take them back, to append them
+            // to the file as it is now (below), rather than replace what others appended.
+            h.take_back_appends(self.store.as_ref(), APPENDS_TAKEN_BACK_MAX)?;
+        }
         if h.staged.is_none() && !h.appended.is_empty() {
             // In place, onto the version the handle knows (the store checks it still is the
             // file); if others appended meanwhile, follow them, a few times at most.
@@ -1215,6 +1223,16 @@ impl Fs {
         Ok(true)
     }
 
+    /// Whether the file at `h`'s path is no longer the version `h` started from.
+    fn file_moved_on(&self, h: &FileHandle) -> FsResult<bool> {
+        let Some(path) = read_lock(&self.table).path(h.ino) else {
+            return Ok(false);
+        };
+        let now = self.store.stat(&path)?;
+        let seen = h.committed.as_ref().map(|c| c.meta()).transpose()?;
+        Ok(seen.is_some_and(|m| m.version != now.version))
+    }
+
     /// Whether the file `h` appends to changed since `h` last looked, or another append to it
     /// is under way (its crash marker is a second link, or it holds the file's lock): an
     /// in-place append is worth retrying.
@@ -1263,6 +1281,7 @@ impl Fs {
         let version = content.meta().ok().map(|m| m.version);
         h.committed = Some(content);
         h.dirty = false;
+        h.appends_from = None;
         let mut opens = lock(&self.opens);
         let others_open = match opens.get_mut(&h.ino) {
             Some(state) => {
@@ -1969,6 +1988,27 @@ mod tests {
         s.fs.release(x.fh).unwrap();
         s.fs.release(y.fh).unwrap();
         assert_eq!(std::fs::read(&backing).unwrap(), b"one\ntwo\nthree\nx\ny\n");
+
+        // An appender whose bytes went to a working copy keeps another's too.
+        let before = std::fs::read(&backing).unwrap();
+        let big = vec![b'w'; handle::APPEND_BUFFER_MAX + 10];
+        let x = s.fs.open(attr.ino, append, CALLER).unwrap();
+        let y = s.fs.open(attr.ino, append, CALLER).unwrap();
+        s.fs.write(x.fh, 0, &big, CALLER).unwrap();
+        s.fs.write(y.fh, 0, b"y2\n", CALLER).unwrap();
+        s.fs.release(y.fh).unwrap();
+        s.fs.write(x.fh, 0, b"x2\n", CALLER).unwrap();
+        s.fs.release(x.fh).unwrap();
+        let mut expected = before.clone();
+        expected.extend_from_slice(b"y2\n");
+        expected.extend_from_slice(&big);
+        expected.extend_from_slice(b"x2\n");
+        assert!(std::fs::read(&backing).unwrap() == expected);
+        let cut = AttrChanges {
+            size: Some(before.len() as u64),
+            ..Default::default()
+        };
+        s.fs.setattr(attr.ino, None, &cut).unwrap();
 
         // More than the buffer holds moves to a working copy and still commits whole.
         let big = vec![b'z'; handle::APPEND_BUFFER_MAX + 10];
