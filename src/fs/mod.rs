@@ -162,10 +162,10 @@ pub trait KernelCache: Send + Sync {
 /// How often a commit of appends retries in place while other appenders get in its way, and
 /// the pause between tries (at most 10 ms in all; then it commits through a working copy).
 const APPEND_RETRIES: u32 = 50;
+const APPEND_RETRY_PAUSE: Duration = Duration::from_micros(200);
 /// The most bytes an appender's working copy may hold for them to be appended to a version
 /// others committed meanwhile (they are read into memory); past that, its copy wins whole.
 const APPENDS_TAKEN_BACK_MAX: u64 = 64 << 20;
-const APPEND_RETRY_PAUSE: Duration = Duration::from_micros(200);
 
 /// A mounted space: the store plus the state of the kernel's view of it.
 pub struct Fs {
@@ -1210,12 +1210,10 @@ impl Fs {
     /// to their version first, so no appender's bytes replace another's. Only for appends
     /// still waiting in memory, the handle's only change. True if it moved.
     fn follow_appends(&self, h: &mut FileHandle) -> FsResult<bool> {
-        let Some(path) = read_lock(&self.table).path(h.ino) else {
+        let Some((path, now, moved_on)) = self.file_now(h)? else {
             return Ok(false); // unlinked: `commit` drops the appends
         };
-        let now = self.store.stat(&path)?;
-        let opened = h.committed.as_ref().map(|c| c.meta()).transpose()?;
-        if now.kind != Kind::File || opened.is_some_and(|m| m.version == now.version) {
+        if now.kind != Kind::File || !moved_on {
             return Ok(false);
         }
         h.committed = Some(self.store.open(&path)?);
@@ -1223,28 +1221,32 @@ impl Fs {
         Ok(true)
     }
 
-    /// Whether the file at `h`'s path is no longer the version `h` started from.
-    fn file_moved_on(&self, h: &FileHandle) -> FsResult<bool> {
+    /// The file at `h`'s path as it is now, and whether that is another version than the one
+    /// `h` started from (another object, or changed: an in-place append may leave the ctime
+    /// alone within a clock tick, never the size); `None` once unlinked.
+    fn file_now(&self, h: &FileHandle) -> FsResult<Option<(PathBuf, Meta, bool)>> {
         let Some(path) = read_lock(&self.table).path(h.ino) else {
-            return Ok(false);
+            return Ok(None);
         };
         let now = self.store.stat(&path)?;
         let seen = h.committed.as_ref().map(|c| c.meta()).transpose()?;
-        Ok(seen.is_some_and(|m| m.version != now.version))
+        let moved_on = seen.is_none_or(|m| (m.version, m.size) != (now.version, now.size));
+        Ok(Some((path, now, moved_on)))
+    }
+
+    /// Whether the file at `h`'s path is no longer the version `h` started from.
+    fn file_moved_on(&self, h: &FileHandle) -> FsResult<bool> {
+        Ok(self.file_now(h)?.is_some_and(|(_, _, moved_on)| moved_on))
     }
 
     /// Whether the file `h` appends to changed since `h` last looked, or another append to it
     /// is under way (its crash marker is a second link, or it holds the file's lock): an
     /// in-place append is worth retrying.
     fn others_appending(&self, h: &FileHandle) -> FsResult<bool> {
-        let Some(path) = read_lock(&self.table).path(h.ino) else {
+        let Some((path, now, moved_on)) = self.file_now(h)? else {
             return Ok(false);
         };
-        let now = self.store.stat(&path)?;
-        let seen = h.committed.as_ref().map(|c| c.meta()).transpose()?;
-        Ok(now.nlink > 1
-            || seen.is_none_or(|m| m.version != now.version)
-            || self.store.changing(&path))
+        Ok(moved_on || now.nlink > 1 || self.store.changing(&path))
     }
 
     /// Commits the appends waiting in `h` by adding them to the committed file in place; false
