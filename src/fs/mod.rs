@@ -179,7 +179,14 @@ pub struct Fs {
     next_fh: AtomicU64,
     /// Unix seconds of the last open, listing or change (inactivity timeouts use it).
     last_activity: AtomicU64,
+    /// Commits of appends to one inode take turns in this mount (inodes share these locks by
+    /// number): in place or through a working copy, none can land between another's look at
+    /// the file and its commit. Other mounts and processes are met by `Store::append`'s checks.
+    append_turns: [Mutex<()>; APPEND_TURNS],
 }
+
+/// How many locks the inodes' append commits share (see `Fs::append_turns`).
+const APPEND_TURNS: usize = 64;
 
 fn unix_secs() -> u64 {
     SystemTime::now()
@@ -229,6 +236,7 @@ impl Fs {
             dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             last_activity: AtomicU64::new(unix_secs()),
+            append_turns: std::array::from_fn(|_| Mutex::new(())),
         }
     }
 
@@ -1080,6 +1088,9 @@ impl Fs {
             return Ok(());
         }
         h.finish_seeding()?;
+        let _turn = h
+            .append
+            .then(|| lock(&self.append_turns[h.ino as usize % APPEND_TURNS]));
         if h.appends_from.is_some() && self.file_moved_on(h)? {
             // Appends in a working copy of an older version: take them back, to append them
             // to the file as it is now (below), rather than replace what others appended.
@@ -1088,7 +1099,9 @@ impl Fs {
         if h.staged.is_none() && !h.appended.is_empty() {
             // In place, onto the version the handle knows (the store checks it still is the
             // file); if others appended meanwhile, follow them, a few times at most.
+            let mut tries = 0;
             for attempt in 1.. {
+                tries = attempt;
                 if !durable && self.commit_appended(h)? {
                     return Ok(());
                 }
@@ -1104,6 +1117,13 @@ impl Fs {
                 }
             }
             // Not possible in place (or a durable commit): a working copy takes the appends.
+            log::debug!(
+                "appends to inode {} committed through a working copy after {tries} tries \
+                 (durable: {durable}, file now {:?})",
+                h.ino,
+                self.file_now(h)?
+                    .map(|(_, m, moved_on)| (m.size, m.nlink, moved_on))
+            );
             h.ensure_staged(self.store.as_ref())?;
         }
         let Some(staged) = h.staged.take() else {

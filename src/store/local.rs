@@ -631,17 +631,23 @@ impl Store for LocalStore {
     }
 
     fn changing(&self, path: &Path) -> bool {
-        // Appenders and patchers hold the file's lock exclusively (readers of large files
-        // share it): a shared lock that cannot be had means a change is under way.
+        // Appenders and patchers hold the file's lock exclusively. Others hold it shared for
+        // moments (a reader waiting out an append, another appender looking, as here), and
+        // readers of large (patchable) files for as long as they have it open: so below that
+        // size any lock means a change under way or about to be, above it only an exclusive
+        // one does.
         let Ok(file) = self
             .at(path)
             .and_then(|at| at.open(libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK, 0))
         else {
             return false;
         };
-        let fd = file.as_raw_fd();
+        let probe = match fstat(&file) {
+            Ok(st) if (st.st_size as u64) < PATCH_MIN => libc::LOCK_EX,
+            _ => libc::LOCK_SH,
+        };
         // SAFETY: a valid descriptor; flock touches no memory.
-        unsafe { libc::flock(fd, libc::LOCK_SH | libc::LOCK_NB) != 0 }
+        unsafe { libc::flock(file.as_raw_fd(), probe | libc::LOCK_NB) != 0 }
     }
 
     fn patch(
