@@ -574,21 +574,26 @@ impl<'a> Fsx<'a> {
             || format!("pwrite {off:#x}+{len:#x}"),
             self.fd(which).write_all_at(&data, off),
         )?;
-        if self.second.is_some() {
-            // The other descriptor shares the working copy: it sees the write at once.
-            let other = 1 - which;
-            let got = io(
-                || format!("pread fd{other} after the write"),
-                read_full_at(self.fd(other), off, len),
-            )?;
-            compare(
-                &format!("pread through fd{other} of what fd{which} just wrote"),
-                off,
-                &got,
-                &data,
-            )?;
+        self.other_sees(which, off, &data, "wrote")
+    }
+
+    /// The second descriptor, when open, shares the working copy: it sees at once what
+    /// descriptor `which` just put at `off`.
+    fn other_sees(&self, which: usize, off: u64, data: &[u8], did: &str) -> Result<(), String> {
+        if self.second.is_none() || data.is_empty() {
+            return Ok(());
         }
-        Ok(())
+        let other = 1 - which;
+        let got = io(
+            || format!("pread fd{other} after fd{which} {did}"),
+            read_full_at(self.fd(other), off, data.len() as u64),
+        )?;
+        compare(
+            &format!("pread through fd{other} of what fd{which} just {did}"),
+            off,
+            &got,
+            data,
+        )
     }
 
     fn read(&mut self) -> Result<(), String> {
@@ -719,20 +724,7 @@ impl<'a> Fsx<'a> {
                 }
             }
         }
-        if self.second.is_some() && n > 0 {
-            let other = 1 - which;
-            let got = io(
-                || format!("pread fd{other} after the copy"),
-                read_full_at(self.fd(other), off_out, n),
-            )?;
-            compare(
-                &format!("pread through fd{other} of what fd{which} just copied"),
-                off_out,
-                &got,
-                &copied,
-            )?;
-        }
-        Ok(())
+        self.other_sees(which, off_out, &copied, "copied")
     }
 
     fn fstat(&mut self) -> Result<(), String> {

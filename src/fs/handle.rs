@@ -303,7 +303,10 @@ impl FileHandle {
         if !append {
             self.appends_from = None;
         }
-        if append && offset != self.size()? {
+        // Where an append lands: the end of what this handle sees (the working copy made
+        // below, if any, holds exactly that).
+        let end = if append { Some(self.size()?) } else { None };
+        if end.is_some_and(|end| end != offset) {
             self.moved = true;
         }
         if append && self.staged.is_none() && self.appended.len() + data.len() <= APPEND_BUFFER_MAX
@@ -317,12 +320,8 @@ impl FileHandle {
             // The working copy takes the committed bytes, then only appends.
             self.appends_from = Some(self.committed_size()?);
         }
-        let staged = self.ensure_staged(store)?;
-        let offset = if append {
-            staged.file.metadata()?.len()
-        } else {
-            offset
-        };
+        self.ensure_staged(store)?;
+        let offset = end.unwrap_or(offset);
         self.seeded(offset, data.len() as u64, true)?;
         let staged = self.staged.as_ref().expect("staged above");
         let len = data.len() as u64;
