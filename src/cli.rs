@@ -224,6 +224,10 @@ pub struct MountArgs {
     /// the cost of write speed. Without it, fsync() alone does that.
     #[arg(long)]
     pub sync_on_close: bool,
+    /// Read large files through the daemon instead of letting the kernel read them from the
+    /// disk directly (FUSE passthrough; see README, Performance).
+    #[arg(long)]
+    pub no_passthrough: bool,
     /// Seconds the kernel may cache attributes and names.
     #[arg(long, value_name = "SECONDS", default_value_t = 1.0)]
     pub cache_ttl: f64,
@@ -351,6 +355,7 @@ fn mount_via_daemon(args: &MountArgs) -> Result<(), String> {
         grant: args.grants.clone(),
         token: args.token.clone(),
         sync_on_close: args.sync_on_close.then_some(true),
+        passthrough: args.no_passthrough.then_some(false),
     };
     let info = Client::new(&args.socket)
         .add_mount(&req)
@@ -511,6 +516,7 @@ fn mount_spec(args: MountArgs) -> Result<MountSpec, String> {
         space,
         mountpoint: args.mountpoint,
         sync_on_close: args.sync_on_close,
+        passthrough: !args.no_passthrough,
         cache_ttl: Duration::from_secs_f64(args.cache_ttl),
         threads: args.threads,
         poll_window: Duration::from_micros(args.poll_window_us.min(1_000_000)),

@@ -117,6 +117,26 @@ impl crate::fs::KernelCache for Notify {
     }
 }
 
+/// Registers backing files for passthrough with the FUSE device's ioctls.
+pub struct Backings(pub std::os::fd::OwnedFd);
+
+// FUSE_DEV_IOC_BACKING_CLOSE (linux/fuse.h): fuser only closes through a reply's `BackingId`.
+nix::ioctl_write_ptr!(backing_close, 229, 2, u32);
+
+impl crate::fs::Backing for Backings {
+    fn register(&self, file: &std::fs::File) -> std::io::Result<u32> {
+        fuser::BackingId::create_raw(&self.0, file)
+    }
+
+    fn unregister(&self, id: u32) {
+        use std::os::fd::AsRawFd;
+        // SAFETY: a valid FUSE device descriptor and a pointer to a live u32.
+        if let Err(e) = unsafe { backing_close(self.0.as_raw_fd(), &id) } {
+            log::warn!("closing passthrough backing file {id} failed: {e}");
+        }
+    }
+}
+
 fn errno(e: Errno) -> fuser::Errno {
     fuser::Errno::from_i32(e.0)
 }
@@ -192,6 +212,16 @@ impl Filesystem for FuseAdapter {
         ] {
             if config.add_capabilities(flag).is_err() {
                 log::debug!("kernel does not offer {flag:?}");
+            }
+        }
+        if self.fs.wants_passthrough() {
+            // Depth 1: backing files on a plain filesystem, and roomfs may itself be a lower
+            // layer of an overlayfs.
+            let offered = config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
+                && config.set_max_stack_depth(1).is_ok();
+            if !offered {
+                self.fs
+                    .passthrough_unavailable(&"the kernel does not offer FUSE passthrough");
             }
         }
         let _ = config.set_max_background(64);
@@ -353,7 +383,16 @@ impl Filesystem for FuseAdapter {
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let _turn = self.turn(false);
         match self.fs.open(ino.0, flags.0, req.pid()) {
-            Ok(o) => reply.opened(FileHandle(o.fh), open_flags(&o)),
+            Ok(o) => match o.passthrough {
+                Some(id) => {
+                    // SAFETY: the core registered `id` on this connection and keeps it until
+                    // the last handle opened with it is released; `into_raw` leaves it open.
+                    let backing = unsafe { reply.wrap_backing(id) };
+                    reply.opened_passthrough(FileHandle(o.fh), open_flags(&o), &backing);
+                    backing.into_raw();
+                }
+                None => reply.opened(FileHandle(o.fh), open_flags(&o)),
+            },
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -373,13 +412,28 @@ impl Filesystem for FuseAdapter {
             .fs
             .create(parent.0, name, mode & !umask, flags, &caller(req))
         {
-            Ok((a, o)) => reply.created(
-                &self.ttl(&a),
-                &self.attr(&a),
-                Generation(0),
-                FileHandle(o.fh),
-                open_flags(&o),
-            ),
+            Ok((a, o)) => match o.passthrough {
+                Some(id) => {
+                    // SAFETY: as in `open`.
+                    let backing = unsafe { reply.wrap_backing(id) };
+                    reply.created_passthrough(
+                        &self.ttl(&a),
+                        &self.attr(&a),
+                        Generation(0),
+                        FileHandle(o.fh),
+                        open_flags(&o),
+                        &backing,
+                    );
+                    backing.into_raw();
+                }
+                None => reply.created(
+                    &self.ttl(&a),
+                    &self.attr(&a),
+                    Generation(0),
+                    FileHandle(o.fh),
+                    open_flags(&o),
+                ),
+            },
             Err(e) => reply.error(errno(e)),
         }
     }

@@ -31,6 +31,8 @@ pub struct MountSpec {
     pub space: SpaceId,
     pub mountpoint: PathBuf,
     pub sync_on_close: bool,
+    /// Let the kernel read large files from the disk directly (see `fs::passthrough`).
+    pub passthrough: bool,
     /// How long the kernel caches attributes and names.
     pub cache_ttl: Duration,
     /// Threads serving kernel requests.
@@ -287,6 +289,7 @@ impl ActiveMount {
                 grant,
                 links_anywhere: spec.grant.is_full(),
                 quota: resources.quota.clone(),
+                passthrough: spec.passthrough,
             },
         ));
         let threads = spec.threads.max(1);
@@ -326,6 +329,12 @@ impl ActiveMount {
                 _ => format!("cannot mount at {}: {e}", mountpoint.display()),
             })?;
         gate.set_device(&session);
+        if fs.wants_passthrough() {
+            match std::os::fd::AsFd::as_fd(&session).try_clone_to_owned() {
+                Ok(device) => fs.set_backing(Box::new(crate::fuse::Backings(device))),
+                Err(e) => log::warn!("no passthrough: cannot duplicate the FUSE device: {e}"),
+            }
+        }
         let background = session
             .spawn()
             .map_err(|e| format!("cannot start serving {}: {e}", mountpoint.display()))?;

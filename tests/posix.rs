@@ -1312,6 +1312,79 @@ fn random_writes_into_a_large_file_are_patched_in_place_and_private_until_close(
     assert_ne!(fs::metadata(m.backing("data.bin")).unwrap().ino(), inode);
 }
 
+/// Reads a large file through a descriptor opened read-only, changes its first bytes in the
+/// data dir behind the daemon's back, and reads them again: what the second read returns.
+fn second_read_after_a_change_on_disk(m: &Mounted) -> Vec<u8> {
+    fs::write(m.p("big"), vec![b'a'; 2 << 20]).unwrap();
+    let f = File::open(m.p("big")).unwrap();
+    let mut first = [0u8; 4];
+    f.read_exact_at(&mut first, 0).unwrap();
+    assert_eq!(&first, b"aaaa");
+    let disk = OpenOptions::new()
+        .write(true)
+        .open(m.backing("big"))
+        .unwrap();
+    disk.write_all_at(b"DISK", 0).unwrap();
+    let mut second = [0u8; 4];
+    f.read_exact_at(&mut second, 0).unwrap();
+    second.to_vec()
+}
+
+#[test]
+fn large_files_are_read_by_the_kernel_from_the_committed_file() {
+    let m = Mounted::room();
+    if m.log()
+        .contains("the kernel does not offer FUSE passthrough")
+    {
+        eprintln!("skipped: this kernel has no FUSE passthrough");
+        return;
+    }
+    // Through the FUSE page cache the first read's page would be served again.
+    assert_eq!(
+        second_read_after_a_change_on_disk(&m),
+        b"DISK",
+        "daemon log:\n{}",
+        m.log()
+    );
+    let off = Mounted::with_args(&["--room", "r1", "--no-passthrough"]);
+    assert_eq!(second_read_after_a_change_on_disk(&off), b"aaaa");
+
+    // While a passthrough reader has the file open, writes stay staged until the close and
+    // every other open sees what it would without passthrough.
+    python(
+        &m.mnt,
+        r#"
+import mmap, os
+p = os.environ['MNT'] + '/big'
+open(p, 'wb').write(b'a' * (2 << 20))
+reader = open(p, 'rb')
+view = mmap.mmap(reader.fileno(), 0, prot=mmap.PROT_READ)
+assert reader.read(4) == b'aaaa'
+writer = open(p, 'r+b')
+writer.write(b'new!')
+writer.flush()
+writer.seek(0)
+assert writer.read(4) == b'new!', 'the writer reads its own write'
+other = open(p, 'rb')
+assert other.read(4) == b'aaaa', 'not committed yet'
+writer.close()
+newer = open(p, 'rb')
+assert newer.read(4) == b'new!', 'committed at close'
+reader.seek(0)
+assert reader.read(4) == b'aaaa' and view[:4] == b'aaaa', 'the reader keeps its version'
+with open(p, 'ab') as a:
+    a.write(b'tail')
+newer.seek((2 << 20) - 2)
+assert newer.read() == b'aatail'
+for f in (view, reader, other, newer):
+    f.close()
+with open(p, 'rb') as f:
+    data = f.read()
+assert data[:4] == b'new!' and data[-4:] == b'tail' and len(data) == (2 << 20) + 4
+"#,
+    );
+}
+
 #[test]
 fn hard_links_xattrs_and_o_tmpfile_are_refused_with_documented_errnos() {
     let m = Mounted::room();

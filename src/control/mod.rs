@@ -116,6 +116,9 @@ pub struct MountRequest {
     pub grant: Vec<String>,
     pub token: Option<String>,
     pub sync_on_close: Option<bool>,
+    /// Let the kernel read large files from the disk directly (default: the daemon's setting).
+    #[serde(default)]
+    pub passthrough: Option<bool>,
 }
 
 /// A mount served by the daemon.

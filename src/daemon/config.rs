@@ -20,6 +20,8 @@ pub struct Config {
     pub secret_file: Option<PathBuf>,
     /// Make every close durable (fsync), not only fsync() calls.
     pub sync_on_close: bool,
+    /// Let the kernel read large files from the disk directly (FUSE passthrough).
+    pub passthrough: bool,
     /// Seconds the kernel caches attributes and names.
     pub cache_ttl_secs: f64,
     /// Threads serving each mount.
@@ -68,6 +70,7 @@ impl Default for Config {
             records_dir: None,
             secret_file: None,
             sync_on_close: false,
+            passthrough: true,
             cache_ttl_secs: 1.0,
             threads: 4,
             poll_window_us: 1000,

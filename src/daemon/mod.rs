@@ -186,6 +186,7 @@ impl Daemon {
                 grant: m.grant,
                 token: m.token,
                 sync_on_close: None,
+                passthrough: None,
             };
             if let Err(e) = daemon.mount(req, true) {
                 log::error!(
@@ -284,6 +285,7 @@ impl Daemon {
             space: space.clone(),
             mountpoint,
             sync_on_close: req.sync_on_close.unwrap_or(self.config.sync_on_close),
+            passthrough: req.passthrough.unwrap_or(self.config.passthrough),
             cache_ttl: Duration::from_secs_f64(self.config.cache_ttl_secs),
             threads: self.config.threads,
             poll_window: Duration::ZERO,

@@ -6,6 +6,7 @@ pub mod closers;
 pub mod error;
 pub mod handle;
 pub mod inode;
+pub mod passthrough;
 pub mod quota;
 pub mod seed;
 
@@ -13,7 +14,7 @@ use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
@@ -22,6 +23,8 @@ pub use error::{Errno, FsResult};
 use handle::{Allocation, DirHandle, DirItem, FileHandle};
 use inode::InodeTable;
 pub use inode::{Ino, ROOT};
+pub use passthrough::{Backing, PASSTHROUGH_MIN};
+use passthrough::{Passing, Window};
 pub use quota::{Limits, Quota, Usage};
 
 use crate::grant::{Access, Grant};
@@ -44,6 +47,8 @@ pub struct FsOptions {
     pub links_anywhere: bool,
     /// The space's limits and usage, shared by all its mounts; `None` is unlimited.
     pub quota: Option<Arc<Quota>>,
+    /// Let the kernel read large files from the disk directly (see `passthrough`).
+    pub passthrough: bool,
 }
 
 /// Attributes of an inode as shown to programs.
@@ -113,6 +118,9 @@ pub struct Opened {
     pub keep_cache: bool,
     /// Closing it commits nothing (read-only), so the kernel need not send `flush`.
     pub no_flush: bool,
+    /// The backing file the kernel is to pass this handle's reads (or only its memory maps,
+    /// with `direct_io`) through to (see `passthrough`).
+    pub passthrough: Option<u32>,
 }
 
 /// One entry produced by `readdir`.
@@ -146,6 +154,8 @@ struct OpenState {
     /// The handle that read-write opens without `O_TRUNC`/`O_APPEND` share, and how many of
     /// the open file handles are it.
     shared: Option<(Arc<Mutex<FileHandle>>, u32)>,
+    /// The kernel's passthrough of this inode, while handles opened with it are open.
+    window: Option<Window>,
 }
 
 /// Tells the kernel that what it cached about an inode is stale (the FUSE adapter implements
@@ -171,6 +181,10 @@ const APPENDS_TAKEN_BACK_MAX: u64 = 64 << 20;
 pub struct Fs {
     store: Arc<dyn Store>,
     kernel: std::sync::OnceLock<Box<dyn KernelCache>>,
+    /// The kernel's passthrough, when the mount has it (see `passthrough`).
+    backing: std::sync::OnceLock<Box<dyn Backing>>,
+    /// Registering a backing file failed once: large files are read through the daemon.
+    passthrough_failed: AtomicBool,
     options: FsOptions,
     table: RwLock<InodeTable>,
     opens: Mutex<HashMap<Ino, OpenState>>,
@@ -229,6 +243,8 @@ impl Fs {
         Fs {
             store,
             kernel: std::sync::OnceLock::new(),
+            backing: std::sync::OnceLock::new(),
+            passthrough_failed: AtomicBool::new(false),
             options,
             table: RwLock::new(InodeTable::default()),
             opens: Mutex::new(HashMap::new()),
@@ -708,19 +724,39 @@ impl Fs {
         // connections): they share one handle, so each sees the others' writes at once.
         let shares = flags & libc::O_ACCMODE == libc::O_RDWR
             && flags & (libc::O_TRUNC | libc::O_APPEND) == 0;
-        let (direct_io, keep_cache, alone) = {
+        let read_only = !writable && flags & libc::O_TRUNC == 0;
+        let (direct_io, keep_cache, alone, passing) = {
             let mut opens = lock(&self.opens);
             let state = opens.entry(ino).or_default();
+            let others_open = !state.handles.is_empty();
             if shares && let Some((shared, members)) = &mut state.shared {
                 *members += 1;
                 let shared = shared.clone();
                 state.handles.push(fh);
                 state.writers += 1;
+                let passing =
+                    self.passing_for(&mut state.window, true, fh, committed.as_ref(), false);
                 drop(opens);
-                return Ok(self.join(fh, shared, committed, by));
+                return Ok(self.join(fh, shared, committed, by, passing));
             }
+            let passing = self.passing_for(
+                &mut state.window,
+                others_open,
+                fh,
+                committed.as_ref(),
+                read_only,
+            );
             state.handles.push(fh);
-            if writable {
+            if passing != Passing::No {
+                // The kernel bypasses its page cache for every handle of the inode now.
+                if writable {
+                    state.cached_version = None;
+                    state.writers += 1;
+                } else {
+                    state.readers += 1;
+                }
+                (true, false, false, passing)
+            } else if writable {
                 let alone = state.readers == 0 && state.writers == 0;
                 // A writer alone starts from the committed version: pages cached of exactly
                 // that version stay (dropping a large file's pages costs milliseconds). It then
@@ -728,16 +764,16 @@ impl Fs {
                 let keep = alone && state.cached_version == Some(version);
                 state.cached_version = None;
                 state.writers += 1;
-                (!alone, keep, alone)
+                (!alone, keep, alone, passing)
             } else {
                 state.readers += 1;
                 if state.writers > 0 {
-                    (true, false, false)
+                    (true, false, false, passing)
                 } else {
                     let keep = state.cached_version == Some(version);
                     state.cached_version = Some(version);
                     state.cached_readers += 1;
-                    (false, keep, false)
+                    (false, keep, false, passing)
                 }
             }
         };
@@ -748,6 +784,7 @@ impl Fs {
             direct_io,
             Some(committed),
         );
+        self.note_maps_only(&handle, passing);
         handle.dirty = staged.is_some();
         handle.staged = staged;
         handle.users.add(by);
@@ -764,9 +801,12 @@ impl Fs {
         write_lock(&self.files).insert(fh, handle);
         Ok(Opened {
             fh,
-            direct_io,
+            // A passthrough reader's reads never reach the daemon; everyone else in a window
+            // is served with direct I/O.
+            direct_io: direct_io && !matches!(passing, Passing::Reads(_)),
             keep_cache,
             no_flush: !writable,
+            passthrough: passing.backing_id(),
         })
     }
 
@@ -779,6 +819,7 @@ impl Fs {
         shared: Arc<Mutex<FileHandle>>,
         latest: Arc<dyn Content>,
         by: Tid,
+        passing: Passing,
     ) -> Opened {
         let mut h = lock(&shared);
         h.users.add(by);
@@ -795,6 +836,7 @@ impl Fs {
             h.committed = Some(latest);
         }
         let direct_io = h.direct_io;
+        self.note_maps_only(&h, passing);
         drop(h);
         write_lock(&self.files).insert(fh, shared);
         Opened {
@@ -803,6 +845,7 @@ impl Fs {
             // The kernel's pages are the shared handle's view, unless it just moved on.
             keep_cache: !direct_io && !moved,
             no_flush: false,
+            passthrough: passing.backing_id(),
         }
     }
 
@@ -1027,8 +1070,10 @@ impl Fs {
             self.store.discard(staged);
         }
         let mut opens = lock(&self.opens);
+        let mut unregister = None;
         if let Some(state) = opens.get_mut(&h.ino) {
             state.handles.retain(|&other| other != fh);
+            unregister = Self::leave_window(&mut state.window, fh);
             if h.writable {
                 state.writers -= 1;
             } else {
@@ -1041,6 +1086,8 @@ impl Fs {
                 opens.remove(&h.ino);
             }
         }
+        drop(opens);
+        self.unregister_backing(unregister);
         result
     }
 
@@ -1064,6 +1111,9 @@ impl Fs {
         *members -= 1;
         state.handles.retain(|&other| other != fh);
         state.writers -= 1;
+        let unregister = Self::leave_window(&mut state.window, fh);
+        drop(opens);
+        self.unregister_backing(unregister);
         true
     }
 
