@@ -9,7 +9,7 @@ use std::process::{Child, Command, ExitStatus};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{BIN, cstr, errno, is_mounted};
+use common::{BIN, cstr, errno, is_mounted, second_read_after_a_change_on_disk};
 use serde_json::{Value, json};
 
 /// A `roomfs serve` in a temporary directory; dropping it stops it and unmounts what it left.
@@ -604,6 +604,42 @@ fn mounts_are_managed_through_the_cli() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no roomfs daemon"));
+}
+
+#[test]
+fn passthrough_follows_the_config_and_each_mount_request() {
+    let configured_off = Daemon::with_config(Some(r#"{"passthrough": false}"#));
+    let mnt = configured_off.dir("mnt");
+    configured_off.mount(&["--room", "r1"], &mnt);
+    assert_eq!(
+        second_read_after_a_change_on_disk(
+            &mnt.join("big"),
+            &configured_off.data.join("rooms/r1/big")
+        ),
+        b"aaaa",
+        "the config turned passthrough off"
+    );
+    let d = Daemon::start();
+    let on = d.dir("on");
+    d.mount(&["--room", "r1"], &on);
+    if !d
+        .log()
+        .contains("the kernel does not offer FUSE passthrough")
+    {
+        assert_eq!(
+            second_read_after_a_change_on_disk(&on.join("big"), &d.data.join("rooms/r1/big")),
+            b"DISK",
+            "passthrough is on by default: {}",
+            d.log()
+        );
+    }
+    let off = d.dir("off");
+    d.mount(&["--room", "r2", "--no-passthrough"], &off);
+    assert_eq!(
+        second_read_after_a_change_on_disk(&off.join("big"), &d.data.join("rooms/r2/big")),
+        b"aaaa",
+        "the mount request turned it off"
+    );
 }
 
 #[test]

@@ -9,7 +9,7 @@ use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
-use common::{Mounted, cstr, errno, output, python};
+use common::{Mounted, cstr, errno, output, python, second_read_after_a_change_on_disk};
 
 #[test]
 fn create_write_read_and_list() {
@@ -1312,24 +1312,6 @@ fn random_writes_into_a_large_file_are_patched_in_place_and_private_until_close(
     assert_ne!(fs::metadata(m.backing("data.bin")).unwrap().ino(), inode);
 }
 
-/// Reads a large file through a descriptor opened read-only, changes its first bytes in the
-/// data dir behind the daemon's back, and reads them again: what the second read returns.
-fn second_read_after_a_change_on_disk(m: &Mounted) -> Vec<u8> {
-    fs::write(m.p("big"), vec![b'a'; 2 << 20]).unwrap();
-    let f = File::open(m.p("big")).unwrap();
-    let mut first = [0u8; 4];
-    f.read_exact_at(&mut first, 0).unwrap();
-    assert_eq!(&first, b"aaaa");
-    let disk = OpenOptions::new()
-        .write(true)
-        .open(m.backing("big"))
-        .unwrap();
-    disk.write_all_at(b"DISK", 0).unwrap();
-    let mut second = [0u8; 4];
-    f.read_exact_at(&mut second, 0).unwrap();
-    second.to_vec()
-}
-
 #[test]
 fn large_files_are_read_by_the_kernel_from_the_committed_file() {
     let m = Mounted::room();
@@ -1341,13 +1323,16 @@ fn large_files_are_read_by_the_kernel_from_the_committed_file() {
     }
     // Through the FUSE page cache the first read's page would be served again.
     assert_eq!(
-        second_read_after_a_change_on_disk(&m),
+        second_read_after_a_change_on_disk(&m.p("big"), &m.backing("big")),
         b"DISK",
         "daemon log:\n{}",
         m.log()
     );
     let off = Mounted::with_args(&["--room", "r1", "--no-passthrough"]);
-    assert_eq!(second_read_after_a_change_on_disk(&off), b"aaaa");
+    assert_eq!(
+        second_read_after_a_change_on_disk(&off.p("big"), &off.backing("big")),
+        b"aaaa"
+    );
 
     // While a passthrough reader has the file open, writes stay staged until the close and
     // every other open sees what it would without passthrough.

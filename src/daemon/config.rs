@@ -156,6 +156,8 @@ mod tests {
         assert_eq!(c.session_limits.max_files, Some(5));
         assert_eq!(c.session_limits.max_bytes, None);
         assert_eq!(c.mounts[0].room.as_deref(), Some("r"));
+        assert!(Config::default().passthrough);
+        assert!(!parse(r#"{"passthrough": false}"#).unwrap().passthrough);
     }
 
     #[test]

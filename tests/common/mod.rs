@@ -226,6 +226,27 @@ pub fn start_logged(
 }
 
 /// The errno of a failed `std::io` call.
+/// Writes a 2 MiB file at `path` (in a mount), reads its first bytes through a descriptor
+/// opened read-only, changes them in `backing` (its committed file in the data dir) behind the
+/// daemon's back, and reads them again: returns what the second read saw. The kernel's page
+/// cache answers the old bytes; a passthrough read goes to the committed file itself.
+pub fn second_read_after_a_change_on_disk(path: &Path, backing: &Path) -> Vec<u8> {
+    use std::os::unix::fs::FileExt;
+    std::fs::write(path, vec![b'a'; 2 << 20]).unwrap();
+    let f = std::fs::File::open(path).unwrap();
+    let mut first = [0u8; 4];
+    f.read_exact_at(&mut first, 0).unwrap();
+    assert_eq!(&first, b"aaaa");
+    let disk = std::fs::OpenOptions::new()
+        .write(true)
+        .open(backing)
+        .unwrap();
+    disk.write_all_at(b"DISK", 0).unwrap();
+    let mut second = [0u8; 4];
+    f.read_exact_at(&mut second, 0).unwrap();
+    second.to_vec()
+}
+
 pub fn errno<T: std::fmt::Debug>(r: std::io::Result<T>) -> i32 {
     r.expect_err("expected the call to fail")
         .raw_os_error()
