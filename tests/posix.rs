@@ -381,6 +381,51 @@ fn truncate_and_ftruncate() {
 /// ranges change the file like writes do (private until close, then committed whole), in small
 /// files and in large ones that are patched in place.
 #[test]
+fn seek_data_and_hole_find_holes_and_cp_keeps_files_sparse() {
+    let m = Mounted::room();
+    python(
+        &m.mnt,
+        r#"
+import os
+mnt = os.environ['MNT']
+MIB = 1 << 20
+with open(mnt + '/sparse', 'wb') as f:
+    f.truncate(8 * MIB)
+    f.seek(4 * MIB)
+    f.write(b'd' * 4096)
+    f.flush()
+    # The handle's own working copy answers before the commit.
+    assert os.lseek(f.fileno(), 0, os.SEEK_DATA) == 4 * MIB
+fd = os.open(mnt + '/sparse', os.O_RDONLY)
+assert os.lseek(fd, 0, os.SEEK_DATA) == 4 * MIB
+assert os.lseek(fd, 4 * MIB, os.SEEK_HOLE) == 4 * MIB + 4096
+try:
+    os.lseek(fd, 4 * MIB + 4096, os.SEEK_DATA)
+    raise AssertionError('data after the last block')
+except OSError as e:
+    assert e.errno == 6, e  # ENXIO
+os.close(fd)
+"#,
+    );
+    // cp finds the holes with SEEK_DATA/SEEK_HOLE and copies only the data, inside the mount
+    // and out of it.
+    let out_dir = tempfile::tempdir().unwrap();
+    let outside = out_dir.path().join("copy");
+    for (from, to) in [
+        (m.p("sparse"), m.p("copy")),
+        (m.p("sparse"), outside.clone()),
+    ] {
+        let o = output(std::process::Command::new("cp").arg(&from).arg(&to));
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert_eq!(fs::read(&to).unwrap(), fs::read(&from).unwrap());
+    }
+    for copy in [m.backing("copy"), outside] {
+        let blocks = fs::metadata(&copy).unwrap().blocks();
+        assert!(blocks * 512 <= 64 << 10, "{copy:?} holds {blocks} blocks");
+    }
+}
+
+#[test]
 fn fallocate_grows_reserves_and_zeroes_like_writes() {
     let m = Mounted::room();
     let fallocate = |f: &File, mode: i32, offset: i64, len: i64| {

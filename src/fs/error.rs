@@ -27,6 +27,7 @@ impl Errno {
     pub const EDQUOT: Errno = Errno(libc::EDQUOT);
     pub const ENOSPC: Errno = Errno(libc::ENOSPC);
     pub const ENODATA: Errno = Errno(libc::ENODATA);
+    pub const ENXIO: Errno = Errno(libc::ENXIO);
 }
 
 impl From<io::Error> for Errno {

@@ -6,6 +6,7 @@
 //! committed file in place (see `store::append`) instead of copying it.
 
 use std::ffi::OsString;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -252,6 +253,50 @@ impl FileHandle {
             Some(content) => Ok(content.meta()?.size),
             None => Ok(0),
         }
+    }
+
+    /// Where the first data (`SEEK_DATA`) or hole (`SEEK_HOLE`, with `hole`) at or after
+    /// `offset` is in what this handle sees. Holes are reported only where the file behind
+    /// this view is known to have them (a working copy still being seeded, bytes appended in
+    /// memory and contents without a local file are all data), so the answer is never wrong,
+    /// at worst less sparse; the end counts as a hole, and at or past it there is `ENXIO`.
+    pub fn seek(&self, offset: u64, hole: bool) -> FsResult<u64> {
+        let size = self.size()?;
+        if offset >= size {
+            return Err(Errno::ENXIO);
+        }
+        // The file whose extents are this view's up to `known`; past that, data.
+        let (file, known) = match (&self.staged, &self.committed) {
+            (Some(_), _) if self.seeding.is_some() => (None, 0),
+            (Some(staged), _) => (Some(&staged.file), size),
+            (None, Some(content)) => (content.local_file(), self.committed_size()?.min(size)),
+            (None, None) => (None, 0),
+        };
+        if let Some(file) = file
+            && offset < known
+        {
+            let whence = if hole {
+                libc::SEEK_HOLE
+            } else {
+                libc::SEEK_DATA
+            };
+            // SAFETY: a valid descriptor; lseek touches no memory.
+            let at = unsafe { libc::lseek(file.as_raw_fd(), offset as libc::off_t, whence) };
+            if at >= 0 && (at as u64) < known {
+                return Ok(at as u64);
+            }
+            let e = std::io::Error::last_os_error();
+            if at < 0 && e.raw_os_error() != Some(libc::ENXIO) {
+                return Err(e.into());
+            }
+            // Nothing of the kind before `known`: what follows it is data.
+            return match (hole, known < size) {
+                (true, _) => Ok(size),
+                (false, true) => Ok(known),
+                (false, false) => Err(Errno::ENXIO),
+            };
+        }
+        Ok(if hole { size } else { offset })
     }
 
     /// Reads up to `size` bytes at `offset` from what this handle sees.

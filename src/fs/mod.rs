@@ -893,6 +893,19 @@ impl Fs {
 
     /// `write(2)` through `fh` by thread `by`: at `offset`, or at the end for an `O_APPEND`
     /// handle.
+    /// `lseek` with `SEEK_DATA` or `SEEK_HOLE` (the kernel answers the other kinds itself).
+    pub fn lseek(&self, fh: u64, offset: i64, whence: i32) -> FsResult<u64> {
+        let hole = match whence {
+            libc::SEEK_DATA => false,
+            libc::SEEK_HOLE => true,
+            _ => return Err(Errno::EINVAL),
+        };
+        let offset = u64::try_from(offset).map_err(|_| Errno::ENXIO)?;
+        let handle = self.file(fh)?;
+        let h = lock(&handle);
+        h.seek(offset, hole)
+    }
+
     pub fn write(&self, fh: u64, offset: u64, data: &[u8], by: Tid) -> FsResult<u32> {
         self.write_to(fh, offset, data, Some(by))
     }
@@ -2253,5 +2266,60 @@ mod tests {
         s.fs.mkdir(ROOT, name("d"), 0o755, &c).unwrap();
         let st = s.fs.statfs().unwrap();
         assert_eq!((st.files, st.ffree), (2, 0));
+    }
+
+    #[test]
+    fn seek_data_and_hole_follow_each_handles_view() {
+        use std::os::unix::fs::FileExt;
+        const MIB: u64 = 1 << 20;
+        let s = full();
+        // A committed file with one 4 KiB block of data at 4 MiB in 8 MiB.
+        let f = std::fs::File::create(s.root.join("sparse")).unwrap();
+        f.set_len(8 * MIB).unwrap();
+        f.write_all_at(&[b'd'; 4096], 4 * MIB).unwrap();
+        drop(f);
+        let ino = s.fs.lookup(ROOT, name("sparse")).unwrap().ino;
+        let (data, hole) = (libc::SEEK_DATA, libc::SEEK_HOLE);
+
+        let r = s.fs.open(ino, libc::O_RDONLY, CALLER).unwrap();
+        assert_eq!(s.fs.lseek(r.fh, 0, data), Ok(4 * MIB));
+        assert_eq!(s.fs.lseek(r.fh, 0, hole), Ok(0));
+        assert_eq!(s.fs.lseek(r.fh, 4 * MIB as i64, hole), Ok(4 * MIB + 4096));
+        assert_eq!(
+            s.fs.lseek(r.fh, 4 * MIB as i64 + 4096, data),
+            Err(Errno::ENXIO)
+        );
+        assert_eq!(s.fs.lseek(r.fh, 8 * MIB as i64, hole), Err(Errno::ENXIO));
+        assert_eq!(s.fs.lseek(r.fh, -1, data), Err(Errno::ENXIO));
+        assert_eq!(s.fs.lseek(r.fh, 0, libc::SEEK_END), Err(Errno::EINVAL));
+
+        // Appended bytes held in memory are data after the committed holes.
+        let a =
+            s.fs.open(ino, libc::O_WRONLY | libc::O_APPEND, CALLER)
+                .unwrap();
+        s.fs.write(a.fh, 0, b"tail", CALLER).unwrap();
+        assert_eq!(s.fs.lseek(a.fh, 4 * MIB as i64 + 4096, data), Ok(8 * MIB));
+        assert_eq!(s.fs.lseek(a.fh, 8 * MIB as i64, hole), Ok(8 * MIB + 4));
+        s.fs.release(a.fh).unwrap();
+        // The reader still sees its version.
+        assert_eq!(
+            s.fs.lseek(r.fh, 4 * MIB as i64 + 4096, data),
+            Err(Errno::ENXIO)
+        );
+        s.fs.release(r.fh).unwrap();
+
+        // A working copy still being seeded tells no holes (its own are not the file's).
+        let w = s.fs.open(ino, RW, CALLER).unwrap();
+        s.fs.write(w.fh, MIB, b"x", CALLER).unwrap();
+        assert_eq!(s.fs.lseek(w.fh, 0, data), Ok(0));
+        assert_eq!(s.fs.lseek(w.fh, 0, hole), Ok(8 * MIB + 4));
+        s.fs.release(w.fh).unwrap();
+
+        // A new file's working copy has exactly the holes its writes left.
+        let (_, n) = create(&s.fs, ROOT, "new", RW | libc::O_TRUNC);
+        s.fs.write(n.fh, 2 * MIB, b"x", CALLER).unwrap();
+        assert_eq!(s.fs.lseek(n.fh, 0, data), Ok(2 * MIB));
+        assert_eq!(s.fs.lseek(n.fh, 2 * MIB as i64, hole), Ok(2 * MIB + 1));
+        s.fs.release(n.fh).unwrap();
     }
 }
