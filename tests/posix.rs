@@ -1416,6 +1416,48 @@ assert data[:4] == b'new!' and data[-4:] == b'tail' and len(data) == (2 << 20) +
 }
 
 #[test]
+fn a_mapped_database_beside_a_passthrough_reader_stays_whole() {
+    // A read-only holder (a backup, a viewer) makes the database a passthrough file; sqlite
+    // with mmap (Rails' default) then reads through its map what it writes. The read-write
+    // open must see its own working copy through the map too, not the reader's version.
+    let m = Mounted::room();
+    python(
+        &m.mnt,
+        r#"
+import os, sqlite3
+p = os.environ['MNT'] + '/app.db'
+c = sqlite3.connect(p)
+c.execute('create table t(x)')
+c.executemany('insert into t values(?)', [(os.urandom(100),) for _ in range(30000)])
+c.commit()
+c.close()
+assert os.path.getsize(p) > 1 << 20
+holder = open(p, 'rb')
+held = os.fstat(holder.fileno()).st_ino
+w = sqlite3.connect(p)
+w.execute('pragma mmap_size=268435456')
+rows = 30000
+for i in range(300):
+    w.execute('insert into t values(?)', (os.urandom(100),))
+    w.commit()
+    rows += 1
+    if i % 100 == 0:
+        rows -= w.execute('delete from t where rowid % 7 = 0').rowcount
+        w.commit()
+assert w.execute('select count(*) from t').fetchone()[0] == rows
+assert w.execute('pragma integrity_check').fetchone()[0] == 'ok'
+w.close()
+# The name moved to a new inode; the holder keeps the version it opened.
+assert os.stat(p).st_ino != held and os.fstat(holder.fileno()).st_ino == held
+holder.close()
+c = sqlite3.connect(p)
+assert c.execute('select count(*) from t').fetchone()[0] == rows
+assert c.execute('pragma integrity_check').fetchone()[0] == 'ok'
+"#,
+    );
+}
+
+#[test]
 fn hard_links_xattrs_and_o_tmpfile_are_refused_with_documented_errnos() {
     let m = Mounted::room();
     fs::write(m.p("f"), b"x").unwrap();

@@ -28,6 +28,7 @@ impl Errno {
     pub const ENOSPC: Errno = Errno(libc::ENOSPC);
     pub const ENODATA: Errno = Errno(libc::ENODATA);
     pub const ENXIO: Errno = Errno(libc::ENXIO);
+    pub const ESTALE: Errno = Errno(libc::ESTALE);
 }
 
 impl From<io::Error> for Errno {

@@ -23,6 +23,8 @@ struct Node {
     kind: Kind,
     /// How many times the kernel has been told about this inode and not forgotten it.
     nlookup: u64,
+    /// Its name now leads to another inode (see [`InodeTable::supersede`]).
+    superseded: bool,
 }
 
 /// Maps inode numbers to names in the space.
@@ -31,6 +33,8 @@ pub struct InodeTable {
     nodes: HashMap<Ino, Node>,
     children: HashMap<(Ino, OsString), Ino>,
     next: Ino,
+    /// Superseded inodes that still carry their name (few, and only for a while).
+    aliases: Vec<Ino>,
 }
 
 impl Default for InodeTable {
@@ -43,12 +47,14 @@ impl Default for InodeTable {
                 name: OsString::new(),
                 kind: Kind::Dir,
                 nlookup: 1,
+                superseded: false,
             },
         );
         InodeTable {
             nodes,
             children: HashMap::new(),
             next: ROOT + 1,
+            aliases: Vec::new(),
         }
     }
 }
@@ -112,10 +118,57 @@ impl InodeTable {
                 name: name.to_os_string(),
                 kind,
                 nlookup: 1,
+                superseded: false,
             },
         );
         self.children.insert(key, ino);
         ino
+    }
+
+    /// Gives the name of `ino` up to a new inode (the next lookup of the name makes one), while
+    /// `ino` keeps the name as an alias: its open handles still commit to it (and follow its
+    /// renames), but the kernel is to reach the file through the new inode from now on.
+    pub fn supersede(&mut self, ino: Ino) {
+        let Some(node) = self.nodes.get_mut(&ino) else {
+            return;
+        };
+        if node.parent == DETACHED || node.superseded {
+            return;
+        }
+        node.superseded = true;
+        let key = (node.parent, node.name.clone());
+        if self.children.get(&key) == Some(&ino) {
+            self.children.remove(&key);
+        }
+        self.aliases.push(ino);
+    }
+
+    /// Whether `ino` gave its name up to another inode.
+    pub fn is_superseded(&self, ino: Ino) -> bool {
+        self.nodes.get(&ino).is_some_and(|n| n.superseded)
+    }
+
+    /// The aliases that carry `name` in `parent`.
+    fn aliases_at(&self, parent: Ino, name: &OsStr) -> Vec<Ino> {
+        self.aliases
+            .iter()
+            .copied()
+            .filter(|a| {
+                self.nodes
+                    .get(a)
+                    .is_some_and(|n| n.parent == parent && n.name == name)
+            })
+            .collect()
+    }
+
+    /// Detaches the aliases `inos` (their name went away).
+    fn detach_aliases(&mut self, inos: &[Ino]) {
+        for ino in inos {
+            if let Some(node) = self.nodes.get_mut(ino) {
+                node.parent = DETACHED;
+            }
+        }
+        self.aliases.retain(|a| !inos.contains(a));
     }
 
     /// Drops `n` kernel references to `ino`; the inode is forgotten when none are left.
@@ -129,14 +182,18 @@ impl InodeTable {
         node.nlookup = node.nlookup.saturating_sub(n);
         if node.nlookup == 0 {
             let node = self.nodes.remove(&ino).expect("present");
-            if node.parent != DETACHED {
-                self.children.remove(&(node.parent, node.name));
+            let key = (node.parent, node.name);
+            if key.0 != DETACHED && self.children.get(&key) == Some(&ino) {
+                self.children.remove(&key);
             }
+            self.aliases.retain(|&a| a != ino);
         }
     }
 
     /// Removes the name `name` in `parent`; its inode (if still in use) becomes detached.
     pub fn detach(&mut self, parent: Ino, name: &OsStr) {
+        let aliases = self.aliases_at(parent, name);
+        self.detach_aliases(&aliases);
         if let Some(ino) = self.children.remove(&(parent, name.to_os_string()))
             && let Some(node) = self.nodes.get_mut(&ino)
         {
@@ -156,23 +213,42 @@ impl InodeTable {
     ) {
         let src = self.children.remove(&(parent, name.to_os_string()));
         let dst = self.children.remove(&(new_parent, new_name.to_os_string()));
+        let (src_aliases, dst_aliases) = (
+            self.aliases_at(parent, name),
+            self.aliases_at(new_parent, new_name),
+        );
         if let Some(ino) = src {
             self.place(ino, new_parent, new_name);
         }
-        if let Some(ino) = dst {
-            if exchange {
+        for &ino in &src_aliases {
+            self.rename_node(ino, new_parent, new_name);
+        }
+        if exchange {
+            if let Some(ino) = dst {
                 self.place(ino, parent, name);
-            } else if let Some(node) = self.nodes.get_mut(&ino) {
+            }
+            for &ino in &dst_aliases {
+                self.rename_node(ino, parent, name);
+            }
+        } else {
+            if let Some(node) = dst.and_then(|ino| self.nodes.get_mut(&ino)) {
                 node.parent = DETACHED;
             }
+            self.detach_aliases(&dst_aliases);
         }
     }
 
     fn place(&mut self, ino: Ino, parent: Ino, name: &OsStr) {
+        self.rename_node(ino, parent, name);
+        if self.nodes.contains_key(&ino) {
+            self.children.insert((parent, name.to_os_string()), ino);
+        }
+    }
+
+    fn rename_node(&mut self, ino: Ino, parent: Ino, name: &OsStr) {
         if let Some(node) = self.nodes.get_mut(&ino) {
             node.parent = parent;
             node.name = name.to_os_string();
-            self.children.insert((parent, name.to_os_string()), ino);
         }
     }
 }
@@ -217,5 +293,44 @@ mod tests {
         t.forget(x, 2);
         assert_eq!(t.child(ROOT, OsStr::new("y")), None);
         assert_ne!(t.remember(ROOT, OsStr::new("y"), Kind::File), x);
+    }
+
+    #[test]
+    fn a_superseded_inode_keeps_its_name_as_an_alias_until_the_name_goes() {
+        let mut t = InodeTable::default();
+        let d = t.remember(ROOT, OsStr::new("d"), Kind::Dir);
+        let x = t.remember(d, OsStr::new("f"), Kind::File);
+        t.supersede(x);
+        assert!(t.is_superseded(x));
+        assert_eq!(
+            t.child(d, OsStr::new("f")),
+            None,
+            "the next lookup makes a new inode"
+        );
+        let y = t.remember(d, OsStr::new("f"), Kind::File);
+        assert_ne!(x, y);
+        assert_eq!(
+            t.path(x).unwrap(),
+            Path::new("d/f"),
+            "its handles still commit there"
+        );
+        // Renames of the name (or its directory) carry the alias along.
+        t.rename(d, OsStr::new("f"), d, OsStr::new("g"), false);
+        t.rename(ROOT, OsStr::new("d"), ROOT, OsStr::new("e"), false);
+        assert_eq!(t.path(x).unwrap(), Path::new("e/g"));
+        assert_eq!(t.path(y).unwrap(), Path::new("e/g"));
+        // Forgetting the alias leaves the name to the new inode.
+        t.forget(x, 1);
+        assert_eq!(t.child(d, OsStr::new("g")), Some(y));
+        // An alias whose name is unlinked or replaced is detached, like its inode.
+        t.supersede(y);
+        t.detach(d, OsStr::new("g"));
+        assert_eq!(t.path(y), None);
+        let z = t.remember(d, OsStr::new("h"), Kind::File);
+        let w = t.remember(d, OsStr::new("i"), Kind::File);
+        t.supersede(z);
+        t.rename(d, OsStr::new("i"), d, OsStr::new("h"), false);
+        assert_eq!(t.path(z), None);
+        assert_eq!(t.path(w).unwrap(), Path::new("e/h"));
     }
 }

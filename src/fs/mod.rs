@@ -695,10 +695,17 @@ impl Fs {
 
     // ---- files ---------------------------------------------------------------------------
 
-    /// Opens the file `ino` with the `open(2)` flags `flags`.
-    /// Opens the file `ino` with the `open(2)` flags `flags`, for thread `by`.
+    /// Opens the file `ino` with the `open(2)` flags `flags`, for thread `by`. An inode whose
+    /// name moved to another (see `passthrough`) is `ESTALE`: the kernel then looks the name
+    /// up again and opens the file through the new inode.
     pub fn open(&self, ino: Ino, flags: i32, by: Tid) -> FsResult<Opened> {
-        let path = self.path(ino)?;
+        let path = {
+            let table = read_lock(&self.table);
+            if table.is_superseded(ino) {
+                return Err(Errno::ESTALE);
+            }
+            table.path(ino).ok_or(Errno::ENOENT)?
+        };
         self.open_path(ino, &path, flags, by)
     }
 
@@ -724,28 +731,35 @@ impl Fs {
         // connections): they share one handle, so each sees the others' writes at once.
         let shares = flags & libc::O_ACCMODE == libc::O_RDWR
             && flags & (libc::O_TRUNC | libc::O_APPEND) == 0;
-        let read_only = !writable && flags & libc::O_TRUNC == 0;
         let (direct_io, keep_cache, alone, passing) = {
             let mut opens = lock(&self.opens);
             let state = opens.entry(ino).or_default();
             let others_open = !state.handles.is_empty();
-            if shares && let Some((shared, members)) = &mut state.shared {
-                *members += 1;
-                let shared = shared.clone();
-                state.handles.push(fh);
-                state.writers += 1;
-                let passing =
-                    self.passing_for(&mut state.window, true, fh, committed.as_ref(), false);
-                drop(opens);
-                return Ok(self.join(fh, shared, committed, by, passing));
-            }
             let passing = self.passing_for(
                 &mut state.window,
                 others_open,
                 fh,
                 committed.as_ref(),
-                read_only,
+                flags,
             );
+            if passing == Passing::Stale {
+                drop(opens);
+                if let Some(staged) = staged {
+                    self.store.discard(staged);
+                }
+                self.supersede(ino);
+                return Err(Errno::ESTALE);
+            }
+            if shares && let Some((shared, members)) = &mut state.shared {
+                // Read-write opens never join a window (they are `Stale` there).
+                debug_assert_eq!(passing, Passing::No);
+                *members += 1;
+                let shared = shared.clone();
+                state.handles.push(fh);
+                state.writers += 1;
+                drop(opens);
+                return Ok(self.join(fh, shared, committed, by));
+            }
             state.handles.push(fh);
             if passing != Passing::No {
                 // The kernel bypasses its page cache for every handle of the inode now.
@@ -784,7 +798,6 @@ impl Fs {
             direct_io,
             Some(committed),
         );
-        self.note_maps_only(&handle, passing);
         handle.dirty = staged.is_some();
         handle.staged = staged;
         handle.users.add(by);
@@ -819,7 +832,6 @@ impl Fs {
         shared: Arc<Mutex<FileHandle>>,
         latest: Arc<dyn Content>,
         by: Tid,
-        passing: Passing,
     ) -> Opened {
         let mut h = lock(&shared);
         h.users.add(by);
@@ -836,7 +848,6 @@ impl Fs {
             h.committed = Some(latest);
         }
         let direct_io = h.direct_io;
-        self.note_maps_only(&h, passing);
         drop(h);
         write_lock(&self.files).insert(fh, shared);
         Opened {
@@ -845,7 +856,7 @@ impl Fs {
             // The kernel's pages are the shared handle's view, unless it just moved on.
             keep_cache: !direct_io && !moved,
             no_flush: false,
-            passthrough: passing.backing_id(),
+            passthrough: None,
         }
     }
 

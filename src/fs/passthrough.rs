@@ -10,11 +10,14 @@
 //!   bytes that nobody else has open in this mount (a writer's working copy is not the
 //!   committed file, and cached handles would block it); its backing file is the committed
 //!   file that open found.
-//! - While the window is open, every open of the inode names its backing file. Readers of
-//!   that same file are served by the kernel. Writers, and readers that found a newer version
-//!   (the file was replaced since), get direct I/O besides: their reads and writes still come
-//!   to the daemon, which serves them by every rule of staged writes, and only their memory
-//!   maps are of the window's file (the kernel maps the backing file).
+//! - While the window is open, every open of the inode must name its backing file. Readers of
+//!   that same file are served by the kernel. Write-only opens name it too and get direct I/O
+//!   besides: their writes come to the daemon and are staged by every rule (a write-only
+//!   descriptor cannot be mapped, so the backing file serves them nothing). A read-write open
+//!   could map the backing file while it writes a working copy, and a reader of a newer
+//!   version would map an old one: for those the name moves to a new inode
+//!   ([`InodeTable::supersede`](super::inode::InodeTable::supersede)) and the open is
+//!   answered `ESTALE`, on which the kernel looks the name up again and opens the new inode.
 //! - The window closes when the last handle opened in it is released (the kernel has let go
 //!   of the backing file before it sends that release).
 //!
@@ -28,7 +31,6 @@ use std::io;
 use std::sync::atomic::Ordering;
 
 use super::Fs;
-use super::handle::FileHandle;
 use crate::store::Content;
 
 /// Files at least this large may be read through passthrough. Below it the FUSE page cache
@@ -61,17 +63,19 @@ pub enum Passing {
     No,
     /// The kernel reads (and maps) the backing file `id` itself.
     Reads(u32),
-    /// The inode is in a window: reads and writes come to the daemon with direct I/O, and
-    /// only memory maps are of the backing file `id`.
-    MapsOnly(u32),
+    /// A write-only open in a window: its writes come to the daemon with direct I/O (a
+    /// write-only descriptor cannot be mapped, so the backing file `id` serves nothing).
+    WritesOnly(u32),
+    /// The open cannot be served in the inode's window: the name is to move to a new inode.
+    Stale,
 }
 
 impl Passing {
     /// The backing file id to send with the open reply, if any.
     pub fn backing_id(self) -> Option<u32> {
         match self {
-            Passing::No => None,
-            Passing::Reads(id) | Passing::MapsOnly(id) => Some(id),
+            Passing::No | Passing::Stale => None,
+            Passing::Reads(id) | Passing::WritesOnly(id) => Some(id),
         }
     }
 }
@@ -96,25 +100,32 @@ impl Fs {
         }
     }
 
-    /// Decides how the kernel serves `fh`, a new open of the inode whose open bookkeeping is
-    /// `window` and `others_open` (any handle of it open), on `content`; `read_only` for an
-    /// open that can change nothing. Registers a backing file when a window opens.
+    /// Decides how the kernel serves `fh`, a new open with `flags` of the inode whose open
+    /// bookkeeping is `window` and `others_open` (any handle of it open), on `content`.
+    /// Registers a backing file when a window opens.
     pub(super) fn passing_for(
         &self,
         window: &mut Option<Window>,
         others_open: bool,
         fh: u64,
         content: &dyn Content,
-        read_only: bool,
+        flags: i32,
     ) -> Passing {
+        let read_only = flags & libc::O_ACCMODE == libc::O_RDONLY && flags & libc::O_TRUNC == 0;
+        let write_only = flags & libc::O_ACCMODE == libc::O_WRONLY;
         let object = content.meta().ok().map(|m| (m.version.0, m.version.1));
         if let Some(w) = window {
-            w.fhs.push(fh);
-            return if read_only && object == Some(w.object) {
+            let passing = if read_only && object == Some(w.object) {
                 Passing::Reads(w.id)
+            } else if write_only {
+                Passing::WritesOnly(w.id)
             } else {
-                Passing::MapsOnly(w.id)
+                // A read-write open could map the window's file while it writes a working
+                // copy, a reader of a newer version would map an old one.
+                return Passing::Stale;
             };
+            w.fhs.push(fh);
+            return passing;
         }
         let Some(backing) = self.backing.get() else {
             return Passing::No;
@@ -166,21 +177,12 @@ impl Fs {
         }
     }
 
-    /// Logs a writer (or a reader of a newer version) whose memory maps are of the window's
-    /// file rather than of what it reads and writes.
-    pub(super) fn note_maps_only(&self, h: &FileHandle, passing: Passing) {
-        if let Passing::MapsOnly(_) = passing {
-            log::debug!(
-                "inode {} opened {} while a passthrough reader has it open: direct I/O, and \
-                 memory maps show the reader's version",
-                h.ino,
-                if h.writable {
-                    "for writing"
-                } else {
-                    "at a newer version"
-                }
-            );
-        }
+    /// Moves the name of `ino`, whose window cannot serve an open, to a new inode: the
+    /// caller answers `ESTALE`, on which the kernel looks the name up again and opens that.
+    /// The window's readers keep the old inode; its handles still commit to the name.
+    pub(super) fn supersede(&self, ino: super::Ino) {
+        super::write_lock(&self.table).supersede(ino);
+        log::debug!("inode {ino}: passthrough readers hold it; its name moves to a new inode");
     }
 }
 
@@ -192,7 +194,7 @@ mod tests {
     use std::sync::{Arc, Mutex};
 
     use super::*;
-    use crate::fs::{Caller, FsOptions, ROOT};
+    use crate::fs::{Caller, Errno, FsOptions, ROOT};
     use crate::store::local::{LocalStore, StagingArea};
 
     const RO: i32 = libc::O_RDONLY;
@@ -335,44 +337,78 @@ mod tests {
     }
 
     #[test]
-    fn opens_during_a_window_name_its_file_and_keep_staged_writes() {
+    fn write_only_opens_join_a_window_and_keep_their_writes_staged() {
         let s = setup(None);
         let ino = s.file("f", BIG);
         let reader = s.fs.open(ino, RO, 0).unwrap();
         let id = reader.passthrough.unwrap();
-
-        // A writer must name the window's file too: direct I/O keeps its writes staged.
-        let w = s.fs.open(ino, libc::O_RDWR, 0).unwrap();
+        // A write-only descriptor cannot be mapped: it names the window's file, and its
+        // writes come to the daemon (direct I/O) and stay staged until its close.
+        let w = s.fs.open(ino, libc::O_WRONLY, 0).unwrap();
         assert_eq!(w.passthrough, Some(id));
         assert!(w.direct_io && !w.keep_cache);
         s.fs.write(w.fh, 0, b"new", 0).unwrap();
-        assert_eq!(s.fs.read(w.fh, 0, 3).unwrap(), b"new");
         assert_eq!(std::fs::read(s.root.join("f")).unwrap()[..3], *b"aaa");
-        // A second read-write open joins the writer's handle, in the window too.
-        let joined = s.fs.open(ino, libc::O_RDWR, 0).unwrap();
-        assert_eq!(joined.passthrough, Some(id));
-        assert!(joined.direct_io);
-        assert_eq!(s.fs.read(joined.fh, 0, 3).unwrap(), b"new");
-        s.fs.release(joined.fh).unwrap();
+        let appender = s.fs.open(ino, libc::O_WRONLY | libc::O_APPEND, 0).unwrap();
+        assert_eq!(appender.passthrough, Some(id));
+        s.fs.release(appender.fh).unwrap();
         s.fs.release(w.fh).unwrap();
         assert_eq!(std::fs::read(s.root.join("f")).unwrap()[..3], *b"new");
-
-        // The file was replaced: a reader of the new version reads it through the daemon.
-        let newer = s.fs.open(ino, RO, 0).unwrap();
-        assert_eq!(newer.passthrough, Some(id));
-        assert!(newer.direct_io, "the window's file is the previous version");
-        assert_eq!(s.fs.read(newer.fh, 0, 3).unwrap(), b"new");
-        assert_eq!(s.live().len(), 1);
+        assert_eq!(
+            s.fs.read(reader.fh, 0, 3).unwrap(),
+            b"aaa",
+            "the reader keeps its version"
+        );
         s.fs.release(reader.fh).unwrap();
-        assert_eq!(s.live().len(), 1, "the newer reader still uses the window");
-        s.fs.release(newer.fh).unwrap();
         assert!(s.live().is_empty());
+    }
 
-        // Alone again: a window on the new version.
-        let again = s.fs.open(ino, RO, 0).unwrap();
-        assert!(again.passthrough.is_some() && !again.direct_io);
-        assert_eq!(s.live()[0].1, s.disk_ino("f"));
-        s.fs.release(again.fh).unwrap();
+    #[test]
+    fn opens_a_window_cannot_serve_move_the_name_to_a_new_inode() {
+        let s = setup(None);
+        let x = s.file("f", BIG);
+        let reader = s.fs.open(x, RO, 0).unwrap();
+        let first = reader.passthrough.unwrap();
+        let w = s.fs.open(x, libc::O_WRONLY, 0).unwrap();
+
+        // A read-write open could map the window's file while writing a working copy.
+        assert_eq!(s.fs.open(x, libc::O_RDWR, 0).unwrap_err(), Errno::ESTALE);
+        assert_eq!(
+            s.fs.open(x, RO, 0).unwrap_err(),
+            Errno::ESTALE,
+            "x gave its name up"
+        );
+        let y = s.fs.lookup(ROOT, OsStr::new("f")).unwrap().ino;
+        assert_ne!(x, y, "the kernel's next lookup finds a new inode");
+        let rw = s.fs.open(y, libc::O_RDWR, 0).unwrap();
+        assert_eq!(rw.passthrough, None);
+        s.fs.write(rw.fh, 0, b"rw!", 0).unwrap();
+        assert_eq!(s.fs.read(rw.fh, 0, 3).unwrap(), b"rw!");
+        s.fs.release(rw.fh).unwrap();
+        // The write-only handle still commits to the name: last close wins, whole.
+        s.fs.write(w.fh, 0, b"wo", 0).unwrap();
+        s.fs.release(w.fh).unwrap();
+        assert_eq!(std::fs::read(s.root.join("f")).unwrap()[..3], *b"woa");
+        assert_eq!(s.fs.read(reader.fh, 0, 3).unwrap(), b"aaa");
+
+        // A reader of a newer version than a window's file gets a new inode too.
+        let r2 = s.fs.open(y, RO, 0).unwrap();
+        let second = r2.passthrough.unwrap();
+        assert_ne!(first, second, "each inode has its own window");
+        std::fs::write(s.root.join("f.new"), vec![b'b'; BIG]).unwrap();
+        std::fs::rename(s.root.join("f.new"), s.root.join("f")).unwrap();
+        assert_eq!(s.fs.open(y, RO, 0).unwrap_err(), Errno::ESTALE);
+        let z = s.fs.lookup(ROOT, OsStr::new("f")).unwrap().ino;
+        let r3 = s.fs.open(z, RO, 0).unwrap();
+        assert!(r3.passthrough.is_some());
+        assert_eq!(s.live().len(), 3);
+        for fh in [reader.fh, r2.fh, r3.fh] {
+            s.fs.release(fh).unwrap();
+        }
+        assert!(s.live().is_empty());
+        s.fs.forget(x, 1);
+        s.fs.forget(y, 1);
+        assert_eq!(s.fs.lookup(ROOT, OsStr::new("f")).unwrap().ino, z);
     }
 
     #[test]
