@@ -696,16 +696,10 @@ impl Fs {
     // ---- files ---------------------------------------------------------------------------
 
     /// Opens the file `ino` with the `open(2)` flags `flags`, for thread `by`. An inode whose
-    /// name moved to another (see `passthrough`) is `ESTALE`: the kernel then looks the name
-    /// up again and opens the file through the new inode.
+    /// name moved to another (see `passthrough`) still opens under that name (a cached entry,
+    /// `/proc/<pid>/fd`) where its passthrough readers allow; elsewhere it is `ESTALE` again.
     pub fn open(&self, ino: Ino, flags: i32, by: Tid) -> FsResult<Opened> {
-        let path = {
-            let table = read_lock(&self.table);
-            if table.is_superseded(ino) {
-                return Err(Errno::ESTALE);
-            }
-            table.path(ino).ok_or(Errno::ENOENT)?
-        };
+        let path = self.path(ino)?;
         self.open_path(ino, &path, flags, by)
     }
 
