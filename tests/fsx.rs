@@ -31,7 +31,8 @@ const NAME: &str = "fsx.bin";
 const SOURCE: &str = "fsx-source.bin";
 const DEFAULT_SEED: u64 = 0x0f5c_2024_5eed;
 const DEFAULT_OPS: u64 = 3000;
-const DEFAULT_MAX_LEN: u64 = 1 << 20;
+// Up to 2 MiB: about half the time at least the 1 MiB that passthrough readers need.
+const DEFAULT_MAX_LEN: u64 = 2 << 20;
 /// The longest single read or write.
 const MAX_IO: u64 = 64 << 10;
 /// Longer than the mount's attribute and entry cache time (`--cache-ttl`, 1 s by default).
@@ -360,6 +361,13 @@ struct Fsx<'a> {
     /// The file `copy_file_range` copies from (open read-only), and its content.
     source: Option<(File, Vec<u8>)>,
     second_left: u64,
+    /// A read-only descriptor opened while nothing else had the file open (a passthrough
+    /// reader for files of 1 MiB or more), and the version it must keep reading.
+    holder: Option<(File, Vec<u8>)>,
+    /// The mount reads large files through passthrough.
+    passthrough: bool,
+    /// How many holders were opened.
+    holders: u64,
     /// `f` was opened with `O_TRUNC`: a private writer, which no other open shares.
     truncating: bool,
     op: u64,
@@ -384,6 +392,9 @@ impl<'a> Fsx<'a> {
             second: None,
             source: None,
             second_left: 0,
+            holder: None,
+            holders: 0,
+            passthrough: !m.log().contains("large files are read through the daemon"),
             truncating: false,
             op: 0,
             log: Vec::new(),
@@ -419,7 +430,54 @@ impl<'a> Fsx<'a> {
             self.step()?;
         }
         self.op = self.ops;
-        self.close_all()
+        self.close_all()?;
+        self.release_holder()
+    }
+
+    /// Replaces the holder by a fresh read-only descriptor of the committed file: with
+    /// nothing else open, the kernel reads it straight from the disk (passthrough), and the
+    /// writer opened next gets the file under a new inode.
+    fn hold(&mut self) -> Result<(), String> {
+        self.release_holder()?;
+        self.note(format!(
+            "hold a read-only descriptor (size {:#x})",
+            self.size()
+        ));
+        let file = io(|| "open the holder".into(), File::open(self.m.p(NAME)))?;
+        if self
+            .m
+            .log()
+            .contains("large files are read through the daemon")
+        {
+            // Passthrough turned out unavailable (it is tried at the first large open).
+            self.passthrough = false;
+            return Ok(());
+        }
+        self.holders += 1;
+        self.holder = Some((file, self.model.clone()));
+        Ok(())
+    }
+
+    /// Checks that the holder still reads the version it opened, whole, and closes it.
+    fn release_holder(&mut self) -> Result<(), String> {
+        let Some((file, version)) = self.holder.take() else {
+            return Ok(());
+        };
+        let mut seen = vec![0u8; version.len() + 1];
+        let mut done = 0;
+        while done < seen.len() {
+            let n = io(
+                || "read the holder".into(),
+                file.read_at(&mut seen[done..], done as u64),
+            )?;
+            if n == 0 {
+                break;
+            }
+            done += n;
+        }
+        seen.truncate(done);
+        self.note(format!("release the holder (size {:#x})", version.len()));
+        compare("the holder's version", 0, &seen, &version)
     }
 
     fn step(&mut self) -> Result<(), String> {
@@ -462,6 +520,11 @@ impl<'a> Fsx<'a> {
                     self.f = self.second.take();
                 } else {
                     self.close_all()?;
+                    // Only a passthrough reader: a reader through the page cache would make
+                    // fstat show the committed size to the writer (see the README).
+                    if self.passthrough && self.size() >= 1 << 20 && self.rng.percent(30) {
+                        self.hold()?;
+                    }
                     self.open(false)?;
                 }
             }
@@ -498,11 +561,14 @@ impl<'a> Fsx<'a> {
     }
 
     fn counts_line(&self) -> String {
-        OPS.iter()
+        let mut line = OPS
+            .iter()
             .zip(self.counts)
             .map(|(op, n)| format!("{op:?} {n}"))
             .collect::<Vec<_>>()
-            .join(", ")
+            .join(", ");
+        line.push_str(&format!(", passthrough holders {}", self.holders));
+        line
     }
 
     fn fail(&self, msg: &str) -> ! {
