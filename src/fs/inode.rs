@@ -25,6 +25,8 @@ struct Node {
     nlookup: u64,
     /// Its name now leads to another inode (see [`InodeTable::supersede`]).
     superseded: bool,
+    /// It took its name over from a superseded inode and has not been opened yet.
+    successor: bool,
 }
 
 /// Maps inode numbers to names in the space.
@@ -48,6 +50,7 @@ impl Default for InodeTable {
                 kind: Kind::Dir,
                 nlookup: 1,
                 superseded: false,
+                successor: false,
             },
         );
         InodeTable {
@@ -111,6 +114,7 @@ impl InodeTable {
         }
         let ino = self.next;
         self.next += 1;
+        let successor = !self.aliases_at(parent, name).is_empty();
         self.nodes.insert(
             ino,
             Node {
@@ -119,6 +123,7 @@ impl InodeTable {
                 kind,
                 nlookup: 1,
                 superseded: false,
+                successor,
             },
         );
         self.children.insert(key, ino);
@@ -146,6 +151,19 @@ impl InodeTable {
     /// Whether `ino` gave its name up to another inode.
     pub fn is_superseded(&self, ino: Ino) -> bool {
         self.nodes.get(&ino).is_some_and(|n| n.superseded)
+    }
+
+    /// Whether `ino` took its name over from a superseded inode and is opened for the first
+    /// time now (the mark goes with this call).
+    pub fn first_open_of_successor(&mut self, ino: Ino) -> bool {
+        self.nodes
+            .get_mut(&ino)
+            .is_some_and(|n| std::mem::take(&mut n.successor))
+    }
+
+    /// Whether `ino` took its name over from a superseded inode and was not opened yet.
+    pub fn is_unopened_successor(&self, ino: Ino) -> bool {
+        self.nodes.get(&ino).is_some_and(|n| n.successor)
     }
 
     /// The aliases that carry `name` in `parent`.
@@ -309,6 +327,9 @@ mod tests {
         );
         let y = t.remember(d, OsStr::new("f"), Kind::File);
         assert_ne!(x, y);
+        assert!(t.is_unopened_successor(y));
+        assert!(t.first_open_of_successor(y));
+        assert!(!t.first_open_of_successor(y), "only the first open");
         assert_eq!(
             t.path(x).unwrap(),
             Path::new("d/f"),

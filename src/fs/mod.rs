@@ -725,13 +725,18 @@ impl Fs {
         // connections): they share one handle, so each sees the others' writes at once.
         let shares = flags & libc::O_ACCMODE == libc::O_RDWR
             && flags & (libc::O_TRUNC | libc::O_APPEND) == 0;
+        // The first open of an inode that took its name over from one held by passthrough
+        // readers is mostly the open the kernel retries after `ESTALE`: a reader racing it
+        // must not start a window that would turn it away again.
+        let successor = read_lock(&self.table).is_unopened_successor(ino)
+            && write_lock(&self.table).first_open_of_successor(ino);
         let (direct_io, keep_cache, alone, passing) = {
             let mut opens = lock(&self.opens);
             let state = opens.entry(ino).or_default();
             let others_open = !state.handles.is_empty();
             let passing = self.passing_for(
                 &mut state.window,
-                others_open,
+                others_open || successor,
                 fh,
                 committed.as_ref(),
                 flags,

@@ -380,11 +380,16 @@ mod tests {
         assert_eq!(s.fs.open(x, libc::O_RDWR, 0).unwrap_err(), Errno::ESTALE);
         let y = s.fs.lookup(ROOT, OsStr::new("f")).unwrap().ino;
         assert_ne!(x, y, "the kernel's next lookup finds a new inode");
+        // A reader racing the kernel's retry to the new inode starts no window there, so the
+        // retried open is not turned away again.
+        let racer = s.fs.open(y, RO, 0).unwrap();
+        assert_eq!(racer.passthrough, None);
         let rw = s.fs.open(y, libc::O_RDWR, 0).unwrap();
         assert_eq!(rw.passthrough, None);
         s.fs.write(rw.fh, 0, b"rw!", 0).unwrap();
         assert_eq!(s.fs.read(rw.fh, 0, 3).unwrap(), b"rw!");
         s.fs.release(rw.fh).unwrap();
+        s.fs.release(racer.fh).unwrap();
         // The write-only handle still commits to the name: last close wins, whole.
         s.fs.write(w.fh, 0, b"wo", 0).unwrap();
         s.fs.release(w.fh).unwrap();
@@ -400,12 +405,16 @@ mod tests {
         assert_eq!(s.fs.open(y, RO, 0).unwrap_err(), Errno::ESTALE);
         let z = s.fs.lookup(ROOT, OsStr::new("f")).unwrap().ino;
         let r3 = s.fs.open(z, RO, 0).unwrap();
-        assert!(r3.passthrough.is_some());
-        assert_eq!(s.live().len(), 3);
+        assert_eq!(r3.passthrough, None, "the retried open starts no window");
+        assert_eq!(s.fs.read(r3.fh, 0, 3).unwrap(), b"bbb");
+        assert_eq!(s.live().len(), 2);
         for fh in [reader.fh, r2.fh, r3.fh] {
             s.fs.release(fh).unwrap();
         }
         assert!(s.live().is_empty());
+        let r4 = s.fs.open(z, RO, 0).unwrap();
+        assert!(r4.passthrough.is_some(), "later opens may");
+        s.fs.release(r4.fh).unwrap();
         s.fs.forget(x, 1);
         s.fs.forget(y, 1);
         assert_eq!(s.fs.lookup(ROOT, OsStr::new("f")).unwrap().ino, z);
