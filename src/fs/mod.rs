@@ -118,8 +118,8 @@ pub struct Opened {
     pub keep_cache: bool,
     /// Closing it commits nothing (read-only), so the kernel need not send `flush`.
     pub no_flush: bool,
-    /// The backing file the kernel is to pass this handle's reads (or only its memory maps,
-    /// with `direct_io`) through to (see `passthrough`).
+    /// The backing file the kernel is to read this handle's file from (see `passthrough`;
+    /// with `direct_io`, a write-only open that only names it).
     pub passthrough: Option<u32>,
 }
 
