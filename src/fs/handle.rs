@@ -6,10 +6,11 @@
 //! committed file in place (see `store::append`) instead of copying it.
 
 use std::ffi::OsString;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::time::SystemTime;
+
+use nix::unistd::{Whence, lseek};
 
 use super::closers::Users;
 use super::error::{Errno, FsResult};
@@ -276,18 +277,14 @@ impl FileHandle {
             && offset < known
         {
             let whence = if hole {
-                libc::SEEK_HOLE
+                Whence::SeekHole
             } else {
-                libc::SEEK_DATA
+                Whence::SeekData
             };
-            // SAFETY: a valid descriptor; lseek touches no memory.
-            let at = unsafe { libc::lseek(file.as_raw_fd(), offset as libc::off_t, whence) };
-            if at >= 0 && (at as u64) < known {
-                return Ok(at as u64);
-            }
-            let e = std::io::Error::last_os_error();
-            if at < 0 && e.raw_os_error() != Some(libc::ENXIO) {
-                return Err(e.into());
+            match lseek(file, offset as i64, whence) {
+                Ok(at) if (at as u64) < known => return Ok(at as u64),
+                Ok(_) | Err(nix::errno::Errno::ENXIO) => {}
+                Err(e) => return Err(Errno(e as i32)),
             }
             // Nothing of the kind before `known`: what follows it is data.
             return match (hole, known < size) {

@@ -23,8 +23,6 @@ struct Node {
     kind: Kind,
     /// How many times the kernel has been told about this inode and not forgotten it.
     nlookup: u64,
-    /// Its name now leads to another inode (see [`InodeTable::supersede`]).
-    superseded: bool,
     /// It took its name over from a superseded inode and has not been opened yet.
     successor: bool,
 }
@@ -35,7 +33,8 @@ pub struct InodeTable {
     nodes: HashMap<Ino, Node>,
     children: HashMap<(Ino, OsString), Ino>,
     next: Ino,
-    /// Superseded inodes that still carry their name (few, and only for a while).
+    /// Superseded inodes (see [`InodeTable::supersede`]) that still carry their name (few,
+    /// and only for a while).
     aliases: Vec<Ino>,
 }
 
@@ -49,7 +48,6 @@ impl Default for InodeTable {
                 name: OsString::new(),
                 kind: Kind::Dir,
                 nlookup: 1,
-                superseded: false,
                 successor: false,
             },
         );
@@ -122,7 +120,6 @@ impl InodeTable {
                 name: name.to_os_string(),
                 kind,
                 nlookup: 1,
-                superseded: false,
                 successor,
             },
         );
@@ -137,10 +134,9 @@ impl InodeTable {
         let Some(node) = self.nodes.get_mut(&ino) else {
             return;
         };
-        if node.parent == DETACHED || node.superseded {
+        if node.parent == DETACHED || self.aliases.contains(&ino) {
             return;
         }
-        node.superseded = true;
         let key = (node.parent, node.name.clone());
         if self.children.get(&key) == Some(&ino) {
             self.children.remove(&key);
@@ -149,8 +145,9 @@ impl InodeTable {
     }
 
     /// Whether `ino` gave its name up to another inode.
+    #[cfg(test)]
     pub fn is_superseded(&self, ino: Ino) -> bool {
-        self.nodes.get(&ino).is_some_and(|n| n.superseded)
+        self.aliases.contains(&ino)
     }
 
     /// Whether `ino` took its name over from a superseded inode and is opened for the first

@@ -714,7 +714,8 @@ impl Fs {
         self.allow("open", path, access)?;
         let truncate = writable && flags & libc::O_TRUNC != 0;
         let committed = self.store.open(path)?;
-        let version = committed.meta()?.version;
+        let meta = committed.meta()?;
+        let version = meta.version;
         let staged = if truncate {
             Some(self.store.stage(None)?)
         } else {
@@ -739,6 +740,7 @@ impl Fs {
                 others_open || successor,
                 fh,
                 committed.as_ref(),
+                &meta,
                 flags,
             );
             if passing == Passing::Stale {

@@ -31,7 +31,7 @@ use std::io;
 use std::sync::atomic::Ordering;
 
 use super::Fs;
-use crate::store::Content;
+use crate::store::{Content, Meta};
 
 /// Files at least this large may be read through passthrough. Below it the FUSE page cache
 /// costs little, and the registration (two system calls) would weigh on small-file reads.
@@ -101,21 +101,22 @@ impl Fs {
     }
 
     /// Decides how the kernel serves `fh`, a new open with `flags` of the inode whose open
-    /// bookkeeping is `window` and `others_open` (any handle of it open), on `content`.
-    /// Registers a backing file when a window opens.
+    /// bookkeeping is `window` and `others_open` (any handle of it open), on `content`
+    /// (whose attributes are `meta`). Registers a backing file when a window opens.
     pub(super) fn passing_for(
         &self,
         window: &mut Option<Window>,
         others_open: bool,
         fh: u64,
         content: &dyn Content,
+        meta: &Meta,
         flags: i32,
     ) -> Passing {
         let read_only = flags & libc::O_ACCMODE == libc::O_RDONLY && flags & libc::O_TRUNC == 0;
         let write_only = flags & libc::O_ACCMODE == libc::O_WRONLY;
-        let object = content.meta().ok().map(|m| (m.version.0, m.version.1));
+        let object = (meta.version.0, meta.version.1);
         if let Some(w) = window {
-            let passing = if read_only && object == Some(w.object) {
+            let passing = if read_only && object == w.object {
                 Passing::Reads(w.id)
             } else if write_only {
                 Passing::WritesOnly(w.id)
@@ -130,13 +131,12 @@ impl Fs {
         let Some(backing) = self.backing.get() else {
             return Passing::No;
         };
-        let size = content.meta().map(|m| m.size).unwrap_or(0);
-        let (Some(file), Some(object)) = (content.local_file(), object) else {
+        let Some(file) = content.local_file() else {
             return Passing::No;
         };
         if !read_only
             || others_open
-            || size < PASSTHROUGH_MIN
+            || meta.size < PASSTHROUGH_MIN
             || self.passthrough_failed.load(Ordering::Relaxed)
         {
             return Passing::No;
