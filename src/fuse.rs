@@ -89,31 +89,66 @@ impl FuseAdapter {
     }
 }
 
-/// Tells the kernel about attribute changes through FUSE notifications.
-pub struct Notify(pub fuser::Notifier);
+/// What the notifier thread is to tell the kernel.
+enum Notice {
+    Attributes(u64),
+    Data(u64),
+    Entry(u64, std::ffi::OsString),
+}
+
+/// Tells the kernel about changes through FUSE notifications, sent by a thread of its own:
+/// the core queues them from request handlers and with locks held, and a notification may
+/// wait for the kernel (dropping pages waits on their locks, an entry on its directory's),
+/// which may be waiting for a request that waits for such a lock.
+pub struct Notify(std::sync::mpsc::Sender<Notice>);
+
+impl Notify {
+    /// Starts the notifier thread for the mount whose notifier is `notifier`; it ends when
+    /// the mount's core drops this.
+    pub fn start(notifier: fuser::Notifier) -> std::io::Result<Notify> {
+        let (tx, rx) = std::sync::mpsc::channel::<Notice>();
+        std::thread::Builder::new()
+            .name("roomfs-notify".into())
+            .spawn(move || {
+                for notice in rx {
+                    let (what, result) = match &notice {
+                        // A negative offset invalidates the attributes only.
+                        Notice::Attributes(ino) => {
+                            ("attributes", notifier.inval_inode(INodeNo(*ino), -1, 0))
+                        }
+                        Notice::Data(ino) => ("pages", notifier.inval_inode(INodeNo(*ino), 0, 0)),
+                        Notice::Entry(parent, name) => {
+                            ("entry", notifier.inval_entry(INodeNo(*parent), name))
+                        }
+                    };
+                    // ENOENT: the kernel had nothing cached for it.
+                    if let Err(e) = result
+                        && e.raw_os_error() != Some(libc::ENOENT)
+                    {
+                        log::debug!("invalidating {what} failed: {e}");
+                    }
+                }
+            })?;
+        Ok(Notify(tx))
+    }
+
+    fn send(&self, notice: Notice) {
+        // The thread only ends with the mount.
+        let _ = self.0.send(notice);
+    }
+}
 
 impl crate::fs::KernelCache for Notify {
     fn attributes_changed(&self, ino: u64) {
-        // A negative offset invalidates the attributes only, never waiting on page locks.
-        if let Err(e) = self.0.inval_inode(INodeNo(ino), -1, 0) {
-            log::debug!("attribute invalidation of inode {ino} failed: {e}");
-        }
+        self.send(Notice::Attributes(ino));
     }
 
     fn data_changed(&self, ino: u64) {
-        // Dropping pages waits on their locks, which a read waiting for this daemon may hold:
-        // from another thread, so the caller goes on (rare: appenders racing each other).
-        let notifier = self.0.clone();
-        let spawned = std::thread::Builder::new()
-            .name("roomfs-inval".into())
-            .spawn(move || {
-                if let Err(e) = notifier.inval_inode(INodeNo(ino), 0, 0) {
-                    log::debug!("page invalidation of inode {ino} failed: {e}");
-                }
-            });
-        if let Err(e) = spawned {
-            log::warn!("could not invalidate the cached pages of inode {ino}: {e}");
-        }
+        self.send(Notice::Data(ino));
+    }
+
+    fn entry_changed(&self, parent: u64, name: &OsStr) {
+        self.send(Notice::Entry(parent, name.to_os_string()));
     }
 }
 

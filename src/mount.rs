@@ -10,16 +10,15 @@ use std::time::Duration;
 use fuser::{Config, MountOption, Session, SessionACL};
 use signal_hook::consts::{SIGINT, SIGTERM};
 
-use crate::fs::{Fs, FsOptions, Limits, Quota};
+use crate::fs::{Fs, FsOptions, Limits};
 use crate::fuse::FuseAdapter;
 use crate::grant::Grant;
 use crate::poll::Poller;
 use crate::reader_gate::ReaderGate;
 use crate::records::RecordStore;
-use crate::space::{SpaceId, SpaceKind};
-use crate::store::Store;
-use crate::store::local::{LocalStore, StagingArea};
-use crate::store::meta::{META_DIR, MetaOverlay};
+use crate::space::{Hub, SpaceId, SpaceKind};
+use crate::store::local::LocalBackend;
+use crate::store::meta::META_DIR;
 
 /// The source name roomfs mounts show in `/proc/mounts` begins with this.
 pub const SOURCE_PREFIX: &str = "roomfs:";
@@ -48,22 +47,16 @@ pub struct MountSpec {
 }
 
 impl MountSpec {
-    /// The quota of a standalone mount: the given limits, or the session's recorded ones.
-    fn quota(&self) -> Result<Option<Arc<Quota>>, String> {
-        let limits = match (self.limits, self.space.kind) {
+    /// The limits of a standalone mount: the given ones, or the session's recorded ones.
+    fn limits(&self, hub: &Hub) -> Limits {
+        match (self.limits, self.space.kind) {
             (Some(limits), _) => limits,
             (None, SpaceKind::Session) => {
-                crate::space::recorded_limits(&self.data_dir, &self.space.id).unwrap_or_default()
+                crate::space::state::recorded_limits(hub.local().data_dir(), &self.space.id)
+                    .unwrap_or_default()
             }
             (None, SpaceKind::Room) => Limits::default(),
-        };
-        if limits.is_unlimited() {
-            return Ok(None);
         }
-        let root = self.data_dir.join(self.space.rel_dir());
-        Quota::scan(&root, limits)
-            .map(|q| Some(Arc::new(q)))
-            .map_err(|e| format!("cannot count the usage of {}: {e}", root.display()))
     }
 }
 
@@ -200,13 +193,13 @@ pub fn unmount(path: &Path, lazy: bool) -> Result<(), String> {
     }
 }
 
-/// What a mount shares with other mounts of the same process: the staging area, the record
-/// store (for `.meta` in sessions) and the space's quota.
+/// What a mount shares with other mounts of the same process: the spaces (one object per
+/// space, see [`Hub`]), the space's limits, and the process's polling.
 #[derive(Clone)]
 pub struct Resources {
-    pub staging: Arc<StagingArea>,
-    pub records: Option<Arc<RecordStore>>,
-    pub quota: Option<Arc<Quota>>,
+    pub hub: Arc<Hub>,
+    /// The limits of the space, applied when it is opened first in this process.
+    pub limits: Limits,
     /// The process's adaptive polling, if enabled.
     pub poller: Option<Arc<Poller>>,
 }
@@ -257,41 +250,41 @@ impl ActiveMount {
                     .into(),
             );
         }
-        let root = spec.data_dir.join(spec.space.rel_dir());
-        let new_space = !root.exists();
-        let local = LocalStore::open(root.clone(), resources.staging.clone())
-            .map_err(|e| format!("cannot open {} at {}: {e}", spec.space, root.display()))?;
         let is_root = nix::unistd::geteuid().is_root();
-        if new_space && is_root {
-            // A new space belongs to whoever owns the mount point, so that user can write in it.
-            let owner = std::fs::metadata(&mountpoint).map_err(|e| e.to_string())?;
+        // A new space belongs to whoever owns the mount point, so that user can write in it.
+        let owner = if is_root {
             use std::os::unix::fs::MetadataExt;
-            std::os::unix::fs::chown(&root, Some(owner.uid()), Some(owner.gid()))
-                .map_err(|e| format!("cannot set the owner of {}: {e}", root.display()))?;
-        }
+            let m = std::fs::metadata(&mountpoint).map_err(|e| e.to_string())?;
+            Some((m.uid(), m.gid()))
+        } else {
+            None
+        };
+        let space = resources
+            .hub
+            .open(&spec.space, resources.limits, Some(owner))
+            .map_err(|e| {
+                format!(
+                    "cannot open {} at {}: {e}",
+                    spec.space,
+                    resources.hub.local().describe(&spec.space).display()
+                )
+            })?;
         // Sessions show their agent records under .meta, which is never writable.
-        let (store, grant): (Arc<dyn Store>, Grant) = match (&resources.records, spec.space.kind) {
-            (Some(records), SpaceKind::Session) => (
-                Arc::new(MetaOverlay::new(
-                    Arc::new(local),
-                    records.clone(),
-                    spec.space.id.clone(),
-                )),
-                spec.grant.with_read_only(META_DIR),
-            ),
-            _ => (Arc::new(local), spec.grant.clone()),
+        let grant = match spec.space.kind {
+            SpaceKind::Session => spec.grant.with_read_only(META_DIR),
+            SpaceKind::Room => spec.grant.clone(),
         };
         let fs = Arc::new(Fs::new(
-            store,
+            space,
             FsOptions {
                 sync_on_close: spec.sync_on_close,
                 owner_from_caller: is_root,
                 grant,
                 links_anywhere: spec.grant.is_full(),
-                quota: resources.quota.clone(),
                 passthrough: spec.passthrough,
             },
         ));
+        fs.watch_space();
         let threads = spec.threads.max(1);
         let gate = Arc::new(ReaderGate::new(
             threads,
@@ -338,19 +331,23 @@ impl ActiveMount {
         let background = session
             .spawn()
             .map_err(|e| format!("cannot start serving {}: {e}", mountpoint.display()))?;
-        fs.set_kernel_cache(Box::new(crate::fuse::Notify(background.notifier())));
+        let notify = crate::fuse::Notify::start(background.notifier())
+            .map_err(|e| format!("cannot start the notifier thread: {e}"))?;
+        fs.set_kernel_cache(Box::new(notify));
         log::info!(
             "mounted {} at {} (data in {}, grant: {})",
             spec.space,
             mountpoint.display(),
-            root.display(),
+            resources.hub.local().describe(&spec.space).display(),
             spec.grant
         );
         let ended = Arc::new(AtomicBool::new(false));
         let ended_flag = ended.clone();
+        let ended_fs = fs.clone();
         let waiter = std::thread::spawn(move || {
             let result = background.join();
             ended_flag.store(true, Ordering::SeqCst);
+            ended_fs.unwatch_space();
             on_end();
             result
         });
@@ -410,34 +407,36 @@ impl ActiveMount {
     }
 }
 
-/// Prepares the data dir of a process: creates it and its staging area (removing what crashed
-/// processes left).
-pub fn prepare_data_dir(data_dir: &Path) -> Result<Arc<StagingArea>, String> {
-    std::fs::create_dir_all(data_dir)
-        .map_err(|e| format!("cannot create data dir {}: {e}", data_dir.display()))?;
-    let (staging, stale) = StagingArea::create(data_dir)
-        .map_err(|e| format!("cannot prepare staging under {}: {e}", data_dir.display()))?;
+/// Opens the data dir of a process: creates it and its staging area (recovering and removing
+/// what crashed processes left).
+pub fn open_data_dir(data_dir: &Path) -> Result<LocalBackend, String> {
+    let (backend, stale) = LocalBackend::open(data_dir).map_err(|e| {
+        format!(
+            "cannot prepare the data dir {} and its staging area: {e}",
+            data_dir.display()
+        )
+    })?;
     if stale > 0 {
         log::info!("removed {stale} uncommitted working copies left by an earlier crash");
     }
-    Ok(Arc::new(staging))
+    Ok(backend)
 }
 
 /// Mounts `spec` and serves it in the foreground until it is unmounted (`roomfs unmount`,
 /// `umount`) or the process gets SIGINT/SIGTERM, which commit pending writes and unmount.
 pub fn run(spec: &MountSpec) -> Result<(), String> {
     check_mountpoint(&spec.mountpoint)?;
-    let staging = prepare_data_dir(&spec.data_dir)?;
+    let local = open_data_dir(&spec.data_dir)?;
     let records = match spec.space.kind {
         SpaceKind::Session => Some(Arc::new(RecordStore::open(&spec.records_dir).map_err(
             |e| format!("cannot open records at {}: {e}", spec.records_dir.display()),
         )?)),
         SpaceKind::Room => None,
     };
+    let hub = Arc::new(Hub::new(local, records));
     let resources = Resources {
-        staging,
-        records,
-        quota: spec.quota()?,
+        limits: spec.limits(&hub),
+        hub,
         poller: Poller::start(spec.poll_window),
     };
     // Signals are caught before mounting, so one arriving early still unmounts cleanly.

@@ -17,12 +17,13 @@ use crate::control::{
     ApiError, ControlPlane, EndReport, EndSessionRequest, MountInfo, MountRequest, SessionInfo,
     SessionRequest, Status, UnmountRequest,
 };
-use crate::fs::{Limits, Quota};
+use crate::fs::Limits;
 use crate::grant::Grant;
 use crate::mount::{self, ActiveMount, MountSpec, Resources};
 use crate::records::RecordStore;
-use crate::space::{self, SessionState, SpaceId, SpaceKind};
-use crate::store::local::StagingArea;
+use crate::space::export::{ExportError, export};
+use crate::space::{self, Hub, SessionState, SpaceId, SpaceKind, state};
+use crate::store::local::at::Dir;
 use crate::token;
 
 /// A mount the daemon serves.
@@ -36,12 +37,11 @@ pub struct Daemon {
     config: Config,
     data_dir: PathBuf,
     socket: PathBuf,
-    staging: Arc<StagingArea>,
+    /// The spaces open in this process (one object per space, shared by its mounts).
+    hub: Arc<Hub>,
     records: Arc<RecordStore>,
     poller: Option<Arc<crate::poll::Poller>>,
     mounts: Mutex<Vec<Served>>,
-    /// One quota per space, shared by all its mounts.
-    quotas: Mutex<HashMap<SpaceId, Arc<Quota>>>,
     /// Unix ms of the last record write per session (inactivity timeouts).
     record_activity: Mutex<HashMap<String, u64>>,
     started: Instant,
@@ -86,53 +86,6 @@ fn space_relative(path: &str) -> Result<PathBuf, ApiError> {
     Ok(out)
 }
 
-/// Counts the entries below `dir`.
-fn count_entries(dir: &Path) -> u64 {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return 0;
-    };
-    entries
-        .filter_map(Result::ok)
-        .map(|e| {
-            let sub = if e.file_type().is_ok_and(|t| t.is_dir()) {
-                count_entries(&e.path())
-            } else {
-                0
-            };
-            1 + sub
-        })
-        .sum()
-}
-
-/// Copies `from` (file, directory or symlink) to `to`, replacing files already there.
-fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
-    let meta = std::fs::symlink_metadata(from)?;
-    if meta.is_dir() {
-        std::fs::create_dir_all(to)?;
-        for entry in std::fs::read_dir(from)? {
-            let entry = entry?;
-            copy_tree(&entry.path(), &to.join(entry.file_name()))?;
-        }
-    } else if meta.file_type().is_symlink() {
-        let _ = std::fs::remove_file(to);
-        std::os::unix::fs::symlink(std::fs::read_link(from)?, to)?;
-    } else {
-        if let Some(parent) = to.parent() {
-            std::fs::create_dir_all(parent)?;
-        }
-        // Copy beside the target, then rename: readers of the room never see half a file.
-        let tmp = to.with_file_name(format!(
-            ".roomfs-export-{}",
-            to.file_name()
-                .map(|n| n.to_string_lossy())
-                .unwrap_or_default()
-        ));
-        std::fs::copy(from, &tmp)?;
-        std::fs::rename(&tmp, to)?;
-    }
-    Ok(())
-}
-
 impl Daemon {
     /// Prepares the data dir and records, and mounts what the configuration lists.
     pub fn start(config: Config) -> Result<Arc<Daemon>, String> {
@@ -145,7 +98,7 @@ impl Daemon {
             .socket
             .clone()
             .unwrap_or_else(|| PathBuf::from(crate::control::DEFAULT_SOCKET));
-        let staging = mount::prepare_data_dir(&data_dir)?;
+        let local = mount::open_data_dir(&data_dir)?;
         let records_dir = config
             .records_dir
             .clone()
@@ -157,15 +110,15 @@ impl Daemon {
             )
         })?);
         let poller = crate::poll::Poller::start(Duration::from_micros(config.poll_window_us));
+        let hub = Arc::new(Hub::new(local, Some(records.clone())));
         let daemon = Arc::new_cyclic(|me| Daemon {
             config,
             data_dir,
             socket,
-            staging,
+            hub,
             records,
             poller,
             mounts: Mutex::new(Vec::new()),
-            quotas: Mutex::new(HashMap::new()),
             record_activity: Mutex::new(HashMap::new()),
             started: Instant::now(),
             me: me.clone(),
@@ -245,27 +198,21 @@ impl Daemon {
         Ok((space, grant))
     }
 
-    /// The quota of `space`, created on first use and shared by its mounts.
-    fn quota(&self, space: &SpaceId) -> Result<Option<Arc<Quota>>, ApiError> {
-        let limits = match space.kind {
+    /// The limits of `space`: the configured room limits, or the session's recorded ones.
+    fn limits(&self, space: &SpaceId) -> Result<Limits, ApiError> {
+        Ok(match space.kind {
             SpaceKind::Room => self.config.room_limits,
             SpaceKind::Session => self.session_state(&space.id)?.limits,
-        };
-        if limits.is_unlimited() {
-            return Ok(None);
-        }
-        let mut quotas = lock(&self.quotas);
-        if let Some(q) = quotas.get(space) {
-            return Ok(Some(q.clone()));
-        }
-        let root = self.data_dir.join(space.rel_dir());
-        let q = Arc::new(Quota::scan(&root, limits).map_err(|e| internal("counting usage", e))?);
-        quotas.insert(space.clone(), q.clone());
-        Ok(Some(q))
+        })
+    }
+
+    /// The data dir, held open (session states live beneath it).
+    fn data(&self) -> &Dir {
+        self.hub.local().data_dir()
     }
 
     fn session_state(&self, id: &str) -> Result<SessionState, ApiError> {
-        space::load_session_state(&self.data_dir, id)
+        state::load(self.data(), id)
             .map_err(|e| internal("reading session state", e))?
             .ok_or_else(|| {
                 ApiError::not_found(format!(
@@ -294,9 +241,8 @@ impl Daemon {
             limits: None,
         };
         let resources = Resources {
-            staging: self.staging.clone(),
-            records: Some(self.records.clone()),
-            quota: self.quota(&space)?,
+            hub: self.hub.clone(),
+            limits: self.limits(&space)?,
             poller: self.poller.clone(),
         };
         let me = self.me.clone();
@@ -369,12 +315,7 @@ impl Daemon {
             kind: SpaceKind::Session,
             id: state.id.clone(),
         };
-        let usage = match lock(&self.quotas).get(&space) {
-            Some(q) => q.usage(),
-            None => Quota::scan(&self.data_dir.join(space.rel_dir()), Limits::default())
-                .map(|q| q.usage())
-                .unwrap_or_default(),
-        };
+        let usage = self.hub.usage(&space).ok().flatten().unwrap_or_default();
         let last_active = self.last_active(&state, &space);
         let mounts = lock(&self.mounts)
             .iter()
@@ -400,7 +341,7 @@ impl Daemon {
             loop {
                 std::thread::sleep(Duration::from_secs(1));
                 let Some(daemon) = me.upgrade() else { return };
-                let states = space::list_session_states(&daemon.data_dir).unwrap_or_default();
+                let states = state::list(daemon.data()).unwrap_or_default();
                 for state in states {
                     let Some(ttl) = state.ttl_secs else { continue };
                     let space = SpaceId {
@@ -434,6 +375,15 @@ impl Daemon {
     }
 }
 
+/// The API's answer to an export of session `id` that did not go through.
+fn export_error(id: &str) -> impl Fn(ExportError) -> ApiError + '_ {
+    move |e| match e {
+        ExportError::Missing(_) => ApiError::not_found(format!("export from session {id:?}: {e}")),
+        ExportError::Refused(_) => ApiError::conflict(format!("export from session {id:?}: {e}")),
+        ExportError::Failed { .. } => internal(&format!("export from session {id:?}"), e),
+    }
+}
+
 fn same_mountpoint(mount: &ActiveMount, path: &Path) -> bool {
     mount.mountpoint == path || path.canonicalize().is_ok_and(|p| p == mount.mountpoint)
 }
@@ -455,7 +405,7 @@ impl ControlPlane for Daemon {
             data_dir: self.data_dir.to_string_lossy().into_owned(),
             socket: self.socket.to_string_lossy().into_owned(),
             mounts: lock(&self.mounts).len(),
-            sessions: space::list_session_states(&self.data_dir).map_or(0, |s| s.len()),
+            sessions: state::list(self.data()).map_or(0, |s| s.len()),
             uptime_secs: self.started.elapsed().as_secs(),
         }
     }
@@ -494,7 +444,7 @@ impl ControlPlane for Daemon {
     }
 
     fn sessions(&self) -> Vec<SessionInfo> {
-        space::list_session_states(&self.data_dir)
+        state::list(self.data())
             .unwrap_or_default()
             .into_iter()
             .map(|s| self.session_info(s))
@@ -507,7 +457,7 @@ impl ControlPlane for Daemon {
 
     fn create_session(&self, req: SessionRequest) -> Result<SessionInfo, ApiError> {
         let space = SpaceId::new(SpaceKind::Session, &req.id).map_err(ApiError::bad_request)?;
-        if space::load_session_state(&self.data_dir, &req.id)
+        if state::load(self.data(), &req.id)
             .map_err(|e| internal("reading session state", e))?
             .is_some()
         {
@@ -524,10 +474,11 @@ impl ControlPlane for Daemon {
             created_at: now,
             last_active: now,
         };
-        std::fs::create_dir_all(self.data_dir.join(space.rel_dir()))
+        self.hub
+            .local()
+            .open_space(&space, Some(None))
             .map_err(|e| internal("creating the session directory", e))?;
-        space::save_session_state(&self.data_dir, &state)
-            .map_err(|e| internal("saving session state", e))?;
+        state::save(self.data(), &state).map_err(|e| internal("saving session state", e))?;
         log::info!("created session {}", req.id);
         Ok(self.session_info(state))
     }
@@ -535,57 +486,67 @@ impl ControlPlane for Daemon {
     fn end_session(&self, id: &str, req: EndSessionRequest) -> Result<EndReport, ApiError> {
         self.session_state(id)?;
         let space = SpaceId::new(SpaceKind::Session, id).map_err(ApiError::bad_request)?;
-        let root = self.data_dir.join(space.rel_dir());
-        // Check the export fully before changing anything.
-        let export = if req.export.is_empty() {
+        // Check the export request before changing anything.
+        let export_to = if req.export.is_empty() {
             None
         } else {
             let room = req.to_room.as_deref().ok_or_else(|| {
                 ApiError::bad_request("export needs to_room: the room to copy the paths into")
             })?;
             let room = SpaceId::new(SpaceKind::Room, room).map_err(ApiError::bad_request)?;
-            let mut paths = Vec::new();
-            for p in &req.export {
-                let rel = space_relative(p)?;
-                if std::fs::symlink_metadata(root.join(&rel)).is_err() {
-                    return Err(ApiError::not_found(format!(
-                        "session {id:?} has nothing at {p:?} to export"
-                    )));
-                }
-                paths.push(rel);
-            }
+            let paths = req
+                .export
+                .iter()
+                .map(|p| space_relative(p))
+                .collect::<Result<Vec<_>, _>>()?;
             Some((room, paths))
+        };
+        let spaces = match &export_to {
+            Some((room, paths)) => {
+                let session = self
+                    .hub
+                    .open(&space, Limits::default(), None)
+                    .map_err(|e| internal("opening the session", e))?;
+                let target = self
+                    .hub
+                    .open(room, self.config.room_limits, Some(None))
+                    .map_err(|e| internal(&format!("opening {room}"), e))?;
+                space::export::check(&session, &target, paths).map_err(export_error(id))?;
+                Some((session, target))
+            }
+            None => None,
         };
         let unmounted = self.unmount_space(&space);
         let mut exported = Vec::new();
-        if let Some((room, paths)) = export {
-            let room_root = self.data_dir.join(room.rel_dir());
-            for rel in paths {
-                copy_tree(&root.join(&rel), &room_root.join(&rel))
-                    .map_err(|e| internal(&format!("exporting {}", rel.display()), e))?;
-                exported.push(format!("{}/{}", room.id, rel.display()));
-            }
+        if let (Some((room, paths)), Some((session, target))) = (export_to, spaces) {
+            let done = export(&session, &target, &paths, |_| {}).map_err(export_error(id))?;
+            log::info!(
+                "exported {} entries ({} bytes) of session {id} into {room}",
+                done.entries,
+                done.bytes
+            );
+            exported = paths
+                .iter()
+                .map(|rel| format!("{}/{}", room.id, rel.display()))
+                .collect();
         }
-        let deleted_files = count_entries(&root);
-        if let Err(e) = std::fs::remove_dir_all(&root)
-            && e.kind() != std::io::ErrorKind::NotFound
-        {
-            return Err(internal("deleting the session's files", e));
-        }
+        let deleted = self
+            .hub
+            .delete(&space)
+            .map_err(|e| internal("deleting the session's files", e))?;
         let deleted_records =
             self.records
                 .delete_session(id)
                 .map_err(|e| internal("deleting the session's records", e))? as u64;
-        space::delete_session_state(&self.data_dir, id)
-            .map_err(|e| internal("deleting session state", e))?;
-        lock(&self.quotas).remove(&space);
+        state::delete(self.data(), id).map_err(|e| internal("deleting session state", e))?;
         lock(&self.record_activity).remove(id);
         log::info!(
-            "ended session {id}: {deleted_files} entries and {deleted_records} records deleted"
+            "ended session {id}: {} entries and {deleted_records} records deleted",
+            deleted.entries
         );
         Ok(EndReport {
             id: id.to_string(),
-            deleted_files,
+            deleted_files: deleted.entries,
             deleted_records,
             exported,
             unmounted,

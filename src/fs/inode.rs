@@ -95,6 +95,23 @@ impl InodeTable {
         self.children.get(&(parent, name.to_os_string())).copied()
     }
 
+    /// Where the kernel knows `path` (relative to the root) from: the inode of its parent
+    /// directory and the inode of the entry itself, as far as the kernel has looked them up.
+    /// `None` when it knows no directory on the way (nothing of it is cached).
+    pub fn resolve(&self, path: &std::path::Path) -> Option<(Ino, Option<Ino>)> {
+        let mut parent = ROOT;
+        let mut parts = path.iter().peekable();
+        while let Some(part) = parts.next() {
+            let child = self.child(parent, part);
+            if parts.peek().is_none() {
+                return Some((parent, child));
+            }
+            parent = child?;
+        }
+        // The empty path: the root itself.
+        Some((ROOT, Some(ROOT)))
+    }
+
     /// Records that the kernel now holds a reference to `name` in `parent` (of `kind`),
     /// returning its inode number. An entry whose kind changed behind our back gets a new inode.
     pub fn remember(&mut self, parent: Ino, name: &OsStr, kind: Kind) -> Ino {

@@ -3,6 +3,7 @@
 //! [`Errno`] on failure, so it is tested without a mount.
 
 pub mod closers;
+mod coherence;
 pub mod error;
 pub mod handle;
 pub mod inode;
@@ -28,6 +29,8 @@ use passthrough::{Passing, Window};
 pub use quota::{Limits, Quota, Usage};
 
 use crate::grant::{Access, Grant};
+use crate::space::hub::WatcherId;
+use crate::space::{Space, SpaceWatcher};
 use crate::store::{Content, Kind, Meta, Owner, RenameMode, SetAttr, Store, StoreStatfs};
 
 /// Longest file name accepted (as on ext4 and most Linux filesystems).
@@ -45,8 +48,6 @@ pub struct FsOptions {
     /// Symlinks may point anywhere (the operator's own, full-access mounts); otherwise they must
     /// stay within the grant.
     pub links_anywhere: bool,
-    /// The space's limits and usage, shared by all its mounts; `None` is unlimited.
-    pub quota: Option<Arc<Quota>>,
     /// Let the kernel read large files from the disk directly (see `passthrough`).
     pub passthrough: bool,
 }
@@ -158,15 +159,19 @@ struct OpenState {
     window: Option<Window>,
 }
 
-/// Tells the kernel that what it cached about an inode is stale (the FUSE adapter implements
-/// it with FUSE notifications; without a mount there is nothing to tell).
+/// Tells the kernel that what it cached is stale (the FUSE adapter implements it with FUSE
+/// notifications; without a mount there is nothing to tell). Every method only queues the
+/// notification for a thread of its own and returns: the core calls them from request
+/// handlers and with locks held, and the kernel may be waiting for a request that waits for
+/// such a lock (hf-mount and libfuse deadlocked on notifications sent inline).
 pub trait KernelCache: Send + Sync {
     /// The attributes (size, times) of `ino` changed.
     fn attributes_changed(&self, ino: Ino);
-    /// The content of `ino` changed: cached pages and attributes are stale. Called with file
-    /// handles locked, so it must not wait for the kernel (which may wait for a read that
-    /// waits for such a lock).
+    /// The content of `ino` changed: cached pages and attributes are stale.
     fn data_changed(&self, ino: Ino);
+    /// The entry `name` in the directory `parent` changed (created, removed, renamed or
+    /// replaced): the kernel must look it up again.
+    fn entry_changed(&self, parent: Ino, name: &OsStr);
 }
 
 /// How often a commit of appends retries in place while other appenders get in its way, and
@@ -177,9 +182,14 @@ const APPEND_RETRY_PAUSE: Duration = Duration::from_micros(200);
 /// others committed meanwhile (they are read into memory); past that, its copy wins whole.
 const APPENDS_TAKEN_BACK_MAX: u64 = 64 << 20;
 
-/// A mounted space: the store plus the state of the kernel's view of it.
+/// A mounted space: the space (its store, limits and other mounts) plus the state of the
+/// kernel's view of it.
 pub struct Fs {
+    space: Arc<Space>,
+    /// The space's store.
     store: Arc<dyn Store>,
+    /// This mount's id among the space's watchers, once it watches (see `watch_space`).
+    watcher: std::sync::OnceLock<WatcherId>,
     kernel: std::sync::OnceLock<Box<dyn KernelCache>>,
     /// The kernel's passthrough, when the mount has it (see `passthrough`).
     backing: std::sync::OnceLock<Box<dyn Backing>>,
@@ -239,9 +249,11 @@ fn write_lock<T>(m: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
 }
 
 impl Fs {
-    pub fn new(store: Arc<dyn Store>, options: FsOptions) -> Fs {
+    pub fn new(space: Arc<Space>, options: FsOptions) -> Fs {
         Fs {
-            store,
+            store: space.store().clone(),
+            space,
+            watcher: std::sync::OnceLock::new(),
             kernel: std::sync::OnceLock::new(),
             backing: std::sync::OnceLock::new(),
             passthrough_failed: AtomicBool::new(false),
@@ -268,6 +280,32 @@ impl Fs {
     /// Connects the kernel's caches, once the mount exists.
     pub fn set_kernel_cache(&self, kernel: Box<dyn KernelCache>) {
         let _ = self.kernel.set(kernel);
+    }
+
+    /// The space this mount shows.
+    pub fn space(&self) -> &Arc<Space> {
+        &self.space
+    }
+
+    /// Has this mount hear of changes others make to its space (see `coherence`).
+    pub fn watch_space(self: &Arc<Self>) {
+        let weak: std::sync::Weak<dyn SpaceWatcher> = Arc::downgrade(self) as _;
+        let id = self.space.watch(weak);
+        if self.watcher.set(id).is_err() {
+            self.space.unwatch(id);
+        }
+    }
+
+    /// Stops hearing of changes to the space (the mount ended).
+    pub fn unwatch_space(&self) {
+        if let Some(id) = self.watcher.get() {
+            self.space.unwatch(*id);
+        }
+    }
+
+    /// Tells the space's other mounts that `path` changed through this one.
+    fn publish(&self, path: &Path) {
+        self.space.changed(path, self.watcher.get().copied());
     }
 
     /// The grant's decision for `op` on `path`; a refusal is logged so operators see what a
@@ -337,12 +375,12 @@ impl Fs {
     /// Runs `create` holding one reserved entry of the quota (released if it fails).
     fn creating<T>(&self, create: impl FnOnce() -> FsResult<T>) -> FsResult<T> {
         self.touch();
-        if let Some(q) = &self.options.quota {
+        if let Some(q) = self.space.quota() {
             q.add_entry()?;
         }
         let result = create();
         if result.is_err()
-            && let Some(q) = &self.options.quota
+            && let Some(q) = self.space.quota()
         {
             q.remove_entry(0);
         }
@@ -504,7 +542,9 @@ impl Fs {
             || attr.atime.is_some()
             || attr.mtime.is_some();
         if any {
-            self.store.set_attr(&self.path(ino)?, attr)?;
+            let path = self.path(ino)?;
+            self.store.set_attr(&path, attr)?;
+            self.publish(&path);
         }
         self.getattr(ino, fh)
     }
@@ -515,7 +555,7 @@ impl Fs {
         if read_lock(&self.table).kind(ino) == Some(Kind::Dir) {
             return Err(Errno::EISDIR);
         }
-        if let Some(q) = &self.options.quota {
+        if let Some(q) = self.space.quota() {
             q.check_size(size)?;
         }
         if let Some(fh) = fh
@@ -560,6 +600,7 @@ impl Fs {
                 _ => self.store.mknod(&path, kind, perm, owner)?,
             })
         })?;
+        self.publish(&path);
         Ok(self.remember(parent, name, &meta))
     }
 
@@ -571,6 +612,7 @@ impl Fs {
                 .store
                 .mkdir(&path, (mode & 0o7777) as u16, self.owner(caller))?)
         })?;
+        self.publish(&path);
         Ok(self.remember(parent, name, &meta))
     }
 
@@ -602,7 +644,9 @@ impl Fs {
         }
         self.store.unlink(&path)?;
         table.detach(parent, name);
+        drop(table);
         self.released(&meta);
+        self.publish(&path);
         Ok(())
     }
 
@@ -612,9 +656,11 @@ impl Fs {
         let mut table = write_lock(&self.table);
         self.store.rmdir(&path)?;
         table.detach(parent, name);
-        if let Some(q) = &self.options.quota {
+        drop(table);
+        if let Some(q) = self.space.quota() {
             q.remove_entry(0);
         }
+        self.publish(&path);
         Ok(())
     }
 
@@ -661,12 +707,15 @@ impl Fs {
             new_name,
             mode == RenameMode::Exchange,
         );
+        drop(table);
+        self.publish(&from);
+        self.publish(&to);
         Ok(())
     }
 
     /// Gives back the quota held by a removed (or replaced) entry.
     fn released(&self, meta: &Meta) {
-        if let Some(q) = &self.options.quota {
+        if let Some(q) = self.space.quota() {
             q.remove_entry(if meta.kind == Kind::File {
                 meta.size
             } else {
@@ -876,7 +925,10 @@ impl Fs {
         let created =
             self.creating(|| Ok(self.store.create(&path, perm, self.owner(caller), true)?));
         let meta = match created {
-            Ok(meta) => meta,
+            Ok(meta) => {
+                self.publish(&path);
+                meta
+            }
             Err(e) if e == Errno::EEXIST && flags & libc::O_EXCL == 0 => {
                 let meta = self.store.stat(&path)?;
                 if meta.kind == Kind::Dir {
@@ -936,7 +988,7 @@ impl Fs {
         if let Some(by) = by {
             h.users.add(by);
         }
-        let Some(q) = &self.options.quota else {
+        let Some(q) = self.space.quota() else {
             return h.write(self.store.as_ref(), offset, data, placed);
         };
         let start = if h.append && !placed {
@@ -994,7 +1046,7 @@ impl Fs {
             return Err(Errno::EBADF);
         }
         h.users.add(by);
-        if let Some(q) = &self.options.quota {
+        if let Some(q) = self.space.quota() {
             let grown = how.size_after(h.size()?, offset.saturating_add(len));
             q.check_size(grown)?;
             q.check_growth(h.committed_size()?, grown)?;
@@ -1213,7 +1265,7 @@ impl Fs {
             return Ok(());
         };
         // The byte quota is charged for the growth of the committed file.
-        let sizes = match &self.options.quota {
+        let sizes = match self.space.quota() {
             Some(q) => {
                 let old = self.store.stat(&path).map(|m| m.size).unwrap_or(0);
                 let new = staged.file.metadata().map(|m| m.len()).unwrap_or(0);
@@ -1228,7 +1280,7 @@ impl Fs {
         match self.store.commit(staged, &path, durable) {
             Ok(content) => {
                 drop(table);
-                self.committed(h, content);
+                self.committed(h, content, &path);
                 Ok(())
             }
             Err((e, staged)) => {
@@ -1271,7 +1323,7 @@ impl Fs {
         if let Some(staged) = h.staged.take() {
             self.store.discard(staged);
         }
-        self.committed(h, content);
+        self.committed(h, content, &path);
         Ok(true)
     }
 
@@ -1285,12 +1337,12 @@ impl Fs {
         path: &Path,
         attempt: impl FnOnce() -> std::io::Result<Option<Arc<dyn Content>>>,
     ) -> FsResult<Option<Arc<dyn Content>>> {
-        if let Some(q) = &self.options.quota {
+        if let Some(q) = self.space.quota() {
             q.resize(old, new)?;
         }
         let result = attempt();
         if !matches!(result, Ok(Some(_)))
-            && let Some(q) = &self.options.quota
+            && let Some(q) = self.space.quota()
         {
             let _ = q.resize(new, old);
         }
@@ -1369,12 +1421,12 @@ impl Fs {
         drop(table);
         h.appended = Vec::new();
         h.appended_at = None;
-        self.committed(h, content);
+        self.committed(h, content, &path);
         Ok(true)
     }
 
-    /// Bookkeeping after `h` committed `content`.
-    fn committed(&self, h: &mut FileHandle, content: Arc<dyn Content>) {
+    /// Bookkeeping after `h` committed `content` at `path`.
+    fn committed(&self, h: &mut FileHandle, content: Arc<dyn Content>, path: &Path) {
         let version = content.meta().ok().map(|m| m.version);
         h.committed = Some(content);
         h.dirty = false;
@@ -1402,6 +1454,7 @@ impl Fs {
                 kernel.data_changed(h.ino);
             }
         }
+        self.publish(path);
     }
 
     /// Commits every open handle's pending changes (on shutdown).
@@ -1542,7 +1595,7 @@ impl Fs {
     /// Capacity and usage; a space with limits reports its limits and what it uses of them.
     pub fn statfs(&self) -> FsResult<StoreStatfs> {
         let mut s = self.store.statfs()?;
-        if let Some(q) = &self.options.quota {
+        if let Some(q) = self.space.quota() {
             let (limits, usage) = (q.limits(), q.usage());
             let bsize = u64::from(s.bsize.max(1));
             if let Some(max) = limits.max_bytes {
@@ -1577,7 +1630,7 @@ fn dot_entries() -> [DirItem; 2] {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::local::{LocalStore, StagingArea};
+    use crate::store::local::test_store;
 
     const RW: i32 = libc::O_RDWR;
     /// A caller the test does not name: every close commits.
@@ -1590,14 +1643,20 @@ mod tests {
     }
 
     fn setup(options: FsOptions) -> Setup {
+        setup_limited(options, None)
+    }
+
+    /// A space of its own, counted against `quota`.
+    fn setup_limited(options: FsOptions, quota: Option<Arc<Quota>>) -> Setup {
         let dir = tempfile::tempdir().unwrap();
-        let (area, _) = StagingArea::create(dir.path()).unwrap();
         let root = dir.path().join("rooms/r");
-        let store = LocalStore::open(root.clone(), Arc::new(area)).unwrap();
+        let store = test_store(dir.path());
+        let id = crate::space::SpaceId::new(crate::space::SpaceKind::Room, "r").unwrap();
+        let space = Arc::new(Space::new(id, Arc::new(store), quota));
         Setup {
             _dir: dir,
             root,
-            fs: Fs::new(Arc::new(store), options),
+            fs: Fs::new(space, options),
         }
     }
 
@@ -2227,11 +2286,13 @@ mod tests {
             },
             Usage::default(),
         ));
-        let s = setup(FsOptions {
-            links_anywhere: true,
-            quota: Some(quota.clone()),
-            ..Default::default()
-        });
+        let s = setup_limited(
+            FsOptions {
+                links_anywhere: true,
+                ..Default::default()
+            },
+            Some(quota.clone()),
+        );
         let (_, w) = create(&s.fs, ROOT, "a", RW);
         assert_eq!(
             s.fs.write(w.fh, 0, &[1; 16], CALLER).unwrap(),

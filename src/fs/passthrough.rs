@@ -195,7 +195,7 @@ mod tests {
 
     use super::*;
     use crate::fs::{Caller, Errno, FsOptions, ROOT};
-    use crate::store::local::{LocalStore, StagingArea};
+    use crate::store::local::test_store;
 
     const RO: i32 = libc::O_RDONLY;
 
@@ -236,10 +236,11 @@ mod tests {
 
     fn setup(fail: Option<i32>) -> Setup {
         let dir = tempfile::tempdir().unwrap();
-        let (area, _) = StagingArea::create(dir.path()).unwrap();
         let root = dir.path().join("rooms/r");
-        let store = LocalStore::open(root.clone(), Arc::new(area)).unwrap();
-        let fs = Fs::new(Arc::new(store), FsOptions::default());
+        let store = test_store(dir.path());
+        let id = crate::space::SpaceId::new(crate::space::SpaceKind::Room, "r").unwrap();
+        let space = Arc::new(crate::space::Space::new(id, Arc::new(store), None));
+        let fs = Fs::new(space, FsOptions::default());
         let registry = Arc::new(Registry {
             fail,
             ..Default::default()

@@ -23,7 +23,7 @@ use crate::store::{Content, copy_range};
 
 /// Files at least this large are seeded lazily; smaller ones are copied at once.
 /// The same size as patches start at: a patch needs a lazily seeded working copy.
-pub const LAZY_SEED_MIN: u64 = crate::store::patch::PATCH_MIN;
+pub const LAZY_SEED_MIN: u64 = crate::store::local::patch::PATCH_MIN;
 const BLOCK: u64 = 4096;
 /// Blocks per chunk: one bit each in a `u64`.
 const BLOCKS: u64 = 64;

@@ -333,12 +333,14 @@ impl Store for MetaOverlay {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::local::{LocalStore, StagingArea};
+    use crate::space::{SpaceId, SpaceKind};
+    use crate::store::local::LocalBackend;
 
     fn overlay() -> (tempfile::TempDir, MetaOverlay) {
         let dir = tempfile::tempdir().unwrap();
-        let (area, _) = StagingArea::create(dir.path()).unwrap();
-        let store = LocalStore::open(dir.path().join("sessions/ses_7f3a"), Arc::new(area)).unwrap();
+        let (backend, _) = LocalBackend::open(dir.path()).unwrap();
+        let id = SpaceId::new(SpaceKind::Session, "ses_7f3a").unwrap();
+        let store = backend.open_space(&id, Some(None)).unwrap();
         let records_dir = dir.path().join("records");
         let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/agent-records");
         for entry in std::fs::read_dir(fixtures).unwrap() {

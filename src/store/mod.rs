@@ -2,11 +2,8 @@
 //! can be added later without touching the core. Paths are relative to the space root (`""` is
 //! the root itself) and never contain `.` or `..` components.
 
-pub mod append;
-pub mod at;
 pub mod local;
 pub mod meta;
-pub mod patch;
 
 use std::ffi::OsString;
 use std::fs::File;
@@ -147,7 +144,8 @@ pub fn copy_range(src: &dyn Content, dst: &File, offset: u64, len: u64) -> io::R
 #[derive(Debug)]
 pub struct Staged {
     pub file: File,
-    pub path: PathBuf,
+    /// Its name in the store's staging area.
+    pub name: String,
 }
 
 impl Staged {

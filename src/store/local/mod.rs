@@ -1,29 +1,41 @@
 //! The local-disk store: a space is a plain directory tree under the data dir, so operators can
 //! inspect and back it up with ordinary tools. Working copies live in a staging area on the
 //! same filesystem, so a commit is one atomic exchange of names (`renameat2`).
+//!
+//! Every name is resolved beneath the space's directory, held open, never through a symlink
+//! (see `at`): a space's content is hostile input to the daemon that serves it.
+
+pub mod append;
+pub mod at;
+pub mod patch;
+pub mod spaces;
+pub mod staging;
 
 use std::ffi::{CString, OsStr, OsString};
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
-use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use super::append::{append_in_place, roll_back_unfinished};
-use super::at::{At, check};
-use super::patch::{PATCH_MIN, Patch, finish_unfinished, hold_for_reading, patch_in_place};
+use append::{AppendMark, append_in_place};
+use at::{At, Dir, check};
+use patch::{PATCH_MIN, Patch, hold_for_reading, patch_in_place};
+pub use spaces::LocalBackend;
+pub use staging::StagingArea;
+
 use super::{
     Content, DirEntry, Kind, Meta, Owner, RenameMode, SetAttr, Staged, Store, StoreStatfs, TimeSpec,
 };
 
 /// A space stored as a directory tree on local disk.
 pub struct LocalStore {
-    /// The space's directory, held open: every path is resolved from it (see `at`).
-    root_fd: OwnedFd,
+    /// The space's directory, held open: every path is resolved beneath it (see `at`).
+    root: Dir,
     staging: Arc<StagingArea>,
     /// Set when a reader could not take its read lock: patches would no longer be isolated.
     no_patches: AtomicBool,
@@ -33,18 +45,15 @@ pub struct LocalStore {
 }
 
 impl LocalStore {
-    /// Opens (creating if needed) the space directory `root`, staging working copies in `staging`.
-    pub fn open(root: PathBuf, staging: Arc<StagingArea>) -> io::Result<LocalStore> {
-        fs::create_dir_all(&root)?;
-        let root_fd = At::path(&root)?
-            .open(libc::O_PATH | libc::O_DIRECTORY, 0)?
-            .into();
-        Ok(LocalStore {
-            root_fd,
+    /// The space whose directory is `root` (held open), staging working copies in `staging`
+    /// (on the same filesystem).
+    pub fn new(root: Dir, staging: Arc<StagingArea>) -> LocalStore {
+        LocalStore {
+            root,
             staging,
             no_patches: AtomicBool::new(false),
             no_exchange: AtomicBool::new(false),
-        })
+        }
     }
 
     /// The committed content in `file`, with its attributes `meta`. A reader of a patchable
@@ -115,9 +124,14 @@ impl LocalStore {
         renameat2(staged, target, 0).map(|()| false)
     }
 
-    /// `path` for the `*at` system calls, resolved from the space root.
+    /// `path` for the `*at` system calls, resolved beneath the space root.
     fn at(&self, path: &Path) -> io::Result<At> {
-        At::new(self.root_fd.as_raw_fd(), path)
+        self.root.at(path)
+    }
+
+    /// The working copy `staged` for the `*at` system calls.
+    fn staged_at(&self, staged: &Staged) -> io::Result<At> {
+        self.staging.dir().at(Path::new(&staged.name))
     }
 
     /// Gives a directory or node just made at `at` its exact mode (the process umask must not
@@ -137,156 +151,12 @@ impl LocalStore {
     }
 }
 
-/// The per-process directory of working copies, `<data-dir>/.staging/<instance>/`.
-///
-/// Each process holds an exclusive `flock` on its instance's `lock` file; at start-up, instance
-/// directories whose lock can be taken belong to processes that are gone (a crash, `kill -9`) and
-/// are removed: their working copies were never committed, so the committed files are untouched.
-pub struct StagingArea {
-    dir: PathBuf,
-    counter: AtomicU64,
-    /// Removes replaced versions of large files off the request path, started at first use.
-    remover: Mutex<Option<mpsc::Sender<PathBuf>>>,
-    _lock: nix::fcntl::Flock<File>,
-}
-
-/// Replaced versions at least this large are removed in the background: freeing their blocks
-/// takes milliseconds on ext4 (more with `discard`), which `close()` would otherwise wait for.
-const REMOVE_LATER_SIZE: u64 = 1 << 20;
-
-impl StagingArea {
-    /// Creates this process's staging directory under `data_dir` and removes stale ones.
-    pub fn create(data_dir: &Path) -> io::Result<(StagingArea, usize)> {
-        let base = data_dir.join(".staging");
-        fs::create_dir_all(&base)?;
-        let removed = Self::remove_stale(&base, true)?;
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_nanos();
-        let dir = base.join(format!("{}-{nanos}", std::process::id()));
-        fs::DirBuilder::new().mode(0o700).create(&dir)?;
-        let lock = nix::fcntl::Flock::lock(
-            File::create(dir.join("lock"))?,
-            nix::fcntl::FlockArg::LockExclusiveNonblock,
-        )
-        .map_err(|(_, e)| io::Error::from(e))?;
-        Ok((
-            StagingArea {
-                dir,
-                counter: AtomicU64::new(0),
-                remover: Mutex::new(None),
-                _lock: lock,
-            },
-            removed,
-        ))
-    }
-
-    /// Removes instance directories no live process holds, after finishing the patches and
-    /// undoing the appends they left unfinished; returns how many working copies were dropped.
-    /// `at_start`: also directories without a lock file (later, one may be a process starting).
-    fn remove_stale(base: &Path, at_start: bool) -> io::Result<usize> {
-        let mut removed = 0;
-        for entry in fs::read_dir(base)? {
-            let entry = entry?;
-            let dir = entry.path();
-            if !entry.file_type()?.is_dir() {
-                continue;
-            }
-            let Ok(lock) = File::open(dir.join("lock")) else {
-                if !at_start {
-                    continue;
-                }
-                // A directory without a lock file was never fully created: stale.
-                removed += count_files(&dir);
-                fs::remove_dir_all(&dir)?;
-                continue;
-            };
-            match nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusiveNonblock) {
-                Ok(_held) => {
-                    finish_unfinished(&dir);
-                    roll_back_unfinished(&dir);
-                    removed += count_files(&dir).saturating_sub(1);
-                    fs::remove_dir_all(&dir)?;
-                }
-                Err(_) => continue, // a live process owns it
-            }
-        }
-        Ok(removed)
-    }
-
-    /// Recovers what dead processes left unfinished, while running: a file that still shows a
-    /// crash marker's second link must be whole before anybody reads it.
-    fn recover_stale(&self) {
-        let Some(base) = self.dir.parent() else {
-            return;
-        };
-        if let Err(e) = Self::remove_stale(base, false) {
-            log::warn!("could not recover stale staging: {e}");
-        }
-    }
-
-    /// A fresh name in this staging area.
-    fn new_name(&self, name: impl FnOnce(u64) -> String) -> PathBuf {
-        self.dir
-            .join(name(self.counter.fetch_add(1, Ordering::Relaxed)))
-    }
-
-    fn new_file(&self) -> io::Result<(File, PathBuf)> {
-        let path = self.new_name(|n| format!("w{n}"));
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags(libc::O_CLOEXEC)
-            .open(&path)?;
-        Ok((file, path))
-    }
-}
-
-impl StagingArea {
-    /// Removes `path` (a replaced version inside this staging area) now, or soon on a
-    /// background thread if it is large. One left behind by a crash is stale staging, removed
-    /// at the next start.
-    fn remove_replaced(&self, path: &Path, size: u64) {
-        if size >= REMOVE_LATER_SIZE {
-            let mut remover = self.remover.lock().unwrap_or_else(|e| e.into_inner());
-            if remover.is_none() {
-                let (tx, rx) = mpsc::channel::<PathBuf>();
-                let spawned = std::thread::Builder::new()
-                    .name("roomfs-remove".into())
-                    .spawn(move || {
-                        for path in rx {
-                            if let Err(e) = fs::remove_file(&path) {
-                                log::warn!("could not remove {}: {e}", path.display());
-                            }
-                        }
-                    });
-                if spawned.is_ok() {
-                    *remover = Some(tx);
-                }
-            }
-            if let Some(tx) = remover.as_ref()
-                && tx.send(path.to_path_buf()).is_ok()
-            {
-                return;
-            }
-        }
-        if let Err(e) = fs::remove_file(path) {
-            log::warn!("could not remove {}: {e}", path.display());
-        }
-    }
-}
-
-impl Drop for StagingArea {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn count_files(dir: &Path) -> usize {
-    fs::read_dir(dir).map(|d| d.count()).unwrap_or(0)
+/// The store of room `r` in a new data dir at `data` (for tests of this crate).
+#[cfg(test)]
+pub fn test_store(data: &Path) -> LocalStore {
+    let (backend, _) = LocalBackend::open(data).unwrap();
+    let room = crate::space::SpaceId::new(crate::space::SpaceKind::Room, "r").unwrap();
+    backend.open_space(&room, Some(None)).unwrap()
 }
 
 /// Committed content backed by an open local file, with its attributes read once.
@@ -550,8 +420,8 @@ impl Store for LocalStore {
     }
 
     fn stage(&self, seed: Option<&dyn Content>) -> io::Result<Staged> {
-        let (file, path) = self.staging.new_file()?;
-        let staged = Staged { file, path };
+        let (file, name) = self.staging.new_file()?;
+        let staged = Staged { file, name };
         match seed.map_or(Ok(()), |seed| copy_content(seed, &staged.file)) {
             Ok(()) => Ok(staged),
             Err(e) => {
@@ -583,7 +453,7 @@ impl Store for LocalStore {
                 staged.file.sync_all()?;
             }
             let before = fstat(&staged.file)?;
-            let exchanged = self.swap_in(&At::path(&staged.path)?, &target)?;
+            let exchanged = self.swap_in(&self.staged_at(&staged)?, &target)?;
             Ok((before, exchanged.then_some(current.st_size as u64)))
         })();
         let (before, replaced_size) = match prepared {
@@ -591,8 +461,8 @@ impl Store for LocalStore {
             Err(e) => return Err((e, staged)),
         };
         if let Some(size) = replaced_size {
-            // The staging path now names the replaced version.
-            self.staging.remove_replaced(&staged.path, size);
+            // The staging name now names the replaced version.
+            self.staging.remove_replaced(staged.name.clone(), size);
         }
         if durable && let Err(e) = self.sync_dir_of(path) {
             log::error!(
@@ -618,9 +488,10 @@ impl Store for LocalStore {
             return Ok(None);
         }
         let (dev, ino, _) = was.version;
-        let appended = append_in_place(&self.at(path)?, (dev, ino), was.size, tail, |mark| {
-            self.staging.new_name(|n| mark.name(n))
-        })?;
+        let staging = self.staging.dir();
+        let marker = |mark: &AppendMark| self.staging.new_name(|n| mark.name(n));
+        let appended =
+            append_in_place(&self.at(path)?, (dev, ino), was.size, tail, staging, marker)?;
         Ok(match appended {
             Some(file) => {
                 let st = fstat(&file)?;
@@ -669,16 +540,23 @@ impl Store for LocalStore {
         }
         let patch = Patch {
             staged: &staged.file,
-            staged_path: &staged.path,
+            staged_name: &staged.name,
             from: was.size,
             to,
             written,
             durable,
         };
         let (dev, ino, _) = was.version;
-        let patched = patch_in_place(&self.at(path)?, base_file, (dev, ino), &patch, |mark| {
-            self.staging.new_name(|n| mark.name(n))
-        })?;
+        let staging = self.staging.dir();
+        let marker = |mark: &patch::PatchMark| self.staging.new_name(|n| mark.name(n));
+        let patched = patch_in_place(
+            &self.at(path)?,
+            base_file,
+            (dev, ino),
+            &patch,
+            staging,
+            marker,
+        )?;
         Ok(match patched {
             Some(file) => {
                 let st = fstat(&file)?;
@@ -689,11 +567,8 @@ impl Store for LocalStore {
     }
 
     fn discard(&self, staged: Staged) {
-        if let Err(e) = fs::remove_file(&staged.path) {
-            log::warn!(
-                "could not remove working copy {}: {e}",
-                staged.path.display()
-            );
+        if let Err(e) = self.staging.remove(&staged.name) {
+            log::warn!("could not remove working copy {}: {e}", staged.name);
         }
     }
 
@@ -806,7 +681,7 @@ impl Store for LocalStore {
     }
 
     fn statfs(&self) -> io::Result<StoreStatfs> {
-        let s = nix::sys::statvfs::fstatvfs(&self.root_fd).map_err(io::Error::from)?;
+        let s = nix::sys::statvfs::fstatvfs(&self.root).map_err(io::Error::from)?;
         Ok(StoreStatfs {
             blocks: s.blocks(),
             bfree: s.blocks_free(),
@@ -826,15 +701,14 @@ mod tests {
 
     fn store() -> (tempfile::TempDir, LocalStore) {
         let dir = tempfile::tempdir().unwrap();
-        let (area, _) = StagingArea::create(dir.path()).unwrap();
-        let store = LocalStore::open(dir.path().join("rooms/r"), Arc::new(area)).unwrap();
+        let store = test_store(dir.path());
         (dir, store)
     }
 
     impl LocalStore {
         /// The backing file of `path`, for tests that look behind the store's back.
         fn full(&self, path: &Path) -> PathBuf {
-            let fd = self.root_fd.as_raw_fd();
+            let fd = self.root.as_raw_fd();
             fs::read_link(format!("/proc/self/fd/{fd}"))
                 .unwrap()
                 .join(path)
@@ -876,7 +750,7 @@ mod tests {
     #[test]
     fn large_replaced_versions_are_removed_in_the_background() {
         let (d, s) = store();
-        let big = vec![7u8; REMOVE_LATER_SIZE as usize];
+        let big = vec![7u8; 1 << 20];
         fs::write(s.full(Path::new("f")), &big).unwrap();
         let staged = s.stage(None).unwrap();
         staged.file.write_all_at(b"small", 0).unwrap();
@@ -929,7 +803,8 @@ mod tests {
             )
             .unwrap();
             let staged = s.stage(None).unwrap();
-            let staging = staged.path.parent().unwrap().to_path_buf();
+            let staging =
+                fs::read_link(format!("/proc/self/fd/{}", s.staging.dir().as_raw_fd())).unwrap();
             staged.file.write_all_at(b"new", 0).unwrap();
             let committed = s
                 .commit(staged, Path::new("f"), true)
@@ -972,23 +847,27 @@ mod tests {
         fs::create_dir_all(&stale).unwrap();
         fs::write(stale.join("lock"), b"").unwrap();
         fs::write(stale.join("w0"), b"partial").unwrap();
-        let (area, removed) = StagingArea::create(dir.path()).unwrap();
+        let data = Dir::open_trusted(dir.path(), false).unwrap();
+        let (_area, removed) = StagingArea::create(&data).unwrap();
         assert_eq!(removed, 1);
         assert!(!stale.exists());
         // A live area is not removed by a second process starting.
-        let (_other, removed2) = StagingArea::create(dir.path()).unwrap();
+        let (_other, removed2) = StagingArea::create(&data).unwrap();
         assert_eq!(removed2, 0);
-        assert!(area.dir.exists());
+        assert_eq!(
+            fs::read_dir(dir.path().join(".staging")).unwrap().count(),
+            2
+        );
     }
 
     #[test]
     fn opening_a_file_with_a_crash_marker_waits_for_or_recovers_it() {
-        use crate::store::append::AppendMark;
+        use super::append::AppendMark;
         let (d, s) = store();
         let target = s.full(Path::new("log"));
         fs::write(&target, b"whole\n").unwrap();
         // An append under way in a live process: it holds the flock and a marker link.
-        let appender = OpenOptions::new().append(true).open(&target).unwrap();
+        let appender = fs::OpenOptions::new().append(true).open(&target).unwrap();
         assert_eq!(
             unsafe { libc::flock(appender.as_raw_fd(), libc::LOCK_EX) },
             0
@@ -1031,7 +910,7 @@ mod tests {
         let target = s.full(Path::new("db"));
         fs::write(&target, vec![b'o'; PATCH_MIN as usize]).unwrap();
         // A patcher holds the exclusive lock (as `patch_in_place` does while writing).
-        let patcher = OpenOptions::new().write(true).open(&target).unwrap();
+        let patcher = fs::OpenOptions::new().write(true).open(&target).unwrap();
         let mut lock: libc::flock = unsafe { std::mem::zeroed() };
         lock.l_type = libc::F_WRLCK as libc::c_short;
         assert_eq!(

@@ -25,13 +25,14 @@
 //!   the file before the markers go, so the redo survives a power cut too.
 
 use std::ffi::CString;
-use std::fs::{self, File, OpenOptions};
+use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
-use std::path::{Path, PathBuf};
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
 
-use super::at::At;
+use super::at::{At, Dir, check};
+use super::staging::{link_open_file, markers, open_in};
 
 /// Files at least this large may be patched in place, and their readers hold the read lock.
 pub const PATCH_MIN: u64 = 4 << 20;
@@ -53,10 +54,8 @@ impl PatchMark {
     }
 
     /// The name of the working copy's link next to the file marker `marker`.
-    pub fn data_path(marker: &Path) -> PathBuf {
-        let mut name = marker.as_os_str().to_owned();
-        name.push(Self::DATA);
-        PathBuf::from(name)
+    pub fn data_name(marker: &str) -> String {
+        format!("{marker}{}", Self::DATA)
     }
 
     pub fn parse(name: &str) -> Option<PatchMark> {
@@ -108,7 +107,8 @@ pub fn hold_for_reading(file: &File) -> io::Result<bool> {
 pub struct Patch<'a> {
     /// The working copy (a sparse copy of the base version plus the writer's changes).
     pub staged: &'a File,
-    pub staged_path: &'a Path,
+    /// The working copy's name in the staging directory.
+    pub staged_name: &'a str,
     /// The size of the version the writer started from.
     pub from: u64,
     /// The size of the new version (never smaller than `from`).
@@ -122,8 +122,8 @@ pub struct Patch<'a> {
 /// Patches the committed file `target`, which must still be the object `(dev, ino)` of
 /// size `patch.from`, with `patch`. `base` is the writer's open view of that version (its
 /// shared lock is given up while the patch is applied, and taken back if there is no patch);
-/// `marker` names the crash marker (a fresh name in the staging area, on the same filesystem
-/// as the target). Returns the file (open, holding the shared lock) when the patch is in,
+/// `marker` names the crash marker (a fresh name in the staging directory `staging`, which holds
+/// the working copy and is on the same filesystem as the target). Returns the file (open, holding the shared lock) when the patch is in,
 /// `None` when it is not possible now: the file is not in the expected state, somebody reads
 /// it, appends to it or patches it, or there is no room for the new bytes.
 pub fn patch_in_place(
@@ -131,12 +131,13 @@ pub fn patch_in_place(
     base: &File,
     (dev, ino): (u64, u64),
     patch: &Patch,
-    marker: impl FnOnce(&PatchMark) -> PathBuf,
+    staging: &Dir,
+    marker: impl FnOnce(&PatchMark) -> String,
 ) -> io::Result<Option<File>> {
     let Some(file) = open_for_change(target) else {
         return Ok(None);
     };
-    let result = patch_locked(&file, base, (dev, ino), patch, marker);
+    let result = patch_locked(&file, base, (dev, ino), patch, staging, marker);
     if let Ok(true) = result
         && let Err(e) = lock_whole(&file, libc::F_RDLCK, false)
     {
@@ -152,7 +153,8 @@ fn patch_locked(
     base: &File,
     (dev, ino): (u64, u64),
     patch: &Patch,
-    marker: impl FnOnce(&PatchMark) -> PathBuf,
+    staging: &Dir,
+    marker: impl FnOnce(&PatchMark) -> String,
 ) -> io::Result<bool> {
     let now = file.metadata()?;
     // A second link is an appender's or a patcher's marker (alive, or dead and not yet
@@ -206,23 +208,24 @@ fn patch_locked(
         to: patch.to,
     };
     let marker = marker(&mark);
-    let data = PatchMark::data_path(&marker);
-    if let Err(e) = fs::hard_link(patch.staged_path, &data) {
+    let data = PatchMark::data_name(&marker);
+    let remove = |name: &str| {
+        let c = CString::new(name).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        // SAFETY: a valid descriptor and a NUL-terminated name.
+        check(unsafe { libc::unlinkat(staging.as_raw_fd(), c.as_ptr(), 0) })
+    };
+    if let Err(e) = link_in(staging, patch.staged_name, &data) {
         return give_back(&format!("no crash marker: {e}"));
     }
-    if let Err(e) = link_open_file(file, &marker) {
-        let _ = fs::remove_file(&data);
+    if let Err(e) = link_open_file(file, staging, &marker) {
+        let _ = remove(&data);
         return give_back(&format!("no crash marker: {e}"));
     }
-    let staging = marker.parent().unwrap_or(Path::new("/"));
     if patch.durable {
-        let synced = patch
-            .staged
-            .sync_data()
-            .and_then(|()| File::open(staging)?.sync_all());
+        let synced = patch.staged.sync_data().and_then(|()| staging.sync());
         if let Err(e) = synced {
-            let _ = fs::remove_file(&marker);
-            let _ = fs::remove_file(&data);
+            let _ = remove(&marker);
+            let _ = remove(&data);
             give_back("the working copy could not be synced")?;
             return Err(e);
         }
@@ -242,13 +245,22 @@ fn patch_locked(
     if patch.durable {
         file.sync_all()?;
     }
-    fs::remove_file(&marker)?;
-    fs::remove_file(&data)?;
+    remove(&marker)?;
+    remove(&data)?;
     if patch.durable {
         // A marker coming back after a power cut would replay this patch over later changes.
-        File::open(staging)?.sync_all()?;
+        staging.sync()?;
     }
     Ok(true)
+}
+
+/// Links the name `from` of the directory `dir` under `to` too.
+fn link_in(dir: &Dir, from: &str, to: &str) -> io::Result<()> {
+    let cname = |n: &str| CString::new(n).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL));
+    let (from, to) = (cname(from)?, cname(to)?);
+    let fd = dir.as_raw_fd();
+    // SAFETY: valid descriptors and NUL-terminated names.
+    check(unsafe { libc::linkat(fd, from.as_ptr(), fd, to.as_ptr(), 0) })
 }
 
 /// Writes the patch into `file`, and gives the file the mtime of the working copy (the time
@@ -338,66 +350,33 @@ pub fn open_for_change(target: &At) -> Option<File> {
 
 /// The file's path, for messages.
 pub fn target_name(file: &File) -> String {
-    fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd()))
+    std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd()))
         .map(|p| p.display().to_string())
         .unwrap_or_else(|_| "a file".into())
-}
-
-/// Links the open `file` at `path` (through `/proc/self/fd`, which needs no privilege), so
-/// the link is to exactly this object even if its name changes meanwhile.
-pub fn link_open_file(file: &File, path: &Path) -> io::Result<()> {
-    let from = CString::new(format!("/proc/self/fd/{}", file.as_raw_fd()))?;
-    let to = CString::new(path.as_os_str().as_encoded_bytes())
-        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-    let ret = unsafe {
-        libc::linkat(
-            libc::AT_FDCWD,
-            from.as_ptr(),
-            libc::AT_FDCWD,
-            to.as_ptr(),
-            libc::AT_SYMLINK_FOLLOW,
-        )
-    };
-    if ret < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// The crash markers in the staging directory `dir` that `parse` recognizes by name, with
-/// their paths.
-pub fn markers<T>(dir: &Path, parse: fn(&str) -> Option<T>) -> Vec<(T, PathBuf)> {
-    let Ok(entries) = fs::read_dir(dir) else {
-        return Vec::new();
-    };
-    entries
-        .flatten()
-        .filter_map(|entry| Some((entry.file_name().to_str().and_then(parse)?, entry.path())))
-        .collect()
 }
 
 /// Finishes the patches a dead process left unfinished in its staging directory `dir`;
 /// returns how many it finished. Markers whose working copy link is missing were never
 /// started (the file marker comes second) and are dropped.
-pub fn finish_unfinished(dir: &Path) -> usize {
+pub fn finish_unfinished(dir: &Dir) -> usize {
     let mut finished = 0;
     for (mark, marker) in markers(dir, PatchMark::parse) {
-        let data = PatchMark::data_path(&marker);
-        if !data.exists() {
-            continue;
-        }
+        let data = PatchMark::data_name(&marker);
+        let staged = match open_in(dir, &data, libc::O_RDONLY | libc::O_NONBLOCK) {
+            Ok(staged) => staged,
+            Err(_) => continue,
+        };
         let result = (|| {
-            let file = OpenOptions::new()
-                .write(true)
-                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-                .open(&marker)?;
-            let staged = File::open(&data)?;
+            let file = open_in(dir, &marker, libc::O_WRONLY | libc::O_NONBLOCK)?;
+            if !file.metadata()?.is_file() || !staged.metadata()?.is_file() {
+                return Err(io::Error::from_raw_os_error(libc::EINVAL));
+            }
             // Every data extent below the old size is the writer's or a copy of the same
             // version's block: writing them all again is the patch, and harmless twice.
             let written = data_extents(&staged, mark.from)?;
             let patch = Patch {
                 staged: &staged,
-                staged_path: &data,
+                staged_name: &data,
                 from: mark.from,
                 to: mark.to,
                 written: &written,
@@ -406,11 +385,17 @@ pub fn finish_unfinished(dir: &Path) -> usize {
             apply(&file, &patch)?;
             file.sync_all()
         })();
+        let remove = |name: &str| {
+            if let Ok(at) = dir.at(Path::new(name)) {
+                // SAFETY: a valid descriptor and a NUL-terminated name.
+                let _ = unsafe { libc::unlinkat(at.dir(), at.name().as_ptr(), 0) };
+            }
+        };
         match result {
             Ok(()) => {
                 finished += 1;
-                let _ = fs::remove_file(&marker);
-                let _ = fs::remove_file(&data);
+                remove(&marker);
+                remove(&data);
                 log::warn!(
                     "finished a patch commit interrupted by a crash ({} bytes)",
                     mark.to
@@ -425,7 +410,9 @@ pub fn finish_unfinished(dir: &Path) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs::{self, OpenOptions};
     use std::os::unix::fs::FileExt;
+    use std::path::PathBuf;
 
     const MIB: usize = 1 << 20;
 
@@ -436,8 +423,8 @@ mod tests {
     }
 
     /// A committed file of `len` bytes, a reader view of it holding the read lock, and a
-    /// sparse working copy of the same size: (dir, target, base, staged path, staged).
-    fn setup(len: usize) -> (tempfile::TempDir, PathBuf, File, PathBuf, File) {
+    /// sparse working copy `w0` of the same size: (dir, target, base, dir held, staged).
+    fn setup(len: usize) -> (tempfile::TempDir, PathBuf, File, Dir, File) {
         let dir = tempfile::tempdir().unwrap();
         let target = dir.path().join("db");
         fs::write(&target, pattern(len, 0)).unwrap();
@@ -451,7 +438,12 @@ mod tests {
             .open(&staged_path)
             .unwrap();
         staged.set_len(len as u64).unwrap();
-        (dir, target, base, staged_path, staged)
+        let held = Dir::open_trusted(dir.path(), false).unwrap();
+        (dir, target, base, held, staged)
+    }
+
+    fn db(held: &Dir) -> At {
+        held.at(Path::new("db")).unwrap()
     }
 
     fn id(path: &Path) -> (u64, u64) {
@@ -465,16 +457,13 @@ mod tests {
         assert_eq!(PatchMark::parse(&mark.name(7)), Some(mark));
         assert_eq!(PatchMark::parse("append-1-2-3.4-5"), None);
         assert_eq!(PatchMark::parse("patch-1-2"), None);
-        assert_eq!(
-            PatchMark::data_path(Path::new("/s/patch-1-2-3")),
-            Path::new("/s/patch-1-2-3.data")
-        );
+        assert_eq!(PatchMark::data_name("patch-1-2-3"), "patch-1-2-3.data");
     }
 
     #[test]
     fn a_patch_writes_only_the_changed_blocks_and_the_new_tail() {
         let len = 5 * MIB;
-        let (dir, target, base, staged_path, staged) = setup(len);
+        let (_dir, target, base, held, staged) = setup(len);
         let mut expect = pattern(len, 0);
         for (offset, byte) in [(4096usize, 1u8), (3 * MIB + 8192, 2)] {
             staged.write_all_at(&[byte; 4096], offset as u64).unwrap();
@@ -485,18 +474,16 @@ mod tests {
         let written = [(4096, 4096), (3 * MIB as u64 + 8192, 4096)];
         let patch = Patch {
             staged: &staged,
-            staged_path: &staged_path,
+            staged_name: "w0",
             from: len as u64,
             to: len as u64 + 4,
             written: &written,
             durable: false,
         };
         let before = id(&target);
-        let file = patch_in_place(&At::path(&target).unwrap(), &base, before, &patch, |m| {
-            dir.path().join(m.name(0))
-        })
-        .unwrap()
-        .expect("patched");
+        let file = patch_in_place(&db(&held), &base, before, &patch, &held, |m| m.name(0))
+            .unwrap()
+            .expect("patched");
         assert!(fs::read(&target).unwrap() == expect);
         assert_eq!(id(&target), before, "the same file, patched in place");
         let m = file.metadata().unwrap();
@@ -515,39 +502,29 @@ mod tests {
         };
         let stranger = File::open(&target).unwrap();
         assert!(
-            patch_in_place(
-                &At::path(&target).unwrap(),
-                &stranger,
-                before,
-                &other,
-                |m| dir.path().join(m.name(1))
-            )
-            .unwrap()
-            .is_none()
+            patch_in_place(&db(&held), &stranger, before, &other, &held, |m| m.name(1))
+                .unwrap()
+                .is_none()
         );
     }
 
     #[test]
     fn no_patch_while_somebody_reads_appends_or_holds_a_marker() {
         let len = 4 * MIB;
-        let (dir, target, base, staged_path, staged) = setup(len);
+        let (dir, target, base, held, staged) = setup(len);
         staged.write_all_at(&[9u8; 4096], 0).unwrap();
         let written = [(0, 4096)];
         let patch = Patch {
             staged: &staged,
-            staged_path: &staged_path,
+            staged_name: "w0",
             from: len as u64,
             to: len as u64,
             written: &written,
             durable: false,
         };
         let ident = id(&target);
-        let try_patch = || {
-            patch_in_place(&At::path(&target).unwrap(), &base, ident, &patch, |m| {
-                dir.path().join(m.name(0))
-            })
-            .unwrap()
-        };
+        let try_patch =
+            || patch_in_place(&db(&held), &base, ident, &patch, &held, |m| m.name(0)).unwrap();
         // Another reader.
         let reader = File::open(&target).unwrap();
         hold_for_reading(&reader).unwrap();
@@ -568,11 +545,9 @@ mod tests {
         // Refused attempts gave the writer's read lock back: a stranger cannot patch either.
         let stranger = File::open(&target).unwrap();
         assert!(
-            patch_in_place(&At::path(&target).unwrap(), &stranger, ident, &patch, |m| {
-                dir.path().join(m.name(1))
-            })
-            .unwrap()
-            .is_none()
+            patch_in_place(&db(&held), &stranger, ident, &patch, &held, |m| m.name(1))
+                .unwrap()
+                .is_none()
         );
         drop(stranger);
         assert!(fs::read(&target).unwrap() == pattern(len, 0), "untouched");
@@ -583,7 +558,8 @@ mod tests {
     #[test]
     fn an_interrupted_patch_is_finished_from_its_markers() {
         let len = 4 * MIB;
-        let (dir, target, _base, staged_path, staged) = setup(len);
+        let (dir, target, _base, _held, staged) = setup(len);
+        let staged_path = dir.path().join("w0");
         let staging = dir.path().join("staging");
         fs::create_dir(&staging).unwrap();
         // The working copy: two changed blocks, one block copied unchanged for a read, and
@@ -603,7 +579,8 @@ mod tests {
             to: len as u64 + 4,
         };
         let marker = staging.join(mark.name(0));
-        fs::hard_link(&staged_path, PatchMark::data_path(&marker)).unwrap();
+        let data = staging.join(PatchMark::data_name(&mark.name(0)));
+        fs::hard_link(&staged_path, &data).unwrap();
         fs::hard_link(&target, &marker).unwrap();
         // The crash came after the first block.
         let f = OpenOptions::new().write(true).open(&target).unwrap();
@@ -613,9 +590,17 @@ mod tests {
         fs::write(&other, b"keep").unwrap();
         fs::write(staging.join("patch-4-8-1.data"), b"junk").unwrap();
 
-        assert_eq!(finish_unfinished(&staging), 1);
+        // A symlink planted as a marker pair is not followed.
+        let outside = dir.path().join("outside");
+        fs::write(&outside, b"untouched").unwrap();
+        std::os::unix::fs::symlink(&outside, staging.join("patch-1-9-2")).unwrap();
+        std::os::unix::fs::symlink(&staged_path, staging.join("patch-1-9-2.data")).unwrap();
+
+        let held = Dir::open_trusted(&staging, false).unwrap();
+        assert_eq!(finish_unfinished(&held), 1);
         assert!(fs::read(&target).unwrap() == expect);
-        assert!(!marker.exists() && !PatchMark::data_path(&marker).exists());
+        assert!(!marker.exists() && !data.exists());
+        assert_eq!(fs::read(&outside).unwrap(), b"untouched");
         assert_eq!(fs::read(&other).unwrap(), b"keep");
     }
 }

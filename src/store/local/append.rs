@@ -17,14 +17,15 @@
 //! - Power loss: durable commits (fsync, `--sync-on-close`) do not come here; they copy and
 //!   exchange, as before.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
-use std::path::{Path, PathBuf};
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::Path;
 
-use super::at::At;
-use super::patch::{link_open_file, markers, open_for_change, target_name};
+use super::at::{At, Dir};
+use super::patch::{open_for_change, target_name};
+use super::staging::{link_open_file, markers, open_in};
 
 /// What a marker records: the file's size and mtime before the append, and the size after it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -58,20 +59,21 @@ impl AppendMark {
 }
 
 /// Appends `tail` to the committed file `target`, which must still be the object
-/// `(dev, ino)` of size `size`. `marker` is where the crash marker goes (a fresh name in the
-/// staging area, on the same filesystem). Returns the file (open for reading) when the tail
+/// `(dev, ino)` of size `size`. `marker` names the crash marker (a fresh name in the staging
+/// directory `staging`, on the same filesystem). Returns the file (open for reading) when the tail
 /// is in, `None` when the file is not in the expected state or another appender holds it.
 pub fn append_in_place(
     target: &At,
     (dev, ino): (u64, u64),
     size: u64,
     tail: &[u8],
-    marker: impl FnOnce(&AppendMark) -> PathBuf,
+    staging: &Dir,
+    marker: impl FnOnce(&AppendMark) -> String,
 ) -> io::Result<Option<File>> {
     let Some(file) = open_for_change(target) else {
         return Ok(None);
     };
-    let result = append_locked(&file, (dev, ino), size, tail, marker);
+    let result = append_locked(&file, (dev, ino), size, tail, staging, marker);
     unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_UN) };
     Ok(result?.then_some(file))
 }
@@ -81,7 +83,8 @@ fn append_locked(
     (dev, ino): (u64, u64),
     size: u64,
     tail: &[u8],
-    marker: impl FnOnce(&AppendMark) -> PathBuf,
+    staging: &Dir,
+    marker: impl FnOnce(&AppendMark) -> String,
 ) -> io::Result<bool> {
     let now = file.metadata()?;
     // A second link is another appender's marker (alive, or dead and not yet rolled back).
@@ -98,17 +101,18 @@ fn append_locked(
         mtime: (now.mtime(), now.mtime_nsec()),
     };
     let marker = marker(&mark);
-    if let Err(e) = link_open_file(file, &marker) {
+    if let Err(e) = link_open_file(file, staging, &marker) {
         log::debug!("no crash marker for an in-place append ({e}): copying instead");
         return Ok(false);
     }
     let written = file.write_all_at(tail, size);
-    let done = written.and_then(|()| fs::remove_file(&marker));
+    let remove = || staging.at(Path::new(&marker)).and_then(|at| unlink(&at));
+    let done = written.and_then(|()| remove());
     if let Err(e) = done {
         // Take the tail back out; if that fails too, the marker stays for the next start.
         match roll_back(file, &mark) {
             Ok(()) => {
-                let _ = fs::remove_file(&marker);
+                let _ = remove();
             }
             Err(undo) => log::error!(
                 "append to {} failed ({e}) and could not be undone ({undo}); \
@@ -143,21 +147,17 @@ fn roll_back(file: &File, mark: &AppendMark) -> io::Result<()> {
 /// Undoes the appends a dead process left unfinished in its staging directory `dir`; returns
 /// how many it undid. A file whose size is outside what the marker allows was changed since by
 /// something else and is left alone.
-pub fn roll_back_unfinished(dir: &Path) -> usize {
+pub fn roll_back_unfinished(dir: &Dir) -> usize {
     let mut undone = 0;
-    for (mark, path) in markers(dir, AppendMark::parse) {
-        let result = OpenOptions::new()
-            .write(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(&path)
-            .and_then(|file| {
-                let m = file.metadata()?;
-                if m.is_file() && (mark.from..=mark.to).contains(&m.len()) {
-                    roll_back(&file, &mark).map(|()| true)
-                } else {
-                    Ok(false)
-                }
-            });
+    for (mark, name) in markers(dir, AppendMark::parse) {
+        let result = open_in(dir, &name, libc::O_WRONLY | libc::O_NONBLOCK).and_then(|file| {
+            let m = file.metadata()?;
+            if m.is_file() && (mark.from..=mark.to).contains(&m.len()) {
+                roll_back(&file, &mark).map(|()| true)
+            } else {
+                Ok(false)
+            }
+        });
         match result {
             Ok(true) => {
                 undone += 1;
@@ -173,9 +173,16 @@ pub fn roll_back_unfinished(dir: &Path) -> usize {
     undone
 }
 
+/// `unlinkat` of a name that is not a directory.
+fn unlink(at: &At) -> io::Result<()> {
+    // SAFETY: a valid descriptor and a NUL-terminated name.
+    super::at::check(unsafe { libc::unlinkat(at.dir(), at.name().as_ptr(), 0) })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
 
     #[test]
     fn marks_round_trip_through_their_names() {
@@ -192,15 +199,17 @@ mod tests {
     #[test]
     fn appends_only_to_the_expected_version_and_one_at_a_time() {
         let dir = tempfile::tempdir().unwrap();
+        let held = Dir::open_trusted(dir.path(), false).unwrap();
         let target = dir.path().join("log");
         fs::write(&target, b"one\n").unwrap();
         let m = fs::metadata(&target).unwrap();
         let id = (m.dev(), m.ino());
-        let marker = |_: &AppendMark| dir.path().join("marker");
+        let at = || held.at(Path::new("log")).unwrap();
+        let marker = |_: &AppendMark| "marker".to_string();
 
         // Wrong size: somebody appended meanwhile.
         assert!(
-            append_in_place(&At::path(&target).unwrap(), id, 3, b"x", marker)
+            append_in_place(&at(), id, 3, b"x", &held, marker)
                 .unwrap()
                 .is_none()
         );
@@ -211,7 +220,7 @@ mod tests {
             0
         );
         assert!(
-            append_in_place(&At::path(&target).unwrap(), id, 4, b"x", marker)
+            append_in_place(&at(), id, 4, b"x", &held, marker)
                 .unwrap()
                 .is_none()
         );
@@ -219,14 +228,14 @@ mod tests {
         // A marker (second link) of an unfinished append.
         fs::hard_link(&target, dir.path().join("stale")).unwrap();
         assert!(
-            append_in_place(&At::path(&target).unwrap(), id, 4, b"x", marker)
+            append_in_place(&at(), id, 4, b"x", &held, marker)
                 .unwrap()
                 .is_none()
         );
         fs::remove_file(dir.path().join("stale")).unwrap();
         assert_eq!(fs::read(&target).unwrap(), b"one\n");
 
-        let file = append_in_place(&At::path(&target).unwrap(), id, 4, b"two\n", marker)
+        let file = append_in_place(&at(), id, 4, b"two\n", &held, marker)
             .unwrap()
             .expect("appended");
         assert_eq!(fs::read(&target).unwrap(), b"one\ntwo\n");
@@ -250,7 +259,7 @@ mod tests {
         fs::hard_link(&target, staging.join(mark.name(0))).unwrap();
         // The crash came in the middle of the tail.
         std::thread::sleep(std::time::Duration::from_millis(10));
-        let f = OpenOptions::new().append(true).open(&target).unwrap();
+        let f = fs::OpenOptions::new().append(true).open(&target).unwrap();
         f.write_all_at(b"par", 5).unwrap();
         // A marker whose file was changed beyond its range since is left alone.
         let other = dir.path().join("other");
@@ -261,8 +270,18 @@ mod tests {
             mtime: (0, 0),
         };
         fs::hard_link(&other, staging.join(moved.name(1))).unwrap();
+        // A symlink planted as a marker is not followed.
+        let outside = dir.path().join("outside");
+        fs::write(&outside, b"0123456789abcdef").unwrap();
+        let planted = AppendMark {
+            from: 1,
+            to: 20,
+            mtime: (0, 0),
+        };
+        std::os::unix::fs::symlink(&outside, staging.join(planted.name(2))).unwrap();
 
-        assert_eq!(roll_back_unfinished(&staging), 1);
+        let held = Dir::open_trusted(&staging, false).unwrap();
+        assert_eq!(roll_back_unfinished(&held), 1);
         assert_eq!(fs::read(&target).unwrap(), b"kept\n");
         let now = fs::metadata(&target).unwrap();
         assert_eq!(
@@ -270,5 +289,6 @@ mod tests {
             (old.mtime(), old.mtime_nsec())
         );
         assert_eq!(fs::read(&other).unwrap(), b"0123456789");
+        assert_eq!(fs::read(&outside).unwrap(), b"0123456789abcdef");
     }
 }

@@ -1,0 +1,253 @@
+//! The per-process directory of working copies and crash markers,
+//! `<data-dir>/.staging/<instance>/`, on the same filesystem as the spaces (a commit exchanges
+//! names, a marker is a hard link).
+//!
+//! Each process holds an exclusive `flock` on its instance's `lock` file. At start-up (and when
+//! a reader meets a crash marker), instance directories whose lock can be taken belong to
+//! processes that are gone (a crash, `kill -9`): their unfinished patches are finished and their
+//! unfinished appends undone (see `patch` and `append`), then the directory is removed; its
+//! working copies were never committed, so the committed files are untouched.
+//!
+//! Everything here is reached from the held `.staging` directory, never through a symlink
+//! (see `at`).
+
+use std::ffi::{CString, OsStr, OsString};
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, mpsc};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use super::append::roll_back_unfinished;
+use super::at::{Dir, check};
+use super::patch::finish_unfinished;
+
+/// Replaced versions at least this large are removed in the background: freeing their blocks
+/// takes milliseconds on ext4 (more with `discard`), which `close()` would otherwise wait for.
+const REMOVE_LATER_SIZE: u64 = 1 << 20;
+
+/// This process's staging directory (see the module docs).
+pub struct StagingArea {
+    /// `<data-dir>/.staging`.
+    base: Dir,
+    /// This process's instance directory in it.
+    dir: Dir,
+    instance: OsString,
+    counter: AtomicU64,
+    /// Removes replaced versions of large files off the request path, started at first use.
+    remover: Mutex<Option<mpsc::Sender<String>>>,
+    _lock: nix::fcntl::Flock<File>,
+}
+
+fn cname(name: &str) -> io::Result<CString> {
+    CString::new(name).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+}
+
+impl StagingArea {
+    /// Creates this process's staging directory under the data dir `data` and recovers and
+    /// removes stale ones; returns it and how many working copies of dead processes went.
+    pub fn create(data: &Dir) -> io::Result<(StagingArea, usize)> {
+        let (base, _) = data.create_dirs(std::path::Path::new(".staging"), 0o700)?;
+        let removed = Self::remove_stale(&base, true)?;
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos();
+        let instance = OsString::from(format!("{}-{nanos}", std::process::id()));
+        let (dir, _) = base.create_dirs(std::path::Path::new(&instance), 0o700)?;
+        let lock = dir
+            .at(std::path::Path::new("lock"))?
+            .open(libc::O_RDWR | libc::O_CREAT | libc::O_EXCL, 0o600)?;
+        let lock = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusiveNonblock)
+            .map_err(|(_, e)| io::Error::from(e))?;
+        Ok((
+            StagingArea {
+                base,
+                dir,
+                instance,
+                counter: AtomicU64::new(0),
+                remover: Mutex::new(None),
+                _lock: lock,
+            },
+            removed,
+        ))
+    }
+
+    /// The instance directory (working copies and markers are names in it).
+    pub fn dir(&self) -> &Dir {
+        &self.dir
+    }
+
+    /// Removes instance directories no live process holds, after finishing the patches and
+    /// undoing the appends they left unfinished; returns how many working copies were dropped.
+    /// `at_start`: also directories without a lock file (later, one may be a process starting).
+    fn remove_stale(base: &Dir, at_start: bool) -> io::Result<usize> {
+        let mut removed = 0;
+        for (name, _) in base.entries()? {
+            let Ok(dir) = base.open(std::path::Path::new(&name)) else {
+                // Not a directory (nothing of ours): left alone.
+                continue;
+            };
+            let lock = dir
+                .at(std::path::Path::new("lock"))
+                .and_then(|at| at.open(libc::O_RDONLY, 0));
+            let Ok(lock) = lock else {
+                if !at_start {
+                    continue;
+                }
+                // A directory without a lock file was never fully created: stale.
+                removed += dir.entries().map(|e| e.len()).unwrap_or(0);
+                base.remove_all(&name)?;
+                continue;
+            };
+            match nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+                Ok(_held) => {
+                    finish_unfinished(&dir);
+                    roll_back_unfinished(&dir);
+                    removed += dir
+                        .entries()
+                        .map(|e| e.len())
+                        .unwrap_or(1)
+                        .saturating_sub(1);
+                    base.remove_all(&name)?;
+                }
+                Err(_) => continue, // a live process owns it
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Recovers what dead processes left unfinished, while running: a file that still shows a
+    /// crash marker's second link must be whole before anybody reads it.
+    pub fn recover_stale(&self) {
+        if let Err(e) = Self::remove_stale(&self.base, false) {
+            log::warn!("could not recover stale staging: {e}");
+        }
+    }
+
+    /// A fresh name in this staging area.
+    pub fn new_name(&self, name: impl FnOnce(u64) -> String) -> String {
+        name(self.counter.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// A new, empty working copy (readable and writable, mode 0600), and its name.
+    pub fn new_file(&self) -> io::Result<(File, String)> {
+        let name = self.new_name(|n| format!("w{n}"));
+        let file = self
+            .dir
+            .at(std::path::Path::new(&name))?
+            .open(libc::O_RDWR | libc::O_CREAT | libc::O_EXCL, 0o600)?;
+        Ok((file, name))
+    }
+
+    /// Removes the name `name` of this staging area now.
+    pub fn remove(&self, name: &str) -> io::Result<()> {
+        let c = cname(name)?;
+        // SAFETY: a valid descriptor and a NUL-terminated name.
+        check(unsafe { libc::unlinkat(self.dir.as_raw_fd(), c.as_ptr(), 0) })
+    }
+
+    /// Links the open `file` under `name` in this staging area (through `/proc/self/fd`,
+    /// which needs no privilege), so the link is to exactly this object even if its name
+    /// changes meanwhile.
+    pub fn link_open_file(&self, file: &File, name: &str) -> io::Result<()> {
+        link_open_file(file, &self.dir, name)
+    }
+
+    /// Links the name `from` of this staging area under `to` too.
+    pub fn link(&self, from: &str, to: &str) -> io::Result<()> {
+        let (from, to) = (cname(from)?, cname(to)?);
+        let fd = self.dir.as_raw_fd();
+        // SAFETY: valid descriptors and NUL-terminated names.
+        check(unsafe { libc::linkat(fd, from.as_ptr(), fd, to.as_ptr(), 0) })
+    }
+
+    /// Removes `name` (a replaced version inside this staging area) now, or soon on a
+    /// background thread if it is large. One left behind by a crash is stale staging, removed
+    /// at the next start.
+    pub fn remove_replaced(&self, name: String, size: u64) {
+        if size >= REMOVE_LATER_SIZE {
+            let mut remover = self.remover.lock().unwrap_or_else(|e| e.into_inner());
+            if remover.is_none()
+                && let Ok(dir) = self.dir.reopen()
+            {
+                let (tx, rx) = mpsc::channel::<String>();
+                let spawned = std::thread::Builder::new()
+                    .name("roomfs-remove".into())
+                    .spawn(move || {
+                        for name in rx {
+                            let removed = cname(&name).and_then(|c| {
+                                // SAFETY: a valid descriptor and a NUL-terminated name.
+                                check(unsafe { libc::unlinkat(dir.as_raw_fd(), c.as_ptr(), 0) })
+                            });
+                            if let Err(e) = removed {
+                                log::warn!("could not remove replaced version {name}: {e}");
+                            }
+                        }
+                    });
+                if spawned.is_ok() {
+                    *remover = Some(tx);
+                }
+            }
+            let name = match remover.as_ref() {
+                Some(tx) => match tx.send(name) {
+                    Ok(()) => return,
+                    Err(mpsc::SendError(name)) => name,
+                },
+                None => name,
+            };
+            drop(remover);
+            self.remove_now(&name);
+            return;
+        }
+        self.remove_now(&name);
+    }
+
+    fn remove_now(&self, name: &str) {
+        if let Err(e) = self.remove(name) {
+            log::warn!("could not remove replaced version {name}: {e}");
+        }
+    }
+}
+
+impl Drop for StagingArea {
+    fn drop(&mut self) {
+        let _ = self.base.remove_all(OsStr::new(&self.instance));
+    }
+}
+
+/// Links the open `file` under `name` in `dir` (see [`StagingArea::link_open_file`]).
+pub fn link_open_file(file: &File, dir: &Dir, name: &str) -> io::Result<()> {
+    let from = CString::new(format!("/proc/self/fd/{}", file.as_raw_fd()))?;
+    let to = cname(name)?;
+    // SAFETY: valid descriptors and NUL-terminated paths.
+    check(unsafe {
+        libc::linkat(
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            dir.as_raw_fd(),
+            to.as_ptr(),
+            libc::AT_SYMLINK_FOLLOW,
+        )
+    })
+}
+
+/// The crash markers in the staging directory `dir` that `parse` recognizes by name.
+pub fn markers<T>(dir: &Dir, parse: fn(&str) -> Option<T>) -> Vec<(T, String)> {
+    let Ok(entries) = dir.entries() else {
+        return Vec::new();
+    };
+    entries
+        .into_iter()
+        .filter_map(|(name, _)| {
+            let name = name.into_string().ok()?;
+            Some((parse(&name)?, name))
+        })
+        .collect()
+}
+
+/// Opens the marker or working copy `name` in `dir` with `flags` (never through a symlink).
+pub fn open_in(dir: &Dir, name: &str, flags: libc::c_int) -> io::Result<File> {
+    dir.at(std::path::Path::new(name))?.open(flags, 0)
+}
