@@ -4,144 +4,14 @@ mod common;
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus};
+use std::path::Path;
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::daemon::Daemon;
 use common::{BIN, cstr, errno, is_mounted, second_read_after_a_change_on_disk};
 use serde_json::{Value, json};
-
-/// A `roomfs serve` in a temporary directory; dropping it stops it and unmounts what it left.
-struct Daemon {
-    tmp: tempfile::TempDir,
-    socket: PathBuf,
-    data: PathBuf,
-    config: Option<PathBuf>,
-    child: Option<Child>,
-    log: Arc<Mutex<Vec<String>>>,
-}
-
-impl Daemon {
-    fn start() -> Daemon {
-        Daemon::with_config(None)
-    }
-
-    /// Starts a daemon; `config` is the JSON config (its `mounts` paths may use `{tmp}`).
-    fn with_config(config: Option<&str>) -> Daemon {
-        let tmp = tempfile::Builder::new()
-            .prefix("roomfs-daemon-")
-            .tempdir_in("/tmp")
-            .unwrap();
-        let config = config.map(|text| {
-            let p = tmp.path().join("config.json");
-            fs::write(&p, text.replace("{tmp}", tmp.path().to_str().unwrap())).unwrap();
-            p
-        });
-        let mut d = Daemon {
-            socket: tmp.path().join("control.sock"),
-            data: tmp.path().join("data"),
-            tmp,
-            config,
-            child: None,
-            log: Default::default(),
-        };
-        d.run();
-        d
-    }
-
-    fn run(&mut self) {
-        let mut cmd = Command::new(BIN);
-        cmd.arg("serve")
-            .arg("--socket")
-            .arg(&self.socket)
-            .arg("--data-dir")
-            .arg(&self.data);
-        if let Some(c) = &self.config {
-            cmd.arg("--config").arg(c);
-        }
-        self.child = Some(common::start_logged(
-            &mut cmd,
-            "serving the control API",
-            &self.log,
-        ));
-    }
-
-    fn log(&self) -> String {
-        self.log.lock().unwrap().join("\n")
-    }
-
-    /// A fresh directory to mount on.
-    fn dir(&self, name: &str) -> PathBuf {
-        let p = self.tmp.path().join(name);
-        fs::create_dir_all(&p).unwrap();
-        p
-    }
-
-    /// Runs `roomfs ARGS --socket SOCKET`; returns (exit code, stdout, stderr).
-    fn cli(&self, args: &[&str]) -> (i32, String, String) {
-        let out = Command::new(BIN)
-            .args(args)
-            .arg("--socket")
-            .arg(&self.socket)
-            .output()
-            .unwrap();
-        (
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    }
-
-    /// Runs a CLI command that must succeed and prints JSON.
-    fn json(&self, args: &[&str]) -> Value {
-        let (code, out, err) = self.cli(args);
-        assert_eq!(code, 0, "roomfs {args:?}: {err}");
-        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?} printed {out:?}: {e}"))
-    }
-
-    /// One storage call through `roomfs records call`.
-    fn call(&self, envelope: Value) -> Value {
-        self.json(&["records", "call", &envelope.to_string()])
-    }
-
-    fn stop(&mut self) -> ExitStatus {
-        let mut child = self.child.take().unwrap();
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        child.wait().unwrap()
-    }
-
-    fn mount(&self, args: &[&str], mnt: &Path) {
-        let mut all = vec!["mount", "--daemon"];
-        all.extend_from_slice(args);
-        all.push(mnt.to_str().unwrap());
-        let (code, _, err) = self.cli(&all);
-        assert_eq!(code, 0, "mount {args:?}: {err}");
-        assert!(is_mounted(&mnt.canonicalize().unwrap()));
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        let info = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-        let tmp = self.tmp.path().to_string_lossy().into_owned();
-        for line in info.lines() {
-            if let Some(mp) = line.split(' ').nth(4).filter(|m| m.starts_with(&tmp)) {
-                let c = cstr(Path::new(mp));
-                unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
-            }
-        }
-    }
-}
 
 fn fixture(collection: &str, id: &str) -> Value {
     let p = format!(

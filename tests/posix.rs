@@ -1494,8 +1494,49 @@ fn hard_links_xattrs_and_o_tmpfile_are_refused_with_documented_errnos() {
 #[test]
 fn fifos_and_unix_sockets_work_and_device_nodes_are_neither_made_nor_opened() {
     use std::os::unix::fs::FileTypeExt;
-    use std::os::unix::net::{UnixListener, UnixStream};
+    // In a session too: its `.meta` layer passes FIFOs and sockets through to the space.
+    let session = Mounted::with_args(&["--session", "s1"]);
+    fifo_and_socket_names(&session);
     let m = Mounted::room();
+    fifo_and_socket_names(&m);
+    // Device nodes: refused (a space holds data; mounts are nodev anyway).
+    let dev = cstr(&m.p("null"));
+    let r = unsafe { libc::mknod(dev.as_ptr(), libc::S_IFCHR | 0o666, libc::makedev(1, 3)) };
+    assert_eq!(r, -1);
+    assert_eq!(
+        std::io::Error::last_os_error().raw_os_error(),
+        Some(libc::EPERM)
+    );
+    assert!(!m.backing("null").exists());
+    // One an operator put into the store shows as what it is, and cannot be opened (nodev).
+    let backing = cstr(&m.backing("null"));
+    let devno = libc::makedev(1, 3);
+    assert_eq!(
+        unsafe { libc::mknod(backing.as_ptr(), libc::S_IFCHR | 0o666, devno) },
+        0
+    );
+    let meta = fs::symlink_metadata(m.p("null")).unwrap();
+    assert!(meta.file_type().is_char_device());
+    assert_eq!(meta.rdev(), devno);
+    assert_eq!(errno(File::open(m.p("null"))), libc::EACCES);
+    fs::remove_file(m.p("null")).unwrap();
+    assert!(fs::symlink_metadata(m.backing("null")).is_err());
+    let backing = cstr(&m.backing("disk"));
+    let devno = libc::makedev(259, 70_000); // a minor past 8 bits, as NVMe partitions have
+    assert_eq!(
+        unsafe { libc::mknod(backing.as_ptr(), libc::S_IFBLK | 0o600, devno) },
+        0
+    );
+    let meta = fs::symlink_metadata(m.p("disk")).unwrap();
+    assert!(meta.file_type().is_block_device());
+    assert_eq!(meta.rdev(), devno);
+}
+
+/// A FIFO carries data between processes and a Unix socket's name works in the mount `m`; the
+/// store keeps their names and attributes.
+fn fifo_and_socket_names(m: &Mounted) {
+    use std::os::unix::fs::FileTypeExt;
+    use std::os::unix::net::{UnixListener, UnixStream};
     // A FIFO: the kernel carries the data; the store keeps the name and its attributes.
     let p = cstr(&m.p("fifo"));
     assert_eq!(unsafe { libc::mkfifo(p.as_ptr(), 0o640) }, 0);
@@ -1542,43 +1583,13 @@ fn fifos_and_unix_sockets_work_and_device_nodes_are_neither_made_nor_opened() {
             let e = e.unwrap();
             (e.file_name().into_string().unwrap(), e.file_type().unwrap())
         })
+        .filter(|(name, _)| name != ".meta")
         .collect();
     names.sort_by(|a, b| a.0.cmp(&b.0));
     assert!(names[0].0 == "agent.sock" && names[0].1.is_socket());
     assert!(names[1].0 == "pipe" && names[1].1.is_fifo());
     fs::remove_file(m.p("agent.sock")).unwrap();
     fs::remove_file(m.p("pipe")).unwrap();
-    // Device nodes: refused (a space holds data; mounts are nodev anyway).
-    let dev = cstr(&m.p("null"));
-    let r = unsafe { libc::mknod(dev.as_ptr(), libc::S_IFCHR | 0o666, libc::makedev(1, 3)) };
-    assert_eq!(r, -1);
-    assert_eq!(
-        std::io::Error::last_os_error().raw_os_error(),
-        Some(libc::EPERM)
-    );
-    assert!(!m.backing("null").exists());
-    // One an operator put into the store shows as what it is, and cannot be opened (nodev).
-    let backing = cstr(&m.backing("null"));
-    let devno = libc::makedev(1, 3);
-    assert_eq!(
-        unsafe { libc::mknod(backing.as_ptr(), libc::S_IFCHR | 0o666, devno) },
-        0
-    );
-    let meta = fs::symlink_metadata(m.p("null")).unwrap();
-    assert!(meta.file_type().is_char_device());
-    assert_eq!(meta.rdev(), devno);
-    assert_eq!(errno(File::open(m.p("null"))), libc::EACCES);
-    fs::remove_file(m.p("null")).unwrap();
-    assert!(fs::symlink_metadata(m.backing("null")).is_err());
-    let backing = cstr(&m.backing("disk"));
-    let devno = libc::makedev(259, 70_000); // a minor past 8 bits, as NVMe partitions have
-    assert_eq!(
-        unsafe { libc::mknod(backing.as_ptr(), libc::S_IFBLK | 0o600, devno) },
-        0
-    );
-    let meta = fs::symlink_metadata(m.p("disk")).unwrap();
-    assert!(meta.file_type().is_block_device());
-    assert_eq!(meta.rdev(), devno);
 }
 
 #[test]

@@ -280,6 +280,15 @@ impl Store for MetaOverlay {
         self.inner.patch(base, path, staged, written, durable)
     }
 
+    fn changing(&self, path: &Path) -> bool {
+        classify(path).is_none() && self.inner.changing(path)
+    }
+
+    fn mknod(&self, path: &Path, kind: Kind, perm: u16, owner: Owner) -> io::Result<Meta> {
+        self.refuse_meta(path)?;
+        self.inner.mknod(path, kind, perm, owner)
+    }
+
     fn mkdir(&self, path: &Path, perm: u16, owner: Owner) -> io::Result<Meta> {
         self.refuse_meta(path)?;
         self.inner.mkdir(path, perm, owner)

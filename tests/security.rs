@@ -1,0 +1,364 @@
+//! The attack list: what a participant who can write into a room or a session (a full-access
+//! mount may make any symlink) tries against the root daemon's own work on disk — session
+//! export, session deletion, space creation. After every attack, a snapshot check: nothing
+//! outside the data dir changed, and nothing from outside was read into a space.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, symlink};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::daemon::Daemon;
+use common::is_mounted;
+
+/// What a tree looks like: each entry's kind, size, mode, mtime, and content or link target.
+type Snapshot = BTreeMap<PathBuf, String>;
+
+fn snapshot(root: &Path) -> Snapshot {
+    let mut out = Snapshot::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            // Entries may come and go while a test races the daemon: what is gone is skipped.
+            let Ok(m) = fs::symlink_metadata(&p) else {
+                continue;
+            };
+            let what = if m.file_type().is_symlink() {
+                format!("link {:?}", fs::read_link(&p).unwrap_or_default())
+            } else if m.is_dir() {
+                stack.push(p.clone());
+                "dir".to_string()
+            } else if m.is_file() {
+                format!("file {:?}", fs::read(&p).unwrap_or_default())
+            } else {
+                format!("other {:o}", m.mode())
+            };
+            let key = p.strip_prefix(root).unwrap().to_path_buf();
+            out.insert(
+                key,
+                format!("{what} mode {:o} mtime {}.{}", m.mode(), m.mtime(), m.mtime_nsec()),
+            );
+        }
+    }
+    out
+}
+
+/// A host directory outside the data dir that attacks aim at, with a secret in it.
+struct Host {
+    dir: PathBuf,
+    secret: String,
+    before: Snapshot,
+}
+
+impl Host {
+    fn new(d: &Daemon) -> Host {
+        let dir = d.tmp.path().join("host");
+        fs::create_dir_all(dir.join("etc/cron.d")).unwrap();
+        let secret = format!("TOP-SECRET-{}-{}", std::process::id(), nanos());
+        fs::write(dir.join("etc/shadow"), &secret).unwrap();
+        fs::write(dir.join("etc/cron.d/existing"), b"* * * * * root true\n").unwrap();
+        let before = snapshot(&dir);
+        Host {
+            dir,
+            secret,
+            before,
+        }
+    }
+
+    /// Nothing outside the data dir changed, and the secret was read into no space.
+    fn check(&self, d: &Daemon, attack: &str) {
+        let after = snapshot(&self.dir);
+        assert_eq!(after, self.before, "{attack}: the host directory changed");
+        for (path, what) in snapshot(&d.data) {
+            assert!(
+                !what.contains(&self.secret)
+                    && !what.contains(&format!("{:?}", self.secret.as_bytes())),
+                "{attack}: the secret was read into {}",
+                path.display()
+            );
+        }
+        for name in ["cron-job", "outputs", "pwned"] {
+            assert!(
+                fs::symlink_metadata(Path::new("/").join(name)).is_err(),
+                "{attack}: /{name} was written"
+            );
+        }
+    }
+}
+
+fn nanos() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+}
+
+/// Creates session `id`, mounts it and returns its mount point.
+fn session(d: &Daemon, id: &str) -> PathBuf {
+    d.json(&["session", "create", id]);
+    let mnt = d.dir(&format!("mnt-{id}"));
+    d.mount(&["--session", id], &mnt);
+    mnt
+}
+
+/// Mounts room `id` with full access and returns its mount point.
+fn room(d: &Daemon, id: &str) -> PathBuf {
+    let mnt = d.dir(&format!("mnt-{id}"));
+    d.mount(&["--room", id], &mnt);
+    mnt
+}
+
+/// `roomfs session end ID --export PATH --to-room ROOM`: (exit code, stderr).
+fn end_with_export(d: &Daemon, id: &str, path: &str, room: &str) -> (i32, String) {
+    let (code, _, err) = d.cli(&["session", "end", id, "--export", path, "--to-room", room]);
+    (code, err)
+}
+
+#[test]
+fn the_reported_attack_a_room_symlink_to_a_host_dir_is_refused() {
+    let d = Daemon::start();
+    let host = Host::new(&d);
+    // A full-access mount of room r2 makes `outputs` a link to a host directory.
+    let r2 = room(&d, "r2");
+    symlink(host.dir.join("etc/cron.d"), r2.join("outputs")).unwrap();
+    // Session s2 writes outputs/cron-job.
+    let s2 = session(&d, "s2");
+    fs::create_dir(s2.join("outputs")).unwrap();
+    fs::write(s2.join("outputs/cron-job"), b"* * * * * root sh -c pwned\n").unwrap();
+    let (code, err) = end_with_export(&d, "s2", "outputs/", "r2");
+    assert_eq!(code, 1, "the export is refused: {err}");
+    assert!(
+        err.contains("outputs") && err.contains("symlink") && err.contains("nothing was exported"),
+        "one clear message naming the path: {err}"
+    );
+    host.check(&d, "room symlink to a host dir");
+    // Nothing is lost: the session and its files are still there to export elsewhere.
+    assert_eq!(
+        fs::read(d.data.join("sessions/s2/outputs/cron-job")).unwrap(),
+        b"* * * * * root sh -c pwned\n"
+    );
+    let (code, err) = end_with_export(&d, "s2", "outputs/", "r3");
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        fs::read(d.data.join("rooms/r3/outputs/cron-job")).unwrap(),
+        b"* * * * * root sh -c pwned\n"
+    );
+    host.check(&d, "export to another room");
+}
+
+#[test]
+fn links_at_every_component_of_the_room_side_refuse_the_export() {
+    let d = Daemon::start();
+    let host = Host::new(&d);
+    let r = room(&d, "r");
+    fs::create_dir_all(r.join("keep/deep")).unwrap();
+    // (room path, link target): directory and file links, absolute, relative, `..`, `/`.
+    let attacks: Vec<(&str, PathBuf)> = vec![
+        ("a", host.dir.join("etc")),
+        ("keep/b", host.dir.join("etc")),
+        ("keep/deep/c", host.dir.join("etc")),
+        ("d", PathBuf::from("/")),
+        ("e", PathBuf::from("../../../../../../../../..")),
+        ("keep/f", PathBuf::from("../../../../../../../../../tmp")),
+        ("keep/deep/g.txt", host.dir.join("etc/shadow")),
+        ("h.txt", PathBuf::from("/etc/passwd")),
+    ];
+    for (i, (at, target)) in attacks.iter().enumerate() {
+        symlink(target, r.join(at)).unwrap();
+        let id = format!("s{i}");
+        let s = session(&d, &id);
+        // The session has real directories and files where the room has links: as the
+        // exported path, and at each component above and below it.
+        let export = if at.ends_with(".txt") {
+            fs::create_dir_all(s.join(at).parent().unwrap()).unwrap();
+            fs::write(s.join(at), b"payload").unwrap();
+            at.to_string()
+        } else {
+            fs::create_dir_all(s.join(at).join("sub")).unwrap();
+            fs::write(s.join(at).join("sub/cron-job"), b"payload").unwrap();
+            format!("{at}/sub")
+        };
+        let room_before = snapshot(&d.data.join("rooms/r"));
+        let (code, err) = end_with_export(&d, &id, &export, "r");
+        assert_eq!(code, 1, "link at {at}: the export is refused ({err})");
+        assert!(
+            err.contains(at.split('/').last().unwrap()) && err.contains("symlink"),
+            "link at {at}: the message names the path: {err}"
+        );
+        assert_eq!(
+            snapshot(&d.data.join("rooms/r")),
+            room_before,
+            "link at {at}: nothing was written into the room"
+        );
+        host.check(&d, &format!("room link at {at}"));
+        // The session is kept, untouched.
+        assert!(d.data.join("sessions").join(&id).join(at).exists());
+    }
+}
+
+#[test]
+fn links_in_the_session_are_exported_as_links_never_followed() {
+    let d = Daemon::start();
+    let host = Host::new(&d);
+    let s = session(&d, "s1");
+    fs::create_dir_all(s.join("outputs/real")).unwrap();
+    fs::write(s.join("outputs/real/report.md"), b"# report").unwrap();
+    // Directory and file links, absolute, relative, to `/`, climbing out with `..`.
+    symlink(host.dir.join("etc"), s.join("outputs/dir-link")).unwrap();
+    symlink(host.dir.join("etc/shadow"), s.join("outputs/file-link")).unwrap();
+    symlink("/", s.join("outputs/root")).unwrap();
+    symlink("../../../../../../../..", s.join("outputs/up")).unwrap();
+    symlink("real/report.md", s.join("outputs/inner")).unwrap();
+    let (code, err) = end_with_export(&d, "s1", "outputs", "r");
+    assert_eq!(code, 0, "{err}");
+    let out = d.data.join("rooms/r/outputs");
+    assert_eq!(fs::read(out.join("real/report.md")).unwrap(), b"# report");
+    for (name, target) in [
+        ("dir-link", host.dir.join("etc")),
+        ("file-link", host.dir.join("etc/shadow")),
+        ("root", PathBuf::from("/")),
+        ("up", PathBuf::from("../../../../../../../..")),
+        ("inner", PathBuf::from("real/report.md")),
+    ] {
+        let m = fs::symlink_metadata(out.join(name)).unwrap();
+        assert!(m.file_type().is_symlink(), "{name} exported as a link");
+        assert_eq!(fs::read_link(out.join(name)).unwrap(), target);
+    }
+    host.check(&d, "session links");
+
+    // A link above the exported path in the session: refused, nothing written.
+    let s = session(&d, "s2");
+    symlink(host.dir.join("etc"), s.join("outputs")).unwrap();
+    let (code, err) = end_with_export(&d, "s2", "outputs/cron.d", "r2");
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("symlink"), "{err}");
+    assert!(!d.data.join("rooms/r2/outputs").exists());
+    // The exported path itself a link to a host directory: exported as that link.
+    let (code, err) = end_with_export(&d, "s2", "outputs", "r2");
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        fs::read_link(d.data.join("rooms/r2/outputs")).unwrap(),
+        host.dir.join("etc")
+    );
+    host.check(&d, "session link above the exported path");
+}
+
+#[test]
+fn a_fifo_in_the_exported_tree_does_not_hang_the_daemon() {
+    let d = Daemon::start();
+    let host = Host::new(&d);
+    let s = session(&d, "s1");
+    fs::create_dir(s.join("outputs")).unwrap();
+    fs::write(s.join("outputs/a.txt"), b"a").unwrap();
+    let fifo = common::cstr(&s.join("outputs/pipe"));
+    // SAFETY: a NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
+    let started = Instant::now();
+    let (code, err) = end_with_export(&d, "s1", "outputs", "r");
+    assert_eq!(code, 0, "{err}");
+    assert!(started.elapsed() < Duration::from_secs(20));
+    let pipe = fs::symlink_metadata(d.data.join("rooms/r/outputs/pipe")).unwrap();
+    assert!(pipe.file_type().is_fifo(), "exported as a FIFO's name");
+    assert_eq!(fs::read(d.data.join("rooms/r/outputs/a.txt")).unwrap(), b"a");
+    // The daemon still answers.
+    d.json(&["status"]);
+    host.check(&d, "FIFO in the exported tree");
+}
+
+#[test]
+fn a_session_directory_replaced_by_a_link_is_never_followed() {
+    let d = Daemon::start();
+    let host = Host::new(&d);
+    d.json(&["session", "create", "s1"]);
+    let dir = d.data.join("sessions/s1");
+    fs::write(dir.join("mine"), b"mine").unwrap();
+    // Behind the daemon's back: sessions/s1 becomes a link to the host's /etc.
+    fs::rename(&dir, d.data.join("sessions/.moved")).unwrap();
+    symlink(host.dir.join("etc"), &dir).unwrap();
+    // Mounting it is refused with a clear message.
+    let mnt = d.dir("mnt");
+    let (code, _, err) = d.cli(&["mount", "--daemon", "--session", "s1", mnt.to_str().unwrap()]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("not a directory"), "{err}");
+    assert!(!is_mounted(&mnt));
+    // Exporting from it is refused before anything is written.
+    let (code, err) = end_with_export(&d, "s1", "shadow", "r");
+    assert_eq!(code, 1, "{err}");
+    assert!(!d.data.join("rooms/r/shadow").exists());
+    host.check(&d, "session dir replaced by a link, export");
+    // Ending it removes the link only, not what it points at.
+    let (code, _, err) = d.cli(&["session", "end", "s1"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(fs::symlink_metadata(&dir).is_err(), "the link is gone");
+    host.check(&d, "session dir replaced by a link, end");
+    // The same for a room directory: refused, and the host stays as it was.
+    fs::create_dir_all(d.data.join("rooms")).unwrap();
+    symlink(host.dir.join("etc"), d.data.join("rooms/r")).unwrap();
+    let (code, _, err) = d.cli(&["mount", "--daemon", "--room", "r", mnt.to_str().unwrap()]);
+    assert_eq!(code, 1, "{err}");
+    host.check(&d, "room dir replaced by a link");
+}
+
+#[test]
+fn a_link_swapped_in_while_the_export_runs_never_leads_out() {
+    let d = Daemon::start();
+    let host = Host::new(&d);
+    let r = room(&d, "r");
+    fs::create_dir_all(r.join("outputs/deep")).unwrap();
+    let room_dir = d.data.join("rooms/r/outputs");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Behind the daemon's back, `outputs/deep` flips between a real directory and a link
+    // to the host's /etc as fast as it can.
+    let flipper = {
+        let (stop, room_dir, target) = (stop.clone(), room_dir.clone(), host.dir.join("etc"));
+        std::thread::spawn(move || {
+            let (real, link, tmp) = (
+                room_dir.join("deep"),
+                room_dir.join(".link"),
+                room_dir.join(".real"),
+            );
+            let _ = symlink(&target, &link);
+            let mut flips = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                // real -> .real, link -> deep; then back.
+                if fs::rename(&real, &tmp).is_ok() {
+                    let _ = fs::rename(&link, &real);
+                    std::thread::yield_now();
+                    let _ = fs::rename(&real, &link);
+                    let _ = fs::rename(&tmp, &real);
+                    flips += 1;
+                }
+            }
+            flips
+        })
+    };
+    let mut outcomes = (0, 0);
+    for i in 0..12 {
+        let id = format!("s{i}");
+        let s = session(&d, &id);
+        fs::create_dir_all(s.join("outputs/deep/sub")).unwrap();
+        for f in 0..20 {
+            fs::write(s.join(format!("outputs/deep/sub/cron-job-{f}")), b"payload").unwrap();
+            fs::write(s.join(format!("outputs/deep/f{f}")), b"payload").unwrap();
+        }
+        let (code, _) = end_with_export(&d, &id, "outputs", "r");
+        if code == 0 {
+            outcomes.0 += 1;
+        } else {
+            outcomes.1 += 1;
+        }
+        host.check(&d, &format!("link swapped in during export {i}"));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let flips = flipper.join().unwrap();
+    assert!(flips > 0, "the link was swapped in while exports ran");
+    eprintln!("exports that went through: {}, refused or stopped: {}", outcomes.0, outcomes.1);
+    host.check(&d, "link swapped in during export");
+}
