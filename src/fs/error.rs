@@ -1,5 +1,6 @@
 //! The core's error type: an errno, because that is the vocabulary of the mount (and of every
-//! program using it). Backend I/O errors keep their errno; anything without one becomes EIO.
+//! program using it). Backend errors keep their errno; their cause goes to the log where they
+//! become an errno, when they are failures rather than answers (see `StoreError::is_failure`).
 
 use std::fmt;
 use std::io;
@@ -40,6 +41,17 @@ impl From<io::Error> for Errno {
                 Errno::EIO
             }
         }
+    }
+}
+
+impl From<crate::store::StoreError> for Errno {
+    fn from(e: crate::store::StoreError) -> Errno {
+        if e.is_failure() {
+            log::error!("{e}");
+        } else {
+            log::debug!("{e}");
+        }
+        Errno(e.raw_os_error())
     }
 }
 

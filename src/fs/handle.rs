@@ -1,12 +1,14 @@
-//! Open files and directories. A file opened for writing works on a staged copy (created at
-//! the first write, or at open with `O_TRUNC`), private to the handle or shared by read-write
-//! opens; reads through it see its writes, and everybody else keeps seeing the committed
-//! content until the copy is committed.
-//! Appends (`O_APPEND`) first wait in memory, so they can be committed by adding them to the
-//! committed file in place (see `store::append`) instead of copying it.
+//! Open files and directories.
+//!
+//! A file handle works from one committed version, its *base* (as of open, or of its last
+//! commit), and holds what it changed since in one of three states ([`Pending`]): nothing;
+//! bytes appended (`O_APPEND`), waiting in memory so they can be committed by adding them to
+//! the file in place; or a working copy made by the store (created at the first other write,
+//! or at open with `O_TRUNC`), seeded from the base. Reads through the handle see its
+//! changes; everybody else keeps seeing the committed content until the handle commits.
+//! Read-write opens of one file share a handle (see `Fs::open`).
 
 use std::ffi::OsString;
-use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -16,12 +18,23 @@ use super::closers::Users;
 use super::error::{Errno, FsResult};
 use super::inode::Ino;
 use super::seed::{LAZY_SEED_MIN, Seeding};
-use crate::store::{Content, Kind, Meta, Staged, Store};
+use crate::store::{Content, Kind, Meta, Store, WorkingCopy, copy_range};
 
 /// Appended bytes kept in memory, at most: beyond that a working copy takes them over.
 pub const APPEND_BUFFER_MAX: usize = 128 << 10;
 
-/// What a `fallocate(2)` asks of an open file (the modes the kernel forwards to FUSE).
+/// What an open file may do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Read only (`O_RDONLY`).
+    Read,
+    /// Write (`O_WRONLY`, `O_RDWR`).
+    Write,
+    /// Write, always at the end (`O_APPEND`).
+    Append,
+}
+
+/// What an `fallocate(2)` asks of an open file (the modes the kernel forwards to FUSE).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Allocation {
     /// Space for the range (mode 0); the file grows to cover it unless `keep_size`.
@@ -63,143 +76,237 @@ pub struct Spoiled {
     pub errno: Errno,
 }
 
-/// An open regular file.
-pub struct FileHandle {
-    pub ino: Ino,
-    pub writable: bool,
-    pub append: bool,
-    /// Whether the kernel serves this handle without its page cache.
-    pub direct_io: bool,
-    /// The committed content as of open (or of this handle's last commit).
-    pub committed: Option<Arc<dyn Content>>,
-    /// The working copy, once this handle has started changing the file.
-    pub staged: Option<Staged>,
-    /// The copying of the committed content into a large working copy, while under way.
+/// A working copy and what is known about it.
+pub struct Staged {
+    pub copy: Arc<dyn WorkingCopy>,
+    /// The copying of the base into a large working copy, while under way.
     pub seeding: Option<Arc<Seeding>>,
-    /// Bytes appended after the committed content, while there is no working copy.
-    pub appended: Vec<u8>,
-    /// When `appended` last grew (the mtime the handle shows).
-    pub appended_at: Option<SystemTime>,
-    /// The working copy differs from what was last committed.
-    pub dirty: bool,
     /// Where changes to the working copy failed part way (a write on a full disk): those
     /// bytes are undefined, so the copy is not committed (see `Fs::commit`) until later writes
     /// or a truncation define them again (as a database rolling back does).
     pub spoiled: Option<Spoiled>,
-    /// Nobody else had the file open when this writer opened it: a large working copy is
-    /// seeded on demand only, hoping to commit it as a patch (see `store::patch`).
-    pub may_patch: bool,
-    /// The kernel's cached pages of the file are not what this append handle sees: it moved on
-    /// to a version others committed (see `Fs::follow_appends`), or the kernel, going by a
-    /// size it cached before another commit, placed its appends elsewhere than at the end.
-    pub moved: bool,
     /// Where this append handle's bytes begin in its working copy, while it has only appended
     /// since the copy was made: they can then be taken back out and appended to a newer
     /// version (see `Fs::commit`).
     pub appends_from: Option<u64>,
+}
+
+/// What a handle changed and has not committed.
+pub enum Pending {
+    /// Nothing: it reads (and writes into) its base.
+    Clean,
+    /// Bytes appended after the base, waiting in memory; `at` is when they last grew (the
+    /// mtime the handle shows).
+    Appended { tail: Vec<u8>, at: SystemTime },
+    /// A working copy holds the changes.
+    Staged(Staged),
+}
+
+/// An open regular file.
+pub struct FileHandle {
+    pub ino: Ino,
+    mode: Mode,
+    /// Whether the kernel serves this handle without its page cache.
+    pub direct_io: bool,
+    /// The committed version this handle works from.
+    base: Arc<dyn Content>,
+    pending: Pending,
+    /// Nobody else had the file open when this writer opened it: a large working copy is
+    /// seeded on demand only, hoping to commit only the changed ranges (see `Change::Ranges`).
+    pub seed_on_demand: bool,
+    /// The kernel's cached pages of the file are not what this append handle sees: it moved on
+    /// to a version others committed (its appends followed theirs), or the kernel, going by a
+    /// size it cached before another commit, placed its appends elsewhere than at the end.
+    pub moved: bool,
     /// The threads that opened the handle or changed the file through it.
     pub users: Users,
 }
 
 impl FileHandle {
-    /// A handle open on `committed` that has not changed anything yet.
-    pub fn new(
-        ino: Ino,
-        writable: bool,
-        append: bool,
-        direct_io: bool,
-        committed: Option<Arc<dyn Content>>,
-    ) -> FileHandle {
+    /// A handle open on `base` that has not changed anything yet.
+    pub fn new(ino: Ino, mode: Mode, direct_io: bool, base: Arc<dyn Content>) -> FileHandle {
         FileHandle {
             ino,
-            writable,
-            append,
+            mode,
             direct_io,
-            committed,
-            staged: None,
-            seeding: None,
-            appended: Vec::new(),
-            appended_at: None,
-            dirty: false,
-            spoiled: None,
-            may_patch: false,
+            base,
+            pending: Pending::Clean,
+            seed_on_demand: false,
             moved: false,
-            appends_from: None,
             users: Users::default(),
         }
     }
 
-    /// Creates the working copy if there is none yet, seeded from the committed content and
-    /// the appends waiting in memory.
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    pub fn writable(&self) -> bool {
+        self.mode != Mode::Read
+    }
+
+    pub fn appends(&self) -> bool {
+        self.mode == Mode::Append
+    }
+
+    /// The committed version this handle works from.
+    pub fn base(&self) -> &Arc<dyn Content> {
+        &self.base
+    }
+
+    /// Whether the handle holds changes not committed yet.
+    pub fn dirty(&self) -> bool {
+        !matches!(self.pending, Pending::Clean)
+    }
+
+    pub fn pending(&self) -> &Pending {
+        &self.pending
+    }
+
+    /// Its working copy, if it has one.
+    pub fn staged(&self) -> Option<&Staged> {
+        match &self.pending {
+            Pending::Staged(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    fn staged_mut(&mut self) -> Option<&mut Staged> {
+        match &mut self.pending {
+            Pending::Staged(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// The appended bytes waiting in memory.
+    fn tail(&self) -> &[u8] {
+        match &self.pending {
+            Pending::Appended { tail, .. } => tail,
+            _ => &[],
+        }
+    }
+
+    /// The committed: `content` is now the base and nothing is pending. `followed`: its
+    /// appends went onto a version others committed.
+    pub fn committed(&mut self, content: Arc<dyn Content>, followed: bool) {
+        if let Pending::Staged(s) = &self.pending
+            && let Some(seeding) = &s.seeding
+        {
+            seeding.cancel();
+        }
+        self.base = content;
+        self.pending = Pending::Clean;
+        self.moved |= followed;
+    }
+
+    /// Drops the uncommitted changes (after a failed last commit, or an unlinked file's).
+    pub fn drop_changes(&mut self) {
+        if let Pending::Staged(s) = &self.pending
+            && let Some(seeding) = &s.seeding
+        {
+            seeding.cancel();
+        }
+        self.pending = Pending::Clean;
+    }
+
+    /// Starts from nothing (`O_TRUNC`): `copy`, an empty working copy, holds the changes.
+    pub fn truncated(&mut self, copy: Arc<dyn WorkingCopy>) {
+        self.drop_changes();
+        self.pending = Pending::Staged(Staged {
+            copy,
+            seeding: None,
+            spoiled: None,
+            appends_from: None,
+        });
+    }
+
+    /// Moves a clean handle on to `latest` (a newer version); false if it has changes.
+    pub fn move_to(&mut self, latest: Arc<dyn Content>) -> bool {
+        if self.dirty() {
+            return false;
+        }
+        self.base = latest;
+        true
+    }
+
+    /// Creates the working copy if there is none yet, seeded from the base and the appends
+    /// waiting in memory.
     pub fn ensure_staged(&mut self, store: &dyn Store) -> FsResult<&Staged> {
-        if self.staged.is_none() {
-            self.stage(store)?;
-            if !self.appended.is_empty() {
-                let at = self.committed_size()?;
-                let written = self
-                    .seeded(at, self.appended.len() as u64, true)
-                    .and_then(|()| {
-                        let staged = self.staged.as_ref().expect("just staged");
-                        Ok(staged.file.write_all_at(&self.appended, at)?)
-                    });
-                if let Err(e) = written {
+        if self.staged().is_none() {
+            let tail = match std::mem::replace(&mut self.pending, Pending::Clean) {
+                Pending::Appended { tail, .. } => tail,
+                _ => Vec::new(),
+            };
+            let at = self.committed_size();
+            let staged = self.stage(store, (!tail.is_empty()).then_some((at, tail.len() as u64)));
+            let staged = staged.and_then(|s| {
+                if !tail.is_empty() {
+                    s.copy.write_at(&tail, at)?;
+                }
+                Ok(s)
+            });
+            match staged {
+                Ok(staged) => self.pending = Pending::Staged(staged),
+                Err(e) => {
                     // Back to the appends in memory; nothing is lost.
-                    if let Some(seeding) = self.seeding.take() {
-                        seeding.cancel();
-                    }
-                    if let Some(staged) = self.staged.take() {
-                        store.discard(staged);
+                    if !tail.is_empty() {
+                        self.pending = Pending::Appended {
+                            tail,
+                            at: SystemTime::now(),
+                        };
                     }
                     return Err(e);
                 }
-                self.appended = Vec::new();
-                self.appended_at = None;
             }
         }
-        Ok(self.staged.as_ref().expect("just staged"))
+        Ok(self.staged().expect("just staged"))
     }
 
-    /// Creates the working copy, seeded from the committed content.
-    fn stage(&mut self, store: &dyn Store) -> FsResult<()> {
-        let size = self.committed_size()?;
-        match &self.committed {
-            Some(content) if size >= LAZY_SEED_MIN => {
-                // A sparse copy of the right size, filled in chunks (see `seed`).
-                let staged = store.stage(None)?;
-                let prepared = staged
-                    .file
-                    .set_len(size)
-                    .and_then(|()| staged.file.try_clone());
-                match prepared {
-                    Ok(dest) => {
-                        let on_demand = self.may_patch;
-                        self.seeding = Some(Seeding::start(content.clone(), dest, size, on_demand));
-                        self.staged = Some(staged);
-                    }
-                    Err(e) => {
-                        store.discard(staged);
-                        return Err(e.into());
-                    }
-                }
+    /// A working copy seeded from the base (large ones lazily, see `seed`); `write` is a range
+    /// about to be written (its blocks need no seed).
+    fn stage(&self, store: &dyn Store, write: Option<(u64, u64)>) -> FsResult<Staged> {
+        let size = self.committed_size();
+        let copy = store.working_copy()?;
+        let lazy = size >= LAZY_SEED_MIN || (self.seed_on_demand && ranged(store, size));
+        let seeding = if size == 0 {
+            None
+        } else if lazy {
+            // A sparse copy of the right size, filled in blocks (see `seed`).
+            copy.set_len(size)?;
+            let on_demand = self.seed_on_demand && ranged(store, size);
+            let seeding = Seeding::start(self.base.clone(), copy.clone(), size, on_demand);
+            if let Some((offset, len)) = write {
+                seeding.prepare(offset, len, true)?;
             }
-            seed => self.staged = Some(store.stage(seed.as_deref())?),
-        }
-        Ok(())
+            Some(seeding)
+        } else {
+            copy_range(self.base.as_ref(), copy.as_ref(), 0, size)?;
+            None
+        };
+        Ok(Staged {
+            copy,
+            seeding,
+            spoiled: None,
+            appends_from: None,
+        })
     }
 
     /// Completes the seeding of the working copy, if under way (before a commit).
     pub fn finish_seeding(&mut self) -> FsResult<()> {
-        if let Some(seeding) = &self.seeding {
+        if let Some(s) = self.staged_mut()
+            && let Some(seeding) = &s.seeding
+        {
             seeding.finish()?;
+            s.seeding = None;
         }
-        self.seeding = None;
         Ok(())
     }
 
-    /// The ranges to patch into the committed file, when the working copy may be committed
-    /// as a patch: seeded on demand, and never cut (a truncation completes the seeding).
-    pub fn patch_ranges(&self) -> Option<Vec<(u64, u64)>> {
-        self.seeding
+    /// The ranges to commit alone, when the working copy may be committed so: seeded on
+    /// demand, and never cut (a truncation completes the seeding).
+    pub fn changed_ranges(&self) -> Option<Vec<(u64, u64)>> {
+        self.staged()?
+            .seeding
             .as_ref()
             .filter(|s| s.on_demand())
             .map(|s| s.written())
@@ -207,7 +314,7 @@ impl FileHandle {
 
     /// Makes the working copy ready to be read or written at `offset..offset + len`.
     fn seeded(&self, offset: u64, len: u64, write: bool) -> FsResult<()> {
-        if let Some(seeding) = &self.seeding {
+        if let Some(seeding) = self.staged().and_then(|s| s.seeding.as_ref()) {
             seeding.prepare(offset, len, write)?;
         }
         Ok(())
@@ -215,45 +322,40 @@ impl FileHandle {
 
     /// The size this handle sees now.
     pub fn size(&self) -> FsResult<u64> {
-        match &self.staged {
-            Some(staged) => Ok(staged.file.metadata()?.len()),
-            None => Ok(self.committed_size()? + self.appended.len() as u64),
+        match &self.pending {
+            Pending::Staged(s) => Ok(s.copy.stat()?.size),
+            Pending::Appended { tail, .. } => Ok(self.committed_size() + tail.len() as u64),
+            Pending::Clean => Ok(self.committed_size()),
         }
     }
 
     /// Attributes of what this handle sees, while it has uncommitted changes.
     pub fn pending_meta(&self) -> FsResult<Option<Meta>> {
-        if let Some(staged) = &self.staged {
-            // The working copy gives the size and times; mode, owner and the rest stay the
-            // file's (the copy itself is a private 0600 file in the staging area).
-            let copy = staged.meta()?;
-            let mut meta = match &self.committed {
-                Some(content) => content.meta()?,
-                None => copy.clone(),
-            };
-            meta.size = copy.size;
-            meta.blocks = copy.blocks;
-            meta.mtime = copy.mtime;
-            meta.ctime = copy.ctime;
-            return Ok(Some(meta));
+        let mut meta = self.base.meta().clone();
+        match &self.pending {
+            Pending::Clean => return Ok(None),
+            Pending::Staged(s) => {
+                // The working copy gives the size and times; mode, owner and the rest stay
+                // the file's.
+                let copy = s.copy.stat()?;
+                meta.size = copy.size;
+                meta.blocks = copy.blocks;
+                meta.mtime = copy.mtime;
+                meta.ctime = copy.ctime;
+            }
+            Pending::Appended { tail, at } => {
+                meta.size += tail.len() as u64;
+                meta.blocks = meta.size.div_ceil(512);
+                meta.mtime = *at;
+                meta.ctime = *at;
+            }
         }
-        let (Some(content), Some(at)) = (&self.committed, self.appended_at) else {
-            return Ok(None);
-        };
-        let mut meta = content.meta()?;
-        meta.size += self.appended.len() as u64;
-        meta.blocks = meta.size.div_ceil(512);
-        meta.mtime = at;
-        meta.ctime = at;
         Ok(Some(meta))
     }
 
-    /// The size of the committed content this handle started from.
-    pub fn committed_size(&self) -> FsResult<u64> {
-        match &self.committed {
-            Some(content) => Ok(content.meta()?.size),
-            None => Ok(0),
-        }
+    /// The size of the base.
+    pub fn committed_size(&self) -> u64 {
+        self.base.meta().size
     }
 
     /// Where the first data (`SEEK_DATA`) or hole (`SEEK_HOLE`, with `hole`) at or after
@@ -267,11 +369,14 @@ impl FileHandle {
             return Err(Errno::ENXIO);
         }
         // The file whose extents are this view's up to `known`; past that, data.
-        let (file, known) = match (&self.staged, &self.committed) {
-            (Some(_), _) if self.seeding.is_some() => (None, 0),
-            (Some(staged), _) => (Some(&staged.file), size),
-            (None, Some(content)) => (content.local_file(), self.committed_size()?.min(size)),
-            (None, None) => (None, 0),
+        let local = self.base.local();
+        let (file, known) = match &self.pending {
+            Pending::Staged(s) if s.seeding.is_some() => (None, 0),
+            Pending::Staged(s) => (s.copy.local_file(), size),
+            _ => (
+                local.as_ref().map(|l| l.file),
+                self.committed_size().min(size),
+            ),
         };
         if let Some(file) = file
             && offset < known
@@ -301,24 +406,22 @@ impl FileHandle {
         self.seeded(offset, size as u64, false)?;
         let mut buf = vec![0u8; size];
         let mut done = 0;
-        let committed_size = self.committed_size()?;
+        let committed_size = self.committed_size();
         while done < size {
             let at = offset + done as u64;
-            let n = match (&self.staged, &self.committed) {
-                (Some(staged), _) => staged.file.read_at(&mut buf[done..], at)?,
+            let n = match &self.pending {
+                Pending::Staged(s) => s.copy.read_at(&mut buf[done..], at)?,
                 // A reader follows whole appends committed after it opened; a writer's view
                 // of the committed part ends where its own appends begin.
-                (None, Some(content)) if !self.writable => {
-                    content.read_appended_at(&mut buf[done..], at)?
-                }
-                (None, _) if at >= committed_size => {
-                    let from = (at - committed_size).min(self.appended.len() as u64) as usize;
-                    let n = (size - done).min(self.appended.len() - from);
-                    buf[done..done + n].copy_from_slice(&self.appended[from..from + n]);
+                _ if !self.writable() => self.base.read_appended_at(&mut buf[done..], at)?,
+                _ if at >= committed_size => {
+                    let tail = self.tail();
+                    let from = (at - committed_size).min(tail.len() as u64) as usize;
+                    let n = (size - done).min(tail.len() - from);
+                    buf[done..done + n].copy_from_slice(&tail[from..from + n]);
                     n
                 }
-                (None, Some(content)) => content.read_at(&mut buf[done..], at)?,
-                (None, None) => 0,
+                _ => self.base.read_at(&mut buf[done..], at)?,
             };
             if n == 0 {
                 break;
@@ -338,12 +441,12 @@ impl FileHandle {
         data: &[u8],
         placed: bool,
     ) -> FsResult<u32> {
-        if !self.writable {
+        if !self.writable() {
             return Err(Errno::EBADF);
         }
-        let append = self.append && !placed;
-        if !append {
-            self.appends_from = None;
+        let append = self.appends() && !placed;
+        if !append && let Some(s) = self.staged_mut() {
+            s.appends_from = None;
         }
         // Where an append lands: the end of what this handle sees (the working copy made
         // below, if any, holds exactly that).
@@ -351,122 +454,95 @@ impl FileHandle {
         if end.is_some_and(|end| end != offset) {
             self.moved = true;
         }
-        if append && self.staged.is_none() && self.appended.len() + data.len() <= APPEND_BUFFER_MAX
-        {
-            self.appended.extend_from_slice(data);
-            self.appended_at = Some(SystemTime::now());
-            self.dirty = true;
-            return Ok(data.len() as u32);
+        let len = data.len() as u64;
+        if append {
+            match &mut self.pending {
+                Pending::Clean if data.len() <= APPEND_BUFFER_MAX => {
+                    self.pending = Pending::Appended {
+                        tail: data.to_vec(),
+                        at: SystemTime::now(),
+                    };
+                    return Ok(data.len() as u32);
+                }
+                Pending::Appended { tail, at } if tail.len() + data.len() <= APPEND_BUFFER_MAX => {
+                    tail.extend_from_slice(data);
+                    *at = SystemTime::now();
+                    return Ok(data.len() as u32);
+                }
+                _ => {}
+            }
         }
-        if append && self.staged.is_none() {
-            // The working copy takes the committed bytes, then only appends.
-            self.appends_from = Some(self.committed_size()?);
-        }
+        let first_staging = self.staged().is_none();
+        let appends_from = (append && first_staging).then(|| self.committed_size());
         self.ensure_staged(store)?;
         let offset = end.unwrap_or(offset);
-        self.seeded(offset, data.len() as u64, true)?;
-        let staged = self.staged.as_ref().expect("staged above");
-        let len = data.len() as u64;
-        if let Err(e) = staged.file.write_all_at(data, offset) {
-            if let Some(seeding) = &self.seeding {
+        self.seeded(offset, len, true)?;
+        let s = self.staged_mut().expect("staged above");
+        if let Some(from) = appends_from {
+            // The working copy takes the committed bytes, then only appends.
+            s.appends_from = Some(from);
+        }
+        if let Err(e) = s.copy.write_at(data, offset) {
+            if let Some(seeding) = &s.seeding {
                 seeding.write_failed(offset, len);
             }
-            return Err(self.spoil(offset, len, e));
+            return Err(spoil(s, offset, len, e));
         }
-        self.dirty = true;
-        self.defined(offset, len);
+        defined(s, offset, len);
         Ok(data.len() as u32)
     }
 
-    /// Sets the working copy's length.
+    /// Sets the size of what this handle sees (in its working copy).
     pub fn truncate(&mut self, store: &dyn Store, size: u64) -> FsResult<()> {
-        self.appends_from = None;
-        if size == 0 && self.staged.is_none() {
-            // Truncating to nothing (`open(O_TRUNC)`): no need to copy the old content first.
-            self.staged = Some(store.stage(None)?);
-            self.appended = Vec::new();
-            self.appended_at = None;
+        if size == 0 && self.staged().is_none() {
+            // Truncating to nothing: no need to copy the old content first.
+            self.truncated(store.working_copy()?);
+            return Ok(());
         }
         self.ensure_staged(store)?;
-        if let Some(seeding) = self.seeding.take() {
+        let s = self.staged_mut().expect("staged above");
+        s.appends_from = None;
+        if let Some(seeding) = s.seeding.take() {
             // Nothing beyond `size` is needed; nothing may be copied there after the cut.
             if let Err(e) = seeding.finish_up_to(size) {
-                self.seeding = Some(seeding);
+                s.seeding = Some(seeding);
                 return Err(e.into());
             }
         }
-        let staged = self.staged.as_ref().expect("staged above");
-        staged.file.set_len(size)?;
-        self.dirty = true;
-        self.cut_spoiled(size);
+        s.copy.set_len(size)?;
+        cut_spoiled(s, size);
         Ok(())
     }
 
-    /// The working copy was cut to `size`: nothing past it is left of a failed change.
-    fn cut_spoiled(&mut self, size: u64) {
-        self.spoiled = self.spoiled.and_then(|s| {
-            (size > s.from).then_some(Spoiled {
-                to: s.to.min(size),
-                ..s
-            })
-        });
-    }
-
-    /// Takes the appends out of the working copy (see `appends_from`) back into memory,
-    /// dropping the copy, so they can be appended to another version; false (nothing changed)
-    /// when the copy holds other changes, or more than `most` appended bytes.
-    pub fn take_back_appends(&mut self, store: &dyn Store, most: u64) -> FsResult<bool> {
-        let (Some(from), Some(staged)) = (self.appends_from, &self.staged) else {
+    /// Takes the appends out of the working copy (see [`Staged::appends_from`]) back into
+    /// memory, dropping the copy, so they can be appended to another version; false (nothing
+    /// changed) when the copy holds other changes, or more than `most` appended bytes.
+    pub fn take_back_appends(&mut self, most: u64) -> FsResult<bool> {
+        let Some(s) = self.staged() else {
             return Ok(false);
         };
-        let len = staged.file.metadata()?.len();
-        if len < from || len - from > most || self.spoiled.is_some() {
+        let Some(from) = s.appends_from else {
+            return Ok(false);
+        };
+        let len = s.copy.stat()?.size;
+        if len < from || len - from > most || s.spoiled.is_some() {
             return Ok(false);
         }
         let mut tail = vec![0u8; (len - from) as usize];
-        staged.file.read_exact_at(&mut tail, from)?;
-        if let Some(seeding) = self.seeding.take() {
-            seeding.cancel();
+        let mut done = 0;
+        while done < tail.len() {
+            let n = s.copy.read_at(&mut tail[done..], from + done as u64)?;
+            if n == 0 {
+                return Ok(false); // shorter than it said: keep the copy
+            }
+            done += n;
         }
-        if let Some(staged) = self.staged.take() {
-            store.discard(staged);
-        }
-        tail.extend_from_slice(&self.appended);
-        self.appended = tail;
-        self.appended_at = Some(SystemTime::now());
-        self.appends_from = None;
+        self.drop_changes();
+        self.pending = Pending::Appended {
+            tail,
+            at: SystemTime::now(),
+        };
         Ok(true)
-    }
-
-    /// Records that a change of `offset..offset + len` failed part way (see `spoiled`).
-    fn spoil(&mut self, offset: u64, len: u64, e: std::io::Error) -> Errno {
-        let errno = Errno::from(e);
-        let (from, to) = (offset, offset.saturating_add(len));
-        self.spoiled = Some(match self.spoiled {
-            Some(s) => Spoiled {
-                from: s.from.min(from),
-                to: s.to.max(to),
-                errno: s.errno,
-            },
-            None => Spoiled { from, to, errno },
-        });
-        self.dirty = true;
-        errno
-    }
-
-    /// `offset..offset + len` of the working copy was written in full: a spoiled span it
-    /// covers, from either end, is defined again.
-    fn defined(&mut self, offset: u64, len: u64) {
-        let Some(s) = &mut self.spoiled else { return };
-        let end = offset.saturating_add(len);
-        if offset <= s.from && end > s.from {
-            s.from = end;
-        } else if offset < s.to && end >= s.to {
-            s.to = offset;
-        }
-        if s.from >= s.to {
-            self.spoiled = None;
-        }
     }
 
     /// `fallocate(2)` of `offset..offset + len` through this handle (see [`Allocation`]).
@@ -479,10 +555,12 @@ impl FileHandle {
         offset: u64,
         len: u64,
     ) -> FsResult<()> {
-        if !self.writable {
+        if !self.writable() {
             return Err(Errno::EBADF);
         }
-        self.appends_from = None;
+        if let Some(s) = self.staged_mut() {
+            s.appends_from = None;
+        }
         let end = offset.checked_add(len).ok_or(Errno::EFBIG)?;
         let size = self.size()?;
         let grown = how.size_after(size, end);
@@ -494,22 +572,21 @@ impl FileHandle {
                 let len = end.min(size) - offset;
                 self.ensure_staged(store)?;
                 self.seeded(offset, len, true)?;
-                let staged = self.staged.as_ref().expect("staged above");
-                if let Err(e) = staged.zero(offset, len) {
-                    if let Some(seeding) = &self.seeding {
+                let s = self.staged_mut().expect("staged above");
+                if let Err(e) = s.copy.zero(offset, len) {
+                    if let Some(seeding) = &s.seeding {
                         seeding.write_failed(offset, len);
                     }
-                    return Err(self.spoil(offset, len, e));
+                    return Err(spoil(s, offset, len, e));
                 }
-                self.dirty = true;
-                self.defined(offset, len);
+                defined(s, offset, len);
             }
             Allocation::Zero { .. } => {}
             // Space past the end (`FALLOC_FL_KEEP_SIZE`) is not reserved: it would be disk use
             // the size-based quota does not see.
             Allocation::Reserve { .. } if offset < grown => {
-                if let Some(staged) = &self.staged {
-                    staged.reserve(offset, end.min(grown) - offset)?;
+                if let Some(s) = self.staged() {
+                    s.copy.reserve(offset, end.min(grown) - offset)?;
                 }
             }
             Allocation::Reserve { .. } => {}
@@ -518,9 +595,60 @@ impl FileHandle {
     }
 }
 
+/// Whether `store` commits only the changed ranges of a file of `size` bytes.
+fn ranged(store: &dyn Store, size: u64) -> bool {
+    store
+        .capabilities()
+        .ranged_commits_from
+        .is_some_and(|min| size >= min)
+}
+
+/// Records that a change of `offset..offset + len` failed part way (see
+/// [`Staged::spoiled`]).
+fn spoil(s: &mut Staged, offset: u64, len: u64, e: std::io::Error) -> Errno {
+    let errno = Errno::from(e);
+    let (from, to) = (offset, offset.saturating_add(len));
+    s.spoiled = Some(match s.spoiled {
+        Some(old) => Spoiled {
+            from: old.from.min(from),
+            to: old.to.max(to),
+            errno: old.errno,
+        },
+        None => Spoiled { from, to, errno },
+    });
+    errno
+}
+
+/// `offset..offset + len` of the working copy was written in full: a spoiled span it
+/// covers, from either end, is defined again.
+fn defined(s: &mut Staged, offset: u64, len: u64) {
+    let Some(sp) = &mut s.spoiled else { return };
+    let end = offset.saturating_add(len);
+    if offset <= sp.from && end > sp.from {
+        sp.from = end;
+    } else if offset < sp.to && end >= sp.to {
+        sp.to = offset;
+    }
+    if sp.from >= sp.to {
+        s.spoiled = None;
+    }
+}
+
+/// The working copy was cut to `size`: nothing past it is left of a failed change.
+fn cut_spoiled(s: &mut Staged, size: u64) {
+    s.spoiled = s.spoiled.and_then(|sp| {
+        (size > sp.from).then_some(Spoiled {
+            to: sp.to.min(size),
+            ..sp
+        })
+    });
+}
+
 impl Drop for FileHandle {
     fn drop(&mut self) {
-        if let Some(seeding) = &self.seeding {
+        if let Pending::Staged(s) = &self.pending
+            && let Some(seeding) = &s.seeding
+        {
             seeding.cancel();
         }
     }
@@ -531,6 +659,8 @@ impl Drop for FileHandle {
 pub struct DirItem {
     pub name: OsString,
     pub kind: Kind,
+    /// Its attributes as listed, when the store gave them.
+    pub meta: Option<Meta>,
 }
 
 /// An open directory: a snapshot of its entries, refreshed when reading restarts at 0.
@@ -542,42 +672,58 @@ pub struct DirHandle {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::mem::MemStore;
 
     fn enospc() -> std::io::Error {
         std::io::Error::from_raw_os_error(libc::ENOSPC)
     }
 
-    fn span(h: &FileHandle) -> Option<(u64, u64)> {
-        h.spoiled.map(|s| (s.from, s.to))
+    fn staged() -> Staged {
+        let store = MemStore::new();
+        Staged {
+            copy: store.working_copy().unwrap(),
+            seeding: None,
+            spoiled: None,
+            appends_from: None,
+        }
+    }
+
+    fn span(s: &Staged) -> Option<(u64, u64)> {
+        s.spoiled.map(|sp| (sp.from, sp.to))
     }
 
     #[test]
     fn a_failed_span_is_defined_again_by_writes_covering_it_or_a_cut() {
-        let mut h = FileHandle::new(1, true, false, false, None);
-        assert_eq!(h.spoil(100, 50, enospc()), Errno::ENOSPC);
-        h.spoil(120, 50, std::io::Error::from_raw_os_error(libc::EIO));
-        assert_eq!(span(&h), Some((100, 170)));
+        let mut s = staged();
+        assert_eq!(spoil(&mut s, 100, 50, enospc()), Errno::ENOSPC);
+        spoil(
+            &mut s,
+            120,
+            50,
+            std::io::Error::from_raw_os_error(libc::EIO),
+        );
+        assert_eq!(span(&s), Some((100, 170)));
         assert_eq!(
-            h.spoiled.unwrap().errno,
+            s.spoiled.unwrap().errno,
             Errno::ENOSPC,
             "the first error stays"
         );
-        h.defined(130, 10); // inside: still undefined on both sides
-        assert_eq!(span(&h), Some((100, 170)));
-        h.defined(90, 20); // covers the start
-        assert_eq!(span(&h), Some((110, 170)));
-        h.defined(160, 100); // covers the end
-        assert_eq!(span(&h), Some((110, 160)));
-        h.defined(110, 50);
-        assert_eq!(span(&h), None);
+        defined(&mut s, 130, 10); // inside: still undefined on both sides
+        assert_eq!(span(&s), Some((100, 170)));
+        defined(&mut s, 90, 20); // covers the start
+        assert_eq!(span(&s), Some((110, 170)));
+        defined(&mut s, 160, 100); // covers the end
+        assert_eq!(span(&s), Some((110, 160)));
+        defined(&mut s, 110, 50);
+        assert_eq!(span(&s), None);
 
         // A cut into the span shortens it; one at or before its start ends it.
-        h.spoil(4096, 4096, enospc());
-        h.cut_spoiled(9000);
-        assert_eq!(span(&h), Some((4096, 8192)));
-        h.cut_spoiled(6000);
-        assert_eq!(span(&h), Some((4096, 6000)));
-        h.cut_spoiled(4096);
-        assert_eq!(span(&h), None);
+        spoil(&mut s, 4096, 4096, enospc());
+        cut_spoiled(&mut s, 9000);
+        assert_eq!(span(&s), Some((4096, 8192)));
+        cut_spoiled(&mut s, 6000);
+        assert_eq!(span(&s), Some((4096, 6000)));
+        cut_spoiled(&mut s, 4096);
+        assert_eq!(span(&s), None);
     }
 }

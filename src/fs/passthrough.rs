@@ -31,7 +31,7 @@ use std::io;
 use std::sync::atomic::Ordering;
 
 use super::Fs;
-use crate::store::{Content, Meta};
+use crate::store::{Content, Meta, Version};
 
 /// Files at least this large may be read through passthrough. Below it the FUSE page cache
 /// costs little, and the registration (two system calls) would weigh on small-file reads.
@@ -50,8 +50,8 @@ pub trait Backing: Send + Sync {
 #[derive(Debug)]
 pub struct Window {
     pub id: u32,
-    /// The committed file registered, as `(dev, ino)`.
-    pub object: (u64, u64),
+    /// The stored object whose file is registered.
+    pub object: Version,
     /// The file handles opened in the window (each released one leaves it).
     pub fhs: Vec<u64>,
 }
@@ -114,9 +114,10 @@ impl Fs {
     ) -> Passing {
         let read_only = flags & libc::O_ACCMODE == libc::O_RDONLY && flags & libc::O_TRUNC == 0;
         let write_only = flags & libc::O_ACCMODE == libc::O_WRONLY;
-        let object = (meta.version.0, meta.version.1);
+        let local = content.local();
         if let Some(w) = window {
-            let passing = if read_only && object == w.object {
+            let same = local.as_ref().is_some_and(|l| l.object == w.object);
+            let passing = if read_only && same {
                 Passing::Reads(w.id)
             } else if write_only {
                 Passing::WritesOnly(w.id)
@@ -131,7 +132,7 @@ impl Fs {
         let Some(backing) = self.backing.get() else {
             return Passing::No;
         };
-        let Some(file) = content.local_file() else {
+        let Some(local) = local else {
             return Passing::No;
         };
         if !read_only
@@ -141,11 +142,11 @@ impl Fs {
         {
             return Passing::No;
         }
-        match backing.register(file) {
+        match backing.register(local.file) {
             Ok(id) => {
                 *window = Some(Window {
                     id,
-                    object,
+                    object: local.object,
                     fhs: vec![fh],
                 });
                 Passing::Reads(id)

@@ -1,8 +1,6 @@
 //! Per-space limits: largest file (EFBIG), number of entries and total bytes (EDQUOT). One
 //! [`Quota`] is shared by every mount of a space, so all of them count against the same usage.
 
-use std::io;
-use std::path::Path;
 use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
@@ -30,12 +28,7 @@ impl Limits {
     }
 }
 
-/// What a space uses.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Usage {
-    pub files: u64,
-    pub bytes: u64,
-}
+pub use crate::store::Usage;
 
 /// Limits and the usage counted against them.
 #[derive(Debug)]
@@ -50,30 +43,6 @@ impl Quota {
             limits,
             usage: Mutex::new(usage),
         }
-    }
-
-    /// Counts what the space directory `root` holds now.
-    pub fn scan(root: &Path, limits: Limits) -> io::Result<Quota> {
-        let mut usage = Usage::default();
-        let mut stack = vec![root.to_path_buf()];
-        while let Some(dir) = stack.pop() {
-            let entries = match std::fs::read_dir(&dir) {
-                Ok(entries) => entries,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(e),
-            };
-            for entry in entries {
-                let entry = entry?;
-                let meta = std::fs::symlink_metadata(entry.path())?;
-                usage.files += 1;
-                if meta.is_dir() {
-                    stack.push(entry.path());
-                } else if meta.is_file() {
-                    usage.bytes += meta.len();
-                }
-            }
-        }
-        Ok(Quota::new(limits, usage))
     }
 
     pub fn limits(&self) -> Limits {
@@ -134,6 +103,16 @@ impl Quota {
             }
             u.bytes = u.bytes.saturating_sub(old).saturating_add(new);
             Ok(())
+        })
+    }
+
+    /// Corrects the byte count reserved with `resize(old, new)` to what a commit actually did
+    /// (replaced `replaced` bytes by `now`): never refused, the data is in.
+    pub fn settle(&self, (old, new): (u64, u64), (replaced, now): (u64, u64)) {
+        self.with_usage(|u| {
+            let bytes =
+                u.bytes as i128 - new as i128 + old as i128 - replaced as i128 + now as i128;
+            u.bytes = bytes.max(0) as u64;
         })
     }
 
@@ -210,15 +189,5 @@ mod tests {
             }
         );
         q.add_entry().unwrap();
-    }
-
-    #[test]
-    fn scan_counts_what_is_on_disk() {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::create_dir(dir.path().join("d")).unwrap();
-        std::fs::write(dir.path().join("d/f"), b"12345").unwrap();
-        std::fs::write(dir.path().join("g"), b"123").unwrap();
-        let q = Quota::scan(dir.path(), Limits::default()).unwrap();
-        assert_eq!(q.usage(), Usage { files: 3, bytes: 8 });
     }
 }

@@ -1,29 +1,29 @@
 //! Lazy seeding of a large working copy: the committed content is copied by a background
 //! thread, and on demand, instead of all at once at the first write.
 //!
-//! A writer's first write into a large file used to wait for the whole file to be copied
-//! (tens of milliseconds for 64 MiB). Now the working copy starts as a sparse file of the
+//! So that a writer's first write into a large file does not wait for the whole file to be
+//! copied (tens of milliseconds for 64 MiB), the working copy starts as a sparse file of the
 //! committed size, and the copy is tracked in 4 KiB blocks: a block a write covers entirely is
 //! simply marked as present (the write supplies it), a block a write or read covers in part is
 //! copied first, and a background thread copies every block still missing, a chunk at a time.
 //! A block is copied at most once and never after a write into it, so a copy never overwrites
 //! newer data. Commits and truncations wait until every block is present ([`Seeding::finish`]).
 //!
-//! A writer that may commit by patching the file in place (see `store::patch`) seeds without
+//! A writer that may commit only the ranges it changed (`Change::Ranges`) seeds without
 //! the background copier: the working copy then holds only the blocks it wrote (and those it
-//! read in part), which [`Seeding::written`] lists for the patch. Should the patch not be
-//! possible, `finish` still copies the rest.
+//! read in part), which [`Seeding::written`] lists for the commit. Should the store not be
+//! able to commit those alone, `finish` still copies the rest.
 
-use std::fs::File;
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
-use crate::store::{Content, copy_range};
+use crate::store::{Content, WorkingCopy, copy_range};
 
-/// Files at least this large are seeded lazily; smaller ones are copied at once.
-/// The same size as patches start at: a patch needs a lazily seeded working copy.
-pub const LAZY_SEED_MIN: u64 = crate::store::local::patch::PATCH_MIN;
+/// Files at least this large are seeded lazily; smaller ones are copied at once (a store
+/// that commits changed ranges alone may ask for lazy seeding of smaller ones, see
+/// `Capabilities::ranged_commits_from`).
+pub const LAZY_SEED_MIN: u64 = 4 << 20;
 const BLOCK: u64 = 4096;
 /// Blocks per chunk: one bit each in a `u64`.
 const BLOCKS: u64 = 64;
@@ -42,7 +42,7 @@ struct Chunk {
 /// The seeding state of one working copy, shared with its background copier.
 pub struct Seeding {
     source: Arc<dyn Content>,
-    dest: File,
+    dest: Arc<dyn WorkingCopy>,
     len: u64,
     chunks: Mutex<Vec<Chunk>>,
     copied: Condvar,
@@ -66,7 +66,12 @@ fn blocks_in_file(index: usize, len: u64) -> u64 {
 impl Seeding {
     /// Starts seeding `dest` (already sized to `len`) from `source`, copying in the background
     /// unless `on_demand`.
-    pub fn start(source: Arc<dyn Content>, dest: File, len: u64, on_demand: bool) -> Arc<Seeding> {
+    pub fn start(
+        source: Arc<dyn Content>,
+        dest: Arc<dyn WorkingCopy>,
+        len: u64,
+        on_demand: bool,
+    ) -> Arc<Seeding> {
         let seeding = Arc::new(Seeding {
             source,
             dest,
@@ -144,7 +149,7 @@ impl Seeding {
     /// Copies the blocks of chunk `index` in `mask` from the source, in runs.
     fn copy_blocks(&self, index: usize, mask: u64) -> io::Result<()> {
         for (offset, len) in self.runs(index, mask) {
-            copy_range(self.source.as_ref(), &self.dest, offset, len)?;
+            copy_range(self.source.as_ref(), self.dest.as_ref(), offset, len)?;
         }
         Ok(())
     }
@@ -278,11 +283,21 @@ impl Seeding {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::Meta;
-    use std::os::unix::fs::FileExt;
+    use crate::store::mem::MemStore;
+    use crate::store::{LocalFile, Meta, Store, Version};
 
     /// Committed content held in memory (not a local file: exercises the read/write copy).
-    struct Bytes(Vec<u8>);
+    struct Bytes(Vec<u8>, Meta);
+
+    impl Bytes {
+        fn new(data: Vec<u8>) -> Bytes {
+            let store = MemStore::new();
+            let mut meta = store.stat(std::path::Path::new("")).unwrap();
+            meta.size = data.len() as u64;
+            meta.version = Version::from_words([1, 2, 3, 4]);
+            Bytes(data, meta)
+        }
+    }
 
     impl Content for Bytes {
         fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
@@ -291,10 +306,13 @@ mod tests {
             buf[..n].copy_from_slice(&self.0[start..start + n]);
             Ok(n)
         }
-        fn meta(&self) -> io::Result<Meta> {
-            Err(io::Error::other("not needed"))
+        fn read_appended_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+            self.read_at(buf, offset)
         }
-        fn local_file(&self) -> Option<&File> {
+        fn meta(&self) -> &Meta {
+            &self.1
+        }
+        fn local(&self) -> Option<LocalFile<'_>> {
             None
         }
     }
@@ -303,44 +321,42 @@ mod tests {
         (0..len).map(|i| (i * 7 % 251) as u8).collect()
     }
 
-    fn working_copy(len: u64) -> (tempfile::TempDir, File) {
-        let dir = tempfile::tempdir().unwrap();
-        let file = File::options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(dir.path().join("w"))
-            .unwrap();
-        file.set_len(len).unwrap();
-        (dir, file)
+    /// An in-memory working copy of `len` bytes (zeros).
+    fn working_copy(len: u64) -> Arc<dyn WorkingCopy> {
+        let copy = MemStore::new().working_copy().unwrap();
+        copy.set_len(len).unwrap();
+        copy
     }
 
-    /// A working copy of `len` bytes being seeded from a pattern: (dir guard, the working
-    /// copy, its seeding, the seed).
-    fn seeding_of(len: u64) -> (tempfile::TempDir, File, Arc<Seeding>, Vec<u8>) {
+    /// A working copy of `len` bytes being seeded from a pattern: (the working copy, its
+    /// seeding, the seed).
+    fn seeding_of(len: u64) -> (Arc<dyn WorkingCopy>, Arc<Seeding>, Vec<u8>) {
         let seed = pattern(len as usize);
-        let (dir, file) = working_copy(len);
-        let dest = file.try_clone().unwrap();
-        let seeding = Seeding::start(Arc::new(Bytes(seed.clone())), dest, len, false);
-        (dir, file, seeding, seed)
+        let copy = working_copy(len);
+        let seeding = Seeding::start(Arc::new(Bytes::new(seed.clone())), copy.clone(), len, false);
+        (copy, seeding, seed)
     }
 
-    fn contents(file: &File, len: usize) -> Vec<u8> {
+    fn read_exact(copy: &Arc<dyn WorkingCopy>, buf: &mut [u8], offset: u64) {
+        let n = copy.read_at(buf, offset).unwrap();
+        assert_eq!(n, buf.len(), "short read at {offset}");
+    }
+
+    fn contents(copy: &Arc<dyn WorkingCopy>, len: usize) -> Vec<u8> {
         let mut got = vec![0u8; len];
-        file.read_exact_at(&mut got, 0).unwrap();
+        read_exact(copy, &mut got, 0);
         got
     }
 
     #[test]
     fn writes_survive_the_background_copy_and_the_rest_is_seeded() {
         let len = 5 * CHUNK + 123;
-        let (_d, file, seeding, seed) = seeding_of(len);
+        let (file, seeding, seed) = seeding_of(len);
         // Writes into chunks the copier may not have reached yet, and across a boundary.
         let mut expect = seed.clone();
         for (offset, data) in [(3 * CHUNK + 10, b"three"), (CHUNK - 2, b"cross")] {
             seeding.prepare(offset, data.len() as u64, true).unwrap();
-            file.write_all_at(data, offset).unwrap();
+            file.write_at(data, offset).unwrap();
             expect[offset as usize..offset as usize + data.len()].copy_from_slice(data);
         }
         seeding.finish().unwrap();
@@ -353,11 +369,11 @@ mod tests {
     #[test]
     fn a_cancelled_seeding_still_copies_on_demand() {
         let len = 3 * CHUNK;
-        let (_d, file, seeding, seed) = seeding_of(len);
+        let (file, seeding, seed) = seeding_of(len);
         seeding.cancel();
         seeding.prepare(2 * CHUNK, 10, false).unwrap();
         let mut got = [0u8; 10];
-        file.read_exact_at(&mut got, 2 * CHUNK).unwrap();
+        read_exact(&file, &mut got, 2 * CHUNK);
         assert_eq!(&got, &seed[2 * CHUNK as usize..2 * CHUNK as usize + 10]);
         seeding.finish().unwrap();
     }
@@ -365,7 +381,7 @@ mod tests {
     #[test]
     fn random_writes_and_reads_match_a_model() {
         let len = 3 * CHUNK + 5000;
-        let (_d, file, seeding, seed) = seeding_of(len);
+        let (file, seeding, seed) = seeding_of(len);
         let mut model = seed.clone();
         let mut x: u64 = 0x9e3779b97f4a7c15;
         let mut next = |n: u64| {
@@ -381,7 +397,7 @@ mod tests {
                 seeding.prepare(offset, size, false).unwrap();
                 let end = (offset + size).min(len) as usize;
                 let mut got = vec![0u8; end - offset as usize];
-                file.read_exact_at(&mut got, offset).unwrap();
+                read_exact(&file, &mut got, offset);
                 assert!(
                     got == model[offset as usize..end],
                     "read at {offset}+{size}"
@@ -389,7 +405,7 @@ mod tests {
             } else {
                 let data = vec![(round % 250) as u8 + 1; size as usize];
                 seeding.prepare(offset, size, true).unwrap();
-                file.write_all_at(&data, offset).unwrap();
+                file.write_at(&data, offset).unwrap();
                 let end = offset as usize + data.len();
                 if end > model.len() {
                     model.resize(end, 0);
@@ -405,9 +421,8 @@ mod tests {
     fn on_demand_seeding_copies_only_what_reads_and_partial_writes_need() {
         let len = 3 * CHUNK + 100;
         let seed = pattern(len as usize);
-        let (_d, file) = working_copy(len);
-        let dest = file.try_clone().unwrap();
-        let seeding = Seeding::start(Arc::new(Bytes(seed.clone())), dest, len, true);
+        let file = working_copy(len);
+        let seeding = Seeding::start(Arc::new(Bytes::new(seed.clone())), file.clone(), len, true);
         assert!(seeding.on_demand());
         // A whole block, a partial write across two blocks, a read, and the last short block.
         seeding.prepare(BLOCK, BLOCK, true).unwrap();
@@ -426,9 +441,9 @@ mod tests {
         );
         // The partially written blocks were copied first; nothing else was copied.
         let mut got = vec![0u8; BLOCK as usize];
-        file.read_exact_at(&mut got, CHUNK - BLOCK).unwrap();
+        read_exact(&file, &mut got, CHUNK - BLOCK);
         assert!(got == seed[(CHUNK - BLOCK) as usize..CHUNK as usize]);
-        file.read_exact_at(&mut got, 3 * BLOCK).unwrap();
+        read_exact(&file, &mut got, 3 * BLOCK);
         assert!(
             got.iter().all(|&b| b == 0),
             "an untouched block stays a hole"
@@ -445,7 +460,7 @@ mod tests {
     #[test]
     fn a_failed_write_gets_its_blocks_from_the_seed_again() {
         let len = 2 * CHUNK;
-        let (_d, file, seeding, seed) = seeding_of(len);
+        let (file, seeding, seed) = seeding_of(len);
         seeding.cancel(); // no background copy: only `finish` can fill the blocks
         seeding.prepare(BLOCK, 2 * BLOCK, true).unwrap();
         seeding.write_failed(BLOCK, 2 * BLOCK);

@@ -15,11 +15,12 @@
 
 use std::collections::HashSet;
 use std::fmt;
-use std::io;
 use std::path::{Path, PathBuf};
 
 use super::Space;
-use crate::store::{Kind, Meta, SetAttr, TimeSpec};
+use crate::store::{
+    Change, CommitRequest, Kind, Meta, SetAttr, StoreError, StoreResult, TimeSpec, copy_range,
+};
 
 /// Why an export did not happen, or stopped.
 #[derive(Debug)]
@@ -31,7 +32,7 @@ pub enum ExportError {
     /// Writing failed part way: `done` entries had been written into the destination.
     Failed {
         what: String,
-        source: io::Error,
+        source: StoreError,
         done: u64,
     },
 }
@@ -76,8 +77,8 @@ pub struct Exported {
     pub bytes: u64,
 }
 
-fn errno(e: &io::Error) -> Option<i32> {
-    e.raw_os_error()
+fn errno(e: &StoreError) -> Option<i32> {
+    Some(e.raw_os_error())
 }
 
 /// Copies each of `paths` (relative, no `..`) of `from` to the same path in `to`; `progress`
@@ -265,7 +266,7 @@ fn check_limits(to: &Space, items: &[Item]) -> Result<(), ExportError> {
 }
 
 /// Writes one planned entry into `to` (its parent is there already).
-fn write_item(from: &Space, to: &Space, item: &Item) -> Result<(), (String, io::Error)> {
+fn write_item(from: &Space, to: &Space, item: &Item) -> Result<(), (String, StoreError)> {
     let store = to.store();
     let path = &item.path;
     let at = |what: &str| format!("{what} {} in {}", path.display(), to.id());
@@ -273,9 +274,9 @@ fn write_item(from: &Space, to: &Space, item: &Item) -> Result<(), (String, io::
     let new_entry = item.existing.is_none();
     if new_entry && let Some(q) = to.quota() {
         q.add_entry()
-            .map_err(|e| (at("counting"), io::Error::from_raw_os_error(e.0)))?;
+            .map_err(|e| (at("counting"), StoreError::errno(e.0)))?;
     }
-    let written = (|| -> Result<(), (String, io::Error)> {
+    let written = (|| -> Result<(), (String, StoreError)> {
         match item.meta.kind {
             Kind::Dir => {
                 if new_entry {
@@ -316,11 +317,11 @@ fn write_item(from: &Space, to: &Space, item: &Item) -> Result<(), (String, io::
 /// Commits the source file's content at the item's path, durably, keeping its mode, owner and
 /// modification time where the file is new (a file replaced keeps the room's mode and owner,
 /// as a close would).
-fn put_file(from: &Space, to: &Space, item: &Item) -> io::Result<()> {
+fn put_file(from: &Space, to: &Space, item: &Item) -> StoreResult<()> {
     let store = to.store();
     let path = &item.path;
     let content = from.store().open(path)?;
-    let size = content.meta()?.size;
+    let size = content.meta().size;
     if item.existing.is_none() {
         store.create(
             path,
@@ -329,26 +330,34 @@ fn put_file(from: &Space, to: &Space, item: &Item) -> io::Result<()> {
             true,
         )?;
     }
-    let old = item.existing.as_ref().map_or(0, |m| m.size);
+    let base = store.open(path)?;
+    let old = base.meta().size;
     if let Some(q) = to.quota() {
-        q.resize(old, size)
-            .map_err(|e| io::Error::from_raw_os_error(e.0))?;
+        q.resize(old, size).map_err(|e| StoreError::errno(e.0))?;
     }
-    let staged = match store.stage(Some(content.as_ref())) {
-        Ok(staged) => staged,
+    let committed = (|| {
+        let copy = store.working_copy()?;
+        copy_range(content.as_ref(), copy.as_ref(), 0, size)?;
+        copy.set_len(size)?;
+        store.commit(CommitRequest {
+            path,
+            base: &base,
+            change: Change::Whole(&copy),
+            durable: true,
+        })
+    })();
+    match committed {
+        Ok(done) => {
+            if let Some(q) = to.quota() {
+                q.settle((old, size), (done.replaced_size, done.content.meta().size));
+            }
+        }
         Err(e) => {
             if let Some(q) = to.quota() {
                 let _ = q.resize(size, old);
             }
             return Err(e);
         }
-    };
-    if let Err((e, staged)) = store.commit(staged, path, true) {
-        store.discard(staged);
-        if let Some(q) = to.quota() {
-            let _ = q.resize(size, old);
-        }
-        return Err(e);
     }
     let times = SetAttr {
         mtime: Some(TimeSpec::At(item.meta.mtime)),
@@ -358,7 +367,7 @@ fn put_file(from: &Space, to: &Space, item: &Item) -> io::Result<()> {
     Ok(())
 }
 
-fn refused_at(space: &str, path: &Path, e: &io::Error) -> ExportError {
+fn refused_at(space: &str, path: &Path, e: &StoreError) -> ExportError {
     let why = match errno(e) {
         Some(libc::ELOOP) => "a symlink is in the way".to_string(),
         Some(libc::ENOTDIR) => "a file is where a directory should be".to_string(),

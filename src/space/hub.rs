@@ -13,11 +13,13 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 
+use super::claims::{Claim, Claims, Span};
 use super::{SpaceId, SpaceKind};
-use crate::fs::{Limits, Quota, Usage};
+use crate::fs::{Limits, Quota};
 use crate::records::RecordStore;
 use crate::store::Owner;
 use crate::store::Store;
+use crate::store::Usage;
 use crate::store::local::LocalBackend;
 use crate::store::local::at::Tally;
 use crate::store::meta::MetaOverlay;
@@ -40,6 +42,8 @@ pub struct Space {
     quota: Option<Arc<Quota>>,
     watchers: RwLock<Vec<(WatcherId, Weak<dyn SpaceWatcher>)>>,
     next_watcher: AtomicU64,
+    /// The names operations are changing right now (see `claims`).
+    claims: Claims,
 }
 
 fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
@@ -63,7 +67,14 @@ impl Space {
             quota,
             watchers: RwLock::new(Vec::new()),
             next_watcher: AtomicU64::new(1),
+            claims: Claims::default(),
         }
+    }
+
+    /// Claims `names` for a change (see `claims`): waits while another operation of this
+    /// process changes any of them; held until the returned claim is dropped.
+    pub fn claim(&self, names: &[(&Path, Span)]) -> Claim<'_> {
+        self.claims.claim(names)
     }
 
     pub fn id(&self) -> &SpaceId {
@@ -157,8 +168,8 @@ impl Hub {
         let quota = if limits.is_unlimited() {
             None
         } else {
-            let usage = self.local.space_usage(id)?.unwrap_or_default();
-            Some(Arc::new(Quota::new(limits, usage_of(usage))))
+            let usage = store.usage().map_err(std::io::Error::other)?;
+            Some(Arc::new(Quota::new(limits, usage)))
         };
         let store: Arc<dyn Store> = match (&self.records, id.kind) {
             (Some(records), SpaceKind::Session) => Arc::new(MetaOverlay::new(

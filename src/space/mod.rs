@@ -2,6 +2,7 @@
 //! for all its mounts, copying between spaces ([`export`]), and the daemon's record of
 //! sessions ([`state`]).
 
+pub mod claims;
 pub mod export;
 pub mod hub;
 pub mod state;

@@ -11,7 +11,6 @@
 //! EACCES, through their grant).
 
 use std::ffi::OsString;
-use std::fs::File;
 use std::hash::{Hash, Hasher};
 use std::io;
 use std::os::unix::ffi::OsStrExt;
@@ -20,7 +19,8 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use super::{
-    Content, DirEntry, Kind, Meta, Owner, RenameMode, SetAttr, Staged, Store, StoreStatfs,
+    Capabilities, CommitRequest, Committed, Content, DirEntry, Kind, LocalFile, Meta, Owner,
+    RenameMode, SetAttr, Store, StoreError, StoreResult, StoreStatfs, Usage, Version, WorkingCopy,
 };
 use crate::records::{ChildCollection, MetaPath, RecordStore};
 
@@ -41,16 +41,16 @@ enum Node {
     File(MetaPath),
 }
 
-fn erofs() -> io::Error {
-    io::Error::from_raw_os_error(libc::EROFS)
+fn erofs() -> StoreError {
+    StoreError::errno(libc::EROFS)
 }
 
-fn enoent() -> io::Error {
-    io::Error::from_raw_os_error(libc::ENOENT)
+fn enoent() -> StoreError {
+    StoreError::errno(libc::ENOENT)
 }
 
 /// Classifies `path`: `None` if it is not under `.meta`.
-fn classify(path: &Path) -> Option<io::Result<Node>> {
+fn classify(path: &Path) -> Option<StoreResult<Node>> {
     let mut parts = path.components().map(|c| match c {
         Component::Normal(s) => s.as_bytes(),
         _ => b"",
@@ -94,10 +94,14 @@ impl Content for Rendered {
         buf[..n].copy_from_slice(&self.bytes[start..start + n]);
         Ok(n)
     }
-    fn meta(&self) -> io::Result<Meta> {
-        Ok(self.meta.clone())
+    fn read_appended_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        // Rendered once at open: a later record shows at the next open.
+        self.read_at(buf, offset)
     }
-    fn local_file(&self) -> Option<&File> {
+    fn meta(&self) -> &Meta {
+        &self.meta
+    }
+    fn local(&self) -> Option<LocalFile<'_>> {
         None
     }
 }
@@ -112,7 +116,7 @@ impl MetaOverlay {
     }
 
     /// Attributes of a virtual entry; owned like the space root.
-    fn virtual_meta(&self, kind: Kind, bytes: Option<&[u8]>) -> io::Result<Meta> {
+    fn virtual_meta(&self, kind: Kind, bytes: Option<&[u8]>) -> StoreResult<Meta> {
         let root = self.inner.stat(Path::new(""))?;
         let now = SystemTime::now();
         let (size, perm, version) = match bytes {
@@ -123,10 +127,10 @@ impl MetaOverlay {
                 (
                     b.len() as u64,
                     0o444,
-                    (u64::MAX, h.finish(), b.len() as i64),
+                    Version::from_words([u64::MAX, h.finish(), b.len() as u64, 0]),
                 )
             }
-            None => (0, 0o555, (u64::MAX, 0, 0)),
+            None => (0, 0o555, Version::from_words([u64::MAX, 0, 0, 0])),
         };
         Ok(Meta {
             kind,
@@ -145,16 +149,17 @@ impl MetaOverlay {
         })
     }
 
-    fn render(&self, path: &MetaPath) -> io::Result<Vec<u8>> {
+    fn render(&self, path: &MetaPath) -> StoreResult<Vec<u8>> {
         self.records
             .meta_file(&self.session, path)?
             .ok_or_else(enoent)
     }
 
-    fn list_meta(&self, node: Node) -> io::Result<Vec<DirEntry>> {
+    fn list_meta(&self, node: Node) -> StoreResult<Vec<DirEntry>> {
         let entry = |name: String, kind| DirEntry {
             name: OsString::from(name),
             kind,
+            meta: None,
         };
         match node {
             Node::Root => {
@@ -179,11 +184,11 @@ impl MetaOverlay {
                 .into_iter()
                 .map(|id| entry(format!("{id}.json"), Kind::File))
                 .collect()),
-            Node::File(_) => Err(io::Error::from_raw_os_error(libc::ENOTDIR)),
+            Node::File(_) => Err(StoreError::errno(libc::ENOTDIR)),
         }
     }
 
-    fn refuse_meta(&self, path: &Path) -> io::Result<()> {
+    fn refuse_meta(&self, path: &Path) -> StoreResult<()> {
         match classify(path) {
             Some(_) => Err(erofs()),
             None => Ok(()),
@@ -192,7 +197,11 @@ impl MetaOverlay {
 }
 
 impl Store for MetaOverlay {
-    fn stat(&self, path: &Path) -> io::Result<Meta> {
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
+    }
+
+    fn stat(&self, path: &Path) -> StoreResult<Meta> {
         match classify(path) {
             None => self.inner.stat(path),
             Some(node) => match node? {
@@ -202,7 +211,7 @@ impl Store for MetaOverlay {
         }
     }
 
-    fn list(&self, path: &Path) -> io::Result<Vec<DirEntry>> {
+    fn list(&self, path: &Path) -> StoreResult<Vec<DirEntry>> {
         match classify(path) {
             Some(node) => self.list_meta(node?),
             None if path.as_os_str().is_empty() => {
@@ -212,6 +221,7 @@ impl Store for MetaOverlay {
                 entries.push(DirEntry {
                     name: META_DIR.into(),
                     kind: Kind::Dir,
+                    meta: None,
                 });
                 Ok(entries)
             }
@@ -219,7 +229,7 @@ impl Store for MetaOverlay {
         }
     }
 
-    fn open(&self, path: &Path) -> io::Result<Arc<dyn Content>> {
+    fn open(&self, path: &Path) -> StoreResult<Arc<dyn Content>> {
         match classify(path) {
             None => self.inner.open(path),
             Some(node) => match node? {
@@ -228,114 +238,87 @@ impl Store for MetaOverlay {
                     let meta = self.virtual_meta(Kind::File, Some(&bytes))?;
                     Ok(Arc::new(Rendered { bytes, meta }))
                 }
-                _ => Err(io::Error::from_raw_os_error(libc::EISDIR)),
+                _ => Err(StoreError::errno(libc::EISDIR)),
             },
         }
     }
 
-    fn create(&self, path: &Path, perm: u16, owner: Owner, exclusive: bool) -> io::Result<Meta> {
+    fn create(&self, path: &Path, perm: u16, owner: Owner, exclusive: bool) -> StoreResult<Meta> {
         self.refuse_meta(path)?;
         self.inner.create(path, perm, owner, exclusive)
     }
 
-    fn stage(&self, seed: Option<&dyn Content>) -> io::Result<Staged> {
-        self.inner.stage(seed)
+    fn working_copy(&self) -> StoreResult<Arc<dyn WorkingCopy>> {
+        self.inner.working_copy()
     }
 
-    fn commit(
-        &self,
-        staged: Staged,
-        path: &Path,
-        durable: bool,
-    ) -> Result<Arc<dyn Content>, (io::Error, Staged)> {
-        match self.refuse_meta(path) {
-            Err(e) => Err((e, staged)),
-            Ok(()) => self.inner.commit(staged, path, durable),
-        }
+    fn commit(&self, req: CommitRequest<'_>) -> StoreResult<Committed> {
+        self.refuse_meta(req.path)?;
+        self.inner.commit(req)
     }
 
-    fn discard(&self, staged: Staged) {
-        self.inner.discard(staged)
-    }
-
-    fn append(
-        &self,
-        base: &dyn Content,
-        path: &Path,
-        tail: &[u8],
-    ) -> io::Result<Option<Arc<dyn Content>>> {
-        self.refuse_meta(path)?;
-        self.inner.append(base, path, tail)
-    }
-
-    fn patch(
-        &self,
-        base: &dyn Content,
-        path: &Path,
-        staged: &Staged,
-        written: &[(u64, u64)],
-        durable: bool,
-    ) -> io::Result<Option<Arc<dyn Content>>> {
-        self.refuse_meta(path)?;
-        self.inner.patch(base, path, staged, written, durable)
-    }
-
-    fn changing(&self, path: &Path) -> bool {
-        classify(path).is_none() && self.inner.changing(path)
-    }
-
-    fn mknod(&self, path: &Path, kind: Kind, perm: u16, owner: Owner) -> io::Result<Meta> {
+    fn mknod(&self, path: &Path, kind: Kind, perm: u16, owner: Owner) -> StoreResult<Meta> {
         self.refuse_meta(path)?;
         self.inner.mknod(path, kind, perm, owner)
     }
 
-    fn mkdir(&self, path: &Path, perm: u16, owner: Owner) -> io::Result<Meta> {
+    fn mkdir(&self, path: &Path, perm: u16, owner: Owner) -> StoreResult<Meta> {
         self.refuse_meta(path)?;
         self.inner.mkdir(path, perm, owner)
     }
 
-    fn rmdir(&self, path: &Path) -> io::Result<()> {
+    fn rmdir(&self, path: &Path) -> StoreResult<()> {
         self.refuse_meta(path)?;
         self.inner.rmdir(path)
     }
 
-    fn unlink(&self, path: &Path) -> io::Result<()> {
+    fn unlink(&self, path: &Path) -> StoreResult<()> {
         self.refuse_meta(path)?;
         self.inner.unlink(path)
     }
 
-    fn rename(&self, from: &Path, to: &Path, mode: RenameMode) -> io::Result<()> {
+    fn rename(&self, from: &Path, to: &Path, mode: RenameMode) -> StoreResult<()> {
         self.refuse_meta(from)?;
         self.refuse_meta(to)?;
         self.inner.rename(from, to, mode)
     }
 
-    fn symlink(&self, target: &Path, path: &Path, owner: Owner) -> io::Result<Meta> {
+    fn link(&self, from: &Path, to: &Path) -> StoreResult<Meta> {
+        self.refuse_meta(from)?;
+        self.refuse_meta(to)?;
+        self.inner.link(from, to)
+    }
+
+    fn symlink(&self, target: &Path, path: &Path, owner: Owner) -> StoreResult<Meta> {
         self.refuse_meta(path)?;
         self.inner.symlink(target, path, owner)
     }
 
-    fn readlink(&self, path: &Path) -> io::Result<PathBuf> {
+    fn readlink(&self, path: &Path) -> StoreResult<PathBuf> {
         match classify(path) {
-            Some(_) => Err(io::Error::from_raw_os_error(libc::EINVAL)),
+            Some(_) => Err(StoreError::errno(libc::EINVAL)),
             None => self.inner.readlink(path),
         }
     }
 
-    fn set_attr(&self, path: &Path, attr: &SetAttr) -> io::Result<Meta> {
+    fn set_attr(&self, path: &Path, attr: &SetAttr) -> StoreResult<Meta> {
         self.refuse_meta(path)?;
         self.inner.set_attr(path, attr)
     }
 
-    fn sync(&self, path: &Path) -> io::Result<()> {
+    fn sync(&self, path: &Path) -> StoreResult<()> {
         match classify(path) {
             Some(_) => Ok(()),
             None => self.inner.sync(path),
         }
     }
 
-    fn statfs(&self) -> io::Result<StoreStatfs> {
+    fn statfs(&self) -> StoreResult<StoreStatfs> {
         self.inner.statfs()
+    }
+
+    fn usage(&self) -> StoreResult<Usage> {
+        self.inner.usage()
     }
 }
 
@@ -408,7 +391,7 @@ mod tests {
             o.stat(Path::new(".meta/messages/nope.json"))
                 .unwrap_err()
                 .raw_os_error(),
-            Some(libc::ENOENT)
+            libc::ENOENT
         );
     }
 
@@ -416,7 +399,7 @@ mod tests {
     fn changes_under_meta_are_erofs() {
         let (_d, o) = overlay();
         let p = Path::new(".meta/session.json");
-        let code = |e: io::Error| e.raw_os_error();
+        let code = |e: StoreError| Some(e.raw_os_error());
         assert_eq!(code(o.unlink(p).unwrap_err()), Some(libc::EROFS));
         assert_eq!(
             code(
@@ -440,9 +423,27 @@ mod tests {
             code(o.rmdir(Path::new(".meta")).unwrap_err()),
             Some(libc::EROFS)
         );
-        let staged = o.stage(None).unwrap();
-        let (e, staged) = o.commit(staged, p, false).err().unwrap();
-        assert_eq!(e.raw_os_error(), Some(libc::EROFS));
-        o.discard(staged);
+        let copy = o.working_copy().unwrap();
+        let base = o.open(p).unwrap();
+        let e = o
+            .commit(CommitRequest {
+                path: p,
+                base: &base,
+                change: crate::store::Change::Whole(&copy),
+                durable: false,
+            })
+            .err()
+            .unwrap();
+        assert_eq!(e.raw_os_error(), libc::EROFS);
+        // FIFOs and sockets outside `.meta` are the space's (a decorator inherits nothing).
+        let fifo = o.mknod(Path::new("pipe"), Kind::Fifo, 0o600, None).unwrap();
+        assert_eq!(fifo.kind, Kind::Fifo);
+        assert_eq!(
+            code(
+                o.mknod(Path::new(".meta/pipe"), Kind::Fifo, 0o600, None)
+                    .unwrap_err()
+            ),
+            Some(libc::EROFS)
+        );
     }
 }

@@ -1,20 +1,31 @@
-//! The storage backend behind a space: a trait the filesystem core talks to, so an object store
-//! can be added later without touching the core. Paths are relative to the space root (`""` is
-//! the root itself) and never contain `.` or `..` components.
+//! The storage seam: what the filesystem core asks of a backend, and nothing else. A backend
+//! holds one space's committed files and makes working copies for writers; it owns how a
+//! commit is done (the local store exchanges names, appends or patches in place; an object
+//! store uploads), and says what it can do through [`Capabilities`] instead of methods that
+//! quietly refuse: no trait method here has a default body, so a decorator cannot miss one.
+//!
+//! Paths are relative to the space root (`""` is the root itself) and never contain `.` or
+//! `..` components. Versions are opaque: the core only compares them for equality.
+//!
+//! Implementations: [`local`] (the default: plain files under the data dir), [`meta`] (the
+//! `.meta` view of agent records, a decorator over a session's store), and the test doubles
+//! [`mem::MemStore`] and [`failing::FailingStore`].
 
+pub mod error;
+pub mod failing;
 pub mod local;
+pub mod mem;
 pub mod meta;
 
+use std::any::Any;
 use std::ffi::OsString;
 use std::fs::File;
 use std::io;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use nix::errno::Errno;
-use nix::fcntl::{FallocateFlags, fallocate};
+pub use error::{StoreError, StoreResult};
 
 /// The type of a stored entry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -32,6 +43,30 @@ pub enum Kind {
     CharDevice,
 }
 
+/// The identity of one committed version of an entry, as the backend knows it (the local
+/// store: the file's device, inode, ctime and size; an object store: the ETag). Opaque: equal
+/// exactly when it is the same version.
+#[derive(Clone, PartialEq, Eq, Hash, Debug)]
+pub struct Version(VersionRepr);
+
+#[derive(Clone, PartialEq, Eq, Hash, Debug)]
+enum VersionRepr {
+    Words([u64; 4]),
+    Tag(Arc<str>),
+}
+
+impl Version {
+    /// A version named by four numbers (whatever identifies it in the backend).
+    pub fn from_words(words: [u64; 4]) -> Version {
+        Version(VersionRepr::Words(words))
+    }
+
+    /// A version named by a tag (an ETag).
+    pub fn from_tag(tag: &str) -> Version {
+        Version(VersionRepr::Tag(Arc::from(tag)))
+    }
+}
+
 /// Attributes of a stored entry.
 #[derive(Clone, Debug)]
 pub struct Meta {
@@ -47,9 +82,8 @@ pub struct Meta {
     pub ctime: SystemTime,
     /// The device number (`st_rdev`) of a device node; 0 for anything else.
     pub rdev: u64,
-    /// Identity of the stored object (device, inode number, ctime in ns): changes whenever the
-    /// committed content is replaced, so caches can tell whether they are stale.
-    pub version: (u64, u64, i64),
+    /// Which committed version these attributes are of.
+    pub version: Version,
     /// Generated on demand (the `.meta` view): the kernel must not cache its attributes.
     pub volatile: bool,
 }
@@ -59,6 +93,9 @@ pub struct Meta {
 pub struct DirEntry {
     pub name: OsString,
     pub kind: Kind,
+    /// Its attributes, where the backend has them from the listing itself (one listing
+    /// instead of a look-up per entry); `None`: ask with `stat`.
+    pub meta: Option<Meta>,
 }
 
 /// Attribute changes (`chmod`, `chown`, `utimens`); `None` leaves a field alone.
@@ -69,6 +106,17 @@ pub struct SetAttr {
     pub gid: Option<u32>,
     pub atime: Option<TimeSpec>,
     pub mtime: Option<TimeSpec>,
+}
+
+impl SetAttr {
+    /// Whether it changes anything.
+    pub fn is_empty(&self) -> bool {
+        self.perm.is_none()
+            && self.uid.is_none()
+            && self.gid.is_none()
+            && self.atime.is_none()
+            && self.mtime.is_none()
+    }
 }
 
 /// A timestamp to set: a given time or "now".
@@ -92,108 +140,114 @@ pub enum RenameMode {
 /// Owner given to new entries; `None` keeps the daemon's own (when it cannot chown).
 pub type Owner = Option<(u32, u32)>;
 
-/// Committed content of a file, opened at one moment: later commits do not change what it reads.
-pub trait Content: Send + Sync {
-    /// Reads at `offset`; returns 0 at end of file.
+/// What a backend can do, so the core (and its tests) can tell a refusal by design from a
+/// failure, and choose the cheaper ways where they exist.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capabilities {
+    /// Hard links (`link`); without, `link` answers `EPERM`.
+    pub hard_links: bool,
+    /// FIFOs and sockets' names (`mknod`); without, `mknod` answers `EPERM`.
+    pub special_files: bool,
+    /// Appends committed by adding to the file in place, without a copy.
+    pub in_place_append: bool,
+    /// Commits of only the changed ranges of a large file are worth it from this size on: the
+    /// core then seeds working copies of such files on demand only ([`Change::Ranges`]).
+    pub ranged_commits_from: Option<u64>,
+    /// Committed contents may have a local file the kernel can read directly (passthrough).
+    pub local_files: bool,
+    /// New names and replacements can be made conditional on what is there (`O_EXCL` and
+    /// `RENAME_NOREPLACE` decided by the store itself, across hosts).
+    pub conditional_writes: bool,
+}
+
+/// A local file behind committed content or a working copy.
+pub struct LocalFile<'a> {
+    pub file: &'a File,
+    /// Which stored object the file is (equal for every version of one object: appends in
+    /// place keep it, a commit by exchange makes a new one).
+    pub object: Version,
+}
+
+/// The committed content of a file, opened at one moment: later commits do not change what
+/// it reads (appends committed in place aside: see [`Content::read_appended_at`]).
+pub trait Content: Send + Sync + Any {
+    /// Reads at `offset`; returns 0 at the end of this version.
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize>;
-    /// Attributes of this content as it was opened or committed (its identity and size).
-    fn meta(&self) -> io::Result<Meta>;
-    /// The local file behind this content, when there is one (fast copies, fsync).
-    fn local_file(&self) -> Option<&File>;
     /// Reads at `offset` like `read_at`, and on past this version's end into what whole
-    /// appends committed to it since (in place, see `append`), as `tail -f` expects.
-    fn read_appended_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
-        self.read_at(buf, offset)
-    }
+    /// appends committed to it since, as `tail -f` expects (stores that replace the object on
+    /// every commit read only this version).
+    fn read_appended_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize>;
+    /// Attributes of this version as it was opened or committed.
+    fn meta(&self) -> &Meta;
+    /// The local file holding this content, when there is one (passthrough, fast copies,
+    /// holes).
+    fn local(&self) -> Option<LocalFile<'_>>;
 }
 
-/// Copies `len` bytes at `offset` of `src` to the same offset of `dst` (in the kernel when
-/// `src` is a local file); stops early at the end of `src`.
-pub fn copy_range(src: &dyn Content, dst: &File, offset: u64, len: u64) -> io::Result<()> {
-    let end = offset + len;
-    if let Some(file) = src.local_file() {
-        let mut off_in = offset as i64;
-        let mut off_out = offset as i64;
-        while (off_in as u64) < end {
-            let want = (end - off_in as u64).min(1 << 30) as usize;
-            let n =
-                nix::fcntl::copy_file_range(file, Some(&mut off_in), dst, Some(&mut off_out), want)
-                    .map_err(io::Error::from)?;
-            if n == 0 {
-                break;
-            }
-        }
-        return Ok(());
-    }
-    let mut buf = vec![0u8; len.min(1 << 20) as usize];
-    let mut off = offset;
-    while off < end {
-        let want = (end - off).min(buf.len() as u64) as usize;
-        let n = src.read_at(&mut buf[..want], off)?;
-        if n == 0 {
-            break;
-        }
-        std::os::unix::fs::FileExt::write_all_at(dst, &buf[..n], off)?;
-        off += n as u64;
-    }
-    Ok(())
+/// Attributes of a working copy as it is now.
+#[derive(Clone, Copy, Debug)]
+pub struct CopyStat {
+    pub size: u64,
+    pub blocks: u64,
+    pub mtime: SystemTime,
+    pub ctime: SystemTime,
 }
 
-/// A private, writable working copy of a file on local disk. It becomes the file's content
-/// only when committed.
-#[derive(Debug)]
-pub struct Staged {
-    pub file: File,
-    /// Its name in the store's staging area.
-    pub name: String,
+/// A writer's private copy of a file, made by the store that will commit it (which finds its
+/// own type again through `Any`). It becomes the file's content only when committed; dropped
+/// uncommitted, it is discarded.
+pub trait WorkingCopy: Send + Sync + Any {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize>;
+    /// Writes all of `data` at `offset` (growing the copy as needed).
+    fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()>;
+    fn set_len(&self, len: u64) -> io::Result<()>;
+    /// Makes `offset..offset + len` read as zeros without changing the size (a hole where
+    /// the copy's storage can punch one).
+    fn zero(&self, offset: u64, len: u64) -> io::Result<()>;
+    /// Allocates storage for `offset..offset + len` without changing the size, so a full disk
+    /// shows now rather than at a later write.
+    fn reserve(&self, offset: u64, len: u64) -> io::Result<()>;
+    fn stat(&self) -> io::Result<CopyStat>;
+    /// The local file holding the copy, when there is one (fast copies, holes).
+    fn local_file(&self) -> Option<&File>;
 }
 
-impl Staged {
-    /// Attributes of the working copy as it is now.
-    pub fn meta(&self) -> io::Result<Meta> {
-        Ok(local::meta_of(&local::fstat(&self.file)?))
-    }
-
-    /// Allocates disk space for `offset..offset + len` without changing the size, so a full
-    /// disk shows now rather than at a later write. A staging filesystem that cannot
-    /// preallocate is not an error: the space is then taken as the data arrives.
-    pub fn reserve(&self, offset: u64, len: u64) -> io::Result<()> {
-        let (offset, len) = off_t_range(offset, len)?;
-        match fallocate(&self.file, FallocateFlags::FALLOC_FL_KEEP_SIZE, offset, len) {
-            Err(Errno::EOPNOTSUPP) => Ok(()),
-            other => Ok(other?),
-        }
-    }
-
-    /// Makes `offset..offset + len` read as zeros without changing the size: a hole where the
-    /// staging filesystem can punch one, zeros written otherwise.
-    pub fn zero(&self, offset: u64, len: u64) -> io::Result<()> {
-        let (at, n) = off_t_range(offset, len)?;
-        let punch = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
-        match fallocate(&self.file, punch, at, n) {
-            Err(Errno::EOPNOTSUPP) => {}
-            other => return Ok(other?),
-        }
-        let zeros = vec![0u8; len.min(1 << 20) as usize];
-        let mut done = 0;
-        while done < len {
-            let n = (len - done).min(zeros.len() as u64) as usize;
-            self.file.write_all_at(&zeros[..n], offset + done)?;
-            done += n as u64;
-        }
-        Ok(())
-    }
+/// What a commit puts in place of the file's current version.
+pub enum Change<'a> {
+    /// The working copy is the whole new content.
+    Whole(&'a Arc<dyn WorkingCopy>),
+    /// The working copy holds the base version's bytes only where the writer needed them: the
+    /// ranges `written` (below the base's size) are the writer's, and everything past the
+    /// base's size is new. The store may commit just those; where it cannot (the file is no
+    /// longer the base version, somebody reads it...), it calls `complete`, which copies the
+    /// rest of the base into the working copy, and commits that whole.
+    Ranges {
+        copy: &'a Arc<dyn WorkingCopy>,
+        written: &'a [(u64, u64)],
+        complete: &'a dyn Fn() -> io::Result<()>,
+    },
+    /// Bytes appended to the file (`O_APPEND`): they go at the end of the file as it is when
+    /// committed, after whatever others appended since the writer's base.
+    Append(&'a [u8]),
 }
 
-/// `offset` and `len` as the `off_t`s of `fallocate(2)` (EFBIG past its range).
-fn off_t_range(offset: u64, len: u64) -> io::Result<(libc::off_t, libc::off_t)> {
-    let end = offset
-        .checked_add(len)
-        .filter(|&e| e <= libc::off_t::MAX as u64);
-    match end {
-        Some(_) => Ok((offset as libc::off_t, len as libc::off_t)),
-        None => Err(io::Error::from_raw_os_error(libc::EFBIG)),
-    }
+/// A commit: put `change` at `path`, whose version the writer started from is `base`.
+pub struct CommitRequest<'a> {
+    pub path: &'a Path,
+    pub base: &'a Arc<dyn Content>,
+    pub change: Change<'a>,
+    /// The file and its directory entry are on stable storage when the commit returns.
+    pub durable: bool,
+}
+
+/// What a commit did.
+pub struct Committed {
+    /// The new version, opened.
+    pub content: Arc<dyn Content>,
+    /// The size of the version it replaced (for the space's byte count).
+    pub replaced_size: u64,
+    /// The change went onto another version than the base (appends following others').
+    pub followed: bool,
 }
 
 /// Usage and capacity of the storage behind a space.
@@ -208,81 +262,107 @@ pub struct StoreStatfs {
     pub namelen: u32,
 }
 
+/// What a space holds: entries of every kind, and the bytes of its files.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub files: u64,
+    pub bytes: u64,
+}
+
 /// A storage backend holding one space.
+///
+/// Commits are atomic: readers see the previous version or the new one, never a mix, and a
+/// failed commit leaves the previous version as it was. Implementations must not hold locks
+/// that other operations of the store need across slow I/O (an upload), and take no lock of
+/// the core's.
 pub trait Store: Send + Sync + 'static {
+    /// What this store can do.
+    fn capabilities(&self) -> Capabilities;
     /// Attributes of `path` (symlinks are not followed).
-    fn stat(&self, path: &Path) -> io::Result<Meta>;
+    fn stat(&self, path: &Path) -> StoreResult<Meta>;
     /// Entries of the directory `path`, without `.` and `..`.
-    fn list(&self, path: &Path) -> io::Result<Vec<DirEntry>>;
+    fn list(&self, path: &Path) -> StoreResult<Vec<DirEntry>>;
     /// Opens the committed content of the file at `path`.
-    fn open(&self, path: &Path) -> io::Result<Arc<dyn Content>>;
-    /// Creates an empty committed file (fails with EEXIST if `exclusive` and it exists).
-    fn create(&self, path: &Path, perm: u16, owner: Owner, exclusive: bool) -> io::Result<Meta>;
-    /// Makes a private working copy seeded with `seed` (or empty).
-    fn stage(&self, seed: Option<&dyn Content>) -> io::Result<Staged>;
-    /// Atomically replaces the content at `path` with `staged`, keeping the permissions and owner
-    /// of the file it replaces; with `durable`, the data and the directory entry are on stable
-    /// storage when this returns. Returns the committed content, or the working copy back on
-    /// failure (so the caller can retry or discard it).
-    fn commit(
-        &self,
-        staged: Staged,
-        path: &Path,
-        durable: bool,
-    ) -> Result<Arc<dyn Content>, (io::Error, Staged)>;
-    /// Drops a working copy that will never be committed.
-    fn discard(&self, staged: Staged);
-    /// Commits bytes appended to the file at `path` by adding `tail` to it in place, without a
-    /// working copy. Only when the file still is exactly `base` (same object, same size) and
-    /// nobody else is appending to it; readers of `base` keep reading only its bytes. `None`
-    /// when this store or this moment does not allow it: the caller then commits a working copy.
-    fn append(
-        &self,
-        base: &dyn Content,
-        path: &Path,
-        tail: &[u8],
-    ) -> io::Result<Option<Arc<dyn Content>>> {
-        let _ = (base, path, tail);
-        Ok(None)
-    }
-    /// Whether an in-place change of the file at `path` (an `append` or `patch`) is under way
-    /// right now, by this process or another: an append that found the file busy is worth
-    /// trying again shortly.
-    fn changing(&self, path: &Path) -> bool {
-        let _ = path;
-        false
-    }
-    /// Commits a large working copy by writing into the committed file at `path`, in place,
-    /// only what the writer changed: the ranges `written` (below `base`'s size) and everything
-    /// beyond `base`'s size. Only when the file still is exactly `base` and nobody else reads,
-    /// appends to or patches it; with `durable`, as durable as `commit`. `None` when this store
-    /// or this moment does not allow it: the caller then completes the working copy and
-    /// commits it whole. `staged` stays the caller's to discard.
-    fn patch(
-        &self,
-        base: &dyn Content,
-        path: &Path,
-        staged: &Staged,
-        written: &[(u64, u64)],
-        durable: bool,
-    ) -> io::Result<Option<Arc<dyn Content>>> {
-        let _ = (base, path, staged, written, durable);
-        Ok(None)
-    }
-    /// Creates a FIFO or a socket's name (`kind` is `Fifo` or `Socket`). Stores that cannot
-    /// keep such entries refuse with EPERM.
-    fn mknod(&self, path: &Path, kind: Kind, perm: u16, owner: Owner) -> io::Result<Meta> {
-        let _ = (path, kind, perm, owner);
-        Err(io::Error::from_raw_os_error(libc::EPERM))
-    }
-    fn mkdir(&self, path: &Path, perm: u16, owner: Owner) -> io::Result<Meta>;
-    fn rmdir(&self, path: &Path) -> io::Result<()>;
-    fn unlink(&self, path: &Path) -> io::Result<()>;
-    fn rename(&self, from: &Path, to: &Path, mode: RenameMode) -> io::Result<()>;
-    fn symlink(&self, target: &Path, path: &Path, owner: Owner) -> io::Result<Meta>;
-    fn readlink(&self, path: &Path) -> io::Result<PathBuf>;
-    fn set_attr(&self, path: &Path, attr: &SetAttr) -> io::Result<Meta>;
+    fn open(&self, path: &Path) -> StoreResult<Arc<dyn Content>>;
+    /// Creates an empty committed file (`EEXIST` if `exclusive` and something is there).
+    fn create(&self, path: &Path, perm: u16, owner: Owner, exclusive: bool) -> StoreResult<Meta>;
+    /// A new, empty working copy, to be committed to this store.
+    fn working_copy(&self) -> StoreResult<Arc<dyn WorkingCopy>>;
+    /// Commits a change (see [`Change`]); the new version keeps the mode and owner of the
+    /// version it replaces. On failure the previous version is untouched and the working copy
+    /// stays the caller's, to try again or drop.
+    fn commit(&self, req: CommitRequest<'_>) -> StoreResult<Committed>;
+    /// Creates a FIFO or a socket's name (`kind` is `Fifo` or `Socket`); `EPERM` where
+    /// [`Capabilities::special_files`] is false.
+    fn mknod(&self, path: &Path, kind: Kind, perm: u16, owner: Owner) -> StoreResult<Meta>;
+    fn mkdir(&self, path: &Path, perm: u16, owner: Owner) -> StoreResult<Meta>;
+    fn rmdir(&self, path: &Path) -> StoreResult<()>;
+    fn unlink(&self, path: &Path) -> StoreResult<()>;
+    fn rename(&self, from: &Path, to: &Path, mode: RenameMode) -> StoreResult<()>;
+    /// Makes `to` another name of the file at `from`; `EPERM` where
+    /// [`Capabilities::hard_links`] is false.
+    fn link(&self, from: &Path, to: &Path) -> StoreResult<Meta>;
+    fn symlink(&self, target: &Path, path: &Path, owner: Owner) -> StoreResult<Meta>;
+    fn readlink(&self, path: &Path) -> StoreResult<PathBuf>;
+    fn set_attr(&self, path: &Path, attr: &SetAttr) -> StoreResult<Meta>;
     /// Makes the committed content of `path` and its directory entry durable.
-    fn sync(&self, path: &Path) -> io::Result<()>;
-    fn statfs(&self) -> io::Result<StoreStatfs>;
+    fn sync(&self, path: &Path) -> StoreResult<()>;
+    fn statfs(&self) -> StoreResult<StoreStatfs>;
+    /// What the whole space holds now (counted once when the space opens with limits).
+    fn usage(&self) -> StoreResult<Usage>;
+}
+
+/// Copies `len` bytes at `offset` of `src` to the same offset of `dst` (in the kernel when
+/// both are local files); stops early at the end of `src`.
+pub fn copy_range(
+    src: &dyn Content,
+    dst: &dyn WorkingCopy,
+    offset: u64,
+    len: u64,
+) -> io::Result<()> {
+    let end = offset + len;
+    if let (Some(from), Some(to)) = (src.local(), dst.local_file()) {
+        let mut off_in = offset as i64;
+        let mut off_out = offset as i64;
+        // Only this version's bytes: a later in-place append may have grown the file.
+        let end = end.min(src.meta().size);
+        while (off_in as u64) < end {
+            let want = (end - off_in as u64).min(1 << 30) as usize;
+            let n = nix::fcntl::copy_file_range(
+                from.file,
+                Some(&mut off_in),
+                to,
+                Some(&mut off_out),
+                want,
+            )
+            .map_err(io::Error::from)?;
+            if n == 0 {
+                break;
+            }
+        }
+        return Ok(());
+    }
+    let mut buf = vec![0u8; len.min(1 << 20) as usize];
+    let mut off = offset;
+    while off < end {
+        let want = (end - off).min(buf.len() as u64) as usize;
+        let n = src.read_at(&mut buf[..want], off)?;
+        if n == 0 {
+            break;
+        }
+        dst.write_at(&buf[..n], off)?;
+        off += n as u64;
+    }
+    Ok(())
+}
+
+/// `offset` and `len` as the `off_t`s of `fallocate(2)` (EFBIG past its range).
+pub fn off_t_range(offset: u64, len: u64) -> io::Result<(libc::off_t, libc::off_t)> {
+    let end = offset
+        .checked_add(len)
+        .filter(|&e| e <= libc::off_t::MAX as u64);
+    match end {
+        Some(_) => Ok((offset as libc::off_t, len as libc::off_t)),
+        None => Err(io::Error::from_raw_os_error(libc::EFBIG)),
+    }
 }

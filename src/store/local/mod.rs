@@ -1,36 +1,44 @@
 //! The local-disk store: a space is a plain directory tree under the data dir, so operators can
 //! inspect and back it up with ordinary tools. Working copies live in a staging area on the
-//! same filesystem, so a commit is one atomic exchange of names (`renameat2`).
+//! same filesystem, so a commit is one atomic exchange of names (`renameat2`); appends and
+//! patches of large files are committed in place, guarded by crash markers (see `commit`).
 //!
 //! Every name is resolved beneath the space's directory, held open, never through a symlink
 //! (see `at`): a space's content is hostile input to the daemon that serves it.
 
 pub mod append;
 pub mod at;
+mod commit;
+pub mod content;
 pub mod patch;
 pub mod spaces;
 pub mod staging;
 
-use std::ffi::{CString, OsStr, OsString};
+use std::ffi::{CString, OsString};
 use std::fs::{self, File};
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
-use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex};
+use std::time::UNIX_EPOCH;
 
-use append::{AppendMark, append_in_place};
 use at::{At, Dir, check};
-use patch::{PATCH_MIN, Patch, hold_for_reading, patch_in_place};
+use content::kind_of;
+pub use content::{LocalContent, LocalCopy, fstat, meta_of};
+use patch::{PATCH_MIN, hold_for_reading};
 pub use spaces::LocalBackend;
 pub use staging::StagingArea;
 
 use super::{
-    Content, DirEntry, Kind, Meta, Owner, RenameMode, SetAttr, Staged, Store, StoreStatfs, TimeSpec,
+    Capabilities, CommitRequest, Committed, Content, DirEntry, Kind, Meta, Owner, RenameMode,
+    SetAttr, Store, StoreError, StoreResult, StoreStatfs, TimeSpec, Usage, WorkingCopy,
 };
+
+/// How many locks the files' append commits share (see `LocalStore::append_turns`).
+const APPEND_TURNS: usize = 64;
 
 /// A space stored as a directory tree on local disk.
 pub struct LocalStore {
@@ -42,6 +50,10 @@ pub struct LocalStore {
     /// Set when the filesystem cannot exchange two names (`RENAME_EXCHANGE`: NFS, ZFS before
     /// 2.2): commits rename the working copy over the file instead.
     no_exchange: AtomicBool,
+    /// Commits of appends to one file take turns in this process (files share these locks by
+    /// inode number): in place or through a working copy, none can land between another's look
+    /// at the file and its commit. Other processes are met by the in-place append's checks.
+    append_turns: [Mutex<()>; APPEND_TURNS],
 }
 
 impl LocalStore {
@@ -53,13 +65,14 @@ impl LocalStore {
             staging,
             no_patches: AtomicBool::new(false),
             no_exchange: AtomicBool::new(false),
+            append_turns: std::array::from_fn(|_| Mutex::new(())),
         }
     }
 
-    /// The committed content in `file`, with its attributes `meta`. A reader of a patchable
+    /// The committed content in `file`, with its attributes `st`. A reader of a patchable
     /// file holds the read lock (see `patch`), waiting for a patch under way to finish (the
     /// attributes are then read again, only then).
-    fn content(&self, file: File, mut st: libc::stat) -> Arc<dyn Content> {
+    fn content(&self, file: File, mut st: libc::stat) -> Arc<LocalContent> {
         if st.st_size as u64 >= PATCH_MIN {
             match hold_for_reading(&file) {
                 Ok(false) => {}
@@ -74,10 +87,25 @@ impl LocalStore {
                 }
             }
         }
-        Arc::new(LocalContent {
-            meta: meta_of(&st),
-            file,
-        })
+        Arc::new(LocalContent::new(file, &st))
+    }
+
+    /// Opens the committed file at `path` as content.
+    fn open_content(&self, path: &Path) -> io::Result<Arc<LocalContent>> {
+        // Only regular files are content. The kernel opens FIFOs and refuses device nodes
+        // itself (they are shown as what they are, and mounts are nodev), so another type
+        // only comes here after a change behind the mount's back (O_NONBLOCK: a FIFO must not
+        // block the daemon). Checking the type before opening too would cost every open a
+        // system call.
+        let file = self.at(path)?.open(libc::O_RDONLY | libc::O_NONBLOCK, 0)?;
+        let mut st = fstat(&file)?;
+        if kind_of(st.st_mode) != Kind::File {
+            return Err(io::Error::from_raw_os_error(libc::EISDIR));
+        }
+        if st.st_nlink > 1 {
+            st = self.settled(&file)?;
+        }
+        Ok(self.content(file, st))
     }
 
     /// Attributes of `file`, which has a second link: the crash marker of an in-place append
@@ -85,6 +113,7 @@ impl LocalStore {
     /// died is finished or undone first. Either way the attributes are of a whole version.
     fn settled(&self, file: &File) -> io::Result<libc::stat> {
         let fd = file.as_raw_fd();
+        // SAFETY: a valid descriptor; flock touches no memory.
         while unsafe { libc::flock(fd, libc::LOCK_SH) } != 0 {
             let e = io::Error::last_os_error();
             if e.raw_os_error() != Some(libc::EINTR) {
@@ -96,42 +125,14 @@ impl LocalStore {
             self.staging.recover_stale();
             st = fstat(file);
         }
+        // SAFETY: as above.
         unsafe { libc::flock(fd, libc::LOCK_UN) };
         st
-    }
-
-    /// Puts the working copy at `staged` in place of the file at `target`: by exchanging the
-    /// two names (true: `staged` then names the old version, to be removed), or where the
-    /// filesystem cannot, by renaming over it (false).
-    ///
-    /// Unlike a rename over an existing file, an exchange does not make ext4 force the new
-    /// data to disk (auto_da_alloc), which costs ~0.4 ms per commit; durability is `fsync`'s job.
-    fn swap_in(&self, staged: &At, target: &At) -> io::Result<bool> {
-        if !self.no_exchange.load(Ordering::Relaxed) {
-            match renameat2(staged, target, libc::RENAME_EXCHANGE) {
-                Ok(()) => return Ok(true),
-                Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EOPNOTSUPP)) => {
-                    if !self.no_exchange.swap(true, Ordering::Relaxed) {
-                        log::warn!(
-                            "the data dir's filesystem cannot exchange names ({e}): commits \
-                             rename over the previous version instead"
-                        );
-                    }
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        renameat2(staged, target, 0).map(|()| false)
     }
 
     /// `path` for the `*at` system calls, resolved beneath the space root.
     fn at(&self, path: &Path) -> io::Result<At> {
         self.root.at(path)
-    }
-
-    /// The working copy `staged` for the `*at` system calls.
-    fn staged_at(&self, staged: &Staged) -> io::Result<At> {
-        self.staging.dir().at(Path::new(&staged.name))
     }
 
     /// Gives a directory or node just made at `at` its exact mode (the process umask must not
@@ -157,121 +158,6 @@ pub fn test_store(data: &Path) -> LocalStore {
     let (backend, _) = LocalBackend::open(data).unwrap();
     let room = crate::space::SpaceId::new(crate::space::SpaceKind::Room, "r").unwrap();
     backend.open_space(&room, Some(None)).unwrap()
-}
-
-/// Committed content backed by an open local file, with its attributes read once.
-struct LocalContent {
-    file: File,
-    meta: Meta,
-}
-
-impl Content for LocalContent {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
-        // Only this version's bytes: a later in-place append may have grown the file.
-        self.read_before(buf, offset, self.meta.size)
-    }
-    fn meta(&self) -> io::Result<Meta> {
-        Ok(self.meta.clone())
-    }
-    fn local_file(&self) -> Option<&File> {
-        Some(&self.file)
-    }
-    fn read_appended_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
-        let end = offset + buf.len() as u64;
-        if end <= self.meta.size {
-            return self.read_at(buf, offset);
-        }
-        let size = self.settled_size()?.unwrap_or(0);
-        self.read_before(buf, offset, size.max(self.meta.size))
-    }
-}
-
-impl LocalContent {
-    /// Reads at `offset`, nothing at or past `end`.
-    fn read_before(&self, buf: &mut [u8], offset: u64, end: u64) -> io::Result<usize> {
-        let left = end.saturating_sub(offset);
-        let len = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
-        if len == 0 {
-            return Ok(0);
-        }
-        self.file.read_at(&mut buf[..len], offset)
-    }
-
-    /// The file's size now, if no append (or patch) is under way on it: its crash marker, a
-    /// second link, exists from before the first byte is written until after the last. Two
-    /// looks, since one `fstat` reads the link count and the size one after the other.
-    fn settled_size(&self) -> io::Result<Option<u64>> {
-        let first = self.file.metadata()?;
-        let second = self.file.metadata()?;
-        let settled = first.nlink() == 1 && second.nlink() == 1 && first.len() == second.len();
-        Ok(settled.then_some(first.len()))
-    }
-}
-
-fn time(secs: i64, nsecs: i64) -> SystemTime {
-    if secs >= 0 {
-        UNIX_EPOCH + Duration::new(secs as u64, nsecs as u32)
-    } else {
-        UNIX_EPOCH - Duration::from_secs(secs.unsigned_abs()) + Duration::from_nanos(nsecs as u64)
-    }
-}
-
-/// The store's kind of a local file type (the `S_IFMT` bits of a mode).
-fn kind_of(mode: u32) -> Kind {
-    match mode & libc::S_IFMT {
-        libc::S_IFREG => Kind::File,
-        libc::S_IFDIR => Kind::Dir,
-        libc::S_IFLNK => Kind::Symlink,
-        libc::S_IFIFO => Kind::Fifo,
-        libc::S_IFSOCK => Kind::Socket,
-        libc::S_IFBLK => Kind::BlockDevice,
-        _ => Kind::CharDevice, // S_IFCHR, the only type left
-    }
-}
-
-/// The store's kind of a directory entry's type; `None` when the directory did not say.
-fn kind_of_entry(t: nix::dir::Type) -> Option<Kind> {
-    use nix::dir::Type;
-    Some(match t {
-        Type::File => Kind::File,
-        Type::Directory => Kind::Dir,
-        Type::Symlink => Kind::Symlink,
-        Type::Fifo => Kind::Fifo,
-        Type::Socket => Kind::Socket,
-        Type::BlockDevice => Kind::BlockDevice,
-        Type::CharacterDevice => Kind::CharDevice,
-    })
-}
-
-/// Attributes of an open file.
-pub fn fstat(file: &File) -> io::Result<libc::stat> {
-    Ok(nix::sys::stat::fstat(file)?)
-}
-
-/// Converts local attributes (`fstat`, `fstatat`) into the store's attribute type.
-pub fn meta_of(st: &libc::stat) -> Meta {
-    Meta {
-        kind: kind_of(st.st_mode),
-        rdev: match st.st_mode & libc::S_IFMT {
-            libc::S_IFBLK | libc::S_IFCHR => st.st_rdev,
-            _ => 0,
-        },
-        size: st.st_size as u64,
-        blocks: st.st_blocks as u64,
-        perm: (st.st_mode & 0o7777) as u16,
-        nlink: st.st_nlink as u32,
-        uid: st.st_uid,
-        gid: st.st_gid,
-        atime: time(st.st_atime, st.st_atime_nsec),
-        mtime: time(st.st_mtime, st.st_mtime_nsec),
-        ctime: time(st.st_ctime, st.st_ctime_nsec),
-        version: (
-            st.st_dev,
-            st.st_ino,
-            st.st_ctime * 1_000_000_000 + st.st_ctime_nsec,
-        ),
-        volatile: false,
-    }
 }
 
 fn cstr(path: &Path) -> io::Result<CString> {
@@ -318,11 +204,6 @@ fn timespec(t: Option<TimeSpec>) -> libc::timespec {
     }
 }
 
-/// Copies all of `src` into `dst` from offset 0, in the kernel where possible.
-fn copy_content(src: &dyn Content, dst: &File) -> io::Result<()> {
-    super::copy_range(src, dst, 0, src.meta()?.size)
-}
-
 fn renameat2(from: &At, to: &At, flags: libc::c_uint) -> io::Result<()> {
     // SAFETY: valid descriptors and NUL-terminated paths.
     check(unsafe {
@@ -364,228 +245,75 @@ fn chmod_at(at: &At, perm: u16, flags: libc::c_int) -> io::Result<()> {
 }
 
 impl Store for LocalStore {
-    fn stat(&self, path: &Path) -> io::Result<Meta> {
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            hard_links: false,
+            special_files: true,
+            in_place_append: true,
+            ranged_commits_from: (!self.no_patches.load(Ordering::Relaxed)).then_some(PATCH_MIN),
+            local_files: true,
+            conditional_writes: true,
+        }
+    }
+
+    fn stat(&self, path: &Path) -> StoreResult<Meta> {
         Ok(meta_of(&self.at(path)?.stat()?))
     }
 
-    fn list(&self, path: &Path) -> io::Result<Vec<DirEntry>> {
-        let dir = self.at(path)?;
-        let fd = dir.open(libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW, 0)?;
-        let mut entries = nix::dir::Dir::from_fd(fd.into()).map_err(io::Error::from)?;
-        let listed = entries.as_raw_fd();
+    fn list(&self, path: &Path) -> StoreResult<Vec<DirEntry>> {
+        let dir = if path.as_os_str().is_empty() {
+            self.root.reopen()?
+        } else {
+            self.root.open(path)?
+        };
         let mut out = Vec::new();
-        for entry in entries.iter() {
-            let entry = entry.map_err(io::Error::from)?;
-            let name = entry.file_name().to_bytes();
-            if name == b"." || name == b".." {
-                continue;
-            }
-            let name = OsStr::from_bytes(name).to_os_string();
-            let kind = match entry.file_type().and_then(kind_of_entry) {
-                Some(kind) => kind,
-                // The filesystem did not say (DT_UNKNOWN): ask the entry itself.
-                None => kind_of(At::new(listed, Path::new(&name))?.stat()?.st_mode),
+        for (name, _) in dir.entries()? {
+            // The attributes from the listed directory itself: one call per entry, no path
+            // resolution (the core wants them for readdirplus anyway).
+            let c = CString::new(name.as_bytes()).map_err(|_| StoreError::errno(libc::EINVAL))?;
+            let st = match at::fstatat(dir.as_raw_fd(), &c) {
+                Ok(st) => st,
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue, // gone meanwhile
+                Err(e) => return Err(e.into()),
             };
-            out.push(DirEntry { name, kind });
+            let meta = meta_of(&st);
+            out.push(DirEntry {
+                name,
+                kind: meta.kind,
+                meta: Some(meta),
+            });
         }
         Ok(out)
     }
 
-    fn open(&self, path: &Path) -> io::Result<Arc<dyn Content>> {
-        // Only regular files are content. The kernel opens FIFOs and refuses device nodes
-        // itself (they are shown as what they are, and mounts are nodev), so another type
-        // only comes here after a change behind the mount's back (O_NONBLOCK: a FIFO must not
-        // block the daemon). Checking the type before opening too would cost every open a
-        // system call.
-        let file = self
-            .at(path)?
-            .open(libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK, 0)?;
-        let mut st = fstat(&file)?;
-        if kind_of(st.st_mode) != Kind::File {
-            return Err(io::Error::from_raw_os_error(libc::EISDIR));
-        }
-        if st.st_nlink > 1 {
-            st = self.settled(&file)?;
-        }
-        Ok(self.content(file, st))
+    fn open(&self, path: &Path) -> StoreResult<Arc<dyn Content>> {
+        Ok(self.open_content(path)?)
     }
 
-    fn create(&self, path: &Path, perm: u16, owner: Owner, exclusive: bool) -> io::Result<Meta> {
+    fn create(&self, path: &Path, perm: u16, owner: Owner, exclusive: bool) -> StoreResult<Meta> {
         let excl = if exclusive { libc::O_EXCL } else { 0 };
-        let flags = libc::O_WRONLY | libc::O_CREAT | excl | libc::O_NOFOLLOW;
+        let flags = libc::O_WRONLY | libc::O_CREAT | excl;
         let file = self.at(path)?.open(flags, libc::mode_t::from(perm))?;
         file.set_permissions(fs::Permissions::from_mode(u32::from(perm)))?;
         chown_file(&file, owner)?;
         Ok(meta_of(&fstat(&file)?))
     }
 
-    fn stage(&self, seed: Option<&dyn Content>) -> io::Result<Staged> {
-        let (file, name) = self.staging.new_file()?;
-        let staged = Staged { file, name };
-        match seed.map_or(Ok(()), |seed| copy_content(seed, &staged.file)) {
-            Ok(()) => Ok(staged),
-            Err(e) => {
-                self.discard(staged);
-                Err(e)
-            }
-        }
+    fn working_copy(&self) -> StoreResult<Arc<dyn WorkingCopy>> {
+        Ok(Arc::new(LocalCopy::new(self.staging.clone())?))
     }
 
-    fn commit(
-        &self,
-        staged: Staged,
-        path: &Path,
-        durable: bool,
-    ) -> Result<Arc<dyn Content>, (io::Error, Staged)> {
-        let prepared = (|| {
-            let target = self.at(path)?;
-            // The new content takes over the identity (mode, owner) of the file it replaces.
-            let current = target.stat()?;
-            if current.st_mode & libc::S_IFMT != libc::S_IFREG {
-                return Err(io::Error::from_raw_os_error(libc::EISDIR));
-            }
-            let perm = fs::Permissions::from_mode(current.st_mode & 0o7777);
-            staged.file.set_permissions(perm)?;
-            if nix::unistd::geteuid().is_root() {
-                chown_file(&staged.file, Some((current.st_uid, current.st_gid)))?;
-            }
-            if durable {
-                staged.file.sync_all()?;
-            }
-            let before = fstat(&staged.file)?;
-            let exchanged = self.swap_in(&self.staged_at(&staged)?, &target)?;
-            Ok((before, exchanged.then_some(current.st_size as u64)))
-        })();
-        let (before, replaced_size) = match prepared {
-            Ok(sizes) => sizes,
-            Err(e) => return Err((e, staged)),
-        };
-        if let Some(size) = replaced_size {
-            // The staging name now names the replaced version.
-            self.staging.remove_replaced(staged.name.clone(), size);
-        }
-        if durable && let Err(e) = self.sync_dir_of(path) {
-            log::error!(
-                "committed {} but could not sync its directory: {e}",
-                path.display()
-            );
-        }
-        // Read after the exchange: it changed the ctime, part of the version readers compare.
-        let st = fstat(&staged.file).unwrap_or(before);
-        Ok(self.content(staged.file, st))
+    fn commit(&self, req: CommitRequest<'_>) -> StoreResult<Committed> {
+        let path = req.path;
+        self.commit_change(req)
+            .map_err(|e| e.context(format_args!("commit of {}", path.display())))
     }
 
-    fn append(
-        &self,
-        base: &dyn Content,
-        path: &Path,
-        tail: &[u8],
-    ) -> io::Result<Option<Arc<dyn Content>>> {
-        let was = base.meta()?;
-        if was.size < PATCH_MIN && was.size + tail.len() as u64 >= PATCH_MIN {
-            // Its readers hold no read lock (too small to be patched): keep it below the size
-            // where patches begin, so it never becomes patchable under them.
-            return Ok(None);
-        }
-        let (dev, ino, _) = was.version;
-        let staging = self.staging.dir();
-        let marker = |mark: &AppendMark| self.staging.new_name(|n| mark.name(n));
-        let appended =
-            append_in_place(&self.at(path)?, (dev, ino), was.size, tail, staging, marker)?;
-        Ok(match appended {
-            Some(file) => {
-                let st = fstat(&file)?;
-                Some(self.content(file, st))
-            }
-            None => None,
-        })
-    }
-
-    fn changing(&self, path: &Path) -> bool {
-        // Appenders and patchers hold the file's lock exclusively. Others hold it shared for
-        // moments (a reader waiting out an append, another appender looking, as here), and
-        // readers of large (patchable) files for as long as they have it open: so below that
-        // size any lock means a change under way or about to be, above it only an exclusive
-        // one does.
-        let Ok(file) = self
-            .at(path)
-            .and_then(|at| at.open(libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK, 0))
-        else {
-            return false;
-        };
-        let probe = match fstat(&file) {
-            Ok(st) if (st.st_size as u64) < PATCH_MIN => libc::LOCK_EX,
-            _ => libc::LOCK_SH,
-        };
-        // SAFETY: a valid descriptor; flock touches no memory.
-        unsafe { libc::flock(file.as_raw_fd(), probe | libc::LOCK_NB) != 0 }
-    }
-
-    fn patch(
-        &self,
-        base: &dyn Content,
-        path: &Path,
-        staged: &Staged,
-        written: &[(u64, u64)],
-        durable: bool,
-    ) -> io::Result<Option<Arc<dyn Content>>> {
-        let was = base.meta()?;
-        let (Some(base_file), false) = (base.local_file(), self.no_patches.load(Ordering::Relaxed))
-        else {
-            return Ok(None);
-        };
-        let to = staged.file.metadata()?.len();
-        if was.size < PATCH_MIN {
-            return Ok(None);
-        }
-        let patch = Patch {
-            staged: &staged.file,
-            staged_name: &staged.name,
-            from: was.size,
-            to,
-            written,
-            durable,
-        };
-        let (dev, ino, _) = was.version;
-        let staging = self.staging.dir();
-        let marker = |mark: &patch::PatchMark| self.staging.new_name(|n| mark.name(n));
-        let patched = patch_in_place(
-            &self.at(path)?,
-            base_file,
-            (dev, ino),
-            &patch,
-            staging,
-            marker,
-        )?;
-        Ok(match patched {
-            Some(file) => {
-                let st = fstat(&file)?;
-                Some(self.content(file, st))
-            }
-            None => None,
-        })
-    }
-
-    fn discard(&self, staged: Staged) {
-        if let Err(e) = self.staging.remove(&staged.name) {
-            log::warn!("could not remove working copy {}: {e}", staged.name);
-        }
-    }
-
-    fn mkdir(&self, path: &Path, perm: u16, owner: Owner) -> io::Result<Meta> {
-        let at = self.at(path)?;
-        let mode = libc::mode_t::from(perm);
-        // SAFETY: a valid descriptor and a NUL-terminated path.
-        check(unsafe { libc::mkdirat(at.dir(), at.name().as_ptr(), mode) })?;
-        Self::settle_new(&at, perm, owner)?;
-        Ok(meta_of(&at.stat()?))
-    }
-
-    fn mknod(&self, path: &Path, kind: Kind, perm: u16, owner: Owner) -> io::Result<Meta> {
+    fn mknod(&self, path: &Path, kind: Kind, perm: u16, owner: Owner) -> StoreResult<Meta> {
         let file_type = match kind {
             Kind::Fifo => libc::S_IFIFO,
             Kind::Socket => libc::S_IFSOCK,
-            _ => return Err(io::Error::from_raw_os_error(libc::EPERM)),
+            _ => return Err(StoreError::errno(libc::EPERM)),
         };
         let at = self.at(path)?;
         let mode = file_type | libc::mode_t::from(perm);
@@ -595,28 +323,46 @@ impl Store for LocalStore {
         Ok(meta_of(&at.stat()?))
     }
 
-    fn rmdir(&self, path: &Path) -> io::Result<()> {
+    fn mkdir(&self, path: &Path, perm: u16, owner: Owner) -> StoreResult<Meta> {
         let at = self.at(path)?;
+        let mode = libc::mode_t::from(perm);
         // SAFETY: a valid descriptor and a NUL-terminated path.
-        check(unsafe { libc::unlinkat(at.dir(), at.name().as_ptr(), libc::AT_REMOVEDIR) })
+        check(unsafe { libc::mkdirat(at.dir(), at.name().as_ptr(), mode) })?;
+        Self::settle_new(&at, perm, owner)?;
+        Ok(meta_of(&at.stat()?))
     }
 
-    fn unlink(&self, path: &Path) -> io::Result<()> {
+    fn rmdir(&self, path: &Path) -> StoreResult<()> {
         let at = self.at(path)?;
         // SAFETY: a valid descriptor and a NUL-terminated path.
-        check(unsafe { libc::unlinkat(at.dir(), at.name().as_ptr(), 0) })
+        Ok(check(unsafe {
+            libc::unlinkat(at.dir(), at.name().as_ptr(), libc::AT_REMOVEDIR)
+        })?)
     }
 
-    fn rename(&self, from: &Path, to: &Path, mode: RenameMode) -> io::Result<()> {
+    fn unlink(&self, path: &Path) -> StoreResult<()> {
+        let at = self.at(path)?;
+        // SAFETY: a valid descriptor and a NUL-terminated path.
+        Ok(check(unsafe {
+            libc::unlinkat(at.dir(), at.name().as_ptr(), 0)
+        })?)
+    }
+
+    fn rename(&self, from: &Path, to: &Path, mode: RenameMode) -> StoreResult<()> {
         let flags = match mode {
             RenameMode::Replace => 0,
             RenameMode::NoReplace => libc::RENAME_NOREPLACE,
             RenameMode::Exchange => libc::RENAME_EXCHANGE,
         };
-        renameat2(&self.at(from)?, &self.at(to)?, flags)
+        Ok(renameat2(&self.at(from)?, &self.at(to)?, flags)?)
     }
 
-    fn symlink(&self, target: &Path, path: &Path, owner: Owner) -> io::Result<Meta> {
+    fn link(&self, _from: &Path, _to: &Path) -> StoreResult<Meta> {
+        // A commit replaces a file's content by a new file, which would split linked names.
+        Err(StoreError::errno(libc::EPERM))
+    }
+
+    fn symlink(&self, target: &Path, path: &Path, owner: Owner) -> StoreResult<Meta> {
         let at = self.at(path)?;
         let target = cstr(target)?;
         // SAFETY: a valid descriptor and NUL-terminated paths.
@@ -627,7 +373,7 @@ impl Store for LocalStore {
         Ok(meta_of(&at.stat()?))
     }
 
-    fn readlink(&self, path: &Path) -> io::Result<PathBuf> {
+    fn readlink(&self, path: &Path) -> StoreResult<PathBuf> {
         let at = self.at(path)?;
         let mut buf = vec![0u8; libc::PATH_MAX as usize + 1];
         // SAFETY: a valid descriptor, a NUL-terminated path and a buffer of the given size.
@@ -640,13 +386,13 @@ impl Store for LocalStore {
             )
         };
         if n < 0 {
-            return Err(io::Error::last_os_error());
+            return Err(io::Error::last_os_error().into());
         }
         buf.truncate(n as usize);
         Ok(PathBuf::from(OsString::from_vec(buf)))
     }
 
-    fn set_attr(&self, path: &Path, attr: &SetAttr) -> io::Result<Meta> {
+    fn set_attr(&self, path: &Path, attr: &SetAttr) -> StoreResult<Meta> {
         let at = self.at(path)?;
         if let Some(perm) = attr.perm {
             chmod_at(&at, perm, libc::AT_SYMLINK_NOFOLLOW)?;
@@ -673,14 +419,13 @@ impl Store for LocalStore {
         Ok(meta_of(&at.stat()?))
     }
 
-    fn sync(&self, path: &Path) -> io::Result<()> {
+    fn sync(&self, path: &Path) -> StoreResult<()> {
         let at = self.at(path)?;
-        at.open(libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK, 0)?
-            .sync_all()?;
-        self.sync_dir_of(path)
+        at.open(libc::O_RDONLY | libc::O_NONBLOCK, 0)?.sync_all()?;
+        Ok(self.sync_dir_of(path)?)
     }
 
-    fn statfs(&self) -> io::Result<StoreStatfs> {
+    fn statfs(&self) -> StoreResult<StoreStatfs> {
         let s = nix::sys::statvfs::fstatvfs(&self.root).map_err(io::Error::from)?;
         Ok(StoreStatfs {
             blocks: s.blocks(),
@@ -692,12 +437,51 @@ impl Store for LocalStore {
             namelen: s.name_max() as u32,
         })
     }
+
+    fn usage(&self) -> StoreResult<Usage> {
+        let t = self.root.tally()?;
+        Ok(Usage {
+            files: t.entries,
+            bytes: t.bytes,
+        })
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::FileTypeExt;
+    use crate::store::Change;
+    use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
+    use std::time::Duration;
+
+    /// Commits `copy` whole at `path` (opened as the base first).
+    fn commit_whole(
+        s: &LocalStore,
+        path: &str,
+        copy: &Arc<dyn WorkingCopy>,
+        durable: bool,
+    ) -> Committed {
+        let path = Path::new(path);
+        let base = s.open(path).unwrap();
+        s.commit(CommitRequest {
+            path,
+            base: &base,
+            change: Change::Whole(copy),
+            durable,
+        })
+        .unwrap()
+    }
+
+    /// Appends `tail` to `path`, based on `base`.
+    fn append(s: &LocalStore, path: &str, base: &Arc<dyn Content>, tail: &[u8]) -> Committed {
+        s.commit(CommitRequest {
+            path: Path::new(path),
+            base,
+            change: Change::Append(tail),
+            durable: false,
+        })
+        .unwrap()
+    }
 
     fn store() -> (tempfile::TempDir, LocalStore) {
         let dir = tempfile::tempdir().unwrap();
@@ -724,8 +508,14 @@ mod tests {
         let reader = s.open(path).unwrap();
         let mut buf = [0u8; 16];
         assert_eq!(reader.read_appended_at(&mut buf, 0).unwrap(), 4);
-        let appended = s.append(reader.as_ref(), path, b"two\n").unwrap();
-        assert!(appended.is_some(), "appended in place");
+        let inode = fs::metadata(s.full(path)).unwrap().ino();
+        let appended = append(&s, "log", &reader, b"two\n");
+        assert!(!appended.followed);
+        assert_eq!(
+            fs::metadata(s.full(path)).unwrap().ino(),
+            inode,
+            "appended in place"
+        );
         assert_eq!(
             reader.read_at(&mut buf, 4).unwrap(),
             0,
@@ -752,11 +542,10 @@ mod tests {
         let (d, s) = store();
         let big = vec![7u8; 1 << 20];
         fs::write(s.full(Path::new("f")), &big).unwrap();
-        let staged = s.stage(None).unwrap();
-        staged.file.write_all_at(b"small", 0).unwrap();
-        s.commit(staged, Path::new("f"), false)
-            .map_err(|(e, _)| e)
-            .unwrap();
+        let copy = s.working_copy().unwrap();
+        copy.write_at(b"small", 0).unwrap();
+        commit_whole(&s, "f", &copy, false);
+        drop(copy);
         assert_eq!(fs::read(s.full(Path::new("f"))).unwrap(), b"small");
         let staging = d.path().join(".staging");
         let leftovers = || {
@@ -802,14 +591,12 @@ mod tests {
                 },
             )
             .unwrap();
-            let staged = s.stage(None).unwrap();
+            let copy = s.working_copy().unwrap();
             let staging =
                 fs::read_link(format!("/proc/self/fd/{}", s.staging.dir().as_raw_fd())).unwrap();
-            staged.file.write_all_at(b"new", 0).unwrap();
-            let committed = s
-                .commit(staged, Path::new("f"), true)
-                .map_err(|(e, _)| e)
-                .unwrap();
+            copy.write_at(b"new", 0).unwrap();
+            let committed = commit_whole(&s, "f", &copy, true).content;
+            drop(copy);
             let mut buf = [0u8; 8];
             assert_eq!(
                 old.read_at(&mut buf, 0).unwrap(),
@@ -829,15 +616,26 @@ mod tests {
     }
 
     #[test]
-    fn stage_seeds_from_committed_content() {
+    fn working_copies_seed_in_the_kernel_and_go_when_dropped() {
         let (_d, s) = store();
         fs::write(s.full(Path::new("f")), b"hello world").unwrap();
         let seed = s.open(Path::new("f")).unwrap();
-        let staged = s.stage(Some(seed.as_ref())).unwrap();
+        let copy = s.working_copy().unwrap();
+        crate::store::copy_range(seed.as_ref(), copy.as_ref(), 0, 11).unwrap();
         let mut buf = vec![0u8; 32];
-        let n = staged.file.read_at(&mut buf, 0).unwrap();
+        let n = copy.read_at(&mut buf, 0).unwrap();
         assert_eq!(&buf[..n], b"hello world");
-        s.discard(staged);
+        let staging =
+            fs::read_link(format!("/proc/self/fd/{}", s.staging.dir().as_raw_fd())).unwrap();
+        let names = || {
+            fs::read_dir(&staging)
+                .unwrap()
+                .filter(|e| e.as_ref().unwrap().file_name() != "lock")
+                .count()
+        };
+        assert_eq!(names(), 1);
+        drop(copy);
+        assert_eq!(names(), 0, "an uncommitted copy is discarded when dropped");
     }
 
     #[test]
@@ -876,7 +674,7 @@ mod tests {
         fs::hard_link(&target, &live_marker).unwrap();
         appender.write_all_at(b"half", 6).unwrap();
         let opened = std::thread::scope(|scope| {
-            let reader = scope.spawn(|| s.open(Path::new("log")).unwrap().meta().unwrap().size);
+            let reader = scope.spawn(|| s.open(Path::new("log")).unwrap().meta().size);
             std::thread::sleep(Duration::from_millis(50));
             assert!(!reader.is_finished(), "the reader waits for the append");
             appender.write_all_at(b" line\n", 10).unwrap();
@@ -899,7 +697,7 @@ mod tests {
         fs::hard_link(&target, stale.join(mark.name(0))).unwrap();
         appender.write_all_at(b"cut sh", 16).unwrap();
         let content = s.open(Path::new("log")).unwrap();
-        assert_eq!(content.meta().unwrap().size, 16);
+        assert_eq!(content.meta().size, 16);
         assert_eq!(fs::read(&target).unwrap(), b"whole\nhalf line\n");
         assert!(!stale.exists(), "the stale staging is gone");
     }
@@ -925,11 +723,7 @@ mod tests {
             drop(patcher);
             reader.join().unwrap()
         });
-        assert_eq!(
-            seen.meta().unwrap().size,
-            PATCH_MIN + 5,
-            "the size after the patch"
-        );
+        assert_eq!(seen.meta().size, PATCH_MIN + 5, "the size after the patch");
         let mut tail = [0u8; 5];
         assert_eq!(seen.read_at(&mut tail, PATCH_MIN).unwrap(), 5);
         assert_eq!(&tail, b"grown");
@@ -943,7 +737,7 @@ mod tests {
         let err = s
             .rename(Path::new("a"), Path::new("b"), RenameMode::NoReplace)
             .unwrap_err();
-        assert_eq!(err.raw_os_error(), Some(libc::EEXIST));
+        assert_eq!(err.raw_os_error(), libc::EEXIST);
         s.rename(Path::new("a"), Path::new("b"), RenameMode::Exchange)
             .unwrap();
         assert_eq!(fs::read(s.full(Path::new("b"))).unwrap(), b"A");
@@ -979,7 +773,7 @@ mod tests {
         // Opening a FIFO as file content neither blocks nor succeeds.
         assert!(s.open(Path::new("pipe")).is_err());
         let dev = s.mknod(Path::new("dev"), Kind::CharDevice, 0o600, None);
-        assert_eq!(dev.unwrap_err().raw_os_error(), Some(libc::EPERM));
+        assert_eq!(dev.unwrap_err().raw_os_error(), libc::EPERM);
         // A device node placed in the store by someone else is shown, and refused as content.
         let devno = libc::makedev(1, 3);
         let placed = CString::new(s.full(Path::new("null")).into_os_string().into_vec()).unwrap();
@@ -990,7 +784,7 @@ mod tests {
         let meta = s.stat(Path::new("null")).unwrap();
         assert_eq!((meta.kind, meta.rdev), (Kind::CharDevice, devno));
         let open = s.open(Path::new("null")).map(|_| ());
-        assert_eq!(open.unwrap_err().raw_os_error(), Some(libc::EISDIR));
+        assert_eq!(open.unwrap_err().raw_os_error(), libc::EISDIR);
     }
 
     #[test]
@@ -1003,9 +797,9 @@ mod tests {
         }
         let (a, b) = (dir.join("a"), dir.join("b"));
         s.create(&a, 0o644, None, true).unwrap();
-        let staged = s.stage(None).unwrap();
-        staged.file.write_all_at(b"long", 0).unwrap();
-        s.commit(staged, &a, true).map_err(|(e, _)| e).unwrap();
+        let copy = s.working_copy().unwrap();
+        copy.write_at(b"long", 0).unwrap();
+        commit_whole(&s, a.to_str().unwrap(), &copy, true);
         s.rename(&a, &b, RenameMode::Replace).unwrap();
         assert_eq!(s.stat(&b).unwrap().size, 4);
         let mut buf = [0u8; 8];

@@ -1,0 +1,75 @@
+//! Grant decisions for the core's operations (the decisions themselves are `grant`'s): every
+//! refusal is logged, so operators see what a sandbox tried.
+
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use super::{Fs, FsResult, deny};
+use crate::grant::Access;
+
+impl Fs {
+    /// The grant's decision for `op` on `path`; a refusal is logged so operators see what a
+    /// sandbox tried.
+    pub(super) fn allow(&self, op: &str, path: &Path, access: Access) -> FsResult<()> {
+        if self.options.grant.is_full() {
+            return Ok(());
+        }
+        self.options
+            .grant
+            .check(path.as_os_str().as_bytes(), access)
+            .map_err(|denied| deny(op, path, &denied))
+    }
+
+    /// Directories above granted prefixes may be traversed and listed (filtered), not read.
+    pub(super) fn allow_traverse(&self, op: &str, path: &Path) -> FsResult<()> {
+        if self.options.grant.can_traverse(path.as_os_str().as_bytes()) {
+            Ok(())
+        } else {
+            Err(deny(op, path, &"outside the grant"))
+        }
+    }
+
+    /// Under a restricted grant, a symlink at `link` may only point at paths the grant shows:
+    /// never outside the space (absolute, or climbing above the root) or outside the grant,
+    /// because other participants of the room would follow it with their own rights.
+    pub(super) fn allow_link_target(&self, op: &str, link: &Path, target: &Path) -> FsResult<()> {
+        if self.options.links_anywhere {
+            return Ok(());
+        }
+        let mut resolved: Vec<&OsStr> = link
+            .parent()
+            .map(|p| p.iter().collect())
+            .unwrap_or_default();
+        let mut inside = !target.is_absolute();
+        for part in target.iter() {
+            match part.as_bytes() {
+                b"." => {}
+                b".." => inside &= resolved.pop().is_some(),
+                _ => resolved.push(part),
+            }
+        }
+        let resolved: PathBuf = resolved.iter().collect();
+        if inside
+            && self
+                .options
+                .grant
+                .can_traverse(resolved.as_os_str().as_bytes())
+        {
+            Ok(())
+        } else {
+            Err(deny(
+                op,
+                link,
+                &format!("its target {target:?} leaves the grant"),
+            ))
+        }
+    }
+
+    /// Whether `name` in the directory `dir` is visible through the grant.
+    pub(super) fn shows(&self, dir: &Path, name: &OsStr) -> bool {
+        self.options
+            .grant
+            .shows(dir.as_os_str().as_bytes(), name.as_bytes())
+    }
+}

@@ -1,0 +1,108 @@
+//! Attributes: what `stat` shows while files are open and written, and changes to them.
+
+use super::handle::{FileHandle, Mode};
+use super::{Attr, AttrChanges, Errno, Fs, FsResult, Ino, Tid, lock, read_lock};
+use crate::grant::Access;
+use crate::store::Kind;
+
+impl Fs {
+    /// Attributes of `ino`.
+    ///
+    /// The kernel keeps one size per inode and cuts reads through the page cache at it (FUSE
+    /// sends no file handle with `fstat`). So while a reader that reads through the page cache
+    /// has the file open, the committed size is shown: a writer that came later must not make
+    /// that reader see a cut version. Otherwise a handle's uncommitted working copy is shown, so
+    /// a writer sees its own size. A file unlinked while open shows the content its handles
+    /// still hold.
+    pub fn getattr(&self, ino: Ino, fh: Option<u64>) -> FsResult<Attr> {
+        let (handles, cached_readers) = match lock(&self.opens).get(&ino) {
+            Some(state) => (state.handles.clone(), state.cached_readers),
+            None => (Vec::new(), 0),
+        };
+        let handles = match fh {
+            Some(fh) => vec![fh],
+            None => handles,
+        };
+        let path = read_lock(&self.table).path(ino);
+        let mut fallback = None;
+        for fh in handles {
+            let Ok(handle) = self.file(fh) else { continue };
+            let h = lock(&handle);
+            if h.ino != ino {
+                continue;
+            }
+            if cached_readers == 0
+                && let Some(mut meta) = h.pending_meta()?
+            {
+                // A `chmod`/`chown` since the handle opened went to the committed file.
+                match path.as_ref().map(|p| self.store.stat(p)) {
+                    Some(Ok(now)) => (meta.perm, meta.uid, meta.gid) = (now.perm, now.uid, now.gid),
+                    Some(Err(_)) => {}
+                    None => meta.nlink = 0, // unlinked while open
+                }
+                return Ok(Attr::new(ino, &meta));
+            }
+            if path.is_none() && fallback.is_none() {
+                fallback = Some(h.base().clone());
+            }
+        }
+        match (path, fallback) {
+            (Some(path), _) => {
+                self.allow_traverse("stat", &path)?;
+                Ok(Attr::new(ino, &self.store.stat(&path)?))
+            }
+            (None, Some(content)) => {
+                let mut attr = Attr::new(ino, content.meta());
+                attr.nlink = 0; // no name left: only its open handles keep it
+                Ok(attr)
+            }
+            (None, None) => Err(Errno::ENOENT),
+        }
+    }
+
+    pub fn setattr(&self, ino: Ino, fh: Option<u64>, changes: &AttrChanges) -> FsResult<Attr> {
+        if let Some(path) = read_lock(&self.table).path(ino) {
+            self.allow("setattr", &path, Access::Write)?;
+        }
+        if let Some(size) = changes.size {
+            self.truncate(ino, fh, size, changes.by)?;
+        }
+        let attr = &changes.attr;
+        let any = attr.perm.is_some()
+            || attr.uid.is_some()
+            || attr.gid.is_some()
+            || attr.atime.is_some()
+            || attr.mtime.is_some();
+        if any {
+            let (path, _claim) = self.claim_path(ino).ok_or(Errno::ENOENT)?;
+            self.store.set_attr(&path, attr)?;
+            self.publish(&path);
+        }
+        self.getattr(ino, fh)
+    }
+
+    /// Truncation: through a writable handle it changes that handle's working copy; by path
+    /// (`truncate(2)`) it is committed at once, atomically.
+    pub(super) fn truncate(&self, ino: Ino, fh: Option<u64>, size: u64, by: Tid) -> FsResult<()> {
+        if read_lock(&self.table).kind(ino) == Some(Kind::Dir) {
+            return Err(Errno::EISDIR);
+        }
+        if let Some(q) = self.space.quota() {
+            q.check_size(size)?;
+        }
+        if let Some(fh) = fh
+            && let Ok(handle) = self.file(fh)
+        {
+            let mut h = lock(&handle);
+            if h.writable() {
+                h.users.add(by);
+                return h.truncate(self.store.as_ref(), size);
+            }
+        }
+        let path = self.path(ino)?;
+        let committed = self.store.open(&path)?;
+        let mut temp = FileHandle::new(ino, Mode::Write, true, committed);
+        temp.truncate(self.store.as_ref(), size)?;
+        self.commit(&mut temp, false)
+    }
+}

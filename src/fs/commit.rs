@@ -1,0 +1,172 @@
+//! Commit on close: what a handle changed becomes the file's content, atomically, through the
+//! store (which owns how: see [`Store::commit`](crate::store::Store::commit)).
+//!
+//! `close()` commits (FUSE `flush`, so a failed commit is reported by `close()`), unless it
+//! comes from a process that never used the handle (see `closers`); the last close of all
+//! (`release`) always commits; `fsync()` commits and makes it durable. A file unlinked while
+//! open has no path: its changes are dropped, as on any POSIX filesystem. A spoiled working
+//! copy (a write into it failed and its bytes were not written again) is refused with that
+//! write's error, and the previous version stays.
+
+use std::path::Path;
+
+use super::handle::{FileHandle, Pending};
+use super::{Fs, FsResult, Tid, closers, lock, read_lock};
+use crate::store::{Change, CommitRequest};
+
+/// The most bytes an appender's working copy may hold for them to be appended to a version
+/// others committed meanwhile (they are read into memory); past that, its copy wins whole.
+const APPENDS_TAKEN_BACK_MAX: u64 = 64 << 20;
+
+impl Fs {
+    /// `close()` by thread `by` of one copy of the descriptor: commits, unless `by` is of a
+    /// process that never used the handle (see `closers`).
+    pub fn flush(&self, fh: u64, by: Tid) -> FsResult<()> {
+        let handle = self.file(fh)?;
+        let mut h = lock(&handle);
+        if !h.dirty() {
+            return Ok(());
+        }
+        if h.users.stranger(by, closers::thread_group) {
+            log::debug!(
+                "not committing inode {} at a close by thread {by} of another process",
+                h.ino
+            );
+            return Ok(());
+        }
+        self.commit(&mut h, self.options.sync_on_close)
+    }
+
+    /// `fsync()`: commits and makes the file durable, without closing it.
+    pub fn fsync(&self, fh: u64) -> FsResult<()> {
+        let handle = self.file(fh)?;
+        let mut h = lock(&handle);
+        if h.dirty() {
+            return self.commit(&mut h, true);
+        }
+        let path = read_lock(&self.table).path(h.ino);
+        match path {
+            Some(path) => Ok(self.store.sync(&path)?),
+            None => Ok(()),
+        }
+    }
+
+    /// Commits what `h` changed at the file's current path (see the module docs).
+    pub(super) fn commit(&self, h: &mut FileHandle, durable: bool) -> FsResult<()> {
+        if let Some(s) = h.staged().and_then(|s| s.spoiled) {
+            let path = read_lock(&self.table).path(h.ino);
+            log::warn!(
+                "not committing {}: a write into bytes {}..{} failed ({}) and they were not \
+                 written again; it keeps its previous version",
+                path.as_deref().unwrap_or(Path::new("(unlinked)")).display(),
+                s.from,
+                s.to,
+                s.errno
+            );
+            return Err(s.errno);
+        }
+        if !h.dirty() {
+            return Ok(());
+        }
+        let Some((path, _claim)) = self.claim_path(h.ino) else {
+            h.drop_changes();
+            return Ok(());
+        };
+        if h.staged().is_some_and(|s| s.appends_from.is_some())
+            && self.store.stat(&path)?.version != h.base().meta().version
+        {
+            // Appends in a working copy of an older version: take them back, to append them
+            // to the file as it is now, rather than replace what others appended.
+            h.take_back_appends(APPENDS_TAKEN_BACK_MAX)?;
+        }
+        let ranges = h.changed_ranges();
+        if ranges.is_none() {
+            h.finish_seeding()?;
+        }
+        let base = h.base().clone();
+        let sizes = (base.meta().size, h.size()?);
+        // The byte quota is charged for the growth, and settled with what the commit did.
+        if let Some(q) = self.space.quota() {
+            q.resize(sizes.0, sizes.1)?;
+        }
+        let result = {
+            let seeding = h.staged().and_then(|s| s.seeding.clone());
+            let complete = || seeding.as_ref().map_or(Ok(()), |s| s.finish());
+            let change = match (h.pending(), &ranges) {
+                (Pending::Appended { tail, .. }, _) => Change::Append(tail),
+                (Pending::Staged(s), Some(written)) => Change::Ranges {
+                    copy: &s.copy,
+                    written,
+                    complete: &complete,
+                },
+                (Pending::Staged(s), None) => Change::Whole(&s.copy),
+                (Pending::Clean, _) => return Ok(()),
+            };
+            self.store.commit(CommitRequest {
+                path: &path,
+                base: &base,
+                change,
+                durable,
+            })
+        };
+        match result {
+            Ok(done) => {
+                if let Some(q) = self.space.quota() {
+                    q.settle(sizes, (done.replaced_size, done.content.meta().size));
+                }
+                h.committed(done.content, done.followed);
+                self.committed(h, &path);
+                Ok(())
+            }
+            Err(e) => {
+                if let Some(q) = self.space.quota() {
+                    let _ = q.resize(sizes.1, sizes.0);
+                }
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Bookkeeping after `h` committed at `path`: what the kernel's caches of this mount and
+    /// the space's other mounts must drop.
+    fn committed(&self, h: &FileHandle, path: &Path) {
+        let version = h.base().meta().version.clone();
+        let mut opens = lock(&self.opens);
+        let others_open = match opens.get_mut(&h.ino) {
+            Some(state) => {
+                // A cached writer's pages are exactly what it just committed (unless it moved
+                // on to another version: its appends followed others').
+                let sole_cached_writer = !h.direct_io && !h.moved && state.writers == 1;
+                state.cached_version = sole_cached_writer.then_some(version);
+                state.handles.len() > 1
+            }
+            None => false,
+        };
+        drop(opens);
+        // Alone, the handle's own writes kept the kernel's view right; with others open, what
+        // the kernel cached (size, times) may be another handle's.
+        if let Some(kernel) = self.kernel.get() {
+            if others_open || h.moved {
+                kernel.attributes_changed(h.ino);
+            }
+            if h.moved && !h.direct_io {
+                // Its pages hold this handle's appends where the kernel thought the file ended.
+                kernel.data_changed(h.ino);
+            }
+        }
+        self.publish(path);
+    }
+
+    /// Commits every open handle's pending changes (on shutdown).
+    pub fn commit_all(&self) -> usize {
+        let handles: Vec<_> = read_lock(&self.files).values().cloned().collect();
+        let mut committed = 0;
+        for handle in handles {
+            let mut h = lock(&handle);
+            if h.dirty() && self.commit(&mut h, self.options.sync_on_close).is_ok() {
+                committed += 1;
+            }
+        }
+        committed
+    }
+}

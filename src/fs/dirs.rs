@@ -1,0 +1,164 @@
+//! Directory listings: what the grant shows of a directory, with attributes for
+//! `readdirplus`.
+
+use std::path::Path;
+use std::sync::atomic::Ordering;
+
+use super::handle::{DirHandle, DirItem};
+use super::{Attr, Errno, Fs, FsResult, Ino, Listed, ROOT, lock, read_lock};
+use crate::store::{Kind, Meta};
+
+impl Fs {
+    pub fn opendir(&self, ino: Ino) -> FsResult<u64> {
+        self.touch();
+        let path = self.path(ino)?;
+        self.allow_traverse("opendir", &path)?;
+        let entries = self.list(&path)?;
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        lock(&self.dirs).insert(fh, DirHandle { ino, entries });
+        Ok(fh)
+    }
+
+    /// The entries of directory `path` that the grant shows, sorted by name.
+    pub(super) fn list(&self, path: &Path) -> FsResult<Vec<DirItem>> {
+        let mut entries: Vec<DirItem> = self
+            .store
+            .list(path)?
+            .into_iter()
+            .filter(|e| self.shows(path, &e.name))
+            .map(|e| DirItem {
+                name: e.name,
+                kind: e.kind,
+                meta: e.meta,
+            })
+            .collect();
+        entries.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(entries)
+    }
+
+    /// Entries of an open directory from `offset` on (`.` and `..` first).
+    pub fn readdir(&self, fh: u64, offset: u64) -> FsResult<Vec<Listed>> {
+        Ok(self
+            .listing(fh, offset)?
+            .into_iter()
+            .map(|(l, _)| l)
+            .collect())
+    }
+
+    /// `readdir`'s entries, with the attributes the store listed them with (if it did).
+    fn listing(&self, fh: u64, offset: u64) -> FsResult<Vec<(Listed, Option<Meta>)>> {
+        let mut dirs = lock(&self.dirs);
+        let dir = dirs.get_mut(&fh).ok_or(Errno::EBADF)?;
+        if offset == 0 {
+            // rewinddir(): show the directory as it is now.
+            dir.entries = self.list(&self.path(dir.ino)?)?;
+        }
+        let table = read_lock(&self.table);
+        let mut out = Vec::new();
+        for (i, item) in dot_entries().iter().chain(dir.entries.iter()).enumerate() {
+            if (i as u64) < offset {
+                continue;
+            }
+            // Entries the kernel has not looked up yet have no inode number: readdir shows a
+            // placeholder (the kernel looks the name up before using it).
+            let ino = match i {
+                0 => dir.ino,
+                1 => table.parent(dir.ino).unwrap_or(ROOT),
+                _ => table.child(dir.ino, &item.name).unwrap_or(u64::MAX),
+            };
+            out.push((
+                Listed {
+                    ino,
+                    next: i as u64 + 1,
+                    kind: item.kind,
+                    name: item.name.clone(),
+                },
+                item.meta.clone(),
+            ));
+        }
+        Ok(out)
+    }
+
+    /// `readdirplus`: like `readdir`, with attributes; every entry handed to `emit` counts as a
+    /// lookup. `emit` returns false when the reply buffer is full (that entry is not counted).
+    pub fn readdirplus(
+        &self,
+        fh: u64,
+        offset: u64,
+        mut emit: impl FnMut(&Listed, &Attr) -> bool,
+    ) -> FsResult<()> {
+        let (dir_ino, listed) = {
+            let dirs = lock(&self.dirs);
+            let ino = dirs.get(&fh).ok_or(Errno::EBADF)?.ino;
+            drop(dirs);
+            (ino, self.listing(fh, offset)?)
+        };
+        let dir_path = self.path(dir_ino)?;
+        for (entry, listed_meta) in listed {
+            let dot = entry.name == "." || entry.name == "..";
+            let attr = if dot {
+                let ino = if entry.name == "." {
+                    dir_ino
+                } else {
+                    entry.ino
+                };
+                let path = if entry.name == "." {
+                    dir_path.clone()
+                } else {
+                    dir_path.parent().map(Path::to_path_buf).unwrap_or_default()
+                };
+                let Ok(meta) = self.store.stat(&path) else {
+                    continue;
+                };
+                Attr::new(ino, &meta)
+            } else {
+                let meta = match listed_meta {
+                    Some(meta) => meta,
+                    None => match self.store.stat(&dir_path.join(&entry.name)) {
+                        Ok(meta) => meta,
+                        Err(_) => continue, // removed since the listing was taken
+                    },
+                };
+                self.remember(dir_ino, &entry.name, &meta)
+            };
+            let listed = Listed {
+                ino: attr.ino,
+                ..entry
+            };
+            if !emit(&listed, &attr) {
+                if !dot {
+                    self.forget(attr.ino, 1);
+                }
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// `fsync` of a directory: its entries are durable on return.
+    pub fn fsyncdir(&self, ino: Ino) -> FsResult<()> {
+        let path = self.path(ino)?;
+        self.allow_traverse("fsyncdir", &path)?;
+        Ok(self.store.sync(&path)?)
+    }
+
+    pub fn releasedir(&self, fh: u64) {
+        lock(&self.dirs).remove(&fh);
+    }
+}
+
+/// The `.` and `..` entries of a directory listing.
+fn dot_entries() -> [DirItem; 2] {
+    [
+        DirItem {
+            name: ".".into(),
+            kind: Kind::Dir,
+            meta: None,
+        },
+        DirItem {
+            name: "..".into(),
+            kind: Kind::Dir,
+            meta: None,
+        },
+    ]
+}

@@ -1,0 +1,140 @@
+//! Reading and writing open files, and allocating their space.
+
+use super::handle::{Allocation, Mode};
+use super::{Errno, Fs, FsResult, Tid, lock, seed};
+
+impl Fs {
+    pub fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<Vec<u8>> {
+        let handle = self.file(fh)?;
+        let h = lock(&handle);
+        h.read(offset, size as usize)
+    }
+
+    /// `lseek` with `SEEK_DATA` or `SEEK_HOLE` (the kernel answers the other kinds itself).
+    pub fn lseek(&self, fh: u64, offset: i64, whence: i32) -> FsResult<u64> {
+        let hole = match whence {
+            libc::SEEK_DATA => false,
+            libc::SEEK_HOLE => true,
+            _ => return Err(Errno::EINVAL),
+        };
+        let offset = u64::try_from(offset).map_err(|_| Errno::ENXIO)?;
+        let handle = self.file(fh)?;
+        let h = lock(&handle);
+        h.seek(offset, hole)
+    }
+
+    /// `write(2)` through `fh` by thread `by`: at `offset`, or at the end for an `O_APPEND`
+    /// handle.
+    pub fn write(&self, fh: u64, offset: u64, data: &[u8], by: Tid) -> FsResult<u32> {
+        self.write_to(fh, offset, data, Some(by))
+    }
+
+    /// A write-back of cached pages (a shared mapping) through `fh`: always at `offset`, even
+    /// for an `O_APPEND` handle.
+    pub fn write_back(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
+        self.write_to(fh, offset, data, None)
+    }
+
+    /// A write by thread `by`, or a write-back (`None`: the kernel's, at its offset).
+    fn write_to(&self, fh: u64, offset: u64, data: &[u8], by: Option<Tid>) -> FsResult<u32> {
+        let placed = by.is_none();
+        let handle = self.file(fh)?;
+        let mut h = lock(&handle);
+        if let Some(by) = by {
+            h.users.add(by);
+        }
+        let Some(q) = self.space.quota() else {
+            return h.write(self.store.as_ref(), offset, data, placed);
+        };
+        let start = if h.appends() && !placed {
+            h.size()?
+        } else {
+            offset
+        };
+        let len = q.fit_write(start, data.len())?;
+        q.check_growth(h.committed_size(), start + len as u64)?;
+        h.write(self.store.as_ref(), offset, &data[..len], placed)
+    }
+
+    /// `copy_file_range(2)` by thread `by`: copies up to `len` bytes of what `fh_in` sees at
+    /// `off_in` into `fh_out` at `off_out`, as a read and a write through the two handles would
+    /// (the kernel has checked modes, `O_APPEND` and overlaps), without the data crossing into
+    /// the kernel and back. Returns the bytes copied: fewer at the source's end, at a size
+    /// limit, or when an error cuts a long copy short after some bytes went in.
+    pub fn copy_file_range(
+        &self,
+        (fh_in, off_in): (u64, u64),
+        (fh_out, off_out): (u64, u64),
+        len: u64,
+        by: Tid,
+    ) -> FsResult<u32> {
+        /// Bytes moved per step, and at most per call (callers loop on short copies).
+        const CHUNK: u64 = 1 << 20;
+        const MOST: u64 = 64 << 20;
+        let len = len.min(MOST);
+        let mut done = 0u64;
+        while done < len {
+            let want = (len - done).min(CHUNK) as u32;
+            let step = self
+                .read(fh_in, off_in + done, want)
+                .and_then(|data| Ok((data.len(), self.write(fh_out, off_out + done, &data, by)?)));
+            match step {
+                Ok((read, written)) => {
+                    done += u64::from(written);
+                    if written as usize != read || read < want as usize {
+                        break; // the source's end, or a size limit
+                    }
+                }
+                Err(e) if done == 0 => return Err(e),
+                Err(_) => break, // report what went in; the caller's next call gets the error
+            }
+        }
+        Ok(done as u32)
+    }
+
+    /// `fallocate(2)` through `fh` by thread `by`, with the kernel's `mode` flags.
+    pub fn fallocate(&self, fh: u64, offset: u64, len: u64, mode: i32, by: Tid) -> FsResult<()> {
+        let how = Allocation::from_mode(mode)?;
+        let handle = self.file(fh)?;
+        let mut h = lock(&handle);
+        if !h.writable() {
+            return Err(Errno::EBADF);
+        }
+        h.users.add(by);
+        if let Some(q) = self.space.quota() {
+            let grown = how.size_after(h.size()?, offset.saturating_add(len));
+            q.check_size(grown)?;
+            q.check_growth(h.committed_size(), grown)?;
+        }
+        h.allocate(self.store.as_ref(), how, offset, len)
+    }
+
+    /// Whether closing `fh` may take long: a durable commit, or the commit of a large working
+    /// copy (written as a patch, or completed by copying the rest).
+    pub fn commit_may_block(&self, fh: u64) -> bool {
+        if self.options.sync_on_close {
+            return true;
+        }
+        let Ok(handle) = self.file(fh) else {
+            return false;
+        };
+        let h = lock(&handle);
+        h.staged().is_some_and(|s| s.seeding.is_some())
+    }
+
+    /// Whether a write through `fh` would first copy a large committed file into a working copy.
+    pub fn write_may_copy(&self, fh: u64) -> bool {
+        const LARGE: u64 = 1 << 20;
+        let Ok(handle) = self.file(fh) else {
+            return false;
+        };
+        let h = lock(&handle);
+        // Larger files are seeded lazily (see `seed`): their first write copies a block or two.
+        // Appends wait in memory (up to `APPEND_BUFFER_MAX`, past which this misses one copy).
+        let size = h.committed_size();
+        h.mode() == Mode::Write
+            && h.staged().is_none()
+            && size > LARGE
+            && size < seed::LAZY_SEED_MIN
+    }
+}

@@ -1,0 +1,225 @@
+//! Names: looking them up, and making, removing and moving entries.
+
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+use super::{Attr, Caller, Errno, Fs, FsResult, Ino, NAME_MAX, deny, lock, write_lock};
+use crate::grant::Access;
+use crate::space::claims::Span;
+use crate::store::{Kind, Meta, RenameMode};
+
+impl Fs {
+    /// Looks up `name` in `parent`; the kernel now holds one more reference to the result.
+    pub fn lookup(&self, parent: Ino, name: &OsStr) -> FsResult<Attr> {
+        if name.len() > NAME_MAX {
+            return Err(Errno::ENAMETOOLONG);
+        }
+        let path = self.child_path(parent, name)?;
+        if !self.shows(path.parent().unwrap_or(Path::new("")), name) {
+            return Err(deny("lookup", &path, &"outside the grant"));
+        }
+        match self.store.stat(&path) {
+            Ok(meta) => Ok(self.remember(parent, name, &meta)),
+            Err(e) => {
+                if e.raw_os_error() == libc::ENOENT {
+                    write_lock(&self.table).detach(parent, name);
+                }
+                Err(e.into())
+            }
+        }
+    }
+
+    /// The kernel dropped `n` references to `ino`.
+    pub fn forget(&self, ino: Ino, n: u64) {
+        let gone = {
+            let mut table = write_lock(&self.table);
+            table.forget(ino, n);
+            table.kind(ino).is_none()
+        };
+        // The kernel no longer knows the inode, so its cache bookkeeping can go too.
+        if gone {
+            let mut opens = lock(&self.opens);
+            if opens.get(&ino).is_some_and(|s| s.handles.is_empty()) {
+                opens.remove(&ino);
+            }
+        }
+    }
+
+    pub fn readlink(&self, ino: Ino) -> FsResult<Vec<u8>> {
+        let path = self.path(ino)?;
+        self.allow("readlink", &path, Access::Read)?;
+        let target = self.store.readlink(&path)?;
+        self.allow_link_target("readlink", &path, &target)?;
+        Ok(target.into_os_string().into_encoded_bytes())
+    }
+
+    /// `mknod`: regular files only; FIFOs, sockets and devices have no place in a file store.
+    pub fn mknod(&self, parent: Ino, name: &OsStr, mode: u32, caller: &Caller) -> FsResult<Attr> {
+        let (path, _claim) = self.claim_child(parent, name)?;
+        self.allow("mknod", &path, Access::Write)?;
+        // Device nodes are refused: a space is data, and mounts are `nodev` anyway.
+        let kind = match mode & libc::S_IFMT {
+            0 | libc::S_IFREG => Kind::File,
+            libc::S_IFIFO => Kind::Fifo,
+            libc::S_IFSOCK => Kind::Socket,
+            _ => return Err(Errno::EPERM),
+        };
+        let (perm, owner) = ((mode & 0o7777) as u16, self.owner(caller));
+        let meta = self.creating(|| {
+            Ok(match kind {
+                Kind::File => self.store.create(&path, perm, owner, true)?,
+                _ => self.store.mknod(&path, kind, perm, owner)?,
+            })
+        })?;
+        self.publish(&path);
+        Ok(self.remember(parent, name, &meta))
+    }
+
+    pub fn mkdir(&self, parent: Ino, name: &OsStr, mode: u32, caller: &Caller) -> FsResult<Attr> {
+        let (path, _claim) = self.claim_child(parent, name)?;
+        self.allow("mkdir", &path, Access::Write)?;
+        let meta = self.creating(|| {
+            Ok(self
+                .store
+                .mkdir(&path, (mode & 0o7777) as u16, self.owner(caller))?)
+        })?;
+        self.publish(&path);
+        Ok(self.remember(parent, name, &meta))
+    }
+
+    pub fn symlink(
+        &self,
+        parent: Ino,
+        name: &OsStr,
+        target: &Path,
+        caller: &Caller,
+    ) -> FsResult<Attr> {
+        let (path, _claim) = self.claim_child(parent, name)?;
+        self.allow("symlink", &path, Access::Write)?;
+        if target.as_os_str().is_empty() || target.as_os_str().len() > libc::PATH_MAX as usize {
+            return Err(Errno::EINVAL);
+        }
+        self.allow_link_target("symlink", &path, target)?;
+        let meta =
+            self.creating(|| Ok(self.store.symlink(target, &path, self.owner(caller))?))?;
+        self.publish(&path);
+        Ok(self.remember(parent, name, &meta))
+    }
+
+    pub fn unlink(&self, parent: Ino, name: &OsStr) -> FsResult<()> {
+        let (path, _claim) = self.claim_child(parent, name)?;
+        self.allow("unlink", &path, Access::Write)?;
+        let meta = self.store.stat(&path)?;
+        if meta.kind == Kind::Dir {
+            return Err(Errno::EISDIR);
+        }
+        self.store.unlink(&path)?;
+        write_lock(&self.table).detach(parent, name);
+        self.released(&meta);
+        self.publish(&path);
+        Ok(())
+    }
+
+    pub fn rmdir(&self, parent: Ino, name: &OsStr) -> FsResult<()> {
+        let (path, _claim) = self.claim_child(parent, name)?;
+        self.allow("rmdir", &path, Access::Write)?;
+        self.store.rmdir(&path)?;
+        write_lock(&self.table).detach(parent, name);
+        if let Some(q) = self.space.quota() {
+            q.remove_entry(0);
+        }
+        self.publish(&path);
+        Ok(())
+    }
+
+    /// `rename`/`renameat2`: `flags` may hold `RENAME_NOREPLACE` or `RENAME_EXCHANGE`.
+    pub fn rename(
+        &self,
+        parent: Ino,
+        name: &OsStr,
+        new_parent: Ino,
+        new_name: &OsStr,
+        flags: u32,
+    ) -> FsResult<()> {
+        let mode = match flags {
+            0 => RenameMode::Replace,
+            libc::RENAME_NOREPLACE => RenameMode::NoReplace,
+            libc::RENAME_EXCHANGE => RenameMode::Exchange,
+            _ => return Err(Errno::EINVAL),
+        };
+        let (from, to, claim) = loop {
+            let from = self.child_path(parent, name)?;
+            let to = self.child_path(new_parent, new_name)?;
+            // Everything below both names moves: no change under either may run meanwhile.
+            let claim = self.space.claim(&[(&from, Span::Tree), (&to, Span::Tree)]);
+            let same = self.child_path(parent, name).as_ref() == Ok(&from)
+                && self.child_path(new_parent, new_name).as_ref() == Ok(&to);
+            if same {
+                break (from, to, claim);
+            }
+        };
+        self.allow("rename", &from, Access::Write)?;
+        self.allow("rename to", &to, Access::Write)?;
+        // Moving or replacing a directory that holds differently granted paths would carry
+        // them somewhere else.
+        for end in [&from, &to] {
+            if self.options.grant.leads_to(end.as_os_str().as_bytes()) {
+                return Err(deny("rename", end, &"it contains separately granted paths"));
+            }
+        }
+        let replaced = match mode {
+            RenameMode::Replace => self.store.stat(&to).ok(),
+            _ => None,
+        };
+        self.store.rename(&from, &to, mode)?;
+        if let Some(meta) = replaced {
+            self.released(&meta);
+        }
+        write_lock(&self.table).rename(
+            parent,
+            name,
+            new_parent,
+            new_name,
+            mode == RenameMode::Exchange,
+        );
+        drop(claim);
+        self.publish(&from);
+        self.publish(&to);
+        Ok(())
+    }
+
+    /// Gives back the quota held by a removed (or replaced) entry.
+    pub(super) fn released(&self, meta: &Meta) {
+        if let Some(q) = self.space.quota() {
+            q.remove_entry(if meta.kind == Kind::File {
+                meta.size
+            } else {
+                0
+            });
+        }
+    }
+
+    /// A hard link `new_name` in `new_parent` to `ino`, where the store keeps them (else
+    /// EPERM; EACCES first where the grant forbids either name).
+    pub fn link(&self, ino: Ino, new_parent: Ino, new_name: &OsStr) -> FsResult<Attr> {
+        let from = self.path(ino)?;
+        let (to, _claim) = self.claim_child(new_parent, new_name)?;
+        self.allow("link", &from, Access::Write)?;
+        self.allow("link to", &to, Access::Write)?;
+        if !self.store.capabilities().hard_links {
+            return Err(Errno::EPERM);
+        }
+        let meta = self.creating(|| Ok(self.store.link(&from, &to)?))?;
+        self.publish(&to);
+        Ok(self.remember(new_parent, new_name, &meta))
+    }
+
+    /// Extended attributes are not stored: changing one is EOPNOTSUPP where the grant allows
+    /// writing, EACCES where it does not.
+    pub fn change_xattr(&self, ino: Ino) -> FsResult<()> {
+        let path = self.path(ino)?;
+        self.allow("setxattr", &path, Access::Write)?;
+        Err(Errno::EOPNOTSUPP)
+    }
+}

@@ -1,0 +1,283 @@
+//! Opening and releasing files: how the kernel may cache each open (see `OpenState`),
+//! read-write opens sharing one handle, passthrough windows, and the commit of what is left at
+//! the last release.
+
+use std::ffi::OsStr;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use super::handle::{FileHandle, Mode};
+use super::passthrough::Passing;
+use super::{Attr, Caller, Errno, Fs, FsResult, Ino, Opened, Tid, lock, read_lock, write_lock};
+use crate::grant::Access;
+use crate::store::{Content, Kind};
+
+impl Fs {
+    /// Opens the file `ino` with the `open(2)` flags `flags`, for thread `by`. An inode whose
+    /// name moved to another (see `passthrough`) still opens under that name (a cached entry,
+    /// `/proc/<pid>/fd`) where its passthrough readers allow; elsewhere it is `ESTALE` again.
+    pub fn open(&self, ino: Ino, flags: i32, by: Tid) -> FsResult<Opened> {
+        let path = self.path(ino)?;
+        self.open_path(ino, &path, flags, by)
+    }
+
+    pub(super) fn open_path(&self, ino: Ino, path: &Path, flags: i32, by: Tid) -> FsResult<Opened> {
+        self.touch();
+        let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
+        let access = if writable || flags & libc::O_TRUNC != 0 {
+            Access::Write
+        } else {
+            Access::Read
+        };
+        self.allow("open", path, access)?;
+        let truncate = writable && flags & libc::O_TRUNC != 0;
+        let committed = self.store.open(path)?;
+        let meta = committed.meta().clone();
+        let version = meta.version.clone();
+        // `O_TRUNC`: the handle starts from an empty working copy.
+        let truncated = match truncate {
+            true => Some(self.store.working_copy()?),
+            false => None,
+        };
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        // Read-write opens that neither truncate nor append update the file together (sqlite
+        // connections): they share one handle, so each sees the others' writes at once.
+        let shares = flags & libc::O_ACCMODE == libc::O_RDWR
+            && flags & (libc::O_TRUNC | libc::O_APPEND) == 0;
+        // The first open of an inode that took its name over from one held by passthrough
+        // readers is mostly the open the kernel retries after `ESTALE`: a reader racing it
+        // must not start a window that would turn it away again.
+        let successor = read_lock(&self.table).is_unopened_successor(ino)
+            && write_lock(&self.table).first_open_of_successor(ino);
+        let (direct_io, keep_cache, alone, passing) = {
+            let mut opens = lock(&self.opens);
+            let state = opens.entry(ino).or_default();
+            let others_open = !state.handles.is_empty();
+            let passing = self.passing_for(
+                &mut state.window,
+                others_open || successor,
+                fh,
+                committed.as_ref(),
+                &meta,
+                flags,
+            );
+            if passing == Passing::Stale {
+                drop(opens);
+                self.supersede(ino);
+                return Err(Errno::ESTALE);
+            }
+            if shares && let Some((shared, members)) = &mut state.shared {
+                // Read-write opens never join a window (they are `Stale` there).
+                debug_assert_eq!(passing, Passing::No);
+                *members += 1;
+                let shared = shared.clone();
+                state.handles.push(fh);
+                state.writers += 1;
+                drop(opens);
+                return Ok(self.join(fh, shared, committed, by));
+            }
+            state.handles.push(fh);
+            if passing != Passing::No {
+                // The kernel bypasses its page cache for every handle of the inode now.
+                if writable {
+                    state.cached_version = None;
+                    state.writers += 1;
+                } else {
+                    state.readers += 1;
+                }
+                (true, false, false, passing)
+            } else if writable {
+                let alone = state.readers == 0 && state.writers == 0;
+                // A writer alone starts from the committed version: pages cached of exactly
+                // that version stay (dropping a large file's pages costs milliseconds). It then
+                // fills the page cache with its own, not yet committed, data.
+                let keep = alone && state.cached_version.as_ref() == Some(&version);
+                state.cached_version = None;
+                state.writers += 1;
+                (!alone, keep, alone, passing)
+            } else {
+                state.readers += 1;
+                if state.writers > 0 {
+                    (true, false, false, passing)
+                } else {
+                    let keep = state.cached_version.as_ref() == Some(&version);
+                    state.cached_version = Some(version);
+                    state.cached_readers += 1;
+                    (false, keep, false, passing)
+                }
+            }
+        };
+        let mode = match (writable, flags & libc::O_APPEND != 0) {
+            (false, _) => Mode::Read,
+            (true, false) => Mode::Write,
+            (true, true) => Mode::Append,
+        };
+        let mut handle = FileHandle::new(ino, mode, direct_io, committed);
+        if let Some(copy) = truncated {
+            handle.truncated(copy);
+        }
+        handle.users.add(by);
+        handle.seed_on_demand = alone && mode == Mode::Write;
+        let handle = Arc::new(Mutex::new(handle));
+        if shares {
+            let mut opens = lock(&self.opens);
+            if let Some(state) = opens.get_mut(&ino) {
+                // A second read-write open racing this one made its own handle: it stays
+                // private, as every writer was before sharing.
+                state.shared.get_or_insert_with(|| (handle.clone(), 1));
+            }
+        }
+        write_lock(&self.files).insert(fh, handle);
+        Ok(Opened {
+            fh,
+            // A passthrough reader's reads never reach the daemon; everyone else in a window
+            // is served with direct I/O.
+            direct_io: direct_io && !matches!(passing, Passing::Reads(_)),
+            keep_cache,
+            no_flush: !writable,
+            passthrough: passing.backing_id(),
+        })
+    }
+
+    /// Makes `fh` another name of the shared read-write handle `shared`. While it has nothing
+    /// uncommitted, it moves on to `latest` (the version this open found), so a new member
+    /// never reads older data than a fresh open would.
+    pub(super) fn join(
+        &self,
+        fh: u64,
+        shared: Arc<Mutex<FileHandle>>,
+        latest: Arc<dyn Content>,
+        by: Tid,
+    ) -> Opened {
+        let mut h = lock(&shared);
+        h.users.add(by);
+        let moved = latest.meta().version != h.base().meta().version && h.move_to(latest);
+        let direct_io = h.direct_io;
+        drop(h);
+        write_lock(&self.files).insert(fh, shared);
+        Opened {
+            fh,
+            direct_io,
+            // The kernel's pages are the shared handle's view, unless it just moved on.
+            keep_cache: !direct_io && !moved,
+            no_flush: false,
+            passthrough: None,
+        }
+    }
+
+    /// Creates and opens `name` in `parent` (`open` with `O_CREAT`).
+    pub fn create(
+        &self,
+        parent: Ino,
+        name: &OsStr,
+        mode: u32,
+        flags: i32,
+        caller: &Caller,
+    ) -> FsResult<(Attr, Opened)> {
+        let (path, claim) = self.claim_child(parent, name)?;
+        self.allow("create", &path, Access::Write)?;
+        let perm = (mode & 0o7777) as u16;
+        let created =
+            self.creating(|| Ok(self.store.create(&path, perm, self.owner(caller), true)?));
+        drop(claim);
+        let meta = match created {
+            Ok(meta) => {
+                self.publish(&path);
+                meta
+            }
+            Err(e) if e == Errno::EEXIST && flags & libc::O_EXCL == 0 => {
+                let meta = self.store.stat(&path)?;
+                if meta.kind == Kind::Dir {
+                    return Err(Errno::EISDIR);
+                }
+                meta
+            }
+            Err(e) => return Err(e),
+        };
+        let attr = self.remember(parent, name, &meta);
+        match self.open_path(attr.ino, &path, flags, caller.pid) {
+            // Joining a shared working copy: its size, not the committed one.
+            Ok(opened) => Ok((self.as_open(attr), opened)),
+            Err(e) => {
+                self.forget(attr.ino, 1);
+                Err(e)
+            }
+        }
+    }
+
+    /// The last reference to the handle is gone: commit what is left (a mapping written after
+    /// `close()`), then forget the handle.
+    pub fn release(&self, fh: u64) -> FsResult<()> {
+        let Some(handle) = write_lock(&self.files).remove(&fh) else {
+            return Err(Errno::EBADF);
+        };
+        let mut h = lock(&handle);
+        if self.leave_shared(&handle, h.ino, fh) {
+            return Ok(());
+        }
+        let result = if h.dirty() {
+            self.commit(&mut h, self.options.sync_on_close)
+        } else {
+            Ok(())
+        };
+        if result.is_err() && h.dirty() {
+            log::error!(
+                "dropping uncommitted changes to inode {} after a failed commit",
+                h.ino
+            );
+            h.drop_changes();
+            // The kernel may hold the dropped size (its cached pages are dropped at the next
+            // open: they are of no committed version).
+            if let Some(kernel) = self.kernel.get() {
+                kernel.attributes_changed(h.ino);
+            }
+        }
+        let mut opens = lock(&self.opens);
+        let mut unregister = None;
+        if let Some(state) = opens.get_mut(&h.ino) {
+            state.handles.retain(|&other| other != fh);
+            unregister = Self::leave_window(&mut state.window, fh);
+            if h.writable() {
+                state.writers -= 1;
+            } else {
+                state.readers -= 1;
+                if !h.direct_io {
+                    state.cached_readers -= 1;
+                }
+            }
+            if state.readers == 0 && state.writers == 0 && state.cached_version.is_none() {
+                opens.remove(&h.ino);
+            }
+        }
+        drop(opens);
+        self.unregister_backing(unregister);
+        result
+    }
+
+    /// `fh` of the shared handle `handle` is released: true while other file handles still
+    /// share it (nothing to commit or close yet); the last one ends the sharing.
+    pub(super) fn leave_shared(&self, handle: &Arc<Mutex<FileHandle>>, ino: Ino, fh: u64) -> bool {
+        let mut opens = lock(&self.opens);
+        let Some(state) = opens.get_mut(&ino) else {
+            return false;
+        };
+        let Some((shared, members)) = &mut state.shared else {
+            return false;
+        };
+        if !Arc::ptr_eq(shared, handle) {
+            return false;
+        }
+        if *members == 1 {
+            state.shared = None;
+            return false;
+        }
+        *members -= 1;
+        state.handles.retain(|&other| other != fh);
+        state.writers -= 1;
+        let unregister = Self::leave_window(&mut state.window, fh);
+        drop(opens);
+        self.unregister_backing(unregister);
+        true
+    }
+}

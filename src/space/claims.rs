@@ -1,0 +1,129 @@
+//! Claims on a space's names: how operations that change the same names take turns without
+//! holding a lock across their backend I/O.
+//!
+//! An operation that changes a name claims it for as long as it runs: one entry (a commit, an
+//! unlink, a create, a change of attributes), or a whole subtree (a rename moves everything
+//! below its two names). A claim waits only for claims it conflicts with — the same entry, or
+//! an entry inside a claimed subtree — so everything else runs side by side, and nothing waits
+//! while another operation of the same name talks to a slow backend except that operation's
+//! rivals. All claims of one operation are taken at once, so two operations never wait for
+//! each other.
+//!
+//! Invariant: while an operation holds its claims, no other operation of this process changes
+//! the names it claimed, so a path resolved before claiming it, and found unchanged after, stays
+//! right until the claim is released.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Condvar, Mutex};
+
+/// How much of the namespace a claim covers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Span {
+    /// The entry at the path.
+    Entry,
+    /// The entry and everything below it.
+    Tree,
+}
+
+/// The claims held in one space.
+#[derive(Default)]
+pub struct Claims {
+    held: Mutex<Vec<(u64, PathBuf, Span)>>,
+    released: Condvar,
+    next: Mutex<u64>,
+}
+
+/// Claims held until dropped.
+pub struct Claim<'a> {
+    claims: &'a Claims,
+    id: u64,
+}
+
+fn conflicts((a, sa): (&Path, Span), (b, sb): (&Path, Span)) -> bool {
+    a == b || (sa == Span::Tree && b.starts_with(a)) || (sb == Span::Tree && a.starts_with(b))
+}
+
+impl Claims {
+    /// Claims `names` (all at once), waiting while any conflicts with a claim held.
+    pub fn claim(&self, names: &[(&Path, Span)]) -> Claim<'_> {
+        let id = {
+            let mut next = self.next.lock().unwrap_or_else(|e| e.into_inner());
+            *next += 1;
+            *next
+        };
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        while held.iter().any(|(_, p, s)| {
+            names
+                .iter()
+                .any(|&(n, ns)| conflicts((p.as_path(), *s), (n, ns)))
+        }) {
+            held = self.released.wait(held).unwrap_or_else(|e| e.into_inner());
+        }
+        for &(n, s) in names {
+            held.push((id, n.to_path_buf(), s));
+        }
+        Claim { claims: self, id }
+    }
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        let mut held = self.claims.held.lock().unwrap_or_else(|e| e.into_inner());
+        held.retain(|(id, _, _)| *id != self.id);
+        drop(held);
+        self.claims.released.notify_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    #[test]
+    fn only_conflicting_claims_wait() {
+        assert!(conflicts(
+            (Path::new("a"), Span::Entry),
+            (Path::new("a"), Span::Entry)
+        ));
+        assert!(!conflicts(
+            (Path::new("a"), Span::Entry),
+            (Path::new("a/b"), Span::Entry)
+        ));
+        assert!(conflicts(
+            (Path::new("a"), Span::Tree),
+            (Path::new("a/b/c"), Span::Entry)
+        ));
+        assert!(conflicts(
+            (Path::new("a/b"), Span::Entry),
+            (Path::new("a"), Span::Tree)
+        ));
+        assert!(!conflicts(
+            (Path::new("ab"), Span::Entry),
+            (Path::new("a"), Span::Tree)
+        ));
+        assert!(!conflicts(
+            (Path::new("b"), Span::Tree),
+            (Path::new("a"), Span::Tree)
+        ));
+
+        let claims = Arc::new(Claims::default());
+        let rename = claims.claim(&[(Path::new("d"), Span::Tree), (Path::new("e"), Span::Tree)]);
+        // Unrelated names go ahead at once.
+        drop(claims.claim(&[(Path::new("f"), Span::Entry)]));
+        let waiter = {
+            let claims = claims.clone();
+            std::thread::spawn(move || {
+                let _c = claims.claim(&[(Path::new("d/x"), Span::Entry)]);
+            })
+        };
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(
+            !waiter.is_finished(),
+            "a claim inside the renamed tree waits"
+        );
+        drop(rename);
+        waiter.join().unwrap();
+    }
+}
