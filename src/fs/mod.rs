@@ -31,6 +31,10 @@ pub mod quota;
 pub mod seed;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_failing;
+#[cfg(test)]
+mod tests_model;
 
 use std::collections::HashMap;
 use std::ffi::OsStr;

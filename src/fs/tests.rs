@@ -1,41 +1,118 @@
-//! Tests of the core without a mount.
+//! Tests of the core without a mount. Each runs against the in-memory store and the local
+//! store (a test that looks at what only a local disk has, inode numbers, says so).
 
 use super::*;
 use crate::store::local::test_store;
+use crate::store::mem::MemStore;
+use crate::store::{Change, CommitRequest};
 
 const RW: i32 = libc::O_RDWR;
 /// A caller the test does not name: every close commits.
 const CALLER: Tid = 0;
 
+/// The backends the core is tested against.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Backend {
+    Mem,
+    Local,
+}
+
+const BACKENDS: [Backend; 2] = [Backend::Mem, Backend::Local];
+
 struct Setup {
-    _dir: tempfile::TempDir,
-    root: PathBuf,
+    _dir: Option<tempfile::TempDir>,
+    /// The space's directory, on the local store.
+    root: Option<PathBuf>,
+    store: Arc<dyn Store>,
     fs: Fs,
 }
 
 fn setup(options: FsOptions) -> Setup {
-    setup_limited(options, None)
+    setup_on(Backend::Mem, options, None)
 }
 
-/// A space of its own, counted against `quota`.
-fn setup_limited(options: FsOptions, quota: Option<Arc<Quota>>) -> Setup {
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().join("rooms/r");
-    let store = test_store(dir.path());
+/// A space of its own on `backend`, counted against `quota`.
+fn setup_on(backend: Backend, options: FsOptions, quota: Option<Arc<Quota>>) -> Setup {
+    let (dir, root, store): (_, _, Arc<dyn Store>) = match backend {
+        Backend::Mem => (None, None, Arc::new(MemStore::new())),
+        Backend::Local => {
+            let dir = tempfile::tempdir().unwrap();
+            let root = dir.path().join("rooms/r");
+            let store = Arc::new(test_store(dir.path()));
+            (Some(dir), Some(root), store)
+        }
+    };
     let id = crate::space::SpaceId::new(crate::space::SpaceKind::Room, "r").unwrap();
-    let space = Arc::new(Space::new(id, Arc::new(store), quota));
+    let space = Arc::new(Space::new(id, store.clone(), quota));
     Setup {
         _dir: dir,
         root,
+        store,
         fs: Fs::new(space, options),
     }
 }
 
-fn full() -> Setup {
-    setup(FsOptions {
-        links_anywhere: true,
-        ..Default::default()
-    })
+fn full_on(backend: Backend) -> Setup {
+    setup_on(
+        backend,
+        FsOptions {
+            links_anywhere: true,
+            ..Default::default()
+        },
+        None,
+    )
+}
+
+/// A full-access space on each backend in turn.
+fn every_store() -> impl Iterator<Item = Setup> {
+    BACKENDS.into_iter().map(full_on)
+}
+
+impl Setup {
+    /// The committed content of `path`, read through the store.
+    fn read(&self, path: &str) -> Vec<u8> {
+        let content = self.store.open(Path::new(path)).unwrap();
+        let mut buf = vec![0u8; content.meta().size as usize];
+        let mut done = 0;
+        while done < buf.len() {
+            let n = content.read_at(&mut buf[done..], done as u64).unwrap();
+            assert!(n > 0, "short read of {path}");
+            done += n;
+        }
+        buf
+    }
+
+    /// Puts `bytes` at `path` behind the mount's back (as another host or process would).
+    fn put(&self, path: &str, bytes: &[u8]) {
+        let path = Path::new(path);
+        self.store.create(path, 0o644, None, false).unwrap();
+        let base = self.store.open(path).unwrap();
+        let copy = self.store.working_copy().unwrap();
+        copy.write_at(bytes, 0).unwrap();
+        self.store
+            .commit(CommitRequest {
+                path,
+                base: &base,
+                change: Change::Whole(&copy),
+                durable: false,
+            })
+            .unwrap();
+    }
+
+    fn exists(&self, path: &str) -> bool {
+        self.store.stat(Path::new(path)).is_ok()
+    }
+
+    fn mkdir(&self, path: &str) {
+        self.store.mkdir(Path::new(path), 0o755, None).unwrap();
+    }
+
+    /// The inode number of the file behind `path`, on the local store.
+    fn inode(&self, path: &str) -> Option<u64> {
+        use std::os::unix::fs::MetadataExt;
+        let root = self.root.as_ref()?;
+        Some(std::fs::metadata(root.join(path)).unwrap().ino())
+    }
 }
 
 fn name(s: &str) -> &OsStr {
@@ -49,555 +126,551 @@ fn create(fs: &Fs, parent: Ino, n: &str, flags: i32) -> (Attr, Opened) {
 
 #[test]
 fn writes_are_invisible_until_the_handle_commits() {
-    let s = full();
-    let (attr, w) = create(&s.fs, ROOT, "f", RW);
-    s.fs.write(w.fh, 0, b"hello", CALLER).unwrap();
-    assert_eq!(std::fs::read(s.root.join("f")).unwrap(), b"");
-    let r = s.fs.open(attr.ino, libc::O_RDONLY, CALLER).unwrap();
-    assert!(
-        r.direct_io,
-        "a reader opened during a write bypasses the page cache"
-    );
-    assert_eq!(s.fs.read(r.fh, 0, 100).unwrap(), b"");
-    assert_eq!(s.fs.read(w.fh, 0, 100).unwrap(), b"hello");
-    assert_eq!(s.fs.getattr(attr.ino, Some(w.fh)).unwrap().size, 5);
-    s.fs.flush(w.fh, CALLER).unwrap();
-    assert_eq!(std::fs::read(s.root.join("f")).unwrap(), b"hello");
-    // The reader keeps the version it opened.
-    assert_eq!(s.fs.read(r.fh, 0, 100).unwrap(), b"");
-    s.fs.release(w.fh).unwrap();
-    s.fs.release(r.fh).unwrap();
-    let again = s.fs.open(attr.ino, libc::O_RDONLY, CALLER).unwrap();
-    assert!(
-        again.keep_cache,
-        "the sole writer's cached pages are the committed version"
-    );
-    assert!(again.no_flush);
-    assert_eq!(s.fs.read(again.fh, 0, 100).unwrap(), b"hello");
+    for s in every_store() {
+        let (attr, w) = create(&s.fs, ROOT, "f", RW);
+        s.fs.write(w.fh, 0, b"hello", CALLER).unwrap();
+        assert_eq!(s.read("f"), b"");
+        let r = s.fs.open(attr.ino, libc::O_RDONLY, CALLER).unwrap();
+        assert!(
+            r.direct_io,
+            "a reader opened during a write bypasses the page cache"
+        );
+        assert_eq!(s.fs.read(r.fh, 0, 100).unwrap(), b"");
+        assert_eq!(s.fs.read(w.fh, 0, 100).unwrap(), b"hello");
+        assert_eq!(s.fs.getattr(attr.ino, Some(w.fh)).unwrap().size, 5);
+        s.fs.flush(w.fh, CALLER).unwrap();
+        assert_eq!(s.read("f"), b"hello");
+        // The reader keeps the version it opened.
+        assert_eq!(s.fs.read(r.fh, 0, 100).unwrap(), b"");
+        s.fs.release(w.fh).unwrap();
+        s.fs.release(r.fh).unwrap();
+        let again = s.fs.open(attr.ino, libc::O_RDONLY, CALLER).unwrap();
+        assert!(
+            again.keep_cache,
+            "the sole writer's cached pages are the committed version"
+        );
+        assert!(again.no_flush);
+        assert_eq!(s.fs.read(again.fh, 0, 100).unwrap(), b"hello");
+    }
 }
 
 #[test]
 fn a_close_by_a_process_that_never_used_the_handle_does_not_commit() {
-    let s = full();
-    // SAFETY: gettid has no preconditions.
-    let me = unsafe { libc::gettid() } as Tid;
-    let mut child = std::process::Command::new("sleep")
-        .arg("30")
-        .spawn()
-        .unwrap();
-    let stranger = child.id();
-    let (attr, created) = create(&s.fs, ROOT, "f", RW);
-    s.fs.release(created.fh).unwrap();
-    let w = s.fs.open(attr.ino, RW, me).unwrap();
-    s.fs.write(w.fh, 0, b"half", me).unwrap();
-    // A child closing the copy it inherited, at exec or exit.
-    s.fs.flush(w.fh, stranger).unwrap();
-    assert_eq!(std::fs::read(s.root.join("f")).unwrap(), b"");
-    s.fs.write(w.fh, 4, b" and whole", me).unwrap();
-    s.fs.flush(w.fh, me).unwrap();
-    assert_eq!(std::fs::read(s.root.join("f")).unwrap(), b"half and whole");
+    for s in every_store() {
+        // SAFETY: gettid has no preconditions.
+        let me = unsafe { libc::gettid() } as Tid;
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let stranger = child.id();
+        let (attr, created) = create(&s.fs, ROOT, "f", RW);
+        s.fs.release(created.fh).unwrap();
+        let w = s.fs.open(attr.ino, RW, me).unwrap();
+        s.fs.write(w.fh, 0, b"half", me).unwrap();
+        // A child closing the copy it inherited, at exec or exit.
+        s.fs.flush(w.fh, stranger).unwrap();
+        assert_eq!(s.read("f"), b"");
+        s.fs.write(w.fh, 4, b" and whole", me).unwrap();
+        s.fs.flush(w.fh, me).unwrap();
+        assert_eq!(s.read("f"), b"half and whole");
 
-    // A process that wrote through the handle commits at its close.
-    s.fs.write(w.fh, 0, b"HALF", stranger).unwrap();
-    s.fs.flush(w.fh, stranger).unwrap();
-    assert_eq!(std::fs::read(s.root.join("f")).unwrap(), b"HALF and whole");
+        // A process that wrote through the handle commits at its close.
+        s.fs.write(w.fh, 0, b"HALF", stranger).unwrap();
+        s.fs.flush(w.fh, stranger).unwrap();
+        assert_eq!(s.read("f"), b"HALF and whole");
 
-    // The last close always commits, whoever it comes from.
-    let w2 = s.fs.open(attr.ino, libc::O_WRONLY, me).unwrap();
-    s.fs.write(w2.fh, 0, b"last", me).unwrap();
-    s.fs.flush(w2.fh, stranger).unwrap();
-    assert_eq!(std::fs::read(s.root.join("f")).unwrap(), b"HALF and whole");
-    s.fs.release(w2.fh).unwrap();
-    assert_eq!(std::fs::read(s.root.join("f")).unwrap(), b"last and whole");
-    s.fs.release(w.fh).unwrap();
-    child.kill().unwrap();
-    child.wait().unwrap();
+        // The last close always commits, whoever it comes from.
+        let w2 = s.fs.open(attr.ino, libc::O_WRONLY, me).unwrap();
+        s.fs.write(w2.fh, 0, b"last", me).unwrap();
+        s.fs.flush(w2.fh, stranger).unwrap();
+        assert_eq!(s.read("f"), b"HALF and whole");
+        s.fs.release(w2.fh).unwrap();
+        assert_eq!(s.read("f"), b"last and whole");
+        s.fs.release(w.fh).unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
 }
 
 #[test]
 fn a_working_copy_shows_the_files_mode_and_its_own_size() {
-    let s = full();
-    let (attr, w) =
-        s.fs.create(ROOT, name("x"), 0o750, RW, &Caller::default())
-            .unwrap();
-    s.fs.write(w.fh, 0, b"1234", CALLER).unwrap();
-    let seen = s.fs.getattr(attr.ino, Some(w.fh)).unwrap();
-    assert_eq!((seen.perm, seen.size), (0o750, 4));
-    let chmod = AttrChanges {
-        attr: SetAttr {
-            perm: Some(0o700),
+    for s in every_store() {
+        let (attr, w) =
+            s.fs.create(ROOT, name("x"), 0o750, RW, &Caller::default())
+                .unwrap();
+        s.fs.write(w.fh, 0, b"1234", CALLER).unwrap();
+        let seen = s.fs.getattr(attr.ino, Some(w.fh)).unwrap();
+        assert_eq!((seen.perm, seen.size), (0o750, 4));
+        let chmod = AttrChanges {
+            attr: SetAttr {
+                perm: Some(0o700),
+                ..Default::default()
+            },
             ..Default::default()
-        },
-        ..Default::default()
-    };
-    s.fs.setattr(attr.ino, None, &chmod).unwrap();
-    let seen = s.fs.getattr(attr.ino, Some(w.fh)).unwrap();
-    assert_eq!((seen.perm, seen.size), (0o700, 4));
-    s.fs.release(w.fh).unwrap();
+        };
+        s.fs.setattr(attr.ino, None, &chmod).unwrap();
+        let seen = s.fs.getattr(attr.ino, Some(w.fh)).unwrap();
+        assert_eq!((seen.perm, seen.size), (0o700, 4));
+        s.fs.release(w.fh).unwrap();
+    }
 }
 
 #[test]
 fn read_write_opens_share_one_working_copy() {
-    let s = full();
-    let (attr, created) = create(&s.fs, ROOT, "db", RW);
-    s.fs.write(created.fh, 0, b"v1", CALLER).unwrap();
-    s.fs.release(created.fh).unwrap();
+    for s in every_store() {
+        let (attr, created) = create(&s.fs, ROOT, "db", RW);
+        s.fs.write(created.fh, 0, b"v1", CALLER).unwrap();
+        s.fs.release(created.fh).unwrap();
 
-    let a = s.fs.open(attr.ino, RW, CALLER).unwrap();
-    let reader = s.fs.open(attr.ino, libc::O_RDONLY, CALLER).unwrap();
-    let b = s.fs.open(attr.ino, RW, CALLER).unwrap();
-    assert_eq!(b.direct_io, a.direct_io, "members read through one view");
-    s.fs.write(a.fh, 0, b"A2", CALLER).unwrap();
-    assert_eq!(s.fs.read(b.fh, 0, 10).unwrap(), b"A2", "b sees a's write");
-    s.fs.write(b.fh, 2, b"+B", CALLER).unwrap();
-    assert_eq!(s.fs.read(a.fh, 0, 10).unwrap(), b"A2+B");
-    // Until a member commits, everybody else sees the committed version.
-    assert_eq!(s.fs.read(reader.fh, 0, 10).unwrap(), b"v1");
-    assert_eq!(std::fs::read(s.root.join("db")).unwrap(), b"v1");
-    // Any member's close commits what all of them wrote.
-    s.fs.flush(b.fh, CALLER).unwrap();
-    assert_eq!(std::fs::read(s.root.join("db")).unwrap(), b"A2+B");
-    s.fs.release(b.fh).unwrap();
-    s.fs.write(a.fh, 0, b"a3", CALLER).unwrap();
-    assert_eq!(s.fs.read(a.fh, 0, 10).unwrap(), b"a3+B");
-    s.fs.release(a.fh).unwrap();
-    assert_eq!(std::fs::read(s.root.join("db")).unwrap(), b"a3+B");
-    s.fs.release(reader.fh).unwrap();
+        let a = s.fs.open(attr.ino, RW, CALLER).unwrap();
+        let reader = s.fs.open(attr.ino, libc::O_RDONLY, CALLER).unwrap();
+        let b = s.fs.open(attr.ino, RW, CALLER).unwrap();
+        assert_eq!(b.direct_io, a.direct_io, "members read through one view");
+        s.fs.write(a.fh, 0, b"A2", CALLER).unwrap();
+        assert_eq!(s.fs.read(b.fh, 0, 10).unwrap(), b"A2", "b sees a's write");
+        s.fs.write(b.fh, 2, b"+B", CALLER).unwrap();
+        assert_eq!(s.fs.read(a.fh, 0, 10).unwrap(), b"A2+B");
+        // Until a member commits, everybody else sees the committed version.
+        assert_eq!(s.fs.read(reader.fh, 0, 10).unwrap(), b"v1");
+        assert_eq!(s.read("db"), b"v1");
+        // Any member's close commits what all of them wrote.
+        s.fs.flush(b.fh, CALLER).unwrap();
+        assert_eq!(s.read("db"), b"A2+B");
+        s.fs.release(b.fh).unwrap();
+        s.fs.write(a.fh, 0, b"a3", CALLER).unwrap();
+        assert_eq!(s.fs.read(a.fh, 0, 10).unwrap(), b"a3+B");
+        s.fs.release(a.fh).unwrap();
+        assert_eq!(s.read("db"), b"a3+B");
+        s.fs.release(reader.fh).unwrap();
 
-    // Write-only, truncating and appending opens keep their own copies.
-    let c = s.fs.open(attr.ino, RW, CALLER).unwrap();
-    let w = s.fs.open(attr.ino, libc::O_WRONLY, CALLER).unwrap();
-    let t = s.fs.open(attr.ino, RW | libc::O_TRUNC, CALLER).unwrap();
-    s.fs.write(w.fh, 0, b"private", CALLER).unwrap();
-    assert_eq!(s.fs.read(c.fh, 0, 10).unwrap(), b"a3+B");
-    assert_eq!(s.fs.read(t.fh, 0, 10).unwrap(), b"");
-    s.fs.release(t.fh).unwrap();
-    s.fs.release(w.fh).unwrap();
-    assert_eq!(std::fs::read(s.root.join("db")).unwrap(), b"private");
-    // A new member of a handle with nothing uncommitted reads what a fresh open would.
-    let d = s.fs.open(attr.ino, RW, CALLER).unwrap();
-    assert!(!d.keep_cache, "the shared view moved on to a newer version");
-    assert_eq!(s.fs.read(c.fh, 0, 10).unwrap(), b"private");
-    s.fs.release(c.fh).unwrap();
-    s.fs.release(d.fh).unwrap();
-    assert!(
-        lock(&s.fs.opens).get(&attr.ino).is_none(),
-        "nothing left open"
-    );
+        // Write-only, truncating and appending opens keep their own copies.
+        let c = s.fs.open(attr.ino, RW, CALLER).unwrap();
+        let w = s.fs.open(attr.ino, libc::O_WRONLY, CALLER).unwrap();
+        let t = s.fs.open(attr.ino, RW | libc::O_TRUNC, CALLER).unwrap();
+        s.fs.write(w.fh, 0, b"private", CALLER).unwrap();
+        assert_eq!(s.fs.read(c.fh, 0, 10).unwrap(), b"a3+B");
+        assert_eq!(s.fs.read(t.fh, 0, 10).unwrap(), b"");
+        s.fs.release(t.fh).unwrap();
+        s.fs.release(w.fh).unwrap();
+        assert_eq!(s.read("db"), b"private");
+        // A new member of a handle with nothing uncommitted reads what a fresh open would.
+        let d = s.fs.open(attr.ino, RW, CALLER).unwrap();
+        assert!(!d.keep_cache, "the shared view moved on to a newer version");
+        assert_eq!(s.fs.read(c.fh, 0, 10).unwrap(), b"private");
+        s.fs.release(c.fh).unwrap();
+        s.fs.release(d.fh).unwrap();
+        assert!(
+            lock(&s.fs.opens).get(&attr.ino).is_none(),
+            "nothing left open"
+        );
+    }
 }
 
 #[test]
 fn a_lone_writer_keeps_cached_pages_only_of_the_version_it_opens() {
-    let s = full();
-    let (attr, w) = create(&s.fs, ROOT, "f", RW);
-    s.fs.write(w.fh, 0, b"v1", CALLER).unwrap();
-    s.fs.release(w.fh).unwrap();
-    // The pages cached are v1, the committed version: a new writer may keep them.
-    let w2 = s.fs.open(attr.ino, RW, CALLER).unwrap();
-    assert!(w2.keep_cache && !w2.direct_io);
-    s.fs.write(w2.fh, 0, b"v2", CALLER).unwrap();
-    s.fs.release(w2.fh).unwrap();
-    // Changed behind the mount's back: the cached pages are of another version.
-    std::fs::write(s.root.join("f"), b"outside").unwrap();
-    let w3 = s.fs.open(attr.ino, RW, CALLER).unwrap();
-    assert!(!w3.keep_cache, "pages of another version are dropped");
-    s.fs.release(w3.fh).unwrap();
+    for s in every_store() {
+        let (attr, w) = create(&s.fs, ROOT, "f", RW);
+        s.fs.write(w.fh, 0, b"v1", CALLER).unwrap();
+        s.fs.release(w.fh).unwrap();
+        // The pages cached are v1, the committed version: a new writer may keep them.
+        let w2 = s.fs.open(attr.ino, RW, CALLER).unwrap();
+        assert!(w2.keep_cache && !w2.direct_io);
+        s.fs.write(w2.fh, 0, b"v2", CALLER).unwrap();
+        s.fs.release(w2.fh).unwrap();
+        // Changed behind the mount's back: the cached pages are of another version.
+        s.put("f", b"outside");
+        let w3 = s.fs.open(attr.ino, RW, CALLER).unwrap();
+        assert!(!w3.keep_cache, "pages of another version are dropped");
+        s.fs.release(w3.fh).unwrap();
+    }
 }
 
 #[test]
 fn large_files_are_seeded_lazily_and_commit_whole() {
-    let s = full();
-    let len = (seed::LAZY_SEED_MIN + 12345) as usize;
-    let original: Vec<u8> = (0..len).map(|i| (i % 253) as u8).collect();
-    std::fs::write(s.root.join("big"), &original).unwrap();
-    let attr = s.fs.lookup(ROOT, name("big")).unwrap();
-    let h = s.fs.open(attr.ino, RW, CALLER).unwrap();
-    let mut expect = original.clone();
-    for offset in [len - 3, 2 << 20, 17] {
-        s.fs.write(h.fh, offset as u64, b"XYZ", CALLER).unwrap();
-        expect[offset..offset + 3].copy_from_slice(b"XYZ");
-    }
-    // The handle sees the seed plus its writes, before the commit too.
-    assert_eq!(s.fs.read(h.fh, 0, 32).unwrap(), &expect[..32]);
-    assert_eq!(
-        s.fs.read(h.fh, (3 << 20) - 5, 10).unwrap(),
-        &expect[(3 << 20) - 5..(3 << 20) + 5]
-    );
-    assert_eq!(std::fs::read(s.root.join("big")).unwrap(), original);
-    s.fs.release(h.fh).unwrap();
-    assert!(std::fs::read(s.root.join("big")).unwrap() == expect);
+    for s in every_store() {
+        let len = (seed::LAZY_SEED_MIN + 12345) as usize;
+        let original: Vec<u8> = (0..len).map(|i| (i % 253) as u8).collect();
+        s.put("big", &original);
+        let attr = s.fs.lookup(ROOT, name("big")).unwrap();
+        let h = s.fs.open(attr.ino, RW, CALLER).unwrap();
+        let mut expect = original.clone();
+        for offset in [len - 3, 2 << 20, 17] {
+            s.fs.write(h.fh, offset as u64, b"XYZ", CALLER).unwrap();
+            expect[offset..offset + 3].copy_from_slice(b"XYZ");
+        }
+        // The handle sees the seed plus its writes, before the commit too.
+        assert_eq!(s.fs.read(h.fh, 0, 32).unwrap(), &expect[..32]);
+        assert_eq!(
+            s.fs.read(h.fh, (3 << 20) - 5, 10).unwrap(),
+            &expect[(3 << 20) - 5..(3 << 20) + 5]
+        );
+        assert_eq!(s.read("big"), original);
+        s.fs.release(h.fh).unwrap();
+        assert!(s.read("big") == expect);
 
-    // A truncation while seeding keeps exactly the bytes below the cut.
-    let h = s.fs.open(attr.ino, RW, CALLER).unwrap();
-    s.fs.write(h.fh, 5, b"abc", CALLER).unwrap();
-    let cut = (1 << 20) + 7;
-    s.fs.setattr(
-        attr.ino,
-        Some(h.fh),
-        &AttrChanges {
-            size: Some(cut as u64),
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    s.fs.release(h.fh).unwrap();
-    expect[5..8].copy_from_slice(b"abc");
-    expect.truncate(cut);
-    assert!(std::fs::read(s.root.join("big")).unwrap() == expect);
+        // A truncation while seeding keeps exactly the bytes below the cut.
+        let h = s.fs.open(attr.ino, RW, CALLER).unwrap();
+        s.fs.write(h.fh, 5, b"abc", CALLER).unwrap();
+        let cut = (1 << 20) + 7;
+        s.fs.setattr(
+            attr.ino,
+            Some(h.fh),
+            &AttrChanges {
+                size: Some(cut as u64),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        s.fs.release(h.fh).unwrap();
+        expect[5..8].copy_from_slice(b"abc");
+        expect.truncate(cut);
+        assert!(s.read("big") == expect);
+    }
 }
 
 #[test]
 fn large_files_are_patched_in_place_unless_somebody_else_has_them_open() {
-    use std::os::unix::fs::MetadataExt;
-    let s = full();
-    let len = (seed::LAZY_SEED_MIN + 4096) as usize;
-    let original: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
-    let path = s.root.join("db");
-    std::fs::write(&path, &original).unwrap();
-    let inode = || std::fs::metadata(&path).unwrap().ino();
-    let first = inode();
-    let attr = s.fs.lookup(ROOT, name("db")).unwrap();
-    let write = |fh: u64, offset: usize, data: &[u8], expect: &mut Vec<u8>| {
-        s.fs.write(fh, offset as u64, data, CALLER).unwrap();
-        if expect.len() < offset + data.len() {
-            expect.resize(offset + data.len(), 0);
+    for s in every_store() {
+        let len = (seed::LAZY_SEED_MIN + 4096) as usize;
+        let original: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+        s.put("db", &original);
+        let inode = || s.inode("db");
+        let first = inode();
+        let attr = s.fs.lookup(ROOT, name("db")).unwrap();
+        let write = |fh: u64, offset: usize, data: &[u8], expect: &mut Vec<u8>| {
+            s.fs.write(fh, offset as u64, data, CALLER).unwrap();
+            if expect.len() < offset + data.len() {
+                expect.resize(offset + data.len(), 0);
+            }
+            expect[offset..offset + data.len()].copy_from_slice(data);
+        };
+
+        // Alone: the changed blocks and the new tail go into the same file.
+        let mut v1 = original.clone();
+        let w = s.fs.open(attr.ino, RW, CALLER).unwrap();
+        write(w.fh, 4096 * 3, &[1u8; 4096], &mut v1);
+        write(w.fh, 1 << 20, b"middle", &mut v1);
+        write(w.fh, len + 10, b"tail", &mut v1);
+        assert!(s.read("db") == original, "private until close");
+        s.fs.release(w.fh).unwrap();
+        assert!(s.read("db") == v1);
+        assert_eq!(inode(), first, "patched in place");
+        if let Some(root) = &s.root {
+            use std::os::unix::fs::MetadataExt;
+            let links = std::fs::metadata(root.join("db")).unwrap().nlink();
+            assert_eq!(links, 1, "no crash marker left");
         }
-        expect[offset..offset + data.len()].copy_from_slice(data);
-    };
 
-    // Alone: the changed blocks and the new tail go into the same file.
-    let mut v1 = original.clone();
-    let w = s.fs.open(attr.ino, RW, CALLER).unwrap();
-    write(w.fh, 4096 * 3, &[1u8; 4096], &mut v1);
-    write(w.fh, 1 << 20, b"middle", &mut v1);
-    write(w.fh, len + 10, b"tail", &mut v1);
-    assert!(
-        std::fs::read(&path).unwrap() == original,
-        "private until close"
-    );
-    s.fs.release(w.fh).unwrap();
-    assert!(std::fs::read(&path).unwrap() == v1);
-    assert_eq!(inode(), first, "patched in place");
-    assert_eq!(std::fs::metadata(&path).unwrap().nlink(), 1);
+        // A reader open: the writer commits a whole copy, the reader keeps its version.
+        let mut v2 = v1.clone();
+        let r = s.fs.open(attr.ino, libc::O_RDONLY, CALLER).unwrap();
+        let w = s.fs.open(attr.ino, RW, CALLER).unwrap();
+        write(w.fh, 0, b"v2", &mut v2);
+        s.fs.release(w.fh).unwrap();
+        assert!(s.read("db") == v2);
+        let second = inode();
+        if s.root.is_some() {
+            assert_ne!(second, first, "a new file, not a patch under the reader");
+        }
+        assert_eq!(s.fs.read(r.fh, 4096 * 3, 4).unwrap(), [1u8; 4]);
+        assert_eq!(s.fs.read(r.fh, 0, 2).unwrap(), &v1[..2]);
+        s.fs.release(r.fh).unwrap();
 
-    // A reader open: the writer commits a whole copy, the reader keeps its version.
-    let mut v2 = v1.clone();
-    let r = s.fs.open(attr.ino, libc::O_RDONLY, CALLER).unwrap();
-    let w = s.fs.open(attr.ino, RW, CALLER).unwrap();
-    write(w.fh, 0, b"v2", &mut v2);
-    s.fs.release(w.fh).unwrap();
-    assert!(std::fs::read(&path).unwrap() == v2);
-    let second = inode();
-    assert_ne!(second, first, "a new file, not a patch under the reader");
-    assert_eq!(s.fs.read(r.fh, 4096 * 3, 4).unwrap(), [1u8; 4]);
-    assert_eq!(s.fs.read(r.fh, 0, 2).unwrap(), &v1[..2]);
-    s.fs.release(r.fh).unwrap();
+        // Two writers: the last close wins, whole, though the first to open could patch.
+        let (mut a, mut b) = (v2.clone(), v2.clone());
+        let wa = s.fs.open(attr.ino, libc::O_WRONLY, CALLER).unwrap();
+        let wb = s.fs.open(attr.ino, libc::O_WRONLY, CALLER).unwrap();
+        write(wa.fh, 8192, b"AAAA", &mut a);
+        write(wb.fh, 2 << 20, b"BBBB", &mut b);
+        s.fs.release(wb.fh).unwrap();
+        assert!(s.read("db") == b);
+        s.fs.release(wa.fh).unwrap();
+        assert!(s.read("db") == a, "the last close wins, whole");
 
-    // Two writers: the last close wins, whole, though the first to open could patch.
-    let (mut a, mut b) = (v2.clone(), v2.clone());
-    let wa = s.fs.open(attr.ino, libc::O_WRONLY, CALLER).unwrap();
-    let wb = s.fs.open(attr.ino, libc::O_WRONLY, CALLER).unwrap();
-    write(wa.fh, 8192, b"AAAA", &mut a);
-    write(wb.fh, 2 << 20, b"BBBB", &mut b);
-    s.fs.release(wb.fh).unwrap();
-    assert!(std::fs::read(&path).unwrap() == b);
-    s.fs.release(wa.fh).unwrap();
-    assert!(
-        std::fs::read(&path).unwrap() == a,
-        "the last close wins, whole"
-    );
-
-    // fsync commits a durable patch; the handle goes on writing and patches again.
-    let mut v3 = a.clone();
-    let third = inode();
-    let w = s.fs.open(attr.ino, RW, CALLER).unwrap();
-    write(w.fh, 100, b"synced", &mut v3);
-    s.fs.fsync(w.fh).unwrap();
-    assert!(std::fs::read(&path).unwrap() == v3);
-    write(w.fh, 3 << 20, b"after", &mut v3);
-    s.fs.release(w.fh).unwrap();
-    assert!(std::fs::read(&path).unwrap() == v3);
-    assert_eq!(inode(), third, "both commits patched the same file");
+        // fsync commits a durable patch; the handle goes on writing and patches again.
+        let mut v3 = a.clone();
+        let third = inode();
+        let w = s.fs.open(attr.ino, RW, CALLER).unwrap();
+        write(w.fh, 100, b"synced", &mut v3);
+        s.fs.fsync(w.fh).unwrap();
+        assert!(s.read("db") == v3);
+        write(w.fh, 3 << 20, b"after", &mut v3);
+        s.fs.release(w.fh).unwrap();
+        assert!(s.read("db") == v3);
+        assert_eq!(inode(), third, "both commits patched the same file");
+    }
 }
 
 #[test]
 fn a_flush_without_changes_commits_nothing() {
-    let s = full();
-    let (attr, w) = create(&s.fs, ROOT, "f", RW);
-    s.fs.write(w.fh, 0, b"v1", CALLER).unwrap();
-    s.fs.release(w.fh).unwrap();
-    let ino_before = std::fs::metadata(s.root.join("f")).unwrap();
-    let h = s.fs.open(attr.ino, RW, CALLER).unwrap();
-    s.fs.flush(h.fh, CALLER).unwrap();
-    s.fs.release(h.fh).unwrap();
-    use std::os::unix::fs::MetadataExt;
-    assert_eq!(
-        std::fs::metadata(s.root.join("f")).unwrap().ino(),
-        ino_before.ino()
-    );
+    for s in every_store() {
+        let (attr, w) = create(&s.fs, ROOT, "f", RW);
+        s.fs.write(w.fh, 0, b"v1", CALLER).unwrap();
+        s.fs.release(w.fh).unwrap();
+        let before = s.store.stat(Path::new("f")).unwrap().version;
+        let ino_before = s.inode("f");
+        let h = s.fs.open(attr.ino, RW, CALLER).unwrap();
+        s.fs.flush(h.fh, CALLER).unwrap();
+        s.fs.release(h.fh).unwrap();
+        assert_eq!(s.store.stat(Path::new("f")).unwrap().version, before);
+        assert_eq!(s.inode("f"), ino_before);
+    }
 }
 
 #[test]
 fn renames_and_unlinks_of_open_files() {
-    let s = full();
-    let (attr, w) = create(&s.fs, ROOT, "draft", RW);
-    s.fs.write(w.fh, 0, b"text", CALLER).unwrap();
-    s.fs.rename(ROOT, name("draft"), ROOT, name("final"), 0)
-        .unwrap();
-    s.fs.flush(w.fh, CALLER).unwrap();
-    assert_eq!(std::fs::read(s.root.join("final")).unwrap(), b"text");
-    assert!(!s.root.join("draft").exists());
-    let w2 = s.fs.open(attr.ino, RW, CALLER).unwrap();
-    s.fs.write(w2.fh, 0, b"TEXT", CALLER).unwrap();
-    s.fs.unlink(ROOT, name("final")).unwrap();
-    assert_eq!(s.fs.getattr(attr.ino, None).unwrap().size, 4);
-    s.fs.release(w2.fh).unwrap();
-    s.fs.release(w.fh).unwrap();
-    assert!(
-        !s.root.join("final").exists(),
-        "an unlinked file is not resurrected"
-    );
+    for s in every_store() {
+        let (attr, w) = create(&s.fs, ROOT, "draft", RW);
+        s.fs.write(w.fh, 0, b"text", CALLER).unwrap();
+        s.fs.rename(ROOT, name("draft"), ROOT, name("final"), 0)
+            .unwrap();
+        s.fs.flush(w.fh, CALLER).unwrap();
+        assert_eq!(s.read("final"), b"text");
+        assert!(!s.exists("draft"));
+        let w2 = s.fs.open(attr.ino, RW, CALLER).unwrap();
+        s.fs.write(w2.fh, 0, b"TEXT", CALLER).unwrap();
+        s.fs.unlink(ROOT, name("final")).unwrap();
+        assert_eq!(s.fs.getattr(attr.ino, None).unwrap().size, 4);
+        s.fs.release(w2.fh).unwrap();
+        s.fs.release(w.fh).unwrap();
+        assert!(!s.exists("final"), "an unlinked file is not resurrected");
+    }
 }
 
 #[test]
 fn truncate_by_path_commits_and_append_writes_at_the_end() {
-    let s = full();
-    let (attr, w) = create(&s.fs, ROOT, "log", RW);
-    s.fs.write(w.fh, 0, b"one\n", CALLER).unwrap();
-    s.fs.release(w.fh).unwrap();
-    let a =
-        s.fs.open(attr.ino, libc::O_WRONLY | libc::O_APPEND, CALLER)
-            .unwrap();
-    s.fs.write(a.fh, 0, b"two\n", CALLER).unwrap();
-    s.fs.release(a.fh).unwrap();
-    assert_eq!(std::fs::read(s.root.join("log")).unwrap(), b"one\ntwo\n");
-    let changes = AttrChanges {
-        size: Some(3),
-        ..Default::default()
-    };
-    assert_eq!(s.fs.setattr(attr.ino, None, &changes).unwrap().size, 3);
-    assert_eq!(std::fs::read(s.root.join("log")).unwrap(), b"one");
+    for s in every_store() {
+        let (attr, w) = create(&s.fs, ROOT, "log", RW);
+        s.fs.write(w.fh, 0, b"one\n", CALLER).unwrap();
+        s.fs.release(w.fh).unwrap();
+        let a =
+            s.fs.open(attr.ino, libc::O_WRONLY | libc::O_APPEND, CALLER)
+                .unwrap();
+        s.fs.write(a.fh, 0, b"two\n", CALLER).unwrap();
+        s.fs.release(a.fh).unwrap();
+        assert_eq!(s.read("log"), b"one\ntwo\n");
+        let changes = AttrChanges {
+            size: Some(3),
+            ..Default::default()
+        };
+        assert_eq!(s.fs.setattr(attr.ino, None, &changes).unwrap().size, 3);
+        assert_eq!(s.read("log"), b"one");
+    }
 }
 
 #[test]
 fn fallocate_changes_the_working_copy_like_a_write() {
-    use std::os::unix::fs::MetadataExt;
     let keep = libc::FALLOC_FL_KEEP_SIZE;
-    let s = full();
-    let (attr, w) = create(&s.fs, ROOT, "f", RW);
-    s.fs.write(w.fh, 0, b"abcdef", CALLER).unwrap();
-    s.fs.release(w.fh).unwrap();
-    let ino_before = std::fs::metadata(s.root.join("f")).unwrap().ino();
-    // A reservation inside the file, or past its end keeping the size, changes nothing.
-    let w = s.fs.open(attr.ino, RW, CALLER).unwrap();
-    s.fs.fallocate(w.fh, 0, 2, keep, CALLER).unwrap();
-    s.fs.fallocate(w.fh, 0, 100, keep, CALLER).unwrap();
-    s.fs.release(w.fh).unwrap();
-    let meta = std::fs::metadata(s.root.join("f")).unwrap();
-    assert_eq!(
-        (meta.ino(), meta.len()),
-        (ino_before, 6),
-        "nothing committed"
-    );
-    // Appends waiting in memory move into the working copy that a zeroing needs.
-    let a =
-        s.fs.open(attr.ino, libc::O_WRONLY | libc::O_APPEND, CALLER)
+    for s in every_store() {
+        let (attr, w) = create(&s.fs, ROOT, "f", RW);
+        s.fs.write(w.fh, 0, b"abcdef", CALLER).unwrap();
+        s.fs.release(w.fh).unwrap();
+        let before = s.store.stat(Path::new("f")).unwrap().version;
+        // A reservation inside the file, or past its end keeping the size, changes nothing.
+        let w = s.fs.open(attr.ino, RW, CALLER).unwrap();
+        s.fs.fallocate(w.fh, 0, 2, keep, CALLER).unwrap();
+        s.fs.fallocate(w.fh, 0, 100, keep, CALLER).unwrap();
+        s.fs.release(w.fh).unwrap();
+        let meta = s.store.stat(Path::new("f")).unwrap();
+        assert_eq!((meta.version, meta.size), (before, 6), "nothing committed");
+        // Appends waiting in memory move into the working copy that a zeroing needs.
+        let a =
+            s.fs.open(attr.ino, libc::O_WRONLY | libc::O_APPEND, CALLER)
+                .unwrap();
+        s.fs.write(a.fh, 0, b"gh", CALLER).unwrap();
+        let punch = libc::FALLOC_FL_PUNCH_HOLE | keep;
+        s.fs.fallocate(a.fh, 4, 3, punch, CALLER).unwrap();
+        assert_eq!(s.fs.getattr(attr.ino, Some(a.fh)).unwrap().size, 8);
+        assert_eq!(s.read("f"), b"abcdef");
+        s.fs.release(a.fh).unwrap();
+        assert_eq!(s.read("f"), b"abcd\0\0\0h");
+        // Growing by zeroing past the end; bad modes and read-only handles are refused.
+        let w = s.fs.open(attr.ino, RW, CALLER).unwrap();
+        s.fs.fallocate(w.fh, 6, 4, libc::FALLOC_FL_ZERO_RANGE, CALLER)
             .unwrap();
-    s.fs.write(a.fh, 0, b"gh", CALLER).unwrap();
-    let punch = libc::FALLOC_FL_PUNCH_HOLE | keep;
-    s.fs.fallocate(a.fh, 4, 3, punch, CALLER).unwrap();
-    assert_eq!(s.fs.getattr(attr.ino, Some(a.fh)).unwrap().size, 8);
-    assert_eq!(std::fs::read(s.root.join("f")).unwrap(), b"abcdef");
-    s.fs.release(a.fh).unwrap();
-    assert_eq!(std::fs::read(s.root.join("f")).unwrap(), b"abcd\0\0\0h");
-    // Growing by zeroing past the end; bad modes and read-only handles are refused.
-    let w = s.fs.open(attr.ino, RW, CALLER).unwrap();
-    s.fs.fallocate(w.fh, 6, 4, libc::FALLOC_FL_ZERO_RANGE, CALLER)
-        .unwrap();
-    let insert = libc::FALLOC_FL_INSERT_RANGE;
-    assert_eq!(
-        s.fs.fallocate(w.fh, 0, 4096, insert, CALLER),
-        Err(Errno::EOPNOTSUPP)
-    );
-    assert_eq!(
-        s.fs.fallocate(w.fh, 0, 1, libc::FALLOC_FL_PUNCH_HOLE, CALLER),
-        Err(Errno::EOPNOTSUPP),
-        "a hole is punched only with KEEP_SIZE"
-    );
-    s.fs.release(w.fh).unwrap();
-    assert_eq!(
-        std::fs::read(s.root.join("f")).unwrap(),
-        b"abcd\0\0\0\0\0\0"
-    );
-    let r = s.fs.open(attr.ino, libc::O_RDONLY, CALLER).unwrap();
-    assert_eq!(s.fs.fallocate(r.fh, 0, 1, 0, CALLER), Err(Errno::EBADF));
-    s.fs.release(r.fh).unwrap();
+        let insert = libc::FALLOC_FL_INSERT_RANGE;
+        assert_eq!(
+            s.fs.fallocate(w.fh, 0, 4096, insert, CALLER),
+            Err(Errno::EOPNOTSUPP)
+        );
+        assert_eq!(
+            s.fs.fallocate(w.fh, 0, 1, libc::FALLOC_FL_PUNCH_HOLE, CALLER),
+            Err(Errno::EOPNOTSUPP),
+            "a hole is punched only with KEEP_SIZE"
+        );
+        s.fs.release(w.fh).unwrap();
+        assert_eq!(s.read("f"), b"abcd\0\0\0\0\0\0");
+        let r = s.fs.open(attr.ino, libc::O_RDONLY, CALLER).unwrap();
+        assert_eq!(s.fs.fallocate(r.fh, 0, 1, 0, CALLER), Err(Errno::EBADF));
+        s.fs.release(r.fh).unwrap();
+    }
 }
 
 #[test]
 fn copy_file_range_copies_what_the_source_handle_sees_into_the_working_copy() {
-    let s = full();
-    let (src, w) = create(&s.fs, ROOT, "src", RW);
-    s.fs.write(w.fh, 0, b"0123456789", CALLER).unwrap();
-    // The source handle's uncommitted bytes are what it sees, so they are copied.
-    let (dst, d) = create(&s.fs, ROOT, "dst", RW);
-    s.fs.write(d.fh, 0, b"abcdef", CALLER).unwrap();
-    let n = s.fs.copy_file_range((w.fh, 2), (d.fh, 4), 5, CALLER);
-    assert_eq!(n, Ok(5));
-    assert_eq!(s.fs.read(d.fh, 0, 100).unwrap(), b"abcd23456");
-    assert_eq!(s.fs.getattr(dst.ino, Some(d.fh)).unwrap().size, 9);
-    assert_eq!(
-        std::fs::read(s.root.join("dst")).unwrap(),
-        b"",
-        "private until close"
-    );
-    // Short at the source's end; nothing past it.
-    assert_eq!(
-        s.fs.copy_file_range((w.fh, 8), (d.fh, 0), 100, CALLER),
-        Ok(2)
-    );
-    assert_eq!(
-        s.fs.copy_file_range((w.fh, 10), (d.fh, 0), 100, CALLER),
-        Ok(0)
-    );
-    s.fs.release(w.fh).unwrap();
-    s.fs.release(d.fh).unwrap();
-    assert_eq!(std::fs::read(s.root.join("dst")).unwrap(), b"89cd23456");
-    // From a reader of the committed file, and into a read-only handle: EBADF.
-    let r = s.fs.open(src.ino, libc::O_RDONLY, CALLER).unwrap();
-    let ro = s.fs.open(dst.ino, libc::O_RDONLY, CALLER).unwrap();
-    assert_eq!(
-        s.fs.copy_file_range((r.fh, 0), (ro.fh, 0), 4, CALLER),
-        Err(Errno::EBADF)
-    );
-    s.fs.release(r.fh).unwrap();
-    s.fs.release(ro.fh).unwrap();
+    for s in every_store() {
+        let (src, w) = create(&s.fs, ROOT, "src", RW);
+        s.fs.write(w.fh, 0, b"0123456789", CALLER).unwrap();
+        // The source handle's uncommitted bytes are what it sees, so they are copied.
+        let (dst, d) = create(&s.fs, ROOT, "dst", RW);
+        s.fs.write(d.fh, 0, b"abcdef", CALLER).unwrap();
+        let n = s.fs.copy_file_range((w.fh, 2), (d.fh, 4), 5, CALLER);
+        assert_eq!(n, Ok(5));
+        assert_eq!(s.fs.read(d.fh, 0, 100).unwrap(), b"abcd23456");
+        assert_eq!(s.fs.getattr(dst.ino, Some(d.fh)).unwrap().size, 9);
+        assert_eq!(s.read("dst"), b"", "private until close");
+        // Short at the source's end; nothing past it.
+        assert_eq!(
+            s.fs.copy_file_range((w.fh, 8), (d.fh, 0), 100, CALLER),
+            Ok(2)
+        );
+        assert_eq!(
+            s.fs.copy_file_range((w.fh, 10), (d.fh, 0), 100, CALLER),
+            Ok(0)
+        );
+        s.fs.release(w.fh).unwrap();
+        s.fs.release(d.fh).unwrap();
+        assert_eq!(s.read("dst"), b"89cd23456");
+        // From a reader of the committed file, and into a read-only handle: EBADF.
+        let r = s.fs.open(src.ino, libc::O_RDONLY, CALLER).unwrap();
+        let ro = s.fs.open(dst.ino, libc::O_RDONLY, CALLER).unwrap();
+        assert_eq!(
+            s.fs.copy_file_range((r.fh, 0), (ro.fh, 0), 4, CALLER),
+            Err(Errno::EBADF)
+        );
+        s.fs.release(r.fh).unwrap();
+        s.fs.release(ro.fh).unwrap();
+    }
 }
 
 #[test]
 fn appends_commit_in_place_and_stay_private_until_close() {
-    use std::os::unix::fs::MetadataExt;
-    let s = full();
-    let (attr, w) = create(&s.fs, ROOT, "log", RW);
-    s.fs.write(w.fh, 0, b"one\n", CALLER).unwrap();
-    s.fs.release(w.fh).unwrap();
-    let backing = s.root.join("log");
-    let inode = std::fs::metadata(&backing).unwrap().ino();
-    let append = libc::O_WRONLY | libc::O_APPEND;
+    for s in every_store() {
+        let (attr, w) = create(&s.fs, ROOT, "log", RW);
+        s.fs.write(w.fh, 0, b"one\n", CALLER).unwrap();
+        s.fs.release(w.fh).unwrap();
+        let inode = s.inode("log");
+        let append = libc::O_WRONLY | libc::O_APPEND;
 
-    let old_reader = s.fs.open(attr.ino, libc::O_RDONLY, CALLER).unwrap();
-    let a = s.fs.open(attr.ino, append, CALLER).unwrap();
-    s.fs.write(a.fh, 0, b"two\n", CALLER).unwrap();
-    s.fs.write(a.fh, 0, b"three\n", CALLER).unwrap();
-    // Not on disk yet; the handle sees its appends, others do not.
-    assert_eq!(std::fs::read(&backing).unwrap(), b"one\n");
-    assert_eq!(s.fs.read(a.fh, 2, 100).unwrap(), b"e\ntwo\nthree\n");
-    assert_eq!(s.fs.read(old_reader.fh, 0, 100).unwrap(), b"one\n");
-    s.fs.flush(a.fh, CALLER).unwrap();
-    s.fs.release(a.fh).unwrap();
-    assert_eq!(std::fs::read(&backing).unwrap(), b"one\ntwo\nthree\n");
-    let after = std::fs::metadata(&backing).unwrap();
-    assert_eq!(after.ino(), inode, "committed in place, not by a copy");
-    assert_eq!(after.nlink(), 1, "no crash marker left");
-    // A reader opened before the commit reads on into the committed appends.
-    assert_eq!(
-        s.fs.read(old_reader.fh, 0, 100).unwrap(),
-        b"one\ntwo\nthree\n"
-    );
-    s.fs.release(old_reader.fh).unwrap();
+        let old_reader = s.fs.open(attr.ino, libc::O_RDONLY, CALLER).unwrap();
+        let a = s.fs.open(attr.ino, append, CALLER).unwrap();
+        s.fs.write(a.fh, 0, b"two\n", CALLER).unwrap();
+        s.fs.write(a.fh, 0, b"three\n", CALLER).unwrap();
+        // Not on disk yet; the handle sees its appends, others do not.
+        assert_eq!(s.read("log"), b"one\n");
+        assert_eq!(s.fs.read(a.fh, 2, 100).unwrap(), b"e\ntwo\nthree\n");
+        assert_eq!(s.fs.read(old_reader.fh, 0, 100).unwrap(), b"one\n");
+        s.fs.flush(a.fh, CALLER).unwrap();
+        s.fs.release(a.fh).unwrap();
+        assert_eq!(s.read("log"), b"one\ntwo\nthree\n");
+        assert_eq!(s.inode("log"), inode, "committed in place, not by a copy");
+        if let Some(root) = &s.root {
+            use std::os::unix::fs::MetadataExt;
+            let links = std::fs::metadata(root.join("log")).unwrap().nlink();
+            assert_eq!(links, 1, "no crash marker left");
+        }
+        // A reader opened before the commit reads on into the committed appends.
+        assert_eq!(
+            s.fs.read(old_reader.fh, 0, 100).unwrap(),
+            b"one\ntwo\nthree\n"
+        );
+        s.fs.release(old_reader.fh).unwrap();
 
-    // Two appenders from one version: each one's bytes go at the end as it is at its commit.
-    let x = s.fs.open(attr.ino, append, CALLER).unwrap();
-    let y = s.fs.open(attr.ino, append, CALLER).unwrap();
-    s.fs.write(x.fh, 0, b"x\n", CALLER).unwrap();
-    s.fs.write(y.fh, 0, b"y\n", CALLER).unwrap();
-    assert_eq!(s.fs.getattr(attr.ino, Some(x.fh)).unwrap().size, 16);
-    s.fs.release(x.fh).unwrap();
-    s.fs.release(y.fh).unwrap();
-    assert_eq!(std::fs::read(&backing).unwrap(), b"one\ntwo\nthree\nx\ny\n");
+        // Two appenders from one version: each one's bytes go at the end as it is at its commit.
+        let x = s.fs.open(attr.ino, append, CALLER).unwrap();
+        let y = s.fs.open(attr.ino, append, CALLER).unwrap();
+        s.fs.write(x.fh, 0, b"x\n", CALLER).unwrap();
+        s.fs.write(y.fh, 0, b"y\n", CALLER).unwrap();
+        assert_eq!(s.fs.getattr(attr.ino, Some(x.fh)).unwrap().size, 16);
+        s.fs.release(x.fh).unwrap();
+        s.fs.release(y.fh).unwrap();
+        assert_eq!(s.read("log"), b"one\ntwo\nthree\nx\ny\n");
 
-    // An appender whose bytes went to a working copy keeps another's too.
-    let before = std::fs::read(&backing).unwrap();
-    let big = vec![b'w'; handle::APPEND_BUFFER_MAX + 10];
-    let x = s.fs.open(attr.ino, append, CALLER).unwrap();
-    let y = s.fs.open(attr.ino, append, CALLER).unwrap();
-    s.fs.write(x.fh, 0, &big, CALLER).unwrap();
-    s.fs.write(y.fh, 0, b"y2\n", CALLER).unwrap();
-    s.fs.release(y.fh).unwrap();
-    s.fs.write(x.fh, 0, b"x2\n", CALLER).unwrap();
-    s.fs.release(x.fh).unwrap();
-    let mut expected = before.clone();
-    expected.extend_from_slice(b"y2\n");
-    expected.extend_from_slice(&big);
-    expected.extend_from_slice(b"x2\n");
-    assert!(std::fs::read(&backing).unwrap() == expected);
-    let cut = AttrChanges {
-        size: Some(before.len() as u64),
-        ..Default::default()
-    };
-    s.fs.setattr(attr.ino, None, &cut).unwrap();
+        // An appender whose bytes went to a working copy keeps another's too.
+        let before = s.read("log");
+        let big = vec![b'w'; handle::APPEND_BUFFER_MAX + 10];
+        let x = s.fs.open(attr.ino, append, CALLER).unwrap();
+        let y = s.fs.open(attr.ino, append, CALLER).unwrap();
+        s.fs.write(x.fh, 0, &big, CALLER).unwrap();
+        s.fs.write(y.fh, 0, b"y2\n", CALLER).unwrap();
+        s.fs.release(y.fh).unwrap();
+        s.fs.write(x.fh, 0, b"x2\n", CALLER).unwrap();
+        s.fs.release(x.fh).unwrap();
+        let mut expected = before.clone();
+        expected.extend_from_slice(b"y2\n");
+        expected.extend_from_slice(&big);
+        expected.extend_from_slice(b"x2\n");
+        assert!(s.read("log") == expected);
+        let cut = AttrChanges {
+            size: Some(before.len() as u64),
+            ..Default::default()
+        };
+        s.fs.setattr(attr.ino, None, &cut).unwrap();
 
-    // More than the buffer holds moves to a working copy and still commits whole.
-    let big = vec![b'z'; handle::APPEND_BUFFER_MAX + 10];
-    let b = s.fs.open(attr.ino, append, CALLER).unwrap();
-    s.fs.write(b.fh, 0, b"small\n", CALLER).unwrap();
-    s.fs.write(b.fh, 0, &big, CALLER).unwrap();
-    s.fs.write(b.fh, 0, b"end", CALLER).unwrap();
-    s.fs.release(b.fh).unwrap();
-    let mut expected = b"one\ntwo\nthree\nx\ny\nsmall\n".to_vec();
-    expected.extend_from_slice(&big);
-    expected.extend_from_slice(b"end");
-    assert_eq!(std::fs::read(&backing).unwrap(), expected);
+        // More than the buffer holds moves to a working copy and still commits whole.
+        let big = vec![b'z'; handle::APPEND_BUFFER_MAX + 10];
+        let b = s.fs.open(attr.ino, append, CALLER).unwrap();
+        s.fs.write(b.fh, 0, b"small\n", CALLER).unwrap();
+        s.fs.write(b.fh, 0, &big, CALLER).unwrap();
+        s.fs.write(b.fh, 0, b"end", CALLER).unwrap();
+        s.fs.release(b.fh).unwrap();
+        let mut expected = b"one\ntwo\nthree\nx\ny\nsmall\n".to_vec();
+        expected.extend_from_slice(&big);
+        expected.extend_from_slice(b"end");
+        assert_eq!(s.read("log"), expected);
 
-    // Truncating through an appending handle drops the waiting appends first.
-    let t =
-        s.fs.open(attr.ino, libc::O_RDWR | libc::O_APPEND, CALLER)
-            .unwrap();
-    s.fs.write(t.fh, 0, b"gone", CALLER).unwrap();
-    let cut = AttrChanges {
-        size: Some(2),
-        ..Default::default()
-    };
-    assert_eq!(s.fs.setattr(attr.ino, Some(t.fh), &cut).unwrap().size, 2);
-    s.fs.write(t.fh, 0, b"!", CALLER).unwrap();
-    s.fs.release(t.fh).unwrap();
-    assert_eq!(std::fs::read(&backing).unwrap(), b"on!");
+        // Truncating through an appending handle drops the waiting appends first.
+        let t =
+            s.fs.open(attr.ino, libc::O_RDWR | libc::O_APPEND, CALLER)
+                .unwrap();
+        s.fs.write(t.fh, 0, b"gone", CALLER).unwrap();
+        let cut = AttrChanges {
+            size: Some(2),
+            ..Default::default()
+        };
+        assert_eq!(s.fs.setattr(attr.ino, Some(t.fh), &cut).unwrap().size, 2);
+        s.fs.write(t.fh, 0, b"!", CALLER).unwrap();
+        s.fs.release(t.fh).unwrap();
+        assert_eq!(s.read("log"), b"on!");
+    }
 }
 
 #[test]
 fn names_are_checked() {
-    let s = full();
-    let long = "x".repeat(256);
-    let c = Caller::default();
-    assert_eq!(
-        s.fs.mkdir(ROOT, name(&long), 0o755, &c).unwrap_err(),
-        Errno::ENAMETOOLONG
-    );
-    assert_eq!(
-        s.fs.lookup(ROOT, name(&long)).unwrap_err(),
-        Errno::ENAMETOOLONG
-    );
-    assert_eq!(
-        s.fs.mkdir(ROOT, name(".."), 0o755, &c).unwrap_err(),
-        Errno::EINVAL
-    );
-    assert_eq!(
-        s.fs.mkdir(ROOT, name("a/b"), 0o755, &c).unwrap_err(),
-        Errno::EINVAL
-    );
-    assert_eq!(
-        s.fs.lookup(ROOT, name("missing")).unwrap_err(),
-        Errno::ENOENT
-    );
-    let fifo =
-        s.fs.mknod(ROOT, name("p"), libc::S_IFIFO | 0o644, &c)
-            .unwrap();
-    assert_eq!((fifo.kind, fifo.perm), (Kind::Fifo, 0o644));
-    let device = libc::S_IFCHR | 0o644;
-    assert_eq!(
-        s.fs.mknod(ROOT, name("dev"), device, &c).unwrap_err(),
-        Errno::EPERM
-    );
+    for s in every_store() {
+        let long = "x".repeat(256);
+        let c = Caller::default();
+        assert_eq!(
+            s.fs.mkdir(ROOT, name(&long), 0o755, &c).unwrap_err(),
+            Errno::ENAMETOOLONG
+        );
+        assert_eq!(
+            s.fs.lookup(ROOT, name(&long)).unwrap_err(),
+            Errno::ENAMETOOLONG
+        );
+        assert_eq!(
+            s.fs.mkdir(ROOT, name(".."), 0o755, &c).unwrap_err(),
+            Errno::EINVAL
+        );
+        assert_eq!(
+            s.fs.mkdir(ROOT, name("a/b"), 0o755, &c).unwrap_err(),
+            Errno::EINVAL
+        );
+        assert_eq!(
+            s.fs.lookup(ROOT, name("missing")).unwrap_err(),
+            Errno::ENOENT
+        );
+        let fifo =
+            s.fs.mknod(ROOT, name("p"), libc::S_IFIFO | 0o644, &c)
+                .unwrap();
+        assert_eq!((fifo.kind, fifo.perm), (Kind::Fifo, 0o644));
+        let device = libc::S_IFCHR | 0o644;
+        assert_eq!(
+            s.fs.mknod(ROOT, name("dev"), device, &c).unwrap_err(),
+            Errno::EPERM
+        );
+    }
 }
 
 #[test]
@@ -607,10 +680,10 @@ fn the_grant_decides_every_operation() {
         grant,
         ..Default::default()
     });
-    std::fs::create_dir_all(s.root.join("in")).unwrap();
-    std::fs::create_dir_all(s.root.join("out")).unwrap();
-    std::fs::write(s.root.join("in/a"), b"a").unwrap();
-    std::fs::write(s.root.join("secret"), b"s").unwrap();
+    s.mkdir("in");
+    s.mkdir("out");
+    s.put("in/a", b"a");
+    s.put("secret", b"s");
     let c = Caller::default();
     assert_eq!(
         s.fs.lookup(ROOT, name("secret")).unwrap_err(),
@@ -649,76 +722,81 @@ fn the_grant_decides_every_operation() {
 
 #[test]
 fn quota_limits_file_size_entries_and_bytes() {
-    let quota = Arc::new(Quota::new(
-        Limits {
-            max_file_bytes: Some(10),
-            max_files: Some(2),
-            max_bytes: Some(15),
-        },
-        Usage::default(),
-    ));
-    let s = setup_limited(
-        FsOptions {
-            links_anywhere: true,
-            ..Default::default()
-        },
-        Some(quota.clone()),
-    );
-    let (_, w) = create(&s.fs, ROOT, "a", RW);
-    assert_eq!(
-        s.fs.write(w.fh, 0, &[1; 16], CALLER).unwrap(),
-        10,
-        "cut short at the limit"
-    );
-    assert_eq!(
-        s.fs.write(w.fh, 10, &[1; 1], CALLER).unwrap_err(),
-        Errno::EFBIG
-    );
-    s.fs.release(w.fh).unwrap();
-    assert_eq!(
-        quota.usage(),
-        Usage {
-            files: 1,
-            bytes: 10
-        }
-    );
-    let (b, w) = create(&s.fs, ROOT, "b", RW);
-    assert_eq!(
-        s.fs.write(w.fh, 0, &[1; 6], CALLER).unwrap_err(),
-        Errno::EDQUOT
-    );
-    s.fs.write(w.fh, 0, &[1; 3], CALLER).unwrap();
-    s.fs.release(w.fh).unwrap();
-    // Appends committed in place are counted like any growth.
-    let w =
-        s.fs.open(b.ino, libc::O_WRONLY | libc::O_APPEND, CALLER)
-            .unwrap();
-    assert_eq!(
-        s.fs.write(w.fh, 0, &[1; 3], CALLER).unwrap_err(),
-        Errno::EDQUOT
-    );
-    s.fs.write(w.fh, 0, &[1; 2], CALLER).unwrap();
-    s.fs.release(w.fh).unwrap();
-    assert_eq!(quota.usage().bytes, 15);
-    let c = Caller::default();
-    assert_eq!(
-        s.fs.mkdir(ROOT, name("d"), 0o755, &c).unwrap_err(),
-        Errno::EDQUOT
-    );
-    s.fs.unlink(ROOT, name("a")).unwrap();
-    assert_eq!(quota.usage(), Usage { files: 1, bytes: 5 });
-    s.fs.mkdir(ROOT, name("d"), 0o755, &c).unwrap();
-    let st = s.fs.statfs().unwrap();
-    assert_eq!((st.files, st.ffree), (2, 0));
+    for backend in BACKENDS {
+        let quota = Arc::new(Quota::new(
+            Limits {
+                max_file_bytes: Some(10),
+                max_files: Some(2),
+                max_bytes: Some(15),
+            },
+            Usage::default(),
+        ));
+        let s = setup_on(
+            backend,
+            FsOptions {
+                links_anywhere: true,
+                ..Default::default()
+            },
+            Some(quota.clone()),
+        );
+        let (_, w) = create(&s.fs, ROOT, "a", RW);
+        assert_eq!(
+            s.fs.write(w.fh, 0, &[1; 16], CALLER).unwrap(),
+            10,
+            "cut short at the limit"
+        );
+        assert_eq!(
+            s.fs.write(w.fh, 10, &[1; 1], CALLER).unwrap_err(),
+            Errno::EFBIG
+        );
+        s.fs.release(w.fh).unwrap();
+        assert_eq!(
+            quota.usage(),
+            Usage {
+                files: 1,
+                bytes: 10
+            }
+        );
+        let (b, w) = create(&s.fs, ROOT, "b", RW);
+        assert_eq!(
+            s.fs.write(w.fh, 0, &[1; 6], CALLER).unwrap_err(),
+            Errno::EDQUOT
+        );
+        s.fs.write(w.fh, 0, &[1; 3], CALLER).unwrap();
+        s.fs.release(w.fh).unwrap();
+        // Appends committed in place are counted like any growth.
+        let w =
+            s.fs.open(b.ino, libc::O_WRONLY | libc::O_APPEND, CALLER)
+                .unwrap();
+        assert_eq!(
+            s.fs.write(w.fh, 0, &[1; 3], CALLER).unwrap_err(),
+            Errno::EDQUOT
+        );
+        s.fs.write(w.fh, 0, &[1; 2], CALLER).unwrap();
+        s.fs.release(w.fh).unwrap();
+        assert_eq!(quota.usage().bytes, 15);
+        let c = Caller::default();
+        assert_eq!(
+            s.fs.mkdir(ROOT, name("d"), 0o755, &c).unwrap_err(),
+            Errno::EDQUOT
+        );
+        s.fs.unlink(ROOT, name("a")).unwrap();
+        assert_eq!(quota.usage(), Usage { files: 1, bytes: 5 });
+        s.fs.mkdir(ROOT, name("d"), 0o755, &c).unwrap();
+        let st = s.fs.statfs().unwrap();
+        assert_eq!((st.files, st.ffree), (2, 0));
+    }
 }
 
 #[test]
 fn seek_data_and_hole_follow_each_handles_view() {
     use std::os::unix::fs::FileExt;
     const MIB: u64 = 1 << 20;
-    let s = full();
+    // Holes are the local disk's: an in-memory store has none to tell.
+    let s = full_on(Backend::Local);
     // A committed file with one 4 KiB block of data at 4 MiB in 8 MiB.
-    let f = std::fs::File::create(s.root.join("sparse")).unwrap();
+    let root = s.root.as_ref().unwrap();
+    let f = std::fs::File::create(root.join("sparse")).unwrap();
     f.set_len(8 * MIB).unwrap();
     f.write_all_at(&[b'd'; 4096], 4 * MIB).unwrap();
     drop(f);

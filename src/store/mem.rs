@@ -584,6 +584,9 @@ impl Store for MemStore {
         if to.starts_with(from) && to != from {
             return Err(err(libc::EINVAL)); // into itself
         }
+        if from.starts_with(to) && to != from {
+            return Err(err(libc::ENOTEMPTY)); // onto its own ancestor
+        }
         let target = nodes.get(to).cloned();
         if from == to {
             return match mode {
