@@ -3,6 +3,7 @@
 mod common;
 
 use std::fs;
+use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
 use std::sync::{Arc, Mutex};
@@ -577,4 +578,52 @@ fn the_daemon_tells_systemd_when_it_is_ready() {
     assert!(child.wait().unwrap().success());
     let n = listener.recv(&mut buf).expect("a notification");
     assert!(String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1"));
+}
+
+/// Waits up to 5 s for `cond` (changes reach other mounts through a notifier thread of
+/// their own, so not within the writer's call).
+fn eventually(what: &str, cond: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !cond() {
+        assert!(Instant::now() < deadline, "{what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn two_mounts_of_one_space_see_each_others_changes_at_once() {
+    // The kernel may trust what it cached for a minute: only invalidation can show changes.
+    let d = Daemon::with_config(Some(r#"{"cache_ttl_secs": 60}"#));
+    let (a, b) = (d.dir("a"), d.dir("b"));
+    d.mount(&["--room", "r1"], &a);
+    d.mount(&["--room", "r1"], &b);
+    fs::write(a.join("f"), b"one").unwrap();
+    // B looks: its kernel caches the entry, the attributes and the pages.
+    assert_eq!(fs::read(b.join("f")).unwrap(), b"one");
+    assert_eq!(fs::metadata(b.join("f")).unwrap().len(), 3);
+    fs::write(a.join("f"), b"the second version").unwrap();
+    // A stat, no open: only an invalidation of B's cached attributes shows the new size.
+    eventually("B sees A's commit", || {
+        fs::metadata(b.join("f")).unwrap().len() == 18
+    });
+    assert_eq!(fs::read(b.join("f")).unwrap(), b"the second version");
+    // Appends, renames and removals too.
+    fs::OpenOptions::new()
+        .append(true)
+        .open(a.join("f"))
+        .unwrap()
+        .write_all(b"+more")
+        .unwrap();
+    eventually("B sees the append", || {
+        fs::metadata(b.join("f")).unwrap().len() == 23
+    });
+    assert_eq!(fs::read(b.join("f")).unwrap(), b"the second version+more");
+    fs::rename(a.join("f"), a.join("g")).unwrap();
+    eventually("B sees the rename", || {
+        !b.join("f").exists() && b.join("g").exists()
+    });
+    fs::create_dir(a.join("dir")).unwrap();
+    fs::remove_file(a.join("g")).unwrap();
+    eventually("B sees the removal", || !b.join("g").exists());
+    assert!(b.join("dir").is_dir());
 }
