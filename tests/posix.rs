@@ -7,6 +7,7 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::FromRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, SystemTime};
 
 use common::{Mounted, cstr, errno, output, python, second_read_after_a_change_on_disk};
@@ -1767,4 +1768,75 @@ fn tools_agents_run_work() {
     );
     assert_eq!(sh("cd clone && git status --porcelain"), "");
     assert_eq!(sh("cd clone && ./run").trim(), "ran");
+}
+
+#[test]
+fn cp_p_and_tar_x_keep_the_times_they_set_through_the_descriptor() {
+    let m = Mounted::room();
+    let outside = m.tmp.path().join("outside");
+    fs::create_dir_all(outside.join("tree/sub")).unwrap();
+    let old = 1_000_000_000i64; // 2001
+    for (name, bytes) in [("tree/a.txt", &b"alpha"[..]), ("tree/sub/b.bin", b"beta")] {
+        let p = outside.join(name);
+        fs::write(&p, bytes).unwrap();
+        let c = cstr(&p);
+        let times = [
+            libc::timespec {
+                tv_sec: old,
+                tv_nsec: 0,
+            },
+            libc::timespec {
+                tv_sec: old + 7,
+                tv_nsec: 0,
+            },
+        ];
+        assert_eq!(
+            unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), times.as_ptr(), 0) },
+            0
+        );
+    }
+    let mtime = |p: &Path| fs::metadata(p).unwrap().mtime();
+    // cp -p and cp -a: write, futimens on the open descriptor, close.
+    let ok = |out: std::process::Output| assert!(out.status.success(), "{out:?}");
+    ok(output(
+        Command::new("cp")
+            .arg("-p")
+            .arg(outside.join("tree/a.txt"))
+            .arg(m.p("a.txt")),
+    ));
+    assert_eq!(mtime(&m.p("a.txt")), old + 7);
+    assert_eq!(fs::read(m.p("a.txt")).unwrap(), b"alpha");
+    ok(output(
+        Command::new("cp")
+            .arg("-a")
+            .arg(outside.join("tree"))
+            .arg(m.p("copied")),
+    ));
+    assert_eq!(mtime(&m.p("copied/sub/b.bin")), old + 7);
+    // GNU tar -x sets times the same way.
+    let tarball = outside.join("t.tar");
+    ok(output(
+        Command::new("tar")
+            .arg("-cf")
+            .arg(&tarball)
+            .arg("-C")
+            .arg(&outside)
+            .arg("tree"),
+    ));
+    fs::create_dir(m.p("x")).unwrap();
+    ok(output(
+        Command::new("tar")
+            .arg("-xf")
+            .arg(&tarball)
+            .arg("-C")
+            .arg(m.p("x")),
+    ));
+    assert_eq!(mtime(&m.p("x/tree/a.txt")), old + 7);
+    assert_eq!(mtime(&m.p("x/tree/sub/b.bin")), old + 7);
+    assert_eq!(fs::read(m.p("x/tree/sub/b.bin")).unwrap(), b"beta");
+    // And they are the committed files' times, as the next mount sees them.
+    assert_eq!(
+        fs::metadata(m.backing("x/tree/a.txt")).unwrap().mtime(),
+        old + 7
+    );
 }

@@ -78,6 +78,21 @@ impl Fs {
             self.store.set_attr(&path, attr)?;
             self.publish(&path);
         }
+        if attr.atime.is_some() || attr.mtime.is_some() {
+            // Writers with uncommitted changes set them again after their commit.
+            let handles = lock(&self.opens)
+                .get(&ino)
+                .map(|s| s.handles.clone())
+                .unwrap_or_default();
+            for fh in handles {
+                if let Ok(handle) = self.file(fh) {
+                    let mut h = lock(&handle);
+                    if h.dirty() {
+                        h.keep_times(attr.atime, attr.mtime);
+                    }
+                }
+            }
+        }
         self.getattr(ino, fh)
     }
 

@@ -115,6 +115,10 @@ impl Fs {
                     q.settle(sizes, (done.replaced_size, done.content.meta().size));
                 }
                 h.committed(done.content, done.followed);
+                if let Some(times) = h.kept_times() {
+                    // Times set through the descriptor after its last write stay the file's.
+                    self.store.set_attr(&path, &times)?;
+                }
                 self.committed(h, &path);
                 Ok(())
             }

@@ -18,7 +18,7 @@ use super::closers::Users;
 use super::error::{Errno, FsResult};
 use super::inode::Ino;
 use super::seed::{LAZY_SEED_MIN, Seeding};
-use crate::store::{Content, Kind, Meta, Store, WorkingCopy, copy_range};
+use crate::store::{Content, Kind, Meta, SetAttr, Store, TimeSpec, WorkingCopy, copy_range};
 
 /// Appended bytes kept in memory, at most: beyond that a working copy takes them over.
 pub const APPEND_BUFFER_MAX: usize = 128 << 10;
@@ -120,6 +120,10 @@ pub struct FileHandle {
     pub moved: bool,
     /// The threads that opened the handle or changed the file through it.
     pub users: Users,
+    /// Times set (`futimens`, `utimensat`) since the handle last changed the file: they are
+    /// the file's after the commit too, as on a local disk (`cp -p` and `tar -x` set them
+    /// through the descriptor before closing it).
+    times: Option<(Option<SystemTime>, Option<SystemTime>)>,
 }
 
 impl FileHandle {
@@ -134,7 +138,33 @@ impl FileHandle {
             seed_on_demand: false,
             moved: false,
             users: Users::default(),
+            times: None,
         }
+    }
+
+    /// Keeps the access and modification times just set, for after the commit.
+    pub fn keep_times(&mut self, atime: Option<TimeSpec>, mtime: Option<TimeSpec>) {
+        let at = |t: TimeSpec| match t {
+            TimeSpec::Now => SystemTime::now(),
+            TimeSpec::At(t) => t,
+        };
+        let (a, m) = self.times.unwrap_or((None, None));
+        self.times = Some((atime.map(at).or(a), mtime.map(at).or(m)));
+    }
+
+    /// The times to set again once committed (see `times`).
+    pub fn kept_times(&self) -> Option<SetAttr> {
+        let (atime, mtime) = self.times?;
+        Some(SetAttr {
+            atime: atime.map(TimeSpec::At),
+            mtime: mtime.map(TimeSpec::At),
+            ..Default::default()
+        })
+    }
+
+    /// A change of content: times set earlier give way to the change's own.
+    fn changed(&mut self) {
+        self.times = None;
     }
 
     pub fn mode(&self) -> Mode {
@@ -350,6 +380,10 @@ impl FileHandle {
                 meta.ctime = *at;
             }
         }
+        if let Some((atime, mtime)) = self.times {
+            meta.atime = atime.unwrap_or(meta.atime);
+            meta.mtime = mtime.unwrap_or(meta.mtime);
+        }
         Ok(Some(meta))
     }
 
@@ -444,6 +478,7 @@ impl FileHandle {
         if !self.writable() {
             return Err(Errno::EBADF);
         }
+        self.changed();
         let append = self.appends() && !placed;
         if !append && let Some(s) = self.staged_mut() {
             s.appends_from = None;
@@ -494,6 +529,7 @@ impl FileHandle {
 
     /// Sets the size of what this handle sees (in its working copy).
     pub fn truncate(&mut self, store: &dyn Store, size: u64) -> FsResult<()> {
+        self.changed();
         if size == 0 && self.staged().is_none() {
             // Truncating to nothing: no need to copy the old content first.
             self.truncated(store.working_copy()?);
@@ -558,6 +594,7 @@ impl FileHandle {
         if !self.writable() {
             return Err(Errno::EBADF);
         }
+        self.changed();
         if let Some(s) = self.staged_mut() {
             s.appends_from = None;
         }

@@ -844,3 +844,33 @@ fn seek_data_and_hole_follow_each_handles_view() {
     assert_eq!(s.fs.lseek(n.fh, 2 * MIB as i64, hole), Ok(2 * MIB + 1));
     s.fs.release(n.fh).unwrap();
 }
+
+#[test]
+fn times_set_through_a_descriptor_before_its_commit_stay() {
+    for s in every_store() {
+        let (attr, w) = create(&s.fs, ROOT, "f", RW);
+        s.fs.write(w.fh, 0, b"extracted", CALLER).unwrap();
+        // `tar -x` / `cp -p`: futimens on the descriptor, then close.
+        let then = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000_000);
+        let times = AttrChanges {
+            attr: SetAttr {
+                atime: Some(crate::store::TimeSpec::At(then)),
+                mtime: Some(crate::store::TimeSpec::At(then)),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let shown = s.fs.setattr(attr.ino, Some(w.fh), &times).unwrap();
+        assert_eq!((shown.mtime, shown.size), (then, 9), "{:?}", s.root);
+        s.fs.release(w.fh).unwrap();
+        let committed = s.store.stat(Path::new("f")).unwrap();
+        assert_eq!(committed.mtime, then, "the commit keeps them");
+        assert_eq!(s.read("f"), b"extracted");
+        // A write after them sets the time of the write, as on a local disk.
+        let w = s.fs.open(attr.ino, RW, CALLER).unwrap();
+        s.fs.setattr(attr.ino, Some(w.fh), &times).unwrap();
+        s.fs.write(w.fh, 0, b"E", CALLER).unwrap();
+        s.fs.release(w.fh).unwrap();
+        assert!(s.store.stat(Path::new("f")).unwrap().mtime > then);
+    }
+}
