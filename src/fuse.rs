@@ -224,6 +224,17 @@ fn time_spec(t: Option<TimeOrNow>) -> Option<TimeSpec> {
     })
 }
 
+/// An xattr value or name list: its size when asked with `size` 0, ERANGE when it does not
+/// fit `size`.
+fn xattr_reply(reply: ReplyXattr, size: u32, result: Result<Vec<u8>, Errno>) {
+    match result {
+        Ok(data) if size == 0 => reply.size(data.len() as u32),
+        Ok(data) if data.len() > size as usize => reply.error(fuser::Errno::ERANGE),
+        Ok(data) => reply.data(&data),
+        Err(e) => reply.error(errno(e)),
+    }
+}
+
 fn empty(reply: ReplyEmpty, result: Result<(), Errno>) {
     match result {
         Ok(()) => reply.ok(),
@@ -693,40 +704,33 @@ impl Filesystem for FuseAdapter {
     // Extended attributes are not stored (a commit replaces the file, and object stores have
     // no equivalent). Reading them: ENOSYS makes the kernel answer EOPNOTSUPP from then on
     // without asking (it asks for security.capability on every write otherwise).
-    fn getxattr(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _name: &OsStr,
-        _size: u32,
-        reply: ReplyXattr,
-    ) {
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
         let _turn = self.turn(false);
-        reply.error(fuser::Errno::ENOSYS);
+        xattr_reply(reply, size, self.fs.getxattr(ino.0, name));
     }
 
-    fn listxattr(&self, _req: &Request, _ino: INodeNo, _size: u32, reply: ReplyXattr) {
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
         let _turn = self.turn(false);
-        reply.error(fuser::Errno::ENOSYS);
+        xattr_reply(reply, size, self.fs.listxattr(ino.0));
     }
 
     fn setxattr(
         &self,
         _req: &Request,
         ino: INodeNo,
-        _name: &OsStr,
-        _value: &[u8],
-        _flags: i32,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
         _position: u32,
         reply: ReplyEmpty,
     ) {
         let _turn = self.turn(false);
-        empty(reply, self.fs.change_xattr(ino.0));
+        empty(reply, self.fs.setxattr(ino.0, name, value, flags));
     }
 
-    fn removexattr(&self, _req: &Request, ino: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let _turn = self.turn(false);
-        empty(reply, self.fs.change_xattr(ino.0));
+        empty(reply, self.fs.removexattr(ino.0, name));
     }
 
     fn ioctl(

@@ -1459,24 +1459,10 @@ assert c.execute('pragma integrity_check').fetchone()[0] == 'ok'
 }
 
 #[test]
-fn hard_links_xattrs_and_o_tmpfile_are_refused_with_documented_errnos() {
+fn hard_links_and_o_tmpfile_are_refused_with_documented_errnos() {
     let m = Mounted::room();
     fs::write(m.p("f"), b"x").unwrap();
     assert_eq!(errno(fs::hard_link(m.p("f"), m.p("g"))), libc::EPERM);
-    let (p, name, val) = (cstr(&m.p("f")), c"user.k", b"v");
-    let r = unsafe { libc::setxattr(p.as_ptr(), name.as_ptr(), val.as_ptr().cast(), 1, 0) };
-    assert_eq!(r, -1);
-    assert_eq!(
-        std::io::Error::last_os_error().raw_os_error(),
-        Some(libc::EOPNOTSUPP)
-    );
-    let mut buf = [0u8; 16];
-    let r = unsafe { libc::getxattr(p.as_ptr(), name.as_ptr(), buf.as_mut_ptr().cast(), 16) };
-    assert_eq!(r, -1);
-    assert_eq!(
-        std::io::Error::last_os_error().raw_os_error(),
-        Some(libc::EOPNOTSUPP)
-    );
     // O_TMPFILE is refused; Python's TemporaryFile, which tries it first, falls back.
     let tmp = OpenOptions::new()
         .read(true)
@@ -1839,4 +1825,70 @@ fn cp_p_and_tar_x_keep_the_times_they_set_through_the_descriptor() {
         fs::metadata(m.backing("x/tree/a.txt")).unwrap().mtime(),
         old + 7
     );
+}
+
+#[test]
+fn user_xattrs_are_kept_across_commits_and_other_namespaces_refused() {
+    let m = Mounted::room();
+    let out = python(
+        &m.mnt,
+        r#"
+import errno, os
+p = os.path.join(os.environ['MNT'], 'report.pdf')
+open(p, 'wb').write(b'%PDF-1')
+os.setxattr(p, 'user.mime_type', b'application/pdf')
+os.setxattr(p, 'user.origin', b'agent-7')
+assert sorted(os.listxattr(p)) == ['user.mime_type', 'user.origin'], os.listxattr(p)
+# Rewritten (a new version committed by exchange), appended in place: still there.
+open(p, 'wb').write(b'%PDF-2 rewritten')
+with open(p, 'ab') as f:
+    f.write(b' and appended')
+assert os.getxattr(p, 'user.mime_type') == b'application/pdf'
+assert open(p, 'rb').read() == b'%PDF-2 rewritten and appended'
+# Create and replace flags, removal.
+try:
+    os.setxattr(p, 'user.origin', b'x', os.XATTR_CREATE); raise SystemExit('created twice')
+except OSError as e:
+    assert e.errno == errno.EEXIST, e
+try:
+    os.setxattr(p, 'user.none', b'x', os.XATTR_REPLACE); raise SystemExit('replaced nothing')
+except OSError as e:
+    assert e.errno == errno.ENODATA, e
+os.removexattr(p, 'user.origin')
+try:
+    os.getxattr(p, 'user.origin'); raise SystemExit('still there')
+except OSError as e:
+    assert e.errno == errno.ENODATA, e
+# Directories have them too.
+d = os.path.join(os.environ['MNT'], 'dir')
+os.mkdir(d)
+os.setxattr(d, 'user.tag', b'inputs')
+assert os.getxattr(d, 'user.tag') == b'inputs'
+# Other namespaces: nothing to read, nothing may be set.
+for name, err in [('security.selinux', errno.EOPNOTSUPP), ('trusted.x', errno.EPERM),
+                  ('system.foo', errno.EOPNOTSUPP)]:
+    try:
+        os.getxattr(p, name); raise SystemExit(name + ' read')
+    except OSError as e:
+        assert e.errno in (errno.ENODATA, errno.EOPNOTSUPP), (name, e)
+    try:
+        os.setxattr(p, name, b'v'); raise SystemExit(name + ' set')
+    except OSError as e:
+        assert e.errno == err, (name, e)
+print('ok')
+"#,
+    );
+    assert_eq!(out.trim(), "ok");
+    // Stored on the committed file itself, where backups and the next mount find them.
+    let backing = cstr(&m.backing("report.pdf"));
+    let mut buf = [0u8; 64];
+    let n = unsafe {
+        libc::getxattr(
+            backing.as_ptr(),
+            c"user.mime_type".as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    assert_eq!(&buf[..n as usize], b"application/pdf");
 }

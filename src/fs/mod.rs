@@ -35,6 +35,7 @@ mod tests;
 mod tests_failing;
 #[cfg(test)]
 mod tests_model;
+mod xattrs;
 
 use std::collections::HashMap;
 use std::ffi::OsStr;

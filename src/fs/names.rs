@@ -214,12 +214,4 @@ impl Fs {
         self.publish(&to);
         Ok(self.remember(new_parent, new_name, &meta))
     }
-
-    /// Extended attributes are not stored: changing one is EOPNOTSUPP where the grant allows
-    /// writing, EACCES where it does not.
-    pub fn change_xattr(&self, ino: Ino) -> FsResult<()> {
-        let path = self.path(ino)?;
-        self.allow("setxattr", &path, Access::Write)?;
-        Err(Errno::EOPNOTSUPP)
-    }
 }

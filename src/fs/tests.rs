@@ -874,3 +874,51 @@ fn times_set_through_a_descriptor_before_its_commit_stay() {
         assert!(s.store.stat(Path::new("f")).unwrap().mtime > then);
     }
 }
+
+#[test]
+fn user_xattrs_survive_whole_commits_and_appends() {
+    for s in every_store() {
+        let (attr, w) = create(&s.fs, ROOT, "f", RW);
+        s.fs.write(w.fh, 0, b"one", CALLER).unwrap();
+        s.fs.release(w.fh).unwrap();
+        let ino = attr.ino;
+        s.fs.setxattr(ino, name("user.mime_type"), b"text/plain", 0)
+            .unwrap();
+        // A whole rewrite (a new version) and an append (in place).
+        let w = s.fs.open(ino, RW | libc::O_TRUNC, CALLER).unwrap();
+        s.fs.write(w.fh, 0, b"two", CALLER).unwrap();
+        s.fs.release(w.fh).unwrap();
+        let a =
+            s.fs.open(ino, libc::O_WRONLY | libc::O_APPEND, CALLER)
+                .unwrap();
+        s.fs.write(a.fh, 0, b"+", CALLER).unwrap();
+        s.fs.release(a.fh).unwrap();
+        assert_eq!(s.read("f"), b"two+");
+        assert_eq!(
+            s.fs.getxattr(ino, name("user.mime_type")).unwrap(),
+            b"text/plain"
+        );
+        assert_eq!(s.fs.listxattr(ino).unwrap(), b"user.mime_type\0");
+        assert_eq!(
+            s.fs.setxattr(ino, name("user.mime_type"), b"x", libc::XATTR_CREATE),
+            Err(Errno::EEXIST)
+        );
+        assert_eq!(
+            s.fs.getxattr(ino, name("security.selinux")),
+            Err(Errno::ENODATA)
+        );
+        assert_eq!(
+            s.fs.setxattr(ino, name("trusted.a"), b"x", 0),
+            Err(Errno::EPERM)
+        );
+        assert_eq!(
+            s.fs.setxattr(ino, name("other.a"), b"x", 0),
+            Err(Errno::EOPNOTSUPP)
+        );
+        s.fs.removexattr(ino, name("user.mime_type")).unwrap();
+        assert_eq!(
+            s.fs.getxattr(ino, name("user.mime_type")),
+            Err(Errno::ENODATA)
+        );
+    }
+}

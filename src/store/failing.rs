@@ -5,12 +5,14 @@
 //! that a slow backend blocks only the operation waiting for it.
 
 use std::any::Any;
+use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use super::XattrMode;
 use super::{
     Capabilities, Change, CommitRequest, Committed, Content, CopyStat, DirEntry, Kind, Meta, Owner,
     RenameMode, SetAttr, Store, StoreError, StoreResult, StoreStatfs, Usage, WorkingCopy,
@@ -39,6 +41,7 @@ pub enum Op {
     Sync,
     Statfs,
     Usage,
+    Xattr,
 }
 
 /// One planned fault.
@@ -353,5 +356,27 @@ impl<S: Store> Store for FailingStore<S> {
     fn usage(&self) -> StoreResult<Usage> {
         self.faults.check(Op::Usage)?;
         self.inner.usage()
+    }
+    fn get_xattr(&self, path: &Path, name: &OsStr) -> StoreResult<Vec<u8>> {
+        self.faults.check(Op::Xattr)?;
+        self.inner.get_xattr(path, name)
+    }
+    fn set_xattr(
+        &self,
+        path: &Path,
+        name: &OsStr,
+        value: &[u8],
+        mode: XattrMode,
+    ) -> StoreResult<()> {
+        self.faults.check(Op::Xattr)?;
+        self.inner.set_xattr(path, name, value, mode)
+    }
+    fn list_xattr(&self, path: &Path) -> StoreResult<Vec<OsString>> {
+        self.faults.check(Op::Xattr)?;
+        self.inner.list_xattr(path)
+    }
+    fn remove_xattr(&self, path: &Path, name: &OsStr) -> StoreResult<()> {
+        self.faults.check(Op::Xattr)?;
+        self.inner.remove_xattr(path, name)
     }
 }

@@ -16,7 +16,7 @@
 
 use std::any::Any;
 use std::collections::BTreeMap;
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -24,6 +24,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::SystemTime;
 
+use super::XattrMode;
 use super::{
     Capabilities, Change, CommitRequest, Committed, Content, CopyStat, DirEntry, Kind, LocalFile,
     Meta, Owner, RenameMode, SetAttr, Store, StoreError, StoreResult, StoreStatfs, TimeSpec, Usage,
@@ -60,6 +61,8 @@ struct Node {
     object: Option<Arc<Object>>,
     /// A symlink's target.
     target: Option<PathBuf>,
+    /// Extended attributes (they belong to the entry, not to one version of its content).
+    xattrs: BTreeMap<OsString, Vec<u8>>,
 }
 
 /// A space held in memory (see the module docs).
@@ -208,6 +211,7 @@ impl Node {
             ctime: t,
             object: None,
             target: None,
+            xattrs: BTreeMap::new(),
         }
     }
 
@@ -465,6 +469,7 @@ impl Store for MemStore {
             ranged_commits_from: Some(RANGED_FROM),
             local_files: false,
             conditional_writes: true,
+            xattrs: true,
         }
     }
 
@@ -721,6 +726,49 @@ impl Store for MemStore {
             }
         }
         Ok(usage)
+    }
+
+    fn get_xattr(&self, path: &Path, name: &OsStr) -> StoreResult<Vec<u8>> {
+        let nodes = self.nodes();
+        Self::lookup(&nodes, path)?
+            .xattrs
+            .get(name)
+            .cloned()
+            .ok_or_else(|| err(libc::ENODATA))
+    }
+
+    fn set_xattr(
+        &self,
+        path: &Path,
+        name: &OsStr,
+        value: &[u8],
+        mode: XattrMode,
+    ) -> StoreResult<()> {
+        let mut nodes = self.nodes();
+        Self::lookup(&nodes, path)?;
+        let node = nodes.get_mut(path).expect("looked up");
+        match (mode, node.xattrs.contains_key(name)) {
+            (XattrMode::Create, true) => return Err(err(libc::EEXIST)),
+            (XattrMode::Replace, false) => return Err(err(libc::ENODATA)),
+            _ => {}
+        }
+        node.xattrs.insert(name.to_os_string(), value.to_vec());
+        node.ctime = now();
+        Ok(())
+    }
+
+    fn list_xattr(&self, path: &Path) -> StoreResult<Vec<OsString>> {
+        let nodes = self.nodes();
+        Ok(Self::lookup(&nodes, path)?.xattrs.keys().cloned().collect())
+    }
+
+    fn remove_xattr(&self, path: &Path, name: &OsStr) -> StoreResult<()> {
+        let mut nodes = self.nodes();
+        Self::lookup(&nodes, path)?;
+        let node = nodes.get_mut(path).expect("looked up");
+        node.xattrs.remove(name).ok_or_else(|| err(libc::ENODATA))?;
+        node.ctime = now();
+        Ok(())
     }
 }
 

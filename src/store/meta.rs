@@ -10,7 +10,7 @@
 //! Every change under `.meta` is refused with EROFS (mounts also refuse it earlier, with
 //! EACCES, through their grant).
 
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::hash::{Hash, Hasher};
 use std::io;
 use std::os::unix::ffi::OsStrExt;
@@ -18,6 +18,7 @@ use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use super::XattrMode;
 use super::{
     Capabilities, CommitRequest, Committed, Content, DirEntry, Kind, LocalFile, Meta, Owner,
     RenameMode, SetAttr, Store, StoreError, StoreResult, StoreStatfs, Usage, Version, WorkingCopy,
@@ -319,6 +320,36 @@ impl Store for MetaOverlay {
 
     fn usage(&self) -> StoreResult<Usage> {
         self.inner.usage()
+    }
+
+    fn get_xattr(&self, path: &Path, name: &OsStr) -> StoreResult<Vec<u8>> {
+        match classify(path) {
+            Some(node) => node.and(Err(StoreError::errno(libc::ENODATA))),
+            None => self.inner.get_xattr(path, name),
+        }
+    }
+
+    fn set_xattr(
+        &self,
+        path: &Path,
+        name: &OsStr,
+        value: &[u8],
+        mode: XattrMode,
+    ) -> StoreResult<()> {
+        self.refuse_meta(path)?;
+        self.inner.set_xattr(path, name, value, mode)
+    }
+
+    fn list_xattr(&self, path: &Path) -> StoreResult<Vec<OsString>> {
+        match classify(path) {
+            Some(node) => node.map(|_| Vec::new()),
+            None => self.inner.list_xattr(path),
+        }
+    }
+
+    fn remove_xattr(&self, path: &Path, name: &OsStr) -> StoreResult<()> {
+        self.refuse_meta(path)?;
+        self.inner.remove_xattr(path, name)
     }
 }
 

@@ -18,7 +18,7 @@ pub mod mem;
 pub mod meta;
 
 use std::any::Any;
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -158,6 +158,20 @@ pub struct Capabilities {
     /// New names and replacements can be made conditional on what is there (`O_EXCL` and
     /// `RENAME_NOREPLACE` decided by the store itself, across hosts).
     pub conditional_writes: bool,
+    /// Extended attributes of the `user.` namespace; without, the xattr calls answer
+    /// `EOPNOTSUPP`.
+    pub xattrs: bool,
+}
+
+/// How `set_xattr` treats an existing attribute (`setxattr(2)`'s flags).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum XattrMode {
+    /// Create or replace.
+    Set,
+    /// Fail with `EEXIST` if it exists (`XATTR_CREATE`).
+    Create,
+    /// Fail with `ENODATA` if it does not (`XATTR_REPLACE`).
+    Replace,
 }
 
 /// A local file behind committed content or a working copy.
@@ -310,6 +324,20 @@ pub trait Store: Send + Sync + 'static {
     fn statfs(&self) -> StoreResult<StoreStatfs>;
     /// What the whole space holds now (counted once when the space opens with limits).
     fn usage(&self) -> StoreResult<Usage>;
+    /// The value of the extended attribute `name` of `path` (`ENODATA` if it has none). The
+    /// core passes only `user.` names; commits keep a file's attributes.
+    fn get_xattr(&self, path: &Path, name: &OsStr) -> StoreResult<Vec<u8>>;
+    fn set_xattr(
+        &self,
+        path: &Path,
+        name: &OsStr,
+        value: &[u8],
+        mode: XattrMode,
+    ) -> StoreResult<()>;
+    /// The names of `path`'s extended attributes.
+    fn list_xattr(&self, path: &Path) -> StoreResult<Vec<OsString>>;
+    /// Removes the attribute `name` (`ENODATA` if there is none).
+    fn remove_xattr(&self, path: &Path, name: &OsStr) -> StoreResult<()>;
 }
 
 /// Copies `len` bytes at `offset` of `src` to the same offset of `dst` (in the kernel when

@@ -25,7 +25,7 @@ use super::append::{AppendMark, append_in_place};
 use super::at::At;
 use super::content::{LocalContent, LocalCopy, fstat};
 use super::patch::{PATCH_MIN, Patch, PatchMark, patch_in_place};
-use super::{APPEND_TURNS, LocalStore, chown_file, renameat2};
+use super::{APPEND_TURNS, LocalStore, chown_file, copy_xattrs, renameat2};
 use crate::store::{
     Change, CommitRequest, Committed, Content, StoreError, StoreResult, WorkingCopy, copy_range,
 };
@@ -121,6 +121,7 @@ impl LocalStore {
         if nix::unistd::geteuid().is_root() {
             chown_file(&copy.file, Some((current.st_uid, current.st_gid)))?;
         }
+        copy_xattrs(&target, &copy.file)?;
         if durable {
             copy.file.sync_all()?;
         }

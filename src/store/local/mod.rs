@@ -14,7 +14,7 @@ pub mod patch;
 pub mod spaces;
 pub mod staging;
 
-use std::ffi::{CString, OsString};
+use std::ffi::{CString, OsStr, OsString};
 use std::fs::{self, File};
 use std::io;
 use std::os::fd::AsRawFd;
@@ -34,7 +34,7 @@ pub use staging::StagingArea;
 
 use super::{
     Capabilities, CommitRequest, Committed, Content, DirEntry, Kind, Meta, Owner, RenameMode,
-    SetAttr, Store, StoreError, StoreResult, StoreStatfs, TimeSpec, Usage, WorkingCopy,
+    SetAttr, Store, StoreError, StoreResult, StoreStatfs, TimeSpec, Usage, WorkingCopy, XattrMode,
 };
 
 /// How many locks the files' append commits share (see `LocalStore::append_turns`).
@@ -204,6 +204,107 @@ fn timespec(t: Option<TimeSpec>) -> libc::timespec {
     }
 }
 
+/// `at` as a path for the `l*xattr` calls: through this process's descriptor of its directory
+/// (resolved beneath the space), and the `l*` calls do not follow the last component.
+fn xattr_path(at: &At) -> io::Result<CString> {
+    let mut p = format!("/proc/self/fd/{}/", at.dir()).into_bytes();
+    p.extend_from_slice(at.name().to_bytes());
+    CString::new(p).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+}
+
+fn xattr_name(name: &OsStr) -> io::Result<CString> {
+    CString::new(name.as_bytes()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+}
+
+/// `lgetxattr` into a buffer of the right size.
+fn get_xattr_at(path: &CString, name: &CString) -> io::Result<Vec<u8>> {
+    loop {
+        // SAFETY: NUL-terminated strings; a null buffer of size 0 asks for the size.
+        let size =
+            unsafe { libc::lgetxattr(path.as_ptr(), name.as_ptr(), std::ptr::null_mut(), 0) };
+        if size < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut buf = vec![0u8; size as usize];
+        // SAFETY: as above, with a buffer of `buf.len()` bytes.
+        let got = unsafe {
+            libc::lgetxattr(
+                path.as_ptr(),
+                name.as_ptr(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+            )
+        };
+        match got {
+            n if n >= 0 => {
+                buf.truncate(n as usize);
+                return Ok(buf);
+            }
+            _ => {
+                let e = io::Error::last_os_error();
+                if e.raw_os_error() != Some(libc::ERANGE) {
+                    return Err(e); // grown meanwhile: ask again
+                }
+            }
+        }
+    }
+}
+
+/// The `user.` attribute names of the entry at `path` (`llistxattr`).
+fn list_user_xattrs(path: &CString) -> io::Result<Vec<OsString>> {
+    loop {
+        // SAFETY: a NUL-terminated path; a null buffer of size 0 asks for the size.
+        let size = unsafe { libc::llistxattr(path.as_ptr(), std::ptr::null_mut(), 0) };
+        if size < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if size == 0 {
+            return Ok(Vec::new());
+        }
+        let mut buf = vec![0u8; size as usize];
+        // SAFETY: as above, with a buffer of `buf.len()` bytes.
+        let got = unsafe { libc::llistxattr(path.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+        if got < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ERANGE) {
+                continue;
+            }
+            return Err(e);
+        }
+        buf.truncate(got as usize);
+        return Ok(buf
+            .split(|&b| b == 0)
+            .filter(|n| n.starts_with(b"user."))
+            .map(|n| OsString::from_vec(n.to_vec()))
+            .collect());
+    }
+}
+
+/// Copies the `user.` attributes of the file at `from` to the open file `to` (a working copy
+/// about to replace it: attributes belong to the file, not to one version).
+fn copy_xattrs(from: &At, to: &File) -> io::Result<()> {
+    let path = xattr_path(from)?;
+    for name in list_user_xattrs(&path)? {
+        let c = xattr_name(&name)?;
+        let value = match get_xattr_at(&path, &c) {
+            Ok(v) => v,
+            Err(e) if e.raw_os_error() == Some(libc::ENODATA) => continue,
+            Err(e) => return Err(e),
+        };
+        // SAFETY: a valid descriptor, a NUL-terminated name and a value of its length.
+        check(unsafe {
+            libc::fsetxattr(
+                to.as_raw_fd(),
+                c.as_ptr(),
+                value.as_ptr().cast(),
+                value.len(),
+                0,
+            )
+        })?;
+    }
+    Ok(())
+}
+
 fn renameat2(from: &At, to: &At, flags: libc::c_uint) -> io::Result<()> {
     // SAFETY: valid descriptors and NUL-terminated paths.
     check(unsafe {
@@ -253,6 +354,7 @@ impl Store for LocalStore {
             ranged_commits_from: (!self.no_patches.load(Ordering::Relaxed)).then_some(PATCH_MIN),
             local_files: true,
             conditional_writes: true,
+            xattrs: true,
         }
     }
 
@@ -444,6 +546,51 @@ impl Store for LocalStore {
             files: t.entries,
             bytes: t.bytes,
         })
+    }
+
+    fn get_xattr(&self, path: &Path, name: &OsStr) -> StoreResult<Vec<u8>> {
+        let at = self.at(path)?;
+        Ok(get_xattr_at(&xattr_path(&at)?, &xattr_name(name)?)?)
+    }
+
+    fn set_xattr(
+        &self,
+        path: &Path,
+        name: &OsStr,
+        value: &[u8],
+        mode: XattrMode,
+    ) -> StoreResult<()> {
+        let at = self.at(path)?;
+        let (p, n) = (xattr_path(&at)?, xattr_name(name)?);
+        let flags = match mode {
+            XattrMode::Set => 0,
+            XattrMode::Create => libc::XATTR_CREATE,
+            XattrMode::Replace => libc::XATTR_REPLACE,
+        };
+        // SAFETY: NUL-terminated strings and a value of its length.
+        Ok(check(unsafe {
+            libc::lsetxattr(
+                p.as_ptr(),
+                n.as_ptr(),
+                value.as_ptr().cast(),
+                value.len(),
+                flags,
+            )
+        })?)
+    }
+
+    fn list_xattr(&self, path: &Path) -> StoreResult<Vec<OsString>> {
+        let at = self.at(path)?;
+        Ok(list_user_xattrs(&xattr_path(&at)?)?)
+    }
+
+    fn remove_xattr(&self, path: &Path, name: &OsStr) -> StoreResult<()> {
+        let at = self.at(path)?;
+        let (p, n) = (xattr_path(&at)?, xattr_name(name)?);
+        // SAFETY: NUL-terminated strings.
+        Ok(check(unsafe {
+            libc::lremovexattr(p.as_ptr(), n.as_ptr())
+        })?)
     }
 }
 
