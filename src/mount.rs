@@ -343,6 +343,7 @@ impl ActiveMount {
         );
         let ended = Arc::new(AtomicBool::new(false));
         let ended_flag = ended.clone();
+        spawn_publisher(Arc::downgrade(&fs));
         let ended_fs = fs.clone();
         let waiter = std::thread::spawn(move || {
             let result = background.join();
@@ -404,6 +405,26 @@ impl ActiveMount {
         }
         log::info!("unmounted {}", self.mountpoint.display());
         Ok(())
+    }
+}
+
+/// How often a mount looks for running writers' output to publish (see `fs::stream`).
+const PUBLISH_ROUND: Duration = Duration::from_millis(250);
+
+/// Starts the thread that publishes running writers' output for the mount whose core is
+/// `fs`; it ends with the mount.
+fn spawn_publisher(fs: std::sync::Weak<Fs>) {
+    let spawned = std::thread::Builder::new()
+        .name("roomfs-publish".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(PUBLISH_ROUND);
+                let Some(fs) = fs.upgrade() else { return };
+                fs.publish_streams();
+            }
+        });
+    if let Err(e) = spawned {
+        log::warn!("running writers' output is shown at close only: no publisher thread ({e})");
     }
 }
 

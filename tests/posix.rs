@@ -1892,3 +1892,138 @@ print('ok')
     };
     assert_eq!(&buf[..n as usize], b"application/pdf");
 }
+
+/// Lines of the file at `path` (missing: none).
+fn lines_of(path: &Path) -> usize {
+    fs::read(path)
+        .map(|b| b.iter().filter(|&&c| c == b'\n').count())
+        .unwrap_or(0)
+}
+
+/// Starts `sh -c SCRIPT` in `dir` (a running process writing its output into the mount).
+fn spawn_sh(dir: &Path, script: &str) -> std::process::Child {
+    Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .current_dir(dir)
+        .spawn()
+        .unwrap()
+}
+
+/// Waits until `path` has `lines` lines, while `writer` is still running; panics if the
+/// writer ends first or 10 s pass.
+fn see_lines_while_running(path: &Path, lines: usize, writer: &mut std::process::Child) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while lines_of(path) < lines {
+        assert!(
+            writer.try_wait().unwrap().is_none(),
+            "the writer ended before its output showed ({} of {lines} lines)",
+            lines_of(path)
+        );
+        assert!(std::time::Instant::now() < deadline, "no output after 10 s");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn the_output_of_a_running_process_shows_while_it_runs() {
+    let m = Mounted::room();
+    // `>`, `>>` and Python's print(flush=True): one line a second for 6 s.
+    let mut redirect = spawn_sh(
+        &m.mnt,
+        "for i in 1 2 3 4 5 6; do echo line $i; sleep 1; done > out.log",
+    );
+    fs::write(m.p("app.log"), b"earlier run\n").unwrap();
+    let mut appending = spawn_sh(
+        &m.mnt,
+        "for i in 1 2 3 4 5 6; do echo line $i; sleep 1; done >> app.log",
+    );
+    let mut python = Command::new("python3")
+        .arg("-c")
+        .arg(
+            "import time\nwith open('py.log', 'w') as f:\n    for i in range(6):\n        \
+             print('step', i, flush=True, file=f); time.sleep(1)",
+        )
+        .current_dir(&m.mnt)
+        .spawn()
+        .unwrap();
+    see_lines_while_running(&m.p("out.log"), 2, &mut redirect);
+    see_lines_while_running(&m.p("app.log"), 3, &mut appending);
+    see_lines_while_running(&m.p("py.log"), 2, &mut python);
+    // What shows is always whole lines (whole commits), never a torn write.
+    assert!(fs::read_to_string(m.p("out.log")).unwrap().ends_with('\n'));
+    // `tail -f` follows it.
+    let mut tail = Command::new("tail")
+        .args(["-n", "+1", "-f", "py.log"])
+        .current_dir(&m.mnt)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = tail.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let mut followed = Vec::new();
+    while followed.len() < 4 {
+        followed.push(
+            rx.recv_timeout(Duration::from_secs(10))
+                .expect("tail -f sees new lines"),
+        );
+    }
+    assert_eq!(followed[..4], ["step 0", "step 1", "step 2", "step 3"]);
+    tail.kill().unwrap();
+    tail.wait().unwrap();
+    for mut child in [redirect, appending, python] {
+        assert!(child.wait().unwrap().success());
+    }
+    assert_eq!(lines_of(&m.p("out.log")), 6);
+    assert_eq!(lines_of(&m.p("app.log")), 7);
+    assert_eq!(
+        fs::read_to_string(m.p("py.log")).unwrap().lines().count(),
+        6
+    );
+}
+
+#[test]
+fn an_ordinary_short_write_is_still_seen_whole_or_not_at_all() {
+    let m = Mounted::room();
+    fs::write(m.p("f"), b"old").unwrap();
+    let writer = {
+        let p = m.p("f");
+        std::thread::spawn(move || {
+            let opened = std::time::Instant::now();
+            let mut f = File::create(&p).unwrap();
+            f.write_all(b"first half, ").unwrap();
+            std::thread::sleep(Duration::from_millis(200));
+            f.write_all(b"second half").unwrap();
+            drop(f);
+            opened.elapsed()
+        })
+    };
+    let mut seen = std::collections::BTreeSet::new();
+    while !writer.is_finished() {
+        seen.insert(fs::read(m.p("f")).unwrap());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let took = writer.join().unwrap();
+    seen.insert(fs::read(m.p("f")).unwrap());
+    // A writer open for a second or more publishes what it wrote so far: on a machine slow
+    // enough to take that long here, the first half may show, whole.
+    let slow = took >= Duration::from_millis(900);
+    for s in &seen {
+        assert!(
+            s == b"old" || s == b"first half, second half" || (slow && s == b"first half, "),
+            "a reader saw {:?} (the writer was open {took:?})",
+            String::from_utf8_lossy(s)
+        );
+    }
+}

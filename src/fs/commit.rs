@@ -93,7 +93,10 @@ impl Fs {
             let seeding = h.staged().and_then(|s| s.seeding.clone());
             let complete = || seeding.as_ref().map_or(Ok(()), |s| s.finish());
             let change = match (h.pending(), &ranges) {
-                (Pending::Appended { tail, .. }, _) => Change::Append(tail),
+                (Pending::Appended { tail, .. }, _) => Change::Append {
+                    tail,
+                    follow: h.appends(),
+                },
                 (Pending::Staged(s), Some(written)) => Change::Ranges {
                     copy: &s.copy,
                     written,

@@ -10,7 +10,7 @@
 
 use std::ffi::OsString;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 use nix::unistd::{Whence, lseek};
 
@@ -22,6 +22,9 @@ use crate::store::{Content, Kind, Meta, SetAttr, Store, TimeSpec, WorkingCopy, c
 
 /// Appended bytes kept in memory, at most: beyond that a working copy takes them over.
 pub const APPEND_BUFFER_MAX: usize = 128 << 10;
+
+/// How long a sequential writer keeps what it wrote to itself, at most (see `stream_due`).
+pub const PUBLISH_EVERY: Duration = Duration::from_secs(1);
 
 /// What an open file may do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -124,11 +127,20 @@ pub struct FileHandle {
     /// the file's after the commit too, as on a local disk (`cp -p` and `tar -x` set them
     /// through the descriptor before closing it).
     times: Option<(Option<SystemTime>, Option<SystemTime>)>,
+    /// Every write so far went at the end of what the handle saw (a log, `>`, `>>`): such a
+    /// writer's output is published while it runs (see `stream_due`).
+    sequential: bool,
+    /// Where a sequential write goes next.
+    next: u64,
+    /// When the handle opened, and when it last published its output.
+    opened: Instant,
+    published: Option<Instant>,
 }
 
 impl FileHandle {
     /// A handle open on `base` that has not changed anything yet.
     pub fn new(ino: Ino, mode: Mode, direct_io: bool, base: Arc<dyn Content>) -> FileHandle {
+        let next = base.meta().size;
         FileHandle {
             ino,
             mode,
@@ -139,7 +151,30 @@ impl FileHandle {
             moved: false,
             users: Users::default(),
             times: None,
+            sequential: mode != Mode::Read,
+            next,
+            opened: Instant::now(),
+            published: None,
         }
+    }
+
+    /// Whether the handle's output is due to be published now: it wrote only sequentially,
+    /// has output not yet committed, and has kept it for `PUBLISH_EVERY` since it opened or
+    /// last published. Writers done within that time commit only at close, whole.
+    pub fn stream_due(&self, now: Instant) -> bool {
+        self.sequential
+            && self.dirty()
+            && now.duration_since(self.published.unwrap_or(self.opened)) >= PUBLISH_EVERY
+    }
+
+    /// The handle published its output (a commit while it stays open).
+    pub fn mark_published(&mut self, now: Instant) {
+        self.published = Some(now);
+    }
+
+    /// The handle is shared by read-write opens (a database): never published while open.
+    pub fn not_sequential(&mut self) {
+        self.sequential = false;
     }
 
     /// Keeps the access and modification times just set, for after the commit.
@@ -242,6 +277,7 @@ impl FileHandle {
     /// Starts from nothing (`O_TRUNC`): `copy`, an empty working copy, holds the changes.
     pub fn truncated(&mut self, copy: Arc<dyn WorkingCopy>) {
         self.drop_changes();
+        self.next = 0;
         self.pending = Pending::Staged(Staged {
             copy,
             seeding: None,
@@ -480,8 +516,17 @@ impl FileHandle {
         }
         self.changed();
         let append = self.appends() && !placed;
+        if !append {
+            if offset != self.next {
+                self.sequential = false;
+            }
+            self.next = offset + data.len() as u64;
+        }
         if !append && let Some(s) = self.staged_mut() {
             s.appends_from = None;
+        }
+        if !append && self.mode == Mode::Write && self.write_at_end(offset, data) {
+            return Ok(data.len() as u32);
         }
         // Where an append lands: the end of what this handle sees (the working copy made
         // below, if any, holds exactly that).
@@ -527,9 +572,38 @@ impl FileHandle {
         Ok(data.len() as u32)
     }
 
+    /// A plain writer's write exactly at the end of its base (and of what it added there),
+    /// with nothing else pending: the bytes wait in memory like appends, to be added to the
+    /// base in place at the commit. False when it is not such a write.
+    fn write_at_end(&mut self, offset: u64, data: &[u8]) -> bool {
+        let end = self.committed_size() + self.tail().len() as u64;
+        if offset != end || self.tail().len() + data.len() > APPEND_BUFFER_MAX {
+            return false;
+        }
+        match &mut self.pending {
+            Pending::Clean => {
+                self.pending = Pending::Appended {
+                    tail: data.to_vec(),
+                    at: SystemTime::now(),
+                };
+                true
+            }
+            Pending::Appended { tail, at } => {
+                tail.extend_from_slice(data);
+                *at = SystemTime::now();
+                true
+            }
+            Pending::Staged(_) => false,
+        }
+    }
+
     /// Sets the size of what this handle sees (in its working copy).
     pub fn truncate(&mut self, store: &dyn Store, size: u64) -> FsResult<()> {
         self.changed();
+        // Starting over from nothing (`O_TRUNC`) keeps a writer sequential; a cut elsewhere
+        // does not.
+        self.sequential &= size == 0;
+        self.next = size;
         if size == 0 && self.staged().is_none() {
             // Truncating to nothing: no need to copy the old content first.
             self.truncated(store.working_copy()?);
@@ -595,6 +669,7 @@ impl FileHandle {
             return Err(Errno::EBADF);
         }
         self.changed();
+        self.sequential = false;
         if let Some(s) = self.staged_mut() {
             s.appends_from = None;
         }

@@ -29,6 +29,7 @@ mod open;
 pub mod passthrough;
 pub mod quota;
 pub mod seed;
+mod stream;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]

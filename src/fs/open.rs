@@ -119,6 +119,10 @@ impl Fs {
         }
         handle.users.add(by);
         handle.seed_on_demand = alone && mode == Mode::Write;
+        if shares {
+            // A database's file: its changes are committed at close only.
+            handle.not_sequential();
+        }
         let handle = Arc::new(Mutex::new(handle));
         if shares {
             let mut opens = lock(&self.opens);

@@ -140,8 +140,14 @@ fn writes_are_invisible_until_the_handle_commits() {
         assert_eq!(s.fs.getattr(attr.ino, Some(w.fh)).unwrap().size, 5);
         s.fs.flush(w.fh, CALLER).unwrap();
         assert_eq!(s.read("f"), b"hello");
-        // The reader keeps the version it opened.
-        assert_eq!(s.fs.read(r.fh, 0, 100).unwrap(), b"");
+        // Bytes added at the end were committed in place: the reader reads on into them
+        // (whole, as `tail -f` wants).
+        assert_eq!(s.fs.read(r.fh, 0, 100).unwrap(), b"hello");
+        // A rewrite is a new version: the reader keeps the one it opened, whole.
+        s.fs.write(w.fh, 0, b"HELLO, world", CALLER).unwrap();
+        s.fs.flush(w.fh, CALLER).unwrap();
+        assert_eq!(s.read("f"), b"HELLO, world");
+        assert_eq!(s.fs.read(r.fh, 0, 100).unwrap(), b"hello");
         s.fs.release(w.fh).unwrap();
         s.fs.release(r.fh).unwrap();
         let again = s.fs.open(attr.ino, libc::O_RDONLY, CALLER).unwrap();
@@ -150,7 +156,7 @@ fn writes_are_invisible_until_the_handle_commits() {
             "the sole writer's cached pages are the committed version"
         );
         assert!(again.no_flush);
-        assert_eq!(s.fs.read(again.fh, 0, 100).unwrap(), b"hello");
+        assert_eq!(s.fs.read(again.fh, 0, 100).unwrap(), b"HELLO, world");
     }
 }
 
@@ -920,5 +926,40 @@ fn user_xattrs_survive_whole_commits_and_appends() {
             s.fs.getxattr(ino, name("user.mime_type")),
             Err(Errno::ENODATA)
         );
+    }
+}
+
+#[test]
+fn a_running_writers_output_is_published_only_after_a_while_and_only_if_sequential() {
+    use std::time::{Duration, Instant};
+    for s in every_store() {
+        let later = || Instant::now() + handle::PUBLISH_EVERY + Duration::from_millis(1);
+        // A log: opened with O_TRUNC, written at its end.
+        let (attr, log) = create(&s.fs, ROOT, "log", libc::O_WRONLY | libc::O_TRUNC);
+        s.fs.write(log.fh, 0, b"started\n", CALLER).unwrap();
+        assert_eq!(s.fs.publish_streams(), 0, "not before a second has passed");
+        assert_eq!(s.read("log"), b"");
+        // A file being rewritten out of order, and a database's shared handle.
+        let (_, other) = create(&s.fs, ROOT, "data", libc::O_WRONLY);
+        s.fs.write(other.fh, 100, b"x", CALLER).unwrap();
+        s.fs.write(other.fh, 0, b"y", CALLER).unwrap();
+        let (_, db) = create(&s.fs, ROOT, "db", RW);
+        s.fs.write(db.fh, 0, b"page", CALLER).unwrap();
+        assert_eq!(s.fs.publish_streams_at(later()), 1, "only the log");
+        assert_eq!(s.read("log"), b"started\n");
+        assert_eq!(s.read("data"), b"");
+        assert_eq!(s.read("db"), b"");
+        // It goes on growing: the next bytes are published the same way, in place.
+        s.fs.write(log.fh, 8, b"listening on :8080\n", CALLER)
+            .unwrap();
+        assert_eq!(s.fs.publish_streams_at(later()), 0, "at most once a second");
+        let much_later = Instant::now() + handle::PUBLISH_EVERY * 3;
+        assert_eq!(s.fs.publish_streams_at(much_later), 1);
+        assert_eq!(s.read("log"), b"started\nlistening on :8080\n");
+        assert_eq!(s.fs.getattr(attr.ino, None).unwrap().size, 27);
+        for h in [log, other, db] {
+            s.fs.release(h.fh).unwrap();
+        }
+        assert_eq!(s.read("data")[0], b'y');
     }
 }

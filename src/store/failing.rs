@@ -305,7 +305,7 @@ impl<S: Store> Store for FailingStore<S> {
                 written,
                 complete,
             },
-            Change::Append(tail) => Change::Append(tail),
+            Change::Append { tail, follow } => Change::Append { tail, follow },
         };
         self.inner.commit(CommitRequest { change, ..req })
     }

@@ -434,13 +434,37 @@ impl MemStore {
         }))
     }
 
-    fn commit_append(&self, path: &Path, base: &Meta, tail: &[u8]) -> StoreResult<Committed> {
+    fn commit_append(
+        &self,
+        path: &Path,
+        base: &Arc<dyn Content>,
+        tail: &[u8],
+        follow: bool,
+    ) -> StoreResult<Committed> {
         let mut nodes = self.nodes();
         let node = nodes.get_mut(path).ok_or_else(|| err(libc::ENOENT))?;
         let Some(object) = node.object.clone() else {
             return Err(err(libc::EISDIR));
         };
-        let followed = node.meta(self.id).version != base.version;
+        let followed = node.meta(self.id).version != base.meta().version;
+        if followed && !follow {
+            // Not onto another version: the base and these bytes replace the file whole.
+            let mut data = vec![0u8; base.meta().size as usize];
+            let n = base.read_at(&mut data, 0)?;
+            data.truncate(n);
+            data.extend_from_slice(tail);
+            let replaced_size = object.len();
+            node.object = Some(self.new_object(data));
+            let t = now();
+            node.mtime = t;
+            node.ctime = t;
+            let content = self.content_of(node);
+            return Ok(Committed {
+                content,
+                replaced_size,
+                followed: false,
+            });
+        }
         let replaced_size = {
             let mut data = object.data.write().unwrap_or_else(|e| e.into_inner());
             let size = data.len() as u64;
@@ -540,7 +564,9 @@ impl Store for MemStore {
                 complete()?;
                 self.commit_whole(req.path, own, false)
             }
-            Change::Append(tail) => self.commit_append(req.path, req.base.meta(), tail),
+            Change::Append { tail, follow } => {
+                self.commit_append(req.path, req.base, tail, *follow)
+            }
         }
     }
 
@@ -816,7 +842,10 @@ mod tests {
             .commit(CommitRequest {
                 path: Path::new("f"),
                 base: &old,
-                change: Change::Append(b"+two"),
+                change: Change::Append {
+                    tail: b"+two",
+                    follow: true,
+                },
                 durable: false,
             })
             .unwrap();
@@ -835,7 +864,10 @@ mod tests {
             .commit(CommitRequest {
                 path: Path::new("f"),
                 base: &old,
-                change: Change::Append(b"!"),
+                change: Change::Append {
+                    tail: b"!",
+                    follow: true,
+                },
                 durable: false,
             })
             .unwrap();

@@ -240,9 +240,11 @@ pub enum Change<'a> {
         written: &'a [(u64, u64)],
         complete: &'a dyn Fn() -> io::Result<()>,
     },
-    /// Bytes appended to the file (`O_APPEND`): they go at the end of the file as it is when
-    /// committed, after whatever others appended since the writer's base.
-    Append(&'a [u8]),
+    /// Bytes added at the end of the base. With `follow` (`O_APPEND`), they go at the end of
+    /// the file as it is when committed, after whatever others appended since the writer's
+    /// base; without, they are added to the base, and if the file is no longer the base, the
+    /// base and these bytes replace it whole (the last close wins).
+    Append { tail: &'a [u8], follow: bool },
 }
 
 /// A commit: put `change` at `path`, whose version the writer started from is `base`.

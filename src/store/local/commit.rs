@@ -9,7 +9,8 @@
 //!   (see `patch`); otherwise the rest of the base is copied in and the copy swapped in whole.
 //! - Appends are added to the file in place under its `flock` with a crash marker (see
 //!   `append`), onto the file as it is now: when others appended since the writer's base, the
-//!   bytes follow theirs. While another append is under way (in this process or another), the
+//!   bytes follow theirs (`O_APPEND`); bytes a plain writer added at the end of its base go
+//!   onto the base only, and when the file moved on, the base and the bytes replace it whole. While another append is under way (in this process or another), the
 //!   commit retries for up to 10 ms, then appends through a working copy of the current version
 //!   (which can lose a racing append of another process). Durable appends always go through a
 //!   working copy. Within this process, append commits to one file take turns.
@@ -71,7 +72,9 @@ impl LocalStore {
                 complete()?;
                 self.commit_whole(req.path, copy, req.durable, false)
             }
-            Change::Append(tail) => self.commit_append(req.path, req.base, tail, req.durable),
+            Change::Append { tail, follow } => {
+                self.commit_append(req.path, req.base, tail, follow, req.durable)
+            }
         }
     }
 
@@ -196,12 +199,13 @@ impl LocalStore {
         }))
     }
 
-    /// Commits appended bytes (see the module docs).
+    /// Commits appended bytes (see the module docs); without `follow`, onto the base only.
     fn commit_append(
         &self,
         path: &Path,
         base: &Arc<dyn Content>,
         tail: &[u8],
+        follow: bool,
         durable: bool,
     ) -> StoreResult<Committed> {
         let ino = local(base).map_or(0, |b| b.ident().1);
@@ -220,7 +224,13 @@ impl LocalStore {
                     followed,
                 });
             }
-            let moved = self.follow(path, &mut current)?;
+            let moved = if follow {
+                self.follow(path, &mut current)?
+            } else if self.moved_on(path, &current)? {
+                break; // the base is no longer the file: it is replaced whole
+            } else {
+                false
+            };
             followed |= moved;
             if durable || attempt == APPEND_RETRIES {
                 break;
@@ -234,7 +244,7 @@ impl LocalStore {
         }
         log::debug!(
             "appends to {} committed through a working copy after {tries} tries (durable: \
-             {durable})",
+             {durable}, follow: {follow})",
             path.display()
         );
         let size = current.meta().size;
@@ -242,6 +252,12 @@ impl LocalStore {
         copy_range(current.as_ref(), &copy, 0, size)?;
         copy.write_at(tail, size)?;
         self.commit_whole(path, &copy, durable, followed)
+    }
+
+    /// Whether the file at `path` is another version than `current`.
+    fn moved_on(&self, path: &Path, current: &Arc<dyn Content>) -> StoreResult<bool> {
+        let now = super::meta_of(&self.at(path)?.stat()?);
+        Ok(now.version != current.meta().version)
     }
 
     /// Adds `tail` to the file at `path` in place, if it still is `base` and nobody else is

@@ -50,12 +50,13 @@ impl LocalContent {
     }
 
     /// The file's size now, if no append (or patch) is under way on it: its crash marker, a
-    /// second link, exists from before the first byte is written until after the last. Two
-    /// looks, since one `fstat` reads the link count and the size one after the other.
+    /// second link, exists from before the first byte is written until after the last (a file
+    /// with no name left, replaced since, has no marker either). Two looks, since one `fstat`
+    /// reads the link count and the size one after the other.
     fn settled_size(&self) -> io::Result<Option<u64>> {
         let first = self.file.metadata()?;
         let second = self.file.metadata()?;
-        let settled = first.nlink() == 1 && second.nlink() == 1 && first.len() == second.len();
+        let settled = first.nlink() <= 1 && second.nlink() <= 1 && first.len() == second.len();
         Ok(settled.then_some(first.len()))
     }
 }

@@ -624,7 +624,7 @@ mod tests {
         s.commit(CommitRequest {
             path: Path::new(path),
             base,
-            change: Change::Append(tail),
+            change: Change::Append { tail, follow: true },
             durable: false,
         })
         .unwrap()
