@@ -14,19 +14,30 @@
 //!   parts whose `messageId` names no message of the session come after all others, grouped by
 //!   `messageId` (string order).
 //!
-//! [`RecordStore::version`] only sees writes made through the store; changes made to the
-//! directory behind its back are not detected.
+//! On disk, nothing below the records dir is followed or trusted ([`dir`]): a symlink, FIFO,
+//! socket, device or directory where a record should be is never read. A bad entry found while
+//! listing (`listBySession`, `.meta`) is skipped with a warning, so it cannot hide the rest; a
+//! `get` of it, and any use of a collection directory that is not a directory, is an error
+//! naming it.
+//!
+//! Sessions, messages and parts are indexed by session in memory ([`index`]), kept fresh
+//! through the store's own writes and by watching the directory for other writers; rendered
+//! `.meta` files are cached until the records they show change.
 
-use std::cmp::Ordering as CmpOrdering;
+mod dir;
+mod index;
+
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
-use std::path::{Path, PathBuf};
+use std::io;
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde_json::{Map, Value, json};
+
+use dir::{CollectionDir, RecordsDir};
+use index::{Index, Loaded};
 
 /// Longest accepted id, in bytes (ids become file names).
 const MAX_ID_LEN: usize = 200;
@@ -106,6 +117,8 @@ pub struct MetaView {
     pub history: Vec<u8>,
 }
 
+/// What went wrong with a record request. The kinds are the record model's; the control API
+/// decides what each means in HTTP.
 #[derive(Debug)]
 pub enum RecordError {
     BadRequest(String),
@@ -115,16 +128,6 @@ pub enum RecordError {
         id: String,
     },
     Io(io::Error),
-}
-
-impl RecordError {
-    pub fn http_status(&self) -> u16 {
-        match self {
-            RecordError::BadRequest(_) | RecordError::UnknownMethod(_) => 400,
-            RecordError::NotFound { .. } => 404,
-            RecordError::Io(_) => 500,
-        }
-    }
 }
 
 impl fmt::Display for RecordError {
@@ -159,38 +162,35 @@ fn bad(msg: impl Into<String>) -> RecordError {
     RecordError::BadRequest(msg.into())
 }
 
-/// Records as (id from the file name, record).
-type Records = Vec<(String, Value)>;
-
-/// Last version handed out, and the version of each session touched by a write.
-#[derive(Default)]
-struct Versions {
-    last: u64,
-    by_session: HashMap<String, u64>,
-}
-
 pub struct RecordStore {
-    dir: PathBuf,
+    dir: RecordsDir,
     /// Held by every mutation, so read-modify-write and version bumps are atomic. Reads don't
     /// take it: each record file is replaced by an atomic rename.
     write_lock: Mutex<()>,
-    versions: Mutex<Versions>,
+    index: Mutex<Index>,
     tmp_seq: AtomicU64,
 }
 
 impl RecordStore {
     /// Opens (creating missing directories) the store at `dir` and removes temporary files
-    /// left by interrupted writes.
+    /// left by interrupted writes. `dir` may be a symlink (the operator's choice); nothing
+    /// below it is followed: a collection directory that is a symlink or not a directory is an
+    /// error naming it.
     pub fn open(dir: &Path) -> io::Result<RecordStore> {
+        RecordStore::open_with(dir, true)
+    }
+
+    /// [`RecordStore::open`], noticing other writers without inotify if `watch` is false.
+    fn open_with(dir: &Path, watch: bool) -> io::Result<RecordStore> {
+        let dir = RecordsDir::open(dir)?;
         for collection in Collection::ALL {
-            let sub = dir.join(collection.name());
-            fs::create_dir_all(&sub)?;
-            remove_temp_files(&sub)?;
+            dir.create_collection(collection.name())?;
+            remove_temp_files(&dir.collection(collection.name())?)?;
         }
         Ok(RecordStore {
-            dir: dir.to_path_buf(),
+            dir,
             write_lock: Mutex::new(()),
-            versions: Mutex::new(Versions::default()),
+            index: Mutex::new(Index::new(watch)),
             tmp_seq: AtomicU64::new(0),
         })
     }
@@ -226,11 +226,12 @@ impl RecordStore {
             }
             (Collection::Message | Collection::Part, "listBySession") => {
                 let session_id = str_param(req, "sessionId")?;
-                let messages = self.messages_of(session_id)?;
+                let mut index = self.fresh_index()?;
+                let (messages, parts) = index.children_in_order(session_id)?;
                 let records = if collection == Collection::Message {
                     messages
                 } else {
-                    self.parts_of(session_id, &messages)?
+                    parts
                 };
                 Ok(Value::Array(records.into_iter().map(|(_, v)| v).collect()))
             }
@@ -244,59 +245,82 @@ impl RecordStore {
         check_id(session_id)
             .map_err(|err| io::Error::new(io::ErrorKind::InvalidInput, err.to_string()))?;
         let _guard = lock(&self.write_lock);
+        let children = {
+            let index = self.fresh_index()?;
+            [ChildCollection::Message, ChildCollection::Part]
+                .map(|c| (c.collection(), index.child_ids(c, session_id)))
+        };
         let mut removed = 0;
         // Children first: an interrupted deletion leaves the session record to retry with.
-        for collection in [Collection::Message, Collection::Part] {
-            for (id, _) in self.records_of(collection, session_id)? {
-                removed += usize::from(remove_if_exists(&self.path(collection, &id))?);
+        for (collection, ids) in children
+            .into_iter()
+            .chain([(Collection::Session, vec![session_id.to_owned()])])
+        {
+            let dir = self.dir.collection(collection.name())?;
+            for id in ids {
+                removed += usize::from(dir.remove(&file_name(&id))?);
+                lock(&self.index).written(collection, &id, None);
             }
-            sync_dir(&self.collection_dir(collection))?;
+            dir.sync()?;
         }
-        removed += usize::from(remove_if_exists(
-            &self.path(Collection::Session, session_id),
-        )?);
-        sync_dir(&self.collection_dir(Collection::Session))?;
-        self.bump(&[session_id]);
+        lock(&self.index).bump(&[session_id]);
         Ok(removed)
     }
 
     /// The whole `.meta` view of a session, or `None` if its session record doesn't exist.
     pub fn meta_view(&self, session_id: &str) -> io::Result<Option<MetaView>> {
-        let Some(session) = self.session_record(session_id)? else {
+        let mut index = self.fresh_index()?;
+        if !valid_session(session_id) || !index.session_exists(session_id) {
+            return Ok(None);
+        }
+        let Some(session) = index.rendered(Collection::Session, session_id)? else {
             return Ok(None);
         };
-        let (messages, parts) = self.children(session_id)?;
-        let render_all = |records: &[(String, Value)]| {
-            records
-                .iter()
-                .map(|(id, v)| (id.clone(), render(v)))
-                .collect()
+        let Some(history) = index.history(session_id)? else {
+            return Ok(None);
         };
+        let mut files = |collection: ChildCollection| -> io::Result<_> {
+            let mut out = BTreeMap::new();
+            for id in index.child_ids(collection, session_id) {
+                if let Some(bytes) = index.rendered(collection.collection(), &id)? {
+                    out.insert(id, bytes.to_vec());
+                }
+            }
+            Ok(out)
+        };
+        let messages = files(ChildCollection::Message)?;
+        let parts = files(ChildCollection::Part)?;
         Ok(Some(MetaView {
-            session: render(&session),
-            messages: render_all(&messages),
-            parts: render_all(&parts),
-            history: render(&history(&session, &messages, &parts)),
+            session: session.to_vec(),
+            messages,
+            parts,
+            history: history.to_vec(),
         }))
     }
 
-    /// One file of [`RecordStore::meta_view`], reading only what it needs (`History` still
-    /// scans the session's messages and parts). `None` if the session or the record doesn't
+    /// One file of [`RecordStore::meta_view`]. `None` if the session or the record doesn't
     /// exist, or the record belongs to another session.
     pub fn meta_file(&self, session_id: &str, path: &MetaPath) -> io::Result<Option<Vec<u8>>> {
-        let Some(session) = self.session_record(session_id)? else {
+        Ok(self.meta_bytes(session_id, path)?.map(|b| b.to_vec()))
+    }
+
+    /// [`RecordStore::meta_file`] without a copy: the rendering is cached (until the records it
+    /// shows change) and shared.
+    pub fn meta_bytes(&self, session_id: &str, path: &MetaPath) -> io::Result<Option<Arc<[u8]>>> {
+        let mut index = self.fresh_index()?;
+        if !valid_session(session_id) || !index.session_exists(session_id) {
             return Ok(None);
+        }
+        let (collection, id) = match path {
+            MetaPath::Session => return index.rendered(Collection::Session, session_id),
+            MetaPath::History => return index.history(session_id),
+            MetaPath::Message(id) => (ChildCollection::Message, id),
+            MetaPath::Part(id) => (ChildCollection::Part, id),
         };
-        let value = match path {
-            MetaPath::Session => Some(session),
-            MetaPath::History => {
-                let (messages, parts) = self.children(session_id)?;
-                Some(history(&session, &messages, &parts))
-            }
-            MetaPath::Message(id) => self.child(Collection::Message, id, session_id)?,
-            MetaPath::Part(id) => self.child(Collection::Part, id, session_id)?,
-        };
-        Ok(value.map(|v| render(&v)))
+        if index.session_of(collection, id) != Some(session_id) {
+            return Ok(None);
+        }
+        index.rendered(collection.collection(), id)
     }
 
     /// Ids (sorted) of the session's messages or parts, as keyed in [`MetaView`]; `None` if the
@@ -306,18 +330,34 @@ impl RecordStore {
         collection: ChildCollection,
         session_id: &str,
     ) -> io::Result<Option<Vec<String>>> {
-        if self.session_record(session_id)?.is_none() {
+        let index = self.fresh_index()?;
+        if !valid_session(session_id) || !index.session_exists(session_id) {
             return Ok(None);
         }
-        let records = self.records_of(collection.collection(), session_id)?;
-        Ok(Some(records.into_iter().map(|(id, _)| id).collect()))
+        Ok(Some(index.child_ids(collection, session_id)))
     }
 
-    /// Changes after every write through this store that touches the session (its record, or
-    /// a message or part that belongs or belonged to it); 0 if none happened since `open`.
+    /// Changes after every change that touches the session (its record, or a message or part
+    /// that belongs or belonged to it): writes through this store, and changes by other
+    /// processes as far as they are noticed (see [`index`]); 0 if none happened since `open`.
     pub fn version(&self, session_id: &str) -> u64 {
-        let versions = lock(&self.versions);
-        versions.by_session.get(session_id).copied().unwrap_or(0)
+        let mut index = lock(&self.index);
+        if let Err(err) = index.refresh(&self.dir) {
+            log::warn!("records: {err}");
+        }
+        index.version(session_id)
+    }
+
+    /// Whether changes by other processes are noticed through inotify (see [`index`]).
+    pub fn watching(&self) -> io::Result<bool> {
+        Ok(self.fresh_index()?.watching())
+    }
+
+    /// The index, brought up to date with the disk.
+    fn fresh_index(&self) -> io::Result<MutexGuard<'_, Index>> {
+        let mut index = lock(&self.index);
+        index.refresh(&self.dir)?;
+        Ok(index)
     }
 
     fn set(
@@ -340,8 +380,7 @@ impl RecordStore {
         let _guard = lock(&self.write_lock);
         // An unreadable previous record cannot be attributed to a session; overwriting it is fine.
         let old = self.read(collection, id).ok().flatten();
-        self.write(collection, id, &value)?;
-        self.touched(collection, id, old.as_ref(), &value);
+        self.write(collection, id, value, old.as_ref())?;
         Ok(())
     }
 
@@ -373,166 +412,70 @@ impl RecordStore {
         merged.extend(updates.iter().map(|(k, v)| (k.clone(), v.clone())));
         validate(collection, &merged)?;
         let merged = Value::Object(merged);
-        self.write(collection, id, &merged)?;
-        self.touched(collection, id, Some(&old), &merged);
+        self.write(collection, id, merged.clone(), Some(&old))?;
         Ok(merged)
-    }
-
-    /// Bumps the versions of the sessions a write of `new` over `old` affects.
-    fn touched(&self, collection: Collection, id: &str, old: Option<&Value>, new: &Value) {
-        match collection {
-            Collection::Session => self.bump(&[id]),
-            Collection::Message | Collection::Part => {
-                let sessions: Vec<&str> = [old.and_then(session_id_of), session_id_of(new)]
-                    .into_iter()
-                    .flatten()
-                    .collect();
-                self.bump(&sessions);
-            }
-            Collection::Sandbox | Collection::Setup => {}
-        }
-    }
-
-    fn bump(&self, sessions: &[&str]) {
-        let mut versions = lock(&self.versions);
-        versions.last += 1;
-        let version = versions.last;
-        for session in sessions {
-            versions.by_session.insert((*session).to_owned(), version);
-        }
-    }
-
-    fn collection_dir(&self, collection: Collection) -> PathBuf {
-        self.dir.join(collection.name())
-    }
-
-    fn path(&self, collection: Collection, id: &str) -> PathBuf {
-        self.collection_dir(collection).join(format!("{id}.json"))
     }
 
     /// Reads one record; `id` must already be checked.
     fn read(&self, collection: Collection, id: &str) -> io::Result<Option<Value>> {
-        let path = self.path(collection, id);
-        match fs::read(&path) {
-            Ok(bytes) => parse_record(&bytes, &path).map(Some),
-            Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(err) => Err(err),
+        let dir = self.dir.collection(collection.name())?;
+        let name = file_name(id);
+        match dir.read(&name)? {
+            Some((bytes, _)) => parse_record(&bytes, &dir.path().join(&name)).map(Some),
+            None => Ok(None),
         }
     }
 
-    /// The session record, or `None` if it doesn't exist or `session_id` can't be a file name.
-    fn session_record(&self, session_id: &str) -> io::Result<Option<Value>> {
-        if check_id(session_id).is_err() {
-            return Ok(None);
-        }
-        self.read(Collection::Session, session_id)
-    }
-
-    fn child(
+    /// Replaces a record atomically (temp file in the same directory, fsync, rename, fsync
+    /// dir), and records the change in the index and the versions of the sessions a write of
+    /// `value` over `old` touches.
+    fn write(
         &self,
         collection: Collection,
         id: &str,
-        session_id: &str,
-    ) -> io::Result<Option<Value>> {
-        if check_id(id).is_err() {
-            return Ok(None);
-        }
-        Ok(self
-            .read(collection, id)?
-            .filter(|v| session_id_of(v) == Some(session_id)))
-    }
-
-    /// All records of a collection, as (id from the file name, record), sorted by id. Files
-    /// that don't parse are skipped with a warning, so one damaged file can't hide the rest.
-    fn scan(&self, collection: Collection) -> io::Result<Records> {
-        let mut records = Vec::new();
-        for entry in fs::read_dir(self.collection_dir(collection))? {
-            let entry = entry?;
-            let file_name = entry.file_name();
-            let Some(id) = file_name
-                .to_str()
-                .and_then(|name| name.strip_suffix(".json"))
-                .filter(|id| check_id(id).is_ok())
-            else {
-                continue;
-            };
-            let path = entry.path();
-            let bytes = match fs::read(&path) {
-                Ok(bytes) => bytes,
-                // Deleted since read_dir listed it.
-                Err(err) if err.kind() == io::ErrorKind::NotFound => continue,
-                Err(err) => return Err(err),
-            };
-            match parse_record(&bytes, &path) {
-                Ok(value) => records.push((id.to_owned(), value)),
-                Err(err) => log::warn!("skipping unreadable record: {err}"),
-            }
-        }
-        records.sort_by(|a, b| a.0.cmp(&b.0));
-        Ok(records)
-    }
-
-    /// The records of `collection` whose `sessionId` is `session_id`, sorted by id.
-    fn records_of(&self, collection: Collection, session_id: &str) -> io::Result<Records> {
-        let mut records = self.scan(collection)?;
-        records.retain(|(_, v)| session_id_of(v) == Some(session_id));
-        Ok(records)
-    }
-
-    /// The session's messages, in message order.
-    fn messages_of(&self, session_id: &str) -> io::Result<Records> {
-        let mut messages = self.records_of(Collection::Message, session_id)?;
-        messages.sort_by(|a, b| cmp_created_at(&a.1, &b.1).then_with(|| a.0.cmp(&b.0)));
-        Ok(messages)
-    }
-
-    /// The session's parts in part order; `messages` are the session's, in message order.
-    fn parts_of(&self, session_id: &str, messages: &[(String, Value)]) -> io::Result<Records> {
-        let position: HashMap<&str, usize> = messages
-            .iter()
-            .enumerate()
-            .map(|(i, (id, _))| (id.as_str(), i))
-            .collect();
-        let mut parts = self.records_of(Collection::Part, session_id)?;
-        parts.sort_by_cached_key(|(id, part)| {
-            let message_id = str_field(part, "messageId").unwrap_or_default();
-            (
-                position.get(message_id).copied().unwrap_or(usize::MAX),
-                message_id.to_owned(),
-                part.get("index")
-                    .and_then(Value::as_u64)
-                    .unwrap_or(u64::MAX),
-                id.clone(),
-            )
-        });
-        Ok(parts)
-    }
-
-    /// The session's messages and parts, in message and part order.
-    fn children(&self, session_id: &str) -> io::Result<(Records, Records)> {
-        let messages = self.messages_of(session_id)?;
-        let parts = self.parts_of(session_id, &messages)?;
-        Ok((messages, parts))
-    }
-
-    /// Replaces a record atomically: temp file in the same directory, fsync, rename, fsync dir.
-    fn write(&self, collection: Collection, id: &str, value: &Value) -> io::Result<()> {
-        let dir = self.collection_dir(collection);
+        value: Value,
+        old: Option<&Value>,
+    ) -> io::Result<()> {
+        let dir = self.dir.collection(collection.name())?;
         let seq = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
-        let tmp = dir.join(format!("{TMP_PREFIX}{}-{seq}", std::process::id()));
-        let result = (|| {
-            let mut file = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
-            file.write_all(&render(value))?;
-            file.sync_all()?;
-            fs::rename(&tmp, self.path(collection, id))?;
-            sync_dir(&dir)
-        })();
+        let tmp = format!("{TMP_PREFIX}{}-{seq}", std::process::id());
+        let bytes = render(&value);
+        let result = dir
+            .create(&tmp, &bytes)
+            .and_then(|()| dir.rename(&tmp, &file_name(id)))
+            .and_then(|()| dir.sync());
         if result.is_err() {
             // Best effort: after a successful rename the temp file is already gone.
-            let _ = fs::remove_file(&tmp);
+            let _ = dir.remove(&tmp);
         }
-        result
+        result?;
+        let touched: Vec<String> = match collection {
+            Collection::Session => vec![id.to_owned()],
+            Collection::Message | Collection::Part => {
+                [old.and_then(session_id_of), session_id_of(&value)]
+                    .into_iter()
+                    .flatten()
+                    .map(str::to_owned)
+                    .collect()
+            }
+            Collection::Sandbox | Collection::Setup => Vec::new(),
+        };
+        let mut index = lock(&self.index);
+        index.written(collection, id, Some(Loaded::written(bytes, value)));
+        if !touched.is_empty() {
+            index.bump(&touched.iter().map(String::as_str).collect::<Vec<_>>());
+        }
+        Ok(())
     }
+}
+
+/// Whether `session_id` can name a session record at all.
+fn valid_session(session_id: &str) -> bool {
+    check_id(session_id).is_ok()
+}
+
+fn file_name(id: &str) -> String {
+    format!("{id}.json")
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -616,16 +559,6 @@ fn session_id_of(record: &Value) -> Option<&str> {
     str_field(record, "sessionId")
 }
 
-fn cmp_created_at(a: &Value, b: &Value) -> CmpOrdering {
-    let created = |v: &Value| v.get("createdAt").and_then(Value::as_f64);
-    match (created(a), created(b)) {
-        (Some(x), Some(y)) => x.total_cmp(&y),
-        (Some(_), None) => CmpOrdering::Less,
-        (None, Some(_)) => CmpOrdering::Greater,
-        (None, None) => CmpOrdering::Equal,
-    }
-}
-
 /// The history document; `messages` and `parts` must be in message and part order.
 fn history(session: &Value, messages: &[(String, Value)], parts: &[(String, Value)]) -> Value {
     let mut parts_of: HashMap<&str, Vec<Value>> = HashMap::new();
@@ -664,743 +597,24 @@ fn parse_record(bytes: &[u8], path: &Path) -> io::Result<Value> {
     })
 }
 
-fn remove_if_exists(path: &Path) -> io::Result<bool> {
-    match fs::remove_file(path) {
-        Ok(()) => Ok(true),
-        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(false),
-        Err(err) => Err(err),
-    }
-}
-
-fn remove_temp_files(dir: &Path) -> io::Result<()> {
-    for entry in fs::read_dir(dir)? {
-        let entry = entry?;
-        if entry.file_name().to_string_lossy().starts_with(TMP_PREFIX) {
-            log::info!("removing leftover temp file {}", entry.path().display());
-            remove_if_exists(&entry.path())?;
+/// Removes the temporary files interrupted writes left in `dir`; a directory with their
+/// prefix is left alone with a warning.
+fn remove_temp_files(dir: &CollectionDir) -> io::Result<()> {
+    for entry in dir.list()? {
+        if !entry.name.starts_with(TMP_PREFIX) {
+            continue;
+        }
+        let path = dir.path().join(&entry.name);
+        match dir.remove(&entry.name) {
+            Ok(_) => log::info!("removed leftover temp file {}", path.display()),
+            Err(err) if err.kind() == io::ErrorKind::IsADirectory => {
+                log::warn!("leaving {}: a directory, not a temp file", path.display());
+            }
+            Err(err) => return Err(err),
         }
     }
     Ok(())
 }
 
-fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use std::sync::Arc;
-    use tempfile::TempDir;
-
-    const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/agent-records");
-
-    /// Every fixture as (collection, id, parsed record).
-    fn fixtures() -> Vec<(&'static str, String, Value)> {
-        let mut all = Vec::new();
-        for collection in Collection::ALL {
-            let dir = Path::new(FIXTURES).join(collection.name());
-            for entry in fs::read_dir(dir).unwrap() {
-                let path = entry.unwrap().path();
-                let id = path.file_stem().unwrap().to_str().unwrap().to_owned();
-                let value = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
-                all.push((collection.name(), id, value));
-            }
-        }
-        all.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
-        assert_eq!(all.len(), 15);
-        all
-    }
-
-    fn fixture(collection: &str, id: &str) -> Value {
-        let path = Path::new(FIXTURES)
-            .join(collection)
-            .join(format!("{id}.json"));
-        serde_json::from_slice(&fs::read(path).unwrap()).unwrap()
-    }
-
-    /// A copy of the fixture directory, served as is.
-    fn served() -> (TempDir, RecordStore) {
-        let tmp = TempDir::new().unwrap();
-        for collection in Collection::ALL {
-            let dst = tmp.path().join(collection.name());
-            fs::create_dir(&dst).unwrap();
-            for entry in fs::read_dir(Path::new(FIXTURES).join(collection.name())).unwrap() {
-                let entry = entry.unwrap();
-                fs::write(dst.join(entry.file_name()), fs::read(entry.path()).unwrap()).unwrap();
-            }
-        }
-        let store = RecordStore::open(tmp.path()).unwrap();
-        (tmp, store)
-    }
-
-    fn empty() -> (TempDir, RecordStore) {
-        let tmp = TempDir::new().unwrap();
-        let store = RecordStore::open(tmp.path()).unwrap();
-        (tmp, store)
-    }
-
-    fn call(store: &RecordStore, req: Value) -> Value {
-        store
-            .handle(&req)
-            .unwrap_or_else(|err| panic!("{req}: {err}"))
-    }
-
-    fn call_err(store: &RecordStore, req: Value) -> RecordError {
-        store.handle(&req).expect_err(&req.to_string())
-    }
-
-    fn ids(records: &Value) -> Vec<&str> {
-        records
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|r| r["id"].as_str().unwrap())
-            .collect()
-    }
-
-    fn parse(bytes: &[u8]) -> Value {
-        assert_eq!(bytes.last(), Some(&b'\n'));
-        serde_json::from_slice(bytes).unwrap()
-    }
-
-    fn temp_files(dir: &Path) -> Vec<PathBuf> {
-        Collection::ALL
-            .into_iter()
-            .flat_map(|c| fs::read_dir(dir.join(c.name())).unwrap())
-            .map(|e| e.unwrap().path())
-            .filter(|p| {
-                p.file_name()
-                    .unwrap()
-                    .to_str()
-                    .unwrap()
-                    .starts_with(TMP_PREFIX)
-            })
-            .collect()
-    }
-
-    #[test]
-    fn serves_fixture_dir_as_is() {
-        let (_tmp, store) = served();
-        for (collection, id, value) in fixtures() {
-            let got = call(
-                &store,
-                json!({"method": format!("{collection}.get"), "id": id}),
-            );
-            assert_eq!(got, value, "{collection}/{id}");
-        }
-    }
-
-    #[test]
-    fn every_fixture_round_trips() {
-        let (tmp, store) = empty();
-        for (collection, id, value) in fixtures() {
-            let set = json!({"method": format!("{collection}.set"), "id": id, "value": value});
-            assert_eq!(call(&store, set), Value::Null);
-            let got = call(
-                &store,
-                json!({"method": format!("{collection}.get"), "id": id}),
-            );
-            assert_eq!(got, value, "{collection}/{id}");
-            let on_disk = fs::read(tmp.path().join(collection).join(format!("{id}.json")));
-            assert_eq!(parse(&on_disk.unwrap()), value);
-        }
-    }
-
-    #[test]
-    fn get_of_missing_id_is_null() {
-        let (_tmp, store) = served();
-        for collection in Collection::ALL {
-            let req = json!({"method": format!("{}.get", collection.name()), "id": "nope"});
-            assert_eq!(call(&store, req), Value::Null);
-        }
-    }
-
-    #[test]
-    fn set_inserts_missing_id_and_refuses_a_different_one() {
-        let (_tmp, store) = empty();
-        let value = json!({"createdAt": 1, "updatedAt": 1, "binding": "local"});
-        call(
-            &store,
-            json!({"method": "sandbox.set", "id": "sbx_1", "value": value}),
-        );
-        let got = call(&store, json!({"method": "sandbox.get", "id": "sbx_1"}));
-        assert_eq!(got["id"], "sbx_1");
-        assert_eq!(got["binding"], "local");
-
-        for wrong in [json!("sbx_2"), json!(7)] {
-            let req = json!({"method": "sandbox.set", "id": "sbx_1", "value": {"id": wrong}});
-            let err = call_err(&store, req);
-            assert_eq!(err.http_status(), 400);
-            assert!(err.to_string().contains("sbx_1"), "{err}");
-        }
-        let err = call_err(
-            &store,
-            json!({"method": "setup.set", "id": "s", "value": [1]}),
-        );
-        assert!(err.to_string().contains("`value`"), "{err}");
-    }
-
-    #[test]
-    fn set_validates_required_fields() {
-        let (_tmp, store) = empty();
-        let cases = [
-            ("message", json!({"role": "user"}), "sessionId"),
-            ("part", json!({"sessionId": "s", "index": 0}), "messageId"),
-            ("part", json!({"sessionId": "s", "messageId": "m"}), "index"),
-            (
-                "part",
-                json!({"sessionId": "s", "messageId": "m", "index": -1}),
-                "index",
-            ),
-            (
-                "part",
-                json!({"sessionId": "s", "messageId": "m", "index": 1.5}),
-                "index",
-            ),
-            (
-                "part",
-                json!({"sessionId": 3, "messageId": "m", "index": 0}),
-                "sessionId",
-            ),
-        ];
-        for (collection, value, field) in cases {
-            let req = json!({"method": format!("{collection}.set"), "id": "x", "value": value});
-            let err = call_err(&store, req);
-            assert!(matches!(err, RecordError::BadRequest(_)), "{err}");
-            assert!(err.to_string().contains(field), "{err}");
-        }
-        assert_eq!(
-            fs::read_dir(store.collection_dir(Collection::Part))
-                .unwrap()
-                .count(),
-            0
-        );
-    }
-
-    #[test]
-    fn update_merges_shallowly_and_returns_the_record() {
-        let (_tmp, store) = served();
-        let updates = json!({"updatedAt": 1763700099000_u64, "generation": {"temperature": 1}});
-        let merged = call(
-            &store,
-            json!({"method": "session.update", "id": "ses_7f3a", "updates": updates}),
-        );
-        let mut expected = fixture("session", "ses_7f3a");
-        expected["updatedAt"] = json!(1763700099000_u64);
-        expected["generation"] = json!({"temperature": 1});
-        assert_eq!(merged, expected);
-        let got = call(&store, json!({"method": "session.get", "id": "ses_7f3a"}));
-        assert_eq!(got, expected);
-
-        let merged = call(
-            &store,
-            json!({"method": "message.update", "id": "msg_0001", "updates": {"x-new": [null]}}),
-        );
-        assert_eq!(merged["x-new"], json!([null]));
-        assert_eq!(merged["role"], "user");
-
-        let merged = call(
-            &store,
-            json!({"method": "sandbox.update", "id": "sbx_19c", "updates": {"metadata": null}}),
-        );
-        assert_eq!(merged["metadata"], Value::Null);
-        assert_eq!(merged["binding"], "vercel");
-    }
-
-    #[test]
-    fn update_errors() {
-        let (_tmp, store) = served();
-        let err = call_err(
-            &store,
-            json!({"method": "message.update", "id": "msg_9", "updates": {}}),
-        );
-        assert!(matches!(
-            err,
-            RecordError::NotFound {
-                collection: "message",
-                ..
-            }
-        ));
-        assert_eq!(err.http_status(), 404);
-        assert_eq!(err.to_string(), "no message record with id \"msg_9\"");
-
-        let err = call_err(
-            &store,
-            json!({"method": "session.update", "id": "ses_7f3a", "updates": {"id": "other"}}),
-        );
-        assert_eq!(err.http_status(), 400);
-        let err = call_err(
-            &store,
-            json!({"method": "message.update", "id": "msg_0001", "updates": {"sessionId": 1}}),
-        );
-        assert!(err.to_string().contains("sessionId"), "{err}");
-        let err = call_err(
-            &store,
-            json!({"method": "session.update", "id": "ses_7f3a"}),
-        );
-        assert!(err.to_string().contains("`updates`"), "{err}");
-        assert_eq!(
-            call(&store, json!({"method": "message.get", "id": "msg_0001"})),
-            fixture("message", "msg_0001")
-        );
-    }
-
-    #[test]
-    fn message_list_is_in_created_at_then_id_order() {
-        let (_tmp, store) = served();
-        let list = call(
-            &store,
-            json!({"method": "message.listBySession", "sessionId": "ses_7f3a"}),
-        );
-        assert_eq!(ids(&list), ["msg_0001", "msg_0002", "msg_0003", "msg_0004"]);
-        assert_eq!(list[2], fixture("message", "msg_0003"));
-
-        // Ties on createdAt fall back to id; another session's messages stay out.
-        for (id, session, created) in [
-            ("msg_000", "ses_7f3a", 1763700020000_u64),
-            ("msg_x", "ses_empty", 0),
-        ] {
-            let value = json!({"sessionId": session, "role": "user", "createdAt": created});
-            call(
-                &store,
-                json!({"method": "message.set", "id": id, "value": value}),
-            );
-        }
-        let list = call(
-            &store,
-            json!({"method": "message.listBySession", "sessionId": "ses_7f3a"}),
-        );
-        assert_eq!(
-            ids(&list),
-            ["msg_0001", "msg_0002", "msg_000", "msg_0003", "msg_0004"]
-        );
-        let list = call(
-            &store,
-            json!({"method": "message.listBySession", "sessionId": "ses_empty"}),
-        );
-        assert_eq!(ids(&list), ["msg_x"]);
-        let list = call(
-            &store,
-            json!({"method": "message.listBySession", "sessionId": "nobody"}),
-        );
-        assert_eq!(list, json!([]));
-    }
-
-    #[test]
-    fn part_list_is_in_message_then_index_order() {
-        let (_tmp, store) = served();
-        let list = call(
-            &store,
-            json!({"method": "part.listBySession", "sessionId": "ses_7f3a"}),
-        );
-        let expected = [
-            "prt_0001", "prt_0002", "prt_0003", "prt_0004", "prt_0005", "prt_0007", "prt_0006",
-        ];
-        assert_eq!(ids(&list), expected);
-
-        // A part of an unknown message goes last; another session's part stays out.
-        let orphan = json!({"sessionId": "ses_7f3a", "messageId": "msg_gone", "index": 0});
-        call(
-            &store,
-            json!({"method": "part.set", "id": "prt_0000", "value": orphan}),
-        );
-        let foreign = json!({"sessionId": "ses_empty", "messageId": "msg_0001", "index": 1});
-        call(
-            &store,
-            json!({"method": "part.set", "id": "prt_f", "value": foreign}),
-        );
-        let list = call(
-            &store,
-            json!({"method": "part.listBySession", "sessionId": "ses_7f3a"}),
-        );
-        assert_eq!(ids(&list)[7..], ["prt_0000"]);
-        assert_eq!(list.as_array().unwrap().len(), 8);
-        assert_eq!(
-            call(&store, json!({"method": "part.get", "id": "prt_f"}))["index"],
-            1
-        );
-    }
-
-    #[test]
-    fn unknown_methods_and_bad_params() {
-        let (_tmp, store) = served();
-        for method in [
-            "part.update",
-            "setup.update",
-            "sandbox.listBySession",
-            "session.delete",
-            "nope.get",
-            "get",
-        ] {
-            let err = call_err(&store, json!({"method": method, "id": "x"}));
-            assert!(
-                matches!(&err, RecordError::UnknownMethod(m) if m == method),
-                "{err}"
-            );
-            assert_eq!(err.http_status(), 400);
-        }
-        let cases = [
-            (json!({"id": "x"}), "`method`"),
-            (json!({"method": 1}), "`method`"),
-            (json!({"method": "session.get"}), "`id`"),
-            (json!({"method": "session.get", "id": 5}), "`id`"),
-            (json!({"method": "session.set", "id": "x"}), "`value`"),
-            (json!({"method": "part.listBySession"}), "`sessionId`"),
-        ];
-        for (req, param) in cases {
-            let err = call_err(&store, req);
-            assert!(matches!(err, RecordError::BadRequest(_)), "{err}");
-            assert!(err.to_string().contains(param), "{err}");
-        }
-        assert_eq!(call_err(&store, json!([])).http_status(), 400);
-    }
-
-    #[test]
-    fn bad_ids_are_refused() {
-        let (tmp, store) = empty();
-        let long = "a".repeat(201);
-        for id in [
-            "",
-            ".",
-            "..",
-            ".hidden",
-            ".tmp-1",
-            "a/b",
-            "../session/x",
-            "a\0b",
-            long.as_str(),
-        ] {
-            for method in ["session.get", "setup.set"] {
-                let err = call_err(&store, json!({"method": method, "id": id, "value": {}}));
-                assert!(matches!(err, RecordError::BadRequest(_)), "{err}");
-                assert!(err.to_string().contains(&format!("{id:?}")), "{err}");
-            }
-        }
-        let max = "a".repeat(200);
-        call(
-            &store,
-            json!({"method": "setup.set", "id": max, "value": {}}),
-        );
-        assert!(
-            tmp.path()
-                .join("setup")
-                .join(format!("{max}.json"))
-                .exists()
-        );
-        let err = store.delete_session("..").unwrap_err();
-        assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
-    }
-
-    #[test]
-    fn history_nests_parts_in_index_order() {
-        let (_tmp, store) = served();
-        let view = store.meta_view("ses_7f3a").unwrap().unwrap();
-        let history = parse(&view.history);
-        assert_eq!(history["session"], fixture("session", "ses_7f3a"));
-        let messages = history["messages"].as_array().unwrap();
-        assert_eq!(
-            ids(&history["messages"]),
-            ["msg_0001", "msg_0002", "msg_0003", "msg_0004"]
-        );
-        let part_ids: Vec<Vec<&str>> = messages.iter().map(|m| ids(&m["parts"])).collect();
-        assert_eq!(
-            part_ids,
-            [
-                vec!["prt_0001"],
-                vec!["prt_0002", "prt_0003", "prt_0004"],
-                vec!["prt_0005"],
-                vec!["prt_0007", "prt_0006"],
-            ]
-        );
-        let mut message = messages[1].clone();
-        message.as_object_mut().unwrap().remove("parts");
-        assert_eq!(message, fixture("message", "msg_0002"));
-        assert_eq!(messages[3]["parts"][0], fixture("part", "prt_0007"));
-    }
-
-    #[test]
-    fn non_ascii_survives() {
-        let (tmp, store) = served();
-        let tag = "\u{e9}\u{2713}";
-        let got = call(&store, json!({"method": "message.get", "id": "msg_0003"}));
-        assert_eq!(got["metadata"]["source"]["tags"][1], tag);
-        call(
-            &store,
-            json!({"method": "message.set", "id": "msg_0003", "value": got}),
-        );
-        let on_disk = fs::read_to_string(tmp.path().join("message/msg_0003.json")).unwrap();
-        assert!(on_disk.contains(tag));
-        let view = store.meta_view("ses_7f3a").unwrap().unwrap();
-        assert!(String::from_utf8(view.history).unwrap().contains(tag));
-        assert_eq!(
-            parse(&view.messages["msg_0003"]),
-            fixture("message", "msg_0003")
-        );
-        let part = parse(&view.parts["prt_0005"]);
-        assert_eq!(part, fixture("part", "prt_0005"));
-    }
-
-    #[test]
-    fn empty_session_has_empty_history() {
-        let (_tmp, store) = served();
-        let view = store.meta_view("ses_empty").unwrap().unwrap();
-        assert_eq!(parse(&view.session), fixture("session", "ses_empty"));
-        assert!(view.messages.is_empty() && view.parts.is_empty());
-        let history = parse(&view.history);
-        assert_eq!(history["messages"], json!([]));
-        assert_eq!(history["session"], fixture("session", "ses_empty"));
-    }
-
-    #[test]
-    fn meta_view_excludes_other_sessions_records() {
-        let (_tmp, store) = served();
-        let message = json!({"sessionId": "ses_empty", "role": "user", "createdAt": 1});
-        call(
-            &store,
-            json!({"method": "message.set", "id": "msg_e", "value": message}),
-        );
-        let part = json!({"sessionId": "ses_empty", "messageId": "msg_0001", "index": 5});
-        call(
-            &store,
-            json!({"method": "part.set", "id": "prt_e", "value": part}),
-        );
-
-        let view = store.meta_view("ses_7f3a").unwrap().unwrap();
-        assert_eq!(
-            view.messages.keys().collect::<Vec<_>>(),
-            ["msg_0001", "msg_0002", "msg_0003", "msg_0004"]
-        );
-        assert_eq!(view.parts.len(), 7);
-        assert!(!String::from_utf8(view.history).unwrap().contains("prt_e"));
-        let foreign = MetaPath::Message("msg_e".to_owned());
-        assert_eq!(store.meta_file("ses_7f3a", &foreign).unwrap(), None);
-        assert!(store.meta_file("ses_empty", &foreign).unwrap().is_some());
-
-        // The foreign part's message is not in ses_empty: listed, but not in its history.
-        let view = store.meta_view("ses_empty").unwrap().unwrap();
-        assert_eq!(view.parts.keys().collect::<Vec<_>>(), ["prt_e"]);
-        assert_eq!(parse(&view.history)["messages"][0]["parts"], json!([]));
-    }
-
-    #[test]
-    fn meta_file_and_list_ids_match_the_view() {
-        let (_tmp, store) = served();
-        let view = store.meta_view("ses_7f3a").unwrap().unwrap();
-        let file = |path: MetaPath| store.meta_file("ses_7f3a", &path).unwrap().unwrap();
-        assert_eq!(file(MetaPath::Session), view.session);
-        assert_eq!(file(MetaPath::History), view.history);
-        for (id, bytes) in &view.messages {
-            assert_eq!(&file(MetaPath::Message(id.clone())), bytes);
-        }
-        for (id, bytes) in &view.parts {
-            assert_eq!(&file(MetaPath::Part(id.clone())), bytes);
-        }
-        let messages = store
-            .list_ids(ChildCollection::Message, "ses_7f3a")
-            .unwrap()
-            .unwrap();
-        assert_eq!(messages, view.messages.keys().cloned().collect::<Vec<_>>());
-        let parts = store
-            .list_ids(ChildCollection::Part, "ses_7f3a")
-            .unwrap()
-            .unwrap();
-        assert_eq!(parts, view.parts.keys().cloned().collect::<Vec<_>>());
-
-        for missing in [
-            MetaPath::Message("msg_9".into()),
-            MetaPath::Part("../part/prt_0001".into()),
-        ] {
-            assert_eq!(store.meta_file("ses_7f3a", &missing).unwrap(), None);
-        }
-        for session in ["ses_gone", "../session/ses_7f3a", ""] {
-            assert!(store.meta_view(session).unwrap().is_none());
-            assert_eq!(store.meta_file(session, &MetaPath::Session).unwrap(), None);
-            assert_eq!(
-                store.list_ids(ChildCollection::Part, session).unwrap(),
-                None
-            );
-        }
-        assert_eq!(
-            store
-                .list_ids(ChildCollection::Message, "ses_empty")
-                .unwrap(),
-            Some(vec![])
-        );
-    }
-
-    #[test]
-    fn version_changes_on_writes_touching_the_session() {
-        let (_tmp, store) = served();
-        assert_eq!(store.version("ses_7f3a"), 0);
-        let mut seen = vec![0];
-        let mut record = |store: &RecordStore| {
-            let now = store.version("ses_7f3a");
-            assert!(!seen.contains(&now), "{now} in {seen:?}");
-            seen.push(now);
-        };
-        call(
-            &store,
-            json!({"method": "session.update", "id": "ses_7f3a", "updates": {"x": 1}}),
-        );
-        record(&store);
-        let part = fixture("part", "prt_0001");
-        call(
-            &store,
-            json!({"method": "part.set", "id": "prt_0001", "value": part}),
-        );
-        record(&store);
-        // Moving a message to another session touches both.
-        let updates = json!({"sessionId": "ses_empty"});
-        call(
-            &store,
-            json!({"method": "message.update", "id": "msg_0001", "updates": updates}),
-        );
-        record(&store);
-        assert_ne!(store.version("ses_empty"), 0);
-
-        let unchanged = store.version("ses_7f3a");
-        call(
-            &store,
-            json!({"method": "sandbox.update", "id": "sbx_19c", "updates": {"x": 1}}),
-        );
-        call(
-            &store,
-            json!({"method": "setup.set", "id": "setup_v4", "value": {}}),
-        );
-        call(&store, json!({"method": "session.get", "id": "ses_7f3a"}));
-        assert_eq!(store.version("ses_7f3a"), unchanged);
-        store.delete_session("ses_7f3a").unwrap();
-        record(&store);
-    }
-
-    #[test]
-    fn writes_leave_no_temp_files_and_stale_ones_are_ignored_then_removed() {
-        let (tmp, store) = served();
-        for (collection, id, value) in fixtures() {
-            call(
-                &store,
-                json!({"method": format!("{collection}.set"), "id": id, "value": value}),
-            );
-        }
-        call(
-            &store,
-            json!({"method": "session.update", "id": "ses_7f3a", "updates": {}}),
-        );
-        assert_eq!(temp_files(tmp.path()), Vec::<PathBuf>::new());
-
-        let stale = tmp.path().join("message").join(".tmp-1-0");
-        fs::write(&stale, r#"{"id":"x","sessionId":"ses_7f3a","createdAt":0}"#).unwrap();
-        let list = call(
-            &store,
-            json!({"method": "message.listBySession", "sessionId": "ses_7f3a"}),
-        );
-        assert_eq!(list.as_array().unwrap().len(), 4);
-        assert_eq!(
-            store
-                .list_ids(ChildCollection::Message, "ses_7f3a")
-                .unwrap()
-                .unwrap()
-                .len(),
-            4
-        );
-
-        drop(store);
-        RecordStore::open(tmp.path()).unwrap();
-        assert!(!stale.exists());
-    }
-
-    #[test]
-    fn unparsable_files_are_skipped_by_listings_but_fail_get() {
-        let (tmp, store) = served();
-        fs::write(tmp.path().join("part/prt_bad.json"), "{not json").unwrap();
-        let list = call(
-            &store,
-            json!({"method": "part.listBySession", "sessionId": "ses_7f3a"}),
-        );
-        assert_eq!(list.as_array().unwrap().len(), 7);
-        let err = call_err(&store, json!({"method": "part.get", "id": "prt_bad"}));
-        assert_eq!(err.http_status(), 500);
-        assert!(err.to_string().contains("prt_bad.json"), "{err}");
-        // Overwriting it is allowed.
-        let part = json!({"sessionId": "ses_7f3a", "messageId": "msg_0001", "index": 1});
-        call(
-            &store,
-            json!({"method": "part.set", "id": "prt_bad", "value": part}),
-        );
-        assert_eq!(
-            call(&store, json!({"method": "part.get", "id": "prt_bad"}))["index"],
-            1
-        );
-    }
-
-    #[test]
-    fn delete_session_removes_session_messages_and_parts() {
-        let (tmp, store) = served();
-        assert_eq!(store.delete_session("ses_7f3a").unwrap(), 1 + 4 + 7);
-        for (collection, id) in [
-            ("session", "ses_7f3a"),
-            ("message", "msg_0003"),
-            ("part", "prt_0007"),
-        ] {
-            let got = call(
-                &store,
-                json!({"method": format!("{collection}.get"), "id": id}),
-            );
-            assert_eq!(got, Value::Null);
-        }
-        assert!(store.meta_view("ses_7f3a").unwrap().is_none());
-        for (collection, id) in [
-            ("session", "ses_empty"),
-            ("sandbox", "sbx_19c"),
-            ("setup", "setup_v3"),
-        ] {
-            let got = call(
-                &store,
-                json!({"method": format!("{collection}.get"), "id": id}),
-            );
-            assert_eq!(got, fixture(collection, id));
-        }
-        assert_eq!(fs::read_dir(tmp.path().join("part")).unwrap().count(), 0);
-        assert_eq!(store.delete_session("ses_7f3a").unwrap(), 0);
-        assert_eq!(store.delete_session("ses_empty").unwrap(), 1);
-    }
-
-    #[test]
-    fn concurrent_updates_are_not_lost() {
-        let (_tmp, store) = served();
-        let store = Arc::new(store);
-        let threads: Vec<_> = (0..8)
-            .map(|i| {
-                let store = Arc::clone(&store);
-                std::thread::spawn(move || {
-                    for j in 0..5 {
-                        let updates = json!({ format!("k{i}_{j}"): j });
-                        call(&store, json!({"method": "session.update", "id": "ses_7f3a", "updates": updates}));
-                    }
-                })
-            })
-            .collect();
-        for thread in threads {
-            thread.join().unwrap();
-        }
-        let session = call(&store, json!({"method": "session.get", "id": "ses_7f3a"}));
-        assert_eq!(session.as_object().unwrap().len(), 8 + 8 * 5);
-    }
-
-    #[test]
-    fn errors_display_one_sentence_and_map_to_http_status() {
-        let io = RecordError::from(io::Error::other("disk on fire"));
-        assert_eq!(io.http_status(), 500);
-        assert_eq!(io.to_string(), "record storage failed: disk on fire");
-        assert!(std::error::Error::source(&io).is_some());
-        assert_eq!(
-            RecordError::UnknownMethod("x.y".into()).to_string(),
-            "unknown method \"x.y\""
-        );
-        assert_eq!(
-            bad("missing param `id`").to_string(),
-            "bad request: missing param `id`"
-        );
-    }
-}
+mod tests;
