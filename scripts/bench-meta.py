@@ -161,7 +161,7 @@ class Mount(Target):
             subprocess.run(["umount", "-l", self.root])
         if self.proc is not None:
             try:
-                self.proc.wait(timeout=20)
+                self.proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 log(f"[{self.name}] pid {self.proc.pid} did not exit; SIGKILL")
                 self.proc.kill()

@@ -497,6 +497,9 @@ impl Index {
         let mut touched: Vec<String> = Vec::new();
         if slot == SESSION {
             touched.push(id.to_owned());
+            if new.is_none() {
+                self.history.remove(id);
+            }
         }
         if let Some(session) = old.as_ref().and_then(|e| e.session.clone()) {
             if let Some(children) = self.children.get_mut(&session) {
