@@ -125,8 +125,8 @@ impl RecordsDir {
         };
         match opened {
             Ok(fd) => Ok(CollectionDir { fd, path }),
-            Err(Errno::ELOOP | Errno::ENOTDIR | Errno::EXDEV) => {
-                Err(not_a_directory(&self.root, name, &path))
+            Err(err @ (Errno::ELOOP | Errno::ENOTDIR | Errno::EXDEV)) => {
+                Err(not_a_directory(&self.root, name, &path, err))
             }
             Err(e) => Err(context(e.into(), format!("cannot open {}", path.display()))),
         }
@@ -139,11 +139,17 @@ impl RecordsDir {
     }
 }
 
-/// The error for a collection directory that is not one: says what is there instead.
-fn not_a_directory(root: &OwnedFd, name: &str, path: &Path) -> io::Error {
-    let what = match fstatat(root, name, AtFlags::AT_SYMLINK_NOFOLLOW) {
-        Ok(st) => kind_name(SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits())),
-        Err(_) => "not a directory",
+/// The error for a collection directory that is not one (`err` from opening it): says what
+/// is there instead.
+fn not_a_directory(root: &OwnedFd, name: &str, path: &Path, err: Errno) -> io::Error {
+    let now = fstatat(root, name, AtFlags::AT_SYMLINK_NOFOLLOW)
+        .ok()
+        .map(|st| SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits()));
+    let what = match (err, now) {
+        (Errno::ELOOP, _) => "a symbolic link",
+        (_, Some(kind)) if kind != SFlag::S_IFDIR => kind_name(kind),
+        // Replaced again since (a race with whoever is changing it).
+        _ => "a symbolic link or something else",
     };
     io::Error::new(
         io::ErrorKind::InvalidData,

@@ -953,7 +953,7 @@ fn a_collection_directory_replaced_by_another_is_scanned_again() {
 
 /// Contents and times of every file under `dir`, to show that nothing there changed (and, where
 /// the filesystem updates access times on read, that nothing was read).
-fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>, i64, i64)> {
+fn snapshot(dir: &Path) -> Snapshot {
     use std::os::unix::fs::MetadataExt;
     let mut out = Vec::new();
     for entry in fs::read_dir(dir).unwrap() {
@@ -975,6 +975,29 @@ fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>, i64, i64)> {
     }
     out.sort();
     out
+}
+
+type Snapshot = Vec<(PathBuf, Vec<u8>, i64, i64)>;
+
+/// Fails naming the paths that differ (with times only where reads show in access times).
+fn assert_unchanged(before: &Snapshot, after: &Snapshot, with_atime: bool) {
+    let key = |s: &Snapshot| -> Vec<(PathBuf, Vec<u8>, i64, i64)> {
+        s.iter()
+            .map(|(p, b, a, m)| (p.clone(), b.clone(), if with_atime { *a } else { 0 }, *m))
+            .collect()
+    };
+    if key(before) != key(after) {
+        let names = |s: &Snapshot| {
+            s.iter()
+                .map(|e| e.0.display().to_string())
+                .collect::<Vec<_>>()
+        };
+        panic!(
+            "outside the records dir changed (or was read): before {:?}, after {:?}",
+            names(before),
+            names(after)
+        );
+    }
 }
 
 fn set_times(path: &Path, atime: i64, mtime: i64) {
@@ -1120,15 +1143,7 @@ fn a_symlink_where_a_record_should_be_is_never_read() {
                 .is_symlink()
         );
 
-        let after = snapshot(out.path());
-        if check_reads {
-            assert_eq!(after, before, "watch {watch}");
-        } else {
-            let strip = |s: Vec<(PathBuf, Vec<u8>, i64, i64)>| -> Vec<_> {
-                s.into_iter().map(|(p, b, _, m)| (p, b, m)).collect()
-            };
-            assert_eq!(strip(after), strip(before), "watch {watch}");
-        }
+        assert_unchanged(&before, &snapshot(out.path()), check_reads);
     }
 }
 
@@ -1258,13 +1273,7 @@ fn a_collection_directory_replaced_by_a_symlink_is_refused() {
         let store = RecordStore::open_with(dir, watch).unwrap();
         assert_eq!(message_ids(&store, "ses_7f3a").unwrap().len(), 4);
 
-        let after = snapshot(out.path());
-        if check_reads {
-            assert_eq!(after, before, "watch {watch}");
-        } else {
-            assert_eq!(after.len(), before.len());
-        }
-        assert_eq!(fs::read_dir(out.path()).unwrap().count(), 1);
+        assert_unchanged(&before, &snapshot(out.path()), check_reads);
     }
 }
 
@@ -1287,4 +1296,83 @@ fn the_records_dir_itself_may_be_a_symlink() {
         json!({"method": "setup.set", "id": "setup_new", "value": {}}),
     );
     assert!(tmp.path().join("setup/setup_new.json").is_file());
+}
+
+/// The collection directory swapped with a symlink out, again and again, while records are
+/// written and listed: every call either works on the real directory or fails naming the
+/// link (or finds no directory, between two renames); nothing outside is ever written or read.
+#[test]
+fn a_collection_symlink_swapped_in_during_writes_is_never_followed() {
+    let out = outside(&[("msg_0001.json", fixture("message", "msg_0001"))]);
+    let check_reads = reads_show_in_atime(out.path());
+    let before = snapshot(out.path());
+    let (tmp, store) = served();
+    let dir = tmp.path().to_path_buf();
+    let link = dir.join("message.link");
+    symlink(out.path(), &link);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let swapper = {
+        let (dir, stop) = (dir.clone(), Arc::clone(&stop));
+        std::thread::spawn(move || {
+            let (real, aside) = (dir.join("message"), dir.join("message.real"));
+            let mut swaps = 0;
+            while !stop.load(Ordering::Relaxed) {
+                fs::rename(&real, &aside).unwrap();
+                fs::rename(dir.join("message.link"), &real).unwrap();
+                std::thread::sleep(Duration::from_micros(300));
+                fs::rename(&real, dir.join("message.link")).unwrap();
+                fs::rename(&aside, &real).unwrap();
+                std::thread::sleep(Duration::from_millis(1));
+                swaps += 1;
+            }
+            swaps
+        })
+    };
+    let (mut worked, mut refused) = (0, 0);
+    for i in 0..300 {
+        let value = json!({"sessionId": "ses_7f3a", "role": "user", "createdAt": i});
+        let calls = [
+            json!({"method": "message.set", "id": format!("msg_r{i}"), "value": value}),
+            json!({"method": "message.listBySession", "sessionId": "ses_7f3a"}),
+            json!({"method": "message.get", "id": "msg_0001"}),
+        ];
+        for req in calls {
+            match store.handle(&req) {
+                Ok(_) => worked += 1,
+                Err(err) => {
+                    // The link, or nothing between two renames.
+                    let msg = err.to_string();
+                    assert!(
+                        msg.contains(", not a directory; the records store never follows")
+                            || msg.contains("No such file or directory"),
+                        "{msg}"
+                    );
+                    refused += 1;
+                }
+            }
+        }
+        let _ = store.meta_file("ses_7f3a", &MetaPath::History);
+    }
+    stop.store(true, Ordering::Relaxed);
+    let swaps = swapper.join().unwrap();
+    assert!(
+        swaps > 0 && worked > 0,
+        "{swaps} swaps, {worked} calls worked"
+    );
+    eprintln!("{swaps} swaps: {worked} calls worked, {refused} refused");
+    assert_unchanged(&before, &snapshot(out.path()), check_reads);
+    // Every record written landed in the real directory.
+    let written = fs::read_dir(dir.join("message"))
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_str()
+                .unwrap()
+                .starts_with("msg_r")
+        })
+        .count();
+    assert!(written > 0);
+    assert_eq!(temp_files(&dir), Vec::<PathBuf>::new());
 }
