@@ -395,7 +395,7 @@ fn meta_follows_other_writers_and_skips_what_is_not_a_record() {
     d.mount(&["--session", "ses_7f3a"], &mnt);
     let meta = mnt.join(".meta");
     let records = d.data.join("records");
-    let names = |dir: &Path| -> Vec<String> {
+    let names = |dir: &std::path::Path| -> Vec<String> {
         let mut v: Vec<_> = fs::read_dir(dir)
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())
@@ -403,7 +403,7 @@ fn meta_follows_other_writers_and_skips_what_is_not_a_record() {
         v.sort();
         v
     };
-    let cat = |path: &Path| -> Value {
+    let cat = |path: &std::path::Path| -> Value {
         let out = Command::new("cat").arg(path).output().unwrap();
         assert!(out.status.success(), "cat {}", path.display());
         serde_json::from_slice(&out.stdout).unwrap()
