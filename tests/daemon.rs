@@ -253,6 +253,84 @@ fn meta_shows_the_sessions_records_read_only_and_fresh() {
     assert_eq!(fs::read_dir(&narrow).unwrap().count(), 0);
 }
 
+/// Another process (the agent SDK) writing the records dir: its changes show at the next
+/// look, in place or by rename; what is not a record (a FIFO, a symlink out, a directory) is
+/// skipped, never waited on or followed.
+#[test]
+fn meta_follows_other_writers_and_skips_what_is_not_a_record() {
+    let d = Daemon::start();
+    d.json(&["session", "create", "ses_7f3a"]);
+    load_fixture_session(&d);
+    let mnt = d.dir("mnt");
+    d.mount(&["--session", "ses_7f3a"], &mnt);
+    let meta = mnt.join(".meta");
+    let records = d.data.join("records");
+    let names = |dir: &std::path::Path| -> Vec<String> {
+        let mut v: Vec<_> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        v.sort();
+        v
+    };
+    let cat = |path: &std::path::Path| -> Value {
+        let out = Command::new("cat").arg(path).output().unwrap();
+        assert!(out.status.success(), "cat {}", path.display());
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    assert_eq!(names(&meta.join("messages")).len(), 4);
+
+    // A new message written in place, as Node's writeFile does.
+    let message = json!({"id": "msg_ext", "sessionId": "ses_7f3a", "role": "user", "createdAt": 1763700099000u64});
+    fs::write(records.join("message/msg_ext.json"), message.to_string()).unwrap();
+    assert!(names(&meta.join("messages")).contains(&"msg_ext.json".to_owned()));
+    assert_eq!(cat(&meta.join("messages/msg_ext.json")), message);
+    assert_eq!(
+        cat(&meta.join("history.json"))["messages"][4]["id"],
+        "msg_ext"
+    );
+    // An existing part rewritten in place.
+    let mut part = fixture("part", "prt_0001");
+    part["text"] = json!("rewritten by another process");
+    fs::write(records.join("part/prt_0001.json"), part.to_string()).unwrap();
+    assert_eq!(cat(&meta.join("parts/prt_0001.json")), part);
+
+    // Planted: a FIFO, a symlink to a file outside, a directory.
+    let outside = d.dir("outside");
+    let secret = json!({"id": "prt_link", "sessionId": "ses_7f3a", "messageId": "msg_0001", "index": 9, "text": "SECRET"});
+    fs::write(outside.join("secret.json"), secret.to_string()).unwrap();
+    let fifo = cstr(&records.join("message/msg_fifo.json"));
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
+    std::os::unix::fs::symlink(
+        outside.join("secret.json"),
+        records.join("part/prt_link.json"),
+    )
+    .unwrap();
+    fs::create_dir(records.join("part/prt_dir.json")).unwrap();
+    let ls = Command::new("timeout")
+        .args(["20", "ls", "-l"])
+        .arg(meta.join("messages"))
+        .output()
+        .unwrap();
+    assert!(ls.status.success(), "ls -l .meta/messages did not finish");
+    assert_eq!(String::from_utf8(ls.stdout).unwrap().lines().count(), 1 + 5);
+    assert_eq!(names(&meta.join("parts")).len(), 7);
+    assert_eq!(
+        errno(fs::read(meta.join("parts/prt_link.json"))),
+        libc::ENOENT
+    );
+    let history = fs::read_to_string(meta.join("history.json")).unwrap();
+    assert!(!history.contains("SECRET"));
+    // Through the API, a get of one names what is there.
+    let (code, _, err) = d.cli(&["records", "get", "message", "msg_fifo"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("msg_fifo.json is a FIFO"), "{err}");
+    let (code, _, err) = d.cli(&["records", "get", "part", "prt_link"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("prt_link.json is a symbolic link"), "{err}");
+    assert!(!err.contains("SECRET"), "{err}");
+}
+
 #[test]
 fn ending_a_session_removes_everything_after_exporting() {
     let mut d = Daemon::start();

@@ -84,9 +84,17 @@ impl fmt::Display for ApiError {
 
 impl std::error::Error for ApiError {}
 
+/// What each kind of record error means in HTTP: the caller's mistakes are 400, a missing
+/// record for `update` is 404, and storage failures (including a record file that is not a
+/// regular file, or a collection directory that is a symlink) are 500.
 impl From<RecordError> for ApiError {
     fn from(err: RecordError) -> ApiError {
-        ApiError::new(err.http_status(), err.to_string())
+        let status = match &err {
+            RecordError::BadRequest(_) | RecordError::UnknownMethod(_) => 400,
+            RecordError::NotFound { .. } => 404,
+            RecordError::Io(_) => 500,
+        };
+        ApiError::new(status, err.to_string())
     }
 }
 

@@ -495,13 +495,27 @@ fn client_errors_read_as_sentences() {
 }
 
 #[test]
-fn record_errors_keep_their_status() {
+fn record_errors_map_to_http_status_in_the_control_layer() {
+    let cases: [(RecordError, u16); 4] = [
+        (RecordError::BadRequest("missing param `id`".into()), 400),
+        (RecordError::UnknownMethod("x.y".into()), 400),
+        (
+            RecordError::NotFound {
+                collection: "session",
+                id: "x".to_owned(),
+            },
+            404,
+        ),
+        (RecordError::Io(std::io::Error::other("disk")), 500),
+    ];
+    for (err, status) in cases {
+        let message = err.to_string();
+        assert_eq!(ApiError::from(err), ApiError::new(status, message));
+    }
     let err: ApiError = RecordError::NotFound {
         collection: "session",
         id: "x".to_owned(),
     }
     .into();
     assert_eq!(err, ApiError::not_found("no session record with id \"x\""));
-    let err: ApiError = RecordError::Io(std::io::Error::other("disk")).into();
-    assert_eq!(err.status, 500);
 }
