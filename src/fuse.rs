@@ -638,15 +638,11 @@ impl Filesystem for FuseAdapter {
         mut reply: ReplyDirectory,
     ) {
         let _turn = self.turn(offset == 0);
-        match self.fs.readdir(fh.0, offset) {
-            Ok(entries) => {
-                for e in entries {
-                    if reply.add(INodeNo(e.ino), e.next, file_type(e.kind), &e.name) {
-                        break;
-                    }
-                }
-                reply.ok();
-            }
+        let result = self.fs.readdir(fh.0, offset, |e| {
+            !reply.add(INodeNo(e.ino), e.next, file_type(e.kind), &e.name)
+        });
+        match result {
+            Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(e)),
         }
     }

@@ -8,6 +8,9 @@ use super::handle::{DirHandle, DirItem};
 use super::{Attr, Errno, Fs, FsResult, Ino, Listed, ROOT, lock, read_lock};
 use crate::store::{Kind, Meta};
 
+/// Entries taken from a listing at a time (a reply of the kernel's holds a few dozen).
+const BATCH: usize = 128;
+
 impl Fs {
     pub fn opendir(&self, ino: Ino) -> FsResult<u64> {
         self.touch();
@@ -15,7 +18,14 @@ impl Fs {
         self.allow_traverse("opendir", &path)?;
         let entries = self.list(&path)?;
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        lock(&self.dirs).insert(fh, DirHandle { ino, entries });
+        lock(&self.dirs).insert(
+            fh,
+            DirHandle {
+                ino,
+                entries,
+                read: false,
+            },
+        );
         Ok(fh)
     }
 
@@ -36,29 +46,47 @@ impl Fs {
         Ok(entries)
     }
 
-    /// Entries of an open directory from `offset` on (`.` and `..` first).
-    pub fn readdir(&self, fh: u64, offset: u64) -> FsResult<Vec<Listed>> {
-        Ok(self
-            .listing(fh, offset)?
-            .into_iter()
-            .map(|(l, _)| l)
-            .collect())
+    /// Entries of an open directory from `offset` on (`.` and `..` first), handed to `emit`
+    /// until it returns false (the kernel's reply buffer is full).
+    pub fn readdir(
+        &self,
+        fh: u64,
+        offset: u64,
+        mut emit: impl FnMut(&Listed) -> bool,
+    ) -> FsResult<()> {
+        let mut offset = offset;
+        loop {
+            let batch = self.listing(fh, offset, BATCH)?;
+            for (entry, _) in &batch {
+                if !emit(entry) {
+                    return Ok(());
+                }
+            }
+            match batch.last() {
+                Some((last, _)) if batch.len() == BATCH => offset = last.next,
+                _ => return Ok(()),
+            }
+        }
     }
 
-    /// `readdir`'s entries, with the attributes the store listed them with (if it did).
-    fn listing(&self, fh: u64, offset: u64) -> FsResult<Vec<(Listed, Option<Meta>)>> {
+    /// Up to `most` of `readdir`'s entries from `offset` on, with the attributes the store
+    /// listed them with (if it did). Taken a batch at a time, so that a reply costs what it
+    /// holds, however large the directory.
+    fn listing(&self, fh: u64, offset: u64, most: usize) -> FsResult<Vec<(Listed, Option<Meta>)>> {
         let mut dirs = lock(&self.dirs);
         let dir = dirs.get_mut(&fh).ok_or(Errno::EBADF)?;
         if offset == 0 {
-            // rewinddir(): show the directory as it is now.
-            dir.entries = self.list(&self.path(dir.ino)?)?;
+            if dir.read {
+                // rewinddir(): show the directory as it is now.
+                dir.entries = self.list(&self.path(dir.ino)?)?;
+            }
+            dir.read = true;
         }
         let table = read_lock(&self.table);
-        let mut out = Vec::new();
-        for (i, item) in dot_entries().iter().chain(dir.entries.iter()).enumerate() {
-            if (i as u64) < offset {
-                continue;
-            }
+        let dots = dot_entries();
+        let items = dots.iter().chain(dir.entries.iter());
+        let mut out = Vec::with_capacity(most);
+        for (i, item) in items.enumerate().skip(offset as usize).take(most) {
             // Entries the kernel has not looked up yet have no inode number: readdir shows a
             // placeholder (the kernel looks the name up before using it).
             let ino = match i {
@@ -87,14 +115,31 @@ impl Fs {
         offset: u64,
         mut emit: impl FnMut(&Listed, &Attr) -> bool,
     ) -> FsResult<()> {
-        let (dir_ino, listed) = {
-            let dirs = lock(&self.dirs);
-            let ino = dirs.get(&fh).ok_or(Errno::EBADF)?.ino;
-            drop(dirs);
-            (ino, self.listing(fh, offset)?)
-        };
+        let dir_ino = lock(&self.dirs).get(&fh).ok_or(Errno::EBADF)?.ino;
         let dir_path = self.path(dir_ino)?;
-        for (entry, listed_meta) in listed {
+        let mut offset = offset;
+        loop {
+            let batch = self.listing(fh, offset, BATCH)?;
+            let full = batch.len() == BATCH;
+            if let Some((last, _)) = batch.last() {
+                offset = last.next;
+            }
+            if !self.emit_plus(dir_ino, &dir_path, batch, &mut emit) || !full {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Emits a batch of `readdirplus` entries of the directory `dir_ino` at `dir_path`;
+    /// false once `emit` is full.
+    fn emit_plus(
+        &self,
+        dir_ino: Ino,
+        dir_path: &Path,
+        batch: Vec<(Listed, Option<Meta>)>,
+        emit: &mut impl FnMut(&Listed, &Attr) -> bool,
+    ) -> bool {
+        for (entry, listed_meta) in batch {
             let dot = entry.name == "." || entry.name == "..";
             let attr = if dot {
                 let ino = if entry.name == "." {
@@ -103,7 +148,7 @@ impl Fs {
                     entry.ino
                 };
                 let path = if entry.name == "." {
-                    dir_path.clone()
+                    dir_path.to_path_buf()
                 } else {
                     dir_path.parent().map(Path::to_path_buf).unwrap_or_default()
                 };
@@ -129,10 +174,10 @@ impl Fs {
                 if !dot {
                     self.forget(attr.ino, 1);
                 }
-                break;
+                return false;
             }
         }
-        Ok(())
+        true
     }
 
     /// `fsync` of a directory: its entries are durable on return.

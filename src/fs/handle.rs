@@ -775,10 +775,13 @@ pub struct DirItem {
     pub meta: Option<Meta>,
 }
 
-/// An open directory: a snapshot of its entries, refreshed when reading restarts at 0.
+/// An open directory: a snapshot of its entries (taken at `opendir`), refreshed when reading
+/// restarts at 0 after it was read.
 pub struct DirHandle {
     pub ino: Ino,
     pub entries: Vec<DirItem>,
+    /// Reading started at 0 since the snapshot was taken.
+    pub read: bool,
 }
 
 #[cfg(test)]

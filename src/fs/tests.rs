@@ -696,12 +696,12 @@ fn the_grant_decides_every_operation() {
         Errno::EACCES
     );
     let fh = s.fs.opendir(ROOT).unwrap();
-    let names: Vec<_> =
-        s.fs.readdir(fh, 0)
-            .unwrap()
-            .into_iter()
-            .map(|e| e.name)
-            .collect();
+    let mut names = Vec::new();
+    s.fs.readdir(fh, 0, |e| {
+        names.push(e.name.clone());
+        true
+    })
+    .unwrap();
     assert_eq!(names, [".", "..", "in", "out"]);
     let inp = s.fs.lookup(ROOT, name("in")).unwrap().ino;
     let a = s.fs.lookup(inp, name("a")).unwrap().ino;
@@ -961,5 +961,59 @@ fn a_running_writers_output_is_published_only_after_a_while_and_only_if_sequenti
             s.fs.release(h.fh).unwrap();
         }
         assert_eq!(s.read("data")[0], b'y');
+    }
+}
+
+#[test]
+fn large_directories_are_read_a_reply_at_a_time() {
+    for s in every_store() {
+        let c = Caller::default();
+        for i in 0..1000 {
+            s.fs.mknod(ROOT, name(&format!("f{i:04}")), libc::S_IFREG | 0o644, &c)
+                .unwrap();
+        }
+        let fh = s.fs.opendir(ROOT).unwrap();
+        // The kernel asks again from where each reply stopped.
+        let (mut offset, mut names) = (0, Vec::new());
+        loop {
+            let mut got = 0;
+            s.fs.readdir(fh, offset, |e| {
+                if got == 37 {
+                    return false; // the reply is full
+                }
+                got += 1;
+                names.push(e.name.to_string_lossy().into_owned());
+                offset = e.next;
+                true
+            })
+            .unwrap();
+            if got == 0 {
+                break;
+            }
+        }
+        assert_eq!(names.len(), 1002);
+        assert_eq!(&names[..3], [".", "..", "f0000"]);
+        assert_eq!(names[1001], "f0999");
+        // With attributes: the same entries, each looked up once.
+        let (mut offset, mut plus) = (0, 0);
+        loop {
+            let mut got = 0;
+            s.fs.readdirplus(fh, offset, |e, a| {
+                if got == 50 {
+                    return false;
+                }
+                assert!(e.name == "." || e.name == ".." || a.size == 0);
+                got += 1;
+                plus += 1;
+                offset = e.next;
+                true
+            })
+            .unwrap();
+            if got == 0 {
+                break;
+            }
+        }
+        assert_eq!(plus, 1002);
+        s.fs.releasedir(fh);
     }
 }

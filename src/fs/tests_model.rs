@@ -173,14 +173,16 @@ impl Core {
     fn list(&self, path: &Path) -> Vec<String> {
         let ino = self.ino(path).unwrap();
         let fh = self.fs.opendir(ino).unwrap();
-        let mut names: Vec<String> = self
-            .fs
-            .readdir(fh, 0)
-            .unwrap()
-            .into_iter()
-            .map(|e| e.name.to_string_lossy().into_owned())
-            .filter(|n| n != "." && n != "..")
-            .collect();
+        let mut names = Vec::new();
+        self.fs
+            .readdir(fh, 0, |e| {
+                let n = e.name.to_string_lossy().into_owned();
+                if n != "." && n != ".." {
+                    names.push(n);
+                }
+                true
+            })
+            .unwrap();
         self.fs.releasedir(fh);
         names.sort();
         names

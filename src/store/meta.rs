@@ -11,7 +11,6 @@
 //! EACCES, through their grant).
 
 use std::ffi::{OsStr, OsString};
-use std::hash::{Hash, Hasher};
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
@@ -33,6 +32,7 @@ pub struct MetaOverlay {
     inner: Arc<dyn Store>,
     records: Arc<RecordStore>,
     session: String,
+    root_owner: std::sync::OnceLock<(u32, u32)>,
 }
 
 /// What a path under `.meta` names.
@@ -84,7 +84,7 @@ fn classify(path: &Path) -> Option<StoreResult<Node>> {
 
 /// Rendered JSON held in memory: a `.meta` file as opened.
 struct Rendered {
-    bytes: Vec<u8>,
+    bytes: Arc<[u8]>,
     meta: Meta,
 }
 
@@ -113,25 +113,28 @@ impl MetaOverlay {
             inner,
             records,
             session,
+            root_owner: std::sync::OnceLock::new(),
         }
     }
 
-    /// Attributes of a virtual entry; owned like the space root.
+    /// Attributes of a virtual entry (`bytes`: a file's rendering); owned like the space
+    /// root. A file's version is the record store's version of the session (any change of its
+    /// records makes the kernel's and the core's views stale) with its size; directories keep
+    /// theirs, so the kernel may cache them.
     fn virtual_meta(&self, kind: Kind, bytes: Option<&[u8]>) -> StoreResult<Meta> {
-        let root = self.inner.stat(Path::new(""))?;
+        let (uid, gid) = self.root_owner()?;
         let now = SystemTime::now();
-        let (size, perm, version) = match bytes {
+        let (size, perm, version, volatile) = match bytes {
             Some(b) => {
-                // Identity of generated content is its hash: any change makes caches stale.
-                let mut h = std::collections::hash_map::DefaultHasher::new();
-                b.hash(&mut h);
+                let v = self.records.version(&self.session);
                 (
                     b.len() as u64,
                     0o444,
-                    Version::from_words([u64::MAX, h.finish(), b.len() as u64, 0]),
+                    Version::from_words([u64::MAX, v, b.len() as u64, 0]),
+                    true,
                 )
             }
-            None => (0, 0o555, Version::from_words([u64::MAX, 0, 0, 0])),
+            None => (0, 0o555, Version::from_words([u64::MAX, 0, 0, 0]), false),
         };
         Ok(Meta {
             kind,
@@ -139,20 +142,30 @@ impl MetaOverlay {
             blocks: size.div_ceil(512),
             perm,
             nlink: if kind == Kind::Dir { 2 } else { 1 },
-            uid: root.uid,
-            gid: root.gid,
+            uid,
+            gid,
             atime: now,
             mtime: now,
             ctime: now,
             rdev: 0,
             version,
-            volatile: true,
+            volatile,
         })
     }
 
-    fn render(&self, path: &MetaPath) -> StoreResult<Vec<u8>> {
+    /// The owner of the space root, looked up once.
+    fn root_owner(&self) -> StoreResult<(u32, u32)> {
+        if let Some(owner) = self.root_owner.get() {
+            return Ok(*owner);
+        }
+        let root = self.inner.stat(Path::new(""))?;
+        Ok(*self.root_owner.get_or_init(|| (root.uid, root.gid)))
+    }
+
+    /// The rendering of a `.meta` file (cached by the record store, shared).
+    fn render(&self, path: &MetaPath) -> StoreResult<Arc<[u8]>> {
         self.records
-            .meta_file(&self.session, path)?
+            .meta_bytes(&self.session, path)?
             .ok_or_else(enoent)
     }
 
