@@ -306,8 +306,12 @@ fn renames_and_links_cannot_move_data_across_the_grant() {
     refused(&m, "link out", libc::EACCES, || {
         fs::hard_link(m.p("outputs/mine"), m.p("inputs/m"))
     });
-    refused(&m, "link inside rw", libc::EPERM, || {
-        fs::hard_link(m.p("outputs/mine"), m.p("outputs/m2"))
+    // A link between two writable prefixes would carry the file across the grant.
+    refused(&m, "link across rw prefixes", libc::EXDEV, || {
+        fs::hard_link(m.p("outputs/mine"), m.p("shared/deep/m"))
+    });
+    refused(&m, "link into a ro sub-prefix", libc::EACCES, || {
+        fs::hard_link(m.p("outputs/mine"), m.p("outputs/frozen/m"))
     });
     let (a, b) = (cstr(&m.p("outputs/mine")), cstr(&m.p("inputs/a.csv")));
     refused(&m, "exchange with ro", libc::EACCES, || {

@@ -361,7 +361,11 @@ impl Fs {
     }
 
     fn remember(&self, parent: Ino, name: &OsStr, meta: &Meta) -> Attr {
-        let ino = write_lock(&self.table).remember(parent, name, meta.kind);
+        // A name of a file with several: the kernel must see one inode for all of them.
+        let linked = meta
+            .file_id
+            .filter(|_| meta.nlink > 1 && meta.kind != Kind::Dir);
+        let ino = write_lock(&self.table).remember(parent, name, meta.kind, linked);
         self.as_open(Attr::new(ino, meta))
     }
 
