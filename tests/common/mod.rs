@@ -1,6 +1,8 @@
 //! Test support: a real roomfs mount run as a child process, always unmounted on drop.
 #![allow(dead_code)]
 
+pub mod s3;
+
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
