@@ -45,6 +45,8 @@ pub enum Command {
     Mounts(SocketArgs),
     /// Show the daemon's status.
     Status(SocketArgs),
+    /// Print the daemon's metrics (Prometheus text, as `GET /metrics` serves them).
+    Metrics(SocketArgs),
     /// Create, list, show and end sessions (through the daemon).
     #[command(subcommand)]
     Session(SessionCommand),
@@ -282,6 +284,10 @@ pub fn run(cli: Cli) -> Result<(), String> {
         }
         Command::Mounts(s) => print_json(&client(&s).mounts()),
         Command::Status(s) => print_json(&client(&s).status()),
+        Command::Metrics(s) => {
+            print!("{}", client(&s).metrics().map_err(|e| e.to_string())?);
+            Ok(())
+        }
         Command::Session(cmd) => session(cmd),
         Command::Records(cmd) => records(cmd),
         Command::Token(TokenCommand::Issue(args)) => {

@@ -709,3 +709,162 @@ fn the_daemon_tells_systemd_when_it_is_ready() {
     let n = listener.recv(&mut buf).expect("a notification");
     assert!(String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1"));
 }
+
+/// Scrapes `GET /metrics` over the control socket with a bare HTTP/1.1 request; returns the
+/// Content-Type and the body.
+fn scrape(socket: &Path) -> (String, String) {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut response = String::new();
+    s.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let content_type = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-type: ")
+                .map(str::to_owned)
+        })
+        .unwrap_or_default();
+    (content_type, body.to_string())
+}
+
+/// The value of one series (`name{labels}` exactly as printed) in a scrape; 0 if absent.
+fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[test]
+fn metrics_count_a_known_workload() {
+    const N: usize = 20;
+    const K: usize = 3000;
+    let d = Daemon::start();
+    d.json(&[
+        "session",
+        "create",
+        "met",
+        "--max-bytes",
+        "200000",
+        "--max-files",
+        "1000",
+    ]);
+    let full = d.dir("full");
+    let narrow = d.dir("narrow");
+    d.mount(&["--session", "met"], &full);
+    d.mount(&["--session", "met", "--grant", "outputs/:rw"], &narrow);
+    fs::create_dir(full.join("outputs")).unwrap();
+    fs::write(full.join("secret.txt"), b"not for the narrow mount").unwrap();
+
+    let (content_type, before) = scrape(&d.socket);
+    assert!(
+        content_type.starts_with("text/plain; version=0.0.4"),
+        "{content_type}"
+    );
+    let delta = |after: &str, series: &str| metric(after, series) - metric(&before, series);
+
+    // N files of K bytes, each one write() and one commit at close.
+    for i in 0..N {
+        fs::write(full.join(format!("outputs/f{i}")), vec![b'x'; K]).unwrap();
+    }
+    // Read back through the other mount, whose kernel cache has none of it.
+    for i in 0..N {
+        assert_eq!(
+            fs::read(narrow.join(format!("outputs/f{i}")))
+                .unwrap()
+                .len(),
+            K
+        );
+    }
+    // One access outside the narrow mount's grant.
+    assert_eq!(errno(fs::read(narrow.join("secret.txt"))), libc::EACCES);
+
+    // The CLI prints the same text as the endpoint.
+    let (code, after, err) = d.cli(&["metrics"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.is_empty(),
+        "no progress noise when stderr is not a terminal: {err:?}"
+    );
+    let writes = "roomfs_fuse_request_duration_seconds_count{op=\"write\"}";
+    assert_eq!(delta(&after, writes), N as f64, "{after}");
+    assert_eq!(delta(&after, "roomfs_written_bytes_total"), (N * K) as f64);
+    assert_eq!(delta(&after, "roomfs_commits_total"), N as f64);
+    assert!(
+        delta(&after, "roomfs_read_bytes_total") >= (N * K) as f64,
+        "{after}"
+    );
+    assert!(
+        delta(
+            &after,
+            "roomfs_fuse_request_duration_seconds_count{op=\"read\"}"
+        ) >= N as f64
+    );
+    assert_eq!(delta(&after, "roomfs_grant_denials_total"), 1.0, "{after}");
+    assert_eq!(metric(&after, "roomfs_mounts{kind=\"session\"}"), 2.0);
+    assert_eq!(metric(&after, "roomfs_mounts{kind=\"room\"}"), 0.0);
+    assert_eq!(metric(&after, "roomfs_sessions"), 1.0);
+    let space = "{space=\"sessions/met\"}";
+    let used = (N * K + "not for the narrow mount".len()) as f64;
+    assert_eq!(
+        metric(&after, &format!("roomfs_space_used_bytes{space}")),
+        used
+    );
+    // outputs/, secret.txt and the N files.
+    let entries = (N + 2) as f64;
+    assert_eq!(
+        metric(&after, &format!("roomfs_space_used_files{space}")),
+        entries
+    );
+    assert_eq!(
+        metric(&after, &format!("roomfs_space_limit_bytes{space}")),
+        200000.0
+    );
+    assert_eq!(
+        metric(&after, &format!("roomfs_space_limit_files{space}")),
+        1000.0
+    );
+    assert!(
+        !after.contains("roomfs_space_limit_file_size_bytes{"),
+        "no such limit: {after}"
+    );
+    assert!(!after.contains("outputs/"), "no path in any label: {after}");
+
+    // Two writers that each fit the byte quota alone but not together: the second close
+    // fails with EDQUOT (and so does the retry at its last release), keeping nothing.
+    let big = 100_000;
+    use std::io::Write;
+    let mut a = fs::File::create(full.join("a")).unwrap();
+    let mut b = fs::File::create(full.join("b")).unwrap();
+    a.write_all(&vec![b'a'; big]).unwrap();
+    b.write_all(&vec![b'b'; big]).unwrap();
+    let open_files = "roomfs_open_handles{kind=\"file\"}";
+    let (_, during) = scrape(&d.socket);
+    assert_eq!(metric(&during, open_files), 2.0, "{during}");
+    drop(a);
+    let closed = unsafe { libc::close(std::os::fd::IntoRawFd::into_raw_fd(b)) };
+    assert_eq!(closed, -1);
+    assert_eq!(
+        std::io::Error::last_os_error().raw_os_error(),
+        Some(libc::EDQUOT)
+    );
+    let (_, end) = scrape(&d.socket);
+    let failed = "roomfs_commit_failures_total{errno=\"EDQUOT\"}";
+    assert_eq!(delta(&end, "roomfs_commits_total"), (N + 1) as f64);
+    assert_eq!(delta(&end, failed), 2.0, "{end}");
+    assert_eq!(metric(&end, open_files), 0.0, "{end}");
+    assert_eq!(
+        metric(&end, &format!("roomfs_space_used_bytes{space}")),
+        used + big as f64
+    );
+    // A space no longer mounted leaves the metrics.
+    d.cli(&["unmount", full.to_str().unwrap()]);
+    d.cli(&["unmount", narrow.to_str().unwrap()]);
+    let (_, gone) = scrape(&d.socket);
+    assert!(!gone.contains("sessions/met"), "{gone}");
+    assert_eq!(metric(&gone, "roomfs_mounts{kind=\"session\"}"), 0.0);
+}

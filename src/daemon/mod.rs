@@ -19,6 +19,7 @@ use crate::control::{
 };
 use crate::fs::{Limits, Quota};
 use crate::grant::Grant;
+use crate::metrics;
 use crate::mount::{self, ActiveMount, MountSpec, Resources};
 use crate::records::RecordStore;
 use crate::space::{self, SessionState, SpaceId, SpaceKind};
@@ -590,6 +591,39 @@ impl ControlPlane for Daemon {
             exported,
             unmounted,
         })
+    }
+
+    fn metrics(&self) -> metrics::Snapshot {
+        let mut snapshot = metrics::Snapshot::default();
+        let mut mounted: Vec<SpaceId> = Vec::new();
+        for served in lock(&self.mounts).iter().filter(|s| !s.mount.has_ended()) {
+            let space = &served.mount.space;
+            match space.kind {
+                SpaceKind::Room => snapshot.room_mounts += 1,
+                SpaceKind::Session => snapshot.session_mounts += 1,
+            }
+            if !mounted.contains(space) {
+                mounted.push(space.clone());
+            }
+        }
+        // Usage is counted for spaces with limits (their quota); only mounted ones are shown,
+        // so the `space` label takes as many values as there are mounts.
+        let quotas = lock(&self.quotas);
+        snapshot.spaces = mounted
+            .iter()
+            .filter_map(|space| {
+                let quota = quotas.get(space)?;
+                Some(metrics::SpaceSample {
+                    space: space.rel_dir().to_string_lossy().into_owned(),
+                    usage: quota.usage(),
+                    limits: quota.limits(),
+                })
+            })
+            .collect();
+        drop(quotas);
+        snapshot.sessions =
+            space::list_session_states(&self.data_dir).map_or(0, |s| s.len() as u64);
+        snapshot
     }
 
     fn storage(&self, envelope: Value) -> Result<Value, ApiError> {

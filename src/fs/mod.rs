@@ -212,6 +212,7 @@ fn unix_secs() -> u64 {
 /// Logs a refused operation and returns its errno (EACCES, also under read-only prefixes).
 fn deny(op: &str, path: &Path, why: &dyn std::fmt::Display) -> Errno {
     log::info!("denied {op} {:?}: {why}", path);
+    crate::metrics::denied();
     Errno::EACCES
 }
 
@@ -1145,8 +1146,14 @@ impl Fs {
     /// Commits the handle's working copy over the file's current path. A file unlinked while
     /// open has no path: its changes are dropped, as on any POSIX filesystem. A spoiled working
     /// copy (a write into it failed, and its bytes were not written again) is refused with
-    /// that write's error.
+    /// that write's error. Failures are counted in the metrics.
     fn commit(&self, h: &mut FileHandle, durable: bool) -> FsResult<()> {
+        self.try_commit(h, durable)
+            .inspect_err(crate::metrics::commit_failed)
+    }
+
+    /// [`Fs::commit`], uncounted.
+    fn try_commit(&self, h: &mut FileHandle, durable: bool) -> FsResult<()> {
         if let Some(s) = h.spoiled {
             let path = read_lock(&self.table).path(h.ino);
             log::warn!(
@@ -1375,6 +1382,7 @@ impl Fs {
 
     /// Bookkeeping after `h` committed `content`.
     fn committed(&self, h: &mut FileHandle, content: Arc<dyn Content>) {
+        crate::metrics::committed();
         let version = content.meta().ok().map(|m| m.version);
         h.committed = Some(content);
         h.dirty = false;
