@@ -246,6 +246,9 @@ pub struct MountArgs {
     /// Seconds the kernel may cache attributes and names.
     #[arg(long, value_name = "SECONDS", default_value_t = 1.0)]
     pub cache_ttl: f64,
+    /// Mount read-only: every change fails with EROFS.
+    #[arg(long)]
+    pub read_only: bool,
     /// Threads serving filesystem requests.
     #[arg(long, value_name = "N", default_value_t = 4)]
     pub threads: usize,
@@ -280,7 +283,19 @@ pub struct UnmountArgs {
 pub fn run(cli: Cli) -> Result<(), String> {
     match cli.command {
         Command::Mount(args) if args.daemon => mount_via_daemon(&args),
-        Command::Mount(args) => mount::run(&mount_spec(args)?),
+        Command::Mount(args) => {
+            // Started in the background by the mount helper: report there too.
+            match crate::helper::ReadyPipe::from_env() {
+                Some(ready) => match mount_spec(args) {
+                    Ok(spec) => mount::run(&spec, Some(ready)),
+                    Err(e) => {
+                        ready.fail(&e);
+                        Err(e)
+                    }
+                },
+                None => mount::run(&mount_spec(args)?, None),
+            }
+        }
         Command::Unmount(args) => unmount(&args),
         Command::Serve(args) => {
             let mut config = match &args.config {
@@ -394,6 +409,7 @@ fn mount_via_daemon(args: &MountArgs) -> Result<(), String> {
         token: args.token.clone(),
         sync_on_close: args.sync_on_close.then_some(true),
         passthrough: args.no_passthrough.then_some(false),
+        read_only: args.read_only.then_some(true),
     };
     let info = Client::new(&args.socket)
         .add_mount(&req)
@@ -598,6 +614,7 @@ fn mount_spec(args: MountArgs) -> Result<MountSpec, String> {
         threads: args.threads,
         poll_window: Duration::from_micros(args.poll_window_us.min(1_000_000)),
         grant,
+        read_only: args.read_only,
     })
 }
 

@@ -11,6 +11,7 @@ pub mod daemon;
 pub mod fs;
 pub mod fuse;
 pub mod grant;
+pub mod helper;
 pub mod human;
 pub mod metrics;
 pub mod mount;

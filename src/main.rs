@@ -8,6 +8,10 @@ fn main() {
     .format_timestamp_millis()
     .init();
     let args: Vec<String> = std::env::args().collect();
+    // /sbin/mount.fuse.roomfs, run by mount(8).
+    if args.first().is_some_and(|a| roomfs::helper::is_helper(a)) {
+        std::process::exit(roomfs::helper::main(&args[1..]));
+    }
     let cli = match roomfs::cli::Cli::try_parse_from(&args) {
         Ok(cli) => cli,
         Err(e) if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) => {

@@ -122,6 +122,9 @@ pub struct MountRequest {
     /// Let the kernel read large files from the disk directly (default: the daemon's setting).
     #[serde(default)]
     pub passthrough: Option<bool>,
+    /// Mount read-only: every change fails with EROFS (default: read-write).
+    #[serde(default)]
+    pub read_only: Option<bool>,
 }
 
 /// A mount served by the daemon.

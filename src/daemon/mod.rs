@@ -188,6 +188,7 @@ impl Daemon {
                 token: m.token,
                 sync_on_close: None,
                 passthrough: None,
+                read_only: None,
             };
             if let Err(e) = daemon.mount(req, true) {
                 log::error!(
@@ -293,6 +294,7 @@ impl Daemon {
             grant,
             records_dir: PathBuf::new(),
             limits: None,
+            read_only: req.read_only.unwrap_or(false),
         };
         let resources = Resources {
             staging: self.staging.clone(),
