@@ -537,3 +537,86 @@ fn scripts_install_puts_everything_in_place() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("must be absolute"));
 }
+
+/// The fstab lines of doc/OPERATIONS.md, with their mount points under `dir`.
+fn documented_fstab(dir: &Path) -> Vec<(String, String, String, String)> {
+    let doc = fs::read_to_string(format!("{REPO}/doc/OPERATIONS.md")).unwrap();
+    let block = doc
+        .split("```text\n")
+        .skip(1)
+        .map(|b| b.split("```").next().unwrap())
+        .find(|b| b.contains("fuse.roomfs"))
+        .expect("doc/OPERATIONS.md shows fstab lines");
+    block
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            assert_eq!(f.len(), 6, "an fstab line has six fields: {l}");
+            let mnt = dir.join(f[1].trim_start_matches('/'));
+            fs::create_dir_all(&mnt).unwrap();
+            (
+                f[0].to_owned(),
+                mnt.to_str().unwrap().to_owned(),
+                f[2].to_owned(),
+                f[3].to_owned(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn the_documented_fstab_lines_are_understood_by_systemd_and_the_helper() {
+    let s = Scratch::new();
+    let lines = documented_fstab(&s.path("mnt"));
+    assert!(lines.len() >= 3, "{lines:?}");
+    // systemd's generator turns them into mount units: the daemon's one after roomfs.service,
+    // among the remote mounts (`_netdev`), so that there is no ordering cycle.
+    let fstab = s.path("fstab");
+    let text: String = lines
+        .iter()
+        .map(|(src, mnt, t, o)| format!("{src} {mnt} {t} {o} 0 0\n"))
+        .collect();
+    fs::write(&fstab, text).unwrap();
+    let generated = s.dir("generated");
+    let out = output(
+        Command::new("/lib/systemd/system-generators/systemd-fstab-generator")
+            .args([&generated, &generated, &generated])
+            .env("SYSTEMD_FSTAB", &fstab),
+    );
+    assert!(out.status.success(), "{out:?}");
+    let mut daemon_units = 0;
+    for (src, mnt, _, opts) in &lines {
+        let escaped =
+            output(Command::new("systemd-escape").args(["--path", "--suffix=mount", mnt]));
+        let unit_name = String::from_utf8(escaped.stdout).unwrap().trim().to_owned();
+        let unit = fs::read_to_string(generated.join(&unit_name)).unwrap();
+        assert!(unit.contains("Type=fuse.roomfs"), "{unit}");
+        assert!(unit.contains(&format!("What={src}")), "{unit}");
+        if opts.contains("x-systemd.requires=roomfs.service") {
+            daemon_units += 1;
+            assert!(unit.contains("Requires=roomfs.service"), "{unit}");
+            assert!(unit.contains("After=roomfs.service"), "{unit}");
+            assert!(unit.contains("Before=remote-fs.target"), "_netdev: {unit}");
+        }
+    }
+    assert_eq!(daemon_units, 1);
+    // The helper accepts each line's options as mount(8) passes them (x-* removed, rw or ro
+    // first); -f checks without mounting.
+    let helper_dir = s.dir("sbin");
+    let helper = helper_dir.join("mount.fuse.roomfs");
+    std::os::unix::fs::symlink(BIN, &helper).unwrap();
+    for (src, mnt, _, opts) in &lines {
+        let mut passed: Vec<&str> = opts.split(',').filter(|o| !o.starts_with("x-")).collect();
+        if !passed.contains(&"ro") {
+            passed.insert(0, "rw");
+        }
+        let out = output(
+            Command::new(&helper)
+                .args([src, mnt, "-f", "-o", &passed.join(",")])
+                .stderr(Stdio::piped()),
+        );
+        assert!(out.status.success(), "{src} {opts}: {out:?}");
+        assert!(!is_mounted(Path::new(mnt)));
+    }
+}

@@ -152,11 +152,11 @@ pub fn session_created(s: &SessionInfo) -> String {
     } else {
         format!("up to {}", limits.join(", "))
     };
-    format!(
-        "created session {}: {limits}; ends {}\n",
-        s.id,
-        ttl(s.ttl_secs)
-    )
+    let ends = match s.ttl_secs {
+        Some(_) => format!("ends {}", ttl(s.ttl_secs)),
+        None => "no idle timeout".into(),
+    };
+    format!("created session {}: {limits}; {ends}\n", s.id)
 }
 
 /// `roomfs session end`.
@@ -329,6 +329,13 @@ p2  m1           1  tool-x  done
             session_created(&info("s1")),
             "created session s1: up to 100 files, 47.7 MiB in all, 9.5 MiB a file; ends \
              after 2h idle\n"
+        );
+        let mut open_ended = info("s2");
+        open_ended.ttl_secs = None;
+        open_ended.limits = Limits::default();
+        assert_eq!(
+            session_created(&open_ended),
+            "created session s2: no limits; no idle timeout\n"
         );
     }
 }
