@@ -14,7 +14,7 @@ use fuser::{
 };
 
 use crate::fs::{Attr, AttrChanges, Caller, Errno, Fs, Opened};
-use crate::metrics::{self, FuseHandles, FuseTimer};
+use crate::metrics::{self, FuseHandles, FuseOp, FuseTimer};
 use crate::poll::Poller;
 use crate::reader_gate::{ReaderGate, Turn};
 use crate::store::{Kind, SetAttr, TimeSpec};
@@ -54,7 +54,7 @@ impl FuseAdapter {
     /// Starts serving a request `op` (its name in the metrics, which time it until the guards
     /// drop): keeps CPUs from halting while requests keep coming, and has another thread read
     /// requests meanwhile if this one `may_block`.
-    fn turn(&self, op: &'static str, may_block: bool) -> (FuseTimer, Turn<'_>) {
+    fn turn(&self, op: FuseOp, may_block: bool) -> (FuseTimer, Turn<'_>) {
         let timer = FuseTimer::start(op);
         if let Some(p) = &self.poller {
             p.activity();
@@ -244,17 +244,17 @@ impl Filesystem for FuseAdapter {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        let _turn = self.turn("lookup", false);
+        let _turn = self.turn(FuseOp::Lookup, false);
         self.entry(reply, self.fs.lookup(parent.0, name));
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
-        let _turn = self.turn("forget", false);
+        let _turn = self.turn(FuseOp::Forget, false);
         self.fs.forget(ino.0, nlookup);
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
-        let _turn = self.turn("getattr", false);
+        let _turn = self.turn(FuseOp::Getattr, false);
         match self.fs.getattr(ino.0, fh.map(|f| f.0)) {
             Ok(a) => reply.attr(&self.ttl(&a), &self.attr(&a)),
             Err(e) => reply.error(errno(e)),
@@ -279,7 +279,7 @@ impl Filesystem for FuseAdapter {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        let _turn = self.turn("setattr", size.is_some());
+        let _turn = self.turn(FuseOp::Setattr, size.is_some());
         let changes = AttrChanges {
             size,
             attr: SetAttr {
@@ -298,7 +298,7 @@ impl Filesystem for FuseAdapter {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        let _turn = self.turn("readlink", false);
+        let _turn = self.turn(FuseOp::Readlink, false);
         match self.fs.readlink(ino.0) {
             Ok(target) => reply.data(&target),
             Err(e) => reply.error(errno(e)),
@@ -315,7 +315,7 @@ impl Filesystem for FuseAdapter {
         _rdev: u32,
         reply: ReplyEntry,
     ) {
-        let _turn = self.turn("mknod", false);
+        let _turn = self.turn(FuseOp::Mknod, false);
         let result = self.fs.mknod(parent.0, name, mode & !umask, &caller(req));
         self.entry(reply, result);
     }
@@ -329,18 +329,18 @@ impl Filesystem for FuseAdapter {
         umask: u32,
         reply: ReplyEntry,
     ) {
-        let _turn = self.turn("mkdir", false);
+        let _turn = self.turn(FuseOp::Mkdir, false);
         let result = self.fs.mkdir(parent.0, name, mode & !umask, &caller(req));
         self.entry(reply, result);
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let _turn = self.turn("unlink", false);
+        let _turn = self.turn(FuseOp::Unlink, false);
         empty(reply, self.fs.unlink(parent.0, name));
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let _turn = self.turn("rmdir", false);
+        let _turn = self.turn(FuseOp::Rmdir, false);
         empty(reply, self.fs.rmdir(parent.0, name));
     }
 
@@ -352,7 +352,7 @@ impl Filesystem for FuseAdapter {
         target: &Path,
         reply: ReplyEntry,
     ) {
-        let _turn = self.turn("symlink", false);
+        let _turn = self.turn(FuseOp::Symlink, false);
         let result = self.fs.symlink(parent.0, link_name, target, &caller(req));
         self.entry(reply, result);
     }
@@ -367,7 +367,7 @@ impl Filesystem for FuseAdapter {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        let _turn = self.turn("rename", false);
+        let _turn = self.turn(FuseOp::Rename, false);
         empty(
             reply,
             self.fs
@@ -383,12 +383,12 @@ impl Filesystem for FuseAdapter {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        let _turn = self.turn("link", false);
+        let _turn = self.turn(FuseOp::Link, false);
         self.entry(reply, self.fs.link(ino.0, newparent.0, newname));
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        let _turn = self.turn("open", false);
+        let _turn = self.turn(FuseOp::Open, false);
         let opened = self.fs.open(ino.0, flags.0, req.pid());
         self.handles.file_opened_if(opened.is_ok());
         match opened {
@@ -416,7 +416,7 @@ impl Filesystem for FuseAdapter {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        let _turn = self.turn("create", false);
+        let _turn = self.turn(FuseOp::Create, false);
         let created = self
             .fs
             .create(parent.0, name, mode & !umask, flags, &caller(req));
@@ -459,7 +459,7 @@ impl Filesystem for FuseAdapter {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        let _turn = self.turn("read", size > LARGE_IO);
+        let _turn = self.turn(FuseOp::Read, size > LARGE_IO);
         match self.fs.read(fh.0, offset, size) {
             Ok(data) => {
                 metrics::bytes_read(data.len());
@@ -482,7 +482,7 @@ impl Filesystem for FuseAdapter {
         reply: ReplyWrite,
     ) {
         let _turn = self.turn(
-            "write",
+            FuseOp::Write,
             data.len() > LARGE_IO as usize || self.fs.write_may_copy(fh.0),
         );
         let written = if write_flags.contains(WriteFlags::FUSE_WRITE_CACHE) {
@@ -512,7 +512,7 @@ impl Filesystem for FuseAdapter {
         _flags: CopyFileRangeFlags,
         reply: ReplyWrite,
     ) {
-        let _turn = self.turn("copy_file_range", len > u64::from(LARGE_IO));
+        let _turn = self.turn(FuseOp::CopyFileRange, len > u64::from(LARGE_IO));
         let copied =
             self.fs
                 .copy_file_range((fh_in.0, offset_in), (fh_out.0, offset_out), len, req.pid());
@@ -537,7 +537,7 @@ impl Filesystem for FuseAdapter {
     ) {
         // Zeroing or growing a large file may copy or write much: off the request threads.
         let _turn = self.turn(
-            "fallocate",
+            FuseOp::Fallocate,
             length > u64::from(LARGE_IO) || self.fs.write_may_copy(fh.0),
         );
         empty(
@@ -554,7 +554,7 @@ impl Filesystem for FuseAdapter {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        let _turn = self.turn("flush", self.fs.commit_may_block(fh.0));
+        let _turn = self.turn(FuseOp::Flush, self.fs.commit_may_block(fh.0));
         empty(reply, self.fs.flush(fh.0, req.pid()));
     }
 
@@ -568,7 +568,7 @@ impl Filesystem for FuseAdapter {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        let _turn = self.turn("release", self.fs.commit_may_block(fh.0));
+        let _turn = self.turn(FuseOp::Release, self.fs.commit_may_block(fh.0));
         self.handles.file_released();
         empty(reply, self.fs.release(fh.0));
     }
@@ -581,7 +581,7 @@ impl Filesystem for FuseAdapter {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        let _turn = self.turn("fsync", true);
+        let _turn = self.turn(FuseOp::Fsync, true);
         empty(reply, self.fs.fsync(fh.0));
     }
 
@@ -594,7 +594,7 @@ impl Filesystem for FuseAdapter {
         whence: i32,
         reply: ReplyLseek,
     ) {
-        let _turn = self.turn("lseek", false);
+        let _turn = self.turn(FuseOp::Lseek, false);
         match self.fs.lseek(fh.0, offset, whence) {
             Ok(at) => reply.offset(at as i64),
             Err(e) => reply.error(errno(e)),
@@ -602,7 +602,7 @@ impl Filesystem for FuseAdapter {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        let _turn = self.turn("opendir", true);
+        let _turn = self.turn(FuseOp::Opendir, true);
         match self.fs.opendir(ino.0) {
             Ok(fh) => {
                 self.handles.dir_opened();
@@ -620,7 +620,7 @@ impl Filesystem for FuseAdapter {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let _turn = self.turn("readdir", offset == 0);
+        let _turn = self.turn(FuseOp::Readdir, offset == 0);
         match self.fs.readdir(fh.0, offset) {
             Ok(entries) => {
                 for e in entries {
@@ -642,7 +642,7 @@ impl Filesystem for FuseAdapter {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        let _turn = self.turn("readdirplus", offset == 0);
+        let _turn = self.turn(FuseOp::Readdirplus, offset == 0);
         let result = self.fs.readdirplus(fh.0, offset, |e, a| {
             !reply.add(
                 INodeNo(a.ino),
@@ -667,7 +667,7 @@ impl Filesystem for FuseAdapter {
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
-        let _turn = self.turn("releasedir", false);
+        let _turn = self.turn(FuseOp::Releasedir, false);
         self.handles.dir_released();
         self.fs.releasedir(fh.0);
         reply.ok();
@@ -681,7 +681,7 @@ impl Filesystem for FuseAdapter {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        let _turn = self.turn("fsyncdir", true);
+        let _turn = self.turn(FuseOp::Fsyncdir, true);
         empty(reply, self.fs.fsyncdir(ino.0));
     }
 
@@ -696,12 +696,12 @@ impl Filesystem for FuseAdapter {
         _size: u32,
         reply: ReplyXattr,
     ) {
-        let _turn = self.turn("getxattr", false);
+        let _turn = self.turn(FuseOp::Getxattr, false);
         reply.error(fuser::Errno::ENOSYS);
     }
 
     fn listxattr(&self, _req: &Request, _ino: INodeNo, _size: u32, reply: ReplyXattr) {
-        let _turn = self.turn("listxattr", false);
+        let _turn = self.turn(FuseOp::Listxattr, false);
         reply.error(fuser::Errno::ENOSYS);
     }
 
@@ -715,12 +715,12 @@ impl Filesystem for FuseAdapter {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        let _turn = self.turn("setxattr", false);
+        let _turn = self.turn(FuseOp::Setxattr, false);
         empty(reply, self.fs.change_xattr(ino.0));
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
-        let _turn = self.turn("removexattr", false);
+        let _turn = self.turn(FuseOp::Removexattr, false);
         empty(reply, self.fs.change_xattr(ino.0));
     }
 
@@ -735,12 +735,12 @@ impl Filesystem for FuseAdapter {
         _out_size: u32,
         reply: fuser::ReplyIoctl,
     ) {
-        let _turn = self.turn("ioctl", false);
+        let _turn = self.turn(FuseOp::Ioctl, false);
         reply.error(fuser::Errno::ENOTTY);
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        let _turn = self.turn("statfs", false);
+        let _turn = self.turn(FuseOp::Statfs, false);
         match self.fs.statfs() {
             Ok(s) => reply.statfs(
                 s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.bsize,
