@@ -857,8 +857,20 @@ fn metrics_count_a_known_workload() {
     let mut b = fs::File::create(full.join("b")).unwrap();
     a.write_all(&vec![b'a'; big]).unwrap();
     b.write_all(&vec![b'b'; big]).unwrap();
+    // Releases reach the daemon after close() returned: a scrape once the handles closed
+    // before are gone, with `open` of them still open.
     let open_files = "roomfs_open_handles{kind=\"file\"}";
-    let (_, during) = scrape(&d.socket);
+    let settled = |open: f64| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let text = scrape(&d.socket).1;
+            if metric(&text, open_files) == open || Instant::now() > deadline {
+                return text;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let during = settled(2.0);
     assert_eq!(metric(&during, open_files), 2.0, "{during}");
     drop(a);
     let closed = unsafe { libc::close(std::os::fd::IntoRawFd::into_raw_fd(b)) };
@@ -867,7 +879,7 @@ fn metrics_count_a_known_workload() {
         std::io::Error::last_os_error().raw_os_error(),
         Some(libc::EDQUOT)
     );
-    let (_, end) = scrape(&d.socket);
+    let end = settled(0.0);
     let failed = "roomfs_commit_failures_total{errno=\"EDQUOT\"}";
     assert_eq!(delta(&end, "roomfs_commits_total"), (N + 1) as f64);
     assert_eq!(delta(&end, failed), 2.0, "{end}");
