@@ -610,11 +610,10 @@ impl ControlPlane for Daemon {
         }
         // Usage is counted for spaces with limits (their quota); only mounted ones are shown,
         // so the `space` label takes as many values as there are mounts.
-        let quotas = lock(&self.quotas);
         snapshot.spaces = mounted
             .iter()
             .filter_map(|space| {
-                let quota = quotas.get(space)?;
+                let quota = lock(&self.quotas).get(space).cloned()?;
                 Some(metrics::SpaceSample {
                     space: space.rel_dir().to_string_lossy().into_owned(),
                     usage: quota.usage(),
@@ -622,9 +621,7 @@ impl ControlPlane for Daemon {
                 })
             })
             .collect();
-        drop(quotas);
-        snapshot.sessions =
-            space::list_session_states(&self.data_dir).map_or(0, |s| s.len() as u64);
+        snapshot.sessions = self.status().sessions as u64;
         snapshot
     }
 
