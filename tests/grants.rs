@@ -189,6 +189,11 @@ fn paths_outside_the_grant_are_eacces() {
     refused(&m, "create in ancestor", libc::EACCES, || {
         fs::write(m.p("shared/x"), b"x")
     });
+    // The log is read from the daemon's stderr by another thread: give it a moment.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !m.log().contains("denied") && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     assert!(
         m.log().contains("denied"),
         "refusals are logged: {}",

@@ -15,6 +15,7 @@
 //! | `GET /v1/sessions/{id}`        |                      | [`SessionInfo`]               |
 //! | `POST /v1/sessions/{id}/end`   | [`EndSessionRequest`] (empty body = `{}`) | [`EndReport`] |
 //! | `POST /v1/storage`             | storage envelope     | the envelope's result         |
+//! | `GET /metrics`                 |                      | Prometheus text (not JSON)    |
 
 pub mod client;
 pub mod server;
@@ -42,6 +43,8 @@ pub trait ControlPlane: Send + Sync + 'static {
     /// The agent SDK's storage envelope: `{"method":"session.get","id":...}` etc.; the result
     /// may be `null`.
     fn storage(&self, envelope: serde_json::Value) -> Result<serde_json::Value, ApiError>;
+    /// The daemon's state for the gauges of `GET /metrics` (counters need nothing from it).
+    fn metrics(&self) -> crate::metrics::Snapshot;
 }
 
 /// An error answer of the API: an HTTP status and a message for the user.
@@ -127,6 +130,9 @@ pub struct MountRequest {
     /// Let the kernel read large files from the disk directly (default: the daemon's setting).
     #[serde(default)]
     pub passthrough: Option<bool>,
+    /// Mount read-only: every change fails with EROFS (default: read-write).
+    #[serde(default)]
+    pub read_only: Option<bool>,
 }
 
 /// A mount served by the daemon.

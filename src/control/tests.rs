@@ -132,6 +132,14 @@ impl ControlPlane for Fake {
             _ => Ok(envelope),
         }
     }
+
+    fn metrics(&self) -> crate::metrics::Snapshot {
+        crate::metrics::Snapshot {
+            room_mounts: self.mounts.lock().unwrap().len() as u64,
+            sessions: self.sessions.lock().unwrap().len() as u64,
+            ..Default::default()
+        }
+    }
 }
 
 /// A server on a socket in a temporary directory, stopped on drop.

@@ -235,6 +235,7 @@ fn unix_secs() -> u64 {
 /// Logs a refused operation and returns its errno (EACCES, also under read-only prefixes).
 fn deny(op: &str, path: &Path, why: &dyn std::fmt::Display) -> Errno {
     log::info!("denied {op} {:?}: {why}", path);
+    crate::metrics::denied();
     Errno::EACCES
 }
 
