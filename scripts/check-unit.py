@@ -203,12 +203,16 @@ def check_service(pid):
     r, w = os.pipe()
     child = os.fork()
     if child == 0:
-        os.close(r)
-        os.write(w, pickle.dumps(in_service_cgroup()))
-        os._exit(0)
+        try:
+            os.close(r)
+            os.write(w, pickle.dumps(in_service_cgroup()))
+        finally:
+            os._exit(0)
     os.close(w)
-    results = pickle.loads(os.read(r, 4096))
+    answer = os.read(r, 4096)
     os.waitpid(child, 0)
+    check(answer, "a process could not join the service's cgroup")
+    results = pickle.loads(answer)
     # DevicePolicy=auto restricts too once there is a DeviceAllow= line.
     restricted = policy != "auto" or prop("DeviceAllow") != ""
     probe = errno.EPERM if restricted else errno.ENXIO
@@ -425,15 +429,18 @@ def check_stop():
     go_r, go_w = os.pipe()
     writer = os.fork()
     if writer == 0:
-        os.setgroups([])
-        os.setresgid(AGENT, AGENT, AGENT)
-        os.setresuid(AGENT, AGENT, AGENT)
-        fd = os.open(os.path.join(mnt, "open.txt"), os.O_WRONLY | os.O_CREAT, 0o644)
-        os.write(fd, b"pending\n")
-        os.write(started_w, b"x")
-        os.read(go_r, 1)
-        os.close(fd)  # the daemon waits for the detached mount's last open file
-        os._exit(0)
+        try:
+            os.setgroups([])
+            os.setresgid(AGENT, AGENT, AGENT)
+            os.setresuid(AGENT, AGENT, AGENT)
+            fd = os.open(os.path.join(mnt, "open.txt"), os.O_WRONLY | os.O_CREAT, 0o644)
+            os.write(fd, b"pending\n")
+            os.write(started_w, b"x")
+            os.read(go_r, 1)
+            os.close(fd)  # the daemon waits for the detached mount's last open file
+        finally:
+            os._exit(0)
+    os.close(started_w)
     check(os.read(started_r, 1) == b"x", "the writer did not start")
     run("systemctl", "stop", "--no-block", UNIT)
     wait_for(lambda: mnt not in mountinfo(1), "the stop did not remove the mount")
