@@ -9,11 +9,11 @@ use std::time::Duration;
 use fuser::{
     CopyFileRangeFlags, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
     INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
-    ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen,
-    ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLock, ReplyLseek,
+    ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
-use crate::fs::{Attr, AttrChanges, Caller, Errno, Fs, Opened};
+use crate::fs::{Attr, AttrChanges, Caller, Errno, Fs, FsResult, Opened, lock_type};
 use crate::metrics::{self, FuseHandles, FuseOp, FuseTimer};
 use crate::poll::Poller;
 use crate::reader_gate::{ReaderGate, Turn};
@@ -99,6 +99,8 @@ impl FuseAdapter {
 enum Notice {
     Attributes(u64),
     Data(u64),
+    /// Pages to drop, then something to do (a reply that must wait for it).
+    DataThen(u64, Box<dyn FnOnce() + Send>),
     Entry(u64, std::ffi::OsString),
 }
 
@@ -117,14 +119,19 @@ impl Notify {
             .name("roomfs-notify".into())
             .spawn(move || {
                 for notice in rx {
-                    let (what, result) = match &notice {
+                    let (what, result) = match notice {
+                        Notice::DataThen(ino, then) => {
+                            let result = notifier.inval_inode(INodeNo(ino), 0, 0);
+                            then();
+                            ("pages", result)
+                        }
                         // A negative offset invalidates the attributes only.
                         Notice::Attributes(ino) => {
-                            ("attributes", notifier.inval_inode(INodeNo(*ino), -1, 0))
+                            ("attributes", notifier.inval_inode(INodeNo(ino), -1, 0))
                         }
-                        Notice::Data(ino) => ("pages", notifier.inval_inode(INodeNo(*ino), 0, 0)),
+                        Notice::Data(ino) => ("pages", notifier.inval_inode(INodeNo(ino), 0, 0)),
                         Notice::Entry(parent, name) => {
-                            ("entry", notifier.inval_entry(INodeNo(*parent), name))
+                            ("entry", notifier.inval_entry(INodeNo(parent), &name))
                         }
                     };
                     // ENOENT: the kernel had nothing cached for it.
@@ -139,8 +146,10 @@ impl Notify {
     }
 
     fn send(&self, notice: Notice) {
-        // The thread only ends with the mount.
-        let _ = self.0.send(notice);
+        // The thread only ends with the mount; what waited for it is done now.
+        if let Err(std::sync::mpsc::SendError(Notice::DataThen(_, then))) = self.0.send(notice) {
+            then();
+        }
     }
 }
 
@@ -155,6 +164,10 @@ impl crate::fs::KernelCache for Notify {
 
     fn entry_changed(&self, parent: u64, name: &OsStr) {
         self.send(Notice::Entry(parent, name.to_os_string()));
+    }
+
+    fn data_changed_then(&self, ino: u64, then: Box<dyn FnOnce() + Send>) {
+        self.send(Notice::DataThen(ino, then));
     }
 }
 
@@ -262,6 +275,8 @@ impl Filesystem for FuseAdapter {
             InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP,
             InitFlags::FUSE_PARALLEL_DIROPS,
             InitFlags::FUSE_MAX_PAGES,
+            // POSIX locks are served by the daemon (see `fs::locks`); `flock` stays the kernel's.
+            InitFlags::FUSE_POSIX_LOCKS,
         ] {
             if config.add_capabilities(flag).is_err() {
                 log::debug!("kernel does not offer {flag:?}");
@@ -597,11 +612,11 @@ impl Filesystem for FuseAdapter {
         req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
-        _lock_owner: LockOwner,
+        lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
         let _turn = self.turn(FuseOp::Flush, self.fs.commit_may_block(fh.0));
-        empty(reply, self.fs.flush(fh.0, req.pid()));
+        empty(reply, self.fs.flush(fh.0, req.pid(), Some(lock_owner.0)));
     }
 
     fn release(
@@ -755,6 +770,46 @@ impl Filesystem for FuseAdapter {
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let _turn = self.turn(FuseOp::Removexattr, false);
         empty(reply, self.fs.removexattr(ino.0, name));
+    }
+
+    fn getlk(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        lock_owner: LockOwner,
+        start: u64,
+        end: u64,
+        typ: i32,
+        _pid: u32,
+        reply: ReplyLock,
+    ) {
+        let _turn = self.turn(FuseOp::Getlk, false);
+        match self.fs.getlk(fh.0, lock_owner.0, start, end, typ) {
+            Ok(Some(held)) => reply.locked(held.start, held.end, lock_type(held.kind), held.pid),
+            Ok(None) => reply.locked(start, end, libc::F_UNLCK, 0),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn setlk(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        lock_owner: LockOwner,
+        start: u64,
+        end: u64,
+        typ: i32,
+        pid: u32,
+        sleep: bool,
+        reply: ReplyEmpty,
+    ) {
+        // A lock that must wait is answered later, by whoever lets it in: no thread waits.
+        let _turn = self.turn(FuseOp::Setlk, false);
+        let reply = Box::new(move |result: FsResult<()>| empty(reply, result));
+        self.fs
+            .setlk(fh.0, lock_owner.0, pid, (start, end), typ, sleep, reply);
     }
 
     fn ioctl(

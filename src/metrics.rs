@@ -59,7 +59,7 @@ fuse_ops! {
     Lseek => "lseek", Opendir => "opendir", Readdir => "readdir", Readdirplus => "readdirplus",
     Releasedir => "releasedir", Fsyncdir => "fsyncdir", Getxattr => "getxattr",
     Listxattr => "listxattr", Setxattr => "setxattr", Removexattr => "removexattr",
-    Ioctl => "ioctl", Statfs => "statfs",
+    Ioctl => "ioctl", Statfs => "statfs", Getlk => "getlk", Setlk => "setlk",
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

@@ -1193,6 +1193,131 @@ print(c.execute('pragma integrity_check').fetchone()[0])
     assert_eq!(out, "(200, 'note 99')\nok\n");
 }
 
+/// POSIX record locks between processes, as `fcntl` promises them (the mount serves them):
+/// conflicts, `F_GETLK` naming the holder, `F_SETLKW` waiting until the holder lets go (at an
+/// unlock or a close), and a wait that would deadlock refused.
+#[test]
+fn posix_record_locks_work_between_processes() {
+    let m = Mounted::room();
+    let out = python(
+        &m.mnt,
+        r#"
+import errno, fcntl, os, struct, subprocess, sys, time
+p = os.environ['MNT'] + '/locked'
+open(p, 'w').write('x' * 100)
+def lk(fd, cmd, typ, start=0, length=0):
+    r = fcntl.fcntl(fd, cmd, struct.pack('hhqqi', typ, 0, start, length, 0))
+    return struct.unpack('hhqqi', r)
+other = """
+import fcntl, os, struct, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR)
+def lk(cmd, typ, start=0, length=0):
+    return struct.unpack('hhqqi', fcntl.fcntl(fd, cmd, struct.pack('hhqqi', typ, 0, start, length, 0)))
+for line in sys.stdin:
+    cmd, typ, start, length = line.split()
+    try:
+        t0 = time.time()
+        r = lk(getattr(fcntl, cmd), getattr(fcntl, typ), int(start), int(length))
+        print('ok', r[0], r[2], r[3], r[4], round(time.time() - t0, 1), flush=True)
+    except OSError as e:
+        print('err', e.errno, flush=True)
+"""
+def start():
+    return subprocess.Popen([sys.executable, '-c', other, p], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+def ask(proc, line):
+    proc.stdin.write(line + '\n'); proc.stdin.flush()
+    return proc.stdout.readline().split()
+fd = os.open(p, os.O_RDWR)
+lk(fd, fcntl.F_SETLK, fcntl.F_WRLCK, 0, 50)
+b = start()
+# A conflicting lock fails at once; a lock beside it is granted.
+print(ask(b, 'F_SETLK F_RDLCK 10 1') == ['err', str(errno.EAGAIN)] or ask(b, 'x'))
+print(ask(b, 'F_SETLK F_WRLCK 50 10')[0])
+# F_GETLK names the holder and its range.
+got = ask(b, 'F_GETLK F_RDLCK 0 0')
+print(got[1:5] == [str(fcntl.F_WRLCK), '0', '50', str(os.getpid())] or got)
+# The holder sees B's lock the same way.
+r = lk(fd, fcntl.F_GETLK, fcntl.F_WRLCK, 55, 1)
+print(r[0] == fcntl.F_WRLCK and r[4] == b.pid or r)
+# F_SETLKW waits until the holder unlocks.
+b.stdin.write('F_SETLKW F_WRLCK 0 50\n'); b.stdin.flush()
+time.sleep(0.5)
+lk(fd, fcntl.F_SETLK, fcntl.F_UNLCK, 0, 0)
+got = b.stdout.readline().split()
+print(got[0], float(got[-1]) >= 0.4)
+# Now B holds 0..60: closing any descriptor of the file drops the process's locks.
+c = start()
+print(ask(c, 'F_SETLK F_WRLCK 0 1') == ['err', str(errno.EAGAIN)])
+b.stdin.close(); b.wait()
+print(ask(c, 'F_SETLK F_WRLCK 0 1')[0])
+# Two waits that would wait for each other: the second is EDEADLK.
+d = start()
+print(ask(d, 'F_SETLK F_WRLCK 90 1')[0])
+lk(fd, fcntl.F_SETLK, fcntl.F_WRLCK, 80, 1)
+ask(c, 'F_SETLK F_UNLCK 0 0')
+d.stdin.write('F_SETLKW F_WRLCK 80 1\n'); d.stdin.flush()
+time.sleep(0.3)
+try:
+    lk(fd, fcntl.F_SETLKW, fcntl.F_WRLCK, 90, 1)
+    print('granted?')
+except OSError as e:
+    print(e.errno == errno.EDEADLK)
+os.close(fd)  # lets D in
+print(d.stdout.readline().split()[0])
+for proc in (c, d):
+    proc.stdin.close(); proc.wait()
+"#,
+    );
+    assert_eq!(
+        out,
+        "True\nok\nTrue\nTrue\nok True\nTrue\nok\nok\nTrue\nok\n"
+    );
+}
+
+/// A read-only connection left open beside a writer (a dashboard with `mode=ro`,
+/// `sqlite3 -readonly`): sqlite checks for changes at each transaction, under a lock, and
+/// must see every commit, in WAL and in rollback-journal mode. The writer and the reader are
+/// separate processes; the reader's connection stays open from before the first commit.
+#[test]
+fn a_long_lived_read_only_sqlite_connection_sees_every_commit() {
+    let m = Mounted::room();
+    let out = python(
+        &m.mnt,
+        r#"
+import os, sqlite3, subprocess, sys
+reader_code = """
+import sqlite3, sys
+c = sqlite3.connect('file:' + sys.argv[1] + '?mode=ro', uri=True)
+for line in sys.stdin:
+    print(c.execute("select count(*), coalesce(max(body), '') from t").fetchone(), flush=True)
+"""
+for mode in ['wal', 'delete']:
+    db = os.environ['MNT'] + f'/{mode}.db'
+    w = sqlite3.connect(db)
+    w.execute(f'pragma journal_mode={mode}')
+    w.execute('create table t(id integer primary key, body text)')
+    w.commit()
+    r = subprocess.Popen([sys.executable, '-c', reader_code, db], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, text=True)
+    seen = []
+    for i in range(1, 41):
+        w.execute('insert into t(body) values (?)', (f'row {i:03}',))
+        w.commit()
+        if i % 10 == 0 and mode == 'wal':
+            w.execute('pragma wal_checkpoint(truncate)')  # the rows move into the database file
+        r.stdin.write('?\n'); r.stdin.flush()
+        seen.append(r.stdout.readline().strip())
+    r.stdin.close(); r.wait()
+    w.close()
+    expected = [str((i, f'row {i:03}')) for i in range(1, 41)]
+    bad = [(want, got) for want, got in zip(expected, seen) if want != got]
+    print(mode, 'ok' if not bad else f'stale: {bad[:3]}')
+"#,
+    );
+    assert_eq!(out, "wal ok\ndelete ok\n");
+}
+
 /// Several connections, in one process and in several, to one database: sqlite coordinates
 /// them with locks and expects every handle opened read-write to see the others' writes.
 #[test]

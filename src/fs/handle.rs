@@ -123,6 +123,8 @@ pub struct FileHandle {
     pub moved: bool,
     /// The threads that opened the handle or changed the file through it.
     pub users: Users,
+    /// A POSIX lock was taken through it (see `fs::locks`).
+    pub locker: bool,
     /// Times set (`futimens`, `utimensat`) since the handle last changed the file: they are
     /// the file's after the commit too, as on a local disk (`cp -p` and `tar -x` set them
     /// through the descriptor before closing it).
@@ -147,6 +149,7 @@ impl FileHandle {
             direct_io,
             base,
             pending: Pending::Clean,
+            locker: false,
             seed_on_demand: false,
             moved: false,
             users: Users::default(),

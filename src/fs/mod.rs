@@ -24,6 +24,7 @@ pub mod error;
 pub mod handle;
 pub mod inode;
 mod io;
+mod locks;
 mod names;
 mod open;
 pub mod passthrough;
@@ -51,6 +52,7 @@ pub use error::{Errno, FsResult};
 use handle::{DirHandle, FileHandle};
 use inode::InodeTable;
 pub use inode::{Ino, ROOT};
+pub use locks::{LockReply, lock_type};
 use passthrough::Window;
 pub use passthrough::{Backing, PASSTHROUGH_MIN};
 pub use quota::{Limits, Quota, Usage};
@@ -178,6 +180,8 @@ struct OpenState {
     cached_readers: u32,
     /// The open handles of this inode.
     handles: Vec<u64>,
+    /// Of the cached readers, those that took a POSIX lock (see `locks`).
+    cached_lockers: u32,
     /// The committed version the kernel's cached pages hold, if known.
     cached_version: Option<Version>,
     /// The handle that read-write opens without `O_TRUNC`/`O_APPEND` share, and how many of
@@ -200,6 +204,9 @@ pub trait KernelCache: Send + Sync {
     /// The entry `name` in the directory `parent` changed (created, removed, renamed or
     /// replaced): the kernel must look it up again.
     fn entry_changed(&self, parent: Ino, name: &OsStr);
+    /// Like `data_changed`, then calls `then` once the kernel dropped the pages (a reply that
+    /// must not go out before: see `fs::locks`).
+    fn data_changed_then(&self, ino: Ino, then: Box<dyn FnOnce() + Send>);
 }
 
 /// A mounted space: the space (its store, limits and other mounts) plus the state of the
@@ -221,6 +228,8 @@ pub struct Fs {
     files: RwLock<HashMap<u64, Arc<Mutex<FileHandle>>>>,
     dirs: Mutex<HashMap<u64, DirHandle>>,
     next_fh: AtomicU64,
+    /// Tells this mount's core from the others of the process (its files' lock keys).
+    id: u64,
     /// Unix seconds of the last open, listing or change (inactivity timeouts use it).
     last_activity: AtomicU64,
 }
@@ -277,6 +286,10 @@ impl Fs {
             files: RwLock::new(HashMap::new()),
             dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
+            id: {
+                static NEXT: AtomicU64 = AtomicU64::new(1);
+                NEXT.fetch_add(1, Ordering::Relaxed)
+            },
             last_activity: AtomicU64::new(unix_secs()),
         }
     }

@@ -221,6 +221,11 @@ impl Fs {
         let Some(handle) = write_lock(&self.files).remove(&fh) else {
             return Err(Errno::EBADF);
         };
+        let h = lock(&handle);
+        // Unlocked first: waiters let in are answered here and may lock this handle.
+        let key = self.lock_key_of(&h);
+        drop(h);
+        self.release_locks(&key, None, Some(fh));
         let mut h = lock(&handle);
         if self.leave_shared(&handle, h.ino, fh) {
             return Ok(());
@@ -253,6 +258,9 @@ impl Fs {
                 state.readers -= 1;
                 if !h.direct_io {
                     state.cached_readers -= 1;
+                    if h.locker {
+                        state.cached_lockers -= 1;
+                    }
                 }
             }
             if state.readers == 0 && state.writers == 0 && state.cached_version.is_none() {

@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 
 use super::claims::{Claim, Claims, Span};
+use super::locks::Locks;
 use super::{SpaceId, SpaceKind};
 use crate::fs::{Limits, Quota};
 use crate::records::RecordStore;
@@ -44,6 +45,8 @@ pub struct Space {
     next_watcher: AtomicU64,
     /// The names operations are changing right now (see `claims`).
     claims: Claims,
+    /// The POSIX record locks on its files (see `locks`).
+    locks: Locks,
 }
 
 fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
@@ -68,6 +71,7 @@ impl Space {
             watchers: RwLock::new(Vec::new()),
             next_watcher: AtomicU64::new(1),
             claims: Claims::default(),
+            locks: Locks::default(),
         }
     }
 
@@ -79,6 +83,11 @@ impl Space {
 
     pub fn id(&self) -> &SpaceId {
         &self.id
+    }
+
+    /// The POSIX record locks on the space's files, shared by all its mounts in the process.
+    pub fn locks(&self) -> &Locks {
+        &self.locks
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {

@@ -5,6 +5,7 @@
 pub mod claims;
 pub mod export;
 pub mod hub;
+pub mod locks;
 pub mod state;
 
 pub use hub::{Hub, Space, SpaceWatcher};
