@@ -239,6 +239,10 @@ pub struct MountArgs {
     /// next request while requests stream, which cuts request latency on VMs; 0 turns both off.
     #[arg(long, value_name = "MICROSECONDS", default_value_t = 1000)]
     pub poll_window_us: u64,
+    /// Who this mount's changes are made by, in events (default: the token's name, else the
+    /// mount point).
+    #[arg(long, value_name = "NAME")]
+    pub label: Option<String>,
     /// Ask the daemon (`roomfs serve`) to serve this mount instead of serving it here.
     #[arg(long)]
     pub daemon: bool,
@@ -356,6 +360,7 @@ fn mount_via_daemon(args: &MountArgs) -> Result<(), String> {
         token: args.token.clone(),
         sync_on_close: args.sync_on_close.then_some(true),
         passthrough: args.no_passthrough.then_some(false),
+        label: args.label.clone(),
     };
     let info = Client::new(&args.socket)
         .add_mount(&req)
@@ -461,8 +466,9 @@ fn issue_token(args: &TokenIssueArgs) -> Result<String, String> {
     token::issue(&secret, &args.name, &args.room, &grant, ttl).map_err(|e| e.to_string())
 }
 
-/// The space and grant of a mount: from a verified token, or from --room/--session and --grant.
-fn space_and_grant(args: &MountArgs) -> Result<(SpaceId, Grant), String> {
+/// The space and grant of a mount: from a verified token (with the token's name), or from
+/// --room/--session and --grant.
+fn space_and_grant(args: &MountArgs) -> Result<(SpaceId, Grant, Option<String>), String> {
     if let Some(tok) = &args.token {
         let secret_file = args
             .secret_file
@@ -483,7 +489,8 @@ fn space_and_grant(args: &MountArgs) -> Result<(SpaceId, Grant), String> {
                 "token refused: it is for room {room:?}, not {wanted:?}"
             ));
         }
-        return Ok((SpaceId::new(SpaceKind::Room, &room)?, verified.grant));
+        let room = SpaceId::new(SpaceKind::Room, &room)?;
+        return Ok((room, verified.grant, verified.name));
     }
     let space = match (&args.room, &args.session) {
         (Some(id), None) => SpaceId::new(SpaceKind::Room, id)?,
@@ -491,11 +498,11 @@ fn space_and_grant(args: &MountArgs) -> Result<(SpaceId, Grant), String> {
         _ => return Err("give exactly one of --room ID or --session ID".into()),
     };
     let grant = Grant::parse_cli(&args.grants).map_err(|e| format!("--grant: {e}"))?;
-    Ok((space, grant))
+    Ok((space, grant, None))
 }
 
 fn mount_spec(args: MountArgs) -> Result<MountSpec, String> {
-    let (space, grant) = space_and_grant(&args)?;
+    let (space, grant, token_name) = space_and_grant(&args)?;
     if !(args.cache_ttl.is_finite() && (0.0..=3600.0).contains(&args.cache_ttl)) {
         return Err(format!(
             "--cache-ttl must be between 0 and 3600 seconds, not {}",
@@ -521,6 +528,7 @@ fn mount_spec(args: MountArgs) -> Result<MountSpec, String> {
         threads: args.threads,
         poll_window: Duration::from_micros(args.poll_window_us.min(1_000_000)),
         grant,
+        participant: token_name.or(args.label),
     })
 }
 

@@ -44,6 +44,9 @@ pub struct MountSpec {
     pub records_dir: PathBuf,
     /// Limits of the space; `None` reads those recorded for a session by the daemon.
     pub limits: Option<Limits>,
+    /// Who the mount's changes are made by, in events (the token's name or the mount's
+    /// label); `None`: the mount point.
+    pub participant: Option<String>,
 }
 
 impl MountSpec {
@@ -282,6 +285,10 @@ impl ActiveMount {
                 grant,
                 links_anywhere: spec.grant.is_full(),
                 passthrough: spec.passthrough,
+                participant: match &spec.participant {
+                    Some(p) => p.as_str().into(),
+                    None => mountpoint.to_string_lossy().into(),
+                },
             },
         ));
         fs.watch_space();

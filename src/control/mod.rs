@@ -127,6 +127,10 @@ pub struct MountRequest {
     /// Let the kernel read large files from the disk directly (default: the daemon's setting).
     #[serde(default)]
     pub passthrough: Option<bool>,
+    /// Who the mount's changes are made by, in events (default: the token's name, else the
+    /// mount point).
+    #[serde(default)]
+    pub label: Option<String>,
 }
 
 /// A mount served by the daemon.

@@ -53,6 +53,10 @@ pub struct ConfigMount {
     /// A signed grant token instead of `room` and `grant`.
     #[serde(default)]
     pub token: Option<String>,
+    /// Who the mount's changes are made by, in events (default: the token's name, else the
+    /// mount point).
+    #[serde(default)]
+    pub label: Option<String>,
 }
 
 /// Session limits mirroring common agent platforms: 10 MB a file, 100 files, 50 MB in all.

@@ -140,6 +140,7 @@ impl Daemon {
                 token: m.token,
                 sync_on_close: None,
                 passthrough: None,
+                label: m.label,
             };
             if let Err(e) = daemon.mount(req, true) {
                 log::error!(
@@ -157,8 +158,9 @@ impl Daemon {
         &self.socket
     }
 
-    /// The space and grant a mount request names, from a verified token or from its fields.
-    fn resolve(&self, req: &MountRequest) -> Result<(SpaceId, Grant), ApiError> {
+    /// The space and grant a mount request names, from a verified token (with the token's
+    /// name) or from its fields.
+    fn resolve(&self, req: &MountRequest) -> Result<(SpaceId, Grant, Option<String>), ApiError> {
         if let Some(tok) = &req.token {
             let secret_file = self.config.secret_file.as_ref().ok_or_else(|| {
                 ApiError::bad_request(
@@ -185,7 +187,7 @@ impl Daemon {
                 ));
             }
             let space = SpaceId::new(SpaceKind::Room, &room).map_err(ApiError::bad_request)?;
-            return Ok((space, verified.grant));
+            return Ok((space, verified.grant, verified.name));
         }
         let space = match (&req.room, &req.session) {
             (Some(id), None) => SpaceId::new(SpaceKind::Room, id),
@@ -195,7 +197,7 @@ impl Daemon {
         .map_err(ApiError::bad_request)?;
         let grant = Grant::parse_cli(&req.grant)
             .map_err(|e| ApiError::bad_request(format!("grant: {e}")))?;
-        Ok((space, grant))
+        Ok((space, grant, None))
     }
 
     /// The limits of `space`: the configured room limits, or the session's recorded ones.
@@ -222,7 +224,7 @@ impl Daemon {
     }
 
     fn mount(&self, req: MountRequest, from_config: bool) -> Result<MountInfo, ApiError> {
-        let (space, grant) = self.resolve(&req)?;
+        let (space, grant, token_name) = self.resolve(&req)?;
         let mountpoint = PathBuf::from(&req.mountpoint);
         if !mountpoint.is_absolute() {
             return Err(ApiError::bad_request("mountpoint must be an absolute path"));
@@ -239,6 +241,7 @@ impl Daemon {
             grant,
             records_dir: PathBuf::new(),
             limits: None,
+            participant: token_name.or(req.label.clone()),
         };
         let resources = Resources {
             hub: self.hub.clone(),

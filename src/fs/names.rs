@@ -5,6 +5,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
 use super::{Attr, Caller, Errno, Fs, FsResult, Ino, NAME_MAX, deny, lock, write_lock};
+use crate::events::Changed;
 use crate::grant::Access;
 use crate::space::claims::Span;
 use crate::store::{Kind, Meta, RenameMode};
@@ -72,7 +73,7 @@ impl Fs {
                 _ => self.store.mknod(&path, kind, perm, owner)?,
             })
         })?;
-        self.publish(&path);
+        self.publish(Changed::file(&path, meta.size));
         Ok(self.remember(parent, name, &meta))
     }
 
@@ -84,7 +85,7 @@ impl Fs {
                 .store
                 .mkdir(&path, (mode & 0o7777) as u16, self.owner(caller))?)
         })?;
-        self.publish(&path);
+        self.publish(Changed::folder_created(&path));
         Ok(self.remember(parent, name, &meta))
     }
 
@@ -103,7 +104,7 @@ impl Fs {
         self.allow_link_target("symlink", &path, target)?;
         let meta =
             self.creating(|| Ok(self.store.symlink(target, &path, self.owner(caller))?))?;
-        self.publish(&path);
+        self.publish(Changed::file(&path, meta.size));
         Ok(self.remember(parent, name, &meta))
     }
 
@@ -117,7 +118,7 @@ impl Fs {
         self.store.unlink(&path)?;
         write_lock(&self.table).detach(parent, name);
         self.released(&meta);
-        self.publish(&path);
+        self.publish(Changed::file_deleted(&path));
         Ok(())
     }
 
@@ -129,7 +130,7 @@ impl Fs {
         if let Some(q) = self.space.quota() {
             q.remove_entry(0);
         }
-        self.publish(&path);
+        self.publish(Changed::folder_deleted(&path));
         Ok(())
     }
 
@@ -184,8 +185,7 @@ impl Fs {
             mode == RenameMode::Exchange,
         );
         drop(claim);
-        self.publish(&from);
-        self.publish(&to);
+        self.publish_all(&self.renamed(&from, &to, mode));
         Ok(())
     }
 
@@ -211,7 +211,7 @@ impl Fs {
             return Err(Errno::EPERM);
         }
         let meta = self.creating(|| Ok(self.store.link(&from, &to)?))?;
-        self.publish(&to);
+        self.publish(Changed::file(&to, meta.size));
         Ok(self.remember(new_parent, new_name, &meta))
     }
 }
