@@ -19,3 +19,4 @@ pub mod records;
 pub mod space;
 pub mod store;
 pub mod token;
+pub mod urls;

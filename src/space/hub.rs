@@ -230,6 +230,18 @@ impl Hub {
         })
     }
 
+    /// The store of `id` to serve downloads from: its committed files, without the `.meta`
+    /// view, opened without holding the space open (`ENOENT` if it does not exist).
+    pub fn download_store(&self, id: &SpaceId) -> io::Result<Arc<dyn Store>> {
+        Ok(Arc::new(self.local.open_space(id, None)?))
+    }
+
+    /// The store of `id`'s own URLs (`roomfs url --direct`), where its backend has them: an
+    /// S3 store's presigned GETs, once that store exists. The local disk has none.
+    pub fn presigner(&self, _id: &SpaceId) -> Option<Arc<dyn crate::urls::Presign>> {
+        None
+    }
+
     /// Whether changes made by other processes are noticed through inotify (else by polling,
     /// or not at all without change logs).
     pub fn follows_with_inotify(&self) -> bool {
