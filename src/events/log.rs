@@ -82,10 +82,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// The change logs of one data dir and the thread that writes and follows them (see the
-/// module docs). Dropping it stops the thread.
+/// module docs). The thread runs while this or any of its feeds is alive.
 pub struct Logs {
     shared: Arc<Shared>,
-    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 struct Shared {
@@ -96,9 +95,8 @@ struct Shared {
     retention: Retention,
     /// The logs open in this process, by space.
     feeds: Mutex<HashMap<SpaceId, Weak<LogFeed>>>,
-    /// An eventfd that wakes the thread: a feed has lines to write, or it must stop.
+    /// An eventfd that wakes the thread: a feed has lines to write, or this is gone.
     wake: OwnedFd,
-    stop: AtomicBool,
     /// Whether the thread follows through inotify (else it polls every [`POLL_EVERY`]).
     inotify: AtomicBool,
 }
@@ -143,19 +141,17 @@ impl Logs {
             feeds: Mutex::new(HashMap::new()),
             // SAFETY: just made, owned by nobody else.
             wake: unsafe { OwnedFd::from_raw_fd(wake) },
-            stop: AtomicBool::new(false),
             inotify: AtomicBool::new(false),
         });
         let inotify = watch(&shared);
         shared.inotify.store(inotify.is_some(), Ordering::Relaxed);
-        let for_thread = shared.clone();
-        let thread = std::thread::Builder::new()
+        // The thread's own descriptor of the eventfd, valid after `Shared` is gone.
+        let wake = shared.wake.try_clone()?;
+        let weak = Arc::downgrade(&shared);
+        std::thread::Builder::new()
             .name("roomfs-events".into())
-            .spawn(move || run(&for_thread, inotify))?;
-        Ok(Logs {
-            shared,
-            thread: Some(thread),
-        })
+            .spawn(move || run(&weak, &wake, inotify))?;
+        Ok(Logs { shared })
     }
 
     /// Whether other processes' changes are noticed through inotify (else by polling).
@@ -184,13 +180,10 @@ impl Logs {
     }
 }
 
-impl Drop for Logs {
+impl Drop for Shared {
     fn drop(&mut self) {
-        self.shared.stop.store(true, Ordering::SeqCst);
-        self.shared.wake();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        // The thread wakes, finds nothing left, and ends.
+        self.wake();
     }
 }
 
@@ -222,8 +215,9 @@ fn watch(shared: &Shared) -> Option<Inotify> {
     }
 }
 
-/// The thread: writes what this process published, reads what others appended.
-fn run(shared: &Shared, inotify: Option<Inotify>) {
+/// The thread: writes what this process published, reads what others appended; ends once
+/// the logs and all their feeds are gone.
+fn run(shared: &Weak<Shared>, wake: &OwnedFd, inotify: Option<Inotify>) {
     let timeout = if inotify.is_some() {
         -1
     } else {
@@ -231,7 +225,7 @@ fn run(shared: &Shared, inotify: Option<Inotify>) {
     };
     loop {
         let mut fds = vec![libc::pollfd {
-            fd: shared.wake.as_raw_fd(),
+            fd: wake.as_raw_fd(),
             events: libc::POLLIN,
             revents: 0,
         }];
@@ -251,12 +245,12 @@ fn run(shared: &Shared, inotify: Option<Inotify>) {
             );
             return;
         }
-        if shared.stop.load(Ordering::SeqCst) {
-            return;
-        }
         let mut drained = 0u64;
         // SAFETY: our eventfd, and 8 bytes to read into.
-        unsafe { libc::read(shared.wake.as_raw_fd(), (&raw mut drained).cast(), 8) };
+        unsafe { libc::read(wake.as_raw_fd(), (&raw mut drained).cast(), 8) };
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
         // Which logs others (or this process) touched; `None`: look at all of them.
         let touched: Option<HashSet<(SpaceKind, OsString)>> = match &inotify {
             None => None,
@@ -798,7 +792,7 @@ impl ChangeFeed for LogFeed {
         let deadline = Instant::now() + Duration::from_secs(10);
         let mut q = lock(&self.queue);
         let target = q.published;
-        while q.written < target && !self.shared.stop.load(Ordering::Relaxed) {
+        while q.written < target {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 log::warn!("change log of {}: flush timed out", self.space);
