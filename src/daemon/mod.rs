@@ -784,10 +784,6 @@ pub fn serve(config: Config) -> Result<(), String> {
             let _ = stop_tx.send(());
         }
     });
-    log::info!("serving the control API on {}", daemon.socket().display());
-    if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
-        log::debug!("sd_notify: {e}");
-    }
     let plane: Arc<dyn ControlPlane> = daemon.clone();
     // Downloads stop with the control API.
     let (http_stop_tx, http_stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -805,6 +801,10 @@ pub fn serve(config: Config) -> Result<(), String> {
             }
         });
         log::info!("serving download URLs on http://{addr}");
+    }
+    log::info!("serving the control API on {}", daemon.socket().display());
+    if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
+        log::debug!("sd_notify: {e}");
     }
     let served = runtime.block_on(crate::control::server::serve(listener, plane, async {
         let _ = stop_rx.await;
