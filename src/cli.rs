@@ -1,5 +1,7 @@
 //! The command line.
 
+mod output;
+
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -12,6 +14,7 @@ use crate::control::{
 use crate::daemon::{self, Config};
 use crate::fs::Limits;
 use crate::grant::Grant;
+use crate::human;
 use crate::mount::{self, MountSpec};
 use crate::space::{SpaceId, SpaceKind, default_data_dir};
 use crate::token;
@@ -42,9 +45,11 @@ pub enum Command {
     /// HTTP/JSON API on a Unix socket. Runs in the foreground (systemd runs it).
     Serve(ServeArgs),
     /// List the daemon's mounts.
-    Mounts(SocketArgs),
+    Mounts(ShowArgs),
     /// Show the daemon's status.
-    Status(SocketArgs),
+    Status(ShowArgs),
+    /// Print the daemon's metrics (Prometheus text, as `GET /metrics` serves them).
+    Metrics(SocketArgs),
     /// Create, list, show and end sessions (through the daemon).
     #[command(subcommand)]
     Session(SessionCommand),
@@ -124,6 +129,16 @@ pub struct SocketArgs {
     pub socket: PathBuf,
 }
 
+/// A command that shows something: a table for people, or the API's JSON.
+#[derive(Args, Debug)]
+pub struct ShowArgs {
+    /// Print the API's JSON answer instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub socket: SocketArgs,
+}
+
 #[derive(Args, Debug)]
 pub struct ServeArgs {
     /// JSON configuration file (see README); every field is optional.
@@ -155,7 +170,7 @@ pub enum SessionCommand {
         #[arg(long, value_name = "DURATION")]
         ttl: Option<String>,
         #[command(flatten)]
-        socket: SocketArgs,
+        show: ShowArgs,
     },
     /// End a session: unmount it and delete its files and records (after exporting paths).
     End {
@@ -167,15 +182,15 @@ pub enum SessionCommand {
         #[arg(long, value_name = "ROOM")]
         to_room: Option<String>,
         #[command(flatten)]
-        socket: SocketArgs,
+        show: ShowArgs,
     },
     /// List sessions with their limits and usage.
-    List(SocketArgs),
+    List(ShowArgs),
     /// Show one session.
     Show {
         id: String,
         #[command(flatten)]
-        socket: SocketArgs,
+        show: ShowArgs,
     },
 }
 
@@ -210,7 +225,7 @@ pub enum RecordsCommand {
         #[arg(long, value_name = "ID")]
         session: String,
         #[command(flatten)]
-        socket: SocketArgs,
+        show: ShowArgs,
     },
 }
 
@@ -295,6 +310,9 @@ pub struct MountArgs {
     /// Seconds the kernel may cache attributes and names.
     #[arg(long, value_name = "SECONDS", default_value_t = 1.0)]
     pub cache_ttl: f64,
+    /// Mount read-only: every change fails with EROFS.
+    #[arg(long)]
+    pub read_only: bool,
     /// Threads serving filesystem requests.
     #[arg(long, value_name = "N", default_value_t = 4)]
     pub threads: usize,
@@ -333,7 +351,19 @@ pub struct UnmountArgs {
 pub fn run(cli: Cli) -> Result<(), String> {
     match cli.command {
         Command::Mount(args) if args.daemon => mount_via_daemon(&args),
-        Command::Mount(args) => mount::run(&mount_spec(args)?),
+        Command::Mount(args) => {
+            // Started in the background by the mount helper: report there too.
+            match crate::helper::ReadyPipe::from_env() {
+                Some(ready) => match mount_spec(args) {
+                    Ok(spec) => mount::run(&spec, Some(ready)),
+                    Err(e) => {
+                        ready.fail(&e);
+                        Err(e)
+                    }
+                },
+                None => mount::run(&mount_spec(args)?, None),
+            }
+        }
         Command::Unmount(args) => unmount(&args),
         Command::Serve(args) => {
             let mut config = match &args.config {
@@ -348,8 +378,14 @@ pub fn run(cli: Cli) -> Result<(), String> {
             }
             daemon::serve(config)
         }
-        Command::Mounts(s) => print_json(&client(&s).mounts()),
-        Command::Status(s) => print_json(&client(&s).status()),
+        Command::Mounts(s) => show(&s, "listing mounts", |c| c.mounts(), output::mounts),
+        Command::Status(s) => show(&s, "asking for status", |c| c.status(), output::status),
+        Command::Metrics(s) => {
+            let text = human::waiting("reading metrics", || client(&s).metrics())
+                .map_err(|e| e.to_string())?;
+            print!("{text}");
+            Ok(())
+        }
         Command::Session(cmd) => session(cmd),
         Command::Records(cmd) => records(cmd),
         Command::Events(args) => events(&args),
@@ -385,6 +421,23 @@ fn print_json<T: serde::Serialize>(result: &Result<T, ClientError>) -> Result<()
         }
         Err(e) => Err(e.to_string()),
     }
+}
+
+/// Calls the API (`label` is shown on a terminal while it takes long) and prints the answer:
+/// the API's JSON with `--json`, else what `human` makes of it.
+fn show<T: serde::Serialize>(
+    args: &ShowArgs,
+    label: &str,
+    call: impl FnOnce(&Client) -> Result<T, ClientError>,
+    human: impl FnOnce(&T) -> String,
+) -> Result<(), String> {
+    let result = human::waiting(label, || call(&client(&args.socket)));
+    if args.json {
+        return print_json(&result);
+    }
+    let value = result.map_err(|e| e.to_string())?;
+    print!("{}", human(&value));
+    Ok(())
 }
 
 /// Parses sizes like `1048576`, `10M`, `10MB`, `4Ki`, `1GiB`.
@@ -427,6 +480,7 @@ fn mount_via_daemon(args: &MountArgs) -> Result<(), String> {
         sync_on_close: args.sync_on_close.then_some(true),
         passthrough: args.no_passthrough.then_some(false),
         label: args.label.clone(),
+        read_only: args.read_only.then_some(true),
     };
     let info = Client::new(&args.socket)
         .add_mount(&req)
@@ -446,7 +500,7 @@ fn session(cmd: SessionCommand) -> Result<(), String> {
             max_files,
             max_bytes,
             ttl,
-            socket,
+            show: args,
         } => {
             let limits = (max_file_size.is_some() || max_files.is_some() || max_bytes.is_some())
                 .then_some(Limits {
@@ -458,20 +512,49 @@ fn session(cmd: SessionCommand) -> Result<(), String> {
                 .map(|t| token::parse_duration(&t).map(|d| d.as_secs()))
                 .transpose()
                 .map_err(|e| format!("--ttl: {e}"))?;
-            print_json(&client(&socket).create_session(&SessionRequest {
+            let req = SessionRequest {
                 id,
                 limits,
                 ttl_secs,
-            }))
+            };
+            show(
+                &args,
+                "creating the session",
+                |c| c.create_session(&req),
+                output::session_created,
+            )
         }
         SessionCommand::End {
             id,
             export,
             to_room,
-            socket,
-        } => print_json(&client(&socket).end_session(&id, &EndSessionRequest { export, to_room })),
-        SessionCommand::List(socket) => print_json(&client(&socket).sessions()),
-        SessionCommand::Show { id, socket } => print_json(&client(&socket).session(&id)),
+            show: args,
+        } => {
+            let label = if export.is_empty() {
+                format!("ending session {id}")
+            } else {
+                format!("exporting and ending session {id}")
+            };
+            let req = EndSessionRequest { export, to_room };
+            show(
+                &args,
+                &label,
+                |c| c.end_session(&id, &req),
+                output::session_ended,
+            )
+        }
+        SessionCommand::List(args) => show(
+            &args,
+            "listing sessions",
+            |c| c.sessions(),
+            |s| output::sessions(s, human::now_ms()),
+        ),
+        SessionCommand::Show { id, show: args } => show(
+            &args,
+            "reading the session",
+            |c| c.session(&id),
+            |s| output::session(s, human::now_ms()),
+        ),
     }
 }
 
@@ -511,13 +594,23 @@ fn records(cmd: RecordsCommand) -> Result<(), String> {
         RecordsCommand::List {
             collection,
             session,
-            socket,
-        } => (
-            serde_json::json!({"method": format!("{collection}.listBySession"), "sessionId": session}),
-            socket,
-        ),
+            show: args,
+        } => {
+            let envelope = serde_json::json!({
+                "method": format!("{collection}.listBySession"),
+                "sessionId": session,
+            });
+            return show(
+                &args,
+                "listing records",
+                |c| c.storage(&envelope),
+                |records| output::records(&collection, records),
+            );
+        }
     };
-    print_json(&client(&socket).storage(&envelope))
+    print_json(&human::waiting("calling the daemon", || {
+        client(&socket).storage(&envelope)
+    }))
 }
 
 fn issue_token(args: &TokenIssueArgs) -> Result<String, String> {
@@ -595,6 +688,7 @@ fn mount_spec(args: MountArgs) -> Result<MountSpec, String> {
         poll_window: Duration::from_micros(args.poll_window_us.min(1_000_000)),
         grant,
         participant: token_name.or(args.label),
+        read_only: args.read_only,
     })
 }
 
@@ -675,4 +769,40 @@ fn url(args: &UrlArgs) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     println!("{}", signed.url);
     Ok(())
+}
+
+/// A command-line mistake as one line: what is wrong, clap's tip if it has one, and which
+/// `--help` to read (clap's own message spans several lines). `args` is the command line.
+pub fn usage_error(err: &clap::Error, args: &[String]) -> String {
+    let text = err.render().to_string();
+    let mut what = Vec::new();
+    let mut tips = Vec::new();
+    for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        if let Some(tip) = line.strip_prefix("tip: ") {
+            tips.push(tip.to_string());
+        } else if !line.starts_with("Usage: ") && !line.starts_with("For more information") {
+            what.push(line.strip_prefix("error: ").unwrap_or(line));
+        }
+    }
+    let mut out = what.join(" ");
+    if out.is_empty() {
+        out = "invalid command line".into();
+    }
+    for tip in tips {
+        out.push_str(&format!(" ({tip})"));
+    }
+    // The subcommands named on the command line: `roomfs session create`.
+    let mut command = <Cli as clap::CommandFactory>::command();
+    let mut path = vec!["roomfs".to_string()];
+    for arg in args.iter().skip(1) {
+        match command.find_subcommand(arg) {
+            Some(sub) => {
+                path.push(arg.clone());
+                command = sub.clone();
+            }
+            None if arg.starts_with('-') => continue,
+            None => break,
+        }
+    }
+    format!("{out}; see `{} --help`", path.join(" "))
 }

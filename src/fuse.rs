@@ -14,6 +14,7 @@ use fuser::{
 };
 
 use crate::fs::{Attr, AttrChanges, Caller, Errno, Fs, Opened};
+use crate::metrics::{self, FuseHandles, FuseOp, FuseTimer};
 use crate::poll::Poller;
 use crate::reader_gate::{ReaderGate, Turn};
 use crate::store::{Kind, SetAttr, TimeSpec};
@@ -25,6 +26,8 @@ pub struct FuseAdapter {
     ttl: Duration,
     poller: Option<Arc<Poller>>,
     gate: Arc<ReaderGate>,
+    /// Handles open through this mount, for the metrics.
+    handles: FuseHandles,
 }
 
 /// Reads and writes above this size may take a while: another thread reads requests meanwhile.
@@ -44,16 +47,19 @@ impl FuseAdapter {
             ttl,
             poller,
             gate,
+            handles: FuseHandles::default(),
         }
     }
 
-    /// Starts serving a request: keeps CPUs from halting while requests keep coming, and has
-    /// another thread read requests meanwhile if this one `may_block`.
-    fn turn(&self, may_block: bool) -> Turn<'_> {
+    /// Starts serving a request `op` (its name in the metrics, which time it until the guards
+    /// drop): keeps CPUs from halting while requests keep coming, and has another thread read
+    /// requests meanwhile if this one `may_block`.
+    fn turn(&self, op: FuseOp, may_block: bool) -> (FuseTimer, Turn<'_>) {
+        let timer = FuseTimer::start(op);
         if let Some(p) = &self.poller {
             p.activity();
         }
-        self.gate.enter(may_block)
+        (timer, self.gate.enter(may_block))
     }
 
     fn attr(&self, a: &Attr) -> FileAttr {
@@ -173,6 +179,7 @@ impl crate::fs::Backing for Backings {
 }
 
 fn errno(e: Errno) -> fuser::Errno {
+    metrics::fuse_error(e.0);
     fuser::Errno::from_i32(e.0)
 }
 
@@ -283,17 +290,17 @@ impl Filesystem for FuseAdapter {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        let _turn = self.turn(false);
+        let _turn = self.turn(FuseOp::Lookup, false);
         self.entry(reply, self.fs.lookup(parent.0, name));
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
-        let _turn = self.turn(false);
+        let _turn = self.turn(FuseOp::Forget, false);
         self.fs.forget(ino.0, nlookup);
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
-        let _turn = self.turn(false);
+        let _turn = self.turn(FuseOp::Getattr, false);
         match self.fs.getattr(ino.0, fh.map(|f| f.0)) {
             Ok(a) => reply.attr(&self.ttl(&a), &self.attr(&a)),
             Err(e) => reply.error(errno(e)),
@@ -318,7 +325,7 @@ impl Filesystem for FuseAdapter {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        let _turn = self.turn(size.is_some());
+        let _turn = self.turn(FuseOp::Setattr, size.is_some());
         let changes = AttrChanges {
             size,
             attr: SetAttr {
@@ -337,7 +344,7 @@ impl Filesystem for FuseAdapter {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        let _turn = self.turn(false);
+        let _turn = self.turn(FuseOp::Readlink, false);
         match self.fs.readlink(ino.0) {
             Ok(target) => reply.data(&target),
             Err(e) => reply.error(errno(e)),
@@ -354,7 +361,7 @@ impl Filesystem for FuseAdapter {
         _rdev: u32,
         reply: ReplyEntry,
     ) {
-        let _turn = self.turn(false);
+        let _turn = self.turn(FuseOp::Mknod, false);
         let result = self.fs.mknod(parent.0, name, mode & !umask, &caller(req));
         self.entry(reply, result);
     }
@@ -368,18 +375,18 @@ impl Filesystem for FuseAdapter {
         umask: u32,
         reply: ReplyEntry,
     ) {
-        let _turn = self.turn(false);
+        let _turn = self.turn(FuseOp::Mkdir, false);
         let result = self.fs.mkdir(parent.0, name, mode & !umask, &caller(req));
         self.entry(reply, result);
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let _turn = self.turn(false);
+        let _turn = self.turn(FuseOp::Unlink, false);
         empty(reply, self.fs.unlink(parent.0, name));
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let _turn = self.turn(false);
+        let _turn = self.turn(FuseOp::Rmdir, false);
         empty(reply, self.fs.rmdir(parent.0, name));
     }
 
@@ -391,7 +398,7 @@ impl Filesystem for FuseAdapter {
         target: &Path,
         reply: ReplyEntry,
     ) {
-        let _turn = self.turn(false);
+        let _turn = self.turn(FuseOp::Symlink, false);
         let result = self.fs.symlink(parent.0, link_name, target, &caller(req));
         self.entry(reply, result);
     }
@@ -406,7 +413,7 @@ impl Filesystem for FuseAdapter {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        let _turn = self.turn(false);
+        let _turn = self.turn(FuseOp::Rename, false);
         empty(
             reply,
             self.fs
@@ -422,13 +429,15 @@ impl Filesystem for FuseAdapter {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        let _turn = self.turn(false);
+        let _turn = self.turn(FuseOp::Link, false);
         self.entry(reply, self.fs.link(ino.0, newparent.0, newname));
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        let _turn = self.turn(false);
-        match self.fs.open(ino.0, flags.0, req.pid()) {
+        let _turn = self.turn(FuseOp::Open, false);
+        let opened = self.fs.open(ino.0, flags.0, req.pid());
+        self.handles.file_opened_if(opened.is_ok());
+        match opened {
             Ok(o) => match o.passthrough {
                 Some(id) => {
                     // SAFETY: the core registered `id` on this connection and keeps it until
@@ -453,11 +462,12 @@ impl Filesystem for FuseAdapter {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        let _turn = self.turn(false);
-        match self
+        let _turn = self.turn(FuseOp::Create, false);
+        let created = self
             .fs
-            .create(parent.0, name, mode & !umask, flags, &caller(req))
-        {
+            .create(parent.0, name, mode & !umask, flags, &caller(req));
+        self.handles.file_opened_if(created.is_ok());
+        match created {
             Ok((a, o)) => match o.passthrough {
                 Some(id) => {
                     // SAFETY: as in `open`.
@@ -495,9 +505,12 @@ impl Filesystem for FuseAdapter {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        let _turn = self.turn(size > LARGE_IO);
+        let _turn = self.turn(FuseOp::Read, size > LARGE_IO);
         match self.fs.read(fh.0, offset, size) {
-            Ok(data) => reply.data(&data),
+            Ok(data) => {
+                metrics::bytes_read(data.len());
+                reply.data(&data)
+            }
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -514,14 +527,20 @@ impl Filesystem for FuseAdapter {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        let _turn = self.turn(data.len() > LARGE_IO as usize || self.fs.write_may_copy(fh.0));
+        let _turn = self.turn(
+            FuseOp::Write,
+            data.len() > LARGE_IO as usize || self.fs.write_may_copy(fh.0),
+        );
         let written = if write_flags.contains(WriteFlags::FUSE_WRITE_CACHE) {
             self.fs.write_back(fh.0, offset, data)
         } else {
             self.fs.write(fh.0, offset, data, req.pid())
         };
         match written {
-            Ok(n) => reply.written(n),
+            Ok(n) => {
+                metrics::bytes_written(n.into());
+                reply.written(n)
+            }
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -539,12 +558,15 @@ impl Filesystem for FuseAdapter {
         _flags: CopyFileRangeFlags,
         reply: ReplyWrite,
     ) {
-        let _turn = self.turn(len > u64::from(LARGE_IO));
+        let _turn = self.turn(FuseOp::CopyFileRange, len > u64::from(LARGE_IO));
         let copied =
             self.fs
                 .copy_file_range((fh_in.0, offset_in), (fh_out.0, offset_out), len, req.pid());
         match copied {
-            Ok(n) => reply.written(n),
+            Ok(n) => {
+                metrics::bytes_written(n.into());
+                reply.written(n)
+            }
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -560,7 +582,10 @@ impl Filesystem for FuseAdapter {
         reply: ReplyEmpty,
     ) {
         // Zeroing or growing a large file may copy or write much: off the request threads.
-        let _turn = self.turn(length > u64::from(LARGE_IO) || self.fs.write_may_copy(fh.0));
+        let _turn = self.turn(
+            FuseOp::Fallocate,
+            length > u64::from(LARGE_IO) || self.fs.write_may_copy(fh.0),
+        );
         empty(
             reply,
             self.fs.fallocate(fh.0, offset, length, mode, req.pid()),
@@ -575,7 +600,7 @@ impl Filesystem for FuseAdapter {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        let _turn = self.turn(self.fs.commit_may_block(fh.0));
+        let _turn = self.turn(FuseOp::Flush, self.fs.commit_may_block(fh.0));
         empty(reply, self.fs.flush(fh.0, req.pid()));
     }
 
@@ -589,7 +614,8 @@ impl Filesystem for FuseAdapter {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        let _turn = self.turn(self.fs.commit_may_block(fh.0));
+        let _turn = self.turn(FuseOp::Release, self.fs.commit_may_block(fh.0));
+        self.handles.file_released();
         empty(reply, self.fs.release(fh.0));
     }
 
@@ -601,7 +627,7 @@ impl Filesystem for FuseAdapter {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        let _turn = self.turn(true);
+        let _turn = self.turn(FuseOp::Fsync, true);
         empty(reply, self.fs.fsync(fh.0));
     }
 
@@ -614,7 +640,7 @@ impl Filesystem for FuseAdapter {
         whence: i32,
         reply: ReplyLseek,
     ) {
-        let _turn = self.turn(false);
+        let _turn = self.turn(FuseOp::Lseek, false);
         match self.fs.lseek(fh.0, offset, whence) {
             Ok(at) => reply.offset(at as i64),
             Err(e) => reply.error(errno(e)),
@@ -622,9 +648,12 @@ impl Filesystem for FuseAdapter {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        let _turn = self.turn(true);
+        let _turn = self.turn(FuseOp::Opendir, true);
         match self.fs.opendir(ino.0) {
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            Ok(fh) => {
+                self.handles.dir_opened();
+                reply.opened(FileHandle(fh), FopenFlags::empty())
+            }
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -637,7 +666,7 @@ impl Filesystem for FuseAdapter {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let _turn = self.turn(offset == 0);
+        let _turn = self.turn(FuseOp::Readdir, offset == 0);
         let result = self.fs.readdir(fh.0, offset, |e| {
             !reply.add(INodeNo(e.ino), e.next, file_type(e.kind), &e.name)
         });
@@ -655,7 +684,7 @@ impl Filesystem for FuseAdapter {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        let _turn = self.turn(offset == 0);
+        let _turn = self.turn(FuseOp::Readdirplus, offset == 0);
         let result = self.fs.readdirplus(fh.0, offset, |e, a| {
             !reply.add(
                 INodeNo(a.ino),
@@ -680,7 +709,8 @@ impl Filesystem for FuseAdapter {
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
-        let _turn = self.turn(false);
+        let _turn = self.turn(FuseOp::Releasedir, false);
+        self.handles.dir_released();
         self.fs.releasedir(fh.0);
         reply.ok();
     }
@@ -693,20 +723,18 @@ impl Filesystem for FuseAdapter {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        let _turn = self.turn(true);
+        let _turn = self.turn(FuseOp::Fsyncdir, true);
         empty(reply, self.fs.fsyncdir(ino.0));
     }
 
-    // Extended attributes are not stored (a commit replaces the file, and object stores have
-    // no equivalent). Reading them: ENOSYS makes the kernel answer EOPNOTSUPP from then on
-    // without asking (it asks for security.capability on every write otherwise).
+    // Extended attributes: `user.*` names are stored with the file (see `fs::xattrs`).
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        let _turn = self.turn(false);
+        let _turn = self.turn(FuseOp::Getxattr, false);
         xattr_reply(reply, size, self.fs.getxattr(ino.0, name));
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        let _turn = self.turn(false);
+        let _turn = self.turn(FuseOp::Listxattr, false);
         xattr_reply(reply, size, self.fs.listxattr(ino.0));
     }
 
@@ -720,12 +748,12 @@ impl Filesystem for FuseAdapter {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        let _turn = self.turn(false);
+        let _turn = self.turn(FuseOp::Setxattr, false);
         empty(reply, self.fs.setxattr(ino.0, name, value, flags));
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let _turn = self.turn(false);
+        let _turn = self.turn(FuseOp::Removexattr, false);
         empty(reply, self.fs.removexattr(ino.0, name));
     }
 
@@ -740,12 +768,12 @@ impl Filesystem for FuseAdapter {
         _out_size: u32,
         reply: fuser::ReplyIoctl,
     ) {
-        let _turn = self.turn(false);
+        let _turn = self.turn(FuseOp::Ioctl, false);
         reply.error(fuser::Errno::ENOTTY);
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        let _turn = self.turn(false);
+        let _turn = self.turn(FuseOp::Statfs, false);
         match self.fs.statfs() {
             Ok(s) => reply.statfs(
                 s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.bsize,

@@ -235,6 +235,22 @@ impl Grant {
         }
     }
 
+    /// Whether the same granted prefix governs `a` and `b` (a hard link between them carries
+    /// no file across the grant's boundaries); always true for full access.
+    pub fn same_rule(&self, a: &[u8], b: &[u8]) -> bool {
+        let Some(rules) = &self.rules else {
+            return true;
+        };
+        let governing = |path: &[u8]| {
+            rules
+                .iter()
+                .filter(|r| covers(r.path.as_bytes(), path))
+                .max_by_key(|r| r.path.len())
+                .map(|r| r.path.clone())
+        };
+        governing(a).is_some() && governing(a) == governing(b)
+    }
+
     /// This grant with everything under `prefix` made read-only (paths under it stay hidden
     /// if the grant did not cover them). Used to keep the `.meta` view read-only.
     pub fn with_read_only(&self, prefix: &str) -> Grant {
@@ -484,6 +500,20 @@ mod tests {
         assert_eq!(g.check(b"any/thing", Access::Read), Ok(()));
         assert_eq!(g.check(b"any/thing", Access::Write), Err(Denied::ReadOnly));
         assert!(g.shows(b"", b"secret"));
+    }
+
+    #[test]
+    fn links_stay_within_one_granted_prefix() {
+        let g =
+            Grant::parse_cli(&["out/:rw".into(), "out/keep/:rw".into(), "tmp/:rw".into()]).unwrap();
+        assert!(g.same_rule(b"out/a", b"out/b/c"));
+        assert!(
+            !g.same_rule(b"out/a", b"out/keep/a"),
+            "a longer prefix governs"
+        );
+        assert!(!g.same_rule(b"out/a", b"tmp/a"));
+        assert!(!g.same_rule(b"x", b"y"), "outside the grant");
+        assert!(Grant::full().same_rule(b"a", b"b/c"));
     }
 
     #[test]

@@ -13,6 +13,7 @@ use signal_hook::consts::{SIGINT, SIGTERM};
 use crate::fs::{Fs, FsOptions, Limits};
 use crate::fuse::FuseAdapter;
 use crate::grant::Grant;
+use crate::helper::ReadyPipe;
 use crate::poll::Poller;
 use crate::reader_gate::ReaderGate;
 use crate::records::RecordStore;
@@ -47,6 +48,8 @@ pub struct MountSpec {
     /// Who the mount's changes are made by, in events (the token's name or the mount's
     /// label); `None`: the mount point.
     pub participant: Option<String>,
+    /// A read-only mount (the kernel refuses every change with EROFS).
+    pub read_only: bool,
 }
 
 impl MountSpec {
@@ -306,11 +309,16 @@ impl ActiveMount {
         let mut config = Config::default();
         config.mount_options = vec![
             MountOption::FSName(format!("{SOURCE_PREFIX}{}", spec.space.rel_dir().display())),
-            MountOption::Subtype("roomfs".into()),
+            // The kernel's own option, so the type reads `fuse.roomfs` (what `mount -t`,
+            // fstab and findmnt use) for a direct mount too, not only through fusermount.
+            MountOption::CUSTOM("subtype=roomfs".into()),
             MountOption::DefaultPermissions,
             MountOption::NoDev,
             MountOption::NoSuid,
         ];
+        if spec.read_only {
+            config.mount_options.push(MountOption::RO);
+        }
         // Sandboxed agents usually run as other users than the daemon.
         config.acl = if is_root {
             SessionACL::All
@@ -452,7 +460,19 @@ pub fn open_data_dir(data_dir: &Path) -> Result<LocalBackend, String> {
 
 /// Mounts `spec` and serves it in the foreground until it is unmounted (`roomfs unmount`,
 /// `umount`) or the process gets SIGINT/SIGTERM, which commit pending writes and unmount.
-pub fn run(spec: &MountSpec) -> Result<(), String> {
+///
+/// `ready` (a mount helper waiting for this process in the background) hears once the mount is
+/// up, or why it failed.
+pub fn run(spec: &MountSpec, ready: Option<ReadyPipe>) -> Result<(), String> {
+    let mut ready = ready;
+    let result = serve(spec, &mut ready);
+    if let (Err(e), Some(ready)) = (&result, ready.take()) {
+        ready.fail(e);
+    }
+    result
+}
+
+fn serve(spec: &MountSpec, ready: &mut Option<ReadyPipe>) -> Result<(), String> {
     check_mountpoint(&spec.mountpoint)?;
     let local = open_data_dir(&spec.data_dir)?;
     let records = match spec.space.kind {
@@ -485,6 +505,9 @@ pub fn run(spec: &MountSpec) -> Result<(), String> {
     let mount = ActiveMount::start(spec, resources, move || {
         let _ = tx.send(Event::Ended);
     })?;
+    if let Some(ready) = ready.take() {
+        ready.ok();
+    }
     for event in rx {
         match event {
             Event::Signal(sig) => {

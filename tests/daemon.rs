@@ -5,6 +5,7 @@ mod common;
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -106,10 +107,17 @@ fn records_follow_the_sdk_semantics_for_every_collection() {
         fixture("setup", "setup_v3")
     );
     assert_eq!(
-        d.json(&["records", "list", "message", "--session", "ses_7f3a"])
-            .as_array()
-            .unwrap()
-            .len(),
+        d.json(&[
+            "records",
+            "list",
+            "message",
+            "--session",
+            "ses_7f3a",
+            "--json"
+        ])
+        .as_array()
+        .unwrap()
+        .len(),
         4
     );
 }
@@ -117,7 +125,7 @@ fn records_follow_the_sdk_semantics_for_every_collection() {
 #[test]
 fn meta_shows_the_sessions_records_read_only_and_fresh() {
     let d = Daemon::start();
-    d.json(&["session", "create", "ses_7f3a"]);
+    d.json(&["session", "create", "ses_7f3a", "--json"]);
     load_fixture_session(&d);
     let mnt = d.dir("mnt");
     d.mount(&["--session", "ses_7f3a"], &mnt);
@@ -259,7 +267,7 @@ fn meta_shows_the_sessions_records_read_only_and_fresh() {
 #[test]
 fn meta_follows_other_writers_and_skips_what_is_not_a_record() {
     let d = Daemon::start();
-    d.json(&["session", "create", "ses_7f3a"]);
+    d.json(&["session", "create", "ses_7f3a", "--json"]);
     load_fixture_session(&d);
     let mnt = d.dir("mnt");
     d.mount(&["--session", "ses_7f3a"], &mnt);
@@ -334,7 +342,7 @@ fn meta_follows_other_writers_and_skips_what_is_not_a_record() {
 #[test]
 fn ending_a_session_removes_everything_after_exporting() {
     let mut d = Daemon::start();
-    d.json(&["session", "create", "s1"]);
+    d.json(&["session", "create", "s1", "--json"]);
     d.call(json!({"method": "session.set", "id": "s1", "value": {"id": "s1", "createdAt": 1, "updatedAt": 1, "model": "m"}}));
     d.call(json!({"method": "message.set", "id": "m1", "value": {"id": "m1", "sessionId": "s1", "role": "user", "createdAt": 2}}));
     let mnt = d.dir("mnt");
@@ -351,6 +359,7 @@ fn ending_a_session_removes_everything_after_exporting() {
         "outputs/",
         "--to-room",
         "team",
+        "--json",
     ]);
     assert_eq!(report["exported"], json!(["team/outputs"]));
     assert_eq!(report["deleted_records"], 2);
@@ -373,7 +382,7 @@ fn ending_a_session_removes_everything_after_exporting() {
     assert_eq!(code, 1);
     assert!(err.contains("no session"), "{err}");
     // Bad requests change nothing.
-    d.json(&["session", "create", "s2"]);
+    d.json(&["session", "create", "s2", "--json"]);
     let (code, _, err) = d.cli(&[
         "session",
         "end",
@@ -405,14 +414,19 @@ fn ending_a_session_removes_everything_after_exporting() {
 #[test]
 fn idle_sessions_end_after_their_ttl() {
     let d = Daemon::start();
-    d.json(&["session", "create", "brief", "--ttl", "2s"]);
+    d.json(&["session", "create", "brief", "--ttl", "2s", "--json"]);
     fs::write(d.data.join("sessions/brief/f"), b"x").unwrap();
     // Ending removes the files, then the records, then the session's state: wait for the last.
     let deadline = Instant::now() + Duration::from_secs(15);
-    while d.json(&["session", "list"]) != json!([]) && Instant::now() < deadline {
+    while d.json(&["session", "list", "--json"]) != json!([]) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert_eq!(d.json(&["session", "list"]), json!([]), "{}", d.log());
+    assert_eq!(
+        d.json(&["session", "list", "--json"]),
+        json!([]),
+        "{}",
+        d.log()
+    );
     assert!(!d.data.join("sessions/brief").exists());
     assert!(d.log().contains("idle for over 2s"), "{}", d.log());
 }
@@ -430,6 +444,7 @@ fn limits_give_efbig_and_edquot_and_show_in_statfs() {
         "4",
         "--max-bytes",
         "2500",
+        "--json",
     ]);
     let mnt = d.dir("mnt");
     d.mount(&["--session", "lim"], &mnt);
@@ -476,7 +491,7 @@ fn limits_give_efbig_and_edquot_and_show_in_statfs() {
     assert_eq!(s.f_files, 4);
     assert_eq!(s.f_ffree, 0);
     assert_eq!(s.f_blocks * s.f_frsize, 2500 / s.f_frsize * s.f_frsize);
-    let info = d.json(&["session", "show", "lim"]);
+    let info = d.json(&["session", "show", "lim", "--json"]);
     assert_eq!(info["files"], 4);
     assert_eq!(info["bytes"], 2000);
 }
@@ -494,7 +509,7 @@ fn configured_mounts_come_back_after_a_restart_and_sigterm_unmounts_all() {
     assert_eq!(errno(fs::write(room.join("inputs/x"), b"1")), libc::EACCES);
     let runtime = d.dir("runtime");
     d.mount(&["--room", "r2"], &runtime);
-    let mounts = d.json(&["mounts"]);
+    let mounts = d.json(&["mounts", "--json"]);
     assert_eq!(mounts.as_array().unwrap().len(), 2);
     assert_eq!(mounts[0]["from_config"], true);
     let status = d.stop();
@@ -519,7 +534,7 @@ fn a_configured_mount_that_fails_does_not_stop_the_daemon() {
     assert!(is_mounted(&d.tmp.path().join("room")));
     assert!(!is_mounted(&d.tmp.path().join("gone")));
     assert!(d.log().contains("configured mount at"), "{}", d.log());
-    assert_eq!(d.json(&["mounts"]).as_array().unwrap().len(), 1);
+    assert_eq!(d.json(&["mounts", "--json"]).as_array().unwrap().len(), 1);
 }
 
 #[test]
@@ -542,8 +557,8 @@ fn mounts_are_managed_through_the_cli() {
     let (code, _, err) = d.cli(&["unmount", mnt.to_str().unwrap()]);
     assert_eq!(code, 0, "{err}");
     assert!(!is_mounted(&mnt.canonicalize().unwrap()));
-    assert_eq!(d.json(&["mounts"]), json!([]));
-    let status = d.json(&["status"]);
+    assert_eq!(d.json(&["mounts", "--json"]), json!([]));
+    let status = d.json(&["status", "--json"]);
     assert_eq!(status["mounts"], 0);
     // A missing daemon is one clear sentence.
     let out = Command::new(BIN)
@@ -704,4 +719,408 @@ fn two_mounts_of_one_space_see_each_others_changes_at_once() {
     fs::remove_file(a.join("g")).unwrap();
     eventually("B sees the removal", || !b.join("g").exists());
     assert!(b.join("dir").is_dir());
+}
+
+/// Scrapes `GET /metrics` over the control socket with a bare HTTP/1.1 request; returns the
+/// Content-Type and the body.
+fn scrape(socket: &Path) -> (String, String) {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut response = String::new();
+    s.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let content_type = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-type: ")
+                .map(str::to_owned)
+        })
+        .unwrap_or_default();
+    (content_type, body.to_string())
+}
+
+/// The value of one series (`name{labels}` exactly as printed) in a scrape; 0 if absent.
+fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[test]
+fn metrics_count_a_known_workload() {
+    const N: usize = 20;
+    const K: usize = 3000;
+    let d = Daemon::start();
+    d.json(&[
+        "session",
+        "create",
+        "met",
+        "--max-bytes",
+        "200000",
+        "--max-files",
+        "1000",
+        "--json",
+    ]);
+    let full = d.dir("full");
+    let narrow = d.dir("narrow");
+    d.mount(&["--session", "met"], &full);
+    d.mount(&["--session", "met", "--grant", "outputs/:rw"], &narrow);
+    fs::create_dir(full.join("outputs")).unwrap();
+    fs::write(full.join("secret.txt"), b"not for the narrow mount").unwrap();
+
+    let (content_type, before) = scrape(&d.socket);
+    assert!(
+        content_type.starts_with("text/plain; version=0.0.4"),
+        "{content_type}"
+    );
+    let delta = |after: &str, series: &str| metric(after, series) - metric(&before, series);
+
+    // N files of K bytes, each one write() and one commit at close.
+    for i in 0..N {
+        fs::write(full.join(format!("outputs/f{i}")), vec![b'x'; K]).unwrap();
+    }
+    // Read back through the other mount, whose kernel cache has none of it.
+    for i in 0..N {
+        assert_eq!(
+            fs::read(narrow.join(format!("outputs/f{i}")))
+                .unwrap()
+                .len(),
+            K
+        );
+    }
+    // One access outside the narrow mount's grant.
+    assert_eq!(errno(fs::read(narrow.join("secret.txt"))), libc::EACCES);
+
+    // The CLI prints the same text as the endpoint.
+    let (code, after, err) = d.cli(&["metrics"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.is_empty(),
+        "no progress noise when stderr is not a terminal: {err:?}"
+    );
+    let writes = "roomfs_fuse_request_duration_seconds_count{op=\"write\"}";
+    assert_eq!(delta(&after, writes), N as f64, "{after}");
+    assert_eq!(delta(&after, "roomfs_written_bytes_total"), (N * K) as f64);
+    assert_eq!(delta(&after, "roomfs_commits_total"), N as f64);
+    assert!(
+        delta(&after, "roomfs_read_bytes_total") >= (N * K) as f64,
+        "{after}"
+    );
+    assert!(
+        delta(
+            &after,
+            "roomfs_fuse_request_duration_seconds_count{op=\"read\"}"
+        ) >= N as f64
+    );
+    assert_eq!(delta(&after, "roomfs_grant_denials_total"), 1.0, "{after}");
+    assert_eq!(metric(&after, "roomfs_mounts{kind=\"session\"}"), 2.0);
+    assert_eq!(metric(&after, "roomfs_mounts{kind=\"room\"}"), 0.0);
+    assert_eq!(metric(&after, "roomfs_sessions"), 1.0);
+    let space = "{space=\"sessions/met\"}";
+    let used = (N * K + "not for the narrow mount".len()) as f64;
+    assert_eq!(
+        metric(&after, &format!("roomfs_space_used_bytes{space}")),
+        used
+    );
+    // outputs/, secret.txt and the N files.
+    let entries = (N + 2) as f64;
+    assert_eq!(
+        metric(&after, &format!("roomfs_space_used_files{space}")),
+        entries
+    );
+    assert_eq!(
+        metric(&after, &format!("roomfs_space_limit_bytes{space}")),
+        200000.0
+    );
+    assert_eq!(
+        metric(&after, &format!("roomfs_space_limit_files{space}")),
+        1000.0
+    );
+    assert!(
+        !after.contains("roomfs_space_limit_file_size_bytes{"),
+        "no such limit: {after}"
+    );
+    assert!(!after.contains("outputs/"), "no path in any label: {after}");
+
+    // Two writers that each fit the byte quota alone but not together: the second close
+    // fails with EDQUOT (and so does the retry at its last release), keeping nothing.
+    let big = 100_000;
+    use std::io::Write;
+    let mut a = fs::File::create(full.join("a")).unwrap();
+    let mut b = fs::File::create(full.join("b")).unwrap();
+    a.write_all(&vec![b'a'; big]).unwrap();
+    b.write_all(&vec![b'b'; big]).unwrap();
+    // Releases reach the daemon after close() returned: a scrape once the handles closed
+    // before are gone, with `open` of them still open.
+    let open_files = "roomfs_open_handles{kind=\"file\"}";
+    let settled = |open: f64| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let text = scrape(&d.socket).1;
+            if metric(&text, open_files) == open || Instant::now() > deadline {
+                return text;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let during = settled(2.0);
+    assert_eq!(metric(&during, open_files), 2.0, "{during}");
+    drop(a);
+    let closed = unsafe { libc::close(std::os::fd::IntoRawFd::into_raw_fd(b)) };
+    assert_eq!(closed, -1);
+    assert_eq!(
+        std::io::Error::last_os_error().raw_os_error(),
+        Some(libc::EDQUOT)
+    );
+    let end = settled(0.0);
+    let failed = "roomfs_commit_failures_total{errno=\"EDQUOT\"}";
+    assert_eq!(delta(&end, "roomfs_commits_total"), (N + 1) as f64);
+    assert_eq!(delta(&end, failed), 2.0, "{end}");
+    assert_eq!(metric(&end, open_files), 0.0, "{end}");
+    assert_eq!(
+        metric(&end, &format!("roomfs_space_used_bytes{space}")),
+        used + big as f64
+    );
+    // A space no longer mounted leaves the metrics.
+    d.cli(&["unmount", full.to_str().unwrap()]);
+    d.cli(&["unmount", narrow.to_str().unwrap()]);
+    let (_, gone) = scrape(&d.socket);
+    assert!(!gone.contains("sessions/met"), "{gone}");
+    assert_eq!(metric(&gone, "roomfs_mounts{kind=\"session\"}"), 0.0);
+}
+
+#[test]
+fn the_cli_prints_tables_for_people_and_json_for_scripts() {
+    let d = Daemon::start();
+    let (code, out, err) = d.cli(&[
+        "session",
+        "create",
+        "tab",
+        "--max-files",
+        "100",
+        "--max-bytes",
+        "50Mi",
+        "--ttl",
+        "2h",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        out,
+        "created session tab: up to 100 files, 50.0 MiB in all; ends after 2h idle\n"
+    );
+    let mnt = d.dir("mnt");
+    d.mount(&["--session", "tab"], &mnt);
+    fs::write(mnt.join("notes.md"), vec![b'n'; 3 << 10]).unwrap();
+    let mnt = mnt.canonicalize().unwrap();
+    let mnt = mnt.to_str().unwrap();
+
+    // Every table below: header and rows aligned, nothing on stderr (not a terminal).
+    let table = |args: &[&str]| -> Vec<String> {
+        let (code, out, err) = d.cli(args);
+        assert_eq!(code, 0, "{args:?}: {err}");
+        assert_eq!(err, "", "{args:?}: no progress or other noise on stderr");
+        out.lines().map(str::to_owned).collect()
+    };
+    // The column of `word` in `line`.
+    let col = |line: &str, word: &str| {
+        line.find(word)
+            .unwrap_or_else(|| panic!("{word:?} not in {line:?}"))
+    };
+
+    let sessions = table(&["session", "list"]);
+    assert_eq!(sessions.len(), 2, "{sessions:?}");
+    let (head, row) = (&sessions[0], &sessions[1]);
+    assert!(
+        head.starts_with("ID     FILES                SIZE  MAX FILE  ENDS "),
+        "{head}"
+    );
+    assert!(
+        row.starts_with("tab  1 / 100  3.0 KiB / 50.0 MiB         -  after 2h idle  "),
+        "{row}"
+    );
+    // Right-aligned numbers end under their heading; left-aligned text starts under it.
+    assert_eq!(
+        col(head, "FILES") + "FILES".len(),
+        col(row, "1 / 100") + "1 / 100".len()
+    );
+    assert_eq!(col(head, "ENDS"), col(row, "after 2h idle"));
+    assert_eq!(col(head, "MOUNTED AT"), col(row, mnt));
+    assert!(row.contains("just now") || row.contains("s ago"), "{row}");
+
+    let show = table(&["session", "show", "tab"]);
+    assert_eq!(show[0], "session      tab");
+    assert!(
+        show.contains(&"size         3.0 KiB / 50.0 MiB".to_string()),
+        "{show:?}"
+    );
+    assert!(
+        show.contains(&"files        1 / 100".to_string()),
+        "{show:?}"
+    );
+    assert!(show.contains(&format!("mounted at   {mnt}")), "{show:?}");
+    assert!(
+        show.iter()
+            .any(|l| l.starts_with("ends         after 2h idle (in 1h 59m")
+                || l.starts_with("ends         after 2h idle (in 2h")),
+        "{show:?}"
+    );
+
+    let mounts = table(&["mounts"]);
+    assert_eq!(mounts.len(), 2, "{mounts:?}");
+    assert_eq!(col(&mounts[0], "SPACE"), col(&mounts[1], "session tab"));
+    assert!(mounts[1].starts_with(mnt), "{mounts:?}");
+    assert!(mounts[1].ends_with("  full access  api"), "{mounts:?}");
+
+    let status = table(&["status"]);
+    assert!(status.contains(&"mounts    1".to_string()), "{status:?}");
+    assert!(status.contains(&"sessions  1".to_string()), "{status:?}");
+    assert!(
+        status
+            .iter()
+            .any(|l| l.starts_with("uptime    ") && l.ends_with('s')),
+        "{status:?}"
+    );
+
+    load_fixture_session(&d);
+    let parts = table(&["records", "list", "part", "--session", "ses_7f3a"]);
+    assert_eq!(parts.len(), 8, "{parts:?}");
+    assert!(
+        parts[0].starts_with("ID        MESSAGE   INDEX  TYPE"),
+        "{parts:?}"
+    );
+    assert!(
+        parts[1].starts_with("prt_0001  msg_0001      0  text"),
+        "{parts:?}"
+    );
+    assert!(
+        parts[1].ends_with("Summarise sales.csv by region."),
+        "{parts:?}"
+    );
+    let messages = table(&["records", "list", "message", "--session", "ses_7f3a"]);
+    assert_eq!(messages.len(), 5, "{messages:?}");
+    assert!(
+        messages[3].starts_with("msg_0003  user       2025-11-2"),
+        "{messages:?}"
+    );
+
+    // --json is the API's answer, unchanged.
+    let (_, json_out, _) = d.cli(&["session", "show", "tab", "--json"]);
+    let api: Value = serde_json::from_str(&json_out).unwrap();
+    assert_eq!(api["files"], 1);
+    assert_eq!(api["limits"]["max_bytes"], 50 << 20);
+    assert_eq!(api["mounts"], json!([mnt]));
+
+    // Ending with an export of many files prints one sentence, and nothing on stderr.
+    fs::create_dir(format!("{mnt}/outputs")).unwrap();
+    for i in 0..60 {
+        fs::write(format!("{mnt}/outputs/{i}.txt"), b"x").unwrap();
+    }
+    let ended = table(&[
+        "session",
+        "end",
+        "tab",
+        "--export",
+        "outputs/",
+        "--to-room",
+        "kept",
+    ]);
+    assert_eq!(
+        ended,
+        [format!(
+            "ended session tab: deleted 62 entries and 0 records; exported kept/outputs; \
+             unmounted {mnt}"
+        )]
+    );
+    assert_eq!(table(&["session", "list"]), ["no sessions"]);
+}
+
+/// A stand-in daemon whose answers to `GET /v1/status` take `delay`; serves `n` requests.
+fn slow_daemon(socket: &Path, delay: Duration, n: usize) -> std::thread::JoinHandle<()> {
+    use std::io::{Read, Write};
+    let listener = std::os::unix::net::UnixListener::bind(socket).unwrap();
+    std::thread::spawn(move || {
+        for _ in 0..n {
+            let (mut conn, _) = listener.accept().unwrap();
+            let mut request = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                let got = conn.read(&mut buf).unwrap();
+                assert!(got > 0, "the client hung up");
+                request.extend_from_slice(&buf[..got]);
+            }
+            std::thread::sleep(delay);
+            let body = json!({"version": "slow", "data_dir": "/d", "socket": "/s", "mounts": 0,
+                              "sessions": 0, "uptime_secs": 7500})
+            .to_string();
+            let response = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\
+                 connection: close\r\n\r\n{body}",
+                body.len()
+            );
+            conn.write_all(response.as_bytes()).unwrap();
+        }
+    })
+}
+
+#[test]
+fn slow_calls_show_progress_on_a_terminal_only() {
+    let tmp = tempfile::tempdir().unwrap();
+    let socket = tmp.path().join("slow.sock");
+    let server = slow_daemon(&socket, Duration::from_millis(2500), 2);
+    // stderr on a pseudo-terminal.
+    let (mut master, mut slave) = (0, 0);
+    let opened = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(opened, 0, "openpty: {}", std::io::Error::last_os_error());
+    let (master, slave) = unsafe {
+        use std::os::fd::FromRawFd;
+        (
+            std::fs::File::from_raw_fd(master),
+            std::os::fd::OwnedFd::from_raw_fd(slave),
+        )
+    };
+    let out = Command::new(BIN)
+        .args(["status", "--socket"])
+        .arg(&socket)
+        .stderr(std::process::Stdio::from(slave))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    // What the terminal got: the child has exited, so read without blocking.
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&master);
+    unsafe { libc::fcntl(fd, libc::F_SETFL, libc::O_NONBLOCK) };
+    let mut screen = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut &master, &mut screen);
+    let screen = String::from_utf8_lossy(&screen);
+    // After a second, the elapsed time, rewritten in place.
+    assert!(
+        screen.starts_with("\r\x1b[Kasking for status… 1s"),
+        "{screen:?}"
+    );
+    assert!(
+        screen.ends_with("\r\x1b[K"),
+        "the line is erased at the end: {screen:?}"
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("uptime    2h 5m\n"), "{stdout}");
+    // The same call with stderr not a terminal prints nothing there.
+    let out = Command::new(BIN)
+        .args(["status", "--socket"])
+        .arg(&socket)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "");
+    server.join().unwrap();
 }

@@ -107,7 +107,7 @@ fn nanos() -> u128 {
 
 /// Creates session `id`, mounts it and returns its mount point.
 fn session(d: &Daemon, id: &str) -> PathBuf {
-    d.json(&["session", "create", id]);
+    d.json(&["session", "create", id, "--json"]);
     let mnt = d.dir(&format!("mnt-{id}"));
     d.mount(&["--session", id], &mnt);
     mnt
@@ -276,7 +276,7 @@ fn a_fifo_in_the_exported_tree_does_not_hang_the_daemon() {
         b"a"
     );
     // The daemon still answers.
-    d.json(&["status"]);
+    d.json(&["status", "--json"]);
     host.check(&d, "FIFO in the exported tree");
 }
 
@@ -284,7 +284,7 @@ fn a_fifo_in_the_exported_tree_does_not_hang_the_daemon() {
 fn a_session_directory_replaced_by_a_link_is_never_followed() {
     let d = Daemon::start();
     let host = Host::new(&d);
-    d.json(&["session", "create", "s1"]);
+    d.json(&["session", "create", "s1", "--json"]);
     let dir = d.data.join("sessions/s1");
     fs::write(dir.join("mine"), b"mine").unwrap();
     // Behind the daemon's back: sessions/s1 becomes a link to the host's /etc.

@@ -59,7 +59,9 @@ fn curl(args: &[&str], url: &str) -> (u16, String, Vec<u8>) {
     let status = String::from_utf8_lossy(&out.stdout).parse().unwrap_or(0);
     (
         status,
-        fs::read_to_string(&headers).unwrap_or_default().to_ascii_lowercase(),
+        fs::read_to_string(&headers)
+            .unwrap_or_default()
+            .to_ascii_lowercase(),
         fs::read(&body).unwrap_or_default(),
     )
 }
@@ -80,7 +82,10 @@ fn signed_urls_serve_the_file_with_ranges_and_refuse_what_they_do_not_grant() {
     let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
     fs::write(a.join("outputs/report.pdf"), &data).unwrap();
     let u = url(&d, &["--room", "r1", "outputs/report.pdf"]).unwrap();
-    assert!(u.contains("/v1/files/rooms/r1/outputs/report.pdf?expires="), "{u}");
+    assert!(
+        u.contains("/v1/files/rooms/r1/outputs/report.pdf?expires="),
+        "{u}"
+    );
     // The whole file, with its type, name, ETag and date.
     let (status, h, body) = curl(&[], &u);
     assert_eq!(status, 200, "{h}");
@@ -115,7 +120,10 @@ fn signed_urls_serve_the_file_with_ranges_and_refuse_what_they_do_not_grant() {
     let (status, h, body) = curl(&["-I"], &u);
     assert_eq!(status, 200);
     assert_eq!(header(&h, "content-length"), Some("100000"));
-    assert!(body.len() < 2000 && body.starts_with(b"HTTP/1.1 200"), "{body:?}");
+    assert!(
+        body.len() < 2000 && body.starts_with(b"HTTP/1.1 200"),
+        "{body:?}"
+    );
     // A new version: served at request time, with another ETag.
     fs::write(a.join("outputs/report.pdf"), b"v2").unwrap();
     let (status, h, body) = curl(&[], &u);
@@ -131,7 +139,11 @@ fn signed_urls_serve_the_file_with_ranges_and_refuse_what_they_do_not_grant() {
     let (status, h, _) = curl(&[], &u2);
     assert_eq!(status, 200);
     assert_eq!(header(&h, "content-type"), Some("application/json"));
-    assert!(header(&h, "content-disposition").unwrap().starts_with("attachment;"));
+    assert!(
+        header(&h, "content-disposition")
+            .unwrap()
+            .starts_with("attachment;")
+    );
     // Tampering: another path, a later expiry, another disposition.
     let tampered = [
         u.replace("report.pdf", "data.bin"),
@@ -158,7 +170,13 @@ fn signed_urls_serve_the_file_with_ranges_and_refuse_what_they_do_not_grant() {
     assert!(String::from_utf8_lossy(&body).contains("expired"));
     // With a token, only paths inside its grant.
     let token = issue(keys.path(), &["--room", "r1", "--path", "outputs/:ro"]);
-    assert!(url(&d, &["--room", "r1", "outputs/report.pdf", "--token", &token]).is_ok());
+    assert!(
+        url(
+            &d,
+            &["--room", "r1", "outputs/report.pdf", "--token", &token]
+        )
+        .is_ok()
+    );
     fs::write(a.join("secret.txt"), b"s").unwrap();
     let err = url(&d, &["--room", "r1", "secret.txt", "--token", &token]).unwrap_err();
     assert!(err.contains("outside the token's grant"), "{err}");
@@ -168,7 +186,10 @@ fn signed_urls_serve_the_file_with_ranges_and_refuse_what_they_do_not_grant() {
     let err = url(&d, &["--room", "r1", "../etc/passwd"]).unwrap_err();
     assert!(err.contains(".."), "{err}");
     let err = url(&d, &["--room", "r1", "secret.txt", "--direct"]).unwrap_err();
-    assert!(err.contains("direct URLs come from an object store"), "{err}");
+    assert!(
+        err.contains("direct URLs come from an object store"),
+        "{err}"
+    );
     let err = url(&d, &["--room", "r1", "secret.txt", "--ttl", "30d"]).unwrap_err();
     assert!(err.contains("ttl"), "{err}");
 }

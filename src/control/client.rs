@@ -117,14 +117,30 @@ impl Client {
             Some(value) => Some(serde_json::to_vec(value).map_err(ClientError::protocol)?),
             None => None,
         };
-        let runtime = tokio::runtime::Builder::new_current_thread()
+        let runtime = self.runtime()?;
+        let (status, bytes) = runtime.block_on(self.send(method, path, body))?;
+        decode(status, &bytes)
+    }
+
+    /// A runtime for one blocking call.
+    fn runtime(&self) -> Result<tokio::runtime::Runtime, ClientError> {
+        tokio::runtime::Builder::new_current_thread()
             .enable_io()
             .build()
             .map_err(|error| ClientError::Io {
                 socket: self.socket.clone(),
                 error,
-            })?;
-        runtime.block_on(self.send(method, path, body))
+            })
+    }
+
+    /// `GET /metrics`: the Prometheus text, as served.
+    pub fn metrics(&self) -> Result<String, ClientError> {
+        let runtime = self.runtime()?;
+        let (status, bytes) = runtime.block_on(self.send(Method::GET, "/metrics", None))?;
+        if !status.is_success() {
+            return decode(status, &bytes).map(|_| String::new());
+        }
+        String::from_utf8(bytes.to_vec()).map_err(ClientError::protocol)
     }
 
     async fn send(
@@ -132,7 +148,7 @@ impl Client {
         method: Method,
         path: &str,
         body: Option<Vec<u8>>,
-    ) -> Result<Value, ClientError> {
+    ) -> Result<(StatusCode, Bytes), ClientError> {
         let stream = UnixStream::connect(&self.socket)
             .await
             .map_err(|err| ClientError::connect(&self.socket, err))?;
@@ -162,7 +178,7 @@ impl Client {
             .await
             .map_err(|err| self.hyper_error(err))?
             .to_bytes();
-        decode(status, &bytes)
+        Ok((status, bytes))
     }
 
     /// A hyper failure: an I/O error underneath is reported as such.

@@ -17,6 +17,7 @@
 //! | `POST /v1/storage`             | storage envelope     | the envelope's result         |
 //! | `GET /v1/events?space=rooms/ID&since=SEQ&follow=BOOL&token=JWT` | | NDJSON, stays open ([`crate::events::stream`]) |
 //! | `POST /v1/urls`                | [`UrlRequest`]       | [`SignedUrl`]                 |
+//! | `GET /metrics`                 |                      | Prometheus text (not JSON)    |
 
 pub mod client;
 pub mod server;
@@ -44,6 +45,8 @@ pub trait ControlPlane: Send + Sync + 'static {
     /// The agent SDK's storage envelope: `{"method":"session.get","id":...}` etc.; the result
     /// may be `null`.
     fn storage(&self, envelope: serde_json::Value) -> Result<serde_json::Value, ApiError>;
+    /// The daemon's state for the gauges of `GET /metrics` (counters need nothing from it).
+    fn metrics(&self) -> crate::metrics::Snapshot;
     /// The events of `space` (`rooms/ID` or `sessions/ID`) for a watcher with `token` (only
     /// what its grant shows) or without (everything).
     fn events(&self, space: &str, token: Option<&str>) -> Result<EventSource, ApiError>;
@@ -176,6 +179,9 @@ pub struct MountRequest {
     /// mount point).
     #[serde(default)]
     pub label: Option<String>,
+    /// Mount read-only: every change fails with EROFS (default: read-write).
+    #[serde(default)]
+    pub read_only: Option<bool>,
 }
 
 /// A mount served by the daemon.

@@ -13,6 +13,7 @@ use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::PathRejection;
 use axum::extract::{DefaultBodyLimit, FromRequest, Path as UrlPath, Request, State};
+use axum::http::header::CONTENT_TYPE;
 use axum::http::{Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -124,10 +125,22 @@ fn router(plane: Plane) -> Router {
         .route("/v1/sessions/{id}/end", post(end_session))
         .route("/v1/storage", post(storage))
         .merge(events_router())
+        .merge(metrics_router())
         .fallback(no_such_endpoint)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(plane)
+}
+
+/// `GET /metrics` (Prometheus text), on its own so that another listener (an HTTP port) can
+/// serve it too: `metrics_router().with_state(plane)`.
+pub fn metrics_router() -> Router<Plane> {
+    Router::new().route("/metrics", get(metrics))
+}
+
+async fn metrics(State(plane): State<Plane>) -> ApiResult<Response> {
+    let text = blocking(move || crate::metrics::render(Some(&plane.metrics()))).await?;
+    Ok(([(CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response())
 }
 
 impl IntoResponse for ApiError {

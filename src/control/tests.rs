@@ -133,6 +133,13 @@ impl ControlPlane for Fake {
         }
     }
 
+    fn metrics(&self) -> crate::metrics::Snapshot {
+        crate::metrics::Snapshot {
+            room_mounts: self.mounts.lock().unwrap().len() as u64,
+            sessions: self.sessions.lock().unwrap().len() as u64,
+            ..Default::default()
+        }
+    }
     /// The feed of `space` in [`fake_feed`]; the token `"shared"` grants `shared/` only.
     fn events(&self, space: &str, token: Option<&str>) -> Result<EventSource, ApiError> {
         if !space.starts_with("rooms/") {

@@ -20,6 +20,7 @@ use crate::control::{
 };
 use crate::fs::Limits;
 use crate::grant::Grant;
+use crate::metrics;
 use crate::mount::{self, ActiveMount, MountSpec, Resources};
 use crate::records::RecordStore;
 use crate::space::export::{ExportError, export};
@@ -146,6 +147,7 @@ impl Daemon {
                 sync_on_close: None,
                 passthrough: None,
                 label: m.label,
+                read_only: None,
             };
             if let Err(e) = daemon.mount(req, true) {
                 log::error!(
@@ -294,6 +296,7 @@ impl Daemon {
             records_dir: PathBuf::new(),
             limits: None,
             participant: token_name.or(req.label.clone()),
+            read_only: req.read_only.unwrap_or(false),
         };
         let resources = Resources {
             hub: self.hub.clone(),
@@ -724,6 +727,36 @@ impl ControlPlane for Daemon {
             url: urls::sign(&secret, &base, &grant),
             expires,
         })
+    }
+
+    fn metrics(&self) -> metrics::Snapshot {
+        let mut snapshot = metrics::Snapshot::default();
+        let mut mounted: Vec<SpaceId> = Vec::new();
+        for served in lock(&self.mounts).iter().filter(|s| !s.mount.has_ended()) {
+            let space = &served.mount.space;
+            match space.kind {
+                SpaceKind::Room => snapshot.room_mounts += 1,
+                SpaceKind::Session => snapshot.session_mounts += 1,
+            }
+            if !mounted.contains(space) {
+                mounted.push(space.clone());
+            }
+        }
+        // Usage is counted for spaces with limits (their quota); only mounted ones are shown,
+        // so the `space` label takes as many values as there are mounts.
+        snapshot.spaces = mounted
+            .iter()
+            .filter_map(|space| {
+                let quota = self.hub.get(space)?.quota()?.clone();
+                Some(metrics::SpaceSample {
+                    space: space.rel_dir().to_string_lossy().into_owned(),
+                    usage: quota.usage(),
+                    limits: quota.limits(),
+                })
+            })
+            .collect();
+        snapshot.sessions = self.status().sessions as u64;
+        snapshot
     }
 
     fn storage(&self, envelope: Value) -> Result<Value, ApiError> {

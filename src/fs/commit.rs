@@ -52,8 +52,15 @@ impl Fs {
         }
     }
 
-    /// Commits what `h` changed at the file's current path (see the module docs).
+    /// Commits what `h` changed at the file's current path (see the module docs). Failures
+    /// are counted in the metrics.
     pub(super) fn commit(&self, h: &mut FileHandle, durable: bool) -> FsResult<()> {
+        self.try_commit(h, durable)
+            .inspect_err(crate::metrics::commit_failed)
+    }
+
+    /// [`Fs::commit`], uncounted.
+    fn try_commit(&self, h: &mut FileHandle, durable: bool) -> FsResult<()> {
         if let Some(s) = h.staged().and_then(|s| s.spoiled) {
             let path = read_lock(&self.table).path(h.ino);
             log::warn!(
@@ -138,6 +145,7 @@ impl Fs {
     /// Bookkeeping after `h` committed at `path`: what the kernel's caches of this mount and
     /// the space's other mounts must drop.
     fn committed(&self, h: &FileHandle, path: &Path) {
+        crate::metrics::committed();
         let version = h.base().meta().version.clone();
         let mut opens = lock(&self.opens);
         let others_open = match opens.get_mut(&h.ino) {

@@ -1,11 +1,16 @@
 //! The inode table: kernel inode numbers ↔ entries of the space, kept as a tree of
 //! (parent, name) links so renaming a directory moves everything below it at once.
+//!
+//! A file with hard links has one inode and several names: its first name, and its other
+//! `links`. The kernel must see one inode for all of them (it keeps one page cache and one
+//! set of attributes per inode, and tools tell links apart by inode number), so a name found
+//! to be another link of a file the table knows (same [`FileId`]) joins that inode.
 
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
 use std::path::PathBuf;
 
-use crate::store::Kind;
+use crate::store::{FileId, Kind};
 
 /// A kernel inode number.
 pub type Ino = u64;
@@ -25,6 +30,8 @@ struct Node {
     nlookup: u64,
     /// It took its name over from a superseded inode and has not been opened yet.
     successor: bool,
+    /// Its other names (hard links), besides `parent`/`name`.
+    links: Vec<(Ino, OsString)>,
 }
 
 /// Maps inode numbers to names in the space.
@@ -36,6 +43,8 @@ pub struct InodeTable {
     /// Superseded inodes (see [`InodeTable::supersede`]) that still carry their name (few,
     /// and only for a while).
     aliases: Vec<Ino>,
+    /// The inodes of files known to have several names, by the store's identity of the file.
+    linked: HashMap<FileId, Ino>,
 }
 
 impl Default for InodeTable {
@@ -49,6 +58,7 @@ impl Default for InodeTable {
                 kind: Kind::Dir,
                 nlookup: 1,
                 successor: false,
+                links: Vec::new(),
             },
         );
         InodeTable {
@@ -56,6 +66,7 @@ impl Default for InodeTable {
             children: HashMap::new(),
             next: ROOT + 1,
             aliases: Vec::new(),
+            linked: HashMap::new(),
         }
     }
 }
@@ -114,7 +125,15 @@ impl InodeTable {
 
     /// Records that the kernel now holds a reference to `name` in `parent` (of `kind`),
     /// returning its inode number. An entry whose kind changed behind our back gets a new inode.
-    pub fn remember(&mut self, parent: Ino, name: &OsStr, kind: Kind) -> Ino {
+    /// `linked`: the file has several names and this is its identity: a name of a file the
+    /// table knows joins its inode.
+    pub fn remember(
+        &mut self,
+        parent: Ino,
+        name: &OsStr,
+        kind: Kind,
+        linked: Option<FileId>,
+    ) -> Ino {
         let key = (parent, name.to_os_string());
         if let Some(&ino) = self.children.get(&key) {
             let node = self
@@ -123,9 +142,22 @@ impl InodeTable {
                 .expect("child index points at a node");
             if node.kind == kind {
                 node.nlookup += 1;
+                if let Some(id) = linked {
+                    self.linked.insert(id, ino);
+                }
                 return ino;
             }
             self.detach(parent, name);
+        }
+        if let Some(id) = linked
+            && let Some(&ino) = self.linked.get(&id)
+            && self.nodes.get(&ino).is_some_and(|n| n.kind == kind)
+        {
+            self.add_link(ino, parent, name);
+            if let Some(node) = self.nodes.get_mut(&ino) {
+                node.nlookup += 1;
+            }
+            return ino;
         }
         let ino = self.next;
         self.next += 1;
@@ -138,10 +170,58 @@ impl InodeTable {
                 kind,
                 nlookup: 1,
                 successor,
+                links: Vec::new(),
             },
         );
         self.children.insert(key, ino);
+        if let Some(id) = linked {
+            self.linked.insert(id, ino);
+        }
         ino
+    }
+
+    /// Gives `ino` the further name `name` in `parent` (a hard link just made), with the file
+    /// identity `id`.
+    pub fn link(&mut self, ino: Ino, parent: Ino, name: &OsStr, id: Option<FileId>) {
+        self.add_link(ino, parent, name);
+        if let Some(node) = self.nodes.get_mut(&ino) {
+            node.nlookup += 1;
+        }
+        if let Some(id) = id {
+            self.linked.insert(id, ino);
+        }
+    }
+
+    fn add_link(&mut self, ino: Ino, parent: Ino, name: &OsStr) {
+        let Some(node) = self.nodes.get_mut(&ino) else {
+            return;
+        };
+        if node.parent == DETACHED {
+            // Its last name went: this one is its name now.
+            node.parent = parent;
+            node.name = name.to_os_string();
+        } else if !(node.links.iter().any(|(p, n)| *p == parent && n == name)
+            || node.parent == parent && node.name == name)
+        {
+            node.links.push((parent, name.to_os_string()));
+        }
+        self.children.insert((parent, name.to_os_string()), ino);
+    }
+
+    /// Takes the name `name` in `parent` away from `ino`: another of its names becomes its
+    /// name, or it has none left (detached).
+    fn drop_name(&mut self, ino: Ino, parent: Ino, name: &OsStr) {
+        let Some(node) = self.nodes.get_mut(&ino) else {
+            return;
+        };
+        if node.parent == parent && node.name == name {
+            match node.links.pop() {
+                Some((p, n)) => (node.parent, node.name) = (p, n),
+                None => node.parent = DETACHED,
+            }
+        } else {
+            node.links.retain(|(p, n)| !(*p == parent && n == name));
+        }
     }
 
     /// Gives the name of `ino` up to a new inode (the next lookup of the name makes one), while
@@ -214,11 +294,14 @@ impl InodeTable {
         node.nlookup = node.nlookup.saturating_sub(n);
         if node.nlookup == 0 {
             let node = self.nodes.remove(&ino).expect("present");
-            let key = (node.parent, node.name);
-            if key.0 != DETACHED && self.children.get(&key) == Some(&ino) {
-                self.children.remove(&key);
+            let names = std::iter::once((node.parent, node.name)).chain(node.links);
+            for key in names {
+                if key.0 != DETACHED && self.children.get(&key) == Some(&ino) {
+                    self.children.remove(&key);
+                }
             }
             self.aliases.retain(|&a| a != ino);
+            self.linked.retain(|_, &mut i| i != ino);
         }
     }
 
@@ -226,10 +309,8 @@ impl InodeTable {
     pub fn detach(&mut self, parent: Ino, name: &OsStr) {
         let aliases = self.aliases_at(parent, name);
         self.detach_aliases(&aliases);
-        if let Some(ino) = self.children.remove(&(parent, name.to_os_string()))
-            && let Some(node) = self.nodes.get_mut(&ino)
-        {
-            node.parent = DETACHED;
+        if let Some(ino) = self.children.remove(&(parent, name.to_os_string())) {
+            self.drop_name(ino, parent, name);
         }
     }
 
@@ -249,32 +330,47 @@ impl InodeTable {
             self.aliases_at(parent, name),
             self.aliases_at(new_parent, new_name),
         );
+        if let (Some(ino), false) = (dst, exchange) {
+            self.drop_name(ino, new_parent, new_name);
+        }
         if let Some(ino) = src {
-            self.place(ino, new_parent, new_name);
+            self.place(ino, (parent, name), (new_parent, new_name));
         }
         for &ino in &src_aliases {
             self.rename_node(ino, new_parent, new_name);
         }
         if exchange {
             if let Some(ino) = dst {
-                self.place(ino, parent, name);
+                self.place(ino, (new_parent, new_name), (parent, name));
             }
             for &ino in &dst_aliases {
                 self.rename_node(ino, parent, name);
             }
         } else {
-            if let Some(node) = dst.and_then(|ino| self.nodes.get_mut(&ino)) {
-                node.parent = DETACHED;
-            }
             self.detach_aliases(&dst_aliases);
         }
     }
 
-    fn place(&mut self, ino: Ino, parent: Ino, name: &OsStr) {
-        self.rename_node(ino, parent, name);
-        if self.nodes.contains_key(&ino) {
-            self.children.insert((parent, name.to_os_string()), ino);
+    /// Moves the name `from` of `ino` (its first name or one of its links) to `to`.
+    fn place(&mut self, ino: Ino, from: (Ino, &OsStr), to: (Ino, &OsStr)) {
+        let Some(node) = self.nodes.get_mut(&ino) else {
+            return;
+        };
+        if node.parent == from.0 && node.name == from.1 {
+            node.parent = to.0;
+            node.name = to.1.to_os_string();
+        } else if let Some(link) = node
+            .links
+            .iter_mut()
+            .find(|(p, n)| *p == from.0 && n == from.1)
+        {
+            *link = (to.0, to.1.to_os_string());
+        } else {
+            // Known by another name only (detached meanwhile): this is its name now.
+            node.parent = to.0;
+            node.name = to.1.to_os_string();
         }
+        self.children.insert((to.0, to.1.to_os_string()), ino);
     }
 
     fn rename_node(&mut self, ino: Ino, parent: Ino, name: &OsStr) {
@@ -293,8 +389,8 @@ mod tests {
     #[test]
     fn paths_follow_directory_renames() {
         let mut t = InodeTable::default();
-        let a = t.remember(ROOT, OsStr::new("a"), Kind::Dir);
-        let f = t.remember(a, OsStr::new("f"), Kind::File);
+        let a = t.remember(ROOT, OsStr::new("a"), Kind::Dir, None);
+        let f = t.remember(a, OsStr::new("f"), Kind::File, None);
         assert_eq!(t.path(f).unwrap(), Path::new("a/f"));
         t.rename(ROOT, OsStr::new("a"), ROOT, OsStr::new("b"), false);
         assert_eq!(t.path(f).unwrap(), Path::new("b/f"));
@@ -304,8 +400,8 @@ mod tests {
     #[test]
     fn replaced_and_unlinked_entries_are_detached() {
         let mut t = InodeTable::default();
-        let x = t.remember(ROOT, OsStr::new("x"), Kind::File);
-        let y = t.remember(ROOT, OsStr::new("y"), Kind::File);
+        let x = t.remember(ROOT, OsStr::new("x"), Kind::File, None);
+        let y = t.remember(ROOT, OsStr::new("y"), Kind::File, None);
         t.rename(ROOT, OsStr::new("x"), ROOT, OsStr::new("y"), false);
         assert_eq!(t.path(x).unwrap(), Path::new("y"));
         assert_eq!(t.path(y), None);
@@ -316,22 +412,22 @@ mod tests {
     #[test]
     fn exchange_swaps_and_forget_releases() {
         let mut t = InodeTable::default();
-        let x = t.remember(ROOT, OsStr::new("x"), Kind::File);
-        let y = t.remember(ROOT, OsStr::new("y"), Kind::Dir);
+        let x = t.remember(ROOT, OsStr::new("x"), Kind::File, None);
+        let y = t.remember(ROOT, OsStr::new("y"), Kind::Dir, None);
         t.rename(ROOT, OsStr::new("x"), ROOT, OsStr::new("y"), true);
         assert_eq!(t.path(x).unwrap(), Path::new("y"));
         assert_eq!(t.path(y).unwrap(), Path::new("x"));
-        assert_eq!(t.remember(ROOT, OsStr::new("y"), Kind::File), x);
+        assert_eq!(t.remember(ROOT, OsStr::new("y"), Kind::File, None), x);
         t.forget(x, 2);
         assert_eq!(t.child(ROOT, OsStr::new("y")), None);
-        assert_ne!(t.remember(ROOT, OsStr::new("y"), Kind::File), x);
+        assert_ne!(t.remember(ROOT, OsStr::new("y"), Kind::File, None), x);
     }
 
     #[test]
     fn a_superseded_inode_keeps_its_name_as_an_alias_until_the_name_goes() {
         let mut t = InodeTable::default();
-        let d = t.remember(ROOT, OsStr::new("d"), Kind::Dir);
-        let x = t.remember(d, OsStr::new("f"), Kind::File);
+        let d = t.remember(ROOT, OsStr::new("d"), Kind::Dir, None);
+        let x = t.remember(d, OsStr::new("f"), Kind::File, None);
         t.supersede(x);
         assert!(t.is_superseded(x));
         assert_eq!(
@@ -339,7 +435,7 @@ mod tests {
             None,
             "the next lookup makes a new inode"
         );
-        let y = t.remember(d, OsStr::new("f"), Kind::File);
+        let y = t.remember(d, OsStr::new("f"), Kind::File, None);
         assert_ne!(x, y);
         assert!(t.is_unopened_successor(y));
         assert!(t.first_open_of_successor(y));
@@ -361,8 +457,8 @@ mod tests {
         t.supersede(y);
         t.detach(d, OsStr::new("g"));
         assert_eq!(t.path(y), None);
-        let z = t.remember(d, OsStr::new("h"), Kind::File);
-        let w = t.remember(d, OsStr::new("i"), Kind::File);
+        let z = t.remember(d, OsStr::new("h"), Kind::File, None);
+        let w = t.remember(d, OsStr::new("i"), Kind::File, None);
         t.supersede(z);
         t.rename(d, OsStr::new("i"), d, OsStr::new("h"), false);
         assert_eq!(t.path(z), None);

@@ -239,6 +239,7 @@ fn unix_secs() -> u64 {
 /// Logs a refused operation and returns its errno (EACCES, also under read-only prefixes).
 fn deny(op: &str, path: &Path, why: &dyn std::fmt::Display) -> Errno {
     log::info!("denied {op} {:?}: {why}", path);
+    crate::metrics::denied();
     Errno::EACCES
 }
 
@@ -371,7 +372,11 @@ impl Fs {
     }
 
     fn remember(&self, parent: Ino, name: &OsStr, meta: &Meta) -> Attr {
-        let ino = write_lock(&self.table).remember(parent, name, meta.kind);
+        // A name of a file with several: the kernel must see one inode for all of them.
+        let linked = meta
+            .file_id
+            .filter(|_| meta.nlink > 1 && meta.kind != Kind::Dir);
+        let ino = write_lock(&self.table).remember(parent, name, meta.kind, linked);
         self.as_open(Attr::new(ino, meta))
     }
 

@@ -4,7 +4,7 @@ use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
-use super::{Attr, Caller, Errno, Fs, FsResult, Ino, NAME_MAX, deny, lock, write_lock};
+use super::{Attr, Caller, Errno, Fs, FsResult, Ino, NAME_MAX, deny, lock, read_lock, write_lock};
 use crate::events::Changed;
 use crate::grant::Access;
 use crate::space::claims::Span;
@@ -173,6 +173,14 @@ impl Fs {
             RenameMode::Replace => self.store.stat(&to).ok(),
             _ => None,
         };
+        if let Some(target) = replaced
+            .as_ref()
+            .filter(|t| t.nlink > 1 && t.file_id.is_some())
+            && self.store.stat(&from)?.file_id == target.file_id
+        {
+            // Two names of one file: POSIX says rename does nothing.
+            return Ok(());
+        }
         self.store.rename(&from, &to, mode)?;
         if let Some(meta) = replaced {
             self.released(&meta);
@@ -201,17 +209,41 @@ impl Fs {
     }
 
     /// A hard link `new_name` in `new_parent` to `ino`, where the store keeps them (else
-    /// EPERM; EACCES first where the grant forbids either name).
+    /// `EPERM`). Both names must be writable under the grant (`EACCES`), and governed by the
+    /// same granted prefix: a link may not carry a file across the grant's boundaries
+    /// (`EXDEV`, as across filesystems: tools copy instead). The new name joins `ino` (one
+    /// inode for all names of a file).
     pub fn link(&self, ino: Ino, new_parent: Ino, new_name: &OsStr) -> FsResult<Attr> {
-        let from = self.path(ino)?;
-        let (to, _claim) = self.claim_child(new_parent, new_name)?;
+        let (from, to, _claim) = loop {
+            let from = self.path(ino)?;
+            let to = self.child_path(new_parent, new_name)?;
+            let claim = self
+                .space
+                .claim(&[(&from, Span::Entry), (&to, Span::Entry)]);
+            let same = read_lock(&self.table).path(ino).as_ref() == Some(&from)
+                && self.child_path(new_parent, new_name).as_ref() == Ok(&to);
+            if same {
+                break (from, to, claim);
+            }
+        };
         self.allow("link", &from, Access::Write)?;
         self.allow("link to", &to, Access::Write)?;
         if !self.store.capabilities().hard_links {
             return Err(Errno::EPERM);
         }
+        let grant = &self.options.grant;
+        if !grant.same_rule(from.as_os_str().as_bytes(), to.as_os_str().as_bytes()) {
+            let _ = deny("link", &to, &"it would carry the file across the grant");
+            return Err(Errno(libc::EXDEV));
+        }
         let meta = self.creating(|| Ok(self.store.link(&from, &to)?))?;
-        self.publish(Changed::file(&to, meta.size));
-        Ok(self.remember(new_parent, new_name, &meta))
+        if let Some(q) = self.space.quota() {
+            // Usage counts the bytes of every name, as a count of the space does.
+            let _ = q.resize(0, meta.size);
+        }
+        write_lock(&self.table).link(ino, new_parent, new_name, meta.file_id);
+        // Another name: the file's link count changed too.
+        self.publish_all(&[Changed::attributes(&from), Changed::file(&to, meta.size)]);
+        Ok(self.as_open(Attr::new(ino, &meta)))
     }
 }

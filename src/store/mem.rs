@@ -251,6 +251,7 @@ impl Node {
             ctime: self.ctime,
             rdev: 0,
             version,
+            file_id: None,
             volatile: false,
         }
     }

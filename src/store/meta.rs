@@ -149,6 +149,7 @@ impl MetaOverlay {
             ctime: now,
             rdev: 0,
             version,
+            file_id: None,
             volatile,
         })
     }

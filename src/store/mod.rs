@@ -91,6 +91,11 @@ impl Version {
     }
 }
 
+/// The identity of a stored file across its names (hard links): equal for every name of one
+/// file, whatever version it holds. Opaque.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FileId(pub u64, pub u64);
+
 /// Attributes of a stored entry.
 #[derive(Clone, Debug)]
 pub struct Meta {
@@ -108,6 +113,8 @@ pub struct Meta {
     pub rdev: u64,
     /// Which committed version these attributes are of.
     pub version: Version,
+    /// Which file this is, where the store keeps hard links (`None` otherwise).
+    pub file_id: Option<FileId>,
     /// Generated on demand (the `.meta` view): the kernel must not cache its attributes.
     pub volatile: bool,
 }

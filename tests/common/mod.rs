@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod daemon;
+pub mod s3;
 
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;

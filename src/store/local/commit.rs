@@ -1,5 +1,8 @@
 //! How the local store commits: the choreography behind [`Store::commit`](crate::store::Store).
 //!
+//! - A file with several names (hard links) is rewritten in place from the working copy,
+//!   with a redo marker like a patch's, so every name keeps showing the one file (readers that
+//!   have it open read it as it is rewritten, as on a local disk).
 //! - A whole working copy is swapped in by exchanging names (`renameat2(RENAME_EXCHANGE)`):
 //!   readers of the old version keep its file, the staging name then holds the old version,
 //!   which is removed (in the background when large). Where the filesystem cannot exchange,
@@ -25,7 +28,7 @@ use std::time::Duration;
 use super::append::{AppendMark, append_in_place};
 use super::at::At;
 use super::content::{LocalContent, LocalCopy, fstat};
-use super::patch::{PATCH_MIN, Patch, PatchMark, patch_in_place};
+use super::patch::{PATCH_MIN, Patch, PatchMark, RewriteMark, patch_in_place, rewrite_in_place};
 use super::{APPEND_TURNS, LocalStore, chown_file, copy_xattrs, renameat2};
 use crate::store::{
     Change, CommitRequest, Committed, Content, StoreError, StoreResult, WorkingCopy, copy_range,
@@ -117,6 +120,9 @@ impl LocalStore {
         if current.st_mode & libc::S_IFMT != libc::S_IFREG {
             return Err(StoreError::errno(libc::EISDIR));
         }
+        if current.st_nlink > 1 {
+            return self.commit_linked(&target, path, copy, durable, followed);
+        }
         // The new content takes over the identity (mode, owner) of the file it replaces.
         use std::os::unix::fs::PermissionsExt;
         let perm = std::fs::Permissions::from_mode(current.st_mode & 0o7777);
@@ -149,6 +155,40 @@ impl LocalStore {
         Ok(Committed {
             content: self.content(file, st),
             replaced_size: current.st_size as u64,
+            followed,
+        })
+    }
+
+    /// Commits `copy` into a file with several names (hard links, or an in-place change's
+    /// marker): rewritten in place, so that every name keeps showing the one file.
+    fn commit_linked(
+        &self,
+        target: &At,
+        path: &Path,
+        copy: &LocalCopy,
+        durable: bool,
+        followed: bool,
+    ) -> StoreResult<Committed> {
+        let replaced_size = target.stat()?.st_size as u64;
+        let marker = |mark: &RewriteMark| self.staging.new_name(|n| mark.name(n));
+        let file = rewrite_in_place(
+            target,
+            &copy.file,
+            &copy.name,
+            self.staging.dir(),
+            marker,
+            durable,
+        )?;
+        if durable && let Err(e) = self.sync_dir_of(path) {
+            log::error!(
+                "committed {} but could not sync its directory: {e}",
+                path.display()
+            );
+        }
+        let st = fstat(&file)?;
+        Ok(Committed {
+            content: self.content(file, st),
+            replaced_size,
             followed,
         })
     }

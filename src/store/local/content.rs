@@ -13,7 +13,9 @@ use nix::errno::Errno;
 use nix::fcntl::{FallocateFlags, fallocate};
 
 use super::staging::StagingArea;
-use crate::store::{Content, CopyStat, Kind, LocalFile, Meta, Version, WorkingCopy, off_t_range};
+use crate::store::{
+    Content, CopyStat, FileId, Kind, LocalFile, Meta, Version, WorkingCopy, off_t_range,
+};
 
 /// Committed content backed by an open local file, with its attributes read once.
 pub struct LocalContent {
@@ -229,6 +231,7 @@ pub fn meta_of(st: &libc::stat) -> Meta {
         mtime: time(st.st_mtime, st.st_mtime_nsec),
         ctime: time(st.st_ctime, st.st_ctime_nsec),
         version: Version::from_words([st.st_dev, st.st_ino, ctime_ns, st.st_size as u64]),
+        file_id: Some(FileId(st.st_dev, st.st_ino)),
         volatile: false,
     }
 }

@@ -348,7 +348,7 @@ fn chmod_at(at: &At, perm: u16, flags: libc::c_int) -> io::Result<()> {
 impl Store for LocalStore {
     fn capabilities(&self) -> Capabilities {
         Capabilities {
-            hard_links: false,
+            hard_links: true,
             special_files: true,
             in_place_append: true,
             ranged_commits_from: (!self.no_patches.load(Ordering::Relaxed)).then_some(PATCH_MIN),
@@ -459,9 +459,22 @@ impl Store for LocalStore {
         Ok(renameat2(&self.at(from)?, &self.at(to)?, flags)?)
     }
 
-    fn link(&self, _from: &Path, _to: &Path) -> StoreResult<Meta> {
-        // A commit replaces a file's content by a new file, which would split linked names.
-        Err(StoreError::errno(libc::EPERM))
+    fn link(&self, from: &Path, to: &Path) -> StoreResult<Meta> {
+        let (from, to) = (self.at(from)?, self.at(to)?);
+        if from.stat()?.st_mode & libc::S_IFMT == libc::S_IFDIR {
+            return Err(StoreError::errno(libc::EPERM));
+        }
+        // SAFETY: valid descriptors and NUL-terminated names; the source is not followed.
+        check(unsafe {
+            libc::linkat(
+                from.dir(),
+                from.name().as_ptr(),
+                to.dir(),
+                to.name().as_ptr(),
+                0,
+            )
+        })?;
+        Ok(meta_of(&to.stat()?))
     }
 
     fn symlink(&self, target: &Path, path: &Path, owner: Owner) -> StoreResult<Meta> {

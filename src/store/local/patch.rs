@@ -355,6 +355,142 @@ pub fn target_name(file: &File) -> String {
         .unwrap_or_else(|_| "a file".into())
 }
 
+/// What a rewrite marker records: the new size (see [`rewrite_in_place`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RewriteMark {
+    pub to: u64,
+}
+
+impl RewriteMark {
+    const PREFIX: &'static str = "rewrite-";
+
+    /// The file marker's name (`n` keeps names unique within a staging area).
+    pub fn name(&self, n: u64) -> String {
+        format!("{}{}-{n}", Self::PREFIX, self.to)
+    }
+
+    pub fn parse(name: &str) -> Option<RewriteMark> {
+        let mut parts = name.strip_prefix(Self::PREFIX)?.splitn(2, '-');
+        let to = parts.next()?.parse().ok()?;
+        parts.next()?.parse::<u64>().ok()?;
+        Some(RewriteMark { to })
+    }
+}
+
+/// Rewrites the committed file `target` in place with the whole content of the working copy
+/// `staged` (named `staged_name` in `staging`): the commit of a file with several names (hard
+/// links), which must stay one file. As crash-safe as a patch (redo, see the module docs):
+/// the working copy and the file get marker links in the staging area before the first byte
+/// changes, and a process starting later finishes the rewrite from them. Waits for an append
+/// or patch under way on the file (its `flock`). Readers that have the file open read it as it
+/// is rewritten, as on a local disk; readers opening meanwhile wait for it. Returns the file.
+pub fn rewrite_in_place(
+    target: &At,
+    staged: &File,
+    staged_name: &str,
+    staging: &Dir,
+    marker: impl FnOnce(&RewriteMark) -> String,
+    durable: bool,
+) -> io::Result<File> {
+    let file = target.open(libc::O_RDWR | libc::O_NONBLOCK, 0)?;
+    if !file.metadata()?.is_file() {
+        return Err(io::Error::from_raw_os_error(libc::EISDIR));
+    }
+    // SAFETY: a valid descriptor; flock touches no memory.
+    while unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EINTR) {
+            return Err(e);
+        }
+    }
+    let to = staged.metadata()?.len();
+    let mark = RewriteMark { to };
+    let marker = marker(&mark);
+    let data = PatchMark::data_name(&marker);
+    let remove = |name: &str| {
+        let c = CString::new(name).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        // SAFETY: a valid descriptor and a NUL-terminated name.
+        check(unsafe { libc::unlinkat(staging.as_raw_fd(), c.as_ptr(), 0) })
+    };
+    let result = (|| {
+        link_in(staging, staged_name, &data)?;
+        if let Err(e) = link_open_file(&file, staging, &marker) {
+            let _ = remove(&data);
+            return Err(e);
+        }
+        if durable {
+            staged.sync_data()?;
+            staging.sync()?;
+        }
+        rewrite(&file, staged, to)?;
+        if durable {
+            file.sync_all()?;
+        }
+        remove(&marker)?;
+        remove(&data)?;
+        if durable {
+            staging.sync()?;
+        }
+        Ok(())
+    })();
+    // SAFETY: as above.
+    unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_UN) };
+    if let Err(e) = &result {
+        log::error!(
+            "rewrite of {} failed ({e}); the next start finishes it",
+            target_name(&file)
+        );
+    }
+    result.map(|()| file)
+}
+
+/// Makes `file` hold exactly the `to` bytes of `staged`: its data copied, its holes punched
+/// (or zeroed), its length and mtime.
+fn rewrite(file: &File, staged: &File, to: u64) -> io::Result<()> {
+    let mut at = 0;
+    for (offset, len) in data_extents(staged, to)? {
+        zero_range(file, at, offset - at)?;
+        copy_file_range(staged, file, offset, len)?;
+        at = offset + len;
+    }
+    zero_range(file, at, to.saturating_sub(at))?;
+    file.set_len(to)?;
+    copy_mtime(staged, file)
+}
+
+/// Makes `offset..offset + len` of `file` read as zeros (a hole where possible).
+fn zero_range(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    if len == 0 {
+        return Ok(());
+    }
+    let flags = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+    // SAFETY: a valid descriptor; fallocate touches no memory.
+    let ret = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            flags,
+            offset as libc::off_t,
+            len as libc::off_t,
+        )
+    };
+    if ret == 0 {
+        return Ok(());
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() != Some(libc::EOPNOTSUPP) {
+        return Err(e);
+    }
+    use std::os::unix::fs::FileExt;
+    let zeros = vec![0u8; len.min(1 << 20) as usize];
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(zeros.len() as u64) as usize;
+        file.write_all_at(&zeros[..n], offset + done)?;
+        done += n as u64;
+    }
+    Ok(())
+}
+
 /// Finishes the patches a dead process left unfinished in its staging directory `dir`;
 /// returns how many it finished. Markers whose working copy link is missing were never
 /// started (the file marker comes second) and are dropped.
@@ -402,6 +538,39 @@ pub fn finish_unfinished(dir: &Dir) -> usize {
                 );
             }
             Err(e) => log::error!("could not finish an interrupted patch commit ({e})"),
+        }
+    }
+    for (mark, marker) in markers(dir, RewriteMark::parse) {
+        let data = PatchMark::data_name(&marker);
+        let remove = |name: &str| {
+            if let Ok(at) = dir.at(Path::new(name)) {
+                // SAFETY: a valid descriptor and a NUL-terminated name.
+                let _ = unsafe { libc::unlinkat(at.dir(), at.name().as_ptr(), 0) };
+            }
+        };
+        let Ok(staged) = open_in(dir, &data, libc::O_RDONLY | libc::O_NONBLOCK) else {
+            remove(&marker); // never started: the file marker comes second
+            continue;
+        };
+        let result = (|| {
+            let file = open_in(dir, &marker, libc::O_WRONLY | libc::O_NONBLOCK)?;
+            if !file.metadata()?.is_file() || !staged.metadata()?.is_file() {
+                return Err(io::Error::from_raw_os_error(libc::EINVAL));
+            }
+            rewrite(&file, &staged, mark.to)?;
+            file.sync_all()
+        })();
+        match result {
+            Ok(()) => {
+                finished += 1;
+                remove(&marker);
+                remove(&data);
+                log::warn!(
+                    "finished the rewrite of a linked file interrupted by a crash ({} bytes)",
+                    mark.to
+                );
+            }
+            Err(e) => log::error!("could not finish an interrupted rewrite ({e})"),
         }
     }
     finished

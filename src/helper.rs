@@ -1,0 +1,555 @@
+//! The mount helper: `mount -t fuse.roomfs room:r1 /srv/r1 -o data_dir=/var/lib/roomfs` and
+//! `/etc/fstab` lines.
+//!
+//! How mount(8) gets here: for type `fuse.roomfs`, libmount runs `/sbin/mount.fuse.roomfs`
+//! (installed as a link to the roomfs binary; without it, fuse3's generic `mount.fuse` would be
+//! used) as `mount.fuse.roomfs SOURCE MOUNTPOINT [-sfnv] -o OPTIONS`, where OPTIONS always
+//! holds `rw` or `ro` and what the user gave, minus `x-*`, `noauto` and `defaults`. It waits
+//! for the helper to exit and reports its exit status. So the helper must come back once the
+//! mount exists, while the mount goes on being served:
+//!
+//! - with `daemon` (or `socket=PATH`), the running `roomfs serve` is asked to serve the mount
+//!   over its control socket, as `roomfs mount --daemon` does: one process for all mounts,
+//!   with its metrics and sessions. `umount` ends the mount and the daemon forgets it.
+//! - otherwise a `roomfs mount` is started in the background in its own session; it tells the
+//!   helper over a pipe that the mount is up (or why it failed), and exits by itself when the
+//!   mount is unmounted (`umount`, `systemctl stop`), committing open files first.
+//!
+//! The choice is the operator's, not guessed: a mount meant for the daemon never silently
+//! runs elsewhere with other settings.
+//!
+//! Exit statuses follow mount(8): 1 for a bad invocation or option, 32 when mounting failed.
+//! Errors are one line on stderr.
+
+use std::ffi::OsString;
+use std::io::{BufRead, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use crate::control::client::Client;
+use crate::control::{DEFAULT_SOCKET, MountRequest};
+use crate::space::{SpaceId, SpaceKind};
+
+/// Names the binary answers to as a mount helper (`/sbin/mount.fuse.roomfs`).
+pub const HELPER_NAMES: [&str; 1] = ["mount.fuse.roomfs"];
+
+/// The environment variable naming the pipe a background `roomfs mount` reports on.
+pub const READY_FD_ENV: &str = "ROOMFS_READY_FD";
+
+/// Exit status for a bad invocation (mount(8)'s "incorrect invocation or permissions").
+const EXIT_USAGE: i32 = 1;
+/// Exit status for a mount that failed.
+const EXIT_MOUNT_FAILED: i32 = 32;
+
+/// Whether the program was started as the mount helper.
+pub fn is_helper(argv0: &str) -> bool {
+    let name = Path::new(argv0)
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("");
+    HELPER_NAMES.contains(&name)
+}
+
+/// What mount(8) passed.
+#[derive(Debug, PartialEq)]
+struct Invocation {
+    source: String,
+    mountpoint: PathBuf,
+    options: Vec<String>,
+    /// `-f`: check everything, mount nothing.
+    fake: bool,
+    /// `-s`: ignore options roomfs does not know.
+    sloppy: bool,
+    verbose: bool,
+}
+
+fn parse_invocation(args: &[String]) -> Result<Invocation, String> {
+    let mut positional = Vec::new();
+    let mut options = Vec::new();
+    let (mut fake, mut sloppy, mut verbose) = (false, false, false);
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "-o" => {
+                let opts = it.next().ok_or("-o needs a list of options")?;
+                options.extend(opts.split(',').filter(|o| !o.is_empty()).map(str::to_owned));
+            }
+            "-t" => {
+                let t = it.next().ok_or("-t needs a type")?;
+                if t != "fuse.roomfs" {
+                    return Err(format!("this helper mounts fuse.roomfs, not {t}"));
+                }
+            }
+            "-f" => fake = true,
+            "-s" => sloppy = true,
+            "-v" => verbose = true,
+            "-n" => {} // no mtab: roomfs writes none
+            "-N" => return Err("mounting in another namespace (-N) is not supported".into()),
+            a if a.starts_with('-') && a.len() > 1 => {
+                return Err(format!("unknown flag {a}"));
+            }
+            _ => positional.push(arg.clone()),
+        }
+    }
+    let [source, mountpoint] = <[String; 2]>::try_from(positional).map_err(|p| {
+        format!(
+            "expected SOURCE and MOUNTPOINT (as in `mount -t fuse.roomfs room:ID /mnt`), got {} \
+             arguments",
+            p.len()
+        )
+    })?;
+    Ok(Invocation {
+        source,
+        mountpoint: PathBuf::from(mountpoint),
+        options,
+        fake,
+        sloppy,
+        verbose,
+    })
+}
+
+/// Who serves the mount.
+#[derive(Debug, PartialEq)]
+enum Server {
+    /// A `roomfs mount` in the background, with these `roomfs mount` flags.
+    Background {
+        flags: Vec<OsString>,
+        /// Where its log goes (else: the helper's stderr unless that is a terminal).
+        log: Option<PathBuf>,
+    },
+    /// The running daemon at this socket.
+    Daemon { socket: PathBuf },
+}
+
+/// A mount as the options describe it.
+#[derive(Debug, PartialEq)]
+struct Plan {
+    space: SpaceId,
+    grants: Vec<String>,
+    read_only: bool,
+    sync_on_close: bool,
+    passthrough: bool,
+    /// Who the mount's changes are made by, in events.
+    label: Option<String>,
+    server: Server,
+}
+
+/// Options mount(8) or the user may give that mean nothing to roomfs, and are ignored as every
+/// filesystem ignores them: scheduling (`auto`, `_netdev`, `nofail`), who may mount (`user`)
+/// and flags roomfs mounts always have or that cost nothing to accept (`nodev`, `nosuid`).
+fn ignored(option: &str) -> bool {
+    const IGNORED: [&str; 20] = [
+        "defaults", "rw", "auto", "noauto", "user", "users", "nouser", "owner", "group", "nofail",
+        "_netdev", "dev", "nodev", "suid", "nosuid", "exec", "async", "atime", "noatime",
+        "relatime",
+    ];
+    IGNORED.contains(&option) || option.starts_with("x-") || option.starts_with("comment=")
+}
+
+/// Reads the source and options; `sloppy` ignores unknown options instead of refusing them.
+fn plan(source: &str, options: &[String], sloppy: bool) -> Result<Plan, String> {
+    let space = match source.split_once(':') {
+        Some(("room", id)) => SpaceId::new(SpaceKind::Room, id)?,
+        Some(("session", id)) => SpaceId::new(SpaceKind::Session, id)?,
+        _ => {
+            return Err(format!(
+                "source {source:?} must be room:ID or session:ID (e.g. room:r1)"
+            ));
+        }
+    };
+    let mut grants = Vec::new();
+    let (mut read_only, mut sync_on_close, mut passthrough) = (false, false, true);
+    let mut daemon = false;
+    let mut socket = None;
+    let mut flags: Vec<OsString> = Vec::new();
+    let mut standalone_only = Vec::new();
+    let mut log = None;
+    let mut label = None;
+    for option in options {
+        let (name, value) = match option.split_once('=') {
+            Some((n, v)) => (n, Some(v)),
+            None => (option.as_str(), None),
+        };
+        let need = |v: Option<&str>| {
+            v.filter(|v| !v.is_empty())
+                .map(str::to_owned)
+                .ok_or_else(|| format!("option {name} needs a value ({name}=...)"))
+        };
+        match name {
+            "grant" => {
+                let v = need(value)?;
+                grants.extend(v.split('+').map(str::to_owned));
+            }
+            "ro" if value.is_none() => read_only = true,
+            "sync_on_close" if value.is_none() => sync_on_close = true,
+            "no_passthrough" if value.is_none() => passthrough = false,
+            "daemon" if value.is_none() => daemon = true,
+            "label" => label = Some(need(value)?),
+            "socket" => {
+                daemon = true;
+                socket = Some(PathBuf::from(need(value)?));
+            }
+            "data_dir" | "records_dir" | "cache_ttl" | "threads" => {
+                let v = need(value)?;
+                flags.push(format!("--{}", name.replace('_', "-")).into());
+                flags.push(v.into());
+                standalone_only.push(name);
+            }
+            "log" => {
+                log = Some(PathBuf::from(need(value)?));
+                standalone_only.push(name);
+            }
+            _ if value.is_none() && ignored(name) => {}
+            _ if option.starts_with("x-") || option.starts_with("comment=") => {}
+            _ if sloppy => log::warn!("ignoring unknown option {option}"),
+            _ => {
+                return Err(format!(
+                    "unknown option {option:?} (roomfs knows data_dir=, grant=PATH:ro|rw, ro, \
+                     sync_on_close, no_passthrough, cache_ttl=, threads=, records_dir=, log=, \
+                     label=, daemon, socket=)"
+                ));
+            }
+        }
+    }
+    crate::grant::Grant::parse_cli(&grants).map_err(|e| format!("grant: {e}"))?;
+    let server = if daemon {
+        if let Some(name) = standalone_only.first() {
+            return Err(format!(
+                "option {name}= is for mounts served in the background; with daemon, set it in \
+                 the daemon's config"
+            ));
+        }
+        Server::Daemon {
+            socket: socket.unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET)),
+        }
+    } else {
+        Server::Background { flags, log }
+    };
+    Ok(Plan {
+        space,
+        grants,
+        read_only,
+        sync_on_close,
+        passthrough,
+        label,
+        server,
+    })
+}
+
+/// The `roomfs mount` arguments that serve `plan` at `mountpoint` in the foreground.
+fn mount_args(plan: &Plan, flags: &[OsString], mountpoint: &Path) -> Vec<OsString> {
+    let mut args: Vec<OsString> = vec!["mount".into()];
+    args.extend(flags.iter().cloned());
+    args.push(format!("--{}", plan.space.kind.noun()).into());
+    args.push(plan.space.id.clone().into());
+    for g in &plan.grants {
+        args.push("--grant".into());
+        args.push(g.into());
+    }
+    if plan.read_only {
+        args.push("--read-only".into());
+    }
+    if plan.sync_on_close {
+        args.push("--sync-on-close".into());
+    }
+    if !plan.passthrough {
+        args.push("--no-passthrough".into());
+    }
+    if let Some(label) = &plan.label {
+        args.push("--label".into());
+        args.push(label.into());
+    }
+    args.push(mountpoint.into());
+    args
+}
+
+/// The API request that asks the daemon for `plan` at `mountpoint`.
+fn mount_request(plan: &Plan, mountpoint: &Path) -> MountRequest {
+    let (room, session) = match plan.space.kind {
+        SpaceKind::Room => (Some(plan.space.id.clone()), None),
+        SpaceKind::Session => (None, Some(plan.space.id.clone())),
+    };
+    MountRequest {
+        mountpoint: mountpoint.to_string_lossy().into_owned(),
+        room,
+        session,
+        grant: plan.grants.clone(),
+        token: None,
+        sync_on_close: plan.sync_on_close.then_some(true),
+        passthrough: (!plan.passthrough).then_some(false),
+        read_only: plan.read_only.then_some(true),
+        label: plan.label.clone(),
+    }
+}
+
+/// Runs the helper with mount(8)'s arguments (without the program name); returns the exit
+/// status after printing any error as one line.
+pub fn main(args: &[String]) -> i32 {
+    let invocation = match parse_invocation(args) {
+        Ok(i) => i,
+        Err(e) => return fail(EXIT_USAGE, &e),
+    };
+    let plan = match plan(&invocation.source, &invocation.options, invocation.sloppy) {
+        Ok(p) => p,
+        Err(e) => return fail(EXIT_USAGE, &e),
+    };
+    let mountpoint = match invocation.mountpoint.canonicalize() {
+        Ok(p) => p,
+        Err(e) => {
+            return fail(
+                EXIT_USAGE,
+                &format!("mount point {}: {e}", invocation.mountpoint.display()),
+            );
+        }
+    };
+    if invocation.verbose {
+        eprintln!(
+            "mount.fuse.roomfs: mounting {} at {} ({:?})",
+            plan.space,
+            mountpoint.display(),
+            plan.server
+        );
+    }
+    if invocation.fake {
+        return 0;
+    }
+    let served = match &plan.server {
+        Server::Daemon { socket } => Client::new(socket)
+            .add_mount(&mount_request(&plan, &mountpoint))
+            .map(drop)
+            .map_err(|e| e.to_string()),
+        Server::Background { flags, log } => {
+            in_background(&mount_args(&plan, flags, &mountpoint), log.as_deref())
+        }
+    };
+    match served {
+        Ok(()) => 0,
+        Err(e) => fail(EXIT_MOUNT_FAILED, &e),
+    }
+}
+
+fn fail(status: i32, message: &str) -> i32 {
+    eprintln!("mount.fuse.roomfs: {message}");
+    status
+}
+
+/// Starts `roomfs ARGS` in its own session with a pipe to report on, and waits until it says
+/// the mount is up (or why not).
+fn in_background(args: &[OsString], log: Option<&Path>) -> Result<(), String> {
+    use std::io::IsTerminal;
+    use std::os::unix::process::CommandExt;
+    use std::process::{Command, Stdio};
+
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find the roomfs binary: {e}"))?;
+    let (read_end, write_end): (OwnedFd, OwnedFd) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+            .map_err(|e| format!("cannot create a pipe: {e}"))?;
+    let stderr = match log {
+        Some(path) => Stdio::from(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|e| format!("cannot open the log {}: {e}", path.display()))?,
+        ),
+        // Under systemd the helper's stderr is the journal: the server logs there. A person
+        // at a terminal gets the prompt back, not log lines later.
+        None if std::io::stderr().is_terminal() => Stdio::null(),
+        None => Stdio::inherit(),
+    };
+    let ready_fd = write_end.as_raw_fd();
+    let mut cmd = Command::new(exe);
+    cmd.args(args)
+        .env(READY_FD_ENV, ready_fd.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(stderr);
+    // SAFETY: between fork and exec only async-signal-safe calls: setsid (a session of its own,
+    // so the server outlives the terminal and mount(8)) and fcntl (the pipe survives exec).
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setsid() == -1 || libc::fcntl(ready_fd, libc::F_SETFD, 0) == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| format!("cannot start the roomfs server: {e}"))?;
+    drop(write_end);
+    let mut line = String::new();
+    let read = std::io::BufReader::new(std::fs::File::from(read_end)).read_line(&mut line);
+    match line.trim_end().split_once(' ') {
+        _ if line.trim_end() == "ok" => Ok(()),
+        Some(("error", message)) => {
+            let _ = child.wait();
+            Err(message.to_string())
+        }
+        _ => {
+            let status = child.wait().map(|s| s.to_string()).unwrap_or_default();
+            Err(format!(
+                "the roomfs server exited before mounting ({status}{}); see its log",
+                read.err().map(|e| format!(", {e}")).unwrap_or_default()
+            ))
+        }
+    }
+}
+
+/// The pipe a background `roomfs mount` reports on, from [`READY_FD_ENV`]: `ok` once the mount
+/// is up, or `error MESSAGE`.
+pub struct ReadyPipe(std::fs::File);
+
+impl ReadyPipe {
+    /// Takes the pipe named by the environment, if any (and removes the variable, so nothing
+    /// started later inherits it).
+    pub fn from_env() -> Option<ReadyPipe> {
+        let fd: i32 = std::env::var(READY_FD_ENV).ok()?.parse().ok()?;
+        // SAFETY: not thread-safe in general; called at start-up, before threads exist.
+        unsafe { std::env::remove_var(READY_FD_ENV) };
+        // Only a pipe is taken over: a stale number never closes some other descriptor.
+        let stat = nix::sys::stat::fstat(unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) });
+        if !stat.is_ok_and(|s| s.st_mode & libc::S_IFMT == libc::S_IFIFO) {
+            return None;
+        }
+        // SAFETY: the helper passed this descriptor for us alone; it is an open pipe.
+        Some(ReadyPipe(unsafe {
+            <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd)
+        }))
+    }
+
+    /// The mount is up.
+    pub fn ok(mut self) {
+        let _ = self.0.write_all(b"ok\n");
+    }
+
+    /// The mount failed with `message`.
+    pub fn fail(mut self, message: &str) {
+        let _ = writeln!(self.0, "error {}", message.replace('\n', " "));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn strings(s: &[&str]) -> Vec<String> {
+        s.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn invocations_as_mount_passes_them() {
+        let i = parse_invocation(&strings(&[
+            "room:r1",
+            "/srv/r1",
+            "-v",
+            "-o",
+            "rw,data_dir=/d,_netdev",
+        ]))
+        .unwrap();
+        assert_eq!(i.source, "room:r1");
+        assert_eq!(i.mountpoint, PathBuf::from("/srv/r1"));
+        assert_eq!(i.options, strings(&["rw", "data_dir=/d", "_netdev"]));
+        assert!(i.verbose && !i.fake && !i.sloppy);
+        assert!(parse_invocation(&strings(&["room:r1"])).is_err());
+        assert!(parse_invocation(&strings(&["a", "b", "-t", "fuse.other"])).is_err());
+        assert!(parse_invocation(&strings(&["a", "b", "-o"])).is_err());
+        assert!(parse_invocation(&strings(&["a", "b", "-N", "x"])).is_err());
+    }
+
+    #[test]
+    fn options_map_to_a_background_mount() {
+        let p = plan(
+            "room:r1",
+            &strings(&[
+                "rw",
+                "data_dir=/var/lib/roomfs",
+                "grant=inputs/:ro+outputs/:rw",
+                "grant=logs/:rw",
+                "sync_on_close",
+                "cache_ttl=5",
+                "_netdev",
+                "nofail",
+                "x-systemd.requires=roomfs.service",
+            ]),
+            false,
+        )
+        .unwrap();
+        assert_eq!(
+            p.grants,
+            strings(&["inputs/:ro", "outputs/:rw", "logs/:rw"])
+        );
+        assert!(p.sync_on_close && !p.read_only && p.passthrough);
+        let Server::Background { flags, log } = &p.server else {
+            panic!("{p:?}")
+        };
+        assert_eq!(log, &None);
+        let args = mount_args(&p, flags, Path::new("/srv/r1"));
+        let args: Vec<_> = args.iter().map(|a| a.to_str().unwrap()).collect();
+        assert_eq!(
+            args,
+            [
+                "mount",
+                "--data-dir",
+                "/var/lib/roomfs",
+                "--cache-ttl",
+                "5",
+                "--room",
+                "r1",
+                "--grant",
+                "inputs/:ro",
+                "--grant",
+                "outputs/:rw",
+                "--grant",
+                "logs/:rw",
+                "--sync-on-close",
+                "/srv/r1"
+            ]
+        );
+    }
+
+    #[test]
+    fn daemon_mounts_go_through_the_socket() {
+        let p = plan(
+            "session:s1",
+            &strings(&["ro", "socket=/run/x.sock", "no_passthrough"]),
+            false,
+        )
+        .unwrap();
+        assert_eq!(
+            p.server,
+            Server::Daemon {
+                socket: PathBuf::from("/run/x.sock")
+            }
+        );
+        let req = mount_request(&p, Path::new("/m"));
+        assert_eq!(req.session.as_deref(), Some("s1"));
+        assert_eq!(req.read_only, Some(true));
+        assert_eq!(req.passthrough, Some(false));
+        let p = plan("room:r", &strings(&["daemon"]), false).unwrap();
+        assert_eq!(
+            p.server,
+            Server::Daemon {
+                socket: PathBuf::from(DEFAULT_SOCKET)
+            }
+        );
+    }
+
+    #[test]
+    fn bad_options_are_one_clear_line() {
+        let err = |source: &str, opts: &[&str]| plan(source, &strings(opts), false).unwrap_err();
+        assert!(err("r1", &[]).contains("room:ID or session:ID"));
+        assert!(err("room:../x", &[]).contains("invalid room id"));
+        assert!(err("room:r", &["bogus=1"]).contains("unknown option \"bogus=1\""));
+        assert!(err("room:r", &["grant"]).contains("grant needs a value"));
+        assert!(err("room:r", &["daemon", "data_dir=/d"]).contains("daemon's config"));
+        assert!(err("room:r", &["noexec"]).contains("unknown option"));
+        for e in [err("room:r", &["bogus"]), err("x", &[])] {
+            assert_eq!(e.lines().count(), 1, "{e}");
+        }
+        // -s (sloppy) ignores what roomfs does not know.
+        assert!(plan("room:r", &strings(&["bogus=1"]), true).is_ok());
+        assert!(is_helper("/sbin/mount.fuse.roomfs"));
+        assert!(!is_helper("/usr/bin/roomfs"));
+    }
+}
