@@ -11,9 +11,11 @@
 //! readers keep the version they opened, and its pages stay theirs.
 //!
 //! A move made elsewhere is applied to this mount's inode table when it knows the entry and
-//! the directory it moved to: the inode keeps its identity under its new name, as for a move
-//! made here, so a file this mount has open for writing is committed under the new name, and
-//! the kernel, looking the names up again, finds the same inodes (and their cached pages).
+//! the directory it moved to, and nothing under the new name: the inode keeps its identity
+//! under its new name, as for a move made here, so a file this mount has open for writing is
+//! committed under the new name, and the kernel, looking the names up again, finds the same
+//! inodes (and their cached pages). Otherwise (and for exchanges) both names are looked up
+//! again.
 //!
 //! [`Space::changed`]: crate::space::Space::changed
 
@@ -96,9 +98,15 @@ impl Fs {
         let (src, dst) = {
             let mut table = write_lock(&self.table);
             let (src, dst) = (table.resolve(from), table.resolve(to));
-            if let (Some((src_parent, Some(_))), Some((dst_parent, _))) = (src, dst) {
-                // Both ends known: the inodes follow their names, as for a move made here.
-                table.rename(src_parent, from_name, dst_parent, to_name, exchange);
+            // The entry and the directory it went to are known, and nothing under the new
+            // name: the inode follows its name, as for a move made here. An inode known under
+            // the new name may be the moved file itself, looked up since the move (a lookup
+            // races with hearing of it), so then, as for an exchange, the kernel just looks
+            // both names up again.
+            if let (Some((src_parent, Some(_))), Some((dst_parent, None))) = (src, dst)
+                && !exchange
+            {
+                table.rename(src_parent, from_name, dst_parent, to_name, false);
             }
             (src, dst)
         };
