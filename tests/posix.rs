@@ -88,6 +88,33 @@ fn a_reader_open_before_a_truncating_writer_keeps_the_whole_old_version() {
 }
 
 #[test]
+fn a_reader_keeps_its_version_while_later_readers_read_the_new_one() {
+    let m = Mounted::room();
+    // Below and above the size from which readers are handed to the kernel (passthrough).
+    for size in [256 << 10, 8 << 20] {
+        fs::write(m.p("doc"), vec![b'a'; size]).unwrap();
+        let mut early = File::open(m.p("doc")).unwrap();
+        let mut head = vec![0; 4096];
+        early.read_exact(&mut head).unwrap();
+        // A whole new version is committed, then read whole by a later reader: the kernel's
+        // page cache of the file now holds the new version.
+        fs::write(m.p("doc"), vec![b'b'; size]).unwrap();
+        assert_eq!(fs::read(m.p("doc")).unwrap(), vec![b'b'; size]);
+        let mut rest = Vec::new();
+        early.read_to_end(&mut rest).unwrap();
+        head.extend(rest);
+        assert!(
+            head.len() == size && head.iter().all(|&c| c == b'a'),
+            "{size} bytes: the early reader saw {} of the new version's bytes",
+            head.iter().filter(|&&c| c == b'b').count()
+        );
+        // Once it is gone, readers share the page cache again, of the new version.
+        drop(early);
+        assert_eq!(fs::read(m.p("doc")).unwrap(), vec![b'b'; size]);
+    }
+}
+
+#[test]
 fn a_handle_reads_its_own_writes() {
     let m = Mounted::room();
     fs::write(m.p("f"), b"0123456789").unwrap();

@@ -99,7 +99,12 @@ impl Fs {
                 (!alone, keep, alone, passing)
             } else {
                 state.readers += 1;
-                if state.writers > 0 {
+                // Readers of another version read through the page cache: dropping it (as an
+                // open without `keep_cache` does) would show them this version's pages where
+                // they miss. This reader reads directly until they are gone.
+                let others_cached_another =
+                    state.cached_readers > 0 && state.cached_version.as_ref() != Some(&version);
+                if state.writers > 0 || others_cached_another {
                     (true, false, false, passing)
                 } else {
                     let keep = state.cached_version.as_ref() == Some(&version);
