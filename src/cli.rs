@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::control::client::{Client, ClientError};
 use crate::control::{
-    DEFAULT_SOCKET, EndSessionRequest, MountRequest, SessionRequest, UnmountRequest,
+    DEFAULT_SOCKET, EndSessionRequest, MountRequest, SessionRequest, UnmountRequest, UrlRequest,
 };
 use crate::daemon::{self, Config};
 use crate::fs::Limits;
@@ -56,6 +56,70 @@ pub enum Command {
     /// Read and write agent records (through the daemon), as the agent SDK's storage does.
     #[command(subcommand)]
     Records(RecordsCommand),
+    /// Print a space's events as NDJSON (through the daemon): those retained after --since,
+    /// then, with --follow, each new one as it happens.
+    Events(EventsArgs),
+    /// Print a URL that downloads a file without credentials until it expires (served by the
+    /// daemon's http_listen).
+    Url(UrlArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct EventsArgs {
+    /// The room whose events to print.
+    #[arg(
+        long,
+        value_name = "ID",
+        conflicts_with = "session",
+        required_unless_present = "session"
+    )]
+    pub room: Option<String>,
+    /// The session whose events to print.
+    #[arg(long, value_name = "ID")]
+    pub session: Option<String>,
+    /// Print the events after this seq (0: every event retained). A seq older than what is
+    /// retained first prints an `events.gap` line.
+    #[arg(long, value_name = "SEQ", default_value_t = 0)]
+    pub since: u64,
+    /// Keep printing new events as they happen (until interrupted).
+    #[arg(long)]
+    pub follow: bool,
+    /// Only the events of paths inside this token's grant.
+    #[arg(long, value_name = "JWT")]
+    pub token: Option<String>,
+    #[command(flatten)]
+    pub socket: SocketArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct UrlArgs {
+    /// The room holding the file.
+    #[arg(
+        long,
+        value_name = "ID",
+        conflicts_with = "session",
+        required_unless_present = "session"
+    )]
+    pub room: Option<String>,
+    /// The session holding the file.
+    #[arg(long, value_name = "ID")]
+    pub session: Option<String>,
+    /// The file, relative to the space's root (e.g. outputs/report.pdf).
+    pub path: String,
+    /// Make browsers download the file instead of showing it.
+    #[arg(long)]
+    pub attachment: bool,
+    /// How long the URL works: 30s, 15m, 1h, up to 7d.
+    #[arg(long, value_name = "DURATION", default_value = "15m")]
+    pub ttl: String,
+    /// Issue the URL only if this token's grant covers the path.
+    #[arg(long, value_name = "JWT")]
+    pub token: Option<String>,
+    /// A URL of the object store itself (presigned), for rooms on S3.
+    #[arg(long)]
+    pub direct: bool,
+    #[command(flatten)]
+    pub socket: SocketArgs,
 }
 
 #[derive(Args, Debug)]
@@ -257,6 +321,10 @@ pub struct MountArgs {
     /// next request while requests stream, which cuts request latency on VMs; 0 turns both off.
     #[arg(long, value_name = "MICROSECONDS", default_value_t = 1000)]
     pub poll_window_us: u64,
+    /// Who this mount's changes are made by, in events (default: the token's name, else the
+    /// mount point).
+    #[arg(long, value_name = "NAME")]
+    pub label: Option<String>,
     /// Ask the daemon (`roomfs serve`) to serve this mount instead of serving it here.
     #[arg(long)]
     pub daemon: bool,
@@ -320,6 +388,8 @@ pub fn run(cli: Cli) -> Result<(), String> {
         }
         Command::Session(cmd) => session(cmd),
         Command::Records(cmd) => records(cmd),
+        Command::Events(args) => events(&args),
+        Command::Url(args) => url(&args),
         Command::Token(TokenCommand::Issue(args)) => {
             println!("{}", issue_token(&args)?);
             Ok(())
@@ -409,6 +479,7 @@ fn mount_via_daemon(args: &MountArgs) -> Result<(), String> {
         token: args.token.clone(),
         sync_on_close: args.sync_on_close.then_some(true),
         passthrough: args.no_passthrough.then_some(false),
+        label: args.label.clone(),
         read_only: args.read_only.then_some(true),
     };
     let info = Client::new(&args.socket)
@@ -554,8 +625,9 @@ fn issue_token(args: &TokenIssueArgs) -> Result<String, String> {
     token::issue(&secret, &args.name, &args.room, &grant, ttl).map_err(|e| e.to_string())
 }
 
-/// The space and grant of a mount: from a verified token, or from --room/--session and --grant.
-fn space_and_grant(args: &MountArgs) -> Result<(SpaceId, Grant), String> {
+/// The space and grant of a mount: from a verified token (with the token's name), or from
+/// --room/--session and --grant.
+fn space_and_grant(args: &MountArgs) -> Result<(SpaceId, Grant, Option<String>), String> {
     if let Some(tok) = &args.token {
         let secret_file = args
             .secret_file
@@ -576,7 +648,8 @@ fn space_and_grant(args: &MountArgs) -> Result<(SpaceId, Grant), String> {
                 "token refused: it is for room {room:?}, not {wanted:?}"
             ));
         }
-        return Ok((SpaceId::new(SpaceKind::Room, &room)?, verified.grant));
+        let room = SpaceId::new(SpaceKind::Room, &room)?;
+        return Ok((room, verified.grant, verified.name));
     }
     let space = match (&args.room, &args.session) {
         (Some(id), None) => SpaceId::new(SpaceKind::Room, id)?,
@@ -584,11 +657,11 @@ fn space_and_grant(args: &MountArgs) -> Result<(SpaceId, Grant), String> {
         _ => return Err("give exactly one of --room ID or --session ID".into()),
     };
     let grant = Grant::parse_cli(&args.grants).map_err(|e| format!("--grant: {e}"))?;
-    Ok((space, grant))
+    Ok((space, grant, None))
 }
 
 fn mount_spec(args: MountArgs) -> Result<MountSpec, String> {
-    let (space, grant) = space_and_grant(&args)?;
+    let (space, grant, token_name) = space_and_grant(&args)?;
     if !(args.cache_ttl.is_finite() && (0.0..=3600.0).contains(&args.cache_ttl)) {
         return Err(format!(
             "--cache-ttl must be between 0 and 3600 seconds, not {}",
@@ -614,6 +687,7 @@ fn mount_spec(args: MountArgs) -> Result<MountSpec, String> {
         threads: args.threads,
         poll_window: Duration::from_micros(args.poll_window_us.min(1_000_000)),
         grant,
+        participant: token_name.or(args.label),
         read_only: args.read_only,
     })
 }
@@ -649,6 +723,52 @@ fn unmount(args: &UnmountArgs) -> Result<(), String> {
         )),
         None => Err(format!("{} is not a mount point", path.display())),
     }
+}
+
+/// `--room` or `--session` as a space.
+fn space_of(room: &Option<String>, session: &Option<String>) -> Result<SpaceId, String> {
+    match (room, session) {
+        (Some(id), None) => SpaceId::new(SpaceKind::Room, id),
+        (None, Some(id)) => SpaceId::new(SpaceKind::Session, id),
+        _ => Err("give exactly one of --room ID or --session ID".into()),
+    }
+}
+
+fn events(args: &EventsArgs) -> Result<(), String> {
+    use std::io::Write;
+    let space = space_of(&args.room, &args.session)?;
+    let path = format!(
+        "/v1/events?space={}&since={}&follow={}",
+        crate::control::client::encode_segment(&space.name()),
+        args.since,
+        args.follow
+    );
+    let mut out = std::io::stdout().lock();
+    client(&args.socket)
+        .stream_lines(&path, args.token.as_deref(), |line| {
+            // Stops when the reader goes away (a closed pipe).
+            out.write_all(line).is_ok() && out.write_all(b"\n").is_ok() && out.flush().is_ok()
+        })
+        .map_err(|e| e.to_string())
+}
+
+fn url(args: &UrlArgs) -> Result<(), String> {
+    let space = space_of(&args.room, &args.session)?;
+    let ttl = token::parse_duration(&args.ttl).map_err(|e| format!("--ttl: {e}"))?;
+    let req = UrlRequest {
+        room: (space.kind == SpaceKind::Room).then(|| space.id.clone()),
+        session: (space.kind == SpaceKind::Session).then(|| space.id.clone()),
+        path: args.path.clone(),
+        attachment: args.attachment,
+        ttl_secs: Some(ttl.as_secs()),
+        token: args.token.clone(),
+        direct: args.direct,
+    };
+    let signed = client(&args.socket)
+        .sign_url(&req)
+        .map_err(|e| e.to_string())?;
+    println!("{}", signed.url);
+    Ok(())
 }
 
 /// A command-line mistake as one line: what is wrong, clap's tip if it has one, and which

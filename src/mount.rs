@@ -45,6 +45,9 @@ pub struct MountSpec {
     pub records_dir: PathBuf,
     /// Limits of the space; `None` reads those recorded for a session by the daemon.
     pub limits: Option<Limits>,
+    /// Who the mount's changes are made by, in events (the token's name or the mount's
+    /// label); `None`: the mount point.
+    pub participant: Option<String>,
     /// A read-only mount (the kernel refuses every change with EROFS).
     pub read_only: bool,
 }
@@ -285,6 +288,10 @@ impl ActiveMount {
                 grant,
                 links_anywhere: spec.grant.is_full(),
                 passthrough: spec.passthrough,
+                participant: match &spec.participant {
+                    Some(p) => p.as_str().into(),
+                    None => mountpoint.to_string_lossy().into(),
+                },
             },
         ));
         fs.watch_space();

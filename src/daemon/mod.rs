@@ -4,6 +4,7 @@
 pub mod config;
 
 use std::collections::HashMap;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant, SystemTime};
@@ -14,8 +15,8 @@ use signal_hook::consts::{SIGINT, SIGTERM};
 pub use config::Config;
 
 use crate::control::{
-    ApiError, ControlPlane, EndReport, EndSessionRequest, MountInfo, MountRequest, SessionInfo,
-    SessionRequest, Status, UnmountRequest,
+    ApiError, ControlPlane, EndReport, EndSessionRequest, EventSource, MountInfo, MountRequest,
+    SessionInfo, SessionRequest, SignedUrl, Status, UnmountRequest, UrlRequest,
 };
 use crate::fs::Limits;
 use crate::grant::Grant;
@@ -111,7 +112,11 @@ impl Daemon {
             )
         })?);
         let poller = crate::poll::Poller::start(Duration::from_micros(config.poll_window_us));
-        let hub = Arc::new(Hub::new(local, Some(records.clone())));
+        let hub = Arc::new(Hub::with_retention(
+            local,
+            Some(records.clone()),
+            config.event_retention,
+        ));
         let daemon = Arc::new_cyclic(|me| Daemon {
             config,
             data_dir,
@@ -141,6 +146,7 @@ impl Daemon {
                 token: m.token,
                 sync_on_close: None,
                 passthrough: None,
+                label: m.label,
                 read_only: None,
             };
             if let Err(e) = daemon.mount(req, true) {
@@ -159,8 +165,56 @@ impl Daemon {
         &self.socket
     }
 
-    /// The space and grant a mount request names, from a verified token or from its fields.
-    fn resolve(&self, req: &MountRequest) -> Result<(SpaceId, Grant), ApiError> {
+    /// The secret tokens and URLs are signed with (400 without `secret_file`).
+    fn secret(&self, for_what: &str) -> Result<Vec<u8>, ApiError> {
+        let secret_file = self.config.secret_file.as_ref().ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "this daemon has no secret_file configured: it cannot {for_what}"
+            ))
+        })?;
+        token::read_secret_file(secret_file).map_err(ApiError::internal)
+    }
+
+    /// The grant a token gives in `space` (401 if it is refused, or for another space).
+    fn token_grant(&self, tok: &str, space: &SpaceId) -> Result<Grant, ApiError> {
+        let secret = self.secret("verify tokens")?;
+        let verified = token::verify(tok, &secret)
+            .map_err(|e| ApiError::new(401, format!("token refused: {e}")))?;
+        match (&verified.room, space.kind) {
+            (Some(room), SpaceKind::Room) if *room == space.id => Ok(verified.grant),
+            (Some(room), _) => Err(ApiError::new(
+                401,
+                format!(
+                    "token refused: it is for room {room:?}, not {}",
+                    space.name()
+                ),
+            )),
+            (None, _) => Err(ApiError::new(401, "token refused: it names no room")),
+        }
+    }
+
+    /// The listener for download URLs (`http_listen`), bound; `None` when not configured.
+    pub fn http_listener(&self) -> Result<Option<std::net::TcpListener>, String> {
+        let Some(addr) = &self.config.http_listen else {
+            return Ok(None);
+        };
+        std::net::TcpListener::bind(addr)
+            .map(Some)
+            .map_err(|e| format!("cannot listen for downloads on {addr}: {e}"))
+    }
+
+    /// What the download listener serves with.
+    pub fn downloads(&self) -> Result<crate::urls::http::Downloads, String> {
+        let secret = self.secret("sign URLs").map_err(|e| e.message)?;
+        Ok(crate::urls::http::Downloads {
+            secret,
+            hub: self.hub.clone(),
+        })
+    }
+
+    /// The space and grant a mount request names, from a verified token (with the token's
+    /// name) or from its fields.
+    fn resolve(&self, req: &MountRequest) -> Result<(SpaceId, Grant, Option<String>), ApiError> {
         if let Some(tok) = &req.token {
             let secret_file = self.config.secret_file.as_ref().ok_or_else(|| {
                 ApiError::bad_request(
@@ -187,7 +241,7 @@ impl Daemon {
                 ));
             }
             let space = SpaceId::new(SpaceKind::Room, &room).map_err(ApiError::bad_request)?;
-            return Ok((space, verified.grant));
+            return Ok((space, verified.grant, verified.name));
         }
         let space = match (&req.room, &req.session) {
             (Some(id), None) => SpaceId::new(SpaceKind::Room, id),
@@ -197,7 +251,7 @@ impl Daemon {
         .map_err(ApiError::bad_request)?;
         let grant = Grant::parse_cli(&req.grant)
             .map_err(|e| ApiError::bad_request(format!("grant: {e}")))?;
-        Ok((space, grant))
+        Ok((space, grant, None))
     }
 
     /// The limits of `space`: the configured room limits, or the session's recorded ones.
@@ -224,7 +278,7 @@ impl Daemon {
     }
 
     fn mount(&self, req: MountRequest, from_config: bool) -> Result<MountInfo, ApiError> {
-        let (space, grant) = self.resolve(&req)?;
+        let (space, grant, token_name) = self.resolve(&req)?;
         let mountpoint = PathBuf::from(&req.mountpoint);
         if !mountpoint.is_absolute() {
             return Err(ApiError::bad_request("mountpoint must be an absolute path"));
@@ -241,6 +295,7 @@ impl Daemon {
             grant,
             records_dir: PathBuf::new(),
             limits: None,
+            participant: token_name.or(req.label.clone()),
             read_only: req.read_only.unwrap_or(false),
         };
         let resources = Resources {
@@ -556,6 +611,124 @@ impl ControlPlane for Daemon {
         })
     }
 
+    fn events(&self, space: &str, token: Option<&str>) -> Result<EventSource, ApiError> {
+        let id = SpaceId::parse(space).map_err(ApiError::bad_request)?;
+        let grant = token.map(|t| self.token_grant(t, &id)).transpose()?;
+        let feed = self.hub.feed(&id).map_err(|e| {
+            if e.raw_os_error() == Some(libc::ENOENT) {
+                ApiError::not_found(format!("no {id}"))
+            } else {
+                internal(&format!("opening the events of {id}"), e)
+            }
+        })?;
+        Ok(EventSource {
+            feed,
+            space: id.name(),
+            grant,
+        })
+    }
+
+    fn sign_url(&self, req: UrlRequest) -> Result<SignedUrl, ApiError> {
+        use crate::urls::{self, Disposition};
+        let space = match (&req.room, &req.session) {
+            (Some(id), None) => SpaceId::new(SpaceKind::Room, id),
+            (None, Some(id)) => SpaceId::new(SpaceKind::Session, id),
+            _ => Err("give exactly one of \"room\" or \"session\"".to_string()),
+        }
+        .map_err(ApiError::bad_request)?;
+        let path = space_relative(&req.path)?;
+        urls::check_path(&path)
+            .map_err(|e| ApiError::bad_request(format!("{:?}: {e}", req.path)))?;
+        let ttl = Duration::from_secs(req.ttl_secs.unwrap_or(urls::DEFAULT_TTL.as_secs()));
+        if ttl.is_zero() || ttl > urls::MAX_TTL {
+            return Err(ApiError::bad_request(format!(
+                "ttl must be between 1 second and {} days",
+                urls::MAX_TTL.as_secs() / 86400
+            )));
+        }
+        if let Some(tok) = &req.token {
+            let grant = self.token_grant(tok, &space)?;
+            if grant
+                .check(path.as_os_str().as_bytes(), crate::grant::Access::Read)
+                .is_err()
+            {
+                return Err(ApiError::new(
+                    403,
+                    format!("{} is outside the token's grant", path.display()),
+                ));
+            }
+        }
+        let store = self.hub.download_store(&space).map_err(|e| {
+            if e.raw_os_error() == Some(libc::ENOENT) {
+                ApiError::not_found(format!("no {space}"))
+            } else {
+                internal(&format!("opening {space}"), e)
+            }
+        })?;
+        match store.stat(&path) {
+            Ok(m) if m.kind == crate::store::Kind::File => {}
+            Ok(_) => {
+                return Err(ApiError::bad_request(format!(
+                    "{} is not a file",
+                    path.display()
+                )));
+            }
+            Err(e) if e.raw_os_error() == libc::ENOENT => {
+                return Err(ApiError::not_found(format!(
+                    "no file at {} in {space}",
+                    path.display()
+                )));
+            }
+            Err(e) => return Err(internal(&format!("looking at {}", path.display()), e)),
+        }
+        let disposition = if req.attachment {
+            Disposition::Attachment
+        } else {
+            Disposition::Inline
+        };
+        let expires = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs())
+            + ttl.as_secs();
+        if req.direct {
+            let presigner = self.hub.presigner(&space).ok_or_else(|| {
+                ApiError::conflict(format!(
+                    "direct URLs come from an object store; {space} is stored on this host's \
+                     disk (leave out --direct to get a URL this daemon serves)"
+                ))
+            })?;
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let url = presigner
+                .presign_get(&path, ttl, disposition, &name)
+                .map_err(|e| internal("presigning the URL", e))?;
+            return Ok(SignedUrl { url, expires });
+        }
+        let base = match (&self.config.http_public_url, &self.config.http_listen) {
+            (Some(url), _) => url.clone(),
+            (None, Some(addr)) => format!("http://{addr}"),
+            (None, None) => {
+                return Err(ApiError::conflict(
+                    "this daemon serves no downloads: set http_listen (or http_public_url, \
+                     when another daemon sharing the secret serves them) in its configuration",
+                ));
+            }
+        };
+        let secret = self.secret("sign URLs")?;
+        let grant = urls::Grant {
+            space,
+            path,
+            expires,
+            disposition,
+        };
+        Ok(SignedUrl {
+            url: urls::sign(&secret, &base, &grant),
+            expires,
+        })
+    }
+
     fn metrics(&self) -> metrics::Snapshot {
         let mut snapshot = metrics::Snapshot::default();
         let mut mounted: Vec<SpaceId> = Vec::new();
@@ -621,6 +794,16 @@ pub fn serve(config: Config) -> Result<(), String> {
             return Err(e.to_string());
         }
     };
+    let http = match daemon
+        .http_listener()
+        .and_then(|h| h.map(|h| Ok((h, daemon.downloads()?))).transpose())
+    {
+        Ok(h) => h,
+        Err(e) => {
+            daemon.shutdown();
+            return Err(e);
+        }
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -634,14 +817,32 @@ pub fn serve(config: Config) -> Result<(), String> {
             let _ = stop_tx.send(());
         }
     });
+    let plane: Arc<dyn ControlPlane> = daemon.clone();
+    // Downloads stop with the control API.
+    let (http_stop_tx, http_stop_rx) = tokio::sync::oneshot::channel::<()>();
+    if let Some((http, downloads)) = http {
+        let downloads = Arc::new(downloads);
+        let addr = http
+            .local_addr()
+            .map_or_else(|_| "?".into(), |a| a.to_string());
+        runtime.spawn(async move {
+            let stopped = async {
+                let _ = http_stop_rx.await;
+            };
+            if let Err(e) = crate::urls::http::serve(http, downloads, stopped).await {
+                log::error!("the download listener failed: {e}");
+            }
+        });
+        log::info!("serving download URLs on http://{addr}");
+    }
     log::info!("serving the control API on {}", daemon.socket().display());
     if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
         log::debug!("sd_notify: {e}");
     }
-    let plane: Arc<dyn ControlPlane> = daemon.clone();
     let served = runtime.block_on(crate::control::server::serve(listener, plane, async {
         let _ = stop_rx.await;
     }));
+    let _ = http_stop_tx.send(());
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     signal_handle.close();
     daemon.shutdown();

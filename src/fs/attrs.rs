@@ -2,6 +2,7 @@
 
 use super::handle::{FileHandle, Mode};
 use super::{Attr, AttrChanges, Errno, Fs, FsResult, Ino, Tid, lock, read_lock};
+use crate::events::Changed;
 use crate::grant::Access;
 use crate::store::Kind;
 
@@ -76,7 +77,7 @@ impl Fs {
         if any {
             let (path, _claim) = self.claim_path(ino).ok_or(Errno::ENOENT)?;
             self.store.set_attr(&path, attr)?;
-            self.publish(&path);
+            self.publish(Changed::attributes(&path));
         }
         if attr.atime.is_some() || attr.mtime.is_some() {
             // Writers with uncommitted changes set them again after their commit.

@@ -12,6 +12,7 @@ use std::path::Path;
 
 use super::handle::{FileHandle, Pending};
 use super::{Fs, FsResult, Tid, closers, lock, read_lock};
+use crate::events::Changed;
 use crate::store::{Change, CommitRequest};
 
 /// The most bytes an appender's working copy may hold for them to be appended to a version
@@ -180,7 +181,7 @@ impl Fs {
                 kernel.data_changed(h.ino);
             }
         }
-        self.publish(path);
+        self.publish(Changed::file(path, h.committed_size()));
     }
 
     /// Commits every open handle's pending changes (on shutdown).

@@ -57,6 +57,7 @@ use passthrough::Window;
 pub use passthrough::{Backing, PASSTHROUGH_MIN};
 pub use quota::{Limits, Quota, Usage};
 
+use crate::events::Changed;
 use crate::grant::Grant;
 use crate::space::claims::{Claim, Span};
 use crate::space::hub::WatcherId;
@@ -80,6 +81,9 @@ pub struct FsOptions {
     pub links_anywhere: bool,
     /// Let the kernel read large files from the disk directly (see `passthrough`).
     pub passthrough: bool,
+    /// Who this mount's changes are made by, in events: the token's name, the mount's label,
+    /// or its mount point.
+    pub participant: Arc<str>,
 }
 
 /// Attributes of an inode as shown to programs.
@@ -329,9 +333,15 @@ impl Fs {
         }
     }
 
-    /// Tells the space's other mounts that `path` changed through this one.
-    fn publish(&self, path: &Path) {
-        self.space.changed(path, self.watcher.get().copied());
+    /// Tells the space (its other mounts, its feed) of a change made through this mount.
+    fn publish(&self, change: Changed) {
+        self.publish_all(&[change]);
+    }
+
+    /// [`Fs::publish`] of several changes, in order.
+    fn publish_all(&self, changes: &[Changed]) {
+        let by = self.watcher.get().copied();
+        self.space.changed(changes, &self.options.participant, by);
     }
 
     /// Runs `create` holding one reserved entry of the quota (released if it fails).

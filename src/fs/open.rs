@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use super::handle::{FileHandle, Mode};
 use super::passthrough::Passing;
 use super::{Attr, Caller, Errno, Fs, FsResult, Ino, Opened, Tid, lock, read_lock, write_lock};
+use crate::events::Changed;
 use crate::grant::Access;
 use crate::store::{Content, Kind};
 
@@ -192,7 +193,7 @@ impl Fs {
         drop(claim);
         let meta = match created {
             Ok(meta) => {
-                self.publish(&path);
+                self.publish(Changed::file(&path, meta.size));
                 meta
             }
             Err(e) if e == Errno::EEXIST && flags & libc::O_EXCL == 0 => {

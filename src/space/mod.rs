@@ -56,6 +56,22 @@ impl SpaceId {
         })
     }
 
+    /// A space by its name in events and URLs, `rooms/<id>` or `sessions/<id>`.
+    pub fn parse(name: &str) -> Result<SpaceId, String> {
+        match name.trim_end_matches('/').split_once('/') {
+            Some(("rooms", id)) => SpaceId::new(SpaceKind::Room, id),
+            Some(("sessions", id)) => SpaceId::new(SpaceKind::Session, id),
+            _ => Err(format!(
+                "{name:?} names no space: use rooms/ID or sessions/ID"
+            )),
+        }
+    }
+
+    /// The space's name in events and URLs: `rooms/<id>` or `sessions/<id>`.
+    pub fn name(&self) -> String {
+        format!("{}/{}", self.kind.dir(), self.id)
+    }
+
     /// The space's directory relative to the data dir: `rooms/<id>` or `sessions/<id>`.
     pub fn rel_dir(&self) -> PathBuf {
         PathBuf::from(self.kind.dir()).join(&self.id)
