@@ -192,8 +192,10 @@ impl Fs {
             new_name,
             mode == RenameMode::Exchange,
         );
-        drop(claim);
+        // Published before the names are let go: a commit to the old name by another mount
+        // in between would otherwise reach the other mounts before they hear of the move.
         self.publish_all(&self.renamed(&from, &to, mode));
+        drop(claim);
         Ok(())
     }
 
