@@ -334,7 +334,10 @@ fn logs_are_compacted_to_what_retention_keeps_and_followers_read_on() {
     // one comes back), starting after what it dropped.
     let text = std::fs::read_to_string(&log).unwrap();
     let header: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
-    assert!(header["base_seq"].as_u64().unwrap() > 0, "compacted: {header}");
+    assert!(
+        header["base_seq"].as_u64().unwrap() > 0,
+        "compacted: {header}"
+    );
     let lines = text.lines().count();
     assert!(
         lines <= 17,
