@@ -28,6 +28,9 @@ pub struct FuseAdapter {
     gate: Arc<ReaderGate>,
     /// Handles open through this mount, for the metrics.
     handles: FuseHandles,
+    /// The kernel leaves clearing set-IDs on write, truncate and chown to the mount (see
+    /// `init`).
+    kills_set_ids: bool,
 }
 
 /// Reads and writes above this size may take a while: another thread reads requests meanwhile.
@@ -48,6 +51,7 @@ impl FuseAdapter {
             poller,
             gate,
             handles: FuseHandles::default(),
+            kills_set_ids: false,
         }
     }
 
@@ -282,6 +286,12 @@ impl Filesystem for FuseAdapter {
                 log::debug!("kernel does not offer {flag:?}");
             }
         }
+        // The mount clears set-user/group-IDs where a write, truncate or chown must: the kernel
+        // then marks checked inodes `S_NOSEC` instead of asking for `security.capability`
+        // before every write (a round trip each).
+        self.kills_set_ids = config
+            .add_capabilities(InitFlags::FUSE_HANDLE_KILLPRIV_V2)
+            .is_ok();
         if self.fs.wants_passthrough() {
             // Depth 1: backing files on a plain filesystem, and roomfs may itself be a lower
             // layer of an overlayfs.
@@ -351,6 +361,11 @@ impl Filesystem for FuseAdapter {
                 mtime: time_spec(mtime),
             },
             by: req.pid(),
+            // As the kernel would otherwise: a truncate by an unprivileged process, and any
+            // chown of a file, clear its set-IDs.
+            drop_set_ids: self.kills_set_ids
+                && ((size.is_some() && req.uid() != 0)
+                    || ((uid.is_some() || gid.is_some()) && mode.is_none())),
         };
         match self.fs.setattr(ino.0, fh.map(|f| f.0), &changes) {
             Ok(a) => reply.attr(&self.ttl(&a), &self.attr(&a)),
@@ -451,6 +466,15 @@ impl Filesystem for FuseAdapter {
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let _turn = self.turn(FuseOp::Open, false);
         let opened = self.fs.open(ino.0, flags.0, req.pid());
+        // An unprivileged `O_TRUNC` clears set-IDs (see `kills_set_ids`).
+        let opened = match opened {
+            Ok(o) if self.kills_set_ids && flags.0 & libc::O_TRUNC != 0 && req.uid() != 0 => {
+                self.fs.drop_set_ids(ino.0).map(|()| o).inspect_err(|_| {
+                    let _ = self.fs.release(o.fh);
+                })
+            }
+            other => other,
+        };
         self.handles.file_opened_if(opened.is_ok());
         match opened {
             Ok(o) => match o.passthrough {
@@ -533,7 +557,7 @@ impl Filesystem for FuseAdapter {
     fn write(
         &self,
         req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         data: &[u8],
@@ -546,6 +570,12 @@ impl Filesystem for FuseAdapter {
             FuseOp::Write,
             data.len() > LARGE_IO as usize || self.fs.write_may_copy(fh.0),
         );
+        if self.kills_set_ids
+            && write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID)
+            && let Err(e) = self.fs.drop_set_ids(ino.0)
+        {
+            return reply.error(errno(e));
+        }
         let written = if write_flags.contains(WriteFlags::FUSE_WRITE_CACHE) {
             self.fs.write_back(fh.0, offset, data)
         } else {

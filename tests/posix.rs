@@ -1193,6 +1193,64 @@ print(c.execute('pragma integrity_check').fetchone()[0])
     assert_eq!(out, "(200, 'note 99')\nok\n");
 }
 
+/// Set-user-ID and set-group-ID bits go where a local disk drops them: at a write or truncate by
+/// another user (without `CAP_FSETID`), and at any `chown` (the mount clears them itself, so
+/// the kernel does not ask it for `security.capability` before every write).
+#[test]
+fn set_ids_are_cleared_by_an_unprivileged_write_or_truncate_and_by_chown() {
+    let m = Mounted::room();
+    let mode = |name: &str| fs::metadata(m.p(name)).unwrap().permissions().mode() & 0o7777;
+    let as_nobody = |script: &str| {
+        let out = std::process::Command::new("setpriv")
+            .args([
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "/bin/sh",
+                "-c",
+                script,
+            ])
+            .current_dir(&m.mnt)
+            .output()
+            .expect("setpriv (util-linux) runs");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    for name in ["written", "truncated", "opened"] {
+        fs::write(m.p(name), b"#!/bin/sh\n").unwrap();
+        fs::set_permissions(m.p(name), fs::Permissions::from_mode(0o6777)).unwrap();
+    }
+    as_nobody("printf x | dd of=written conv=notrunc status=none");
+    as_nobody("truncate -s 1 truncated");
+    as_nobody(": > opened");
+    for name in ["written", "truncated", "opened"] {
+        assert_eq!(
+            mode(name),
+            0o777,
+            "{name}: both set-IDs go (the group may execute)"
+        );
+    }
+    // Root keeps them on a write (it has CAP_FSETID), and a group that may not execute keeps
+    // its set-group-ID (a mandatory-locking mark, not a privilege).
+    fs::set_permissions(m.p("written"), fs::Permissions::from_mode(0o6745)).unwrap();
+    fs::OpenOptions::new()
+        .append(true)
+        .open(m.p("written"))
+        .unwrap()
+        .write_all(b"y")
+        .unwrap();
+    assert_eq!(mode("written"), 0o6745);
+    std::os::unix::fs::chown(m.p("written"), Some(65534), None).unwrap();
+    assert_eq!(
+        mode("written"),
+        0o2745,
+        "chown drops set-user-ID, keeps this set-group-ID"
+    );
+}
+
 /// POSIX record locks between processes, as `fcntl` promises them (the mount serves them):
 /// conflicts, `F_GETLK` naming the holder, `F_SETLKW` waiting until the holder lets go (at an
 /// unlock or a close), and a wait that would deadlock refused.

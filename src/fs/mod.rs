@@ -139,6 +139,9 @@ pub struct AttrChanges {
     pub attr: SetAttr,
     /// The thread asking (see `closers`); 0 when unknown.
     pub by: Tid,
+    /// Also clear the set-user-ID bit, and the set-group-ID bit of a group-executable file
+    /// (see [`Fs::drop_set_ids`]).
+    pub drop_set_ids: bool,
 }
 
 /// The result of opening a file: the handle, and how the kernel should cache it.
