@@ -141,9 +141,9 @@ pub fn mount_at(path: &Path) -> Option<MountEntry> {
 /// Checks and canonicalises a mount point, with a message that says what is wrong.
 pub fn check_mountpoint(path: &Path) -> Result<PathBuf, String> {
     let shown = path.display();
-    if let Err(e) = std::fs::metadata(path)
-        && e.raw_os_error() == Some(libc::ENOTCONN)
-    {
+    // statfs, not stat: the kernel may answer a stat of a dead mount from its attribute cache,
+    // a statfs always asks the server.
+    if let Err(nix::errno::Errno::ENOTCONN) = nix::sys::statfs::statfs(path) {
         // A roomfs daemon died (crash, kill -9) and left its mount behind: clear it, so the
         // next mount works without manual steps. Other dead FUSE mounts are not ours to touch.
         let stale = mounts()
