@@ -594,3 +594,65 @@ fn mount_daemon_forwards_every_flag_the_api_takes_and_refuses_the_others() {
     let refused = fs::write(mnt.join("outputs"), b"x").unwrap_err();
     assert_eq!(refused.raw_os_error(), Some(libc::EROFS));
 }
+
+#[test]
+fn an_unprivileged_user_mounts_through_fusermount3() {
+    // In a mount namespace of its own (gone with its last process, mounts and all), where
+    // /dev/fuse is usable by every user as distributions ship it, `nobody` mounts a room
+    // through the setuid fusermount3, writes into it, and unmounts it.
+    let tmp = tempfile::Builder::new()
+        .prefix("roomfs-user-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let t = tmp.path();
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(t, fs::Permissions::from_mode(0o755)).unwrap();
+    fs::copy(BIN, t.join("roomfs")).unwrap();
+    for dir in ["mnt", "data"] {
+        fs::create_dir(t.join(dir)).unwrap();
+        std::os::unix::fs::chown(t.join(dir), Some(65534), Some(65534)).unwrap();
+    }
+    let script = r#"
+        set -e
+        mknod -m 666 "$T/fuse" c 10 229
+        mount --bind "$T/fuse" /dev/fuse
+        as_nobody() { setpriv --reuid=65534 --regid=65534 --clear-groups "$@"; }
+        as_nobody "$T/roomfs" mount --data-dir "$T/data" --room r1 "$T/mnt" 2>"$T/log" &
+        server=$!
+        for i in $(seq 200); do
+            grep -q " $T/mnt " /proc/self/mountinfo && break
+            kill -0 $server 2>/dev/null || { cat "$T/log"; exit 1; }
+            sleep 0.1
+        done
+        grep " $T/mnt " /proc/self/mountinfo
+        as_nobody sh -c "echo hello > $T/mnt/f"
+        echo "content: $(cat "$T/data/rooms/r1/f")"
+        as_nobody "$T/roomfs" unmount "$T/mnt"
+        for i in $(seq 200); do
+            kill -0 $server 2>/dev/null || break
+            sleep 0.1
+        done
+        if kill -0 $server 2>/dev/null; then kill -9 $server; echo "server still running"; fi
+        wait $server && echo "server exited: 0"
+        grep -q " $T/mnt " /proc/self/mountinfo && echo "still mounted" || true
+        cat "$T/log"
+    "#;
+    let out = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", script])
+        .env("T", t)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("fuse.roomfs roomfs:rooms/r1") && text.contains("user_id=65534"),
+        "{text}"
+    );
+    assert!(text.contains("content: hello"), "{text}");
+    assert!(text.contains("server exited: 0"), "{text}");
+    assert!(!text.contains("still mounted"), "{text}");
+}
