@@ -442,6 +442,7 @@ fn session_activity_outlives_unmounts_and_restarts() {
     assert_eq!(sessions(&d), ["busy", "quiet"], "{}", d.log());
     // Nor after a restart: the idle clock starts again, and the activity is kept.
     assert!(d.stop().success());
+    let stopped_at = now_ms();
     d.run();
     let restarted = Instant::now();
     std::thread::sleep(Duration::from_secs(2));
@@ -450,6 +451,11 @@ fn session_activity_outlives_unmounts_and_restarts() {
     assert!(
         shown["last_active"].as_u64().unwrap() >= last_write,
         "{shown} (last write at {last_write})"
+    );
+    // ... and it says when it will end: a TTL after the start.
+    assert!(
+        shown["ends_at"].as_u64().unwrap() >= stopped_at + TTL.as_millis() as u64,
+        "{shown} (stopped at {stopped_at})"
     );
     // Kept busy through its mount (back after the restart), busy stays; quiet, idle since,
     // ends a TTL after the restart.

@@ -607,6 +607,7 @@ impl Daemon {
         };
         let usage = self.hub.usage(&space).ok().flatten().unwrap_or_default();
         let last_active = self.last_active(&state, &space);
+        let ends_at = state.idle_deadline(last_active, self.started_ms);
         let mounts = lock(&self.mounts)
             .served
             .iter()
@@ -619,6 +620,7 @@ impl Daemon {
             ttl_secs: state.ttl_secs,
             created_at: state.created_at,
             last_active,
+            ends_at,
             files: usage.files,
             bytes: usage.bytes,
             mounts,
