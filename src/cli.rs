@@ -497,10 +497,15 @@ fn refused_with_daemon(args: &MountArgs) -> Option<String> {
     };
     let (flags, fields): (Vec<&str>, Vec<&str>) = given.into_iter().unzip();
     let verb = if flags.len() == 1 { "is" } else { "are" };
+    let tokens = if args.secret_file.is_some() {
+        " (the daemon verifies tokens with its own secret_file)"
+    } else {
+        ""
+    };
     (!flags.is_empty()).then(|| {
         format!(
-            "{} {verb} for mounts served here: with --daemon, the daemon's config sets {} \
-             (tokens are verified with its secret_file); leave {} out",
+            "{} {verb} for mounts served here: with --daemon, the daemon's config sets \
+             {}{tokens}; leave {} out",
             list(flags.clone()),
             list(fields),
             if flags.len() == 1 { "it" } else { "them" }

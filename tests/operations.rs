@@ -527,6 +527,19 @@ fn mount_daemon_forwards_every_flag_the_api_takes_and_refuses_the_others() {
             "{err}"
         );
     }
+    let (_, _, err) = d.cli(&[
+        "mount",
+        "--daemon",
+        "--room",
+        "r1",
+        "--secret-file",
+        "/s",
+        p,
+    ]);
+    assert!(
+        err.contains("the daemon verifies tokens with its own secret_file"),
+        "{err}"
+    );
     assert!(!is_mounted(&mnt));
     // A token needs no --secret-file with --daemon: the daemon verifies it with its own.
     let tok = token(
