@@ -574,7 +574,10 @@ fn mounts_are_managed_through_the_cli() {
 
 #[test]
 fn passthrough_follows_the_config_and_each_mount_request() {
-    let configured_off = Daemon::with_config(Some(r#"{"passthrough": false}"#));
+    // A long attribute TTL: the page cache must not be dropped because attributes expired
+    // while a loaded machine runs the test (that would read the disk without passthrough).
+    let configured_off =
+        Daemon::with_config(Some(r#"{"passthrough": false, "cache_ttl_secs": 60}"#));
     let mnt = configured_off.dir("mnt");
     configured_off.mount(&["--room", "r1"], &mnt);
     assert_eq!(
@@ -585,7 +588,7 @@ fn passthrough_follows_the_config_and_each_mount_request() {
         b"aaaa",
         "the config turned passthrough off"
     );
-    let d = Daemon::start();
+    let d = Daemon::with_config(Some(r#"{"cache_ttl_secs": 60}"#));
     let on = d.dir("on");
     d.mount(&["--room", "r1"], &on);
     if !d

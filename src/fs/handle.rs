@@ -15,9 +15,9 @@ use std::time::{Duration, Instant, SystemTime};
 use nix::unistd::{Whence, lseek};
 
 use super::closers::Users;
-use super::error::{Errno, FsResult};
 use super::inode::Ino;
 use super::seed::{LAZY_SEED_MIN, Seeding};
+use crate::errno::{Errno, FsResult};
 use crate::store::{Content, Kind, Meta, SetAttr, Store, TimeSpec, WorkingCopy, copy_range};
 
 /// Appended bytes kept in memory, at most: beyond that a working copy takes them over.

@@ -20,7 +20,6 @@ pub mod closers;
 mod coherence;
 mod commit;
 mod dirs;
-pub mod error;
 pub mod handle;
 pub mod inode;
 mod io;
@@ -28,7 +27,6 @@ mod locks;
 mod names;
 mod open;
 pub mod passthrough;
-pub mod quota;
 pub mod seed;
 mod stream;
 #[cfg(test)]
@@ -47,15 +45,15 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::SystemTime;
 
+pub use crate::errno::{Errno, FsResult};
+pub use crate::space::quota::{Limits, Quota, Usage};
 pub use closers::Tid;
-pub use error::{Errno, FsResult};
 use handle::{DirHandle, FileHandle};
 use inode::InodeTable;
 pub use inode::{Ino, ROOT};
 pub use locks::{LockReply, lock_type};
 use passthrough::Window;
 pub use passthrough::{Backing, PASSTHROUGH_MIN};
-pub use quota::{Limits, Quota, Usage};
 
 use crate::events::Changed;
 use crate::grant::Grant;

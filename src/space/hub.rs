@@ -17,10 +17,10 @@ use std::sync::{Arc, Mutex, RwLock, Weak};
 
 use super::claims::{Claim, Claims, Span};
 use super::locks::Locks;
+use super::quota::{Limits, Quota};
 use super::{SpaceId, SpaceKind};
 use crate::events::log::Logs;
 use crate::events::{ChangeFeed, Changed, ForeignChanges, MemFeed, Record, Retention};
-use crate::fs::{Limits, Quota};
 use crate::records::RecordStore;
 use crate::store::Owner;
 use crate::store::Store;

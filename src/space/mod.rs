@@ -6,6 +6,7 @@ pub mod claims;
 pub mod export;
 pub mod hub;
 pub mod locks;
+pub mod quota;
 pub mod state;
 
 pub use hub::{Hub, Space, SpaceWatcher};

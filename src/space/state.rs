@@ -5,7 +5,7 @@ use std::ffi::OsString;
 use std::io;
 use std::path::Path;
 
-use crate::fs::Limits;
+use super::quota::Limits;
 use crate::store::local::at::Dir;
 
 /// What the daemon records about a session space, in `<data-dir>/state/sessions/<id>.json`.
