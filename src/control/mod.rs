@@ -226,6 +226,10 @@ pub struct SessionInfo {
     pub created_at: u64,
     /// Unix time in milliseconds.
     pub last_active: u64,
+    /// When the session ends unless it is active before (Unix ms; none without a TTL): a TTL
+    /// after its last activity, or after the daemon's start if that is later.
+    #[serde(default)]
+    pub ends_at: Option<u64>,
     pub files: u64,
     pub bytes: u64,
     /// Mount points serving the session.

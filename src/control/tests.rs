@@ -94,6 +94,7 @@ impl ControlPlane for Fake {
             ttl_secs: req.ttl_secs,
             created_at: 1,
             last_active: 2,
+            ends_at: None,
             files: 0,
             bytes: 0,
             mounts: Vec::new(),

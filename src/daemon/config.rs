@@ -27,7 +27,8 @@ pub struct Config {
     pub cache_ttl_secs: f64,
     /// Threads serving each mount.
     pub threads: usize,
-    /// Microseconds idle CPUs are kept from halting after a request (0: off); see README.
+    /// Microseconds idle CPUs are kept from halting after a request (0: off); see
+    /// doc/PERFORMANCE.md, Levers.
     pub poll_window_us: u64,
     /// Limits of new sessions unless `session create` gives others.
     pub session_limits: Limits,
