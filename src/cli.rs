@@ -2,6 +2,7 @@
 
 mod output;
 
+use anyhow::{Context, anyhow};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -353,7 +354,7 @@ pub struct UnmountArgs {
 }
 
 /// Runs a parsed command line; the error is one sentence for the user.
-pub fn run(cli: Cli) -> Result<(), String> {
+pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Mount(args) if args.daemon => mount_via_daemon(&args),
         Command::Mount(args) => {
@@ -387,7 +388,7 @@ pub fn run(cli: Cli) -> Result<(), String> {
         Command::Status(s) => show(&s, "asking for status", |c| c.status(), output::status),
         Command::Metrics(s) => {
             let text = human::waiting("reading metrics", || client(&s).metrics())
-                .map_err(|e| e.to_string())?;
+                .map_err(anyhow::Error::from)?;
             print!("{text}");
             Ok(())
         }
@@ -401,7 +402,7 @@ pub fn run(cli: Cli) -> Result<(), String> {
         }
         Command::Token(TokenCommand::Verify(args)) => {
             let secret = token::read_secret_file(&args.secret_file)?;
-            let t = token::verify(&args.token, &secret).map_err(|e| e.to_string())?;
+            let t = token::verify(&args.token, &secret).map_err(anyhow::Error::from)?;
             println!("room: {}", t.room.as_deref().unwrap_or("(none)"));
             println!("grant: {}", t.grant);
             if let Some(exp) = t.exp {
@@ -417,14 +418,14 @@ fn client(s: &SocketArgs) -> Client {
 }
 
 /// Prints an API answer as pretty JSON, or turns its error into the CLI's message.
-fn print_json<T: serde::Serialize>(result: &Result<T, ClientError>) -> Result<(), String> {
+fn print_json<T: serde::Serialize>(result: &Result<T, ClientError>) -> anyhow::Result<()> {
     match result {
         Ok(value) => {
-            let text = serde_json::to_string_pretty(value).map_err(|e| e.to_string())?;
+            let text = serde_json::to_string_pretty(value).map_err(anyhow::Error::from)?;
             println!("{text}");
             Ok(())
         }
-        Err(e) => Err(e.to_string()),
+        Err(e) => Err(anyhow!("{e}")),
     }
 }
 
@@ -435,24 +436,24 @@ fn show<T: serde::Serialize>(
     label: &str,
     call: impl FnOnce(&Client) -> Result<T, ClientError>,
     human: impl FnOnce(&T) -> String,
-) -> Result<(), String> {
+) -> anyhow::Result<()> {
     let result = human::waiting(label, || call(&client(&args.socket)));
     if args.json {
         return print_json(&result);
     }
-    let value = result.map_err(|e| e.to_string())?;
+    let value = result.map_err(anyhow::Error::from)?;
     print!("{}", human(&value));
     Ok(())
 }
 
 /// Parses sizes like `1048576`, `10M`, `10MB`, `4Ki`, `1GiB`.
-pub fn parse_size(text: &str) -> Result<u64, String> {
+pub fn parse_size(text: &str) -> anyhow::Result<u64> {
     let t = text.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (digits, unit) = t.split_at(split);
     let n: u64 = digits
         .parse()
-        .map_err(|_| format!("{text:?} is not a size (like 1048576, 10M or 4Ki)"))?;
+        .map_err(|_| anyhow!("{text:?} is not a size (like 1048576, 10M or 4Ki)"))?;
     let factor: u64 = match unit.trim_end_matches(['B', 'b']) {
         "" => 1,
         "K" | "k" => 1000,
@@ -462,13 +463,13 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         "Mi" => 1 << 20,
         "Gi" => 1 << 30,
         _ => {
-            return Err(format!(
+            return Err(anyhow!(
                 "{text:?}: unknown unit {unit:?} (use K, M, G, Ki, Mi, Gi)"
             ));
         }
     };
     n.checked_mul(factor)
-        .ok_or_else(|| format!("{text:?} is too large"))
+        .ok_or_else(|| anyhow!("{text:?} is too large"))
 }
 
 /// The flags of `roomfs mount` that a mount served by the daemon cannot honour: the daemon's
@@ -513,14 +514,14 @@ fn refused_with_daemon(args: &MountArgs) -> Option<String> {
     })
 }
 
-fn mount_via_daemon(args: &MountArgs) -> Result<(), String> {
+fn mount_via_daemon(args: &MountArgs) -> anyhow::Result<()> {
     if let Some(refused) = refused_with_daemon(args) {
-        return Err(refused);
+        return Err(anyhow!(refused));
     }
     let mountpoint = args
         .mountpoint
         .canonicalize()
-        .map_err(|e| format!("mount point {}: {e}", args.mountpoint.display()))?;
+        .with_context(|| format!("mount point {}", args.mountpoint.display()))?;
     let req = MountRequest {
         mountpoint: mountpoint.to_string_lossy().into_owned(),
         room: args.room.clone(),
@@ -535,7 +536,7 @@ fn mount_via_daemon(args: &MountArgs) -> Result<(), String> {
     let socket = args.socket.as_deref().unwrap_or(Path::new(DEFAULT_SOCKET));
     let info = Client::new(socket)
         .add_mount(&req)
-        .map_err(|e| e.to_string())?;
+        .map_err(anyhow::Error::from)?;
     println!(
         "mounted {} {} at {} (grant: {})",
         info.kind, info.id, info.mountpoint, info.grant
@@ -543,7 +544,7 @@ fn mount_via_daemon(args: &MountArgs) -> Result<(), String> {
     Ok(())
 }
 
-fn session(cmd: SessionCommand) -> Result<(), String> {
+fn session(cmd: SessionCommand) -> anyhow::Result<()> {
     match cmd {
         SessionCommand::Create {
             id,
@@ -562,7 +563,7 @@ fn session(cmd: SessionCommand) -> Result<(), String> {
             let ttl_secs = ttl
                 .map(|t| token::parse_duration(&t).map(|d| d.as_secs()))
                 .transpose()
-                .map_err(|e| format!("--ttl: {e}"))?;
+                .context("--ttl")?;
             let req = SessionRequest {
                 id,
                 limits,
@@ -609,12 +610,11 @@ fn session(cmd: SessionCommand) -> Result<(), String> {
     }
 }
 
-fn records(cmd: RecordsCommand) -> Result<(), String> {
+fn records(cmd: RecordsCommand) -> anyhow::Result<()> {
     let (envelope, socket) = match cmd {
-        RecordsCommand::Call { json, socket } => (
-            serde_json::from_str(&json).map_err(|e| format!("not JSON: {e}"))?,
-            socket,
-        ),
+        RecordsCommand::Call { json, socket } => {
+            (serde_json::from_str(&json).context("not JSON")?, socket)
+        }
         RecordsCommand::Get {
             collection,
             id,
@@ -630,13 +630,13 @@ fn records(cmd: RecordsCommand) -> Result<(), String> {
             socket,
         } => {
             let text = if file.as_os_str() == "-" {
-                std::io::read_to_string(std::io::stdin()).map_err(|e| e.to_string())?
+                std::io::read_to_string(std::io::stdin()).map_err(anyhow::Error::from)?
             } else {
                 std::fs::read_to_string(&file)
-                    .map_err(|e| format!("cannot read {}: {e}", file.display()))?
+                    .with_context(|| format!("cannot read {}", file.display()))?
             };
             let value: serde_json::Value = serde_json::from_str(&text)
-                .map_err(|e| format!("{} is not JSON: {e}", file.display()))?;
+                .with_context(|| format!("{} is not JSON", file.display()))?;
             (
                 serde_json::json!({"method": format!("{collection}.set"), "id": id, "value": value}),
                 socket,
@@ -664,38 +664,40 @@ fn records(cmd: RecordsCommand) -> Result<(), String> {
     }))
 }
 
-fn issue_token(args: &TokenIssueArgs) -> Result<String, String> {
+fn issue_token(args: &TokenIssueArgs) -> anyhow::Result<String> {
     SpaceId::new(SpaceKind::Room, &args.room)?;
     let secret = token::read_secret_file(&args.secret_file)?;
-    let ttl = token::parse_duration(&args.ttl).map_err(|e| format!("--ttl: {e}"))?;
+    let ttl = token::parse_duration(&args.ttl).context("--ttl")?;
     let grant = if args.paths.is_empty() {
         Grant::none()
     } else {
-        Grant::parse_cli(&args.paths).map_err(|e| format!("--path: {e}"))?
+        Grant::parse_cli(&args.paths).context("--path")?
     };
-    token::issue(&secret, &args.name, &args.room, &grant, ttl).map_err(|e| e.to_string())
+    token::issue(&secret, &args.name, &args.room, &grant, ttl).map_err(anyhow::Error::from)
 }
 
 /// The space and grant of a mount: from a verified token (with the token's name), or from
 /// --room/--session and --grant.
-fn space_and_grant(args: &MountArgs) -> Result<(SpaceId, Grant, Option<String>), String> {
+fn space_and_grant(args: &MountArgs) -> anyhow::Result<(SpaceId, Grant, Option<String>)> {
     if let Some(tok) = &args.token {
-        let secret_file = args.secret_file.as_ref().ok_or(
-            "--token needs --secret-file FILE (the secret it was signed with), or --daemon to \
-             have the daemon verify it with its own",
-        )?;
+        let secret_file = args.secret_file.as_ref().ok_or_else(|| {
+            anyhow!(
+                "--token needs --secret-file FILE (the secret it was signed with), or --daemon \
+                 to have the daemon verify it with its own"
+            )
+        })?;
         let secret = token::read_secret_file(secret_file)?;
-        let verified = token::verify(tok, &secret).map_err(|e| format!("token refused: {e}"))?;
+        let verified = token::verify(tok, &secret).context("token refused")?;
         let room = verified
             .room
-            .ok_or("token refused: it names no room (no \"room\" grant)")?;
+            .ok_or_else(|| anyhow!("token refused: it names no room (no \"room\" grant)"))?;
         if args.session.is_some() {
-            return Err("a token grants a room: use it without --session".into());
+            return Err(anyhow!("a token grants a room: use it without --session"));
         }
         if let Some(wanted) = &args.room
             && *wanted != room
         {
-            return Err(format!(
+            return Err(anyhow!(
                 "token refused: it is for room {room:?}, not {wanted:?}"
             ));
         }
@@ -705,29 +707,29 @@ fn space_and_grant(args: &MountArgs) -> Result<(SpaceId, Grant, Option<String>),
     let space = match (&args.room, &args.session) {
         (Some(id), None) => SpaceId::new(SpaceKind::Room, id)?,
         (None, Some(id)) => SpaceId::new(SpaceKind::Session, id)?,
-        _ => return Err("give exactly one of --room ID or --session ID".into()),
+        _ => return Err(anyhow!("give exactly one of --room ID or --session ID")),
     };
-    let grant = Grant::parse_cli(&args.grants).map_err(|e| format!("--grant: {e}"))?;
+    let grant = Grant::parse_cli(&args.grants).context("--grant")?;
     Ok((space, grant, None))
 }
 
-fn mount_spec(args: MountArgs) -> Result<MountSpec, String> {
+fn mount_spec(args: MountArgs) -> anyhow::Result<MountSpec> {
     let (space, grant, token_name) = space_and_grant(&args)?;
     let cache_ttl = args.cache_ttl.unwrap_or(1.0);
     if !(cache_ttl.is_finite() && (0.0..=3600.0).contains(&cache_ttl)) {
-        return Err(format!(
+        return Err(anyhow!(
             "--cache-ttl must be between 0 and 3600 seconds, not {cache_ttl}"
         ));
     }
     let poll_window_us = args.poll_window_us.unwrap_or(1000);
     if poll_window_us > 1_000_000 {
-        return Err(format!(
+        return Err(anyhow!(
             "--poll-window-us must be at most 1000000 (one second), not {poll_window_us}"
         ));
     }
     let threads = args.threads.unwrap_or(4);
     if !(1..=64).contains(&threads) {
-        return Err(format!("--threads must be between 1 and 64, not {threads}"));
+        return Err(anyhow!("--threads must be between 1 and 64, not {threads}"));
     }
     let data_dir = args.data_dir.unwrap_or_else(default_data_dir);
     Ok(MountSpec {
@@ -747,7 +749,7 @@ fn mount_spec(args: MountArgs) -> Result<MountSpec, String> {
     })
 }
 
-fn unmount(args: &UnmountArgs) -> Result<(), String> {
+fn unmount(args: &UnmountArgs) -> anyhow::Result<()> {
     // A mount the daemon serves is unmounted through it, so it forgets the mount too.
     if args.socket.exists() {
         let target = args
@@ -761,35 +763,35 @@ fn unmount(args: &UnmountArgs) -> Result<(), String> {
         match Client::new(&args.socket).remove_mount(&req) {
             Ok(()) => return Ok(()),
             Err(ClientError::Api { status: 404, .. } | ClientError::NoDaemon { .. }) => {}
-            Err(e) => return Err(e.to_string()),
+            Err(e) => return Err(e.into()),
         }
     }
     let path = args
         .mountpoint
         .canonicalize()
-        .map_err(|e| format!("{}: {e}", args.mountpoint.display()))?;
+        .with_context(|| format!("{}", args.mountpoint.display()))?;
     match mount::mount_at(&path) {
         Some(m) if m.is_roomfs() => mount::unmount(&path, args.lazy),
-        Some(m) => Err(format!(
+        Some(m) => Err(anyhow!(
             "{} is not a roomfs mount (it is {} from {})",
             path.display(),
             m.fstype,
             m.source
         )),
-        None => Err(format!("{} is not a mount point", path.display())),
+        None => Err(anyhow!("{} is not a mount point", path.display())),
     }
 }
 
 /// `--room` or `--session` as a space.
-fn space_of(room: &Option<String>, session: &Option<String>) -> Result<SpaceId, String> {
+fn space_of(room: &Option<String>, session: &Option<String>) -> anyhow::Result<SpaceId> {
     match (room, session) {
-        (Some(id), None) => SpaceId::new(SpaceKind::Room, id),
-        (None, Some(id)) => SpaceId::new(SpaceKind::Session, id),
-        _ => Err("give exactly one of --room ID or --session ID".into()),
+        (Some(id), None) => Ok(SpaceId::new(SpaceKind::Room, id)?),
+        (None, Some(id)) => Ok(SpaceId::new(SpaceKind::Session, id)?),
+        _ => Err(anyhow!("give exactly one of --room ID or --session ID")),
     }
 }
 
-fn events(args: &EventsArgs) -> Result<(), String> {
+fn events(args: &EventsArgs) -> anyhow::Result<()> {
     use std::io::Write;
     let space = space_of(&args.room, &args.session)?;
     let path = format!(
@@ -804,12 +806,12 @@ fn events(args: &EventsArgs) -> Result<(), String> {
             // Stops when the reader goes away (a closed pipe).
             out.write_all(line).is_ok() && out.write_all(b"\n").is_ok() && out.flush().is_ok()
         })
-        .map_err(|e| e.to_string())
+        .map_err(anyhow::Error::from)
 }
 
-fn url(args: &UrlArgs) -> Result<(), String> {
+fn url(args: &UrlArgs) -> anyhow::Result<()> {
     let space = space_of(&args.room, &args.session)?;
-    let ttl = token::parse_duration(&args.ttl).map_err(|e| format!("--ttl: {e}"))?;
+    let ttl = token::parse_duration(&args.ttl).context("--ttl")?;
     let req = UrlRequest {
         room: (space.kind == SpaceKind::Room).then(|| space.id.clone()),
         session: (space.kind == SpaceKind::Session).then(|| space.id.clone()),
@@ -821,7 +823,7 @@ fn url(args: &UrlArgs) -> Result<(), String> {
     };
     let signed = client(&args.socket)
         .sign_url(&req)
-        .map_err(|e| e.to_string())?;
+        .map_err(anyhow::Error::from)?;
     println!("{}", signed.url);
     Ok(())
 }

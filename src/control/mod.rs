@@ -132,6 +132,13 @@ impl fmt::Display for ApiError {
 
 impl std::error::Error for ApiError {}
 
+/// Refused input is a bad request.
+impl From<crate::error::Invalid> for ApiError {
+    fn from(e: crate::error::Invalid) -> ApiError {
+        ApiError::bad_request(e.0)
+    }
+}
+
 /// What each kind of record error means in HTTP: the caller's mistakes are 400, a missing
 /// record for `update` is 404, and storage failures (including a record file that is not a
 /// regular file, or a collection directory that is a symlink) are 500.
