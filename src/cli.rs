@@ -10,9 +10,11 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::control::client::{Client, ClientError};
 use crate::control::{
-    DEFAULT_SOCKET, EndSessionRequest, MountRequest, SessionRequest, UnmountRequest, UrlRequest,
+    DEFAULT_SOCKET, EndSessionRequest, MountRequest, SessionRequest, SpaceOwner, UnmountRequest,
+    UrlRequest,
 };
 use crate::daemon::{self, Config};
+use crate::error::Invalid;
 use crate::fs::Limits;
 use crate::grant::Grant;
 use crate::human;
@@ -170,6 +172,10 @@ pub enum SessionCommand {
         /// End the session after this long without activity: 30m, 2h, 1d.
         #[arg(long, value_name = "DURATION")]
         ttl: Option<String>,
+        /// Who owns the session's root, so an agent running as that user can write there:
+        /// USER, USER:GROUP or UID:GID (default: the daemon's user).
+        #[arg(long, value_name = "USER[:GROUP]", value_parser = parse_owner)]
+        owner: Option<SpaceOwner>,
         #[command(flatten)]
         show: ShowArgs,
     },
@@ -447,13 +453,50 @@ fn show<T: serde::Serialize>(
 }
 
 /// Parses sizes like `1048576`, `10M`, `10MB`, `4Ki`, `1GiB`.
-pub fn parse_size(text: &str) -> anyhow::Result<u64> {
+/// Parses an owner: `USER`, `USER:GROUP`, `UID:GID` (names looked up in the system's user
+/// database; a user alone brings its primary group).
+pub fn parse_owner(text: &str) -> Result<SpaceOwner, Invalid> {
+    use nix::unistd::{Group, User};
+    let (user, group) = match text.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (text, None),
+    };
+    let bad = |what: String| Invalid(format!("--owner {text:?}: {what}"));
+    let lookup_user = |name: &str| match User::from_name(name) {
+        Ok(Some(u)) => Ok(u),
+        Ok(None) => Err(bad(format!("no user named {name:?}"))),
+        Err(e) => Err(bad(format!("cannot look up user {name:?}: {e}"))),
+    };
+    let (uid, primary) = match user.parse::<u32>() {
+        Ok(uid) => (uid, None),
+        Err(_) if !user.is_empty() => {
+            let u = lookup_user(user)?;
+            (u.uid.as_raw(), Some(u.gid.as_raw()))
+        }
+        Err(_) => return Err(bad("give USER, USER:GROUP or UID:GID".into())),
+    };
+    let gid = match group {
+        Some(g) if !g.is_empty() => match g.parse::<u32>() {
+            Ok(gid) => gid,
+            Err(_) => match Group::from_name(g) {
+                Ok(Some(group)) => group.gid.as_raw(),
+                Ok(None) => return Err(bad(format!("no group named {g:?}"))),
+                Err(e) => return Err(bad(format!("cannot look up group {g:?}: {e}"))),
+            },
+        },
+        Some(_) => return Err(bad("give USER, USER:GROUP or UID:GID".into())),
+        None => primary.ok_or_else(|| bad("a numeric user needs its group: UID:GID".into()))?,
+    };
+    Ok(SpaceOwner { uid, gid })
+}
+
+pub fn parse_size(text: &str) -> Result<u64, Invalid> {
     let t = text.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (digits, unit) = t.split_at(split);
     let n: u64 = digits
         .parse()
-        .map_err(|_| anyhow!("{text:?} is not a size (like 1048576, 10M or 4Ki)"))?;
+        .map_err(|_| Invalid(format!("{text:?} is not a size (like 1048576, 10M or 4Ki)")))?;
     let factor: u64 = match unit.trim_end_matches(['B', 'b']) {
         "" => 1,
         "K" | "k" => 1000,
@@ -463,13 +506,13 @@ pub fn parse_size(text: &str) -> anyhow::Result<u64> {
         "Mi" => 1 << 20,
         "Gi" => 1 << 30,
         _ => {
-            return Err(anyhow!(
+            return Err(Invalid(format!(
                 "{text:?}: unknown unit {unit:?} (use K, M, G, Ki, Mi, Gi)"
-            ));
+            )));
         }
     };
     n.checked_mul(factor)
-        .ok_or_else(|| anyhow!("{text:?} is too large"))
+        .ok_or_else(|| Invalid(format!("{text:?} is too large")))
 }
 
 /// The flags of `roomfs mount` that a mount served by the daemon cannot honour: the daemon's
@@ -552,6 +595,7 @@ fn session(cmd: SessionCommand) -> anyhow::Result<()> {
             max_files,
             max_bytes,
             ttl,
+            owner,
             show: args,
         } => {
             let limits = (max_file_size.is_some() || max_files.is_some() || max_bytes.is_some())
@@ -568,6 +612,7 @@ fn session(cmd: SessionCommand) -> anyhow::Result<()> {
                 id,
                 limits,
                 ttl_secs,
+                owner,
             };
             show(
                 &args,

@@ -218,9 +218,21 @@ pub struct UnmountRequest {
 #[serde(deny_unknown_fields)]
 pub struct SessionRequest {
     pub id: String,
-    /// `None`: the daemon's session defaults.
+    /// `None`, or a field left out: the daemon's session default for it.
     pub limits: Option<Limits>,
     pub ttl_secs: Option<u64>,
+    /// Who owns the session's root directory (so an agent running as that user can write
+    /// there); `None`: the daemon's own user.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<SpaceOwner>,
+}
+
+/// A user and group, by number.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SpaceOwner {
+    pub uid: u32,
+    pub gid: u32,
 }
 
 /// A session known to the daemon.

@@ -343,6 +343,7 @@ fn sessions() {
         id: "a b/c".to_owned(),
         limits: Some(limits),
         ttl_secs: Some(60),
+        owner: None,
     };
     let info = client.create_session(&req).unwrap();
     assert_eq!((info.limits, info.ttl_secs), (limits, Some(60)));

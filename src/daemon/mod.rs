@@ -868,16 +868,23 @@ impl ControlPlane for Daemon {
             )));
         }
         let now = now_ms();
+        // A limit the request leaves out is the daemon's default, not unlimited.
+        let defaults = self.config.session_limits;
+        let limits = req.limits.map_or(defaults, |l| Limits {
+            max_file_bytes: l.max_file_bytes.or(defaults.max_file_bytes),
+            max_files: l.max_files.or(defaults.max_files),
+            max_bytes: l.max_bytes.or(defaults.max_bytes),
+        });
         let state = SessionState {
             id: req.id.clone(),
-            limits: req.limits.unwrap_or(self.config.session_limits),
+            limits,
             ttl_secs: req.ttl_secs.or(self.config.session_ttl_secs),
             created_at: now,
             last_active: now,
         };
         self.hub
             .local()
-            .open_space(&space, Some(None))
+            .open_space(&space, Some(req.owner.map(|o| (o.uid, o.gid))))
             .map_err(|e| internal("creating the session directory", e))?;
         state::save(self.data(), &state).map_err(|e| internal("saving session state", e))?;
         log::info!("created session {}", req.id);
