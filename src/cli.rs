@@ -10,12 +10,11 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::control::client::{Client, ClientError};
 use crate::control::{
-    DEFAULT_SOCKET, EndSessionRequest, MountRequest, SessionRequest, SpaceOwner, UnmountRequest,
-    UrlRequest,
+    DEFAULT_SOCKET, EndSessionRequest, MountRequest, RequestedLimits, SessionRequest, SpaceOwner,
+    UnmountRequest, UrlRequest,
 };
 use crate::daemon::{self, Config};
 use crate::error::Invalid;
-use crate::fs::Limits;
 use crate::grant::Grant;
 use crate::human;
 use crate::mount::{self, MountSpec};
@@ -160,15 +159,16 @@ pub enum SessionCommand {
     /// Create a session space with limits (default: the daemon's session limits).
     Create {
         id: String,
-        /// Largest file, e.g. 10M (K/M/G are powers of 1000, Ki/Mi/Gi of 1024).
-        #[arg(long, value_name = "SIZE", value_parser = parse_size)]
-        max_file_size: Option<u64>,
-        /// Most files, directories and links together.
-        #[arg(long, value_name = "N")]
-        max_files: Option<u64>,
-        /// Most bytes in all files together, e.g. 50M.
-        #[arg(long, value_name = "SIZE", value_parser = parse_size)]
-        max_bytes: Option<u64>,
+        /// Largest file, e.g. 10M (K/M/G are powers of 1000, Ki/Mi/Gi of 1024), or
+        /// `unlimited` (default: the daemon's session_limits).
+        #[arg(long, value_name = "SIZE", value_parser = parse_size_limit)]
+        max_file_size: Option<Limit>,
+        /// Most files, directories and links together, or `unlimited`.
+        #[arg(long, value_name = "N", value_parser = parse_count_limit)]
+        max_files: Option<Limit>,
+        /// Most bytes in all files together, e.g. 50M, or `unlimited`.
+        #[arg(long, value_name = "SIZE", value_parser = parse_size_limit)]
+        max_bytes: Option<Limit>,
         /// End the session after this long without activity: 30m, 2h, 1d.
         #[arg(long, value_name = "DURATION")]
         ttl: Option<String>,
@@ -453,6 +453,30 @@ fn show<T: serde::Serialize>(
 }
 
 /// Parses sizes like `1048576`, `10M`, `10MB`, `4Ki`, `1GiB`.
+/// A limit on the command line: a number, or `None` for `unlimited`.
+#[derive(Clone, Copy, Debug)]
+pub struct Limit(Option<u64>);
+
+/// `SIZE` (see [`parse_size`]) or `unlimited`.
+fn parse_size_limit(text: &str) -> Result<Limit, Invalid> {
+    match text {
+        "unlimited" => Ok(Limit(None)),
+        _ => parse_size(text).map(|n| Limit(Some(n))),
+    }
+}
+
+/// A whole number or `unlimited`.
+fn parse_count_limit(text: &str) -> Result<Limit, Invalid> {
+    match text {
+        "unlimited" => Ok(Limit(None)),
+        _ => text.trim().parse().map(|n| Limit(Some(n))).map_err(|_| {
+            Invalid(format!(
+                "{text:?} is not a number of entries (or unlimited)"
+            ))
+        }),
+    }
+}
+
 /// Parses an owner: `USER`, `USER:GROUP`, `UID:GID` (names looked up in the system's user
 /// database; a user alone brings its primary group).
 pub fn parse_owner(text: &str) -> Result<SpaceOwner, Invalid> {
@@ -598,11 +622,12 @@ fn session(cmd: SessionCommand) -> anyhow::Result<()> {
             owner,
             show: args,
         } => {
+            // What is not given is the daemon's default.
             let limits = (max_file_size.is_some() || max_files.is_some() || max_bytes.is_some())
-                .then_some(Limits {
-                    max_file_bytes: max_file_size,
-                    max_files,
-                    max_bytes,
+                .then_some(RequestedLimits {
+                    max_file_bytes: max_file_size.map(|l| l.0),
+                    max_files: max_files.map(|l| l.0),
+                    max_bytes: max_bytes.map(|l| l.0),
                 });
             let ttl_secs = ttl
                 .map(|t| token::parse_duration(&t).map(|d| d.as_secs()))

@@ -769,6 +769,8 @@ fn metrics_count_a_known_workload() {
         "200000",
         "--max-files",
         "1000",
+        "--max-file-size",
+        "unlimited",
         "--json",
     ]);
     let full = d.dir("full");
@@ -910,6 +912,8 @@ fn the_cli_prints_tables_for_people_and_json_for_scripts() {
         "100",
         "--max-bytes",
         "50Mi",
+        "--max-file-size",
+        "unlimited",
         "--ttl",
         "2h",
     ]);
@@ -1170,7 +1174,17 @@ fn a_session_belongs_to_its_owner_and_keeps_the_defaults_of_limits_it_leaves_out
     assert_eq!(info["limits"]["max_files"], 5, "{info}");
     assert_eq!(info["limits"]["max_bytes"], 50_000_000, "{info}");
     assert_eq!(info["limits"]["max_file_bytes"], 10_000_000, "{info}");
-    d.json(&["session", "create", "plain", "--json"]);
+    // `unlimited` lifts a default.
+    let info = d.json(&[
+        "session",
+        "create",
+        "plain",
+        "--max-bytes",
+        "unlimited",
+        "--json",
+    ]);
+    assert_eq!(info["limits"]["max_bytes"], Value::Null, "{info}");
+    assert_eq!(info["limits"]["max_files"], 100, "{info}");
     let (agent, plain) = (d.dir("agent"), d.dir("plain"));
     d.mount(&["--session", "agent"], &agent);
     d.mount(&["--session", "plain"], &plain);

@@ -219,12 +219,65 @@ pub struct UnmountRequest {
 pub struct SessionRequest {
     pub id: String,
     /// `None`, or a field left out: the daemon's session default for it.
-    pub limits: Option<Limits>,
+    #[serde(default)]
+    pub limits: Option<RequestedLimits>,
     pub ttl_secs: Option<u64>,
     /// Who owns the session's root directory (so an agent running as that user can write
     /// there); `None`: the daemon's own user.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner: Option<SpaceOwner>,
+}
+
+/// The limits a session is created with: a field left out is the daemon's default for it, a
+/// field given as `null` is unlimited.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RequestedLimits {
+    #[serde(
+        default,
+        deserialize_with = "given",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub max_file_bytes: Option<Option<u64>>,
+    #[serde(
+        default,
+        deserialize_with = "given",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub max_files: Option<Option<u64>>,
+    #[serde(
+        default,
+        deserialize_with = "given",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub max_bytes: Option<Option<u64>>,
+}
+
+impl RequestedLimits {
+    /// The limits asked for, with `defaults` where none was asked for.
+    pub fn or(self, defaults: Limits) -> Limits {
+        Limits {
+            max_file_bytes: self.max_file_bytes.unwrap_or(defaults.max_file_bytes),
+            max_files: self.max_files.unwrap_or(defaults.max_files),
+            max_bytes: self.max_bytes.unwrap_or(defaults.max_bytes),
+        }
+    }
+}
+
+impl From<Limits> for RequestedLimits {
+    /// Exactly these limits (`None`: unlimited), whatever the defaults.
+    fn from(l: Limits) -> RequestedLimits {
+        RequestedLimits {
+            max_file_bytes: Some(l.max_file_bytes),
+            max_files: Some(l.max_files),
+            max_bytes: Some(l.max_bytes),
+        }
+    }
+}
+
+/// A field that is present: its value, `null` included (absent fields are `default`ed).
+fn given<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<u64>>, D::Error> {
+    Option::<u64>::deserialize(d).map(Some)
 }
 
 /// A user and group, by number.

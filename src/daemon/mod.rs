@@ -869,12 +869,10 @@ impl ControlPlane for Daemon {
         }
         let now = now_ms();
         // A limit the request leaves out is the daemon's default, not unlimited.
-        let defaults = self.config.session_limits;
-        let limits = req.limits.map_or(defaults, |l| Limits {
-            max_file_bytes: l.max_file_bytes.or(defaults.max_file_bytes),
-            max_files: l.max_files.or(defaults.max_files),
-            max_bytes: l.max_bytes.or(defaults.max_bytes),
-        });
+        let limits = req
+            .limits
+            .unwrap_or_default()
+            .or(self.config.session_limits);
         let state = SessionState {
             id: req.id.clone(),
             limits,
