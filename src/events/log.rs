@@ -513,6 +513,15 @@ impl LogFeed {
                 // The event reached was compacted away: everything after it is new.
                 r.found = true;
                 r.skip_internal = 0;
+                if base > r.head {
+                    // Compacted twice since we read: what came between is lost to us.
+                    log::warn!(
+                        "change log of {}: events {}..={base} were compacted away before this \
+                         process read them; its mounts learn of those changes at their cache TTL",
+                        self.space,
+                        r.head + 1
+                    );
+                }
             }
             return;
         }
@@ -575,6 +584,10 @@ impl LogFeed {
 
     /// Moves to the file now at the log's name, delivering what follows the place reached.
     fn reopen(&self, state: &mut State) -> io::Result<()> {
+        // The file we had is whole up to the compaction that replaced it (appends are made
+        // under its lock, by writers that find it current): take the rest of it first, so
+        // that nothing it holds is missed for being compacted away.
+        self.read_lines(state, &mut Mode::Live)?;
         let (file, ident) = open_log(self.shared.dir(self.space.kind), &self.name)?;
         let mut resume = Resume {
             head: state.head,
