@@ -987,9 +987,10 @@ impl ControlPlane for Daemon {
         } else {
             Disposition::Inline
         };
+        // Whole seconds, rounded up: the URL works for at least the TTL asked for.
         let expires = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs())
+            .map_or(0, |d| d.as_secs() + u64::from(d.subsec_nanos() > 0))
             + ttl.as_secs();
         if req.direct {
             let presigner = self.hub.presigner(&space).ok_or_else(|| {
