@@ -396,9 +396,25 @@ impl Store for LocalStore {
         let excl = if exclusive { libc::O_EXCL } else { 0 };
         let flags = libc::O_WRONLY | libc::O_CREAT | excl;
         let file = self.at(path)?.open(flags, libc::mode_t::from(perm))?;
-        file.set_permissions(fs::Permissions::from_mode(u32::from(perm)))?;
-        chown_file(&file, owner)?;
-        Ok(meta_of(&fstat(&file)?))
+        // The mode and owner the file got are mostly the ones asked for already (the process
+        // umask narrows no bit of the caller's mode, the caller is the daemon's user): each
+        // change is made only where needed, and the attributes read again only after one.
+        let mut st = fstat(&file)?;
+        let mut changed = false;
+        if (st.st_mode & 0o7777) as u16 != perm {
+            file.set_permissions(fs::Permissions::from_mode(u32::from(perm)))?;
+            changed = true;
+        }
+        if let Some((uid, gid)) = owner
+            && (st.st_uid, st.st_gid) != (uid, gid)
+        {
+            chown_file(&file, owner)?;
+            changed = true;
+        }
+        if changed {
+            st = fstat(&file)?;
+        }
+        Ok(meta_of(&st))
     }
 
     fn working_copy(&self) -> StoreResult<Arc<dyn WorkingCopy>> {
