@@ -14,11 +14,20 @@
 //! reading when woken, when [`ReaderGate::close`] is called, or when they find the connection
 //! gone (checked every [`LIVENESS_CHECK`]), so the session can always end.
 //!
+//! Under concurrent load the kernel queues requests faster than one thread takes them: a thread
+//! ending a callback while requests are already waiting goes on reading even though another
+//! thread reads too, rather than standing by only to be woken for the next one (a park and a
+//! wake-up, two context switches, per request). Once the queue is drained the extra readers
+//! stand by again at their next callback.
+//!
 //! While requests stream (the previous one ended less than the spin window ago), the reading
 //! thread polls the device for the window before it blocks in `read`: the caller's next request
 //! is then taken without waking a sleeping thread, which costs a few microseconds of each round
-//! trip on a VM even with idle CPUs polling (see `poll.rs`). After a quiet window the next
-//! request is served without spinning, so an idle mount spins at most once per burst.
+//! trip on a VM even with idle CPUs polling (see `poll.rs`). It yields the CPU between polls,
+//! so when the machine has no idle CPU the spin gives way to whatever else is runnable (the
+//! very programs whose requests it waits for) instead of taking their time. After a quiet
+//! window the next request is served without spinning, so an idle mount spins at most once per
+//! burst.
 
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::{Mutex, OnceLock};
@@ -150,10 +159,16 @@ impl ReaderGate {
         }
     }
 
-    /// Ends a callback: back to reading if nobody reads, else stand by until needed.
+    /// Ends a callback: back to reading if nobody reads or requests are waiting, else stand by
+    /// until needed.
     fn leave(&self) {
         let mut state = self.lock();
         state.last_end = Some(Instant::now());
+        if state.reading > 0 && !state.closed && self.poll(libc::POLLIN) & libc::POLLIN != 0 {
+            // More requests than the other readers take at once: read too.
+            state.reading += 1;
+            return;
+        }
         if state.closed || state.reading == 0 {
             state.reading += 1;
             if state.streaming && !state.closed {
@@ -211,7 +226,8 @@ impl ReaderGate {
             if start.elapsed() >= self.spin {
                 return false;
             }
-            std::hint::spin_loop();
+            // Only idle time: anything runnable on this CPU goes first.
+            std::thread::yield_now();
         }
     }
 
@@ -323,11 +339,14 @@ mod tests {
         threads.push(callback(&gate, false, &back));
         wait_for("the reader to return", || back.load(Ordering::SeqCst) == 2);
         assert_eq!(standing_by(&gate), 1);
-        // Still pending at the next callback, a backlog: the standby thread is woken.
+        // Still pending at the next callback, a backlog: the standby thread is woken, and the
+        // busy one, finding requests still waiting, reads on too instead of standing by.
         threads.push(callback(&gate, false, &back));
-        wait_for("the standby to take over", || {
-            back.load(Ordering::SeqCst) == 3
+        wait_for("the standby and the busy thread to read", || {
+            back.load(Ordering::SeqCst) == 4
         });
+        assert_eq!(standing_by(&gate), 0);
+        assert_eq!(reading(&gate), 2);
 
         gate.close();
         for t in threads {
