@@ -4,7 +4,9 @@
 //! patches of large files are committed in place, guarded by crash markers (see `commit`).
 //!
 //! Every name is resolved beneath the space's directory, held open, never through a symlink
-//! (see `at`): a space's content is hostile input to the daemon that serves it.
+//! (see `at`): a space's content is hostile input to the daemon that serves it. Directories so
+//! resolved serve the next operations for a moment (`at::DirCache`); this store's renames and
+//! removals of directories forget them at once.
 
 pub mod append;
 pub mod at;
