@@ -27,6 +27,12 @@ impl Daemon {
 
     /// Starts a daemon; `config` is the JSON config (its `mounts` paths may use `{tmp}`).
     pub fn with_config(config: Option<&str>) -> Daemon {
+        Daemon::with_setup(config, |_| {})
+    }
+
+    /// Starts a daemon after `setup` prepared its temporary directory (given as argument: the
+    /// data dir will be `data` in it).
+    pub fn with_setup(config: Option<&str>, setup: impl FnOnce(&Path)) -> Daemon {
         let tmp = tempfile::Builder::new()
             .prefix("roomfs-daemon-")
             .tempdir_in("/tmp")
@@ -36,6 +42,7 @@ impl Daemon {
             fs::write(&p, text.replace("{tmp}", tmp.path().to_str().unwrap())).unwrap();
             p
         });
+        setup(tmp.path());
         let mut d = Daemon {
             socket: tmp.path().join("control.sock"),
             data: tmp.path().join("data"),
