@@ -570,7 +570,7 @@ fn a_new_file_written_once_is_committed_in_place_without_a_working_copy() {
                 .sum();
             assert_eq!(copies, 0, "no working copy besides the lock");
         }
-        s.fs.flush(w.fh, CALLER).unwrap();
+        s.fs.flush(w.fh, CALLER, None).unwrap();
         s.fs.release(w.fh).unwrap();
         assert_eq!(s.read("f"), b"hello");
         assert_eq!(s.inode("f"), inode, "the created file itself, not a copy");
