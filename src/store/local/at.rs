@@ -129,9 +129,11 @@ impl At {
 /// An entry is a directory descriptor opened by [`open_beneath`] (never through a symlink), so
 /// using it reaches nothing a fresh resolution could not have reached then. It can only be
 /// stale: a directory renamed or removed meanwhile. Renames and removals of directories made
-/// through this process's store forget every entry at once (see [`DirCache::forget_all`]);
-/// changes made behind its back (another process, an operator) are seen once an entry is
-/// older than its time to live, as the kernel's own caches of the mount see them. A stale
+/// through this process's store forget every entry at once (see [`DirCache::forget_all`]), and
+/// so do those another roomfs process on the data dir made, when its change log tells of them
+/// (as it tells the mounts' kernel caches); changes made behind roomfs's back (an operator)
+/// are seen once an entry is older than its time to live, as the kernel's own caches of the
+/// mount see them. A stale
 /// entry still names a directory beneath the held one, or one removed (where nothing can be
 /// created).
 pub struct DirCache {

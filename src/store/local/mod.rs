@@ -52,7 +52,7 @@ pub struct LocalStore {
     /// The space's directory, held open: every path is resolved beneath it (see `at`).
     root: Dir,
     /// Directories resolved beneath `root` lately (see `at::DirCache`).
-    dirs: DirCache,
+    dirs: Arc<DirCache>,
     staging: Arc<StagingArea>,
     /// Set when a reader could not take its read lock: patches would no longer be isolated.
     no_patches: AtomicBool,
@@ -71,12 +71,18 @@ impl LocalStore {
     pub fn new(root: Dir, staging: Arc<StagingArea>) -> LocalStore {
         LocalStore {
             root,
-            dirs: DirCache::new(DIR_CACHE_TTL),
+            dirs: Arc::new(DirCache::new(DIR_CACHE_TTL)),
             staging,
             no_patches: AtomicBool::new(false),
             no_exchange: AtomicBool::new(false),
             append_turns: std::array::from_fn(|_| Mutex::new(())),
         }
+    }
+
+    /// Its cache of resolved directories, for whoever hears of directories moved or removed
+    /// behind its back (the space, from other processes' change logs).
+    pub fn dir_cache(&self) -> Arc<DirCache> {
+        self.dirs.clone()
     }
 
     /// The committed content in `file`, with its attributes `st`. A reader of a patchable
