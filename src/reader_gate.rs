@@ -25,14 +25,17 @@
 //! is then taken without waking a sleeping thread, which costs a few microseconds of each round
 //! trip on a VM even with idle CPUs polling (see `poll.rs`). It yields the CPU between polls,
 //! so when the machine has no idle CPU the spin gives way to whatever else is runnable (the
-//! very programs whose requests it waits for) instead of taking their time. After a quiet
+//! very programs whose requests it waits for) instead of taking their time; and while the
+//! machine has less than half a CPU idle it does not spin at all ([`Poller::spare_cpu`]). After a quiet
 //! window the next request is served without spinning, so an idle mount spins at most once per
 //! burst.
 
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::{Thread, ThreadId};
 use std::time::{Duration, Instant};
+
+use crate::poll::Poller;
 
 /// How often a standby thread checks that the FUSE connection is still there.
 const LIVENESS_CHECK: Duration = Duration::from_millis(250);
@@ -51,6 +54,9 @@ pub struct ReaderGate {
     /// The session's `/dev/fuse` (a duplicate): tells whether requests are pending, and whether
     /// the connection is gone.
     device: OnceLock<OwnedFd>,
+    /// Says whether the machine has idle CPU to spin with (see [`Poller::spare_cpu`]); without
+    /// it, the spin window alone decides.
+    poller: OnceLock<Arc<Poller>>,
 }
 
 struct State {
@@ -95,7 +101,18 @@ impl ReaderGate {
             }),
             spin,
             device: OnceLock::new(),
+            poller: OnceLock::new(),
         }
+    }
+
+    /// Spins only while `poller` says the machine has idle CPU to spare.
+    pub fn set_poller(&self, poller: Arc<Poller>) {
+        let _ = self.poller.set(poller);
+    }
+
+    /// Whether spinning now takes only time nobody else wants.
+    fn spare_cpu(&self) -> bool {
+        self.poller.get().is_none_or(|p| p.spare_cpu())
     }
 
     /// The spin window for this machine: [`SPIN_WINDOW`] when `low_latency` is wanted and there
@@ -173,6 +190,9 @@ impl ReaderGate {
             state.reading += 1;
             if state.streaming && !state.closed {
                 drop(state);
+                if !self.spare_cpu() {
+                    return;
+                }
                 let caught = self.await_request();
                 let mut state = self.lock();
                 if caught {
