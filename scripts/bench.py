@@ -824,9 +824,10 @@ def proc_cpu_secs(pid: int) -> float | None:
 
 
 def run_agents(target: Target, d: str, agents: int, files: int, seed: int,
-               timeout: float, check_backing: bool) -> dict:
+               timeout: float, check_backing: bool, keep_files: bool) -> dict:
     """One run of `agents` workers in `d` on `target`: {"ops_s", "cpu_us"} or an exception
-    under "error"; never raises (except Ctrl-C)."""
+    under "error"; never raises (except Ctrl-C).  `keep_files`: leave the files for the end
+    of the disk's rounds (see below) instead of removing them after the run."""
     bad = target.healthy()
     if bad:
         return {"error": WorkloadError(f"{target.name}: {bad}")}
@@ -869,10 +870,13 @@ def run_agents(target: Target, d: str, agents: int, files: int, seed: int,
                     with open(bp, "rb") as f:
                         if f.read() != random.Random(seed + i).randbytes(4096):
                             raise WorkloadError(f"{bp} has different content than was written")
-            # The files stay until the disk's rounds are over: on ext4 without a journal, each
-            # new inode is found past every inode of its group freed in the last minute
-            # (recently_deleted), so removing one run's files would slow down the next target's
-            # creates, whichever it is.
+            # On ext4 without a journal each new inode is found past every inode of its group
+            # freed in the last minute (recently_deleted), so removing one run's files would
+            # slow down the next target's creates, whichever it is: there they stay until the
+            # disk's rounds are over. Elsewhere they go now (a 6 GiB image has too few inodes
+            # for every round's files).
+            if not keep_files:
+                shutil.rmtree(d)  # not timed
             return res
         except Exception as e:  # noqa: BLE001
             if wd.fired.is_set():
@@ -955,7 +959,8 @@ def agents_on(disk_root: str, args, label: str) -> tuple[dict, list[str], str]:
                     load = os.getloadavg()[0]
                     res = run_agents(tg, os.path.join(tg.root, f"r{rnd}-a{n}"), n,
                                      args.agent_files, rnd * 1000 + n, args.timeout,
-                                     check_backing=tg.name != "native")
+                                     check_backing=tg.name != "native",
+                                     keep_files="without journal" in desc)
                     res["load"] = load
                     results[tg.name][n].append(res)
                     if "error" in res:
