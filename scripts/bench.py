@@ -11,6 +11,15 @@ it raises or produces a wrong result, and then the script exits non-zero.
 Usage (normally through scripts/bench, which builds first):
   python3 scripts/bench.py [--rounds N] [--quick] [--peers] [--install-peers]
                            [--workdir DIR] [--json FILE] [--keep]
+  python3 scripts/bench.py --agents 1,4,8,16 [--agent-files N] [--disks data,loop] ...
+
+--agents runs the concurrency benchmark instead of the workloads below: N agent
+processes at once, each creating, writing (4 KiB) and reading back its own files
+in its own directory with Python open(), on the mount and on the native disk in
+the same rounds; throughput as a ratio to native for each N, and the daemon's
+CPU time per operation (utime + stime of the mount process, /proc/PID/stat).
+It runs on the data dir's own disk and on a journaled ext4 loop image that it
+creates and removes (--disks picks).  See agents_main().
 
 Hidden options (for development and comparisons):
   --target {roomfs,bindfs,fuse-overlayfs,rclone}   what the main column measures
@@ -19,6 +28,10 @@ Hidden options (for development and comparisons):
                      It may stay in the foreground or daemonize.
   --fs-name NAME     column label for --fs-cmd
   --roomfs-bin PATH  roomfs binary (default: <repo>/target/release/roomfs)
+  --baseline-bin PATH  a second roomfs binary measured in the same rounds, as the
+                     column "baseline" (A/B comparisons without a second run)
+  --baseline-args '...'  mount options of the baseline (default: --roomfs-args);
+                     alone, it compares two option sets of one binary
   --timeout S        per workload-group watchdog (default 300 s): on expiry the
                      FUSE connection is aborted and the daemon killed, and the
                      workload is reported as FAIL.
@@ -334,11 +347,15 @@ class OverlayTarget(FuseTarget):
 def make_target(kind: str, base: str, args) -> Target:
     if kind == "native":
         return NativeTarget("native", base)
-    if kind == "roomfs":
+    if kind in ("roomfs", "baseline"):
         binary = args.roomfs_bin or os.path.join(REPO, "target", "release", "roomfs")
-        t = FuseTarget("roomfs", base,
+        extra = args.roomfs_args
+        if kind == "baseline":
+            binary = args.baseline_bin or binary
+            extra = args.roomfs_args if args.baseline_args is None else args.baseline_args
+        t = FuseTarget(kind, base,
                        [binary, "mount", "--data-dir", "{src}", "--room", ROOM_ID]
-                       + shlex.split(args.roomfs_args) + ["{mnt}"],
+                       + shlex.split(extra) + ["{mnt}"],
                        [binary, "unmount", "{mnt}"], args.mount_timeout)
         t.backing_root = os.path.join(t.src, "rooms", ROOM_ID)
     elif kind == "bindfs":
@@ -760,6 +777,349 @@ def render(summary: dict, names: list[str], primary: str, header: str) -> str:
     return "\n".join(out)
 
 
+# ---------------------------------------------------------------- agents ---
+#
+# The concurrency benchmark (--agents): N agent processes at once, each creating, writing
+# (4 KiB) and reading back its own files in its own directory with Python open(), on every
+# target in the same round, one N after the other.  An operation is one file: its
+# create + write + close, and its open + read + close later (the read checks the bytes).
+# Python's start-up is not timed: every worker prepares, says "ready", and waits for "go"
+# on its stdin; the time runs from the go to the last worker's report.  The daemon's CPU
+# time is utime + stime of the mount process (all its threads) from /proc/PID/stat, taken
+# at the go and after the last report (the asynchronous releases still under way then are
+# a few requests out of thousands).
+
+AGENT_WORKER = r"""
+import json, os, random, sys, time
+d, n, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+data = random.Random(seed).randbytes(4096)
+paths = [os.path.join(d, f"f{i:05d}") for i in range(n)]
+print("ready", flush=True)
+sys.stdin.readline()
+t0 = time.perf_counter_ns()
+for p in paths:
+    with open(p, "wb") as f:
+        f.write(data)
+bad = 0
+for p in paths:
+    with open(p, "rb") as f:
+        if f.read() != data:
+            bad += 1
+t1 = time.perf_counter_ns()
+print(json.dumps({"ns": t1 - t0, "bad": bad}), flush=True)
+"""
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def proc_cpu_secs(pid: int) -> float | None:
+    """utime + stime of process `pid` (all its threads, those ended included)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    # after the ")": state is field 3, utime 14 and stime 15 (1-based, man 5 proc)
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def run_agents(target: Target, d: str, agents: int, files: int, seed: int,
+               timeout: float, check_backing: bool, keep_files: bool) -> dict:
+    """One run of `agents` workers in `d` on `target`: {"ops_s", "cpu_us"} or an exception
+    under "error"; never raises (except Ctrl-C).  `keep_files`: leave the files for the end
+    of the disk's rounds (see below) instead of removing them after the run."""
+    bad = target.healthy()
+    if bad:
+        return {"error": WorkloadError(f"{target.name}: {bad}")}
+    procs: list[subprocess.Popen] = []
+    with Watchdog(target, timeout, f"{agents} agents") as wd:
+        try:
+            os.mkdir(d)
+            dirs = [os.path.join(d, f"agent{i}") for i in range(agents)]
+            for a in dirs:
+                os.mkdir(a)
+            os.sync()
+            for i, a in enumerate(dirs):
+                procs.append(subprocess.Popen(
+                    [sys.executable, "-I", "-S", "-c", AGENT_WORKER, a, str(files), str(seed + i)],
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True))
+            for p in procs:
+                if p.stdout.readline().strip() != "ready":
+                    raise WorkloadError(f"agent pid {p.pid} did not start")
+            pid = target.proc.pid if target.proc is not None else None
+            cpu0 = proc_cpu_secs(pid) if pid else None
+            t0 = _now()
+            for p in procs:
+                p.stdin.write("go\n")
+                p.stdin.flush()
+            reports = [p.stdout.readline() for p in procs]
+            t1 = _now()
+            cpu1 = proc_cpu_secs(pid) if pid else None
+            for p, line in zip(procs, reports):
+                if p.wait() != 0 or not line:
+                    raise WorkloadError(f"agent pid {p.pid} failed (status {p.returncode})")
+                if json.loads(line)["bad"]:
+                    raise WorkloadError(f"agent pid {p.pid} read back wrong content")
+            ops = agents * files
+            res = {"ops_s": ops / _secs(t0, t1)}
+            if cpu0 is not None and cpu1 is not None:
+                res["cpu_us"] = (cpu1 - cpu0) * 1e6 / ops
+            if check_backing and target.backing_path("x"):
+                for i, a in enumerate(dirs):
+                    bp = target.backing_path(os.path.relpath(os.path.join(a, "f00000"), target.root))
+                    with open(bp, "rb") as f:
+                        if f.read() != random.Random(seed + i).randbytes(4096):
+                            raise WorkloadError(f"{bp} has different content than was written")
+            # On ext4 without a journal each new inode is found past every inode of its group
+            # freed in the last minute (recently_deleted), so removing one run's files would
+            # slow down the next target's creates, whichever it is: there they stay until the
+            # disk's rounds are over. Elsewhere they go now (a 6 GiB image has too few inodes
+            # for every round's files).
+            if not keep_files:
+                shutil.rmtree(d)  # not timed
+            return res
+        except Exception as e:  # noqa: BLE001
+            if wd.fired.is_set():
+                e = WorkloadError(f"timed out after {timeout:g} s ({type(e).__name__}: {e})")
+            return {"error": e}
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+
+
+def disk_description(path: str) -> str:
+    """The filesystem under `path`: type, whether ext4 has a journal, mount options."""
+    r = subprocess.run(["findmnt", "-no", "SOURCE,FSTYPE,OPTIONS", "-T", path],
+                       capture_output=True, text=True)
+    if r.returncode != 0 or not r.stdout.split():
+        return "unknown filesystem"
+    source, fstype, opts = (r.stdout.split() + ["", "", ""])[:3]
+    desc = fstype
+    if fstype.startswith("ext"):
+        try:  # "<none>" when it has no journal
+            with open(f"/sys/fs/ext4/{os.path.basename(os.path.realpath(source))}/journal_task") as f:
+                desc += " without journal" if f.read().strip() == "<none>" else " with journal"
+        except OSError:
+            pass
+    keep = [o for o in opts.split(",") if o in ("discard", "nobarrier", "data=writeback",
+                                                 "data=journal", "sync", "noatime")]
+    return desc + (f" ({','.join(keep)})" if keep else "")
+
+
+class LoopImage:
+    """A journaled ext4 image mounted through a loop device; removed on close, always."""
+
+    def __init__(self, parent: str, size: str = "6G"):
+        self.dir = tempfile.mkdtemp(prefix="roomfs-bench-loop-", dir=parent)
+        self.image = os.path.join(self.dir, "image")
+        self.mnt = os.path.join(self.dir, "mnt")
+        self.mounted = False
+        os.mkdir(self.mnt)
+        for cmd in (["truncate", "-s", size, self.image],
+                    ["mkfs.ext4", "-q", "-F", "-O", "has_journal", self.image],
+                    ["mount", "-o", "loop", self.image, self.mnt]):
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            if r.returncode != 0:
+                self.close()
+                raise RuntimeError(f"{shlex.join(cmd)} failed: {r.stderr.strip()}")
+        self.mounted = True
+
+    def close(self) -> None:
+        if self.mounted or is_mounted(self.mnt):
+            if not run_quiet(["umount", self.mnt], timeout=60):
+                run_quiet(["umount", "-l", self.mnt])
+        self.mounted = is_mounted(self.mnt)
+        if self.mounted:
+            log(f"WARNING: {self.mnt} is still mounted; leaving {self.dir}")
+            return
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def agents_on(disk_root: str, args, label: str) -> tuple[dict, list[str], str]:
+    """Runs the agents benchmark with its scratch dir under `disk_root`; returns the results
+    {target: {N: [per-round dict]}}, the target names and the disk's description."""
+    workdir = os.path.realpath(tempfile.mkdtemp(prefix="roomfs-bench-", dir=disk_root))
+    desc = disk_description(workdir)
+    log(f"[{label}] scratch dir {workdir}: {desc}")
+    targets: list[Target] = [NativeTarget("native", os.path.join(workdir, "native")),
+                             make_target("roomfs", os.path.join(workdir, "roomfs"), args)]
+    if args.baseline:
+        targets.append(make_target("baseline", os.path.join(workdir, "baseline"), args))
+    results = {t.name: {n: [] for n in args.agents} for t in targets}
+    mounted: list[Target] = []
+    try:
+        for tg in targets:
+            mounted.append(tg)
+            tg.setup()
+        for rnd in range(args.rounds):
+            for n in args.agents:
+                for tg in targets:
+                    load = os.getloadavg()[0]
+                    res = run_agents(tg, os.path.join(tg.root, f"r{rnd}-a{n}"), n,
+                                     args.agent_files, rnd * 1000 + n, args.timeout,
+                                     check_backing=tg.name != "native",
+                                     keep_files="without journal" in desc)
+                    res["load"] = load
+                    results[tg.name][n].append(res)
+                    if "error" in res:
+                        st = f"FAIL: {res['error']}"
+                    else:
+                        st = f"{res['ops_s']:8,.0f} ops/s"
+                        if "cpu_us" in res:
+                            st += f"  daemon {res['cpu_us']:6.1f} us/op"
+                    log(f"  [{label}] round {rnd + 1}/{args.rounds} agents {n:3d} "
+                        f"{tg.name:9s} {st}  (load {load:.2f})")
+    finally:
+        failed_logs = {}
+        for tg in reversed(mounted):
+            if tg.ready and tg.proc is not None and tg.proc.poll() is not None:
+                failed_logs[tg.name] = tg.log_tail()
+            try:
+                tg.teardown()
+            except Exception as e:  # noqa: BLE001
+                log(f"[{tg.name}] teardown error: {e}")
+        left = mounts_under(workdir)
+        if left:
+            log(f"ERROR: mounts left behind: {left}; not removing {workdir}")
+        elif args.keep:
+            log(f"kept scratch dir {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+        for n, tail in failed_logs.items():
+            log(f"[{n}] daemon output (tail):\n{tail}")
+    return results, [t.name for t in targets], desc
+
+
+def render_agents(results: dict, names: list[str], agents: list[int]) -> tuple[str, list[str], dict]:
+    """The table of one disk, the failures, and the summary as data."""
+    def med(xs):
+        return statistics.median(xs) if xs else None
+
+    fails: list[str] = []
+    summary: dict = {}
+    rows = []
+    others = [n for n in names if n != "native"]
+    cols = ["agents", "native ops/s"]
+    for o in others:
+        cols += [f"{o} ops/s", "ratio", "spread", f"x vs 1", "daemon us/op", "spread"]
+    cols += ["load"]
+    for n in agents:
+        nat = results["native"][n]
+        row = [str(n)]
+        nat_ok = [r.get("ops_s") for r in nat]
+        row.append(f"{med([v for v in nat_ok if v]):,.0f}" if any(nat_ok) else "FAIL")
+        summary[n] = {"native": med([v for v in nat_ok if v]), "load": med([r["load"] for r in nat])}
+        for o in others:
+            rs = results[o][n]
+            for i, r in enumerate(rs):
+                if "error" in r:
+                    fails.append(f"FAIL agents={n} [{o}] round {i + 1}: {r['error']}")
+            ratios = [r["ops_s"] / a["ops_s"] for r, a in zip(rs, nat)
+                      if "error" not in r and "error" not in a]
+            one = results[o].get(1)
+            scale = []
+            if one:
+                scale = [r["ops_s"] / b["ops_s"] for r, b in zip(rs, one)
+                         if "error" not in r and "error" not in b]
+            cpu = [r["cpu_us"] for r in rs if "cpu_us" in r]
+            ops = [r["ops_s"] for r in rs if "ops_s" in r]
+            s = {"ops_s": med(ops), "ratio": med(ratios), "x_vs_1": med(scale),
+                 "cpu_us": med(cpu), "ratios": ratios, "cpus": cpu}
+            summary[n][o] = s
+            row.append(f"{s['ops_s']:,.0f}" if ops else "FAIL")
+            row.append(f"{s['ratio']:.2f}" if ratios else "-")
+            row.append(f"{min(ratios):.2f}..{max(ratios):.2f}" if ratios else "-")
+            row.append(f"{s['x_vs_1']:.2f}" if scale else "-")
+            row.append(f"{s['cpu_us']:.0f}" if cpu else "-")
+            row.append(f"{min(cpu):.0f}..{max(cpu):.0f}" if cpu else "-")
+        loads = [r["load"] for t in names for r in results[t][n]]
+        row.append(f"{min(loads):.1f}..{max(loads):.1f}")
+        rows.append(row)
+    widths = [max(len(str(x)) for x in col) for col in zip(cols, *rows)]
+
+    def line(cells):
+        return "  ".join((c.rjust(w) if i else c.ljust(w))
+                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    out = [line(cols), line(["-" * w for w in widths])] + [line(r) for r in rows]
+    return "\n".join(out), fails, summary
+
+
+def agents_main(args) -> int:
+    started = time.monotonic()
+    binary = args.roomfs_bin or os.path.join(REPO, "target", "release", "roomfs")
+    if not os.access(binary, os.X_OK):
+        log(f"error: roomfs binary {binary} not found (run scripts/bench to build it)")
+        return 2
+    parent = args.workdir or "/var/tmp"
+    os.makedirs(parent, exist_ok=True)
+    load0 = os.getloadavg()
+    tables, fails, doc = [], [], {}
+    interrupted = None
+    loop: LoopImage | None = None
+    try:
+        for disk in args.disks:
+            if disk == "loop":
+                log("creating a journaled ext4 loop image (6 GiB, sparse)")
+                loop = LoopImage(parent)
+                root = loop.mnt
+            else:
+                root = parent
+            try:
+                results, names, desc = agents_on(root, args, disk)
+            finally:
+                if loop is not None:
+                    loop.close()
+                    loop = None
+            table, f, summary = render_agents(results, names, args.agents)
+            what = "the data dir's disk" if disk == "data" else "a journaled ext4 loop image"
+            tables.append(f"## {what}: {desc}\n{table}")
+            fails += [f"[{disk}] {x}" for x in f]
+            doc[disk] = {"filesystem": desc, "results": {
+                t: {str(n): [{k: (str(v) if k == "error" else v) for k, v in r.items()}
+                             for r in rs] for n, rs in per.items()}
+                for t, per in results.items()}, "summary": {str(k): v for k, v in summary.items()}}
+    except Interrupted as e:
+        interrupted = str(e)
+        log(f"interrupted by {e}; cleaned up")
+    except Exception as e:  # noqa: BLE001
+        interrupted = f"{type(e).__name__}: {e}"
+        log(f"error: {e}")
+        if not isinstance(e, RuntimeError):
+            traceback.print_exc()
+    finally:
+        for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(s, signal.SIG_IGN)
+        if loop is not None:
+            loop.close()
+    if interrupted is not None:
+        return 130 if "SIG" in interrupted else 2
+    load1 = os.getloadavg()
+    now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    print(f"# {now} | kernel {os.uname().release} | {os.cpu_count()} CPUs | commit {git_commit()}"
+          f" | {args.rounds} rounds, {args.agent_files} files of 4 KiB per agent"
+          f" | {time.monotonic() - started:.0f} s\n"
+          f"# load average (1/5/15 min) before {load0[0]:.2f}/{load0[1]:.2f}/{load0[2]:.2f},"
+          f" after {load1[0]:.2f}/{load1[1]:.2f}/{load1[2]:.2f}\n"
+          f"# an op is one file: create + write + close, and open + read + close; medians of "
+          f"the rounds;\n#   ratio = roomfs/native per round; x vs 1 = ops/s against 1 agent's "
+          f"in the same round;\n#   daemon us/op = the mount process's CPU (user + system) per "
+          f"op; load = 1-min load average at each run's start")
+    for t in tables:
+        print(t)
+    for f in fails:
+        print(f)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"date": now, "kernel": os.uname().release, "cpus": os.cpu_count(),
+                       "commit": git_commit(), "rounds": args.rounds, "agents": args.agents,
+                       "files": args.agent_files, "load": [load0, load1], "disks": doc,
+                       "failures": fails}, f, indent=2)
+    return 1 if fails else 0
+
+
 # ------------------------------------------------------------------ main ---
 
 def parse_args(argv):
@@ -781,6 +1141,16 @@ def parse_args(argv):
     ap.add_argument("--fs-name", default="custom", help=S)
     ap.add_argument("--fs-unmount-cmd", help=S)
     ap.add_argument("--roomfs-bin", help=S)
+    ap.add_argument("--baseline-bin", help=S)
+    ap.add_argument("--baseline-args", help=S)
+    ap.add_argument("--agents", metavar="N,N,...",
+                    help="run the concurrency benchmark instead: N agent processes at once, each "
+                    "creating, writing and reading back its own 4 KiB files (e.g. 1,4,8,16)")
+    ap.add_argument("--agent-files", type=int, default=2000, metavar="N",
+                    help="files per agent in --agents (default 2000)")
+    ap.add_argument("--disks", default="data,loop",
+                    help="where --agents runs: 'data' (the workdir's disk), 'loop' (a journaled "
+                    "ext4 image created and removed by the script), or both (default data,loop)")
     ap.add_argument("--roomfs-args", default="",
                     help="extra `roomfs mount` options, e.g. '--poll-window-us 0' (for A/B runs)")
     ap.add_argument("--timeout", type=float, default=300, help=S)
@@ -790,6 +1160,21 @@ def parse_args(argv):
         ap.error("--rounds must be >= 1")
     if a.install_peers:
         a.peers = True
+    if a.agents is not None:
+        try:
+            a.agents = [int(n) for n in a.agents.split(",") if n.strip()]
+        except ValueError:
+            ap.error(f"--agents wants numbers separated by commas, got {a.agents!r}")
+        if not a.agents or min(a.agents) < 1:
+            ap.error("--agents wants at least one number, each >= 1")
+        a.disks = [d.strip() for d in a.disks.split(",") if d.strip()]
+        if not a.disks or any(d not in ("data", "loop") for d in a.disks):
+            ap.error("--disks takes data, loop or data,loop")
+        if a.agent_files < 1:
+            ap.error("--agent-files must be >= 1")
+    if a.baseline_bin and not os.access(a.baseline_bin, os.X_OK):
+        ap.error(f"--baseline-bin {a.baseline_bin}: not an executable")
+    a.baseline = a.baseline_bin is not None or a.baseline_args is not None
     return a
 
 
@@ -803,6 +1188,9 @@ def main(argv=None) -> int:
 
     for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(s, on_signal)
+
+    if args.agents is not None:
+        return agents_main(args)
 
     if args.install_peers:
         log("installing peers: apt-get install -y bindfs fuse-overlayfs rclone fuse3")
@@ -838,6 +1226,8 @@ def main(argv=None) -> int:
                 continue
             pt = make_target(peer, os.path.join(workdir, peer), args)
             targets.append(pt)
+    if args.baseline:
+        targets.append(make_target("baseline", os.path.join(workdir, "baseline"), args))
     names = [t.name for t in targets]
     sz = Sizes(args.quick)
     results = {t.name: {w: [] for w, _, _ in WORKLOADS} for t in targets}

@@ -346,6 +346,9 @@ impl ActiveMount {
             threads,
             ReaderGate::spin_window(resources.poller.is_some()),
         ));
+        if let Some(poller) = &resources.poller {
+            gate.set_poller(poller.clone());
+        }
         let adapter = FuseAdapter::new(
             fs.clone(),
             spec.cache_ttl,

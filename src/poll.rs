@@ -12,10 +12,19 @@
 //! Without access to `/dev/cpu_dma_latency` (not root), one `SCHED_IDLE` thread per CPU spins
 //! instead; such threads run only when nothing else wants the CPU. That keeps CPUs from halting
 //! too, but a wake-up must then interrupt the spinner, so it gains about half as much.
+//!
+//! All of this trades idle CPU time for latency, so it backs off when there is none to trade:
+//! while requests come, the poller looks at the machine's idle time (`/proc/stat`, at most
+//! every [`SAMPLE_EVERY`]), and when less than half a CPU was idle it withdraws the latency
+//! request and tells the FUSE threads not to spin for the next request ([`Poller::spare_cpu`]):
+//! on a machine whose CPUs are all busy (many agents, builds beside them) a CPU never halts
+//! anyway, and every microsecond spent polling is taken from the programs whose requests it
+//! waits for.
 
 use std::fs::File;
 use std::io::Write;
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::Thread;
 use std::time::{Duration, Instant};
@@ -36,6 +45,57 @@ pub struct Poller {
     /// Whether the worker threads are parked (so a request must wake them).
     parked: AtomicBool,
     threads: std::sync::OnceLock<Vec<Thread>>,
+    /// Whether the machine had idle CPU lately (see [`Poller::spare_cpu`]).
+    spare: AtomicBool,
+    /// The last look at `/proc/stat`: when (nanoseconds since `start`) and what it showed.
+    sample: Mutex<Option<(u64, CpuTimes)>>,
+}
+
+/// How often the machine's idle time is looked at, at most.
+pub const SAMPLE_EVERY: Duration = Duration::from_millis(200);
+
+/// Idle CPUs (on average over the last sample) below which polling backs off.
+const SPARE_CPUS: f64 = 0.5;
+
+/// The machine's CPU time from `/proc/stat`, in ticks: idle (with I/O wait) and in all.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct CpuTimes {
+    idle: u64,
+    total: u64,
+}
+
+impl CpuTimes {
+    /// The first line of `/proc/stat`: `cpu user nice system idle iowait irq softirq steal ...`
+    /// (guest time is counted in user time already).
+    fn parse(stat: &str) -> Option<CpuTimes> {
+        let mut fields = stat.lines().next()?.split_whitespace();
+        if fields.next()? != "cpu" {
+            return None;
+        }
+        let v: Vec<u64> = fields
+            .take(8)
+            .map(|f| f.parse().ok())
+            .collect::<Option<_>>()?;
+        (v.len() >= 5).then(|| CpuTimes {
+            idle: v[3] + v[4],
+            total: v.iter().sum(),
+        })
+    }
+
+    fn now() -> Option<CpuTimes> {
+        CpuTimes::parse(&std::fs::read_to_string("/proc/stat").ok()?)
+    }
+
+    /// Whether at least `SPARE_CPUS` of `cpus` were idle on average from `before` to `self`
+    /// (yes when no time passed).
+    fn spare_since(&self, before: &CpuTimes, cpus: usize) -> bool {
+        let total = self.total.saturating_sub(before.total);
+        if total == 0 {
+            return true;
+        }
+        let idle = self.idle.saturating_sub(before.idle);
+        idle as f64 / total as f64 * cpus as f64 >= SPARE_CPUS
+    }
 }
 
 impl Poller {
@@ -51,6 +111,8 @@ impl Poller {
             last: AtomicU64::new(0),
             parked: AtomicBool::new(true),
             threads: std::sync::OnceLock::new(),
+            spare: AtomicBool::new(true),
+            sample: Mutex::new(None),
         });
         let mut threads = Vec::new();
         match File::options().write(true).open(CPU_LATENCY_DEVICE) {
@@ -92,6 +154,28 @@ impl Poller {
             .saturating_sub(self.last.load(Ordering::Relaxed))
     }
 
+    /// Whether the machine had idle CPU to spare lately (at least half a CPU idle on average),
+    /// so that polling for latency takes time nobody else wants. Looks at `/proc/stat` when
+    /// the last look is older than [`SAMPLE_EVERY`] (one caller at a time; the others take the
+    /// last answer); yes when it cannot be read.
+    pub fn spare_cpu(&self) -> bool {
+        let now = self.now_ns();
+        if let Ok(mut sample) = self.sample.try_lock() {
+            let due = sample
+                .as_ref()
+                .is_none_or(|(at, _)| now.saturating_sub(*at) >= SAMPLE_EVERY.as_nanos() as u64);
+            if due && let Some(times) = CpuTimes::now() {
+                if let Some((_, before)) = sample.as_ref() {
+                    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+                    self.spare
+                        .store(times.spare_since(before, cpus), Ordering::Relaxed);
+                }
+                *sample = Some((now, times));
+            }
+        }
+        self.spare.load(Ordering::Relaxed)
+    }
+
     /// Called at every request: restarts the window, waking the workers if they sleep.
     pub fn activity(&self) {
         self.last.store(self.now_ns(), Ordering::Relaxed);
@@ -127,12 +211,24 @@ impl Poller {
             if self.parked.load(Ordering::Acquire) {
                 continue;
             }
-            set(&mut device, LOW_LATENCY);
+            // Held only while the machine has idle CPU to spare (looked at again as the
+            // window goes on).
+            let mut low = self.spare_cpu();
+            if low {
+                set(&mut device, LOW_LATENCY);
+            }
             while !self.window_over() {
                 let left = self.window_ns.saturating_sub(self.idle_ns());
                 std::thread::sleep(Duration::from_nanos(left.max(50_000)));
+                let spare = self.spare_cpu();
+                if spare != low {
+                    set(&mut device, if spare { LOW_LATENCY } else { NO_CONSTRAINT });
+                    low = spare;
+                }
             }
-            set(&mut device, NO_CONSTRAINT);
+            if low {
+                set(&mut device, NO_CONSTRAINT);
+            }
         }
     }
 
@@ -185,6 +281,39 @@ mod tests {
             std::thread::sleep(Duration::from_millis(5));
         }
         false
+    }
+
+    #[test]
+    fn spare_cpu_is_idle_time_against_all_time() {
+        let stat = "cpu  100 0 50 800 50 0 0 0 0 0\ncpu0 50 0 25 400 25 0 0 0 0 0\n";
+        let before = CpuTimes::parse(stat).unwrap();
+        assert_eq!(
+            before,
+            CpuTimes {
+                idle: 850,
+                total: 1000
+            }
+        );
+        // Two CPUs, 100 ticks: 30 idle is 0.6 of a CPU; 20 idle is 0.4.
+        let spare = CpuTimes {
+            idle: 880,
+            total: 1100,
+        };
+        assert!(spare.spare_since(&before, 2));
+        let busy = CpuTimes {
+            idle: 870,
+            total: 1100,
+        };
+        assert!(!busy.spare_since(&before, 2));
+        assert!(
+            before.spare_since(&before, 2),
+            "no time passed: no reason to back off"
+        );
+        assert_eq!(CpuTimes::parse("intr 1 2 3\n"), None);
+        assert!(
+            CpuTimes::now().is_some(),
+            "this machine's /proc/stat parses"
+        );
     }
 
     #[test]

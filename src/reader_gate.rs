@@ -14,16 +14,28 @@
 //! reading when woken, when [`ReaderGate::close`] is called, or when they find the connection
 //! gone (checked every [`LIVENESS_CHECK`]), so the session can always end.
 //!
+//! Under concurrent load the kernel queues requests faster than one thread takes them: a thread
+//! ending a callback while requests are already waiting goes on reading even though another
+//! thread reads too, rather than standing by only to be woken for the next one (a park and a
+//! wake-up, two context switches, per request). Once the queue is drained the extra readers
+//! stand by again at their next callback.
+//!
 //! While requests stream (the previous one ended less than the spin window ago), the reading
 //! thread polls the device for the window before it blocks in `read`: the caller's next request
 //! is then taken without waking a sleeping thread, which costs a few microseconds of each round
-//! trip on a VM even with idle CPUs polling (see `poll.rs`). After a quiet window the next
-//! request is served without spinning, so an idle mount spins at most once per burst.
+//! trip on a VM even with idle CPUs polling (see `poll.rs`). It yields the CPU between polls,
+//! so when the machine has no idle CPU the spin gives way to whatever else is runnable (the
+//! very programs whose requests it waits for) instead of taking their time; and while the
+//! machine has less than half a CPU idle it does not spin at all ([`Poller::spare_cpu`]). After a quiet
+//! window the next request is served without spinning, so an idle mount spins at most once per
+//! burst.
 
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::{Thread, ThreadId};
 use std::time::{Duration, Instant};
+
+use crate::poll::Poller;
 
 /// How often a standby thread checks that the FUSE connection is still there.
 const LIVENESS_CHECK: Duration = Duration::from_millis(250);
@@ -42,6 +54,9 @@ pub struct ReaderGate {
     /// The session's `/dev/fuse` (a duplicate): tells whether requests are pending, and whether
     /// the connection is gone.
     device: OnceLock<OwnedFd>,
+    /// Says whether the machine has idle CPU to spin with (see [`Poller::spare_cpu`]); without
+    /// it, the spin window alone decides.
+    poller: OnceLock<Arc<Poller>>,
 }
 
 struct State {
@@ -86,7 +101,18 @@ impl ReaderGate {
             }),
             spin,
             device: OnceLock::new(),
+            poller: OnceLock::new(),
         }
+    }
+
+    /// Spins only while `poller` says the machine has idle CPU to spare.
+    pub fn set_poller(&self, poller: Arc<Poller>) {
+        let _ = self.poller.set(poller);
+    }
+
+    /// Whether spinning now takes only time nobody else wants.
+    fn spare_cpu(&self) -> bool {
+        self.poller.get().is_none_or(|p| p.spare_cpu())
     }
 
     /// The spin window for this machine: [`SPIN_WINDOW`] when `low_latency` is wanted and there
@@ -150,14 +176,23 @@ impl ReaderGate {
         }
     }
 
-    /// Ends a callback: back to reading if nobody reads, else stand by until needed.
+    /// Ends a callback: back to reading if nobody reads or requests are waiting, else stand by
+    /// until needed.
     fn leave(&self) {
         let mut state = self.lock();
         state.last_end = Some(Instant::now());
+        if state.reading > 0 && !state.closed && self.poll(libc::POLLIN) & libc::POLLIN != 0 {
+            // More requests than the other readers take at once: read too.
+            state.reading += 1;
+            return;
+        }
         if state.closed || state.reading == 0 {
             state.reading += 1;
             if state.streaming && !state.closed {
                 drop(state);
+                if !self.spare_cpu() {
+                    return;
+                }
                 let caught = self.await_request();
                 let mut state = self.lock();
                 if caught {
@@ -211,7 +246,8 @@ impl ReaderGate {
             if start.elapsed() >= self.spin {
                 return false;
             }
-            std::hint::spin_loop();
+            // Only idle time: anything runnable on this CPU goes first.
+            std::thread::yield_now();
         }
     }
 
@@ -323,11 +359,14 @@ mod tests {
         threads.push(callback(&gate, false, &back));
         wait_for("the reader to return", || back.load(Ordering::SeqCst) == 2);
         assert_eq!(standing_by(&gate), 1);
-        // Still pending at the next callback, a backlog: the standby thread is woken.
+        // Still pending at the next callback, a backlog: the standby thread is woken, and the
+        // busy one, finding requests still waiting, reads on too instead of standing by.
         threads.push(callback(&gate, false, &back));
-        wait_for("the standby to take over", || {
-            back.load(Ordering::SeqCst) == 3
+        wait_for("the standby and the busy thread to read", || {
+            back.load(Ordering::SeqCst) == 4
         });
+        assert_eq!(standing_by(&gate), 0);
+        assert_eq!(reading(&gate), 2);
 
         gate.close();
         for t in threads {

@@ -426,3 +426,34 @@ fn two_mount_processes_on_one_data_dir_see_each_others_changes_at_once() {
     assert!(buf[3..].iter().all(|&b| b == 0), "{buf:?}");
     drop(held);
 }
+
+#[test]
+fn a_directory_another_process_moved_is_resolved_again_at_once() {
+    // B's store keeps the directories it resolved for a moment; a move heard from A's process
+    // must drop them, or B's next file under the old name would land in the moved directory.
+    let tmp = tempfile::Builder::new()
+        .prefix("roomfs-events-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let data = tmp.path().join("data");
+    let ttl = ["--room", "r1", "--cache-ttl", "60"];
+    let pa = Standalone::start(&data, &tmp.path().join("a"), &ttl);
+    let pb = Standalone::start(&data, &tmp.path().join("b"), &ttl);
+    let (a, b) = (pa.mnt.clone(), pb.mnt.clone());
+    fs::create_dir(a.join("d")).unwrap();
+    eventually("B sees d", || b.join("d").is_dir());
+    fs::write(b.join("d/one"), b"1").unwrap();
+    fs::rename(a.join("d"), a.join("e")).unwrap();
+    fs::create_dir(a.join("d")).unwrap();
+    eventually("B sees the move", || {
+        b.join("e/one").exists() && b.join("d").is_dir() && !b.join("d/one").exists()
+    });
+    fs::write(b.join("d/two"), b"2").unwrap();
+    let room = data.join("rooms/r1");
+    assert_eq!(fs::read(room.join("d/two")).unwrap(), b"2");
+    assert!(
+        !room.join("e/two").exists(),
+        "written through a stale directory"
+    );
+    assert_eq!(fs::read(a.join("d/two")).unwrap(), b"2");
+}

@@ -276,6 +276,48 @@ while True:
 }
 
 #[test]
+fn kill_9_during_many_new_files_leaves_each_empty_or_whole() {
+    // New files written once (`open(path, 'wb')`) are committed by adding their bytes to the
+    // empty file in place (up to 128 KiB; larger ones through a working copy; up to a page,
+    // without a crash marker): a crash in the middle leaves each file as created (empty) or
+    // whole, in the data dir after the next start and through the mount.
+    let mut m = Mounted::room();
+    let units = |i: usize| 1 + (i * 7919) % if i.is_multiple_of(2) { 512 } else { 19000 };
+    let code = r#"
+import os
+d = os.environ['MNT']
+i = 0
+while True:
+    data = (b'%08d' % i) * (1 + (i * 7919) % (512 if i % 2 == 0 else 19000))
+    with open(f'{d}/f{i}', 'wb') as f:
+        f.write(data)
+    if i == 0:
+        going()
+    i += 1
+"#;
+    crash_while_running(&mut m, code);
+    m.start();
+    let mut whole = 0;
+    for entry in fs::read_dir(m.backing("")).unwrap() {
+        let name = entry.unwrap().file_name().into_string().unwrap();
+        let i: usize = name[1..].parse().unwrap();
+        let expected = format!("{i:08}").repeat(units(i));
+        for data in [
+            fs::read(m.backing(&name)).unwrap(),
+            fs::read(m.p(&name)).unwrap(),
+        ] {
+            assert!(
+                data.is_empty() || data == expected.as_bytes(),
+                "{name} is neither empty nor whole ({} bytes)",
+                data.len()
+            );
+        }
+        whole += usize::from(fs::metadata(m.p(&name)).unwrap().len() > 0);
+    }
+    assert!(whole > 10, "the writer got going ({whole} files)");
+}
+
+#[test]
 fn an_append_cut_short_by_a_crash_is_undone_at_the_next_start() {
     // What a daemon killed in the middle of an in-place append leaves: its staging directory
     // (lock not held) with a marker linked to the file, and part of the tail written.

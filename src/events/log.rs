@@ -47,7 +47,12 @@
 //! **Following.** One thread per process (`roomfs-events`) writes the lines of this process's
 //! changes (queued by [`LogFeed::publish`], which never waits for I/O) and follows the logs of
 //! the spaces open in the process: it waits on inotify watches of the two log directories, so
-//! an idle data dir costs it no wake-up at all. Where inotify cannot be had (the
+//! an idle data dir costs it no wake-up at all. The first change after a quiet turn wakes it at
+//! once; while changes keep coming, it gathers them for up to 1 ms (`LINGER`) and writes them
+//! in one turn (lock, read others' lines, write, unlock), so a busy process pays one turn per
+//! millisecond rather than one per change. Its own lines are taken as it writes them (not read
+//! back), and the inotify events of its own writes are drained under the lock (everything
+//! before them is read already), so they do not wake it again. Where inotify cannot be had (the
 //! `fs.inotify.max_user_instances` limit), it looks every 50 ms instead: one `fstat` per open
 //! space.
 
@@ -74,6 +79,9 @@ use crate::store::local::at::{Dir, check, fstatat};
 
 /// How often the logs are looked at when inotify cannot be had.
 pub const POLL_EVERY: Duration = Duration::from_millis(50);
+
+/// While changes keep coming, how long the thread gathers them before it writes them.
+const LINGER: Duration = Duration::from_millis(1);
 
 /// A line longer than this is not a record (skipped).
 const MAX_LINE: usize = 1 << 20;
@@ -107,6 +115,9 @@ struct Shared {
     wake: OwnedFd,
     /// Whether the thread follows through inotify (else it polls every [`POLL_EVERY`]).
     inotify: AtomicBool,
+    /// Whether the thread waits to be woken (set by the thread, taken by the publisher that
+    /// wakes it): while it writes every [`LINGER`] instead, nobody wakes it.
+    asleep: AtomicBool,
 }
 
 impl Shared {
@@ -185,6 +196,7 @@ impl Logs {
             // SAFETY: just made, owned by nobody else.
             wake: unsafe { OwnedFd::from_raw_fd(wake) },
             inotify: AtomicBool::new(false),
+            asleep: AtomicBool::new(true),
         });
         let inotify = watch(&shared);
         shared.inotify.store(inotify.is_some(), Ordering::Relaxed);
@@ -266,12 +278,20 @@ fn watch(shared: &Shared) -> Option<Inotify> {
 /// The thread: writes what this process published, reads what others appended; ends once
 /// the logs and all their feeds are gone.
 fn run(shared: &Weak<Shared>, wake: &OwnedFd, inotify: Option<Inotify>) {
-    let timeout = if inotify.is_some() {
+    let idle_timeout = if inotify.is_some() {
         -1
     } else {
         POLL_EVERY.as_millis() as libc::c_int
     };
+    // Whether the last turn wrote lines: then more are likely, and the thread looks again
+    // after `LINGER` without being woken (see `Shared::asleep`).
+    let mut lingering = false;
     loop {
+        let timeout = if lingering {
+            LINGER.as_millis() as libc::c_int
+        } else {
+            idle_timeout
+        };
         let mut fds = vec![libc::pollfd {
             fd: wake.as_raw_fd(),
             events: libc::POLLIN,
@@ -308,9 +328,43 @@ fn run(shared: &Weak<Shared>, wake: &OwnedFd, inotify: Option<Inotify>) {
             .values()
             .filter_map(Weak::upgrade)
             .collect();
+        let mut touched = touched;
+        let mut wrote = false;
         for feed in &feeds {
-            if let Err(e) = feed.write_pending() {
-                log::error!("writing the change log of {}: {e}", feed.space);
+            // Under the log's lock, right after this process's lines: the log's own events
+            // until then (ours, and others' read before them) need no second look, so they are
+            // taken off the queue rather than waking the thread again. Those of other logs are
+            // kept.
+            let mut drain = || {
+                if let Some(i) = &inotify {
+                    touched = match (touched.take(), read_inotify(i)) {
+                        (Some(mut t), Some(more)) => {
+                            t.extend(more);
+                            t.remove(&(feed.space.kind, feed.name.clone()));
+                            Some(t)
+                        }
+                        _ => None,
+                    };
+                }
+            };
+            match feed.write_pending(&mut drain) {
+                Ok(w) => wrote |= w,
+                Err(e) => {
+                    wrote = true;
+                    log::error!("writing the change log of {}: {e}", feed.space);
+                }
+            }
+        }
+        // After a turn that wrote, the next one comes after `LINGER`, gathering what is
+        // published meanwhile into one write; after a turn with nothing to write, the thread
+        // sleeps until a change wakes it. A change published before it said so woke nobody:
+        // it looks once more.
+        lingering = wrote;
+        if !wrote {
+            shared.asleep.store(true, Ordering::SeqCst);
+            if feeds.iter().any(|f| f.has_pending()) && shared.asleep.swap(false, Ordering::SeqCst)
+            {
+                lingering = true;
             }
         }
         for feed in &feeds {
@@ -372,6 +426,8 @@ struct Queue {
     /// Changes ever published, and ever written (or given up on).
     published: u64,
     written: u64,
+    /// Callers of `flush` waiting for `written` to grow.
+    flushing: usize,
 }
 
 struct State {
@@ -469,7 +525,8 @@ impl LogFeed {
     /// Reads the whole lines after `state.pos` and takes them as `mode` says. Returns whether
     /// a partial line is left at the end.
     fn read_lines(&self, state: &mut State, mode: &mut Mode) -> io::Result<bool> {
-        let mut buf = vec![0u8; 64 << 10];
+        // Mostly a few lines: a buffer on the stack (a whole log is read in several turns).
+        let mut buf = [0u8; 16 << 10];
         let mut carry: Vec<u8> = Vec::new();
         loop {
             let n = state
@@ -534,6 +591,11 @@ impl LogFeed {
             }
             return;
         };
+        self.take_record(state, record, mode);
+    }
+
+    /// Takes one record of the log (see `take_line`).
+    fn take_record(&self, state: &mut State, record: Record, mode: &mut Mode) {
         let deliver = match mode {
             Mode::History => false,
             Mode::Live => true,
@@ -622,26 +684,35 @@ impl LogFeed {
         Ok(())
     }
 
-    /// Writes the queued changes (the thread calls it).
-    fn write_pending(&self) -> io::Result<()> {
+    /// Writes the queued changes (the thread calls it; `drain` as for `append`).
+    /// Returns whether there was anything to write.
+    fn write_pending(&self, drain: &mut dyn FnMut()) -> io::Result<bool> {
         let (changes, count) = {
             let mut q = lock(&self.queue);
             if q.changes.is_empty() {
-                return Ok(());
+                return Ok(false);
             }
             let changes = std::mem::take(&mut q.changes);
             let count = changes.len() as u64;
             (changes, count)
         };
-        let result = self.append(&changes);
+        let result = self.append(&changes, drain);
         let mut q = lock(&self.queue);
         q.written += count;
-        self.written.notify_all();
-        result
+        if q.flushing > 0 {
+            self.written.notify_all();
+        }
+        result.map(|()| true)
+    }
+
+    /// Whether changes wait to be written.
+    fn has_pending(&self) -> bool {
+        !lock(&self.queue).changes.is_empty()
     }
 
     /// Appends `changes` under the log's lock, numbering events on from the last `seq` in it.
-    fn append(&self, changes: &[(Arc<str>, Changed)]) -> io::Result<()> {
+    /// `drain` is called once they are written, still under the lock (see `run`).
+    fn append(&self, changes: &[(Arc<str>, Changed)], drain: &mut dyn FnMut()) -> io::Result<()> {
         let mut state = lock(&self.state);
         let lock = loop {
             let lock = Flock::exclusive(&state.file)?;
@@ -681,8 +752,13 @@ impl LogFeed {
             records.push(record);
         }
         (&*state.file).write_all(text.as_bytes())?;
-        // Ours are taken as any line is (delivered to subscribers, not to listeners).
-        self.read_lines(&mut state, &mut Mode::Live)?;
+        // Ours are taken as any line is (delivered to subscribers, not to listeners), without
+        // reading them back: under the lock, after everything before them was read, they are
+        // exactly what the log holds from `pos` on.
+        state.pos += text.len() as u64;
+        for record in records {
+            self.take_record(&mut state, record, &mut Mode::Live);
+        }
         let retained = state.retained();
         let oldest = state.first.map(|(_, time)| time);
         if self.must_compact(retained, oldest)
@@ -690,6 +766,7 @@ impl LogFeed {
         {
             log::warn!("compacting the change log of {}: {e}", self.space);
         }
+        drain();
         drop(lock);
         Ok(())
     }
@@ -714,7 +791,8 @@ impl LogFeed {
         let started = Instant::now();
         let mut bytes = Vec::new();
         {
-            let mut buf = vec![0u8; 64 << 10];
+            // Mostly a few lines: a buffer on the stack (a whole log is read in several turns).
+            let mut buf = [0u8; 16 << 10];
             let mut off = 0u64;
             while off < state.pos {
                 let n = state.file.read_at(&mut buf, off)?;
@@ -809,7 +887,8 @@ impl LogFeed {
         };
         let mut first = true;
         let mut carry = Vec::new();
-        let mut buf = vec![0u8; 64 << 10];
+        // Mostly a few lines: a buffer on the stack (a whole log is read in several turns).
+        let mut buf = [0u8; 16 << 10];
         let mut off = 0u64;
         while off < end {
             let want = buf.len().min((end - off) as usize);
@@ -858,7 +937,7 @@ impl ChangeFeed for LogFeed {
             q.published += changes.len() as u64;
             was_empty
         };
-        if was_empty {
+        if was_empty && self.shared.asleep.swap(false, Ordering::SeqCst) {
             self.shared.wake();
         }
     }
@@ -867,11 +946,12 @@ impl ChangeFeed for LogFeed {
         let deadline = Instant::now() + Duration::from_secs(10);
         let mut q = lock(&self.queue);
         let target = q.published;
+        q.flushing += 1;
         while q.written < target {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 log::warn!("change log of {}: flush timed out", self.space);
-                return;
+                break;
             }
             q = self
                 .written
@@ -879,6 +959,7 @@ impl ChangeFeed for LogFeed {
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
+        q.flushing -= 1;
     }
 
     fn read(&self, since: u64, max: usize) -> io::Result<Backlog> {

@@ -2,9 +2,10 @@
 //!
 //! A file handle works from one committed version, its *base* (as of open, or of its last
 //! commit), and holds what it changed since in one of three states ([`Pending`]): nothing;
-//! bytes appended (`O_APPEND`), waiting in memory so they can be committed by adding them to
-//! the file in place; or a working copy made by the store (created at the first other write,
-//! or at open with `O_TRUNC`), seeded from the base. Reads through the handle see its
+//! bytes appended (`O_APPEND`, or a plain writer's writes at the end of its base: a new file
+//! written once), waiting in memory so they can be committed by adding them to the file in
+//! place; or a working copy made by the store (created at the first other write, or at open
+//! with `O_TRUNC` of a file with content), seeded from the base. Reads through the handle see its
 //! changes; everybody else keeps seeing the committed content until the handle commits.
 //! Read-write opens of one file share a handle (see `Fs::open`).
 

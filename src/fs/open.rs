@@ -12,7 +12,7 @@ use super::passthrough::Passing;
 use super::{Attr, Caller, Errno, Fs, FsResult, Ino, Opened, Tid, lock, read_lock, write_lock};
 use crate::events::Changed;
 use crate::grant::Access;
-use crate::store::{Content, Kind};
+use crate::store::{Content, Kind, Meta};
 
 impl Fs {
     /// Opens the file `ino` with the `open(2)` flags `flags`, for thread `by`. An inode whose
@@ -20,10 +20,21 @@ impl Fs {
     /// `/proc/<pid>/fd`) where its passthrough readers allow; elsewhere it is `ESTALE` again.
     pub fn open(&self, ino: Ino, flags: i32, by: Tid) -> FsResult<Opened> {
         let path = self.path(ino)?;
-        self.open_path(ino, &path, flags, by)
+        Ok(self.open_path(ino, &path, flags, by, false)?.0)
     }
 
-    pub(super) fn open_path(&self, ino: Ino, path: &Path, flags: i32, by: Tid) -> FsResult<Opened> {
+    /// Opens `ino` at `path`; `created`: this very request created it (`create`), so an empty
+    /// file found there is the one it made. Also returns the attributes of the version opened
+    /// when they are what the kernel is to see of the file: the new handle is its only one and
+    /// holds no changes yet.
+    fn open_path(
+        &self,
+        ino: Ino,
+        path: &Path,
+        flags: i32,
+        by: Tid,
+        created: bool,
+    ) -> FsResult<(Opened, Option<Meta>)> {
         self.touch();
         let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
         let access = if writable || flags & libc::O_TRUNC != 0 {
@@ -36,8 +47,12 @@ impl Fs {
         let committed = self.store.open(path)?;
         let meta = committed.meta().clone();
         let version = meta.version.clone();
-        // `O_TRUNC`: the handle starts from an empty working copy.
-        let truncated = match truncate {
+        // `O_TRUNC`: the handle starts from an empty working copy; but truncating a file this
+        // request just created, still empty, changes nothing. The handle then starts clean on
+        // that empty version, and a new file written once at its end (the common `open(path,
+        // "w")`, `>`) waits in memory and is added in place at the commit: no working copy to
+        // create, swap in and free.
+        let truncated = match truncate && !(created && meta.size == 0) {
             true => Some(self.store.working_copy()?),
             false => None,
         };
@@ -51,10 +66,11 @@ impl Fs {
         // must not start a window that would turn it away again.
         let successor = read_lock(&self.table).is_unopened_successor(ino)
             && write_lock(&self.table).first_open_of_successor(ino);
-        let (direct_io, keep_cache, alone, passing) = {
+        let (direct_io, keep_cache, alone, passing, only) = {
             let mut opens = lock(&self.opens);
             let state = opens.entry(ino).or_default();
             let others_open = !state.handles.is_empty();
+            let only = !others_open;
             let passing = self.passing_for(
                 &mut state.window,
                 others_open || successor,
@@ -76,7 +92,7 @@ impl Fs {
                 state.handles.push(fh);
                 state.writers += 1;
                 drop(opens);
-                return Ok(self.join(fh, shared, committed, by));
+                return Ok((self.join(fh, shared, committed, by), None));
             }
             state.handles.push(fh);
             if passing != Passing::No {
@@ -87,7 +103,7 @@ impl Fs {
                 } else {
                     state.readers += 1;
                 }
-                (true, false, false, passing)
+                (true, false, false, passing, only)
             } else if writable {
                 let alone = state.readers == 0 && state.writers == 0;
                 // A writer alone starts from the committed version: pages cached of exactly
@@ -96,7 +112,7 @@ impl Fs {
                 let keep = alone && state.cached_version.as_ref() == Some(&version);
                 state.cached_version = None;
                 state.writers += 1;
-                (!alone, keep, alone, passing)
+                (!alone, keep, alone, passing, only)
             } else {
                 state.readers += 1;
                 // Readers of another version read through the page cache: dropping it (as an
@@ -105,15 +121,16 @@ impl Fs {
                 let others_cached_another =
                     state.cached_readers > 0 && state.cached_version.as_ref() != Some(&version);
                 if state.writers > 0 || others_cached_another {
-                    (true, false, false, passing)
+                    (true, false, false, passing, only)
                 } else {
                     let keep = state.cached_version.as_ref() == Some(&version);
                     state.cached_version = Some(version);
                     state.cached_readers += 1;
-                    (false, keep, false, passing)
+                    (false, keep, false, passing, only)
                 }
             }
         };
+        let clean = truncated.is_none();
         let mode = match (writable, flags & libc::O_APPEND != 0) {
             (false, _) => Mode::Read,
             (true, false) => Mode::Write,
@@ -139,7 +156,7 @@ impl Fs {
             }
         }
         write_lock(&self.files).insert(fh, handle);
-        Ok(Opened {
+        let opened = Opened {
             fh,
             // A passthrough reader's reads never reach the daemon; everyone else in a window
             // is served with direct I/O.
@@ -147,7 +164,8 @@ impl Fs {
             keep_cache,
             no_flush: !writable,
             passthrough: passing.backing_id(),
-        })
+        };
+        Ok((opened, (only && clean).then_some(meta)))
     }
 
     /// Makes `fh` another name of the shared read-write handle `shared`. While it has nothing
@@ -191,6 +209,7 @@ impl Fs {
         let created =
             self.creating(|| Ok(self.store.create(&path, perm, self.owner(caller), true)?));
         drop(claim);
+        let fresh = created.is_ok();
         let meta = match created {
             Ok(meta) => {
                 self.publish(Changed::file(&path, meta.size));
@@ -206,9 +225,10 @@ impl Fs {
             Err(e) => return Err(e),
         };
         let attr = self.remember(parent, name, &meta);
-        match self.open_path(attr.ino, &path, flags, caller.pid) {
-            // Joining a shared working copy: its size, not the committed one.
-            Ok(opened) => Ok((self.as_open(attr), opened)),
+        match self.open_path(attr.ino, &path, flags, caller.pid, fresh) {
+            Ok((opened, Some(meta))) => Ok((Attr::new(attr.ino, &meta), opened)),
+            // Joining a shared working copy, or beside other handles: what they show.
+            Ok((opened, None)) => Ok((self.as_open(attr), opened)),
             Err(e) => {
                 self.forget(attr.ino, 1);
                 Err(e)

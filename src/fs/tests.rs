@@ -551,6 +551,53 @@ fn copy_file_range_copies_what_the_source_handle_sees_into_the_working_copy() {
 }
 
 #[test]
+fn a_new_file_written_once_is_committed_in_place_without_a_working_copy() {
+    // `open(path, "w")`: `O_CREAT | O_TRUNC`. Truncating the empty file the create just made
+    // changes nothing, so the bytes wait in memory and go into that file at the close.
+    let new = libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC;
+    for s in every_store() {
+        let (attr, w) = create(&s.fs, ROOT, "f", new);
+        assert_eq!(attr.size, 0);
+        let inode = s.inode("f");
+        s.fs.write(w.fh, 0, b"hello", CALLER).unwrap();
+        assert_eq!(s.read("f"), b"", "private until the close");
+        assert_eq!(s.fs.getattr(attr.ino, Some(w.fh)).unwrap().size, 5);
+        if let Some(root) = &s.root {
+            let staging = root.join("../../.staging");
+            let copies: usize = std::fs::read_dir(&staging)
+                .unwrap()
+                .map(|d| std::fs::read_dir(d.unwrap().path()).unwrap().count() - 1)
+                .sum();
+            assert_eq!(copies, 0, "no working copy besides the lock");
+        }
+        s.fs.flush(w.fh, CALLER, None).unwrap();
+        s.fs.release(w.fh).unwrap();
+        assert_eq!(s.read("f"), b"hello");
+        assert_eq!(s.inode("f"), inode, "the created file itself, not a copy");
+
+        // Opened with `O_TRUNC` again (not created now): a new version, whole, as before.
+        let reader = s.fs.open(attr.ino, libc::O_RDONLY, CALLER).unwrap();
+        let (_, again) = create(&s.fs, ROOT, "f", new);
+        s.fs.write(again.fh, 0, b"bye", CALLER).unwrap();
+        s.fs.release(again.fh).unwrap();
+        assert_eq!(s.read("f"), b"bye");
+        assert_eq!(s.fs.read(reader.fh, 0, 100).unwrap(), b"hello");
+        s.fs.release(reader.fh).unwrap();
+
+        // An existing empty file truncated and closed unwritten still gets a new mtime.
+        let (empty, e) = create(&s.fs, ROOT, "empty", new);
+        s.fs.release(e.fh).unwrap();
+        let before = s.store.stat(Path::new("empty")).unwrap().mtime;
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let t =
+            s.fs.open(empty.ino, libc::O_WRONLY | libc::O_TRUNC, CALLER)
+                .unwrap();
+        s.fs.release(t.fh).unwrap();
+        assert!(s.store.stat(Path::new("empty")).unwrap().mtime > before);
+    }
+}
+
+#[test]
 fn appends_commit_in_place_and_stay_private_until_close() {
     for s in every_store() {
         let (attr, w) = create(&s.fs, ROOT, "log", RW);

@@ -14,6 +14,7 @@
 //! right until the claim is released.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex};
 
 /// How much of the namespace a claim covers.
@@ -28,9 +29,18 @@ pub enum Span {
 /// The claims held in one space.
 #[derive(Default)]
 pub struct Claims {
-    held: Mutex<Vec<(u64, PathBuf, Span)>>,
+    held: Mutex<Held>,
     released: Condvar,
-    next: Mutex<u64>,
+    next: AtomicU64,
+}
+
+/// The claims held, and how many claims wait for some of them to be released: a release
+/// wakes waiters only when there are any (waking nobody is still a system call, and every
+/// create and commit releases a claim).
+#[derive(Default)]
+struct Held {
+    claims: Vec<(u64, PathBuf, Span)>,
+    waiting: usize,
 }
 
 /// Claims held until dropped.
@@ -46,21 +56,19 @@ fn conflicts((a, sa): (&Path, Span), (b, sb): (&Path, Span)) -> bool {
 impl Claims {
     /// Claims `names` (all at once), waiting while any conflicts with a claim held.
     pub fn claim(&self, names: &[(&Path, Span)]) -> Claim<'_> {
-        let id = {
-            let mut next = self.next.lock().unwrap_or_else(|e| e.into_inner());
-            *next += 1;
-            *next
-        };
+        let id = self.next.fetch_add(1, Ordering::Relaxed) + 1;
         let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
-        while held.iter().any(|(_, p, s)| {
+        while held.claims.iter().any(|(_, p, s)| {
             names
                 .iter()
                 .any(|&(n, ns)| conflicts((p.as_path(), *s), (n, ns)))
         }) {
+            held.waiting += 1;
             held = self.released.wait(held).unwrap_or_else(|e| e.into_inner());
+            held.waiting -= 1;
         }
         for &(n, s) in names {
-            held.push((id, n.to_path_buf(), s));
+            held.claims.push((id, n.to_path_buf(), s));
         }
         Claim { claims: self, id }
     }
@@ -69,9 +77,12 @@ impl Claims {
 impl Drop for Claim<'_> {
     fn drop(&mut self) {
         let mut held = self.claims.held.lock().unwrap_or_else(|e| e.into_inner());
-        held.retain(|(id, _, _)| *id != self.id);
+        held.claims.retain(|(id, _, _)| *id != self.id);
+        let waiting = held.waiting > 0;
         drop(held);
-        self.claims.released.notify_all();
+        if waiting {
+            self.claims.released.notify_all();
+        }
     }
 }
 

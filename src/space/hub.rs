@@ -26,7 +26,7 @@ use crate::store::Owner;
 use crate::store::Store;
 use crate::store::Usage;
 use crate::store::local::LocalBackend;
-use crate::store::local::at::Tally;
+use crate::store::local::at::{DirCache, Tally};
 use crate::store::meta::MetaOverlay;
 
 /// Something that shows a space and must hear of changes made to it by others (a mount: its
@@ -53,6 +53,10 @@ pub struct Space {
     locks: Locks,
     /// Where its changes are sequenced and others' come from.
     feed: Arc<dyn ChangeFeed>,
+    /// The local store's cache of resolved directories (see `at::DirCache`): forgotten when
+    /// another process moves or removes a directory, so the next operation resolves its path
+    /// again, as the kernel's caches of the mounts look their names up again.
+    dirs: Option<Arc<DirCache>>,
 }
 
 fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
@@ -91,7 +95,14 @@ impl Space {
             claims: Claims::default(),
             locks: Locks::default(),
             feed,
+            dirs: None,
         }
+    }
+
+    /// This space, whose store resolves directories through `dirs`.
+    fn with_dir_cache(mut self, dirs: Arc<DirCache>) -> Space {
+        self.dirs = Some(dirs);
+        self
     }
 
     /// Has this space hear, from its feed, of changes other processes made (its mounts then
@@ -174,6 +185,16 @@ impl Space {
 
 impl ForeignChanges for Space {
     fn heard(&self, record: &Record) {
+        if let Some(dirs) = &self.dirs
+            && matches!(
+                record.change,
+                Changed::FolderMoved { .. }
+                    | Changed::FolderDeleted { .. }
+                    | Changed::Exchanged { .. }
+            )
+        {
+            dirs.forget_all();
+        }
         self.tell_watchers(std::slice::from_ref(&record.change), None);
     }
 }
@@ -293,6 +314,7 @@ impl Hub {
         // Opened without the table's lock (a usage count reads the whole space); a racing
         // open of the same space keeps whichever went in first.
         let store = self.local.open_space(id, create)?;
+        let dirs = store.dir_cache();
         let quota = if limits.is_unlimited() {
             None
         } else {
@@ -314,7 +336,7 @@ impl Hub {
             );
             Arc::new(MemFeed::new(self.retention))
         });
-        let space = Arc::new(Space::with_feed(id.clone(), store, quota, feed));
+        let space = Arc::new(Space::with_feed(id.clone(), store, quota, feed).with_dir_cache(dirs));
         space.listen();
         let mut open = lock(&self.open);
         if let Some(existing) = open.get(id).and_then(Weak::upgrade) {

@@ -14,6 +14,11 @@
 //!   A process starting later finds the marker of a dead one and cuts the file back (and
 //!   restores its mtime), so a `kill -9` mid-append leaves the previous version. While a
 //!   marker exists the file has a second link, which makes every other appender stand aside.
+//! - A tail that falls within one 4 KiB page of the file (a new small file, a log line) needs
+//!   no marker: it is written by one `pwrite`, which the kernel copies into that page whole or
+//!   not at all (a process killed meanwhile finishes the system call; the check for a fatal
+//!   signal comes only between pages), and the file's size grows only once the bytes are in,
+//!   so readers see the file before or after it. The `flock` still keeps other appenders out.
 //! - Power loss: durable commits (fsync, `--sync-on-close`) do not come here; they copy and
 //!   exchange, as before.
 
@@ -100,6 +105,19 @@ fn append_locked(
         to: size + tail.len() as u64,
         mtime: (now.mtime(), now.mtime_nsec()),
     };
+    if within_one_page(size, tail.len()) {
+        // Whole or not at all (see the module docs): no marker to make and remove.
+        if let Err(e) = file.write_all_at(tail, size) {
+            if let Err(undo) = roll_back(file, &mark) {
+                log::error!(
+                    "append to {} failed ({e}) and could not be undone ({undo})",
+                    target_name(file)
+                );
+            }
+            return Err(e);
+        }
+        return Ok(true);
+    }
     let marker = marker(&mark);
     if let Err(e) = link_open_file(file, staging, &marker) {
         log::debug!("no crash marker for an in-place append ({e}): copying instead");
@@ -123,6 +141,14 @@ fn append_locked(
         return Err(e);
     }
     Ok(true)
+}
+
+/// The smallest page size Linux has: a write within one such page is within one page of any.
+const PAGE: u64 = 4096;
+
+/// Whether `len` bytes written at `offset` fall within one page of the file.
+fn within_one_page(offset: u64, len: usize) -> bool {
+    len > 0 && offset / PAGE == (offset + len as u64 - 1) / PAGE
 }
 
 /// Cuts `file` back to its size before the append and restores its mtime.
@@ -183,6 +209,20 @@ fn unlink(at: &At) -> io::Result<()> {
 mod tests {
     use super::*;
     use std::fs;
+
+    #[test]
+    fn only_tails_within_one_page_go_without_a_marker() {
+        assert!(within_one_page(0, 1));
+        assert!(within_one_page(0, 4096));
+        assert!(!within_one_page(0, 4097));
+        assert!(within_one_page(4000, 96));
+        assert!(!within_one_page(4000, 97));
+        assert!(within_one_page(8192, 4096));
+        assert!(
+            !within_one_page(10, 0),
+            "nothing to write: the marked path decides"
+        );
+    }
 
     #[test]
     fn marks_round_trip_through_their_names() {

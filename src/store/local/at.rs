@@ -16,15 +16,20 @@
 //!
 //! Resolving the parent costs one `openat2` where the path has one; a path that is itself
 //! `PATH_MAX` bytes or longer (a process working deep inside the mount can use one) is
-//! reached a piece at a time.
+//! reached a piece at a time. A [`DirCache`] keeps parent directories so resolved for a moment
+//! (a file's create, write and close each need its directory): what it holds was resolved
+//! exactly as above, and it only ever saves the resolution, never widens what can be reached.
 
+use std::collections::HashMap;
 use std::ffi::{CStr, CString, OsStr, OsString};
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 const PATH_MAX: usize = libc::PATH_MAX as usize;
 
@@ -34,7 +39,7 @@ static NO_OPENAT2: AtomicBool = AtomicBool::new(false);
 /// A store path ready for the `*at` calls: a directory descriptor and one name in it.
 pub struct At {
     /// The parent directory, when the path has one (else the name is in `base`).
-    opened: Option<OwnedFd>,
+    opened: Option<Arc<OwnedFd>>,
     base: RawFd,
     name: CString,
 }
@@ -45,6 +50,12 @@ impl At {
     /// without following any symlink; `..` components are refused (`EINVAL`: store paths never
     /// have them).
     pub fn new(base: RawFd, path: &Path) -> io::Result<At> {
+        At::with_cache(base, path, None)
+    }
+
+    /// [`At::new`], taking the parent from `cache` (`base`'s) when it holds it, and leaving it
+    /// there when it was resolved now.
+    pub fn with_cache(base: RawFd, path: &Path, cache: Option<&DirCache>) -> io::Result<At> {
         let bytes = path.as_os_str().as_bytes();
         let bytes = bytes.strip_suffix(b"/").unwrap_or(bytes);
         if bytes.split(|&b| b == b'/').any(|c| c == b"..") || bytes.starts_with(b"/") {
@@ -59,11 +70,27 @@ impl At {
             });
         };
         let (parent, last) = (&bytes[..split], &bytes[split + 1..]);
-        let opened = open_beneath(base, parent, libc::O_PATH | libc::O_DIRECTORY)?;
+        let name = cstring(last)?;
+        if let Some(fd) = cache.and_then(|c| c.get(parent)) {
+            return Ok(At {
+                opened: Some(fd),
+                base,
+                name,
+            });
+        }
+        let epoch = cache.map(DirCache::epoch);
+        let opened = Arc::new(open_beneath(
+            base,
+            parent,
+            libc::O_PATH | libc::O_DIRECTORY,
+        )?);
+        if let (Some(cache), Some(epoch)) = (cache, epoch) {
+            cache.put(parent, &opened, epoch);
+        }
         Ok(At {
             opened: Some(opened),
             base,
-            name: cstring(last)?,
+            name,
         })
     }
 
@@ -93,6 +120,86 @@ impl At {
     /// Attributes of the entry itself (a symlink is not followed).
     pub fn stat(&self) -> io::Result<libc::stat> {
         fstatat(self.dir(), &self.name)
+    }
+}
+
+/// Parent directories resolved beneath one held directory, kept for a moment, so that the
+/// operations on one file (its lookup, create, open, commit) resolve its directory once.
+///
+/// An entry is a directory descriptor opened by [`open_beneath`] (never through a symlink), so
+/// using it reaches nothing a fresh resolution could not have reached then. It can only be
+/// stale: a directory renamed or removed meanwhile. Renames and removals of directories made
+/// through this process's store forget every entry at once (see [`DirCache::forget_all`]), and
+/// so do those another roomfs process on the data dir made, when its change log tells of them
+/// (as it tells the mounts' kernel caches); changes made behind roomfs's back (an operator)
+/// are seen once an entry is older than its time to live, as the kernel's own caches of the
+/// mount see them. A stale
+/// entry still names a directory beneath the held one, or one removed (where nothing can be
+/// created).
+pub struct DirCache {
+    shards: [Mutex<Shard>; DIR_CACHE_SHARDS],
+    /// Bumped by [`DirCache::forget_all`]: entries of an older epoch are not used, and a
+    /// resolution that started before a bump is not kept.
+    epoch: AtomicU64,
+    ttl: Duration,
+}
+
+/// One shard of a [`DirCache`]: directories by path, each with when it was resolved and the
+/// epoch it was resolved in.
+type Shard = HashMap<Vec<u8>, (Arc<OwnedFd>, Instant, u64)>;
+
+/// Shards of the directory cache (each behind its own lock), and the entries each keeps.
+const DIR_CACHE_SHARDS: usize = 16;
+const DIR_CACHE_SHARD_SIZE: usize = 64;
+
+impl DirCache {
+    /// A cache whose entries live for `ttl` at most.
+    pub fn new(ttl: Duration) -> DirCache {
+        DirCache {
+            shards: std::array::from_fn(|_| Mutex::new(HashMap::new())),
+            epoch: AtomicU64::new(0),
+            ttl,
+        }
+    }
+
+    fn shard(&self, path: &[u8]) -> &Mutex<Shard> {
+        use std::hash::Hasher;
+        let mut h = std::hash::DefaultHasher::new();
+        h.write(path);
+        &self.shards[h.finish() as usize % DIR_CACHE_SHARDS]
+    }
+
+    fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
+    /// The directory at `path`, if resolved recently and nothing was forgotten since.
+    fn get(&self, path: &[u8]) -> Option<Arc<OwnedFd>> {
+        let epoch = self.epoch();
+        let shard = self.shard(path).lock().unwrap_or_else(|e| e.into_inner());
+        let (fd, at, e) = shard.get(path)?;
+        (*e == epoch && at.elapsed() < self.ttl).then(|| fd.clone())
+    }
+
+    /// Keeps `fd`, resolved from `path` by a resolution that started in `epoch`.
+    fn put(&self, path: &[u8], fd: &Arc<OwnedFd>, epoch: u64) {
+        let mut shard = self.shard(path).lock().unwrap_or_else(|e| e.into_inner());
+        if self.epoch() != epoch {
+            return; // a rename or removal ran meanwhile: the result may be stale already
+        }
+        if shard.len() >= DIR_CACHE_SHARD_SIZE {
+            let ttl = self.ttl;
+            shard.retain(|_, (_, at, e)| *e == epoch && at.elapsed() < ttl);
+            if shard.len() >= DIR_CACHE_SHARD_SIZE {
+                shard.clear();
+            }
+        }
+        shard.insert(path.to_vec(), (fd.clone(), Instant::now(), epoch));
+    }
+
+    /// Forgets every entry: a directory was renamed or removed, so paths may name others now.
+    pub fn forget_all(&self) {
+        self.epoch.fetch_add(1, Ordering::AcqRel);
     }
 }
 
@@ -589,6 +696,40 @@ mod tests {
 
     fn raw(e: io::Result<impl Sized>) -> Option<i32> {
         e.err().and_then(|e| e.raw_os_error())
+    }
+
+    #[test]
+    fn cached_directories_go_stale_only_for_their_time_and_never_lead_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = Dir::open_trusted(&dir.path().join("root"), true).unwrap();
+        let outside = dir.path().join("outside");
+        fs::create_dir(&outside).unwrap();
+        fs::create_dir(dir.path().join("root/a")).unwrap();
+        let cache = DirCache::new(Duration::from_millis(300));
+        let at = |p: &str| At::with_cache(root.as_raw_fd(), Path::new(p), Some(&cache)).unwrap();
+        let create = |a: At| a.open(libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL, 0o644);
+        create(at("a/x")).unwrap();
+        // Behind the cache's back, "a" moves away and a symlink out takes its name: the cached
+        // directory is the one that moved, still beneath the root, never the link's target.
+        fs::rename(dir.path().join("root/a"), dir.path().join("root/b")).unwrap();
+        std::os::unix::fs::symlink(&outside, dir.path().join("root/a")).unwrap();
+        create(at("a/y")).unwrap();
+        assert!(dir.path().join("root/b/y").exists());
+        assert_eq!(fs::read_dir(&outside).unwrap().count(), 0);
+        // Once its time is up the path is resolved again, and the link refused.
+        std::thread::sleep(Duration::from_millis(350));
+        let again = At::with_cache(root.as_raw_fd(), Path::new("a/z"), Some(&cache));
+        assert_eq!(raw(again), Some(libc::ELOOP));
+        // Forgetting (a rename or removal through the store) takes effect at once.
+        fs::remove_file(dir.path().join("root/a")).unwrap();
+        fs::create_dir(dir.path().join("root/a")).unwrap();
+        create(at("a/1")).unwrap();
+        fs::rename(dir.path().join("root/a"), dir.path().join("root/c")).unwrap();
+        fs::create_dir(dir.path().join("root/a")).unwrap();
+        cache.forget_all();
+        create(at("a/2")).unwrap();
+        assert!(dir.path().join("root/a/2").exists(), "the new directory");
+        assert!(dir.path().join("root/c/1").exists());
     }
 
     #[test]

@@ -10,13 +10,15 @@
 //! - A large working copy holding only the writer's ranges is patched into the file in place
 //!   when nobody else reads, appends to or patches it and it still is the writer's version
 //!   (see `patch`); otherwise the rest of the base is copied in and the copy swapped in whole.
-//! - Appends are added to the file in place under its `flock` with a crash marker (see
-//!   `append`), onto the file as it is now: when others appended since the writer's base, the
-//!   bytes follow theirs (`O_APPEND`); bytes a plain writer added at the end of its base go
-//!   onto the base only, and when the file moved on, the base and the bytes replace it whole. While another append is under way (in this process or another), the
-//!   commit retries for up to 10 ms, then appends through a working copy of the current version
-//!   (which can lose a racing append of another process). Durable appends always go through a
-//!   working copy. Within this process, append commits to one file take turns.
+//! - Appends are added to the file in place under its `flock` with a crash marker (none for
+//!   bytes within one page; see `append`), onto the file as it is now: when others appended
+//!   since the writer's base, the bytes follow theirs (`O_APPEND`); bytes a plain writer added
+//!   at the end of its base (a new file written once) go onto the base only, and when the file
+//!   moved on, the base and the bytes replace it whole. While another append is under way (in
+//!   this process or another), the commit retries for up to 10 ms, then appends through a
+//!   working copy of the current version (which can lose a racing append of another process).
+//!   Durable appends always go through a working copy. Within this process, append commits to
+//!   one file take turns.
 
 use std::any::Any;
 use std::io;

@@ -4,7 +4,9 @@
 //! patches of large files are committed in place, guarded by crash markers (see `commit`).
 //!
 //! Every name is resolved beneath the space's directory, held open, never through a symlink
-//! (see `at`): a space's content is hostile input to the daemon that serves it.
+//! (see `at`): a space's content is hostile input to the daemon that serves it. Directories so
+//! resolved serve the next operations for a moment (`at::DirCache`); this store's renames and
+//! removals of directories forget them at once.
 
 pub mod append;
 pub mod at;
@@ -25,7 +27,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::UNIX_EPOCH;
 
-use at::{At, Dir, check};
+use at::{At, Dir, DirCache, check};
 use content::kind_of;
 pub use content::{LocalContent, LocalCopy, fstat, meta_of};
 use patch::{PATCH_MIN, hold_for_reading};
@@ -40,10 +42,17 @@ use super::{
 /// How many locks the files' append commits share (see `LocalStore::append_turns`).
 const APPEND_TURNS: usize = 64;
 
+/// How long a directory resolved for one operation serves the next ones (see `at::DirCache`):
+/// the default time the kernel trusts a mount's cached entries, since a directory renamed
+/// behind the store's back (another process, an operator) is seen as late as they see it.
+const DIR_CACHE_TTL: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// A space stored as a directory tree on local disk.
 pub struct LocalStore {
     /// The space's directory, held open: every path is resolved beneath it (see `at`).
     root: Dir,
+    /// Directories resolved beneath `root` lately (see `at::DirCache`).
+    dirs: Arc<DirCache>,
     staging: Arc<StagingArea>,
     /// Set when a reader could not take its read lock: patches would no longer be isolated.
     no_patches: AtomicBool,
@@ -62,11 +71,18 @@ impl LocalStore {
     pub fn new(root: Dir, staging: Arc<StagingArea>) -> LocalStore {
         LocalStore {
             root,
+            dirs: Arc::new(DirCache::new(DIR_CACHE_TTL)),
             staging,
             no_patches: AtomicBool::new(false),
             no_exchange: AtomicBool::new(false),
             append_turns: std::array::from_fn(|_| Mutex::new(())),
         }
+    }
+
+    /// Its cache of resolved directories, for whoever hears of directories moved or removed
+    /// behind its back (the space, from other processes' change logs).
+    pub fn dir_cache(&self) -> Arc<DirCache> {
+        self.dirs.clone()
     }
 
     /// The committed content in `file`, with its attributes `st`. A reader of a patchable
@@ -130,9 +146,10 @@ impl LocalStore {
         st
     }
 
-    /// `path` for the `*at` system calls, resolved beneath the space root.
+    /// `path` for the `*at` system calls, resolved beneath the space root (its directory
+    /// perhaps from the cache of those resolved lately).
     fn at(&self, path: &Path) -> io::Result<At> {
-        self.root.at(path)
+        At::with_cache(self.root.as_raw_fd(), path, Some(&self.dirs))
     }
 
     /// Gives a directory or node just made at `at` its exact mode (the process umask must not
@@ -396,9 +413,25 @@ impl Store for LocalStore {
         let excl = if exclusive { libc::O_EXCL } else { 0 };
         let flags = libc::O_WRONLY | libc::O_CREAT | excl;
         let file = self.at(path)?.open(flags, libc::mode_t::from(perm))?;
-        file.set_permissions(fs::Permissions::from_mode(u32::from(perm)))?;
-        chown_file(&file, owner)?;
-        Ok(meta_of(&fstat(&file)?))
+        // The mode and owner the file got are mostly the ones asked for already (the process
+        // umask narrows no bit of the caller's mode, the caller is the daemon's user): each
+        // change is made only where needed, and the attributes read again only after one.
+        let mut st = fstat(&file)?;
+        let mut changed = false;
+        if (st.st_mode & 0o7777) as u16 != perm {
+            file.set_permissions(fs::Permissions::from_mode(u32::from(perm)))?;
+            changed = true;
+        }
+        if let Some((uid, gid)) = owner
+            && (st.st_uid, st.st_gid) != (uid, gid)
+        {
+            chown_file(&file, owner)?;
+            changed = true;
+        }
+        if changed {
+            st = fstat(&file)?;
+        }
+        Ok(meta_of(&st))
     }
 
     fn working_copy(&self) -> StoreResult<Arc<dyn WorkingCopy>> {
@@ -437,9 +470,10 @@ impl Store for LocalStore {
     fn rmdir(&self, path: &Path) -> StoreResult<()> {
         let at = self.at(path)?;
         // SAFETY: a valid descriptor and a NUL-terminated path.
-        Ok(check(unsafe {
-            libc::unlinkat(at.dir(), at.name().as_ptr(), libc::AT_REMOVEDIR)
-        })?)
+        check(unsafe { libc::unlinkat(at.dir(), at.name().as_ptr(), libc::AT_REMOVEDIR) })?;
+        // A directory made at that path later is another one.
+        self.dirs.forget_all();
+        Ok(())
     }
 
     fn unlink(&self, path: &Path) -> StoreResult<()> {
@@ -456,7 +490,17 @@ impl Store for LocalStore {
             RenameMode::NoReplace => libc::RENAME_NOREPLACE,
             RenameMode::Exchange => libc::RENAME_EXCHANGE,
         };
-        Ok(renameat2(&self.at(from)?, &self.at(to)?, flags)?)
+        let to_at = self.at(to)?;
+        renameat2(&self.at(from)?, &to_at, flags)?;
+        // A directory moved, swapped or replaced: paths below it name other directories now.
+        let moved_file = mode != RenameMode::Exchange
+            && to_at
+                .stat()
+                .is_ok_and(|st| st.st_mode & libc::S_IFMT != libc::S_IFDIR);
+        if !moved_file {
+            self.dirs.forget_all();
+        }
+        Ok(())
     }
 
     fn link(&self, from: &Path, to: &Path) -> StoreResult<Meta> {
@@ -887,6 +931,29 @@ mod tests {
         let mut tail = [0u8; 5];
         assert_eq!(seen.read_at(&mut tail, PATCH_MIN).unwrap(), 5);
         assert_eq!(&tail, b"grown");
+    }
+
+    #[test]
+    fn directories_renamed_or_removed_through_the_store_are_seen_at_once() {
+        let (_d, s) = store();
+        s.mkdir(Path::new("a"), 0o755, None).unwrap();
+        s.create(Path::new("a/x"), 0o644, None, true).unwrap();
+        s.rename(Path::new("a"), Path::new("b"), RenameMode::Replace)
+            .unwrap();
+        s.mkdir(Path::new("a"), 0o755, None).unwrap();
+        s.create(Path::new("a/y"), 0o644, None, true).unwrap();
+        assert!(s.full(Path::new("a/y")).exists(), "in the new directory");
+        assert!(!s.full(Path::new("b/y")).exists());
+        s.unlink(Path::new("a/y")).unwrap();
+        s.rmdir(Path::new("a")).unwrap();
+        s.mkdir(Path::new("a"), 0o755, None).unwrap();
+        s.create(Path::new("a/z"), 0o644, None, true).unwrap();
+        assert!(s.full(Path::new("a/z")).exists());
+        // Swapped: each name reaches the other directory now.
+        s.rename(Path::new("a"), Path::new("b"), RenameMode::Exchange)
+            .unwrap();
+        assert!(s.stat(Path::new("a/x")).is_ok());
+        assert!(s.stat(Path::new("b/z")).is_ok());
     }
 
     #[test]

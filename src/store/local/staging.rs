@@ -21,7 +21,8 @@ use std::ffi::{CString, OsStr, OsString};
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::os::unix::fs::MetadataExt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, mpsc};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -261,10 +262,35 @@ impl Drop for StagingArea {
     }
 }
 
-/// Links the open `file` under `name` in `dir` (see [`StagingArea::link_open_file`]).
+/// Set once `linkat` refused to link a descriptor itself (`AT_EMPTY_PATH` needs
+/// `CAP_DAC_READ_SEARCH`): links go through `/proc/self/fd` from then on.
+static NO_EMPTY_PATH_LINKS: AtomicBool = AtomicBool::new(false);
+
+/// Links the open `file` under `name` in `dir` (see [`StagingArea::link_open_file`]): by its
+/// descriptor where the daemon may (`AT_EMPTY_PATH`), which spares resolving a `/proc` path.
 pub fn link_open_file(file: &File, dir: &Dir, name: &str) -> io::Result<()> {
-    let from = CString::new(format!("/proc/self/fd/{}", file.as_raw_fd()))?;
     let to = cname(name)?;
+    if !NO_EMPTY_PATH_LINKS.load(Ordering::Relaxed) {
+        // SAFETY: valid descriptors and NUL-terminated names.
+        let linked = check(unsafe {
+            libc::linkat(
+                file.as_raw_fd(),
+                c"".as_ptr(),
+                dir.as_raw_fd(),
+                to.as_ptr(),
+                libc::AT_EMPTY_PATH,
+            )
+        });
+        match linked {
+            // A file with no name left cannot be linked either way.
+            Err(e) if file.metadata().is_ok_and(|m| m.nlink() == 0) => return Err(e),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::EPERM)) => {
+                NO_EMPTY_PATH_LINKS.store(true, Ordering::Relaxed);
+            }
+            other => return other,
+        }
+    }
+    let from = CString::new(format!("/proc/self/fd/{}", file.as_raw_fd()))?;
     // SAFETY: valid descriptors and NUL-terminated paths.
     check(unsafe {
         libc::linkat(
