@@ -457,3 +457,62 @@ fn a_directory_another_process_moved_is_resolved_again_at_once() {
     );
     assert_eq!(fs::read(a.join("d/two")).unwrap(), b"2");
 }
+
+#[test]
+fn tail_f_in_another_process_follows_output_written_through_another_mount() {
+    let d = Daemon::start();
+    let a = d.dir("a");
+    d.mount(&["--room", "r1"], &a);
+    let ext = Standalone::start(&d.data, &d.dir("ext"), &["--room", "r1"]);
+    // A running process writes its log through the daemon's mount, a line every 300 ms...
+    let mut writer = Command::new("python3")
+        .arg("-c")
+        .arg(
+            "import time\nwith open('run.log', 'w') as f:\n    for i in range(12):\n        \
+             print('step', i, flush=True, file=f); time.sleep(0.3)",
+        )
+        .current_dir(&a)
+        .spawn()
+        .unwrap();
+    // ... and `tail -f` in the other process opens it as soon as it exists: before the
+    // first of its output is published, so it holds the empty file it was created as.
+    let log = ext.mnt.join("run.log");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !log.exists() {
+        assert!(Instant::now() < deadline, "run.log never appeared");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut tail = Command::new("tail")
+        .args(["-n", "+1", "-f", "run.log"])
+        .current_dir(&ext.mnt)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = tail.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let mut followed = Vec::new();
+    while followed.len() < 4 {
+        followed.push(
+            rx.recv_timeout(Duration::from_secs(10))
+                .expect("tail -f in the other process sees new lines"),
+        );
+    }
+    assert_eq!(followed, ["step 0", "step 1", "step 2", "step 3"]);
+    assert!(
+        writer.try_wait().unwrap().is_none(),
+        "seen while the writer still runs"
+    );
+    tail.kill().unwrap();
+    tail.wait().unwrap();
+    assert!(writer.wait().unwrap().success());
+}
