@@ -344,7 +344,12 @@ fn ranged(
                     );
                 }
                 let buf = assemble(&file, &base, &written, base_size, start, end).map_err(|e| {
-                    ClientError::with_source(Failure::Other, format!("reading part {}", i + 1), e)
+                    // The base's bytes could not be read: is it gone?
+                    let failure = e
+                        .get_ref()
+                        .and_then(|s| s.downcast_ref::<ClientError>())
+                        .map_or(Failure::Other, |c| c.failure);
+                    ClientError::with_source(failure, format!("reading part {}", i + 1), e)
                 })?;
                 client.upload_part(&key, &id, i as u32 + 1, Body::Bytes(Arc::new(buf)))
             }) as Job<String>

@@ -34,6 +34,8 @@ pub mod sdk;
 pub mod spool;
 pub mod state;
 pub mod store;
+#[cfg(test)]
+mod tests;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -459,4 +461,28 @@ pub fn open_with(
     let spaces = S3Spaces::new(shared);
     spaces.recover(leftovers);
     Ok(spaces)
+}
+
+/// A room of an S3 store over an in-memory bucket, for tests: 5 MiB parts, local state in
+/// `dir`; returns the bucket too.
+#[cfg(test)]
+pub fn test_store(dir: &Path) -> (Arc<mock::MemClient>, Arc<dyn crate::store::Store>) {
+    let client = Arc::new(mock::MemClient::new());
+    (client.clone(), test_store_on(client, dir, "r"))
+}
+
+/// Another host's view of room `room` in the same in-memory bucket (its own state in `dir`).
+#[cfg(test)]
+pub fn test_store_on(
+    client: Arc<mock::MemClient>,
+    dir: &Path,
+    room: &str,
+) -> Arc<dyn crate::store::Store> {
+    use crate::space::Spaces;
+    let mut config = S3Config::new("test-bucket", "p");
+    config.part_size = MIN_PART;
+    config.cache_bytes = 256 << 20;
+    let spaces = open_with(client, &config, dir, "memory".into()).unwrap();
+    let id = crate::space::SpaceId::new(crate::space::SpaceKind::Room, room).unwrap();
+    spaces.open_space(&id, Some(None)).unwrap()
 }

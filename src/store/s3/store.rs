@@ -426,9 +426,7 @@ impl S3Store {
     /// are not the defaults (a failed index write removes the object again).
     fn make_object(&self, path: &Path, attrs: &Attrs, body: Body) -> StoreResult<Meta> {
         let key = self.keys.key(path)?;
-        if !self.shared.conditional && self.exists(path)?.is_some() {
-            return Err(err(libc::EEXIST));
-        }
+        self.check_free(path, false)?;
         let size = body.len();
         let condition = if self.shared.conditional {
             Condition::Absent
@@ -455,6 +453,31 @@ impl S3Store {
         let meta = self.object_meta(size, &etag, SystemTime::now(), attrs);
         self.remember(path, Some(meta.clone()));
         Ok(meta)
+    }
+
+    /// Fails with `EEXIST` if something is at `path`: known from a fresh lookup (the kernel
+    /// looks a name up before creating it), else asked. An object is asked for only when
+    /// writes are not conditional, or for a directory (`dir`: the conditional write is the
+    /// marker's, which does not see a file of the name).
+    fn check_free(&self, path: &Path, dir: bool) -> StoreResult<()> {
+        match self.remembered(path) {
+            Some(Some(_)) => Err(err(libc::EEXIST)),
+            Some(None) => Ok(()),
+            None => {
+                let there = if !self.shared.conditional || dir {
+                    self.exists(path)?.is_some()
+                } else {
+                    let prefix = self.keys.dir_prefix(path)?;
+                    let page = self.shared.client.list(&prefix, true, None, Some(1))?;
+                    !(page.objects.is_empty() && page.prefixes.is_empty())
+                };
+                if there {
+                    Err(err(libc::EEXIST))
+                } else {
+                    Ok(())
+                }
+            }
+        }
     }
 
     /// Renames the directory `from` to `to` (see the module docs and `move_tree`).
@@ -790,12 +813,7 @@ impl Store for S3Store {
             return Err(err(libc::EEXIST));
         }
         let marker = self.keys.dir_prefix(path)?;
-        if !self.shared.conditional && self.exists(path)?.is_some() {
-            return Err(err(libc::EEXIST));
-        }
-        if self.remembered(path).flatten().is_some() {
-            return Err(err(libc::EEXIST));
-        }
+        self.check_free(path, true)?;
         let condition = if self.shared.conditional {
             Condition::Absent
         } else {
@@ -1269,10 +1287,7 @@ impl Spaces for S3Spaces {
         if page.objects.is_empty() {
             return Ok(None);
         }
-        Ok(Some(Usage {
-            files: usage.files.saturating_sub(1),
-            bytes: usage.bytes,
-        }))
+        Ok(Some(usage))
     }
 
     fn delete_space(&self, space: &SpaceId) -> io::Result<Usage> {
@@ -1300,10 +1315,7 @@ impl Spaces for S3Spaces {
             }
         }
         let _ = self.shared.client.delete(&root);
-        Ok(Usage {
-            files: usage.files.saturating_sub(1),
-            bytes: usage.bytes,
-        })
+        Ok(usage)
     }
 
     fn describe(&self, space: &SpaceId) -> String {
