@@ -147,24 +147,15 @@ fn writes_are_invisible_until_the_handle_commits() {
         assert_eq!(s.fs.getattr(attr.ino, Some(w.fh)).unwrap().size, 5);
         s.fs.flush(w.fh, CALLER).unwrap();
         assert_eq!(s.read("f"), b"hello");
-        if s.store.capabilities().in_place_append {
-            // Bytes added at the end were committed in place: the reader reads on into them
-            // (whole, as `tail -f` wants).
-            assert_eq!(s.fs.read(r.fh, 0, 100).unwrap(), b"hello");
-        } else {
-            // An object store makes a new object of every commit: the reader keeps its own.
-            assert_eq!(s.fs.read(r.fh, 0, 100).unwrap(), b"");
-        }
+        // Bytes added at the end were committed as an append: the reader reads on into them
+        // (whole, as `tail -f` wants; in place on the local store, into the next object that
+        // extends its own on S3).
+        assert_eq!(s.fs.read(r.fh, 0, 100).unwrap(), b"hello");
         // A rewrite is a new version: the reader keeps the one it opened, whole.
         s.fs.write(w.fh, 0, b"HELLO, world", CALLER).unwrap();
         s.fs.flush(w.fh, CALLER).unwrap();
         assert_eq!(s.read("f"), b"HELLO, world");
-        let kept: &[u8] = if s.store.capabilities().in_place_append {
-            b"hello"
-        } else {
-            b""
-        };
-        assert_eq!(s.fs.read(r.fh, 0, 100).unwrap(), kept);
+        assert_eq!(s.fs.read(r.fh, 0, 100).unwrap(), b"hello");
         s.fs.release(w.fh).unwrap();
         s.fs.release(r.fh).unwrap();
         let again = s.fs.open(attr.ino, libc::O_RDONLY, CALLER).unwrap();
@@ -593,14 +584,11 @@ fn appends_commit_in_place_and_stay_private_until_close() {
             let links = std::fs::metadata(root.join("log")).unwrap().nlink();
             assert_eq!(links, 1, "no crash marker left");
         }
-        // A reader opened before the commit reads on into the committed appends (on a store
-        // that appends in place; on an object store it keeps the version it opened).
-        let expected: &[u8] = if s.store.capabilities().in_place_append {
+        // A reader opened before the commit reads on into the committed appends.
+        assert_eq!(
+            s.fs.read(old_reader.fh, 0, 100).unwrap(),
             b"one\ntwo\nthree\n"
-        } else {
-            b"one\n"
-        };
-        assert_eq!(s.fs.read(old_reader.fh, 0, 100).unwrap(), expected);
+        );
         s.fs.release(old_reader.fh).unwrap();
 
         // Two appenders from one version: each one's bytes go at the end as it is at its commit.

@@ -164,6 +164,8 @@ pub struct SpoolCopy {
     idle: Condvar,
     /// The key this copy is meant for, and the metadata its object will have.
     key: Option<(String, Metadata)>,
+    /// The lineage its commit gives the object (see `content`).
+    lineage: String,
     me: std::sync::Weak<SpoolCopy>,
 }
 
@@ -184,7 +186,13 @@ impl SpoolCopy {
     /// itself early.
     pub fn new(shared: Arc<Shared>, key: Option<(String, Metadata)>) -> io::Result<Arc<SpoolCopy>> {
         let file = shared.spool.file()?;
+        let lineage = shared.new_lineage();
+        let key = key.map(|(k, mut m)| {
+            m.insert(super::LINEAGE.into(), lineage.clone());
+            (k, m)
+        });
         Ok(Arc::new_cyclic(|me| SpoolCopy {
+            lineage,
             shared,
             file: Arc::new(file),
             size: Mutex::new(0),
@@ -223,6 +231,11 @@ impl SpoolCopy {
     /// The key this copy was made for.
     pub fn key(&self) -> Option<&str> {
         self.key.as_ref().map(|(k, _)| k.as_str())
+    }
+
+    /// The lineage its commit gives the object.
+    pub fn lineage(&self) -> &str {
+        &self.lineage
     }
 
     /// The metadata its early upload gives the object.

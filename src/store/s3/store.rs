@@ -377,6 +377,7 @@ impl S3Store {
         let key = self.keys.key(path)?;
         match self.shared.client.head(&key) {
             Ok(info) => {
+                self.shared.learn_lineage(&info.etag, &info.metadata);
                 let attrs = self.attrs_of(&info.metadata);
                 let meta = self.object_meta(info.size, &info.etag, info.last_modified, &attrs);
                 self.remember(path, Some(meta.clone()));
@@ -433,11 +434,12 @@ impl S3Store {
         } else {
             Condition::None
         };
-        let etag = match self
-            .shared
-            .client
-            .put(&key, body, &attrs.to_metadata(), &condition)
-        {
+        let mut metadata = attrs.to_metadata();
+        if attrs.kind == Kind::File {
+            // Appends to a new file extend it: readers of it read on into them.
+            metadata.insert(super::LINEAGE.into(), self.shared.new_lineage());
+        }
+        let etag = match self.shared.client.put(&key, body, &metadata, &condition) {
             Ok(etag) => etag,
             Err(e) if e.is(Failure::Precondition) || e.is(Failure::Conflict) => {
                 self.forget(path);
@@ -445,6 +447,7 @@ impl S3Store {
             }
             Err(e) => return Err(e.into()),
         };
+        self.shared.learn_lineage(&etag, &metadata);
         if let Err(e) = self.index_attrs(path, attrs, Some(&etag), false) {
             let _ = self.shared.client.delete(&key);
             self.forget(path);
@@ -990,10 +993,14 @@ impl Store for S3Store {
         // An object: its metadata replaced by a copy onto itself.
         let key = self.keys.key(path)?;
         let etag = meta.version.tag().map(str::to_string);
+        let mut metadata = new.to_metadata();
+        if let Some(l) = etag.as_deref().and_then(|e| self.shared.lineage_of(e)) {
+            metadata.insert(super::LINEAGE.into(), l);
+        }
         let new_etag = match self.shared.client.copy(
             &key,
             &key,
-            Some(&new.to_metadata()),
+            Some(&metadata),
             etag.as_deref(),
             &Condition::None,
         ) {
@@ -1005,6 +1012,7 @@ impl Store for S3Store {
             }
             Err(e) => return Err(e.into()),
         };
+        self.shared.learn_lineage(&new_etag, &metadata);
         self.index_attrs(
             path,
             &new,

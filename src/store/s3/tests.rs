@@ -795,3 +795,38 @@ fn spaces_are_made_counted_and_deleted() {
     let root = s.stat(p("")).unwrap();
     assert_eq!((root.uid, root.gid, root.kind), (42, 43, Kind::Dir));
 }
+
+#[test]
+fn a_reader_reads_on_into_appends_of_its_version() {
+    let client = Arc::new(MemClient::new());
+    let (a, b) = (host(&client), host(&client));
+    a.store.create(p("log"), 0o644, None, true).unwrap();
+    let base = a.store.open(p("log")).unwrap();
+    let reader = b.store.open(p("log")).unwrap();
+    let mut buf = [0u8; 64];
+    assert_eq!(reader.read_appended_at(&mut buf, 0).unwrap(), 0);
+    let append = |base: &Arc<dyn Content>, tail: &[u8], follow| {
+        a.store
+            .commit(CommitRequest {
+                path: p("log"),
+                base,
+                change: Change::Append { tail, follow },
+                durable: false,
+            })
+            .unwrap()
+            .content
+    };
+    let v1 = append(&base, b"one\n", false);
+    std::thread::sleep(std::time::Duration::from_millis(250));
+    let n = reader.read_appended_at(&mut buf, 0).unwrap();
+    assert_eq!(&buf[..n], b"one\n", "another host's reader follows");
+    let v2 = append(&v1, b"two\n", true);
+    std::thread::sleep(std::time::Duration::from_millis(250));
+    let n = reader.read_appended_at(&mut buf, 4).unwrap();
+    assert_eq!(&buf[..n], b"two\n");
+    // A rewrite starts a new lineage: readers stop at their version's end.
+    write(a.store.as_ref(), "log", b"rewritten, longer than before\n").unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(250));
+    assert_eq!(reader.read_appended_at(&mut buf, 8).unwrap(), 0);
+    let _ = v2;
+}
