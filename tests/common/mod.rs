@@ -277,8 +277,118 @@ impl Mounted {
         };
         std::fs::create_dir_all(&m.data).unwrap();
         setup(&m.data);
+        if m.is_s3() {
+            m.seed_bucket();
+        }
         m.start();
         m
+    }
+
+    /// On S3, what `setup` put into the data dir for the space goes into the bucket instead:
+    /// copied in (`cp`, keeping modes, times and symlinks) through a mount of the space with
+    /// full access, before the test's own mount.
+    fn seed_bucket(&self) {
+        let (kind, id) = self.space();
+        let src = self.data.join(kind).join(&id);
+        if !src.exists() {
+            return;
+        }
+        let seed = self.tmp.path().join("seed");
+        std::fs::rename(&src, &seed).unwrap();
+        let mnt = self.tmp.path().join("seed-mnt");
+        let data = self.tmp.path().join("seed-data");
+        std::fs::create_dir_all(&mnt).unwrap();
+        let store = self.args[self.args.iter().position(|a| a == "--store").unwrap() + 1].clone();
+        let flag = if kind == "rooms" {
+            "--room"
+        } else {
+            "--session"
+        };
+        let mut cmd = Command::new(BIN);
+        cmd.arg("mount")
+            .arg("--data-dir")
+            .arg(&data)
+            .args([flag, &id, "--store", &store])
+            .arg(&mnt)
+            .envs(
+                self.s3
+                    .as_ref()
+                    .unwrap()
+                    .env
+                    .iter()
+                    .map(|(k, v)| (*k, v.as_str())),
+            );
+        let log = Default::default();
+        let mut child = start_logged(&mut cmd, " mounted ", &log);
+        let copied = output(
+            Command::new("cp")
+                .args(["-R", "-P", "--preserve=mode,timestamps"])
+                .arg(format!("{}/.", seed.display()))
+                .arg(&mnt),
+        );
+        let unmounted = output(Command::new(BIN).arg("unmount").arg(&mnt));
+        let _ = child.wait();
+        assert!(
+            copied.status.success() && unmounted.status.success(),
+            "seeding the bucket: {copied:?} {unmounted:?}: {}",
+            log.lock().unwrap().join("\n")
+        );
+    }
+
+    /// Every entry of the space as committed (path → mode bits and content; a symlink's
+    /// content is its target, a directory's empty), to prove something did not change it.
+    pub fn committed_snapshot(&self) -> std::collections::BTreeMap<String, (u32, Vec<u8>)> {
+        let mut out = std::collections::BTreeMap::new();
+        match &self.s3 {
+            Some(b) => {
+                let root = self.key("");
+                for key in b.keys(&root) {
+                    let rel = key[root.len()..].to_string();
+                    if rel.ends_with(".roomfs-attrs") {
+                        // The store's own index: what it holds shows in the modes below.
+                        continue;
+                    }
+                    let mode = b
+                        .metadata(&key)
+                        .and_then(|m| m.get("mode").and_then(|v| v.parse().ok()))
+                        .unwrap_or(0);
+                    let body = if rel.ends_with('/') || rel.is_empty() {
+                        Vec::new()
+                    } else {
+                        b.get(&key).unwrap_or_default()
+                    };
+                    out.insert(rel, (mode, body));
+                }
+            }
+            None => {
+                use std::os::unix::ffi::OsStrExt;
+                use std::os::unix::fs::PermissionsExt;
+                let root = self.backing("");
+                let mut stack = vec![root.clone()];
+                while let Some(dir) = stack.pop() {
+                    for e in std::fs::read_dir(&dir).unwrap() {
+                        let e = e.unwrap();
+                        let meta = std::fs::symlink_metadata(e.path()).unwrap();
+                        let rel = e.path().strip_prefix(&root).unwrap().to_path_buf();
+                        let rel = String::from_utf8_lossy(rel.as_os_str().as_bytes()).into_owned();
+                        let mode = meta.permissions().mode();
+                        let body = if meta.is_dir() {
+                            stack.push(e.path());
+                            Vec::new()
+                        } else if meta.file_type().is_symlink() {
+                            std::fs::read_link(e.path())
+                                .unwrap()
+                                .into_os_string()
+                                .into_encoded_bytes()
+                        } else {
+                            std::fs::read(e.path()).unwrap()
+                        };
+                        out.insert(rel, (mode, body));
+                    }
+                }
+            }
+        }
+        out
     }
 
     /// Starts (again) the daemon for this mount point and waits until it reports the mount.

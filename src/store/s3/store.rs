@@ -374,7 +374,12 @@ impl S3Store {
         if is_root(path) {
             return self.root_meta();
         }
-        let key = self.keys.key(path)?;
+        let key = match self.keys.key(path) {
+            Ok(key) => key,
+            // A name no object can have is not there (making one is refused with EINVAL).
+            Err(e) if e.raw_os_error() == libc::EINVAL => return Err(err(libc::ENOENT)),
+            Err(e) => return Err(e),
+        };
         match self.shared.client.head(&key) {
             Ok(info) => {
                 self.shared.learn_lineage(&info.etag, &info.metadata);
