@@ -60,6 +60,9 @@ pub struct S3Store {
     defaults: Defaults,
     metas: Mutex<HashMap<PathBuf, (Instant, Option<Meta>)>>,
     indexes: Mutex<HashMap<PathBuf, CachedIndex>>,
+    /// Directories wholly known from a listing: when it started, and the names in it (kept
+    /// up to date with this store's own changes).
+    listings: Mutex<HashMap<PathBuf, (Instant, std::collections::HashSet<String>)>>,
 }
 
 /// The directory holding `path` and its name there (the root is `.` of itself).
@@ -82,6 +85,7 @@ impl S3Store {
             defaults,
             metas: Mutex::new(HashMap::new()),
             indexes: Mutex::new(HashMap::new()),
+            listings: Mutex::new(HashMap::new()),
         }
     }
 
@@ -103,28 +107,54 @@ impl S3Store {
 
     /// What the store remembers of `path`, if still fresh: `Some(None)` is "not there".
     fn remembered(&self, path: &Path) -> Option<Option<Meta>> {
-        let metas = lock(&self.metas);
-        let (at, meta) = metas.get(path)?;
-        self.fresh(*at).then(|| meta.clone())
+        {
+            let metas = lock(&self.metas);
+            if let Some((at, meta)) = metas.get(path)
+                && self.fresh(*at)
+            {
+                return Some(meta.clone());
+            }
+        }
+        // Not listed in its directory, wholly known: not there.
+        let (dir, name) = split(path);
+        let listings = lock(&self.listings);
+        let (at, names) = listings.get(&dir)?;
+        (self.fresh(*at) && !is_root(path) && !names.contains(&name)).then_some(None)
     }
 
     pub(super) fn remember(&self, path: &Path, meta: Option<Meta>) {
-        let mut metas = lock(&self.metas);
-        if metas.len() > 100_000 {
-            let ttl = self.shared.metadata_ttl;
-            metas.retain(|_, (at, _)| at.elapsed() < ttl);
+        {
+            let mut metas = lock(&self.metas);
+            if metas.len() > 100_000 {
+                let ttl = self.shared.metadata_ttl;
+                metas.retain(|_, (at, _)| at.elapsed() < ttl);
+            }
+            metas.insert(path.to_path_buf(), (Instant::now(), meta.clone()));
         }
-        metas.insert(path.to_path_buf(), (Instant::now(), meta));
+        if is_root(path) {
+            return;
+        }
+        let (dir, name) = split(path);
+        if let Some((_, names)) = lock(&self.listings).get_mut(&dir) {
+            match meta {
+                Some(_) => names.insert(name),
+                None => names.remove(&name),
+            };
+        }
     }
 
+    /// Forgets what is known of `path` (and so that its directory is wholly known).
     fn forget(&self, path: &Path) {
         lock(&self.metas).remove(path);
+        lock(&self.listings).remove(&split(path).0);
     }
 
     /// Forgets everything remembered at and below `path` (a directory renamed or removed).
     fn forget_tree(&self, path: &Path) {
         lock(&self.metas).retain(|p, _| !p.starts_with(path));
         lock(&self.indexes).retain(|p, _| !p.starts_with(path));
+        let parent = split(path).0;
+        lock(&self.listings).retain(|p, _| !p.starts_with(path) && *p != parent);
     }
 
     /// The attributes of an object: its ctime is its `Last-Modified` (to the second), and so
@@ -391,6 +421,27 @@ impl S3Store {
             Err(e) if e.is(Failure::NotFound) => {}
             Err(e) => return Err(e.into()),
         }
+        // Not an object: its directory's listing tells whether it is a directory, and, when
+        // that fits in one page, answers for every other name there for a while (a program
+        // making files one after the other looks each name up first).
+        let (dir, name) = split(path);
+        match self.list_dir(&dir, Some(1)) {
+            Ok(Some(entries)) => {
+                return match entries.into_iter().find(|e| e.name == name.as_str()) {
+                    Some(e) => Ok(e.meta.expect("listed with attributes")),
+                    None => {
+                        self.remember(path, None);
+                        Err(err(libc::ENOENT))
+                    }
+                };
+            }
+            Ok(None) => {}
+            Err(e) if e.raw_os_error() == libc::ENOENT => {
+                self.remember(path, None);
+                return Err(e);
+            }
+            Err(e) => return Err(e),
+        }
         let prefix = self.keys.dir_prefix(path)?;
         let page = self.shared.client.list(&prefix, true, None, Some(1))?;
         if page.objects.is_empty() && page.prefixes.is_empty() {
@@ -400,6 +451,99 @@ impl S3Store {
         let meta = self.dir_meta(&self.dir_attrs(path)?);
         self.remember(path, Some(meta.clone()));
         Ok(meta)
+    }
+
+    /// The entries of the directory `path` (one LIST, paginated, and its index when it
+    /// changed), remembered for `metadata_ttl`, with the directory as *wholly known*: for that
+    /// time, a name not listed is not there (see `remembered`). With `max_pages`, `None` when
+    /// the directory has more pages than that (nothing is remembered then).
+    fn list_dir(
+        &self,
+        path: &Path,
+        max_pages: Option<usize>,
+    ) -> StoreResult<Option<Vec<DirEntry>>> {
+        let started = Instant::now();
+        let prefix = self.keys.dir_prefix(path)?;
+        let index_key = prefix.clone() + INDEX;
+        let mut objects = Vec::new();
+        let mut dirs = Vec::new();
+        let mut index_etag = None;
+        let mut anything = false;
+        let mut token: Option<String> = None;
+        let mut pages = 0;
+        loop {
+            if max_pages.is_some_and(|m| pages >= m) {
+                return Ok(None);
+            }
+            pages += 1;
+            let page = self
+                .shared
+                .client
+                .list(&prefix, true, token.as_deref(), None)?;
+            anything |= !page.objects.is_empty() || !page.prefixes.is_empty();
+            for o in page.objects {
+                if o.key == index_key {
+                    index_etag = Some(o.etag.clone());
+                } else if let Some(name) = listed_name(&prefix, &o.key, false) {
+                    objects.push((name.to_string(), o));
+                }
+            }
+            for p in &page.prefixes {
+                if let Some(name) = listed_name(&prefix, p, true) {
+                    dirs.push(name.to_string());
+                }
+            }
+            match page.next {
+                Some(t) => token = Some(t),
+                None => break,
+            }
+        }
+        if !anything && !is_root(path) {
+            self.remember(path, None);
+            return Err(err(libc::ENOENT));
+        }
+        let index = self.index(path, Some(index_etag.as_deref()))?;
+        let mut out = Vec::with_capacity(objects.len() + dirs.len());
+        let files: std::collections::HashSet<&str> =
+            objects.iter().map(|(n, _)| n.as_str()).collect();
+        for (name, o) in &objects {
+            let attrs = index
+                .entries
+                .get(name)
+                .and_then(|e| e.attrs(Kind::File, Some(&o.etag), &self.defaults))
+                .unwrap_or_else(|| Attrs::default_object(&self.defaults));
+            let meta = self.object_meta(o.size, &o.etag, o.last_modified, &attrs);
+            self.remember(&path.join(name), Some(meta.clone()));
+            out.push(DirEntry {
+                name: OsString::from(name),
+                kind: meta.kind,
+                meta: Some(meta),
+            });
+        }
+        for name in &dirs {
+            if files.contains(name.as_str()) {
+                log::debug!("{prefix}{name}: both an object and a prefix; shown as the file");
+                continue;
+            }
+            let attrs = index
+                .entries
+                .get(name)
+                .and_then(|e| e.attrs(Kind::Dir, None, &self.defaults))
+                .unwrap_or_else(|| Attrs::default_dir(&self.defaults));
+            let meta = self.dir_meta(&attrs);
+            self.remember(&path.join(name), Some(meta.clone()));
+            out.push(DirEntry {
+                name: OsString::from(name),
+                kind: Kind::Dir,
+                meta: Some(meta),
+            });
+        }
+        let names = out
+            .iter()
+            .map(|e| e.name.to_string_lossy().into_owned())
+            .collect();
+        lock(&self.listings).insert(path.to_path_buf(), (started, names));
+        Ok(Some(out))
     }
 
     /// Whether something (an object or a directory) is at `path`, asking the store.
@@ -681,77 +825,9 @@ impl Store for S3Store {
     }
 
     fn list(&self, path: &Path) -> StoreResult<Vec<DirEntry>> {
-        let prefix = self.keys.dir_prefix(path)?;
-        let index_key = prefix.clone() + INDEX;
-        let mut objects = Vec::new();
-        let mut dirs = Vec::new();
-        let mut index_etag = None;
-        let mut anything = false;
-        let mut token: Option<String> = None;
-        loop {
-            let page = self
-                .shared
-                .client
-                .list(&prefix, true, token.as_deref(), None)?;
-            anything |= !page.objects.is_empty() || !page.prefixes.is_empty();
-            for o in page.objects {
-                if o.key == index_key {
-                    index_etag = Some(o.etag.clone());
-                } else if let Some(name) = listed_name(&prefix, &o.key, false) {
-                    objects.push((name.to_string(), o));
-                }
-            }
-            for p in &page.prefixes {
-                if let Some(name) = listed_name(&prefix, p, true) {
-                    dirs.push(name.to_string());
-                }
-            }
-            match page.next {
-                Some(t) => token = Some(t),
-                None => break,
-            }
-        }
-        if !anything && !is_root(path) {
-            self.remember(path, None);
-            return Err(err(libc::ENOENT));
-        }
-        let index = self.index(path, Some(index_etag.as_deref()))?;
-        let mut out = Vec::with_capacity(objects.len() + dirs.len());
-        let files: std::collections::HashSet<&str> =
-            objects.iter().map(|(n, _)| n.as_str()).collect();
-        for (name, o) in &objects {
-            let attrs = index
-                .entries
-                .get(name)
-                .and_then(|e| e.attrs(Kind::File, Some(&o.etag), &self.defaults))
-                .unwrap_or_else(|| Attrs::default_object(&self.defaults));
-            let meta = self.object_meta(o.size, &o.etag, o.last_modified, &attrs);
-            self.remember(&path.join(name), Some(meta.clone()));
-            out.push(DirEntry {
-                name: OsString::from(name),
-                kind: meta.kind,
-                meta: Some(meta),
-            });
-        }
-        for name in &dirs {
-            if files.contains(name.as_str()) {
-                log::debug!("{prefix}{name}: both an object and a prefix; shown as the file");
-                continue;
-            }
-            let attrs = index
-                .entries
-                .get(name)
-                .and_then(|e| e.attrs(Kind::Dir, None, &self.defaults))
-                .unwrap_or_else(|| Attrs::default_dir(&self.defaults));
-            let meta = self.dir_meta(&attrs);
-            self.remember(&path.join(name), Some(meta.clone()));
-            out.push(DirEntry {
-                name: OsString::from(name),
-                kind: Kind::Dir,
-                meta: Some(meta),
-            });
-        }
-        Ok(out)
+        Ok(self
+            .list_dir(path, None)?
+            .expect("a listing without a page limit is whole"))
     }
 
     fn open(&self, path: &Path) -> StoreResult<Arc<dyn Content>> {
