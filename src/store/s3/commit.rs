@@ -157,7 +157,7 @@ pub(super) fn commit(store: &S3Store, req: CommitRequest<'_>) -> StoreResult<Com
 
 /// Uploads the whole copy to `key` (see the module docs).
 fn whole(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     key: &str,
     copy: &SpoolCopy,
     metadata: &Metadata,

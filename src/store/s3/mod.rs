@@ -290,6 +290,8 @@ pub struct Shared {
     /// Commits made by this process so far (a reader asks for a newer version again at once
     /// after one).
     pub commits: std::sync::atomic::AtomicU64,
+    /// Uploads whose abort failed, for the janitor.
+    aborts: std::sync::Mutex<Vec<(String, String, Journaled)>>,
 }
 
 /// The user metadata naming an object's lineage: the versions made from one whole commit by
@@ -369,21 +371,65 @@ impl Shared {
         match self.client.abort_upload(key, upload_id) {
             Ok(()) => journal.done(),
             Err(e) => {
-                log::warn!("aborting the upload of {key} failed ({e}); the next start tries again")
+                log::warn!("aborting the upload of {key} failed ({e}); trying again later");
+                self.retry_abort(key.to_string(), upload_id.to_string(), journal);
             }
         }
     }
 
     /// Aborts an upload on a part thread.
-    pub fn abort_upload_later(&self, key: String, upload_id: String, journal: Journaled) {
-        let client = self.client.clone();
-        self.pool
-            .run(move || match client.abort_upload(&key, &upload_id) {
-                Ok(()) => journal.done(),
-                Err(e) => log::warn!(
-                    "aborting the upload of {key} failed ({e}); the next start tries again"
-                ),
-            });
+    pub fn abort_upload_later(
+        self: &Arc<Self>,
+        key: String,
+        upload_id: String,
+        journal: Journaled,
+    ) {
+        let me = Arc::downgrade(self);
+        self.pool.run(move || {
+            if let Some(me) = me.upgrade() {
+                me.abort_upload(&key, &upload_id, journal);
+            }
+        });
+    }
+
+    /// Keeps an upload whose abort failed (the store was unreachable) for the janitor, which
+    /// tries again every few seconds while the process runs; the journal keeps it across a
+    /// restart.
+    fn retry_abort(&self, key: String, upload_id: String, journal: Journaled) {
+        self.aborts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((key, upload_id, journal));
+    }
+}
+
+/// How often the janitor tries again to abort uploads whose abort failed.
+const JANITOR_EVERY: Duration = Duration::from_secs(2);
+
+/// Starts the thread that aborts again, while the store lives, the uploads whose abort failed.
+fn start_janitor(shared: &Arc<Shared>) {
+    let weak = Arc::downgrade(shared);
+    let spawned = std::thread::Builder::new()
+        .name("roomfs-s3-janitor".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(JANITOR_EVERY);
+                let Some(shared) = weak.upgrade() else { return };
+                let pending =
+                    std::mem::take(&mut *shared.aborts.lock().unwrap_or_else(|e| e.into_inner()));
+                for (key, id, journal) in pending {
+                    match shared.client.abort_upload(&key, &id) {
+                        Ok(()) => {
+                            log::info!("aborted the upload of {key} left by a failed commit");
+                            journal.done();
+                        }
+                        Err(_) => shared.retry_abort(key, id, journal),
+                    }
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        log::warn!("no janitor thread ({e}): failed aborts wait for the next start");
     }
 }
 
@@ -511,7 +557,9 @@ pub fn open_with(
         location,
         lineages: Default::default(),
         commits: Default::default(),
+        aborts: Default::default(),
     });
+    start_janitor(&shared);
     let spaces = S3Spaces::new(shared);
     spaces.recover(leftovers);
     Ok(spaces)
