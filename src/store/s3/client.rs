@@ -220,13 +220,9 @@ impl fmt::Debug for ClientError {
     }
 }
 
-impl std::error::Error for ClientError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        self.source
-            .as_deref()
-            .map(|s| s as &(dyn std::error::Error + 'static))
-    }
-}
+/// The cause is part of the message (see `Display`), so it is not also a `source`: a chain
+/// printed whole would say it twice.
+impl std::error::Error for ClientError {}
 
 impl From<ClientError> for super::super::StoreError {
     fn from(e: ClientError) -> Self {

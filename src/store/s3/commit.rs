@@ -586,8 +586,14 @@ fn append_put(
     size: u64,
     decide: Decide<'_>,
 ) -> Result<(String, Option<Arc<File>>, Metadata), ClientError> {
-    let fail =
-        |e: io::Error| ClientError::with_source(Failure::Other, format!("append to {key}"), e);
+    let fail = |e: io::Error| {
+        // The base could not be read because it was replaced: as a failed condition would.
+        let failure = e
+            .get_ref()
+            .and_then(|s| s.downcast_ref::<ClientError>())
+            .map_or(Failure::Other, |c| c.failure);
+        ClientError::with_source(failure, format!("append to {key}"), e)
+    };
     let _room = shared.spool.reserve(size).map_err(fail)?;
     let file = Arc::new(shared.spool.file().map_err(fail)?);
     let base_size = base.meta().size;

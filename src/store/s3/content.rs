@@ -309,7 +309,9 @@ pub fn fetch_range(
             if e.is(super::client::Failure::Precondition)
                 || e.is(super::client::Failure::NotFound) =>
         {
-            log::warn!(
+            // Reported by whoever asked (a reader gets EIO, logged by the core with this
+            // cause; an append reads its base again).
+            log::debug!(
                 "{key}: the version a reader opened was replaced or removed by another writer; \
                  its bytes {start}..{end} cannot be read any more ({e})"
             );

@@ -161,11 +161,21 @@ where
         _ => Failure::Other,
     };
     crate::metrics::backend_error(op, failure_name(failure));
-    ClientError::with_source(
-        failure,
-        what,
-        aws_sdk_s3::error::DisplayErrorContext(e).to_string(),
-    )
+    // What the service said, briefly (the raw response would fill a log line with XML).
+    let cause = match &e {
+        SdkError::ServiceError(se) => format!(
+            "HTTP {} {}{}",
+            se.raw().status().as_u16(),
+            se.err().code().unwrap_or("(no code)"),
+            se.err()
+                .message()
+                .map(|m| format!(": {m}"))
+                .unwrap_or_default()
+        ),
+        SdkError::TimeoutError(_) => "no answer in time".to_string(),
+        _ => aws_sdk_s3::error::DisplayErrorContext(&e).to_string(),
+    };
+    ClientError::with_source(failure, what, cause)
 }
 
 /// The name of a failure in the metrics (a closed set).
