@@ -762,6 +762,9 @@ fn backoff(attempt: u32) {
 /// keys at a time, until none is left: what a directory rename does, and what the next start
 /// does to finish one a crash interrupted (copying again what was copied is harmless).
 pub(super) fn move_tree(shared: &Shared, from: &str, to: &str) -> StoreResult<()> {
+    // The directories below `from`, to delete once empty (SeaweedFS keeps an emptied directory
+    // listed until its own key is deleted).
+    let mut dirs = std::collections::BTreeSet::new();
     loop {
         let page = shared.client.list(from, false, None, None)?;
         if page.objects.is_empty() {
@@ -770,6 +773,11 @@ pub(super) fn move_tree(shared: &Shared, from: &str, to: &str) -> StoreResult<()
         let mut done = Vec::with_capacity(page.objects.len());
         for o in &page.objects {
             let rest = &o.key[from.len()..];
+            let mut at = 0;
+            while let Some(i) = rest[at..].find('/') {
+                dirs.insert(rest[..at + i + 1].to_string());
+                at += i + 1;
+            }
             let dest = format!("{to}{rest}");
             if o.key.ends_with('/') {
                 // A directory marker: made again (SeaweedFS copies no directories).
@@ -798,6 +806,11 @@ pub(super) fn move_tree(shared: &Shared, from: &str, to: &str) -> StoreResult<()
     shared
         .client
         .put(to, Body::empty(), &Metadata::new(), &Condition::None)?;
+    let mut dirs: Vec<String> = dirs.into_iter().collect();
+    dirs.sort_by_key(|d| std::cmp::Reverse(d.matches('/').count()));
+    for d in dirs {
+        shared.client.delete(&format!("{from}{d}"))?;
+    }
     shared.client.delete(from)?;
     Ok(())
 }
@@ -1383,6 +1396,7 @@ impl Spaces for S3Spaces {
         let keys = self.keys(space);
         let root = keys.root().to_string();
         let usage = space_usage(&self.shared, &root).map_err(io_err)?;
+        let mut dirs = std::collections::BTreeSet::new();
         loop {
             let page = self
                 .shared
@@ -1395,6 +1409,12 @@ impl Spaces for S3Spaces {
             let keys: Vec<String> = page.objects.into_iter().map(|o| o.key).collect();
             for k in &keys {
                 self.shared.cache.forget(k);
+                let rest = &k[root.len()..];
+                let mut at = 0;
+                while let Some(i) = rest[at..].find('/') {
+                    dirs.insert(format!("{root}{}", &rest[..at + i + 1]));
+                    at += i + 1;
+                }
             }
             for batch in keys.chunks(super::client::DELETE_BATCH) {
                 self.shared
@@ -1402,6 +1422,12 @@ impl Spaces for S3Spaces {
                     .delete_many(batch)
                     .map_err(|e| io_err(e.into()))?;
             }
+        }
+        // Emptied directories, deepest first (SeaweedFS lists them until they are deleted).
+        let mut dirs: Vec<String> = dirs.into_iter().collect();
+        dirs.sort_by_key(|d| std::cmp::Reverse(d.matches('/').count()));
+        for d in dirs {
+            let _ = self.shared.client.delete(&d);
         }
         let _ = self.shared.client.delete(&root);
         Ok(usage)
