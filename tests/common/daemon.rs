@@ -32,11 +32,16 @@ impl Daemon {
 
     /// Starts a daemon; `config` is the JSON config (its `mounts` paths may use `{tmp}`).
     pub fn with_config(config: Option<&str>) -> Daemon {
+        Daemon::on(config, store_is_s3().then(Bucket::shared))
+    }
+
+    /// Starts a daemon keeping its rooms and sessions in `s3` (unless `config` names other
+    /// stores).
+    pub fn on(config: Option<&str>, s3: Option<Bucket>) -> Daemon {
         let tmp = tempfile::Builder::new()
             .prefix("roomfs-daemon-")
             .tempdir_in("/tmp")
             .unwrap();
-        let s3 = store_is_s3().then(Bucket::shared);
         // On S3 the stores go into the configuration (unless it names its own).
         let config = match (&s3, config) {
             (Some(b), config) => {
