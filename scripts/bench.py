@@ -11,6 +11,10 @@ it raises or produces a wrong result, and then the script exits non-zero.
 Usage (normally through scripts/bench, which builds first):
   python3 scripts/bench.py [--rounds N] [--quick] [--peers] [--install-peers]
                            [--workdir DIR] [--json FILE] [--keep]
+                           [--seq-mib N] [--files N] [--appends N] [--pwrites N] [--pwrite-mib N]
+  python3 scripts/bench.py --store s3 [--s3-targets LIST] [same options]
+      roomfs on S3 against native, JuiceFS, rclone, s3fs and a raw S3 client, all on a
+      SeaweedFS of the run's own: see bench_lib/s3bench.py and doc/PERFORMANCE.md.
 
 Hidden options (for development and comparisons):
   --target {roomfs,bindfs,fuse-overlayfs,rclone}   what the main column measures
@@ -821,7 +825,8 @@ def parse_args(argv):
                    "reported ABSENT and the exit status is 1")
     ap.add_argument("--peers", action="store_true", help="also measure bindfs, fuse-overlayfs and rclone if installed")
     ap.add_argument("--install-peers", action="store_true",
-                    help="apt-get install -y bindfs fuse-overlayfs rclone fuse3 first (implies --peers)")
+                    help="apt-get install -y bindfs fuse-overlayfs rclone fuse3 first (implies --peers); "
+                    "with --store s3: scripts/setup --bench-peers (JuiceFS, rclone, s3fs)")
     ap.add_argument("--workdir", help="parent of the scratch dir (default /var/tmp); a fresh "
                     "subdirectory is created there and removed at the end")
     ap.add_argument("--json", metavar="FILE", help="also write results as JSON")

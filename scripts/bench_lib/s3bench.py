@@ -8,15 +8,15 @@ One SeaweedFS (`weed mini`, see seaweed.py) of the run's own, one bucket, one pr
   raw      no mount: a file uploaded and downloaded by boto3 (multipart, its defaults) and by
            rclone copyto/cat, for sequential throughput the store itself allows
 Every workload of bench.py but latency runs on native ext4 (the baseline) and on each mount,
-interleaved as in bench.py (each group on every target in turn, before the next group); the raw
-client runs once per round after the sequential group. Ratios are target/native per round,
-medians over rounds.
+interleaved as in bench.py (each group on every target in turn, before the next group). After
+the sequential group come, once per round, the raw clients and a cold read on each mount (an
+object another client stored, read through the mount). Ratios are target/native per round,
+medians over rounds; roomfs's goals are quotients roomfs/peer taken per round too.
 
 rclone returns from close() before its upload is done (the others upload first). Its write
-workloads are measured twice: when the last close() returned, and when rclone's upload queue
-(polled through its remote control, `vfs/stats`) is empty. Before the next timed section, and
-after every group, the queue is drained (untimed), so its uploads never run while another
-target is measured.
+workloads are measured twice: when the last close() returned, and when its remote control shows
+no upload pending (RcloneSettle, checked against S3). Its uploads are drained (untimed) before
+its next timed section and after each group, so they never run while another target is measured.
 
 A target asked for that is not installed, fails to mount, or mounts but stores nothing in
 SeaweedFS (a probe file is written through the mount and looked for with boto3) is reported
@@ -25,12 +25,14 @@ ABSENT: in the table, on stderr, and by the exit status (1); the others are stil
 
 from __future__ import annotations
 
+import base64
 import datetime as _dt
 import hashlib
 import json
 import math
 import os
 import random
+import secrets
 import select
 import shlex
 import shutil
@@ -131,7 +133,7 @@ class S3Tool:
         with open(errlog, "ab") as ef:
             self.proc = subprocess.Popen([self.python, self.script], env=env, stdin=subprocess.PIPE,
                                          stdout=subprocess.PIPE, stderr=ef, start_new_session=True,
-                                         preexec_fn=seaweed._die_with_parent)
+                                         preexec_fn=seaweed.die_with_parent)
 
     def run(self, *a, timeout: float = 120):
         p = self.proc
@@ -190,6 +192,17 @@ def tool_version(cmd: list[str]) -> str:
 
 # -------------------------------------------------------------- targets ---
 
+def peer_bin(name: str) -> str:
+    """$ROOMFS_BENCH_<NAME> if set (another build, or a test's stand-in), else where
+    `scripts/setup --bench-peers` installs it: the venv (JuiceFS, rclone) or PATH (s3fs)."""
+    env = os.environ.get(f"ROOMFS_BENCH_{name.upper()}")
+    if env:
+        return env
+    if name == "s3fs":
+        return shutil.which("s3fs") or "/usr/bin/s3fs"
+    return venv_bin(name)
+
+
 def make_targets(B, args, sw: SeaweedFs, tool: S3Tool, workdir: str, wanted: list[str]):
     """The FUSE targets asked for: (list of B.Target, {name: absent reason}, {name: version})."""
     targets, absent, versions = [], {}, {}
@@ -213,7 +226,8 @@ def make_targets(B, args, sw: SeaweedFs, tool: S3Tool, workdir: str, wanted: lis
             absent["roomfs"] = why
         else:
             t = B.FuseTarget("roomfs", base("roomfs"),
-                             [binary, "mount", "--store", f"s3://{BUCKET}/roomfs", "--room", ROOM]
+                             [binary, "mount", "--data-dir", "{src}", "--store", f"s3://{BUCKET}/roomfs",
+                              "--room", ROOM]
                              + shlex.split(args.roomfs_args) + ["{mnt}"],
                              [binary, "unmount", "{mnt}"], mt)
             t.env = {**os.environ, **sw.env()}
@@ -222,7 +236,7 @@ def make_targets(B, args, sw: SeaweedFs, tool: S3Tool, workdir: str, wanted: lis
             versions["roomfs"] = f"commit {B.git_commit()}"
 
     if "juicefs" in wanted:
-        jfs = venv_bin("juicefs")
+        jfs = peer_bin("juicefs")
         if not os.access(jfs, os.X_OK):
             absent["juicefs"] = f"{jfs} not installed (scripts/setup --bench-peers)"
         else:
@@ -239,7 +253,7 @@ def make_targets(B, args, sw: SeaweedFs, tool: S3Tool, workdir: str, wanted: lis
             versions["juicefs"] = tool_version([jfs, "--version"])
 
     if "rclone" in wanted:
-        rc = venv_bin("rclone")
+        rc = peer_bin("rclone")
         if not os.access(rc, os.X_OK):
             absent["rclone"] = f"{rc} not installed (scripts/setup --bench-peers)"
         else:
@@ -247,20 +261,22 @@ def make_targets(B, args, sw: SeaweedFs, tool: S3Tool, workdir: str, wanted: lis
             t = B.FuseTarget("rclone", base("rclone"),
                              [rc, "mount", f"sw:{BUCKET}/rclone", "{mnt}", "--config", "{work}/rclone.conf",
                               "--vfs-cache-mode", "writes", "--vfs-write-back", "0s",
-                              "--cache-dir", "{work}/cache",
-                              "--rc", "--rc-addr", f"127.0.0.1:{rc_port}", "--rc-no-auth"],
+                              "--cache-dir", "{work}/cache", "--rc", "--rc-addr", f"127.0.0.1:{rc_port}"],
                              None, mt)
-            t.env = rclone_env(sw)
+            # its remote control needs a password: without one, anyone on the machine could
+            # have it copy files as root; given in the environment, not on the command line
+            rc_user, rc_pass = "bench", secrets.token_hex(16)
+            t.env = {**rclone_env(sw), "RCLONE_RC_USER": rc_user, "RCLONE_RC_PASS": rc_pass}
             t.probe_key = "rclone/"
-            t.settle = RcloneSettle(rc_port, t, tool, "rclone/")
+            t.settle = RcloneSettle(rc_port, (rc_user, rc_pass), t, tool, "rclone/")
             t.pre_mount = lambda t=t: open(os.path.join(t.work, "rclone.conf"), "w").close()
             targets.append(t)
             versions["rclone"] = tool_version([rc, "version"])
 
     if "s3fs" in wanted:
-        s3fs = shutil.which("s3fs")
-        if s3fs is None:
-            absent["s3fs"] = "s3fs not installed (scripts/setup --bench-peers: Debian's s3fs)"
+        s3fs = peer_bin("s3fs")
+        if not os.access(s3fs, os.X_OK):
+            absent["s3fs"] = f"{s3fs} not installed (scripts/setup --bench-peers: Debian's s3fs)"
         else:
             t = B.FuseTarget("s3fs", base("s3fs"),
                              [s3fs, f"{BUCKET}:/s3fs", "{mnt}", "-f",
@@ -269,7 +285,7 @@ def make_targets(B, args, sw: SeaweedFs, tool: S3Tool, workdir: str, wanted: lis
                               "-o", "passwd_file={work}/passwd"],
                              None, mt)
             t.probe_key = "s3fs/"
-            t.pre_mount = lambda t=t: s3fs_prepare(t, tool)
+            t.pre_mount = lambda t=t: s3fs_prepare(t)
             targets.append(t)
             versions["s3fs"] = tool_version([s3fs, "--version"])
     return targets, absent, versions
@@ -284,12 +300,11 @@ def juicefs_format(t, jfs: str, sw: SeaweedFs) -> None:
         raise RuntimeError(f"juicefs format failed ({r.returncode}): {(r.stdout + r.stderr).strip()[-1500:]}")
 
 
-def s3fs_prepare(t, tool: S3Tool) -> None:
+def s3fs_prepare(t) -> None:
     pw = os.path.join(t.work, "passwd")
     fd = os.open(pw, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(f"{seaweed.ACCESS_KEY}:{seaweed.SECRET_KEY}\n")
-    tool.run("put", "s3fs/")  # s3fs mounts BUCKET:/s3fs only if that "directory" exists
 
 
 class RcloneSettle:
@@ -302,13 +317,16 @@ class RcloneSettle:
 
     QUIET = 0.2
 
-    def __init__(self, port: int, target, tool: S3Tool, prefix: str, timeout: float = 600):
+    def __init__(self, port: int, auth: tuple[str, str], target, tool: S3Tool, prefix: str,
+                 timeout: float = 600):
         self.base = f"http://127.0.0.1:{port}"
+        self.auth = "Basic " + base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
         self.target, self.tool, self.prefix, self.timeout = target, tool, prefix, timeout
 
     def rc(self, command: str, **params) -> dict:
         req = urllib.request.Request(f"{self.base}/{command}", data=json.dumps(params).encode(),
-                                     headers={"Content-Type": "application/json"})
+                                     headers={"Content-Type": "application/json",
+                                              "Authorization": self.auth})
         with urllib.request.urlopen(req, timeout=10) as r:
             return json.load(r)
 
@@ -465,7 +483,7 @@ def raw_round(tool: S3Tool, sw: SeaweedFs, src: str, size: int, rnd_no: int) -> 
         out["boto3"] = {"seq-write": mb / w, "seq-read": mb / r}
     except Exception as e:  # noqa: BLE001
         out["boto3"] = {"seq-write": e, "seq-read": e}
-    rc = venv_bin("rclone")
+    rc = peer_bin("rclone")
     if not os.access(rc, os.X_OK):
         err = RuntimeError(f"{rc} not installed (scripts/setup --bench-peers)")
         out["rclone"] = {"seq-write": err, "seq-read": err}
@@ -937,7 +955,9 @@ def main(args, B) -> int:
         doc = {"date": now, "kernel": os.uname().release, "cpus": os.cpu_count(), "commit": B.git_commit(),
                "store": "s3", "rounds": args.rounds, "sizes": sz.describe(), "versions": versions,
                "load_1min": loads, "targets": fuse_cols, "absent": absent,
-               "workloads": clean(summary), "raw": clean(results.get("raw")), "failures": fails}
+               "seaweedfs": {"endpoint": sw.endpoint if sw.ports else None, "ports": sw.ports},
+               "workloads": clean(summary), "raw": clean(results.get("raw")),
+               "cold_read": {n: clean(results[n]["cold-read"]) for n in fuse_cols}, "failures": fails}
         with open(args.json, "w") as f:
             json.dump(doc, f, indent=2)
     if fails or absent:

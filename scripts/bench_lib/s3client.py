@@ -6,7 +6,6 @@ stdout, `{"ok": result}` or `{"err": "message"}`:
 
     ["get", KEY]              the object's sha256, or null when there is none
     ["list", PREFIX]          {key: size} of every object under PREFIX
-    ["put", KEY]              stores an empty object (a directory marker)
     ["copy", SRC, DST]        server-side copy (boto3's managed copy)
     ["upload", FILE, KEY]     upload_file at boto3's defaults (multipart); seconds it took
     ["download", KEY, SIZE]   download_fileobj at boto3's defaults to nowhere; seconds it took
@@ -67,9 +66,6 @@ def handle(s3, req):
             for o in page.get("Contents", []):
                 out[o["Key"]] = o["Size"]
         return out
-    if cmd == "put":
-        s3.put_object(Bucket=BUCKET, Key=args[0], Body=b"")
-        return None
     if cmd == "copy":
         s3.copy({"Bucket": BUCKET, "Key": args[0]}, BUCKET, args[1])
         return None

@@ -83,7 +83,7 @@ def _pick_ports() -> dict:
             s.close()
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     try:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except Exception:  # noqa: BLE001 - best effort
@@ -137,8 +137,9 @@ class SeaweedFs:
             self._spawn()
             err = self._wait_ready(timeout)
             if err is None:
+                grpc = " ".join(f"{k[:-5]}={v}" for k, v in self.ports.items() if k.endswith("_grpc"))
                 self.log(f"[seaweedfs] weed mini pid {self.proc.pid} ready at {self.endpoint} "
-                         f"(bucket {BUCKET}, data in {self.data})")
+                         f"(bucket {BUCKET}, data in {self.data}; gRPC ports {grpc})")
                 return
             taken = "not available" in self.log_tail(200)
             self.stop()
@@ -165,7 +166,7 @@ class SeaweedFs:
         with open(self.logfile, "ab") as lf:
             self.proc = subprocess.Popen(cmd, cwd=b, env=env, stdin=subprocess.DEVNULL, stdout=lf,
                                          stderr=subprocess.STDOUT, start_new_session=True,
-                                         preexec_fn=_die_with_parent)
+                                         preexec_fn=die_with_parent)
 
     def _wait_ready(self, timeout: float) -> str | None:
         canary = f"roomfs-bench canary {self.base}".encode()
