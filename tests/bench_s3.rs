@@ -63,7 +63,9 @@ fn assert_left_nothing(workdir: &Path, ports: &[u16]) {
 }
 
 fn seaweed_ports(json: &serde_json::Value) -> Vec<u16> {
-    let ports = json["seaweedfs"]["ports"].as_object().expect("ports in the report");
+    let ports = json["seaweedfs"]["ports"]
+        .as_object()
+        .expect("ports in the report");
     assert!(ports.len() >= 10, "{ports:?}");
     ports.values().map(|p| p.as_u64().unwrap() as u16).collect()
 }
@@ -86,7 +88,10 @@ fn a_quick_s3_run_measures_roomfs_reports_a_failing_peer_absent_and_cleans_up() 
         "{ctx}"
     );
     // the first table: every workload has a ratio for roomfs and ABSENT for s3fs
-    assert!(stdout.contains("| workload | native | roomfs | s3fs |"), "{ctx}");
+    assert!(
+        stdout.contains("| workload | native | roomfs | s3fs |"),
+        "{ctx}"
+    );
     let rows: Vec<&str> = stdout
         .lines()
         .skip_while(|l| !l.starts_with("| workload | native | roomfs | s3fs |"))
@@ -96,7 +101,10 @@ fn a_quick_s3_run_measures_roomfs_reports_a_failing_peer_absent_and_cleans_up() 
     assert_eq!(rows.len(), 8, "{ctx}");
     for row in &rows {
         let cells: Vec<&str> = row.split(" | ").collect();
-        assert!(cells[2].starts_with("**"), "no roomfs ratio in {row}\n{ctx}");
+        assert!(
+            cells[2].starts_with("**"),
+            "no roomfs ratio in {row}\n{ctx}"
+        );
         assert!(!row.contains("FAIL"), "{row}\n{ctx}");
         assert!(cells[3].starts_with("ABSENT"), "{row}\n{ctx}");
     }
@@ -151,7 +159,10 @@ fn an_interrupted_s3_run_stops_its_seaweedfs_and_unmounts() {
     assert!(log.contains("interrupted by SIGINT; cleaning up"), "{log}");
     assert!(log.contains("[seaweedfs] stopped pid"), "{log}");
     // no JSON report after an interrupt: the gRPC ports are in the log ("gRPC ports master=N ...")
-    let grpc = log.split("gRPC ports ").nth(1).expect("gRPC ports in the log");
+    let grpc = log
+        .split("gRPC ports ")
+        .nth(1)
+        .expect("gRPC ports in the log");
     let ports: Vec<u16> = grpc
         .split([' ', ')'])
         .take_while(|w| w.contains('='))
