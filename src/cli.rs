@@ -17,6 +17,7 @@ use crate::grant::Grant;
 use crate::human;
 use crate::mount::{self, MountSpec};
 use crate::space::{SpaceId, SpaceKind, default_data_dir};
+use crate::store::StoreConfig;
 use crate::token;
 
 #[derive(Parser, Debug)]
@@ -257,6 +258,12 @@ pub struct MountArgs {
     /// next request while requests stream, which cuts request latency on VMs; 0 turns both off.
     #[arg(long, value_name = "MICROSECONDS", default_value_t = 1000)]
     pub poll_window_us: u64,
+    /// Where the space is stored: `local` (the data dir), or an S3 bucket,
+    /// `s3://BUCKET/PREFIX` (credentials and endpoint the standard AWS ways: AWS_ACCESS_KEY_ID,
+    /// AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, ~/.aws; options as `?part_size=16Mi&...`, see
+    /// doc/S3.md). With --daemon, it must be the daemon's store.
+    #[arg(long, value_name = "STORE")]
+    pub store: Option<String>,
     /// Ask the daemon (`roomfs serve`) to serve this mount instead of serving it here.
     #[arg(long)]
     pub daemon: bool,
@@ -410,6 +417,7 @@ fn mount_via_daemon(args: &MountArgs) -> Result<(), String> {
         sync_on_close: args.sync_on_close.then_some(true),
         passthrough: args.no_passthrough.then_some(false),
         read_only: args.read_only.then_some(true),
+        store: args.store.clone(),
     };
     let info = Client::new(&args.socket)
         .add_mount(&req)
@@ -601,8 +609,13 @@ fn mount_spec(args: MountArgs) -> Result<MountSpec, String> {
             args.threads
         ));
     }
+    let store = match &args.store {
+        Some(s) => StoreConfig::parse(s).map_err(|e| format!("--store: {e}"))?,
+        None => StoreConfig::Local,
+    };
     let data_dir = args.data_dir.unwrap_or_else(default_data_dir);
     Ok(MountSpec {
+        store,
         records_dir: args.records_dir.unwrap_or_else(|| data_dir.join("records")),
         limits: None,
         data_dir,

@@ -269,6 +269,7 @@ fn mount_request(plan: &Plan, mountpoint: &Path) -> MountRequest {
         sync_on_close: plan.sync_on_close.then_some(true),
         passthrough: (!plan.passthrough).then_some(false),
         read_only: plan.read_only.then_some(true),
+        store: None,
     }
 }
 

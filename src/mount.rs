@@ -47,6 +47,8 @@ pub struct MountSpec {
     pub limits: Option<Limits>,
     /// A read-only mount (the kernel refuses every change with EROFS).
     pub read_only: bool,
+    /// Where the space is stored (a standalone mount; the daemon has its own).
+    pub store: crate::store::StoreConfig,
 }
 
 impl MountSpec {
@@ -269,7 +271,7 @@ impl ActiveMount {
                 format!(
                     "cannot open {} at {}: {e}",
                     spec.space,
-                    resources.hub.local().describe(&spec.space).display()
+                    resources.hub.describe(&spec.space)
                 )
             })?;
         // Sessions show their agent records under .meta, which is never writable.
@@ -346,7 +348,7 @@ impl ActiveMount {
             "mounted {} at {} (data in {}, grant: {})",
             spec.space,
             mountpoint.display(),
-            resources.hub.local().describe(&spec.space).display(),
+            resources.hub.describe(&spec.space),
             spec.grant
         );
         let ended = Arc::new(AtomicBool::new(false));
@@ -468,13 +470,18 @@ pub fn run(spec: &MountSpec, ready: Option<ReadyPipe>) -> Result<(), String> {
 fn serve(spec: &MountSpec, ready: &mut Option<ReadyPipe>) -> Result<(), String> {
     check_mountpoint(&spec.mountpoint)?;
     let local = open_data_dir(&spec.data_dir)?;
+    let stored = spec.store.open(&spec.data_dir)?;
     let records = match spec.space.kind {
         SpaceKind::Session => Some(Arc::new(RecordStore::open(&spec.records_dir).map_err(
             |e| format!("cannot open records at {}: {e}", spec.records_dir.display()),
         )?)),
         SpaceKind::Room => None,
     };
-    let hub = Arc::new(Hub::new(local, records));
+    let (rooms, sessions) = match spec.space.kind {
+        SpaceKind::Room => (stored, None),
+        SpaceKind::Session => (None, stored),
+    };
+    let hub = Arc::new(Hub::with_stores(local, records, rooms, sessions));
     let resources = Resources {
         limits: spec.limits(&hub),
         hub,

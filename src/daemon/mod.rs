@@ -24,6 +24,7 @@ use crate::mount::{self, ActiveMount, MountSpec, Resources};
 use crate::records::RecordStore;
 use crate::space::export::{ExportError, export};
 use crate::space::{self, Hub, SessionState, SpaceId, SpaceKind, state};
+use crate::store::StoreConfig;
 use crate::store::local::at::Dir;
 use crate::token;
 
@@ -111,7 +112,18 @@ impl Daemon {
             )
         })?);
         let poller = crate::poll::Poller::start(Duration::from_micros(config.poll_window_us));
-        let hub = Arc::new(Hub::new(local, Some(records.clone())));
+        let rooms = config.store.open(&data_dir)?;
+        let sessions = if config.session_store == config.store {
+            rooms.clone()
+        } else {
+            config.session_store.open(&data_dir)?
+        };
+        let hub = Arc::new(Hub::with_stores(
+            local,
+            Some(records.clone()),
+            rooms,
+            sessions,
+        ));
         let daemon = Arc::new_cyclic(|me| Daemon {
             config,
             data_dir,
@@ -142,6 +154,7 @@ impl Daemon {
                 sync_on_close: None,
                 passthrough: None,
                 read_only: None,
+                store: None,
             };
             if let Err(e) = daemon.mount(req, true) {
                 log::error!(
@@ -223,8 +236,32 @@ impl Daemon {
             })
     }
 
+    /// Where spaces of `kind` are stored.
+    fn store_of(&self, kind: SpaceKind) -> &StoreConfig {
+        match kind {
+            SpaceKind::Room => &self.config.store,
+            SpaceKind::Session => &self.config.session_store,
+        }
+    }
+
     fn mount(&self, req: MountRequest, from_config: bool) -> Result<MountInfo, ApiError> {
         let (space, grant) = self.resolve(&req)?;
+        if let Some(wanted) = &req.store {
+            let wanted = StoreConfig::parse(wanted).map_err(ApiError::bad_request)?;
+            let have = self.store_of(space.kind);
+            if wanted.name() != have.name() {
+                let field = match space.kind {
+                    SpaceKind::Room => "store",
+                    SpaceKind::Session => "session_store",
+                };
+                return Err(ApiError::bad_request(format!(
+                    "this daemon keeps {}s in {}, not {}: set \"{field}\" in its configuration",
+                    space.kind.noun(),
+                    have.name(),
+                    wanted.name()
+                )));
+            }
+        }
         let mountpoint = PathBuf::from(&req.mountpoint);
         if !mountpoint.is_absolute() {
             return Err(ApiError::bad_request("mountpoint must be an absolute path"));
@@ -242,6 +279,7 @@ impl Daemon {
             records_dir: PathBuf::new(),
             limits: None,
             read_only: req.read_only.unwrap_or(false),
+            store: self.store_of(space.kind).clone(),
         };
         let resources = Resources {
             hub: self.hub.clone(),
@@ -478,9 +516,8 @@ impl ControlPlane for Daemon {
             last_active: now,
         };
         self.hub
-            .local()
-            .open_space(&space, Some(None))
-            .map_err(|e| internal("creating the session directory", e))?;
+            .make(&space)
+            .map_err(|e| internal("creating the session's space", e))?;
         state::save(self.data(), &state).map_err(|e| internal("saving session state", e))?;
         log::info!("created session {}", req.id);
         Ok(self.session_info(state))
@@ -545,11 +582,11 @@ impl ControlPlane for Daemon {
         lock(&self.record_activity).remove(id);
         log::info!(
             "ended session {id}: {} entries and {deleted_records} records deleted",
-            deleted.entries
+            deleted.files
         );
         Ok(EndReport {
             id: id.to_string(),
-            deleted_files: deleted.entries,
+            deleted_files: deleted.files,
             deleted_records,
             exported,
             unmounted,

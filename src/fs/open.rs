@@ -37,7 +37,7 @@ impl Fs {
         let version = meta.version.clone();
         // `O_TRUNC`: the handle starts from an empty working copy.
         let truncated = match truncate {
-            true => Some(self.store.working_copy()?),
+            true => Some(self.store.working_copy(path)?),
             false => None,
         };
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
@@ -114,6 +114,7 @@ impl Fs {
             (true, true) => Mode::Append,
         };
         let mut handle = FileHandle::new(ino, mode, direct_io, committed);
+        handle.set_path(path);
         if let Some(copy) = truncated {
             handle.truncated(copy);
         }

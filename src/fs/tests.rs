@@ -87,7 +87,7 @@ impl Setup {
         let path = Path::new(path);
         self.store.create(path, 0o644, None, false).unwrap();
         let base = self.store.open(path).unwrap();
-        let copy = self.store.working_copy().unwrap();
+        let copy = self.store.working_copy(Path::new("f")).unwrap();
         copy.write_at(bytes, 0).unwrap();
         self.store
             .commit(CommitRequest {

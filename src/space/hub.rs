@@ -24,6 +24,38 @@ use crate::store::local::LocalBackend;
 use crate::store::local::at::Tally;
 use crate::store::meta::MetaOverlay;
 
+/// Where the spaces of one kind are stored: the local data dir, or an S3 bucket. Makes, opens,
+/// counts and deletes spaces; nothing outside it touches a space's storage directly.
+pub trait Spaces: Send + Sync {
+    /// Opens the store of `space`. With `create`, a missing space is made first, owned by
+    /// the given owner (or the daemon's own user); without, a missing one is `ENOENT`.
+    fn open_space(&self, space: &SpaceId, create: Option<Owner>) -> io::Result<Arc<dyn Store>>;
+    /// What `space` holds (entries of every kind, bytes of files); `None` if it does not exist.
+    fn space_usage(&self, space: &SpaceId) -> io::Result<Option<Usage>>;
+    /// Removes `space` and everything in it; returns what was removed.
+    fn delete_space(&self, space: &SpaceId) -> io::Result<Usage>;
+    /// Where `space` lives, for messages.
+    fn describe(&self, space: &SpaceId) -> String;
+}
+
+impl Spaces for LocalBackend {
+    fn open_space(&self, space: &SpaceId, create: Option<Owner>) -> io::Result<Arc<dyn Store>> {
+        Ok(Arc::new(LocalBackend::open_space(self, space, create)?))
+    }
+
+    fn space_usage(&self, space: &SpaceId) -> io::Result<Option<Usage>> {
+        Ok(LocalBackend::space_usage(self, space)?.map(usage_of))
+    }
+
+    fn delete_space(&self, space: &SpaceId) -> io::Result<Usage> {
+        Ok(usage_of(LocalBackend::delete_space(self, space)?))
+    }
+
+    fn describe(&self, space: &SpaceId) -> String {
+        LocalBackend::describe(self, space).display().to_string()
+    }
+}
+
 /// Something that shows a space and must hear of changes made to it by others (a mount: its
 /// kernel caches).
 pub trait SpaceWatcher: Send + Sync {
@@ -125,7 +157,10 @@ impl Space {
 
 /// The spaces of this process (see the module docs).
 pub struct Hub {
-    local: LocalBackend,
+    local: Arc<LocalBackend>,
+    /// Where rooms and sessions are stored.
+    rooms: Arc<dyn Spaces>,
+    sessions: Arc<dyn Spaces>,
     records: Option<Arc<RecordStore>>,
     open: Mutex<HashMap<SpaceId, Weak<Space>>>,
 }
@@ -133,16 +168,55 @@ pub struct Hub {
 impl Hub {
     /// Spaces stored by `local`; sessions show the agent records of `records` under `.meta`.
     pub fn new(local: LocalBackend, records: Option<Arc<RecordStore>>) -> Hub {
+        let local = Arc::new(local);
         Hub {
+            rooms: local.clone(),
+            sessions: local.clone(),
             local,
             records,
             open: Mutex::new(HashMap::new()),
         }
     }
 
+    /// Like [`Hub::new`], with rooms and sessions stored elsewhere where given (the local
+    /// backend still holds the daemon's state).
+    pub fn with_stores(
+        local: LocalBackend,
+        records: Option<Arc<RecordStore>>,
+        rooms: Option<Arc<dyn Spaces>>,
+        sessions: Option<Arc<dyn Spaces>>,
+    ) -> Hub {
+        let mut hub = Hub::new(local, records);
+        if let Some(r) = rooms {
+            hub.rooms = r;
+        }
+        if let Some(s) = sessions {
+            hub.sessions = s;
+        }
+        hub
+    }
+
     /// The local backend (its data dir also holds the daemon's state).
     pub fn local(&self) -> &LocalBackend {
         &self.local
+    }
+
+    /// Where spaces of `kind` are stored.
+    pub fn spaces(&self, kind: SpaceKind) -> &Arc<dyn Spaces> {
+        match kind {
+            SpaceKind::Room => &self.rooms,
+            SpaceKind::Session => &self.sessions,
+        }
+    }
+
+    /// Where `id` lives, for messages.
+    pub fn describe(&self, id: &SpaceId) -> String {
+        self.spaces(id.kind).describe(id)
+    }
+
+    /// Makes the space `id` if missing (owned by the daemon's user).
+    pub fn make(&self, id: &SpaceId) -> io::Result<()> {
+        self.spaces(id.kind).open_space(id, Some(None)).map(drop)
     }
 
     /// The space `id` if something in this process holds it open.
@@ -164,7 +238,7 @@ impl Hub {
         }
         // Opened without the table's lock (a usage count reads the whole space); a racing
         // open of the same space keeps whichever went in first.
-        let store = self.local.open_space(id, create)?;
+        let store = self.spaces(id.kind).open_space(id, create)?;
         let quota = if limits.is_unlimited() {
             None
         } else {
@@ -172,12 +246,10 @@ impl Hub {
             Some(Arc::new(Quota::new(limits, usage)))
         };
         let store: Arc<dyn Store> = match (&self.records, id.kind) {
-            (Some(records), SpaceKind::Session) => Arc::new(MetaOverlay::new(
-                Arc::new(store),
-                records.clone(),
-                id.id.clone(),
-            )),
-            _ => Arc::new(store),
+            (Some(records), SpaceKind::Session) => {
+                Arc::new(MetaOverlay::new(store, records.clone(), id.id.clone()))
+            }
+            _ => store,
         };
         let space = Arc::new(Space::new(id.clone(), store, quota));
         let mut open = lock(&self.open);
@@ -195,14 +267,14 @@ impl Hub {
         if let Some(q) = self.get(id).and_then(|s| s.quota().cloned()) {
             return Ok(Some(q.usage()));
         }
-        Ok(self.local.space_usage(id)?.map(usage_of))
+        self.spaces(id.kind).space_usage(id)
     }
 
     /// Deletes the space `id` and all it holds; returns what went. Whoever still holds it open
     /// keeps an object whose files are gone (the daemon unmounts first).
-    pub fn delete(&self, id: &SpaceId) -> io::Result<Tally> {
+    pub fn delete(&self, id: &SpaceId) -> io::Result<Usage> {
         lock(&self.open).remove(id);
-        self.local.delete_space(id)
+        self.spaces(id.kind).delete_space(id)
     }
 }
 

@@ -7,7 +7,7 @@ pub mod export;
 pub mod hub;
 pub mod state;
 
-pub use hub::{Hub, Space, SpaceWatcher};
+pub use hub::{Hub, Space, SpaceWatcher, Spaces};
 pub use state::SessionState;
 
 use std::fmt;

@@ -355,6 +355,7 @@ impl Store for LocalStore {
             local_files: true,
             conditional_writes: true,
             xattrs: true,
+            stream_commits_up_to: None,
         }
     }
 
@@ -401,7 +402,7 @@ impl Store for LocalStore {
         Ok(meta_of(&fstat(&file)?))
     }
 
-    fn working_copy(&self) -> StoreResult<Arc<dyn WorkingCopy>> {
+    fn working_copy(&self, _path: &Path) -> StoreResult<Arc<dyn WorkingCopy>> {
         Ok(Arc::new(LocalCopy::new(self.staging.clone())?))
     }
 
@@ -702,7 +703,7 @@ mod tests {
         let (d, s) = store();
         let big = vec![7u8; 1 << 20];
         fs::write(s.full(Path::new("f")), &big).unwrap();
-        let copy = s.working_copy().unwrap();
+        let copy = s.working_copy(Path::new("f")).unwrap();
         copy.write_at(b"small", 0).unwrap();
         commit_whole(&s, "f", &copy, false);
         drop(copy);
@@ -751,7 +752,7 @@ mod tests {
                 },
             )
             .unwrap();
-            let copy = s.working_copy().unwrap();
+            let copy = s.working_copy(Path::new("f")).unwrap();
             let staging =
                 fs::read_link(format!("/proc/self/fd/{}", s.staging.dir().as_raw_fd())).unwrap();
             copy.write_at(b"new", 0).unwrap();
@@ -780,7 +781,7 @@ mod tests {
         let (_d, s) = store();
         fs::write(s.full(Path::new("f")), b"hello world").unwrap();
         let seed = s.open(Path::new("f")).unwrap();
-        let copy = s.working_copy().unwrap();
+        let copy = s.working_copy(Path::new("f")).unwrap();
         crate::store::copy_range(seed.as_ref(), copy.as_ref(), 0, 11).unwrap();
         let mut buf = vec![0u8; 32];
         let n = copy.read_at(&mut buf, 0).unwrap();
@@ -957,7 +958,7 @@ mod tests {
         }
         let (a, b) = (dir.join("a"), dir.join("b"));
         s.create(&a, 0o644, None, true).unwrap();
-        let copy = s.working_copy().unwrap();
+        let copy = s.working_copy(Path::new("f")).unwrap();
         copy.write_at(b"long", 0).unwrap();
         commit_whole(&s, a.to_str().unwrap(), &copy, true);
         s.rename(&a, &b, RenameMode::Replace).unwrap();

@@ -1,0 +1,288 @@
+//! The committed content of an object, as opened: one version (ETag) of one key.
+//!
+//! - Every GET asks for that version (`If-Match`), so a reader never mixes two versions; if
+//!   another writer replaced the object since the open, bytes not read yet are gone (S3 keeps
+//!   no old versions) and the read fails with `EIO` (logged), where the local store would go
+//!   on reading the old version. A small file is fetched whole at its first read, so this
+//!   only concerns files read over a longer time.
+//! - Objects the cache takes (see `cache`) are read through it, in chunks; a sequential
+//!   reader's requests grow ahead of it (read-ahead up to 16 MiB a request). A whole cached
+//!   entry is a local file (`Content::local`), which the core may hand to the kernel.
+//! - Larger objects are read through a window of memory (up to 16 MiB) per open file, the
+//!   next window fetched on a thread of its own while a sequential reader reads this one:
+//!   memory stays flat whatever the size of the file.
+
+use std::io;
+use std::sync::{Arc, Mutex};
+
+use super::Shared;
+use super::cache::Entry;
+use crate::store::{Content, LocalFile, Meta, Version};
+
+/// Read-ahead of a sequential reader, at most.
+const AHEAD_MAX: u64 = 16 << 20;
+/// The first request of a sequential reader (and the window of a random one).
+const AHEAD_MIN: u64 = 1 << 20;
+/// Objects up to this size are fetched whole at their first read.
+const WHOLE_MAX: u64 = 4 << 20;
+
+struct Window {
+    start: u64,
+    data: Arc<Vec<u8>>,
+}
+
+struct Reading {
+    /// Where a sequential reader reads next.
+    next: u64,
+    /// The current read-ahead.
+    ahead: u64,
+    window: Option<Window>,
+    /// The next window, being fetched.
+    prefetch: Option<(u64, std::sync::mpsc::Receiver<io::Result<Vec<u8>>>)>,
+}
+
+/// One version of an object (see the module docs).
+pub struct S3Content {
+    shared: Arc<Shared>,
+    key: String,
+    etag: String,
+    meta: Meta,
+    /// Whole in the cache when opened.
+    whole: Option<Arc<Entry>>,
+    reading: Mutex<Reading>,
+}
+
+impl S3Content {
+    /// The version `etag` of `key`, with attributes `meta`; `whole`: its cache entry, when
+    /// it holds every byte.
+    pub fn new(
+        shared: Arc<Shared>,
+        key: String,
+        etag: String,
+        meta: Meta,
+        whole: Option<Arc<Entry>>,
+    ) -> S3Content {
+        let whole = whole
+            .or_else(|| shared.cache.lookup(&key, &etag))
+            .filter(|e| e.is_whole() && e.size == meta.size);
+        S3Content {
+            shared,
+            key,
+            etag,
+            meta,
+            whole,
+            reading: Mutex::new(Reading {
+                next: 0,
+                ahead: 0,
+                window: None,
+                prefetch: None,
+            }),
+        }
+    }
+
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    pub fn etag(&self) -> &str {
+        &self.etag
+    }
+
+    /// Fetches `start..end` of this version, handing the bytes to `write`.
+    fn fetch(
+        &self,
+        start: u64,
+        end: u64,
+        write: &mut dyn FnMut(&[u8]) -> io::Result<()>,
+    ) -> io::Result<()> {
+        fetch_range(&self.shared, &self.key, &self.etag, start, end, write)
+    }
+
+    /// How far ahead to read for a read at `offset`: grows while the reader is sequential.
+    fn plan(&self, offset: u64, len: u64) -> u64 {
+        let mut r = self.reading.lock().unwrap_or_else(|e| e.into_inner());
+        let ahead = if offset == r.next && offset > 0 {
+            (r.ahead * 2).clamp(AHEAD_MIN, AHEAD_MAX)
+        } else {
+            0
+        };
+        r.ahead = ahead;
+        r.next = offset + len;
+        ahead
+    }
+
+    fn read_windowed(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        let size = self.meta.size;
+        let want = (buf.len() as u64).min(size - offset) as usize;
+        let mut done = 0;
+        while done < want {
+            let at = offset + done as u64;
+            let window = self.window_at(at)?;
+            let from = (at - window.start) as usize;
+            let n = (want - done).min(window.data.len() - from);
+            if n == 0 {
+                break;
+            }
+            buf[done..done + n].copy_from_slice(&window.data[from..from + n]);
+            done += n;
+        }
+        crate::metrics::cache_read(false);
+        Ok(done)
+    }
+
+    /// The window holding `at`: the current one, the prefetched one, or one fetched now; a
+    /// sequential reader's next one starts being fetched.
+    fn window_at(&self, at: u64) -> io::Result<Window> {
+        let size = self.meta.size;
+        let mut r = self.reading.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(w) = &r.window
+            && at >= w.start
+            && at < w.start + w.data.len() as u64
+        {
+            return Ok(Window {
+                start: w.start,
+                data: w.data.clone(),
+            });
+        }
+        let sequential = r
+            .window
+            .as_ref()
+            .is_some_and(|w| w.start + w.data.len() as u64 == at);
+        r.ahead = if sequential {
+            (r.ahead * 2).clamp(AHEAD_MIN, AHEAD_MAX)
+        } else {
+            AHEAD_MIN
+        };
+        let ahead = r.ahead;
+        let prefetched = match r.prefetch.take() {
+            Some((start, rx)) if start == at => Some(rx),
+            _ => None,
+        };
+        drop(r);
+        let data = match prefetched {
+            Some(rx) => rx
+                .recv()
+                .unwrap_or_else(|_| Err(io::Error::other("the prefetch thread ended")))?,
+            None => {
+                let end = (at + ahead).min(size);
+                let mut data = Vec::with_capacity((end - at) as usize);
+                self.fetch(at, end, &mut |b| {
+                    data.extend_from_slice(b);
+                    Ok(())
+                })?;
+                data
+            }
+        };
+        let window = Window {
+            start: at,
+            data: Arc::new(data),
+        };
+        let mut r = self.reading.lock().unwrap_or_else(|e| e.into_inner());
+        r.window = Some(Window {
+            start: window.start,
+            data: window.data.clone(),
+        });
+        let next = at + window.data.len() as u64;
+        if sequential && next < size && r.prefetch.is_none() {
+            let (tx, rx) = std::sync::mpsc::sync_channel(1);
+            let (shared, key, etag) = (self.shared.clone(), self.key.clone(), self.etag.clone());
+            let end = (next + r.ahead.max(AHEAD_MIN)).min(size);
+            let spawned = std::thread::Builder::new()
+                .name("roomfs-s3-read".into())
+                .spawn(move || {
+                    let mut data = Vec::with_capacity((end - next) as usize);
+                    let r = fetch_range(&shared, &key, &etag, next, end, &mut |b| {
+                        data.extend_from_slice(b);
+                        Ok(())
+                    });
+                    let _ = tx.send(r.map(|()| data));
+                });
+            if spawned.is_ok() {
+                r.prefetch = Some((next, rx));
+            }
+        }
+        Ok(window)
+    }
+}
+
+/// Fetches `start..end` of version `etag` of `key` (see the module docs for a version gone).
+pub fn fetch_range(
+    shared: &Shared,
+    key: &str,
+    etag: &str,
+    start: u64,
+    end: u64,
+    write: &mut dyn FnMut(&[u8]) -> io::Result<()>,
+) -> io::Result<()> {
+    if end <= start {
+        return Ok(());
+    }
+    match shared
+        .client
+        .get(key, Some((start, end)), Some(etag), write)
+    {
+        Ok(_) => Ok(()),
+        Err(e)
+            if e.is(super::client::Failure::Precondition)
+                || e.is(super::client::Failure::NotFound) =>
+        {
+            log::warn!(
+                "{key}: the version a reader opened was replaced or removed by another writer; \
+                 its bytes {start}..{end} cannot be read any more ({e})"
+            );
+            Err(io::Error::other(e))
+        }
+        Err(e) => Err(io::Error::other(e)),
+    }
+}
+
+impl Content for S3Content {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        let size = self.meta.size;
+        if offset >= size || buf.is_empty() {
+            return Ok(0);
+        }
+        if let Some(e) = &self.whole {
+            crate::metrics::cache_read(true);
+            let want = (buf.len() as u64).min(size - offset) as usize;
+            use std::os::unix::fs::FileExt;
+            let mut done = 0;
+            while done < want {
+                match e
+                    .file()
+                    .read_at(&mut buf[done..want], offset + done as u64)?
+                {
+                    0 => break,
+                    n => done += n,
+                }
+            }
+            return Ok(done);
+        }
+        let Some(entry) = self.shared.cache.entry(&self.key, &self.etag, size) else {
+            return self.read_windowed(buf, offset);
+        };
+        let len = (buf.len() as u64).min(size - offset);
+        let ahead = if size <= WHOLE_MAX {
+            size
+        } else {
+            self.plan(offset, len)
+        };
+        entry.read(buf, offset, ahead, &|s, e, w| self.fetch(s, e, w))
+    }
+
+    fn read_appended_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        // Every commit makes a new object: there are no appends in place to read on into.
+        self.read_at(buf, offset)
+    }
+
+    fn meta(&self) -> &Meta {
+        &self.meta
+    }
+
+    fn local(&self) -> Option<LocalFile<'_>> {
+        self.whole.as_ref().map(|e| LocalFile {
+            file: e.file(),
+            object: Version::from_tag(&self.etag),
+        })
+    }
+}
