@@ -575,10 +575,9 @@ fn passthrough_follows_the_config_and_each_mount_request() {
     let mnt = configured_off.dir("mnt");
     configured_off.mount(&["--room", "r1"], &mnt);
     assert_eq!(
-        second_read_after_a_change_on_disk(
-            &mnt.join("big"),
-            &configured_off.data.join("rooms/r1/big")
-        ),
+        second_read_after_a_change_on_disk(&mnt.join("big"), || configured_off
+            .data
+            .join("rooms/r1/big")),
         b"aaaa",
         "the config turned passthrough off"
     );
@@ -590,7 +589,7 @@ fn passthrough_follows_the_config_and_each_mount_request() {
         .contains("the kernel does not offer FUSE passthrough")
     {
         assert_eq!(
-            second_read_after_a_change_on_disk(&on.join("big"), &d.data.join("rooms/r1/big")),
+            second_read_after_a_change_on_disk(&on.join("big"), || d.data.join("rooms/r1/big")),
             b"DISK",
             "passthrough is on by default: {}",
             d.log()
@@ -599,7 +598,7 @@ fn passthrough_follows_the_config_and_each_mount_request() {
     let off = d.dir("off");
     d.mount(&["--room", "r2", "--no-passthrough"], &off);
     assert_eq!(
-        second_read_after_a_change_on_disk(&off.join("big"), &d.data.join("rooms/r2/big")),
+        second_read_after_a_change_on_disk(&off.join("big"), || d.data.join("rooms/r2/big")),
         b"aaaa",
         "the mount request turned it off"
     );

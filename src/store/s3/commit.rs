@@ -50,6 +50,15 @@ struct Written {
     /// A local file holding exactly the new version, for the cache.
     file: Option<Arc<File>>,
     followed: bool,
+    /// The new version's lineage.
+    lineage: String,
+}
+
+/// `metadata` with the lineage `lineage`.
+fn with_lineage(metadata: &Metadata, lineage: &str) -> Metadata {
+    let mut m = metadata.clone();
+    m.insert(super::LINEAGE.into(), lineage.to_string());
+    m
 }
 
 fn own<'a>(store: &S3Store, copy: &'a Arc<dyn WorkingCopy>) -> StoreResult<&'a SpoolCopy> {
@@ -73,18 +82,39 @@ pub(super) fn commit(store: &S3Store, req: CommitRequest<'_>) -> StoreResult<Com
     attrs.mtime = None;
     let metadata = attrs.to_metadata();
     let written = match &req.change {
-        Change::Whole(copy) => whole(store.shared(), &key, own(store, copy)?, &metadata)?,
+        Change::Whole(copy) => {
+            let own = own(store, copy)?;
+            whole(
+                store.shared(),
+                &key,
+                own,
+                &with_lineage(&metadata, own.lineage()),
+            )?
+        }
         Change::Ranges {
             copy,
             written,
             complete,
         } => {
             let own = own(store, copy)?;
-            match ranged(store, &key, req.base, own, written, &metadata)? {
+            let lineage = store.shared().new_lineage();
+            match ranged(
+                store,
+                &key,
+                req.base,
+                own,
+                written,
+                &with_lineage(&metadata, &lineage),
+            )? {
                 Some(w) => w,
                 None => {
                     complete()?;
-                    whole(store.shared(), &key, own, &metadata)?
+                    whole(
+                        store.shared(),
+                        &key,
+                        own,
+                        &with_lineage(&metadata, own.lineage()),
+                    )?
                 }
             }
         }
@@ -101,6 +131,14 @@ pub(super) fn commit(store: &S3Store, req: CommitRequest<'_>) -> StoreResult<Com
     if entry.is_none() {
         store.shared().cache.forget(&key);
     }
+    store.shared().learn_lineage(
+        &written.etag,
+        &with_lineage(&Metadata::new(), &written.lineage),
+    );
+    store
+        .shared()
+        .commits
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let meta = store.object_meta(written.size, &written.etag, SystemTime::now(), &attrs);
     store.remember(req.path, Some(meta.clone()));
     let content: Arc<dyn Content> = Arc::new(S3Content::new(
@@ -175,6 +213,7 @@ fn whole(
             size,
             file: Some(copy.file().clone()),
             followed: false,
+            lineage: metadata.get(super::LINEAGE).cloned().unwrap_or_default(),
         }),
         Err(e) => {
             copy.reopen();
@@ -344,7 +383,12 @@ fn ranged(
                     );
                 }
                 let buf = assemble(&file, &base, &written, base_size, start, end).map_err(|e| {
-                    ClientError::with_source(Failure::Other, format!("reading part {}", i + 1), e)
+                    // The base's bytes could not be read: is it gone?
+                    let failure = e
+                        .get_ref()
+                        .and_then(|s| s.downcast_ref::<ClientError>())
+                        .map_or(Failure::Other, |c| c.failure);
+                    ClientError::with_source(failure, format!("reading part {}", i + 1), e)
                 })?;
                 client.upload_part(&key, &id, i as u32 + 1, Body::Bytes(Arc::new(buf)))
             }) as Job<String>
@@ -374,6 +418,7 @@ fn ranged(
         size,
         file: None,
         followed: false,
+        lineage: metadata.get(super::LINEAGE).cloned().unwrap_or_default(),
     }))
 }
 
@@ -440,7 +485,12 @@ fn read_content(content: &dyn Content, buf: &mut [u8], offset: u64) -> io::Resul
     Ok(())
 }
 
-/// Adds `tail` after the base (see the module docs).
+/// How an append is written: its condition and the metadata (with lineage) of the result.
+type Decide<'a> = &'a dyn Fn() -> (Condition, Metadata);
+
+/// Adds `tail` after the base (see the module docs). The result keeps the base's lineage only
+/// when the write is conditional on the base (it then begins with the base, which readers of
+/// the base can rely on to read on into it); otherwise it starts a new one.
 fn append(
     store: &S3Store,
     path: &std::path::Path,
@@ -453,36 +503,52 @@ fn append(
     let shared = store.shared();
     let mut base = base.clone();
     let mut followed = false;
+    // A plain writer (not O_APPEND) whose base is no longer current replaces the file whole.
+    let mut replace = false;
     for attempt in 0..APPEND_TRIES {
         let base_meta = base.meta().clone();
         let etag = base_meta.version.tag().unwrap_or_default().to_string();
-        let condition = if follow && shared.conditional {
-            Condition::Matches(etag.clone())
-        } else {
-            Condition::None
+        let new_lineage = shared.new_lineage();
+        let decide = || {
+            let extends = shared.conditional && (follow || !replace);
+            match (extends, shared.lineage_of(&etag)) {
+                (true, Some(lineage)) => (
+                    Condition::Matches(etag.clone()),
+                    with_lineage(metadata, &lineage),
+                ),
+                (true, None) => (
+                    Condition::Matches(etag.clone()),
+                    with_lineage(metadata, &new_lineage),
+                ),
+                (false, _) => (Condition::None, with_lineage(metadata, &new_lineage)),
+            }
         };
         let size = base_meta.size + tail.len() as u64;
         let result = if size < shared.part_size || base_meta.size < MIN_PART {
-            append_put(shared, key, base.as_ref(), tail, size, metadata, &condition)
+            append_put(shared, key, base.as_ref(), tail, size, &decide)
         } else {
-            append_copy(shared, key, base.as_ref(), tail, metadata, &condition)
-                .map(|etag| (etag, None))
+            append_copy(shared, key, base.as_ref(), tail, &decide).map(|(etag, m)| (etag, None, m))
         };
         match result {
-            Ok((etag, file)) => {
+            Ok((etag, file, written)) => {
                 return Ok(Written {
                     etag,
                     size,
                     file,
                     followed,
+                    lineage: written.get(super::LINEAGE).cloned().unwrap_or_default(),
                 });
             }
             Err(e)
-                if follow
-                    && (e.is(Failure::Precondition)
-                        || e.is(Failure::Conflict)
-                        || e.is(Failure::NotFound)) =>
+                if e.is(Failure::Precondition)
+                    || e.is(Failure::Conflict)
+                    || e.is(Failure::NotFound) =>
             {
+                if !follow {
+                    // The base is not current: its bytes and these replace the file whole.
+                    replace = true;
+                    continue;
+                }
                 // Another writer committed first: these bytes go after its version.
                 let meta = match store.lookup(path) {
                     Ok(m) => m,
@@ -518,9 +584,8 @@ fn append_put(
     base: &dyn Content,
     tail: &[u8],
     size: u64,
-    metadata: &Metadata,
-    condition: &Condition,
-) -> Result<(String, Option<Arc<File>>), ClientError> {
+    decide: Decide<'_>,
+) -> Result<(String, Option<Arc<File>>, Metadata), ClientError> {
     let fail =
         |e: io::Error| ClientError::with_source(Failure::Other, format!("append to {key}"), e);
     let _room = shared.spool.reserve(size).map_err(fail)?;
@@ -540,8 +605,10 @@ fn append_put(
         offset: 0,
         len: size,
     };
-    let etag = shared.client.put(key, body, metadata, condition)?;
-    Ok((etag, Some(file)))
+    // Decided now: reading the base taught its lineage.
+    let (condition, metadata) = decide();
+    let etag = shared.client.put(key, body, &metadata, &condition)?;
+    Ok((etag, Some(file), metadata))
 }
 
 /// The base copied server-side in parts, `tail` uploaded as the last part.
@@ -550,9 +617,10 @@ fn append_copy(
     key: &str,
     base: &dyn Content,
     tail: &[u8],
-    metadata: &Metadata,
-    condition: &Condition,
-) -> Result<String, ClientError> {
+    decide: Decide<'_>,
+) -> Result<(String, Metadata), ClientError> {
+    let (condition, metadata) = decide();
+    let (condition, metadata) = (&condition, &metadata);
     let (source_key, source_etag) = match (base as &dyn Any).downcast_ref::<S3Content>() {
         Some(c) => (c.key().to_string(), c.etag().to_string()),
         None => {
@@ -617,7 +685,7 @@ fn append_copy(
     {
         Ok(etag) => {
             journal.done();
-            Ok(etag)
+            Ok((etag, metadata.clone()))
         }
         Err(e) => {
             shared.abort_upload(key, &upload_id, journal);

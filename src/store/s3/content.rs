@@ -11,9 +11,17 @@
 //! - Larger objects are read through a window of memory (up to 16 MiB) per open file, the
 //!   next window fetched on a thread of its own while a sequential reader reads this one:
 //!   memory stays flat whatever the size of the file.
+//! - **Reading on into appends** (`tail -f`): every version made from another by appends
+//!   alone carries the same *lineage* (object metadata `roomfs-lineage`, a new random name at
+//!   every other commit, see `commit`). A reader at the end of its version asks (at most every
+//!   200 ms) which version is current; if it is of the same lineage and longer, it
+//!   begins with the reader's version, and the reader reads on into it. Whatever another
+//!   writer did otherwise (a rewrite, a truncation) starts a new lineage: the reader stops at
+//!   its version's end.
 
 use std::io;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use super::Shared;
 use super::cache::Entry;
@@ -23,6 +31,8 @@ use crate::store::{Content, LocalFile, Meta, Version};
 const AHEAD_MAX: u64 = 16 << 20;
 /// The first request of a sequential reader (and the window of a random one).
 const AHEAD_MIN: u64 = 1 << 20;
+/// How often a reader at the end of its version asks for a newer one, at most.
+const FOLLOW_EVERY: std::time::Duration = std::time::Duration::from_millis(200);
 /// Objects up to this size are fetched whole at their first read.
 const WHOLE_MAX: u64 = 4 << 20;
 
@@ -41,6 +51,10 @@ struct Reading {
     prefetch: Option<(u64, std::sync::mpsc::Receiver<io::Result<Vec<u8>>>)>,
 }
 
+/// When a reader last asked for a newer version (and this process's commit count then), and
+/// the newest one found that extends its own.
+type Follower = (Option<(Instant, u64)>, Option<Arc<S3Content>>);
+
 /// One version of an object (see the module docs).
 pub struct S3Content {
     shared: Arc<Shared>,
@@ -50,6 +64,9 @@ pub struct S3Content {
     /// Whole in the cache when opened.
     whole: Option<Arc<Entry>>,
     reading: Mutex<Reading>,
+    /// The newest version known to extend this one by appends, and when that was asked (and
+    /// how many commits this process had made then).
+    follower: Mutex<Follower>,
 }
 
 impl S3Content {
@@ -77,7 +94,70 @@ impl S3Content {
                 window: None,
                 prefetch: None,
             }),
+            follower: Mutex::new((None, None)),
         }
+    }
+
+    /// The newest version of the key that extends this one by appends (see the module docs),
+    /// asking the store at most once per `metadata_ttl`.
+    fn follower(&self) -> io::Result<Option<Arc<S3Content>>> {
+        {
+            let f = self.follower.lock().unwrap_or_else(|e| e.into_inner());
+            // Asked again soon: a read past the end reaches the store only once the kernel
+            // learnt of a longer file (its attribute TTL), or for a direct-I/O reader.
+            let commits = self
+                .shared
+                .commits
+                .load(std::sync::atomic::Ordering::Relaxed);
+            if let Some((at, seen)) = f.0
+                && seen == commits
+                && at.elapsed() < self.shared.metadata_ttl.min(FOLLOW_EVERY)
+            {
+                return Ok(f.1.clone());
+            }
+        }
+        let commits = self
+            .shared
+            .commits
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let mine = self.shared.lineage_of(&self.etag);
+        let found = match self.shared.client.head(&self.key) {
+            Ok(info) => {
+                self.shared.learn_lineage(&info.etag, &info.metadata);
+                let theirs = info.metadata.get(super::LINEAGE);
+                let extends = info.etag != self.etag
+                    && info.size > self.meta.size
+                    && mine.is_some()
+                    && theirs == mine.as_ref();
+                extends.then(|| {
+                    let mut meta = self.meta.clone();
+                    meta.size = info.size;
+                    meta.blocks = info.size.div_ceil(512);
+                    meta.version = crate::store::Version::from_tag(&info.etag);
+                    Arc::new(S3Content::new(
+                        self.shared.clone(),
+                        self.key.clone(),
+                        info.etag,
+                        meta,
+                        None,
+                    ))
+                })
+            }
+            Err(e) if e.is(super::client::Failure::NotFound) => None,
+            Err(e) => return Err(io::Error::other(e)),
+        };
+        let mut f = self.follower.lock().unwrap_or_else(|e| e.into_inner());
+        // Keep a follower found earlier if this one is no newer.
+        let keep = match (&f.1, &found) {
+            (Some(old), Some(new)) => new.meta.size >= old.meta.size,
+            (Some(_), None) => false,
+            _ => true,
+        };
+        if keep {
+            f.1 = found;
+        }
+        f.0 = Some((Instant::now(), commits));
+        Ok(f.1.clone())
     }
 
     pub fn key(&self) -> &str {
@@ -221,7 +301,10 @@ pub fn fetch_range(
         .client
         .get(key, Some((start, end)), Some(etag), write)
     {
-        Ok(_) => Ok(()),
+        Ok(info) => {
+            shared.learn_lineage(&info.etag, &info.metadata);
+            Ok(())
+        }
         Err(e)
             if e.is(super::client::Failure::Precondition)
                 || e.is(super::client::Failure::NotFound) =>
@@ -271,8 +354,13 @@ impl Content for S3Content {
     }
 
     fn read_appended_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
-        // Every commit makes a new object: there are no appends in place to read on into.
-        self.read_at(buf, offset)
+        if offset < self.meta.size {
+            return self.read_at(buf, offset);
+        }
+        match self.follower()? {
+            Some(next) => next.read_appended_at(buf, offset),
+            None => Ok(0),
+        }
     }
 
     fn meta(&self) -> &Meta {

@@ -34,6 +34,8 @@ pub mod sdk;
 pub mod spool;
 pub mod state;
 pub mod store;
+#[cfg(test)]
+mod tests;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -260,6 +262,7 @@ impl S3Config {
             connect_timeout: Duration::from_secs_f64(self.connect_timeout_secs),
             attempt_timeout: Duration::from_secs_f64(self.timeout_secs),
             attempts: self.attempts,
+            credentials: None,
         }
     }
 }
@@ -282,9 +285,60 @@ pub struct Shared {
     pub metadata_ttl: Duration,
     /// Where the store is, for messages.
     pub location: String,
+    /// The lineage of object versions this process learnt (ETag → lineage, see `content`).
+    pub lineages: std::sync::Mutex<std::collections::HashMap<String, String>>,
+    /// Commits made by this process so far (a reader asks for a newer version again at once
+    /// after one).
+    pub commits: std::sync::atomic::AtomicU64,
 }
 
+/// The user metadata naming an object's lineage: the versions made from one whole commit by
+/// appends only (see `content`).
+pub const LINEAGE: &str = "roomfs-lineage";
+
 impl Shared {
+    /// A new lineage name (random enough never to meet another host's).
+    pub fn new_lineage(&self) -> String {
+        use sha2::Digest;
+        static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let mut h = sha2::Sha256::new();
+        h.update(std::process::id().to_le_bytes());
+        h.update(
+            N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                .to_le_bytes(),
+        );
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        h.update(now.to_le_bytes());
+        h.update(self.location.as_bytes());
+        h.update(format!("{:p}", self).as_bytes());
+        h.finalize()[..12]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+
+    /// Remembers the lineage of version `etag` (from its metadata).
+    pub fn learn_lineage(&self, etag: &str, metadata: &Metadata) {
+        if let Some(l) = metadata.get(LINEAGE) {
+            let mut map = self.lineages.lock().unwrap_or_else(|e| e.into_inner());
+            if map.len() > 100_000 {
+                map.clear();
+            }
+            map.insert(etag.to_string(), l.clone());
+        }
+    }
+
+    /// The lineage of version `etag`, if known.
+    pub fn lineage_of(&self, etag: &str) -> Option<String> {
+        self.lineages
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(etag)
+            .cloned()
+    }
+
     /// Starts a multipart upload of `key`, recorded in the journal before anything is
     /// uploaded to it.
     pub fn create_upload(
@@ -455,8 +509,34 @@ pub fn open_with(
         conditional,
         metadata_ttl: Duration::from_secs_f64(config.metadata_ttl_secs),
         location,
+        lineages: Default::default(),
+        commits: Default::default(),
     });
     let spaces = S3Spaces::new(shared);
     spaces.recover(leftovers);
     Ok(spaces)
+}
+
+/// A room of an S3 store over an in-memory bucket, for tests: 5 MiB parts, local state in
+/// `dir`; returns the bucket too.
+#[cfg(test)]
+pub fn test_store(dir: &Path) -> (Arc<mock::MemClient>, Arc<dyn crate::store::Store>) {
+    let client = Arc::new(mock::MemClient::new());
+    (client.clone(), test_store_on(client, dir, "r"))
+}
+
+/// Another host's view of room `room` in the same in-memory bucket (its own state in `dir`).
+#[cfg(test)]
+pub fn test_store_on(
+    client: Arc<mock::MemClient>,
+    dir: &Path,
+    room: &str,
+) -> Arc<dyn crate::store::Store> {
+    use crate::space::Spaces;
+    let mut config = S3Config::new("test-bucket", "p");
+    config.part_size = MIN_PART;
+    config.cache_bytes = 256 << 20;
+    let spaces = open_with(client, &config, dir, "memory".into()).unwrap();
+    let id = crate::space::SpaceId::new(crate::space::SpaceKind::Room, room).unwrap();
+    spaces.open_space(&id, Some(None)).unwrap()
 }

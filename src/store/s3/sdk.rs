@@ -48,6 +48,9 @@ pub struct Connection {
     pub attempt_timeout: Duration,
     /// Attempts per request (1 + retries).
     pub attempts: u32,
+    /// Credentials given directly (tools and tests; the command line and the configuration
+    /// never take any: `None` uses the standard AWS ways).
+    pub credentials: Option<(String, String)>,
 }
 
 /// The process's runtime for S3 requests.
@@ -235,6 +238,11 @@ impl SdkClient {
         }
         if let Some(region) = &c.region {
             loader = loader.region(aws_config::Region::new(region.clone()));
+        }
+        if let Some((id, secret)) = &c.credentials {
+            loader = loader.credentials_provider(aws_sdk_s3::config::Credentials::new(
+                id, secret, None, None, "given",
+            ));
         }
         let conf = block(loader.load());
         let mut builder = aws_sdk_s3::config::Builder::from(&conf);

@@ -144,7 +144,7 @@ struct Parts {
     /// Parts uploaded to the early upload: (index) → (ETag, change count when read).
     uploaded: HashMap<usize, (String, u64)>,
     /// Parts being uploaded now.
-    in_flight: usize,
+    in_flight: std::collections::HashSet<usize>,
     /// Where the next sequential write goes; parts wholly before it (with more after) are
     /// uploaded early.
     frontier: u64,
@@ -164,6 +164,8 @@ pub struct SpoolCopy {
     idle: Condvar,
     /// The key this copy is meant for, and the metadata its object will have.
     key: Option<(String, Metadata)>,
+    /// The lineage its commit gives the object (see `content`).
+    lineage: String,
     me: std::sync::Weak<SpoolCopy>,
 }
 
@@ -184,7 +186,13 @@ impl SpoolCopy {
     /// itself early.
     pub fn new(shared: Arc<Shared>, key: Option<(String, Metadata)>) -> io::Result<Arc<SpoolCopy>> {
         let file = shared.spool.file()?;
+        let lineage = shared.new_lineage();
+        let key = key.map(|(k, mut m)| {
+            m.insert(super::LINEAGE.into(), lineage.clone());
+            (k, m)
+        });
         Ok(Arc::new_cyclic(|me| SpoolCopy {
+            lineage,
             shared,
             file: Arc::new(file),
             size: Mutex::new(0),
@@ -192,7 +200,7 @@ impl SpoolCopy {
             parts: Mutex::new(Parts {
                 changes: Vec::new(),
                 uploaded: HashMap::new(),
-                in_flight: 0,
+                in_flight: std::collections::HashSet::new(),
                 frontier: 0,
                 early: Early::None,
                 closed: false,
@@ -225,6 +233,11 @@ impl SpoolCopy {
         self.key.as_ref().map(|(k, _)| k.as_str())
     }
 
+    /// The lineage its commit gives the object.
+    pub fn lineage(&self) -> &str {
+        &self.lineage
+    }
+
     /// The metadata its early upload gives the object.
     pub fn early_metadata(&self) -> Option<&Metadata> {
         self.key.as_ref().map(|(_, m)| m)
@@ -241,9 +254,9 @@ impl SpoolCopy {
         Ok(())
     }
 
-    /// Counts a change of `start..end`, and starts early uploads a sequential writer made
-    /// possible.
-    fn changed(&self, start: u64, end: u64) {
+    /// Counts a change of `start..end` (`written`: by a write, which moves a sequential
+    /// writer's frontier), and starts early uploads a sequential writer made possible.
+    fn changed(&self, start: u64, end: u64, written: bool) {
         *lock(&self.mtime) = SystemTime::now();
         let part = self.shared.part_size;
         let mut p = lock(&self.parts);
@@ -256,7 +269,7 @@ impl SpoolCopy {
                 *c += 1;
             }
         }
-        if start == p.frontier {
+        if written && start == p.frontier {
             p.frontier = end;
         }
         if p.closed || self.key.is_none() || matches!(p.early, Early::Failed) {
@@ -266,16 +279,16 @@ impl SpoolCopy {
         let whole = (p.frontier.saturating_sub(1) / part) as usize;
         let limit = (self.shared.pool.threads() * 2).max(2);
         for index in 0..whole.min(super::MAX_PARTS) {
-            if p.in_flight >= limit {
+            if p.in_flight.len() >= limit {
                 break;
             }
             let change = p.changes.get(index).copied().unwrap_or(0);
-            if p.uploaded.get(&index).is_some_and(|(_, c)| *c == change) {
+            if p.in_flight.contains(&index)
+                || p.uploaded.get(&index).is_some_and(|(_, c)| *c == change)
+            {
                 continue;
             }
-            // Marked now, so it is not queued twice.
-            p.uploaded.insert(index, (String::new(), u64::MAX));
-            p.in_flight += 1;
+            p.in_flight.insert(index);
             let this = self.me.clone();
             self.shared.pool.run(move || {
                 if let Some(copy) = this.upgrade() {
@@ -289,7 +302,7 @@ impl SpoolCopy {
     fn upload_early(&self, index: usize, change: u64) {
         let result = self.try_upload_early(index);
         let mut p = lock(&self.parts);
-        p.in_flight -= 1;
+        p.in_flight.remove(&index);
         match result {
             Ok(etag) => {
                 p.uploaded.insert(index, (etag, change));
@@ -359,7 +372,7 @@ impl SpoolCopy {
     pub fn take_early(&self) -> Option<EarlyUpload> {
         let mut p = lock(&self.parts);
         p.closed = true;
-        while p.in_flight > 0 {
+        while !p.in_flight.is_empty() {
             p = self.idle.wait(p).unwrap_or_else(|e| e.into_inner());
         }
         let early = std::mem::replace(&mut p.early, Early::None);
@@ -438,10 +451,10 @@ impl WorkingCopy for SpoolCopy {
         }
         if let Err(e) = self.file.write_all_at(data, offset) {
             // Counted as changed anyway: the bytes there are undefined now.
-            self.changed(offset, end);
+            self.changed(offset, end, false);
             return Err(e);
         }
-        self.changed(offset, end);
+        self.changed(offset, end, true);
         Ok(())
     }
 
@@ -463,9 +476,9 @@ impl WorkingCopy for SpoolCopy {
                 let mut p = lock(&self.parts);
                 p.frontier = p.frontier.min(len);
             }
-            self.changed(len.saturating_sub(1), old);
+            self.changed(len.saturating_sub(1), old, false);
         } else if len > old {
-            self.changed(old, len);
+            self.changed(old, len, false);
         }
         Ok(())
     }
@@ -496,7 +509,7 @@ impl WorkingCopy for SpoolCopy {
                 at += n as u64;
             }
         }
-        self.changed(offset, end);
+        self.changed(offset, end, false);
         Ok(())
     }
 

@@ -377,6 +377,7 @@ impl S3Store {
         let key = self.keys.key(path)?;
         match self.shared.client.head(&key) {
             Ok(info) => {
+                self.shared.learn_lineage(&info.etag, &info.metadata);
                 let attrs = self.attrs_of(&info.metadata);
                 let meta = self.object_meta(info.size, &info.etag, info.last_modified, &attrs);
                 self.remember(path, Some(meta.clone()));
@@ -426,20 +427,19 @@ impl S3Store {
     /// are not the defaults (a failed index write removes the object again).
     fn make_object(&self, path: &Path, attrs: &Attrs, body: Body) -> StoreResult<Meta> {
         let key = self.keys.key(path)?;
-        if !self.shared.conditional && self.exists(path)?.is_some() {
-            return Err(err(libc::EEXIST));
-        }
+        self.check_free(path, false)?;
         let size = body.len();
         let condition = if self.shared.conditional {
             Condition::Absent
         } else {
             Condition::None
         };
-        let etag = match self
-            .shared
-            .client
-            .put(&key, body, &attrs.to_metadata(), &condition)
-        {
+        let mut metadata = attrs.to_metadata();
+        if attrs.kind == Kind::File {
+            // Appends to a new file extend it: readers of it read on into them.
+            metadata.insert(super::LINEAGE.into(), self.shared.new_lineage());
+        }
+        let etag = match self.shared.client.put(&key, body, &metadata, &condition) {
             Ok(etag) => etag,
             Err(e) if e.is(Failure::Precondition) || e.is(Failure::Conflict) => {
                 self.forget(path);
@@ -447,6 +447,7 @@ impl S3Store {
             }
             Err(e) => return Err(e.into()),
         };
+        self.shared.learn_lineage(&etag, &metadata);
         if let Err(e) = self.index_attrs(path, attrs, Some(&etag), false) {
             let _ = self.shared.client.delete(&key);
             self.forget(path);
@@ -455,6 +456,31 @@ impl S3Store {
         let meta = self.object_meta(size, &etag, SystemTime::now(), attrs);
         self.remember(path, Some(meta.clone()));
         Ok(meta)
+    }
+
+    /// Fails with `EEXIST` if something is at `path`: known from a fresh lookup (the kernel
+    /// looks a name up before creating it), else asked. An object is asked for only when
+    /// writes are not conditional, or for a directory (`dir`: the conditional write is the
+    /// marker's, which does not see a file of the name).
+    fn check_free(&self, path: &Path, dir: bool) -> StoreResult<()> {
+        match self.remembered(path) {
+            Some(Some(_)) => Err(err(libc::EEXIST)),
+            Some(None) => Ok(()),
+            None => {
+                let there = if !self.shared.conditional || dir {
+                    self.exists(path)?.is_some()
+                } else {
+                    let prefix = self.keys.dir_prefix(path)?;
+                    let page = self.shared.client.list(&prefix, true, None, Some(1))?;
+                    !(page.objects.is_empty() && page.prefixes.is_empty())
+                };
+                if there {
+                    Err(err(libc::EEXIST))
+                } else {
+                    Ok(())
+                }
+            }
+        }
     }
 
     /// Renames the directory `from` to `to` (see the module docs and `move_tree`).
@@ -790,12 +816,7 @@ impl Store for S3Store {
             return Err(err(libc::EEXIST));
         }
         let marker = self.keys.dir_prefix(path)?;
-        if !self.shared.conditional && self.exists(path)?.is_some() {
-            return Err(err(libc::EEXIST));
-        }
-        if self.remembered(path).flatten().is_some() {
-            return Err(err(libc::EEXIST));
-        }
+        self.check_free(path, true)?;
         let condition = if self.shared.conditional {
             Condition::Absent
         } else {
@@ -972,10 +993,14 @@ impl Store for S3Store {
         // An object: its metadata replaced by a copy onto itself.
         let key = self.keys.key(path)?;
         let etag = meta.version.tag().map(str::to_string);
+        let mut metadata = new.to_metadata();
+        if let Some(l) = etag.as_deref().and_then(|e| self.shared.lineage_of(e)) {
+            metadata.insert(super::LINEAGE.into(), l);
+        }
         let new_etag = match self.shared.client.copy(
             &key,
             &key,
-            Some(&new.to_metadata()),
+            Some(&metadata),
             etag.as_deref(),
             &Condition::None,
         ) {
@@ -987,6 +1012,7 @@ impl Store for S3Store {
             }
             Err(e) => return Err(e.into()),
         };
+        self.shared.learn_lineage(&new_etag, &metadata);
         self.index_attrs(
             path,
             &new,
@@ -1269,10 +1295,7 @@ impl Spaces for S3Spaces {
         if page.objects.is_empty() {
             return Ok(None);
         }
-        Ok(Some(Usage {
-            files: usage.files.saturating_sub(1),
-            bytes: usage.bytes,
-        }))
+        Ok(Some(usage))
     }
 
     fn delete_space(&self, space: &SpaceId) -> io::Result<Usage> {
@@ -1300,10 +1323,7 @@ impl Spaces for S3Spaces {
             }
         }
         let _ = self.shared.client.delete(&root);
-        Ok(Usage {
-            files: usage.files.saturating_sub(1),
-            bytes: usage.bytes,
-        })
+        Ok(usage)
     }
 
     fn describe(&self, space: &SpaceId) -> String {
