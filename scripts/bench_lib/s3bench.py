@@ -605,7 +605,7 @@ def render(summary: dict, results: dict, fuse_cols: list[str], absent: dict, sz,
     if vs_js:
         head.append(f"roomfs ÷ best of {', '.join(LABEL[p] for p in vs_js)} (goal ≥ {GOAL_VS_JUICEFS_S3FS:g})")
     if vs_rc:
-        head.append("roomfs ÷ rclone (goal ≥ 1 where given)")
+        head.append("roomfs ÷ rclone (goal ≥ 1 where given; writes: then ÷ its figure until uploaded)")
     rows = []
     for wl, unit in WORKLOADS:
         row = summary[wl]
@@ -627,7 +627,10 @@ def render(summary: dict, results: dict, fuse_cols: list[str], absent: dict, sz,
         if vs_js:
             r.append(goal_cell(results, wl, "roomfs", vs_js, GOAL_VS_JUICEFS_S3FS))
         if vs_rc:
-            r.append(goal_cell(results, wl, "roomfs", ["rclone"], 1.0 if wl in VS_RCLONE else None))
+            c = goal_cell(results, wl, "roomfs", ["rclone"], 1.0 if wl in VS_RCLONE else None)
+            if wl in STORED:
+                c += "; " + goal_cell(results, wl, "roomfs", ["rclone"], None, wl + "/stored") + " uploaded"
+            r.append(c)
         rows.append(r)
     out += table(head, rows)
 
@@ -714,14 +717,16 @@ def mb_cell(vals: list) -> str:
     return B_fmt_val(med(vals), "MB/s")
 
 
-def goal_cell(results, wl, mine, others, goal) -> str:
-    """Median over rounds of mine / best of others in that round, with the goal's verdict."""
+def goal_cell(results, wl, mine, others, goal, others_wl=None) -> str:
+    """Median over rounds of mine / best of others in that round, with the goal's verdict
+    (others_wl: the others' figure to divide by, if not wl's)."""
     m = results[mine][wl]
     if errors_of(m):
         return "FAIL"
+    owl = others_wl or wl
     best = []
     for i in range(len(m)):
-        vs = [results[o][wl][i] for o in others if not isinstance(results[o][wl][i], BaseException)]
+        vs = [results[o][owl][i] for o in others if not isinstance(results[o][owl][i], BaseException)]
         best.append(max(vs) if vs else RuntimeError("no peer result"))
     rs = per_round(m, best, lambda a, b: a / b)
     if not rs:
