@@ -2,14 +2,14 @@
 
 mod output;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
 use crate::control::client::{Client, ClientError};
 use crate::control::{
-    DEFAULT_SOCKET, EndSessionRequest, MountRequest, SessionRequest, UnmountRequest,
+    DEFAULT_SOCKET, EndSessionRequest, MountRequest, SessionRequest, UnmountRequest, UrlRequest,
 };
 use crate::daemon::{self, Config};
 use crate::fs::Limits;
@@ -57,6 +57,70 @@ pub enum Command {
     /// Read and write agent records (through the daemon), as the agent SDK's storage does.
     #[command(subcommand)]
     Records(RecordsCommand),
+    /// Print a space's events as NDJSON (through the daemon): those retained after --since,
+    /// then, with --follow, each new one as it happens.
+    Events(EventsArgs),
+    /// Print a URL that downloads a file without credentials until it expires (served by the
+    /// daemon's http_listen).
+    Url(UrlArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct EventsArgs {
+    /// The room whose events to print.
+    #[arg(
+        long,
+        value_name = "ID",
+        conflicts_with = "session",
+        required_unless_present = "session"
+    )]
+    pub room: Option<String>,
+    /// The session whose events to print.
+    #[arg(long, value_name = "ID")]
+    pub session: Option<String>,
+    /// Print the events after this seq (0: every event retained). A seq older than what is
+    /// retained first prints an `events.gap` line.
+    #[arg(long, value_name = "SEQ", default_value_t = 0)]
+    pub since: u64,
+    /// Keep printing new events as they happen (until interrupted).
+    #[arg(long)]
+    pub follow: bool,
+    /// Only the events of paths inside this token's grant.
+    #[arg(long, value_name = "JWT")]
+    pub token: Option<String>,
+    #[command(flatten)]
+    pub socket: SocketArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct UrlArgs {
+    /// The room holding the file.
+    #[arg(
+        long,
+        value_name = "ID",
+        conflicts_with = "session",
+        required_unless_present = "session"
+    )]
+    pub room: Option<String>,
+    /// The session holding the file.
+    #[arg(long, value_name = "ID")]
+    pub session: Option<String>,
+    /// The file, relative to the space's root (e.g. outputs/report.pdf).
+    pub path: String,
+    /// Make browsers download the file instead of showing it.
+    #[arg(long)]
+    pub attachment: bool,
+    /// How long the URL works: 30s, 15m, 1h, up to 7d.
+    #[arg(long, value_name = "DURATION", default_value = "15m")]
+    pub ttl: String,
+    /// Issue the URL only if this token's grant covers the path.
+    #[arg(long, value_name = "JWT")]
+    pub token: Option<String>,
+    /// A URL of the object store itself (presigned), for rooms on S3.
+    #[arg(long)]
+    pub direct: bool,
+    #[command(flatten)]
+    pub socket: SocketArgs,
 }
 
 #[derive(Args, Debug)]
@@ -78,7 +142,7 @@ pub struct ShowArgs {
 
 #[derive(Args, Debug)]
 pub struct ServeArgs {
-    /// JSON configuration file (see README); every field is optional.
+    /// JSON configuration file (see doc/DAEMON.md, Configuration); every field is optional.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// The control socket (overrides the configuration; default /run/roomfs/control.sock).
@@ -225,51 +289,60 @@ pub struct MountArgs {
     /// access (the operator's own mount).
     #[arg(long = "grant", value_name = "PATH[:ro|:rw]", conflicts_with = "token")]
     pub grants: Vec<String>,
-    /// Take the room and grant from a signed token (see `roomfs token issue`); needs
-    /// --secret-file.
-    #[arg(long, value_name = "JWT", requires = "secret_file")]
+    /// Take the room and grant from a signed token (see `roomfs token issue`), verified with
+    /// --secret-file, or with --daemon by the daemon with its own secret.
+    #[arg(long, value_name = "JWT")]
     pub token: Option<String>,
-    /// File holding the secret tokens are signed with.
+    /// File holding the secret tokens are signed with (not with --daemon).
     #[arg(long, value_name = "FILE")]
     pub secret_file: Option<PathBuf>,
     /// Where agent records are kept (sessions show them read-only under .meta); default
-    /// <data-dir>/records. An experimental-agent `.agent/` directory can be served as is.
+    /// <data-dir>/records. An experimental-agent `.agent/` directory can be served as is. Not
+    /// with --daemon (its config decides).
     #[arg(long, value_name = "DIR")]
     pub records_dir: Option<PathBuf>,
     /// Make every close durable (fsync of the file and its directory): survives power loss, at
     /// the cost of write speed. Without it, fsync() alone does that.
     #[arg(long)]
     pub sync_on_close: bool,
-    /// Read large files through the daemon instead of letting the kernel read them from the
-    /// disk directly (FUSE passthrough; see README, Performance).
+    /// Read large files through roomfs instead of letting the kernel read them from the disk
+    /// directly (FUSE passthrough; see doc/PERFORMANCE.md, Levers).
     #[arg(long)]
     pub no_passthrough: bool,
-    /// Seconds the kernel may cache attributes and names.
-    #[arg(long, value_name = "SECONDS", default_value_t = 1.0)]
-    pub cache_ttl: f64,
+    /// Seconds the kernel may cache attributes and names [default: 1]. Not with --daemon (its
+    /// config decides).
+    #[arg(long, value_name = "SECONDS")]
+    pub cache_ttl: Option<f64>,
     /// Mount read-only: every change fails with EROFS.
     #[arg(long)]
     pub read_only: bool,
-    /// Threads serving filesystem requests.
-    #[arg(long, value_name = "N", default_value_t = 4)]
-    pub threads: usize,
+    /// Threads serving filesystem requests [default: 4]. Not with --daemon (its config decides).
+    #[arg(long, value_name = "N")]
+    pub threads: Option<usize>,
     /// Keep idle CPUs from halting for this many microseconds after each request (a zero
     /// CPU-latency PM QoS request as root, lowest-priority spinning otherwise), and poll for the
-    /// next request while requests stream, which cuts request latency on VMs; 0 turns both off.
-    #[arg(long, value_name = "MICROSECONDS", default_value_t = 1000)]
-    pub poll_window_us: u64,
+    /// next request while requests stream, which cuts request latency on VMs; 0 turns both off
+    /// [default: 1000]. Not with --daemon (its config decides).
+    #[arg(long, value_name = "MICROSECONDS")]
+    pub poll_window_us: Option<u64>,
     /// Where the space is stored: `local` (the data dir), or an S3 bucket,
     /// `s3://BUCKET/PREFIX` (credentials and endpoint the standard AWS ways: AWS_ACCESS_KEY_ID,
     /// AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, ~/.aws; options as `?part_size=16Mi&...`, see
     /// doc/S3.md). With --daemon, it must be the daemon's store.
     #[arg(long, value_name = "STORE")]
     pub store: Option<String>,
-    /// Ask the daemon (`roomfs serve`) to serve this mount instead of serving it here.
+    /// Who this mount's changes are made by, in events (default: the token's name, else the
+    /// mount point).
+    #[arg(long, value_name = "NAME")]
+    pub label: Option<String>,
+    /// Ask the daemon (`roomfs serve`) to serve this mount instead of serving it here: it keeps
+    /// it across its restarts until it is unmounted. The daemon's config sets its data dir,
+    /// secret, cache TTL and threads.
     #[arg(long)]
     pub daemon: bool,
-    /// The daemon's control socket (with --daemon).
-    #[arg(long, value_name = "PATH", default_value = DEFAULT_SOCKET)]
-    pub socket: PathBuf,
+    /// The daemon's control socket [default: /run/roomfs/control.sock].
+    #[arg(long, value_name = "PATH", requires = "daemon")]
+    pub socket: Option<PathBuf>,
     /// The directory to mount on.
     pub mountpoint: PathBuf,
 }
@@ -327,6 +400,8 @@ pub fn run(cli: Cli) -> Result<(), String> {
         }
         Command::Session(cmd) => session(cmd),
         Command::Records(cmd) => records(cmd),
+        Command::Events(args) => events(&args),
+        Command::Url(args) => url(&args),
         Command::Token(TokenCommand::Issue(args)) => {
             println!("{}", issue_token(&args)?);
             Ok(())
@@ -403,7 +478,52 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("{text:?} is too large"))
 }
 
+/// The flags of `roomfs mount` that a mount served by the daemon cannot honour: the daemon's
+/// config sets them, and the API takes no such field. `None` if none is given.
+fn refused_with_daemon(args: &MountArgs) -> Option<String> {
+    let given: Vec<(&str, &str)> = [
+        (args.data_dir.is_some(), "--data-dir", "data_dir"),
+        (args.records_dir.is_some(), "--records-dir", "records_dir"),
+        (args.secret_file.is_some(), "--secret-file", "secret_file"),
+        (args.cache_ttl.is_some(), "--cache-ttl", "cache_ttl_secs"),
+        (args.threads.is_some(), "--threads", "threads"),
+        (
+            args.poll_window_us.is_some(),
+            "--poll-window-us",
+            "poll_window_us",
+        ),
+    ]
+    .into_iter()
+    .filter(|(given, _, _)| *given)
+    .map(|(_, flag, field)| (flag, field))
+    .collect();
+    let list = |names: Vec<&str>| match names.split_last() {
+        Some((last, [])) => last.to_string(),
+        Some((last, rest)) => format!("{} and {last}", rest.join(", ")),
+        None => String::new(),
+    };
+    let (flags, fields): (Vec<&str>, Vec<&str>) = given.into_iter().unzip();
+    let verb = if flags.len() == 1 { "is" } else { "are" };
+    let tokens = if args.secret_file.is_some() {
+        " (the daemon verifies tokens with its own secret_file)"
+    } else {
+        ""
+    };
+    (!flags.is_empty()).then(|| {
+        format!(
+            "{} {verb} for mounts served here: with --daemon, the daemon's config sets \
+             {}{tokens}; leave {} out",
+            list(flags.clone()),
+            list(fields),
+            if flags.len() == 1 { "it" } else { "them" }
+        )
+    })
+}
+
 fn mount_via_daemon(args: &MountArgs) -> Result<(), String> {
+    if let Some(refused) = refused_with_daemon(args) {
+        return Err(refused);
+    }
     let mountpoint = args
         .mountpoint
         .canonicalize()
@@ -416,10 +536,12 @@ fn mount_via_daemon(args: &MountArgs) -> Result<(), String> {
         token: args.token.clone(),
         sync_on_close: args.sync_on_close.then_some(true),
         passthrough: args.no_passthrough.then_some(false),
+        label: args.label.clone(),
         read_only: args.read_only.then_some(true),
         store: args.store.clone(),
     };
-    let info = Client::new(&args.socket)
+    let socket = args.socket.as_deref().unwrap_or(Path::new(DEFAULT_SOCKET));
+    let info = Client::new(socket)
         .add_mount(&req)
         .map_err(|e| e.to_string())?;
     println!(
@@ -562,13 +684,14 @@ fn issue_token(args: &TokenIssueArgs) -> Result<String, String> {
     token::issue(&secret, &args.name, &args.room, &grant, ttl).map_err(|e| e.to_string())
 }
 
-/// The space and grant of a mount: from a verified token, or from --room/--session and --grant.
-fn space_and_grant(args: &MountArgs) -> Result<(SpaceId, Grant), String> {
+/// The space and grant of a mount: from a verified token (with the token's name), or from
+/// --room/--session and --grant.
+fn space_and_grant(args: &MountArgs) -> Result<(SpaceId, Grant, Option<String>), String> {
     if let Some(tok) = &args.token {
-        let secret_file = args
-            .secret_file
-            .as_ref()
-            .ok_or("--token needs --secret-file")?;
+        let secret_file = args.secret_file.as_ref().ok_or(
+            "--token needs --secret-file FILE (the secret it was signed with), or --daemon to \
+             have the daemon verify it with its own",
+        )?;
         let secret = token::read_secret_file(secret_file)?;
         let verified = token::verify(tok, &secret).map_err(|e| format!("token refused: {e}"))?;
         let room = verified
@@ -584,7 +707,8 @@ fn space_and_grant(args: &MountArgs) -> Result<(SpaceId, Grant), String> {
                 "token refused: it is for room {room:?}, not {wanted:?}"
             ));
         }
-        return Ok((SpaceId::new(SpaceKind::Room, &room)?, verified.grant));
+        let room = SpaceId::new(SpaceKind::Room, &room)?;
+        return Ok((room, verified.grant, verified.name));
     }
     let space = match (&args.room, &args.session) {
         (Some(id), None) => SpaceId::new(SpaceKind::Room, id)?,
@@ -592,22 +716,26 @@ fn space_and_grant(args: &MountArgs) -> Result<(SpaceId, Grant), String> {
         _ => return Err("give exactly one of --room ID or --session ID".into()),
     };
     let grant = Grant::parse_cli(&args.grants).map_err(|e| format!("--grant: {e}"))?;
-    Ok((space, grant))
+    Ok((space, grant, None))
 }
 
 fn mount_spec(args: MountArgs) -> Result<MountSpec, String> {
-    let (space, grant) = space_and_grant(&args)?;
-    if !(args.cache_ttl.is_finite() && (0.0..=3600.0).contains(&args.cache_ttl)) {
+    let (space, grant, token_name) = space_and_grant(&args)?;
+    let cache_ttl = args.cache_ttl.unwrap_or(1.0);
+    if !(cache_ttl.is_finite() && (0.0..=3600.0).contains(&cache_ttl)) {
         return Err(format!(
-            "--cache-ttl must be between 0 and 3600 seconds, not {}",
-            args.cache_ttl
+            "--cache-ttl must be between 0 and 3600 seconds, not {cache_ttl}"
         ));
     }
-    if !(1..=64).contains(&args.threads) {
+    let poll_window_us = args.poll_window_us.unwrap_or(1000);
+    if poll_window_us > 1_000_000 {
         return Err(format!(
-            "--threads must be between 1 and 64, not {}",
-            args.threads
+            "--poll-window-us must be at most 1000000 (one second), not {poll_window_us}"
         ));
+    }
+    let threads = args.threads.unwrap_or(4);
+    if !(1..=64).contains(&threads) {
+        return Err(format!("--threads must be between 1 and 64, not {threads}"));
     }
     let store = match &args.store {
         Some(s) => StoreConfig::parse(s).map_err(|e| format!("--store: {e}"))?,
@@ -623,10 +751,11 @@ fn mount_spec(args: MountArgs) -> Result<MountSpec, String> {
         mountpoint: args.mountpoint,
         sync_on_close: args.sync_on_close,
         passthrough: !args.no_passthrough,
-        cache_ttl: Duration::from_secs_f64(args.cache_ttl),
-        threads: args.threads,
-        poll_window: Duration::from_micros(args.poll_window_us.min(1_000_000)),
+        cache_ttl: Duration::from_secs_f64(cache_ttl),
+        threads,
+        poll_window: Duration::from_micros(poll_window_us),
         grant,
+        participant: token_name.or(args.label),
         read_only: args.read_only,
     })
 }
@@ -662,6 +791,52 @@ fn unmount(args: &UnmountArgs) -> Result<(), String> {
         )),
         None => Err(format!("{} is not a mount point", path.display())),
     }
+}
+
+/// `--room` or `--session` as a space.
+fn space_of(room: &Option<String>, session: &Option<String>) -> Result<SpaceId, String> {
+    match (room, session) {
+        (Some(id), None) => SpaceId::new(SpaceKind::Room, id),
+        (None, Some(id)) => SpaceId::new(SpaceKind::Session, id),
+        _ => Err("give exactly one of --room ID or --session ID".into()),
+    }
+}
+
+fn events(args: &EventsArgs) -> Result<(), String> {
+    use std::io::Write;
+    let space = space_of(&args.room, &args.session)?;
+    let path = format!(
+        "/v1/events?space={}&since={}&follow={}",
+        crate::control::client::encode_segment(&space.name()),
+        args.since,
+        args.follow
+    );
+    let mut out = std::io::stdout().lock();
+    client(&args.socket)
+        .stream_lines(&path, args.token.as_deref(), |line| {
+            // Stops when the reader goes away (a closed pipe).
+            out.write_all(line).is_ok() && out.write_all(b"\n").is_ok() && out.flush().is_ok()
+        })
+        .map_err(|e| e.to_string())
+}
+
+fn url(args: &UrlArgs) -> Result<(), String> {
+    let space = space_of(&args.room, &args.session)?;
+    let ttl = token::parse_duration(&args.ttl).map_err(|e| format!("--ttl: {e}"))?;
+    let req = UrlRequest {
+        room: (space.kind == SpaceKind::Room).then(|| space.id.clone()),
+        session: (space.kind == SpaceKind::Session).then(|| space.id.clone()),
+        path: args.path.clone(),
+        attachment: args.attachment,
+        ttl_secs: Some(ttl.as_secs()),
+        token: args.token.clone(),
+        direct: args.direct,
+    };
+    let signed = client(&args.socket)
+        .sign_url(&req)
+        .map_err(|e| e.to_string())?;
+    println!("{}", signed.url);
+    Ok(())
 }
 
 /// A command-line mistake as one line: what is wrong, clap's tip if it has one, and which

@@ -9,11 +9,11 @@ use std::time::Duration;
 use fuser::{
     CopyFileRangeFlags, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
     INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
-    ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen,
-    ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLock, ReplyLseek,
+    ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
-use crate::fs::{Attr, AttrChanges, Caller, Errno, Fs, Opened};
+use crate::fs::{Attr, AttrChanges, Caller, Errno, Fs, FsResult, Opened, lock_type};
 use crate::metrics::{self, FuseHandles, FuseOp, FuseTimer};
 use crate::poll::Poller;
 use crate::reader_gate::{ReaderGate, Turn};
@@ -28,6 +28,9 @@ pub struct FuseAdapter {
     gate: Arc<ReaderGate>,
     /// Handles open through this mount, for the metrics.
     handles: FuseHandles,
+    /// The kernel leaves clearing set-IDs on write, truncate and chown to the mount (see
+    /// `init`).
+    kills_set_ids: bool,
 }
 
 /// Reads and writes above this size may take a while: another thread reads requests meanwhile.
@@ -48,6 +51,7 @@ impl FuseAdapter {
             poller,
             gate,
             handles: FuseHandles::default(),
+            kills_set_ids: false,
         }
     }
 
@@ -99,6 +103,8 @@ impl FuseAdapter {
 enum Notice {
     Attributes(u64),
     Data(u64),
+    /// Pages to drop, then something to do (a reply that must wait for it).
+    DataThen(u64, Box<dyn FnOnce() + Send>),
     Entry(u64, std::ffi::OsString),
 }
 
@@ -117,14 +123,19 @@ impl Notify {
             .name("roomfs-notify".into())
             .spawn(move || {
                 for notice in rx {
-                    let (what, result) = match &notice {
+                    let (what, result) = match notice {
+                        Notice::DataThen(ino, then) => {
+                            let result = notifier.inval_inode(INodeNo(ino), 0, 0);
+                            then();
+                            ("pages", result)
+                        }
                         // A negative offset invalidates the attributes only.
                         Notice::Attributes(ino) => {
-                            ("attributes", notifier.inval_inode(INodeNo(*ino), -1, 0))
+                            ("attributes", notifier.inval_inode(INodeNo(ino), -1, 0))
                         }
-                        Notice::Data(ino) => ("pages", notifier.inval_inode(INodeNo(*ino), 0, 0)),
+                        Notice::Data(ino) => ("pages", notifier.inval_inode(INodeNo(ino), 0, 0)),
                         Notice::Entry(parent, name) => {
-                            ("entry", notifier.inval_entry(INodeNo(*parent), name))
+                            ("entry", notifier.inval_entry(INodeNo(parent), &name))
                         }
                     };
                     // ENOENT: the kernel had nothing cached for it.
@@ -139,8 +150,10 @@ impl Notify {
     }
 
     fn send(&self, notice: Notice) {
-        // The thread only ends with the mount.
-        let _ = self.0.send(notice);
+        // The thread only ends with the mount; what waited for it is done now.
+        if let Err(std::sync::mpsc::SendError(Notice::DataThen(_, then))) = self.0.send(notice) {
+            then();
+        }
     }
 }
 
@@ -155,6 +168,10 @@ impl crate::fs::KernelCache for Notify {
 
     fn entry_changed(&self, parent: u64, name: &OsStr) {
         self.send(Notice::Entry(parent, name.to_os_string()));
+    }
+
+    fn data_changed_then(&self, ino: u64, then: Box<dyn FnOnce() + Send>) {
+        self.send(Notice::DataThen(ino, then));
     }
 }
 
@@ -262,11 +279,19 @@ impl Filesystem for FuseAdapter {
             InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP,
             InitFlags::FUSE_PARALLEL_DIROPS,
             InitFlags::FUSE_MAX_PAGES,
+            // POSIX locks are served by the daemon (see `fs::locks`); `flock` stays the kernel's.
+            InitFlags::FUSE_POSIX_LOCKS,
         ] {
             if config.add_capabilities(flag).is_err() {
                 log::debug!("kernel does not offer {flag:?}");
             }
         }
+        // The mount clears set-user/group-IDs where a write, truncate or chown must: the kernel
+        // then marks checked inodes `S_NOSEC` instead of asking for `security.capability`
+        // before every write (a round trip each).
+        self.kills_set_ids = config
+            .add_capabilities(InitFlags::FUSE_HANDLE_KILLPRIV_V2)
+            .is_ok();
         if self.fs.wants_passthrough() {
             // Depth 1: backing files on a plain filesystem, and roomfs may itself be a lower
             // layer of an overlayfs.
@@ -336,6 +361,11 @@ impl Filesystem for FuseAdapter {
                 mtime: time_spec(mtime),
             },
             by: req.pid(),
+            // As the kernel would otherwise: a truncate by an unprivileged process, and any
+            // chown of a file, clear its set-IDs.
+            drop_set_ids: self.kills_set_ids
+                && ((size.is_some() && req.uid() != 0)
+                    || ((uid.is_some() || gid.is_some()) && mode.is_none())),
         };
         match self.fs.setattr(ino.0, fh.map(|f| f.0), &changes) {
             Ok(a) => reply.attr(&self.ttl(&a), &self.attr(&a)),
@@ -436,6 +466,15 @@ impl Filesystem for FuseAdapter {
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let _turn = self.turn(FuseOp::Open, false);
         let opened = self.fs.open(ino.0, flags.0, req.pid());
+        // An unprivileged `O_TRUNC` clears set-IDs (see `kills_set_ids`).
+        let opened = match opened {
+            Ok(o) if self.kills_set_ids && flags.0 & libc::O_TRUNC != 0 && req.uid() != 0 => {
+                self.fs.drop_set_ids(ino.0).map(|()| o).inspect_err(|_| {
+                    let _ = self.fs.release(o.fh);
+                })
+            }
+            other => other,
+        };
         self.handles.file_opened_if(opened.is_ok());
         match opened {
             Ok(o) => match o.passthrough {
@@ -518,7 +557,7 @@ impl Filesystem for FuseAdapter {
     fn write(
         &self,
         req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         data: &[u8],
@@ -531,6 +570,12 @@ impl Filesystem for FuseAdapter {
             FuseOp::Write,
             data.len() > LARGE_IO as usize || self.fs.write_may_copy(fh.0),
         );
+        if self.kills_set_ids
+            && write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID)
+            && let Err(e) = self.fs.drop_set_ids(ino.0)
+        {
+            return reply.error(errno(e));
+        }
         let written = if write_flags.contains(WriteFlags::FUSE_WRITE_CACHE) {
             self.fs.write_back(fh.0, offset, data)
         } else {
@@ -597,11 +642,11 @@ impl Filesystem for FuseAdapter {
         req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
-        _lock_owner: LockOwner,
+        lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
         let _turn = self.turn(FuseOp::Flush, self.fs.commit_may_block(fh.0));
-        empty(reply, self.fs.flush(fh.0, req.pid()));
+        empty(reply, self.fs.flush(fh.0, req.pid(), Some(lock_owner.0)));
     }
 
     fn release(
@@ -755,6 +800,46 @@ impl Filesystem for FuseAdapter {
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let _turn = self.turn(FuseOp::Removexattr, false);
         empty(reply, self.fs.removexattr(ino.0, name));
+    }
+
+    fn getlk(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        lock_owner: LockOwner,
+        start: u64,
+        end: u64,
+        typ: i32,
+        _pid: u32,
+        reply: ReplyLock,
+    ) {
+        let _turn = self.turn(FuseOp::Getlk, false);
+        match self.fs.getlk(fh.0, lock_owner.0, start, end, typ) {
+            Ok(Some(held)) => reply.locked(held.start, held.end, lock_type(held.kind), held.pid),
+            Ok(None) => reply.locked(start, end, libc::F_UNLCK, 0),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn setlk(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        lock_owner: LockOwner,
+        start: u64,
+        end: u64,
+        typ: i32,
+        pid: u32,
+        sleep: bool,
+        reply: ReplyEmpty,
+    ) {
+        // A lock that must wait is answered later, by whoever lets it in: no thread waits.
+        let _turn = self.turn(FuseOp::Setlk, false);
+        let reply = Box::new(move |result: FsResult<()>| empty(reply, result));
+        self.fs
+            .setlk(fh.0, lock_owner.0, pid, (start, end), typ, sleep, reply);
     }
 
     fn ioctl(

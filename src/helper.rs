@@ -129,6 +129,8 @@ struct Plan {
     read_only: bool,
     sync_on_close: bool,
     passthrough: bool,
+    /// Who the mount's changes are made by, in events.
+    label: Option<String>,
     server: Server,
 }
 
@@ -162,6 +164,7 @@ fn plan(source: &str, options: &[String], sloppy: bool) -> Result<Plan, String> 
     let mut flags: Vec<OsString> = Vec::new();
     let mut standalone_only = Vec::new();
     let mut log = None;
+    let mut label = None;
     for option in options {
         let (name, value) = match option.split_once('=') {
             Some((n, v)) => (n, Some(v)),
@@ -181,6 +184,7 @@ fn plan(source: &str, options: &[String], sloppy: bool) -> Result<Plan, String> 
             "sync_on_close" if value.is_none() => sync_on_close = true,
             "no_passthrough" if value.is_none() => passthrough = false,
             "daemon" if value.is_none() => daemon = true,
+            "label" => label = Some(need(value)?),
             "socket" => {
                 daemon = true;
                 socket = Some(PathBuf::from(need(value)?));
@@ -202,7 +206,7 @@ fn plan(source: &str, options: &[String], sloppy: bool) -> Result<Plan, String> 
                 return Err(format!(
                     "unknown option {option:?} (roomfs knows data_dir=, grant=PATH:ro|rw, ro, \
                      sync_on_close, no_passthrough, cache_ttl=, threads=, records_dir=, log=, \
-                     daemon, socket=)"
+                     label=, daemon, socket=)"
                 ));
             }
         }
@@ -227,6 +231,7 @@ fn plan(source: &str, options: &[String], sloppy: bool) -> Result<Plan, String> 
         read_only,
         sync_on_close,
         passthrough,
+        label,
         server,
     })
 }
@@ -250,6 +255,10 @@ fn mount_args(plan: &Plan, flags: &[OsString], mountpoint: &Path) -> Vec<OsStrin
     if !plan.passthrough {
         args.push("--no-passthrough".into());
     }
+    if let Some(label) = &plan.label {
+        args.push("--label".into());
+        args.push(label.into());
+    }
     args.push(mountpoint.into());
     args
 }
@@ -269,6 +278,7 @@ fn mount_request(plan: &Plan, mountpoint: &Path) -> MountRequest {
         sync_on_close: plan.sync_on_close.then_some(true),
         passthrough: (!plan.passthrough).then_some(false),
         read_only: plan.read_only.then_some(true),
+        label: plan.label.clone(),
         store: None,
     }
 }

@@ -8,6 +8,8 @@
 pub mod cli;
 pub mod control;
 pub mod daemon;
+pub mod errno;
+pub mod events;
 pub mod fs;
 pub mod fuse;
 pub mod grant;
@@ -21,3 +23,4 @@ pub mod records;
 pub mod space;
 pub mod store;
 pub mod token;
+pub mod urls;

@@ -27,7 +27,8 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::{Registry, Unit};
 
-use crate::fs::{Errno, Limits, Usage};
+use crate::errno::Errno;
+use crate::space::quota::{Limits, Usage};
 
 /// The `Content-Type` of [`render`]'s output (Prometheus text format 0.0.4).
 pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
@@ -59,7 +60,7 @@ fuse_ops! {
     Lseek => "lseek", Opendir => "opendir", Readdir => "readdir", Readdirplus => "readdirplus",
     Releasedir => "releasedir", Fsyncdir => "fsyncdir", Getxattr => "getxattr",
     Listxattr => "listxattr", Setxattr => "setxattr", Removexattr => "removexattr",
-    Ioctl => "ioctl", Statfs => "statfs",
+    Ioctl => "ioctl", Statfs => "statfs", Getlk => "getlk", Setlk => "setlk",
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use fuser::{Config, MountOption, Session, SessionACL};
+use fuser::{Config, Session, SessionACL};
 use signal_hook::consts::{SIGINT, SIGTERM};
 
 use crate::fs::{Fs, FsOptions, Limits};
@@ -20,6 +20,8 @@ use crate::records::RecordStore;
 use crate::space::{Hub, SpaceId, SpaceKind};
 use crate::store::local::LocalBackend;
 use crate::store::meta::META_DIR;
+
+mod kernel;
 
 /// The source name roomfs mounts show in `/proc/mounts` begins with this.
 pub const SOURCE_PREFIX: &str = "roomfs:";
@@ -45,6 +47,9 @@ pub struct MountSpec {
     pub records_dir: PathBuf,
     /// Limits of the space; `None` reads those recorded for a session by the daemon.
     pub limits: Option<Limits>,
+    /// Who the mount's changes are made by, in events (the token's name or the mount's
+    /// label); `None`: the mount point.
+    pub participant: Option<String>,
     /// A read-only mount (the kernel refuses every change with EROFS).
     pub read_only: bool,
     /// Where the space is stored (a standalone mount; the daemon has its own).
@@ -71,12 +76,19 @@ pub struct MountEntry {
     pub mountpoint: PathBuf,
     pub fstype: String,
     pub source: String,
+    /// The device number of the mounted superblock.
+    pub dev: libc::dev_t,
 }
 
 impl MountEntry {
+    /// Whether this is a FUSE mount.
+    pub fn is_fuse(&self) -> bool {
+        self.fstype == "fuse" || self.fstype.starts_with("fuse.")
+    }
+
     /// Whether this is a roomfs mount.
     pub fn is_roomfs(&self) -> bool {
-        self.fstype.starts_with("fuse") && self.source.starts_with(SOURCE_PREFIX)
+        self.is_fuse() && self.source.starts_with(SOURCE_PREFIX)
     }
 }
 
@@ -87,7 +99,9 @@ pub fn mounts() -> std::io::Result<Vec<MountEntry>> {
         .lines()
         .filter_map(|line| {
             let (left, right) = line.split_once(" - ")?;
-            let mountpoint = unescape(left.split(' ').nth(4)?);
+            let left: Vec<&str> = left.split(' ').collect();
+            let dev = kernel::parse_dev(left.get(2)?)?;
+            let mountpoint = unescape(left.get(4)?);
             let mut right = right.split(' ');
             let fstype = right.next()?.to_string();
             let source = unescape(right.next()?);
@@ -95,6 +109,7 @@ pub fn mounts() -> std::io::Result<Vec<MountEntry>> {
                 mountpoint: PathBuf::from(mountpoint),
                 fstype,
                 source,
+                dev,
             })
         })
         .collect())
@@ -128,9 +143,9 @@ pub fn mount_at(path: &Path) -> Option<MountEntry> {
 /// Checks and canonicalises a mount point, with a message that says what is wrong.
 pub fn check_mountpoint(path: &Path) -> Result<PathBuf, String> {
     let shown = path.display();
-    if let Err(e) = std::fs::metadata(path)
-        && e.raw_os_error() == Some(libc::ENOTCONN)
-    {
+    // statfs, not stat: the kernel may answer a stat of a dead mount from its attribute cache,
+    // a statfs always asks the server.
+    if let Err(nix::errno::Errno::ENOTCONN) = nix::sys::statfs::statfs(path) {
         // A roomfs daemon died (crash, kill -9) and left its mount behind: clear it, so the
         // next mount works without manual steps. Other dead FUSE mounts are not ours to touch.
         let stale = mounts()
@@ -217,6 +232,8 @@ pub struct ActiveMount {
     pub fs: Arc<Fs>,
     /// Releases the session's standby threads when we unmount.
     gate: Arc<ReaderGate>,
+    /// The kernel's mount, to unmount it only while it is ours.
+    mounted: Arc<kernel::Mounted>,
     ended: Arc<AtomicBool>,
     waiter: Option<std::thread::JoinHandle<std::io::Result<()>>>,
 }
@@ -287,6 +304,10 @@ impl ActiveMount {
                 grant,
                 links_anywhere: spec.grant.is_full(),
                 passthrough: spec.passthrough,
+                participant: match &spec.participant {
+                    Some(p) => p.as_str().into(),
+                    None => mountpoint.to_string_lossy().into(),
+                },
             },
         ));
         fs.watch_space();
@@ -302,35 +323,46 @@ impl ActiveMount {
             gate.clone(),
         );
         let mut config = Config::default();
-        config.mount_options = vec![
-            MountOption::FSName(format!("{SOURCE_PREFIX}{}", spec.space.rel_dir().display())),
-            // The kernel's own option, so the type reads `fuse.roomfs` (what `mount -t`,
-            // fstab and findmnt use) for a direct mount too, not only through fusermount.
-            MountOption::CUSTOM("subtype=roomfs".into()),
-            MountOption::DefaultPermissions,
-            MountOption::NoDev,
-            MountOption::NoSuid,
-        ];
-        if spec.read_only {
-            config.mount_options.push(MountOption::RO);
-        }
         // Sandboxed agents usually run as other users than the daemon.
-        config.acl = if is_root {
+        let acl = if is_root {
             SessionACL::All
         } else {
             SessionACL::Owner
         };
+        config.acl = acl;
         config.n_threads = Some(threads);
         config.clone_fd = true;
-        let session =
-            Session::new(adapter, &mountpoint, &config).map_err(|e| match e.raw_os_error() {
+        let options = kernel::Options {
+            source: format!("{SOURCE_PREFIX}{}", spec.space.rel_dir().display()),
+            // So the type reads `fuse.roomfs` (what `mount -t`, fstab and findmnt use).
+            subtype: "roomfs",
+            read_only: spec.read_only,
+            allow_other: acl == SessionACL::All,
+        };
+        let (mounted, device) =
+            kernel::mount(&mountpoint, &options).map_err(|e| match e.raw_os_error() {
                 Some(libc::EPERM) | Some(libc::EACCES) => format!(
                     "not permitted to mount at {}: run as root, or install fuse3 for \
                      unprivileged mounts",
                     mountpoint.display()
                 ),
+                _ if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                    format!("not permitted to mount at {}: {e}", mountpoint.display())
+                }
                 _ => format!("cannot mount at {}: {e}", mountpoint.display()),
             })?;
+        // From here on, a failure takes the new mount down again.
+        let undo = |e: String| {
+            if mounted.is_ours()
+                && let Err(u) = unmount(mounted.mountpoint(), true)
+            {
+                log::error!("{u}");
+            }
+            e
+        };
+        // fuser gets the device only, so it never unmounts a path (see `kernel`).
+        let session = Session::from_fd(adapter, device, acl, config)
+            .map_err(|e| undo(format!("cannot mount at {}: {e}", mountpoint.display())))?;
         gate.set_device(&session);
         if fs.wants_passthrough() {
             match std::os::fd::AsFd::as_fd(&session).try_clone_to_owned() {
@@ -338,11 +370,14 @@ impl ActiveMount {
                 Err(e) => log::warn!("no passthrough: cannot duplicate the FUSE device: {e}"),
             }
         }
-        let background = session
-            .spawn()
-            .map_err(|e| format!("cannot start serving {}: {e}", mountpoint.display()))?;
+        let background = session.spawn().map_err(|e| {
+            undo(format!(
+                "cannot start serving {}: {e}",
+                mountpoint.display()
+            ))
+        })?;
         let notify = crate::fuse::Notify::start(background.notifier())
-            .map_err(|e| format!("cannot start the notifier thread: {e}"))?;
+            .map_err(|e| undo(format!("cannot start the notifier thread: {e}")))?;
         fs.set_kernel_cache(Box::new(notify));
         log::info!(
             "mounted {} at {} (data in {}, grant: {})",
@@ -351,12 +386,24 @@ impl ActiveMount {
             resources.hub.describe(&spec.space),
             spec.grant
         );
+        let mounted = Arc::new(mounted);
         let ended = Arc::new(AtomicBool::new(false));
         let ended_flag = ended.clone();
         spawn_publisher(Arc::downgrade(&fs));
         let ended_fs = fs.clone();
+        let ended_mount = mounted.clone();
         let waiter = std::thread::spawn(move || {
             let result = background.join();
+            // The kernel ended the session once the mount was gone; a session that failed
+            // otherwise leaves it up, unserved: take it down while it is still ours.
+            if let Err(e) = &result {
+                log::error!("serving {} failed: {e}", ended_mount.mountpoint().display());
+                if ended_mount.is_ours()
+                    && let Err(e) = unmount(ended_mount.mountpoint(), true)
+                {
+                    log::error!("{e}");
+                }
+            }
             ended_flag.store(true, Ordering::SeqCst);
             ended_fs.unwatch_space();
             on_end();
@@ -368,6 +415,7 @@ impl ActiveMount {
             grant: spec.grant.clone(),
             fs,
             gate,
+            mounted,
             ended,
             waiter: Some(waiter),
         })
@@ -385,6 +433,15 @@ impl ActiveMount {
             return Ok(());
         }
         self.fs.commit_all();
+        if !self.mounted.is_ours() {
+            // Unmounted or detached by someone else (its last files may still be open): the
+            // path now holds another mount, or none, which is not ours to touch.
+            log::info!(
+                "{} is no longer mounted here: nothing to unmount",
+                self.mountpoint.display()
+            );
+            return Ok(());
+        }
         match unmount(&self.mountpoint, false) {
             Ok(()) => {
                 self.gate.close();
@@ -481,7 +538,13 @@ fn serve(spec: &MountSpec, ready: &mut Option<ReadyPipe>) -> Result<(), String> 
         SpaceKind::Room => (stored, None),
         SpaceKind::Session => (None, stored),
     };
-    let hub = Arc::new(Hub::with_stores(local, records, rooms, sessions));
+    let hub = Arc::new(Hub::with_stores(
+        local,
+        records,
+        crate::events::Retention::default(),
+        rooms,
+        sessions,
+    ));
     let resources = Resources {
         limits: spec.limits(&hub),
         hub,

@@ -88,6 +88,33 @@ fn a_reader_open_before_a_truncating_writer_keeps_the_whole_old_version() {
 }
 
 #[test]
+fn a_reader_keeps_its_version_while_later_readers_read_the_new_one() {
+    let m = Mounted::room();
+    // Below and above the size from which readers are handed to the kernel (passthrough).
+    for size in [256 << 10, 8 << 20] {
+        fs::write(m.p("doc"), vec![b'a'; size]).unwrap();
+        let mut early = File::open(m.p("doc")).unwrap();
+        let mut head = vec![0; 4096];
+        early.read_exact(&mut head).unwrap();
+        // A whole new version is committed, then read whole by a later reader: the kernel's
+        // page cache of the file now holds the new version.
+        fs::write(m.p("doc"), vec![b'b'; size]).unwrap();
+        assert_eq!(fs::read(m.p("doc")).unwrap(), vec![b'b'; size]);
+        let mut rest = Vec::new();
+        early.read_to_end(&mut rest).unwrap();
+        head.extend(rest);
+        assert!(
+            head.len() == size && head.iter().all(|&c| c == b'a'),
+            "{size} bytes: the early reader saw {} of the new version's bytes",
+            head.iter().filter(|&&c| c == b'b').count()
+        );
+        // Once it is gone, readers share the page cache again, of the new version.
+        drop(early);
+        assert_eq!(fs::read(m.p("doc")).unwrap(), vec![b'b'; size]);
+    }
+}
+
+#[test]
 fn a_handle_reads_its_own_writes() {
     let m = Mounted::room();
     fs::write(m.p("f"), b"0123456789").unwrap();
@@ -1324,6 +1351,189 @@ print(c.execute('pragma integrity_check').fetchone()[0])
 "#,
     );
     assert_eq!(out, "(200, 'note 99')\nok\n");
+}
+
+/// Set-user-ID and set-group-ID bits go where a local disk drops them: at a write or truncate by
+/// another user (without `CAP_FSETID`), and at any `chown` (the mount clears them itself, so
+/// the kernel does not ask it for `security.capability` before every write).
+#[test]
+fn set_ids_are_cleared_by_an_unprivileged_write_or_truncate_and_by_chown() {
+    let m = Mounted::room();
+    let mode = |name: &str| fs::metadata(m.p(name)).unwrap().permissions().mode() & 0o7777;
+    let as_nobody = |script: &str| {
+        let out = std::process::Command::new("setpriv")
+            .args([
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "/bin/sh",
+                "-c",
+                script,
+            ])
+            .current_dir(&m.mnt)
+            .output()
+            .expect("setpriv (util-linux) runs");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    for name in ["written", "truncated", "opened"] {
+        fs::write(m.p(name), b"#!/bin/sh\n").unwrap();
+        fs::set_permissions(m.p(name), fs::Permissions::from_mode(0o6777)).unwrap();
+    }
+    as_nobody("printf x | dd of=written conv=notrunc status=none");
+    as_nobody("truncate -s 1 truncated");
+    as_nobody(": > opened");
+    for name in ["written", "truncated", "opened"] {
+        assert_eq!(
+            mode(name),
+            0o777,
+            "{name}: both set-IDs go (the group may execute)"
+        );
+    }
+    // Root keeps them on a write (it has CAP_FSETID), and a group that may not execute keeps
+    // its set-group-ID (a mandatory-locking mark, not a privilege).
+    fs::set_permissions(m.p("written"), fs::Permissions::from_mode(0o6745)).unwrap();
+    fs::OpenOptions::new()
+        .append(true)
+        .open(m.p("written"))
+        .unwrap()
+        .write_all(b"y")
+        .unwrap();
+    assert_eq!(mode("written"), 0o6745);
+    std::os::unix::fs::chown(m.p("written"), Some(65534), None).unwrap();
+    assert_eq!(
+        mode("written"),
+        0o2745,
+        "chown drops set-user-ID, keeps this set-group-ID"
+    );
+}
+
+/// POSIX record locks between processes, as `fcntl` promises them (the mount serves them):
+/// conflicts, `F_GETLK` naming the holder, `F_SETLKW` waiting until the holder lets go (at an
+/// unlock or a close), and a wait that would deadlock refused.
+#[test]
+fn posix_record_locks_work_between_processes() {
+    let m = Mounted::room();
+    let out = python(
+        &m.mnt,
+        r#"
+import errno, fcntl, os, struct, subprocess, sys, time
+p = os.environ['MNT'] + '/locked'
+open(p, 'w').write('x' * 100)
+def lk(fd, cmd, typ, start=0, length=0):
+    r = fcntl.fcntl(fd, cmd, struct.pack('hhqqi', typ, 0, start, length, 0))
+    return struct.unpack('hhqqi', r)
+other = """
+import fcntl, os, struct, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR)
+def lk(cmd, typ, start=0, length=0):
+    return struct.unpack('hhqqi', fcntl.fcntl(fd, cmd, struct.pack('hhqqi', typ, 0, start, length, 0)))
+for line in sys.stdin:
+    cmd, typ, start, length = line.split()
+    try:
+        t0 = time.time()
+        r = lk(getattr(fcntl, cmd), getattr(fcntl, typ), int(start), int(length))
+        print('ok', r[0], r[2], r[3], r[4], round(time.time() - t0, 1), flush=True)
+    except OSError as e:
+        print('err', e.errno, flush=True)
+"""
+def start():
+    return subprocess.Popen([sys.executable, '-c', other, p], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+def ask(proc, line):
+    proc.stdin.write(line + '\n'); proc.stdin.flush()
+    return proc.stdout.readline().split()
+fd = os.open(p, os.O_RDWR)
+lk(fd, fcntl.F_SETLK, fcntl.F_WRLCK, 0, 50)
+b = start()
+# A conflicting lock fails at once; a lock beside it is granted.
+print(ask(b, 'F_SETLK F_RDLCK 10 1') == ['err', str(errno.EAGAIN)] or ask(b, 'x'))
+print(ask(b, 'F_SETLK F_WRLCK 50 10')[0])
+# F_GETLK names the holder and its range.
+got = ask(b, 'F_GETLK F_RDLCK 0 0')
+print(got[1:5] == [str(fcntl.F_WRLCK), '0', '50', str(os.getpid())] or got)
+# The holder sees B's lock the same way.
+r = lk(fd, fcntl.F_GETLK, fcntl.F_WRLCK, 55, 1)
+print(r[0] == fcntl.F_WRLCK and r[4] == b.pid or r)
+# F_SETLKW waits until the holder unlocks.
+b.stdin.write('F_SETLKW F_WRLCK 0 50\n'); b.stdin.flush()
+time.sleep(0.5)
+lk(fd, fcntl.F_SETLK, fcntl.F_UNLCK, 0, 0)
+got = b.stdout.readline().split()
+print(got[0], float(got[-1]) >= 0.4)
+# Now B holds 0..60: closing any descriptor of the file drops the process's locks.
+c = start()
+print(ask(c, 'F_SETLK F_WRLCK 0 1') == ['err', str(errno.EAGAIN)])
+b.stdin.close(); b.wait()
+print(ask(c, 'F_SETLK F_WRLCK 0 1')[0])
+# Two waits that would wait for each other: the second is EDEADLK.
+d = start()
+print(ask(d, 'F_SETLK F_WRLCK 90 1')[0])
+lk(fd, fcntl.F_SETLK, fcntl.F_WRLCK, 80, 1)
+ask(c, 'F_SETLK F_UNLCK 0 0')
+d.stdin.write('F_SETLKW F_WRLCK 80 1\n'); d.stdin.flush()
+time.sleep(0.3)
+try:
+    lk(fd, fcntl.F_SETLKW, fcntl.F_WRLCK, 90, 1)
+    print('granted?')
+except OSError as e:
+    print(e.errno == errno.EDEADLK)
+os.close(fd)  # lets D in
+print(d.stdout.readline().split()[0])
+for proc in (c, d):
+    proc.stdin.close(); proc.wait()
+"#,
+    );
+    assert_eq!(
+        out,
+        "True\nok\nTrue\nTrue\nok True\nTrue\nok\nok\nTrue\nok\n"
+    );
+}
+
+/// A read-only connection left open beside a writer (a dashboard with `mode=ro`,
+/// `sqlite3 -readonly`): sqlite checks for changes at each transaction, under a lock, and
+/// must see every commit, in WAL and in rollback-journal mode. The writer and the reader are
+/// separate processes; the reader's connection stays open from before the first commit.
+#[test]
+fn a_long_lived_read_only_sqlite_connection_sees_every_commit() {
+    let m = Mounted::room();
+    let out = python(
+        &m.mnt,
+        r#"
+import os, sqlite3, subprocess, sys
+reader_code = """
+import sqlite3, sys
+c = sqlite3.connect('file:' + sys.argv[1] + '?mode=ro', uri=True)
+for line in sys.stdin:
+    print(c.execute("select count(*), coalesce(max(body), '') from t").fetchone(), flush=True)
+"""
+for mode in ['wal', 'delete']:
+    db = os.environ['MNT'] + f'/{mode}.db'
+    w = sqlite3.connect(db)
+    w.execute(f'pragma journal_mode={mode}')
+    w.execute('create table t(id integer primary key, body text)')
+    w.commit()
+    r = subprocess.Popen([sys.executable, '-c', reader_code, db], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, text=True)
+    seen = []
+    for i in range(1, 41):
+        w.execute('insert into t(body) values (?)', (f'row {i:03}',))
+        w.commit()
+        if i % 10 == 0 and mode == 'wal':
+            w.execute('pragma wal_checkpoint(truncate)')  # the rows move into the database file
+        r.stdin.write('?\n'); r.stdin.flush()
+        seen.append(r.stdout.readline().strip())
+    r.stdin.close(); r.wait()
+    w.close()
+    expected = [str((i, f'row {i:03}')) for i in range(1, 41)]
+    bad = [(want, got) for want, got in zip(expected, seen) if want != got]
+    print(mode, 'ok' if not bad else f'stale: {bad[:3]}')
+"#,
+    );
+    assert_eq!(out, "wal ok\ndelete ok\n");
 }
 
 /// Several connections, in one process and in several, to one database: sqlite coordinates

@@ -476,7 +476,11 @@ fn kill_9_during_an_upload_leaves_the_previous_object_and_the_next_start_aborts_
     let _ = writer.wait();
     let key = format!("{prefix}/rooms/r1/big.bin");
     assert!(object(&weed, &key) == previous, "the previous object");
-    assert_eq!(uploads(&weed, &prefix), [key.clone()], "the upload it left");
+    assert_eq!(
+        uploads(&weed, &prefix),
+        [key.as_str()],
+        "the upload it left"
+    );
     // The next start (same data dir: its journal) aborts this host's dangling upload.
     m.start();
     eventually("the dangling upload is aborted", || {

@@ -382,3 +382,53 @@ fn a_link_swapped_in_while_the_export_runs_never_leads_out() {
     );
     host.check(&d, "link swapped in during export");
 }
+
+#[test]
+fn the_operators_links_to_the_data_and_records_dirs_are_followed_and_nothing_below_them() {
+    // The operator's choice: the data dir and the records dir are links to where they live.
+    let d = Daemon::with_setup(Some(r#"{"records_dir": "{tmp}/records"}"#), |tmp| {
+        for (real, link) in [("real-data", "data"), ("real-records", "records")] {
+            fs::create_dir(tmp.join(real)).unwrap();
+            symlink(tmp.join(real), tmp.join(link)).unwrap();
+        }
+    });
+    let host = Host::new(&d);
+    let real = d.tmp.path().join("real-data");
+    let r = room(&d, "r");
+    fs::write(r.join("notes.txt"), b"kept").unwrap();
+    assert_eq!(fs::read(real.join("rooms/r/notes.txt")).unwrap(), b"kept");
+    let s = session(&d, "s1");
+    fs::create_dir(s.join("outputs")).unwrap();
+    fs::write(s.join("outputs/report.md"), b"done").unwrap();
+    d.call(serde_json::json!({
+        "method": "session.set",
+        "id": "s1",
+        "value": {"id": "s1", "createdAt": 1, "updatedAt": 1}
+    }));
+    assert!(
+        d.tmp.path().join("real-records/session/s1.json").is_file(),
+        "records are written through the operator's link"
+    );
+    // Below them, links are never followed: a room directory replaced by one is refused.
+    let outside = host.dir.join("etc");
+    symlink(&outside, real.join("rooms/planted")).unwrap();
+    let mnt = d.dir("planted-mnt");
+    let (code, _, err) = d.cli(&[
+        "mount",
+        "--daemon",
+        "--room",
+        "planted",
+        mnt.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 1, "{err}");
+    assert!(!is_mounted(&mnt));
+    // An export still goes into the real room, beneath the link.
+    let (code, err) = end_with_export(&d, "s1", "outputs/", "r");
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        fs::read(real.join("rooms/r/outputs/report.md")).unwrap(),
+        b"done"
+    );
+    assert_eq!(fs::read(r.join("outputs/report.md")).unwrap(), b"done");
+    host.check(&d, "data and records dirs behind the operator's links");
+}

@@ -86,12 +86,9 @@ pub fn sessions(sessions: &Vec<SessionInfo>, now: u64) -> String {
 
 /// `roomfs session show`.
 pub fn session(s: &SessionInfo, now: u64) -> String {
-    let ends = match s.ttl_secs {
-        Some(secs) => {
-            let at = s.last_active.saturating_add(secs.saturating_mul(1000));
-            format!("{} ({})", ttl(s.ttl_secs), human::relative(at, now))
-        }
-        None => ttl(None),
+    let ends = match s.ends_at {
+        Some(at) => format!("{} ({})", ttl(s.ttl_secs), human::relative(at, now)),
+        None => ttl(s.ttl_secs),
     };
     human::fields(&[
         ("session", s.id.clone()),
@@ -253,6 +250,7 @@ mod tests {
             ttl_secs: Some(7200),
             created_at: 1_000_000,
             last_active: 1_000_000,
+            ends_at: Some(1_000_000 + 7_200_000),
             files: 4,
             bytes: 2048,
             mounts: vec!["/tmp/x".into()],

@@ -15,8 +15,8 @@ use serde_json::Value;
 use tokio::net::UnixStream;
 
 use super::{
-    EndReport, EndSessionRequest, MountInfo, MountRequest, SessionInfo, SessionRequest, Status,
-    UnmountRequest,
+    EndReport, EndSessionRequest, MountInfo, MountRequest, SessionInfo, SessionRequest, SignedUrl,
+    Status, UnmountRequest, UrlRequest,
 };
 
 /// Why a control API call failed. Display is one sentence for the user.
@@ -245,6 +245,82 @@ impl Client {
         self.call("POST", &path, Some(req))
     }
 
+    /// A signed download URL.
+    pub fn sign_url(&self, req: &UrlRequest) -> Result<SignedUrl, ClientError> {
+        self.call("POST", "/v1/urls", Some(req))
+    }
+
+    /// GETs `path` (with `bearer` as its `Authorization`) and hands each line of the answer
+    /// to `line` as it arrives, until the answer ends or `line` returns false. An error status
+    /// is [`ClientError::Api`]. Blocks; must not be called from inside a tokio runtime.
+    pub fn stream_lines(
+        &self,
+        path: &str,
+        bearer: Option<&str>,
+        mut line: impl FnMut(&[u8]) -> bool,
+    ) -> Result<(), ClientError> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .build()
+            .map_err(|error| ClientError::Io {
+                socket: self.socket.clone(),
+                error,
+            })?;
+        runtime.block_on(async {
+            let stream = UnixStream::connect(&self.socket)
+                .await
+                .map_err(|err| ClientError::connect(&self.socket, err))?;
+            let (mut sender, connection) =
+                hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                    .await
+                    .map_err(|err| self.hyper_error(err))?;
+            tokio::spawn(connection);
+            let mut request = hyper::Request::builder()
+                .method(Method::GET)
+                .uri(path)
+                .header(HOST, "localhost");
+            if let Some(token) = bearer {
+                request = request.header(hyper::header::AUTHORIZATION, format!("Bearer {token}"));
+            }
+            let request = request
+                .body(Full::new(Bytes::new()))
+                .map_err(ClientError::protocol)?;
+            let response = sender
+                .send_request(request)
+                .await
+                .map_err(|err| self.hyper_error(err))?;
+            let status = response.status();
+            let mut body = response.into_body();
+            if !status.is_success() {
+                let bytes = body
+                    .collect()
+                    .await
+                    .map_err(|err| self.hyper_error(err))?
+                    .to_bytes();
+                return decode(status, &bytes).map(drop);
+            }
+            let mut pending: Vec<u8> = Vec::new();
+            while let Some(frame) = body.frame().await {
+                let frame = frame.map_err(|err| self.hyper_error(err))?;
+                let Some(data) = frame.data_ref() else {
+                    continue;
+                };
+                pending.extend_from_slice(data);
+                while let Some(nl) = pending.iter().position(|&b| b == b'\n') {
+                    let keep_going = line(&pending[..nl]);
+                    pending.drain(..=nl);
+                    if !keep_going {
+                        return Ok(());
+                    }
+                }
+            }
+            if !pending.is_empty() {
+                line(&pending);
+            }
+            Ok(())
+        })
+    }
+
     /// Sends an agent SDK storage envelope; the result may be `null`.
     pub fn storage(&self, envelope: &Value) -> Result<Value, ClientError> {
         self.request("POST", "/v1/storage", Some(envelope))
@@ -278,7 +354,7 @@ fn decode(status: StatusCode, body: &[u8]) -> Result<Value, ClientError> {
 }
 
 /// Percent-encodes `segment` for use as one path segment (every byte but ASCII letters, digits, `-_~`).
-fn encode_segment(segment: &str) -> String {
+pub fn encode_segment(segment: &str) -> String {
     let mut out = String::with_capacity(segment.len());
     for byte in segment.bytes() {
         if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'_' | b'~') {

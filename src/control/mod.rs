@@ -15,6 +15,8 @@
 //! | `GET /v1/sessions/{id}`        |                      | [`SessionInfo`]               |
 //! | `POST /v1/sessions/{id}/end`   | [`EndSessionRequest`] (empty body = `{}`) | [`EndReport`] |
 //! | `POST /v1/storage`             | storage envelope     | the envelope's result         |
+//! | `GET /v1/events?space=rooms/ID&since=SEQ&follow=BOOL&token=JWT` | | NDJSON, stays open ([`crate::events::stream`]) |
+//! | `POST /v1/urls`                | [`UrlRequest`]       | [`SignedUrl`]                 |
 //! | `GET /metrics`                 |                      | Prometheus text (not JSON)    |
 
 pub mod client;
@@ -45,6 +47,49 @@ pub trait ControlPlane: Send + Sync + 'static {
     fn storage(&self, envelope: serde_json::Value) -> Result<serde_json::Value, ApiError>;
     /// The daemon's state for the gauges of `GET /metrics` (counters need nothing from it).
     fn metrics(&self) -> crate::metrics::Snapshot;
+    /// The events of `space` (`rooms/ID` or `sessions/ID`) for a watcher with `token` (only
+    /// what its grant shows) or without (everything).
+    fn events(&self, space: &str, token: Option<&str>) -> Result<EventSource, ApiError>;
+    /// A signed download URL (see [`crate::urls`]).
+    fn sign_url(&self, req: UrlRequest) -> Result<SignedUrl, ApiError>;
+}
+
+/// Where a watcher's events come from, and what it may see of them.
+pub struct EventSource {
+    pub feed: std::sync::Arc<dyn crate::events::ChangeFeed>,
+    /// The space's name in events (`rooms/r1`).
+    pub space: String,
+    /// The grant of the watcher's token; `None`: everything.
+    pub grant: Option<crate::grant::Grant>,
+}
+
+/// `POST /v1/urls`: a URL that downloads `path` of a room (or session) without credentials
+/// until it expires.
+#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct UrlRequest {
+    pub room: Option<String>,
+    pub session: Option<String>,
+    /// The file, relative to the space's root.
+    pub path: String,
+    /// `Content-Disposition: attachment` (a download) instead of `inline`.
+    #[serde(default)]
+    pub attachment: bool,
+    /// How long the URL works (default 900 s, at most 7 days).
+    pub ttl_secs: Option<u64>,
+    /// Issue it only if this token's grant covers the path.
+    pub token: Option<String>,
+    /// A URL of the object store itself (S3 rooms; pending the S3 store).
+    #[serde(default)]
+    pub direct: bool,
+}
+
+/// A signed download URL.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct SignedUrl {
+    pub url: String,
+    /// When it stops working, Unix seconds.
+    pub expires: u64,
 }
 
 /// An error answer of the API: an HTTP status and a message for the user.
@@ -130,6 +175,10 @@ pub struct MountRequest {
     /// Let the kernel read large files from the disk directly (default: the daemon's setting).
     #[serde(default)]
     pub passthrough: Option<bool>,
+    /// Who the mount's changes are made by, in events (default: the token's name, else the
+    /// mount point).
+    #[serde(default)]
+    pub label: Option<String>,
     /// Mount read-only: every change fails with EROFS (default: read-write).
     #[serde(default)]
     pub read_only: Option<bool>,
@@ -181,6 +230,10 @@ pub struct SessionInfo {
     pub created_at: u64,
     /// Unix time in milliseconds.
     pub last_active: u64,
+    /// When the session ends unless it is active before (Unix ms; none without a TTL): a TTL
+    /// after its last activity, or after the daemon's start if that is later.
+    #[serde(default)]
+    pub ends_at: Option<u64>,
     pub files: u64,
     pub bytes: u64,
     /// Mount points serving the session.

@@ -124,6 +124,7 @@ fn router(plane: Plane) -> Router {
         .route("/v1/sessions/{id}", get(session))
         .route("/v1/sessions/{id}/end", post(end_session))
         .route("/v1/storage", post(storage))
+        .merge(events_router())
         .merge(metrics_router())
         .fallback(no_such_endpoint)
         .method_not_allowed_fallback(method_not_allowed)
@@ -275,4 +276,136 @@ async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
         405,
         format!("method {method} is not allowed on {}", uri.path()),
     )
+}
+
+/// `GET /v1/events` and `POST /v1/urls`, on their own.
+fn events_router() -> Router<Plane> {
+    Router::new()
+        .route("/v1/events", get(events))
+        .route("/v1/urls", post(sign_url))
+}
+
+/// A response body of lines sent as they come; dropping it (the client went away) closes the
+/// channel, which stops whoever sends them.
+pub struct Lines(pub tokio::sync::mpsc::Receiver<String>);
+
+impl hyper::body::Body for Lines {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|line| line.map(|l| Ok(hyper::body::Frame::data(Bytes::from(l)))))
+    }
+}
+
+/// The decoded `key=value` pairs of a query string.
+pub fn query_pairs(uri: &Uri) -> Vec<(String, String)> {
+    fn hex(b: u8) -> Option<u8> {
+        (b as char).to_digit(16).map(|d| d as u8)
+    }
+    fn decode(s: &str) -> String {
+        let bytes = s.as_bytes();
+        let mut out = Vec::with_capacity(bytes.len());
+        let mut i = 0;
+        while i < bytes.len() {
+            match bytes[i] {
+                b'+' => out.push(b' '),
+                b'%' => {
+                    let pair = bytes
+                        .get(i + 1)
+                        .copied()
+                        .and_then(hex)
+                        .zip(bytes.get(i + 2).copied().and_then(hex));
+                    match pair {
+                        Some((hi, lo)) => {
+                            out.push(hi << 4 | lo);
+                            i += 3;
+                            continue;
+                        }
+                        None => out.push(b'%'),
+                    }
+                }
+                b => out.push(b),
+            }
+            i += 1;
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    }
+    uri.query()
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| match p.split_once('=') {
+            Some((k, v)) => (decode(k), decode(v)),
+            None => (decode(p), String::new()),
+        })
+        .collect()
+}
+
+async fn events(
+    State(plane): State<Plane>,
+    uri: Uri,
+    headers: axum::http::HeaderMap,
+) -> ApiResult<Response> {
+    let (mut space, mut since, mut follow, mut token) = (None, 0u64, true, None);
+    for (key, value) in query_pairs(&uri) {
+        match key.as_str() {
+            "space" => space = Some(value),
+            "since" => {
+                since = value.parse().map_err(|_| {
+                    ApiError::bad_request(format!("since={value:?} is not a seq (0 or more)"))
+                })?
+            }
+            "follow" => {
+                follow = match value.as_str() {
+                    "true" | "1" | "" => true,
+                    "false" | "0" => false,
+                    _ => {
+                        return Err(ApiError::bad_request(format!(
+                            "follow={value:?}: use true or false"
+                        )));
+                    }
+                }
+            }
+            "token" => token = Some(value),
+            other => {
+                return Err(ApiError::bad_request(format!(
+                    "unknown parameter {other:?} (use space, since, follow, token)"
+                )));
+            }
+        }
+    }
+    let bearer = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(|t| t.trim().to_string());
+    let token = token.or(bearer);
+    let space = space.ok_or_else(|| {
+        ApiError::bad_request("give the space: /v1/events?space=rooms/ID (or sessions/ID)")
+    })?;
+    let source = blocking(move || plane.events(&space, token.as_deref())).await??;
+    let watch = crate::events::stream::Watch {
+        space: source.space,
+        since,
+        follow,
+        grant: source.grant,
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel(256);
+    tokio::spawn(crate::events::stream::run(source.feed, watch, tx));
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "application/x-ndjson")],
+        axum::body::Body::new(Lines(rx)),
+    )
+        .into_response())
+}
+
+async fn sign_url(State(plane): State<Plane>, body: Body) -> ApiResult<Response> {
+    let req: super::UrlRequest = body.parse()?;
+    Ok(Json(blocking(move || plane.sign_url(req)).await??).into_response())
 }

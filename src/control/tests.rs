@@ -94,6 +94,7 @@ impl ControlPlane for Fake {
             ttl_secs: req.ttl_secs,
             created_at: 1,
             last_active: 2,
+            ends_at: None,
             files: 0,
             bytes: 0,
             mounts: Vec::new(),
@@ -140,6 +141,46 @@ impl ControlPlane for Fake {
             ..Default::default()
         }
     }
+    /// The feed of `space` in [`fake_feed`]; the token `"shared"` grants `shared/` only.
+    fn events(&self, space: &str, token: Option<&str>) -> Result<EventSource, ApiError> {
+        if !space.starts_with("rooms/") {
+            return Err(ApiError::not_found(format!("no {space}")));
+        }
+        let grant = match token {
+            None => None,
+            Some("shared") => Some(crate::grant::Grant::parse_cli(&["shared/".into()]).unwrap()),
+            Some(_) => return Err(ApiError::new(401, "token refused")),
+        };
+        Ok(EventSource {
+            feed: fake_feed(space),
+            space: space.to_owned(),
+            grant,
+        })
+    }
+
+    fn sign_url(&self, req: UrlRequest) -> Result<SignedUrl, ApiError> {
+        Ok(SignedUrl {
+            url: format!("http://fake/{}", req.path),
+            expires: 7,
+        })
+    }
+}
+
+/// The feeds of the fake, by space (each test uses its own), keeping the last 2 events.
+fn fake_feed(space: &str) -> Arc<crate::events::MemFeed> {
+    use crate::events::{MemFeed, Retention};
+    static FEEDS: Mutex<BTreeMap<String, Arc<MemFeed>>> = Mutex::new(BTreeMap::new());
+    FEEDS
+        .lock()
+        .unwrap()
+        .entry(space.to_owned())
+        .or_insert_with(|| {
+            Arc::new(MemFeed::new(Retention {
+                max_events: Some(2),
+                max_age_secs: None,
+            }))
+        })
+        .clone()
 }
 
 /// A server on a socket in a temporary directory, stopped on drop.
@@ -526,4 +567,94 @@ fn record_errors_map_to_http_status_in_the_control_layer() {
     }
     .into();
     assert_eq!(err, ApiError::not_found("no session record with id \"x\""));
+}
+
+#[test]
+fn events_stream_from_a_seq_with_a_gap_line_and_grant_filtering() {
+    use crate::events::{ChangeFeed, Changed};
+    let server = Server::start();
+    let feed = fake_feed("rooms/ev1");
+    let who: Arc<str> = Arc::from("agent");
+    for name in ["shared/a", "secret/b", "shared/c"] {
+        feed.publish(&who, &[Changed::file(Path::new(name), 1)]);
+    }
+    let lines = |path: &str, token: Option<&str>| {
+        let mut got = Vec::new();
+        server
+            .client()
+            .stream_lines(path, token, |l| {
+                got.push(serde_json::from_slice::<Value>(l).unwrap());
+                true
+            })
+            .map(|()| got)
+    };
+    // Retains 2: from 0, a gap first.
+    let got = lines("/v1/events?space=rooms%2Fev1&follow=false", None).unwrap();
+    assert_eq!(got.len(), 3, "{got:?}");
+    assert_eq!(got[0]["type"], "events.gap");
+    assert_eq!(
+        (got[0]["oldest_seq"].as_u64(), got[0]["head_seq"].as_u64()),
+        (Some(2), Some(3))
+    );
+    assert_eq!(got[1]["path"], "secret/b");
+    assert_eq!(
+        (got[2]["seq"].as_u64(), got[2]["space"].as_str()),
+        (Some(3), Some("rooms/ev1"))
+    );
+    // Resuming from a retained seq: no gap.
+    let got = lines("/v1/events?space=rooms/ev1&since=2&follow=false", None).unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0]["path"], "shared/c");
+    // A token sees its grant only (in the query or as a bearer).
+    let got = lines(
+        "/v1/events?space=rooms/ev1&since=1&follow=false&token=shared",
+        None,
+    )
+    .unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0]["path"], "shared/c");
+    let got = lines(
+        "/v1/events?space=rooms/ev1&since=1&follow=false",
+        Some("shared"),
+    )
+    .unwrap();
+    assert_eq!(got.len(), 1);
+    // Following: new events arrive as they are published.
+    let socket = server.socket();
+    let follower = std::thread::spawn(move || {
+        let mut got = Vec::new();
+        Client::new(socket)
+            .stream_lines("/v1/events?space=rooms/ev1&since=3", None, |l| {
+                got.push(serde_json::from_slice::<Value>(l).unwrap());
+                got.len() < 2
+            })
+            .unwrap();
+        got
+    });
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    feed.publish(&who, &[Changed::folder_created(Path::new("d"))]);
+    feed.publish(&who, &[Changed::file_deleted(Path::new("shared/a"))]);
+    let got = follower.join().unwrap();
+    assert_eq!(got[0]["type"], "folder.created");
+    assert_eq!(
+        (got[1]["type"].as_str(), got[1]["seq"].as_u64()),
+        (Some("file.deleted"), Some(5))
+    );
+    // Mistakes are 4xx with a message.
+    for (path, status, text) in [
+        ("/v1/events", 400, "give the space"),
+        ("/v1/events?space=rooms/ev1&since=x", 400, "not a seq"),
+        ("/v1/events?space=rooms/ev1&follow=maybe", 400, "follow"),
+        (
+            "/v1/events?space=rooms/ev1&color=red",
+            400,
+            "unknown parameter",
+        ),
+        ("/v1/events?space=sessions/zz", 404, "no sessions/zz"),
+        ("/v1/events?space=rooms/ev1&token=bad", 401, "token refused"),
+    ] {
+        let (s, m) = api_error(lines(path, None));
+        assert_eq!(s, status, "{path}: {m}");
+        assert!(m.contains(text), "{path}: {m}");
+    }
 }

@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::events::Retention;
 use crate::fs::Limits;
 use crate::store::StoreConfig;
 
@@ -27,7 +28,8 @@ pub struct Config {
     pub cache_ttl_secs: f64,
     /// Threads serving each mount.
     pub threads: usize,
-    /// Microseconds idle CPUs are kept from halting after a request (0: off); see README.
+    /// Microseconds idle CPUs are kept from halting after a request (0: off); see
+    /// doc/PERFORMANCE.md, Levers.
     pub poll_window_us: u64,
     /// Limits of new sessions unless `session create` gives others.
     pub session_limits: Limits,
@@ -42,6 +44,13 @@ pub struct Config {
     pub session_store: StoreConfig,
     /// Mounts to set up at start (and again after every restart).
     pub mounts: Vec<ConfigMount>,
+    /// How many events each space keeps for watchers that resume (count and/or age).
+    pub event_retention: Retention,
+    /// Serve signed download URLs over HTTP on this address (`127.0.0.1:8080`); off without.
+    pub http_listen: Option<String>,
+    /// The base of the URLs `roomfs url` prints (`https://files.example.com`), where a proxy
+    /// or another daemon serves them; default `http://<http_listen>`.
+    pub http_public_url: Option<String>,
 }
 
 /// A mount listed in the configuration.
@@ -59,6 +68,10 @@ pub struct ConfigMount {
     /// A signed grant token instead of `room` and `grant`.
     #[serde(default)]
     pub token: Option<String>,
+    /// Who the mount's changes are made by, in events (default: the token's name, else the
+    /// mount point).
+    #[serde(default)]
+    pub label: Option<String>,
 }
 
 /// Session limits mirroring common agent platforms: 10 MB a file, 100 files, 50 MB in all.
@@ -86,6 +99,9 @@ impl Default for Config {
             store: StoreConfig::Local,
             session_store: StoreConfig::Local,
             mounts: Vec::new(),
+            event_retention: Retention::default(),
+            http_listen: None,
+            http_public_url: None,
         }
     }
 }
@@ -122,6 +138,24 @@ impl Config {
                 "threads must be between 1 and 64, not {}",
                 self.threads
             ));
+        }
+        self.event_retention.check()?;
+        if let Some(addr) = &self.http_listen
+            && addr.parse::<std::net::SocketAddr>().is_err()
+        {
+            return Err(format!(
+                "http_listen must be an address and port like 127.0.0.1:8080, not {addr:?}"
+            ));
+        }
+        if let Some(url) = &self.http_public_url
+            && !(url.starts_with("http://") || url.starts_with("https://"))
+        {
+            return Err(format!(
+                "http_public_url must start with http:// or https://, not {url:?}"
+            ));
+        }
+        if self.http_listen.is_some() && self.secret_file.is_none() {
+            return Err("http_listen needs secret_file: download URLs are signed with it".into());
         }
         for (i, m) in self.mounts.iter().enumerate() {
             let spaces = usize::from(m.room.is_some()) + usize::from(m.session.is_some());

@@ -2,9 +2,12 @@
 //! through the HTTP/JSON API on a Unix socket ([`crate::control`]).
 
 pub mod config;
+mod persisted;
 
 use std::collections::HashMap;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -14,8 +17,8 @@ use signal_hook::consts::{SIGINT, SIGTERM};
 pub use config::Config;
 
 use crate::control::{
-    ApiError, ControlPlane, EndReport, EndSessionRequest, MountInfo, MountRequest, SessionInfo,
-    SessionRequest, Status, UnmountRequest,
+    ApiError, ControlPlane, EndReport, EndSessionRequest, EventSource, MountInfo, MountRequest,
+    SessionInfo, SessionRequest, SignedUrl, Status, UnmountRequest, UrlRequest,
 };
 use crate::fs::Limits;
 use crate::grant::Grant;
@@ -28,10 +31,47 @@ use crate::store::StoreConfig;
 use crate::store::local::at::Dir;
 use crate::token;
 
+/// Where a mount comes from.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Origin {
+    /// Listed in the configuration: set up at every start, never persisted.
+    Config,
+    /// Added through the API now: persisted.
+    Api,
+    /// Persisted by an earlier run, set up again at start.
+    Restored,
+}
+
 /// A mount the daemon serves.
 struct Served {
+    /// Tells this mount apart from earlier and later ones at the same mount point.
+    id: u64,
     mount: Arc<ActiveMount>,
-    from_config: bool,
+    /// The request that made it, persisted; `None` for a configured mount.
+    request: Option<MountRequest>,
+}
+
+/// A mount being set up.
+struct Pending {
+    id: u64,
+    /// As requested (not resolved: resolving it may be what hangs).
+    mountpoint: PathBuf,
+    space: SpaceId,
+}
+
+/// The daemon's mounts. Its lock is never held while a mount is set up or unmounted, nor
+/// across any other wait: a mount point that hangs stalls its own request only.
+#[derive(Default)]
+struct Table {
+    served: Vec<Served>,
+    /// Mount points being set up: another request for one of them is refused (409) meanwhile.
+    pending: Vec<Pending>,
+    /// Sessions being ended: they cannot be mounted meanwhile, and a session cannot be ended
+    /// while a mount of it is being set up.
+    ending: Vec<SpaceId>,
+    /// The daemon is stopping: nothing is added, and the persisted mounts are kept as they
+    /// are, so that they come back at the next start.
+    closing: bool,
 }
 
 /// The daemon's state.
@@ -43,10 +83,19 @@ pub struct Daemon {
     hub: Arc<Hub>,
     records: Arc<RecordStore>,
     poller: Option<Arc<crate::poll::Poller>>,
-    mounts: Mutex<Vec<Served>>,
-    /// Unix ms of the last record write per session (inactivity timeouts).
-    record_activity: Mutex<HashMap<String, u64>>,
+    mounts: Mutex<Table>,
+    next_mount: AtomicU64,
+    /// Taken to write `state/mounts.json`, so that the last writer writes the latest table.
+    persisting: Mutex<()>,
+    /// Taken to write or remove a session's state, so that saving activity never brings back
+    /// the state of a session just ended.
+    state_writes: Mutex<()>,
+    /// Unix ms of the latest activity per session seen in this process and not yet in its
+    /// saved state: record writes, and the last activity of its mounts that went away.
+    activity: Mutex<HashMap<String, u64>>,
     started: Instant,
+    /// Unix ms of the start.
+    started_ms: u64,
     me: Weak<Daemon>,
 }
 
@@ -121,6 +170,7 @@ impl Daemon {
         let hub = Arc::new(Hub::with_stores(
             local,
             Some(records.clone()),
+            config.event_retention,
             rooms,
             sessions,
         ));
@@ -131,9 +181,13 @@ impl Daemon {
             hub,
             records,
             poller,
-            mounts: Mutex::new(Vec::new()),
-            record_activity: Mutex::new(HashMap::new()),
+            mounts: Mutex::new(Table::default()),
+            next_mount: AtomicU64::new(1),
+            persisting: Mutex::new(()),
+            state_writes: Mutex::new(()),
+            activity: Mutex::new(HashMap::new()),
             started: Instant::now(),
+            started_ms: now_ms(),
             me: me.clone(),
         });
         // A configured mount that cannot be set up (a session since ended, a path in use) is
@@ -153,10 +207,11 @@ impl Daemon {
                 token: m.token,
                 sync_on_close: None,
                 passthrough: None,
+                label: m.label,
                 read_only: None,
                 store: None,
             };
-            if let Err(e) = daemon.mount(req, true) {
+            if let Err(e) = daemon.mount(req, Origin::Config) {
                 log::error!(
                     "configured mount at {} failed: {}",
                     m.mountpoint.display(),
@@ -164,6 +219,7 @@ impl Daemon {
                 );
             }
         }
+        daemon.restore_mounts();
         daemon.spawn_reaper();
         Ok(daemon)
     }
@@ -172,8 +228,56 @@ impl Daemon {
         &self.socket
     }
 
-    /// The space and grant a mount request names, from a verified token or from its fields.
-    fn resolve(&self, req: &MountRequest) -> Result<(SpaceId, Grant), ApiError> {
+    /// The secret tokens and URLs are signed with (400 without `secret_file`).
+    fn secret(&self, for_what: &str) -> Result<Vec<u8>, ApiError> {
+        let secret_file = self.config.secret_file.as_ref().ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "this daemon has no secret_file configured: it cannot {for_what}"
+            ))
+        })?;
+        token::read_secret_file(secret_file).map_err(ApiError::internal)
+    }
+
+    /// The grant a token gives in `space` (401 if it is refused, or for another space).
+    fn token_grant(&self, tok: &str, space: &SpaceId) -> Result<Grant, ApiError> {
+        let secret = self.secret("verify tokens")?;
+        let verified = token::verify(tok, &secret)
+            .map_err(|e| ApiError::new(401, format!("token refused: {e}")))?;
+        match (&verified.room, space.kind) {
+            (Some(room), SpaceKind::Room) if *room == space.id => Ok(verified.grant),
+            (Some(room), _) => Err(ApiError::new(
+                401,
+                format!(
+                    "token refused: it is for room {room:?}, not {}",
+                    space.name()
+                ),
+            )),
+            (None, _) => Err(ApiError::new(401, "token refused: it names no room")),
+        }
+    }
+
+    /// The listener for download URLs (`http_listen`), bound; `None` when not configured.
+    pub fn http_listener(&self) -> Result<Option<std::net::TcpListener>, String> {
+        let Some(addr) = &self.config.http_listen else {
+            return Ok(None);
+        };
+        std::net::TcpListener::bind(addr)
+            .map(Some)
+            .map_err(|e| format!("cannot listen for downloads on {addr}: {e}"))
+    }
+
+    /// What the download listener serves with.
+    pub fn downloads(&self) -> Result<crate::urls::http::Downloads, String> {
+        let secret = self.secret("sign URLs").map_err(|e| e.message)?;
+        Ok(crate::urls::http::Downloads {
+            secret,
+            hub: self.hub.clone(),
+        })
+    }
+
+    /// The space and grant a mount request names, from a verified token (with the token's
+    /// name) or from its fields.
+    fn resolve(&self, req: &MountRequest) -> Result<(SpaceId, Grant, Option<String>), ApiError> {
         if let Some(tok) = &req.token {
             let secret_file = self.config.secret_file.as_ref().ok_or_else(|| {
                 ApiError::bad_request(
@@ -200,7 +304,7 @@ impl Daemon {
                 ));
             }
             let space = SpaceId::new(SpaceKind::Room, &room).map_err(ApiError::bad_request)?;
-            return Ok((space, verified.grant));
+            return Ok((space, verified.grant, verified.name));
         }
         let space = match (&req.room, &req.session) {
             (Some(id), None) => SpaceId::new(SpaceKind::Room, id),
@@ -210,7 +314,7 @@ impl Daemon {
         .map_err(ApiError::bad_request)?;
         let grant = Grant::parse_cli(&req.grant)
             .map_err(|e| ApiError::bad_request(format!("grant: {e}")))?;
-        Ok((space, grant))
+        Ok((space, grant, None))
     }
 
     /// The limits of `space`: the configured room limits, or the session's recorded ones.
@@ -244,8 +348,8 @@ impl Daemon {
         }
     }
 
-    fn mount(&self, req: MountRequest, from_config: bool) -> Result<MountInfo, ApiError> {
-        let (space, grant) = self.resolve(&req)?;
+    fn mount(&self, mut req: MountRequest, origin: Origin) -> Result<MountInfo, ApiError> {
+        let (space, grant, token_name) = self.resolve(&req)?;
         if let Some(wanted) = &req.store {
             let wanted = StoreConfig::parse(wanted).map_err(ApiError::bad_request)?;
             let have = self.store_of(space.kind);
@@ -266,10 +370,12 @@ impl Daemon {
         if !mountpoint.is_absolute() {
             return Err(ApiError::bad_request("mountpoint must be an absolute path"));
         }
+        // `/srv/a/` and `/srv/./a` are `/srv/a` (resolved, a path could hang: see `Table`).
+        let mountpoint: PathBuf = mountpoint.components().collect();
         let spec = MountSpec {
             data_dir: self.data_dir.clone(),
             space: space.clone(),
-            mountpoint,
+            mountpoint: mountpoint.clone(),
             sync_on_close: req.sync_on_close.unwrap_or(self.config.sync_on_close),
             passthrough: req.passthrough.unwrap_or(self.config.passthrough),
             cache_ttl: Duration::from_secs_f64(self.config.cache_ttl_secs),
@@ -278,6 +384,7 @@ impl Daemon {
             grant,
             records_dir: PathBuf::new(),
             limits: None,
+            participant: token_name.or(req.label.clone()),
             read_only: req.read_only.unwrap_or(false),
             store: self.store_of(space.kind).clone(),
         };
@@ -286,15 +393,21 @@ impl Daemon {
             limits: self.limits(&space)?,
             poller: self.poller.clone(),
         };
+        let id = self.next_mount.fetch_add(1, Ordering::Relaxed);
+        self.reserve(Pending {
+            id,
+            mountpoint,
+            space,
+        })?;
         let me = self.me.clone();
-        let mut mounts = lock(&self.mounts);
-        let ended_at = spec.mountpoint.clone();
-        let mount = ActiveMount::start(&spec, resources, move || {
+        let started = ActiveMount::start(&spec, resources, move || {
             if let Some(daemon) = me.upgrade() {
-                daemon.forget_mount(&ended_at);
+                daemon.mount_ended(id);
             }
-        })
-        .map_err(|e| {
+        });
+        let mut table = lock(&self.mounts);
+        table.pending.retain(|p| p.id != id);
+        let mount = started.map_err(|e| {
             if e.contains("already in use") {
                 ApiError::conflict(e)
             } else if e.contains("does not exist") || e.contains("not a directory") {
@@ -303,52 +416,223 @@ impl Daemon {
                 ApiError::internal(e)
             }
         })?;
-        let info = info_of(&mount, from_config);
-        mounts.push(Served {
+        // Another spelling of the same mount point (through a symlink), set up meanwhile.
+        let clash = table
+            .served
+            .iter()
+            .any(|s| s.mount.mountpoint == mount.mountpoint && !s.mount.has_ended());
+        if table.closing || clash {
+            drop(table);
+            if let Err(e) = mount.unmount(true) {
+                log::error!("{e}");
+            }
+            return Err(if clash {
+                ApiError::conflict(format!(
+                    "mount point {} is already in use (mounted by this daemon meanwhile)",
+                    mount.mountpoint.display()
+                ))
+            } else {
+                ApiError::new(503, "the daemon is stopping")
+            });
+        }
+        req.mountpoint = mount.mountpoint.to_string_lossy().into_owned();
+        let info = info_of(&mount, origin == Origin::Config);
+        table.served.push(Served {
+            id,
             mount: Arc::new(mount),
-            from_config,
+            request: (origin != Origin::Config).then_some(req),
         });
+        drop(table);
+        if origin == Origin::Api {
+            self.save_mounts();
+        }
         Ok(info)
     }
 
-    /// Drops a mount that ended (unmounted by the API, `roomfs unmount` or `umount`).
-    fn forget_mount(&self, mountpoint: &Path) {
-        let mut mounts = lock(&self.mounts);
-        mounts.retain(|s| !(s.mount.has_ended() && same_mountpoint(&s.mount, mountpoint)));
+    /// Reserves a mount point for a mount being set up (409 if it is in use or being set up,
+    /// or its session is being ended).
+    fn reserve(&self, pending: Pending) -> Result<(), ApiError> {
+        let mut table = lock(&self.mounts);
+        let at = pending.mountpoint.display();
+        if table.closing {
+            return Err(ApiError::new(503, "the daemon is stopping"));
+        }
+        if table.ending.contains(&pending.space) {
+            return Err(ApiError::conflict(format!(
+                "{} is being ended",
+                pending.space
+            )));
+        }
+        if table
+            .pending
+            .iter()
+            .any(|p| p.mountpoint == pending.mountpoint)
+        {
+            return Err(ApiError::conflict(format!(
+                "mount point {at} is being set up by another request"
+            )));
+        }
+        if let Some(s) = table
+            .served
+            .iter()
+            .find(|s| s.mount.mountpoint == pending.mountpoint && !s.mount.has_ended())
+        {
+            return Err(ApiError::conflict(format!(
+                "mount point {at} is already in use (this daemon serves {} there)",
+                s.mount.space
+            )));
+        }
+        table.pending.push(pending);
+        Ok(())
+    }
+
+    /// Sets up the mounts added through the API before the last stop. One that cannot be set
+    /// up again is logged with the reason and forgotten.
+    fn restore_mounts(&self) {
+        let requests = match persisted::load(self.data()) {
+            Ok(requests) => requests,
+            Err(e) => {
+                log::error!("cannot read the mounts to restore (left as they are): {e}");
+                return;
+            }
+        };
+        let mut dropped = 0;
+        for req in requests {
+            let at = req.mountpoint.clone();
+            if let Err(e) = self.mount(req, Origin::Restored) {
+                dropped += 1;
+                log::warn!(
+                    "not restoring the mount at {at} added through the API: {}",
+                    e.message
+                );
+            }
+        }
+        if dropped > 0 {
+            self.save_mounts();
+        }
+    }
+
+    /// Writes the mounts added through the API to `state/mounts.json` (not while stopping).
+    fn save_mounts(&self) {
+        let _turn = lock(&self.persisting);
+        let requests: Vec<MountRequest> = {
+            let table = lock(&self.mounts);
+            if table.closing {
+                return;
+            }
+            table
+                .served
+                .iter()
+                .filter_map(|s| s.request.clone())
+                .collect()
+        };
+        if let Err(e) = persisted::save(self.data(), &requests) {
+            log::error!("cannot save the mounts added through the API: {e}");
+        }
+    }
+
+    /// Forgets a mount that ended (unmounted by its user, or by the daemon), keeping its
+    /// session's activity; not while stopping, when every mount ends.
+    fn mount_ended(&self, id: u64) {
+        let served = {
+            let mut table = lock(&self.mounts);
+            if table.closing {
+                return;
+            }
+            let Some(i) = table.served.iter().position(|s| s.id == id) else {
+                return;
+            };
+            table.served.remove(i)
+        };
+        self.mount_gone(&served);
+    }
+
+    /// What is kept of a mount taken out of the table: its session's activity, and the
+    /// persisted list without it.
+    fn mount_gone(&self, served: &Served) {
+        let space = &served.mount.space;
+        if space.kind == SpaceKind::Session {
+            let at = served.mount.fs.last_activity() * 1000;
+            self.note_activity(&space.id, at);
+            self.save_activity(&space.id);
+        }
+        if served.request.is_some() {
+            self.save_mounts();
+        }
+    }
+
+    /// Notes activity of session `id` at `at` (Unix ms).
+    fn note_activity(&self, id: &str, at: u64) {
+        let mut activity = lock(&self.activity);
+        let latest = activity.entry(id.to_string()).or_insert(0);
+        *latest = (*latest).max(at);
+    }
+
+    /// Saves the latest activity of session `id` in its state, if newer than the saved one.
+    fn save_activity(&self, id: &str) {
+        let _turn = lock(&self.state_writes);
+        let state = match state::load(self.data(), id) {
+            Ok(Some(state)) => state,
+            Ok(None) => return,
+            Err(e) => {
+                log::warn!("cannot read the state of session {id}: {e}");
+                return;
+            }
+        };
+        let space = SpaceId {
+            kind: SpaceKind::Session,
+            id: id.to_string(),
+        };
+        let last = self.last_active(&state, &space);
+        if last <= state.last_active {
+            return;
+        }
+        let saved = SessionState {
+            last_active: last,
+            ..state
+        };
+        if let Err(e) = state::save(self.data(), &saved) {
+            log::warn!("cannot save the activity of session {id}: {e}");
+        }
     }
 
     /// Takes the mounts serving `space` out of the table and unmounts them (lazily).
     fn unmount_space(&self, space: &SpaceId) -> Vec<String> {
         let taken: Vec<Served> = {
-            let mut mounts = lock(&self.mounts);
-            let (taken, kept) = mounts.drain(..).partition(|s| s.mount.space == *space);
-            *mounts = kept;
+            let mut table = lock(&self.mounts);
+            let (taken, kept) = table
+                .served
+                .drain(..)
+                .partition(|s| s.mount.space == *space);
+            table.served = kept;
             taken
         };
-        taken
-            .into_iter()
+        let unmounted = taken
+            .iter()
             .map(|s| {
                 if let Err(e) = s.mount.unmount(true) {
                     log::error!("{e}");
                 }
                 s.mount.mountpoint.to_string_lossy().into_owned()
             })
-            .collect()
+            .collect();
+        if taken.iter().any(|s| s.request.is_some()) {
+            self.save_mounts();
+        }
+        unmounted
     }
 
     /// Unix ms of the session's last activity: its recorded state, its mounts, its records.
     fn last_active(&self, state: &SessionState, space: &SpaceId) -> u64 {
         let fs_activity = lock(&self.mounts)
+            .served
             .iter()
             .filter(|s| s.mount.space == *space)
             .map(|s| s.mount.fs.last_activity() * 1000)
             .max()
             .unwrap_or(0);
-        let records = lock(&self.record_activity)
-            .get(&state.id)
-            .copied()
-            .unwrap_or(0);
-        state.last_active.max(fs_activity).max(records)
+        let noted = lock(&self.activity).get(&state.id).copied().unwrap_or(0);
+        state.last_active.max(fs_activity).max(noted)
     }
 
     fn session_info(&self, state: SessionState) -> SessionInfo {
@@ -358,7 +642,9 @@ impl Daemon {
         };
         let usage = self.hub.usage(&space).ok().flatten().unwrap_or_default();
         let last_active = self.last_active(&state, &space);
+        let ends_at = state.idle_deadline(last_active, self.started_ms);
         let mounts = lock(&self.mounts)
+            .served
             .iter()
             .filter(|s| s.mount.space == space)
             .map(|s| s.mount.mountpoint.to_string_lossy().into_owned())
@@ -369,163 +655,20 @@ impl Daemon {
             ttl_secs: state.ttl_secs,
             created_at: state.created_at,
             last_active,
+            ends_at,
             files: usage.files,
             bytes: usage.bytes,
             mounts,
         }
     }
 
-    /// Ends sessions idle for longer than their TTL, every second.
-    fn spawn_reaper(&self) {
-        let me = self.me.clone();
-        std::thread::spawn(move || {
-            loop {
-                std::thread::sleep(Duration::from_secs(1));
-                let Some(daemon) = me.upgrade() else { return };
-                let states = state::list(daemon.data()).unwrap_or_default();
-                for state in states {
-                    let Some(ttl) = state.ttl_secs else { continue };
-                    let space = SpaceId {
-                        kind: SpaceKind::Session,
-                        id: state.id.clone(),
-                    };
-                    if now_ms().saturating_sub(daemon.last_active(&state, &space)) > ttl * 1000 {
-                        log::info!("session {} idle for over {ttl}s: ending it", state.id);
-                        if let Err(e) = daemon.end_session(&state.id, EndSessionRequest::default())
-                        {
-                            log::error!("ending idle session {}: {}", state.id, e.message);
-                        }
-                    }
-                }
-            }
-        });
-    }
-
-    /// Unmounts everything (committing open files), for a clean exit.
-    pub fn shutdown(&self) {
-        let all: Vec<Served> = lock(&self.mounts).drain(..).collect();
-        for s in &all {
-            if let Err(e) = s.mount.unmount(true) {
-                log::error!("{e}");
-            }
-        }
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while all.iter().any(|s| !s.mount.has_ended()) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-/// The API's answer to an export of session `id` that did not go through.
-fn export_error(id: &str) -> impl Fn(ExportError) -> ApiError + '_ {
-    move |e| match e {
-        ExportError::Missing(_) => ApiError::not_found(format!("export from session {id:?}: {e}")),
-        ExportError::Refused(_) => ApiError::conflict(format!("export from session {id:?}: {e}")),
-        ExportError::Failed { .. } => internal(&format!("export from session {id:?}"), e),
-    }
-}
-
-fn same_mountpoint(mount: &ActiveMount, path: &Path) -> bool {
-    mount.mountpoint == path || path.canonicalize().is_ok_and(|p| p == mount.mountpoint)
-}
-
-fn info_of(mount: &ActiveMount, from_config: bool) -> MountInfo {
-    MountInfo {
-        mountpoint: mount.mountpoint.to_string_lossy().into_owned(),
-        kind: mount.space.kind.noun().into(),
-        id: mount.space.id.clone(),
-        grant: mount.grant.to_string(),
-        from_config,
-    }
-}
-
-impl ControlPlane for Daemon {
-    fn status(&self) -> Status {
-        Status {
-            version: env!("CARGO_PKG_VERSION").into(),
-            data_dir: self.data_dir.to_string_lossy().into_owned(),
-            socket: self.socket.to_string_lossy().into_owned(),
-            mounts: lock(&self.mounts).len(),
-            sessions: state::list(self.data()).map_or(0, |s| s.len()),
-            uptime_secs: self.started.elapsed().as_secs(),
-        }
-    }
-
-    fn mounts(&self) -> Vec<MountInfo> {
-        lock(&self.mounts)
-            .iter()
-            .filter(|s| !s.mount.has_ended())
-            .map(|s| info_of(&s.mount, s.from_config))
-            .collect()
-    }
-
-    fn add_mount(&self, req: MountRequest) -> Result<MountInfo, ApiError> {
-        self.mount(req, false)
-    }
-
-    fn remove_mount(&self, req: UnmountRequest) -> Result<(), ApiError> {
-        let path = PathBuf::from(&req.mountpoint);
-        let served = {
-            let mut mounts = lock(&self.mounts);
-            let i = mounts
-                .iter()
-                .position(|s| same_mountpoint(&s.mount, &path))
-                .ok_or_else(|| {
-                    ApiError::not_found(format!("no mount of this daemon at {}", path.display()))
-                })?;
-            mounts.remove(i)
-        };
-        match served.mount.unmount(req.lazy) {
-            Ok(()) => Ok(()),
-            Err(e) => {
-                lock(&self.mounts).push(served);
-                Err(ApiError::conflict(e))
-            }
-        }
-    }
-
-    fn sessions(&self) -> Vec<SessionInfo> {
-        state::list(self.data())
-            .unwrap_or_default()
-            .into_iter()
-            .map(|s| self.session_info(s))
-            .collect()
-    }
-
-    fn session(&self, id: &str) -> Result<SessionInfo, ApiError> {
-        Ok(self.session_info(self.session_state(id)?))
-    }
-
-    fn create_session(&self, req: SessionRequest) -> Result<SessionInfo, ApiError> {
-        let space = SpaceId::new(SpaceKind::Session, &req.id).map_err(ApiError::bad_request)?;
-        if state::load(self.data(), &req.id)
-            .map_err(|e| internal("reading session state", e))?
-            .is_some()
-        {
-            return Err(ApiError::conflict(format!(
-                "session {:?} already exists",
-                req.id
-            )));
-        }
-        let now = now_ms();
-        let state = SessionState {
-            id: req.id.clone(),
-            limits: req.limits.unwrap_or(self.config.session_limits),
-            ttl_secs: req.ttl_secs.or(self.config.session_ttl_secs),
-            created_at: now,
-            last_active: now,
-        };
-        self.hub
-            .make(&space)
-            .map_err(|e| internal("creating the session's space", e))?;
-        state::save(self.data(), &state).map_err(|e| internal("saving session state", e))?;
-        log::info!("created session {}", req.id);
-        Ok(self.session_info(state))
-    }
-
-    fn end_session(&self, id: &str, req: EndSessionRequest) -> Result<EndReport, ApiError> {
-        self.session_state(id)?;
-        let space = SpaceId::new(SpaceKind::Session, id).map_err(ApiError::bad_request)?;
+    /// Ends session `id` (marked as being ended in the table).
+    fn end_marked(
+        &self,
+        id: &str,
+        space: SpaceId,
+        req: EndSessionRequest,
+    ) -> Result<EndReport, ApiError> {
         // Check the export request before changing anything.
         let export_to = if req.export.is_empty() {
             None
@@ -578,8 +721,11 @@ impl ControlPlane for Daemon {
             self.records
                 .delete_session(id)
                 .map_err(|e| internal("deleting the session's records", e))? as u64;
-        state::delete(self.data(), id).map_err(|e| internal("deleting session state", e))?;
-        lock(&self.record_activity).remove(id);
+        {
+            let _turn = lock(&self.state_writes);
+            state::delete(self.data(), id).map_err(|e| internal("deleting session state", e))?;
+        }
+        lock(&self.activity).remove(id);
         log::info!(
             "ended session {id}: {} entries and {deleted_records} records deleted",
             deleted.files
@@ -593,10 +739,330 @@ impl ControlPlane for Daemon {
         })
     }
 
+    /// Every second: ends the sessions idle for their TTL (see
+    /// [`SessionState::idle_deadline`]), and saves the activity of the others when it has
+    /// moved on by a tenth of their TTL (at least a second, at most a minute).
+    fn spawn_reaper(&self) {
+        let me = self.me.clone();
+        std::thread::spawn(move || {
+            loop {
+                std::thread::sleep(Duration::from_secs(1));
+                let Some(daemon) = me.upgrade() else { return };
+                let states = state::list(daemon.data()).unwrap_or_default();
+                for state in states {
+                    let Some(ttl) = state.ttl_secs else { continue };
+                    let space = SpaceId {
+                        kind: SpaceKind::Session,
+                        id: state.id.clone(),
+                    };
+                    let activity = daemon.last_active(&state, &space);
+                    let due = state
+                        .idle_deadline(activity, daemon.started_ms)
+                        .is_some_and(|deadline| now_ms() > deadline);
+                    if due {
+                        log::info!("session {} idle for over {ttl}s: ending it", state.id);
+                        if let Err(e) = daemon.end_session(&state.id, EndSessionRequest::default())
+                        {
+                            log::error!("ending idle session {}: {}", state.id, e.message);
+                        }
+                    } else if activity
+                        > state.last_active + (ttl.saturating_mul(100)).clamp(1000, 60_000)
+                    {
+                        daemon.save_activity(&state.id);
+                    }
+                }
+            }
+        });
+    }
+
+    /// Unmounts everything (committing open files), for a clean exit. The mounts added through
+    /// the API stay persisted, and the sessions' activity is saved, for the next start.
+    pub fn shutdown(&self) {
+        let all: Vec<Served> = {
+            let mut table = lock(&self.mounts);
+            table.closing = true;
+            table.served.drain(..).collect()
+        };
+        for s in &all {
+            if s.mount.space.kind == SpaceKind::Session {
+                self.note_activity(&s.mount.space.id, s.mount.fs.last_activity() * 1000);
+            }
+            if let Err(e) = s.mount.unmount(true) {
+                log::error!("{e}");
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let busy =
+            || all.iter().any(|s| !s.mount.has_ended()) || !lock(&self.mounts).pending.is_empty();
+        while busy() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let noted: Vec<String> = lock(&self.activity).keys().cloned().collect();
+        for id in noted {
+            self.save_activity(&id);
+        }
+    }
+}
+
+/// The API's answer to an export of session `id` that did not go through.
+fn export_error(id: &str) -> impl Fn(ExportError) -> ApiError + '_ {
+    move |e| match e {
+        ExportError::Missing(_) => ApiError::not_found(format!("export from session {id:?}: {e}")),
+        ExportError::Refused(_) => ApiError::conflict(format!("export from session {id:?}: {e}")),
+        ExportError::Failed { .. } => internal(&format!("export from session {id:?}"), e),
+    }
+}
+
+fn info_of(mount: &ActiveMount, from_config: bool) -> MountInfo {
+    MountInfo {
+        mountpoint: mount.mountpoint.to_string_lossy().into_owned(),
+        kind: mount.space.kind.noun().into(),
+        id: mount.space.id.clone(),
+        grant: mount.grant.to_string(),
+        from_config,
+    }
+}
+
+impl ControlPlane for Daemon {
+    fn status(&self) -> Status {
+        Status {
+            version: env!("CARGO_PKG_VERSION").into(),
+            data_dir: self.data_dir.to_string_lossy().into_owned(),
+            socket: self.socket.to_string_lossy().into_owned(),
+            mounts: self.mounts().len(),
+            sessions: state::list(self.data()).map_or(0, |s| s.len()),
+            uptime_secs: self.started.elapsed().as_secs(),
+        }
+    }
+
+    fn mounts(&self) -> Vec<MountInfo> {
+        lock(&self.mounts)
+            .served
+            .iter()
+            .filter(|s| !s.mount.has_ended())
+            .map(|s| info_of(&s.mount, s.request.is_none()))
+            .collect()
+    }
+
+    fn add_mount(&self, req: MountRequest) -> Result<MountInfo, ApiError> {
+        self.mount(req, Origin::Api)
+    }
+
+    fn remove_mount(&self, req: UnmountRequest) -> Result<(), ApiError> {
+        let path = PathBuf::from(&req.mountpoint);
+        let find = |at: &Path| {
+            lock(&self.mounts)
+                .served
+                .iter()
+                .find(|s| s.mount.mountpoint == at)
+                .map(|s| (s.id, s.mount.clone()))
+        };
+        // The path as given, else resolved (outside the table's lock: resolving may hang).
+        let (id, mount) = find(&path)
+            .or_else(|| path.canonicalize().ok().and_then(|p| find(&p)))
+            .ok_or_else(|| {
+                ApiError::not_found(format!("no mount of this daemon at {}", path.display()))
+            })?;
+        mount.unmount(req.lazy).map_err(ApiError::conflict)?;
+        let removed = {
+            let mut table = lock(&self.mounts);
+            let i = table.served.iter().position(|s| s.id == id);
+            i.map(|i| table.served.remove(i))
+        };
+        if let Some(served) = removed {
+            self.mount_gone(&served);
+        }
+        Ok(())
+    }
+
+    fn sessions(&self) -> Vec<SessionInfo> {
+        state::list(self.data())
+            .unwrap_or_default()
+            .into_iter()
+            .map(|s| self.session_info(s))
+            .collect()
+    }
+
+    fn session(&self, id: &str) -> Result<SessionInfo, ApiError> {
+        Ok(self.session_info(self.session_state(id)?))
+    }
+
+    fn create_session(&self, req: SessionRequest) -> Result<SessionInfo, ApiError> {
+        let space = SpaceId::new(SpaceKind::Session, &req.id).map_err(ApiError::bad_request)?;
+        let _turn = lock(&self.state_writes);
+        if state::load(self.data(), &req.id)
+            .map_err(|e| internal("reading session state", e))?
+            .is_some()
+        {
+            return Err(ApiError::conflict(format!(
+                "session {:?} already exists",
+                req.id
+            )));
+        }
+        let now = now_ms();
+        let state = SessionState {
+            id: req.id.clone(),
+            limits: req.limits.unwrap_or(self.config.session_limits),
+            ttl_secs: req.ttl_secs.or(self.config.session_ttl_secs),
+            created_at: now,
+            last_active: now,
+        };
+        self.hub
+            .make(&space)
+            .map_err(|e| internal("creating the session's space", e))?;
+        state::save(self.data(), &state).map_err(|e| internal("saving session state", e))?;
+        log::info!("created session {}", req.id);
+        Ok(self.session_info(state))
+    }
+
+    fn end_session(&self, id: &str, req: EndSessionRequest) -> Result<EndReport, ApiError> {
+        self.session_state(id)?;
+        let space = SpaceId::new(SpaceKind::Session, id).map_err(ApiError::bad_request)?;
+        {
+            let mut table = lock(&self.mounts);
+            if table.ending.contains(&space) {
+                return Err(ApiError::conflict(format!(
+                    "session {id:?} is already being ended"
+                )));
+            }
+            if table.pending.iter().any(|p| p.space == space) {
+                return Err(ApiError::conflict(format!(
+                    "a mount of session {id:?} is being set up: end it once that is done"
+                )));
+            }
+            table.ending.push(space.clone());
+        }
+        let ended = self.end_marked(id, space.clone(), req);
+        lock(&self.mounts).ending.retain(|s| *s != space);
+        ended
+    }
+
+    fn events(&self, space: &str, token: Option<&str>) -> Result<EventSource, ApiError> {
+        let id = SpaceId::parse(space).map_err(ApiError::bad_request)?;
+        let grant = token.map(|t| self.token_grant(t, &id)).transpose()?;
+        let feed = self.hub.feed(&id).map_err(|e| {
+            if e.raw_os_error() == Some(libc::ENOENT) {
+                ApiError::not_found(format!("no {id}"))
+            } else {
+                internal(&format!("opening the events of {id}"), e)
+            }
+        })?;
+        Ok(EventSource {
+            feed,
+            space: id.name(),
+            grant,
+        })
+    }
+
+    fn sign_url(&self, req: UrlRequest) -> Result<SignedUrl, ApiError> {
+        use crate::urls::{self, Disposition};
+        let space = match (&req.room, &req.session) {
+            (Some(id), None) => SpaceId::new(SpaceKind::Room, id),
+            (None, Some(id)) => SpaceId::new(SpaceKind::Session, id),
+            _ => Err("give exactly one of \"room\" or \"session\"".to_string()),
+        }
+        .map_err(ApiError::bad_request)?;
+        let path = space_relative(&req.path)?;
+        urls::check_path(&path)
+            .map_err(|e| ApiError::bad_request(format!("{:?}: {e}", req.path)))?;
+        let ttl = Duration::from_secs(req.ttl_secs.unwrap_or(urls::DEFAULT_TTL.as_secs()));
+        if ttl.is_zero() || ttl > urls::MAX_TTL {
+            return Err(ApiError::bad_request(format!(
+                "ttl must be between 1 second and {} days",
+                urls::MAX_TTL.as_secs() / 86400
+            )));
+        }
+        if let Some(tok) = &req.token {
+            let grant = self.token_grant(tok, &space)?;
+            if grant
+                .check(path.as_os_str().as_bytes(), crate::grant::Access::Read)
+                .is_err()
+            {
+                return Err(ApiError::new(
+                    403,
+                    format!("{} is outside the token's grant", path.display()),
+                ));
+            }
+        }
+        let store = self.hub.download_store(&space).map_err(|e| {
+            if e.raw_os_error() == Some(libc::ENOENT) {
+                ApiError::not_found(format!("no {space}"))
+            } else {
+                internal(&format!("opening {space}"), e)
+            }
+        })?;
+        match store.stat(&path) {
+            Ok(m) if m.kind == crate::store::Kind::File => {}
+            Ok(_) => {
+                return Err(ApiError::bad_request(format!(
+                    "{} is not a file",
+                    path.display()
+                )));
+            }
+            Err(e) if e.raw_os_error() == libc::ENOENT => {
+                return Err(ApiError::not_found(format!(
+                    "no file at {} in {space}",
+                    path.display()
+                )));
+            }
+            Err(e) => return Err(internal(&format!("looking at {}", path.display()), e)),
+        }
+        let disposition = if req.attachment {
+            Disposition::Attachment
+        } else {
+            Disposition::Inline
+        };
+        let expires = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs())
+            + ttl.as_secs();
+        if req.direct {
+            let presigner = self.hub.presigner(&space).ok_or_else(|| {
+                ApiError::conflict(format!(
+                    "direct URLs come from an object store; {space} is stored on this host's \
+                     disk (leave out --direct to get a URL this daemon serves)"
+                ))
+            })?;
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let url = presigner
+                .presign_get(&path, ttl, disposition, &name)
+                .map_err(|e| internal("presigning the URL", e))?;
+            return Ok(SignedUrl { url, expires });
+        }
+        let base = match (&self.config.http_public_url, &self.config.http_listen) {
+            (Some(url), _) => url.clone(),
+            (None, Some(addr)) => format!("http://{addr}"),
+            (None, None) => {
+                return Err(ApiError::conflict(
+                    "this daemon serves no downloads: set http_listen (or http_public_url, \
+                     when another daemon sharing the secret serves them) in its configuration",
+                ));
+            }
+        };
+        let secret = self.secret("sign URLs")?;
+        let grant = urls::Grant {
+            space,
+            path,
+            expires,
+            disposition,
+        };
+        Ok(SignedUrl {
+            url: urls::sign(&secret, &base, &grant),
+            expires,
+        })
+    }
+
     fn metrics(&self) -> metrics::Snapshot {
         let mut snapshot = metrics::Snapshot::default();
         let mut mounted: Vec<SpaceId> = Vec::new();
-        for served in lock(&self.mounts).iter().filter(|s| !s.mount.has_ended()) {
+        for served in lock(&self.mounts)
+            .served
+            .iter()
+            .filter(|s| !s.mount.has_ended())
+        {
             let space = &served.mount.space;
             match space.kind {
                 SpaceKind::Room => snapshot.room_mounts += 1,
@@ -637,7 +1103,7 @@ impl ControlPlane for Daemon {
                     .and_then(|v| v.get("sessionId"))
             };
             if let Some(id) = session.and_then(Value::as_str) {
-                lock(&self.record_activity).insert(id.to_string(), now_ms());
+                self.note_activity(id, now_ms());
             }
         }
         Ok(result)
@@ -658,6 +1124,16 @@ pub fn serve(config: Config) -> Result<(), String> {
             return Err(e.to_string());
         }
     };
+    let http = match daemon
+        .http_listener()
+        .and_then(|h| h.map(|h| Ok((h, daemon.downloads()?))).transpose())
+    {
+        Ok(h) => h,
+        Err(e) => {
+            daemon.shutdown();
+            return Err(e);
+        }
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -671,14 +1147,32 @@ pub fn serve(config: Config) -> Result<(), String> {
             let _ = stop_tx.send(());
         }
     });
+    let plane: Arc<dyn ControlPlane> = daemon.clone();
+    // Downloads stop with the control API.
+    let (http_stop_tx, http_stop_rx) = tokio::sync::oneshot::channel::<()>();
+    if let Some((http, downloads)) = http {
+        let downloads = Arc::new(downloads);
+        let addr = http
+            .local_addr()
+            .map_or_else(|_| "?".into(), |a| a.to_string());
+        runtime.spawn(async move {
+            let stopped = async {
+                let _ = http_stop_rx.await;
+            };
+            if let Err(e) = crate::urls::http::serve(http, downloads, stopped).await {
+                log::error!("the download listener failed: {e}");
+            }
+        });
+        log::info!("serving download URLs on http://{addr}");
+    }
     log::info!("serving the control API on {}", daemon.socket().display());
     if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
         log::debug!("sd_notify: {e}");
     }
-    let plane: Arc<dyn ControlPlane> = daemon.clone();
     let served = runtime.block_on(crate::control::server::serve(listener, plane, async {
         let _ = stop_rx.await;
     }));
+    let _ = http_stop_tx.send(());
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     signal_handle.close();
     daemon.shutdown();

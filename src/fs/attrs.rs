@@ -2,8 +2,9 @@
 
 use super::handle::{FileHandle, Mode};
 use super::{Attr, AttrChanges, Errno, Fs, FsResult, Ino, Tid, lock, read_lock};
+use crate::events::Changed;
 use crate::grant::Access;
-use crate::store::Kind;
+use crate::store::{Kind, SetAttr};
 
 impl Fs {
     /// Attributes of `ino`.
@@ -67,7 +68,14 @@ impl Fs {
         if let Some(size) = changes.size {
             self.truncate(ino, fh, size, changes.by)?;
         }
-        let attr = &changes.attr;
+        let mut attr = changes.attr.clone();
+        if changes.drop_set_ids
+            && attr.perm.is_none()
+            && let Some(perm) = self.perm_without_set_ids(ino)?
+        {
+            attr.perm = Some(perm);
+        }
+        let attr = &attr;
         let any = attr.perm.is_some()
             || attr.uid.is_some()
             || attr.gid.is_some()
@@ -76,7 +84,7 @@ impl Fs {
         if any {
             let (path, _claim) = self.claim_path(ino).ok_or(Errno::ENOENT)?;
             self.store.set_attr(&path, attr)?;
-            self.publish(&path);
+            self.publish(Changed::attributes(&path));
         }
         if attr.atime.is_some() || attr.mtime.is_some() {
             // Writers with uncommitted changes set them again after their commit.
@@ -94,6 +102,41 @@ impl Fs {
             }
         }
         self.getattr(ino, fh)
+    }
+
+    /// Clears the set-user-ID bit of the file `ino`, and its set-group-ID bit if it is group
+    /// executable, as a local filesystem does when an unprivileged process writes or truncates
+    /// it (the kernel leaves that to the mount, see `fuse.rs`: otherwise it would ask for
+    /// `security.capability` before every write).
+    pub fn drop_set_ids(&self, ino: Ino) -> FsResult<()> {
+        let Some(perm) = self.perm_without_set_ids(ino)? else {
+            return Ok(());
+        };
+        let (path, _claim) = self.claim_path(ino).ok_or(Errno::ENOENT)?;
+        let attr = SetAttr {
+            perm: Some(perm),
+            ..SetAttr::default()
+        };
+        self.store.set_attr(&path, &attr)?;
+        self.publish(Changed::attributes(&path));
+        if let Some(kernel) = self.kernel.get() {
+            kernel.attributes_changed(ino);
+        }
+        Ok(())
+    }
+
+    /// The mode of the regular file `ino` without its set-IDs, if that differs from its mode.
+    fn perm_without_set_ids(&self, ino: Ino) -> FsResult<Option<u16>> {
+        let path = self.path(ino)?;
+        let meta = self.store.stat(&path)?;
+        if meta.kind != Kind::File {
+            return Ok(None);
+        }
+        let mut perm = meta.perm & !(libc::S_ISUID as u16);
+        if perm & libc::S_IXGRP as u16 != 0 {
+            perm &= !(libc::S_ISGID as u16);
+        }
+        Ok((perm != meta.perm).then_some(perm))
     }
 
     /// Truncation: through a writable handle it changes that handle's working copy; by path

@@ -61,6 +61,16 @@ impl Users {
         }
         user_elsewhere
     }
+
+    /// Whether a thread of the process `pid` (a thread group id) opened the handle or changed
+    /// the file through it; yes when that cannot be told (too many users to remember).
+    pub fn include_process(&self, pid: u32, group_of: impl Fn(Tid) -> Option<u32>) -> bool {
+        self.overflowed
+            || self
+                .tids
+                .iter()
+                .any(|&tid| tid == pid || group_of(tid) == Some(pid))
+    }
 }
 
 /// The process (thread group id) of thread `tid`, read from `/proc/<tid>/status`; `None` if

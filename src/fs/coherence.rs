@@ -1,28 +1,78 @@
 //! Keeping the kernel's caches of this mount right when others change the space: another
-//! mount of the same space in this process, or the daemon itself (a session exported into a
-//! room). The space tells every mount but the one that made a change ([`Space::changed`]); a
-//! mount then tells its kernel what it cached of that path is stale.
+//! mount of the same space in this process, the daemon itself (a session exported into a
+//! room), or another roomfs process using the same data dir (through the space's change feed,
+//! see [`crate::events`]). The space tells every mount but the one that made a change
+//! ([`Space::changed`]); a mount then tells its kernel what it cached of the paths involved is
+//! stale.
 //!
 //! Nothing here waits for the kernel: notifications are queued for the FUSE adapter's notifier
-//! thread (see [`KernelCache`]). A file open in this mount gets its attributes invalidated
-//! only: its readers keep the version they opened, and its pages stay theirs.
+//! thread (see [`KernelCache`]), so this runs safely from another mount's request handler or
+//! the feed's thread. A file open in this mount gets its attributes invalidated only: its
+//! readers keep the version they opened, and its pages stay theirs.
+//!
+//! A move made elsewhere is applied to this mount's inode table when it knows the entry and
+//! the directory it moved to, and nothing under the new name: the inode keeps its identity
+//! under its new name, as for a move made here, so a file this mount has open for writing is
+//! committed under the new name, and the kernel, looking the names up again, finds the same
+//! inodes (and their cached pages). Otherwise (and for exchanges) both names are looked up
+//! again.
 //!
 //! [`Space::changed`]: crate::space::Space::changed
 
+use std::ffi::OsStr;
 use std::path::Path;
 
-use super::{Fs, KernelCache, lock, read_lock};
+use super::{Fs, Ino, KernelCache, lock, read_lock, write_lock};
+use crate::events::Changed;
 use crate::space::SpaceWatcher;
+use crate::store::{Kind, RenameMode};
 
 impl SpaceWatcher for Fs {
-    fn changed_elsewhere(&self, path: &Path) {
+    fn changed_elsewhere(&self, change: &Changed) {
         let Some(kernel) = self.kernel.get() else {
             return;
         };
+        let kernel = kernel.as_ref();
+        match change {
+            Changed::File { path, .. }
+            | Changed::FileDeleted { path }
+            | Changed::FolderCreated { path }
+            | Changed::FolderDeleted { path } => self.invalidate(kernel, path, false),
+            Changed::Attributes { path } => self.invalidate(kernel, path, true),
+            Changed::FileMoved { from, to, .. } | Changed::FolderMoved { from, to } => {
+                self.moved_elsewhere(kernel, from, to, false)
+            }
+            Changed::Exchanged { a, b } => self.moved_elsewhere(kernel, a, b, true),
+        }
+    }
+}
+
+impl Fs {
+    /// Queues the notifications for a change at `path`: of its attributes only, or of
+    /// everything the kernel cached of it.
+    fn invalidate(&self, kernel: &dyn KernelCache, path: &Path, attributes_only: bool) {
         let Some((parent, ino)) = read_lock(&self.table).resolve(path) else {
             return; // the kernel knows nothing on the way to it
         };
-        notify(kernel.as_ref(), parent, path, ino, |ino| {
+        if attributes_only {
+            if let Some(ino) = ino {
+                kernel.attributes_changed(ino);
+            }
+            return;
+        }
+        kernel.attributes_changed(parent);
+        if let Some(name) = path.file_name() {
+            kernel.entry_changed(parent, name);
+        }
+        if let Some(ino) = ino {
+            self.content_changed(kernel, ino);
+        }
+    }
+
+    /// The content of `ino` changed elsewhere: its attributes if it is open here (its pages
+    /// are its readers'), else everything cached of it.
+    fn content_changed(&self, kernel: &dyn KernelCache, ino: Ino) {
+        let open = {
             let mut opens = lock(&self.opens);
             match opens.get_mut(&ino) {
                 Some(state) => {
@@ -32,28 +82,72 @@ impl SpaceWatcher for Fs {
                 }
                 None => false,
             }
-        });
-    }
-}
-
-/// Queues the notifications for `path` (in the directory `parent`, itself `ino` where known);
-/// `open(ino)` says whether the inode is open in this mount (and forgets its cached version).
-fn notify(
-    kernel: &dyn KernelCache,
-    parent: super::Ino,
-    path: &Path,
-    ino: Option<super::Ino>,
-    open: impl FnOnce(super::Ino) -> bool,
-) {
-    kernel.attributes_changed(parent);
-    if let Some(name) = path.file_name() {
-        kernel.entry_changed(parent, name);
-    }
-    if let Some(ino) = ino {
-        if open(ino) {
+        };
+        if open {
             kernel.attributes_changed(ino);
         } else {
             kernel.data_changed(ino);
+        }
+    }
+
+    /// `from` moved to `to` (or, with `exchange`, the two swapped) elsewhere.
+    fn moved_elsewhere(&self, kernel: &dyn KernelCache, from: &Path, to: &Path, exchange: bool) {
+        let (Some(from_name), Some(to_name)) = (from.file_name(), to.file_name()) else {
+            return; // the root does not move
+        };
+        let (src, dst) = {
+            let mut table = write_lock(&self.table);
+            let (src, dst) = (table.resolve(from), table.resolve(to));
+            // The entry and the directory it went to are known, and nothing under the new
+            // name: the inode follows its name, as for a move made here. An inode known under
+            // the new name may be the moved file itself, looked up since the move (a lookup
+            // races with hearing of it), so then, as for an exchange, the kernel just looks
+            // both names up again.
+            if let (Some((src_parent, Some(_))), Some((dst_parent, None))) = (src, dst)
+                && !exchange
+            {
+                table.rename(src_parent, from_name, dst_parent, to_name, false);
+            }
+            (src, dst)
+        };
+        let entry = |at: Option<(Ino, Option<Ino>)>, name: &OsStr| {
+            if let Some((parent, ino)) = at {
+                kernel.attributes_changed(parent);
+                kernel.entry_changed(parent, name);
+                if let Some(ino) = ino {
+                    // Its ctime changed (and, for what was replaced, whether it exists).
+                    kernel.attributes_changed(ino);
+                }
+            }
+        };
+        entry(src, from_name);
+        entry(dst, to_name);
+    }
+
+    /// The changes a rename of `from` to `to` made, for the space to announce: a move (of a
+    /// file or a folder), or for an exchange, the swap (for caches) and an update of each
+    /// path (for watchers).
+    pub(super) fn renamed(&self, from: &Path, to: &Path, mode: RenameMode) -> Vec<Changed> {
+        // What is at each name now (a change racing right after this rename may show through;
+        // an entry gone already is announced as a file): whether a directory, and the size.
+        let at = |path: &Path| match self.store.stat(path) {
+            Ok(m) => (m.kind == Kind::Dir, m.size),
+            Err(_) => (false, 0),
+        };
+        let updated = |path: &Path| match at(path) {
+            (true, _) => Changed::folder_created(path),
+            (false, size) => Changed::file(path, size),
+        };
+        let (from, to) = (from.to_path_buf(), to.to_path_buf());
+        match mode {
+            RenameMode::Exchange => {
+                let (at_from, at_to) = (updated(&from), updated(&to));
+                vec![Changed::Exchanged { a: from, b: to }, at_from, at_to]
+            }
+            RenameMode::Replace | RenameMode::NoReplace => match at(&to) {
+                (true, _) => vec![Changed::FolderMoved { from, to }],
+                (false, size) => vec![Changed::FileMoved { from, to, size }],
+            },
         }
     }
 }

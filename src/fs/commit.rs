@@ -12,6 +12,7 @@ use std::path::Path;
 
 use super::handle::{FileHandle, Pending};
 use super::{Fs, FsResult, Tid, closers, lock, read_lock};
+use crate::events::Changed;
 use crate::store::{Change, CommitRequest};
 
 /// The most bytes an appender's working copy may hold for them to be appended to a version
@@ -19,11 +20,22 @@ use crate::store::{Change, CommitRequest};
 const APPENDS_TAKEN_BACK_MAX: u64 = 64 << 20;
 
 impl Fs {
-    /// `close()` by thread `by` of one copy of the descriptor: commits, unless `by` is of a
-    /// process that never used the handle (see `closers`).
-    pub fn flush(&self, fh: u64, by: Tid) -> FsResult<()> {
+    /// `close()` by thread `by` (lock owner `owner`) of one copy of the descriptor: commits,
+    /// unless `by` is of a process that never used the handle (see `closers`); then the
+    /// owner's POSIX locks on the file go (after the commit: whoever takes them next sees it).
+    pub fn flush(&self, fh: u64, by: Tid, owner: Option<u64>) -> FsResult<()> {
         let handle = self.file(fh)?;
         let mut h = lock(&handle);
+        let key = owner.map(|_| self.lock_key_of(&h));
+        let result = self.commit_at_close(&mut h, by);
+        drop(h);
+        if let Some(key) = key {
+            self.release_locks(&key, owner, None);
+        }
+        result
+    }
+
+    fn commit_at_close(&self, h: &mut FileHandle, by: Tid) -> FsResult<()> {
         if !h.dirty() {
             return Ok(());
         }
@@ -34,7 +46,7 @@ impl Fs {
             );
             return Ok(());
         }
-        self.commit(&mut h, self.options.sync_on_close)
+        self.commit(h, self.options.sync_on_close)
     }
 
     /// `fsync()`: commits and makes the file durable, without closing it.
@@ -169,7 +181,7 @@ impl Fs {
                 kernel.data_changed(h.ino);
             }
         }
-        self.publish(path);
+        self.publish(Changed::file(path, h.committed_size()));
     }
 
     /// Commits every open handle's pending changes (on shutdown).

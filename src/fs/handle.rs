@@ -16,9 +16,9 @@ use std::time::{Duration, Instant, SystemTime};
 use nix::unistd::{Whence, lseek};
 
 use super::closers::Users;
-use super::error::{Errno, FsResult};
 use super::inode::Ino;
 use super::seed::{LAZY_SEED_MIN, Seeding};
+use crate::errno::{Errno, FsResult};
 use crate::store::{Content, Kind, Meta, SetAttr, Store, TimeSpec, WorkingCopy, copy_range};
 
 /// Appended bytes kept in memory, at most: beyond that a working copy takes them over.
@@ -124,6 +124,8 @@ pub struct FileHandle {
     pub moved: bool,
     /// The threads that opened the handle or changed the file through it.
     pub users: Users,
+    /// A POSIX lock was taken through it (see `fs::locks`).
+    pub locker: bool,
     /// Times set (`futimens`, `utimensat`) since the handle last changed the file: they are
     /// the file's after the commit too, as on a local disk (`cp -p` and `tar -x` set them
     /// through the descriptor before closing it).
@@ -151,6 +153,7 @@ impl FileHandle {
             direct_io,
             base,
             pending: Pending::Clean,
+            locker: false,
             seed_on_demand: false,
             moved: false,
             users: Users::default(),

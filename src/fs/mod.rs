@@ -20,14 +20,13 @@ pub mod closers;
 mod coherence;
 mod commit;
 mod dirs;
-pub mod error;
 pub mod handle;
 pub mod inode;
 mod io;
+mod locks;
 mod names;
 mod open;
 pub mod passthrough;
-pub mod quota;
 pub mod seed;
 mod stream;
 #[cfg(test)]
@@ -46,15 +45,17 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::SystemTime;
 
+pub use crate::errno::{Errno, FsResult};
+pub use crate::space::quota::{Limits, Quota, Usage};
 pub use closers::Tid;
-pub use error::{Errno, FsResult};
 use handle::{DirHandle, FileHandle};
 use inode::InodeTable;
 pub use inode::{Ino, ROOT};
+pub use locks::{LockReply, lock_type};
 use passthrough::Window;
 pub use passthrough::{Backing, PASSTHROUGH_MIN};
-pub use quota::{Limits, Quota, Usage};
 
+use crate::events::Changed;
 use crate::grant::Grant;
 use crate::space::claims::{Claim, Span};
 use crate::space::hub::WatcherId;
@@ -78,6 +79,9 @@ pub struct FsOptions {
     pub links_anywhere: bool,
     /// Let the kernel read large files from the disk directly (see `passthrough`).
     pub passthrough: bool,
+    /// Who this mount's changes are made by, in events: the token's name, the mount's label,
+    /// or its mount point.
+    pub participant: Arc<str>,
 }
 
 /// Attributes of an inode as shown to programs.
@@ -135,6 +139,9 @@ pub struct AttrChanges {
     pub attr: SetAttr,
     /// The thread asking (see `closers`); 0 when unknown.
     pub by: Tid,
+    /// Also clear the set-user-ID bit, and the set-group-ID bit of a group-executable file
+    /// (see [`Fs::drop_set_ids`]).
+    pub drop_set_ids: bool,
 }
 
 /// The result of opening a file: the handle, and how the kernel should cache it.
@@ -178,6 +185,8 @@ struct OpenState {
     cached_readers: u32,
     /// The open handles of this inode.
     handles: Vec<u64>,
+    /// Of the cached readers, those that took a POSIX lock (see `locks`).
+    cached_lockers: u32,
     /// The committed version the kernel's cached pages hold, if known.
     cached_version: Option<Version>,
     /// The handle that read-write opens without `O_TRUNC`/`O_APPEND` share, and how many of
@@ -200,6 +209,9 @@ pub trait KernelCache: Send + Sync {
     /// The entry `name` in the directory `parent` changed (created, removed, renamed or
     /// replaced): the kernel must look it up again.
     fn entry_changed(&self, parent: Ino, name: &OsStr);
+    /// Like `data_changed`, then calls `then` once the kernel dropped the pages (a reply that
+    /// must not go out before: see `fs::locks`).
+    fn data_changed_then(&self, ino: Ino, then: Box<dyn FnOnce() + Send>);
 }
 
 /// A mounted space: the space (its store, limits and other mounts) plus the state of the
@@ -221,6 +233,8 @@ pub struct Fs {
     files: RwLock<HashMap<u64, Arc<Mutex<FileHandle>>>>,
     dirs: Mutex<HashMap<u64, DirHandle>>,
     next_fh: AtomicU64,
+    /// Tells this mount's core from the others of the process (its files' lock keys).
+    id: u64,
     /// Unix seconds of the last open, listing or change (inactivity timeouts use it).
     last_activity: AtomicU64,
 }
@@ -277,6 +291,10 @@ impl Fs {
             files: RwLock::new(HashMap::new()),
             dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
+            id: {
+                static NEXT: AtomicU64 = AtomicU64::new(1);
+                NEXT.fetch_add(1, Ordering::Relaxed)
+            },
             last_activity: AtomicU64::new(unix_secs()),
         }
     }
@@ -316,9 +334,15 @@ impl Fs {
         }
     }
 
-    /// Tells the space's other mounts that `path` changed through this one.
-    fn publish(&self, path: &Path) {
-        self.space.changed(path, self.watcher.get().copied());
+    /// Tells the space (its other mounts, its feed) of a change made through this mount.
+    fn publish(&self, change: Changed) {
+        self.publish_all(&[change]);
+    }
+
+    /// [`Fs::publish`] of several changes, in order.
+    fn publish_all(&self, changes: &[Changed]) {
+        let by = self.watcher.get().copied();
+        self.space.changed(changes, &self.options.participant, by);
     }
 
     /// Runs `create` holding one reserved entry of the quota (released if it fails).

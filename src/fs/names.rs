@@ -5,6 +5,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
 use super::{Attr, Caller, Errno, Fs, FsResult, Ino, NAME_MAX, deny, lock, read_lock, write_lock};
+use crate::events::Changed;
 use crate::grant::Access;
 use crate::space::claims::Span;
 use crate::store::{Kind, Meta, RenameMode};
@@ -72,7 +73,7 @@ impl Fs {
                 _ => self.store.mknod(&path, kind, perm, owner)?,
             })
         })?;
-        self.publish(&path);
+        self.publish(Changed::file(&path, meta.size));
         Ok(self.remember(parent, name, &meta))
     }
 
@@ -84,7 +85,7 @@ impl Fs {
                 .store
                 .mkdir(&path, (mode & 0o7777) as u16, self.owner(caller))?)
         })?;
-        self.publish(&path);
+        self.publish(Changed::folder_created(&path));
         Ok(self.remember(parent, name, &meta))
     }
 
@@ -103,7 +104,7 @@ impl Fs {
         self.allow_link_target("symlink", &path, target)?;
         let meta =
             self.creating(|| Ok(self.store.symlink(target, &path, self.owner(caller))?))?;
-        self.publish(&path);
+        self.publish(Changed::file(&path, meta.size));
         Ok(self.remember(parent, name, &meta))
     }
 
@@ -117,7 +118,7 @@ impl Fs {
         self.store.unlink(&path)?;
         write_lock(&self.table).detach(parent, name);
         self.released(&meta);
-        self.publish(&path);
+        self.publish(Changed::file_deleted(&path));
         Ok(())
     }
 
@@ -129,7 +130,7 @@ impl Fs {
         if let Some(q) = self.space.quota() {
             q.remove_entry(0);
         }
-        self.publish(&path);
+        self.publish(Changed::folder_deleted(&path));
         Ok(())
     }
 
@@ -191,9 +192,10 @@ impl Fs {
             new_name,
             mode == RenameMode::Exchange,
         );
+        // Published before the names are let go: a commit to the old name by another mount
+        // in between would otherwise reach the other mounts before they hear of the move.
+        self.publish_all(&self.renamed(&from, &to, mode));
         drop(claim);
-        self.publish(&from);
-        self.publish(&to);
         Ok(())
     }
 
@@ -242,8 +244,8 @@ impl Fs {
             let _ = q.resize(0, meta.size);
         }
         write_lock(&self.table).link(ino, new_parent, new_name, meta.file_id);
-        self.publish(&from);
-        self.publish(&to);
+        // Another name: the file's link count changed too.
+        self.publish_all(&[Changed::attributes(&from), Changed::file(&to, meta.size)]);
         Ok(self.as_open(Attr::new(ino, &meta)))
     }
 }

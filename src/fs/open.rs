@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use super::handle::{FileHandle, Mode};
 use super::passthrough::Passing;
 use super::{Attr, Caller, Errno, Fs, FsResult, Ino, Opened, Tid, lock, read_lock, write_lock};
+use crate::events::Changed;
 use crate::grant::Access;
 use crate::store::{Content, Kind};
 
@@ -98,7 +99,12 @@ impl Fs {
                 (!alone, keep, alone, passing)
             } else {
                 state.readers += 1;
-                if state.writers > 0 {
+                // Readers of another version read through the page cache: dropping it (as an
+                // open without `keep_cache` does) would show them this version's pages where
+                // they miss. This reader reads directly until they are gone.
+                let others_cached_another =
+                    state.cached_readers > 0 && state.cached_version.as_ref() != Some(&version);
+                if state.writers > 0 || others_cached_another {
                     (true, false, false, passing)
                 } else {
                     let keep = state.cached_version.as_ref() == Some(&version);
@@ -188,7 +194,7 @@ impl Fs {
         drop(claim);
         let meta = match created {
             Ok(meta) => {
-                self.publish(&path);
+                self.publish(Changed::file(&path, meta.size));
                 meta
             }
             Err(e) if e == Errno::EEXIST && flags & libc::O_EXCL == 0 => {
@@ -217,6 +223,11 @@ impl Fs {
         let Some(handle) = write_lock(&self.files).remove(&fh) else {
             return Err(Errno::EBADF);
         };
+        let h = lock(&handle);
+        // Unlocked first: waiters let in are answered here and may lock this handle.
+        let key = self.lock_key_of(&h);
+        drop(h);
+        self.release_locks(&key, None, Some(fh));
         let mut h = lock(&handle);
         if self.leave_shared(&handle, h.ino, fh) {
             return Ok(());
@@ -249,6 +260,9 @@ impl Fs {
                 state.readers -= 1;
                 if !h.direct_io {
                     state.cached_readers -= 1;
+                    if h.locker {
+                        state.cached_lockers -= 1;
+                    }
                 }
             }
             if state.readers == 0 && state.writers == 0 && state.cached_version.is_none() {

@@ -26,7 +26,7 @@ struct Setup {
     /// The space's directory, on the local store.
     root: Option<PathBuf>,
     store: Arc<dyn Store>,
-    fs: Fs,
+    fs: Arc<Fs>,
 }
 
 fn setup(options: FsOptions) -> Setup {
@@ -55,7 +55,7 @@ fn setup_on(backend: Backend, options: FsOptions, quota: Option<Arc<Quota>>) -> 
         _dir: dir,
         root,
         store,
-        fs: Fs::new(space, options),
+        fs: Arc::new(Fs::new(space, options)),
     }
 }
 
@@ -145,7 +145,7 @@ fn writes_are_invisible_until_the_handle_commits() {
         assert_eq!(s.fs.read(r.fh, 0, 100).unwrap(), b"");
         assert_eq!(s.fs.read(w.fh, 0, 100).unwrap(), b"hello");
         assert_eq!(s.fs.getattr(attr.ino, Some(w.fh)).unwrap().size, 5);
-        s.fs.flush(w.fh, CALLER).unwrap();
+        s.fs.flush(w.fh, CALLER, None).unwrap();
         assert_eq!(s.read("f"), b"hello");
         // Bytes added at the end were committed as an append: the reader reads on into them
         // (whole, as `tail -f` wants; in place on the local store, into the next object that
@@ -153,7 +153,7 @@ fn writes_are_invisible_until_the_handle_commits() {
         assert_eq!(s.fs.read(r.fh, 0, 100).unwrap(), b"hello");
         // A rewrite is a new version: the reader keeps the one it opened, whole.
         s.fs.write(w.fh, 0, b"HELLO, world", CALLER).unwrap();
-        s.fs.flush(w.fh, CALLER).unwrap();
+        s.fs.flush(w.fh, CALLER, None).unwrap();
         assert_eq!(s.read("f"), b"HELLO, world");
         assert_eq!(s.fs.read(r.fh, 0, 100).unwrap(), b"hello");
         s.fs.release(w.fh).unwrap();
@@ -183,21 +183,21 @@ fn a_close_by_a_process_that_never_used_the_handle_does_not_commit() {
         let w = s.fs.open(attr.ino, RW, me).unwrap();
         s.fs.write(w.fh, 0, b"half", me).unwrap();
         // A child closing the copy it inherited, at exec or exit.
-        s.fs.flush(w.fh, stranger).unwrap();
+        s.fs.flush(w.fh, stranger, None).unwrap();
         assert_eq!(s.read("f"), b"");
         s.fs.write(w.fh, 4, b" and whole", me).unwrap();
-        s.fs.flush(w.fh, me).unwrap();
+        s.fs.flush(w.fh, me, None).unwrap();
         assert_eq!(s.read("f"), b"half and whole");
 
         // A process that wrote through the handle commits at its close.
         s.fs.write(w.fh, 0, b"HALF", stranger).unwrap();
-        s.fs.flush(w.fh, stranger).unwrap();
+        s.fs.flush(w.fh, stranger, None).unwrap();
         assert_eq!(s.read("f"), b"HALF and whole");
 
         // The last close always commits, whoever it comes from.
         let w2 = s.fs.open(attr.ino, libc::O_WRONLY, me).unwrap();
         s.fs.write(w2.fh, 0, b"last", me).unwrap();
-        s.fs.flush(w2.fh, stranger).unwrap();
+        s.fs.flush(w2.fh, stranger, None).unwrap();
         assert_eq!(s.read("f"), b"HALF and whole");
         s.fs.release(w2.fh).unwrap();
         assert_eq!(s.read("f"), b"last and whole");
@@ -249,7 +249,7 @@ fn read_write_opens_share_one_working_copy() {
         assert_eq!(s.fs.read(reader.fh, 0, 10).unwrap(), b"v1");
         assert_eq!(s.read("db"), b"v1");
         // Any member's close commits what all of them wrote.
-        s.fs.flush(b.fh, CALLER).unwrap();
+        s.fs.flush(b.fh, CALLER, None).unwrap();
         assert_eq!(s.read("db"), b"A2+B");
         s.fs.release(b.fh).unwrap();
         s.fs.write(a.fh, 0, b"a3", CALLER).unwrap();
@@ -425,7 +425,7 @@ fn a_flush_without_changes_commits_nothing() {
         let before = s.store.stat(Path::new("f")).unwrap().version;
         let ino_before = s.inode("f");
         let h = s.fs.open(attr.ino, RW, CALLER).unwrap();
-        s.fs.flush(h.fh, CALLER).unwrap();
+        s.fs.flush(h.fh, CALLER, None).unwrap();
         s.fs.release(h.fh).unwrap();
         assert_eq!(s.store.stat(Path::new("f")).unwrap().version, before);
         assert_eq!(s.inode("f"), ino_before);
@@ -439,7 +439,7 @@ fn renames_and_unlinks_of_open_files() {
         s.fs.write(w.fh, 0, b"text", CALLER).unwrap();
         s.fs.rename(ROOT, name("draft"), ROOT, name("final"), 0)
             .unwrap();
-        s.fs.flush(w.fh, CALLER).unwrap();
+        s.fs.flush(w.fh, CALLER, None).unwrap();
         assert_eq!(s.read("final"), b"text");
         assert!(!s.exists("draft"));
         let w2 = s.fs.open(attr.ino, RW, CALLER).unwrap();
@@ -575,7 +575,7 @@ fn appends_commit_in_place_and_stay_private_until_close() {
         assert_eq!(s.read("log"), b"one\n");
         assert_eq!(s.fs.read(a.fh, 2, 100).unwrap(), b"e\ntwo\nthree\n");
         assert_eq!(s.fs.read(old_reader.fh, 0, 100).unwrap(), b"one\n");
-        s.fs.flush(a.fh, CALLER).unwrap();
+        s.fs.flush(a.fh, CALLER, None).unwrap();
         s.fs.release(a.fh).unwrap();
         assert_eq!(s.read("log"), b"one\ntwo\nthree\n");
         assert_eq!(s.inode("log"), inode, "committed in place, not by a copy");
@@ -1035,5 +1035,55 @@ fn large_directories_are_read_a_reply_at_a_time() {
         }
         assert_eq!(plus, 1002);
         s.fs.releasedir(fh);
+    }
+}
+
+/// Takes a lock through `fh` for `owner` without waiting; the answer.
+fn setlk(s: &Setup, fh: u64, owner: u64, typ: i32) -> FsResult<()> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reply = Box::new(move |r| tx.send(r).unwrap());
+    s.fs.setlk(fh, owner, owner as u32, (0, u64::MAX), typ, false, reply);
+    rx.recv().unwrap()
+}
+
+#[test]
+fn taking_a_lock_moves_a_read_only_handle_on_to_the_latest_version() {
+    for s in every_store() {
+        s.put("db", b"one");
+        let ino = s.fs.lookup(ROOT, name("db")).unwrap().ino;
+        let r = s.fs.open(ino, libc::O_RDONLY, CALLER).unwrap();
+        s.put("db", b"two!"); // another process or host commits
+        assert_eq!(s.fs.read(r.fh, 0, 10).unwrap(), b"one", "a plain reader");
+        setlk(&s, r.fh, 7, libc::F_RDLCK).unwrap();
+        assert_eq!(s.fs.read(r.fh, 0, 10).unwrap(), b"two!");
+        // Another owner's write lock conflicts; at the holder's close it goes.
+        let w = s.fs.open(ino, libc::O_RDWR, CALLER).unwrap();
+        assert_eq!(setlk(&s, w.fh, 8, libc::F_WRLCK), Err(Errno(libc::EAGAIN)));
+        s.fs.flush(r.fh, CALLER, Some(7)).unwrap();
+        setlk(&s, w.fh, 8, libc::F_WRLCK).unwrap();
+        // A lock with an unknown type is refused.
+        assert_eq!(setlk(&s, r.fh, 7, 99), Err(Errno::EINVAL));
+    }
+}
+
+#[test]
+fn a_plain_reader_through_the_page_cache_keeps_a_locking_handle_where_it_is() {
+    for s in every_store() {
+        s.put("f", b"one");
+        let ino = s.fs.lookup(ROOT, name("f")).unwrap().ino;
+        let plain = s.fs.open(ino, libc::O_RDONLY, CALLER).unwrap();
+        let locking = s.fs.open(ino, libc::O_RDONLY, CALLER).unwrap();
+        assert!(
+            !plain.direct_io && !locking.direct_io,
+            "both read through the page cache"
+        );
+        s.put("f", b"two!");
+        setlk(&s, locking.fh, 7, libc::F_RDLCK).unwrap();
+        // Moving would drop the pages the plain reader reads its version from.
+        assert_eq!(s.fs.read(locking.fh, 0, 10).unwrap(), b"one");
+        s.fs.release(plain.fh).unwrap();
+        setlk(&s, locking.fh, 7, libc::F_RDLCK).unwrap();
+        assert_eq!(s.fs.read(locking.fh, 0, 10).unwrap(), b"two!");
+        assert_eq!(s.fs.read(plain.fh, 0, 10), Err(Errno::EBADF));
     }
 }

@@ -67,11 +67,11 @@ fn a_failed_commit_is_eio_at_close_and_keeps_the_previous_version() {
     let h = s.fs.open(ino, RW, CALLER).unwrap();
     s.fs.write(h.fh, 0, b"v2 longer", CALLER).unwrap();
     s.store.fail(Op::Commit, libc::EIO).times(1).plan();
-    assert_eq!(s.fs.flush(h.fh, CALLER), Err(Errno::EIO));
+    assert_eq!(s.fs.flush(h.fh, CALLER, None), Err(Errno::EIO));
     assert_eq!(s.committed("f"), b"v1", "the previous version stays");
     // The writer still has its changes: the next close commits them.
     assert_eq!(s.fs.read(h.fh, 0, 100).unwrap(), b"v2 longer");
-    s.fs.flush(h.fh, CALLER).unwrap();
+    s.fs.flush(h.fh, CALLER, None).unwrap();
     assert_eq!(s.committed("f"), b"v2 longer");
     s.fs.release(h.fh).unwrap();
 
@@ -97,7 +97,7 @@ fn failed_appends_keep_their_bytes_for_the_next_close() {
             .unwrap();
     s.fs.write(a.fh, 0, b"two\n", CALLER).unwrap();
     s.store.fail(Op::Commit, libc::EIO).times(1).plan();
-    assert_eq!(s.fs.flush(a.fh, CALLER), Err(Errno::EIO));
+    assert_eq!(s.fs.flush(a.fh, CALLER, None), Err(Errno::EIO));
     assert_eq!(s.committed("log"), b"one\n");
     s.fs.release(a.fh).unwrap();
     assert_eq!(s.committed("log"), b"one\ntwo\n");
@@ -119,7 +119,7 @@ fn a_full_staging_area_is_enospc_and_nothing_half_written_is_committed() {
     s.fs.write(h.fh, 0, b"AAAAAAAAAA", CALLER).unwrap();
     s.store.fail(Op::CopyWrite, libc::ENOSPC).times(1).plan();
     assert_eq!(s.fs.write(h.fh, 10, b"BBBB", CALLER), Err(Errno::ENOSPC));
-    assert_eq!(s.fs.flush(h.fh, CALLER), Err(Errno::ENOSPC));
+    assert_eq!(s.fs.flush(h.fh, CALLER, None), Err(Errno::ENOSPC));
     assert_eq!(s.committed("f"), b"before", "nothing half written goes in");
     // Written again (as a database rolling back does), it commits.
     s.fs.write(h.fh, 10, b"BBBB", CALLER).unwrap();

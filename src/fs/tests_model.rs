@@ -338,7 +338,7 @@ fn run(fs: Fs, seed: u64, ops: u32) {
                     continue;
                 };
                 let fh = model.handles[i].fh;
-                core.fs.flush(fh, CALLER).unwrap();
+                core.fs.flush(fh, CALLER, None).unwrap();
                 core.fs.release(fh).unwrap();
                 model.commit(i);
                 model.handles.remove(i);

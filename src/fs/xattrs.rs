@@ -10,6 +10,7 @@ use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::OsStrExt;
 
 use super::{Errno, Fs, FsResult, Ino};
+use crate::events::Changed;
 use crate::grant::Access;
 use crate::store::{Kind, XattrMode};
 
@@ -102,7 +103,7 @@ impl Fs {
             Namespace::User => {
                 let (path, _claim) = self.claim_path(ino).ok_or(Errno::ENOENT)?;
                 self.store.set_xattr(&path, name, value, mode)?;
-                self.publish(&path);
+                self.publish(Changed::attributes(&path));
                 Ok(())
             }
             Namespace::Refused { change, .. } => {
@@ -119,7 +120,7 @@ impl Fs {
             Namespace::User => {
                 let (path, _claim) = self.claim_path(ino).ok_or(Errno::ENOENT)?;
                 self.store.remove_xattr(&path, name)?;
-                self.publish(&path);
+                self.publish(Changed::attributes(&path));
                 Ok(())
             }
             Namespace::Refused { change, .. } => Err(change),

@@ -4,7 +4,7 @@
 //! - Every file is committed the way a close commits it: a working copy in the store's
 //!   staging area, swapped in atomically (no temporary name ever shows in the room), made
 //!   durable (the session is deleted right after), counted against the room's limits, and
-//!   announced to the room's mounts ([`Space::changed`]) so their caches drop what they knew.
+//!   announced to the room's mounts and its events ([`Space::changed`]) so their caches drop what they knew.
 //! - Nothing is followed: the source is read through its store (resolved beneath the session's
 //!   directory, never through a symlink); a symlink inside the exported tree is exported as a
 //!   symlink, a FIFO or socket as a name (never opened); device nodes are left out.
@@ -18,6 +18,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use super::Space;
+use crate::events::Changed;
 use crate::store::{
     Change, CommitRequest, Kind, Meta, SetAttr, StoreError, StoreResult, TimeSpec, copy_range,
 };
@@ -91,6 +92,8 @@ pub fn export(
 ) -> Result<Exported, ExportError> {
     let items = plan(from, to, paths)?;
     check_limits(to, &items)?;
+    // Made on behalf of the session: `sessions/<id>` in the room's events.
+    let participant: std::sync::Arc<str> = from.id().rel_dir().to_string_lossy().into();
     let mut done = Exported::default();
     for item in &items {
         write_item(from, to, item).map_err(|(what, source)| ExportError::Failed {
@@ -102,10 +105,19 @@ pub fn export(
         if item.meta.kind == Kind::File {
             done.bytes += item.meta.size;
         }
-        to.changed(&item.path, None);
+        to.changed(&[exported(item)], &participant, None);
         progress(&item.path);
     }
     Ok(done)
+}
+
+/// What writing `item` changed in the destination.
+fn exported(item: &Item) -> Changed {
+    match (item.meta.kind, &item.existing) {
+        (Kind::Dir, Some(m)) if m.kind == Kind::Dir => Changed::attributes(&item.path),
+        (Kind::Dir, _) => Changed::folder_created(&item.path),
+        (_, _) => Changed::file(&item.path, item.meta.size),
+    }
 }
 
 /// Checks that `export` of these paths would go through, writing nothing.

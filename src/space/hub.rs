@@ -2,7 +2,9 @@
 //! and usage, and the mounts showing it. Every mount of a space in the process shares that
 //! object, so a change made through one mount, or by the daemon itself (a session exported into
 //! a room), is counted once against the space's limits and reaches the other mounts' kernel
-//! caches at once ([`Space::changed`]).
+//! caches at once ([`Space::changed`]). Each space also has its change feed
+//! ([`crate::events`]): every change gets its place in the space's sequence of events there,
+//! and changes other processes (or hosts) made come back from it to this process's mounts.
 //!
 //! Invariant: while any mount or operation holds a space, `Hub::open` hands out that same
 //! object; a space nobody holds is dropped (its store closed) and opened afresh next time.
@@ -14,8 +16,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 
 use super::claims::{Claim, Claims, Span};
+use super::locks::Locks;
+use super::quota::{Limits, Quota};
 use super::{SpaceId, SpaceKind};
-use crate::fs::{Limits, Quota};
+use crate::events::log::Logs;
+use crate::events::{ChangeFeed, Changed, ForeignChanges, MemFeed, Record, Retention};
 use crate::records::RecordStore;
 use crate::store::Owner;
 use crate::store::Store;
@@ -30,6 +35,8 @@ pub trait Spaces: Send + Sync {
     /// Opens the store of `space`. With `create`, a missing space is made first, owned by
     /// the given owner (or the daemon's own user); without, a missing one is `ENOENT`.
     fn open_space(&self, space: &SpaceId, create: Option<Owner>) -> io::Result<Arc<dyn Store>>;
+    /// Whether `space` exists (cheaply: without counting what it holds).
+    fn space_exists(&self, space: &SpaceId) -> io::Result<bool>;
     /// What `space` holds (entries of every kind, bytes of files); `None` if it does not exist.
     fn space_usage(&self, space: &SpaceId) -> io::Result<Option<Usage>>;
     /// Removes `space` and everything in it; returns what was removed.
@@ -41,6 +48,10 @@ pub trait Spaces: Send + Sync {
 impl Spaces for LocalBackend {
     fn open_space(&self, space: &SpaceId, create: Option<Owner>) -> io::Result<Arc<dyn Store>> {
         Ok(Arc::new(LocalBackend::open_space(self, space, create)?))
+    }
+
+    fn space_exists(&self, space: &SpaceId) -> io::Result<bool> {
+        LocalBackend::space_exists(self, space)
     }
 
     fn space_usage(&self, space: &SpaceId) -> io::Result<Option<Usage>> {
@@ -59,9 +70,9 @@ impl Spaces for LocalBackend {
 /// Something that shows a space and must hear of changes made to it by others (a mount: its
 /// kernel caches).
 pub trait SpaceWatcher: Send + Sync {
-    /// The entry at `path` (its existence, attributes or content) was changed by someone
-    /// other than this watcher.
-    fn changed_elsewhere(&self, path: &Path);
+    /// The space was changed by someone other than this watcher: another mount, the process
+    /// itself, or another process (or host) sharing the space.
+    fn changed_elsewhere(&self, change: &Changed);
 }
 
 /// Identifies a watcher of a space (see [`Space::watch`]).
@@ -76,6 +87,10 @@ pub struct Space {
     next_watcher: AtomicU64,
     /// The names operations are changing right now (see `claims`).
     claims: Claims,
+    /// The POSIX record locks on its files (see `locks`).
+    locks: Locks,
+    /// Where its changes are sequenced and others' come from.
+    feed: Arc<dyn ChangeFeed>,
 }
 
 fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
@@ -91,8 +106,20 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Space {
-    /// A space over `store`, with `quota` (none: unlimited); outside a hub (tests, tools).
+    /// A space over `store`, with `quota` (none: unlimited); outside a hub (tests, tools):
+    /// its events stay in this process.
     pub fn new(id: SpaceId, store: Arc<dyn Store>, quota: Option<Arc<Quota>>) -> Space {
+        let feed = Arc::new(MemFeed::new(Retention::default()));
+        Space::with_feed(id, store, quota, feed)
+    }
+
+    /// A space whose changes go through `feed` (see [`Space::listen`]).
+    pub fn with_feed(
+        id: SpaceId,
+        store: Arc<dyn Store>,
+        quota: Option<Arc<Quota>>,
+        feed: Arc<dyn ChangeFeed>,
+    ) -> Space {
         Space {
             id,
             store,
@@ -100,7 +127,21 @@ impl Space {
             watchers: RwLock::new(Vec::new()),
             next_watcher: AtomicU64::new(1),
             claims: Claims::default(),
+            locks: Locks::default(),
+            feed,
         }
+    }
+
+    /// Has this space hear, from its feed, of changes other processes made (its mounts then
+    /// hear of them as of any change made elsewhere).
+    pub fn listen(self: &Arc<Self>) {
+        let me: std::sync::Weak<dyn ForeignChanges> = Arc::downgrade(self) as _;
+        self.feed.listen(me);
+    }
+
+    /// The space's change feed.
+    pub fn feed(&self) -> &Arc<dyn ChangeFeed> {
+        &self.feed
     }
 
     /// Claims `names` for a change (see `claims`): waits while another operation of this
@@ -111,6 +152,11 @@ impl Space {
 
     pub fn id(&self) -> &SpaceId {
         &self.id
+    }
+
+    /// The POSIX record locks on the space's files, shared by all its mounts in the process.
+    pub fn locks(&self) -> &Locks {
+        &self.locks
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {
@@ -136,10 +182,17 @@ impl Space {
         write(&self.watchers).retain(|(other, _)| *other != id);
     }
 
-    /// The entry at `path` changed, through the watcher `by` (a mount) or, with `None`, by
-    /// the process itself: every other watcher hears of it. Watchers only queue what they
-    /// hear (see [`SpaceWatcher`]), so this never waits for a kernel.
-    pub fn changed(&self, path: &Path, by: Option<WatcherId>) {
+    /// The space changed, through the watcher `by` (a mount) or, with `None`, by the process
+    /// itself, on behalf of `participant`: every other watcher hears of it at once, and the
+    /// feed records it for everybody else. Watchers only queue what they hear (see
+    /// [`SpaceWatcher`]) and the feed writes from a thread of its own, so this never waits for
+    /// a kernel or a disk.
+    pub fn changed(&self, changes: &[Changed], participant: &Arc<str>, by: Option<WatcherId>) {
+        self.tell_watchers(changes, by);
+        self.feed.publish(participant, changes);
+    }
+
+    fn tell_watchers(&self, changes: &[Changed], by: Option<WatcherId>) {
         let watchers = read(&self.watchers);
         if watchers.len() <= 1 && by.is_some() {
             return; // only the one that made the change
@@ -149,9 +202,17 @@ impl Space {
                 continue;
             }
             if let Some(watcher) = watcher.upgrade() {
-                watcher.changed_elsewhere(path);
+                for change in changes {
+                    watcher.changed_elsewhere(change);
+                }
             }
         }
+    }
+}
+
+impl ForeignChanges for Space {
+    fn heard(&self, record: &Record) {
+        self.tell_watchers(std::slice::from_ref(&record.change), None);
     }
 }
 
@@ -163,11 +224,35 @@ pub struct Hub {
     sessions: Arc<dyn Spaces>,
     records: Option<Arc<RecordStore>>,
     open: Mutex<HashMap<SpaceId, Weak<Space>>>,
+    /// The change logs of the data dir (`None` if they could not be opened: then events stay
+    /// in this process).
+    logs: Option<Logs>,
+    retention: Retention,
 }
 
 impl Hub {
     /// Spaces stored by `local`; sessions show the agent records of `records` under `.meta`.
+    /// Events are retained as by default.
     pub fn new(local: LocalBackend, records: Option<Arc<RecordStore>>) -> Hub {
+        Hub::with_retention(local, records, Retention::default())
+    }
+
+    /// [`Hub::new`], keeping `retention` of each space's events.
+    pub fn with_retention(
+        local: LocalBackend,
+        records: Option<Arc<RecordStore>>,
+        retention: Retention,
+    ) -> Hub {
+        let logs = match Logs::open(local.data_dir(), retention) {
+            Ok(logs) => Some(logs),
+            Err(e) => {
+                log::error!(
+                    "cannot open the change logs in the data dir ({e}): other processes will \
+                     not hear of this one's changes, nor it of theirs, before their cache TTL"
+                );
+                None
+            }
+        };
         let local = Arc::new(local);
         Hub {
             rooms: local.clone(),
@@ -175,18 +260,21 @@ impl Hub {
             local,
             records,
             open: Mutex::new(HashMap::new()),
+            logs,
+            retention,
         }
     }
 
-    /// Like [`Hub::new`], with rooms and sessions stored elsewhere where given (the local
-    /// backend still holds the daemon's state).
+    /// Like [`Hub::with_retention`], with rooms and sessions stored elsewhere where given (the
+    /// local backend still holds the daemon's state and the change logs).
     pub fn with_stores(
         local: LocalBackend,
         records: Option<Arc<RecordStore>>,
+        retention: Retention,
         rooms: Option<Arc<dyn Spaces>>,
         sessions: Option<Arc<dyn Spaces>>,
     ) -> Hub {
-        let mut hub = Hub::new(local, records);
+        let mut hub = Hub::with_retention(local, records, retention);
         if let Some(r) = rooms {
             hub.rooms = r;
         }
@@ -194,11 +282,6 @@ impl Hub {
             hub.sessions = s;
         }
         hub
-    }
-
-    /// The local backend (its data dir also holds the daemon's state).
-    pub fn local(&self) -> &LocalBackend {
-        &self.local
     }
 
     /// Where spaces of `kind` are stored.
@@ -217,6 +300,47 @@ impl Hub {
     /// Makes the space `id` if missing (owned by the daemon's user).
     pub fn make(&self, id: &SpaceId) -> io::Result<()> {
         self.spaces(id.kind).open_space(id, Some(None)).map(drop)
+    }
+
+    /// The change feed of `id` (which must exist): the open space's, or its log opened now.
+    pub fn feed(&self, id: &SpaceId) -> io::Result<Arc<dyn ChangeFeed>> {
+        if let Some(space) = self.get(id) {
+            return Ok(space.feed().clone());
+        }
+        if !self.spaces(id.kind).space_exists(id)? {
+            return Err(io::Error::from_raw_os_error(libc::ENOENT));
+        }
+        self.new_feed(id)
+    }
+
+    fn new_feed(&self, id: &SpaceId) -> io::Result<Arc<dyn ChangeFeed>> {
+        Ok(match &self.logs {
+            Some(logs) => logs.feed(id)?,
+            None => Arc::new(MemFeed::new(self.retention)),
+        })
+    }
+
+    /// The store of `id` to serve downloads from: its committed files, without the `.meta`
+    /// view, opened without holding the space open (`ENOENT` if it does not exist).
+    pub fn download_store(&self, id: &SpaceId) -> io::Result<Arc<dyn Store>> {
+        self.spaces(id.kind).open_space(id, None)
+    }
+
+    /// The store of `id`'s own URLs (`roomfs url --direct`), where its backend has them: an
+    /// S3 store's presigned GETs, once that store exists. The local disk has none.
+    pub fn presigner(&self, _id: &SpaceId) -> Option<Arc<dyn crate::urls::Presign>> {
+        None
+    }
+
+    /// Whether changes made by other processes are noticed through inotify (else by polling,
+    /// or not at all without change logs).
+    pub fn follows_with_inotify(&self) -> bool {
+        self.logs.as_ref().is_some_and(Logs::uses_inotify)
+    }
+
+    /// The local backend (its data dir also holds the daemon's state).
+    pub fn local(&self) -> &LocalBackend {
+        &self.local
     }
 
     /// The space `id` if something in this process holds it open.
@@ -251,7 +375,15 @@ impl Hub {
             }
             _ => store,
         };
-        let space = Arc::new(Space::new(id.clone(), store, quota));
+        let feed = self.new_feed(id).unwrap_or_else(|e| {
+            log::error!(
+                "cannot open the change log of {id} ({e}): other processes will not hear of \
+                 its changes before their cache TTL"
+            );
+            Arc::new(MemFeed::new(self.retention))
+        });
+        let space = Arc::new(Space::with_feed(id.clone(), store, quota, feed));
+        space.listen();
         let mut open = lock(&self.open);
         if let Some(existing) = open.get(id).and_then(Weak::upgrade) {
             return Ok(existing);
@@ -274,7 +406,13 @@ impl Hub {
     /// keeps an object whose files are gone (the daemon unmounts first).
     pub fn delete(&self, id: &SpaceId) -> io::Result<Usage> {
         lock(&self.open).remove(id);
-        self.spaces(id.kind).delete_space(id)
+        let tally = self.spaces(id.kind).delete_space(id)?;
+        if let Some(logs) = &self.logs
+            && let Err(e) = logs.remove(id)
+        {
+            log::warn!("removing the change log of {id}: {e}");
+        }
+        Ok(tally)
     }
 }
 

@@ -5,6 +5,8 @@
 pub mod claims;
 pub mod export;
 pub mod hub;
+pub mod locks;
+pub mod quota;
 pub mod state;
 
 pub use hub::{Hub, Space, SpaceWatcher, Spaces};
@@ -53,6 +55,22 @@ impl SpaceId {
             kind,
             id: id.to_string(),
         })
+    }
+
+    /// A space by its name in events and URLs, `rooms/<id>` or `sessions/<id>`.
+    pub fn parse(name: &str) -> Result<SpaceId, String> {
+        match name.trim_end_matches('/').split_once('/') {
+            Some(("rooms", id)) => SpaceId::new(SpaceKind::Room, id),
+            Some(("sessions", id)) => SpaceId::new(SpaceKind::Session, id),
+            _ => Err(format!(
+                "{name:?} names no space: use rooms/ID or sessions/ID"
+            )),
+        }
+    }
+
+    /// The space's name in events and URLs: `rooms/<id>` or `sessions/<id>`.
+    pub fn name(&self) -> String {
+        format!("{}/{}", self.kind.dir(), self.id)
     }
 
     /// The space's directory relative to the data dir: `rooms/<id>` or `sessions/<id>`.

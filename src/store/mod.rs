@@ -74,6 +74,30 @@ impl Version {
             VersionRepr::Words(_) => None,
         }
     }
+
+    /// A name for this version that says nothing of what the backend identifies it by (for
+    /// HTTP ETags): 32 hex digits of a SHA-256 of it. Equal exactly when the versions are
+    /// (as far as a 128-bit hash tells).
+    pub fn fingerprint(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        match &self.0 {
+            VersionRepr::Words(words) => {
+                h.update(b"w");
+                for w in words {
+                    h.update(w.to_le_bytes());
+                }
+            }
+            VersionRepr::Tag(tag) => {
+                h.update(b"t");
+                h.update(tag.as_bytes());
+            }
+        }
+        h.finalize()[..16]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
 }
 
 /// The identity of a stored file across its names (hard links): equal for every name of one

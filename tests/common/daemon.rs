@@ -32,12 +32,22 @@ impl Daemon {
 
     /// Starts a daemon; `config` is the JSON config (its `mounts` paths may use `{tmp}`).
     pub fn with_config(config: Option<&str>) -> Daemon {
-        Daemon::on(config, store_is_s3().then(Bucket::shared))
+        Daemon::with_setup(config, |_| {})
+    }
+
+    /// Starts a daemon after `setup` prepared its temporary directory (given as argument: the
+    /// data dir will be `data` in it).
+    pub fn with_setup(config: Option<&str>, setup: impl FnOnce(&Path)) -> Daemon {
+        Daemon::build(config, setup, store_is_s3().then(Bucket::shared))
     }
 
     /// Starts a daemon keeping its rooms and sessions in `s3` (unless `config` names other
     /// stores).
     pub fn on(config: Option<&str>, s3: Option<Bucket>) -> Daemon {
+        Daemon::build(config, |_| {}, s3)
+    }
+
+    fn build(config: Option<&str>, setup: impl FnOnce(&Path), s3: Option<Bucket>) -> Daemon {
         let tmp = tempfile::Builder::new()
             .prefix("roomfs-daemon-")
             .tempdir_in("/tmp")
@@ -64,6 +74,7 @@ impl Daemon {
             fs::write(&p, text.replace("{tmp}", tmp.path().to_str().unwrap())).unwrap();
             p
         });
+        setup(tmp.path());
         let mut d = Daemon {
             socket: tmp.path().join("control.sock"),
             data: tmp.path().join("data"),

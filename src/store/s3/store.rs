@@ -1302,6 +1302,16 @@ fn io_err(e: StoreError) -> io::Error {
 }
 
 impl Spaces for S3Spaces {
+    fn space_exists(&self, space: &SpaceId) -> io::Result<bool> {
+        let keys = self.keys(space);
+        let page = self
+            .shared
+            .client
+            .list(keys.root(), false, None, Some(1))
+            .map_err(|e| io_err(e.into()))?;
+        Ok(!page.objects.is_empty())
+    }
+
     fn open_space(&self, space: &SpaceId, create: Option<Owner>) -> io::Result<Arc<dyn Store>> {
         let keys = self.keys(space);
         let root = keys.root().to_string();

@@ -1,6 +1,7 @@
-//! The core's error type: an errno, because that is the vocabulary of the mount (and of every
-//! program using it). Backend errors keep their errno; their cause goes to the log where they
-//! become an errno, when they are failures rather than answers (see `StoreError::is_failure`).
+//! The filesystem core's error type: an errno, because that is the vocabulary of the mount
+//! (and of every program using it). Backend errors keep their errno; their cause goes to the
+//! log where they become an errno, when they are failures rather than answers (see
+//! `StoreError::is_failure`).
 
 use std::fmt;
 use std::io;

@@ -1,0 +1,121 @@
+//! The mounts added through the API, kept in `<data-dir>/state/mounts.json` so that a restarted
+//! daemon sets them up again: the requests that made them, as the API took them (the mount
+//! point made canonical).
+//!
+//! The file is replaced whole and atomically (a new file, synced, renamed over the old one)
+//! beneath the data dir's held descriptor, never through a symlink. It changes when a mount is
+//! added through the API and when one goes away for good: removed through the API, unmounted
+//! by its user, or its session ended. A daemon that stops (SIGTERM) or crashes leaves it as it
+//! was, so the mounts it served come back at the next start.
+
+use std::ffi::OsStr;
+use std::io;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::control::MountRequest;
+use crate::store::local::at::Dir;
+
+const DIR: &str = "state";
+const FILE: &str = "mounts.json";
+
+/// What `state/mounts.json` holds. Entries stay JSON values until each is read on its own, so
+/// that one entry a daemon cannot read does not hide the others.
+#[derive(Serialize, Deserialize, Default)]
+#[serde(default)]
+struct File<T> {
+    mounts: Vec<T>,
+}
+
+/// The directory of the daemon's state beneath the data dir, made if missing.
+fn state_dir(data: &Dir) -> io::Result<Dir> {
+    Ok(data.create_dirs(Path::new(DIR), 0o700)?.0)
+}
+
+/// The persisted mount requests, in the order they were made. An entry that cannot be read is
+/// skipped with a warning naming it.
+pub fn load(data: &Dir) -> io::Result<Vec<MountRequest>> {
+    let Some(bytes) = state_dir(data)?.read_file(OsStr::new(FILE))? else {
+        return Ok(Vec::new());
+    };
+    let file: File<serde_json::Value> = serde_json::from_slice(&bytes)
+        .map_err(|e| io::Error::other(format!("{DIR}/{FILE}: {e}")))?;
+    Ok(file
+        .mounts
+        .into_iter()
+        .enumerate()
+        .filter_map(|(i, entry)| match serde_json::from_value(entry) {
+            Ok(req) => Some(req),
+            Err(e) => {
+                log::warn!("skipping mounts[{i}] of {DIR}/{FILE}: {e}");
+                None
+            }
+        })
+        .collect())
+}
+
+/// Replaces the persisted mount requests with `mounts`.
+pub fn save(data: &Dir, mounts: &[MountRequest]) -> io::Result<()> {
+    let bytes = serde_json::to_vec_pretty(&File {
+        mounts: mounts.to_vec(),
+    })
+    .map_err(io::Error::other)?;
+    state_dir(data)?.write_file_atomic(OsStr::new(FILE), &bytes, 0o600)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(mountpoint: &str, room: &str) -> MountRequest {
+        MountRequest {
+            mountpoint: mountpoint.into(),
+            room: Some(room.into()),
+            grant: vec!["outputs/:rw".into()],
+            label: Some("agent".into()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn requests_round_trip_and_a_bad_entry_hides_nothing_else() {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = Dir::open_trusted(tmp.path(), false).unwrap();
+        assert_eq!(load(&data).unwrap(), vec![]);
+        let (a, b) = (request("/srv/a", "r1"), request("/srv/b", "r2"));
+        save(&data, &[a.clone(), b.clone()]).unwrap();
+        assert_eq!(load(&data).unwrap(), vec![a.clone(), b.clone()]);
+        let file = tmp.path().join("state/mounts.json");
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            std::fs::metadata(&file).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        let mut text: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+        text["mounts"][0]["colour"] = "blue".into();
+        std::fs::write(&file, text.to_string()).unwrap();
+        assert_eq!(load(&data).unwrap(), vec![b]);
+        std::fs::write(&file, "{").unwrap();
+        let e = load(&data).unwrap_err().to_string();
+        assert!(e.contains("state/mounts.json"), "{e}");
+    }
+
+    #[test]
+    fn a_symlink_in_place_of_the_file_is_refused_not_followed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = Dir::open_trusted(tmp.path(), false).unwrap();
+        std::fs::create_dir(tmp.path().join("state")).unwrap();
+        std::fs::write(tmp.path().join("elsewhere"), r#"{"mounts": []}"#).unwrap();
+        std::os::unix::fs::symlink("../elsewhere", tmp.path().join("state/mounts.json")).unwrap();
+        assert!(load(&data).is_err());
+        save(&data, &[request("/srv/a", "r1")]).unwrap();
+        // The symlink was replaced, its target left alone.
+        assert_eq!(
+            std::fs::read_to_string(tmp.path().join("elsewhere")).unwrap(),
+            r#"{"mounts": []}"#
+        );
+        assert_eq!(load(&data).unwrap().len(), 1);
+    }
+}

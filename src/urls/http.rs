@@ -1,0 +1,411 @@
+//! The daemon's optional HTTP listener (`http_listen`): serves signed download URLs.
+//!
+//! `GET` and `HEAD /v1/files/<rooms|sessions>/<id>/<path>?expires=…&disposition=…&signature=…`:
+//!
+//! - The signature and expiry are checked before anything is opened: a bad or expired link is
+//!   403 with nothing read. A path that is not a regular file (any more) is 404.
+//! - The committed version at the time of the request is served: opened once, so a commit
+//!   during the download does not mix versions. It is read in chunks of [`CHUNK`] bytes
+//!   through the store (`Content::read_at`) on a blocking thread, at most [`IN_FLIGHT`] chunks
+//!   ahead of the client, so memory stays flat whatever the size of the file.
+//! - One byte range (`Range: bytes=a-b`, `a-`, `-n`) gives 206 with `Content-Range`; a range
+//!   that starts past the end gives 416; several ranges, or one that does not parse, are
+//!   ignored (the whole file, 200), as HTTP allows. `If-Range` with another ETag ignores the
+//!   range; `If-None-Match` with the current ETag gives 304.
+//! - `Content-Type` is the file's `user.mime_type` extended attribute when it holds a valid
+//!   media type, else guessed from the extension; `Content-Disposition` is inline or
+//!   attachment with the file's name; `ETag` renders the store's version of the file without
+//!   saying anything of the backend; `Last-Modified` is its mtime. HTML, SVG and XML are sent
+//!   with `Content-Security-Policy: sandbox`, so what an agent wrote runs no script in the
+//!   listener's origin.
+
+use std::io;
+use std::net::TcpListener;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use super::{Disposition, Refused, verify};
+use crate::space::Hub;
+use crate::store::{Content, Kind, StoreError};
+
+/// Bytes read from the store at a time.
+pub const CHUNK: usize = 256 << 10;
+/// Chunks read ahead of the client at most.
+pub const IN_FLIGHT: usize = 4;
+
+/// What the listener needs: the secret URLs are signed with, and the spaces.
+pub struct Downloads {
+    pub secret: Vec<u8>,
+    pub hub: Arc<Hub>,
+}
+
+/// Serves downloads on `listener` until `shutdown` completes. Must run inside a tokio runtime.
+pub async fn serve(
+    listener: TcpListener,
+    downloads: Arc<Downloads>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> io::Result<()> {
+    listener.set_nonblocking(true)?;
+    let listener = tokio::net::TcpListener::from_std(listener)?;
+    axum::serve(listener, router(downloads))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// The listener's routes.
+pub fn router(downloads: Arc<Downloads>) -> Router {
+    Router::new()
+        .route("/v1/files/{*rest}", axum::routing::get(download))
+        .fallback(|| async { refuse(StatusCode::NOT_FOUND, "no such endpoint".into()) })
+        .with_state(downloads)
+}
+
+fn refuse(status: StatusCode, message: String) -> Response {
+    (status, axum::Json(json!({ "error": message }))).into_response()
+}
+
+/// What was found at the URL's path, read before anything is sent.
+struct Found {
+    content: Arc<dyn Content>,
+    mime: Option<String>,
+}
+
+async fn download(
+    State(d): State<Arc<Downloads>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Response {
+    let rest = uri.path().strip_prefix("/v1/files/").unwrap_or("");
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let grant = match verify(&d.secret, rest, uri.query().unwrap_or(""), now) {
+        Ok(g) => g,
+        Err(e) => {
+            if !matches!(e, Refused::Expired) {
+                log::info!("download refused: {e}");
+            }
+            return refuse(StatusCode::FORBIDDEN, e.to_string());
+        }
+    };
+    let (hub, space, path) = (d.hub.clone(), grant.space.clone(), grant.path.clone());
+    let found = tokio::task::spawn_blocking(move || -> Result<Option<Found>, StoreError> {
+        let store = hub.download_store(&space)?;
+        let meta = store.stat(&path)?;
+        if meta.kind != Kind::File {
+            return Ok(None);
+        }
+        let content = store.open(&path)?;
+        let mime = match store.get_xattr(&path, std::ffi::OsStr::new("user.mime_type")) {
+            Ok(v) => String::from_utf8(v).ok().filter(|m| valid_media_type(m)),
+            Err(_) => None,
+        };
+        Ok(Some(Found { content, mime }))
+    })
+    .await;
+    let found = match found {
+        Ok(Ok(Some(f))) => f,
+        Ok(Ok(None)) => {
+            return refuse(
+                StatusCode::NOT_FOUND,
+                format!("{} is not a file", grant.path.display()),
+            );
+        }
+        Ok(Err(e)) if matches!(e.raw_os_error(), libc::ENOENT | libc::ENOTDIR | libc::ELOOP) => {
+            return refuse(
+                StatusCode::NOT_FOUND,
+                format!("no file at {} in {}", grant.path.display(), grant.space),
+            );
+        }
+        Ok(Err(e)) => {
+            log::warn!(
+                "download of {} in {}: {e}",
+                grant.path.display(),
+                grant.space
+            );
+            return refuse(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("reading the file failed: {e}"),
+            );
+        }
+        Err(e) => {
+            return refuse(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("the download failed: {e}"),
+            );
+        }
+    };
+    respond(&method, &headers, &grant.path, grant.disposition, found)
+}
+
+fn respond(
+    method: &Method,
+    req: &HeaderMap,
+    path: &Path,
+    disposition: Disposition,
+    found: Found,
+) -> Response {
+    let meta = found.content.meta();
+    let size = meta.size;
+    let etag = format!("\"{}\"", meta.version.fingerprint());
+    let mime = found.mime.unwrap_or_else(|| guess_type(path).to_string());
+    let mut headers = HeaderMap::new();
+    let mut put = |name: header::HeaderName, value: &str| {
+        if let Ok(v) = HeaderValue::from_str(value) {
+            headers.insert(name, v);
+        }
+    };
+    put(header::ETAG, &etag);
+    put(header::LAST_MODIFIED, &httpdate::fmt_http_date(meta.mtime));
+    put(header::ACCEPT_RANGES, "bytes");
+    put(header::CACHE_CONTROL, "private");
+    put(header::X_CONTENT_TYPE_OPTIONS, "nosniff");
+    if needs_sandbox(&mime) {
+        put(header::CONTENT_SECURITY_POLICY, "sandbox");
+    }
+    put(header::CONTENT_TYPE, &mime);
+    put(
+        header::CONTENT_DISPOSITION,
+        &content_disposition(disposition, path),
+    );
+    let header_str = |name: header::HeaderName| req.get(name).and_then(|v| v.to_str().ok());
+    if header_str(header::IF_NONE_MATCH)
+        .is_some_and(|v| v.split(',').any(|t| t.trim() == etag || t.trim() == "*"))
+    {
+        return (StatusCode::NOT_MODIFIED, headers).into_response();
+    }
+    // A range applies only to the version it was asked of.
+    let range_applies = header_str(header::IF_RANGE).is_none_or(|v| v.trim() == etag);
+    let range = header_str(header::RANGE)
+        .filter(|_| range_applies)
+        .map(|r| parse_range(r, size));
+    let (status, start, len) = match range {
+        Some(RangeAnswer::Satisfiable(start, end)) => {
+            put(
+                header::CONTENT_RANGE,
+                &format!("bytes {start}-{}/{size}", end - 1),
+            );
+            (StatusCode::PARTIAL_CONTENT, start, end - start)
+        }
+        Some(RangeAnswer::Unsatisfiable) => {
+            put(header::CONTENT_RANGE, &format!("bytes */{size}"));
+            headers.remove(header::CONTENT_TYPE);
+            return (StatusCode::RANGE_NOT_SATISFIABLE, headers).into_response();
+        }
+        Some(RangeAnswer::Ignored) | None => (StatusCode::OK, 0, size),
+    };
+    put(header::CONTENT_LENGTH, &len.to_string());
+    if method == Method::HEAD {
+        return (status, headers).into_response();
+    }
+    let (tx, rx) = tokio::sync::mpsc::channel(IN_FLIGHT);
+    let content = found.content;
+    tokio::task::spawn_blocking(move || {
+        let mut buf = vec![0u8; CHUNK];
+        let (mut off, end) = (start, start + len);
+        while off < end {
+            let want = CHUNK.min((end - off) as usize);
+            let chunk = match content.read_at(&mut buf[..want], off) {
+                Ok(0) => Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the file ended before its size",
+                )),
+                Ok(n) => Ok(Bytes::copy_from_slice(&buf[..n])),
+                Err(e) => Err(e),
+            };
+            let failed = chunk.is_err();
+            if let Ok(c) = &chunk {
+                off += c.len() as u64;
+            }
+            // The client went away: stop reading.
+            if tx.blocking_send(chunk).is_err() || failed {
+                return;
+            }
+        }
+    });
+    (status, headers, Body::new(Chunks(rx))).into_response()
+}
+
+/// A response body of chunks read on another thread; an error aborts the response.
+struct Chunks(tokio::sync::mpsc::Receiver<io::Result<Bytes>>);
+
+impl hyper::body::Body for Chunks {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, io::Error>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|c| c.map(|r| r.map(hyper::body::Frame::data)))
+    }
+}
+
+/// What a `Range` header asks of a file of `size` bytes.
+#[derive(Debug, PartialEq, Eq)]
+pub enum RangeAnswer {
+    /// Bytes `start..end`.
+    Satisfiable(u64, u64),
+    /// It starts at or past the end (416).
+    Unsatisfiable,
+    /// Not one byte range this listener serves (several, or malformed): the whole file.
+    Ignored,
+}
+
+/// Parses `Range: bytes=a-b` (also `a-` and `-n`) for a file of `size` bytes.
+pub fn parse_range(value: &str, size: u64) -> RangeAnswer {
+    let Some(spec) = value.trim().strip_prefix("bytes=") else {
+        return RangeAnswer::Ignored;
+    };
+    if spec.contains(',') {
+        return RangeAnswer::Ignored;
+    }
+    let Some((first, last)) = spec.trim().split_once('-') else {
+        return RangeAnswer::Ignored;
+    };
+    let num = |s: &str| -> Option<u64> {
+        let s = s.trim();
+        (!s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| s.parse().ok())
+            .flatten()
+    };
+    match (first.trim().is_empty(), num(first), num(last)) {
+        // `-n`: the last n bytes.
+        (true, _, Some(n)) => {
+            if n == 0 || size == 0 {
+                RangeAnswer::Unsatisfiable
+            } else {
+                RangeAnswer::Satisfiable(size.saturating_sub(n), size)
+            }
+        }
+        (false, Some(start), end) if last.trim().is_empty() || end.is_some() => {
+            if let Some(end) = end
+                && end < start
+            {
+                return RangeAnswer::Ignored;
+            }
+            if start >= size {
+                return RangeAnswer::Unsatisfiable;
+            }
+            let end = end.map_or(size, |e| e.saturating_add(1).min(size));
+            RangeAnswer::Satisfiable(start, end)
+        }
+        _ => RangeAnswer::Ignored,
+    }
+}
+
+/// `inline; filename="…"; filename*=UTF-8''…` with the last component of `path`.
+pub fn content_disposition(disposition: Disposition, path: &Path) -> String {
+    let name = path
+        .file_name()
+        .map(|n| n.as_bytes())
+        .unwrap_or(b"download");
+    let name = String::from_utf8_lossy(name);
+    let ascii: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_graphic() && c != '"' && c != '\\' || c == ' ' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let mut encoded = String::new();
+    for b in name.as_bytes() {
+        if b.is_ascii_alphanumeric() || b"!#$&+-.^_`|~".contains(b) {
+            encoded.push(*b as char);
+        } else {
+            encoded.push_str(&format!("%{b:02X}"));
+        }
+    }
+    format!(
+        "{}; filename=\"{ascii}\"; filename*=UTF-8''{encoded}",
+        disposition.as_str()
+    )
+}
+
+/// Whether `m` is a media type fit for a header: `type/subtype`, optional parameters, visible
+/// ASCII, at most 255 bytes.
+pub fn valid_media_type(m: &str) -> bool {
+    let token = |s: &str| {
+        !s.is_empty()
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"!#$&^_.+-".contains(&b))
+    };
+    let essence = m.split(';').next().unwrap_or("").trim();
+    m.len() <= 255
+        && m.bytes().all(|b| b == b' ' || b.is_ascii_graphic())
+        && essence
+            .split_once('/')
+            .is_some_and(|(t, s)| token(t) && token(s))
+}
+
+/// Types a browser could run script in.
+fn needs_sandbox(mime: &str) -> bool {
+    let essence = mime
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    essence.contains("html") || essence.contains("xml") || essence == "image/svg+xml"
+}
+
+/// The media type for a file name's extension (`application/octet-stream` when unknown).
+pub fn guess_type(path: &Path) -> &'static str {
+    let ext = path
+        .extension()
+        .map(|e| String::from_utf8_lossy(e.as_bytes()).to_ascii_lowercase())
+        .unwrap_or_default();
+    match ext.as_str() {
+        "txt" | "log" | "text" => "text/plain; charset=utf-8",
+        "md" | "markdown" => "text/markdown; charset=utf-8",
+        "html" | "htm" => "text/html; charset=utf-8",
+        "css" => "text/css; charset=utf-8",
+        "csv" => "text/csv; charset=utf-8",
+        "tsv" => "text/tab-separated-values; charset=utf-8",
+        "js" | "mjs" => "text/javascript; charset=utf-8",
+        "py" => "text/x-python; charset=utf-8",
+        "sh" => "text/x-shellscript; charset=utf-8",
+        "yaml" | "yml" => "application/yaml",
+        "toml" => "application/toml",
+        "json" => "application/json",
+        "jsonl" | "ndjson" => "application/x-ndjson",
+        "ipynb" => "application/x-ipynb+json",
+        "xml" => "application/xml",
+        "pdf" => "application/pdf",
+        "zip" => "application/zip",
+        "gz" | "tgz" => "application/gzip",
+        "tar" => "application/x-tar",
+        "wasm" => "application/wasm",
+        "parquet" => "application/vnd.apache.parquet",
+        "xlsx" => "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet",
+        "docx" => "application/vnd.openxmlformats-officedocument.wordprocessingml.document",
+        "pptx" => "application/vnd.openxmlformats-officedocument.presentationml.presentation",
+        "png" => "image/png",
+        "jpg" | "jpeg" => "image/jpeg",
+        "gif" => "image/gif",
+        "webp" => "image/webp",
+        "svg" => "image/svg+xml",
+        "ico" => "image/x-icon",
+        "mp3" => "audio/mpeg",
+        "wav" => "audio/wav",
+        "ogg" => "audio/ogg",
+        "mp4" => "video/mp4",
+        "webm" => "video/webm",
+        _ => "application/octet-stream",
+    }
+}

@@ -1,0 +1,428 @@
+//! Events and coherence across mounts and processes, through real mounts: every kind of
+//! operation shows as its event (through another mount, another roomfs process on the same
+//! data dir, an export), resume from a seq, the retention gap, grant filtering; and a second
+//! `roomfs mount` process on the same data dir sees changes at once although its kernel may
+//! cache for a minute.
+
+mod common;
+
+use std::fs;
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::daemon::Daemon;
+use common::{BIN, is_mounted, start_logged};
+use serde_json::Value;
+
+/// A standalone `roomfs mount` (its own process) on a given data dir, unmounted and stopped
+/// on drop.
+struct Standalone {
+    mnt: PathBuf,
+    child: Option<Child>,
+    _log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Standalone {
+    fn start(data: &Path, mnt: &Path, args: &[&str]) -> Standalone {
+        fs::create_dir_all(mnt).unwrap();
+        let log = Arc::default();
+        let mut cmd = Command::new(BIN);
+        cmd.arg("mount")
+            .arg("--data-dir")
+            .arg(data)
+            .args(args)
+            .arg(mnt);
+        let child = start_logged(&mut cmd, " mounted ", &log);
+        assert!(is_mounted(mnt));
+        Standalone {
+            mnt: mnt.to_path_buf(),
+            child: Some(child),
+            _log: log,
+        }
+    }
+}
+
+impl Drop for Standalone {
+    fn drop(&mut self) {
+        if is_mounted(&self.mnt) {
+            let c = common::cstr(&self.mnt);
+            // SAFETY: a NUL-terminated path.
+            unsafe {
+                if libc::umount2(c.as_ptr(), 0) != 0 {
+                    libc::umount2(c.as_ptr(), libc::MNT_DETACH);
+                }
+            }
+        }
+        if let Some(mut child) = self.child.take() {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn eventually(what: &str, cond: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !cond() {
+        assert!(Instant::now() < deadline, "{what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// `roomfs events ARGS` (without --follow): the lines it printed.
+fn events(d: &Daemon, args: &[&str]) -> Vec<Value> {
+    let mut all = vec!["events"];
+    all.extend_from_slice(args);
+    let (code, out, err) = d.cli(&all);
+    assert_eq!(code, 0, "roomfs {all:?}: {err}");
+    out.lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}")))
+        .collect()
+}
+
+/// Waits until `roomfs events ARGS` prints at least `n` lines; returns them.
+fn events_at_least(d: &Daemon, args: &[&str], n: usize) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let got = events(d, args);
+        if got.len() >= n || Instant::now() > deadline {
+            return got;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// (type, path or source -> destination, participant) of each event.
+fn summary(events: &[Value]) -> Vec<(String, String, String)> {
+    events
+        .iter()
+        .map(|e| {
+            let path = match e.get("path") {
+                Some(p) => p.as_str().unwrap().to_string(),
+                None => format!(
+                    "{} -> {}",
+                    e["source_path"].as_str().unwrap_or("?"),
+                    e["destination_path"].as_str().unwrap_or("?")
+                ),
+            };
+            (
+                e["type"].as_str().unwrap().to_string(),
+                path,
+                e["participant"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect()
+}
+
+fn s(t: &str, p: &str, who: &str) -> (String, String, String) {
+    (t.into(), p.into(), who.into())
+}
+
+#[test]
+fn every_operation_is_one_event_in_one_sequence_across_mounts_processes_and_exports() {
+    let d = Daemon::start();
+    let (a, b) = (d.dir("a"), d.dir("b"));
+    d.mount(&["--room", "r1", "--label", "alice"], &a);
+    d.mount(&["--room", "r1"], &b);
+    let b_name = b.canonicalize().unwrap().to_string_lossy().into_owned();
+    // Another process on the same data dir.
+    let ext = Standalone::start(&d.data, &d.dir("ext"), &["--room", "r1", "--label", "ext"]);
+    // A watcher following from the start.
+    let mut follower = Command::new(BIN)
+        .args(["events", "--room", "r1", "--follow", "--socket"])
+        .arg(&d.socket)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let follower_out = follower.stdout.take().unwrap();
+    let followed = std::thread::spawn(move || {
+        let mut got = Vec::new();
+        for line in std::io::BufReader::new(follower_out).lines() {
+            let Ok(line) = line else { break };
+            got.push(serde_json::from_str::<Value>(&line).unwrap());
+            if got.len() == 14 {
+                break;
+            }
+        }
+        got
+    });
+    fs::write(a.join("report.md"), b"# draft").unwrap();
+    fs::OpenOptions::new()
+        .append(true)
+        .open(a.join("report.md"))
+        .unwrap()
+        .write_all(b"\nmore")
+        .unwrap();
+    // Truncate by path commits at once.
+    let c = common::cstr(&a.join("report.md"));
+    // SAFETY: a NUL-terminated path.
+    assert_eq!(unsafe { libc::truncate(c.as_ptr(), 3) }, 0);
+    fs::create_dir(a.join("outputs")).unwrap();
+    fs::rename(a.join("report.md"), a.join("outputs/report.md")).unwrap();
+    fs::create_dir(b.join("tmp")).unwrap();
+    fs::write(b.join("tmp/scratch"), b"x").unwrap();
+    fs::remove_file(b.join("tmp/scratch")).unwrap();
+    fs::rename(b.join("tmp"), b.join("old")).unwrap();
+    fs::remove_dir(b.join("old")).unwrap();
+    // Attributes are no event: chmod shows nowhere.
+    fs::set_permissions(
+        a.join("outputs"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o750),
+    )
+    .unwrap();
+    fs::write(ext.mnt.join("from-ext.txt"), b"hello").unwrap();
+    // An export from a session into the room.
+    d.json(&["session", "create", "s1", "--json"]);
+    let s1 = d.dir("s1");
+    d.mount(&["--session", "s1"], &s1);
+    fs::create_dir(s1.join("out")).unwrap();
+    fs::write(s1.join("out/result.csv"), b"a,b\n").unwrap();
+    // Wait for the standalone process's event before the export, to know the order.
+    events_at_least(&d, &["--room", "r1"], 14);
+    d.json(&[
+        "session",
+        "end",
+        "s1",
+        "--export",
+        "out/",
+        "--to-room",
+        "r1",
+        "--json",
+    ]);
+    let got = events_at_least(&d, &["--room", "r1"], 14);
+    let expected = vec![
+        s("file.updated", "report.md", "alice"),
+        s("file.updated", "report.md", "alice"),
+        s("file.updated", "report.md", "alice"),
+        s("file.updated", "report.md", "alice"),
+        s("folder.created", "outputs", "alice"),
+        s("file.moved", "report.md -> outputs/report.md", "alice"),
+        s("folder.created", "tmp", &b_name),
+        s("file.updated", "tmp/scratch", &b_name),
+        s("file.updated", "tmp/scratch", &b_name),
+        s("file.deleted", "tmp/scratch", &b_name),
+        s("folder.moved", "tmp -> old", &b_name),
+        s("folder.deleted", "old", &b_name),
+        s("file.updated", "from-ext.txt", "ext"),
+        s("file.updated", "from-ext.txt", "ext"),
+    ];
+    // The creations of files (size 0) and their commits are one event each; the export's
+    // come after.
+    assert_eq!(summary(&got[..14]), expected, "{got:#?}");
+    let exported = summary(&got[14..]);
+    assert_eq!(
+        exported,
+        vec![
+            s("folder.created", "out", "sessions/s1"),
+            s("file.updated", "out/result.csv", "sessions/s1"),
+        ]
+    );
+    let seqs: Vec<u64> = got.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, (1..=16).collect::<Vec<_>>());
+    let sizes: Vec<u64> = got[..4]
+        .iter()
+        .map(|e| e["size"].as_u64().unwrap())
+        .collect();
+    assert_eq!(sizes, [0, 7, 12, 3], "create, close, append, truncate");
+    assert_eq!(got[5]["size"], 3);
+    assert!(
+        got.iter()
+            .all(|e| e["space"] == "rooms/r1" && e["time"].as_u64().unwrap() > 0)
+    );
+    // The follower saw the same first 14, live.
+    let live = followed.join().unwrap();
+    let _ = follower.kill();
+    let _ = follower.wait();
+    assert_eq!(summary(&live), expected);
+    drop(ext);
+}
+
+#[test]
+fn a_running_writers_output_is_announced_while_it_runs() {
+    let d = Daemon::start();
+    let a = d.dir("a");
+    d.mount(&["--room", "r1", "--label", "runner"], &a);
+    // A log written line by line, open for two seconds.
+    common::python(
+        &a,
+        "import os, time\n\
+         f = open(os.environ['MNT'] + '/train.log', 'w')\n\
+         for i in range(3):\n\
+         \x20   f.write(f'step {i}\\n'); f.flush(); time.sleep(0.8)\n\
+         f.close()\n",
+    );
+    let got = events(&d, &["--room", "r1"]);
+    let updates: Vec<u64> = got
+        .iter()
+        .filter(|e| e["path"] == "train.log")
+        .map(|e| e["size"].as_u64().unwrap())
+        .collect();
+    // Created (0), published while running (growing), committed at close (21).
+    assert!(updates.len() >= 3, "{updates:?}");
+    assert_eq!(updates.first(), Some(&0));
+    assert_eq!(updates.last(), Some(&21));
+    assert!(updates.iter().any(|&s| s > 0 && s < 21), "{updates:?}");
+}
+
+#[test]
+fn watchers_resume_from_a_seq_and_are_told_of_a_gap() {
+    let d = Daemon::with_config(Some(r#"{"event_retention": {"max_events": 5}}"#));
+    let a = d.dir("a");
+    d.mount(&["--room", "r1"], &a);
+    for i in 0..12 {
+        fs::create_dir(a.join(format!("d{i}"))).unwrap();
+    }
+    let all = events(&d, &["--room", "r1"]);
+    // At least 5 are kept (at most half as many again before a compaction).
+    assert_eq!(all[0]["type"], "events.gap", "{all:#?}");
+    let oldest = all[0]["oldest_seq"].as_u64().unwrap();
+    assert!((2..=8).contains(&oldest), "{oldest}");
+    assert_eq!(all[0]["head_seq"], 12);
+    assert_eq!(all[1]["seq"].as_u64(), Some(oldest));
+    assert_eq!(all.last().unwrap()["seq"], 12);
+    // From a seq still retained: exactly what followed it, no gap.
+    let from10 = events(&d, &["--room", "r1", "--since", "10"]);
+    let paths: Vec<&str> = from10.iter().map(|e| e["path"].as_str().unwrap()).collect();
+    assert_eq!(paths, ["d10", "d11"]);
+    assert_eq!(from10[0]["seq"], 11);
+    // From one no longer retained: the gap line, then everything retained.
+    let from1 = events(&d, &["--room", "r1", "--since", "1"]);
+    assert_eq!(from1[0]["type"], "events.gap");
+    assert_eq!(from1[0]["since"], 1);
+    assert_eq!(from1.len(), all.len());
+    // From the future (a log made anew): a gap too.
+    let ahead = events(&d, &["--room", "r1", "--since", "99"]);
+    assert_eq!(ahead[0]["type"], "events.gap");
+    // Unknown spaces are refused clearly.
+    let (code, _, err) = d.cli(&["events", "--room", "nope"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("no room nope"), "{err}");
+}
+
+#[test]
+fn a_watcher_with_a_token_sees_only_its_grant_and_moves_across_it_as_they_look() {
+    let keys = tempfile::tempdir().unwrap();
+    let secret = keys.path().join("secret");
+    fs::write(&secret, "events-test-secret\n").unwrap();
+    let config = format!(r#"{{"secret_file": "{}"}}"#, secret.display());
+    let d = Daemon::with_config(Some(&config));
+    let a = d.dir("a");
+    d.mount(&["--room", "r1"], &a);
+    let out = Command::new(BIN)
+        .args(["token", "issue", "--secret-file"])
+        .arg(&secret)
+        .args(["--room", "r1", "--path", "shared/:ro", "--name", "watcher"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    fs::create_dir(a.join("shared")).unwrap();
+    fs::create_dir(a.join("secret")).unwrap();
+    fs::write(a.join("secret/plan.txt"), b"x").unwrap();
+    fs::rename(a.join("secret/plan.txt"), a.join("shared/plan.txt")).unwrap();
+    fs::write(a.join("shared/notes.txt"), b"y").unwrap();
+    fs::rename(a.join("shared/notes.txt"), a.join("secret/notes.txt")).unwrap();
+    fs::rename(a.join("shared/plan.txt"), a.join("shared/final.txt")).unwrap();
+    let got = events(&d, &["--room", "r1", "--token", &token]);
+    let who = got[0]["participant"].as_str().unwrap_or("").to_string();
+    let w = |t: &str, p: &str| s(t, p, &who);
+    assert_eq!(
+        summary(&got),
+        vec![
+            w("folder.created", "shared"),
+            w("file.updated", "shared/plan.txt"),
+            w("file.updated", "shared/notes.txt"),
+            w("file.updated", "shared/notes.txt"),
+            w("file.deleted", "shared/notes.txt"),
+            w("file.moved", "shared/plan.txt -> shared/final.txt"),
+        ],
+        "{got:#?}"
+    );
+    // The move in showed as an arrival of the whole file.
+    assert_eq!(got[1]["size"], 1);
+    // Without the token: everything (9 events).
+    assert_eq!(events(&d, &["--room", "r1"]).len(), 9);
+    // A token for another room is refused.
+    let (code, _, err) = d.cli(&["events", "--room", "r2", "--token", &token]);
+    assert_ne!(code, 0);
+    assert!(err.contains("token refused"), "{err}");
+}
+
+#[test]
+fn two_mount_processes_on_one_data_dir_see_each_others_changes_at_once() {
+    // Each kernel may trust what it cached for a minute: only the change log's invalidations
+    // can show the other process's changes.
+    let tmp = tempfile::Builder::new()
+        .prefix("roomfs-events-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let data = tmp.path().join("data");
+    let ttl = ["--room", "r1", "--cache-ttl", "60"];
+    let pa = Standalone::start(&data, &tmp.path().join("a"), &ttl);
+    let pb = Standalone::start(&data, &tmp.path().join("b"), &ttl);
+    let (a, b) = (pa.mnt.clone(), pb.mnt.clone());
+    fs::write(a.join("f"), b"one").unwrap();
+    // B looks: its kernel caches the entry, the attributes and the pages.
+    eventually("B sees the new file", || b.join("f").exists());
+    assert_eq!(fs::read(b.join("f")).unwrap(), b"one");
+    assert_eq!(fs::metadata(b.join("f")).unwrap().len(), 3);
+    fs::write(a.join("f"), b"the second version").unwrap();
+    // A stat, no open: only an invalidation of B's cached attributes shows the new size.
+    eventually("B sees A's commit", || {
+        fs::metadata(b.join("f")).unwrap().len() == 18
+    });
+    assert_eq!(fs::read(b.join("f")).unwrap(), b"the second version");
+    fs::OpenOptions::new()
+        .append(true)
+        .open(a.join("f"))
+        .unwrap()
+        .write_all(b"+more")
+        .unwrap();
+    eventually("B sees the append", || {
+        fs::metadata(b.join("f")).unwrap().len() == 23
+    });
+    assert_eq!(fs::read(b.join("f")).unwrap(), b"the second version+more");
+    // A directory listing B cached.
+    fs::create_dir(b.join("dir")).unwrap();
+    assert_eq!(fs::read_dir(b.join("dir")).unwrap().count(), 0);
+    eventually("A sees B's directory", || a.join("dir").is_dir());
+    fs::write(a.join("dir/new"), b"n").unwrap();
+    eventually("B lists A's new file", || {
+        fs::read_dir(b.join("dir")).unwrap().count() == 1
+    });
+    // Renames and removals, both ways.
+    fs::rename(a.join("f"), a.join("g")).unwrap();
+    eventually("B sees the rename", || {
+        !b.join("f").exists() && b.join("g").exists()
+    });
+    assert_eq!(fs::read(b.join("g")).unwrap(), b"the second version+more");
+    fs::remove_file(b.join("g")).unwrap();
+    eventually("A sees the removal", || !a.join("g").exists());
+    // A file open for reading in B keeps its version; its size shows the new one.
+    fs::write(a.join("h"), b"old").unwrap();
+    eventually("B sees h", || b.join("h").exists());
+    let held = fs::File::open(b.join("h")).unwrap();
+    fs::write(a.join("h"), b"newer").unwrap();
+    eventually("B's stat of the open file", || {
+        fs::metadata(b.join("h")).unwrap().len() == 5
+    });
+    let mut buf = Vec::new();
+    std::io::Read::read_to_end(&mut &held, &mut buf).unwrap();
+    // Its reader keeps the bytes of the version it opened. (Known gap, as between two mounts
+    // of one daemon: once the kernel took the new, larger size, a reader of the old version
+    // that reads through the page cache after it may get zeros past the old end.)
+    assert_eq!(
+        &buf[..3],
+        b"old",
+        "an open file keeps the version it opened"
+    );
+    assert!(buf[3..].iter().all(|&b| b == 0), "{buf:?}");
+    drop(held);
+}
