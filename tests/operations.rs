@@ -428,13 +428,16 @@ fn session_activity_outlives_unmounts_and_restarts() {
     // Both are used for longer than their TTL.
     let until = Instant::now() + TTL + Duration::from_secs(2);
     let mut n = 0u32;
+    // When the last write to `quiet` began (activity is kept to the second): taken after the
+    // loop, it could be a second later than the write.
+    let mut last_write = 0;
     while Instant::now() < until {
         n += 1;
         fs::write(busy.join("f"), n.to_string()).unwrap();
+        last_write = now_ms() / 1000 * 1000;
         fs::write(quiet.join("f"), n.to_string()).unwrap();
         std::thread::sleep(Duration::from_millis(300));
     }
-    let last_write = now_ms() / 1000 * 1000;
     // Its mount gone, a session is not idle since its creation: it is not ended at once.
     let (code, _, err) = d.cli(&["unmount", quiet.to_str().unwrap()]);
     assert_eq!(code, 0, "{err}");
