@@ -184,7 +184,7 @@ pub struct MountRequest {
     pub read_only: Option<bool>,
     /// The store the space is in (`local`, `s3://bucket/prefix`): must be the one the daemon
     /// keeps such spaces in (default: that one).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub store: Option<String>,
 }
 
