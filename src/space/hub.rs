@@ -43,6 +43,17 @@ pub trait Spaces: Send + Sync {
     fn delete_space(&self, space: &SpaceId) -> io::Result<Usage>;
     /// Where `space` lives, for messages.
     fn describe(&self, space: &SpaceId) -> String;
+    /// The change feed the store keeps for `space` itself, shared by every host using it (an
+    /// S3 store's, in its bucket), keeping `retention`; `None`: the store keeps none, and the
+    /// data dir's change log serves.
+    fn change_feed(
+        &self,
+        space: &SpaceId,
+        retention: Retention,
+    ) -> Option<io::Result<Arc<dyn ChangeFeed>>>;
+    /// What hands out the store's own URLs of `space`'s files (an S3 store's presigned GETs,
+    /// `roomfs url --direct`); `None` for a store without any (the local disk).
+    fn presigner(&self, space: &SpaceId) -> Option<Arc<dyn crate::urls::Presign>>;
 }
 
 impl Spaces for LocalBackend {
@@ -64,6 +75,18 @@ impl Spaces for LocalBackend {
 
     fn describe(&self, space: &SpaceId) -> String {
         LocalBackend::describe(self, space).display().to_string()
+    }
+
+    fn change_feed(
+        &self,
+        _space: &SpaceId,
+        _retention: Retention,
+    ) -> Option<io::Result<Arc<dyn ChangeFeed>>> {
+        None
+    }
+
+    fn presigner(&self, _space: &SpaceId) -> Option<Arc<dyn crate::urls::Presign>> {
+        None
     }
 }
 
@@ -212,6 +235,24 @@ impl Space {
 
 impl ForeignChanges for Space {
     fn heard(&self, record: &Record) {
+        // What the store remembers goes first, so that the kernel, looking again once told,
+        // gets the new state from the backend.
+        let forget = |path: &Path, tree: bool| self.store.forget(path, tree);
+        match &record.change {
+            Changed::File { path, .. }
+            | Changed::FileDeleted { path }
+            | Changed::FolderCreated { path }
+            | Changed::Attributes { path } => forget(path, false),
+            Changed::FolderDeleted { path } => forget(path, true),
+            Changed::FileMoved { from, to, .. } => {
+                forget(from, false);
+                forget(to, false);
+            }
+            Changed::FolderMoved { from, to } | Changed::Exchanged { a: from, b: to } => {
+                forget(from, true);
+                forget(to, true);
+            }
+        }
         self.tell_watchers(std::slice::from_ref(&record.change), None);
     }
 }
@@ -314,6 +355,9 @@ impl Hub {
     }
 
     fn new_feed(&self, id: &SpaceId) -> io::Result<Arc<dyn ChangeFeed>> {
+        if let Some(feed) = self.spaces(id.kind).change_feed(id, self.retention) {
+            return feed;
+        }
         Ok(match &self.logs {
             Some(logs) => logs.feed(id)?,
             None => Arc::new(MemFeed::new(self.retention)),
@@ -327,9 +371,9 @@ impl Hub {
     }
 
     /// The store of `id`'s own URLs (`roomfs url --direct`), where its backend has them: an
-    /// S3 store's presigned GETs, once that store exists. The local disk has none.
-    pub fn presigner(&self, _id: &SpaceId) -> Option<Arc<dyn crate::urls::Presign>> {
-        None
+    /// S3 store's presigned GETs. The local disk has none.
+    pub fn presigner(&self, id: &SpaceId) -> Option<Arc<dyn crate::urls::Presign>> {
+        self.spaces(id.kind).presigner(id)
     }
 
     /// Whether changes made by other processes are noticed through inotify (else by polling,
@@ -377,8 +421,8 @@ impl Hub {
         };
         let feed = self.new_feed(id).unwrap_or_else(|e| {
             log::error!(
-                "cannot open the change log of {id} ({e}): other processes will not hear of \
-                 its changes before their cache TTL"
+                "cannot open the change feed of {id} ({e}): other processes and hosts will not \
+                 hear of its changes before their cache TTL"
             );
             Arc::new(MemFeed::new(self.retention))
         });

@@ -379,4 +379,8 @@ impl<S: Store> Store for FailingStore<S> {
         self.faults.check(Op::Xattr)?;
         self.inner.remove_xattr(path, name)
     }
+
+    fn forget(&self, path: &Path, tree: bool) {
+        self.inner.forget(path, tree)
+    }
 }

@@ -798,6 +798,8 @@ impl Store for MemStore {
         node.ctime = now();
         Ok(())
     }
+
+    fn forget(&self, _path: &Path, _tree: bool) {}
 }
 
 fn join(root: &Path, rel: &Path) -> PathBuf {

@@ -365,6 +365,10 @@ impl Store for MetaOverlay {
         self.refuse_meta(path)?;
         self.inner.remove_xattr(path, name)
     }
+
+    fn forget(&self, path: &Path, tree: bool) {
+        self.inner.forget(path, tree)
+    }
 }
 
 #[cfg(test)]

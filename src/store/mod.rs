@@ -385,6 +385,10 @@ pub trait Store: Send + Sync + 'static {
     fn list_xattr(&self, path: &Path) -> StoreResult<Vec<OsString>>;
     /// Removes the attribute `name` (`ENODATA` if there is none).
     fn remove_xattr(&self, path: &Path, name: &OsStr) -> StoreResult<()>;
+    /// Another host (or process) changed `path` (with `tree`, also what is below it): forgets
+    /// what the store remembers of it, so that the next question asks the backend. A store
+    /// that remembers nothing does nothing. Never waits for I/O.
+    fn forget(&self, path: &Path, tree: bool);
 }
 
 /// Where a process stores spaces of one kind: its data dir, or an S3 bucket. In JSON

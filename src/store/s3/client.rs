@@ -307,6 +307,15 @@ pub trait ObjectClient: Send + Sync + 'static {
     fn delete_many(&self, keys: &[String]) -> ClientResult<()>;
     /// Whether the bucket exists and answers (HeadBucket).
     fn check_bucket(&self) -> ClientResult<()>;
+    /// A presigned URL that GETs `key` without credentials until `expires` has passed, the
+    /// response carrying `content_disposition` as its `Content-Disposition` if given. Made
+    /// here, without a request.
+    fn presign_get(
+        &self,
+        key: &str,
+        expires: std::time::Duration,
+        content_disposition: Option<&str>,
+    ) -> ClientResult<String>;
 }
 
 /// The maximum number of keys of one DeleteObjects.

@@ -635,6 +635,20 @@ impl ObjectClient for MemClient {
     fn check_bucket(&self) -> ClientResult<()> {
         self.enter(Op::CheckBucket, "", "HeadBucket")
     }
+
+    /// A URL naming what a real client would sign (nothing serves it).
+    fn presign_get(
+        &self,
+        key: &str,
+        expires: Duration,
+        content_disposition: Option<&str>,
+    ) -> ClientResult<String> {
+        Ok(format!(
+            "memory:///{key}?expires={}&disposition={}",
+            expires.as_secs(),
+            content_disposition.unwrap_or_default()
+        ))
+    }
 }
 
 #[cfg(test)]

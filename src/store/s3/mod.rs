@@ -80,6 +80,9 @@ fn default_connect_timeout() -> f64 {
 fn default_attempts() -> u32 {
     4
 }
+fn default_events_poll() -> f64 {
+    0.25
+}
 
 /// A size in the configuration: a number of bytes, or a string like `"8Mi"`.
 fn de_size<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
@@ -138,6 +141,10 @@ pub struct S3Config {
     /// Attempts of each request (the first one and its retries).
     #[serde(default = "default_attempts")]
     pub attempts: u32,
+    /// Seconds between two looks at the change feed of each open space in the bucket, for
+    /// other hosts' changes (each look is one GET; see `events::bucket`).
+    #[serde(default = "default_events_poll")]
+    pub events_poll_secs: f64,
 }
 
 impl S3Config {
@@ -157,6 +164,7 @@ impl S3Config {
             timeout_secs: default_timeout(),
             connect_timeout_secs: default_connect_timeout(),
             attempts: default_attempts(),
+            events_poll_secs: default_events_poll(),
         }
     }
 
@@ -224,6 +232,12 @@ impl S3Config {
             if !(v.is_finite() && (0.0..=3600.0).contains(&v)) {
                 return Err(format!("{name} must be between 0 and 3600, not {v}"));
             }
+        }
+        if !(self.events_poll_secs.is_finite() && (0.01..=60.0).contains(&self.events_poll_secs)) {
+            return Err(format!(
+                "events_poll_secs must be between 0.01 and 60, not {}",
+                self.events_poll_secs
+            ));
         }
         if self.timeout_secs == 0.0 || self.connect_timeout_secs == 0.0 {
             return Err("timeouts must be more than 0".into());

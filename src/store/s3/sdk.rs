@@ -765,6 +765,26 @@ impl ObjectClient for SdkClient {
             }
         }
     }
+
+    fn presign_get(
+        &self,
+        key: &str,
+        expires: Duration,
+        content_disposition: Option<&str>,
+    ) -> ClientResult<String> {
+        use aws_sdk_s3::presigning::PresigningConfig;
+        let what = || format!("presigning GET {key}");
+        let config = PresigningConfig::expires_in(expires)
+            .map_err(|e| ClientError::with_source(Failure::Refused, what(), e))?;
+        let mut req = self.client.get_object().bucket(&self.bucket).key(key);
+        if let Some(d) = content_disposition {
+            req = req.response_content_disposition(d);
+        }
+        // Signing only: no request goes out (credentials may be fetched, hence the runtime).
+        let presigned = block(req.presigned(config))
+            .map_err(|e| ClientError::with_source(Failure::Other, what(), e.to_string()))?;
+        Ok(presigned.uri().to_string())
+    }
 }
 
 #[cfg(test)]

@@ -26,12 +26,15 @@ use super::content::S3Content;
 use super::keys::{INDEX, SpaceKeys, listed_name};
 use super::spool::SpoolCopy;
 use super::state::{Leftover, Record};
+use crate::events::bucket::{BucketFeeds, remove_feed};
+use crate::events::{ChangeFeed, Retention};
 use crate::space::{SpaceId, Spaces};
 use crate::store::{
     Capabilities, CommitRequest, Committed, Content, DirEntry, Kind, Meta, Owner, RenameMode,
     SetAttr, Store, StoreError, StoreResult, StoreStatfs, TimeSpec, Usage, Version, WorkingCopy,
     XattrMode,
 };
+use crate::urls::{Disposition, Presign};
 
 fn err(errno: i32) -> StoreError {
     StoreError::errno(errno)
@@ -1161,6 +1164,17 @@ impl Store for S3Store {
     fn remove_xattr(&self, _path: &Path, _name: &OsStr) -> StoreResult<()> {
         Err(err(libc::EOPNOTSUPP))
     }
+
+    fn forget(&self, path: &Path, tree: bool) {
+        // The entry (or the tree), its directory's listing, and the index holding its
+        // attributes (`S3Store::forget` here is the inherent one, of one entry).
+        if tree {
+            self.forget_tree(path);
+        } else {
+            S3Store::forget(self, path);
+        }
+        lock(&self.indexes).remove(&split(path).0);
+    }
 }
 
 /// What the space under `root` holds: its files, links and names, its directories (every
@@ -1200,11 +1214,33 @@ fn space_usage(shared: &Shared, root: &str) -> StoreResult<Usage> {
 /// The spaces of one S3 store.
 pub struct S3Spaces {
     shared: Arc<Shared>,
+    /// The spaces' change feeds in the bucket, started when the first is wanted (an error,
+    /// logged: the thread could not start).
+    feeds: std::sync::OnceLock<Result<BucketFeeds, String>>,
 }
 
 impl S3Spaces {
     pub(super) fn new(shared: Arc<Shared>) -> S3Spaces {
-        S3Spaces { shared }
+        S3Spaces {
+            shared,
+            feeds: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// The feeds, started with `retention` if not yet.
+    fn feeds(&self, retention: Retention) -> Result<&BucketFeeds, &String> {
+        self.feeds
+            .get_or_init(|| {
+                BucketFeeds::start(
+                    self.shared.client.clone(),
+                    &self.shared.prefix,
+                    self.shared.conditional,
+                    retention,
+                    Duration::from_secs_f64(self.shared.config.events_poll_secs),
+                )
+                .map_err(|e| format!("cannot start the change feed thread: {e}"))
+            })
+            .as_ref()
     }
 
     pub fn shared(&self) -> &Arc<Shared> {
@@ -1440,10 +1476,59 @@ impl Spaces for S3Spaces {
             let _ = self.shared.client.delete(&d);
         }
         let _ = self.shared.client.delete(&root);
+        // Its change feed too: a space made again under the same id starts from `seq` 1.
+        if let Some(Ok(feeds)) = self.feeds.get() {
+            feeds.forget(space);
+        }
+        remove_feed(self.shared.client.as_ref(), &self.shared.prefix, space)?;
         Ok(usage)
     }
 
     fn describe(&self, space: &SpaceId) -> String {
         format!("{}/{}", self.shared.location, self.keys(space).root())
+    }
+
+    fn change_feed(
+        &self,
+        space: &SpaceId,
+        retention: Retention,
+    ) -> Option<io::Result<Arc<dyn ChangeFeed>>> {
+        Some(match self.feeds(retention) {
+            Ok(feeds) => feeds
+                .feed(space)
+                .map(|f| f as Arc<dyn ChangeFeed>)
+                .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", self.describe(space)))),
+            Err(e) => Err(io::Error::other(e.clone())),
+        })
+    }
+
+    fn presigner(&self, space: &SpaceId) -> Option<Arc<dyn Presign>> {
+        Some(Arc::new(S3Presign {
+            shared: self.shared.clone(),
+            keys: self.keys(space),
+        }))
+    }
+}
+
+/// Presigned GETs of a space's objects (`roomfs url --direct`).
+struct S3Presign {
+    shared: Arc<Shared>,
+    keys: SpaceKeys,
+}
+
+impl Presign for S3Presign {
+    fn presign_get(
+        &self,
+        path: &Path,
+        ttl: Duration,
+        disposition: Disposition,
+        _file_name: &str,
+    ) -> io::Result<String> {
+        let key = self.keys.key(path).map_err(io_err)?;
+        let header = crate::urls::http::content_disposition(disposition, path);
+        self.shared
+            .client
+            .presign_get(&key, ttl, Some(&header))
+            .map_err(|e| io_err(e.into()))
     }
 }
