@@ -447,3 +447,46 @@ fn direct_urls_are_presigned_gets_of_the_object() {
         "{err}"
     );
 }
+
+/// The daemon's count of requests to the store, by operation (from its metrics).
+fn backend_requests(d: &Daemon) -> std::collections::BTreeMap<String, u64> {
+    let (code, out, err) = d.cli(&["metrics"]);
+    assert_eq!(code, 0, "{err}");
+    out.lines()
+        .filter_map(|l| l.strip_prefix("roomfs_backend_requests_total{op=\""))
+        .map(|l| {
+            let (op, rest) = l.split_once('"').unwrap();
+            (
+                op.to_string(),
+                rest.rsplit(' ').next().unwrap().parse().unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn an_idle_host_makes_one_get_per_open_space_and_poll_interval() {
+    // What following the feed costs while nothing changes: the number of requests is the
+    // design's (doc/S3.md), counted, not timed.
+    let prefix = unique_prefix();
+    let d = host(&prefix, "events_poll_secs=0.2", "");
+    let m = mounted(&d, "m", &["--room", "r1"]);
+    fs::write(m.join("f"), b"x").unwrap();
+    let m2 = mounted(&d, "m2", &["--room", "r2"]);
+    fs::write(m2.join("g"), b"y").unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let before = backend_requests(&d);
+    let t0 = Instant::now();
+    std::thread::sleep(Duration::from_secs(3));
+    let after = backend_requests(&d);
+    let secs = t0.elapsed().as_secs_f64();
+    let delta: std::collections::BTreeMap<&str, u64> = after
+        .iter()
+        .map(|(op, n)| (op.as_str(), n - before.get(op).copied().unwrap_or(0)))
+        .filter(|(_, n)| *n > 0)
+        .collect();
+    // Two open spaces, one look each every 0.2 s: 10 GETs a second, and nothing else.
+    let gets = delta.get("get").copied().unwrap_or(0) as f64 / secs;
+    assert!((6.0..=11.0).contains(&gets), "{gets} GETs/s: {delta:?}");
+    assert_eq!(delta.keys().collect::<Vec<_>>(), [&"get"], "{delta:?}");
+}
