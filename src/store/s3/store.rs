@@ -63,6 +63,10 @@ pub struct S3Store {
     /// Directories wholly known from a listing: when it started, and the names in it (kept
     /// up to date with this store's own changes).
     listings: Mutex<HashMap<PathBuf, (Instant, std::collections::HashSet<String>)>>,
+    /// Attributes this store set on a file (chmod, chown, times, set-IDs dropped at a write):
+    /// the ETag of the version they were set on, and the entry after. A commit whose base is
+    /// that version carries them, not the base's as it was opened (see `commit`).
+    attrs_set: Mutex<HashMap<PathBuf, (String, Meta)>>,
 }
 
 /// The directory holding `path` and its name there (the root is `.` of itself).
@@ -86,6 +90,20 @@ impl S3Store {
             metas: Mutex::new(HashMap::new()),
             indexes: Mutex::new(HashMap::new()),
             listings: Mutex::new(HashMap::new()),
+            attrs_set: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The entry to take the mode, owner and times of a new version of `path` from: `base`,
+    /// or what this store set on that very version since it was opened.
+    pub(super) fn attrs_base(&self, path: &Path, base: &Meta) -> Meta {
+        let mut set = lock(&self.attrs_set);
+        match (set.remove(path), base.version.tag()) {
+            // (An ETag is quoted or not depending on who reported it.)
+            (Some((etag, meta)), Some(tag)) if etag.trim_matches('"') == tag.trim_matches('"') => {
+                meta
+            }
+            _ => base.clone(),
         }
     }
 
@@ -1114,9 +1132,16 @@ impl Store for S3Store {
             !old.are_default(&self.defaults),
         )?;
         // The cached bytes are the same version's.
-        let meta = self.object_meta(meta.size, &new_etag, now, &new);
-        self.remember(path, Some(meta.clone()));
-        Ok(meta)
+        let set = self.object_meta(meta.size, &new_etag, now, &new);
+        self.remember(path, Some(set.clone()));
+        if let Some(tag) = meta.version.tag() {
+            let mut attrs_set = lock(&self.attrs_set);
+            if attrs_set.len() > 10_000 {
+                attrs_set.clear();
+            }
+            attrs_set.insert(path.to_path_buf(), (tag.to_string(), set.clone()));
+        }
+        Ok(set)
     }
 
     fn sync(&self, _path: &Path) -> StoreResult<()> {
