@@ -43,6 +43,8 @@ pub trait Spaces: Send + Sync {
     fn delete_space(&self, space: &SpaceId) -> io::Result<Usage>;
     /// Where `space` lives, for messages.
     fn describe(&self, space: &SpaceId) -> String;
+    /// The store's own download URLs for `space` (presigned GETs), where it has them.
+    fn presigner(&self, space: &SpaceId) -> Option<Arc<dyn crate::urls::Presign>>;
 }
 
 impl Spaces for LocalBackend {
@@ -64,6 +66,11 @@ impl Spaces for LocalBackend {
 
     fn describe(&self, space: &SpaceId) -> String {
         LocalBackend::describe(self, space).display().to_string()
+    }
+
+    fn presigner(&self, _space: &SpaceId) -> Option<Arc<dyn crate::urls::Presign>> {
+        // The local disk has no URLs of its own: the daemon serves downloads.
+        None
     }
 }
 
@@ -327,9 +334,9 @@ impl Hub {
     }
 
     /// The store of `id`'s own URLs (`roomfs url --direct`), where its backend has them: an
-    /// S3 store's presigned GETs, once that store exists. The local disk has none.
-    pub fn presigner(&self, _id: &SpaceId) -> Option<Arc<dyn crate::urls::Presign>> {
-        None
+    /// S3 store's presigned GETs. The local disk has none.
+    pub fn presigner(&self, id: &SpaceId) -> Option<Arc<dyn crate::urls::Presign>> {
+        self.spaces(id.kind).presigner(id)
     }
 
     /// Whether changes made by other processes are noticed through inotify (else by polling,

@@ -307,6 +307,14 @@ pub trait ObjectClient: Send + Sync + 'static {
     fn delete_many(&self, keys: &[String]) -> ClientResult<()>;
     /// Whether the bucket exists and answers (HeadBucket).
     fn check_bucket(&self) -> ClientResult<()>;
+    /// A presigned URL that GETs `key` for `expires_in` (at most 7 days), answering with
+    /// `content_disposition`: anyone holding it downloads the object without credentials.
+    fn presign_get(
+        &self,
+        key: &str,
+        expires_in: std::time::Duration,
+        content_disposition: &str,
+    ) -> ClientResult<String>;
 }
 
 /// The maximum number of keys of one DeleteObjects.

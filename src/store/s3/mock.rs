@@ -635,6 +635,19 @@ impl ObjectClient for MemClient {
     fn check_bucket(&self) -> ClientResult<()> {
         self.enter(Op::CheckBucket, "", "HeadBucket")
     }
+
+    fn presign_get(
+        &self,
+        key: &str,
+        expires_in: Duration,
+        content_disposition: &str,
+    ) -> ClientResult<String> {
+        // Nothing is signed in memory: the URL only names what a real one would carry.
+        Ok(format!(
+            "memory:///{key}?expires_in={}&disposition={content_disposition}",
+            expires_in.as_secs()
+        ))
+    }
 }
 
 #[cfg(test)]

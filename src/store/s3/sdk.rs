@@ -745,6 +745,33 @@ impl ObjectClient for SdkClient {
         Ok(())
     }
 
+    fn presign_get(
+        &self,
+        key: &str,
+        expires_in: Duration,
+        content_disposition: &str,
+    ) -> ClientResult<String> {
+        // Signed locally: no request is made.
+        let config = aws_sdk_s3::presigning::PresigningConfig::expires_in(expires_in)
+            .map_err(|e| ClientError::with_source(Failure::Other, "presigning", e.to_string()))?;
+        let request = block(
+            self.client
+                .get_object()
+                .bucket(&self.bucket)
+                .key(key)
+                .response_content_disposition(content_disposition)
+                .presigned(config),
+        )
+        .map_err(|e| {
+            ClientError::with_source(
+                Failure::Other,
+                format!("presigning GET {key}"),
+                aws_sdk_s3::error::DisplayErrorContext(e).to_string(),
+            )
+        })?;
+        Ok(request.uri().to_string())
+    }
+
     fn check_bucket(&self) -> ClientResult<()> {
         self.start("head_bucket");
         match block(

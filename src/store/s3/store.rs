@@ -1326,7 +1326,37 @@ fn io_err(e: StoreError) -> io::Error {
     io::Error::new(io::Error::from_raw_os_error(errno).kind(), format!("{e}"))
 }
 
+/// Presigned GETs of one space's objects (`roomfs url --direct`).
+struct Presigner {
+    shared: Arc<Shared>,
+    keys: SpaceKeys,
+}
+
+impl crate::urls::Presign for Presigner {
+    fn presign_get(
+        &self,
+        path: &Path,
+        ttl: Duration,
+        disposition: crate::urls::Disposition,
+        _file_name: &str,
+    ) -> io::Result<String> {
+        let key = self.keys.key(path).map_err(io_err)?;
+        let header = crate::urls::http::content_disposition(disposition, path);
+        self.shared
+            .client
+            .presign_get(&key, ttl, &header)
+            .map_err(|e| io_err(e.into()))
+    }
+}
+
 impl Spaces for S3Spaces {
+    fn presigner(&self, space: &SpaceId) -> Option<Arc<dyn crate::urls::Presign>> {
+        Some(Arc::new(Presigner {
+            shared: self.shared.clone(),
+            keys: self.keys(space),
+        }))
+    }
+
     fn space_exists(&self, space: &SpaceId) -> io::Result<bool> {
         let keys = self.keys(space);
         let page = self
