@@ -744,3 +744,39 @@ fn a_direct_url_downloads_the_object_from_the_store_without_credentials() {
     let answer = get(url);
     assert!(answer.starts_with("HTTP/1.1 403"), "expired: {answer}");
 }
+
+#[test]
+fn a_full_spool_is_enospc_at_the_write_and_the_previous_version_stays() {
+    let bucket = Bucket::shared();
+    let url = bucket.url("spool_bytes=4Mi");
+    let m = Mounted::on(&["--room", "r1", "--store", &url], |_| {}, Some(bucket));
+    fs::write(m.p("notes.txt"), b"the previous version\n").unwrap();
+    // 6 MiB into a spool of 4: the write that passes the bound fails, the close commits
+    // nothing, and readers keep the previous version.
+    let out = python(
+        &m.mnt,
+        r#"
+import os
+f = open(os.environ['MNT'] + '/notes.txt', 'wb')
+try:
+    for i in range(6):
+        f.write(b'x' * (1 << 20))
+        f.flush()
+    print('all written')
+except OSError as e:
+    print('write failed', e.errno)
+try:
+    f.close()
+except OSError as e:
+    print('close failed', e.errno)
+"#,
+    );
+    assert!(
+        out.starts_with(&format!("write failed {}\n", libc::ENOSPC)),
+        "{out}"
+    );
+    assert_eq!(fs::read(m.p("notes.txt")).unwrap(), b"the previous version\n");
+    // Room comes back once the copy is gone: a small write goes through.
+    fs::write(m.p("notes.txt"), b"new\n").unwrap();
+    assert_eq!(fs::read(m.p("notes.txt")).unwrap(), b"new\n");
+}
