@@ -17,7 +17,7 @@
 
 mod common;
 
-use std::fs::{self, File};
+use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -308,6 +308,40 @@ for i in range(0, 1000, 100):
     assert_eq!(delta("get"), 2, "the two directories' indexes");
 }
 
+#[test]
+fn a_random_write_into_a_large_file_uploads_only_the_part_it_changed() {
+    let h = two_hosts();
+    let big: Vec<u8> = (0..40u32 << 20).map(|i| (i * 13 % 251) as u8).collect();
+    fs::write(h.mb.join("big.bin"), &big).unwrap();
+    let before = h.b.cli(&["metrics"]).1;
+    // 4 KiB in the middle of the third of five 8 MiB parts, through an O_RDWR descriptor.
+    {
+        use std::os::unix::fs::FileExt;
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(h.mb.join("big.bin"))
+            .unwrap();
+        f.write_all_at(&[7u8; 4096], 20 << 20).unwrap();
+    }
+    let after = h.b.cli(&["metrics"]).1;
+    let delta = |op: &str| {
+        let label = format!("op=\"{op}\"");
+        metric(&after, "roomfs_backend_requests_total", &label)
+            - metric(&before, "roomfs_backend_requests_total", &label)
+    };
+    // The changed part goes up; the four others are copied inside the store (UploadPartCopy).
+    assert_eq!(delta("upload_part"), 1, "{after}");
+    assert_eq!(delta("upload_part_copy"), 4, "{after}");
+    assert_eq!(delta("complete_upload"), 1, "{after}");
+    assert_eq!(delta("put"), 0, "no whole upload");
+    let mut want = big;
+    want[20 << 20..(20 << 20) + 4096].fill(7);
+    eventually("A reads the new version", || {
+        fs::read(h.ma.join("big.bin")).is_ok_and(|b| b == want)
+    });
+}
+
 /// A mount of its own SeaweedFS that fails fast (2 attempts of at most 2 s).
 fn fragile_mount(weed: &SeaweedFs, prefix: &str) -> Mounted {
     let bucket = Bucket::on(weed, prefix);
@@ -578,4 +612,184 @@ fn the_daemon_keeps_rooms_in_its_store_and_refuses_another() {
     ]);
     assert_eq!(code, 1);
     assert!(err.contains("this daemon keeps rooms in s3://"), "{err}");
+}
+
+#[test]
+fn rooms_in_s3_and_sessions_on_the_local_disk() {
+    // Rooms in the bucket, sessions (one host's scratch) in the data dir: "store" set,
+    // "session_store" left to its default.
+    let bucket = Bucket::shared();
+    let prefix = bucket.prefix.clone();
+    let config = format!(r#"{{"store": "s3://roomfs-test/{prefix}", "session_store": "local"}}"#);
+    let d = Daemon::on(Some(&config), Some(bucket));
+    let (room, session) = (d.dir("room"), d.dir("session"));
+    d.mount(&["--room", "r1"], &room);
+    d.json(&["session", "create", "s1", "--json"]);
+    d.mount(&["--session", "s1"], &session);
+    fs::write(room.join("shared.txt"), b"for every host").unwrap();
+    fs::write(session.join("scratch.txt"), b"this host only").unwrap();
+    assert_eq!(d.stored("rooms/r1/shared.txt").unwrap(), b"for every host");
+    assert!(!d.data.join("rooms/r1/shared.txt").exists());
+    assert_eq!(
+        fs::read(d.data.join("sessions/s1/scratch.txt")).unwrap(),
+        b"this host only"
+    );
+    assert!(d.stored("sessions/s1/scratch.txt").is_none());
+}
+
+#[test]
+fn credentials_come_from_a_profile_file_as_well_as_the_environment() {
+    let weed = SeaweedFs::shared();
+    let tmp = tempfile::tempdir().unwrap();
+    let env = weed.env();
+    let get = |k: &str| env.iter().find(|(n, _)| *n == k).unwrap().1.clone();
+    let creds = tmp.path().join("credentials");
+    fs::write(
+        &creds,
+        format!(
+            "[agents]\naws_access_key_id = {}\naws_secret_access_key = {}\n",
+            get("AWS_ACCESS_KEY_ID"),
+            get("AWS_SECRET_ACCESS_KEY")
+        ),
+    )
+    .unwrap();
+    // No key in the environment: only the profile named by AWS_PROFILE has them.
+    let env: Vec<(&str, String)> = env
+        .iter()
+        .filter(|(k, _)| !k.starts_with("AWS_ACCESS") && !k.starts_with("AWS_SECRET"))
+        .filter(|(k, _)| *k != "AWS_SHARED_CREDENTIALS_FILE" && *k != "AWS_PROFILE")
+        .cloned()
+        .chain([
+            ("AWS_SHARED_CREDENTIALS_FILE", creds.display().to_string()),
+            ("AWS_PROFILE", "agents".to_string()),
+        ])
+        .collect();
+    let prefix = unique_prefix();
+    let mnt = tmp.path().join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    let mut cmd = Command::new(BIN);
+    cmd.arg("mount")
+        .arg("--data-dir")
+        .arg(tmp.path().join("data"))
+        .args([
+            "--room",
+            "r1",
+            "--store",
+            &format!("s3://roomfs-test/{prefix}"),
+        ])
+        .arg(&mnt)
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap())
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())));
+    let log = Default::default();
+    /// Unmounts and reaps the mount even if the test fails.
+    struct Guard(PathBuf, std::process::Child);
+    impl Drop for Guard {
+        fn drop(&mut self) {
+            if common::is_mounted(&self.0) {
+                let _ = output(Command::new(BIN).arg("unmount").arg(&self.0));
+            }
+            if common::is_mounted(&self.0) {
+                let _ = output(Command::new("umount").arg("-l").arg(&self.0));
+            }
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while matches!(self.1.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = self.1.kill();
+            let _ = self.1.wait();
+        }
+    }
+    let guard = Guard(
+        mnt.clone(),
+        common::start_logged(&mut cmd, " mounted ", &log),
+    );
+    fs::write(mnt.join("f"), b"signed with the profile's key").unwrap();
+    drop(guard);
+    assert_eq!(
+        object(weed, &format!("{prefix}/rooms/r1/f")),
+        b"signed with the profile's key"
+    );
+}
+
+#[test]
+fn a_direct_url_downloads_the_object_from_the_store_without_credentials() {
+    let h = two_hosts();
+    fs::write(h.mb.join("report.md"), b"# the report\n").unwrap();
+    let (code, out, err) = h.b.cli(&[
+        "url",
+        "--room",
+        "r1",
+        "report.md",
+        "--direct",
+        "--attachment",
+        "--ttl",
+        "2s",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let url = out.trim();
+    assert!(url.contains("X-Amz-Signature="), "a presigned URL: {url}");
+    // curl has no credentials: the signature in the URL is all it has.
+    let get = |url: &str| {
+        let out = output(
+            Command::new("curl")
+                .args(["-s", "-D", "-", url])
+                .env_clear(),
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let answer = get(url);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        answer
+            .to_ascii_lowercase()
+            .contains("content-disposition: attachment; filename=\"report.md\""),
+        "{answer}"
+    );
+    assert!(answer.ends_with("\r\n\r\n# the report\n"), "{answer}");
+    // A path that is no file is refused before anything is signed; the URL expires.
+    let (code, _, err) = h.b.cli(&["url", "--room", "r1", "nothing.md", "--direct"]);
+    assert!(code == 1 && err.contains("no file"), "{err}");
+    std::thread::sleep(Duration::from_millis(3100));
+    let answer = get(url);
+    assert!(answer.starts_with("HTTP/1.1 403"), "expired: {answer}");
+}
+
+#[test]
+fn a_full_spool_is_enospc_at_the_write_and_the_previous_version_stays() {
+    let bucket = Bucket::shared();
+    let url = bucket.url("spool_bytes=4Mi");
+    let m = Mounted::on(&["--room", "r1", "--store", &url], |_| {}, Some(bucket));
+    fs::write(m.p("notes.txt"), b"the previous version\n").unwrap();
+    // 6 MiB into a spool of 4: the write that passes the bound fails, the close commits
+    // nothing, and readers keep the previous version.
+    let out = python(
+        &m.mnt,
+        r#"
+import os
+f = open(os.environ['MNT'] + '/notes.txt', 'wb')
+try:
+    for i in range(6):
+        f.write(b'x' * (1 << 20))
+        f.flush()
+    print('all written')
+except OSError as e:
+    print('write failed', e.errno)
+try:
+    f.close()
+except OSError as e:
+    print('close failed', e.errno)
+"#,
+    );
+    assert!(
+        out.starts_with(&format!("write failed {}\n", libc::ENOSPC)),
+        "{out}"
+    );
+    assert_eq!(
+        fs::read(m.p("notes.txt")).unwrap(),
+        b"the previous version\n"
+    );
+    // Room comes back once the copy is gone: a small write goes through.
+    fs::write(m.p("notes.txt"), b"new\n").unwrap();
+    assert_eq!(fs::read(m.p("notes.txt")).unwrap(), b"new\n");
 }

@@ -51,8 +51,7 @@ pub trait Spaces: Send + Sync {
         space: &SpaceId,
         retention: Retention,
     ) -> Option<io::Result<Arc<dyn ChangeFeed>>>;
-    /// What hands out the store's own URLs of `space`'s files (an S3 store's presigned GETs,
-    /// `roomfs url --direct`); `None` for a store without any (the local disk).
+    /// The store's own download URLs for `space` (presigned GETs), where it has them.
     fn presigner(&self, space: &SpaceId) -> Option<Arc<dyn crate::urls::Presign>>;
 }
 
@@ -86,6 +85,7 @@ impl Spaces for LocalBackend {
     }
 
     fn presigner(&self, _space: &SpaceId) -> Option<Arc<dyn crate::urls::Presign>> {
+        // The local disk has no URLs of its own: the daemon serves downloads.
         None
     }
 }

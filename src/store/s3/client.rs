@@ -307,14 +307,13 @@ pub trait ObjectClient: Send + Sync + 'static {
     fn delete_many(&self, keys: &[String]) -> ClientResult<()>;
     /// Whether the bucket exists and answers (HeadBucket).
     fn check_bucket(&self) -> ClientResult<()>;
-    /// A presigned URL that GETs `key` without credentials until `expires` has passed, the
-    /// response carrying `content_disposition` as its `Content-Disposition` if given. Made
-    /// here, without a request.
+    /// A presigned URL that GETs `key` for `expires_in` (at most 7 days), answering with
+    /// `content_disposition`: anyone holding it downloads the object without credentials.
     fn presign_get(
         &self,
         key: &str,
-        expires: std::time::Duration,
-        content_disposition: Option<&str>,
+        expires_in: std::time::Duration,
+        content_disposition: &str,
     ) -> ClientResult<String>;
 }
 

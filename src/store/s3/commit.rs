@@ -77,8 +77,9 @@ fn own<'a>(store: &S3Store, copy: &'a Arc<dyn WorkingCopy>) -> StoreResult<&'a S
 pub(super) fn commit(store: &S3Store, req: CommitRequest<'_>) -> StoreResult<Committed> {
     let key = store.keys().key(req.path)?;
     let base_meta = req.base.meta().clone();
-    // The mode and owner of the version it replaces; its mtime is the new object's own.
-    let mut attrs = store.meta_attrs(&base_meta);
+    // The mode and owner of the version it replaces (as this store last set them: a write by
+    // another user drops set-IDs after the open); its mtime is the new object's own.
+    let mut attrs = store.meta_attrs(&store.attrs_base(req.path, &base_meta));
     attrs.mtime = None;
     let metadata = attrs.to_metadata();
     let written = match &req.change {

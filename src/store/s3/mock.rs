@@ -636,17 +636,16 @@ impl ObjectClient for MemClient {
         self.enter(Op::CheckBucket, "", "HeadBucket")
     }
 
-    /// A URL naming what a real client would sign (nothing serves it).
     fn presign_get(
         &self,
         key: &str,
-        expires: Duration,
-        content_disposition: Option<&str>,
+        expires_in: Duration,
+        content_disposition: &str,
     ) -> ClientResult<String> {
+        // Nothing is signed in memory: the URL only names what a real one would carry.
         Ok(format!(
-            "memory:///{key}?expires={}&disposition={}",
-            expires.as_secs(),
-            content_disposition.unwrap_or_default()
+            "memory:///{key}?expires_in={}&disposition={content_disposition}",
+            expires_in.as_secs()
         ))
     }
 }

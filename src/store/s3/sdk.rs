@@ -745,6 +745,33 @@ impl ObjectClient for SdkClient {
         Ok(())
     }
 
+    fn presign_get(
+        &self,
+        key: &str,
+        expires_in: Duration,
+        content_disposition: &str,
+    ) -> ClientResult<String> {
+        // Signed locally: no request is made.
+        let config = aws_sdk_s3::presigning::PresigningConfig::expires_in(expires_in)
+            .map_err(|e| ClientError::with_source(Failure::Other, "presigning", e.to_string()))?;
+        let request = block(
+            self.client
+                .get_object()
+                .bucket(&self.bucket)
+                .key(key)
+                .response_content_disposition(content_disposition)
+                .presigned(config),
+        )
+        .map_err(|e| {
+            ClientError::with_source(
+                Failure::Other,
+                format!("presigning GET {key}"),
+                aws_sdk_s3::error::DisplayErrorContext(e).to_string(),
+            )
+        })?;
+        Ok(request.uri().to_string())
+    }
+
     fn check_bucket(&self) -> ClientResult<()> {
         self.start("head_bucket");
         match block(
@@ -764,26 +791,6 @@ impl ObjectClient for SdkClient {
                 Err(e)
             }
         }
-    }
-
-    fn presign_get(
-        &self,
-        key: &str,
-        expires: Duration,
-        content_disposition: Option<&str>,
-    ) -> ClientResult<String> {
-        use aws_sdk_s3::presigning::PresigningConfig;
-        let what = || format!("presigning GET {key}");
-        let config = PresigningConfig::expires_in(expires)
-            .map_err(|e| ClientError::with_source(Failure::Refused, what(), e))?;
-        let mut req = self.client.get_object().bucket(&self.bucket).key(key);
-        if let Some(d) = content_disposition {
-            req = req.response_content_disposition(d);
-        }
-        // Signing only: no request goes out (credentials may be fetched, hence the runtime).
-        let presigned = block(req.presigned(config))
-            .map_err(|e| ClientError::with_source(Failure::Other, what(), e.to_string()))?;
-        Ok(presigned.uri().to_string())
     }
 }
 

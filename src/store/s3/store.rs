@@ -34,7 +34,6 @@ use crate::store::{
     SetAttr, Store, StoreError, StoreResult, StoreStatfs, TimeSpec, Usage, Version, WorkingCopy,
     XattrMode,
 };
-use crate::urls::{Disposition, Presign};
 
 fn err(errno: i32) -> StoreError {
     StoreError::errno(errno)
@@ -66,6 +65,10 @@ pub struct S3Store {
     /// Directories wholly known from a listing: when it started, and the names in it (kept
     /// up to date with this store's own changes).
     listings: Mutex<HashMap<PathBuf, (Instant, std::collections::HashSet<String>)>>,
+    /// Attributes this store set on a file (chmod, chown, times, set-IDs dropped at a write):
+    /// the ETag of the version they were set on, and the entry after. A commit whose base is
+    /// that version carries them, not the base's as it was opened (see `commit`).
+    attrs_set: Mutex<HashMap<PathBuf, (String, Meta)>>,
 }
 
 /// The directory holding `path` and its name there (the root is `.` of itself).
@@ -89,6 +92,20 @@ impl S3Store {
             metas: Mutex::new(HashMap::new()),
             indexes: Mutex::new(HashMap::new()),
             listings: Mutex::new(HashMap::new()),
+            attrs_set: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The entry to take the mode, owner and times of a new version of `path` from: `base`,
+    /// or what this store set on that very version since it was opened.
+    pub(super) fn attrs_base(&self, path: &Path, base: &Meta) -> Meta {
+        let mut set = lock(&self.attrs_set);
+        match (set.remove(path), base.version.tag()) {
+            // (An ETag is quoted or not depending on who reported it.)
+            (Some((etag, meta)), Some(tag)) if etag.trim_matches('"') == tag.trim_matches('"') => {
+                meta
+            }
+            _ => base.clone(),
         }
     }
 
@@ -1117,9 +1134,16 @@ impl Store for S3Store {
             !old.are_default(&self.defaults),
         )?;
         // The cached bytes are the same version's.
-        let meta = self.object_meta(meta.size, &new_etag, now, &new);
-        self.remember(path, Some(meta.clone()));
-        Ok(meta)
+        let set = self.object_meta(meta.size, &new_etag, now, &new);
+        self.remember(path, Some(set.clone()));
+        if let Some(tag) = meta.version.tag() {
+            let mut attrs_set = lock(&self.attrs_set);
+            if attrs_set.len() > 10_000 {
+                attrs_set.clear();
+            }
+            attrs_set.insert(path.to_path_buf(), (tag.to_string(), set.clone()));
+        }
+        Ok(set)
     }
 
     fn sync(&self, _path: &Path) -> StoreResult<()> {
@@ -1337,7 +1361,37 @@ fn io_err(e: StoreError) -> io::Error {
     io::Error::new(io::Error::from_raw_os_error(errno).kind(), format!("{e}"))
 }
 
+/// Presigned GETs of one space's objects (`roomfs url --direct`).
+struct Presigner {
+    shared: Arc<Shared>,
+    keys: SpaceKeys,
+}
+
+impl crate::urls::Presign for Presigner {
+    fn presign_get(
+        &self,
+        path: &Path,
+        ttl: Duration,
+        disposition: crate::urls::Disposition,
+        _file_name: &str,
+    ) -> io::Result<String> {
+        let key = self.keys.key(path).map_err(io_err)?;
+        let header = crate::urls::http::content_disposition(disposition, path);
+        self.shared
+            .client
+            .presign_get(&key, ttl, &header)
+            .map_err(|e| io_err(e.into()))
+    }
+}
+
 impl Spaces for S3Spaces {
+    fn presigner(&self, space: &SpaceId) -> Option<Arc<dyn crate::urls::Presign>> {
+        Some(Arc::new(Presigner {
+            shared: self.shared.clone(),
+            keys: self.keys(space),
+        }))
+    }
+
     fn space_exists(&self, space: &SpaceId) -> io::Result<bool> {
         let keys = self.keys(space);
         let page = self
@@ -1500,35 +1554,5 @@ impl Spaces for S3Spaces {
                 .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", self.describe(space)))),
             Err(e) => Err(io::Error::other(e.clone())),
         })
-    }
-
-    fn presigner(&self, space: &SpaceId) -> Option<Arc<dyn Presign>> {
-        Some(Arc::new(S3Presign {
-            shared: self.shared.clone(),
-            keys: self.keys(space),
-        }))
-    }
-}
-
-/// Presigned GETs of a space's objects (`roomfs url --direct`).
-struct S3Presign {
-    shared: Arc<Shared>,
-    keys: SpaceKeys,
-}
-
-impl Presign for S3Presign {
-    fn presign_get(
-        &self,
-        path: &Path,
-        ttl: Duration,
-        disposition: Disposition,
-        _file_name: &str,
-    ) -> io::Result<String> {
-        let key = self.keys.key(path).map_err(io_err)?;
-        let header = crate::urls::http::content_disposition(disposition, path);
-        self.shared
-            .client
-            .presign_get(&key, ttl, Some(&header))
-            .map_err(|e| io_err(e.into()))
     }
 }
