@@ -380,8 +380,47 @@ pub fn denied() {
     METRICS.denied.inc();
 }
 
+thread_local! {
+    /// Whether this thread's object-store requests are the change feed's (see [`FeedRequests`]).
+    static FEED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// While alive, the object-store requests this thread makes are counted as the change feed's
+/// (`op="feed_get"`, `feed_put`...), so what following other hosts costs shows apart from the
+/// files' requests.
+pub struct FeedRequests(bool);
+
+impl FeedRequests {
+    pub fn enter() -> FeedRequests {
+        FeedRequests(FEED.with(|f| f.replace(true)))
+    }
+}
+
+impl Drop for FeedRequests {
+    fn drop(&mut self) {
+        FEED.with(|f| f.set(self.0));
+    }
+}
+
+/// `op`, or its change feed's name on a thread counting for the feed.
+fn backend_op(op: &'static str) -> &'static str {
+    if !FEED.with(std::cell::Cell::get) {
+        return op;
+    }
+    match op {
+        "get" => "feed_get",
+        "put" => "feed_put",
+        "head" => "feed_head",
+        "list" => "feed_list",
+        "delete" => "feed_delete",
+        "delete_many" => "feed_delete_many",
+        _ => "feed_other",
+    }
+}
+
 /// A request `op` (a fixed name: `get`, `put`, `list`...) was sent to an object store.
 pub fn backend_request(op: &'static str) {
+    let op = backend_op(op);
     METRICS
         .backend_requests
         .get_or_create(&OpLabel { op })
@@ -390,6 +429,7 @@ pub fn backend_request(op: &'static str) {
 
 /// A request `op` to an object store failed with a failure of `kind` (a fixed name).
 pub fn backend_error(op: &'static str, kind: &'static str) {
+    let op = backend_op(op);
     METRICS
         .backend_errors
         .get_or_create(&BackendErrorLabel { op, kind })
@@ -398,6 +438,7 @@ pub fn backend_error(op: &'static str, kind: &'static str) {
 
 /// A request `op` to an object store was tried again.
 pub fn backend_retry(op: &'static str) {
+    let op = backend_op(op);
     METRICS.backend_retries.get_or_create(&OpLabel { op }).inc();
 }
 

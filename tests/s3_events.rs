@@ -479,7 +479,7 @@ fn an_idle_host_makes_one_get_per_open_space_and_poll_interval() {
         .filter(|(_, n)| *n > 0)
         .collect();
     // Two open spaces, one look each every 0.2 s: 10 GETs a second, and nothing else.
-    let gets = delta.get("get").copied().unwrap_or(0) as f64 / secs;
+    let gets = delta.get("feed_get").copied().unwrap_or(0) as f64 / secs;
     assert!((6.0..=11.0).contains(&gets), "{gets} GETs/s: {delta:?}");
-    assert_eq!(delta.keys().collect::<Vec<_>>(), [&"get"], "{delta:?}");
+    assert_eq!(delta.keys().collect::<Vec<_>>(), [&"feed_get"], "{delta:?}");
 }

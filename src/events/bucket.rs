@@ -31,7 +31,8 @@
 //! published and, every `events_poll_secs` (default 0.25 s), GETs the next object of every space
 //! open in the process, until one is missing. So while nothing changes, each open space costs one
 //! GET answered 404 per poll interval: 4 requests per second per space and host by default
-//! (doc/S3.md, Events across hosts). A publish wakes the thread at once; changes published while
+//! (doc/S3.md, Events across hosts). The feed's requests are counted apart in the metrics
+//! (`roomfs_backend_requests_total{op="feed_get"}`...). A publish wakes the thread at once; changes published while
 //! a PUT is in flight go out together in the next one.
 //!
 //! **Retention.** Each process keeps the retained events it has read in memory (older ones are
@@ -137,7 +138,10 @@ impl BucketFeeds {
             return Ok(feed);
         }
         // Opened without the table's lock (requests); a racing open keeps the first one in.
-        let feed = Arc::new(BucketFeed::open(self.shared.clone(), space.clone())?);
+        let feed = {
+            let _counted = crate::metrics::FeedRequests::enter();
+            Arc::new(BucketFeed::open(self.shared.clone(), space.clone())?)
+        };
         let mut feeds = lock(&self.shared.feeds);
         if let Some(existing) = feeds.get(space).and_then(Weak::upgrade) {
             return Ok(existing);
@@ -156,6 +160,7 @@ impl BucketFeeds {
 /// Deletes the feed of `space` under the bucket prefix `prefix` (the space is deleted): a
 /// space made again under the same id starts from `seq` 1.
 pub fn remove_feed(client: &dyn ObjectClient, prefix: &str, space: &SpaceId) -> io::Result<()> {
+    let _counted = crate::metrics::FeedRequests::enter();
     let prefix = space_prefix(&root_of(prefix), space);
     loop {
         let page = client.list(&prefix, false, None, None).map_err(io_err)?;
@@ -206,6 +211,7 @@ fn run(shared: &Weak<Shared>, poll: Duration) {
             let feeds = lock(&shared.feeds);
             feeds.values().filter_map(Weak::upgrade).collect()
         };
+        let _counted = crate::metrics::FeedRequests::enter();
         for feed in &feeds {
             let mut chain = lock(&feed.chain);
             if let Err(e) = feed.write_pending(&mut chain) {
@@ -712,6 +718,7 @@ impl ChangeFeed for BucketFeed {
     }
 
     fn read(&self, since: u64, max: usize) -> io::Result<Backlog> {
+        let _counted = crate::metrics::FeedRequests::enter();
         let mut chain = lock(&self.chain);
         // Up to date with what other hosts wrote, not only with the last poll.
         if let Err(e) = self.follow(&mut chain) {
