@@ -4,7 +4,9 @@
 //!
 //! - Every kind of operation made on one host shows in the other's `roomfs events` with the
 //!   same `seq`s, in one order; a watcher resumes from a `seq` on either host; a follower on
-//!   one hears the other's changes live; the retention gap holds across hosts.
+//!   one hears the other's changes live; a watcher with a token sees the other host's events
+//!   inside its grant only; the retention gap holds across hosts; an idle host makes one GET
+//!   per open space and poll interval, and no other request.
 //! - Coherence: with the kernel's attribute and entry TTL at 60 s, a change closed on A shows
 //!   on B's `stat`, `open` and `readdir` within seconds, through the invalidations the feed
 //!   brings; a third host that does not follow the feed in that time (its poll interval set to
@@ -100,7 +102,11 @@ fn eventually(what: &str, within: Duration, mut cond: impl FnMut() -> bool) -> D
 #[test]
 fn every_kind_of_event_made_on_one_host_shows_on_the_other_with_the_same_seqs() {
     let prefix = unique_prefix();
-    let (a, b) = (host(&prefix, "", ""), host(&prefix, "", ""));
+    let keys = tempfile::tempdir().unwrap();
+    let secret = keys.path().join("secret");
+    fs::write(&secret, "events-across-hosts-secret\n").unwrap();
+    let with_secret = format!(r#""secret_file": "{}""#, secret.display());
+    let (a, b) = (host(&prefix, "", ""), host(&prefix, "", &with_secret));
     let ma = mounted(&a, "a", &["--room", "r1", "--label", "alice"]);
     let mb = mounted(&b, "b", &["--room", "r1", "--label", "bob"]);
     // A watcher on B following from the start hears A's events live.
@@ -174,6 +180,23 @@ fn every_kind_of_event_made_on_one_host_shows_on_the_other_with_the_same_seqs() 
     assert_eq!(
         summary(&events(&a, &["--room", "r1", "--since", "10"])),
         expected[10..]
+    );
+    // A watcher on B with a token sees A's events inside its grant only; the move into it
+    // is the arrival it looks like from inside.
+    let out = Command::new(BIN)
+        .args(["token", "issue", "--secret-file"])
+        .arg(&secret)
+        .args(["--room", "r1", "--path", "outputs/:ro", "--name", "viewer"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    assert_eq!(
+        summary(&events(&b, &["--room", "r1", "--token", &token])),
+        [
+            s(4, "folder.created", "outputs", "alice"),
+            s(5, "file.updated", "outputs/report.md", "alice"),
+        ]
     );
     // The follower on B heard A's first events as they came.
     let live = followed.join().unwrap();
