@@ -685,6 +685,25 @@ impl BucketFeed {
     }
 }
 
+impl Drop for BucketFeed {
+    /// The last holder let go (the space's last mount went): what it published and the
+    /// thread has not written yet goes out now, so other hosts hear of the last changes.
+    fn drop(&mut self) {
+        if lock(&self.queue).changes.is_empty() {
+            return;
+        }
+        let _counted = crate::metrics::FeedRequests::enter();
+        let mut chain = lock(&self.chain);
+        if let Err(e) = self.write_pending(&mut chain) {
+            log::warn!(
+                "the last changes of {} could not be written to its change feed: {e}; other \
+                 hosts see them at their cache TTL",
+                self.space
+            );
+        }
+    }
+}
+
 impl ChangeFeed for BucketFeed {
     fn publish(&self, participant: &Arc<str>, changes: &[Changed]) {
         if changes.is_empty() {

@@ -222,3 +222,27 @@ fn a_failed_write_is_retried_and_nothing_is_lost() {
         vec![(1, "x"), (2, "y")]
     );
 }
+
+#[test]
+fn what_is_published_before_the_feed_goes_is_written() {
+    let client = Arc::new(MemClient::new());
+    let a = BucketFeeds::start(
+        client.clone(),
+        "p",
+        true,
+        Retention::default(),
+        Duration::from_secs(60),
+    )
+    .unwrap();
+    let fa = a.feed(&room()).unwrap();
+    // Queued without waking the thread, which looks once a minute: only the drop writes it.
+    fa.queue
+        .lock()
+        .unwrap()
+        .changes
+        .push_back((Arc::from("a"), file("last")));
+    drop(fa);
+    let b = host(&client, Retention::default());
+    let seen = events(&b.feed(&room()).unwrap(), 0);
+    assert_eq!(seen, vec![(1, "file.updated".into(), "last".into())]);
+}
