@@ -2,6 +2,7 @@
 
 mod output;
 
+use anyhow::{Context, anyhow};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -9,10 +10,11 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::control::client::{Client, ClientError};
 use crate::control::{
-    DEFAULT_SOCKET, EndSessionRequest, MountRequest, SessionRequest, UnmountRequest, UrlRequest,
+    DEFAULT_SOCKET, EndSessionRequest, MountRequest, RequestedLimits, SessionRequest, SpaceOwner,
+    UnmountRequest, UrlRequest,
 };
 use crate::daemon::{self, Config};
-use crate::fs::Limits;
+use crate::error::Invalid;
 use crate::grant::Grant;
 use crate::human;
 use crate::mount::{self, MountSpec};
@@ -158,18 +160,23 @@ pub enum SessionCommand {
     /// Create a session space with limits (default: the daemon's session limits).
     Create {
         id: String,
-        /// Largest file, e.g. 10M (K/M/G are powers of 1000, Ki/Mi/Gi of 1024).
-        #[arg(long, value_name = "SIZE", value_parser = parse_size)]
-        max_file_size: Option<u64>,
-        /// Most files, directories and links together.
-        #[arg(long, value_name = "N")]
-        max_files: Option<u64>,
-        /// Most bytes in all files together, e.g. 50M.
-        #[arg(long, value_name = "SIZE", value_parser = parse_size)]
-        max_bytes: Option<u64>,
+        /// Largest file, e.g. 10M (K/M/G are powers of 1000, Ki/Mi/Gi of 1024), or
+        /// `unlimited` (default: the daemon's session_limits).
+        #[arg(long, value_name = "SIZE", value_parser = parse_size_limit)]
+        max_file_size: Option<Limit>,
+        /// Most files, directories and links together, or `unlimited`.
+        #[arg(long, value_name = "N", value_parser = parse_count_limit)]
+        max_files: Option<Limit>,
+        /// Most bytes in all files together, e.g. 50M, or `unlimited`.
+        #[arg(long, value_name = "SIZE", value_parser = parse_size_limit)]
+        max_bytes: Option<Limit>,
         /// End the session after this long without activity: 30m, 2h, 1d.
         #[arg(long, value_name = "DURATION")]
         ttl: Option<String>,
+        /// Who owns the session's root, so an agent running as that user can write there:
+        /// USER, USER:GROUP or UID:GID (default: the daemon's user).
+        #[arg(long, value_name = "USER[:GROUP]", value_parser = parse_owner)]
+        owner: Option<SpaceOwner>,
         #[command(flatten)]
         show: ShowArgs,
     },
@@ -360,7 +367,7 @@ pub struct UnmountArgs {
 }
 
 /// Runs a parsed command line; the error is one sentence for the user.
-pub fn run(cli: Cli) -> Result<(), String> {
+pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Mount(args) if args.daemon => mount_via_daemon(&args),
         Command::Mount(args) => {
@@ -394,7 +401,7 @@ pub fn run(cli: Cli) -> Result<(), String> {
         Command::Status(s) => show(&s, "asking for status", |c| c.status(), output::status),
         Command::Metrics(s) => {
             let text = human::waiting("reading metrics", || client(&s).metrics())
-                .map_err(|e| e.to_string())?;
+                .map_err(anyhow::Error::from)?;
             print!("{text}");
             Ok(())
         }
@@ -408,7 +415,7 @@ pub fn run(cli: Cli) -> Result<(), String> {
         }
         Command::Token(TokenCommand::Verify(args)) => {
             let secret = token::read_secret_file(&args.secret_file)?;
-            let t = token::verify(&args.token, &secret).map_err(|e| e.to_string())?;
+            let t = token::verify(&args.token, &secret).map_err(anyhow::Error::from)?;
             println!("room: {}", t.room.as_deref().unwrap_or("(none)"));
             println!("grant: {}", t.grant);
             if let Some(exp) = t.exp {
@@ -424,14 +431,14 @@ fn client(s: &SocketArgs) -> Client {
 }
 
 /// Prints an API answer as pretty JSON, or turns its error into the CLI's message.
-fn print_json<T: serde::Serialize>(result: &Result<T, ClientError>) -> Result<(), String> {
+fn print_json<T: serde::Serialize>(result: &Result<T, ClientError>) -> anyhow::Result<()> {
     match result {
         Ok(value) => {
-            let text = serde_json::to_string_pretty(value).map_err(|e| e.to_string())?;
+            let text = serde_json::to_string_pretty(value).map_err(anyhow::Error::from)?;
             println!("{text}");
             Ok(())
         }
-        Err(e) => Err(e.to_string()),
+        Err(e) => Err(anyhow!("{e}")),
     }
 }
 
@@ -442,24 +449,85 @@ fn show<T: serde::Serialize>(
     label: &str,
     call: impl FnOnce(&Client) -> Result<T, ClientError>,
     human: impl FnOnce(&T) -> String,
-) -> Result<(), String> {
+) -> anyhow::Result<()> {
     let result = human::waiting(label, || call(&client(&args.socket)));
     if args.json {
         return print_json(&result);
     }
-    let value = result.map_err(|e| e.to_string())?;
+    let value = result.map_err(anyhow::Error::from)?;
     print!("{}", human(&value));
     Ok(())
 }
 
 /// Parses sizes like `1048576`, `10M`, `10MB`, `4Ki`, `1GiB`.
-pub fn parse_size(text: &str) -> Result<u64, String> {
+/// A limit on the command line: a number, or `None` for `unlimited`.
+#[derive(Clone, Copy, Debug)]
+pub struct Limit(Option<u64>);
+
+/// `SIZE` (see [`parse_size`]) or `unlimited`.
+fn parse_size_limit(text: &str) -> Result<Limit, Invalid> {
+    match text {
+        "unlimited" => Ok(Limit(None)),
+        _ => parse_size(text).map(|n| Limit(Some(n))),
+    }
+}
+
+/// A whole number or `unlimited`.
+fn parse_count_limit(text: &str) -> Result<Limit, Invalid> {
+    match text {
+        "unlimited" => Ok(Limit(None)),
+        _ => text.trim().parse().map(|n| Limit(Some(n))).map_err(|_| {
+            Invalid(format!(
+                "{text:?} is not a number of entries (or unlimited)"
+            ))
+        }),
+    }
+}
+
+/// Parses an owner: `USER`, `USER:GROUP`, `UID:GID` (names looked up in the system's user
+/// database; a user alone brings its primary group).
+pub fn parse_owner(text: &str) -> Result<SpaceOwner, Invalid> {
+    use nix::unistd::{Group, User};
+    let (user, group) = match text.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (text, None),
+    };
+    let bad = |what: String| Invalid(format!("--owner {text:?}: {what}"));
+    let lookup_user = |name: &str| match User::from_name(name) {
+        Ok(Some(u)) => Ok(u),
+        Ok(None) => Err(bad(format!("no user named {name:?}"))),
+        Err(e) => Err(bad(format!("cannot look up user {name:?}: {e}"))),
+    };
+    let (uid, primary) = match user.parse::<u32>() {
+        Ok(uid) => (uid, None),
+        Err(_) if !user.is_empty() => {
+            let u = lookup_user(user)?;
+            (u.uid.as_raw(), Some(u.gid.as_raw()))
+        }
+        Err(_) => return Err(bad("give USER, USER:GROUP or UID:GID".into())),
+    };
+    let gid = match group {
+        Some(g) if !g.is_empty() => match g.parse::<u32>() {
+            Ok(gid) => gid,
+            Err(_) => match Group::from_name(g) {
+                Ok(Some(group)) => group.gid.as_raw(),
+                Ok(None) => return Err(bad(format!("no group named {g:?}"))),
+                Err(e) => return Err(bad(format!("cannot look up group {g:?}: {e}"))),
+            },
+        },
+        Some(_) => return Err(bad("give USER, USER:GROUP or UID:GID".into())),
+        None => primary.ok_or_else(|| bad("a numeric user needs its group: UID:GID".into()))?,
+    };
+    Ok(SpaceOwner { uid, gid })
+}
+
+pub fn parse_size(text: &str) -> Result<u64, Invalid> {
     let t = text.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (digits, unit) = t.split_at(split);
     let n: u64 = digits
         .parse()
-        .map_err(|_| format!("{text:?} is not a size (like 1048576, 10M or 4Ki)"))?;
+        .map_err(|_| Invalid(format!("{text:?} is not a size (like 1048576, 10M or 4Ki)")))?;
     let factor: u64 = match unit.trim_end_matches(['B', 'b']) {
         "" => 1,
         "K" | "k" => 1000,
@@ -469,13 +537,13 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         "Mi" => 1 << 20,
         "Gi" => 1 << 30,
         _ => {
-            return Err(format!(
+            return Err(Invalid(format!(
                 "{text:?}: unknown unit {unit:?} (use K, M, G, Ki, Mi, Gi)"
-            ));
+            )));
         }
     };
     n.checked_mul(factor)
-        .ok_or_else(|| format!("{text:?} is too large"))
+        .ok_or_else(|| Invalid(format!("{text:?} is too large")))
 }
 
 /// The flags of `roomfs mount` that a mount served by the daemon cannot honour: the daemon's
@@ -520,14 +588,14 @@ fn refused_with_daemon(args: &MountArgs) -> Option<String> {
     })
 }
 
-fn mount_via_daemon(args: &MountArgs) -> Result<(), String> {
+fn mount_via_daemon(args: &MountArgs) -> anyhow::Result<()> {
     if let Some(refused) = refused_with_daemon(args) {
-        return Err(refused);
+        return Err(anyhow!(refused));
     }
     let mountpoint = args
         .mountpoint
         .canonicalize()
-        .map_err(|e| format!("mount point {}: {e}", args.mountpoint.display()))?;
+        .with_context(|| format!("mount point {}", args.mountpoint.display()))?;
     let req = MountRequest {
         mountpoint: mountpoint.to_string_lossy().into_owned(),
         room: args.room.clone(),
@@ -543,7 +611,7 @@ fn mount_via_daemon(args: &MountArgs) -> Result<(), String> {
     let socket = args.socket.as_deref().unwrap_or(Path::new(DEFAULT_SOCKET));
     let info = Client::new(socket)
         .add_mount(&req)
-        .map_err(|e| e.to_string())?;
+        .map_err(anyhow::Error::from)?;
     println!(
         "mounted {} {} at {} (grant: {})",
         info.kind, info.id, info.mountpoint, info.grant
@@ -551,7 +619,7 @@ fn mount_via_daemon(args: &MountArgs) -> Result<(), String> {
     Ok(())
 }
 
-fn session(cmd: SessionCommand) -> Result<(), String> {
+fn session(cmd: SessionCommand) -> anyhow::Result<()> {
     match cmd {
         SessionCommand::Create {
             id,
@@ -559,22 +627,25 @@ fn session(cmd: SessionCommand) -> Result<(), String> {
             max_files,
             max_bytes,
             ttl,
+            owner,
             show: args,
         } => {
+            // What is not given is the daemon's default.
             let limits = (max_file_size.is_some() || max_files.is_some() || max_bytes.is_some())
-                .then_some(Limits {
-                    max_file_bytes: max_file_size,
-                    max_files,
-                    max_bytes,
+                .then_some(RequestedLimits {
+                    max_file_bytes: max_file_size.map(|l| l.0),
+                    max_files: max_files.map(|l| l.0),
+                    max_bytes: max_bytes.map(|l| l.0),
                 });
             let ttl_secs = ttl
                 .map(|t| token::parse_duration(&t).map(|d| d.as_secs()))
                 .transpose()
-                .map_err(|e| format!("--ttl: {e}"))?;
+                .context("--ttl")?;
             let req = SessionRequest {
                 id,
                 limits,
                 ttl_secs,
+                owner,
             };
             show(
                 &args,
@@ -617,12 +688,11 @@ fn session(cmd: SessionCommand) -> Result<(), String> {
     }
 }
 
-fn records(cmd: RecordsCommand) -> Result<(), String> {
+fn records(cmd: RecordsCommand) -> anyhow::Result<()> {
     let (envelope, socket) = match cmd {
-        RecordsCommand::Call { json, socket } => (
-            serde_json::from_str(&json).map_err(|e| format!("not JSON: {e}"))?,
-            socket,
-        ),
+        RecordsCommand::Call { json, socket } => {
+            (serde_json::from_str(&json).context("not JSON")?, socket)
+        }
         RecordsCommand::Get {
             collection,
             id,
@@ -638,13 +708,13 @@ fn records(cmd: RecordsCommand) -> Result<(), String> {
             socket,
         } => {
             let text = if file.as_os_str() == "-" {
-                std::io::read_to_string(std::io::stdin()).map_err(|e| e.to_string())?
+                std::io::read_to_string(std::io::stdin()).map_err(anyhow::Error::from)?
             } else {
                 std::fs::read_to_string(&file)
-                    .map_err(|e| format!("cannot read {}: {e}", file.display()))?
+                    .with_context(|| format!("cannot read {}", file.display()))?
             };
             let value: serde_json::Value = serde_json::from_str(&text)
-                .map_err(|e| format!("{} is not JSON: {e}", file.display()))?;
+                .with_context(|| format!("{} is not JSON", file.display()))?;
             (
                 serde_json::json!({"method": format!("{collection}.set"), "id": id, "value": value}),
                 socket,
@@ -672,38 +742,40 @@ fn records(cmd: RecordsCommand) -> Result<(), String> {
     }))
 }
 
-fn issue_token(args: &TokenIssueArgs) -> Result<String, String> {
+fn issue_token(args: &TokenIssueArgs) -> anyhow::Result<String> {
     SpaceId::new(SpaceKind::Room, &args.room)?;
     let secret = token::read_secret_file(&args.secret_file)?;
-    let ttl = token::parse_duration(&args.ttl).map_err(|e| format!("--ttl: {e}"))?;
+    let ttl = token::parse_duration(&args.ttl).context("--ttl")?;
     let grant = if args.paths.is_empty() {
         Grant::none()
     } else {
-        Grant::parse_cli(&args.paths).map_err(|e| format!("--path: {e}"))?
+        Grant::parse_cli(&args.paths).context("--path")?
     };
-    token::issue(&secret, &args.name, &args.room, &grant, ttl).map_err(|e| e.to_string())
+    token::issue(&secret, &args.name, &args.room, &grant, ttl).map_err(anyhow::Error::from)
 }
 
 /// The space and grant of a mount: from a verified token (with the token's name), or from
 /// --room/--session and --grant.
-fn space_and_grant(args: &MountArgs) -> Result<(SpaceId, Grant, Option<String>), String> {
+fn space_and_grant(args: &MountArgs) -> anyhow::Result<(SpaceId, Grant, Option<String>)> {
     if let Some(tok) = &args.token {
-        let secret_file = args.secret_file.as_ref().ok_or(
-            "--token needs --secret-file FILE (the secret it was signed with), or --daemon to \
-             have the daemon verify it with its own",
-        )?;
+        let secret_file = args.secret_file.as_ref().ok_or_else(|| {
+            anyhow!(
+                "--token needs --secret-file FILE (the secret it was signed with), or --daemon \
+                 to have the daemon verify it with its own"
+            )
+        })?;
         let secret = token::read_secret_file(secret_file)?;
-        let verified = token::verify(tok, &secret).map_err(|e| format!("token refused: {e}"))?;
+        let verified = token::verify(tok, &secret).context("token refused")?;
         let room = verified
             .room
-            .ok_or("token refused: it names no room (no \"room\" grant)")?;
+            .ok_or_else(|| anyhow!("token refused: it names no room (no \"room\" grant)"))?;
         if args.session.is_some() {
-            return Err("a token grants a room: use it without --session".into());
+            return Err(anyhow!("a token grants a room: use it without --session"));
         }
         if let Some(wanted) = &args.room
             && *wanted != room
         {
-            return Err(format!(
+            return Err(anyhow!(
                 "token refused: it is for room {room:?}, not {wanted:?}"
             ));
         }
@@ -713,32 +785,32 @@ fn space_and_grant(args: &MountArgs) -> Result<(SpaceId, Grant, Option<String>),
     let space = match (&args.room, &args.session) {
         (Some(id), None) => SpaceId::new(SpaceKind::Room, id)?,
         (None, Some(id)) => SpaceId::new(SpaceKind::Session, id)?,
-        _ => return Err("give exactly one of --room ID or --session ID".into()),
+        _ => return Err(anyhow!("give exactly one of --room ID or --session ID")),
     };
-    let grant = Grant::parse_cli(&args.grants).map_err(|e| format!("--grant: {e}"))?;
+    let grant = Grant::parse_cli(&args.grants).context("--grant")?;
     Ok((space, grant, None))
 }
 
-fn mount_spec(args: MountArgs) -> Result<MountSpec, String> {
+fn mount_spec(args: MountArgs) -> anyhow::Result<MountSpec> {
     let (space, grant, token_name) = space_and_grant(&args)?;
     let cache_ttl = args.cache_ttl.unwrap_or(1.0);
     if !(cache_ttl.is_finite() && (0.0..=3600.0).contains(&cache_ttl)) {
-        return Err(format!(
+        return Err(anyhow!(
             "--cache-ttl must be between 0 and 3600 seconds, not {cache_ttl}"
         ));
     }
     let poll_window_us = args.poll_window_us.unwrap_or(1000);
     if poll_window_us > 1_000_000 {
-        return Err(format!(
+        return Err(anyhow!(
             "--poll-window-us must be at most 1000000 (one second), not {poll_window_us}"
         ));
     }
     let threads = args.threads.unwrap_or(4);
     if !(1..=64).contains(&threads) {
-        return Err(format!("--threads must be between 1 and 64, not {threads}"));
+        return Err(anyhow!("--threads must be between 1 and 64, not {threads}"));
     }
     let store = match &args.store {
-        Some(s) => StoreConfig::parse(s).map_err(|e| format!("--store: {e}"))?,
+        Some(s) => StoreConfig::parse(s).map_err(|e| Invalid(format!("--store: {e}")))?,
         None => StoreConfig::Local,
     };
     let data_dir = args.data_dir.unwrap_or_else(default_data_dir);
@@ -760,7 +832,7 @@ fn mount_spec(args: MountArgs) -> Result<MountSpec, String> {
     })
 }
 
-fn unmount(args: &UnmountArgs) -> Result<(), String> {
+fn unmount(args: &UnmountArgs) -> anyhow::Result<()> {
     // A mount the daemon serves is unmounted through it, so it forgets the mount too.
     if args.socket.exists() {
         let target = args
@@ -774,35 +846,35 @@ fn unmount(args: &UnmountArgs) -> Result<(), String> {
         match Client::new(&args.socket).remove_mount(&req) {
             Ok(()) => return Ok(()),
             Err(ClientError::Api { status: 404, .. } | ClientError::NoDaemon { .. }) => {}
-            Err(e) => return Err(e.to_string()),
+            Err(e) => return Err(e.into()),
         }
     }
     let path = args
         .mountpoint
         .canonicalize()
-        .map_err(|e| format!("{}: {e}", args.mountpoint.display()))?;
+        .with_context(|| format!("{}", args.mountpoint.display()))?;
     match mount::mount_at(&path) {
         Some(m) if m.is_roomfs() => mount::unmount(&path, args.lazy),
-        Some(m) => Err(format!(
+        Some(m) => Err(anyhow!(
             "{} is not a roomfs mount (it is {} from {})",
             path.display(),
             m.fstype,
             m.source
         )),
-        None => Err(format!("{} is not a mount point", path.display())),
+        None => Err(anyhow!("{} is not a mount point", path.display())),
     }
 }
 
 /// `--room` or `--session` as a space.
-fn space_of(room: &Option<String>, session: &Option<String>) -> Result<SpaceId, String> {
+fn space_of(room: &Option<String>, session: &Option<String>) -> anyhow::Result<SpaceId> {
     match (room, session) {
-        (Some(id), None) => SpaceId::new(SpaceKind::Room, id),
-        (None, Some(id)) => SpaceId::new(SpaceKind::Session, id),
-        _ => Err("give exactly one of --room ID or --session ID".into()),
+        (Some(id), None) => Ok(SpaceId::new(SpaceKind::Room, id)?),
+        (None, Some(id)) => Ok(SpaceId::new(SpaceKind::Session, id)?),
+        _ => Err(anyhow!("give exactly one of --room ID or --session ID")),
     }
 }
 
-fn events(args: &EventsArgs) -> Result<(), String> {
+fn events(args: &EventsArgs) -> anyhow::Result<()> {
     use std::io::Write;
     let space = space_of(&args.room, &args.session)?;
     let path = format!(
@@ -817,12 +889,12 @@ fn events(args: &EventsArgs) -> Result<(), String> {
             // Stops when the reader goes away (a closed pipe).
             out.write_all(line).is_ok() && out.write_all(b"\n").is_ok() && out.flush().is_ok()
         })
-        .map_err(|e| e.to_string())
+        .map_err(anyhow::Error::from)
 }
 
-fn url(args: &UrlArgs) -> Result<(), String> {
+fn url(args: &UrlArgs) -> anyhow::Result<()> {
     let space = space_of(&args.room, &args.session)?;
-    let ttl = token::parse_duration(&args.ttl).map_err(|e| format!("--ttl: {e}"))?;
+    let ttl = token::parse_duration(&args.ttl).context("--ttl")?;
     let req = UrlRequest {
         room: (space.kind == SpaceKind::Room).then(|| space.id.clone()),
         session: (space.kind == SpaceKind::Session).then(|| space.id.clone()),
@@ -834,7 +906,7 @@ fn url(args: &UrlArgs) -> Result<(), String> {
     };
     let signed = client(&args.socket)
         .sign_url(&req)
-        .map_err(|e| e.to_string())?;
+        .map_err(anyhow::Error::from)?;
     println!("{}", signed.url);
     Ok(())
 }

@@ -21,6 +21,7 @@
 //! Exit statuses follow mount(8): 1 for a bad invocation or option, 32 when mounting failed.
 //! Errors are one line on stderr.
 
+use anyhow::{Context, anyhow};
 use std::ffi::OsString;
 use std::io::{BufRead, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -63,7 +64,7 @@ struct Invocation {
     verbose: bool,
 }
 
-fn parse_invocation(args: &[String]) -> Result<Invocation, String> {
+fn parse_invocation(args: &[String]) -> anyhow::Result<Invocation> {
     let mut positional = Vec::new();
     let mut options = Vec::new();
     let (mut fake, mut sloppy, mut verbose) = (false, false, false);
@@ -71,28 +72,34 @@ fn parse_invocation(args: &[String]) -> Result<Invocation, String> {
     while let Some(arg) = it.next() {
         match arg.as_str() {
             "-o" => {
-                let opts = it.next().ok_or("-o needs a list of options")?;
+                let opts = it
+                    .next()
+                    .ok_or_else(|| anyhow!("-o needs a list of options"))?;
                 options.extend(opts.split(',').filter(|o| !o.is_empty()).map(str::to_owned));
             }
             "-t" => {
-                let t = it.next().ok_or("-t needs a type")?;
+                let t = it.next().ok_or_else(|| anyhow!("-t needs a type"))?;
                 if t != "fuse.roomfs" {
-                    return Err(format!("this helper mounts fuse.roomfs, not {t}"));
+                    return Err(anyhow!("this helper mounts fuse.roomfs, not {t}"));
                 }
             }
             "-f" => fake = true,
             "-s" => sloppy = true,
             "-v" => verbose = true,
             "-n" => {} // no mtab: roomfs writes none
-            "-N" => return Err("mounting in another namespace (-N) is not supported".into()),
+            "-N" => {
+                return Err(anyhow!(
+                    "mounting in another namespace (-N) is not supported"
+                ));
+            }
             a if a.starts_with('-') && a.len() > 1 => {
-                return Err(format!("unknown flag {a}"));
+                return Err(anyhow!("unknown flag {a}"));
             }
             _ => positional.push(arg.clone()),
         }
     }
     let [source, mountpoint] = <[String; 2]>::try_from(positional).map_err(|p| {
-        format!(
+        anyhow!(
             "expected SOURCE and MOUNTPOINT (as in `mount -t fuse.roomfs room:ID /mnt`), got {} \
              arguments",
             p.len()
@@ -147,12 +154,12 @@ fn ignored(option: &str) -> bool {
 }
 
 /// Reads the source and options; `sloppy` ignores unknown options instead of refusing them.
-fn plan(source: &str, options: &[String], sloppy: bool) -> Result<Plan, String> {
+fn plan(source: &str, options: &[String], sloppy: bool) -> anyhow::Result<Plan> {
     let space = match source.split_once(':') {
         Some(("room", id)) => SpaceId::new(SpaceKind::Room, id)?,
         Some(("session", id)) => SpaceId::new(SpaceKind::Session, id)?,
         _ => {
-            return Err(format!(
+            return Err(anyhow!(
                 "source {source:?} must be room:ID or session:ID (e.g. room:r1)"
             ));
         }
@@ -173,7 +180,7 @@ fn plan(source: &str, options: &[String], sloppy: bool) -> Result<Plan, String> 
         let need = |v: Option<&str>| {
             v.filter(|v| !v.is_empty())
                 .map(str::to_owned)
-                .ok_or_else(|| format!("option {name} needs a value ({name}=...)"))
+                .ok_or_else(|| anyhow!("option {name} needs a value ({name}=...)"))
         };
         match name {
             "grant" => {
@@ -203,7 +210,7 @@ fn plan(source: &str, options: &[String], sloppy: bool) -> Result<Plan, String> 
             _ if option.starts_with("x-") || option.starts_with("comment=") => {}
             _ if sloppy => log::warn!("ignoring unknown option {option}"),
             _ => {
-                return Err(format!(
+                return Err(anyhow!(
                     "unknown option {option:?} (roomfs knows data_dir=, grant=PATH:ro|rw, ro, \
                      sync_on_close, no_passthrough, cache_ttl=, threads=, records_dir=, log=, \
                      label=, daemon, socket=)"
@@ -211,10 +218,10 @@ fn plan(source: &str, options: &[String], sloppy: bool) -> Result<Plan, String> 
             }
         }
     }
-    crate::grant::Grant::parse_cli(&grants).map_err(|e| format!("grant: {e}"))?;
+    crate::grant::Grant::parse_cli(&grants).context("grant")?;
     let server = if daemon {
         if let Some(name) = standalone_only.first() {
-            return Err(format!(
+            return Err(anyhow!(
                 "option {name}= is for mounts served in the background; with daemon, set it in \
                  the daemon's config"
             ));
@@ -288,18 +295,18 @@ fn mount_request(plan: &Plan, mountpoint: &Path) -> MountRequest {
 pub fn main(args: &[String]) -> i32 {
     let invocation = match parse_invocation(args) {
         Ok(i) => i,
-        Err(e) => return fail(EXIT_USAGE, &e),
+        Err(e) => return fail(EXIT_USAGE, e),
     };
     let plan = match plan(&invocation.source, &invocation.options, invocation.sloppy) {
         Ok(p) => p,
-        Err(e) => return fail(EXIT_USAGE, &e),
+        Err(e) => return fail(EXIT_USAGE, e),
     };
     let mountpoint = match invocation.mountpoint.canonicalize() {
         Ok(p) => p,
         Err(e) => {
             return fail(
                 EXIT_USAGE,
-                &format!("mount point {}: {e}", invocation.mountpoint.display()),
+                format!("mount point {}: {e}", invocation.mountpoint.display()),
             );
         }
     };
@@ -318,40 +325,40 @@ pub fn main(args: &[String]) -> i32 {
         Server::Daemon { socket } => Client::new(socket)
             .add_mount(&mount_request(&plan, &mountpoint))
             .map(drop)
-            .map_err(|e| e.to_string()),
+            .map_err(anyhow::Error::from),
         Server::Background { flags, log } => {
             in_background(&mount_args(&plan, flags, &mountpoint), log.as_deref())
         }
     };
     match served {
         Ok(()) => 0,
-        Err(e) => fail(EXIT_MOUNT_FAILED, &e),
+        Err(e) => fail(EXIT_MOUNT_FAILED, e),
     }
 }
 
-fn fail(status: i32, message: &str) -> i32 {
-    eprintln!("mount.fuse.roomfs: {message}");
+fn fail(status: i32, message: impl std::fmt::Display) -> i32 {
+    // `{:#}`: an error's whole chain of causes, on one line.
+    eprintln!("mount.fuse.roomfs: {message:#}");
     status
 }
 
 /// Starts `roomfs ARGS` in its own session with a pipe to report on, and waits until it says
 /// the mount is up (or why not).
-fn in_background(args: &[OsString], log: Option<&Path>) -> Result<(), String> {
+fn in_background(args: &[OsString], log: Option<&Path>) -> anyhow::Result<()> {
     use std::io::IsTerminal;
     use std::os::unix::process::CommandExt;
     use std::process::{Command, Stdio};
 
-    let exe = std::env::current_exe().map_err(|e| format!("cannot find the roomfs binary: {e}"))?;
+    let exe = std::env::current_exe().context("cannot find the roomfs binary")?;
     let (read_end, write_end): (OwnedFd, OwnedFd) =
-        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
-            .map_err(|e| format!("cannot create a pipe: {e}"))?;
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("cannot create a pipe")?;
     let stderr = match log {
         Some(path) => Stdio::from(
             std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
                 .open(path)
-                .map_err(|e| format!("cannot open the log {}: {e}", path.display()))?,
+                .with_context(|| format!("cannot open the log {}", path.display()))?,
         ),
         // Under systemd the helper's stderr is the journal: the server logs there. A person
         // at a terminal gets the prompt back, not log lines later.
@@ -375,9 +382,7 @@ fn in_background(args: &[OsString], log: Option<&Path>) -> Result<(), String> {
             Ok(())
         });
     }
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| format!("cannot start the roomfs server: {e}"))?;
+    let mut child = cmd.spawn().context("cannot start the roomfs server")?;
     drop(write_end);
     let mut line = String::new();
     let read = std::io::BufReader::new(std::fs::File::from(read_end)).read_line(&mut line);
@@ -385,11 +390,11 @@ fn in_background(args: &[OsString], log: Option<&Path>) -> Result<(), String> {
         _ if line.trim_end() == "ok" => Ok(()),
         Some(("error", message)) => {
             let _ = child.wait();
-            Err(message.to_string())
+            Err(anyhow!("{message}"))
         }
         _ => {
             let status = child.wait().map(|s| s.to_string()).unwrap_or_default();
-            Err(format!(
+            Err(anyhow!(
                 "the roomfs server exited before mounting ({status}{}); see its log",
                 read.err().map(|e| format!(", {e}")).unwrap_or_default()
             ))
@@ -425,8 +430,10 @@ impl ReadyPipe {
     }
 
     /// The mount failed with `message`.
-    pub fn fail(mut self, message: &str) {
-        let _ = writeln!(self.0, "error {}", message.replace('\n', " "));
+    pub fn fail(mut self, message: impl std::fmt::Display) {
+        // `{:#}`: an error's whole chain of causes, on one line.
+        let line = format!("{message:#}").replace('\n', " ");
+        let _ = writeln!(self.0, "error {line}");
     }
 }
 
@@ -538,7 +545,9 @@ mod tests {
 
     #[test]
     fn bad_options_are_one_clear_line() {
-        let err = |source: &str, opts: &[&str]| plan(source, &strings(opts), false).unwrap_err();
+        let err = |source: &str, opts: &[&str]| {
+            format!("{:#}", plan(source, &strings(opts), false).unwrap_err())
+        };
         assert!(err("r1", &[]).contains("room:ID or session:ID"));
         assert!(err("room:../x", &[]).contains("invalid room id"));
         assert!(err("room:r", &["bogus=1"]).contains("unknown option \"bogus=1\""));

@@ -9,6 +9,7 @@ pub mod cli;
 pub mod control;
 pub mod daemon;
 pub mod errno;
+pub mod error;
 pub mod events;
 pub mod fs;
 pub mod fuse;

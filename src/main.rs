@@ -40,7 +40,7 @@ fn main() {
         }
     };
     if let Err(message) = roomfs::cli::run(cli) {
-        eprintln!("roomfs: error: {message}");
+        eprintln!("roomfs: error: {message:#}");
         std::process::exit(1);
     }
 }

@@ -1,6 +1,7 @@
 //! Running a mount: checks the mount point, mounts a space with the FUSE adapter, serves it
 //! until unmounted or signalled, and unmounts cleanly.
 
+use anyhow::{Context, anyhow};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -140,8 +141,33 @@ pub fn mount_at(path: &Path) -> Option<MountEntry> {
     mounts().ok()?.into_iter().rfind(|m| m.mountpoint == path)
 }
 
-/// Checks and canonicalises a mount point, with a message that says what is wrong.
-pub fn check_mountpoint(path: &Path) -> Result<PathBuf, String> {
+/// What is wrong with a mount point the user named (the control API answers 409 for one in
+/// use, 400 for the others).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BadMountPointKind {
+    Missing,
+    NotADirectory,
+    InUse,
+}
+
+/// A mount point refused, with the message for the user.
+#[derive(Debug)]
+pub struct BadMountPoint {
+    pub kind: BadMountPointKind,
+    message: String,
+}
+
+impl std::fmt::Display for BadMountPoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for BadMountPoint {}
+
+/// Checks and canonicalises a mount point, with a message that says what is wrong (a
+/// [`BadMountPoint`] when the user named a path that cannot be one).
+pub fn check_mountpoint(path: &Path) -> anyhow::Result<PathBuf> {
     let shown = path.display();
     // statfs, not stat: the kernel may answer a stat of a dead mount from its attribute cache,
     // a statfs always asks the server.
@@ -160,28 +186,35 @@ pub fn check_mountpoint(path: &Path) -> Result<PathBuf, String> {
             unmount(&m.mountpoint, true)?;
         }
     }
-    let meta = std::fs::metadata(path).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => format!("mount point {shown} does not exist"),
-        _ => format!("mount point {shown} is not usable: {e}"),
-    })?;
+    let refused = |kind, message| anyhow::Error::new(BadMountPoint { kind, message });
+    let meta = match std::fs::metadata(path) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let message = format!("mount point {shown} does not exist");
+            return Err(refused(BadMountPointKind::Missing, message));
+        }
+        Err(e) => return Err(e).with_context(|| format!("mount point {shown} is not usable")),
+    };
     if !meta.is_dir() {
-        return Err(format!("mount point {shown} is not a directory"));
+        let message = format!("mount point {shown} is not a directory");
+        return Err(refused(BadMountPointKind::NotADirectory, message));
     }
     let canonical = path
         .canonicalize()
-        .map_err(|e| format!("mount point {shown} is not usable: {e}"))?;
+        .with_context(|| format!("mount point {shown} is not usable"))?;
     if let Some(m) = mount_at(&canonical) {
-        return Err(format!(
+        let message = format!(
             "mount point {} is already in use (a {} filesystem is mounted there)",
             canonical.display(),
             m.fstype
-        ));
+        );
+        return Err(refused(BadMountPointKind::InUse, message));
     }
     Ok(canonical)
 }
 
 /// Unmounts `path`; with `lazy`, detaches it even while files are open.
-pub fn unmount(path: &Path, lazy: bool) -> Result<(), String> {
+pub fn unmount(path: &Path, lazy: bool) -> anyhow::Result<()> {
     use nix::mount::{MntFlags, umount2};
     let flags = if lazy {
         MntFlags::MNT_DETACH
@@ -190,7 +223,7 @@ pub fn unmount(path: &Path, lazy: bool) -> Result<(), String> {
     };
     match umount2(path, flags) {
         Ok(()) => Ok(()),
-        Err(nix::errno::Errno::EBUSY) => Err(format!(
+        Err(nix::errno::Errno::EBUSY) => Err(anyhow!(
             "{} is busy: a process still has files open there (close them, or use --lazy)",
             path.display()
         )),
@@ -203,13 +236,13 @@ pub fn unmount(path: &Path, lazy: bool) -> Result<(), String> {
             }
             match cmd.arg(path).status() {
                 Ok(s) if s.success() => Ok(()),
-                _ => Err(format!(
+                _ => Err(anyhow!(
                     "not permitted to unmount {} (run as root or as the user who mounted it)",
                     path.display()
                 )),
             }
         }
-        Err(e) => Err(format!("could not unmount {}: {e}", path.display())),
+        Err(e) => Err(anyhow!("could not unmount {}: {e}", path.display())),
     }
 }
 
@@ -245,38 +278,37 @@ impl ActiveMount {
         spec: &MountSpec,
         resources: Resources,
         on_end: impl FnOnce() + Send + 'static,
-    ) -> Result<ActiveMount, String> {
+    ) -> anyhow::Result<ActiveMount> {
         let mountpoint = check_mountpoint(&spec.mountpoint)?;
         // Serving a mount from inside itself would make the daemon wait on its own requests.
         if let Ok(data_dir) = spec.data_dir.canonicalize()
             && (mountpoint.starts_with(&data_dir) || data_dir.starts_with(&mountpoint))
         {
-            return Err(format!(
+            return Err(anyhow!(
                 "mount point {} and data dir {} must not contain each other",
                 mountpoint.display(),
                 data_dir.display()
             ));
         }
         if !Path::new("/dev/fuse").exists() {
-            return Err(
+            return Err(anyhow!(
                 "/dev/fuse is missing: load the fuse kernel module (modprobe fuse), or \
-                        give the container the device (--device /dev/fuse)"
-                    .into(),
-            );
+                 give the container the device (--device /dev/fuse)"
+            ));
         }
         let rw = nix::unistd::AccessFlags::R_OK | nix::unistd::AccessFlags::W_OK;
         if nix::unistd::access("/dev/fuse", rw).is_err() {
-            return Err(
+            return Err(anyhow!(
                 "not permitted to use /dev/fuse: run as root, or make the device usable \
-                        by this user (most distributions ship it with mode 0666)"
-                    .into(),
-            );
+                 by this user (most distributions ship it with mode 0666)"
+            ));
         }
         let is_root = nix::unistd::geteuid().is_root();
         // A new space belongs to whoever owns the mount point, so that user can write in it.
         let owner = if is_root {
             use std::os::unix::fs::MetadataExt;
-            let m = std::fs::metadata(&mountpoint).map_err(|e| e.to_string())?;
+            let m = std::fs::metadata(&mountpoint)
+                .with_context(|| format!("mount point {}", mountpoint.display()))?;
             Some((m.uid(), m.gid()))
         } else {
             None
@@ -284,9 +316,9 @@ impl ActiveMount {
         let space = resources
             .hub
             .open(&spec.space, resources.limits, Some(owner))
-            .map_err(|e| {
+            .with_context(|| {
                 format!(
-                    "cannot open {} at {}: {e}",
+                    "cannot open {} at {}",
                     spec.space,
                     resources.hub.describe(&spec.space)
                 )
@@ -341,28 +373,32 @@ impl ActiveMount {
         };
         let (mounted, device) =
             kernel::mount(&mountpoint, &options).map_err(|e| match e.raw_os_error() {
-                Some(libc::EPERM) | Some(libc::EACCES) => format!(
-                    "not permitted to mount at {}: run as root, or install fuse3 for \
-                     unprivileged mounts",
+                Some(libc::EPERM) | Some(libc::EACCES) => anyhow::Error::new(e).context(format!(
+                    "not permitted to mount at {} (run as root, or install fuse3 for \
+                     unprivileged mounts)",
                     mountpoint.display()
-                ),
-                _ if e.kind() == std::io::ErrorKind::PermissionDenied => {
-                    format!("not permitted to mount at {}: {e}", mountpoint.display())
-                }
-                _ => format!("cannot mount at {}: {e}", mountpoint.display()),
+                )),
+                _ if e.kind() == std::io::ErrorKind::PermissionDenied => anyhow::Error::new(e)
+                    .context(format!(
+                        "not permitted to mount at {}",
+                        mountpoint.display()
+                    )),
+                _ => anyhow::Error::new(e)
+                    .context(format!("cannot mount at {}", mountpoint.display())),
             })?;
         // From here on, a failure takes the new mount down again.
-        let undo = |e: String| {
+        let undo = |e: anyhow::Error| {
             if mounted.is_ours()
                 && let Err(u) = unmount(mounted.mountpoint(), true)
             {
-                log::error!("{u}");
+                log::error!("{u:#}");
             }
             e
         };
         // fuser gets the device only, so it never unmounts a path (see `kernel`).
-        let session = Session::from_fd(adapter, device, acl, config)
-            .map_err(|e| undo(format!("cannot mount at {}: {e}", mountpoint.display())))?;
+        let session = Session::from_fd(adapter, device, acl, config).map_err(|e| {
+            undo(anyhow::Error::new(e).context(format!("cannot mount at {}", mountpoint.display())))
+        })?;
         gate.set_device(&session);
         if fs.wants_passthrough() {
             match std::os::fd::AsFd::as_fd(&session).try_clone_to_owned() {
@@ -371,13 +407,13 @@ impl ActiveMount {
             }
         }
         let background = session.spawn().map_err(|e| {
-            undo(format!(
-                "cannot start serving {}: {e}",
-                mountpoint.display()
-            ))
+            undo(
+                anyhow::Error::new(e)
+                    .context(format!("cannot start serving {}", mountpoint.display())),
+            )
         })?;
         let notify = crate::fuse::Notify::start(background.notifier())
-            .map_err(|e| undo(format!("cannot start the notifier thread: {e}")))?;
+            .map_err(|e| undo(anyhow::Error::new(e).context("cannot start the notifier thread")))?;
         fs.set_kernel_cache(Box::new(notify));
         log::info!(
             "mounted {} at {} (data in {}, grant: {})",
@@ -401,7 +437,7 @@ impl ActiveMount {
                 if ended_mount.is_ours()
                     && let Err(e) = unmount(ended_mount.mountpoint(), true)
                 {
-                    log::error!("{e}");
+                    log::error!("{e:#}");
                 }
             }
             ended_flag.store(true, Ordering::SeqCst);
@@ -428,7 +464,7 @@ impl ActiveMount {
 
     /// Commits open files and unmounts; with files still open, detaches the mount lazily
     /// (they keep working until closed) unless `lazy` is false and then reports EBUSY.
-    pub fn unmount(&self, lazy: bool) -> Result<(), String> {
+    pub fn unmount(&self, lazy: bool) -> anyhow::Result<()> {
         if self.has_ended() {
             return Ok(());
         }
@@ -464,10 +500,10 @@ impl ActiveMount {
     }
 
     /// Waits until the mount has ended.
-    pub fn wait(mut self) -> Result<(), String> {
+    pub fn wait(mut self) -> anyhow::Result<()> {
         match self.waiter.take().map(|w| w.join()) {
             Some(Ok(Err(e))) => log::warn!("session ended with an error: {e}"),
-            Some(Err(_)) => return Err("the filesystem thread panicked".into()),
+            Some(Err(_)) => return Err(anyhow!("the filesystem thread panicked")),
             _ => {}
         }
         log::info!("unmounted {}", self.mountpoint.display());
@@ -497,10 +533,10 @@ fn spawn_publisher(fs: std::sync::Weak<Fs>) {
 
 /// Opens the data dir of a process: creates it and its staging area (recovering and removing
 /// what crashed processes left).
-pub fn open_data_dir(data_dir: &Path) -> Result<LocalBackend, String> {
-    let (backend, stale) = LocalBackend::open(data_dir).map_err(|e| {
+pub fn open_data_dir(data_dir: &Path) -> anyhow::Result<LocalBackend> {
+    let (backend, stale) = LocalBackend::open(data_dir).with_context(|| {
         format!(
-            "cannot prepare the data dir {} and its staging area: {e}",
+            "cannot prepare the data dir {} and its staging area",
             data_dir.display()
         )
     })?;
@@ -515,7 +551,7 @@ pub fn open_data_dir(data_dir: &Path) -> Result<LocalBackend, String> {
 ///
 /// `ready` (a mount helper waiting for this process in the background) hears once the mount is
 /// up, or why it failed.
-pub fn run(spec: &MountSpec, ready: Option<ReadyPipe>) -> Result<(), String> {
+pub fn run(spec: &MountSpec, ready: Option<ReadyPipe>) -> anyhow::Result<()> {
     let mut ready = ready;
     let result = serve(spec, &mut ready);
     if let (Err(e), Some(ready)) = (&result, ready.take()) {
@@ -524,14 +560,19 @@ pub fn run(spec: &MountSpec, ready: Option<ReadyPipe>) -> Result<(), String> {
     result
 }
 
-fn serve(spec: &MountSpec, ready: &mut Option<ReadyPipe>) -> Result<(), String> {
+fn serve(spec: &MountSpec, ready: &mut Option<ReadyPipe>) -> anyhow::Result<()> {
     check_mountpoint(&spec.mountpoint)?;
     let local = open_data_dir(&spec.data_dir)?;
-    let stored = spec.store.open(&spec.data_dir)?;
+    let stored = spec
+        .store
+        .open(&spec.data_dir)
+        .map_err(anyhow::Error::msg)?;
     let records = match spec.space.kind {
-        SpaceKind::Session => Some(Arc::new(RecordStore::open(&spec.records_dir).map_err(
-            |e| format!("cannot open records at {}: {e}", spec.records_dir.display()),
-        )?)),
+        SpaceKind::Session => Some(Arc::new(
+            RecordStore::open(&spec.records_dir).with_context(|| {
+                format!("cannot open records at {}", spec.records_dir.display())
+            })?,
+        )),
         SpaceKind::Room => None,
     };
     let (rooms, sessions) = match spec.space.kind {
@@ -557,7 +598,7 @@ fn serve(spec: &MountSpec, ready: &mut Option<ReadyPipe>) -> Result<(), String> 
     }
     let (tx, rx) = mpsc::channel::<Event>();
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
-        .map_err(|e| format!("cannot install signal handlers: {e}"))?;
+        .context("cannot install signal handlers")?;
     let signal_handle = signals.handle();
     let signal_tx = tx.clone();
     std::thread::spawn(move || {
@@ -576,7 +617,7 @@ fn serve(spec: &MountSpec, ready: &mut Option<ReadyPipe>) -> Result<(), String> 
             Event::Signal(sig) => {
                 log::info!("signal {sig}: committing open files and unmounting");
                 if let Err(e) = mount.unmount(true) {
-                    log::error!("{e}");
+                    log::error!("{e:#}");
                 }
             }
             Event::Ended => break,

@@ -19,6 +19,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{Map, Value, json};
 
+use crate::error::Invalid;
 use crate::grant::Grant;
 
 /// One entry of the `grants` claim; `scope` is a string or an object.
@@ -234,11 +235,11 @@ pub fn verify(token: &str, secret: &[u8]) -> Result<VerifiedToken, TokenError> {
 /// Parses a lifetime: a whole number with an optional unit `s`, `m`, `h` or
 /// `d` (`"45s"`, `"30m"`, `"1h"`, `"2d"`); a bare number is seconds. Zero is
 /// refused.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
+pub fn parse_duration(s: &str) -> Result<Duration, Invalid> {
     let bad = || {
-        format!(
+        Invalid(format!(
             "invalid duration {s:?}: expected a number with an optional unit s, m, h or d (e.g. 3600, 30m, 1h, 2d)"
-        )
+        ))
     };
     let t = s.trim();
     let (digits, unit) = match t.char_indices().last() {
@@ -259,25 +260,26 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         .parse::<u64>()
         .ok()
         .and_then(|n| n.checked_mul(scale))
-        .ok_or_else(|| format!("duration {s:?} is too large"))?;
+        .ok_or_else(|| Invalid(format!("duration {s:?} is too large")))?;
     if secs == 0 {
-        return Err(format!("duration {s:?} must be greater than zero"));
+        return Err(Invalid(format!("duration {s:?} must be greater than zero")));
     }
     Ok(Duration::from_secs(secs))
 }
 
 /// Reads an HMAC secret from `path`, dropping one trailing newline (`\n` or
 /// `\r\n`). An empty secret is an error.
-pub fn read_secret_file(path: &Path) -> Result<Vec<u8>, String> {
+pub fn read_secret_file(path: &Path) -> anyhow::Result<Vec<u8>> {
+    use anyhow::Context;
     let mut secret = std::fs::read(path)
-        .map_err(|e| format!("cannot read secret file {}: {e}", path.display()))?;
+        .with_context(|| format!("cannot read secret file {}", path.display()))?;
     if secret.ends_with(b"\r\n") {
         secret.truncate(secret.len() - 2);
     } else if secret.ends_with(b"\n") {
         secret.truncate(secret.len() - 1);
     }
     if secret.is_empty() {
-        return Err(format!("secret file {} is empty", path.display()));
+        anyhow::bail!("secret file {} is empty", path.display());
     }
     Ok(secret)
 }
@@ -646,7 +648,7 @@ mod tests {
             "99999999999999999999d",
         ] {
             let err = parse_duration(s).unwrap_err();
-            assert!(err.contains(&format!("{s:?}")), "{s}: {err}");
+            assert!(err.0.contains(&format!("{s:?}")), "{s}: {err}");
         }
     }
 
@@ -667,14 +669,16 @@ mod tests {
             match expected {
                 Some(e) => assert_eq!(read_secret_file(&path).unwrap(), e.as_bytes(), "{name}"),
                 None => {
-                    let err = read_secret_file(&path).unwrap_err();
+                    let err = format!("{:#}", read_secret_file(&path).unwrap_err());
                     assert!(err.contains("empty") && err.contains(name), "{err}");
                 }
             }
         }
         let missing = dir.join("missing");
-        let err = read_secret_file(&missing).unwrap_err();
+        let err = format!("{:#}", read_secret_file(&missing).unwrap_err());
+        // What was being done, and why it failed.
         assert!(err.contains(&missing.display().to_string()), "{err}");
+        assert!(err.contains("No such file"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -764,6 +764,8 @@ fn metrics_count_a_known_workload() {
         "200000",
         "--max-files",
         "1000",
+        "--max-file-size",
+        "unlimited",
         "--json",
     ]);
     let full = d.dir("full");
@@ -905,6 +907,8 @@ fn the_cli_prints_tables_for_people_and_json_for_scripts() {
         "100",
         "--max-bytes",
         "50Mi",
+        "--max-file-size",
+        "unlimited",
         "--ttl",
         "2h",
     ]);
@@ -1124,4 +1128,86 @@ fn slow_calls_show_progress_on_a_terminal_only() {
     assert!(out.status.success());
     assert_eq!(String::from_utf8_lossy(&out.stderr), "");
     server.join().unwrap();
+}
+
+/// Runs `script` with `sh -c` as the unprivileged user 65534; its exit status and stderr.
+fn as_nobody(script: &str) -> (bool, String) {
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "sh",
+            "-c",
+            script,
+        ])
+        .output()
+        .expect("setpriv (util-linux) runs");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn a_session_belongs_to_its_owner_and_keeps_the_defaults_of_limits_it_leaves_out() {
+    use std::os::unix::fs::MetadataExt;
+    let d = Daemon::start();
+    // The agent, 65534, must reach the mount points.
+    fs::set_permissions(d.tmp.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let info = d.json(&[
+        "session",
+        "create",
+        "agent",
+        "--owner",
+        "65534:65534",
+        "--max-files",
+        "5",
+        "--json",
+    ]);
+    // What --max-files leaves out is the daemon's default, not unlimited.
+    assert_eq!(info["limits"]["max_files"], 5, "{info}");
+    assert_eq!(info["limits"]["max_bytes"], 50_000_000, "{info}");
+    assert_eq!(info["limits"]["max_file_bytes"], 10_000_000, "{info}");
+    // `unlimited` lifts a default.
+    let info = d.json(&[
+        "session",
+        "create",
+        "plain",
+        "--max-bytes",
+        "unlimited",
+        "--json",
+    ]);
+    assert_eq!(info["limits"]["max_bytes"], Value::Null, "{info}");
+    assert_eq!(info["limits"]["max_files"], 100, "{info}");
+    let (agent, plain) = (d.dir("agent"), d.dir("plain"));
+    d.mount(&["--session", "agent"], &agent);
+    d.mount(&["--session", "plain"], &plain);
+    // The agent writes at the root of its own session...
+    let (ok, err) = as_nobody(&format!(
+        "echo hi > {0}/f && mkdir {0}/out",
+        agent.display()
+    ));
+    assert!(ok, "{err}");
+    assert_eq!(fs::read_to_string(agent.join("f")).unwrap(), "hi\n");
+    let meta = fs::metadata(agent.join("f")).unwrap();
+    assert_eq!((meta.uid(), meta.gid()), (65534, 65534));
+    // ... not at the root of a session the daemon's user owns.
+    let (ok, err) = as_nobody(&format!("echo hi > {}/f", plain.display()));
+    assert!(!ok && err.contains("Permission denied"), "{err}");
+    // A user or group that does not exist is one clear line, and nothing is created.
+    for (owner, says) in [
+        ("no-such-user-xyz", "no user named \"no-such-user-xyz\""),
+        (
+            "0:no-such-group-xyz",
+            "no group named \"no-such-group-xyz\"",
+        ),
+        ("1234", "a numeric user needs its group: UID:GID"),
+    ] {
+        let (code, _, err) = d.cli(&["session", "create", "s2", "--owner", owner]);
+        assert_ne!(code, 0);
+        assert!(err.contains(says), "{owner}: {err}");
+    }
+    let (code, _, _) = d.cli(&["session", "show", "s2"]);
+    assert_ne!(code, 0, "no session was created");
 }

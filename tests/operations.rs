@@ -428,8 +428,7 @@ fn session_activity_outlives_unmounts_and_restarts() {
     // Both are used for longer than their TTL.
     let until = Instant::now() + TTL + Duration::from_secs(2);
     let mut n = 0u32;
-    // When the last write to `quiet` began (activity is kept to the second): taken after the
-    // loop, it could be a second later than the write.
+    // Activity is kept in whole seconds: the last write to quiet began in this second or later.
     let mut last_write = 0;
     while Instant::now() < until {
         n += 1;

@@ -162,9 +162,9 @@ fn signed_urls_serve_the_file_with_ranges_and_refuse_what_they_do_not_grant() {
     let (status, _, body) = curl(&[], &u2);
     assert_eq!(status, 404, "{}", String::from_utf8_lossy(&body));
     // Expiry.
-    let short = url(&d, &["--room", "r1", "outputs/report.pdf", "--ttl", "1s"]).unwrap();
+    let short = url(&d, &["--room", "r1", "outputs/report.pdf", "--ttl", "2s"]).unwrap();
     assert_eq!(curl(&[], &short).0, 200);
-    std::thread::sleep(std::time::Duration::from_millis(2100));
+    std::thread::sleep(std::time::Duration::from_millis(3100));
     let (status, _, body) = curl(&[], &short);
     assert_eq!(status, 403);
     assert!(String::from_utf8_lossy(&body).contains("expired"));

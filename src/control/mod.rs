@@ -132,6 +132,13 @@ impl fmt::Display for ApiError {
 
 impl std::error::Error for ApiError {}
 
+/// Refused input is a bad request.
+impl From<crate::error::Invalid> for ApiError {
+    fn from(e: crate::error::Invalid) -> ApiError {
+        ApiError::bad_request(e.0)
+    }
+}
+
 /// What each kind of record error means in HTTP: the caller's mistakes are 400, a missing
 /// record for `update` is 404, and storage failures (including a record file that is not a
 /// regular file, or a collection directory that is a symlink) are 500.
@@ -215,9 +222,74 @@ pub struct UnmountRequest {
 #[serde(deny_unknown_fields)]
 pub struct SessionRequest {
     pub id: String,
-    /// `None`: the daemon's session defaults.
-    pub limits: Option<Limits>,
+    /// `None`, or a field left out: the daemon's session default for it.
+    #[serde(default)]
+    pub limits: Option<RequestedLimits>,
     pub ttl_secs: Option<u64>,
+    /// Who owns the session's root directory (so an agent running as that user can write
+    /// there); `None`: the daemon's own user.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<SpaceOwner>,
+}
+
+/// The limits a session is created with: a field left out is the daemon's default for it, a
+/// field given as `null` is unlimited.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RequestedLimits {
+    #[serde(
+        default,
+        deserialize_with = "given",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub max_file_bytes: Option<Option<u64>>,
+    #[serde(
+        default,
+        deserialize_with = "given",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub max_files: Option<Option<u64>>,
+    #[serde(
+        default,
+        deserialize_with = "given",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub max_bytes: Option<Option<u64>>,
+}
+
+impl RequestedLimits {
+    /// The limits asked for, with `defaults` where none was asked for.
+    pub fn or(self, defaults: Limits) -> Limits {
+        Limits {
+            max_file_bytes: self.max_file_bytes.unwrap_or(defaults.max_file_bytes),
+            max_files: self.max_files.unwrap_or(defaults.max_files),
+            max_bytes: self.max_bytes.unwrap_or(defaults.max_bytes),
+        }
+    }
+}
+
+impl From<Limits> for RequestedLimits {
+    /// Exactly these limits (`None`: unlimited), whatever the defaults.
+    fn from(l: Limits) -> RequestedLimits {
+        RequestedLimits {
+            max_file_bytes: Some(l.max_file_bytes),
+            max_files: Some(l.max_files),
+            max_bytes: Some(l.max_bytes),
+        }
+    }
+}
+
+/// A field that is present: its value, `null` included (absent fields are `default`ed).
+fn given<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<u64>>, D::Error> {
+    Option::<u64>::deserialize(d).map(Some)
+}
+
+/// A user and group, by number.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SpaceOwner {
+    pub uid: u32,
+    pub gid: u32,
 }
 
 /// A session known to the daemon.

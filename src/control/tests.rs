@@ -90,7 +90,7 @@ impl ControlPlane for Fake {
     fn create_session(&self, req: SessionRequest) -> Result<SessionInfo, ApiError> {
         let info = SessionInfo {
             id: req.id.clone(),
-            limits: req.limits.unwrap_or_default(),
+            limits: req.limits.unwrap_or_default().or(Limits::default()),
             ttl_secs: req.ttl_secs,
             created_at: 1,
             last_active: 2,
@@ -341,8 +341,9 @@ fn sessions() {
     };
     let req = SessionRequest {
         id: "a b/c".to_owned(),
-        limits: Some(limits),
+        limits: Some(limits.into()),
         ttl_secs: Some(60),
+        owner: None,
     };
     let info = client.create_session(&req).unwrap();
     assert_eq!((info.limits, info.ttl_secs), (limits, Some(60)));

@@ -2,8 +2,10 @@
 
 use std::path::{Path, PathBuf};
 
+use anyhow::Context;
 use serde::Deserialize;
 
+use crate::error::Invalid;
 use crate::events::Retention;
 use crate::fs::Limits;
 use crate::store::StoreConfig;
@@ -108,69 +110,73 @@ impl Default for Config {
 
 impl Config {
     /// Reads and checks a configuration file; the error names the file and what is wrong.
-    pub fn load(path: &Path) -> Result<Config, String> {
+    pub fn load(path: &Path) -> anyhow::Result<Config> {
         let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("cannot read config {}: {e}", path.display()))?;
+            .with_context(|| format!("cannot read config {}", path.display()))?;
         let config: Config =
-            serde_json::from_str(&text).map_err(|e| format!("config {}: {e}", path.display()))?;
+            serde_json::from_str(&text).with_context(|| format!("config {}", path.display()))?;
         config
             .check()
-            .map_err(|e| format!("config {}: {e}", path.display()))?;
+            .with_context(|| format!("config {}", path.display()))?;
         Ok(config)
     }
 
     /// Checks values serde cannot.
-    pub fn check(&self) -> Result<(), String> {
+    pub fn check(&self) -> Result<(), Invalid> {
         if !(self.cache_ttl_secs.is_finite() && (0.0..=3600.0).contains(&self.cache_ttl_secs)) {
-            return Err(format!(
+            return Err(Invalid(format!(
                 "cache_ttl_secs must be between 0 and 3600, not {}",
                 self.cache_ttl_secs
-            ));
+            )));
         }
         if self.poll_window_us > 1_000_000 {
-            return Err(format!(
+            return Err(Invalid(format!(
                 "poll_window_us must be at most 1000000, not {}",
                 self.poll_window_us
-            ));
+            )));
         }
         if !(1..=64).contains(&self.threads) {
-            return Err(format!(
+            return Err(Invalid(format!(
                 "threads must be between 1 and 64, not {}",
                 self.threads
-            ));
+            )));
         }
         self.event_retention.check()?;
         if let Some(addr) = &self.http_listen
             && addr.parse::<std::net::SocketAddr>().is_err()
         {
-            return Err(format!(
+            return Err(Invalid(format!(
                 "http_listen must be an address and port like 127.0.0.1:8080, not {addr:?}"
-            ));
+            )));
         }
         if let Some(url) = &self.http_public_url
             && !(url.starts_with("http://") || url.starts_with("https://"))
         {
-            return Err(format!(
+            return Err(Invalid(format!(
                 "http_public_url must start with http:// or https://, not {url:?}"
-            ));
+            )));
         }
         if self.http_listen.is_some() && self.secret_file.is_none() {
-            return Err("http_listen needs secret_file: download URLs are signed with it".into());
+            return Err(Invalid(
+                "http_listen needs secret_file: download URLs are signed with it".into(),
+            ));
         }
         for (i, m) in self.mounts.iter().enumerate() {
             let spaces = usize::from(m.room.is_some()) + usize::from(m.session.is_some());
             if m.token.is_none() && spaces != 1 {
-                return Err(format!(
+                return Err(Invalid(format!(
                     "mounts[{i}]: give exactly one of \"room\" or \"session\""
-                ));
+                )));
             }
             if m.token.is_some() && (m.session.is_some() || !m.grant.is_empty()) {
-                return Err(format!(
+                return Err(Invalid(format!(
                     "mounts[{i}]: a \"token\" carries the room and grant; drop \"session\"/\"grant\""
-                ));
+                )));
             }
             if !m.mountpoint.is_absolute() {
-                return Err(format!("mounts[{i}]: mountpoint must be an absolute path"));
+                return Err(Invalid(format!(
+                    "mounts[{i}]: mountpoint must be an absolute path"
+                )));
             }
         }
         Ok(())
@@ -181,11 +187,12 @@ impl Config {
 mod tests {
     use super::*;
 
+    /// The config in `text`, or its error as the one line the CLI prints.
     fn parse(text: &str) -> Result<Config, String> {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("c.json");
         std::fs::write(&p, text).unwrap();
-        Config::load(&p)
+        Config::load(&p).map_err(|e| format!("{e:#}"))
     }
 
     #[test]

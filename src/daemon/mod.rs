@@ -4,6 +4,7 @@
 pub mod config;
 mod persisted;
 
+use anyhow::Context;
 use std::collections::HashMap;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
@@ -20,6 +21,7 @@ use crate::control::{
     ApiError, ControlPlane, EndReport, EndSessionRequest, EventSource, MountInfo, MountRequest,
     SessionInfo, SessionRequest, SignedUrl, Status, UnmountRequest, UrlRequest,
 };
+use crate::error::Invalid;
 use crate::fs::Limits;
 use crate::grant::Grant;
 use crate::metrics;
@@ -139,7 +141,7 @@ fn space_relative(path: &str) -> Result<PathBuf, ApiError> {
 
 impl Daemon {
     /// Prepares the data dir and records, and mounts what the configuration lists.
-    pub fn start(config: Config) -> Result<Arc<Daemon>, String> {
+    pub fn start(config: Config) -> anyhow::Result<Arc<Daemon>> {
         config.check()?;
         let data_dir = config
             .data_dir
@@ -154,18 +156,19 @@ impl Daemon {
             .records_dir
             .clone()
             .unwrap_or_else(|| data_dir.join("records"));
-        let records = Arc::new(RecordStore::open(&records_dir).map_err(|e| {
-            format!(
-                "cannot open the record store {}: {e}",
-                records_dir.display()
-            )
-        })?);
+        let records =
+            Arc::new(RecordStore::open(&records_dir).with_context(|| {
+                format!("cannot open the record store {}", records_dir.display())
+            })?);
         let poller = crate::poll::Poller::start(Duration::from_micros(config.poll_window_us));
-        let rooms = config.store.open(&data_dir)?;
+        let rooms = config.store.open(&data_dir).map_err(anyhow::Error::msg)?;
         let sessions = if config.session_store == config.store {
             rooms.clone()
         } else {
-            config.session_store.open(&data_dir)?
+            config
+                .session_store
+                .open(&data_dir)
+                .map_err(anyhow::Error::msg)?
         };
         let hub = Arc::new(Hub::with_stores(
             local,
@@ -235,7 +238,7 @@ impl Daemon {
                 "this daemon has no secret_file configured: it cannot {for_what}"
             ))
         })?;
-        token::read_secret_file(secret_file).map_err(ApiError::internal)
+        token::read_secret_file(secret_file).map_err(|e| ApiError::internal(format!("{e:#}")))
     }
 
     /// The grant a token gives in `space` (401 if it is refused, or for another space).
@@ -257,18 +260,18 @@ impl Daemon {
     }
 
     /// The listener for download URLs (`http_listen`), bound; `None` when not configured.
-    pub fn http_listener(&self) -> Result<Option<std::net::TcpListener>, String> {
+    pub fn http_listener(&self) -> anyhow::Result<Option<std::net::TcpListener>> {
         let Some(addr) = &self.config.http_listen else {
             return Ok(None);
         };
         std::net::TcpListener::bind(addr)
             .map(Some)
-            .map_err(|e| format!("cannot listen for downloads on {addr}: {e}"))
+            .with_context(|| format!("cannot listen for downloads on {addr}"))
     }
 
     /// What the download listener serves with.
-    pub fn downloads(&self) -> Result<crate::urls::http::Downloads, String> {
-        let secret = self.secret("sign URLs").map_err(|e| e.message)?;
+    pub fn downloads(&self) -> anyhow::Result<crate::urls::http::Downloads> {
+        let secret = self.secret("sign URLs")?;
         Ok(crate::urls::http::Downloads {
             secret,
             hub: self.hub.clone(),
@@ -284,7 +287,8 @@ impl Daemon {
                     "this daemon has no secret_file configured: it cannot verify tokens",
                 )
             })?;
-            let secret = token::read_secret_file(secret_file).map_err(ApiError::internal)?;
+            let secret = token::read_secret_file(secret_file)
+                .map_err(|e| ApiError::internal(format!("{e:#}")))?;
             let verified = token::verify(tok, &secret)
                 .map_err(|e| ApiError::new(401, format!("token refused: {e}")))?;
             let room = verified
@@ -303,15 +307,16 @@ impl Daemon {
                     format!("token refused: it is for room {room:?}, not {wanted:?}"),
                 ));
             }
-            let space = SpaceId::new(SpaceKind::Room, &room).map_err(ApiError::bad_request)?;
+            let space = SpaceId::new(SpaceKind::Room, &room)?;
             return Ok((space, verified.grant, verified.name));
         }
         let space = match (&req.room, &req.session) {
             (Some(id), None) => SpaceId::new(SpaceKind::Room, id),
             (None, Some(id)) => SpaceId::new(SpaceKind::Session, id),
-            _ => Err("give exactly one of \"room\" or \"session\"".to_string()),
-        }
-        .map_err(ApiError::bad_request)?;
+            _ => Err(Invalid(
+                "give exactly one of \"room\" or \"session\"".into(),
+            )),
+        }?;
         let grant = Grant::parse_cli(&req.grant)
             .map_err(|e| ApiError::bad_request(format!("grant: {e}")))?;
         Ok((space, grant, None))
@@ -408,12 +413,11 @@ impl Daemon {
         let mut table = lock(&self.mounts);
         table.pending.retain(|p| p.id != id);
         let mount = started.map_err(|e| {
-            if e.contains("already in use") {
-                ApiError::conflict(e)
-            } else if e.contains("does not exist") || e.contains("not a directory") {
-                ApiError::bad_request(e)
-            } else {
-                ApiError::internal(e)
+            let message = format!("{e:#}");
+            match e.downcast_ref::<mount::BadMountPoint>().map(|b| b.kind) {
+                Some(mount::BadMountPointKind::InUse) => ApiError::conflict(message),
+                Some(_) => ApiError::bad_request(message),
+                None => ApiError::internal(message),
             }
         })?;
         // Another spelling of the same mount point (through a symlink), set up meanwhile.
@@ -424,7 +428,7 @@ impl Daemon {
         if table.closing || clash {
             drop(table);
             if let Err(e) = mount.unmount(true) {
-                log::error!("{e}");
+                log::error!("{e:#}");
             }
             return Err(if clash {
                 ApiError::conflict(format!(
@@ -611,7 +615,7 @@ impl Daemon {
             .iter()
             .map(|s| {
                 if let Err(e) = s.mount.unmount(true) {
-                    log::error!("{e}");
+                    log::error!("{e:#}");
                 }
                 s.mount.mountpoint.to_string_lossy().into_owned()
             })
@@ -676,7 +680,7 @@ impl Daemon {
             let room = req.to_room.as_deref().ok_or_else(|| {
                 ApiError::bad_request("export needs to_room: the room to copy the paths into")
             })?;
-            let room = SpaceId::new(SpaceKind::Room, room).map_err(ApiError::bad_request)?;
+            let room = SpaceId::new(SpaceKind::Room, room)?;
             let paths = req
                 .export
                 .iter()
@@ -788,7 +792,7 @@ impl Daemon {
                 self.note_activity(&s.mount.space.id, s.mount.fs.last_activity() * 1000);
             }
             if let Err(e) = s.mount.unmount(true) {
-                log::error!("{e}");
+                log::error!("{e:#}");
             }
         }
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -863,7 +867,9 @@ impl ControlPlane for Daemon {
             .ok_or_else(|| {
                 ApiError::not_found(format!("no mount of this daemon at {}", path.display()))
             })?;
-        mount.unmount(req.lazy).map_err(ApiError::conflict)?;
+        mount
+            .unmount(req.lazy)
+            .map_err(|e| ApiError::conflict(format!("{e:#}")))?;
         let removed = {
             let mut table = lock(&self.mounts);
             let i = table.served.iter().position(|s| s.id == id);
@@ -888,7 +894,7 @@ impl ControlPlane for Daemon {
     }
 
     fn create_session(&self, req: SessionRequest) -> Result<SessionInfo, ApiError> {
-        let space = SpaceId::new(SpaceKind::Session, &req.id).map_err(ApiError::bad_request)?;
+        let space = SpaceId::new(SpaceKind::Session, &req.id)?;
         let _turn = lock(&self.state_writes);
         if state::load(self.data(), &req.id)
             .map_err(|e| internal("reading session state", e))?
@@ -900,15 +906,22 @@ impl ControlPlane for Daemon {
             )));
         }
         let now = now_ms();
+        // A limit the request leaves out is the daemon's default, not unlimited.
+        let limits = req
+            .limits
+            .unwrap_or_default()
+            .or(self.config.session_limits);
         let state = SessionState {
             id: req.id.clone(),
-            limits: req.limits.unwrap_or(self.config.session_limits),
+            limits,
             ttl_secs: req.ttl_secs.or(self.config.session_ttl_secs),
             created_at: now,
             last_active: now,
         };
         self.hub
-            .make(&space)
+            .spaces(space.kind)
+            .open_space(&space, Some(req.owner.map(|o| (o.uid, o.gid))))
+            .map(drop)
             .map_err(|e| internal("creating the session's space", e))?;
         state::save(self.data(), &state).map_err(|e| internal("saving session state", e))?;
         log::info!("created session {}", req.id);
@@ -917,7 +930,7 @@ impl ControlPlane for Daemon {
 
     fn end_session(&self, id: &str, req: EndSessionRequest) -> Result<EndReport, ApiError> {
         self.session_state(id)?;
-        let space = SpaceId::new(SpaceKind::Session, id).map_err(ApiError::bad_request)?;
+        let space = SpaceId::new(SpaceKind::Session, id)?;
         {
             let mut table = lock(&self.mounts);
             if table.ending.contains(&space) {
@@ -938,7 +951,7 @@ impl ControlPlane for Daemon {
     }
 
     fn events(&self, space: &str, token: Option<&str>) -> Result<EventSource, ApiError> {
-        let id = SpaceId::parse(space).map_err(ApiError::bad_request)?;
+        let id = SpaceId::parse(space)?;
         let grant = token.map(|t| self.token_grant(t, &id)).transpose()?;
         let feed = self.hub.feed(&id).map_err(|e| {
             if e.raw_os_error() == Some(libc::ENOENT) {
@@ -959,9 +972,10 @@ impl ControlPlane for Daemon {
         let space = match (&req.room, &req.session) {
             (Some(id), None) => SpaceId::new(SpaceKind::Room, id),
             (None, Some(id)) => SpaceId::new(SpaceKind::Session, id),
-            _ => Err("give exactly one of \"room\" or \"session\"".to_string()),
-        }
-        .map_err(ApiError::bad_request)?;
+            _ => Err(Invalid(
+                "give exactly one of \"room\" or \"session\"".into(),
+            )),
+        }?;
         let path = space_relative(&req.path)?;
         urls::check_path(&path)
             .map_err(|e| ApiError::bad_request(format!("{:?}: {e}", req.path)))?;
@@ -1012,9 +1026,10 @@ impl ControlPlane for Daemon {
         } else {
             Disposition::Inline
         };
+        // Whole seconds, rounded up: the URL works for at least the TTL asked for.
         let expires = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs())
+            .map_or(0, |d| d.as_secs() + u64::from(d.subsec_nanos() > 0))
             + ttl.as_secs();
         if req.direct {
             let presigner = self.hub.presigner(&space).ok_or_else(|| {
@@ -1112,16 +1127,16 @@ impl ControlPlane for Daemon {
 
 /// Runs the daemon in the foreground until SIGTERM/SIGINT: start, serve the control API,
 /// tell systemd it is ready, then unmount everything and exit.
-pub fn serve(config: Config) -> Result<(), String> {
+pub fn serve(config: Config) -> anyhow::Result<()> {
     // Signals are caught first, so one arriving during start-up still shuts down cleanly.
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
-        .map_err(|e| format!("cannot install signal handlers: {e}"))?;
+        .context("cannot install signal handlers")?;
     let daemon = Daemon::start(config)?;
     let listener = match crate::control::server::bind(daemon.socket()) {
         Ok(l) => l,
         Err(e) => {
             daemon.shutdown();
-            return Err(e.to_string());
+            return Err(e.into());
         }
     };
     let http = match daemon
@@ -1138,7 +1153,7 @@ pub fn serve(config: Config) -> Result<(), String> {
         .worker_threads(2)
         .enable_all()
         .build()
-        .map_err(|e| format!("cannot start the API runtime: {e}"))?;
+        .context("cannot start the API runtime")?;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let signal_handle = signals.handle();
     std::thread::spawn(move || {
@@ -1178,7 +1193,7 @@ pub fn serve(config: Config) -> Result<(), String> {
     daemon.shutdown();
     let _ = std::fs::remove_file(daemon.socket());
     runtime.shutdown_timeout(Duration::from_secs(2));
-    served.map_err(|e| format!("control API failed: {e}"))?;
+    served.context("control API failed")?;
     log::info!("stopped");
     Ok(())
 }

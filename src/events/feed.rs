@@ -23,6 +23,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
 use super::{Changed, Origin, Record, now_ms};
+use crate::error::Invalid;
 
 /// How many events a space keeps for watchers that resume from a `seq` (`event_retention` in
 /// the daemon's configuration). At least this much is kept; a log is compacted once it holds
@@ -47,12 +48,16 @@ impl Default for Retention {
 
 impl Retention {
     /// Checks values serde cannot.
-    pub fn check(&self) -> Result<(), String> {
+    pub fn check(&self) -> Result<(), Invalid> {
         if self.max_events == Some(0) {
-            return Err("event_retention.max_events must be at least 1 (or null)".into());
+            return Err(Invalid(
+                "event_retention.max_events must be at least 1 (or null)".into(),
+            ));
         }
         if self.max_age_secs == Some(0) {
-            return Err("event_retention.max_age_secs must be at least 1 (or null)".into());
+            return Err(Invalid(
+                "event_retention.max_age_secs must be at least 1 (or null)".into(),
+            ));
         }
         Ok(())
     }

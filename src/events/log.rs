@@ -33,8 +33,12 @@
 //! those were not made durable themselves. After such a loss the next events take the lost
 //! seqs again; a watcher that had seen more than the log now holds is told of the gap.
 //!
-//! **Retention and compaction.** When a log holds half as many events again as retention keeps
-//! (`event_retention`), the writer holding the lock compacts it: it writes the header (the new
+//! **Retention and compaction.** What to keep is the daemon's `event_retention`: the daemon
+//! writes it to `events/retention.json` when it starts, and standalone mounts (which have no
+//! configuration) keep what that file says, read when they start and again before they
+//! compact, or the default where no daemon ever ran. So a standalone mount never compacts away
+//! what the daemon was told to keep. When a log holds half as many events again as retention
+//! keeps, the writer holding the lock compacts it: it writes the header (the new
 //! `base_seq`) and the retained lines to `.<id>.log.compact`, syncs it and renames it over the
 //! log. Other processes notice the new file (its inode changed) and go on reading from the
 //! event they had reached. So compaction costs a copy of the retained lines once in a while,
@@ -92,7 +96,11 @@ struct Shared {
     rooms: Dir,
     sessions: Dir,
     origin: Origin,
-    retention: Retention,
+    /// What to keep, and whether this process was told (else it follows `retention.json`).
+    retention: Mutex<Retention>,
+    configured: bool,
+    /// `events/`.
+    events: Dir,
     /// The logs open in this process, by space.
     feeds: Mutex<HashMap<SpaceId, Weak<LogFeed>>>,
     /// An eventfd that wakes the thread: a feed has lines to write, or this is gone.
@@ -116,6 +124,28 @@ impl Shared {
     }
 }
 
+/// Where the daemon records its `event_retention` for the other processes on the data dir.
+const RETENTION_FILE: &str = "retention.json";
+
+/// The retention recorded in `events/retention.json`, or the default where there is none (or
+/// it cannot be read: said once in the log).
+fn recorded_retention(events: &Dir) -> Retention {
+    match events.read_file(OsStr::new(RETENTION_FILE)) {
+        Ok(None) => Retention::default(),
+        Ok(Some(bytes)) => serde_json::from_slice::<Retention>(&bytes)
+            .map_err(io::Error::other)
+            .and_then(|r| r.check().map(|()| r).map_err(io::Error::other))
+            .unwrap_or_else(|e| {
+                log::warn!("events/{RETENTION_FILE} is not usable ({e}): keeping the default");
+                Retention::default()
+            }),
+        Err(e) => {
+            log::warn!("cannot read events/{RETENTION_FILE} ({e}): keeping the default");
+            Retention::default()
+        }
+    }
+}
+
 /// `<id>.log`.
 fn log_name(space: &SpaceId) -> OsString {
     OsString::from(format!("{}.log", space.id))
@@ -123,9 +153,20 @@ fn log_name(space: &SpaceId) -> OsString {
 
 impl Logs {
     /// Opens the logs of the data dir `data` (making `events/` if missing) and starts their
-    /// thread. Everything written by this process carries `origin`.
-    pub fn open(data: &Dir, retention: Retention) -> io::Result<Logs> {
+    /// thread. Everything written by this process carries `origin`. `retention`: what this
+    /// process was configured to keep (recorded for the others), or `None` to keep what the
+    /// data dir's `retention.json` says (see the module docs).
+    pub fn open(data: &Dir, retention: Option<Retention>) -> io::Result<Logs> {
         let (events, _) = data.create_dirs(Path::new("events"), 0o700)?;
+        let configured = retention.is_some();
+        let retention = match retention {
+            Some(r) => {
+                let text = serde_json::to_vec(&r).map_err(io::Error::other)?;
+                events.write_file_atomic(OsStr::new(RETENTION_FILE), &text, 0o600)?;
+                r
+            }
+            None => recorded_retention(&events),
+        };
         let rooms = events.create_dirs(Path::new("rooms"), 0o700)?.0;
         let sessions = events.create_dirs(Path::new("sessions"), 0o700)?.0;
         // SAFETY: plain flags; the result is checked.
@@ -137,7 +178,9 @@ impl Logs {
             rooms,
             sessions,
             origin: Origin::new(),
-            retention,
+            retention: Mutex::new(retention),
+            configured,
+            events,
             feeds: Mutex::new(HashMap::new()),
             // SAFETY: just made, owned by nobody else.
             wake: unsafe { OwnedFd::from_raw_fd(wake) },
@@ -152,6 +195,11 @@ impl Logs {
             .name("roomfs-events".into())
             .spawn(move || run(&weak, &wake, inotify))?;
         Ok(Logs { shared })
+    }
+
+    /// What this process keeps of each log (its configuration, or the daemon's as recorded).
+    pub fn retention(&self) -> Retention {
+        *lock(&self.shared.retention)
     }
 
     /// Whether other processes' changes are noticed through inotify (else by polling).
@@ -465,6 +513,15 @@ impl LogFeed {
                 // The event reached was compacted away: everything after it is new.
                 r.found = true;
                 r.skip_internal = 0;
+                if base > r.head {
+                    // Compacted twice since we read: what came between is lost to us.
+                    log::warn!(
+                        "change log of {}: events {}..={base} were compacted away before this \
+                         process read them; its mounts learn of those changes at their cache TTL",
+                        self.space,
+                        r.head + 1
+                    );
+                }
             }
             return;
         }
@@ -527,6 +584,10 @@ impl LogFeed {
 
     /// Moves to the file now at the log's name, delivering what follows the place reached.
     fn reopen(&self, state: &mut State) -> io::Result<()> {
+        // The file we had is whole up to the compaction that replaced it (appends are made
+        // under its lock, by writers that find it current): take the rest of it first, so
+        // that nothing it holds is missed for being compacted away.
+        self.read_lines(state, &mut Mode::Live)?;
         let (file, ident) = open_log(self.shared.dir(self.space.kind), &self.name)?;
         let mut resume = Resume {
             head: state.head,
@@ -623,16 +684,29 @@ impl LogFeed {
         // Ours are taken as any line is (delivered to subscribers, not to listeners).
         self.read_lines(&mut state, &mut Mode::Live)?;
         let retained = state.retained();
-        if self
-            .shared
-            .retention
-            .exceeded(retained, state.first.map(|(_, time)| time), COMPACT_AT)
+        let oldest = state.first.map(|(_, time)| time);
+        if self.must_compact(retained, oldest)
             && let Err(e) = self.compact(&mut state)
         {
             log::warn!("compacting the change log of {}: {e}", self.space);
         }
         drop(lock);
         Ok(())
+    }
+
+    /// Whether a log holding `retained` events, the oldest from `oldest`, is to be compacted;
+    /// a process that follows the daemon's retention reads it again first.
+    fn must_compact(&self, retained: u64, oldest: Option<u64>) -> bool {
+        let exceeded = |r: Retention| r.exceeded(retained, oldest, COMPACT_AT);
+        if !exceeded(*lock(&self.shared.retention)) {
+            return false;
+        }
+        if self.shared.configured {
+            return true;
+        }
+        let now = recorded_retention(&self.shared.events);
+        *lock(&self.shared.retention) = now;
+        exceeded(now)
     }
 
     /// Rewrites the log with only what retention keeps (holding its lock; see the module docs).
@@ -669,10 +743,11 @@ impl LogFeed {
             .filter_map(|(i, l)| l.1.map(|(seq, time)| (i, seq, time)))
             .collect();
         let total = events.len() as u64;
+        let retention = *lock(&self.shared.retention);
         let kept_from = events
             .iter()
             .enumerate()
-            .find(|(n, (_, _, time))| self.shared.retention.keeps(*time, total - 1 - *n as u64))
+            .find(|(n, (_, _, time))| retention.keeps(*time, total - 1 - *n as u64))
             .map(|(_, e)| *e);
         let (base, from_line) = match kept_from {
             Some((i, seq, _)) => (seq - 1, i),

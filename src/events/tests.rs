@@ -186,8 +186,8 @@ fn two_processes(retention: Retention) -> TwoProcesses {
     let path = tmp.path().join("data");
     let data = Dir::open_trusted(&path, true).unwrap();
     TwoProcesses {
-        a: Logs::open(&data, retention).unwrap(),
-        b: Logs::open(&data, retention).unwrap(),
+        a: Logs::open(&data, Some(retention)).unwrap(),
+        b: Logs::open(&data, Some(retention)).unwrap(),
         path,
         _tmp: tmp,
     }
@@ -273,7 +273,7 @@ fn processes_on_one_data_dir_share_one_sequence_and_hear_each_other() {
     // A process started later reads on from where the log is.
     drop((fa, fb));
     let data = Dir::open_trusted(&t.path, false).unwrap();
-    let c = Logs::open(&data, Retention::default()).unwrap();
+    let c = Logs::open(&data, None).unwrap();
     let fc = c.feed(&r1).unwrap();
     fc.publish(&who("c"), &[Changed::file_deleted(&p("f1"))]);
     fc.flush();
@@ -329,6 +329,9 @@ fn logs_are_compacted_to_what_retention_keeps_and_followers_read_on() {
             fa.publish(&who("a"), &[Changed::attributes(&p("f17"))]);
         }
         fa.flush();
+        // B reads on between A's compactions (each few events here); one that fell behind
+        // by two compactions would have lost what came between (it says so in the log).
+        heard_b.wait_for(i as usize + usize::from(i >= 17));
     }
     // Compaction writes a new file over the log (the inode number is no evidence: a freed
     // one comes back), starting after what it dropped.
@@ -374,4 +377,54 @@ fn a_deleted_space_starts_a_new_log() {
     assert!(!t.path.join("events/sessions/s1.log").exists());
     let f = t.a.feed(&s1).unwrap();
     assert_eq!(f.read(0, 10).unwrap().head, 0);
+}
+
+#[test]
+fn a_standalone_process_keeps_what_the_daemon_was_told_to_keep() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = Dir::open_trusted(&tmp.path().join("data"), true).unwrap();
+    let log = tmp.path().join("data/events/rooms/r1.log");
+    let header = || -> serde_json::Value {
+        let text = std::fs::read_to_string(&log).unwrap();
+        serde_json::from_str(text.lines().next().unwrap()).unwrap()
+    };
+    // No daemon ever ran: the default (10,000 events), so 40 events are all kept.
+    let alone = Logs::open(&data, None).unwrap();
+    let r1 = room("r1");
+    let feed = alone.feed(&r1).unwrap();
+    for i in 1..=40u64 {
+        feed.publish(&who("m"), &[Changed::file(&p(&format!("f{i}")), i)]);
+    }
+    feed.flush();
+    assert_eq!(header()["base_seq"], 0);
+    drop((feed, alone));
+    // The daemon starts with its configuration and records it...
+    let kept = Retention {
+        max_events: Some(10),
+        max_age_secs: None,
+    };
+    let daemon = Logs::open(&data, Some(kept)).unwrap();
+    let recorded = std::fs::read(tmp.path().join("data/events/retention.json")).unwrap();
+    assert_eq!(
+        serde_json::from_slice::<Retention>(&recorded).unwrap(),
+        kept
+    );
+    // ... and a standalone mount started beside it compacts to that, not to its default.
+    let alone = Logs::open(&data, None).unwrap();
+    let feed = alone.feed(&r1).unwrap();
+    feed.publish(&who("m"), &[Changed::file(&p("g"), 1)]);
+    feed.flush();
+    let base = header()["base_seq"].as_u64().unwrap();
+    assert!(
+        (31..=41 - 10).contains(&base),
+        "kept at least 10 of 41: base {base}"
+    );
+    let backlog = feed.read(0, 100).unwrap();
+    assert!(backlog.events.len() >= 10, "{}", backlog.events.len());
+    assert_eq!(backlog.head, 41);
+    drop(daemon);
+    // An unreadable record is the default, said in the log, and nothing is compacted for it.
+    std::fs::write(tmp.path().join("data/events/retention.json"), "{").unwrap();
+    let alone = Logs::open(&data, None).unwrap();
+    assert_eq!(alone.retention(), Retention::default());
 }

@@ -274,17 +274,28 @@ pub struct Hub {
 impl Hub {
     /// Spaces stored by `local`; sessions show the agent records of `records` under `.meta`.
     /// Events are retained as by default.
+    /// Events are retained as the data dir's daemon keeps them (see `events::log`).
     pub fn new(local: LocalBackend, records: Option<Arc<RecordStore>>) -> Hub {
-        Hub::with_retention(local, records, Retention::default())
+        Hub::build(local, records, None)
     }
 
-    /// [`Hub::new`], keeping `retention` of each space's events.
+    /// [`Hub::new`], keeping `retention` of each space's events (the daemon's configuration,
+    /// recorded for the other processes on the data dir).
     pub fn with_retention(
         local: LocalBackend,
         records: Option<Arc<RecordStore>>,
         retention: Retention,
     ) -> Hub {
-        let logs = match Logs::open(local.data_dir(), retention) {
+        Hub::build(local, records, Some(retention))
+    }
+
+    fn build(
+        local: LocalBackend,
+        records: Option<Arc<RecordStore>>,
+        configured: Option<Retention>,
+    ) -> Hub {
+        let retention = configured.unwrap_or_default();
+        let logs = match Logs::open(local.data_dir(), configured) {
             Ok(logs) => Some(logs),
             Err(e) => {
                 log::error!(

@@ -15,6 +15,8 @@ pub use state::SessionState;
 use std::fmt;
 use std::path::PathBuf;
 
+use crate::error::Invalid;
+
 /// What kind of space a mount shows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum SpaceKind {
@@ -37,7 +39,7 @@ const MAX_ID: usize = 128;
 impl SpaceId {
     /// Checks `id`: 1–128 characters of `A-Z a-z 0-9 . _ -`, not starting with `.`, so that it
     /// is always one safe directory name.
-    pub fn new(kind: SpaceKind, id: &str) -> Result<SpaceId, String> {
+    pub fn new(kind: SpaceKind, id: &str) -> Result<SpaceId, Invalid> {
         let valid = !id.is_empty()
             && id.len() <= MAX_ID
             && !id.starts_with('.')
@@ -45,11 +47,11 @@ impl SpaceId {
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
         if !valid {
-            return Err(format!(
+            return Err(Invalid(format!(
                 "invalid {} id {id:?}: use 1-{MAX_ID} characters from A-Z a-z 0-9 . _ - \
                  (not starting with '.')",
                 kind.noun()
-            ));
+            )));
         }
         Ok(SpaceId {
             kind,
@@ -58,13 +60,13 @@ impl SpaceId {
     }
 
     /// A space by its name in events and URLs, `rooms/<id>` or `sessions/<id>`.
-    pub fn parse(name: &str) -> Result<SpaceId, String> {
+    pub fn parse(name: &str) -> Result<SpaceId, Invalid> {
         match name.trim_end_matches('/').split_once('/') {
             Some(("rooms", id)) => SpaceId::new(SpaceKind::Room, id),
             Some(("sessions", id)) => SpaceId::new(SpaceKind::Session, id),
-            _ => Err(format!(
+            _ => Err(Invalid(format!(
                 "{name:?} names no space: use rooms/ID or sessions/ID"
-            )),
+            ))),
         }
     }
 
@@ -133,7 +135,7 @@ mod tests {
             &"x".repeat(129),
         ] {
             let err = SpaceId::new(SpaceKind::Room, bad).unwrap_err();
-            assert!(err.contains("invalid room id"), "{bad}: {err}");
+            assert!(err.0.contains("invalid room id"), "{bad}: {err}");
         }
         let s = SpaceId::new(SpaceKind::Session, "s1").unwrap();
         assert_eq!(s.rel_dir(), PathBuf::from("sessions/s1"));

@@ -465,6 +465,17 @@ impl Dir {
         written
     }
 
+    /// Renames the entry `from` of this directory to `to` (both single names), refusing to
+    /// replace an existing `to` (`RENAME_NOREPLACE`).
+    pub fn rename_noreplace(&self, from: &OsStr, to: &OsStr) -> io::Result<()> {
+        let (from, to) = (single_name(from)?, single_name(to)?);
+        let fd = self.as_raw_fd();
+        // SAFETY: a valid descriptor and NUL-terminated names.
+        check(unsafe {
+            libc::renameat2(fd, from.as_ptr(), fd, to.as_ptr(), libc::RENAME_NOREPLACE)
+        })
+    }
+
     /// Removes the name `name` (not a directory) from this directory; a missing one is no
     /// error. Returns whether it existed.
     pub fn remove_file(&self, name: &OsStr) -> io::Result<bool> {

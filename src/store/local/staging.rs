@@ -8,6 +8,12 @@
 //! unfinished appends undone (see `patch` and `append`), then the directory is removed; its
 //! working copies were never committed, so the committed files are untouched.
 //!
+//! An instance appears whole: it is made as `.new-<instance>`, its lock file created and
+//! locked, and only then renamed to `<instance>`. So another process starting meanwhile never
+//! takes a directory being made (no lock file yet, or one not locked yet) for a dead one.
+//! `.new-` directories are removed only when their lock can be taken and they are older than
+//! [`NEW_GRACE`] (a process that died while making one).
+//!
 //! Everything here is reached from the held `.staging` directory, never through a symlink
 //! (see `at`).
 
@@ -26,6 +32,10 @@ use super::patch::finish_unfinished;
 /// Replaced versions at least this large are removed in the background: freeing their blocks
 /// takes milliseconds on ext4 (more with `discard`), which `close()` would otherwise wait for.
 const REMOVE_LATER_SIZE: u64 = 1 << 20;
+
+/// How old a `.new-` instance directory must be before a process that can take its lock removes
+/// it: making one takes microseconds, so one this old belongs to a process that died meanwhile.
+const NEW_GRACE: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// This process's staging directory (see the module docs).
 pub struct StagingArea {
@@ -55,12 +65,16 @@ impl StagingArea {
             .unwrap_or_default()
             .as_nanos();
         let instance = OsString::from(format!("{}-{nanos}", std::process::id()));
-        let (dir, _) = base.create_dirs(std::path::Path::new(&instance), 0o700)?;
+        let mut making = OsString::from(".new-");
+        making.push(&instance);
+        let (dir, _) = base.create_dirs(std::path::Path::new(&making), 0o700)?;
         let lock = dir
             .at(std::path::Path::new("lock"))?
             .open(libc::O_RDWR | libc::O_CREAT | libc::O_EXCL, 0o600)?;
         let lock = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusiveNonblock)
             .map_err(|(_, e)| io::Error::from(e))?;
+        // Whole and held: now it may be seen (the descriptor follows the rename).
+        base.rename_noreplace(&making, &instance)?;
         Ok((
             StagingArea {
                 base,
@@ -89,11 +103,17 @@ impl StagingArea {
                 // Not a directory (nothing of ours): left alone.
                 continue;
             };
+            // One being made by a process starting now is left alone; one left by a process
+            // that died making it goes once its lock is free and it is old enough.
+            let being_made = name.as_encoded_bytes().starts_with(b".new-");
+            if being_made && !Self::older_than(&dir, NEW_GRACE) {
+                continue;
+            }
             let lock = dir
                 .at(std::path::Path::new("lock"))
                 .and_then(|at| at.open(libc::O_RDONLY, 0));
             let Ok(lock) = lock else {
-                if !at_start {
+                if !at_start && !being_made {
                     continue;
                 }
                 // A directory without a lock file was never fully created: stale.
@@ -116,6 +136,30 @@ impl StagingArea {
             }
         }
         Ok(removed)
+    }
+
+    /// Whether the directory was last changed longer than `age` ago.
+    fn older_than(dir: &Dir, age: std::time::Duration) -> bool {
+        let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+        // SAFETY: a valid descriptor, an empty path with AT_EMPTY_PATH, a buffer for the answer.
+        let ok = unsafe {
+            libc::fstatat(
+                dir.as_raw_fd(),
+                c"".as_ptr(),
+                st.as_mut_ptr(),
+                libc::AT_EMPTY_PATH,
+            )
+        } == 0;
+        if !ok {
+            return false;
+        }
+        // SAFETY: filled by the successful call above.
+        let st = unsafe { st.assume_init() };
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs() as i64;
+        now.saturating_sub(st.st_ctime) > age.as_secs() as i64
     }
 
     /// Recovers what dead processes left unfinished, while running: a file that still shows a
@@ -250,4 +294,48 @@ pub fn markers<T>(dir: &Dir, parse: fn(&str) -> Option<T>) -> Vec<(T, String)> {
 /// Opens the marker or working copy `name` in `dir` with `flags` (never through a symlink).
 pub fn open_in(dir: &Dir, name: &str, flags: libc::c_int) -> io::Result<File> {
     dir.at(std::path::Path::new(name))?.open(flags, 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    #[test]
+    fn an_instance_appears_whole_and_one_being_made_is_left_alone() {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = Dir::open_trusted(tmp.path(), false).unwrap();
+        let staging = tmp.path().join(".staging");
+        // Another process, starting: its instance is being made (no lock file yet).
+        std::fs::create_dir_all(staging.join(".new-77-1")).unwrap();
+        // A dead process's instance, and one that died before its lock file existed.
+        std::fs::create_dir_all(staging.join("78-1")).unwrap();
+        std::fs::write(staging.join("78-1/lock"), b"").unwrap();
+        std::fs::write(staging.join("78-1/wc-1"), b"uncommitted").unwrap();
+        std::fs::create_dir_all(staging.join("79-1")).unwrap();
+        let (area, dropped) = StagingArea::create(&data).unwrap();
+        assert_eq!(dropped, 1, "the dead instance's working copy");
+        let mut names: Vec<String> = std::fs::read_dir(&staging)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        let ours = area.instance.to_str().unwrap().to_string();
+        assert!(!ours.starts_with(".new-"), "{ours}");
+        assert_eq!(names, [".new-77-1".to_string(), ours.clone()]);
+        // Ours holds its lock under its final name.
+        let lock = File::open(staging.join(&ours).join("lock")).unwrap();
+        assert!(
+            nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusiveNonblock).is_err(),
+            "our lock is held"
+        );
+        // One being made is left alone while running too; an old one is removed.
+        area.recover_stale();
+        assert!(staging.join(".new-77-1").exists());
+        // Its age is its ctime, which cannot be set back: the grace is checked both ways.
+        let made = data.open(Path::new(".staging/.new-77-1")).unwrap();
+        assert!(!StagingArea::older_than(&made, NEW_GRACE));
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        assert!(StagingArea::older_than(&made, std::time::Duration::ZERO));
+    }
 }
