@@ -620,9 +620,7 @@ fn rooms_in_s3_and_sessions_on_the_local_disk() {
     // "session_store" left to its default.
     let bucket = Bucket::shared();
     let prefix = bucket.prefix.clone();
-    let config = format!(
-        r#"{{"store": "s3://roomfs-test/{prefix}", "session_store": "local"}}"#
-    );
+    let config = format!(r#"{{"store": "s3://roomfs-test/{prefix}", "session_store": "local"}}"#);
     let d = Daemon::on(Some(&config), Some(bucket));
     let (room, session) = (d.dir("room"), d.dir("session"));
     d.mount(&["--room", "r1"], &room);
@@ -673,7 +671,12 @@ fn credentials_come_from_a_profile_file_as_well_as_the_environment() {
     cmd.arg("mount")
         .arg("--data-dir")
         .arg(tmp.path().join("data"))
-        .args(["--room", "r1", "--store", &format!("s3://roomfs-test/{prefix}")])
+        .args([
+            "--room",
+            "r1",
+            "--store",
+            &format!("s3://roomfs-test/{prefix}"),
+        ])
         .arg(&mnt)
         .env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap())
@@ -697,7 +700,10 @@ fn credentials_come_from_a_profile_file_as_well_as_the_environment() {
             let _ = self.1.wait();
         }
     }
-    let guard = Guard(mnt.clone(), common::start_logged(&mut cmd, " mounted ", &log));
+    let guard = Guard(
+        mnt.clone(),
+        common::start_logged(&mut cmd, " mounted ", &log),
+    );
     fs::write(mnt.join("f"), b"signed with the profile's key").unwrap();
     drop(guard);
     assert_eq!(
@@ -725,7 +731,11 @@ fn a_direct_url_downloads_the_object_from_the_store_without_credentials() {
     assert!(url.contains("X-Amz-Signature="), "a presigned URL: {url}");
     // curl has no credentials: the signature in the URL is all it has.
     let get = |url: &str| {
-        let out = output(Command::new("curl").args(["-s", "-D", "-", url]).env_clear());
+        let out = output(
+            Command::new("curl")
+                .args(["-s", "-D", "-", url])
+                .env_clear(),
+        );
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
     let answer = get(url);
@@ -775,7 +785,10 @@ except OSError as e:
         out.starts_with(&format!("write failed {}\n", libc::ENOSPC)),
         "{out}"
     );
-    assert_eq!(fs::read(m.p("notes.txt")).unwrap(), b"the previous version\n");
+    assert_eq!(
+        fs::read(m.p("notes.txt")).unwrap(),
+        b"the previous version\n"
+    );
     // Room comes back once the copy is gone: a small write goes through.
     fs::write(m.p("notes.txt"), b"new\n").unwrap();
     assert_eq!(fs::read(m.p("notes.txt")).unwrap(), b"new\n");
