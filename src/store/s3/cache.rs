@@ -347,45 +347,131 @@ impl Entry {
                 j += 1;
             }
             drop(c);
-            let (from, to) = (i as u64 * CHUNK, (j as u64 * CHUNK).min(self.size));
-            let mut at = from;
-            let result = fetch(from, to, &mut |bytes: &[u8]| {
-                self.file.write_all_at(bytes, at)?;
-                at += bytes.len() as u64;
-                Ok(())
-            })
-            .and_then(|()| {
-                if at == to {
-                    Ok(())
-                } else {
-                    Err(io::Error::other(format!(
-                        "the store sent {} bytes of {from}..{to}",
-                        at - from
-                    )))
-                }
-            });
-            c = lock(&self.chunks);
-            for k in i..j {
-                c.loading[k] = false;
-                if result.is_ok() {
-                    c.present[k] = true;
-                    c.missing -= 1;
-                }
-            }
-            self.loaded.notify_all();
-            result?;
-            drop(c);
-            self.charge(to - from);
+            self.load(i, j, fetch)?;
             c = lock(&self.chunks);
             i = j;
         }
         Ok(hit)
     }
+
+    /// Fetches chunks `i..j`, which the caller marked as loading, and marks them present (or
+    /// missing again, if the fetch failed).
+    fn load(&self, i: usize, j: usize, fetch: Fetch<'_>) -> io::Result<()> {
+        let (from, to) = (i as u64 * CHUNK, (j as u64 * CHUNK).min(self.size));
+        let mut at = from;
+        let result = fetch(from, to, &mut |bytes: &[u8]| {
+            self.file.write_all_at(bytes, at)?;
+            at += bytes.len() as u64;
+            Ok(())
+        })
+        .and_then(|()| {
+            if at == to {
+                Ok(())
+            } else {
+                Err(io::Error::other(format!(
+                    "the store sent {} bytes of {from}..{to}",
+                    at - from
+                )))
+            }
+        });
+        let mut c = lock(&self.chunks);
+        for k in i..j {
+            c.loading[k] = false;
+            if result.is_ok() {
+                c.present[k] = true;
+                c.missing -= 1;
+            }
+        }
+        self.loaded.notify_all();
+        drop(c);
+        result?;
+        self.charge(to - from);
+        Ok(())
+    }
+
+    /// Starts fetching on `pool` the chunks of `start..end` that are neither here nor being
+    /// loaded, in requests of at most `piece` bytes, several in flight: a sequential reader's
+    /// read-ahead, which then finds them here or waits for them as for any chunk being loaded.
+    /// A failed fetch leaves its chunks missing, for the reader to fetch itself.
+    pub fn prefetch(
+        self: &Arc<Self>,
+        start: u64,
+        end: u64,
+        piece: u64,
+        pool: &super::pool::Pool,
+        fetch: Arc<OwnedFetch>,
+    ) {
+        let end = end.min(self.size);
+        if start >= end {
+            return;
+        }
+        let per = (piece / CHUNK).max(1) as usize;
+        let (first, last) = ((start / CHUNK) as usize, (end.div_ceil(CHUNK)) as usize);
+        let mut runs = Vec::new();
+        {
+            let mut c = lock(&self.chunks);
+            let mut i = first;
+            while i < last {
+                if c.present[i] || c.loading[i] {
+                    i += 1;
+                    continue;
+                }
+                let mut j = i;
+                while j < last && j - i < per && !c.present[j] && !c.loading[j] {
+                    c.loading[j] = true;
+                    j += 1;
+                }
+                runs.push((i, j));
+                i = j;
+            }
+        }
+        for (i, j) in runs {
+            let (me, fetch) = (self.clone(), fetch.clone());
+            pool.run(move || {
+                if let Err(e) = me.load(i, j, &*fetch) {
+                    log::debug!("read-ahead of {}: {e}", me.path.display());
+                }
+            });
+        }
+    }
 }
+
+/// A [`Fetch`] that a part thread can own.
+pub type OwnedFetch =
+    dyn Fn(u64, u64, &mut dyn FnMut(&[u8]) -> io::Result<()>) -> io::Result<()> + Send + Sync;
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn prefetched_chunks_are_fetched_in_pieces_on_the_pool_and_waited_for() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cache = Cache::new(tmp.path().join("c"), 64 * CHUNK).unwrap();
+        let data: Arc<Vec<u8>> = Arc::new((0..10 * CHUNK).map(|i| (i % 251) as u8).collect());
+        let e = cache.entry("k", "\"x\"", 10 * CHUNK).unwrap();
+        let pool = super::super::pool::Pool::new(2, "test-prefetch").unwrap();
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let (d, c) = (data.clone(), calls.clone());
+        let fetch: Arc<OwnedFetch> = Arc::new(move |s, e, w| {
+            c.lock().unwrap().push((s / CHUNK, e / CHUNK));
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            w(&d[s as usize..e as usize])
+        });
+        e.prefetch(CHUNK, 10 * CHUNK, 4 * CHUNK, &pool, fetch.clone());
+        // Asked again while loading: nothing is fetched twice.
+        e.prefetch(0, 10 * CHUNK, 4 * CHUNK, &pool, fetch);
+        // The reader waits for the chunks being loaded rather than fetching them itself.
+        let mut buf = vec![0u8; (9 * CHUNK) as usize];
+        let never = |_: u64, _: u64, _: &mut dyn FnMut(&[u8]) -> io::Result<()>| {
+            Err(io::Error::other("fetched by the reader"))
+        };
+        assert_eq!(e.read(&mut buf, CHUNK, 0, &never).unwrap(), buf.len());
+        assert!(buf[..] == data[CHUNK as usize..]);
+        let mut calls = calls.lock().unwrap().clone();
+        calls.sort();
+        assert_eq!(calls, [(0, 1), (1, 5), (5, 9), (9, 10)]);
+    }
 
     #[test]
     fn chunks_are_fetched_once_and_the_bound_removes_the_least_recently_used() {

@@ -33,6 +33,13 @@ const AHEAD_MAX: u64 = 16 << 20;
 const AHEAD_MIN: u64 = 1 << 20;
 /// How often a reader at the end of its version asks for a newer one, at most.
 const FOLLOW_EVERY: std::time::Duration = std::time::Duration::from_millis(200);
+/// How far a sequential reader of a cached object is read ahead of, in the background.
+const PREFETCH_AHEAD: u64 = 32 << 20;
+/// How far from where a reader's reads so far ended a read may start and still count as
+/// sequential (see `streaming`).
+const STREAM_SLACK: u64 = 4 << 20;
+/// The size of each of those background requests.
+const PREFETCH_PIECE: u64 = 4 << 20;
 /// Objects up to this size are fetched whole at their first read.
 const WHOLE_MAX: u64 = 4 << 20;
 
@@ -178,17 +185,19 @@ impl S3Content {
         fetch_range(&self.shared, &self.key, &self.etag, start, end, write)
     }
 
-    /// How far ahead to read for a read at `offset`: grows while the reader is sequential.
-    fn plan(&self, offset: u64, len: u64) -> u64 {
+    /// Whether a read at `offset` continues a sequential reader of a cached object: it starts
+    /// within a few MiB of where the reads so far ended. (The kernel's read-ahead sends several
+    /// reads at once, served by several threads, so they arrive a little out of order; a strict
+    /// test would see a random reader and read nothing ahead.)
+    fn streaming(&self, offset: u64, len: u64) -> bool {
         let mut r = self.reading.lock().unwrap_or_else(|e| e.into_inner());
-        let ahead = if offset == r.next && offset > 0 {
-            (r.ahead * 2).clamp(AHEAD_MIN, AHEAD_MAX)
+        let near = r.next > 0 && offset + STREAM_SLACK >= r.next && offset <= r.next + STREAM_SLACK;
+        r.next = if near {
+            r.next.max(offset + len)
         } else {
-            0
+            offset + len
         };
-        r.ahead = ahead;
-        r.next = offset + len;
-        ahead
+        near
     }
 
     fn read_windowed(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
@@ -347,12 +356,25 @@ impl Content for S3Content {
             return self.read_windowed(buf, offset);
         };
         let len = (buf.len() as u64).min(size - offset);
-        let ahead = if size <= WHOLE_MAX {
-            size
-        } else {
-            self.plan(offset, len)
-        };
-        entry.read(buf, offset, ahead, &|s, e, w| self.fetch(s, e, w))
+        if size <= WHOLE_MAX {
+            return entry.read(buf, offset, size, &|s, e, w| self.fetch(s, e, w));
+        }
+        if self.streaming(offset, len) {
+            // A sequential reader: what follows its read is fetched in the background, in
+            // several requests at once, while it reads (a single stream of GETs is several
+            // times slower than the store).
+            let (shared, key, etag) = (self.shared.clone(), self.key.clone(), self.etag.clone());
+            let fetch: Arc<super::cache::OwnedFetch> =
+                Arc::new(move |s, e, w| fetch_range(&shared, &key, &etag, s, e, w));
+            entry.prefetch(
+                offset + len,
+                offset + len + PREFETCH_AHEAD,
+                PREFETCH_PIECE,
+                &self.shared.pool,
+                fetch,
+            );
+        }
+        entry.read(buf, offset, 0, &|s, e, w| self.fetch(s, e, w))
     }
 
     fn read_appended_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {

@@ -988,7 +988,12 @@ impl Store for S3Store {
     }
 
     fn unlink(&self, path: &Path) -> StoreResult<()> {
-        let meta = self.lookup(path)?;
+        // What the kernel's lookup just learnt (or a listing did) is trusted for the TTL, as
+        // a stat is: `rm` of a listed directory costs one DELETE a file, not a HEAD more.
+        let meta = match self.remembered(path) {
+            Some(Some(meta)) => meta,
+            _ => self.lookup(path)?,
+        };
         if meta.kind == Kind::Dir {
             return Err(err(libc::EISDIR));
         }
