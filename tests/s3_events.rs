@@ -501,8 +501,9 @@ fn an_idle_host_makes_one_get_per_open_space_and_poll_interval() {
         .map(|(op, n)| (op.as_str(), n - before.get(op).copied().unwrap_or(0)))
         .filter(|(_, n)| *n > 0)
         .collect();
-    // Two open spaces, one look each every 0.2 s: 10 GETs a second, and nothing else.
+    // Two open spaces, one look each every 0.2 s: at most 10 GETs a second (fewer when the
+    // looks themselves are slow: the interval runs from the end of a round), and nothing else.
     let gets = delta.get("feed_get").copied().unwrap_or(0) as f64 / secs;
-    assert!((6.0..=11.0).contains(&gets), "{gets} GETs/s: {delta:?}");
+    assert!((2.0..=11.0).contains(&gets), "{gets} GETs/s: {delta:?}");
     assert_eq!(delta.keys().collect::<Vec<_>>(), [&"feed_get"], "{delta:?}");
 }
