@@ -298,6 +298,20 @@ struct Chain {
     failing: bool,
 }
 
+impl Chain {
+    /// A chain not read yet.
+    fn new() -> Chain {
+        Chain {
+            next: 1,
+            head: 0,
+            first_object: 1,
+            oldest: 1,
+            objects: VecDeque::new(),
+            failing: false,
+        }
+    }
+}
+
 /// The events this process holds in memory, for watchers.
 struct Window {
     /// The first object whose events are here, all of them from there on (events of older
@@ -305,6 +319,15 @@ struct Window {
     from_object: u64,
     /// The events, in order, each with the number of its object.
     events: VecDeque<(u64, Arc<Record>)>,
+}
+
+impl Window {
+    fn new() -> Window {
+        Window {
+            from_object: 1,
+            events: VecDeque::new(),
+        }
+    }
 }
 
 /// One space's feed in the bucket, as this process writes and follows it (see the module
@@ -352,18 +375,8 @@ impl BucketFeed {
             shared,
             queue: Mutex::new(Queue::default()),
             written: Condvar::new(),
-            chain: Mutex::new(Chain {
-                next: 1,
-                head: 0,
-                first_object: 1,
-                oldest: 1,
-                objects: VecDeque::new(),
-                failing: false,
-            }),
-            window: Mutex::new(Window {
-                from_object: 1,
-                events: VecDeque::new(),
-            }),
+            chain: Mutex::new(Chain::new()),
+            window: Mutex::new(Window::new()),
             fanout: Fanout::default(),
         };
         let (mut first, mut last) = (None, None);
@@ -687,17 +700,45 @@ impl BucketFeed {
 
 impl Drop for BucketFeed {
     /// The last holder let go (the space's last mount went): what it published and the
-    /// thread has not written yet goes out now, so other hosts hear of the last changes.
+    /// thread has not written yet goes out now, from a thread of its own (the bucket may be
+    /// slow or down: an unmount does not wait for it), so other hosts hear of the last changes.
     fn drop(&mut self) {
-        if lock(&self.queue).changes.is_empty() {
+        let changes = std::mem::take(&mut lock(&self.queue).changes);
+        if changes.is_empty() {
             return;
         }
-        let _counted = crate::metrics::FeedRequests::enter();
-        let mut chain = lock(&self.chain);
-        if let Err(e) = self.write_pending(&mut chain) {
+        let last = BucketFeed {
+            space: self.space.clone(),
+            prefix: self.prefix.clone(),
+            shared: self.shared.clone(),
+            queue: Mutex::new(Queue {
+                changes,
+                ..Queue::default()
+            }),
+            written: Condvar::new(),
+            chain: Mutex::new(std::mem::replace(&mut *lock(&self.chain), Chain::new())),
+            window: Mutex::new(Window::new()),
+            fanout: Fanout::default(),
+        };
+        let spawned = std::thread::Builder::new()
+            .name("roomfs-s3-events".into())
+            .spawn(move || {
+                let _counted = crate::metrics::FeedRequests::enter();
+                let mut chain = lock(&last.chain);
+                if let Err(e) = last.write_pending(&mut chain) {
+                    log::warn!(
+                        "the last changes of {} could not be written to its change feed: {e}; \
+                         other hosts see them at their cache TTL",
+                        last.space
+                    );
+                }
+                drop(chain);
+                // Given up on, if not written: this one's drop has nothing left to write.
+                lock(&last.queue).changes.clear();
+            });
+        if let Err(e) = spawned {
             log::warn!(
-                "the last changes of {} could not be written to its change feed: {e}; other \
-                 hosts see them at their cache TTL",
+                "the last changes of {} are not written to its change feed: no thread ({e})",
                 self.space
             );
         }
