@@ -11,6 +11,10 @@ it raises or produces a wrong result, and then the script exits non-zero.
 Usage (normally through scripts/bench, which builds first):
   python3 scripts/bench.py [--rounds N] [--quick] [--peers] [--install-peers]
                            [--workdir DIR] [--json FILE] [--keep]
+                           [--seq-mib N] [--files N] [--appends N] [--pwrites N] [--pwrite-mib N]
+  python3 scripts/bench.py --store s3 [--s3-targets LIST] [same options]
+      roomfs on S3 against native, JuiceFS, rclone, s3fs and a raw S3 client, all on a
+      SeaweedFS of the run's own: see bench_lib/s3bench.py and doc/PERFORMANCE.md.
   python3 scripts/bench.py --agents 1,4,8,16 [--agent-files N] [--disks data,loop] ...
 
 --agents runs the concurrency benchmark instead of the workloads below: N agent
@@ -172,6 +176,10 @@ class Target:
         self.unmount_cmd: list[str] | None = None
         self.setup_error: str | None = None
         self.ready = False
+        # settle(paths): block until everything written so far (paths: the files written) is
+        # stored where the target keeps it, for a file system that uploads after close()
+        # returns; returns the seconds that took
+        self.settle = None
 
     # -- lifecycle ------------------------------------------------------
     def setup(self) -> None:
@@ -211,6 +219,7 @@ class FuseTarget(Target):
         self.unmount_tmpl = unmount_cmd
         self.mount_timeout = mount_timeout
         self.backing_root: str | None = None  # set for known file systems
+        self.env: dict | None = None  # the daemon's environment (default: ours)
 
     def backing_path(self, rel: str) -> str | None:
         return os.path.join(self.backing_root, rel) if self.backing_root else None
@@ -226,7 +235,8 @@ class FuseTarget(Target):
         with open(self.logfile, "wb") as lf:
             # own session: a terminal Ctrl-C reaches only us; we tear down.
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=lf,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
+                                         stderr=subprocess.STDOUT, start_new_session=True,
+                                         env=self.env)
         deadline = time.monotonic() + self.mount_timeout
         exited_ok = False
         while time.monotonic() < deadline:
@@ -383,7 +393,7 @@ def make_target(kind: str, base: str, args) -> Target:
 # ------------------------------------------------------------- workloads ---
 
 class Sizes:
-    def __init__(self, quick: bool):
+    def __init__(self, quick: bool, args=None):
         self.seq_bytes = (64 if quick else 1024) * MiB
         self.nfiles = 500 if quick else 5000
         self.small = 4096
@@ -391,6 +401,25 @@ class Sizes:
         self.pwrite_file = 64 * MiB
         self.pwrites = 2000
         self.lat_files = 1000
+        if args is not None:
+            self.override(args)
+
+    def override(self, args) -> None:
+        """--seq-mib, --files, --appends, --pwrites, --pwrite-mib, where given."""
+        if getattr(args, "seq_mib", None):
+            self.seq_bytes = args.seq_mib * MiB
+        if getattr(args, "files", None):
+            self.nfiles = self.lat_files = args.files
+        if getattr(args, "appends", None):
+            self.appends = args.appends
+        if getattr(args, "pwrites", None):
+            self.pwrites = args.pwrites
+        if getattr(args, "pwrite_mib", None):
+            self.pwrite_file = args.pwrite_mib * MiB
+
+    def describe(self) -> str:
+        return (f"{self.seq_bytes // MiB} MiB sequential, {self.nfiles} files, {self.appends} appends,"
+                f" {self.pwrites} pwrites in {self.pwrite_file // MiB} MiB")
 
 
 def _now() -> int:
@@ -401,7 +430,7 @@ def _secs(t0: int, t1: int) -> float:
     return max(t1 - t0, 1) / 1e9
 
 
-def group_seq(d: str, sz: Sizes, rnd: random.Random) -> dict:
+def group_seq(d: str, sz: Sizes, rnd: random.Random, settle=None) -> dict:
     res = {}
     path = os.path.join(d, "seq.bin")
     base = bytearray(rnd.randbytes(MiB))
@@ -427,6 +456,8 @@ def group_seq(d: str, sz: Sizes, rnd: random.Random) -> dict:
         os.close(fd)
     t1 = _now()
     res["seq-write"] = sz.seq_bytes / 1e6 / _secs(t0, t1)
+    if settle:
+        res["seq-write/stored"] = sz.seq_bytes / 1e6 / (_secs(t0, t1) + settle([path]))
     st = os.stat(path)
     if st.st_size != sz.seq_bytes:
         raise WorkloadError(f"seq-write: size {st.st_size} != {sz.seq_bytes}")
@@ -468,7 +499,7 @@ def _verify_seq_samples(path, nchunks, expect, what):
         os.close(fd)
 
 
-def group_files(d: str, sz: Sizes, rnd: random.Random) -> dict:
+def group_files(d: str, sz: Sizes, rnd: random.Random, settle=None) -> dict:
     res: dict = {}
     data = rnd.randbytes(sz.small)
     names = [f"f{i:05d}" for i in range(sz.nfiles)]
@@ -488,6 +519,8 @@ def group_files(d: str, sz: Sizes, rnd: random.Random) -> dict:
             with open(p, "wb") as f:
                 f.write(data)
         t1 = _now()
+        if settle:
+            res["create/stored"] = sz.nfiles / (_secs(t0, t1) + settle(paths))
     except Exception as e:  # noqa: BLE001
         return fail_rest("create", e)
     res["create"] = sz.nfiles / _secs(t0, t1)
@@ -539,7 +572,7 @@ def group_files(d: str, sz: Sizes, rnd: random.Random) -> dict:
     return res
 
 
-def group_append(d: str, sz: Sizes, rnd: random.Random) -> dict:
+def group_append(d: str, sz: Sizes, rnd: random.Random, settle=None) -> dict:
     p = os.path.join(d, "append.log")
     lines = [f"append line {i:06d} {rnd.getrandbits(32):08x}\n" for i in range(sz.appends)]
     os.sync()
@@ -548,6 +581,7 @@ def group_append(d: str, sz: Sizes, rnd: random.Random) -> dict:
         with open(p, "a") as f:
             f.write(line)
     t1 = _now()
+    stored = {"append/stored": sz.appends / (_secs(t0, t1) + settle([p]))} if settle else {}
     with open(p) as f:
         got = f.read()
     n = got.count("\n")
@@ -555,10 +589,10 @@ def group_append(d: str, sz: Sizes, rnd: random.Random) -> dict:
         raise WorkloadError(f"append: file has {n} lines, expected {sz.appends}")
     if got != "".join(lines):
         raise WorkloadError("append: content differs from what was appended")
-    return {"append": sz.appends / _secs(t0, t1)}
+    return {"append": sz.appends / _secs(t0, t1), **stored}
 
 
-def group_pwrite(d: str, sz: Sizes, rnd: random.Random) -> dict:
+def group_pwrite(d: str, sz: Sizes, rnd: random.Random, settle=None) -> dict:
     p = os.path.join(d, "rand.bin")
     blk = 4096
     nblocks = sz.pwrite_file // blk
@@ -566,6 +600,8 @@ def group_pwrite(d: str, sz: Sizes, rnd: random.Random) -> dict:
     with open(p, "wb") as f:  # not timed
         for _ in range(sz.pwrite_file // MiB):
             f.write(fill)
+    if settle:
+        settle([p])
     base = rnd.randbytes(blk)
     offsets = [rnd.randrange(nblocks) * blk for _ in range(sz.pwrites)]
     blocks = [i.to_bytes(8, "little") + base[8:] for i in range(sz.pwrites)]
@@ -580,6 +616,7 @@ def group_pwrite(d: str, sz: Sizes, rnd: random.Random) -> dict:
     finally:
         os.close(fd)
     t1 = _now()
+    stored = {"random-pwrite/stored": sz.pwrites / (_secs(t0, t1) + settle([p]))} if settle else {}
     final = dict(zip(offsets, blocks))  # last write wins
     sample = rnd.sample(sorted(final), min(200, len(final)))
     st = os.stat(p)
@@ -597,7 +634,7 @@ def group_pwrite(d: str, sz: Sizes, rnd: random.Random) -> dict:
     finally:
         os.close(fd)
     os.unlink(p)
-    return {"random-pwrite": sz.pwrites / _secs(t0, t1)}
+    return {"random-pwrite": sz.pwrites / _secs(t0, t1), **stored}
 
 
 def group_latency(d: str, sz: Sizes, rnd: random.Random, backing=None) -> dict:
@@ -670,6 +707,8 @@ def run_group(target: Target, group: str, wl_names: list[str], rnd_seed: int,
                 def backing(p: str) -> str | None:
                     return target.backing_path(os.path.relpath(p, target.root))
                 res = fn(d, sz, random.Random(rnd_seed), backing)
+            elif target.settle is not None:
+                res = fn(d, sz, random.Random(rnd_seed), settle=target.settle)
             else:
                 res = fn(d, sz, random.Random(rnd_seed))
             shutil.rmtree(d)  # not timed
@@ -1126,11 +1165,28 @@ def parse_args(argv):
     ap = argparse.ArgumentParser(
         prog="scripts/bench",
         description="Benchmark roomfs against the native filesystem (ratios, higher is better).")
-    ap.add_argument("--rounds", type=int, default=5, help="rounds, interleaved native/roomfs (default 5)")
-    ap.add_argument("--quick", action="store_true", help="small sizes (64 MiB, 500 files) for a smoke run")
+    ap.add_argument("--store", choices=["local", "s3"], default="local",
+                    help="roomfs's store: local (default: against native, bindfs, fuse-overlayfs, "
+                    "rclone) or s3 (a SeaweedFS of its own; against native, JuiceFS, rclone, s3fs "
+                    "and a raw S3 client, see doc/PERFORMANCE.md)")
+    ap.add_argument("--rounds", type=int, help="rounds, interleaved native/roomfs (default 5; 3 with --store s3)")
+    ap.add_argument("--quick", action="store_true",
+                    help="small sizes for a smoke run (64 MiB, 500 files; --store s3: 32 MiB, 100 files)")
+    g = ap.add_argument_group("sizes (override the defaults, with or without --quick)")
+    g.add_argument("--seq-mib", type=int, metavar="N", help="sequential write/read: file size in MiB")
+    g.add_argument("--files", type=int, metavar="N", help="small files created, listed, read, deleted")
+    g.add_argument("--appends", type=int, metavar="N", help="appends (open 'a', write a line, close)")
+    g.add_argument("--pwrites", type=int, metavar="N", help="random 4 KiB pwrites")
+    g.add_argument("--pwrite-mib", type=int, metavar="N", help="size in MiB of the file pwrites go into")
+    g = ap.add_argument_group("--store s3")
+    g.add_argument("--s3-targets", metavar="LIST",
+                   help="comma-separated subset of roomfs,juicefs,rclone,s3fs,raw to measure besides "
+                   "native (default: all); one that is asked for and missing or failing is "
+                   "reported ABSENT and the exit status is 1")
     ap.add_argument("--peers", action="store_true", help="also measure bindfs, fuse-overlayfs and rclone if installed")
     ap.add_argument("--install-peers", action="store_true",
-                    help="apt-get install -y bindfs fuse-overlayfs rclone fuse3 first (implies --peers)")
+                    help="apt-get install -y bindfs fuse-overlayfs rclone fuse3 first (implies --peers); "
+                    "with --store s3: scripts/setup --bench-peers (JuiceFS, rclone, s3fs)")
     ap.add_argument("--workdir", help="parent of the scratch dir (default /var/tmp); a fresh "
                     "subdirectory is created there and removed at the end")
     ap.add_argument("--json", metavar="FILE", help="also write results as JSON")
@@ -1156,8 +1212,15 @@ def parse_args(argv):
     ap.add_argument("--timeout", type=float, default=300, help=S)
     ap.add_argument("--mount-timeout", type=float, default=10, help=S)
     a = ap.parse_args(argv)
+    if a.rounds is None:
+        a.rounds = 3 if a.store == "s3" else 5
     if a.rounds < 1:
         ap.error("--rounds must be >= 1")
+    for opt in ("seq_mib", "files", "appends", "pwrites", "pwrite_mib"):
+        if getattr(a, opt) is not None and getattr(a, opt) < 1:
+            ap.error(f"--{opt.replace('_', '-')} must be >= 1")
+    if a.s3_targets is not None and a.store != "s3":
+        ap.error("--s3-targets needs --store s3")
     if a.install_peers:
         a.peers = True
     if a.agents is not None:
@@ -1191,6 +1254,9 @@ def main(argv=None) -> int:
 
     if args.agents is not None:
         return agents_main(args)
+    if args.store == "s3":
+        from bench_lib import s3bench
+        return s3bench.main(args, sys.modules[__name__])
 
     if args.install_peers:
         log("installing peers: apt-get install -y bindfs fuse-overlayfs rclone fuse3")
@@ -1229,7 +1295,7 @@ def main(argv=None) -> int:
     if args.baseline:
         targets.append(make_target("baseline", os.path.join(workdir, "baseline"), args))
     names = [t.name for t in targets]
-    sz = Sizes(args.quick)
+    sz = Sizes(args.quick, args)
     results = {t.name: {w: [] for w, _, _ in WORKLOADS} for t in targets}
     rc = 0
     started = time.monotonic()
@@ -1296,7 +1362,7 @@ def main(argv=None) -> int:
 
     summary = summarize(results, names, args.rounds)
     now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
-    mode = "quick (64 MiB, 500 files)" if args.quick else "full (1 GiB, 5000 files)"
+    mode = f"{'quick' if args.quick else 'full'} ({sz.describe()})"
     header = (f"# {now} | kernel {os.uname().release} | {os.cpu_count()} CPUs | commit {git_commit()}"
               f" | {args.rounds} rounds, {mode} | {time.monotonic() - started:.0f} s\n"
               f"# ratio = {primary}/native per round (median; spread = min..max over rounds); "

@@ -19,6 +19,7 @@ use crate::grant::Grant;
 use crate::human;
 use crate::mount::{self, MountSpec};
 use crate::space::{SpaceId, SpaceKind, default_data_dir};
+use crate::store::StoreConfig;
 use crate::token;
 
 #[derive(Parser, Debug)]
@@ -331,6 +332,12 @@ pub struct MountArgs {
     /// [default: 1000]. Not with --daemon (its config decides).
     #[arg(long, value_name = "MICROSECONDS")]
     pub poll_window_us: Option<u64>,
+    /// Where the space is stored: `local` (the data dir), or an S3 bucket,
+    /// `s3://BUCKET/PREFIX` (credentials and endpoint the standard AWS ways: AWS_ACCESS_KEY_ID,
+    /// AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, ~/.aws; options as `?part_size=16Mi&...`, see
+    /// doc/S3.md). With --daemon, it must be the daemon's store.
+    #[arg(long, value_name = "STORE")]
+    pub store: Option<String>,
     /// Who this mount's changes are made by, in events (default: the token's name, else the
     /// mount point).
     #[arg(long, value_name = "NAME")]
@@ -599,6 +606,7 @@ fn mount_via_daemon(args: &MountArgs) -> anyhow::Result<()> {
         passthrough: args.no_passthrough.then_some(false),
         label: args.label.clone(),
         read_only: args.read_only.then_some(true),
+        store: args.store.clone(),
     };
     let socket = args.socket.as_deref().unwrap_or(Path::new(DEFAULT_SOCKET));
     let info = Client::new(socket)
@@ -801,8 +809,13 @@ fn mount_spec(args: MountArgs) -> anyhow::Result<MountSpec> {
     if !(1..=64).contains(&threads) {
         return Err(anyhow!("--threads must be between 1 and 64, not {threads}"));
     }
+    let store = match &args.store {
+        Some(s) => StoreConfig::parse(s).map_err(|e| Invalid(format!("--store: {e}")))?,
+        None => StoreConfig::Local,
+    };
     let data_dir = args.data_dir.unwrap_or_else(default_data_dir);
     Ok(MountSpec {
+        store,
         records_dir: args.records_dir.unwrap_or_else(|| data_dir.join("records")),
         limits: None,
         data_dir,

@@ -286,6 +286,7 @@ fn mount_request(plan: &Plan, mountpoint: &Path) -> MountRequest {
         passthrough: (!plan.passthrough).then_some(false),
         read_only: plan.read_only.then_some(true),
         label: plan.label.clone(),
+        store: None,
     }
 }
 

@@ -93,6 +93,13 @@ struct KindLabel {
     kind: &'static str,
 }
 
+/// A failed backend request: the operation and what kind of failure (closed sets).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BackendErrorLabel {
+    op: &'static str,
+    kind: &'static str,
+}
+
 /// A mounted space: `rooms/<id>` or `sessions/<id>`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct SpaceLabel {
@@ -124,12 +131,12 @@ struct Metrics {
     space_limit_bytes: Family<SpaceLabel, Gauge>,
     space_limit_files: Family<SpaceLabel, Gauge>,
     space_limit_file_bytes: Family<SpaceLabel, Gauge>,
-    // Backend requests, errors, retries and cache hits/misses belong here once a remote store
-    // exists (the S3 store): `roomfs_backend_requests_total{op}` (GET, PUT, LIST, ...),
-    // `roomfs_backend_request_duration_seconds{op}`, `roomfs_backend_errors_total{op,kind}`,
-    // `roomfs_backend_retries_total{op}`, `roomfs_cache_hits_total`/`_misses_total` and
-    // `roomfs_cache_bytes`; one-line functions below beside the others. The local store makes
-    // no requests to count.
+    backend_requests: Family<OpLabel, Counter>,
+    backend_errors: Family<BackendErrorLabel, Counter>,
+    backend_retries: Family<OpLabel, Counter>,
+    cache_hits: Counter,
+    cache_misses: Counter,
+    cache_bytes: Gauge,
 }
 
 /// FUSE latency buckets: 10 µs to ~2.6 s, ×4 each.
@@ -158,6 +165,12 @@ impl Metrics {
             space_limit_bytes: Family::default(),
             space_limit_files: Family::default(),
             space_limit_file_bytes: Family::default(),
+            backend_requests: Family::default(),
+            backend_errors: Family::default(),
+            backend_retries: Family::default(),
+            cache_hits: Counter::default(),
+            cache_misses: Counter::default(),
+            cache_bytes: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -247,6 +260,39 @@ impl Metrics {
             "Largest file allowed in a mounted space (absent: unlimited)",
             Unit::Bytes,
             m.space_limit_file_bytes.clone(),
+        );
+        registry.register(
+            "backend_requests",
+            "Requests to an object store (S3), by operation (retries not counted: see \
+             backend_retries)",
+            m.backend_requests.clone(),
+        );
+        registry.register(
+            "backend_errors",
+            "Object store requests that failed after their retries, by operation and kind \
+             (not_found and precondition are often answers, not faults)",
+            m.backend_errors.clone(),
+        );
+        registry.register(
+            "backend_retries",
+            "Object store request attempts that were retries, by operation",
+            m.backend_retries.clone(),
+        );
+        registry.register(
+            "cache_hits",
+            "Reads of object store files served from the local cache",
+            m.cache_hits.clone(),
+        );
+        registry.register(
+            "cache_misses",
+            "Reads of object store files that had to fetch from the store",
+            m.cache_misses.clone(),
+        );
+        registry.register_with_unit(
+            "cache",
+            "Bytes the local cache of object store files holds now",
+            Unit::Bytes,
+            m.cache_bytes.clone(),
         );
         // Series that should show (at zero) before anything happened.
         for kind in ["file", "dir"] {
@@ -349,6 +395,82 @@ pub fn commit_failed(errno: &Errno) {
 /// The grant refused an operation.
 pub fn denied() {
     METRICS.denied.inc();
+}
+
+thread_local! {
+    /// Whether this thread's object-store requests are the change feed's (see [`FeedRequests`]).
+    static FEED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// While alive, the object-store requests this thread makes are counted as the change feed's
+/// (`op="feed_get"`, `feed_put`...), so what following other hosts costs shows apart from the
+/// files' requests.
+pub struct FeedRequests(bool);
+
+impl FeedRequests {
+    pub fn enter() -> FeedRequests {
+        FeedRequests(FEED.with(|f| f.replace(true)))
+    }
+}
+
+impl Drop for FeedRequests {
+    fn drop(&mut self) {
+        FEED.with(|f| f.set(self.0));
+    }
+}
+
+/// `op`, or its change feed's name on a thread counting for the feed.
+fn backend_op(op: &'static str) -> &'static str {
+    if !FEED.with(std::cell::Cell::get) {
+        return op;
+    }
+    match op {
+        "get" => "feed_get",
+        "put" => "feed_put",
+        "head" => "feed_head",
+        "list" => "feed_list",
+        "delete" => "feed_delete",
+        "delete_many" => "feed_delete_many",
+        _ => "feed_other",
+    }
+}
+
+/// A request `op` (a fixed name: `get`, `put`, `list`...) was sent to an object store.
+pub fn backend_request(op: &'static str) {
+    let op = backend_op(op);
+    METRICS
+        .backend_requests
+        .get_or_create(&OpLabel { op })
+        .inc();
+}
+
+/// A request `op` to an object store failed with a failure of `kind` (a fixed name).
+pub fn backend_error(op: &'static str, kind: &'static str) {
+    let op = backend_op(op);
+    METRICS
+        .backend_errors
+        .get_or_create(&BackendErrorLabel { op, kind })
+        .inc();
+}
+
+/// A request `op` to an object store was tried again.
+pub fn backend_retry(op: &'static str) {
+    let op = backend_op(op);
+    METRICS.backend_retries.get_or_create(&OpLabel { op }).inc();
+}
+
+/// A read of an object store file was served from the local cache (`hit`) or not.
+pub fn cache_read(hit: bool) {
+    if hit {
+        METRICS.cache_hits.inc();
+    } else {
+        METRICS.cache_misses.inc();
+    }
+}
+
+/// The local cache of object store files holds `bytes` now.
+pub fn cache_size(bytes: u64) {
+    METRICS.cache_bytes.set(bytes as i64);
 }
 
 /// Counts the handles one mount has open, for the `open_handles` gauge; whatever is still

@@ -53,6 +53,8 @@ pub struct MountSpec {
     pub participant: Option<String>,
     /// A read-only mount (the kernel refuses every change with EROFS).
     pub read_only: bool,
+    /// Where the space is stored (a standalone mount; the daemon has its own).
+    pub store: crate::store::StoreConfig,
 }
 
 impl MountSpec {
@@ -318,7 +320,7 @@ impl ActiveMount {
                 format!(
                     "cannot open {} at {}",
                     spec.space,
-                    resources.hub.local().describe(&spec.space).display()
+                    resources.hub.describe(&spec.space)
                 )
             })?;
         // Sessions show their agent records under .meta, which is never writable.
@@ -420,7 +422,7 @@ impl ActiveMount {
             "mounted {} at {} (data in {}, grant: {})",
             spec.space,
             mountpoint.display(),
-            resources.hub.local().describe(&spec.space).display(),
+            resources.hub.describe(&spec.space),
             spec.grant
         );
         let mounted = Arc::new(mounted);
@@ -564,6 +566,10 @@ pub fn run(spec: &MountSpec, ready: Option<ReadyPipe>) -> anyhow::Result<()> {
 fn serve(spec: &MountSpec, ready: &mut Option<ReadyPipe>) -> anyhow::Result<()> {
     check_mountpoint(&spec.mountpoint)?;
     let local = open_data_dir(&spec.data_dir)?;
+    let stored = spec
+        .store
+        .open(&spec.data_dir)
+        .map_err(anyhow::Error::msg)?;
     let records = match spec.space.kind {
         SpaceKind::Session => Some(Arc::new(
             RecordStore::open(&spec.records_dir).with_context(|| {
@@ -572,7 +578,17 @@ fn serve(spec: &MountSpec, ready: &mut Option<ReadyPipe>) -> anyhow::Result<()> 
         )),
         SpaceKind::Room => None,
     };
-    let hub = Arc::new(Hub::new(local, records));
+    let (rooms, sessions) = match spec.space.kind {
+        SpaceKind::Room => (stored, None),
+        SpaceKind::Session => (None, stored),
+    };
+    let hub = Arc::new(Hub::with_stores(
+        local,
+        records,
+        crate::events::Retention::default(),
+        rooms,
+        sessions,
+    ));
     let resources = Resources {
         limits: spec.limits(&hub),
         hub,

@@ -367,17 +367,14 @@ fn ending_a_session_removes_everything_after_exporting() {
         !is_mounted(&mnt.canonicalize().unwrap()),
         "the session's mount is gone"
     );
-    assert!(!d.data.join("sessions/s1").exists());
+    assert!(!d.stored_exists("sessions/s1"));
     assert!(!d.data.join("records/message/m1.json").exists());
+    assert_eq!(d.stored("rooms/team/outputs/report.md").unwrap(), b"# done");
     assert_eq!(
-        fs::read(d.data.join("rooms/team/outputs/report.md")).unwrap(),
-        b"# done"
-    );
-    assert_eq!(
-        fs::read(d.data.join("rooms/team/outputs/charts/a.svg")).unwrap(),
+        d.stored("rooms/team/outputs/charts/a.svg").unwrap(),
         b"<svg/>"
     );
-    assert!(!d.data.join("rooms/team/scratch.tmp").exists());
+    assert!(!d.stored_exists("rooms/team/scratch.tmp"));
     let (code, _, err) = d.cli(&["session", "show", "s1"]);
     assert_eq!(code, 1);
     assert!(err.contains("no session"), "{err}");
@@ -404,7 +401,7 @@ fn ending_a_session_removes_everything_after_exporting() {
     ]);
     assert_eq!(code, 1);
     assert!(err.contains("missing"), "{err}");
-    assert!(d.data.join("sessions/s2").exists());
+    assert!(d.stored_exists("sessions/s2"));
     let (code, _, err) = d.cli(&["session", "create", "s2"]);
     assert_eq!(code, 1);
     assert!(err.contains("already exists"), "{err}");
@@ -415,7 +412,7 @@ fn ending_a_session_removes_everything_after_exporting() {
 fn idle_sessions_end_after_their_ttl() {
     let d = Daemon::start();
     d.json(&["session", "create", "brief", "--ttl", "2s", "--json"]);
-    fs::write(d.data.join("sessions/brief/f"), b"x").unwrap();
+    d.store_behind("sessions/brief/f", b"x");
     // Ending removes the files, then the records, then the session's state: wait for the last.
     let deadline = Instant::now() + Duration::from_secs(15);
     while d.json(&["session", "list", "--json"]) != json!([]) && Instant::now() < deadline {
@@ -427,7 +424,7 @@ fn idle_sessions_end_after_their_ttl() {
         "{}",
         d.log()
     );
-    assert!(!d.data.join("sessions/brief").exists());
+    assert!(!d.stored_exists("sessions/brief"));
     assert!(d.log().contains("idle for over 2s"), "{}", d.log());
 }
 
@@ -503,7 +500,7 @@ fn configured_mounts_come_back_after_a_restart_and_sigterm_unmounts_all() {
     ));
     let room = d.tmp.path().join("room");
     assert!(is_mounted(&room));
-    fs::create_dir_all(d.data.join("rooms/r1/inputs")).unwrap();
+    d.make_dir_behind("rooms/r1/inputs");
     fs::create_dir(room.join("outputs")).unwrap();
     fs::write(room.join("outputs/x"), b"1").unwrap();
     assert_eq!(errno(fs::write(room.join("inputs/x"), b"1")), libc::EACCES);
@@ -581,10 +578,8 @@ fn passthrough_follows_the_config_and_each_mount_request() {
     let mnt = configured_off.dir("mnt");
     configured_off.mount(&["--room", "r1"], &mnt);
     assert_eq!(
-        second_read_after_a_change_on_disk(
-            &mnt.join("big"),
-            &configured_off.data.join("rooms/r1/big")
-        ),
+        second_read_after_a_change_on_disk(&mnt.join("big"), || configured_off
+            .committed_file("r1")),
         b"aaaa",
         "the config turned passthrough off"
     );
@@ -596,7 +591,7 @@ fn passthrough_follows_the_config_and_each_mount_request() {
         .contains("the kernel does not offer FUSE passthrough")
     {
         assert_eq!(
-            second_read_after_a_change_on_disk(&on.join("big"), &d.data.join("rooms/r1/big")),
+            second_read_after_a_change_on_disk(&on.join("big"), || d.committed_file("r1")),
             b"DISK",
             "passthrough is on by default: {}",
             d.log()
@@ -605,7 +600,7 @@ fn passthrough_follows_the_config_and_each_mount_request() {
     let off = d.dir("off");
     d.mount(&["--room", "r2", "--no-passthrough"], &off);
     assert_eq!(
-        second_read_after_a_change_on_disk(&off.join("big"), &d.data.join("rooms/r2/big")),
+        second_read_after_a_change_on_disk(&off.join("big"), || d.committed_file("r2")),
         b"aaaa",
         "the mount request turned it off"
     );

@@ -95,7 +95,7 @@ fn random_operations_keep_every_byte() {
     SIGBUS_UNMOUNT.lock().unwrap().take();
     let status = m.unmount();
     assert!(status.success(), "the daemon exited with {status}:\n{log}");
-    let backing = fs::read(m.backing(NAME)).unwrap();
+    let backing = m.committed(NAME);
     if let Err(e) = compare("backing file after unmount", 0, &backing, &model) {
         panic!("fsx (seed {seed:#x}, {ops} ops): {e}");
     }
@@ -906,10 +906,8 @@ impl<'a> Fsx<'a> {
             self.committed.len()
         ));
         let mount = io(|| "read the mount path".into(), fs::read(self.m.p(NAME)))?;
-        let backing = io(
-            || "read the backing file".into(),
-            fs::read(self.m.backing(NAME)),
-        )?;
+        // The committed file in the data dir, or the object in the bucket.
+        let backing = self.m.committed(NAME);
         for (what, got) in [("mount path", &mount), ("backing file", &backing)] {
             if !self.committed.contains(got) {
                 let last = self.committed.last().expect("a committed version");
@@ -1070,10 +1068,8 @@ impl<'a> Fsx<'a> {
             &mount,
             &self.model,
         )?;
-        let backing = io(
-            || "read the backing file".into(),
-            fs::read(self.m.backing(NAME)),
-        )?;
+        // The committed file in the data dir, or the object in the bucket.
+        let backing = self.m.committed(NAME);
         compare(
             &format!("read of the backing file {when}"),
             0,

@@ -189,6 +189,10 @@ pub struct MountRequest {
     /// Mount read-only: every change fails with EROFS (default: read-write).
     #[serde(default)]
     pub read_only: Option<bool>,
+    /// The store the space is in (`local`, `s3://bucket/prefix`): must be the one the daemon
+    /// keeps such spaces in (default: that one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store: Option<String>,
 }
 
 /// A mount served by the daemon.

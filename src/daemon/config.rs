@@ -8,6 +8,7 @@ use serde::Deserialize;
 use crate::error::Invalid;
 use crate::events::Retention;
 use crate::fs::Limits;
+use crate::store::StoreConfig;
 
 /// `roomfs serve --config FILE`. Unknown fields are an error, so a typo never goes unnoticed.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -38,6 +39,11 @@ pub struct Config {
     pub session_ttl_secs: Option<u64>,
     /// Limits of every room (default: unlimited).
     pub room_limits: Limits,
+    /// Where rooms are stored: `"local"` (the data dir), or an S3 bucket:
+    /// `{"s3": {"bucket": ..., "prefix": ..., ...}}` or `"s3://bucket/prefix"`.
+    pub store: StoreConfig,
+    /// Where sessions are stored (default: `"local"`: they are one host's scratch).
+    pub session_store: StoreConfig,
     /// Mounts to set up at start (and again after every restart).
     pub mounts: Vec<ConfigMount>,
     /// How many events each space keeps for watchers that resume (count and/or age).
@@ -92,6 +98,8 @@ impl Default for Config {
             session_limits: DEFAULT_SESSION_LIMITS,
             session_ttl_secs: None,
             room_limits: Limits::default(),
+            store: StoreConfig::Local,
+            session_store: StoreConfig::Local,
             mounts: Vec::new(),
             event_retention: Retention::default(),
             http_listen: None,
@@ -215,5 +223,42 @@ mod tests {
         assert!(e.contains("max_file"), "{e}");
         let e = parse("{").unwrap_err();
         assert!(e.contains("EOF"), "{e}");
+    }
+
+    #[test]
+    fn stores_are_local_or_s3_as_an_object_or_a_url() {
+        assert_eq!(parse("{}").unwrap().store, StoreConfig::Local);
+        let c = parse(
+            r#"{"store": {"s3": {"bucket": "team-a", "prefix": "agents", "endpoint":
+                "http://127.0.0.1:8333", "part_size": "16Mi", "cache_bytes": 1048576}}}"#,
+        )
+        .unwrap();
+        let StoreConfig::S3(s3) = &c.store else {
+            panic!("an S3 store: {:?}", c.store)
+        };
+        assert_eq!(
+            (s3.bucket.as_str(), s3.prefix.as_str()),
+            ("team-a", "agents")
+        );
+        assert_eq!((s3.part_size, s3.cache_bytes), (16 << 20, 1 << 20));
+        assert_eq!(c.session_store, StoreConfig::Local);
+        let c = parse(r#"{"session_store": "s3://team-b/x?part_size=5Mi"}"#).unwrap();
+        assert_eq!(c.session_store.name(), "s3://team-b/x");
+        for (bad, says) in [
+            (r#"{"store": "nfs"}"#, "expected local or s3://"),
+            (
+                r#"{"store": {"s3": {"bucket": "b", "partsize": 1}}}"#,
+                "unknown field `partsize`",
+            ),
+            (
+                r#"{"store": {"s3": {"bucket": "ok-bucket", "part_size": 1}}}"#,
+                "part_size",
+            ),
+            (r#"{"store": {"s3": {"bucket": "Bad_Name"}}}"#, "bucket"),
+            (r#"{"store": "s3://b/../x"}"#, "bucket"),
+        ] {
+            let e = parse(bad).unwrap_err();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
     }
 }

@@ -29,6 +29,7 @@ use crate::mount::{self, ActiveMount, MountSpec, Resources};
 use crate::records::RecordStore;
 use crate::space::export::{ExportError, export};
 use crate::space::{self, Hub, SessionState, SpaceId, SpaceKind, state};
+use crate::store::StoreConfig;
 use crate::store::local::at::Dir;
 use crate::token;
 
@@ -160,10 +161,21 @@ impl Daemon {
                 format!("cannot open the record store {}", records_dir.display())
             })?);
         let poller = crate::poll::Poller::start(Duration::from_micros(config.poll_window_us));
-        let hub = Arc::new(Hub::with_retention(
+        let rooms = config.store.open(&data_dir).map_err(anyhow::Error::msg)?;
+        let sessions = if config.session_store == config.store {
+            rooms.clone()
+        } else {
+            config
+                .session_store
+                .open(&data_dir)
+                .map_err(anyhow::Error::msg)?
+        };
+        let hub = Arc::new(Hub::with_stores(
             local,
             Some(records.clone()),
             config.event_retention,
+            rooms,
+            sessions,
         ));
         let daemon = Arc::new_cyclic(|me| Daemon {
             config,
@@ -200,6 +212,7 @@ impl Daemon {
                 passthrough: None,
                 label: m.label,
                 read_only: None,
+                store: None,
             };
             if let Err(e) = daemon.mount(req, Origin::Config) {
                 log::error!(
@@ -332,8 +345,32 @@ impl Daemon {
             })
     }
 
+    /// Where spaces of `kind` are stored.
+    fn store_of(&self, kind: SpaceKind) -> &StoreConfig {
+        match kind {
+            SpaceKind::Room => &self.config.store,
+            SpaceKind::Session => &self.config.session_store,
+        }
+    }
+
     fn mount(&self, mut req: MountRequest, origin: Origin) -> Result<MountInfo, ApiError> {
         let (space, grant, token_name) = self.resolve(&req)?;
+        if let Some(wanted) = &req.store {
+            let wanted = StoreConfig::parse(wanted).map_err(ApiError::bad_request)?;
+            let have = self.store_of(space.kind);
+            if wanted.name() != have.name() {
+                let field = match space.kind {
+                    SpaceKind::Room => "store",
+                    SpaceKind::Session => "session_store",
+                };
+                return Err(ApiError::bad_request(format!(
+                    "this daemon keeps {}s in {}, not {}: set \"{field}\" in its configuration",
+                    space.kind.noun(),
+                    have.name(),
+                    wanted.name()
+                )));
+            }
+        }
         let mountpoint = PathBuf::from(&req.mountpoint);
         if !mountpoint.is_absolute() {
             return Err(ApiError::bad_request("mountpoint must be an absolute path"));
@@ -354,6 +391,7 @@ impl Daemon {
             limits: None,
             participant: token_name.or(req.label.clone()),
             read_only: req.read_only.unwrap_or(false),
+            store: self.store_of(space.kind).clone(),
         };
         let resources = Resources {
             hub: self.hub.clone(),
@@ -694,11 +732,11 @@ impl Daemon {
         lock(&self.activity).remove(id);
         log::info!(
             "ended session {id}: {} entries and {deleted_records} records deleted",
-            deleted.entries
+            deleted.files
         );
         Ok(EndReport {
             id: id.to_string(),
-            deleted_files: deleted.entries,
+            deleted_files: deleted.files,
             deleted_records,
             exported,
             unmounted,
@@ -881,9 +919,10 @@ impl ControlPlane for Daemon {
             last_active: now,
         };
         self.hub
-            .local()
+            .spaces(space.kind)
             .open_space(&space, Some(req.owner.map(|o| (o.uid, o.gid))))
-            .map_err(|e| internal("creating the session directory", e))?;
+            .map(drop)
+            .map_err(|e| internal("creating the session's space", e))?;
         state::save(self.data(), &state).map_err(|e| internal("saving session state", e))?;
         log::info!("created session {}", req.id);
         Ok(self.session_info(state))

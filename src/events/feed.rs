@@ -10,9 +10,10 @@
 //! - [`LogFeed`](super::log::LogFeed): an append-only change log in the data dir, shared by
 //!   every roomfs process using it; one thread per process waits on inotify, so an idle space
 //!   costs no wake-up at all (without inotify: one `fstat` per open space every 50 ms).
-//! - An S3 store will bring its own (pending): a feed kept in the bucket beside the space (or
-//!   another transport needing no extra service), whose idle cost is the requests per second
-//!   its followers make to learn of other hosts' changes.
+//! - [`BucketFeed`](super::bucket::BucketFeed): for spaces in an S3 bucket, a chain of objects
+//!   in the bucket itself, shared by every host (and process) using it; one thread per S3 store
+//!   polls it: while nothing changes, one GET (answered 404) per open space every
+//!   `events_poll_secs` (4 requests per second per space and host by default).
 
 use std::collections::VecDeque;
 use std::io;

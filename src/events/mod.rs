@@ -19,9 +19,11 @@
 //! exchange is also announced as an update of each of its two paths).
 //!
 //! Module map: [`feed`] (the [`ChangeFeed`] trait, its in-process implementation, retention),
-//! [`log`] (the change log in the data dir shared by the processes using it), [`stream`] (what
+//! [`log`] (the change log in the data dir shared by the processes using it), [`bucket`] (the
+//! feed kept in an S3 bucket, shared by the hosts using it), [`stream`] (what
 //! a watcher of `GET /v1/events` receives: resume, gaps, grant filtering).
 
+pub mod bucket;
 pub mod feed;
 pub mod log;
 pub mod stream;

@@ -10,6 +10,7 @@
 //! Read-write opens of one file share a handle (see `Fs::open`).
 
 use std::ffi::OsString;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -138,6 +139,9 @@ pub struct FileHandle {
     /// When the handle opened, and when it last published its output.
     opened: Instant,
     published: Option<Instant>,
+    /// Where the file was when opened: the store's working copies are made for it (a hint;
+    /// a rename since does not matter, the commit goes where the file is).
+    path: PathBuf,
 }
 
 impl FileHandle {
@@ -159,7 +163,13 @@ impl FileHandle {
             next,
             opened: Instant::now(),
             published: None,
+            path: PathBuf::new(),
         }
+    }
+
+    /// Says where the file is (see `path`).
+    pub fn set_path(&mut self, path: &Path) {
+        self.path = path.to_path_buf();
     }
 
     /// Whether the handle's output is due to be published now: it wrote only sequentially,
@@ -336,7 +346,7 @@ impl FileHandle {
     /// about to be written (its blocks need no seed).
     fn stage(&self, store: &dyn Store, write: Option<(u64, u64)>) -> FsResult<Staged> {
         let size = self.committed_size();
-        let copy = store.working_copy()?;
+        let copy = store.working_copy(&self.path)?;
         let lazy = size >= LAZY_SEED_MIN || (self.seed_on_demand && ranged(store, size));
         let seeding = if size == 0 {
             None
@@ -610,7 +620,7 @@ impl FileHandle {
         self.next = size;
         if size == 0 && self.staged().is_none() {
             // Truncating to nothing: no need to copy the old content first.
-            self.truncated(store.working_copy()?);
+            self.truncated(store.working_copy(&self.path)?);
             return Ok(());
         }
         self.ensure_staged(store)?;
@@ -800,7 +810,7 @@ mod tests {
     fn staged() -> Staged {
         let store = MemStore::new();
         Staged {
-            copy: store.working_copy().unwrap(),
+            copy: store.working_copy(Path::new("f")).unwrap(),
             seeding: None,
             spoiled: None,
             appends_from: None,

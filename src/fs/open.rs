@@ -53,7 +53,7 @@ impl Fs {
         // "w")`, `>`) waits in memory and is added in place at the commit: no working copy to
         // create, swap in and free.
         let truncated = match truncate && !(created && meta.size == 0) {
-            true => Some(self.store.working_copy()?),
+            true => Some(self.store.working_copy(path)?),
             false => None,
         };
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
@@ -137,6 +137,7 @@ impl Fs {
             (true, true) => Mode::Append,
         };
         let mut handle = FileHandle::new(ino, mode, direct_io, committed);
+        handle.set_path(path);
         if let Some(copy) = truncated {
             handle.truncated(copy);
         }

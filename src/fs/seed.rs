@@ -285,6 +285,7 @@ mod tests {
     use super::*;
     use crate::store::mem::MemStore;
     use crate::store::{LocalFile, Meta, Store, Version};
+    use std::path::Path;
 
     /// Committed content held in memory (not a local file: exercises the read/write copy).
     struct Bytes(Vec<u8>, Meta);
@@ -323,7 +324,7 @@ mod tests {
 
     /// An in-memory working copy of `len` bytes (zeros).
     fn working_copy(len: u64) -> Arc<dyn WorkingCopy> {
-        let copy = MemStore::new().working_copy().unwrap();
+        let copy = MemStore::new().working_copy(Path::new("f")).unwrap();
         copy.set_len(len).unwrap();
         copy
     }

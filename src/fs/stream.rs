@@ -11,6 +11,9 @@
 //! growing log is committed by adding its new bytes in place, so publishing costs what the new
 //! bytes cost, not the file's size.
 //!
+//! A store whose every commit rewrites the whole object (S3) bounds this: past its
+//! `Capabilities::stream_commits_up_to` (the part size), the output waits for the close.
+//!
 //! Writers that close within `PUBLISH_EVERY` — the ordinary short write of a file — and
 //! writers that seek back, truncate, or share a read-write open (a database) are committed at
 //! close only, whole, as always.
@@ -30,6 +33,7 @@ impl Fs {
     /// `publish_streams` as of `now`.
     pub fn publish_streams_at(&self, now: Instant) -> usize {
         let handles: Vec<_> = read_lock(&self.files).values().cloned().collect();
+        let most = self.store.capabilities().stream_commits_up_to;
         let mut published = 0;
         let mut seen = Vec::new();
         for handle in handles {
@@ -43,6 +47,12 @@ impl Fs {
                 continue;
             };
             if !h.stream_due(now) {
+                continue;
+            }
+            if let Some(most) = most
+                && h.size().is_ok_and(|size| size > most)
+            {
+                // Each commit would rewrite the whole object: this one waits for its close.
                 continue;
             }
             match self.commit(&mut h, self.options.sync_on_close) {

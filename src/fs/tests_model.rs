@@ -221,6 +221,9 @@ fn run(fs: Fs, seed: u64, ops: u32) {
     for step in 0..ops {
         let what = rng.below(16);
         let ctx = format!("seed {seed} step {step} op {what}");
+        if std::env::var_os("ROOMFS_MODEL_TRACE").is_some() {
+            eprintln!("{ctx} {:?}", model.entries);
+        }
         match what {
             // Create a file (and leave it open as a writer, or closed).
             0 | 1 => {
@@ -575,5 +578,15 @@ fn the_core_on_the_local_store_follows_the_model() {
         let dir = tempfile::tempdir().unwrap();
         let store = crate::store::local::test_store(dir.path());
         run(fs_on(Arc::new(store)), seed, ops);
+    }
+}
+
+#[test]
+fn the_core_on_the_s3_store_follows_the_model() {
+    let (seeds, ops) = seeds();
+    for seed in seeds {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, store) = crate::store::s3::test_store(dir.path());
+        run(fs_on(store), seed, ops);
     }
 }

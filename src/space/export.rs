@@ -348,7 +348,7 @@ fn put_file(from: &Space, to: &Space, item: &Item) -> StoreResult<()> {
         q.resize(old, size).map_err(|e| StoreError::errno(e.0))?;
     }
     let committed = (|| {
-        let copy = store.working_copy()?;
+        let copy = store.working_copy(path)?;
         copy_range(content.as_ref(), copy.as_ref(), 0, size)?;
         copy.set_len(size)?;
         store.commit(CommitRequest {

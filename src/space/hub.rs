@@ -26,8 +26,69 @@ use crate::store::Owner;
 use crate::store::Store;
 use crate::store::Usage;
 use crate::store::local::LocalBackend;
-use crate::store::local::at::{DirCache, Tally};
+use crate::store::local::at::Tally;
 use crate::store::meta::MetaOverlay;
+
+/// Where the spaces of one kind are stored: the local data dir, or an S3 bucket. Makes, opens,
+/// counts and deletes spaces; nothing outside it touches a space's storage directly.
+pub trait Spaces: Send + Sync {
+    /// Opens the store of `space`. With `create`, a missing space is made first, owned by
+    /// the given owner (or the daemon's own user); without, a missing one is `ENOENT`.
+    fn open_space(&self, space: &SpaceId, create: Option<Owner>) -> io::Result<Arc<dyn Store>>;
+    /// Whether `space` exists (cheaply: without counting what it holds).
+    fn space_exists(&self, space: &SpaceId) -> io::Result<bool>;
+    /// What `space` holds (entries of every kind, bytes of files); `None` if it does not exist.
+    fn space_usage(&self, space: &SpaceId) -> io::Result<Option<Usage>>;
+    /// Removes `space` and everything in it; returns what was removed.
+    fn delete_space(&self, space: &SpaceId) -> io::Result<Usage>;
+    /// Where `space` lives, for messages.
+    fn describe(&self, space: &SpaceId) -> String;
+    /// The change feed the store keeps for `space` itself, shared by every host using it (an
+    /// S3 store's, in its bucket), keeping `retention`; `None`: the store keeps none, and the
+    /// data dir's change log serves.
+    fn change_feed(
+        &self,
+        space: &SpaceId,
+        retention: Retention,
+    ) -> Option<io::Result<Arc<dyn ChangeFeed>>>;
+    /// The store's own download URLs for `space` (presigned GETs), where it has them.
+    fn presigner(&self, space: &SpaceId) -> Option<Arc<dyn crate::urls::Presign>>;
+}
+
+impl Spaces for LocalBackend {
+    fn open_space(&self, space: &SpaceId, create: Option<Owner>) -> io::Result<Arc<dyn Store>> {
+        Ok(Arc::new(LocalBackend::open_space(self, space, create)?))
+    }
+
+    fn space_exists(&self, space: &SpaceId) -> io::Result<bool> {
+        LocalBackend::space_exists(self, space)
+    }
+
+    fn space_usage(&self, space: &SpaceId) -> io::Result<Option<Usage>> {
+        Ok(LocalBackend::space_usage(self, space)?.map(usage_of))
+    }
+
+    fn delete_space(&self, space: &SpaceId) -> io::Result<Usage> {
+        Ok(usage_of(LocalBackend::delete_space(self, space)?))
+    }
+
+    fn describe(&self, space: &SpaceId) -> String {
+        LocalBackend::describe(self, space).display().to_string()
+    }
+
+    fn change_feed(
+        &self,
+        _space: &SpaceId,
+        _retention: Retention,
+    ) -> Option<io::Result<Arc<dyn ChangeFeed>>> {
+        None
+    }
+
+    fn presigner(&self, _space: &SpaceId) -> Option<Arc<dyn crate::urls::Presign>> {
+        // The local disk has no URLs of its own: the daemon serves downloads.
+        None
+    }
+}
 
 /// Something that shows a space and must hear of changes made to it by others (a mount: its
 /// kernel caches).
@@ -53,10 +114,6 @@ pub struct Space {
     locks: Locks,
     /// Where its changes are sequenced and others' come from.
     feed: Arc<dyn ChangeFeed>,
-    /// The local store's cache of resolved directories (see `at::DirCache`): forgotten when
-    /// another process moves or removes a directory, so the next operation resolves its path
-    /// again, as the kernel's caches of the mounts look their names up again.
-    dirs: Option<Arc<DirCache>>,
 }
 
 fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
@@ -95,14 +152,7 @@ impl Space {
             claims: Claims::default(),
             locks: Locks::default(),
             feed,
-            dirs: None,
         }
-    }
-
-    /// This space, whose store resolves directories through `dirs`.
-    fn with_dir_cache(mut self, dirs: Arc<DirCache>) -> Space {
-        self.dirs = Some(dirs);
-        self
     }
 
     /// Has this space hear, from its feed, of changes other processes made (its mounts then
@@ -185,15 +235,23 @@ impl Space {
 
 impl ForeignChanges for Space {
     fn heard(&self, record: &Record) {
-        if let Some(dirs) = &self.dirs
-            && matches!(
-                record.change,
-                Changed::FolderMoved { .. }
-                    | Changed::FolderDeleted { .. }
-                    | Changed::Exchanged { .. }
-            )
-        {
-            dirs.forget_all();
+        // What the store remembers goes first, so that the kernel, looking again once told,
+        // gets the new state from the backend.
+        let forget = |path: &Path, tree: bool| self.store.forget(path, tree);
+        match &record.change {
+            Changed::File { path, .. }
+            | Changed::FileDeleted { path }
+            | Changed::FolderCreated { path }
+            | Changed::Attributes { path } => forget(path, false),
+            Changed::FolderDeleted { path } => forget(path, true),
+            Changed::FileMoved { from, to, .. } => {
+                forget(from, false);
+                forget(to, false);
+            }
+            Changed::FolderMoved { from, to } | Changed::Exchanged { a: from, b: to } => {
+                forget(from, true);
+                forget(to, true);
+            }
         }
         self.tell_watchers(std::slice::from_ref(&record.change), None);
     }
@@ -201,7 +259,10 @@ impl ForeignChanges for Space {
 
 /// The spaces of this process (see the module docs).
 pub struct Hub {
-    local: LocalBackend,
+    local: Arc<LocalBackend>,
+    /// Where rooms and sessions are stored.
+    rooms: Arc<dyn Spaces>,
+    sessions: Arc<dyn Spaces>,
     records: Option<Arc<RecordStore>>,
     open: Mutex<HashMap<SpaceId, Weak<Space>>>,
     /// The change logs of the data dir (`None` if they could not be opened: then events stay
@@ -244,7 +305,10 @@ impl Hub {
                 None
             }
         };
+        let local = Arc::new(local);
         Hub {
+            rooms: local.clone(),
+            sessions: local.clone(),
             local,
             records,
             open: Mutex::new(HashMap::new()),
@@ -253,18 +317,58 @@ impl Hub {
         }
     }
 
+    /// Like [`Hub::with_retention`], with rooms and sessions stored elsewhere where given (the
+    /// local backend still holds the daemon's state and the change logs).
+    pub fn with_stores(
+        local: LocalBackend,
+        records: Option<Arc<RecordStore>>,
+        retention: Retention,
+        rooms: Option<Arc<dyn Spaces>>,
+        sessions: Option<Arc<dyn Spaces>>,
+    ) -> Hub {
+        let mut hub = Hub::with_retention(local, records, retention);
+        if let Some(r) = rooms {
+            hub.rooms = r;
+        }
+        if let Some(s) = sessions {
+            hub.sessions = s;
+        }
+        hub
+    }
+
+    /// Where spaces of `kind` are stored.
+    pub fn spaces(&self, kind: SpaceKind) -> &Arc<dyn Spaces> {
+        match kind {
+            SpaceKind::Room => &self.rooms,
+            SpaceKind::Session => &self.sessions,
+        }
+    }
+
+    /// Where `id` lives, for messages.
+    pub fn describe(&self, id: &SpaceId) -> String {
+        self.spaces(id.kind).describe(id)
+    }
+
+    /// Makes the space `id` if missing (owned by the daemon's user).
+    pub fn make(&self, id: &SpaceId) -> io::Result<()> {
+        self.spaces(id.kind).open_space(id, Some(None)).map(drop)
+    }
+
     /// The change feed of `id` (which must exist): the open space's, or its log opened now.
     pub fn feed(&self, id: &SpaceId) -> io::Result<Arc<dyn ChangeFeed>> {
         if let Some(space) = self.get(id) {
             return Ok(space.feed().clone());
         }
-        if !self.local.space_exists(id)? {
+        if !self.spaces(id.kind).space_exists(id)? {
             return Err(io::Error::from_raw_os_error(libc::ENOENT));
         }
         self.new_feed(id)
     }
 
     fn new_feed(&self, id: &SpaceId) -> io::Result<Arc<dyn ChangeFeed>> {
+        if let Some(feed) = self.spaces(id.kind).change_feed(id, self.retention) {
+            return feed;
+        }
         Ok(match &self.logs {
             Some(logs) => logs.feed(id)?,
             None => Arc::new(MemFeed::new(self.retention)),
@@ -274,13 +378,13 @@ impl Hub {
     /// The store of `id` to serve downloads from: its committed files, without the `.meta`
     /// view, opened without holding the space open (`ENOENT` if it does not exist).
     pub fn download_store(&self, id: &SpaceId) -> io::Result<Arc<dyn Store>> {
-        Ok(Arc::new(self.local.open_space(id, None)?))
+        self.spaces(id.kind).open_space(id, None)
     }
 
     /// The store of `id`'s own URLs (`roomfs url --direct`), where its backend has them: an
-    /// S3 store's presigned GETs, once that store exists. The local disk has none.
-    pub fn presigner(&self, _id: &SpaceId) -> Option<Arc<dyn crate::urls::Presign>> {
-        None
+    /// S3 store's presigned GETs. The local disk has none.
+    pub fn presigner(&self, id: &SpaceId) -> Option<Arc<dyn crate::urls::Presign>> {
+        self.spaces(id.kind).presigner(id)
     }
 
     /// Whether changes made by other processes are noticed through inotify (else by polling,
@@ -313,8 +417,7 @@ impl Hub {
         }
         // Opened without the table's lock (a usage count reads the whole space); a racing
         // open of the same space keeps whichever went in first.
-        let store = self.local.open_space(id, create)?;
-        let dirs = store.dir_cache();
+        let store = self.spaces(id.kind).open_space(id, create)?;
         let quota = if limits.is_unlimited() {
             None
         } else {
@@ -322,21 +425,19 @@ impl Hub {
             Some(Arc::new(Quota::new(limits, usage)))
         };
         let store: Arc<dyn Store> = match (&self.records, id.kind) {
-            (Some(records), SpaceKind::Session) => Arc::new(MetaOverlay::new(
-                Arc::new(store),
-                records.clone(),
-                id.id.clone(),
-            )),
-            _ => Arc::new(store),
+            (Some(records), SpaceKind::Session) => {
+                Arc::new(MetaOverlay::new(store, records.clone(), id.id.clone()))
+            }
+            _ => store,
         };
         let feed = self.new_feed(id).unwrap_or_else(|e| {
             log::error!(
-                "cannot open the change log of {id} ({e}): other processes will not hear of \
-                 its changes before their cache TTL"
+                "cannot open the change feed of {id} ({e}): other processes and hosts will not \
+                 hear of its changes before their cache TTL"
             );
             Arc::new(MemFeed::new(self.retention))
         });
-        let space = Arc::new(Space::with_feed(id.clone(), store, quota, feed).with_dir_cache(dirs));
+        let space = Arc::new(Space::with_feed(id.clone(), store, quota, feed));
         space.listen();
         let mut open = lock(&self.open);
         if let Some(existing) = open.get(id).and_then(Weak::upgrade) {
@@ -353,14 +454,14 @@ impl Hub {
         if let Some(q) = self.get(id).and_then(|s| s.quota().cloned()) {
             return Ok(Some(q.usage()));
         }
-        Ok(self.local.space_usage(id)?.map(usage_of))
+        self.spaces(id.kind).space_usage(id)
     }
 
     /// Deletes the space `id` and all it holds; returns what went. Whoever still holds it open
     /// keeps an object whose files are gone (the daemon unmounts first).
-    pub fn delete(&self, id: &SpaceId) -> io::Result<Tally> {
+    pub fn delete(&self, id: &SpaceId) -> io::Result<Usage> {
         lock(&self.open).remove(id);
-        let tally = self.local.delete_space(id)?;
+        let tally = self.spaces(id.kind).delete_space(id)?;
         if let Some(logs) = &self.logs
             && let Err(e) = logs.remove(id)
         {

@@ -285,10 +285,10 @@ impl<S: Store> Store for FailingStore<S> {
         self.faults.check(Op::Create)?;
         self.inner.create(path, perm, owner, exclusive)
     }
-    fn working_copy(&self) -> StoreResult<Arc<dyn WorkingCopy>> {
+    fn working_copy(&self, path: &Path) -> StoreResult<Arc<dyn WorkingCopy>> {
         self.faults.check(Op::WorkingCopy)?;
         Ok(Arc::new(FailingCopy {
-            inner: self.inner.working_copy()?,
+            inner: self.inner.working_copy(path)?,
             faults: self.faults.clone(),
         }))
     }
@@ -378,5 +378,9 @@ impl<S: Store> Store for FailingStore<S> {
     fn remove_xattr(&self, path: &Path, name: &OsStr) -> StoreResult<()> {
         self.faults.check(Op::Xattr)?;
         self.inner.remove_xattr(path, name)
+    }
+
+    fn forget(&self, path: &Path, tree: bool) {
+        self.inner.forget(path, tree)
     }
 }

@@ -495,6 +495,7 @@ impl Store for MemStore {
             local_files: false,
             conditional_writes: true,
             xattrs: true,
+            stream_commits_up_to: None,
         }
     }
 
@@ -542,7 +543,7 @@ impl Store for MemStore {
         }
     }
 
-    fn working_copy(&self) -> StoreResult<Arc<dyn WorkingCopy>> {
+    fn working_copy(&self, _path: &Path) -> StoreResult<Arc<dyn WorkingCopy>> {
         Ok(Arc::new(MemCopy {
             store: self.id,
             data: Mutex::new(Vec::new()),
@@ -797,6 +798,8 @@ impl Store for MemStore {
         node.ctime = now();
         Ok(())
     }
+
+    fn forget(&self, _path: &Path, _tree: bool) {}
 }
 
 fn join(root: &Path, rel: &Path) -> PathBuf {
@@ -815,7 +818,7 @@ mod tests {
         let path = Path::new(path);
         store.create(path, 0o644, None, false).unwrap();
         let base = store.open(path).unwrap();
-        let copy = store.working_copy().unwrap();
+        let copy = store.working_copy(Path::new("f")).unwrap();
         copy.write_at(bytes, 0).unwrap();
         store
             .commit(CommitRequest {

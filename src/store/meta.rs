@@ -263,8 +263,8 @@ impl Store for MetaOverlay {
         self.inner.create(path, perm, owner, exclusive)
     }
 
-    fn working_copy(&self) -> StoreResult<Arc<dyn WorkingCopy>> {
-        self.inner.working_copy()
+    fn working_copy(&self, path: &Path) -> StoreResult<Arc<dyn WorkingCopy>> {
+        self.inner.working_copy(path)
     }
 
     fn commit(&self, req: CommitRequest<'_>) -> StoreResult<Committed> {
@@ -364,6 +364,10 @@ impl Store for MetaOverlay {
     fn remove_xattr(&self, path: &Path, name: &OsStr) -> StoreResult<()> {
         self.refuse_meta(path)?;
         self.inner.remove_xattr(path, name)
+    }
+
+    fn forget(&self, path: &Path, tree: bool) {
+        self.inner.forget(path, tree)
     }
 }
 
@@ -468,7 +472,7 @@ mod tests {
             code(o.rmdir(Path::new(".meta")).unwrap_err()),
             Some(libc::EROFS)
         );
-        let copy = o.working_copy().unwrap();
+        let copy = o.working_copy(Path::new("f")).unwrap();
         let base = o.open(p).unwrap();
         let e = o
             .commit(CommitRequest {

@@ -16,6 +16,7 @@ pub mod failing;
 pub mod local;
 pub mod mem;
 pub mod meta;
+pub mod s3;
 
 use std::any::Any;
 use std::ffi::{OsStr, OsString};
@@ -64,6 +65,14 @@ impl Version {
     /// A version named by a tag (an ETag).
     pub fn from_tag(tag: &str) -> Version {
         Version(VersionRepr::Tag(Arc::from(tag)))
+    }
+
+    /// The tag of a version made by [`Version::from_tag`], for the store that made it.
+    pub fn tag(&self) -> Option<&str> {
+        match &self.0 {
+            VersionRepr::Tag(t) => Some(t),
+            VersionRepr::Words(_) => None,
+        }
     }
 
     /// A name for this version that says nothing of what the backend identifies it by (for
@@ -192,6 +201,10 @@ pub struct Capabilities {
     /// Extended attributes of the `user.` namespace; without, the xattr calls answer
     /// `EOPNOTSUPP`.
     pub xattrs: bool,
+    /// The output of a running sequential writer is committed while it runs (see `fs::stream`)
+    /// only while the file is at most this large (`None`: always): a store where each commit
+    /// rewrites the whole object bounds what that may cost.
+    pub stream_commits_up_to: Option<u64>,
 }
 
 /// How `set_xattr` treats an existing attribute (`setxattr(2)`'s flags).
@@ -333,8 +346,9 @@ pub trait Store: Send + Sync + 'static {
     fn open(&self, path: &Path) -> StoreResult<Arc<dyn Content>>;
     /// Creates an empty committed file (`EEXIST` if `exclusive` and something is there).
     fn create(&self, path: &Path, perm: u16, owner: Owner, exclusive: bool) -> StoreResult<Meta>;
-    /// A new, empty working copy, to be committed to this store.
-    fn working_copy(&self) -> StoreResult<Arc<dyn WorkingCopy>>;
+    /// A new, empty working copy, to be committed to this store, meant for the file at `path`
+    /// (a hint: the commit says where it goes; a store may start uploading there early).
+    fn working_copy(&self, path: &Path) -> StoreResult<Arc<dyn WorkingCopy>>;
     /// Commits a change (see [`Change`]); the new version keeps the mode and owner of the
     /// version it replaces. On failure the previous version is untouched and the working copy
     /// stays the caller's, to try again or drop.
@@ -371,6 +385,83 @@ pub trait Store: Send + Sync + 'static {
     fn list_xattr(&self, path: &Path) -> StoreResult<Vec<OsString>>;
     /// Removes the attribute `name` (`ENODATA` if there is none).
     fn remove_xattr(&self, path: &Path, name: &OsStr) -> StoreResult<()>;
+    /// Another host (or process) changed `path` (with `tree`, also what is below it): forgets
+    /// what the store remembers of it, so that the next question asks the backend. A store
+    /// that remembers nothing does nothing. Never waits for I/O.
+    fn forget(&self, path: &Path, tree: bool);
+}
+
+/// Where a process stores spaces of one kind: its data dir, or an S3 bucket. In JSON
+/// `"local"`, `{"s3": {...}}` (see [`s3::S3Config`]) or the URL `"s3://bucket/prefix"`; on the
+/// command line `local` or the URL.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub enum StoreConfig {
+    #[default]
+    Local,
+    S3(s3::S3Config),
+}
+
+impl StoreConfig {
+    /// Parses `local` or `s3://bucket/prefix?name=value...`.
+    pub fn parse(text: &str) -> Result<StoreConfig, String> {
+        match text {
+            "local" => Ok(StoreConfig::Local),
+            url if url.starts_with("s3://") => Ok(StoreConfig::S3(s3::S3Config::from_url(url)?)),
+            other => Err(format!(
+                "store {other:?}: expected local or s3://BUCKET/PREFIX"
+            )),
+        }
+    }
+
+    /// `local`, or the store's `s3://bucket/prefix`.
+    pub fn name(&self) -> String {
+        match self {
+            StoreConfig::Local => "local".into(),
+            StoreConfig::S3(c) => c.url(),
+        }
+    }
+
+    /// Checks what parsing cannot.
+    pub fn check(&self) -> Result<(), String> {
+        match self {
+            StoreConfig::Local => Ok(()),
+            StoreConfig::S3(c) => c.check(),
+        }
+    }
+
+    /// Opens the store for a process whose data dir is `data_dir` (`None`: the data dir
+    /// itself, which the caller has). The error is one sentence for the user.
+    pub fn open(&self, data_dir: &Path) -> Result<Option<Arc<dyn crate::space::Spaces>>, String> {
+        match self {
+            StoreConfig::Local => Ok(None),
+            StoreConfig::S3(c) => {
+                let spaces = s3::open(c, data_dir)
+                    .map_err(|e| format!("cannot open the store {}: {e}", c.url()))?;
+                Ok(Some(Arc::new(spaces)))
+            }
+        }
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for StoreConfig {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        match serde_json::Value::deserialize(d)? {
+            serde_json::Value::String(t) => StoreConfig::parse(&t).map_err(D::Error::custom),
+            serde_json::Value::Object(mut map) if map.len() == 1 && map.contains_key("s3") => {
+                let config: s3::S3Config =
+                    serde_json::from_value(map.remove("s3").unwrap_or_default())
+                        .map_err(|e| D::Error::custom(format!("s3: {e}")))?;
+                config
+                    .check()
+                    .map_err(|e| D::Error::custom(format!("s3: {e}")))?;
+                Ok(StoreConfig::S3(config))
+            }
+            _ => Err(D::Error::custom(
+                "expected \"local\", \"s3://BUCKET/PREFIX\" or {\"s3\": {\"bucket\": ...}}",
+            )),
+        }
+    }
 }
 
 /// Copies `len` bytes at `offset` of `src` to the same offset of `dst` (in the kernel when

@@ -223,8 +223,8 @@ pub fn verify(secret: &[u8], rest: &str, query: &str, now: u64) -> Result<Grant,
 }
 
 /// A store that hands out URLs of its own (an S3 store: a presigned GET of the object), for
-/// `roomfs url --direct`. Pending the S3 store: no store implements it yet, and the daemon
-/// answers `--direct` for spaces on the local disk with 409.
+/// `roomfs url --direct`. The local disk has none: the daemon answers `--direct` for its spaces
+/// with 409.
 pub trait Presign: Send + Sync {
     /// A URL that GETs `path` until `ttl` has passed, with `disposition` and `file_name` in
     /// its `Content-Disposition` where the store can set it.

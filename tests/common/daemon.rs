@@ -1,4 +1,7 @@
-//! A `roomfs serve` run as a child process for tests, stopped and cleaned up on drop.
+//! A `roomfs serve` run as a child process for tests, stopped and cleaned up on drop. With
+//! `ROOMFS_TEST_STORE=s3` its rooms and sessions are in the test binary's SeaweedFS bucket (the
+//! configuration's `store` and `session_store`); tests look at what it stored through
+//! [`Daemon::stored`] and its siblings, whichever the store.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -8,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use super::{BIN, cstr, is_mounted};
+use super::{BIN, Bucket, cstr, is_mounted, store_is_s3};
 
 /// A `roomfs serve` in a temporary directory; dropping it stops it and unmounts what it left.
 pub struct Daemon {
@@ -18,6 +21,8 @@ pub struct Daemon {
     pub config: Option<PathBuf>,
     pub child: Option<Child>,
     pub log: Arc<Mutex<Vec<String>>>,
+    /// The bucket rooms and sessions are in, when the test run uses S3.
+    pub s3: Option<Bucket>,
 }
 
 impl Daemon {
@@ -33,10 +38,37 @@ impl Daemon {
     /// Starts a daemon after `setup` prepared its temporary directory (given as argument: the
     /// data dir will be `data` in it).
     pub fn with_setup(config: Option<&str>, setup: impl FnOnce(&Path)) -> Daemon {
+        Daemon::build(config, setup, store_is_s3().then(Bucket::shared))
+    }
+
+    /// Starts a daemon keeping its rooms and sessions in `s3` (unless `config` names other
+    /// stores).
+    pub fn on(config: Option<&str>, s3: Option<Bucket>) -> Daemon {
+        Daemon::build(config, |_| {}, s3)
+    }
+
+    fn build(config: Option<&str>, setup: impl FnOnce(&Path), s3: Option<Bucket>) -> Daemon {
         let tmp = tempfile::Builder::new()
             .prefix("roomfs-daemon-")
             .tempdir_in("/tmp")
             .unwrap();
+        // On S3 the stores go into the configuration (unless it names its own).
+        let config = match (&s3, config) {
+            (Some(b), config) => {
+                let mut value: Value = serde_json::from_str(config.unwrap_or("{}"))
+                    .unwrap_or_else(|_| Value::String(config.unwrap_or_default().into()));
+                if let Some(map) = value.as_object_mut() {
+                    for field in ["store", "session_store"] {
+                        map.entry(field).or_insert(Value::String(b.url("")));
+                    }
+                }
+                Some(match value {
+                    Value::String(broken) => broken,
+                    v => v.to_string(),
+                })
+            }
+            (None, config) => config.map(str::to_string),
+        };
         let config = config.map(|text| {
             let p = tmp.path().join("config.json");
             fs::write(&p, text.replace("{tmp}", tmp.path().to_str().unwrap())).unwrap();
@@ -50,6 +82,7 @@ impl Daemon {
             config,
             child: None,
             log: Default::default(),
+            s3,
         };
         d.run();
         d
@@ -65,11 +98,74 @@ impl Daemon {
         if let Some(c) = &self.config {
             cmd.arg("--config").arg(c);
         }
+        if let Some(b) = &self.s3 {
+            cmd.envs(b.env.iter().map(|(k, v)| (*k, v.as_str())));
+        }
         self.child = Some(super::start_logged(
             &mut cmd,
             "serving the control API",
             &self.log,
         ));
+    }
+
+    /// What is stored at `rel` (`rooms/<id>/<path>`, `sessions/<id>/<path>`): in the data dir
+    /// or the bucket.
+    pub fn stored(&self, rel: &str) -> Option<Vec<u8>> {
+        match &self.s3 {
+            Some(b) => b.get(&format!("{}/{rel}", b.prefix)),
+            None => fs::read(self.data.join(rel)).ok(),
+        }
+    }
+
+    /// Whether anything is stored at or below `rel` (a space, a directory, a file).
+    pub fn stored_exists(&self, rel: &str) -> bool {
+        match &self.s3 {
+            Some(b) => {
+                let key = format!("{}/{rel}", b.prefix);
+                b.head(&key).is_some() || !b.keys(&format!("{key}/")).is_empty()
+            }
+            None => self.data.join(rel).exists(),
+        }
+    }
+
+    /// Stores `bytes` at `rel` behind the daemon's back (another tool).
+    pub fn store_behind(&self, rel: &str, bytes: &[u8]) {
+        match &self.s3 {
+            Some(b) => b.put(&format!("{}/{rel}", b.prefix), bytes),
+            None => fs::write(self.data.join(rel), bytes).unwrap(),
+        }
+    }
+
+    /// Makes the directory `rel` behind the daemon's back.
+    pub fn make_dir_behind(&self, rel: &str) {
+        match &self.s3 {
+            Some(b) => b.put(&format!("{}/{rel}/", b.prefix), b""),
+            None => fs::create_dir_all(self.data.join(rel)).unwrap(),
+        }
+    }
+
+    /// The file the kernel reads for a 2 MiB `big` of room `room` if the mount passes it
+    /// through: the committed file, or on S3 this host's cached copy of the object.
+    pub fn committed_file(&self, room: &str) -> PathBuf {
+        if self.s3.is_none() {
+            return self.data.join("rooms").join(room).join("big");
+        }
+        let mut found = Vec::new();
+        let mut dirs = vec![self.data.join("s3")];
+        while let Some(d) = dirs.pop() {
+            for e in fs::read_dir(&d).unwrap().flatten() {
+                if e.file_type().unwrap().is_dir() {
+                    dirs.push(e.path());
+                } else if e.path().parent().is_some_and(|p| p.ends_with("cache"))
+                    && e.metadata().unwrap().len() == 2 << 20
+                {
+                    found.push((e.metadata().unwrap().modified().unwrap(), e.path()));
+                }
+            }
+        }
+        // The newest: the one just written.
+        found.sort();
+        found.pop().expect("a cached file").1
     }
 
     pub fn log(&self) -> String {

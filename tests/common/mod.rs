@@ -1,4 +1,11 @@
 //! Test support: a real roomfs mount run as a child process, always unmounted on drop.
+//!
+//! The store the mounts use is the test run's: the local data dir, or, with
+//! `ROOMFS_TEST_STORE=s3` (scripts/test runs the POSIX, grants, daemon and fsx suites a second
+//! time so), a SeaweedFS bucket the test binary shares, each mount under a prefix of its own.
+//! Tests look at what was committed through [`Mounted::committed`] and its siblings, which read
+//! the data dir or the bucket; a test that checks something only one store has says so with
+//! [`Mounted::is_s3`].
 #![allow(dead_code)]
 
 pub mod daemon;
@@ -21,7 +28,171 @@ pub struct Mounted {
     pub data: PathBuf,
     pub child: Option<Child>,
     pub args: Vec<String>,
+    /// The bucket the space is in, when the test run uses S3.
+    pub s3: Option<Bucket>,
     log: Arc<Mutex<Vec<String>>>,
+}
+
+/// Whether this test run's mounts keep their spaces in S3 (`ROOMFS_TEST_STORE=s3`).
+pub fn store_is_s3() -> bool {
+    match std::env::var("ROOMFS_TEST_STORE").as_deref() {
+        Ok("s3") => true,
+        Ok("local") | Err(_) => false,
+        Ok(other) => panic!("ROOMFS_TEST_STORE={other:?}: expected local or s3"),
+    }
+}
+
+/// A prefix of a SeaweedFS bucket: where a mount's spaces are, read directly (with roomfs's
+/// own S3 client, so the tests need no other).
+pub struct Bucket {
+    pub endpoint: String,
+    pub bucket: String,
+    pub prefix: String,
+    pub env: Vec<(&'static str, String)>,
+    client: roomfs::store::s3::sdk::SdkClient,
+}
+
+impl Bucket {
+    /// A fresh prefix of the test binary's shared SeaweedFS.
+    pub fn shared() -> Bucket {
+        Bucket::on(s3::SeaweedFs::shared(), &s3::unique_prefix())
+    }
+
+    /// `prefix` of `s3`'s bucket.
+    pub fn on(s3: &s3::SeaweedFs, prefix: &str) -> Bucket {
+        let client =
+            roomfs::store::s3::sdk::SdkClient::connect(&roomfs::store::s3::sdk::Connection {
+                bucket: s3.bucket().into(),
+                endpoint: Some(s3.endpoint()),
+                region: Some(s3::REGION.into()),
+                connect_timeout: Duration::from_secs(5),
+                attempt_timeout: Duration::from_secs(30),
+                attempts: 3,
+                credentials: Some((s3.access_key().into(), s3.secret_key().into())),
+            })
+            .expect("connect to SeaweedFS");
+        Bucket {
+            endpoint: s3.endpoint(),
+            bucket: s3.bucket().into(),
+            prefix: prefix.into(),
+            env: s3.env(),
+            client,
+        }
+    }
+
+    /// The `--store` of a mount: this prefix, with requests failing fast enough for tests
+    /// (`options` adds more, `name=value&...`).
+    pub fn url(&self, options: &str) -> String {
+        let mut url = format!(
+            "s3://{}/{}?timeout_secs=10&connect_timeout_secs=2&attempts=3",
+            self.bucket, self.prefix
+        );
+        if !options.is_empty() {
+            url.push('&');
+            url.push_str(options);
+        }
+        url
+    }
+
+    /// The object key of `rel` in space `<kind>/<id>`.
+    pub fn key(&self, kind: &str, id: &str, rel: &str) -> String {
+        format!("{}/{kind}/{id}/{rel}", self.prefix)
+    }
+
+    /// The bytes of `key`, if it exists.
+    pub fn get(&self, key: &str) -> Option<Vec<u8>> {
+        use roomfs::store::s3::client::{Failure, ObjectClient};
+        let mut out = Vec::new();
+        match self.client.get(key, None, None, &mut |b| {
+            out.extend_from_slice(b);
+            Ok(())
+        }) {
+            Ok(_) => Some(out),
+            Err(e) if e.is(Failure::NotFound) => None,
+            Err(e) => panic!("GET {key}: {e}"),
+        }
+    }
+
+    /// The head of `key` (size, ETag, time, metadata), if it exists.
+    pub fn head(&self, key: &str) -> Option<roomfs::store::s3::client::ObjectInfo> {
+        use roomfs::store::s3::client::{Failure, ObjectClient};
+        match self.client.head(key) {
+            Ok(info) => Some(info),
+            Err(e) if e.is(Failure::NotFound) => None,
+            Err(e) => panic!("HEAD {key}: {e}"),
+        }
+    }
+
+    /// The user metadata of `key`, if it exists.
+    pub fn metadata(&self, key: &str) -> Option<std::collections::BTreeMap<String, String>> {
+        use roomfs::store::s3::client::{Failure, ObjectClient};
+        match self.client.head(key) {
+            Ok(info) => Some(info.metadata),
+            Err(e) if e.is(Failure::NotFound) => None,
+            Err(e) => panic!("HEAD {key}: {e}"),
+        }
+    }
+
+    /// Every key under `prefix`.
+    pub fn keys(&self, prefix: &str) -> Vec<String> {
+        use roomfs::store::s3::client::ObjectClient;
+        let mut keys = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let page = self
+                .client
+                .list(prefix, false, token.as_deref(), None)
+                .unwrap_or_else(|e| panic!("LIST {prefix}: {e}"));
+            keys.extend(page.objects.into_iter().map(|o| o.key));
+            match page.next {
+                Some(t) => token = Some(t),
+                None => return keys,
+            }
+        }
+    }
+
+    /// The multipart uploads in progress under this prefix.
+    pub fn uploads(&self) -> Vec<String> {
+        use roomfs::store::s3::client::ObjectClient;
+        self.client
+            .list_uploads(&format!("{}/", self.prefix))
+            .unwrap_or_else(|e| panic!("ListMultipartUploads: {e}"))
+            .into_iter()
+            .map(|u| u.key)
+            .collect()
+    }
+
+    /// Puts `bytes` at `key` behind the mounts' back (another tool).
+    pub fn put(&self, key: &str, bytes: &[u8]) {
+        self.put_with(key, bytes, &[]);
+    }
+
+    /// Puts `bytes` at `key` with user `metadata`.
+    pub fn put_with(&self, key: &str, bytes: &[u8], metadata: &[(&str, &str)]) {
+        use roomfs::store::s3::client::{Body, Condition, ObjectClient};
+        let metadata = metadata
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        self.client
+            .put(
+                key,
+                Body::Bytes(Arc::new(bytes.to_vec())),
+                &metadata,
+                &Condition::None,
+            )
+            .unwrap_or_else(|e| panic!("PUT {key}: {e}"));
+    }
+
+    /// Deletes every object under `prefix` behind the mounts' back.
+    pub fn delete_all(&self, prefix: &str) {
+        use roomfs::store::s3::client::ObjectClient;
+        for key in self.keys(prefix) {
+            self.client
+                .delete(&key)
+                .unwrap_or_else(|e| panic!("DELETE {key}: {e}"));
+        }
+    }
 }
 
 pub fn is_mounted(path: &Path) -> bool {
@@ -40,6 +211,18 @@ impl Mounted {
     /// Mounts with extra `roomfs mount` arguments (the data dir and mount point are added).
     pub fn with_args(args: &[&str]) -> Mounted {
         Mounted::with_setup(args, |_| {})
+    }
+
+    /// Like [`Mounted::with_args`]; on S3 with store `options` (`name=value&...`) as well.
+    pub fn with_store_options(args: &[&str], options: &str) -> Mounted {
+        if !store_is_s3() {
+            return Mounted::with_args(args);
+        }
+        let bucket = Bucket::shared();
+        let url = bucket.url(options);
+        let mut all: Vec<&str> = args.to_vec();
+        all.extend(["--store", url.as_str()]);
+        Mounted::on(&all, |_| {}, Some(bucket))
     }
 
     /// Like [`Mounted::with_args`], with the data dir on a tmpfs of `bytes`: a small disk to
@@ -63,6 +246,12 @@ impl Mounted {
 
     /// Like [`Mounted::with_args`], after `setup` has filled the data dir (given its path).
     pub fn with_setup(args: &[&str], setup: impl FnOnce(&Path)) -> Mounted {
+        Mounted::on(args, setup, store_is_s3().then(Bucket::shared))
+    }
+
+    /// Mounts with `args` on `s3` (if given, and `args` name no store, its prefix is the
+    /// store), after `setup` has filled the data dir.
+    pub fn on(args: &[&str], setup: impl FnOnce(&Path), s3: Option<Bucket>) -> Mounted {
         let tmp = tempfile::Builder::new()
             .prefix("roomfs-test-")
             .tempdir_in("/tmp")
@@ -70,18 +259,136 @@ impl Mounted {
         let mnt = tmp.path().join("mnt");
         let data = tmp.path().join("data");
         std::fs::create_dir(&mnt).unwrap();
+        let mut args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        if let Some(bucket) = &s3
+            && !args.iter().any(|a| a == "--store")
+        {
+            args.push("--store".into());
+            args.push(bucket.url(""));
+        }
         let mut m = Mounted {
             tmp,
             mnt,
             data,
             child: None,
-            args: args.iter().map(|s| s.to_string()).collect(),
+            args,
+            s3,
             log: Default::default(),
         };
         std::fs::create_dir_all(&m.data).unwrap();
         setup(&m.data);
+        if m.is_s3() {
+            m.seed_bucket();
+        }
         m.start();
         m
+    }
+
+    /// On S3, what `setup` put into the data dir for the space goes into the bucket instead:
+    /// copied in (`cp`, keeping modes, times and symlinks) through a mount of the space with
+    /// full access, before the test's own mount.
+    fn seed_bucket(&self) {
+        let (kind, id) = self.space();
+        let src = self.data.join(kind).join(&id);
+        if !src.exists() {
+            return;
+        }
+        let seed = self.tmp.path().join("seed");
+        std::fs::rename(&src, &seed).unwrap();
+        let mnt = self.tmp.path().join("seed-mnt");
+        let data = self.tmp.path().join("seed-data");
+        std::fs::create_dir_all(&mnt).unwrap();
+        let store = self.args[self.args.iter().position(|a| a == "--store").unwrap() + 1].clone();
+        let flag = if kind == "rooms" {
+            "--room"
+        } else {
+            "--session"
+        };
+        let mut cmd = Command::new(BIN);
+        cmd.arg("mount")
+            .arg("--data-dir")
+            .arg(&data)
+            .args([flag, &id, "--store", &store])
+            .arg(&mnt)
+            .envs(
+                self.s3
+                    .as_ref()
+                    .unwrap()
+                    .env
+                    .iter()
+                    .map(|(k, v)| (*k, v.as_str())),
+            );
+        let log = Default::default();
+        let mut child = start_logged(&mut cmd, " mounted ", &log);
+        let copied = output(
+            Command::new("cp")
+                .args(["-R", "-P", "--preserve=mode,timestamps"])
+                .arg(format!("{}/.", seed.display()))
+                .arg(&mnt),
+        );
+        let unmounted = output(Command::new(BIN).arg("unmount").arg(&mnt));
+        let _ = child.wait();
+        assert!(
+            copied.status.success() && unmounted.status.success(),
+            "seeding the bucket: {copied:?} {unmounted:?}: {}",
+            log.lock().unwrap().join("\n")
+        );
+    }
+
+    /// Every entry of the space as committed (path → mode bits and content; a symlink's
+    /// content is its target, a directory's empty), to prove something did not change it.
+    pub fn committed_snapshot(&self) -> std::collections::BTreeMap<String, (u32, Vec<u8>)> {
+        let mut out = std::collections::BTreeMap::new();
+        match &self.s3 {
+            Some(b) => {
+                let root = self.key("");
+                for key in b.keys(&root) {
+                    let rel = key[root.len()..].to_string();
+                    if rel.ends_with(".roomfs-attrs") {
+                        // The store's own index: what it holds shows in the modes below.
+                        continue;
+                    }
+                    let mode = b
+                        .metadata(&key)
+                        .and_then(|m| m.get("mode").and_then(|v| v.parse().ok()))
+                        .unwrap_or(0);
+                    let body = if rel.ends_with('/') || rel.is_empty() {
+                        Vec::new()
+                    } else {
+                        b.get(&key).unwrap_or_default()
+                    };
+                    out.insert(rel, (mode, body));
+                }
+            }
+            None => {
+                use std::os::unix::ffi::OsStrExt;
+                use std::os::unix::fs::PermissionsExt;
+                let root = self.backing("");
+                let mut stack = vec![root.clone()];
+                while let Some(dir) = stack.pop() {
+                    for e in std::fs::read_dir(&dir).unwrap() {
+                        let e = e.unwrap();
+                        let meta = std::fs::symlink_metadata(e.path()).unwrap();
+                        let rel = e.path().strip_prefix(&root).unwrap().to_path_buf();
+                        let rel = String::from_utf8_lossy(rel.as_os_str().as_bytes()).into_owned();
+                        let mode = meta.permissions().mode();
+                        let body = if meta.is_dir() {
+                            stack.push(e.path());
+                            Vec::new()
+                        } else if meta.file_type().is_symlink() {
+                            std::fs::read_link(e.path())
+                                .unwrap()
+                                .into_os_string()
+                                .into_encoded_bytes()
+                        } else {
+                            std::fs::read(e.path()).unwrap()
+                        };
+                        out.insert(rel, (mode, body));
+                    }
+                }
+            }
+        }
+        out
     }
 
     /// Starts (again) the daemon for this mount point and waits until it reports the mount.
@@ -92,6 +399,9 @@ impl Mounted {
             .arg(&self.data)
             .args(&self.args)
             .arg(&self.mnt);
+        if let Some(b) = &self.s3 {
+            cmd.envs(b.env.iter().map(|(k, v)| (*k, v.as_str())));
+        }
         // The mount is up once the daemon says so (a dead mount left by a crash would still be
         // listed in mountinfo).
         self.child = Some(start_logged(&mut cmd, " mounted ", &self.log));
@@ -107,16 +417,167 @@ impl Mounted {
         self.mnt.join(rel)
     }
 
-    /// The committed file in the data dir behind `rel` (room r1 unless the args say otherwise).
-    pub fn backing(&self, rel: &str) -> PathBuf {
-        let (kind, id) = match self.args.iter().position(|a| a == "--session") {
+    /// Whether the space is in S3 (else in the data dir).
+    pub fn is_s3(&self) -> bool {
+        self.s3.is_some()
+    }
+
+    /// The space's kind directory and id (room r1 unless the args say otherwise).
+    fn space(&self) -> (&'static str, String) {
+        match self.args.iter().position(|a| a == "--session") {
             Some(i) => ("sessions", self.args[i + 1].clone()),
             None => {
                 let i = self.args.iter().position(|a| a == "--room").unwrap();
                 ("rooms", self.args[i + 1].clone())
             }
-        };
+        }
+    }
+
+    /// The committed file in the data dir behind `rel`: only the local store has one (a test
+    /// of what only the local store does says so; others use [`Mounted::committed`]).
+    pub fn backing(&self, rel: &str) -> PathBuf {
+        assert!(
+            !self.is_s3(),
+            "the S3 store has no backing file for {rel}: use committed()"
+        );
+        let (kind, id) = self.space();
         self.data.join(kind).join(id).join(rel)
+    }
+
+    /// The one file of `len` bytes in the S3 store's cache (of objects this host wrote or
+    /// read), under the data dir.
+    pub fn cached_file(&self, len: u64) -> PathBuf {
+        let mut found = Vec::new();
+        let mut dirs = vec![self.data.join("s3")];
+        while let Some(d) = dirs.pop() {
+            for e in std::fs::read_dir(&d).unwrap().flatten() {
+                let t = e.file_type().unwrap();
+                if t.is_dir() {
+                    dirs.push(e.path());
+                } else if e.path().parent().is_some_and(|p| p.ends_with("cache"))
+                    && e.metadata().unwrap().len() == len
+                {
+                    found.push(e.path());
+                }
+            }
+        }
+        assert_eq!(found.len(), 1, "cached files of {len} bytes: {found:?}");
+        found.pop().unwrap()
+    }
+
+    /// The object key behind `rel` (on S3).
+    pub fn key(&self, rel: &str) -> String {
+        let (kind, id) = self.space();
+        self.s3.as_ref().expect("an S3 mount").key(kind, &id, rel)
+    }
+
+    /// What is committed at `rel` (in the data dir or the bucket), if anything.
+    pub fn committed_opt(&self, rel: &str) -> Option<Vec<u8>> {
+        match &self.s3 {
+            Some(b) => b.get(&self.key(rel)),
+            None => match std::fs::read(self.backing(rel)) {
+                Ok(bytes) => Some(bytes),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+                Err(e) => panic!("read {rel}: {e}"),
+            },
+        }
+    }
+
+    /// What is committed at `rel` (it must exist).
+    pub fn committed(&self, rel: &str) -> Vec<u8> {
+        self.committed_opt(rel)
+            .unwrap_or_else(|| panic!("nothing committed at {rel}"))
+    }
+
+    /// The size of what is committed at `rel`.
+    pub fn committed_len(&self, rel: &str) -> u64 {
+        self.committed(rel).len() as u64
+    }
+
+    /// Whether anything (a file, a directory) is committed at `rel`.
+    pub fn committed_exists(&self, rel: &str) -> bool {
+        match &self.s3 {
+            Some(b) => {
+                let key = self.key(rel);
+                b.metadata(&key).is_some() || !b.keys(&format!("{key}/")).is_empty()
+            }
+            None => std::fs::symlink_metadata(self.backing(rel)).is_ok(),
+        }
+    }
+
+    /// What is committed at `rel`: `'f'` a file, `'d'` a directory, `'l'` a symlink, `'p'` a
+    /// FIFO, `'s'` a socket's name, `'b'`/`'c'` a device; `None`: nothing.
+    pub fn committed_kind(&self, rel: &str) -> Option<char> {
+        let kind = |mode: u32| match mode & libc::S_IFMT {
+            libc::S_IFDIR => 'd',
+            libc::S_IFLNK => 'l',
+            libc::S_IFIFO => 'p',
+            libc::S_IFSOCK => 's',
+            libc::S_IFBLK => 'b',
+            libc::S_IFCHR => 'c',
+            _ => 'f',
+        };
+        match &self.s3 {
+            Some(b) => {
+                let key = self.key(rel);
+                match b.metadata(&key) {
+                    Some(m) => Some(kind(
+                        m.get("mode").and_then(|v| v.parse().ok()).unwrap_or(0),
+                    )),
+                    None => (!b.keys(&format!("{key}/")).is_empty()).then_some('d'),
+                }
+            }
+            None => {
+                use std::os::unix::fs::MetadataExt;
+                std::fs::symlink_metadata(self.backing(rel))
+                    .ok()
+                    .map(|m| kind(m.mode()))
+            }
+        }
+    }
+
+    /// Which version is committed at `rel` (equal strings: the same version).
+    pub fn committed_version(&self, rel: &str) -> String {
+        use std::os::unix::fs::MetadataExt;
+        match &self.s3 {
+            Some(b) => {
+                let info = b.head(&self.key(rel)).expect("the object exists");
+                format!("{} {:?}", info.etag, info.last_modified)
+            }
+            None => {
+                let m = std::fs::metadata(self.backing(rel)).unwrap();
+                format!("{} {} {}", m.ino(), m.mtime(), m.mtime_nsec())
+            }
+        }
+    }
+
+    /// The modification time committed for the file at `rel`.
+    pub fn committed_mtime(&self, rel: &str) -> std::time::SystemTime {
+        match &self.s3 {
+            Some(b) => {
+                let info = b.head(&self.key(rel)).expect("the object exists");
+                match info.metadata.get("mtime") {
+                    Some(t) => roomfs::store::s3::attrs::parse_time(t).expect("an mtime"),
+                    None => info.last_modified,
+                }
+            }
+            None => std::fs::metadata(self.backing(rel))
+                .unwrap()
+                .modified()
+                .unwrap(),
+        }
+    }
+
+    /// The permission bits committed for the file at `rel`.
+    pub fn committed_mode(&self, rel: &str) -> u32 {
+        use std::os::unix::fs::MetadataExt;
+        match &self.s3 {
+            Some(b) => {
+                let m = b.metadata(&self.key(rel)).expect("the object exists");
+                m["mode"].parse::<u32>().unwrap() & 0o7777
+            }
+            None => std::fs::symlink_metadata(self.backing(rel)).unwrap().mode() & 0o7777,
+        }
     }
 
     pub fn pid(&self) -> u32 {
@@ -233,9 +694,10 @@ pub fn start_logged(
 /// opened read-only, changes them in `backing` (its committed file in the data dir) behind the
 /// daemon's back, and reads them again: returns what the second read saw. The kernel's page
 /// cache answers the old bytes; a passthrough read goes to the committed file itself.
-pub fn second_read_after_a_change_on_disk(path: &Path, backing: &Path) -> Vec<u8> {
+pub fn second_read_after_a_change_on_disk(path: &Path, backing: impl Fn() -> PathBuf) -> Vec<u8> {
     use std::os::unix::fs::FileExt;
     std::fs::write(path, vec![b'a'; 2 << 20]).unwrap();
+    let backing = backing();
     let f = std::fs::File::open(path).unwrap();
     let mut first = [0u8; 4];
     f.read_exact_at(&mut first, 0).unwrap();

@@ -146,11 +146,63 @@ pub struct SeaweedFs {
     ports: Ports,
     child: Option<Child>,
     log: Arc<Mutex<VecDeque<String>>>,
+    /// Killed with the test process (`PR_SET_PDEATHSIG`), for the shared instance.
+    tied: bool,
+}
+
+/// The instance the whole test binary shares (see [`SeaweedFs::shared`]).
+static SHARED: std::sync::OnceLock<SeaweedFs> = std::sync::OnceLock::new();
+
+/// Runs at the test binary's exit: stops the shared instance and removes its data.
+extern "C" fn stop_shared() {
+    if let Some(s) = SHARED.get() {
+        if let Some(child) = &s.child {
+            let _ = kill(child, libc::SIGKILL);
+        }
+        let _ = std::fs::remove_dir_all(s.tmp.path());
+        for (name, port) in s.ports.grpc() {
+            let _ = std::fs::remove_file(format!("/tmp/seaweedfs-{name}-grpc-{port}.sock"));
+        }
+    }
 }
 
 impl SeaweedFs {
+    /// One instance for the whole test binary, started at the first call: tests that only
+    /// need a bucket share it (each under a prefix of its own, see [`unique_prefix`]) instead
+    /// of paying for a start each. It is killed when the test process exits (also if it is
+    /// killed: `PR_SET_PDEATHSIG`, set from a thread that lives as long as the process) and its
+    /// data removed at a normal exit.
+    pub fn shared() -> &'static SeaweedFs {
+        SHARED.get_or_init(|| {
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::Builder::new()
+                .name("seaweedfs-shared".into())
+                .spawn(move || {
+                    let started = std::panic::catch_unwind(|| SeaweedFs::start_inner(true));
+                    let _ = tx.send(started);
+                    // The death signal is tied to this thread: it must never end.
+                    loop {
+                        std::thread::park();
+                    }
+                })
+                .unwrap();
+            match rx.recv().unwrap() {
+                Ok(s) => {
+                    // SAFETY: registering a plain extern "C" function without arguments.
+                    unsafe { libc::atexit(stop_shared) };
+                    s
+                }
+                Err(e) => std::panic::resume_unwind(e),
+            }
+        })
+    }
+
     /// Starts a fresh instance and waits until its bucket is there and stored data reads back.
     pub fn start() -> SeaweedFs {
+        SeaweedFs::start_inner(false)
+    }
+
+    fn start_inner(tied: bool) -> SeaweedFs {
         let weed = weed_bin();
         assert!(
             weed.exists(),
@@ -167,6 +219,7 @@ impl SeaweedFs {
             ports: Ports::pick(),
             child: None,
             log: Default::default(),
+            tied,
         };
         // Another process may take one of the ports between `Ports::pick` and `weed`'s bind;
         // `weed` then exits at once, and new ports are tried.
@@ -333,6 +386,16 @@ impl SeaweedFs {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
+        if self.tied {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+            unsafe {
+                cmd.pre_exec(|| {
+                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                    Ok(())
+                });
+            }
+        }
         let mut child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("start {}: {e}", weed_bin().display()));
@@ -420,6 +483,16 @@ fn kill(child: &Child, sig: libc::c_int) -> std::io::Result<()> {
     } else {
         Err(std::io::Error::last_os_error())
     }
+}
+
+/// A key prefix no other test of this run uses (`t<pid>-<n>`), so tests can share a bucket.
+pub fn unique_prefix() -> String {
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    format!(
+        "t{}-{}",
+        std::process::id(),
+        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    )
 }
 
 fn lossy(b: &[u8]) -> String {

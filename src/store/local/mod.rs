@@ -79,12 +79,6 @@ impl LocalStore {
         }
     }
 
-    /// Its cache of resolved directories, for whoever hears of directories moved or removed
-    /// behind its back (the space, from other processes' change logs).
-    pub fn dir_cache(&self) -> Arc<DirCache> {
-        self.dirs.clone()
-    }
-
     /// The committed content in `file`, with its attributes `st`. A reader of a patchable
     /// file holds the read lock (see `patch`), waiting for a patch under way to finish (the
     /// attributes are then read again, only then).
@@ -372,6 +366,7 @@ impl Store for LocalStore {
             local_files: true,
             conditional_writes: true,
             xattrs: true,
+            stream_commits_up_to: None,
         }
     }
 
@@ -434,7 +429,7 @@ impl Store for LocalStore {
         Ok(meta_of(&st))
     }
 
-    fn working_copy(&self) -> StoreResult<Arc<dyn WorkingCopy>> {
+    fn working_copy(&self, _path: &Path) -> StoreResult<Arc<dyn WorkingCopy>> {
         Ok(Arc::new(LocalCopy::new(self.staging.clone())?))
     }
 
@@ -649,6 +644,15 @@ impl Store for LocalStore {
             libc::lremovexattr(p.as_ptr(), n.as_ptr())
         })?)
     }
+
+    /// The disk is asked every time, but resolved directories are kept for a moment (see
+    /// `at::DirCache`): a directory moved or removed by another process is resolved again at
+    /// the next operation, as the kernel's caches of the mounts look their names up again.
+    fn forget(&self, _path: &Path, tree: bool) {
+        if tree {
+            self.dirs.forget_all();
+        }
+    }
 }
 
 #[cfg(test)]
@@ -746,7 +750,7 @@ mod tests {
         let (d, s) = store();
         let big = vec![7u8; 1 << 20];
         fs::write(s.full(Path::new("f")), &big).unwrap();
-        let copy = s.working_copy().unwrap();
+        let copy = s.working_copy(Path::new("f")).unwrap();
         copy.write_at(b"small", 0).unwrap();
         commit_whole(&s, "f", &copy, false);
         drop(copy);
@@ -795,7 +799,7 @@ mod tests {
                 },
             )
             .unwrap();
-            let copy = s.working_copy().unwrap();
+            let copy = s.working_copy(Path::new("f")).unwrap();
             let staging =
                 fs::read_link(format!("/proc/self/fd/{}", s.staging.dir().as_raw_fd())).unwrap();
             copy.write_at(b"new", 0).unwrap();
@@ -824,7 +828,7 @@ mod tests {
         let (_d, s) = store();
         fs::write(s.full(Path::new("f")), b"hello world").unwrap();
         let seed = s.open(Path::new("f")).unwrap();
-        let copy = s.working_copy().unwrap();
+        let copy = s.working_copy(Path::new("f")).unwrap();
         crate::store::copy_range(seed.as_ref(), copy.as_ref(), 0, 11).unwrap();
         let mut buf = vec![0u8; 32];
         let n = copy.read_at(&mut buf, 0).unwrap();
@@ -1024,7 +1028,7 @@ mod tests {
         }
         let (a, b) = (dir.join("a"), dir.join("b"));
         s.create(&a, 0o644, None, true).unwrap();
-        let copy = s.working_copy().unwrap();
+        let copy = s.working_copy(Path::new("f")).unwrap();
         copy.write_at(b"long", 0).unwrap();
         commit_whole(&s, a.to_str().unwrap(), &copy, true);
         s.rename(&a, &b, RenameMode::Replace).unwrap();

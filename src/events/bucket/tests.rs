@@ -1,0 +1,252 @@
+//! The bucket feed between "hosts": several [`BucketFeeds`] on one in-memory bucket (with
+//! AWS's conditional-write rules), each with its own origin, as daemons on different hosts.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::*;
+use crate::space::{SpaceId, SpaceKind};
+use crate::store::s3::mock::MemClient;
+
+fn host(client: &Arc<MemClient>, retention: Retention) -> BucketFeeds {
+    BucketFeeds::start(
+        client.clone(),
+        "p",
+        true,
+        retention,
+        Duration::from_millis(10),
+    )
+    .unwrap()
+}
+
+fn room() -> SpaceId {
+    SpaceId::new(SpaceKind::Room, "r1").unwrap()
+}
+
+fn file(p: &str) -> Changed {
+    Changed::file(std::path::Path::new(p), 1)
+}
+
+/// (seq, type, path) of every event `feed` retains after `since`.
+fn events(feed: &BucketFeed, since: u64) -> Vec<(u64, String, String)> {
+    let b = feed.read(since, usize::MAX).unwrap();
+    b.events
+        .iter()
+        .map(|r| {
+            let json = r.event_json("rooms/r1", &r.change);
+            (
+                r.seq,
+                r.change.type_name().to_string(),
+                json.get("path")
+                    .or(json.get("destination_path"))
+                    .and_then(|v| v.as_str())
+                    .unwrap_or_default()
+                    .to_string(),
+            )
+        })
+        .collect()
+}
+
+#[derive(Default)]
+struct Heard(Mutex<Vec<Changed>>);
+
+impl ForeignChanges for Heard {
+    fn heard(&self, record: &Record) {
+        self.0.lock().unwrap().push(record.change.clone());
+    }
+}
+
+fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < Duration::from_secs(5), "{what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn hosts_share_one_order_of_events_and_hear_each_other() {
+    let client = Arc::new(MemClient::new());
+    let (a, b) = (
+        host(&client, Retention::default()),
+        host(&client, Retention::default()),
+    );
+    let (fa, fb) = (a.feed(&room()).unwrap(), b.feed(&room()).unwrap());
+    let heard_b = Arc::new(Heard::default());
+    fb.listen(Arc::downgrade(&heard_b) as Weak<dyn ForeignChanges>);
+    let heard_a = Arc::new(Heard::default());
+    fa.listen(Arc::downgrade(&heard_a) as Weak<dyn ForeignChanges>);
+    let (pa, pb): (Arc<str>, Arc<str>) = (Arc::from("alice"), Arc::from("bob"));
+    fa.publish(&pa, &[file("a1"), Changed::attributes("a1".as_ref())]);
+    fa.flush();
+    fb.publish(&pb, &[file("b1"), Changed::file_deleted("a1".as_ref())]);
+    fb.flush();
+    fa.publish(&pa, &[file("a2")]);
+    fa.flush();
+    let want = vec![
+        (1, "file.updated".to_string(), "a1".to_string()),
+        (2, "file.updated".into(), "b1".into()),
+        (3, "file.deleted".into(), "a1".into()),
+        (4, "file.updated".into(), "a2".into()),
+    ];
+    assert_eq!(events(&fa, 0), want);
+    assert_eq!(events(&fb, 0), want);
+    assert_eq!(events(&fb, 2), want[2..].to_vec());
+    // Each hears the other's changes (internal records too), never its own.
+    wait_until("B hears A's three changes", || {
+        heard_b.0.lock().unwrap().len() == 3
+    });
+    assert_eq!(
+        *heard_b.0.lock().unwrap(),
+        vec![file("a1"), Changed::attributes("a1".as_ref()), file("a2")]
+    );
+    wait_until("A hears B's two changes", || {
+        heard_a.0.lock().unwrap().len() == 2
+    });
+    // The feed's objects are outside every space's keys.
+    let keys = client.keys();
+    assert!(!keys.is_empty());
+    for k in &keys {
+        if k.contains("/.roomfs/events/") {
+            assert!(k.starts_with("p/.roomfs/events/rooms/r1/"), "{k}");
+        }
+    }
+    // A third host, opened now, reads the same history.
+    let c = host(&client, Retention::default());
+    assert_eq!(events(&c.feed(&room()).unwrap(), 0), want);
+}
+
+#[test]
+fn racing_hosts_number_every_event_once() {
+    let client = Arc::new(MemClient::new());
+    let hosts: Vec<BucketFeeds> = (0..3)
+        .map(|_| host(&client, Retention::default()))
+        .collect();
+    let feeds: Vec<Arc<BucketFeed>> = hosts.iter().map(|h| h.feed(&room()).unwrap()).collect();
+    std::thread::scope(|s| {
+        for (i, f) in feeds.iter().enumerate() {
+            s.spawn(move || {
+                let p: Arc<str> = Arc::from(format!("h{i}"));
+                for j in 0..40 {
+                    f.publish(&p, &[file(&format!("h{i}/{j}"))]);
+                    if j % 7 == 0 {
+                        f.flush();
+                    }
+                }
+                f.flush();
+            });
+        }
+    });
+    let first = events(&feeds[0], 0);
+    assert_eq!(first.len(), 120);
+    for (i, e) in first.iter().enumerate() {
+        assert_eq!(e.0, i as u64 + 1);
+    }
+    let mut paths: Vec<&str> = first.iter().map(|e| e.2.as_str()).collect();
+    paths.sort();
+    paths.dedup();
+    assert_eq!(paths.len(), 120, "every event once");
+    // Each host's own events keep their order.
+    for i in 0..3 {
+        let mine: Vec<&str> = first
+            .iter()
+            .map(|e| e.2.as_str())
+            .filter(|p| p.starts_with(&format!("h{i}/")))
+            .collect();
+        let want: Vec<String> = (0..40).map(|j| format!("h{i}/{j}")).collect();
+        assert_eq!(mine, want);
+    }
+    for f in &feeds[1..] {
+        assert_eq!(events(f, 0), first);
+    }
+}
+
+#[test]
+fn retention_compacts_the_chain_and_a_late_reader_is_told_of_the_gap() {
+    let client = Arc::new(MemClient::new());
+    let retention = Retention {
+        max_events: Some(10),
+        max_age_secs: None,
+    };
+    let a = host(&client, retention);
+    let fa = a.feed(&room()).unwrap();
+    let p: Arc<str> = Arc::from("a");
+    for i in 0..60 {
+        fa.publish(&p, &[file(&format!("f{i}"))]);
+        fa.flush();
+    }
+    let objects = client
+        .keys()
+        .iter()
+        .filter(|k| k.starts_with("p/.roomfs/events/"))
+        .count();
+    assert!(objects <= 16, "{objects} objects left");
+    let b = host(&client, retention);
+    let fb = b.feed(&room()).unwrap();
+    let backlog = fb.read(0, usize::MAX).unwrap();
+    assert_eq!(backlog.head, 60);
+    assert!(
+        backlog.oldest > 1 && backlog.oldest <= 51,
+        "{}",
+        backlog.oldest
+    );
+    // At least what retention keeps, in order, up to the head.
+    let seqs: Vec<u64> = backlog.events.iter().map(|r| r.seq).collect();
+    assert_eq!(seqs, (backlog.oldest..=60).collect::<Vec<_>>());
+    // Resuming from within what is retained gives exactly what follows.
+    assert_eq!(
+        fb.read(55, usize::MAX)
+            .unwrap()
+            .events
+            .iter()
+            .map(|r| r.seq)
+            .collect::<Vec<_>>(),
+        (56..=60).collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn a_failed_write_is_retried_and_nothing_is_lost() {
+    use crate::store::s3::mock::Op;
+    let client = Arc::new(MemClient::new());
+    let a = host(&client, Retention::default());
+    let fa = a.feed(&room()).unwrap();
+    client.fail(Op::Put, Some(".roomfs/events/"), Failure::Unavailable, 3);
+    let p: Arc<str> = Arc::from("a");
+    fa.publish(&p, &[file("x"), file("y")]);
+    fa.flush();
+    let b = host(&client, Retention::default());
+    let seen = events(&b.feed(&room()).unwrap(), 0);
+    assert_eq!(
+        seen.iter().map(|e| (e.0, e.2.as_str())).collect::<Vec<_>>(),
+        vec![(1, "x"), (2, "y")]
+    );
+}
+
+#[test]
+fn what_is_published_before_the_feed_goes_is_written() {
+    let client = Arc::new(MemClient::new());
+    let a = BucketFeeds::start(
+        client.clone(),
+        "p",
+        true,
+        Retention::default(),
+        Duration::from_secs(60),
+    )
+    .unwrap();
+    let fa = a.feed(&room()).unwrap();
+    // Queued without waking the thread, which looks once a minute: only the drop writes it.
+    fa.queue
+        .lock()
+        .unwrap()
+        .changes
+        .push_back((Arc::from("a"), file("last")));
+    drop(fa);
+    let b = host(&client, Retention::default());
+    let fb = b.feed(&room()).unwrap();
+    wait_until("the last change is written", || !events(&fb, 0).is_empty());
+    assert_eq!(
+        events(&fb, 0),
+        vec![(1, "file.updated".into(), "last".into())]
+    );
+}

@@ -1,0 +1,530 @@
+//! The read cache: objects' bytes on local disk, within `cache_bytes`, each entry one version
+//! of one key (its ETag), filled in 1 MiB chunks as readers need them. A file this host just
+//! committed enters whole (its spool file is linked in), so reading back what was written
+//! costs no request, and a whole entry is a local file the kernel can read directly
+//! (passthrough). Entries are validated by ETag: a reader always asks for the version it
+//! opened, and a newer version of a key replaces the older entry.
+//!
+//! Past the bound, the least recently used entries are removed (their files unlinked); a
+//! reader still holding a removed entry keeps reading it, so the disk can hold more than the
+//! bound by what open readers of removed entries use, until they close. Objects larger than a
+//! quarter of the bound are not cached: they are read in windows (see `content`).
+//!
+//! No lock is held across a request: a chunk being fetched is marked as loading, and readers
+//! that need it wait for it on a condition variable.
+
+use std::collections::HashMap;
+use std::ffi::CString;
+use std::fs::File;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+
+use sha2::{Digest, Sha256};
+
+/// Fetches `start..end` of an entry's version, handing the bytes to the writer in order.
+pub type Fetch<'a> =
+    &'a dyn Fn(u64, u64, &mut dyn FnMut(&[u8]) -> io::Result<()>) -> io::Result<()>;
+
+/// The unit in which entries are filled.
+pub const CHUNK: u64 = 1 << 20;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+struct Chunks {
+    present: Vec<bool>,
+    loading: Vec<bool>,
+    missing: usize,
+}
+
+/// One cached version of one object.
+pub struct Entry {
+    pub etag: String,
+    pub size: u64,
+    file: File,
+    path: PathBuf,
+    chunks: Mutex<Chunks>,
+    loaded: Condvar,
+    last_used: AtomicU64,
+    /// Bytes counted against the cache for it.
+    charged: AtomicU64,
+    removed: AtomicBool,
+    cache: std::sync::Weak<CacheInner>,
+}
+
+struct CacheInner {
+    dir: PathBuf,
+    limit: u64,
+    entries: Mutex<HashMap<String, Arc<Entry>>>,
+    used: AtomicU64,
+    tick: AtomicU64,
+}
+
+/// The cache (see the module docs).
+#[derive(Clone)]
+pub struct Cache {
+    inner: Arc<CacheInner>,
+}
+
+fn file_name(key: &str, etag: &str) -> String {
+    let mut h = Sha256::new();
+    h.update(key.as_bytes());
+    h.update([0]);
+    h.update(etag.as_bytes());
+    h.finalize()[..20]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+impl Cache {
+    /// A cache in `dir` (emptied: a cache does not outlive its process) of at most `limit`
+    /// bytes.
+    pub fn new(dir: PathBuf, limit: u64) -> io::Result<Cache> {
+        std::fs::create_dir_all(&dir)?;
+        for e in std::fs::read_dir(&dir)?.flatten() {
+            let _ = std::fs::remove_file(e.path());
+        }
+        Ok(Cache {
+            inner: Arc::new(CacheInner {
+                dir,
+                limit,
+                entries: Mutex::new(HashMap::new()),
+                used: AtomicU64::new(0),
+                tick: AtomicU64::new(1),
+            }),
+        })
+    }
+
+    /// The largest object the cache takes.
+    pub fn max_object(&self) -> u64 {
+        self.inner.limit / 4
+    }
+
+    /// Bytes held now.
+    pub fn used(&self) -> u64 {
+        self.inner.used.load(Ordering::Relaxed)
+    }
+
+    /// The entry of `key` at version `etag`, if cached (whole or not).
+    pub fn lookup(&self, key: &str, etag: &str) -> Option<Arc<Entry>> {
+        let entries = lock(&self.inner.entries);
+        let e = entries.get(key).filter(|e| e.etag == etag)?.clone();
+        e.touch();
+        Some(e)
+    }
+
+    /// The entry of `key` at `etag` of `size` bytes: the cached one, or a new empty one; `None`
+    /// when such an object is too large to cache (or the cache cannot make a file).
+    pub fn entry(&self, key: &str, etag: &str, size: u64) -> Option<Arc<Entry>> {
+        if size > self.max_object() || size == 0 {
+            return None;
+        }
+        if let Some(e) = self.lookup(key, etag) {
+            return Some(e);
+        }
+        let path = self.inner.dir.join(file_name(key, etag));
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .map_err(|e| log::warn!("cache: cannot make {}: {e}", path.display()))
+            .ok()?;
+        let chunks = size.div_ceil(CHUNK) as usize;
+        let entry = Arc::new(Entry {
+            etag: etag.to_string(),
+            size,
+            file,
+            path,
+            chunks: Mutex::new(Chunks {
+                present: vec![false; chunks],
+                loading: vec![false; chunks],
+                missing: chunks,
+            }),
+            loaded: Condvar::new(),
+            last_used: AtomicU64::new(self.inner.tick.fetch_add(1, Ordering::Relaxed)),
+            charged: AtomicU64::new(0),
+            removed: AtomicBool::new(false),
+            cache: Arc::downgrade(&self.inner),
+        });
+        Some(self.insert(key, entry))
+    }
+
+    fn insert(&self, key: &str, entry: Arc<Entry>) -> Arc<Entry> {
+        let old = lock(&self.inner.entries).insert(key.to_string(), entry.clone());
+        if let Some(old) = old
+            && !Arc::ptr_eq(&old, &entry)
+        {
+            self.inner.remove(&old);
+        }
+        entry
+    }
+
+    /// Takes `file` (a committed working copy of `size` bytes, now the version `etag` of
+    /// `key`) in as a whole entry, by linking it into the cache; `None` if it is too large or
+    /// cannot be linked.
+    pub fn adopt(&self, key: &str, etag: &str, file: &File, size: u64) -> Option<Arc<Entry>> {
+        if size > self.max_object() || size == 0 {
+            self.forget(key);
+            return None;
+        }
+        let path = self.inner.dir.join(file_name(key, etag));
+        let _ = std::fs::remove_file(&path);
+        use std::os::fd::AsRawFd;
+        let from = CString::new(format!("/proc/self/fd/{}", file.as_raw_fd())).ok()?;
+        let to = CString::new(path.as_os_str().as_bytes()).ok()?;
+        // SAFETY: NUL-terminated strings that outlive the call.
+        let r = unsafe {
+            libc::linkat(
+                libc::AT_FDCWD,
+                from.as_ptr(),
+                libc::AT_FDCWD,
+                to.as_ptr(),
+                libc::AT_SYMLINK_FOLLOW,
+            )
+        };
+        if r != 0 {
+            log::debug!(
+                "cache: cannot link a committed copy in: {}",
+                io::Error::last_os_error()
+            );
+            self.forget(key);
+            return None;
+        }
+        let file = File::options().read(true).write(true).open(&path).ok()?;
+        let chunks = size.div_ceil(CHUNK) as usize;
+        let entry = Arc::new(Entry {
+            etag: etag.to_string(),
+            size,
+            file,
+            path,
+            chunks: Mutex::new(Chunks {
+                present: vec![true; chunks],
+                loading: vec![false; chunks],
+                missing: 0,
+            }),
+            loaded: Condvar::new(),
+            last_used: AtomicU64::new(self.inner.tick.fetch_add(1, Ordering::Relaxed)),
+            charged: AtomicU64::new(0),
+            removed: AtomicBool::new(false),
+            cache: Arc::downgrade(&self.inner),
+        });
+        let entry = self.insert(key, entry);
+        entry.charge(size);
+        Some(entry)
+    }
+
+    /// Drops what is cached of `key` (it was removed or replaced by this host).
+    pub fn forget(&self, key: &str) {
+        let old = lock(&self.inner.entries).remove(key);
+        if let Some(old) = old {
+            self.inner.remove(&old);
+        }
+    }
+}
+
+impl CacheInner {
+    /// Removes `entry` (already out of the map): its file goes, its bytes are given back.
+    fn remove(&self, entry: &Entry) {
+        if entry.removed.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let _ = std::fs::remove_file(&entry.path);
+        let charged = entry.charged.swap(0, Ordering::Relaxed);
+        let used = self.used.fetch_sub(charged, Ordering::Relaxed) - charged;
+        crate::metrics::cache_size(used);
+    }
+
+    /// Counts `n` more bytes, removing least recently used entries (not `keep`) past the bound.
+    fn add(&self, n: u64, keep: &Entry) {
+        let used = self.used.fetch_add(n, Ordering::Relaxed) + n;
+        crate::metrics::cache_size(used);
+        if used <= self.limit {
+            return;
+        }
+        let mut entries = lock(&self.entries);
+        while self.used.load(Ordering::Relaxed) > self.limit {
+            let victim = entries
+                .iter()
+                .filter(|(_, e)| !std::ptr::eq(e.as_ref(), keep))
+                .min_by_key(|(_, e)| e.last_used.load(Ordering::Relaxed))
+                .map(|(k, _)| k.clone());
+            let Some(victim) = victim else { break };
+            if let Some(e) = entries.remove(&victim) {
+                self.remove(&e);
+            }
+        }
+    }
+}
+
+impl Entry {
+    fn touch(&self) {
+        if let Some(cache) = self.cache.upgrade() {
+            self.last_used.store(
+                cache.tick.fetch_add(1, Ordering::Relaxed),
+                Ordering::Relaxed,
+            );
+        }
+    }
+
+    fn charge(&self, n: u64) {
+        if self.removed.load(Ordering::Relaxed) {
+            return;
+        }
+        self.charged.fetch_add(n, Ordering::Relaxed);
+        if let Some(cache) = self.cache.upgrade() {
+            cache.add(n, self);
+        }
+    }
+
+    /// Whether every byte is here.
+    pub fn is_whole(&self) -> bool {
+        lock(&self.chunks).missing == 0
+    }
+
+    /// The local file (meaningful once whole).
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// Reads at `offset`, once `offset..offset + len` (and `ahead` bytes more) are here:
+    /// missing chunks are fetched with `fetch(start, end, write)`, which must call `write`
+    /// with the bytes of `start..end` in order.
+    pub fn read(
+        &self,
+        buf: &mut [u8],
+        offset: u64,
+        ahead: u64,
+        fetch: Fetch<'_>,
+    ) -> io::Result<usize> {
+        if offset >= self.size {
+            return Ok(0);
+        }
+        let want = (buf.len() as u64).min(self.size - offset);
+        self.touch();
+        let hit = self.ensure(offset, (offset + want + ahead).min(self.size), fetch)?;
+        crate::metrics::cache_read(hit);
+        let mut done = 0;
+        while (done as u64) < want {
+            match self
+                .file
+                .read_at(&mut buf[done..want as usize], offset + done as u64)?
+            {
+                0 => break,
+                n => done += n,
+            }
+        }
+        Ok(done)
+    }
+
+    /// Makes `start..end` present; true if it already was.
+    fn ensure(&self, start: u64, end: u64, fetch: Fetch<'_>) -> io::Result<bool> {
+        let (first, last) = ((start / CHUNK) as usize, (end.div_ceil(CHUNK)) as usize);
+        let mut hit = true;
+        let mut c = lock(&self.chunks);
+        let mut i = first;
+        while i < last {
+            if c.present[i] {
+                i += 1;
+                continue;
+            }
+            hit = false;
+            if c.loading[i] {
+                c = self.loaded.wait(c).unwrap_or_else(|e| e.into_inner());
+                continue;
+            }
+            // A run of missing chunks nobody is loading: fetched in one request.
+            let mut j = i;
+            while j < last && !c.present[j] && !c.loading[j] {
+                c.loading[j] = true;
+                j += 1;
+            }
+            drop(c);
+            self.load(i, j, fetch)?;
+            c = lock(&self.chunks);
+            i = j;
+        }
+        Ok(hit)
+    }
+
+    /// Fetches chunks `i..j`, which the caller marked as loading, and marks them present (or
+    /// missing again, if the fetch failed).
+    fn load(&self, i: usize, j: usize, fetch: Fetch<'_>) -> io::Result<()> {
+        let (from, to) = (i as u64 * CHUNK, (j as u64 * CHUNK).min(self.size));
+        let mut at = from;
+        let result = fetch(from, to, &mut |bytes: &[u8]| {
+            self.file.write_all_at(bytes, at)?;
+            at += bytes.len() as u64;
+            Ok(())
+        })
+        .and_then(|()| {
+            if at == to {
+                Ok(())
+            } else {
+                Err(io::Error::other(format!(
+                    "the store sent {} bytes of {from}..{to}",
+                    at - from
+                )))
+            }
+        });
+        let mut c = lock(&self.chunks);
+        for k in i..j {
+            c.loading[k] = false;
+            if result.is_ok() {
+                c.present[k] = true;
+                c.missing -= 1;
+            }
+        }
+        self.loaded.notify_all();
+        drop(c);
+        result?;
+        self.charge(to - from);
+        Ok(())
+    }
+
+    /// Starts fetching on `pool` the chunks of `start..end` that are neither here nor being
+    /// loaded, in requests of at most `piece` bytes, several in flight: a sequential reader's
+    /// read-ahead, which then finds them here or waits for them as for any chunk being loaded.
+    /// A failed fetch leaves its chunks missing, for the reader to fetch itself.
+    pub fn prefetch(
+        self: &Arc<Self>,
+        start: u64,
+        end: u64,
+        piece: u64,
+        pool: &super::pool::Pool,
+        fetch: Arc<OwnedFetch>,
+    ) {
+        let end = end.min(self.size);
+        if start >= end {
+            return;
+        }
+        let per = (piece / CHUNK).max(1) as usize;
+        let (first, last) = ((start / CHUNK) as usize, (end.div_ceil(CHUNK)) as usize);
+        let mut runs = Vec::new();
+        {
+            let mut c = lock(&self.chunks);
+            let mut i = first;
+            while i < last {
+                if c.present[i] || c.loading[i] {
+                    i += 1;
+                    continue;
+                }
+                let mut j = i;
+                while j < last && j - i < per && !c.present[j] && !c.loading[j] {
+                    c.loading[j] = true;
+                    j += 1;
+                }
+                runs.push((i, j));
+                i = j;
+            }
+        }
+        for (i, j) in runs {
+            let (me, fetch) = (self.clone(), fetch.clone());
+            pool.run(move || {
+                if let Err(e) = me.load(i, j, &*fetch) {
+                    log::debug!("read-ahead of {}: {e}", me.path.display());
+                }
+            });
+        }
+    }
+}
+
+/// A [`Fetch`] that a part thread can own.
+pub type OwnedFetch =
+    dyn Fn(u64, u64, &mut dyn FnMut(&[u8]) -> io::Result<()>) -> io::Result<()> + Send + Sync;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefetched_chunks_are_fetched_in_pieces_on_the_pool_and_waited_for() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cache = Cache::new(tmp.path().join("c"), 64 * CHUNK).unwrap();
+        let data: Arc<Vec<u8>> = Arc::new((0..10 * CHUNK).map(|i| (i % 251) as u8).collect());
+        let e = cache.entry("k", "\"x\"", 10 * CHUNK).unwrap();
+        let pool = super::super::pool::Pool::new(2, "test-prefetch").unwrap();
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let (d, c) = (data.clone(), calls.clone());
+        let fetch: Arc<OwnedFetch> = Arc::new(move |s, e, w| {
+            c.lock().unwrap().push((s / CHUNK, e / CHUNK));
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            w(&d[s as usize..e as usize])
+        });
+        e.prefetch(CHUNK, 10 * CHUNK, 4 * CHUNK, &pool, fetch.clone());
+        // Asked again while loading: nothing is fetched twice.
+        e.prefetch(0, 10 * CHUNK, 4 * CHUNK, &pool, fetch);
+        // The reader waits for the chunks being loaded rather than fetching them itself.
+        let mut buf = vec![0u8; (9 * CHUNK) as usize];
+        let never = |_: u64, _: u64, _: &mut dyn FnMut(&[u8]) -> io::Result<()>| {
+            Err(io::Error::other("fetched by the reader"))
+        };
+        assert_eq!(e.read(&mut buf, CHUNK, 0, &never).unwrap(), buf.len());
+        assert!(buf[..] == data[CHUNK as usize..]);
+        let mut calls = calls.lock().unwrap().clone();
+        calls.sort();
+        assert_eq!(calls, [(0, 1), (1, 5), (5, 9), (9, 10)]);
+    }
+
+    #[test]
+    fn chunks_are_fetched_once_and_the_bound_removes_the_least_recently_used() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cache = Cache::new(tmp.path().join("c"), 16 * CHUNK).unwrap();
+        let data: Vec<u8> = (0..3 * CHUNK + 10).map(|i| (i % 251) as u8).collect();
+        let fetches = std::sync::atomic::AtomicUsize::new(0);
+        let fetch = |s: u64, e: u64, w: &mut dyn FnMut(&[u8]) -> io::Result<()>| {
+            fetches.fetch_add(1, Ordering::Relaxed);
+            w(&data[s as usize..e as usize])
+        };
+        let e = cache.entry("k", "\"1\"", data.len() as u64).unwrap();
+        let mut buf = vec![0u8; 100];
+        assert_eq!(e.read(&mut buf, CHUNK - 50, 0, &fetch).unwrap(), 100);
+        assert_eq!(&buf[..], &data[CHUNK as usize - 50..CHUNK as usize + 50]);
+        assert_eq!(
+            fetches.load(Ordering::Relaxed),
+            1,
+            "two chunks, one request"
+        );
+        e.read(&mut buf, 10, 0, &fetch).unwrap();
+        assert_eq!(fetches.load(Ordering::Relaxed), 1, "already here");
+        assert!(!e.is_whole());
+        e.read(&mut buf, 0, 4 * CHUNK, &fetch).unwrap();
+        assert!(e.is_whole());
+        assert_eq!(cache.used(), data.len() as u64);
+        // Another version of the key replaces it.
+        let e2 = cache.entry("k", "\"2\"", 10).unwrap();
+        assert!(cache.lookup("k", "\"1\"").is_none());
+        assert_eq!(cache.used(), 0);
+        drop(e2);
+        // Past the bound, the least recently used go.
+        let mut small = |k: &str| {
+            let e = cache.entry(k, "\"x\"", 4 * CHUNK).unwrap();
+            e.read(&mut buf, 0, 4 * CHUNK, &|s, e, w| {
+                w(&vec![1u8; (e - s) as usize])
+            })
+            .unwrap();
+        };
+        for k in ["a", "b", "c", "d"] {
+            small(k);
+        }
+        assert!(cache.lookup("a", "\"x\"").is_some()); // a is now the most recent
+        small("e");
+        assert!(
+            cache.lookup("b", "\"x\"").is_none(),
+            "b was the least recently used"
+        );
+        assert!(cache.lookup("a", "\"x\"").is_some());
+        assert!(cache.used() <= 16 * CHUNK);
+        assert!(
+            cache.entry("huge", "\"x\"", 5 * CHUNK).is_none(),
+            "over a quarter"
+        );
+    }
+}

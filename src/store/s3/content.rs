@@ -1,0 +1,400 @@
+//! The committed content of an object, as opened: one version (ETag) of one key.
+//!
+//! - Every GET asks for that version (`If-Match`), so a reader never mixes two versions; if
+//!   another writer replaced the object since the open, bytes not read yet are gone (S3 keeps
+//!   no old versions) and the read fails with `EIO` (logged), where the local store would go
+//!   on reading the old version. A small file is fetched whole at its first read, so this
+//!   only concerns files read over a longer time.
+//! - Objects the cache takes (see `cache`) are read through it, in chunks; a sequential
+//!   reader's requests grow ahead of it (read-ahead up to 16 MiB a request). A whole cached
+//!   entry is a local file (`Content::local`), which the core may hand to the kernel.
+//! - Larger objects are read through a window of memory (up to 16 MiB) per open file, the
+//!   next window fetched on a thread of its own while a sequential reader reads this one:
+//!   memory stays flat whatever the size of the file.
+//! - **Reading on into appends** (`tail -f`): every version made from another by appends
+//!   alone carries the same *lineage* (object metadata `roomfs-lineage`, a new random name at
+//!   every other commit, see `commit`). A reader at the end of its version asks (at most every
+//!   200 ms) which version is current; if it is of the same lineage and longer, it
+//!   begins with the reader's version, and the reader reads on into it. Whatever another
+//!   writer did otherwise (a rewrite, a truncation) starts a new lineage: the reader stops at
+//!   its version's end.
+
+use std::io;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use super::Shared;
+use super::cache::Entry;
+use crate::store::{Content, LocalFile, Meta, Version};
+
+/// Read-ahead of a sequential reader, at most.
+const AHEAD_MAX: u64 = 16 << 20;
+/// The first request of a sequential reader (and the window of a random one).
+const AHEAD_MIN: u64 = 1 << 20;
+/// How often a reader at the end of its version asks for a newer one, at most.
+const FOLLOW_EVERY: std::time::Duration = std::time::Duration::from_millis(200);
+/// How far a sequential reader of a cached object is read ahead of, in the background.
+const PREFETCH_AHEAD: u64 = 32 << 20;
+/// How far from where a reader's reads so far ended a read may start and still count as
+/// sequential (see `streaming`).
+const STREAM_SLACK: u64 = 4 << 20;
+/// The size of each of those background requests.
+const PREFETCH_PIECE: u64 = 4 << 20;
+/// Objects up to this size are fetched whole at their first read.
+const WHOLE_MAX: u64 = 4 << 20;
+
+struct Window {
+    start: u64,
+    data: Arc<Vec<u8>>,
+}
+
+struct Reading {
+    /// Where a sequential reader reads next.
+    next: u64,
+    /// The current read-ahead.
+    ahead: u64,
+    window: Option<Window>,
+    /// The next window, being fetched.
+    prefetch: Option<(u64, std::sync::mpsc::Receiver<io::Result<Vec<u8>>>)>,
+}
+
+/// When a reader last asked for a newer version (and this process's commit count then), and
+/// the newest one found that extends its own.
+type Follower = (Option<(Instant, u64)>, Option<Arc<S3Content>>);
+
+/// One version of an object (see the module docs).
+pub struct S3Content {
+    shared: Arc<Shared>,
+    key: String,
+    etag: String,
+    meta: Meta,
+    /// Whole in the cache when opened.
+    whole: Option<Arc<Entry>>,
+    reading: Mutex<Reading>,
+    /// The newest version known to extend this one by appends, and when that was asked (and
+    /// how many commits this process had made then).
+    follower: Mutex<Follower>,
+}
+
+impl S3Content {
+    /// The version `etag` of `key`, with attributes `meta`; `whole`: its cache entry, when
+    /// it holds every byte.
+    pub fn new(
+        shared: Arc<Shared>,
+        key: String,
+        etag: String,
+        meta: Meta,
+        whole: Option<Arc<Entry>>,
+    ) -> S3Content {
+        let whole = whole
+            .or_else(|| shared.cache.lookup(&key, &etag))
+            .filter(|e| e.is_whole() && e.size == meta.size);
+        S3Content {
+            shared,
+            key,
+            etag,
+            meta,
+            whole,
+            reading: Mutex::new(Reading {
+                next: 0,
+                ahead: 0,
+                window: None,
+                prefetch: None,
+            }),
+            follower: Mutex::new((None, None)),
+        }
+    }
+
+    /// The newest version of the key that extends this one by appends (see the module docs),
+    /// asking the store at most once per `metadata_ttl`.
+    fn follower(&self) -> io::Result<Option<Arc<S3Content>>> {
+        {
+            let f = self.follower.lock().unwrap_or_else(|e| e.into_inner());
+            // Asked again soon: a read past the end reaches the store only once the kernel
+            // learnt of a longer file (its attribute TTL), or for a direct-I/O reader.
+            let commits = self
+                .shared
+                .commits
+                .load(std::sync::atomic::Ordering::Relaxed);
+            if let Some((at, seen)) = f.0
+                && seen == commits
+                && at.elapsed() < self.shared.metadata_ttl.min(FOLLOW_EVERY)
+            {
+                return Ok(f.1.clone());
+            }
+        }
+        let commits = self
+            .shared
+            .commits
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let mine = self.shared.lineage_of(&self.etag);
+        let found = match self.shared.client.head(&self.key) {
+            Ok(info) => {
+                self.shared.learn_lineage(&info.etag, &info.metadata);
+                let theirs = info.metadata.get(super::LINEAGE);
+                let extends = info.etag != self.etag
+                    && info.size > self.meta.size
+                    && mine.is_some()
+                    && theirs == mine.as_ref();
+                extends.then(|| {
+                    let mut meta = self.meta.clone();
+                    meta.size = info.size;
+                    meta.blocks = info.size.div_ceil(512);
+                    meta.version = crate::store::Version::from_tag(&info.etag);
+                    Arc::new(S3Content::new(
+                        self.shared.clone(),
+                        self.key.clone(),
+                        info.etag,
+                        meta,
+                        None,
+                    ))
+                })
+            }
+            Err(e) if e.is(super::client::Failure::NotFound) => None,
+            Err(e) => return Err(io::Error::other(e)),
+        };
+        let mut f = self.follower.lock().unwrap_or_else(|e| e.into_inner());
+        // Keep a follower found earlier if this one is no newer.
+        let keep = match (&f.1, &found) {
+            (Some(old), Some(new)) => new.meta.size >= old.meta.size,
+            (Some(_), None) => false,
+            _ => true,
+        };
+        if keep {
+            f.1 = found;
+        }
+        f.0 = Some((Instant::now(), commits));
+        Ok(f.1.clone())
+    }
+
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    pub fn etag(&self) -> &str {
+        &self.etag
+    }
+
+    /// Fetches `start..end` of this version, handing the bytes to `write`.
+    fn fetch(
+        &self,
+        start: u64,
+        end: u64,
+        write: &mut dyn FnMut(&[u8]) -> io::Result<()>,
+    ) -> io::Result<()> {
+        fetch_range(&self.shared, &self.key, &self.etag, start, end, write)
+    }
+
+    /// Whether a read at `offset` continues a sequential reader of a cached object: it starts
+    /// within a few MiB of where the reads so far ended. (The kernel's read-ahead sends several
+    /// reads at once, served by several threads, so they arrive a little out of order; a strict
+    /// test would see a random reader and read nothing ahead.)
+    fn streaming(&self, offset: u64, len: u64) -> bool {
+        let mut r = self.reading.lock().unwrap_or_else(|e| e.into_inner());
+        let near = r.next > 0 && offset + STREAM_SLACK >= r.next && offset <= r.next + STREAM_SLACK;
+        r.next = if near {
+            r.next.max(offset + len)
+        } else {
+            offset + len
+        };
+        near
+    }
+
+    fn read_windowed(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        let size = self.meta.size;
+        let want = (buf.len() as u64).min(size - offset) as usize;
+        let mut done = 0;
+        while done < want {
+            let at = offset + done as u64;
+            let window = self.window_at(at)?;
+            let from = (at - window.start) as usize;
+            let n = (want - done).min(window.data.len() - from);
+            if n == 0 {
+                break;
+            }
+            buf[done..done + n].copy_from_slice(&window.data[from..from + n]);
+            done += n;
+        }
+        crate::metrics::cache_read(false);
+        Ok(done)
+    }
+
+    /// The window holding `at`: the current one, the prefetched one, or one fetched now; a
+    /// sequential reader's next one starts being fetched.
+    fn window_at(&self, at: u64) -> io::Result<Window> {
+        let size = self.meta.size;
+        let mut r = self.reading.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(w) = &r.window
+            && at >= w.start
+            && at < w.start + w.data.len() as u64
+        {
+            return Ok(Window {
+                start: w.start,
+                data: w.data.clone(),
+            });
+        }
+        let sequential = r
+            .window
+            .as_ref()
+            .is_some_and(|w| w.start + w.data.len() as u64 == at);
+        r.ahead = if sequential {
+            (r.ahead * 2).clamp(AHEAD_MIN, AHEAD_MAX)
+        } else {
+            AHEAD_MIN
+        };
+        let ahead = r.ahead;
+        let prefetched = match r.prefetch.take() {
+            Some((start, rx)) if start == at => Some(rx),
+            _ => None,
+        };
+        drop(r);
+        let data = match prefetched {
+            Some(rx) => rx
+                .recv()
+                .unwrap_or_else(|_| Err(io::Error::other("the prefetch thread ended")))?,
+            None => {
+                let end = (at + ahead).min(size);
+                let mut data = Vec::with_capacity((end - at) as usize);
+                self.fetch(at, end, &mut |b| {
+                    data.extend_from_slice(b);
+                    Ok(())
+                })?;
+                data
+            }
+        };
+        let window = Window {
+            start: at,
+            data: Arc::new(data),
+        };
+        let mut r = self.reading.lock().unwrap_or_else(|e| e.into_inner());
+        r.window = Some(Window {
+            start: window.start,
+            data: window.data.clone(),
+        });
+        let next = at + window.data.len() as u64;
+        if sequential && next < size && r.prefetch.is_none() {
+            let (tx, rx) = std::sync::mpsc::sync_channel(1);
+            let (shared, key, etag) = (self.shared.clone(), self.key.clone(), self.etag.clone());
+            let end = (next + r.ahead.max(AHEAD_MIN)).min(size);
+            let spawned = std::thread::Builder::new()
+                .name("roomfs-s3-read".into())
+                .spawn(move || {
+                    let mut data = Vec::with_capacity((end - next) as usize);
+                    let r = fetch_range(&shared, &key, &etag, next, end, &mut |b| {
+                        data.extend_from_slice(b);
+                        Ok(())
+                    });
+                    let _ = tx.send(r.map(|()| data));
+                });
+            if spawned.is_ok() {
+                r.prefetch = Some((next, rx));
+            }
+        }
+        Ok(window)
+    }
+}
+
+/// Fetches `start..end` of version `etag` of `key` (see the module docs for a version gone).
+pub fn fetch_range(
+    shared: &Shared,
+    key: &str,
+    etag: &str,
+    start: u64,
+    end: u64,
+    write: &mut dyn FnMut(&[u8]) -> io::Result<()>,
+) -> io::Result<()> {
+    if end <= start {
+        return Ok(());
+    }
+    match shared
+        .client
+        .get(key, Some((start, end)), Some(etag), write)
+    {
+        Ok(info) => {
+            shared.learn_lineage(&info.etag, &info.metadata);
+            Ok(())
+        }
+        Err(e)
+            if e.is(super::client::Failure::Precondition)
+                || e.is(super::client::Failure::NotFound) =>
+        {
+            // Reported by whoever asked (a reader gets EIO, logged by the core with this
+            // cause; an append reads its base again).
+            log::debug!(
+                "{key}: the version a reader opened was replaced or removed by another writer; \
+                 its bytes {start}..{end} cannot be read any more ({e})"
+            );
+            Err(io::Error::other(e))
+        }
+        Err(e) => Err(io::Error::other(e)),
+    }
+}
+
+impl Content for S3Content {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        let size = self.meta.size;
+        if offset >= size || buf.is_empty() {
+            return Ok(0);
+        }
+        if let Some(e) = &self.whole {
+            crate::metrics::cache_read(true);
+            let want = (buf.len() as u64).min(size - offset) as usize;
+            use std::os::unix::fs::FileExt;
+            let mut done = 0;
+            while done < want {
+                match e
+                    .file()
+                    .read_at(&mut buf[done..want], offset + done as u64)?
+                {
+                    0 => break,
+                    n => done += n,
+                }
+            }
+            return Ok(done);
+        }
+        let Some(entry) = self.shared.cache.entry(&self.key, &self.etag, size) else {
+            return self.read_windowed(buf, offset);
+        };
+        let len = (buf.len() as u64).min(size - offset);
+        if size <= WHOLE_MAX {
+            return entry.read(buf, offset, size, &|s, e, w| self.fetch(s, e, w));
+        }
+        if self.streaming(offset, len) {
+            // A sequential reader: what follows its read is fetched in the background, in
+            // several requests at once, while it reads (a single stream of GETs is several
+            // times slower than the store).
+            let (shared, key, etag) = (self.shared.clone(), self.key.clone(), self.etag.clone());
+            let fetch: Arc<super::cache::OwnedFetch> =
+                Arc::new(move |s, e, w| fetch_range(&shared, &key, &etag, s, e, w));
+            entry.prefetch(
+                offset + len,
+                offset + len + PREFETCH_AHEAD,
+                PREFETCH_PIECE,
+                &self.shared.pool,
+                fetch,
+            );
+        }
+        entry.read(buf, offset, 0, &|s, e, w| self.fetch(s, e, w))
+    }
+
+    fn read_appended_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        if offset < self.meta.size {
+            return self.read_at(buf, offset);
+        }
+        match self.follower()? {
+            Some(next) => next.read_appended_at(buf, offset),
+            None => Ok(0),
+        }
+    }
+
+    fn meta(&self) -> &Meta {
+        &self.meta
+    }
+
+    fn local(&self) -> Option<LocalFile<'_>> {
+        self.whole.as_ref().map(|e| LocalFile {
+            file: e.file(),
+            object: Version::from_tag(&self.etag),
+        })
+    }
+}

@@ -1,0 +1,809 @@
+//! The [`ObjectClient`] over the AWS SDK for Rust (`aws-sdk-s3`), for any S3-compatible
+//! service.
+//!
+//! - One tokio runtime for the process (two worker threads) drives every request; the store's
+//!   threads (FUSE requests, part uploaders) wait for their request with `Handle::block_on`.
+//! - Credentials and the endpoint come the standard AWS ways (`AWS_ACCESS_KEY_ID`...,
+//!   `AWS_ENDPOINT_URL`, `~/.aws/config` and `credentials` profiles, web identity, ECS, instance
+//!   metadata), or the endpoint and region from the configuration; never from the command line.
+//!   A custom endpoint is addressed path-style (`http://host/bucket/key`), as SeaweedFS, MinIO
+//!   and most S3-compatible servers want.
+//! - Every request is retried with exponential backoff and jitter (the SDK's standard mode) and
+//!   has a connect timeout and a timeout per attempt, so an unreachable or frozen store fails
+//!   the request in bounded time ([`Failure::Unavailable`], `EIO` at the mount) instead of
+//!   wedging the mount; requests, failures and retries are counted in the metrics.
+
+use std::future::Future;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, SystemTime};
+
+use aws_config::BehaviorVersion;
+use aws_config::retry::RetryConfig;
+use aws_config::timeout::TimeoutConfig;
+use aws_sdk_s3::Client;
+use aws_sdk_s3::config::{ConfigBag, Intercept, RuntimeComponents};
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::types::{
+    CompletedMultipartUpload, CompletedPart, Delete, MetadataDirective, ObjectIdentifier,
+};
+
+use super::client::{
+    Body, ClientError, ClientResult, Condition, Failure, ListPage, ListedObject, Metadata,
+    ObjectClient, ObjectInfo, Sink, UploadInfo,
+};
+
+/// How to reach the service.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Connection {
+    pub bucket: String,
+    /// The endpoint URL (`http://127.0.0.1:8333`); `None`: the SDK's (from `AWS_ENDPOINT_URL`,
+    /// profiles, or AWS's own).
+    pub endpoint: Option<String>,
+    /// `None`: from `AWS_REGION`/profiles, else `us-east-1`.
+    pub region: Option<String>,
+    pub connect_timeout: Duration,
+    /// One attempt of a request, at most (a part upload included).
+    pub attempt_timeout: Duration,
+    /// Attempts per request (1 + retries).
+    pub attempts: u32,
+    /// Credentials given directly (tools and tests; the command line and the configuration
+    /// never take any: `None` uses the standard AWS ways).
+    pub credentials: Option<(String, String)>,
+}
+
+/// The process's runtime for S3 requests.
+fn runtime() -> &'static tokio::runtime::Runtime {
+    static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RUNTIME.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("roomfs-s3")
+            .enable_all()
+            .build()
+            .expect("the S3 runtime starts")
+    })
+}
+
+/// Runs `f` on the S3 runtime and waits for it (from any thread that is not itself running
+/// async code).
+fn block<F: Future>(f: F) -> F::Output {
+    runtime().handle().block_on(f)
+}
+
+/// The client (see the module docs).
+pub struct SdkClient {
+    client: Client,
+    bucket: String,
+    /// Where requests go, for messages.
+    endpoint: String,
+}
+
+/// Counts the attempts of one request: each beyond the first is a retry.
+#[derive(Debug)]
+struct Attempts {
+    op: &'static str,
+    seen: AtomicU32,
+}
+
+impl Intercept for Attempts {
+    fn name(&self) -> &'static str {
+        "roomfs-attempts"
+    }
+
+    fn read_before_attempt(
+        &self,
+        _context: &aws_sdk_s3::config::interceptors::BeforeTransmitInterceptorContextRef<'_>,
+        _components: &RuntimeComponents,
+        _cfg: &mut ConfigBag,
+    ) -> Result<(), aws_sdk_s3::error::BoxError> {
+        if self.seen.fetch_add(1, Ordering::Relaxed) > 0 {
+            crate::metrics::backend_retry(self.op);
+        }
+        Ok(())
+    }
+}
+
+fn attempts(op: &'static str) -> Attempts {
+    Attempts {
+        op,
+        seen: AtomicU32::new(0),
+    }
+}
+
+/// Percent-encodes a key for `x-amz-copy-source` (`/` stays).
+fn encode_key(key: &str) -> String {
+    let mut out = String::with_capacity(key.len());
+    for b in key.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~' | b'/') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+fn time_of(t: Option<&aws_sdk_s3::primitives::DateTime>) -> SystemTime {
+    t.and_then(|t| SystemTime::try_from(*t).ok())
+        .unwrap_or(SystemTime::UNIX_EPOCH)
+}
+
+/// Classifies an SDK error (see [`Failure`]), keeping it as the cause.
+fn classify<E>(
+    op: &'static str,
+    what: String,
+    e: SdkError<E, aws_sdk_s3::config::http::HttpResponse>,
+) -> ClientError
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+{
+    let failure = match &e {
+        SdkError::ServiceError(se) => {
+            let status = se.raw().status().as_u16();
+            match (status, se.err().code()) {
+                (404, Some("NoSuchBucket")) => Failure::NoBucket,
+                (404, _) => Failure::NotFound,
+                (412, _) => Failure::Precondition,
+                (409, _) => Failure::Conflict,
+                (416, _) => Failure::InvalidRange,
+                (403, _) => Failure::Denied,
+                (400, Some("RequestTimeout" | "SlowDown")) => Failure::Unavailable,
+                (400, _) => Failure::Refused,
+                (429 | 500..=599, _) => Failure::Unavailable,
+                _ => Failure::Other,
+            }
+        }
+        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
+            Failure::Unavailable
+        }
+        _ => Failure::Other,
+    };
+    crate::metrics::backend_error(op, failure_name(failure));
+    // What the service said, briefly (the raw response would fill a log line with XML).
+    let cause = match &e {
+        SdkError::ServiceError(se) => format!(
+            "HTTP {} {}{}",
+            se.raw().status().as_u16(),
+            se.err().code().unwrap_or("(no code)"),
+            se.err()
+                .message()
+                .map(|m| format!(": {m}"))
+                .unwrap_or_default()
+        ),
+        SdkError::TimeoutError(_) => "no answer in time".to_string(),
+        _ => aws_sdk_s3::error::DisplayErrorContext(&e).to_string(),
+    };
+    ClientError::with_source(failure, what, cause)
+}
+
+/// The name of a failure in the metrics (a closed set).
+pub fn failure_name(f: Failure) -> &'static str {
+    match f {
+        Failure::NotFound => "not_found",
+        Failure::NoBucket => "no_bucket",
+        Failure::Precondition => "precondition",
+        Failure::Conflict => "conflict",
+        Failure::InvalidRange => "invalid_range",
+        Failure::Denied => "denied",
+        Failure::Refused => "refused",
+        Failure::Unavailable => "unavailable",
+        Failure::Other => "other",
+    }
+}
+
+fn condition_headers(c: &Condition) -> (Option<String>, Option<String>) {
+    match c {
+        Condition::None => (None, None),
+        Condition::Absent => (None, Some("*".to_string())),
+        Condition::Matches(e) => (Some(e.clone()), None),
+    }
+}
+
+async fn byte_stream(body: Body) -> Result<ByteStream, String> {
+    match body {
+        Body::Bytes(b) => Ok(ByteStream::from(b.as_ref().clone())),
+        Body::File { file, offset, len } => {
+            use std::os::fd::AsRawFd;
+            // Through /proc, so each attempt opens the file again and the body is retryable.
+            let path = format!("/proc/self/fd/{}", file.as_raw_fd());
+            let stream = ByteStream::read_from()
+                .path(path)
+                .offset(offset)
+                .length(aws_sdk_s3::primitives::Length::Exact(len))
+                .build()
+                .await
+                .map_err(|e| e.to_string());
+            // The descriptor must stay open until the request is done.
+            drop(file);
+            stream
+        }
+    }
+}
+
+impl SdkClient {
+    /// Connects (builds the client and checks the credentials); the error is one sentence.
+    pub fn connect(c: &Connection) -> Result<SdkClient, String> {
+        use aws_smithy_http_client::tls::{Provider, rustls_provider::CryptoMode};
+        let http = aws_smithy_http_client::Builder::new()
+            .tls_provider(Provider::Rustls(CryptoMode::Ring))
+            .build_https();
+        let mut loader = aws_config::defaults(BehaviorVersion::latest())
+            .http_client(http)
+            .retry_config(
+                RetryConfig::standard()
+                    .with_max_attempts(c.attempts.max(1))
+                    .with_initial_backoff(Duration::from_millis(100))
+                    .with_max_backoff(Duration::from_secs(2)),
+            )
+            .timeout_config(
+                TimeoutConfig::builder()
+                    .connect_timeout(c.connect_timeout)
+                    .operation_attempt_timeout(c.attempt_timeout)
+                    .build(),
+            );
+        if let Some(endpoint) = &c.endpoint {
+            loader = loader.endpoint_url(endpoint);
+        }
+        if let Some(region) = &c.region {
+            loader = loader.region(aws_config::Region::new(region.clone()));
+        }
+        if let Some((id, secret)) = &c.credentials {
+            loader = loader.credentials_provider(aws_sdk_s3::config::Credentials::new(
+                id, secret, None, None, "given",
+            ));
+        }
+        let conf = block(loader.load());
+        let mut builder = aws_sdk_s3::config::Builder::from(&conf);
+        if conf.region().is_none() {
+            builder = builder.region(aws_config::Region::new("us-east-1"));
+        }
+        let custom = conf.endpoint_url().map(str::to_string);
+        if custom.is_some() {
+            builder = builder.force_path_style(true);
+        }
+        let endpoint = custom.unwrap_or_else(|| "AWS S3".to_string());
+        // Credentials now, so that missing ones are one clear error at start, not EIO later.
+        let Some(provider) = conf.credentials_provider() else {
+            return Err(no_credentials("no credentials provider"));
+        };
+        use aws_sdk_s3::config::ProvideCredentials;
+        if let Err(e) = block(provider.provide_credentials()) {
+            return Err(no_credentials(&e.to_string()));
+        }
+        Ok(SdkClient {
+            client: Client::from_conf(builder.build()),
+            bucket: c.bucket.clone(),
+            endpoint,
+        })
+    }
+
+    /// Where requests go (for messages).
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    fn start(&self, op: &'static str) {
+        crate::metrics::backend_request(op);
+    }
+}
+
+fn no_credentials(why: &str) -> String {
+    format!(
+        "no AWS credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or a profile in \
+         ~/.aws, or run where instance metadata provides them ({why})"
+    )
+}
+
+impl ObjectClient for SdkClient {
+    fn head(&self, key: &str) -> ClientResult<ObjectInfo> {
+        self.start("head");
+        let r = block(
+            self.client
+                .head_object()
+                .bucket(&self.bucket)
+                .key(key)
+                .customize()
+                .interceptor(attempts("head"))
+                .send(),
+        )
+        .map_err(|e| classify("head", format!("HEAD {key}"), e))?;
+        Ok(ObjectInfo {
+            size: r.content_length().unwrap_or(0).max(0) as u64,
+            etag: r.e_tag().unwrap_or_default().to_string(),
+            last_modified: time_of(r.last_modified()),
+            metadata: r
+                .metadata()
+                .map(|m| {
+                    m.iter()
+                        .map(|(k, v)| (k.to_lowercase(), v.clone()))
+                        .collect()
+                })
+                .unwrap_or_default(),
+        })
+    }
+
+    fn get(
+        &self,
+        key: &str,
+        range: Option<(u64, u64)>,
+        if_match: Option<&str>,
+        sink: Sink<'_>,
+    ) -> ClientResult<ObjectInfo> {
+        self.start("get");
+        let what = || format!("GET {key}");
+        block(async {
+            let mut req = self.client.get_object().bucket(&self.bucket).key(key);
+            if let Some((start, end)) = range {
+                req = req.range(format!("bytes={start}-{}", end.saturating_sub(1)));
+            }
+            if let Some(e) = if_match {
+                req = req.if_match(e);
+            }
+            let mut r = req
+                .customize()
+                .interceptor(attempts("get"))
+                .send()
+                .await
+                .map_err(|e| classify("get", what(), e))?;
+            let size = match r.content_range().and_then(|c| c.rsplit('/').next()) {
+                Some(total) => total.parse().unwrap_or(0),
+                None => r.content_length().unwrap_or(0).max(0) as u64,
+            };
+            let info = ObjectInfo {
+                size,
+                etag: r.e_tag().unwrap_or_default().to_string(),
+                last_modified: time_of(r.last_modified()),
+                metadata: r
+                    .metadata()
+                    .map(|m| {
+                        m.iter()
+                            .map(|(k, v)| (k.to_lowercase(), v.clone()))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+            };
+            loop {
+                match r.body.try_next().await {
+                    Ok(Some(bytes)) => sink(&bytes)
+                        .map_err(|e| ClientError::with_source(Failure::Other, what(), e))?,
+                    Ok(None) => break,
+                    Err(e) => {
+                        crate::metrics::backend_error("get", "unavailable");
+                        return Err(ClientError::with_source(
+                            Failure::Unavailable,
+                            what(),
+                            e.to_string(),
+                        ));
+                    }
+                }
+            }
+            Ok(info)
+        })
+    }
+
+    fn put(
+        &self,
+        key: &str,
+        body: Body,
+        metadata: &Metadata,
+        condition: &Condition,
+    ) -> ClientResult<String> {
+        self.start("put");
+        let (if_match, if_none) = condition_headers(condition);
+        let r = block(async {
+            let body = byte_stream(body)
+                .await
+                .map_err(|e| ClientError::with_source(Failure::Other, format!("PUT {key}"), e))?;
+            self.client
+                .put_object()
+                .bucket(&self.bucket)
+                .key(key)
+                .body(body)
+                .set_metadata(Some(metadata.clone().into_iter().collect()))
+                .set_if_match(if_match)
+                .set_if_none_match(if_none)
+                .customize()
+                .interceptor(attempts("put"))
+                .send()
+                .await
+                .map_err(|e| classify("put", format!("PUT {key}"), e))
+        })?;
+        Ok(r.e_tag().unwrap_or_default().to_string())
+    }
+
+    fn copy(
+        &self,
+        from: &str,
+        to: &str,
+        metadata: Option<&Metadata>,
+        source_etag: Option<&str>,
+        condition: &Condition,
+    ) -> ClientResult<String> {
+        self.start("copy");
+        let (if_match, if_none) = condition_headers(condition);
+        let mut req = self
+            .client
+            .copy_object()
+            .bucket(&self.bucket)
+            .key(to)
+            .copy_source(format!("{}/{}", self.bucket, encode_key(from)))
+            .set_copy_source_if_match(source_etag.map(str::to_string))
+            .set_if_match(if_match)
+            .set_if_none_match(if_none);
+        if let Some(m) = metadata {
+            req = req
+                .metadata_directive(MetadataDirective::Replace)
+                .set_metadata(Some(m.clone().into_iter().collect()));
+        }
+        let r = block(req.customize().interceptor(attempts("copy")).send())
+            .map_err(|e| classify("copy", format!("COPY {from} to {to}"), e))?;
+        Ok(r.copy_object_result()
+            .and_then(|c| c.e_tag())
+            .unwrap_or_default()
+            .to_string())
+    }
+
+    fn create_upload(&self, key: &str, metadata: &Metadata) -> ClientResult<String> {
+        self.start("create_upload");
+        let r = block(
+            self.client
+                .create_multipart_upload()
+                .bucket(&self.bucket)
+                .key(key)
+                .set_metadata(Some(metadata.clone().into_iter().collect()))
+                .customize()
+                .interceptor(attempts("create_upload"))
+                .send(),
+        )
+        .map_err(|e| classify("create_upload", format!("CreateMultipartUpload {key}"), e))?;
+        r.upload_id().map(str::to_string).ok_or_else(|| {
+            ClientError::new(
+                Failure::Other,
+                format!("CreateMultipartUpload {key}: no id"),
+            )
+        })
+    }
+
+    fn upload_part(&self, key: &str, upload: &str, part: u32, body: Body) -> ClientResult<String> {
+        self.start("upload_part");
+        let what = || format!("UploadPart {part} of {key}");
+        let r = block(async {
+            let body = byte_stream(body)
+                .await
+                .map_err(|e| ClientError::with_source(Failure::Other, what(), e))?;
+            self.client
+                .upload_part()
+                .bucket(&self.bucket)
+                .key(key)
+                .upload_id(upload)
+                .part_number(part as i32)
+                .body(body)
+                .customize()
+                .interceptor(attempts("upload_part"))
+                .send()
+                .await
+                .map_err(|e| classify("upload_part", what(), e))
+        })?;
+        Ok(r.e_tag().unwrap_or_default().to_string())
+    }
+
+    fn upload_part_copy(
+        &self,
+        key: &str,
+        upload: &str,
+        part: u32,
+        from: &str,
+        range: (u64, u64),
+        source_etag: &str,
+    ) -> ClientResult<String> {
+        self.start("upload_part_copy");
+        let r = block(
+            self.client
+                .upload_part_copy()
+                .bucket(&self.bucket)
+                .key(key)
+                .upload_id(upload)
+                .part_number(part as i32)
+                .copy_source(format!("{}/{}", self.bucket, encode_key(from)))
+                .copy_source_range(format!("bytes={}-{}", range.0, range.1 - 1))
+                .copy_source_if_match(source_etag)
+                .customize()
+                .interceptor(attempts("upload_part_copy"))
+                .send(),
+        )
+        .map_err(|e| {
+            classify(
+                "upload_part_copy",
+                format!("UploadPartCopy {part} of {key} from {from}"),
+                e,
+            )
+        })?;
+        Ok(r.copy_part_result()
+            .and_then(|c| c.e_tag())
+            .unwrap_or_default()
+            .to_string())
+    }
+
+    fn complete_upload(
+        &self,
+        key: &str,
+        upload: &str,
+        parts: &[(u32, String)],
+        condition: &Condition,
+    ) -> ClientResult<String> {
+        self.start("complete_upload");
+        let (if_match, if_none) = condition_headers(condition);
+        let parts: Vec<CompletedPart> = parts
+            .iter()
+            .map(|(n, e)| {
+                CompletedPart::builder()
+                    .part_number(*n as i32)
+                    .e_tag(e)
+                    .build()
+            })
+            .collect();
+        let r = block(
+            self.client
+                .complete_multipart_upload()
+                .bucket(&self.bucket)
+                .key(key)
+                .upload_id(upload)
+                .multipart_upload(
+                    CompletedMultipartUpload::builder()
+                        .set_parts(Some(parts))
+                        .build(),
+                )
+                .set_if_match(if_match)
+                .set_if_none_match(if_none)
+                .customize()
+                .interceptor(attempts("complete_upload"))
+                .send(),
+        )
+        .map_err(|e| {
+            classify(
+                "complete_upload",
+                format!("CompleteMultipartUpload {key}"),
+                e,
+            )
+        })?;
+        Ok(r.e_tag().unwrap_or_default().to_string())
+    }
+
+    fn abort_upload(&self, key: &str, upload: &str) -> ClientResult<()> {
+        self.start("abort_upload");
+        match block(
+            self.client
+                .abort_multipart_upload()
+                .bucket(&self.bucket)
+                .key(key)
+                .upload_id(upload)
+                .customize()
+                .interceptor(attempts("abort_upload"))
+                .send(),
+        ) {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                let e = classify("abort_upload", format!("AbortMultipartUpload {key}"), e);
+                if e.is(Failure::NotFound) {
+                    Ok(())
+                } else {
+                    Err(e)
+                }
+            }
+        }
+    }
+
+    fn list_uploads(&self, prefix: &str) -> ClientResult<Vec<UploadInfo>> {
+        let mut out = Vec::new();
+        let (mut key_marker, mut id_marker): (Option<String>, Option<String>) = (None, None);
+        loop {
+            self.start("list_uploads");
+            let r = block(
+                self.client
+                    .list_multipart_uploads()
+                    .bucket(&self.bucket)
+                    .prefix(prefix)
+                    .set_key_marker(key_marker.clone())
+                    .set_upload_id_marker(id_marker.clone())
+                    .customize()
+                    .interceptor(attempts("list_uploads"))
+                    .send(),
+            )
+            .map_err(|e| classify("list_uploads", format!("ListMultipartUploads {prefix}"), e))?;
+            for u in r.uploads() {
+                if let (Some(key), Some(id)) = (u.key(), u.upload_id()) {
+                    out.push(UploadInfo {
+                        key: key.to_string(),
+                        upload_id: id.to_string(),
+                    });
+                }
+            }
+            if r.is_truncated() != Some(true) {
+                return Ok(out);
+            }
+            key_marker = r.next_key_marker().map(str::to_string);
+            id_marker = r.next_upload_id_marker().map(str::to_string);
+            if key_marker.is_none() {
+                return Ok(out);
+            }
+        }
+    }
+
+    fn list(
+        &self,
+        prefix: &str,
+        delimited: bool,
+        token: Option<&str>,
+        max_keys: Option<u32>,
+    ) -> ClientResult<ListPage> {
+        self.start("list");
+        let mut req = self
+            .client
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .prefix(prefix)
+            .set_continuation_token(token.map(str::to_string))
+            .set_max_keys(max_keys.map(|m| m as i32));
+        if delimited {
+            req = req.delimiter("/");
+        }
+        let r = block(req.customize().interceptor(attempts("list")).send())
+            .map_err(|e| classify("list", format!("LIST {prefix}"), e))?;
+        let objects = r
+            .contents()
+            .iter()
+            .filter_map(|o| {
+                Some(ListedObject {
+                    key: o.key()?.to_string(),
+                    size: o.size().unwrap_or(0).max(0) as u64,
+                    etag: o.e_tag().unwrap_or_default().to_string(),
+                    last_modified: time_of(o.last_modified()),
+                })
+            })
+            .collect();
+        let prefixes = r
+            .common_prefixes()
+            .iter()
+            .filter_map(|p| p.prefix().map(str::to_string))
+            .collect();
+        let next = if r.is_truncated() == Some(true) {
+            r.next_continuation_token().map(str::to_string)
+        } else {
+            None
+        };
+        Ok(ListPage {
+            objects,
+            prefixes,
+            next,
+        })
+    }
+
+    fn delete(&self, key: &str) -> ClientResult<()> {
+        self.start("delete");
+        match block(
+            self.client
+                .delete_object()
+                .bucket(&self.bucket)
+                .key(key)
+                .customize()
+                .interceptor(attempts("delete"))
+                .send(),
+        ) {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                let e = classify("delete", format!("DELETE {key}"), e);
+                if e.is(Failure::NotFound) {
+                    Ok(())
+                } else {
+                    Err(e)
+                }
+            }
+        }
+    }
+
+    fn delete_many(&self, keys: &[String]) -> ClientResult<()> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        self.start("delete_many");
+        let what = || format!("DeleteObjects {} keys from {}", keys.len(), keys[0]);
+        let objects = keys
+            .iter()
+            .map(|k| ObjectIdentifier::builder().key(k).build())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| ClientError::with_source(Failure::Other, what(), e))?;
+        let delete = Delete::builder()
+            .set_objects(Some(objects))
+            .quiet(true)
+            .build()
+            .map_err(|e| ClientError::with_source(Failure::Other, what(), e))?;
+        let r = block(
+            self.client
+                .delete_objects()
+                .bucket(&self.bucket)
+                .delete(delete)
+                .customize()
+                .interceptor(attempts("delete_many"))
+                .send(),
+        )
+        .map_err(|e| classify("delete_many", what(), e))?;
+        if let Some(err) = r.errors().first() {
+            crate::metrics::backend_error("delete_many", "other");
+            return Err(ClientError::with_source(
+                Failure::Other,
+                what(),
+                format!(
+                    "{}: {} {}",
+                    err.key().unwrap_or(""),
+                    err.code().unwrap_or(""),
+                    err.message().unwrap_or("")
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn presign_get(
+        &self,
+        key: &str,
+        expires_in: Duration,
+        content_disposition: &str,
+    ) -> ClientResult<String> {
+        // Signed locally: no request is made.
+        let config = aws_sdk_s3::presigning::PresigningConfig::expires_in(expires_in)
+            .map_err(|e| ClientError::with_source(Failure::Other, "presigning", e.to_string()))?;
+        let request = block(
+            self.client
+                .get_object()
+                .bucket(&self.bucket)
+                .key(key)
+                .response_content_disposition(content_disposition)
+                .presigned(config),
+        )
+        .map_err(|e| {
+            ClientError::with_source(
+                Failure::Other,
+                format!("presigning GET {key}"),
+                aws_sdk_s3::error::DisplayErrorContext(e).to_string(),
+            )
+        })?;
+        Ok(request.uri().to_string())
+    }
+
+    fn check_bucket(&self) -> ClientResult<()> {
+        self.start("head_bucket");
+        match block(
+            self.client
+                .head_bucket()
+                .bucket(&self.bucket)
+                .customize()
+                .interceptor(attempts("head_bucket"))
+                .send(),
+        ) {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                let mut e = classify("head_bucket", format!("bucket {}", self.bucket), e);
+                if e.is(Failure::NotFound) {
+                    e.failure = Failure::NoBucket;
+                }
+                Err(e)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn copy_sources_are_percent_encoded_but_slashes_stay() {
+        assert_eq!(
+            encode_key("rooms/r1/a b+c%d.txt"),
+            "rooms/r1/a%20b%2Bc%25d.txt"
+        );
+        assert_eq!(encode_key("é"), "%C3%A9");
+    }
+}

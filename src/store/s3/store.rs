@@ -1,0 +1,1563 @@
+//! One space in an S3 bucket, as a [`Store`]; and the spaces of one bucket ([`S3Spaces`]).
+//!
+//! - **Entries**: a file, symlink, FIFO or socket is an object; a directory is a key prefix,
+//!   with a marker object (`<dir>/`) when made by `mkdir`, so that it exists while empty.
+//!   Attributes: see `attrs`. A name that is both an object and a prefix (made by another tool)
+//!   is shown as the file.
+//! - **What the store remembers**: entries it stat'ed or listed, for `metadata_ttl` (1 s), and
+//!   each directory's index with its ETag. Its own changes update what it remembers at once.
+//! - **Names**: `O_EXCL` creates, `mkdir`, `symlink` and `RENAME_NOREPLACE` are PUTs and copies
+//!   with `If-None-Match: *`, so of two hosts exactly one succeeds (the other gets `EEXIST`).
+//!   A file rename is a server-side copy and a delete; a directory rename copies and deletes
+//!   every object below it, journaled so a crash is finished at the next start (not atomic:
+//!   see doc/S3.md). `RENAME_EXCHANGE` and hard links are refused (`EINVAL`, `EPERM`).
+
+use std::collections::HashMap;
+use std::ffi::{OsStr, OsString};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime};
+
+use super::Shared;
+use super::attrs::{Attrs, Defaults, Index, IndexEntry, to_second};
+use super::client::{Body, Condition, Failure, Metadata};
+use super::content::S3Content;
+use super::keys::{INDEX, SpaceKeys, listed_name};
+use super::spool::SpoolCopy;
+use super::state::{Leftover, Record};
+use crate::events::bucket::{BucketFeeds, remove_feed};
+use crate::events::{ChangeFeed, Retention};
+use crate::space::{SpaceId, Spaces};
+use crate::store::{
+    Capabilities, CommitRequest, Committed, Content, DirEntry, Kind, Meta, Owner, RenameMode,
+    SetAttr, Store, StoreError, StoreResult, StoreStatfs, TimeSpec, Usage, Version, WorkingCopy,
+    XattrMode,
+};
+
+fn err(errno: i32) -> StoreError {
+    StoreError::errno(errno)
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Tries of a read-modify-write of an index before giving up.
+const INDEX_TRIES: u32 = 16;
+/// The largest index read (a bigger one is hostile).
+const INDEX_MAX: usize = 64 << 20;
+
+struct CachedIndex {
+    /// Its ETag (`None`: there is none).
+    etag: Option<String>,
+    index: Arc<Index>,
+    at: Instant,
+}
+
+/// One space in the bucket (see the module docs).
+pub struct S3Store {
+    shared: Arc<Shared>,
+    keys: SpaceKeys,
+    defaults: Defaults,
+    metas: Mutex<HashMap<PathBuf, (Instant, Option<Meta>)>>,
+    indexes: Mutex<HashMap<PathBuf, CachedIndex>>,
+    /// Directories wholly known from a listing: when it started, and the names in it (kept
+    /// up to date with this store's own changes).
+    listings: Mutex<HashMap<PathBuf, (Instant, std::collections::HashSet<String>)>>,
+    /// Attributes this store set on a file (chmod, chown, times, set-IDs dropped at a write):
+    /// the ETag of the version they were set on, and the entry after. A commit whose base is
+    /// that version carries them, not the base's as it was opened (see `commit`).
+    attrs_set: Mutex<HashMap<PathBuf, (String, Meta)>>,
+}
+
+/// The directory holding `path` and its name there (the root is `.` of itself).
+fn split(path: &Path) -> (PathBuf, String) {
+    match (path.parent(), path.file_name()) {
+        (Some(parent), Some(name)) => (parent.to_path_buf(), name.to_string_lossy().into_owned()),
+        _ => (PathBuf::new(), ".".to_string()),
+    }
+}
+
+fn is_root(path: &Path) -> bool {
+    path.as_os_str().is_empty()
+}
+
+impl S3Store {
+    pub(super) fn new(shared: Arc<Shared>, keys: SpaceKeys, defaults: Defaults) -> S3Store {
+        S3Store {
+            shared,
+            keys,
+            defaults,
+            metas: Mutex::new(HashMap::new()),
+            indexes: Mutex::new(HashMap::new()),
+            listings: Mutex::new(HashMap::new()),
+            attrs_set: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The entry to take the mode, owner and times of a new version of `path` from: `base`,
+    /// or what this store set on that very version since it was opened.
+    pub(super) fn attrs_base(&self, path: &Path, base: &Meta) -> Meta {
+        let mut set = lock(&self.attrs_set);
+        match (set.remove(path), base.version.tag()) {
+            // (An ETag is quoted or not depending on who reported it.)
+            (Some((etag, meta)), Some(tag)) if etag.trim_matches('"') == tag.trim_matches('"') => {
+                meta
+            }
+            _ => base.clone(),
+        }
+    }
+
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    pub fn keys(&self) -> &SpaceKeys {
+        &self.keys
+    }
+
+    pub fn defaults(&self) -> &Defaults {
+        &self.defaults
+    }
+
+    fn fresh(&self, at: Instant) -> bool {
+        at.elapsed() < self.shared.metadata_ttl
+    }
+
+    /// What the store remembers of `path`, if still fresh: `Some(None)` is "not there".
+    fn remembered(&self, path: &Path) -> Option<Option<Meta>> {
+        {
+            let metas = lock(&self.metas);
+            if let Some((at, meta)) = metas.get(path)
+                && self.fresh(*at)
+            {
+                return Some(meta.clone());
+            }
+        }
+        // Not listed in its directory, wholly known: not there.
+        let (dir, name) = split(path);
+        let listings = lock(&self.listings);
+        let (at, names) = listings.get(&dir)?;
+        (self.fresh(*at) && !is_root(path) && !names.contains(&name)).then_some(None)
+    }
+
+    pub(super) fn remember(&self, path: &Path, meta: Option<Meta>) {
+        {
+            let mut metas = lock(&self.metas);
+            if metas.len() > 100_000 {
+                let ttl = self.shared.metadata_ttl;
+                metas.retain(|_, (at, _)| at.elapsed() < ttl);
+            }
+            metas.insert(path.to_path_buf(), (Instant::now(), meta.clone()));
+        }
+        if is_root(path) {
+            return;
+        }
+        let (dir, name) = split(path);
+        if let Some((_, names)) = lock(&self.listings).get_mut(&dir) {
+            match meta {
+                Some(_) => names.insert(name),
+                None => names.remove(&name),
+            };
+        }
+    }
+
+    /// Forgets what is known of `path` (and so that its directory is wholly known).
+    fn forget(&self, path: &Path) {
+        lock(&self.metas).remove(path);
+        lock(&self.listings).remove(&split(path).0);
+    }
+
+    /// Forgets everything remembered at and below `path` (a directory renamed or removed).
+    fn forget_tree(&self, path: &Path) {
+        lock(&self.metas).retain(|p, _| !p.starts_with(path));
+        lock(&self.indexes).retain(|p, _| !p.starts_with(path));
+        let parent = split(path).0;
+        lock(&self.listings).retain(|p, _| !p.starts_with(path) && *p != parent);
+    }
+
+    /// The attributes of an object: its ctime is its `Last-Modified` (to the second), and so
+    /// is its mtime unless one was set explicitly.
+    pub(super) fn object_meta(
+        &self,
+        size: u64,
+        etag: &str,
+        modified: SystemTime,
+        a: &Attrs,
+    ) -> Meta {
+        let ctime = to_second(modified);
+        let mtime = a.mtime.unwrap_or(ctime);
+        Meta {
+            kind: a.kind,
+            size,
+            blocks: size.div_ceil(512),
+            perm: a.perm,
+            nlink: 1,
+            uid: a.uid,
+            gid: a.gid,
+            atime: mtime,
+            mtime,
+            ctime,
+            rdev: 0,
+            version: Version::from_tag(etag),
+            file_id: None,
+            volatile: false,
+        }
+    }
+
+    fn dir_meta(&self, a: &Attrs) -> Meta {
+        let mtime = a.mtime.unwrap_or(self.defaults.dir_mtime);
+        Meta {
+            kind: Kind::Dir,
+            size: 0,
+            blocks: 0,
+            perm: a.perm,
+            nlink: 2,
+            uid: a.uid,
+            gid: a.gid,
+            atime: mtime,
+            mtime,
+            ctime: mtime,
+            rdev: 0,
+            version: Version::from_tag("dir"),
+            file_id: None,
+            volatile: false,
+        }
+    }
+
+    /// The attributes an object's metadata gives it.
+    pub(super) fn attrs_of(&self, metadata: &Metadata) -> Attrs {
+        Attrs::from_metadata(metadata, &self.defaults)
+    }
+
+    /// The index of directory `dir`. `listed`: its ETag as a listing just showed it (`Some(None)`:
+    /// it has none), so the remembered one is used only if it is that version.
+    fn index(&self, dir: &Path, listed: Option<Option<&str>>) -> StoreResult<Arc<Index>> {
+        {
+            let indexes = lock(&self.indexes);
+            if let Some(c) = indexes.get(dir) {
+                let usable = match listed {
+                    Some(etag) => c.etag.as_deref() == etag,
+                    None => self.fresh(c.at),
+                };
+                if usable {
+                    return Ok(c.index.clone());
+                }
+            }
+        }
+        if listed == Some(None) {
+            let index = Arc::new(Index::default());
+            self.keep_index(dir, None, index.clone());
+            return Ok(index);
+        }
+        let (etag, index) = self.fetch_index(dir)?;
+        let index = Arc::new(index);
+        self.keep_index(dir, etag, index.clone());
+        Ok(index)
+    }
+
+    fn keep_index(&self, dir: &Path, etag: Option<String>, index: Arc<Index>) {
+        lock(&self.indexes).insert(
+            dir.to_path_buf(),
+            CachedIndex {
+                etag,
+                index,
+                at: Instant::now(),
+            },
+        );
+    }
+
+    /// Reads the index of `dir` from the store: its ETag (`None` if there is none) and entries.
+    fn fetch_index(&self, dir: &Path) -> StoreResult<(Option<String>, Index)> {
+        let key = self.keys.index_key(dir)?;
+        let mut bytes = Vec::new();
+        let got = self.shared.client.get(&key, None, None, &mut |b| {
+            if bytes.len() + b.len() > INDEX_MAX {
+                return Err(io::Error::other("an index larger than 64 MiB"));
+            }
+            bytes.extend_from_slice(b);
+            Ok(())
+        });
+        match got {
+            Ok(info) => match Index::parse(&bytes) {
+                Ok(index) => Ok((Some(info.etag), index)),
+                Err(e) => {
+                    log::warn!("{key}: not an index ({e}); its entries are ignored");
+                    Ok((Some(info.etag), Index::default()))
+                }
+            },
+            Err(e) if e.is(Failure::NotFound) => Ok((None, Index::default())),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Changes the index of `dir` with `change` (which says whether it changed anything),
+    /// read-modified-written with conditional PUTs until it goes in without racing another
+    /// writer (see `attrs`).
+    fn update_index(&self, dir: &Path, change: &dyn Fn(&mut Index) -> bool) -> StoreResult<()> {
+        let key = self.keys.index_key(dir)?;
+        let mut known = {
+            let indexes = lock(&self.indexes);
+            indexes
+                .get(dir)
+                .filter(|c| self.fresh(c.at))
+                .map(|c| (c.etag.clone(), c.index.as_ref().clone()))
+        };
+        for attempt in 0..INDEX_TRIES {
+            let (etag, mut index) = match known.take() {
+                Some(k) => k,
+                None => self.fetch_index(dir)?,
+            };
+            if !change(&mut index) {
+                self.keep_index(dir, etag, Arc::new(index));
+                return Ok(());
+            }
+            let condition = match (&etag, self.shared.conditional) {
+                (_, false) => Condition::None,
+                (Some(e), true) => Condition::Matches(e.clone()),
+                (None, true) => Condition::Absent,
+            };
+            let body = Body::Bytes(Arc::new(index.to_bytes()));
+            match self
+                .shared
+                .client
+                .put(&key, body, &Metadata::new(), &condition)
+            {
+                Ok(new) => {
+                    self.keep_index(dir, Some(new), Arc::new(index));
+                    return Ok(());
+                }
+                Err(e)
+                    if e.is(Failure::Precondition)
+                        || e.is(Failure::Conflict)
+                        || (e.is(Failure::NotFound) && etag.is_some()) =>
+                {
+                    // Another host changed it: read it again and redo the change.
+                    lock(&self.indexes).remove(dir);
+                    backoff(attempt);
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(StoreError::failed(
+            libc::EIO,
+            format!("updating {key}"),
+            io::Error::other("other hosts kept changing it"),
+        ))
+    }
+
+    /// Records `attrs` for the entry `path` in its directory's index: an entry when they are
+    /// not the defaults (with `etag`, the version an explicit mtime is of), none otherwise.
+    /// `had_entry`: whether it may have one now (else nothing is written for default attributes).
+    pub(super) fn index_attrs(
+        &self,
+        path: &Path,
+        attrs: &Attrs,
+        etag: Option<&str>,
+        had_entry: bool,
+    ) -> StoreResult<()> {
+        let default = attrs.are_default(&self.defaults);
+        if default && !had_entry {
+            return Ok(());
+        }
+        let (dir, name) = split(path);
+        let entry = (!default).then(|| IndexEntry::of(attrs, etag));
+        self.update_index(&dir, &|index| match &entry {
+            Some(e) => index.entries.insert(name.clone(), e.clone()).as_ref() != Some(e),
+            None => index.entries.remove(&name).is_some(),
+        })
+    }
+
+    /// Removes the index entry of `path`, if its attributes said it had one.
+    fn unindex(&self, path: &Path, meta: &Meta) -> StoreResult<()> {
+        if self.meta_attrs(meta).are_default(&self.defaults) {
+            return Ok(());
+        }
+        let (dir, name) = split(path);
+        self.update_index(&dir, &|index| index.entries.remove(&name).is_some())
+    }
+
+    /// The attributes the store keeps of what `meta` describes: an object's mtime is
+    /// explicit when it is not its ctime (the object's `Last-Modified`, see `object_meta`), a
+    /// directory's when it is not the default.
+    pub(super) fn meta_attrs(&self, meta: &Meta) -> Attrs {
+        let explicit = if meta.kind == Kind::Dir {
+            meta.mtime != self.defaults.dir_mtime
+        } else {
+            meta.mtime != meta.ctime
+        };
+        Attrs {
+            kind: meta.kind,
+            perm: meta.perm,
+            uid: meta.uid,
+            gid: meta.gid,
+            mtime: explicit.then_some(meta.mtime),
+        }
+    }
+
+    /// Attributes of the root directory.
+    fn root_meta(&self) -> StoreResult<Meta> {
+        let index = self.index(Path::new(""), None)?;
+        let attrs = index
+            .entries
+            .get(".")
+            .and_then(|e| e.attrs(Kind::Dir, None, &self.defaults))
+            .unwrap_or_else(|| Attrs::default_dir(&self.defaults));
+        Ok(self.dir_meta(&attrs))
+    }
+
+    /// Attributes of the directory `path`, which exists.
+    fn dir_attrs(&self, path: &Path) -> StoreResult<Attrs> {
+        let (dir, name) = split(path);
+        let index = self.index(&dir, None)?;
+        Ok(index
+            .entries
+            .get(&name)
+            .and_then(|e| e.attrs(Kind::Dir, None, &self.defaults))
+            .unwrap_or_else(|| Attrs::default_dir(&self.defaults)))
+    }
+
+    /// Asks the store what `path` is now (HEAD, then a LIST for a directory), bypassing what
+    /// the store remembers.
+    pub(super) fn lookup(&self, path: &Path) -> StoreResult<Meta> {
+        if is_root(path) {
+            return self.root_meta();
+        }
+        let key = match self.keys.key(path) {
+            Ok(key) => key,
+            // A name no object can have is not there (making one is refused with EINVAL).
+            Err(e) if e.raw_os_error() == libc::EINVAL => return Err(err(libc::ENOENT)),
+            Err(e) => return Err(e),
+        };
+        match self.shared.client.head(&key) {
+            Ok(info) => {
+                self.shared.learn_lineage(&info.etag, &info.metadata);
+                let attrs = self.attrs_of(&info.metadata);
+                let meta = self.object_meta(info.size, &info.etag, info.last_modified, &attrs);
+                self.remember(path, Some(meta.clone()));
+                return Ok(meta);
+            }
+            Err(e) if e.is(Failure::NotFound) => {}
+            Err(e) => return Err(e.into()),
+        }
+        // Not an object: its directory's listing tells whether it is a directory, and, when
+        // that fits in one page, answers for every other name there for a while (a program
+        // making files one after the other looks each name up first).
+        let (dir, name) = split(path);
+        match self.list_dir(&dir, Some(1)) {
+            Ok(Some(entries)) => {
+                return match entries.into_iter().find(|e| e.name == name.as_str()) {
+                    Some(e) => Ok(e.meta.expect("listed with attributes")),
+                    None => {
+                        self.remember(path, None);
+                        Err(err(libc::ENOENT))
+                    }
+                };
+            }
+            Ok(None) => {}
+            Err(e) if e.raw_os_error() == libc::ENOENT => {
+                self.remember(path, None);
+                return Err(e);
+            }
+            Err(e) => return Err(e),
+        }
+        let prefix = self.keys.dir_prefix(path)?;
+        let page = self.shared.client.list(&prefix, true, None, Some(1))?;
+        if page.objects.is_empty() && page.prefixes.is_empty() {
+            self.remember(path, None);
+            return Err(err(libc::ENOENT));
+        }
+        let meta = self.dir_meta(&self.dir_attrs(path)?);
+        self.remember(path, Some(meta.clone()));
+        Ok(meta)
+    }
+
+    /// The entries of the directory `path` (one LIST, paginated, and its index when it
+    /// changed), remembered for `metadata_ttl`, with the directory as *wholly known*: for that
+    /// time, a name not listed is not there (see `remembered`). With `max_pages`, `None` when
+    /// the directory has more pages than that (nothing is remembered then).
+    fn list_dir(
+        &self,
+        path: &Path,
+        max_pages: Option<usize>,
+    ) -> StoreResult<Option<Vec<DirEntry>>> {
+        let started = Instant::now();
+        let prefix = self.keys.dir_prefix(path)?;
+        let index_key = prefix.clone() + INDEX;
+        let mut objects = Vec::new();
+        let mut dirs = Vec::new();
+        let mut index_etag = None;
+        let mut anything = false;
+        let mut token: Option<String> = None;
+        let mut pages = 0;
+        loop {
+            if max_pages.is_some_and(|m| pages >= m) {
+                return Ok(None);
+            }
+            pages += 1;
+            let page = self
+                .shared
+                .client
+                .list(&prefix, true, token.as_deref(), None)?;
+            anything |= !page.objects.is_empty() || !page.prefixes.is_empty();
+            for o in page.objects {
+                if o.key == index_key {
+                    index_etag = Some(o.etag.clone());
+                } else if let Some(name) = listed_name(&prefix, &o.key, false) {
+                    objects.push((name.to_string(), o));
+                }
+            }
+            for p in &page.prefixes {
+                if let Some(name) = listed_name(&prefix, p, true) {
+                    dirs.push(name.to_string());
+                }
+            }
+            match page.next {
+                Some(t) => token = Some(t),
+                None => break,
+            }
+        }
+        if !anything && !is_root(path) {
+            self.remember(path, None);
+            return Err(err(libc::ENOENT));
+        }
+        let index = self.index(path, Some(index_etag.as_deref()))?;
+        let mut out = Vec::with_capacity(objects.len() + dirs.len());
+        let files: std::collections::HashSet<&str> =
+            objects.iter().map(|(n, _)| n.as_str()).collect();
+        for (name, o) in &objects {
+            let attrs = index
+                .entries
+                .get(name)
+                .and_then(|e| e.attrs(Kind::File, Some(&o.etag), &self.defaults))
+                .unwrap_or_else(|| Attrs::default_object(&self.defaults));
+            let meta = self.object_meta(o.size, &o.etag, o.last_modified, &attrs);
+            self.remember(&path.join(name), Some(meta.clone()));
+            out.push(DirEntry {
+                name: OsString::from(name),
+                kind: meta.kind,
+                meta: Some(meta),
+            });
+        }
+        for name in &dirs {
+            if files.contains(name.as_str()) {
+                log::debug!("{prefix}{name}: both an object and a prefix; shown as the file");
+                continue;
+            }
+            let attrs = index
+                .entries
+                .get(name)
+                .and_then(|e| e.attrs(Kind::Dir, None, &self.defaults))
+                .unwrap_or_else(|| Attrs::default_dir(&self.defaults));
+            let meta = self.dir_meta(&attrs);
+            self.remember(&path.join(name), Some(meta.clone()));
+            out.push(DirEntry {
+                name: OsString::from(name),
+                kind: Kind::Dir,
+                meta: Some(meta),
+            });
+        }
+        let names = out
+            .iter()
+            .map(|e| e.name.to_string_lossy().into_owned())
+            .collect();
+        lock(&self.listings).insert(path.to_path_buf(), (started, names));
+        Ok(Some(out))
+    }
+
+    /// Whether something (an object or a directory) is at `path`, asking the store.
+    fn exists(&self, path: &Path) -> StoreResult<Option<Meta>> {
+        match self.lookup(path) {
+            Ok(m) => Ok(Some(m)),
+            Err(e) if e.raw_os_error() == libc::ENOENT => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The content of `key` at the version `meta` describes.
+    pub(super) fn content(
+        &self,
+        key: String,
+        meta: Meta,
+        whole: Option<Arc<super::cache::Entry>>,
+    ) -> Arc<dyn Content> {
+        let etag = meta.version.tag().unwrap_or_default().to_string();
+        Arc::new(S3Content::new(self.shared.clone(), key, etag, meta, whole))
+    }
+
+    /// The owner given to new entries.
+    fn owner_of(&self, owner: Owner) -> (u32, u32) {
+        owner.unwrap_or((self.defaults.uid, self.defaults.gid))
+    }
+
+    /// Makes a new object at `path` (a file, symlink, FIFO or socket): a PUT with
+    /// `If-None-Match: *` (`EEXIST` if something is there), its index entry if its attributes
+    /// are not the defaults (a failed index write removes the object again).
+    fn make_object(&self, path: &Path, attrs: &Attrs, body: Body) -> StoreResult<Meta> {
+        let key = self.keys.key(path)?;
+        self.check_free(path, false)?;
+        let size = body.len();
+        let condition = if self.shared.conditional {
+            Condition::Absent
+        } else {
+            Condition::None
+        };
+        let mut metadata = attrs.to_metadata();
+        if attrs.kind == Kind::File {
+            // Appends to a new file extend it: readers of it read on into them.
+            metadata.insert(super::LINEAGE.into(), self.shared.new_lineage());
+        }
+        let etag = match self.shared.client.put(&key, body, &metadata, &condition) {
+            Ok(etag) => etag,
+            Err(e) if e.is(Failure::Precondition) || e.is(Failure::Conflict) => {
+                self.forget(path);
+                return Err(err(libc::EEXIST));
+            }
+            Err(e) => return Err(e.into()),
+        };
+        self.shared.learn_lineage(&etag, &metadata);
+        if let Err(e) = self.index_attrs(path, attrs, Some(&etag), false) {
+            let _ = self.shared.client.delete(&key);
+            self.forget(path);
+            return Err(e);
+        }
+        let meta = self.object_meta(size, &etag, SystemTime::now(), attrs);
+        self.remember(path, Some(meta.clone()));
+        Ok(meta)
+    }
+
+    /// Fails with `EEXIST` if something is at `path`: known from a fresh lookup (the kernel
+    /// looks a name up before creating it), else asked. An object is asked for only when
+    /// writes are not conditional, or for a directory (`dir`: the conditional write is the
+    /// marker's, which does not see a file of the name).
+    fn check_free(&self, path: &Path, dir: bool) -> StoreResult<()> {
+        match self.remembered(path) {
+            Some(Some(_)) => Err(err(libc::EEXIST)),
+            Some(None) => Ok(()),
+            None => {
+                let there = if !self.shared.conditional || dir {
+                    self.exists(path)?.is_some()
+                } else {
+                    let prefix = self.keys.dir_prefix(path)?;
+                    let page = self.shared.client.list(&prefix, true, None, Some(1))?;
+                    !(page.objects.is_empty() && page.prefixes.is_empty())
+                };
+                if there {
+                    Err(err(libc::EEXIST))
+                } else {
+                    Ok(())
+                }
+            }
+        }
+    }
+
+    /// Renames the directory `from` to `to` (see the module docs and `move_tree`).
+    fn rename_dir(&self, from: &Path, to: &Path, target: Option<&Meta>) -> StoreResult<()> {
+        let from_prefix = self.keys.dir_prefix(from)?;
+        let to_prefix = self.keys.dir_prefix(to)?;
+        if let Some(t) = target {
+            if t.kind != Kind::Dir {
+                return Err(err(libc::ENOTDIR));
+            }
+            // An empty directory is replaced: its marker and index go first.
+            if !self.dir_is_empty(to)? {
+                return Err(err(libc::ENOTEMPTY));
+            }
+            self.shared
+                .client
+                .delete_many(&[to_prefix.clone(), to_prefix.clone() + INDEX])?;
+        }
+        let from_attrs = self.dir_attrs(from)?;
+        let record = Record::Rename {
+            root: self.keys.root().to_string(),
+            from: from_prefix.clone(),
+            to: to_prefix.clone(),
+        };
+        let journal = self
+            .shared
+            .state
+            .journal(&record)
+            .map_err(|e| StoreError::failed(libc::EIO, "journal of a directory rename", e))?;
+        self.forget_tree(from);
+        self.forget_tree(to);
+        move_tree(&self.shared, &from_prefix, &to_prefix)?;
+        // The directory's own entry: its attributes move with its name.
+        let (from_dir, from_name) = split(from);
+        let (to_dir, to_name) = split(to);
+        let entry = IndexEntry::of(&from_attrs, None);
+        let default = from_attrs.are_default(&self.defaults);
+        self.update_index(&to_dir, &|index| {
+            if default {
+                index.entries.remove(&to_name).is_some()
+            } else {
+                index
+                    .entries
+                    .insert(to_name.clone(), entry.clone())
+                    .as_ref()
+                    != Some(&entry)
+            }
+        })?;
+        self.update_index(&from_dir, &|index| {
+            index.entries.remove(&from_name).is_some()
+        })?;
+        journal.done();
+        self.forget_tree(from);
+        self.forget_tree(to);
+        Ok(())
+    }
+
+    /// Whether the directory `path` has no entries (its marker and index aside).
+    fn dir_is_empty(&self, path: &Path) -> StoreResult<bool> {
+        let prefix = self.keys.dir_prefix(path)?;
+        let page = self.shared.client.list(&prefix, true, None, Some(3))?;
+        let index = prefix.clone() + INDEX;
+        Ok(page.prefixes.is_empty()
+            && page
+                .objects
+                .iter()
+                .all(|o| o.key == prefix || o.key == index))
+    }
+
+    fn rename_file(
+        &self,
+        from: &Path,
+        to: &Path,
+        source: &Meta,
+        target: Option<&Meta>,
+        mode: RenameMode,
+    ) -> StoreResult<()> {
+        if let Some(t) = target
+            && t.kind == Kind::Dir
+        {
+            return Err(err(libc::EISDIR));
+        }
+        let from_key = self.keys.key(from)?;
+        let to_key = self.keys.key(to)?;
+        let condition = if mode == RenameMode::NoReplace && self.shared.conditional {
+            Condition::Absent
+        } else {
+            Condition::None
+        };
+        let etag = source.version.tag().map(str::to_string);
+        let new_etag =
+            match self
+                .shared
+                .client
+                .copy(&from_key, &to_key, None, etag.as_deref(), &condition)
+            {
+                Ok(e) => e,
+                Err(e) if e.is(Failure::Precondition) && mode == RenameMode::NoReplace => {
+                    // Either the target appeared, or the source changed: tell which.
+                    match self.exists(to)? {
+                        Some(_) => return Err(err(libc::EEXIST)),
+                        None => return Err(StoreError::from(e).context("rename")),
+                    }
+                }
+                Err(e) => return Err(e.into()),
+            };
+        self.forget(from);
+        self.forget(to);
+        let attrs = self.meta_attrs(source);
+        let target_attrs = target.map(|t| self.meta_attrs(t));
+        let had = target_attrs.is_some_and(|a| !a.are_default(&self.defaults));
+        self.index_attrs(to, &attrs, Some(&new_etag), had)?;
+        self.shared.client.delete(&from_key)?;
+        self.shared.cache.forget(&from_key);
+        self.unindex(from, source)?;
+        Ok(())
+    }
+}
+
+/// Waits a little before try `attempt + 1` of a conflicting write (jittered, growing).
+fn backoff(attempt: u32) {
+    let base = 5u64 << attempt.min(6);
+    let jitter = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::from(d.subsec_nanos()) % base.max(1));
+    std::thread::sleep(Duration::from_millis(base + jitter));
+}
+
+/// Copies every object under `from` to the same name under `to` and deletes it, a batch of
+/// keys at a time, until none is left: what a directory rename does, and what the next start
+/// does to finish one a crash interrupted (copying again what was copied is harmless).
+pub(super) fn move_tree(shared: &Shared, from: &str, to: &str) -> StoreResult<()> {
+    // The directories below `from`, to delete once empty (SeaweedFS keeps an emptied directory
+    // listed until its own key is deleted).
+    let mut dirs = std::collections::BTreeSet::new();
+    loop {
+        let page = shared.client.list(from, false, None, None)?;
+        if page.objects.is_empty() {
+            break;
+        }
+        let mut done = Vec::with_capacity(page.objects.len());
+        for o in &page.objects {
+            let rest = &o.key[from.len()..];
+            let mut at = 0;
+            while let Some(i) = rest[at..].find('/') {
+                dirs.insert(rest[..at + i + 1].to_string());
+                at += i + 1;
+            }
+            let dest = format!("{to}{rest}");
+            if o.key.ends_with('/') {
+                // A directory marker: made again (SeaweedFS copies no directories).
+                shared
+                    .client
+                    .put(&dest, Body::empty(), &Metadata::new(), &Condition::None)?;
+            } else {
+                match shared
+                    .client
+                    .copy(&o.key, &dest, None, None, &Condition::None)
+                {
+                    Ok(_) => {}
+                    // Removed meanwhile: nothing to move.
+                    Err(e) if e.is(Failure::NotFound) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            shared.cache.forget(&o.key);
+            done.push(o.key.clone());
+        }
+        for batch in done.chunks(super::client::DELETE_BATCH) {
+            shared.client.delete_many(batch)?;
+        }
+    }
+    // The directory itself: a marker at its new name, and none left at the old.
+    shared
+        .client
+        .put(to, Body::empty(), &Metadata::new(), &Condition::None)?;
+    let mut dirs: Vec<String> = dirs.into_iter().collect();
+    dirs.sort_by_key(|d| std::cmp::Reverse(d.matches('/').count()));
+    for d in dirs {
+        shared.client.delete(&format!("{from}{d}"))?;
+    }
+    shared.client.delete(from)?;
+    Ok(())
+}
+
+impl Store for S3Store {
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            hard_links: false,
+            special_files: true,
+            in_place_append: false,
+            ranged_commits_from: Some(2 * self.shared.part_size),
+            local_files: true,
+            conditional_writes: self.shared.conditional,
+            xattrs: false,
+            stream_commits_up_to: Some(self.shared.part_size),
+        }
+    }
+
+    fn stat(&self, path: &Path) -> StoreResult<Meta> {
+        match self.remembered(path) {
+            Some(Some(meta)) => Ok(meta),
+            Some(None) => Err(err(libc::ENOENT)),
+            None => self.lookup(path),
+        }
+    }
+
+    fn list(&self, path: &Path) -> StoreResult<Vec<DirEntry>> {
+        Ok(self
+            .list_dir(path, None)?
+            .expect("a listing without a page limit is whole"))
+    }
+
+    fn open(&self, path: &Path) -> StoreResult<Arc<dyn Content>> {
+        let meta = self.stat(path)?;
+        match meta.kind {
+            Kind::File => {}
+            Kind::Dir => return Err(err(libc::EISDIR)),
+            _ => return Err(err(libc::EINVAL)),
+        }
+        Ok(self.content(self.keys.key(path)?, meta, None))
+    }
+
+    fn create(&self, path: &Path, perm: u16, owner: Owner, exclusive: bool) -> StoreResult<Meta> {
+        let (uid, gid) = self.owner_of(owner);
+        let attrs = Attrs {
+            kind: Kind::File,
+            perm,
+            uid,
+            gid,
+            mtime: None,
+        };
+        match self.make_object(path, &attrs, Body::empty()) {
+            Err(e) if e.raw_os_error() == libc::EEXIST && !exclusive => {
+                let meta = self.lookup(path)?;
+                if meta.kind == Kind::Dir {
+                    return Err(err(libc::EISDIR));
+                }
+                Ok(meta)
+            }
+            other => other,
+        }
+    }
+
+    fn working_copy(&self, path: &Path) -> StoreResult<Arc<dyn WorkingCopy>> {
+        // Meant for `path`: it uploads its full parts early, with the metadata of what is
+        // there now (as remembered; the commit corrects it if it changed meanwhile).
+        let key = self.keys.key(path).ok().and_then(|key| {
+            let meta = self.remembered(path).flatten()?;
+            (meta.kind == Kind::File).then(|| (key, self.meta_attrs(&meta).to_metadata()))
+        });
+        let copy = SpoolCopy::new(self.shared.clone(), key)
+            .map_err(|e| StoreError::failed(libc::EIO, "making a working copy in the spool", e))?;
+        Ok(copy)
+    }
+
+    fn commit(&self, req: CommitRequest<'_>) -> StoreResult<Committed> {
+        super::commit::commit(self, req)
+    }
+
+    fn mknod(&self, path: &Path, kind: Kind, perm: u16, owner: Owner) -> StoreResult<Meta> {
+        if !matches!(kind, Kind::Fifo | Kind::Socket) {
+            return Err(err(libc::EPERM));
+        }
+        let (uid, gid) = self.owner_of(owner);
+        let attrs = Attrs {
+            kind,
+            perm,
+            uid,
+            gid,
+            mtime: None,
+        };
+        self.make_object(path, &attrs, Body::empty())
+    }
+
+    fn mkdir(&self, path: &Path, perm: u16, owner: Owner) -> StoreResult<Meta> {
+        if is_root(path) {
+            return Err(err(libc::EEXIST));
+        }
+        let marker = self.keys.dir_prefix(path)?;
+        self.check_free(path, true)?;
+        let condition = if self.shared.conditional {
+            Condition::Absent
+        } else {
+            Condition::None
+        };
+        match self
+            .shared
+            .client
+            .put(&marker, Body::empty(), &Metadata::new(), &condition)
+        {
+            Ok(_) => {}
+            Err(e) if e.is(Failure::Precondition) || e.is(Failure::Conflict) => {
+                return Err(err(libc::EEXIST));
+            }
+            Err(e) => return Err(e.into()),
+        }
+        let (uid, gid) = self.owner_of(owner);
+        let attrs = Attrs {
+            kind: Kind::Dir,
+            perm,
+            uid,
+            gid,
+            mtime: None,
+        };
+        if let Err(e) = self.index_attrs(path, &attrs, None, false) {
+            let _ = self.shared.client.delete(&marker);
+            return Err(e);
+        }
+        let meta = self.dir_meta(&attrs);
+        self.remember(path, Some(meta.clone()));
+        Ok(meta)
+    }
+
+    fn rmdir(&self, path: &Path) -> StoreResult<()> {
+        if is_root(path) {
+            return Err(err(libc::EBUSY));
+        }
+        let meta = self.lookup(path)?;
+        if meta.kind != Kind::Dir {
+            return Err(err(libc::ENOTDIR));
+        }
+        if !self.dir_is_empty(path)? {
+            return Err(err(libc::ENOTEMPTY));
+        }
+        let prefix = self.keys.dir_prefix(path)?;
+        self.shared
+            .client
+            .delete_many(&[prefix.clone() + INDEX, prefix.clone()])?;
+        // SeaweedFS keeps an emptied directory until its own key is deleted.
+        self.shared.client.delete(&prefix)?;
+        self.forget_tree(path);
+        self.remember(path, None);
+        self.unindex(path, &meta)?;
+        Ok(())
+    }
+
+    fn unlink(&self, path: &Path) -> StoreResult<()> {
+        // What the kernel's lookup just learnt (or a listing did) is trusted for the TTL, as
+        // a stat is: `rm` of a listed directory costs one DELETE a file, not a HEAD more.
+        let meta = match self.remembered(path) {
+            Some(Some(meta)) => meta,
+            _ => self.lookup(path)?,
+        };
+        if meta.kind == Kind::Dir {
+            return Err(err(libc::EISDIR));
+        }
+        let key = self.keys.key(path)?;
+        self.shared.client.delete(&key)?;
+        self.shared.cache.forget(&key);
+        self.remember(path, None);
+        self.unindex(path, &meta)?;
+        Ok(())
+    }
+
+    fn rename(&self, from: &Path, to: &Path, mode: RenameMode) -> StoreResult<()> {
+        if mode == RenameMode::Exchange {
+            // Two objects cannot be swapped atomically on S3.
+            return Err(err(libc::EINVAL));
+        }
+        if is_root(from) || is_root(to) {
+            return Err(err(libc::EBUSY));
+        }
+        if to.starts_with(from) && to != from {
+            return Err(err(libc::EINVAL));
+        }
+        let source = self.lookup(from)?;
+        if from == to {
+            return match mode {
+                RenameMode::NoReplace => Err(err(libc::EEXIST)),
+                _ => Ok(()),
+            };
+        }
+        if from.starts_with(to) {
+            return Err(err(libc::ENOTEMPTY));
+        }
+        let target = self.exists(to)?;
+        if mode == RenameMode::NoReplace && target.is_some() {
+            return Err(err(libc::EEXIST));
+        }
+        if source.kind == Kind::Dir {
+            self.rename_dir(from, to, target.as_ref())
+        } else {
+            self.rename_file(from, to, &source, target.as_ref(), mode)
+        }
+    }
+
+    fn link(&self, _from: &Path, _to: &Path) -> StoreResult<Meta> {
+        Err(err(libc::EPERM))
+    }
+
+    fn symlink(&self, target: &Path, path: &Path, owner: Owner) -> StoreResult<Meta> {
+        use std::os::unix::ffi::OsStrExt;
+        let (uid, gid) = self.owner_of(owner);
+        let attrs = Attrs {
+            kind: Kind::Symlink,
+            perm: 0o777,
+            uid,
+            gid,
+            mtime: None,
+        };
+        let body = Body::Bytes(Arc::new(target.as_os_str().as_bytes().to_vec()));
+        self.make_object(path, &attrs, body)
+    }
+
+    fn readlink(&self, path: &Path) -> StoreResult<PathBuf> {
+        use std::os::unix::ffi::OsStringExt;
+        let meta = self.stat(path)?;
+        if meta.kind != Kind::Symlink {
+            return Err(err(libc::EINVAL));
+        }
+        let key = self.keys.key(path)?;
+        let mut bytes = Vec::new();
+        self.shared.client.get(&key, None, None, &mut |b| {
+            if bytes.len() + b.len() > 4096 {
+                return Err(io::Error::from_raw_os_error(libc::ENAMETOOLONG));
+            }
+            bytes.extend_from_slice(b);
+            Ok(())
+        })?;
+        Ok(PathBuf::from(OsString::from_vec(bytes)))
+    }
+
+    fn set_attr(&self, path: &Path, attr: &SetAttr) -> StoreResult<Meta> {
+        let meta = self.lookup(path)?;
+        let old = self.meta_attrs(&meta);
+        let now = SystemTime::now();
+        let mut new = old;
+        if let Some(p) = attr.perm {
+            new.perm = p;
+        }
+        if let Some(u) = attr.uid {
+            new.uid = u;
+        }
+        if let Some(g) = attr.gid {
+            new.gid = g;
+        }
+        if let Some(t) = attr.mtime {
+            new.mtime = Some(match t {
+                TimeSpec::Now => now,
+                TimeSpec::At(t) => t,
+            });
+        }
+        if new == old {
+            return Ok(meta); // atime alone: not kept
+        }
+        if meta.kind == Kind::Dir {
+            if is_root(path) {
+                let entry = IndexEntry::of(&new, None);
+                self.update_index(Path::new(""), &|index| {
+                    index.entries.insert(".".into(), entry.clone()).as_ref() != Some(&entry)
+                })?;
+            } else {
+                self.index_attrs(path, &new, None, true)?;
+            }
+            let meta = self.dir_meta(&new);
+            self.remember(path, Some(meta.clone()));
+            return Ok(meta);
+        }
+        // An object: its metadata replaced by a copy onto itself.
+        let key = self.keys.key(path)?;
+        let etag = meta.version.tag().map(str::to_string);
+        let mut metadata = new.to_metadata();
+        if let Some(l) = etag.as_deref().and_then(|e| self.shared.lineage_of(e)) {
+            metadata.insert(super::LINEAGE.into(), l);
+        }
+        let new_etag = match self.shared.client.copy(
+            &key,
+            &key,
+            Some(&metadata),
+            etag.as_deref(),
+            &Condition::None,
+        ) {
+            Ok(e) => e,
+            Err(e) if e.is(Failure::Precondition) => {
+                // Replaced meanwhile: on the new version.
+                self.forget(path);
+                return Err(StoreError::from(e).context("setattr").transient());
+            }
+            Err(e) => return Err(e.into()),
+        };
+        self.shared.learn_lineage(&new_etag, &metadata);
+        self.index_attrs(
+            path,
+            &new,
+            Some(&new_etag),
+            !old.are_default(&self.defaults),
+        )?;
+        // The cached bytes are the same version's.
+        let set = self.object_meta(meta.size, &new_etag, now, &new);
+        self.remember(path, Some(set.clone()));
+        if let Some(tag) = meta.version.tag() {
+            let mut attrs_set = lock(&self.attrs_set);
+            if attrs_set.len() > 10_000 {
+                attrs_set.clear();
+            }
+            attrs_set.insert(path.to_path_buf(), (tag.to_string(), set.clone()));
+        }
+        Ok(set)
+    }
+
+    fn sync(&self, _path: &Path) -> StoreResult<()> {
+        // What the store acknowledged is durable there.
+        Ok(())
+    }
+
+    fn statfs(&self) -> StoreResult<StoreStatfs> {
+        Ok(StoreStatfs {
+            blocks: 1 << 40,
+            bfree: 1 << 40,
+            bavail: 1 << 40,
+            files: 1 << 40,
+            ffree: 1 << 40,
+            bsize: 4096,
+            namelen: 255,
+        })
+    }
+
+    fn usage(&self) -> StoreResult<Usage> {
+        space_usage(&self.shared, self.keys.root())
+    }
+
+    fn get_xattr(&self, _path: &Path, _name: &OsStr) -> StoreResult<Vec<u8>> {
+        Err(err(libc::EOPNOTSUPP))
+    }
+
+    fn set_xattr(
+        &self,
+        _path: &Path,
+        _name: &OsStr,
+        _value: &[u8],
+        _mode: XattrMode,
+    ) -> StoreResult<()> {
+        Err(err(libc::EOPNOTSUPP))
+    }
+
+    fn list_xattr(&self, _path: &Path) -> StoreResult<Vec<OsString>> {
+        Err(err(libc::EOPNOTSUPP))
+    }
+
+    fn remove_xattr(&self, _path: &Path, _name: &OsStr) -> StoreResult<()> {
+        Err(err(libc::EOPNOTSUPP))
+    }
+
+    fn forget(&self, path: &Path, tree: bool) {
+        // The entry (or the tree), its directory's listing, and the index holding its
+        // attributes (`S3Store::forget` here is the inherent one, of one entry).
+        if tree {
+            self.forget_tree(path);
+        } else {
+            S3Store::forget(self, path);
+        }
+        lock(&self.indexes).remove(&split(path).0);
+    }
+}
+
+/// What the space under `root` holds: its files, links and names, its directories (every
+/// prefix below the root), and the bytes of its files.
+fn space_usage(shared: &Shared, root: &str) -> StoreResult<Usage> {
+    let mut usage = Usage::default();
+    let mut dirs = std::collections::HashSet::new();
+    let mut token: Option<String> = None;
+    loop {
+        let page = shared.client.list(root, false, token.as_deref(), None)?;
+        for o in &page.objects {
+            let Some(rest) = o.key.strip_prefix(root) else {
+                continue;
+            };
+            // Every directory above the entry.
+            let mut at = 0;
+            while let Some(i) = rest[at..].find('/') {
+                dirs.insert(rest[..at + i].to_string());
+                at += i + 1;
+            }
+            let name = &rest[at..];
+            if name.is_empty() || name == INDEX {
+                continue;
+            }
+            usage.files += 1;
+            usage.bytes += o.size;
+        }
+        match page.next {
+            Some(t) => token = Some(t),
+            None => break,
+        }
+    }
+    usage.files += dirs.len() as u64;
+    Ok(usage)
+}
+
+/// The spaces of one S3 store.
+pub struct S3Spaces {
+    shared: Arc<Shared>,
+    /// The spaces' change feeds in the bucket, started when the first is wanted (an error,
+    /// logged: the thread could not start).
+    feeds: std::sync::OnceLock<Result<BucketFeeds, String>>,
+}
+
+impl S3Spaces {
+    pub(super) fn new(shared: Arc<Shared>) -> S3Spaces {
+        S3Spaces {
+            shared,
+            feeds: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// The feeds, started with `retention` if not yet.
+    fn feeds(&self, retention: Retention) -> Result<&BucketFeeds, &String> {
+        self.feeds
+            .get_or_init(|| {
+                BucketFeeds::start(
+                    self.shared.client.clone(),
+                    &self.shared.prefix,
+                    self.shared.conditional,
+                    retention,
+                    Duration::from_secs_f64(self.shared.config.events_poll_secs),
+                )
+                .map_err(|e| format!("cannot start the change feed thread: {e}"))
+            })
+            .as_ref()
+    }
+
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    fn keys(&self, space: &SpaceId) -> SpaceKeys {
+        SpaceKeys::new(&self.shared.prefix, space.kind.dir(), &space.id)
+    }
+
+    /// Replays what crashed processes of this host left (see `state`).
+    pub(super) fn recover(&self, leftovers: Vec<Leftover>) {
+        let (mut aborted, mut renamed) = (0, 0);
+        for left in leftovers {
+            for (path, record) in &left.records {
+                let done = match record {
+                    Record::Upload { key, upload_id } => {
+                        let r = self.shared.client.abort_upload(key, upload_id);
+                        aborted += usize::from(r.is_ok());
+                        r.map_err(StoreError::from)
+                    }
+                    Record::Rename { root, from, to } => {
+                        let r = finish_rename(&self.shared, root, from, to);
+                        renamed += usize::from(r.is_ok());
+                        r
+                    }
+                };
+                match done {
+                    Ok(()) => left.forget(path),
+                    Err(e) => log::warn!(
+                        "cannot finish what a crashed process left ({record:?}): {e}; the next \
+                         start tries again"
+                    ),
+                }
+            }
+            left.finish();
+        }
+        if aborted + renamed > 0 {
+            log::info!(
+                "{}: aborted {aborted} multipart uploads and finished {renamed} directory \
+                 renames left by an earlier crash",
+                self.shared.location
+            );
+        }
+    }
+}
+
+/// Finishes a directory rename a crash interrupted: the objects left under `from` move, and
+/// the directory's index entry with them.
+fn finish_rename(shared: &Arc<Shared>, root: &str, from: &str, to: &str) -> StoreResult<()> {
+    move_tree(shared, from, to)?;
+    // The index entries, through a store of the space (its owner does not matter here).
+    let keys = SpaceKeys::new_root(root);
+    let store = S3Store::new(
+        shared.clone(),
+        keys.clone(),
+        Defaults {
+            uid: 0,
+            gid: 0,
+            dir_mtime: SystemTime::UNIX_EPOCH,
+        },
+    );
+    let (Some(from_path), Some(to_path)) = (
+        keys.path_of(from.trim_end_matches('/')),
+        keys.path_of(to.trim_end_matches('/')),
+    ) else {
+        return Ok(());
+    };
+    let (from_dir, from_name) = split(&from_path);
+    let (to_dir, to_name) = split(&to_path);
+    let moved = store
+        .fetch_index(&from_dir)?
+        .1
+        .entries
+        .get(&from_name)
+        .cloned();
+    if let Some(entry) = moved {
+        store.update_index(&to_dir, &|index| {
+            index
+                .entries
+                .insert(to_name.clone(), entry.clone())
+                .as_ref()
+                != Some(&entry)
+        })?;
+        store.update_index(&from_dir, &|index| {
+            index.entries.remove(&from_name).is_some()
+        })?;
+    }
+    Ok(())
+}
+
+fn io_err(e: StoreError) -> io::Error {
+    let errno = e.raw_os_error();
+    io::Error::new(io::Error::from_raw_os_error(errno).kind(), format!("{e}"))
+}
+
+/// Presigned GETs of one space's objects (`roomfs url --direct`).
+struct Presigner {
+    shared: Arc<Shared>,
+    keys: SpaceKeys,
+}
+
+impl crate::urls::Presign for Presigner {
+    fn presign_get(
+        &self,
+        path: &Path,
+        ttl: Duration,
+        disposition: crate::urls::Disposition,
+        _file_name: &str,
+    ) -> io::Result<String> {
+        let key = self.keys.key(path).map_err(io_err)?;
+        let header = crate::urls::http::content_disposition(disposition, path);
+        self.shared
+            .client
+            .presign_get(&key, ttl, &header)
+            .map_err(|e| io_err(e.into()))
+    }
+}
+
+impl Spaces for S3Spaces {
+    fn presigner(&self, space: &SpaceId) -> Option<Arc<dyn crate::urls::Presign>> {
+        Some(Arc::new(Presigner {
+            shared: self.shared.clone(),
+            keys: self.keys(space),
+        }))
+    }
+
+    fn space_exists(&self, space: &SpaceId) -> io::Result<bool> {
+        let keys = self.keys(space);
+        let page = self
+            .shared
+            .client
+            .list(keys.root(), false, None, Some(1))
+            .map_err(|e| io_err(e.into()))?;
+        Ok(!page.objects.is_empty())
+    }
+
+    fn open_space(&self, space: &SpaceId, create: Option<Owner>) -> io::Result<Arc<dyn Store>> {
+        let keys = self.keys(space);
+        let root = keys.root().to_string();
+        let page = self
+            .shared
+            .client
+            .list(&root, false, None, Some(1))
+            .map_err(|e| io_err(e.into()))?;
+        if page.objects.is_empty() {
+            let Some(owner) = create else {
+                return Err(io::Error::from_raw_os_error(libc::ENOENT));
+            };
+            let (uid, gid) = owner.unwrap_or_else(|| {
+                (
+                    nix::unistd::geteuid().as_raw(),
+                    nix::unistd::getegid().as_raw(),
+                )
+            });
+            let attrs = Attrs {
+                kind: Kind::Dir,
+                perm: super::attrs::DIR_PERM,
+                uid,
+                gid,
+                mtime: Some(to_second(SystemTime::now())),
+            };
+            let index = Index {
+                v: 1,
+                entries: [(".".to_string(), IndexEntry::of(&attrs, None))].into(),
+            };
+            let index_key = root.clone() + INDEX;
+            // Racing hosts: the first index made wins (the space's owner and birth).
+            match self.shared.client.put(
+                &index_key,
+                Body::Bytes(Arc::new(index.to_bytes())),
+                &Metadata::new(),
+                &Condition::Absent,
+            ) {
+                Ok(_) => {}
+                Err(e) if e.is(Failure::Precondition) || e.is(Failure::Conflict) => {}
+                Err(e) => return Err(io_err(e.into())),
+            }
+            self.shared
+                .client
+                .put(&root, Body::empty(), &Metadata::new(), &Condition::None)
+                .map_err(|e| io_err(e.into()))?;
+        }
+        let store = S3Store::new(
+            self.shared.clone(),
+            keys,
+            Defaults {
+                uid: 0,
+                gid: 0,
+                dir_mtime: SystemTime::UNIX_EPOCH,
+            },
+        );
+        // The space's owner and birth, from its root's index entry.
+        let index = store.index(Path::new(""), None).map_err(io_err)?;
+        let defaults = match index.entries.get(".") {
+            Some(e) => Defaults {
+                uid: e.uid.unwrap_or(0),
+                gid: e.gid.unwrap_or(0),
+                dir_mtime: e
+                    .mtime
+                    .as_deref()
+                    .and_then(super::attrs::parse_time)
+                    .unwrap_or(SystemTime::UNIX_EPOCH),
+            },
+            None => *store.defaults(),
+        };
+        Ok(Arc::new(S3Store::new(
+            self.shared.clone(),
+            store.keys().clone(),
+            defaults,
+        )))
+    }
+
+    fn space_usage(&self, space: &SpaceId) -> io::Result<Option<Usage>> {
+        let keys = self.keys(space);
+        let usage = space_usage(&self.shared, keys.root()).map_err(io_err)?;
+        let page = self
+            .shared
+            .client
+            .list(keys.root(), false, None, Some(1))
+            .map_err(|e| io_err(e.into()))?;
+        if page.objects.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(usage))
+    }
+
+    fn delete_space(&self, space: &SpaceId) -> io::Result<Usage> {
+        let keys = self.keys(space);
+        let root = keys.root().to_string();
+        let usage = space_usage(&self.shared, &root).map_err(io_err)?;
+        let mut dirs = std::collections::BTreeSet::new();
+        loop {
+            let page = self
+                .shared
+                .client
+                .list(&root, false, None, None)
+                .map_err(|e| io_err(e.into()))?;
+            if page.objects.is_empty() {
+                break;
+            }
+            let keys: Vec<String> = page.objects.into_iter().map(|o| o.key).collect();
+            for k in &keys {
+                self.shared.cache.forget(k);
+                let rest = &k[root.len()..];
+                let mut at = 0;
+                while let Some(i) = rest[at..].find('/') {
+                    dirs.insert(format!("{root}{}", &rest[..at + i + 1]));
+                    at += i + 1;
+                }
+            }
+            for batch in keys.chunks(super::client::DELETE_BATCH) {
+                self.shared
+                    .client
+                    .delete_many(batch)
+                    .map_err(|e| io_err(e.into()))?;
+            }
+        }
+        // Emptied directories, deepest first (SeaweedFS lists them until they are deleted).
+        let mut dirs: Vec<String> = dirs.into_iter().collect();
+        dirs.sort_by_key(|d| std::cmp::Reverse(d.matches('/').count()));
+        for d in dirs {
+            let _ = self.shared.client.delete(&d);
+        }
+        let _ = self.shared.client.delete(&root);
+        // Its change feed too: a space made again under the same id starts from `seq` 1.
+        if let Some(Ok(feeds)) = self.feeds.get() {
+            feeds.forget(space);
+        }
+        remove_feed(self.shared.client.as_ref(), &self.shared.prefix, space)?;
+        Ok(usage)
+    }
+
+    fn describe(&self, space: &SpaceId) -> String {
+        format!("{}/{}", self.shared.location, self.keys(space).root())
+    }
+
+    fn change_feed(
+        &self,
+        space: &SpaceId,
+        retention: Retention,
+    ) -> Option<io::Result<Arc<dyn ChangeFeed>>> {
+        Some(match self.feeds(retention) {
+            Ok(feeds) => feeds
+                .feed(space)
+                .map(|f| f as Arc<dyn ChangeFeed>)
+                .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", self.describe(space)))),
+            Err(e) => Err(io::Error::other(e.clone())),
+        })
+    }
+}

@@ -1,0 +1,837 @@
+//! Tests of the S3 store over the in-memory bucket (`mock`): what it asks of the bucket, what
+//! two hosts sharing it see, and what failures and crashes leave. The core's own tests and
+//! its model test run on this store too (`fs::tests`, `fs::tests_model`).
+
+use std::path::Path;
+use std::sync::Arc;
+
+use super::client::{Condition, Failure, Metadata, ObjectClient};
+use super::mock::{MemClient, Op};
+use super::{S3Config, Shared, open_with};
+use crate::space::{SpaceId, SpaceKind, Spaces};
+use crate::store::{
+    Change, CommitRequest, Content, Kind, RenameMode, SetAttr, Store, StoreResult, TimeSpec,
+    WorkingCopy,
+};
+
+const MIB: u64 = 1 << 20;
+/// The part size of these tests (S3's smallest).
+const PART: u64 = 5 * MIB;
+
+/// One host: its own local state, on a shared bucket.
+struct Host {
+    _dir: tempfile::TempDir,
+    spaces: super::S3Spaces,
+    store: Arc<dyn Store>,
+}
+
+fn config() -> S3Config {
+    let mut config = S3Config::new("test-bucket", "team");
+    config.part_size = PART;
+    config.cache_bytes = 256 * MIB;
+    config.spool_bytes = 64 * MIB;
+    config.metadata_ttl_secs = 60.0;
+    config
+}
+
+fn host_with(client: &Arc<MemClient>, config: &S3Config) -> Host {
+    let dir = tempfile::tempdir().unwrap();
+    let spaces = open_with(client.clone(), config, dir.path(), "memory".into()).unwrap();
+    let id = SpaceId::new(SpaceKind::Room, "r1").unwrap();
+    let store = spaces.open_space(&id, Some(Some((1000, 1000)))).unwrap();
+    Host {
+        _dir: dir,
+        spaces,
+        store,
+    }
+}
+
+fn host(client: &Arc<MemClient>) -> Host {
+    host_with(client, &config())
+}
+
+fn key(path: &str) -> String {
+    format!("team/rooms/r1/{path}")
+}
+
+fn p(path: &str) -> &Path {
+    Path::new(path)
+}
+
+/// Writes `bytes` at `path` through a working copy, as a close does.
+fn write(store: &dyn Store, path: &str, bytes: &[u8]) -> StoreResult<Arc<dyn Content>> {
+    if store.stat(p(path)).is_err() {
+        store.create(p(path), 0o644, None, false)?;
+    }
+    let base = store.open(p(path))?;
+    let copy = store.working_copy(p(path))?;
+    copy.write_at(bytes, 0)?;
+    commit_whole(store, path, &base, &copy)
+}
+
+fn commit_whole(
+    store: &dyn Store,
+    path: &str,
+    base: &Arc<dyn Content>,
+    copy: &Arc<dyn WorkingCopy>,
+) -> StoreResult<Arc<dyn Content>> {
+    Ok(store
+        .commit(CommitRequest {
+            path: p(path),
+            base,
+            change: Change::Whole(copy),
+            durable: false,
+        })?
+        .content)
+}
+
+fn read(content: &dyn Content) -> Vec<u8> {
+    let mut out = vec![0u8; content.meta().size as usize];
+    let mut done = 0;
+    while done < out.len() {
+        let n = content.read_at(&mut out[done..], done as u64).unwrap();
+        assert!(n > 0);
+        done += n;
+    }
+    out
+}
+
+fn pattern(len: u64, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+#[test]
+fn a_listing_is_one_list_and_shows_modes_owners_and_kinds() {
+    let client = Arc::new(MemClient::new());
+    let a = host(&client);
+    for i in 0..50 {
+        write(a.store.as_ref(), &format!("f{i}"), b"x").unwrap();
+    }
+    a.store
+        .create(p("secret"), 0o600, Some((7, 8)), true)
+        .unwrap();
+    a.store.symlink(p("f1"), p("link"), None).unwrap();
+    a.store.mknod(p("pipe"), Kind::Fifo, 0o640, None).unwrap();
+    a.store.mkdir(p("private"), 0o700, None).unwrap();
+    a.store.mkdir(p("plain"), 0o755, None).unwrap();
+    // Another host, with nothing remembered: one LIST and one GET of the index.
+    let b = host(&client);
+    client.reset_counts();
+    let listed = b.store.list(p("")).unwrap();
+    assert_eq!(client.count(Op::List), 1);
+    assert_eq!(client.count(Op::Get), 1, "the directory's index");
+    assert_eq!(client.count(Op::Head), 0);
+    let by = |n: &str| {
+        listed
+            .iter()
+            .find(|e| e.name == n)
+            .and_then(|e| e.meta.clone())
+            .unwrap_or_else(|| panic!("{n} listed"))
+    };
+    assert_eq!(listed.len(), 55);
+    let secret = by("secret");
+    assert_eq!((secret.perm, secret.uid, secret.gid), (0o600, 7, 8));
+    assert_eq!(by("link").kind, Kind::Symlink);
+    assert_eq!(by("pipe").kind, Kind::Fifo);
+    assert_eq!((by("private").kind, by("private").perm), (Kind::Dir, 0o700));
+    let plain = by("f3");
+    assert_eq!((plain.perm, plain.uid, plain.gid), (0o644, 1000, 1000));
+    // What the listing showed is what a stat shows, without asking again...
+    for e in &listed {
+        let m = b.store.stat(&Path::new("").join(&e.name)).unwrap();
+        assert_eq!(m.perm, e.meta.as_ref().unwrap().perm);
+    }
+    assert_eq!(client.count(Op::Head), 0);
+    // ...and what a HEAD says (a third host, nothing remembered).
+    let c = host(&client);
+    for n in ["secret", "link", "pipe", "f3"] {
+        let m = c.store.stat(p(n)).unwrap();
+        let l = by(n);
+        assert_eq!(
+            (m.kind, m.perm, m.uid, m.gid, m.mtime, m.size),
+            (l.kind, l.perm, l.uid, l.gid, l.mtime, l.size),
+            "{n}"
+        );
+    }
+    // A listing of a directory whose index did not change does not read it again.
+    client.reset_counts();
+    b.store.list(p("")).unwrap();
+    assert_eq!((client.count(Op::List), client.count(Op::Get)), (1, 0));
+    // Ordinary files need no index entry: the index holds only the unusual ones.
+    let index: super::attrs::Index =
+        serde_json::from_slice(&client.object(&key(".roomfs-attrs")).unwrap()).unwrap();
+    let mut names: Vec<&str> = index.entries.keys().map(String::as_str).collect();
+    names.sort();
+    assert_eq!(names, [".", "link", "pipe", "private", "secret"]);
+}
+
+#[test]
+fn of_two_hosts_racing_for_a_name_exactly_one_wins() {
+    let client = Arc::new(MemClient::new());
+    let (a, b) = (host(&client), host(&client));
+    a.store.create(p("lock"), 0o644, None, true).unwrap();
+    let e = b.store.create(p("lock"), 0o644, None, true).unwrap_err();
+    assert_eq!(e.raw_os_error(), libc::EEXIST);
+    a.store.mkdir(p("d"), 0o755, None).unwrap();
+    assert_eq!(
+        b.store
+            .mkdir(p("d"), 0o755, None)
+            .unwrap_err()
+            .raw_os_error(),
+        libc::EEXIST
+    );
+    a.store.symlink(p("x"), p("s"), None).unwrap();
+    assert_eq!(
+        b.store
+            .symlink(p("y"), p("s"), None)
+            .unwrap_err()
+            .raw_os_error(),
+        libc::EEXIST
+    );
+    write(a.store.as_ref(), "src-a", b"a").unwrap();
+    write(b.store.as_ref(), "src-b", b"b").unwrap();
+    a.store
+        .rename(p("src-a"), p("dst"), RenameMode::NoReplace)
+        .unwrap();
+    // B has not seen dst: the copy's own condition refuses it.
+    let e = b
+        .store
+        .rename(p("src-b"), p("dst"), RenameMode::NoReplace)
+        .unwrap_err();
+    assert_eq!(e.raw_os_error(), libc::EEXIST);
+    assert_eq!(client.object(&key("dst")).unwrap(), b"a");
+    assert_eq!(
+        client.object(&key("src-b")).unwrap(),
+        b"b",
+        "the loser keeps its name"
+    );
+    // Exchange cannot be done atomically on S3, hard links not at all.
+    assert_eq!(
+        a.store
+            .rename(p("dst"), p("src-b"), RenameMode::Exchange)
+            .unwrap_err()
+            .raw_os_error(),
+        libc::EINVAL
+    );
+    assert_eq!(
+        a.store.link(p("dst"), p("l")).unwrap_err().raw_os_error(),
+        libc::EPERM
+    );
+    assert!(!a.store.capabilities().hard_links);
+}
+
+#[test]
+fn appends_from_two_hosts_keep_both_hosts_bytes() {
+    let client = Arc::new(MemClient::new());
+    let (a, b) = (host(&client), host(&client));
+    write(a.store.as_ref(), "log", b"start\n").unwrap();
+    let base_a = a.store.open(p("log")).unwrap();
+    let base_b = b.store.open(p("log")).unwrap();
+    let append = |s: &dyn Store, base: &Arc<dyn Content>, tail: &[u8]| {
+        s.commit(CommitRequest {
+            path: p("log"),
+            base,
+            change: Change::Append { tail, follow: true },
+            durable: false,
+        })
+        .unwrap()
+    };
+    let first = append(b.store.as_ref(), &base_b, b"from b\n");
+    assert!(!first.followed);
+    // A appends from the version before B's: its bytes go after B's.
+    let second = append(a.store.as_ref(), &base_a, b"from a\n");
+    assert!(second.followed, "it followed B's append");
+    assert_eq!(read(second.content.as_ref()), b"start\nfrom b\nfrom a\n");
+    assert_eq!(
+        client.object(&key("log")).unwrap(),
+        b"start\nfrom b\nfrom a\n"
+    );
+    // A plain writer's bytes at the end (not O_APPEND) replace whole: the last close wins.
+    let stale = a.store.open(p("log")).unwrap();
+    append(
+        b.store.as_ref(),
+        &b.store.open(p("log")).unwrap(),
+        b"b again\n",
+    );
+    a.store
+        .commit(CommitRequest {
+            path: p("log"),
+            base: &stale,
+            change: Change::Append {
+                tail: b"a's end\n",
+                follow: false,
+            },
+            durable: false,
+        })
+        .unwrap();
+    assert_eq!(
+        client.object(&key("log")).unwrap(),
+        b"start\nfrom b\nfrom a\na's end\n"
+    );
+}
+
+#[test]
+fn appends_to_a_large_object_copy_it_server_side() {
+    let client = Arc::new(MemClient::new());
+    let (a, b) = (host(&client), host(&client));
+    let big = pattern(2 * PART + 123, 1);
+    write(a.store.as_ref(), "big.log", &big).unwrap();
+    let base_a = a.store.open(p("big.log")).unwrap();
+    let base_b = b.store.open(p("big.log")).unwrap();
+    client.reset_counts();
+    for (s, base, tail) in [
+        (&b.store, &base_b, b"tail from b".as_slice()),
+        (&a.store, &base_a, b"tail from a".as_slice()),
+    ] {
+        s.commit(CommitRequest {
+            path: p("big.log"),
+            base,
+            change: Change::Append { tail, follow: true },
+            durable: false,
+        })
+        .unwrap();
+    }
+    assert_eq!(
+        client.count(Op::Get),
+        0,
+        "nothing of the large base was downloaded"
+    );
+    assert!(client.count(Op::UploadPartCopy) >= 4);
+    let mut want = big.clone();
+    want.extend_from_slice(b"tail from btail from a");
+    assert_eq!(client.object(&key("big.log")).unwrap(), want);
+    assert_eq!(client.upload_count(), 0);
+}
+
+#[test]
+fn a_sequential_writer_uploads_its_parts_before_the_close() {
+    let client = Arc::new(MemClient::new());
+    let a = host(&client);
+    a.store.create(p("big"), 0o640, None, false).unwrap();
+    let base = a.store.open(p("big")).unwrap();
+    let copy = a.store.working_copy(p("big")).unwrap();
+    let data = pattern(4 * PART + 1000, 2);
+    for chunk in data.chunks(MIB as usize).enumerate() {
+        copy.write_at(chunk.1, chunk.0 as u64 * MIB).unwrap();
+    }
+    // The three parts written in full (with more after them) go up while the writer writes.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while client.count(Op::UploadPart) < 3 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert!(client.count(Op::UploadPart) >= 3);
+    assert_eq!(client.upload_count(), 1);
+    assert_eq!(
+        client.count(Op::Complete),
+        0,
+        "nothing visible before the close"
+    );
+    assert!(client.object(&key("big")).unwrap().is_empty());
+    // A write into an uploaded part: that part goes up again at the commit.
+    copy.write_at(b"CHANGED", PART + 10).unwrap();
+    let done = commit_whole(a.store.as_ref(), "big", &base, &copy).unwrap();
+    let mut want = data.clone();
+    want[PART as usize + 10..PART as usize + 17].copy_from_slice(b"CHANGED");
+    assert_eq!(client.object(&key("big")).unwrap(), want);
+    assert_eq!(client.count(Op::Complete), 1);
+    assert_eq!(
+        client.count(Op::UploadPart),
+        6,
+        "3 early, part 2 again, parts 4 and 5"
+    );
+    assert_eq!(client.upload_count(), 0);
+    let meta = client.metadata(&key("big")).unwrap();
+    assert_eq!(meta["mode"], (libc::S_IFREG | 0o640).to_string());
+    // What this host just wrote is read from its cache: no GET, and a local file.
+    client.reset_counts();
+    assert_eq!(read(done.as_ref()), want);
+    assert!(done.local().is_some());
+    assert_eq!(client.count(Op::Get), 0);
+    // A small file is one PUT.
+    client.reset_counts();
+    write(a.store.as_ref(), "small", b"tiny").unwrap();
+    assert_eq!(client.count(Op::Put), 2, "the create and the commit");
+    assert_eq!(client.count(Op::CreateUpload), 0);
+}
+
+#[test]
+fn a_failed_commit_leaves_the_previous_object_and_no_upload_behind() {
+    let client = Arc::new(MemClient::new());
+    let a = host(&client);
+    let old = pattern(3 * PART, 3);
+    write(a.store.as_ref(), "f", &old).unwrap();
+    for (op, failure) in [
+        (Op::Complete, Failure::Unavailable),
+        (Op::UploadPart, Failure::Unavailable),
+        (Op::CreateUpload, Failure::Denied),
+    ] {
+        let base = a.store.open(p("f")).unwrap();
+        let copy = a.store.working_copy(p("f")).unwrap();
+        client.fail(op, None, failure, 100);
+        copy.write_at(&pattern(3 * PART, 4), 0).unwrap();
+        let e = commit_whole(a.store.as_ref(), "f", &base, &copy)
+            .err()
+            .unwrap();
+        assert_eq!(e.raw_os_error(), libc::EIO, "{op:?}: {e}");
+        client.heal();
+        // Early uploads run on their threads: wait for them to be aborted.
+        drop(copy);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while client.upload_count() > 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert_eq!(client.object(&key("f")).unwrap(), old, "{op:?}");
+        assert_eq!(client.upload_count(), 0, "{op:?}: no parts left behind");
+    }
+    // A small file's failed PUT.
+    let base = a.store.open(p("f")).unwrap();
+    let copy = a.store.working_copy(p("f")).unwrap();
+    copy.write_at(b"new", 0).unwrap();
+    client.fail(Op::Put, None, Failure::Unavailable, 1);
+    let e = commit_whole(a.store.as_ref(), "f", &base, &copy)
+        .err()
+        .unwrap();
+    assert!(e.is_transient(), "{e}");
+    assert_eq!(client.object(&key("f")).unwrap(), old);
+    // The copy stays the writer's: the next close commits it.
+    commit_whole(a.store.as_ref(), "f", &base, &copy).unwrap();
+    assert_eq!(client.object(&key("f")).unwrap(), b"new");
+}
+
+#[test]
+fn random_writes_into_a_large_file_copy_the_untouched_parts() {
+    let client = Arc::new(MemClient::new());
+    let a = host(&client);
+    let old = pattern(4 * PART + 77, 5);
+    write(a.store.as_ref(), "db", &old).unwrap();
+    let base = a.store.open(p("db")).unwrap();
+    let copy = a.store.working_copy(p("db")).unwrap();
+    copy.set_len(old.len() as u64).unwrap();
+    // Only what the writer wrote is in the copy (seeded on demand).
+    copy.write_at(b"PAGE", 2 * PART + 4096).unwrap();
+    let written = [(2 * PART + 4096, 4u64)];
+    let completed = std::sync::atomic::AtomicBool::new(false);
+    let complete = || {
+        completed.store(true, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    };
+    client.reset_counts();
+    a.store
+        .commit(CommitRequest {
+            path: p("db"),
+            base: &base,
+            change: Change::Ranges {
+                copy: &copy,
+                written: &written,
+                complete: &complete,
+            },
+            durable: false,
+        })
+        .unwrap();
+    let mut want = old.clone();
+    want[2 * PART as usize + 4096..2 * PART as usize + 4100].copy_from_slice(b"PAGE");
+    assert_eq!(client.object(&key("db")).unwrap(), want);
+    assert_eq!(client.count(Op::UploadPartCopy), 4, "the untouched parts");
+    assert_eq!(client.count(Op::UploadPart), 1, "the part written");
+    assert!(!completed.load(std::sync::atomic::Ordering::Relaxed));
+    // If the version it started from is gone, the copy is completed and wins whole.
+    let base = a.store.open(p("db")).unwrap();
+    let copy = a.store.working_copy(p("db")).unwrap();
+    copy.set_len(want.len() as u64).unwrap();
+    copy.write_at(b"MINE", 0).unwrap();
+    let b = host(&client);
+    write(b.store.as_ref(), "db", &pattern(4 * PART + 77, 6)).unwrap();
+    let complete = || {
+        completed.store(true, std::sync::atomic::Ordering::Relaxed);
+        copy.write_at(&want[4..], 4)
+    };
+    a.store
+        .commit(CommitRequest {
+            path: p("db"),
+            base: &base,
+            change: Change::Ranges {
+                copy: &copy,
+                written: &[(0, 4)],
+                complete: &complete,
+            },
+            durable: false,
+        })
+        .unwrap();
+    assert!(completed.load(std::sync::atomic::Ordering::Relaxed));
+    let mut mine = want.clone();
+    mine[..4].copy_from_slice(b"MINE");
+    assert_eq!(client.object(&key("db")).unwrap(), mine);
+    assert_eq!(client.upload_count(), 0);
+}
+
+#[test]
+fn a_full_spool_is_enospc() {
+    let client = Arc::new(MemClient::new());
+    let mut config = config();
+    config.spool_bytes = MIB;
+    let a = host_with(&client, &config);
+    let copy = a.store.working_copy(p("f")).unwrap();
+    copy.write_at(&vec![1u8; MIB as usize], 0).unwrap();
+    let e = copy.write_at(b"x", MIB).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::ENOSPC));
+    let other = a.store.working_copy(p("g")).unwrap();
+    assert_eq!(
+        other.write_at(b"x", 0).unwrap_err().raw_os_error(),
+        Some(libc::ENOSPC)
+    );
+    // Room comes back when a copy shrinks or goes.
+    copy.set_len(0).unwrap();
+    other.write_at(b"x", 0).unwrap();
+    drop(copy);
+    drop(other);
+    assert_eq!(a.spaces.shared().spool.used(), 0);
+}
+
+#[test]
+fn a_crash_leaves_journaled_uploads_that_the_next_start_aborts() {
+    let client = Arc::new(MemClient::new());
+    let dir = tempfile::tempdir().unwrap();
+    let config = config();
+    let id = SpaceId::new(SpaceKind::Room, "r1").unwrap();
+    {
+        let spaces = open_with(client.clone(), &config, dir.path(), "memory".into()).unwrap();
+        let store = spaces.open_space(&id, Some(None)).unwrap();
+        store.create(p("big"), 0o644, None, false).unwrap();
+        let copy = store.working_copy(p("big")).unwrap();
+        copy.write_at(&pattern(3 * PART, 7), 0).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while client.count(Op::UploadPart) < 2 && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert_eq!(client.upload_count(), 1);
+        // A kill -9: nothing is dropped, nothing aborted; the process's lock goes.
+        std::mem::forget(copy);
+        let shared: &Arc<Shared> = spaces.shared();
+        let lock_dir = shared.state.spool_dir().parent().unwrap().to_path_buf();
+        let journal: Vec<_> = std::fs::read_dir(lock_dir.join("journal"))
+            .unwrap()
+            .collect();
+        assert_eq!(journal.len(), 1, "the upload is in the journal");
+        crash(&lock_dir);
+        std::mem::forget(store);
+        std::mem::forget(spaces);
+    }
+    assert_eq!(client.upload_count(), 1);
+    // Another host's upload is not this host's to abort.
+    let theirs = client
+        .create_upload(&key("theirs"), &Metadata::new())
+        .unwrap();
+    let _next = open_with(client.clone(), &config, dir.path(), "memory".into()).unwrap();
+    let left = client.list_uploads("").unwrap();
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].upload_id, theirs);
+    assert_eq!(
+        client.object(&key("big")).unwrap(),
+        b"",
+        "the previous version"
+    );
+}
+
+/// Releases the lock of a process directory of the local state, as its process's death would.
+fn crash(proc_dir: &Path) {
+    // The lock is held through an open descriptor: a new file in its place is unlocked.
+    let lock = proc_dir.join("lock");
+    std::fs::remove_file(&lock).unwrap();
+    std::fs::File::create(&lock).unwrap();
+}
+
+#[test]
+fn a_directory_rename_moves_every_object_and_a_crash_is_finished_at_the_next_start() {
+    let client = Arc::new(MemClient::new());
+    let a = host(&client);
+    a.store.mkdir(p("d"), 0o700, None).unwrap();
+    a.store.mkdir(p("d/sub"), 0o755, None).unwrap();
+    a.store.mkdir(p("d/empty"), 0o755, None).unwrap();
+    for i in 0..5 {
+        write(a.store.as_ref(), &format!("d/sub/f{i}"), &[i as u8]).unwrap();
+    }
+    a.store.create(p("d/odd"), 0o600, None, true).unwrap();
+    a.store.rename(p("d"), p("e"), RenameMode::Replace).unwrap();
+    assert!(client.keys().iter().all(|k| !k.starts_with(&key("d/"))));
+    assert_eq!(client.object(&key("e/sub/f3")).unwrap(), [3]);
+    assert_eq!(
+        a.store.stat(p("e")).unwrap().perm,
+        0o700,
+        "its mode moved along"
+    );
+    assert_eq!(a.store.stat(p("e/odd")).unwrap().perm, 0o600);
+    assert_eq!(a.store.stat(p("e/empty")).unwrap().kind, Kind::Dir);
+    let b = host(&client);
+    let names: Vec<_> = b
+        .store
+        .list(p("e"))
+        .unwrap()
+        .into_iter()
+        .map(|e| e.name)
+        .collect();
+    assert_eq!(names.len(), 3, "{names:?}");
+    assert_eq!(b.store.list(p("e/odd").parent().unwrap()).unwrap().len(), 3);
+
+    // A rename cut short by a failure, then a crash: the next start finishes it.
+    let dir = tempfile::tempdir().unwrap();
+    let id = SpaceId::new(SpaceKind::Room, "r1").unwrap();
+    {
+        let spaces = open_with(client.clone(), &config(), dir.path(), "memory".into()).unwrap();
+        let store = spaces.open_space(&id, None).unwrap();
+        client.fail(Op::DeleteMany, None, Failure::Unavailable, 1);
+        let e = store
+            .rename(p("e"), p("g"), RenameMode::Replace)
+            .unwrap_err();
+        assert_eq!(e.raw_os_error(), libc::EIO);
+        // Half done: copies under g, originals still under e.
+        assert!(client.object(&key("g/sub/f1")).is_some());
+        assert!(client.object(&key("e/sub/f1")).is_some());
+        crash(spaces.shared().state.spool_dir().parent().unwrap());
+        std::mem::forget(store);
+        std::mem::forget(spaces);
+    }
+    let _next = open_with(client.clone(), &config(), dir.path(), "memory".into()).unwrap();
+    assert!(
+        client.keys().iter().all(|k| !k.starts_with(&key("e/"))),
+        "{:?}",
+        client.keys()
+    );
+    assert_eq!(client.object(&key("g/sub/f1")).unwrap(), [1]);
+    let c = host(&client);
+    assert_eq!(
+        c.store.stat(p("g")).unwrap().perm,
+        0o700,
+        "its index entry moved"
+    );
+    assert_eq!(
+        c.store.stat(p("e")).unwrap_err().raw_os_error(),
+        libc::ENOENT
+    );
+}
+
+#[test]
+fn hostile_names_from_the_bucket_are_not_shown_and_bad_names_never_made() {
+    let client = Arc::new(MemClient::new());
+    let a = host(&client);
+    write(a.store.as_ref(), "ok", b"1").unwrap();
+    for k in ["a\\b", "d//x", "./y", "../z", "\0nul", ".roomfs-attrs/x"] {
+        client.insert(&key(k), b"evil", Metadata::new());
+    }
+    client.insert(
+        &key("bad-meta"),
+        b"",
+        [("mode".into(), "99999999999".into())].into(),
+    );
+    let b = host(&client);
+    let mut names: Vec<String> = b
+        .store
+        .list(p(""))
+        .unwrap()
+        .into_iter()
+        .map(|e| e.name.to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    // `d//x` makes a directory `d` whose one entry has an empty name: `d` shows, empty.
+    assert_eq!(names, ["bad-meta", "d", "ok"]);
+    assert!(b.store.list(p("d")).unwrap().is_empty());
+    assert_eq!(b.store.stat(p("bad-meta")).unwrap().kind, Kind::File);
+    for bad in ["a\\b", ".roomfs-attrs"] {
+        assert_eq!(
+            a.store
+                .create(p(bad), 0o644, None, true)
+                .unwrap_err()
+                .raw_os_error(),
+            libc::EINVAL,
+            "{bad}"
+        );
+    }
+}
+
+#[test]
+fn reads_are_ranged_and_a_replaced_version_is_not_mixed_in() {
+    let client = Arc::new(MemClient::new());
+    let mut config = config();
+    config.cache_bytes = 4 * MIB; // objects over 1 MiB are read through windows
+    let (a, b) = (host_with(&client, &config), host_with(&client, &config));
+    let data = pattern(20 * MIB, 9);
+    write(a.store.as_ref(), "big", &data).unwrap();
+    let r = b.store.open(p("big")).unwrap();
+    client.reset_counts();
+    let mut buf = vec![0u8; 128 << 10];
+    let mut at = 0;
+    while at < 4 * MIB {
+        let n = r.read_at(&mut buf, at).unwrap();
+        assert_eq!(&buf[..n], &data[at as usize..at as usize + n]);
+        at += n as u64;
+    }
+    let gets = client.count(Op::Get);
+    assert!(gets <= 4, "read-ahead: {gets} requests for 32 reads");
+    // Another writer replaces it: what was not read yet cannot be read (no mixing).
+    write(a.store.as_ref(), "big", &pattern(20 * MIB, 10)).unwrap();
+    let e = r.read_at(&mut buf, 18 * MIB).unwrap_err();
+    assert!(e.to_string().contains("precondition"), "{e}");
+    // A small object is fetched whole at its first read, and then survives a replacement.
+    write(a.store.as_ref(), "small", b"version one").unwrap();
+    let small = b.store.open(p("small")).unwrap();
+    let mut two = [0u8; 3];
+    small.read_at(&mut two, 0).unwrap();
+    write(a.store.as_ref(), "small", b"version two").unwrap();
+    assert_eq!(read(small.as_ref()), b"version one");
+}
+
+#[test]
+fn attributes_live_in_metadata_and_explicit_times_are_kept() {
+    let client = Arc::new(MemClient::new());
+    let a = host(&client);
+    write(a.store.as_ref(), "f", b"data").unwrap();
+    let t = std::time::UNIX_EPOCH + std::time::Duration::new(1_000_000_000, 123);
+    a.store
+        .set_attr(
+            p("f"),
+            &SetAttr {
+                perm: Some(0o751),
+                uid: Some(5),
+                mtime: Some(TimeSpec::At(t)),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    let m = client.metadata(&key("f")).unwrap();
+    assert_eq!(m["mode"], (libc::S_IFREG | 0o751).to_string());
+    assert_eq!(
+        (m["uid"].as_str(), m["mtime"].as_str()),
+        ("5", "1000000000.000000123")
+    );
+    let b = host(&client);
+    let listed = b.store.list(p("")).unwrap();
+    let f = listed
+        .iter()
+        .find(|e| e.name == "f")
+        .unwrap()
+        .meta
+        .clone()
+        .unwrap();
+    assert_eq!((f.perm, f.uid, f.mtime), (0o751, 5, t));
+    // A commit keeps mode and owner, and its mtime is the new object's own.
+    write(a.store.as_ref(), "f", b"new data").unwrap();
+    let c = host(&client);
+    let m = c.store.stat(p("f")).unwrap();
+    assert_eq!((m.perm, m.uid), (0o751, 5));
+    assert_ne!(m.mtime, t);
+    let listed = c.store.list(p("")).unwrap();
+    let f = listed
+        .iter()
+        .find(|e| e.name == "f")
+        .unwrap()
+        .meta
+        .clone()
+        .unwrap();
+    assert_eq!((f.perm, f.uid, f.mtime), (0o751, 5, m.mtime));
+    // Objects written by other tools get the defaults. (Host c listed the directory within
+    // its metadata TTL: it would not see a new name yet; a fresh host does.)
+    client.insert(&key("foreign"), b"hello", Metadata::new());
+    assert_eq!(
+        c.store.stat(p("foreign")).unwrap_err().raw_os_error(),
+        libc::ENOENT
+    );
+    let m = host(&client).store.stat(p("foreign")).unwrap();
+    assert_eq!(
+        (m.kind, m.perm, m.uid, m.size),
+        (Kind::File, 0o644, 1000, 5)
+    );
+}
+
+#[test]
+fn a_store_ignoring_conditions_is_detected_and_names_are_checked_first() {
+    let client = Arc::new(MemClient::new());
+    client
+        .ignore_conditions
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    let a = host(&client);
+    assert!(!a.store.capabilities().conditional_writes);
+    a.store.create(p("x"), 0o644, None, true).unwrap();
+    let b = host(&client);
+    assert_eq!(
+        b.store
+            .create(p("x"), 0o644, None, true)
+            .unwrap_err()
+            .raw_os_error(),
+        libc::EEXIST,
+        "checked with a HEAD before writing"
+    );
+    let ok = Arc::new(MemClient::new());
+    assert!(host(&ok).store.capabilities().conditional_writes);
+    let _ = ok.put(
+        "k",
+        super::client::Body::empty(),
+        &Metadata::new(),
+        &Condition::None,
+    );
+}
+
+#[test]
+fn spaces_are_made_counted_and_deleted() {
+    let client = Arc::new(MemClient::new());
+    let a = host(&client);
+    a.store.mkdir(p("d"), 0o755, None).unwrap();
+    write(a.store.as_ref(), "d/f", b"12345").unwrap();
+    write(a.store.as_ref(), "g", b"12").unwrap();
+    let id = SpaceId::new(SpaceKind::Room, "r1").unwrap();
+    let usage = a.spaces.space_usage(&id).unwrap().unwrap();
+    assert_eq!((usage.files, usage.bytes), (3, 7));
+    assert_eq!(a.store.usage().unwrap().bytes, 7);
+    let other = SpaceId::new(SpaceKind::Room, "nope").unwrap();
+    assert!(a.spaces.space_usage(&other).unwrap().is_none());
+    assert_eq!(
+        a.spaces
+            .open_space(&other, None)
+            .err()
+            .unwrap()
+            .raw_os_error(),
+        Some(libc::ENOENT)
+    );
+    let removed = a.spaces.delete_space(&id).unwrap();
+    assert_eq!((removed.files, removed.bytes), (3, 7));
+    assert!(client.keys().is_empty(), "{:?}", client.keys());
+    // The owner of a new space is its root's.
+    let s = a.spaces.open_space(&id, Some(Some((42, 43)))).unwrap();
+    let root = s.stat(p("")).unwrap();
+    assert_eq!((root.uid, root.gid, root.kind), (42, 43, Kind::Dir));
+}
+
+#[test]
+fn a_reader_reads_on_into_appends_of_its_version() {
+    let client = Arc::new(MemClient::new());
+    let (a, b) = (host(&client), host(&client));
+    a.store.create(p("log"), 0o644, None, true).unwrap();
+    let base = a.store.open(p("log")).unwrap();
+    let reader = b.store.open(p("log")).unwrap();
+    let mut buf = [0u8; 64];
+    assert_eq!(reader.read_appended_at(&mut buf, 0).unwrap(), 0);
+    let append = |base: &Arc<dyn Content>, tail: &[u8], follow| {
+        a.store
+            .commit(CommitRequest {
+                path: p("log"),
+                base,
+                change: Change::Append { tail, follow },
+                durable: false,
+            })
+            .unwrap()
+            .content
+    };
+    let v1 = append(&base, b"one\n", false);
+    std::thread::sleep(std::time::Duration::from_millis(250));
+    let n = reader.read_appended_at(&mut buf, 0).unwrap();
+    assert_eq!(&buf[..n], b"one\n", "another host's reader follows");
+    let v2 = append(&v1, b"two\n", true);
+    std::thread::sleep(std::time::Duration::from_millis(250));
+    let n = reader.read_appended_at(&mut buf, 4).unwrap();
+    assert_eq!(&buf[..n], b"two\n");
+    // A rewrite starts a new lineage: readers stop at their version's end.
+    write(a.store.as_ref(), "log", b"rewritten, longer than before\n").unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(250));
+    assert_eq!(reader.read_appended_at(&mut buf, 8).unwrap(), 0);
+    let _ = v2;
+}

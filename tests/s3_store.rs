@@ -1,0 +1,795 @@
+//! The S3 store across hosts and through failures, on a real engine (SeaweedFS, see
+//! `common::s3`) with real mounts.
+//!
+//! - Two hosts: two daemons (`roomfs serve`), each with its own data dir, spool and cache, on
+//!   one bucket prefix: what one writes the other reads once its attribute TTL has passed; an
+//!   `O_EXCL` race has one winner; appenders on both keep every line; renames and deletes show
+//!   on both; sqlite written on one is read on the other.
+//! - Requests: `ls -l` of a directory of 1,000 files is one LIST (the daemon's metrics count
+//!   every request).
+//! - Failures: the store killed in the middle of an upload, or frozen, gives `EIO` at close in
+//!   bounded time, leaves the previous version and no upload behind, and the mount works again
+//!   once the store is back; `kill -9` of roomfs during an upload leaves the previous object,
+//!   and the next start aborts the upload it left.
+//! - Bad store settings are one clear line at mount time.
+//!
+//! Independent checks of the bucket go through boto3 (`SeaweedFs::boto3`).
+
+mod common;
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::daemon::Daemon;
+use common::s3::{SeaweedFs, unique_prefix};
+use common::{BIN, Bucket, Mounted, output, python};
+
+/// Two hosts' daemons on one prefix of the shared bucket, each with a room `r1` mounted.
+struct Hosts {
+    /// Host A's daemon, kept running (its mount is `ma`).
+    _a: Daemon,
+    b: Daemon,
+    ma: PathBuf,
+    mb: PathBuf,
+}
+
+fn two_hosts() -> Hosts {
+    let prefix = unique_prefix();
+    let s3 = SeaweedFs::shared();
+    let (a, b) = (
+        Daemon::on(None, Some(Bucket::on(s3, &prefix))),
+        Daemon::on(None, Some(Bucket::on(s3, &prefix))),
+    );
+    let (ma, mb) = (a.dir("room"), b.dir("room"));
+    a.mount(&["--room", "r1"], &ma);
+    b.mount(&["--room", "r1"], &mb);
+    Hosts { _a: a, b, ma, mb }
+}
+
+/// Waits (up to 5 s) until `check` holds; returns how long it took.
+fn eventually(what: &str, mut check: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while !check() {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "{what}: not after 5 s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    start.elapsed()
+}
+
+#[test]
+fn written_on_one_host_read_on_the_other() {
+    let h = two_hosts();
+    let big: Vec<u8> = (0..20u32 << 20).map(|i| (i * 7 % 251) as u8).collect();
+    fs::create_dir_all(h.ma.join("out/charts")).unwrap();
+    fs::write(h.ma.join("out/report.md"), b"# findings\n").unwrap();
+    fs::write(h.ma.join("out/charts/big.bin"), &big).unwrap();
+    fs::write(h.ma.join("secret"), b"s").unwrap();
+    fs::set_permissions(h.ma.join("secret"), fs::Permissions::from_mode(0o600)).unwrap();
+    std::os::unix::fs::symlink("out/report.md", h.ma.join("latest")).unwrap();
+    // Close-to-open: after the close on A, B sees it once its TTL (1 s, plus 1 s of what its
+    // store remembers) has passed.
+    let took = eventually("B sees A's files", || {
+        fs::read(h.mb.join("out/report.md")).is_ok_and(|b| b == b"# findings\n")
+    });
+    assert!(took < Duration::from_millis(2600), "{took:?}");
+    assert!(fs::read(h.mb.join("out/charts/big.bin")).unwrap() == big);
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(
+        fs::metadata(h.mb.join("secret")).unwrap().mode() & 0o777,
+        0o600
+    );
+    assert_eq!(
+        fs::read_link(h.mb.join("latest")).unwrap(),
+        Path::new("out/report.md")
+    );
+    // A new version on A replaces B's view of it once the TTL has passed.
+    fs::write(h.ma.join("out/report.md"), b"# findings, revised\n").unwrap();
+    eventually("B sees the new version", || {
+        fs::read(h.mb.join("out/report.md")).is_ok_and(|b| b == b"# findings, revised\n")
+    });
+}
+
+use std::os::unix::fs::PermissionsExt;
+
+#[test]
+fn an_o_excl_race_between_hosts_has_one_winner() {
+    let h = two_hosts();
+    // Both hosts create the same names with O_EXCL at the same moment, 20 times.
+    let script = r#"
+import os, sys, time
+mnt, start = sys.argv[1], float(sys.argv[2])
+wins = []
+for i in range(20):
+    while time.time() < start + i * 0.15:
+        time.sleep(0.001)
+    try:
+        os.close(os.open(f'{mnt}/lock{i}', os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        wins.append(i)
+    except FileExistsError:
+        pass
+print(' '.join(map(str, wins)))
+"#;
+    let start = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+        + 1.0;
+    let run = |mnt: &Path| {
+        Command::new("python3")
+            .arg("-c")
+            .arg(script)
+            .arg(mnt)
+            .arg(format!("{start}"))
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (pa, pb) = (run(&h.ma), run(&h.mb));
+    let wins = |p: std::process::Child| -> Vec<u32> {
+        let out = p.wait_with_output().unwrap();
+        assert!(out.status.success());
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .map(|w| w.parse().unwrap())
+            .collect()
+    };
+    let (wa, wb) = (wins(pa), wins(pb));
+    for i in 0..20 {
+        assert!(
+            wa.contains(&i) != wb.contains(&i),
+            "lock{i}: exactly one host wins (A {wa:?}, B {wb:?})"
+        );
+    }
+}
+
+#[test]
+fn appenders_on_both_hosts_keep_every_line() {
+    let h = two_hosts();
+    fs::write(h.ma.join("shared.log"), b"").unwrap();
+    eventually("B sees the log", || h.mb.join("shared.log").exists());
+    let script = r#"
+import sys
+path, tag = sys.argv[1], sys.argv[2]
+for i in range(40):
+    with open(path, 'a') as f:
+        f.write(f'{tag} {i:03} ' + 'x' * 50 + '\n')
+"#;
+    let run = |mnt: &Path, tag: &str| {
+        Command::new("python3")
+            .arg("-c")
+            .arg(script)
+            .arg(mnt.join("shared.log"))
+            .arg(tag)
+            .spawn()
+            .unwrap()
+    };
+    let (mut pa, mut pb) = (run(&h.ma, "A"), run(&h.mb, "B"));
+    assert!(pa.wait().unwrap().success() && pb.wait().unwrap().success());
+    let read = |mnt: &Path| fs::read_to_string(mnt.join("shared.log")).unwrap();
+    eventually("both hosts see all 80 lines", || {
+        read(&h.ma).lines().count() == 80 && read(&h.mb).lines().count() == 80
+    });
+    let text = read(&h.mb);
+    for tag in ["A", "B"] {
+        let mine: Vec<&str> = text.lines().filter(|l| l.starts_with(tag)).collect();
+        let want: Vec<String> = (0..40)
+            .map(|i| format!("{tag} {i:03} {}", "x".repeat(50)))
+            .collect();
+        assert_eq!(mine, want, "every line of {tag}, whole and in order");
+    }
+}
+
+#[test]
+fn renames_and_deletes_show_on_both_hosts() {
+    let h = two_hosts();
+    fs::create_dir_all(h.ma.join("d/sub")).unwrap();
+    for i in 0..5 {
+        fs::write(h.ma.join(format!("d/sub/f{i}")), format!("{i}")).unwrap();
+    }
+    fs::write(h.ma.join("doomed"), b"x").unwrap();
+    fs::write(h.ma.join("old-name"), b"content").unwrap();
+    eventually("B sees A's tree", || h.mb.join("d/sub/f4").exists());
+    fs::rename(h.ma.join("old-name"), h.ma.join("new-name")).unwrap();
+    fs::rename(h.ma.join("d"), h.ma.join("e")).unwrap();
+    fs::remove_file(h.ma.join("doomed")).unwrap();
+    eventually("B sees the renames and the delete", || {
+        !h.mb.join("old-name").exists()
+            && fs::read(h.mb.join("new-name")).is_ok_and(|b| b == b"content")
+            && !h.mb.join("d").exists()
+            && fs::read(h.mb.join("e/sub/f3")).is_ok_and(|b| b == b"3")
+            && !h.mb.join("doomed").exists()
+    });
+    // And the other way round.
+    fs::remove_dir_all(h.mb.join("e")).unwrap();
+    eventually("A sees B's delete", || !h.ma.join("e").exists());
+    let mut names: Vec<_> = fs::read_dir(&h.ma)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["new-name"]);
+}
+
+#[test]
+fn sqlite_written_on_one_host_is_read_on_the_other() {
+    let h = two_hosts();
+    python(
+        &h.ma,
+        r#"
+import os, sqlite3
+db = sqlite3.connect(os.environ['MNT'] + '/notes.db')
+db.execute('create table notes(id integer primary key, body text)')
+for i in range(200):
+    db.execute('insert into notes(body) values (?)', (f'note {i} ' + 'x' * 200,))
+    if i % 50 == 49:
+        db.commit()
+db.commit()
+db.close()
+"#,
+    );
+    let read = r#"
+import os, sqlite3
+db = sqlite3.connect('file:' + os.environ['MNT'] + '/notes.db?mode=ro', uri=True)
+print(db.execute('pragma integrity_check').fetchone()[0], db.execute('select count(*) from notes').fetchone()[0])
+"#;
+    eventually("B reads the database", || {
+        h.mb.join("notes.db").exists() && fs::metadata(h.mb.join("notes.db")).unwrap().len() > 0
+    });
+    let mut out = String::new();
+    eventually("B sees all 200 rows", || {
+        out = python(&h.mb, read);
+        out == "ok 200\n"
+    });
+    // More on A; B sees them at its next open once the TTL has passed.
+    python(
+        &h.ma,
+        "import os, sqlite3\ndb = sqlite3.connect(os.environ['MNT'] + '/notes.db')\n\
+         db.execute(\"insert into notes(body) values ('late')\")\ndb.commit()",
+    );
+    eventually("B sees the new row", || python(&h.mb, read) == "ok 201\n");
+}
+
+/// Sums a metric's samples with `label` (e.g. `op="list"`) in Prometheus text.
+fn metric(text: &str, name: &str, label: &str) -> u64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && l.contains(label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+#[test]
+fn ls_l_of_a_thousand_files_is_one_list() {
+    let h = two_hosts();
+    python(
+        &h.ma,
+        r#"
+import os
+d = os.environ['MNT'] + '/many'
+os.mkdir(d)
+for i in range(1000):
+    with open(f'{d}/f{i:04}', 'w') as f:
+        f.write(str(i))
+for i in range(0, 1000, 100):
+    os.chmod(f'{d}/f{i:04}', 0o600)
+"#,
+    );
+    // B has never seen the directory: what does `ls -l` cost it?
+    std::thread::sleep(Duration::from_millis(2100));
+    let before = h.b.cli(&["metrics"]).1;
+    let out = output(Command::new("ls").arg("-l").arg(h.mb.join("many")));
+    assert!(out.status.success());
+    let after = h.b.cli(&["metrics"]).1;
+    let listing = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(listing.lines().filter(|l| l.starts_with('-')).count(), 1000);
+    assert_eq!(
+        listing
+            .lines()
+            .filter(|l| l.starts_with("-rw-------"))
+            .count(),
+        10,
+        "modes from the listing, without a HEAD each:\n{listing}"
+    );
+    let delta = |op: &str| {
+        let label = format!("op=\"{op}\"");
+        metric(&after, "roomfs_backend_requests_total", &label)
+            - metric(&before, "roomfs_backend_requests_total", &label)
+    };
+    // One LIST of the directory (1,000 keys and the index: two pages of at most 1,000) and
+    // one GET of its index; the lookup of `many` itself is a HEAD, a LIST of the root and a
+    // GET of the root's index.
+    assert_eq!(delta("head"), 1, "{after}");
+    assert!(delta("list") <= 3, "{} LISTs", delta("list"));
+    assert_eq!(delta("get"), 2, "the two directories' indexes");
+}
+
+#[test]
+fn a_random_write_into_a_large_file_uploads_only_the_part_it_changed() {
+    let h = two_hosts();
+    let big: Vec<u8> = (0..40u32 << 20).map(|i| (i * 13 % 251) as u8).collect();
+    fs::write(h.mb.join("big.bin"), &big).unwrap();
+    let before = h.b.cli(&["metrics"]).1;
+    // 4 KiB in the middle of the third of five 8 MiB parts, through an O_RDWR descriptor.
+    {
+        use std::os::unix::fs::FileExt;
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(h.mb.join("big.bin"))
+            .unwrap();
+        f.write_all_at(&[7u8; 4096], 20 << 20).unwrap();
+    }
+    let after = h.b.cli(&["metrics"]).1;
+    let delta = |op: &str| {
+        let label = format!("op=\"{op}\"");
+        metric(&after, "roomfs_backend_requests_total", &label)
+            - metric(&before, "roomfs_backend_requests_total", &label)
+    };
+    // The changed part goes up; the four others are copied inside the store (UploadPartCopy).
+    assert_eq!(delta("upload_part"), 1, "{after}");
+    assert_eq!(delta("upload_part_copy"), 4, "{after}");
+    assert_eq!(delta("complete_upload"), 1, "{after}");
+    assert_eq!(delta("put"), 0, "no whole upload");
+    let mut want = big;
+    want[20 << 20..(20 << 20) + 4096].fill(7);
+    eventually("A reads the new version", || {
+        fs::read(h.ma.join("big.bin")).is_ok_and(|b| b == want)
+    });
+}
+
+/// A mount of its own SeaweedFS that fails fast (2 attempts of at most 2 s).
+fn fragile_mount(weed: &SeaweedFs, prefix: &str) -> Mounted {
+    let bucket = Bucket::on(weed, prefix);
+    // (Later options win over the defaults before them.)
+    let url = bucket.url("timeout_secs=2&connect_timeout_secs=1&attempts=2");
+    Mounted::on(&["--room", "r1", "--store", &url], |_| {}, Some(bucket))
+}
+
+/// The keys with multipart uploads in progress under `prefix`, as boto3 sees them.
+fn uploads(weed: &SeaweedFs, prefix: &str) -> Vec<String> {
+    let out = weed.boto3(&format!(
+        "r = s3.list_multipart_uploads(Bucket=BUCKET, Prefix='{prefix}/')\n\
+         print('\\n'.join(u['Key'] for u in r.get('Uploads', [])))"
+    ));
+    out.lines()
+        .filter(|l| !l.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+/// The bytes of `key` as boto3 reads them.
+fn object(weed: &SeaweedFs, key: &str) -> Vec<u8> {
+    let out = weed.boto3(&format!(
+        "import sys\nsys.stdout.buffer.write(s3.get_object(Bucket=BUCKET, Key='{key}')['Body'].read())"
+    ));
+    out.into_bytes()
+}
+
+/// Writes `mib` MiB into `path` from a Python process, which prints `written` and then waits
+/// for a line on stdin before closing the file; returns the process.
+fn slow_writer(path: &Path, mib: usize) -> std::process::Child {
+    let script = r#"
+import os, sys
+f = open(sys.argv[1], 'wb')
+for i in range(int(sys.argv[2])):
+    f.write(bytes([i % 251]) * (1 << 20))
+print('written', flush=True)
+sys.stdin.readline()
+try:
+    f.close()
+    print('closed')
+except OSError as e:
+    print('close failed', e.errno)
+"#;
+    Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(path)
+        .arg(mib.to_string())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn read_line(child: &mut std::process::Child) -> String {
+    use std::io::BufRead;
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    line.trim().to_string()
+}
+
+#[test]
+fn a_store_killed_mid_upload_gives_eio_keeps_the_previous_version_and_leaves_no_parts() {
+    let mut weed = SeaweedFs::start();
+    let prefix = unique_prefix();
+    let m = fragile_mount(&weed, &prefix);
+    let previous: Vec<u8> = b"previous version\n".repeat(1000);
+    fs::write(m.p("data.bin"), &previous).unwrap();
+    let mut writer = slow_writer(&m.p("data.bin"), 40);
+    assert_eq!(read_line(&mut writer), "written");
+    // Its full parts went up while it wrote: an upload is in progress.
+    eventually("parts uploaded early", || {
+        !uploads(&weed, &prefix).is_empty()
+    });
+    weed.stop(); // SIGKILL, in the middle of what is in flight
+    let start = Instant::now();
+    writeln!(writer.stdin.as_mut().unwrap()).unwrap();
+    assert_eq!(read_line(&mut writer), "close failed 5", "EIO at close");
+    assert!(writer.wait().unwrap().success());
+    let took = start.elapsed();
+    assert!(took < Duration::from_secs(15), "the close took {took:?}");
+    weed.restart();
+    let key = format!("{prefix}/rooms/r1/data.bin");
+    assert!(object(&weed, &key) == previous, "the previous version");
+    // The upload the failed commit left is aborted once the store answers again.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !uploads(&weed, &prefix).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "parts left behind: {:?}",
+            uploads(&weed, &prefix)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // The mount works again.
+    fs::write(m.p("after.txt"), b"back").unwrap();
+    assert_eq!(
+        object(&weed, &format!("{prefix}/rooms/r1/after.txt")),
+        b"back"
+    );
+    assert!(fs::read(m.p("data.bin")).unwrap() == previous);
+}
+
+#[test]
+fn a_frozen_store_gives_eio_in_bounded_time_and_the_mount_answers_again() {
+    let mut weed = SeaweedFs::start();
+    let prefix = unique_prefix();
+    let m = fragile_mount(&weed, &prefix);
+    fs::write(m.p("kept"), b"kept").unwrap();
+    weed.pause(); // SIGSTOP: connections are accepted, nothing answers
+    let start = Instant::now();
+    let mut f = File::create(m.p("new")).map(Some).unwrap_or_else(|e| {
+        assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+        None
+    });
+    if let Some(f) = f.as_mut() {
+        f.write_all(b"data").unwrap();
+        let fd = std::os::fd::IntoRawFd::into_raw_fd(f.try_clone().unwrap());
+        assert_eq!(
+            unsafe { libc::close(fd) },
+            0,
+            "a duplicate's close does not commit"
+        );
+    }
+    if let Some(f) = f {
+        let fd = std::os::fd::IntoRawFd::into_raw_fd(f);
+        assert_eq!(unsafe { libc::close(fd) }, -1);
+        assert_eq!(
+            std::io::Error::last_os_error().raw_os_error(),
+            Some(libc::EIO)
+        );
+    }
+    let took = start.elapsed();
+    assert!(took < Duration::from_secs(20), "{took:?}");
+    // An open revalidates (close-to-open): with the store frozen, that is EIO too, in bounded
+    // time (once what the mount knew of the file is older than its TTL).
+    std::thread::sleep(Duration::from_millis(2100));
+    let start = Instant::now();
+    assert_eq!(common::errno(fs::read(m.p("kept"))), libc::EIO);
+    assert!(start.elapsed() < Duration::from_secs(20));
+    weed.resume();
+    fs::write(m.p("new"), b"now it works").unwrap();
+    assert_eq!(
+        object(&weed, &format!("{prefix}/rooms/r1/new")),
+        b"now it works"
+    );
+}
+
+#[test]
+fn kill_9_during_an_upload_leaves_the_previous_object_and_the_next_start_aborts_it() {
+    let weed = SeaweedFs::start();
+    let prefix = unique_prefix();
+    let mut m = fragile_mount(&weed, &prefix);
+    let previous = b"previous\n".repeat(100);
+    fs::write(m.p("big.bin"), &previous).unwrap();
+    let mut writer = slow_writer(&m.p("big.bin"), 40);
+    assert_eq!(read_line(&mut writer), "written");
+    eventually("parts uploaded early", || {
+        !uploads(&weed, &prefix).is_empty()
+    });
+    m.crash(); // kill -9 of roomfs
+    let _ = writer.kill();
+    let _ = writer.wait();
+    let key = format!("{prefix}/rooms/r1/big.bin");
+    assert!(object(&weed, &key) == previous, "the previous object");
+    assert_eq!(
+        uploads(&weed, &prefix),
+        [key.as_str()],
+        "the upload it left"
+    );
+    // The next start (same data dir: its journal) aborts this host's dangling upload.
+    m.start();
+    eventually("the dangling upload is aborted", || {
+        uploads(&weed, &prefix).is_empty()
+    });
+    assert!(fs::read(m.p("big.bin")).unwrap() == previous);
+    assert!(
+        m.log().contains("aborted 1 multipart uploads"),
+        "{}",
+        m.log()
+    );
+}
+
+#[test]
+fn bad_store_settings_are_one_clear_line_at_mount_time() {
+    let weed = SeaweedFs::shared();
+    let tmp = tempfile::tempdir().unwrap();
+    let mnt = tmp.path().join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    let mount = |store: &str, env: &[(&str, String)]| {
+        let mut cmd = Command::new(BIN);
+        cmd.arg("mount")
+            .arg("--data-dir")
+            .arg(tmp.path().join("data"))
+            .args(["--room", "r1", "--store", store])
+            .arg(&mnt)
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap())
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())));
+        let out = output(&mut cmd);
+        assert_eq!(out.status.code(), Some(1), "{store}: {out:?}");
+        assert!(!common::is_mounted(&mnt));
+        let err = String::from_utf8_lossy(&out.stderr).trim().to_string();
+        assert_eq!(err.lines().count(), 1, "one line: {err}");
+        err
+    };
+    let env = weed.env();
+    let e = mount("s3://no-such-bucket/x", &env);
+    assert!(e.contains("does not exist"), "{e}");
+    let e = mount("s3:/roomfs-test", &env);
+    assert!(e.contains("expected local or s3://"), "{e}");
+    let e = mount("s3://roomfs-test/p?part_size=1k", &env);
+    assert!(e.contains("part_size"), "{e}");
+    let e = mount("s3://roomfs-test/p?colour=blue", &env);
+    assert!(e.contains("unknown field `colour`"), "{e}");
+    let unreachable: Vec<(&str, String)> = env
+        .iter()
+        .map(|(k, v)| match *k {
+            "AWS_ENDPOINT_URL" => (*k, "http://127.0.0.1:9".to_string()),
+            _ => (*k, v.clone()),
+        })
+        .collect();
+    let e = mount(
+        "s3://roomfs-test/p?connect_timeout_secs=1&attempts=1",
+        &unreachable,
+    );
+    assert!(e.contains("cannot reach the S3 endpoint"), "{e}");
+    let no_keys: Vec<(&str, String)> = env
+        .iter()
+        .filter(|(k, _)| !k.starts_with("AWS_ACCESS") && !k.starts_with("AWS_SECRET"))
+        .cloned()
+        .collect();
+    let e = mount("s3://roomfs-test/p", &no_keys);
+    assert!(e.contains("no AWS credentials"), "{e}");
+    let wrong_key: Vec<(&str, String)> = env
+        .iter()
+        .map(|(k, v)| match *k {
+            "AWS_SECRET_ACCESS_KEY" => (*k, "wrong".to_string()),
+            _ => (*k, v.clone()),
+        })
+        .collect();
+    let e = mount("s3://roomfs-test/p", &wrong_key);
+    assert!(e.contains("refused"), "{e}");
+}
+
+#[test]
+fn the_daemon_keeps_rooms_in_its_store_and_refuses_another() {
+    let bucket = Bucket::shared();
+    let prefix = bucket.prefix.clone();
+    let d = Daemon::on(None, Some(bucket));
+    let mnt = d.dir("room");
+    // `--store` naming the daemon's own store works; another one is refused clearly.
+    let url = format!("s3://roomfs-test/{prefix}");
+    d.mount(&["--room", "r1", "--store", &url], &mnt);
+    fs::write(mnt.join("f"), b"in the bucket").unwrap();
+    assert_eq!(d.stored("rooms/r1/f").unwrap(), b"in the bucket");
+    let (code, _, err) = d.cli(&[
+        "mount",
+        "--daemon",
+        "--room",
+        "r2",
+        "--store",
+        "local",
+        d.dir("other").to_str().unwrap(),
+    ]);
+    assert_eq!(code, 1);
+    assert!(err.contains("this daemon keeps rooms in s3://"), "{err}");
+}
+
+#[test]
+fn rooms_in_s3_and_sessions_on_the_local_disk() {
+    // Rooms in the bucket, sessions (one host's scratch) in the data dir: "store" set,
+    // "session_store" left to its default.
+    let bucket = Bucket::shared();
+    let prefix = bucket.prefix.clone();
+    let config = format!(r#"{{"store": "s3://roomfs-test/{prefix}", "session_store": "local"}}"#);
+    let d = Daemon::on(Some(&config), Some(bucket));
+    let (room, session) = (d.dir("room"), d.dir("session"));
+    d.mount(&["--room", "r1"], &room);
+    d.json(&["session", "create", "s1", "--json"]);
+    d.mount(&["--session", "s1"], &session);
+    fs::write(room.join("shared.txt"), b"for every host").unwrap();
+    fs::write(session.join("scratch.txt"), b"this host only").unwrap();
+    assert_eq!(d.stored("rooms/r1/shared.txt").unwrap(), b"for every host");
+    assert!(!d.data.join("rooms/r1/shared.txt").exists());
+    assert_eq!(
+        fs::read(d.data.join("sessions/s1/scratch.txt")).unwrap(),
+        b"this host only"
+    );
+    assert!(d.stored("sessions/s1/scratch.txt").is_none());
+}
+
+#[test]
+fn credentials_come_from_a_profile_file_as_well_as_the_environment() {
+    let weed = SeaweedFs::shared();
+    let tmp = tempfile::tempdir().unwrap();
+    let env = weed.env();
+    let get = |k: &str| env.iter().find(|(n, _)| *n == k).unwrap().1.clone();
+    let creds = tmp.path().join("credentials");
+    fs::write(
+        &creds,
+        format!(
+            "[agents]\naws_access_key_id = {}\naws_secret_access_key = {}\n",
+            get("AWS_ACCESS_KEY_ID"),
+            get("AWS_SECRET_ACCESS_KEY")
+        ),
+    )
+    .unwrap();
+    // No key in the environment: only the profile named by AWS_PROFILE has them.
+    let env: Vec<(&str, String)> = env
+        .iter()
+        .filter(|(k, _)| !k.starts_with("AWS_ACCESS") && !k.starts_with("AWS_SECRET"))
+        .filter(|(k, _)| *k != "AWS_SHARED_CREDENTIALS_FILE" && *k != "AWS_PROFILE")
+        .cloned()
+        .chain([
+            ("AWS_SHARED_CREDENTIALS_FILE", creds.display().to_string()),
+            ("AWS_PROFILE", "agents".to_string()),
+        ])
+        .collect();
+    let prefix = unique_prefix();
+    let mnt = tmp.path().join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    let mut cmd = Command::new(BIN);
+    cmd.arg("mount")
+        .arg("--data-dir")
+        .arg(tmp.path().join("data"))
+        .args([
+            "--room",
+            "r1",
+            "--store",
+            &format!("s3://roomfs-test/{prefix}"),
+        ])
+        .arg(&mnt)
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap())
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())));
+    let log = Default::default();
+    /// Unmounts and reaps the mount even if the test fails.
+    struct Guard(PathBuf, std::process::Child);
+    impl Drop for Guard {
+        fn drop(&mut self) {
+            if common::is_mounted(&self.0) {
+                let _ = output(Command::new(BIN).arg("unmount").arg(&self.0));
+            }
+            if common::is_mounted(&self.0) {
+                let _ = output(Command::new("umount").arg("-l").arg(&self.0));
+            }
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while matches!(self.1.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = self.1.kill();
+            let _ = self.1.wait();
+        }
+    }
+    let guard = Guard(
+        mnt.clone(),
+        common::start_logged(&mut cmd, " mounted ", &log),
+    );
+    fs::write(mnt.join("f"), b"signed with the profile's key").unwrap();
+    drop(guard);
+    assert_eq!(
+        object(weed, &format!("{prefix}/rooms/r1/f")),
+        b"signed with the profile's key"
+    );
+}
+
+#[test]
+fn a_direct_url_downloads_the_object_from_the_store_without_credentials() {
+    let h = two_hosts();
+    fs::write(h.mb.join("report.md"), b"# the report\n").unwrap();
+    let (code, out, err) = h.b.cli(&[
+        "url",
+        "--room",
+        "r1",
+        "report.md",
+        "--direct",
+        "--attachment",
+        "--ttl",
+        "2s",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let url = out.trim();
+    assert!(url.contains("X-Amz-Signature="), "a presigned URL: {url}");
+    // curl has no credentials: the signature in the URL is all it has.
+    let get = |url: &str| {
+        let out = output(
+            Command::new("curl")
+                .args(["-s", "-D", "-", url])
+                .env_clear(),
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let answer = get(url);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        answer
+            .to_ascii_lowercase()
+            .contains("content-disposition: attachment; filename=\"report.md\""),
+        "{answer}"
+    );
+    assert!(answer.ends_with("\r\n\r\n# the report\n"), "{answer}");
+    // A path that is no file is refused before anything is signed; the URL expires.
+    let (code, _, err) = h.b.cli(&["url", "--room", "r1", "nothing.md", "--direct"]);
+    assert!(code == 1 && err.contains("no file"), "{err}");
+    std::thread::sleep(Duration::from_millis(3100));
+    let answer = get(url);
+    assert!(answer.starts_with("HTTP/1.1 403"), "expired: {answer}");
+}
+
+#[test]
+fn a_full_spool_is_enospc_at_the_write_and_the_previous_version_stays() {
+    let bucket = Bucket::shared();
+    let url = bucket.url("spool_bytes=4Mi");
+    let m = Mounted::on(&["--room", "r1", "--store", &url], |_| {}, Some(bucket));
+    fs::write(m.p("notes.txt"), b"the previous version\n").unwrap();
+    // 6 MiB into a spool of 4: the write that passes the bound fails, the close commits
+    // nothing, and readers keep the previous version.
+    let out = python(
+        &m.mnt,
+        r#"
+import os
+f = open(os.environ['MNT'] + '/notes.txt', 'wb')
+try:
+    for i in range(6):
+        f.write(b'x' * (1 << 20))
+        f.flush()
+    print('all written')
+except OSError as e:
+    print('write failed', e.errno)
+try:
+    f.close()
+except OSError as e:
+    print('close failed', e.errno)
+"#,
+    );
+    assert!(
+        out.starts_with(&format!("write failed {}\n", libc::ENOSPC)),
+        "{out}"
+    );
+    assert_eq!(
+        fs::read(m.p("notes.txt")).unwrap(),
+        b"the previous version\n"
+    );
+    // Room comes back once the copy is gone: a small write goes through.
+    fs::write(m.p("notes.txt"), b"new\n").unwrap();
+    assert_eq!(fs::read(m.p("notes.txt")).unwrap(), b"new\n");
+}
