@@ -596,7 +596,13 @@ fn a_new_file_written_once_is_committed_in_place_without_a_working_copy() {
         let (empty, e) = create(&s.fs, ROOT, "empty", new);
         s.fs.release(e.fh).unwrap();
         let before = s.store.stat(Path::new("empty")).unwrap().mtime;
-        std::thread::sleep(std::time::Duration::from_millis(20));
+        // Into the next second: on S3 an object's time is its Last-Modified, in seconds.
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(
+            1020 - u64::from(now.subsec_millis()),
+        ));
         let t =
             s.fs.open(empty.ino, libc::O_WRONLY | libc::O_TRUNC, CALLER)
                 .unwrap();
