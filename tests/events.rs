@@ -177,6 +177,9 @@ fn every_operation_is_one_event_in_one_sequence_across_mounts_processes_and_expo
         std::os::unix::fs::PermissionsExt::from_mode(0o750),
     )
     .unwrap();
+    // Another process's change is numbered when that process writes it to the log: wait for
+    // ours to be there, so that the order is known.
+    events_at_least(&d, &["--room", "r1"], 12);
     fs::write(ext.mnt.join("from-ext.txt"), b"hello").unwrap();
     // An export from a session into the room.
     d.json(&["session", "create", "s1", "--json"]);
