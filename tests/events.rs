@@ -485,37 +485,11 @@ fn tail_f_in_another_process_follows_output_written_through_another_mount() {
         assert!(Instant::now() < deadline, "run.log never appeared");
         std::thread::sleep(Duration::from_millis(10));
     }
-    let mut tail = Command::new("tail")
-        .args(["-n", "+1", "-f", "run.log"])
-        .current_dir(&ext.mnt)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = tail.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-        {
-            if tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
-    let mut followed = Vec::new();
-    while followed.len() < 4 {
-        followed.push(
-            rx.recv_timeout(Duration::from_secs(10))
-                .expect("tail -f in the other process sees new lines"),
-        );
-    }
+    let followed = common::tail_f(&ext.mnt, "run.log", 4, "the other process");
     assert_eq!(followed, ["step 0", "step 1", "step 2", "step 3"]);
     assert!(
         writer.try_wait().unwrap().is_none(),
         "seen while the writer still runs"
     );
-    tail.kill().unwrap();
-    tail.wait().unwrap();
     assert!(writer.wait().unwrap().success());
 }

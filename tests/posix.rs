@@ -2386,35 +2386,8 @@ fn the_output_of_a_running_process_shows_while_it_runs() {
     // What shows is always whole lines (whole commits), never a torn write.
     assert!(fs::read_to_string(m.p("out.log")).unwrap().ends_with('\n'));
     // `tail -f` follows it.
-    let mut tail = Command::new("tail")
-        .args(["-n", "+1", "-f", "py.log"])
-        .current_dir(&m.mnt)
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = tail.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-        {
-            if tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
-    let mut followed = Vec::new();
-    while followed.len() < 4 {
-        followed.push(
-            rx.recv_timeout(Duration::from_secs(10))
-                .expect("tail -f sees new lines"),
-        );
-    }
-    assert_eq!(followed[..4], ["step 0", "step 1", "step 2", "step 3"]);
-    tail.kill().unwrap();
-    tail.wait().unwrap();
+    let followed = common::tail_f(&m.mnt, "py.log", 4, "the same mount");
+    assert_eq!(followed, ["step 0", "step 1", "step 2", "step 3"]);
     for mut child in [redirect, appending, python] {
         assert!(child.wait().unwrap().success());
     }

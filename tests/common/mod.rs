@@ -733,3 +733,33 @@ pub fn python(mnt: &Path, code: &str) -> String {
 pub fn cstr(p: &Path) -> CString {
     CString::new(p.as_os_str().as_bytes()).unwrap()
 }
+
+/// Runs `tail -n +1 -f NAME` in `dir` and returns its first `n` lines (each within 10 s,
+/// else panics naming `what`); the `tail` is stopped before returning.
+pub fn tail_f(dir: &Path, name: &str, n: usize, what: &str) -> Vec<String> {
+    use std::io::BufRead;
+    let mut tail = Command::new("tail")
+        .args(["-n", "+1", "-f", name])
+        .current_dir(dir)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = tail.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let followed: Result<Vec<String>, _> = (0..n)
+        .map(|_| rx.recv_timeout(Duration::from_secs(10)))
+        .collect();
+    tail.kill().unwrap();
+    tail.wait().unwrap();
+    followed.unwrap_or_else(|_| panic!("{what}: tail -f showed no new line within 10 s"))
+}
