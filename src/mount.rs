@@ -435,12 +435,17 @@ impl ActiveMount {
             let result = background.join();
             // The kernel ended the session once the mount was gone; a session that failed
             // otherwise leaves it up, unserved: take it down while it is still ours.
+            // A connection the kernel aborted as the mount went (ECONNABORTED after an
+            // unmount) is such an end too: only a failure that leaves our mount up is an error.
             if let Err(e) = &result {
-                log::error!("serving {} failed: {e}", ended_mount.mountpoint().display());
-                if ended_mount.is_ours()
-                    && let Err(e) = unmount(ended_mount.mountpoint(), true)
-                {
-                    log::error!("{e:#}");
+                let shown = ended_mount.mountpoint().display();
+                if ended_mount.is_ours() {
+                    log::error!("serving {shown} failed: {e}");
+                    if let Err(e) = unmount(ended_mount.mountpoint(), true) {
+                        log::error!("{e:#}");
+                    }
+                } else {
+                    log::info!("{shown}: the kernel ended the connection as the mount went ({e})");
                 }
             }
             ended_flag.store(true, Ordering::SeqCst);
