@@ -64,6 +64,9 @@ const MAX_OBJECT: usize = 16 << 20;
 const MAX_QUEUED: usize = 100_000;
 /// Conditional PUTs lost to other hosts in a row before a batch waits for the next round.
 const MAX_RACES: u32 = 64;
+/// While changes stream, the feed is written at most once per turn (a turn's changes go in
+/// one object): requests per change fall with the rate, and an event waits at most this long.
+const TURN: Duration = Duration::from_millis(20);
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -192,6 +195,8 @@ fn space_prefix(root: &str, space: &SpaceId) -> String {
 /// The thread: writes what this process published, reads what other hosts wrote; ends once
 /// the feeds and their owner are gone.
 fn run(shared: &Weak<Shared>, poll: Duration) {
+    // When the last round wrote something (changes are streaming).
+    let mut wrote: Option<Instant> = None;
     loop {
         let feeds: Vec<Arc<BucketFeed>> = {
             let Some(shared) = shared.upgrade() else {
@@ -211,12 +216,29 @@ fn run(shared: &Weak<Shared>, poll: Duration) {
             let feeds = lock(&shared.feeds);
             feeds.values().filter_map(Weak::upgrade).collect()
         };
+        // While changes stream, one object per turn carries what the turn gathered.
+        if let Some(left) = wrote.and_then(|at| TURN.checked_sub(at.elapsed())) {
+            std::thread::sleep(left);
+        }
+        wrote = None;
         let _counted = crate::metrics::FeedRequests::enter();
         for feed in &feeds {
             let mut chain = lock(&feed.chain);
-            if let Err(e) = feed.write_pending(&mut chain) {
-                feed.failed(&mut chain, "writing", &e);
-            } else if let Err(e) = feed.follow(&mut chain) {
+            match feed.write_pending(&mut chain) {
+                Ok(true) => wrote = Some(Instant::now()),
+                Ok(false) => {}
+                Err(e) => {
+                    feed.failed(&mut chain, "writing", &e);
+                    continue;
+                }
+            }
+            // Other hosts' objects are looked for once per poll interval, not after each
+            // write: a write that lost a race has read them already.
+            let due = chain.followed.is_none_or(|at| at.elapsed() >= poll);
+            if !due {
+                continue;
+            }
+            if let Err(e) = feed.follow(&mut chain) {
                 feed.failed(&mut chain, "reading", &e);
             } else if chain.failing {
                 chain.failing = false;
@@ -296,6 +318,8 @@ struct Chain {
     objects: VecDeque<(u64, u64, u64)>,
     /// The last round failed (logged once until it works again).
     failing: bool,
+    /// When the chain was last read to its end.
+    followed: Option<Instant>,
 }
 
 impl Chain {
@@ -308,6 +332,7 @@ impl Chain {
             oldest: 1,
             objects: VecDeque::new(),
             failing: false,
+            followed: None,
         }
     }
 }
@@ -450,6 +475,7 @@ impl BucketFeed {
             let n = chain.next;
             self.take(chain, n, batch, true);
         }
+        chain.followed = Some(Instant::now());
         Ok(())
     }
 
@@ -515,19 +541,26 @@ impl BucketFeed {
         }
     }
 
-    /// Writes the queued changes as the next object of the chain (see the seq rule).
-    fn write_pending(&self, chain: &mut Chain) -> Result<(), ClientError> {
+    /// Writes the queued changes as the next object of the chain (see the seq rule); whether
+    /// there were any.
+    ///
+    /// On a store that decides conditional writes, the PUT is tried at once at the number
+    /// after the last object read: if another host wrote that one, the PUT fails, and the
+    /// chain is read on before the next try (one request per batch while nobody races).
+    fn write_pending(&self, chain: &mut Chain) -> Result<bool, ClientError> {
         let changes: Vec<(Arc<str>, Changed)> = {
             let mut q = lock(&self.queue);
             if q.changes.is_empty() {
-                return Ok(());
+                return Ok(false);
             }
             q.changes.drain(..).collect()
         };
         let count = changes.len() as u64;
         let mut races = 0;
         let result = loop {
-            if let Err(e) = self.follow(chain) {
+            if (races > 0 || !self.shared.conditional)
+                && let Err(e) = self.follow(chain)
+            {
                 break Err(e);
             }
             let n = chain.next;
@@ -582,7 +615,7 @@ impl BucketFeed {
             }
         }
         self.written.notify_all();
-        result
+        result.map(|()| true)
     }
 
     /// `changes` as the batch following `head`.
