@@ -32,8 +32,11 @@
 //! open in the process, until one is missing. So while nothing changes, each open space costs one
 //! GET answered 404 per poll interval: 4 requests per second per space and host by default
 //! (doc/S3.md, Events across hosts). The feed's requests are counted apart in the metrics
-//! (`roomfs_backend_requests_total{op="feed_get"}`...). A publish wakes the thread at once; changes published while
-//! a PUT is in flight go out together in the next one.
+//! (`roomfs_backend_requests_total{op="feed_get"}`...). A publish wakes the thread at once; while
+//! changes stream, the thread writes at most one object per turn of 20 ms, carrying all the
+//! changes published meanwhile, so a busy host makes a few PUTs a second per space, not one per
+//! change. A write is tried at the next number without reading first; losing the race (412)
+//! makes it read on and try again.
 //!
 //! **Retention.** Each process keeps the retained events it has read in memory (older ones are
 //! read back from the bucket when a watcher resumes from further back). When the chain holds
