@@ -300,6 +300,17 @@ impl FileHandle {
         });
     }
 
+    /// The handle's open made the file, which the store makes for others only at the commit
+    /// (`Capabilities::created_at_commit`): it commits even if nothing is written.
+    pub fn commits_creation(&mut self) {
+        if matches!(self.pending, Pending::Clean) {
+            self.pending = Pending::Appended {
+                tail: Vec::new(),
+                at: SystemTime::now(),
+            };
+        }
+    }
+
     /// Moves a clean handle on to `latest` (a newer version); false if it has changes.
     pub fn move_to(&mut self, latest: Arc<dyn Content>) -> bool {
         if self.dirty() {

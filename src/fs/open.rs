@@ -14,13 +14,23 @@ use crate::events::Changed;
 use crate::grant::Access;
 use crate::store::{Content, Kind, Meta};
 
+/// Whether an open made the file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Created {
+    No,
+    Yes,
+    /// Made by `Store::create_held`: the handle commits it (see
+    /// `Capabilities::created_at_commit`).
+    Held,
+}
+
 impl Fs {
     /// Opens the file `ino` with the `open(2)` flags `flags`, for thread `by`. An inode whose
     /// name moved to another (see `passthrough`) still opens under that name (a cached entry,
     /// `/proc/<pid>/fd`) where its passthrough readers allow; elsewhere it is `ESTALE` again.
     pub fn open(&self, ino: Ino, flags: i32, by: Tid) -> FsResult<Opened> {
         let path = self.path(ino)?;
-        Ok(self.open_path(ino, &path, flags, by, false)?.0)
+        Ok(self.open_path(ino, &path, flags, by, Created::No)?.0)
     }
 
     /// Opens `ino` at `path`; `created`: this very request created it (`create`), so an empty
@@ -33,7 +43,7 @@ impl Fs {
         path: &Path,
         flags: i32,
         by: Tid,
-        created: bool,
+        created: Created,
     ) -> FsResult<(Opened, Option<Meta>)> {
         self.touch();
         let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
@@ -52,7 +62,7 @@ impl Fs {
         // that empty version, and a new file written once at its end (the common `open(path,
         // "w")`, `>`) waits in memory and is added in place at the commit: no working copy to
         // create, swap in and free.
-        let truncated = match truncate && !(created && meta.size == 0) {
+        let truncated = match truncate && !(created != Created::No && meta.size == 0) {
             true => Some(self.store.working_copy(path)?),
             false => None,
         };
@@ -141,6 +151,9 @@ impl Fs {
         if let Some(copy) = truncated {
             handle.truncated(copy);
         }
+        if created == Created::Held {
+            handle.commits_creation();
+        }
         handle.users.add(by);
         handle.seed_on_demand = alone && mode == Mode::Write;
         if shares {
@@ -207,10 +220,24 @@ impl Fs {
         let (path, claim) = self.claim_child(parent, name)?;
         self.allow("create", &path, Access::Write)?;
         let perm = (mode & 0o7777) as u16;
-        let created =
-            self.creating(|| Ok(self.store.create(&path, perm, self.owner(caller), true)?));
+        let owner = self.owner(caller);
+        // A writer without `O_EXCL` may leave making the file to its commit, where the store
+        // does that (one write to an object store instead of two).
+        let held = flags & libc::O_EXCL == 0
+            && flags & libc::O_ACCMODE != libc::O_RDONLY
+            && self.store.capabilities().created_at_commit;
+        let created = self.creating(|| {
+            Ok(match held {
+                true => self.store.create_held(&path, perm, owner)?,
+                false => self.store.create(&path, perm, owner, true)?,
+            })
+        });
         drop(claim);
-        let fresh = created.is_ok();
+        let fresh = match (&created, held) {
+            (Err(_), _) => Created::No,
+            (Ok(_), false) => Created::Yes,
+            (Ok(_), true) => Created::Held,
+        };
         let meta = match created {
             Ok(meta) => {
                 self.publish(Changed::file(&path, meta.size));

@@ -285,6 +285,10 @@ impl<S: Store> Store for FailingStore<S> {
         self.faults.check(Op::Create)?;
         self.inner.create(path, perm, owner, exclusive)
     }
+    fn create_held(&self, path: &Path, perm: u16, owner: Owner) -> StoreResult<Meta> {
+        self.faults.check(Op::Create)?;
+        self.inner.create_held(path, perm, owner)
+    }
     fn working_copy(&self, path: &Path) -> StoreResult<Arc<dyn WorkingCopy>> {
         self.faults.check(Op::WorkingCopy)?;
         Ok(Arc::new(FailingCopy {

@@ -496,6 +496,7 @@ impl Store for MemStore {
             conditional_writes: true,
             xattrs: true,
             stream_commits_up_to: None,
+            created_at_commit: false,
         }
     }
 
@@ -541,6 +542,10 @@ impl Store for MemStore {
             }
             other => other,
         }
+    }
+
+    fn create_held(&self, path: &Path, perm: u16, owner: Owner) -> StoreResult<Meta> {
+        self.create(path, perm, owner, true)
     }
 
     fn working_copy(&self, _path: &Path) -> StoreResult<Arc<dyn WorkingCopy>> {

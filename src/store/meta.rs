@@ -263,6 +263,11 @@ impl Store for MetaOverlay {
         self.inner.create(path, perm, owner, exclusive)
     }
 
+    fn create_held(&self, path: &Path, perm: u16, owner: Owner) -> StoreResult<Meta> {
+        self.refuse_meta(path)?;
+        self.inner.create_held(path, perm, owner)
+    }
+
     fn working_copy(&self, path: &Path) -> StoreResult<Arc<dyn WorkingCopy>> {
         self.inner.working_copy(path)
     }

@@ -205,6 +205,11 @@ pub struct Capabilities {
     /// only while the file is at most this large (`None`: always): a store where each commit
     /// rewrites the whole object bounds what that may cost.
     pub stream_commits_up_to: Option<u64>,
+    /// A file made by [`Store::create_held`] is only this process's until the open that made
+    /// it commits (other hosts see it, and it survives a crash of the process, from then on):
+    /// the core commits such a handle at its release even if nothing was written, so that a
+    /// file created and closed empty (`touch`) is made.
+    pub created_at_commit: bool,
 }
 
 /// How `set_xattr` treats an existing attribute (`setxattr(2)`'s flags).
@@ -346,6 +351,11 @@ pub trait Store: Send + Sync + 'static {
     fn open(&self, path: &Path) -> StoreResult<Arc<dyn Content>>;
     /// Creates an empty committed file (`EEXIST` if `exclusive` and something is there).
     fn create(&self, path: &Path, perm: u16, owner: Owner, exclusive: bool) -> StoreResult<Meta>;
+    /// Creates an empty file for an open without `O_EXCL`, which holds it and commits it at
+    /// its release (`EEXIST` if something is there). Where [`Capabilities::created_at_commit`],
+    /// the store may keep the new name in this process until that commit, which then makes
+    /// the object (one write instead of two on an object store); elsewhere it is `create`.
+    fn create_held(&self, path: &Path, perm: u16, owner: Owner) -> StoreResult<Meta>;
     /// A new, empty working copy, to be committed to this store, meant for the file at `path`
     /// (a hint: the commit says where it goes; a store may start uploading there early).
     fn working_copy(&self, path: &Path) -> StoreResult<Arc<dyn WorkingCopy>>;

@@ -367,6 +367,7 @@ impl Store for LocalStore {
             conditional_writes: true,
             xattrs: true,
             stream_commits_up_to: None,
+            created_at_commit: false,
         }
     }
 
@@ -427,6 +428,10 @@ impl Store for LocalStore {
             st = fstat(&file)?;
         }
         Ok(meta_of(&st))
+    }
+
+    fn create_held(&self, path: &Path, perm: u16, owner: Owner) -> StoreResult<Meta> {
+        self.create(path, perm, owner, true)
     }
 
     fn working_copy(&self, _path: &Path) -> StoreResult<Arc<dyn WorkingCopy>> {

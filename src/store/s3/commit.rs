@@ -77,6 +77,23 @@ fn own<'a>(store: &S3Store, copy: &'a Arc<dyn WorkingCopy>) -> StoreResult<&'a S
 pub(super) fn commit(store: &S3Store, req: CommitRequest<'_>) -> StoreResult<Committed> {
     let key = store.keys().key(req.path)?;
     let base_meta = req.base.meta().clone();
+    let base_tag = base_meta.version.tag().unwrap_or_default().to_string();
+    let new = super::store::is_new_tag(&base_tag);
+    if new
+        && matches!(req.change, Change::Append { tail, .. } if tail.is_empty())
+        && !store.still_pending(req.path, &base_tag)
+    {
+        // A file created and closed empty, made meanwhile by another open's commit (or a
+        // rename or a change of attributes): nothing of this handle's is left to write.
+        if let Ok(meta) = store.lookup(req.path) {
+            return Ok(Committed {
+                // Counted by whoever made it.
+                replaced_size: meta.size,
+                content: store.content(key, meta, None),
+                followed: false,
+            });
+        }
+    }
     // The mode and owner of the version it replaces (as this store last set them: a write by
     // another user drops set-IDs after the open); its mtime is the new object's own.
     let mut attrs = store.meta_attrs(&store.attrs_base(req.path, &base_meta));
@@ -140,6 +157,9 @@ pub(super) fn commit(store: &S3Store, req: CommitRequest<'_>) -> StoreResult<Com
         .shared()
         .commits
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    if new {
+        store.created(req.path, &base_tag);
+    }
     let meta = store.object_meta(written.size, &written.etag, SystemTime::now(), &attrs);
     store.remember(req.path, Some(meta.clone()));
     let content: Arc<dyn Content> = Arc::new(S3Content::new(
@@ -512,6 +532,15 @@ fn append(
         let new_lineage = shared.new_lineage();
         let decide = || {
             let extends = shared.conditional && (follow || !replace);
+            if super::store::is_new_tag(&etag) {
+                // A file this process created, made now: if another host made the name
+                // meanwhile, an appender goes after theirs, a writer replaces it.
+                return match (extends, shared.lineage_of(&etag)) {
+                    (true, Some(lineage)) => (Condition::Absent, with_lineage(metadata, &lineage)),
+                    (true, None) => (Condition::Absent, with_lineage(metadata, &new_lineage)),
+                    (false, _) => (Condition::None, with_lineage(metadata, &new_lineage)),
+                };
+            }
             match (extends, shared.lineage_of(&etag)) {
                 (true, Some(lineage)) => (
                     Condition::Matches(etag.clone()),
@@ -550,7 +579,11 @@ fn append(
                     replace = true;
                     continue;
                 }
-                // Another writer committed first: these bytes go after its version.
+                // Another writer committed first: these bytes go after its version (another
+                // host's, where this process had the name pending).
+                if super::store::is_new_tag(&etag) {
+                    store.created(path, &etag);
+                }
                 let meta = match store.lookup(path) {
                     Ok(m) => m,
                     Err(e) if e.raw_os_error() == libc::ENOENT => {

@@ -69,6 +69,17 @@ pub struct S3Store {
     /// the ETag of the version they were set on, and the entry after. A commit whose base is
     /// that version carries them, not the base's as it was opened (see `commit`).
     attrs_set: Mutex<HashMap<PathBuf, (String, Meta)>>,
+    /// Files made by `create_held` that the open holding them has not committed yet
+    /// (`Capabilities::created_at_commit`): no object yet; this process shows them.
+    pending: Mutex<HashMap<PathBuf, Meta>>,
+}
+
+/// The version tag of a file made by `create_held` and not committed yet: never an ETag.
+const NEW_TAG: &str = "roomfs-new-";
+
+/// Whether `tag` is that of a file not committed yet.
+pub(super) fn is_new_tag(tag: &str) -> bool {
+    tag.starts_with(NEW_TAG)
 }
 
 /// The directory holding `path` and its name there (the root is `.` of itself).
@@ -93,7 +104,84 @@ impl S3Store {
             indexes: Mutex::new(HashMap::new()),
             listings: Mutex::new(HashMap::new()),
             attrs_set: Mutex::new(HashMap::new()),
+            pending: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The file made by `create_held` at `path`, not committed yet.
+    fn pending(&self, path: &Path) -> Option<Meta> {
+        lock(&self.pending).get(path).cloned()
+    }
+
+    /// The commit of version `tag` made the file at `path`: it is no longer pending.
+    pub(super) fn created(&self, path: &Path, tag: &str) {
+        let mut pending = lock(&self.pending);
+        if pending
+            .get(path)
+            .is_some_and(|m| m.version.tag() == Some(tag))
+        {
+            pending.remove(path);
+        }
+    }
+
+    /// Whether the file made by `create_held` with version `tag` is still to be made at
+    /// `path` (not made meanwhile by another open's commit, a rename or a change of its
+    /// attributes, nor removed).
+    pub(super) fn still_pending(&self, path: &Path, tag: &str) -> bool {
+        lock(&self.pending)
+            .get(path)
+            .is_some_and(|m| m.version.tag() == Some(tag))
+    }
+
+    /// Makes the object of a pending file at `path` now (empty, as created), before an
+    /// operation that needs it there (a rename, a change of attributes). If another host made
+    /// the name meanwhile, theirs stays.
+    fn materialize(&self, path: &Path) -> StoreResult<()> {
+        let Some(meta) = lock(&self.pending).remove(path) else {
+            return Ok(());
+        };
+        let key = self.keys.key(path)?;
+        let attrs = self.meta_attrs(&meta);
+        let condition = if self.shared.conditional {
+            Condition::Absent
+        } else {
+            Condition::None
+        };
+        let mut metadata = attrs.to_metadata();
+        metadata.insert(super::LINEAGE.into(), self.shared.new_lineage());
+        match self
+            .shared
+            .client
+            .put(&key, Body::empty(), &metadata, &condition)
+        {
+            Ok(etag) => {
+                self.shared.learn_lineage(&etag, &metadata);
+                let meta = self.object_meta(0, &etag, SystemTime::now(), &attrs);
+                self.remember(path, Some(meta));
+                Ok(())
+            }
+            Err(e) if e.is(Failure::Precondition) || e.is(Failure::Conflict) => {
+                self.forget(path);
+                Ok(())
+            }
+            Err(e) => {
+                lock(&self.pending).insert(path.to_path_buf(), meta);
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Makes the objects of the pending files at and below `path`.
+    fn materialize_tree(&self, path: &Path) -> StoreResult<()> {
+        let below: Vec<PathBuf> = lock(&self.pending)
+            .keys()
+            .filter(|p| p.starts_with(path))
+            .cloned()
+            .collect();
+        for p in below {
+            self.materialize(&p)?;
+        }
+        Ok(())
     }
 
     /// The entry to take the mode, owner and times of a new version of `path` from: `base`,
@@ -127,6 +215,9 @@ impl S3Store {
 
     /// What the store remembers of `path`, if still fresh: `Some(None)` is "not there".
     fn remembered(&self, path: &Path) -> Option<Option<Meta>> {
+        if let Some(meta) = self.pending(path) {
+            return Some(Some(meta));
+        }
         {
             let metas = lock(&self.metas);
             if let Some((at, meta)) = metas.get(path)
@@ -424,6 +515,9 @@ impl S3Store {
         if is_root(path) {
             return self.root_meta();
         }
+        if let Some(meta) = self.pending(path) {
+            return Ok(meta);
+        }
         let key = match self.keys.key(path) {
             Ok(key) => key,
             // A name no object can have is not there (making one is refused with EINVAL).
@@ -558,10 +652,22 @@ impl S3Store {
                 meta: Some(meta),
             });
         }
-        let names = out
+        let mut names: std::collections::HashSet<String> = out
             .iter()
             .map(|e| e.name.to_string_lossy().into_owned())
             .collect();
+        for (p, meta) in lock(&self.pending).iter() {
+            if p.parent() == Some(path)
+                && let Some(name) = p.file_name()
+                && names.insert(name.to_string_lossy().into_owned())
+            {
+                out.push(DirEntry {
+                    name: name.to_os_string(),
+                    kind: Kind::File,
+                    meta: Some(meta.clone()),
+                });
+            }
+        }
         lock(&self.listings).insert(path.to_path_buf(), (started, names));
         Ok(Some(out))
     }
@@ -629,14 +735,15 @@ impl S3Store {
 
     /// Fails with `EEXIST` if something is at `path`: known from a fresh lookup (the kernel
     /// looks a name up before creating it), else asked. An object is asked for only when
-    /// writes are not conditional, or for a directory (`dir`: the conditional write is the
-    /// marker's, which does not see a file of the name).
-    fn check_free(&self, path: &Path, dir: bool) -> StoreResult<()> {
+    /// writes are not conditional, or with `ask_object` (where no conditional write of the
+    /// name follows: a directory's marker does not see a file of the name, and a file made
+    /// at its commit is written later).
+    fn check_free(&self, path: &Path, ask_object: bool) -> StoreResult<()> {
         match self.remembered(path) {
             Some(Some(_)) => Err(err(libc::EEXIST)),
             Some(None) => Ok(()),
             None => {
-                let there = if !self.shared.conditional || dir {
+                let there = if !self.shared.conditional || ask_object {
                     self.exists(path)?.is_some()
                 } else {
                     let prefix = self.keys.dir_prefix(path)?;
@@ -709,6 +816,12 @@ impl S3Store {
 
     /// Whether the directory `path` has no entries (its marker and index aside).
     fn dir_is_empty(&self, path: &Path) -> StoreResult<bool> {
+        if lock(&self.pending)
+            .keys()
+            .any(|p| p.starts_with(path) && p != path)
+        {
+            return Ok(false);
+        }
         let prefix = self.keys.dir_prefix(path)?;
         let page = self.shared.client.list(&prefix, true, None, Some(3))?;
         let index = prefix.clone() + INDEX;
@@ -846,6 +959,7 @@ impl Store for S3Store {
             conditional_writes: self.shared.conditional,
             xattrs: false,
             stream_commits_up_to: Some(self.shared.part_size),
+            created_at_commit: true,
         }
     }
 
@@ -892,6 +1006,35 @@ impl Store for S3Store {
             }
             other => other,
         }
+    }
+
+    fn create_held(&self, path: &Path, perm: u16, owner: Owner) -> StoreResult<Meta> {
+        let (uid, gid) = self.owner_of(owner);
+        let attrs = Attrs {
+            kind: Kind::File,
+            perm,
+            uid,
+            gid,
+            mtime: None,
+        };
+        // Attributes that need an index entry are recorded with the object, made now.
+        if attrs != Attrs::default_object(&self.defaults) {
+            return self.create(path, perm, owner, true);
+        }
+        self.keys.key(path)?;
+        // The kernel looked the name up just before: mostly known, else asked.
+        self.check_free(path, true)?;
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tag = format!("{NEW_TAG}{n}");
+        // Its commit extends it: a reader that opened it reads on into what is written.
+        let mut lineage = Metadata::new();
+        lineage.insert(super::LINEAGE.into(), self.shared.new_lineage());
+        self.shared.learn_lineage(&tag, &lineage);
+        let meta = self.object_meta(0, &tag, SystemTime::now(), &attrs);
+        lock(&self.pending).insert(path.to_path_buf(), meta.clone());
+        self.remember(path, Some(meta.clone()));
+        Ok(meta)
     }
 
     fn working_copy(&self, path: &Path) -> StoreResult<Arc<dyn WorkingCopy>> {
@@ -998,7 +1141,14 @@ impl Store for S3Store {
             return Err(err(libc::EISDIR));
         }
         let key = self.keys.key(path)?;
-        self.shared.client.delete(&key)?;
+        // A pending file has no object; one another host made at its name meanwhile goes.
+        let pending = lock(&self.pending).remove(path);
+        if let Err(e) = self.shared.client.delete(&key) {
+            if let Some(p) = pending {
+                lock(&self.pending).insert(path.to_path_buf(), p);
+            }
+            return Err(e.into());
+        }
         self.shared.cache.forget(&key);
         self.remember(path, None);
         self.unindex(path, &meta)?;
@@ -1016,6 +1166,9 @@ impl Store for S3Store {
         if to.starts_with(from) && to != from {
             return Err(err(libc::EINVAL));
         }
+        // Pending files are made first: a rename copies objects.
+        self.materialize_tree(from)?;
+        self.materialize(to)?;
         let source = self.lookup(from)?;
         if from == to {
             return match mode {
@@ -1074,6 +1227,7 @@ impl Store for S3Store {
     }
 
     fn set_attr(&self, path: &Path, attr: &SetAttr) -> StoreResult<Meta> {
+        self.materialize(path)?;
         let meta = self.lookup(path)?;
         let old = self.meta_attrs(&meta);
         let now = SystemTime::now();

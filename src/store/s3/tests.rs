@@ -835,3 +835,114 @@ fn a_reader_reads_on_into_appends_of_its_version() {
     assert_eq!(reader.read_appended_at(&mut buf, 8).unwrap(), 0);
     let _ = v2;
 }
+
+/// Commits `tail` appended to `base` (a close of a handle that wrote at the end).
+fn commit_append(
+    store: &dyn Store,
+    path: &str,
+    base: &Arc<dyn Content>,
+    tail: &[u8],
+    follow: bool,
+) -> StoreResult<Arc<dyn Content>> {
+    Ok(store
+        .commit(CommitRequest {
+            path: p(path),
+            base,
+            change: Change::Append { tail, follow },
+            durable: false,
+        })?
+        .content)
+}
+
+#[test]
+fn a_file_an_open_creates_is_made_by_its_commit_in_one_put() {
+    let client = Arc::new(MemClient::new());
+    let (a, b) = (host(&client), host(&client));
+    assert!(a.store.capabilities().created_at_commit);
+    client.reset_counts();
+    a.store.create_held(p("new"), 0o644, None).unwrap();
+    assert_eq!(
+        client.count(Op::Put),
+        0,
+        "nothing is written before the commit"
+    );
+    // This host shows it; others see it from its commit on.
+    assert_eq!(a.store.stat(p("new")).unwrap().size, 0);
+    assert!(a.store.list(p("")).unwrap().iter().any(|e| e.name == "new"));
+    let errno = |r: StoreResult<_>| {
+        r.map(|_: crate::store::Meta| ())
+            .unwrap_err()
+            .raw_os_error()
+    };
+    assert_eq!(errno(b.store.stat(p("new"))), libc::ENOENT);
+    assert_eq!(
+        errno(a.store.create_held(p("new"), 0o644, None)),
+        libc::EEXIST
+    );
+    assert_eq!(
+        errno(a.store.create(p("new"), 0o644, None, true)),
+        libc::EEXIST
+    );
+    let base = a.store.open(p("new")).unwrap();
+    commit_append(a.store.as_ref(), "new", &base, b"hello", false).unwrap();
+    assert_eq!(
+        client.count(Op::Put),
+        1,
+        "one PUT makes the file with its bytes"
+    );
+    assert_eq!(client.object(&key("new")).unwrap(), b"hello");
+    // (B remembers it absent for its metadata TTL; a host that looks now sees it.)
+    assert_eq!(host(&client).store.stat(p("new")).unwrap().size, 5);
+
+    // Created and closed empty (`touch`): the commit makes the empty object.
+    a.store.create_held(p("empty"), 0o644, None).unwrap();
+    let base = a.store.open(p("empty")).unwrap();
+    commit_append(a.store.as_ref(), "empty", &base, b"", false).unwrap();
+    assert_eq!(client.object(&key("empty")).unwrap(), b"");
+
+    // Unlinked before its commit (whose changes the core then drops): nothing is made.
+    a.store.create_held(p("gone"), 0o644, None).unwrap();
+    a.store.unlink(p("gone")).unwrap();
+    assert_eq!(errno(a.store.stat(p("gone"))), libc::ENOENT);
+    assert!(client.object(&key("gone")).is_none());
+
+    // Renamed, or its mode changed, before its commit: made first; the commit lands where
+    // the file is then.
+    a.store.create_held(p("tmp"), 0o644, None).unwrap();
+    let base = a.store.open(p("tmp")).unwrap();
+    a.store
+        .rename(p("tmp"), p("final"), RenameMode::Replace)
+        .unwrap();
+    commit_append(a.store.as_ref(), "final", &base, b"data", false).unwrap();
+    assert_eq!(client.object(&key("final")).unwrap(), b"data");
+    assert!(client.object(&key("tmp")).is_none());
+    a.store.create_held(p("x"), 0o644, None).unwrap();
+    let attr = SetAttr {
+        perm: Some(0o600),
+        ..SetAttr::default()
+    };
+    a.store.set_attr(p("x"), &attr).unwrap();
+    assert_eq!(host(&client).store.stat(p("x")).unwrap().perm, 0o600);
+
+    // A directory holding a file not committed yet is not empty.
+    a.store.mkdir(p("d"), 0o755, None).unwrap();
+    a.store.create_held(p("d/f"), 0o644, None).unwrap();
+    assert_eq!(
+        a.store.rmdir(p("d")).unwrap_err().raw_os_error(),
+        libc::ENOTEMPTY
+    );
+
+    // Another host made the name meanwhile: a writer's close replaces it whole (the last close
+    // wins), an appender's bytes go after theirs.
+    a.store.create_held(p("w"), 0o644, None).unwrap();
+    let base = a.store.open(p("w")).unwrap();
+    write(b.store.as_ref(), "w", b"theirs").unwrap();
+    commit_append(a.store.as_ref(), "w", &base, b"mine", false).unwrap();
+    assert_eq!(client.object(&key("w")).unwrap(), b"mine");
+    a.store.create_held(p("log"), 0o644, None).unwrap();
+    let base = a.store.open(p("log")).unwrap();
+    write(b.store.as_ref(), "log", b"theirs\n").unwrap();
+    commit_append(a.store.as_ref(), "log", &base, b"mine\n", true).unwrap();
+    assert_eq!(client.object(&key("log")).unwrap(), b"theirs\nmine\n");
+    assert_eq!(a.store.stat(p("log")).unwrap().size, 12);
+}
