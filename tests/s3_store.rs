@@ -5,8 +5,9 @@
 //!   one bucket prefix: what one writes the other reads once its attribute TTL has passed; an
 //!   `O_EXCL` race has one winner; appenders on both keep every line; renames and deletes show
 //!   on both; sqlite written on one is read on the other.
-//! - Requests: `ls -l` of a directory of 1,000 files is one LIST (the daemon's metrics count
-//!   every request).
+//! - Requests: `ls -l` of a directory of 1,000 files is one LIST, a new small file one PUT
+//!   (the daemon's metrics count every request); a file created by an open is the host's
+//!   own until its close.
 //! - Failures: the store killed in the middle of an upload, or frozen, gives `EIO` at close in
 //!   bounded time, leaves the previous version and no upload behind, and the mount works again
 //!   once the store is back; `kill -9` of roomfs during an upload leaves the previous object,
@@ -29,8 +30,8 @@ use common::{BIN, Bucket, Mounted, output, python};
 
 /// Two hosts' daemons on one prefix of the shared bucket, each with a room `r1` mounted.
 struct Hosts {
-    /// Host A's daemon, kept running (its mount is `ma`).
-    _a: Daemon,
+    /// Host A's daemon (its mount is `ma`).
+    a: Daemon,
     b: Daemon,
     ma: PathBuf,
     mb: PathBuf,
@@ -46,7 +47,7 @@ fn two_hosts() -> Hosts {
     let (ma, mb) = (a.dir("room"), b.dir("room"));
     a.mount(&["--room", "r1"], &ma);
     b.mount(&["--room", "r1"], &mb);
-    Hosts { _a: a, b, ma, mb }
+    Hosts { a, b, ma, mb }
 }
 
 /// Waits (up to 5 s) until `check` holds; returns how long it took.
@@ -263,6 +264,68 @@ fn metric(text: &str, name: &str, label: &str) -> u64 {
         .sum::<f64>() as u64
 }
 
+/// The change in `roomfs_backend_requests_total{op}` between two metrics texts.
+fn requests(before: &str, after: &str, op: &str) -> u64 {
+    let label = format!("op=\"{op}\"");
+    metric(after, "roomfs_backend_requests_total", &label)
+        - metric(before, "roomfs_backend_requests_total", &label)
+}
+
+#[test]
+fn a_new_file_is_one_put_and_other_hosts_see_it_from_its_close() {
+    let h = two_hosts();
+    fs::create_dir(h.ma.join("out")).unwrap();
+    let before = h.a.cli(&["metrics"]).1;
+    python(
+        &h.ma,
+        r#"
+import os
+for i in range(50):
+    with open(os.environ['MNT'] + f'/out/f{i:02}', 'wb') as f:
+        f.write(bytes([i]) * 4096)
+"#,
+    );
+    let after = h.a.cli(&["metrics"]).1;
+    assert_eq!(
+        requests(&before, &after, "put"),
+        50,
+        "one PUT a file, its bytes with it"
+    );
+    // Held open on A: A shows it at once; B from its first commit on, which the mount makes
+    // a second after the open (as it publishes a running writer's output), or the close.
+    let mut held = File::create(h.ma.join("out/held.txt")).unwrap();
+    let names = |dir: &Path| -> Vec<String> {
+        let mut v: Vec<String> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    assert!(names(&h.ma.join("out")).contains(&"held.txt".to_string()));
+    eventually("B sees the file held open on A", || {
+        fs::metadata(h.mb.join("out/held.txt")).is_ok_and(|m| m.len() == 0)
+    });
+    held.write_all(b"partial").unwrap();
+    drop(held);
+    eventually("B sees the file closed on A", || {
+        fs::read(h.mb.join("out/held.txt")).is_ok_and(|b| b == b"partial")
+    });
+    // Created and closed without a write (`touch`): made, empty, at the close.
+    let touch = output(Command::new("touch").arg(h.ma.join("out/empty")));
+    assert!(touch.status.success());
+    eventually("B sees the touched file", || {
+        fs::metadata(h.mb.join("out/empty")).is_ok_and(|m| m.len() == 0)
+    });
+    // Removed before its close on A: never made.
+    let gone = File::create(h.ma.join("out/gone")).unwrap();
+    fs::remove_file(h.ma.join("out/gone")).unwrap();
+    drop(gone);
+    std::thread::sleep(Duration::from_millis(2100));
+    assert!(!h.mb.join("out/gone").exists());
+    assert!(!h.ma.join("out/gone").exists());
+}
+
 #[test]
 fn ls_l_of_a_thousand_files_is_one_list() {
     let h = two_hosts();
@@ -456,27 +519,21 @@ fn a_frozen_store_gives_eio_in_bounded_time_and_the_mount_answers_again() {
     fs::write(m.p("kept"), b"kept").unwrap();
     weed.pause(); // SIGSTOP: connections are accepted, nothing answers
     let start = Instant::now();
-    let mut f = File::create(m.p("new")).map(Some).unwrap_or_else(|e| {
-        assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
-        None
-    });
-    if let Some(f) = f.as_mut() {
-        f.write_all(b"data").unwrap();
-        let fd = std::os::fd::IntoRawFd::into_raw_fd(f.try_clone().unwrap());
-        assert_eq!(
-            unsafe { libc::close(fd) },
-            0,
-            "a duplicate's close does not commit"
-        );
-    }
-    if let Some(f) = f {
-        let fd = std::os::fd::IntoRawFd::into_raw_fd(f);
-        assert_eq!(unsafe { libc::close(fd) }, -1);
-        assert_eq!(
-            std::io::Error::last_os_error().raw_os_error(),
-            Some(libc::EIO)
-        );
-    }
+    // The open asks nothing of the store (a new file is made by its commit): the close's
+    // commit meets the frozen store, and so does a duplicate's (every close commits what is
+    // not committed yet).
+    let mut f = File::create(m.p("new")).unwrap();
+    f.write_all(b"data").unwrap();
+    let close = |fd| {
+        let r = unsafe { libc::close(fd) };
+        (r, std::io::Error::last_os_error().raw_os_error())
+    };
+    let dup = std::os::fd::IntoRawFd::into_raw_fd(f.try_clone().unwrap());
+    assert_eq!(close(dup), (-1, Some(libc::EIO)));
+    assert_eq!(
+        close(std::os::fd::IntoRawFd::into_raw_fd(f)),
+        (-1, Some(libc::EIO))
+    );
     let took = start.elapsed();
     assert!(took < Duration::from_secs(20), "{took:?}");
     // An open revalidates (close-to-open): with the store frozen, that is EIO too, in bounded

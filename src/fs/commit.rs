@@ -11,7 +11,7 @@
 use std::path::Path;
 
 use super::handle::{FileHandle, Pending};
-use super::{Fs, FsResult, Tid, closers, lock, read_lock};
+use super::{Errno, Fs, FsResult, Tid, closers, lock, read_lock};
 use crate::events::Changed;
 use crate::store::{Change, CommitRequest};
 
@@ -66,8 +66,41 @@ impl Fs {
     /// Commits what `h` changed at the file's current path (see the module docs). Failures
     /// are counted in the metrics.
     pub(super) fn commit(&self, h: &mut FileHandle, durable: bool) -> FsResult<()> {
-        self.try_commit(h, durable)
-            .inspect_err(crate::metrics::commit_failed)
+        let result = self
+            .try_commit(h, durable)
+            .inspect_err(crate::metrics::commit_failed);
+        // (A store that failed, EIO, would fail this too.)
+        if result.is_err_and(|e| e != Errno::EIO) && h.creates {
+            self.make_created(h);
+        }
+        result
+    }
+
+    /// The open of `h` created the file, which the store makes at its first commit
+    /// (`Capabilities::created_at_commit`), and that commit failed for what was written (a
+    /// full spool, a quota): the file is made as it was created, empty, as on a store that
+    /// made it at the open. The handle keeps its changes, to commit again. Best effort
+    /// (logged); until a commit succeeds, the file is this process's.
+    fn make_created(&self, h: &mut FileHandle) {
+        let Some(path) = read_lock(&self.table).path(h.ino) else {
+            return;
+        };
+        let base = h.base().clone();
+        match self.store.commit(CommitRequest {
+            path: &path,
+            base: &base,
+            change: Change::Append {
+                tail: &[],
+                follow: false,
+            },
+            durable: false,
+        }) {
+            Ok(done) => h.rebase_created(done.content),
+            Err(e) => log::warn!(
+                "{}: the file created could not be made empty either: {e}",
+                path.display()
+            ),
+        }
     }
 
     /// [`Fs::commit`], uncounted.

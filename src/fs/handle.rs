@@ -142,6 +142,9 @@ pub struct FileHandle {
     /// Where the file was when opened: the store's working copies are made for it (a hint;
     /// a rename since does not matter, the commit goes where the file is).
     path: PathBuf,
+    /// Its open created the file, and the store makes it at the first commit, which has not
+    /// succeeded yet (`commits_creation`).
+    pub creates: bool,
 }
 
 impl FileHandle {
@@ -164,6 +167,7 @@ impl FileHandle {
             opened: Instant::now(),
             published: None,
             path: PathBuf::new(),
+            creates: false,
         }
     }
 
@@ -276,6 +280,15 @@ impl FileHandle {
         self.base = content;
         self.pending = Pending::Clean;
         self.moved |= followed;
+        self.creates = false;
+    }
+
+    /// The file its open created was made, empty, without its changes (see
+    /// `Fs::make_created`): the changes stay, on that base.
+    pub fn rebase_created(&mut self, content: Arc<dyn Content>) {
+        debug_assert_eq!(content.meta().size, self.base.meta().size);
+        self.base = content;
+        self.creates = false;
     }
 
     /// Drops the uncommitted changes (after a failed last commit, or an unlinked file's).
@@ -303,6 +316,7 @@ impl FileHandle {
     /// The handle's open made the file, which the store makes for others only at the commit
     /// (`Capabilities::created_at_commit`): it commits even if nothing is written.
     pub fn commits_creation(&mut self) {
+        self.creates = true;
         if matches!(self.pending, Pending::Clean) {
             self.pending = Pending::Appended {
                 tail: Vec::new(),
