@@ -138,6 +138,8 @@ struct Plan {
     passthrough: bool,
     /// Who the mount's changes are made by, in events.
     label: Option<String>,
+    /// Where the space is stored (`local`, `s3://bucket/prefix`); default: the server's.
+    store: Option<String>,
     server: Server,
 }
 
@@ -172,6 +174,7 @@ fn plan(source: &str, options: &[String], sloppy: bool) -> anyhow::Result<Plan> 
     let mut standalone_only = Vec::new();
     let mut log = None;
     let mut label = None;
+    let mut store = None;
     for option in options {
         let (name, value) = match option.split_once('=') {
             Some((n, v)) => (n, Some(v)),
@@ -192,6 +195,11 @@ fn plan(source: &str, options: &[String], sloppy: bool) -> anyhow::Result<Plan> 
             "no_passthrough" if value.is_none() => passthrough = false,
             "daemon" if value.is_none() => daemon = true,
             "label" => label = Some(need(value)?),
+            "store" => {
+                let v = need(value)?;
+                crate::store::StoreConfig::parse(&v).map_err(|e| anyhow!("store: {e}"))?;
+                store = Some(v);
+            }
             "socket" => {
                 daemon = true;
                 socket = Some(PathBuf::from(need(value)?));
@@ -213,7 +221,7 @@ fn plan(source: &str, options: &[String], sloppy: bool) -> anyhow::Result<Plan> 
                 return Err(anyhow!(
                     "unknown option {option:?} (roomfs knows data_dir=, grant=PATH:ro|rw, ro, \
                      sync_on_close, no_passthrough, cache_ttl=, threads=, records_dir=, log=, \
-                     label=, daemon, socket=)"
+                     label=, store=, daemon, socket=)"
                 ));
             }
         }
@@ -239,6 +247,7 @@ fn plan(source: &str, options: &[String], sloppy: bool) -> anyhow::Result<Plan> 
         sync_on_close,
         passthrough,
         label,
+        store,
         server,
     })
 }
@@ -266,6 +275,10 @@ fn mount_args(plan: &Plan, flags: &[OsString], mountpoint: &Path) -> Vec<OsStrin
         args.push("--label".into());
         args.push(label.into());
     }
+    if let Some(store) = &plan.store {
+        args.push("--store".into());
+        args.push(store.into());
+    }
     args.push(mountpoint.into());
     args
 }
@@ -286,7 +299,7 @@ fn mount_request(plan: &Plan, mountpoint: &Path) -> MountRequest {
         passthrough: (!plan.passthrough).then_some(false),
         read_only: plan.read_only.then_some(true),
         label: plan.label.clone(),
-        store: None,
+        store: plan.store.clone(),
     }
 }
 
@@ -476,6 +489,7 @@ mod tests {
                 "grant=logs/:rw",
                 "sync_on_close",
                 "cache_ttl=5",
+                "store=s3://team-a/agents",
                 "_netdev",
                 "nofail",
                 "x-systemd.requires=roomfs.service",
@@ -511,6 +525,8 @@ mod tests {
                 "--grant",
                 "logs/:rw",
                 "--sync-on-close",
+                "--store",
+                "s3://team-a/agents",
                 "/srv/r1"
             ]
         );
@@ -520,7 +536,7 @@ mod tests {
     fn daemon_mounts_go_through_the_socket() {
         let p = plan(
             "session:s1",
-            &strings(&["ro", "socket=/run/x.sock", "no_passthrough"]),
+            &strings(&["ro", "socket=/run/x.sock", "no_passthrough", "store=local"]),
             false,
         )
         .unwrap();
@@ -534,6 +550,7 @@ mod tests {
         assert_eq!(req.session.as_deref(), Some("s1"));
         assert_eq!(req.read_only, Some(true));
         assert_eq!(req.passthrough, Some(false));
+        assert_eq!(req.store.as_deref(), Some("local"));
         let p = plan("room:r", &strings(&["daemon"]), false).unwrap();
         assert_eq!(
             p.server,
@@ -554,6 +571,7 @@ mod tests {
         assert!(err("room:r", &["grant"]).contains("grant needs a value"));
         assert!(err("room:r", &["daemon", "data_dir=/d"]).contains("daemon's config"));
         assert!(err("room:r", &["noexec"]).contains("unknown option"));
+        assert!(err("room:r", &["store=ftp://x"]).starts_with("store: "));
         for e in [err("room:r", &["bogus"]), err("x", &[])] {
             assert_eq!(e.lines().count(), 1, "{e}");
         }

@@ -12,7 +12,8 @@
 //!   bounded time, leaves the previous version and no upload behind, and the mount works again
 //!   once the store is back; `kill -9` of roomfs during an upload leaves the previous object,
 //!   and the next start aborts the upload it left.
-//! - Bad store settings are one clear line at mount time.
+//! - Bad store settings are one clear line at mount time; the mount helper (`mount -t
+//!   fuse.roomfs ... -o store=s3://...`) mounts a room in the bucket.
 //!
 //! Independent checks of the bucket go through boto3 (`SeaweedFs::boto3`).
 
@@ -849,4 +850,57 @@ except OSError as e:
     // Room comes back once the copy is gone: a small write goes through.
     fs::write(m.p("notes.txt"), b"new\n").unwrap();
     assert_eq!(fs::read(m.p("notes.txt")).unwrap(), b"new\n");
+}
+
+/// Unmounts `0` when dropped, also after a failed assertion (the helper's background server
+/// then exits by itself).
+struct UnmountOnDrop(PathBuf);
+
+impl Drop for UnmountOnDrop {
+    fn drop(&mut self) {
+        if common::is_mounted(&self.0) {
+            let c = common::cstr(&self.0);
+            if unsafe { libc::umount2(c.as_ptr(), 0) } != 0 {
+                unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+            }
+        }
+    }
+}
+
+#[test]
+fn the_mount_helper_mounts_a_room_in_the_bucket() {
+    let weed = SeaweedFs::shared();
+    let prefix = unique_prefix();
+    let dir = tempfile::tempdir().unwrap();
+    // mount(8) runs /sbin/mount.fuse.roomfs; the same program under that name here.
+    let helper = dir.path().join("mount.fuse.roomfs");
+    std::os::unix::fs::symlink(BIN, &helper).unwrap();
+    let mnt = dir.path().join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    let opts = format!(
+        "rw,store=s3://{}/{prefix},data_dir={},_netdev",
+        weed.bucket(),
+        dir.path().join("data").display()
+    );
+    // (stderr in a file: the background server would hold a pipe open.)
+    let err = dir.path().join("helper.err");
+    let status = Command::new(&helper)
+        .args([
+            Path::new("room:r1"),
+            &mnt,
+            Path::new("-o"),
+            Path::new(&opts),
+        ])
+        .envs(weed.env())
+        .stdin(std::process::Stdio::null())
+        .stderr(File::create(&err).unwrap())
+        .status()
+        .unwrap();
+    let _unmount = UnmountOnDrop(mnt.clone());
+    assert!(status.success(), "{}", fs::read_to_string(&err).unwrap());
+    fs::write(mnt.join("via-helper.txt"), b"hello").unwrap();
+    assert_eq!(
+        object(weed, &format!("{prefix}/rooms/r1/via-helper.txt")),
+        b"hello"
+    );
 }
