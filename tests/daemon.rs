@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::daemon::Daemon;
-use common::{BIN, cstr, errno, is_mounted, second_read_after_a_change_on_disk};
+use common::{BIN, cstr, errno, is_mounted, python, second_read_after_a_change_on_disk};
 use serde_json::{Value, json};
 
 fn fixture(collection: &str, id: &str) -> Value {
@@ -894,6 +894,93 @@ fn metrics_count_a_known_workload() {
     let (_, gone) = scrape(&d.socket);
     assert!(!gone.contains("sessions/met"), "{gone}");
     assert_eq!(metric(&gone, "roomfs_mounts{kind=\"session\"}"), 0.0);
+}
+
+/// What one small file costs in FUSE requests, written and read back as an agent does (Python
+/// `open()`): the kernel's minimum for it (see doc/PERFORMANCE.md, "Requests per file"), kept
+/// there by the reply flags — no READ (the read-back keeps the writer's pages), no FLUSH of a
+/// read-only handle, no SETATTR for `O_TRUNC`, at most one `security.capability` query per
+/// new file — so that none of them comes back unnoticed.
+#[test]
+fn a_small_file_written_and_read_back_costs_the_kernels_minimum_of_requests() {
+    const N: usize = 200;
+    let d = Daemon::start();
+    let mnt = d.dir("mnt");
+    d.mount(&["--room", "r1"], &mnt);
+    fs::create_dir(mnt.join("agent")).unwrap();
+    let counts = |text: &str| -> Vec<(String, f64)> {
+        let prefix = "roomfs_fuse_request_duration_seconds_count{op=\"";
+        text.lines()
+            .filter_map(|l| {
+                let (op, n) = l.strip_prefix(prefix)?.split_once("\"} ")?;
+                Some((op.to_string(), n.parse().ok()?))
+            })
+            .collect()
+    };
+    let before = counts(&scrape(&d.socket).1);
+    let started = Instant::now();
+    python(
+        &mnt,
+        &format!(
+            r#"
+import os
+d = os.path.join(os.environ["MNT"], "agent")
+data = os.urandom(4096)
+paths = [os.path.join(d, f"f{{i:05d}}") for i in range({N})]
+for p in paths:
+    with open(p, "wb") as f:
+        f.write(data)
+for p in paths:
+    with open(p, "rb") as f:
+        assert f.read() == data, p
+"#
+        ),
+    );
+    // Releases reach the daemon after close() returned.
+    let open_files = "roomfs_open_handles{kind=\"file\"}";
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let after = loop {
+        let text = scrape(&d.socket).1;
+        if metric(&text, open_files) == 0.0 || Instant::now() > deadline {
+            break text;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let delta = |op: &str| {
+        let of = |c: &[(String, f64)]| c.iter().find(|(o, _)| o == op).map_or(0.0, |(_, n)| *n);
+        of(&counts(&after)) - of(&before)
+    };
+    let n = N as f64;
+    for (op, expected) in [
+        ("create", n),
+        ("write", n),
+        ("flush", n), // the writers' closes commit; readers' handles need no flush
+        ("release", 2.0 * n),
+        ("open", n),
+        ("read", 0.0),    // the read-back is served from the writer's pages
+        ("setattr", 0.0), // O_TRUNC travels with the create
+    ] {
+        assert_eq!(delta(op), expected, "{op} requests:\n{after}");
+    }
+    // At most: Python's `isatty` after each open, and one `security.capability` before a new
+    // file's first write.
+    assert!(delta("getxattr") <= n, "{after}");
+    assert!(delta("ioctl") <= 2.0 * n, "{after}");
+    // The kernel's lookup of each new name, and a GETATTR of the directory each create changed
+    // and of each file its write changed; where an entry expired in the meantime (the TTL is a
+    // second: on a slow run), a LOOKUP that refreshes the attributes takes the GETATTR's place.
+    // `agent`'s entry expires once a second too.
+    let expiries = started.elapsed().as_secs_f64().ceil() + 5.0;
+    let names = delta("lookup") + delta("getattr");
+    assert!(
+        names <= 3.0 * n + expiries,
+        "{names} LOOKUPs and GETATTRs\n{after}"
+    );
+    let total: f64 = counts(&after).iter().map(|(op, _)| delta(op)).sum();
+    assert!(
+        total <= 12.0 * n + expiries,
+        "{total} requests for {N} files\n{after}"
+    );
 }
 
 #[test]
