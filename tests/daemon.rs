@@ -896,18 +896,10 @@ fn metrics_count_a_known_workload() {
     assert_eq!(metric(&gone, "roomfs_mounts{kind=\"session\"}"), 0.0);
 }
 
-/// What one small file costs in FUSE requests, written and read back as an agent does (Python
-/// `open()`): the kernel's minimum for it (see doc/PERFORMANCE.md, "Requests per file"), kept
-/// there by the reply flags — no READ (the read-back keeps the writer's pages), no FLUSH of a
-/// read-only handle, no SETATTR for `O_TRUNC`, at most one `security.capability` query per
-/// new file — so that none of them comes back unnoticed.
-#[test]
-fn a_small_file_written_and_read_back_costs_the_kernels_minimum_of_requests() {
-    const N: usize = 200;
-    let d = Daemon::start();
-    let mnt = d.dir("mnt");
-    d.mount(&["--room", "r1"], &mnt);
-    fs::create_dir(mnt.join("agent")).unwrap();
+/// The FUSE requests of each kind the daemon of `d` served while `code` ran in Python (with
+/// `MNT` = `mnt`), once the handles it closed are released; and how many times an entry or
+/// attribute cached for the TTL (1 s) may have expired meanwhile, at most.
+fn requests_of(d: &Daemon, mnt: &Path, code: &str) -> (Vec<(String, f64)>, f64) {
     let counts = |text: &str| -> Vec<(String, f64)> {
         let prefix = "roomfs_fuse_request_duration_seconds_count{op=\"";
         text.lines()
@@ -919,7 +911,45 @@ fn a_small_file_written_and_read_back_costs_the_kernels_minimum_of_requests() {
     };
     let before = counts(&scrape(&d.socket).1);
     let started = Instant::now();
-    python(
+    python(mnt, code);
+    let expiries = started.elapsed().as_secs_f64().ceil() + 5.0;
+    // Releases reach the daemon after close() returned.
+    let open_files = "roomfs_open_handles{kind=\"file\"}";
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let after = loop {
+        let text = scrape(&d.socket).1;
+        if metric(&text, open_files) == 0.0 || Instant::now() > deadline {
+            break counts(&text);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let of = |c: &[(String, f64)], op: &str| c.iter().find(|(o, _)| o == op).map_or(0.0, |x| x.1);
+    let delta = after
+        .iter()
+        .map(|(op, n)| (op.clone(), n - of(&before, op)))
+        .filter(|(_, n)| *n != 0.0)
+        .collect();
+    (delta, expiries)
+}
+
+/// What a small file costs in FUSE requests, written and read back as agents do (Python
+/// `open()`), and an append: the kernel's minimum for them (see doc/PERFORMANCE.md, "Requests
+/// per small file"), kept there by the reply flags — no READ (a read-back keeps the writer's
+/// pages), no FLUSH of a read-only handle, no SETATTR for `O_TRUNC`, at most one
+/// `security.capability` query per write handle — so that none of them comes back unnoticed.
+#[test]
+fn small_files_and_appends_cost_the_kernels_minimum_of_requests() {
+    let d = Daemon::start();
+    let mnt = d.dir("mnt");
+    d.mount(&["--room", "r1"], &mnt);
+    fs::create_dir(mnt.join("agent")).unwrap();
+    let count = |requests: &[(String, f64)], op: &str| {
+        requests.iter().find(|(o, _)| o == op).map_or(0.0, |x| x.1)
+    };
+
+    const N: usize = 200;
+    let (requests, expiries) = requests_of(
+        &d,
         &mnt,
         &format!(
             r#"
@@ -936,20 +966,6 @@ for p in paths:
 "#
         ),
     );
-    // Releases reach the daemon after close() returned.
-    let open_files = "roomfs_open_handles{kind=\"file\"}";
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let after = loop {
-        let text = scrape(&d.socket).1;
-        if metric(&text, open_files) == 0.0 || Instant::now() > deadline {
-            break text;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let delta = |op: &str| {
-        let of = |c: &[(String, f64)]| c.iter().find(|(o, _)| o == op).map_or(0.0, |(_, n)| *n);
-        of(&counts(&after)) - of(&before)
-    };
     let n = N as f64;
     for (op, expected) in [
         ("create", n),
@@ -960,26 +976,64 @@ for p in paths:
         ("read", 0.0),    // the read-back is served from the writer's pages
         ("setattr", 0.0), // O_TRUNC travels with the create
     ] {
-        assert_eq!(delta(op), expected, "{op} requests:\n{after}");
+        assert_eq!(count(&requests, op), expected, "{op}: {requests:?}");
     }
     // At most: Python's `isatty` after each open, and one `security.capability` before a new
     // file's first write.
-    assert!(delta("getxattr") <= n, "{after}");
-    assert!(delta("ioctl") <= 2.0 * n, "{after}");
+    assert!(count(&requests, "getxattr") <= n, "{requests:?}");
+    assert!(count(&requests, "ioctl") <= 2.0 * n, "{requests:?}");
     // The kernel's lookup of each new name, and a GETATTR of the directory each create changed
-    // and of each file its write changed; where an entry expired in the meantime (the TTL is a
-    // second: on a slow run), a LOOKUP that refreshes the attributes takes the GETATTR's place.
+    // and of each file its write changed; where an entry expired in the meantime (on a slow
+    // run), the LOOKUP that revalidates it refreshes the attributes in the GETATTR's place.
     // `agent`'s entry expires once a second too.
-    let expiries = started.elapsed().as_secs_f64().ceil() + 5.0;
-    let names = delta("lookup") + delta("getattr");
-    assert!(
-        names <= 3.0 * n + expiries,
-        "{names} LOOKUPs and GETATTRs\n{after}"
-    );
-    let total: f64 = counts(&after).iter().map(|(op, _)| delta(op)).sum();
+    let names = count(&requests, "lookup") + count(&requests, "getattr");
+    assert!(names <= 3.0 * n + expiries, "{requests:?}");
+    let total: f64 = requests.iter().map(|x| x.1).sum();
     assert!(
         total <= 12.0 * n + expiries,
-        "{total} requests for {N} files\n{after}"
+        "{total} for {N} files: {requests:?}"
+    );
+
+    // Appends to a log: OPEN, GETATTR (Python's fstat: the last append's write dropped the
+    // size the kernel knew), IOCTL, GETXATTR (that GETATTR cleared S_NOSEC), WRITE, FLUSH
+    // (committed in place) and RELEASE.
+    const A: usize = 100;
+    let (requests, expiries) = requests_of(
+        &d,
+        &mnt,
+        &format!(
+            r#"
+import os
+p = os.path.join(os.environ["MNT"], "agent", "log")
+for i in range({A}):
+    with open(p, "a") as f:
+        f.write(f"line {{i}}\n")
+"#
+        ),
+    );
+    let a = A as f64;
+    for (op, expected) in [
+        ("create", 1.0),
+        ("open", a - 1.0),
+        ("write", a),
+        ("flush", a),
+        ("release", a),
+        ("read", 0.0),
+        ("setattr", 0.0),
+    ] {
+        assert_eq!(count(&requests, op), expected, "{op}: {requests:?}");
+    }
+    let total: f64 = requests.iter().map(|x| x.1).sum();
+    assert!(
+        total <= 7.0 * a + expiries,
+        "{total} for {A} appends: {requests:?}"
+    );
+    assert_eq!(
+        fs::read_to_string(mnt.join("agent/log"))
+            .unwrap()
+            .lines()
+            .count(),
+        A
     );
 }
 
