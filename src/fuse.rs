@@ -292,6 +292,9 @@ impl Filesystem for FuseAdapter {
         self.kills_set_ids = config
             .add_capabilities(InitFlags::FUSE_HANDLE_KILLPRIV_V2)
             .is_ok();
+        if self.kills_set_ids {
+            self.fs.clears_set_ids();
+        }
         if self.fs.wants_passthrough() {
             // Depth 1: backing files on a plain filesystem, and roomfs may itself be a lower
             // layer of an overlayfs.

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::daemon::Daemon;
-use common::{BIN, cstr, errno, is_mounted, second_read_after_a_change_on_disk};
+use common::{BIN, cstr, errno, is_mounted, python, second_read_after_a_change_on_disk};
 use serde_json::{Value, json};
 
 fn fixture(collection: &str, id: &str) -> Value {
@@ -894,6 +894,157 @@ fn metrics_count_a_known_workload() {
     let (_, gone) = scrape(&d.socket);
     assert!(!gone.contains("sessions/met"), "{gone}");
     assert_eq!(metric(&gone, "roomfs_mounts{kind=\"session\"}"), 0.0);
+}
+
+/// The FUSE requests of each kind the daemon of `d` served while `code` ran in Python (with
+/// `MNT` = `mnt`), once the handles it closed are released; and how many times an entry or
+/// attribute cached for the TTL (1 s) may have expired meanwhile, at most.
+fn requests_of(d: &Daemon, mnt: &Path, code: &str) -> (Vec<(String, f64)>, f64) {
+    let counts = |text: &str| -> Vec<(String, f64)> {
+        let prefix = "roomfs_fuse_request_duration_seconds_count{op=\"";
+        text.lines()
+            .filter_map(|l| {
+                let (op, n) = l.strip_prefix(prefix)?.split_once("\"} ")?;
+                Some((op.to_string(), n.parse().ok()?))
+            })
+            .collect()
+    };
+    let before = counts(&scrape(&d.socket).1);
+    let started = Instant::now();
+    python(mnt, code);
+    let expiries = started.elapsed().as_secs_f64().ceil() + 5.0;
+    // Releases reach the daemon after close() returned.
+    let open_files = "roomfs_open_handles{kind=\"file\"}";
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let after = loop {
+        let text = scrape(&d.socket).1;
+        if metric(&text, open_files) == 0.0 || Instant::now() > deadline {
+            break counts(&text);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let of = |c: &[(String, f64)], op: &str| c.iter().find(|(o, _)| o == op).map_or(0.0, |x| x.1);
+    let delta = after
+        .iter()
+        .map(|(op, n)| (op.clone(), n - of(&before, op)))
+        .filter(|(_, n)| *n != 0.0)
+        .collect();
+    (delta, expiries)
+}
+
+/// What a small file costs in FUSE requests, written and read back as agents do (Python
+/// `open()`), and an append: the kernel's minimum for them (see doc/PERFORMANCE.md, "Requests
+/// per small file"), kept there by the reply flags — no READ (a read-back keeps the writer's
+/// pages), no FLUSH of a read-only handle, no SETATTR for `O_TRUNC`, at most one
+/// `security.capability` query per write handle — so that none of them comes back unnoticed.
+#[test]
+fn small_files_and_appends_cost_the_kernels_minimum_of_requests() {
+    let d = Daemon::start();
+    let mnt = d.dir("mnt");
+    d.mount(&["--room", "r1"], &mnt);
+    fs::create_dir(mnt.join("agent")).unwrap();
+    let count = |requests: &[(String, f64)], op: &str| {
+        requests.iter().find(|(o, _)| o == op).map_or(0.0, |x| x.1)
+    };
+
+    const N: usize = 200;
+    let (requests, expiries) = requests_of(
+        &d,
+        &mnt,
+        &format!(
+            r#"
+import os
+d = os.path.join(os.environ["MNT"], "agent")
+data = os.urandom(4096)
+paths = [os.path.join(d, f"f{{i:05d}}") for i in range({N})]
+for p in paths:
+    with open(p, "wb") as f:
+        f.write(data)
+for p in paths:
+    with open(p, "rb") as f:
+        assert f.read() == data, p
+"#
+        ),
+    );
+    let n = N as f64;
+    for (op, expected) in [
+        ("create", n),
+        ("write", n),
+        ("flush", n), // the writers' closes commit; readers' handles need no flush
+        ("release", 2.0 * n),
+        ("open", n),
+        ("read", 0.0),    // the read-back is served from the writer's pages
+        ("setattr", 0.0), // O_TRUNC travels with the create
+    ] {
+        assert_eq!(count(&requests, op), expected, "{op}: {requests:?}");
+    }
+    // At most: Python's `isatty` after each open, and one `security.capability` before a new
+    // file's first write.
+    assert!(count(&requests, "getxattr") <= n, "{requests:?}");
+    assert!(count(&requests, "ioctl") <= 2.0 * n, "{requests:?}");
+    // The kernel's lookup of each new name, and a GETATTR of the directory each create changed
+    // and of each file its write changed; where an entry expired in the meantime (on a slow
+    // run), the LOOKUP that revalidates it refreshes the attributes in the GETATTR's place.
+    // `agent`'s entry expires once a second too.
+    let names = count(&requests, "lookup") + count(&requests, "getattr");
+    assert!(names <= 3.0 * n + expiries, "{requests:?}");
+    let total: f64 = requests.iter().map(|x| x.1).sum();
+    assert!(
+        total <= 12.0 * n + expiries,
+        "{total} for {N} files: {requests:?}"
+    );
+
+    // Appends to a log of 64 KiB the kernel has cached: OPEN, GETATTR (Python's fstat: the
+    // last append's write dropped the size the kernel knew), IOCTL, WRITE, FLUSH (committed in
+    // place) and RELEASE. No GETXATTR: appenders write with direct I/O, for which the kernel
+    // does not look for file capabilities to clear (the mount clears set-IDs itself).
+    let log = mnt.join("agent/log");
+    let head = vec![b'#'; 64 << 10];
+    fs::write(&log, &head).unwrap();
+    assert_eq!(fs::read(&log).unwrap(), head);
+    const A: usize = 100;
+    let (requests, expiries) = requests_of(
+        &d,
+        &mnt,
+        &format!(
+            r#"
+import os
+p = os.path.join(os.environ["MNT"], "agent", "log")
+for i in range({A}):
+    with open(p, "a") as f:
+        f.write(f"line {{i}}\n")
+"#
+        ),
+    );
+    let a = A as f64;
+    for (op, expected) in [
+        ("open", a),
+        ("write", a),
+        ("flush", a),
+        ("release", a),
+        ("getxattr", 0.0),
+        ("read", 0.0),
+        ("setattr", 0.0),
+    ] {
+        assert_eq!(count(&requests, op), expected, "{op}: {requests:?}");
+    }
+    let total: f64 = requests.iter().map(|x| x.1).sum();
+    assert!(
+        total <= 6.0 * a + expiries,
+        "{total} for {A} appends: {requests:?}"
+    );
+    // The kernel kept the pages the appends did not write into: reading the log back fetches
+    // its last page and what was appended, not the 64 KiB before.
+    let read_bytes = || metric(&scrape(&d.socket).1, "roomfs_read_bytes_total");
+    let before = read_bytes();
+    let text = fs::read(&log).unwrap();
+    let fetched = read_bytes() - before;
+    let lines: String = (0..A).map(|i| format!("line {i}\n")).collect();
+    assert_eq!(text, [head, lines.clone().into_bytes()].concat());
+    assert!(
+        fetched <= (4096 + lines.len()) as f64,
+        "{fetched} bytes read to read the log back"
+    );
 }
 
 #[test]

@@ -1379,14 +1379,16 @@ fn set_ids_are_cleared_by_an_unprivileged_write_or_truncate_and_by_chown() {
             String::from_utf8_lossy(&out.stderr)
         );
     };
-    for name in ["written", "truncated", "opened"] {
+    // An appender writes with direct I/O, where the kernel leaves the set-IDs to the mount.
+    for name in ["written", "appended", "truncated", "opened"] {
         fs::write(m.p(name), b"#!/bin/sh\n").unwrap();
         fs::set_permissions(m.p(name), fs::Permissions::from_mode(0o6777)).unwrap();
     }
     as_nobody("printf x | dd of=written conv=notrunc status=none");
+    as_nobody("printf x >> appended");
     as_nobody("truncate -s 1 truncated");
     as_nobody(": > opened");
-    for name in ["written", "truncated", "opened"] {
+    for name in ["written", "appended", "truncated", "opened"] {
         assert_eq!(
             mode(name),
             0o777,

@@ -104,6 +104,13 @@ impl Fs {
         self.getattr(ino, fh)
     }
 
+    /// The mount clears set-IDs at writes, truncates and chowns itself (`drop_set_ids`), as the
+    /// kernel then leaves it to: appenders may then write with direct I/O (see `open_path`).
+    pub fn clears_set_ids(&self) {
+        self.clears_set_ids
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// Clears the set-user-ID bit of the file `ino`, and its set-group-ID bit if it is group
     /// executable, as a local filesystem does when an unprivileged process writes or truncates
     /// it (the kernel leaves that to the mount, see `fuse.rs`: otherwise it would ask for

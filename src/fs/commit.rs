@@ -195,8 +195,9 @@ impl Fs {
         let others_open = match opens.get_mut(&h.ino) {
             Some(state) => {
                 // A cached writer's pages are exactly what it just committed (unless it moved
-                // on to another version: its appends followed others').
-                let sole_cached_writer = !h.direct_io && !h.moved && state.writers == 1;
+                // on to another version: its appends followed others'); an appender writing
+                // directly left the pages it did not write into, which are the same.
+                let sole_cached_writer = h.cached_view() && !h.moved && state.writers == 1;
                 state.cached_version = sole_cached_writer.then_some(version);
                 state.handles.len() > 1
             }
@@ -209,8 +210,9 @@ impl Fs {
             if others_open || h.moved {
                 kernel.attributes_changed(h.ino);
             }
-            if h.moved && !h.direct_io {
-                // Its pages hold this handle's appends where the kernel thought the file ended.
+            if h.moved && h.cached_view() {
+                // Its pages hold this handle's appends where the kernel thought the file ended
+                // (or, appending directly, the end of the version it started from).
                 kernel.data_changed(h.ino);
             }
         }

@@ -113,6 +113,12 @@ pub struct FileHandle {
     mode: Mode,
     /// Whether the kernel serves this handle without its page cache.
     pub direct_io: bool,
+    /// An appender alone on the file, served with direct I/O only so that the kernel does not
+    /// ask for `security.capability` before its writes (it does before the first write through
+    /// the page cache after each refresh of the file's attributes, i.e. at every
+    /// open-append-close). The kernel's page cache still holds this handle's view: its
+    /// writes only drop the pages they touch, all at or past the end it started from.
+    pub appends_direct: bool,
     /// The committed version this handle works from.
     base: Arc<dyn Content>,
     pending: Pending,
@@ -155,6 +161,7 @@ impl FileHandle {
             ino,
             mode,
             direct_io,
+            appends_direct: false,
             base,
             pending: Pending::Clean,
             locker: false,
@@ -169,6 +176,11 @@ impl FileHandle {
             path: PathBuf::new(),
             creates: false,
         }
+    }
+
+    /// Whether the kernel's page cache shows what this handle sees, as far as it holds pages.
+    pub fn cached_view(&self) -> bool {
+        !self.direct_io || self.appends_direct
     }
 
     /// Says where the file is (see `path`).

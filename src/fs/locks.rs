@@ -221,7 +221,7 @@ impl Fs {
         if version == h.base().meta().version {
             return None;
         }
-        if h.direct_io {
+        if !h.cached_view() {
             h.move_to(latest);
             return None;
         }

@@ -227,6 +227,8 @@ pub struct Fs {
     backing: std::sync::OnceLock<Box<dyn Backing>>,
     /// Registering a backing file failed once: large files are read through the daemon.
     passthrough_failed: AtomicBool,
+    /// The mount clears set-user/group-IDs at writes itself (see `Fs::clears_set_ids`).
+    clears_set_ids: AtomicBool,
     options: FsOptions,
     table: RwLock<InodeTable>,
     opens: Mutex<HashMap<Ino, OpenState>>,
@@ -285,6 +287,7 @@ impl Fs {
             kernel: std::sync::OnceLock::new(),
             backing: std::sync::OnceLock::new(),
             passthrough_failed: AtomicBool::new(false),
+            clears_set_ids: AtomicBool::new(false),
             options,
             table: RwLock::new(InodeTable::default()),
             opens: Mutex::new(HashMap::new()),

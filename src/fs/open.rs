@@ -76,6 +76,9 @@ impl Fs {
         // must not start a window that would turn it away again.
         let successor = read_lock(&self.table).is_unopened_successor(ino)
             && write_lock(&self.table).first_open_of_successor(ino);
+        // See `FileHandle::appends_direct`; only where the mount clears set-IDs itself, since
+        // the kernel leaves that to the mount for direct writes.
+        let appends = flags & libc::O_APPEND != 0 && self.clears_set_ids.load(Ordering::Relaxed);
         let (direct_io, keep_cache, alone, passing, only) = {
             let mut opens = lock(&self.opens);
             let state = opens.entry(ino).or_default();
@@ -118,11 +121,12 @@ impl Fs {
                 let alone = state.readers == 0 && state.writers == 0;
                 // A writer alone starts from the committed version: pages cached of exactly
                 // that version stay (dropping a large file's pages costs milliseconds). It then
-                // fills the page cache with its own, not yet committed, data.
+                // fills the page cache with its own, not yet committed, data; an appender
+                // writes with direct I/O instead, dropping the pages it writes into.
                 let keep = alone && state.cached_version.as_ref() == Some(&version);
                 state.cached_version = None;
                 state.writers += 1;
-                (!alone, keep, alone, passing, only)
+                (!alone || appends, keep, alone, passing, only)
             } else {
                 state.readers += 1;
                 // Readers of another version read through the page cache: dropping it (as an
@@ -156,6 +160,7 @@ impl Fs {
         }
         handle.users.add(by);
         handle.seed_on_demand = alone && mode == Mode::Write;
+        handle.appends_direct = alone && appends && passing == Passing::No;
         if shares {
             // A database's file: its changes are committed at close only.
             handle.not_sequential();

@@ -301,6 +301,45 @@ fn a_lone_writer_keeps_cached_pages_only_of_the_version_it_opens() {
 }
 
 #[test]
+fn a_lone_appender_writes_directly_and_the_pages_it_did_not_write_stay_cached() {
+    const APPEND: i32 = libc::O_WRONLY | libc::O_APPEND;
+    for s in every_store() {
+        s.fs.clears_set_ids();
+        let (attr, w) = create(&s.fs, ROOT, "log", RW);
+        s.fs.write(w.fh, 0, b"first\n", CALLER).unwrap();
+        s.fs.release(w.fh).unwrap();
+        // Direct I/O spares the kernel's capability check; the pages of the version it starts
+        // from stay.
+        let a = s.fs.open(attr.ino, APPEND, CALLER).unwrap();
+        assert!(a.direct_io && a.keep_cache);
+        s.fs.write(a.fh, 6, b"second\n", CALLER).unwrap();
+        s.fs.flush(a.fh, CALLER, None).unwrap();
+        s.fs.release(a.fh).unwrap();
+        assert_eq!(s.read("log"), b"first\nsecond\n");
+        // Those pages are the new version's too (the appends dropped the ones they wrote into).
+        let r = s.fs.open(attr.ino, libc::O_RDONLY, CALLER).unwrap();
+        assert!(r.keep_cache && !r.direct_io);
+        // An appender beside a reader writes directly as any writer there does, and the
+        // reader's pages are of its own version.
+        let a = s.fs.open(attr.ino, APPEND, CALLER).unwrap();
+        assert!(a.direct_io);
+        s.fs.write(a.fh, 13, b"third\n", CALLER).unwrap();
+        s.fs.release(a.fh).unwrap();
+        s.fs.release(r.fh).unwrap();
+        let r = s.fs.open(attr.ino, libc::O_RDONLY, CALLER).unwrap();
+        assert!(!r.keep_cache, "the cached pages are of an older version");
+        s.fs.release(r.fh).unwrap();
+    }
+    // A mount that leaves set-IDs to the kernel appends through the page cache.
+    let s = setup(FsOptions::default());
+    let (attr, w) = create(&s.fs, ROOT, "log", RW);
+    s.fs.release(w.fh).unwrap();
+    let a = s.fs.open(attr.ino, APPEND, CALLER).unwrap();
+    assert!(!a.direct_io);
+    s.fs.release(a.fh).unwrap();
+}
+
+#[test]
 fn large_files_are_seeded_lazily_and_commit_whole() {
     for s in every_store() {
         let len = (seed::LAZY_SEED_MIN + 12345) as usize;
