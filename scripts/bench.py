@@ -45,7 +45,8 @@ Hidden options (for development and comparisons):
 Method: each round runs five workload groups (seq, files, append, pwrite,
 latency); each group runs on every target in turn, in a fresh subdirectory,
 before the next group starts, so slow drifts in machine load hit all targets
-alike.  Before every timed section os.sync() runs (untimed) so no target pays
+alike; the order of the targets turns by one each round, so that none always
+runs first, or right after the same other one.  Before every timed section os.sync() runs (untimed) so no target pays
 for the previous one's dirty pages; caches are never dropped, so seq-read of
 the file just written is served from the page cache natively (and, for a FUSE
 target, from whatever caching the daemon and kernel do) - as a user would see.
@@ -420,6 +421,14 @@ class Sizes:
     def describe(self) -> str:
         return (f"{self.seq_bytes // MiB} MiB sequential, {self.nfiles} files, {self.appends} appends,"
                 f" {self.pwrites} pwrites in {self.pwrite_file // MiB} MiB")
+
+
+def rotated(xs: list, k: int) -> list:
+    """`xs` turned by `k`: round k's order of the targets (see Method)."""
+    if not xs:
+        return xs
+    k %= len(xs)
+    return xs[k:] + xs[:k]
 
 
 def _now() -> int:
@@ -994,7 +1003,7 @@ def agents_on(disk_root: str, args, label: str) -> tuple[dict, list[str], str]:
             tg.setup()
         for rnd in range(args.rounds):
             for n in args.agents:
-                for tg in targets:
+                for tg in rotated(targets, rnd):
                     load = os.getloadavg()[0]
                     res = run_agents(tg, os.path.join(tg.root, f"r{rnd}-a{n}"), n,
                                      args.agent_files, rnd * 1000 + n, args.timeout,
@@ -1315,7 +1324,7 @@ def main(argv=None) -> int:
             log(f"round {rnd_no + 1}/{args.rounds}")
             for gi, (group, wls) in enumerate(GROUPS):
                 seed = rnd_no * 1000 + gi
-                for tg in targets:
+                for tg in rotated(targets, rnd_no):
                     t0 = time.monotonic()
                     if tg.setup_error:
                         res = {w: RuntimeError(f"mount failed: {tg.setup_error}") for w in wls}

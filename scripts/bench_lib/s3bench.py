@@ -836,7 +836,7 @@ def main(args, B) -> int:
             log(f"round {rnd_no + 1}/{args.rounds}")
             for gi, (group, wls) in enumerate(GROUPS):
                 seed = rnd_no * 1000 + gi
-                for tg in all_t:
+                for tg in B.rotated(all_t, rnd_no):
                     loads.append(os.getloadavg()[0])
                     t0 = time.monotonic()
                     res = B.run_group(tg, group, wls, seed, sz, rnd_no, args.timeout)
@@ -870,7 +870,7 @@ def main(args, B) -> int:
                                 log(f"  raw {c}: {v}")
                                 break
                 if group == "seq":
-                    for tg in cold:
+                    for tg in B.rotated(cold, rnd_no):
                         loads.append(os.getloadavg()[0])
                         t0 = time.monotonic()
                         v = group_cold(tg, B, tool, sz.seq_bytes, rnd_no, args.timeout)
