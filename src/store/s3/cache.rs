@@ -284,6 +284,15 @@ impl Entry {
         }
     }
 
+    /// Whether `start..end` is here.
+    pub fn has(&self, start: u64, end: u64) -> bool {
+        let (first, last) = ((start / CHUNK) as usize, end.div_ceil(CHUNK) as usize);
+        let c = lock(&self.chunks);
+        c.present
+            .get(first..last.min(c.present.len()))
+            .is_some_and(|p| p.iter().all(|&b| b))
+    }
+
     /// Whether every byte is here.
     pub fn is_whole(&self) -> bool {
         lock(&self.chunks).missing == 0

@@ -8,9 +8,11 @@
 //! - Objects the cache takes (see `cache`) are read through it, in chunks; a sequential
 //!   reader's requests grow ahead of it (read-ahead up to 16 MiB a request). A whole cached
 //!   entry is a local file (`Content::local`), which the core may hand to the kernel.
-//! - Larger objects are read through a window of memory (up to 16 MiB) per open file, the
+//! - Larger objects, and what a sequential reader of an object of 64 MiB or more reads that
+//!   is not cached, are read through a window of memory (up to 16 MiB) per open file, the
 //!   next window fetched on a thread of its own while a sequential reader reads this one:
-//!   memory stays flat whatever the size of the file.
+//!   memory stays flat whatever the size of the file. (Through the cache file, the same bytes
+//!   cost twice: written, then read back.)
 //! - **Reading on into appends** (`tail -f`): every version made from another by appends
 //!   alone carries the same *lineage* (object metadata `roomfs-lineage`, a new random name at
 //!   every other commit, see `commit`). A reader at the end of its version asks (at most every
@@ -42,6 +44,9 @@ const STREAM_SLACK: u64 = 4 << 20;
 const PREFETCH_PIECE: u64 = 4 << 20;
 /// Objects up to this size are fetched whole at their first read.
 const WHOLE_MAX: u64 = 4 << 20;
+/// A sequential reader of an object at least this large reads what is not cached through
+/// memory windows rather than the cache file (see `read_at`).
+const STREAM_MIN: u64 = 64 << 20;
 
 struct Window {
     start: u64,
@@ -352,14 +357,27 @@ impl Content for S3Content {
             }
             return Ok(done);
         }
+        let len = (buf.len() as u64).min(size - offset);
+        if size >= STREAM_MIN && self.streaming(offset, len) {
+            // A sequential reader of a large object: what is cached is read from the cache,
+            // the rest through memory windows, fetched ahead while it reads. Through the cache
+            // file the same bytes cost twice the CPU (written, then read back: measured 2x
+            // slower on a 2-core machine); the kernel's page cache keeps what was read for
+            // re-reads of this version.
+            if let Some(e) = self.shared.cache.lookup(&self.key, &self.etag)
+                && e.has(offset, offset + len)
+            {
+                return e.read(buf, offset, 0, &|s, e, w| self.fetch(s, e, w));
+            }
+            return self.read_windowed(buf, offset);
+        }
         let Some(entry) = self.shared.cache.entry(&self.key, &self.etag, size) else {
             return self.read_windowed(buf, offset);
         };
-        let len = (buf.len() as u64).min(size - offset);
         if size <= WHOLE_MAX {
             return entry.read(buf, offset, size, &|s, e, w| self.fetch(s, e, w));
         }
-        if self.streaming(offset, len) {
+        if size < STREAM_MIN && self.streaming(offset, len) {
             // A sequential reader: what follows its read is fetched in the background, in
             // several requests at once, while it reads (a single stream of GETs is several
             // times slower than the store).

@@ -946,3 +946,39 @@ fn a_file_an_open_creates_is_made_by_its_commit_in_one_put() {
     assert_eq!(client.object(&key("log")).unwrap(), b"theirs\nmine\n");
     assert_eq!(a.store.stat(p("log")).unwrap().size, 12);
 }
+
+#[test]
+fn a_sequential_reader_of_a_large_object_streams_it_through_memory() {
+    let client = Arc::new(MemClient::new());
+    let mut config = config();
+    config.cache_bytes = 512 * MIB; // objects up to 128 MiB could be cached
+    let (a, b) = (host_with(&client, &config), host_with(&client, &config));
+    let data = pattern(64 * MIB, 3);
+    write(a.store.as_ref(), "big", &data).unwrap();
+    let r = b.store.open(p("big")).unwrap();
+    client.reset_counts();
+    let mut buf = vec![0u8; 128 << 10];
+    let mut at = 0;
+    while at < data.len() as u64 {
+        let n = r.read_at(&mut buf, at).unwrap();
+        assert!(n > 0);
+        assert!(buf[..n] == data[at as usize..at as usize + n], "at {at}");
+        at += n as u64;
+    }
+    // Through windows that grow ahead of it (up to 16 MiB a request), not 1 MiB chunks...
+    let gets = client.count(Op::Get);
+    assert!(gets <= 12, "{gets} requests for 64 MiB");
+    // ...and not through the cache file, which holds only the first read's chunk.
+    assert!(
+        b.spaces.shared().cache.used() <= MIB,
+        "{} bytes cached",
+        b.spaces.shared().cache.used()
+    );
+    // A reader jumping around is served through the cache, as before.
+    let r = b.store.open(p("big")).unwrap();
+    for at in [40 * MIB, 3 * MIB, 50 * MIB] {
+        let n = r.read_at(&mut buf, at).unwrap();
+        assert!(buf[..n] == data[at as usize..at as usize + n]);
+    }
+    assert!(b.spaces.shared().cache.used() >= 3 * MIB);
+}
