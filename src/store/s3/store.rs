@@ -697,6 +697,18 @@ impl S3Store {
         owner.unwrap_or((self.defaults.uid, self.defaults.gid))
     }
 
+    /// The attributes of a new entry (its mtime is its object's `Last-Modified`).
+    fn new_attrs(&self, kind: Kind, perm: u16, owner: Owner) -> Attrs {
+        let (uid, gid) = self.owner_of(owner);
+        Attrs {
+            kind,
+            perm,
+            uid,
+            gid,
+            mtime: None,
+        }
+    }
+
     /// Makes a new object at `path` (a file, symlink, FIFO or socket): a PUT with
     /// `If-None-Match: *` (`EEXIST` if something is there), its index entry if its attributes
     /// are not the defaults (a failed index write removes the object again).
@@ -988,14 +1000,7 @@ impl Store for S3Store {
     }
 
     fn create(&self, path: &Path, perm: u16, owner: Owner, exclusive: bool) -> StoreResult<Meta> {
-        let (uid, gid) = self.owner_of(owner);
-        let attrs = Attrs {
-            kind: Kind::File,
-            perm,
-            uid,
-            gid,
-            mtime: None,
-        };
+        let attrs = self.new_attrs(Kind::File, perm, owner);
         match self.make_object(path, &attrs, Body::empty()) {
             Err(e) if e.raw_os_error() == libc::EEXIST && !exclusive => {
                 let meta = self.lookup(path)?;
@@ -1009,14 +1014,7 @@ impl Store for S3Store {
     }
 
     fn create_held(&self, path: &Path, perm: u16, owner: Owner) -> StoreResult<Meta> {
-        let (uid, gid) = self.owner_of(owner);
-        let attrs = Attrs {
-            kind: Kind::File,
-            perm,
-            uid,
-            gid,
-            mtime: None,
-        };
+        let attrs = self.new_attrs(Kind::File, perm, owner);
         // Attributes that need an index entry are recorded with the object, made now.
         if attrs != Attrs::default_object(&self.defaults) {
             return self.create(path, perm, owner, true);
@@ -1057,14 +1055,7 @@ impl Store for S3Store {
         if !matches!(kind, Kind::Fifo | Kind::Socket) {
             return Err(err(libc::EPERM));
         }
-        let (uid, gid) = self.owner_of(owner);
-        let attrs = Attrs {
-            kind,
-            perm,
-            uid,
-            gid,
-            mtime: None,
-        };
+        let attrs = self.new_attrs(kind, perm, owner);
         self.make_object(path, &attrs, Body::empty())
     }
 
@@ -1090,14 +1081,7 @@ impl Store for S3Store {
             }
             Err(e) => return Err(e.into()),
         }
-        let (uid, gid) = self.owner_of(owner);
-        let attrs = Attrs {
-            kind: Kind::Dir,
-            perm,
-            uid,
-            gid,
-            mtime: None,
-        };
+        let attrs = self.new_attrs(Kind::Dir, perm, owner);
         if let Err(e) = self.index_attrs(path, &attrs, None, false) {
             let _ = self.shared.client.delete(&marker);
             return Err(e);
@@ -1196,14 +1180,7 @@ impl Store for S3Store {
 
     fn symlink(&self, target: &Path, path: &Path, owner: Owner) -> StoreResult<Meta> {
         use std::os::unix::ffi::OsStrExt;
-        let (uid, gid) = self.owner_of(owner);
-        let attrs = Attrs {
-            kind: Kind::Symlink,
-            perm: 0o777,
-            uid,
-            gid,
-            mtime: None,
-        };
+        let attrs = self.new_attrs(Kind::Symlink, 0o777, owner);
         let body = Body::Bytes(Arc::new(target.as_os_str().as_bytes().to_vec()));
         self.make_object(path, &attrs, body)
     }
