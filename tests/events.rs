@@ -318,14 +318,10 @@ fn a_watcher_with_a_token_sees_only_its_grant_and_moves_across_it_as_they_look()
     let d = Daemon::with_config(Some(&config));
     let a = d.dir("a");
     d.mount(&["--room", "r1"], &a);
-    let out = Command::new(BIN)
-        .args(["token", "issue", "--secret-file"])
-        .arg(&secret)
-        .args(["--room", "r1", "--path", "shared/:ro", "--name", "watcher"])
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let token = common::issue_token(
+        &secret,
+        &["--room", "r1", "--path", "shared/:ro", "--name", "watcher"],
+    );
     fs::create_dir(a.join("shared")).unwrap();
     fs::create_dir(a.join("secret")).unwrap();
     fs::write(a.join("secret/plan.txt"), b"x").unwrap();
@@ -358,10 +354,10 @@ fn a_watcher_with_a_token_sees_only_its_grant_and_moves_across_it_as_they_look()
     assert!(err.contains("token refused"), "{err}");
 }
 
-#[test]
-fn two_mount_processes_on_one_data_dir_see_each_others_changes_at_once() {
-    // Each kernel may trust what it cached for a minute: only the change log's invalidations
-    // can show the other process's changes.
+/// Two standalone `roomfs mount` processes of room r1 on one data dir (under /tmp), each
+/// kernel trusting what it cached for a minute: only the change log's invalidations can show
+/// one the other's changes.
+fn two_mount_processes() -> (tempfile::TempDir, Standalone, Standalone) {
     let tmp = tempfile::Builder::new()
         .prefix("roomfs-events-")
         .tempdir_in("/tmp")
@@ -370,6 +366,14 @@ fn two_mount_processes_on_one_data_dir_see_each_others_changes_at_once() {
     let ttl = ["--room", "r1", "--cache-ttl", "60"];
     let pa = Standalone::start(&data, &tmp.path().join("a"), &ttl);
     let pb = Standalone::start(&data, &tmp.path().join("b"), &ttl);
+    (tmp, pa, pb)
+}
+
+#[test]
+fn two_mount_processes_on_one_data_dir_see_each_others_changes_at_once() {
+    // Each kernel may trust what it cached for a minute: only the change log's invalidations
+    // can show the other process's changes.
+    let (_tmp, pa, pb) = two_mount_processes();
     let (a, b) = (pa.mnt.clone(), pb.mnt.clone());
     fs::write(a.join("f"), b"one").unwrap();
     // B looks: its kernel caches the entry, the attributes and the pages.
@@ -434,14 +438,8 @@ fn two_mount_processes_on_one_data_dir_see_each_others_changes_at_once() {
 fn a_directory_another_process_moved_is_resolved_again_at_once() {
     // B's store keeps the directories it resolved for a moment; a move heard from A's process
     // must drop them, or B's next file under the old name would land in the moved directory.
-    let tmp = tempfile::Builder::new()
-        .prefix("roomfs-events-")
-        .tempdir_in("/tmp")
-        .unwrap();
+    let (tmp, pa, pb) = two_mount_processes();
     let data = tmp.path().join("data");
-    let ttl = ["--room", "r1", "--cache-ttl", "60"];
-    let pa = Standalone::start(&data, &tmp.path().join("a"), &ttl);
-    let pb = Standalone::start(&data, &tmp.path().join("b"), &ttl);
     let (a, b) = (pa.mnt.clone(), pb.mnt.clone());
     fs::create_dir(a.join("d")).unwrap();
     eventually("B sees d", || b.join("d").is_dir());

@@ -183,14 +183,10 @@ fn every_kind_of_event_made_on_one_host_shows_on_the_other_with_the_same_seqs() 
     );
     // A watcher on B with a token sees A's events inside its grant only; the move into it
     // is the arrival it looks like from inside.
-    let out = Command::new(BIN)
-        .args(["token", "issue", "--secret-file"])
-        .arg(&secret)
-        .args(["--room", "r1", "--path", "outputs/:ro", "--name", "viewer"])
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let token = common::issue_token(
+        &secret,
+        &["--room", "r1", "--path", "outputs/:ro", "--name", "viewer"],
+    );
     assert_eq!(
         summary(&events(&b, &["--room", "r1", "--token", &token])),
         [
@@ -424,14 +420,10 @@ fn direct_urls_are_presigned_gets_of_the_object() {
     assert_eq!(curl(&forged).0, 403);
     // (Expiry: tests/s3_store.rs.)
     // With a token, only inside its grant.
-    let out = Command::new(BIN)
-        .args(["token", "issue", "--secret-file"])
-        .arg(&secret)
-        .args(["--room", "r1", "--path", "outputs/:ro", "--name", "viewer"])
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let token = common::issue_token(
+        &secret,
+        &["--room", "r1", "--path", "outputs/:ro", "--name", "viewer"],
+    );
     let inside = url(
         &d,
         &[

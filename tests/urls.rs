@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::Command;
 
 use common::daemon::Daemon;
-use common::{BIN, python};
+use common::python;
 
 /// A daemon serving downloads on a free port, with a secret; and the secret file.
 fn daemon() -> (Daemon, tempfile::TempDir) {
@@ -195,14 +195,7 @@ fn signed_urls_serve_the_file_with_ranges_and_refuse_what_they_do_not_grant() {
 }
 
 fn issue(keys: &Path, args: &[&str]) -> String {
-    let out = Command::new(BIN)
-        .args(["token", "issue", "--secret-file"])
-        .arg(keys.join("secret"))
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
+    common::issue_token(&keys.join("secret"), args)
 }
 
 /// The daemon's resident memory, KiB.

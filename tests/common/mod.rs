@@ -719,6 +719,22 @@ pub fn errno<T: std::fmt::Debug>(r: std::io::Result<T>) -> i32 {
 }
 
 /// Runs a Python 3 snippet with `MNT` in its environment; panics with its output on failure.
+/// A grant token from `roomfs token issue --secret-file SECRET ARGS...` (it must succeed).
+pub fn issue_token(secret: &Path, args: &[&str]) -> String {
+    let out = Command::new(BIN)
+        .args(["token", "issue", "--secret-file"])
+        .arg(secret)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "token issue {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
 pub fn python(mnt: &Path, code: &str) -> String {
     let out = output(Command::new("python3").arg("-c").arg(code).env("MNT", mnt));
     assert!(
