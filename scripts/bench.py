@@ -110,6 +110,24 @@ class Interrupted(BaseException):
     pass
 
 
+def stopped_by(e: BaseException) -> str:
+    """What ended a run early, logged (a traceback for what no check raised): the run's
+    summary says it."""
+    if isinstance(e, Interrupted):
+        log(f"interrupted by {e}; cleaning up")
+        return str(e)
+    log(f"error: {e}")
+    if not isinstance(e, RuntimeError):
+        traceback.print_exc()
+    return f"{type(e).__name__}: {e}"
+
+
+def ignore_signals() -> None:
+    """Cleaning up is not to be interrupted."""
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(s, signal.SIG_IGN)
+
+
 # ---------------------------------------------------------------- mounts ---
 
 def _unescape_mount_field(s: str) -> str:
@@ -1129,17 +1147,10 @@ def agents_main(args) -> int:
                 t: {str(n): [{k: (str(v) if k == "error" else v) for k, v in r.items()}
                              for r in rs] for n, rs in per.items()}
                 for t, per in results.items()}, "summary": {str(k): v for k, v in summary.items()}}
-    except Interrupted as e:
-        interrupted = str(e)
-        log(f"interrupted by {e}; cleaned up")
-    except Exception as e:  # noqa: BLE001
-        interrupted = f"{type(e).__name__}: {e}"
-        log(f"error: {e}")
-        if not isinstance(e, RuntimeError):
-            traceback.print_exc()
+    except (Interrupted, Exception) as e:  # noqa: BLE001
+        interrupted = stopped_by(e)
     finally:
-        for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(s, signal.SIG_IGN)
+        ignore_signals()
         if loop is not None:
             loop.close()
     if interrupted is not None:
@@ -1336,17 +1347,10 @@ def main(argv=None) -> int:
                     st = " ".join(("FAIL" if isinstance(res[w], BaseException) else f"{res[w]:.0f}")
                                   for w in wls)
                     log(f"  {group:8s} {tg.name:15s} {st}  ({time.monotonic() - t0:.1f}s)")
-    except Interrupted as e:
-        interrupted = str(e)
-        log(f"interrupted by {e}; cleaning up")
-    except Exception as e:  # noqa: BLE001
-        interrupted = f"{type(e).__name__}: {e}"
-        log(f"error: {e}")
-        if not isinstance(e, RuntimeError):
-            traceback.print_exc()
+    except (Interrupted, Exception) as e:  # noqa: BLE001
+        interrupted = stopped_by(e)
     finally:
-        for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(s, signal.SIG_IGN)
+        ignore_signals()
         failed_logs = {}
         for tg in reversed(mounted):
             if tg.ready and tg.proc is not None and tg.proc.poll() is not None:

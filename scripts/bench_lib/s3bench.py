@@ -42,7 +42,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import traceback
 import urllib.request
 
 from . import seaweed
@@ -879,17 +878,10 @@ def main(args, B) -> int:
                             f"  ({time.monotonic() - t0:.1f}s)")
             if not sw.running():
                 raise RuntimeError(f"SeaweedFS exited during the run; its log:\n{sw.log_tail()}")
-    except B.Interrupted as e:
-        interrupted = str(e)
-        log(f"interrupted by {e}; cleaning up")
-    except Exception as e:  # noqa: BLE001
-        interrupted = f"{type(e).__name__}: {e}"
-        log(f"error: {e}")
-        if not isinstance(e, RuntimeError):
-            traceback.print_exc()
+    except (B.Interrupted, Exception) as e:  # noqa: BLE001
+        interrupted = B.stopped_by(e)
     finally:
-        for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(s, signal.SIG_IGN)
+        B.ignore_signals()
         for tg in reversed(mounted):
             if tg.ready and tg.proc is not None and tg.proc.poll() is not None:
                 log(f"[{tg.name}] daemon died during the run; output (tail):\n{tg.log_tail()}")
