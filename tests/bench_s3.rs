@@ -32,8 +32,11 @@ fn bench(workdir: &Path, targets: &str) -> Command {
 }
 
 /// Everything the run started is gone: mounts and processes under `workdir`, its scratch
-/// directory, and the gRPC sockets its SeaweedFS put in /tmp (ports from the JSON report).
-fn assert_left_nothing(workdir: &Path, ports: &[u16]) {
+/// directory, and the gRPC sockets its SeaweedFS put in /tmp (`(service, gRPC port)` pairs).
+/// Only each service's own socket is checked: another SeaweedFS running beside (a concurrent
+/// test's) puts its admin socket under admin port + 10000, a number the kernel may also have
+/// given one of ours for another service.
+fn assert_left_nothing(workdir: &Path, grpc: &[(String, u16)]) {
     let w = workdir.to_string_lossy().into_owned();
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     let left: Vec<&str> = mounts.lines().filter(|l| l.contains(&w)).collect();
@@ -54,20 +57,23 @@ fn assert_left_nothing(workdir: &Path, ports: &[u16]) {
         .filter(|n| n.starts_with("roomfs-bench"))
         .collect();
     assert!(scratch.is_empty(), "scratch dirs left behind: {scratch:?}");
-    for svc in ["master", "volume", "filer", "s3", "admin"] {
-        for port in ports {
-            let sock = format!("/tmp/seaweedfs-{svc}-grpc-{port}.sock");
-            assert!(!Path::new(&sock).exists(), "{sock} left behind");
-        }
+    assert_eq!(grpc.len(), 5, "{grpc:?}");
+    for (svc, port) in grpc {
+        let sock = format!("/tmp/seaweedfs-{svc}-grpc-{port}.sock");
+        assert!(!Path::new(&sock).exists(), "{sock} left behind");
     }
 }
 
-fn seaweed_ports(json: &serde_json::Value) -> Vec<u16> {
+/// `(service, gRPC port)` of the run's SeaweedFS, from the JSON report.
+fn seaweed_grpc_ports(json: &serde_json::Value) -> Vec<(String, u16)> {
     let ports = json["seaweedfs"]["ports"]
         .as_object()
         .expect("ports in the report");
     assert!(ports.len() >= 10, "{ports:?}");
-    ports.values().map(|p| p.as_u64().unwrap() as u16).collect()
+    ports
+        .iter()
+        .filter_map(|(k, p)| Some((k.strip_suffix("_grpc")?.to_owned(), p.as_u64()? as u16)))
+        .collect()
 }
 
 #[test]
@@ -119,7 +125,7 @@ fn a_quick_s3_run_measures_roomfs_reports_a_failing_peer_absent_and_cleans_up() 
     assert_eq!(json["failures"], serde_json::json!([]), "{json}");
     let ratio = &json["workloads"]["seq-write"]["roomfs"]["ratio"];
     assert!(ratio.as_f64().is_some_and(|r| r > 0.0), "{json}");
-    assert_left_nothing(tmp.path(), &seaweed_ports(&json));
+    assert_left_nothing(tmp.path(), &seaweed_grpc_ports(&json));
 }
 
 #[test]
@@ -163,10 +169,13 @@ fn an_interrupted_s3_run_stops_its_seaweedfs_and_unmounts() {
         .split("gRPC ports ")
         .nth(1)
         .expect("gRPC ports in the log");
-    let ports: Vec<u16> = grpc
+    let ports: Vec<(String, u16)> = grpc
         .split([' ', ')'])
         .take_while(|w| w.contains('='))
-        .map(|w| w.split('=').nth(1).unwrap().parse().unwrap())
+        .map(|w| {
+            let (svc, port) = w.split_once('=').unwrap();
+            (svc.to_owned(), port.parse().unwrap())
+        })
         .collect();
     assert_eq!(ports.len(), 5, "{log}");
     assert_left_nothing(tmp.path(), &ports);
