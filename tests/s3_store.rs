@@ -12,6 +12,7 @@
 //!   bounded time, leaves the previous version and no upload behind, and the mount works again
 //!   once the store is back; `kill -9` of roomfs during an upload leaves the previous object,
 //!   and the next start aborts the upload it left.
+//! - Credentials from a profile file, and from instance metadata (a fake IMDSv2 here).
 //! - Bad store settings are one clear line at mount time; the mount helper (`mount -t
 //!   fuse.roomfs ... -o store=s3://...`) mounts a room in the bucket.
 //!
@@ -723,12 +724,24 @@ fn credentials_come_from_a_profile_file_as_well_as_the_environment() {
         ])
         .collect();
     let prefix = unique_prefix();
-    let mnt = tmp.path().join("mnt");
+    let mnt = mount_with_env(tmp.path(), &prefix, &env);
+    fs::write(mnt.0.join("f"), b"signed with the profile's key").unwrap();
+    drop(mnt);
+    assert_eq!(
+        object(weed, &format!("{prefix}/rooms/r1/f")),
+        b"signed with the profile's key"
+    );
+}
+
+/// `roomfs mount` of room `r1` in `prefix` of the test bucket, under `dir`, with only `env`
+/// (and PATH) in its environment; unmounted and reaped when dropped, even if the test fails.
+fn mount_with_env(dir: &Path, prefix: &str, env: &[(&str, String)]) -> EnvMount {
+    let mnt = dir.join("mnt");
     fs::create_dir(&mnt).unwrap();
     let mut cmd = Command::new(BIN);
     cmd.arg("mount")
         .arg("--data-dir")
-        .arg(tmp.path().join("data"))
+        .arg(dir.join("data"))
         .args([
             "--room",
             "r1",
@@ -740,34 +753,175 @@ fn credentials_come_from_a_profile_file_as_well_as_the_environment() {
         .env("PATH", std::env::var_os("PATH").unwrap())
         .envs(env.iter().map(|(k, v)| (*k, v.as_str())));
     let log = Default::default();
-    /// Unmounts and reaps the mount even if the test fails.
-    struct Guard(PathBuf, std::process::Child);
-    impl Drop for Guard {
-        fn drop(&mut self) {
-            if common::is_mounted(&self.0) {
-                let _ = output(Command::new(BIN).arg("unmount").arg(&self.0));
-            }
-            if common::is_mounted(&self.0) {
-                let _ = output(Command::new("umount").arg("-l").arg(&self.0));
-            }
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while matches!(self.1.try_wait(), Ok(None)) && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = self.1.kill();
-            let _ = self.1.wait();
+    let child = common::start_logged(&mut cmd, " mounted ", &log);
+    EnvMount(mnt, child)
+}
+
+struct EnvMount(PathBuf, std::process::Child);
+
+impl Drop for EnvMount {
+    fn drop(&mut self) {
+        if common::is_mounted(&self.0) {
+            let _ = output(Command::new(BIN).arg("unmount").arg(&self.0));
         }
+        if common::is_mounted(&self.0) {
+            let _ = output(Command::new("umount").arg("-l").arg(&self.0));
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while matches!(self.1.try_wait(), Ok(None)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.1.kill();
+        let _ = self.1.wait();
     }
-    let guard = Guard(
-        mnt.clone(),
-        common::start_logged(&mut cmd, " mounted ", &log),
-    );
-    fs::write(mnt.join("f"), b"signed with the profile's key").unwrap();
-    drop(guard);
+}
+
+#[test]
+fn credentials_come_from_instance_metadata_when_nothing_else_has_them() {
+    let weed = SeaweedFs::shared();
+    let tmp = tempfile::tempdir().unwrap();
+    let imds = FakeImds::start(weed.access_key(), weed.secret_key());
+    // No key in the environment or in profile files: only instance metadata (IMDSv2) has them.
+    let env: Vec<(&str, String)> = weed
+        .env()
+        .into_iter()
+        .filter(|(k, _)| !k.starts_with("AWS_ACCESS") && !k.starts_with("AWS_SECRET"))
+        .filter(|(k, _)| *k != "AWS_EC2_METADATA_DISABLED")
+        .chain([("AWS_EC2_METADATA_SERVICE_ENDPOINT", imds.url())])
+        .collect();
+    let prefix = unique_prefix();
+    let mnt = mount_with_env(tmp.path(), &prefix, &env);
+    fs::write(mnt.0.join("f"), b"signed with the instance's key").unwrap();
+    drop(mnt);
     assert_eq!(
         object(weed, &format!("{prefix}/rooms/r1/f")),
-        b"signed with the profile's key"
+        b"signed with the instance's key"
     );
+    let asked = imds.requests();
+    assert!(
+        asked.iter().any(|r| r.starts_with("PUT /latest/api/token")),
+        "no session token asked for: {asked:?}"
+    );
+    assert!(
+        asked
+            .iter()
+            .any(|r| r.contains("/iam/security-credentials") && r.ends_with("roomfs-agents")),
+        "the role's credentials were not asked for: {asked:?}"
+    );
+}
+
+/// A minimal EC2 instance metadata service (IMDSv2) on a free local port that gives one role
+/// `roomfs-agents` the key `(id, secret)`; it records each request as "METHOD PATH" and answers
+/// 401 to a metadata GET without its session token. EC2 gives temporary keys with a session
+/// token; SeaweedFS takes any session token for one of its own STS tokens and refuses the
+/// request, so this one gives an empty token (which the SDK then does not send).
+struct FakeImds {
+    port: u16,
+    requests: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl FakeImds {
+    fn start(id: &str, secret: &str) -> FakeImds {
+        use std::io::{BufRead, BufReader, Read};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let requests = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let creds = format!(
+            r#"{{"Code":"Success","Type":"AWS-HMAC","AccessKeyId":"{id}","SecretAccessKey":"{secret}","Token":"","Expiration":"{}","LastUpdated":"{}"}}"#,
+            utc_rfc3339("+6 hours"),
+            utc_rfc3339("now")
+        );
+        let seen = requests.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { return };
+                let (seen, creds) = (seen.clone(), creds.clone());
+                std::thread::spawn(move || {
+                    let mut reader = BufReader::new(conn.try_clone().unwrap());
+                    let mut conn = conn;
+                    loop {
+                        let mut line = String::new();
+                        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        let mut parts = line.split_whitespace();
+                        let (method, path) = (
+                            parts.next().unwrap_or("").to_string(),
+                            parts.next().unwrap_or("").to_string(),
+                        );
+                        let (mut length, mut token) = (0usize, None);
+                        loop {
+                            let mut h = String::new();
+                            if reader.read_line(&mut h).unwrap_or(0) == 0 {
+                                return;
+                            }
+                            let h = h.trim_end();
+                            if h.is_empty() {
+                                break;
+                            }
+                            let (name, value) = h.split_once(':').unwrap_or((h, ""));
+                            match name.to_ascii_lowercase().as_str() {
+                                "content-length" => length = value.trim().parse().unwrap_or(0),
+                                "x-aws-ec2-metadata-token" => {
+                                    token = Some(value.trim().to_string())
+                                }
+                                _ => {}
+                            }
+                        }
+                        let mut body = vec![0; length];
+                        if reader.read_exact(&mut body).is_err() {
+                            return;
+                        }
+                        seen.lock().unwrap().push(format!("{method} {path}"));
+                        let authorized = token.as_deref() == Some("roomfs-test-imds-token");
+                        let (status, reply) = match (method.as_str(), path.as_str()) {
+                            ("PUT", "/latest/api/token") => {
+                                ("200 OK", "roomfs-test-imds-token".to_string())
+                            }
+                            ("GET", _) if !authorized => ("401 Unauthorized", String::new()),
+                            (
+                                "GET",
+                                "/latest/meta-data/iam/security-credentials/"
+                                | "/latest/meta-data/iam/security-credentials-extended/",
+                            ) => ("200 OK", "roomfs-agents".to_string()),
+                            (
+                                "GET",
+                                "/latest/meta-data/iam/security-credentials/roomfs-agents"
+                                | "/latest/meta-data/iam/security-credentials-extended/roomfs-agents",
+                            ) => ("200 OK", creds.clone()),
+                            _ => ("404 Not Found", String::new()),
+                        };
+                        let head = format!(
+                            "HTTP/1.1 {status}\r\nContent-Length: {}\r\n\
+                             X-aws-ec2-metadata-token-ttl-seconds: 21600\r\n\r\n",
+                            reply.len()
+                        );
+                        if conn.write_all(head.as_bytes()).is_err()
+                            || conn.write_all(reply.as_bytes()).is_err()
+                        {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        FakeImds { port, requests }
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn requests(&self) -> Vec<String> {
+        self.requests.lock().unwrap().clone()
+    }
+}
+
+/// Now plus `offset` (a `date -d` phrase such as "+6 hours") as RFC 3339 in UTC.
+fn utc_rfc3339(offset: &str) -> String {
+    let out = output(Command::new("date").args(["-u", "-d", offset, "+%Y-%m-%dT%H:%M:%SZ"]));
+    assert!(out.status.success(), "date: {out:?}");
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
 #[test]
