@@ -284,12 +284,12 @@ fn multipart(
             Box::new(move || {
                 let start = i as u64 * part;
                 let len = part.min(size - start);
-                let mut buf = vec![0u8; len as usize];
-                file.read_exact_at(&mut buf, start).map_err(|e| {
-                    ClientError::with_source(Failure::Other, format!("reading part {}", i + 1), e)
-                })?;
-                let etag =
-                    client.upload_part(&key, &id, i as u32 + 1, Body::Bytes(Arc::new(buf)))?;
+                let body = Body::File {
+                    file,
+                    offset: start,
+                    len,
+                };
+                let etag = client.upload_part(&key, &id, i as u32 + 1, body)?;
                 Ok((i, etag))
             }) as Job<(usize, String)>
         })

@@ -13,9 +13,10 @@
 //!   the request in bounded time ([`Failure::Unavailable`], `EIO` at the mount) instead of
 //!   wedging the mount; requests, failures and retries are counted in the metrics.
 
+use std::fs::File;
 use std::future::Future;
-use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use aws_config::BehaviorVersion;
@@ -201,23 +202,29 @@ fn condition_headers(c: &Condition) -> (Option<String>, Option<String>) {
     }
 }
 
-async fn byte_stream(body: Body) -> Result<ByteStream, String> {
+/// The request body of `body`, and the file it reads (if any), to be held until the request is
+/// done: the body reads the file by its descriptor's number, at each attempt.
+async fn byte_stream(body: Body) -> Result<(ByteStream, Option<Arc<File>>), String> {
     match body {
-        Body::Bytes(b) => Ok(ByteStream::from(b.as_ref().clone())),
+        // Moved, not copied, where the request holds the only reference (a part is 8 MiB).
+        Body::Bytes(b) => Ok((
+            ByteStream::from(Arc::try_unwrap(b).unwrap_or_else(|b| b.as_ref().clone())),
+            None,
+        )),
         Body::File { file, offset, len } => {
             use std::os::fd::AsRawFd;
-            // Through /proc, so each attempt opens the file again and the body is retryable.
+            // Through /proc, so each attempt opens the file again and the body is retryable;
+            // read in pieces of up to 1 MiB (each is a turn of tokio's blocking pool).
             let path = format!("/proc/self/fd/{}", file.as_raw_fd());
             let stream = ByteStream::read_from()
                 .path(path)
                 .offset(offset)
                 .length(aws_sdk_s3::primitives::Length::Exact(len))
+                .buffer_size(len.clamp(64 << 10, 1 << 20) as usize)
                 .build()
                 .await
-                .map_err(|e| e.to_string());
-            // The descriptor must stay open until the request is done.
-            drop(file);
-            stream
+                .map_err(|e| e.to_string())?;
+            Ok((stream, Some(file)))
         }
     }
 }
@@ -393,7 +400,7 @@ impl ObjectClient for SdkClient {
         self.start("put");
         let (if_match, if_none) = condition_headers(condition);
         let r = block(async {
-            let body = byte_stream(body)
+            let (body, _file) = byte_stream(body)
                 .await
                 .map_err(|e| ClientError::with_source(Failure::Other, format!("PUT {key}"), e))?;
             self.client
@@ -470,7 +477,7 @@ impl ObjectClient for SdkClient {
         self.start("upload_part");
         let what = || format!("UploadPart {part} of {key}");
         let r = block(async {
-            let body = byte_stream(body)
+            let (body, _file) = byte_stream(body)
                 .await
                 .map_err(|e| ClientError::with_source(Failure::Other, what(), e))?;
             self.client

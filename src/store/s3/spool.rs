@@ -10,8 +10,9 @@
 //! upload; the upload's id is in the journal from its creation, so a crash cannot leave it
 //! behind for good (see `state`).
 //!
-//! Invariant: a part counts as uploaded only with the change count it had when its bytes were
-//! read; any later change to it makes the commit upload it again.
+//! Invariant: a part counts as uploaded only with the change count it had before its bytes
+//! were read (they are streamed from the file as they are sent); any change to it from then on
+//! makes the commit upload it again.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -351,19 +352,17 @@ impl SpoolCopy {
                 }
             }
         };
+        // Streamed from the spool file: its bytes are read as they are sent, so a write to the
+        // part meanwhile changes its count (taken before), and the commit sends it again.
         let part = self.shared.part_size;
-        let mut buf = vec![0u8; part as usize];
-        self.file
-            .read_exact_at(&mut buf, index as u64 * part)
-            .map_err(|e| e.to_string())?;
+        let body = Body::File {
+            file: self.file.clone(),
+            offset: index as u64 * part,
+            len: part,
+        };
         self.shared
             .client
-            .upload_part(
-                key,
-                &upload_id,
-                index as u32 + 1,
-                Body::Bytes(Arc::new(buf)),
-            )
+            .upload_part(key, &upload_id, index as u32 + 1, body)
             .map_err(|e| e.to_string())
     }
 
