@@ -1,8 +1,13 @@
 //! The [`ObjectClient`] over the AWS SDK for Rust (`aws-sdk-s3`), for any S3-compatible
 //! service.
 //!
-//! - One tokio runtime for the process (two worker threads) drives every request; the store's
-//!   threads (FUSE requests, part uploaders) wait for their request with `Handle::block_on`.
+//! - Each thread that makes requests (FUSE requests, part uploaders, the change feed) drives
+//!   them itself, on a single-threaded tokio runtime of its own with its own client and
+//!   connections: a request's bytes are written and its answer read on the thread waiting for
+//!   it, with no hand-off to a runtime's workers and back (two thread wake-ups per request).
+//!   Every request is over when [`block`] returns, so nothing is left for that runtime to run
+//!   but idle connections: each request first lets them see whether the server closed them,
+//!   and none idle longer than [`IDLE`] is reused.
 //! - Credentials and the endpoint come the standard AWS ways (`AWS_ACCESS_KEY_ID`...,
 //!   `AWS_ENDPOINT_URL`, `~/.aws/config` and `credentials` profiles, web identity, ECS, instance
 //!   metadata), or the endpoint and region from the configuration; never from the command line.
@@ -13,10 +18,12 @@
 //!   the request in bounded time ([`Failure::Unavailable`], `EIO` at the mount) instead of
 //!   wedging the mount; requests, failures and retries are counted in the metrics.
 
+use std::cell::RefCell;
 use std::fs::File;
 use std::future::Future;
+use std::rc::Rc;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use aws_config::BehaviorVersion;
@@ -54,31 +61,74 @@ pub struct Connection {
     pub credentials: Option<(String, String)>,
 }
 
-/// The process's runtime for S3 requests.
-fn runtime() -> &'static tokio::runtime::Runtime {
-    static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
-    RUNTIME.get_or_init(|| {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("roomfs-s3")
-            .enable_all()
-            .build()
-            .expect("the S3 runtime starts")
+/// What a thread that makes requests keeps: its own single-threaded runtime, and its own
+/// client of each store (each with its own connections), so a request is written, awaited and
+/// read on the thread that makes it, with no other thread to wake on the way.
+struct Local {
+    runtime: Rc<tokio::runtime::Runtime>,
+    clients: Vec<(u64, Client)>,
+}
+
+thread_local! {
+    static LOCAL: RefCell<Option<Local>> = const { RefCell::new(None) };
+}
+
+fn with_local<R>(f: impl FnOnce(&mut Local) -> R) -> R {
+    LOCAL.with(|l| {
+        let mut l = l.borrow_mut();
+        let local = l.get_or_insert_with(|| Local {
+            runtime: Rc::new(
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("a thread's S3 runtime starts"),
+            ),
+            clients: Vec::new(),
+        });
+        f(local)
     })
 }
 
-/// Runs `f` on the S3 runtime and waits for it (from any thread that is not itself running
-/// async code).
+/// Runs `f` on this thread's runtime and waits for it (from any thread that is not itself
+/// running async code). Every request is done within one call: nothing the runtime runs is
+/// left to run between calls, but idle connections.
 fn block<F: Future>(f: F) -> F::Output {
-    runtime().handle().block_on(f)
+    // Not borrowed while it runs: the request takes this thread's client from `LOCAL`.
+    with_local(|l| l.runtime.clone()).block_on(async {
+        // Idle connections first hear what happened to them while this runtime did not run
+        // (each yield lets the runtime poll for I/O, then run the tasks it woke): one the
+        // server closed is then dropped from the pool, not given this request.
+        tokio::task::yield_now().await;
+        tokio::task::yield_now().await;
+        f.await
+    })
 }
 
 /// The client (see the module docs).
 pub struct SdkClient {
-    client: Client,
+    /// Settings of this store's clients (one per thread, see [`Local`]).
+    config: aws_sdk_s3::Config,
+    /// Tells this store's clients from other stores' in a thread's [`Local`].
+    id: u64,
     bucket: String,
     /// Where requests go, for messages.
     endpoint: String,
+}
+
+/// How long an idle connection is reused. One the server closed is noticed at the next
+/// request (see [`block`]); one dropped silently on the way (by a NAT's idle limit) is not, so
+/// none is kept long.
+const IDLE: Duration = Duration::from_secs(30);
+
+/// An HTTP client; `pooled`: keeps idle connections for [`IDLE`]. Only a client used by one
+/// thread may be pooled: a connection is driven by the runtime of the thread that opened it.
+fn http_client(pooled: bool) -> aws_sdk_s3::config::SharedHttpClient {
+    use aws_smithy_http_client::tls::{Provider, rustls_provider::CryptoMode};
+    aws_smithy_http_client::Builder::new()
+        .pool_idle_timeout(IDLE)
+        .pool_max_idle_per_host(if pooled { usize::MAX } else { 0 })
+        .tls_provider(Provider::Rustls(CryptoMode::Ring))
+        .build_https()
 }
 
 /// Counts the attempts of one request: each beyond the first is a retry.
@@ -232,12 +282,10 @@ async fn byte_stream(body: Body) -> Result<(ByteStream, Option<Arc<File>>), Stri
 impl SdkClient {
     /// Connects (builds the client and checks the credentials); the error is one sentence.
     pub fn connect(c: &Connection) -> Result<SdkClient, String> {
-        use aws_smithy_http_client::tls::{Provider, rustls_provider::CryptoMode};
-        let http = aws_smithy_http_client::Builder::new()
-            .tls_provider(Provider::Rustls(CryptoMode::Ring))
-            .build_https();
+        // The credential providers' client (instance metadata, STS) serves every thread, so it
+        // keeps no connection: they are asked rarely (when credentials expire).
         let mut loader = aws_config::defaults(BehaviorVersion::latest())
-            .http_client(http)
+            .http_client(http_client(false))
             .retry_config(
                 RetryConfig::standard()
                     .with_max_attempts(c.attempts.max(1))
@@ -279,10 +327,25 @@ impl SdkClient {
         if let Err(e) = block(provider.provide_credentials()) {
             return Err(no_credentials(&e.to_string()));
         }
+        static IDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         Ok(SdkClient {
-            client: Client::from_conf(builder.build()),
+            config: builder.build(),
+            id: IDS.fetch_add(1, Ordering::Relaxed),
             bucket: c.bucket.clone(),
             endpoint,
+        })
+    }
+
+    /// This thread's client of this store.
+    fn client(&self) -> Client {
+        with_local(|l| {
+            if let Some((_, c)) = l.clients.iter().find(|(id, _)| *id == self.id) {
+                return c.clone();
+            }
+            let c = self.config.to_builder().http_client(http_client(true));
+            let c = Client::from_conf(c.build());
+            l.clients.push((self.id, c.clone()));
+            c
         })
     }
 
@@ -307,7 +370,7 @@ impl ObjectClient for SdkClient {
     fn head(&self, key: &str) -> ClientResult<ObjectInfo> {
         self.start("head");
         let r = block(
-            self.client
+            self.client()
                 .head_object()
                 .bucket(&self.bucket)
                 .key(key)
@@ -341,7 +404,7 @@ impl ObjectClient for SdkClient {
         self.start("get");
         let what = || format!("GET {key}");
         block(async {
-            let mut req = self.client.get_object().bucket(&self.bucket).key(key);
+            let mut req = self.client().get_object().bucket(&self.bucket).key(key);
             if let Some((start, end)) = range {
                 req = req.range(format!("bytes={start}-{}", end.saturating_sub(1)));
             }
@@ -403,7 +466,7 @@ impl ObjectClient for SdkClient {
             let (body, _file) = byte_stream(body)
                 .await
                 .map_err(|e| ClientError::with_source(Failure::Other, format!("PUT {key}"), e))?;
-            self.client
+            self.client()
                 .put_object()
                 .bucket(&self.bucket)
                 .key(key)
@@ -431,7 +494,7 @@ impl ObjectClient for SdkClient {
         self.start("copy");
         let (if_match, if_none) = condition_headers(condition);
         let mut req = self
-            .client
+            .client()
             .copy_object()
             .bucket(&self.bucket)
             .key(to)
@@ -455,7 +518,7 @@ impl ObjectClient for SdkClient {
     fn create_upload(&self, key: &str, metadata: &Metadata) -> ClientResult<String> {
         self.start("create_upload");
         let r = block(
-            self.client
+            self.client()
                 .create_multipart_upload()
                 .bucket(&self.bucket)
                 .key(key)
@@ -480,7 +543,7 @@ impl ObjectClient for SdkClient {
             let (body, _file) = byte_stream(body)
                 .await
                 .map_err(|e| ClientError::with_source(Failure::Other, what(), e))?;
-            self.client
+            self.client()
                 .upload_part()
                 .bucket(&self.bucket)
                 .key(key)
@@ -507,7 +570,7 @@ impl ObjectClient for SdkClient {
     ) -> ClientResult<String> {
         self.start("upload_part_copy");
         let r = block(
-            self.client
+            self.client()
                 .upload_part_copy()
                 .bucket(&self.bucket)
                 .key(key)
@@ -552,7 +615,7 @@ impl ObjectClient for SdkClient {
             })
             .collect();
         let r = block(
-            self.client
+            self.client()
                 .complete_multipart_upload()
                 .bucket(&self.bucket)
                 .key(key)
@@ -581,7 +644,7 @@ impl ObjectClient for SdkClient {
     fn abort_upload(&self, key: &str, upload: &str) -> ClientResult<()> {
         self.start("abort_upload");
         match block(
-            self.client
+            self.client()
                 .abort_multipart_upload()
                 .bucket(&self.bucket)
                 .key(key)
@@ -608,7 +671,7 @@ impl ObjectClient for SdkClient {
         loop {
             self.start("list_uploads");
             let r = block(
-                self.client
+                self.client()
                     .list_multipart_uploads()
                     .bucket(&self.bucket)
                     .prefix(prefix)
@@ -647,7 +710,7 @@ impl ObjectClient for SdkClient {
     ) -> ClientResult<ListPage> {
         self.start("list");
         let mut req = self
-            .client
+            .client()
             .list_objects_v2()
             .bucket(&self.bucket)
             .prefix(prefix)
@@ -690,7 +753,7 @@ impl ObjectClient for SdkClient {
     fn delete(&self, key: &str) -> ClientResult<()> {
         self.start("delete");
         match block(
-            self.client
+            self.client()
                 .delete_object()
                 .bucket(&self.bucket)
                 .key(key)
@@ -727,7 +790,7 @@ impl ObjectClient for SdkClient {
             .build()
             .map_err(|e| ClientError::with_source(Failure::Other, what(), e))?;
         let r = block(
-            self.client
+            self.client()
                 .delete_objects()
                 .bucket(&self.bucket)
                 .delete(delete)
@@ -762,7 +825,7 @@ impl ObjectClient for SdkClient {
         let config = aws_sdk_s3::presigning::PresigningConfig::expires_in(expires_in)
             .map_err(|e| ClientError::with_source(Failure::Other, "presigning", e.to_string()))?;
         let request = block(
-            self.client
+            self.client()
                 .get_object()
                 .bucket(&self.bucket)
                 .key(key)
@@ -782,7 +845,7 @@ impl ObjectClient for SdkClient {
     fn check_bucket(&self) -> ClientResult<()> {
         self.start("head_bucket");
         match block(
-            self.client
+            self.client()
                 .head_bucket()
                 .bucket(&self.bucket)
                 .customize()
@@ -812,5 +875,62 @@ mod tests {
             "rooms/r1/a%20b%2Bc%25d.txt"
         );
         assert_eq!(encode_key("é"), "%C3%A9");
+    }
+
+    /// A server that answers each connection's first HEAD with an object and then closes it,
+    /// without saying so (as a server's idle limit does); counts connections.
+    fn closing_server() -> (String, Arc<AtomicU32>) {
+        use std::io::{BufRead, BufReader, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let accepted = Arc::new(AtomicU32::new(0));
+        let count = accepted.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { return };
+                count.fetch_add(1, Ordering::Relaxed);
+                let mut reader = BufReader::new(conn.try_clone().unwrap());
+                let mut line = String::new();
+                while reader.read_line(&mut line).is_ok_and(|n| n > 0) && line != "\r\n" {
+                    line.clear();
+                }
+                let _ = conn.write_all(
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nETag: \"e1\"\r\n\
+                      Last-Modified: Sat, 05 Dec 2026 06:00:00 GMT\r\n\r\n",
+                );
+                // Closed once the client had time to put the connection back in its pool.
+                std::thread::sleep(Duration::from_millis(50));
+                drop(conn);
+            }
+        });
+        (url, accepted)
+    }
+
+    #[test]
+    fn a_connection_the_server_closed_while_idle_is_not_used_again() {
+        let (url, accepted) = closing_server();
+        let client = SdkClient::connect(&Connection {
+            bucket: "b".into(),
+            endpoint: Some(url),
+            region: Some("us-east-1".into()),
+            connect_timeout: Duration::from_secs(2),
+            attempt_timeout: Duration::from_secs(2),
+            // No retry: a request sent on the closed connection would fail.
+            attempts: 1,
+            credentials: Some(("id".into(), "secret".into())),
+        })
+        .unwrap();
+        for n in 1..=3 {
+            let info = client.head("k").unwrap();
+            assert_eq!((info.size, info.etag.as_str()), (3, "\"e1\""));
+            // Idle (this thread's runtime does not run) while the server closes it.
+            std::thread::sleep(Duration::from_millis(200));
+            assert_eq!(accepted.load(Ordering::Relaxed), n);
+        }
+        // Another thread has its own connection.
+        std::thread::scope(|s| {
+            s.spawn(|| client.head("k").unwrap());
+        });
+        assert_eq!(accepted.load(Ordering::Relaxed), 4);
     }
 }
