@@ -252,6 +252,9 @@ fn condition_headers(c: &Condition) -> (Option<String>, Option<String>) {
     }
 }
 
+/// Bodies up to this size are read into memory before their request.
+const SMALL_BODY: u64 = 1 << 20;
+
 /// The request body of `body`, and the file it reads (if any), to be held until the request is
 /// done: the body reads the file by its descriptor's number, at each attempt.
 async fn byte_stream(body: Body) -> Result<(ByteStream, Option<Arc<File>>), String> {
@@ -261,6 +264,15 @@ async fn byte_stream(body: Body) -> Result<(ByteStream, Option<Arc<File>>), Stri
             ByteStream::from(Arc::try_unwrap(b).unwrap_or_else(|b| b.as_ref().clone())),
             None,
         )),
+        // A small body is read here, on the request's thread: a file body is read on tokio's
+        // blocking pool, a hand-off to another thread and back for each piece.
+        Body::File { file, offset, len } if len <= SMALL_BODY => {
+            use std::os::unix::fs::FileExt;
+            let mut buf = vec![0u8; len as usize];
+            file.read_exact_at(&mut buf, offset)
+                .map_err(|e| format!("reading the body: {e}"))?;
+            Ok((ByteStream::from(buf), None))
+        }
         Body::File { file, offset, len } => {
             use std::os::fd::AsRawFd;
             // Through /proc, so each attempt opens the file again and the body is retryable;
