@@ -10,8 +10,8 @@
 //!   entry is a local file (`Content::local`), which the core may hand to the kernel.
 //! - Larger objects, and what a sequential reader of an object of 64 MiB or more reads that
 //!   is not cached, are read through a window of memory (up to 16 MiB) per open file, the
-//!   next window fetched on a thread of its own while a sequential reader reads this one:
-//!   memory stays flat whatever the size of the file. (Through the cache file, the same bytes
+//!   next window fetched on a read-ahead thread (`Shared::readers`) while a sequential reader
+//!   reads this one: memory stays flat whatever the size of the file. (Through the cache file, the same bytes
 //!   cost twice: written, then read back.)
 //! - **Reading on into appends** (`tail -f`): every version made from another by appends
 //!   alone carries the same *lineage* (object metadata `roomfs-lineage`, a new random name at
@@ -256,7 +256,7 @@ impl S3Content {
         let data = match prefetched {
             Some(rx) => rx
                 .recv()
-                .unwrap_or_else(|_| Err(io::Error::other("the prefetch thread ended")))?,
+                .unwrap_or_else(|_| Err(io::Error::other("the read-ahead job ended")))?,
             None => {
                 let end = (at + ahead).min(size);
                 let mut data = Vec::with_capacity((end - at) as usize);
@@ -281,19 +281,15 @@ impl S3Content {
             let (tx, rx) = std::sync::mpsc::sync_channel(1);
             let (shared, key, etag) = (self.shared.clone(), self.key.clone(), self.etag.clone());
             let end = (next + r.ahead.max(AHEAD_MIN)).min(size);
-            let spawned = std::thread::Builder::new()
-                .name("roomfs-s3-read".into())
-                .spawn(move || {
-                    let mut data = Vec::with_capacity((end - next) as usize);
-                    let r = fetch_range(&shared, &key, &etag, next, end, &mut |b| {
-                        data.extend_from_slice(b);
-                        Ok(())
-                    });
-                    let _ = tx.send(r.map(|()| data));
+            self.shared.readers.run(move || {
+                let mut data = Vec::with_capacity((end - next) as usize);
+                let r = fetch_range(&shared, &key, &etag, next, end, &mut |b| {
+                    data.extend_from_slice(b);
+                    Ok(())
                 });
-            if spawned.is_ok() {
-                r.prefetch = Some((next, rx));
-            }
+                let _ = tx.send(r.map(|()| data));
+            });
+            r.prefetch = Some((next, rx));
         }
         Ok(window)
     }

@@ -292,6 +292,10 @@ pub struct Shared {
     pub spool: Spool,
     pub cache: Cache,
     pub pool: Pool,
+    /// Threads that fetch the next window of sequential readers (see `content`): apart from
+    /// `pool`, whose jobs may wait on such a fetch, and long-lived, as each thread has its
+    /// own S3 client and connections (see `sdk`).
+    pub readers: Pool,
     pub state: LocalState,
     /// The store honours `If-None-Match`/`If-Match` (probed at start).
     pub conditional: bool,
@@ -557,6 +561,8 @@ pub fn open_with(
         .map_err(|e| format!("cannot make the cache in {}: {e}", state_dir.display()))?;
     let pool = Pool::new(config.parts_in_flight, "roomfs-s3-part")
         .map_err(|e| format!("cannot start the part threads: {e}"))?;
+    let readers = Pool::new(config.parts_in_flight, "roomfs-s3-read")
+        .map_err(|e| format!("cannot start the read-ahead threads: {e}"))?;
     let shared = Arc::new(Shared {
         client,
         config: config.clone(),
@@ -565,6 +571,7 @@ pub fn open_with(
         spool,
         cache,
         pool,
+        readers,
         state,
         conditional,
         metadata_ttl: Duration::from_secs_f64(config.metadata_ttl_secs),
