@@ -7,7 +7,9 @@
 //!   it, with no hand-off to a runtime's workers and back (two thread wake-ups per request).
 //!   Every request is over when [`block`] returns, so nothing is left for that runtime to run
 //!   but idle connections: each request first lets them see whether the server closed them,
-//!   and none idle longer than [`IDLE`] is reused.
+//!   and none idle longer than [`IDLE`] is reused. The threads that make requests are
+//!   long-lived (FUSE, part and read-ahead pools, the feed, the janitor); a thread of tokio's
+//!   blocking pool (the control API, downloads) pays a new connection at its first request.
 //! - Credentials and the endpoint come the standard AWS ways (`AWS_ACCESS_KEY_ID`...,
 //!   `AWS_ENDPOINT_URL`, `~/.aws/config` and `credentials` profiles, web identity, ECS, instance
 //!   metadata), or the endpoint and region from the configuration; never from the command line.
