@@ -24,8 +24,8 @@ use std::cell::RefCell;
 use std::fs::File;
 use std::future::Future;
 use std::rc::Rc;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime};
 
 use aws_config::BehaviorVersion;
@@ -68,7 +68,8 @@ pub struct Connection {
 /// read on the thread that makes it, with no other thread to wake on the way.
 struct Local {
     runtime: Rc<tokio::runtime::Runtime>,
-    clients: Vec<(u64, Client)>,
+    /// Each by the store's [`SdkClient::alive`]; a dropped store's go at the next new one.
+    clients: Vec<(Weak<()>, Client)>,
 }
 
 thread_local! {
@@ -110,8 +111,9 @@ fn block<F: Future>(f: F) -> F::Output {
 pub struct SdkClient {
     /// Settings of this store's clients (one per thread, see [`Local`]).
     config: aws_sdk_s3::Config,
-    /// Tells this store's clients from other stores' in a thread's [`Local`].
-    id: u64,
+    /// Tells this store's clients from other stores' in a thread's [`Local`], and whether
+    /// this store is still there.
+    alive: Arc<()>,
     bucket: String,
     /// Where requests go, for messages.
     endpoint: String,
@@ -341,10 +343,9 @@ impl SdkClient {
         if let Err(e) = block(provider.provide_credentials()) {
             return Err(no_credentials(&e.to_string()));
         }
-        static IDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         Ok(SdkClient {
             config: builder.build(),
-            id: IDS.fetch_add(1, Ordering::Relaxed),
+            alive: Arc::new(()),
             bucket: c.bucket.clone(),
             endpoint,
         })
@@ -353,12 +354,14 @@ impl SdkClient {
     /// This thread's client of this store.
     fn client(&self) -> Client {
         with_local(|l| {
-            if let Some((_, c)) = l.clients.iter().find(|(id, _)| *id == self.id) {
+            let me = Arc::as_ptr(&self.alive);
+            if let Some((_, c)) = l.clients.iter().find(|(a, _)| a.as_ptr() == me) {
                 return c.clone();
             }
+            l.clients.retain(|(a, _)| a.strong_count() > 0);
             let c = self.config.to_builder().http_client(http_client(true));
             let c = Client::from_conf(c.build());
-            l.clients.push((self.id, c.clone()));
+            l.clients.push((Arc::downgrade(&self.alive), c.clone()));
             c
         })
     }
@@ -920,20 +923,29 @@ mod tests {
         (url, accepted)
     }
 
-    #[test]
-    fn a_connection_the_server_closed_while_idle_is_not_used_again() {
-        let (url, accepted) = closing_server();
-        let client = SdkClient::connect(&Connection {
+    fn connect(url: &str) -> SdkClient {
+        SdkClient::connect(&Connection {
             bucket: "b".into(),
-            endpoint: Some(url),
+            endpoint: Some(url.to_string()),
             region: Some("us-east-1".into()),
             connect_timeout: Duration::from_secs(2),
             attempt_timeout: Duration::from_secs(2),
-            // No retry: a request sent on the closed connection would fail.
+            // No retry: a request sent on a closed connection would fail.
             attempts: 1,
             credentials: Some(("id".into(), "secret".into())),
         })
-        .unwrap();
+        .unwrap()
+    }
+
+    /// How many stores' clients this thread keeps.
+    fn clients_here() -> usize {
+        LOCAL.with(|l| l.borrow().as_ref().map_or(0, |l| l.clients.len()))
+    }
+
+    #[test]
+    fn a_connection_the_server_closed_while_idle_is_not_used_again() {
+        let (url, accepted) = closing_server();
+        let client = connect(&url);
         for n in 1..=3 {
             let info = client.head("k").unwrap();
             assert_eq!((info.size, info.etag.as_str()), (3, "\"e1\""));
@@ -946,5 +958,11 @@ mod tests {
             s.spawn(|| client.head("k").unwrap());
         });
         assert_eq!(accepted.load(Ordering::Relaxed), 4);
+        // A store dropped leaves no client behind once this thread makes another.
+        assert_eq!(clients_here(), 1);
+        drop(client);
+        let other = connect(&url);
+        other.head("k").unwrap();
+        assert_eq!(clients_here(), 1);
     }
 }
