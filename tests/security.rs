@@ -328,10 +328,14 @@ fn a_link_swapped_in_while_the_export_runs_never_leads_out() {
     fs::create_dir_all(r.join("outputs/deep")).unwrap();
     let room_dir = d.data.join("rooms/r/outputs");
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Held by the flipper while the link is in place, and by the checks: a snapshot taken
+    // while it was there would itself read the secret through it.
+    let flipping = std::sync::Arc::new(std::sync::Mutex::new(()));
     // Behind the daemon's back, `outputs/deep` flips between a real directory and a link
     // to the host's /etc, over and over.
     let flipper = {
         let (stop, room_dir, target) = (stop.clone(), room_dir.clone(), host.dir.join("etc"));
+        let flipping = flipping.clone();
         std::thread::spawn(move || {
             let (real, link, tmp) = (
                 room_dir.join("deep"),
@@ -342,6 +346,7 @@ fn a_link_swapped_in_while_the_export_runs_never_leads_out() {
             let mut flips = 0u64;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 // real -> .real, link -> deep; then back.
+                let _flip = flipping.lock().unwrap();
                 if fs::rename(&real, &tmp).is_ok() {
                     let _ = fs::rename(&link, &real);
                     std::thread::sleep(Duration::from_micros(300));
@@ -349,6 +354,7 @@ fn a_link_swapped_in_while_the_export_runs_never_leads_out() {
                     let _ = fs::rename(&tmp, &real);
                     flips += 1;
                 }
+                drop(_flip);
                 // Mostly a real directory, so that exports get past their checks and meet
                 // the link while they write.
                 std::thread::sleep(Duration::from_micros(4000 + (flips % 7) * 1000));
@@ -371,6 +377,7 @@ fn a_link_swapped_in_while_the_export_runs_never_leads_out() {
             _ if err.contains("nothing was exported") => outcomes.1 += 1,
             _ => outcomes.2 += 1, // stopped while writing
         }
+        let _still = flipping.lock().unwrap();
         host.check(&d, &format!("link swapped in during export {i}"));
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
