@@ -1742,6 +1742,38 @@ fn random_writes_into_a_large_file_are_patched_in_place_and_private_until_close(
 }
 
 #[test]
+fn a_reader_that_opened_beside_a_writer_keeps_its_version_in_its_mapping() {
+    // A reader that opens while a writer still has the file reads with direct I/O, but a
+    // mapping of it is made of the kernel's page cache: a newer version's reader must not
+    // fill that cache while it is open.
+    let m = Mounted::room();
+    python(
+        &m.mnt,
+        r#"
+import mmap, os
+p = os.environ['MNT'] + '/f'
+first = open(p, 'wb')
+first.write(b'a' * (2 << 20))
+first.flush()
+os.fsync(first.fileno())
+reader = open(p, 'rb')
+first.close()
+view = mmap.mmap(reader.fileno(), 0, prot=mmap.PROT_READ)
+assert view[:4] == b'aaaa'
+with open(p, 'r+b') as writer:
+    writer.write(b'new!')
+newer = open(p, 'rb')
+assert newer.read(4) == b'new!', 'a new open sees the commit'
+reader.seek(0)
+assert reader.read(4) == b'aaaa', 'the reader keeps its version'
+assert view[:4] == b'aaaa', 'so does its mapping'
+for f in (view, reader, newer):
+    f.close()
+"#,
+    );
+}
+
+#[test]
 fn large_files_are_read_by_the_kernel_from_the_committed_file() {
     let m = Mounted::room();
     if m.log()

@@ -174,8 +174,10 @@ pub struct Listed {
 /// The kernel page cache is shared by every handle of an inode, but a writer's changes must stay
 /// invisible until its commit. So: a writer alone on the inode goes through the page cache; any
 /// handle opened while another writer (or, for a writer, anyone) has the inode open is served
-/// with direct I/O, which bypasses the cache. Readers keep the cached pages only when they
-/// are known to hold the current committed version. Read-write opens that share one handle
+/// with direct I/O, which bypasses the cache (but not a mapping: that is made of the cache's
+/// pages). Readers keep the cached pages only when they are known to hold the current
+/// committed version, and a reader reads directly while readers of other versions (cached,
+/// or direct ones, which may map) are open. Read-write opens that share one handle
 /// (see `open_path`) are one writer as far as the cache goes: they all see its working copy.
 #[derive(Default)]
 struct OpenState {

@@ -131,10 +131,13 @@ impl Fs {
                 state.readers += 1;
                 // Readers of another version read through the page cache: dropping it (as an
                 // open without `keep_cache` does) would show them this version's pages where
-                // they miss. This reader reads directly until they are gone.
+                // they miss. So do readers that read directly (they opened while a writer had
+                // the file) but map it: a mapping is made of the page cache's pages. This
+                // reader reads directly until they are gone.
                 let others_cached_another =
                     state.cached_readers > 0 && state.cached_version.as_ref() != Some(&version);
-                if state.writers > 0 || others_cached_another {
+                let others_direct = state.readers - 1 > state.cached_readers;
+                if state.writers > 0 || others_cached_another || others_direct {
                     (true, false, false, passing, only)
                 } else {
                     let keep = state.cached_version.as_ref() == Some(&version);
