@@ -16,20 +16,6 @@ fn secret_file(dir: &Path, secret: &str) -> String {
     p.to_string_lossy().into_owned()
 }
 
-fn issue(args: &[&str]) -> String {
-    let out = Command::new(BIN)
-        .args(["token", "issue"])
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
-}
-
 /// Signs fixture claims with HS256 the way any JWT library would, without roomfs.
 fn sign_with_python(claims_file: &str, secret: &str, exp_override: Option<i64>) -> String {
     let code = r#"
@@ -72,18 +58,19 @@ fn populate(data: &Path) {
 fn issued_token_mounts_its_room_with_its_grant() {
     let keys = tempfile::tempdir().unwrap();
     let sf = secret_file(keys.path(), SECRET);
-    let token = issue(&[
-        "--secret-file",
-        &sf,
-        "--room",
-        "r1",
-        "--path",
-        "inputs/:ro",
-        "--path",
-        "outputs/:rw",
-        "--ttl",
-        "1h",
-    ]);
+    let token = common::issue_token(
+        Path::new(&sf),
+        &[
+            "--room",
+            "r1",
+            "--path",
+            "inputs/:ro",
+            "--path",
+            "outputs/:rw",
+            "--ttl",
+            "1h",
+        ],
+    );
     let m = Mounted::with_setup(&["--token", &token, "--secret-file", &sf], populate);
     assert_eq!(fs::read(m.p("inputs/data.csv")).unwrap(), b"a,b\n");
     fs::write(m.p("outputs/result"), b"r").unwrap();

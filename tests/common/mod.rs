@@ -718,7 +718,6 @@ pub fn errno<T: std::fmt::Debug>(r: std::io::Result<T>) -> i32 {
         .expect("an OS error")
 }
 
-/// Runs a Python 3 snippet with `MNT` in its environment; panics with its output on failure.
 /// A grant token from `roomfs token issue --secret-file SECRET ARGS...` (it must succeed).
 pub fn issue_token(secret: &Path, args: &[&str]) -> String {
     let out = Command::new(BIN)
@@ -735,6 +734,7 @@ pub fn issue_token(secret: &Path, args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
+/// Runs a Python 3 snippet with `MNT` in its environment; panics with its output on failure.
 pub fn python(mnt: &Path, code: &str) -> String {
     let out = output(Command::new("python3").arg("-c").arg(code).env("MNT", mnt));
     assert!(
