@@ -96,9 +96,11 @@ fn read(content: &dyn Content) -> Vec<u8> {
     out
 }
 
+/// `len` bytes that differ with `seed` and do not repeat (a byte read from the wrong offset,
+/// however far, shows).
 fn pattern(len: u64, seed: u8) -> Vec<u8> {
     (0..len)
-        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .map(|i| ((i ^ u64::from(seed) << 48).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 56) as u8)
         .collect()
 }
 
