@@ -11,8 +11,9 @@
 //! - Larger objects, and what a sequential reader of an object of 64 MiB or more reads that
 //!   is not cached, are read through a window of memory (up to 16 MiB) per open file, the
 //!   next window fetched on a read-ahead thread (`Shared::readers`) while a sequential reader
-//!   reads this one: memory stays flat whatever the size of the file. (Through the cache file, the same bytes
-//!   cost twice: written, then read back.)
+//!   reads this one: memory stays flat whatever the size of the file, and a window's memory,
+//!   once read through, holds the next one (fresh memory is faulted in page by page). (Through
+//!   the cache file, the same bytes cost twice: written, then read back.)
 //! - **Reading on into appends** (`tail -f`): every version made from another by appends
 //!   alone carries the same *lineage* (object metadata `roomfs-lineage`, a new random name at
 //!   every other commit, see `commit`). A reader at the end of its version asks (at most every
@@ -61,6 +62,10 @@ struct Reading {
     window: Option<Window>,
     /// The next window, being fetched.
     prefetch: Option<(u64, std::sync::mpsc::Receiver<io::Result<Vec<u8>>>)>,
+    /// The memory of a window read to its end, for the next one: a fresh buffer of 16 MiB
+    /// is new pages, each faulted in and zeroed by the kernel (a quarter of the daemon's time
+    /// for a cold sequential reader), and given back when freed.
+    spare: Option<Vec<u8>>,
 }
 
 /// When a reader last asked for a newer version (and this process's commit count then), and
@@ -105,6 +110,7 @@ impl S3Content {
                 ahead: 0,
                 window: None,
                 prefetch: None,
+                spare: None,
             }),
             follower: Mutex::new((None, None)),
         }
@@ -252,6 +258,11 @@ impl S3Content {
             Some((start, rx)) if start == at => Some(rx),
             _ => None,
         };
+        let spare = if prefetched.is_none() {
+            r.spare.take()
+        } else {
+            None
+        };
         drop(r);
         let data = match prefetched {
             Some(rx) => rx
@@ -259,7 +270,7 @@ impl S3Content {
                 .unwrap_or_else(|_| Err(io::Error::other("the read-ahead job ended")))?,
             None => {
                 let end = (at + ahead).min(size);
-                let mut data = Vec::with_capacity((end - at) as usize);
+                let mut data = emptied(spare, (end - at) as usize);
                 self.fetch(at, end, &mut |b| {
                     data.extend_from_slice(b);
                     Ok(())
@@ -272,17 +283,24 @@ impl S3Content {
             data: Arc::new(data),
         };
         let mut r = self.reading.lock().unwrap_or_else(|e| e.into_inner());
-        r.window = Some(Window {
+        let old = r.window.replace(Window {
             start: window.start,
             data: window.data.clone(),
         });
+        // Unless another read still copies out of it.
+        if let Some(old) = old
+            && let Ok(data) = Arc::try_unwrap(old.data)
+        {
+            r.spare = Some(data);
+        }
         let next = at + window.data.len() as u64;
         if sequential && next < size && r.prefetch.is_none() {
             let (tx, rx) = std::sync::mpsc::sync_channel(1);
             let (shared, key, etag) = (self.shared.clone(), self.key.clone(), self.etag.clone());
             let end = (next + r.ahead.max(AHEAD_MIN)).min(size);
+            let spare = r.spare.take();
             self.shared.readers.run(move || {
-                let mut data = Vec::with_capacity((end - next) as usize);
+                let mut data = emptied(spare, (end - next) as usize);
                 let r = fetch_range(&shared, &key, &etag, next, end, &mut |b| {
                     data.extend_from_slice(b);
                     Ok(())
@@ -293,6 +311,14 @@ impl S3Content {
         }
         Ok(window)
     }
+}
+
+/// `spare` (the memory of an earlier window) emptied, or a new buffer, for `len` bytes.
+fn emptied(spare: Option<Vec<u8>>, len: usize) -> Vec<u8> {
+    let mut data = spare.unwrap_or_default();
+    data.clear();
+    data.reserve_exact(len);
+    data
 }
 
 /// Fetches `start..end` of version `etag` of `key` (see the module docs for a version gone).
