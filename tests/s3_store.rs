@@ -13,6 +13,8 @@
 //!   once the store is back; `kill -9` of roomfs during an upload leaves the previous object,
 //!   and the next start aborts the upload it left.
 //! - Credentials from a profile file, and from instance metadata (a fake IMDSv2 here).
+//! - An `https` endpoint whose certificate a private CA signed: refused with a clear line
+//!   until that CA's certificate is given (`AWS_CA_BUNDLE` or the store's `ca_bundle`).
 //! - Bad store settings are one clear line at mount time; the mount helper (`mount -t
 //!   fuse.roomfs ... -o store=s3://...`) mounts a room in the bucket.
 //!
@@ -591,25 +593,7 @@ fn kill_9_during_an_upload_leaves_the_previous_object_and_the_next_start_aborts_
 fn bad_store_settings_are_one_clear_line_at_mount_time() {
     let weed = SeaweedFs::shared();
     let tmp = tempfile::tempdir().unwrap();
-    let mnt = tmp.path().join("mnt");
-    fs::create_dir(&mnt).unwrap();
-    let mount = |store: &str, env: &[(&str, String)]| {
-        let mut cmd = Command::new(BIN);
-        cmd.arg("mount")
-            .arg("--data-dir")
-            .arg(tmp.path().join("data"))
-            .args(["--room", "r1", "--store", store])
-            .arg(&mnt)
-            .env_clear()
-            .env("PATH", std::env::var_os("PATH").unwrap())
-            .envs(env.iter().map(|(k, v)| (*k, v.as_str())));
-        let out = output(&mut cmd);
-        assert_eq!(out.status.code(), Some(1), "{store}: {out:?}");
-        assert!(!common::is_mounted(&mnt));
-        let err = String::from_utf8_lossy(&out.stderr).trim().to_string();
-        assert_eq!(err.lines().count(), 1, "one line: {err}");
-        err
-    };
+    let mount = |store: &str, env: &[(&str, String)]| refused_mount(tmp.path(), store, env);
     let env = weed.env();
     let e = mount("s3://no-such-bucket/x", &env);
     assert!(e.contains("does not exist"), "{e}");
@@ -647,6 +631,87 @@ fn bad_store_settings_are_one_clear_line_at_mount_time() {
         .collect();
     let e = mount("s3://roomfs-test/p", &wrong_key);
     assert!(e.contains("refused"), "{e}");
+}
+
+/// `roomfs mount` of room `r1` with `store` under `dir`, with only `env` (and PATH) in its
+/// environment, which must fail: its one line of error.
+fn refused_mount(dir: &Path, store: &str, env: &[(&str, String)]) -> String {
+    let mnt = dir.join("mnt");
+    fs::create_dir_all(&mnt).unwrap();
+    let mut cmd = Command::new(BIN);
+    cmd.arg("mount")
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .args(["--room", "r1", "--store", store])
+        .arg(&mnt)
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap())
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())));
+    let out = output(&mut cmd);
+    assert_eq!(out.status.code(), Some(1), "{store}: {out:?}");
+    assert!(!common::is_mounted(&mnt));
+    let err = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    err
+}
+
+#[test]
+fn an_https_endpoint_of_a_private_ca_is_trusted_through_its_ca_bundle() {
+    let weed = SeaweedFs::start_https();
+    let tmp = tempfile::tempdir().unwrap();
+    let env = weed.env();
+    let store = "s3://roomfs-test/p";
+    // Without the CA's certificate, the endpoint is not trusted: said so, with what to do.
+    let without: Vec<(&str, String)> = env
+        .iter()
+        .filter(|(k, _)| *k != "AWS_CA_BUNDLE")
+        .cloned()
+        .collect();
+    let e = refused_mount(tmp.path(), store, &without);
+    assert!(
+        e.contains("certificate is not trusted") && e.contains("AWS_CA_BUNDLE"),
+        "{e}"
+    );
+    // A bundle that cannot be read or holds no certificate is named (from the environment or
+    // the store's `ca_bundle`).
+    let missing = tmp.path().join("missing.pem");
+    let with_bundle = |path: &Path| -> Vec<(&str, String)> {
+        without
+            .iter()
+            .cloned()
+            .chain([("AWS_CA_BUNDLE", path.display().to_string())])
+            .collect()
+    };
+    let e = refused_mount(tmp.path(), store, &with_bundle(&missing));
+    assert!(
+        e.contains(&format!("CA bundle {}", missing.display())) && e.contains("No such file"),
+        "{e}"
+    );
+    let junk = tmp.path().join("junk.pem");
+    fs::write(&junk, "not a certificate\n").unwrap();
+    let e = refused_mount(
+        tmp.path(),
+        &format!("{store}?ca_bundle={}", junk.display()),
+        &without,
+    );
+    assert!(e.contains("no certificate in it"), "{e}");
+    // With it: a small file (one PUT) and one of three parts (a multipart upload, whose parts
+    // are sent unsigned over TLS with a checksum), stored as written.
+    let prefix = unique_prefix();
+    let mnt = mount_with_env(tmp.path(), &prefix, &env);
+    // Text (`object` reads text), 20 MiB.
+    let big: Vec<u8> = (0..1_500_000)
+        .flat_map(|i| format!("line {i:08}\n").into_bytes())
+        .collect();
+    fs::write(mnt.0.join("small"), b"over TLS").unwrap();
+    fs::write(mnt.0.join("big"), &big).unwrap();
+    assert_eq!(fs::read(mnt.0.join("small")).unwrap(), b"over TLS");
+    drop(mnt);
+    assert_eq!(
+        object(&weed, &format!("{prefix}/rooms/r1/small")),
+        b"over TLS"
+    );
+    assert!(object(&weed, &format!("{prefix}/rooms/r1/big")) == big);
 }
 
 #[test]
@@ -737,7 +802,7 @@ fn credentials_come_from_a_profile_file_as_well_as_the_environment() {
 /// (and PATH) in its environment; unmounted and reaped when dropped, even if the test fails.
 fn mount_with_env(dir: &Path, prefix: &str, env: &[(&str, String)]) -> EnvMount {
     let mnt = dir.join("mnt");
-    fs::create_dir(&mnt).unwrap();
+    fs::create_dir_all(&mnt).unwrap();
     let mut cmd = Command::new(BIN);
     cmd.arg("mount")
         .arg("--data-dir")

@@ -408,7 +408,7 @@ pub trait Store: Send + Sync + 'static {
 pub enum StoreConfig {
     #[default]
     Local,
-    S3(s3::S3Config),
+    S3(Box<s3::S3Config>),
 }
 
 impl StoreConfig {
@@ -416,7 +416,7 @@ impl StoreConfig {
     pub fn parse(text: &str) -> Result<StoreConfig, String> {
         match text {
             "local" => Ok(StoreConfig::Local),
-            url if url.starts_with("s3://") => Ok(StoreConfig::S3(s3::S3Config::from_url(url)?)),
+            url if url.starts_with("s3://") => Ok(StoreConfig::S3(Box::new(s3::S3Config::from_url(url)?))),
             other => Err(format!(
                 "store {other:?}: expected local or s3://BUCKET/PREFIX"
             )),
@@ -465,7 +465,7 @@ impl<'de> serde::Deserialize<'de> for StoreConfig {
                 config
                     .check()
                     .map_err(|e| D::Error::custom(format!("s3: {e}")))?;
-                Ok(StoreConfig::S3(config))
+                Ok(StoreConfig::S3(Box::new(config)))
             }
             _ => Err(D::Error::custom(
                 "expected \"local\", \"s3://BUCKET/PREFIX\" or {\"s3\": {\"bucket\": ...}}",

@@ -69,6 +69,7 @@ impl Bucket {
                 attempt_timeout: Duration::from_secs(30),
                 attempts: 3,
                 credentials: Some((s3.access_key().into(), s3.secret_key().into())),
+                ca_bundle: s3.ca_file(),
             })
             .expect("connect to SeaweedFS");
         Bucket {

@@ -77,6 +77,8 @@ struct Ports {
     filer_grpc: u16,
     s3: u16,
     s3_grpc: u16,
+    /// S3 over TLS, for an instance started with [`SeaweedFs::start_https`].
+    s3_https: u16,
     admin: u16,
     /// Must be `admin + 10000`: the maintenance worker inside `weed mini` dials the admin
     /// server there whatever `-admin.port.grpc` says (4.48), and retries forever otherwise.
@@ -97,6 +99,7 @@ impl Ports {
             filer_grpc,
             s3,
             s3_grpc,
+            s3_https,
         ] = std::array::from_fn(|_| hold_free_port(&mut held));
         let (admin, admin_grpc) = loop {
             let port = hold_free_port(&mut held);
@@ -116,6 +119,7 @@ impl Ports {
             filer_grpc,
             s3,
             s3_grpc,
+            s3_https,
             admin,
             admin_grpc,
         }
@@ -129,6 +133,75 @@ impl Ports {
             ("s3", self.s3_grpc),
             ("admin", self.admin_grpc),
         ]
+    }
+}
+
+/// Makes in `dir` a CA (`ca.pem`) and, signed by it, a server certificate for 127.0.0.1
+/// (`cert.pem`, `key.pem`), with `openssl`.
+fn make_certificates(dir: &std::path::Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(
+        dir.join("server.ext"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let steps: [&[&str]; 3] = [
+        &[
+            &["req", "-x509"][..],
+            &ec,
+            &["-keyout", "ca.key", "-out", "ca.pem", "-days", "2"],
+            &["-subj", "/CN=roomfs test CA"],
+        ]
+        .concat(),
+        &[
+            &["req"][..],
+            &ec,
+            &[
+                "-keyout",
+                "key.pem",
+                "-out",
+                "server.csr",
+                "-subj",
+                "/CN=127.0.0.1",
+            ],
+        ]
+        .concat(),
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "cert.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "server.ext",
+        ],
+    ];
+    for args in steps {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("run openssl (scripts/setup installs it)");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }
 
@@ -148,6 +221,8 @@ pub struct SeaweedFs {
     log: Arc<Mutex<VecDeque<String>>>,
     /// Killed with the test process (`PR_SET_PDEATHSIG`), for the shared instance.
     tied: bool,
+    /// S3 is (also) served over TLS, with a certificate of a CA of the test's own.
+    https: bool,
 }
 
 /// The instance the whole test binary shares (see [`SeaweedFs::shared`]).
@@ -178,7 +253,7 @@ impl SeaweedFs {
             std::thread::Builder::new()
                 .name("seaweedfs-shared".into())
                 .spawn(move || {
-                    let started = std::panic::catch_unwind(|| SeaweedFs::start_inner(true));
+                    let started = std::panic::catch_unwind(|| SeaweedFs::start_inner(true, false));
                     let _ = tx.send(started);
                     // The death signal is tied to this thread: it must never end.
                     loop {
@@ -199,10 +274,17 @@ impl SeaweedFs {
 
     /// Starts a fresh instance and waits until its bucket is there and stored data reads back.
     pub fn start() -> SeaweedFs {
-        SeaweedFs::start_inner(false)
+        SeaweedFs::start_inner(false, false)
     }
 
-    fn start_inner(tied: bool) -> SeaweedFs {
+    /// [`SeaweedFs::start`], with S3 at an `https` endpoint whose certificate (for 127.0.0.1)
+    /// a CA made for this instance signed: no system trusts it. [`SeaweedFs::env`] names that
+    /// CA's certificate in `AWS_CA_BUNDLE` (which boto3 and roomfs read); `openssl` makes them.
+    pub fn start_https() -> SeaweedFs {
+        SeaweedFs::start_inner(false, true)
+    }
+
+    fn start_inner(tied: bool, https: bool) -> SeaweedFs {
         let weed = weed_bin();
         assert!(
             weed.exists(),
@@ -220,7 +302,11 @@ impl SeaweedFs {
             child: None,
             log: Default::default(),
             tied,
+            https,
         };
+        if https {
+            make_certificates(&s.tls_dir());
+        }
         // Another process may take one of the ports between `Ports::pick` and `weed`'s bind;
         // `weed` then exits at once, and new ports are tried.
         for attempt in 1.. {
@@ -238,9 +324,25 @@ impl SeaweedFs {
         unreachable!()
     }
 
-    /// `http://127.0.0.1:<port>`, the S3 endpoint (path-style requests).
+    /// `http://127.0.0.1:<port>` (`https://` for [`SeaweedFs::start_https`]), the S3
+    /// endpoint (path-style requests).
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.ports.s3)
+        if self.https {
+            format!("https://127.0.0.1:{}", self.ports.s3_https)
+        } else {
+            format!("http://127.0.0.1:{}", self.ports.s3)
+        }
+    }
+
+    /// The CA certificate an `https` instance's certificate is signed by.
+    pub fn ca_file(&self) -> Option<PathBuf> {
+        self.https.then(|| self.tls_dir().join("ca.pem"))
+    }
+
+    /// Where the TLS files of [`SeaweedFs::start_https`] are: `ca.pem` (the CA's certificate),
+    /// `cert.pem` and `key.pem` (the endpoint's).
+    pub fn tls_dir(&self) -> PathBuf {
+        self.tmp.path().join("tls")
     }
 
     pub fn bucket(&self) -> &str {
@@ -258,7 +360,7 @@ impl SeaweedFs {
     /// The environment by which AWS tools (roomfs, boto3, the AWS CLI) find this endpoint and
     /// its credentials, and nothing of the user's own AWS configuration.
     pub fn env(&self) -> Vec<(&'static str, String)> {
-        vec![
+        let mut env = vec![
             ("AWS_ENDPOINT_URL", self.endpoint()),
             ("AWS_ACCESS_KEY_ID", ACCESS_KEY.into()),
             ("AWS_SECRET_ACCESS_KEY", SECRET_KEY.into()),
@@ -267,7 +369,11 @@ impl SeaweedFs {
             ("AWS_CONFIG_FILE", "/dev/null".into()),
             ("AWS_SHARED_CREDENTIALS_FILE", "/dev/null".into()),
             ("AWS_EC2_METADATA_DISABLED", "true".into()),
-        ]
+        ];
+        if let Some(ca) = self.ca_file() {
+            env.push(("AWS_CA_BUNDLE", ca.display().to_string()));
+        }
+        env
     }
 
     /// The process id while it runs.
@@ -383,6 +489,16 @@ impl SeaweedFs {
             .args(["-webdav=false", "-admin.ui=false"])
             .args(["-s3.port.iceberg=0", "-s3.port.lance=0"])
             .arg("-master.telemetry=false")
+            .args(if self.https {
+                let tls = self.tls_dir();
+                vec![
+                    format!("-s3.port.https={}", p.s3_https),
+                    format!("-s3.cert.file={}", tls.join("cert.pem").display()),
+                    format!("-s3.key.file={}", tls.join("key.pem").display()),
+                ]
+            } else {
+                vec![]
+            })
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());

@@ -113,6 +113,10 @@ pub struct S3Config {
     /// Default from `AWS_REGION`, profiles, else `us-east-1`.
     #[serde(default)]
     pub region: Option<String>,
+    /// A PEM file of CA certificates to trust for an `https` endpoint besides the system's (a
+    /// private CA's); default from `AWS_CA_BUNDLE`.
+    #[serde(default)]
+    pub ca_bundle: Option<PathBuf>,
     /// Bytes of each part of a multipart upload (5 MiB to 5 GiB); files smaller than this are
     /// one PUT.
     #[serde(default = "default_part_size", deserialize_with = "de_size")]
@@ -155,6 +159,7 @@ impl S3Config {
             prefix: prefix.to_string(),
             endpoint: None,
             region: None,
+            ca_bundle: None,
             part_size: default_part_size(),
             cache_dir: None,
             cache_bytes: default_cache_bytes(),
@@ -186,7 +191,7 @@ impl S3Config {
                 .split_once('=')
                 .ok_or_else(|| format!("store {url:?}: {pair:?} is not NAME=VALUE"))?;
             let value = match name {
-                "endpoint" | "region" | "cache_dir" | "part_size" | "cache_bytes"
+                "endpoint" | "region" | "ca_bundle" | "cache_dir" | "part_size" | "cache_bytes"
                 | "spool_bytes" => serde_json::Value::from(value),
                 _ => serde_json::from_str(value).unwrap_or_else(|_| value.into()),
             };
@@ -277,6 +282,11 @@ impl S3Config {
             attempt_timeout: Duration::from_secs_f64(self.timeout_secs),
             attempts: self.attempts,
             credentials: None,
+            ca_bundle: self.ca_bundle.clone().or_else(|| {
+                std::env::var_os("AWS_CA_BUNDLE")
+                    .filter(|v| !v.is_empty())
+                    .map(PathBuf::from)
+            }),
         }
     }
 }
@@ -519,6 +529,11 @@ pub fn open(config: &S3Config, data_dir: &Path) -> Result<S3Spaces, String> {
             Failure::Denied => format!(
                 "access to bucket {:?} at {endpoint} was refused (check the credentials): {e}",
                 config.bucket
+            ),
+            Failure::Unavailable if e.to_string().contains("certificate") => format!(
+                "cannot reach the S3 endpoint {endpoint}: its TLS certificate is not trusted \
+                 (from a private CA? give the CA's certificate in AWS_CA_BUNDLE or the store's \
+                 ca_bundle): {e}"
             ),
             Failure::Unavailable => format!("cannot reach the S3 endpoint {endpoint}: {e}"),
             _ => format!("bucket {:?} at {endpoint}: {e}", config.bucket),

@@ -38,6 +38,7 @@ use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{
     CompletedMultipartUpload, CompletedPart, Delete, MetadataDirective, ObjectIdentifier,
 };
+use aws_smithy_http_client::tls::{TlsContext, TrustStore};
 
 use super::client::{
     Body, ClientError, ClientResult, Condition, Failure, ListPage, ListedObject, Metadata,
@@ -61,6 +62,8 @@ pub struct Connection {
     /// Credentials given directly (tools and tests; the command line and the configuration
     /// never take any: `None` uses the standard AWS ways).
     pub credentials: Option<(String, String)>,
+    /// A PEM file of CA certificates trusted besides the system's (see [`tls_context`]).
+    pub ca_bundle: Option<std::path::PathBuf>,
 }
 
 /// What a thread that makes requests keeps: its own single-threaded runtime, and its own
@@ -117,6 +120,8 @@ pub struct SdkClient {
     bucket: String,
     /// Where requests go, for messages.
     endpoint: String,
+    /// The system's CA certificates and those of the configured bundle, if any.
+    tls: Option<TlsContext>,
 }
 
 /// How long an idle connection is reused. One the server closed is noticed at the next
@@ -126,13 +131,47 @@ const IDLE: Duration = Duration::from_secs(30);
 
 /// An HTTP client; `pooled`: keeps idle connections for [`IDLE`]. Only a client used by one
 /// thread may be pooled: a connection is driven by the runtime of the thread that opened it.
-fn http_client(pooled: bool) -> aws_sdk_s3::config::SharedHttpClient {
+/// `tls`: whom to trust besides the system's CAs (`SSL_CERT_FILE` or `SSL_CERT_DIR`, where
+/// set, replace the system's).
+fn http_client(pooled: bool, tls: Option<&TlsContext>) -> aws_sdk_s3::config::SharedHttpClient {
     use aws_smithy_http_client::tls::{Provider, rustls_provider::CryptoMode};
-    aws_smithy_http_client::Builder::new()
+    let builder = aws_smithy_http_client::Builder::new()
         .pool_idle_timeout(IDLE)
         .pool_max_idle_per_host(if pooled { usize::MAX } else { 0 })
-        .tls_provider(Provider::Rustls(CryptoMode::Ring))
-        .build_https()
+        .tls_provider(Provider::Rustls(CryptoMode::Ring));
+    match tls {
+        Some(tls) => builder.tls_context(tls.clone()).build_https(),
+        None => builder.build_https(),
+    }
+}
+
+/// The system's CA certificates and those in the PEM file `bundle` (as the AWS CLI's
+/// `AWS_CA_BUNDLE`); the error is one sentence. Every certificate is checked here: the SDK
+/// would panic at the first connection on one it cannot take.
+pub fn tls_context(bundle: &std::path::Path) -> Result<TlsContext, String> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    let what = format!("CA bundle {}", bundle.display());
+    let pem = std::fs::read(bundle).map_err(|e| format!("{what}: {e}"))?;
+    let certs = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{what}: not PEM certificates ({e})"))?;
+    if certs.is_empty() {
+        return Err(format!(
+            "{what}: no certificate in it (expected -----BEGIN CERTIFICATE----- blocks)"
+        ));
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    for (n, cert) in certs.into_iter().enumerate() {
+        roots
+            .add(cert)
+            .map_err(|e| format!("{what}: certificate {}: {e}", n + 1))?;
+    }
+    let store = TrustStore::default().with_pem_certificate(pem);
+    TlsContext::builder()
+        .with_trust_store(store)
+        .build()
+        .map_err(|e| format!("{what}: {e}"))
 }
 
 /// Counts the attempts of one request: each beyond the first is a retry.
@@ -228,9 +267,26 @@ where
                 .unwrap_or_default()
         ),
         SdkError::TimeoutError(_) => "no answer in time".to_string(),
-        _ => aws_sdk_s3::error::DisplayErrorContext(&e).to_string(),
+        _ => causes(&e),
     };
     ClientError::with_source(failure, what, cause)
+}
+
+/// An error and its causes, `: `-separated (the SDK's own rendering adds the whole error in
+/// debug form, a paragraph of nested structs for one failed connection).
+fn causes(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        // Some layers repeat their cause in their own message.
+        if !out.ends_with(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
 }
 
 /// The name of a failure in the metrics (a closed set).
@@ -300,8 +356,9 @@ impl SdkClient {
     pub fn connect(c: &Connection) -> Result<SdkClient, String> {
         // The credential providers' client (instance metadata, STS) serves every thread, so it
         // keeps no connection: they are asked rarely (when credentials expire).
+        let tls = c.ca_bundle.as_deref().map(tls_context).transpose()?;
         let mut loader = aws_config::defaults(BehaviorVersion::latest())
-            .http_client(http_client(false))
+            .http_client(http_client(false, tls.as_ref()))
             .retry_config(
                 RetryConfig::standard()
                     .with_max_attempts(c.attempts.max(1))
@@ -348,6 +405,7 @@ impl SdkClient {
             alive: Arc::new(()),
             bucket: c.bucket.clone(),
             endpoint,
+            tls,
         })
     }
 
@@ -359,7 +417,10 @@ impl SdkClient {
                 return c.clone();
             }
             l.clients.retain(|(a, _)| a.strong_count() > 0);
-            let c = self.config.to_builder().http_client(http_client(true));
+            let c = self
+                .config
+                .to_builder()
+                .http_client(http_client(true, self.tls.as_ref()));
             let c = Client::from_conf(c.build());
             l.clients.push((Arc::downgrade(&self.alive), c.clone()));
             c
@@ -850,11 +911,7 @@ impl ObjectClient for SdkClient {
                 .presigned(config),
         )
         .map_err(|e| {
-            ClientError::with_source(
-                Failure::Other,
-                format!("presigning GET {key}"),
-                aws_sdk_s3::error::DisplayErrorContext(e).to_string(),
-            )
+            ClientError::with_source(Failure::Other, format!("presigning GET {key}"), causes(&e))
         })?;
         Ok(request.uri().to_string())
     }
@@ -933,6 +990,7 @@ mod tests {
             // No retry: a request sent on a closed connection would fail.
             attempts: 1,
             credentials: Some(("id".into(), "secret".into())),
+            ca_bundle: None,
         })
         .unwrap()
     }
@@ -940,6 +998,23 @@ mod tests {
     /// How many stores' clients this thread keeps.
     fn clients_here() -> usize {
         LOCAL.with(|l| l.borrow().as_ref().map_or(0, |l| l.clients.len()))
+    }
+
+    #[test]
+    fn a_ca_bundle_the_tls_library_cannot_take_is_an_error_not_a_panic_later() {
+        let dir = tempfile::tempdir().unwrap();
+        let bundle = dir.path().join("ca.pem");
+        // A PEM block that is not a certificate: the SDK would panic building a client.
+        std::fs::write(
+            &bundle,
+            "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        let e = tls_context(&bundle).unwrap_err();
+        assert!(e.contains("ca.pem: certificate 1:"), "{e}");
+        std::fs::write(&bundle, "-----BEGIN CERTIFICATE-----\nnot base64!\n").unwrap();
+        let e = tls_context(&bundle).unwrap_err();
+        assert!(e.contains("not PEM certificates"), "{e}");
     }
 
     #[test]
