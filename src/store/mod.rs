@@ -416,7 +416,9 @@ impl StoreConfig {
     pub fn parse(text: &str) -> Result<StoreConfig, String> {
         match text {
             "local" => Ok(StoreConfig::Local),
-            url if url.starts_with("s3://") => Ok(StoreConfig::S3(Box::new(s3::S3Config::from_url(url)?))),
+            url if url.starts_with("s3://") => {
+                Ok(StoreConfig::S3(Box::new(s3::S3Config::from_url(url)?)))
+            }
             other => Err(format!(
                 "store {other:?}: expected local or s3://BUCKET/PREFIX"
             )),

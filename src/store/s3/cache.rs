@@ -176,29 +176,39 @@ impl Cache {
             return None;
         }
         let path = self.inner.dir.join(file_name(key, etag));
-        let _ = std::fs::remove_file(&path);
         use std::os::fd::AsRawFd;
         let from = CString::new(format!("/proc/self/fd/{}", file.as_raw_fd())).ok()?;
         let to = CString::new(path.as_os_str().as_bytes()).ok()?;
-        // SAFETY: NUL-terminated strings that outlive the call.
-        let r = unsafe {
-            libc::linkat(
-                libc::AT_FDCWD,
-                from.as_ptr(),
-                libc::AT_FDCWD,
-                to.as_ptr(),
-                libc::AT_SYMLINK_FOLLOW,
-            )
+        let link = || {
+            // SAFETY: NUL-terminated strings that outlive the call.
+            let r = unsafe {
+                libc::linkat(
+                    libc::AT_FDCWD,
+                    from.as_ptr(),
+                    libc::AT_FDCWD,
+                    to.as_ptr(),
+                    libc::AT_SYMLINK_FOLLOW,
+                )
+            };
+            if r == 0 {
+                Ok(())
+            } else {
+                Err(io::Error::last_os_error())
+            }
         };
-        if r != 0 {
-            log::debug!(
-                "cache: cannot link a committed copy in: {}",
-                io::Error::last_os_error()
-            );
+        // A file of that name is a leftover of an entry of the same version (rare: versions
+        // are new at each commit), replaced.
+        let linked = link().or_else(|e| match e.raw_os_error() {
+            Some(libc::EEXIST) => std::fs::remove_file(&path).and_then(|()| link()),
+            _ => Err(e),
+        });
+        if let Err(e) = linked {
+            log::debug!("cache: cannot link a committed copy in: {e}");
             self.forget(key);
             return None;
         }
-        let file = File::options().read(true).write(true).open(&path).ok()?;
+        // The same open file: the copy is not written after its commit.
+        let file = file.try_clone().ok()?;
         let chunks = size.div_ceil(CHUNK) as usize;
         let entry = Arc::new(Entry {
             etag: etag.to_string(),
