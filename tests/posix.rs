@@ -1411,6 +1411,17 @@ fn set_ids_are_cleared_by_an_unprivileged_write_or_truncate_and_by_chown() {
         0o2745,
         "chown drops set-user-ID, keeps this set-group-ID"
     );
+    // A chown drops them from anything but a directory, a FIFO too.
+    let fifo = cstr(&m.p("fifo"));
+    // SAFETY: a NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
+    fs::set_permissions(m.p("fifo"), fs::Permissions::from_mode(0o6755)).unwrap();
+    std::os::unix::fs::chown(m.p("fifo"), Some(65534), None).unwrap();
+    assert_eq!(mode("fifo"), 0o755, "a FIFO's set-IDs go at a chown");
+    fs::create_dir(m.p("dir")).unwrap();
+    fs::set_permissions(m.p("dir"), fs::Permissions::from_mode(0o2755)).unwrap();
+    std::os::unix::fs::chown(m.p("dir"), Some(65534), None).unwrap();
+    assert_eq!(mode("dir"), 0o2755, "a directory keeps its set-group-ID");
 }
 
 /// POSIX record locks between processes, as `fcntl` promises them (the mount serves them):

@@ -132,11 +132,14 @@ impl Fs {
         Ok(())
     }
 
-    /// The mode of the regular file `ino` without its set-IDs, if that differs from its mode.
+    /// The mode of `ino` without its set-IDs, if that differs from its mode. Not for a
+    /// directory, whose set-group-ID says what group its new entries get; anything else loses
+    /// them as on a local disk (writes and truncates reach only regular files; a `chown` of a
+    /// FIFO clears them too).
     fn perm_without_set_ids(&self, ino: Ino) -> FsResult<Option<u16>> {
         let path = self.path(ino)?;
         let meta = self.store.stat(&path)?;
-        if meta.kind != Kind::File {
+        if meta.kind == Kind::Dir {
             return Ok(None);
         }
         let mut perm = meta.perm & !(libc::S_ISUID as u16);
