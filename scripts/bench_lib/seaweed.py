@@ -226,3 +226,34 @@ class SeaweedFs:
             return "\n".join("    " + line for line in lines[-n:]) or "    (no output)"
         except OSError:
             return "    (no log)"
+
+
+def main(argv: list[str]) -> int:
+    """`python3 scripts/bench_lib/seaweed.py -- COMMAND...`: runs COMMAND with a SeaweedFS of
+    its own (in a temporary directory), whose endpoint and credentials are in COMMAND's
+    environment (AWS_*, and ROOMFS_SEAWEED_BUCKET), and stops it after; COMMAND's status."""
+    import shutil
+    import sys
+    import tempfile
+
+    if len(argv) < 2 or argv[0] != "--":
+        print("usage: seaweed.py -- COMMAND [ARGS...]", file=sys.stderr)
+        return 2
+    base = tempfile.mkdtemp(prefix="roomfs-seaweed-", dir="/var/tmp")
+    sw = SeaweedFs(base, log=lambda m: print(m, file=sys.stderr))
+    try:
+        sw.start()
+        env = {**os.environ, **sw.env(), "ROOMFS_SEAWEED_BUCKET": BUCKET}
+        return subprocess.run(argv[1:], env=env).returncode
+    except RuntimeError as e:
+        print(f"seaweed.py: {e}", file=sys.stderr)
+        return 1
+    finally:
+        sw.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main(sys.argv[1:]))
