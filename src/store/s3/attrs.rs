@@ -6,7 +6,8 @@
 //!   a FIFO or a socket an empty object with `S_IFIFO`/`S_IFSOCK`), `uid`, `gid`, and `mtime`
 //!   (seconds, with nanoseconds after the point) only when times were set explicitly (`touch
 //!   -d`, `cp -p`, `tar -x`): otherwise the mtime is the object's `Last-Modified`, to the
-//!   second. These are s3fs's names, so s3fs reads them too.
+//!   second (on the host that wrote the version, that host's time of the commit: see
+//!   `S3Store::made_meta`). These are s3fs's names, so s3fs reads them too.
 //! - **The defaults** are what an entry has when nothing says otherwise: files `0644`,
 //!   directories `0755`, owned by the space's owner, files modified at their `Last-Modified`,
 //!   directories at the space's creation. Objects written by other tools get them.

@@ -26,7 +26,6 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
-use std::time::SystemTime;
 
 use super::client::{Body, ClientError, Condition, Failure, Metadata};
 use super::content::S3Content;
@@ -160,7 +159,7 @@ pub(super) fn commit(store: &S3Store, req: CommitRequest<'_>) -> StoreResult<Com
     if new {
         store.created(req.path, &base_tag);
     }
-    let meta = store.object_meta(written.size, &written.etag, SystemTime::now(), &attrs);
+    let meta = store.made_meta(req.path, written.size, &written.etag, &attrs);
     store.remember(req.path, Some(meta.clone()));
     let content: Arc<dyn Content> = Arc::new(S3Content::new(
         store.shared().clone(),

@@ -81,6 +81,8 @@ pub struct MemClient {
     next_upload: AtomicU64,
     /// Ignore `If-None-Match`/`If-Match` on writes, as some S3 servers do.
     pub ignore_conditions: std::sync::atomic::AtomicBool,
+    /// Seconds the store's clock is behind the hosts' (its `Last-Modified` stamps).
+    pub clock_behind_secs: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -103,6 +105,11 @@ fn what(op: &str, key: &str) -> String {
 impl MemClient {
     pub fn new() -> MemClient {
         MemClient::default()
+    }
+
+    /// The store's clock.
+    fn now(&self) -> SystemTime {
+        SystemTime::now() - Duration::from_secs(self.clock_behind_secs.load(Ordering::Relaxed))
     }
 
     /// Makes the next `times` requests of `op` (on keys containing `key_contains`, if given)
@@ -160,7 +167,7 @@ impl MemClient {
             data: std::sync::Arc::new(data.to_vec()),
             etag: format!("\"{}\"", hash(&[data])),
             metadata,
-            last_modified: SystemTime::now(),
+            last_modified: self.now(),
         };
         lock(&self.objects).insert(key.to_string(), object);
     }
@@ -349,7 +356,7 @@ impl ObjectClient for MemClient {
                 data: std::sync::Arc::new(data),
                 etag: etag.clone(),
                 metadata: stored_meta,
-                last_modified: SystemTime::now(),
+                last_modified: self.now(),
             },
         );
         Ok(etag)
@@ -392,7 +399,7 @@ impl ObjectClient for MemClient {
                 data: source.data.clone(),
                 etag: source.etag.clone(),
                 metadata,
-                last_modified: SystemTime::now(),
+                last_modified: self.now(),
             },
         );
         Ok(source.etag)
@@ -531,7 +538,7 @@ impl ObjectClient for MemClient {
                 data: std::sync::Arc::new(data),
                 etag: etag.clone(),
                 metadata,
-                last_modified: SystemTime::now(),
+                last_modified: self.now(),
             },
         );
         Ok(etag)

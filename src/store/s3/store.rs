@@ -72,6 +72,12 @@ pub struct S3Store {
     /// Files made by `create_held` that the open holding them has not committed yet
     /// (`Capabilities::created_at_commit`): no object yet; this process shows them.
     pending: Mutex<HashMap<PathBuf, Meta>>,
+    /// When this store made the versions it wrote (the ETag, and this host's clock then): the
+    /// time it showed for them at once, kept once what it remembered of the entry expires, so
+    /// that a file's times on this host do not move when the store is asked again (its
+    /// `Last-Modified` is stamped by the store's clock, in the middle of the request). Other
+    /// hosts see the `Last-Modified`.
+    stamped: Mutex<HashMap<PathBuf, (String, SystemTime)>>,
 }
 
 /// The version tag of a file made by `create_held` and not committed yet: never an ETag.
@@ -104,6 +110,7 @@ impl S3Store {
             indexes: Mutex::new(HashMap::new()),
             listings: Mutex::new(HashMap::new()),
             attrs_set: Mutex::new(HashMap::new()),
+            stamped: Mutex::new(HashMap::new()),
             pending: Mutex::new(HashMap::new()),
         }
     }
@@ -156,7 +163,7 @@ impl S3Store {
         {
             Ok(etag) => {
                 self.shared.learn_lineage(&etag, &metadata);
-                let meta = self.object_meta(0, &etag, SystemTime::now(), &attrs);
+                let meta = self.made_meta(path, 0, &etag, &attrs);
                 self.remember(path, Some(meta));
                 Ok(())
             }
@@ -266,6 +273,32 @@ impl S3Store {
         lock(&self.indexes).retain(|p, _| !p.starts_with(path));
         let parent = split(path).0;
         lock(&self.listings).retain(|p, _| !p.starts_with(path) && *p != parent);
+    }
+
+    /// The attributes of the version `etag` of `path` this store has just written (`size`
+    /// bytes): made now, as far as this host is concerned (see `stamped`).
+    pub(super) fn made_meta(&self, path: &Path, size: u64, etag: &str, a: &Attrs) -> Meta {
+        let now = SystemTime::now();
+        {
+            let mut stamped = lock(&self.stamped);
+            if stamped.len() > 10_000 {
+                stamped.clear();
+            }
+            stamped.insert(
+                path.to_path_buf(),
+                (etag.trim_matches('"').to_string(), now),
+            );
+        }
+        self.object_meta(size, etag, now, a)
+    }
+
+    /// When the version `etag` of `path` was modified: when this store made it, if it did
+    /// (see `stamped`), else `last_modified`, as the store reports it.
+    fn modified(&self, path: &Path, etag: &str, last_modified: SystemTime) -> SystemTime {
+        match lock(&self.stamped).get(path) {
+            Some((tag, at)) if tag == etag.trim_matches('"') => *at,
+            _ => last_modified,
+        }
     }
 
     /// The attributes of an object: its ctime is its `Last-Modified` (to the second), and so
@@ -528,7 +561,8 @@ impl S3Store {
             Ok(info) => {
                 self.shared.learn_lineage(&info.etag, &info.metadata);
                 let attrs = self.attrs_of(&info.metadata);
-                let meta = self.object_meta(info.size, &info.etag, info.last_modified, &attrs);
+                let modified = self.modified(path, &info.etag, info.last_modified);
+                let meta = self.object_meta(info.size, &info.etag, modified, &attrs);
                 self.remember(path, Some(meta.clone()));
                 return Ok(meta);
             }
@@ -626,8 +660,10 @@ impl S3Store {
                 .get(name)
                 .and_then(|e| e.attrs(Kind::File, Some(&o.etag), &self.defaults))
                 .unwrap_or_else(|| Attrs::default_object(&self.defaults));
-            let meta = self.object_meta(o.size, &o.etag, o.last_modified, &attrs);
-            self.remember(&path.join(name), Some(meta.clone()));
+            let entry = path.join(name);
+            let modified = self.modified(&entry, &o.etag, o.last_modified);
+            let meta = self.object_meta(o.size, &o.etag, modified, &attrs);
+            self.remember(&entry, Some(meta.clone()));
             out.push(DirEntry {
                 name: OsString::from(name),
                 kind: meta.kind,
@@ -740,7 +776,7 @@ impl S3Store {
             self.forget(path);
             return Err(e);
         }
-        let meta = self.object_meta(size, &etag, SystemTime::now(), attrs);
+        let meta = self.made_meta(path, size, &etag, attrs);
         self.remember(path, Some(meta.clone()));
         Ok(meta)
     }
@@ -1270,7 +1306,7 @@ impl Store for S3Store {
             !old.are_default(&self.defaults),
         )?;
         // The cached bytes are the same version's.
-        let set = self.object_meta(meta.size, &new_etag, now, &new);
+        let set = self.made_meta(path, meta.size, &new_etag, &new);
         self.remember(path, Some(set.clone()));
         if let Some(tag) = meta.version.tag() {
             let mut attrs_set = lock(&self.attrs_set);

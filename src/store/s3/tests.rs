@@ -4,6 +4,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use super::client::{Condition, Failure, Metadata, ObjectClient};
 use super::mock::{MemClient, Op};
@@ -983,4 +984,33 @@ fn a_sequential_reader_of_a_large_object_streams_it_through_memory() {
         assert!(buf[..n] == data[at as usize..at as usize + n]);
     }
     assert!(b.spaces.shared().cache.used() >= 3 * MIB);
+}
+
+#[test]
+fn a_file_keeps_the_times_its_host_gave_it_when_the_store_is_asked_again() {
+    let client = Arc::new(MemClient::new());
+    // The store stamps `Last-Modified` by its own clock, here 30 s behind the hosts'.
+    client
+        .clock_behind_secs
+        .store(30, std::sync::atomic::Ordering::Relaxed);
+    let mut config = config();
+    config.metadata_ttl_secs = 0.0; // every stat and listing asks the store
+    let (a, b) = (host_with(&client, &config), host_with(&client, &config));
+    write(a.store.as_ref(), "f", b"data").unwrap();
+    let made = a.store.stat(p("f")).unwrap();
+    let now = SystemTime::now();
+    assert!(made.mtime <= now && made.mtime + Duration::from_secs(2) > now);
+    // Asked again (HEAD, LIST): the same times on this host, whatever the store's clock says.
+    let again = a.store.stat(p("f")).unwrap();
+    assert_eq!((again.mtime, again.ctime), (made.mtime, made.ctime));
+    let listed = a.store.list(p("")).unwrap();
+    let entry = listed.iter().find(|e| e.name == "f").unwrap();
+    assert_eq!(entry.meta.as_ref().unwrap().mtime, made.mtime);
+    // Another host sees the store's time, and so does this one for the other's version.
+    let theirs = b.store.stat(p("f")).unwrap();
+    assert!(theirs.mtime + Duration::from_secs(20) < made.mtime);
+    write(b.store.as_ref(), "f", b"theirs").unwrap();
+    let (at_a, at_b) = (a.store.stat(p("f")).unwrap(), b.store.stat(p("f")).unwrap());
+    assert!(at_a.mtime + Duration::from_secs(20) < at_b.mtime);
+    assert!(at_b.mtime >= made.mtime);
 }
