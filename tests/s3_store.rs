@@ -633,9 +633,9 @@ fn bad_store_settings_are_one_clear_line_at_mount_time() {
     assert!(e.contains("refused"), "{e}");
 }
 
-/// `roomfs mount` of room `r1` with `store` under `dir`, with only `env` (and PATH) in its
-/// environment, which must fail: its one line of error.
-fn refused_mount(dir: &Path, store: &str, env: &[(&str, String)]) -> String {
+/// `roomfs mount` of room `r1` with `store` at `<dir>/mnt` (data in `<dir>/data`), with only
+/// `env` (and PATH) in its environment: the mount point and the command.
+fn mount_command(dir: &Path, store: &str, env: &[(&str, String)]) -> (PathBuf, Command) {
     let mnt = dir.join("mnt");
     fs::create_dir_all(&mnt).unwrap();
     let mut cmd = Command::new(BIN);
@@ -647,6 +647,13 @@ fn refused_mount(dir: &Path, store: &str, env: &[(&str, String)]) -> String {
         .env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap())
         .envs(env.iter().map(|(k, v)| (*k, v.as_str())));
+    (mnt, cmd)
+}
+
+/// `roomfs mount` of room `r1` with `store` under `dir`, with only `env` (and PATH) in its
+/// environment, which must fail: its one line of error.
+fn refused_mount(dir: &Path, store: &str, env: &[(&str, String)]) -> String {
+    let (mnt, mut cmd) = mount_command(dir, store, env);
     let out = output(&mut cmd);
     assert_eq!(out.status.code(), Some(1), "{store}: {out:?}");
     assert!(!common::is_mounted(&mnt));
@@ -801,22 +808,8 @@ fn credentials_come_from_a_profile_file_as_well_as_the_environment() {
 /// `roomfs mount` of room `r1` in `prefix` of the test bucket, under `dir`, with only `env`
 /// (and PATH) in its environment; unmounted and reaped when dropped, even if the test fails.
 fn mount_with_env(dir: &Path, prefix: &str, env: &[(&str, String)]) -> EnvMount {
-    let mnt = dir.join("mnt");
-    fs::create_dir_all(&mnt).unwrap();
-    let mut cmd = Command::new(BIN);
-    cmd.arg("mount")
-        .arg("--data-dir")
-        .arg(dir.join("data"))
-        .args([
-            "--room",
-            "r1",
-            "--store",
-            &format!("s3://roomfs-test/{prefix}"),
-        ])
-        .arg(&mnt)
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap())
-        .envs(env.iter().map(|(k, v)| (*k, v.as_str())));
+    let store = format!("s3://roomfs-test/{prefix}");
+    let (mnt, mut cmd) = mount_command(dir, &store, env);
     let log = Default::default();
     let child = common::start_logged(&mut cmd, " mounted ", &log);
     EnvMount(mnt, child)
