@@ -242,7 +242,13 @@ impl IndexEntry {
         }
         let mtime = match (&self.mtime, &self.etag) {
             (Some(t), _) if kind == Kind::Dir => parse_time(t),
-            (Some(t), Some(e)) if Some(e.as_str()) == etag => parse_time(t),
+            // (Compared unquoted: entries written before ETags were normalized hold a copy's
+            // ETag as SeaweedFS gives it, without quotes.)
+            (Some(t), Some(e))
+                if etag.is_some_and(|v| v.trim_matches('"') == e.trim_matches('"')) =>
+            {
+                parse_time(t)
+            }
             _ => None,
         };
         Some(Attrs {
@@ -343,6 +349,12 @@ mod tests {
         assert_eq!(e.attrs(Kind::File, Some("\"v1\""), &defaults()), Some(file));
         let newer = e.attrs(Kind::File, Some("\"v2\""), &defaults()).unwrap();
         assert_eq!((newer.perm, newer.mtime), (0o600, None));
+        // An entry holding an unquoted ETag (a copy's, before ETags were normalized).
+        let unquoted = IndexEntry::of(&file, Some("v1"));
+        assert_eq!(
+            unquoted.attrs(Kind::File, Some("\"v1\""), &defaults()),
+            Some(file)
+        );
         assert_eq!(
             e.attrs(Kind::Dir, None, &defaults()),
             None,

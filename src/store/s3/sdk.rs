@@ -444,6 +444,16 @@ fn no_credentials(why: &str) -> String {
     )
 }
 
+/// An ETag as the store answered it, in the one form the rest of the store compares: quoted,
+/// as HTTP and S3 write it. SeaweedFS, for one, quotes it in the answers to PUT, HEAD and LIST
+/// but not in a copy's result, so an unnormalized copy's ETag never matched its own listing.
+fn etag_of(etag: Option<&str>) -> String {
+    match etag.map(|e| e.trim_matches('"')) {
+        Some(e) if !e.is_empty() => format!("\"{e}\""),
+        _ => String::new(),
+    }
+}
+
 impl ObjectClient for SdkClient {
     fn head(&self, key: &str) -> ClientResult<ObjectInfo> {
         self.start("head");
@@ -459,7 +469,7 @@ impl ObjectClient for SdkClient {
         .map_err(|e| classify("head", format!("HEAD {key}"), e))?;
         Ok(ObjectInfo {
             size: r.content_length().unwrap_or(0).max(0) as u64,
-            etag: r.e_tag().unwrap_or_default().to_string(),
+            etag: etag_of(r.e_tag()),
             last_modified: time_of(r.last_modified()),
             metadata: r
                 .metadata()
@@ -501,7 +511,7 @@ impl ObjectClient for SdkClient {
             };
             let info = ObjectInfo {
                 size,
-                etag: r.e_tag().unwrap_or_default().to_string(),
+                etag: etag_of(r.e_tag()),
                 last_modified: time_of(r.last_modified()),
                 metadata: r
                     .metadata()
@@ -558,7 +568,7 @@ impl ObjectClient for SdkClient {
                 .await
                 .map_err(|e| classify("put", format!("PUT {key}"), e))
         })?;
-        Ok(r.e_tag().unwrap_or_default().to_string())
+        Ok(etag_of(r.e_tag()))
     }
 
     fn copy(
@@ -587,10 +597,7 @@ impl ObjectClient for SdkClient {
         }
         let r = block(req.customize().interceptor(attempts("copy")).send())
             .map_err(|e| classify("copy", format!("COPY {from} to {to}"), e))?;
-        Ok(r.copy_object_result()
-            .and_then(|c| c.e_tag())
-            .unwrap_or_default()
-            .to_string())
+        Ok(etag_of(r.copy_object_result().and_then(|c| c.e_tag())))
     }
 
     fn create_upload(&self, key: &str, metadata: &Metadata) -> ClientResult<String> {
@@ -634,7 +641,7 @@ impl ObjectClient for SdkClient {
                 .await
                 .map_err(|e| classify("upload_part", what(), e))
         })?;
-        Ok(r.e_tag().unwrap_or_default().to_string())
+        Ok(etag_of(r.e_tag()))
     }
 
     fn upload_part_copy(
@@ -668,10 +675,7 @@ impl ObjectClient for SdkClient {
                 e,
             )
         })?;
-        Ok(r.copy_part_result()
-            .and_then(|c| c.e_tag())
-            .unwrap_or_default()
-            .to_string())
+        Ok(etag_of(r.copy_part_result().and_then(|c| c.e_tag())))
     }
 
     fn complete_upload(
@@ -716,7 +720,7 @@ impl ObjectClient for SdkClient {
                 e,
             )
         })?;
-        Ok(r.e_tag().unwrap_or_default().to_string())
+        Ok(etag_of(r.e_tag()))
     }
 
     fn abort_upload(&self, key: &str, upload: &str) -> ClientResult<()> {
@@ -806,7 +810,7 @@ impl ObjectClient for SdkClient {
                 Some(ListedObject {
                     key: o.key()?.to_string(),
                     size: o.size().unwrap_or(0).max(0) as u64,
-                    etag: o.e_tag().unwrap_or_default().to_string(),
+                    etag: etag_of(o.e_tag()),
                     last_modified: time_of(o.last_modified()),
                 })
             })
@@ -941,6 +945,15 @@ impl ObjectClient for SdkClient {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn etags_are_compared_in_one_form() {
+        assert_eq!(etag_of(Some("\"abc\"")), "\"abc\"");
+        assert_eq!(etag_of(Some("abc")), "\"abc\"");
+        assert_eq!(etag_of(Some("\"abc-3\"")), "\"abc-3\"");
+        assert_eq!(etag_of(None), "");
+        assert_eq!(etag_of(Some("")), "");
+    }
 
     #[test]
     fn copy_sources_are_percent_encoded_but_slashes_stay() {
