@@ -1131,6 +1131,49 @@ fn rename_files_and_directories() {
 }
 
 #[test]
+fn a_renamed_file_keeps_its_mtime() {
+    let m = Mounted::room();
+    fs::write(m.p("old"), b"written a while ago").unwrap();
+    let set = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000_000);
+    fs::write(m.p("touched"), b"times set as tar -x and cp -p do").unwrap();
+    File::options()
+        .write(true)
+        .open(m.p("touched"))
+        .unwrap()
+        .set_modified(set)
+        .unwrap();
+    // Older than the S3 store's two seconds (see `saved` below).
+    std::thread::sleep(Duration::from_millis(3100));
+    let before = fs::metadata(m.p("old")).unwrap();
+    fs::write(m.p("fresh"), b"an atomic save's temporary file").unwrap();
+    let written = fs::metadata(m.p("fresh")).unwrap().modified().unwrap();
+    fs::rename(m.p("old"), m.p("moved")).unwrap();
+    fs::rename(m.p("touched"), m.p("untouched")).unwrap();
+    fs::rename(m.p("fresh"), m.p("saved")).unwrap();
+    // At once, then once the attribute TTL has passed; each time after a lookup of an absent
+    // name, which on S3 lists the directory and answers the next lookups from that listing.
+    for pass in 0..2 {
+        assert_eq!(errno(fs::metadata(m.p("absent"))), libc::ENOENT);
+        let after = fs::metadata(m.p("moved")).unwrap();
+        assert_eq!(after.modified().unwrap(), before.modified().unwrap(), "pass {pass}");
+        assert!(after.ctime() >= before.ctime(), "pass {pass}");
+        let untouched = fs::metadata(m.p("untouched")).unwrap();
+        assert_eq!(untouched.modified().unwrap(), set, "pass {pass}");
+        let saved = fs::metadata(m.p("saved")).unwrap().modified().unwrap();
+        if m.is_s3() {
+            // By design: a file modified in the last two seconds takes the rename's time, so
+            // that an atomic save costs no index write (doc/S3.md, Renames).
+            assert!(saved >= written && saved < written + Duration::from_secs(3));
+        } else {
+            assert_eq!(saved, written);
+        }
+        std::thread::sleep(Duration::from_millis(1200));
+    }
+    assert_eq!(m.committed_mtime("moved"), before.modified().unwrap());
+    assert_eq!(m.committed_mtime("untouched"), set);
+}
+
+#[test]
 fn rename_noreplace_and_exchange() {
     let m = Mounted::room();
     fs::write(m.p("a"), b"A").unwrap();

@@ -80,6 +80,15 @@ pub struct S3Store {
     stamped: Mutex<HashMap<PathBuf, (String, SystemTime)>>,
 }
 
+/// How long ago a file must have been modified for a rename to keep its mtime. The copy a
+/// rename makes is a new object whose `Last-Modified` is the rename's time; keeping the old
+/// mtime costs an index entry (a conditional GET and PUT of the directory's index, and an
+/// entry that stays). A file renamed right after it was written, as atomic saves do (write a
+/// temporary file, rename it over the target: editors, git, most tools' safe writes), takes
+/// the rename's time instead: later than its own by about this much at most (the times are
+/// whole seconds), never earlier on this host.
+const KEEP_MTIME_AFTER: Duration = Duration::from_secs(2);
+
 /// The version tag of a file made by `create_held` and not committed yet: never an ETag.
 const NEW_TAG: &str = "roomfs-new-";
 
@@ -279,17 +288,17 @@ impl S3Store {
     /// bytes): made now, as far as this host is concerned (see `stamped`).
     pub(super) fn made_meta(&self, path: &Path, size: u64, etag: &str, a: &Attrs) -> Meta {
         let now = SystemTime::now();
-        {
-            let mut stamped = lock(&self.stamped);
-            if stamped.len() > 10_000 {
-                stamped.clear();
-            }
-            stamped.insert(
-                path.to_path_buf(),
-                (etag.trim_matches('"').to_string(), now),
-            );
-        }
+        self.stamp(path, etag, now);
         self.object_meta(size, etag, now, a)
+    }
+
+    /// Remembers that this store made the version `etag` of `path` at `at` (see `stamped`).
+    fn stamp(&self, path: &Path, etag: &str, at: SystemTime) {
+        let mut stamped = lock(&self.stamped);
+        if stamped.len() > 10_000 {
+            stamped.clear();
+        }
+        stamped.insert(path.to_path_buf(), (etag.trim_matches('"').to_string(), at));
     }
 
     /// When the version `etag` of `path` was modified: when this store made it, if it did
@@ -901,25 +910,38 @@ impl S3Store {
             Condition::None
         };
         let etag = source.version.tag().map(str::to_string);
-        let new_etag =
-            match self
-                .shared
-                .client
-                .copy(&from_key, &to_key, None, etag.as_deref(), &condition)
-            {
-                Ok(e) => e,
-                Err(e) if e.is(Failure::Precondition) && mode == RenameMode::NoReplace => {
-                    // Either the target appeared, or the source changed: tell which.
-                    match self.exists(to)? {
-                        Some(_) => return Err(err(libc::EEXIST)),
-                        None => return Err(StoreError::from(e).context("rename")),
-                    }
+        // The copy keeps the source's mtime (POSIX: a rename changes the ctime only), as
+        // explicit metadata, unless the source was modified just now (see `KEEP_MTIME_AFTER`).
+        let mut attrs = self.meta_attrs(source);
+        let keep_mtime = attrs.mtime.is_none()
+            && SystemTime::now()
+                .duration_since(source.mtime)
+                .is_ok_and(|age| age >= KEEP_MTIME_AFTER);
+        if keep_mtime {
+            attrs.mtime = Some(source.mtime);
+        }
+        let metadata = keep_mtime.then(|| attrs.to_metadata());
+        let new_etag = match self.shared.client.copy(
+            &from_key,
+            &to_key,
+            metadata.as_ref(),
+            etag.as_deref(),
+            &condition,
+        ) {
+            Ok(e) => e,
+            Err(e) if e.is(Failure::Precondition) && mode == RenameMode::NoReplace => {
+                // Either the target appeared, or the source changed: tell which.
+                match self.exists(to)? {
+                    Some(_) => return Err(err(libc::EEXIST)),
+                    None => return Err(StoreError::from(e).context("rename")),
                 }
-                Err(e) => return Err(e.into()),
-            };
+            }
+            Err(e) => return Err(e.into()),
+        };
         self.forget(from);
         self.forget(to);
-        let attrs = self.meta_attrs(source);
+        // On this host the new version is as new as this host's clock says (see `stamped`).
+        self.stamp(to, &new_etag, SystemTime::now());
         let target_attrs = target.map(|t| self.meta_attrs(t));
         let had = target_attrs.is_some_and(|a| !a.are_default(&self.defaults));
         self.index_attrs(to, &attrs, Some(&new_etag), had)?;

@@ -1014,3 +1014,63 @@ fn a_file_keeps_the_times_its_host_gave_it_when_the_store_is_asked_again() {
     assert!(at_a.mtime + Duration::from_secs(20) < at_b.mtime);
     assert!(at_b.mtime >= made.mtime);
 }
+
+#[test]
+fn a_rename_keeps_the_mtime_of_a_file_not_written_just_now() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let client = Arc::new(MemClient::new());
+    let mut config = config();
+    config.metadata_ttl_secs = 0.0; // every stat and listing asks the store
+    let (a, b) = (host_with(&client, &config), host_with(&client, &config));
+    // A file the other host wrote a minute ago, by the store's clock, which is 30 s behind
+    // the hosts' from then on.
+    client.clock_behind_secs.store(60, Relaxed);
+    write(b.store.as_ref(), "old", b"data").unwrap();
+    client.clock_behind_secs.store(30, Relaxed);
+    let before = a.store.stat(p("old")).unwrap();
+    a.store
+        .rename(p("old"), p("moved"), RenameMode::Replace)
+        .unwrap();
+    // On both hosts, by HEAD and by a listing: the mtime it had; the ctime is the rename's
+    // (on the renaming host by its clock, 30 s ahead of the store's).
+    assert!(a.store.stat(p("moved")).unwrap().ctime > before.ctime + Duration::from_secs(20));
+    for host in [&a, &b] {
+        let m = host.store.stat(p("moved")).unwrap();
+        assert_eq!(m.mtime, before.mtime);
+        let listed = host.store.list(p("")).unwrap();
+        let e = listed.iter().find(|e| e.name == "moved").unwrap();
+        assert_eq!(e.meta.as_ref().unwrap().mtime, before.mtime);
+    }
+    assert_eq!(
+        client.metadata(&key("moved")).unwrap()["mtime"],
+        super::attrs::format_time(before.mtime)
+    );
+    // Written again, it has the new version's mtime (on the writing host, by its clock).
+    write(b.store.as_ref(), "moved", b"new").unwrap();
+    let m = b.store.stat(p("moved")).unwrap();
+    assert!(m.mtime > before.mtime + Duration::from_secs(20));
+    assert!(
+        !client
+            .metadata(&key("moved"))
+            .unwrap()
+            .contains_key("mtime")
+    );
+
+    // A file written just now (an atomic save's temporary file) takes the rename's time, by
+    // this host's clock, and costs no index write.
+    write(a.store.as_ref(), "tmp", b"saved").unwrap();
+    let written = a.store.stat(p("tmp")).unwrap();
+    let puts = client.count(Op::Put);
+    a.store
+        .rename(p("tmp"), p("saved"), RenameMode::Replace)
+        .unwrap();
+    assert_eq!(client.count(Op::Put), puts, "no index written");
+    let m = a.store.stat(p("saved")).unwrap();
+    assert!(m.mtime >= written.mtime && m.mtime < written.mtime + Duration::from_secs(3));
+    assert!(
+        !client
+            .metadata(&key("saved"))
+            .unwrap()
+            .contains_key("mtime")
+    );
+}
