@@ -1253,6 +1253,11 @@ fn stat_times_chmod_and_utimens() {
         .unwrap();
     assert_eq!(fs::metadata(m.p("f")).unwrap().modified().unwrap(), t);
     assert_eq!(m.committed_mtime("f"), t);
+    // Once the attribute TTL has passed, a lookup of an absent name makes the S3 store list
+    // the directory and answer the next lookups from that listing: the time is there too.
+    std::thread::sleep(Duration::from_millis(1200));
+    assert_eq!(errno(fs::metadata(m.p("absent"))), libc::ENOENT);
+    assert_eq!(fs::metadata(m.p("f")).unwrap().modified().unwrap(), t);
     // Creation modes are honoured.
     let f = OpenOptions::new()
         .write(true)
