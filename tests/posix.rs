@@ -1155,7 +1155,11 @@ fn a_renamed_file_keeps_its_mtime() {
     for pass in 0..2 {
         assert_eq!(errno(fs::metadata(m.p("absent"))), libc::ENOENT);
         let after = fs::metadata(m.p("moved")).unwrap();
-        assert_eq!(after.modified().unwrap(), before.modified().unwrap(), "pass {pass}");
+        assert_eq!(
+            after.modified().unwrap(),
+            before.modified().unwrap(),
+            "pass {pass}"
+        );
         assert!(after.ctime() >= before.ctime(), "pass {pass}");
         let untouched = fs::metadata(m.p("untouched")).unwrap();
         assert_eq!(untouched.modified().unwrap(), set, "pass {pass}");
