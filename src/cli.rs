@@ -323,7 +323,8 @@ pub struct MountArgs {
     /// Mount read-only: every change fails with EROFS.
     #[arg(long)]
     pub read_only: bool,
-    /// Threads serving filesystem requests [default: 4]. Not with --daemon (its config decides).
+    /// Threads serving filesystem requests [default: 4, 16 with an S3 store]. Not with --daemon
+    /// (its config decides).
     #[arg(long, value_name = "N")]
     pub threads: Option<usize>,
     /// Keep idle CPUs from halting for this many microseconds after each request (a zero
@@ -805,14 +806,14 @@ fn mount_spec(args: MountArgs) -> anyhow::Result<MountSpec> {
             "--poll-window-us must be at most 1000000 (one second), not {poll_window_us}"
         ));
     }
-    let threads = args.threads.unwrap_or(4);
-    if !(1..=64).contains(&threads) {
-        return Err(anyhow!("--threads must be between 1 and 64, not {threads}"));
-    }
     let store = match &args.store {
         Some(s) => StoreConfig::parse(s).map_err(|e| Invalid(format!("--store: {e}")))?,
         None => StoreConfig::Local,
     };
+    let threads = args.threads.unwrap_or_else(|| store.default_threads());
+    if !(1..=64).contains(&threads) {
+        return Err(anyhow!("--threads must be between 1 and 64, not {threads}"));
+    }
     let data_dir = args.data_dir.unwrap_or_else(default_data_dir);
     Ok(MountSpec {
         store,

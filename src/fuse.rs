@@ -60,6 +60,11 @@ impl FuseAdapter {
     /// requests meanwhile if this one `may_block`.
     fn turn(&self, op: FuseOp, may_block: bool) -> (FuseTimer, Turn<'_>) {
         let timer = FuseTimer::start(op);
+        if !crate::store::wait::hooked() {
+            // Each request thread serves this session only: hooked at its first request.
+            let gate = self.gate.clone();
+            crate::store::wait::set_hook(Box::new(move || gate.waiting()));
+        }
         if let Some(p) = &self.poller {
             p.activity();
         }

@@ -419,7 +419,7 @@ impl ActiveMount {
             .map_err(|e| undo(anyhow::Error::new(e).context("cannot start the notifier thread")))?;
         fs.set_kernel_cache(Box::new(notify));
         log::info!(
-            "mounted {} at {} (data in {}, grant: {})",
+            "mounted {} at {} (data in {}, grant: {}, {threads} threads)",
             spec.space,
             mountpoint.display(),
             resources.hub.describe(&spec.space),

@@ -226,6 +226,16 @@ impl ReaderGate {
         }
     }
 
+    /// The thread in a callback is about to wait on something slow it could not tell at
+    /// [`ReaderGate::enter`] (a request to a remote store: see `store::wait`): if no other
+    /// thread reads requests, a standby thread reads them meanwhile.
+    pub fn waiting(&self) {
+        let mut state = self.lock();
+        if state.reading == 0 {
+            Self::wake_one(&mut state);
+        }
+    }
+
     /// Sends every standby thread back to reading for good (the session is ending).
     pub fn close(&self) {
         let mut state = self.lock();
@@ -338,6 +348,31 @@ mod tests {
         }
         assert_eq!(back.load(Ordering::SeqCst), 4);
         assert_eq!(standing_by(&gate), 0);
+    }
+
+    #[test]
+    fn a_callback_about_to_wait_hands_over_the_reading_once() {
+        let gate = Arc::new(ReaderGate::new(3, Duration::ZERO));
+        let back = Arc::new(AtomicUsize::new(0));
+        let mut threads: Vec<_> = (0..2).map(|_| callback(&gate, false, &back)).collect();
+        wait_for("two threads to stand by", || standing_by(&gate) == 2);
+        // A request that seemed quick finds it must wait on the store, twice: one standby
+        // thread reads meanwhile, and only one.
+        let turn = gate.enter(false);
+        assert_eq!((reading(&gate), standing_by(&gate)), (0, 2));
+        gate.waiting();
+        assert_eq!((reading(&gate), standing_by(&gate)), (1, 1));
+        gate.waiting();
+        assert_eq!((reading(&gate), standing_by(&gate)), (1, 1));
+        wait_for("the woken thread to read", || {
+            back.load(Ordering::SeqCst) == 1
+        });
+        // (Closed first: the turn's end would otherwise stand by, as another thread reads.)
+        gate.close();
+        drop(turn);
+        for t in threads.drain(..) {
+            t.join().unwrap();
+        }
     }
 
     #[test]

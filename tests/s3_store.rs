@@ -10,7 +10,8 @@
 //!   own until its close.
 //! - Failures: the store killed in the middle of an upload, or frozen, gives `EIO` at close in
 //!   bounded time, leaves the previous version and no upload behind, and the mount works again
-//!   once the store is back; `kill -9` of roomfs during an upload leaves the previous object,
+//!   once the store is back; while one request waits on a frozen store, others that need no
+//!   answer from it (reads of cached files) are served; `kill -9` of roomfs during an upload leaves the previous object,
 //!   and the next start aborts the upload it left.
 //! - Credentials from a profile file, and from instance metadata (a fake IMDSv2 here).
 //! - An `https` endpoint whose certificate a private CA signed: refused with a clear line
@@ -555,6 +556,63 @@ fn a_frozen_store_gives_eio_in_bounded_time_and_the_mount_answers_again() {
 }
 
 #[test]
+fn a_request_waiting_on_the_store_holds_up_no_other_request() {
+    use std::os::fd::IntoRawFd;
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    let mut weed = SeaweedFs::start();
+    let prefix = unique_prefix();
+    let bucket = Bucket::on(&weed, &prefix);
+    let m = Mounted::on(
+        &["--room", "r1", "--store", &bucket.url("")],
+        |_| {},
+        Some(bucket),
+    );
+    fs::write(m.p("kept"), vec![7u8; 8192]).unwrap();
+    // Read once, it is in this host's cache: reading it again needs no request to the store.
+    // Direct reads each reach the mount (no page cache in between).
+    assert_eq!(fs::read(m.p("kept")).unwrap().len(), 8192);
+    let direct = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(m.p("kept"))
+        .unwrap();
+    let mut new = File::create(m.p("new")).unwrap();
+    new.write_all(b"data").unwrap();
+    weed.pause(); // SIGSTOP: connections are accepted, nothing answers
+    // Its close commits: a PUT that waits on the frozen store.
+    let closing = std::thread::spawn(move || {
+        // SAFETY: the descriptor is ours, and closed once.
+        let r = unsafe { libc::close(new.into_raw_fd()) };
+        (r, Instant::now())
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        // O_DIRECT wants an aligned buffer: a 4 KiB-aligned window of a larger one.
+        let mut raw = vec![0u8; 3 * 4096];
+        let at = raw.as_ptr().align_offset(4096);
+        let buf = &mut raw[at..at + 4096];
+        let reads: std::io::Result<()> = (0..5).try_for_each(|_| {
+            direct.read_exact_at(buf, 4096)?;
+            assert!(buf.iter().all(|&b| b == 7));
+            Ok(())
+        });
+        let _ = tx.send((reads, Instant::now()));
+    });
+    assert!(m.log().contains(", 16 threads)"), "S3 mounts' default");
+    let read = rx.recv_timeout(Duration::from_secs(20));
+    let still_closing = !closing.is_finished();
+    weed.resume();
+    let (closed, close_end) = closing.join().unwrap();
+    assert_eq!(closed, 0, "the close commits once the store answers");
+    let (reads, read_end) =
+        read.expect("reads of a cached file finish while another request waits on the store");
+    reads.unwrap();
+    assert!(still_closing && read_end < close_end);
+    assert_eq!(object(&weed, &format!("{prefix}/rooms/r1/new")), b"data");
+}
+
+#[test]
 fn kill_9_during_an_upload_leaves_the_previous_object_and_the_next_start_aborts_it() {
     let weed = SeaweedFs::start();
     let prefix = unique_prefix();
@@ -766,6 +824,16 @@ fn rooms_in_s3_and_sessions_on_the_local_disk() {
         b"this host only"
     );
     assert!(d.stored("sessions/s1/scratch.txt").is_none());
+    // Each mount is served by as many threads as its store wants by default.
+    let log = d.log();
+    let mounted = |what: &str| {
+        log.lines()
+            .find(|l| l.contains(&format!("mounted {what} at")))
+            .unwrap_or_else(|| panic!("no mount of {what} in the log:\n{log}"))
+            .to_string()
+    };
+    assert!(mounted("room r1").contains(", 16 threads)"), "{log}");
+    assert!(mounted("session s1").contains(", 4 threads)"), "{log}");
 }
 
 #[test]

@@ -28,8 +28,8 @@ pub struct Config {
     pub passthrough: bool,
     /// Seconds the kernel caches attributes and names.
     pub cache_ttl_secs: f64,
-    /// Threads serving each mount.
-    pub threads: usize,
+    /// Threads serving each mount (default: by its store, see `StoreConfig::default_threads`).
+    pub threads: Option<usize>,
     /// Microseconds idle CPUs are kept from halting after a request (0: off); see
     /// doc/PERFORMANCE.md, Levers.
     pub poll_window_us: u64,
@@ -93,7 +93,7 @@ impl Default for Config {
             sync_on_close: false,
             passthrough: true,
             cache_ttl_secs: 1.0,
-            threads: 4,
+            threads: None,
             poll_window_us: 1000,
             session_limits: DEFAULT_SESSION_LIMITS,
             session_ttl_secs: None,
@@ -135,10 +135,11 @@ impl Config {
                 self.poll_window_us
             )));
         }
-        if !(1..=64).contains(&self.threads) {
+        if let Some(threads) = self.threads
+            && !(1..=64).contains(&threads)
+        {
             return Err(Invalid(format!(
-                "threads must be between 1 and 64, not {}",
-                self.threads
+                "threads must be between 1 and 64, not {threads}"
             )));
         }
         self.event_retention.check()?;

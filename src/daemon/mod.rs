@@ -384,7 +384,10 @@ impl Daemon {
             sync_on_close: req.sync_on_close.unwrap_or(self.config.sync_on_close),
             passthrough: req.passthrough.unwrap_or(self.config.passthrough),
             cache_ttl: Duration::from_secs_f64(self.config.cache_ttl_secs),
-            threads: self.config.threads,
+            threads: self
+                .config
+                .threads
+                .unwrap_or_else(|| self.store_of(space.kind).default_threads()),
             poll_window: Duration::ZERO,
             grant,
             records_dir: PathBuf::new(),

@@ -17,6 +17,7 @@ pub mod local;
 pub mod mem;
 pub mod meta;
 pub mod s3;
+pub mod wait;
 
 use std::any::Any;
 use std::ffi::{OsStr, OsString};
@@ -430,6 +431,17 @@ impl StoreConfig {
         match self {
             StoreConfig::Local => "local".into(),
             StoreConfig::S3(c) => c.url(),
+        }
+    }
+
+    /// How many threads serve a mount of a space in this store, unless told: a few for the
+    /// local disk, where a request takes microseconds and one hot thread serves best (see
+    /// `reader_gate`); more for S3, where each thread waits out its request's round trip, so
+    /// that many agents' requests are in flight at once (as many as the threads).
+    pub fn default_threads(&self) -> usize {
+        match self {
+            StoreConfig::Local => 4,
+            StoreConfig::S3(_) => 16,
         }
     }
 

@@ -356,6 +356,7 @@ impl Entry {
             }
             hit = false;
             if c.loading[i] {
+                crate::store::wait::announce();
                 c = self.loaded.wait(c).unwrap_or_else(|e| e.into_inner());
                 continue;
             }

@@ -266,7 +266,11 @@ impl S3Content {
         drop(r);
         let data = match prefetched {
             Some(rx) => rx
-                .recv()
+                .try_recv()
+                .or_else(|_| {
+                    crate::store::wait::announce();
+                    rx.recv()
+                })
                 .unwrap_or_else(|_| Err(io::Error::other("the read-ahead job ended")))?,
             None => {
                 let end = (at + ahead).min(size);

@@ -434,6 +434,7 @@ impl SdkClient {
 
     fn start(&self, op: &'static str) {
         crate::metrics::backend_request(op);
+        crate::store::wait::announce();
     }
 }
 

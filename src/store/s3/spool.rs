@@ -371,6 +371,9 @@ impl SpoolCopy {
     pub fn take_early(&self) -> Option<EarlyUpload> {
         let mut p = lock(&self.parts);
         p.closed = true;
+        if !p.in_flight.is_empty() {
+            crate::store::wait::announce();
+        }
         while !p.in_flight.is_empty() {
             p = self.idle.wait(p).unwrap_or_else(|e| e.into_inner());
         }
