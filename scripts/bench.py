@@ -16,6 +16,7 @@ Usage (normally through scripts/bench, which builds first):
       roomfs on S3 against native, JuiceFS, rclone, s3fs and a raw S3 client, all on a
       SeaweedFS of the run's own: see bench_lib/s3bench.py and doc/PERFORMANCE.md.
   python3 scripts/bench.py --agents 1,4,8,16 [--agent-files N] [--disks data,loop] ...
+  python3 scripts/bench.py --store s3 --agents 1,8,16 [--s3-latency-ms MS] ...
 
 --agents runs the concurrency benchmark instead of the workloads below: N agent
 processes at once, each creating, writing (4 KiB) and reading back its own files
@@ -24,6 +25,9 @@ the same rounds; throughput as a ratio to native for each N, and the daemon's
 CPU time per operation (utime + stime of the mount process, /proc/PID/stat).
 It runs on the data dir's own disk and on a journaled ext4 loop image that it
 creates and removes (--disks picks).  See agents_main().
+With --store s3 it runs on a SeaweedFS of its own instead, on roomfs, JuiceFS and
+s3fs (no native baseline), optionally with --s3-latency-ms MS added to every request
+by a proxy, as a store across a network would: see bench_lib/s3bench.py.
 
 Hidden options (for development and comparisons):
   --target {roomfs,bindfs,fuse-overlayfs,rclone}   what the main column measures
@@ -1203,6 +1207,9 @@ def parse_args(argv):
                    help="comma-separated subset of roomfs,juicefs,rclone,s3fs,raw to measure besides "
                    "native (default: all); one that is asked for and missing or failing is "
                    "reported ABSENT and the exit status is 1")
+    g.add_argument("--s3-latency-ms", type=float, default=0, metavar="MS",
+                   help="with --agents: every request reaches SeaweedFS through a proxy that holds "
+                   "it MS milliseconds, as a store across a network would (default 0: none)")
     ap.add_argument("--peers", action="store_true", help="also measure bindfs, fuse-overlayfs and rclone if installed")
     ap.add_argument("--install-peers", action="store_true",
                     help="apt-get install -y bindfs fuse-overlayfs rclone fuse3 first (implies --peers); "
@@ -1241,6 +1248,10 @@ def parse_args(argv):
             ap.error(f"--{opt.replace('_', '-')} must be >= 1")
     if a.s3_targets is not None and a.store != "s3":
         ap.error("--s3-targets needs --store s3")
+    if a.s3_latency_ms and (a.store != "s3" or a.agents is None):
+        ap.error("--s3-latency-ms needs --store s3 and --agents")
+    if a.s3_latency_ms < 0:
+        ap.error("--s3-latency-ms must be >= 0")
     if a.install_peers:
         a.peers = True
     if a.agents is not None:
@@ -1272,6 +1283,9 @@ def main(argv=None) -> int:
     for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(s, on_signal)
 
+    if args.agents is not None and args.store == "s3":
+        from bench_lib import s3bench
+        return s3bench.agents_main(args, sys.modules[__name__])
     if args.agents is not None:
         return agents_main(args)
     if args.store == "s3":

@@ -1,7 +1,9 @@
 //! `scripts/bench --store s3` as a program: it runs end to end with tiny sizes, measures roomfs
 //! on its own SeaweedFS, reports a peer that fails to mount as ABSENT (not by dying, not by
 //! dropping it), and leaves nothing behind: no mount, no process, no scratch directory, no
-//! socket of its SeaweedFS in /tmp, also when it is interrupted. Nothing here looks at a speed.
+//! socket of its SeaweedFS in /tmp, also when it is interrupted. So does its concurrent agents
+//! run (`--agents`) through its delaying proxy (`--s3-latency-ms`), which it stops too.
+//! Nothing here looks at a speed.
 //! The peers are not needed: a peer that fails is played by /bin/false.
 
 mod common;
@@ -179,4 +181,59 @@ fn an_interrupted_s3_run_stops_its_seaweedfs_and_unmounts() {
         .collect();
     assert_eq!(ports.len(), 5, "{log}");
     assert_left_nothing(tmp.path(), &ports);
+}
+
+#[test]
+fn an_s3_agents_run_through_the_delaying_proxy_measures_roomfs_and_cleans_up() {
+    let tmp = tempfile::Builder::new()
+        .prefix("roomfs-bench-test-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/bench.py");
+    let out = Command::new("python3")
+        .arg(script)
+        .args(["--store", "s3", "--agents", "1,2", "--agent-files", "5"])
+        .args(["--rounds", "1", "--s3-latency-ms", "5"])
+        .args(["--s3-targets", "roomfs,s3fs", "--roomfs-bin", BIN])
+        .arg("--workdir")
+        .arg(tmp.path())
+        .arg("--json")
+        .arg(tmp.path().join("out.json"))
+        .env("ROOMFS_BENCH_S3FS", "/bin/false")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let ctx = format!("stdout:\n{stdout}\nstderr:\n{stderr}");
+    assert_eq!(out.status.code(), Some(1), "s3fs is ABSENT: {ctx}");
+    assert!(stdout.contains("# ABSENT s3fs: "), "{ctx}");
+    assert!(stdout.contains("5 ms added to every request"), "{ctx}");
+    let header = "| agents | roomfs files/s | roomfs × vs 1 agent | roomfs daemon µs/file |";
+    let rows: Vec<&str> = stdout
+        .lines()
+        .skip_while(|l| *l != header)
+        .skip(2)
+        .take_while(|l| l.starts_with('|'))
+        .collect();
+    assert_eq!(rows.len(), 2, "{ctx}");
+    assert!(
+        rows[0].starts_with("| 1 | ") && rows[1].starts_with("| 2 | "),
+        "{ctx}"
+    );
+    assert!(!stdout.contains("FAIL"), "{ctx}");
+
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(tmp.path().join("out.json")).unwrap()).unwrap();
+    assert_eq!(json["failures"], serde_json::json!([]), "{json}");
+    for n in ["1", "2"] {
+        let rate = &json["results"]["roomfs"][n][0]["ops_s"];
+        assert!(rate.as_f64().is_some_and(|r| r > 0.0), "{json}");
+    }
+    let proxy = json["proxy"]["pid"].as_u64().expect("the proxy's pid");
+    assert!(
+        !Path::new(&format!("/proc/{proxy}")).exists(),
+        "the latency proxy (pid {proxy}) is still running"
+    );
+    assert_left_nothing(tmp.path(), &seaweed_grpc_ports(&json));
 }

@@ -742,6 +742,72 @@ B_fmt_val = None  # bench.fmt_val, set by main()
 
 # ----------------------------------------------------------------- main ---
 
+def mount_all(B, fuse: list, tool: S3Tool, absent: dict, mounted: list) -> list:
+    """Mounts each of `fuse` and probes that it stores in SeaweedFS; returns those that do.
+    Each is added to `mounted` before its setup (so that it is torn down whatever happens);
+    one that fails is torn down again and its reason goes into `absent`."""
+    log = B.log
+    targets = []
+    for t in fuse:
+        mounted.append(t)  # registered first: torn down even if setup is interrupted
+        try:
+            for d in (t.src, t.work, t.mnt):
+                os.makedirs(d, exist_ok=True)
+            pre = getattr(t, "pre_mount", None)
+            if pre:
+                pre()
+            t.setup()
+            with B.Watchdog(t, 120, "probe"):
+                probe(t, tool)
+            targets.append(t)
+        except B.Interrupted:
+            raise
+        except Exception as e:  # noqa: BLE001
+            msg = str(e) if isinstance(e, (Absent, RuntimeError)) else f"{type(e).__name__}: {e}"
+            if t.ready:
+                msg = f"mounted, but {msg}"
+            absent[t.name] = msg
+            t.setup_error = msg
+            log(f"[{t.name}] ABSENT: {msg}")
+            if t.ready:
+                tail = t.log_tail()
+                log(f"[{t.name}] daemon output (tail):\n{tail}")
+            t.teardown()
+    return targets
+
+
+def tear_down(B, args, mounted: list, tool: S3Tool, sw: SeaweedFs, workdir: str,
+              proxy: subprocess.Popen | None = None) -> int:
+    """Unmounts what was mounted, stops the servers, removes the scratch dir (unless --keep or
+    a mount is left behind: then 3, else 0)."""
+    log = B.log
+    B.ignore_signals()
+    for tg in reversed(mounted):
+        if tg.ready and tg.proc is not None and tg.proc.poll() is not None:
+            log(f"[{tg.name}] daemon died during the run; output (tail):\n{tg.log_tail()}")
+        try:
+            tg.teardown()
+        except Exception as e:  # noqa: BLE001
+            log(f"[{tg.name}] teardown error: {e}")
+    tool.stop()
+    if proxy is not None:
+        proxy.kill()
+        proxy.wait()
+    try:
+        sw.stop()
+    except Exception as e:  # noqa: BLE001
+        log(f"[seaweedfs] stop error: {e}")
+    left = B.mounts_under(workdir)
+    if left:
+        log(f"ERROR: mounts left behind: {left}; not removing {workdir}")
+        return 3
+    if args.keep:
+        log(f"kept scratch dir {workdir}")
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
 def main(args, B) -> int:
     global B_fmt_val
     B_fmt_val = B.fmt_val
@@ -790,31 +856,7 @@ def main(args, B) -> int:
         versions.update(v)
         for n, why in absent.items():
             log(f"[{n}] ABSENT: {why}")
-        for t in fuse:
-            mounted.append(t)  # registered first: torn down even if setup is interrupted
-            try:
-                for d in (t.src, t.work, t.mnt):
-                    os.makedirs(d, exist_ok=True)
-                pre = getattr(t, "pre_mount", None)
-                if pre:
-                    pre()
-                t.setup()
-                with B.Watchdog(t, 120, "probe"):
-                    probe(t, tool)
-                targets.append(t)
-            except B.Interrupted:
-                raise
-            except Exception as e:  # noqa: BLE001
-                msg = str(e) if isinstance(e, (Absent, RuntimeError)) else f"{type(e).__name__}: {e}"
-                if t.ready:
-                    msg = f"mounted, but {msg}"
-                absent[t.name] = msg
-                t.setup_error = msg
-                log(f"[{t.name}] ABSENT: {msg}")
-                if t.ready:
-                    tail = t.log_tail()
-                    log(f"[{t.name}] daemon output (tail):\n{tail}")
-                t.teardown()
+        targets = mount_all(B, fuse, tool, absent, mounted)
         raw_on = "raw" in wanted
         all_t = [native, *targets]
         names = [t.name for t in all_t]
@@ -881,27 +923,7 @@ def main(args, B) -> int:
     except (B.Interrupted, Exception) as e:  # noqa: BLE001
         interrupted = B.stopped_by(e)
     finally:
-        B.ignore_signals()
-        for tg in reversed(mounted):
-            if tg.ready and tg.proc is not None and tg.proc.poll() is not None:
-                log(f"[{tg.name}] daemon died during the run; output (tail):\n{tg.log_tail()}")
-            try:
-                tg.teardown()
-            except Exception as e:  # noqa: BLE001
-                log(f"[{tg.name}] teardown error: {e}")
-        tool.stop()
-        try:
-            sw.stop()
-        except Exception as e:  # noqa: BLE001
-            log(f"[seaweedfs] stop error: {e}")
-        left = B.mounts_under(workdir)
-        if left:
-            log(f"ERROR: mounts left behind: {left}; not removing {workdir}")
-            rc = 3
-        elif args.keep:
-            log(f"kept scratch dir {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+        rc = tear_down(B, args, mounted, tool, sw, workdir)
     if interrupted is not None:
         return rc or (130 if "SIG" in interrupted else 2)
 
@@ -960,3 +982,184 @@ def main(args, B) -> int:
     if fails or absent:
         rc = rc or 1
     return rc
+
+
+# --------------------------------------------------------------- agents ---
+#
+# `scripts/bench --store s3 --agents 1,8,16 [--s3-latency-ms MS]`: bench.py's concurrency
+# benchmark (N agent processes at once, each creating, writing and reading back its own 4 KiB
+# files) on roomfs and the S3 peers that upload before close() returns (JuiceFS, s3fs), on one
+# SeaweedFS, interleaved by round. With --s3-latency-ms every request reaches SeaweedFS
+# through a proxy that holds it that long (latency.py), as a store across a network would:
+# throughput then grows with the agents only as far as a mount keeps several requests in
+# flight. There is no native baseline (a local disk has no round trips to overlap).
+
+AGENT_TARGETS = ["roomfs", "juicefs", "s3fs"]
+
+
+class Delayed:
+    """SeaweedFS as the targets reach it through the delaying proxy at `endpoint`."""
+
+    def __init__(self, sw: SeaweedFs, endpoint: str):
+        self.sw = sw
+        self.endpoint = endpoint
+
+    def env(self) -> dict:
+        return {**self.sw.env(), "AWS_ENDPOINT_URL": self.endpoint}
+
+
+def start_proxy(sw: SeaweedFs, delay_ms: float, log) -> tuple[subprocess.Popen, str]:
+    """The delaying proxy in front of `sw`'s S3 port: (its process, its endpoint)."""
+    import socket
+    port = seaweed.free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "bench_lib.latency", str(port),
+                             str(sw.ports["s3"]), str(delay_ms)],
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                            stdin=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError(f"the latency proxy did not start (status {proc.poll()})")
+            time.sleep(0.05)
+    log(f"requests go through a proxy adding {delay_ms:g} ms (127.0.0.1:{port})")
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def agents_main(args, B) -> int:
+    log = B.log
+    started = time.monotonic()
+    wanted = (AGENT_TARGETS if args.s3_targets is None
+              else [x.strip() for x in args.s3_targets.split(",") if x.strip()])
+    unknown = [w for w in wanted if w not in AGENT_TARGETS]
+    if unknown or not wanted:
+        log(f"error: --s3-targets with --agents: unknown {unknown} (known: {','.join(AGENT_TARGETS)};"
+            f" rclone returns from close() before it uploads)")
+        return 2
+    parent = args.workdir or "/var/tmp"
+    os.makedirs(parent, exist_ok=True)
+    workdir = os.path.realpath(tempfile.mkdtemp(prefix="roomfs-bench-s3-agents-", dir=parent))
+    log(f"scratch dir: {workdir}")
+    sw = SeaweedFs(os.path.join(workdir, "seaweedfs"), log=log)
+    tool = S3Tool(sw)
+    proxy = None
+    view = sw
+    absent: dict[str, str] = {}
+    versions: dict[str, str] = {}
+    mounted: list = []
+    targets: list = []
+    results: dict = {}
+    loads: list[float] = []
+    load_start = os.getloadavg()
+    interrupted = None
+    rc = 0
+    try:
+        why = tool.available()
+        if why:
+            raise RuntimeError(why)
+        os.makedirs(sw.base)
+        sw.start()
+        tool.start(os.path.join(workdir, "s3client.err"))
+        versions["seaweedfs"] = tool_version([sw.weed, "version"])
+        if args.s3_latency_ms:
+            proxy, endpoint = start_proxy(sw, args.s3_latency_ms, log)
+            view = Delayed(sw, endpoint)
+        fuse, absent, v = make_targets(B, args, view, tool, workdir, wanted)
+        versions.update(v)
+        targets = mount_all(B, fuse, tool, absent, mounted)
+        results = {t.name: {n: [] for n in args.agents} for t in targets}
+        for rnd in range(args.rounds):
+            log(f"round {rnd + 1}/{args.rounds}")
+            for n in args.agents:
+                for t in B.rotated(targets, rnd):
+                    loads.append(os.getloadavg()[0])
+                    res = B.run_agents(t, os.path.join(t.root, f"r{rnd}-a{n}"), n, args.agent_files,
+                                       rnd * 1000 + n, args.timeout, False, False)
+                    results[t.name][n].append(res)
+                    log(f"  agents {n:3d} {t.name:8s} " + (
+                        f"FAIL: {res['error']}" if "error" in res else
+                        f"{res['ops_s']:.0f} files/s" + (f", daemon {res['cpu_us']:.0f} us/file"
+                                                         if "cpu_us" in res else "")))
+            if not sw.running():
+                raise RuntimeError(f"SeaweedFS exited during the run; its log:\n{sw.log_tail()}")
+    except (B.Interrupted, Exception) as e:  # noqa: BLE001
+        interrupted = B.stopped_by(e)
+    finally:
+        rc = tear_down(B, args, mounted, tool, sw, workdir, proxy)
+    if interrupted is not None:
+        return rc or (130 if "SIG" in interrupted else 2)
+
+    names = [t.name for t in targets]
+    peers = [n for n in names if n != "roomfs"]
+    fails = [f"FAIL agents={n} [{t}] round {i + 1}: {r['error']}"
+             for t in names for n in args.agents for i, r in enumerate(results[t][n]) if "error" in r]
+
+    def ok(t, n, key="ops_s"):
+        return [r.get(key) for r in results[t][n] if "error" not in r and r.get(key) is not None]
+
+    def cell(vals, f="{:.0f}"):
+        return f.format(statistics.median(vals)) if vals else "FAIL"
+
+    def per_round(n, f):
+        """Medians over rounds of f(round's results of every target), rounds all succeeded."""
+        vals = []
+        for i in range(args.rounds):
+            rs = {t: results[t][n][i] for t in names}
+            if all("error" not in r for r in rs.values()):
+                v = f(rs)
+                if v is not None:
+                    vals.append(v)
+        return vals
+
+    head = ["agents"] + [f"{LABEL[t]} files/s" for t in names]
+    if "roomfs" in names:
+        head += ["roomfs × vs 1 agent", "roomfs daemon µs/file"]
+        if peers:
+            head.append("roomfs ÷ best peer")
+    rows = []
+    first = args.agents[0]
+    for n in args.agents:
+        row = [str(n)] + [cell(ok(t, n)) for t in names]
+        if "roomfs" in names:
+            scale = [r["ops_s"] / r1["ops_s"] for r, r1 in zip(results["roomfs"][n], results["roomfs"][first])
+                     if "error" not in r and "error" not in r1]
+            row += [cell(scale, "{:.2f}"), cell(ok("roomfs", n, "cpu_us"))]
+            if peers:
+                row.append(cell(per_round(n, lambda rs: rs["roomfs"]["ops_s"]
+                                          / max(rs[p]["ops_s"] for p in peers)), "{:.2f}"))
+        rows.append(row)
+    now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    load_end = os.getloadavg()
+    lat = (f"{args.s3_latency_ms:g} ms added to every request (bench_lib/latency.py)"
+           if args.s3_latency_ms else "no added latency")
+    print(f"# {now} | kernel {os.uname().release} | {os.cpu_count()} CPUs | commit {B.git_commit()}"
+          f" | {args.rounds} rounds, {args.agent_files} files of 4 KiB per agent, {lat}"
+          f" | {time.monotonic() - started:.0f} s")
+    print("# " + "; ".join(f"{k} {v}" for k, v in versions.items()))
+    print(f"# load average (1 min) while running: {min(loads, default=0):.1f}..{max(loads, default=0):.1f};"
+          f" (1/5/15 min) at start {' '.join(f'{x:.1f}' for x in load_start)},"
+          f" at end {' '.join(f'{x:.1f}' for x in load_end)}")
+    print(f"# a file: create + write + close, then open + read + close; medians of the rounds;"
+          f" x vs 1 agent: against {first} agent(s) in the same round")
+    for n, why in absent.items():
+        print(f"# ABSENT {LABEL[n]}: {why}")
+    print("\n".join(table(head, rows)))
+    for f in fails:
+        print(f)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"date": now, "commit": B.git_commit(), "store": "s3", "cpus": os.cpu_count(),
+                       "rounds": args.rounds, "agents": args.agents, "files": args.agent_files,
+                       "latency_ms": args.s3_latency_ms, "versions": versions, "absent": absent,
+                       "seaweedfs": {"endpoint": sw.endpoint if sw.ports else None, "ports": sw.ports},
+                       "proxy": ({"pid": proxy.pid, "endpoint": view.endpoint}
+                                 if proxy is not None else None),
+                       "results": {t: {str(n): [{k: (str(v) if k == "error" else v) for k, v in r.items()}
+                                               for r in rs] for n, rs in per.items()}
+                                   for t, per in results.items()},
+                       "failures": fails}, f, indent=2)
+    return rc or (1 if fails or absent else 0)
