@@ -19,7 +19,7 @@ pub mod staging;
 use std::ffi::{CString, OsStr, OsString};
 use std::fs::{self, File};
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -463,6 +463,13 @@ impl Store for LocalStore {
         let mode = libc::mode_t::from(perm);
         // SAFETY: a valid descriptor and a NUL-terminated path.
         check(unsafe { libc::mkdirat(at.dir(), at.name().as_ptr(), mode) })?;
+        if path.parent().is_some_and(|p| p.as_os_str().is_empty()) {
+            // A directory at the top of the space (an agent's, a project's): the directories
+            // made in it spread over the disk too (see `at::spread_subdirs`).
+            if let Ok(dir) = at.open(libc::O_RDONLY | libc::O_DIRECTORY, 0) {
+                at::spread_subdirs(dir.as_fd());
+            }
+        }
         Self::settle_new(&at, perm, owner)?;
         Ok(meta_of(&at.stat()?))
     }
