@@ -776,6 +776,17 @@ def mount_all(B, fuse: list, tool: S3Tool, absent: dict, mounted: list) -> list:
     return targets
 
 
+def start_store(sw: SeaweedFs, tool: S3Tool, workdir: str) -> str:
+    """Starts the run's SeaweedFS and the boto3 helper that checks it; returns its version."""
+    why = tool.available()
+    if why:
+        raise RuntimeError(why)
+    os.makedirs(sw.base)
+    sw.start()
+    tool.start(os.path.join(workdir, "s3client.err"))
+    return tool_version([sw.weed, "version"])
+
+
 def tear_down(B, args, mounted: list, tool: S3Tool, sw: SeaweedFs, workdir: str,
               proxy: subprocess.Popen | None = None) -> int:
     """Unmounts what was mounted, stops the servers, removes the scratch dir (unless --keep or
@@ -843,13 +854,7 @@ def main(args, B) -> int:
     interrupted = None
     rc = 0
     try:
-        why = tool.available()
-        if why:
-            raise RuntimeError(why)
-        os.makedirs(sw.base)
-        sw.start()
-        tool.start(os.path.join(workdir, "s3client.err"))
-        versions["seaweedfs"] = tool_version([sw.weed, "version"])
+        versions["seaweedfs"] = start_store(sw, tool, workdir)
         native = B.NativeTarget("native", os.path.join(workdir, "native"))
         native.setup()
         fuse, absent, v = make_targets(B, args, sw, tool, workdir, wanted)
@@ -1058,13 +1063,7 @@ def agents_main(args, B) -> int:
     interrupted = None
     rc = 0
     try:
-        why = tool.available()
-        if why:
-            raise RuntimeError(why)
-        os.makedirs(sw.base)
-        sw.start()
-        tool.start(os.path.join(workdir, "s3client.err"))
-        versions["seaweedfs"] = tool_version([sw.weed, "version"])
+        versions["seaweedfs"] = start_store(sw, tool, workdir)
         if args.s3_latency_ms:
             proxy, endpoint = start_proxy(sw, args.s3_latency_ms, log)
             view = Delayed(sw, endpoint)
