@@ -15,7 +15,8 @@ Usage (normally through scripts/bench, which builds first):
   python3 scripts/bench.py --store s3 [--s3-targets LIST] [same options]
       roomfs on S3 against native, JuiceFS, rclone, s3fs and a raw S3 client, all on a
       SeaweedFS of the run's own: see bench_lib/s3bench.py and doc/PERFORMANCE.md.
-  python3 scripts/bench.py --agents 1,4,8,16 [--agent-files N] [--disks data,loop] ...
+  python3 scripts/bench.py --agents 1,4,8,16 [--agent-files N] [--disks data,loop]
+                           [--agents-delete] ...
   python3 scripts/bench.py --store s3 --agents 1,8,16 [--s3-latency-ms MS] ...
 
 --agents runs the concurrency benchmark instead of the workloads below: N agent
@@ -1030,7 +1031,8 @@ def agents_on(disk_root: str, args, label: str) -> tuple[dict, list[str], str]:
                     res = run_agents(tg, os.path.join(tg.root, f"r{rnd}-a{n}"), n,
                                      args.agent_files, rnd * 1000 + n, args.timeout,
                                      check_backing=tg.name != "native",
-                                     keep_files="without journal" in desc)
+                                     keep_files="without journal" in desc
+                                     and not args.agents_delete)
                     res["load"] = load
                     results[tg.name][n].append(res)
                     if "error" in res:
@@ -1163,6 +1165,7 @@ def agents_main(args) -> int:
     now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
     print(f"# {now} | kernel {os.uname().release} | {os.cpu_count()} CPUs | commit {git_commit()}"
           f" | {args.rounds} rounds, {args.agent_files} files of 4 KiB per agent"
+          f"{', deleted after each run' if args.agents_delete else ''}"
           f" | {time.monotonic() - started:.0f} s\n"
           f"# load average (1/5/15 min) before {load0[0]:.2f}/{load0[1]:.2f}/{load0[2]:.2f},"
           f" after {load1[0]:.2f}/{load1[1]:.2f}/{load1[2]:.2f}\n"
@@ -1231,6 +1234,10 @@ def parse_args(argv):
                     "creating, writing and reading back its own 4 KiB files (e.g. 1,4,8,16)")
     ap.add_argument("--agent-files", type=int, default=2000, metavar="N",
                     help="files per agent in --agents (default 2000)")
+    ap.add_argument("--agents-delete", action="store_true",
+                    help="in --agents, delete each run's files right after it (untimed), as agents "
+                    "that clean up do: on ext4 without a journal the next runs' creates then meet "
+                    "the inodes just freed (see doc/PERFORMANCE.md, Levers)")
     ap.add_argument("--disks", default="data,loop",
                     help="where --agents runs: 'data' (the workdir's disk), 'loop' (a journaled "
                     "ext4 image created and removed by the script), or both (default data,loop)")
@@ -1266,6 +1273,8 @@ def parse_args(argv):
             ap.error("--disks takes data, loop or data,loop")
         if a.agent_files < 1:
             ap.error("--agent-files must be >= 1")
+    if a.agents_delete and a.agents is None:
+        ap.error("--agents-delete needs --agents")
     if a.baseline_bin and not os.access(a.baseline_bin, os.X_OK):
         ap.error(f"--baseline-bin {a.baseline_bin}: not an executable")
     a.baseline = a.baseline_bin is not None or a.baseline_args is not None
