@@ -11,7 +11,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::daemon::Daemon;
-use common::{BIN, cstr, errno, is_mounted, python, second_read_after_a_change_on_disk};
+use common::{
+    BIN, cached_second_read, cstr, errno, is_mounted, python, second_read_after_a_change_on_disk,
+};
 use serde_json::{Value, json};
 
 fn fixture(collection: &str, id: &str) -> Value {
@@ -578,8 +580,7 @@ fn passthrough_follows_the_config_and_each_mount_request() {
     let mnt = configured_off.dir("mnt");
     configured_off.mount(&["--room", "r1"], &mnt);
     assert_eq!(
-        second_read_after_a_change_on_disk(&mnt.join("big"), || configured_off
-            .committed_file("r1")),
+        cached_second_read(&mnt.join("big"), || configured_off.committed_file("r1")),
         b"aaaa",
         "the config turned passthrough off"
     );
@@ -600,7 +601,7 @@ fn passthrough_follows_the_config_and_each_mount_request() {
     let off = d.dir("off");
     d.mount(&["--room", "r2", "--no-passthrough"], &off);
     assert_eq!(
-        second_read_after_a_change_on_disk(&off.join("big"), || d.committed_file("r2")),
+        cached_second_read(&off.join("big"), || d.committed_file("r2")),
         b"aaaa",
         "the mount request turned it off"
     );

@@ -10,7 +10,9 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, SystemTime};
 
-use common::{Mounted, cstr, errno, output, python, second_read_after_a_change_on_disk};
+use common::{
+    Mounted, cached_second_read, cstr, errno, output, python, second_read_after_a_change_on_disk,
+};
 
 #[test]
 fn create_write_read_and_list() {
@@ -1859,7 +1861,7 @@ fn large_files_are_read_by_the_kernel_from_the_committed_file() {
     );
     let off = Mounted::with_args(&["--room", "r1", "--no-passthrough"]);
     assert_eq!(
-        second_read_after_a_change_on_disk(&off.p("big"), || committed(&off)),
+        cached_second_read(&off.p("big"), || committed(&off)),
         b"aaaa"
     );
 
