@@ -1009,15 +1009,18 @@ for p in paths:
     // Read until the kernel serves it from its cache (a read fetches nothing from the mount):
     // a reader whose OPEN reaches the daemon before the writer's RELEASE reads directly and
     // caches nothing (see above).
-    for attempt in 0.. {
-        let before = read_bytes();
-        assert_eq!(fs::read(&log).unwrap(), head);
-        if read_bytes() == before {
-            break;
+    let cache = |want: &[u8]| {
+        for attempt in 0.. {
+            let before = read_bytes();
+            assert_eq!(fs::read(&log).unwrap(), want);
+            if read_bytes() == before {
+                break;
+            }
+            assert!(attempt < 5, "the log never got into the kernel's cache");
+            std::thread::sleep(Duration::from_millis(50));
         }
-        assert!(attempt < 5, "the log never got into the kernel's cache");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    };
+    cache(&head);
     const A: usize = 100;
     let (requests, expiries) = requests_of(
         &d,
@@ -1050,16 +1053,40 @@ for i in range({A}):
         "{total} for {A} appends: {requests:?}"
     );
     // The kernel kept the pages the appends did not write into: reading the log back fetches
-    // its last page and what was appended, not the 64 KiB before.
-    let before = read_bytes();
-    let text = fs::read(&log).unwrap();
-    let fetched = read_bytes() - before;
+    // its last page and what was appended, not the 64 KiB before. On a loaded machine the
+    // read-back (or the head's caching) can still meet the RELEASE race above once in a while
+    // and read everything: then the log is cached again and a few more appends are measured
+    // (a mount that drops the cached pages does it both times).
     let lines: String = (0..A).map(|i| format!("line {i}\n")).collect();
-    assert_eq!(text, [head, lines.clone().into_bytes()].concat());
-    assert!(
-        fetched <= (4096 + lines.len()) as f64,
-        "{fetched} bytes read to read the log back"
-    );
+    let mut want = [head, lines.clone().into_bytes()].concat();
+    let mut appended = lines.len();
+    let mut fetched_each = Vec::new();
+    for attempt in 0..2 {
+        if attempt == 1 {
+            cache(&want);
+            let more: String = (0..10).map(|i| format!("more {i}\n")).collect();
+            python(
+                &mnt,
+                r#"
+import os
+p = os.path.join(os.environ["MNT"], "agent", "log")
+for i in range(10):
+    with open(p, "a") as f:
+        f.write(f"more {i}\n")
+"#,
+            );
+            want.extend_from_slice(more.as_bytes());
+            appended = more.len();
+        }
+        let before = read_bytes();
+        assert_eq!(fs::read(&log).unwrap(), want);
+        let fetched = read_bytes() - before;
+        fetched_each.push(fetched);
+        if fetched <= (4096 + appended) as f64 {
+            return;
+        }
+    }
+    panic!("{fetched_each:?} bytes read to read the log back, twice");
 }
 
 #[test]
