@@ -1133,7 +1133,7 @@ fn rename_files_and_directories() {
 }
 
 #[test]
-fn a_renamed_file_keeps_its_mtime() {
+fn renamed_files_and_directories_keep_their_files_mtimes() {
     let m = Mounted::room();
     fs::write(m.p("old"), b"written a while ago").unwrap();
     let set = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000_000);
@@ -1144,18 +1144,29 @@ fn a_renamed_file_keeps_its_mtime() {
         .unwrap()
         .set_modified(set)
         .unwrap();
+    // A tree (on S3 every object is copied: see doc/S3.md, Renames).
+    fs::create_dir_all(m.p("tree/sub")).unwrap();
+    fs::write(m.p("tree/a"), b"a").unwrap();
+    fs::write(m.p("tree/sub/b"), b"b").unwrap();
+    fs::set_permissions(m.p("tree/sub/b"), fs::Permissions::from_mode(0o600)).unwrap();
     // Older than the S3 store's two seconds (see `saved` below).
     std::thread::sleep(Duration::from_millis(3100));
     let before = fs::metadata(m.p("old")).unwrap();
+    let in_tree = ["a", "sub/b"].map(|n| fs::metadata(m.p(&format!("tree/{n}"))).unwrap());
     fs::write(m.p("fresh"), b"an atomic save's temporary file").unwrap();
     let written = fs::metadata(m.p("fresh")).unwrap().modified().unwrap();
     fs::rename(m.p("old"), m.p("moved")).unwrap();
     fs::rename(m.p("touched"), m.p("untouched")).unwrap();
     fs::rename(m.p("fresh"), m.p("saved")).unwrap();
+    fs::rename(m.p("tree"), m.p("moved-tree")).unwrap();
     // At once, then once the attribute TTL has passed; each time after a lookup of an absent
     // name, which on S3 lists the directory and answers the next lookups from that listing.
     for pass in 0..2 {
         assert_eq!(errno(fs::metadata(m.p("absent"))), libc::ENOENT);
+        assert_eq!(
+            errno(fs::metadata(m.p("moved-tree/sub/absent"))),
+            libc::ENOENT
+        );
         let after = fs::metadata(m.p("moved")).unwrap();
         assert_eq!(
             after.modified().unwrap(),
@@ -1173,10 +1184,23 @@ fn a_renamed_file_keeps_its_mtime() {
         } else {
             assert_eq!(saved, written);
         }
+        for (n, was) in ["a", "sub/b"].iter().zip(&in_tree) {
+            let now = fs::metadata(m.p(&format!("moved-tree/{n}"))).unwrap();
+            assert_eq!(
+                now.modified().unwrap(),
+                was.modified().unwrap(),
+                "{n}, pass {pass}"
+            );
+            assert_eq!(now.mode(), was.mode(), "{n}, pass {pass}");
+        }
         std::thread::sleep(Duration::from_millis(1200));
     }
     assert_eq!(m.committed_mtime("moved"), before.modified().unwrap());
     assert_eq!(m.committed_mtime("untouched"), set);
+    assert_eq!(
+        m.committed_mtime("moved-tree/sub/b"),
+        in_tree[1].modified().unwrap()
+    );
 }
 
 #[test]

@@ -845,7 +845,7 @@ impl S3Store {
             .map_err(|e| StoreError::failed(libc::EIO, "journal of a directory rename", e))?;
         self.forget_tree(from);
         self.forget_tree(to);
-        move_tree(&self.shared, &from_prefix, &to_prefix)?;
+        self.move_tree(&from_prefix, &to_prefix)?;
         // The directory's own entry: its attributes move with its name.
         let (from_dir, from_name) = split(from);
         let (to_dir, to_name) = split(to);
@@ -961,61 +961,216 @@ fn backoff(attempt: u32) {
     std::thread::sleep(Duration::from_millis(base + jitter));
 }
 
-/// Copies every object under `from` to the same name under `to` and deletes it, a batch of
-/// keys at a time, until none is left: what a directory rename does, and what the next start
-/// does to finish one a crash interrupted (copying again what was copied is harmless).
-pub(super) fn move_tree(shared: &Shared, from: &str, to: &str) -> StoreResult<()> {
-    // The directories below `from`, to delete once empty (SeaweedFS keeps an emptied directory
-    // listed until its own key is deleted).
-    let mut dirs = std::collections::BTreeSet::new();
-    loop {
-        let page = shared.client.list(from, false, None, None)?;
-        if page.objects.is_empty() {
-            break;
-        }
-        let mut done = Vec::with_capacity(page.objects.len());
-        for o in &page.objects {
-            let rest = &o.key[from.len()..];
-            let mut at = 0;
-            while let Some(i) = rest[at..].find('/') {
-                dirs.insert(rest[..at + i + 1].to_string());
-                at += i + 1;
+/// What the copy of one object of a renamed directory did, for its new directory's index.
+struct Moved {
+    name: String,
+    /// The copy's ETag.
+    etag: String,
+    /// The mtime the copy carries in its metadata, if any (kept or set explicitly).
+    mtime: Option<SystemTime>,
+}
+
+/// The directory prefix and name of `key` (a key below some prefix: it has a `/`).
+fn split_key(key: &str) -> (&str, &str) {
+    match key.rfind('/') {
+        Some(i) => (&key[..=i], &key[i + 1..]),
+        None => ("", key),
+    }
+}
+
+/// Copies the object `from` to `to` for a directory rename, keeping its mtime: one set
+/// explicitly is in its metadata already; otherwise, unless it was modified in the last
+/// `KEEP_MTIME_AFTER`, its `Last-Modified` (or `stamp`, the time this host showed for the
+/// version with that ETag) is written into the copy's metadata, the rest of which is kept.
+/// `None` if the object is gone.
+fn copy_keeping_mtime(
+    shared: &Shared,
+    from: &str,
+    to: &str,
+    stamp: Option<(String, SystemTime)>,
+) -> Result<Option<(String, Option<SystemTime>)>, super::client::ClientError> {
+    let info = match shared.client.head(from) {
+        Ok(info) => info,
+        Err(e) if e.is(Failure::NotFound) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let explicit = info
+        .metadata
+        .get("mtime")
+        .and_then(|t| super::attrs::parse_time(t));
+    let modified = match stamp {
+        Some((etag, at)) if etag == info.etag.trim_matches('"') => to_second(at),
+        _ => to_second(info.last_modified),
+    };
+    let kept = explicit.is_none()
+        && SystemTime::now()
+            .duration_since(modified)
+            .is_ok_and(|age| age >= KEEP_MTIME_AFTER);
+    let metadata = kept.then(|| {
+        let mut m = info.metadata.clone();
+        m.insert("mtime".into(), super::attrs::format_time(modified));
+        m
+    });
+    match shared.client.copy(
+        from,
+        to,
+        metadata.as_ref(),
+        Some(&info.etag),
+        &Condition::None,
+    ) {
+        Ok(etag) => Ok(Some((etag, if kept { Some(modified) } else { explicit }))),
+        Err(e) if e.is(Failure::NotFound) => Ok(None),
+        // Written again since the HEAD: the new version moves as it is, with its own time.
+        Err(e) if e.is(Failure::Precondition) => {
+            match shared.client.copy(from, to, None, None, &Condition::None) {
+                Ok(etag) => Ok(Some((etag, None))),
+                Err(e) if e.is(Failure::NotFound) => Ok(None),
+                Err(e) => Err(e),
             }
-            let dest = format!("{to}{rest}");
-            if o.key.ends_with('/') {
-                // A directory marker: made again (SeaweedFS copies no directories).
-                shared
-                    .client
-                    .put(&dest, Body::empty(), &Metadata::new(), &Condition::None)?;
-            } else {
-                match shared
-                    .client
-                    .copy(&o.key, &dest, None, None, &Condition::None)
-                {
-                    Ok(_) => {}
-                    // Removed meanwhile: nothing to move.
-                    Err(e) if e.is(Failure::NotFound) => {}
-                    Err(e) => return Err(e.into()),
+        }
+        Err(e) => Err(e),
+    }
+}
+
+impl S3Store {
+    /// Moves every object under `from` to the same name under `to`, a page of keys at a
+    /// time, until none is left: what a directory rename does, and what the next start does
+    /// to finish one a crash interrupted (copying again what was copied is harmless).
+    ///
+    /// Files keep their mtimes, as a rename must (see `copy_keeping_mtime`), in their metadata
+    /// and in their new directory's index; the copies of a page run in parallel. The indexes
+    /// are not copied but merged into the new directories' (read once per directory, before
+    /// its keys are deleted), and every index is brought up to date before the page's keys
+    /// are deleted: a crash leaves each moved file with its index entry, and what is left
+    /// under `from` with the index it had.
+    pub(super) fn move_tree(&self, from: &str, to: &str) -> StoreResult<()> {
+        let shared = &self.shared;
+        // The directories below `from`, to delete once empty (SeaweedFS keeps an emptied
+        // directory listed until its own key is deleted).
+        let mut dirs = std::collections::BTreeSet::new();
+        // The old indexes read, by new directory: merged at the next flush.
+        let mut seen = std::collections::HashSet::new();
+        let mut pending: std::collections::BTreeMap<String, (Index, Vec<Moved>)> =
+            std::collections::BTreeMap::new();
+        loop {
+            let page = shared.client.list(from, false, None, None)?;
+            if page.objects.is_empty() {
+                break;
+            }
+            type CopyJob = Box<
+                dyn FnOnce() -> Result<
+                        Option<(String, Option<SystemTime>)>,
+                        super::client::ClientError,
+                    > + Send,
+            >;
+            let mut jobs: Vec<CopyJob> = Vec::new();
+            let mut copied = Vec::new();
+            for o in &page.objects {
+                let rest = &o.key[from.len()..];
+                let mut at = 0;
+                while let Some(i) = rest[at..].find('/') {
+                    dirs.insert(rest[..at + i + 1].to_string());
+                    at += i + 1;
+                }
+                let dest = format!("{to}{rest}");
+                let (src_dir, name) = split_key(&o.key);
+                let dest_dir = split_key(&dest).0.to_string();
+                if seen.insert(src_dir.to_string()) {
+                    // The old index, read before its key can be deleted.
+                    let index = match self.keys.path_of(src_dir.trim_end_matches('/')) {
+                        Some(p) => self.fetch_index(&p)?.1,
+                        None if src_dir == self.keys.root() => self.fetch_index(Path::new(""))?.1,
+                        None => Index::default(),
+                    };
+                    pending.entry(dest_dir.clone()).or_default().0 = index;
+                }
+                if name.is_empty() {
+                    // A directory marker: made again (SeaweedFS copies no directories).
+                    shared
+                        .client
+                        .put(&dest, Body::empty(), &Metadata::new(), &Condition::None)?;
+                } else if name != INDEX {
+                    let stamp = self
+                        .keys
+                        .path_of(&o.key)
+                        .and_then(|p| lock(&self.stamped).get(&p).cloned());
+                    copied.push((dest_dir, name.to_string(), self.keys.path_of(&dest)));
+                    let (shared, from_key, to_key) = (shared.clone(), o.key.clone(), dest);
+                    jobs.push(Box::new(move || {
+                        copy_keeping_mtime(&shared, &from_key, &to_key, stamp)
+                    }));
                 }
             }
-            shared.cache.forget(&o.key);
-            done.push(o.key.clone());
+            for ((dir, name, path), r) in copied.into_iter().zip(shared.pool.run_all(jobs)) {
+                if let Some((etag, mtime)) = r? {
+                    if let (None, Some(path)) = (mtime, path) {
+                        // On this host the copy is as new as this host's clock says.
+                        self.stamp(&path, &etag, SystemTime::now());
+                    }
+                    let moved = Moved { name, etag, mtime };
+                    pending.entry(dir).or_default().1.push(moved);
+                }
+            }
+            for (dir, (index, moved)) in std::mem::take(&mut pending) {
+                self.merge_moved(&dir, index, moved)?;
+            }
+            let done: Vec<String> = page.objects.iter().map(|o| o.key.clone()).collect();
+            for key in &done {
+                shared.cache.forget(key);
+            }
+            for batch in done.chunks(super::client::DELETE_BATCH) {
+                shared.client.delete_many(batch)?;
+            }
         }
-        for batch in done.chunks(super::client::DELETE_BATCH) {
-            shared.client.delete_many(batch)?;
+        // The directory itself: a marker at its new name, and none left at the old.
+        shared
+            .client
+            .put(to, Body::empty(), &Metadata::new(), &Condition::None)?;
+        let mut dirs: Vec<String> = dirs.into_iter().collect();
+        dirs.sort_by_key(|d| std::cmp::Reverse(d.matches('/').count()));
+        for d in dirs {
+            shared.client.delete(&format!("{from}{d}"))?;
         }
+        shared.client.delete(from)?;
+        Ok(())
     }
-    // The directory itself: a marker at its new name, and none left at the old.
-    shared
-        .client
-        .put(to, Body::empty(), &Metadata::new(), &Condition::None)?;
-    let mut dirs: Vec<String> = dirs.into_iter().collect();
-    dirs.sort_by_key(|d| std::cmp::Reverse(d.matches('/').count()));
-    for d in dirs {
-        shared.client.delete(&format!("{from}{d}"))?;
+
+    /// Brings the index of the directory with key prefix `dir` up to date with a directory
+    /// rename: the entries of its old index (`old`), and the versions and mtimes of the files
+    /// copied into it (`moved`).
+    fn merge_moved(&self, dir: &str, old: Index, moved: Vec<Moved>) -> StoreResult<()> {
+        if old.entries.is_empty() && moved.iter().all(|m| m.mtime.is_none()) {
+            return Ok(());
+        }
+        let path = match self.keys.path_of(dir.trim_end_matches('/')) {
+            Some(p) => p,
+            None if dir == self.keys.root() => PathBuf::new(),
+            None => return Ok(()),
+        };
+        self.update_index(&path, &|index| {
+            let before = index.entries.clone();
+            for (name, entry) in &old.entries {
+                index.entries.insert(name.clone(), entry.clone());
+            }
+            for m in &moved {
+                match m.mtime {
+                    Some(t) => {
+                        let e = index.entries.entry(m.name.clone()).or_default();
+                        e.mtime = Some(super::attrs::format_time(t));
+                        e.etag = Some(m.etag.clone());
+                    }
+                    // The copy's time is its mtime: an old entry's no longer applies.
+                    None => {
+                        if let Some(e) = index.entries.get_mut(&m.name) {
+                            e.mtime = None;
+                            e.etag = None;
+                        }
+                    }
+                }
+            }
+            index.entries != before
+        })
     }
-    shared.client.delete(from)?;
-    Ok(())
 }
 
 impl Store for S3Store {
@@ -1509,8 +1664,7 @@ impl S3Spaces {
 /// Finishes a directory rename a crash interrupted: the objects left under `from` move, and
 /// the directory's index entry with them.
 fn finish_rename(shared: &Arc<Shared>, root: &str, from: &str, to: &str) -> StoreResult<()> {
-    move_tree(shared, from, to)?;
-    // The index entries, through a store of the space (its owner does not matter here).
+    // Through a store of the space (its owner does not matter here).
     let keys = SpaceKeys::new_root(root);
     let store = S3Store::new(
         shared.clone(),
@@ -1521,6 +1675,7 @@ fn finish_rename(shared: &Arc<Shared>, root: &str, from: &str, to: &str) -> Stor
             dir_mtime: SystemTime::UNIX_EPOCH,
         },
     );
+    store.move_tree(from, to)?;
     let (Some(from_path), Some(to_path)) = (
         keys.path_of(from.trim_end_matches('/')),
         keys.path_of(to.trim_end_matches('/')),

@@ -1074,3 +1074,100 @@ fn a_rename_keeps_the_mtime_of_a_file_not_written_just_now() {
             .contains_key("mtime")
     );
 }
+
+#[test]
+fn a_directory_rename_keeps_its_files_mtimes_and_a_crash_keeps_them_too() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let client = Arc::new(MemClient::new());
+    let mut config = config();
+    config.metadata_ttl_secs = 0.0; // every stat and listing asks the store
+    let (a, b) = (host_with(&client, &config), host_with(&client, &config));
+    // Written a minute ago by the store's clock (behind the hosts' by 30 s from then on).
+    client.clock_behind_secs.store(60, Relaxed);
+    a.store.mkdir(p("d"), 0o755, None).unwrap();
+    a.store.mkdir(p("d/sub"), 0o700, None).unwrap();
+    // Names on both sides of the index's (`.roomfs-attrs`) in key order.
+    for name in ["d/-first", "d/old", "d/sub/deep"] {
+        write(b.store.as_ref(), name, name.as_bytes()).unwrap();
+    }
+    b.store.create(p("d/private"), 0o600, None, true).unwrap();
+    write(b.store.as_ref(), "d/private", b"mine").unwrap();
+    let set = std::time::UNIX_EPOCH + Duration::new(1_000_000_000, 5);
+    write(a.store.as_ref(), "d/touched", b"as tar -x leaves it").unwrap();
+    a.store
+        .set_attr(
+            p("d/touched"),
+            &SetAttr {
+                mtime: Some(TimeSpec::At(set)),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    client.clock_behind_secs.store(30, Relaxed);
+    write(a.store.as_ref(), "d/fresh", b"just written").unwrap();
+    let names = ["-first", "old", "sub/deep", "private", "touched"];
+    // As the renaming host shows them (the other host's files by the store's clock).
+    let before: Vec<_> = names
+        .iter()
+        .map(|n| a.store.stat(&Path::new("d").join(n)).unwrap())
+        .collect();
+    let fresh = a.store.stat(p("d/fresh")).unwrap();
+    assert_eq!(before[4].mtime, set);
+
+    a.store.rename(p("d"), p("e"), RenameMode::Replace).unwrap();
+    assert!(client.keys().iter().all(|k| !k.starts_with(&key("d/"))));
+    let check = |root: &str, what: &str| {
+        for host in [&a, &b] {
+            for (n, was) in names.iter().zip(&before) {
+                let path = Path::new(root).join(n);
+                let m = host.store.stat(&path).unwrap();
+                assert_eq!(
+                    (m.mtime, m.perm),
+                    (was.mtime, was.perm),
+                    "{what}: HEAD of {n}"
+                );
+                let (dir, name) = (path.parent().unwrap(), path.file_name().unwrap());
+                let listed = host.store.list(dir).unwrap();
+                let e = listed.iter().find(|e| *e.name == *name).unwrap();
+                let m = e.meta.as_ref().unwrap();
+                assert_eq!(
+                    (m.mtime, m.perm),
+                    (was.mtime, was.perm),
+                    "{what}: listing of {n}"
+                );
+            }
+            let sub = host.store.stat(&Path::new(root).join("sub")).unwrap();
+            assert_eq!(sub.perm, 0o700, "{what}");
+        }
+    };
+    check("e", "renamed");
+    assert_eq!(
+        client.metadata(&key("e/old")).unwrap()["mtime"],
+        super::attrs::format_time(before[1].mtime)
+    );
+    assert_eq!(client.metadata(&key("e/private")).unwrap()["uid"], "1000");
+    // A file modified in the last two seconds takes the rename's time (as a file rename).
+    let m = a.store.stat(p("e/fresh")).unwrap();
+    assert!(m.mtime >= fresh.mtime && m.mtime < fresh.mtime + Duration::from_secs(3));
+
+    // A rename cut short by a failure, then a crash: the next start finishes it, and the
+    // files keep their mtimes there too.
+    let dir = tempfile::tempdir().unwrap();
+    let id = SpaceId::new(SpaceKind::Room, "r1").unwrap();
+    {
+        let spaces = open_with(client.clone(), &config, dir.path(), "memory".into()).unwrap();
+        let store = spaces.open_space(&id, None).unwrap();
+        client.fail(Op::DeleteMany, None, Failure::Unavailable, 1);
+        let e = store
+            .rename(p("e"), p("g"), RenameMode::Replace)
+            .unwrap_err();
+        assert_eq!(e.raw_os_error(), libc::EIO);
+        assert!(client.object(&key("e/old")).is_some());
+        crash(spaces.shared().state.spool_dir().parent().unwrap());
+        std::mem::forget(store);
+        std::mem::forget(spaces);
+    }
+    let _next = open_with(client.clone(), &config, dir.path(), "memory".into()).unwrap();
+    assert!(client.keys().iter().all(|k| !k.starts_with(&key("e/"))));
+    check("g", "finished at the next start");
+}
