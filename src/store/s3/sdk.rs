@@ -432,7 +432,10 @@ impl SdkClient {
         &self.endpoint
     }
 
-    fn start(&self, op: &'static str) {
+    /// Counts a request of `op` on `key` (logged at trace level: `RUST_LOG=roomfs::store::s3=trace`
+    /// shows every request the store makes).
+    fn start(&self, op: &'static str, key: &str) {
+        log::trace!("{op} {key}");
         crate::metrics::backend_request(op);
         crate::store::wait::announce();
     }
@@ -457,7 +460,7 @@ fn etag_of(etag: Option<&str>) -> String {
 
 impl ObjectClient for SdkClient {
     fn head(&self, key: &str) -> ClientResult<ObjectInfo> {
-        self.start("head");
+        self.start("head", key);
         let r = block(
             self.client()
                 .head_object()
@@ -490,7 +493,7 @@ impl ObjectClient for SdkClient {
         if_match: Option<&str>,
         sink: Sink<'_>,
     ) -> ClientResult<ObjectInfo> {
-        self.start("get");
+        self.start("get", key);
         let what = || format!("GET {key}");
         block(async {
             let mut req = self.client().get_object().bucket(&self.bucket).key(key);
@@ -549,7 +552,7 @@ impl ObjectClient for SdkClient {
         metadata: &Metadata,
         condition: &Condition,
     ) -> ClientResult<String> {
-        self.start("put");
+        self.start("put", key);
         let (if_match, if_none) = condition_headers(condition);
         let r = block(async {
             let (body, _file) = byte_stream(body)
@@ -580,7 +583,7 @@ impl ObjectClient for SdkClient {
         source_etag: Option<&str>,
         condition: &Condition,
     ) -> ClientResult<String> {
-        self.start("copy");
+        self.start("copy", to);
         let (if_match, if_none) = condition_headers(condition);
         let mut req = self
             .client()
@@ -602,7 +605,7 @@ impl ObjectClient for SdkClient {
     }
 
     fn create_upload(&self, key: &str, metadata: &Metadata) -> ClientResult<String> {
-        self.start("create_upload");
+        self.start("create_upload", key);
         let r = block(
             self.client()
                 .create_multipart_upload()
@@ -623,7 +626,7 @@ impl ObjectClient for SdkClient {
     }
 
     fn upload_part(&self, key: &str, upload: &str, part: u32, body: Body) -> ClientResult<String> {
-        self.start("upload_part");
+        self.start("upload_part", key);
         let what = || format!("UploadPart {part} of {key}");
         let r = block(async {
             let (body, _file) = byte_stream(body)
@@ -654,7 +657,7 @@ impl ObjectClient for SdkClient {
         range: (u64, u64),
         source_etag: &str,
     ) -> ClientResult<String> {
-        self.start("upload_part_copy");
+        self.start("upload_part_copy", key);
         let r = block(
             self.client()
                 .upload_part_copy()
@@ -686,7 +689,7 @@ impl ObjectClient for SdkClient {
         parts: &[(u32, String)],
         condition: &Condition,
     ) -> ClientResult<String> {
-        self.start("complete_upload");
+        self.start("complete_upload", key);
         let (if_match, if_none) = condition_headers(condition);
         let parts: Vec<CompletedPart> = parts
             .iter()
@@ -725,7 +728,7 @@ impl ObjectClient for SdkClient {
     }
 
     fn abort_upload(&self, key: &str, upload: &str) -> ClientResult<()> {
-        self.start("abort_upload");
+        self.start("abort_upload", key);
         match block(
             self.client()
                 .abort_multipart_upload()
@@ -752,7 +755,7 @@ impl ObjectClient for SdkClient {
         let mut out = Vec::new();
         let (mut key_marker, mut id_marker): (Option<String>, Option<String>) = (None, None);
         loop {
-            self.start("list_uploads");
+            self.start("list_uploads", prefix);
             let r = block(
                 self.client()
                     .list_multipart_uploads()
@@ -791,7 +794,7 @@ impl ObjectClient for SdkClient {
         token: Option<&str>,
         max_keys: Option<u32>,
     ) -> ClientResult<ListPage> {
-        self.start("list");
+        self.start("list", prefix);
         let mut req = self
             .client()
             .list_objects_v2()
@@ -834,7 +837,7 @@ impl ObjectClient for SdkClient {
     }
 
     fn delete(&self, key: &str) -> ClientResult<()> {
-        self.start("delete");
+        self.start("delete", key);
         match block(
             self.client()
                 .delete_object()
@@ -860,7 +863,7 @@ impl ObjectClient for SdkClient {
         if keys.is_empty() {
             return Ok(());
         }
-        self.start("delete_many");
+        self.start("delete_many", keys.first().map_or("", |k| k.as_str()));
         let what = || format!("DeleteObjects {} keys from {}", keys.len(), keys[0]);
         let objects = keys
             .iter()
@@ -922,7 +925,7 @@ impl ObjectClient for SdkClient {
     }
 
     fn check_bucket(&self) -> ClientResult<()> {
-        self.start("head_bucket");
+        self.start("head_bucket", "");
         match block(
             self.client()
                 .head_bucket()
