@@ -152,10 +152,7 @@ pub(super) fn commit(store: &S3Store, req: CommitRequest<'_>) -> StoreResult<Com
         &written.etag,
         &with_lineage(&Metadata::new(), &written.lineage),
     );
-    store
-        .shared()
-        .commits
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    store.shared().committed_to(&key);
     if new {
         store.created(req.path, &base_tag);
     }

@@ -17,7 +17,7 @@
 //! - **Reading on into appends** (`tail -f`): every version made from another by appends
 //!   alone carries the same *lineage* (object metadata `roomfs-lineage`, a new random name at
 //!   every other commit, see `commit`). A reader at the end of its version asks (at most every
-//!   200 ms) which version is current; if it is of the same lineage and longer, it
+//!   200 ms, the first time 200 ms after its version was looked up) which version is current; if it is of the same lineage and longer, it
 //!   begins with the reader's version, and the reader reads on into it. Whatever another
 //!   writer did otherwise (a rewrite, a truncation) starts a new lineage: the reader stops at
 //!   its version's end.
@@ -68,8 +68,8 @@ struct Reading {
     spare: Option<Vec<u8>>,
 }
 
-/// When a reader last asked for a newer version (and this process's commit count then), and
-/// the newest one found that extends its own.
+/// When a reader last asked for a newer version (and this process's count of commits to its
+/// key then), and the newest one found that extends its own.
 type Follower = (Option<(Instant, u64)>, Option<Arc<S3Content>>);
 
 /// One version of an object (see the module docs).
@@ -82,7 +82,7 @@ pub struct S3Content {
     whole: Option<Arc<Entry>>,
     reading: Mutex<Reading>,
     /// The newest version known to extend this one by appends, and when that was asked (and
-    /// how many commits this process had made then).
+    /// how many commits to its key this process had made then).
     follower: Mutex<Follower>,
 }
 
@@ -96,6 +96,7 @@ impl S3Content {
         meta: Meta,
         whole: Option<Arc<Entry>>,
     ) -> S3Content {
+        let commits = shared.commits_to(&key);
         let whole = whole
             .or_else(|| shared.cache.lookup(&key, &etag))
             .filter(|e| e.is_whole() && e.size == meta.size);
@@ -112,7 +113,11 @@ impl S3Content {
                 prefetch: None,
                 spare: None,
             }),
-            follower: Mutex::new((None, None)),
+            // What the store said of the object when this content was made of it counts as
+            // an ask: a reader reading its version to the end right after opening it (every
+            // file whose size is not a multiple of the page, which the kernel reads by whole
+            // pages) asks the store nothing.
+            follower: Mutex::new((Some((Instant::now(), commits)), None)),
         }
     }
 
@@ -123,10 +128,7 @@ impl S3Content {
             let f = self.follower.lock().unwrap_or_else(|e| e.into_inner());
             // Asked again soon: a read past the end reaches the store only once the kernel
             // learnt of a longer file (its attribute TTL), or for a direct-I/O reader.
-            let commits = self
-                .shared
-                .commits
-                .load(std::sync::atomic::Ordering::Relaxed);
+            let commits = self.shared.commits_to(&self.key);
             if let Some((at, seen)) = f.0
                 && seen == commits
                 && at.elapsed() < self.shared.metadata_ttl.min(FOLLOW_EVERY)
@@ -134,10 +136,7 @@ impl S3Content {
                 return Ok(f.1.clone());
             }
         }
-        let commits = self
-            .shared
-            .commits
-            .load(std::sync::atomic::Ordering::Relaxed);
+        let commits = self.shared.commits_to(&self.key);
         let mine = self.shared.lineage_of(&self.etag);
         let found = match self.shared.client.head(&self.key) {
             Ok(info) => {

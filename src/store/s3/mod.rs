@@ -315,9 +315,10 @@ pub struct Shared {
     pub location: String,
     /// The lineage of object versions this process learnt (ETag → lineage, see `content`).
     pub lineages: std::sync::Mutex<std::collections::HashMap<String, String>>,
-    /// Commits made by this process so far (a reader asks for a newer version again at once
-    /// after one).
-    pub commits: std::sync::atomic::AtomicU64,
+    /// Commits made by this process so far, counted by key in `COMMIT_COUNTERS` slots (a
+    /// reader asks for a newer version again at once after a commit to its key: see
+    /// [`Shared::commits_to`]).
+    commits: [std::sync::atomic::AtomicU64; COMMIT_COUNTERS],
     /// Uploads whose abort failed, for the janitor.
     aborts: std::sync::Mutex<Vec<(String, String, Journaled)>>,
 }
@@ -326,7 +327,30 @@ pub struct Shared {
 /// appends only (see `content`).
 pub const LINEAGE: &str = "roomfs-lineage";
 
+/// Slots the commits of a process are counted in, by key (keys sharing a slot only make
+/// readers ask a little more often).
+const COMMIT_COUNTERS: usize = 256;
+
 impl Shared {
+    fn commit_slot(&self, key: &str) -> &std::sync::atomic::AtomicU64 {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        key.hash(&mut h);
+        &self.commits[h.finish() as usize % COMMIT_COUNTERS]
+    }
+
+    /// How many commits to `key` (or to keys sharing its slot) this process has made.
+    pub fn commits_to(&self, key: &str) -> u64 {
+        self.commit_slot(key)
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Counts a commit to `key`.
+    pub fn committed_to(&self, key: &str) {
+        self.commit_slot(key)
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// A new lineage name (random enough never to meet another host's).
     pub fn new_lineage(&self) -> String {
         use sha2::Digest;
@@ -592,7 +616,7 @@ pub fn open_with(
         metadata_ttl: Duration::from_secs_f64(config.metadata_ttl_secs),
         location,
         lineages: Default::default(),
-        commits: Default::default(),
+        commits: std::array::from_fn(|_| Default::default()),
         aborts: Default::default(),
     });
     start_janitor(&shared);

@@ -889,6 +889,8 @@ impl S3Store {
                 .all(|o| o.key == prefix || o.key == index))
     }
 
+    /// Renames the file `from` (`source`, as last looked up) to `to`; `Ok(false)` if the
+    /// source is no longer that version (nothing done: the caller looks it up again).
     fn rename_file(
         &self,
         from: &Path,
@@ -896,7 +898,7 @@ impl S3Store {
         source: &Meta,
         target: Option<&Meta>,
         mode: RenameMode,
-    ) -> StoreResult<()> {
+    ) -> StoreResult<bool> {
         if let Some(t) = target
             && t.kind == Kind::Dir
         {
@@ -929,26 +931,32 @@ impl S3Store {
             &condition,
         ) {
             Ok(e) => e,
-            Err(e) if e.is(Failure::Precondition) && mode == RenameMode::NoReplace => {
-                // Either the target appeared, or the source changed: tell which.
-                match self.exists(to)? {
-                    Some(_) => return Err(err(libc::EEXIST)),
-                    None => return Err(StoreError::from(e).context("rename")),
+            Err(e) if e.is(Failure::Precondition) => {
+                // Either the target appeared (`RENAME_NOREPLACE`), or the source changed.
+                if mode == RenameMode::NoReplace && self.exists(to)?.is_some() {
+                    return Err(err(libc::EEXIST));
                 }
+                self.forget(from);
+                return Ok(false);
             }
             Err(e) => return Err(e.into()),
         };
-        self.forget(from);
-        self.forget(to);
-        // On this host the new version is as new as this host's clock says (see `stamped`).
-        self.stamp(to, &new_etag, SystemTime::now());
+        // The copy as this store made it: as new as this host's clock says (see `stamped`).
+        // What the store remembers of both names, and of their directories' listings, stays
+        // true (a program saving files by renames keeps the listing that answers its lookups
+        // of new names).
+        self.remember(to, Some(self.made_meta(to, source.size, &new_etag, &attrs)));
         let target_attrs = target.map(|t| self.meta_attrs(t));
         let had = target_attrs.is_some_and(|a| !a.are_default(&self.defaults));
         self.index_attrs(to, &attrs, Some(&new_etag), had)?;
-        self.shared.client.delete(&from_key)?;
+        if let Err(e) = self.shared.client.delete(&from_key) {
+            self.forget(from);
+            return Err(e.into());
+        }
+        self.remember(from, None);
         self.shared.cache.forget(&from_key);
         self.unindex(from, source)?;
-        Ok(())
+        Ok(true)
     }
 }
 
@@ -1301,6 +1309,9 @@ impl Store for S3Store {
         }
         let meta = self.dir_meta(&attrs);
         self.remember(path, Some(meta.clone()));
+        // Its name was free (no key had its prefix): it is as wholly known as a listing made
+        // now, so the names a program makes in it next are known to be free without asking.
+        lock(&self.listings).insert(path.to_path_buf(), (Instant::now(), Default::default()));
         Ok(meta)
     }
 
@@ -1366,25 +1377,44 @@ impl Store for S3Store {
         // Pending files are made first: a rename copies objects.
         self.materialize_tree(from)?;
         self.materialize(to)?;
-        let source = self.lookup(from)?;
-        if from == to {
-            return match mode {
-                RenameMode::NoReplace => Err(err(libc::EEXIST)),
-                _ => Ok(()),
+        // Both names as the store last saw them, within the metadata TTL (the kernel has just
+        // looked them up): a file saved by a rename costs its copy and delete alone. A source
+        // that changed meanwhile fails the copy's condition, and is looked up again.
+        for fresh in [false, true] {
+            let source = if fresh {
+                self.lookup(from)?
+            } else {
+                self.stat(from)?
             };
+            if from == to {
+                return match mode {
+                    RenameMode::NoReplace => Err(err(libc::EEXIST)),
+                    _ => Ok(()),
+                };
+            }
+            if from.starts_with(to) {
+                return Err(err(libc::ENOTEMPTY));
+            }
+            let target = match self.remembered(to) {
+                Some(known) if !fresh => known,
+                _ => self.exists(to)?,
+            };
+            if mode == RenameMode::NoReplace && target.is_some() {
+                return Err(err(libc::EEXIST));
+            }
+            if source.kind == Kind::Dir {
+                return self.rename_dir(from, to, target.as_ref());
+            }
+            if self.rename_file(from, to, &source, target.as_ref(), mode)? {
+                return Ok(());
+            }
         }
-        if from.starts_with(to) {
-            return Err(err(libc::ENOTEMPTY));
-        }
-        let target = self.exists(to)?;
-        if mode == RenameMode::NoReplace && target.is_some() {
-            return Err(err(libc::EEXIST));
-        }
-        if source.kind == Kind::Dir {
-            self.rename_dir(from, to, target.as_ref())
-        } else {
-            self.rename_file(from, to, &source, target.as_ref(), mode)
-        }
+        Err(StoreError::failed(
+            libc::EIO,
+            "rename",
+            io::Error::other("the source changed twice while it was being renamed"),
+        )
+        .transient())
     }
 
     fn link(&self, _from: &Path, _to: &Path) -> StoreResult<Meta> {

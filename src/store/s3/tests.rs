@@ -812,7 +812,11 @@ fn a_reader_reads_on_into_appends_of_its_version() {
     let base = a.store.open(p("log")).unwrap();
     let reader = b.store.open(p("log")).unwrap();
     let mut buf = [0u8; 64];
+    // Read to its end right after it was opened (as the kernel reads a file's last page):
+    // the store is not asked again.
+    let heads = client.count(Op::Head);
     assert_eq!(reader.read_appended_at(&mut buf, 0).unwrap(), 0);
+    assert_eq!(client.count(Op::Head), heads);
     let append = |base: &Arc<dyn Content>, tail: &[u8], follow| {
         a.store
             .commit(CommitRequest {
@@ -1170,4 +1174,64 @@ fn a_directory_rename_keeps_its_files_mtimes_and_a_crash_keeps_them_too() {
     let _next = open_with(client.clone(), &config, dir.path(), "memory".into()).unwrap();
     assert!(client.keys().iter().all(|k| !k.starts_with(&key("e/"))));
     check("g", "finished at the next start");
+}
+
+#[test]
+fn new_names_and_saves_by_rename_cost_no_lookups_and_a_stale_source_is_looked_up_again() {
+    let client = Arc::new(MemClient::new());
+    let (a, b) = (host(&client), host(&client));
+    a.store.mkdir(p("d"), 0o755, None).unwrap();
+    // A directory just made is known empty: the names made in it are known to be free.
+    let asked = client.count(Op::Head) + client.count(Op::List);
+    assert_eq!(
+        a.store.stat(p("d/old")).unwrap_err().raw_os_error(),
+        libc::ENOENT
+    );
+    assert_eq!(client.count(Op::Head) + client.count(Op::List), asked);
+    write(a.store.as_ref(), "d/old", b"old").unwrap();
+    // An atomic save: a temporary file written, then renamed over the file. The store
+    // remembers both names (the kernel looks them up just before), so the rename is a copy
+    // and a delete, and the directory's listing stays known: the next new name is answered
+    // from it.
+    write(a.store.as_ref(), "d/old.tmp", b"new").unwrap();
+    let count = |op| client.count(op);
+    let before: Vec<u64> = [Op::Head, Op::List, Op::Copy, Op::Delete]
+        .into_iter()
+        .map(count)
+        .collect();
+    a.store
+        .rename(p("d/old.tmp"), p("d/old"), RenameMode::Replace)
+        .unwrap();
+    assert_eq!(
+        a.store.stat(p("d/next.tmp")).unwrap_err().raw_os_error(),
+        libc::ENOENT
+    );
+    let after: Vec<u64> = [Op::Head, Op::List, Op::Copy, Op::Delete]
+        .into_iter()
+        .map(count)
+        .collect();
+    assert_eq!(
+        after
+            .iter()
+            .zip(&before)
+            .map(|(x, y)| x - y)
+            .collect::<Vec<_>>(),
+        [0, 0, 1, 1],
+        "HEAD, LIST, copy, delete"
+    );
+    assert_eq!(read(a.store.open(p("d/old")).unwrap().as_ref()), b"new");
+    assert!(client.object(&key("d/old.tmp")).is_none());
+    // The source rewritten by another host since this one looked at it: the copy's condition
+    // fails, and the rename looks it up again and moves the new version.
+    a.store.stat(p("d/old")).unwrap();
+    write(b.store.as_ref(), "d/old", b"theirs").unwrap();
+    a.store
+        .rename(p("d/old"), p("d/moved"), RenameMode::Replace)
+        .unwrap();
+    assert_eq!(client.object(&key("d/moved")).unwrap(), b"theirs");
+    assert!(client.object(&key("d/old")).is_none());
+    assert_eq!(
+        a.store.stat(p("d/old")).unwrap_err().raw_os_error(),
+        libc::ENOENT
+    );
 }
