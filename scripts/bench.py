@@ -425,6 +425,7 @@ class Sizes:
         self.pwrite_file = 64 * MiB
         self.pwrites = 2000
         self.lat_files = 1000
+        self.venv_pip = not quick
         if args is not None:
             self.override(args)
 
@@ -696,8 +697,31 @@ def group_latency(d: str, sz: Sizes, rnd: random.Random, backing=None) -> dict:
     return {"latency": statistics.median(lat)}
 
 
+def group_tools(d: str, sz: Sizes, rnd: random.Random, settle=None) -> dict:
+    """A real program's pattern of files: `python3 -m venv` with pip (from the wheel Python
+    bundles, no network): some 1,650 files and directories, temporary files renamed into
+    place, bytecode written next to sources just read, symlinks, modes. Reported as entries
+    made a second. `sz.venv_pip` False: without pip (a few dozen entries, for quick runs)."""
+    venv = os.path.join(d, "venv")
+    cmd = [sys.executable, "-m", "venv", *([] if sz.venv_pip else ["--without-pip"]), venv]
+    os.sync()
+    t0 = _now()
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    t1 = _now()
+    if r.returncode != 0:
+        raise WorkloadError(f"venv: {' '.join(cmd)} exited {r.returncode}: {r.stderr.strip()[-500:]}")
+    paths = []
+    for root, dirs, files in os.walk(venv):
+        paths += [os.path.join(root, n) for n in files]
+        paths += [os.path.join(root, n) for n in dirs]
+    if sz.venv_pip and not os.path.exists(os.path.join(venv, "bin", "pip")):
+        raise WorkloadError("venv: no bin/pip made")
+    stored = {"venv/stored": len(paths) / (_secs(t0, t1) + settle(paths))} if settle else {}
+    return {"venv": len(paths) / _secs(t0, t1), **stored}
+
+
 GROUP_FUNCS = {"seq": group_seq, "files": group_files, "append": group_append,
-               "pwrite": group_pwrite, "latency": group_latency}
+               "pwrite": group_pwrite, "latency": group_latency, "tools": group_tools}
 
 
 class Watchdog:
