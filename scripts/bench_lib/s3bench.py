@@ -3,7 +3,7 @@
 One SeaweedFS (`weed mini`, see seaweed.py) of the run's own, one bucket, one prefix per target:
   roomfs   roomfs mount --store s3://BUCKET/roomfs --room r1 (credentials in its environment)
   juicefs  JuiceFS, sqlite metadata in the scratch dir, volume "juicefs" (its objects' prefix)
-  rclone   rclone mount BUCKET/rclone --vfs-cache-mode writes --vfs-write-back 0s
+  rclone   rclone mount BUCKET/rclone --vfs-cache-mode writes --vfs-write-back 0s --vfs-links
   s3fs     s3fs BUCKET:/s3fs -o use_path_request_style
   raw      no mount: a file uploaded and downloaded by boto3 (multipart, its defaults) and by
            rclone copyto/cat, for sequential throughput the store itself allows
@@ -265,6 +265,7 @@ def make_targets(B, args, sw: SeaweedFs, tool: S3Tool, workdir: str, wanted: lis
             t = B.FuseTarget("rclone", base("rclone"),
                              [rc, "mount", f"sw:{BUCKET}/rclone", "{mnt}", "--config", "{work}/rclone.conf",
                               "--vfs-cache-mode", "writes", "--vfs-write-back", "0s",
+                              "--vfs-links",  # symlinks, as .rclonelink objects (venv makes some)
                               "--cache-dir", "{work}/cache", "--rc", "--rc-addr", f"127.0.0.1:{rc_port}"],
                              None, mt)
             # its remote control needs a password: without one, anyone on the machine could
