@@ -51,6 +51,13 @@ fn host(client: &Arc<MemClient>) -> Host {
     host_with(client, &config())
 }
 
+/// Two hosts whose every stat and listing asks the store (no metadata TTL).
+fn uncached_hosts(client: &Arc<MemClient>) -> (Host, Host) {
+    let mut config = config();
+    config.metadata_ttl_secs = 0.0;
+    (host_with(client, &config), host_with(client, &config))
+}
+
 fn key(path: &str) -> String {
     format!("team/rooms/r1/{path}")
 }
@@ -545,6 +552,29 @@ fn crash(proc_dir: &Path) {
     std::fs::File::create(&lock).unwrap();
 }
 
+/// Renames the directory `from` to `to` on a host of its own, cut short by a failed
+/// DeleteMany (half done: `moved`, a file below `from`, is at both names), then crashes it and
+/// starts it again (which finishes the rename).
+fn rename_cut_short_by_a_crash(client: &Arc<MemClient>, from: &str, to: &str, moved: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let id = SpaceId::new(SpaceKind::Room, "r1").unwrap();
+    {
+        let spaces = open_with(client.clone(), &config(), dir.path(), "memory".into()).unwrap();
+        let store = spaces.open_space(&id, None).unwrap();
+        client.fail(Op::DeleteMany, None, Failure::Unavailable, 1);
+        let e = store
+            .rename(p(from), p(to), RenameMode::Replace)
+            .unwrap_err();
+        assert_eq!(e.raw_os_error(), libc::EIO);
+        assert!(client.object(&key(&format!("{to}/{moved}"))).is_some());
+        assert!(client.object(&key(&format!("{from}/{moved}"))).is_some());
+        crash(spaces.shared().state.spool_dir().parent().unwrap());
+        std::mem::forget(store);
+        std::mem::forget(spaces);
+    }
+    let _next = open_with(client.clone(), &config(), dir.path(), "memory".into()).unwrap();
+}
+
 #[test]
 fn a_directory_rename_moves_every_object_and_a_crash_is_finished_at_the_next_start() {
     let client = Arc::new(MemClient::new());
@@ -578,24 +608,7 @@ fn a_directory_rename_moves_every_object_and_a_crash_is_finished_at_the_next_sta
     assert_eq!(b.store.list(p("e/odd").parent().unwrap()).unwrap().len(), 3);
 
     // A rename cut short by a failure, then a crash: the next start finishes it.
-    let dir = tempfile::tempdir().unwrap();
-    let id = SpaceId::new(SpaceKind::Room, "r1").unwrap();
-    {
-        let spaces = open_with(client.clone(), &config(), dir.path(), "memory".into()).unwrap();
-        let store = spaces.open_space(&id, None).unwrap();
-        client.fail(Op::DeleteMany, None, Failure::Unavailable, 1);
-        let e = store
-            .rename(p("e"), p("g"), RenameMode::Replace)
-            .unwrap_err();
-        assert_eq!(e.raw_os_error(), libc::EIO);
-        // Half done: copies under g, originals still under e.
-        assert!(client.object(&key("g/sub/f1")).is_some());
-        assert!(client.object(&key("e/sub/f1")).is_some());
-        crash(spaces.shared().state.spool_dir().parent().unwrap());
-        std::mem::forget(store);
-        std::mem::forget(spaces);
-    }
-    let _next = open_with(client.clone(), &config(), dir.path(), "memory".into()).unwrap();
+    rename_cut_short_by_a_crash(&client, "e", "g", "sub/f1");
     assert!(
         client.keys().iter().all(|k| !k.starts_with(&key("e/"))),
         "{:?}",
@@ -1023,9 +1036,7 @@ fn a_file_keeps_the_times_its_host_gave_it_when_the_store_is_asked_again() {
 fn a_rename_keeps_the_mtime_of_a_file_not_written_just_now() {
     use std::sync::atomic::Ordering::Relaxed;
     let client = Arc::new(MemClient::new());
-    let mut config = config();
-    config.metadata_ttl_secs = 0.0; // every stat and listing asks the store
-    let (a, b) = (host_with(&client, &config), host_with(&client, &config));
+    let (a, b) = uncached_hosts(&client);
     // A file the other host wrote a minute ago, by the store's clock, which is 30 s behind
     // the hosts' from then on.
     client.clock_behind_secs.store(60, Relaxed);
@@ -1083,9 +1094,7 @@ fn a_rename_keeps_the_mtime_of_a_file_not_written_just_now() {
 fn a_directory_rename_keeps_its_files_mtimes_and_a_crash_keeps_them_too() {
     use std::sync::atomic::Ordering::Relaxed;
     let client = Arc::new(MemClient::new());
-    let mut config = config();
-    config.metadata_ttl_secs = 0.0; // every stat and listing asks the store
-    let (a, b) = (host_with(&client, &config), host_with(&client, &config));
+    let (a, b) = uncached_hosts(&client);
     // Written a minute ago by the store's clock (behind the hosts' by 30 s from then on).
     client.clock_behind_secs.store(60, Relaxed);
     a.store.mkdir(p("d"), 0o755, None).unwrap();
@@ -1156,22 +1165,7 @@ fn a_directory_rename_keeps_its_files_mtimes_and_a_crash_keeps_them_too() {
 
     // A rename cut short by a failure, then a crash: the next start finishes it, and the
     // files keep their mtimes there too.
-    let dir = tempfile::tempdir().unwrap();
-    let id = SpaceId::new(SpaceKind::Room, "r1").unwrap();
-    {
-        let spaces = open_with(client.clone(), &config, dir.path(), "memory".into()).unwrap();
-        let store = spaces.open_space(&id, None).unwrap();
-        client.fail(Op::DeleteMany, None, Failure::Unavailable, 1);
-        let e = store
-            .rename(p("e"), p("g"), RenameMode::Replace)
-            .unwrap_err();
-        assert_eq!(e.raw_os_error(), libc::EIO);
-        assert!(client.object(&key("e/old")).is_some());
-        crash(spaces.shared().state.spool_dir().parent().unwrap());
-        std::mem::forget(store);
-        std::mem::forget(spaces);
-    }
-    let _next = open_with(client.clone(), &config, dir.path(), "memory".into()).unwrap();
+    rename_cut_short_by_a_crash(&client, "e", "g", "old");
     assert!(client.keys().iter().all(|k| !k.starts_with(&key("e/"))));
     check("g", "finished at the next start");
 }
