@@ -889,13 +889,14 @@ impl S3Store {
                 .all(|o| o.key == prefix || o.key == index))
     }
 
-    /// Renames the file `from` (`source`, as last looked up) to `to`; `Ok(false)` if the
-    /// source is no longer that version (nothing done: the caller looks it up again).
+    /// Renames the file `from` (`source`, as last looked up, `fresh`ly or remembered) to `to`;
+    /// `Ok(false)` if it needs the source looked up afresh (nothing done): it is no longer that
+    /// version, or the copy will replace its metadata.
     fn rename_file(
         &self,
         from: &Path,
         to: &Path,
-        source: &Meta,
+        (source, fresh): (&Meta, bool),
         target: Option<&Meta>,
         mode: RenameMode,
     ) -> StoreResult<bool> {
@@ -919,6 +920,11 @@ impl S3Store {
             && SystemTime::now()
                 .duration_since(source.mtime)
                 .is_ok_and(|age| age >= KEEP_MTIME_AFTER);
+        if keep_mtime && !fresh {
+            // The copy's metadata is written whole: from the object as it is now, not as
+            // remembered (a change of mode or owner leaves the ETag as it was).
+            return Ok(false);
+        }
         if keep_mtime {
             attrs.mtime = Some(source.mtime);
         }
@@ -1379,12 +1385,13 @@ impl Store for S3Store {
         self.materialize(to)?;
         // Both names as the store last saw them, within the metadata TTL (the kernel has just
         // looked them up): a file saved by a rename costs its copy and delete alone. A source
-        // that changed meanwhile fails the copy's condition, and is looked up again.
-        for fresh in [false, true] {
-            let source = if fresh {
-                self.lookup(from)?
-            } else {
-                self.stat(from)?
+        // that changed meanwhile fails the copy's condition, and is looked up again, as is one
+        // whose metadata the copy writes (see `rename_file`).
+        for again in [false, true] {
+            let (source, fresh) = match self.remembered(from) {
+                Some(Some(meta)) if !again => (meta, false),
+                Some(None) if !again => return Err(err(libc::ENOENT)),
+                _ => (self.lookup(from)?, true),
             };
             if from == to {
                 return match mode {
@@ -1396,7 +1403,7 @@ impl Store for S3Store {
                 return Err(err(libc::ENOTEMPTY));
             }
             let target = match self.remembered(to) {
-                Some(known) if !fresh => known,
+                Some(known) if !again => known,
                 _ => self.exists(to)?,
             };
             if mode == RenameMode::NoReplace && target.is_some() {
@@ -1405,14 +1412,14 @@ impl Store for S3Store {
             if source.kind == Kind::Dir {
                 return self.rename_dir(from, to, target.as_ref());
             }
-            if self.rename_file(from, to, &source, target.as_ref(), mode)? {
+            if self.rename_file(from, to, (&source, fresh), target.as_ref(), mode)? {
                 return Ok(());
             }
         }
         Err(StoreError::failed(
             libc::EIO,
             "rename",
-            io::Error::other("the source changed twice while it was being renamed"),
+            io::Error::other("the source changed while it was being renamed"),
         )
         .transient())
     }

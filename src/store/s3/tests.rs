@@ -1229,3 +1229,31 @@ fn new_names_and_saves_by_rename_cost_no_lookups_and_a_stale_source_is_looked_up
         libc::ENOENT
     );
 }
+
+#[test]
+fn a_rename_that_writes_the_metadata_reads_it_afresh_and_reverts_no_other_hosts_chmod() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let client = Arc::new(MemClient::new());
+    let (a, b) = (host(&client), host(&client));
+    // Written a minute ago (by the store's clock): a rename keeps its mtime in the copy's
+    // metadata, which it writes whole.
+    client.clock_behind_secs.store(60, Relaxed);
+    write(b.store.as_ref(), "f", b"data").unwrap();
+    client.clock_behind_secs.store(0, Relaxed);
+    assert_eq!(a.store.stat(p("f")).unwrap().perm, 0o644); // remembered by host a
+    // Another host's chmod: a copy onto itself, which leaves the ETag as it was.
+    b.store
+        .set_attr(
+            p("f"),
+            &SetAttr {
+                perm: Some(0o600),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    a.store.rename(p("f"), p("g"), RenameMode::Replace).unwrap();
+    assert_eq!(
+        client.metadata(&key("g")).unwrap()["mode"],
+        (libc::S_IFREG | 0o600).to_string()
+    );
+}
