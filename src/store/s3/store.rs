@@ -495,6 +495,17 @@ impl S3Store {
             return Ok(());
         }
         let (dir, name) = split(path);
+        if had_entry {
+            // The entry is there: a remembered index without it is older than that (another
+            // host wrote it), and would make its removal look needless.
+            let mut indexes = lock(&self.indexes);
+            if indexes
+                .get(&dir)
+                .is_some_and(|c| !c.index.entries.contains_key(&name))
+            {
+                indexes.remove(&dir);
+            }
+        }
         let entry = (!default).then(|| IndexEntry::of(attrs, etag));
         self.update_index(&dir, &|index| match &entry {
             Some(e) => index.entries.insert(name.clone(), e.clone()).as_ref() != Some(e),
@@ -889,15 +900,16 @@ impl S3Store {
                 .all(|o| o.key == prefix || o.key == index))
     }
 
-    /// Renames the file `from` (`source`, as last looked up, `fresh`ly or remembered) to `to`;
-    /// `Ok(false)` if it needs the source looked up afresh (nothing done): it is no longer that
-    /// version, or the copy will replace its metadata.
+    /// Renames the file `from` (`source`, as last looked up, `fresh`ly or remembered, as is
+    /// `target`) to `to`; `Ok(false)` if it needs both looked up afresh (nothing done): the
+    /// source is no longer that version, or the copy will replace its metadata, or the target
+    /// remembered absent is there.
     fn rename_file(
         &self,
         from: &Path,
         to: &Path,
         (source, fresh): (&Meta, bool),
-        target: Option<&Meta>,
+        (target, absent_assumed): (Option<&Meta>, bool),
         mode: RenameMode,
     ) -> StoreResult<bool> {
         if let Some(t) = target
@@ -907,11 +919,13 @@ impl S3Store {
         }
         let from_key = self.keys.key(from)?;
         let to_key = self.keys.key(to)?;
-        let condition = if mode == RenameMode::NoReplace && self.shared.conditional {
-            Condition::Absent
-        } else {
-            Condition::None
-        };
+        // Made only if absent where that is asked, or assumed (the caller then looks again).
+        let condition =
+            if (mode == RenameMode::NoReplace || absent_assumed) && self.shared.conditional {
+                Condition::Absent
+            } else {
+                Condition::None
+            };
         let etag = source.version.tag().map(str::to_string);
         // The copy keeps the source's mtime (POSIX: a rename changes the ctime only), as
         // explicit metadata, unless the source was modified just now (see `KEEP_MTIME_AFTER`).
@@ -938,11 +952,13 @@ impl S3Store {
         ) {
             Ok(e) => e,
             Err(e) if e.is(Failure::Precondition) => {
-                // Either the target appeared (`RENAME_NOREPLACE`), or the source changed.
+                // The target appeared (refused for `RENAME_NOREPLACE`, looked at afresh if it
+                // was assumed absent), or the source changed.
                 if mode == RenameMode::NoReplace && self.exists(to)?.is_some() {
                     return Err(err(libc::EEXIST));
                 }
                 self.forget(from);
+                self.forget(to);
                 return Ok(false);
             }
             Err(e) => return Err(e.into()),
@@ -1402,9 +1418,12 @@ impl Store for S3Store {
             if from.starts_with(to) {
                 return Err(err(libc::ENOTEMPTY));
             }
-            let target = match self.remembered(to) {
-                Some(known) if !again => known,
-                _ => self.exists(to)?,
+            // A target remembered absent is assumed so, and the copy made only if it still is
+            // (see `rename_file`); one that is there is looked at afresh: its attributes
+            // decide what the directory's index must say of the name.
+            let (target, assumed) = match self.remembered(to) {
+                Some(None) if !again && self.shared.conditional => (None, true),
+                _ => (self.exists(to)?, false),
             };
             if mode == RenameMode::NoReplace && target.is_some() {
                 return Err(err(libc::EEXIST));
@@ -1412,7 +1431,7 @@ impl Store for S3Store {
             if source.kind == Kind::Dir {
                 return self.rename_dir(from, to, target.as_ref());
             }
-            if self.rename_file(from, to, (&source, fresh), target.as_ref(), mode)? {
+            if self.rename_file(from, to, (&source, fresh), (target.as_ref(), assumed), mode)? {
                 return Ok(());
             }
         }

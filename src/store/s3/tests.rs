@@ -1171,7 +1171,7 @@ fn a_directory_rename_keeps_its_files_mtimes_and_a_crash_keeps_them_too() {
 }
 
 #[test]
-fn new_names_and_saves_by_rename_cost_no_lookups_and_a_stale_source_is_looked_up_again() {
+fn new_names_and_saves_by_rename_cost_no_lookups_and_stale_names_are_looked_up_again() {
     let client = Arc::new(MemClient::new());
     let (a, b) = (host(&client), host(&client));
     a.store.mkdir(p("d"), 0o755, None).unwrap();
@@ -1183,38 +1183,39 @@ fn new_names_and_saves_by_rename_cost_no_lookups_and_a_stale_source_is_looked_up
     );
     assert_eq!(client.count(Op::Head) + client.count(Op::List), asked);
     write(a.store.as_ref(), "d/old", b"old").unwrap();
-    // An atomic save: a temporary file written, then renamed over the file. The store
-    // remembers both names (the kernel looks them up just before), so the rename is a copy
-    // and a delete, and the directory's listing stays known: the next new name is answered
-    // from it.
-    write(a.store.as_ref(), "d/old.tmp", b"new").unwrap();
-    let count = |op| client.count(op);
-    let before: Vec<u64> = [Op::Head, Op::List, Op::Copy, Op::Delete]
-        .into_iter()
-        .map(count)
-        .collect();
+    let requests = || -> Vec<u64> {
+        [Op::Head, Op::List, Op::Copy, Op::Delete]
+            .into_iter()
+            .map(|op| client.count(op))
+            .collect()
+    };
+    let since = |before: &[u64]| -> Vec<u64> {
+        requests().iter().zip(before).map(|(x, y)| x - y).collect()
+    };
+    // A file written to a temporary name and renamed to a new one (as Python writes bytecode):
+    // the store remembers both names (the kernel looks them up just before), so the rename is
+    // a copy (made only if the name is still free) and a delete, and the directory's listing
+    // stays known: the next new name is answered from it.
+    write(a.store.as_ref(), "d/new.tmp", b"new").unwrap();
+    let before = requests();
     a.store
-        .rename(p("d/old.tmp"), p("d/old"), RenameMode::Replace)
+        .rename(p("d/new.tmp"), p("d/new"), RenameMode::Replace)
         .unwrap();
     assert_eq!(
         a.store.stat(p("d/next.tmp")).unwrap_err().raw_os_error(),
         libc::ENOENT
     );
-    let after: Vec<u64> = [Op::Head, Op::List, Op::Copy, Op::Delete]
-        .into_iter()
-        .map(count)
-        .collect();
-    assert_eq!(
-        after
-            .iter()
-            .zip(&before)
-            .map(|(x, y)| x - y)
-            .collect::<Vec<_>>(),
-        [0, 0, 1, 1],
-        "HEAD, LIST, copy, delete"
-    );
-    assert_eq!(read(a.store.open(p("d/old")).unwrap().as_ref()), b"new");
-    assert!(client.object(&key("d/old.tmp")).is_none());
+    assert_eq!(since(&before), [0, 0, 1, 1], "HEAD, LIST, copy, delete");
+    assert_eq!(read(a.store.open(p("d/new")).unwrap().as_ref()), b"new");
+    assert!(client.object(&key("d/new.tmp")).is_none());
+    // Over a file that is there (an atomic save): that file is looked at afresh (one HEAD),
+    // since its attributes decide what the directory's index must say of the name.
+    let before = requests();
+    a.store
+        .rename(p("d/new"), p("d/old"), RenameMode::Replace)
+        .unwrap();
+    assert_eq!(since(&before), [1, 0, 1, 1], "HEAD, LIST, copy, delete");
+    assert_eq!(client.object(&key("d/old")).unwrap(), b"new");
     // The source rewritten by another host since this one looked at it: the copy's condition
     // fails, and the rename looks it up again and moves the new version.
     a.store.stat(p("d/old")).unwrap();
@@ -1228,6 +1229,21 @@ fn new_names_and_saves_by_rename_cost_no_lookups_and_a_stale_source_is_looked_up
         a.store.stat(p("d/old")).unwrap_err().raw_os_error(),
         libc::ENOENT
     );
+    // A target this host remembers absent, made meanwhile by another host with a mode of its
+    // own: the copy is refused, and the rename looks again and replaces it, index entry and
+    // all, so a listing and a HEAD agree on the mode.
+    assert!(a.store.stat(p("d/late")).is_err());
+    b.store.create(p("d/late"), 0o600, None, true).unwrap();
+    write(b.store.as_ref(), "d/late", b"late").unwrap();
+    a.store
+        .rename(p("d/moved"), p("d/late"), RenameMode::Replace)
+        .unwrap();
+    assert_eq!(client.object(&key("d/late")).unwrap(), b"theirs");
+    let c = host(&client);
+    let head = c.store.stat(p("d/late")).unwrap().perm;
+    let listed = c.store.list(p("d")).unwrap();
+    let entry = listed.iter().find(|e| e.name == "late").unwrap();
+    assert_eq!((head, entry.meta.as_ref().unwrap().perm), (0o644, 0o644));
 }
 
 #[test]
