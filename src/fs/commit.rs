@@ -13,7 +13,7 @@ use std::path::Path;
 use super::handle::{FileHandle, Pending};
 use super::{Errno, Fs, FsResult, Tid, closers, lock, read_lock};
 use crate::events::Changed;
-use crate::store::{Change, CommitRequest};
+use crate::store::{Change, CommitRequest, Version};
 
 /// The most bytes an appender's working copy may hold for them to be appended to a version
 /// others committed meanwhile (they are read into memory); past that, its copy wins whole.
@@ -174,7 +174,7 @@ impl Fs {
                     // Times set through the descriptor after its last write stay the file's.
                     self.store.set_attr(&path, &times)?;
                 }
-                self.committed(h, &path);
+                self.committed(h, &path, &base.meta().version);
                 Ok(())
             }
             Err(e) => {
@@ -186,9 +186,9 @@ impl Fs {
         }
     }
 
-    /// Bookkeeping after `h` committed at `path`: what the kernel's caches of this mount and
-    /// the space's other mounts must drop.
-    fn committed(&self, h: &FileHandle, path: &Path) {
+    /// Bookkeeping after `h` committed at `path` (it worked from version `from`): what the
+    /// kernel's caches of this mount and the space's other mounts must drop.
+    fn committed(&self, h: &FileHandle, path: &Path, from: &Version) {
         crate::metrics::committed();
         let version = h.base().meta().version.clone();
         let mut opens = lock(&self.opens);
@@ -198,7 +198,13 @@ impl Fs {
                 // on to another version: its appends followed others'); an appender writing
                 // directly left the pages it did not write into, which are the same.
                 let sole_cached_writer = h.cached_view() && !h.moved && state.writers == 1;
-                state.cached_version = sole_cached_writer.then_some(version);
+                // So are an appender's (writing directly) when the pages were those of the
+                // version it started from, whoever else has the file open: their opens would
+                // have made the pages nobody's (see `open`).
+                let appended_to_cached =
+                    h.appends_direct && !h.moved && state.cached_version.as_ref() == Some(from);
+                state.cached_version =
+                    (sole_cached_writer || appended_to_cached).then_some(version);
                 state.handles.len() > 1
             }
             None => false,

@@ -122,9 +122,17 @@ impl Fs {
                 // A writer alone starts from the committed version: pages cached of exactly
                 // that version stay (dropping a large file's pages costs milliseconds). It then
                 // fills the page cache with its own, not yet committed, data; an appender
-                // writes with direct I/O instead, dropping the pages it writes into.
-                let keep = alone && state.cached_version.as_ref() == Some(&version);
-                state.cached_version = None;
+                // writes with direct I/O instead, dropping only the pages it writes into, so
+                // the pages stay for it beside other writers too, and stay that version's until
+                // it commits (another writer's open made them nobody's: `cached_version` is
+                // then `None`). Not beside readers of the page cache: one reading the page its
+                // version ends in would cache it cut at that end. That covers the appender whose
+                // open reaches the mount before the RELEASE of the one before it.
+                let keep = (alone || (appends && state.readers == 0))
+                    && state.cached_version.as_ref() == Some(&version);
+                if !(appends && keep) {
+                    state.cached_version = None;
+                }
                 state.writers += 1;
                 (!alone || appends, keep, alone, passing, only)
             } else {
@@ -163,7 +171,7 @@ impl Fs {
         }
         handle.users.add(by);
         handle.seed_on_demand = alone && mode == Mode::Write;
-        handle.appends_direct = alone && appends && passing == Passing::No;
+        handle.appends_direct = (alone || keep_cache) && appends && passing == Passing::No;
         if shares {
             // A database's file: its changes are committed at close only.
             handle.not_sequential();

@@ -340,6 +340,41 @@ fn a_lone_appender_writes_directly_and_the_pages_it_did_not_write_stay_cached() 
 }
 
 #[test]
+fn an_appender_opened_before_the_last_ones_release_keeps_the_cached_pages() {
+    const APPEND: i32 = libc::O_WRONLY | libc::O_APPEND;
+    for s in every_store() {
+        s.fs.clears_set_ids();
+        let (attr, w) = create(&s.fs, ROOT, "log", RW);
+        s.fs.write(w.fh, 0, b"first\n", CALLER).unwrap();
+        s.fs.release(w.fh).unwrap();
+        // `close()` returns at the FLUSH, which commits; the kernel sends the RELEASE later,
+        // so the next appender's OPEN can come first: the pages stay for it all the same.
+        let a = s.fs.open(attr.ino, APPEND, CALLER).unwrap();
+        s.fs.write(a.fh, 6, b"second\n", CALLER).unwrap();
+        s.fs.flush(a.fh, CALLER, None).unwrap();
+        let b = s.fs.open(attr.ino, APPEND, CALLER).unwrap();
+        assert!(b.direct_io && b.keep_cache);
+        s.fs.release(a.fh).unwrap();
+        s.fs.write(b.fh, 13, b"third\n", CALLER).unwrap();
+        s.fs.flush(b.fh, CALLER, None).unwrap();
+        let c = s.fs.open(attr.ino, APPEND, CALLER).unwrap();
+        assert!(c.keep_cache, "and after it committed, for the next one");
+        s.fs.release(b.fh).unwrap();
+        s.fs.release(c.fh).unwrap();
+        assert_eq!(s.read("log"), b"first\nsecond\nthird\n");
+        let r = s.fs.open(attr.ino, libc::O_RDONLY, CALLER).unwrap();
+        assert!(r.keep_cache && !r.direct_io);
+        s.fs.release(r.fh).unwrap();
+        // A cached writer's open makes the pages nobody's.
+        let w = s.fs.open(attr.ino, RW, CALLER).unwrap();
+        let a = s.fs.open(attr.ino, APPEND, CALLER).unwrap();
+        assert!(!a.keep_cache);
+        s.fs.release(a.fh).unwrap();
+        s.fs.release(w.fh).unwrap();
+    }
+}
+
+#[test]
 fn large_files_are_seeded_lazily_and_commit_whole() {
     for s in every_store() {
         let len = (seed::LAZY_SEED_MIN + 12345) as usize;
