@@ -300,14 +300,21 @@ fn a_lone_writer_keeps_cached_pages_only_of_the_version_it_opens() {
     }
 }
 
+/// A file `log` holding `first\n`, committed, on a mount that clears set-IDs itself (its
+/// appenders write with direct I/O).
+fn log_on_a_mount_clearing_set_ids(s: &Setup) -> Attr {
+    s.fs.clears_set_ids();
+    let (attr, w) = create(&s.fs, ROOT, "log", RW);
+    s.fs.write(w.fh, 0, b"first\n", CALLER).unwrap();
+    s.fs.release(w.fh).unwrap();
+    attr
+}
+
 #[test]
 fn a_lone_appender_writes_directly_and_the_pages_it_did_not_write_stay_cached() {
     const APPEND: i32 = libc::O_WRONLY | libc::O_APPEND;
     for s in every_store() {
-        s.fs.clears_set_ids();
-        let (attr, w) = create(&s.fs, ROOT, "log", RW);
-        s.fs.write(w.fh, 0, b"first\n", CALLER).unwrap();
-        s.fs.release(w.fh).unwrap();
+        let attr = log_on_a_mount_clearing_set_ids(&s);
         // Direct I/O spares the kernel's capability check; the pages of the version it starts
         // from stay.
         let a = s.fs.open(attr.ino, APPEND, CALLER).unwrap();
@@ -343,10 +350,7 @@ fn a_lone_appender_writes_directly_and_the_pages_it_did_not_write_stay_cached() 
 fn an_appender_opened_before_the_last_ones_release_keeps_the_cached_pages() {
     const APPEND: i32 = libc::O_WRONLY | libc::O_APPEND;
     for s in every_store() {
-        s.fs.clears_set_ids();
-        let (attr, w) = create(&s.fs, ROOT, "log", RW);
-        s.fs.write(w.fh, 0, b"first\n", CALLER).unwrap();
-        s.fs.release(w.fh).unwrap();
+        let attr = log_on_a_mount_clearing_set_ids(&s);
         // `close()` returns at the FLUSH, which commits; the kernel sends the RELEASE later,
         // so the next appender's OPEN can come first: the pages stay for it all the same.
         let a = s.fs.open(attr.ino, APPEND, CALLER).unwrap();
