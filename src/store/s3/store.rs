@@ -276,12 +276,17 @@ impl S3Store {
         lock(&self.listings).remove(&split(path).0);
     }
 
-    /// Forgets everything remembered at and below `path` (a directory renamed or removed).
-    fn forget_tree(&self, path: &Path) {
+    /// Forgets everything remembered at and below `path`, but not its directory's listing.
+    fn forget_below(&self, path: &Path) {
         lock(&self.metas).retain(|p, _| !p.starts_with(path));
         lock(&self.indexes).retain(|p, _| !p.starts_with(path));
-        let parent = split(path).0;
-        lock(&self.listings).retain(|p, _| !p.starts_with(path) && *p != parent);
+        lock(&self.listings).retain(|p, _| !p.starts_with(path));
+    }
+
+    /// Forgets everything remembered at and below `path` (a directory renamed or removed).
+    fn forget_tree(&self, path: &Path) {
+        self.forget_below(path);
+        lock(&self.listings).remove(&split(path).0);
     }
 
     /// The attributes of the version `etag` of `path` this store has just written (`size`
@@ -1341,7 +1346,9 @@ impl Store for S3Store {
         if is_root(path) {
             return Err(err(libc::EBUSY));
         }
-        let meta = self.lookup(path)?;
+        // As the store last saw it (the kernel has just looked it up); whether it is empty is
+        // asked below, always.
+        let meta = self.stat(path)?;
         if meta.kind != Kind::Dir {
             return Err(err(libc::ENOTDIR));
         }
@@ -1354,7 +1361,9 @@ impl Store for S3Store {
             .delete_many(&[prefix.clone() + INDEX, prefix.clone()])?;
         // SeaweedFS keeps an emptied directory until its own key is deleted.
         self.shared.client.delete(&prefix)?;
-        self.forget_tree(path);
+        // What was below it goes; its directory's listing stays known, without its name
+        // (`git gc` removes directory after directory and looks up the next one).
+        self.forget_below(path);
         self.remember(path, None);
         self.unindex(path, &meta)?;
         Ok(())

@@ -1273,3 +1273,49 @@ fn a_rename_that_writes_the_metadata_reads_it_afresh_and_reverts_no_other_hosts_
         (libc::S_IFREG | 0o600).to_string()
     );
 }
+
+#[test]
+fn removing_directories_one_after_the_other_asks_only_what_it_must() {
+    let client = Arc::new(MemClient::new());
+    let a = host(&client);
+    for d in ["objects/aa", "objects/ab", "objects/ac"] {
+        a.store.mkdir(p(d).parent().unwrap(), 0o755, None).ok();
+        a.store.mkdir(p(d), 0o755, None).unwrap();
+        write(a.store.as_ref(), &format!("{d}/obj"), b"x").unwrap();
+    }
+    // As `git gc` prunes: list a directory, remove its file, remove it, look up the next.
+    let requests = || -> Vec<u64> {
+        [Op::Head, Op::List]
+            .into_iter()
+            .map(|op| client.count(op))
+            .collect()
+    };
+    assert!(a.store.stat(p("objects/aa")).is_ok());
+    a.store.unlink(p("objects/aa/obj")).unwrap();
+    let before = requests();
+    a.store.rmdir(p("objects/aa")).unwrap();
+    assert_eq!(a.store.stat(p("objects/ab")).unwrap().kind, Kind::Dir);
+    assert_eq!(
+        a.store.stat(p("objects/aa")).unwrap_err().raw_os_error(),
+        libc::ENOENT
+    );
+    let after = requests();
+    // Only whether it was empty was asked (a LIST of it), always.
+    assert_eq!((after[0] - before[0], after[1] - before[1]), (0, 1));
+    // A directory that is not empty stays, whatever was remembered of it.
+    assert_eq!(
+        a.store.rmdir(p("objects/ab")).unwrap_err().raw_os_error(),
+        libc::ENOTEMPTY
+    );
+    assert!(client.object(&key("objects/ab/obj")).is_some());
+    // Another host sees it gone, and its neighbours there.
+    let b = host(&client);
+    let names: Vec<String> = b
+        .store
+        .list(p("objects"))
+        .unwrap()
+        .into_iter()
+        .map(|e| e.name.to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names, ["ab", "ac"]);
+}
