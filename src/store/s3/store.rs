@@ -89,6 +89,13 @@ pub struct S3Store {
 /// whole seconds), never earlier on this host.
 const KEEP_MTIME_AFTER: Duration = Duration::from_secs(2);
 
+/// Whether a file modified at `mtime` keeps it through a rename (see `KEEP_MTIME_AFTER`).
+fn keeps_mtime(mtime: SystemTime) -> bool {
+    SystemTime::now()
+        .duration_since(mtime)
+        .is_ok_and(|age| age >= KEEP_MTIME_AFTER)
+}
+
 /// The version tag of a file made by `create_held` and not committed yet: never an ETag.
 const NEW_TAG: &str = "roomfs-new-";
 
@@ -935,10 +942,7 @@ impl S3Store {
         // The copy keeps the source's mtime (POSIX: a rename changes the ctime only), as
         // explicit metadata, unless the source was modified just now (see `KEEP_MTIME_AFTER`).
         let mut attrs = self.meta_attrs(source);
-        let keep_mtime = attrs.mtime.is_none()
-            && SystemTime::now()
-                .duration_since(source.mtime)
-                .is_ok_and(|age| age >= KEEP_MTIME_AFTER);
+        let keep_mtime = attrs.mtime.is_none() && keeps_mtime(source.mtime);
         if keep_mtime && !fresh {
             // The copy's metadata is written whole: from the object as it is now, not as
             // remembered (a change of mode or owner leaves the ETag as it was).
@@ -1037,10 +1041,7 @@ fn copy_keeping_mtime(
         Some((etag, at)) if etag == info.etag.trim_matches('"') => to_second(at),
         _ => to_second(info.last_modified),
     };
-    let kept = explicit.is_none()
-        && SystemTime::now()
-            .duration_since(modified)
-            .is_ok_and(|age| age >= KEEP_MTIME_AFTER);
+    let kept = explicit.is_none() && keeps_mtime(modified);
     let metadata = kept.then(|| {
         let mut m = info.metadata.clone();
         m.insert("mtime".into(), super::attrs::format_time(modified));
@@ -1112,9 +1113,9 @@ impl S3Store {
                 let dest_dir = split_key(&dest).0.to_string();
                 if seen.insert(src_dir.to_string()) {
                     // The old index, read before its key can be deleted.
+                    // (Every directory here lies below the one renamed, never the root.)
                     let index = match self.keys.path_of(src_dir.trim_end_matches('/')) {
                         Some(p) => self.fetch_index(&p)?.1,
-                        None if src_dir == self.keys.root() => self.fetch_index(Path::new(""))?.1,
                         None => Index::default(),
                     };
                     pending.entry(dest_dir.clone()).or_default().0 = index;
@@ -1177,10 +1178,8 @@ impl S3Store {
         if old.entries.is_empty() && moved.iter().all(|m| m.mtime.is_none()) {
             return Ok(());
         }
-        let path = match self.keys.path_of(dir.trim_end_matches('/')) {
-            Some(p) => p,
-            None if dir == self.keys.root() => PathBuf::new(),
-            None => return Ok(()),
+        let Some(path) = self.keys.path_of(dir.trim_end_matches('/')) else {
+            return Ok(()); // not a directory the store would make
         };
         self.update_index(&path, &|index| {
             let before = index.entries.clone();
