@@ -19,6 +19,17 @@
 //!   has a connect timeout and a timeout per attempt, so an unreachable or frozen store fails
 //!   the request in bounded time ([`Failure::Unavailable`], `EIO` at the mount) instead of
 //!   wedging the mount; requests, failures and retries are counted in the metrics.
+//! - Every upload (PUT, UploadPart) carries the CRC32 of its body, which the store checks
+//!   (`x-amz-checksum-crc32`, refused with `BadDigest` on a mismatch), and is sent as
+//!   `UNSIGNED-PAYLOAD`: the request is signed, its body is not. Signing a body costs a SHA-256
+//!   of every byte at both ends (over plain HTTP the SDK would sign each 64 KiB chunk of a
+//!   streamed body; over HTTPS it signs none), and guards it only against an attacker on the
+//!   path — who, over plain HTTP, reads every file and alters every download anyway. The
+//!   checksum guards against corruption; TLS against attackers. (The AWS CRT, under
+//!   mountpoint-s3, makes the same choice.) A file body's checksum is read from the file
+//!   before it is sent, in one more pass over the page cache; a body refused for its checksum
+//!   (a part written to while it uploads, or bytes damaged on the way) is sent again, with its
+//!   checksum taken again, up to [`BODY_ATTEMPTS`] times.
 
 use std::cell::RefCell;
 use std::fs::File;
@@ -315,15 +326,51 @@ fn condition_headers(c: &Condition) -> (Option<String>, Option<String>) {
 /// Bodies up to this size are read into memory before their request.
 const SMALL_BODY: u64 = 1 << 20;
 
-/// The request body of `body`, and the file it reads (if any), to be held until the request is
-/// done: the body reads the file by its descriptor's number, at each attempt.
-async fn byte_stream(body: Body) -> Result<(ByteStream, Option<Arc<File>>), String> {
+/// How many times an upload refused for its checksum is sent: a file body may have changed
+/// under it (its checksum is taken again), any body may have been damaged on the way.
+const BODY_ATTEMPTS: u32 = 3;
+
+/// A request body: the stream, the file it reads (if any), to be held until the request is
+/// done, and the CRC32 of a streamed body (the SDK computes that of a body in memory).
+struct Upload {
+    stream: ByteStream,
+    _file: Option<Arc<File>>,
+    crc32: Option<String>,
+}
+
+/// The CRC32 of `len` bytes of `file` from `offset`, base64 of its 4 big-endian bytes (as
+/// `x-amz-checksum-crc32` wants it), read in pieces of up to 1 MiB.
+fn file_crc32(file: &File, offset: u64, len: u64) -> std::io::Result<String> {
+    use base64::Engine;
+    use std::os::unix::fs::FileExt;
+    let mut crc = crc32fast::Hasher::new();
+    let mut buf = vec![0u8; len.min(1 << 20) as usize];
+    let mut done = 0;
+    while done < len {
+        let n = buf.len().min((len - done) as usize);
+        file.read_exact_at(&mut buf[..n], offset + done)?;
+        crc.update(&buf[..n]);
+        done += n as u64;
+    }
+    Ok(base64::engine::general_purpose::STANDARD.encode(crc.finalize().to_be_bytes()))
+}
+
+/// Whether the store refused a body whose checksum did not match what it received.
+fn bad_digest<E: ProvideErrorMetadata>(
+    e: &SdkError<E, aws_sdk_s3::config::http::HttpResponse>,
+) -> bool {
+    matches!(e, SdkError::ServiceError(se) if se.err().code() == Some("BadDigest"))
+}
+
+/// The request body of `body`: a file body is read by its descriptor's number, at each attempt.
+async fn byte_stream(body: Body) -> Result<Upload, String> {
     match body {
         // Moved, not copied, where the request holds the only reference (a part is 8 MiB).
-        Body::Bytes(b) => Ok((
-            ByteStream::from(Arc::try_unwrap(b).unwrap_or_else(|b| b.as_ref().clone())),
-            None,
-        )),
+        Body::Bytes(b) => Ok(Upload {
+            stream: ByteStream::from(Arc::try_unwrap(b).unwrap_or_else(|b| b.as_ref().clone())),
+            _file: None,
+            crc32: None,
+        }),
         // A small body is read here, on the request's thread: a file body is read on tokio's
         // blocking pool, a hand-off to another thread and back for each piece.
         Body::File { file, offset, len } if len <= SMALL_BODY => {
@@ -331,10 +378,16 @@ async fn byte_stream(body: Body) -> Result<(ByteStream, Option<Arc<File>>), Stri
             let mut buf = vec![0u8; len as usize];
             file.read_exact_at(&mut buf, offset)
                 .map_err(|e| format!("reading the body: {e}"))?;
-            Ok((ByteStream::from(buf), None))
+            Ok(Upload {
+                stream: ByteStream::from(buf),
+                _file: None,
+                crc32: None,
+            })
         }
         Body::File { file, offset, len } => {
             use std::os::fd::AsRawFd;
+            let crc32 =
+                file_crc32(&file, offset, len).map_err(|e| format!("reading the body: {e}"))?;
             // Through /proc, so each attempt opens the file again and the body is retryable;
             // read in pieces of up to 1 MiB (each is a turn of tokio's blocking pool).
             let path = format!("/proc/self/fd/{}", file.as_raw_fd());
@@ -346,7 +399,11 @@ async fn byte_stream(body: Body) -> Result<(ByteStream, Option<Arc<File>>), Stri
                 .build()
                 .await
                 .map_err(|e| e.to_string())?;
-            Ok((stream, Some(file)))
+            Ok(Upload {
+                stream,
+                _file: Some(file),
+                crc32: Some(crc32),
+            })
         }
     }
 }
@@ -554,23 +611,36 @@ impl ObjectClient for SdkClient {
     ) -> ClientResult<String> {
         self.start("put", key);
         let (if_match, if_none) = condition_headers(condition);
+        let what = || format!("PUT {key}");
         let r = block(async {
-            let (body, _file) = byte_stream(body)
-                .await
-                .map_err(|e| ClientError::with_source(Failure::Other, format!("PUT {key}"), e))?;
-            self.client()
-                .put_object()
-                .bucket(&self.bucket)
-                .key(key)
-                .body(body)
-                .set_metadata(Some(metadata.clone().into_iter().collect()))
-                .set_if_match(if_match)
-                .set_if_none_match(if_none)
-                .customize()
-                .interceptor(attempts("put"))
-                .send()
-                .await
-                .map_err(|e| classify("put", format!("PUT {key}"), e))
+            let mut attempt = 1;
+            loop {
+                let sent = byte_stream(body.clone())
+                    .await
+                    .map_err(|e| ClientError::with_source(Failure::Other, what(), e))?;
+                let r = self
+                    .client()
+                    .put_object()
+                    .bucket(&self.bucket)
+                    .key(key)
+                    .body(sent.stream)
+                    .set_checksum_crc32(sent.crc32)
+                    .set_metadata(Some(metadata.clone().into_iter().collect()))
+                    .set_if_match(if_match.clone())
+                    .set_if_none_match(if_none.clone())
+                    .customize()
+                    .disable_payload_signing()
+                    .interceptor(attempts("put"))
+                    .send()
+                    .await;
+                match r {
+                    Err(e) if attempt < BODY_ATTEMPTS && bad_digest(&e) => {
+                        log::debug!("{}: the body did not match its checksum; again", what());
+                        attempt += 1;
+                    }
+                    r => return r.map_err(|e| classify("put", what(), e)),
+                }
+            }
         })?;
         Ok(etag_of(r.e_tag()))
     }
@@ -629,21 +699,33 @@ impl ObjectClient for SdkClient {
         self.start("upload_part", key);
         let what = || format!("UploadPart {part} of {key}");
         let r = block(async {
-            let (body, _file) = byte_stream(body)
-                .await
-                .map_err(|e| ClientError::with_source(Failure::Other, what(), e))?;
-            self.client()
-                .upload_part()
-                .bucket(&self.bucket)
-                .key(key)
-                .upload_id(upload)
-                .part_number(part as i32)
-                .body(body)
-                .customize()
-                .interceptor(attempts("upload_part"))
-                .send()
-                .await
-                .map_err(|e| classify("upload_part", what(), e))
+            let mut attempt = 1;
+            loop {
+                let sent = byte_stream(body.clone())
+                    .await
+                    .map_err(|e| ClientError::with_source(Failure::Other, what(), e))?;
+                let r = self
+                    .client()
+                    .upload_part()
+                    .bucket(&self.bucket)
+                    .key(key)
+                    .upload_id(upload)
+                    .part_number(part as i32)
+                    .body(sent.stream)
+                    .set_checksum_crc32(sent.crc32)
+                    .customize()
+                    .disable_payload_signing()
+                    .interceptor(attempts("upload_part"))
+                    .send()
+                    .await;
+                match r {
+                    Err(e) if attempt < BODY_ATTEMPTS && bad_digest(&e) => {
+                        log::debug!("{}: the body did not match its checksum; again", what());
+                        attempt += 1;
+                    }
+                    r => return r.map_err(|e| classify("upload_part", what(), e)),
+                }
+            }
         })?;
         Ok(etag_of(r.e_tag()))
     }
@@ -1056,5 +1138,158 @@ mod tests {
         let other = connect(&url);
         other.head("k").unwrap();
         assert_eq!(clients_here(), 1);
+    }
+
+    /// A request as a server received it.
+    struct Received {
+        headers: std::collections::HashMap<String, String>,
+        body: Vec<u8>,
+    }
+
+    /// A server that records each request and answers it with the next of `answers` (the last
+    /// one again when they run out); `on_request(n)` runs before the `n`th answer (from 1).
+    fn recording_server(
+        answers: Vec<&'static str>,
+        on_request: impl Fn(usize) + Send + 'static,
+    ) -> (String, Arc<std::sync::Mutex<Vec<Received>>>) {
+        use std::io::{BufRead, BufReader, Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = log.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { return };
+                let mut reader = BufReader::new(conn.try_clone().unwrap());
+                loop {
+                    let mut headers = std::collections::HashMap::new();
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                        break;
+                    }
+                    loop {
+                        line.clear();
+                        reader.read_line(&mut line).unwrap();
+                        let Some((k, v)) = line.trim_end().split_once(':') else {
+                            break;
+                        };
+                        headers.insert(k.to_lowercase(), v.trim().to_string());
+                    }
+                    let len = headers
+                        .get("content-length")
+                        .map_or(0, |l| l.parse().unwrap());
+                    let mut body = vec![0u8; len];
+                    reader.read_exact(&mut body).unwrap();
+                    let n = {
+                        let mut l = seen.lock().unwrap();
+                        l.push(Received { headers, body });
+                        l.len()
+                    };
+                    on_request(n);
+                    let answer = answers[(n - 1).min(answers.len() - 1)];
+                    conn.write_all(answer.as_bytes()).unwrap();
+                }
+            }
+        });
+        (url, log)
+    }
+
+    const STORED: &str = "HTTP/1.1 200 OK\r\nETag: \"e1\"\r\nContent-Length: 0\r\n\r\n";
+    fn bad_digest_answer() -> &'static str {
+        let body = "<?xml version=\"1.0\"?><Error><Code>BadDigest</Code><Message>no match</Message></Error>";
+        let answer = format!(
+            "HTTP/1.1 400 Bad Request\r\nContent-Type: application/xml\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        Box::leak(answer.into_boxed_str())
+    }
+
+    fn crc32_of(bytes: &[u8]) -> String {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.encode(crc32fast::hash(bytes).to_be_bytes())
+    }
+
+    /// A file of `len` bytes that are not all alike, and its path.
+    fn body_file(dir: &std::path::Path, len: usize, seed: u8) -> (Arc<File>, std::path::PathBuf) {
+        let path = dir.join(format!("body-{seed}"));
+        let bytes: Vec<u8> = (0..len).map(|i| (i % 251) as u8 ^ seed).collect();
+        std::fs::write(&path, bytes).unwrap();
+        (Arc::new(File::open(&path).unwrap()), path)
+    }
+
+    #[test]
+    fn uploads_carry_their_crc32_and_no_payload_signature() {
+        let (url, log) = recording_server(vec![STORED], |_| {});
+        let client = connect(&url);
+        let dir = tempfile::tempdir().unwrap();
+        let small = Body::Bytes(Arc::new(b"hello".to_vec()));
+        let (file, path) = body_file(dir.path(), 3 << 20, 7);
+        let large = Body::File {
+            file,
+            offset: 1 << 20,
+            len: 2 << 20,
+        };
+        client
+            .put("a", small, &Metadata::new(), &Condition::None)
+            .unwrap();
+        client
+            .put("b", large.clone(), &Metadata::new(), &Condition::None)
+            .unwrap();
+        client.upload_part("c", "u1", 1, large).unwrap();
+        let expected = &std::fs::read(path).unwrap()[1 << 20..];
+        let log = log.lock().unwrap();
+        assert_eq!(log.len(), 3);
+        for (r, body) in log.iter().zip([&b"hello"[..], expected, expected]) {
+            assert_eq!(r.headers["x-amz-content-sha256"], "UNSIGNED-PAYLOAD");
+            assert_eq!(r.headers["x-amz-checksum-crc32"], crc32_of(body));
+            // Sent as it is: no aws-chunked framing (nor the chunk signatures it carries).
+            assert_eq!(r.headers.get("content-encoding"), None);
+            assert!(r.body == body, "the body arrives unchanged");
+        }
+    }
+
+    #[test]
+    fn a_file_body_that_changed_under_its_checksum_is_sent_again_with_a_new_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let (file, path) = body_file(dir.path(), 2 << 20, 1);
+        let changed = path.clone();
+        // The part is written to while it uploads: the store refuses what it received.
+        let (url, log) = recording_server(vec![bad_digest_answer(), STORED], move |n| {
+            if n == 1 {
+                std::fs::write(&changed, vec![9u8; 2 << 20]).unwrap();
+            }
+        });
+        let client = connect(&url);
+        let body = Body::File {
+            file,
+            offset: 0,
+            len: 2 << 20,
+        };
+        client.upload_part("k", "u1", 1, body.clone()).unwrap();
+        {
+            let log = log.lock().unwrap();
+            assert_eq!(log.len(), 2);
+            assert_eq!(
+                log[1].headers["x-amz-checksum-crc32"],
+                crc32_of(&vec![9u8; 2 << 20])
+            );
+            assert!(log[1].body == vec![9u8; 2 << 20]);
+        }
+
+        // A store that refuses every attempt: an error after a bounded number of them.
+        let (url, log) = recording_server(vec![bad_digest_answer()], |_| {});
+        let client = connect(&url);
+        let e = client
+            .put("k", body, &Metadata::new(), &Condition::None)
+            .unwrap_err();
+        assert_eq!(e.failure, Failure::Refused, "{e}");
+        assert!(e.to_string().contains("BadDigest"), "{e}");
+        assert_eq!(log.lock().unwrap().len(), BODY_ATTEMPTS as usize);
+        // A body in memory too (damaged on the way).
+        let bytes = Body::Bytes(Arc::new(b"x".to_vec()));
+        client
+            .put("k", bytes, &Metadata::new(), &Condition::None)
+            .unwrap_err();
+        assert_eq!(log.lock().unwrap().len(), 2 * BODY_ATTEMPTS as usize);
     }
 }
