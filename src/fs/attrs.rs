@@ -16,6 +16,32 @@ impl Fs {
     /// a writer sees its own size. A file unlinked while open shows the content its handles
     /// still hold.
     pub fn getattr(&self, ino: Ino, fh: Option<u64>) -> FsResult<Attr> {
+        let mut attr = self.getattr_unheld(ino, fh)?;
+        if self.store.capabilities().attrs_at_commit {
+            // A mode or owner held for a handle's commit is the file's here already.
+            for handle in self.handles_of(ino) {
+                let h = lock(&handle);
+                if h.ino == ino {
+                    h.show_held(&mut attr);
+                }
+            }
+        }
+        Ok(attr)
+    }
+
+    /// The open handles of `ino`.
+    fn handles_of(&self, ino: Ino) -> Vec<std::sync::Arc<std::sync::Mutex<FileHandle>>> {
+        let fhs = lock(&self.opens)
+            .get(&ino)
+            .map(|s| s.handles.clone())
+            .unwrap_or_default();
+        fhs.into_iter()
+            .filter_map(|fh| self.file(fh).ok())
+            .collect()
+    }
+
+    /// [`Fs::getattr`] without the attributes held for commits.
+    fn getattr_unheld(&self, ino: Ino, fh: Option<u64>) -> FsResult<Attr> {
         let (handles, cached_readers) = match lock(&self.opens).get(&ino) {
             Some(state) => (state.handles.clone(), state.cached_readers),
             None => (Vec::new(), 0),
@@ -81,6 +107,9 @@ impl Fs {
             || attr.gid.is_some()
             || attr.atime.is_some()
             || attr.mtime.is_some();
+        if any && self.hold_for_commit(ino, attr) {
+            return self.getattr(ino, fh);
+        }
         if any {
             let (path, _claim) = self.claim_path(ino).ok_or(Errno::ENOENT)?;
             self.store.set_attr(&path, attr)?;
@@ -104,6 +133,38 @@ impl Fs {
         self.getattr(ino, fh)
     }
 
+    /// Holds `attr` for the commit of the one handle of `ino` with uncommitted changes, where
+    /// the store takes attributes with commits (`Capabilities::attrs_at_commit`): `tar -x` and
+    /// `cp -a` set owner, mode and times after writing each file, which would otherwise cost
+    /// an object store a copy of the object onto itself each. Whether it did; not with two
+    /// such handles (which commits last is not known).
+    fn hold_for_commit(&self, ino: Ino, attr: &SetAttr) -> bool {
+        if !self.store.capabilities().attrs_at_commit {
+            return false;
+        }
+        let mut writer = None;
+        for handle in self.handles_of(ino) {
+            let h = lock(&handle);
+            if h.ino == ino && h.dirty() {
+                if writer.is_some() {
+                    return false;
+                }
+                drop(h);
+                writer = Some(handle);
+            }
+        }
+        let Some(handle) = writer else {
+            return false;
+        };
+        let mut h = lock(&handle);
+        // (Committed meanwhile: set at once.)
+        if !h.dirty() {
+            return false;
+        }
+        h.hold_attrs(attr);
+        true
+    }
+
     /// The mount clears set-IDs at writes, truncates and chowns itself (`drop_set_ids`), as the
     /// kernel then leaves it to: appenders may then write with direct I/O (see `open_path`).
     pub fn clears_set_ids(&self) {
@@ -116,6 +177,14 @@ impl Fs {
     /// it (the kernel leaves that to the mount, see `fuse.rs`: otherwise it would ask for
     /// `security.capability` before every write).
     pub fn drop_set_ids(&self, ino: Ino) -> FsResult<()> {
+        let mut held = false;
+        for handle in self.handles_of(ino) {
+            let mut h = lock(&handle);
+            held |= h.ino == ino && h.drop_held_set_ids();
+        }
+        if held && let Some(kernel) = self.kernel.get() {
+            kernel.attributes_changed(ino);
+        }
         let Some(perm) = self.perm_without_set_ids(ino)? else {
             return Ok(());
         };

@@ -94,6 +94,7 @@ impl Fs {
                 follow: false,
             },
             durable: false,
+            attrs: None,
         }) {
             Ok(done) => h.rebase_created(done.content),
             Err(e) => log::warn!(
@@ -141,6 +142,9 @@ impl Fs {
         if let Some(q) = self.space.quota() {
             q.resize(sizes.0, sizes.1)?;
         }
+        // Where the store takes them, the attributes set meanwhile (see `hold_for_commit`).
+        let with_attrs = self.store.capabilities().attrs_at_commit;
+        let attrs = with_attrs.then(|| h.commit_attrs()).flatten();
         let result = {
             let seeding = h.staged().and_then(|s| s.seeding.clone());
             let complete = || seeding.as_ref().map_or(Ok(()), |s| s.finish());
@@ -162,6 +166,7 @@ impl Fs {
                 base: &base,
                 change,
                 durable,
+                attrs: attrs.clone(),
             })
         };
         match result {
@@ -170,7 +175,7 @@ impl Fs {
                     q.settle(sizes, (done.replaced_size, done.content.meta().size));
                 }
                 h.committed(done.content, done.followed);
-                if let Some(times) = h.kept_times() {
+                if !with_attrs && let Some(times) = h.kept_times() {
                     // Times set through the descriptor after its last write stay the file's.
                     self.store.set_attr(&path, &times)?;
                 }

@@ -137,6 +137,10 @@ pub struct FileHandle {
     /// the file's after the commit too, as on a local disk (`cp -p` and `tar -x` set them
     /// through the descriptor before closing it).
     times: Option<(Option<SystemTime>, Option<SystemTime>)>,
+    /// Mode and owner set while the handle held uncommitted changes, on a store that takes
+    /// them with the commit (`Capabilities::attrs_at_commit`; `perm`, `uid`, `gid` only): for
+    /// that commit, together with `times`.
+    held: SetAttr,
     /// Every write so far went at the end of what the handle saw (a log, `>`, `>>`): such a
     /// writer's output is published while it runs (see `stream_due`).
     sequential: bool,
@@ -169,6 +173,7 @@ impl FileHandle {
             moved: false,
             users: Users::default(),
             times: None,
+            held: SetAttr::default(),
             sequential: mode != Mode::Read,
             next,
             opened: Instant::now(),
@@ -225,6 +230,48 @@ impl FileHandle {
             mtime: mtime.map(TimeSpec::At),
             ..Default::default()
         })
+    }
+
+    /// Holds a change of mode or owner (and of times, as `keep_times`) for the next commit.
+    pub fn hold_attrs(&mut self, attr: &SetAttr) {
+        self.held.perm = attr.perm.or(self.held.perm);
+        self.held.uid = attr.uid.or(self.held.uid);
+        self.held.gid = attr.gid.or(self.held.gid);
+        if attr.atime.is_some() || attr.mtime.is_some() {
+            self.keep_times(attr.atime, attr.mtime);
+        }
+    }
+
+    /// What the next commit sets (see `held`), if anything.
+    pub fn commit_attrs(&self) -> Option<SetAttr> {
+        let times = self.kept_times().unwrap_or_default();
+        let attrs = SetAttr {
+            atime: times.atime,
+            mtime: times.mtime,
+            ..self.held.clone()
+        };
+        (!attrs.is_empty()).then_some(attrs)
+    }
+
+    /// `attr` with the mode and owner held for the next commit.
+    pub fn show_held(&self, attr: &mut super::Attr) {
+        attr.perm = self.held.perm.unwrap_or(attr.perm);
+        attr.uid = self.held.uid.unwrap_or(attr.uid);
+        attr.gid = self.held.gid.unwrap_or(attr.gid);
+    }
+
+    /// Drops the set-IDs of a mode held for the next commit, as `Fs::drop_set_ids` does on
+    /// the file (a write or truncate by an unprivileged process); whether there were any.
+    pub fn drop_held_set_ids(&mut self) -> bool {
+        let Some(perm) = self.held.perm else {
+            return false;
+        };
+        let mut without = perm & !(libc::S_ISUID as u16);
+        if perm & libc::S_IXGRP as u16 != 0 {
+            without &= !(libc::S_ISGID as u16);
+        }
+        self.held.perm = Some(without);
+        without != perm
     }
 
     /// A change of content: times set earlier give way to the change's own.
@@ -293,6 +340,7 @@ impl FileHandle {
         self.pending = Pending::Clean;
         self.moved |= followed;
         self.creates = false;
+        self.held = SetAttr::default();
     }
 
     /// The file its open created was made, empty, without its changes (see
@@ -311,11 +359,15 @@ impl FileHandle {
             seeding.cancel();
         }
         self.pending = Pending::Clean;
+        // Attributes held for a commit that will not come go with the changes.
+        self.held = SetAttr::default();
     }
 
     /// Starts from nothing (`O_TRUNC`): `copy`, an empty working copy, holds the changes.
     pub fn truncated(&mut self, copy: Arc<dyn WorkingCopy>) {
+        let held = std::mem::take(&mut self.held);
         self.drop_changes();
+        self.held = held;
         self.next = 0;
         self.pending = Pending::Staged(Staged {
             copy,

@@ -102,6 +102,7 @@ impl Setup {
                 base: &base,
                 change: Change::Whole(&copy),
                 durable: false,
+                attrs: None,
             })
             .unwrap();
     }

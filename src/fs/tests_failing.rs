@@ -18,7 +18,11 @@ struct Setup {
 }
 
 fn setup() -> Setup {
-    let store = Arc::new(FailingStore::new(MemStore::new()));
+    setup_on(MemStore::new())
+}
+
+fn setup_on(mem: MemStore) -> Setup {
+    let store = Arc::new(FailingStore::new(mem));
     let id = crate::space::SpaceId::new(crate::space::SpaceKind::Room, "r").unwrap();
     let space = Arc::new(Space::new(id, store.clone(), None));
     let fs = Fs::new(
@@ -227,4 +231,132 @@ fn a_slow_commit_holds_up_only_what_waits_for_that_name() {
     );
     committer.join().unwrap().unwrap();
     assert_eq!(s.fs.getattr(slow.ino, None).unwrap().size, 6);
+}
+
+fn set(perm: Option<u16>, owner: Option<(u32, u32)>, mtime: Option<SystemTime>) -> AttrChanges {
+    AttrChanges {
+        attr: SetAttr {
+            perm,
+            uid: owner.map(|o| o.0),
+            gid: owner.map(|o| o.1),
+            mtime: mtime.map(crate::store::TimeSpec::At),
+            ..Default::default()
+        },
+        ..Default::default()
+    }
+}
+
+#[test]
+fn attributes_set_while_a_file_is_written_go_with_its_commit_where_the_store_takes_them() {
+    let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000_000);
+    let s = setup_on(MemStore::new().with_attrs_at_commit());
+    let c = Caller::default();
+    // As `tar -x` and `cp -a` do: write, then owner, mode and times through the descriptor.
+    let (attr, h) = s.fs.create(ROOT, name("f"), 0o600, RW, &c).unwrap();
+    s.fs.write(h.fh, 0, b"bytes", CALLER).unwrap();
+    s.fs.setattr(attr.ino, Some(h.fh), &set(None, Some((7, 8)), None))
+        .unwrap();
+    let shown =
+        s.fs.setattr(attr.ino, Some(h.fh), &set(Some(0o751), None, None))
+            .unwrap();
+    assert_eq!(
+        (shown.perm, shown.uid, shown.gid),
+        (0o751, 7, 8),
+        "shown at once"
+    );
+    s.fs.setattr(attr.ino, Some(h.fh), &set(None, None, Some(t)))
+        .unwrap();
+    assert_eq!(
+        s.store.calls(Op::SetAttr),
+        0,
+        "nothing set in the store yet"
+    );
+    let seen = s.fs.getattr(attr.ino, None).unwrap();
+    assert_eq!(
+        (seen.perm, seen.uid, seen.gid, seen.mtime),
+        (0o751, 7, 8, t)
+    );
+    let committed = s.store.inner().stat(Path::new("f")).unwrap();
+    assert_eq!(
+        (committed.perm, committed.size),
+        (0o600, 0),
+        "others see the file as created"
+    );
+    s.fs.release(h.fh).unwrap();
+    let committed = s.store.inner().stat(Path::new("f")).unwrap();
+    assert_eq!(
+        (
+            committed.perm,
+            committed.uid,
+            committed.gid,
+            committed.mtime,
+            committed.size
+        ),
+        (0o751, 7, 8, t, 5),
+        "the commit set them, with the bytes"
+    );
+    assert_eq!(s.store.calls(Op::SetAttr), 0, "in the commit, not besides");
+    let seen = s.fs.getattr(attr.ino, None).unwrap();
+    assert_eq!((seen.perm, seen.uid, seen.mtime), (0o751, 7, t));
+
+    // A write by an unprivileged process drops set-IDs, held ones too.
+    let w = s.fs.open(attr.ino, RW, CALLER).unwrap();
+    s.fs.write(w.fh, 0, b"z", CALLER).unwrap();
+    s.fs.setattr(attr.ino, None, &set(Some(0o6751), None, None))
+        .unwrap();
+    assert_eq!(s.fs.getattr(attr.ino, None).unwrap().perm, 0o6751);
+    s.fs.drop_set_ids(attr.ino).unwrap();
+    assert_eq!(s.fs.getattr(attr.ino, None).unwrap().perm, 0o751);
+    s.fs.release(w.fh).unwrap();
+    assert_eq!(s.store.inner().stat(Path::new("f")).unwrap().perm, 0o751);
+    assert_eq!(s.store.calls(Op::SetAttr), 0);
+
+    // A file nobody writes: set at once.
+    s.fs.setattr(attr.ino, None, &set(Some(0o640), None, None))
+        .unwrap();
+    assert_eq!(s.store.calls(Op::SetAttr), 1);
+    assert_eq!(s.store.inner().stat(Path::new("f")).unwrap().perm, 0o640);
+
+    // Two handles with changes: which commits last is not known, so at once too.
+    let a = s.fs.open(attr.ino, RW, CALLER).unwrap();
+    let b = s.fs.open(attr.ino, RW, CALLER).unwrap();
+    s.fs.write(a.fh, 0, b"A", CALLER).unwrap();
+    s.fs.write(b.fh, 1, b"B", CALLER).unwrap();
+    s.fs.setattr(attr.ino, None, &set(Some(0o600), None, None))
+        .unwrap();
+    assert_eq!(s.store.calls(Op::SetAttr), 2);
+    s.fs.release(a.fh).unwrap();
+    s.fs.release(b.fh).unwrap();
+    assert_eq!(s.store.inner().stat(Path::new("f")).unwrap().perm, 0o600);
+
+    // A write after the times gives way to the write's own time, as on a local disk.
+    let w = s.fs.open(attr.ino, RW, CALLER).unwrap();
+    s.fs.write(w.fh, 0, b"x", CALLER).unwrap();
+    s.fs.setattr(attr.ino, None, &set(Some(0o644), None, Some(t)))
+        .unwrap();
+    s.fs.write(w.fh, 1, b"y", CALLER).unwrap();
+    s.fs.release(w.fh).unwrap();
+    let committed = s.store.inner().stat(Path::new("f")).unwrap();
+    assert_eq!(committed.perm, 0o644);
+    assert!(committed.mtime > t, "the write came after the times");
+    assert_eq!(s.store.calls(Op::SetAttr), 2);
+}
+
+#[test]
+fn attributes_held_for_a_commit_that_fails_stay_unset_with_the_changes() {
+    let s = setup_on(MemStore::new().with_attrs_at_commit());
+    let ino = s.file("f", b"old");
+    let h = s.fs.open(ino, RW, CALLER).unwrap();
+    s.fs.write(h.fh, 0, b"new", CALLER).unwrap();
+    s.fs.setattr(ino, None, &set(Some(0o700), None, None))
+        .unwrap();
+    s.store.fail(Op::Commit, libc::EIO).plan();
+    assert_eq!(s.fs.flush(h.fh, CALLER, None).unwrap_err(), Errno::EIO);
+    s.store.heal();
+    // Not the last close: the changes stay the writer's, and so do the attributes.
+    assert_eq!(s.store.inner().stat(Path::new("f")).unwrap().perm, 0o644);
+    assert_eq!(s.fs.getattr(ino, None).unwrap().perm, 0o700);
+    s.fs.release(h.fh).unwrap();
+    let committed = s.store.inner().stat(Path::new("f")).unwrap();
+    assert_eq!((committed.perm, s.committed("f")), (0o700, b"new".to_vec()));
 }

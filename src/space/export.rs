@@ -356,6 +356,7 @@ fn put_file(from: &Space, to: &Space, item: &Item) -> StoreResult<()> {
             base: &base,
             change: Change::Whole(&copy),
             durable: true,
+            attrs: None,
         })
     })();
     match committed {

@@ -70,6 +70,8 @@ pub struct MemStore {
     id: u64,
     nodes: Mutex<BTreeMap<PathBuf, Node>>,
     next_object: AtomicU64,
+    /// [`Capabilities::attrs_at_commit`], as an object store has it (off by default).
+    attrs_at_commit: std::sync::atomic::AtomicBool,
 }
 
 static NEXT_STORE: AtomicU64 = AtomicU64::new(1);
@@ -97,7 +99,15 @@ impl MemStore {
             id: NEXT_STORE.fetch_add(1, Ordering::Relaxed),
             nodes: Mutex::new(nodes),
             next_object: AtomicU64::new(1),
+            attrs_at_commit: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Takes attribute changes with commits, as an object store does
+    /// ([`Capabilities::attrs_at_commit`]).
+    pub fn with_attrs_at_commit(self) -> MemStore {
+        self.attrs_at_commit.store(true, Ordering::Relaxed);
+        self
     }
 
     fn nodes(&self) -> std::sync::MutexGuard<'_, BTreeMap<PathBuf, Node>> {
@@ -167,6 +177,28 @@ impl MemStore {
     }
 
     /// Commits `copy` whole at `path`.
+    /// The change of a commit, without its attributes.
+    fn commit_change(&self, req: &CommitRequest<'_>) -> StoreResult<Committed> {
+        match &req.change {
+            Change::Whole(copy) => self.commit_whole(req.path, self.own(copy)?, false),
+            Change::Ranges {
+                copy,
+                written,
+                complete,
+            } => {
+                let own = self.own(copy)?;
+                if let Some(done) = self.commit_ranges(req, own, written)? {
+                    return Ok(done);
+                }
+                complete()?;
+                self.commit_whole(req.path, own, false)
+            }
+            Change::Append { tail, follow } => {
+                self.commit_append(req.path, req.base, tail, *follow)
+            }
+        }
+    }
+
     fn commit_whole(&self, path: &Path, copy: &MemCopy, followed: bool) -> StoreResult<Committed> {
         let data = copy.data.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let object = self.new_object(data);
@@ -497,6 +529,7 @@ impl Store for MemStore {
             xattrs: true,
             stream_commits_up_to: None,
             created_at_commit: false,
+            attrs_at_commit: self.attrs_at_commit.load(Ordering::Relaxed),
         }
     }
 
@@ -557,24 +590,16 @@ impl Store for MemStore {
     }
 
     fn commit(&self, req: CommitRequest<'_>) -> StoreResult<Committed> {
-        match &req.change {
-            Change::Whole(copy) => self.commit_whole(req.path, self.own(copy)?, false),
-            Change::Ranges {
-                copy,
-                written,
-                complete,
-            } => {
-                let own = self.own(copy)?;
-                if let Some(done) = self.commit_ranges(&req, own, written)? {
-                    return Ok(done);
-                }
-                complete()?;
-                self.commit_whole(req.path, own, false)
-            }
-            Change::Append { tail, follow } => {
-                self.commit_append(req.path, req.base, tail, *follow)
-            }
-        }
+        let done = self.commit_change(&req)?;
+        let Some(attrs) = &req.attrs else {
+            return Ok(done);
+        };
+        self.set_attr(req.path, attrs)?;
+        // The new version as its attributes left it.
+        Ok(Committed {
+            content: self.open(req.path)?,
+            ..done
+        })
     }
 
     fn mknod(&self, path: &Path, kind: Kind, perm: u16, owner: Owner) -> StoreResult<Meta> {
@@ -831,6 +856,7 @@ mod tests {
                 base: &base,
                 change: Change::Whole(&copy),
                 durable: false,
+                attrs: None,
             })
             .unwrap();
     }
@@ -856,6 +882,7 @@ mod tests {
                     follow: true,
                 },
                 durable: false,
+                attrs: None,
             })
             .unwrap();
         assert!(!appended.followed);
@@ -878,6 +905,7 @@ mod tests {
                     follow: true,
                 },
                 durable: false,
+                attrs: None,
             })
             .unwrap();
         assert!(again.followed);

@@ -485,6 +485,7 @@ mod tests {
                 base: &base,
                 change: crate::store::Change::Whole(&copy),
                 durable: false,
+                attrs: None,
             })
             .err()
             .unwrap();

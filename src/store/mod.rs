@@ -211,6 +211,13 @@ pub struct Capabilities {
     /// the core commits such a handle at its release even if nothing was written, so that a
     /// file created and closed empty (`touch`) is made.
     pub created_at_commit: bool,
+    /// Changes of mode, owner and times of a file that one handle of this process has
+    /// uncommitted changes to are held by the core and passed to that handle's commit
+    /// ([`CommitRequest::attrs`]), so that the store publishes them with the new version (one
+    /// write instead of several on an object store: `tar -x` and `cp -a` set three after
+    /// writing each file). This process shows them at once; others see them with the version
+    /// (the file's bytes, too, reach them only then).
+    pub attrs_at_commit: bool,
 }
 
 /// How `set_xattr` treats an existing attribute (`setxattr(2)`'s flags).
@@ -304,6 +311,10 @@ pub struct CommitRequest<'a> {
     pub change: Change<'a>,
     /// The file and its directory entry are on stable storage when the commit returns.
     pub durable: bool,
+    /// Attribute changes made while the writer held uncommitted changes, for the new version
+    /// (only where [`Capabilities::attrs_at_commit`]; `None` elsewhere): applied as `set_attr`
+    /// would, after the change, with the new version's own mtime giving way to one set here.
+    pub attrs: Option<SetAttr>,
 }
 
 /// What a commit did.

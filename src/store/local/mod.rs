@@ -368,6 +368,7 @@ impl Store for LocalStore {
             xattrs: true,
             stream_commits_up_to: None,
             created_at_commit: false,
+            attrs_at_commit: false,
         }
     }
 
@@ -440,8 +441,20 @@ impl Store for LocalStore {
 
     fn commit(&self, req: CommitRequest<'_>) -> StoreResult<Committed> {
         let path = req.path;
-        self.commit_change(req)
-            .map_err(|e| e.context(format_args!("commit of {}", path.display())))
+        let attrs = req.attrs.clone();
+        let done = self
+            .commit_change(req)
+            .map_err(|e| e.context(format_args!("commit of {}", path.display())))?;
+        // Not asked for by the core here (no `attrs_at_commit`: a change of attributes costs
+        // no more at once), but taken as asked.
+        let Some(attrs) = attrs else {
+            return Ok(done);
+        };
+        self.set_attr(path, &attrs)?;
+        Ok(Committed {
+            content: self.open(path)?,
+            ..done
+        })
     }
 
     fn mknod(&self, path: &Path, kind: Kind, perm: u16, owner: Owner) -> StoreResult<Meta> {
@@ -688,6 +701,7 @@ mod tests {
             base: &base,
             change: Change::Whole(copy),
             durable,
+            attrs: None,
         })
         .unwrap()
     }
@@ -699,6 +713,7 @@ mod tests {
             base,
             change: Change::Append { tail, follow: true },
             durable: false,
+            attrs: None,
         })
         .unwrap()
     }

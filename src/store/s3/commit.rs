@@ -26,14 +26,16 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
+use std::time::SystemTime;
 
+use super::attrs::Attrs;
 use super::client::{Body, ClientError, Condition, Failure, Metadata};
 use super::content::S3Content;
 use super::spool::{EarlyUpload, SpoolCopy};
 use super::store::S3Store;
 use super::{MAX_PARTS, MIN_PART, Shared};
 use crate::store::{
-    Change, CommitRequest, Committed, Content, StoreError, StoreResult, WorkingCopy,
+    Change, CommitRequest, Committed, Content, StoreError, StoreResult, TimeSpec, WorkingCopy,
 };
 
 /// A request run on the part threads.
@@ -95,8 +97,20 @@ pub(super) fn commit(store: &S3Store, req: CommitRequest<'_>) -> StoreResult<Com
     }
     // The mode and owner of the version it replaces (as this store last set them: a write by
     // another user drops set-IDs after the open); its mtime is the new object's own.
-    let mut attrs = store.meta_attrs(&store.attrs_base(req.path, &base_meta));
+    let before = store.meta_attrs(&store.attrs_base(req.path, &base_meta));
+    let mut attrs = before;
     attrs.mtime = None;
+    // Attributes set while the writer held the change go with it: one PUT, instead of a
+    // HEAD, a copy onto itself and an index write each (see `Capabilities::attrs_at_commit`).
+    if let Some(set) = &req.attrs {
+        attrs.perm = set.perm.unwrap_or(attrs.perm);
+        attrs.uid = set.uid.unwrap_or(attrs.uid);
+        attrs.gid = set.gid.unwrap_or(attrs.gid);
+        attrs.mtime = set.mtime.map(|t| match t {
+            TimeSpec::Now => SystemTime::now(),
+            TimeSpec::At(t) => t,
+        });
+    }
     let metadata = attrs.to_metadata();
     let written = match &req.change {
         Change::Whole(copy) => {
@@ -155,6 +169,29 @@ pub(super) fn commit(store: &S3Store, req: CommitRequest<'_>) -> StoreResult<Com
     store.shared().committed_to(&key);
     if new {
         store.created(req.path, &base_tag);
+    }
+    // Listings show a file's mode, owner and explicit mtime from its directory's index: the
+    // entry follows what the commit set (its mtime is of this version).
+    // The version is committed whatever becomes of the entry: a failure to write it is
+    // logged (`stat` shows the attributes, from the object; a listing the entry's).
+    let listed = Attrs {
+        mtime: None,
+        ..before
+    };
+    if req.attrs.is_some()
+        && attrs != listed
+        && let Err(e) = store.index_attrs(
+            req.path,
+            &attrs,
+            Some(&written.etag),
+            !before.are_default(store.defaults()),
+        )
+    {
+        log::warn!(
+            "{}: the attributes set before its commit are on the object but not in its \
+             directory's index (listings show the previous ones): {e}",
+            req.path.display()
+        );
     }
     let meta = store.made_meta(req.path, written.size, &written.etag, &attrs);
     store.remember(req.path, Some(meta.clone()));

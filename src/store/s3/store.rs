@@ -1219,6 +1219,7 @@ impl Store for S3Store {
             xattrs: false,
             stream_commits_up_to: Some(self.shared.part_size),
             created_at_commit: true,
+            attrs_at_commit: true,
         }
     }
 

@@ -89,6 +89,7 @@ fn commit_whole(
             base,
             change: Change::Whole(copy),
             durable: false,
+            attrs: None,
         })?
         .content)
 }
@@ -245,6 +246,7 @@ fn appends_from_two_hosts_keep_both_hosts_bytes() {
             base,
             change: Change::Append { tail, follow: true },
             durable: false,
+            attrs: None,
         })
         .unwrap()
     };
@@ -274,6 +276,7 @@ fn appends_from_two_hosts_keep_both_hosts_bytes() {
                 follow: false,
             },
             durable: false,
+            attrs: None,
         })
         .unwrap();
     assert_eq!(
@@ -300,6 +303,7 @@ fn appends_to_a_large_object_copy_it_server_side() {
             base,
             change: Change::Append { tail, follow: true },
             durable: false,
+            attrs: None,
         })
         .unwrap();
     }
@@ -438,6 +442,7 @@ fn random_writes_into_a_large_file_copy_the_untouched_parts() {
                 complete: &complete,
             },
             durable: false,
+            attrs: None,
         })
         .unwrap();
     let mut want = old.clone();
@@ -467,6 +472,7 @@ fn random_writes_into_a_large_file_copy_the_untouched_parts() {
                 complete: &complete,
             },
             durable: false,
+            attrs: None,
         })
         .unwrap();
     assert!(completed.load(std::sync::atomic::Ordering::Relaxed));
@@ -837,6 +843,7 @@ fn a_reader_reads_on_into_appends_of_its_version() {
                 base,
                 change: Change::Append { tail, follow },
                 durable: false,
+                attrs: None,
             })
             .unwrap()
             .content
@@ -870,6 +877,7 @@ fn commit_append(
             base,
             change: Change::Append { tail, follow },
             durable: false,
+            attrs: None,
         })?
         .content)
 }
@@ -1318,4 +1326,77 @@ fn removing_directories_one_after_the_other_asks_only_what_it_must() {
         .map(|e| e.name.to_string_lossy().into_owned())
         .collect();
     assert_eq!(names, ["ab", "ac"]);
+}
+
+#[test]
+fn attributes_given_to_a_commit_go_into_its_object_and_its_listing_entry() {
+    let client = Arc::new(MemClient::new());
+    let a = host(&client);
+    let t = std::time::UNIX_EPOCH + Duration::new(1_000_000_000, 7);
+    // As `tar -x` as root: made with O_EXCL, written, owner, mode and times, closed.
+    a.store.create(p("f"), 0o600, None, true).unwrap();
+    let base = a.store.open(p("f")).unwrap();
+    let copy = a.store.working_copy(p("f")).unwrap();
+    copy.write_at(b"data", 0).unwrap();
+    let (puts, heads) = (client.count(Op::Put), client.count(Op::Head));
+    let commit = |base: &Arc<dyn Content>, attrs: Option<SetAttr>| {
+        a.store
+            .commit(CommitRequest {
+                path: p("f"),
+                base,
+                change: Change::Whole(&copy),
+                durable: false,
+                attrs,
+            })
+            .unwrap()
+    };
+    let done = commit(
+        &base,
+        Some(SetAttr {
+            perm: Some(0o751),
+            uid: Some(5),
+            gid: Some(6),
+            mtime: Some(TimeSpec::At(t)),
+            ..Default::default()
+        }),
+    );
+    let m = done.content.meta();
+    assert_eq!((m.perm, m.uid, m.gid, m.mtime, m.size), (0o751, 5, 6, t, 4));
+    // The object's PUT and its directory's index: no copy onto itself, no lookup.
+    assert_eq!(client.count(Op::Copy), 0);
+    assert_eq!(client.count(Op::Head) - heads, 0);
+    assert_eq!(client.count(Op::Put) - puts, 2);
+    let m = client.metadata(&key("f")).unwrap();
+    assert_eq!(m["mode"], (libc::S_IFREG | 0o751).to_string());
+    assert_eq!((m["uid"].as_str(), m["gid"].as_str()), ("5", "6"));
+    // Another host sees them by a lookup and in a listing.
+    let b = host(&client);
+    let s = b.store.stat(p("f")).unwrap();
+    assert_eq!((s.perm, s.uid, s.gid, s.mtime), (0o751, 5, 6, t));
+    let listed = |h: &Host| {
+        h.store
+            .list(p(""))
+            .unwrap()
+            .into_iter()
+            .find(|e| e.name == "f")
+            .unwrap()
+            .meta
+            .unwrap()
+    };
+    let l = listed(&b);
+    assert_eq!((l.perm, l.uid, l.gid, l.mtime), (0o751, 5, 6, t));
+    // Back to the defaults: the listing follows.
+    copy.write_at(b"DATA", 0).unwrap();
+    commit(
+        &done.content,
+        Some(SetAttr {
+            perm: Some(0o644),
+            uid: Some(1000),
+            gid: Some(1000),
+            ..Default::default()
+        }),
+    );
+    let l = listed(&host(&client));
+    assert_eq!((l.perm, l.uid, l.gid), (0o644, 1000, 1000));
+    assert_ne!(l.mtime, t);
 }
