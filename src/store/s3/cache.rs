@@ -162,7 +162,9 @@ impl Cache {
         if let Some(old) = old
             && !Arc::ptr_eq(&old, &entry)
         {
-            self.inner.remove(&old);
+            // The same version again (the same bytes committed again make the same ETag):
+            // its file's name is the new entry's now, and stays.
+            self.inner.retire(&old, old.path != entry.path);
         }
         entry
     }
@@ -243,10 +245,18 @@ impl Cache {
 impl CacheInner {
     /// Removes `entry` (already out of the map): its file goes, its bytes are given back.
     fn remove(&self, entry: &Entry) {
+        self.retire(entry, true)
+    }
+
+    /// Takes `entry` (already out of the map) out of the count, and its file with it if
+    /// `unlink`.
+    fn retire(&self, entry: &Entry, unlink: bool) {
         if entry.removed.swap(true, Ordering::Relaxed) {
             return;
         }
-        let _ = std::fs::remove_file(&entry.path);
+        if unlink {
+            let _ = std::fs::remove_file(&entry.path);
+        }
         let charged = entry.charged.swap(0, Ordering::Relaxed);
         let used = self.used.fetch_sub(charged, Ordering::Relaxed) - charged;
         crate::metrics::cache_size(used);
@@ -463,6 +473,22 @@ pub type OwnedFetch =
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_same_bytes_committed_again_keep_their_cached_file() {
+        use std::io::Write;
+        let tmp = tempfile::tempdir().unwrap();
+        let cache = Cache::new(tmp.path().join("c"), 64 * CHUNK).unwrap();
+        // Two commits of the same bytes: one ETag (the MD5 of a single PUT's bytes).
+        for _ in 0..2 {
+            let mut copy = tempfile::tempfile().unwrap();
+            copy.write_all(&[b'a'; 5000]).unwrap();
+            let e = cache.adopt("k", "\"md5\"", &copy, 5000).unwrap();
+            assert!(e.path.exists(), "the entry's file is there");
+            assert_eq!(std::fs::metadata(&e.path).unwrap().len(), 5000);
+            assert_eq!(cache.used(), 5000, "counted once");
+        }
+    }
 
     #[test]
     fn prefetched_chunks_are_fetched_in_pieces_on_the_pool_and_waited_for() {
