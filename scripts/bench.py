@@ -426,6 +426,7 @@ class Sizes:
         self.pwrites = 2000
         self.lat_files = 1000
         self.venv_pip = not quick
+        self.tar_files = 100 if quick else 1000
         if args is not None:
             self.override(args)
 
@@ -718,7 +719,62 @@ def group_tools(d: str, sz: Sizes, rnd: random.Random, settle=None) -> dict:
         raise WorkloadError("venv: no bin/pip made")
     # (uploads waited for: the regular files; directories and symlinks are no objects there)
     stored = {"venv/stored": entries / (_secs(t0, t1) + settle(files))} if settle else {}
-    return {"venv": entries / _secs(t0, t1), **stored}
+    res = {"venv": entries / _secs(t0, t1), **stored}
+    try:
+        res.update(tar_x(d, sz, rnd, settle))
+    except Exception as e:  # noqa: BLE001
+        res["tar-x"] = e
+    return res
+
+
+def tar_x(d: str, sz: Sizes, rnd: random.Random, settle=None) -> dict:
+    """`tar -x` of an archive of `sz.tar_files` files (1-16 KiB, in 10 directories, with
+    modes, owners and times of their own, as a release tarball or a container layer): as root,
+    tar sets each file's owner, mode and times through its descriptor after writing it.
+    Checked after: every file's size, mode, owner and mtime. Reported as files a second."""
+    import io
+    import tarfile
+    old = 1_000_000_000
+    members = []
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for i in range(sz.tar_files):
+            data = rnd.randbytes(rnd.randint(1024, 16384))
+            info = tarfile.TarInfo(f"pkg/d{i % 10}/f{i:05d}")
+            info.size, info.mode = len(data), (0o755 if i % 4 == 0 else 0o640)
+            info.uid, info.gid, info.mtime = 1000 + i % 3, 1000 + i % 2, old + i
+            tar.addfile(info, io.BytesIO(data))
+            members.append(info)
+    archive = os.path.join(tempfile.gettempdir(), f"roomfs-bench-{os.getpid()}.tar")
+    with open(archive, "wb") as f:
+        f.write(buf.getvalue())
+    try:
+        out = os.path.join(d, "tar")
+        os.mkdir(out)
+        os.sync()
+        t0 = _now()
+        r = subprocess.run(["tar", "-xf", archive, "-C", out], capture_output=True, text=True)
+        t1 = _now()
+    finally:
+        os.unlink(archive)
+    if r.returncode != 0:
+        raise WorkloadError(f"tar -x exited {r.returncode}: {r.stderr.strip()[-300:]}")
+    wrong = []
+    root = os.geteuid() == 0  # (tar keeps the archive's owners only as root)
+    for m in members:
+        st = os.stat(os.path.join(out, m.name))
+        got = {"size": st.st_size, "mode": oct(st.st_mode & 0o7777), "mtime": st.st_mtime_ns // 10**9,
+               **({"uid": st.st_uid, "gid": st.st_gid} if root else {})}
+        want = {"size": m.size, "mode": oct(m.mode), "mtime": m.mtime,
+                **({"uid": m.uid, "gid": m.gid} if root else {})}
+        if got != want:
+            wrong.append(f"{m.name}: " + ", ".join(f"{k} {got[k]} (not {want[k]})" for k in got if got[k] != want[k]))
+    if wrong:
+        raise WorkloadError(f"tar -x: {len(wrong)} of {len(members)} files differ from the archive, e.g. {wrong[0]}")
+    n = len(members)
+    paths = [os.path.join(out, m.name) for m in members]
+    stored = {"tar-x/stored": n / (_secs(t0, t1) + settle(paths))} if settle else {}
+    return {"tar-x": n / _secs(t0, t1), **stored}
 
 
 GROUP_FUNCS = {"seq": group_seq, "files": group_files, "append": group_append,
