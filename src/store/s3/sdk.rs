@@ -362,6 +362,35 @@ fn bad_digest<E: ProvideErrorMetadata>(
     matches!(e, SdkError::ServiceError(se) if se.err().code() == Some("BadDigest"))
 }
 
+/// Sends an upload of `body` (`send` makes the request of one [`Upload`] of it), and again
+/// while the store refuses it for its checksum, up to [`BODY_ATTEMPTS`] times, each with the
+/// body read and its checksum taken again.
+async fn send_upload<T, E, F, Fut>(
+    body: &Body,
+    op: &'static str,
+    what: impl Fn() -> String,
+    send: F,
+) -> ClientResult<T>
+where
+    F: Fn(Upload) -> Fut,
+    Fut: Future<Output = Result<T, SdkError<E, aws_sdk_s3::config::http::HttpResponse>>>,
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+{
+    let mut attempt = 1;
+    loop {
+        let sent = byte_stream(body.clone())
+            .await
+            .map_err(|e| ClientError::with_source(Failure::Other, what(), e))?;
+        match send(sent).await {
+            Err(e) if attempt < BODY_ATTEMPTS && bad_digest(&e) => {
+                log::debug!("{}: the body did not match its checksum; again", what());
+                attempt += 1;
+            }
+            r => return r.map_err(|e| classify(op, what(), e)),
+        }
+    }
+}
+
 /// The request body of `body`: a file body is read by its descriptor's number, at each attempt.
 async fn byte_stream(body: Body) -> Result<Upload, String> {
     match body {
@@ -612,36 +641,27 @@ impl ObjectClient for SdkClient {
         self.start("put", key);
         let (if_match, if_none) = condition_headers(condition);
         let what = || format!("PUT {key}");
-        let r = block(async {
-            let mut attempt = 1;
-            loop {
-                let sent = byte_stream(body.clone())
-                    .await
-                    .map_err(|e| ClientError::with_source(Failure::Other, what(), e))?;
-                let r = self
-                    .client()
-                    .put_object()
-                    .bucket(&self.bucket)
-                    .key(key)
-                    .body(sent.stream)
-                    .set_checksum_crc32(sent.crc32)
-                    .set_metadata(Some(metadata.clone().into_iter().collect()))
-                    .set_if_match(if_match.clone())
-                    .set_if_none_match(if_none.clone())
-                    .customize()
-                    .disable_payload_signing()
-                    .interceptor(attempts("put"))
-                    .send()
-                    .await;
-                match r {
-                    Err(e) if attempt < BODY_ATTEMPTS && bad_digest(&e) => {
-                        log::debug!("{}: the body did not match its checksum; again", what());
-                        attempt += 1;
-                    }
-                    r => return r.map_err(|e| classify("put", what(), e)),
-                }
-            }
-        })?;
+        let r = block(send_upload(&body, "put", what, |sent| async {
+            let Upload {
+                stream,
+                crc32,
+                _file,
+            } = sent;
+            self.client()
+                .put_object()
+                .bucket(&self.bucket)
+                .key(key)
+                .body(stream)
+                .set_checksum_crc32(crc32)
+                .set_metadata(Some(metadata.clone().into_iter().collect()))
+                .set_if_match(if_match.clone())
+                .set_if_none_match(if_none.clone())
+                .customize()
+                .disable_payload_signing()
+                .interceptor(attempts("put"))
+                .send()
+                .await
+        }))?;
         Ok(etag_of(r.e_tag()))
     }
 
@@ -698,35 +718,26 @@ impl ObjectClient for SdkClient {
     fn upload_part(&self, key: &str, upload: &str, part: u32, body: Body) -> ClientResult<String> {
         self.start("upload_part", key);
         let what = || format!("UploadPart {part} of {key}");
-        let r = block(async {
-            let mut attempt = 1;
-            loop {
-                let sent = byte_stream(body.clone())
-                    .await
-                    .map_err(|e| ClientError::with_source(Failure::Other, what(), e))?;
-                let r = self
-                    .client()
-                    .upload_part()
-                    .bucket(&self.bucket)
-                    .key(key)
-                    .upload_id(upload)
-                    .part_number(part as i32)
-                    .body(sent.stream)
-                    .set_checksum_crc32(sent.crc32)
-                    .customize()
-                    .disable_payload_signing()
-                    .interceptor(attempts("upload_part"))
-                    .send()
-                    .await;
-                match r {
-                    Err(e) if attempt < BODY_ATTEMPTS && bad_digest(&e) => {
-                        log::debug!("{}: the body did not match its checksum; again", what());
-                        attempt += 1;
-                    }
-                    r => return r.map_err(|e| classify("upload_part", what(), e)),
-                }
-            }
-        })?;
+        let r = block(send_upload(&body, "upload_part", what, |sent| async {
+            let Upload {
+                stream,
+                crc32,
+                _file,
+            } = sent;
+            self.client()
+                .upload_part()
+                .bucket(&self.bucket)
+                .key(key)
+                .upload_id(upload)
+                .part_number(part as i32)
+                .body(stream)
+                .set_checksum_crc32(crc32)
+                .customize()
+                .disable_payload_signing()
+                .interceptor(attempts("upload_part"))
+                .send()
+                .await
+        }))?;
         Ok(etag_of(r.e_tag()))
     }
 
