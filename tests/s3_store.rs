@@ -27,7 +27,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use common::daemon::Daemon;
 use common::s3::{SeaweedFs, unique_prefix};
@@ -274,6 +274,68 @@ fn requests(before: &str, after: &str, op: &str) -> u64 {
     let label = format!("op=\"{op}\"");
     metric(after, "roomfs_backend_requests_total", &label)
         - metric(before, "roomfs_backend_requests_total", &label)
+}
+
+/// `touch` of new files (create, `futimens(UTIME_NOW)`, close): one PUT each, the time of the
+/// call being the new object's own, with no index entry to write. (GNU touch opens its first
+/// file onto standard input, by a dup2() and a close() of the descriptor it opened: that close
+/// makes the file, and its times are then set by a copy of the object onto itself.)
+#[test]
+fn touch_of_new_files_is_one_put_each() {
+    use std::os::unix::fs::MetadataExt;
+    let h = two_hosts();
+    let names: Vec<PathBuf> = (0..10).map(|i| h.ma.join(format!("t{i}"))).collect();
+    let before = h.a.cli(&["metrics"]).1;
+    let out = output(Command::new("touch").args(&names));
+    assert!(out.status.success(), "{out:?}");
+    let after = h.a.cli(&["metrics"]).1;
+    assert_eq!(
+        requests(&before, &after, "put"),
+        10,
+        "one PUT a file, no index entry"
+    );
+    assert_eq!(
+        requests(&before, &after, "copy"),
+        1,
+        "the first file's times"
+    );
+    let now = || {
+        SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64
+    };
+    std::thread::sleep(Duration::from_millis(1100));
+    for n in &names {
+        let m = fs::metadata(h.mb.join(n.file_name().unwrap())).unwrap();
+        assert_eq!(m.len(), 0);
+        assert!((now() - m.mtime()).abs() < 30, "{n:?}: an mtime of now");
+    }
+    // An existing file touched again takes the time of the touch, after an explicit one too,
+    // by a lookup and in a listing.
+    let touch = |args: &[&str]| {
+        let out = output(Command::new("touch").args(args).arg(&names[0]));
+        assert!(out.status.success(), "{out:?}");
+        std::thread::sleep(Duration::from_millis(1100));
+    };
+    let listed = || {
+        let out = output(
+            Command::new("ls")
+                .arg("-l")
+                .arg("--time-style=+%s")
+                .arg(&h.mb),
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    touch(&["-d", "@1000000000"]);
+    assert_eq!(
+        fs::metadata(h.mb.join("t0")).unwrap().mtime(),
+        1_000_000_000
+    );
+    assert!(listed().contains(" 1000000000 t0"), "{}", listed());
+    touch(&[]);
+    assert!((now() - fs::metadata(h.mb.join("t0")).unwrap().mtime()).abs() < 30);
+    assert!(!listed().contains(" 1000000000 t0"), "{}", listed());
 }
 
 /// `tar -x` (as root) and `cp -a` set each file's owner, mode and times after writing it,

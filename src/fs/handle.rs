@@ -141,6 +141,9 @@ pub struct FileHandle {
     /// them with the commit (`Capabilities::attrs_at_commit`; `perm`, `uid`, `gid` only): for
     /// that commit, together with `times`.
     held: SetAttr,
+    /// The mtime in `times` was set to the time of the call (`UTIME_NOW`, `touch`): for a
+    /// commit that takes attributes, the new version's own time is that.
+    mtime_now: bool,
     /// Every write so far went at the end of what the handle saw (a log, `>`, `>>`): such a
     /// writer's output is published while it runs (see `stream_due`).
     sequential: bool,
@@ -174,6 +177,7 @@ impl FileHandle {
             users: Users::default(),
             times: None,
             held: SetAttr::default(),
+            mtime_now: false,
             sequential: mode != Mode::Read,
             next,
             opened: Instant::now(),
@@ -220,6 +224,9 @@ impl FileHandle {
         };
         let (a, m) = self.times.unwrap_or((None, None));
         self.times = Some((atime.map(at).or(a), mtime.map(at).or(m)));
+        if let Some(t) = mtime {
+            self.mtime_now = matches!(t, TimeSpec::Now);
+        }
     }
 
     /// The times to set again once committed (see `times`).
@@ -247,7 +254,10 @@ impl FileHandle {
         let times = self.kept_times().unwrap_or_default();
         let attrs = SetAttr {
             atime: times.atime,
-            mtime: times.mtime,
+            mtime: match times.mtime {
+                Some(_) if self.mtime_now => Some(TimeSpec::Now),
+                m => m,
+            },
             ..self.held.clone()
         };
         (!attrs.is_empty()).then_some(attrs)

@@ -313,7 +313,8 @@ pub struct CommitRequest<'a> {
     pub durable: bool,
     /// Attribute changes made while the writer held uncommitted changes, for the new version
     /// (only where [`Capabilities::attrs_at_commit`]; `None` elsewhere): applied as `set_attr`
-    /// would, after the change, with the new version's own mtime giving way to one set here.
+    /// would, after the change, with the new version's own mtime giving way to one set here
+    /// (`TimeSpec::Now`, `touch`: the new version's own time).
     pub attrs: Option<SetAttr>,
 }
 

@@ -26,7 +26,6 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
-use std::time::SystemTime;
 
 use super::attrs::Attrs;
 use super::client::{Body, ClientError, Condition, Failure, Metadata};
@@ -106,10 +105,11 @@ pub(super) fn commit(store: &S3Store, req: CommitRequest<'_>) -> StoreResult<Com
         attrs.perm = set.perm.unwrap_or(attrs.perm);
         attrs.uid = set.uid.unwrap_or(attrs.uid);
         attrs.gid = set.gid.unwrap_or(attrs.gid);
-        attrs.mtime = set.mtime.map(|t| match t {
-            TimeSpec::Now => SystemTime::now(),
-            TimeSpec::At(t) => t,
-        });
+        // `UTIME_NOW` (`touch`): the new version's own time, its `Last-Modified`.
+        attrs.mtime = match set.mtime {
+            Some(TimeSpec::At(t)) => Some(t),
+            Some(TimeSpec::Now) | None => None,
+        };
     }
     let metadata = attrs.to_metadata();
     let written = match &req.change {

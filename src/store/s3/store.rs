@@ -1496,13 +1496,18 @@ impl Store for S3Store {
         if let Some(g) = attr.gid {
             new.gid = g;
         }
+        // `UTIME_NOW` (`touch`) of an object: the copy's own time, its `Last-Modified`, as
+        // for a commit; no explicit time to keep in metadata and index. A directory has no
+        // time of its own: it keeps the time given.
+        let touched = matches!(attr.mtime, Some(TimeSpec::Now)) && meta.kind != Kind::Dir;
         if let Some(t) = attr.mtime {
-            new.mtime = Some(match t {
-                TimeSpec::Now => now,
-                TimeSpec::At(t) => t,
-            });
+            new.mtime = match t {
+                TimeSpec::Now if touched => None,
+                TimeSpec::Now => Some(now),
+                TimeSpec::At(t) => Some(t),
+            };
         }
-        if new == old {
+        if new == old && !touched {
             return Ok(meta); // atime alone: not kept
         }
         if meta.kind == Kind::Dir {

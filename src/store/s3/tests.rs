@@ -1399,4 +1399,17 @@ fn attributes_given_to_a_commit_go_into_its_object_and_its_listing_entry() {
     let l = listed(&host(&client));
     assert_eq!((l.perm, l.uid, l.gid), (0o644, 1000, 1000));
     assert_ne!(l.mtime, t);
+    // `touch` (the time of the call): the version's own time, with no index entry to write.
+    let done = a.store.open(p("f")).unwrap();
+    let puts = client.count(Op::Put);
+    commit(
+        &done,
+        Some(SetAttr {
+            atime: Some(TimeSpec::Now),
+            mtime: Some(TimeSpec::Now),
+            ..Default::default()
+        }),
+    );
+    assert_eq!(client.count(Op::Put) - puts, 1, "the object's PUT alone");
+    assert!(!client.metadata(&key("f")).unwrap().contains_key("mtime"));
 }
