@@ -106,7 +106,7 @@ fn a_quick_s3_run_measures_roomfs_reports_a_failing_peer_absent_and_cleans_up() 
         .skip(2)
         .take_while(|l| l.starts_with('|'))
         .collect();
-    assert_eq!(rows.len(), 9, "{ctx}"); // the eight, and python3 -m venv
+    assert_eq!(rows.len(), 10, "{ctx}"); // the eight, python3 -m venv and tar -x
     for row in &rows {
         let cells: Vec<&str> = row.split(" | ").collect();
         assert!(
