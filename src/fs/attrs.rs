@@ -1,5 +1,7 @@
 //! Attributes: what `stat` shows while files are open and written, and changes to them.
 
+use std::sync::{Arc, Mutex};
+
 use super::handle::{FileHandle, Mode};
 use super::{Attr, AttrChanges, Errno, Fs, FsResult, Ino, Tid, lock, read_lock};
 use crate::events::Changed;
@@ -14,7 +16,7 @@ impl Fs {
     /// has the file open, the committed size is shown: a writer that came later must not make
     /// that reader see a cut version. Otherwise a handle's uncommitted working copy is shown, so
     /// a writer sees its own size. A file unlinked while open shows the content its handles
-    /// still hold.
+    /// still hold. A mode or owner held for a handle's commit (`hold_for_commit`) is shown.
     pub fn getattr(&self, ino: Ino, fh: Option<u64>) -> FsResult<Attr> {
         let mut attr = self.getattr_unheld(ino, fh)?;
         if self.store.capabilities().attrs_at_commit {
@@ -30,7 +32,7 @@ impl Fs {
     }
 
     /// The open handles of `ino`.
-    fn handles_of(&self, ino: Ino) -> Vec<std::sync::Arc<std::sync::Mutex<FileHandle>>> {
+    fn handles_of(&self, ino: Ino) -> Vec<Arc<Mutex<FileHandle>>> {
         let fhs = lock(&self.opens)
             .get(&ino)
             .map(|s| s.handles.clone())
@@ -117,16 +119,10 @@ impl Fs {
         }
         if attr.atime.is_some() || attr.mtime.is_some() {
             // Writers with uncommitted changes set them again after their commit.
-            let handles = lock(&self.opens)
-                .get(&ino)
-                .map(|s| s.handles.clone())
-                .unwrap_or_default();
-            for fh in handles {
-                if let Ok(handle) = self.file(fh) {
-                    let mut h = lock(&handle);
-                    if h.dirty() {
-                        h.keep_times(attr.atime, attr.mtime);
-                    }
+            for handle in self.handles_of(ino) {
+                let mut h = lock(&handle);
+                if h.dirty() {
+                    h.keep_times(attr.atime, attr.mtime);
                 }
             }
         }
