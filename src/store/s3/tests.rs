@@ -114,6 +114,50 @@ fn pattern(len: u64, seed: u8) -> Vec<u8> {
 }
 
 #[test]
+fn names_looked_up_in_vain_in_a_large_directory_are_asked_about_alone() {
+    let client = Arc::new(MemClient::new());
+    // More than a page of a listing (1,000 keys).
+    for i in 0..1_500 {
+        client.insert(&key(&format!("big/f{i:05}")), b"x", Metadata::new());
+    }
+    for i in 0..10 {
+        client.insert(&key(&format!("small/f{i}")), b"x", Metadata::new());
+    }
+    // Every lookup asks the store (no metadata TTL), as one does once the TTL has passed.
+    let (a, _) = uncached_hosts(&client);
+    let absent = |dir: &str, i: usize| {
+        let e = a
+            .store
+            .stat(&Path::new(dir).join(format!("new{i}")))
+            .unwrap_err();
+        assert_eq!(e.raw_os_error(), libc::ENOENT);
+    };
+    client.reset_counts();
+    for i in 0..10 {
+        absent("big", i);
+    }
+    // The first lookup lists a page of the directory and sees more follow; from then on
+    // each name is asked about alone: a HEAD, and a LIST of its own prefix (a directory?).
+    assert_eq!(client.count(Op::Head), 10);
+    assert_eq!(
+        client.count(Op::List),
+        11,
+        "not a page of the directory per name"
+    );
+    // A whole listing that fits in a page again lists it again at the next lookup.
+    let extra: Vec<String> = (0..600).map(|i| key(&format!("big/f{i:05}"))).collect();
+    client.delete_many(&extra).unwrap();
+    assert_eq!(a.store.list(p("big")).unwrap().len(), 900);
+    client.reset_counts();
+    absent("big", 0);
+    assert_eq!((client.count(Op::Head), client.count(Op::List)), (1, 1));
+    // A small directory's one LIST answers for the name (and, within the TTL, for others).
+    client.reset_counts();
+    absent("small", 0);
+    assert_eq!((client.count(Op::Head), client.count(Op::List)), (1, 1));
+}
+
+#[test]
 fn a_listing_is_one_list_and_shows_modes_owners_and_kinds() {
     let client = Arc::new(MemClient::new());
     let a = host(&client);
