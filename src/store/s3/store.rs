@@ -68,6 +68,9 @@ pub struct S3Store {
     /// Directories whose listing took more than one page, and when that was seen: a name
     /// looked up in vain there is asked about alone (see `lookup`).
     large_dirs: Mutex<HashMap<PathBuf, Instant>>,
+    /// Directories whose names lookups asked the store about one by one lately: since when,
+    /// and how many (see `crowded`).
+    asked: Mutex<HashMap<PathBuf, (Instant, u32)>>,
     /// Attributes this store set on a file (chmod, chown, times, set-IDs dropped at a write):
     /// the ETag of the version they were set on, and the entry after. A commit whose base is
     /// that version carries them, not the base's as it was opened (see `commit`).
@@ -95,6 +98,10 @@ const KEEP_MTIME_AFTER: Duration = Duration::from_secs(2);
 /// How long a directory seen to take more than one page of a listing is taken for one (see
 /// `lookup`); a listing of it meanwhile says again.
 const LARGE_DIR_FOR: Duration = Duration::from_secs(60);
+
+/// The lookups of names of one directory within a metadata TTL after which the next one lists
+/// the directory instead of asking about its name alone (see `crowded`).
+pub(super) const LIST_AFTER: u32 = 4;
 
 /// Whether a file modified at `mtime` keeps it through a rename (see `KEEP_MTIME_AFTER`).
 fn keeps_mtime(mtime: SystemTime) -> bool {
@@ -133,6 +140,7 @@ impl S3Store {
             indexes: Mutex::new(HashMap::new()),
             listings: Mutex::new(HashMap::new()),
             large_dirs: Mutex::new(HashMap::new()),
+            asked: Mutex::new(HashMap::new()),
             attrs_set: Mutex::new(HashMap::new()),
             stamped: Mutex::new(HashMap::new()),
             pending: Mutex::new(HashMap::new()),
@@ -598,6 +606,15 @@ impl S3Store {
             Err(e) if e.raw_os_error() == libc::EINVAL => return Err(err(libc::ENOENT)),
             Err(e) => return Err(e),
         };
+        // A program going through the files of a directory by name (`git status`, `make`,
+        // `ls` of names) gets them from one listing, remembered for the TTL, rather than a
+        // HEAD each (within one page: larger directories are asked about name by name).
+        let (dir, name) = split(path);
+        if !self.is_large_dir(&dir) && self.crowded(&dir) {
+            if let Some(meta) = self.listed(path, &dir, &name)? {
+                return Ok(meta);
+            }
+        }
         match self.shared.client.head(&key) {
             Ok(info) => {
                 self.shared.learn_lineage(&info.etag, &info.metadata);
@@ -616,28 +633,10 @@ impl S3Store {
         // need more pages is not listed again for every name: a LIST of the name's own
         // prefix says (a page of the directory for each name made `: > f` in a directory of
         // 4,000 files take 20 ms instead of 3).
-        let (dir, name) = split(path);
-        let listed = if self.is_large_dir(&dir) {
-            Ok(None)
-        } else {
-            self.list_dir(&dir, Some(1))
-        };
-        match listed {
-            Ok(Some(entries)) => {
-                return match entries.into_iter().find(|e| e.name == name.as_str()) {
-                    Some(e) => Ok(e.meta.expect("listed with attributes")),
-                    None => {
-                        self.remember(path, None);
-                        Err(err(libc::ENOENT))
-                    }
-                };
-            }
-            Ok(None) => {}
-            Err(e) if e.raw_os_error() == libc::ENOENT => {
-                self.remember(path, None);
-                return Err(e);
-            }
-            Err(e) => return Err(e),
+        if !self.is_large_dir(&dir)
+            && let Some(meta) = self.listed(path, &dir, &name)?
+        {
+            return Ok(meta);
         }
         let prefix = self.keys.dir_prefix(path)?;
         let page = self.shared.client.list(&prefix, true, None, Some(1))?;
@@ -757,6 +756,52 @@ impl S3Store {
         }
         lock(&self.listings).insert(path.to_path_buf(), (started, names));
         Ok(Some(out))
+    }
+
+    /// What a listing of `dir`, made now, says of its entry `name` (`path`): `Err(ENOENT)` if
+    /// it is not there, `None` if the directory takes more than a page to list (it is not
+    /// listed further). The listing is remembered (see `list_dir`).
+    fn listed(&self, path: &Path, dir: &Path, name: &str) -> StoreResult<Option<Meta>> {
+        match self.list_dir(dir, Some(1)) {
+            Ok(Some(entries)) => match entries.into_iter().find(|e| e.name == name) {
+                Some(e) => Ok(Some(e.meta.expect("listed with attributes"))),
+                None => {
+                    self.remember(path, None);
+                    Err(err(libc::ENOENT))
+                }
+            },
+            Ok(None) => Ok(None),
+            Err(e) if e.raw_os_error() == libc::ENOENT => {
+                self.remember(path, None);
+                Err(e)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Counts a lookup that asks the store about a name in `dir`: whether, with the others of
+    /// the last TTL, there are enough that listing the directory should answer this one and
+    /// those that follow (never when nothing is remembered, with a TTL of zero).
+    fn crowded(&self, dir: &Path) -> bool {
+        if self.shared.metadata_ttl.is_zero() {
+            return false;
+        }
+        let mut asked = lock(&self.asked);
+        if asked.len() >= 10_000 {
+            asked.retain(|_, (at, _)| self.fresh(*at));
+        }
+        let (since, n) = asked
+            .entry(dir.to_path_buf())
+            .or_insert((Instant::now(), 0));
+        if !self.fresh(*since) {
+            (*since, *n) = (Instant::now(), 0);
+        }
+        *n += 1;
+        if *n < LIST_AFTER {
+            return false;
+        }
+        asked.remove(dir);
+        true
     }
 
     /// Whether the directory `path` was seen lately to take more than a page to list.

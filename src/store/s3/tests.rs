@@ -114,6 +114,55 @@ fn pattern(len: u64, seed: u8) -> Vec<u8> {
 }
 
 #[test]
+fn names_looked_up_one_by_one_in_a_directory_are_answered_by_one_listing() {
+    let client = Arc::new(MemClient::new());
+    let a = host(&client);
+    a.store.mkdir(p("d"), 0o755, None).unwrap();
+    for i in 0..50 {
+        write(a.store.as_ref(), &format!("d/f{i}"), b"x").unwrap();
+    }
+    a.store
+        .create(p("d/secret"), 0o600, Some((7, 8)), true)
+        .unwrap();
+    a.store.mkdir(p("d/sub"), 0o700, None).unwrap();
+    let names: Vec<String> = (0..50)
+        .map(|i| format!("d/f{i}"))
+        .chain(["d/secret".into(), "d/sub".into()])
+        .collect();
+    // Another host stats them one by one, as `git status` or `make` do: the first few are
+    // asked about alone, then one LIST answers for the rest (within the TTL).
+    let b = host(&client);
+    client.reset_counts();
+    let seen: Vec<_> = names.iter().map(|n| b.store.stat(p(n)).unwrap()).collect();
+    assert_eq!(
+        client.count(Op::Head),
+        u64::from(super::store::LIST_AFTER - 1)
+    );
+    assert_eq!(client.count(Op::List), 1);
+    // What the listing said is what a HEAD says (a host that remembers nothing).
+    let (c, _) = uncached_hosts(&client);
+    for (n, l) in names.iter().zip(&seen) {
+        let m = c.store.stat(p(n)).unwrap();
+        assert_eq!(
+            (m.kind, m.perm, m.uid, m.gid, m.mtime, m.size),
+            (l.kind, l.perm, l.uid, l.gid, l.mtime, l.size),
+            "{n}"
+        );
+    }
+    assert_eq!((seen[50].perm, seen[50].uid, seen[50].gid), (0o600, 7, 8));
+    assert_eq!((seen[51].kind, seen[51].perm), (Kind::Dir, 0o700));
+    // A name not there, among them, is not there.
+    let e = b.store.stat(p("d/absent")).unwrap_err();
+    assert_eq!(e.raw_os_error(), libc::ENOENT);
+    // With nothing remembered (a TTL of zero), a listing would answer nothing later: HEADs.
+    client.reset_counts();
+    for n in &names[..10] {
+        c.store.stat(p(n)).unwrap();
+    }
+    assert_eq!((client.count(Op::Head), client.count(Op::List)), (10, 0));
+}
+
+#[test]
 fn names_looked_up_in_vain_in_a_large_directory_are_asked_about_alone() {
     let client = Arc::new(MemClient::new());
     // More than a page of a listing (1,000 keys).
