@@ -610,10 +610,11 @@ impl S3Store {
         // `ls` of names) gets them from one listing, remembered for the TTL, rather than a
         // HEAD each (within one page: larger directories are asked about name by name).
         let (dir, name) = split(path);
-        if !self.is_large_dir(&dir) && self.crowded(&dir) {
-            if let Some(meta) = self.listed(path, &dir, &name)? {
-                return Ok(meta);
-            }
+        if !self.is_large_dir(&dir)
+            && self.crowded(&dir)
+            && let Some(meta) = self.listed(path, &dir, &name)?
+        {
+            return Ok(meta);
         }
         match self.shared.client.head(&key) {
             Ok(info) => {
