@@ -7,7 +7,8 @@
 //!   on both; sqlite written on one is read on the other.
 //! - Requests: `ls -l` of a directory of 1,000 files is one LIST, a new small file one PUT
 //!   (the daemon's metrics count every request); a file created by an open is the host's
-//!   own until its close.
+//!   own until its close; files stat'ed by name are answered by one listing, and new names in
+//!   a directory of more than a page cost no page each.
 //! - Failures: the store killed in the middle of an upload, or frozen, gives `EIO` at close in
 //!   bounded time, leaves the previous version and no upload behind, and the mount works again
 //!   once the store is back; while one request waits on a frozen store, others that need no
@@ -557,6 +558,69 @@ for i in range(0, 1000, 100):
     assert_eq!(delta("head"), 1, "{after}");
     assert!(delta("list") <= 3, "{} LISTs", delta("list"));
     assert_eq!(delta("get"), 2, "the two directories' indexes");
+
+    // New names there, once the TTL has passed: the directory takes more than one page to
+    // list, so each name is asked about alone (a HEAD, a LIST of its own prefix), not with a
+    // page of the directory each.
+    std::thread::sleep(Duration::from_millis(1100));
+    let before = h.b.cli(&["metrics"]).1;
+    python(
+        &h.mb,
+        r#"
+import os
+d = os.environ['MNT'] + '/many'
+for i in range(20):
+    with open(f'{d}/new{i}', 'w') as f:
+        f.write(str(i))
+"#,
+    );
+    let after = h.b.cli(&["metrics"]).1;
+    let lists = requests(&before, &after, "list");
+    assert!(lists <= 25, "{lists} LISTs for 20 new names");
+}
+
+/// A program that stats a directory's files by name (`git status`, `make`) on a host that
+/// has not seen them lately gets them from one listing rather than a HEAD each, and sees
+/// what HEADs would show.
+#[test]
+fn files_stat_by_name_on_another_host_are_answered_by_one_listing() {
+    let h = two_hosts();
+    python(
+        &h.ma,
+        r#"
+import os
+d = os.environ['MNT'] + '/src'
+os.mkdir(d)
+for i in range(60):
+    with open(f'{d}/f{i:02}', 'w') as f:
+        f.write('x' * i)
+os.chmod(f'{d}/f07', 0o600)
+os.utime(f'{d}/f08', (1_600_000_000, 1_600_000_000))
+"#,
+    );
+    std::thread::sleep(Duration::from_millis(1100));
+    let stat_all = r#"
+import os
+d = os.environ['MNT'] + '/src'
+for i in range(60):
+    st = os.stat(f'{d}/f{i:02}')
+    print(i, st.st_size, oct(st.st_mode), int(st.st_mtime) if i == 8 else 0)
+"#;
+    let before = h.b.cli(&["metrics"]).1;
+    let seen = python(&h.mb, stat_all);
+    let after = h.b.cli(&["metrics"]).1;
+    let (heads, lists) = (
+        requests(&before, &after, "head"),
+        requests(&before, &after, "list"),
+    );
+    // The lookup of `src` and the first three names, then one LIST of `src`.
+    assert!(heads <= 5, "{heads} HEADs for 60 files");
+    assert!(lists <= 3, "{lists} LISTs");
+    let lines: Vec<&str> = seen.lines().collect();
+    assert_eq!(lines.len(), 60);
+    assert_eq!(lines[7], "7 7 0o100600 0");
+    assert_eq!(lines[8], "8 8 0o100644 1600000000");
+    assert_eq!(lines[59], "59 59 0o100644 0");
 }
 
 #[test]
