@@ -103,6 +103,11 @@ const LARGE_DIR_FOR: Duration = Duration::from_secs(60);
 /// the directory instead of asking about its name alone (see `crowded`).
 pub(super) const LIST_AFTER: u32 = 4;
 
+/// How many directories' listings, and indexes, a store remembers before it drops those past
+/// the TTL: a daemon that walks a large room keeps what it may still use, not every directory
+/// it ever listed.
+pub(super) const REMEMBERED_DIRS: usize = 4096;
+
 /// Whether a file modified at `mtime` keeps it through a rename (see `KEEP_MTIME_AFTER`).
 fn keeps_mtime(mtime: SystemTime) -> bool {
     SystemTime::now()
@@ -420,7 +425,13 @@ impl S3Store {
     }
 
     fn keep_index(&self, dir: &Path, etag: Option<String>, index: Arc<Index>) {
-        lock(&self.indexes).insert(
+        let mut indexes = lock(&self.indexes);
+        if indexes.len() >= REMEMBERED_DIRS {
+            // Past the TTL an index is used only if a listing shows its ETag: dropping it
+            // costs one GET at most.
+            indexes.retain(|_, c| self.fresh(c.at));
+        }
+        indexes.insert(
             dir.to_path_buf(),
             CachedIndex {
                 etag,
@@ -755,7 +766,7 @@ impl S3Store {
                 });
             }
         }
-        lock(&self.listings).insert(path.to_path_buf(), (started, names));
+        self.keep_listing(path, started, names);
         Ok(Some(out))
     }
 
@@ -803,6 +814,22 @@ impl S3Store {
         }
         asked.remove(dir);
         true
+    }
+
+    /// Remembers the names of the directory `path` as listed at `at` (see `listings`).
+    fn keep_listing(&self, path: &Path, at: Instant, names: std::collections::HashSet<String>) {
+        let mut listings = lock(&self.listings);
+        if listings.len() >= REMEMBERED_DIRS {
+            // A listing past the TTL answers nothing.
+            listings.retain(|_, (at, _)| self.fresh(*at));
+        }
+        listings.insert(path.to_path_buf(), (at, names));
+    }
+
+    /// How many directories' listings and indexes this store remembers.
+    #[cfg(test)]
+    pub(super) fn remembered_dirs(&self) -> (usize, usize) {
+        (lock(&self.listings).len(), lock(&self.indexes).len())
     }
 
     /// Whether the directory `path` was seen lately to take more than a page to list.
@@ -1423,7 +1450,7 @@ impl Store for S3Store {
         self.remember(path, Some(meta.clone()));
         // Its name was free (no key had its prefix): it is as wholly known as a listing made
         // now, so the names a program makes in it next are known to be free without asking.
-        lock(&self.listings).insert(path.to_path_buf(), (Instant::now(), Default::default()));
+        self.keep_listing(path, Instant::now(), Default::default());
         Ok(meta)
     }
 

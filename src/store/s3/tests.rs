@@ -114,6 +114,35 @@ fn pattern(len: u64, seed: u8) -> Vec<u8> {
 }
 
 #[test]
+fn a_store_remembers_a_bounded_number_of_directories() {
+    use super::store::{REMEMBERED_DIRS, S3Store};
+    let client = Arc::new(MemClient::new());
+    let n = REMEMBERED_DIRS + 1_000;
+    for i in 0..n {
+        client.insert(&key(&format!("d{i:05}/f")), b"x", Metadata::new());
+    }
+    // Every listing is past the TTL at once (a TTL of zero): none is worth keeping.
+    let mut config = config();
+    config.metadata_ttl_secs = 0.0;
+    let dir = tempfile::tempdir().unwrap();
+    let spaces = open_with(client.clone(), &config, dir.path(), "memory".into()).unwrap();
+    let keys = super::keys::SpaceKeys::new("team", "rooms", "r1");
+    let defaults = super::attrs::Defaults {
+        uid: 1000,
+        gid: 1000,
+        dir_mtime: SystemTime::UNIX_EPOCH,
+    };
+    let store = S3Store::new(spaces.shared().clone(), keys, defaults);
+    for i in 0..n {
+        let listed = store.list(Path::new(&format!("d{i:05}"))).unwrap();
+        assert_eq!(listed.len(), 1);
+    }
+    let (listings, indexes) = store.remembered_dirs();
+    assert!(listings <= REMEMBERED_DIRS, "{listings} listings kept");
+    assert!(indexes <= REMEMBERED_DIRS, "{indexes} indexes kept");
+}
+
+#[test]
 fn names_looked_up_one_by_one_in_a_directory_are_answered_by_one_listing() {
     let client = Arc::new(MemClient::new());
     let a = host(&client);
