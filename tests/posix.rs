@@ -1502,6 +1502,66 @@ fn set_ids_are_cleared_by_an_unprivileged_write_or_truncate_and_by_chown() {
     assert_eq!(mode("dir"), 0o2755, "a directory keeps its set-group-ID");
 }
 
+/// A set-group-ID directory gives its group to what anyone makes in it, and the bit to new
+/// directories (`git init --shared`, a team's directory), as a local disk does; the store
+/// keeps it (checked again after a restart, through a listing).
+#[test]
+fn new_entries_in_a_set_group_id_directory_take_its_group() {
+    let mut m = Mounted::room();
+    for dir in ["team", "plain"] {
+        fs::create_dir(m.p(dir)).unwrap();
+        fs::set_permissions(m.p(dir), fs::Permissions::from_mode(0o777)).unwrap();
+    }
+    std::os::unix::fs::chown(m.p("team"), None, Some(4242)).unwrap();
+    fs::set_permissions(m.p("team"), fs::Permissions::from_mode(0o2777)).unwrap();
+    let script = "umask 022; for d in team plain; do echo x > $d/f; mkdir $d/sub; \
+        mkdir $d/sub/deeper; ln -s f $d/l; mkfifo $d/p; done";
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .args(["/bin/sh", "-c", script])
+        .current_dir(&m.mnt)
+        .output()
+        .expect("setpriv (util-linux) runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let names = ["f", "sub", "sub/deeper", "l", "p"];
+    let check = |m: &Mounted, when: &str| {
+        for name in names {
+            let team = fs::symlink_metadata(m.p(&format!("team/{name}"))).unwrap();
+            let plain = fs::symlink_metadata(m.p(&format!("plain/{name}"))).unwrap();
+            assert_eq!(
+                (team.uid(), team.gid()),
+                (65534, 4242),
+                "{when}: team/{name}"
+            );
+            assert_eq!(
+                (plain.uid(), plain.gid()),
+                (65534, 65534),
+                "{when}: plain/{name}"
+            );
+        }
+        for dir in ["sub", "sub/deeper"] {
+            let mode = |d: &str| fs::metadata(m.p(d)).unwrap().mode() & 0o7777;
+            assert_eq!(mode(&format!("team/{dir}")), 0o2755, "{when}: team/{dir}");
+            assert_eq!(mode(&format!("plain/{dir}")), 0o755, "{when}: plain/{dir}");
+        }
+        assert_eq!(fs::metadata(m.p("team/f")).unwrap().mode() & 0o7777, 0o644);
+    };
+    check(&m, "as made");
+    m.unmount();
+    m.start();
+    // Listed first, so that a store answering from its listings answers.
+    let listed = fs::read_dir(m.p("team"))
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().gid())
+        .collect::<Vec<_>>();
+    assert_eq!(listed, vec![4242; 4], "after a restart, listed");
+    check(&m, "after a restart");
+}
+
 /// POSIX record locks between processes, as `fcntl` promises them (the mount serves them):
 /// conflicts, `F_GETLK` naming the holder, `F_SETLKW` waiting until the holder lets go (at an
 /// unlock or a close), and a wait that would deadlock refused.

@@ -365,10 +365,27 @@ impl Fs {
         result
     }
 
-    fn owner(&self, caller: &Caller) -> Owner {
-        self.options
-            .owner_from_caller
-            .then_some((caller.uid, caller.gid))
+    /// The mode bits and owner of a new entry of `kind` at `path`, asked for with `perm` by
+    /// `caller`: the caller's owner, but in a directory with the set-group-ID bit the
+    /// directory's group, and a new directory gets the bit too (the group semantics of
+    /// Linux's own filesystems, which shared directories such as `git init --shared`'s
+    /// rely on). The kernel has already cleared the bits the caller may not set.
+    fn new_entry(
+        &self,
+        path: &Path,
+        kind: Kind,
+        perm: u16,
+        caller: &Caller,
+    ) -> FsResult<(u16, Owner)> {
+        let parent = self.store.stat(path.parent().unwrap_or(Path::new("")))?;
+        let setgid = parent.perm & libc::S_ISGID as u16 != 0;
+        let perm = match kind {
+            Kind::Dir if setgid => perm | libc::S_ISGID as u16,
+            _ => perm,
+        };
+        let gid = if setgid { parent.gid } else { caller.gid };
+        let owner = self.options.owner_from_caller.then_some((caller.uid, gid));
+        Ok((perm, owner))
     }
 
     /// The path of `ino`, or ENOENT if it no longer has a name.

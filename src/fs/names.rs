@@ -66,7 +66,7 @@ impl Fs {
             libc::S_IFSOCK => Kind::Socket,
             _ => return Err(Errno::EPERM),
         };
-        let (perm, owner) = ((mode & 0o7777) as u16, self.owner(caller));
+        let (perm, owner) = self.new_entry(&path, kind, (mode & 0o7777) as u16, caller)?;
         let meta = self.creating(|| {
             Ok(match kind {
                 Kind::File => self.store.create(&path, perm, owner, true)?,
@@ -80,11 +80,8 @@ impl Fs {
     pub fn mkdir(&self, parent: Ino, name: &OsStr, mode: u32, caller: &Caller) -> FsResult<Attr> {
         let (path, _claim) = self.claim_child(parent, name)?;
         self.allow("mkdir", &path, Access::Write)?;
-        let meta = self.creating(|| {
-            Ok(self
-                .store
-                .mkdir(&path, (mode & 0o7777) as u16, self.owner(caller))?)
-        })?;
+        let (perm, owner) = self.new_entry(&path, Kind::Dir, (mode & 0o7777) as u16, caller)?;
+        let meta = self.creating(|| Ok(self.store.mkdir(&path, perm, owner)?))?;
         self.publish(Changed::folder_created(&path));
         Ok(self.remember(parent, name, &meta))
     }
@@ -102,8 +99,8 @@ impl Fs {
             return Err(Errno::EINVAL);
         }
         self.allow_link_target("symlink", &path, target)?;
-        let meta =
-            self.creating(|| Ok(self.store.symlink(target, &path, self.owner(caller))?))?;
+        let (_, owner) = self.new_entry(&path, Kind::Symlink, 0o777, caller)?;
+        let meta = self.creating(|| Ok(self.store.symlink(target, &path, owner)?))?;
         self.publish(Changed::file(&path, meta.size));
         Ok(self.remember(parent, name, &meta))
     }

@@ -235,8 +235,7 @@ impl Fs {
     ) -> FsResult<(Attr, Opened)> {
         let (path, claim) = self.claim_child(parent, name)?;
         self.allow("create", &path, Access::Write)?;
-        let perm = (mode & 0o7777) as u16;
-        let owner = self.owner(caller);
+        let (perm, owner) = self.new_entry(&path, Kind::File, (mode & 0o7777) as u16, caller)?;
         // A writer without `O_EXCL` may leave making the file to its commit, where the store
         // does that (one write to an object store instead of two).
         let held = flags & libc::O_EXCL == 0

@@ -1226,3 +1226,75 @@ fn a_plain_reader_through_the_page_cache_keeps_a_locking_handle_where_it_is() {
         assert_eq!(s.fs.read(plain.fh, 0, 10), Err(Errno::EBADF));
     }
 }
+
+/// New entries in a set-group-ID directory take its group, whoever makes them, and new
+/// directories the bit too; elsewhere they take the caller's group.
+#[test]
+fn new_entries_in_a_set_group_id_directory_take_its_group() {
+    for backend in BACKENDS {
+        let s = setup_on(
+            backend,
+            FsOptions {
+                owner_from_caller: true,
+                ..Default::default()
+            },
+            None,
+        );
+        let c = Caller {
+            uid: 1000,
+            gid: 1000,
+            pid: 0,
+        };
+        let shared = s.fs.mkdir(ROOT, name("shared"), 0o775, &c).unwrap();
+        let plain = s.fs.mkdir(ROOT, name("plain"), 0o775, &c).unwrap();
+        assert_eq!((shared.gid, plain.gid), (1000, 1000), "{backend:?}");
+        let to_group = AttrChanges {
+            attr: SetAttr {
+                perm: Some(0o2775),
+                gid: Some(4242),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        s.fs.setattr(shared.ino, None, &to_group).unwrap();
+        let sub = s.fs.mkdir(shared.ino, name("sub"), 0o755, &c).unwrap();
+        let (file, opened) =
+            s.fs.create(shared.ino, name("f"), 0o644, libc::O_WRONLY, &c)
+                .unwrap();
+        s.fs.release(opened.fh).unwrap();
+        let (excl, opened) =
+            s.fs.create(sub.ino, name("e"), 0o600, libc::O_WRONLY | libc::O_EXCL, &c)
+                .unwrap();
+        s.fs.release(opened.fh).unwrap();
+        let link =
+            s.fs.symlink(shared.ino, name("l"), Path::new("f"), &c)
+                .unwrap();
+        let fifo =
+            s.fs.mknod(shared.ino, name("p"), libc::S_IFIFO | 0o644, &c)
+                .unwrap();
+        let deeper = s.fs.mkdir(sub.ino, name("deeper"), 0o700, &c).unwrap();
+        let other = s.fs.mkdir(plain.ino, name("d"), 0o755, &c).unwrap();
+        for (what, attr) in [
+            ("sub", &sub),
+            ("f", &file),
+            ("sub/e", &excl),
+            ("l", &link),
+            ("p", &fifo),
+            ("sub/deeper", &deeper),
+        ] {
+            assert_eq!((attr.uid, attr.gid), (1000, 4242), "{backend:?} {what}");
+        }
+        assert_eq!(other.gid, 1000, "{backend:?}");
+        assert_eq!(
+            sub.perm, 0o2755,
+            "{backend:?}: the bit goes on to directories"
+        );
+        assert_eq!(deeper.perm, 0o2700, "{backend:?}");
+        assert_eq!((file.perm, excl.perm), (0o644, 0o600), "{backend:?}");
+        assert_eq!(other.perm, 0o755, "{backend:?}");
+        // What the store keeps, not only what the mount said.
+        let kept = s.store.stat(Path::new("shared/sub/deeper")).unwrap();
+        assert_eq!((kept.gid, kept.perm), (4242, 0o2700), "{backend:?}");
+        assert_eq!(s.store.stat(Path::new("shared/f")).unwrap().gid, 4242);
+    }
+}
