@@ -192,6 +192,61 @@ for i in range(40):
     }
 }
 
+/// `tail -f` on host B of logs host A writes: a running process's output (`cmd > out.log`)
+/// and lines appended one `>>` at a time. B's kernel reads each grown file again from its
+/// start, when the version B opened has been replaced by longer ones.
+#[test]
+fn tail_f_on_another_host_follows_a_growing_log() {
+    let h = two_hosts();
+    fs::write(h.ma.join("app.log"), b"start\n").unwrap();
+    let writer = "import sys, time\nfor i in range(10):\n    print('out', i, flush=True)\n    time.sleep(0.4)";
+    let mut out = Command::new("python3")
+        .args(["-c", writer])
+        .stdout(File::create(h.ma.join("out.log")).unwrap())
+        .spawn()
+        .unwrap();
+    eventually("B sees both logs", || {
+        h.mb.join("app.log").exists()
+            && fs::metadata(h.mb.join("out.log")).is_ok_and(|m| m.len() > 0)
+    });
+    let tail = |name: &str| {
+        Command::new("timeout")
+            .args(["7", "tail", "-f"])
+            .arg(h.mb.join(name))
+            .output()
+            .unwrap()
+    };
+    let tails = std::thread::scope(|s| {
+        let app = s.spawn(|| tail("app.log"));
+        let out = s.spawn(|| tail("out.log"));
+        for i in 0..10 {
+            std::thread::sleep(Duration::from_millis(400));
+            let mut f = OpenOptions::new()
+                .append(true)
+                .open(h.ma.join("app.log"))
+                .unwrap();
+            writeln!(f, "line {i}").unwrap();
+        }
+        [app.join().unwrap(), out.join().unwrap()]
+    });
+    assert!(out.wait().unwrap().success());
+    let mut want = vec!["start".to_string()];
+    want.extend((0..10).map(|i| format!("line {i}")));
+    let wants = [
+        want,
+        (0..10).map(|i| format!("out {i}")).collect::<Vec<_>>(),
+    ];
+    for (got, want) in tails.iter().zip(wants) {
+        assert_eq!(
+            String::from_utf8_lossy(&got.stderr),
+            "",
+            "tail read every version"
+        );
+        let lines: Vec<&str> = std::str::from_utf8(&got.stdout).unwrap().lines().collect();
+        assert_eq!(lines, want);
+    }
+}
+
 #[test]
 fn renames_and_deletes_show_on_both_hosts() {
     let h = two_hosts();

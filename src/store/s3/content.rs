@@ -4,7 +4,8 @@
 //!   another writer replaced the object since the open, bytes not read yet are gone (S3 keeps
 //!   no old versions) and the read fails with `EIO` (logged), where the local store would go
 //!   on reading the old version. A small file is fetched whole at its first read, so this
-//!   only concerns files read over a longer time.
+//!   only concerns files read over a longer time — and not a version replaced by appends
+//!   (below): a reader following appends reads its version's bytes from the newer one.
 //! - Objects the cache takes (see `cache`) are read through it, in chunks; a sequential
 //!   reader's requests grow ahead of it (read-ahead up to 16 MiB a request). A whole cached
 //!   entry is a local file (`Content::local`), which the core may hand to the kernel.
@@ -122,9 +123,9 @@ impl S3Content {
     }
 
     /// The newest version of the key that extends this one by appends (see the module docs),
-    /// asking the store at most once per `metadata_ttl`.
-    fn follower(&self) -> io::Result<Option<Arc<S3Content>>> {
-        {
+    /// asking the store at most once per `metadata_ttl`, unless `now`.
+    fn follower(&self, now: bool) -> io::Result<Option<Arc<S3Content>>> {
+        if !now {
             let f = self.follower.lock().unwrap_or_else(|e| e.into_inner());
             // Asked again soon: a read past the end reaches the store only once the kernel
             // learnt of a longer file (its attribute TTL), or for a direct-I/O reader.
@@ -324,6 +325,15 @@ fn emptied(spare: Option<Vec<u8>>, len: usize) -> Vec<u8> {
     data
 }
 
+/// Whether `e`, from a read of a version, says that version is gone (replaced or removed).
+fn version_gone(e: &io::Error) -> bool {
+    e.get_ref()
+        .and_then(|s| s.downcast_ref::<super::client::ClientError>())
+        .is_some_and(|c| {
+            c.is(super::client::Failure::Precondition) || c.is(super::client::Failure::NotFound)
+        })
+}
+
 /// Fetches `start..end` of version `etag` of `key` (see the module docs for a version gone).
 pub fn fetch_range(
     shared: &Shared,
@@ -422,9 +432,18 @@ impl Content for S3Content {
 
     fn read_appended_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
         if offset < self.meta.size {
-            return self.read_at(buf, offset);
+            return match self.read_at(buf, offset) {
+                // Another host appended to the file since (a `tail -f` of its log, whose
+                // pages the kernel reads again from the start when the file grows): the
+                // newer version begins with these bytes, and is read instead.
+                Err(e) if version_gone(&e) => match self.follower(true)? {
+                    Some(next) => next.read_appended_at(buf, offset),
+                    None => Err(e),
+                },
+                done => done,
+            };
         }
-        match self.follower()? {
+        match self.follower(false)? {
             Some(next) => next.read_appended_at(buf, offset),
             None => Ok(0),
         }

@@ -985,6 +985,32 @@ fn a_reader_reads_on_into_appends_of_its_version() {
     let _ = v2;
 }
 
+/// `tail -f` on another host: the kernel reads a growing file's pages again from the start,
+/// and the version the reader opened is gone by then; the newer version begins with its bytes.
+#[test]
+fn a_reader_of_a_version_appended_to_elsewhere_reads_its_bytes_from_the_newer_one() {
+    let client = Arc::new(MemClient::new());
+    let (a, b) = (host(&client), host(&client));
+    write(a.store.as_ref(), "log", b"start\n").unwrap();
+    let reader = b.store.open(p("log")).unwrap();
+    let mut buf = [0u8; 64];
+    let n = reader.read_appended_at(&mut buf, 0).unwrap();
+    assert_eq!(&buf[..n], b"start\n");
+    let base = a.store.open(p("log")).unwrap();
+    let v1 = commit_append(a.store.as_ref(), "log", &base, b"one\n", true).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(250));
+    let n = reader.read_appended_at(&mut buf, 6).unwrap();
+    assert_eq!(&buf[..n], b"one\n");
+    commit_append(a.store.as_ref(), "log", &v1, b"two\n", true).unwrap();
+    let n = reader.read_appended_at(&mut buf, 0).unwrap();
+    assert_eq!(&buf[..n], b"start\none\ntwo\n");
+    // A rewrite keeps nothing of the version: its bytes are gone (EIO at the mount).
+    write(a.store.as_ref(), "log", b"rewritten\n").unwrap();
+    let other = b.store.open(p("log")).unwrap();
+    write(a.store.as_ref(), "log", b"rewritten again\n").unwrap();
+    assert!(other.read_appended_at(&mut buf, 0).is_err());
+}
+
 /// Commits `tail` appended to `base` (a close of a handle that wrote at the end).
 fn commit_append(
     store: &dyn Store,
