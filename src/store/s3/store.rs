@@ -83,7 +83,28 @@ pub struct S3Store {
     /// that a file's times on this host do not move when the store is asked again (its
     /// `Last-Modified` is stamped by the store's clock, in the middle of the request). Other
     /// hosts see the `Last-Modified`.
-    stamped: Mutex<HashMap<PathBuf, (String, SystemTime)>>,
+    stamped: Mutex<HashMap<PathBuf, Stamp>>,
+}
+
+/// A version this store made (see `S3Store::stamped`): its ETag, this host's clock when it
+/// made it, and the `Last-Modified` the store first reported for it. Another host writing
+/// the same bytes makes an object with the same ETag (a single PUT's is the MD5 of its
+/// bytes) and a later `Last-Modified`: the stamp is then no longer the object's.
+#[derive(Clone, Debug)]
+struct Stamp {
+    etag: String,
+    at: SystemTime,
+    seen: Option<SystemTime>,
+}
+
+impl Stamp {
+    /// Whether it is the stamp of the object reported with `etag` and `last_modified`.
+    fn fits(&self, etag: &str, last_modified: SystemTime) -> bool {
+        self.etag == etag.trim_matches('"')
+            && self
+                .seen
+                .is_none_or(|seen| to_second(seen) == to_second(last_modified))
+    }
 }
 
 /// How long ago a file must have been modified for a rename to keep its mtime. The copy a
@@ -332,14 +353,22 @@ impl S3Store {
         if stamped.len() > 10_000 {
             stamped.clear();
         }
-        stamped.insert(path.to_path_buf(), (etag.trim_matches('"').to_string(), at));
+        let stamp = Stamp {
+            etag: etag.trim_matches('"').to_string(),
+            at,
+            seen: None,
+        };
+        stamped.insert(path.to_path_buf(), stamp);
     }
 
-    /// When the version `etag` of `path` was modified: when this store made it, if it did
-    /// (see `stamped`), else `last_modified`, as the store reports it.
+    /// When the version `etag` of `path`, reported modified at `last_modified`, was modified:
+    /// when this store made it, if it did (see `stamped`), else `last_modified`.
     fn modified(&self, path: &Path, etag: &str, last_modified: SystemTime) -> SystemTime {
-        match lock(&self.stamped).get(path) {
-            Some((tag, at)) if tag == etag.trim_matches('"') => *at,
+        match lock(&self.stamped).get_mut(path) {
+            Some(stamp) if stamp.fits(etag, last_modified) => {
+                stamp.seen.get_or_insert(last_modified);
+                stamp.at
+            }
             _ => last_modified,
         }
     }
@@ -1241,7 +1270,9 @@ impl S3Store {
                     let stamp = self
                         .keys
                         .path_of(&o.key)
-                        .and_then(|p| lock(&self.stamped).get(&p).cloned());
+                        .and_then(|p| lock(&self.stamped).get(&p).cloned())
+                        .filter(|s| s.fits(&o.etag, o.last_modified))
+                        .map(|s| (s.etag, s.at));
                     copied.push((dest_dir, name.to_string(), self.keys.path_of(&dest)));
                     let (shared, from_key, to_key) = (shared.clone(), o.key.clone(), dest);
                     jobs.push(Box::new(move || {
@@ -1723,10 +1754,14 @@ impl Store for S3Store {
     fn forget(&self, path: &Path, tree: bool) {
         // The entry (or the tree), its directory's listing, and the index holding its
         // attributes (`S3Store::forget` here is the inherent one, of one entry).
+        // The time this host gave its own version too: another host may have written the
+        // same bytes (the same ETag) since.
         if tree {
             self.forget_tree(path);
+            lock(&self.stamped).retain(|p, _| !p.starts_with(path));
         } else {
             S3Store::forget(self, path);
+            lock(&self.stamped).remove(path);
         }
         lock(&self.indexes).remove(&split(path).0);
     }

@@ -6,6 +6,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use super::attrs::to_second;
 use super::client::{Condition, Failure, Metadata, ObjectClient};
 use super::mock::{MemClient, Op};
 use super::{S3Config, Shared, open_with};
@@ -1186,6 +1187,47 @@ fn a_file_keeps_the_times_its_host_gave_it_when_the_store_is_asked_again() {
     let (at_a, at_b) = (a.store.stat(p("f")).unwrap(), b.store.stat(p("f")).unwrap());
     assert!(at_a.mtime + Duration::from_secs(20) < at_b.mtime);
     assert!(at_b.mtime >= made.mtime);
+    // The same bytes written again by the other host (the same ETag, a later
+    // `Last-Modified`) have the other host's time on this one too.
+    write(a.store.as_ref(), "same", b"same bytes").unwrap();
+    let mine = a.store.stat(p("same")).unwrap();
+    // (By the store's clock, 10 s later.)
+    client
+        .clock_behind_secs
+        .store(20, std::sync::atomic::Ordering::Relaxed);
+    write(b.store.as_ref(), "same", b"same bytes").unwrap();
+    let theirs = b.store.stat(p("same")).unwrap();
+    assert_eq!(
+        theirs.version, mine.version,
+        "the ETag is the MD5 of the bytes"
+    );
+    let listed = a.store.list(p("")).unwrap();
+    let entry = listed.iter().find(|e| e.name == "same").unwrap();
+    for seen in [
+        a.store.stat(p("same")).unwrap(),
+        entry.meta.clone().unwrap(),
+    ] {
+        assert_eq!(
+            seen.mtime,
+            to_second(client.head(&key("same")).unwrap().last_modified)
+        );
+    }
+    // Told of the other host's change (the change feed), this host forgets its own time
+    // even if it never asked the store for its version.
+    client
+        .clock_behind_secs
+        .store(30, std::sync::atomic::Ordering::Relaxed);
+    write(a.store.as_ref(), "told", b"told").unwrap();
+    client
+        .clock_behind_secs
+        .store(20, std::sync::atomic::Ordering::Relaxed);
+    write(b.store.as_ref(), "told", b"told").unwrap();
+    a.store.forget(p("told"), false);
+    let told = a.store.stat(p("told")).unwrap();
+    assert_eq!(
+        told.mtime,
+        to_second(client.head(&key("told")).unwrap().last_modified)
+    );
 }
 
 #[test]
