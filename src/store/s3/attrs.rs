@@ -195,6 +195,13 @@ impl Attrs {
         };
         *self == base
     }
+
+    /// Whether these attributes take from other users than the owner something `shown`
+    /// grants them: a permission bit of the group or of others. (A change of owner or group
+    /// is not weighed: as root, `tar -x` and `cp -a` give every file its owner.)
+    pub fn narrow(&self, shown: &Attrs) -> bool {
+        shown.perm & !self.perm & 0o077 != 0
+    }
 }
 
 /// One entry of a directory's index.
@@ -217,6 +224,14 @@ pub struct IndexEntry {
 }
 
 impl IndexEntry {
+    /// Takes the mode and owner of `attrs`, keeping its explicit mtime (of the version it
+    /// names).
+    pub fn set_access(&mut self, attrs: &Attrs) {
+        self.mode = Some(type_bits(attrs.kind) | u32::from(attrs.perm));
+        self.uid = Some(attrs.uid);
+        self.gid = Some(attrs.gid);
+    }
+
     /// The entry recording `attrs` (the explicit mtime of the object version `etag`).
     pub fn of(attrs: &Attrs, etag: Option<&str>) -> IndexEntry {
         IndexEntry {

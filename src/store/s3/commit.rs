@@ -111,6 +111,20 @@ pub(super) fn commit(store: &S3Store, req: CommitRequest<'_>) -> StoreResult<Com
             Some(TimeSpec::Now) | None => None,
         };
     }
+    // Listings show a file's mode, owner and explicit mtime from its directory's index: one
+    // narrowed by this commit goes there before the version does.
+    let listed = Attrs {
+        mtime: None,
+        ..before
+    };
+    let indexed = req.attrs.is_some() && attrs != listed;
+    if indexed && let Err(e) = store.narrow_index_first(req.path, &attrs) {
+        log::warn!(
+            "{}: the narrower mode or owner set before its commit is not in its directory's \
+             index yet (listings show the previous one until the commit's index write): {e}",
+            req.path.display()
+        );
+    }
     let metadata = attrs.to_metadata();
     let written = match &req.change {
         Change::Whole(copy) => {
@@ -170,16 +184,10 @@ pub(super) fn commit(store: &S3Store, req: CommitRequest<'_>) -> StoreResult<Com
     if new {
         store.created(req.path, &base_tag);
     }
-    // Listings show a file's mode, owner and explicit mtime from its directory's index: the
-    // entry follows what the commit set (its mtime is of this version).
+    // The entry follows what the commit set (its mtime is of this version).
     // The version is committed whatever becomes of the entry: a failure to write it is
     // logged (`stat` shows the attributes, from the object; a listing the entry's).
-    let listed = Attrs {
-        mtime: None,
-        ..before
-    };
-    if req.attrs.is_some()
-        && attrs != listed
+    if indexed
         && let Err(e) = store.index_attrs(
             req.path,
             &attrs,

@@ -560,10 +560,16 @@ impl S3Store {
         had_entry: bool,
     ) -> StoreResult<()> {
         let default = attrs.are_default(&self.defaults);
+        let (dir, name) = split(path);
+        // (An entry this host wrote, for a change that then failed, narrower than the object.)
+        let had_entry = had_entry
+            || (default
+                && lock(&self.indexes)
+                    .get(&dir)
+                    .is_some_and(|c| c.index.entries.contains_key(&name)));
         if default && !had_entry {
             return Ok(());
         }
-        let (dir, name) = split(path);
         if had_entry {
             // The entry is there: a remembered index without it is older than that (another
             // host wrote it), and would make its removal look needless.
@@ -580,6 +586,51 @@ impl S3Store {
             Some(e) => index.entries.insert(name.clone(), e.clone()).as_ref() != Some(e),
             None => index.entries.remove(&name).is_some(),
         })
+    }
+
+    /// Before the object at `path` gets `attrs`, which let fewer users at it than its
+    /// directory's index shows now (see `Attrs::narrow`), the index gets them
+    /// (keeping the entry's mtime, of the version it names): a listing on another host never
+    /// shows the object with wider permissions than it has, not even if this host dies
+    /// between the two writes (the index then errs on the narrow side until the file's next
+    /// change of attributes). A widening change goes to the object first, then the index,
+    /// for the same reason. Call it only where the index is written after the object anyway
+    /// (it reads the index, if not remembered).
+    pub(super) fn narrow_index_first(&self, path: &Path, attrs: &Attrs) -> StoreResult<()> {
+        let (dir, name) = split(path);
+        let defaults = &self.defaults;
+        self.update_index(&dir, &|index| {
+            let shown = match index.entries.get(&name) {
+                Some(e) => e.attrs(Kind::File, None, defaults),
+                None => Some(Attrs::default_object(defaults)),
+            };
+            // (An entry that says directory is stale: the object's writer corrects it.)
+            if !shown.is_some_and(|shown| attrs.narrow(&shown)) {
+                return false;
+            }
+            index
+                .entries
+                .entry(name.clone())
+                .or_default()
+                .set_access(attrs);
+            true
+        })
+    }
+
+    /// Whether the index of `path`'s directory, as this host remembers it, gives the object
+    /// at `path` another mode or owner than `attrs`.
+    fn indexed_otherwise(&self, path: &Path, attrs: &Attrs) -> bool {
+        let (dir, name) = split(path);
+        let indexes = lock(&self.indexes);
+        let Some(entry) = indexes
+            .get(&dir)
+            .and_then(|c| c.index.entries.get(&name).cloned())
+        else {
+            return false;
+        };
+        entry
+            .attrs(Kind::File, None, &self.defaults)
+            .is_some_and(|e| (e.perm, e.uid, e.gid) != (attrs.perm, attrs.uid, attrs.gid))
     }
 
     /// Removes the index entry of `path`, if its attributes said it had one.
@@ -1651,7 +1702,12 @@ impl Store for S3Store {
             };
         }
         if new == old && !touched {
-            return Ok(meta); // atime alone: not kept
+            // Atime alone: not kept. An index entry this host left narrower than the object
+            // (a narrowing whose object write then failed) is set right.
+            if meta.kind != Kind::Dir && self.indexed_otherwise(path, &new) {
+                self.index_attrs(path, &new, meta.version.tag(), true)?;
+            }
+            return Ok(meta);
         }
         if meta.kind == Kind::Dir {
             if is_root(path) {
@@ -1668,6 +1724,9 @@ impl Store for S3Store {
         }
         // An object: its metadata replaced by a copy onto itself.
         let key = self.keys.key(path)?;
+        if !new.are_default(&self.defaults) || !old.are_default(&self.defaults) {
+            self.narrow_index_first(path, &new)?;
+        }
         let etag = meta.version.tag().map(str::to_string);
         let mut metadata = new.to_metadata();
         if let Some(l) = etag.as_deref().and_then(|e| self.shared.lineage_of(e)) {

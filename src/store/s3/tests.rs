@@ -1518,6 +1518,72 @@ fn removing_directories_one_after_the_other_asks_only_what_it_must() {
     assert_eq!(names, ["ab", "ac"]);
 }
 
+/// Listings show modes from the directory's index, written after the object: a change that
+/// takes permissions from other users goes to the index first, so that no listing shows the
+/// object with more than it grants — here, the object's write fails after the index's (as
+/// when the host dies between the two).
+#[test]
+fn a_narrower_mode_reaches_the_listings_before_the_object() {
+    let client = Arc::new(MemClient::new());
+    let (a, b) = uncached_hosts(&client);
+    let listed = |name: &str| {
+        let entries = b.store.list(p("")).unwrap();
+        let e = entries.iter().find(|e| e.name == name).unwrap();
+        e.meta.as_ref().unwrap().perm
+    };
+    let chmod = |name: &str, perm: u16| {
+        let attr = SetAttr {
+            perm: Some(perm),
+            ..Default::default()
+        };
+        a.store.set_attr(p(name), &attr).map(|m| m.perm)
+    };
+    write(a.store.as_ref(), "f", b"secret").unwrap();
+    client.fail(Op::Copy, Some("/f"), Failure::Unavailable, 1);
+    assert!(chmod("f", 0o600).is_err());
+    assert_eq!(
+        b.store.stat(p("f")).unwrap().perm,
+        0o644,
+        "the object as it was"
+    );
+    assert_eq!(listed("f"), 0o600, "the listing errs on the narrow side");
+    // Widened again: the object first, then the index, which loses the entry.
+    assert_eq!(chmod("f", 0o644).unwrap(), 0o644);
+    assert_eq!(listed("f"), 0o644);
+    assert_eq!(chmod("f", 0o600).unwrap(), 0o600);
+    assert_eq!(
+        (b.store.stat(p("f")).unwrap().perm, listed("f")),
+        (0o600, 0o600)
+    );
+    // A widening change whose index write fails leaves the listing narrower too.
+    client.fail(Op::Put, Some(".roomfs-attrs"), Failure::Unavailable, 1);
+    assert!(chmod("f", 0o640).is_err());
+    assert_eq!(
+        (b.store.stat(p("f")).unwrap().perm, listed("f")),
+        (0o640, 0o600)
+    );
+    // The same for a mode set while the file was being written (`install -m 600`), which
+    // its commit writes.
+    write(a.store.as_ref(), "g", b"old").unwrap();
+    let base = a.store.open(p("g")).unwrap();
+    let copy = a.store.working_copy(p("g")).unwrap();
+    copy.write_at(b"new secret", 0).unwrap();
+    client.fail(Op::Put, Some("/g"), Failure::Unavailable, 1);
+    let failed = a.store.commit(CommitRequest {
+        path: p("g"),
+        base: &base,
+        change: Change::Whole(&copy),
+        durable: false,
+        attrs: Some(SetAttr {
+            perm: Some(0o600),
+            ..Default::default()
+        }),
+    });
+    assert!(failed.is_err());
+    assert_eq!(b.store.stat(p("g")).unwrap().perm, 0o644);
+    assert_eq!(listed("g"), 0o600);
+}
+
 #[test]
 fn attributes_given_to_a_commit_go_into_its_object_and_its_listing_entry() {
     let client = Arc::new(MemClient::new());
