@@ -632,6 +632,26 @@ for i in range(20):
     let after = h.b.cli(&["metrics"]).1;
     let lists = requests(&before, &after, "list");
     assert!(lists <= 25, "{lists} LISTs for 20 new names");
+
+    // `rm -rf` of it: rm lists it, then removes the names in that order, and the kernel looks
+    // up each name whose TTL has passed meanwhile: a page of the listing answers a run of
+    // them, not a HEAD each.
+    std::thread::sleep(Duration::from_millis(1100));
+    let before = h.b.cli(&["metrics"]).1;
+    let out = output(Command::new("rm").arg("-rf").arg(h.mb.join("many")));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let after = h.b.cli(&["metrics"]).1;
+    let (heads, deletes) = (
+        requests(&before, &after, "head"),
+        requests(&before, &after, "delete"),
+    );
+    assert!(deletes >= 1020, "{deletes} DELETEs");
+    assert!(heads <= 40, "{heads} HEADs to remove 1,020 files");
+    assert!(!h.ma.join("many").exists() || fs::read_dir(h.ma.join("many")).unwrap().count() == 0);
 }
 
 /// A program that stats a directory's files by name (`git status`, `make`) on a host that

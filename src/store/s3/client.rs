@@ -301,6 +301,9 @@ pub trait ObjectClient: Send + Sync + 'static {
         token: Option<&str>,
         max_keys: Option<u32>,
     ) -> ClientResult<ListPage>;
+    /// One page of a ListObjectsV2 of `prefix`, delimited by `/`, of the keys after
+    /// `start_after` (in the order of their bytes).
+    fn list_after(&self, prefix: &str, start_after: &str) -> ClientResult<ListPage>;
     /// DeleteObject (a missing key is not an error).
     fn delete(&self, key: &str) -> ClientResult<()>;
     /// DeleteObjects of up to 1000 keys.

@@ -619,6 +619,11 @@ impl ObjectClient for MemClient {
         Ok(page)
     }
 
+    fn list_after(&self, prefix: &str, start_after: &str) -> ClientResult<ListPage> {
+        // (This bucket's continuation token is the last key of a page: a start-after.)
+        self.list(prefix, true, Some(start_after), None)
+    }
+
     fn delete(&self, key: &str) -> ClientResult<()> {
         self.enter(Op::Delete, key, "DELETE")?;
         check_key(key, "DELETE")?;

@@ -438,6 +438,58 @@ async fn byte_stream(body: Body) -> Result<Upload, String> {
 }
 
 impl SdkClient {
+    /// One page of a ListObjectsV2 (see `ObjectClient::list` and `list_after`).
+    fn list_page(
+        &self,
+        prefix: &str,
+        delimited: bool,
+        token: Option<&str>,
+        max_keys: Option<u32>,
+        start_after: Option<&str>,
+    ) -> ClientResult<ListPage> {
+        self.start("list", prefix);
+        let mut req = self
+            .client()
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .prefix(prefix)
+            .set_continuation_token(token.map(str::to_string))
+            .set_start_after(start_after.map(str::to_string))
+            .set_max_keys(max_keys.map(|m| m as i32));
+        if delimited {
+            req = req.delimiter("/");
+        }
+        let r = block(req.customize().interceptor(attempts("list")).send())
+            .map_err(|e| classify("list", format!("LIST {prefix}"), e))?;
+        let objects = r
+            .contents()
+            .iter()
+            .filter_map(|o| {
+                Some(ListedObject {
+                    key: o.key()?.to_string(),
+                    size: o.size().unwrap_or(0).max(0) as u64,
+                    etag: etag_of(o.e_tag()),
+                    last_modified: time_of(o.last_modified()),
+                })
+            })
+            .collect();
+        let prefixes = r
+            .common_prefixes()
+            .iter()
+            .filter_map(|p| p.prefix().map(str::to_string))
+            .collect();
+        let next = if r.is_truncated() == Some(true) {
+            r.next_continuation_token().map(str::to_string)
+        } else {
+            None
+        };
+        Ok(ListPage {
+            objects,
+            prefixes,
+            next,
+        })
+    }
+
     /// Connects (builds the client and checks the credentials); the error is one sentence.
     pub fn connect(c: &Connection) -> Result<SdkClient, String> {
         // The credential providers' client (instance metadata, STS) serves every thread, so it
@@ -887,46 +939,11 @@ impl ObjectClient for SdkClient {
         token: Option<&str>,
         max_keys: Option<u32>,
     ) -> ClientResult<ListPage> {
-        self.start("list", prefix);
-        let mut req = self
-            .client()
-            .list_objects_v2()
-            .bucket(&self.bucket)
-            .prefix(prefix)
-            .set_continuation_token(token.map(str::to_string))
-            .set_max_keys(max_keys.map(|m| m as i32));
-        if delimited {
-            req = req.delimiter("/");
-        }
-        let r = block(req.customize().interceptor(attempts("list")).send())
-            .map_err(|e| classify("list", format!("LIST {prefix}"), e))?;
-        let objects = r
-            .contents()
-            .iter()
-            .filter_map(|o| {
-                Some(ListedObject {
-                    key: o.key()?.to_string(),
-                    size: o.size().unwrap_or(0).max(0) as u64,
-                    etag: etag_of(o.e_tag()),
-                    last_modified: time_of(o.last_modified()),
-                })
-            })
-            .collect();
-        let prefixes = r
-            .common_prefixes()
-            .iter()
-            .filter_map(|p| p.prefix().map(str::to_string))
-            .collect();
-        let next = if r.is_truncated() == Some(true) {
-            r.next_continuation_token().map(str::to_string)
-        } else {
-            None
-        };
-        Ok(ListPage {
-            objects,
-            prefixes,
-            next,
-        })
+        self.list_page(prefix, delimited, token, max_keys, None)
+    }
+
+    fn list_after(&self, prefix: &str, start_after: &str) -> ClientResult<ListPage> {
+        self.list_page(prefix, true, None, None, Some(start_after))
     }
 
     fn delete(&self, key: &str) -> ClientResult<()> {

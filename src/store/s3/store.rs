@@ -21,7 +21,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use super::Shared;
 use super::attrs::{Attrs, Defaults, Index, IndexEntry, to_second};
-use super::client::{Body, Condition, Failure, Metadata};
+use super::client::{Body, Condition, Failure, ListedObject, Metadata};
 use super::content::S3Content;
 use super::keys::{INDEX, SpaceKeys, listed_name};
 use super::spool::SpoolCopy;
@@ -71,6 +71,9 @@ pub struct S3Store {
     /// Directories whose names lookups asked the store about one by one lately: since when,
     /// and how many (see `crowded`).
     asked: Mutex<HashMap<PathBuf, (Instant, u32)>>,
+    /// Large directories whose names lookups asked about in the order of their keys lately:
+    /// when the last was asked, which it was, and how many in a row (see `walking`).
+    walks: Mutex<HashMap<PathBuf, (Instant, String, u32)>>,
     /// Attributes this store set on a file (chmod, chown, times, set-IDs dropped at a write):
     /// the ETag of the version they were set on, and the entry after. A commit whose base is
     /// that version carries them, not the base's as it was opened (see `commit`).
@@ -167,6 +170,7 @@ impl S3Store {
             listings: Mutex::new(HashMap::new()),
             large_dirs: Mutex::new(HashMap::new()),
             asked: Mutex::new(HashMap::new()),
+            walks: Mutex::new(HashMap::new()),
             attrs_set: Mutex::new(HashMap::new()),
             stamped: Mutex::new(HashMap::new()),
             pending: Mutex::new(HashMap::new()),
@@ -700,9 +704,16 @@ impl S3Store {
         // A program going through the files of a directory by name (`git status`, `make`,
         // `ls` of names) gets them from one listing, remembered for the TTL, rather than a
         // HEAD each (within one page: larger directories are asked about name by name).
+        // A larger directory walked through in name order (`rm -rf`, `git status`, a loop
+        // over sorted names) gets them from one page of its listing at a time.
         let (dir, name) = split(path);
-        if !self.is_large_dir(&dir)
-            && self.crowded(&dir)
+        if self.is_large_dir(&dir) {
+            if self.walking(&dir, &name)
+                && let Some(meta) = self.listed_from(path, &dir, &name)?
+            {
+                return Ok(meta);
+            }
+        } else if self.crowded(&dir)
             && let Some(meta) = self.listed(path, &dir, &name)?
         {
             return Ok(meta);
@@ -797,15 +808,7 @@ impl S3Store {
         let files: std::collections::HashSet<&str> =
             objects.iter().map(|(n, _)| n.as_str()).collect();
         for (name, o) in &objects {
-            let attrs = index
-                .entries
-                .get(name)
-                .and_then(|e| e.attrs(Kind::File, Some(&o.etag), &self.defaults))
-                .unwrap_or_else(|| Attrs::default_object(&self.defaults));
-            let entry = path.join(name);
-            let modified = self.modified(&entry, &o.etag, o.last_modified);
-            let meta = self.object_meta(o.size, &o.etag, modified, &attrs);
-            self.remember(&entry, Some(meta.clone()));
+            let meta = self.listed_object(path, name, o, &index);
             out.push(DirEntry {
                 name: OsString::from(name),
                 kind: meta.kind,
@@ -817,13 +820,7 @@ impl S3Store {
                 log::debug!("{prefix}{name}: both an object and a prefix; shown as the file");
                 continue;
             }
-            let attrs = index
-                .entries
-                .get(name)
-                .and_then(|e| e.attrs(Kind::Dir, None, &self.defaults))
-                .unwrap_or_else(|| Attrs::default_dir(&self.defaults));
-            let meta = self.dir_meta(&attrs);
-            self.remember(&path.join(name), Some(meta.clone()));
+            let meta = self.listed_dir(path, name, &index);
             out.push(DirEntry {
                 name: OsString::from(name),
                 kind: Kind::Dir,
@@ -848,6 +845,124 @@ impl S3Store {
         }
         self.keep_listing(path, started, names);
         Ok(Some(out))
+    }
+
+    /// The attributes of the object `o` listed as `name` in the directory `dir` (with its
+    /// index), remembered.
+    fn listed_object(&self, dir: &Path, name: &str, o: &ListedObject, index: &Index) -> Meta {
+        let attrs = index
+            .entries
+            .get(name)
+            .and_then(|e| e.attrs(Kind::File, Some(&o.etag), &self.defaults))
+            .unwrap_or_else(|| Attrs::default_object(&self.defaults));
+        let entry = dir.join(name);
+        let modified = self.modified(&entry, &o.etag, o.last_modified);
+        let meta = self.object_meta(o.size, &o.etag, modified, &attrs);
+        self.remember(&entry, Some(meta.clone()));
+        meta
+    }
+
+    /// The attributes of the directory listed as `name` in the directory `dir` (with its
+    /// index), remembered.
+    fn listed_dir(&self, dir: &Path, name: &str, index: &Index) -> Meta {
+        let attrs = index
+            .entries
+            .get(name)
+            .and_then(|e| e.attrs(Kind::Dir, None, &self.defaults))
+            .unwrap_or_else(|| Attrs::default_dir(&self.defaults));
+        let meta = self.dir_meta(&attrs);
+        self.remember(&dir.join(name), Some(meta.clone()));
+        meta
+    }
+
+    /// What one page of the listing of the large directory `dir`, from its entry `name`
+    /// (`path`) on, says of that entry: every entry of the page is remembered for the TTL, so
+    /// that the page answers for the names a walk through the directory asks about next.
+    /// `Err(ENOENT)` if the page went past where `name` would be; `None` if it ended before.
+    fn listed_from(&self, path: &Path, dir: &Path, name: &str) -> StoreResult<Option<Meta>> {
+        let prefix = self.keys.dir_prefix(dir)?;
+        // After a key just before the name's (its name less the last character).
+        let mut before = name.to_string();
+        before.pop();
+        let page = self
+            .shared
+            .client
+            .list_after(&prefix, &format!("{prefix}{before}"))?;
+        let index_key = prefix.clone() + INDEX;
+        let index_etag = page
+            .objects
+            .iter()
+            .find(|o| o.key == index_key)
+            .map(|o| o.etag.as_str());
+        // The page shows the index's version only when it holds its key: else as remembered
+        // within the TTL, or fetched.
+        let index = self.index(dir, index_etag.map(Some))?;
+        let mut found = None;
+        let mut files = std::collections::HashSet::new();
+        for o in &page.objects {
+            if let Some(n) = listed_name(&prefix, &o.key, false) {
+                let meta = self.listed_object(dir, n, o, &index);
+                files.insert(n);
+                if n == name {
+                    found = Some(meta);
+                }
+            }
+        }
+        for p in &page.prefixes {
+            if let Some(n) = listed_name(&prefix, p, true)
+                && !files.contains(n)
+            {
+                let meta = self.listed_dir(dir, n, &index);
+                if n == name && found.is_none() {
+                    found = Some(meta);
+                }
+            }
+        }
+        if found.is_some() {
+            return Ok(found);
+        }
+        // Past the name both as an object and as a directory's prefix?
+        let last = page
+            .objects
+            .last()
+            .map(|o| o.key.as_str())
+            .max(page.prefixes.last().map(String::as_str));
+        let past =
+            page.next.is_none() || last.is_some_and(|k| k > format!("{prefix}{name}/").as_str());
+        if past {
+            self.remember(path, None);
+            return Err(err(libc::ENOENT));
+        }
+        Ok(None)
+    }
+
+    /// Counts a lookup that asks the store about `name` in the large directory `dir`: whether
+    /// it continues a walk through the directory in the order of its names, asked one after
+    /// the other within the TTL, for long enough that a page of the listing from this name on
+    /// should answer it and the names that follow. (A program that looks names up in another
+    /// order asks about each alone: a page costs tens of HEADs.)
+    fn walking(&self, dir: &Path, name: &str) -> bool {
+        if self.shared.metadata_ttl.is_zero() {
+            return false;
+        }
+        let mut walks = lock(&self.walks);
+        if walks.len() >= 10_000 {
+            walks.retain(|_, (at, _, _)| self.fresh(*at));
+        }
+        let (at, last, n) = walks
+            .entry(dir.to_path_buf())
+            .or_insert_with(|| (Instant::now(), String::new(), 0));
+        *n = if self.fresh(*at) && name > last.as_str() {
+            *n + 1
+        } else {
+            1
+        };
+        (*at, *last) = (Instant::now(), name.to_string());
+        if *n < LIST_AFTER {
+            return false;
+        }
+        *n = 0;
+        true
     }
 
     /// What a listing of `dir`, made now, says of its entry `name` (`path`): `Err(ENOENT)` if

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use super::attrs::to_second;
-use super::client::{Condition, Failure, Metadata, ObjectClient};
+use super::client::{Body, Condition, Failure, Metadata, ObjectClient};
 use super::mock::{MemClient, Op};
 use super::{S3Config, Shared, open_with};
 use crate::space::{SpaceId, SpaceKind, Spaces};
@@ -141,6 +141,68 @@ fn a_store_remembers_a_bounded_number_of_directories() {
     let (listings, indexes) = store.remembered_dirs();
     assert!(listings <= REMEMBERED_DIRS, "{listings} listings kept");
     assert!(indexes <= REMEMBERED_DIRS, "{indexes} indexes kept");
+}
+
+/// `rm -rf`, `git status` or a loop over sorted names in a directory of more than a page:
+/// the names asked about in order are answered a page of the listing at a time, from the
+/// name asked; names asked about in another order are asked about alone.
+#[test]
+fn names_looked_up_in_order_in_a_large_directory_are_answered_a_page_at_a_time() {
+    let client = Arc::new(MemClient::new());
+    let a = host(&client);
+    a.store.mkdir(p("big"), 0o755, None).unwrap();
+    for i in (0..2500).filter(|i| ![1234, 2000].contains(i)) {
+        let body = Body::Bytes(Arc::new(vec![b'x'; i % 7]));
+        let k = key(&format!("big/f{i:05}"));
+        client
+            .put(&k, body, &Metadata::new(), &Condition::None)
+            .unwrap();
+    }
+    a.store
+        .create(p("big/f01234"), 0o600, Some((7, 8)), true)
+        .unwrap();
+    a.store.mkdir(p("big/f02000"), 0o700, None).unwrap();
+    let b = host(&client);
+    client.reset_counts();
+    let mut seen = Vec::new();
+    for i in 0..2500 {
+        match b.store.stat(&Path::new("big").join(format!("f{i:05}"))) {
+            Ok(m) => seen.push(m),
+            Err(e) => panic!("f{i:05}: {e}"),
+        }
+    }
+    let (heads, lists) = (client.count(Op::Head), client.count(Op::List));
+    // Per page: the names asked about before the walk is seen, then a LIST (and the first
+    // LIST tried a page of the whole directory). Without: a HEAD a name.
+    assert!(heads <= 15, "{heads} HEADs for 2,500 names");
+    assert!(lists <= 6, "{lists} LISTs");
+    for (i, m) in seen.iter().enumerate() {
+        let want = match i {
+            1234 => (Kind::File, 0o600, 7, 8, 0),
+            2000 => (Kind::Dir, 0o700, m.uid, m.gid, 0),
+            _ => (Kind::File, 0o644, m.uid, m.gid, (i % 7) as u64),
+        };
+        assert_eq!((m.kind, m.perm, m.uid, m.gid, m.size), want, "f{i:05}");
+    }
+    // A name not there, inside what a page covered, is not there.
+    let e = b.store.stat(p("big/f00500x")).unwrap_err();
+    assert_eq!(e.raw_os_error(), libc::ENOENT);
+    // In another order, once the TTL has passed: HEADs, and a LIST only where four names in
+    // a row happen to come in order.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    client.reset_counts();
+    let mut order: Vec<usize> = (0..300).map(|i| (i * 7919) % 2500).collect();
+    order.dedup();
+    for i in &order {
+        b.store
+            .stat(&Path::new("big").join(format!("f{i:05}")))
+            .unwrap();
+    }
+    assert!(
+        client.count(Op::List) <= 3,
+        "{} LISTs",
+        client.count(Op::List)
+    );
 }
 
 #[test]
