@@ -4,7 +4,8 @@
 //! `close()` commits (FUSE `flush`, so a failed commit is reported by `close()`), unless it
 //! comes from a process that never used the handle (see `closers`); the last close of all
 //! (`release`) always commits; `fsync()` commits and makes it durable. A file unlinked while
-//! open has no path: its changes are dropped, as on any POSIX filesystem. A spoiled working
+//! open has no path: its changes live on in the handle, for its reads and writes, until its
+//! last close drops them, as on any POSIX filesystem. A spoiled working
 //! copy (a write into it failed and its bytes were not written again) is refused with that
 //! write's error, and the previous version stays.
 
@@ -122,7 +123,9 @@ impl Fs {
             return Ok(());
         }
         let Some((path, _claim)) = self.claim_path(h.ino) else {
-            h.drop_changes();
+            // Unlinked (or replaced by a rename) while open: there is nothing to commit to.
+            // The handle keeps its changes for its own reads and writes (`fsync`, a close of
+            // one of its descriptors, a published output) until its last close drops them.
             return Ok(());
         };
         if h.staged().is_some_and(|s| s.appends_from.is_some())

@@ -299,6 +299,10 @@ impl Fs {
         } else {
             Ok(())
         };
+        if result.is_ok() && h.dirty() {
+            // Unlinked while open (the commit had no path): the changes go with the handle.
+            h.drop_changes();
+        }
         if result.is_err() && h.dirty() {
             log::error!(
                 "dropping uncommitted changes to inode {} after a failed commit",

@@ -531,6 +531,38 @@ fn renames_and_unlinks_of_open_files() {
     }
 }
 
+/// A file unlinked (or replaced by a rename) while open keeps the handle's changes through
+/// `fsync` and closes of its other descriptors (a temporary file made, unlinked and synced,
+/// as Python's `TemporaryFile` does without `O_TMPFILE`), until its last close.
+#[test]
+fn an_unlinked_open_file_keeps_its_changes_until_its_last_close() {
+    for s in every_store() {
+        let (attr, w) = create(&s.fs, ROOT, "scratch", RW);
+        s.fs.write(w.fh, 0, b"abc", CALLER).unwrap();
+        s.fs.unlink(ROOT, name("scratch")).unwrap();
+        s.fs.fsync(w.fh).unwrap();
+        assert_eq!(s.fs.read(w.fh, 0, 10).unwrap(), b"abc");
+        assert_eq!(s.fs.getattr(attr.ino, Some(w.fh)).unwrap().size, 3);
+        s.fs.write(w.fh, 3, b"def", CALLER).unwrap();
+        s.fs.flush(w.fh, CALLER, None).unwrap();
+        assert_eq!(s.fs.read(w.fh, 0, 10).unwrap(), b"abcdef");
+        s.fs.release(w.fh).unwrap();
+        assert!(!s.exists("scratch"), "an unlinked file is not resurrected");
+        // Replaced by a rename while being written.
+        s.put("u", b"x");
+        let u = s.fs.lookup(ROOT, name("u")).unwrap();
+        let w = s.fs.open(u.ino, RW, CALLER).unwrap();
+        s.fs.write(w.fh, 0, b"mine", CALLER).unwrap();
+        s.put("other", b"theirs");
+        s.fs.rename(ROOT, name("other"), ROOT, name("u"), 0)
+            .unwrap();
+        s.fs.fsync(w.fh).unwrap();
+        assert_eq!(s.fs.read(w.fh, 0, 10).unwrap(), b"mine");
+        s.fs.release(w.fh).unwrap();
+        assert_eq!(s.read("u"), b"theirs");
+    }
+}
+
 #[test]
 fn truncate_by_path_commits_and_append_writes_at_the_end() {
     for s in every_store() {
