@@ -366,19 +366,20 @@ impl S3Store {
     }
 
     /// When the version `etag` of `path`, reported modified at `last_modified`, was modified:
-    /// when this store made it, if it did (see `stamped`), else `last_modified`.
+    /// when this store made it, by this host's clock, to the nanosecond (see `stamped`), else
+    /// `last_modified`, to the second (as S3 keeps it).
     fn modified(&self, path: &Path, etag: &str, last_modified: SystemTime) -> SystemTime {
         match lock(&self.stamped).get_mut(path) {
             Some(stamp) if stamp.fits(etag, last_modified) => {
                 stamp.seen.get_or_insert(last_modified);
                 stamp.at
             }
-            _ => last_modified,
+            _ => to_second(last_modified),
         }
     }
 
-    /// The attributes of an object: its ctime is its `Last-Modified` (to the second), and so
-    /// is its mtime unless one was set explicitly.
+    /// The attributes of an object modified at `modified` (see `modified`): its ctime, and its
+    /// mtime unless one was set explicitly.
     pub(super) fn object_meta(
         &self,
         size: u64,
@@ -386,7 +387,7 @@ impl S3Store {
         modified: SystemTime,
         a: &Attrs,
     ) -> Meta {
-        let ctime = to_second(modified);
+        let ctime = modified;
         let mtime = a.mtime.unwrap_or(ctime);
         Meta {
             kind: a.kind,
