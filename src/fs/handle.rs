@@ -459,6 +459,8 @@ impl FileHandle {
             }
             Some(seeding)
         } else {
+            // Sized first: the copy skips the holes of a sparse file.
+            copy.set_len(size)?;
             copy_range(self.base.as_ref(), copy.as_ref(), 0, size)?;
             None
         };

@@ -563,6 +563,28 @@ fn an_unlinked_open_file_keeps_its_changes_until_its_last_close() {
     }
 }
 
+/// A write into a sparse file (a disk image, a preallocated output) leaves its holes: the
+/// working copy copies the committed file's data, not its holes.
+#[test]
+fn a_write_into_a_sparse_file_keeps_it_sparse() {
+    let s = full_on(Backend::Local);
+    let root = s.root.clone().unwrap();
+    // Both ways a working copy is made: copied at once, and seeded lazily (large files).
+    for (n, size) in [("small", 3u64 << 20), ("large", 256 << 20)] {
+        let (attr, w) = create(&s.fs, ROOT, n, RW);
+        s.fs.write(w.fh, size - 1, b"e", CALLER).unwrap();
+        s.fs.release(w.fh).unwrap();
+        let w = s.fs.open(attr.ino, RW, CALLER).unwrap();
+        s.fs.write(w.fh, size / 2, b"m", CALLER).unwrap();
+        s.fs.release(w.fh).unwrap();
+        let data = s.read(n);
+        assert_eq!((data.len() as u64, data[(size / 2) as usize]), (size, b'm'));
+        let used =
+            std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(root.join(n)).unwrap()) * 512;
+        assert!(used < 1 << 20, "{n}: {used} bytes on disk for {size}");
+    }
+}
+
 #[test]
 fn truncate_by_path_commits_and_append_writes_at_the_end() {
     for s in every_store() {

@@ -501,7 +501,9 @@ impl<'de> serde::Deserialize<'de> for StoreConfig {
 }
 
 /// Copies `len` bytes at `offset` of `src` to the same offset of `dst` (in the kernel when
-/// both are local files); stops early at the end of `src`.
+/// both are local files); stops early at the end of `src`. Between local files only the
+/// source's data is copied, not its holes: `dst`, as long as needed already (a working copy is
+/// sized first), keeps the holes of a sparse file.
 pub fn copy_range(
     src: &dyn Content,
     dst: &dyn WorkingCopy,
@@ -510,23 +512,29 @@ pub fn copy_range(
 ) -> io::Result<()> {
     let end = offset + len;
     if let (Some(from), Some(to)) = (src.local(), dst.local_file()) {
-        let mut off_in = offset as i64;
-        let mut off_out = offset as i64;
         // Only this version's bytes: a later in-place append may have grown the file.
         let end = end.min(src.meta().size);
-        while (off_in as u64) < end {
-            let want = (end - off_in as u64).min(1 << 30) as usize;
-            let n = nix::fcntl::copy_file_range(
-                from.file,
-                Some(&mut off_in),
-                to,
-                Some(&mut off_out),
-                want,
-            )
-            .map_err(io::Error::from)?;
-            if n == 0 {
+        let mut pos = offset;
+        while pos < end {
+            let Some((data, hole)) = data_run(from.file, pos, end)? else {
                 break;
+            };
+            let (mut off_in, mut off_out) = (data as i64, data as i64);
+            while (off_in as u64) < hole {
+                let want = (hole - off_in as u64).min(1 << 30) as usize;
+                let n = nix::fcntl::copy_file_range(
+                    from.file,
+                    Some(&mut off_in),
+                    to,
+                    Some(&mut off_out),
+                    want,
+                )
+                .map_err(io::Error::from)?;
+                if n == 0 {
+                    return Ok(());
+                }
             }
+            pos = hole;
         }
         return Ok(());
     }
@@ -542,6 +550,33 @@ pub fn copy_range(
         off += n as u64;
     }
     Ok(())
+}
+
+/// The next run of data of `file` at or after `pos`, cut at `end`: its start and end (where
+/// a hole or `end` begins); `None` if only holes are left before `end`.
+fn data_run(file: &std::fs::File, pos: u64, end: u64) -> io::Result<Option<(u64, u64)>> {
+    use std::os::fd::AsRawFd;
+    let seek = |from: u64, whence| {
+        // SAFETY: a valid descriptor; lseek changes only its offset, which no one else uses
+        // (reads and copies of it give their offsets).
+        let r = unsafe { libc::lseek(file.as_raw_fd(), from as libc::off_t, whence) };
+        if r < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(r as u64)
+        }
+    };
+    let data = match seek(pos, libc::SEEK_DATA) {
+        Ok(d) => d,
+        // Nothing but a hole from `pos` to the end of the file.
+        Err(e) if e.raw_os_error() == Some(libc::ENXIO) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    if data >= end {
+        return Ok(None);
+    }
+    let hole = seek(data, libc::SEEK_HOLE)?.min(end);
+    Ok(Some((data, hole)))
 }
 
 /// `offset` and `len` as the `off_t`s of `fallocate(2)` (EFBIG past its range).
