@@ -1431,6 +1431,21 @@ print(c.execute('pragma integrity_check').fetchone()[0])
     assert_eq!(out, "(200, 'note 99')\nok\n");
 }
 
+/// Runs the shell `script` in `dir` as the unprivileged user nobody (65534, no groups).
+fn as_nobody(dir: &Path, script: &str) {
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .args(["/bin/sh", "-c", script])
+        .current_dir(dir)
+        .output()
+        .expect("setpriv (util-linux) runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Set-user-ID and set-group-ID bits go where a local disk drops them: at a write or truncate by
 /// another user (without `CAP_FSETID`), and at any `chown` (the mount clears them itself, so
 /// the kernel does not ask it for `security.capability` before every write).
@@ -1438,25 +1453,7 @@ print(c.execute('pragma integrity_check').fetchone()[0])
 fn set_ids_are_cleared_by_an_unprivileged_write_or_truncate_and_by_chown() {
     let m = Mounted::room();
     let mode = |name: &str| fs::metadata(m.p(name)).unwrap().permissions().mode() & 0o7777;
-    let as_nobody = |script: &str| {
-        let out = std::process::Command::new("setpriv")
-            .args([
-                "--reuid=65534",
-                "--regid=65534",
-                "--clear-groups",
-                "/bin/sh",
-                "-c",
-                script,
-            ])
-            .current_dir(&m.mnt)
-            .output()
-            .expect("setpriv (util-linux) runs");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
+    let as_nobody = |script: &str| as_nobody(&m.mnt, script);
     // An appender writes with direct I/O, where the kernel leaves the set-IDs to the mount.
     for name in ["written", "appended", "truncated", "opened"] {
         fs::write(m.p(name), b"#!/bin/sh\n").unwrap();
@@ -1516,17 +1513,7 @@ fn new_entries_in_a_set_group_id_directory_take_its_group() {
     fs::set_permissions(m.p("team"), fs::Permissions::from_mode(0o2777)).unwrap();
     let script = "umask 022; for d in team plain; do echo x > $d/f; mkdir $d/sub; \
         mkdir $d/sub/deeper; ln -s f $d/l; mkfifo $d/p; done";
-    let out = Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
-        .args(["/bin/sh", "-c", script])
-        .current_dir(&m.mnt)
-        .output()
-        .expect("setpriv (util-linux) runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    as_nobody(&m.mnt, script);
     let names = ["f", "sub", "sub/deeper", "l", "p"];
     let check = |m: &Mounted, when: &str| {
         for name in names {
