@@ -1346,7 +1346,7 @@ fn copy_keeping_mtime(
         .get("mtime")
         .and_then(|t| super::attrs::parse_time(t));
     let modified = match stamp {
-        Some((etag, at)) if etag == info.etag.trim_matches('"') => to_second(at),
+        Some((etag, at)) if etag == info.etag.trim_matches('"') => at,
         _ => to_second(info.last_modified),
     };
     let kept = explicit.is_none() && keeps_mtime(modified);
