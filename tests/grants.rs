@@ -322,6 +322,15 @@ fn symlinks_cannot_point_out_of_the_grant() {
     });
     link("../inputs/a.csv", "outputs/ok").unwrap();
     assert_eq!(fs::read(m.p("outputs/ok")).unwrap(), b"region,sales\n");
+    // A `..` after a name: a link on the way (`up -> ..`) climbs higher than the text says.
+    fs::create_dir(m.p("outputs/sub")).unwrap();
+    link("..", "outputs/sub/up").unwrap();
+    refused(&m, "climbing through a link", libc::EACCES, || {
+        link("sub/up/sub/up/../../../../etc/hostname", "outputs/esc")
+    });
+    refused(&m, "a .. after a name", libc::EACCES, || {
+        link("sub/../ok", "outputs/l4")
+    });
     // A link planted in the store behind the mount's back is not followed out of the grant.
     match &m.s3 {
         Some(b) => {
@@ -336,6 +345,11 @@ fn symlinks_cannot_point_out_of_the_grant() {
                 b"../secret.txt",
                 &[("mode", &mode)],
             );
+            b.put_with(
+                &m.key("outputs/planted3"),
+                b"sub/up/sub/up/../../../../etc/hostname",
+                &[("mode", &mode)],
+            );
             // By design, a store shared by hosts shows what others wrote once what the mount
             // learnt of the directory is older than its TTL (1 s): close-to-open.
             std::thread::sleep(std::time::Duration::from_millis(1100));
@@ -343,11 +357,17 @@ fn symlinks_cannot_point_out_of_the_grant() {
         None => {
             std::os::unix::fs::symlink("/etc/hostname", m.backing("outputs/planted")).unwrap();
             std::os::unix::fs::symlink("../secret.txt", m.backing("outputs/planted2")).unwrap();
+            std::os::unix::fs::symlink(
+                "sub/up/sub/up/../../../../etc/hostname",
+                m.backing("outputs/planted3"),
+            )
+            .unwrap();
         }
     }
     assert_eq!(errno(fs::read(m.p("outputs/planted"))), libc::EACCES);
     assert_eq!(errno(fs::read_link(m.p("outputs/planted"))), libc::EACCES);
     assert_eq!(errno(fs::read(m.p("outputs/planted2"))), libc::EACCES);
+    assert_eq!(errno(fs::read(m.p("outputs/planted3"))), libc::EACCES);
 }
 
 #[test]

@@ -42,11 +42,20 @@ impl Fs {
             .map(|p| p.iter().collect())
             .unwrap_or_default();
         let mut inside = !target.is_absolute();
+        let mut descended = false;
         for part in target.iter() {
             match part.as_bytes() {
                 b"." => {}
+                // A `..` after a name climbs from wherever that name leads, which a symlink
+                // (made before or after this one) puts elsewhere than its text says: `up -> ..`
+                // makes `sub/up/sub/up/../../../../etc` leave the space. Only `..` before any
+                // name are resolved here, and exactly (each link on the way is checked in turn).
+                b".." if descended => inside = false,
                 b".." => inside &= resolved.pop().is_some(),
-                _ => resolved.push(part),
+                _ => {
+                    descended = true;
+                    resolved.push(part);
+                }
             }
         }
         let resolved: PathBuf = resolved.iter().collect();
