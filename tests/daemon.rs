@@ -430,6 +430,39 @@ fn idle_sessions_end_after_their_ttl() {
     assert!(d.log().contains("idle for over 2s"), "{}", d.log());
 }
 
+/// A session with a file open in one of its mounts is in use, however long its writer pauses:
+/// its TTL does not end it (it ended under a writer, whose output was lost at the close).
+#[test]
+fn a_session_with_a_file_open_is_not_idle() {
+    let d = Daemon::start();
+    d.json(&["session", "create", "busy", "--ttl", "2s", "--json"]);
+    let mnt = d.dir("mnt");
+    d.mount(&["--session", "busy"], &mnt);
+    let mut log = fs::File::create(mnt.join("log.txt")).unwrap();
+    use std::io::Write;
+    for i in 0..4 {
+        writeln!(log, "line {i}").unwrap();
+        std::thread::sleep(Duration::from_millis(1500));
+    }
+    drop(log);
+    assert_eq!(
+        fs::read_to_string(mnt.join("log.txt"))
+            .unwrap()
+            .lines()
+            .count(),
+        4,
+        "{}",
+        d.log()
+    );
+    assert!(!d.log().contains("idle for over"), "{}", d.log());
+    // Closed, and idle for its TTL: it ends.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while d.json(&["session", "list", "--json"]) != json!([]) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(d.log().contains("idle for over 2s"), "{}", d.log());
+}
+
 #[test]
 fn limits_give_efbig_and_edquot_and_show_in_statfs() {
     let d = Daemon::start();

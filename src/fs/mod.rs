@@ -304,8 +304,12 @@ impl Fs {
         }
     }
 
-    /// Unix seconds of the last open, listing or change through this mount.
+    /// Unix seconds of the last open, listing or change through this mount; now while a file
+    /// is open through it (a writer that pauses longer than an idle timeout is still at work).
     pub fn last_activity(&self) -> u64 {
+        if !read_lock(&self.files).is_empty() {
+            return unix_secs();
+        }
         self.last_activity.load(Ordering::Relaxed)
     }
 
