@@ -187,7 +187,7 @@ pub enum SessionCommand {
         #[arg(long = "export", value_name = "PATH", requires = "to_room")]
         export: Vec<String>,
         /// The room exported paths go to.
-        #[arg(long, value_name = "ROOM")]
+        #[arg(long, value_name = "ROOM", requires = "export")]
         to_room: Option<String>,
         #[command(flatten)]
         show: ShowArgs,

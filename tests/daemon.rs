@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 
 use common::daemon::Daemon;
 use common::{
-    BIN, cached_second_read, cstr, errno, is_mounted, python, second_read_after_a_change_on_disk,
+    BIN, cached_second_read, cstr, errno, is_mounted, output, python,
+    second_read_after_a_change_on_disk,
 };
 use serde_json::{Value, json};
 
@@ -403,6 +404,21 @@ fn ending_a_session_removes_everything_after_exporting() {
     ]);
     assert_eq!(code, 1);
     assert!(err.contains("missing"), "{err}");
+    // A room to export to, with nothing to export: everything would be deleted. Refused by
+    // the CLI and by the API.
+    let (code, _, err) = d.cli(&["session", "end", "s2", "--to-room", "team"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--export"), "{err}");
+    let out = output(
+        std::process::Command::new("curl")
+            .args(["-s", "-w", "\n%{http_code}", "--unix-socket"])
+            .arg(&d.socket)
+            .args(["-X", "POST", "-d", r#"{"to_room": "team"}"#])
+            .arg("http://roomfs/v1/sessions/s2/end"),
+    );
+    let answer = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(answer.ends_with("\n400"), "{answer}");
+    assert!(answer.contains("without export"), "{answer}");
     assert!(d.stored_exists("sessions/s2"));
     let (code, _, err) = d.cli(&["session", "create", "s2"]);
     assert_eq!(code, 1);

@@ -678,6 +678,12 @@ impl Daemon {
     ) -> Result<EndReport, ApiError> {
         // Check the export request before changing anything.
         let export_to = if req.export.is_empty() {
+            if req.to_room.is_some() {
+                // Ending would delete everything, exporting nothing: surely not what was meant.
+                return Err(ApiError::bad_request(
+                    "to_room without export: name the paths to copy into the room (export)",
+                ));
+            }
             None
         } else {
             let room = req.to_room.as_deref().ok_or_else(|| {
