@@ -139,6 +139,12 @@ impl Grant {
                     )));
                 }
             };
+            if path.is_empty() {
+                // Most likely an empty variable where a path was meant: not the whole space.
+                return Err(GrantError(format!(
+                    "grant {spec:?} has no path (give / for the whole space)"
+                )));
+            }
             rules.push(GrantRule {
                 path: path.to_owned(),
                 read_only,
@@ -477,8 +483,13 @@ mod tests {
             .unwrap()
         );
         let whole_ro = Grant::from_rules(vec![rule("", true)]).unwrap();
-        for spec in ["/:ro", ":ro", ".:ro", "./:ro"] {
+        for spec in ["/:ro", ".:ro", "./:ro"] {
             assert_eq!(cli(&[spec]), whole_ro, "{spec}");
+        }
+        // No path at all is most likely an empty variable, not the whole space.
+        for spec in ["", ":ro", ":rw"] {
+            let e = Grant::parse_cli(&[spec.to_owned()]).unwrap_err();
+            assert!(e.to_string().contains("no path"), "{spec}: {e}");
         }
         assert_eq!(
             cli(&["."]),
