@@ -446,6 +446,32 @@ fn idle_sessions_end_after_their_ttl() {
     assert!(d.log().contains("idle for over 2s"), "{}", d.log());
 }
 
+/// A second `roomfs serve` on the socket of a running daemon fails before it changes anything:
+/// the running daemon's mounts added through the API still come back at its next restart (the
+/// failed start used to save them as none).
+#[test]
+fn a_second_daemon_on_the_socket_changes_nothing() {
+    let mut d = Daemon::start();
+    let mnt = d.dir("mnt");
+    d.mount(&["--room", "r1"], &mnt);
+    let out = output(
+        std::process::Command::new(BIN)
+            .arg("serve")
+            .arg("--socket")
+            .arg(&d.socket)
+            .arg("--data-dir")
+            .arg(&d.data),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("another roomfs daemon is serving"), "{err}");
+    assert!(!err.contains("not restoring"), "{err}");
+    assert!(d.stop().success());
+    d.run();
+    let mounts = d.json(&["mounts", "--json"]);
+    assert!(is_mounted(&mnt.canonicalize().unwrap()), "{mounts}");
+}
+
 /// A session with a file open in one of its mounts is in use, however long its writer pauses:
 /// its TTL does not end it (it ended under a writer, whose output was lost at the close).
 #[test]

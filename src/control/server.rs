@@ -30,6 +30,18 @@ pub const MAX_BODY_BYTES: usize = 16 << 20;
 
 type Plane = Arc<dyn ControlPlane>;
 
+/// Fails with an `AddrInUse` error naming the path if a daemon answers on the socket `path`.
+pub fn check_not_served(path: &Path) -> io::Result<()> {
+    let socket = fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket());
+    if socket && UnixStream::connect(path).is_ok() {
+        return Err(io::Error::new(
+            io::ErrorKind::AddrInUse,
+            format!("another roomfs daemon is serving {}", path.display()),
+        ));
+    }
+    Ok(())
+}
+
 /// Binds the control socket at `path` with mode 0600, creating its parent directory (mode
 /// 0755) if missing. A socket file nothing answers on is replaced; a live one is an
 /// `AddrInUse` error naming the path, and any other kind of file there is left alone.

@@ -151,6 +151,9 @@ impl Daemon {
             .socket
             .clone()
             .unwrap_or_else(|| PathBuf::from(crate::control::DEFAULT_SOCKET));
+        // Before anything is mounted or saved: a daemon already serving keeps its mounts and
+        // its saved state (a second start that went on would rewrite them as it failed).
+        crate::control::server::check_not_served(&socket)?;
         let local = mount::open_data_dir(&data_dir)?;
         let records_dir = config
             .records_dir
