@@ -885,12 +885,47 @@ fn events(args: &EventsArgs) -> anyhow::Result<()> {
         args.follow
     );
     let mut out = std::io::stdout().lock();
+    // Where to resume, and why the stream ended (its `events.end` line), when following.
+    let (mut last, mut end) = (args.since, None);
+    let mut reader_gone = false;
     client(&args.socket)
         .stream_lines(&path, args.token.as_deref(), |line| {
+            if args.follow
+                && let Ok(event) = serde_json::from_slice::<serde_json::Value>(line)
+            {
+                if let Some(seq) = event.get("seq").and_then(|s| s.as_u64()) {
+                    last = seq;
+                }
+                if event["type"] == "events.end" {
+                    end = event["reason"].as_str().map(str::to_owned);
+                    last = event["last_seq"].as_u64().unwrap_or(last);
+                }
+            }
             // Stops when the reader goes away (a closed pipe).
-            out.write_all(line).is_ok() && out.write_all(b"\n").is_ok() && out.flush().is_ok()
+            let written =
+                out.write_all(line).is_ok() && out.write_all(b"\n").is_ok() && out.flush().is_ok();
+            reader_gone = !written;
+            written
         })
-        .map_err(anyhow::Error::from)
+        .map_err(anyhow::Error::from)?;
+    if !args.follow || reader_gone {
+        return Ok(());
+    }
+    match end.as_deref() {
+        Some("deleted") => {
+            eprintln!(
+                "roomfs events: {} was deleted: no more events",
+                space.name()
+            );
+            Ok(())
+        }
+        Some("stopping") => Err(anyhow!(
+            "the daemon is stopping: once it is back, resume with --since {last}"
+        )),
+        _ => Err(anyhow!(
+            "the daemon closed the stream: resume with --since {last}"
+        )),
+    }
 }
 
 fn url(args: &UrlArgs) -> anyhow::Result<()> {

@@ -491,3 +491,136 @@ fn tail_f_in_another_process_follows_output_written_through_another_mount() {
     );
     assert!(writer.wait().unwrap().success());
 }
+
+/// A `roomfs events --follow ARGS` whose lines are read as they come; its stderr kept.
+struct Follower {
+    child: Child,
+    lines: Arc<Mutex<Vec<Value>>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Follower {
+    fn start(d: &Daemon, args: &[&str]) -> Follower {
+        let mut child = Command::new(BIN)
+            .arg("events")
+            .args(args)
+            .arg("--follow")
+            .arg("--socket")
+            .arg(&d.socket)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = child.stdout.take().unwrap();
+        let lines: Arc<Mutex<Vec<Value>>> = Arc::default();
+        let got = lines.clone();
+        let reader = std::thread::spawn(move || {
+            for line in std::io::BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                got.lock()
+                    .unwrap()
+                    .push(serde_json::from_str(&line).unwrap());
+            }
+        });
+        Follower {
+            child,
+            lines,
+            reader: Some(reader),
+        }
+    }
+
+    fn types(&self) -> Vec<String> {
+        let lines = self.lines.lock().unwrap();
+        lines
+            .iter()
+            .map(|l| l["type"].as_str().unwrap().to_owned())
+            .collect()
+    }
+
+    /// Waits (up to 15 s) for the follower to exit: its exit code, stderr and lines.
+    fn finished(mut self) -> (Option<i32>, String, Vec<Value>) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while self.child.try_wait().unwrap().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let code = match self.child.try_wait().unwrap() {
+            Some(status) => status.code(),
+            None => {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                None
+            }
+        };
+        self.reader.take().unwrap().join().unwrap();
+        let mut err = String::new();
+        let _ = std::io::Read::read_to_string(self.child.stderr.as_mut().unwrap(), &mut err);
+        let lines = self.lines.lock().unwrap().clone();
+        (code, err, lines)
+    }
+}
+
+impl Drop for Follower {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn followers_end_when_their_session_ends_and_do_not_hold_up_the_daemon_stopping() {
+    let mut d = Daemon::start();
+    let (r, s) = (d.dir("r"), d.dir("s"));
+    d.mount(&["--room", "r1"], &r);
+    d.json(&["session", "create", "s1", "--json"]);
+    d.mount(&["--session", "s1"], &s);
+    let room = Follower::start(&d, &["--room", "r1"]);
+    let session = Follower::start(&d, &["--session", "s1"]);
+    // Both are following once they print what is written now.
+    fs::write(r.join("a.txt"), b"a").unwrap();
+    fs::write(s.join("b.txt"), b"b").unwrap();
+    eventually("the followers hear of the writes", || {
+        room.types().len() >= 2 && session.types().len() >= 2
+    });
+    // The session ends: its follower is told, and exits with success.
+    d.json(&["session", "end", "s1", "--json"]);
+    let (code, err, lines) = session.finished();
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("sessions/s1 was deleted"), "{err}");
+    let last = lines.last().unwrap();
+    assert_eq!(
+        (last["type"].as_str(), last["reason"].as_str()),
+        (Some("events.end"), Some("deleted")),
+        "{lines:?}"
+    );
+    assert_eq!(last["last_seq"], lines[lines.len() - 2]["seq"]);
+    // SIGTERM: the daemon stops although a follower is connected, and the follower is told
+    // where to resume.
+    let mut daemon = d.child.take().unwrap();
+    // SAFETY: a signal to the daemon this test started.
+    unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while daemon.try_wait().unwrap().is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let status = daemon.try_wait().unwrap();
+    if status.is_none() {
+        let _ = daemon.kill();
+        let _ = daemon.wait();
+    }
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "the daemon did not stop: {status:?}\n{}",
+        d.log()
+    );
+    let (code, err, lines) = room.finished();
+    assert_eq!(code, Some(1), "{err}");
+    let seq = lines[lines.len() - 2]["seq"].as_u64().unwrap();
+    assert!(
+        err.contains(&format!(
+            "the daemon is stopping: once it is back, resume with --since {seq}"
+        )),
+        "{err}"
+    );
+    assert_eq!(lines.last().unwrap()["reason"], "stopping");
+    assert!(!is_mounted(&r));
+}

@@ -61,6 +61,8 @@ pub struct EventSource {
     pub space: String,
     /// The grant of the watcher's token; `None`: everything.
     pub grant: Option<crate::grant::Grant>,
+    /// When a follower's stream must end (the daemon stops, the space is deleted).
+    pub ended: crate::events::stream::EndSignal,
 }
 
 /// `POST /v1/urls`: a URL that downloads `path` of a room (or session) without credentials

@@ -409,7 +409,12 @@ async fn events(
         grant: source.grant,
     };
     let (tx, rx) = tokio::sync::mpsc::channel(256);
-    tokio::spawn(crate::events::stream::run(source.feed, watch, tx));
+    tokio::spawn(crate::events::stream::run(
+        source.feed,
+        watch,
+        tx,
+        source.ended,
+    ));
     Ok((
         [(axum::http::header::CONTENT_TYPE, "application/x-ndjson")],
         axum::body::Body::new(Lines(rx)),

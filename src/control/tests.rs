@@ -19,6 +19,7 @@ use crate::records::RecordError;
 struct Fake {
     mounts: Mutex<Vec<MountInfo>>,
     sessions: Mutex<BTreeMap<String, SessionInfo>>,
+    ends: crate::events::stream::Ends,
 }
 
 impl ControlPlane for Fake {
@@ -153,6 +154,7 @@ impl ControlPlane for Fake {
         };
         Ok(EventSource {
             feed: fake_feed(space),
+            ended: self.ends.signal(space),
             space: space.to_owned(),
             grant,
         })
@@ -186,6 +188,7 @@ fn fake_feed(space: &str) -> Arc<crate::events::MemFeed> {
 /// A server on a socket in a temporary directory, stopped on drop.
 struct Server {
     dir: tempfile::TempDir,
+    plane: Arc<Fake>,
     stop: Option<mpsc::Sender<()>>,
     thread: Option<JoinHandle<std::io::Result<()>>>,
 }
@@ -195,9 +198,11 @@ impl Server {
         let dir = tempfile::tempdir().unwrap();
         let listener = bind(&dir.path().join("run/control.sock")).unwrap();
         let (stop, stopped) = mpsc::channel::<()>();
-        let thread = spawn_server(listener, stopped);
+        let plane = Arc::new(Fake::default());
+        let thread = spawn_server(listener, plane.clone(), stopped);
         Server {
             dir,
+            plane,
             stop: Some(stop),
             thread: Some(thread),
         }
@@ -228,6 +233,7 @@ impl Drop for Server {
 
 fn spawn_server(
     listener: UnixListener,
+    plane: Arc<Fake>,
     stopped: mpsc::Receiver<()>,
 ) -> JoinHandle<std::io::Result<()>> {
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -238,7 +244,7 @@ fn spawn_server(
         let shutdown = async move {
             let _ = tokio::task::spawn_blocking(move || stopped.recv()).await;
         };
-        runtime.block_on(serve(listener, Arc::new(Fake::default()), shutdown))
+        runtime.block_on(serve(listener, plane, shutdown))
     })
 }
 
@@ -513,7 +519,7 @@ fn socket_file_handling() {
 
     // The stale socket is replaced, and serving works again.
     let (stop, stopped) = mpsc::channel();
-    let thread = spawn_server(bind(&socket).unwrap(), stopped);
+    let thread = spawn_server(bind(&socket).unwrap(), Arc::default(), stopped);
     assert_eq!(mode(&socket), 0o600);
     assert_eq!(server.client().status().unwrap().sessions, 0);
     drop(stop);
@@ -658,4 +664,62 @@ fn events_stream_from_a_seq_with_a_gap_line_and_grant_filtering() {
         assert_eq!(s, status, "{path}: {m}");
         assert!(m.contains(text), "{path}: {m}");
     }
+}
+
+#[test]
+fn a_followers_stream_ends_with_a_line_saying_why_when_its_space_goes_or_the_daemon_stops() {
+    use crate::events::{ChangeFeed, Changed};
+    let server = Server::start();
+    let feed = fake_feed("rooms/ev2");
+    let who: Arc<str> = Arc::from("agent");
+    let follow = |since: u64| {
+        let socket = server.socket();
+        std::thread::spawn(move || {
+            let mut got = Vec::new();
+            let path = format!("/v1/events?space=rooms/ev2&since={since}");
+            Client::new(socket)
+                .stream_lines(&path, None, |l| {
+                    got.push(serde_json::from_slice::<Value>(l).unwrap());
+                    true
+                })
+                .unwrap();
+            got
+        })
+    };
+    let wait_for_followers = |n: usize| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while server.plane.ends.streams("rooms/ev2") < n {
+            assert!(std::time::Instant::now() < deadline, "no follower came");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    };
+    // The space is deleted: the follower gets its events, then the end, and the stream closes.
+    let first = follow(0);
+    wait_for_followers(1);
+    feed.publish(&who, &[Changed::file(Path::new("a"), 1)]);
+    server.plane.ends.deleted("rooms/ev2");
+    let got = first.join().unwrap();
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert_eq!(got[0]["path"], "a");
+    assert_eq!(
+        got[1],
+        json!({"type": "events.end", "space": "rooms/ev2", "reason": "deleted", "last_seq": 1})
+    );
+    // Another space's followers are not ended by it; the daemon stopping ends them all, and
+    // streams asked for afterwards end at once.
+    let second = follow(1);
+    wait_for_followers(1);
+    server.plane.ends.deleted("rooms/other");
+    feed.publish(&who, &[Changed::file(Path::new("b"), 1)]);
+    server.plane.ends.stopping();
+    let got = second.join().unwrap();
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert_eq!(got[0]["path"], "b");
+    assert_eq!(
+        (got[1]["reason"].as_str(), got[1]["last_seq"].as_u64()),
+        (Some("stopping"), Some(2))
+    );
+    let got = follow(2).join().unwrap();
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0]["reason"], "stopping");
 }

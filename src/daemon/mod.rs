@@ -98,6 +98,8 @@ pub struct Daemon {
     started: Instant,
     /// Unix ms of the start.
     started_ms: u64,
+    /// Ends the streams of `GET /v1/events` followers (a session ended, the daemon stopping).
+    ends: crate::events::stream::Ends,
     me: Weak<Daemon>,
 }
 
@@ -194,6 +196,7 @@ impl Daemon {
             activity: Mutex::new(HashMap::new()),
             started: Instant::now(),
             started_ms: now_ms(),
+            ends: Default::default(),
             me: me.clone(),
         });
         // A configured mount that cannot be set up (a session since ended, a path in use) is
@@ -733,6 +736,7 @@ impl Daemon {
             .hub
             .delete(&space)
             .map_err(|e| internal("deleting the session's files", e))?;
+        self.ends.deleted(&space.name());
         let deleted_records =
             self.records
                 .delete_session(id)
@@ -974,6 +978,7 @@ impl ControlPlane for Daemon {
         })?;
         Ok(EventSource {
             feed,
+            ended: self.ends.signal(&id.name()),
             space: id.name(),
             grant,
         })
@@ -1196,8 +1201,11 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
     if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
         log::debug!("sd_notify: {e}");
     }
-    let served = runtime.block_on(crate::control::server::serve(listener, plane, async {
+    let stopping = daemon.clone();
+    let served = runtime.block_on(crate::control::server::serve(listener, plane, async move {
         let _ = stop_rx.await;
+        // The server finishes the responses under way: followers' streams must end.
+        stopping.ends.stopping();
     }));
     let _ = http_stop_tx.send(());
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);

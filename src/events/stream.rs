@@ -12,11 +12,16 @@
 //!   boundary shows as the removal or the arrival it is from inside ([`Changed::as_seen_by`]).
 //! - A watcher that falls behind by more than the feed buffers reads the events it missed back
 //!   from the feed (a gap line if they are no longer retained).
+//! - A follower's stream ends when there is nothing more to follow: the daemon stops, or the
+//!   space is deleted (a session ended). Its last line says why, `{"type": "events.end",
+//!   "space", "reason": "stopping" | "deleted", "last_seq"}`, `last_seq` being where to resume
+//!   ([`Ends`]). A stream that stops without it was cut (the daemon died, the connection broke).
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use serde_json::json;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{broadcast, mpsc, watch};
 
 use super::{ChangeFeed, Changed, Record};
 use crate::grant::Grant;
@@ -54,9 +59,99 @@ async fn blocking<T: Send + 'static>(call: impl FnOnce() -> T + Send + 'static) 
     tokio::task::spawn_blocking(call).await.ok()
 }
 
+/// Why followers' streams end (the `reason` of an `events.end` line).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum End {
+    /// The daemon is stopping: resume from `last_seq` once it is back.
+    Stopping,
+    /// The space was deleted (its session ended): nothing more will come.
+    Deleted,
+}
+
+impl End {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            End::Stopping => "stopping",
+            End::Deleted => "deleted",
+        }
+    }
+}
+
+/// Ends followers' streams: those of one space when it is deleted, all of them when the
+/// daemon stops (an HTTP server's graceful shutdown waits for every response to finish, and a
+/// follower's never would). Holds one channel per space followed now.
+#[derive(Default)]
+pub struct Ends {
+    inner: Mutex<EndsInner>,
+}
+
+#[derive(Default)]
+struct EndsInner {
+    /// Set once the daemon stops: streams started after that end at once.
+    stopping: bool,
+    spaces: HashMap<String, watch::Sender<Option<End>>>,
+}
+
+/// What a stream watches to know when to end (`None` until it must).
+pub type EndSignal = watch::Receiver<Option<End>>;
+
+impl Ends {
+    /// The signal for a stream of `space` (its name in events, `sessions/s1`).
+    pub fn signal(&self, space: &str) -> EndSignal {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let initial = inner.stopping.then_some(End::Stopping);
+        inner.spaces.retain(|_, tx| tx.receiver_count() > 0);
+        inner
+            .spaces
+            .entry(space.to_owned())
+            .or_insert_with(|| watch::channel(initial).0)
+            .subscribe()
+    }
+
+    /// How many streams of `space` there are now.
+    pub fn streams(&self, space: &str) -> usize {
+        let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        inner.spaces.get(space).map_or(0, |tx| tx.receiver_count())
+    }
+
+    /// Ends the streams of `space`, which was deleted.
+    pub fn deleted(&self, space: &str) {
+        let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(tx) = inner.spaces.get(space) {
+            tx.send_replace(Some(End::Deleted));
+        }
+    }
+
+    /// Ends every stream, now and from now on.
+    pub fn stopping(&self) {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        inner.stopping = true;
+        for tx in inner.spaces.values() {
+            tx.send_replace(Some(End::Stopping));
+        }
+    }
+}
+
+/// The last line of a follower's stream.
+fn end_line(watch: &Watch, end: End, last: u64) -> String {
+    let line = json!({
+        "type": "events.end",
+        "space": watch.space,
+        "reason": end.as_str(),
+        "last_seq": last,
+    });
+    format!("{line}\n")
+}
+
 /// Sends `watch`'s lines of `feed` to `out` until the watcher goes away (its receiver is
-/// dropped), or, without `follow`, once the retained events are sent.
-pub async fn run(feed: Arc<dyn ChangeFeed>, watch: Watch, out: mpsc::Sender<String>) {
+/// dropped), or `ended` says to stop (then an `events.end` line last), or, without `follow`,
+/// once the retained events are sent.
+pub async fn run(
+    feed: Arc<dyn ChangeFeed>,
+    watch: Watch,
+    out: mpsc::Sender<String>,
+    mut ended: EndSignal,
+) {
     let mut rx = feed.subscribe();
     if !watch.follow {
         // What this process published before the request is in the answer.
@@ -71,17 +166,25 @@ pub async fn run(feed: Arc<dyn ChangeFeed>, watch: Watch, out: mpsc::Sender<Stri
     if !watch.follow {
         return;
     }
+    // Whether whoever ends streams is still there to (the channel's sender).
+    let mut endable = true;
     loop {
+        let end = *ended.borrow_and_update();
+        if let Some(end) = end {
+            // What was delivered before the end goes out first.
+            while let Ok(record) = rx.try_recv() {
+                if send(&watch, &record, &mut last, &out).await.is_none() {
+                    return;
+                }
+            }
+            let _ = out.send(end_line(&watch, end, last)).await;
+            return;
+        }
         tokio::select! {
+            changed = ended.changed(), if endable => endable = changed.is_ok(),
             received = rx.recv() => match received {
                 Ok(record) => {
-                    if record.seq <= last {
-                        continue;
-                    }
-                    last = record.seq;
-                    if let Some(line) = line_for(&watch, &record)
-                        && out.send(line).await.is_err()
-                    {
+                    if send(&watch, &record, &mut last, &out).await.is_none() {
                         return;
                     }
                 }
@@ -95,6 +198,23 @@ pub async fn run(feed: Arc<dyn ChangeFeed>, watch: Watch, out: mpsc::Sender<Stri
             },
             () = out.closed() => return,
         }
+    }
+}
+
+/// Sends `record` if the watcher sees it and has not had it yet; `None` once it is gone.
+async fn send(
+    watch: &Watch,
+    record: &Record,
+    last: &mut u64,
+    out: &mpsc::Sender<String>,
+) -> Option<()> {
+    if record.seq <= *last {
+        return Some(());
+    }
+    *last = record.seq;
+    match line_for(watch, record) {
+        Some(line) => out.send(line).await.ok(),
+        None => Some(()),
     }
 }
 
@@ -140,13 +260,7 @@ async fn catch_up(
     loop {
         let full = backlog.events.len() >= CHUNK;
         for record in &backlog.events {
-            if record.seq <= last {
-                continue;
-            }
-            last = record.seq;
-            if let Some(line) = line_for(watch, record) {
-                out.send(line).await.ok()?;
-            }
+            send(watch, record, &mut last, out).await?;
         }
         if !full {
             return Some(last);
