@@ -571,6 +571,56 @@ fn limits_give_efbig_and_edquot_and_show_in_statfs() {
 }
 
 #[test]
+fn two_writers_replacing_one_file_count_once_against_the_byte_limit() {
+    use std::io::Write;
+    let d = Daemon::start();
+    d.json(&[
+        "session",
+        "create",
+        "lim",
+        "--max-bytes",
+        "100000",
+        "--json",
+    ]);
+    let mnt = d.dir("mnt");
+    d.mount(&["--session", "lim"], &mnt);
+    // Two programs rewrite one report, 60 KB each: the second close replaces the first's
+    // file, so the session never holds more than 60 KB.
+    let open = || {
+        fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(mnt.join("report.txt"))
+            .unwrap()
+    };
+    let (mut a, mut b) = (open(), open());
+    a.write_all(&[b'a'; 60_000]).unwrap();
+    b.write_all(&[b'b'; 60_000]).unwrap();
+    drop(a);
+    // A third opens before the second's close, and writes after it.
+    let mut c = open();
+    b.sync_all().unwrap();
+    drop(b);
+    assert_eq!(
+        fs::read(mnt.join("report.txt")).unwrap(),
+        vec![b'b'; 60_000]
+    );
+    c.write_all(&[b'c'; 60_000]).unwrap();
+    drop(c);
+    assert_eq!(
+        fs::read(mnt.join("report.txt")).unwrap(),
+        vec![b'c'; 60_000]
+    );
+    let info = d.json(&["session", "show", "lim", "--json"]);
+    assert_eq!(info["bytes"], 60_000, "{info}");
+    // The limit still holds for what would be more.
+    let mut e = fs::File::create(mnt.join("other.txt")).unwrap();
+    let err = e.write_all(&[b'e'; 60_000]).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EDQUOT));
+}
+
+#[test]
 fn configured_mounts_come_back_after_a_restart_and_sigterm_unmounts_all() {
     let mut d = Daemon::with_config(Some(
         r#"{"mounts": [{"mountpoint": "{tmp}/room", "room": "r1", "grant": ["inputs/:ro", "outputs/:rw"]}]}"#,

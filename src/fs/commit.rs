@@ -140,10 +140,22 @@ impl Fs {
             h.finish_seeding()?;
         }
         let base = h.base().clone();
-        let sizes = (base.meta().size, h.size()?);
+        let mut sizes = (base.meta().size, h.size()?);
         // The byte quota is charged for the growth, and settled with what the commit did.
+        // Refused, the change of a handle that does not append (which replaces the file, see
+        // `Change`) is charged again from the file as it is now, which another writer's close
+        // may have replaced since this handle opened it.
         if let Some(q) = self.space.quota() {
-            q.resize(sizes.0, sizes.1)?;
+            match q.resize(sizes.0, sizes.1) {
+                Err(Errno::EDQUOT) if !h.appends() => match self.size_now(&path)? {
+                    Some(now) if now != sizes.0 => {
+                        q.resize(now, sizes.1)?;
+                        sizes.0 = now;
+                    }
+                    _ => return Err(Errno::EDQUOT),
+                },
+                charged => charged?,
+            }
         }
         // Where the store takes them, the attributes set meanwhile (see `hold_for_commit`).
         let with_attrs = self.store.capabilities().attrs_at_commit;

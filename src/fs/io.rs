@@ -1,7 +1,10 @@
 //! Reading and writing open files, and allocating their space.
 
-use super::handle::{Allocation, Mode};
-use super::{Errno, Fs, FsResult, Tid, lock, seed};
+use std::path::Path;
+
+use super::handle::{Allocation, FileHandle, Mode};
+use super::{Errno, Fs, FsResult, Tid, lock, read_lock, seed};
+use crate::space::quota::Quota;
 
 impl Fs {
     pub fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<Vec<u8>> {
@@ -52,7 +55,7 @@ impl Fs {
             offset
         };
         let len = q.fit_write(start, data.len())?;
-        q.check_growth(h.committed_size(), start + len as u64)?;
+        self.check_growth(q, &h, start + len as u64)?;
         h.write(self.store.as_ref(), offset, &data[..len], placed)
     }
 
@@ -104,9 +107,36 @@ impl Fs {
         if let Some(q) = self.space.quota() {
             let grown = how.size_after(h.size()?, offset.saturating_add(len));
             q.check_size(grown)?;
-            q.check_growth(h.committed_size(), grown)?;
+            self.check_growth(q, &h, grown)?;
         }
         h.allocate(self.store.as_ref(), how, offset, len)
+    }
+
+    /// Checks that `h` growing to `size` bytes stays within the byte quota. Growth counts from
+    /// the version the handle opened, but a handle that does not append replaces, when it
+    /// commits, the file as it is then, which another writer's close may have replaced
+    /// meanwhile (two writers of one file): refused, the growth is checked again from the
+    /// file's size now (one `stat`, only then).
+    fn check_growth(&self, q: &Quota, h: &FileHandle, size: u64) -> FsResult<()> {
+        match q.check_growth(h.committed_size(), size) {
+            Err(Errno::EDQUOT) if !h.appends() => {
+                let path = read_lock(&self.table).path(h.ino);
+                match path.map(|p| self.size_now(&p)).transpose()?.flatten() {
+                    Some(now) if now != h.committed_size() => q.check_growth(now, size),
+                    _ => Err(Errno::EDQUOT),
+                }
+            }
+            checked => checked,
+        }
+    }
+
+    /// The committed size of the file at `path` now (`None`: there is none).
+    pub(super) fn size_now(&self, path: &Path) -> FsResult<Option<u64>> {
+        match self.store.stat(path) {
+            Ok(meta) => Ok(Some(meta.size)),
+            Err(e) if e.raw_os_error() == libc::ENOENT => Ok(None),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Whether closing `fh` may take long: a durable commit, or the commit of a large working

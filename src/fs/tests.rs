@@ -996,6 +996,60 @@ fn quota_limits_file_size_entries_and_bytes() {
 }
 
 #[test]
+fn a_writer_replacing_a_file_another_writer_replaced_is_charged_from_what_it_replaces() {
+    for backend in BACKENDS {
+        let quota = Arc::new(Quota::new(
+            Limits {
+                max_bytes: Some(15),
+                ..Default::default()
+            },
+            Usage::default(),
+        ));
+        let s = setup_on(backend, FsOptions::default(), Some(quota.clone()));
+        let (f, w0) = create(&s.fs, ROOT, "f", RW);
+        s.fs.release(w0.fh).unwrap();
+        // Two writers of the empty file write 10 bytes each, then close in turn: each
+        // replaces the file, so it never holds more than 10.
+        let a = s.fs.open(f.ino, libc::O_WRONLY, CALLER).unwrap();
+        let b = s.fs.open(f.ino, libc::O_WRONLY, CALLER).unwrap();
+        s.fs.write(a.fh, 0, &[b'a'; 10], CALLER).unwrap();
+        s.fs.write(b.fh, 0, &[b'b'; 10], CALLER).unwrap();
+        s.fs.release(a.fh).unwrap();
+        assert_eq!(quota.usage().bytes, 10, "{backend:?}");
+        s.fs.release(b.fh).unwrap();
+        assert_eq!(quota.usage().bytes, 10, "{backend:?}");
+        // A writer that opened the empty version writes after another's close: its growth
+        // counts from the 10 bytes it will replace.
+        let c =
+            s.fs.open(f.ino, libc::O_WRONLY | libc::O_TRUNC, CALLER)
+                .unwrap();
+        let d = s.fs.open(f.ino, libc::O_WRONLY, CALLER).unwrap();
+        s.fs.write(d.fh, 0, &[b'd'; 12], CALLER).unwrap();
+        s.fs.release(d.fh).unwrap();
+        assert_eq!(quota.usage().bytes, 12, "{backend:?}");
+        s.fs.write(c.fh, 0, &[b'c'; 14], CALLER).unwrap();
+        // Beyond the limit from what is there now, it is still refused.
+        assert_eq!(
+            s.fs.write(c.fh, 14, &[b'c'; 2], CALLER).unwrap_err(),
+            Errno::EDQUOT,
+            "{backend:?}"
+        );
+        s.fs.release(c.fh).unwrap();
+        assert_eq!(quota.usage().bytes, 14, "{backend:?}");
+        assert_eq!(s.read("f"), vec![b'c'; 14]);
+        // Appends add to the file as it is: counted from the version they opened, refused.
+        let e =
+            s.fs.open(f.ino, libc::O_WRONLY | libc::O_APPEND, CALLER)
+                .unwrap();
+        assert_eq!(
+            s.fs.write(e.fh, 0, &[b'e'; 2], CALLER).unwrap_err(),
+            Errno::EDQUOT
+        );
+        s.fs.release(e.fh).unwrap();
+    }
+}
+
+#[test]
 fn seek_data_and_hole_follow_each_handles_view() {
     use std::os::unix::fs::FileExt;
     const MIB: u64 = 1 << 20;

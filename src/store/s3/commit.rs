@@ -94,6 +94,12 @@ pub(super) fn commit(store: &S3Store, req: CommitRequest<'_>) -> StoreResult<Com
             });
         }
     }
+    // What it replaces, for the space's byte count: the file as this host last knew it (a
+    // commit of another handle since the base, or its listing), else the base.
+    let replaced_size = match store.remembered(req.path) {
+        Some(known) => known.map_or(0, |m| m.size),
+        None => base_meta.size,
+    };
     // The mode and owner of the version it replaces (as this store last set them: a write by
     // another user drops set-IDs after the open); its mtime is the new object's own.
     let before = store.meta_attrs(&store.attrs_base(req.path, &base_meta));
@@ -212,7 +218,7 @@ pub(super) fn commit(store: &S3Store, req: CommitRequest<'_>) -> StoreResult<Com
     ));
     Ok(Committed {
         content,
-        replaced_size: base_meta.size,
+        replaced_size,
         followed: written.followed,
     })
 }

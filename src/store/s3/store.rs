@@ -283,7 +283,7 @@ impl S3Store {
     }
 
     /// What the store remembers of `path`, if still fresh: `Some(None)` is "not there".
-    fn remembered(&self, path: &Path) -> Option<Option<Meta>> {
+    pub(super) fn remembered(&self, path: &Path) -> Option<Option<Meta>> {
         if let Some(meta) = self.pending(path) {
             return Some(Some(meta));
         }
