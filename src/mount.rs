@@ -539,9 +539,42 @@ fn spawn_publisher(fs: std::sync::Weak<Fs>) {
     }
 }
 
+/// Refuses a data dir inside a roomfs mount (its own daemon's would wait on its own requests,
+/// another's keeps the files through another grant and commit protocol, and lost writes in
+/// practice). Checks the data dir, or the nearest directory above it that exists.
+fn check_data_dir_place(data_dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let mut probe = data_dir;
+    let dev = loop {
+        match std::fs::metadata(probe) {
+            Ok(meta) => break meta.dev(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => match probe.parent() {
+                Some(parent) if parent.as_os_str().is_empty() => probe = Path::new("."),
+                Some(parent) => probe = parent,
+                None => return Ok(()),
+            },
+            // Opening it says what is wrong.
+            Err(_) => return Ok(()),
+        }
+    };
+    if let Some(m) = mounts()
+        .unwrap_or_default()
+        .into_iter()
+        .find(|m| m.dev == dev && m.is_roomfs())
+    {
+        return Err(anyhow!(
+            "the data dir {} is inside the roomfs mount {}: keep it on a local filesystem",
+            data_dir.display(),
+            m.mountpoint.display()
+        ));
+    }
+    Ok(())
+}
+
 /// Opens the data dir of a process: creates it and its staging area (recovering and removing
 /// what crashed processes left).
 pub fn open_data_dir(data_dir: &Path) -> anyhow::Result<LocalBackend> {
+    check_data_dir_place(data_dir)?;
     let (backend, stale) = LocalBackend::open(data_dir).with_context(|| {
         format!(
             "cannot prepare the data dir {} and its staging area",

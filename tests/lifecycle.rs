@@ -114,6 +114,38 @@ fn a_mount_point_in_use_is_refused() {
 }
 
 #[test]
+fn a_data_dir_inside_a_roomfs_mount_is_refused() {
+    let m = Mounted::room();
+    let other = tempfile::tempdir().unwrap();
+    let inside = m.mnt.join("nested/data");
+    let outside = other.path().join("mnt");
+    fs::create_dir(&outside).unwrap();
+    for args in [
+        vec!["mount", "--room", "r2", outside.to_str().unwrap()],
+        vec![
+            "serve",
+            "--socket",
+            other.path().join("sock").to_str().unwrap(),
+        ],
+    ] {
+        let mut all = vec![args[0], "--data-dir", inside.to_str().unwrap()];
+        all.extend_from_slice(&args[1..]);
+        let (code, err) = roomfs(&all);
+        assert_eq!(code, 1, "{all:?}: {err}");
+        assert!(
+            err.contains(&format!(
+                "the data dir {} is inside the roomfs mount {}",
+                inside.display(),
+                m.mnt.display()
+            )),
+            "{all:?}: {err}"
+        );
+        assert!(!m.p("nested").exists(), "nothing made in the mount");
+        assert!(!is_mounted(&outside));
+    }
+}
+
+#[test]
 fn roomfs_unmount_ends_the_daemon_cleanly() {
     let mut m = Mounted::room();
     fs::write(m.p("kept"), b"data").unwrap();
