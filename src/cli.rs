@@ -519,7 +519,9 @@ pub fn parse_owner(text: &str) -> Result<SpaceOwner, Invalid> {
         Some(_) => return Err(bad("give USER, USER:GROUP or UID:GID".into())),
         None => primary.ok_or_else(|| bad("a numeric user needs its group: UID:GID".into()))?,
     };
-    Ok(SpaceOwner { uid, gid })
+    let owner = SpaceOwner { uid, gid };
+    owner.check().map_err(|e| bad(e.0))?;
+    Ok(owner)
 }
 
 pub fn parse_size(text: &str) -> Result<u64, Invalid> {
@@ -615,7 +617,10 @@ fn mount_via_daemon(args: &MountArgs) -> anyhow::Result<()> {
         .map_err(anyhow::Error::from)?;
     println!(
         "mounted {} {} at {} (grant: {})",
-        info.kind, info.id, info.mountpoint, info.grant
+        info.kind,
+        info.id,
+        info.mountpoint,
+        info.access()
     );
     Ok(())
 }
@@ -828,7 +833,13 @@ fn mount_spec(args: MountArgs) -> anyhow::Result<MountSpec> {
         threads,
         poll_window: Duration::from_micros(poll_window_us),
         grant,
-        participant: token_name.or(args.label),
+        participant: match args.label {
+            Some(label) => {
+                crate::events::check_label(&label).context("--label")?;
+                token_name.or(Some(label))
+            }
+            None => token_name,
+        },
         read_only: args.read_only,
     })
 }

@@ -262,6 +262,8 @@ pub struct ActiveMount {
     pub mountpoint: PathBuf,
     pub space: SpaceId,
     pub grant: Grant,
+    /// Mounted read-only (whatever the grant says).
+    pub read_only: bool,
     pub fs: Arc<Fs>,
     /// Releases the session's standby threads when we unmount.
     gate: Arc<ReaderGate>,
@@ -457,6 +459,7 @@ impl ActiveMount {
             mountpoint,
             space: spec.space.clone(),
             grant: spec.grant.clone(),
+            read_only: spec.read_only,
             fs,
             gate,
             mounted,

@@ -747,6 +747,28 @@ fn bad_config_is_a_clear_error_at_start() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1));
     assert!(err.contains("unknown field `sesion_limits`"), "{err}");
+    // A secret file that cannot be read stops the start, not the first token.
+    let missing = tmp.path().join("no-secret");
+    fs::write(
+        &cfg,
+        format!(r#"{{"secret_file": "{}"}}"#, missing.display()),
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["serve", "--socket"])
+        .arg(tmp.path().join("s"))
+        .arg("--data-dir")
+        .arg(tmp.path().join("data"))
+        .arg("--config")
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!("cannot read secret file {}", missing.display())),
+        "{err}"
+    );
 }
 
 #[test]
@@ -1528,4 +1550,85 @@ fn a_session_belongs_to_its_owner_and_keeps_the_defaults_of_limits_it_leaves_out
     }
     let (code, _, _) = d.cli(&["session", "show", "s2"]);
     assert_ne!(code, 0, "no session was created");
+}
+
+/// `POST path` with `body` on the control socket: the status and the answer.
+fn post(socket: &Path, path: &str, body: &str) -> (u16, String) {
+    let out = output(
+        std::process::Command::new("curl")
+            .args(["-s", "-w", "\n%{http_code}", "--unix-socket"])
+            .arg(socket)
+            .args(["-X", "POST", "-d", body])
+            .arg(format!("http://roomfs{path}")),
+    );
+    let answer = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (text, code) = answer.rsplit_once('\n').unwrap();
+    (code.parse().unwrap(), text.to_owned())
+}
+
+#[test]
+fn values_that_cannot_work_are_refused_by_the_api_and_the_cli() {
+    let d = Daemon::start();
+    let mnt = d.dir("mnt");
+    for (path, body, says) in [
+        (
+            "/v1/sessions",
+            r#"{"id": "t0", "ttl_secs": 0}"#,
+            "ttl_secs must be at least 1",
+        ),
+        (
+            "/v1/sessions",
+            r#"{"id": "t1", "owner": {"uid": 4294967295, "gid": 0}}"#,
+            "owner uid 4294967295 is not an id",
+        ),
+        (
+            "/v1/mounts",
+            &format!(
+                r#"{{"mountpoint": "{}", "room": "r", "label": ""}}"#,
+                mnt.display()
+            ),
+            "must be 1 to 200 bytes",
+        ),
+        (
+            "/v1/mounts",
+            &format!(
+                r#"{{"mountpoint": "{}", "room": "r", "label": "a\nb"}}"#,
+                mnt.display()
+            ),
+            "without control characters",
+        ),
+    ] {
+        let (code, answer) = post(&d.socket, path, body);
+        assert_eq!(code, 400, "{body}: {answer}");
+        assert!(answer.contains(says), "{body}: {answer}");
+    }
+    for (args, says) in [
+        (
+            vec!["session", "create", "t2", "--owner", "4294967295:0"],
+            "owner uid 4294967295 is not an id",
+        ),
+        (
+            vec!["session", "create", "t2", "--owner", "0:4294967295"],
+            "owner gid 4294967295 is not an id",
+        ),
+        (
+            vec![
+                "mount",
+                "--daemon",
+                "--room",
+                "r",
+                "--label",
+                "",
+                mnt.to_str().unwrap(),
+            ],
+            "label \"\" must be 1 to 200 bytes",
+        ),
+    ] {
+        let (code, _, err) = d.cli(&args);
+        assert_ne!(code, 0, "{args:?}");
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
+    // Nothing was made.
+    assert_eq!(d.json(&["session", "list", "--json"]), json!([]));
+    assert!(!is_mounted(&mnt));
 }

@@ -293,6 +293,13 @@ fn mounts_added_through_the_api_come_back_after_a_restart_unless_they_went_away(
         &granted,
     );
     d.mount(&["--room", "r2", "--read-only"], &ro);
+    // Listed as what it is: nothing can be changed through it.
+    let (_, listed, _) = d.cli(&["mounts"]);
+    let line = listed.lines().find(|l| l.contains("room r2")).unwrap();
+    assert!(line.contains("full access, read-only mount"), "{listed}");
+    let listed = d.json(&["mounts", "--json"]);
+    let r2 = listed.as_array().unwrap().iter().find(|m| m["id"] == "r2");
+    assert_eq!(r2.unwrap()["read_only"], true, "{listed}");
     d.mount(&["--session", "s1", "--label", "agent-1"], &session);
     let long = token(&d, &["--room", "r3", "--path", "/:rw", "--ttl", "1h"]);
     d.mount(&["--token", &long], &by_token);

@@ -38,7 +38,7 @@ pub fn mounts(mounts: &Vec<MountInfo>) -> String {
         t.row(vec![
             m.mountpoint.clone(),
             format!("{} {}", m.kind, m.id),
-            m.grant.clone(),
+            m.access(),
             if m.from_config { "config" } else { "api" }.into(),
         ]);
     }

@@ -197,6 +197,17 @@ pub struct MountRequest {
     pub store: Option<String>,
 }
 
+impl MountInfo {
+    /// What may be done through the mount: its grant, and whether it is read-only.
+    pub fn access(&self) -> String {
+        if self.read_only {
+            format!("{}, read-only mount", self.grant)
+        } else {
+            self.grant.clone()
+        }
+    }
+}
+
 /// A mount served by the daemon.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct MountInfo {
@@ -206,6 +217,9 @@ pub struct MountInfo {
     pub id: String,
     /// The grant in display form.
     pub grant: String,
+    /// Mounted read-only: nothing can be changed through it, whatever the grant says.
+    #[serde(default)]
+    pub read_only: bool,
     /// Whether the mount comes from the daemon's configuration rather than the API.
     pub from_config: bool,
 }
@@ -292,6 +306,21 @@ fn given<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<u64>>, 
 pub struct SpaceOwner {
     pub uid: u32,
     pub gid: u32,
+}
+
+impl SpaceOwner {
+    /// Refuses ids no user or group can have: 4294967295 (`-1`) means "leave unchanged" to
+    /// `chown`, so a space owned by it could never be given to it.
+    pub fn check(&self) -> Result<(), crate::error::Invalid> {
+        for (what, id) in [("uid", self.uid), ("gid", self.gid)] {
+            if id == u32::MAX {
+                return Err(crate::error::Invalid(format!(
+                    "owner {what} {id} is not an id (it means \"unchanged\" to chown)"
+                )));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// A session known to the daemon.

@@ -56,6 +56,7 @@ impl ControlPlane for Fake {
             kind: kind.to_owned(),
             id,
             grant: req.grant.join(","),
+            read_only: req.read_only == Some(true),
             from_config: false,
         };
         self.mounts.lock().unwrap().push(info.clone());

@@ -8,6 +8,7 @@ use serde::Deserialize;
 use crate::error::Invalid;
 use crate::events::Retention;
 use crate::fs::Limits;
+use crate::space::{SpaceId, SpaceKind};
 use crate::store::StoreConfig;
 
 /// `roomfs serve --config FILE`. Unknown fields are an error, so a typo never goes unnoticed.
@@ -143,6 +144,11 @@ impl Config {
             )));
         }
         self.event_retention.check()?;
+        if self.session_ttl_secs == Some(0) {
+            return Err(Invalid(
+                "session_ttl_secs must be at least 1 (or null: sessions do not expire)".into(),
+            ));
+        }
         if let Some(addr) = &self.http_listen
             && addr.parse::<std::net::SocketAddr>().is_err()
         {
@@ -178,6 +184,19 @@ impl Config {
                 return Err(Invalid(format!(
                     "mounts[{i}]: mountpoint must be an absolute path"
                 )));
+            }
+            // What can never be mounted stops the start; what cannot be mounted now (a session
+            // since ended, a path in use) is logged, and the rest is served.
+            let at = |e: &dyn std::fmt::Display| Invalid(format!("mounts[{i}]: {e}"));
+            if let Some(id) = &m.room {
+                SpaceId::new(SpaceKind::Room, id).map_err(|e| at(&e))?;
+            }
+            if let Some(id) = &m.session {
+                SpaceId::new(SpaceKind::Session, id).map_err(|e| at(&e))?;
+            }
+            crate::grant::Grant::parse_cli(&m.grant).map_err(|e| at(&e))?;
+            if let Some(label) = &m.label {
+                crate::events::check_label(label).map_err(|e| at(&e))?;
             }
         }
         Ok(())
@@ -224,6 +243,33 @@ mod tests {
         assert!(e.contains("max_file"), "{e}");
         let e = parse("{").unwrap_err();
         assert!(e.contains("EOF"), "{e}");
+        // What no start could mount stops the start (naming the field), not just a log line.
+        for (bad, says) in [
+            (
+                r#"{"session_ttl_secs": 0}"#,
+                "session_ttl_secs must be at least 1",
+            ),
+            (
+                r#"{"mounts": [{"mountpoint": "/m", "room": "bad/id"}]}"#,
+                "mounts[0]: invalid room id \"bad/id\"",
+            ),
+            (
+                r#"{"mounts": [{"mountpoint": "/m", "session": ".x"}]}"#,
+                "mounts[0]: invalid session id",
+            ),
+            (
+                r#"{"mounts": [{"mountpoint": "/m", "room": "r", "grant": ["a/:rx"]}]}"#,
+                "mounts[0]: ",
+            ),
+            (
+                r#"{"mounts": [{"mountpoint": "/m", "room": "r", "label": ""}]}"#,
+                "mounts[0]: label \"\" must be 1 to 200 bytes",
+            ),
+        ] {
+            let e = parse(bad).unwrap_err();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+        assert!(parse(r#"{"session_ttl_secs": 1}"#).is_ok());
     }
 
     #[test]

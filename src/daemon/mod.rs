@@ -156,6 +156,11 @@ impl Daemon {
         // Before anything is mounted or saved: a daemon already serving keeps its mounts and
         // its saved state (a second start that went on would rewrite them as it failed).
         crate::control::server::check_not_served(&socket)?;
+        // Read at each use (it may be rotated), but one that cannot be read now is a mistake
+        // to hear of at start, not at the first token.
+        if let Some(secret_file) = &config.secret_file {
+            token::read_secret_file(secret_file)?;
+        }
         let local = mount::open_data_dir(&data_dir)?;
         let records_dir = config
             .records_dir
@@ -288,13 +293,7 @@ impl Daemon {
     /// name) or from its fields.
     fn resolve(&self, req: &MountRequest) -> Result<(SpaceId, Grant, Option<String>), ApiError> {
         if let Some(tok) = &req.token {
-            let secret_file = self.config.secret_file.as_ref().ok_or_else(|| {
-                ApiError::bad_request(
-                    "this daemon has no secret_file configured: it cannot verify tokens",
-                )
-            })?;
-            let secret = token::read_secret_file(secret_file)
-                .map_err(|e| ApiError::internal(format!("{e:#}")))?;
+            let secret = self.secret("verify tokens")?;
             let verified = token::verify(tok, &secret)
                 .map_err(|e| ApiError::new(401, format!("token refused: {e}")))?;
             let room = verified
@@ -361,6 +360,9 @@ impl Daemon {
 
     fn mount(&self, mut req: MountRequest, origin: Origin) -> Result<MountInfo, ApiError> {
         let (space, grant, token_name) = self.resolve(&req)?;
+        if let Some(label) = &req.label {
+            crate::events::check_label(label)?;
+        }
         if let Some(wanted) = &req.store {
             let wanted = StoreConfig::parse(wanted).map_err(ApiError::bad_request)?;
             let have = self.store_of(space.kind);
@@ -839,6 +841,7 @@ fn info_of(mount: &ActiveMount, from_config: bool) -> MountInfo {
         kind: mount.space.kind.noun().into(),
         id: mount.space.id.clone(),
         grant: mount.grant.to_string(),
+        read_only: mount.read_only,
         from_config,
     }
 }
@@ -911,6 +914,14 @@ impl ControlPlane for Daemon {
 
     fn create_session(&self, req: SessionRequest) -> Result<SessionInfo, ApiError> {
         let space = SpaceId::new(SpaceKind::Session, &req.id)?;
+        if req.ttl_secs == Some(0) {
+            return Err(ApiError::bad_request(
+                "ttl_secs must be at least 1 (leave it out for the daemon's default)",
+            ));
+        }
+        if let Some(owner) = &req.owner {
+            owner.check()?;
+        }
         let _turn = lock(&self.state_writes);
         if state::load(self.data(), &req.id)
             .map_err(|e| internal("reading session state", e))?

@@ -258,6 +258,17 @@ impl Default for Origin {
 }
 
 /// Unix milliseconds now.
+/// Checks a mount's label (its participant in events): not empty, at most 200 bytes, no
+/// control characters (it is printed in tables and logs).
+pub fn check_label(label: &str) -> Result<(), crate::error::Invalid> {
+    if label.is_empty() || label.len() > 200 || label.chars().any(char::is_control) {
+        return Err(crate::error::Invalid(format!(
+            "label {label:?} must be 1 to 200 bytes without control characters"
+        )));
+    }
+    Ok(())
+}
+
 pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
