@@ -435,6 +435,66 @@ fn two_mount_processes_on_one_data_dir_see_each_others_changes_at_once() {
 }
 
 #[test]
+fn a_file_removed_or_replaced_by_another_process_while_open_is_as_if_done_here() {
+    use std::os::unix::fs::FileExt;
+    let (_tmp, pa, pb) = two_mount_processes();
+    let (a, b) = (pa.mnt.clone(), pb.mnt.clone());
+    // A save by rename (an editor's) in A over a file B has open for writing: B's writes go
+    // with the file it opened, not over A's save.
+    fs::write(a.join("f"), b"orig").unwrap();
+    fs::write(a.join("f.tmp"), b"replacement").unwrap();
+    eventually("B sees f", || b.join("f").exists());
+    let mut writer = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(b.join("f"))
+        .unwrap();
+    fs::rename(a.join("f.tmp"), a.join("f")).unwrap();
+    // Heard of (B's kernel trusts the size it cached for a minute unless told).
+    eventually("B hears of the save", || {
+        fs::metadata(b.join("f")).unwrap().len() == 11
+    });
+    writer.write_all(b"XX").unwrap();
+    drop(writer);
+    assert_eq!(fs::read(a.join("f")).unwrap(), b"replacement");
+    assert_eq!(fs::read(b.join("f")).unwrap(), b"replacement");
+    // Removed in A while B reads it: B reads on, from where it was and from the start.
+    fs::write(a.join("r"), b"hello world").unwrap();
+    eventually("B sees r", || b.join("r").exists());
+    let reader = fs::File::open(b.join("r")).unwrap();
+    let mut head = [0u8; 5];
+    reader.read_exact_at(&mut head, 0).unwrap();
+    fs::remove_file(a.join("r")).unwrap();
+    eventually("B sees the removal", || !b.join("r").exists());
+    let mut all = Vec::new();
+    std::io::Read::read_to_end(&mut &reader, &mut all).unwrap();
+    assert_eq!(all, b"hello world");
+    assert_eq!(reader.metadata().unwrap().len(), 11);
+    drop(reader);
+    // Removed in A, then made again, while B writes it: B's close succeeds, and what A made
+    // stays (B's changes went with the file it opened).
+    fs::write(a.join("w"), b"first").unwrap();
+    eventually("B sees w", || b.join("w").exists());
+    let mut writer = fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(b.join("w"))
+        .unwrap();
+    writer.write_all(b"writer-data").unwrap();
+    writer.flush().unwrap();
+    fs::remove_file(a.join("w")).unwrap();
+    eventually("B sees the removal", || !b.join("w").exists());
+    fs::write(a.join("w"), b"recreated").unwrap();
+    eventually("B sees it again", || {
+        fs::read(b.join("w")).is_ok_and(|c| c == b"recreated")
+    });
+    writer.write_all(b"+more").unwrap();
+    writer.sync_all().unwrap();
+    drop(writer);
+    assert_eq!(fs::read(a.join("w")).unwrap(), b"recreated");
+}
+
+#[test]
 fn a_directory_another_process_moved_is_resolved_again_at_once() {
     // B's store keeps the directories it resolved for a moment; a move heard from A's process
     // must drop them, or B's next file under the old name would land in the moved directory.

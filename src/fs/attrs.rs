@@ -71,20 +71,29 @@ impl Fs {
                 }
                 return Ok(Attr::new(ino, &meta));
             }
-            if path.is_none() && fallback.is_none() {
+            if fallback.is_none() {
                 fallback = Some(h.base().clone());
             }
         }
+        let unlinked = |content: Arc<dyn crate::store::Content>| {
+            let mut attr = Attr::new(ino, content.meta());
+            attr.nlink = 0; // no name left: only its open handles keep it
+            attr
+        };
         match (path, fallback) {
-            (Some(path), _) => {
+            (Some(path), fallback) => {
                 self.allow_traverse("stat", &path)?;
-                Ok(Attr::new(ino, &self.store.stat(&path)?))
+                match (self.store.stat(&path), fallback) {
+                    (Ok(meta), _) => Ok(Attr::new(ino, &meta)),
+                    // Deleted elsewhere, not heard of yet (see `coherence`): open, it is as if
+                    // unlinked here.
+                    (Err(e), Some(content)) if e.raw_os_error() == libc::ENOENT => {
+                        Ok(unlinked(content))
+                    }
+                    (Err(e), _) => Err(e.into()),
+                }
             }
-            (None, Some(content)) => {
-                let mut attr = Attr::new(ino, content.meta());
-                attr.nlink = 0; // no name left: only its open handles keep it
-                Ok(attr)
-            }
+            (None, Some(content)) => Ok(unlinked(content)),
             (None, None) => Err(Errno::ENOENT),
         }
     }

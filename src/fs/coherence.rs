@@ -34,20 +34,77 @@ impl SpaceWatcher for Fs {
         };
         let kernel = kernel.as_ref();
         match change {
+            Changed::FileDeleted { path } => {
+                self.gone_elsewhere(path);
+                self.invalidate(kernel, path, false)
+            }
             Changed::File { path, .. }
-            | Changed::FileDeleted { path }
             | Changed::FolderCreated { path }
             | Changed::FolderDeleted { path } => self.invalidate(kernel, path, false),
             Changed::Attributes { path } => self.invalidate(kernel, path, true),
-            Changed::FileMoved { from, to, .. } | Changed::FolderMoved { from, to } => {
+            Changed::FileMoved { from, to, .. } => {
+                self.gone_elsewhere(to);
                 self.moved_elsewhere(kernel, from, to, false)
             }
+            Changed::FolderMoved { from, to } => self.moved_elsewhere(kernel, from, to, false),
             Changed::Exchanged { a, b } => self.moved_elsewhere(kernel, a, b, true),
         }
     }
 }
 
 impl Fs {
+    /// The file at `path` was deleted, or replaced by a move, elsewhere. If this mount has it
+    /// open, it is as if the unlink or the rename over it were made here: its readers keep
+    /// reading the version they opened, its writers' changes are not committed over what is
+    /// there now (nor bring back what was deleted), and the name is looked up again.
+    ///
+    /// The kernel may have opened the inode again through the name it cached before hearing
+    /// of the change, getting the version there now: those handles keep the name. So the
+    /// handles opened before the change are marked gone (they commit nothing), and the inode
+    /// leaves the name only when none was opened since.
+    fn gone_elsewhere(&self, path: &Path) {
+        let Some(name) = path.file_name() else {
+            return;
+        };
+        let Some((parent, Some(ino))) = read_lock(&self.table).resolve(path) else {
+            return;
+        };
+        let handles = match lock(&self.opens).get(&ino) {
+            Some(state) if !state.handles.is_empty() => state.handles.clone(),
+            _ => return,
+        };
+        let now = match self.store.stat(path) {
+            Ok(meta) => Some(meta.version),
+            Err(e) if e.raw_os_error() == libc::ENOENT => None,
+            Err(e) => {
+                log::warn!(
+                    "{}: changed elsewhere, and cannot be looked at now ({e}): the files open \
+                     here keep its name",
+                    path.display()
+                );
+                return;
+            }
+        };
+        let mut opened_since = false;
+        for fh in handles {
+            let Ok(handle) = self.file(fh) else { continue };
+            let mut h = lock(&handle);
+            if Some(&h.base().meta().version) == now.as_ref() {
+                opened_since = true;
+            } else {
+                h.gone = true;
+            }
+        }
+        if opened_since {
+            return;
+        }
+        let mut table = write_lock(&self.table);
+        // Unless a change made here moved it meanwhile.
+        if table.resolve(path) == Some((parent, Some(ino))) {
+            table.detach(parent, name);
+        }
+    }
+
     /// Queues the notifications for a change at `path`: of its attributes only, or of
     /// everything the kernel cached of it.
     fn invalidate(&self, kernel: &dyn KernelCache, path: &Path, attributes_only: bool) {

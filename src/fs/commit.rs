@@ -119,7 +119,8 @@ impl Fs {
             );
             return Err(s.errno);
         }
-        if !h.dirty() {
+        if !h.dirty() || h.gone {
+            // Deleted or replaced elsewhere (see `gone`): kept for its own reads, as below.
             return Ok(());
         }
         let Some((path, _claim)) = self.claim_path(h.ino) else {

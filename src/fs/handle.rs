@@ -129,6 +129,10 @@ pub struct FileHandle {
     /// to a version others committed (its appends followed theirs), or the kernel, going by a
     /// size it cached before another commit, placed its appends elsewhere than at the end.
     pub moved: bool,
+    /// The file it opened was deleted, or replaced by a move, elsewhere (another process or
+    /// host, see `fs::coherence`) while the name stayed with this mount's inode: its changes
+    /// are not committed over what is there now, as for a file unlinked while open.
+    pub gone: bool,
     /// The threads that opened the handle or changed the file through it.
     pub users: Users,
     /// A POSIX lock was taken through it (see `fs::locks`).
@@ -174,6 +178,7 @@ impl FileHandle {
             locker: false,
             seed_on_demand: false,
             moved: false,
+            gone: false,
             users: Users::default(),
             times: None,
             held: SetAttr::default(),
