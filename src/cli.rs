@@ -202,6 +202,9 @@ pub enum SessionCommand {
     },
 }
 
+/// The record collections of the agent storage contract (see `records`).
+const RECORD_COLLECTIONS: [&str; 5] = ["session", "message", "part", "sandbox", "setup"];
+
 #[derive(Subcommand, Debug)]
 pub enum RecordsCommand {
     /// Send one storage call, e.g. '{"method":"session.get","id":"s1"}'.
@@ -212,6 +215,7 @@ pub enum RecordsCommand {
     },
     /// Print a record: session, message, part, sandbox or setup.
     Get {
+        #[arg(value_parser = RECORD_COLLECTIONS)]
         collection: String,
         id: String,
         #[command(flatten)]
@@ -219,6 +223,7 @@ pub enum RecordsCommand {
     },
     /// Store a record from a JSON file (or standard input with `-`).
     Set {
+        #[arg(value_parser = RECORD_COLLECTIONS)]
         collection: String,
         id: String,
         #[arg(default_value = "-")]
@@ -229,6 +234,7 @@ pub enum RecordsCommand {
     /// List a session's messages or parts.
     List {
         /// `message` or `part`.
+        #[arg(value_parser = ["message", "part"])]
         collection: String,
         #[arg(long, value_name = "ID")]
         session: String,
@@ -695,6 +701,8 @@ fn session(cmd: SessionCommand) -> anyhow::Result<()> {
 }
 
 fn records(cmd: RecordsCommand) -> anyhow::Result<()> {
+    // What a call that answers nothing (`null`) did, said instead.
+    let mut done = None;
     let (envelope, socket) = match cmd {
         RecordsCommand::Call { json, socket } => {
             (serde_json::from_str(&json).context("not JSON")?, socket)
@@ -721,6 +729,7 @@ fn records(cmd: RecordsCommand) -> anyhow::Result<()> {
             };
             let value: serde_json::Value = serde_json::from_str(&text)
                 .with_context(|| format!("{} is not JSON", file.display()))?;
+            done = Some(format!("stored {collection} {id:?}"));
             (
                 serde_json::json!({"method": format!("{collection}.set"), "id": id, "value": value}),
                 socket,
@@ -743,9 +752,14 @@ fn records(cmd: RecordsCommand) -> anyhow::Result<()> {
             );
         }
     };
-    print_json(&human::waiting("calling the daemon", || {
-        client(&socket).storage(&envelope)
-    }))
+    let answer = human::waiting("calling the daemon", || client(&socket).storage(&envelope));
+    match (answer, done) {
+        (Ok(serde_json::Value::Null), Some(done)) => {
+            println!("{done}");
+            Ok(())
+        }
+        (answer, _) => print_json(&answer),
+    }
 }
 
 fn issue_token(args: &TokenIssueArgs) -> anyhow::Result<String> {

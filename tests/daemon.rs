@@ -109,6 +109,36 @@ fn records_follow_the_sdk_semantics_for_every_collection() {
         d.json(&["records", "get", "setup", "setup_v3"]),
         fixture("setup", "setup_v3")
     );
+    let file = d.dir("rec").join("sandbox.json");
+    fs::write(&file, r#"{"id": "sbx_cli", "binding": "local"}"#).unwrap();
+    let (code, out, err) = d.cli(&[
+        "records",
+        "set",
+        "sandbox",
+        "sbx_cli",
+        file.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        (code, out.as_str()),
+        (0, "stored sandbox \"sbx_cli\"\n"),
+        "{err}"
+    );
+    assert_eq!(
+        d.json(&["records", "get", "sandbox", "sbx_cli"])["binding"],
+        "local"
+    );
+    // A collection that does not exist is named as such, with those that do.
+    for args in [
+        vec!["records", "get", "bogus", "x"],
+        vec!["records", "list", "session", "--session", "ses_7f3a"],
+    ] {
+        let (code, _, err) = d.cli(&args);
+        assert_eq!(code, 2, "{args:?}: {err}");
+        assert!(
+            err.contains("invalid value") && err.contains("possible values"),
+            "{err}"
+        );
+    }
     assert_eq!(
         d.json(&[
             "records",
