@@ -499,3 +499,51 @@ fn an_idle_host_makes_one_get_per_open_space_and_poll_interval() {
     assert!((2.0..=11.0).contains(&gets), "{gets} GETs/s: {delta:?}");
     assert_eq!(delta.keys().collect::<Vec<_>>(), [&"feed_get"], "{delta:?}");
 }
+
+#[test]
+fn a_file_deleted_or_replaced_on_one_host_while_another_writes_it_stays_so_once_heard() {
+    use std::io::Write;
+    let prefix = unique_prefix();
+    let ttl = r#""cache_ttl_secs": 60"#;
+    let (a, b) = (host(&prefix, "", ttl), host(&prefix, "", ttl));
+    let ma = mounted(&a, "a", &["--room", "r1"]);
+    let mb = mounted(&b, "b", &["--room", "r1"]);
+    let within = Duration::from_secs(10);
+    // Deleted on A while B writes it: once B has heard, B's close does not bring it back.
+    fs::write(ma.join("gone"), b"first").unwrap();
+    eventually("B sees it", within, || mb.join("gone").exists());
+    let mut writer = fs::OpenOptions::new()
+        .write(true)
+        .open(mb.join("gone"))
+        .unwrap();
+    writer.write_all(b"writer").unwrap();
+    fs::remove_file(ma.join("gone")).unwrap();
+    eventually("B hears of the deletion", within, || {
+        !mb.join("gone").exists()
+    });
+    writer.write_all(b"+more").unwrap();
+    drop(writer);
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(!ma.join("gone").exists());
+    assert!(!mb.join("gone").exists());
+    // Replaced on A by a save through rename: B's writer does not overwrite the save.
+    fs::write(ma.join("doc"), b"orig").unwrap();
+    fs::write(ma.join("doc.tmp"), b"replacement").unwrap();
+    eventually("B sees doc", within, || mb.join("doc").exists());
+    let mut writer = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(mb.join("doc"))
+        .unwrap();
+    // (Written before the save: on S3 the old version's bytes are gone with it, and a
+    // working copy not yet made of them fails with EIO.)
+    writer.write_all(b"XX").unwrap();
+    fs::rename(ma.join("doc.tmp"), ma.join("doc")).unwrap();
+    eventually("B hears of the save", within, || {
+        fs::metadata(mb.join("doc")).unwrap().len() == 11
+    });
+    writer.write_all(b"YY").unwrap();
+    drop(writer);
+    assert_eq!(fs::read(ma.join("doc")).unwrap(), b"replacement");
+    assert_eq!(fs::read(mb.join("doc")).unwrap(), b"replacement");
+}
