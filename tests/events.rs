@@ -492,6 +492,24 @@ fn a_file_removed_or_replaced_by_another_process_while_open_is_as_if_done_here()
     writer.sync_all().unwrap();
     drop(writer);
     assert_eq!(fs::read(a.join("w")).unwrap(), b"recreated");
+    // A name of a file with two removed in A while B writes it: the file lives on under the
+    // other, with B's changes.
+    fs::write(a.join("l1"), b"orig").unwrap();
+    fs::hard_link(a.join("l1"), a.join("l2")).unwrap();
+    eventually("B sees both names", || {
+        b.join("l1").exists() && b.join("l2").exists()
+    });
+    let mut writer = fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(b.join("l1"))
+        .unwrap();
+    writer.write_all(b"new").unwrap();
+    fs::remove_file(a.join("l1")).unwrap();
+    eventually("B sees the removal", || !b.join("l1").exists());
+    writer.write_all(b"data").unwrap();
+    drop(writer);
+    assert_eq!(fs::read(a.join("l2")).unwrap(), b"newdata");
 }
 
 #[test]

@@ -91,7 +91,9 @@ impl Fs {
             let mut h = lock(&handle);
             if Some(&h.base().meta().version) == now.as_ref() {
                 opened_since = true;
-            } else {
+            } else if h.base().meta().nlink <= 1 {
+                // (A file with other links lives on under them: its changes go there, where
+                // this mount knows one, as for an unlink here.)
                 h.gone = true;
             }
         }
