@@ -2721,3 +2721,22 @@ fn hard_links_are_one_file_under_every_name() {
     );
     git(&["-C", "clone", "fsck"]);
 }
+
+#[test]
+fn ls_in_a_removed_working_directory_lists_it_empty() {
+    let m = Mounted::room();
+    fs::create_dir_all(m.p("gone/sub")).unwrap();
+    // A shell in `sub` removes it, then looks at where it is, as ext4 answers.
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg("rmdir ../sub && stat -c %h:%F . && ls -a; echo rc=$?")
+        .current_dir(m.p("gone/sub"))
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(stdout, "0:directory\nrc=0\n", "{stderr}");
+    assert!(!m.p("gone/sub").exists());
+}

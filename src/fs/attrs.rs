@@ -94,7 +94,14 @@ impl Fs {
                 }
             }
             (None, Some(content)) => Ok(unlinked(content)),
-            (None, None) => Err(Errno::ENOENT),
+            (None, None) => match read_lock(&self.table).removed_dir(ino) {
+                Some(meta) => {
+                    let mut attr = Attr::new(ino, meta);
+                    attr.nlink = 0;
+                    Ok(attr)
+                }
+                None => Err(Errno::ENOENT),
+            },
         }
     }
 

@@ -14,9 +14,17 @@ const BATCH: usize = 128;
 impl Fs {
     pub fn opendir(&self, ino: Ino) -> FsResult<u64> {
         self.touch();
-        let path = self.path(ino)?;
-        self.allow_traverse("opendir", &path)?;
-        let entries = self.list(&path)?;
+        let path = read_lock(&self.table).path(ino);
+        let entries = match path {
+            Some(path) => {
+                self.allow_traverse("opendir", &path)?;
+                self.list(&path)?
+            }
+            // Removed while a process is in it (`ls` in a removed working directory): empty,
+            // as on a local disk.
+            None if read_lock(&self.table).removed_dir(ino).is_some() => Vec::new(),
+            None => return Err(Errno::ENOENT),
+        };
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         lock(&self.dirs).insert(
             fh,

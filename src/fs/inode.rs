@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
 use std::path::PathBuf;
 
-use crate::store::{FileId, Kind};
+use crate::store::{FileId, Kind, Meta};
 
 /// A kernel inode number.
 pub type Ino = u64;
@@ -32,6 +32,9 @@ struct Node {
     successor: bool,
     /// Its other names (hard links), besides `parent`/`name`.
     links: Vec<(Ino, OsString)>,
+    /// A directory removed while the kernel still knows it (a process's working directory):
+    /// its attributes when it went, for whoever still asks.
+    removed: Option<Box<Meta>>,
 }
 
 /// Maps inode numbers to names in the space.
@@ -59,6 +62,7 @@ impl Default for InodeTable {
                 nlookup: 1,
                 successor: false,
                 links: Vec::new(),
+                removed: None,
             },
         );
         InodeTable {
@@ -97,6 +101,22 @@ impl InodeTable {
     }
 
     /// The kind recorded for `ino`.
+    /// Detaches the directory `name` in `parent`, removed, keeping `meta` (its attributes
+    /// before) for its inode while the kernel knows it.
+    pub fn detach_removed_dir(&mut self, parent: Ino, name: &OsStr, meta: Meta) {
+        if let Some(ino) = self.child(parent, name)
+            && let Some(node) = self.nodes.get_mut(&ino)
+        {
+            node.removed = Some(Box::new(meta));
+        }
+        self.detach(parent, name);
+    }
+
+    /// What a removed directory was (see [`InodeTable::detach_removed_dir`]).
+    pub fn removed_dir(&self, ino: Ino) -> Option<&Meta> {
+        self.nodes.get(&ino)?.removed.as_deref()
+    }
+
     pub fn kind(&self, ino: Ino) -> Option<Kind> {
         self.nodes.get(&ino).map(|n| n.kind)
     }
@@ -171,6 +191,7 @@ impl InodeTable {
                 nlookup: 1,
                 successor,
                 links: Vec::new(),
+                removed: None,
             },
         );
         self.children.insert(key, ino);

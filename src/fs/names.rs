@@ -122,8 +122,13 @@ impl Fs {
     pub fn rmdir(&self, parent: Ino, name: &OsStr) -> FsResult<()> {
         let (path, _claim) = self.claim_child(parent, name)?;
         self.allow("rmdir", &path, Access::Write)?;
+        // What it was, for a process still in it (`ls` there lists it empty, as on ext4).
+        let before = self.store.stat(&path);
         self.store.rmdir(&path)?;
-        write_lock(&self.table).detach(parent, name);
+        match before {
+            Ok(meta) => write_lock(&self.table).detach_removed_dir(parent, name, meta),
+            Err(_) => write_lock(&self.table).detach(parent, name),
+        }
         if let Some(q) = self.space.quota() {
             q.remove_entry(0);
         }
