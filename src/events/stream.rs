@@ -114,10 +114,12 @@ impl Ends {
         inner.spaces.get(space).map_or(0, |tx| tx.receiver_count())
     }
 
-    /// Ends the streams of `space`, which was deleted.
+    /// Ends the streams of `space`, which was deleted. (Streams of a space made again under
+    /// the same name get a channel of their own.)
     pub fn deleted(&self, space: &str) {
-        let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(tx) = inner.spaces.get(space) {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(tx) = inner.spaces.remove(space) {
+            // The streams still see the value once the sender is gone.
             tx.send_replace(Some(End::Deleted));
         }
     }
