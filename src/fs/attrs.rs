@@ -75,9 +75,10 @@ impl Fs {
                 fallback = Some(h.base().clone());
             }
         }
-        let unlinked = |content: Arc<dyn crate::store::Content>| {
-            let mut attr = Attr::new(ino, content.meta());
-            attr.nlink = 0; // no name left: only its open handles keep it
+        // No name left: only its open handles (or, for a directory, a process in it) keep it.
+        let unlinked = |meta: &crate::store::Meta| {
+            let mut attr = Attr::new(ino, meta);
+            attr.nlink = 0;
             attr
         };
         match (path, fallback) {
@@ -88,18 +89,14 @@ impl Fs {
                     // Deleted elsewhere, not heard of yet (see `coherence`): open, it is as if
                     // unlinked here.
                     (Err(e), Some(content)) if e.raw_os_error() == libc::ENOENT => {
-                        Ok(unlinked(content))
+                        Ok(unlinked(content.meta()))
                     }
                     (Err(e), _) => Err(e.into()),
                 }
             }
-            (None, Some(content)) => Ok(unlinked(content)),
+            (None, Some(content)) => Ok(unlinked(content.meta())),
             (None, None) => match read_lock(&self.table).removed_dir(ino) {
-                Some(meta) => {
-                    let mut attr = Attr::new(ino, meta);
-                    attr.nlink = 0;
-                    Ok(attr)
-                }
+                Some(meta) => Ok(unlinked(meta)),
                 None => Err(Errno::ENOENT),
             },
         }
