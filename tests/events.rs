@@ -434,6 +434,23 @@ fn two_mount_processes_on_one_data_dir_see_each_others_changes_at_once() {
     drop(held);
 }
 
+/// Waits until the process of mount `b` has heard every change made so far through mount `a`
+/// (changes are heard in order). `a` replaces a mark file by a rename while `b` holds it open:
+/// only hearing that gives the name a new inode in `b` (a look-up alone, after another
+/// invalidation, finds the old one).
+fn heard_all(a: &Path, b: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    fs::write(a.join(".mark"), b"m").unwrap();
+    eventually("B sees the mark", || b.join(".mark").exists());
+    let held = fs::File::open(b.join(".mark")).unwrap();
+    let ino = held.metadata().unwrap().ino();
+    fs::write(a.join(".mark.new"), b"n").unwrap();
+    fs::rename(a.join(".mark.new"), a.join(".mark")).unwrap();
+    eventually("B hears A's changes", || {
+        fs::metadata(b.join(".mark")).is_ok_and(|m| m.ino() != ino)
+    });
+}
+
 #[test]
 fn a_file_removed_or_replaced_by_another_process_while_open_is_as_if_done_here() {
     use std::os::unix::fs::FileExt;
@@ -450,10 +467,8 @@ fn a_file_removed_or_replaced_by_another_process_while_open_is_as_if_done_here()
         .open(b.join("f"))
         .unwrap();
     fs::rename(a.join("f.tmp"), a.join("f")).unwrap();
-    // Heard of (B's kernel trusts the size it cached for a minute unless told).
-    eventually("B hears of the save", || {
-        fs::metadata(b.join("f")).unwrap().len() == 11
-    });
+    heard_all(&a, &b);
+    assert_eq!(fs::metadata(b.join("f")).unwrap().len(), 11);
     writer.write_all(b"XX").unwrap();
     drop(writer);
     assert_eq!(fs::read(a.join("f")).unwrap(), b"replacement");
@@ -465,7 +480,8 @@ fn a_file_removed_or_replaced_by_another_process_while_open_is_as_if_done_here()
     let mut head = [0u8; 5];
     reader.read_exact_at(&mut head, 0).unwrap();
     fs::remove_file(a.join("r")).unwrap();
-    eventually("B sees the removal", || !b.join("r").exists());
+    heard_all(&a, &b);
+    assert!(!b.join("r").exists());
     let mut all = Vec::new();
     std::io::Read::read_to_end(&mut &reader, &mut all).unwrap();
     assert_eq!(all, b"hello world");
@@ -486,11 +502,11 @@ fn a_file_removed_or_replaced_by_another_process_while_open_is_as_if_done_here()
     writer.write_all(b"writer-data").unwrap();
     writer.flush().unwrap();
     fs::remove_file(a.join("w")).unwrap();
-    eventually("B sees the removal", || !b.join("w").exists());
+    heard_all(&a, &b);
+    assert!(!b.join("w").exists());
     fs::write(a.join("w"), b"recreated").unwrap();
-    eventually("B sees it again", || {
-        fs::read(b.join("w")).is_ok_and(|c| c == b"recreated")
-    });
+    heard_all(&a, &b);
+    assert_eq!(fs::read(b.join("w")).unwrap(), b"recreated");
     writer.write_all(b"+more").unwrap();
     writer.sync_all().unwrap();
     drop(writer);
@@ -509,7 +525,8 @@ fn a_file_removed_or_replaced_by_another_process_while_open_is_as_if_done_here()
         .unwrap();
     writer.write_all(b"new").unwrap();
     fs::remove_file(a.join("l1")).unwrap();
-    eventually("B sees the removal", || !b.join("l1").exists());
+    heard_all(&a, &b);
+    assert!(!b.join("l1").exists());
     writer.write_all(b"data").unwrap();
     drop(writer);
     assert_eq!(fs::read(a.join("l2")).unwrap(), b"newdata");
