@@ -71,7 +71,7 @@ impl Fs {
                 }
                 return Ok(Attr::new(ino, &meta));
             }
-            if fallback.is_none() {
+            if path.is_none() && fallback.is_none() {
                 fallback = Some(h.base().clone());
             }
         }
@@ -82,17 +82,9 @@ impl Fs {
             attr
         };
         match (path, fallback) {
-            (Some(path), fallback) => {
+            (Some(path), _) => {
                 self.allow_traverse("stat", &path)?;
-                match (self.store.stat(&path), fallback) {
-                    (Ok(meta), _) => Ok(Attr::new(ino, &meta)),
-                    // Deleted elsewhere, not heard of yet (see `coherence`): open, it is as if
-                    // unlinked here.
-                    (Err(e), Some(content)) if e.raw_os_error() == libc::ENOENT => {
-                        Ok(unlinked(content.meta()))
-                    }
-                    (Err(e), _) => Err(e.into()),
-                }
+                Ok(Attr::new(ino, &self.store.stat(&path)?))
             }
             (None, Some(content)) => Ok(unlinked(content.meta())),
             (None, None) => match read_lock(&self.table).removed_dir(ino) {

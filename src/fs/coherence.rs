@@ -20,8 +20,7 @@
 //! A file this mount has open that was deleted, or replaced by a move, elsewhere is treated as
 //! if the unlink or the rename were made here, from the moment the mount hears of it
 //! ([`Fs::gone_elsewhere`]): the handles opened before commit nothing over what is there now
-//! (`FileHandle::gone`), the inode leaves the name, readers read on. Before it hears, `getattr`
-//! of such a file shows it unlinked, not `ENOENT`.
+//! (`FileHandle::gone`), the inode leaves the name, readers read on.
 //!
 //! [`Space::changed`]: crate::space::Space::changed
 
