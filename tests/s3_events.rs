@@ -518,9 +518,8 @@ fn a_file_deleted_or_replaced_on_one_host_while_another_writes_it_stays_so_once_
         .unwrap();
     writer.write_all(b"writer").unwrap();
     fs::remove_file(ma.join("gone")).unwrap();
-    eventually("B hears of the deletion", within, || {
-        !mb.join("gone").exists()
-    });
+    heard_all(&ma, &mb);
+    assert!(!mb.join("gone").exists());
     writer.write_all(b"+more").unwrap();
     drop(writer);
     std::thread::sleep(Duration::from_millis(500));
@@ -539,11 +538,33 @@ fn a_file_deleted_or_replaced_on_one_host_while_another_writes_it_stays_so_once_
     // working copy not yet made of them fails with EIO.)
     writer.write_all(b"XX").unwrap();
     fs::rename(ma.join("doc.tmp"), ma.join("doc")).unwrap();
-    eventually("B hears of the save", within, || {
-        fs::metadata(mb.join("doc")).unwrap().len() == 11
-    });
+    heard_all(&ma, &mb);
+    assert_eq!(fs::metadata(mb.join("doc")).unwrap().len(), 11);
     writer.write_all(b"YY").unwrap();
     drop(writer);
     assert_eq!(fs::read(ma.join("doc")).unwrap(), b"replacement");
     assert_eq!(fs::read(mb.join("doc")).unwrap(), b"replacement");
+}
+
+/// Waits until host `b` has heard of every change made on host `a` so far (changes are heard
+/// in order): `a` replaces a mark file by a rename while `b` holds it open, and only hearing
+/// that gives the name a new inode on `b` (a look-up alone finds the old one, its attributes
+/// cached for a minute). Each call writes bytes of its own: on S3 a version is told by its
+/// ETag, the MD5 of its bytes, so a mark replaced by the same bytes as the one `b` holds is
+/// the version `b` holds.
+fn heard_all(a: &std::path::Path, b: &std::path::Path) {
+    use std::os::unix::fs::MetadataExt;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static CALLS: AtomicU32 = AtomicU32::new(0);
+    let n = CALLS.fetch_add(1, Ordering::Relaxed);
+    let within = Duration::from_secs(10);
+    fs::write(a.join(".mark"), format!("m{n}")).unwrap();
+    eventually("B sees the mark", within, || b.join(".mark").exists());
+    let held = fs::File::open(b.join(".mark")).unwrap();
+    let ino = held.metadata().unwrap().ino();
+    fs::write(a.join(".mark.new"), format!("n{n}")).unwrap();
+    fs::rename(a.join(".mark.new"), a.join(".mark")).unwrap();
+    eventually("B hears A's changes", within, || {
+        fs::metadata(b.join(".mark")).is_ok_and(|m| m.ino() != ino)
+    });
 }

@@ -66,7 +66,9 @@ impl Fs {
     /// The kernel may have opened the inode again through the name it cached before hearing
     /// of the change, getting the version there now: those handles keep the name. So the
     /// handles opened before the change are marked gone (they commit nothing), and the inode
-    /// leaves the name only when none was opened since.
+    /// leaves the name only when none was opened since. (A store may tell versions by their
+    /// bytes — S3's ETags — so a handle on an older version with the same bytes counts as
+    /// opened since: committing over the new version is then as if it had opened it.)
     fn gone_elsewhere(&self, path: &Path) {
         let Some(name) = path.file_name() else {
             return;
