@@ -722,3 +722,42 @@ fn followers_end_when_their_session_ends_and_do_not_hold_up_the_daemon_stopping(
     assert_eq!(lines.last().unwrap()["reason"], "stopping");
     assert!(!is_mounted(&r));
 }
+
+#[test]
+fn a_directory_removed_by_another_process_lists_empty_for_a_shell_in_it() {
+    let (tmp, pa, pb) = two_mount_processes();
+    let (a, b) = (pa.mnt.clone(), pb.mnt.clone());
+    fs::create_dir_all(a.join("d/sub")).unwrap();
+    fs::write(a.join("d/f"), b"x").unwrap();
+    eventually("B sees d/sub", || b.join("d/sub").is_dir());
+    // A shell in B's `d/sub` looks at where it is once A removed the tree (as on ext4: the
+    // directory and its parent are there for it, with no links, and list nothing).
+    let go = tmp.path().join("go");
+    let shell = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "while [ ! -e {} ]; do sleep 0.02; done; stat -c %h:%F . && ls -a && ls -a ..; \
+             echo rc=$?",
+            go.display()
+        ))
+        .current_dir(b.join("d/sub"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    fs::remove_dir_all(a.join("d")).unwrap();
+    heard_all(&a, &b);
+    fs::write(&go, b"").unwrap();
+    let out = shell.wait_with_output().unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(stdout, "0:directory\nrc=0\n", "{stderr}");
+    assert!(!b.join("d").exists());
+    // Made again in A: B shows the new directory.
+    fs::create_dir(a.join("d")).unwrap();
+    fs::write(a.join("d/new"), b"y").unwrap();
+    heard_all(&a, &b);
+    assert_eq!(fs::read(b.join("d/new")).unwrap(), b"y");
+}

@@ -20,7 +20,8 @@
 //! A file this mount has open that was deleted, or replaced by a move, elsewhere is treated as
 //! if the unlink or the rename were made here, from the moment the mount hears of it
 //! ([`Fs::gone_elsewhere`]): the handles opened before commit nothing over what is there now
-//! (`FileHandle::gone`), the inode leaves the name, readers read on.
+//! (`FileHandle::gone`), the inode leaves the name, readers read on. Likewise a directory
+//! removed elsewhere leaves its name here, and a process in it lists it empty.
 //!
 //! [`Space::changed`]: crate::space::Space::changed
 
@@ -43,9 +44,16 @@ impl SpaceWatcher for Fs {
                 self.gone_elsewhere(path);
                 self.invalidate(kernel, path, false)
             }
-            Changed::File { path, .. }
-            | Changed::FolderCreated { path }
-            | Changed::FolderDeleted { path } => self.invalidate(kernel, path, false),
+            Changed::FolderDeleted { path } => {
+                if let Some(ino) = self.dir_gone_elsewhere(path) {
+                    // It has no links now.
+                    kernel.attributes_changed(ino);
+                }
+                self.invalidate(kernel, path, false)
+            }
+            Changed::File { path, .. } | Changed::FolderCreated { path } => {
+                self.invalidate(kernel, path, false)
+            }
             Changed::Attributes { path } => self.invalidate(kernel, path, true),
             Changed::FileMoved { from, to, .. } => {
                 self.gone_elsewhere(to);
@@ -112,6 +120,29 @@ impl Fs {
         if table.resolve(path) == Some((parent, Some(ino))) {
             table.detach(parent, name);
         }
+    }
+
+    /// The directory at `path` was removed elsewhere. If the kernel knows it (a process here
+    /// may be in it), it is as if `rmdir` were made here: its inode leaves the name and, while
+    /// the kernel knows it, answers with its last known attributes and no links, and lists
+    /// nothing — unless a directory is there again (made anew before this mount heard).
+    /// Returns the inode it detached.
+    fn dir_gone_elsewhere(&self, path: &Path) -> Option<Ino> {
+        let name = path.file_name()?;
+        let Some((parent, Some(ino))) = read_lock(&self.table).resolve(path) else {
+            return None;
+        };
+        match self.store.stat(path) {
+            Err(e) if e.raw_os_error() == libc::ENOENT => {}
+            _ => return None, // there again (the kernel looks it up again), or cannot tell
+        }
+        let mut table = write_lock(&self.table);
+        // Unless a change made here moved it meanwhile.
+        if table.resolve(path) != Some((parent, Some(ino))) {
+            return None;
+        }
+        table.detach_removed_dir(parent, name, None);
+        Some(ino)
     }
 
     /// Queues the notifications for a change at `path`: of its attributes only, or of

@@ -32,9 +32,12 @@ struct Node {
     successor: bool,
     /// Its other names (hard links), besides `parent`/`name`.
     links: Vec<(Ino, OsString)>,
+    /// A directory's attributes as last looked up (or as it went, if removed here), so that
+    /// a directory removed elsewhere can still answer a process in it.
+    attrs: Option<Box<Meta>>,
     /// A directory removed while the kernel still knows it (a process's working directory):
-    /// its attributes when it went, for whoever still asks.
-    removed: Option<Box<Meta>>,
+    /// it answers with `attrs` and no links, and lists nothing.
+    removed: bool,
 }
 
 /// Maps inode numbers to names in the space.
@@ -62,7 +65,8 @@ impl Default for InodeTable {
                 nlookup: 1,
                 successor: false,
                 links: Vec::new(),
-                removed: None,
+                attrs: None,
+                removed: false,
             },
         );
         InodeTable {
@@ -101,20 +105,38 @@ impl InodeTable {
     }
 
     /// The kind recorded for `ino`.
-    /// Detaches the directory `name` in `parent`, removed, keeping `meta` (its attributes
-    /// before) for its inode while the kernel knows it.
-    pub fn detach_removed_dir(&mut self, parent: Ino, name: &OsStr, meta: Meta) {
+    /// Keeps `meta` as the last known attributes of the directory `ino`.
+    pub fn keep_dir_attrs(&mut self, ino: Ino, meta: &Meta) {
+        if let Some(node) = self.nodes.get_mut(&ino)
+            && node.kind == Kind::Dir
+        {
+            match &mut node.attrs {
+                Some(attrs) => (**attrs).clone_from(meta),
+                None => node.attrs = Some(Box::new(meta.clone())),
+            }
+        }
+    }
+
+    /// Detaches the directory `name` in `parent`, removed: while the kernel knows its inode,
+    /// it answers with its attributes before (`meta`, else the last ones known) and no links,
+    /// and lists nothing (a process in it lists it empty, as on ext4).
+    pub fn detach_removed_dir(&mut self, parent: Ino, name: &OsStr, meta: Option<Meta>) {
         if let Some(ino) = self.child(parent, name)
             && let Some(node) = self.nodes.get_mut(&ino)
+            && node.kind == Kind::Dir
         {
-            node.removed = Some(Box::new(meta));
+            if let Some(meta) = meta {
+                node.attrs = Some(Box::new(meta));
+            }
+            node.removed = node.attrs.is_some();
         }
         self.detach(parent, name);
     }
 
     /// What a removed directory was (see [`InodeTable::detach_removed_dir`]).
     pub fn removed_dir(&self, ino: Ino) -> Option<&Meta> {
-        self.nodes.get(&ino)?.removed.as_deref()
+        let node = self.nodes.get(&ino)?;
+        node.attrs.as_deref().filter(|_| node.removed)
     }
 
     pub fn kind(&self, ino: Ino) -> Option<Kind> {
@@ -191,7 +213,8 @@ impl InodeTable {
                 nlookup: 1,
                 successor,
                 links: Vec::new(),
-                removed: None,
+                attrs: None,
+                removed: false,
             },
         );
         self.children.insert(key, ino);

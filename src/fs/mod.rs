@@ -416,7 +416,14 @@ impl Fs {
         let linked = meta
             .file_id
             .filter(|_| meta.nlink > 1 && meta.kind != Kind::Dir);
-        let ino = write_lock(&self.table).remember(parent, name, meta.kind, linked);
+        let ino = {
+            let mut table = write_lock(&self.table);
+            let ino = table.remember(parent, name, meta.kind, linked);
+            if meta.kind == Kind::Dir {
+                table.keep_dir_attrs(ino, meta);
+            }
+            ino
+        };
         self.as_open(Attr::new(ino, meta))
     }
 

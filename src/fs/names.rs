@@ -125,10 +125,7 @@ impl Fs {
         // What it was, for a process still in it (`ls` there lists it empty, as on ext4).
         let before = self.store.stat(&path);
         self.store.rmdir(&path)?;
-        match before {
-            Ok(meta) => write_lock(&self.table).detach_removed_dir(parent, name, meta),
-            Err(_) => write_lock(&self.table).detach(parent, name),
-        }
+        write_lock(&self.table).detach_removed_dir(parent, name, before.ok());
         if let Some(q) = self.space.quota() {
             q.remove_entry(0);
         }
