@@ -609,7 +609,7 @@ fn mount_via_daemon(args: &MountArgs) -> anyhow::Result<()> {
         mountpoint: mountpoint.to_string_lossy().into_owned(),
         room: args.room.clone(),
         session: args.session.clone(),
-        grant: args.grants.clone(),
+        grant: (!args.grants.is_empty()).then(|| args.grants.clone()),
         token: args.token.clone(),
         sync_on_close: args.sync_on_close.then_some(true),
         passthrough: args.no_passthrough.then_some(false),

@@ -123,6 +123,21 @@ impl Grant {
     /// The text after the last `:` must be `ro` or `rw`, so a path that itself
     /// contains `:` is written with an explicit mode (`a:b:rw`). No specs at
     /// all means full access.
+    /// A `grant` field of the API or the config: left out (`None`) is full access, as no
+    /// `--grant` is; an empty list is refused, since it reads as "nothing" (a client that
+    /// filtered its prefixes down to none) and would grant everything.
+    pub fn parse_field(specs: Option<&[String]>) -> Result<Grant, GrantError> {
+        match specs {
+            None => Ok(Grant::full()),
+            Some([]) => Err(GrantError(
+                "an empty grant grants nothing: leave \"grant\" out for access to the whole \
+                 space, or name prefixes (PATH:ro or PATH:rw)"
+                    .into(),
+            )),
+            Some(specs) => Grant::parse_cli(specs),
+        }
+    }
+
     pub fn parse_cli(specs: &[String]) -> Result<Grant, GrantError> {
         if specs.is_empty() {
             return Ok(Grant::full());
@@ -430,6 +445,17 @@ mod tests {
         Grant::parse_cli(&[spec.to_owned()])
             .unwrap_err()
             .to_string()
+    }
+
+    #[test]
+    fn a_grant_field_left_out_is_full_access_and_an_empty_one_is_refused() {
+        assert!(Grant::parse_field(None).unwrap().is_full());
+        let e = Grant::parse_field(Some(&[])).unwrap_err().to_string();
+        assert!(e.contains("an empty grant grants nothing"), "{e}");
+        let g = Grant::parse_field(Some(&["out/:ro".to_owned()])).unwrap();
+        assert!(g.check(b"out/x", Access::Read).is_ok());
+        assert!(g.check(b"out/x", Access::Write).is_err());
+        assert!(g.check(b"in/x", Access::Read).is_err());
     }
 
     #[test]

@@ -293,7 +293,7 @@ fn mount_request(plan: &Plan, mountpoint: &Path) -> MountRequest {
         mountpoint: mountpoint.to_string_lossy().into_owned(),
         room,
         session,
-        grant: plan.grants.clone(),
+        grant: (!plan.grants.is_empty()).then(|| plan.grants.clone()),
         token: None,
         sync_on_close: plan.sync_on_close.then_some(true),
         passthrough: (!plan.passthrough).then_some(false),

@@ -1627,6 +1627,22 @@ fn values_that_cannot_work_are_refused_by_the_api_and_the_cli() {
             ),
             "without control characters",
         ),
+        (
+            "/v1/mounts",
+            &format!(
+                r#"{{"mountpoint": "{}", "room": "r", "grant": []}}"#,
+                mnt.display()
+            ),
+            "an empty grant grants nothing",
+        ),
+        (
+            "/v1/mounts",
+            &format!(
+                r#"{{"mountpoint": "{}", "token": "x.y.z", "grant": ["a/:ro"]}}"#,
+                mnt.display()
+            ),
+            "a token carries the grant: drop",
+        ),
     ] {
         let (code, answer) = post(&d.socket, path, body);
         assert_eq!(code, 400, "{body}: {answer}");

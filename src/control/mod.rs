@@ -176,9 +176,10 @@ pub struct MountRequest {
     pub mountpoint: String,
     pub room: Option<String>,
     pub session: Option<String>,
-    /// Granted prefixes, `PATH:ro` or `PATH:rw` (e.g. `inputs/:ro`).
-    #[serde(default)]
-    pub grant: Vec<String>,
+    /// Granted prefixes, `PATH:ro` or `PATH:rw` (e.g. `inputs/:ro`); left out: the whole
+    /// space (an empty list is refused, see `Grant::parse_field`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grant: Option<Vec<String>>,
     pub token: Option<String>,
     pub sync_on_close: Option<bool>,
     /// Let the kernel read large files from the disk directly (default: the daemon's setting).

@@ -55,7 +55,7 @@ impl ControlPlane for Fake {
             mountpoint: req.mountpoint,
             kind: kind.to_owned(),
             id,
-            grant: req.grant.join(","),
+            grant: req.grant.clone().unwrap_or_default().join(","),
             read_only: req.read_only == Some(true),
             from_config: false,
         };
@@ -287,7 +287,7 @@ fn status_and_mounts() {
     let req = MountRequest {
         mountpoint: "/mnt/a".to_owned(),
         room: Some("r1".to_owned()),
-        grant: vec!["inputs/:ro".to_owned(), "outputs/:rw".to_owned()],
+        grant: Some(vec!["inputs/:ro".to_owned(), "outputs/:rw".to_owned()]),
         ..MountRequest::default()
     };
     let info = client.add_mount(&req).unwrap();

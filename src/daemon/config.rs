@@ -65,9 +65,10 @@ pub struct ConfigMount {
     pub room: Option<String>,
     #[serde(default)]
     pub session: Option<String>,
-    /// Granted prefixes, "PATH:ro" or "PATH:rw"; none is full access.
+    /// Granted prefixes, "PATH:ro" or "PATH:rw"; left out: full access (an empty list is
+    /// refused, see `Grant::parse_field`).
     #[serde(default)]
-    pub grant: Vec<String>,
+    pub grant: Option<Vec<String>>,
     /// A signed grant token instead of `room` and `grant`.
     #[serde(default)]
     pub token: Option<String>,
@@ -175,7 +176,7 @@ impl Config {
                     "mounts[{i}]: give exactly one of \"room\" or \"session\""
                 )));
             }
-            if m.token.is_some() && (m.session.is_some() || !m.grant.is_empty()) {
+            if m.token.is_some() && (m.session.is_some() || m.grant.is_some()) {
                 return Err(Invalid(format!(
                     "mounts[{i}]: a \"token\" carries the room and grant; drop \"session\"/\"grant\""
                 )));
@@ -194,7 +195,7 @@ impl Config {
             if let Some(id) = &m.session {
                 SpaceId::new(SpaceKind::Session, id).map_err(|e| at(&e))?;
             }
-            crate::grant::Grant::parse_cli(&m.grant).map_err(|e| at(&e))?;
+            crate::grant::Grant::parse_field(m.grant.as_deref()).map_err(|e| at(&e))?;
             if let Some(label) = &m.label {
                 crate::events::check_label(label).map_err(|e| at(&e))?;
             }
@@ -260,6 +261,10 @@ mod tests {
             (
                 r#"{"mounts": [{"mountpoint": "/m", "room": "r", "grant": ["a/:rx"]}]}"#,
                 "mounts[0]: ",
+            ),
+            (
+                r#"{"mounts": [{"mountpoint": "/m", "room": "r", "grant": []}]}"#,
+                "mounts[0]: an empty grant grants nothing",
             ),
             (
                 r#"{"mounts": [{"mountpoint": "/m", "room": "r", "label": ""}]}"#,

@@ -293,6 +293,12 @@ impl Daemon {
     /// name) or from its fields.
     fn resolve(&self, req: &MountRequest) -> Result<(SpaceId, Grant, Option<String>), ApiError> {
         if let Some(tok) = &req.token {
+            if req.grant.is_some() {
+                // (Else one would expect the grant to narrow the token's.)
+                return Err(ApiError::bad_request(
+                    "a token carries the grant: drop \"grant\"",
+                ));
+            }
             let secret = self.secret("verify tokens")?;
             let verified = token::verify(tok, &secret)
                 .map_err(|e| ApiError::new(401, format!("token refused: {e}")))?;
@@ -304,6 +310,7 @@ impl Daemon {
                     "a token grants a room: drop \"session\"",
                 ));
             }
+
             if let Some(wanted) = &req.room
                 && *wanted != room
             {
@@ -322,7 +329,7 @@ impl Daemon {
                 "give exactly one of \"room\" or \"session\"".into(),
             )),
         }?;
-        let grant = Grant::parse_cli(&req.grant)
+        let grant = Grant::parse_field(req.grant.as_deref())
             .map_err(|e| ApiError::bad_request(format!("grant: {e}")))?;
         Ok((space, grant, None))
     }

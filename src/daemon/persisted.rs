@@ -45,13 +45,22 @@ pub fn load(data: &Dir) -> io::Result<Vec<MountRequest>> {
         .mounts
         .into_iter()
         .enumerate()
-        .filter_map(|(i, entry)| match serde_json::from_value(entry) {
-            Ok(req) => Some(req),
-            Err(e) => {
-                log::warn!("skipping mounts[{i}] of {DIR}/{FILE}: {e}");
-                None
-            }
-        })
+        .filter_map(
+            |(i, entry)| match serde_json::from_value::<MountRequest>(entry) {
+                Ok(mut req) => {
+                    // Saved when an empty list still meant the whole space (now refused): it
+                    // keeps meaning that.
+                    if req.grant.as_ref().is_some_and(|g| g.is_empty()) {
+                        req.grant = None;
+                    }
+                    Some(req)
+                }
+                Err(e) => {
+                    log::warn!("skipping mounts[{i}] of {DIR}/{FILE}: {e}");
+                    None
+                }
+            },
+        )
         .collect())
 }
 
@@ -72,7 +81,7 @@ mod tests {
         MountRequest {
             mountpoint: mountpoint.into(),
             room: Some(room.into()),
-            grant: vec!["outputs/:rw".into()],
+            grant: Some(vec!["outputs/:rw".into()]),
             label: Some("agent".into()),
             ..Default::default()
         }
@@ -96,7 +105,18 @@ mod tests {
             serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
         text["mounts"][0]["colour"] = "blue".into();
         std::fs::write(&file, text.to_string()).unwrap();
-        assert_eq!(load(&data).unwrap(), vec![b]);
+        assert_eq!(load(&data).unwrap(), vec![b.clone()]);
+        // An empty grant saved when it still meant the whole space keeps meaning that.
+        text["mounts"][1]["grant"] = serde_json::json!([]);
+        std::fs::write(&file, text.to_string()).unwrap();
+        let full = MountRequest {
+            grant: None,
+            ..b.clone()
+        };
+        assert_eq!(load(&data).unwrap(), vec![full.clone()]);
+        save(&data, std::slice::from_ref(&full)).unwrap();
+        let saved = std::fs::read_to_string(&file).unwrap();
+        assert!(!saved.contains("grant"), "{saved}");
         std::fs::write(&file, "{").unwrap();
         let e = load(&data).unwrap_err().to_string();
         assert!(e.contains("state/mounts.json"), "{e}");
