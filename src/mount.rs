@@ -638,6 +638,8 @@ fn serve(spec: &MountSpec, ready: &mut Option<ReadyPipe>) -> anyhow::Result<()> 
     // Signals are caught before mounting, so one arriving early still unmounts cleanly.
     enum Event {
         Signal(i32),
+        /// The session was ended (by the daemon: `session end`, its idle TTL).
+        SessionEnded,
         Ended,
     }
     let (tx, rx) = mpsc::channel::<Event>();
@@ -650,9 +652,17 @@ fn serve(spec: &MountSpec, ready: &mut Option<ReadyPipe>) -> anyhow::Result<()> 
             let _ = signal_tx.send(Event::Signal(sig));
         }
     });
+    let hub = resources.hub.clone();
+    let end_tx = tx.clone();
     let mount = ActiveMount::start(spec, resources, move || {
         let _ = tx.send(Event::Ended);
     })?;
+    let served = Arc::new(AtomicBool::new(true));
+    if spec.space.kind == SpaceKind::Session {
+        watch_session(hub, spec, served.clone(), move || {
+            let _ = end_tx.send(Event::SessionEnded);
+        });
+    }
     if let Some(ready) = ready.take() {
         ready.ok();
     }
@@ -664,9 +674,60 @@ fn serve(spec: &MountSpec, ready: &mut Option<ReadyPipe>) -> anyhow::Result<()> 
                     log::error!("{e:#}");
                 }
             }
+            Event::SessionEnded => {
+                log::warn!(
+                    "{} was ended (its files are deleted): unmounting {}",
+                    spec.space,
+                    spec.mountpoint.display()
+                );
+                if let Err(e) = mount.unmount(true) {
+                    log::error!("{e:#}");
+                }
+            }
             Event::Ended => break,
         }
     }
+    served.store(false, Ordering::Relaxed);
     signal_handle.close();
     mount.wait()
+}
+
+/// Calls `ended` once, if the session `spec` mounts no longer exists while `served` holds:
+/// the daemon ended it (and unmounts its own mounts of it). A standalone mount of it would
+/// otherwise stay on a deleted directory, every call failing with `ENOENT`. Looks once a
+/// second on the local disk (one `fstatat`), every 10 s on other stores (a request).
+fn watch_session(
+    hub: Arc<Hub>,
+    spec: &MountSpec,
+    served: Arc<AtomicBool>,
+    ended: impl FnOnce() + Send + 'static,
+) {
+    let space = spec.space.clone();
+    let every = match spec.store {
+        crate::store::StoreConfig::Local => Duration::from_secs(1),
+        _ => Duration::from_secs(10),
+    };
+    let watch = move || {
+        let spaces = hub.spaces(space.kind);
+        while served.load(Ordering::Relaxed) {
+            std::thread::sleep(every);
+            match spaces.space_exists(&space) {
+                Ok(true) => {}
+                Ok(false) => {
+                    if served.load(Ordering::Relaxed) {
+                        ended();
+                    }
+                    return;
+                }
+                // (Looked at again next time.)
+                Err(e) => log::debug!("cannot tell whether {space} still exists: {e}"),
+            }
+        }
+    };
+    if let Err(e) = std::thread::Builder::new()
+        .name("roomfs-session".into())
+        .spawn(watch)
+    {
+        log::warn!("cannot watch for the end of {}: {e}", spec.space);
+    }
 }

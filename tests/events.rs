@@ -22,7 +22,7 @@ use serde_json::Value;
 struct Standalone {
     mnt: PathBuf,
     child: Option<Child>,
-    _log: Arc<Mutex<Vec<String>>>,
+    log: Arc<Mutex<Vec<String>>>,
 }
 
 impl Standalone {
@@ -40,7 +40,7 @@ impl Standalone {
         Standalone {
             mnt: mnt.to_path_buf(),
             child: Some(child),
-            _log: log,
+            log,
         }
     }
 }
@@ -760,4 +760,27 @@ fn a_directory_removed_by_another_process_lists_empty_for_a_shell_in_it() {
     fs::write(a.join("d/new"), b"y").unwrap();
     heard_all(&a, &b);
     assert_eq!(fs::read(b.join("d/new")).unwrap(), b"y");
+}
+
+#[test]
+fn a_standalone_mount_of_a_session_the_daemon_ends_unmounts_itself() {
+    let d = Daemon::start();
+    d.json(&["session", "create", "s1", "--json"]);
+    let mut ext = Standalone::start(&d.data, &d.dir("ext"), &["--session", "s1"]);
+    fs::write(ext.mnt.join("out.txt"), b"x").unwrap();
+    d.json(&["session", "end", "s1", "--json"]);
+    // It says why, leaves the mount point empty, and exits with success.
+    let mut child = ext.child.take().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "still serving the ended session");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status:?}");
+    assert!(!is_mounted(&ext.mnt));
+    let log = ext.log.lock().unwrap().join("\n");
+    assert!(log.contains("session s1 was ended"), "{log}");
 }
