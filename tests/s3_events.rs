@@ -568,3 +568,39 @@ fn heard_all(a: &std::path::Path, b: &std::path::Path) {
         fs::metadata(b.join(".mark")).is_ok_and(|m| m.ino() != ino)
     });
 }
+
+#[test]
+fn a_directory_removed_on_one_host_lists_empty_for_a_shell_in_it_on_the_other() {
+    let prefix = unique_prefix();
+    let ttl = r#""cache_ttl_secs": 60"#;
+    let (a, b) = (host(&prefix, "", ttl), host(&prefix, "", ttl));
+    let ma = mounted(&a, "a", &["--room", "r1"]);
+    let mb = mounted(&b, "b", &["--room", "r1"]);
+    fs::create_dir_all(ma.join("d/sub")).unwrap();
+    eventually("B sees d/sub", Duration::from_secs(10), || {
+        mb.join("d/sub").is_dir()
+    });
+    let go = a.dir("go");
+    let shell = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "while [ ! -e {}/now ]; do sleep 0.02; done; stat -c %h:%F . && ls -a && ls -a ..; \
+             echo rc=$?",
+            go.display()
+        ))
+        .current_dir(mb.join("d/sub"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    fs::remove_dir_all(ma.join("d")).unwrap();
+    heard_all(&ma, &mb);
+    fs::write(go.join("now"), b"").unwrap();
+    let out = shell.wait_with_output().unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(stdout, "0:directory\nrc=0\n", "{stderr}");
+    assert!(!mb.join("d").exists());
+}
