@@ -587,7 +587,29 @@ pub fn open_data_dir(data_dir: &Path) -> anyhow::Result<LocalBackend> {
     if stale > 0 {
         log::info!("removed {stale} uncommitted working copies left by an earlier crash");
     }
+    warn_if_open_to_others(data_dir);
     Ok(backend)
+}
+
+/// Warns when a root process's data dir lets other users in: the roots of the spaces in it
+/// belong to their owners (agents), who could then reach their files on the disk, beside the
+/// mounts, the grants and the daemon's choreography (SECURITY.md).
+fn warn_if_open_to_others(data_dir: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: no arguments.
+    if unsafe { libc::geteuid() } != 0 {
+        return;
+    }
+    if let Ok(meta) = std::fs::metadata(data_dir)
+        && meta.mode() & 0o077 != 0
+    {
+        log::warn!(
+            "the data dir {} has mode {:o}: other users can reach the spaces' files on the disk, \
+             outside the mounts and their grants; make it 0700 (chmod 700)",
+            data_dir.display(),
+            meta.mode() & 0o7777
+        );
+    }
 }
 
 /// Mounts `spec` and serves it in the foreground until it is unmounted (`roomfs unmount`,

@@ -365,7 +365,13 @@ impl Dir {
     /// nothing below it will be.
     pub fn open_trusted(path: &Path, create: bool) -> io::Result<Dir> {
         if create {
-            std::fs::create_dir_all(path)?;
+            // Only its owner may reach in (the spaces' roots in it belong to their owners,
+            // who must not get at the files behind the mounts' back).
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(path)?;
         }
         let c = cstring(path.as_os_str().as_bytes())?;
         let fd = reopen(libc::AT_FDCWD, &c, libc::O_RDONLY | libc::O_DIRECTORY)?;

@@ -149,7 +149,7 @@ impl LocalStore {
     /// Gives a directory or node just made at `at` its exact mode (the process umask must not
     /// narrow it) and `owner`.
     fn settle_new(at: &At, perm: u16, owner: Owner) -> io::Result<()> {
-        chmod_at(at, perm, 0)?;
+        chmod_at(at, perm, libc::AT_SYMLINK_NOFOLLOW)?;
         if let Some((uid, gid)) = owner {
             chown_at(at, uid, gid)?;
         }
@@ -704,6 +704,24 @@ mod tests {
             attrs: None,
         })
         .unwrap()
+    }
+
+    /// A directory or node just made and swapped for a symlink before its mode is set (an
+    /// agent racing on the disk, or through another mount): the mode is not set through the
+    /// link on what it points at (a root daemon would make any file set-user-ID root).
+    #[test]
+    fn a_new_entry_swapped_for_a_symlink_does_not_pass_its_mode_on() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = test_store(tmp.path());
+        let victim = tmp.path().join("victim");
+        std::fs::write(&victim, b"#!/bin/sh").unwrap();
+        std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::os::unix::fs::symlink(&victim, tmp.path().join("rooms/r/p")).unwrap();
+        let at = s.at(Path::new("p")).unwrap();
+        let e = LocalStore::settle_new(&at, 0o4777, None).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EOPNOTSUPP), "{e}");
+        let mode = std::fs::metadata(&victim).unwrap().permissions().mode();
+        assert_eq!(mode & 0o7777, 0o755);
     }
 
     /// Appends `tail` to `path`, based on `base`.

@@ -148,6 +148,16 @@ mod tests {
     use std::fs;
 
     #[test]
+    fn a_new_data_dir_is_its_owners_alone() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let data = tmp.path().join("var/lib/roomfs");
+        LocalBackend::open(&data).unwrap();
+        let mode = fs::metadata(&data).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
+    }
+
+    #[test]
     fn spaces_are_made_counted_and_removed_without_following_links() {
         let tmp = tempfile::tempdir().unwrap();
         let outside = tmp.path().join("outside");
