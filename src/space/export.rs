@@ -8,6 +8,8 @@
 //! - Nothing is followed: the source is read through its store (resolved beneath the session's
 //!   directory, never through a symlink); a symlink inside the exported tree is exported as a
 //!   symlink, a FIFO or socket as a name (never opened); device nodes are left out.
+//! - Each entry is written under a claim of its name in the room ([`Space::claim`]), as a
+//!   mount's change is, so the room's mounts in this process do not change it meanwhile.
 //! - Nothing is written unless all of it can be: the whole source tree and every destination
 //!   path are checked first. A symlink or a non-directory anywhere on the room's side of a
 //!   destination path, a kind that cannot replace what the room has, or the room's limits
@@ -18,6 +20,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use super::Space;
+use super::claims::Span;
 use crate::events::Changed;
 use crate::store::{
     Change, CommitRequest, Kind, Meta, SetAttr, StoreError, StoreResult, TimeSpec, copy_range,
@@ -281,6 +284,10 @@ fn check_limits(to: &Space, items: &[Item]) -> Result<(), ExportError> {
 fn write_item(from: &Space, to: &Space, item: &Item) -> Result<(), (String, StoreError)> {
     let store = to.store();
     let path = &item.path;
+    // As a mount's change of the name claims it: no rename, unlink or commit through the
+    // room's mounts in this process runs between the steps below (a name swapped for a
+    // directory or a link between a commit's check and its exchange, or a mkdir and its chmod).
+    let _claim = to.claim(&[(path.as_path(), Span::Entry)]);
     let at = |what: &str| format!("{what} {} in {}", path.display(), to.id());
     let owner = Some((item.meta.uid, item.meta.gid));
     let new_entry = item.existing.is_none();
@@ -397,5 +404,45 @@ fn kind_name(kind: Kind) -> &'static str {
         Kind::Fifo => "a FIFO",
         Kind::Socket => "a socket",
         Kind::BlockDevice | Kind::CharDevice => "a device node",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::space::{SpaceId, SpaceKind};
+    use crate::store::mem::MemStore;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    fn space(kind: SpaceKind, id: &str) -> Space {
+        Space::new(
+            SpaceId::new(kind, id).unwrap(),
+            Arc::new(MemStore::new()),
+            None,
+        )
+    }
+
+    /// An entry is written under a claim of its name in the room, as a mount's change is.
+    #[test]
+    fn each_entry_is_written_under_a_claim_of_its_name() {
+        let (session, room) = (space(SpaceKind::Session, "s"), space(SpaceKind::Room, "r"));
+        session
+            .store()
+            .create(Path::new("out"), 0o644, None, true)
+            .unwrap();
+        let paths = [PathBuf::from("out")];
+        check(&session, &room, &paths).unwrap();
+        let held = room.claim(&[(Path::new("out"), Span::Entry)]);
+        std::thread::scope(|s| {
+            let exporting = s.spawn(|| export(&session, &room, &paths, |_| {}));
+            std::thread::sleep(Duration::from_millis(200));
+            // Not written while a change of the name holds it.
+            assert!(room.store().stat(Path::new("out")).is_err());
+            assert!(!exporting.is_finished());
+            drop(held);
+            exporting.join().unwrap().unwrap();
+        });
+        assert!(room.store().stat(Path::new("out")).is_ok());
     }
 }

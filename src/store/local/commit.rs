@@ -54,6 +54,15 @@ fn own(copy: &Arc<dyn WorkingCopy>) -> StoreResult<&LocalCopy> {
         })
 }
 
+/// Checks that what an exchange put at `staged` (what was at the target) is a regular file.
+fn check_replaced(staged: &At) -> io::Result<()> {
+    let st = staged.stat()?;
+    if st.st_mode & libc::S_IFMT == libc::S_IFREG {
+        return Ok(());
+    }
+    Err(io::Error::from_raw_os_error(libc::EISDIR))
+}
+
 /// `content` as content of this store.
 fn local(content: &Arc<dyn Content>) -> Option<&LocalContent> {
     (content.as_ref() as &dyn Any).downcast_ref::<LocalContent>()
@@ -89,11 +98,24 @@ impl LocalStore {
     ///
     /// Unlike a rename over an existing file, an exchange does not make ext4 force the new
     /// data to disk (auto_da_alloc), which costs ~0.4 ms per commit; durability is `fsync`'s job.
-    fn swap_in(&self, staged: &At, target: &At) -> io::Result<bool> {
+    pub(super) fn swap_in(&self, staged: &At, target: &At) -> io::Result<bool> {
         use std::sync::atomic::Ordering;
         if !self.no_exchange.load(Ordering::Relaxed) {
             match renameat2(staged, target, libc::RENAME_EXCHANGE) {
-                Ok(()) => return Ok(true),
+                Ok(()) => {
+                    if let Err(e) = check_replaced(staged) {
+                        // Put back what was there; the working copy stays the caller's.
+                        renameat2(staged, target, libc::RENAME_EXCHANGE).map_err(|back| {
+                            log::error!(
+                                "swapped out a non-file while committing ({e}) and could not \
+                                 put it back ({back}): it is in the staging area"
+                            );
+                            back
+                        })?;
+                        return Err(e);
+                    }
+                    return Ok(true);
+                }
                 Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EOPNOTSUPP)) => {
                     if !self.no_exchange.swap(true, Ordering::Relaxed) {
                         log::warn!(
@@ -109,7 +131,10 @@ impl LocalStore {
     }
 
     /// Swaps the working copy `copy` in at `path`, keeping the mode and owner of the file it
-    /// replaces.
+    /// replaces. What the exchange swapped out must be a regular file: the target was checked
+    /// before, but something else (a directory) may have been renamed there since, by a
+    /// process outside this one's claims; it is then put back and the commit fails, since the
+    /// replaced version is removed from the staging area afterwards.
     fn commit_whole(
         &self,
         path: &Path,

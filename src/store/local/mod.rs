@@ -724,6 +724,31 @@ mod tests {
         assert_eq!(mode & 0o7777, 0o755);
     }
 
+    /// A directory renamed at a file's name between the commit's check and its exchange (by
+    /// a process outside this one's claims) is put back, not swapped into the staging area,
+    /// where the replaced version is removed (with everything in it, at the latest when the
+    /// staging area is).
+    #[test]
+    fn a_commit_never_swaps_a_directory_out() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = test_store(tmp.path());
+        std::fs::create_dir(tmp.path().join("rooms/r/d")).unwrap();
+        std::fs::write(tmp.path().join("rooms/r/d/keep"), b"keep").unwrap();
+        let staged_name = "swap-test";
+        let staged = s.staging.dir().at(Path::new(staged_name)).unwrap();
+        staged
+            .open(libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY, 0o600)
+            .unwrap();
+        let target = s.at(Path::new("d")).unwrap();
+        let e = s.swap_in(&staged, &target).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EISDIR));
+        assert_eq!(
+            std::fs::read(tmp.path().join("rooms/r/d/keep")).unwrap(),
+            b"keep"
+        );
+        assert!(staged.stat().unwrap().st_mode & libc::S_IFMT == libc::S_IFREG);
+    }
+
     /// Appends `tail` to `path`, based on `base`.
     fn append(s: &LocalStore, path: &str, base: &Arc<dyn Content>, tail: &[u8]) -> Committed {
         s.commit(CommitRequest {
