@@ -439,3 +439,26 @@ fn the_operators_links_to_the_data_and_records_dirs_are_followed_and_nothing_bel
     assert_eq!(fs::read(r.join("outputs/report.md")).unwrap(), b"done");
     host.check(&d, "data and records dirs behind the operator's links");
 }
+
+/// Whoever owns a directory on the way to a mount point added through the API (an agent's
+/// home) swaps the mount point for a symlink while the daemon is stopped: the restarted
+/// daemon does not mount over the link's target, and says why.
+#[test]
+fn a_mount_point_swapped_for_a_symlink_is_not_restored_over_its_target() {
+    let mut d = Daemon::start();
+    let home = d.dir("home");
+    let work = home.join("work");
+    fs::create_dir(&work).unwrap();
+    let victim = d.dir("victim");
+    fs::write(victim.join("config"), b"operator's").unwrap();
+    d.mount(&["--room", "r2"], &work);
+    d.stop();
+    fs::rename(&work, home.join("work.old")).unwrap();
+    symlink(&victim, &work).unwrap();
+    d.run();
+    assert!(!is_mounted(&victim));
+    assert_eq!(fs::read(victim.join("config")).unwrap(), b"operator's");
+    let log = d.log();
+    assert!(log.contains("a symlink in the way"), "{log}");
+    assert_eq!(d.json(&["mounts", "--json"]), serde_json::json!([]));
+}

@@ -392,6 +392,21 @@ impl Daemon {
         }
         // `/srv/a/` and `/srv/./a` are `/srv/a` (resolved, a path could hang: see `Table`).
         let mountpoint: PathBuf = mountpoint.components().collect();
+        if matches!(origin, Origin::Restored) {
+            // It was saved resolved: one that now resolves elsewhere has a symlink in the way,
+            // perhaps planted by whoever owns a directory on it (an agent's home), to have
+            // the daemon mount over another directory.
+            match std::fs::canonicalize(&mountpoint) {
+                Ok(now) if now != mountpoint => {
+                    return Err(ApiError::bad_request(format!(
+                        "mount point {} now leads to {} (a symlink in the way)",
+                        mountpoint.display(),
+                        now.display()
+                    )));
+                }
+                _ => {}
+            }
+        }
         let spec = MountSpec {
             data_dir: self.data_dir.clone(),
             space: space.clone(),

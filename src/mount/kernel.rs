@@ -71,15 +71,36 @@ pub fn mount(mountpoint: &Path, options: &Options) -> io::Result<(Mounted, Owned
     Ok((mounted, device))
 }
 
+/// Mounts at `mountpoint` (canonical) as root. The directory is opened without following any
+/// symlink on the way and mounted on through its descriptor, so a symlink swapped into the
+/// path since it was resolved (by whoever owns a directory on it) cannot make the daemon mount
+/// over another directory: the mount fails with `ELOOP` instead.
 fn mount_directly(mountpoint: &Path, options: &Options) -> io::Result<OwnedFd> {
-    use std::os::unix::fs::MetadataExt;
+    use crate::store::local::at::Dir;
+    let rel = mountpoint
+        .strip_prefix("/")
+        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let held = Dir::open_trusted(Path::new("/"), false)?
+        .open(rel)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) => io::Error::other(format!(
+                "a symlink is in the way to {} (mount points are resolved once, when asked \
+                 for, and then not followed through links)",
+                mountpoint.display()
+            )),
+            _ => e,
+        })?;
+    let target = format!("/proc/self/fd/{}", held.as_raw_fd());
     let device = OwnedFd::from(
         std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .open("/dev/fuse")?,
     );
-    let rootmode = std::fs::metadata(mountpoint)?.mode() & libc::S_IFMT;
+    let rootmode = {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(&target)?.mode() & libc::S_IFMT
+    };
     let mut data = format!(
         "fd={},rootmode={rootmode:o},user_id={},group_id={},default_permissions,subtype={}",
         device.as_raw_fd(),
@@ -96,7 +117,7 @@ fn mount_directly(mountpoint: &Path, options: &Options) -> io::Result<OwnedFd> {
     }
     nix::mount::mount(
         Some(options.source.as_str()),
-        mountpoint,
+        target.as_str(),
         Some("fuse"),
         flags,
         Some(data.as_str()),
