@@ -169,6 +169,10 @@ impl std::error::Error for BadMountPoint {}
 /// [`BadMountPoint`] when the user named a path that cannot be one).
 pub fn check_mountpoint(path: &Path) -> anyhow::Result<PathBuf> {
     let shown = path.display();
+    // Absolute, as mount tables list them (a dead mount is found there by its path).
+    let absolute =
+        std::path::absolute(path).with_context(|| format!("mount point {shown} is not usable"))?;
+    let path = absolute.as_path();
     // statfs, not stat: the kernel may answer a stat of a dead mount from its attribute cache,
     // a statfs always asks the server.
     if let Err(nix::errno::Errno::ENOTCONN) = nix::sys::statfs::statfs(path) {

@@ -682,6 +682,59 @@ fn configured_mounts_come_back_after_a_restart_and_sigterm_unmounts_all() {
     assert_eq!(mounts.as_array().unwrap().len(), 2, "{mounts}");
 }
 
+/// A daemon killed (`kill -9`) leaves its mounts dead (ENOTCONN): at the next start the
+/// configured ones are set up again over them, as the ones added through the API are.
+#[test]
+fn configured_mounts_come_back_after_the_daemon_was_killed() {
+    let mut d = Daemon::with_config(Some(
+        r#"{"mounts": [{"mountpoint": "{tmp}/room", "room": "r1"}]}"#,
+    ));
+    let room = d.tmp.path().join("room");
+    fs::write(room.join("x"), b"1").unwrap();
+    let mut child = d.child.take().unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(
+        fs::metadata(&room).unwrap_err().raw_os_error(),
+        Some(libc::ENOTCONN)
+    );
+    d.run();
+    assert!(is_mounted(&room), "{}", d.log());
+    assert_eq!(fs::read(room.join("x")).unwrap(), b"1");
+}
+
+/// The same for a standalone `roomfs mount` given a relative mount point.
+#[test]
+fn a_standalone_mount_at_a_relative_path_clears_its_dead_predecessor() {
+    let tmp = tempfile::tempdir().unwrap();
+    fs::create_dir(tmp.path().join("mnt")).unwrap();
+    /// Detaches whatever is mounted there, dead or alive, even when the test fails.
+    struct Detach(std::ffi::CString);
+    impl Drop for Detach {
+        fn drop(&mut self) {
+            // SAFETY: a NUL-terminated path.
+            unsafe { libc::umount2(self.0.as_ptr(), libc::MNT_DETACH) };
+        }
+    }
+    let detach = Detach(common::cstr(&tmp.path().join("mnt")));
+    let start = || {
+        let log = std::sync::Arc::default();
+        let mut cmd = Command::new(BIN);
+        cmd.args(["mount", "--data-dir", "data", "--room", "r1", "mnt"])
+            .current_dir(tmp.path());
+        (common::start_logged(&mut cmd, " mounted ", &log), log)
+    };
+    let (mut first, _) = start();
+    fs::write(tmp.path().join("mnt/x"), b"1").unwrap();
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let (mut second, log) = start();
+    let read = fs::read(tmp.path().join("mnt/x"));
+    drop(detach);
+    second.wait().unwrap();
+    assert_eq!(read.unwrap(), b"1", "{}", log.lock().unwrap().join("\n"));
+}
+
 #[test]
 fn a_configured_mount_that_fails_does_not_stop_the_daemon() {
     let d = Daemon::with_config(Some(

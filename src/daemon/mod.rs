@@ -207,7 +207,10 @@ impl Daemon {
         // A configured mount that cannot be set up (a session since ended, a path in use) is
         // logged; the daemon still serves everything else.
         for m in daemon.config.mounts.clone() {
+            // (A dead mount left there by a crash answers ENOTCONN, or EEXIST to the mkdir:
+            // setting the mount up clears it.)
             if let Err(e) = std::fs::create_dir_all(&m.mountpoint)
+                && !matches!(e.raw_os_error(), Some(libc::EEXIST | libc::ENOTCONN))
                 && !m.mountpoint.exists()
             {
                 log::error!("cannot create mount point {}: {e}", m.mountpoint.display());
