@@ -75,6 +75,29 @@ fn own<'a>(store: &S3Store, copy: &'a Arc<dyn WorkingCopy>) -> StoreResult<&'a S
 }
 
 pub(super) fn commit(store: &S3Store, req: CommitRequest<'_>) -> StoreResult<Committed> {
+    let path = req.path;
+    let base_tag = req
+        .base
+        .meta()
+        .version
+        .tag()
+        .unwrap_or_default()
+        .to_string();
+    let result = commit_once(store, req);
+    if let Err(e) = &result
+        && e.raw_os_error() == libc::EIO
+        && super::store::is_new_tag(&base_tag)
+    {
+        // The store failed the first commit of a file this host created: whether the object
+        // was made (a request timed out but landed later) is the store's to say from now on,
+        // not this host's memory of the create (which would show the file empty for as long
+        // as the mount lives). A later commit of a handle still open makes it.
+        store.unmade(path, &base_tag);
+    }
+    result
+}
+
+fn commit_once(store: &S3Store, req: CommitRequest<'_>) -> StoreResult<Committed> {
     let key = store.keys().key(req.path)?;
     let base_meta = req.base.meta().clone();
     let base_tag = base_meta.version.tag().unwrap_or_default().to_string();

@@ -193,6 +193,21 @@ impl S3Store {
         }
     }
 
+    /// The store failed the first commit of the file made by `create_held` with version `tag`
+    /// at `path`: this host no longer answers for it from memory; the store says whether it is
+    /// there (a timed-out request may have made it after all).
+    pub(super) fn unmade(&self, path: &Path, tag: &str) {
+        let mut pending = lock(&self.pending);
+        if pending
+            .get(path)
+            .is_some_and(|m| m.version.tag() == Some(tag))
+        {
+            pending.remove(path);
+            drop(pending);
+            S3Store::forget(self, path);
+        }
+    }
+
     /// Whether the file made by `create_held` with version `tag` is still to be made at
     /// `path` (not made meanwhile by another open's commit, a rename or a change of its
     /// attributes, nor removed).
@@ -1927,6 +1942,14 @@ impl Store for S3Store {
     }
 
     fn forget(&self, path: &Path, tree: bool) {
+        // What another host made at a name this host created and has not committed yet is
+        // what the name shows now (this host's writer still commits over it at its close: the
+        // last close wins).
+        if tree {
+            lock(&self.pending).retain(|p, _| !p.starts_with(path));
+        } else {
+            lock(&self.pending).remove(path);
+        }
         // The entry (or the tree), its directory's listing, and the index holding its
         // attributes (`S3Store::forget` here is the inherent one, of one entry).
         // The time this host gave its own version too: another host may have written the

@@ -1184,6 +1184,24 @@ fn a_file_an_open_creates_is_made_by_its_commit_in_one_put() {
     commit_append(a.store.as_ref(), "log", &base, b"mine\n", true).unwrap();
     assert_eq!(client.object(&key("log")).unwrap(), b"theirs\nmine\n");
     assert_eq!(a.store.stat(p("log")).unwrap().size, 12);
+
+    // The store failed its first commit (a request may have timed out and landed later):
+    // what is there is the store's to say from then on, not this host's memory of the create
+    // (which showed the file empty for as long as the mount lived).
+    a.store.create_held(p("lost"), 0o644, None).unwrap();
+    let base = a.store.open(p("lost")).unwrap();
+    client.fail(Op::Put, Some("/lost"), Failure::Unavailable, 100);
+    let failed = commit_append(a.store.as_ref(), "lost", &base, b"data", false);
+    assert_eq!(failed.map(|_| ()).unwrap_err().raw_os_error(), libc::EIO);
+    client.heal();
+    assert_eq!(errno(a.store.stat(p("lost"))), libc::ENOENT);
+    // Another host made a name this host created and has not committed yet: once heard of,
+    // the name shows theirs.
+    a.store.create_held(p("heard"), 0o644, None).unwrap();
+    write(b.store.as_ref(), "heard", b"theirs").unwrap();
+    assert_eq!(a.store.stat(p("heard")).unwrap().size, 0);
+    a.store.forget(p("heard"), false);
+    assert_eq!(a.store.stat(p("heard")).unwrap().size, 6);
 }
 
 #[test]
