@@ -608,18 +608,126 @@ impl Dir {
     }
 }
 
+/// Directory descriptors a removal holds at most. An agent can nest directories as deep as its
+/// file limit allows; the removal holds the deepest levels it is emptying and reopens the ones
+/// above by name when it climbs back to them (see [`remove_entry`]), so that no tree costs the
+/// daemon more descriptors than this.
+const REMOVE_HELD: usize = 64;
+
+/// One directory [`remove_entry`] is emptying.
+struct Level {
+    /// Its name in the level above (the first level's: in the directory removed from).
+    name: CString,
+    /// The directory, while held (only the deepest [`REMOVE_HELD`] levels are).
+    dir: Option<Dir>,
+    /// Names listed in it and not removed yet.
+    left: Vec<OsString>,
+}
+
 /// Removes `name` in `dir` (see [`Dir::remove_all`]), adding what went to `tally`.
+///
+/// Iterative: the levels being emptied are an explicit stack, not a recursion per level, since
+/// a tree thousands of directories deep (an agent's to make) overflowed a worker thread's
+/// stack and aborted the daemon at every session end after. Each level's names are listed
+/// once, when it is entered; a level whose descriptor was let go is reopened by its names from
+/// the nearest level still held (or `dir`), by [`open_beneath`] like any store path: beneath
+/// it and through no symlink.
 fn remove_entry(dir: RawFd, name: &CStr, tally: &mut Tally) -> io::Result<()> {
+    let Some(top) = remove_or_open(dir, name, tally)? else {
+        return Ok(());
+    };
+    let mut levels = vec![Level {
+        name: name.to_owned(),
+        left: names(&top)?,
+        dir: Some(top),
+    }];
+    while let Some(level) = levels.last_mut() {
+        if let Some(child) = level.left.pop() {
+            let here = match &level.dir {
+                Some(d) => d.as_raw_fd(),
+                None => unreachable!("the deepest level is held"),
+            };
+            let child = cstring(child.as_bytes())?;
+            if let Some(sub) = remove_or_open(here, &child, tally)? {
+                let left = names(&sub)?;
+                levels.push(Level {
+                    name: child,
+                    dir: Some(sub),
+                    left,
+                });
+                if let Some(i) = levels.len().checked_sub(REMOVE_HELD + 1) {
+                    levels[i].dir = None;
+                }
+            }
+            continue;
+        }
+        let emptied = levels.pop().expect("a level was there");
+        drop(emptied.dir);
+        let parent = if levels.is_empty() {
+            dir
+        } else {
+            hold_deepest(dir, &mut levels)?
+        };
+        // SAFETY: a valid descriptor and a NUL-terminated name.
+        let removed =
+            check(unsafe { libc::unlinkat(parent, emptied.name.as_ptr(), libc::AT_REMOVEDIR) });
+        match removed {
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+            other => {
+                other?;
+                tally.entries += 1;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The deepest of `levels` (beneath `base`), reopened with those above it up to
+/// [`REMOVE_HELD`] where the walk let them go.
+fn hold_deepest(base: RawFd, levels: &mut [Level]) -> io::Result<RawFd> {
+    let last = levels.len() - 1;
+    if levels[last].dir.is_none() {
+        let first = (last + 1).saturating_sub(REMOVE_HELD);
+        let from = levels[..first].iter().rposition(|l| l.dir.is_some());
+        let anchor = from.map_or(base, |i| {
+            levels[i].dir.as_ref().map_or(base, |d| d.as_raw_fd())
+        });
+        let start = from.map_or(0, |i| i + 1);
+        let path = levels[start..=first]
+            .iter()
+            .map(|l| l.name.as_bytes())
+            .collect::<Vec<_>>()
+            .join(&b'/');
+        let flags = libc::O_RDONLY | libc::O_DIRECTORY;
+        levels[first].dir = Some(Dir(open_beneath(anchor, &path, flags)?));
+        for i in first + 1..=last {
+            let above = levels[i - 1].dir.as_ref().map(|d| d.as_raw_fd());
+            let above = above.expect("opened just before");
+            let opened = reopen(above, &levels[i].name, flags | libc::O_NOFOLLOW)?;
+            levels[i].dir = Some(Dir(opened));
+        }
+    }
+    Ok(levels[last].dir.as_ref().expect("held now").as_raw_fd())
+}
+
+/// The names in `dir`, as [`Dir::entries`] lists them.
+fn names(dir: &Dir) -> io::Result<Vec<OsString>> {
+    Ok(dir.entries()?.into_iter().map(|(name, _)| name).collect())
+}
+
+/// Removes `name` in `dir` if it is not a directory (adding it to `tally`), or opens it
+/// without following a symlink if it is; a missing `name` is nothing removed.
+fn remove_or_open(dir: RawFd, name: &CStr, tally: &mut Tally) -> io::Result<Option<Dir>> {
     // SAFETY: a valid descriptor and a NUL-terminated name.
-    let unlink = |flags| check(unsafe { libc::unlinkat(dir, name.as_ptr(), flags) });
+    let unlink = || check(unsafe { libc::unlinkat(dir, name.as_ptr(), 0) });
     let st = match fstatat(dir, name) {
         Ok(st) => st,
-        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(None),
         Err(e) => return Err(e),
     };
     if st.st_mode & libc::S_IFMT != libc::S_IFDIR {
-        match unlink(0) {
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(()),
+        match unlink() {
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(None),
             // Swapped for a directory meanwhile: remove that instead.
             Err(e) if e.raw_os_error() == Some(libc::EISDIR) => {}
             other => {
@@ -628,35 +736,24 @@ fn remove_entry(dir: RawFd, name: &CStr, tally: &mut Tally) -> io::Result<()> {
                 if st.st_mode & libc::S_IFMT == libc::S_IFREG {
                     tally.bytes += st.st_size as u64;
                 }
-                return Ok(());
+                return Ok(None);
             }
         }
     }
-    let sub = match reopen(
+    match reopen(
         dir,
         name,
         libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,
     ) {
-        Ok(fd) => Dir(fd),
+        Ok(fd) => Ok(Some(Dir(fd))),
         // Swapped for a symlink or a file meanwhile: remove that name itself.
         Err(e) if matches!(e.raw_os_error(), Some(libc::ELOOP | libc::ENOTDIR)) => {
-            unlink(0)?;
+            unlink()?;
             tally.entries += 1;
-            return Ok(());
+            Ok(None)
         }
-        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(()),
-        Err(e) => return Err(e),
-    };
-    for (child, _) in sub.entries()? {
-        remove_entry(sub.as_raw_fd(), &cstring(child.as_bytes())?, tally)?;
-    }
-    match unlink(libc::AT_REMOVEDIR) {
-        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
-        other => {
-            other?;
-            tally.entries += 1;
-            Ok(())
-        }
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+        Err(e) => Err(e),
     }
 }
 
@@ -806,6 +903,38 @@ mod tests {
         let removed = root.remove_all(&first).unwrap();
         assert!(removed.entries >= 16, "{removed:?}");
         assert!(!dir.path().join(&first).exists());
+    }
+
+    #[test]
+    fn a_tree_deeper_than_a_small_stack_is_removed_holding_few_descriptors() {
+        const DEPTH: usize = 10_000;
+        let dir = tempfile::tempdir().unwrap();
+        let root = Dir::open_trusted(dir.path(), false).unwrap();
+        let mut here = root.reopen().unwrap();
+        for level in 0..DEPTH {
+            // SAFETY: a valid descriptor and a NUL-terminated name.
+            check(unsafe { libc::mkdirat(here.as_raw_fd(), c"d".as_ptr(), 0o755) }).unwrap();
+            let flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW;
+            here = Dir(reopen(here.as_raw_fd(), c"d", flags).unwrap());
+            if (level + 1) % 1000 == 0 {
+                fs::write(format!("/proc/self/fd/{}/f", here.as_raw_fd()), b"abc").unwrap();
+            }
+        }
+        drop(here);
+        // A recursion per level needs far more than this stack (and a descriptor per level).
+        let removing = std::thread::Builder::new()
+            .stack_size(256 * 1024)
+            .spawn(move || root.remove_all(OsStr::new("d")))
+            .unwrap();
+        let removed = removing.join().expect("no overflow").unwrap();
+        assert_eq!(
+            removed,
+            Tally {
+                entries: DEPTH as u64 + 10,
+                bytes: 30
+            }
+        );
+        assert!(!dir.path().join("d").exists());
     }
 
     /// A tree with an outside directory, and a space beside it full of links out.
