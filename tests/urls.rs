@@ -99,6 +99,9 @@ fn signed_urls_serve_the_file_with_ranges_and_refuse_what_they_do_not_grant() {
     let etag = header(&h, "etag").unwrap().to_string();
     assert!(etag.starts_with('"') && etag.len() == 34, "{etag}");
     assert!(header(&h, "last-modified").unwrap().ends_with("gmt"));
+    // Whatever the type, nothing served runs script in the listener's origin.
+    assert_eq!(header(&h, "content-security-policy"), Some("sandbox"));
+    assert_eq!(header(&h, "x-content-type-options"), Some("nosniff"));
     // Ranges.
     let (status, h, body) = curl(&["-H", "Range: bytes=10-19"], &u);
     assert_eq!(status, 206);
@@ -144,6 +147,25 @@ fn signed_urls_serve_the_file_with_ranges_and_refuse_what_they_do_not_grant() {
             .unwrap()
             .starts_with("attachment;")
     );
+    // Types an agent picks that a browser renders (XSLT, a multipart stream of HTML) are
+    // sandboxed like any other.
+    for mime in ["text/xsl", "multipart/x-mixed-replace; boundary=x"] {
+        python(
+            &a,
+            &format!(
+                "import os; os.setxattr(os.environ['MNT'] + '/outputs/data.bin', 'user.mime_type', b'{mime}')"
+            ),
+        );
+        let (status, h, _) = curl(&[], &u2);
+        assert_eq!(status, 200);
+        assert_eq!(header(&h, "content-type"), Some(mime));
+        assert_eq!(
+            header(&h, "content-security-policy"),
+            Some("sandbox"),
+            "{mime}"
+        );
+        assert_eq!(header(&h, "x-content-type-options"), Some("nosniff"));
+    }
     // Tampering: another path, a later expiry, another disposition.
     let tampered = [
         u.replace("report.pdf", "data.bin"),
