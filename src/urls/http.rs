@@ -20,13 +20,22 @@
 //!   type: the type is the agent's to choose, and a list of types that can run script (HTML,
 //!   SVG, XML, but also XSLT, `multipart/x-mixed-replace`, whatever a browser adds) is never
 //!   complete, so what an agent wrote runs no script in the listener's origin.
+//!
+//! Connections are bounded, since anyone who can reach the port can open them, and each costs
+//! the daemon a descriptor its mounts need too ([`Limits`]): a client has
+//! [`HEADER_TIMEOUT`] to send a request's headers, on a new connection and between requests on
+//! a kept-alive one (hyper's header read timeout runs from when it waits for a request), else
+//! the connection is closed; and at most [`CONNECTIONS`] are served at once. Over the cap, the
+//! listener accepts no more until one ends: the others wait in the kernel's accept queue, which
+//! costs the daemon no descriptor, and are served in turn rather than refused (a burst of
+//! downloads is slowed, not broken).
 
 use std::io;
 use std::net::TcpListener;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
 use axum::body::{Body, Bytes};
@@ -50,17 +59,87 @@ pub struct Downloads {
     pub hub: Arc<Hub>,
 }
 
+/// How long a client has to send a request's headers (see the module docs).
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(20);
+/// Connections served at once.
+pub const CONNECTIONS: usize = 256;
+
+/// Bounds on the listener's connections (see the module docs).
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// How long a client has to send a request's headers.
+    pub header_timeout: Duration,
+    /// Connections served at once.
+    pub connections: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            header_timeout: HEADER_TIMEOUT,
+            connections: CONNECTIONS,
+        }
+    }
+}
+
 /// Serves downloads on `listener` until `shutdown` completes. Must run inside a tokio runtime.
 pub async fn serve(
     listener: TcpListener,
     downloads: Arc<Downloads>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> io::Result<()> {
+    serve_router(listener, router(downloads), Limits::default(), shutdown).await
+}
+
+/// Serves `router` on `listener` over HTTP/1 within `limits` until `shutdown` completes (then
+/// accepts nothing more; connections under way end with the runtime).
+pub async fn serve_router(
+    listener: TcpListener,
+    router: Router,
+    limits: Limits,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> io::Result<()> {
+    use hyper_util::rt::{TokioIo, TokioTimer};
     listener.set_nonblocking(true)?;
     let listener = tokio::net::TcpListener::from_std(listener)?;
-    axum::serve(listener, router(downloads))
-        .with_graceful_shutdown(shutdown)
-        .await
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.connections));
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout);
+    let service = hyper_util::service::TowerToHyperService::new(router);
+    tokio::pin!(shutdown);
+    loop {
+        // A slot before the connection: over the cap, clients wait in the accept queue.
+        let slot = tokio::select! {
+            () = &mut shutdown => return Ok(()),
+            slot = slots.clone().acquire_owned() => slot.map_err(io::Error::other)?,
+        };
+        let stream = tokio::select! {
+            () = &mut shutdown => return Ok(()),
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of descriptors or memory: wait rather than spin; a connection that
+                    // failed while queued is just gone.
+                    if !matches!(
+                        e.raw_os_error(),
+                        Some(libc::ECONNABORTED | libc::ECONNRESET | libc::EPROTO | libc::EINTR)
+                    ) {
+                        log::warn!("the download listener could not accept a connection: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    continue;
+                }
+            },
+        };
+        let conn = http.serve_connection(TokioIo::new(stream), service.clone());
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                log::debug!("download connection: {e}");
+            }
+            drop(slot);
+        });
+    }
 }
 
 /// The listener's routes.

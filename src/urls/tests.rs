@@ -1,8 +1,14 @@
 //! Signing and checking URLs; ranges, names and types of downloads.
 
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
-use super::http::{RangeAnswer, content_disposition, guess_type, parse_range, valid_media_type};
+use super::http::{
+    Limits, RangeAnswer, content_disposition, guess_type, parse_range, serve_router,
+    valid_media_type,
+};
 use super::*;
 
 fn grant(path: &str, expires: u64) -> Grant {
@@ -112,4 +118,85 @@ fn names_and_types_of_downloads() {
     for bad in ["text", "text/", "/x", "text/plain\r\nX-Evil: 1", "a b/c"] {
         assert!(!valid_media_type(bad), "{bad:?}");
     }
+}
+
+/// A listener within `limits` answering 404 to everything, on a runtime of its own (the
+/// listener stops with it); its address.
+fn listener(limits: Limits) -> (tokio::runtime::Runtime, SocketAddr) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let std_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = std_listener.local_addr().unwrap();
+    let router = axum::Router::new();
+    runtime.spawn(serve_router(
+        std_listener,
+        router,
+        limits,
+        std::future::pending(),
+    ));
+    (runtime, addr)
+}
+
+/// Reads until the server closes `c` (or `wait` passes): what it sent, and when it closed.
+fn until_closed(c: &mut TcpStream, wait: Duration) -> (Vec<u8>, Option<Duration>) {
+    let start = Instant::now();
+    c.set_read_timeout(Some(wait)).unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match c.read(&mut buf) {
+            Ok(0) => return (got, Some(start.elapsed())),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                return (got, Some(start.elapsed()));
+            }
+            Err(_) => return (got, None),
+        }
+    }
+}
+
+#[test]
+fn a_client_slow_to_send_its_headers_is_cut_off() {
+    let (_runtime, addr) = listener(Limits {
+        header_timeout: Duration::from_millis(300),
+        connections: 8,
+    });
+    // Half a header, then nothing.
+    let mut c = TcpStream::connect(addr).unwrap();
+    c.write_all(b"GET /x HTTP/1.1\r\nHost: a\r\n").unwrap();
+    let (got, closed) = until_closed(&mut c, Duration::from_secs(5));
+    let closed = closed.expect("the connection is closed");
+    assert!(closed < Duration::from_secs(3), "{closed:?}");
+    assert!(!got.starts_with(b"HTTP/1.1 404"), "no request was read");
+    // Kept alive after a request, then idle: cut off as well.
+    let mut c = TcpStream::connect(addr).unwrap();
+    c.write_all(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n").unwrap();
+    let (got, closed) = until_closed(&mut c, Duration::from_secs(5));
+    assert!(got.starts_with(b"HTTP/1.1 404"), "{got:?}");
+    assert!(closed.expect("closed") < Duration::from_secs(3));
+}
+
+#[test]
+fn connections_over_the_cap_wait_for_a_free_one() {
+    let (_runtime, addr) = listener(Limits {
+        header_timeout: Duration::from_secs(30),
+        connections: 2,
+    });
+    let mut held: Vec<TcpStream> = (0..2).map(|_| TcpStream::connect(addr).unwrap()).collect();
+    // The third is queued by the kernel, and not served while both slots are taken.
+    let mut third = TcpStream::connect(addr).unwrap();
+    third
+        .write_all(b"GET /x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let (got, closed) = until_closed(&mut third, Duration::from_millis(700));
+    assert!(got.is_empty() && closed.is_none(), "{got:?} {closed:?}");
+    // One leaves: the third is served.
+    drop(held.pop());
+    let (got, closed) = until_closed(&mut third, Duration::from_secs(5));
+    assert!(got.starts_with(b"HTTP/1.1 404"), "{got:?}");
+    assert!(closed.is_some());
+    drop(held);
 }
