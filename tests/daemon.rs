@@ -1637,11 +1637,20 @@ fn a_session_belongs_to_its_owner_and_keeps_the_defaults_of_limits_it_leaves_out
 
 /// `POST path` with `body` on the control socket: the status and the answer.
 fn post(socket: &Path, path: &str, body: &str) -> (u16, String) {
+    request(socket, &["-X", "POST", "-d", body], path)
+}
+
+/// `GET path` on the control API: (status, body).
+fn get(socket: &Path, path: &str) -> (u16, String) {
+    request(socket, &[], path)
+}
+
+fn request(socket: &Path, args: &[&str], path: &str) -> (u16, String) {
     let out = output(
         std::process::Command::new("curl")
             .args(["-s", "-w", "\n%{http_code}", "--unix-socket"])
             .arg(socket)
-            .args(["-X", "POST", "-d", body])
+            .args(args)
             .arg(format!("http://roomfs{path}")),
     );
     let answer = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -1700,6 +1709,15 @@ fn values_that_cannot_work_are_refused_by_the_api_and_the_cli() {
         let (code, answer) = post(&d.socket, path, body);
         assert_eq!(code, 400, "{body}: {answer}");
         assert!(answer.contains(says), "{body}: {answer}");
+    }
+    // Ids no session can have are refused as such, before they name a file.
+    for id in ["%2F", "a%2Fb", "%00", ".x", &"s".repeat(5000)] {
+        let (code, answer) = get(&d.socket, &format!("/v1/sessions/{id}"));
+        assert_eq!(code, 400, "{id}: {answer}");
+        assert!(answer.contains("invalid session id"), "{id}: {answer}");
+        let (code, answer) = post(&d.socket, &format!("/v1/sessions/{id}/end"), "{}");
+        assert_eq!(code, 400, "{id}: {answer}");
+        assert!(answer.contains("invalid session id"), "{id}: {answer}");
     }
     for (args, says) in [
         (

@@ -350,7 +350,10 @@ impl Daemon {
         self.hub.local().data_dir()
     }
 
+    /// The state of session `id`; an id no session can have is refused first (400), before
+    /// it becomes a file name (where `/`, NUL or 5,000 characters made the read fail, a 500).
     fn session_state(&self, id: &str) -> Result<SessionState, ApiError> {
+        SpaceId::new(SpaceKind::Session, id)?;
         state::load(self.data(), id)
             .map_err(|e| internal("reading session state", e))?
             .ok_or_else(|| {
