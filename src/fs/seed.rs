@@ -13,7 +13,15 @@
 //! the background copier: the working copy then holds only the blocks it wrote (and those it
 //! read in part), which [`Seeding::written`] lists for the commit. Should the store not be
 //! able to commit those alone, `finish` still copies the rest.
+//!
+//! The bookkeeping is proportional to what was written or seeded, never to the file's size
+//! (an agent can `truncate -s 16T` a file and write one byte into it): the chunks below a
+//! watermark are all present, and a map keeps only the chunks that differ from what the
+//! watermark says of them (some blocks present above it, or missing again below it, or
+//! written into). The background copier moves the watermark as it goes, so what it copied
+//! takes no room.
 
+use std::collections::BTreeMap;
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -35,8 +43,78 @@ struct Chunk {
     present: u64,
     /// Blocks the writer wrote into (in full or in part).
     written: u64,
-    /// The background copier is copying this chunk's missing blocks.
-    copying: bool,
+}
+
+/// Which blocks of the working copy are present and written (see the module docs).
+struct Chunks {
+    /// Every chunk below this one is present, unless `touched` says otherwise.
+    seeded_below: usize,
+    /// The chunks that are not as `seeded_below` says: a chunk at or above it that is not here
+    /// has no block present, one below it that is not here has all, and neither was written.
+    touched: BTreeMap<usize, Chunk>,
+    /// The chunk the background copier is copying.
+    copying: Option<usize>,
+}
+
+impl Chunks {
+    fn get(&self, index: usize) -> Chunk {
+        self.touched.get(&index).copied().unwrap_or(Chunk {
+            present: if index < self.seeded_below {
+                u64::MAX
+            } else {
+                0
+            },
+            written: 0,
+        })
+    }
+
+    fn get_mut(&mut self, index: usize) -> &mut Chunk {
+        let chunk = self.get(index);
+        self.touched.entry(index).or_insert(chunk)
+    }
+
+    /// Forgets what chunk `index` of a file of `len` bytes no longer needs remembered, and
+    /// moves the watermark over the chunks now present.
+    fn tidy(&mut self, index: usize, len: u64) {
+        let full =
+            |i: usize, c: &Chunk| c.present & blocks_in_file(i, len) == blocks_in_file(i, len);
+        if let Some(c) = self.touched.get(&index)
+            && c.written == 0
+            && (index < self.seeded_below && full(index, c)
+                || index >= self.seeded_below && c.present == 0)
+        {
+            self.touched.remove(&index);
+        }
+        let count = len.div_ceil(CHUNK) as usize;
+        while self.seeded_below < count && self.copying != Some(self.seeded_below) {
+            let i = self.seeded_below;
+            match self.touched.get(&i) {
+                Some(c) if full(i, c) => {
+                    if c.written == 0 {
+                        self.touched.remove(&i);
+                    }
+                    self.seeded_below += 1;
+                }
+                _ => break,
+            }
+        }
+    }
+
+    /// The first chunk from `from` below `last` that may miss blocks.
+    fn next_to_check(&self, from: usize, last: usize) -> Option<usize> {
+        if from < self.seeded_below {
+            let below = self.seeded_below.min(last);
+            if let Some((&i, _)) = self
+                .touched
+                .range(from..below)
+                .find(|(_, c)| c.present != u64::MAX)
+            {
+                return Some(i);
+            }
+        }
+        let next = from.max(self.seeded_below);
+        (next < last).then_some(next)
+    }
 }
 
 /// The seeding state of one working copy, shared with its background copier.
@@ -44,7 +122,7 @@ pub struct Seeding {
     source: Arc<dyn Content>,
     dest: Arc<dyn WorkingCopy>,
     len: u64,
-    chunks: Mutex<Vec<Chunk>>,
+    chunks: Mutex<Chunks>,
     copied: Condvar,
     /// Set when the working copy is dropped or cut: the copier stops.
     cancelled: AtomicBool,
@@ -76,7 +154,11 @@ impl Seeding {
             source,
             dest,
             len,
-            chunks: Mutex::new(vec![Chunk::default(); len.div_ceil(CHUNK) as usize]),
+            chunks: Mutex::new(Chunks {
+                seeded_below: 0,
+                touched: BTreeMap::new(),
+                copying: None,
+            }),
             copied: Condvar::new(),
             cancelled: AtomicBool::new(false),
             on_demand,
@@ -103,46 +185,60 @@ impl Seeding {
         seeding
     }
 
-    fn lock(&self) -> MutexGuard<'_, Vec<Chunk>> {
+    fn lock(&self) -> MutexGuard<'_, Chunks> {
         self.chunks.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Waits until the background copier is done with chunk `index`.
+    /// Waits until the background copier is done with chunk `index` (any chunk: `None`).
     fn idle<'a>(
         &'a self,
-        mut chunks: MutexGuard<'a, Vec<Chunk>>,
-        index: usize,
-    ) -> MutexGuard<'a, Vec<Chunk>> {
-        while chunks[index].copying {
+        mut chunks: MutexGuard<'a, Chunks>,
+        index: Option<usize>,
+    ) -> MutexGuard<'a, Chunks> {
+        while chunks.copying.is_some() && (index.is_none() || chunks.copying == index) {
             chunks = self.copied.wait(chunks).unwrap_or_else(|e| e.into_inner());
         }
         chunks
     }
 
     fn copy_all_in_background(&self) {
-        let count = self.lock().len();
-        for index in 0..count {
+        let count = self.len.div_ceil(CHUNK) as usize;
+        let mut index = 0;
+        while index < count {
             let missing = {
                 let mut chunks = self.lock();
                 // Checked under the lock, so `finish_up_to` sees every copy it must wait for.
                 if self.cancelled.load(Ordering::Relaxed) {
                     return;
                 }
-                let missing = blocks_in_file(index, self.len) & !chunks[index].present;
+                index = index.max(chunks.seeded_below);
+                if index >= count {
+                    return;
+                }
+                let missing = blocks_in_file(index, self.len) & !chunks.get(index).present;
                 if missing == 0 {
+                    index += 1;
                     continue;
                 }
-                chunks[index].copying = true;
+                chunks.copying = Some(index);
                 missing
             };
-            // An error leaves the blocks missing: `finish` copies them, and reports its error.
-            let copied = self.copy_blocks(index, missing).is_ok();
+            let copied = self.copy_blocks(index, missing);
             let mut chunks = self.lock();
-            if copied {
-                chunks[index].present |= missing;
+            if copied.is_ok() {
+                chunks.get_mut(index).present |= missing;
             }
-            chunks[index].copying = false;
+            chunks.copying = None;
+            chunks.tidy(index, self.len);
             self.copied.notify_all();
+            drop(chunks);
+            if let Err(e) = copied {
+                // The blocks stay missing: `finish` copies them, and reports its error (the
+                // copier would likely meet the same one at every chunk).
+                log::debug!("seeding stopped copying in the background: {e}");
+                return;
+            }
+            index += 1;
         }
     }
 
@@ -199,17 +295,20 @@ impl Seeding {
                 }
             }
             let chunks = self.lock();
-            let mut chunks = self.idle(chunks, index);
+            let mut chunks = self.idle(chunks, Some(index));
             if write {
-                chunks[index].written |= copy | cover;
+                chunks.get_mut(index).written |= copy | cover;
             }
-            let copy = copy & !chunks[index].present;
+            let copy = copy & !chunks.get(index).present;
             if copy != 0 {
                 // The chunk stays locked while its few blocks are copied: the copier cannot
                 // take them meanwhile.
-                self.copy_blocks(index, copy)?;
+                let copied = self.copy_blocks(index, copy);
+                chunks.tidy(index, self.len);
+                copied?;
             }
-            chunks[index].present |= copy | cover;
+            chunks.get_mut(index).present |= copy | cover;
+            chunks.tidy(index, self.len);
             block = chunk_end + 1;
         }
         Ok(())
@@ -222,9 +321,11 @@ impl Seeding {
         let end = (offset + len).min(self.len);
         let mut block = offset.div_ceil(BLOCK);
         while (block + 1) * BLOCK <= end || (block * BLOCK < end && end == self.len) {
-            let chunk = &mut chunks[(block / BLOCKS) as usize];
+            let index = (block / BLOCKS) as usize;
+            let chunk = chunks.get_mut(index);
             chunk.present &= !(1u64 << (block % BLOCKS));
             chunk.written &= !(1u64 << (block % BLOCKS));
+            chunks.tidy(index, self.len);
             block += 1;
         }
     }
@@ -238,7 +339,7 @@ impl Seeding {
     pub fn written(&self) -> Vec<(u64, u64)> {
         let chunks = self.lock();
         let mut ranges: Vec<(u64, u64)> = Vec::new();
-        for (index, chunk) in chunks.iter().enumerate() {
+        for (&index, chunk) in &chunks.touched {
             for (start, len) in self.runs(index, chunk.written) {
                 match ranges.last_mut() {
                     Some((s, l)) if *s + *l == start => *l += len,
@@ -260,23 +361,32 @@ impl Seeding {
         self.cancel();
         let mut chunks = self.lock();
         let end = size.min(self.len);
-        for index in 0..end.div_ceil(CHUNK) as usize {
-            chunks = self.idle(chunks, index);
-            let missing = blocks_in_file(index, end) & !chunks[index].present;
+        let last = end.div_ceil(CHUNK) as usize;
+        let mut from = 0;
+        while let Some(index) = chunks.next_to_check(from, last) {
+            chunks = self.idle(chunks, Some(index));
+            let missing = blocks_in_file(index, end) & !chunks.get(index).present;
             if missing != 0 {
                 self.copy_blocks(index, missing)?;
-                chunks[index].present |= missing;
+                chunks.get_mut(index).present |= missing;
+                chunks.tidy(index, self.len);
             }
+            from = index + 1;
         }
-        for index in 0..chunks.len() {
-            chunks = self.idle(chunks, index);
-        }
+        // No copy may land after this returns (beyond a truncation).
+        drop(self.idle(chunks, None));
         Ok(())
     }
 
     /// Stops the background copier (the working copy is being dropped).
     pub fn cancel(&self) {
         self.cancelled.store(true, Ordering::Relaxed);
+    }
+
+    /// Chunks the bookkeeping keeps a record of (for tests).
+    #[cfg(test)]
+    fn tracked(&self) -> usize {
+        self.lock().touched.len()
     }
 }
 
@@ -365,6 +475,94 @@ mod tests {
             contents(&file, len as usize) == expect,
             "working copy = seed + the writes"
         );
+        assert_eq!(
+            seeding.tracked(),
+            3,
+            "only the chunks written into are remembered"
+        );
+    }
+
+    /// Committed content of zeros, taking no room (a sparse file's).
+    struct Zeros(Meta);
+
+    impl Content for Zeros {
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+            let n = (buf.len() as u64).min(self.0.size.saturating_sub(offset)) as usize;
+            buf[..n].fill(0);
+            Ok(n)
+        }
+        fn read_appended_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+            self.read_at(buf, offset)
+        }
+        fn meta(&self) -> &Meta {
+            &self.0
+        }
+        fn local(&self) -> Option<LocalFile<'_>> {
+            None
+        }
+    }
+
+    /// A working copy that keeps only what is written into it (zeros elsewhere).
+    #[derive(Default)]
+    struct Holes(std::sync::Mutex<Vec<(u64, Vec<u8>)>>);
+
+    impl WorkingCopy for Holes {
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+            buf.fill(0);
+            for (at, data) in self.0.lock().unwrap().iter() {
+                for (i, b) in data.iter().enumerate() {
+                    if let Some(j) = (at + i as u64).checked_sub(offset)
+                        && (j as usize) < buf.len()
+                    {
+                        buf[j as usize] = *b;
+                    }
+                }
+            }
+            Ok(buf.len())
+        }
+        fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
+            self.0.lock().unwrap().push((offset, data.to_vec()));
+            Ok(())
+        }
+        fn set_len(&self, _: u64) -> io::Result<()> {
+            Ok(())
+        }
+        fn zero(&self, _: u64, _: u64) -> io::Result<()> {
+            Ok(())
+        }
+        fn reserve(&self, _: u64, _: u64) -> io::Result<()> {
+            Ok(())
+        }
+        fn stat(&self) -> io::Result<crate::store::CopyStat> {
+            Err(io::Error::from_raw_os_error(libc::ENOTSUP))
+        }
+        fn local_file(&self) -> Option<&std::fs::File> {
+            None
+        }
+    }
+
+    #[test]
+    fn a_byte_written_into_a_16_tib_sparse_file_costs_a_record_not_gigabytes() {
+        let len = 16u64 << 40;
+        let mut meta = Bytes::new(Vec::new()).1;
+        meta.size = len;
+        let copy = Arc::new(Holes::default());
+        let seeding = Seeding::start(Arc::new(Zeros(meta)), copy.clone(), len, true);
+        let offset = (5u64 << 40) + 3;
+        seeding.prepare(offset, 1, true).unwrap();
+        copy.write_at(b"x", offset).unwrap();
+        assert_eq!(seeding.tracked(), 1, "one chunk remembered");
+        let block = offset / BLOCK * BLOCK;
+        assert_eq!(seeding.written(), vec![(block, BLOCK)]);
+        // The block written in part was seeded first (one copy of its 4 KiB).
+        let writes = copy.0.lock().unwrap().clone();
+        assert_eq!(
+            writes,
+            vec![(block, vec![0; BLOCK as usize]), (offset, b"x".to_vec())]
+        );
+        // A failed write's block is missing again, and forgotten once nothing is left of it.
+        seeding.write_failed(block, BLOCK);
+        assert_eq!(seeding.tracked(), 0);
     }
 
     #[test]
