@@ -331,6 +331,11 @@ fn symlinks_cannot_point_out_of_the_grant() {
     refused(&m, "a .. after a name", libc::EACCES, || {
         link("sub/../ok", "outputs/l4")
     });
+    // A link to a directory above the grant (the root), through which a second link, all
+    // names, would lead out (`up2/secret.txt`).
+    refused(&m, "above the grant", libc::EACCES, || {
+        link("..", "outputs/up2")
+    });
     // A link planted in the store behind the mount's back is not followed out of the grant.
     match &m.s3 {
         Some(b) => {

@@ -30,9 +30,10 @@ impl Fs {
         }
     }
 
-    /// Under a restricted grant, a symlink at `link` may only point at paths the grant shows:
-    /// never outside the space (absolute, or climbing above the root) or outside the grant,
-    /// because other participants of the room would follow it with their own rights.
+    /// Under a restricted grant, a symlink at `link` may only point at paths inside the grant:
+    /// never outside the space (absolute, or climbing above the root), outside the grant, or
+    /// at a directory above it, because other participants of the room would follow it with
+    /// their own rights.
     pub(super) fn allow_link_target(&self, op: &str, link: &Path, target: &Path) -> FsResult<()> {
         if self.options.links_anywhere {
             return Ok(());
@@ -59,11 +60,15 @@ impl Fs {
             }
         }
         let resolved: PathBuf = resolved.iter().collect();
+        // Inside the grant itself, not merely on the way to it (the root, `a/` of `a/b/`): a
+        // link to a directory above the grant would let a second link made through it
+        // (`up -> ..`, then `x -> up/private`) lead out, its text all names.
         if inside
             && self
                 .options
                 .grant
-                .can_traverse(resolved.as_os_str().as_bytes())
+                .check(resolved.as_os_str().as_bytes(), Access::Read)
+                .is_ok()
         {
             Ok(())
         } else {
