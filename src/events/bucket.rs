@@ -378,6 +378,18 @@ struct Queue {
     /// Changes ever published, and ever written (or given up on).
     published: u64,
     written: u64,
+    /// The last batch this process wrote whose PUT failed without an answer (a timeout): it
+    /// may have landed all the same, and its changes, queued again at the front, are then
+    /// taken as written when the chain shows it (see `BucketFeed::take`).
+    unconfirmed: Option<Unconfirmed>,
+}
+
+/// A batch written at object `n` (at `time`) whose PUT failed without an answer.
+struct Unconfirmed {
+    n: u64,
+    time: u64,
+    /// Its changes, at the front of the queue.
+    count: usize,
 }
 
 impl BucketFeed {
@@ -496,6 +508,21 @@ impl BucketFeed {
     /// listeners.
     fn take(&self, chain: &mut Chain, n: u64, batch: Batch, deliver: bool) {
         chain.next = n + 1;
+        {
+            let mut q = lock(&self.queue);
+            if let Some(u) = q.unconfirmed.take_if(|u| n >= u.n) {
+                let ours = n == u.n
+                    && batch.time == u.time
+                    && batch.records.iter().all(|r| r.origin == self.shared.origin);
+                if ours {
+                    // It landed: its changes are in the chain, not to be written again.
+                    let landed = u.count.min(q.changes.len());
+                    q.changes.drain(..landed);
+                    q.written += landed as u64;
+                    self.written.notify_all();
+                }
+            }
+        }
         if batch.head < chain.head {
             // A batch of a chain older than what was read (cannot happen unless objects were
             // replaced behind our back): its events were seen.
@@ -551,6 +578,11 @@ impl BucketFeed {
     /// after the last object read: if another host wrote that one, the PUT fails, and the
     /// chain is read on before the next try (one request per batch while nobody races).
     fn write_pending(&self, chain: &mut Chain) -> Result<bool, ClientError> {
+        if lock(&self.queue).unconfirmed.is_some() {
+            // Read on first: the batch whose PUT got no answer may be there, its changes then
+            // taken as written (see `take`) before they are drained to be written again.
+            self.follow(chain)?;
+        }
         let changes: Vec<(Arc<str>, Changed)> = {
             let mut q = lock(&self.queue);
             if q.changes.is_empty() {
@@ -560,6 +592,8 @@ impl BucketFeed {
         };
         let count = changes.len() as u64;
         let mut races = 0;
+        // The batch whose PUT got no answer, if the last try was one.
+        let mut unanswered = None;
         let result = loop {
             if (races > 0 || !self.shared.conditional)
                 && let Err(e) = self.follow(chain)
@@ -594,7 +628,12 @@ impl BucketFeed {
                         break Err(e);
                     }
                 }
-                Err(e) => break Err(e),
+                Err(e) => {
+                    if e.is(Failure::Unavailable) || e.is(Failure::Other) {
+                        unanswered = Some((n, batch.time));
+                    }
+                    break Err(e);
+                }
             }
         };
         let mut q = lock(&self.queue);
@@ -602,6 +641,11 @@ impl BucketFeed {
             Ok(()) => q.written += count,
             Err(_) => {
                 // Tried again next round, before anything published since.
+                q.unconfirmed = unanswered.map(|(n, time)| Unconfirmed {
+                    n,
+                    time,
+                    count: changes.len(),
+                });
                 for c in changes.into_iter().rev() {
                     q.changes.push_front(c);
                 }

@@ -223,6 +223,29 @@ fn a_failed_write_is_retried_and_nothing_is_lost() {
     );
 }
 
+/// A batch whose PUT was reported failed but landed (a request that timed out and ran when
+/// the store woke up) is taken as written when the chain is read: its changes are not
+/// written a second time under new seqs.
+#[test]
+fn a_batch_that_landed_though_its_put_failed_is_not_written_twice() {
+    let client = Arc::new(MemClient::new());
+    let a = host(&client, Retention::default());
+    let fa = a.feed(&room()).unwrap();
+    client.lose_put_replies(".roomfs/events/", 1);
+    let p: Arc<str> = Arc::from("a");
+    fa.publish(&p, &[file("x"), file("y")]);
+    fa.flush();
+    fa.publish(&p, &[file("z")]);
+    fa.flush();
+    let b = host(&client, Retention::default());
+    let seen = events(&b.feed(&room()).unwrap(), 0);
+    assert_eq!(
+        seen.iter().map(|e| (e.0, e.2.as_str())).collect::<Vec<_>>(),
+        vec![(1, "x"), (2, "y"), (3, "z")]
+    );
+    assert_eq!(events(&fa, 0).len(), 3);
+}
+
 #[test]
 fn what_is_published_before_the_feed_goes_is_written() {
     let client = Arc::new(MemClient::new());

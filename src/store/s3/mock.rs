@@ -76,6 +76,8 @@ pub struct MemClient {
     objects: Mutex<BTreeMap<String, Object>>,
     uploads: Mutex<HashMap<String, Upload>>,
     faults: Mutex<Vec<Fault>>,
+    /// PUTs carried out, then reported failed (see `lose_put_replies`).
+    lost_replies: Mutex<Vec<(String, u32)>>,
     delays: Mutex<HashMap<Op, Duration>>,
     counts: Mutex<HashMap<Op, u64>>,
     next_upload: AtomicU64,
@@ -123,9 +125,16 @@ impl MemClient {
         });
     }
 
+    /// Makes the next `times` PUTs of keys containing `key_contains` be carried out and then
+    /// reported failed (`Unavailable`): a request that timed out and landed after all.
+    pub fn lose_put_replies(&self, key_contains: &str, times: u32) {
+        lock(&self.lost_replies).push((key_contains.to_string(), times));
+    }
+
     /// Removes every injected fault.
     pub fn heal(&self) {
         lock(&self.faults).clear();
+        lock(&self.lost_replies).clear();
         lock(&self.delays).clear();
     }
 
@@ -359,6 +368,18 @@ impl ObjectClient for MemClient {
                 last_modified: self.now(),
             },
         );
+        drop(objects);
+        let mut lost = lock(&self.lost_replies);
+        if let Some(i) = lost
+            .iter()
+            .position(|(k, n)| *n > 0 && key.contains(k.as_str()))
+        {
+            lost[i].1 -= 1;
+            if lost[i].1 == 0 {
+                lost.remove(i);
+            }
+            return Err(ClientError::new(Failure::Unavailable, what("PUT", key)).with_injected());
+        }
         Ok(etag)
     }
 
