@@ -1965,6 +1965,21 @@ impl Store for S3Store {
     }
 }
 
+/// The first object under `prefix` written after `since`, if any.
+fn written_since(shared: &Shared, prefix: &str, since: SystemTime) -> StoreResult<Option<String>> {
+    let mut token: Option<String> = None;
+    loop {
+        let page = shared.client.list(prefix, false, token.as_deref(), None)?;
+        if let Some(o) = page.objects.iter().find(|o| o.last_modified > since) {
+            return Ok(Some(o.key.clone()));
+        }
+        match page.next {
+            Some(next) => token = Some(next),
+            None => return Ok(None),
+        }
+    }
+}
+
 /// What the space under `root` holds: its files, links and names, its directories (every
 /// prefix below the root), and the bytes of its files.
 fn space_usage(shared: &Shared, root: &str) -> StoreResult<Usage> {
@@ -2051,7 +2066,9 @@ impl S3Spaces {
                         r.map_err(StoreError::from)
                     }
                     Record::Rename { root, from, to } => {
-                        let r = finish_rename(&self.shared, root, from, to);
+                        // When the rename began (the record was written then).
+                        let began = std::fs::metadata(path).and_then(|m| m.modified()).ok();
+                        let r = finish_rename(&self.shared, root, from, to, began);
                         renamed += usize::from(r.is_ok());
                         r
                     }
@@ -2076,9 +2093,33 @@ impl S3Spaces {
     }
 }
 
-/// Finishes a directory rename a crash interrupted: the objects left under `from` move, and
-/// the directory's index entry with them.
-fn finish_rename(shared: &Arc<Shared>, root: &str, from: &str, to: &str) -> StoreResult<()> {
+/// How much later than a rename's start an object under its old name must be to count as
+/// written after it: the store's clock (`Last-Modified`, whole seconds) and the host's differ.
+const RENAME_CLOCK_SLACK: Duration = Duration::from_secs(2);
+
+/// Finishes a directory rename a crash interrupted (begun at `began`, by this host's clock):
+/// the objects left under `from` move, and the directory's index entry with them — unless an
+/// object under `from` was written after the rename began: other hosts have worked in the tree
+/// since (made it again, written into it), and finishing would carry their work off to `to`,
+/// over what is there. Then it is left as it is, both names holding part of the tree, and
+/// logged for someone to sort out (the record is done with).
+fn finish_rename(
+    shared: &Arc<Shared>,
+    root: &str,
+    from: &str,
+    to: &str,
+    began: Option<SystemTime>,
+) -> StoreResult<()> {
+    if let Some(began) = began
+        && let Some(newer) = written_since(shared, from, began + RENAME_CLOCK_SLACK)?
+    {
+        log::error!(
+            "not finishing the rename of {from} to {to} that a crash interrupted: {newer} was \
+             written since it began (by another host), so both names hold part of the tree; \
+             move what belongs where by hand"
+        );
+        return Ok(());
+    }
     // Through a store of the space (its owner does not matter here).
     let keys = SpaceKeys::new_root(root);
     let store = S3Store::new(

@@ -818,6 +818,54 @@ fn a_directory_rename_moves_every_object_and_a_crash_is_finished_at_the_next_sta
     );
 }
 
+/// A rename cut short by a crash, then another host works in the old directory before this
+/// host starts again: finishing the rename would carry that work off (and over what is at the
+/// new name), so it is left as it is (and logged).
+#[test]
+fn an_interrupted_rename_is_not_finished_over_later_work() {
+    let client = Arc::new(MemClient::new());
+    let a = host(&client);
+    a.store.mkdir(p("d"), 0o755, None).unwrap();
+    for i in 0..3 {
+        write(a.store.as_ref(), &format!("d/f{i}"), &[i as u8]).unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let id = SpaceId::new(SpaceKind::Room, "r1").unwrap();
+    {
+        let spaces = open_with(client.clone(), &config(), dir.path(), "memory".into()).unwrap();
+        let store = spaces.open_space(&id, None).unwrap();
+        client.fail(Op::DeleteMany, None, Failure::Unavailable, 1);
+        store
+            .rename(p("d"), p("e"), RenameMode::Replace)
+            .unwrap_err();
+        let proc_dir = spaces
+            .shared()
+            .state
+            .spool_dir()
+            .parent()
+            .unwrap()
+            .to_path_buf();
+        // The rename began a minute ago, as far as its record says.
+        let minute_ago = SystemTime::now() - std::time::Duration::from_secs(60);
+        for entry in std::fs::read_dir(proc_dir.join("journal")).unwrap() {
+            let file = std::fs::File::options()
+                .write(true)
+                .open(entry.unwrap().path())
+                .unwrap();
+            file.set_modified(minute_ago).unwrap();
+        }
+        crash(&proc_dir);
+        std::mem::forget(store);
+        std::mem::forget(spaces);
+    }
+    // Meanwhile another host writes into the old directory.
+    write(a.store.as_ref(), "d/new-work", b"theirs").unwrap();
+    let _next = open_with(client.clone(), &config(), dir.path(), "memory".into()).unwrap();
+    assert_eq!(client.object(&key("d/new-work")).unwrap(), b"theirs");
+    assert!(client.object(&key("e/new-work")).is_none());
+    assert_eq!(client.object(&key("d/f1")).unwrap(), [1]);
+}
+
 #[test]
 fn hostile_names_from_the_bucket_are_not_shown_and_bad_names_never_made() {
     let client = Arc::new(MemClient::new());
