@@ -182,28 +182,29 @@ impl S3Store {
         lock(&self.pending).get(path).cloned()
     }
 
-    /// The commit of version `tag` made the file at `path`: it is no longer pending.
-    pub(super) fn created(&self, path: &Path, tag: &str) {
+    /// Drops the pending file made by `create_held` with version `tag` at `path`; whether it
+    /// was still pending.
+    fn take_pending(&self, path: &Path, tag: &str) -> bool {
         let mut pending = lock(&self.pending);
-        if pending
+        let held = pending
             .get(path)
-            .is_some_and(|m| m.version.tag() == Some(tag))
-        {
+            .is_some_and(|m| m.version.tag() == Some(tag));
+        if held {
             pending.remove(path);
         }
+        held
+    }
+
+    /// The commit of version `tag` made the file at `path`: it is no longer pending.
+    pub(super) fn created(&self, path: &Path, tag: &str) {
+        self.take_pending(path, tag);
     }
 
     /// The store failed the first commit of the file made by `create_held` with version `tag`
     /// at `path`: this host no longer answers for it from memory; the store says whether it is
     /// there (a timed-out request may have made it after all).
     pub(super) fn unmade(&self, path: &Path, tag: &str) {
-        let mut pending = lock(&self.pending);
-        if pending
-            .get(path)
-            .is_some_and(|m| m.version.tag() == Some(tag))
-        {
-            pending.remove(path);
-            drop(pending);
+        if self.take_pending(path, tag) {
             S3Store::forget(self, path);
         }
     }
