@@ -7,7 +7,8 @@
 //! after its last:
 //! - a multipart upload (its key and upload id): a `kill -9` leaves the upload's parts on the
 //!   server, invisible but paid for;
-//! - a directory rename (every object copied, then deleted: not atomic on S3).
+//! - a directory rename (every object copied, then deleted: not atomic on S3);
+//! - a file rename (a copy, then a delete): a crash between them leaves the file at both names.
 //!
 //! At start, every `proc-*` directory whose lock nobody holds is a crashed process's: its
 //! journal is replayed — uploads aborted, renames finished — and the directory removed (its
@@ -36,6 +37,17 @@ pub enum Record {
         root: String,
         from: String,
         to: String,
+    },
+    /// A file rename from the key `from` to the key `to` in the space whose keys start with
+    /// `root`: the source's ETag when the rename began, and the target's (`None`: absent, as
+    /// far as this host knew). After a crash, the source goes if the copy is found made and
+    /// the source is still that version (see `S3Spaces::recover`).
+    FileRename {
+        root: String,
+        from: String,
+        to: String,
+        source: String,
+        target: Option<String>,
     },
 }
 

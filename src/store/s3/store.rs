@@ -9,8 +9,8 @@
 //! - **Names**: `O_EXCL` creates, `mkdir`, `symlink` and `RENAME_NOREPLACE` are PUTs and copies
 //!   with `If-None-Match: *`, so of two hosts exactly one succeeds (the other gets `EEXIST`).
 //!   A file rename is a server-side copy and a delete; a directory rename copies and deletes
-//!   every object below it, journaled so a crash is finished at the next start (not atomic:
-//!   see doc/S3.md). `RENAME_EXCHANGE` and hard links are refused (`EINVAL`, `EPERM`).
+//!   every object below it; both are journaled so that a crash is finished at the next start
+//!   (not atomic: see doc/S3.md). `RENAME_EXCHANGE` and hard links are refused (`EINVAL`, `EPERM`).
 
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
@@ -1276,6 +1276,25 @@ impl S3Store {
             attrs.mtime = Some(source.mtime);
         }
         let metadata = keep_mtime.then(|| attrs.to_metadata());
+        // Journaled: a crash between the copy and the delete would leave the file at both
+        // names; the next start finishes what it finds half done (see `finish_file_rename`).
+        let journal = match &etag {
+            Some(source) => {
+                let record = Record::FileRename {
+                    root: self.keys.root().to_string(),
+                    from: from_key.clone(),
+                    to: to_key.clone(),
+                    source: source.clone(),
+                    target: target.and_then(|t| t.version.tag()).map(str::to_string),
+                };
+                let journaled =
+                    self.shared.state.journal(&record).map_err(|e| {
+                        StoreError::failed(libc::EIO, "journal of a file rename", e)
+                    })?;
+                Some(journaled)
+            }
+            None => None,
+        };
         let new_etag = match self.shared.client.copy(
             &from_key,
             &to_key,
@@ -1286,7 +1305,10 @@ impl S3Store {
             Ok(e) => e,
             Err(e) if e.is(Failure::Precondition) => {
                 // The target appeared (refused for `RENAME_NOREPLACE`, looked at afresh if it
-                // was assumed absent), or the source changed.
+                // was assumed absent), or the source changed: nothing was copied.
+                if let Some(j) = journal {
+                    j.done();
+                }
                 if mode == RenameMode::NoReplace && self.exists(to)?.is_some() {
                     return Err(err(libc::EEXIST));
                 }
@@ -1305,12 +1327,16 @@ impl S3Store {
         let had = target_attrs.is_some_and(|a| !a.are_default(&self.defaults));
         self.index_attrs(to, &attrs, Some(&new_etag), had)?;
         if let Err(e) = self.shared.client.delete(&from_key) {
+            // (The record stays: the next start deletes the source if it is still this one.)
             self.forget(from);
             return Err(e.into());
         }
         self.remember(from, None);
         self.shared.cache.forget(&from_key);
         self.unindex(from, source)?;
+        if let Some(j) = journal {
+            j.done();
+        }
         Ok(true)
     }
 }
@@ -2057,7 +2083,7 @@ impl S3Spaces {
 
     /// Replays what crashed processes of this host left (see `state`).
     pub(super) fn recover(&self, leftovers: Vec<Leftover>) {
-        let (mut aborted, mut renamed) = (0, 0);
+        let (mut aborted, mut renamed, mut files_renamed) = (0, 0, 0);
         for left in leftovers {
             for (path, record) in &left.records {
                 let done = match record {
@@ -2073,6 +2099,24 @@ impl S3Spaces {
                         renamed += usize::from(r.is_ok());
                         r
                     }
+                    Record::FileRename {
+                        root,
+                        from,
+                        to,
+                        source,
+                        target,
+                    } => {
+                        let began = std::fs::metadata(path).and_then(|m| m.modified()).ok();
+                        let r = finish_file_rename(
+                            &self.shared,
+                            root,
+                            (from, source),
+                            (to, target.as_deref()),
+                            began,
+                        );
+                        files_renamed += usize::from(matches!(r, Ok(true)));
+                        r.map(|_| ())
+                    }
                 };
                 match done {
                     Ok(()) => left.forget(path),
@@ -2084,10 +2128,10 @@ impl S3Spaces {
             }
             left.finish();
         }
-        if aborted + renamed > 0 {
+        if aborted + renamed + files_renamed > 0 {
             log::info!(
                 "{}: aborted {aborted} multipart uploads and finished {renamed} directory \
-                 renames left by an earlier crash",
+                 renames and {files_renamed} file renames left by an earlier crash",
                 self.shared.location
             );
         }
@@ -2139,8 +2183,69 @@ fn finish_rename(
     ) else {
         return Ok(());
     };
-    let (from_dir, from_name) = split(&from_path);
-    let (to_dir, to_name) = split(&to_path);
+    move_index_entry(&store, &from_path, &to_path)
+}
+
+/// Finishes a file rename a crash interrupted (begun at `began`, by this host's clock) from
+/// the key `from` (then at version `source`) to `to` (then at version `target`, or absent);
+/// `Ok(true)` if it deleted the source. The copy is taken as made when `to` holds a version
+/// other than `target` that is the source's (a copy keeps the ETag of an object uploaded
+/// whole) or was written since the rename began; the source goes only if it is still the
+/// version renamed, so another host's rewrite of it since, and a rename whose copy never
+/// landed, leave both names as they are (the rename then did not happen, and `rename(2)`
+/// was never answered: either outcome is one it may have).
+fn finish_file_rename(
+    shared: &Arc<Shared>,
+    root: &str,
+    (from, source): (&str, &str),
+    (to, target): (&str, Option<&str>),
+    began: Option<SystemTime>,
+) -> StoreResult<bool> {
+    let head = |key: &str| match shared.client.head(key) {
+        Ok(info) => Ok(Some(info)),
+        Err(e) if e.is(Failure::NotFound) => Ok(None),
+        Err(e) => Err(StoreError::from(e)),
+    };
+    let Some(now_from) = head(from)? else {
+        return Ok(false); // The delete was made (or the file removed since).
+    };
+    if now_from.etag != source {
+        return Ok(false); // Written since: no longer the file renamed.
+    }
+    let Some(now_to) = head(to)? else {
+        return Ok(false); // The copy was never made.
+    };
+    let copied = Some(now_to.etag.as_str()) != target
+        && (now_to.etag == source
+            || began.is_some_and(|b| now_to.last_modified + RENAME_CLOCK_SLACK >= b));
+    if !copied {
+        return Ok(false);
+    }
+    shared.client.delete(from)?;
+    shared.cache.forget(from);
+    // Its attributes' entry in the listing moves with it (the copy carried them in its
+    // metadata), as the rename would have moved it.
+    let keys = SpaceKeys::new_root(root);
+    if let (Some(from_path), Some(to_path)) = (keys.path_of(from), keys.path_of(to)) {
+        let store = S3Store::new(
+            shared.clone(),
+            keys,
+            Defaults {
+                uid: 0,
+                gid: 0,
+                dir_mtime: SystemTime::UNIX_EPOCH,
+            },
+        );
+        move_index_entry(&store, &from_path, &to_path)?;
+    }
+    Ok(true)
+}
+
+/// Moves the entry of `from` in its directory's index to `to` in its own (what finishing a
+/// rename after a crash does; nothing if `from` has none).
+fn move_index_entry(store: &S3Store, from: &Path, to: &Path) -> StoreResult<()> {
+    let (from_dir, from_name) = split(from);
+    let (to_dir, to_name) = split(to);
     let moved = store
         .fetch_index(&from_dir)?
         .1

@@ -866,6 +866,95 @@ fn an_interrupted_rename_is_not_finished_over_later_work() {
     assert_eq!(client.object(&key("d/f1")).unwrap(), [1]);
 }
 
+/// Renames the file `from` to `to` on a host of its own, with `op` failing once (the copy or
+/// the delete: the rename fails with `EIO`), then crashes that host, runs `meanwhile` and
+/// starts it again (which finishes the rename if it finds it half done).
+fn file_rename_cut_short_by_a_crash(
+    client: &Arc<MemClient>,
+    (from, to): (&str, &str),
+    op: Op,
+    meanwhile: impl FnOnce(),
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let id = SpaceId::new(SpaceKind::Room, "r1").unwrap();
+    {
+        let spaces = open_with(client.clone(), &config(), dir.path(), "memory".into()).unwrap();
+        let store = spaces.open_space(&id, None).unwrap();
+        store.stat(p(from)).unwrap();
+        let _ = store.stat(p(to));
+        client.fail(op, None, Failure::Unavailable, 1);
+        let e = store
+            .rename(p(from), p(to), RenameMode::Replace)
+            .unwrap_err();
+        assert_eq!(e.raw_os_error(), libc::EIO);
+        crash(spaces.shared().state.spool_dir().parent().unwrap());
+        std::mem::forget(store);
+        std::mem::forget(spaces);
+    }
+    meanwhile();
+    let _next = open_with(client.clone(), &config(), dir.path(), "memory".into()).unwrap();
+}
+
+/// The attributes a listing of the root shows for `name` (from its index entry).
+fn listed_perm(store: &dyn Store, name: &str) -> Option<u16> {
+    store
+        .list(p(""))
+        .unwrap()
+        .into_iter()
+        .find(|e| e.name == name)
+        .and_then(|e| e.meta)
+        .map(|m| m.perm)
+}
+
+/// A file rename is a copy, then a delete: cut between them (a failed delete, then a crash),
+/// the file is at both names; the next start deletes the source, still the version renamed,
+/// and its attributes' entry in the listing moves with it.
+#[test]
+fn a_file_rename_cut_short_by_a_crash_is_finished_at_the_next_start() {
+    let client = Arc::new(MemClient::new());
+    let a = host(&client);
+    a.store.create(p("f"), 0o600, None, false).unwrap();
+    write(a.store.as_ref(), "f", b"mine").unwrap();
+    write(a.store.as_ref(), "g", b"old target").unwrap();
+    assert_eq!(listed_perm(a.store.as_ref(), "f"), Some(0o600));
+    file_rename_cut_short_by_a_crash(&client, ("f", "g"), Op::Delete, || {
+        assert!(client.object(&key("f")).is_some(), "at both names");
+    });
+    assert!(client.object(&key("f")).is_none(), "{:?}", client.keys());
+    assert_eq!(client.object(&key("g")).unwrap(), b"mine");
+    let b = host(&client);
+    assert_eq!(listed_perm(b.store.as_ref(), "g"), Some(0o600));
+    assert_eq!(listed_perm(b.store.as_ref(), "f"), None);
+    assert_eq!(
+        b.store.stat(p("f")).unwrap_err().raw_os_error(),
+        libc::ENOENT
+    );
+}
+
+/// What a crashed file rename leaves is finished only where the copy was made and the source
+/// is still the version renamed: a copy that failed leaves both files as they were (over a
+/// target or not), and a source another host rewrote since stays.
+#[test]
+fn an_interrupted_file_rename_is_not_finished_where_it_did_not_copy_or_the_source_changed() {
+    let client = Arc::new(MemClient::new());
+    let a = host(&client);
+    write(a.store.as_ref(), "f", b"source").unwrap();
+    write(a.store.as_ref(), "g", b"target").unwrap();
+    // The copy failed: over a target, and to a new name.
+    file_rename_cut_short_by_a_crash(&client, ("f", "g"), Op::Copy, || {});
+    assert_eq!(client.object(&key("f")).unwrap(), b"source");
+    assert_eq!(client.object(&key("g")).unwrap(), b"target");
+    file_rename_cut_short_by_a_crash(&client, ("f", "new"), Op::Copy, || {});
+    assert_eq!(client.object(&key("f")).unwrap(), b"source");
+    assert!(client.object(&key("new")).is_none());
+    // Copied, then another host rewrote the source before this one started again.
+    file_rename_cut_short_by_a_crash(&client, ("f", "h"), Op::Delete, || {
+        write(a.store.as_ref(), "f", b"rewritten").unwrap();
+    });
+    assert_eq!(client.object(&key("f")).unwrap(), b"rewritten");
+    assert_eq!(client.object(&key("h")).unwrap(), b"source");
+}
+
 #[test]
 fn hostile_names_from_the_bucket_are_not_shown_and_bad_names_never_made() {
     let client = Arc::new(MemClient::new());
