@@ -11,7 +11,9 @@
 //! quarter of the bound are not cached: they are read in windows (see `content`).
 //!
 //! No lock is held across a request: a chunk being fetched is marked as loading, and readers
-//! that need it wait for it on a condition variable.
+//! that need it wait for it on a condition variable. A fetch that finds the store unavailable
+//! fails the readers that waited for it too (the client has retried already); a reader that
+//! comes later fetches again.
 
 use std::collections::HashMap;
 use std::ffi::CString;
@@ -40,6 +42,11 @@ struct Chunks {
     present: Vec<bool>,
     loading: Vec<bool>,
     missing: usize,
+    /// Why the last fetch failed, if it did because the store was unavailable (after the
+    /// client's retries): the readers that waited for it fail with it rather than fetching
+    /// again. (A version gone is left for each reader to find: the error itself tells a
+    /// reader of a file appended to elsewhere to read the newer version.)
+    unavailable: Option<String>,
 }
 
 /// One cached version of one object.
@@ -147,6 +154,7 @@ impl Cache {
                 present: vec![false; chunks],
                 loading: vec![false; chunks],
                 missing: chunks,
+                unavailable: None,
             }),
             loaded: Condvar::new(),
             last_used: AtomicU64::new(self.inner.tick.fetch_add(1, Ordering::Relaxed)),
@@ -221,6 +229,7 @@ impl Cache {
                 present: vec![true; chunks],
                 loading: vec![false; chunks],
                 missing: 0,
+                unavailable: None,
             }),
             loaded: Condvar::new(),
             last_used: AtomicU64::new(self.inner.tick.fetch_add(1, Ordering::Relaxed)),
@@ -368,6 +377,15 @@ impl Entry {
             if c.loading[i] {
                 crate::store::wait::announce();
                 c = self.loaded.wait(c).unwrap_or_else(|e| e.into_inner());
+                if !c.present[i]
+                    && !c.loading[i]
+                    && let Some(why) = &c.unavailable
+                {
+                    // Its fetch failed, the store unavailable: fetching again would make this
+                    // read wait as long once more, and every reader queued behind it too, so
+                    // an outage's EIO would take a multiple of the bound it has.
+                    return Err(io::Error::other(why.clone()));
+                }
                 continue;
             }
             // A run of missing chunks nobody is loading: fetched in one request.
@@ -412,6 +430,16 @@ impl Entry {
                 c.missing -= 1;
             }
         }
+        c.unavailable = match &result {
+            Err(e)
+                if e.get_ref()
+                    .and_then(|e| e.downcast_ref::<super::client::ClientError>())
+                    .is_some_and(|e| e.is(super::client::Failure::Unavailable)) =>
+            {
+                Some(e.to_string())
+            }
+            _ => None,
+        };
         self.loaded.notify_all();
         drop(c);
         result?;
@@ -422,7 +450,9 @@ impl Entry {
     /// Starts fetching on `pool` the chunks of `start..end` that are neither here nor being
     /// loaded, in requests of at most `piece` bytes, several in flight: a sequential reader's
     /// read-ahead, which then finds them here or waits for them as for any chunk being loaded.
-    /// A failed fetch leaves its chunks missing, for the reader to fetch itself.
+    /// A failed fetch leaves its chunks missing: a reader waiting for them fails with its error
+    /// if the store was unavailable,
+    /// a reader that comes later fetches them itself.
     pub fn prefetch(
         self: &Arc<Self>,
         start: u64,
@@ -517,6 +547,59 @@ mod tests {
         let mut calls = calls.lock().unwrap().clone();
         calls.sort();
         assert_eq!(calls, [(0, 1), (1, 5), (5, 9), (9, 10)]);
+    }
+
+    /// A fetch that fails (after the client's retries) fails the readers waiting for it with
+    /// its error: none fetches again, which would make an outage's EIO take twice as long (and
+    /// longer for each reader queued); a reader that comes later fetches again.
+    #[test]
+    fn readers_waiting_for_a_failed_fetch_fail_with_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cache = Cache::new(tmp.path().join("c"), 64 * CHUNK).unwrap();
+        let e = cache.entry("k", "\"x\"", 4 * CHUNK).unwrap();
+        let pool = super::super::pool::Pool::new(2, "test-prefetch").unwrap();
+        // The fetch fails once the three readers wait for it (each announces its wait).
+        let waiting = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let w = waiting.clone();
+        let fetch: Arc<OwnedFetch> = Arc::new(move |_, _, _| {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while w.load(Ordering::SeqCst) < 3 && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            Err(io::Error::other(super::super::client::ClientError::new(
+                super::super::client::Failure::Unavailable,
+                "GET k: the store timed out",
+            )))
+        });
+        e.prefetch(0, 4 * CHUNK, 4 * CHUNK, &pool, fetch);
+        let fetched = std::sync::atomic::AtomicUsize::new(0);
+        let again = |s: u64, e: u64, w: &mut dyn FnMut(&[u8]) -> io::Result<()>| {
+            fetched.fetch_add(1, Ordering::Relaxed);
+            w(&vec![7u8; (e - s) as usize])
+        };
+        let mut buf = vec![0u8; 100];
+        std::thread::scope(|s| {
+            let readers: Vec<_> = (0..3)
+                .map(|_| {
+                    let waiting = waiting.clone();
+                    s.spawn(|| {
+                        crate::store::wait::set_hook(Box::new(move || {
+                            waiting.fetch_add(1, Ordering::SeqCst);
+                        }));
+                        e.read(&mut [0u8; 100], CHUNK, 0, &again)
+                    })
+                })
+                .collect();
+            for r in readers {
+                let err = r.join().unwrap().unwrap_err();
+                assert!(err.to_string().contains("timed out"), "{err}");
+            }
+        });
+        assert_eq!(fetched.load(Ordering::Relaxed), 0, "nobody fetched again");
+        // Later, a reader fetches for itself.
+        assert_eq!(e.read(&mut buf, CHUNK, 0, &again).unwrap(), 100);
+        assert_eq!(buf, [7u8; 100]);
+        assert_eq!(fetched.load(Ordering::Relaxed), 1);
     }
 
     #[test]

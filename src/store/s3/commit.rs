@@ -246,6 +246,34 @@ fn commit_once(store: &S3Store, req: CommitRequest<'_>) -> StoreResult<Committed
     })
 }
 
+/// The early upload of `copy` (see `SpoolCopy::take_early`), or `EIO` if the store left an
+/// early request unanswered while the close waited for it (the upload is then aborted).
+fn taken_early(
+    shared: &Arc<Shared>,
+    key: &str,
+    copy: &SpoolCopy,
+) -> StoreResult<Option<EarlyUpload>> {
+    let taken = copy.take_early();
+    let Some(cause) = taken.unavailable else {
+        return Ok(taken.early);
+    };
+    if let Some(e) = taken.early {
+        shared.abort_upload_later(
+            copy.key().unwrap_or(key).to_string(),
+            e.upload_id,
+            e.journal,
+        );
+    }
+    Err(StoreError::failed(
+        libc::EIO,
+        format!("commit {key}"),
+        io::Error::other(format!(
+            "the store did not answer this file's early upload while the close waited: {cause}"
+        )),
+    )
+    .transient())
+}
+
 /// Uploads the whole copy to `key` (see the module docs).
 fn whole(
     shared: &Arc<Shared>,
@@ -254,7 +282,7 @@ fn whole(
     metadata: &Metadata,
 ) -> StoreResult<Written> {
     let size = copy.size();
-    let early = copy.take_early();
+    let early = taken_early(shared, key, copy)?;
     let result = if size < shared.part_size {
         if let Some(e) = early {
             shared.abort_upload_later(
@@ -442,7 +470,7 @@ fn ranged(
     if !clean.iter().any(|c| *c) {
         return Ok(None);
     }
-    if let Some(e) = copy.take_early() {
+    if let Some(e) = taken_early(shared, key, copy)? {
         shared.abort_upload_later(
             copy.key().unwrap_or(key).to_string(),
             e.upload_id,

@@ -25,7 +25,7 @@
 
 use std::io;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::Shared;
 use super::cache::Entry;
@@ -85,7 +85,17 @@ pub struct S3Content {
     /// The newest version known to extend this one by appends, and when that was asked (and
     /// how many commits to its key this process had made then).
     follower: Mutex<Follower>,
+    /// When a fetch of this version last found the store unavailable, and the error.
+    unavailable: Arc<Unavailable>,
 }
+
+/// When a fetch last found the store unavailable (after the client's retries), and why.
+type Unavailable = Mutex<Option<(Instant, String)>>;
+
+/// How long after a fetch of a version found the store unavailable other reads of it fail at
+/// once rather than asking again: the kernel reads a page again right after a failed read
+/// (and read-ahead), and each ask would wait the whole bound of `EIO` once more.
+const UNAVAILABLE_RECENTLY: Duration = Duration::from_secs(2);
 
 impl S3Content {
     /// The version `etag` of `key`, with attributes `meta`; `whole`: its cache entry, when
@@ -119,6 +129,7 @@ impl S3Content {
             // file whose size is not a multiple of the page, which the kernel reads by whole
             // pages) asks the store nothing.
             follower: Mutex::new((Some((Instant::now(), commits)), None)),
+            unavailable: Arc::new(Mutex::new(None)),
         }
     }
 
@@ -193,7 +204,14 @@ impl S3Content {
         end: u64,
         write: &mut dyn FnMut(&[u8]) -> io::Result<()>,
     ) -> io::Result<()> {
-        fetch_range(&self.shared, &self.key, &self.etag, start, end, write)
+        fetch_noting(
+            &self.shared,
+            &self.key,
+            &self.etag,
+            (start, end),
+            write,
+            &self.unavailable,
+        )
     }
 
     /// Whether a read at `offset` continues a sequential reader of a cached object: it starts
@@ -301,14 +319,16 @@ impl S3Content {
         if sequential && next < size && r.prefetch.is_none() {
             let (tx, rx) = std::sync::mpsc::sync_channel(1);
             let (shared, key, etag) = (self.shared.clone(), self.key.clone(), self.etag.clone());
+            let unavailable = self.unavailable.clone();
             let end = (next + r.ahead.max(AHEAD_MIN)).min(size);
             let spare = r.spare.take();
             self.shared.readers.run(move || {
                 let mut data = emptied(spare, (end - next) as usize);
-                let r = fetch_range(&shared, &key, &etag, next, end, &mut |b| {
+                let mut write = |b: &[u8]| {
                     data.extend_from_slice(b);
                     Ok(())
-                });
+                };
+                let r = fetch_noting(&shared, &key, &etag, (next, end), &mut write, &unavailable);
                 let _ = tx.send(r.map(|()| data));
             });
             r.prefetch = Some((next, rx));
@@ -335,6 +355,36 @@ fn version_gone(e: &io::Error) -> bool {
 }
 
 /// Fetches `start..end` of version `etag` of `key` (see the module docs for a version gone).
+/// `fetch_range`, failing at once within `UNAVAILABLE_RECENTLY` of a fetch that found the
+/// store unavailable (noted in `unavailable`, as this one's is).
+fn fetch_noting(
+    shared: &Shared,
+    key: &str,
+    etag: &str,
+    (start, end): (u64, u64),
+    write: &mut dyn FnMut(&[u8]) -> io::Result<()>,
+    unavailable: &Unavailable,
+) -> io::Result<()> {
+    if let Some((at, why)) = &*unavailable.lock().unwrap_or_else(|e| e.into_inner())
+        && at.elapsed() < UNAVAILABLE_RECENTLY
+    {
+        return Err(io::Error::other(format!(
+            "{why} (the store did not answer {:.1} s ago: not asked again yet)",
+            at.elapsed().as_secs_f64()
+        )));
+    }
+    let result = fetch_range(shared, key, etag, start, end, write);
+    if let Err(e) = &result
+        && e.get_ref()
+            .and_then(|e| e.downcast_ref::<super::client::ClientError>())
+            .is_some_and(|e| e.is(super::client::Failure::Unavailable))
+    {
+        *unavailable.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some((Instant::now(), e.to_string()));
+    }
+    result
+}
+
 pub fn fetch_range(
     shared: &Shared,
     key: &str,
@@ -417,8 +467,10 @@ impl Content for S3Content {
             // several requests at once, while it reads (a single stream of GETs is several
             // times slower than the store).
             let (shared, key, etag) = (self.shared.clone(), self.key.clone(), self.etag.clone());
-            let fetch: Arc<super::cache::OwnedFetch> =
-                Arc::new(move |s, e, w| fetch_range(&shared, &key, &etag, s, e, w));
+            let unavailable = self.unavailable.clone();
+            let fetch: Arc<super::cache::OwnedFetch> = Arc::new(move |s, e, w| {
+                fetch_noting(&shared, &key, &etag, (s, e), w, &unavailable)
+            });
             entry.prefetch(
                 offset + len,
                 offset + len + PREFETCH_AHEAD,

@@ -21,10 +21,10 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 use super::Shared;
-use super::client::{Body, Metadata};
+use super::client::{Body, Failure, Metadata};
 use super::state::Journaled;
 use crate::store::{CopyStat, WorkingCopy};
 
@@ -188,6 +188,21 @@ struct Parts {
     early: Early,
     /// Early uploads are off (the copy is committed, or was made without a key).
     closed: bool,
+    /// When an early request last went unanswered (the store unavailable after the client's
+    /// retries), and why: a close that waited for it fails with it (see `take_early`).
+    unavailable: Option<(Instant, String)>,
+}
+
+/// How long before a close began an early request that went unanswered still fails it (the
+/// store is taken to be unreachable still, rather than tried again for as long once more).
+const UNAVAILABLE_RECENTLY: Duration = Duration::from_secs(2);
+
+/// The early upload a commit takes over (see [`SpoolCopy::take_early`]).
+pub struct Taken {
+    pub early: Option<EarlyUpload>,
+    /// The store did not answer an early request while the close waited for it (or just
+    /// before): the commit fails with this rather than trying again.
+    pub unavailable: Option<String>,
 }
 
 /// A working copy in the spool (see the module docs).
@@ -241,6 +256,7 @@ impl SpoolCopy {
                 frontier: 0,
                 early: Early::None,
                 closed: false,
+                unavailable: None,
             }),
             idle: Condvar::new(),
             key,
@@ -344,8 +360,11 @@ impl SpoolCopy {
             Ok(etag) => {
                 p.uploaded.insert(index, (etag, change));
             }
-            Err(e) => {
+            Err((e, unavailable)) => {
                 log::debug!("uploading part {} early failed: {e}", index + 1);
+                if unavailable {
+                    p.unavailable = Some((Instant::now(), e));
+                }
                 p.uploaded.remove(&index);
                 if !matches!(p.early, Early::Ready { .. }) {
                     p.early = Early::Failed;
@@ -355,14 +374,16 @@ impl SpoolCopy {
         self.idle.notify_all();
     }
 
-    fn try_upload_early(&self, index: usize) -> Result<String, String> {
+    /// Uploads part `index` to the early upload (made first if need be); the error says
+    /// whether the store was unavailable.
+    fn try_upload_early(&self, index: usize) -> Result<String, (String, bool)> {
         let (key, metadata) = self.key.as_ref().expect("early uploads have a key");
         let upload_id = {
             let mut p = lock(&self.parts);
             loop {
                 match &p.early {
                     Early::Ready { upload_id, .. } => break upload_id.clone(),
-                    Early::Failed => return Err("no upload".into()),
+                    Early::Failed => return Err(("no upload".into(), false)),
                     Early::Creating => p = self.idle.wait(p).unwrap_or_else(|e| e.into_inner()),
                     Early::None => {
                         p.early = Early::Creating;
@@ -381,7 +402,7 @@ impl SpoolCopy {
                             Err(e) => {
                                 p.early = Early::Failed;
                                 self.idle.notify_all();
-                                return Err(e.to_string());
+                                return Err((e.to_string(), e.is(Failure::Unavailable)));
                             }
                         }
                     }
@@ -399,12 +420,16 @@ impl SpoolCopy {
         self.shared
             .client
             .upload_part(key, &upload_id, index as u32 + 1, body)
-            .map_err(|e| e.to_string())
+            .map_err(|e| (e.to_string(), e.is(Failure::Unavailable)))
     }
 
     /// Stops early uploads, waits for those under way, and hands over the early upload (if
-    /// any) with the parts still valid; the caller completes or aborts it.
-    pub fn take_early(&self) -> Option<EarlyUpload> {
+    /// any) with the parts still valid; the caller completes or aborts it. If the store left
+    /// an early request unanswered while this waited (or just before), that is said too: the
+    /// commit then fails at once, instead of asking an unreachable store again for as long
+    /// (`close()` would take twice the bound of `EIO`).
+    pub fn take_early(&self) -> Taken {
+        let began = Instant::now();
         let mut p = lock(&self.parts);
         p.closed = true;
         if !p.in_flight.is_empty() {
@@ -413,9 +438,17 @@ impl SpoolCopy {
         while !p.in_flight.is_empty() {
             p = self.idle.wait(p).unwrap_or_else(|e| e.into_inner());
         }
+        let unavailable = p
+            .unavailable
+            .take()
+            .filter(|(at, _)| *at + UNAVAILABLE_RECENTLY >= began)
+            .map(|(_, e)| e);
         let early = std::mem::replace(&mut p.early, Early::None);
         let Early::Ready { upload_id, journal } = early else {
-            return None;
+            return Taken {
+                early: None,
+                unavailable,
+            };
         };
         let parts = p
             .uploaded
@@ -424,11 +457,14 @@ impl SpoolCopy {
             .map(|(i, (e, _))| (*i, e.clone()))
             .collect();
         p.uploaded.clear();
-        Some(EarlyUpload {
-            upload_id,
-            journal,
-            parts,
-        })
+        Taken {
+            early: Some(EarlyUpload {
+                upload_id,
+                journal,
+                parts,
+            }),
+            unavailable,
+        }
     }
 
     /// Allows early uploads again (after a commit failed, the copy stays the writer's).

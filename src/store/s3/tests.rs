@@ -599,6 +599,66 @@ fn a_failed_commit_leaves_the_previous_object_and_no_upload_behind() {
     assert_eq!(client.object(&key("f")).unwrap(), b"new");
 }
 
+/// An early upload the store leaves unanswered (after the client's retries) while the close
+/// waits for it fails the close with `EIO` at once: asking the store again would make the
+/// close wait as long once more. The copy stays the writer's: the next close commits it.
+#[test]
+fn a_close_that_waited_for_an_unanswered_early_upload_fails_without_asking_again() {
+    let client = Arc::new(MemClient::new());
+    let a = host(&client);
+    let old = pattern(3 * PART, 5);
+    write(a.store.as_ref(), "f", &old).unwrap();
+    for op in [Op::CreateUpload, Op::UploadPart] {
+        client.reset_counts();
+        let base = a.store.open(p("f")).unwrap();
+        let copy = a.store.working_copy(p("f")).unwrap();
+        // Slow, then unavailable: the close comes while the early request is under way.
+        client.delay(op, Duration::from_millis(300));
+        client.fail(op, None, Failure::Unavailable, 100);
+        copy.write_at(&pattern(3 * PART, 6), 0).unwrap();
+        let e = commit_whole(a.store.as_ref(), "f", &base, &copy)
+            .err()
+            .unwrap();
+        assert_eq!(e.raw_os_error(), libc::EIO, "{op:?}: {e}");
+        assert!(format!("{e:#}").contains("early upload"), "{op:?}: {e:#}");
+        assert!(e.is_transient(), "{op:?}: the store was unreachable");
+        assert_eq!(
+            client.count(Op::CreateUpload),
+            1,
+            "{op:?}: the commit made no upload of its own"
+        );
+        assert_eq!(client.object(&key("f")).unwrap(), old, "{op:?}");
+        client.heal();
+        let done = commit_whole(a.store.as_ref(), "f", &base, &copy).unwrap();
+        assert_eq!(read(done.as_ref()), pattern(3 * PART, 6), "{op:?}");
+        write(a.store.as_ref(), "f", &old).unwrap();
+    }
+}
+
+/// A read of a version whose fetch found the store unavailable (after the client's retries)
+/// makes other reads of it fail at once for a moment, rather than each waiting the whole
+/// bound again (the kernel reads a page again right after a failed read); then it asks again.
+#[test]
+fn reads_just_after_the_store_did_not_answer_fail_at_once() {
+    let client = Arc::new(MemClient::new());
+    let (a, b) = uncached_hosts(&client);
+    let data = pattern(2 * MIB, 9);
+    write(a.store.as_ref(), "f", &data).unwrap();
+    let content = b.store.open(p("f")).unwrap();
+    client.reset_counts();
+    client.fail(Op::Get, None, Failure::Unavailable, 1);
+    let mut buf = vec![0u8; 4096];
+    assert!(content.read_at(&mut buf, 0).is_err());
+    let asked = client.count(Op::Get);
+    assert!(asked >= 1);
+    let e = content.read_at(&mut buf, 0).unwrap_err();
+    assert!(e.to_string().contains("not asked again"), "{e}");
+    assert_eq!(client.count(Op::Get), asked, "not asked again at once");
+    std::thread::sleep(Duration::from_millis(2100));
+    assert_eq!(content.read_at(&mut buf, 0).unwrap(), 4096);
+    assert_eq!(buf[..], data[..4096]);
+}
+
 #[test]
 fn random_writes_into_a_large_file_copy_the_untouched_parts() {
     let client = Arc::new(MemClient::new());
