@@ -7,6 +7,16 @@
 //! Verification accepts HS256 only, checks `exp` with no leeway (expired once
 //! `now >= exp`) and `nbf` when present, and accepts tokens without `exp`
 //! (MeshAgent mints such tokens when no expiration is given).
+//!
+//! Invariants of [`verify`]:
+//! - A header with `crit` is refused whatever it lists: roomfs understands no
+//!   JWS extension, and RFC 7515 §4.1.11 says a token whose critical
+//!   extensions are not understood must be rejected.
+//! - `exp`, `nbf` and `iat`, when present, are JSON numbers that are valid
+//!   NumericDates; `null` or any other type is malformed, never "absent" (a
+//!   `"exp": null` must not read as "never expires").
+//! - At most one `room` grant and at most one `api` grant: a token with two
+//!   is ambiguous and refused, whatever they say.
 
 use std::fmt;
 use std::path::Path;
@@ -41,14 +51,21 @@ pub struct TokenClaims {
     /// Issued-at, seconds since the epoch.
     #[serde(
         default,
-        deserialize_with = "numeric_date",
+        deserialize_with = "iat_date",
         skip_serializing_if = "Option::is_none"
     )]
     pub iat: Option<u64>,
+    /// Not-before, seconds since the epoch.
+    #[serde(
+        default,
+        deserialize_with = "nbf_date",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub nbf: Option<u64>,
     /// Expiry, seconds since the epoch.
     #[serde(
         default,
-        deserialize_with = "numeric_date",
+        deserialize_with = "exp_date",
         skip_serializing_if = "Option::is_none"
     )]
     pub exp: Option<u64>,
@@ -128,6 +145,7 @@ pub fn issue(
         name: Some(name.to_owned()),
         sub: None,
         iat: Some(now),
+        nbf: None,
         exp: Some(now.saturating_add(ttl.as_secs())),
         grants: vec![
             GrantEntry {
@@ -152,8 +170,9 @@ pub fn issue(
 /// Checks `token` (surrounding whitespace ignored) against `secret` and
 /// extracts its room and storage grant.
 ///
-/// More than one `api` grant is refused as ambiguous (MeshAgent never mints
-/// that); a non-string `room` scope or a non-object `api` scope likewise.
+/// More than one `room` grant or more than one `api` grant is refused as
+/// ambiguous (MeshAgent never mints that); a non-string `room` scope or a
+/// non-object `api` scope likewise.
 pub fn verify(token: &str, secret: &[u8]) -> Result<VerifiedToken, TokenError> {
     if secret.is_empty() {
         return Err(TokenError::EmptySecret);
@@ -164,14 +183,15 @@ pub fn verify(token: &str, secret: &[u8]) -> Result<VerifiedToken, TokenError> {
     let mut validation = Validation::new(Algorithm::HS256);
     validation.required_spec_claims.clear();
     validation.leeway = 0;
-    validation.validate_exp = false; // checked below, to report the expiry time
-    validation.validate_nbf = true;
+    // Both checked below: to report the expiry time, and because the library
+    // reads a null `nbf` differently from TokenClaims.
+    validation.validate_exp = false;
+    validation.validate_nbf = false;
     validation.validate_aud = false;
     let claims =
         jsonwebtoken::decode::<TokenClaims>(token, &DecodingKey::from_secret(secret), &validation)
             .map_err(|e| match e.into_kind() {
                 ErrorKind::InvalidSignature => TokenError::BadSignature,
-                ErrorKind::ImmatureSignature => TokenError::NotYetValid,
                 ErrorKind::Base64(e) => TokenError::Malformed(format!("bad base64url: {e}")),
                 ErrorKind::Json(e) => {
                     TokenError::Malformed(format!("claims are not a participant token: {e}"))
@@ -181,19 +201,34 @@ pub fn verify(token: &str, secret: &[u8]) -> Result<VerifiedToken, TokenError> {
             })?
             .claims;
 
+    let now = now_secs();
     if let Some(exp) = claims.exp
-        && now_secs() >= exp
+        && now >= exp
     {
         return Err(TokenError::Expired { exp });
     }
+    if let Some(nbf) = claims.nbf
+        && now < nbf
+    {
+        return Err(TokenError::NotYetValid);
+    }
 
-    let room = match claims.grants.iter().find(|g| g.name == "room") {
-        None => None,
-        Some(GrantEntry {
-            scope: Value::String(room),
-            ..
-        }) => Some(room.clone()),
-        Some(g) => {
+    let mut rooms = claims.grants.iter().filter(|g| g.name == "room");
+    let room = match (rooms.next(), rooms.next()) {
+        (None, _) => None,
+        (Some(_), Some(_)) => {
+            return Err(TokenError::BadGrant(
+                "token has more than one room grant, so its room is ambiguous".to_owned(),
+            ));
+        }
+        (
+            Some(GrantEntry {
+                scope: Value::String(room),
+                ..
+            }),
+            None,
+        ) => Some(room.clone()),
+        (Some(g), None) => {
             return Err(TokenError::BadGrant(format!(
                 "room grant scope must be a string, found {}",
                 g.scope
@@ -285,7 +320,8 @@ pub fn read_secret_file(path: &Path) -> anyhow::Result<Vec<u8>> {
 }
 
 /// Refuses anything but a three-part token whose header says HS256, with a
-/// clearer message than the JWT library gives (it cannot name `none`).
+/// clearer message than the JWT library gives (it cannot name `none`), and
+/// any header with `crit` (the library ignores it).
 fn check_header(token: &str) -> Result<(), TokenError> {
     let parts = token.split('.').count();
     if parts != 3 {
@@ -300,24 +336,52 @@ fn check_header(token: &str) -> Result<(), TokenError> {
     let header: Value = serde_json::from_slice(&raw)
         .map_err(|e| TokenError::Malformed(format!("header is not JSON: {e}")))?;
     match header.get("alg") {
-        Some(Value::String(alg)) if alg == "HS256" => Ok(()),
-        Some(Value::String(alg)) => Err(TokenError::UnsupportedAlgorithm(alg.clone())),
-        _ => Err(TokenError::Malformed(
-            "header has no string \"alg\"".to_owned(),
-        )),
+        Some(Value::String(alg)) if alg == "HS256" => {}
+        Some(Value::String(alg)) => return Err(TokenError::UnsupportedAlgorithm(alg.clone())),
+        _ => {
+            return Err(TokenError::Malformed(
+                "header has no string \"alg\"".to_owned(),
+            ));
+        }
     }
+    if let Some(crit) = header.get("crit") {
+        return Err(TokenError::Malformed(format!(
+            "header lists critical extensions (\"crit\": {crit}), which roomfs does not support"
+        )));
+    }
+    Ok(())
 }
 
-/// Reads a JWT NumericDate: an integer, or a non-negative float rounded down.
-fn numeric_date<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
-    let Some(n) = Option::<serde_json::Number>::deserialize(d)? else {
-        return Ok(None);
+fn iat_date<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    numeric_date(d, "iat")
+}
+
+fn nbf_date<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    numeric_date(d, "nbf")
+}
+
+fn exp_date<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    numeric_date(d, "exp")
+}
+
+/// Reads the JWT NumericDate of a present `claim`: an integer, or a
+/// non-negative float rounded down. `null` or another type is an error
+/// (an absent claim never gets here: the fields default to `None`).
+fn numeric_date<'de, D: Deserializer<'de>>(d: D, claim: &str) -> Result<Option<u64>, D::Error> {
+    let v = Value::deserialize(d)?;
+    let n = match &v {
+        Value::Number(n) => n,
+        _ => {
+            return Err(serde::de::Error::custom(format!(
+                "\"{claim}\" must be a number of seconds since the epoch, found {v}"
+            )));
+        }
     };
     match (n.as_u64(), n.as_f64()) {
         (Some(secs), _) => Ok(Some(secs)),
         (None, Some(f)) if f.is_finite() && f >= 0.0 && f < u64::MAX as f64 => Ok(Some(f as u64)),
         _ => Err(serde::de::Error::custom(format!(
-            "{n} is not a valid NumericDate"
+            "\"{claim}\" is {n}, not a valid NumericDate"
         ))),
     }
 }
@@ -537,6 +601,9 @@ mod tests {
         let nbf = now_secs() + 3600;
         let err = verify(&hs256(&json!({ "nbf": nbf, "grants": [] })), SECRET).unwrap_err();
         assert!(matches!(err, TokenError::NotYetValid), "{err}");
+        for nbf in [now_secs(), now_secs() - 10] {
+            assert!(verify(&hs256(&json!({ "nbf": nbf, "grants": [] })), SECRET).is_ok());
+        }
     }
 
     #[test]
@@ -567,6 +634,94 @@ mod tests {
             err,
             "token is malformed: expected three dot-separated parts, found 2"
         );
+    }
+
+    #[test]
+    fn critical_header_extensions_are_refused() {
+        // RFC 7515 §4.1.11: a recipient that does not understand a listed
+        // extension must reject the token; roomfs understands none.
+        let claims = br#"{"grants":[{"name":"room","scope":"r1"}]}"#;
+        for header in [
+            r#"{"alg":"HS256","crit":["exp"],"exp":1}"#,
+            r#"{"alg":"HS256","crit":["b64"],"b64":false}"#,
+            r#"{"alg":"HS256","crit":[]}"#,
+            r#"{"alg":"HS256","crit":"b64"}"#,
+            r#"{"alg":"HS256","crit":null}"#,
+        ] {
+            let err = verify(&sign_raw(header, claims, SECRET), SECRET).unwrap_err();
+            assert!(matches!(err, TokenError::Malformed(_)), "{header}: {err}");
+            assert!(err.to_string().contains("crit"), "{header}: {err}");
+        }
+        let err = verify(
+            &sign_raw(
+                r#"{"alg":"HS256","crit":["b64"],"b64":false}"#,
+                claims,
+                SECRET,
+            ),
+            SECRET,
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "token is malformed: header lists critical extensions (\"crit\": [\"b64\"]), which roomfs does not support"
+        );
+    }
+
+    #[test]
+    fn null_or_non_numeric_dates_are_malformed() {
+        // A null or non-numeric `exp` must not read as "never expires".
+        for claim in ["exp", "iat", "nbf"] {
+            for value in [
+                json!(null),
+                json!("4102444800"),
+                json!(true),
+                json!(-1),
+                json!([1]),
+                json!({}),
+            ] {
+                let mut claims = json!({ "grants": [{ "name": "room", "scope": "r1" }] });
+                claims[claim] = value.clone();
+                let err = verify(&hs256(&claims), SECRET).unwrap_err();
+                assert!(
+                    matches!(&err, TokenError::Malformed(why) if why.contains(claim)),
+                    "{claim}={value}: {err}"
+                );
+            }
+        }
+        // Numbers, including fractions, are still dates.
+        let claims = json!({ "iat": 1.5e9, "nbf": 1_500_000_000, "exp": 4.1e9, "grants": [] });
+        assert_eq!(
+            verify(&hs256(&claims), SECRET).unwrap().exp,
+            Some(4_100_000_000)
+        );
+    }
+
+    #[test]
+    fn several_room_grants_are_ambiguous() {
+        for grants in [
+            json!([{ "name": "room", "scope": "r1" }, { "name": "room", "scope": "r2" }]),
+            json!([{ "name": "room", "scope": "r1" }, { "name": "room", "scope": "r1" }]),
+            json!([
+                { "name": "room", "scope": "r1" },
+                { "name": "api", "scope": { "storage": {} } },
+                { "name": "room", "scope": "r2" }
+            ]),
+        ] {
+            let err = verify(&hs256(&json!({ "grants": grants })), SECRET).unwrap_err();
+            assert!(matches!(err, TokenError::BadGrant(_)), "{grants}: {err}");
+            assert_eq!(
+                err.to_string(),
+                "token grant is invalid: token has more than one room grant, so its room is ambiguous"
+            );
+        }
+        // One room grant among others still names the room.
+        let grants = json!([
+            { "name": "api", "scope": { "storage": {} } },
+            { "name": "room", "scope": "r1" },
+            { "name": "other", "scope": "x" }
+        ]);
+        let v = verify(&hs256(&json!({ "grants": grants })), SECRET).unwrap();
+        assert_eq!(v.room.as_deref(), Some("r1"));
     }
 
     #[test]
