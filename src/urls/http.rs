@@ -22,13 +22,20 @@
 //!   complete, so what an agent wrote runs no script in the listener's origin.
 //!
 //! Connections are bounded, since anyone who can reach the port can open them, and each costs
-//! the daemon a descriptor its mounts need too ([`Limits`]): a client has
-//! [`HEADER_TIMEOUT`] to send a request's headers, on a new connection and between requests on
-//! a kept-alive one (hyper's header read timeout runs from when it waits for a request), else
-//! the connection is closed; and at most [`CONNECTIONS`] are served at once. Over the cap, the
-//! listener accepts no more until one ends: the others wait in the kernel's accept queue, which
-//! costs the daemon no descriptor, and are served in turn rather than refused (a burst of
-//! downloads is slowed, not broken).
+//! the daemon a descriptor its mounts need too ([`Limits`]):
+//!
+//! - A client has [`HEADER_TIMEOUT`] to send a request's headers, on a new connection and
+//!   between requests on a kept-alive one (hyper's header read timeout runs from when it waits
+//!   for a request), else the connection is closed.
+//! - Sending a response may make no progress for at most [`WRITE_TIMEOUT`] (a client that reads
+//!   it very slowly or not at all keeps the socket full), else the connection is closed
+//!   ([`WriteDeadline`]), and with it the thread reading the file for it. Only stalls count: a
+//!   download takes as long as it takes while the client keeps taking bytes, and a response
+//!   waiting on the store has nothing to write, so it is not the client's stall.
+//! - At most [`CONNECTIONS`] are served at once. Over the cap, the listener accepts no more
+//!   until one ends: the others wait in the kernel's accept queue, which costs the daemon no
+//!   descriptor, and are served in turn rather than refused (a burst of downloads is slowed,
+//!   not broken).
 
 use std::io;
 use std::net::TcpListener;
@@ -61,6 +68,8 @@ pub struct Downloads {
 
 /// How long a client has to send a request's headers (see the module docs).
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long sending a response may make no progress (see the module docs).
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Connections served at once.
 pub const CONNECTIONS: usize = 256;
 
@@ -69,6 +78,8 @@ pub const CONNECTIONS: usize = 256;
 pub struct Limits {
     /// How long a client has to send a request's headers.
     pub header_timeout: Duration,
+    /// How long sending a response may make no progress.
+    pub write_timeout: Duration,
     /// Connections served at once.
     pub connections: usize,
 }
@@ -77,6 +88,7 @@ impl Default for Limits {
     fn default() -> Limits {
         Limits {
             header_timeout: HEADER_TIMEOUT,
+            write_timeout: WRITE_TIMEOUT,
             connections: CONNECTIONS,
         }
     }
@@ -132,6 +144,7 @@ pub async fn serve_router(
                 }
             },
         };
+        let stream = WriteDeadline::new(stream, limits.write_timeout);
         let conn = http.serve_connection(TokioIo::new(stream), service.clone());
         tokio::spawn(async move {
             if let Err(e) = conn.await {
@@ -139,6 +152,106 @@ pub async fn serve_router(
             }
             drop(slot);
         });
+    }
+}
+
+/// A connection whose writes fail with [`io::ErrorKind::TimedOut`] once they have made no
+/// progress for `timeout`: the deadline is armed when a write (or flush) finds the socket full,
+/// and disarmed by any write that goes through, so it never bounds a whole transfer.
+pub struct WriteDeadline<S> {
+    inner: S,
+    timeout: Duration,
+    /// Fires `timeout` after the socket was first found full, while `armed`.
+    stall: std::pin::Pin<Box<tokio::time::Sleep>>,
+    armed: bool,
+}
+
+impl<S> WriteDeadline<S> {
+    pub fn new(inner: S, timeout: Duration) -> WriteDeadline<S> {
+        WriteDeadline {
+            inner,
+            timeout,
+            stall: Box::pin(tokio::time::sleep(timeout)),
+            armed: false,
+        }
+    }
+
+    /// Runs a write operation: its result if it has one, else pending until it has one or
+    /// the deadline passes.
+    fn progress<T>(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        op: impl FnOnce(&mut S, &mut std::task::Context<'_>) -> std::task::Poll<io::Result<T>>,
+    ) -> std::task::Poll<io::Result<T>> {
+        use std::future::Future;
+        use std::task::Poll;
+        if let Poll::Ready(r) = op(&mut self.inner, cx) {
+            self.armed = false;
+            return Poll::Ready(r);
+        }
+        if !self.armed {
+            self.armed = true;
+            let deadline = tokio::time::Instant::now() + self.timeout;
+            self.stall.as_mut().reset(deadline);
+        }
+        match self.stall.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "the client took no data for {:?}: closing the connection",
+                    self.timeout
+                ),
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for WriteDeadline<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for WriteDeadline<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        self.progress(cx, |s, cx| std::pin::Pin::new(s).poll_write(cx, buf))
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> std::task::Poll<io::Result<usize>> {
+        self.progress(cx, |s, cx| {
+            std::pin::Pin::new(s).poll_write_vectored(cx, bufs)
+        })
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        self.progress(cx, |s, cx| std::pin::Pin::new(s).poll_flush(cx))
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        self.progress(cx, |s, cx| std::pin::Pin::new(s).poll_shutdown(cx))
     }
 }
 

@@ -123,6 +123,11 @@ fn names_and_types_of_downloads() {
 /// A listener within `limits` answering 404 to everything, on a runtime of its own (the
 /// listener stops with it); its address.
 fn listener(limits: Limits) -> (tokio::runtime::Runtime, SocketAddr) {
+    listener_with(limits, axum::Router::new())
+}
+
+/// A listener within `limits` serving `router`, as [`listener`].
+fn listener_with(limits: Limits, router: axum::Router) -> (tokio::runtime::Runtime, SocketAddr) {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -130,7 +135,6 @@ fn listener(limits: Limits) -> (tokio::runtime::Runtime, SocketAddr) {
         .unwrap();
     let std_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = std_listener.local_addr().unwrap();
-    let router = axum::Router::new();
     runtime.spawn(serve_router(
         std_listener,
         router,
@@ -163,6 +167,7 @@ fn a_client_slow_to_send_its_headers_is_cut_off() {
     let (_runtime, addr) = listener(Limits {
         header_timeout: Duration::from_millis(300),
         connections: 8,
+        ..Limits::default()
     });
     // Half a header, then nothing.
     let mut c = TcpStream::connect(addr).unwrap();
@@ -184,6 +189,7 @@ fn connections_over_the_cap_wait_for_a_free_one() {
     let (_runtime, addr) = listener(Limits {
         header_timeout: Duration::from_secs(30),
         connections: 2,
+        ..Limits::default()
     });
     let mut held: Vec<TcpStream> = (0..2).map(|_| TcpStream::connect(addr).unwrap()).collect();
     // The third is queued by the kernel, and not served while both slots are taken.
@@ -199,4 +205,109 @@ fn connections_over_the_cap_wait_for_a_free_one() {
     assert!(got.starts_with(b"HTTP/1.1 404"), "{got:?}");
     assert!(closed.is_some());
     drop(held);
+}
+
+/// Bytes of the body `/big` answers with: more than both ends' socket buffers hold.
+const BIG: usize = 64 << 20;
+
+/// A body of `BIG` zero bytes, made as it is sent.
+struct Zeros(usize);
+
+impl hyper::body::Body for Zeros {
+    type Data = axum::body::Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        static ZEROS: [u8; 1 << 20] = [0; 1 << 20];
+        let n = self.0.min(ZEROS.len());
+        self.0 -= n;
+        std::task::Poll::Ready((n > 0).then(|| {
+            Ok(hyper::body::Frame::data(axum::body::Bytes::from_static(
+                &ZEROS[..n],
+            )))
+        }))
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        hyper::body::SizeHint::with_exact(self.0 as u64)
+    }
+}
+
+/// A listener whose `/big` is `BIG` bytes, with a write timeout of `write_timeout` and one
+/// connection at a time.
+fn big_listener(write_timeout: Duration) -> (tokio::runtime::Runtime, SocketAddr) {
+    let router = axum::Router::new().route(
+        "/big",
+        axum::routing::get(|| async { axum::body::Body::new(Zeros(BIG)) }),
+    );
+    let limits = Limits {
+        write_timeout,
+        connections: 1,
+        ..Limits::default()
+    };
+    listener_with(limits, router)
+}
+
+#[test]
+fn a_client_that_takes_no_data_is_cut_off_and_frees_its_slot() {
+    let (_runtime, addr) = big_listener(Duration::from_millis(500));
+    // Asks for a large body, then reads nothing: it holds the only connection slot.
+    let mut stalled = TcpStream::connect(addr).unwrap();
+    stalled
+        .write_all(b"GET /big HTTP/1.1\r\nHost: a\r\n\r\n")
+        .unwrap();
+    let start = Instant::now();
+    std::thread::sleep(Duration::from_millis(100));
+    // The next client is served once the stalled one is cut off.
+    let mut next = TcpStream::connect(addr).unwrap();
+    next.write_all(b"GET /x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let (got, closed) = until_closed(&mut next, Duration::from_secs(10));
+    assert!(
+        got.starts_with(b"HTTP/1.1 404"),
+        "the next client is not served: {:?}",
+        String::from_utf8_lossy(&got[..got.len().min(100)])
+    );
+    assert!(closed.is_some());
+    let waited = start.elapsed();
+    assert!(waited < Duration::from_secs(5), "{waited:?}");
+    // The stalled one got what the socket buffers held, then the connection's end.
+    let (got, closed) = until_closed(&mut stalled, Duration::from_secs(5));
+    assert!(closed.is_some(), "the stalled connection is closed");
+    assert!(got.starts_with(b"HTTP/1.1 200"));
+    assert!(got.len() < BIG, "{} bytes", got.len());
+}
+
+#[test]
+fn a_slow_download_that_keeps_reading_is_not_cut_off() {
+    let (_runtime, addr) = big_listener(Duration::from_millis(500));
+    let mut c = TcpStream::connect(addr).unwrap();
+    c.write_all(b"GET /big HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    // 2 MiB every 100 ms: 3 s in all, many times the write timeout, never stalled that long.
+    let start = Instant::now();
+    let mut buf = vec![0u8; 2 << 20];
+    let mut got = Vec::new();
+    loop {
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut filled = 0;
+        while filled < buf.len() {
+            match c.read(&mut buf[filled..]).unwrap() {
+                0 => break,
+                n => filled += n,
+            }
+        }
+        got.extend_from_slice(&buf[..filled]);
+        if filled < buf.len() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let head_end = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    assert!(got.starts_with(b"HTTP/1.1 200"));
+    assert_eq!(got.len() - head_end, BIG, "the whole body");
+    assert!(start.elapsed() > Duration::from_secs(2));
 }
