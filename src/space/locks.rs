@@ -21,8 +21,23 @@
 //! Invariants: the held locks of one file never conflict with each other; a waiter is answered
 //! exactly once (granted, refused, or cancelled with `EINTR` when its owner lets go of the
 //! file); answers are given after this table's lock is released, so they may do I/O.
+//!
+//! The table (one per space, behind one mutex) is kept so that a request on a file costs, for
+//! each other owner holding locks on it, the logarithm of that owner's locks, plus the locks
+//! it overlaps: not the number of locks on the file (a program taking 50,000 byte locks on one
+//! file must not take quadratic time). Only letting go of a file handle looks at every lock of
+//! the file, once.
+//! - Each file with locks held or requests waiting has its entry, and only those do; its held
+//!   locks are grouped by owner, and an owner's are kept by start. An owner's locks never
+//!   overlap each other (a new one replaces what the owner held in its range), so the ones
+//!   that can overlap a range are the owner's last lock starting before it and those starting
+//!   in it: a conflict check looks at those for each other owner of the file, and a split
+//!   touches only the owner's locks in the range.
+//! - A file's waiting requests are kept with it, in the order they came; `waits` lists, for
+//!   each owner, the file of each of its waiting requests (once per request), so the search
+//!   for a cycle of waiting owners (`EDEADLK`) looks at their waits only.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 
 /// The kernel's id of a lock's owner.
@@ -104,11 +119,54 @@ struct Waiter {
     answer: Answer,
 }
 
+/// An owner's locks on a file, by start; they never overlap each other.
+type OwnerLocks = BTreeMap<u64, Held>;
+
+/// The locks of one file (see the module docs).
 #[derive(Default)]
-struct Table {
-    held: HashMap<FileKey, Vec<Held>>,
+struct File {
+    held: BTreeMap<Owner, OwnerLocks>,
     /// In the order they came.
     waiting: Vec<Waiter>,
+}
+
+impl File {
+    /// A lock of another owner than `owner` that conflicts with `kind` on `start..=end`.
+    fn conflict(&self, owner: Owner, kind: LockKind, start: u64, end: u64) -> Option<&Held> {
+        self.held
+            .iter()
+            .filter(|(o, _)| **o != owner)
+            .find_map(|(_, locks)| {
+                overlapping(locks, start, end).find(|h| h.conflicts(owner, kind, start, end))
+            })
+    }
+
+    fn is_empty(&self) -> bool {
+        self.held.is_empty() && self.waiting.is_empty()
+    }
+}
+
+/// The locks of `locks` (one owner's) that overlap `start..=end`, by start.
+fn overlapping(locks: &OwnerLocks, start: u64, end: u64) -> impl Iterator<Item = &Held> {
+    let (before, within) = if start <= end {
+        (
+            locks.range(..start).next_back().map(|(_, h)| h),
+            Some(locks.range(start..=end).map(|(_, h)| h)),
+        )
+    } else {
+        (None, None)
+    };
+    before
+        .filter(move |h| h.end >= start)
+        .into_iter()
+        .chain(within.into_iter().flatten())
+}
+
+#[derive(Default)]
+struct Table {
+    files: HashMap<FileKey, File>,
+    /// For each owner, the file of each of its waiting requests.
+    waits: HashMap<Owner, Vec<FileKey>>,
 }
 
 /// The locks of one space (see the module docs).
@@ -132,9 +190,10 @@ impl Locks {
         end: u64,
     ) -> Option<Held> {
         let table = self.table();
-        let held = table.held.get(key)?;
-        held.iter()
-            .find(|h| h.conflicts(owner, kind, start, end))
+        table
+            .files
+            .get(key)?
+            .conflict(owner, kind, start, end)
             .cloned()
     }
 
@@ -162,11 +221,18 @@ impl Locks {
                 answers.insert(0, (answer, Ok(first)));
                 Answers(answers)
             }
-            Err(_) if table.would_deadlock(&request) => Answers(vec![(answer, Err(libc::EDEADLK))]),
-            Err(_) => {
-                table.waiting.push(Waiter { request, answer });
+            Err(libc::EAGAIN) if !table.would_deadlock(&request) => {
+                table
+                    .waits
+                    .entry(request.owner)
+                    .or_default()
+                    .push(request.key);
+                let file = table.files.entry(request.key).or_default();
+                file.waiting.push(Waiter { request, answer });
                 Answers(Vec::new())
             }
+            Err(libc::EAGAIN) => Answers(vec![(answer, Err(libc::EDEADLK))]),
+            Err(e) => Answers(vec![(answer, Err(e))]),
         }
     }
 
@@ -175,9 +241,9 @@ impl Locks {
     /// close of it).
     pub fn release_owner(&self, key: &FileKey, owner: Owner) -> Answers {
         let mut table = self.table();
-        let mut answers = table.cancel(|w| w.request.key == *key && w.request.owner == owner);
-        if let Some(held) = table.held.get_mut(key) {
-            held.retain(|h| h.owner != owner);
+        let mut answers = table.cancel(key, |w| w.request.owner == owner);
+        if let Some(file) = table.files.get_mut(key) {
+            file.held.remove(&owner);
         }
         answers.extend(table.wake(key));
         Answers(answers)
@@ -188,9 +254,12 @@ impl Locks {
     /// owner closed it).
     pub fn release_handle(&self, key: &FileKey, fh: u64) -> Answers {
         let mut table = self.table();
-        let mut answers = table.cancel(|w| w.request.key == *key && w.request.fh == fh);
-        if let Some(held) = table.held.get_mut(key) {
-            held.retain(|h| h.fh != fh);
+        let mut answers = table.cancel(key, |w| w.request.fh == fh);
+        if let Some(file) = table.files.get_mut(key) {
+            for locks in file.held.values_mut() {
+                locks.retain(|_, h| h.fh != fh);
+            }
+            file.held.retain(|_, locks| !locks.is_empty());
         }
         answers.extend(table.wake(key));
         Answers(answers)
@@ -200,9 +269,9 @@ impl Locks {
     pub fn holds_any(&self, key: &FileKey, owner: Owner) -> bool {
         let table = self.table();
         table
-            .held
+            .files
             .get(key)
-            .is_some_and(|held| held.iter().any(|h| h.owner == owner))
+            .is_some_and(|file| file.held.contains_key(&owner))
     }
 }
 
@@ -212,50 +281,81 @@ impl Table {
         if r.start > r.end {
             return Err(libc::EINVAL);
         }
-        let held = self.held.entry(r.key).or_default();
+        let file = self.files.entry(r.key).or_default();
         if let Some(kind) = r.kind
-            && held
-                .iter()
-                .any(|h| h.conflicts(r.owner, kind, r.start, r.end))
+            && file.conflict(r.owner, kind, r.start, r.end).is_some()
         {
+            self.forget_if_empty(&r.key);
             return Err(libc::EAGAIN);
         }
-        let first = !held.iter().any(|h| h.owner == r.owner);
-        // The owner's locks in the range give way (cut around it).
-        let mut kept = Vec::with_capacity(held.len() + 1);
-        for h in held.drain(..) {
-            if h.owner != r.owner || !h.overlaps(r.start, r.end) {
-                kept.push(h);
-                continue;
-            }
-            if h.start < r.start {
-                kept.push(Held {
-                    end: r.start - 1,
+        let locks = file.held.entry(r.owner).or_default();
+        let first = locks.is_empty();
+        // The owner's locks in the range give way (cut around it): the one starting before
+        // it keeps its head, and whichever reaches past it (that one or the last starting in
+        // it) its tail.
+        let mut tail = None;
+        if let Some((_, h)) = locks.range_mut(..r.start).next_back()
+            && h.end >= r.start
+        {
+            if h.end > r.end {
+                tail = Some(Held {
+                    start: r.end + 1,
                     ..h.clone()
                 });
             }
-            if h.end > r.end {
-                kept.push(Held {
+            h.end = r.start - 1;
+        }
+        let within: Vec<u64> = locks.range(r.start..=r.end).map(|(s, _)| *s).collect();
+        for start in within {
+            if let Some(h) = locks.remove(&start)
+                && h.end > r.end
+            {
+                tail = Some(Held {
                     start: r.end + 1,
                     ..h
                 });
             }
         }
+        if let Some(t) = tail {
+            locks.insert(t.start, t);
+        }
         if let Some(kind) = r.kind {
-            kept.push(Held {
-                owner: r.owner,
-                pid: r.pid,
-                kind,
-                start: r.start,
-                end: r.end,
-                fh: r.fh,
-            });
+            locks.insert(
+                r.start,
+                Held {
+                    owner: r.owner,
+                    pid: r.pid,
+                    kind,
+                    start: r.start,
+                    end: r.end,
+                    fh: r.fh,
+                },
+            );
         }
-        *held = kept;
-        if held.is_empty() {
-            self.held.remove(&r.key);
+        if locks.is_empty() {
+            file.held.remove(&r.owner);
         }
+        self.forget_if_empty(&r.key);
         Ok(first)
+    }
+
+    /// Drops the entry of a file with no locks and no waiters.
+    fn forget_if_empty(&mut self, key: &FileKey) {
+        if self.files.get(key).is_some_and(File::is_empty) {
+            self.files.remove(key);
+        }
+    }
+
+    /// Takes one waiting request of `owner` on `key` off `waits`.
+    fn unwait(&mut self, owner: Owner, key: &FileKey) {
+        if let Some(keys) = self.waits.get_mut(&owner) {
+            if let Some(i) = keys.iter().position(|k| k == key) {
+                keys.swap_remove(i);
+            }
+            if keys.is_empty() {
+                self.waits.remove(&owner);
+            }
+        }
     }
 
     /// Grants the waiting requests on `key` that no longer conflict, in the order they came,
@@ -263,71 +363,82 @@ impl Table {
     fn wake(&mut self, key: &FileKey) -> Vec<(Answer, Granted)> {
         let mut answers = Vec::new();
         loop {
-            let mut granted = None;
-            for (i, w) in self.waiting.iter().enumerate() {
-                if w.request.key != *key {
-                    continue;
-                }
-                let free = self.held.get(key).is_none_or(|held| {
-                    let kind = w.request.kind.unwrap_or(LockKind::Read);
-                    !held
-                        .iter()
-                        .any(|h| h.conflicts(w.request.owner, kind, w.request.start, w.request.end))
-                });
-                if free {
-                    granted = Some(i);
-                    break;
-                }
-            }
-            let Some(i) = granted else {
+            let Some(file) = self.files.get_mut(key) else {
                 return answers;
             };
-            let w = self.waiting.remove(i);
+            let free = file.waiting.iter().position(|w| {
+                let r = &w.request;
+                let kind = r.kind.unwrap_or(LockKind::Read);
+                file.conflict(r.owner, kind, r.start, r.end).is_none()
+            });
+            let Some(i) = free else {
+                self.forget_if_empty(key);
+                return answers;
+            };
+            let w = file.waiting.remove(i);
+            self.unwait(w.request.owner, key);
             let result = self.try_apply(&w.request);
             answers.push((w.answer, result));
         }
     }
 
-    fn cancel(&mut self, which: impl Fn(&Waiter) -> bool) -> Vec<(Answer, Granted)> {
-        let (cancelled, kept) = std::mem::take(&mut self.waiting)
+    /// Cancels the waiting requests on `key` that `which` picks.
+    fn cancel(&mut self, key: &FileKey, which: impl Fn(&Waiter) -> bool) -> Vec<(Answer, Granted)> {
+        let Some(file) = self.files.get_mut(key) else {
+            return Vec::new();
+        };
+        let (cancelled, kept) = std::mem::take(&mut file.waiting)
             .into_iter()
             .partition::<Vec<_>, _>(|w| which(w));
-        self.waiting = kept;
-        cancelled
-            .into_iter()
-            .map(|w| (w.answer, Err(libc::EINTR)))
-            .collect()
+        file.waiting = kept;
+        let mut answers = Vec::with_capacity(cancelled.len());
+        for w in cancelled {
+            self.unwait(w.request.owner, key);
+            answers.push((w.answer, Err(libc::EINTR)));
+        }
+        self.forget_if_empty(key);
+        answers
     }
 
     /// The owners whose locks keep `r` waiting.
     fn blockers(&self, r: &Request) -> Vec<Owner> {
         let kind = r.kind.unwrap_or(LockKind::Read);
-        self.held
-            .get(&r.key)
-            .map(|held| {
-                held.iter()
-                    .filter(|h| h.conflicts(r.owner, kind, r.start, r.end))
-                    .map(|h| h.owner)
-                    .collect()
+        let Some(file) = self.files.get(&r.key) else {
+            return Vec::new();
+        };
+        file.held
+            .iter()
+            .filter(|(o, locks)| {
+                **o != r.owner
+                    && overlapping(locks, r.start, r.end)
+                        .any(|h| h.conflicts(r.owner, kind, r.start, r.end))
             })
-            .unwrap_or_default()
+            .map(|(o, _)| *o)
+            .collect()
     }
 
     /// Whether `r` waiting would close a cycle: an owner keeping it waiting waits, directly or
     /// through others, for `r`'s owner.
     fn would_deadlock(&self, r: &Request) -> bool {
-        let mut seen = Vec::new();
+        let mut seen = std::collections::HashSet::new();
         let mut next = self.blockers(r);
         while let Some(owner) = next.pop() {
             if owner == r.owner {
                 return true;
             }
-            if seen.contains(&owner) {
+            if !seen.insert(owner) {
                 continue;
             }
-            seen.push(owner);
-            for w in self.waiting.iter().filter(|w| w.request.owner == owner) {
-                next.extend(self.blockers(&w.request));
+            let mut keys = self.waits.get(&owner).cloned().unwrap_or_default();
+            keys.sort_unstable_by_key(|k| (k.mount, k.ino));
+            keys.dedup();
+            for key in keys {
+                let Some(file) = self.files.get(&key) else {
+                    continue;
+                };
+                for w in file.waiting.iter().filter(|w| w.request.owner == owner) {
+                    next.extend(self.blockers(&w.request));
+                }
             }
         }
         false
@@ -474,5 +585,144 @@ mod tests {
             "the handle's locks went with it"
         );
         assert!(!l.holds_any(&key(), 1));
+    }
+
+    #[test]
+    fn many_locks_of_one_owner_are_each_exactly_where_they_were_put() {
+        const N: u64 = 50_000;
+        let l = Locks::default();
+        // Owner 1 write-locks every even byte, owner 2 every odd one: all granted.
+        for i in 0..N {
+            assert_eq!(set(&l, 1, Some(Write), 2 * i, 2 * i), Ok(i == 0), "{i}");
+        }
+        for i in 0..N {
+            assert_eq!(
+                set(&l, 2, Some(Write), 2 * i + 1, 2 * i + 1),
+                Ok(i == 0),
+                "{i}"
+            );
+        }
+        // Each byte is held by the right owner, and only by it.
+        for i in [0, 1, 2, 777, N - 1, N, 2 * N - 2, 2 * N - 1] {
+            let owner = 1 + i % 2;
+            let held = l.test(&key(), 3, Read, i, i).unwrap();
+            assert_eq!((held.owner, held.start, held.end), (owner, i, i), "{i}");
+            assert_eq!(l.test(&key(), owner, Write, i, i), None, "{i}");
+            assert_eq!(
+                set(&l, 3 - owner, Some(Read), i, i),
+                Err(libc::EAGAIN),
+                "{i}"
+            );
+        }
+        assert_eq!(set(&l, 3, Some(Write), 2 * N, END), Ok(true));
+        // Owner 1 takes a range over 100 of its locks and 100 of owner 2's: refused, nothing
+        // changes. Owner 2 lets go of that range; then it is granted, replacing owner 1's.
+        assert_eq!(set(&l, 1, Some(Write), 1000, 1199), Err(libc::EAGAIN));
+        assert_eq!(set(&l, 2, None, 1000, 1199), Ok(false));
+        assert_eq!(set(&l, 1, Some(Read), 1000, 1199), Ok(false));
+        let held = l.test(&key(), 4, Write, 1100, 1100).unwrap();
+        assert_eq!(
+            (held.owner, held.kind, held.start, held.end),
+            (1, Read, 1000, 1199)
+        );
+        assert_eq!(set(&l, 4, Some(Read), 1000, 1199), Ok(true));
+        assert_eq!(l.test(&key(), 4, Write, 999, 999).unwrap().owner, 2);
+        assert_eq!(l.test(&key(), 4, Write, 1200, 1200).unwrap().kind, Write);
+        // A waiter behind owner 2's last byte goes in when owner 2 lets go of everything.
+        let waits = waiter(&l, 4, Write, 2 * N - 1, 2 * N - 1);
+        assert_eq!(waits.load(Ordering::SeqCst), 0);
+        l.release_owner(&key(), 2).give();
+        assert_eq!(waits.load(Ordering::SeqCst), 1);
+        // Owner 1 unlocks every other of its bytes: the others stay held.
+        for i in (0..N).step_by(2) {
+            assert_eq!(set(&l, 1, None, 2 * i, 2 * i), Ok(false));
+        }
+        assert_eq!(set(&l, 5, Some(Write), 0, 0), Ok(true));
+        assert_eq!(set(&l, 5, Some(Write), 2, 2), Err(libc::EAGAIN));
+        assert_eq!(
+            set(&l, 5, Some(Write), 1, 1),
+            Ok(false),
+            "owner 2's are gone"
+        );
+        l.release_handle(&key(), 1).give();
+        assert!(!l.holds_any(&key(), 1));
+        assert_eq!(set(&l, 5, Some(Write), 2, 2), Ok(false));
+    }
+
+    #[test]
+    fn a_split_keeps_both_ends_of_the_lock_it_cuts() {
+        let l = Locks::default();
+        // Three locks of owner 1; a write over 15..=45 cuts the first and last, drops the middle.
+        set(&l, 1, Some(Read), 0, 19).unwrap();
+        set(&l, 1, Some(Read), 25, 30).unwrap();
+        set(&l, 1, Some(Read), 40, 59).unwrap();
+        set(&l, 1, Some(Write), 15, 45).unwrap();
+        let at = |b: u64| {
+            l.test(&key(), 2, Read, b, b)
+                .map(|h| (h.kind, h.start, h.end))
+        };
+        assert_eq!(at(14), None, "a read lock does not conflict with a read");
+        assert_eq!(at(15), Some((Write, 15, 45)));
+        assert_eq!(at(45), Some((Write, 15, 45)));
+        assert_eq!(at(46), None);
+        let w = |b: u64| {
+            l.test(&key(), 2, Write, b, b)
+                .map(|h| (h.kind, h.start, h.end))
+        };
+        assert_eq!(w(0), Some((Read, 0, 14)));
+        assert_eq!(w(46), Some((Read, 46, 59)));
+        assert_eq!(w(60), None);
+        // A lock inside one lock of the owner splits it in three.
+        set(&l, 1, None, 20, 30).unwrap();
+        assert_eq!(w(19), Some((Write, 15, 19)));
+        assert_eq!(w(25), None);
+        assert_eq!(w(31), Some((Write, 31, 45)));
+        // To the end of the file, and an unlock to the end.
+        set(&l, 1, Some(Write), 100, END).unwrap();
+        set(&l, 1, Some(Read), 200, 299).unwrap();
+        assert_eq!(w(150), Some((Write, 100, 199)));
+        assert_eq!(w(250), Some((Read, 200, 299)));
+        assert_eq!(w(u64::MAX), Some((Write, 300, END)));
+        set(&l, 1, None, 250, END).unwrap();
+        assert_eq!(w(u64::MAX), None);
+        assert_eq!(w(249), Some((Read, 200, 249)));
+    }
+
+    #[test]
+    fn a_waiting_request_with_an_empty_range_is_refused_at_once() {
+        let l = Locks::default();
+        set(&l, 1, Some(Write), 0, END).unwrap();
+        let bad = waiter(&l, 2, Write, 10, 9);
+        assert_eq!(bad.load(Ordering::SeqCst), -libc::EINVAL);
+        assert_eq!(set(&l, 2, Some(Write), 10, 9), Err(libc::EINVAL));
+        assert_eq!(l.test(&key(), 2, Write, 10, 9), None);
+    }
+
+    #[test]
+    fn a_cycle_across_files_is_edeadlk_and_ends_with_the_wait_that_made_it() {
+        let l = Locks::default();
+        let other = FileKey { mount: 1, ino: 3 };
+        let on = |key: FileKey, owner: Owner, start: u64| Request {
+            key,
+            ..req(owner, Some(Write), start, start)
+        };
+        let answer = |seen: &Arc<AtomicI32>| -> Answer {
+            let s = seen.clone();
+            Box::new(move |r| s.store(r.map(|_| 1).unwrap_or_else(|e| -e), Ordering::SeqCst))
+        };
+        set(&l, 1, Some(Write), 0, 0).unwrap();
+        l.set(on(other, 2, 0)).1.give();
+        // 1 waits for 2 on the other file; 2 waiting for 1 here would close the cycle.
+        let one = Arc::new(AtomicI32::new(0));
+        l.set_waiting(on(other, 1, 0), answer(&one)).give();
+        let two = waiter(&l, 2, Write, 0, 0);
+        assert_eq!(two.load(Ordering::SeqCst), -libc::EDEADLK);
+        // 1 gives up its wait (closes the other file): 2 may wait for it now.
+        l.release_owner(&other, 1).give();
+        assert_eq!(one.load(Ordering::SeqCst), -libc::EINTR);
+        let two = waiter(&l, 2, Write, 0, 0);
+        assert_eq!(two.load(Ordering::SeqCst), 0);
+        set(&l, 1, None, 0, END).unwrap();
+        assert_eq!(two.load(Ordering::SeqCst), 1);
     }
 }
