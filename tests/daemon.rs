@@ -682,6 +682,71 @@ fn configured_mounts_come_back_after_a_restart_and_sigterm_unmounts_all() {
     assert_eq!(mounts.as_array().unwrap().len(), 2, "{mounts}");
 }
 
+/// A file still open when a stopping daemon's grace period ends: what was written to it is
+/// committed, and writes after that fail; none is reported done and then lost.
+#[test]
+fn a_stop_commits_what_a_writer_still_writing_wrote_and_fails_its_later_writes() {
+    let mut d = Daemon::with_config(Some(
+        r#"{"mounts": [{"mountpoint": "{tmp}/room", "room": "r1"}]}"#,
+    ));
+    let room = d.tmp.path().join("room");
+    let script = r#"
+import sys, time
+f = open(sys.argv[1], 'w')
+i = 0
+while True:
+    try:
+        f.write(f"line {i}\n")
+        f.flush()
+    except OSError as e:
+        print("error", e.errno, flush=True)
+        break
+    print("ok", i, flush=True)
+    i += 1
+    time.sleep(0.02)
+"#;
+    let mut writer = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(room.join("log"))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let status = d.stop(); // the writer goes on writing through the grace period
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while writer.try_wait().unwrap().is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = writer.kill();
+    let out = writer.wait_with_output().unwrap();
+    let out = String::from_utf8_lossy(&out.stdout);
+    let last_ok = out
+        .lines()
+        .filter_map(|l| l.strip_prefix("ok "))
+        .next_back()
+        .expect("some writes went through")
+        .parse::<u64>()
+        .unwrap();
+    assert!(
+        last_ok > 100,
+        "it wrote through the grace period: {last_ok}"
+    );
+    assert!(out.contains("error"), "later writes fail: {out}");
+    d.run();
+    let log = fs::read_to_string(room.join("log")).unwrap();
+    let lines: Vec<&str> = log.lines().collect();
+    assert!(
+        lines.len() as u64 > last_ok,
+        "every write reported done is there: {} lines, last reported {last_ok}",
+        lines.len()
+    );
+    for (i, line) in lines.iter().enumerate() {
+        assert_eq!(*line, format!("line {i}"));
+    }
+}
+
 /// A daemon killed (`kill -9`) leaves its mounts dead (ENOTCONN): at the next start the
 /// configured ones are set up again over them, as the ones added through the API are.
 #[test]

@@ -847,6 +847,16 @@ impl Daemon {
         while busy() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
         }
+        // Files still open: what was written to them since is committed, and writes from now
+        // on fail, rather than succeed and go with the process.
+        for s in all.iter().filter(|s| !s.mount.has_ended()) {
+            let n = s.mount.fs.seal();
+            log::warn!(
+                "{}: files still open at exit; committed {n} with changes, further writes \
+                 to them fail",
+                s.mount.mountpoint.display()
+            );
+        }
         let noted: Vec<String> = lock(&self.activity).keys().cloned().collect();
         for id in noted {
             self.save_activity(&id);

@@ -233,6 +233,7 @@ impl Fs {
         {
             let mut h = lock(&handle);
             if h.writable() {
+                self.sealed()?;
                 h.users.add(by);
                 return h.truncate(self.store.as_ref(), size);
             }

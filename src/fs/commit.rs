@@ -246,6 +246,16 @@ impl Fs {
         self.publish(Changed::file(path, h.committed_size()));
     }
 
+    /// The mount stops while files are still open in it (a daemon stopping once its grace
+    /// period ends): commits every open handle's pending changes for the last time and refuses
+    /// changes through them from now on (`EIO`), so that no write is reported done and then
+    /// lost with the process. A change under way finishes first and is in the commit (each
+    /// handle's lock is taken). Returns the handles committed.
+    pub fn seal(&self) -> usize {
+        self.sealed.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.commit_all()
+    }
+
     /// Commits every open handle's pending changes (on shutdown).
     pub fn commit_all(&self) -> usize {
         let handles: Vec<_> = read_lock(&self.files).values().cloned().collect();

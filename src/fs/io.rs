@@ -43,6 +43,7 @@ impl Fs {
         let placed = by.is_none();
         let handle = self.file(fh)?;
         let mut h = lock(&handle);
+        self.sealed()?;
         if let Some(by) = by {
             h.users.add(by);
         }
@@ -103,6 +104,7 @@ impl Fs {
         if !h.writable() {
             return Err(Errno::EBADF);
         }
+        self.sealed()?;
         h.users.add(by);
         if let Some(q) = self.space.quota() {
             let grown = how.size_after(h.size()?, offset.saturating_add(len));

@@ -231,6 +231,9 @@ pub struct Fs {
     passthrough_failed: AtomicBool,
     /// The mount clears set-user/group-IDs at writes itself (see `Fs::clears_set_ids`).
     clears_set_ids: AtomicBool,
+    /// The mount is stopping and its open files were committed for the last time: changes
+    /// to them are refused (see `Fs::seal`).
+    sealed: AtomicBool,
     options: FsOptions,
     table: RwLock<InodeTable>,
     opens: Mutex<HashMap<Ino, OpenState>>,
@@ -290,6 +293,7 @@ impl Fs {
             backing: std::sync::OnceLock::new(),
             passthrough_failed: AtomicBool::new(false),
             clears_set_ids: AtomicBool::new(false),
+            sealed: AtomicBool::new(false),
             options,
             table: RwLock::new(InodeTable::default()),
             opens: Mutex::new(HashMap::new()),
@@ -439,6 +443,16 @@ impl Fs {
             self.getattr(attr.ino, None).unwrap_or(attr)
         } else {
             attr
+        }
+    }
+
+    /// Whether changes through open handles are refused (see `seal`); checked under the
+    /// handle's lock, so a change either is in the last commit or fails.
+    fn sealed(&self) -> FsResult<()> {
+        if self.sealed.load(Ordering::SeqCst) {
+            Err(Errno::EIO)
+        } else {
+            Ok(())
         }
     }
 

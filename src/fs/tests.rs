@@ -606,6 +606,33 @@ fn truncate_by_path_commits_and_append_writes_at_the_end() {
     }
 }
 
+/// A mount stopping with files still open commits them one last time and refuses changes
+/// through them after that (`EIO`): no write is reported done and then lost with the process.
+#[test]
+fn a_sealed_mount_commits_open_files_and_refuses_further_changes() {
+    for s in every_store() {
+        let (attr, w) = create(&s.fs, ROOT, "log", RW);
+        s.fs.write(w.fh, 0, b"line 1\n", CALLER).unwrap();
+        assert_eq!(s.read("log"), b"");
+        assert_eq!(s.fs.seal(), 1);
+        assert_eq!(s.read("log"), b"line 1\n", "committed at the seal");
+        assert_eq!(s.fs.write(w.fh, 7, b"line 2\n", CALLER), Err(Errno::EIO));
+        assert_eq!(s.fs.fallocate(w.fh, 0, 100, 0, CALLER), Err(Errno::EIO));
+        let truncate = AttrChanges {
+            size: Some(0),
+            ..AttrChanges::default()
+        };
+        assert_eq!(
+            s.fs.setattr(attr.ino, Some(w.fh), &truncate).err(),
+            Some(Errno::EIO)
+        );
+        // Reads go on, and closing commits nothing more.
+        assert_eq!(s.fs.read(w.fh, 0, 100).unwrap(), b"line 1\n");
+        s.fs.release(w.fh).unwrap();
+        assert_eq!(s.read("log"), b"line 1\n");
+    }
+}
+
 #[test]
 fn fallocate_changes_the_working_copy_like_a_write() {
     let keep = libc::FALLOC_FL_KEEP_SIZE;
