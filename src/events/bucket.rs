@@ -15,7 +15,9 @@
 //!
 //! The header says which `seq`s the batch's events have (`first..=head`; none when `head` is
 //! below `first`: a batch of internal records only); the records are a change log's lines
-//! (see [`super::log`]).
+//! (see [`super::log`]). An object whose lines do not hold each `seq` of its header's range is
+//! not a batch (skipped, like anything else that does not parse): the bucket's contents are
+//! hostile input, and a header alone never moves a host's numbering.
 //!
 //! **The seq rule.** A host writes object n+1 only after it has read object n (so it knows the
 //! last `seq`, n's `head`), numbering its events on from there, and creates it with
@@ -289,11 +291,31 @@ impl Batch {
         header.get("roomfs_feed")?;
         let num = |k: &str| header.get(k).and_then(Value::as_u64);
         let (first, head, time) = (num("first")?, num("head")?, num("time")?);
-        if first == 0 || head + 1 < first {
+        if first == 0 || head.checked_add(1)? < first {
+            return None;
+        }
+        let lines: Vec<&[u8]> = lines.filter(|l| !l.is_empty()).collect();
+        // The header is believed only as far as the lines bear it out: each of `first..=head`
+        // is the `seq` of one line (of any type, so that a newer host's events count too).
+        // Anyone who can write the bucket could otherwise move every host's head to where
+        // numbering overflows, and have hosts skip each other's batches from then on.
+        let mut seqs: Vec<u64> = lines
+            .iter()
+            .filter_map(|l| {
+                serde_json::from_slice::<Value>(l)
+                    .ok()?
+                    .get("seq")?
+                    .as_u64()
+            })
+            .filter(|s| (first..=head).contains(s))
+            .collect();
+        seqs.sort_unstable();
+        seqs.dedup();
+        if seqs.len() as u64 != head + 1 - first {
             return None;
         }
         let records = lines
-            .filter(|l| !l.is_empty())
+            .into_iter()
             .filter_map(Record::parse_log_line)
             .filter(|r| r.seq == 0 || (first..=head).contains(&r.seq))
             .collect();

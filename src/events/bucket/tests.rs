@@ -273,3 +273,57 @@ fn what_is_published_before_the_feed_goes_is_written() {
         vec![(1, "file.updated".into(), "last".into())]
     );
 }
+
+#[test]
+fn a_forged_object_cannot_push_the_chain_past_the_events_it_holds() {
+    let client = Arc::new(MemClient::new());
+    let (a, b) = (
+        host(&client, Retention::default()),
+        host(&client, Retention::default()),
+    );
+    let (fa, fb) = (a.feed(&room()).unwrap(), b.feed(&room()).unwrap());
+    let heard_b = Arc::new(Heard::default());
+    fb.listen(Arc::downgrade(&heard_b) as Weak<dyn ForeignChanges>);
+    let pa: Arc<str> = Arc::from("alice");
+    fa.publish(&pa, &[file("a1")]);
+    fa.flush();
+    // Anyone who may write the bucket writes the next object: a header claiming seqs up to
+    // near u64::MAX, with one event (or none) to show for them.
+    let forged = |first: u64, head: u64| {
+        let header = json!({"roomfs_feed": 1, "first": first, "head": head, "time": now_ms()});
+        let line = json!({"seq": first, "type": "file.updated", "time": now_ms(),
+            "participant": "x", "by": "1", "path": "forged", "size": 1});
+        Body::Bytes(Arc::new(format!("{header}\n{line}\n").into_bytes()))
+    };
+    let key = |n: u64| format!("p/.roomfs/events/rooms/r1/{n:020}");
+    client
+        .put(
+            &key(2),
+            forged(2, u64::MAX - 1),
+            &Metadata::new(),
+            &Condition::Absent,
+        )
+        .unwrap();
+    client
+        .put(
+            &key(3),
+            forged(3, u64::MAX),
+            &Metadata::new(),
+            &Condition::Absent,
+        )
+        .unwrap();
+    // Both hosts go on numbering from the real head, and hear each other.
+    fa.publish(&pa, &[file("a2")]);
+    fa.flush();
+    fa.publish(&pa, &[file("a3")]);
+    fa.flush();
+    wait_until("B hears A's changes after the forged objects", || {
+        heard_b.0.lock().unwrap().len() == 3
+    });
+    assert_eq!(
+        *heard_b.0.lock().unwrap(),
+        vec![file("a1"), file("a2"), file("a3")]
+    );
+    let seqs: Vec<u64> = events(&fb, 0).iter().map(|e| e.0).collect();
+    assert_eq!(seqs, [1, 2, 3]);
+}
