@@ -367,11 +367,7 @@ fn in_background(args: &[OsString], log: Option<&Path>) -> anyhow::Result<()> {
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("cannot create a pipe")?;
     let stderr = match log {
         Some(path) => Stdio::from(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)
-                .with_context(|| format!("cannot open the log {}", path.display()))?,
+            open_log(path).with_context(|| format!("cannot open the log {}", path.display()))?,
         ),
         // Under systemd the helper's stderr is the journal: the server logs there. A person
         // at a terminal gets the prompt back, not log lines later.
@@ -413,6 +409,30 @@ fn in_background(args: &[OsString], log: Option<&Path>) -> anyhow::Result<()> {
             ))
         }
     }
+}
+
+/// Opens the log `path` for appending, creating it if missing, as the helper's user (root, for
+/// fstab lines). Never through a symlink (whoever can write the log's directory could point
+/// one at a file for root to append to, or have root create one anywhere), and only a regular
+/// file: a FIFO there would hold the mount up forever.
+fn open_log(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| {
+            if e.raw_os_error() == Some(libc::ELOOP) {
+                std::io::Error::other("it is a symlink (logs are not written through one)")
+            } else {
+                e
+            }
+        })?;
+    if !file.metadata()?.is_file() {
+        return Err(std::io::Error::other("it is not a regular file"));
+    }
+    Ok(file)
 }
 
 /// The pipe a background `roomfs mount` reports on, from [`READY_FD_ENV`]: `ok` once the mount
@@ -558,6 +578,32 @@ mod tests {
                 socket: PathBuf::from(DEFAULT_SOCKET)
             }
         );
+    }
+
+    #[test]
+    fn the_log_is_never_opened_through_a_symlink_or_as_a_fifo() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("target");
+        std::fs::write(&target, "root's\n").unwrap();
+        let link = dir.path().join("link.log");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        let err = open_log(&link).unwrap_err().to_string();
+        assert!(err.contains("symlink"), "{err}");
+        assert_eq!(std::fs::read_to_string(&target).unwrap(), "root's\n");
+        // A dangling one does not make a file where it points either.
+        let dangling = dir.path().join("dangling.log");
+        std::os::unix::fs::symlink(dir.path().join("made"), &dangling).unwrap();
+        assert!(open_log(&dangling).is_err());
+        assert!(!dir.path().join("made").exists());
+        // A FIFO is refused at once, not waited on.
+        let fifo = dir.path().join("fifo.log");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        assert!(open_log(&fifo).is_err());
+        // A file is appended to, and made if missing.
+        let log = dir.path().join("server.log");
+        open_log(&log).unwrap().write_all(b"one\n").unwrap();
+        open_log(&log).unwrap().write_all(b"two\n").unwrap();
+        assert_eq!(std::fs::read_to_string(&log).unwrap(), "one\ntwo\n");
     }
 
     #[test]
