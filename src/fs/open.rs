@@ -28,8 +28,13 @@ impl Fs {
     /// Opens the file `ino` with the `open(2)` flags `flags`, for thread `by`. An inode whose
     /// name moved to another (see `passthrough`) still opens under that name (a cached entry,
     /// `/proc/<pid>/fd`) where its passthrough readers allow; elsewhere it is `ESTALE` again.
+    /// So is an inode left without a name: another file was renamed over it (or it was
+    /// removed) after the kernel looked its name up for this open. A local filesystem does the
+    /// lookup and the open as one step, so a reader of a file saved by renames (config
+    /// reloaders, `mv tmp cfg`) never fails there; on `ESTALE` the kernel looks the name up
+    /// again and opens what it names now (or reports `ENOENT` if nothing).
     pub fn open(&self, ino: Ino, flags: i32, by: Tid) -> FsResult<Opened> {
-        let path = self.path(ino)?;
+        let path = read_lock(&self.table).path(ino).ok_or(Errno::ESTALE)?;
         Ok(self.open_path(ino, &path, flags, by, Created::No)?.0)
     }
 
@@ -55,6 +60,17 @@ impl Fs {
         self.allow("open", path, access)?;
         let truncate = writable && flags & libc::O_TRUNC != 0;
         let committed = self.store.open(path)?;
+        // A rename onto the name changes the store first and the table after: the store may
+        // have given the file the name holds now, while the table still names the inode it
+        // is replacing (the kernel would read the new file's bytes within the old one's size).
+        // Once no rename of the name is under way, the inode's name says which it was: not
+        // this one, or a rename ran meanwhile, and the kernel looks the name up again.
+        if created == Created::No
+            && (self.space.wait_moves(path)
+                || read_lock(&self.table).path(ino).as_deref() != Some(path))
+        {
+            return Err(Errno::ESTALE);
+        }
         let meta = committed.meta().clone();
         let version = meta.version.clone();
         // `O_TRUNC`: the handle starts from an empty working copy; but truncating a file this

@@ -531,6 +531,33 @@ fn renames_and_unlinks_of_open_files() {
     }
 }
 
+/// An open of an inode another file was renamed over (or that was removed) after the kernel
+/// looked its name up is `ESTALE`: the kernel then looks the name up again and opens the file
+/// it names now, as a local filesystem's open would have.
+#[test]
+fn an_open_of_a_name_replaced_since_its_lookup_is_looked_up_again() {
+    for s in every_store() {
+        s.put("cfg", b"v1");
+        s.put("cfg.tmp", b"v2");
+        let old = s.fs.lookup(ROOT, name("cfg")).unwrap().ino;
+        s.fs.rename(ROOT, name("cfg.tmp"), ROOT, name("cfg"), 0)
+            .unwrap();
+        assert_eq!(
+            s.fs.open(old, libc::O_RDONLY, CALLER).unwrap_err(),
+            Errno::ESTALE
+        );
+        let new = s.fs.lookup(ROOT, name("cfg")).unwrap().ino;
+        let r = s.fs.open(new, libc::O_RDONLY, CALLER).unwrap();
+        assert_eq!(s.fs.read(r.fh, 0, 10).unwrap(), b"v2");
+        s.fs.release(r.fh).unwrap();
+        s.fs.unlink(ROOT, name("cfg")).unwrap();
+        assert_eq!(
+            s.fs.open(new, libc::O_RDONLY, CALLER).unwrap_err(),
+            Errno::ESTALE
+        );
+    }
+}
+
 /// A file unlinked (or replaced by a rename) while open keeps the handle's changes through
 /// `fsync` and closes of its other descriptors (a temporary file made, unlinked and synced,
 /// as Python's `TemporaryFile` does without `O_TMPFILE`), until its last close.

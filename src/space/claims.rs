@@ -72,6 +72,25 @@ impl Claims {
         }
         Claim { claims: self, id }
     }
+
+    /// Waits while a subtree claim (a rename moving names) covers `path`; whether it waited.
+    /// For an operation that does not change names but must not mix what it read of one file
+    /// before a move with the name's new file (see `Fs::open`).
+    pub fn wait_moves(&self, path: &Path) -> bool {
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        let mut waited = false;
+        while held
+            .claims
+            .iter()
+            .any(|(_, p, s)| *s == Span::Tree && conflicts((p, *s), (path, Span::Entry)))
+        {
+            waited = true;
+            held.waiting += 1;
+            held = self.released.wait(held).unwrap_or_else(|e| e.into_inner());
+            held.waiting -= 1;
+        }
+        waited
+    }
 }
 
 impl Drop for Claim<'_> {
@@ -136,5 +155,26 @@ mod tests {
         );
         drop(rename);
         waiter.join().unwrap();
+    }
+
+    #[test]
+    fn waiting_for_moves_waits_for_renames_only() {
+        let claims = Arc::new(Claims::default());
+        assert!(!claims.wait_moves(Path::new("d/x")));
+        let commit = claims.claim(&[(Path::new("d/x"), Span::Entry)]);
+        assert!(
+            !claims.wait_moves(Path::new("d/x")),
+            "a commit moves nothing"
+        );
+        drop(commit);
+        let rename = claims.claim(&[(Path::new("d"), Span::Tree), (Path::new("e"), Span::Tree)]);
+        let waiter = {
+            let claims = claims.clone();
+            std::thread::spawn(move || claims.wait_moves(Path::new("d/x")))
+        };
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!waiter.is_finished(), "a name inside a renamed tree waits");
+        drop(rename);
+        assert!(waiter.join().unwrap(), "and says it waited");
     }
 }

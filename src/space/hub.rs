@@ -173,6 +173,11 @@ impl Space {
         self.claims.claim(names)
     }
 
+    /// Waits while a rename moving `path` runs (see `Claims::wait_moves`); whether it waited.
+    pub fn wait_moves(&self, path: &Path) -> bool {
+        self.claims.wait_moves(path)
+    }
+
     pub fn id(&self) -> &SpaceId {
         &self.id
     }
