@@ -722,6 +722,19 @@ fn a_full_disk_fails_the_write_and_the_close_and_keeps_the_previous_version() {
     assert!(m.committed("keep.txt") == previous);
     assert!(space_back(), "the working copy's space is back");
 
+    // The same through a shell's redirect (`cmd > f` hands the command a dup of the
+    // descriptor it opened): the command fails, the file keeps its previous version.
+    let out = output(
+        Command::new("bash")
+            .arg("-c")
+            .arg("head -c 32M /dev/zero > keep.txt")
+            .current_dir(&m.mnt),
+    );
+    assert!(!out.status.success());
+    assert!(fs::read(m.p("keep.txt")).unwrap() == previous);
+    assert!(m.committed("keep.txt") == previous);
+    assert!(space_back());
+
     // A new file stays empty, as it was created.
     let mut f = File::create(m.p("new.bin")).unwrap();
     assert_eq!(fill(&mut f), Some(libc::ENOSPC));
@@ -834,6 +847,17 @@ fn a_full_spool_fails_the_write_and_the_close_and_keeps_the_previous_version() {
     assert!(fs::read(m.p("keep.txt")).unwrap() == previous);
     assert!(m.committed("keep.txt") == previous);
     assert!(room_back(), "the working copy's room is back");
+
+    let out = output(
+        Command::new("bash")
+            .arg("-c")
+            .arg("head -c 32M /dev/zero > keep.txt")
+            .current_dir(&m.mnt),
+    );
+    assert!(!out.status.success());
+    assert!(fs::read(m.p("keep.txt")).unwrap() == previous);
+    assert!(m.committed("keep.txt") == previous);
+    assert!(room_back());
 
     let mut f = File::create(m.p("new.bin")).unwrap();
     assert_eq!(fill(&mut f), Some(libc::ENOSPC));
@@ -2775,4 +2799,80 @@ fn ls_in_a_removed_working_directory_lists_it_empty() {
     );
     assert_eq!(stdout, "0:directory\nrc=0\n", "{stderr}");
     assert!(!m.p("gone/sub").exists());
+}
+
+/// `bash -c script` in `dir`, in a process group of its own (to kill it whole).
+fn spawn_bash_group(dir: &Path, script: &str) -> std::process::Child {
+    use std::os::unix::process::CommandExt;
+    Command::new("bash")
+        .arg("-c")
+        .arg(script)
+        .current_dir(dir)
+        .process_group(0)
+        .spawn()
+        .unwrap()
+}
+
+/// A shell's `cmd > f` hands the command a descriptor it `dup2`ed from the one it opened
+/// (with `O_TRUNC`) and closed: the file stays the previous version, for everybody, until the
+/// command's output is committed, and a command killed before it wrote leaves it.
+#[test]
+fn a_shell_redirect_keeps_the_previous_version_until_the_command_writes() {
+    let m = Mounted::room();
+    fs::write(m.p("f"), b"old\n").unwrap();
+    // Past a second, so that the emptied file would have been published as output too.
+    let mut cmd = spawn_bash_group(&m.mnt, "(sleep 2.5; echo new) > f");
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(m.committed("f"), b"old\n", "what other mounts see");
+    assert_eq!(
+        fs::read(m.p("f")).unwrap(),
+        b"old\n",
+        "what this mount shows"
+    );
+    assert!(cmd.wait().unwrap().success());
+    assert_eq!(m.committed("f"), b"new\n");
+    assert_eq!(fs::read(m.p("f")).unwrap(), b"new\n");
+
+    // Killed before writing: the command itself (`exec`ed by the shell, so it is the opener),
+    // or a subshell and the command it runs.
+    for script in ["sleep 30 > f", "(sleep 30; echo late) > f"] {
+        let cmd = spawn_bash_group(&m.mnt, script);
+        std::thread::sleep(Duration::from_millis(1500));
+        assert_eq!(m.committed("f"), b"new\n", "{script}");
+        // SAFETY: kill has no memory-safety preconditions; the group is the child's own.
+        assert_eq!(unsafe { libc::kill(-(cmd.id() as i32), libc::SIGKILL) }, 0);
+        let out = cmd.wait_with_output().unwrap();
+        assert!(!out.status.success());
+        // The last close (`release`) reaches the daemon after the exit: give it a moment.
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(m.committed("f"), b"new\n", "{script}: killed");
+        assert_eq!(fs::read(m.p("f")).unwrap(), b"new\n", "{script}: killed");
+    }
+
+    // Emptying a file still does, at once; a command that ends without output too.
+    let out = output(
+        Command::new("bash")
+            .arg("-c")
+            .arg(": > f")
+            .current_dir(&m.mnt),
+    );
+    assert!(out.status.success());
+    assert_eq!(m.committed("f"), b"");
+    fs::write(m.p("f"), b"old\n").unwrap();
+    let out = output(
+        Command::new("bash")
+            .arg("-c")
+            .arg("/bin/true > f")
+            .current_dir(&m.mnt),
+    );
+    assert!(out.status.success());
+    assert_eq!(m.committed("f"), b"");
+    let out = output(
+        Command::new("bash")
+            .arg("-c")
+            .arg("echo x > f; cat f")
+            .current_dir(&m.mnt),
+    );
+    assert_eq!(out.stdout, b"x\n");
+    assert_eq!(m.committed("f"), b"x\n");
 }

@@ -10,6 +10,21 @@
 //!
 //! FUSE names the caller by its thread id in the daemon's pid namespace; `/proc/<tid>/status`
 //! gives the process (thread group) of a thread that is still alive.
+//!
+//! A handle whose only change is emptying the file (the `O_TRUNC` of its open, or a cut to
+//! nothing, with nothing written since) is what a shell's redirect (`cmd > f`) holds when it
+//! closes the descriptor it opened, having `dup2`ed it onto the command's stdout: that close is
+//! not the end of the writing, and committing there would publish the emptied file for the
+//! whole run of the command (and leave it empty if the command never writes). So for such a
+//! handle, and only there (it costs a look at `/proc`), a user's close does not commit while
+//! its process still has the file open for writing on another descriptor ([`Processes`]: the
+//! fds in `/proc/<tid>/fdinfo` with the inode number, write access and `O_APPEND` of the
+//! handle, on a roomfs mount), nor when the close is the exit of a process killed by a signal
+//! (`/proc/<tid>/stat`): the command killed before it wrote anything leaves the previous
+//! version, and the handle remembers it (`FileHandle::abandoned`), so that its last close
+//! (`release`) drops the emptying instead of committing it. A `: > f` (open, close) still
+//! commits the empty file at its close, and so does a command that ends normally without
+//! output. What cannot be told (`/proc` unreadable, a caller not visible) commits, as before.
 
 /// A thread id as FUSE reports the caller (0 when the caller is not visible to the daemon).
 pub type Tid = u32;
@@ -83,6 +98,135 @@ pub fn thread_group(tid: Tid) -> Option<u32> {
         .and_then(|v| v.trim().parse().ok())
 }
 
+/// What the core asks of the processes closing its handles (see the module docs): the real
+/// answers read `/proc`; tests of the core put in their own.
+#[derive(Clone, Copy, Debug)]
+pub struct Processes {
+    /// Whether the process of thread `tid` still has the roomfs inode `ino` open for writing
+    /// (appending, with `true`) on some descriptor.
+    pub holds_writer: fn(tid: Tid, ino: u64, append: bool) -> bool,
+    /// Whether thread `tid` is ending because a signal killed its process.
+    pub killed: fn(tid: Tid) -> bool,
+}
+
+impl Default for Processes {
+    fn default() -> Self {
+        Processes {
+            holds_writer,
+            killed,
+        }
+    }
+}
+
+/// The type of filesystem of a roomfs mount, as `/proc/<pid>/mountinfo` lists it.
+const MOUNT_TYPE: &str = "fuse.roomfs";
+
+/// Whether the process of thread `tid` has the inode `ino` of a roomfs mount open for writing
+/// (with `O_APPEND` or without, as `append` says) on a descriptor, as `/proc/<tid>/fdinfo`
+/// shows it. The descriptor whose `close()` is being served is already gone from there, and an
+/// exiting process shows none (they are all being closed). False when that cannot be read.
+///
+/// The inode numbers are those of one mount, and the descriptor's open file is not named:
+/// another roomfs mount's file with the same number, open for writing in the same process,
+/// counts too (the commit then waits for the last close, `release`).
+pub fn holds_writer(tid: Tid, ino: u64, append: bool) -> bool {
+    holds_writer_on(tid, ino, append, MOUNT_TYPE)
+}
+
+/// [`holds_writer`] on a mount of type `fs_type`.
+fn holds_writer_on(tid: Tid, ino: u64, append: bool, fs_type: &str) -> bool {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{tid}/fdinfo")) else {
+        return false;
+    };
+    let mut mounts = Vec::new();
+    for fd in fds.flatten() {
+        let Ok(info) = std::fs::read_to_string(fd.path()) else {
+            continue;
+        };
+        if let Some(mount) = FdInfo::parse(&info).filter(|f| f.writes(ino, append)) {
+            mounts.push(mount.mnt_id);
+        }
+    }
+    if mounts.is_empty() {
+        return false;
+    }
+    let Ok(mountinfo) = std::fs::read_to_string(format!("/proc/{tid}/mountinfo")) else {
+        return false;
+    };
+    mounts
+        .iter()
+        .any(|&id| mount_type(&mountinfo, id) == Some(fs_type))
+}
+
+/// What `/proc/<pid>/fdinfo/<fd>` says of a descriptor.
+#[derive(Debug, PartialEq, Eq)]
+struct FdInfo {
+    flags: i32,
+    mnt_id: u64,
+    ino: u64,
+}
+
+impl FdInfo {
+    fn parse(text: &str) -> Option<FdInfo> {
+        let field = |name: &str| {
+            text.lines()
+                .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
+                .map(str::trim)
+        };
+        Some(FdInfo {
+            flags: i32::from_str_radix(field("flags")?, 8).ok()?,
+            mnt_id: field("mnt_id")?.parse().ok()?,
+            ino: field("ino")?.parse().ok()?,
+        })
+    }
+
+    /// Whether the descriptor is open for writing on inode `ino`, appending as `append` says.
+    fn writes(&self, ino: u64, append: bool) -> bool {
+        self.ino == ino
+            && self.flags & libc::O_ACCMODE != libc::O_RDONLY
+            && (self.flags & libc::O_APPEND != 0) == append
+    }
+}
+
+/// The type of the mount `id` in the mount table `mountinfo` (`/proc/<pid>/mountinfo`).
+fn mount_type(mountinfo: &str, id: u64) -> Option<&str> {
+    mountinfo.lines().find_map(|line| {
+        let first = line.split_whitespace().next()?;
+        if first.parse::<u64>().ok()? != id {
+            return None;
+        }
+        let (_, after) = line.split_once(" - ")?;
+        after.split_whitespace().next()
+    })
+}
+
+/// The kernel's flag of a task that is exiting (`PF_EXITING`, include/linux/sched.h).
+const PF_EXITING: u64 = 0x4;
+
+/// Whether thread `tid` is exiting because a signal killed its process, from its flags and
+/// exit code in `/proc/<tid>/stat` (the code is set before the exit closes the descriptors).
+/// False when that cannot be read (the code reads 0 without the right to trace the process).
+pub fn killed(tid: Tid) -> bool {
+    std::fs::read_to_string(format!("/proc/{tid}/stat"))
+        .ok()
+        .is_some_and(|stat| killed_by_signal(&stat))
+}
+
+/// [`killed`] of the text of a `/proc/<tid>/stat`.
+fn killed_by_signal(stat: &str) -> bool {
+    // The command name, in parentheses, may hold spaces and parentheses: fields are counted
+    // after its last `)`, which is followed by field 3 (the state).
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return false;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let field = |n: usize| fields.get(n - 3).and_then(|v| v.parse::<u64>().ok());
+    let (Some(flags), Some(code)) = (field(9), field(52)) else {
+        return false;
+    };
+    flags & PF_EXITING != 0 && code & 0x7f != 0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -152,5 +296,117 @@ mod tests {
             many.add(tid);
         }
         assert!(!many.stranger(20, |_| Some(1)), "too many users to tell");
+    }
+
+    #[test]
+    fn fdinfo_and_mountinfo_are_read_as_the_kernel_writes_them() {
+        let info = "pos:\t6\nflags:\t0102001\nmnt_id:\t97\nino:\t42\n";
+        let parsed = FdInfo::parse(info).unwrap();
+        assert_eq!(
+            parsed,
+            FdInfo {
+                // O_LARGEFILE (0o100000 on x86-64) with write and append.
+                flags: 0o100000 | libc::O_WRONLY | libc::O_APPEND,
+                mnt_id: 97,
+                ino: 42
+            }
+        );
+        assert!(parsed.writes(42, true));
+        assert!(!parsed.writes(42, false), "another open, without O_APPEND");
+        assert!(!parsed.writes(43, true));
+        assert!(FdInfo::parse("pos:\t0\nflags:\t02\n").is_none(), "no inode");
+        let table = "24 1 0:22 / /proc rw,nosuid - proc proc rw\n\
+                     97 30 0:61 / /mnt/a\\040b rw,nodev shared:5 - fuse.roomfs room rw,user_id=0\n";
+        assert_eq!(mount_type(table, 97), Some("fuse.roomfs"));
+        assert_eq!(mount_type(table, 24), Some("proc"));
+        assert_eq!(mount_type(table, 9), None);
+    }
+
+    #[test]
+    fn a_process_holds_a_writer_while_a_descriptor_of_it_is_open() {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let file = std::fs::File::create(&path).unwrap();
+        let ino = file.metadata().unwrap().ino();
+        let fd = file.as_raw_fd();
+        let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).unwrap();
+        let mnt_id = FdInfo::parse(&info).unwrap().mnt_id;
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let fs_type = mount_type(&mountinfo, mnt_id).unwrap().to_string();
+        let me = my_tid();
+        assert!(holds_writer_on(me, ino, false, &fs_type));
+        assert!(!holds_writer_on(me, ino, true, &fs_type), "not appending");
+        assert!(
+            !holds_writer_on(me, ino, false, "fuse.other"),
+            "another mount"
+        );
+        assert!(!holds_writer(me, ino, false), "not a roomfs mount");
+        // A dup of it is the same open file, still held once the first descriptor is closed.
+        let dup = file.try_clone().unwrap();
+        drop(file);
+        assert!(holds_writer_on(me, ino, false, &fs_type));
+        drop(dup);
+        assert!(!holds_writer_on(me, ino, false, &fs_type));
+        let _reader = std::fs::File::open(&path).unwrap();
+        assert!(!holds_writer_on(me, ino, false, &fs_type), "a reader");
+    }
+
+    /// A child that has ended (`sh -c script`), not yet reaped: its `/proc` entry stays.
+    fn ended(script: &str, kill: bool) -> std::process::Child {
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", script])
+            .spawn()
+            .unwrap();
+        if kill {
+            child.kill().unwrap();
+        }
+        let stat = format!("/proc/{}/stat", child.id());
+        for _ in 0..500 {
+            let state = std::fs::read_to_string(&stat).unwrap();
+            if state
+                .rsplit_once(')')
+                .unwrap()
+                .1
+                .trim_start()
+                .starts_with('Z')
+            {
+                return child;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("the child did not end");
+    }
+
+    #[test]
+    fn a_process_killed_by_a_signal_is_told_from_one_that_exits() {
+        let mut killed_child = ended("sleep 30", true);
+        let mut exited = ended("exit 3", false);
+        let mut running = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        assert!(killed(killed_child.id()));
+        assert!(!killed(exited.id()), "a normal exit, even a failing one");
+        assert!(!killed(running.id()), "alive");
+        assert!(!killed(my_tid()));
+        running.kill().unwrap();
+        for child in [&mut killed_child, &mut exited, &mut running] {
+            child.wait().unwrap();
+        }
+        assert!(!killed(exited.id()), "gone");
+        // Fields 3 to 52 after the name; flags (9) 0x400104 have PF_EXITING, the exit code (52)
+        // is SIGKILL's.
+        let mut fields = vec!["0"; 50];
+        fields[0] = "R";
+        fields[9 - 3] = "4194564";
+        fields[52 - 3] = "9";
+        let stat = format!("12 (a) b) c) {}\n", fields.join(" "));
+        assert!(killed_by_signal(&stat));
+        fields[52 - 3] = "256";
+        assert!(!killed_by_signal(&format!("12 (a) {}\n", fields.join(" "))));
     }
 }

@@ -2,8 +2,11 @@
 //! store (which owns how: see [`Store::commit`](crate::store::Store::commit)).
 //!
 //! `close()` commits (FUSE `flush`, so a failed commit is reported by `close()`), unless it
-//! comes from a process that never used the handle (see `closers`); the last close of all
-//! (`release`) always commits; `fsync()` commits and makes it durable. A file unlinked while
+//! comes from a process that never used the handle (see `closers`), or the handle only emptied
+//! the file and its process still has it open on another descriptor (a shell's `cmd > f`) or
+//! was killed (see `closers` too); the last close of all (`release`) always commits, except
+//! an emptying abandoned by a killed process (`FileHandle::abandoned`), which it drops;
+//! `fsync()` commits and makes it durable. A file unlinked while
 //! open has no path: its changes live on in the handle, for its reads and writes, until its
 //! last close drops them, as on any POSIX filesystem. A spoiled working
 //! copy (a write into it failed and its bytes were not written again) is refused with that
@@ -45,6 +48,41 @@ impl Fs {
                 "not committing inode {} at a close by thread {by} of another process",
                 h.ino
             );
+            return Ok(());
+        }
+        if h.only_emptied && by != 0 {
+            if (self.processes.holds_writer)(by, h.ino, h.appends()) {
+                log::debug!(
+                    "not committing inode {} emptied at a close by thread {by}: its process \
+                     still has it open for writing",
+                    h.ino
+                );
+                return Ok(());
+            }
+            if (self.processes.killed)(by) {
+                log::debug!(
+                    "not committing inode {} emptied by thread {by}, killed before it wrote",
+                    h.ino
+                );
+                h.abandoned = true;
+                return Ok(());
+            }
+        }
+        self.commit(h, self.options.sync_on_close)
+    }
+
+    /// The last close of all (`release`): commits what is left, or drops an emptying a killed
+    /// user abandoned (see `closers`).
+    pub(super) fn commit_at_release(&self, h: &mut FileHandle) -> FsResult<()> {
+        if h.abandoned && h.only_emptied {
+            h.drop_changes();
+            // The kernel took the file as emptied at the open.
+            if let Some(kernel) = self.kernel.get() {
+                kernel.attributes_changed(h.ino);
+            }
+            return Ok(());
+        }
+        if !h.dirty() {
             return Ok(());
         }
         self.commit(h, self.options.sync_on_close)
@@ -262,7 +300,8 @@ impl Fs {
         let mut committed = 0;
         for handle in handles {
             let mut h = lock(&handle);
-            if h.dirty() && self.commit(&mut h, self.options.sync_on_close).is_ok() {
+            if h.dirty() && !h.abandoned && self.commit(&mut h, self.options.sync_on_close).is_ok()
+            {
                 committed += 1;
             }
         }

@@ -162,6 +162,14 @@ pub struct FileHandle {
     /// Its open created the file, and the store makes it at the first commit, which has not
     /// succeeded yet (`commits_creation`).
     pub creates: bool,
+    /// Its only change is emptying the file (`O_TRUNC`, a cut to nothing), nothing written
+    /// since: what a shell's redirect holds until the command writes. Not published while
+    /// open (there is no output yet), nor committed at a close its process still holds it
+    /// open after, or at the exit of a killed process (see `closers`).
+    pub only_emptied: bool,
+    /// A user of the handle was killed while it held only the emptying (see `closers`): unless
+    /// it changes more, the last close drops it instead of committing it.
+    pub abandoned: bool,
 }
 
 impl FileHandle {
@@ -189,6 +197,8 @@ impl FileHandle {
             published: None,
             path: PathBuf::new(),
             creates: false,
+            only_emptied: false,
+            abandoned: false,
         }
     }
 
@@ -208,6 +218,7 @@ impl FileHandle {
     pub fn stream_due(&self, now: Instant) -> bool {
         self.sequential
             && self.dirty()
+            && !self.only_emptied
             && now.duration_since(self.published.unwrap_or(self.opened)) >= PUBLISH_EVERY
     }
 
@@ -292,6 +303,8 @@ impl FileHandle {
     /// A change of content: times set earlier give way to the change's own.
     fn changed(&mut self) {
         self.times = None;
+        self.only_emptied = false;
+        self.abandoned = false;
     }
 
     pub fn mode(&self) -> Mode {
@@ -353,6 +366,8 @@ impl FileHandle {
         }
         self.base = content;
         self.pending = Pending::Clean;
+        self.only_emptied = false;
+        self.abandoned = false;
         self.moved |= followed;
         self.creates = false;
         self.held = SetAttr::default();
@@ -374,6 +389,8 @@ impl FileHandle {
             seeding.cancel();
         }
         self.pending = Pending::Clean;
+        self.only_emptied = false;
+        self.abandoned = false;
         // Attributes held for a commit that will not come go with the changes.
         self.held = SetAttr::default();
     }
@@ -390,6 +407,7 @@ impl FileHandle {
             spoiled: None,
             appends_from: None,
         });
+        self.only_emptied = true;
     }
 
     /// The handle's open made the file, which the store makes for others only at the commit

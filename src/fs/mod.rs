@@ -244,6 +244,8 @@ pub struct Fs {
     id: u64,
     /// Unix seconds of the last open, listing or change (inactivity timeouts use it).
     last_activity: AtomicU64,
+    /// What is asked of the processes closing files (see `closers`).
+    processes: closers::Processes,
 }
 
 fn unix_secs() -> u64 {
@@ -305,6 +307,7 @@ impl Fs {
                 NEXT.fetch_add(1, Ordering::Relaxed)
             },
             last_activity: AtomicU64::new(unix_secs()),
+            processes: closers::Processes::default(),
         }
     }
 

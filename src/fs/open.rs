@@ -310,11 +310,7 @@ impl Fs {
         if self.leave_shared(&handle, h.ino, fh) {
             return Ok(());
         }
-        let result = if h.dirty() {
-            self.commit(&mut h, self.options.sync_on_close)
-        } else {
-            Ok(())
-        };
+        let result = self.commit_at_release(&mut h);
         if result.is_ok() && h.dirty() {
             // Unlinked while open (the commit had no path): the changes go with the handle.
             h.drop_changes();

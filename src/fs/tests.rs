@@ -208,6 +208,109 @@ fn a_close_by_a_process_that_never_used_the_handle_does_not_commit() {
     }
 }
 
+/// The shell of `closers_fake`: a process as the core's fake `/proc` describes it.
+const SHELL: Tid = 4242;
+
+thread_local! {
+    /// Whether `SHELL` still has its file open on another descriptor (`dup2`ed onto stdout).
+    static HOLDS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// Whether `SHELL` is ending, killed by a signal.
+    static KILLED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// `s` with its processes answered by `HOLDS` and `KILLED` (the calls come on the test's
+/// thread).
+fn closers_fake(mut s: Setup) -> Setup {
+    Arc::get_mut(&mut s.fs).unwrap().processes = closers::Processes {
+        holds_writer: |tid, _, _| tid == SHELL && HOLDS.get(),
+        killed: |tid| tid == SHELL && KILLED.get(),
+    };
+    s
+}
+
+#[test]
+fn a_redirect_publishes_the_emptied_file_only_when_the_command_ends() {
+    for s in every_store().map(closers_fake) {
+        let trunc = libc::O_WRONLY | libc::O_TRUNC;
+        let (attr, created) = create(&s.fs, ROOT, "f", RW);
+        s.fs.write(created.fh, 0, b"old\n", CALLER).unwrap();
+        s.fs.release(created.fh).unwrap();
+
+        // `cmd > f`: the shell opens, dup2s onto stdout and closes what it opened.
+        let w = s.fs.open(attr.ino, trunc, SHELL).unwrap();
+        HOLDS.set(true);
+        s.fs.flush(w.fh, SHELL, None).unwrap();
+        assert_eq!(s.read("f"), b"old\n", "the command still has it open");
+        let later = std::time::Instant::now() + 2 * handle::PUBLISH_EVERY;
+        assert_eq!(
+            s.fs.publish_streams_at(later),
+            0,
+            "no output to publish yet"
+        );
+        assert_eq!(s.read("f"), b"old\n");
+        // The command writes and exits: its close commits.
+        s.fs.write(w.fh, 0, b"new\n", SHELL).unwrap();
+        HOLDS.set(false);
+        s.fs.flush(w.fh, SHELL, None).unwrap();
+        assert_eq!(s.read("f"), b"new\n");
+        s.fs.release(w.fh).unwrap();
+
+        // A command that ends normally without output leaves the file empty, as `: > f` does.
+        let w = s.fs.open(attr.ino, trunc, SHELL).unwrap();
+        HOLDS.set(true);
+        s.fs.flush(w.fh, SHELL, None).unwrap();
+        assert_eq!(s.read("f"), b"new\n");
+        HOLDS.set(false);
+        s.fs.flush(w.fh, SHELL, None).unwrap();
+        assert_eq!(s.read("f"), b"");
+        s.fs.release(w.fh).unwrap();
+    }
+}
+
+#[test]
+fn a_command_killed_before_it_wrote_leaves_the_previous_version() {
+    for s in every_store().map(closers_fake) {
+        let trunc = libc::O_WRONLY | libc::O_TRUNC;
+        let (attr, created) = create(&s.fs, ROOT, "f", RW);
+        s.fs.write(created.fh, 0, b"old\n", CALLER).unwrap();
+        s.fs.release(created.fh).unwrap();
+
+        let w = s.fs.open(attr.ino, trunc, SHELL).unwrap();
+        HOLDS.set(true);
+        s.fs.flush(w.fh, SHELL, None).unwrap();
+        // Killed: the exit closes its descriptors (none left in `/proc`).
+        HOLDS.set(false);
+        KILLED.set(true);
+        s.fs.flush(w.fh, SHELL, None).unwrap();
+        KILLED.set(false);
+        assert_eq!(s.read("f"), b"old\n");
+        s.fs.release(w.fh).unwrap();
+        assert_eq!(s.read("f"), b"old\n", "the last close drops the emptying");
+        let r = s.fs.open(attr.ino, libc::O_RDONLY, CALLER).unwrap();
+        assert_eq!(s.fs.read(r.fh, 0, 100).unwrap(), b"old\n");
+        s.fs.release(r.fh).unwrap();
+
+        // Killed after writing: what it wrote is committed, as any writer's at its exit.
+        let w = s.fs.open(attr.ino, trunc, SHELL).unwrap();
+        s.fs.write(w.fh, 0, b"part", SHELL).unwrap();
+        KILLED.set(true);
+        s.fs.flush(w.fh, SHELL, None).unwrap();
+        KILLED.set(false);
+        assert_eq!(s.read("f"), b"part");
+        s.fs.release(w.fh).unwrap();
+
+        // A process that still has the descriptor writes after the killed one: its bytes are
+        // committed at the last close, in place of the emptied file.
+        let w = s.fs.open(attr.ino, trunc, SHELL).unwrap();
+        KILLED.set(true);
+        s.fs.flush(w.fh, SHELL, None).unwrap();
+        KILLED.set(false);
+        s.fs.write(w.fh, 0, b"survivor", CALLER).unwrap();
+        s.fs.release(w.fh).unwrap();
+        assert_eq!(s.read("f"), b"survivor");
+    }
+}
+
 #[test]
 fn a_working_copy_shows_the_files_mode_and_its_own_size() {
     for s in every_store() {
