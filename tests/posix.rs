@@ -2876,3 +2876,35 @@ fn a_shell_redirect_keeps_the_previous_version_until_the_command_writes() {
     assert_eq!(out.stdout, b"x\n");
     assert_eq!(m.committed("f"), b"x\n");
 }
+
+/// A reader open on an empty file reads what a writer opening it with `O_TRUNC` adds (`: >
+/// out.log; tail -f out.log & cmd > out.log`), as it does appends.
+#[test]
+fn a_reader_of_an_empty_file_reads_on_into_what_a_truncating_writer_adds() {
+    let m = Mounted::room();
+    let out = python(
+        &m.mnt,
+        r#"
+import os
+p = os.path.join(os.environ['MNT'], 'out.log')
+open(p, 'w').close()
+r = open(p, 'rb')
+fd = os.open(p, os.O_WRONLY | os.O_TRUNC)
+os.write(fd, b'hello\n')
+os.close(fd)
+assert os.fstat(r.fileno()).st_size == 6
+assert os.pread(r.fileno(), 100, 0) == b'hello\n', os.pread(r.fileno(), 100, 0)
+assert r.read() == b'hello\n'
+print('ok')
+"#,
+    );
+    assert_eq!(out.trim(), "ok");
+    fs::write(m.p("out.log"), b"").unwrap();
+    let mut writer = spawn_sh(
+        &m.mnt,
+        "sleep 0.5; for i in $(seq 20); do echo l $i; sleep 0.01; done > out.log",
+    );
+    let followed = common::tail_f(&m.mnt, "out.log", 20, "a reader of the empty file");
+    assert_eq!(followed.last().map(String::as_str), Some("l 20"));
+    assert!(writer.wait().unwrap().success());
+}

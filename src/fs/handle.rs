@@ -4,9 +4,12 @@
 //! commit), and holds what it changed since in one of three states ([`Pending`]): nothing;
 //! bytes appended (`O_APPEND`, or a plain writer's writes at the end of its base: a new file
 //! written once), waiting in memory so they can be committed by adding them to the file in
-//! place; or a working copy made by the store (created at the first other write, or at open
-//! with `O_TRUNC` of a file with content), seeded from the base. Reads through the handle see its
-//! changes; everybody else keeps seeing the committed content until the handle commits.
+//! place; or a working copy made by the store (created at the first other write, or at an open
+//! with `O_TRUNC` of a file it did not create), seeded from the base. The empty working copy of
+//! an `O_TRUNC` of an empty file gives way at the first write to bytes waiting in memory: they
+//! go at the end of the version opened, so its readers read on into them (`: > log; tail -f
+//! log & cmd > log`). Reads through the handle see its changes; everybody else keeps seeing the
+//! committed content until the handle commits.
 //! Read-write opens of one file share a handle (see `Fs::open`).
 
 use std::ffi::OsString;
@@ -651,6 +654,12 @@ impl FileHandle {
     ) -> FsResult<u32> {
         if !self.writable() {
             return Err(Errno::EBADF);
+        }
+        if self.only_emptied && self.base.meta().size == 0 {
+            // Emptying an empty file (`> out.log` again) changed nothing but its times, which
+            // this write changes anyway: its bytes go at the end of the version opened, to be
+            // added in place, so that readers of that version read on into them.
+            self.pending = Pending::Clean;
         }
         self.changed();
         let append = self.appends() && !placed;

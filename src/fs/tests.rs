@@ -312,6 +312,27 @@ fn a_command_killed_before_it_wrote_leaves_the_previous_version() {
 }
 
 #[test]
+fn a_reader_of_an_empty_file_reads_what_an_o_trunc_writer_adds() {
+    for s in every_store() {
+        let (attr, created) = create(&s.fs, ROOT, "log", RW);
+        s.fs.release(created.fh).unwrap();
+        // `: > log; tail -f log & cmd > log`.
+        let r = s.fs.open(attr.ino, libc::O_RDONLY, CALLER).unwrap();
+        let w =
+            s.fs.open(attr.ino, libc::O_WRONLY | libc::O_TRUNC, CALLER)
+                .unwrap();
+        s.fs.write(w.fh, 0, b"l 1\n", CALLER).unwrap();
+        s.fs.flush(w.fh, CALLER, None).unwrap();
+        assert_eq!(s.read("log"), b"l 1\n");
+        assert_eq!(s.fs.read(r.fh, 0, 100).unwrap(), b"l 1\n");
+        s.fs.write(w.fh, 4, b"l 2\n", CALLER).unwrap();
+        s.fs.release(w.fh).unwrap();
+        assert_eq!(s.fs.read(r.fh, 0, 100).unwrap(), b"l 1\nl 2\n");
+        s.fs.release(r.fh).unwrap();
+    }
+}
+
+#[test]
 fn a_working_copy_shows_the_files_mode_and_its_own_size() {
     for s in every_store() {
         let (attr, w) =
