@@ -1677,6 +1677,9 @@ impl Store for S3Store {
         {
             Ok(_) => {}
             Err(e) if e.is(Failure::Precondition) || e.is(Failure::Conflict) => {
+                // Made by another host since this one looked (it may remember the name
+                // absent): asked again at the next lookup, which then finds it.
+                self.forget(path);
                 return Err(err(libc::EEXIST));
             }
             Err(e) => return Err(e.into()),

@@ -418,6 +418,41 @@ fn of_two_hosts_racing_for_a_name_exactly_one_wins() {
     assert!(!a.store.capabilities().hard_links);
 }
 
+/// A host that looked a name up in vain, then loses the race to make it (`mkdir -p` on two
+/// hosts), finds what the other host made at its next lookup: not `EEXIST`, then `ENOENT`.
+#[test]
+fn a_name_another_host_made_since_it_was_looked_up_is_found_after_eexist() {
+    let client = Arc::new(MemClient::new());
+    let (a, b) = (host(&client), host(&client));
+    assert_eq!(
+        b.store.stat(p("nd")).unwrap_err().raw_os_error(),
+        libc::ENOENT
+    );
+    a.store.mkdir(p("nd"), 0o755, None).unwrap();
+    assert_eq!(
+        b.store
+            .mkdir(p("nd"), 0o755, None)
+            .unwrap_err()
+            .raw_os_error(),
+        libc::EEXIST
+    );
+    assert_eq!(b.store.stat(p("nd")).unwrap().kind, Kind::Dir);
+    // The same for a file made with O_EXCL.
+    assert_eq!(
+        b.store.stat(p("f")).unwrap_err().raw_os_error(),
+        libc::ENOENT
+    );
+    a.store.create(p("f"), 0o644, None, true).unwrap();
+    assert_eq!(
+        b.store
+            .create(p("f"), 0o644, None, true)
+            .unwrap_err()
+            .raw_os_error(),
+        libc::EEXIST
+    );
+    assert_eq!(b.store.stat(p("f")).unwrap().kind, Kind::File);
+}
+
 #[test]
 fn appends_from_two_hosts_keep_both_hosts_bytes() {
     let client = Arc::new(MemClient::new());
