@@ -1445,6 +1445,37 @@ os.close(fd)
     assert!(data[..100].iter().all(|&b| b == b'a'));
 }
 
+/// A counter incremented under `lockf` by four processes that unlock before they close (read,
+/// rewrite, `lockf(F_ULOCK)`, `close`): the unlock commits, so no increment is lost.
+#[test]
+fn a_counter_kept_under_lockf_loses_no_increment_when_unlocked_before_close() {
+    let m = Mounted::room();
+    fs::write(m.p("count"), b"0").unwrap();
+    let out = python(
+        &m.mnt,
+        r#"
+import fcntl, os, subprocess, sys
+p = os.environ['MNT'] + '/count'
+worker = """
+import fcntl, os, sys
+p = sys.argv[1]
+for _ in range(50):
+    fd = os.open(p, os.O_RDWR)
+    fcntl.lockf(fd, fcntl.LOCK_EX)
+    n = int(os.pread(fd, 32, 0) or b'0')
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(n + 1).encode(), 0)
+    fcntl.lockf(fd, fcntl.LOCK_UN)
+    os.close(fd)
+"""
+procs = [subprocess.Popen([sys.executable, '-c', worker, p]) for _ in range(4)]
+assert all(proc.wait() == 0 for proc in procs)
+print(open(p).read())
+"#,
+    );
+    assert_eq!(out.trim(), "200");
+}
+
 #[test]
 fn fcntl_and_flock_locks_work_between_processes() {
     let m = Mounted::room();

@@ -124,6 +124,8 @@ pub struct FileHandle {
     pub appends_direct: bool,
     /// The committed version this handle works from.
     base: Arc<dyn Content>,
+    /// When `base` became what it is (see `based_after`).
+    based: Instant,
     pending: Pending,
     /// Nobody else had the file open when this writer opened it: a large working copy is
     /// seeded on demand only, hoping to commit only the changed ranges (see `Change::Ranges`).
@@ -185,6 +187,7 @@ impl FileHandle {
             direct_io,
             appends_direct: false,
             base,
+            based: Instant::now(),
             pending: Pending::Clean,
             locker: false,
             seed_on_demand: false,
@@ -368,6 +371,7 @@ impl FileHandle {
             seeding.cancel();
         }
         self.base = content;
+        self.based = Instant::now();
         self.pending = Pending::Clean;
         self.only_emptied = false;
         self.abandoned = false;
@@ -381,6 +385,7 @@ impl FileHandle {
     pub fn rebase_created(&mut self, content: Arc<dyn Content>) {
         debug_assert_eq!(content.meta().size, self.base.meta().size);
         self.base = content;
+        self.based = Instant::now();
         self.creates = false;
     }
 
@@ -431,7 +436,14 @@ impl FileHandle {
             return false;
         }
         self.base = latest;
+        self.based = Instant::now();
         true
+    }
+
+    /// Whether the handle's base was set after `at`: a version found before then may be
+    /// older than it (its own commit since), and must not replace it.
+    pub fn based_after(&self, at: Instant) -> bool {
+        self.based > at
     }
 
     /// Creates the working copy if there is none yet, seeded from the base and the appends

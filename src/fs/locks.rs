@@ -11,6 +11,11 @@
 //! locks only its WAL index, `NAME-shm`, and reads `NAME` under those locks: a lock on
 //! `NAME-shm` moves that process's handles of `NAME` on too.
 //!
+//! The other half of that protocol: a program that releases its lock before it closes the file
+//! (`lockf(F_ULOCK)`, `fcntl(F_UNLCK)`, then `close`) expects the next holder to read what it
+//! wrote. So an unlock first commits what the releasing process changed in the file (its
+//! handles of it with uncommitted changes); a failed commit is reported at their close.
+//!
 //! A handle that reads through the kernel's page cache moves only when every handle reading
 //! the file through the page cache takes part in locking (plain readers keep their version
 //! whole, and the page cache is shared): the pages are then dropped before the grant is
@@ -109,6 +114,9 @@ impl Fs {
             Err(e) => return reply(Err(e)),
         };
         let locking = request.kind.is_some();
+        if !locking {
+            self.commit_before_unlock(fh, pid);
+        }
         let locks = self.space.locks();
         if !wait {
             let (result, answers) = locks.set(request);
@@ -127,6 +135,32 @@ impl Fs {
             Err(e) => reply(Err(Errno(e))),
         });
         locks.set_waiting(request, answer).give();
+    }
+
+    /// Commits what process `pid` changed in the file of `fh` before it releases a lock on it
+    /// (see the module docs): `fh`, and its other handles of the file with changes.
+    fn commit_before_unlock(&self, fh: u64, pid: u32) {
+        let Ok(handle) = self.file(fh) else {
+            return;
+        };
+        let ino = lock(&handle).ino;
+        let handles = match lock(&self.opens).get(&ino) {
+            Some(state) => state.handles.clone(),
+            None => vec![fh],
+        };
+        for other in handles {
+            let Ok(handle) = self.file(other) else {
+                continue;
+            };
+            let mut h = lock(&handle);
+            let theirs = other == fh || h.users.include_process(pid, super::closers::thread_group);
+            if theirs
+                && h.dirty()
+                && let Err(e) = self.commit(&mut h, false)
+            {
+                log::warn!("the commit before an unlock of inode {ino} failed: {e:?}");
+            }
+        }
     }
 
     /// A lock was granted through `fh` to process `pid`: answers `reply`, after moving the

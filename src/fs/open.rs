@@ -59,6 +59,7 @@ impl Fs {
         };
         self.allow("open", path, access)?;
         let truncate = writable && flags & libc::O_TRUNC != 0;
+        let found = std::time::Instant::now();
         let committed = self.store.open(path)?;
         // A rename onto the name changes the store first and the table after: the store may
         // have given the file the name holds now, while the table still names the inode it
@@ -121,7 +122,7 @@ impl Fs {
                 state.handles.push(fh);
                 state.writers += 1;
                 drop(opens);
-                return Ok((self.join(fh, shared, committed, by), None));
+                return Ok((self.join(fh, shared, (committed, found), by), None));
             }
             state.handles.push(fh);
             if passing != Passing::No {
@@ -215,18 +216,23 @@ impl Fs {
     }
 
     /// Makes `fh` another name of the shared read-write handle `shared`. While it has nothing
-    /// uncommitted, it moves on to `latest` (the version this open found), so a new member
-    /// never reads older data than a fresh open would.
+    /// uncommitted, it moves on to `latest` (the version this open found, at `found`), so a
+    /// new member never reads older data than a fresh open would — unless the handle's base
+    /// is newer than that (a member committed since the open asked the store: moving there
+    /// would take the file back to an older version, and the next lock holder would read it,
+    /// losing an update).
     pub(super) fn join(
         &self,
         fh: u64,
         shared: Arc<Mutex<FileHandle>>,
-        latest: Arc<dyn Content>,
+        (latest, found): (Arc<dyn Content>, std::time::Instant),
         by: Tid,
     ) -> Opened {
         let mut h = lock(&shared);
         h.users.add(by);
-        let moved = latest.meta().version != h.base().meta().version && h.move_to(latest);
+        let moved = latest.meta().version != h.base().meta().version
+            && !h.based_after(found)
+            && h.move_to(latest);
         let direct_io = h.direct_io;
         drop(h);
         write_lock(&self.files).insert(fh, shared);

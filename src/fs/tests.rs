@@ -1464,6 +1464,61 @@ fn large_directories_are_read_a_reply_at_a_time() {
 }
 
 /// Takes a lock through `fh` for `owner` without waiting; the answer.
+/// A process that releases its lock before closing (`lockf(F_ULOCK)`, then `close`): what it
+/// wrote is committed at the unlock, so the next holder reads it (a counter incremented under
+/// the lock by several processes loses no increment).
+#[test]
+fn an_unlock_commits_what_the_holder_wrote() {
+    for s in every_store() {
+        s.put("count", b"0");
+        let ino = s.fs.lookup(ROOT, name("count")).unwrap().ino;
+        let a = s.fs.open(ino, RW, CALLER).unwrap();
+        setlk(&s, a.fh, 7, libc::F_WRLCK).unwrap();
+        s.fs.write(a.fh, 0, b"1", CALLER).unwrap();
+        assert_eq!(s.read("count"), b"0", "not committed while locked");
+        let b = s.fs.open(ino, libc::O_RDONLY, CALLER).unwrap();
+        setlk(&s, a.fh, 7, libc::F_UNLCK).unwrap();
+        assert_eq!(s.read("count"), b"1", "committed at the unlock");
+        // The next holder, with a handle opened before, reads it.
+        setlk(&s, b.fh, 8, libc::F_RDLCK).unwrap();
+        assert_eq!(s.fs.read(b.fh, 0, 10).unwrap(), b"1");
+        setlk(&s, b.fh, 8, libc::F_UNLCK).unwrap();
+        s.fs.release(b.fh).unwrap();
+        s.fs.release(a.fh).unwrap();
+        assert_eq!(s.read("count"), b"1");
+    }
+}
+
+/// A read-write open joins the shared handle with the version it found; if a member
+/// committed after that (the open asked the store before the commit, joined after), the
+/// handle keeps its newer base rather than going back to the version found.
+#[test]
+fn a_read_write_open_never_takes_the_shared_handle_back_to_an_older_version() {
+    for s in every_store() {
+        s.put("count", b"0");
+        let ino = s.fs.lookup(ROOT, name("count")).unwrap().ino;
+        let a = s.fs.open(ino, libc::O_RDWR, CALLER).unwrap();
+        // Another open asks the store now...
+        let found = std::time::Instant::now();
+        let stale = s.store.open(Path::new("count")).unwrap();
+        // ...a member commits...
+        s.fs.write(a.fh, 0, b"1", CALLER).unwrap();
+        s.fs.flush(a.fh, CALLER, None).unwrap();
+        assert_eq!(s.read("count"), b"1");
+        // ...and the open joins.
+        let shared = s.fs.file(a.fh).unwrap();
+        let b = s.fs.join(999, shared, (stale, found), CALLER);
+        assert_eq!(
+            s.fs.read(b.fh, 0, 10).unwrap(),
+            b"1",
+            "not back to the old version"
+        );
+        // (`b` is a name of the handle only: the open that would have made it counts it.)
+        write_lock(&s.fs.files).remove(&b.fh);
+        s.fs.release(a.fh).unwrap();
+    }
+}
+
 fn setlk(s: &Setup, fh: u64, owner: u64, typ: i32) -> FsResult<()> {
     let (tx, rx) = std::sync::mpsc::channel();
     let reply = Box::new(move |r| tx.send(r).unwrap());
