@@ -4,7 +4,7 @@
 use std::ffi::OsStr;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use fuser::{
     CopyFileRangeFlags, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
@@ -249,8 +249,22 @@ fn open_flags(o: &Opened) -> FopenFlags {
 fn time_spec(t: Option<TimeOrNow>) -> Option<TimeSpec> {
     t.map(|t| match t {
         TimeOrNow::Now => TimeSpec::Now,
-        TimeOrNow::SpecificTime(t) => TimeSpec::At(t),
+        TimeOrNow::SpecificTime(t) => TimeSpec::At(before_epoch_fixed(t)),
     })
+}
+
+/// A time the kernel sent as seconds and nanoseconds, as fuser 0.18 makes it: a time before
+/// 1970 (`tv_sec` −s, `tv_nsec` n, meaning −s + n) comes as −(s + n) (its `TODO` in
+/// `system_time_from_time`), so `touch -d '1969-12-31 23:59:59.25'` would set −1.25 s, not
+/// −0.75 s. The mapping is one to one, so the time meant is recovered.
+fn before_epoch_fixed(t: SystemTime) -> SystemTime {
+    match SystemTime::UNIX_EPOCH.duration_since(t) {
+        Ok(d) if d.subsec_nanos() != 0 => {
+            SystemTime::UNIX_EPOCH - Duration::from_secs(d.as_secs())
+                + Duration::from_nanos(u64::from(d.subsec_nanos()))
+        }
+        _ => t,
+    }
 }
 
 /// An xattr value or name list: its size when asked with `size` 0, ERANGE when it does not

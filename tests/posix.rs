@@ -1476,6 +1476,35 @@ print(open(p).read())
     assert_eq!(out.trim(), "200");
 }
 
+/// Times before 1970 with a fraction of a second are set as given (`touch -d
+/// '1969-12-31 23:59:59.25'` is 0.75 s before the epoch, not 1.25 s).
+#[test]
+fn times_before_1970_keep_their_fractions() {
+    let m = Mounted::room();
+    fs::write(m.p("old"), b"x").unwrap();
+    let out = python(
+        &m.mnt,
+        r#"
+import os
+p = os.environ['MNT'] + '/old'
+os.utime(p, ns=(-750_000_000, -99_999_999_995))
+st = os.stat(p)
+print(st.st_atime_ns, st.st_mtime_ns)
+os.utime(p, ns=(0, -750_000_000))
+print(os.stat(p).st_mtime_ns)
+"#,
+    );
+    let lines: Vec<&str> = out.lines().collect();
+    // (S3 keeps no atime: it reads as the mtime, doc/S3.md.)
+    let atime = if m.is_s3() {
+        "-99999999995"
+    } else {
+        "-750000000"
+    };
+    assert_eq!(lines[0], format!("{atime} -99999999995"));
+    assert_eq!(lines[1], "-750000000");
+}
+
 #[test]
 fn fcntl_and_flock_locks_work_between_processes() {
     let m = Mounted::room();
