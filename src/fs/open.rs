@@ -60,17 +60,26 @@ impl Fs {
         self.allow("open", path, access)?;
         let truncate = writable && flags & libc::O_TRUNC != 0;
         let found = std::time::Instant::now();
-        let committed = self.store.open(path)?;
+        let mut committed = self.store.open(path)?;
         // A rename onto the name changes the store first and the table after: the store may
         // have given the file the name holds now, while the table still names the inode it
         // is replacing (the kernel would read the new file's bytes within the old one's size).
-        // Once no rename of the name is under way, the inode's name says which it was: not
-        // this one, or a rename ran meanwhile, and the kernel looks the name up again.
-        if created == Created::No
-            && (self.space.wait_moves(path)
-                || read_lock(&self.table).path(ino).as_deref() != Some(path))
-        {
-            return Err(Errno::ESTALE);
+        // Once no rename of the name is under way, the inode's name says which it was: if the
+        // inode lost the name (renamed over, or moved), the kernel looks the name up again
+        // (`ESTALE`); if a rename ran but left the name this inode's, the store is asked again.
+        if created == Created::No {
+            let mut tries = 0;
+            loop {
+                let waited = self.space.wait_moves(path);
+                if read_lock(&self.table).path(ino).as_deref() != Some(path) || tries == 3 {
+                    return Err(Errno::ESTALE);
+                }
+                if !waited {
+                    break;
+                }
+                tries += 1;
+                committed = self.store.open(path)?;
+            }
         }
         let meta = committed.meta().clone();
         let version = meta.version.clone();
