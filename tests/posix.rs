@@ -682,6 +682,20 @@ print(open(os.path.join(d, 'b'), 'rb').read())
     }
 }
 
+/// A shell's redirect into `keep.txt` that fails for want of space (`cmd > f` hands the
+/// command a dup of the descriptor it opened): the file keeps its previous version.
+fn failed_redirect_keeps_the_previous_version(m: &Mounted, previous: &[u8]) {
+    let out = output(
+        Command::new("bash")
+            .arg("-c")
+            .arg("head -c 32M /dev/zero > keep.txt")
+            .current_dir(&m.mnt),
+    );
+    assert!(!out.status.success());
+    assert!(fs::read(m.p("keep.txt")).unwrap() == previous);
+    assert!(m.committed("keep.txt") == previous);
+}
+
 /// A write that fails on a full disk is reported, and so is every commit of what that handle
 /// wrote (`fsync`, `close`): the file keeps its previous version, and the space the working
 /// copy took is given back. Writing the failed bytes again, or cutting them off, makes the
@@ -728,17 +742,7 @@ fn a_full_disk_fails_the_write_and_the_close_and_keeps_the_previous_version() {
     assert!(m.committed("keep.txt") == previous);
     assert!(space_back(), "the working copy's space is back");
 
-    // The same through a shell's redirect (`cmd > f` hands the command a dup of the
-    // descriptor it opened): the command fails, the file keeps its previous version.
-    let out = output(
-        Command::new("bash")
-            .arg("-c")
-            .arg("head -c 32M /dev/zero > keep.txt")
-            .current_dir(&m.mnt),
-    );
-    assert!(!out.status.success());
-    assert!(fs::read(m.p("keep.txt")).unwrap() == previous);
-    assert!(m.committed("keep.txt") == previous);
+    failed_redirect_keeps_the_previous_version(&m, &previous);
     assert!(space_back());
 
     // A new file stays empty, as it was created.
@@ -854,15 +858,7 @@ fn a_full_spool_fails_the_write_and_the_close_and_keeps_the_previous_version() {
     assert!(m.committed("keep.txt") == previous);
     assert!(room_back(), "the working copy's room is back");
 
-    let out = output(
-        Command::new("bash")
-            .arg("-c")
-            .arg("head -c 32M /dev/zero > keep.txt")
-            .current_dir(&m.mnt),
-    );
-    assert!(!out.status.success());
-    assert!(fs::read(m.p("keep.txt")).unwrap() == previous);
-    assert!(m.committed("keep.txt") == previous);
+    failed_redirect_keeps_the_previous_version(&m, &previous);
     assert!(room_back());
 
     let mut f = File::create(m.p("new.bin")).unwrap();
