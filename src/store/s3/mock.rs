@@ -79,6 +79,8 @@ pub struct MemClient {
     /// PUTs carried out, then reported failed (see `lose_put_replies`).
     lost_replies: Mutex<Vec<(String, u32)>>,
     delays: Mutex<HashMap<Op, Duration>>,
+    /// HEADs answered late: the object as it was when the request came, after this long.
+    slow_head_replies: Mutex<Option<(Duration, u32)>>,
     counts: Mutex<HashMap<Op, u64>>,
     next_upload: AtomicU64,
     /// Ignore `If-None-Match`/`If-Match` on writes, as some S3 servers do.
@@ -136,6 +138,12 @@ impl MemClient {
         lock(&self.faults).clear();
         lock(&self.lost_replies).clear();
         lock(&self.delays).clear();
+    }
+
+    /// Makes the next `times` HEADs answer what the object was when they came, `delay` later
+    /// (a reply on its way while the object changes).
+    pub fn slow_head_replies(&self, delay: Duration, times: u32) {
+        *lock(&self.slow_head_replies) = Some((delay, times));
     }
 
     /// Makes every request of `op` take `delay` first (a slow store).
@@ -284,16 +292,32 @@ impl ObjectClient for MemClient {
     fn head(&self, key: &str) -> ClientResult<ObjectInfo> {
         self.enter(Op::Head, key, "HEAD")?;
         check_key(key, "HEAD")?;
-        let objects = lock(&self.objects);
-        let o = objects
-            .get(key)
-            .ok_or_else(|| ClientError::new(Failure::NotFound, what("HEAD", key)))?;
-        Ok(ObjectInfo {
-            size: o.data.len() as u64,
-            etag: o.etag.clone(),
-            last_modified: o.last_modified,
-            metadata: o.metadata.clone(),
-        })
+        let answer = {
+            let objects = lock(&self.objects);
+            let o = objects
+                .get(key)
+                .ok_or_else(|| ClientError::new(Failure::NotFound, what("HEAD", key)))?;
+            ObjectInfo {
+                size: o.data.len() as u64,
+                etag: o.etag.clone(),
+                last_modified: o.last_modified,
+                metadata: o.metadata.clone(),
+            }
+        };
+        let slow = {
+            let mut slow = lock(&self.slow_head_replies);
+            match &mut *slow {
+                Some((delay, times)) if *times > 0 => {
+                    *times -= 1;
+                    Some(*delay)
+                }
+                _ => None,
+            }
+        };
+        if let Some(delay) = slow {
+            std::thread::sleep(delay);
+        }
+        Ok(answer)
     }
 
     fn get(

@@ -87,6 +87,38 @@ pub struct S3Store {
     /// `Last-Modified` is stamped by the store's clock, in the middle of the request). Other
     /// hosts see the `Last-Modified`.
     stamped: Mutex<HashMap<PathBuf, Stamp>>,
+    /// When this store last changed what it knows of each path (its own change, or a
+    /// `forget`), and of each tree (a directory renamed or removed, `forget_below`): the
+    /// store's answer to a request made before that is older than what this store knows, and
+    /// is not remembered over it (see `answered`). Kept for `CHANGED_FOR`.
+    changed: Mutex<Changed>,
+}
+
+#[derive(Default)]
+struct Changed {
+    paths: HashMap<PathBuf, Instant>,
+    trees: HashMap<PathBuf, Instant>,
+}
+
+/// How long a change is kept in `S3Store::changed`: longer than a request takes (a request
+/// answered later than this after a change may be remembered over it).
+const CHANGED_FOR: Duration = Duration::from_secs(600);
+
+impl Changed {
+    fn note(map: &mut HashMap<PathBuf, Instant>, path: &Path) {
+        if map.len() >= 10_000 {
+            map.retain(|_, at| at.elapsed() < CHANGED_FOR);
+        }
+        map.insert(path.to_path_buf(), Instant::now());
+    }
+
+    /// Whether `path`, or a tree holding it, changed after `asked`.
+    fn since(&self, path: &Path, asked: Instant) -> bool {
+        self.paths.get(path).is_some_and(|at| *at > asked)
+            || path
+                .ancestors()
+                .any(|p| self.trees.get(p).is_some_and(|at| *at > asked))
+    }
 }
 
 /// A version this store made (see `S3Store::stamped`): its ETag, this host's clock when it
@@ -168,6 +200,7 @@ impl S3Store {
             metas: Mutex::new(HashMap::new()),
             indexes: Mutex::new(HashMap::new()),
             listings: Mutex::new(HashMap::new()),
+            changed: Mutex::new(Changed::default()),
             large_dirs: Mutex::new(HashMap::new()),
             asked: Mutex::new(HashMap::new()),
             walks: Mutex::new(HashMap::new()),
@@ -318,7 +351,29 @@ impl S3Store {
         (self.fresh(*at) && !is_root(path) && !names.contains(&name)).then_some(None)
     }
 
+    /// Remembers what this store's own change made of `path` (see `answered` for what the
+    /// store says).
     pub(super) fn remember(&self, path: &Path, meta: Option<Meta>) {
+        Changed::note(&mut lock(&self.changed).paths, path);
+        self.keep(path, meta);
+    }
+
+    /// What the store said of `path`, asked at `asked`: remembered, unless this store changed
+    /// or forgot `path` since (a HEAD or LIST under way while this host renamed a file over
+    /// it would otherwise bring back the old version's size and ETag, for the new inode).
+    /// Returns what is known now: the store's answer, or this store's newer knowledge.
+    fn answered(&self, path: &Path, meta: Option<Meta>, asked: Instant) -> Option<Meta> {
+        if lock(&self.changed).since(path, asked) {
+            return match self.remembered(path) {
+                Some(newer) => newer,
+                None => meta,
+            };
+        }
+        self.keep(path, meta.clone());
+        meta
+    }
+
+    fn keep(&self, path: &Path, meta: Option<Meta>) {
         {
             let mut metas = lock(&self.metas);
             if metas.len() > 100_000 {
@@ -341,12 +396,14 @@ impl S3Store {
 
     /// Forgets what is known of `path` (and so that its directory is wholly known).
     fn forget(&self, path: &Path) {
+        Changed::note(&mut lock(&self.changed).paths, path);
         lock(&self.metas).remove(path);
         lock(&self.listings).remove(&split(path).0);
     }
 
     /// Forgets everything remembered at and below `path`, but not its directory's listing.
     fn forget_below(&self, path: &Path) {
+        Changed::note(&mut lock(&self.changed).trees, path);
         lock(&self.metas).retain(|p, _| !p.starts_with(path));
         lock(&self.indexes).retain(|p, _| !p.starts_with(path));
         lock(&self.listings).retain(|p, _| !p.starts_with(path));
@@ -712,6 +769,8 @@ impl S3Store {
         if let Some(meta) = self.pending(path) {
             return Ok(meta);
         }
+        let asked = Instant::now();
+        let known = |meta: Option<Meta>| meta.ok_or_else(|| err(libc::ENOENT));
         let key = match self.keys.key(path) {
             Ok(key) => key,
             // A name no object can have is not there (making one is refused with EINVAL).
@@ -741,8 +800,7 @@ impl S3Store {
                 let attrs = self.attrs_of(&info.metadata);
                 let modified = self.modified(path, &info.etag, info.last_modified);
                 let meta = self.object_meta(info.size, &info.etag, modified, &attrs);
-                self.remember(path, Some(meta.clone()));
-                return Ok(meta);
+                return known(self.answered(path, Some(meta), asked));
             }
             Err(e) if e.is(Failure::NotFound) => {}
             Err(e) => return Err(e.into()),
@@ -761,12 +819,10 @@ impl S3Store {
         let prefix = self.keys.dir_prefix(path)?;
         let page = self.shared.client.list(&prefix, true, None, Some(1))?;
         if page.objects.is_empty() && page.prefixes.is_empty() {
-            self.remember(path, None);
-            return Err(err(libc::ENOENT));
+            return known(self.answered(path, None, asked));
         }
         let meta = self.dir_meta(&self.dir_attrs(path)?);
-        self.remember(path, Some(meta.clone()));
-        Ok(meta)
+        known(self.answered(path, Some(meta), asked))
     }
 
     /// The entries of the directory `path` (one LIST, paginated, and its index when it
@@ -816,7 +872,7 @@ impl S3Store {
             }
         }
         if !anything && !is_root(path) {
-            self.remember(path, None);
+            self.answered(path, None, started);
             return Err(err(libc::ENOENT));
         }
         self.mark_large_dir(path, pages > 1);
@@ -825,7 +881,7 @@ impl S3Store {
         let files: std::collections::HashSet<&str> =
             objects.iter().map(|(n, _)| n.as_str()).collect();
         for (name, o) in &objects {
-            let meta = self.listed_object(path, name, o, &index);
+            let meta = self.listed_object(path, name, o, &index, started);
             out.push(DirEntry {
                 name: OsString::from(name),
                 kind: meta.kind,
@@ -837,7 +893,7 @@ impl S3Store {
                 log::debug!("{prefix}{name}: both an object and a prefix; shown as the file");
                 continue;
             }
-            let meta = self.listed_dir(path, name, &index);
+            let meta = self.listed_dir(path, name, &index, started);
             out.push(DirEntry {
                 name: OsString::from(name),
                 kind: Kind::Dir,
@@ -865,8 +921,15 @@ impl S3Store {
     }
 
     /// The attributes of the object `o` listed as `name` in the directory `dir` (with its
-    /// index), remembered.
-    fn listed_object(&self, dir: &Path, name: &str, o: &ListedObject, index: &Index) -> Meta {
+    /// index) by a listing asked for at `asked`, remembered (see `answered`).
+    fn listed_object(
+        &self,
+        dir: &Path,
+        name: &str,
+        o: &ListedObject,
+        index: &Index,
+        asked: Instant,
+    ) -> Meta {
         let attrs = index
             .entries
             .get(name)
@@ -875,21 +938,21 @@ impl S3Store {
         let entry = dir.join(name);
         let modified = self.modified(&entry, &o.etag, o.last_modified);
         let meta = self.object_meta(o.size, &o.etag, modified, &attrs);
-        self.remember(&entry, Some(meta.clone()));
-        meta
+        self.answered(&entry, Some(meta.clone()), asked)
+            .unwrap_or(meta)
     }
 
     /// The attributes of the directory listed as `name` in the directory `dir` (with its
-    /// index), remembered.
-    fn listed_dir(&self, dir: &Path, name: &str, index: &Index) -> Meta {
+    /// index) by a listing asked for at `asked`, remembered (see `answered`).
+    fn listed_dir(&self, dir: &Path, name: &str, index: &Index, asked: Instant) -> Meta {
         let attrs = index
             .entries
             .get(name)
             .and_then(|e| e.attrs(Kind::Dir, None, &self.defaults))
             .unwrap_or_else(|| Attrs::default_dir(&self.defaults));
         let meta = self.dir_meta(&attrs);
-        self.remember(&dir.join(name), Some(meta.clone()));
-        meta
+        self.answered(&dir.join(name), Some(meta.clone()), asked)
+            .unwrap_or(meta)
     }
 
     /// What one page of the listing of the large directory `dir`, from its entry `name`
@@ -897,6 +960,7 @@ impl S3Store {
     /// that the page answers for the names a walk through the directory asks about next.
     /// `Err(ENOENT)` if the page went past where `name` would be; `None` if it ended before.
     fn listed_from(&self, path: &Path, dir: &Path, name: &str) -> StoreResult<Option<Meta>> {
+        let asked = Instant::now();
         let prefix = self.keys.dir_prefix(dir)?;
         // After a key just before the name's (its name less the last character).
         let mut before = name.to_string();
@@ -918,7 +982,7 @@ impl S3Store {
         let mut files = std::collections::HashSet::new();
         for o in &page.objects {
             if let Some(n) = listed_name(&prefix, &o.key, false) {
-                let meta = self.listed_object(dir, n, o, &index);
+                let meta = self.listed_object(dir, n, o, &index, asked);
                 files.insert(n);
                 if n == name {
                     found = Some(meta);
@@ -929,7 +993,7 @@ impl S3Store {
             if let Some(n) = listed_name(&prefix, p, true)
                 && !files.contains(n)
             {
-                let meta = self.listed_dir(dir, n, &index);
+                let meta = self.listed_dir(dir, n, &index, asked);
                 if n == name && found.is_none() {
                     found = Some(meta);
                 }
@@ -947,8 +1011,10 @@ impl S3Store {
         let past =
             page.next.is_none() || last.is_some_and(|k| k > format!("{prefix}{name}/").as_str());
         if past {
-            self.remember(path, None);
-            return Err(err(libc::ENOENT));
+            return match self.answered(path, None, asked) {
+                Some(meta) => Ok(Some(meta)),
+                None => Err(err(libc::ENOENT)),
+            };
         }
         Ok(None)
     }
@@ -986,19 +1052,18 @@ impl S3Store {
     /// it is not there, `None` if the directory takes more than a page to list (it is not
     /// listed further). The listing is remembered (see `list_dir`).
     fn listed(&self, path: &Path, dir: &Path, name: &str) -> StoreResult<Option<Meta>> {
+        let asked = Instant::now();
+        let absent = || match self.answered(path, None, asked) {
+            Some(meta) => Ok(Some(meta)),
+            None => Err(err(libc::ENOENT)),
+        };
         match self.list_dir(dir, Some(1)) {
             Ok(Some(entries)) => match entries.into_iter().find(|e| e.name == name) {
                 Some(e) => Ok(Some(e.meta.expect("listed with attributes"))),
-                None => {
-                    self.remember(path, None);
-                    Err(err(libc::ENOENT))
-                }
+                None => absent(),
             },
             Ok(None) => Ok(None),
-            Err(e) if e.raw_os_error() == libc::ENOENT => {
-                self.remember(path, None);
-                Err(e)
-            }
+            Err(e) if e.raw_os_error() == libc::ENOENT => absent(),
             Err(e) => Err(e),
         }
     }

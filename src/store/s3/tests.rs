@@ -453,6 +453,33 @@ fn a_name_another_host_made_since_it_was_looked_up_is_found_after_eexist() {
     assert_eq!(b.store.stat(p("f")).unwrap().kind, Kind::File);
 }
 
+/// A HEAD on its way while this host commits a new version of the file answers the old one:
+/// that answer is not remembered over the commit (the kernel would be told the old size for
+/// the new bytes until the TTL passes, and cut its reads there).
+#[test]
+fn an_answer_older_than_this_hosts_change_is_not_remembered_over_it() {
+    let client = Arc::new(MemClient::new());
+    let (a, b) = (host(&client), host(&client));
+    write(b.store.as_ref(), "f", b"old").unwrap();
+    // A does not know the file yet: its stat asks, and the answer comes late.
+    let base = a.store.open(p("f")).unwrap();
+    a.store.forget(p("f"), false);
+    client.slow_head_replies(Duration::from_millis(400), 1);
+    std::thread::scope(|scope| {
+        let asking = scope.spawn(|| a.store.stat(p("f")).unwrap().size);
+        std::thread::sleep(Duration::from_millis(100));
+        let copy = a.store.working_copy(p("f")).unwrap();
+        copy.write_at(b"newer", 0).unwrap();
+        commit_whole(a.store.as_ref(), "f", &base, &copy).unwrap();
+        asking.join().unwrap();
+    });
+    assert_eq!(
+        a.store.stat(p("f")).unwrap().size,
+        5,
+        "the commit's, not the late answer's"
+    );
+}
+
 #[test]
 fn appends_from_two_hosts_keep_both_hosts_bytes() {
     let client = Arc::new(MemClient::new());
