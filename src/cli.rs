@@ -329,6 +329,9 @@ pub struct MountArgs {
     /// Mount read-only: every change fails with EROFS.
     #[arg(long)]
     pub read_only: bool,
+    /// Mount noexec: no file in the mount can be executed (execve fails with EACCES).
+    #[arg(long)]
+    pub noexec: bool,
     /// Threads serving filesystem requests [default: 4, 16 with an S3 store]. Not with --daemon
     /// (its config decides).
     #[arg(long, value_name = "N")]
@@ -615,6 +618,7 @@ fn mount_via_daemon(args: &MountArgs) -> anyhow::Result<()> {
         passthrough: args.no_passthrough.then_some(false),
         label: args.label.clone(),
         read_only: args.read_only.then_some(true),
+        noexec: args.noexec.then_some(true),
         store: args.store.clone(),
     };
     let socket = args.socket.as_deref().unwrap_or(Path::new(DEFAULT_SOCKET));
@@ -855,6 +859,7 @@ fn mount_spec(args: MountArgs) -> anyhow::Result<MountSpec> {
             None => token_name,
         },
         read_only: args.read_only,
+        no_exec: args.noexec,
     })
 }
 

@@ -134,6 +134,8 @@ struct Plan {
     space: SpaceId,
     grants: Vec<String>,
     read_only: bool,
+    /// `noexec`: nothing in the mount can be executed.
+    no_exec: bool,
     sync_on_close: bool,
     passthrough: bool,
     /// Who the mount's changes are made by, in events.
@@ -144,13 +146,14 @@ struct Plan {
 }
 
 /// Options mount(8) or the user may give that mean nothing to roomfs, and are ignored as every
-/// filesystem ignores them: scheduling (`auto`, `_netdev`, `nofail`), who may mount (`user`)
-/// and flags roomfs mounts always have or that cost nothing to accept (`nodev`, `nosuid`).
+/// filesystem ignores them: scheduling (`auto`, `_netdev`, `nofail`), who may mount (`user`;
+/// mount(8) adds `noexec,nosuid,nodev` for it, and `noexec` is honoured) and flags roomfs
+/// mounts always have or that cost nothing to accept (`nodev`, `nosuid`: every roomfs mount
+/// is both, whatever `dev` or `suid` ask).
 fn ignored(option: &str) -> bool {
-    const IGNORED: [&str; 20] = [
+    const IGNORED: [&str; 19] = [
         "defaults", "rw", "auto", "noauto", "user", "users", "nouser", "owner", "group", "nofail",
-        "_netdev", "dev", "nodev", "suid", "nosuid", "exec", "async", "atime", "noatime",
-        "relatime",
+        "_netdev", "dev", "nodev", "suid", "nosuid", "async", "atime", "noatime", "relatime",
     ];
     IGNORED.contains(&option) || option.starts_with("x-") || option.starts_with("comment=")
 }
@@ -168,6 +171,7 @@ fn plan(source: &str, options: &[String], sloppy: bool) -> anyhow::Result<Plan> 
     };
     let mut grants = Vec::new();
     let (mut read_only, mut sync_on_close, mut passthrough) = (false, false, true);
+    let mut no_exec = false;
     let mut daemon = false;
     let mut socket = None;
     let mut flags: Vec<OsString> = Vec::new();
@@ -191,6 +195,9 @@ fn plan(source: &str, options: &[String], sloppy: bool) -> anyhow::Result<Plan> 
                 grants.extend(v.split('+').map(str::to_owned));
             }
             "ro" if value.is_none() => read_only = true,
+            // The last of `exec` and `noexec` wins, as with mount(8).
+            "noexec" if value.is_none() => no_exec = true,
+            "exec" if value.is_none() => no_exec = false,
             "sync_on_close" if value.is_none() => sync_on_close = true,
             "no_passthrough" if value.is_none() => passthrough = false,
             "daemon" if value.is_none() => daemon = true,
@@ -220,7 +227,7 @@ fn plan(source: &str, options: &[String], sloppy: bool) -> anyhow::Result<Plan> 
             _ => {
                 return Err(anyhow!(
                     "unknown option {option:?} (roomfs knows data_dir=, grant=PATH:ro|rw, ro, \
-                     sync_on_close, no_passthrough, cache_ttl=, threads=, records_dir=, log=, \
+                     noexec, sync_on_close, no_passthrough, cache_ttl=, threads=, records_dir=, log=, \
                      label=, store=, daemon, socket=)"
                 ));
             }
@@ -244,6 +251,7 @@ fn plan(source: &str, options: &[String], sloppy: bool) -> anyhow::Result<Plan> 
         space,
         grants,
         read_only,
+        no_exec,
         sync_on_close,
         passthrough,
         label,
@@ -264,6 +272,9 @@ fn mount_args(plan: &Plan, flags: &[OsString], mountpoint: &Path) -> Vec<OsStrin
     }
     if plan.read_only {
         args.push("--read-only".into());
+    }
+    if plan.no_exec {
+        args.push("--noexec".into());
     }
     if plan.sync_on_close {
         args.push("--sync-on-close".into());
@@ -298,6 +309,7 @@ fn mount_request(plan: &Plan, mountpoint: &Path) -> MountRequest {
         sync_on_close: plan.sync_on_close.then_some(true),
         passthrough: (!plan.passthrough).then_some(false),
         read_only: plan.read_only.then_some(true),
+        noexec: plan.no_exec.then_some(true),
         label: plan.label.clone(),
         store: plan.store.clone(),
     }
@@ -553,6 +565,50 @@ mod tests {
     }
 
     #[test]
+    fn noexec_as_mount_passes_it_for_user_lines_reaches_the_mount() {
+        // What mount(8) passes for `room:r1 /srv/r1 fuse.roomfs data_dir=/d,user 0 0`.
+        let opts = strings(&["rw", "noexec", "nosuid", "nodev", "data_dir=/d", "user"]);
+        let p = plan("room:r1", &opts, false).unwrap();
+        assert!(p.no_exec);
+        let Server::Background { flags, .. } = &p.server else {
+            panic!("{p:?}")
+        };
+        let args = mount_args(&p, flags, Path::new("/srv/r1"));
+        assert!(args.iter().any(|a| a == "--noexec"), "{args:?}");
+        // Through the daemon too.
+        let p = plan("room:r1", &strings(&["noexec", "users", "daemon"]), false).unwrap();
+        assert_eq!(mount_request(&p, Path::new("/m")).noexec, Some(true));
+        // The last of exec and noexec wins; exec is the default.
+        for (opts, no_exec) in [
+            (&["noexec", "exec"][..], false),
+            (&["exec", "noexec"], true),
+            (&["exec"], false),
+            (
+                &["defaults", "auto", "noauto", "nouser", "nofail", "_netdev"],
+                false,
+            ),
+        ] {
+            let p = plan("room:r1", &strings(opts), false).unwrap();
+            assert_eq!(p.no_exec, no_exec, "{opts:?}");
+            let Server::Background { flags, .. } = &p.server else {
+                panic!("{p:?}")
+            };
+            let args = mount_args(&p, flags, Path::new("/srv/r1"));
+            assert_eq!(args.iter().any(|a| a == "--noexec"), no_exec, "{opts:?}");
+            assert_eq!(
+                mount_request(&p, Path::new("/m")).noexec,
+                no_exec.then_some(true)
+            );
+        }
+        // Even sloppy, noexec is honoured rather than dropped as unknown.
+        assert!(
+            plan("room:r1", &strings(&["noexec"]), true)
+                .unwrap()
+                .no_exec
+        );
+    }
+
+    #[test]
     fn daemon_mounts_go_through_the_socket() {
         let p = plan(
             "session:s1",
@@ -616,7 +672,6 @@ mod tests {
         assert!(err("room:r", &["bogus=1"]).contains("unknown option \"bogus=1\""));
         assert!(err("room:r", &["grant"]).contains("grant needs a value"));
         assert!(err("room:r", &["daemon", "data_dir=/d"]).contains("daemon's config"));
-        assert!(err("room:r", &["noexec"]).contains("unknown option"));
         assert!(err("room:r", &["store=ftp://x"]).starts_with("store: "));
         for e in [err("room:r", &["bogus"]), err("x", &[])] {
             assert_eq!(e.lines().count(), 1, "{e}");

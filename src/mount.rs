@@ -53,6 +53,8 @@ pub struct MountSpec {
     pub participant: Option<String>,
     /// A read-only mount (the kernel refuses every change with EROFS).
     pub read_only: bool,
+    /// A `noexec` mount: no file in it can be executed (`execve` fails with EACCES).
+    pub no_exec: bool,
     /// Where the space is stored (a standalone mount; the daemon has its own).
     pub store: crate::store::StoreConfig,
 }
@@ -378,6 +380,7 @@ impl ActiveMount {
             // So the type reads `fuse.roomfs` (what `mount -t`, fstab and findmnt use).
             subtype: "roomfs",
             read_only: spec.read_only,
+            no_exec: spec.no_exec,
             allow_other: acl == SessionACL::All,
         };
         let (mounted, device) =

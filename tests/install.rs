@@ -263,6 +263,79 @@ fn an_fstab_line_mounts_with_the_usual_options() {
     assert_eq!(fs::read(data.join("rooms/r2/a.txt")).unwrap(), b"kept");
 }
 
+/// Writes an executable script `name` into `dir` and runs it: the errno of `execve`, or 0.
+fn exec_script(dir: &Path, name: &str) -> i32 {
+    let script = dir.join(name);
+    fs::write(&script, "#!/bin/sh\nexit 0\n").unwrap();
+    fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).unwrap();
+    match Command::new(&script).status() {
+        Ok(status) => {
+            assert!(status.success(), "{status}");
+            0
+        }
+        Err(e) => e.raw_os_error().unwrap_or(-1),
+    }
+}
+
+#[test]
+fn a_user_fstab_line_mounts_noexec_and_nothing_in_it_runs() {
+    let _helper = HelperInstalled::new();
+    let s = Scratch::new();
+    let data = s.dir("data");
+    let mnt = s.dir("srv/r3");
+    // mount(8) passes `rw,noexec,nosuid,nodev,...,user` for a `user` line, as it does for
+    // `users`; `-o noexec` is the same request made by hand.
+    let fstab = s.path("fstab");
+    fs::write(
+        &fstab,
+        format!(
+            "room:r3 {} fuse.roomfs data_dir={},user,noauto,nofail,_netdev 0 0\n",
+            mnt.display(),
+            data.display()
+        ),
+    )
+    .unwrap();
+    let (code, err) = run(
+        "mount",
+        &["--fstab", fstab.to_str().unwrap(), mnt.to_str().unwrap()],
+        &s,
+    );
+    assert_eq!(code, 0, "{err}");
+    let (_, _, options) = mount_entry(&mnt);
+    for want in ["noexec", "nosuid", "nodev"] {
+        assert!(options.split(',').any(|o| o == want), "{want}: {options}");
+    }
+    assert_eq!(exec_script(&mnt, "run.sh"), libc::EACCES);
+    let (code, err) = run("umount", &[mnt.to_str().unwrap()], &s);
+    assert_eq!(code, 0, "{err}");
+    wait_until("the server exits", || servers_of(&mnt).is_empty());
+    // Without noexec (or with exec after it), scripts run; nosuid and nodev stay.
+    let opts = format!("data_dir={},noexec,exec", data.display());
+    let (code, err) = run(
+        "mount",
+        &[
+            "-t",
+            "fuse.roomfs",
+            "room:r3",
+            mnt.to_str().unwrap(),
+            "-o",
+            &opts,
+        ],
+        &s,
+    );
+    assert_eq!(code, 0, "{err}");
+    let (_, _, options) = mount_entry(&mnt);
+    assert!(!options.split(',').any(|o| o == "noexec"), "{options}");
+    assert!(
+        options.contains("nosuid") && options.contains("nodev"),
+        "{options}"
+    );
+    assert_eq!(exec_script(&mnt, "run.sh"), 0);
+    let (code, err) = run("umount", &[mnt.to_str().unwrap()], &s);
+    assert_eq!(code, 0, "{err}");
+    wait_until("the server exits", || servers_of(&mnt).is_empty());
+}
+
 #[test]
 fn the_daemon_serves_helper_mounts_when_asked() {
     let _helper = HelperInstalled::new();

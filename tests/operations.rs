@@ -604,6 +604,7 @@ fn mount_daemon_forwards_every_flag_the_api_takes_and_refuses_the_others() {
         "--sync-on-close",
         "--no-passthrough",
         "--read-only",
+        "--noexec",
         "--label",
         "agent-7",
         p,
@@ -616,18 +617,26 @@ fn mount_daemon_forwards_every_flag_the_api_takes_and_refuses_the_others() {
         serde_json::json!([{
             "mountpoint": p, "room": null, "session": "s1", "grant": ["outputs/:rw"],
             "token": null, "sync_on_close": true, "passthrough": false, "label": "agent-7",
-            "read_only": true
+            "read_only": true, "noexec": true
         }])
     );
     let refused = fs::write(mnt.join("outputs"), b"x").unwrap_err();
     assert_eq!(refused.raw_os_error(), Some(libc::EROFS));
+    let info = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let line = info
+        .lines()
+        .rfind(|l| l.split(' ').nth(4) == Some(p))
+        .unwrap();
+    let options = line.split(' ').nth(5).unwrap();
+    assert!(options.split(',').any(|o| o == "noexec"), "{line}");
 }
 
 #[test]
 fn an_unprivileged_user_mounts_through_fusermount3() {
     // In a mount namespace of its own (gone with its last process, mounts and all), where
     // /dev/fuse is usable by every user as distributions ship it, `nobody` mounts a room
-    // through the setuid fusermount3, writes into it, and unmounts it.
+    // through the setuid fusermount3 (noexec: nothing in it runs), writes into it, and
+    // unmounts it.
     let tmp = tempfile::Builder::new()
         .prefix("roomfs-user-")
         .tempdir_in("/tmp")
@@ -645,7 +654,7 @@ fn an_unprivileged_user_mounts_through_fusermount3() {
         mknod -m 666 "$T/fuse" c 10 229
         mount --bind "$T/fuse" /dev/fuse
         as_nobody() { setpriv --reuid=65534 --regid=65534 --clear-groups "$@"; }
-        as_nobody "$T/roomfs" mount --data-dir "$T/data" --room r1 "$T/mnt" 2>"$T/log" &
+        as_nobody "$T/roomfs" mount --data-dir "$T/data" --room r1 --noexec "$T/mnt" 2>"$T/log" &
         server=$!
         for i in $(seq 200); do
             grep -q " $T/mnt " /proc/self/mountinfo && break
@@ -654,6 +663,8 @@ fn an_unprivileged_user_mounts_through_fusermount3() {
         done
         grep " $T/mnt " /proc/self/mountinfo
         as_nobody sh -c "echo hello > $T/mnt/f"
+        as_nobody sh -c "printf '#!/bin/sh\\n' > $T/mnt/run.sh && chmod +x $T/mnt/run.sh"
+        as_nobody "$T/mnt/run.sh" 2>/dev/null && echo "a script ran" || echo "exec refused: $?"
         echo "content: $(cat "$T/data/rooms/r1/f")"
         as_nobody "$T/roomfs" unmount "$T/mnt"
         for i in $(seq 200); do
@@ -681,6 +692,16 @@ fn an_unprivileged_user_mounts_through_fusermount3() {
         "{text}"
     );
     assert!(text.contains("content: hello"), "{text}");
+    let line = text
+        .lines()
+        .find(|l| l.contains("fuse.roomfs roomfs:rooms/r1"))
+        .unwrap();
+    let options = line.split(' ').nth(5).unwrap();
+    for want in ["noexec", "nosuid", "nodev"] {
+        assert!(options.split(',').any(|o| o == want), "{want}: {line}");
+    }
+    // setpriv exits 126 when it cannot execute the program (127: not found).
+    assert!(text.contains("exec refused: 126"), "{text}");
     assert!(text.contains("server exited: 0"), "{text}");
     assert!(!text.contains("still mounted"), "{text}");
 }

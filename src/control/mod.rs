@@ -192,6 +192,9 @@ pub struct MountRequest {
     /// Mount read-only: every change fails with EROFS (default: read-write).
     #[serde(default)]
     pub read_only: Option<bool>,
+    /// Mount `noexec`: no file in the mount can be executed (default: executable).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub noexec: Option<bool>,
     /// The store the space is in (`local`, `s3://bucket/prefix`): must be the one the daemon
     /// keeps such spaces in (default: that one).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -226,6 +226,7 @@ impl Daemon {
                 passthrough: None,
                 label: m.label,
                 read_only: None,
+                noexec: None,
                 store: None,
             };
             if let Err(e) = daemon.mount(req, Origin::Config) {
@@ -430,6 +431,7 @@ impl Daemon {
             limits: None,
             participant: token_name.or(req.label.clone()),
             read_only: req.read_only.unwrap_or(false),
+            no_exec: req.noexec.unwrap_or(false),
             store: self.store_of(space.kind).clone(),
         };
         let resources = Resources {

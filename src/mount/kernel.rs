@@ -31,6 +31,8 @@ pub struct Options {
     /// The subtype: the type reads `fuse.<subtype>`.
     pub subtype: &'static str,
     pub read_only: bool,
+    /// No file in the mount can be executed (`noexec`): `execve` fails with EACCES.
+    pub no_exec: bool,
     /// Let every user in (`allow_other`); otherwise only the user who mounted.
     pub allow_other: bool,
 }
@@ -111,9 +113,13 @@ fn mount_directly(mountpoint: &Path, options: &Options) -> io::Result<OwnedFd> {
     if options.allow_other {
         data.push_str(",allow_other");
     }
+    // Always nodev and nosuid: what agents write never becomes a device or a setuid program.
     let mut flags = MsFlags::MS_NODEV | MsFlags::MS_NOSUID;
     if options.read_only {
         flags |= MsFlags::MS_RDONLY;
+    }
+    if options.no_exec {
+        flags |= MsFlags::MS_NOEXEC;
     }
     nix::mount::mount(
         Some(options.source.as_str()),
@@ -137,6 +143,9 @@ fn mount_with_fusermount(mountpoint: &Path, options: &Options) -> io::Result<Own
     );
     if options.read_only {
         opts.push_str(",ro");
+    }
+    if options.no_exec {
+        opts.push_str(",noexec");
     }
     if options.allow_other {
         opts.push_str(",allow_other");
