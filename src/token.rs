@@ -302,8 +302,12 @@ pub fn parse_duration(s: &str) -> Result<Duration, Invalid> {
     Ok(Duration::from_secs(secs))
 }
 
+/// The fewest bytes a secret may have: 256 bits, the size of the HS256 hash (RFC 7518 asks
+/// for no less). Anyone who guesses the secret can forge tokens and download URLs.
+pub const MIN_SECRET_BYTES: usize = 32;
+
 /// Reads an HMAC secret from `path`, dropping one trailing newline (`\n` or
-/// `\r\n`). An empty secret is an error.
+/// `\r\n`). An empty secret, or one shorter than [`MIN_SECRET_BYTES`], is an error.
 pub fn read_secret_file(path: &Path) -> anyhow::Result<Vec<u8>> {
     use anyhow::Context;
     let mut secret = std::fs::read(path)
@@ -313,8 +317,20 @@ pub fn read_secret_file(path: &Path) -> anyhow::Result<Vec<u8>> {
     } else if secret.ends_with(b"\n") {
         secret.truncate(secret.len() - 1);
     }
+    let how = format!(
+        "make one with `head -c 32 /dev/urandom | base64 > {}`",
+        path.display()
+    );
     if secret.is_empty() {
-        anyhow::bail!("secret file {} is empty", path.display());
+        anyhow::bail!("secret file {} is empty ({how})", path.display());
+    }
+    if secret.len() < MIN_SECRET_BYTES {
+        anyhow::bail!(
+            "secret file {} holds a secret of {} bytes, too short to sign tokens and URLs with: \
+             it needs at least {MIN_SECRET_BYTES} ({how})",
+            path.display(),
+            secret.len()
+        );
     }
     Ok(secret)
 }
@@ -811,21 +827,33 @@ mod tests {
     fn secret_files() {
         let dir = std::env::temp_dir().join(format!("roomfs-token-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
+        // 32 bytes, the least a secret may have.
+        const S: &str = "s3cret-of-thirty-two-bytes-0123a";
+        assert_eq!(S.len(), MIN_SECRET_BYTES);
         let cases = [
-            ("plain", "s3cret", Some("s3cret")),
-            ("newline", "s3cret\n", Some("s3cret")),
-            ("crlf", "s3cret\r\n", Some("s3cret")),
-            ("two-newlines", "s3cret\n\n", Some("s3cret\n")),
-            ("empty", "\n", None),
+            ("plain", S.to_owned(), Ok(S.to_owned())),
+            ("newline", format!("{S}\n"), Ok(S.to_owned())),
+            ("crlf", format!("{S}\r\n"), Ok(S.to_owned())),
+            ("two-newlines", format!("{S}\n\n"), Ok(format!("{S}\n"))),
+            ("empty", "\n".to_owned(), Err("is empty")),
+            ("one-byte", "s\n".to_owned(), Err("of 1 bytes, too short")),
+            // 31 bytes, once the newline is dropped.
+            (
+                "short",
+                format!("{}\r\n", &S[1..]),
+                Err("of 31 bytes, too short"),
+            ),
         ];
         for (name, content, expected) in cases {
             let path = dir.join(name);
             std::fs::write(&path, content).unwrap();
             match expected {
-                Some(e) => assert_eq!(read_secret_file(&path).unwrap(), e.as_bytes(), "{name}"),
-                None => {
+                Ok(e) => assert_eq!(read_secret_file(&path).unwrap(), e.as_bytes(), "{name}"),
+                Err(want) => {
                     let err = format!("{:#}", read_secret_file(&path).unwrap_err());
-                    assert!(err.contains("empty") && err.contains(name), "{err}");
+                    assert!(err.contains(want) && err.contains(name), "{err}");
+                    // It says how to make a good one.
+                    assert!(err.contains("head -c 32 /dev/urandom"), "{err}");
                 }
             }
         }

@@ -917,6 +917,28 @@ fn bad_config_is_a_clear_error_at_start() {
         err.contains(&format!("cannot read secret file {}", missing.display())),
         "{err}"
     );
+    // Nor does a secret too short to sign with: anyone could guess it and forge tokens and URLs.
+    let short = tmp.path().join("short-secret");
+    fs::write(&short, "hunter2\n").unwrap();
+    fs::write(&cfg, format!(r#"{{"secret_file": "{}"}}"#, short.display())).unwrap();
+    // Under timeout(1): a daemon that took the secret would serve until killed.
+    let out = Command::new("timeout")
+        .args(["20", BIN, "serve", "--socket"])
+        .arg(tmp.path().join("s"))
+        .arg("--data-dir")
+        .arg(tmp.path().join("data"))
+        .arg("--config")
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!("secret file {}", short.display()))
+            && err.contains("too short")
+            && err.contains("head -c 32 /dev/urandom"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -313,7 +313,7 @@ fn watchers_resume_from_a_seq_and_are_told_of_a_gap() {
 fn a_watcher_with_a_token_sees_only_its_grant_and_moves_across_it_as_they_look() {
     let keys = tempfile::tempdir().unwrap();
     let secret = keys.path().join("secret");
-    fs::write(&secret, "events-test-secret\n").unwrap();
+    fs::write(&secret, "events-test-secret-of-32-bytes-or-more\n").unwrap();
     let config = format!(r#"{{"secret_file": "{}"}}"#, secret.display());
     let d = Daemon::with_config(Some(&config));
     let a = d.dir("a");

@@ -248,7 +248,11 @@ fn a_hanging_mount_point_stalls_only_its_own_mount_request() {
 /// A daemon whose configuration has a `secret_file` (`{tmp}/secret`), for tokens.
 fn daemon_with_secret() -> Daemon {
     Daemon::with_setup(Some(r#"{"secret_file": "{tmp}/secret"}"#), |tmp| {
-        fs::write(tmp.join("secret"), "operations-test-secret\n").unwrap()
+        fs::write(
+            tmp.join("secret"),
+            "operations-test-secret-of-32-bytes-or-more\n",
+        )
+        .unwrap()
     })
 }
 

@@ -104,7 +104,7 @@ fn every_kind_of_event_made_on_one_host_shows_on_the_other_with_the_same_seqs() 
     let prefix = unique_prefix();
     let keys = tempfile::tempdir().unwrap();
     let secret = keys.path().join("secret");
-    fs::write(&secret, "events-across-hosts-secret\n").unwrap();
+    fs::write(&secret, "events-across-hosts-secret-of-32-bytes-or-more\n").unwrap();
     let with_secret = format!(r#""secret_file": "{}""#, secret.display());
     let (a, b) = (host(&prefix, "", ""), host(&prefix, "", &with_secret));
     let ma = mounted(&a, "a", &["--room", "r1", "--label", "alice"]);
@@ -370,7 +370,7 @@ fn curl(url: &str) -> (u16, String, Vec<u8>) {
 fn direct_urls_are_presigned_gets_of_the_object() {
     let keys = tempfile::tempdir().unwrap();
     let secret = keys.path().join("secret");
-    fs::write(&secret, "direct-url-test-secret\n").unwrap();
+    fs::write(&secret, "direct-url-test-secret-of-32-bytes-or-more\n").unwrap();
     let secret_cfg = format!(r#""secret_file": "{}""#, secret.display());
     let d = host(&unique_prefix(), "", &secret_cfg);
     let m = mounted(&d, "m", &["--room", "r1"]);

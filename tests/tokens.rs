@@ -8,7 +8,7 @@ use std::process::Command;
 
 use common::{BIN, Mounted, errno, is_mounted};
 
-const SECRET: &str = "correct horse battery staple";
+const SECRET: &str = "correct horse battery staple, and more of it";
 
 fn secret_file(dir: &Path, secret: &str) -> String {
     let p = dir.join("secret");
@@ -122,7 +122,7 @@ fn bad_tokens_are_refused_with_the_reason_and_nothing_is_mounted() {
     let sf = secret_file(keys.path(), SECRET);
     let other = keys.path().join("other");
     fs::create_dir(&other).unwrap();
-    let wrong_sf = secret_file(&other, "another secret");
+    let wrong_sf = secret_file(&other, "another secret, as long as the first one");
     let good = sign_with_python("agent-inputs-ro-outputs-rw.json", SECRET, None);
     let expired = sign_with_python(
         "agent-inputs-ro-outputs-rw.json",

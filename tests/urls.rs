@@ -15,7 +15,7 @@ use common::python;
 fn daemon() -> (Daemon, tempfile::TempDir) {
     let keys = tempfile::tempdir().unwrap();
     let secret = keys.path().join("secret");
-    fs::write(&secret, "url-test-secret\n").unwrap();
+    fs::write(&secret, "url-test-secret-of-32-bytes-or-more\n").unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
