@@ -1836,3 +1836,66 @@ fn values_that_cannot_work_are_refused_by_the_api_and_the_cli() {
     assert_eq!(d.json(&["session", "list", "--json"]), json!([]));
     assert!(!is_mounted(&mnt));
 }
+
+#[test]
+fn the_control_socket_is_never_reachable_by_others_even_under_umask_0() {
+    // A daemon started by hand with umask 0: bind(2) makes its socket 0777 until it is
+    // restricted. Everything made in the socket's directory is watched as it happens: only a
+    // directory (private, where the socket is bound) may appear there, and the socket only by a
+    // rename, already 0600, never as a file others could connect to in between.
+    use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    fs::create_dir(&run).unwrap();
+    fs::set_permissions(&run, fs::Permissions::from_mode(0o755)).unwrap();
+    let socket = run.join("control.sock");
+    let watch = Inotify::init(InitFlags::IN_NONBLOCK).unwrap();
+    watch
+        .add_watch(&run, AddWatchFlags::IN_CREATE | AddWatchFlags::IN_MOVED_TO)
+        .unwrap();
+    let mut daemon = Command::new("sh")
+        .arg("-c")
+        .arg(r#"umask 0 && exec "$@""#)
+        .arg("sh")
+        .args([BIN, "serve", "--socket"])
+        .arg(&socket)
+        .arg("--data-dir")
+        .arg(tmp.path().join("data"))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !socket.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "no socket at {}",
+            socket.display()
+        );
+        assert!(daemon.try_wait().unwrap().is_none(), "the daemon exited");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mode = fs::metadata(&socket).unwrap().permissions().mode() & 0o7777;
+    // Nothing is left behind but the socket.
+    let left: Vec<_> = fs::read_dir(&run)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
+    assert!(daemon.wait().unwrap().success());
+    assert_eq!(mode, 0o600);
+    let events = watch.read_events().unwrap();
+    let made: Vec<String> = events
+        .iter()
+        .map(|e| format!("{:?} {:?}", e.mask, e.name))
+        .collect();
+    assert!(!events.is_empty());
+    for e in &events {
+        let dir = e.mask.contains(AddWatchFlags::IN_ISDIR);
+        let renamed_socket = e.mask.contains(AddWatchFlags::IN_MOVED_TO)
+            && e.name.as_deref() == Some(std::ffi::OsStr::new("control.sock"));
+        assert!(dir || renamed_socket, "made in {}: {made:?}", run.display());
+    }
+    assert_eq!(left, ["control.sock"], "{made:?}");
+}

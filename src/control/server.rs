@@ -46,8 +46,10 @@ pub fn check_not_served(path: &Path) -> io::Result<()> {
 /// 0755) if missing. A socket file nothing answers on is replaced; a live one is an
 /// `AddrInUse` error naming the path, and any other kind of file there is left alone.
 ///
-/// The socket is bound under a temporary name, restricted, then renamed into place, so it is
-/// never reachable with looser permissions.
+/// The socket is bound in a private directory (mode 0700, made beside `path`), restricted to
+/// 0600, then renamed into place: bind(2) makes the socket `0777 & ~umask`, and before the
+/// chmod only its owner can get through that directory, whatever the umask. So it is never
+/// reachable by others with looser permissions, under any name.
 pub fn bind(path: &Path) -> io::Result<UnixListener> {
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         DirBuilder::new()
@@ -81,30 +83,39 @@ pub fn bind(path: &Path) -> io::Result<UnixListener> {
         Err(err) => return Err(annotate(err, format!("cannot check {}", path.display()))),
     }
 
-    let tmp = temp_path(path);
-    match fs::remove_file(&tmp) {
-        Err(err) if err.kind() != io::ErrorKind::NotFound => {
-            return Err(annotate(err, format!("cannot remove {}", tmp.display())));
-        }
-        _ => {}
-    }
-    let listener = UnixListener::bind(&tmp)
-        .map_err(|err| annotate(err, format!("cannot bind {}", tmp.display())))?;
-    let placed = fs::set_permissions(&tmp, Permissions::from_mode(0o600))
-        .and_then(|()| fs::rename(&tmp, path))
-        .map_err(|err| annotate(err, format!("cannot install {}", path.display())));
-    if let Err(err) = placed {
+    let private = private_dir(path)?;
+    let tmp = private.join("control.sock");
+    let bound = UnixListener::bind(&tmp)
+        .map_err(|err| annotate(err, format!("cannot bind {}", tmp.display())))
+        .and_then(|listener| {
+            fs::set_permissions(&tmp, Permissions::from_mode(0o600))
+                .and_then(|()| fs::rename(&tmp, path))
+                .map_err(|err| annotate(err, format!("cannot install {}", path.display())))
+                .map(|()| listener)
+        });
+    if bound.is_err() {
         let _ = fs::remove_file(&tmp);
-        return Err(err);
     }
-    Ok(listener)
+    let _ = fs::remove_dir(&private);
+    bound
 }
 
-/// `<path>.<pid>.tmp`, beside `path`.
-fn temp_path(path: &Path) -> PathBuf {
-    let mut name = path.as_os_str().to_owned();
-    name.push(format!(".{}.tmp", std::process::id()));
-    PathBuf::from(name)
+/// A new directory `<path>.XXXXXX` beside `path` that only its owner can enter (mode 0700, set
+/// after mkdtemp(3) in case the umask took owner bits away).
+fn private_dir(path: &Path) -> io::Result<PathBuf> {
+    let mut template = path.as_os_str().to_owned();
+    template.push(".XXXXXX");
+    let dir = nix::unistd::mkdtemp(Path::new(&template)).map_err(|err| {
+        annotate(
+            err.into(),
+            format!("cannot create a directory beside {}", path.display()),
+        )
+    })?;
+    if let Err(err) = fs::set_permissions(&dir, Permissions::from_mode(0o700)) {
+        let _ = fs::remove_dir(&dir);
+        return Err(annotate(err, format!("cannot restrict {}", dir.display())));
+    }
+    Ok(dir)
 }
 
 fn annotate(err: io::Error, context: String) -> io::Error {
