@@ -381,7 +381,7 @@ fn normalise(raw: &str) -> Result<String, GrantError> {
 
 /// Whether `path` is the root or `/`-separated segments that are neither
 /// empty, `.` nor `..`, without NUL.
-fn is_canonical(path: &[u8]) -> bool {
+pub(crate) fn is_canonical(path: &[u8]) -> bool {
     path.is_empty()
         || (!path.contains(&0)
             && path

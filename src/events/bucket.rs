@@ -284,8 +284,11 @@ impl Batch {
         text.into_bytes()
     }
 
-    /// Reads a batch; `None` if it is not one. Records out of the header's range are dropped.
-    fn parse(bytes: &[u8]) -> Option<Batch> {
+    /// Reads a batch; `None` if it is not one. Records out of the header's range are dropped,
+    /// and so are those naming a path that is not one of a space (see
+    /// [`Changed::names_space_paths`]; no host writes one): their number comes back with the
+    /// batch. Their `seq`s still count for the header's range, so the numbering stays whole.
+    fn parse(bytes: &[u8]) -> Option<(Batch, usize)> {
         let mut lines = bytes.split(|&b| b == b'\n');
         let header: Value = serde_json::from_slice(lines.next()?).ok()?;
         header.get("roomfs_feed")?;
@@ -314,17 +317,18 @@ impl Batch {
         if seqs.len() as u64 != head + 1 - first {
             return None;
         }
-        let records = lines
+        let (records, forged): (Vec<Record>, Vec<Record>) = lines
             .into_iter()
             .filter_map(Record::parse_log_line)
             .filter(|r| r.seq == 0 || (first..=head).contains(&r.seq))
-            .collect();
-        Some(Batch {
+            .partition(|r| r.change.names_space_paths());
+        let batch = Batch {
             first,
             head,
             time,
             records,
-        })
+        };
+        Some((batch, forged.len()))
     }
 }
 
@@ -490,7 +494,15 @@ impl BucketFeed {
         });
         match got {
             Ok(_) => match Batch::parse(&bytes) {
-                Some(b) => Ok(Some(b)),
+                Some((b, forged)) => {
+                    if forged > 0 {
+                        log::debug!(
+                            "{key}: ignored {forged} change(s) naming a path outside the space \
+                             (empty, absolute, with . or .. or NUL)"
+                        );
+                    }
+                    Ok(Some(b))
+                }
                 None => {
                     log::warn!("{key}: not a change feed batch; skipped");
                     Ok(Some(Batch {

@@ -186,6 +186,29 @@ impl Changed {
         })
     }
 
+    /// Whether every path it names is one inside the space, written as the space writes
+    /// them: `/`-separated names, none of them empty, `.` or `..`, without NUL (so neither
+    /// absolute nor empty). Only a change of attributes may name the root (`""`: a `chmod` of
+    /// the mount point). What others wrote in a shared bucket is checked so before it is
+    /// believed: a `folder.deleted` of `""` would otherwise clear every cache of the space.
+    pub fn names_space_paths(&self) -> bool {
+        let named = |p: &Path| {
+            let bytes = p.as_os_str().as_bytes();
+            !bytes.is_empty() && crate::grant::is_canonical(bytes)
+        };
+        match self {
+            Changed::Attributes { path } => crate::grant::is_canonical(path.as_os_str().as_bytes()),
+            Changed::File { path, .. }
+            | Changed::FileDeleted { path }
+            | Changed::FolderCreated { path }
+            | Changed::FolderDeleted { path } => named(path),
+            Changed::FileMoved { from, to, .. } | Changed::FolderMoved { from, to } => {
+                named(from) && named(to)
+            }
+            Changed::Exchanged { a, b } => named(a) && named(b),
+        }
+    }
+
     /// This change as a watcher with `grant` may see it: unchanged when it sees every path
     /// involved; a move across the grant's boundary as the removal or the arrival it looks
     /// like from inside; `None` when it sees nothing of it (or it is not an event).

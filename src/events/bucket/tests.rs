@@ -327,3 +327,99 @@ fn a_forged_object_cannot_push_the_chain_past_the_events_it_holds() {
     let seqs: Vec<u64> = events(&fb, 0).iter().map(|e| e.0).collect();
     assert_eq!(seqs, [1, 2, 3]);
 }
+
+#[test]
+fn forged_changes_naming_paths_outside_the_space_are_ignored() {
+    let client = Arc::new(MemClient::new());
+    let (a, b) = (
+        host(&client, Retention::default()),
+        host(&client, Retention::default()),
+    );
+    let (fa, fb) = (a.feed(&room()).unwrap(), b.feed(&room()).unwrap());
+    let heard_b = Arc::new(Heard::default());
+    fb.listen(Arc::downgrade(&heard_b) as Weak<dyn ForeignChanges>);
+    let pa: Arc<str> = Arc::from("alice");
+    fa.publish(&pa, &[file("a1")]);
+    fa.flush();
+    // Anyone who may write the bucket writes the next object, with one honest change among
+    // changes no host makes: an empty path (a folder.deleted of "" would clear every cache),
+    // absolute ones, `.` and `..`, empty names, NUL.
+    let t = now_ms();
+    let rec = |seq: Option<u64>, kind: &str, fields: Value| {
+        let mut m = json!({"type": kind, "time": t, "participant": "x", "by": "1"});
+        if let Some(seq) = seq {
+            m["seq"] = json!(seq);
+        }
+        for (k, v) in fields.as_object().unwrap() {
+            m[k] = v.clone();
+        }
+        m.to_string()
+    };
+    let lines = [
+        json!({"roomfs_feed": 1, "first": 2, "head": 10, "time": t}).to_string(),
+        rec(
+            Some(2),
+            "file.updated",
+            json!({"path": "fine.txt", "size": 1}),
+        ),
+        rec(Some(3), "folder.deleted", json!({"path": ""})),
+        rec(
+            Some(4),
+            "file.updated",
+            json!({"path": "/etc/passwd", "size": 1}),
+        ),
+        rec(Some(5), "file.deleted", json!({"path": "a/../b"})),
+        rec(
+            Some(6),
+            "folder.moved",
+            json!({"source_path": "./a", "destination_path": "b"}),
+        ),
+        rec(
+            Some(7),
+            "file.moved",
+            json!({"source_path": "a", "destination_path": "b//c", "size": 1}),
+        ),
+        rec(Some(8), "folder.created", json!({"path": "..", })),
+        rec(
+            Some(9),
+            "file.deleted",
+            json!({"path": "x", "path_base64": "YQBi"}),
+        ),
+        rec(Some(10), "file.deleted", json!({"path": "a\u{0}b"})),
+        rec(None, "attributes", json!({"path": ""})),
+        rec(None, "attributes", json!({"path": "/abs"})),
+        rec(
+            None,
+            "exchanged",
+            json!({"path": "a", "destination_path": "d/"}),
+        ),
+    ];
+    client
+        .put(
+            "p/.roomfs/events/rooms/r1/00000000000000000002",
+            Body::Bytes(Arc::new(format!("{}\n", lines.join("\n")).into_bytes())),
+            &Metadata::new(),
+            &Condition::Absent,
+        )
+        .unwrap();
+    fa.publish(&pa, &[file("a2")]);
+    fa.flush();
+    wait_until("B hears A's change after the forged object", || {
+        heard_b.0.lock().unwrap().len() == 4
+    });
+    // Only the honest change (and a change of the root's attributes) is believed; the
+    // numbering goes on after the whole object.
+    assert_eq!(
+        *heard_b.0.lock().unwrap(),
+        vec![
+            file("a1"),
+            file("fine.txt"),
+            Changed::attributes("".as_ref()),
+            file("a2")
+        ]
+    );
+    let seqs: Vec<u64> = events(&fb, 0).iter().map(|e| e.0).collect();
+    assert_eq!(seqs, [1, 2, 11]);
+    let seqs: Vec<u64> = events(&fa, 0).iter().map(|e| e.0).collect();
+    assert_eq!(seqs, [1, 2, 11]);
+}
