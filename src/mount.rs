@@ -270,6 +270,8 @@ pub struct ActiveMount {
     pub grant: Grant,
     /// Mounted read-only (whatever the grant says).
     pub read_only: bool,
+    /// Mounted `noexec`.
+    pub no_exec: bool,
     pub fs: Arc<Fs>,
     /// Releases the session's standby threads when we unmount.
     gate: Arc<ReaderGate>,
@@ -467,6 +469,7 @@ impl ActiveMount {
             space: spec.space.clone(),
             grant: spec.grant.clone(),
             read_only: spec.read_only,
+            no_exec: spec.no_exec,
             fs,
             gate,
             mounted,

@@ -633,6 +633,11 @@ fn mount_daemon_forwards_every_flag_the_api_takes_and_refuses_the_others() {
         .unwrap();
     let options = line.split(' ').nth(5).unwrap();
     assert!(options.split(',').any(|o| o == "noexec"), "{line}");
+    // Listed as such.
+    let listed = d.json(&["mounts", "--json"]);
+    assert_eq!(listed[0]["noexec"], true, "{listed}");
+    let (_, table, _) = d.cli(&["mounts"]);
+    assert!(table.contains("read-only mount, noexec"), "{table}");
 }
 
 #[test]

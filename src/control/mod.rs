@@ -202,13 +202,17 @@ pub struct MountRequest {
 }
 
 impl MountInfo {
-    /// What may be done through the mount: its grant, and whether it is read-only.
+    /// What may be done through the mount: its grant, and whether it is read-only or
+    /// `noexec`.
     pub fn access(&self) -> String {
+        let mut access = self.grant.clone();
         if self.read_only {
-            format!("{}, read-only mount", self.grant)
-        } else {
-            self.grant.clone()
+            access.push_str(", read-only mount");
         }
+        if self.noexec {
+            access.push_str(", noexec");
+        }
+        access
     }
 }
 
@@ -224,6 +228,9 @@ pub struct MountInfo {
     /// Mounted read-only: nothing can be changed through it, whatever the grant says.
     #[serde(default)]
     pub read_only: bool,
+    /// Mounted `noexec`: no file in it can be executed.
+    #[serde(default)]
+    pub noexec: bool,
     /// Whether the mount comes from the daemon's configuration rather than the API.
     pub from_config: bool,
 }

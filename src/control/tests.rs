@@ -57,6 +57,7 @@ impl ControlPlane for Fake {
             id,
             grant: req.grant.clone().unwrap_or_default().join(","),
             read_only: req.read_only == Some(true),
+            noexec: req.noexec == Some(true),
             from_config: false,
         };
         self.mounts.lock().unwrap().push(info.clone());

@@ -882,6 +882,7 @@ fn info_of(mount: &ActiveMount, from_config: bool) -> MountInfo {
         id: mount.space.id.clone(),
         grant: mount.grant.to_string(),
         read_only: mount.read_only,
+        noexec: mount.no_exec,
         from_config,
     }
 }
