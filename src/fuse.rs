@@ -682,8 +682,10 @@ impl Filesystem for FuseAdapter {
         reply: ReplyEmpty,
     ) {
         let _turn = self.turn(FuseOp::Release, self.fs.commit_may_block(fh.0));
+        // Counted as closed once its last commit is done (and counted, if it failed).
+        let released = self.fs.release(fh.0);
         self.handles.file_released();
-        empty(reply, self.fs.release(fh.0));
+        empty(reply, released);
     }
 
     fn fsync(
@@ -777,8 +779,8 @@ impl Filesystem for FuseAdapter {
         reply: ReplyEmpty,
     ) {
         let _turn = self.turn(FuseOp::Releasedir, false);
-        self.handles.dir_released();
         self.fs.releasedir(fh.0);
+        self.handles.dir_released();
         reply.ok();
     }
 
