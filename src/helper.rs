@@ -424,27 +424,119 @@ fn in_background(args: &[OsString], log: Option<&Path>) -> anyhow::Result<()> {
 }
 
 /// Opens the log `path` for appending, creating it if missing, as the helper's user (root, for
-/// fstab lines). Never through a symlink (whoever can write the log's directory could point
-/// one at a file for root to append to, or have root create one anywhere), and only a regular
-/// file: a FIFO there would hold the mount up forever.
+/// fstab lines). Never through a symlink anyone else could have put on its way (whoever can
+/// write a directory on the path could point one at a file for root to append to, or have root
+/// create one anywhere: see [`log_dir`]), never through a symlink as the log itself, and only a
+/// regular file: a FIFO there would hold the mount up forever.
 fn open_log(path: &Path) -> std::io::Result<std::fs::File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(path)
-        .map_err(|e| {
-            if e.raw_os_error() == Some(libc::ELOOP) {
-                std::io::Error::other("it is a symlink (logs are not written through one)")
-            } else {
-                e
-            }
-        })?;
+    use nix::fcntl::OFlag;
+    let (dir, name) = log_dir(path)?;
+    let flags = OFlag::O_WRONLY
+        | OFlag::O_APPEND
+        | OFlag::O_CREAT
+        | OFlag::O_NOFOLLOW
+        | OFlag::O_NONBLOCK
+        | OFlag::O_NOCTTY
+        | OFlag::O_CLOEXEC;
+    let mode = nix::sys::stat::Mode::from_bits_truncate(0o666);
+    let file = match nix::fcntl::openat(&dir, name.as_os_str(), flags, mode) {
+        Ok(fd) => std::fs::File::from(fd),
+        Err(nix::errno::Errno::ELOOP) => {
+            return Err(std::io::Error::other(
+                "it is a symlink (logs are not written through one)",
+            ));
+        }
+        Err(e) => return Err(e.into()),
+    };
     if !file.metadata()?.is_file() {
         return Err(std::io::Error::other("it is not a regular file"));
     }
     Ok(file)
+}
+
+/// The directory the log `path` goes in, opened one component at a time from `/` (or the
+/// working directory), and the log's name. A symlink on the way is followed only where no one
+/// but root or this user could have made it: in a directory of theirs that no one else can
+/// write, or in a sticky directory (`/tmp`) when the link is theirs — the rule the kernel's
+/// `protected_symlinks` applies to sticky directories, extended to every directory. So
+/// `/var/run/roomfs.log` works (`/var/run` is root's link to `/run`), while a link a user swaps
+/// in for a directory of theirs on the path is refused, not followed to wherever it points.
+fn log_dir(path: &Path) -> std::io::Result<(OwnedFd, PathBuf)> {
+    use nix::errno::Errno;
+    use nix::fcntl::OFlag;
+    use nix::sys::stat::{FileStat, Mode, SFlag, fstat, fstatat};
+    use std::collections::VecDeque;
+    use std::os::unix::ffi::OsStrExt;
+    use std::path::Component;
+
+    let name = match path.components().next_back() {
+        Some(Component::Normal(name)) => PathBuf::from(name),
+        _ => return Err(std::io::Error::other("it does not name a file")),
+    };
+    let dir_flags = OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+    let open_root = || nix::fcntl::open("/", dir_flags, Mode::empty());
+    let mut dir = if path.is_absolute() {
+        open_root()?
+    } else {
+        nix::fcntl::open(".", dir_flags, Mode::empty())?
+    };
+    let parts = |p: &Path| -> Vec<PathBuf> {
+        p.components()
+            .filter_map(|c| match c {
+                Component::Normal(n) => Some(PathBuf::from(n)),
+                Component::ParentDir => Some(PathBuf::from("..")),
+                _ => None,
+            })
+            .collect()
+    };
+    let mut todo: VecDeque<PathBuf> = parts(path.parent().unwrap_or(Path::new(""))).into();
+    let me = nix::unistd::geteuid().as_raw();
+    let theirs = |uid: u32| uid == 0 || uid == me;
+    let trusted = |dir: &FileStat, link: &FileStat| {
+        if dir.st_mode & libc::S_ISVTX != 0 {
+            theirs(link.st_uid)
+        } else {
+            theirs(dir.st_uid) && dir.st_mode & 0o022 == 0
+        }
+    };
+    let mut walked = PathBuf::from(if path.is_absolute() { "/" } else { "" });
+    let mut links = 0;
+    while let Some(part) = todo.pop_front() {
+        walked.push(&part);
+        match nix::fcntl::openat(&dir, part.as_os_str(), dir_flags, Mode::empty()) {
+            Ok(next) => dir = next,
+            Err(e @ (Errno::ELOOP | Errno::ENOTDIR)) => {
+                let link = fstatat(
+                    &dir,
+                    part.as_os_str(),
+                    nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+                )?;
+                if SFlag::from_bits_truncate(link.st_mode & libc::S_IFMT) != SFlag::S_IFLNK {
+                    return Err(e.into());
+                }
+                links += 1;
+                if links > 40 {
+                    return Err(Errno::ELOOP.into());
+                }
+                if !trusted(&fstat(&dir)?, &link) {
+                    return Err(std::io::Error::other(format!(
+                        "{} is a symlink others can replace (logs are not written through one)",
+                        walked.display()
+                    )));
+                }
+                let target = nix::fcntl::readlinkat(&dir, part.as_os_str())?;
+                let target = Path::new(std::ffi::OsStr::from_bytes(target.as_bytes()));
+                if target.is_absolute() {
+                    dir = open_root()?;
+                }
+                for (i, p) in parts(target).into_iter().enumerate() {
+                    todo.insert(i, p);
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok((dir, name))
 }
 
 /// The pipe a background `roomfs mount` reports on, from [`READY_FD_ENV`]: `ok` once the mount
@@ -660,6 +752,70 @@ mod tests {
         open_log(&log).unwrap().write_all(b"one\n").unwrap();
         open_log(&log).unwrap().write_all(b"two\n").unwrap();
         assert_eq!(std::fs::read_to_string(&log).unwrap(), "one\ntwo\n");
+    }
+
+    #[test]
+    fn a_symlink_on_the_logs_path_is_followed_only_where_no_one_else_could_have_made_it() {
+        use std::os::unix::fs::{PermissionsExt, symlink};
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path();
+        let elsewhere = base.join("elsewhere");
+        std::fs::create_dir(&elsewhere).unwrap();
+        // A directory others can write: a link there may be theirs, and is not followed.
+        let open = base.join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        symlink(&elsewhere, open.join("logs")).unwrap();
+        let err = open_log(&open.join("logs/server.log"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("logs is a symlink others can replace"),
+            "{err}"
+        );
+        assert!(!elsewhere.join("server.log").exists());
+        // In a directory only its owner (us) can write, the link is followed, relative or not.
+        let own = base.join("own");
+        std::fs::create_dir(&own).unwrap();
+        std::fs::set_permissions(&own, std::fs::Permissions::from_mode(0o755)).unwrap();
+        symlink("../elsewhere", own.join("logs")).unwrap();
+        symlink(&own, base.join("own-link")).unwrap();
+        open_log(&base.join("own-link/logs/server.log"))
+            .unwrap()
+            .write_all(b"one\n")
+            .unwrap();
+        assert_eq!(
+            std::fs::read_to_string(elsewhere.join("server.log")).unwrap(),
+            "one\n"
+        );
+        // A sticky directory (as /tmp): our own link is followed, another user's is not.
+        let sticky = base.join("sticky");
+        std::fs::create_dir(&sticky).unwrap();
+        std::fs::set_permissions(&sticky, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        symlink(&elsewhere, sticky.join("mine")).unwrap();
+        open_log(&sticky.join("mine/sticky.log")).unwrap();
+        assert!(elsewhere.join("sticky.log").is_file());
+        if nix::unistd::geteuid().is_root() {
+            symlink(&elsewhere, sticky.join("theirs")).unwrap();
+            let nobody = Some(nix::unistd::Uid::from_raw(65534));
+            nix::unistd::fchownat(
+                std::fs::File::open(&sticky).unwrap(),
+                "theirs",
+                nobody,
+                None,
+                nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+            )
+            .unwrap();
+            let err = open_log(&sticky.join("theirs/theirs.log"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("symlink others can replace"), "{err}");
+            assert!(!elsewhere.join("theirs.log").exists());
+        }
+        // A link loop ends, and a name that is not a file is refused.
+        symlink("loop", own.join("loop")).unwrap();
+        assert!(open_log(&own.join("loop/x.log")).is_err());
+        assert!(open_log(&own.join("..")).is_err());
     }
 
     #[test]
