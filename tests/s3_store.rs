@@ -878,6 +878,58 @@ fn a_frozen_store_gives_eio_in_bounded_time_and_the_mount_answers_again() {
 }
 
 #[test]
+fn a_directory_rename_the_store_cut_short_is_finished_when_it_answers_and_mv_nests_nothing() {
+    let mut weed = SeaweedFs::start();
+    let prefix = unique_prefix();
+    let m = fragile_mount(&weed, &prefix);
+    let watch = Bucket::on(&weed, &prefix);
+    // Enough files that the rename's copies take a while: the store is frozen among them.
+    const N: usize = 1000;
+    fs::create_dir(m.p("t4")).unwrap();
+    for i in 0..N {
+        fs::write(m.p(&format!("t4/f{i}")), i.to_string()).unwrap();
+    }
+    let mut mv = Command::new("mv")
+        .arg(m.p("t4"))
+        .arg(m.p("t5"))
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let copies = watch.key("rooms", "r1", "t5/");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while watch.keys(&copies).is_empty() {
+        assert!(
+            mv.try_wait().unwrap().is_none() && Instant::now() < deadline,
+            "the rename was over before the store could be frozen"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    weed.pause(); // SIGSTOP: connections are accepted, nothing answers
+    let out = mv.wait_with_output().unwrap();
+    assert!(!out.status.success(), "mv failed with the store frozen");
+    weed.resume();
+    // A person (or agent) tries again, as soon as the store is back: the rename is finished
+    // first, so there is nothing left to move, rather than half the tree moved into the other.
+    let again = output(Command::new("mv").arg(m.p("t4")).arg(m.p("t5")));
+    assert!(!again.status.success());
+    // (Finishing copies the rest of the tree: seconds.)
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !(fs::symlink_metadata(m.p("t4")).is_err()
+        && fs::read_dir(m.p("t5")).is_ok_and(|d| d.count() == N))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the rename is not finished: {}",
+            m.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(!m.p("t5/t4").exists(), "nested");
+    assert_eq!(fs::read_to_string(m.p("t5/f789")).unwrap(), "789");
+    assert!(watch.keys(&watch.key("rooms", "r1", "t4/")).is_empty());
+}
+
+#[test]
 fn a_request_waiting_on_the_store_holds_up_no_other_request() {
     use std::os::fd::IntoRawFd;
     use std::os::unix::fs::{FileExt, OpenOptionsExt};

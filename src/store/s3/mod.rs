@@ -15,7 +15,8 @@
 //! - `cache` and `content`: reads, through a bounded on-disk cache validated by ETag, with
 //!   read-ahead;
 //! - `state`: the local spool, cache and journal of each process, and what a crashed process
-//!   left (its dangling uploads are aborted, its directory renames finished at the next start);
+//!   left (its dangling uploads are aborted, its renames finished at the next start; a rename
+//!   that failed part-way is finished while the process runs, see [`Shared::settle`]);
 //! - `store`: the [`crate::store::Store`] of one space; `S3Spaces` makes, opens and deletes
 //!   spaces.
 //!
@@ -321,6 +322,62 @@ pub struct Shared {
     commits: [std::sync::atomic::AtomicU64; COMMIT_COUNTERS],
     /// Uploads whose abort failed, for the janitor.
     aborts: std::sync::Mutex<Vec<(String, String, Journaled)>>,
+    /// Renames of this process that failed part-way, to finish (see [`Shared::settle`]).
+    unfinished: std::sync::Mutex<Vec<Unfinished>>,
+    /// Whether `unfinished` holds any (read by every operation, locked by none then).
+    any_unfinished: std::sync::atomic::AtomicBool,
+    /// Signalled when a finisher of an unfinished rename is done with it.
+    unfinished_tried: std::sync::Condvar,
+}
+
+/// A rename of this process that failed part-way: the store stopped answering between its
+/// copies and deletes, so both names hold part of what was renamed. Its journal record stays
+/// (a restart finishes it, as after a crash), and while the process runs it is finished as
+/// soon as the store answers: by the janitor, or first by the next operation on a name it
+/// touches, which waits for that (see [`Shared::settle`]) — nothing works in a half-renamed
+/// tree meanwhile, and a program trying again (coreutils `mv` moves into a target directory
+/// it finds) does not nest one half in the other.
+struct Unfinished {
+    id: u64,
+    record: Record,
+    /// When the rename began, by this host's clock (see `store::finish_rename`).
+    began: std::time::SystemTime,
+    journal: Journaled,
+    /// A finisher is at work on it.
+    busy: bool,
+    /// No new try before then: each try against a store that does not answer takes its
+    /// timeouts.
+    next_try: std::time::Instant,
+}
+
+/// How long after a failed try an unfinished rename is tried again.
+const UNFINISHED_RETRY: Duration = Duration::from_secs(1);
+
+/// A journaled rename in flight (see [`Shared::journal_rename`]).
+pub struct RenameInFlight<'a> {
+    shared: &'a Shared,
+    record: Record,
+    began: std::time::SystemTime,
+    journal: Option<Journaled>,
+}
+
+impl RenameInFlight<'_> {
+    /// The rename is done: forget it.
+    pub fn done(mut self) {
+        if let Some(journal) = self.journal.take() {
+            journal.done();
+        }
+    }
+}
+
+impl Drop for RenameInFlight<'_> {
+    /// Dropped without [`RenameInFlight::done`]: an error part-way; kept to be finished.
+    fn drop(&mut self) {
+        if let Some(journal) = self.journal.take() {
+            self.shared
+                .keep_unfinished(self.record.clone(), self.began, journal);
+        }
+    }
 }
 
 /// The user metadata naming an object's lineage: the versions made from one whole commit by
@@ -444,6 +501,103 @@ impl Shared {
         });
     }
 
+    /// Journals `record`, a rename about to begin: what it returns must be marked done when
+    /// the rename is; dropped without, it is finished later (see [`Unfinished`]).
+    pub fn journal_rename(&self, record: Record) -> std::io::Result<RenameInFlight<'_>> {
+        let journal = self.state.journal(&record)?;
+        Ok(RenameInFlight {
+            shared: self,
+            record,
+            began: std::time::SystemTime::now(),
+            journal: Some(journal),
+        })
+    }
+
+    fn keep_unfinished(&self, record: Record, began: std::time::SystemTime, journal: Journaled) {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        log::warn!(
+            "{record:?} failed part-way; it is finished when the store answers again, before \
+             anything else is done to its names"
+        );
+        let mut list = self.unfinished.lock().unwrap_or_else(|e| e.into_inner());
+        list.push(Unfinished {
+            id: NEXT.fetch_add(1, Ordering::Relaxed),
+            record,
+            began,
+            journal,
+            busy: false,
+            next_try: std::time::Instant::now(),
+        });
+        self.any_unfinished.store(true, Ordering::Release);
+    }
+
+    /// Whether renames of this process failed part-way and are not finished yet.
+    pub fn has_unfinished(&self) -> bool {
+        self.any_unfinished
+            .load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Finishes every unfinished rename `touches` picks (one whose names are those an
+    /// operation is about to work on), and returns them: `Ok` once none is left to pick. A
+    /// rename another thread is finishing is waited for; one that failed to finish less than
+    /// [`UNFINISHED_RETRY`] ago fails the call with `EIO` at once: its names are half renamed,
+    /// and the store did not answer a moment ago.
+    pub fn settle(
+        self: &Arc<Self>,
+        touches: &dyn Fn(&Record) -> bool,
+    ) -> Result<Vec<Record>, crate::store::StoreError> {
+        use std::sync::atomic::Ordering;
+        let mut finished = Vec::new();
+        loop {
+            let (id, record, began) = {
+                let mut list = self.unfinished.lock().unwrap_or_else(|e| e.into_inner());
+                while list.iter().any(|u| u.busy && touches(&u.record)) {
+                    list = self
+                        .unfinished_tried
+                        .wait(list)
+                        .unwrap_or_else(|e| e.into_inner());
+                }
+                let Some(u) = list.iter_mut().find(|u| touches(&u.record)) else {
+                    return Ok(finished);
+                };
+                if std::time::Instant::now() < u.next_try {
+                    return Err(crate::store::StoreError::failed(
+                        libc::EIO,
+                        "a rename that failed part-way",
+                        std::io::Error::other(
+                            "it is not finished yet: the store has not answered since",
+                        ),
+                    ));
+                }
+                u.busy = true;
+                (u.id, u.record.clone(), u.began)
+            };
+            let result = store::replay(self, &record, Some(began));
+            let mut list = self.unfinished.lock().unwrap_or_else(|e| e.into_inner());
+            self.unfinished_tried.notify_all();
+            let Some(i) = list.iter().position(|u| u.id == id) else {
+                continue;
+            };
+            match result {
+                Ok(_) => {
+                    let u = list.remove(i);
+                    self.any_unfinished
+                        .store(!list.is_empty(), Ordering::Release);
+                    drop(list);
+                    u.journal.done();
+                    log::info!("finished {record:?}, which had failed part-way");
+                    finished.push(record);
+                }
+                Err(e) => {
+                    list[i].busy = false;
+                    list[i].next_try = std::time::Instant::now() + UNFINISHED_RETRY;
+                    return Err(e);
+                }
+            }
+        }
+    }
+
     /// Keeps an upload whose abort failed (the store was unreachable) for the janitor, which
     /// tries again every few seconds while the process runs; the journal keeps it across a
     /// restart.
@@ -458,7 +612,8 @@ impl Shared {
 /// How often the janitor tries again to abort uploads whose abort failed.
 const JANITOR_EVERY: Duration = Duration::from_secs(2);
 
-/// Starts the thread that aborts again, while the store lives, the uploads whose abort failed.
+/// Starts the thread that aborts again, while the store lives, the uploads whose abort failed,
+/// and finishes the renames that failed part-way.
 fn start_janitor(shared: &Arc<Shared>) {
     let weak = Arc::downgrade(shared);
     let spawned = std::thread::Builder::new()
@@ -477,6 +632,11 @@ fn start_janitor(shared: &Arc<Shared>) {
                         }
                         Err(_) => shared.retry_abort(key, id, journal),
                     }
+                }
+                if shared.has_unfinished()
+                    && let Err(e) = shared.settle(&|_| true)
+                {
+                    log::debug!("renames that failed part-way are not finished yet: {e}");
                 }
             }
         });
@@ -618,6 +778,9 @@ pub fn open_with(
         lineages: Default::default(),
         commits: std::array::from_fn(|_| Default::default()),
         aborts: Default::default(),
+        unfinished: Default::default(),
+        any_unfinished: Default::default(),
+        unfinished_tried: Default::default(),
     });
     start_janitor(&shared);
     let spaces = S3Spaces::new(shared);

@@ -10,7 +10,10 @@
 //!   with `If-None-Match: *`, so of two hosts exactly one succeeds (the other gets `EEXIST`).
 //!   A file rename is a server-side copy and a delete; a directory rename copies and deletes
 //!   every object below it; both are journaled so that a crash is finished at the next start
-//!   (not atomic: see doc/S3.md). `RENAME_EXCHANGE` and hard links are refused (`EINVAL`, `EPERM`).
+//!   (not atomic: see doc/S3.md). One that fails part-way is finished as soon as the store
+//!   answers, and before anything else is done to its names: every operation first settles
+//!   the unfinished renames at its path (`settled`, `Shared::settle`), so none works in a
+//!   half-moved tree. `RENAME_EXCHANGE` and hard links are refused (`EINVAL`, `EPERM`).
 
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
@@ -1228,6 +1231,38 @@ impl S3Store {
         }
     }
 
+    /// Finishes first the renames of this process that failed part-way at `path` (or above
+    /// it): see [`Shared::settle`]. `EIO` while the store does not answer.
+    fn settled(&self, path: &Path) -> StoreResult<()> {
+        if !self.shared.has_unfinished() {
+            return Ok(());
+        }
+        let Ok(key) = self.keys.key(path) else {
+            return Ok(());
+        };
+        let below = format!("{key}/");
+        let finished = self.shared.settle(&|record| match record {
+            Record::Rename { from, to, .. } => {
+                below.starts_with(from.as_str()) || below.starts_with(to.as_str())
+            }
+            Record::FileRename { from, to, .. } => key == *from || key == *to,
+            Record::Upload { .. } => false,
+        })?;
+        // What this store remembers of the names is from before.
+        for record in finished {
+            let (Record::Rename { from, to, .. } | Record::FileRename { from, to, .. }) = record
+            else {
+                continue;
+            };
+            for key in [from, to] {
+                if let Some(path) = self.keys.path_of(key.trim_end_matches('/')) {
+                    self.forget_tree(&path);
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Renames the directory `from` to `to` (see the module docs and `move_tree`).
     fn rename_dir(&self, from: &Path, to: &Path, target: Option<&Meta>) -> StoreResult<()> {
         let from_prefix = self.keys.dir_prefix(from)?;
@@ -1252,8 +1287,7 @@ impl S3Store {
         };
         let journal = self
             .shared
-            .state
-            .journal(&record)
+            .journal_rename(record)
             .map_err(|e| StoreError::failed(libc::EIO, "journal of a directory rename", e))?;
         self.forget_tree(from);
         self.forget_tree(to);
@@ -1352,10 +1386,10 @@ impl S3Store {
                     source: source.clone(),
                     target: target.and_then(|t| t.version.tag()).map(str::to_string),
                 };
-                let journaled =
-                    self.shared.state.journal(&record).map_err(|e| {
-                        StoreError::failed(libc::EIO, "journal of a file rename", e)
-                    })?;
+                let journaled = self
+                    .shared
+                    .journal_rename(record)
+                    .map_err(|e| StoreError::failed(libc::EIO, "journal of a file rename", e))?;
                 Some(journaled)
             }
             None => None,
@@ -1503,15 +1537,17 @@ impl S3Store {
         let mut seen = std::collections::HashSet::new();
         let mut pending: std::collections::BTreeMap<String, (Index, Vec<Moved>)> =
             std::collections::BTreeMap::new();
+        let failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
         loop {
             let page = shared.client.list(from, false, None, None)?;
             if page.objects.is_empty() {
                 break;
             }
+            // `None`: not tried, as a copy failed before it (each copy to a store that does
+            // not answer takes its timeouts: a large directory's would add up to minutes).
             type CopyJob = Box<
-                dyn FnOnce() -> Result<
-                        Option<(String, Option<SystemTime>)>,
-                        super::client::ClientError,
+                dyn FnOnce() -> Option<
+                        Result<Option<(String, Option<SystemTime>)>, super::client::ClientError>,
                     > + Send,
             >;
             let mut jobs: Vec<CopyJob> = Vec::new();
@@ -1549,12 +1585,27 @@ impl S3Store {
                         .map(|s| (s.etag, s.at));
                     copied.push((dest_dir, name.to_string(), self.keys.path_of(&dest)));
                     let (shared, from_key, to_key) = (shared.clone(), o.key.clone(), dest);
+                    let failed = failed.clone();
                     jobs.push(Box::new(move || {
-                        copy_keeping_mtime(&shared, &from_key, &to_key, stamp)
+                        if failed.load(std::sync::atomic::Ordering::Relaxed) {
+                            return None;
+                        }
+                        let copied = copy_keeping_mtime(&shared, &from_key, &to_key, stamp);
+                        if copied.is_err() {
+                            failed.store(true, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        Some(copied)
                     }));
                 }
             }
-            for ((dir, name, path), r) in copied.into_iter().zip(shared.pool.run_all(jobs)) {
+            let mut results = shared.pool.run_all(jobs);
+            if let Some(i) = results.iter().position(|r| matches!(r, Some(Err(_))))
+                && let Some(Err(e)) = results.swap_remove(i)
+            {
+                return Err(e.into());
+            }
+            for ((dir, name, path), r) in copied.into_iter().zip(results) {
+                let r = r.expect("every copy was tried when none failed");
                 if let Some((etag, mtime)) = r? {
                     if let (None, Some(path)) = (mtime, path) {
                         // On this host the copy is as new as this host's clock says.
@@ -1641,6 +1692,7 @@ impl Store for S3Store {
     }
 
     fn stat(&self, path: &Path) -> StoreResult<Meta> {
+        self.settled(path)?;
         match self.remembered(path) {
             Some(Some(meta)) => Ok(meta),
             Some(None) => Err(err(libc::ENOENT)),
@@ -1649,12 +1701,14 @@ impl Store for S3Store {
     }
 
     fn list(&self, path: &Path) -> StoreResult<Vec<DirEntry>> {
+        self.settled(path)?;
         Ok(self
             .list_dir(path, None)?
             .expect("a listing without a page limit is whole"))
     }
 
     fn open(&self, path: &Path) -> StoreResult<Arc<dyn Content>> {
+        self.settled(path)?;
         let meta = self.stat(path)?;
         match meta.kind {
             Kind::File => {}
@@ -1665,6 +1719,7 @@ impl Store for S3Store {
     }
 
     fn create(&self, path: &Path, perm: u16, owner: Owner, exclusive: bool) -> StoreResult<Meta> {
+        self.settled(path)?;
         let attrs = self.new_attrs(Kind::File, perm, owner);
         match self.make_object(path, &attrs, Body::empty()) {
             Err(e) if e.raw_os_error() == libc::EEXIST && !exclusive => {
@@ -1679,6 +1734,7 @@ impl Store for S3Store {
     }
 
     fn create_held(&self, path: &Path, perm: u16, owner: Owner) -> StoreResult<Meta> {
+        self.settled(path)?;
         let attrs = self.new_attrs(Kind::File, perm, owner);
         // Attributes that need an index entry are recorded with the object, made now.
         if attrs != Attrs::default_object(&self.defaults) {
@@ -1713,10 +1769,12 @@ impl Store for S3Store {
     }
 
     fn commit(&self, req: CommitRequest<'_>) -> StoreResult<Committed> {
+        self.settled(req.path)?;
         super::commit::commit(self, req)
     }
 
     fn mknod(&self, path: &Path, kind: Kind, perm: u16, owner: Owner) -> StoreResult<Meta> {
+        self.settled(path)?;
         if !matches!(kind, Kind::Fifo | Kind::Socket) {
             return Err(err(libc::EPERM));
         }
@@ -1725,6 +1783,7 @@ impl Store for S3Store {
     }
 
     fn mkdir(&self, path: &Path, perm: u16, owner: Owner) -> StoreResult<Meta> {
+        self.settled(path)?;
         if is_root(path) {
             return Err(err(libc::EEXIST));
         }
@@ -1763,6 +1822,7 @@ impl Store for S3Store {
     }
 
     fn rmdir(&self, path: &Path) -> StoreResult<()> {
+        self.settled(path)?;
         if is_root(path) {
             return Err(err(libc::EBUSY));
         }
@@ -1790,6 +1850,7 @@ impl Store for S3Store {
     }
 
     fn unlink(&self, path: &Path) -> StoreResult<()> {
+        self.settled(path)?;
         // What the kernel's lookup just learnt (or a listing did) is trusted for the TTL, as
         // a stat is: `rm` of a listed directory costs one DELETE a file, not a HEAD more.
         let meta = match self.remembered(path) {
@@ -1815,6 +1876,8 @@ impl Store for S3Store {
     }
 
     fn rename(&self, from: &Path, to: &Path, mode: RenameMode) -> StoreResult<()> {
+        self.settled(from)?;
+        self.settled(to)?;
         if mode == RenameMode::Exchange {
             // Two objects cannot be swapped atomically on S3.
             return Err(err(libc::EINVAL));
@@ -1877,6 +1940,7 @@ impl Store for S3Store {
     }
 
     fn symlink(&self, target: &Path, path: &Path, owner: Owner) -> StoreResult<Meta> {
+        self.settled(path)?;
         use std::os::unix::ffi::OsStrExt;
         let attrs = self.new_attrs(Kind::Symlink, 0o777, owner);
         let body = Body::Bytes(Arc::new(target.as_os_str().as_bytes().to_vec()));
@@ -1884,6 +1948,7 @@ impl Store for S3Store {
     }
 
     fn readlink(&self, path: &Path) -> StoreResult<PathBuf> {
+        self.settled(path)?;
         use std::os::unix::ffi::OsStringExt;
         let meta = self.stat(path)?;
         if meta.kind != Kind::Symlink {
@@ -1902,6 +1967,7 @@ impl Store for S3Store {
     }
 
     fn set_attr(&self, path: &Path, attr: &SetAttr) -> StoreResult<Meta> {
+        self.settled(path)?;
         self.materialize(path)?;
         let meta = self.lookup(path)?;
         let old = self.meta_attrs(&meta);
@@ -2154,38 +2220,13 @@ impl S3Spaces {
         let (mut aborted, mut renamed, mut files_renamed) = (0, 0, 0);
         for left in leftovers {
             for (path, record) in &left.records {
-                let done = match record {
-                    Record::Upload { key, upload_id } => {
-                        let r = self.shared.client.abort_upload(key, upload_id);
-                        aborted += usize::from(r.is_ok());
-                        r.map_err(StoreError::from)
-                    }
-                    Record::Rename { root, from, to } => {
-                        // When the rename began (the record was written then).
-                        let began = std::fs::metadata(path).and_then(|m| m.modified()).ok();
-                        let r = finish_rename(&self.shared, root, from, to, began);
-                        renamed += usize::from(r.is_ok());
-                        r
-                    }
-                    Record::FileRename {
-                        root,
-                        from,
-                        to,
-                        source,
-                        target,
-                    } => {
-                        let began = std::fs::metadata(path).and_then(|m| m.modified()).ok();
-                        let r = finish_file_rename(
-                            &self.shared,
-                            root,
-                            (from, source),
-                            (to, target.as_deref()),
-                            began,
-                        );
-                        files_renamed += usize::from(matches!(r, Ok(true)));
-                        r.map(|_| ())
-                    }
-                };
+                // When the operation began (the record was written then).
+                let began = std::fs::metadata(path).and_then(|m| m.modified()).ok();
+                let done = replay(&self.shared, record, began).map(|did| match record {
+                    Record::Upload { .. } => aborted += 1,
+                    Record::Rename { .. } => renamed += 1,
+                    Record::FileRename { .. } => files_renamed += usize::from(did),
+                });
                 match done {
                     Ok(()) => left.forget(path),
                     Err(e) => log::warn!(
@@ -2203,6 +2244,34 @@ impl S3Spaces {
                 self.shared.location
             );
         }
+    }
+}
+
+/// Finishes `record`, an operation of this host cut short (by a crash, or by an error
+/// part-way), begun at `began` by this host's clock: an upload is aborted, a rename finished
+/// (see [`finish_rename`] and [`finish_file_rename`]). `Ok(false)`: a file rename found not to
+/// need finishing.
+pub(super) fn replay(
+    shared: &Arc<Shared>,
+    record: &Record,
+    began: Option<SystemTime>,
+) -> StoreResult<bool> {
+    match record {
+        Record::Upload { key, upload_id } => shared
+            .client
+            .abort_upload(key, upload_id)
+            .map(|()| true)
+            .map_err(StoreError::from),
+        Record::Rename { root, from, to } => {
+            finish_rename(shared, root, from, to, began).map(|()| true)
+        }
+        Record::FileRename {
+            root,
+            from,
+            to,
+            source,
+            target,
+        } => finish_file_rename(shared, root, (from, source), (to, target.as_deref()), began),
     }
 }
 

@@ -4,7 +4,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use super::attrs::to_second;
 use super::client::{Body, Condition, Failure, Metadata, ObjectClient};
@@ -886,6 +886,89 @@ fn rename_cut_short_by_a_crash(client: &Arc<MemClient>, from: &str, to: &str, mo
         std::mem::forget(spaces);
     }
     let _next = open_with(client.clone(), &config(), dir.path(), "memory".into()).unwrap();
+}
+
+#[test]
+fn a_rename_that_failed_part_way_is_finished_before_anything_touches_its_names() {
+    let client = Arc::new(MemClient::new());
+    let a = host(&client);
+    let s = a.store.as_ref();
+    a.store.mkdir(p("t4"), 0o755, None).unwrap();
+    for i in 0..3 {
+        write(s, &format!("t4/f{i}"), &[i as u8]).unwrap();
+    }
+    write(s, "other", b"o").unwrap();
+    // The store fails the deletes: the copies are made, the old names stay.
+    client.fail(Op::DeleteMany, None, Failure::Unavailable, 1000);
+    let eio = |r: StoreResult<crate::store::Meta>| r.map(|_| ()).unwrap_err().raw_os_error();
+    assert_eq!(
+        s.rename(p("t4"), p("t5"), RenameMode::Replace)
+            .unwrap_err()
+            .raw_os_error(),
+        libc::EIO
+    );
+    assert!(client.object(&key("t5/f1")).is_some() && client.object(&key("t4/f1")).is_some());
+    // Both names, and what is below them, are refused while it cannot be finished (what
+    // `mv` does next — a rename into the target directory it finds — included); the rest of
+    // the space is not.
+    assert_eq!(eio(s.stat(p("t5"))), libc::EIO);
+    assert_eq!(eio(s.stat(p("t4/f0"))), libc::EIO);
+    assert_eq!(
+        s.rename(p("t4"), p("t5/t4"), RenameMode::Replace)
+            .unwrap_err()
+            .raw_os_error(),
+        libc::EIO
+    );
+    assert!(s.list(p("t5")).is_err());
+    assert_eq!(s.stat(p("other")).unwrap().size, 1);
+    assert!(
+        s.stat(p("t50"))
+            .is_err_and(|e| e.raw_os_error() == libc::ENOENT)
+    );
+    // The store answers again: the next operation on a name finishes the rename first.
+    client.heal();
+    std::thread::sleep(super::UNFINISHED_RETRY);
+    assert_eq!(s.stat(p("t5")).unwrap().kind, Kind::Dir);
+    assert_eq!(
+        s.stat(p("t4")).unwrap_err().raw_os_error(),
+        libc::ENOENT,
+        "moved whole"
+    );
+    assert!(client.keys().iter().all(|k| !k.starts_with(&key("t4/"))));
+    assert_eq!(s.list(p("t5")).unwrap().len(), 3);
+    assert_eq!(
+        s.rename(p("t4"), p("t5/t4"), RenameMode::Replace)
+            .unwrap_err()
+            .raw_os_error(),
+        libc::ENOENT,
+        "not nested"
+    );
+    // Nothing is left for a restart to replay.
+    let journal = a
+        .spaces
+        .shared()
+        .state
+        .spool_dir()
+        .with_file_name("journal");
+    assert_eq!(std::fs::read_dir(&journal).unwrap().count(), 0);
+
+    // A file rename cut between its copy and its delete: the janitor finishes it unasked.
+    client.fail(Op::Delete, Some("other"), Failure::Unavailable, 1);
+    assert_eq!(
+        s.rename(p("other"), p("moved"), RenameMode::Replace)
+            .unwrap_err()
+            .raw_os_error(),
+        libc::EIO
+    );
+    assert!(client.object(&key("other")).is_some());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while client.object(&key("other")).is_some() {
+        assert!(Instant::now() < deadline, "the janitor finishes it");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(client.object(&key("moved")).unwrap(), b"o");
+    assert_eq!(s.stat(p("moved")).unwrap().size, 1);
+    assert_eq!(s.stat(p("other")).unwrap_err().raw_os_error(), libc::ENOENT);
 }
 
 #[test]
