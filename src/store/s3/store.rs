@@ -58,13 +58,139 @@ struct CachedIndex {
     at: Instant,
 }
 
+/// Entries of the directory indexes every S3 store of the process keeps, at most (past it, a
+/// store keeping one more index first drops its others; a listing's attributes then cost a
+/// GET of the index again). Indexes are objects anyone writing the bucket can make, of up to
+/// `INDEX_MAX` bytes and a million entries each: without a bound over all of them, a few
+/// thousand directories with large indexes would take the daemon's memory. Two million
+/// entries are some hundreds of MB; an agent's directories hold far fewer.
+const INDEX_ENTRIES_KEPT: usize = 2 << 20;
+
+/// Entries of the indexes kept now, over every store.
+static INDEX_ENTRIES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// The indexes one store keeps, counting their entries in `total` (of every store:
+/// [`INDEX_ENTRIES`]), at most `limit` there.
+struct IndexCache {
+    map: HashMap<PathBuf, CachedIndex>,
+    entries: usize,
+    total: &'static std::sync::atomic::AtomicUsize,
+    limit: usize,
+}
+
+impl Default for IndexCache {
+    fn default() -> IndexCache {
+        IndexCache::counted_in(&INDEX_ENTRIES, INDEX_ENTRIES_KEPT)
+    }
+}
+
+impl IndexCache {
+    fn counted_in(total: &'static std::sync::atomic::AtomicUsize, limit: usize) -> IndexCache {
+        IndexCache {
+            map: HashMap::new(),
+            entries: 0,
+            total,
+            limit,
+        }
+    }
+
+    fn get(&self, dir: &Path) -> Option<&CachedIndex> {
+        self.map.get(dir)
+    }
+
+    fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Keeps `cached` as the index of `dir`; first drops this store's others if the entries
+    /// kept would be more than the limit.
+    fn insert(&mut self, dir: PathBuf, cached: CachedIndex) {
+        use std::sync::atomic::Ordering;
+        let n = cached.index.entries.len();
+        self.remove(&dir);
+        if self.total.load(Ordering::Relaxed) + n > self.limit {
+            self.map.clear();
+            self.dropped(self.entries);
+        }
+        self.map.insert(dir, cached);
+        self.entries += n;
+        self.total.fetch_add(n, Ordering::Relaxed);
+    }
+
+    fn remove(&mut self, dir: &Path) {
+        if let Some(old) = self.map.remove(dir) {
+            self.dropped(old.index.entries.len());
+        }
+    }
+
+    fn retain(&mut self, mut keep: impl FnMut(&Path, &CachedIndex) -> bool) {
+        let mut gone = 0;
+        self.map.retain(|dir, c| {
+            let kept = keep(dir, c);
+            if !kept {
+                gone += c.index.entries.len();
+            }
+            kept
+        });
+        self.dropped(gone);
+    }
+
+    fn dropped(&mut self, n: usize) {
+        self.entries -= n;
+        self.total
+            .fetch_sub(n, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Drop for IndexCache {
+    fn drop(&mut self) {
+        self.total
+            .fetch_sub(self.entries, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+#[test]
+fn the_indexes_kept_are_bounded_in_entries_over_every_store() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static TOTAL: AtomicUsize = AtomicUsize::new(0);
+    let cached = |n: usize| CachedIndex {
+        etag: None,
+        index: Arc::new(Index {
+            v: 1,
+            entries: (0..n)
+                .map(|i| (i.to_string(), IndexEntry::default()))
+                .collect(),
+        }),
+        at: Instant::now(),
+    };
+    let mut a = IndexCache::counted_in(&TOTAL, 100);
+    let mut b = IndexCache::counted_in(&TOTAL, 100);
+    a.insert("d1".into(), cached(30));
+    a.insert("d2".into(), cached(30));
+    a.insert("d2".into(), cached(20)); // replaced: counted once
+    b.insert("e1".into(), cached(40));
+    assert_eq!(TOTAL.load(Ordering::Relaxed), 90);
+    // One more past the limit: the store keeping it drops its others.
+    b.insert("e2".into(), cached(20));
+    assert_eq!((b.len(), TOTAL.load(Ordering::Relaxed)), (1, 70));
+    a.insert("d3".into(), cached(50));
+    assert_eq!((a.len(), TOTAL.load(Ordering::Relaxed)), (1, 70));
+    a.retain(|_, _| false);
+    a.insert("d4".into(), cached(5));
+    a.remove(Path::new("d4"));
+    assert_eq!(TOTAL.load(Ordering::Relaxed), 20);
+    drop(b);
+    assert_eq!(TOTAL.load(Ordering::Relaxed), 0);
+}
+
 /// One space in the bucket (see the module docs).
 pub struct S3Store {
     shared: Arc<Shared>,
     keys: SpaceKeys,
     defaults: Defaults,
     metas: Mutex<HashMap<PathBuf, (Instant, Option<Meta>)>>,
-    indexes: Mutex<HashMap<PathBuf, CachedIndex>>,
+    indexes: Mutex<IndexCache>,
     /// Directories wholly known from a listing: when it started, and the names in it (kept
     /// up to date with this store's own changes).
     listings: Mutex<HashMap<PathBuf, (Instant, std::collections::HashSet<String>)>>,
@@ -201,7 +327,7 @@ impl S3Store {
             keys,
             defaults,
             metas: Mutex::new(HashMap::new()),
-            indexes: Mutex::new(HashMap::new()),
+            indexes: Mutex::default(),
             listings: Mutex::new(HashMap::new()),
             changed: Mutex::new(Changed::default()),
             large_dirs: Mutex::new(HashMap::new()),
