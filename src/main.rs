@@ -16,8 +16,28 @@ fn bound_malloc_heaps() {
     }
 }
 
+/// Raises the soft limit of open files to the hard one, as the daemon holds a descriptor per
+/// open file, per passthrough backing file and per cached S3 object (bounded by it, see
+/// `store::s3::cache`): a `roomfs mount` started from a shell would otherwise have 1,024,
+/// however many the system allows. (systemd's unit sets both; nothing else is changed.)
+fn raise_open_files_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain system calls on a struct of ours.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}
+
 fn main() {
     bound_malloc_heaps();
+    raise_open_files_limit();
     env_logger::Builder::from_env(
         env_logger::Env::default().default_filter_or("info,fuser::mnt=error"),
     )

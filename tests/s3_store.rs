@@ -930,6 +930,45 @@ fn a_directory_rename_the_store_cut_short_is_finished_when_it_answers_and_mv_nes
 }
 
 #[test]
+fn small_files_written_past_the_open_files_limit_commit_and_a_large_one_after_them() {
+    let weed = SeaweedFs::start();
+    let prefix = unique_prefix();
+    let bucket = Bucket::on(&weed, &prefix);
+    let mut m = Mounted::on(
+        &["--room", "r1", "--store", &bucket.url("")],
+        |_| {},
+        Some(bucket),
+    );
+    // Each file read back or written stays cached; each cache entry holds its file open.
+    m.restart_with_open_files(256);
+    fs::create_dir(m.p("x")).unwrap();
+    for i in 0..400 {
+        fs::write(m.p(&format!("x/s{i}")), i.to_string())
+            .unwrap_or_else(|e| panic!("file {i}: {e}: {}", m.log()));
+    }
+    // A large file's parts go up from the part threads while it is written.
+    let big: Vec<u8> = (0..20u32 << 20).map(|i| (i % 253) as u8).collect();
+    let path = m.p("x/big");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(fs::write(path, big));
+    });
+    let written = rx.recv_timeout(Duration::from_secs(120));
+    assert!(matches!(written, Ok(Ok(()))), "{written:?}: {}", m.log());
+    for i in (0..400).step_by(37) {
+        assert_eq!(
+            fs::read_to_string(m.p(&format!("x/s{i}"))).unwrap(),
+            i.to_string()
+        );
+    }
+    assert_eq!(fs::metadata(m.p("x/big")).unwrap().len(), 20 << 20);
+    let open = fs::read_dir(format!("/proc/{}/fd", m.pid()))
+        .unwrap()
+        .count();
+    assert!(open < 200, "{open} descriptors open");
+}
+
+#[test]
 fn a_request_waiting_on_the_store_holds_up_no_other_request() {
     use std::os::fd::IntoRawFd;
     use std::os::unix::fs::{FileExt, OpenOptionsExt};

@@ -394,6 +394,33 @@ impl Mounted {
 
     /// Starts (again) the daemon for this mount point and waits until it reports the mount.
     pub fn start(&mut self) {
+        self.start_with(|_| {});
+    }
+
+    /// Unmounts, then starts the daemon again with at most `n` open files (soft and hard
+    /// limit: it cannot raise them).
+    pub fn restart_with_open_files(&mut self, n: u64) {
+        use std::os::unix::process::CommandExt;
+        self.unmount();
+        self.start_with(|cmd| {
+            // SAFETY: setrlimit is async-signal-safe; nothing else runs between fork and exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let limit = libc::rlimit {
+                        rlim_cur: n,
+                        rlim_max: n,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::last_os_error())
+                    }
+                });
+            }
+        });
+    }
+
+    fn start_with(&mut self, setup: impl FnOnce(&mut Command)) {
         let mut cmd = Command::new(BIN);
         cmd.arg("mount")
             .arg("--data-dir")
@@ -403,6 +430,7 @@ impl Mounted {
         if let Some(b) = &self.s3 {
             cmd.envs(b.env.iter().map(|(k, v)| (*k, v.as_str())));
         }
+        setup(&mut cmd);
         // The mount is up once the daemon says so (a dead mount left by a crash would still be
         // listed in mountinfo).
         self.child = Some(start_logged(&mut cmd, " mounted ", &self.log));

@@ -67,6 +67,8 @@ pub struct Entry {
 struct CacheInner {
     dir: PathBuf,
     limit: u64,
+    /// Entries kept, at most: each holds its file open.
+    max_entries: usize,
     entries: Mutex<HashMap<String, Arc<Entry>>>,
     used: AtomicU64,
     tick: AtomicU64,
@@ -91,8 +93,24 @@ fn file_name(key: &str, etag: &str) -> String {
 
 impl Cache {
     /// A cache in `dir` (emptied: a cache does not outlive its process) of at most `limit`
-    /// bytes.
+    /// bytes, and of at most a quarter of the descriptors the process may open (each entry
+    /// holds its file open: small files would otherwise take them all long before the bytes
+    /// are reached, and then every commit fails), between 64 and 65,536 entries.
     pub fn new(dir: PathBuf, limit: u64) -> io::Result<Cache> {
+        let mut open = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: a plain system call on a struct of ours.
+        let files = match unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut open) } {
+            0 => usize::try_from(open.rlim_cur).unwrap_or(usize::MAX),
+            _ => 1024,
+        };
+        Cache::with_entries(dir, limit, (files / 4).clamp(64, 65_536))
+    }
+
+    /// A cache of at most `limit` bytes and `max_entries` entries.
+    pub fn with_entries(dir: PathBuf, limit: u64, max_entries: usize) -> io::Result<Cache> {
         std::fs::create_dir_all(&dir)?;
         for e in std::fs::read_dir(&dir)?.flatten() {
             let _ = std::fs::remove_file(e.path());
@@ -101,6 +119,7 @@ impl Cache {
             inner: Arc::new(CacheInner {
                 dir,
                 limit,
+                max_entries,
                 entries: Mutex::new(HashMap::new()),
                 used: AtomicU64::new(0),
                 tick: AtomicU64::new(1),
@@ -166,13 +185,22 @@ impl Cache {
     }
 
     fn insert(&self, key: &str, entry: Arc<Entry>) -> Arc<Entry> {
-        let old = lock(&self.inner.entries).insert(key.to_string(), entry.clone());
+        let mut entries = lock(&self.inner.entries);
+        let old = entries.insert(key.to_string(), entry.clone());
         if let Some(old) = old
             && !Arc::ptr_eq(&old, &entry)
         {
             // The same version again (the same bytes committed again make the same ETag):
             // its file's name is the new entry's now, and stays.
             self.inner.retire(&old, old.path != entry.path);
+        }
+        while entries.len() > self.inner.max_entries {
+            let Some(victim) = CacheInner::least_used(&entries, &entry) else {
+                break;
+            };
+            if let Some(e) = entries.remove(&victim) {
+                self.inner.remove(&e);
+            }
         }
         entry
     }
@@ -252,6 +280,15 @@ impl Cache {
 }
 
 impl CacheInner {
+    /// The key of the least recently used entry but `keep`.
+    fn least_used(entries: &HashMap<String, Arc<Entry>>, keep: &Entry) -> Option<String> {
+        entries
+            .iter()
+            .filter(|(_, e)| !std::ptr::eq(e.as_ref(), keep))
+            .min_by_key(|(_, e)| e.last_used.load(Ordering::Relaxed))
+            .map(|(k, _)| k.clone())
+    }
+
     /// Removes `entry` (already out of the map): its file goes, its bytes are given back.
     fn remove(&self, entry: &Entry) {
         self.retire(entry, true)
@@ -280,12 +317,9 @@ impl CacheInner {
         }
         let mut entries = lock(&self.entries);
         while self.used.load(Ordering::Relaxed) > self.limit {
-            let victim = entries
-                .iter()
-                .filter(|(_, e)| !std::ptr::eq(e.as_ref(), keep))
-                .min_by_key(|(_, e)| e.last_used.load(Ordering::Relaxed))
-                .map(|(k, _)| k.clone());
-            let Some(victim) = victim else { break };
+            let Some(victim) = CacheInner::least_used(&entries, keep) else {
+                break;
+            };
             if let Some(e) = entries.remove(&victim) {
                 self.remove(&e);
             }
@@ -600,6 +634,37 @@ mod tests {
         assert_eq!(e.read(&mut buf, CHUNK, 0, &again).unwrap(), 100);
         assert_eq!(buf, [7u8; 100]);
         assert_eq!(fetched.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn entries_are_bounded_in_number_as_each_holds_its_file_open() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("c");
+        let cache = Cache::with_entries(dir.clone(), 1 << 30, 4).unwrap();
+        let mut held = Vec::new();
+        for k in ["a", "b", "c", "d"] {
+            held.push(cache.entry(k, "\"x\"", 10).unwrap());
+        }
+        assert!(cache.lookup("a", "\"x\"").is_some()); // a is now the most recent
+        for k in ["e", "f"] {
+            held.push(cache.entry(k, "\"x\"", 10).unwrap());
+        }
+        let kept: Vec<&str> = ["a", "b", "c", "d", "e", "f"]
+            .into_iter()
+            .filter(|k| cache.lookup(k, "\"x\"").is_some())
+            .collect();
+        assert_eq!(kept, ["a", "d", "e", "f"]);
+        // The others' files are gone from the cache's directory (their holders keep reading).
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 4);
+        // Adopted copies count the same.
+        let copy = tempfile::tempfile_in(tmp.path()).unwrap();
+        copy.write_all_at(b"committed", 0).unwrap();
+        cache.adopt("g", "\"y\"", &copy, 9).unwrap();
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 4);
+        assert!(cache.lookup("g", "\"y\"").is_some());
+        // A cache of the process's own: a quarter of its descriptors, 64 at least.
+        let own = Cache::new(tmp.path().join("own"), 1 << 30).unwrap();
+        assert!(own.inner.max_entries >= 64);
     }
 
     #[test]

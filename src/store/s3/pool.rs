@@ -48,7 +48,13 @@ impl Pool {
                                 q = cv.wait(q).unwrap_or_else(|e| e.into_inner());
                             }
                         };
-                        job();
+                        // A job that panics (a bug, or a thread that cannot get what a
+                        // request needs) does not take the thread with it: the pool keeps
+                        // its size. (The job's own waiters see it fail: see `run_all` and
+                        // `spool`.)
+                        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(job)).is_err() {
+                            log::error!("a job of the pool panicked (see above); the pool goes on");
+                        }
                     }
                 })?;
         }

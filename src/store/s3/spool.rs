@@ -353,7 +353,14 @@ impl SpoolCopy {
 
     /// Uploads part `index` (as of change count `change`) to the early upload.
     fn upload_early(&self, index: usize, change: u64) {
-        let result = self.try_upload_early(index);
+        // A panic on the way (a part thread that cannot start its S3 runtime, with no
+        // descriptor left) fails this part like an unanswered request: the early upload is
+        // then `Failed`, not `Creating` for ever, which `take_early` — and the writer's
+        // `close()` — would wait on for good.
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.try_upload_early(index)
+        }))
+        .unwrap_or_else(|_| Err(("a part thread panicked".into(), true)));
         let mut p = lock(&self.parts);
         p.in_flight.remove(&index);
         match result {
