@@ -1003,6 +1003,44 @@ fn eventually(what: &str, cond: impl Fn() -> bool) {
 }
 
 #[test]
+fn a_delete_through_one_mount_while_another_mount_commits_the_file_hangs_neither() {
+    // Telling the other mount of the delete locks its open handles; its commit waits for the
+    // delete's claim on the name: not told under the claim.
+    let d = Daemon::start();
+    let (a, b) = (d.dir("a"), d.dir("b"));
+    d.mount(&["--room", "r1"], &a);
+    d.mount(&["--room", "r1"], &b);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let spawn = |work: Box<dyn Fn() -> bool + Send>| {
+        let (stop, tx) = (stop.clone(), tx.clone());
+        std::thread::spawn(move || {
+            let mut done = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                done += usize::from(work());
+            }
+            let _ = tx.send(done);
+        });
+    };
+    let f = b.join("f");
+    spawn(Box::new(move || fs::write(&f, [b'x'; 100]).is_ok()));
+    let f = a.join("f");
+    spawn(Box::new(move || fs::remove_file(&f).is_ok()));
+    std::thread::sleep(Duration::from_secs(3));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let ends: Vec<_> = (0..2)
+        .map(|_| rx.recv_timeout(Duration::from_secs(30)))
+        .collect();
+    if ends.iter().any(|r| r.is_err()) {
+        common::abort_fuse(&a);
+        common::abort_fuse(&b);
+        panic!("the writer or the deleter is stuck: the mounts are deadlocked");
+    }
+    let counts: Vec<usize> = ends.into_iter().map(Result::unwrap).collect();
+    assert!(counts.iter().all(|&n| n > 0), "{counts:?}");
+}
+
+#[test]
 fn two_mounts_of_one_space_see_each_others_changes_at_once() {
     // The kernel may trust what it cached for a minute: only invalidation can show changes.
     let d = Daemon::with_config(Some(r#"{"cache_ttl_secs": 60}"#));

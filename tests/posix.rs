@@ -2732,6 +2732,50 @@ fn an_ordinary_short_write_is_still_seen_whole_or_not_at_all() {
 }
 
 #[test]
+fn hard_links_made_while_the_file_is_rewritten_neither_hang_nor_fail() {
+    let m = Mounted::room();
+    if m.is_s3() {
+        return; // no hard links on S3 (see above)
+    }
+    fs::write(m.p("f"), b"init").unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (stop, f) = (stop.clone(), m.p("f"));
+        std::thread::spawn(move || {
+            let mut rewrites = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                fs::write(&f, vec![b'x'; 100]).unwrap();
+                rewrites += 1;
+            }
+            rewrites
+        })
+    };
+    // (A deadlock hangs the mount: waited for with a bound, so that it fails, not hangs.)
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (f, g) = (m.p("f"), m.p("g"));
+    std::thread::spawn(move || {
+        let mut failed = Vec::new();
+        for _ in 0..300 {
+            match fs::hard_link(&f, &g) {
+                Ok(()) => fs::remove_file(&g).unwrap(),
+                Err(e) => failed.push(e.to_string()),
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let _ = tx.send(failed);
+    });
+    let failed = rx.recv_timeout(Duration::from_secs(60));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let Ok(failed) = failed else {
+        common::abort_fuse(&m.mnt);
+        panic!("link() is stuck: the mount is deadlocked");
+    };
+    assert!(writer.join().unwrap() > 0);
+    assert_eq!(failed, Vec::<String>::new(), "link() as on ext4");
+    assert_eq!(fs::read(m.p("f")).unwrap(), vec![b'x'; 100]);
+}
+
+#[test]
 fn hard_links_are_one_file_under_every_name() {
     let m = Mounted::room();
     if m.is_s3() {

@@ -63,9 +63,14 @@ impl Fs {
             if cached_readers == 0
                 && let Some(mut meta) = h.pending_meta()?
             {
-                // A `chmod`/`chown` since the handle opened went to the committed file.
+                // A `chmod`/`chown` since the handle opened went to the committed file, and
+                // its names are the committed file's (the working copy has none of its own:
+                // a link count of 0 makes the kernel refuse `link()` with `ENOENT`).
                 match path.as_ref().map(|p| self.store.stat(p)) {
-                    Some(Ok(now)) => (meta.perm, meta.uid, meta.gid) = (now.perm, now.uid, now.gid),
+                    Some(Ok(now)) => {
+                        (meta.perm, meta.uid, meta.gid, meta.nlink) =
+                            (now.perm, now.uid, now.gid, now.nlink)
+                    }
                     Some(Err(_)) => {}
                     None => meta.nlink = 0, // unlinked while open
                 }

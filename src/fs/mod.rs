@@ -7,7 +7,9 @@
 //! and to record names; operations that change names claim them in the space instead (see
 //! `space::claims`), so only operations on the same names wait for each other. A file
 //! handle's own lock is held across its I/O: it serializes that handle's operations, as the
-//! kernel does for one descriptor.
+//! kernel does for one descriptor. Lock order: a handle's lock, then a claim (a commit claims
+//! its path under its handle's lock); never a handle's lock under a claim (what open handles
+//! show is read after the claim is dropped: see `link`).
 //!
 //! By concern: `access` (grant decisions), `names` (lookup and changes of names), `attrs`
 //! (attributes, truncation), `open` (opens, shared handles, release), `io` (reads, writes,

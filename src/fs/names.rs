@@ -215,7 +215,7 @@ impl Fs {
     /// (`EXDEV`, as across filesystems: tools copy instead). The new name joins `ino` (one
     /// inode for all names of a file).
     pub fn link(&self, ino: Ino, new_parent: Ino, new_name: &OsStr) -> FsResult<Attr> {
-        let (from, to, _claim) = loop {
+        let (from, to, claim) = loop {
             let from = self.path(ino)?;
             let to = self.child_path(new_parent, new_name)?;
             let claim = self
@@ -245,6 +245,9 @@ impl Fs {
         write_lock(&self.table).link(ino, new_parent, new_name, meta.file_id);
         // Another name: the file's link count changed too.
         self.publish_all(&[Changed::attributes(&from), Changed::file(&to, meta.size)]);
+        // Not under the claim: what open handles show is read under their locks, and a commit
+        // takes its claim under its handle's lock (the order is handle, then claim).
+        drop(claim);
         Ok(self.as_open(Attr::new(ino, &meta)))
     }
 }

@@ -12,10 +12,32 @@
 //! Invariant: while an operation holds its claims, no other operation of this process changes
 //! the names it claimed, so a path resolved before claiming it, and found unchanged after, stays
 //! right until the claim is released.
+//!
+//! Work that may wait for another operation (telling the other mounts of the space of a change:
+//! they lock their open handles, whose commits wait for claims) is not done under a claim:
+//! [`after_claims`] runs it once the thread holds none.
 
+use std::cell::{Cell, RefCell};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex};
+
+thread_local! {
+    /// Claims this thread holds.
+    static HELD_HERE: Cell<usize> = const { Cell::new(0) };
+    /// What runs once this thread holds no claim (see [`after_claims`]).
+    static AFTER: RefCell<Vec<Box<dyn FnOnce()>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `work` now if this thread holds no claim, else as soon as it drops its last one (in
+/// the order given): for work that may wait for operations that wait for claims.
+pub fn after_claims(work: impl FnOnce() + 'static) {
+    if HELD_HERE.get() == 0 {
+        work();
+    } else {
+        AFTER.with_borrow_mut(|after| after.push(Box::new(work)));
+    }
+}
 
 /// How much of the namespace a claim covers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -70,6 +92,7 @@ impl Claims {
         for &(n, s) in names {
             held.claims.push((id, n.to_path_buf(), s));
         }
+        HELD_HERE.set(HELD_HERE.get() + 1);
         Claim { claims: self, id }
     }
 
@@ -101,6 +124,18 @@ impl Drop for Claim<'_> {
         drop(held);
         if waiting {
             self.claims.released.notify_all();
+        }
+        let left = HELD_HERE.get().saturating_sub(1);
+        HELD_HERE.set(left);
+        if left == 0 {
+            // (Work may claim again, and defer more: taken a batch at a time.)
+            while let Some(batch) =
+                AFTER.with_borrow_mut(|after| (!after.is_empty()).then(|| std::mem::take(after)))
+            {
+                for work in batch {
+                    work();
+                }
+            }
         }
     }
 }

@@ -220,21 +220,32 @@ impl Space {
         self.feed.publish(participant, changes);
     }
 
+    /// Tells the other mounts of the space (not `by`) of `changes` — once this thread holds
+    /// no claim (see `claims::after_claims`): they lock their open handles, and a handle's
+    /// commit may be waiting for a claim of the operation that made the changes.
     fn tell_watchers(&self, changes: &[Changed], by: Option<WatcherId>) {
-        let watchers = read(&self.watchers);
-        if watchers.len() <= 1 && by.is_some() {
-            return; // only the one that made the change
-        }
-        for (id, watcher) in watchers.iter() {
-            if Some(*id) == by {
-                continue;
+        let watchers: Vec<_> = {
+            let watchers = read(&self.watchers);
+            if watchers.len() <= 1 && by.is_some() {
+                return; // only the one that made the change
             }
-            if let Some(watcher) = watcher.upgrade() {
-                for change in changes {
+            watchers
+                .iter()
+                .filter(|(id, _)| Some(*id) != by)
+                .filter_map(|(_, w)| w.upgrade())
+                .collect()
+        };
+        if watchers.is_empty() {
+            return;
+        }
+        let changes = changes.to_vec();
+        super::claims::after_claims(move || {
+            for watcher in watchers {
+                for change in &changes {
                     watcher.changed_elsewhere(change);
                 }
             }
-        }
+        });
     }
 }
 

@@ -203,6 +203,37 @@ pub fn is_mounted(path: &Path) -> bool {
         .any(|l| l.split(' ').nth(4) == Some(want.as_str()))
 }
 
+/// Aborts the FUSE connection of the mount at `path` (through fusectl, mounted if need be):
+/// every request waiting on it fails, so that a test finding its mount deadlocked can fail
+/// instead of leaving its threads waiting for good (which would keep the test binary from
+/// exiting).
+pub fn abort_fuse(path: &Path) {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let want = path.to_string_lossy().replace(' ', "\\040");
+    let Some(minor) = info
+        .lines()
+        .map(|l| l.split(' ').collect::<Vec<_>>())
+        .find(|f| f.get(4) == Some(&want.as_str()))
+        .and_then(|f| f.get(2)?.split(':').nth(1).map(str::to_string))
+    else {
+        return;
+    };
+    let ctl = Path::new("/sys/fs/fuse/connections");
+    if !is_mounted(ctl) {
+        // SAFETY: NUL-terminated strings that outlive the call.
+        unsafe {
+            libc::mount(
+                c"fusectl".as_ptr(),
+                c"/sys/fs/fuse/connections".as_ptr(),
+                c"fusectl".as_ptr(),
+                0,
+                std::ptr::null(),
+            )
+        };
+    }
+    let _ = std::fs::write(ctl.join(minor).join("abort"), "1");
+}
+
 impl Mounted {
     /// Mounts room `r1` with default options.
     pub fn room() -> Mounted {
