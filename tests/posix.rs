@@ -2732,6 +2732,75 @@ fn an_ordinary_short_write_is_still_seen_whole_or_not_at_all() {
 }
 
 #[test]
+fn a_process_reads_back_through_another_descriptor_what_it_writes_others_see_the_commit() {
+    let m = Mounted::room();
+    let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+    // As git's index-pack: a new file written through one descriptor, read back by name.
+    let mut w = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(m.p("pack"))
+        .unwrap();
+    w.write_all(&data).unwrap();
+    let r = File::open(m.p("pack")).unwrap();
+    let mut buf = vec![0u8; 1000];
+    r.read_exact_at(&mut buf, 50_000).unwrap();
+    assert_eq!(buf, data[50_000..51_000]);
+    // Another process reads what is committed: nothing yet, also after this reader's close.
+    let size_elsewhere = || {
+        let out = output(
+            Command::new("sh")
+                .args(["-c", "cat \"$1\" | wc -c", "-"])
+                .arg(m.p("pack")),
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(size_elsewhere(), "0");
+    drop(r);
+    assert_eq!(size_elsewhere(), "0");
+    drop(w);
+    assert_eq!(size_elsewhere(), "100000");
+    assert_eq!(fs::read(m.p("pack")).unwrap(), data);
+
+    // git: a clone, fetch or push through a transport writes the pack so (its threads read it
+    // back by name); a local clone links its objects instead.
+    let src = tempfile::tempdir().unwrap();
+    let git = |dir: &Path, args: &[&str]| {
+        let out = output(
+            Command::new("git")
+                .args(args)
+                .current_dir(dir)
+                .env("GIT_AUTHOR_NAME", "t")
+                .env("GIT_AUTHOR_EMAIL", "t@example.com")
+                .env("GIT_COMMITTER_NAME", "t")
+                .env("GIT_COMMITTER_EMAIL", "t@example.com"),
+        );
+        assert!(out.status.success(), "git {args:?}: {out:?}");
+    };
+    git(src.path(), &["init", "-q", "."]);
+    for round in 0..2 {
+        for i in 0..150 {
+            let text = format!("file {i}, round {round}\n").repeat(40);
+            fs::write(src.path().join(format!("f{i}.txt")), text).unwrap();
+        }
+        git(src.path(), &["add", "."]);
+        git(src.path(), &["commit", "-qm", &format!("round {round}")]);
+    }
+    let from = src.path().to_str().unwrap();
+    git(&m.mnt, &["clone", "-q", "--no-local", from, "clone"]);
+    git(&m.p("clone"), &["fsck", "--full", "--strict"]);
+    assert_eq!(
+        fs::read_to_string(m.p("clone/f7.txt")).unwrap(),
+        "file 7, round 1\n".repeat(40)
+    );
+}
+
+#[test]
 fn hard_links_made_while_the_file_is_rewritten_neither_hang_nor_fail() {
     let m = Mounted::room();
     if m.is_s3() {

@@ -77,6 +77,14 @@ impl Users {
         user_elsewhere
     }
 
+    /// Whether a thread of the process `pid` (a thread group id) is known to have opened the
+    /// handle or changed the file through it (no when that cannot be told).
+    pub fn known_process(&self, pid: u32, group_of: impl Fn(Tid) -> Option<u32>) -> bool {
+        self.tids
+            .iter()
+            .any(|&tid| tid == pid || group_of(tid) == Some(pid))
+    }
+
     /// Whether a thread of the process `pid` (a thread group id) opened the handle or changed
     /// the file through it; yes when that cannot be told (too many users to remember).
     pub fn include_process(&self, pid: u32, group_of: impl Fn(Tid) -> Option<u32>) -> bool {

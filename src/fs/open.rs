@@ -105,9 +105,30 @@ impl Fs {
         // See `FileHandle::appends_direct`; only where the mount clears set-IDs itself, since
         // the kernel leaves that to the mount for direct writes.
         let appends = flags & libc::O_APPEND != 0 && self.clears_set_ids.load(Ordering::Relaxed);
+        // A read-only open by the process writing the file through the shared read-write handle
+        // reads what it wrote, as on a local disk (git's `index-pack` writes a pack through one
+        // descriptor while its threads read it back through others). Other processes still see
+        // only what was committed. (Asked before the opens are locked: a handle's lock comes
+        // first.)
+        let own_writer = match writable || truncate {
+            true => None,
+            false => self.shared_written_by(ino, by),
+        };
         let (direct_io, keep_cache, alone, passing, only) = {
             let mut opens = lock(&self.opens);
             let state = opens.entry(ino).or_default();
+            if let Some(own) = own_writer
+                && let Some((shared, members)) = &mut state.shared
+                && Arc::ptr_eq(shared, &own)
+            {
+                *members += 1;
+                state.handles.push(fh);
+                state.writers += 1;
+                drop(opens);
+                let mut opened = self.join(fh, own, (committed, found), by);
+                opened.no_flush = true;
+                return Ok((opened, None));
+            }
             let others_open = !state.handles.is_empty();
             let only = !others_open;
             let passing = self.passing_for(
@@ -222,6 +243,21 @@ impl Fs {
             passthrough: passing.backing_id(),
         };
         Ok((opened, (only && clean).then_some(meta)))
+    }
+
+    /// The shared read-write handle of `ino`, if a thread of the process of thread `by`
+    /// opened it or wrote through it.
+    fn shared_written_by(&self, ino: Ino, by: Tid) -> Option<Arc<Mutex<FileHandle>>> {
+        let shared = lock(&self.opens)
+            .get(&ino)?
+            .shared
+            .as_ref()
+            .map(|(h, _)| h.clone())?;
+        let pid = super::closers::thread_group(by)?;
+        let known = lock(&shared)
+            .users
+            .known_process(pid, super::closers::thread_group);
+        known.then_some(shared)
     }
 
     /// Makes `fh` another name of the shared read-write handle `shared`. While it has nothing
