@@ -641,14 +641,17 @@ os.write(b, b'XXXXXXXXXXXX')
 print(os.copy_file_range(a, b, 6, 2, 8))      # a's own, uncommitted bytes
 print(os.copy_file_range(a, b, 100, 8, 20))   # short at a's end, past b's end
 print(os.pread(b, 100, 0))
-print(open(os.path.join(d, 'b'), 'rb').read())  # nothing committed yet
+print(open(os.path.join(d, 'b'), 'rb').read())  # the process making it reads it back
+import subprocess
+print(subprocess.run(['cat', os.path.join(d, 'b')], capture_output=True).stdout)  # others: not yet
 os.close(a); os.close(b)
 print(open(os.path.join(d, 'b'), 'rb').read())
 "#,
     );
     assert_eq!(
         out,
-        "6\n2\nb'XXXXXXXX234567\\x00\\x00\\x00\\x00\\x00\\x0089'\nb''\n\
+        "6\n2\nb'XXXXXXXX234567\\x00\\x00\\x00\\x00\\x00\\x0089'\n\
+         b'XXXXXXXX234567\\x00\\x00\\x00\\x00\\x00\\x0089'\nb''\n\
          b'XXXXXXXX234567\\x00\\x00\\x00\\x00\\x00\\x0089'\n"
     );
 

@@ -130,6 +130,9 @@ pub struct FileHandle {
     /// Nobody else had the file open when this writer opened it: a large working copy is
     /// seeded on demand only, hoping to commit only the changed ranges (see `Change::Ranges`).
     pub seed_on_demand: bool,
+    /// Its open made the file (`O_CREAT` of a new name): no earlier version to keep private
+    /// from the process writing it (see `Fs::shared_written_by`).
+    pub made_by_open: bool,
     /// The kernel's cached pages of the file are not what this append handle sees: it moved on
     /// to a version others committed (its appends followed theirs), or the kernel, going by a
     /// size it cached before another commit, placed its appends elsewhere than at the end.
@@ -191,6 +194,7 @@ impl FileHandle {
             pending: Pending::Clean,
             locker: false,
             seed_on_demand: false,
+            made_by_open: false,
             moved: false,
             gone: false,
             users: Users::default(),

@@ -105,11 +105,12 @@ impl Fs {
         // See `FileHandle::appends_direct`; only where the mount clears set-IDs itself, since
         // the kernel leaves that to the mount for direct writes.
         let appends = flags & libc::O_APPEND != 0 && self.clears_set_ids.load(Ordering::Relaxed);
-        // A read-only open by the process writing the file through the shared read-write handle
-        // reads what it wrote, as on a local disk (git's `index-pack` writes a pack through one
-        // descriptor while its threads read it back through others). Other processes still see
-        // only what was committed. (Asked before the opens are locked: a handle's lock comes
-        // first.)
+        // A read-only open by the process making a new file through the shared read-write
+        // handle reads what it wrote, as on a local disk (git's `index-pack` writes a new pack
+        // through one descriptor while its threads read it back by name). There is no earlier
+        // version to keep private from it; other processes still see only what was committed,
+        // and so does the writer's own process for files that were there before. (Asked before
+        // the opens are locked: a handle's lock comes first.)
         let own_writer = match writable || truncate {
             true => None,
             false => self.shared_written_by(ino, by),
@@ -218,6 +219,7 @@ impl Fs {
         }
         handle.users.add(by);
         handle.seed_on_demand = alone && mode == Mode::Write;
+        handle.made_by_open = created != Created::No;
         handle.appends_direct = (alone || keep_cache) && appends && passing == Passing::No;
         if shares {
             // A database's file: its changes are committed at close only.
@@ -245,8 +247,8 @@ impl Fs {
         Ok((opened, (only && clean).then_some(meta)))
     }
 
-    /// The shared read-write handle of `ino`, if a thread of the process of thread `by`
-    /// opened it or wrote through it.
+    /// The shared read-write handle of `ino`, if its open made the file and a thread of the
+    /// process of thread `by` opened it or wrote through it.
     fn shared_written_by(&self, ino: Ino, by: Tid) -> Option<Arc<Mutex<FileHandle>>> {
         let shared = lock(&self.opens)
             .get(&ino)?
@@ -254,9 +256,10 @@ impl Fs {
             .as_ref()
             .map(|(h, _)| h.clone())?;
         let pid = super::closers::thread_group(by)?;
-        let known = lock(&shared)
-            .users
-            .known_process(pid, super::closers::thread_group);
+        let known = {
+            let h = lock(&shared);
+            h.made_by_open && h.users.known_process(pid, super::closers::thread_group)
+        };
         known.then_some(shared)
     }
 
