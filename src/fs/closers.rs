@@ -88,11 +88,7 @@ impl Users {
     /// Whether a thread of the process `pid` (a thread group id) opened the handle or changed
     /// the file through it; yes when that cannot be told (too many users to remember).
     pub fn include_process(&self, pid: u32, group_of: impl Fn(Tid) -> Option<u32>) -> bool {
-        self.overflowed
-            || self
-                .tids
-                .iter()
-                .any(|&tid| tid == pid || group_of(tid) == Some(pid))
+        self.overflowed || self.known_process(pid, group_of)
     }
 }
 
