@@ -2848,6 +2848,47 @@ fn hard_links_made_while_the_file_is_rewritten_neither_hang_nor_fail() {
 }
 
 #[test]
+fn readers_of_a_hard_linked_file_read_it_as_it_is_rewritten() {
+    let m = Mounted::room();
+    if m.is_s3() {
+        return; // no hard links on S3 (see below)
+    }
+    // Every commit of a file with several names rewrites it in place, so a reader holding it
+    // open through another name reads it as it is now, as on ext4: a longer rewrite whole
+    // (not cut at the old length), appends as they come, a shorter rewrite to its new end.
+    fs::write(m.p("f"), b"short\n").unwrap();
+    let mut early = File::open(m.p("f")).unwrap(); // before the second name
+    fs::hard_link(m.p("f"), m.p("g")).unwrap();
+    let mut r = File::open(m.p("g")).unwrap();
+    let mut read = |from_start: bool| {
+        if from_start {
+            r.seek(SeekFrom::Start(0)).unwrap();
+        }
+        let mut got = String::new();
+        r.read_to_string(&mut got).unwrap();
+        got
+    };
+    assert_eq!(read(true), "short\n");
+    fs::write(m.p("f"), b"a much longer line of text\n").unwrap();
+    assert_eq!(read(true), "a much longer line of text\n");
+    let mut got = String::new();
+    early.read_to_string(&mut got).unwrap();
+    assert_eq!(
+        got, "a much longer line of text\n",
+        "opened before the link"
+    );
+    let mut log = OpenOptions::new().append(true).open(m.p("f")).unwrap();
+    for line in ["one\n", "two\n"] {
+        log.write_all(line.as_bytes()).unwrap();
+        log.sync_all().unwrap(); // commits: the reader reads on into it
+        assert_eq!(read(false), line);
+    }
+    drop(log);
+    fs::write(m.p("f"), b"tiny\n").unwrap();
+    assert_eq!(read(true), "tiny\n");
+}
+
+#[test]
 fn hard_links_are_one_file_under_every_name() {
     let m = Mounted::room();
     if m.is_s3() {

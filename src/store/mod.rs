@@ -240,7 +240,9 @@ pub struct LocalFile<'a> {
 }
 
 /// The committed content of a file, opened at one moment: later commits do not change what
-/// it reads (appends committed in place aside: see [`Content::read_appended_at`]).
+/// it reads (appends committed in place aside: see [`Content::read_appended_at`]; and a file
+/// with several names, which a store keeps as one file, is read as it is now, as on a local
+/// disk).
 pub trait Content: Send + Sync + Any {
     /// Reads at `offset`; returns 0 at the end of this version.
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize>;

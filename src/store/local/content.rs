@@ -4,6 +4,7 @@
 
 use std::fs::File;
 use std::io;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -41,6 +42,36 @@ impl LocalContent {
         (self.dev, self.ino)
     }
 
+    /// Whether a read of `len` bytes at `offset` reads the file as it is now, to its end,
+    /// rather than this version's bytes only: for a file with several names (hard links).
+    /// Every commit of such a file rewrites it in place (see `commit`), so its readers read it
+    /// as it is rewritten, as on a local disk. A file linked since it was opened is seen as
+    /// linked once a read reaches this version's end: a second link then is a hard link, or
+    /// the crash marker of a change under way, which holds the file's `flock` (then: not
+    /// linked, for now). The link count of an open or a commit is counted after any marker is
+    /// gone.
+    fn linked(&self, offset: u64, len: usize) -> io::Result<bool> {
+        if self.meta.nlink > 1 {
+            return Ok(true);
+        }
+        if offset + len as u64 <= self.meta.size || self.file.metadata()?.nlink() <= 1 {
+            return Ok(false);
+        }
+        let fd = self.file.as_raw_fd();
+        // SAFETY: a valid descriptor; flock touches no memory.
+        if unsafe { libc::flock(fd, libc::LOCK_SH | libc::LOCK_NB) } != 0 {
+            let e = io::Error::last_os_error();
+            return match e.raw_os_error() {
+                Some(libc::EWOULDBLOCK | libc::EINTR) => Ok(false),
+                _ => Err(e),
+            };
+        }
+        let now = self.file.metadata();
+        // SAFETY: as above.
+        unsafe { libc::flock(fd, libc::LOCK_UN) };
+        Ok(now?.nlink() > 1)
+    }
+
     /// Reads at `offset`, nothing at or past `end`.
     fn read_before(&self, buf: &mut [u8], offset: u64, end: u64) -> io::Result<usize> {
         let left = end.saturating_sub(offset);
@@ -65,6 +96,9 @@ impl LocalContent {
 
 impl Content for LocalContent {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        if self.linked(offset, buf.len())? {
+            return self.file.read_at(buf, offset);
+        }
         // Only this version's bytes: a later in-place append may have grown the file.
         self.read_before(buf, offset, self.meta.size)
     }
@@ -73,6 +107,9 @@ impl Content for LocalContent {
         let end = offset + buf.len() as u64;
         if end <= self.meta.size {
             return self.read_at(buf, offset);
+        }
+        if self.linked(offset, buf.len())? {
+            return self.file.read_at(buf, offset);
         }
         let size = self.settled_size()?.unwrap_or(0);
         self.read_before(buf, offset, size.max(self.meta.size))

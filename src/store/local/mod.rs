@@ -801,7 +801,14 @@ mod tests {
         );
         assert_eq!(reader.read_appended_at(&mut buf, 4).unwrap(), 4);
         assert_eq!(&buf[..4], b"two\n");
-        // A second link is the marker of an append under way: nothing past the version.
+        // A second link while the file's flock is held is the marker of an append under
+        // way: nothing past the version.
+        let changer = File::open(s.full(path)).unwrap();
+        // SAFETY: a valid descriptor; flock touches no memory.
+        assert_eq!(
+            unsafe { libc::flock(changer.as_raw_fd(), libc::LOCK_EX) },
+            0
+        );
         let marker = s.full(Path::new("marker"));
         fs::hard_link(s.full(path), &marker).unwrap();
         fs::OpenOptions::new()
@@ -812,7 +819,13 @@ mod tests {
             .unwrap();
         assert_eq!(reader.read_appended_at(&mut buf, 4).unwrap(), 0);
         fs::remove_file(&marker).unwrap();
+        drop(changer);
         assert_eq!(reader.read_appended_at(&mut buf, 4).unwrap(), 7);
+        // A second link without the flock is a hard link: the file is read as it is now.
+        fs::hard_link(s.full(path), s.full(Path::new("link"))).unwrap();
+        fs::write(s.full(path), b"rewritten in place, longer\n").unwrap();
+        let mut buf = [0u8; 64];
+        assert_eq!(reader.read_at(&mut buf, 0).unwrap(), 27);
     }
 
     #[test]
