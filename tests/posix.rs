@@ -2603,10 +2603,17 @@ for name, err in [('security.selinux', errno.EOPNOTSUPP), ('trusted.x', errno.EP
         os.setxattr(p, name, b'v'); raise SystemExit(name + ' set')
     except OSError as e:
         assert e.errno == err, (name, e)
+# A value too large for the file's attribute space: ENOSPC, as ext4 answers.
+try:
+    os.setxattr(p, 'user.big', b'x' * 65536); raise SystemExit('64 KiB set')
+except OSError as e:
+    assert e.errno == errno.ENOSPC, e
 print('ok')
 "#,
     );
     assert_eq!(out.trim(), "ok");
+    // An answer, not a failure of the store: nothing for the operator at ERROR.
+    assert!(!m.log().contains("ERROR"), "{}", m.log());
     // Stored on the committed file itself, where backups and the next mount find them.
     let backing = cstr(&m.backing("report.pdf"));
     let mut buf = [0u8; 64];

@@ -10,6 +10,8 @@ use std::io;
 pub struct StoreError {
     errno: i32,
     transient: bool,
+    /// The store's answer to the request, whatever the errno (see [`StoreError::answer`]).
+    answer: bool,
     /// What was being done (`"commit rooms/r1/a.txt"`); empty when the errno says it all.
     context: String,
     source: Option<Box<dyn std::error::Error + Send + Sync>>,
@@ -24,8 +26,19 @@ impl StoreError {
         StoreError {
             errno,
             transient: false,
+            answer: false,
             context: String::new(),
             source: None,
+        }
+    }
+
+    /// An answer with an errno that can also mean a failure: `ENOSPC` for an extended
+    /// attribute too large for the file (no room for it, not a full disk). Not logged as a
+    /// failure.
+    pub fn answer(errno: i32) -> StoreError {
+        StoreError {
+            answer: true,
+            ..StoreError::errno(errno)
         }
     }
 
@@ -38,6 +51,7 @@ impl StoreError {
         StoreError {
             errno,
             transient: false,
+            answer: false,
             context: context.into(),
             source: Some(source.into()),
         }
@@ -71,10 +85,11 @@ impl StoreError {
     /// than an answer (`ENOENT`, `EEXIST`, `ENOTEMPTY`...).
     pub fn is_failure(&self) -> bool {
         self.transient
-            || matches!(
-                self.errno,
-                libc::EIO | libc::ENOSPC | libc::EDQUOT | libc::ETIMEDOUT | libc::ENOMEM
-            )
+            || !self.answer
+                && matches!(
+                    self.errno,
+                    libc::EIO | libc::ENOSPC | libc::EDQUOT | libc::ETIMEDOUT | libc::ENOMEM
+                )
     }
 
     fn errno_text(&self) -> String {
@@ -142,6 +157,11 @@ mod tests {
         let plain = StoreError::from(io::Error::from_raw_os_error(libc::ENOENT));
         assert_eq!(plain.raw_os_error(), libc::ENOENT);
         assert!(!plain.is_failure());
+        assert!(StoreError::errno(libc::ENOSPC).is_failure());
+        assert!(
+            !StoreError::answer(libc::ENOSPC).is_failure(),
+            "no room for an xattr"
+        );
         let timeout = io::Error::new(io::ErrorKind::TimedOut, "no answer in 30 s");
         let e = StoreError::failed(libc::EIO, "commit rooms/r1/a.txt", timeout).transient();
         assert_eq!(e.raw_os_error(), libc::EIO);

@@ -645,7 +645,7 @@ impl Store for LocalStore {
             XattrMode::Replace => libc::XATTR_REPLACE,
         };
         // SAFETY: NUL-terminated strings and a value of its length.
-        Ok(check(unsafe {
+        check(unsafe {
             libc::lsetxattr(
                 p.as_ptr(),
                 n.as_ptr(),
@@ -653,7 +653,13 @@ impl Store for LocalStore {
                 value.len(),
                 flags,
             )
-        })?)
+        })
+        .map_err(|e| match e.raw_os_error() {
+            // ext4's answer for attributes that do not fit the file's attribute space; a full
+            // disk shows in the writes that need room.
+            Some(libc::ENOSPC) => StoreError::answer(libc::ENOSPC),
+            _ => e.into(),
+        })
     }
 
     fn list_xattr(&self, path: &Path) -> StoreResult<Vec<OsString>> {
