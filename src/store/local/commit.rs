@@ -10,6 +10,8 @@
 //! - A large working copy holding only the writer's ranges is patched into the file in place
 //!   when nobody else reads, appends to or patches it and it still is the writer's version
 //!   (see `patch`); otherwise the rest of the base is copied in and the copy swapped in whole.
+//!   So is a copy with a punched hole: a patch would write the hole as zeros (not freeing its
+//!   space), and its redo after a crash could not tell it from ranges left alone.
 //! - Appends are added to the file in place under its `flock` with a crash marker (none for
 //!   bytes within one page; see `append`), onto the file as it is now: when others appended
 //!   since the writer's base, the bytes follow theirs (`O_APPEND`); bytes a plain writer added
@@ -234,7 +236,10 @@ impl LocalStore {
         let Some(base) = local(base) else {
             return Ok(None);
         };
-        if self.no_patches.load(Ordering::Relaxed) || base.meta.size < PATCH_MIN {
+        if self.no_patches.load(Ordering::Relaxed)
+            || base.meta.size < PATCH_MIN
+            || copy.punched.load(Ordering::Relaxed)
+        {
             return Ok(None);
         }
         let to = copy.file.metadata()?.len();

@@ -135,6 +135,9 @@ pub struct LocalCopy {
     staging: Arc<StagingArea>,
     /// Its name no longer holds this copy (a commit swapped it in): nothing to remove.
     consumed: AtomicBool,
+    /// A hole was punched into it (`zero`): committed whole, never as a patch, whose redo
+    /// after a crash could not tell the hole from ranges the writer left alone.
+    pub(super) punched: AtomicBool,
 }
 
 impl LocalCopy {
@@ -145,6 +148,7 @@ impl LocalCopy {
             name,
             staging,
             consumed: AtomicBool::new(false),
+            punched: AtomicBool::new(false),
         })
     }
 
@@ -180,6 +184,7 @@ impl WorkingCopy for LocalCopy {
 
     fn zero(&self, offset: u64, len: u64) -> io::Result<()> {
         let (at, n) = off_t_range(offset, len)?;
+        self.punched.store(true, Ordering::Relaxed);
         let punch = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
         match fallocate(&self.file, punch, at, n) {
             Err(Errno::EOPNOTSUPP) => {}
