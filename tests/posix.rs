@@ -2700,6 +2700,39 @@ fn the_output_of_a_running_process_shows_while_it_runs() {
 }
 
 #[test]
+fn a_file_held_open_after_its_last_write_keeps_that_writes_mtime() {
+    // Output published while its writer stays open (and committed at its close) keeps the
+    // time it was written, as on a disk, not the time the mount committed it.
+    let m = Mounted::room();
+    for (name, append) in [("new.log", false), ("old.log", true)] {
+        if append {
+            fs::write(m.p(name), b"earlier run\n").unwrap();
+        }
+        let mut f = OpenOptions::new()
+            .create(true)
+            .write(true)
+            .append(append)
+            .open(m.p(name))
+            .unwrap();
+        let before = SystemTime::now();
+        f.write_all(b"done\n").unwrap();
+        let after = SystemTime::now();
+        // Held open past the publication of its output (PUBLISH_EVERY, 1 s), then closed.
+        std::thread::sleep(Duration::from_millis(1500));
+        assert!(fs::read_to_string(m.p(name)).unwrap().ends_with("done\n"));
+        drop(f);
+        let mtime = fs::metadata(m.p(name)).unwrap().modified().unwrap();
+        let slack = Duration::from_millis(50);
+        assert!(
+            mtime + slack >= before && mtime <= after + slack,
+            "{name}: mtime {:?} after the write",
+            mtime.duration_since(after).unwrap_or_default()
+        );
+        assert_eq!(m.committed_mtime(name), mtime, "{name}: stored too");
+    }
+}
+
+#[test]
 fn an_ordinary_short_write_is_still_seen_whole_or_not_at_all() {
     let m = Mounted::room();
     fs::write(m.p("f"), b"old").unwrap();

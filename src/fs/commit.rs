@@ -17,11 +17,32 @@ use std::path::Path;
 use super::handle::{FileHandle, Pending};
 use super::{Errno, Fs, FsResult, Tid, closers, lock, read_lock};
 use crate::events::Changed;
-use crate::store::{Change, CommitRequest, Version};
+use crate::store::{Change, CommitRequest, SetAttr, TimeSpec, Version};
 
 /// The most bytes an appender's working copy may hold for them to be appended to a version
 /// others committed meanwhile (they are read into memory); past that, its copy wins whole.
 const APPENDS_TAKEN_BACK_MAX: u64 = 64 << 20;
+
+/// Appended bytes committed longer than this after their last write keep that write's time as
+/// the file's mtime (see `written_at`); sooner, the commit's own time is as good.
+const APPEND_TIME_SLACK: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// The time of the last write of bytes a handle held in memory, when committed noticeably
+/// later (a published log, a writer that holds its file open): on a disk the write would
+/// have set the mtime then, and `make` and `rsync` go by it. `None`: the commit's own time,
+/// or times the handle set itself, stand.
+fn written_at(h: &FileHandle) -> Option<std::time::SystemTime> {
+    let Pending::Appended { at, .. } = h.pending() else {
+        return None;
+    };
+    if h.kept_times().is_some_and(|t| t.mtime.is_some()) {
+        return None;
+    }
+    let late = std::time::SystemTime::now()
+        .duration_since(*at)
+        .is_ok_and(|d| d > APPEND_TIME_SLACK);
+    late.then_some(*at)
+}
 
 impl Fs {
     /// `close()` by thread `by` (lock owner `owner`) of one copy of the descriptor: commits,
@@ -198,7 +219,14 @@ impl Fs {
         }
         // Where the store takes them, the attributes set meanwhile (see `hold_for_commit`).
         let with_attrs = self.store.capabilities().attrs_at_commit;
-        let attrs = with_attrs.then(|| h.commit_attrs()).flatten();
+        let written_at = written_at(h).map(|t| SetAttr {
+            mtime: Some(TimeSpec::At(t)),
+            ..Default::default()
+        });
+        let mut attrs = with_attrs.then(|| h.commit_attrs()).flatten();
+        if with_attrs && let Some(w) = &written_at {
+            attrs.get_or_insert_default().mtime = w.mtime;
+        }
         let result = {
             let seeding = h.staged().and_then(|s| s.seeding.clone());
             let complete = || seeding.as_ref().map_or(Ok(()), |s| s.finish());
@@ -229,7 +257,7 @@ impl Fs {
                     q.settle(sizes, (done.replaced_size, done.content.meta().size));
                 }
                 h.committed(done.content, done.followed);
-                if !with_attrs && let Some(times) = h.kept_times() {
+                if !with_attrs && let Some(times) = h.kept_times().or(written_at) {
                     // Times set through the descriptor after its last write stay the file's.
                     self.store.set_attr(&path, &times)?;
                 }
