@@ -457,6 +457,77 @@ fn ending_a_session_removes_everything_after_exporting() {
 }
 
 #[test]
+fn an_export_that_fails_part_way_ends_nothing_and_can_be_done_again() {
+    if common::store_is_s3() {
+        return; // the data dir is a disk of 3 MiB here, which a bucket is not
+    }
+    // The data dir is a disk of 3 MiB (the whole of it: commits rename within it) that the
+    // session's two files of 512 KiB and a room's 1.25 MiB nearly fill: the second file of the
+    // export does not fit.
+    let d = Daemon::with_setup(None, |tmp| {
+        let data = tmp.join("data");
+        fs::create_dir_all(&data).unwrap();
+        let (dir, options) = (
+            cstr(&data),
+            std::ffi::CString::new("size=3m,mode=0700").unwrap(),
+        );
+        // SAFETY: NUL-terminated strings that outlive the call.
+        let r = unsafe {
+            libc::mount(
+                c"roomfs-test".as_ptr(),
+                dir.as_ptr(),
+                c"tmpfs".as_ptr(),
+                0,
+                options.as_ptr().cast(),
+            )
+        };
+        assert_eq!(r, 0, "mount tmpfs: {}", std::io::Error::last_os_error());
+        fs::create_dir_all(data.join("rooms/team")).unwrap();
+        fs::write(data.join("rooms/team/ballast"), vec![1u8; 1280 << 10]).unwrap();
+    });
+    d.json(&["session", "create", "s1", "--json"]);
+    let mnt = d.dir("mnt");
+    d.mount(&["--session", "s1"], &mnt);
+    fs::create_dir(mnt.join("outputs")).unwrap();
+    let data = vec![7u8; 512 << 10];
+    for name in ["a.bin", "b.bin"] {
+        fs::write(mnt.join("outputs").join(name), &data).unwrap();
+    }
+    let end = || {
+        d.cli(&[
+            "session",
+            "end",
+            "s1",
+            "--export",
+            "outputs/",
+            "--to-room",
+            "team",
+        ])
+    };
+    let (code, _, err) = end();
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("No space left") && err.contains("was not ended") && err.contains("again"),
+        "{err}"
+    );
+    // Nothing of the session is lost; it is still there to end.
+    for name in ["a.bin", "b.bin"] {
+        assert!(d.stored(&format!("sessions/s1/outputs/{name}")).unwrap() == data);
+    }
+    let (code, _, err) = d.cli(&["session", "show", "s1"]);
+    assert_eq!(code, 0, "{err}");
+    // Once the room has room, the same end exports everything and ends the session.
+    let room = d.data.join("rooms/team");
+    fs::remove_file(room.join("ballast")).unwrap();
+    let (code, _, err) = end();
+    assert_eq!(code, 0, "{err}");
+    for name in ["a.bin", "b.bin"] {
+        assert!(fs::read(room.join("outputs").join(name)).unwrap() == data);
+    }
+    assert!(!d.stored_exists("sessions/s1"));
+}
+
+#[test]
 fn idle_sessions_end_after_their_ttl() {
     let d = Daemon::start();
     d.json(&["session", "create", "brief", "--ttl", "2s", "--json"]);

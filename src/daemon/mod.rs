@@ -753,7 +753,20 @@ impl Daemon {
         let unmounted = self.unmount_space(&space);
         let mut exported = Vec::new();
         if let (Some((room, paths)), Some((session, target))) = (export_to, spaces) {
-            let done = export(&session, &target, &paths, |_| {}).map_err(export_error(id))?;
+            let done = export(&session, &target, &paths, |_| {}).map_err(|e| {
+                // Whatever was written stays in the room; the session is not ended.
+                let mut e = export_error(id)(e);
+                e.message.push_str(&format!(
+                    "; session {id:?} was not ended: its files and records are kept{}; end it \
+                     again (with the export) once the room can take it",
+                    if unmounted.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" (unmounted from {})", unmounted.join(", "))
+                    }
+                ));
+                e
+            })?;
             log::info!(
                 "exported {} entries ({} bytes) of session {id} into {room}",
                 done.entries,
