@@ -95,21 +95,25 @@ impl MountEntry {
     }
 }
 
-/// The current mounts of this process's namespace.
+/// The current mounts of this process's namespace. Mount points are bytes (any user may
+/// mount on a directory whose name is not UTF-8): they are read as such, and one such line
+/// hides no other.
 pub fn mounts() -> std::io::Result<Vec<MountEntry>> {
-    let text = std::fs::read_to_string("/proc/self/mountinfo")?;
-    Ok(text
-        .lines()
+    use std::os::unix::ffi::OsStringExt;
+    let bytes = std::fs::read("/proc/self/mountinfo")?;
+    Ok(bytes
+        .split(|&b| b == b'\n')
         .filter_map(|line| {
-            let (left, right) = line.split_once(" - ")?;
-            let left: Vec<&str> = left.split(' ').collect();
-            let dev = kernel::parse_dev(left.get(2)?)?;
+            let split = line.windows(3).position(|w| w == b" - ")?;
+            let (left, right) = (&line[..split], &line[split + 3..]);
+            let left: Vec<&[u8]> = left.split(|&b| b == b' ').collect();
+            let dev = kernel::parse_dev(std::str::from_utf8(left.get(2)?).ok()?)?;
             let mountpoint = unescape(left.get(4)?);
-            let mut right = right.split(' ');
-            let fstype = right.next()?.to_string();
-            let source = unescape(right.next()?);
+            let mut right = right.split(|&b| b == b' ');
+            let fstype = String::from_utf8_lossy(right.next()?).into_owned();
+            let source = String::from_utf8_lossy(&unescape(right.next()?)).into_owned();
             Some(MountEntry {
-                mountpoint: PathBuf::from(mountpoint),
+                mountpoint: PathBuf::from(std::ffi::OsString::from_vec(mountpoint)),
                 fstype,
                 source,
                 dev,
@@ -119,23 +123,24 @@ pub fn mounts() -> std::io::Result<Vec<MountEntry>> {
 }
 
 /// Decodes the octal escapes (`\040` for a space) of mountinfo fields.
-fn unescape(field: &str) -> String {
-    let bytes = field.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
+fn unescape(field: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(field.len());
     let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'\\'
-            && i + 3 < bytes.len()
-            && let Ok(v) = u8::from_str_radix(&field[i + 1..i + 4], 8)
+    while i < field.len() {
+        if field[i] == b'\\'
+            && i + 3 < field.len()
+            && let Some(v) = std::str::from_utf8(&field[i + 1..i + 4])
+                .ok()
+                .and_then(|o| u8::from_str_radix(o, 8).ok())
         {
             out.push(v);
             i += 4;
             continue;
         }
-        out.push(bytes[i]);
+        out.push(field[i]);
         i += 1;
     }
-    String::from_utf8_lossy(&out).into_owned()
+    out
 }
 
 /// The mount at exactly `path`, if any (the most recent one wins).

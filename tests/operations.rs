@@ -714,3 +714,41 @@ fn an_unprivileged_user_mounts_through_fusermount3() {
     assert!(text.contains("server exited: 0"), "{text}");
     assert!(!text.contains("still mounted"), "{text}");
 }
+
+#[test]
+fn a_mount_elsewhere_on_a_path_that_is_not_utf8_hides_no_mount() {
+    // Any user may mount on a directory named with any bytes. Mounts are checked in
+    // mountinfo, where one such line made every new mount "not listed" (and refused).
+    use std::os::unix::ffi::OsStrExt;
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let c = common::cstr(&self.0);
+            // SAFETY: a NUL-terminated path.
+            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        }
+    }
+    let d = Daemon::start();
+    let odd = d.dir("odd").join(std::ffi::OsStr::from_bytes(b"m\xff"));
+    fs::create_dir(&odd).unwrap();
+    let dir = common::cstr(&odd);
+    // SAFETY: NUL-terminated strings that outlive the call.
+    let r = unsafe {
+        libc::mount(
+            c"roomfs-test".as_ptr(),
+            dir.as_ptr(),
+            c"tmpfs".as_ptr(),
+            0,
+            c"size=1m".as_ptr().cast(),
+        )
+    };
+    assert_eq!(r, 0, "mount tmpfs: {}", std::io::Error::last_os_error());
+    let _odd = Unmount(odd);
+    let mnt = d.dir("mnt");
+    d.mount(&["--room", "r1"], &mnt);
+    fs::write(mnt.join("marker"), b"served").unwrap();
+    assert!(serves(&mnt, b"served"));
+    let (code, _, err) = roomfs(&["unmount", mnt.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(!is_mounted(&mnt));
+}

@@ -154,9 +154,11 @@ fn holds_writer_on(tid: Tid, ino: u64, append: bool, fs_type: &str) -> bool {
     if mounts.is_empty() {
         return false;
     }
-    let Ok(mountinfo) = std::fs::read_to_string(format!("/proc/{tid}/mountinfo")) else {
+    // (Bytes: a mount point need not be UTF-8; the ids and types read here are.)
+    let Ok(mountinfo) = std::fs::read(format!("/proc/{tid}/mountinfo")) else {
         return false;
     };
+    let mountinfo = String::from_utf8_lossy(&mountinfo);
     mounts
         .iter()
         .any(|&id| mount_type(&mountinfo, id) == Some(fs_type))

@@ -233,7 +233,8 @@ impl Drop for Daemon {
             let _ = child.kill();
             let _ = child.wait();
         }
-        let info = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let info = String::from_utf8_lossy(&fs::read("/proc/self/mountinfo").unwrap_or_default())
+            .into_owned();
         let tmp = self.tmp.path().to_string_lossy().into_owned();
         for line in info.lines() {
             if let Some(mp) = line.split(' ').nth(4).filter(|m| m.starts_with(&tmp)) {

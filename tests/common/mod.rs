@@ -197,7 +197,8 @@ impl Bucket {
 }
 
 pub fn is_mounted(path: &Path) -> bool {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let info = String::from_utf8_lossy(&std::fs::read("/proc/self/mountinfo").unwrap_or_default())
+        .into_owned();
     let want = path.to_string_lossy().replace(' ', "\\040");
     info.lines()
         .any(|l| l.split(' ').nth(4) == Some(want.as_str()))
@@ -208,7 +209,8 @@ pub fn is_mounted(path: &Path) -> bool {
 /// instead of leaving its threads waiting for good (which would keep the test binary from
 /// exiting).
 pub fn abort_fuse(path: &Path) {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let info = String::from_utf8_lossy(&std::fs::read("/proc/self/mountinfo").unwrap_or_default())
+        .into_owned();
     let want = path.to_string_lossy().replace(' ', "\\040");
     let Some(minor) = info
         .lines()
