@@ -551,7 +551,7 @@ fn idle_sessions_end_after_their_ttl() {
 /// the running daemon's mounts added through the API still come back at its next restart (the
 /// failed start used to save them as none).
 #[test]
-fn a_second_daemon_on_the_socket_changes_nothing() {
+fn a_second_daemon_on_the_socket_or_the_data_dir_changes_nothing() {
     let mut d = Daemon::start();
     let mnt = d.dir("mnt");
     d.mount(&["--room", "r1"], &mnt);
@@ -567,6 +567,54 @@ fn a_second_daemon_on_the_socket_changes_nothing() {
     assert!(!out.status.success());
     assert!(err.contains("another roomfs daemon is serving"), "{err}");
     assert!(!err.contains("not restoring"), "{err}");
+    // Nor does one on the same data dir with a socket of its own (it found the first one's
+    // mount points in use and saved its mounts as none), nor one that cannot listen for
+    // downloads; neither leaves a socket behind.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let config = d.dir("conf").join("config.json");
+    let listen = taken.local_addr().unwrap();
+    let secret = d.dir("conf").join("secret");
+    fs::write(&secret, "s".repeat(40)).unwrap();
+    fs::set_permissions(&secret, fs::Permissions::from_mode(0o600)).unwrap();
+    fs::write(
+        &config,
+        format!(
+            r#"{{"http_listen": "{listen}", "secret_file": "{}"}}"#,
+            secret.display()
+        ),
+    )
+    .unwrap();
+    for (other, data, conf, says) in [
+        (
+            "other.sock",
+            d.data.clone(),
+            None,
+            "another roomfs daemon serves this data dir",
+        ),
+        (
+            "third.sock",
+            d.dir("elsewhere"),
+            Some(&config),
+            "cannot listen for downloads",
+        ),
+    ] {
+        let socket = d.dir("sockets").join(other);
+        let mut cmd = std::process::Command::new(BIN);
+        cmd.arg("serve")
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--data-dir")
+            .arg(&data);
+        if let Some(conf) = conf {
+            cmd.arg("--config").arg(conf);
+        }
+        let out = output(&mut cmd);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{err}");
+        assert!(err.contains(says), "{err}");
+        assert!(!err.contains("not restoring"), "{err}");
+        assert!(!socket.exists(), "{other} left behind");
+    }
     assert!(d.stop().success());
     d.run();
     let mounts = d.json(&["mounts", "--json"]);

@@ -79,6 +79,8 @@ struct Table {
 /// The daemon's state.
 pub struct Daemon {
     config: Config,
+    /// This daemon's hold on the data dir (see `persisted::hold`).
+    _held: std::fs::File,
     data_dir: PathBuf,
     socket: PathBuf,
     /// The spaces open in this process (one object per space, shared by its mounts).
@@ -162,6 +164,8 @@ impl Daemon {
             token::read_secret_file(secret_file)?;
         }
         let local = mount::open_data_dir(&data_dir)?;
+        let held = persisted::hold(local.data_dir(), &socket)
+            .with_context(|| format!("cannot serve the data dir {}", data_dir.display()))?;
         let records_dir = config
             .records_dir
             .clone()
@@ -189,6 +193,7 @@ impl Daemon {
         ));
         let daemon = Arc::new_cyclic(|me| Daemon {
             config,
+            _held: held,
             data_dir,
             socket,
             hub,
@@ -1214,13 +1219,7 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
         .context("cannot install signal handlers")?;
     let daemon = Daemon::start(config)?;
-    let listener = match crate::control::server::bind(daemon.socket()) {
-        Ok(l) => l,
-        Err(e) => {
-            daemon.shutdown();
-            return Err(e.into());
-        }
-    };
+    // The control socket last: a start that fails leaves none behind.
     let http = match daemon
         .http_listener()
         .and_then(|h| h.map(|h| Ok((h, daemon.downloads()?))).transpose())
@@ -1229,6 +1228,13 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         Err(e) => {
             daemon.shutdown();
             return Err(e);
+        }
+    };
+    let listener = match crate::control::server::bind(daemon.socket()) {
+        Ok(l) => l,
+        Err(e) => {
+            daemon.shutdown();
+            return Err(e.into());
         }
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()

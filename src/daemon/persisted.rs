@@ -19,6 +19,7 @@ use crate::store::local::at::Dir;
 
 const DIR: &str = "state";
 const FILE: &str = "mounts.json";
+const LOCK: &str = "daemon.lock";
 
 /// What `state/mounts.json` holds. Entries stay JSON values until each is read on its own, so
 /// that one entry a daemon cannot read does not hide the others.
@@ -31,6 +32,57 @@ struct File<T> {
 /// The directory of the daemon's state beneath the data dir, made if missing.
 fn state_dir(data: &Dir) -> io::Result<Dir> {
     Ok(data.create_dirs(Path::new(DIR), 0o700)?.0)
+}
+
+/// Takes the data dir for this daemon, for as long as it runs (the returned file holds an
+/// exclusive `flock` on `state/daemon.lock`, released when the process ends however it ends):
+/// two daemons on one data dir would each rewrite the other's saved mounts (a second one
+/// finds the first's mount points in use and saves none). Standalone `roomfs mount`s may
+/// share a data dir with a daemon: they take no such lock. Refused when another daemon holds
+/// it, naming its process and socket (which the lock file records).
+pub fn hold(data: &Dir, socket: &Path) -> io::Result<std::fs::File> {
+    use std::io::{Read, Seek, Write};
+    use std::os::fd::AsRawFd;
+    let mut file = state_dir(data)?
+        .at(Path::new(LOCK))?
+        .open(libc::O_RDWR | libc::O_CREAT, 0o600)?;
+    if !file.metadata()?.is_file() {
+        return Err(io::Error::other(format!(
+            "{DIR}/{LOCK} is not a regular file"
+        )));
+    }
+    // SAFETY: a valid descriptor; flock touches no memory.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+            return Err(e);
+        }
+        let mut holder = String::new();
+        let _ = file.take(4096).read_to_string(&mut holder);
+        let holder = holder.trim();
+        return Err(io::Error::new(
+            io::ErrorKind::AddrInUse,
+            format!(
+                "another roomfs daemon serves this data dir ({}): two daemons on one data dir \
+                 would each rewrite the other's saved mounts; stop it, or give this one a data \
+                 dir of its own",
+                if holder.is_empty() {
+                    "it holds state/daemon.lock"
+                } else {
+                    holder
+                }
+            ),
+        ));
+    }
+    file.set_len(0)?;
+    file.rewind()?;
+    write!(
+        file,
+        "pid {}, socket {}",
+        std::process::id(),
+        socket.display()
+    )?;
+    Ok(file)
 }
 
 /// The persisted mount requests, in the order they were made. An entry that cannot be read is
@@ -120,6 +172,23 @@ mod tests {
         std::fs::write(&file, "{").unwrap();
         let e = load(&data).unwrap_err().to_string();
         assert!(e.contains("state/mounts.json"), "{e}");
+    }
+
+    #[test]
+    fn one_daemon_at_a_time_holds_the_data_dir() {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = Dir::open_trusted(tmp.path(), false).unwrap();
+        let held = hold(&data, Path::new("/run/a.sock")).unwrap();
+        let e = hold(&data, Path::new("/run/b.sock"))
+            .unwrap_err()
+            .to_string();
+        let me = format!("pid {}, socket /run/a.sock", std::process::id());
+        assert!(
+            e.contains("another roomfs daemon") && e.contains(&me),
+            "{e}"
+        );
+        drop(held);
+        hold(&data, Path::new("/run/b.sock")).unwrap();
     }
 
     #[test]
