@@ -339,7 +339,8 @@ mod tests {
         let fd = file.as_raw_fd();
         let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).unwrap();
         let mnt_id = FdInfo::parse(&info).unwrap().mnt_id;
-        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let mountinfo = std::fs::read("/proc/self/mountinfo").unwrap();
+        let mountinfo = String::from_utf8_lossy(&mountinfo);
         let fs_type = mount_type(&mountinfo, mnt_id).unwrap().to_string();
         let me = my_tid();
         assert!(holds_writer_on(me, ino, false, &fs_type));
