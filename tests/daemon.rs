@@ -1160,6 +1160,84 @@ fn a_delete_through_one_mount_while_another_mount_commits_the_file_hangs_neither
 }
 
 #[test]
+fn a_file_written_in_one_mount_follows_a_rename_over_another_name_or_an_exchange_in_another() {
+    // As on one disk: a writer's file moved by another participant, over a name that existed
+    // or swapped with another file, is committed at its new name, and the other file keeps
+    // its content. (Its data was dropped with ENOENT at close, or went to the other file.)
+    use std::io::Write;
+    let d = Daemon::start();
+    let (a, b) = (d.dir("a"), d.dir("b"));
+    d.mount(&["--room", "r1"], &a);
+    d.mount(&["--room", "r1"], &b);
+    for (append, exchange) in [(false, false), (true, false), (false, true), (true, true)] {
+        let case = format!("append {append}, exchange {exchange}");
+        let _ = fs::remove_file(a.join("x"));
+        let _ = fs::remove_file(a.join("y"));
+        fs::write(a.join("x"), b"x-old\n").unwrap();
+        fs::write(a.join("y"), b"y-old\n").unwrap();
+        // Mount A knows both names.
+        assert_eq!(fs::read(a.join("y")).unwrap(), b"y-old\n");
+        let mut w = fs::OpenOptions::new()
+            .write(true)
+            .append(append)
+            .truncate(!append)
+            .open(a.join("x"))
+            .unwrap();
+        w.write_all(b"first\n").unwrap();
+        if exchange {
+            let (x, y) = (cstr(&b.join("x")), cstr(&b.join("y")));
+            // SAFETY: NUL-terminated paths.
+            let r = unsafe {
+                libc::renameat2(
+                    libc::AT_FDCWD,
+                    x.as_ptr(),
+                    libc::AT_FDCWD,
+                    y.as_ptr(),
+                    libc::RENAME_EXCHANGE,
+                )
+            };
+            assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
+        } else {
+            fs::rename(b.join("x"), b.join("y")).unwrap();
+        }
+        w.write_all(b"second\n").unwrap();
+        w.sync_all().expect(&case);
+        drop(w);
+        let written: &[u8] = if append {
+            b"x-old\nfirst\nsecond\n"
+        } else {
+            b"first\nsecond\n"
+        };
+        assert_eq!(fs::read(b.join("y")).unwrap(), written, "{case}");
+        if exchange {
+            assert_eq!(fs::read(b.join("x")).unwrap(), b"y-old\n", "{case}");
+        } else {
+            assert!(!b.join("x").exists(), "{case}");
+        }
+    }
+    // Into a directory mount A has never looked at (one agent files away a report another
+    // is still writing): committed there, and A then finds it there too.
+    let mut w = fs::File::create(a.join("report.md")).unwrap();
+    w.write_all(b"draft\n").unwrap();
+    fs::create_dir_all(b.join("done/2026")).unwrap();
+    fs::rename(b.join("report.md"), b.join("done/2026/report.md")).unwrap();
+    w.write_all(b"final\n").unwrap();
+    drop(w);
+    assert!(!b.join("report.md").exists());
+    for m in [&a, &b] {
+        assert_eq!(
+            fs::read(m.join("done/2026/report.md")).unwrap(),
+            b"draft\nfinal\n"
+        );
+        let names: Vec<_> = fs::read_dir(m.join("done/2026"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["report.md"]);
+    }
+}
+
+#[test]
 fn two_mounts_of_one_space_see_each_others_changes_at_once() {
     // The kernel may trust what it cached for a minute: only invalidation can show changes.
     let d = Daemon::with_config(Some(r#"{"cache_ttl_secs": 60}"#));

@@ -10,12 +10,14 @@
 //! the feed's thread. A file open in this mount gets its attributes invalidated only: its
 //! readers keep the version they opened, and its pages stay theirs.
 //!
-//! A move made elsewhere is applied to this mount's inode table when it knows the entry and
-//! the directory it moved to, and nothing under the new name: the inode keeps its identity
-//! under its new name, as for a move made here, so a file this mount has open for writing is
-//! committed under the new name, and the kernel, looking the names up again, finds the same
-//! inodes (and their cached pages). Otherwise (and for exchanges) both names are looked up
-//! again.
+//! A move made elsewhere is applied to this mount's inode table when it knows the entry: the
+//! inode keeps its identity under its new name, as for a move made here, so a file this mount
+//! has open for writing is committed under the new name (also over a file that was there, or
+//! into a directory this mount did not know, whose directories are then added to the table),
+//! and the kernel, looking the names up again, finds the same inodes (and their cached
+//! pages). An exchange of two entries it knows swaps them. What was under the new name and
+//! is open here stays (it is the moved file, opened through its new name since the move);
+//! then, and where the entry is unknown, both names are looked up again.
 //!
 //! A file this mount has open that was deleted, or replaced by a move, elsewhere is treated as
 //! if the unlink or the rename were made here, from the moment the mount hears of it
@@ -192,18 +194,57 @@ impl Fs {
         let (Some(from_name), Some(to_name)) = (from.file_name(), to.file_name()) else {
             return; // the root does not move
         };
+        // What was under the new name leaves it, as for a rename over it made here, unless
+        // this mount has it open: then (`gone_elsewhere` left it there) it is the moved file
+        // itself, opened through the new name since the move (a look-up races with hearing of
+        // it), and the kernel just looks both names up again. (Looked at before the table is
+        // locked for the move, and checked again under it: a handle opened between the two
+        // looks keeps the name too.)
+        let open = |ino: Ino| {
+            lock(&self.opens)
+                .get(&ino)
+                .is_some_and(|state| !state.handles.is_empty())
+        };
+        // A file it has open for writing that went into a directory it does not know (nor
+        // the kernel): the directories are added to the table, so that its commit goes there.
+        let (replaceable, into_unknown) = {
+            let table = read_lock(&self.table);
+            match (table.resolve(from), table.resolve(to)) {
+                (Some((_, Some(s))), Some((_, Some(d)))) if !exchange && d != s => {
+                    drop(table);
+                    ((!open(d)).then_some(d), false)
+                }
+                (Some((_, Some(s))), None) if !exchange => {
+                    drop(table);
+                    (None, open(s))
+                }
+                _ => (None, false),
+            }
+        };
         let (src, dst) = {
             let mut table = write_lock(&self.table);
             let (src, dst) = (table.resolve(from), table.resolve(to));
-            // The entry and the directory it went to are known, and nothing under the new
-            // name: the inode follows its name, as for a move made here. An inode known under
-            // the new name may be the moved file itself, looked up since the move (a lookup
-            // races with hearing of it), so then, as for an exchange, the kernel just looks
-            // both names up again.
-            if let (Some((src_parent, Some(_))), Some((dst_parent, None))) = (src, dst)
-                && !exchange
-            {
-                table.rename(src_parent, from_name, dst_parent, to_name, false);
+            match (src, dst) {
+                // The entry and the directory it went to are known: the inode follows its
+                // name, as for a move made here (so a file this mount writes is committed
+                // under its new name), replacing what was there.
+                (Some((src_parent, Some(_))), Some((dst_parent, None))) if !exchange => {
+                    table.rename(src_parent, from_name, dst_parent, to_name, false);
+                }
+                (Some((src_parent, Some(_))), Some((dst_parent, Some(d))))
+                    if !exchange && replaceable == Some(d) =>
+                {
+                    table.rename(src_parent, from_name, dst_parent, to_name, false);
+                }
+                (Some((src_parent, Some(_))), None) if into_unknown => {
+                    let dst_parent = table.dirs_for_move(to.parent().unwrap_or(Path::new("")));
+                    table.rename(src_parent, from_name, dst_parent, to_name, false);
+                }
+                // Both names known: they swap, as for an exchange made here.
+                (Some((src_parent, Some(_))), Some((dst_parent, Some(_)))) if exchange => {
+                    table.rename(src_parent, from_name, dst_parent, to_name, true);
+                }
+                _ => {}
             }
             (src, dst)
         };

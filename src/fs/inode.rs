@@ -165,6 +165,40 @@ impl InodeTable {
         Some((ROOT, Some(ROOT)))
     }
 
+    /// The inode of the directory at `path`, adding the directories on the way the table does
+    /// not know yet, for a file this mount has open that moved there elsewhere (see
+    /// `Fs::moved_elsewhere`). Those the kernel has not looked up (no references: a look-up
+    /// of one later takes the first); the few that it never looks up stay until the process
+    /// ends.
+    pub fn dirs_for_move(&mut self, path: &std::path::Path) -> Ino {
+        let mut parent = ROOT;
+        for part in path.iter() {
+            parent = match self.child(parent, part) {
+                Some(ino) => ino,
+                None => {
+                    let ino = self.next;
+                    self.next += 1;
+                    self.nodes.insert(
+                        ino,
+                        Node {
+                            parent,
+                            name: part.to_os_string(),
+                            kind: Kind::Dir,
+                            nlookup: 0,
+                            successor: false,
+                            links: Vec::new(),
+                            attrs: None,
+                            removed: false,
+                        },
+                    );
+                    self.children.insert((parent, part.to_os_string()), ino);
+                    ino
+                }
+            };
+        }
+        parent
+    }
+
     /// Records that the kernel now holds a reference to `name` in `parent` (of `kind`),
     /// returning its inode number. An entry whose kind changed behind our back gets a new inode.
     /// `linked`: the file has several names and this is its identity: a name of a file the
