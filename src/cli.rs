@@ -112,9 +112,10 @@ pub struct UrlArgs {
     /// Make browsers download the file instead of showing it.
     #[arg(long)]
     pub attachment: bool,
-    /// How long the URL works: 30s, 15m, 1h, up to 7d.
-    #[arg(long, value_name = "DURATION", default_value = "15m")]
-    pub ttl: String,
+    /// How long the URL works: 30s, 15m, 1h, up to 7d [default: 15m, or what is left of
+    /// --token's lifetime if less].
+    #[arg(long, value_name = "DURATION")]
+    pub ttl: Option<String>,
     /// Issue the URL only if this token's grant covers the path.
     #[arg(long, value_name = "JWT")]
     pub token: Option<String>,
@@ -960,13 +961,18 @@ fn events(args: &EventsArgs) -> anyhow::Result<()> {
 
 fn url(args: &UrlArgs) -> anyhow::Result<()> {
     let space = space_of(&args.room, &args.session)?;
-    let ttl = token::parse_duration(&args.ttl).context("--ttl")?;
+    let ttl = args
+        .ttl
+        .as_deref()
+        .map(token::parse_duration)
+        .transpose()
+        .context("--ttl")?;
     let req = UrlRequest {
         room: (space.kind == SpaceKind::Room).then(|| space.id.clone()),
         session: (space.kind == SpaceKind::Session).then(|| space.id.clone()),
         path: args.path.clone(),
         attachment: args.attachment,
-        ttl_secs: Some(ttl.as_secs()),
+        ttl_secs: ttl.map(|t| t.as_secs()),
         token: args.token.clone(),
         direct: args.direct,
     };

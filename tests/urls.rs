@@ -202,6 +202,42 @@ fn signed_urls_serve_the_file_with_ranges_and_refuse_what_they_do_not_grant() {
     fs::write(a.join("secret.txt"), b"s").unwrap();
     let err = url(&d, &["--room", "r1", "secret.txt", "--token", &token]).unwrap_err();
     assert!(err.contains("outside the token's grant"), "{err}");
+    // A URL lives no longer than the token it was checked against: the default TTL (15 min)
+    // is cut to the token's 60 s; a longer one asked for is refused.
+    let brief = issue(
+        keys.path(),
+        &["--room", "r1", "--path", "outputs/:ro", "--ttl", "60s"],
+    );
+    let signed = url(
+        &d,
+        &["--room", "r1", "outputs/report.pdf", "--token", &brief],
+    )
+    .unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let expires: u64 = signed
+        .split(['?', '&'])
+        .find_map(|p| p.strip_prefix("expires="))
+        .and_then(|e| e.parse().ok())
+        .unwrap_or_else(|| panic!("no expiry in {signed}"));
+    assert!(expires <= now + 62 && expires + 5 >= now + 60, "{signed}");
+    assert_eq!(curl(&[], &signed).0, 200);
+    let err = url(
+        &d,
+        &[
+            "--room",
+            "r1",
+            "outputs/report.pdf",
+            "--token",
+            &brief,
+            "--ttl",
+            "7d",
+        ],
+    )
+    .unwrap_err();
+    assert!(err.contains("may not outlive the token"), "{err}");
     // Clear refusals at issue time.
     let err = url(&d, &["--room", "r1", "missing.txt"]).unwrap_err();
     assert!(err.contains("no file at missing.txt"), "{err}");

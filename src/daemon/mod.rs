@@ -263,11 +263,17 @@ impl Daemon {
 
     /// The grant a token gives in `space` (401 if it is refused, or for another space).
     fn token_grant(&self, tok: &str, space: &SpaceId) -> Result<Grant, ApiError> {
+        self.token_for(tok, space).map(|t| t.grant)
+    }
+
+    /// The verified token `tok`, if it is for `space` (401 if it is refused, or for another
+    /// space).
+    fn token_for(&self, tok: &str, space: &SpaceId) -> Result<token::VerifiedToken, ApiError> {
         let secret = self.secret("verify tokens")?;
         let verified = token::verify(tok, &secret)
             .map_err(|e| ApiError::new(401, format!("token refused: {e}")))?;
         match (&verified.room, space.kind) {
-            (Some(room), SpaceKind::Room) if *room == space.id => Ok(verified.grant),
+            (Some(room), SpaceKind::Room) if *room == space.id => Ok(verified),
             (Some(room), _) => Err(ApiError::new(
                 401,
                 format!(
@@ -1066,7 +1072,7 @@ impl ControlPlane for Daemon {
         let path = space_relative(&req.path)?;
         urls::check_path(&path)
             .map_err(|e| ApiError::bad_request(format!("{:?}: {e}", req.path)))?;
-        let ttl = Duration::from_secs(req.ttl_secs.unwrap_or(urls::DEFAULT_TTL.as_secs()));
+        let mut ttl = Duration::from_secs(req.ttl_secs.unwrap_or(urls::DEFAULT_TTL.as_secs()));
         if ttl.is_zero() || ttl > urls::MAX_TTL {
             return Err(ApiError::bad_request(format!(
                 "ttl must be between 1 second and {} days",
@@ -1074,7 +1080,32 @@ impl ControlPlane for Daemon {
             )));
         }
         if let Some(tok) = &req.token {
-            let grant = self.token_grant(tok, &space)?;
+            let verified = self.token_for(tok, &space)?;
+            // A URL checked against a token's grant lives no longer than the token: the
+            // default TTL is cut to what it has left; a longer TTL asked for is refused.
+            if let Some(exp) = verified.exp {
+                let left = Duration::from_secs(
+                    exp.saturating_sub(
+                        SystemTime::now()
+                            .duration_since(SystemTime::UNIX_EPOCH)
+                            .map_or(0, |d| d.as_secs()),
+                    ),
+                );
+                if ttl > left {
+                    if req.ttl_secs.is_some() || left.is_zero() {
+                        return Err(ApiError::new(
+                            403,
+                            format!(
+                                "a URL may not outlive the token it is checked against: the \
+                                 token expires in {}s; ask for a ttl of at most that",
+                                left.as_secs()
+                            ),
+                        ));
+                    }
+                    ttl = left;
+                }
+            }
+            let grant = verified.grant;
             if grant
                 .check(path.as_os_str().as_bytes(), crate::grant::Access::Read)
                 .is_err()
