@@ -103,6 +103,9 @@ pub enum TokenError {
     Malformed(String),
     /// The grants are inconsistent or a storage path is invalid.
     BadGrant(String),
+    /// The participant's name or the room cannot be used: the name is shown in events as the
+    /// participant (a label's rules), the room must be a valid room id.
+    BadClaim(String),
     /// Signing failed while issuing.
     Encode(String),
 }
@@ -121,6 +124,7 @@ impl fmt::Display for TokenError {
             }
             TokenError::Malformed(why) => write!(f, "token is malformed: {why}"),
             TokenError::BadGrant(why) => write!(f, "token grant is invalid: {why}"),
+            TokenError::BadClaim(why) => write!(f, "token is invalid: {why}"),
             TokenError::Encode(why) => write!(f, "could not sign the token: {why}"),
         }
     }
@@ -140,6 +144,7 @@ pub fn issue(
     if secret.is_empty() {
         return Err(TokenError::EmptySecret);
     }
+    check_claims(Some(name), Some(room))?;
     let now = now_secs();
     let claims = TokenClaims {
         name: Some(name.to_owned()),
@@ -259,12 +264,27 @@ pub fn verify(token: &str, secret: &[u8]) -> Result<VerifiedToken, TokenError> {
         }
     };
 
+    check_claims(claims.name.as_deref(), room.as_deref())?;
     Ok(VerifiedToken {
         room,
         grant,
         name: claims.name,
         exp: claims.exp,
     })
+}
+
+/// Checks a token's participant name (shown in every event of its mounts, like a mount's
+/// label) and room (a room id).
+fn check_claims(name: Option<&str>, room: Option<&str>) -> Result<(), TokenError> {
+    if let Some(name) = name {
+        crate::events::check_label(name)
+            .map_err(|e| TokenError::BadClaim(format!("its name: {}", e.0)))?;
+    }
+    if let Some(room) = room {
+        crate::space::SpaceId::new(crate::space::SpaceKind::Room, room)
+            .map_err(|e| TokenError::BadClaim(e.0))?;
+    }
+    Ok(())
 }
 
 /// Parses a lifetime: a whole number with an optional unit `s`, `m`, `h` or
@@ -563,6 +583,29 @@ mod tests {
                 ]}}}
             ])
         );
+    }
+
+    #[test]
+    fn names_and_rooms_that_cannot_be_shown_or_mounted_are_refused() {
+        let grant = Grant::full();
+        let day = Duration::from_secs(86400);
+        for name in ["", "evil\nname", "\u{1b}[31mred", &"n".repeat(201)] {
+            let e = issue(SECRET, name, "r1", &grant, day).unwrap_err();
+            assert!(matches!(e, TokenError::BadClaim(_)), "{name:?}: {e}");
+            let forged = hs256(&json!({ "name": name, "grants": [] }));
+            let e = verify(&forged, SECRET).unwrap_err();
+            assert!(e.to_string().contains("its name"), "{name:?}: {e}");
+        }
+        let e = issue(SECRET, "bob", "../r1", &grant, day).unwrap_err();
+        assert!(e.to_string().contains("invalid room id"), "{e}");
+        let forged = hs256(&json!({
+            "name": "bob", "grants": [{ "name": "room", "scope": "../r1" }]
+        }));
+        assert!(matches!(
+            verify(&forged, SECRET),
+            Err(TokenError::BadClaim(_))
+        ));
+        assert!(issue(SECRET, "analyst agent 7", "r1", &grant, day).is_ok());
     }
 
     #[test]
