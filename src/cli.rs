@@ -938,7 +938,20 @@ fn events(args: &EventsArgs) -> anyhow::Result<()> {
             reader_gone = !written;
             written
         })
-        .map_err(anyhow::Error::from)?;
+        .map_err(|e| match e {
+            // Cut while following (the daemon killed, the connection lost): where to resume.
+            ClientError::Io { .. } | ClientError::Protocol { .. } if args.follow => {
+                let mut cause: &dyn std::error::Error = &e;
+                while let Some(next) = cause.source() {
+                    cause = next;
+                }
+                anyhow!(
+                    "the stream of events was cut ({cause}): once the daemon answers again, \
+                     resume with --since {last}"
+                )
+            }
+            e => anyhow::Error::from(e),
+        })?;
     if !args.follow || reader_gone {
         return Ok(());
     }

@@ -724,6 +724,34 @@ fn followers_end_when_their_session_ends_and_do_not_hold_up_the_daemon_stopping(
 }
 
 #[test]
+fn a_follower_cut_off_by_a_daemon_killed_says_where_to_resume() {
+    let mut d = Daemon::start();
+    let r = d.dir("r");
+    d.mount(&["--room", "r1"], &r);
+    let room = Follower::start(&d, &["--room", "r1"]);
+    fs::write(r.join("a.txt"), b"a").unwrap();
+    eventually("the follower hears of the write", || {
+        !room.types().is_empty()
+    });
+    let mut daemon = d.child.take().unwrap();
+    daemon.kill().unwrap(); // SIGKILL: no end line
+    daemon.wait().unwrap();
+    let (code, err, lines) = room.finished();
+    assert_eq!(code, Some(1), "{err}");
+    let seq = lines.last().unwrap()["seq"].as_u64().unwrap();
+    assert!(
+        err.contains("the stream of events was cut")
+            && err.contains(&format!("resume with --since {seq}")),
+        "{err}"
+    );
+    // The mount the killed daemon served is dead: unmount it.
+    let _ = std::process::Command::new("fusermount3")
+        .args(["-uz"])
+        .arg(&r)
+        .status();
+}
+
+#[test]
 fn a_directory_removed_by_another_process_lists_empty_for_a_shell_in_it() {
     let (tmp, pa, pb) = two_mount_processes();
     let (a, b) = (pa.mnt.clone(), pb.mnt.clone());
