@@ -121,7 +121,7 @@ enum Server {
     /// A `roomfs mount` in the background, with these `roomfs mount` flags.
     Background {
         flags: Vec<OsString>,
-        /// Where its log goes (else: the helper's stderr unless that is a terminal).
+        /// Where its log goes (else: the helper's stderr if that is the journal or a file).
         log: Option<PathBuf>,
     },
     /// The running daemon at this socket.
@@ -367,10 +367,25 @@ fn fail(status: i32, message: impl std::fmt::Display) -> i32 {
     status
 }
 
+/// Whether this process's stderr is where a background server may log: the journal (the
+/// stream systemd names in `JOURNAL_STREAM`) or a file, not a terminal, pipe or socket.
+fn stderr_keeps_a_log() -> bool {
+    use std::io::IsTerminal;
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let Ok(meta) = std::fs::metadata("/proc/self/fd/2") else {
+        return false;
+    };
+    let journal = std::env::var("JOURNAL_STREAM")
+        .ok()
+        .is_some_and(|stream| stream == format!("{}:{}", meta.dev(), meta.ino()));
+    let file = meta.file_type().is_file()
+        || (meta.file_type().is_char_device() && !std::io::stderr().is_terminal());
+    journal || file
+}
+
 /// Starts `roomfs ARGS` in its own session with a pipe to report on, and waits until it says
 /// the mount is up (or why not).
 fn in_background(args: &[OsString], log: Option<&Path>) -> anyhow::Result<()> {
-    use std::io::IsTerminal;
     use std::os::unix::process::CommandExt;
     use std::process::{Command, Stdio};
 
@@ -381,10 +396,11 @@ fn in_background(args: &[OsString], log: Option<&Path>) -> anyhow::Result<()> {
         Some(path) => Stdio::from(
             open_log(path).with_context(|| format!("cannot open the log {}", path.display()))?,
         ),
-        // Under systemd the helper's stderr is the journal: the server logs there. A person
-        // at a terminal gets the prompt back, not log lines later.
-        None if std::io::stderr().is_terminal() => Stdio::null(),
-        None => Stdio::inherit(),
+        // Under systemd the helper's stderr is the journal, or it was sent to a file: the
+        // server logs there. A person at a terminal gets the prompt back, not log lines
+        // later; a pipe (`$(mount ...)`, `| head`) would hold its reader until the unmount.
+        None if stderr_keeps_a_log() => Stdio::inherit(),
+        None => Stdio::null(),
     };
     let ready_fd = write_end.as_raw_fd();
     let mut cmd = Command::new(exe);

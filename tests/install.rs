@@ -224,6 +224,33 @@ fn mount_8_mounts_in_the_background_and_umount_stops_the_server() {
 }
 
 #[test]
+fn mount_8_with_its_output_in_a_pipe_returns_while_the_mount_stays() {
+    // `$(mount ...)`, `mount ... | tee`: the background server must not hold the pipe, or its
+    // reader waits until the unmount. Without log=, it then logs nowhere.
+    let _helper = HelperInstalled::new();
+    let s = Scratch::new();
+    let data = s.dir("data");
+    let mnt = s.dir("srv/piped");
+    let opts = format!("data_dir={}", data.display());
+    let mut cmd = Command::new("mount");
+    cmd.args(["-t", "fuse.roomfs", "room:r1"])
+        .arg(&mnt)
+        .args(["-o", &opts])
+        .stdin(Stdio::null());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(cmd.output().unwrap()); // stdout and stderr are pipes, read to EOF
+    });
+    let out = rx.recv_timeout(Duration::from_secs(30));
+    let mounted = is_mounted(&mnt);
+    let (code, err) = run("umount", &[mnt.to_str().unwrap()], &s);
+    let out = out.expect("mount(8) did not return: its pipe is held by the server");
+    assert!(out.status.success(), "{out:?}");
+    assert!(mounted, "{out:?}");
+    assert_eq!(code, 0, "{err}");
+}
+
+#[test]
 fn an_fstab_line_mounts_with_the_usual_options() {
     let _helper = HelperInstalled::new();
     let s = Scratch::new();
