@@ -1169,7 +1169,16 @@ fn a_file_written_in_one_mount_follows_a_rename_over_another_name_or_an_exchange
     let (a, b) = (d.dir("a"), d.dir("b"));
     d.mount(&["--room", "r1"], &a);
     d.mount(&["--room", "r1"], &b);
-    for (append, exchange) in [(false, false), (true, false), (false, true), (true, true)] {
+    // (An S3 store cannot exchange two names: EINVAL, by design.)
+    let exchanges: &[bool] = if common::store_is_s3() {
+        &[false]
+    } else {
+        &[false, true]
+    };
+    let cases = exchanges
+        .iter()
+        .flat_map(|&exchange| [(false, exchange), (true, exchange)]);
+    for (append, exchange) in cases {
         let case = format!("append {append}, exchange {exchange}");
         let _ = fs::remove_file(a.join("x"));
         let _ = fs::remove_file(a.join("y"));
