@@ -95,21 +95,24 @@ impl MountEntry {
     }
 }
 
-/// The current mounts of this process's namespace.
+/// The current mounts of this process's namespace. Mount points are bytes (one that is not
+/// UTF-8 anywhere in the namespace must not hide the others).
 pub fn mounts() -> std::io::Result<Vec<MountEntry>> {
-    let text = std::fs::read_to_string("/proc/self/mountinfo")?;
-    Ok(text
-        .lines()
+    use std::os::unix::ffi::OsStringExt;
+    let bytes = std::fs::read("/proc/self/mountinfo")?;
+    Ok(bytes
+        .split(|&b| b == b'\n')
         .filter_map(|line| {
-            let (left, right) = line.split_once(" - ")?;
-            let left: Vec<&str> = left.split(' ').collect();
-            let dev = kernel::parse_dev(left.get(2)?)?;
+            let split = line.windows(3).position(|w| w == b" - ")?;
+            let (left, right) = (&line[..split], &line[split + 3..]);
+            let left: Vec<&[u8]> = left.split(|&b| b == b' ').collect();
+            let dev = kernel::parse_dev(std::str::from_utf8(left.get(2)?).ok()?)?;
             let mountpoint = unescape(left.get(4)?);
-            let mut right = right.split(' ');
-            let fstype = right.next()?.to_string();
-            let source = unescape(right.next()?);
+            let mut right = right.split(|&b| b == b' ');
+            let fstype = String::from_utf8_lossy(right.next()?).into_owned();
+            let source = String::from_utf8_lossy(&unescape(right.next()?)).into_owned();
             Some(MountEntry {
-                mountpoint: PathBuf::from(mountpoint),
+                mountpoint: PathBuf::from(std::ffi::OsString::from_vec(mountpoint)),
                 fstype,
                 source,
                 dev,
@@ -119,23 +122,25 @@ pub fn mounts() -> std::io::Result<Vec<MountEntry>> {
 }
 
 /// Decodes the octal escapes (`\040` for a space) of mountinfo fields.
-fn unescape(field: &str) -> String {
-    let bytes = field.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
+fn unescape(field: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(field.len());
     let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'\\'
-            && i + 3 < bytes.len()
-            && let Ok(v) = u8::from_str_radix(&field[i + 1..i + 4], 8)
+    while i < field.len() {
+        if field[i] == b'\\'
+            && let Some(digits) = field.get(i + 1..i + 4)
+            && digits.iter().all(|d| (b'0'..=b'7').contains(d))
         {
-            out.push(v);
-            i += 4;
-            continue;
+            let v = digits.iter().fold(0u32, |v, d| v * 8 + u32::from(d - b'0'));
+            if let Ok(v) = u8::try_from(v) {
+                out.push(v);
+                i += 4;
+                continue;
+            }
         }
-        out.push(bytes[i]);
+        out.push(field[i]);
         i += 1;
     }
-    String::from_utf8_lossy(&out).into_owned()
+    out
 }
 
 /// The mount at exactly `path`, if any (the most recent one wins).

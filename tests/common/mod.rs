@@ -197,7 +197,9 @@ impl Bucket {
 }
 
 pub fn is_mounted(path: &Path) -> bool {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    // Lossy: a mount point that is not UTF-8 (anywhere) must not hide the others.
+    let info = String::from_utf8_lossy(&std::fs::read("/proc/self/mountinfo").unwrap_or_default())
+        .into_owned();
     let want = path.to_string_lossy().replace(' ', "\\040");
     info.lines()
         .any(|l| l.split(' ').nth(4) == Some(want.as_str()))
