@@ -842,9 +842,13 @@ fn mount_spec(args: MountArgs) -> anyhow::Result<MountSpec> {
         return Err(anyhow!("--threads must be between 1 and 64, not {threads}"));
     }
     let data_dir = args.data_dir.unwrap_or_else(default_data_dir);
+    let records_dir = match args.records_dir {
+        Some(dir) => crate::daemon::config::named_records_dir(&dir, "--records-dir")?.to_owned(),
+        None => data_dir.join("records"),
+    };
     Ok(MountSpec {
         store,
-        records_dir: args.records_dir.unwrap_or_else(|| data_dir.join("records")),
+        records_dir,
         limits: None,
         data_dir,
         space,

@@ -168,3 +168,62 @@ fn arguments_that_are_not_utf8_are_paths_or_named_mistakes_never_a_panic() {
     assert!(err.contains("is not UTF-8"), "{err}");
     assert!(!is_mounted(&mnt));
 }
+
+#[test]
+fn a_records_dir_named_but_missing_is_refused_not_created() {
+    let tmp = tempfile::tempdir().unwrap();
+    let missing = tmp.path().join("no/such/agent-dir");
+    let config = tmp.path().join("c.json");
+    std::fs::write(
+        &config,
+        format!(r#"{{"records_dir": "{}"}}"#, missing.display()),
+    )
+    .unwrap();
+    // Under timeout(1): a daemon that started would serve until killed.
+    let (code, _, err) = run(Command::new("timeout")
+        .args(["20", BIN, "serve", "--config"])
+        .arg(&config)
+        .arg("--socket")
+        .arg(tmp.path().join("s.sock"))
+        .arg("--data-dir")
+        .arg(tmp.path().join("data")));
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains(&format!("records_dir {} does not exist", missing.display())),
+        "{err}"
+    );
+    // The same for a mount served here.
+    let mnt = tmp.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let (code, _, err) = roomfs([
+        OsStr::new("mount"),
+        "--room".as_ref(),
+        "r1".as_ref(),
+        "--data-dir".as_ref(),
+        tmp.path().join("data").as_ref(),
+        "--records-dir".as_ref(),
+        missing.as_ref(),
+        mnt.as_ref(),
+    ]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("--records-dir"), "{err}");
+    assert!(!tmp.path().join("no").exists(), "nothing was created");
+    assert!(!is_mounted(&mnt));
+    // One that exists is served.
+    let dir = tmp.path().join("agent");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::write(
+        &config,
+        format!(r#"{{"records_dir": "{}"}}"#, dir.display()),
+    )
+    .unwrap();
+    let (code, _, err) = run(Command::new("timeout")
+        .args(["-s", "TERM", "2", BIN, "serve", "--config"])
+        .arg(&config)
+        .arg("--socket")
+        .arg(tmp.path().join("s.sock"))
+        .arg("--data-dir")
+        .arg(tmp.path().join("data")));
+    assert_eq!(code, 124, "an existing records_dir serves: {err}");
+    assert!(dir.join("session").is_dir());
+}

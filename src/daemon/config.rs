@@ -113,6 +113,18 @@ pub fn json_kind(value: &serde_json::Value) -> &'static str {
     }
 }
 
+/// A records dir the operator named (`what`: the field or flag): it must exist, as a typo
+/// must not become an empty record store.
+pub fn named_records_dir<'a>(dir: &'a Path, what: &str) -> Result<&'a Path, Invalid> {
+    match std::fs::metadata(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(Invalid(format!(
+            "{what} {} does not exist: create it (or leave {what} out for <data_dir>/records)",
+            dir.display()
+        ))),
+        _ => Ok(dir),
+    }
+}
+
 /// A mount listed in the configuration.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -190,6 +202,15 @@ impl Config {
             .check()
             .with_context(|| format!("config {}", path.display()))?;
         Ok(config)
+    }
+
+    /// Where agent records live: `records_dir`, which must exist (a typo would otherwise be
+    /// made, as root, into an empty record store), or `<data_dir>/records`, made if missing.
+    pub fn records_dir(&self, data_dir: &Path) -> Result<PathBuf, Invalid> {
+        match &self.records_dir {
+            Some(dir) => named_records_dir(dir, "records_dir").map(Path::to_path_buf),
+            None => Ok(data_dir.join("records")),
+        }
     }
 
     /// Checks values serde cannot.

@@ -161,11 +161,8 @@ impl Daemon {
         if let Some(secret_file) = &config.secret_file {
             token::read_secret_file(secret_file)?;
         }
+        let records_dir = config.records_dir(&data_dir)?;
         let local = mount::open_data_dir(&data_dir)?;
-        let records_dir = config
-            .records_dir
-            .clone()
-            .unwrap_or_else(|| data_dir.join("records"));
         let records =
             Arc::new(RecordStore::open(&records_dir).with_context(|| {
                 format!("cannot open the record store {}", records_dir.display())
