@@ -227,3 +227,18 @@ fn a_records_dir_named_but_missing_is_refused_not_created() {
     assert_eq!(code, 124, "an existing records_dir serves: {err}");
     assert!(dir.join("session").is_dir());
 }
+
+#[test]
+fn an_empty_path_is_named_inside_the_space_it_was_meant_for() {
+    let d = common::daemon::Daemon::start();
+    let (code, _, err) = d.cli(&["url", "--room", "r1", ""]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains(r#""" names no path inside room r1"#), "{err}");
+    d.json(&["session", "create", "s1", "--json"]);
+    let (code, _, err) = d.cli(&["session", "end", "s1", "--export", "./", "--to-room", "r1"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains(r#""./" names no path inside session s1"#),
+        "{err}"
+    );
+}

@@ -119,8 +119,8 @@ fn internal(what: &str, e: impl std::fmt::Display) -> ApiError {
     ApiError::internal(format!("{what}: {e}"))
 }
 
-/// Normalises a path given inside a space (`outputs/`, `./a/b`): no `..`, not absolute.
-fn space_relative(path: &str) -> Result<PathBuf, ApiError> {
+/// Normalises a path given inside `space` (`outputs/`, `./a/b`): no `..`, not absolute.
+fn space_relative(path: &str, space: &SpaceId) -> Result<PathBuf, ApiError> {
     let mut out = PathBuf::new();
     for part in path.split('/') {
         match part {
@@ -135,7 +135,7 @@ fn space_relative(path: &str) -> Result<PathBuf, ApiError> {
     }
     if out.as_os_str().is_empty() {
         return Err(ApiError::bad_request(format!(
-            "{path:?} names no path inside the session"
+            "{path:?} names no path inside {space}"
         )));
     }
     Ok(out)
@@ -728,7 +728,7 @@ impl Daemon {
             let paths = req
                 .export
                 .iter()
-                .map(|p| space_relative(p))
+                .map(|p| space_relative(p, &space))
                 .collect::<Result<Vec<_>, _>>()?;
             Some((room, paths))
         };
@@ -1055,7 +1055,7 @@ impl ControlPlane for Daemon {
                 "give exactly one of \"room\" or \"session\"".into(),
             )),
         }?;
-        let path = space_relative(&req.path)?;
+        let path = space_relative(&req.path, &space)?;
         urls::check_path(&path)
             .map_err(|e| ApiError::bad_request(format!("{:?}: {e}", req.path)))?;
         let ttl = Duration::from_secs(req.ttl_secs.unwrap_or(urls::DEFAULT_TTL.as_secs()));
