@@ -887,7 +887,11 @@ fn unmount(args: &UnmountArgs) -> anyhow::Result<()> {
         };
         match Client::new(&args.socket).remove_mount(&req) {
             Ok(()) => return Ok(()),
-            Err(ClientError::Api { status: 404, .. } | ClientError::NoDaemon { .. }) => {}
+            Err(
+                ClientError::Api { status: 404, .. }
+                | ClientError::NoDaemon { .. }
+                | ClientError::NotASocket { .. },
+            ) => {}
             Err(e) => return Err(e.into()),
         }
     }
