@@ -3,6 +3,8 @@
 mod output;
 
 use anyhow::{Context, anyhow};
+use std::ffi::OsString;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -610,7 +612,9 @@ fn mount_via_daemon(args: &MountArgs) -> anyhow::Result<()> {
         .canonicalize()
         .with_context(|| format!("mount point {}", args.mountpoint.display()))?;
     let req = MountRequest {
-        mountpoint: mountpoint.to_string_lossy().into_owned(),
+        mountpoint: crate::control::api_path(&mountpoint)
+            .map_err(|e| anyhow!("mount point {e} (without --daemon, any path can be one)"))?
+            .to_owned(),
         room: args.room.clone(),
         session: args.session.clone(),
         grant: (!args.grants.is_empty()).then(|| args.grants.clone()),
@@ -839,9 +843,13 @@ fn mount_spec(args: MountArgs) -> anyhow::Result<MountSpec> {
         return Err(anyhow!("--threads must be between 1 and 64, not {threads}"));
     }
     let data_dir = args.data_dir.unwrap_or_else(default_data_dir);
+    let records_dir = match args.records_dir {
+        Some(dir) => crate::daemon::config::named_records_dir(&dir, "--records-dir")?.to_owned(),
+        None => data_dir.join("records"),
+    };
     Ok(MountSpec {
         store,
-        records_dir: args.records_dir.unwrap_or_else(|| data_dir.join("records")),
+        records_dir,
         limits: None,
         data_dir,
         space,
@@ -865,19 +873,26 @@ fn mount_spec(args: MountArgs) -> anyhow::Result<MountSpec> {
 }
 
 fn unmount(args: &UnmountArgs) -> anyhow::Result<()> {
-    // A mount the daemon serves is unmounted through it, so it forgets the mount too.
-    if args.socket.exists() {
-        let target = args
-            .mountpoint
-            .canonicalize()
-            .unwrap_or(args.mountpoint.clone());
+    // A mount the daemon serves is unmounted through it, so it forgets the mount too (the
+    // daemon's mount points are text: those of its API and its config).
+    let target = args
+        .mountpoint
+        .canonicalize()
+        .unwrap_or(args.mountpoint.clone());
+    if args.socket.exists()
+        && let Some(target) = target.to_str()
+    {
         let req = UnmountRequest {
-            mountpoint: target.to_string_lossy().into_owned(),
+            mountpoint: target.to_owned(),
             lazy: args.lazy,
         };
         match Client::new(&args.socket).remove_mount(&req) {
             Ok(()) => return Ok(()),
-            Err(ClientError::Api { status: 404, .. } | ClientError::NoDaemon { .. }) => {}
+            Err(
+                ClientError::Api { status: 404, .. }
+                | ClientError::NoDaemon { .. }
+                | ClientError::NotASocket { .. },
+            ) => {}
             Err(e) => return Err(e.into()),
         }
     }
@@ -998,7 +1013,7 @@ fn url(args: &UrlArgs) -> anyhow::Result<()> {
 
 /// A command-line mistake as one line: what is wrong, clap's tip if it has one, and which
 /// `--help` to read (clap's own message spans several lines). `args` is the command line.
-pub fn usage_error(err: &clap::Error, args: &[String]) -> String {
+pub fn usage_error(err: &clap::Error, args: &[OsString]) -> String {
     let text = err.render().to_string();
     let mut what = Vec::new();
     let mut tips = Vec::new();
@@ -1010,6 +1025,12 @@ pub fn usage_error(err: &clap::Error, args: &[String]) -> String {
         }
     }
     let mut out = what.join(" ");
+    // clap says only that some argument is not UTF-8: say which.
+    if err.kind() == clap::error::ErrorKind::InvalidUtf8
+        && let Some(named) = not_text(args)
+    {
+        out = named;
+    }
     if out.is_empty() {
         out = "invalid command line".into();
     }
@@ -1019,10 +1040,10 @@ pub fn usage_error(err: &clap::Error, args: &[String]) -> String {
     // The subcommands named on the command line: `roomfs session create`.
     let mut command = <Cli as clap::CommandFactory>::command();
     let mut path = vec!["roomfs".to_string()];
-    for arg in args.iter().skip(1) {
+    for arg in args.iter().skip(1).map(|a| a.to_str().unwrap_or("")) {
         match command.find_subcommand(arg) {
             Some(sub) => {
-                path.push(arg.clone());
+                path.push(arg.to_string());
                 command = sub.clone();
             }
             None if arg.starts_with('-') => continue,
@@ -1030,4 +1051,75 @@ pub fn usage_error(err: &clap::Error, args: &[String]) -> String {
         }
     }
     format!("{out}; see `{} --help`", path.join(" "))
+}
+
+/// The first argument of `args` that is not UTF-8, named as clap names arguments (`--room
+/// <ID>`, `<PATH>`): paths of this host take any bytes, but ids, grants, tokens and the paths
+/// sent to the daemon's JSON API are text.
+fn not_text(args: &[OsString]) -> Option<String> {
+    let bad = args.iter().position(|a| a.to_str().is_none())?;
+    let bytes = args[bad].as_encoded_bytes();
+    // `--room=VALUE`: the value.
+    let value = match bytes.iter().position(|&b| b == b'=') {
+        Some(eq) if bytes.starts_with(b"--") => &bytes[eq + 1..],
+        _ => bytes,
+    };
+    let shown = format!("{:?}", std::ffi::OsStr::from_bytes(value));
+    let shown = shown.trim_matches('"');
+    let mut command = <Cli as clap::CommandFactory>::command();
+    // Built, as clap builds it to parse: arguments are named only then.
+    command.build();
+    // Before `bad`, every argument is text: walk them as clap does to see what `bad` is.
+    let takes_value = |cmd: &clap::Command, flag: &str| {
+        let arg = match flag.strip_prefix("--") {
+            Some(long) => cmd.get_arguments().find(|a| a.get_long() == Some(long)),
+            None => {
+                let short = flag.chars().nth(1);
+                cmd.get_arguments().find(|a| a.get_short() == short)
+            }
+        };
+        arg.is_some_and(|a| a.get_action().takes_values())
+    };
+    let (mut positionals, mut skip_value) = (0, false);
+    for arg in args[1..bad].iter().filter_map(|a| a.to_str()) {
+        if std::mem::take(&mut skip_value) {
+            continue;
+        }
+        if arg.starts_with('-') && arg.len() > 1 {
+            skip_value = !arg.contains('=')
+                && (arg.starts_with("--") || arg.len() == 2)
+                && takes_value(&command, arg);
+        } else if let Some(sub) = command.find_subcommand(arg).filter(|_| positionals == 0) {
+            command = sub.clone();
+        } else {
+            positionals += 1;
+        }
+    }
+    let name = if skip_value {
+        let flag = args[bad - 1].to_str().unwrap_or_default();
+        command
+            .get_arguments()
+            .find(|a| a.get_long() == flag.strip_prefix("--"))
+            .map(|a| a.to_string())
+            .or(Some(flag.to_string()))
+    } else if bytes.starts_with(b"--")
+        && let Some(eq) = bytes.iter().position(|&b| b == b'=')
+    {
+        let flag = String::from_utf8_lossy(&bytes[..eq]).into_owned();
+        command
+            .get_arguments()
+            .find(|a| a.get_long() == flag.strip_prefix("--"))
+            .map(|a| a.to_string())
+            .or(Some(flag))
+    } else {
+        command
+            .get_positionals()
+            .nth(positionals)
+            .map(|a| a.to_string())
+    };
+    let why = "not UTF-8 text (ids, grants, tokens and the paths the daemon's API takes are text)";
+    Some(match name {
+        Some(name) => format!("invalid value '{shown}' for '{name}': {why}"),
+        None => format!("argument '{shown}' is {why}"),
+    })
 }

@@ -150,7 +150,8 @@ impl Grant {
                 Some((path, "rw")) => (path, false),
                 Some((_, mode)) => {
                     return Err(GrantError(format!(
-                        "grant {spec:?} has unknown mode {mode:?} (expected PATH:ro or PATH:rw)"
+                        "grant {spec:?} has unknown mode {mode:?} (expected PATH:ro or PATH:rw; \
+                         a path containing ':' is given with its mode, as in a:b:rw)"
                     )));
                 }
             };
@@ -357,11 +358,18 @@ impl fmt::Display for Grant {
 }
 
 /// Normalises a granted prefix: strips leading/trailing `/`, collapses
-/// repeated `/`, drops `.` segments. `..` and NUL are refused.
+/// repeated `/`, drops `.` segments. `..`, NUL and other control characters
+/// (a newline pasted into a path) are refused.
 fn normalise(raw: &str) -> Result<String, GrantError> {
     if raw.contains('\0') {
         return Err(GrantError(format!(
             "grant path {raw:?} contains a NUL byte"
+        )));
+    }
+    if raw.chars().any(char::is_control) {
+        return Err(GrantError(format!(
+            "grant path {raw:?} contains a control character (grants name paths of printable \
+             characters)"
         )));
     }
     let mut segments = Vec::new();
@@ -399,6 +407,31 @@ fn covers(prefix: &[u8], path: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn grant_paths_with_control_characters_are_refused() {
+        for spec in ["out\nputs/:rw", "a\tb:ro", "x\u{7f}", "logs\r"] {
+            let e = Grant::parse_cli(&[spec.to_string()])
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("control character"), "{spec:?}: {e}");
+        }
+        // From a token's storage scope too.
+        let scope = json!({"paths": [{"path": "a\nb/", "read_only": false}]});
+        assert!(Grant::from_storage_scope(&scope).is_err());
+        // A ':' in a path stays a path: the text after the last ':' is the mode.
+        let g = Grant::parse_cli(&["foo:ro:rw".into()]).unwrap();
+        assert_eq!(g.to_string(), "foo:ro/:rw");
+        let e = Grant::parse_cli(&["foo:bar".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("unknown mode \"bar\"") && e.contains("a:b:rw"),
+            "{e}"
+        );
+        // Printable non-ASCII is fine.
+        assert!(Grant::parse_cli(&["données/:ro".into()]).is_ok());
+    }
 
     #[test]
     fn with_read_only_locks_a_subtree_without_widening() {

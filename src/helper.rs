@@ -43,7 +43,7 @@ const EXIT_USAGE: i32 = 1;
 const EXIT_MOUNT_FAILED: i32 = 32;
 
 /// Whether the program was started as the mount helper.
-pub fn is_helper(argv0: &str) -> bool {
+pub fn is_helper(argv0: &std::ffi::OsStr) -> bool {
     let name = Path::new(argv0)
         .file_name()
         .and_then(|n| n.to_str())
@@ -64,21 +64,29 @@ struct Invocation {
     verbose: bool,
 }
 
-fn parse_invocation(args: &[String]) -> anyhow::Result<Invocation> {
+/// Arguments are bytes: the mount point may be any; the source and options must be text.
+fn parse_invocation(args: &[OsString]) -> anyhow::Result<Invocation> {
     let mut positional = Vec::new();
     let mut options = Vec::new();
     let (mut fake, mut sloppy, mut verbose) = (false, false, false);
+    fn text<'a>(arg: &'a OsString, what: &str) -> anyhow::Result<&'a str> {
+        arg.to_str()
+            .ok_or_else(|| anyhow!("{what} {arg:?} is not UTF-8 text"))
+    }
     let mut it = args.iter();
     while let Some(arg) = it.next() {
-        match arg.as_str() {
+        // Only a flag's text matters here; other arguments are checked below.
+        match arg.to_str().unwrap_or("") {
             "-o" => {
                 let opts = it
                     .next()
                     .ok_or_else(|| anyhow!("-o needs a list of options"))?;
+                let opts = text(opts, "the options")?;
                 options.extend(opts.split(',').filter(|o| !o.is_empty()).map(str::to_owned));
             }
             "-t" => {
                 let t = it.next().ok_or_else(|| anyhow!("-t needs a type"))?;
+                let t = text(t, "the type")?;
                 if t != "fuse.roomfs" {
                     return Err(anyhow!("this helper mounts fuse.roomfs, not {t}"));
                 }
@@ -92,13 +100,13 @@ fn parse_invocation(args: &[String]) -> anyhow::Result<Invocation> {
                     "mounting in another namespace (-N) is not supported"
                 ));
             }
-            a if a.starts_with('-') && a.len() > 1 => {
-                return Err(anyhow!("unknown flag {a}"));
+            _ if arg.as_encoded_bytes().starts_with(b"-") && arg.len() > 1 => {
+                return Err(anyhow!("unknown flag {arg:?}"));
             }
             _ => positional.push(arg.clone()),
         }
     }
-    let [source, mountpoint] = <[String; 2]>::try_from(positional).map_err(|p| {
+    let [source, mountpoint] = <[OsString; 2]>::try_from(positional).map_err(|p| {
         anyhow!(
             "expected SOURCE and MOUNTPOINT (as in `mount -t fuse.roomfs room:ID /mnt`), got {} \
              arguments",
@@ -106,7 +114,7 @@ fn parse_invocation(args: &[String]) -> anyhow::Result<Invocation> {
         )
     })?;
     Ok(Invocation {
-        source,
+        source: text(&source, "the source")?.to_owned(),
         mountpoint: PathBuf::from(mountpoint),
         options,
         fake,
@@ -295,13 +303,13 @@ fn mount_args(plan: &Plan, flags: &[OsString], mountpoint: &Path) -> Vec<OsStrin
 }
 
 /// The API request that asks the daemon for `plan` at `mountpoint`.
-fn mount_request(plan: &Plan, mountpoint: &Path) -> MountRequest {
+fn mount_request(plan: &Plan, mountpoint: &str) -> MountRequest {
     let (room, session) = match plan.space.kind {
         SpaceKind::Room => (Some(plan.space.id.clone()), None),
         SpaceKind::Session => (None, Some(plan.space.id.clone())),
     };
     MountRequest {
-        mountpoint: mountpoint.to_string_lossy().into_owned(),
+        mountpoint: mountpoint.to_owned(),
         room,
         session,
         grant: (!plan.grants.is_empty()).then(|| plan.grants.clone()),
@@ -317,7 +325,7 @@ fn mount_request(plan: &Plan, mountpoint: &Path) -> MountRequest {
 
 /// Runs the helper with mount(8)'s arguments (without the program name); returns the exit
 /// status after printing any error as one line.
-pub fn main(args: &[String]) -> i32 {
+pub fn main(args: &[OsString]) -> i32 {
     let invocation = match parse_invocation(args) {
         Ok(i) => i,
         Err(e) => return fail(EXIT_USAGE, e),
@@ -347,10 +355,18 @@ pub fn main(args: &[String]) -> i32 {
         return 0;
     }
     let served = match &plan.server {
-        Server::Daemon { socket } => Client::new(socket)
-            .add_mount(&mount_request(&plan, &mountpoint))
-            .map(drop)
-            .map_err(anyhow::Error::from),
+        Server::Daemon { socket } => match crate::control::api_path(&mountpoint) {
+            Ok(text) => Client::new(socket)
+                .add_mount(&mount_request(&plan, text))
+                .map(drop)
+                .map_err(anyhow::Error::from),
+            Err(e) => {
+                return fail(
+                    EXIT_USAGE,
+                    format!("mount point {e} (without daemon, any path can be one)"),
+                );
+            }
+        },
         Server::Background { flags, log } => {
             in_background(&mount_args(&plan, flags, &mountpoint), log.as_deref())
         }
@@ -598,9 +614,13 @@ mod tests {
         s.iter().map(|s| s.to_string()).collect()
     }
 
+    fn os(s: &[&str]) -> Vec<OsString> {
+        s.iter().map(OsString::from).collect()
+    }
+
     #[test]
     fn invocations_as_mount_passes_them() {
-        let i = parse_invocation(&strings(&[
+        let i = parse_invocation(&os(&[
             "room:r1",
             "/srv/r1",
             "-v",
@@ -612,10 +632,21 @@ mod tests {
         assert_eq!(i.mountpoint, PathBuf::from("/srv/r1"));
         assert_eq!(i.options, strings(&["rw", "data_dir=/d", "_netdev"]));
         assert!(i.verbose && !i.fake && !i.sloppy);
-        assert!(parse_invocation(&strings(&["room:r1"])).is_err());
-        assert!(parse_invocation(&strings(&["a", "b", "-t", "fuse.other"])).is_err());
-        assert!(parse_invocation(&strings(&["a", "b", "-o"])).is_err());
-        assert!(parse_invocation(&strings(&["a", "b", "-N", "x"])).is_err());
+        assert!(parse_invocation(&os(&["room:r1"])).is_err());
+        assert!(parse_invocation(&os(&["a", "b", "-t", "fuse.other"])).is_err());
+        assert!(parse_invocation(&os(&["a", "b", "-o"])).is_err());
+        assert!(parse_invocation(&os(&["a", "b", "-N", "x"])).is_err());
+        // The mount point may be any bytes; what must be text is refused by name.
+        use std::os::unix::ffi::OsStringExt;
+        let odd = OsString::from_vec(b"/srv/r\xff".to_vec());
+        let i = parse_invocation(&["room:r1".into(), odd.clone()]).unwrap();
+        assert_eq!(i.mountpoint, PathBuf::from(&odd));
+        let e = parse_invocation(&[OsString::from_vec(b"room:\xff".to_vec()), "/m".into()]);
+        let e = e.unwrap_err().to_string();
+        assert_eq!(e, r#"the source "room:\xFF" is not UTF-8 text"#);
+        let bad_options = OsString::from_vec(b"grant=\xff/:ro".to_vec());
+        let e = parse_invocation(&["room:r1".into(), "/m".into(), "-o".into(), bad_options]);
+        assert!(e.unwrap_err().to_string().starts_with("the options"));
     }
 
     #[test]
@@ -685,7 +716,7 @@ mod tests {
         assert!(args.iter().any(|a| a == "--noexec"), "{args:?}");
         // Through the daemon too.
         let p = plan("room:r1", &strings(&["noexec", "users", "daemon"]), false).unwrap();
-        assert_eq!(mount_request(&p, Path::new("/m")).noexec, Some(true));
+        assert_eq!(mount_request(&p, "/m").noexec, Some(true));
         // The last of exec and noexec wins; exec is the default.
         for (opts, no_exec) in [
             (&["noexec", "exec"][..], false),
@@ -703,10 +734,7 @@ mod tests {
             };
             let args = mount_args(&p, flags, Path::new("/srv/r1"));
             assert_eq!(args.iter().any(|a| a == "--noexec"), no_exec, "{opts:?}");
-            assert_eq!(
-                mount_request(&p, Path::new("/m")).noexec,
-                no_exec.then_some(true)
-            );
+            assert_eq!(mount_request(&p, "/m").noexec, no_exec.then_some(true));
         }
         // Even sloppy, noexec is honoured rather than dropped as unknown.
         assert!(
@@ -730,7 +758,7 @@ mod tests {
                 socket: PathBuf::from("/run/x.sock")
             }
         );
-        let req = mount_request(&p, Path::new("/m"));
+        let req = mount_request(&p, "/m");
         assert_eq!(req.session.as_deref(), Some("s1"));
         assert_eq!(req.read_only, Some(true));
         assert_eq!(req.passthrough, Some(false));
@@ -850,7 +878,7 @@ mod tests {
         }
         // -s (sloppy) ignores what roomfs does not know.
         assert!(plan("room:r", &strings(&["bogus=1"]), true).is_ok());
-        assert!(is_helper("/sbin/mount.fuse.roomfs"));
-        assert!(!is_helper("/usr/bin/roomfs"));
+        assert!(is_helper("/sbin/mount.fuse.roomfs".as_ref()));
+        assert!(!is_helper("/usr/bin/roomfs".as_ref()));
     }
 }

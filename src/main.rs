@@ -43,7 +43,9 @@ fn main() {
     )
     .format_timestamp_millis()
     .init();
-    let args: Vec<String> = std::env::args().collect();
+    // Arguments are bytes: a path (a mount point, a socket, a file) may be any, and an argument
+    // that must be text is refused by name (`cli::usage_error`), never a panic.
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
     // /sbin/mount.fuse.roomfs, run by mount(8).
     if args.first().is_some_and(|a| roomfs::helper::is_helper(a)) {
         std::process::exit(roomfs::helper::main(&args[1..]));

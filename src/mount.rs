@@ -95,9 +95,8 @@ impl MountEntry {
     }
 }
 
-/// The current mounts of this process's namespace. Mount points are bytes (any user may
-/// mount on a directory whose name is not UTF-8): they are read as such, and one such line
-/// hides no other.
+/// The current mounts of this process's namespace. Mount points are bytes (one that is not
+/// UTF-8 anywhere in the namespace must not hide the others).
 pub fn mounts() -> std::io::Result<Vec<MountEntry>> {
     use std::os::unix::ffi::OsStringExt;
     let bytes = std::fs::read("/proc/self/mountinfo")?;
@@ -128,14 +127,15 @@ fn unescape(field: &[u8]) -> Vec<u8> {
     let mut i = 0;
     while i < field.len() {
         if field[i] == b'\\'
-            && i + 3 < field.len()
-            && let Some(v) = std::str::from_utf8(&field[i + 1..i + 4])
-                .ok()
-                .and_then(|o| u8::from_str_radix(o, 8).ok())
+            && let Some(digits) = field.get(i + 1..i + 4)
+            && digits.iter().all(|d| (b'0'..=b'7').contains(d))
         {
-            out.push(v);
-            i += 4;
-            continue;
+            let v = digits.iter().fold(0u32, |v, d| v * 8 + u32::from(d - b'0'));
+            if let Ok(v) = u8::try_from(v) {
+                out.push(v);
+                i += 4;
+                continue;
+            }
         }
         out.push(field[i]);
         i += 1;

@@ -24,6 +24,8 @@ use super::{
 pub enum ClientError {
     /// Nothing listens on the socket (missing, or a stale file).
     NoDaemon { socket: PathBuf },
+    /// Something else than a socket is at the path: `what` says what (`a regular file`).
+    NotASocket { socket: PathBuf, what: &'static str },
     /// The socket exists but this user may not connect to it.
     NotPermitted { socket: PathBuf },
     /// The daemon answered with an error.
@@ -40,6 +42,12 @@ impl fmt::Display for ClientError {
             ClientError::NoDaemon { socket } => write!(
                 f,
                 "no roomfs daemon at {} (start it with `roomfs serve`)",
+                socket.display()
+            ),
+            ClientError::NotASocket { socket, what } => write!(
+                f,
+                "{} is not a socket ({what}): no roomfs daemon listens there (give the socket \
+                 `roomfs serve` made)",
                 socket.display()
             ),
             ClientError::NotPermitted { socket } => write!(
@@ -76,7 +84,10 @@ impl ClientError {
         let socket = socket.to_owned();
         match error.kind() {
             io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => {
-                ClientError::NoDaemon { socket }
+                match std::fs::metadata(&socket).map(|m| file_kind(m.file_type())) {
+                    Ok(Some(what)) => ClientError::NotASocket { socket, what },
+                    _ => ClientError::NoDaemon { socket },
+                }
             }
             io::ErrorKind::PermissionDenied => ClientError::NotPermitted { socket },
             _ => ClientError::Io { socket, error },
@@ -88,6 +99,24 @@ impl ClientError {
             message: message.to_string(),
         }
     }
+}
+
+/// What a file that is not a socket is, in words; `None` for a socket.
+fn file_kind(t: std::fs::FileType) -> Option<&'static str> {
+    use std::os::unix::fs::FileTypeExt;
+    Some(if t.is_socket() {
+        return None;
+    } else if t.is_file() {
+        "a regular file"
+    } else if t.is_dir() {
+        "a directory"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_char_device() || t.is_block_device() {
+        "a device"
+    } else {
+        "not a socket"
+    })
 }
 
 /// A client of the daemon at a socket path. Each call opens one connection.
@@ -382,6 +411,27 @@ mod tests {
             kind(io::ErrorKind::ConnectionRefused),
             ClientError::NoDaemon { .. }
         ));
+        // Something else at the path is named.
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("file");
+        std::fs::write(&file, "").unwrap();
+        let fifo = dir.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        for (path, what) in [
+            (file.as_path(), "a regular file"),
+            (dir.path(), "a directory"),
+            (fifo.as_path(), "a FIFO"),
+        ] {
+            let err = Client::new(path).status().unwrap_err().to_string();
+            assert_eq!(
+                err,
+                format!(
+                    "{} is not a socket ({what}): no roomfs daemon listens there (give the \
+                     socket `roomfs serve` made)",
+                    path.display()
+                )
+            );
+        }
         assert_eq!(
             kind(io::ErrorKind::PermissionDenied).to_string(),
             "not permitted to use the daemon socket /run/roomfs/control.sock: run as root"

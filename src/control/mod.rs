@@ -31,6 +31,16 @@ use crate::records::RecordError;
 /// Default path of the daemon's control socket.
 pub const DEFAULT_SOCKET: &str = "/run/roomfs/control.sock";
 
+/// `path` as the API's text, or why it cannot be: the API is JSON, whose strings are UTF-8,
+/// while a path of this host may be any bytes.
+pub fn api_path(path: &std::path::Path) -> Result<&str, crate::error::Invalid> {
+    path.to_str().ok_or_else(|| {
+        crate::error::Invalid(format!(
+            "{path:?} is not UTF-8, and the daemon's API takes paths as text"
+        ))
+    })
+}
+
 /// What the daemon does for the control API. The server runs every call on a blocking thread,
 /// so implementations may mount, unmount and touch the disk.
 pub trait ControlPlane: Send + Sync + 'static {

@@ -35,10 +35,12 @@ pub struct Config {
     /// doc/PERFORMANCE.md, Levers.
     pub poll_window_us: u64,
     /// Limits of new sessions unless `session create` gives others.
+    #[serde(deserialize_with = "session_limits")]
     pub session_limits: Limits,
     /// End sessions after this many seconds without activity (none: never).
     pub session_ttl_secs: Option<u64>,
     /// Limits of every room (default: unlimited).
+    #[serde(deserialize_with = "room_limits")]
     pub room_limits: Limits,
     /// Where rooms are stored: `"local"` (the data dir), or an S3 bucket:
     /// `{"s3": {"bucket": ..., "prefix": ..., ...}}` or `"s3://bucket/prefix"`.
@@ -46,14 +48,81 @@ pub struct Config {
     /// Where sessions are stored (default: `"local"`: they are one host's scratch).
     pub session_store: StoreConfig,
     /// Mounts to set up at start (and again after every restart).
+    #[serde(deserialize_with = "mounts")]
     pub mounts: Vec<ConfigMount>,
     /// How many events each space keeps for watchers that resume (count and/or age).
+    #[serde(deserialize_with = "event_retention")]
     pub event_retention: Retention,
     /// Serve signed download URLs over HTTP on this address (`127.0.0.1:8080`); off without.
     pub http_listen: Option<String>,
     /// The base of the URLs `roomfs url` prints (`https://files.example.com`), where a proxy
     /// or another daemon serves them; default `http://<http_listen>`.
     pub http_public_url: Option<String>,
+}
+
+/// A struct of the configuration, from a JSON object only: serde also reads structs from
+/// arrays, by position (`[10, 100]` as limits), which no one means.
+/// The error names the field.
+fn object<'de, D, T>(d: D, field: &str) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: serde::de::DeserializeOwned,
+{
+    use serde::de::Error;
+    match serde_json::Value::deserialize(d)? {
+        value @ serde_json::Value::Object(_) => {
+            serde_json::from_value(value).map_err(|e| D::Error::custom(format!("{field}: {e}")))
+        }
+        other => Err(D::Error::custom(format!(
+            "{field} must be a JSON object, not {}",
+            json_kind(&other)
+        ))),
+    }
+}
+
+fn session_limits<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Limits, D::Error> {
+    object(d, "session_limits")
+}
+
+fn room_limits<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Limits, D::Error> {
+    object(d, "room_limits")
+}
+
+fn event_retention<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Retention, D::Error> {
+    object(d, "event_retention")
+}
+
+/// `mounts`: a list of [`object`]s.
+fn mounts<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<ConfigMount>, D::Error> {
+    Vec::<serde_json::Value>::deserialize(d)?
+        .into_iter()
+        .enumerate()
+        .map(|(i, item)| object(item, &format!("mounts[{i}]")).map_err(serde::de::Error::custom))
+        .collect()
+}
+
+/// What a JSON value is, in words.
+pub fn json_kind(value: &serde_json::Value) -> &'static str {
+    match value {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
+    }
+}
+
+/// A records dir the operator named (`what`: the field or flag): it must exist, as a typo
+/// must not become an empty record store.
+pub fn named_records_dir<'a>(dir: &'a Path, what: &str) -> Result<&'a Path, Invalid> {
+    match std::fs::metadata(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(Invalid(format!(
+            "{what} {} does not exist: create it (or leave {what} out for <data_dir>/records)",
+            dir.display()
+        ))),
+        _ => Ok(dir),
+    }
 }
 
 /// A mount listed in the configuration.
@@ -115,12 +184,33 @@ impl Config {
     pub fn load(path: &Path) -> anyhow::Result<Config> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read config {}", path.display()))?;
+        // serde reads a struct from an array too, by position: `["/data", "/run/x.sock"]`
+        // would be taken as data_dir and socket.
+        if let Ok(value) = serde_json::from_str::<serde_json::Value>(&text)
+            && !value.is_object()
+        {
+            return Err(Invalid(format!(
+                "config {} must be a JSON object ({{\"field\": value, ...}}), not {}",
+                path.display(),
+                json_kind(&value)
+            ))
+            .into());
+        }
         let config: Config =
             serde_json::from_str(&text).with_context(|| format!("config {}", path.display()))?;
         config
             .check()
             .with_context(|| format!("config {}", path.display()))?;
         Ok(config)
+    }
+
+    /// Where agent records live: `records_dir`, which must exist (a typo would otherwise be
+    /// made, as root, into an empty record store), or `<data_dir>/records`, made if missing.
+    pub fn records_dir(&self, data_dir: &Path) -> Result<PathBuf, Invalid> {
+        match &self.records_dir {
+            Some(dir) => named_records_dir(dir, "records_dir").map(Path::to_path_buf),
+            None => Ok(data_dir.join("records")),
+        }
     }
 
     /// Checks values serde cannot.
@@ -278,6 +368,40 @@ mod tests {
     }
 
     #[test]
+    fn the_config_and_its_structs_are_json_objects_not_arrays_read_by_position() {
+        for (bad, says) in [
+            (r#"["/data", "/run/x.sock"]"#, "must be a JSON object"),
+            ("[]", "not an array"),
+            ("null", "not null"),
+            ("\"x\"", "not a string"),
+            (
+                r#"{"session_limits": [10, 100, 1000]}"#,
+                "session_limits must be a JSON object, not an array",
+            ),
+            (
+                r#"{"room_limits": [10]}"#,
+                "room_limits must be a JSON object, not an array",
+            ),
+            (
+                r#"{"event_retention": [10, 60]}"#,
+                "event_retention must be a JSON object, not an array",
+            ),
+            (
+                r#"{"mounts": [["/m", "r1"]]}"#,
+                "mounts[0] must be a JSON object, not an array",
+            ),
+        ] {
+            let e = parse(bad).unwrap_err();
+            assert!(e.contains(says) && e.contains("c.json"), "{bad}: {e}");
+        }
+        // Objects still are read, with what is wrong in them named.
+        let c = parse(r#"{"session_limits": {"max_files": 3}, "event_retention": {}}"#).unwrap();
+        assert_eq!(c.session_limits.max_files, Some(3));
+        let e = parse(r#"{"mounts": [{"mountpoint": "/m", "rom": "r"}]}"#).unwrap_err();
+        assert!(e.contains("mounts[0]: unknown field `rom`"), "{e}");
+    }
+
+    #[test]
     fn stores_are_local_or_s3_as_an_object_or_a_url() {
         assert_eq!(parse("{}").unwrap().store, StoreConfig::Local);
         let c = parse(
@@ -298,6 +422,10 @@ mod tests {
         assert_eq!(c.session_store.name(), "s3://team-b/x");
         for (bad, says) in [
             (r#"{"store": "nfs"}"#, "expected local or s3://"),
+            (
+                r#"{"store": {"s3": ["b", "p"]}}"#,
+                "s3: expected a JSON object, found an array",
+            ),
             (
                 r#"{"store": {"s3": {"bucket": "b", "partsize": 1}}}"#,
                 "unknown field `partsize`",

@@ -121,8 +121,8 @@ fn internal(what: &str, e: impl std::fmt::Display) -> ApiError {
     ApiError::internal(format!("{what}: {e}"))
 }
 
-/// Normalises a path given inside a space (`outputs/`, `./a/b`): no `..`, not absolute.
-fn space_relative(path: &str) -> Result<PathBuf, ApiError> {
+/// Normalises a path given inside `space` (`outputs/`, `./a/b`): no `..`, not absolute.
+fn space_relative(path: &str, space: &SpaceId) -> Result<PathBuf, ApiError> {
     let mut out = PathBuf::new();
     for part in path.split('/') {
         match part {
@@ -137,7 +137,7 @@ fn space_relative(path: &str) -> Result<PathBuf, ApiError> {
     }
     if out.as_os_str().is_empty() {
         return Err(ApiError::bad_request(format!(
-            "{path:?} names no path inside the session"
+            "{path:?} names no path inside {space}"
         )));
     }
     Ok(out)
@@ -163,13 +163,10 @@ impl Daemon {
         if let Some(secret_file) = &config.secret_file {
             token::read_secret_file(secret_file)?;
         }
+        let records_dir = config.records_dir(&data_dir)?;
         let local = mount::open_data_dir(&data_dir)?;
         let held = persisted::hold(local.data_dir(), &socket)
             .with_context(|| format!("cannot serve the data dir {}", data_dir.display()))?;
-        let records_dir = config
-            .records_dir
-            .clone()
-            .unwrap_or_else(|| data_dir.join("records"));
         let records =
             Arc::new(RecordStore::open(&records_dir).with_context(|| {
                 format!("cannot open the record store {}", records_dir.display())
@@ -742,7 +739,7 @@ impl Daemon {
             let paths = req
                 .export
                 .iter()
-                .map(|p| space_relative(p))
+                .map(|p| space_relative(p, &space))
                 .collect::<Result<Vec<_>, _>>()?;
             Some((room, paths))
         };
@@ -1069,7 +1066,7 @@ impl ControlPlane for Daemon {
                 "give exactly one of \"room\" or \"session\"".into(),
             )),
         }?;
-        let path = space_relative(&req.path)?;
+        let path = space_relative(&req.path, &space)?;
         urls::check_path(&path)
             .map_err(|e| ApiError::bad_request(format!("{:?}: {e}", req.path)))?;
         let mut ttl = Duration::from_secs(req.ttl_secs.unwrap_or(urls::DEFAULT_TTL.as_secs()));

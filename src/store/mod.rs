@@ -487,9 +487,16 @@ impl<'de> serde::Deserialize<'de> for StoreConfig {
         match serde_json::Value::deserialize(d)? {
             serde_json::Value::String(t) => StoreConfig::parse(&t).map_err(D::Error::custom),
             serde_json::Value::Object(mut map) if map.len() == 1 && map.contains_key("s3") => {
+                // An object only: serde would read the struct from an array by position.
+                let s3 = map.remove("s3").unwrap_or_default();
+                if !s3.is_object() {
+                    return Err(D::Error::custom(format!(
+                        "s3: expected a JSON object, found {}",
+                        crate::daemon::config::json_kind(&s3)
+                    )));
+                }
                 let config: s3::S3Config =
-                    serde_json::from_value(map.remove("s3").unwrap_or_default())
-                        .map_err(|e| D::Error::custom(format!("s3: {e}")))?;
+                    serde_json::from_value(s3).map_err(|e| D::Error::custom(format!("s3: {e}")))?;
                 config
                     .check()
                     .map_err(|e| D::Error::custom(format!("s3: {e}")))?;

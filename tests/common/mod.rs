@@ -197,6 +197,7 @@ impl Bucket {
 }
 
 pub fn is_mounted(path: &Path) -> bool {
+    // Lossy: a mount point that is not UTF-8 (anywhere) must not hide the others.
     let info = String::from_utf8_lossy(&std::fs::read("/proc/self/mountinfo").unwrap_or_default())
         .into_owned();
     let want = path.to_string_lossy().replace(' ', "\\040");
