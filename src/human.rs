@@ -54,9 +54,9 @@ pub fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// `at` (Unix ms) relative to `now` (Unix ms): `12s ago`, `in 5m`, `just now`.
+/// `at` (Unix ms) relative to `now` (Unix ms): `12s ago`, `in 5m`, `just now`, `in <1s`.
 pub fn relative(at: u64, now: u64) -> String {
-    if at.abs_diff(now) < 1000 {
+    if at <= now && now - at < 1000 {
         return "just now".into();
     }
     if at <= now {
@@ -268,6 +268,11 @@ mod tests {
     #[test]
     fn times_are_relative_and_local() {
         assert_eq!(relative(10_000, 10_500), "just now");
+        assert_eq!(
+            relative(10_500, 10_000),
+            "in <1s",
+            "a time to come is never now"
+        );
         assert_eq!(relative(10_000, 22_000), "12s ago");
         assert_eq!(relative(400_000, 100_000), "in 5m");
         let t = local_time(1_763_700_020_000);

@@ -412,6 +412,9 @@ fn ending_a_session_removes_everything_after_exporting() {
     assert_eq!(code, 1);
     assert!(err.contains("no session"), "{err}");
     // Bad requests change nothing.
+    let (code, _, err) = d.cli(&["session", "create", "s9", "--ttl", "4000d"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("at most 315360000 (10 years"), "{err}");
     d.json(&["session", "create", "s2", "--json"]);
     let (code, _, err) = d.cli(&[
         "session",

@@ -225,6 +225,23 @@ impl Body {
 }
 
 fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> ApiResult<T> {
+    // Every request is an object; serde would read a struct from an array by position.
+    let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
+    if first != Some(&b'{')
+        && let Ok(value) = serde_json::from_slice::<Value>(bytes)
+    {
+        let kind = match value {
+            Value::Array(_) => "an array",
+            Value::String(_) => "a string",
+            Value::Number(_) => "a number",
+            Value::Bool(_) => "a boolean",
+            Value::Null => "null",
+            Value::Object(_) => "an object",
+        };
+        return Err(ApiError::bad_request(format!(
+            "invalid request body: expected a JSON object, found {kind}"
+        )));
+    }
     serde_json::from_slice(bytes)
         .map_err(|err| ApiError::bad_request(format!("invalid request body: {err}")))
 }

@@ -444,6 +444,15 @@ fn bad_requests_are_json_errors() {
         "{message}"
     );
 
+    // An array is not read by position as the request's fields.
+    let (status, message) =
+        api_error(client.request("POST", "/v1/mounts", Some(&json!(["/m", "r"]))));
+    assert_eq!(status, 400);
+    assert_eq!(
+        message,
+        "invalid request body: expected a JSON object, found an array"
+    );
+
     let (status, message) = api_error(client.request(
         "POST",
         "/v1/sessions",

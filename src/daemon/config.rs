@@ -240,6 +240,8 @@ impl Config {
                 "session_ttl_secs must be at least 1 (or null: sessions do not expire)".into(),
             ));
         }
+        crate::space::state::check_ttl("session_ttl_secs", self.session_ttl_secs)
+            .map_err(Invalid)?;
         if let Some(addr) = &self.http_listen
             && addr.parse::<std::net::SocketAddr>().is_err()
         {
@@ -339,6 +341,10 @@ mod tests {
             (
                 r#"{"session_ttl_secs": 0}"#,
                 "session_ttl_secs must be at least 1",
+            ),
+            (
+                r#"{"session_ttl_secs": 18446744073709551615}"#,
+                "session_ttl_secs must be at most 315360000",
             ),
             (
                 r#"{"mounts": [{"mountpoint": "/m", "room": "bad/id"}]}"#,

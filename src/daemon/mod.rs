@@ -981,6 +981,7 @@ impl ControlPlane for Daemon {
                 "ttl_secs must be at least 1 (leave it out for the daemon's default)",
             ));
         }
+        crate::space::state::check_ttl("ttl_secs", req.ttl_secs).map_err(ApiError::bad_request)?;
         if let Some(owner) = &req.owner {
             owner.check()?;
         }

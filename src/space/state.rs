@@ -8,6 +8,23 @@ use std::path::Path;
 use super::quota::Limits;
 use crate::store::local::at::Dir;
 
+/// The longest idle TTL a session may have: 10 years (longer ones overflowed the times shown;
+/// a session that should never expire has none).
+pub const MAX_TTL_SECS: u64 = 10 * 365 * 86400;
+
+/// Checks an idle TTL (`what` names it in the message).
+pub fn check_ttl(what: &str, ttl: Option<u64>) -> Result<(), String> {
+    match ttl {
+        Some(0) => Err(format!(
+            "{what} must be at least 1 (or left out: the default)"
+        )),
+        Some(t) if t > MAX_TTL_SECS => Err(format!(
+            "{what} must be at most {MAX_TTL_SECS} (10 years; leave it out for no TTL), not {t}"
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// What the daemon records about a session space, in `<data-dir>/state/sessions/<id>.json`.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
