@@ -470,21 +470,7 @@ fn an_export_that_fails_part_way_ends_nothing_and_can_be_done_again() {
     let d = Daemon::with_setup(None, |tmp| {
         let data = tmp.join("data");
         fs::create_dir_all(&data).unwrap();
-        let (dir, options) = (
-            cstr(&data),
-            std::ffi::CString::new("size=3m,mode=0700").unwrap(),
-        );
-        // SAFETY: NUL-terminated strings that outlive the call.
-        let r = unsafe {
-            libc::mount(
-                c"roomfs-test".as_ptr(),
-                dir.as_ptr(),
-                c"tmpfs".as_ptr(),
-                0,
-                options.as_ptr().cast(),
-            )
-        };
-        assert_eq!(r, 0, "mount tmpfs: {}", std::io::Error::last_os_error());
+        common::mount_tmpfs(&data, "size=3m,mode=0700"); // unmounted with the daemon
         fs::create_dir_all(data.join("rooms/team")).unwrap();
         fs::write(data.join("rooms/team/ballast"), vec![1u8; 1280 << 10]).unwrap();
     });
@@ -1114,6 +1100,14 @@ fn the_daemon_tells_systemd_when_it_is_ready() {
     assert!(String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1"));
 }
 
+/// Mounts room r1 twice through `d`, at `a` and `b` in its directory.
+fn two_mounts_of_r1(d: &Daemon) -> (std::path::PathBuf, std::path::PathBuf) {
+    let (a, b) = (d.dir("a"), d.dir("b"));
+    d.mount(&["--room", "r1"], &a);
+    d.mount(&["--room", "r1"], &b);
+    (a, b)
+}
+
 /// Waits up to 5 s for `cond` (changes reach other mounts through a notifier thread of
 /// their own, so not within the writer's call).
 fn eventually(what: &str, cond: impl Fn() -> bool) {
@@ -1129,9 +1123,7 @@ fn a_delete_through_one_mount_while_another_mount_commits_the_file_hangs_neither
     // Telling the other mount of the delete locks its open handles; its commit waits for the
     // delete's claim on the name: not told under the claim.
     let d = Daemon::start();
-    let (a, b) = (d.dir("a"), d.dir("b"));
-    d.mount(&["--room", "r1"], &a);
-    d.mount(&["--room", "r1"], &b);
+    let (a, b) = two_mounts_of_r1(&d);
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (tx, rx) = std::sync::mpsc::channel();
     let spawn = |work: Box<dyn Fn() -> bool + Send>| {
@@ -1169,9 +1161,7 @@ fn a_file_written_in_one_mount_follows_a_rename_over_another_name_or_an_exchange
     // its content. (Its data was dropped with ENOENT at close, or went to the other file.)
     use std::io::Write;
     let d = Daemon::start();
-    let (a, b) = (d.dir("a"), d.dir("b"));
-    d.mount(&["--room", "r1"], &a);
-    d.mount(&["--room", "r1"], &b);
+    let (a, b) = two_mounts_of_r1(&d);
     // (An S3 store cannot exchange two names: EINVAL, by design.)
     let exchanges: &[bool] = if common::store_is_s3() {
         &[false]
@@ -1253,9 +1243,7 @@ fn a_file_written_in_one_mount_follows_a_rename_over_another_name_or_an_exchange
 fn two_mounts_of_one_space_see_each_others_changes_at_once() {
     // The kernel may trust what it cached for a minute: only invalidation can show changes.
     let d = Daemon::with_config(Some(r#"{"cache_ttl_secs": 60}"#));
-    let (a, b) = (d.dir("a"), d.dir("b"));
-    d.mount(&["--room", "r1"], &a);
-    d.mount(&["--room", "r1"], &b);
+    let (a, b) = two_mounts_of_r1(&d);
     fs::write(a.join("f"), b"one").unwrap();
     // B looks: its kernel caches the entry, the attributes and the pages.
     assert_eq!(fs::read(b.join("f")).unwrap(), b"one");

@@ -731,18 +731,7 @@ fn a_mount_elsewhere_on_a_path_that_is_not_utf8_hides_no_mount() {
     let d = Daemon::start();
     let odd = d.dir("odd").join(std::ffi::OsStr::from_bytes(b"m\xff"));
     fs::create_dir(&odd).unwrap();
-    let dir = common::cstr(&odd);
-    // SAFETY: NUL-terminated strings that outlive the call.
-    let r = unsafe {
-        libc::mount(
-            c"roomfs-test".as_ptr(),
-            dir.as_ptr(),
-            c"tmpfs".as_ptr(),
-            0,
-            c"size=1m".as_ptr().cast(),
-        )
-    };
-    assert_eq!(r, 0, "mount tmpfs: {}", std::io::Error::last_os_error());
+    common::mount_tmpfs(&odd, "size=1m");
     let _odd = Unmount(odd);
     let mnt = d.dir("mnt");
     d.mount(&["--room", "r1"], &mnt);

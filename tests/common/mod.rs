@@ -196,6 +196,23 @@ impl Bucket {
     }
 }
 
+/// Mounts a tmpfs with `options` (`size=1m,mode=0700`) at `dir`: a small disk to fill. Whoever
+/// made `dir` unmounts it.
+pub fn mount_tmpfs(dir: &Path, options: &str) {
+    let (dir, options) = (cstr(dir), CString::new(options).unwrap());
+    // SAFETY: NUL-terminated strings that outlive the call.
+    let r = unsafe {
+        libc::mount(
+            c"roomfs-test".as_ptr(),
+            dir.as_ptr(),
+            c"tmpfs".as_ptr(),
+            0,
+            options.as_ptr().cast(),
+        )
+    };
+    assert_eq!(r, 0, "mount tmpfs: {}", std::io::Error::last_os_error());
+}
+
 pub fn is_mounted(path: &Path) -> bool {
     // Lossy: a mount point that is not UTF-8 (anywhere) must not hide the others.
     let info = String::from_utf8_lossy(&std::fs::read("/proc/self/mountinfo").unwrap_or_default())
@@ -263,20 +280,7 @@ impl Mounted {
     /// Like [`Mounted::with_args`], with the data dir on a tmpfs of `bytes`: a small disk to
     /// fill. It is unmounted on drop, after the daemon.
     pub fn on_small_disk(args: &[&str], bytes: u64) -> Mounted {
-        Mounted::with_setup(args, |data| {
-            let (dir, options) = (cstr(data), CString::new(format!("size={bytes}")).unwrap());
-            // SAFETY: NUL-terminated strings that outlive the call.
-            let r = unsafe {
-                libc::mount(
-                    c"roomfs-test".as_ptr(),
-                    dir.as_ptr(),
-                    c"tmpfs".as_ptr(),
-                    0,
-                    options.as_ptr().cast(),
-                )
-            };
-            assert_eq!(r, 0, "mount tmpfs: {}", std::io::Error::last_os_error());
-        })
+        Mounted::with_setup(args, |data| mount_tmpfs(data, &format!("size={bytes}")))
     }
 
     /// Like [`Mounted::with_args`], after `setup` has filled the data dir (given its path).
