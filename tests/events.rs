@@ -513,8 +513,13 @@ fn a_file_removed_or_replaced_by_another_process_while_open_is_as_if_done_here()
     assert_eq!(fs::read(a.join("w")).unwrap(), b"recreated");
     // A name of a file with two removed in A while B writes it: the file lives on under the
     // other, with B's changes.
-    fs::write(a.join("l1"), b"orig").unwrap();
-    fs::hard_link(a.join("l1"), a.join("l2")).unwrap();
+    // (Both names are made as links of a third, so that B never looks up a name of the file
+    // while it has one: a mount joins the names of a file into one inode only when it looks
+    // them up as names of a file with several.)
+    fs::write(a.join("l0"), b"orig").unwrap();
+    fs::hard_link(a.join("l0"), a.join("l1")).unwrap();
+    fs::hard_link(a.join("l0"), a.join("l2")).unwrap();
+    fs::remove_file(a.join("l0")).unwrap();
     eventually("B sees both names", || {
         b.join("l1").exists() && b.join("l2").exists()
     });

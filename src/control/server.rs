@@ -209,25 +209,37 @@ impl<S: Send + Sync> FromRequest<S> for Body {
 }
 
 impl Body {
+    /// The body as a request (a JSON object).
     fn parse<T: DeserializeOwned>(&self) -> ApiResult<T> {
+        self.parse_json(true)
+    }
+
+    /// The body as any JSON value (the storage envelope, passed through).
+    fn parse_value(&self) -> ApiResult<Value> {
+        self.parse_json(false)
+    }
+
+    fn parse_json<T: DeserializeOwned>(&self, object: bool) -> ApiResult<T> {
         if self.0.is_empty() {
             return Err(ApiError::bad_request(
                 "the request body is empty; expected JSON",
             ));
         }
-        parse_json(&self.0)
+        parse_json(&self.0, object)
     }
 
     /// Like [`Body::parse`], but an empty body is `{}`.
     fn parse_or_empty<T: DeserializeOwned>(&self) -> ApiResult<T> {
-        parse_json(if self.0.is_empty() { b"{}" } else { &self.0 })
+        parse_json(if self.0.is_empty() { b"{}" } else { &self.0 }, true)
     }
 }
 
-fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> ApiResult<T> {
-    // Every request is an object; serde would read a struct from an array by position.
+/// Parses a request body; with `object`, only a JSON object (a request that is a struct:
+/// serde would read one from an array by position).
+fn parse_json<T: DeserializeOwned>(bytes: &[u8], object: bool) -> ApiResult<T> {
     let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
-    if first != Some(&b'{')
+    if object
+        && first != Some(&b'{')
         && let Ok(value) = serde_json::from_slice::<Value>(bytes)
     {
         let kind = match value {
@@ -303,7 +315,7 @@ async fn end_session(
 }
 
 async fn storage(State(plane): State<Plane>, body: Body) -> ApiResult<Response> {
-    let envelope: Value = body.parse()?;
+    let envelope = body.parse_value()?;
     Ok(Json(blocking(move || plane.storage(envelope)).await??).into_response())
 }
 
