@@ -247,6 +247,31 @@ fn tail_f_on_another_host_follows_a_growing_log() {
     }
 }
 
+/// A reader reads the version it opened, whole, when another host saves the file between its
+/// open and its first read; and a reader's open of a version another host replaced since this
+/// host learnt of it (within the TTL) reads the new one, with its size. S3 keeps no replaced
+/// versions: both were `EIO` at the first read.
+#[test]
+fn a_reader_gets_a_whole_version_when_another_host_saves_the_file_around_its_open() {
+    use std::io::Read;
+    let m = Mounted::on(&["--room", "r1"], |_| {}, Some(Bucket::shared()));
+    let other_host = m.s3.as_ref().unwrap();
+    other_host.put(&m.key("status"), b"one\n");
+    assert_eq!(fs::metadata(m.p("status")).unwrap().len(), 4);
+    let mut reader = File::open(m.p("status")).unwrap();
+    other_host.put(&m.key("status"), b"two, longer\n");
+    let mut got = String::new();
+    reader.read_to_string(&mut got).unwrap();
+    assert_eq!(got, "one\n", "the version it opened");
+    drop(reader);
+
+    other_host.put(&m.key("config"), b"old\n");
+    assert_eq!(fs::metadata(m.p("config")).unwrap().len(), 4);
+    other_host.put(&m.key("config"), b"new, longer\n");
+    assert_eq!(fs::read(m.p("config")).unwrap(), b"new, longer\n");
+    assert_eq!(fs::metadata(m.p("config")).unwrap().len(), 12);
+}
+
 #[test]
 fn renames_and_deletes_show_on_both_hosts() {
     let h = two_hosts();

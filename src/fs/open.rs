@@ -60,7 +60,13 @@ impl Fs {
         self.allow("open", path, access)?;
         let truncate = writable && flags & libc::O_TRUNC != 0;
         let found = std::time::Instant::now();
-        let mut committed = self.store.open(path)?;
+        let open = |path| match access {
+            // A reader reads the version it opens (fetched now from a store that keeps no
+            // replaced versions, see `Store::open_to_read`).
+            Access::Read => self.store.open_to_read(path),
+            Access::Write => self.store.open(path),
+        };
+        let mut committed = open(path)?;
         // A rename onto the name changes the store first and the table after: the store may
         // have given the file the name holds now, while the table still names the inode it
         // is replacing (the kernel would read the new file's bytes within the old one's size).
@@ -78,7 +84,7 @@ impl Fs {
                     break;
                 }
                 tries += 1;
-                committed = self.store.open(path)?;
+                committed = open(path)?;
             }
         }
         let meta = committed.meta().clone();

@@ -281,6 +281,10 @@ impl<S: Store> Store for FailingStore<S> {
         self.faults.check(Op::Open)?;
         self.inner.open(path)
     }
+    fn open_to_read(&self, path: &Path) -> StoreResult<Arc<dyn Content>> {
+        self.faults.check(Op::Open)?;
+        self.inner.open_to_read(path)
+    }
     fn create(&self, path: &Path, perm: u16, owner: Owner, exclusive: bool) -> StoreResult<Meta> {
         self.faults.check(Op::Create)?;
         self.inner.create(path, perm, owner, exclusive)

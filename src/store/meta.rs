@@ -244,6 +244,14 @@ impl Store for MetaOverlay {
         }
     }
 
+    fn open_to_read(&self, path: &Path) -> StoreResult<Arc<dyn Content>> {
+        match classify(path) {
+            None => self.inner.open_to_read(path),
+            // Rendered records are read from memory, whole.
+            Some(_) => self.open(path),
+        }
+    }
+
     fn open(&self, path: &Path) -> StoreResult<Arc<dyn Content>> {
         match classify(path) {
             None => self.inner.open(path),

@@ -364,6 +364,13 @@ pub trait Store: Send + Sync + 'static {
     fn list(&self, path: &Path) -> StoreResult<Vec<DirEntry>>;
     /// Opens the committed content of the file at `path`.
     fn open(&self, path: &Path) -> StoreResult<Arc<dyn Content>>;
+    /// Opens the committed content of the file at `path` for a reader (an `O_RDONLY` open),
+    /// which keeps reading the version it opened whatever other writers commit. A store that
+    /// keeps no replaced version (an object store) fetches a small file whole now, rather than
+    /// at its first read, when the version may be gone; and `ESTALE` if the version it knew
+    /// of `path` is already gone, having learnt the current one: the kernel then looks the
+    /// name up again, so that its attributes are those of the version its next open reads.
+    fn open_to_read(&self, path: &Path) -> StoreResult<Arc<dyn Content>>;
     /// Creates an empty committed file (`EEXIST` if `exclusive` and something is there).
     fn create(&self, path: &Path, perm: u16, owner: Owner, exclusive: bool) -> StoreResult<Meta>;
     /// Creates an empty file for an open without `O_EXCL`, which holds it and commits it at

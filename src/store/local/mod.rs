@@ -406,6 +406,11 @@ impl Store for LocalStore {
         Ok(self.open_content(path)?)
     }
 
+    fn open_to_read(&self, path: &Path) -> StoreResult<Arc<dyn Content>> {
+        // An open file is the version it opened: a commit replaces the name, not the file.
+        self.open(path)
+    }
+
     fn create(&self, path: &Path, perm: u16, owner: Owner, exclusive: bool) -> StoreResult<Meta> {
         let excl = if exclusive { libc::O_EXCL } else { 0 };
         let flags = libc::O_WRONLY | libc::O_CREAT | excl;

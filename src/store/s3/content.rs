@@ -3,8 +3,9 @@
 //! - Every GET asks for that version (`If-Match`), so a reader never mixes two versions; if
 //!   another writer replaced the object since the open, bytes not read yet are gone (S3 keeps
 //!   no old versions) and the read fails with `EIO` (logged), where the local store would go
-//!   on reading the old version. A small file is fetched whole at its first read, so this
-//!   only concerns files read over a longer time — and not a version replaced by appends
+//!   on reading the old version. A small file is fetched whole at a reader's open
+//!   (`fetch_whole`, see `Store::open_to_read`), so this only concerns larger files read over
+//!   a longer time — and not a version replaced by appends
 //!   (below): a reader following appends reads its version's bytes from the newer one.
 //! - Objects the cache takes (see `cache`) are read through it, in chunks; a sequential
 //!   reader's requests grow ahead of it (read-ahead up to 16 MiB a request). A whole cached
@@ -44,7 +45,7 @@ const PREFETCH_AHEAD: u64 = 32 << 20;
 const STREAM_SLACK: u64 = 4 << 20;
 /// The size of each of those background requests.
 const PREFETCH_PIECE: u64 = 4 << 20;
-/// Objects up to this size are fetched whole at their first read.
+/// Objects up to this size are fetched whole at a reader's open, or at their first read.
 const WHOLE_MAX: u64 = 4 << 20;
 /// A sequential reader of an object at least this large reads what is not cached through
 /// memory windows rather than the cache file (see `read_at`).
@@ -131,6 +132,25 @@ impl S3Content {
             follower: Mutex::new((Some((Instant::now(), commits)), None)),
             unavailable: Arc::new(Mutex::new(None)),
         }
+    }
+
+    /// Fetches a small version whole into the cache (a reader's open: see
+    /// `Store::open_to_read`). False if it is not one to fetch now (empty, large, not taken
+    /// by the cache), true if it is cached whole; the error of the fetch otherwise
+    /// (`version_gone` says whether the version was replaced or removed).
+    pub(super) fn fetch_whole(&self) -> io::Result<bool> {
+        let size = self.meta.size;
+        if self.whole.is_some() {
+            return Ok(true);
+        }
+        if size == 0 || size > WHOLE_MAX {
+            return Ok(false);
+        }
+        let Some(entry) = self.shared.cache.entry(&self.key, &self.etag, size) else {
+            return Ok(false);
+        };
+        entry.read(&mut [0u8; 1], 0, size, &|s, e, w| self.fetch(s, e, w))?;
+        Ok(entry.is_whole())
     }
 
     /// The newest version of the key that extends this one by appends (see the module docs),
@@ -346,7 +366,7 @@ fn emptied(spare: Option<Vec<u8>>, len: usize) -> Vec<u8> {
 }
 
 /// Whether `e`, from a read of a version, says that version is gone (replaced or removed).
-fn version_gone(e: &io::Error) -> bool {
+pub(super) fn version_gone(e: &io::Error) -> bool {
     e.get_ref()
         .and_then(|s| s.downcast_ref::<super::client::ClientError>())
         .is_some_and(|c| {

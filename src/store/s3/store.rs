@@ -1267,6 +1267,17 @@ impl S3Store {
         }
     }
 
+    /// What is committed at `path`, which must be a file (`EISDIR`, `EINVAL` otherwise).
+    fn file_meta(&self, path: &Path) -> StoreResult<Meta> {
+        self.settled(path)?;
+        let meta = self.stat(path)?;
+        match meta.kind {
+            Kind::File => Ok(meta),
+            Kind::Dir => Err(err(libc::EISDIR)),
+            _ => Err(err(libc::EINVAL)),
+        }
+    }
+
     /// The content of `key` at the version `meta` describes.
     pub(super) fn content(
         &self,
@@ -1834,14 +1845,33 @@ impl Store for S3Store {
     }
 
     fn open(&self, path: &Path) -> StoreResult<Arc<dyn Content>> {
-        self.settled(path)?;
-        let meta = self.stat(path)?;
-        match meta.kind {
-            Kind::File => {}
-            Kind::Dir => return Err(err(libc::EISDIR)),
-            _ => return Err(err(libc::EINVAL)),
-        }
+        let meta = self.file_meta(path)?;
         Ok(self.content(self.keys.key(path)?, meta, None))
+    }
+
+    fn open_to_read(&self, path: &Path) -> StoreResult<Arc<dyn Content>> {
+        let meta = self.file_meta(path)?;
+        let key = self.keys.key(path)?;
+        if self.pending(path).is_some() {
+            // Made on this host and not committed yet: nothing to fetch.
+            return Ok(self.content(key, meta, None));
+        }
+        let etag = meta.version.tag().unwrap_or_default().to_string();
+        let content = S3Content::new(self.shared.clone(), key.clone(), etag, meta.clone(), None);
+        match content.fetch_whole() {
+            // Read from the cache entry, which the kernel may read directly.
+            Ok(true) => Ok(self.content(key, meta, None)),
+            Ok(false) => Ok(Arc::new(content)),
+            Err(e) if super::content::version_gone(&e) => {
+                log::debug!(
+                    "{key}: the version this host knew was replaced or removed; \
+                     the kernel is to look the name up again ({e})"
+                );
+                self.lookup(path)?;
+                Err(err(libc::ESTALE))
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     fn create(&self, path: &Path, perm: u16, owner: Owner, exclusive: bool) -> StoreResult<Meta> {

@@ -2099,3 +2099,55 @@ fn attributes_given_to_a_commit_go_into_its_object_and_its_listing_entry() {
     assert_eq!(client.count(Op::Put) - puts, 1, "the object's PUT alone");
     assert!(!client.metadata(&key("f")).unwrap().contains_key("mtime"));
 }
+
+/// A reader keeps the version it opened: a small file is fetched whole at its open, so a new
+/// version committed by another host before its first read does not take it away (S3 keeps
+/// no replaced versions; the read failed with `EIO`).
+#[test]
+fn a_reader_reads_the_version_it_opened_when_another_host_replaces_it_before_its_first_read() {
+    let client = Arc::new(MemClient::new());
+    let (a, b) = (host(&client), host(&client));
+    write(a.store.as_ref(), "status", b"version one\n").unwrap();
+    let gets = client.count(Op::Get);
+    let reader = b.store.open_to_read(p("status")).unwrap();
+    assert_eq!(client.count(Op::Get), gets + 1, "fetched whole at the open");
+    write(a.store.as_ref(), "status", b"version two, longer\n").unwrap();
+    assert_eq!(read(reader.as_ref()), b"version one\n");
+    assert!(reader.local().is_some(), "read from the cache entry");
+    // A plain open (a writer's base) still fetches nothing until it is read.
+    let gets = client.count(Op::Get);
+    let base = b.store.open(p("status")).unwrap();
+    assert_eq!(client.count(Op::Get), gets);
+    drop(base);
+}
+
+/// A reader's open of a version another host has replaced since this host learnt of it (its
+/// attributes still fresh here) is `ESTALE`, having learnt the current version: the kernel
+/// looks the name up again, gets the new attributes, and its next open reads the new version.
+#[test]
+fn a_readers_open_of_a_version_gone_is_estale_and_the_next_reads_the_new_version() {
+    let client = Arc::new(MemClient::new());
+    let (a, b) = (host(&client), host(&client));
+    write(a.store.as_ref(), "status", b"version one\n").unwrap();
+    assert_eq!(b.store.stat(p("status")).unwrap().size, 12);
+    write(a.store.as_ref(), "status", b"version two, longer\n").unwrap();
+    assert_eq!(b.store.stat(p("status")).unwrap().size, 12, "B's TTL: 60 s");
+    let e = b.store.open_to_read(p("status")).err().expect("ESTALE");
+    assert_eq!(e.raw_os_error(), libc::ESTALE);
+    assert_eq!(b.store.stat(p("status")).unwrap().size, 20, "learnt");
+    let reader = b.store.open_to_read(p("status")).unwrap();
+    assert_eq!(read(reader.as_ref()), b"version two, longer\n");
+    // Removed meanwhile: the name is gone.
+    write(a.store.as_ref(), "status", b"version three\n").unwrap();
+    b.store.forget(p("status"), false);
+    assert_eq!(b.store.stat(p("status")).unwrap().size, 14);
+    a.store.unlink(p("status")).unwrap();
+    assert_eq!(
+        b.store
+            .open_to_read(p("status"))
+            .err()
+            .unwrap()
+            .raw_os_error(),
+        libc::ENOENT
+    );
+}
