@@ -607,10 +607,16 @@ fn mount_via_daemon(args: &MountArgs) -> anyhow::Result<()> {
     if let Some(refused) = refused_with_daemon(args) {
         return Err(anyhow!(refused));
     }
-    let mountpoint = args
-        .mountpoint
-        .canonicalize()
-        .with_context(|| format!("mount point {}", args.mountpoint.display()))?;
+    // Resolved as the daemon will (through root's own symlinks only, when root), so that a
+    // path through another's symlink is refused here with the daemon's reason.
+    let shown = args.mountpoint.display();
+    let absolute =
+        std::path::absolute(&args.mountpoint).with_context(|| format!("mount point {shown}"))?;
+    let mountpoint = match mount::path::resolve_as_me(&absolute) {
+        Ok(r) if r.missing.is_empty() => r.existing,
+        Ok(_) => return Err(anyhow!("mount point {shown} does not exist")),
+        Err(e) => return Err(anyhow!("mount point {shown} is refused: {e}")),
+    };
     let req = MountRequest {
         mountpoint: crate::control::api_path(&mountpoint)
             .map_err(|e| anyhow!("mount point {e} (without --daemon, any path can be one)"))?

@@ -23,6 +23,7 @@ use crate::store::local::LocalBackend;
 use crate::store::meta::META_DIR;
 
 mod kernel;
+pub mod path;
 
 /// The source name roomfs mounts show in `/proc/mounts` begins with this.
 pub const SOURCE_PREFIX: &str = "roomfs:";
@@ -155,6 +156,8 @@ pub enum BadMountPointKind {
     Missing,
     NotADirectory,
     InUse,
+    /// Through a symlink someone other than root could have made (see `path`).
+    Untrusted,
 }
 
 /// A mount point refused, with the message for the user.
@@ -210,9 +213,21 @@ pub fn check_mountpoint(path: &Path) -> anyhow::Result<PathBuf> {
         let message = format!("mount point {shown} is not a directory");
         return Err(refused(BadMountPointKind::NotADirectory, message));
     }
-    let canonical = path
-        .canonicalize()
-        .with_context(|| format!("mount point {shown} is not usable"))?;
+    // Resolved through root's own symlinks only, when root (see `path`).
+    let canonical = match path::resolve_as_me(path) {
+        Ok(r) if r.missing.is_empty() => r.existing,
+        Ok(_) => {
+            let message = format!("mount point {shown} does not exist");
+            return Err(refused(BadMountPointKind::Missing, message));
+        }
+        Err(e @ path::Refused::Untrusted { .. }) => {
+            let message = format!("mount point {shown} is refused: {e}");
+            return Err(refused(BadMountPointKind::Untrusted, message));
+        }
+        Err(path::Refused::Io(e)) => {
+            return Err(e).with_context(|| format!("mount point {shown} is not usable"));
+        }
+    };
     if let Some(m) = mount_at(&canonical) {
         let message = format!(
             "mount point {} is already in use (a {} filesystem is mounted there)",

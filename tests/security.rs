@@ -462,3 +462,79 @@ fn a_mount_point_swapped_for_a_symlink_is_not_restored_over_its_target() {
     assert!(log.contains("a symlink in the way"), "{log}");
     assert_eq!(d.json(&["mounts", "--json"]), serde_json::json!([]));
 }
+
+/// Another user's symlink on the way to a mount point (an agent's home, where the operator
+/// mounts its session) never has the root daemon mount over, or make directories in, the
+/// directory it names: the API mount, and configured mounts at every start, are refused with
+/// what to name instead. Root's own symlinks in root's directories are followed.
+#[test]
+fn an_agents_symlink_on_the_way_to_a_mount_point_is_not_followed() {
+    const AGENT: u32 = 65534;
+    // In the daemon's directory, so that it unmounts whatever a failure left mounted there.
+    let config = r#"{"mounts": [{"mountpoint": "{tmp}/t/home/work", "room": "r1"},
+                                {"mountpoint": "{tmp}/t/home/new/sub", "room": "r1"}]}"#;
+    let d = Daemon::with_setup(Some(config), |tmp| {
+        let t = tmp.join("t");
+        for d in ["home", "victim", "victim2"] {
+            fs::create_dir_all(t.join(d)).unwrap();
+        }
+        fs::write(t.join("victim/config"), b"operator's").unwrap();
+        std::os::unix::fs::chown(t.join("home"), Some(AGENT), Some(AGENT)).unwrap();
+        // The agent's links: one to a directory, one to where a configured mount makes its
+        // directory.
+        for (name, to) in [("work", "victim"), ("new", "victim2")] {
+            symlink(t.join(to), t.join("home").join(name)).unwrap();
+            std::os::unix::fs::lchown(t.join("home").join(name), Some(AGENT), Some(AGENT)).unwrap();
+        }
+    });
+    let t = d.tmp.path().join("t");
+    let (home, victim, victim2) = (t.join("home"), t.join("victim"), t.join("victim2"));
+    let before = snapshot(&t);
+    let (code, _, err) = d.cli(&[
+        "mount",
+        "--daemon",
+        "--room",
+        "r2",
+        &format!("{}/work", home.display()),
+    ]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("goes through the symlink") && err.contains("/home/work"),
+        "{err}"
+    );
+    // And through the API, whatever the client resolved.
+    let out = common::output(
+        std::process::Command::new("curl")
+            .args(["-s", "-w", "\n%{http_code}", "--unix-socket"])
+            .arg(&d.socket)
+            .args(["-X", "POST", "-d"])
+            .arg(format!(
+                r#"{{"mountpoint": "{}/work", "room": "r2"}}"#,
+                home.display()
+            ))
+            .arg("http://roomfs/v1/mounts"),
+    );
+    let answer = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(answer.ends_with("\n400"), "{answer}");
+    assert!(answer.contains("goes through the symlink"), "{answer}");
+    assert!(!is_mounted(&victim) && !is_mounted(&victim2.join("sub")));
+    assert!(
+        !victim2.join("sub").exists(),
+        "no directory made through the link"
+    );
+    let log = d.log();
+    for configured in ["work", "new/sub"] {
+        let line = format!(
+            "cannot create mount point {}/{configured}: it goes through the symlink",
+            home.display()
+        );
+        assert!(log.contains(&line), "{line}\n{log}");
+    }
+    assert_eq!(snapshot(&t), before, "nothing changed outside");
+    assert_eq!(d.json(&["mounts", "--json"]), serde_json::json!([]));
+    // Root's link in a directory only root can change is followed.
+    let real = d.dir("real");
+    symlink(&real, d.tmp.path().join("link")).unwrap();
+    d.mount(&["--room", "r2"], &d.tmp.path().join("link"));
+    assert!(is_mounted(&real));
+}

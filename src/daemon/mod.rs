@@ -209,12 +209,11 @@ impl Daemon {
         // A configured mount that cannot be set up (a session since ended, a path in use) is
         // logged; the daemon still serves everything else.
         for m in daemon.config.mounts.clone() {
-            // (A dead mount left there by a crash answers ENOTCONN, or EEXIST to the mkdir:
-            // setting the mount up clears it.)
-            if let Err(e) = std::fs::create_dir_all(&m.mountpoint)
-                && !matches!(e.raw_os_error(), Some(libc::EEXIST | libc::ENOTCONN))
-                && !m.mountpoint.exists()
-            {
+            // Made as `mkdir -p` would, but through root's own symlinks only and beneath what
+            // exists without following any (an agent's symlink in its home must not have root
+            // make directories, or mount, elsewhere). A dead mount left there by a crash counts
+            // as there: setting the mount up clears it.
+            if let Err(e) = mount::path::create_dirs(&m.mountpoint) {
                 log::error!("cannot create mount point {}: {e}", m.mountpoint.display());
                 continue;
             }
