@@ -375,6 +375,42 @@ fn symlinks_cannot_point_out_of_the_grant() {
     assert_eq!(errno(fs::read(m.p("outputs/planted3"))), libc::EACCES);
 }
 
+/// A relative symlink is read from where it is: moved (itself, or in a directory moved) or
+/// hard-linked elsewhere, a link allowed where it was made could lead out of the grant. Each
+/// such move is refused as making the link there would be.
+#[test]
+fn moving_or_linking_a_symlink_cannot_make_it_lead_out_of_the_grant() {
+    let m = mounted();
+    let link = |target: &str, at: &str| std::os::unix::fs::symlink(target, m.p(at));
+    fs::create_dir_all(m.p("outputs/sub/deeper")).unwrap();
+    fs::create_dir_all(m.p("outputs/d/e/f")).unwrap();
+    // Allowed where made: each leads to `outputs`.
+    link("..", "outputs/sub/up").unwrap();
+    link("../../..", "outputs/d/e/f/out").unwrap();
+    refused(&m, "a link moved up", libc::EACCES, || {
+        fs::rename(m.p("outputs/sub/up"), m.p("outputs/up"))
+    });
+    refused(
+        &m,
+        "a directory moved up with its link",
+        libc::EACCES,
+        || fs::rename(m.p("outputs/d/e/f"), m.p("outputs/f")),
+    );
+    // Hard links: where the store keeps them, checked as a new link at the new name.
+    let want = if m.is_s3() { libc::EPERM } else { libc::EACCES };
+    refused(&m, "a link hard-linked higher", want, || {
+        fs::hard_link(m.p("outputs/sub/up"), m.p("outputs/up"))
+    });
+    // Moves that keep each link inside the grant go through.
+    fs::rename(m.p("outputs/sub/up"), m.p("outputs/sub/deeper/up")).unwrap();
+    assert_eq!(
+        fs::read_link(m.p("outputs/sub/deeper/up")).unwrap(),
+        Path::new("..")
+    );
+    fs::rename(m.p("outputs/d"), m.p("outputs/sub/d")).unwrap();
+    assert!(m.p("outputs/sub/d/e/f/out").symlink_metadata().is_ok());
+}
+
 #[test]
 fn directory_fds_and_openat_stay_inside() {
     let m = mounted();

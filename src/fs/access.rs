@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use super::{Fs, FsResult, deny};
 use crate::grant::Access;
+use crate::store::Kind;
 
 impl Fs {
     /// The grant's decision for `op` on `path`; a refusal is logged so operators see what a
@@ -28,6 +29,41 @@ impl Fs {
         } else {
             Err(deny(op, path, &"outside the grant"))
         }
+    }
+
+    /// Under a restricted grant, the symlinks an entry at `from` brings to `to` (moved or
+    /// linked there): itself, or those anywhere below a directory. The target of a relative
+    /// link is read from where it is, so a link allowed where it was made may lead out from
+    /// there (`d/up -> ..` moved to `up`; `a/b/c/out -> ../../..` in a directory moved up):
+    /// each is checked at its new place as `symlink` checks a new one (`EACCES`).
+    pub(super) fn allow_links_moved(&self, op: &str, from: &Path, to: &Path) -> FsResult<()> {
+        if self.options.links_anywhere {
+            return Ok(());
+        }
+        match self.store.stat(from)?.kind {
+            Kind::Symlink => return self.allow_link_target(op, to, &self.store.readlink(from)?),
+            Kind::Dir => {}
+            _ => return Ok(()),
+        }
+        let below = |base: &Path, rel: &Path| match rel.as_os_str().is_empty() {
+            true => base.to_path_buf(),
+            false => base.join(rel),
+        };
+        let mut dirs = vec![PathBuf::new()];
+        while let Some(rel) = dirs.pop() {
+            for e in self.store.list(&below(from, &rel))? {
+                let rel = rel.join(&e.name);
+                match e.kind {
+                    Kind::Dir => dirs.push(rel),
+                    Kind::Symlink => {
+                        let target = self.store.readlink(&from.join(&rel))?;
+                        self.allow_link_target(op, &to.join(&rel), &target)?;
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Under a restricted grant, a symlink at `link` may only point at paths inside the grant:

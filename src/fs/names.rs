@@ -168,6 +168,10 @@ impl Fs {
                 return Err(deny("rename", end, &"it contains separately granted paths"));
             }
         }
+        self.allow_links_moved("rename", &from, &to)?;
+        if mode == RenameMode::Exchange {
+            self.allow_links_moved("rename", &to, &from)?;
+        }
         let replaced = match mode {
             RenameMode::Replace => self.store.stat(&to).ok(),
             _ => None,
@@ -237,6 +241,8 @@ impl Fs {
             let _ = deny("link", &to, &"it would carry the file across the grant");
             return Err(Errno(libc::EXDEV));
         }
+        // A hard link to a symlink is one more symlink, at `to`.
+        self.allow_links_moved("link", &from, &to)?;
         let meta = self.creating(|| Ok(self.store.link(&from, &to)?))?;
         if let Some(q) = self.space.quota() {
             // Usage counts the bytes of every name, as a count of the space does.
