@@ -758,6 +758,38 @@ fn two_writers_replacing_one_file_count_once_against_the_byte_limit() {
     assert_eq!(err.raw_os_error(), Some(libc::EDQUOT));
 }
 
+/// Every name of a hard-linked file counts its bytes, and a link past the limit is `EDQUOT`:
+/// linking and unlinking cannot take the usage below what is stored (each unlink gives a
+/// name's bytes back, so links made past the limit took the count down to 0).
+#[test]
+fn hard_links_count_against_a_byte_limit_and_cannot_take_it_below_what_is_stored() {
+    if common::store_is_s3() {
+        return; // no hard links on S3 (EPERM, tested in posix.rs)
+    }
+    let d = Daemon::start();
+    d.json(&["session", "create", "q", "--max-bytes", "200000", "--json"]);
+    let mnt = d.dir("mnt");
+    d.mount(&["--session", "q"], &mnt);
+    fs::write(mnt.join("f1"), vec![b'1'; 90_000]).unwrap();
+    fs::hard_link(mnt.join("f1"), mnt.join("x1")).unwrap();
+    assert_eq!(
+        errno(fs::hard_link(mnt.join("f1"), mnt.join("x2"))),
+        libc::EDQUOT,
+        "270,000 bytes of names"
+    );
+    assert!(!mnt.join("x2").exists());
+    fs::remove_file(mnt.join("x1")).unwrap();
+    let info = d.json(&["session", "show", "q", "--json"]);
+    assert_eq!(info["bytes"], 90_000, "{info}");
+    // What the limit leaves room for is still refused past it.
+    fs::write(mnt.join("f2"), vec![b'2'; 90_000]).unwrap();
+    let mut f3 = fs::File::create(mnt.join("f3")).unwrap();
+    assert_eq!(
+        f3.write_all(&[b'3'; 90_000]).unwrap_err().raw_os_error(),
+        Some(libc::EDQUOT)
+    );
+}
+
 #[test]
 fn configured_mounts_come_back_after_a_restart_and_sigterm_unmounts_all() {
     let mut d = Daemon::with_config(Some(

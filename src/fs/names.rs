@@ -243,10 +243,32 @@ impl Fs {
         }
         // A hard link to a symlink is one more symlink, at `to`.
         self.allow_links_moved("link", &from, &to)?;
-        let meta = self.creating(|| Ok(self.store.link(&from, &to)?))?;
-        if let Some(q) = self.space.quota() {
-            // Usage counts the bytes of every name, as a count of the space does.
-            let _ = q.resize(0, meta.size);
+        // Usage counts the bytes of every name, as a count of the space does: the new name's
+        // are reserved first (`EDQUOT` past the limit), then settled to what it has.
+        let bytes = |meta: &Meta| match meta.kind {
+            Kind::File => meta.size,
+            _ => 0,
+        };
+        let quota = self.space.quota();
+        let reserved = match quota {
+            Some(q) => {
+                let reserved = bytes(&self.store.stat(&from)?);
+                q.resize(0, reserved)?;
+                reserved
+            }
+            None => 0,
+        };
+        let meta = match self.creating(|| Ok(self.store.link(&from, &to)?)) {
+            Ok(meta) => meta,
+            Err(e) => {
+                if let Some(q) = quota {
+                    q.settle((0, reserved), (0, 0));
+                }
+                return Err(e);
+            }
+        };
+        if let Some(q) = quota {
+            q.settle((0, reserved), (0, bytes(&meta)));
         }
         write_lock(&self.table).link(ino, new_parent, new_name, meta.file_id);
         // Another name: the file's link count changed too.
