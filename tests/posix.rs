@@ -697,6 +697,25 @@ fn failed_redirect_keeps_the_previous_version(m: &Mounted, previous: &[u8]) {
     assert!(m.committed("keep.txt") == previous);
 }
 
+/// A write refused at an offset no file on the disk can reach (`EFBIG`) writes nothing, as on
+/// a local disk: what the handle wrote before is committed at its close.
+#[test]
+fn a_write_past_the_largest_file_is_efbig_and_spoils_nothing() {
+    use std::os::unix::fs::FileExt;
+    let m = Mounted::room();
+    let f = fs::File::create(m.p("e")).unwrap();
+    f.write_all_at(b"important data\n", 0).unwrap();
+    let refused = errno(f.write_all_at(b"x", 1 << 50));
+    assert!(
+        [libc::EFBIG, libc::ENOSPC].contains(&refused),
+        "errno {refused}"
+    );
+    f.sync_all().unwrap();
+    drop(f);
+    assert_eq!(fs::read(m.p("e")).unwrap(), b"important data\n");
+    assert_eq!(m.committed("e"), b"important data\n");
+}
+
 /// A write that fails on a full disk is reported, and so is every commit of what that handle
 /// wrote (`fsync`, `close`): the file keeps its previous version, and the space the working
 /// copy took is given back. Writing the failed bytes again, or cutting them off, makes the

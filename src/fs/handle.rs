@@ -879,10 +879,13 @@ fn ranged(store: &dyn Store, size: u64) -> bool {
 }
 
 /// Records that a change of `offset..offset + len` failed part way (see
-/// [`Staged::spoiled`]).
+/// [`Staged::spoiled`]). What lies past the working copy's end after the failure was never
+/// written (a write refused at its offset, `EFBIG` past the disk's largest file): it spoils
+/// nothing, as that refusal changed nothing.
 fn spoil(s: &mut Staged, offset: u64, len: u64, e: std::io::Error) -> Errno {
     let errno = Errno::from(e);
     let (from, to) = (offset, offset.saturating_add(len));
+    let before = s.spoiled;
     s.spoiled = Some(match s.spoiled {
         Some(old) => Spoiled {
             from: old.from.min(from),
@@ -891,6 +894,11 @@ fn spoil(s: &mut Staged, offset: u64, len: u64, e: std::io::Error) -> Errno {
         },
         None => Spoiled { from, to, errno },
     });
+    if let Ok(now) = s.copy.stat()
+        && now.size <= from
+    {
+        s.spoiled = before;
+    }
     errno
 }
 
@@ -956,10 +964,13 @@ mod tests {
         std::io::Error::from_raw_os_error(libc::ENOSPC)
     }
 
+    /// A working copy of 16 KiB.
     fn staged() -> Staged {
         let store = MemStore::new();
+        let copy = store.working_copy(Path::new("f")).unwrap();
+        copy.write_at(&[7; 16384], 0).unwrap();
         Staged {
-            copy: store.working_copy(Path::new("f")).unwrap(),
+            copy,
             seeding: None,
             spoiled: None,
             appends_from: None,
@@ -1003,5 +1014,24 @@ mod tests {
         assert_eq!(span(&s), Some((4096, 6000)));
         cut_spoiled(&mut s, 4096);
         assert_eq!(span(&s), None);
+    }
+
+    /// A write refused past the copy's end (`EFBIG` far past it) wrote nothing: the copy is
+    /// still whole and committed at close, as on a local disk.
+    #[test]
+    fn a_write_refused_past_the_end_spoils_nothing() {
+        let mut s = staged();
+        let efbig = std::io::Error::from_raw_os_error(libc::EFBIG);
+        assert_eq!(spoil(&mut s, 1 << 50, 1, efbig), Errno(libc::EFBIG));
+        assert_eq!(span(&s), None);
+        // An earlier failure inside stays.
+        spoil(&mut s, 100, 50, enospc());
+        spoil(
+            &mut s,
+            1 << 50,
+            1,
+            std::io::Error::from_raw_os_error(libc::EFBIG),
+        );
+        assert_eq!(span(&s), Some((100, 150)));
     }
 }
