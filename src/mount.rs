@@ -510,7 +510,7 @@ impl ActiveMount {
             return Ok(());
         }
         self.fs.commit_all();
-        if !self.mounted.is_ours() {
+        let Some(at) = self.mounted.current_path() else {
             // Unmounted or detached by someone else (its last files may still be open): the
             // path now holds another mount, or none, which is not ours to touch.
             log::info!(
@@ -518,8 +518,15 @@ impl ActiveMount {
                 self.mountpoint.display()
             );
             return Ok(());
+        };
+        if at != self.mountpoint {
+            log::info!(
+                "{} is mounted at {} now (a directory above it was renamed): unmounting it there",
+                self.mountpoint.display(),
+                at.display()
+            );
         }
-        match unmount(&self.mountpoint, false) {
+        match unmount(&at, false) {
             Ok(()) => {
                 self.gate.close();
                 let (caught, ran_out) = self.gate.spins();
@@ -530,11 +537,8 @@ impl ActiveMount {
                 Ok(())
             }
             Err(_) if lazy => {
-                log::warn!(
-                    "files still open under {}: detaching lazily",
-                    self.mountpoint.display()
-                );
-                unmount(&self.mountpoint, true)
+                log::warn!("files still open under {}: detaching lazily", at.display());
+                unmount(&at, true)
             }
             Err(e) => Err(e),
         }

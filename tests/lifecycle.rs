@@ -573,3 +573,57 @@ fn unmount_of_a_busy_mount_says_so_and_lazy_detaches() {
     assert!(status.success());
     assert!(m.backing("held").exists());
 }
+
+/// A directory above the mount point renamed (by whoever owns it) takes the mount along:
+/// SIGTERM still commits and unmounts it where it is now, rather than finding nothing at the
+/// old path and serving on.
+#[test]
+fn sigterm_unmounts_a_mount_whose_parent_directory_was_renamed() {
+    use std::time::{Duration, Instant};
+    let tmp = tempfile::Builder::new()
+        .prefix("roomfs-test-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let (data, work) = (tmp.path().join("data"), tmp.path().join("work"));
+    fs::create_dir_all(work.join("mnt")).unwrap();
+    let mut child = Command::new(BIN)
+        .args(["mount", "--data-dir"])
+        .arg(&data)
+        .args(["--room", "r1"])
+        .arg(work.join("mnt"))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let until = |what: &str, check: &mut dyn FnMut() -> bool| {
+        let start = Instant::now();
+        while !check() {
+            if start.elapsed() > Duration::from_secs(10) {
+                return Err(format!("{what}: not after 10 s"));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    };
+    let moved = tmp.path().join("work2/mnt");
+    let result = until("mounted", &mut || is_mounted(&work.join("mnt"))).and_then(|()| {
+        fs::write(work.join("mnt/f"), b"committed").unwrap();
+        fs::rename(&work, tmp.path().join("work2")).unwrap();
+        if !is_mounted(&moved) {
+            return Err(format!(
+                "not mounted at {} after the rename",
+                moved.display()
+            ));
+        }
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        until("exited", &mut || child.try_wait().unwrap().is_some())
+    });
+    let left = is_mounted(&moved);
+    if result.is_err() || left {
+        let _ = Command::new("umount").arg("-l").arg(&moved).status();
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    result.unwrap();
+    assert!(!left, "still mounted at {}", moved.display());
+    assert_eq!(fs::read(data.join("rooms/r1/f")).unwrap(), b"committed");
+}

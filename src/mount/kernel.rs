@@ -237,6 +237,28 @@ impl Mounted {
             && super::mount_at(&self.mountpoint).is_some_and(|m| m.dev == self.dev && m.is_fuse())
     }
 
+    /// Where our mount is now, if it is still ours (see `is_ours`): its mount point, or where
+    /// a rename of a directory above it took it (mountinfo shows it there); `None` if gone,
+    /// or if it shows at several paths other than its own (bind mounts: which to unmount?).
+    pub fn current_path(&self) -> Option<PathBuf> {
+        if !self.connected() {
+            return None;
+        }
+        let at: Vec<PathBuf> = super::mounts()
+            .ok()?
+            .into_iter()
+            .filter(|m| m.dev == self.dev && m.is_fuse())
+            .map(|m| m.mountpoint)
+            .collect();
+        if at.contains(&self.mountpoint) {
+            return Some(self.mountpoint.clone());
+        }
+        match <[PathBuf; 1]>::try_from(at) {
+            Ok([only]) => Some(only),
+            Err(_) => None,
+        }
+    }
+
     /// Whether our FUSE connection is up: the device polls `POLLERR` once it is aborted or its
     /// superblock is gone.
     fn connected(&self) -> bool {
