@@ -961,7 +961,9 @@ fn events(args: &EventsArgs) -> anyhow::Result<()> {
         })
         .map_err(|e| match e {
             // Cut while following (the daemon killed, the connection lost): where to resume.
-            ClientError::Io { .. } | ClientError::Protocol { .. } if args.follow => {
+            ClientError::Io { .. } | ClientError::Protocol { .. } | ClientError::Gone { .. }
+                if args.follow =>
+            {
                 let mut cause: &dyn std::error::Error = &e;
                 while let Some(next) = cause.source() {
                     cause = next;

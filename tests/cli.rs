@@ -242,3 +242,26 @@ fn an_empty_path_is_named_inside_the_space_it_was_meant_for() {
         "{err}"
     );
 }
+
+/// A daemon that goes away in the middle of a request (stopped, crashed) is said to have,
+/// with what that means for the request, not as a protocol error.
+#[test]
+fn a_daemon_gone_before_it_answered_is_said_so() {
+    use std::io::Read;
+    let tmp = tempfile::tempdir().unwrap();
+    let socket = tmp.path().join("ctl.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    // Takes the request, then closes the connection without a word.
+    let server = std::thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        let mut buf = [0u8; 4096];
+        let _ = conn.read(&mut buf);
+    });
+    let (code, _, err) = roomfs([OsStr::new("status"), "--socket".as_ref(), socket.as_ref()]);
+    server.join().unwrap();
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("went away before it answered") && err.contains("run the command again"),
+        "{err}"
+    );
+}

@@ -34,6 +34,8 @@ pub enum ClientError {
     Io { socket: PathBuf, error: io::Error },
     /// The daemon's answer was not what the API promises.
     Protocol { message: String },
+    /// The daemon closed the connection before it answered (it stopped or crashed meanwhile).
+    Gone { socket: PathBuf },
 }
 
 impl fmt::Display for ClientError {
@@ -66,6 +68,13 @@ impl fmt::Display for ClientError {
             ClientError::Protocol { message } => {
                 write!(f, "unexpected answer from the roomfs daemon: {message}")
             }
+            ClientError::Gone { socket } => write!(
+                f,
+                "the roomfs daemon at {} went away before it answered (it stopped or crashed): \
+                 the request may be done in part, or not at all; once it is back, run the \
+                 command again",
+                socket.display()
+            ),
         }
     }
 }
@@ -212,6 +221,11 @@ impl Client {
 
     /// A hyper failure: an I/O error underneath is reported as such.
     fn hyper_error(&self, err: hyper::Error) -> ClientError {
+        if err.is_incomplete_message() || err.is_closed() {
+            return ClientError::Gone {
+                socket: self.socket.clone(),
+            };
+        }
         let io_kind = std::error::Error::source(&err)
             .and_then(|source| source.downcast_ref::<io::Error>())
             .map(io::Error::kind);

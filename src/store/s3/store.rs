@@ -2373,6 +2373,19 @@ impl S3Spaces {
 
     /// Replays what crashed processes of this host left (see `state`).
     pub(super) fn recover(&self, leftovers: Vec<Leftover>) {
+        let renames = leftovers
+            .iter()
+            .flat_map(|l| l.records.iter())
+            .filter(|(_, r)| matches!(r, Record::Rename { .. }))
+            .count();
+        if renames > 0 {
+            // Every object of each is copied before the mount is up: say why it waits.
+            log::info!(
+                "{}: finishing {renames} directory renames left by an earlier crash before \
+                 mounting (every object of each is copied: this takes a while for large trees)",
+                self.shared.location
+            );
+        }
         let (mut aborted, mut renamed, mut files_renamed) = (0, 0, 0);
         for left in leftovers {
             for (path, record) in &left.records {
