@@ -86,7 +86,17 @@ impl LocalStore {
         if st.st_size as u64 >= PATCH_MIN {
             match hold_for_reading(&file) {
                 Ok(false) => {}
-                Ok(true) => st = fstat(&file).unwrap_or(st),
+                Ok(true) => {
+                    st = fstat(&file).unwrap_or(st);
+                    // The patch it waited for may have ended with its process (`kill -9`),
+                    // half applied: its marker's link is then there to finish it from, which
+                    // is done before this reader reads.
+                    if st.st_nlink > 1
+                        && let Ok(settled) = self.settled(&file)
+                    {
+                        st = settled;
+                    }
+                }
                 Err(e) => {
                     if !self.no_patches.swap(true, Ordering::Relaxed) {
                         log::warn!(
@@ -1033,6 +1043,58 @@ mod tests {
         let mut tail = [0u8; 5];
         assert_eq!(seen.read_at(&mut tail, PATCH_MIN).unwrap(), 5);
         assert_eq!(&tail, b"grown");
+    }
+
+    /// The patcher a reader waits for dies half way: the reader finishes the patch from the
+    /// dead process's marker before it reads, rather than read half of it.
+    #[test]
+    fn a_reader_waiting_for_a_patch_whose_process_died_finishes_it_first() {
+        use super::patch::PatchMark;
+        let (d, s) = store();
+        let target = s.full(Path::new("db"));
+        fs::write(&target, vec![b'o'; PATCH_MIN as usize]).unwrap();
+        let patcher = fs::OpenOptions::new().write(true).open(&target).unwrap();
+        let mut lock: libc::flock = unsafe { std::mem::zeroed() };
+        lock.l_type = libc::F_WRLCK as libc::c_short;
+        assert_eq!(
+            unsafe { libc::fcntl(patcher.as_raw_fd(), libc::F_OFD_SETLK, &lock) },
+            0
+        );
+        let seen = std::thread::scope(|scope| {
+            let reader = scope.spawn(|| s.open(Path::new("db")).unwrap());
+            std::thread::sleep(Duration::from_millis(50));
+            assert!(!reader.is_finished(), "the reader waits for the patch");
+            // What the patcher's process leaves as it dies half way: its staging directory
+            // (lock free), the new version's blocks and the file's marker, half of it applied.
+            let dead = d.path().join(".staging/999998-7");
+            fs::create_dir_all(&dead).unwrap();
+            fs::write(dead.join("lock"), b"").unwrap();
+            let marker = PatchMark {
+                from: PATCH_MIN,
+                to: PATCH_MIN,
+            }
+            .name(0);
+            fs::write(
+                dead.join(PatchMark::data_name(&marker)),
+                vec![b'n'; PATCH_MIN as usize],
+            )
+            .unwrap();
+            fs::hard_link(&target, dead.join(&marker)).unwrap();
+            patcher
+                .write_all_at(&vec![b'n'; PATCH_MIN as usize / 2], 0)
+                .unwrap();
+            drop(patcher);
+            reader.join().unwrap()
+        });
+        let mut all = vec![0u8; PATCH_MIN as usize];
+        let mut done = 0;
+        while done < all.len() {
+            done += seen.read_at(&mut all[done..], done as u64).unwrap();
+        }
+        assert!(
+            all.iter().all(|&b| b == b'n'),
+            "the whole patch, never half"
+        );
     }
 
     #[test]
