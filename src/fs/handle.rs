@@ -879,11 +879,13 @@ fn ranged(store: &dyn Store, size: u64) -> bool {
 }
 
 /// Records that a change of `offset..offset + len` failed part way (see
-/// [`Staged::spoiled`]). What lies past the working copy's end after the failure was never
-/// written (a write refused at its offset, `EFBIG` past the disk's largest file): it spoils
-/// nothing, as that refusal changed nothing.
+/// [`Staged::spoiled`]). A write the disk refused as past its largest file (`EFBIG`) that
+/// left the copy's end at or before its offset wrote nothing: it spoils nothing, as the
+/// space's own size limits do not. Any other failure spoils, even one that wrote nothing:
+/// the writer's output is then incomplete (a full disk), and must not replace the file.
 fn spoil(s: &mut Staged, offset: u64, len: u64, e: std::io::Error) -> Errno {
     let errno = Errno::from(e);
+    let too_far = errno == Errno(libc::EFBIG);
     let (from, to) = (offset, offset.saturating_add(len));
     let before = s.spoiled;
     s.spoiled = Some(match s.spoiled {
@@ -894,7 +896,8 @@ fn spoil(s: &mut Staged, offset: u64, len: u64, e: std::io::Error) -> Errno {
         },
         None => Spoiled { from, to, errno },
     });
-    if let Ok(now) = s.copy.stat()
+    if too_far
+        && let Ok(now) = s.copy.stat()
         && now.size <= from
     {
         s.spoiled = before;
@@ -1024,6 +1027,10 @@ mod tests {
         let efbig = std::io::Error::from_raw_os_error(libc::EFBIG);
         assert_eq!(spoil(&mut s, 1 << 50, 1, efbig), Errno(libc::EFBIG));
         assert_eq!(span(&s), None);
+        // A full disk at the end spoils, though nothing was written: the output is incomplete.
+        spoil(&mut s, 16384, 10, enospc());
+        assert_eq!(span(&s), Some((16384, 16394)));
+        let mut s = staged();
         // An earlier failure inside stays.
         spoil(&mut s, 100, 50, enospc());
         spoil(

@@ -30,6 +30,9 @@ use crate::store::{CopyStat, WorkingCopy};
 
 /// Subdirectories of the spool that its files are made in, in turn (see [`Spool::new`]).
 const SPREAD: usize = 8;
+/// The largest object S3 stores (5 TiB): a write past it is `EFBIG`, as past a disk's largest
+/// file, before anything is written.
+const MAX_OBJECT: u64 = 5 << 40;
 
 /// The spool's bound and what its copies use of it.
 pub struct Spool {
@@ -523,6 +526,7 @@ impl WorkingCopy for SpoolCopy {
     fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
         let end = offset
             .checked_add(data.len() as u64)
+            .filter(|&end| end <= MAX_OBJECT)
             .ok_or_else(|| io::Error::from_raw_os_error(libc::EFBIG))?;
         {
             let mut size = lock(&self.size);
