@@ -24,8 +24,9 @@
 //! no host numbers an event past it; so no sum the feed makes of numbers read from the bucket
 //! (a head plus one, plus a batch's events, an object number plus one) can overflow. A batch
 //! that starts more than 2^24 ([`MAX_JUMP`]) past the head read before it is skipped (no host
-//! numbers so), so a forged object cannot walk the numbering to the bound either. Whatever is
-//! skipped is logged and passed over: the chain goes on after it. The one batch taken on trust is the newest
+//! numbers so), so a forged object cannot walk the numbering to the bound either. An object
+//! over 16 MiB is not a batch: its GET stops there, unread. Whatever is skipped is logged and
+//! passed over: the chain goes on after it. The one batch taken on trust is the newest
 //! object of a feed a host opens (the batches before it are not read): a forged one there
 //! sets that host's numbering apart from the hosts that follow the feed (their batches and its
 //! own then skip each other) until it opens the feed again, and when it sets it at the bound,
@@ -75,7 +76,7 @@ use crate::store::s3::client::{Body, ClientError, Condition, Failure, Metadata, 
 
 /// The chain is compacted once it holds this many times what retention keeps.
 const COMPACT_AT: f64 = 1.5;
-/// A feed object larger than this is not one (skipped).
+/// A feed object larger than this is not one (skipped, without reading the rest of it).
 const MAX_OBJECT: usize = 16 << 20;
 /// The largest `seq`, and the largest object number, a feed holds (`i64::MAX`: a signed
 /// 64-bit integer holds every one). A batch with a `seq` past it is not one, a key numbered
@@ -523,18 +524,25 @@ impl BucketFeed {
         Ok(feed)
     }
 
-    /// GETs object `n`.
+    /// GETs object `n`. One larger than [`MAX_OBJECT`] is not a batch: its GET ends there,
+    /// the rest unread.
     fn get(&self, n: u64) -> Result<Got, ClientError> {
         let key = self.key(n);
         let mut bytes = Vec::new();
+        let mut oversize = false;
         let got = self.shared.client.get(&key, None, None, &mut |b| {
             if bytes.len() + b.len() > MAX_OBJECT {
+                oversize = true;
                 return Err(io::Error::other("a feed object larger than 16 MiB"));
             }
             bytes.extend_from_slice(b);
             Ok(())
         });
         match got {
+            Err(_) if oversize => {
+                log::warn!("{key}: larger than 16 MiB, not a change feed batch; skipped");
+                Ok(Got::NotBatch)
+            }
             Ok(_) => match Batch::parse(&bytes) {
                 Some((b, forged)) => {
                     if forged > 0 {

@@ -523,6 +523,15 @@ fn forged_numbers_near_the_end_of_u64_neither_panic_nor_stop_the_feed() {
     ]);
 }
 
+/// An object over `MAX_OBJECT` is not a batch: skipped like any other, not a failure that
+/// stops the feed.
+#[test]
+fn a_feed_object_over_16_mib_is_skipped_and_the_feed_goes_on() {
+    let mut big = forged_batch(2, 2);
+    big.resize(MAX_OBJECT + 1, b' ');
+    feed_goes_on_after(&[big]);
+}
+
 #[test]
 fn no_host_numbers_an_event_past_the_bound() {
     let client = Arc::new(MemClient::new());
