@@ -7,6 +7,8 @@
 //!   one hears the other's changes live; a watcher with a token sees the other host's events
 //!   inside its grant only; the retention gap holds across hosts; an idle host makes one GET
 //!   per open space and poll interval, and no other request.
+//! - Forged feed objects (numbers near the end of `u64`, a jump towards `i64::MAX`, one over
+//!   16 MiB) are skipped: after each, both hosts hear each other's changes, numbered on.
 //! - Coherence: with the kernel's attribute and entry TTL at 60 s, a change closed on A shows
 //!   on B's `stat`, `open` and `readdir` within seconds, through the invalidations the feed
 //!   brings; a third host that does not follow the feed in that time (its poll interval set to
@@ -603,4 +605,66 @@ fn a_directory_removed_on_one_host_lists_empty_for_a_shell_in_it_on_the_other() 
     );
     assert_eq!(stdout, "0:directory\nrc=0\n", "{stderr}");
     assert!(!mb.join("d").exists());
+}
+
+/// Objects anyone who can write the bucket may put in a feed, at the next number: numbers near
+/// the end of `u64`, a jump towards `i64::MAX`, an object over 16 MiB. Each is skipped: after
+/// each, changes on either host are heard by the other, numbered on from the real head.
+#[test]
+fn forged_feed_objects_are_skipped_and_the_feed_goes_on() {
+    let prefix = unique_prefix();
+    let (a, b) = (host(&prefix, "", ""), host(&prefix, "", ""));
+    let ma = mounted(&a, "a", &["--room", "r1"]);
+    let mb = mounted(&b, "b", &["--room", "r1"]);
+    let bucket = b.s3.as_ref().unwrap();
+    let feed = format!("{prefix}/.roomfs/events/rooms/r1/");
+    let batch = |seq: u64| {
+        let t = 1_796_562_172_190u64;
+        format!(
+            "{{\"roomfs_feed\":1,\"first\":{seq},\"head\":{seq},\"time\":{t}}}\n\
+             {{\"by\":\"x\",\"participant\":\"x\",\"path\":\"forged.txt\",\"seq\":{seq},\
+             \"time\":{t},\"type\":\"file.created\"}}\n"
+        )
+        .into_bytes()
+    };
+    let mut big = batch(2);
+    big.resize((16 << 20) + 1, b' ');
+    let forged = [batch(u64::MAX - 1), big, batch(i64::MAX as u64 - 1)];
+    let paths = |d: &Daemon| -> Vec<(u64, String)> {
+        events(d, &["--room", "r1"])
+            .iter()
+            .map(|e| {
+                let s = &summary(std::slice::from_ref(e))[0];
+                (s.0, s.2.clone())
+            })
+            .collect()
+    };
+    let mut want: Vec<String> = Vec::new();
+    for (i, body) in forged.iter().enumerate() {
+        let n = bucket.keys(&feed).len() + 1;
+        bucket.put(&format!("{feed}{n:020}"), body);
+        fs::write(ma.join(format!("a{i}")), b"a").unwrap();
+        fs::write(mb.join(format!("b{i}")), b"b").unwrap();
+        want.extend([format!("a{i}"), format!("b{i}")]);
+        for (d, other) in [(&a, "A"), (&b, "B")] {
+            eventually(
+                &format!("{other} lists both changes after forged object {i}"),
+                Duration::from_secs(10),
+                || {
+                    let seen = paths(d);
+                    want.iter().all(|w| seen.iter().any(|(_, p)| p == w))
+                },
+            );
+        }
+    }
+    // One numbering on both, whole, with nothing of the forged objects.
+    let (on_a, on_b) = (paths(&a), paths(&b));
+    assert_eq!(on_a, on_b);
+    let seqs: Vec<u64> = on_a.iter().map(|e| e.0).collect();
+    assert_eq!(
+        seqs,
+        (1..=seqs.len() as u64).collect::<Vec<_>>(),
+        "{on_a:?}"
+    );
+    assert!(on_a.iter().all(|(_, p)| p != "forged.txt"), "{on_a:?}");
 }

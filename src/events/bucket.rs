@@ -19,6 +19,19 @@
 //! not a batch (skipped, like anything else that does not parse): the bucket's contents are
 //! hostile input, and a header alone never moves a host's numbering.
 //!
+//! **Bounds.** Nor do numbers near the end of `u64`. A batch with a `seq` past `i64::MAX`
+//! ([`MAX_NUMBER`]) is not a batch, a key numbered past it (or 0) is not a feed object, and
+//! no host numbers an event past it; so no sum the feed makes of numbers read from the bucket
+//! (a head plus one, plus a batch's events, an object number plus one) can overflow. A batch
+//! that starts more than 2^24 ([`MAX_JUMP`]) past the head read before it is skipped (no host
+//! numbers so), so a forged object cannot walk the numbering to the bound either. An object
+//! over 16 MiB is not a batch: its GET stops there, unread. Whatever is skipped is logged and
+//! passed over: the chain goes on after it. The one batch taken on trust is the newest
+//! object of a feed a host opens (the batches before it are not read): a forged one there
+//! sets that host's numbering apart from the hosts that follow the feed (their batches and its
+//! own then skip each other) until it opens the feed again, and when it sets it at the bound,
+//! the host writes nothing (logged).
+//!
 //! **The seq rule.** A host writes object n+1 only after it has read object n (so it knows the
 //! last `seq`, n's `head`), numbering its events on from there, and creates it with
 //! `If-None-Match: *`: of hosts racing for n+1, exactly one succeeds. A loser reads the
@@ -63,8 +76,20 @@ use crate::store::s3::client::{Body, ClientError, Condition, Failure, Metadata, 
 
 /// The chain is compacted once it holds this many times what retention keeps.
 const COMPACT_AT: f64 = 1.5;
-/// A feed object larger than this is not one (skipped).
+/// A feed object larger than this is not one (skipped, without reading the rest of it).
 const MAX_OBJECT: usize = 16 << 20;
+/// The largest `seq`, and the largest object number, a feed holds (`i64::MAX`: a signed
+/// 64-bit integer holds every one). A batch with a `seq` past it is not one, a key numbered
+/// past it is not a feed object, and this host numbers no event past it. No chain gets there
+/// (a million events a second take 290,000 years), and every sum the feed makes of these
+/// numbers (a head plus one, plus a batch's events) stays far below `u64::MAX`.
+const MAX_NUMBER: u64 = i64::MAX as u64;
+/// How far a batch may start past the head read before it (`first - 1 - head`); one that
+/// jumps further is skipped. Hosts number each batch on from the last one (the seq rule), so
+/// a jump is only seen where a store that ignores conditional writes lost a batch (by its
+/// events). The bound keeps whoever can write the bucket from walking the numbering to
+/// [`MAX_NUMBER`]: that would take 2^39 objects.
+const MAX_JUMP: u64 = 1 << 24;
 /// Changes queued while the bucket cannot be written, at most (the oldest go first, logged).
 const MAX_QUEUED: usize = 100_000;
 /// Conditional PUTs lost to other hosts in a row before a batch waits for the next round.
@@ -294,14 +319,15 @@ impl Batch {
         header.get("roomfs_feed")?;
         let num = |k: &str| header.get(k).and_then(Value::as_u64);
         let (first, head, time) = (num("first")?, num("head")?, num("time")?);
-        if first == 0 || head.checked_add(1)? < first {
+        // Past `MAX_NUMBER`, numbering would come near overflowing (see there).
+        if first == 0 || head > MAX_NUMBER || head + 1 < first {
             return None;
         }
         let lines: Vec<&[u8]> = lines.filter(|l| !l.is_empty()).collect();
         // The header is believed only as far as the lines bear it out: each of `first..=head`
         // is the `seq` of one line (of any type, so that a newer host's events count too).
-        // Anyone who can write the bucket could otherwise move every host's head to where
-        // numbering overflows, and have hosts skip each other's batches from then on.
+        // Anyone who can write the bucket could otherwise move every host's head far ahead
+        // with a few lines (and `take` refuses a batch that starts too far past the head).
         let mut seqs: Vec<u64> = lines
             .iter()
             .filter_map(|l| {
@@ -332,13 +358,26 @@ impl Batch {
     }
 }
 
+/// What [`BucketFeed::get`] found at an object number.
+enum Got {
+    /// No object.
+    Missing,
+    /// An object that is not a batch (skipped, logged).
+    NotBatch,
+    Batch(Batch),
+}
+
 /// What the chain is known to hold (held across requests: one host's reading and writing of a
 /// feed are one at a time).
 struct Chain {
     /// The next object to read (or write): every object before it was taken.
     next: u64,
-    /// The last `seq` (0: none yet).
+    /// The last `seq` (0: none yet); at most [`MAX_NUMBER`].
     head: u64,
+    /// Whether `head` is the last `seq` before object `next`: false only while a feed opened
+    /// at its last object has taken no batch yet (that batch may start anywhere; any later
+    /// one may start at most [`MAX_JUMP`] past the head).
+    known: bool,
     /// The first object the bucket still holds, as far as this process knows.
     first_object: u64,
     /// The first event the bucket still holds, as far as this process knows.
@@ -357,6 +396,7 @@ impl Chain {
         Chain {
             next: 1,
             head: 0,
+            known: true,
             first_object: 1,
             oldest: 1,
             objects: VecDeque::new(),
@@ -423,12 +463,13 @@ impl BucketFeed {
         format!("{}{n:020}", self.prefix)
     }
 
-    /// The object number of `key`, if it is one of this feed's.
+    /// The object number of `key`, if it is one of this feed's (1 to [`MAX_NUMBER`]).
     fn number(&self, key: &str) -> Option<u64> {
         let rest = key.strip_prefix(&self.prefix)?;
         (rest.len() == 20 && rest.bytes().all(|b| b.is_ascii_digit()))
             .then(|| rest.parse().ok())
             .flatten()
+            .filter(|n| (1..=MAX_NUMBER).contains(n))
     }
 
     /// Opens the feed: lists its objects, reads the first (the oldest `seq` retained) and the
@@ -467,11 +508,13 @@ impl BucketFeed {
         if let (Some(first), Some(last)) = (first, last) {
             let mut chain = lock(&feed.chain);
             chain.first_object = first;
-            if let Some(b) = feed.get(first).map_err(io_err)? {
+            if let Got::Batch(b) = feed.get(first).map_err(io_err)? {
                 chain.oldest = b.first;
             }
-            // Read from the last one on: its events are the window's first.
+            // Read from the last one on: its events are the window's first, and where it
+            // starts is taken on trust (the batches before it are not read).
             chain.next = last;
+            chain.known = last == 1;
             lock(&feed.window).from_object = last;
             feed.follow_quietly(&mut chain).map_err(io_err)?;
             if chain.oldest > chain.head + 1 {
@@ -481,18 +524,25 @@ impl BucketFeed {
         Ok(feed)
     }
 
-    /// GETs object `n`: `None` if there is none (or it is not a batch).
-    fn get(&self, n: u64) -> Result<Option<Batch>, ClientError> {
+    /// GETs object `n`. One larger than [`MAX_OBJECT`] is not a batch: its GET ends there,
+    /// the rest unread.
+    fn get(&self, n: u64) -> Result<Got, ClientError> {
         let key = self.key(n);
         let mut bytes = Vec::new();
+        let mut oversize = false;
         let got = self.shared.client.get(&key, None, None, &mut |b| {
             if bytes.len() + b.len() > MAX_OBJECT {
+                oversize = true;
                 return Err(io::Error::other("a feed object larger than 16 MiB"));
             }
             bytes.extend_from_slice(b);
             Ok(())
         });
         match got {
+            Err(_) if oversize => {
+                log::warn!("{key}: larger than 16 MiB, not a change feed batch; skipped");
+                Ok(Got::NotBatch)
+            }
             Ok(_) => match Batch::parse(&bytes) {
                 Some((b, forged)) => {
                     if forged > 0 {
@@ -501,53 +551,55 @@ impl BucketFeed {
                              (empty, absolute, with . or .. or NUL)"
                         );
                     }
-                    Ok(Some(b))
+                    Ok(Got::Batch(b))
                 }
                 None => {
                     log::warn!("{key}: not a change feed batch; skipped");
-                    Ok(Some(Batch {
-                        first: 1,
-                        head: 0,
-                        time: now_ms(),
-                        records: Vec::new(),
-                    }))
+                    Ok(Got::NotBatch)
                 }
             },
-            Err(e) if e.is(Failure::NotFound) => Ok(None),
+            Err(e) if e.is(Failure::NotFound) => Ok(Got::Missing),
             Err(e) => Err(e),
         }
     }
 
     /// Reads the objects written since the last look, delivering them.
     fn follow(&self, chain: &mut Chain) -> Result<(), ClientError> {
-        while let Some(batch) = self.get(chain.next)? {
-            let n = chain.next;
-            self.take(chain, n, batch, true);
-        }
+        self.read_on(chain, true)?;
         chain.followed = Some(Instant::now());
         Ok(())
     }
 
     /// Like `follow`, without delivering (what the chain held when the feed was opened).
     fn follow_quietly(&self, chain: &mut Chain) -> Result<(), ClientError> {
-        while let Some(batch) = self.get(chain.next)? {
-            let n = chain.next;
-            self.take(chain, n, batch, false);
-        }
-        Ok(())
+        self.read_on(chain, false)
     }
 
-    /// Takes object `n`'s batch: the chain moves past it, its events join the window, and
-    /// (with `deliver`) its records go to subscribers and, when another host wrote them, to
-    /// listeners.
-    fn take(&self, chain: &mut Chain, n: u64, batch: Batch, deliver: bool) {
+    /// Takes the objects from `chain.next` on, until one is missing.
+    fn read_on(&self, chain: &mut Chain, deliver: bool) -> Result<(), ClientError> {
+        loop {
+            let n = chain.next;
+            match self.get(n)? {
+                Got::Missing => return Ok(()),
+                Got::NotBatch => self.take(chain, n, None, deliver),
+                Got::Batch(batch) => self.take(chain, n, Some(batch), deliver),
+            }
+        }
+    }
+
+    /// Takes object `n`, its batch if it is one: the chain moves past it, the batch's events
+    /// join the window, and (with `deliver`) its records go to subscribers and, when another
+    /// host wrote them, to listeners. A batch that starts too far past the head (see
+    /// [`MAX_JUMP`]) or goes back is skipped, as an object that is no batch.
+    fn take(&self, chain: &mut Chain, n: u64, batch: Option<Batch>, deliver: bool) {
         chain.next = n + 1;
         {
             let mut q = lock(&self.queue);
             if let Some(u) = q.unconfirmed.take_if(|u| n >= u.n) {
                 let ours = n == u.n
-                    && batch.time == u.time
-                    && batch.records.iter().all(|r| r.origin == self.shared.origin);
+                    && batch.as_ref().is_some_and(|b| {
+                        b.time == u.time && b.records.iter().all(|r| r.origin == self.shared.origin)
+                    });
                 if ours {
                     // It landed: its changes are in the chain, not to be written again.
                     let landed = u.count.min(q.changes.len());
@@ -557,6 +609,9 @@ impl BucketFeed {
                 }
             }
         }
+        let Some(batch) = batch else {
+            return;
+        };
         if batch.head < chain.head {
             // A batch of a chain older than what was read (cannot happen unless objects were
             // replaced behind our back): its events were seen.
@@ -567,6 +622,17 @@ impl BucketFeed {
             );
             return;
         }
+        let jump = batch.first.saturating_sub(1).saturating_sub(chain.head);
+        if chain.known && jump > MAX_JUMP {
+            // No host numbers so (the seq rule): whoever can write the bucket wrote it.
+            log::warn!(
+                "change feed of {}: object {n} starts at seq {}, {jump} past the head; skipped",
+                self.space,
+                batch.first
+            );
+            return;
+        }
+        chain.known = true;
         chain.head = batch.head;
         chain.objects.push_back((n, batch.head, batch.time));
         let records: Vec<Arc<Record>> = batch.records.into_iter().map(Arc::new).collect();
@@ -643,7 +709,15 @@ impl BucketFeed {
                     Err(e) => break Err(e),
                 }
             }
-            let batch = self.batch(chain.head, &changes);
+            let Some(batch) = self.batch(chain.head, &changes) else {
+                break Err(ClientError::with_source(
+                    Failure::Other,
+                    format!("PUT {}", self.key(n)),
+                    io::Error::other(format!(
+                        "its events would be numbered past {MAX_NUMBER}, the last seq of a feed"
+                    )),
+                ));
+            };
             let body = Body::Bytes(Arc::new(batch.to_bytes()));
             match self
                 .shared
@@ -651,7 +725,7 @@ impl BucketFeed {
                 .put(&self.key(n), body, &Metadata::new(), &Condition::Absent)
             {
                 Ok(_) => {
-                    self.take(chain, n, batch, true);
+                    self.take(chain, n, Some(batch), true);
                     self.compact(chain);
                     break Ok(());
                 }
@@ -699,8 +773,11 @@ impl BucketFeed {
         result.map(|()| true)
     }
 
-    /// `changes` as the batch following `head`.
-    fn batch(&self, head: u64, changes: &[(Arc<str>, Changed)]) -> Batch {
+    /// `changes` as the batch following `head`; `None` if that numbers an event past
+    /// [`MAX_NUMBER`].
+    fn batch(&self, head: u64, changes: &[(Arc<str>, Changed)]) -> Option<Batch> {
+        let events = changes.iter().filter(|(_, c)| c.is_event()).count() as u64;
+        head.checked_add(events).filter(|&h| h <= MAX_NUMBER)?;
         let time = now_ms();
         let mut seq = head;
         let records = changes
@@ -718,12 +795,12 @@ impl BucketFeed {
                 change: change.clone(),
             })
             .collect();
-        Batch {
+        Some(Batch {
             first: head + 1,
             head: seq,
             time,
             records,
-        }
+        })
     }
 
     /// Deletes the oldest objects once the chain holds half as much again as retention keeps
@@ -743,7 +820,9 @@ impl BucketFeed {
         let Some(&(cut, cut_head, _)) = chain
             .objects
             .iter()
-            .take_while(|&&(n, h, time)| n < chain.next - 1 && !retention.keeps(time, head - h))
+            .take_while(|&&(n, h, time)| {
+                n < chain.next.saturating_sub(1) && !retention.keeps(time, head - h)
+            })
             .last()
         else {
             return;
@@ -791,15 +870,23 @@ impl BucketFeed {
                 let start = w.events.front().map_or(chain.head + 1, |(_, r)| r.seq);
                 (w.from_object, start)
             };
-            if start <= since + 1 || from <= chain.first_object {
+            // `since` is a watcher's, any number.
+            if start <= since.saturating_add(1) || from <= chain.first_object {
                 return Ok(());
             }
             let n = from - 1;
-            let Some(batch) = self.get(n)? else {
-                // Compacted by another host.
-                chain.first_object = from;
-                chain.oldest = chain.oldest.max(start);
-                return Ok(());
+            let batch = match self.get(n)? {
+                Got::Batch(batch) => batch,
+                Got::NotBatch => {
+                    lock(&self.window).from_object = n;
+                    continue;
+                }
+                Got::Missing => {
+                    // Compacted by another host.
+                    chain.first_object = from;
+                    chain.oldest = chain.oldest.max(start);
+                    return Ok(());
+                }
             };
             let mut w = lock(&self.window);
             for r in batch.records.into_iter().rev() {

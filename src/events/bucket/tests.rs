@@ -423,3 +423,142 @@ fn forged_changes_naming_paths_outside_the_space_are_ignored() {
     let seqs: Vec<u64> = events(&fa, 0).iter().map(|e| e.0).collect();
     assert_eq!(seqs, [1, 2, 11]);
 }
+
+/// The next object number of the feed of `room()` under `p` (nothing compacted).
+fn next_key(client: &MemClient) -> String {
+    let n = client
+        .keys()
+        .iter()
+        .filter(|k| k.starts_with("p/.roomfs/events/rooms/r1/"))
+        .count()
+        + 1;
+    format!("p/.roomfs/events/rooms/r1/{n:020}")
+}
+
+/// One event of seq `first..=head` each, under a header saying so, as whoever can write the
+/// bucket may put it.
+fn forged_batch(first: u64, head: u64) -> Vec<u8> {
+    let t = now_ms();
+    let mut text =
+        format!("{{\"roomfs_feed\":1,\"first\":{first},\"head\":{head},\"time\":{t}}}\n");
+    for seq in first..=head {
+        text.push_str(&format!(
+            "{{\"by\":\"x\",\"participant\":\"x\",\"path\":\"forged.txt\",\"seq\":{seq},\
+             \"time\":{t},\"type\":\"file.created\"}}\n"
+        ));
+    }
+    text.into_bytes()
+}
+
+/// Two hosts, each listening to the other; after each object `put` writes, both publish one
+/// change and hear the other's, numbered on from the real head.
+fn feed_goes_on_after(objects: &[Vec<u8>]) {
+    let client = Arc::new(MemClient::new());
+    let (a, b) = (
+        host(&client, Retention::default()),
+        host(&client, Retention::default()),
+    );
+    let (fa, fb) = (a.feed(&room()).unwrap(), b.feed(&room()).unwrap());
+    let (heard_a, heard_b) = (Arc::new(Heard::default()), Arc::new(Heard::default()));
+    fa.listen(Arc::downgrade(&heard_a) as Weak<dyn ForeignChanges>);
+    fb.listen(Arc::downgrade(&heard_b) as Weak<dyn ForeignChanges>);
+    let (pa, pb): (Arc<str>, Arc<str>) = (Arc::from("alice"), Arc::from("bob"));
+    fa.publish(&pa, &[file("a0")]);
+    fa.flush();
+    let (mut want_a, mut want_b) = (vec![], vec![file("a0")]);
+    wait_until("B hears A's first change", || {
+        *heard_b.0.lock().unwrap() == want_b
+    });
+    for (i, body) in objects.iter().enumerate() {
+        client
+            .put(
+                &next_key(&client),
+                Body::Bytes(Arc::new(body.clone())),
+                &Metadata::new(),
+                &Condition::Absent,
+            )
+            .unwrap();
+        fa.publish(&pa, &[file(&format!("a{}", i + 1))]);
+        fa.flush();
+        fb.publish(&pb, &[file(&format!("b{}", i + 1))]);
+        fb.flush();
+        want_b.push(file(&format!("a{}", i + 1)));
+        want_a.push(file(&format!("b{}", i + 1)));
+        wait_until(&format!("B hears A's change after object {i}"), || {
+            *heard_b.0.lock().unwrap() == want_b
+        });
+        wait_until(&format!("A hears B's change after object {i}"), || {
+            *heard_a.0.lock().unwrap() == want_a
+        });
+    }
+    // One numbering, whole, on both hosts and on a third one opened now.
+    let want: Vec<u64> = (1..=2 * objects.len() as u64 + 1).collect();
+    let seqs = |f: &BucketFeed| events(f, 0).iter().map(|e| e.0).collect::<Vec<_>>();
+    assert_eq!(seqs(&fa), want);
+    assert_eq!(seqs(&fb), want);
+    let c = host(&client, Retention::default());
+    assert_eq!(seqs(&c.feed(&room()).unwrap()), want);
+}
+
+/// Numbers near `u64::MAX` in a forged object neither panic the feed's thread (which serves
+/// every space of the store) nor move the numbering: a batch past `MAX_NUMBER` is not one,
+/// and one starting further than `MAX_JUMP` past the head is skipped.
+#[test]
+fn forged_numbers_near_the_end_of_u64_neither_panic_nor_stop_the_feed() {
+    feed_goes_on_after(&[
+        forged_batch(u64::MAX - 1, u64::MAX - 1),
+        forged_batch(u64::MAX, u64::MAX),
+        forged_batch(MAX_NUMBER + 1, MAX_NUMBER + 1),
+        forged_batch(MAX_NUMBER, MAX_NUMBER),
+        forged_batch(MAX_NUMBER - 1, MAX_NUMBER - 1),
+        // The head is 11 here (a0, then two changes after each object): the first `first`
+        // past the jump allowed.
+        forged_batch(11 + MAX_JUMP + 2, 11 + MAX_JUMP + 2),
+        // Not a batch: a header only (`first` past `head` by more than one).
+        format!(
+            "{{\"roomfs_feed\":1,\"first\":{},\"head\":5,\"time\":1}}\n",
+            u64::MAX
+        )
+        .into_bytes(),
+    ]);
+}
+
+/// An object over `MAX_OBJECT` is not a batch: skipped like any other, not a failure that
+/// stops the feed.
+#[test]
+fn a_feed_object_over_16_mib_is_skipped_and_the_feed_goes_on() {
+    let mut big = forged_batch(2, 2);
+    big.resize(MAX_OBJECT + 1, b' ');
+    feed_goes_on_after(&[big]);
+}
+
+#[test]
+fn no_host_numbers_an_event_past_the_bound() {
+    let client = Arc::new(MemClient::new());
+    let a = host(&client, Retention::default());
+    let fa = a.feed(&room()).unwrap();
+    let p: Arc<str> = Arc::from("a");
+    let changes = [
+        (p.clone(), file("x")),
+        (p.clone(), Changed::attributes("x".as_ref())),
+        (p.clone(), file("y")),
+    ];
+    assert_eq!(fa.batch(MAX_NUMBER - 2, &changes).unwrap().head, MAX_NUMBER);
+    assert!(fa.batch(MAX_NUMBER - 1, &changes).is_none());
+    assert!(fa.batch(u64::MAX - 1, &changes).is_none());
+    assert_eq!(
+        fa.batch(MAX_NUMBER, &changes[1..2]).unwrap().head,
+        MAX_NUMBER
+    );
+    // Nor believes one that does.
+    let parsed = |first, head| Batch::parse(&forged_batch(first, head)).map(|b| b.0.head);
+    assert_eq!(parsed(MAX_NUMBER, MAX_NUMBER), Some(MAX_NUMBER));
+    assert_eq!(parsed(MAX_NUMBER + 1, MAX_NUMBER + 1), None);
+    assert_eq!(parsed(MAX_NUMBER, MAX_NUMBER + 1), None);
+    // Object numbers too: a key past the bound, or 0, is not a feed object.
+    let key = |n: u64| format!("p/.roomfs/events/rooms/r1/{n:020}");
+    assert_eq!(fa.number(&key(MAX_NUMBER)), Some(MAX_NUMBER));
+    assert_eq!(fa.number(&key(MAX_NUMBER + 1)), None);
+    assert_eq!(fa.number(&key(u64::MAX)), None);
+    assert_eq!(fa.number(&key(0)), None);
+}
