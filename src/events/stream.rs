@@ -241,7 +241,7 @@ async fn catch_up(
             return None;
         }
     };
-    let missed = since + 1 < backlog.oldest;
+    let missed = since.saturating_add(1) < backlog.oldest;
     let lost = first && since > backlog.head;
     let mut last = since;
     if missed || lost {
