@@ -941,21 +941,12 @@ impl Drop for FileHandle {
 }
 
 /// One entry of a directory listing.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct DirItem {
     pub name: OsString,
     pub kind: Kind,
     /// Its attributes as listed, when the store gave them.
     pub meta: Option<Meta>,
-}
-
-/// An open directory: a snapshot of its entries (taken at `opendir`), refreshed when reading
-/// restarts at 0 after it was read.
-pub struct DirHandle {
-    pub ino: Ino,
-    pub entries: Vec<DirItem>,
-    /// Reading started at 0 since the snapshot was taken.
-    pub read: bool,
 }
 
 #[cfg(test)]

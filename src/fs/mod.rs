@@ -50,7 +50,8 @@ use std::time::SystemTime;
 pub use crate::errno::{Errno, FsResult};
 pub use crate::space::quota::{Limits, Quota, Usage};
 pub use closers::Tid;
-use handle::{DirHandle, FileHandle};
+use dirs::{DirHandle, Listings};
+use handle::FileHandle;
 use inode::InodeTable;
 pub use inode::{Ino, ROOT};
 pub use locks::{LockReply, lock_type};
@@ -241,6 +242,8 @@ pub struct Fs {
     opens: Mutex<HashMap<Ino, OpenState>>,
     files: RwLock<HashMap<u64, Arc<Mutex<FileHandle>>>>,
     dirs: Mutex<HashMap<u64, DirHandle>>,
+    /// The listings the open directories hold, shared (see `dirs`).
+    listings: Mutex<Listings>,
     next_fh: AtomicU64,
     /// Tells this mount's core from the others of the process (its files' lock keys).
     id: u64,
@@ -303,6 +306,7 @@ impl Fs {
             opens: Mutex::new(HashMap::new()),
             files: RwLock::new(HashMap::new()),
             dirs: Mutex::new(HashMap::new()),
+            listings: Mutex::new(Listings::default()),
             next_fh: AtomicU64::new(1),
             id: {
                 static NEXT: AtomicU64 = AtomicU64::new(1);

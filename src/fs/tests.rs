@@ -1463,6 +1463,169 @@ fn large_directories_are_read_a_reply_at_a_time() {
     }
 }
 
+/// Reads open directory `fh` from `offset` to its end in replies of `per_reply` entries, as
+/// the kernel does; the names, and what `between` is given after each reply (the names of
+/// that reply).
+fn read_dir(
+    s: &Setup,
+    fh: u64,
+    per_reply: usize,
+    mut between: impl FnMut(&[String]),
+) -> Vec<String> {
+    let (mut offset, mut names) = (0, Vec::new());
+    loop {
+        let mut reply = Vec::new();
+        s.fs.readdir(fh, offset, |e| {
+            if reply.len() == per_reply {
+                return false;
+            }
+            reply.push(e.name.to_string_lossy().into_owned());
+            offset = e.next;
+            true
+        })
+        .unwrap();
+        if reply.is_empty() {
+            return names;
+        }
+        between(&reply);
+        names.extend(reply);
+    }
+}
+
+/// `.`, `..` and `f0000`.. `f{n-1}`.
+fn dir_names(n: usize) -> Vec<String> {
+    let mut names = vec![".".to_string(), "..".to_string()];
+    names.extend((0..n).map(|i| format!("f{i:04}")));
+    names
+}
+
+/// Many handles of one large directory hold one listing between them, not one each (a user
+/// opening a directory of 100,000 entries a thousand times would take tens of GB).
+#[test]
+fn handles_of_one_directory_share_its_listing() {
+    for s in every_store() {
+        let c = Caller::default();
+        for i in 0..1000 {
+            s.fs.mknod(ROOT, name(&format!("f{i:04}")), libc::S_IFREG | 0o644, &c)
+                .unwrap();
+        }
+        let first = s.fs.opendir(ROOT).unwrap();
+        let one = s.fs.listings_held();
+        assert!(one > 1000 * 5, "{one}");
+        let fhs: Vec<u64> = (0..100).map(|_| s.fs.opendir(ROOT).unwrap()).collect();
+        assert_eq!(s.fs.listings_held(), one, "one listing for 101 handles");
+        let listing = s.fs.dir_listing(first).unwrap();
+        for &fh in &fhs {
+            assert!(Arc::ptr_eq(&s.fs.dir_listing(fh).unwrap(), &listing));
+        }
+        assert_eq!(Arc::strong_count(&listing), 102);
+        drop(listing);
+        // Each reads every entry once, whatever the others read.
+        assert_eq!(read_dir(&s, fhs[7], 37, |_| {}), dir_names(1000));
+        assert_eq!(read_dir(&s, first, 50, |_| {}), dir_names(1000));
+        // Read again from 0: listed again, and the same, so still shared.
+        assert_eq!(read_dir(&s, first, 50, |_| {}), dir_names(1000));
+        assert_eq!(s.fs.listings_held(), one);
+        for fh in fhs.into_iter().chain([first]) {
+            s.fs.releasedir(fh);
+        }
+        assert_eq!(s.fs.listings_held(), 0);
+    }
+}
+
+/// A handle reads the directory as it was at `opendir` (or at its last rewind), also when
+/// other handles of it, opened after a change, hold another listing.
+#[test]
+fn a_handle_lists_the_directory_as_it_was_when_opened() {
+    for s in every_store() {
+        let c = Caller::default();
+        for i in 0..300 {
+            s.fs.mknod(ROOT, name(&format!("f{i:04}")), libc::S_IFREG | 0o644, &c)
+                .unwrap();
+        }
+        let before = s.fs.opendir(ROOT).unwrap();
+        let also_before = s.fs.opendir(ROOT).unwrap();
+        let one = s.fs.listings_held();
+        s.fs.mknod(ROOT, name("f0300"), libc::S_IFREG | 0o644, &c)
+            .unwrap();
+        s.fs.unlink(ROOT, name("f0000")).unwrap();
+        let after = s.fs.opendir(ROOT).unwrap();
+        assert!(s.fs.listings_held() > one, "two listings");
+        let mut now = dir_names(301);
+        now.remove(2);
+        assert_eq!(read_dir(&s, after, 37, |_| {}), now);
+        assert_eq!(read_dir(&s, before, 37, |_| {}), dir_names(300));
+        // Rewound, it shows the directory as it is now, sharing the newer listing.
+        assert_eq!(read_dir(&s, before, 37, |_| {}), now);
+        assert!(Arc::ptr_eq(
+            &s.fs.dir_listing(before).unwrap(),
+            &s.fs.dir_listing(after).unwrap()
+        ));
+        s.fs.releasedir(also_before);
+        assert_eq!(s.fs.listings_held(), one, "the old listing is freed");
+        for fh in [before, after] {
+            s.fs.releasedir(fh);
+        }
+        assert_eq!(s.fs.listings_held(), 0);
+    }
+}
+
+/// Past the budget for listings, a handle holds a window of entries at a time, and still reads
+/// each entry once: also while the entries read are removed (`rm -rf`) and others are created.
+#[test]
+fn listings_over_the_budget_are_read_a_window_at_a_time() {
+    for s in every_store() {
+        let c = Caller::default();
+        let n = dirs::WINDOW * 2 + 100;
+        for i in 0..n {
+            s.fs.mknod(ROOT, name(&format!("f{i:04}")), libc::S_IFREG | 0o644, &c)
+                .unwrap();
+        }
+        let shared = s.fs.opendir(ROOT).unwrap();
+        let held = s.fs.listings_held();
+        s.fs.set_listings_budget(held + 10);
+        // Another directory does not fit beside it.
+        s.fs.mkdir(ROOT, name("d"), 0o755, &c).unwrap();
+        let d = s.fs.lookup(ROOT, name("d")).unwrap().ino;
+        let small = s.fs.opendir(d).unwrap();
+        assert!(s.fs.dir_listing(small).is_none());
+        s.fs.releasedir(small);
+        s.fs.releasedir(shared);
+        s.fs.set_listings_budget(0);
+        let mut all = dir_names(n);
+        all.insert(2, "d".into());
+        let fh = s.fs.opendir(ROOT).unwrap();
+        assert!(s.fs.dir_listing(fh).is_none());
+        assert_eq!(s.fs.listings_held(), 0);
+        assert_eq!(read_dir(&s, fh, 37, |_| {}), all);
+        assert_eq!(read_dir(&s, fh, 200, |_| {}), all);
+        // `rm -rf`: each reply's entries are removed before the next is asked for; new entries
+        // before the place read to do not show, those after it may.
+        let mut created = 0;
+        let names = read_dir(&s, fh, 37, |reply| {
+            for e in reply.iter().filter(|e| e.starts_with('f')) {
+                s.fs.unlink(ROOT, name(e)).unwrap();
+                if created < 50 {
+                    s.fs.mknod(
+                        ROOT,
+                        name(&format!("a{created}")),
+                        libc::S_IFREG | 0o644,
+                        &c,
+                    )
+                    .unwrap();
+                    created += 1;
+                }
+            }
+        });
+        assert_eq!(
+            names, all,
+            "every entry once, none created before the place read"
+        );
+        assert_eq!(s.fs.listings_held(), 0);
+        s.fs.releasedir(fh);
+    }
+}
+
 /// Takes a lock through `fh` for `owner` without waiting; the answer.
 /// A process that releases its lock before closing (`lockf(F_ULOCK)`, then `close`): what it
 /// wrote is committed at the unlock, so the next holder reads it (a counter incremented under

@@ -107,7 +107,7 @@ impl Version {
 pub struct FileId(pub u64, pub u64);
 
 /// Attributes of a stored entry.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Meta {
     pub kind: Kind,
     pub size: u64,
