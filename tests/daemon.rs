@@ -2166,3 +2166,55 @@ fn the_control_socket_is_never_reachable_by_others_even_under_umask_0() {
     }
     assert_eq!(left, ["control.sock"], "{made:?}");
 }
+
+/// A writer's close racing a rename of its file in another mount of the daemon: the rename let
+/// its claims go before this mount was told of it, so the commit went to the old name —
+/// `ENOENT` from a close whose bytes were kept, and on S3 a rewrite made the old name again
+/// (with the new content, the new name keeping the old). Now the close succeeds and the
+/// bytes are at the new name, whichever ran first.
+#[test]
+fn a_close_racing_a_rename_in_another_mount_commits_at_the_new_name() {
+    use std::os::fd::IntoRawFd;
+    let d = Daemon::start();
+    let (a, b) = two_mounts_of_r1(&d);
+    let close = |f: fs::File| match unsafe { libc::close(f.into_raw_fd()) } {
+        0 => 0,
+        _ => std::io::Error::last_os_error().raw_os_error().unwrap(),
+    };
+    for k in 0..30u32 {
+        for name in ["log", "log.mv"] {
+            let _ = fs::remove_file(a.join(name));
+        }
+        fs::write(a.join("log"), b"old\n").unwrap();
+        eventually("b sees the file", || b.join("log").exists());
+        let rewrite = k % 2 == 1;
+        let mut f = match rewrite {
+            true => fs::File::create(a.join("log")).unwrap(),
+            false => fs::OpenOptions::new()
+                .append(true)
+                .open(a.join("log"))
+                .unwrap(),
+        };
+        let line = format!("new {k}\n");
+        f.write_all(line.as_bytes()).unwrap();
+        let renamer = {
+            let b = b.clone();
+            std::thread::spawn(move || fs::rename(b.join("log"), b.join("log.mv")))
+        };
+        std::thread::sleep(Duration::from_micros(u64::from(k % 10) * 500));
+        let closed = close(f);
+        renamer.join().unwrap().unwrap();
+        assert_eq!(closed, 0, "round {k}: close failed with errno {closed}");
+        let want = match rewrite {
+            true => line.clone(),
+            false => format!("old\n{line}"),
+        };
+        eventually(
+            &format!("round {k}: the bytes at the new name only"),
+            || {
+                !a.join("log").exists()
+                    && fs::read(a.join("log.mv")).is_ok_and(|got| got == want.as_bytes())
+            },
+        );
+    }
+}

@@ -469,16 +469,30 @@ impl Fs {
         read_lock(&self.files).get(&fh).cloned().ok_or(Errno::EBADF)
     }
 
+    /// How long a claim of a file's path waits for other mounts to be told of changes made
+    /// elsewhere in the process (see `Space::settle`; told within microseconds unless the
+    /// teller waits for the caller's own handle).
+    const SETTLE_BOUND: std::time::Duration = std::time::Duration::from_millis(20);
+
     /// The path of `ino`, claimed for a change (see `space::claims`): no other operation of
     /// this process changes it until the claim is dropped. `None` once it has no name.
     fn claim_path(&self, ino: Ino) -> Option<(PathBuf, Claim<'_>)> {
+        let mut settled = false;
         loop {
             let path = read_lock(&self.table).path(ino)?;
             let claim = self.space.claim(&[(&path, Span::Entry)]);
             // A rename may have moved it between the look and the claim.
-            if read_lock(&self.table).path(ino).as_ref() == Some(&path) {
+            if read_lock(&self.table).path(ino).as_ref() != Some(&path) {
+                continue;
+            }
+            // One in another mount may have let its claims go before this mount was told of
+            // it (see `Space::settle`): wait for that, briefly, and look again.
+            if settled || self.space.all_told() {
                 return Some((path, claim));
             }
+            drop(claim);
+            self.space.settle(Self::SETTLE_BOUND);
+            settled = true;
         }
     }
 

@@ -29,6 +29,11 @@ thread_local! {
     static AFTER: RefCell<Vec<Box<dyn FnOnce()>>> = const { RefCell::new(Vec::new()) };
 }
 
+/// Whether this thread holds a claim.
+pub fn held_here() -> bool {
+    HELD_HERE.get() > 0
+}
+
 /// Runs `work` now if this thread holds no claim, else as soon as it drops its last one (in
 /// the order given): for work that may wait for operations that wait for claims.
 pub fn after_claims(work: impl FnOnce() + 'static) {

@@ -12,7 +12,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 
 use super::claims::{Claim, Claims, Span};
@@ -110,6 +110,9 @@ pub struct Space {
     next_watcher: AtomicU64,
     /// The names operations are changing right now (see `claims`).
     claims: Claims,
+    /// Changes made here that other mounts have not been told of yet (told once the thread
+    /// that made them holds no claim: see `tell_watchers`, `settle`).
+    telling: Arc<AtomicUsize>,
     /// The POSIX record locks on its files (see `locks`).
     locks: Locks,
     /// Where its changes are sequenced and others' come from.
@@ -150,6 +153,7 @@ impl Space {
             watchers: RwLock::new(Vec::new()),
             next_watcher: AtomicU64::new(1),
             claims: Claims::default(),
+            telling: Arc::new(AtomicUsize::new(0)),
             locks: Locks::default(),
             feed,
         }
@@ -171,6 +175,35 @@ impl Space {
     /// process changes any of them; held until the returned claim is dropped.
     pub fn claim(&self, names: &[(&Path, Span)]) -> Claim<'_> {
         self.claims.claim(names)
+    }
+
+    /// Whether the other mounts have been told of every change made here so far.
+    pub fn all_told(&self) -> bool {
+        self.telling.load(Ordering::Acquire) == 0
+    }
+
+    /// Waits (at most `bound`) until the other mounts have been told of every change made
+    /// here so far. A change is told once the thread that made it drops its last claim, so a
+    /// claim it held can be taken before its mounts heard of it: a commit that then claims a
+    /// file's path would go to the name a rename in another mount just took away (`ENOENT`,
+    /// or on S3 the old name made again). Whether all were told in time (the teller may wait
+    /// for the caller's own handle: then it is not, and the caller goes on as before).
+    pub fn settle(&self, bound: std::time::Duration) -> bool {
+        if self.telling.load(Ordering::Acquire) == 0 {
+            return true;
+        }
+        if super::claims::held_here() {
+            // What this thread made is told only once it lets its claims go.
+            return false;
+        }
+        let start = std::time::Instant::now();
+        while self.telling.load(Ordering::Acquire) > 0 {
+            if start.elapsed() >= bound {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_micros(200));
+        }
+        true
     }
 
     /// Waits while a rename moving `path` runs (see `Claims::wait_moves`); whether it waited.
@@ -239,7 +272,17 @@ impl Space {
             return;
         }
         let changes = changes.to_vec();
+        /// Counts a telling done when dropped (also if a watcher panics).
+        struct Told(Arc<AtomicUsize>);
+        impl Drop for Told {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+        self.telling.fetch_add(1, Ordering::AcqRel);
+        let told = Told(self.telling.clone());
         super::claims::after_claims(move || {
+            let _told = told;
             for watcher in watchers {
                 for change in &changes {
                     watcher.changed_elsewhere(change);
