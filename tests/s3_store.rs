@@ -14,6 +14,8 @@
 //!   once the store is back; while one request waits on a frozen store, others that need no
 //!   answer from it (reads of cached files) are served; `kill -9` of roomfs during an upload leaves the previous object,
 //!   and the next start aborts the upload it left.
+//! - Objects of other tools: keys with characters XML cannot carry are files like any other;
+//!   an s3fs symlink stays a symlink through `ls -l`, `chmod` and `mv`.
 //! - Credentials from a profile file, and from instance metadata (a fake IMDSv2 here).
 //! - An `https` endpoint whose certificate a private CA signed: refused with a clear line
 //!   until that CA's certificate is given (`AWS_CA_BUNDLE` or the store's `ca_bundle`).
@@ -361,6 +363,135 @@ fn requests(before: &str, after: &str, op: &str) -> u64 {
 /// call being the new object's own, with no index entry to write. (GNU touch opens its first
 /// file onto standard input, by a dup2() and a close() of the descriptor it opened: that close
 /// makes the file, and its times are then set by a copy of the object onto itself.)
+/// Keys another tool wrote holding characters XML 1.0 cannot carry (controls, U+FFFF), or
+/// `%`, `+` and spaces, show under their own names and work: read, renamed, removed, and
+/// their directory removed after them. Listings are asked for URL-encoded: before, SeaweedFS
+/// put U+FFFD in their place, a name whose GET was a 404 (`EIO`), which `rm` could not
+/// remove. Pages of a listing go on after such keys too.
+#[test]
+fn keys_with_characters_xml_cannot_carry_are_files_like_any_other() {
+    let m = Mounted::on(&["--room", "r1"], |_| {}, Some(Bucket::shared()));
+    let other_tool = m.s3.as_ref().unwrap();
+    let names = [
+        "a%b+c d",
+        "bad\u{1}name",
+        "esc\u{1b}x",
+        "ff\u{ffff}z",
+        "plus+",
+        "pct%41",
+        "\u{e9}t\u{e9}",
+    ];
+    for n in names {
+        other_tool.put(&m.key(&format!("cc/{n}")), format!("{n}\n").as_bytes());
+    }
+    other_tool.put(&m.key("cc/sub\u{2}dir/x"), b"x\n");
+    let mut listed: Vec<String> = fs::read_dir(m.p("cc"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    listed.sort();
+    let mut want: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+    want.push("sub\u{2}dir".into());
+    want.sort();
+    assert_eq!(listed, want);
+    for n in names {
+        assert_eq!(
+            fs::read(m.p(&format!("cc/{n}"))).unwrap(),
+            format!("{n}\n").as_bytes(),
+            "{n:?}"
+        );
+    }
+    assert_eq!(fs::read(m.p("cc/sub\u{2}dir/x")).unwrap(), b"x\n");
+
+    // Pages of a listing go on from such keys and prefixes, keys and common prefixes alike.
+    let dir = m.key("cc/");
+    let mut keys: Vec<String> = names.iter().map(|n| format!("{dir}{n}")).collect();
+    keys.push(format!("{dir}sub\u{2}dir/x"));
+    keys.sort();
+    assert_eq!(other_tool.names_paged(&dir, false, 1), keys);
+    let mut delimited: Vec<String> = names.iter().map(|n| format!("{dir}{n}")).collect();
+    delimited.push(format!("{dir}sub\u{2}dir/"));
+    delimited.sort();
+    for max in [1, 2, 3] {
+        assert_eq!(
+            other_tool.names_paged(&dir, true, max),
+            delimited,
+            "pages of {max}"
+        );
+    }
+
+    fs::rename(m.p("cc/bad\u{1}name"), m.p("cc/good\u{1}name")).unwrap();
+    fs::rename(m.p("cc/a%b+c d"), m.p("cc/moved %2B+")).unwrap();
+    assert_eq!(fs::read(m.p("cc/good\u{1}name")).unwrap(), b"bad\x01name\n");
+    assert_eq!(fs::read(m.p("cc/moved %2B+")).unwrap(), b"a%b+c d\n");
+    assert_eq!(other_tool.get(&m.key("cc/bad\u{1}name")), None);
+    assert_eq!(
+        other_tool.get(&m.key("cc/moved %2B+")).as_deref(),
+        Some(&b"a%b+c d\n"[..])
+    );
+    let out = output(Command::new("rm").arg("-r").arg(m.p("cc")));
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        m.log()
+    );
+    assert!(!m.p("cc").exists());
+    assert_eq!(other_tool.keys(&dir), Vec::<String>::new());
+}
+
+/// A symlink another tool wrote (s3fs: its type only in its metadata, no index entry) stays
+/// a symlink through `ls -l`, `stat`, `chmod` and `mv`: the mount never writes another type
+/// into its metadata, and a listing after a HEAD shows what the HEAD said. `chmod 600` of it
+/// once wrote `S_IFREG | 0600`, making it a regular file in the bucket for every host.
+#[test]
+fn an_s3fs_symlink_stays_a_symlink_through_ls_chmod_and_mv() {
+    use std::os::unix::fs::MetadataExt;
+    let m = Mounted::on(&["--room", "r1"], |_| {}, Some(Bucket::shared()));
+    let other_tool = m.s3.as_ref().unwrap();
+    let mode = (libc::S_IFLNK | 0o777).to_string();
+    other_tool.put_with(&m.key("L1/lnk"), b"target", &[("mode", &mode)]);
+    for n in ["a", "b", "c"] {
+        other_tool.put(&m.key(&format!("L1/{n}")), b"x\n");
+    }
+    let type_in_bucket = |rel: &str| {
+        let meta = other_tool.metadata(&m.key(rel)).expect("the object");
+        meta["mode"].parse::<u32>().unwrap() & libc::S_IFMT
+    };
+    let sh = |cmd: &str| output(Command::new("sh").arg("-c").arg(cmd).current_dir(m.p("")));
+    // The kernel takes it for a regular file from a listing (`ls -l`) and the chmod reaches
+    // the store, whose lookup a listing answers too (the fifth name of the directory asked
+    // about within the TTL, names not there among them).
+    for cmd in [
+        "ls -l L1; stat L1/n1 L1/n2 L1/n3 L1/n4; chmod 600 L1/lnk",
+        "ls -l L1; stat -c '%n %F' L1/lnk; chmod 640 L1/lnk",
+    ] {
+        std::thread::sleep(Duration::from_millis(1200));
+        sh(cmd);
+        assert_eq!(type_in_bucket("L1/lnk"), libc::S_IFLNK, "{cmd}");
+    }
+    std::thread::sleep(Duration::from_millis(1100));
+    assert!(
+        fs::symlink_metadata(m.p("L1/lnk"))
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
+    // The listing after that HEAD says so too.
+    let listed = fs::read_dir(m.p("L1"))
+        .unwrap()
+        .map(|e| e.unwrap())
+        .find(|e| e.file_name() == "lnk")
+        .unwrap();
+    assert!(listed.file_type().unwrap().is_symlink());
+    assert_eq!(fs::read_link(m.p("L1/lnk")).unwrap(), Path::new("target"));
+    std::thread::sleep(Duration::from_millis(2100));
+    sh("ls -l L1 >/dev/null; stat L1/lnk; mv L1/lnk L1/moved");
+    assert_eq!(type_in_bucket("L1/moved"), libc::S_IFLNK);
+    let st = fs::symlink_metadata(m.p("L1/moved")).unwrap();
+    assert_eq!(st.mode() & libc::S_IFMT, libc::S_IFLNK);
+}
+
 #[test]
 fn touch_of_new_files_is_one_put_each() {
     use std::os::unix::fs::MetadataExt;

@@ -152,6 +152,29 @@ impl Bucket {
         }
     }
 
+    /// The names under `prefix` (keys, and common prefixes if `delimited`), listed in pages
+    /// of `max_keys`.
+    pub fn names_paged(&self, prefix: &str, delimited: bool, max_keys: u32) -> Vec<String> {
+        use roomfs::store::s3::client::ObjectClient;
+        let mut names = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let page = self
+                .client
+                .list(prefix, delimited, token.as_deref(), Some(max_keys))
+                .unwrap_or_else(|e| panic!("LIST {prefix}: {e}"));
+            names.extend(page.objects.into_iter().map(|o| o.key));
+            names.extend(page.prefixes);
+            match page.next {
+                Some(t) => token = Some(t),
+                None => {
+                    names.sort();
+                    return names;
+                }
+            }
+        }
+    }
+
     /// The multipart uploads in progress under this prefix.
     pub fn uploads(&self) -> Vec<String> {
         use roomfs::store::s3::client::ObjectClient;

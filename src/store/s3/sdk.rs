@@ -30,6 +30,11 @@
 //!   before it is sent, in one more pass over the page cache; a body refused for its checksum
 //!   (a part written to while it uploads, or bytes damaged on the way) is sent again, with its
 //!   checksum taken again, up to [`BODY_ATTEMPTS`] times.
+//! - Keys may hold characters an XML 1.0 document cannot carry (controls, U+FFFF), which
+//!   other tools can write: listings are asked for URL-encoded (`encoding-type=url`) and
+//!   decoded ([`url_decoded`]), and go on from their last decoded key rather than the
+//!   server's token (see [`next_token`]); DeleteObjects, whose body is XML, deletes such keys
+//!   one by one ([`xml_carries`]).
 
 use std::cell::RefCell;
 use std::fs::File;
@@ -47,7 +52,8 @@ use aws_sdk_s3::config::{ConfigBag, Intercept, RuntimeComponents};
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{
-    CompletedMultipartUpload, CompletedPart, Delete, MetadataDirective, ObjectIdentifier,
+    CompletedMultipartUpload, CompletedPart, Delete, EncodingType, MetadataDirective,
+    ObjectIdentifier,
 };
 use aws_smithy_http_client::tls::{TlsContext, TrustStore};
 
@@ -437,8 +443,62 @@ async fn byte_stream(body: Body) -> Result<Upload, String> {
     }
 }
 
+/// A key, prefix or marker of a listing asked for with `encoding-type=url`, decoded: `+` is a
+/// space and `%XX` a byte (the form encoding AWS and SeaweedFS use: a key's own `+` and `%`
+/// come as `%2B` and `%25`). `None` if it does not decode to UTF-8.
+pub(super) fn url_decoded(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'+' => out.push(b' '),
+            b'%' => {
+                let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 2;
+            }
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8(out).ok()
+}
+
+/// Whether an XML 1.0 document carries `key` as it is: not with control characters other
+/// than tab and newline (a carriage return is read back as a newline), nor U+FFFE or U+FFFF.
+/// S3 keys can hold them all; a request body in XML (DeleteObjects) cannot, and listings
+/// carry them only URL-encoded.
+pub(super) fn xml_carries(key: &str) -> bool {
+    !key.chars()
+        .any(|c| (c < ' ' && c != '\t' && c != '\n') || c == '\u{fffe}' || c == '\u{ffff}')
+}
+
+/// Whether a key some listing says it URL-encoded really is: an encoder leaves no space,
+/// control character or non-ASCII character (SeaweedFS 4.48 says it encodes the keys of
+/// ListMultipartUploads and does not).
+fn looks_encoded(s: &str) -> bool {
+    s.bytes().all(|c| c.is_ascii_graphic())
+}
+
+/// The continuation of a listing ([`ListPage::next`] of [`SdkClient`]): `s` and the key to list
+/// after, or `c` and the server's own token. Listings are URL-encoded (so that keys holding
+/// characters XML 1.0 cannot carry, `\x01` or U+FFFF, come through), but SeaweedFS 4.48
+/// returns its `NextContinuationToken` (the last key) unencoded, with such characters
+/// replaced by U+FFFD: given back, it would skip or repeat keys. So the next page starts
+/// after the page's last key, or its last common prefix, decoded, as the API allows
+/// (`start-after`); the server's token is used only if that key did not decode.
+fn next_token(last: Option<&str>, server: Option<&str>) -> Option<String> {
+    match last {
+        Some(key) => Some(format!("s{key}")),
+        None => server.map(|t| format!("c{t}")),
+    }
+}
+
 impl SdkClient {
-    /// One page of a ListObjectsV2 (see `ObjectClient::list` and `list_after`).
+    /// One page of a ListObjectsV2 (see `ObjectClient::list` and `list_after`), asked for
+    /// URL-encoded and decoded (see [`next_token`]). An object or common prefix whose key does
+    /// not decode is left out, with a warning.
     fn list_page(
         &self,
         prefix: &str,
@@ -448,38 +508,78 @@ impl SdkClient {
         start_after: Option<&str>,
     ) -> ClientResult<ListPage> {
         self.start("list", prefix);
+        let (mut start_after, mut continuation) = (start_after.map(str::to_string), None);
+        match token.map(|t| t.split_at(t.len().min(1))) {
+            Some(("s", key)) => start_after = Some(key.to_string()),
+            Some((_, t)) => continuation = Some(t.to_string()),
+            None => {}
+        }
+        // After a common prefix, the page starts with it again (its keys come after the
+        // prefix itself): one more key, so that a page has something new.
+        let after_common = delimited && start_after.as_deref().is_some_and(|k| k.ends_with('/'));
+        let max_keys = match (max_keys, after_common) {
+            (Some(m), true) => Some(m.saturating_add(1).min(1000)),
+            (m, _) => m,
+        };
         let mut req = self
             .client()
             .list_objects_v2()
             .bucket(&self.bucket)
             .prefix(prefix)
-            .set_continuation_token(token.map(str::to_string))
-            .set_start_after(start_after.map(str::to_string))
+            .encoding_type(EncodingType::Url)
+            .set_continuation_token(continuation)
+            .set_start_after(start_after.clone())
             .set_max_keys(max_keys.map(|m| m as i32));
         if delimited {
             req = req.delimiter("/");
         }
         let r = block(req.customize().interceptor(attempts("list")).send())
             .map_err(|e| classify("list", format!("LIST {prefix}"), e))?;
-        let objects = r
-            .contents()
-            .iter()
-            .filter_map(|o| {
-                Some(ListedObject {
-                    key: o.key()?.to_string(),
+        let decoded = |raw: &str| {
+            let key = url_decoded(raw);
+            if key.is_none() {
+                log::warn!("LIST {prefix}: left out the key {raw:?}, which does not URL-decode");
+            }
+            key
+        };
+        // The last entry of the page, in the order of keys (objects and prefixes interleave);
+        // unknown if a key did not decode.
+        let mut last: Option<String> = None;
+        let mut undecoded = false;
+        let mut see = |key: Option<&String>| match key {
+            Some(k) if last.as_ref().is_none_or(|l| k > l) => last = Some(k.clone()),
+            Some(_) => {}
+            None => undecoded = true,
+        };
+        let mut objects = Vec::new();
+        for o in r.contents() {
+            let Some(raw) = o.key() else { continue };
+            let key = decoded(raw);
+            see(key.as_ref());
+            if let Some(key) = key {
+                objects.push(ListedObject {
+                    key,
                     size: o.size().unwrap_or(0).max(0) as u64,
                     etag: etag_of(o.e_tag()),
                     last_modified: time_of(o.last_modified()),
-                })
-            })
-            .collect();
-        let prefixes = r
-            .common_prefixes()
-            .iter()
-            .filter_map(|p| p.prefix().map(str::to_string))
-            .collect();
+                });
+            }
+        }
+        let mut prefixes = Vec::new();
+        for p in r.common_prefixes() {
+            let Some(raw) = p.prefix() else { continue };
+            let key = decoded(raw);
+            see(key.as_ref());
+            // A page after a common prefix starts with it again.
+            if let Some(key) = key
+                && !(after_common && start_after.as_ref().is_some_and(|s| key <= *s))
+            {
+                prefixes.push(key);
+            }
+        }
         let next = if r.is_truncated() == Some(true) {
-            r.next_continuation_token().map(str::to_string)
+            let last = if undecoded { None } else { last.as_deref() };
+            next_token(last, r.next_continuation_token())
         } else {
             None
         };
@@ -906,6 +1006,7 @@ impl ObjectClient for SdkClient {
                     .list_multipart_uploads()
                     .bucket(&self.bucket)
                     .prefix(prefix)
+                    .encoding_type(EncodingType::Url)
                     .set_key_marker(key_marker.clone())
                     .set_upload_id_marker(id_marker.clone())
                     .customize()
@@ -913,10 +1014,16 @@ impl ObjectClient for SdkClient {
                     .send(),
             )
             .map_err(|e| classify("list_uploads", format!("ListMultipartUploads {prefix}"), e))?;
+            // Keys come URL-encoded (see `url_decoded`), if the store encodes them.
+            let url = r.encoding_type() == Some(&EncodingType::Url);
+            let decoded = |k: &str| match url && looks_encoded(k) {
+                true => url_decoded(k),
+                false => Some(k.to_string()),
+            };
             for u in r.uploads() {
-                if let (Some(key), Some(id)) = (u.key(), u.upload_id()) {
+                if let (Some(key), Some(id)) = (u.key().and_then(decoded), u.upload_id()) {
                     out.push(UploadInfo {
-                        key: key.to_string(),
+                        key,
                         upload_id: id.to_string(),
                     });
                 }
@@ -924,7 +1031,7 @@ impl ObjectClient for SdkClient {
             if r.is_truncated() != Some(true) {
                 return Ok(out);
             }
-            key_marker = r.next_key_marker().map(str::to_string);
+            key_marker = r.next_key_marker().and_then(decoded);
             id_marker = r.next_upload_id_marker().map(str::to_string);
             if key_marker.is_none() {
                 return Ok(out);
@@ -970,6 +1077,15 @@ impl ObjectClient for SdkClient {
     }
 
     fn delete_many(&self, keys: &[String]) -> ClientResult<()> {
+        // Its keys go in an XML body, which cannot carry every key: those are deleted alone.
+        if keys.iter().any(|k| !xml_carries(k)) {
+            let (carried, alone): (Vec<String>, Vec<String>) =
+                keys.iter().cloned().partition(|k| xml_carries(k));
+            for k in &alone {
+                self.delete(k)?;
+            }
+            return self.delete_many(&carried);
+        }
         if keys.is_empty() {
             return Ok(());
         }
@@ -1067,6 +1183,50 @@ mod tests {
         assert_eq!(etag_of(Some("\"abc-3\"")), "\"abc-3\"");
         assert_eq!(etag_of(None), "");
         assert_eq!(etag_of(Some("")), "");
+    }
+
+    #[test]
+    fn listed_keys_are_url_decoded_as_forms_are() {
+        // As SeaweedFS 4.48 and AWS encode them (seen on SeaweedFS).
+        assert_eq!(url_decoded("p/a%25b%2Bc+d").as_deref(), Some("p/a%b+c d"));
+        assert_eq!(url_decoded("bad%01name").as_deref(), Some("bad\u{1}name"));
+        assert_eq!(url_decoded("ff%EF%BF%BFz").as_deref(), Some("ff\u{ffff}z"));
+        assert_eq!(url_decoded("%C3%A9/").as_deref(), Some("\u{e9}/"));
+        assert_eq!(url_decoded("nul%00").as_deref(), Some("nul\0"));
+        // Not an encoding of UTF-8, or not an encoding at all.
+        assert_eq!(url_decoded("%FF"), None);
+        assert_eq!(url_decoded("a%4"), None);
+        assert_eq!(url_decoded("a%zz"), None);
+        assert!(looks_encoded("a%25b%2Bc+d"));
+        assert!(!looks_encoded("c d+e"));
+        assert!(!looks_encoded("\u{e9}"));
+    }
+
+    #[test]
+    fn a_listing_goes_on_after_its_last_decoded_key() {
+        assert_eq!(
+            next_token(Some("p/bad\u{1}x"), Some("p/bad\u{fffd}x")).as_deref(),
+            Some("sp/bad\u{1}x")
+        );
+        assert_eq!(next_token(None, Some("opaque")).as_deref(), Some("copaque"));
+        assert_eq!(next_token(None, None), None);
+    }
+
+    #[test]
+    fn keys_xml_cannot_carry_are_told_apart() {
+        for k in [
+            "a b",
+            "tab\there",
+            "line\n",
+            "\u{e9}",
+            "\u{fffd}",
+            "\u{10ffff}",
+        ] {
+            assert!(xml_carries(k), "{k:?}");
+        }
+        for k in ["\u{1}", "esc\u{1b}", "cr\r", "\u{fffe}", "\u{ffff}", "\0"] {
+            assert!(!xml_carries(k), "{k:?}");
+        }
     }
 
     #[test]

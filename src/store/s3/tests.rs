@@ -2151,3 +2151,119 @@ fn a_readers_open_of_a_version_gone_is_estale_and_the_next_reads_the_new_version
         libc::ENOENT
     );
 }
+
+/// An object another tool wrote (s3fs) with a symlink's type in its metadata and no entry in
+/// the directory's index (`s3fs_object`), and three plain files beside it.
+fn s3fs_objects(client: &MemClient) {
+    let mut m = Metadata::new();
+    m.insert("mode".into(), (libc::S_IFLNK | 0o777).to_string());
+    client.insert(&key("L1/lnk"), b"target", m);
+    let mut m = Metadata::new();
+    m.insert("mode".into(), (libc::S_IFIFO | 0o640).to_string());
+    client.insert(&key("L1/fifo"), b"", m);
+    for n in ["a", "b", "c"] {
+        client.insert(&key(&format!("L1/{n}")), b"x", Metadata::new());
+    }
+}
+
+fn mode_of(client: &MemClient, path: &str) -> u32 {
+    client.metadata(&key(path)).unwrap()["mode"]
+        .parse()
+        .unwrap()
+}
+
+/// A chmod of an object whose type only its metadata holds writes that type back, whatever
+/// a listing showed of it: the lookup before it was answered by a listing (the fourth name
+/// of the directory asked about), which shows such an object as a regular file. It wrote
+/// `S_IFREG | 0600` into the symlink's metadata, making it a regular file for every host.
+#[test]
+fn a_chmod_keeps_the_type_an_objects_metadata_gives_it() {
+    let client = Arc::new(MemClient::new());
+    s3fs_objects(&client);
+    let b = host(&client);
+    for n in ["L1/a", "L1/b", "L1/c"] {
+        b.store.stat(p(n)).unwrap();
+    }
+    let perm = |perm| SetAttr {
+        perm: Some(perm),
+        ..Default::default()
+    };
+    let set = b.store.set_attr(p("L1/lnk"), &perm(0o600)).unwrap();
+    assert_eq!((set.kind, set.perm), (Kind::Symlink, 0o600));
+    assert_eq!(mode_of(&client, "L1/lnk"), libc::S_IFLNK | 0o600);
+    let set = b.store.set_attr(p("L1/fifo"), &perm(0o600)).unwrap();
+    assert_eq!(set.kind, Kind::Fifo);
+    assert_eq!(mode_of(&client, "L1/fifo"), libc::S_IFIFO | 0o600);
+    // Another host sees the type, in a listing too (the change put it in the index).
+    let (c, _) = uncached_hosts(&client);
+    let kinds: Vec<_> = c
+        .store
+        .list(p("L1"))
+        .unwrap()
+        .into_iter()
+        .map(|e| (e.name.into_string().unwrap(), e.kind))
+        .collect();
+    assert!(kinds.contains(&("lnk".into(), Kind::Symlink)), "{kinds:?}");
+    assert!(kinds.contains(&("fifo".into(), Kind::Fifo)), "{kinds:?}");
+    assert_eq!(c.store.readlink(p("L1/lnk")).unwrap(), p("target"));
+}
+
+/// Once a HEAD has said what type an object without an index entry has, a listing of the
+/// same version shows that type, not a regular file: the type an entry shows does not flip
+/// between a listing and a HEAD (the kernel's inode, and what it asks of the store, go by
+/// the last it saw).
+#[test]
+fn a_listing_shows_the_type_a_head_found_for_the_same_version() {
+    let client = Arc::new(MemClient::new());
+    s3fs_objects(&client);
+    let (b, _) = uncached_hosts(&client);
+    let kind_listed = |name: &str| {
+        b.store
+            .list(p("L1"))
+            .unwrap()
+            .into_iter()
+            .find(|e| e.name == name)
+            .map(|e| (e.kind, e.meta.unwrap().kind))
+    };
+    // Before any HEAD, a listing cannot know (doc/S3.md): a regular file.
+    assert_eq!(kind_listed("lnk"), Some((Kind::File, Kind::File)));
+    assert_eq!(b.store.stat(p("L1/lnk")).unwrap().kind, Kind::Symlink);
+    assert_eq!(b.store.stat(p("L1/fifo")).unwrap().kind, Kind::Fifo);
+    assert_eq!(kind_listed("lnk"), Some((Kind::Symlink, Kind::Symlink)));
+    assert_eq!(kind_listed("fifo"), Some((Kind::Fifo, Kind::Fifo)));
+    assert_eq!(kind_listed("a"), Some((Kind::File, Kind::File)));
+    // Another version (another tool wrote a plain file there): the listing's defaults again.
+    std::thread::sleep(Duration::from_millis(1100));
+    client.insert(&key("L1/lnk"), b"now a file", Metadata::new());
+    assert_eq!(kind_listed("lnk"), Some((Kind::File, Kind::File)));
+}
+
+/// A rename that writes the copy's metadata whole (to keep the mtime) keeps the type the
+/// object's own metadata gives it, not the regular file a listing showed: it wrote
+/// `S_IFREG | 0644` into the renamed symlink.
+#[test]
+fn a_rename_keeps_the_type_an_objects_metadata_gives_it() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let client = Arc::new(MemClient::new());
+    // Written a minute ago, by the store's clock: a rename keeps their mtimes.
+    client.clock_behind_secs.store(60, Relaxed);
+    s3fs_objects(&client);
+    client.clock_behind_secs.store(0, Relaxed);
+    let b = host(&client);
+    for n in ["L1/a", "L1/b", "L1/c"] {
+        b.store.stat(p(n)).unwrap();
+    }
+    // Known from the listing alone.
+    b.store.list(p("L1")).unwrap();
+    b.store
+        .rename(p("L1/lnk"), p("L1/moved"), RenameMode::Replace)
+        .unwrap();
+    b.store
+        .rename(p("L1/fifo"), p("L1/fifo2"), RenameMode::Replace)
+        .unwrap();
+    assert_eq!(mode_of(&client, "L1/moved") & libc::S_IFMT, libc::S_IFLNK);
+    assert_eq!(mode_of(&client, "L1/fifo2") & libc::S_IFMT, libc::S_IFIFO);
+    let (c, _) = uncached_hosts(&client);
+    assert_eq!(c.store.stat(p("L1/moved")).unwrap().kind, Kind::Symlink);
+    assert_eq!(c.store.readlink(p("L1/moved")).unwrap(), p("target"));
+}
