@@ -1018,19 +1018,25 @@ mod tests {
         assert!(!stale.exists(), "the stale staging is gone");
     }
 
-    #[test]
-    fn a_reader_opening_during_a_patch_gets_the_patched_version() {
-        let (_d, s) = store();
-        let target = s.full(Path::new("db"));
-        fs::write(&target, vec![b'o'; PATCH_MIN as usize]).unwrap();
-        // A patcher holds the exclusive lock (as `patch_in_place` does while writing).
-        let patcher = fs::OpenOptions::new().write(true).open(&target).unwrap();
+    /// `target` opened with the exclusive lock a patcher holds while it writes.
+    fn patching(target: &Path) -> fs::File {
+        let patcher = fs::OpenOptions::new().write(true).open(target).unwrap();
         let mut lock: libc::flock = unsafe { std::mem::zeroed() };
         lock.l_type = libc::F_WRLCK as libc::c_short;
         assert_eq!(
             unsafe { libc::fcntl(patcher.as_raw_fd(), libc::F_OFD_SETLK, &lock) },
             0
         );
+        patcher
+    }
+
+    #[test]
+    fn a_reader_opening_during_a_patch_gets_the_patched_version() {
+        let (_d, s) = store();
+        let target = s.full(Path::new("db"));
+        fs::write(&target, vec![b'o'; PATCH_MIN as usize]).unwrap();
+        // A patcher holds the exclusive lock (as `patch_in_place` does while writing).
+        let patcher = patching(&target);
         let seen = std::thread::scope(|scope| {
             let reader = scope.spawn(|| s.open(Path::new("db")).unwrap());
             std::thread::sleep(Duration::from_millis(50));
@@ -1053,13 +1059,7 @@ mod tests {
         let (d, s) = store();
         let target = s.full(Path::new("db"));
         fs::write(&target, vec![b'o'; PATCH_MIN as usize]).unwrap();
-        let patcher = fs::OpenOptions::new().write(true).open(&target).unwrap();
-        let mut lock: libc::flock = unsafe { std::mem::zeroed() };
-        lock.l_type = libc::F_WRLCK as libc::c_short;
-        assert_eq!(
-            unsafe { libc::fcntl(patcher.as_raw_fd(), libc::F_OFD_SETLK, &lock) },
-            0
-        );
+        let patcher = patching(&target);
         let seen = std::thread::scope(|scope| {
             let reader = scope.spawn(|| s.open(Path::new("db")).unwrap());
             std::thread::sleep(Duration::from_millis(50));
