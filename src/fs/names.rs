@@ -243,32 +243,26 @@ impl Fs {
         }
         // A hard link to a symlink is one more symlink, at `to`.
         self.allow_links_moved("link", &from, &to)?;
-        // Usage counts the bytes of every name, as a count of the space does: the new name's
-        // are reserved first (`EDQUOT` past the limit), then settled to what it has.
-        let bytes = |meta: &Meta| match meta.kind {
-            Kind::File => meta.size,
-            _ => 0,
-        };
-        let quota = self.space.quota();
-        let reserved = match quota {
-            Some(q) => {
-                let reserved = bytes(&self.store.stat(&from)?);
-                q.resize(0, reserved)?;
-                reserved
-            }
-            None => 0,
-        };
-        let meta = match self.creating(|| Ok(self.store.link(&from, &to)?)) {
-            Ok(meta) => meta,
-            Err(e) => {
-                if let Some(q) = quota {
-                    q.settle((0, reserved), (0, 0));
+        let meta = self.creating(|| Ok(self.store.link(&from, &to)?))?;
+        if let Some(q) = self.space.quota() {
+            // Usage counts the bytes of every name, as a count of the space does: a new name
+            // that takes it past the byte limit goes again (`EDQUOT`). (Its size comes from the
+            // link itself: a `stat` of the source before it races a rewrite of the file.)
+            let bytes = match meta.kind {
+                Kind::File => meta.size,
+                _ => 0,
+            };
+            if let Err(e) = q.resize(0, bytes) {
+                if let Err(u) = self.store.unlink(&to) {
+                    log::error!(
+                        "{}: a hard link past the byte limit could not be removed again: {u}",
+                        to.display()
+                    );
+                    return Err(e);
                 }
+                q.remove_entry(0);
                 return Err(e);
             }
-        };
-        if let Some(q) = quota {
-            q.settle((0, reserved), (0, bytes(&meta)));
         }
         write_lock(&self.table).link(ino, new_parent, new_name, meta.file_id);
         // Another name: the file's link count changed too.
