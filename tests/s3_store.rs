@@ -14,8 +14,6 @@
 //!   once the store is back; while one request waits on a frozen store, others that need no
 //!   answer from it (reads of cached files) are served; `kill -9` of roomfs during an upload leaves the previous object,
 //!   and the next start aborts the upload it left.
-//! - Objects of other tools: keys with characters XML cannot carry are files like any other;
-//!   an s3fs symlink stays a symlink through `ls -l`, `chmod` and `mv`.
 //! - Credentials from a profile file, and from instance metadata (a fake IMDSv2 here).
 //! - An `https` endpoint whose certificate a private CA signed: refused with a clear line
 //!   until that CA's certificate is given (`AWS_CA_BUNDLE` or the store's `ca_bundle`).
@@ -438,58 +436,6 @@ fn keys_with_characters_xml_cannot_carry_are_files_like_any_other() {
     );
     assert!(!m.p("cc").exists());
     assert_eq!(other_tool.keys(&dir), Vec::<String>::new());
-}
-
-/// A symlink another tool wrote (s3fs: its type only in its metadata, no index entry) stays
-/// a symlink through `ls -l`, `stat`, `chmod` and `mv`: the mount never writes another type
-/// into its metadata, and a listing after a HEAD shows what the HEAD said. `chmod 600` of it
-/// once wrote `S_IFREG | 0600`, making it a regular file in the bucket for every host.
-#[test]
-fn an_s3fs_symlink_stays_a_symlink_through_ls_chmod_and_mv() {
-    use std::os::unix::fs::MetadataExt;
-    let m = Mounted::on(&["--room", "r1"], |_| {}, Some(Bucket::shared()));
-    let other_tool = m.s3.as_ref().unwrap();
-    let mode = (libc::S_IFLNK | 0o777).to_string();
-    other_tool.put_with(&m.key("L1/lnk"), b"target", &[("mode", &mode)]);
-    for n in ["a", "b", "c"] {
-        other_tool.put(&m.key(&format!("L1/{n}")), b"x\n");
-    }
-    let type_in_bucket = |rel: &str| {
-        let meta = other_tool.metadata(&m.key(rel)).expect("the object");
-        meta["mode"].parse::<u32>().unwrap() & libc::S_IFMT
-    };
-    let sh = |cmd: &str| output(Command::new("sh").arg("-c").arg(cmd).current_dir(m.p("")));
-    // The kernel takes it for a regular file from a listing (`ls -l`) and the chmod reaches
-    // the store, whose lookup a listing answers too (the fifth name of the directory asked
-    // about within the TTL, names not there among them).
-    for cmd in [
-        "ls -l L1; stat L1/n1 L1/n2 L1/n3 L1/n4; chmod 600 L1/lnk",
-        "ls -l L1; stat -c '%n %F' L1/lnk; chmod 640 L1/lnk",
-    ] {
-        std::thread::sleep(Duration::from_millis(1200));
-        sh(cmd);
-        assert_eq!(type_in_bucket("L1/lnk"), libc::S_IFLNK, "{cmd}");
-    }
-    std::thread::sleep(Duration::from_millis(1100));
-    assert!(
-        fs::symlink_metadata(m.p("L1/lnk"))
-            .unwrap()
-            .file_type()
-            .is_symlink()
-    );
-    // The listing after that HEAD says so too.
-    let listed = fs::read_dir(m.p("L1"))
-        .unwrap()
-        .map(|e| e.unwrap())
-        .find(|e| e.file_name() == "lnk")
-        .unwrap();
-    assert!(listed.file_type().unwrap().is_symlink());
-    assert_eq!(fs::read_link(m.p("L1/lnk")).unwrap(), Path::new("target"));
-    std::thread::sleep(Duration::from_millis(2100));
-    sh("ls -l L1 >/dev/null; stat L1/lnk; mv L1/lnk L1/moved");
-    assert_eq!(type_in_bucket("L1/moved"), libc::S_IFLNK);
-    let st = fs::symlink_metadata(m.p("L1/moved")).unwrap();
-    assert_eq!(st.mode() & libc::S_IFMT, libc::S_IFLNK);
 }
 
 #[test]

@@ -6,10 +6,6 @@
 //!   is shown as the file.
 //! - **What the store remembers**: entries it stat'ed or listed, for `metadata_ttl` (1 s), and
 //!   each directory's index with its ETag. Its own changes update what it remembers at once.
-//!   And what objects' own metadata said of a version (`heard`): a listing never shows
-//!   another type than a HEAD found for the same version, and a rewrite of an object's
-//!   metadata (`set_attr`, a rename's copy) keeps the type the object has (`object_kind`),
-//!   never one a listing guessed.
 //! - **Names**: `O_EXCL` creates, `mkdir`, `symlink` and `RENAME_NOREPLACE` are PUTs and copies
 //!   with `If-None-Match: *`, so of two hosts exactly one succeeds (the other gets `EEXIST`).
 //!   A file rename is a server-side copy and a delete; a directory rename copies and deletes
@@ -220,14 +216,6 @@ pub struct S3Store {
     /// `Last-Modified` is stamped by the store's clock, in the middle of the request). Other
     /// hosts see the `Last-Modified`.
     stamped: Mutex<HashMap<PathBuf, Stamp>>,
-    /// What objects' own metadata said (a HEAD), or what this store wrote there, by version
-    /// (see `Heard`): a listing carries no metadata, so for an object without an index entry
-    /// it shows a regular file with the defaults; once a HEAD has said the version is a
-    /// symlink, FIFO or socket (written so by another tool, s3fs), a listing of that version
-    /// shows what the HEAD said, and the kind an entry shows never flips back. A rewrite of an
-    /// object's metadata (chmod, chown, times, a rename's copy) takes its type from here or
-    /// from a HEAD, never from a listing (see `object_kind`).
-    heard: Mutex<HashMap<PathBuf, Heard>>,
     /// When this store last changed what it knows of each path (its own change, or a
     /// `forget`), and of each tree (a directory renamed or removed, `forget_below`): the
     /// store's answer to a request made before that is older than what this store knows, and
@@ -271,23 +259,6 @@ struct Stamp {
     etag: String,
     at: SystemTime,
     seen: Option<SystemTime>,
-}
-
-/// What an object's metadata said of its attributes (see `S3Store::heard`), for the version
-/// with this ETag and `Last-Modified` (to the second: the same bytes written again by
-/// anyone are a new object with the same ETag, and perhaps another type).
-#[derive(Clone, Debug)]
-struct Heard {
-    etag: String,
-    last_modified: SystemTime,
-    attrs: Attrs,
-}
-
-impl Heard {
-    fn fits(&self, etag: &str, last_modified: SystemTime) -> bool {
-        self.etag == etag.trim_matches('"')
-            && to_second(self.last_modified) == to_second(last_modified)
-    }
 }
 
 impl Stamp {
@@ -364,7 +335,6 @@ impl S3Store {
             walks: Mutex::new(HashMap::new()),
             attrs_set: Mutex::new(HashMap::new()),
             stamped: Mutex::new(HashMap::new()),
-            heard: Mutex::new(HashMap::new()),
             pending: Mutex::new(HashMap::new()),
         }
     }
@@ -664,62 +634,6 @@ impl S3Store {
         Attrs::from_metadata(metadata, &self.defaults)
     }
 
-    /// Remembers what the metadata of the version `etag` (modified at `last_modified`) of the
-    /// object at `path` says (see `heard`).
-    fn hear(&self, path: &Path, etag: &str, last_modified: SystemTime, attrs: Attrs) {
-        let mut heard = lock(&self.heard);
-        if heard.len() > 10_000 {
-            heard.clear();
-        }
-        let h = Heard {
-            etag: etag.trim_matches('"').to_string(),
-            last_modified,
-            attrs,
-        };
-        heard.insert(path.to_path_buf(), h);
-    }
-
-    /// What a HEAD said of the version `etag`, modified at `last_modified`, of `path`.
-    fn heard(&self, path: &Path, etag: &str, last_modified: SystemTime) -> Option<Attrs> {
-        lock(&self.heard)
-            .get(path)
-            .filter(|h| h.fits(etag, last_modified))
-            .map(|h| h.attrs)
-    }
-
-    /// The type of the object at `path` shown as `meta`, for a rewrite of its metadata, which
-    /// must keep it: from its own metadata (a HEAD of it, now unless this store heard of the
-    /// version or wrote it); a listing cannot tell (it shows an object without an index entry
-    /// as a regular file, whatever its metadata says). With the version's ETag and time as the
-    /// HEAD found them (the copy is conditional on that ETag).
-    fn object_kind(&self, path: &Path, meta: &Meta) -> StoreResult<(Kind, Meta)> {
-        if let Some(tag) = meta.version.tag()
-            && let Some(h) = lock(&self.heard).get(path)
-            && h.etag == tag.trim_matches('"')
-        {
-            let kind = h.attrs.kind;
-            return Ok((
-                kind,
-                Meta {
-                    kind,
-                    ..meta.clone()
-                },
-            ));
-        }
-        let key = self.keys.key(path)?;
-        let info = self.shared.client.head(&key)?;
-        let attrs = self.attrs_of(&info.metadata);
-        self.hear(path, &info.etag, info.last_modified, attrs);
-        let mut meta = meta.clone();
-        if meta.version.tag().map(|t| t.trim_matches('"')) != Some(info.etag.trim_matches('"')) {
-            // Another version than the one shown: its own attributes.
-            let modified = self.modified(path, &info.etag, info.last_modified);
-            meta = self.object_meta(info.size, &info.etag, modified, &attrs);
-        }
-        meta.kind = attrs.kind;
-        Ok((attrs.kind, meta))
-    }
-
     /// The index of directory `dir`. `listed`: its ETag as a listing just showed it (`Some(None)`:
     /// it has none), so the remembered one is used only if it is that version.
     fn index(&self, dir: &Path, listed: Option<Option<&str>>) -> StoreResult<Arc<Index>> {
@@ -1013,7 +927,6 @@ impl S3Store {
             Ok(info) => {
                 self.shared.learn_lineage(&info.etag, &info.metadata);
                 let attrs = self.attrs_of(&info.metadata);
-                self.hear(path, &info.etag, info.last_modified, attrs);
                 let modified = self.modified(path, &info.etag, info.last_modified);
                 let meta = self.object_meta(info.size, &info.etag, modified, &attrs);
                 return known(self.answered(path, Some(meta), asked));
@@ -1146,18 +1059,12 @@ impl S3Store {
         index: &Index,
         asked: Instant,
     ) -> Meta {
-        let entry = dir.join(name);
-        // Without an index entry, what a HEAD said of the version, if it was not a plain file
-        // (see `heard`): the listing never shows another type than a HEAD did.
         let attrs = index
             .entries
             .get(name)
             .and_then(|e| e.attrs(Kind::File, Some(&o.etag), &self.defaults))
-            .or_else(|| {
-                self.heard(&entry, &o.etag, o.last_modified)
-                    .filter(|a| a.kind != Kind::File)
-            })
             .unwrap_or_else(|| Attrs::default_object(&self.defaults));
+        let entry = dir.join(name);
         let modified = self.modified(&entry, &o.etag, o.last_modified);
         let meta = self.object_meta(o.size, &o.etag, modified, &attrs);
         self.answered(&entry, Some(meta.clone()), asked)
@@ -1603,8 +1510,6 @@ impl S3Store {
         }
         if keep_mtime {
             attrs.mtime = Some(source.mtime);
-            // Written whole: with the object's own type (see `heard`).
-            attrs.kind = self.object_kind(from, source)?.0;
         }
         let metadata = keep_mtime.then(|| attrs.to_metadata());
         // Journaled: a crash between the copy and the delete would leave the file at both
@@ -2220,12 +2125,7 @@ impl Store for S3Store {
     fn set_attr(&self, path: &Path, attr: &SetAttr) -> StoreResult<Meta> {
         self.settled(path)?;
         self.materialize(path)?;
-        let mut meta = self.lookup(path)?;
-        if meta.kind != Kind::Dir {
-            // The metadata is written whole: with the object's own type, which a listing
-            // does not know (see `heard`).
-            meta = self.object_kind(path, &meta)?.1;
-        }
+        let meta = self.lookup(path)?;
         let old = self.meta_attrs(&meta);
         let now = SystemTime::now();
         let mut new = old;
@@ -2296,7 +2196,6 @@ impl Store for S3Store {
             Err(e) => return Err(e.into()),
         };
         self.shared.learn_lineage(&new_etag, &metadata);
-        self.hear(path, &new_etag, now, new);
         self.index_attrs(
             path,
             &new,
