@@ -537,6 +537,9 @@ fn a_file_removed_or_replaced_by_another_process_while_open_is_as_if_done_here()
     assert!(!b.join("l1").exists());
     writer.write_all(b"data").unwrap();
     drop(writer);
+    // A hears of B's commit through the change log, as it hears of every change made by
+    // another process (not synchronously with B's close): wait until it has.
+    heard_all(&b, &a);
     assert_eq!(fs::read(a.join("l2")).unwrap(), b"newdata");
 }
 
