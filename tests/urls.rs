@@ -252,6 +252,37 @@ fn signed_urls_serve_the_file_with_ranges_and_refuse_what_they_do_not_grant() {
     assert!(err.contains("ttl"), "{err}");
 }
 
+#[test]
+fn a_session_link_does_not_serve_a_later_session_of_the_same_id() {
+    let (d, _keys) = daemon();
+    let s = d.dir("s");
+    d.json(&["session", "create", "s1", "--json"]);
+    d.mount(&["--session", "s1"], &s);
+    fs::write(s.join("out.txt"), b"the first session's").unwrap();
+    let first = url(&d, &["--session", "s1", "out.txt"]).unwrap();
+    assert!(first.contains("&session="), "{first}");
+    assert_eq!(curl(&[], &first).2, b"the first session's");
+    let (code, _, err) = d.cli(&["session", "end", "s1"]);
+    assert_eq!(code, 0, "{err}");
+    let (status, _, body) = curl(&[], &first);
+    assert_eq!(status, 410, "{}", String::from_utf8_lossy(&body));
+    // The id is taken again, and the new session has a file of the same name.
+    d.json(&["session", "create", "s1", "--json"]);
+    d.mount(&["--session", "s1"], &s);
+    fs::write(s.join("out.txt"), b"the second session's").unwrap();
+    let (status, _, body) = curl(&[], &first);
+    assert_eq!(status, 410, "{}", String::from_utf8_lossy(&body));
+    let body = String::from_utf8_lossy(&body);
+    assert!(
+        body.contains("session s1") && body.contains("has ended"),
+        "{body}"
+    );
+    let (status, _, body) = curl(&["-I"], &first);
+    assert_eq!(status, 410, "{}", String::from_utf8_lossy(&body));
+    let second = url(&d, &["--session", "s1", "out.txt"]).unwrap();
+    assert_eq!(curl(&[], &second).2, b"the second session's");
+}
+
 fn issue(keys: &Path, args: &[&str]) -> String {
     common::issue_token(&keys.join("secret"), args)
 }

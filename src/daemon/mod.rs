@@ -1173,11 +1173,19 @@ impl ControlPlane for Daemon {
             }
         };
         let secret = self.secret("sign URLs")?;
+        // A session's link names the session it was made for (see `urls`).
+        let session = match space.kind {
+            SpaceKind::Session => state::load(self.data(), &space.id)
+                .map_err(|e| internal("reading session state", e))?
+                .map(|s| s.created_at),
+            SpaceKind::Room => None,
+        };
         let grant = urls::Grant {
             space,
             path,
             expires,
             disposition,
+            session,
         };
         Ok(SignedUrl {
             url: urls::sign(&secret, &base, &grant),

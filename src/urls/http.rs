@@ -3,7 +3,9 @@
 //! `GET` and `HEAD /v1/files/<rooms|sessions>/<id>/<path>?expires=…&disposition=…&signature=…`:
 //!
 //! - The signature and expiry are checked before anything is opened: a bad or expired link is
-//!   403 with nothing read. A path that is not a regular file (any more) is 404.
+//!   403 with nothing read. A path that is not a regular file (any more) is 404. A session's
+//!   link whose session is not the one this daemon records under its id (ended, and maybe
+//!   started again: the creation time differs) is 410, with nothing read.
 //! - The committed version at the time of the request is served: opened once, so a commit
 //!   during the download does not mix versions. It is read in chunks of [`CHUNK`] bytes
 //!   through the store (`Content::read_at`) on a blocking thread, at most [`IN_FLIGHT`] chunks
@@ -52,7 +54,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
 use super::{Disposition, Refused, verify};
-use crate::space::Hub;
+use crate::space::{Hub, SpaceKind};
 use crate::store::{Content, Kind, StoreError};
 
 /// Bytes read from the store at a time.
@@ -268,7 +270,14 @@ fn refuse(status: StatusCode, message: String) -> Response {
 }
 
 /// What was found at the URL's path, read before anything is sent.
-struct Found {
+enum Found {
+    File(File),
+    NotAFile,
+    /// The link's session is not the session the daemon records under its id.
+    SessionGone,
+}
+
+struct File {
     content: Arc<dyn Content>,
     mime: Option<String>,
 }
@@ -293,26 +302,39 @@ async fn download(
         }
     };
     let (hub, space, path) = (d.hub.clone(), grant.space.clone(), grant.path.clone());
-    let found = tokio::task::spawn_blocking(move || -> Result<Option<Found>, StoreError> {
+    let session = grant.session;
+    let found = tokio::task::spawn_blocking(move || -> Result<Found, StoreError> {
+        if space.kind == SpaceKind::Session {
+            let recorded = crate::space::state::load(hub.local().data_dir(), &space.id)?;
+            if recorded.map(|s| s.created_at) != session {
+                return Ok(Found::SessionGone);
+            }
+        }
         let store = hub.download_store(&space)?;
         let meta = store.stat(&path)?;
         if meta.kind != Kind::File {
-            return Ok(None);
+            return Ok(Found::NotAFile);
         }
         let content = store.open(&path)?;
         let mime = match store.get_xattr(&path, std::ffi::OsStr::new("user.mime_type")) {
             Ok(v) => String::from_utf8(v).ok().filter(|m| valid_media_type(m)),
             Err(_) => None,
         };
-        Ok(Some(Found { content, mime }))
+        Ok(Found::File(File { content, mime }))
     })
     .await;
     let found = match found {
-        Ok(Ok(Some(f))) => f,
-        Ok(Ok(None)) => {
+        Ok(Ok(Found::File(f))) => f,
+        Ok(Ok(Found::NotAFile)) => {
             return refuse(
                 StatusCode::NOT_FOUND,
                 format!("{} is not a file", grant.path.display()),
+            );
+        }
+        Ok(Ok(Found::SessionGone)) => {
+            return refuse(
+                StatusCode::GONE,
+                format!("the {} this link was made for has ended", grant.space),
             );
         }
         Ok(Err(e)) if matches!(e.raw_os_error(), libc::ENOENT | libc::ENOTDIR | libc::ELOOP) => {
@@ -347,7 +369,7 @@ fn respond(
     req: &HeaderMap,
     path: &Path,
     disposition: Disposition,
-    found: Found,
+    found: File,
 ) -> Response {
     let meta = found.content.meta();
     let size = meta.size;

@@ -10,6 +10,11 @@
 //! http://HOST:PORT/v1/files/rooms/r1/outputs/report.pdf?expires=1763700900&disposition=inline&signature=…
 //! ```
 //!
+//! A session's URL also carries when the session was created (`&session=<Unix ms>`, signed
+//! too): a session id may be used again once its session ended, and a link made for the old
+//! session must not serve the new one's file of the same name. The listener refuses it when
+//! the session it knows under that id was created at another time ([`http`]).
+//!
 //! Nothing else is in it, so it works on every daemon that shares the secret and serves the
 //! space, and changing any part of it (another path, a later expiry) breaks the signature. The
 //! signed text is length-prefixed, so no two different (space, path) pairs sign alike. This
@@ -60,6 +65,10 @@ pub struct Grant {
     /// Unix seconds.
     pub expires: u64,
     pub disposition: Disposition,
+    /// For a session: when the session the URL was made for was created (Unix ms, its
+    /// `created_at`), so that it does not serve a later session of the same id. `None` for a
+    /// room, or a session the daemon has no record of.
+    pub session: Option<u64>,
 }
 
 /// Why a URL is refused (all 403: nothing is read).
@@ -97,6 +106,12 @@ fn mac(secret: &[u8], g: &Grant) -> HmacSha256 {
     m.update(path);
     m.update(&g.expires.to_be_bytes());
     m.update(g.disposition.as_str().as_bytes());
+    // After the disposition (one of two fixed words), so a text with it never equals one
+    // without it: room URLs sign as they always did.
+    if let Some(created) = g.session {
+        m.update(b"\0session");
+        m.update(&created.to_be_bytes());
+    }
     m
 }
 
@@ -164,8 +179,12 @@ fn decode(s: &str) -> Option<Vec<u8>> {
 /// The URL of `g` under `base` (`http://host:port`, no trailing slash needed).
 pub fn sign(secret: &[u8], base: &str, g: &Grant) -> String {
     let sig = mac(secret, g).finalize().into_bytes();
+    let session = g
+        .session
+        .map(|created| format!("&session={created}"))
+        .unwrap_or_default();
     format!(
-        "{}/v1/files/{}/{}/{}?expires={}&disposition={}&signature={}",
+        "{}/v1/files/{}/{}/{}?expires={}&disposition={}{session}&signature={}",
         base.trim_end_matches('/'),
         g.space.kind.dir(),
         g.space.id,
@@ -191,10 +210,16 @@ pub fn verify(secret: &[u8], rest: &str, query: &str, now: u64) -> Result<Grant,
         .ok_or(Refused::Malformed("bad escape in the path"))?;
     let path = PathBuf::from(OsStr::from_bytes(&path));
     check_path(&path).map_err(Refused::Malformed)?;
-    let (mut expires, mut disposition, mut signature) = (None, None, None);
+    let (mut expires, mut disposition, mut signature, mut session) = (None, None, None, None);
     for pair in query.split('&') {
         match pair.split_once('=') {
             Some(("expires", v)) => expires = v.parse::<u64>().ok(),
+            Some(("session", v)) => {
+                session = Some(
+                    v.parse::<u64>()
+                        .map_err(|_| Refused::Malformed("bad session time"))?,
+                )
+            }
             Some(("disposition", "inline")) => disposition = Some(Disposition::Inline),
             Some(("disposition", "attachment")) => disposition = Some(Disposition::Attachment),
             Some(("signature", v)) => {
@@ -210,6 +235,7 @@ pub fn verify(secret: &[u8], rest: &str, query: &str, now: u64) -> Result<Grant,
         path,
         expires: expires.ok_or(Refused::Malformed("no expiry"))?,
         disposition: disposition.ok_or(Refused::Malformed("no disposition"))?,
+        session,
     };
     let signature = signature.ok_or(Refused::Malformed("no signature"))?;
     // Compared in constant time.

@@ -17,6 +17,7 @@ fn grant(path: &str, expires: u64) -> Grant {
         path: PathBuf::from(path),
         expires,
         disposition: Disposition::Inline,
+        session: None,
     }
 }
 
@@ -78,6 +79,46 @@ fn a_signed_url_grants_exactly_its_file_until_it_expires() {
     };
     let (path, query) = split(&sign(secret, "http://h", &odd));
     assert_eq!(verify(secret, &path, &query, 0).unwrap().path, odd.path);
+}
+
+#[test]
+fn a_session_url_names_the_session_it_was_made_for() {
+    let secret = b"s3cret";
+    let g = Grant {
+        space: SpaceId::new(SpaceKind::Session, "s1").unwrap(),
+        session: Some(1_700_000_000_123),
+        ..grant("out.txt", 1000)
+    };
+    let url = sign(secret, "http://h", &g);
+    assert!(url.contains("&session=1700000000123&"), "{url}");
+    let (path, query) = split(&url);
+    assert_eq!(verify(secret, &path, &query, 0), Ok(g.clone()));
+    // Another session's time, or none, breaks the signature; so does one added to a room's.
+    for q in [
+        query.replace("session=1700000000123", "session=1700000000124"),
+        query.replace("&session=1700000000123", ""),
+    ] {
+        assert_eq!(
+            verify(secret, &path, &q, 0),
+            Err(Refused::BadSignature),
+            "{q}"
+        );
+    }
+    let (room_path, room_query) = split(&sign(secret, "http://h", &grant("out.txt", 1000)));
+    let q = room_query.replace("&signature", "&session=1700000000123&signature");
+    assert_eq!(
+        verify(secret, &room_path, &q, 0),
+        Err(Refused::BadSignature)
+    );
+    assert_eq!(
+        verify(
+            secret,
+            &path,
+            &query.replace("session=1700000000123", "session=x"),
+            0
+        ),
+        Err(Refused::Malformed("bad session time"))
+    );
 }
 
 #[test]
