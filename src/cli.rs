@@ -907,7 +907,7 @@ fn unmount(args: &UnmountArgs) -> anyhow::Result<()> {
         .canonicalize()
         .with_context(|| format!("{}", args.mountpoint.display()))?;
     match mount::mount_at(&path) {
-        Some(m) if m.is_roomfs() => mount::unmount(&path, args.lazy),
+        Some(m) if m.is_roomfs() => mount::unmount(&path, m.dev, args.lazy),
         Some(m) => Err(anyhow!(
             "{} is not a roomfs mount (it is {} from {})",
             path.display(),

@@ -197,7 +197,7 @@ pub fn check_mountpoint(path: &Path) -> anyhow::Result<PathBuf> {
                 "clearing the dead roomfs mount left at {}",
                 m.mountpoint.display()
             );
-            unmount(&m.mountpoint, true)?;
+            unmount(&m.mountpoint, m.dev, true)?;
         }
     }
     let refused = |kind, message| anyhow::Error::new(BadMountPoint { kind, message });
@@ -239,15 +239,66 @@ pub fn check_mountpoint(path: &Path) -> anyhow::Result<PathBuf> {
     Ok(canonical)
 }
 
-/// Unmounts `path`; with `lazy`, detaches it even while files are open.
-pub fn unmount(path: &Path, lazy: bool) -> anyhow::Result<()> {
+/// Unmounts the mount of device `dev` at `path` (absolute, as mountinfo lists it); with
+/// `lazy`, detaches it even while files are open.
+///
+/// As root, the directory holding the mount point is opened without following any symlink
+/// (`at::Dir`), the name in it is checked to be the mount of `dev`, and that name is unmounted
+/// through the descriptor (`/proc/self/fd/N/NAME`, `UMOUNT_NOFOLLOW`). A mount point's name
+/// cannot be renamed or removed while it is mounted on, so the check holds until the
+/// unmount: whoever owns a directory on the path (an agent's home) cannot swap in a symlink
+/// between the two and have the root daemon unmount or detach another mount.
+pub fn unmount(path: &Path, dev: libc::dev_t, lazy: bool) -> anyhow::Result<()> {
     use nix::mount::{MntFlags, umount2};
     let flags = if lazy {
         MntFlags::MNT_DETACH
     } else {
         MntFlags::empty()
     };
-    match umount2(path, flags) {
+    let result = if nix::unistd::geteuid().is_root() {
+        let (parent, name) = match (path.parent(), path.file_name()) {
+            (Some(parent), Some(name)) if path.is_absolute() => (parent, name),
+            _ => {
+                return Err(anyhow!(
+                    "cannot unmount {}: not a mount point",
+                    path.display()
+                ));
+            }
+        };
+        let parent = crate::store::local::at::Dir::open_trusted(Path::new("/"), false)
+            .and_then(|root| match parent.strip_prefix("/") {
+                Ok(rel) if rel.as_os_str().is_empty() => Ok(root),
+                Ok(rel) => root.open(rel),
+                Err(_) => Err(std::io::Error::from_raw_os_error(libc::EINVAL)),
+            })
+            .map_err(|e| match e.raw_os_error() {
+                Some(libc::ELOOP) => anyhow!(
+                    "not unmounting {}: a symlink is in the way to it now (it is unmounted \
+                     only through real directories)",
+                    path.display()
+                ),
+                _ => anyhow!("cannot unmount {}: {e}", path.display()),
+            })?;
+        match mounted_dev(&parent, name) {
+            Ok(found) if found == dev => {}
+            Ok(_) => {
+                return Err(anyhow!(
+                    "not unmounting {}: the mount there is not the one to unmount any more",
+                    path.display()
+                ));
+            }
+            Err(e) => return Err(anyhow!("cannot unmount {}: {e}", path.display())),
+        }
+        let mut through = std::ffi::OsString::from(format!(
+            "/proc/self/fd/{}/",
+            std::os::fd::AsRawFd::as_raw_fd(&parent)
+        ));
+        through.push(name);
+        umount2(Path::new(&through), flags | MntFlags::UMOUNT_NOFOLLOW)
+    } else {
+        umount2(path, flags)
+    };
+    match result {
         Ok(()) => Ok(()),
         Err(nix::errno::Errno::EBUSY) => Err(anyhow!(
             "{} is busy: a process still has files open there (close them, or use --lazy)",
@@ -270,6 +321,36 @@ pub fn unmount(path: &Path, lazy: bool) -> anyhow::Result<()> {
         }
         Err(e) => Err(anyhow!("could not unmount {}: {e}", path.display())),
     }
+}
+
+/// The device of the file system mounted at `name` in `dir` (the mount's own, not the
+/// directory's beneath it), not followed if a symlink. Asked with `AT_STATX_DONT_SYNC`, so a
+/// FUSE mount's server (perhaps this process, perhaps dead or stopped) is not asked: the
+/// device number is the superblock's, and known without it.
+fn mounted_dev(
+    dir: &crate::store::local::at::Dir,
+    name: &std::ffi::OsStr,
+) -> std::io::Result<libc::dev_t> {
+    use std::os::unix::ffi::OsStrExt;
+    let name = std::ffi::CString::new(name.as_bytes())
+        .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+    let mut stx = std::mem::MaybeUninit::<libc::statx>::uninit();
+    // SAFETY: a valid descriptor, a NUL-terminated name and room for the result.
+    let ret = unsafe {
+        libc::statx(
+            std::os::fd::AsRawFd::as_raw_fd(dir),
+            name.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW | libc::AT_NO_AUTOMOUNT | libc::AT_STATX_DONT_SYNC,
+            libc::STATX_TYPE,
+            stx.as_mut_ptr(),
+        )
+    };
+    if ret != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: statx succeeded, so it filled the structure.
+    let stx = unsafe { stx.assume_init() };
+    Ok(libc::makedev(stx.stx_dev_major, stx.stx_dev_minor))
 }
 
 /// What a mount shares with other mounts of the same process: the spaces (one object per
@@ -423,7 +504,7 @@ impl ActiveMount {
         // From here on, a failure takes the new mount down again.
         let undo = |e: anyhow::Error| {
             if mounted.is_ours()
-                && let Err(u) = unmount(mounted.mountpoint(), true)
+                && let Err(u) = unmount(mounted.mountpoint(), mounted.dev(), true)
             {
                 log::error!("{u:#}");
             }
@@ -472,7 +553,7 @@ impl ActiveMount {
                 let shown = ended_mount.mountpoint().display();
                 if ended_mount.is_ours() {
                     log::error!("serving {shown} failed: {e}");
-                    if let Err(e) = unmount(ended_mount.mountpoint(), true) {
+                    if let Err(e) = unmount(ended_mount.mountpoint(), ended_mount.dev(), true) {
                         log::error!("{e:#}");
                     }
                 } else {
@@ -526,7 +607,7 @@ impl ActiveMount {
                 at.display()
             );
         }
-        match unmount(&at, false) {
+        match unmount(&at, self.mounted.dev(), false) {
             Ok(()) => {
                 self.gate.close();
                 let (caught, ran_out) = self.gate.spins();
@@ -538,7 +619,7 @@ impl ActiveMount {
             }
             Err(_) if lazy => {
                 log::warn!("files still open under {}: detaching lazily", at.display());
-                unmount(&at, true)
+                unmount(&at, self.mounted.dev(), true)
             }
             Err(e) => Err(e),
         }

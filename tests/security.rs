@@ -538,3 +538,53 @@ fn an_agents_symlink_on_the_way_to_a_mount_point_is_not_followed() {
     d.mount(&["--room", "r2"], &d.tmp.path().join("link"));
     assert!(is_mounted(&real));
 }
+
+/// Unmounts `path` when dropped (a test's own tmpfs), whatever the test did.
+struct Tmpfs(PathBuf);
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        if is_mounted(&self.0) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+}
+
+/// The daemon unmounts only through real directories, and only the mount it made: a symlink
+/// swapped onto the path by whoever owns a directory on it (between the daemon finding where
+/// its mount is and unmounting it), or another mount at the path, is never unmounted or
+/// detached.
+#[test]
+fn an_unmount_never_goes_through_a_symlink_nor_takes_another_mount() {
+    let tmp = tempfile::tempdir().unwrap();
+    let victim = tmp.path().join("victim/mnt");
+    fs::create_dir_all(&victim).unwrap();
+    let status = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "roomfs-test"])
+        .arg(&victim)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let guard = Tmpfs(victim.clone());
+    let dev = fs::metadata(&victim).unwrap().dev();
+    symlink(tmp.path().join("victim"), tmp.path().join("home")).unwrap();
+    let through_link = tmp.path().join("home/mnt");
+    for lazy in [false, true] {
+        let err = roomfs::mount::unmount(&through_link, dev, lazy).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("a symlink is in the way"),
+            "{err:#}"
+        );
+        assert!(is_mounted(&victim));
+        // Another mount at a real path: not the one named.
+        let err = roomfs::mount::unmount(&victim, dev ^ 1, lazy).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("not the one to unmount"),
+            "{err:#}"
+        );
+        assert!(is_mounted(&victim));
+    }
+    roomfs::mount::unmount(&victim, dev, false).unwrap();
+    assert!(!is_mounted(&victim));
+    drop(guard);
+}

@@ -16,6 +16,9 @@
 //! which `check_mountpoint` clears at the next mount there) and nothing is unmounted. The check
 //! and the unmount are two calls, so a mount made at the path in between could still be hit:
 //! that needs an unmount and a new mount within microseconds, not a process that ends later.
+//! The path itself cannot be swapped between them: as root, `super::unmount` reaches the mount
+//! point through a descriptor of its directory, opened without following any symlink, and
+//! checks the device of the name there before unmounting that name.
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
@@ -229,6 +232,11 @@ fn receive_fd(socket: &std::os::unix::net::UnixStream) -> io::Result<Option<Owne
 impl Mounted {
     pub fn mountpoint(&self) -> &Path {
         &self.mountpoint
+    }
+
+    /// The device number of our superblock.
+    pub fn dev(&self) -> libc::dev_t {
+        self.dev
     }
 
     /// Whether the mount at our mount point is still ours (see the module docs).
