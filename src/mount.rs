@@ -451,6 +451,7 @@ impl ActiveMount {
                     Some(p) => p.as_str().into(),
                     None => mountpoint.to_string_lossy().into(),
                 },
+                listings_held: Some(resources.hub.listings_held()),
             },
         ));
         fs.watch_space();

@@ -14,12 +14,15 @@
 //! ([`Listing`]): a handle whose listing finds the same entries (names, kinds, listed
 //! attributes) as the one last taken of that directory and still held shares it, so any number
 //! of handles of an unchanged directory cost one listing. The listings the handles of a mount
-//! hold are counted and kept within [`LISTINGS_BUDGET`] bytes between them: a handle whose
+//! hold are counted and kept within [`LISTINGS_BUDGET`] bytes between them, and with them
+//! those of every mount sharing the count (`FsOptions::listings_held`: all mounts of a
+//! process share one, so a daemon holds at most the budget whatever its mounts): a handle whose
 //! listing does not fit (only when many large directories are open at once, or a large one
 //! changes between opens) holds a window of at most [`WINDOW`] entries of it instead, numbered
 //! from the offset it reads at; past the window it lists the directory again and goes on after
 //! the window's last name. Invariant: a handle holds a share of a counted listing or at most
-//! `WINDOW` entries, and the counted listings of a mount take at most the budget. A window keeps
+//! `WINDOW` entries, and the counted listings of the mounts sharing a count take at most the
+//! budget. A window keeps
 //! what POSIX promises (an entry there throughout the reading is read once; one created or
 //! removed meanwhile may or may not show) but not the snapshot: an entry created after
 //! `opendir` shows if its name comes after the window, and a `seekdir` outside the window goes
@@ -43,8 +46,9 @@ use crate::store::{Kind, Meta};
 /// Entries taken from a listing at a time (a reply of the kernel's holds a few dozen).
 const BATCH: usize = 128;
 
-/// Bytes that the listings held by one mount's open directories may take between them (a
-/// directory of 100,000 entries with long names takes about 40 MB).
+/// Bytes that the listings held by the open directories of the mounts sharing a count (a
+/// process's) may take between them (a directory of 100,000 entries with long names takes
+/// about 40 MB).
 pub const LISTINGS_BUDGET: usize = 256 << 20;
 
 /// Entries held by a handle whose listing is over the budget.
@@ -76,7 +80,8 @@ fn cost(items: &[DirItem]) -> usize {
 }
 
 /// The listings of one mount's open directories: the last one taken of each directory (to be
-/// shared while it is held) and the bytes of all those held.
+/// shared while it is held), and the count of bytes held (by these, and by the listings of
+/// the other mounts sharing the count).
 #[derive(Debug)]
 pub struct Listings {
     last: HashMap<PathBuf, Weak<Listing>>,
@@ -86,18 +91,17 @@ pub struct Listings {
     budget: usize,
 }
 
-impl Default for Listings {
-    fn default() -> Listings {
+impl Listings {
+    /// No listings yet, counted in `held`.
+    pub fn counted_in(held: Arc<AtomicUsize>) -> Listings {
         Listings {
             last: HashMap::new(),
             prune_at: 64,
-            held: Arc::new(AtomicUsize::new(0)),
+            held,
             budget: LISTINGS_BUDGET,
         }
     }
-}
 
-impl Listings {
     /// The last listing taken of `dir`, if it is still held.
     fn last(&self, dir: &Path) -> Option<Arc<Listing>> {
         self.last.get(dir).and_then(Weak::upgrade)
@@ -107,11 +111,16 @@ impl Listings {
     /// budget; `fresh` back if not.
     fn add(&mut self, dir: &Path, fresh: Vec<DirItem>) -> Result<Arc<Listing>, Vec<DirItem>> {
         let cost = cost(&fresh);
-        let held = self.held.load(Ordering::Relaxed);
-        if held.saturating_add(cost) > self.budget {
+        // One step, since other mounts' listings are counted in `held` too, under their locks.
+        let budget = self.budget;
+        let taken = self
+            .held
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |held| {
+                held.checked_add(cost).filter(|&total| total <= budget)
+            });
+        if taken.is_err() {
             return Err(fresh);
         }
-        self.held.fetch_add(cost, Ordering::Relaxed);
         let listing = Arc::new(Listing {
             items: fresh,
             cost,

@@ -43,7 +43,7 @@ use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::SystemTime;
 
@@ -85,6 +85,10 @@ pub struct FsOptions {
     /// Who this mount's changes are made by, in events: the token's name, the mount's label,
     /// or its mount point.
     pub participant: Arc<str>,
+    /// The count of bytes held by open directories' listings that this mount shares with
+    /// others, within one budget (`dirs::LISTINGS_BUDGET`): a daemon's mounts share one, so
+    /// that many mounts cannot hold a budget each. `None`: a count of this mount's own.
+    pub listings_held: Option<Arc<AtomicUsize>>,
 }
 
 /// Attributes of an inode as shown to programs.
@@ -292,6 +296,7 @@ fn write_lock<T>(m: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
 
 impl Fs {
     pub fn new(space: Arc<Space>, options: FsOptions) -> Fs {
+        let listings = Listings::counted_in(options.listings_held.clone().unwrap_or_default());
         Fs {
             store: space.store().clone(),
             space,
@@ -306,7 +311,7 @@ impl Fs {
             opens: Mutex::new(HashMap::new()),
             files: RwLock::new(HashMap::new()),
             dirs: Mutex::new(HashMap::new()),
-            listings: Mutex::new(Listings::default()),
+            listings: Mutex::new(listings),
             next_fh: AtomicU64::new(1),
             id: {
                 static NEXT: AtomicU64 = AtomicU64::new(1);

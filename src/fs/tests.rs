@@ -1626,6 +1626,46 @@ fn listings_over_the_budget_are_read_a_window_at_a_time() {
     }
 }
 
+/// Mounts sharing a count of listings (a daemon's) share the budget: listings held through
+/// one leave less for the others, and are given back when released.
+#[test]
+fn mounts_sharing_a_count_share_the_listings_budget() {
+    let held = Arc::new(AtomicUsize::new(0));
+    let mount = || {
+        setup(FsOptions {
+            links_anywhere: true,
+            listings_held: Some(held.clone()),
+            ..Default::default()
+        })
+    };
+    let (a, b) = (mount(), mount());
+    let c = Caller::default();
+    for s in [&a, &b] {
+        for i in 0..300 {
+            s.fs.mknod(ROOT, name(&format!("f{i:04}")), libc::S_IFREG | 0o644, &c)
+                .unwrap();
+        }
+    }
+    let in_a = a.fs.opendir(ROOT).unwrap();
+    let one = held.load(Ordering::Relaxed);
+    assert!(one > 0);
+    assert_eq!(b.fs.listings_held(), one, "b counts a's listing");
+    // Room for one listing of the two in all: b's does not fit beside a's.
+    b.fs.set_listings_budget(one + one / 2);
+    let in_b = b.fs.opendir(ROOT).unwrap();
+    assert!(b.fs.dir_listing(in_b).is_none(), "b holds a window");
+    assert_eq!(read_dir(&b, in_b, 37, |_| {}), dir_names(300));
+    b.fs.releasedir(in_b);
+    a.fs.releasedir(in_a);
+    assert_eq!(held.load(Ordering::Relaxed), 0);
+    let in_b = b.fs.opendir(ROOT).unwrap();
+    assert!(
+        b.fs.dir_listing(in_b).is_some(),
+        "it fits once a's is released"
+    );
+    b.fs.releasedir(in_b);
+}
+
 /// Takes a lock through `fh` for `owner` without waiting; the answer.
 /// A process that releases its lock before closing (`lockf(F_ULOCK)`, then `close`): what it
 /// wrote is committed at the unlock, so the next holder reads it (a counter incremented under

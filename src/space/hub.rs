@@ -328,6 +328,9 @@ pub struct Hub {
     /// in this process).
     logs: Option<Logs>,
     retention: Retention,
+    /// Bytes held by the directory listings of every mount of the process (their budget is
+    /// the process's, see `fs::dirs`).
+    listings_held: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Hub {
@@ -373,7 +376,14 @@ impl Hub {
             open: Mutex::new(HashMap::new()),
             logs,
             retention,
+            listings_held: Arc::default(),
         }
+    }
+
+    /// The count of bytes held by directory listings that the mounts of this process share
+    /// (`FsOptions::listings_held`).
+    pub fn listings_held(&self) -> Arc<std::sync::atomic::AtomicUsize> {
+        self.listings_held.clone()
     }
 
     /// Like [`Hub::with_retention`], with rooms and sessions stored elsewhere where given (the
