@@ -46,7 +46,8 @@
 //! published and, every `events_poll_secs` (default 0.25 s), GETs the next object of every space
 //! open in the process, until one is missing. So while nothing changes, each open space costs one
 //! GET answered 404 per poll interval: 4 requests per second per space and host by default
-//! (doc/S3.md, Events across hosts). The feed's requests are counted apart in the metrics
+//! (doc/S3.md, Events across hosts), and one LIST a minute, which finds whether compaction
+//! left this host behind (see below). The feed's requests are counted apart in the metrics
 //! (`roomfs_backend_requests_total{op="feed_get"}`...). A publish wakes the thread at once; while
 //! changes stream, the thread writes at most one object per turn of 20 ms, carrying all the
 //! changes published meanwhile, so a busy host makes a few PUTs a second per space, not one per
@@ -59,7 +60,10 @@
 //! deletes the oldest objects whose every event retention drops, among those it has read (a
 //! host that joined late leaves older ones to hosts that read them, or to the next compaction
 //! once it has read enough). The first object left says which `seq` is the oldest retained;
-//! a watcher resuming from before it is told of the gap.
+//! a watcher resuming from before it is told of the gap. A host that did not read while the
+//! others wrote and compacted (stopped, or cut off from the bucket) finds its next object
+//! deleted and later ones there: it goes on from the first one left
+//! ([`BucketFeed::skip_compacted`]), looking after any stall and once a minute anyway.
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
@@ -97,6 +101,13 @@ const MAX_RACES: u32 = 64;
 /// While changes stream, the feed is written at most once per turn (a turn's changes go in
 /// one object): requests per change fall with the rate, and an event waits at most this long.
 const TURN: Duration = Duration::from_millis(20);
+/// A feed not read for this many poll intervals, and at least [`STALL_MIN`] (2 s by default),
+/// was stalled: this process was stopped, or could not reach the bucket. Before it writes or
+/// reads on, it looks whether a compaction left it behind ([`BucketFeed::skip_compacted`]).
+const STALL_POLLS: u32 = 8;
+const STALL_MIN: Duration = Duration::from_secs(2);
+/// And it looks every this many poll intervals anyway (a minute by default): one LIST.
+const GAP_CHECK_POLLS: u32 = 240;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -120,6 +131,8 @@ struct Shared {
     /// Set to wake the thread (a feed has changes to write); the thread clears it.
     wake: Mutex<bool>,
     woken: Condvar,
+    /// How often the feeds are read.
+    poll: Duration,
 }
 
 impl Shared {
@@ -156,6 +169,7 @@ impl BucketFeeds {
             feeds: Mutex::new(HashMap::new()),
             wake: Mutex::new(false),
             woken: Condvar::new(),
+            poll,
         });
         let weak = Arc::downgrade(&shared);
         std::thread::Builder::new()
@@ -254,6 +268,13 @@ fn run(shared: &Weak<Shared>, poll: Duration) {
         let _counted = crate::metrics::FeedRequests::enter();
         for feed in &feeds {
             let mut chain = lock(&feed.chain);
+            // Left behind while stalled? Then this host looks before it writes.
+            if feed.behind(&chain)
+                && let Err(e) = feed.follow(&mut chain)
+            {
+                feed.failed(&mut chain, "reading", &e);
+                continue;
+            }
             match feed.write_pending(&mut chain) {
                 Ok(true) => wrote = Some(Instant::now()),
                 Ok(false) => {}
@@ -388,6 +409,10 @@ struct Chain {
     failing: bool,
     /// When the chain was last read to its end.
     followed: Option<Instant>,
+    /// Whether the next object missing is to be checked for a gap (see `skip_compacted`), and
+    /// when that was last done.
+    check_gap: bool,
+    gap_checked: Instant,
 }
 
 impl Chain {
@@ -402,6 +427,8 @@ impl Chain {
             objects: VecDeque::new(),
             failing: false,
             followed: None,
+            check_gap: false,
+            gap_checked: Instant::now(),
         }
     }
 }
@@ -565,9 +592,69 @@ impl BucketFeed {
 
     /// Reads the objects written since the last look, delivering them.
     fn follow(&self, chain: &mut Chain) -> Result<(), ClientError> {
+        if self.behind(chain) {
+            chain.check_gap = true;
+        }
         self.read_on(chain, true)?;
         chain.followed = Some(Instant::now());
         Ok(())
+    }
+
+    /// Whether a compaction may have left this host behind since it last read the chain: it
+    /// was stalled ([`STALL_POLLS`]), or it has not looked for a while ([`GAP_CHECK_POLLS`]).
+    fn behind(&self, chain: &Chain) -> bool {
+        let poll = self.shared.poll;
+        chain
+            .followed
+            .is_some_and(|at| at.elapsed() >= (poll * STALL_POLLS).max(STALL_MIN))
+            || chain.gap_checked.elapsed() >= poll * GAP_CHECK_POLLS
+    }
+
+    /// With object `chain.next` missing: whether the chain went on without it, and if so moves
+    /// on to the first object left after it.
+    ///
+    /// A host writes object n+1 only after reading n, so a later object means n was there,
+    /// and is gone: compacted away, with every object before it, by hosts that read them
+    /// while this one did not (it was stopped, or cut off from the bucket, for longer than
+    /// retention keeps). Waiting for n would stall this host for good, and writing n would put
+    /// its batch where no other host reads. The events in between are lost to it: logged, as
+    /// the local change log does; its mounts learn of those changes at their cache TTL, and a
+    /// watcher resuming from before the first object left is told of the gap.
+    fn skip_compacted(&self, chain: &mut Chain) -> Result<bool, ClientError> {
+        let n = chain.next;
+        chain.gap_checked = Instant::now();
+        let page = self.shared.client.list_after(&self.prefix, &self.key(n))?;
+        let Some(m) = page
+            .objects
+            .iter()
+            .filter_map(|o| self.number(&o.key))
+            .filter(|&m| m > n)
+            .min()
+        else {
+            return Ok(false);
+        };
+        // Written since it was found missing (others wrote on after it): no gap.
+        if !matches!(self.get(n)?, Got::Missing) {
+            return Ok(true);
+        }
+        log::warn!(
+            "change feed of {}: objects {n}..{m} were compacted away before this host read \
+             them (it was stopped, or could not reach the bucket); going on from object {m}: \
+             its mounts learn of those changes at their cache TTL",
+            self.space
+        );
+        chain.next = m;
+        // Object m starts wherever the chain had got to.
+        chain.known = false;
+        chain.first_object = chain.first_object.max(m);
+        chain.objects.clear();
+        if let Got::Batch(b) = self.get(m)? {
+            chain.oldest = b.first;
+        }
+        let mut window = lock(&self.window);
+        window.events.clear();
+        window.from_object = m;
+        Ok(true)
     }
 
     /// Like `follow`, without delivering (what the chain held when the feed was opened).
@@ -580,7 +667,12 @@ impl BucketFeed {
         loop {
             let n = chain.next;
             match self.get(n)? {
-                Got::Missing => return Ok(()),
+                Got::Missing => {
+                    if std::mem::take(&mut chain.check_gap) && self.skip_compacted(chain)? {
+                        continue;
+                    }
+                    return Ok(());
+                }
                 Got::NotBatch => self.take(chain, n, None, deliver),
                 Got::Batch(batch) => self.take(chain, n, Some(batch), deliver),
             }

@@ -205,6 +205,69 @@ fn retention_compacts_the_chain_and_a_late_reader_is_told_of_the_gap() {
     );
 }
 
+/// A host stalled (stopped, or cut off from the bucket) while the others wrote on and compacted
+/// the objects it had not read: it goes on from the first object left, rather than waiting for
+/// a compacted object for good or writing its batch there, where no other host reads.
+#[test]
+fn a_host_left_behind_by_a_compaction_goes_on_from_what_is_left() {
+    let client = Arc::new(MemClient::new());
+    let retention = Retention {
+        max_events: Some(10),
+        max_age_secs: None,
+    };
+    let (a, b) = (host(&client, retention), host(&client, retention));
+    let (fa, fb) = (a.feed(&room()).unwrap(), b.feed(&room()).unwrap());
+    let heard_a = Arc::new(Heard::default());
+    fa.listen(Arc::downgrade(&heard_a) as Weak<dyn ForeignChanges>);
+    let heard_b = Arc::new(Heard::default());
+    fb.listen(Arc::downgrade(&heard_b) as Weak<dyn ForeignChanges>);
+    let (pa, pb): (Arc<str>, Arc<str>) = (Arc::from("a"), Arc::from("b"));
+    fa.publish(&pa, &[file("first")]);
+    fa.flush();
+    wait_until("b hears the first", || heard_b.0.lock().unwrap().len() == 1);
+    // B's thread stalls (as when its process is stopped) while A writes 60 events.
+    let stalled = lock(&fb.chain);
+    for i in 0..60 {
+        fa.publish(&pa, &[file(&format!("f{i}"))]);
+        fa.flush();
+    }
+    assert!(
+        client
+            .keys()
+            .iter()
+            .filter(|k| k.ends_with(&format!("{:020}", 2)))
+            .count()
+            == 0,
+        "object 2 was compacted away"
+    );
+    std::thread::sleep(STALL_MIN + Duration::from_millis(100));
+    drop(stalled);
+    // B goes on from what is left and hears A's later changes.
+    wait_until("b reads on past the gap", || {
+        fb.read(0, usize::MAX).unwrap().head == 61
+    });
+    fa.publish(&pa, &[file("after")]);
+    fa.flush();
+    wait_until("b hears A after the gap", || {
+        heard_b.0.lock().unwrap().last() == Some(&file("after"))
+    });
+    // What B writes now goes on the chain A reads, numbered on from A's events.
+    fb.publish(&pb, &[file("from-b")]);
+    fb.flush();
+    wait_until("a hears b", || {
+        heard_a.0.lock().unwrap().last() == Some(&file("from-b"))
+    });
+    let seen = events(&fa, 61);
+    assert_eq!(
+        seen.iter().map(|e| (e.0, e.2.as_str())).collect::<Vec<_>>(),
+        vec![(62, "after"), (63, "from-b")]
+    );
+    // A watcher of B resuming from before what is left is told of the gap.
+    let backlog = fb.read(0, usize::MAX).unwrap();
+    assert!(backlog.oldest > 2, "{}", backlog.oldest);
+    assert_eq!(backlog.head, 63);
+}
+
 #[test]
 fn a_failed_write_is_retried_and_nothing_is_lost() {
     use crate::store::s3::mock::Op;
