@@ -201,15 +201,24 @@ impl Fs {
         }
         let base = h.base().clone();
         let mut sizes = (base.meta().size, h.size()?);
+        // A file counts once per name (see `link`), so its growth does too: charged for the
+        // names it had when opened, settled for those it has once committed (links made
+        // meanwhile, or a commit that left the other names on the old version).
+        let names = |meta: &crate::store::Meta| u64::from(meta.nlink.max(1));
+        let per_names =
+            |(old, new): (u64, u64), n: u64| (old.saturating_mul(n), new.saturating_mul(n));
+        let opened_with = names(base.meta());
         // The byte quota is charged for the growth, and settled with what the commit did.
         // Refused, the change of a handle that does not append (which replaces the file, see
         // `Change`) is charged again from the file as it is now, which another writer's close
         // may have replaced since this handle opened it.
         if let Some(q) = self.space.quota() {
-            match q.resize(sizes.0, sizes.1) {
+            let (old, new) = per_names(sizes, opened_with);
+            match q.resize(old, new) {
                 Err(Errno::EDQUOT) if !h.appends() => match self.size_now(&path)? {
                     Some(now) if now != sizes.0 => {
-                        q.resize(now, sizes.1)?;
+                        let (old, new) = per_names((now, sizes.1), opened_with);
+                        q.resize(old, new)?;
                         sizes.0 = now;
                     }
                     _ => return Err(Errno::EDQUOT),
@@ -254,7 +263,11 @@ impl Fs {
         match result {
             Ok(done) => {
                 if let Some(q) = self.space.quota() {
-                    q.settle(sizes, (done.replaced_size, done.content.meta().size));
+                    let committed = done.content.meta();
+                    q.settle(
+                        per_names(sizes, opened_with),
+                        per_names((done.replaced_size, committed.size), names(committed)),
+                    );
                 }
                 h.committed(done.content, done.followed);
                 if !with_attrs && let Some(times) = h.kept_times().or(written_at) {
@@ -266,7 +279,8 @@ impl Fs {
             }
             Err(e) => {
                 if let Some(q) = self.space.quota() {
-                    let _ = q.resize(sizes.1, sizes.0);
+                    let (old, new) = per_names(sizes, opened_with);
+                    let _ = q.resize(new, old);
                 }
                 Err(e.into())
             }

@@ -1227,6 +1227,65 @@ fn a_writer_replacing_a_file_another_writer_replaced_is_charged_from_what_it_rep
     }
 }
 
+/// A file counts once per name, also when it grows: growing a file with several names, then
+/// removing all but one, leaves its bytes counted once (removing each name gives back its
+/// size, so growth counted once let a session store past its limit without bound).
+#[test]
+fn a_file_with_several_names_is_charged_its_growth_once_per_name() {
+    for backend in BACKENDS {
+        let quota = Arc::new(Quota::new(
+            Limits {
+                max_bytes: Some(1000),
+                ..Default::default()
+            },
+            Usage::default(),
+        ));
+        let s = setup_on(
+            backend,
+            FsOptions {
+                links_anywhere: true,
+                ..Default::default()
+            },
+            Some(quota.clone()),
+        );
+        let (f, w) = create(&s.fs, ROOT, "f", RW);
+        s.fs.release(w.fh).unwrap();
+        match s.fs.link(f.ino, ROOT, name("before")) {
+            Err(Errno::EPERM) => continue, // a store without hard links
+            linked => linked.unwrap(),
+        };
+        // Linked before the open, and while it is open.
+        let a =
+            s.fs.open(f.ino, libc::O_WRONLY | libc::O_APPEND, CALLER)
+                .unwrap();
+        s.fs.link(f.ino, ROOT, name("during")).unwrap();
+        s.fs.write(a.fh, 0, &[b'x'; 300], CALLER).unwrap();
+        s.fs.release(a.fh).unwrap();
+        assert_eq!(quota.usage().bytes, 900, "{backend:?}: three names of 300");
+        // Past the limit counted per name: refused.
+        let b =
+            s.fs.open(f.ino, libc::O_WRONLY | libc::O_APPEND, CALLER)
+                .unwrap();
+        s.fs.write(b.fh, 0, &[b'y'; 50], CALLER).unwrap();
+        assert_eq!(
+            s.fs.release(b.fh).unwrap_err(),
+            Errno::EDQUOT,
+            "{backend:?}"
+        );
+        for n in ["before", "during"] {
+            s.fs.unlink(ROOT, name(n)).unwrap();
+        }
+        assert_eq!(
+            quota.usage(),
+            Usage {
+                files: 1,
+                bytes: 300
+            },
+            "{backend:?}: what the space holds"
+        );
+    }
+}
+
 #[test]
 fn seek_data_and_hole_follow_each_handles_view() {
     use std::os::unix::fs::FileExt;
