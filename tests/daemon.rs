@@ -155,6 +155,64 @@ fn records_follow_the_sdk_semantics_for_every_collection() {
     );
 }
 
+/// A mount of a session ended while busy (an agent's shell in it: the daemon can only detach
+/// it) is done with: an agent creating entries through it as fast as it can does not keep the
+/// session's files from being deleted, nothing more can be made there, and it shows nothing of
+/// a later session of the same id (whose `.meta` records are found by that id).
+#[test]
+fn a_busy_mount_of_an_ended_session_shows_nothing_of_the_next_session_of_its_id() {
+    use std::os::fd::AsRawFd;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let d = Daemon::start();
+    // No limit on entries: only the end stops the agent making them.
+    d.json(&[
+        "session",
+        "create",
+        "ses_7f3a",
+        "--max-files",
+        "unlimited",
+        "--json",
+    ]);
+    let mnt = d.dir("mnt");
+    d.mount(&["--session", "ses_7f3a"], &mnt);
+    // Where the agent is (a descriptor of the mount's root, as a shell's cwd).
+    let held = fs::File::open(&mnt).unwrap();
+    let through = |rel: &str| format!("/proc/self/fd/{}/{rel}", held.as_raw_fd());
+    fs::write(through("before"), b"x").unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let creator = {
+        let (stop, at) = (stop.clone(), through(""));
+        std::thread::spawn(move || {
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let _ = fs::create_dir(format!("{at}d{i}"));
+                i += 1;
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    let (code, _, err) = d.cli(&["session", "end", "ses_7f3a"]);
+    stop.store(true, Ordering::Relaxed);
+    creator.join().unwrap();
+    assert_eq!(code, 0, "{err}");
+    // The id is taken again, and the new session has records.
+    d.json(&["session", "create", "ses_7f3a", "--json"]);
+    load_fixture_session(&d);
+    let mnt2 = d.dir("mnt2");
+    d.mount(&["--session", "ses_7f3a"], &mnt2);
+    assert!(mnt2.join(".meta/session.json").exists());
+    for rel in [".meta/session.json", ".meta/history.json", "before"] {
+        let err = fs::read(through(rel)).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::NotFound, "{rel}: {err}");
+    }
+    assert_eq!(
+        fs::create_dir(through("after")).unwrap_err().kind(),
+        std::io::ErrorKind::NotFound
+    );
+    assert!(!mnt2.join("after").exists());
+    drop(held);
+}
+
 #[test]
 fn meta_shows_the_sessions_records_read_only_and_fresh() {
     let d = Daemon::start();

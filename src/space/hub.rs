@@ -25,6 +25,7 @@ use crate::records::RecordStore;
 use crate::store::Owner;
 use crate::store::Store;
 use crate::store::Usage;
+use crate::store::ending::Ending;
 use crate::store::local::LocalBackend;
 use crate::store::local::at::Tally;
 use crate::store::meta::MetaOverlay;
@@ -104,7 +105,9 @@ pub type WatcherId = u64;
 /// One open space, shared by everything in the process that uses it.
 pub struct Space {
     id: SpaceId,
+    /// The space's store, behind the layer that ends it when the space is deleted.
     store: Arc<dyn Store>,
+    ending: Arc<Ending>,
     quota: Option<Arc<Quota>>,
     watchers: RwLock<Vec<(WatcherId, Weak<dyn SpaceWatcher>)>>,
     next_watcher: AtomicU64,
@@ -146,9 +149,11 @@ impl Space {
         quota: Option<Arc<Quota>>,
         feed: Arc<dyn ChangeFeed>,
     ) -> Space {
+        let ending = Arc::new(Ending::new(store));
         Space {
             id,
-            store,
+            store: ending.clone(),
+            ending,
             quota,
             watchers: RwLock::new(Vec::new()),
             next_watcher: AtomicU64::new(1),
@@ -157,6 +162,14 @@ impl Space {
             locks: Locks::default(),
             feed,
         }
+    }
+
+    /// Ends the space, which is being deleted: from now on its store answers every request
+    /// with `ENOENT` (see `store::ending`), so a mount still serving it (detached while busy)
+    /// neither adds entries while it is deleted nor shows what a later space of the same id
+    /// holds. Returns once the requests under way are done (at most 10 s: whether they were).
+    pub fn end(&self) -> bool {
+        self.ending.end()
     }
 
     /// Has this space hear, from its feed, of changes other processes made (its mounts then
@@ -527,8 +540,14 @@ impl Hub {
     }
 
     /// Deletes the space `id` and all it holds; returns what went. Whoever still holds it open
-    /// keeps an object whose files are gone (the daemon unmounts first).
+    /// (a mount the daemon could only detach) keeps an ended object ([`Space::end`]): every
+    /// request to it is `ENOENT`, and a space opened again under the id is a new one.
     pub fn delete(&self, id: &SpaceId) -> io::Result<Usage> {
+        if let Some(space) = self.get(id)
+            && !space.end()
+        {
+            log::warn!("deleting {id}: requests to it still under way after 10 s");
+        }
         lock(&self.open).remove(id);
         let tally = self.spaces(id.kind).delete_space(id)?;
         if let Some(logs) = &self.logs

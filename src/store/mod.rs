@@ -11,6 +11,7 @@
 //! `.meta` view of agent records, a decorator over a session's store), and the test doubles
 //! [`mem::MemStore`] and [`failing::FailingStore`].
 
+pub mod ending;
 pub mod error;
 pub mod failing;
 pub mod local;
