@@ -881,10 +881,16 @@ fn mount_spec(args: MountArgs) -> anyhow::Result<MountSpec> {
 fn unmount(args: &UnmountArgs) -> anyhow::Result<()> {
     // A mount the daemon serves is unmounted through it, so it forgets the mount too (the
     // daemon's mount points are text: those of its API and its config).
-    let target = args
-        .mountpoint
-        .canonicalize()
-        .unwrap_or(args.mountpoint.clone());
+    // Resolved as root may: through root's own symlinks only (an agent's link on the way
+    // would have root unmount another mount, see `mount::path`).
+    let resolved = match mount::path::existing_as_me(&args.mountpoint) {
+        Ok(path) => Some(path),
+        Err(e @ mount::path::Refused::Untrusted { .. }) => {
+            return Err(anyhow!("not unmounting {}: {e}", args.mountpoint.display()));
+        }
+        Err(mount::path::Refused::Io(_)) => None,
+    };
+    let target = resolved.clone().unwrap_or(args.mountpoint.clone());
     if args.socket.exists()
         && let Some(target) = target.to_str()
     {
@@ -902,10 +908,11 @@ fn unmount(args: &UnmountArgs) -> anyhow::Result<()> {
             Err(e) => return Err(e.into()),
         }
     }
-    let path = args
-        .mountpoint
-        .canonicalize()
-        .with_context(|| format!("{}", args.mountpoint.display()))?;
+    let path = match resolved {
+        Some(path) => path,
+        None => mount::path::existing_as_me(&args.mountpoint)
+            .map_err(|e| anyhow!("{}: {e}", args.mountpoint.display()))?,
+    };
     match mount::mount_at(&path) {
         Some(m) if m.is_roomfs() => mount::unmount(&path, m.dev, args.lazy),
         Some(m) => Err(anyhow!(

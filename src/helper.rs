@@ -334,7 +334,9 @@ pub fn main(args: &[OsString]) -> i32 {
         Ok(p) => p,
         Err(e) => return fail(EXIT_USAGE, e),
     };
-    let mountpoint = match invocation.mountpoint.canonicalize() {
+    // Resolved through root's own symlinks only, when root: the helper runs as root from
+    // mount(8) and fstab (see `mount::path`).
+    let mountpoint = match crate::mount::path::existing_as_me(&invocation.mountpoint) {
         Ok(p) => p,
         Err(e) => {
             return fail(

@@ -588,3 +588,58 @@ fn an_unmount_never_goes_through_a_symlink_nor_takes_another_mount() {
     assert!(!is_mounted(&victim));
     drop(guard);
 }
+
+/// `roomfs unmount` and the mount helper (what mount(8) and fstab run), as root, follow only
+/// root's own symlinks to a mount point: an agent's link on the way (in its home) neither has
+/// root unmount another mount nor mount a space over the directory the link leads to.
+#[test]
+fn unmount_and_the_mount_helper_follow_no_agents_symlink() {
+    const AGENT: u32 = 65534;
+    let d = Daemon::start();
+    let t = d.dir("t");
+    let (home, victim) = (t.join("home"), t.join("victim"));
+    fs::create_dir_all(victim.join("r1")).unwrap();
+    fs::create_dir_all(&home).unwrap();
+    std::os::unix::fs::chown(&home, Some(AGENT), Some(AGENT)).unwrap();
+    // The operator's mount of another room.
+    d.mount(&["--room", "r1"], &victim.join("r1"));
+    // The agent's link, in its home, to where that mount is.
+    symlink(&victim, home.join("D")).unwrap();
+    std::os::unix::fs::lchown(home.join("D"), Some(AGENT), Some(AGENT)).unwrap();
+    let through = home.join("D/r1");
+    let (code, _, err) = d.cli(&["unmount", through.to_str().unwrap()]);
+    assert_ne!(code, 0);
+    assert!(err.contains("goes through the symlink"), "{err}");
+    assert!(is_mounted(&victim.join("r1")));
+    // The daemon's API, asked for the same path, says why too.
+    let out = std::process::Command::new("curl")
+        .args(["-s", "-w", "\n%{http_code}", "--unix-socket"])
+        .arg(&d.socket)
+        .args(["-H", "content-type: application/json", "-d"])
+        .arg(serde_json::json!({"mountpoint": through.to_str().unwrap()}).to_string())
+        .arg("http://roomfs/v1/mounts/remove")
+        .output()
+        .unwrap();
+    let body = String::from_utf8_lossy(&out.stdout);
+    assert!(body.ends_with("\n400"), "{body}");
+    assert!(body.contains("goes through the symlink"), "{body}");
+    assert!(is_mounted(&victim.join("r1")));
+    // The mount helper asked to mount at `home/D` (leading to root's directory): refused.
+    let helper = t.join("mount.fuse.roomfs");
+    symlink(common::BIN, &helper).unwrap();
+    let out = std::process::Command::new(&helper)
+        .arg("room:r2")
+        .arg(home.join("D"))
+        .arg("-o")
+        .arg(format!("daemon,socket={}", d.socket.display()))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("goes through the symlink"), "{err}");
+    assert!(!is_mounted(&victim));
+    // Named through root's own path, it is unmounted.
+    let (code, _, err) = d.cli(&["unmount", victim.join("r1").to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(!is_mounted(&victim.join("r1")));
+}

@@ -941,12 +941,24 @@ impl ControlPlane for Daemon {
                 .find(|s| s.mount.mountpoint == at)
                 .map(|s| (s.id, s.mount.clone()))
         };
-        // The path as given, else resolved (outside the table's lock: resolving may hang).
-        let (id, mount) = find(&path)
-            .or_else(|| path.canonicalize().ok().and_then(|p| find(&p)))
-            .ok_or_else(|| {
-                ApiError::not_found(format!("no mount of this daemon at {}", path.display()))
-            })?;
+        // The path as given, else resolved (outside the table's lock: resolving may hang),
+        // through root's own symlinks only: an agent's link on the way must not name another
+        // mount (see `mount::path`).
+        let resolved = || match crate::mount::path::existing_as_me(&path) {
+            Ok(p) => Ok(find(&p)),
+            Err(e @ crate::mount::path::Refused::Untrusted { .. }) => Err(ApiError::bad_request(
+                format!("not unmounting {}: {e}", path.display()),
+            )),
+            Err(crate::mount::path::Refused::Io(_)) => Ok(None),
+        };
+        let found = match find(&path) {
+            Some(found) => Some(found),
+            None if path.is_absolute() => resolved()?,
+            None => None,
+        };
+        let (id, mount) = found.ok_or_else(|| {
+            ApiError::not_found(format!("no mount of this daemon at {}", path.display()))
+        })?;
         mount
             .unmount(req.lazy)
             .map_err(|e| ApiError::conflict(format!("{e:#}")))?;

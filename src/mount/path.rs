@@ -160,6 +160,17 @@ pub fn resolve_as_me(path: &Path) -> Result<Resolved, Refused> {
     }
 }
 
+/// `path` (taken from the working directory if relative) resolved as [`resolve_as_me`] does,
+/// all of it existing (else `ENOENT`): where a command names a mount point, as `canonicalize`
+/// would, but never through a symlink someone other than root could have swapped in.
+pub fn existing_as_me(path: &Path) -> Result<PathBuf, Refused> {
+    let Resolved { existing, missing } = resolve_as_me(&std::path::absolute(path)?)?;
+    if !missing.is_empty() {
+        return Err(io::Error::from_raw_os_error(libc::ENOENT).into());
+    }
+    Ok(existing)
+}
+
 /// Makes the directory `path` (mode 0755) and the missing ones above it, as `mkdir -p` but
 /// resolved as [`resolve_as_me`] does and created beneath the part that exists without
 /// following any symlink. Returns the directory's resolved path.
