@@ -103,24 +103,33 @@ impl Fs {
             }
         };
         let mut opened_since = false;
+        let mut linked = None;
         for fh in handles {
             let Ok(handle) = self.file(fh) else { continue };
             let mut h = lock(&handle);
             if Some(&h.base().meta().version) == now.as_ref() {
                 opened_since = true;
             } else if h.base().meta().nlink <= 1 {
-                // (A file with other links lives on under them: its changes go there, where
-                // this mount knows one, as for an unlink here.)
                 h.gone = true;
+            } else {
+                // A file with other names lives on under them: its changes go there, as for
+                // an unlink here (see `keep_a_name`).
+                linked = Some(h.base().meta().clone());
             }
         }
         if opened_since {
             return;
         }
-        let mut table = write_lock(&self.table);
-        // Unless a change made here moved it meanwhile.
-        if table.resolve(path) == Some((parent, Some(ino))) {
+        {
+            let mut table = write_lock(&self.table);
+            // Unless a change made here moved it meanwhile.
+            if table.resolve(path) != Some((parent, Some(ino))) {
+                return;
+            }
             table.detach(parent, name);
+        }
+        if let Some(meta) = linked {
+            self.keep_a_name(ino, path, &meta);
         }
     }
 

@@ -199,6 +199,33 @@ impl InodeTable {
         parent
     }
 
+    /// The inode known for the file `id` (with several names), and one of its names (`None`
+    /// if it has none left).
+    pub fn linked_to(&self, id: FileId) -> Option<(Ino, Option<std::path::PathBuf>)> {
+        let ino = *self.linked.get(&id)?;
+        self.nodes.contains_key(&ino).then(|| (ino, self.path(ino)))
+    }
+
+    /// Forgets that `ino` is the file `id` (it is not, or cannot be told to be, any more).
+    pub fn forget_linked(&mut self, id: FileId, ino: Ino) {
+        if self.linked.get(&id) == Some(&ino) {
+            self.linked.remove(&id);
+        }
+    }
+
+    /// Gives `ino`, which has no name left, the name `path` (another name of its file, found
+    /// in the store), with the directories on the way; not one the table gives another inode.
+    pub fn adopt_name(&mut self, ino: Ino, path: &std::path::Path) {
+        let Some(name) = path.file_name() else {
+            return;
+        };
+        let parent = self.dirs_for_move(path.parent().unwrap_or(std::path::Path::new("")));
+        match self.children.get(&(parent, name.to_os_string())) {
+            Some(&other) if other != ino => {}
+            _ => self.add_link(ino, parent, name),
+        }
+    }
+
     /// Records that the kernel now holds a reference to `name` in `parent` (of `kind`),
     /// returning its inode number. An entry whose kind changed behind our back gets a new inode.
     /// `linked`: the file has several names and this is its identity: a name of a file the

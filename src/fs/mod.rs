@@ -429,11 +429,40 @@ impl Fs {
         Ok(table.path(parent).ok_or(Errno::ENOENT)?.join(name))
     }
 
+    /// Before `name` in `parent`, a name of the file `id` (with several names), joins the
+    /// inode the table knows for that file: whether that inode is still the file. An inode's
+    /// name may hold another file by now (replaced by a commit or a rename, here or
+    /// elsewhere), and the file system may have given the number of a deleted file to a new
+    /// one (ext4 does at once), so the identity alone could join two different files into one
+    /// inode, whose pages the kernel would then share. The inode's name is looked at (one
+    /// `stat`, only when a second name of a file is first met); if it is not the file, or has
+    /// no name left, the table forgets the identity and the name gets an inode of its own.
+    fn check_linked(&self, id: crate::store::FileId, parent: Ino, name: &OsStr) {
+        let (known, here) = {
+            let table = read_lock(&self.table);
+            (table.linked_to(id), table.child(parent, name))
+        };
+        let Some((ino, path)) = known else {
+            return;
+        };
+        if here == Some(ino) {
+            return;
+        }
+        let still =
+            path.is_some_and(|path| self.store.stat(&path).is_ok_and(|m| m.file_id == Some(id)));
+        if !still {
+            write_lock(&self.table).forget_linked(id, ino);
+        }
+    }
+
     fn remember(&self, parent: Ino, name: &OsStr, meta: &Meta) -> Attr {
         // A name of a file with several: the kernel must see one inode for all of them.
         let linked = meta
             .file_id
             .filter(|_| meta.nlink > 1 && meta.kind != Kind::Dir);
+        if let Some(id) = linked {
+            self.check_linked(id, parent, name);
+        }
         let ino = {
             let mut table = write_lock(&self.table);
             let ino = table.remember(parent, name, meta.kind, linked);

@@ -1,14 +1,19 @@
 //! Names: looking them up, and making, removing and moving entries.
 
+use std::collections::{HashSet, VecDeque};
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use super::{Attr, Caller, Errno, Fs, FsResult, Ino, NAME_MAX, deny, lock, read_lock, write_lock};
 use crate::events::Changed;
 use crate::grant::Access;
 use crate::space::claims::Span;
-use crate::store::{Kind, Meta, RenameMode};
+use crate::store::{FileId, Kind, Meta, RenameMode};
+
+/// Entries looked at, at most, in search of another name of a file open here whose last
+/// known name was removed (see [`Fs::keep_a_name`]).
+const NAME_SEARCH: usize = 100_000;
 
 impl Fs {
     /// Looks up `name` in `parent`; the kernel now holds one more reference to the result.
@@ -113,7 +118,15 @@ impl Fs {
             return Err(Errno::EISDIR);
         }
         self.store.unlink(&path)?;
-        write_lock(&self.table).detach(parent, name);
+        let ino = {
+            let mut table = write_lock(&self.table);
+            let ino = table.child(parent, name);
+            table.detach(parent, name);
+            ino
+        };
+        if let Some(ino) = ino {
+            self.keep_a_name(ino, &path, &meta);
+        }
         self.released(&meta);
         self.publish(Changed::file_deleted(&path));
         Ok(())
@@ -200,6 +213,85 @@ impl Fs {
         self.publish_all(&self.renamed(&from, &to, mode));
         drop(claim);
         Ok(())
+    }
+
+    /// `ino` lost the last name this mount knew it by (unlinked here, or elsewhere) while open,
+    /// and the file had other names (`meta`, from before): names this mount never looked up,
+    /// or forgot with the inode (the kernel forgets the inodes it stops caching). The file
+    /// lives on under them, and its open handles must go on committing to it, as writes to an
+    /// inode do on a local disk, not be dropped as a removed file's are. So another name is
+    /// looked for among those this mount may write, first beside the one removed, then
+    /// through the space (at most [`NAME_SEARCH`] entries); found, the inode takes it. (No
+    /// lock is held while the store is asked; a name changed meanwhile is looked for again
+    /// at the commit, which finds the inode's path as for any name.)
+    pub(super) fn keep_a_name(&self, ino: Ino, removed: &Path, meta: &Meta) {
+        let Some(id) = meta.file_id else {
+            return;
+        };
+        if meta.kind != Kind::File || meta.nlink <= 1 {
+            return;
+        }
+        let open = lock(&self.opens)
+            .get(&ino)
+            .is_some_and(|state| !state.handles.is_empty());
+        if !open || read_lock(&self.table).path(ino).is_some() {
+            return;
+        }
+        match self.search_name(id, removed.parent().unwrap_or(Path::new(""))) {
+            Some(found) => write_lock(&self.table).adopt_name(ino, &found),
+            None => log::warn!(
+                "{}: removed while open, and no other name of the file was found that this \
+                 mount may write: what its open descriptors write is dropped when they close",
+                removed.display()
+            ),
+        }
+    }
+
+    /// A name of the file `id` (with several names) this mount may write: the directory
+    /// `near` first, then the whole space, breadth first.
+    fn search_name(&self, id: FileId, near: &Path) -> Option<PathBuf> {
+        let mut budget = NAME_SEARCH;
+        let mut listed: HashSet<PathBuf> = HashSet::new();
+        let mut queue = VecDeque::from([near.to_path_buf(), PathBuf::new()]);
+        while let Some(dir) = queue.pop_front() {
+            if !listed.insert(dir.clone()) {
+                continue;
+            }
+            let Ok(entries) = self.store.list(&dir) else {
+                continue;
+            };
+            for entry in entries {
+                budget = budget.checked_sub(1)?;
+                let path = dir.join(&entry.name);
+                match entry.kind {
+                    Kind::Dir => queue.push_back(path),
+                    Kind::File => {
+                        if !self.options.grant.is_full()
+                            && self
+                                .options
+                                .grant
+                                .check(path.as_os_str().as_bytes(), Access::Write)
+                                .is_err()
+                        {
+                            continue;
+                        }
+                        let meta = match entry.meta {
+                            Some(meta) => meta,
+                            None => match self.store.stat(&path) {
+                                Ok(meta) => meta,
+                                Err(_) => continue,
+                            },
+                        };
+                        // (Its last other name may have no other now.)
+                        if meta.file_id == Some(id) {
+                            return Some(path);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        None
     }
 
     /// Gives back the quota held by a removed (or replaced) entry.

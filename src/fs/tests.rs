@@ -1286,6 +1286,39 @@ fn a_file_with_several_names_is_charged_its_growth_once_per_name() {
     }
 }
 
+/// A file open for writing whose name is removed while it has other names this mount never
+/// looked up (made by another process, or forgotten with the inode): it lives on under them,
+/// and what is written through the open descriptor lands there, as on a local disk — not
+/// dropped at the close as a removed file's changes are.
+#[test]
+fn writes_to_a_file_whose_name_is_removed_go_to_its_other_names() {
+    let s = full_on(Backend::Local);
+    let root = s.root.clone().unwrap();
+    for (flags, other) in [
+        (libc::O_WRONLY | libc::O_APPEND, "g"),
+        (libc::O_WRONLY | libc::O_TRUNC, "sub/g"),
+    ] {
+        let (f, w) = create(&s.fs, ROOT, "f", RW);
+        s.fs.write(w.fh, 0, b"orig", CALLER).unwrap();
+        s.fs.release(w.fh).unwrap();
+        // The other name, made behind the mount's back: the mount knows only `f`.
+        std::fs::create_dir_all(root.join("sub")).unwrap();
+        std::fs::hard_link(root.join("f"), root.join(other)).unwrap();
+        let h = s.fs.open(f.ino, flags, CALLER).unwrap();
+        s.fs.unlink(ROOT, name("f")).unwrap();
+        s.fs.write(h.fh, 0, b"+more", CALLER).unwrap();
+        s.fs.release(h.fh).unwrap();
+        let want: &[u8] = if flags & libc::O_APPEND != 0 {
+            b"orig+more"
+        } else {
+            b"+more"
+        };
+        assert_eq!(s.read(other), want, "{other}");
+        assert!(!s.exists("f"));
+        std::fs::remove_file(root.join(other)).unwrap();
+    }
+}
+
 #[test]
 fn seek_data_and_hole_follow_each_handles_view() {
     use std::os::unix::fs::FileExt;
