@@ -203,6 +203,30 @@ impl Fs {
         let (Some(from_name), Some(to_name)) = (from.file_name(), to.file_name()) else {
             return; // the root does not move
         };
+        let entry = |at: Option<(Ino, Option<Ino>)>, name: &OsStr| {
+            if let Some((parent, ino)) = at {
+                kernel.attributes_changed(parent);
+                kernel.entry_changed(parent, name);
+                if let Some(ino) = ino {
+                    // Its ctime changed (and, for what was replaced, whether it exists).
+                    kernel.attributes_changed(ino);
+                }
+            }
+        };
+        // Heard late, the move may be older than what this mount knows at `from`: a file made
+        // there since (here, or elsewhere), as a lock file is taken again once the last holder
+        // renamed it into place (`t.lock` moved to `t`, then made anew). Moving that inode to
+        // `to` would commit the new file there. So the inode at `from` follows the move only
+        // while the name is free in the store, or when it is the moved file held open here
+        // (the file at `to` now); otherwise both names are just looked up again.
+        if !exchange && !self.moves_along(from, to) {
+            let table = read_lock(&self.table);
+            let (src, dst) = (table.resolve(from), table.resolve(to));
+            drop(table);
+            entry(src, from_name);
+            entry(dst, to_name);
+            return;
+        }
         // What was under the new name leaves it, as for a rename over it made here, unless
         // this mount has it open: then (`gone_elsewhere` left it there) it is the moved file
         // itself, opened through the new name since the move (a look-up races with hearing of
@@ -257,18 +281,38 @@ impl Fs {
             }
             (src, dst)
         };
-        let entry = |at: Option<(Ino, Option<Ino>)>, name: &OsStr| {
-            if let Some((parent, ino)) = at {
-                kernel.attributes_changed(parent);
-                kernel.entry_changed(parent, name);
-                if let Some(ino) = ino {
-                    // Its ctime changed (and, for what was replaced, whether it exists).
-                    kernel.attributes_changed(ino);
-                }
-            }
-        };
         entry(src, from_name);
         entry(dst, to_name);
+    }
+
+    /// Whether what this mount knows at `from` is what moved to `to` elsewhere (see
+    /// `moved_elsewhere`): `from` is free in the store, or the inode there is held open here
+    /// as the file now at `to`.
+    fn moves_along(&self, from: &Path, to: &Path) -> bool {
+        match self.store.stat(from) {
+            Err(e) if e.raw_os_error() == libc::ENOENT => return true,
+            Err(_) => return false, // cannot tell: looked up again
+            Ok(_) => {}
+        }
+        let Some((_, Some(ino))) = read_lock(&self.table).resolve(from) else {
+            return false;
+        };
+        let Ok(moved) = self.store.stat(to) else {
+            return false;
+        };
+        let handles = match lock(&self.opens).get(&ino) {
+            Some(state) => state.handles.clone(),
+            None => return false,
+        };
+        // The same file: by its identity where the store has one (a rename changes the
+        // version of a local file, its ctime), else by its version (S3's ETag).
+        let same = |held: &crate::store::Meta| match (held.file_id, moved.file_id) {
+            (Some(a), Some(b)) => a == b,
+            _ => held.version == moved.version,
+        };
+        handles
+            .into_iter()
+            .any(|fh| self.file(fh).is_ok_and(|h| same(lock(&h).base().meta())))
     }
 
     /// The changes a rename of `from` to `to` made, for the space to announce: a move (of a
