@@ -240,6 +240,11 @@ impl Fs {
             if h.writable() {
                 self.sealed()?;
                 h.users.add(by);
+                // Growing past the byte limit is refused now, as a write would be, not at
+                // the close.
+                if let Some(q) = self.space.quota() {
+                    self.check_growth(q, &h, size)?;
+                }
                 return h.truncate(self.store.as_ref(), size);
             }
         }

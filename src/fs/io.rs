@@ -119,7 +119,7 @@ impl Fs {
     /// commits, the file as it is then, which another writer's close may have replaced
     /// meanwhile (two writers of one file): refused, the growth is checked again from the
     /// file's size now (one `stat`, only then).
-    fn check_growth(&self, q: &Quota, h: &FileHandle, size: u64) -> FsResult<()> {
+    pub(super) fn check_growth(&self, q: &Quota, h: &FileHandle, size: u64) -> FsResult<()> {
         match q.check_growth(h.committed_size(), size) {
             Err(Errno::EDQUOT) if !h.appends() => {
                 let path = read_lock(&self.table).path(h.ino);

@@ -1173,6 +1173,37 @@ fn quota_limits_file_size_entries_and_bytes() {
     }
 }
 
+/// `ftruncate` past the byte limit is refused at once, as a write is, not at the close.
+#[test]
+fn ftruncate_past_the_byte_limit_is_refused_at_once() {
+    for backend in BACKENDS {
+        let quota = Arc::new(Quota::new(
+            Limits {
+                max_bytes: Some(100),
+                ..Default::default()
+            },
+            Usage::default(),
+        ));
+        let s = setup_on(backend, FsOptions::default(), Some(quota.clone()));
+        let (f, w) = create(&s.fs, ROOT, "f", RW);
+        s.fs.write(w.fh, 0, &[1; 60], CALLER).unwrap();
+        let grow = |size: u64| {
+            s.fs.setattr(
+                f.ino,
+                Some(w.fh),
+                &AttrChanges {
+                    size: Some(size),
+                    ..Default::default()
+                },
+            )
+        };
+        assert_eq!(grow(101).unwrap_err(), Errno::EDQUOT, "{backend:?}");
+        grow(100).unwrap();
+        s.fs.release(w.fh).unwrap();
+        assert_eq!(quota.usage().bytes, 100, "{backend:?}");
+    }
+}
+
 #[test]
 fn a_writer_replacing_a_file_another_writer_replaced_is_charged_from_what_it_replaces() {
     for backend in BACKENDS {
