@@ -979,6 +979,68 @@ fn a_frozen_store_gives_eio_in_bounded_time_and_the_mount_answers_again() {
     );
 }
 
+/// Agents creating files in their working directory while the store is frozen: the kernel
+/// sends the look-ups of one directory one after another (a create holds its lock), so each
+/// waiting the whole bound made the last of N wait N times it. Once a look-up went
+/// unanswered, the next ones fail at once for a moment: every create gets `EIO` within about
+/// one bound.
+#[test]
+fn creates_queued_behind_a_frozen_store_do_not_each_wait_the_whole_bound() {
+    use std::io::{BufRead, Write};
+    let mut weed = SeaweedFs::start();
+    let prefix = unique_prefix();
+    let m = fragile_mount(&weed, &prefix);
+    fs::create_dir(m.p("work")).unwrap();
+    fs::write(m.p("work/kept"), b"kept").unwrap();
+    // The agents are in the directory already; they create when told.
+    let script = r#"
+import os, sys, threading, time
+time.sleep(2.5)  # what the mount remembers of the directory's entries is stale by then
+os.chdir(sys.argv[1])
+print("in", flush=True)
+sys.stdin.readline()
+start = time.monotonic()
+def create(i):
+    try:
+        open(f"new{i}", "w").close()
+        r = "ok"
+    except OSError as e:
+        r = e.strerror
+    print(f"{time.monotonic() - start:.1f} {r}", flush=True)
+ts = [threading.Thread(target=create, args=(i,)) for i in range(4)]
+for t in ts: t.start()
+for t in ts: t.join()
+"#;
+    let mut agents = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(m.p("work"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(agents.stdout.take().unwrap()).lines();
+    assert_eq!(lines.next().unwrap().unwrap(), "in");
+    weed.pause(); // SIGSTOP: connections are accepted, nothing answers
+    agents.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    let results: Vec<String> = lines.map(|l| l.unwrap()).collect();
+    agents.wait().unwrap();
+    weed.resume();
+    let text = results.join("\n");
+    assert_eq!(results.len(), 4, "{text}");
+    // One bound is two attempts of 2 s (and backoff): four of them one after another took
+    // 16 s and more.
+    for line in &results {
+        let (took, result) = line.split_once(' ').unwrap();
+        assert_eq!(result, "Input/output error", "{text}");
+        assert!(took.parse::<f64>().unwrap() < 9.0, "{text}");
+    }
+    // Look-ups are sent again 2 s after the last one that went unanswered.
+    std::thread::sleep(Duration::from_millis(2100));
+    fs::write(m.p("work/after"), b"back").unwrap();
+    assert_eq!(fs::read(m.p("work/kept")).unwrap(), b"kept");
+}
+
 #[test]
 fn a_directory_rename_the_store_cut_short_is_finished_when_it_answers_and_mv_nests_nothing() {
     let mut weed = SeaweedFs::start();

@@ -42,7 +42,7 @@ use std::future::Future;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Weak};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use aws_config::BehaviorVersion;
 use aws_config::retry::RetryConfig;
@@ -139,7 +139,19 @@ pub struct SdkClient {
     endpoint: String,
     /// The system's CA certificates and those of the configured bundle, if any.
     tls: Option<TlsContext>,
+    /// When a look-up (HEAD, LIST) last failed for want of an answer, after all its attempts
+    /// (see [`LOOKUPS_FAIL_FAST`]).
+    lookups_failed: std::sync::Mutex<Option<Instant>>,
 }
+
+/// For this long after a look-up got no answer through all its attempts (the store is down
+/// or frozen), look-ups fail at once rather than each waiting the whole bound again. The
+/// kernel sends the look-ups of one directory one after another while a create in it is under
+/// way (it holds the directory's lock), so agents creating files in their working directory
+/// would otherwise each wait for all those before them: N creates took N times the bound
+/// (QA: the third of three took 10 minutes at the defaults). Writes are not cut short: a
+/// close always tries the store itself.
+const LOOKUPS_FAIL_FAST: Duration = Duration::from_secs(2);
 
 /// How long an idle connection is reused. One the server closed is noticed at the next
 /// request (see [`block`]); one dropped silently on the way (by a NAT's idle limit) is not, so
@@ -507,6 +519,21 @@ impl SdkClient {
         max_keys: Option<u32>,
         start_after: Option<&str>,
     ) -> ClientResult<ListPage> {
+        self.lookup(
+            || format!("LIST {prefix}"),
+            || self.list_page_sent(prefix, delimited, token, max_keys, start_after),
+        )
+    }
+
+    /// [`SdkClient::list_page`], sent.
+    fn list_page_sent(
+        &self,
+        prefix: &str,
+        delimited: bool,
+        token: Option<&str>,
+        max_keys: Option<u32>,
+        start_after: Option<&str>,
+    ) -> ClientResult<ListPage> {
         self.start("list", prefix);
         let (mut start_after, mut continuation) = (start_after.map(str::to_string), None);
         match token.map(|t| t.split_at(t.len().min(1))) {
@@ -644,6 +671,7 @@ impl SdkClient {
             bucket: c.bucket.clone(),
             endpoint,
             tls,
+            lookups_failed: std::sync::Mutex::new(None),
         })
     }
 
@@ -672,6 +700,68 @@ impl SdkClient {
 
     /// Counts a request of `op` on `key` (logged at trace level: `RUST_LOG=roomfs::store::s3=trace`
     /// shows every request the store makes).
+    /// Look-up `what`, sent by `send` unless the store just left one unanswered (then it
+    /// fails at once: see [`LOOKUPS_FAIL_FAST`]); notes whether this one was answered.
+    fn lookup<T>(
+        &self,
+        what: impl FnOnce() -> String,
+        send: impl FnOnce() -> ClientResult<T>,
+    ) -> ClientResult<T> {
+        let failed = *self
+            .lookups_failed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(ago) = failed.map(|at| at.elapsed())
+            && ago < LOOKUPS_FAIL_FAST
+        {
+            return Err(ClientError::new(
+                Failure::Unavailable,
+                format!(
+                    "{}: not sent, the store left a look-up unanswered {:.1} s ago (look-ups \
+                     fail at once for {} s after that)",
+                    what(),
+                    ago.as_secs_f64(),
+                    LOOKUPS_FAIL_FAST.as_secs()
+                ),
+            ));
+        }
+        let result = send();
+        let unanswered = matches!(&result, Err(e) if e.is(Failure::Unavailable));
+        *self
+            .lookups_failed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = unanswered.then(Instant::now);
+        result
+    }
+
+    /// `HeadObject` of `key`, sent.
+    fn head_sent(&self, key: &str) -> ClientResult<ObjectInfo> {
+        self.start("head", key);
+        let r = block(
+            self.client()
+                .head_object()
+                .bucket(&self.bucket)
+                .key(key)
+                .customize()
+                .interceptor(attempts("head"))
+                .send(),
+        )
+        .map_err(|e| classify("head", format!("HEAD {key}"), e))?;
+        Ok(ObjectInfo {
+            size: r.content_length().unwrap_or(0).max(0) as u64,
+            etag: etag_of(r.e_tag()),
+            last_modified: time_of(r.last_modified()),
+            metadata: r
+                .metadata()
+                .map(|m| {
+                    m.iter()
+                        .map(|(k, v)| (k.to_lowercase(), v.clone()))
+                        .collect()
+                })
+                .unwrap_or_default(),
+        })
+    }
+
     fn start(&self, op: &'static str, key: &str) {
         log::trace!("{op} {key}");
         crate::metrics::backend_request(op);
@@ -698,30 +788,7 @@ fn etag_of(etag: Option<&str>) -> String {
 
 impl ObjectClient for SdkClient {
     fn head(&self, key: &str) -> ClientResult<ObjectInfo> {
-        self.start("head", key);
-        let r = block(
-            self.client()
-                .head_object()
-                .bucket(&self.bucket)
-                .key(key)
-                .customize()
-                .interceptor(attempts("head"))
-                .send(),
-        )
-        .map_err(|e| classify("head", format!("HEAD {key}"), e))?;
-        Ok(ObjectInfo {
-            size: r.content_length().unwrap_or(0).max(0) as u64,
-            etag: etag_of(r.e_tag()),
-            last_modified: time_of(r.last_modified()),
-            metadata: r
-                .metadata()
-                .map(|m| {
-                    m.iter()
-                        .map(|(k, v)| (k.to_lowercase(), v.clone()))
-                        .collect()
-                })
-                .unwrap_or_default(),
-        })
+        self.lookup(|| format!("HEAD {key}"), || self.head_sent(key))
     }
 
     fn get(
