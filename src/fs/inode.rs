@@ -214,16 +214,21 @@ impl InodeTable {
     }
 
     /// Gives `ino`, which has no name left, the name `path` (another name of its file, found
-    /// in the store), with the directories on the way; not one the table gives another inode.
+    /// in the store), with the directories on the way. An inode the table still had under that
+    /// name is not what the store has there (it changed behind this mount's back) and leaves it.
     pub fn adopt_name(&mut self, ino: Ino, path: &std::path::Path) {
         let Some(name) = path.file_name() else {
             return;
         };
         let parent = self.dirs_for_move(path.parent().unwrap_or(std::path::Path::new("")));
-        match self.children.get(&(parent, name.to_os_string())) {
-            Some(&other) if other != ino => {}
-            _ => self.add_link(ino, parent, name),
+        if self
+            .children
+            .get(&(parent, name.to_os_string()))
+            .is_some_and(|&other| other != ino)
+        {
+            self.detach(parent, name);
         }
+        self.add_link(ino, parent, name);
     }
 
     /// Records that the kernel now holds a reference to `name` in `parent` (of `kind`),

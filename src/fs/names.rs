@@ -198,16 +198,25 @@ impl Fs {
             return Ok(());
         }
         self.store.rename(&from, &to, mode)?;
-        if let Some(meta) = replaced {
-            self.released(&meta);
+        if let Some(meta) = &replaced {
+            self.released(meta);
         }
-        write_lock(&self.table).rename(
-            parent,
-            name,
-            new_parent,
-            new_name,
-            mode == RenameMode::Exchange,
-        );
+        let replaced_ino = {
+            let mut table = write_lock(&self.table);
+            let replaced_ino = table.child(new_parent, new_name);
+            table.rename(
+                parent,
+                name,
+                new_parent,
+                new_name,
+                mode == RenameMode::Exchange,
+            );
+            replaced_ino
+        };
+        // A file replaced while open here that has other names lives on under them.
+        if let (Some(meta), Some(ino)) = (&replaced, replaced_ino) {
+            self.keep_a_name(ino, &to, meta);
+        }
         // Published before the names are let go: a commit to the old name by another mount
         // in between would otherwise reach the other mounts before they hear of the move.
         self.publish_all(&self.renamed(&from, &to, mode));

@@ -1355,6 +1355,21 @@ fn writes_to_a_file_whose_name_is_removed_go_to_its_other_names() {
         assert!(!s.exists("f"));
         std::fs::remove_file(root.join(other)).unwrap();
     }
+    // Replaced by a rename rather than unlinked: the same.
+    let (f, w) = create(&s.fs, ROOT, "f", RW);
+    s.fs.write(w.fh, 0, b"orig", CALLER).unwrap();
+    s.fs.release(w.fh).unwrap();
+    std::fs::hard_link(root.join("f"), root.join("g")).unwrap();
+    let h =
+        s.fs.open(f.ino, libc::O_WRONLY | libc::O_APPEND, CALLER)
+            .unwrap();
+    let (_, n) = create(&s.fs, ROOT, "new", RW);
+    s.fs.release(n.fh).unwrap();
+    s.fs.rename(ROOT, name("new"), ROOT, name("f"), 0).unwrap();
+    s.fs.write(h.fh, 0, b"+more", CALLER).unwrap();
+    s.fs.release(h.fh).unwrap();
+    assert_eq!(s.read("g"), b"orig+more");
+    assert_eq!(s.read("f"), b"");
 }
 
 /// A kernel cache that is told nothing (these tests look at the store).
