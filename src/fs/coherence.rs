@@ -289,6 +289,22 @@ impl Fs {
     /// `moved_elsewhere`): `from` is free in the store, or the inode there is held open here
     /// as the file now at `to`.
     fn moves_along(&self, from: &Path, to: &Path) -> bool {
+        // A file made here whose creation is not committed yet (on a store that makes new
+        // files at their first commit, the store does not show it: its name looks free) is
+        // not what another mount moved.
+        let known = read_lock(&self.table).resolve(from);
+        if let Some((_, Some(ino))) = known {
+            let handles = lock(&self.opens)
+                .get(&ino)
+                .map(|state| state.handles.clone())
+                .unwrap_or_default();
+            if handles
+                .into_iter()
+                .any(|fh| self.file(fh).is_ok_and(|h| lock(&h).creates))
+            {
+                return false;
+            }
+        }
         match self.store.stat(from) {
             Err(e) if e.raw_os_error() == libc::ENOENT => return true,
             Err(_) => return false, // cannot tell: looked up again
