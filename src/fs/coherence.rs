@@ -32,11 +32,11 @@ use std::path::Path;
 
 use super::{Fs, Ino, KernelCache, lock, read_lock, write_lock};
 use crate::events::Changed;
-use crate::space::SpaceWatcher;
+use crate::space::{Made, SpaceWatcher};
 use crate::store::{Kind, RenameMode};
 
 impl SpaceWatcher for Fs {
-    fn changed_elsewhere(&self, change: &Changed) {
+    fn changed_elsewhere(&self, change: &Changed, made: Made) {
         let Some(kernel) = self.kernel.get() else {
             return;
         };
@@ -59,10 +59,12 @@ impl SpaceWatcher for Fs {
             Changed::Attributes { path } => self.invalidate(kernel, path, true),
             Changed::FileMoved { from, to, .. } => {
                 self.gone_elsewhere(to);
-                self.moved_elsewhere(kernel, from, to, false)
+                self.moved_elsewhere(kernel, from, to, false, made)
             }
-            Changed::FolderMoved { from, to } => self.moved_elsewhere(kernel, from, to, false),
-            Changed::Exchanged { a, b } => self.moved_elsewhere(kernel, a, b, true),
+            Changed::FolderMoved { from, to } => {
+                self.moved_elsewhere(kernel, from, to, false, made)
+            }
+            Changed::Exchanged { a, b } => self.moved_elsewhere(kernel, a, b, true, made),
         }
     }
 }
@@ -199,7 +201,14 @@ impl Fs {
     }
 
     /// `from` moved to `to` (or, with `exchange`, the two swapped) elsewhere.
-    fn moved_elsewhere(&self, kernel: &dyn KernelCache, from: &Path, to: &Path, exchange: bool) {
+    fn moved_elsewhere(
+        &self,
+        kernel: &dyn KernelCache,
+        from: &Path,
+        to: &Path,
+        exchange: bool,
+        made: Made,
+    ) {
         let (Some(from_name), Some(to_name)) = (from.file_name(), to.file_name()) else {
             return; // the root does not move
         };
@@ -213,13 +222,15 @@ impl Fs {
                 }
             }
         };
-        // Heard late, the move may be older than what this mount knows at `from`: a file made
-        // there since (here, or elsewhere), as a lock file is taken again once the last holder
-        // renamed it into place (`t.lock` moved to `t`, then made anew). Moving that inode to
-        // `to` would commit the new file there. So the inode at `from` follows the move only
-        // while the name is free in the store, or when it is the moved file held open here
-        // (the file at `to` now); otherwise both names are just looked up again.
-        if !exchange && !self.moves_along(from, to) {
+        // Heard late (from another process or host: a move in this process is told before
+        // anything here touches the names again), the move may be older than what this mount
+        // knows at `from`: a file made there since (here, or elsewhere), as a lock file is
+        // taken again once the last holder renamed it into place (`t.lock` moved to `t`, then
+        // made anew). Moving that inode to `to` would commit the new file there. So the inode
+        // at `from` follows such a move only while the name is free in the store (and no
+        // handle here is still creating its file), or when it is the moved file held open
+        // here (the file at `to` now); otherwise both names are just looked up again.
+        if !exchange && made == Made::Elsewhere && !self.moves_along(from, to) {
             let table = read_lock(&self.table);
             let (src, dst) = (table.resolve(from), table.resolve(to));
             drop(table);

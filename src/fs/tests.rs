@@ -1419,11 +1419,14 @@ fn a_move_heard_late_does_not_carry_off_a_new_file_of_the_old_name() {
         for p in ["t.lock", "t"] {
             s.store.forget(Path::new(p), false);
         }
-        s.fs.changed_elsewhere(&Changed::FileMoved {
-            from: "t.lock".into(),
-            to: "t".into(),
-            size: 5,
-        });
+        s.fs.changed_elsewhere(
+            &Changed::FileMoved {
+                from: "t.lock".into(),
+                to: "t".into(),
+                size: 5,
+            },
+            crate::space::Made::Elsewhere,
+        );
         s.fs.release(h.fh).unwrap();
         if abandon {
             // A save given up: what it wrote never reaches `t`.

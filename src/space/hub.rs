@@ -96,7 +96,18 @@ impl Spaces for LocalBackend {
 pub trait SpaceWatcher: Send + Sync {
     /// The space was changed by someone other than this watcher: another mount, the process
     /// itself, or another process (or host) sharing the space.
-    fn changed_elsewhere(&self, change: &Changed);
+    fn changed_elsewhere(&self, change: &Changed, made: Made);
+}
+
+/// Where a change a watcher hears of was made.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Made {
+    /// In this process (another mount, the daemon): its mounts are told before anything else
+    /// in the process changes the names involved (see `Space::settle`).
+    InProcess,
+    /// By another process or host, heard through the change feed: possibly after this
+    /// process made further changes at those names.
+    Elsewhere,
 }
 
 /// Identifies a watcher of a space (see [`Space::watch`]).
@@ -262,14 +273,14 @@ impl Space {
     /// [`SpaceWatcher`]) and the feed writes from a thread of its own, so this never waits for
     /// a kernel or a disk.
     pub fn changed(&self, changes: &[Changed], participant: &Arc<str>, by: Option<WatcherId>) {
-        self.tell_watchers(changes, by);
+        self.tell_watchers(changes, by, Made::InProcess);
         self.feed.publish(participant, changes);
     }
 
     /// Tells the other mounts of the space (not `by`) of `changes` — once this thread holds
     /// no claim (see `claims::after_claims`): they lock their open handles, and a handle's
     /// commit may be waiting for a claim of the operation that made the changes.
-    fn tell_watchers(&self, changes: &[Changed], by: Option<WatcherId>) {
+    fn tell_watchers(&self, changes: &[Changed], by: Option<WatcherId>, made: Made) {
         let watchers: Vec<_> = {
             let watchers = read(&self.watchers);
             if watchers.len() <= 1 && by.is_some() {
@@ -298,7 +309,7 @@ impl Space {
             let _told = told;
             for watcher in watchers {
                 for change in &changes {
-                    watcher.changed_elsewhere(change);
+                    watcher.changed_elsewhere(change, made);
                 }
             }
         });
@@ -325,7 +336,7 @@ impl ForeignChanges for Space {
                 forget(to, true);
             }
         }
-        self.tell_watchers(std::slice::from_ref(&record.change), None);
+        self.tell_watchers(std::slice::from_ref(&record.change), None, Made::Elsewhere);
     }
 }
 

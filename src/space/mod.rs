@@ -9,7 +9,7 @@ pub mod locks;
 pub mod quota;
 pub mod state;
 
-pub use hub::{Hub, Space, SpaceWatcher, Spaces};
+pub use hub::{Hub, Made, Space, SpaceWatcher, Spaces};
 pub use state::SessionState;
 
 use std::fmt;
