@@ -300,36 +300,31 @@ impl Fs {
     /// `moved_elsewhere`): `from` is free in the store, or the inode there is held open here
     /// as the file now at `to`.
     fn moves_along(&self, from: &Path, to: &Path) -> bool {
+        // Nothing known at `from`: nothing to carry along (and nothing to ask the store).
+        let Some((_, Some(ino))) = read_lock(&self.table).resolve(from) else {
+            return true;
+        };
+        let handles: Vec<_> = lock(&self.opens)
+            .get(&ino)
+            .map(|state| state.handles.clone())
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|fh| self.file(fh).ok())
+            .collect();
         // A file made here whose creation is not committed yet (on a store that makes new
         // files at their first commit, the store does not show it: its name looks free) is
         // not what another mount moved.
-        let known = read_lock(&self.table).resolve(from);
-        if let Some((_, Some(ino))) = known {
-            let handles = lock(&self.opens)
-                .get(&ino)
-                .map(|state| state.handles.clone())
-                .unwrap_or_default();
-            if handles
-                .into_iter()
-                .any(|fh| self.file(fh).is_ok_and(|h| lock(&h).creates))
-            {
-                return false;
-            }
+        if handles.iter().any(|h| lock(h).creates) {
+            return false;
         }
         match self.store.stat(from) {
             Err(e) if e.raw_os_error() == libc::ENOENT => return true,
             Err(_) => return false, // cannot tell: looked up again
+            Ok(_) if handles.is_empty() => return false,
             Ok(_) => {}
         }
-        let Some((_, Some(ino))) = read_lock(&self.table).resolve(from) else {
-            return false;
-        };
         let Ok(moved) = self.store.stat(to) else {
             return false;
-        };
-        let handles = match lock(&self.opens).get(&ino) {
-            Some(state) => state.handles.clone(),
-            None => return false,
         };
         // The same file: by its identity where the store has one (a rename changes the
         // version of a local file, its ctime), else by its version (S3's ETag).
@@ -337,9 +332,7 @@ impl Fs {
             (Some(a), Some(b)) => a == b,
             _ => held.version == moved.version,
         };
-        handles
-            .into_iter()
-            .any(|fh| self.file(fh).is_ok_and(|h| same(lock(&h).base().meta())))
+        handles.iter().any(|h| same(lock(h).base().meta()))
     }
 
     /// The changes a rename of `from` to `to` made, for the space to announce: a move (of a
