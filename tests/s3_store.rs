@@ -1006,10 +1006,13 @@ def create(i):
         r = "ok"
     except OSError as e:
         r = e.strerror
-    print(f"{time.monotonic() - start:.1f} {r}", flush=True)
+    results.append(f"{time.monotonic() - start:.1f} {r}")
+# Printed after the joins: threads printing at once interleave their lines.
+results = []
 ts = [threading.Thread(target=create, args=(i,)) for i in range(4)]
 for t in ts: t.start()
 for t in ts: t.join()
+print("\n".join(results), flush=True)
 "#;
     let mut agents = Command::new("python3")
         .arg("-c")
