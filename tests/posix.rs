@@ -1769,6 +1769,48 @@ for proc in (c, d):
     );
 }
 
+/// The mount keeps record locks in the daemon's memory, so a process cannot take without
+/// bound: past 100,000 locks it gets `ENOLCK` and holds what it held; adjacent locks are one
+/// (a file locked record by record in order holds one lock), and closing gives them all back.
+#[test]
+fn record_locks_past_the_bound_are_enolck_and_adjacent_ones_are_one() {
+    let m = Mounted::room();
+    let out = python(
+        &m.mnt,
+        r#"
+import errno, fcntl, os, struct
+p = os.environ['MNT'] + '/many'
+fd = os.open(p, os.O_RDWR | os.O_CREAT)
+def lk(fd, typ, start, length=1, cmd=fcntl.F_SETLK):
+    return struct.unpack('hhqqi', fcntl.fcntl(fd, cmd, struct.pack('hhqqi', typ, 0, start, length, 0)))
+# Record by record, in order: one lock, however many records.
+for i in range(150_000):
+    lk(fd, fcntl.F_WRLCK, i)
+n = 0
+try:
+    while n < 200_000:
+        lk(fd, fcntl.F_RDLCK, 1_000_000 + 2 * n)
+        n += 1
+    print(n, 'no error')
+except OSError as e:
+    print(n, errno.errorcode[e.errno])
+# What it held, it still holds: another process sees the first range whole.
+pid = os.fork()
+if pid == 0:
+    g = os.open(p, os.O_RDWR)
+    r = lk(g, fcntl.F_WRLCK, 0, 0, fcntl.F_GETLK)
+    print(r[0] == fcntl.F_WRLCK, r[2], r[3])
+    os._exit(0)
+os.waitpid(pid, 0)
+os.close(fd)
+fd = os.open(p, os.O_RDWR)
+lk(fd, fcntl.F_RDLCK, 1_000_000 + 2 * n + 2)
+print('after close ok')
+"#,
+    );
+    assert_eq!(out, "99999 ENOLCK\nTrue 0 150000\nafter close ok\n");
+}
+
 /// A read-only connection left open beside a writer (a dashboard with `mode=ro`,
 /// `sqlite3 -readonly`): sqlite checks for changes at each transaction, under a lock, and
 /// must see every commit, in WAL and in rollback-journal mode. The writer and the reader are

@@ -36,12 +36,30 @@
 //! - A file's waiting requests are kept with it, in the order they came; `waits` lists, for
 //!   each owner, the file of each of its waiting requests (once per request), so the search
 //!   for a cycle of waiting owners (`EDEADLK`) looks at their waits only.
+//!
+//! The table is the daemon's memory, not the agent's (the kernel charges its own locks to the
+//! process that takes them), so it is bounded: an owner holds at most
+//! [`MAX_LOCKS_PER_OWNER`] locks and waiting requests, the space [`MAX_LOCKS`]; a request that
+//! could take either past its bound is refused with `ENOLCK` ("too many locks"), and changes
+//! nothing. A request that cannot add a lock (an unlock that splits none, a lock over what the
+//! owner holds) is never refused. As the kernel does, an owner's adjacent locks of one kind
+//! (taken through one handle, by one process) are one lock: a program locking a file record by
+//! record in order holds one lock, not one per record.
+//! Invariant: `counts` holds, for each owner with any, its locks plus waiting requests, and
+//! `total` their sum.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 
 /// The kernel's id of a lock's owner.
 pub type Owner = u64;
+
+/// The most locks and waiting requests one owner (a process's open files) may have in a space
+/// (see the module docs): ~100 bytes each.
+pub const MAX_LOCKS_PER_OWNER: usize = 100_000;
+
+/// The most locks and waiting requests of a space, all owners together.
+pub const MAX_LOCKS: usize = 400_000;
 
 /// Which file a lock is on: its inode number in a mount (see the module docs).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -162,20 +180,58 @@ fn overlapping(locks: &OwnerLocks, start: u64, end: u64) -> impl Iterator<Item =
         .chain(within.into_iter().flatten())
 }
 
-#[derive(Default)]
+/// How many locks the owner's locks `locks` would become at most once `r` is applied (before
+/// adjacent ones join): each lock it overlaps goes, and gives back its head and its tail where
+/// they reach out of `r`'s range.
+fn locks_after(locks: &OwnerLocks, r: &Request) -> usize {
+    let mut gone = 0;
+    let mut kept = 0;
+    for h in overlapping(locks, r.start, r.end) {
+        gone += 1;
+        kept += usize::from(h.start < r.start) + usize::from(h.end > r.end);
+    }
+    locks.len() - gone + kept + usize::from(r.kind.is_some())
+}
+
 struct Table {
     files: HashMap<FileKey, File>,
     /// For each owner, the file of each of its waiting requests.
     waits: HashMap<Owner, Vec<FileKey>>,
+    /// For each owner with any, its locks and waiting requests (see the module docs).
+    counts: HashMap<Owner, usize>,
+    total: usize,
+    /// [`MAX_LOCKS_PER_OWNER`] and [`MAX_LOCKS`] (smaller in tests).
+    per_owner: usize,
+    max: usize,
 }
 
 /// The locks of one space (see the module docs).
-#[derive(Default)]
 pub struct Locks {
     table: Mutex<Table>,
 }
 
+impl Default for Locks {
+    fn default() -> Self {
+        Self::with_limits(MAX_LOCKS_PER_OWNER, MAX_LOCKS)
+    }
+}
+
 impl Locks {
+    /// A table whose owners may each have `per_owner` locks and waiting requests, and all of
+    /// them together `max`.
+    pub fn with_limits(per_owner: usize, max: usize) -> Self {
+        Self {
+            table: Mutex::new(Table {
+                files: HashMap::new(),
+                waits: HashMap::new(),
+                counts: HashMap::new(),
+                total: 0,
+                per_owner,
+                max,
+            }),
+        }
+    }
+
     fn table(&self) -> std::sync::MutexGuard<'_, Table> {
         self.table.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -222,6 +278,10 @@ impl Locks {
                 Answers(answers)
             }
             Err(libc::EAGAIN) if !table.would_deadlock(&request) => {
+                if !table.may_add(request.owner, 1) {
+                    return Answers(vec![(answer, Err(libc::ENOLCK))]);
+                }
+                table.charge(request.owner, 1);
                 table
                     .waits
                     .entry(request.owner)
@@ -242,9 +302,12 @@ impl Locks {
     pub fn release_owner(&self, key: &FileKey, owner: Owner) -> Answers {
         let mut table = self.table();
         let mut answers = table.cancel(key, |w| w.request.owner == owner);
-        if let Some(file) = table.files.get_mut(key) {
-            file.held.remove(&owner);
-        }
+        let gone = table
+            .files
+            .get_mut(key)
+            .and_then(|file| file.held.remove(&owner))
+            .map_or(0, |locks| locks.len());
+        table.discharge(owner, gone);
         answers.extend(table.wake(key));
         Answers(answers)
     }
@@ -255,11 +318,17 @@ impl Locks {
     pub fn release_handle(&self, key: &FileKey, fh: u64) -> Answers {
         let mut table = self.table();
         let mut answers = table.cancel(key, |w| w.request.fh == fh);
+        let mut gone = Vec::new();
         if let Some(file) = table.files.get_mut(key) {
-            for locks in file.held.values_mut() {
+            for (owner, locks) in file.held.iter_mut() {
+                let before = locks.len();
                 locks.retain(|_, h| h.fh != fh);
+                gone.push((*owner, before - locks.len()));
             }
             file.held.retain(|_, locks| !locks.is_empty());
+        }
+        for (owner, n) in gone {
+            table.discharge(owner, n);
         }
         answers.extend(table.wake(key));
         Answers(answers)
@@ -276,7 +345,34 @@ impl Locks {
 }
 
 impl Table {
-    /// Applies `request` if nothing conflicts; `Ok(first)` or `Err(EAGAIN)`.
+    /// Whether `owner` may have `more` locks or waiting requests (see the module docs).
+    fn may_add(&self, owner: Owner, more: usize) -> bool {
+        let has = self.counts.get(&owner).copied().unwrap_or(0);
+        has + more <= self.per_owner && self.total + more <= self.max
+    }
+
+    fn charge(&mut self, owner: Owner, n: usize) {
+        if n > 0 {
+            *self.counts.entry(owner).or_default() += n;
+            self.total += n;
+        }
+    }
+
+    fn discharge(&mut self, owner: Owner, n: usize) {
+        if n == 0 {
+            return;
+        }
+        if let Some(has) = self.counts.get_mut(&owner) {
+            *has -= n;
+            if *has == 0 {
+                self.counts.remove(&owner);
+            }
+        }
+        self.total -= n;
+    }
+
+    /// Applies `request` if nothing conflicts; `Ok(first)`, `Err(EAGAIN)`, or `Err(ENOLCK)`
+    /// when it could take its owner or the space past their bounds.
     fn try_apply(&mut self, r: &Request) -> Granted {
         if r.start > r.end {
             return Err(libc::EINVAL);
@@ -288,6 +384,17 @@ impl Table {
             self.forget_if_empty(&r.key);
             return Err(libc::EAGAIN);
         }
+        let (before, after) = file
+            .held
+            .get(&r.owner)
+            .map_or((0, usize::from(r.kind.is_some())), |locks| {
+                (locks.len(), locks_after(locks, r))
+            });
+        if after > before && !self.may_add(r.owner, after - before) {
+            self.forget_if_empty(&r.key);
+            return Err(libc::ENOLCK);
+        }
+        let file = self.files.get_mut(&r.key).expect("made above");
         let locks = file.held.entry(r.owner).or_default();
         let first = locks.is_empty();
         // The owner's locks in the range give way (cut around it): the one starting before
@@ -320,22 +427,44 @@ impl Table {
             locks.insert(t.start, t);
         }
         if let Some(kind) = r.kind {
-            locks.insert(
-                r.start,
-                Held {
-                    owner: r.owner,
-                    pid: r.pid,
-                    kind,
-                    start: r.start,
-                    end: r.end,
-                    fh: r.fh,
-                },
-            );
+            let mut new = Held {
+                owner: r.owner,
+                pid: r.pid,
+                kind,
+                start: r.start,
+                end: r.end,
+                fh: r.fh,
+            };
+            // Adjacent locks of the same kind, handle and process join it (see the module docs).
+            let joins = |h: &Held| h.kind == kind && h.fh == r.fh && h.pid == r.pid;
+            if let Some(start) = r.start.checked_sub(1).and_then(|last| {
+                locks
+                    .range(..r.start)
+                    .next_back()
+                    .filter(|(_, h)| h.end == last && joins(h))
+                    .map(|(s, _)| *s)
+            }) {
+                locks.remove(&start);
+                new.start = start;
+            }
+            if let Some(next) = r.end.checked_add(1)
+                && locks.get(&next).is_some_and(joins)
+                && let Some(h) = locks.remove(&next)
+            {
+                new.end = h.end;
+            }
+            locks.insert(new.start, new);
         }
+        let now = locks.len();
         if locks.is_empty() {
             file.held.remove(&r.owner);
         }
         self.forget_if_empty(&r.key);
+        if now > before {
+            self.charge(r.owner, now - before);
+        } else {
+            self.discharge(r.owner, before - now);
+        }
         Ok(first)
     }
 
@@ -377,6 +506,7 @@ impl Table {
             };
             let w = file.waiting.remove(i);
             self.unwait(w.request.owner, key);
+            self.discharge(w.request.owner, 1);
             let result = self.try_apply(&w.request);
             answers.push((w.answer, result));
         }
@@ -394,6 +524,7 @@ impl Table {
         let mut answers = Vec::with_capacity(cancelled.len());
         for w in cancelled {
             self.unwait(w.request.owner, key);
+            self.discharge(w.request.owner, 1);
             answers.push((w.answer, Err(libc::EINTR)));
         }
         self.forget_if_empty(key);
@@ -644,9 +775,11 @@ mod tests {
             Ok(false),
             "owner 2's are gone"
         );
+        check_counts(&l);
         l.release_handle(&key(), 1).give();
         assert!(!l.holds_any(&key(), 1));
         assert_eq!(set(&l, 5, Some(Write), 2, 2), Ok(false));
+        check_counts(&l);
     }
 
     #[test]
@@ -686,6 +819,100 @@ mod tests {
         set(&l, 1, None, 250, END).unwrap();
         assert_eq!(w(u64::MAX), None);
         assert_eq!(w(249), Some((Read, 200, 249)));
+    }
+
+    /// Recounts every owner's locks and waiting requests: `counts` and `total` must agree.
+    fn check_counts(l: &Locks) {
+        let t = l.table();
+        let mut counts: HashMap<Owner, usize> = HashMap::new();
+        for file in t.files.values() {
+            for (owner, locks) in &file.held {
+                *counts.entry(*owner).or_default() += locks.len();
+            }
+            for w in &file.waiting {
+                *counts.entry(w.request.owner).or_default() += 1;
+            }
+        }
+        assert_eq!(t.counts, counts);
+        assert_eq!(t.total, counts.values().sum::<usize>());
+    }
+
+    #[test]
+    fn adjacent_locks_of_one_kind_handle_and_process_are_one() {
+        let l = Locks::default();
+        // Record by record, in order and out of it: one lock.
+        for i in [0, 1, 2, 4, 5, 3] {
+            set(&l, 1, Some(Write), i * 10, i * 10 + 9).unwrap();
+        }
+        let held = l.test(&key(), 2, Read, 25, 25).unwrap();
+        assert_eq!((held.start, held.end), (0, 59));
+        check_counts(&l);
+        assert_eq!(l.table().total, 1);
+        // Another kind, another handle, or a gap keep locks apart.
+        set(&l, 1, Some(Read), 60, 69).unwrap();
+        l.set(Request {
+            fh: 99,
+            ..req(1, Some(Write), 70, 79)
+        })
+        .1
+        .give();
+        set(&l, 1, Some(Write), 81, 89).unwrap();
+        let w = |b: u64| l.test(&key(), 2, Write, b, b).map(|h| (h.start, h.end));
+        assert_eq!(w(0), Some((0, 59)));
+        assert_eq!(w(65), Some((60, 69)));
+        assert_eq!(w(75), Some((70, 79)));
+        assert_eq!(w(85), Some((81, 89)));
+        assert_eq!(l.table().total, 4);
+        // A lock that reaches the end of the file joins nothing past it; an unlock cuts.
+        set(&l, 1, Some(Write), 90, END).unwrap();
+        assert_eq!(w(END), Some((81, END)));
+        set(&l, 1, None, 20, 29).unwrap();
+        assert_eq!((w(19), w(30)), (Some((0, 19)), Some((30, 59))));
+        check_counts(&l);
+    }
+
+    #[test]
+    fn an_owner_or_a_space_past_its_bound_is_enolck_and_nothing_changes() {
+        let l = Locks::with_limits(4, 6);
+        for i in 0..4 {
+            assert_eq!(set(&l, 1, Some(Read), i * 2, i * 2), Ok(i == 0));
+        }
+        assert_eq!(set(&l, 1, Some(Read), 100, 100), Err(libc::ENOLCK));
+        // What adds no lock still goes: a lock over one it holds, a change of kind, an unlock
+        // of a whole lock; an unlock that would split one is refused.
+        assert_eq!(set(&l, 1, Some(Write), 2, 2), Ok(false));
+        assert_eq!(set(&l, 1, None, 2, 2), Ok(false));
+        assert_eq!(set(&l, 1, Some(Read), 100, 100), Ok(false));
+        assert_eq!(set(&l, 1, Some(Write), 200, 300), Err(libc::ENOLCK));
+        set(&l, 1, None, 200, 300).unwrap();
+        set(&l, 1, None, 100, 100).unwrap();
+        set(&l, 1, Some(Write), 200, 300).unwrap();
+        assert_eq!(set(&l, 1, None, 250, 250), Err(libc::ENOLCK));
+        assert_eq!(
+            l.test(&key(), 2, Read, 250, 250).map(|h| (h.start, h.end)),
+            Some((200, 300)),
+            "the refused unlock changed nothing"
+        );
+        check_counts(&l);
+        // The space: owner 2 may have two, and its wait counts as one.
+        assert_eq!(set(&l, 2, Some(Read), 1000, 1000), Ok(true));
+        let waits = waiter(&l, 2, Write, 0, 0);
+        assert_eq!(waits.load(Ordering::SeqCst), 0);
+        assert_eq!(set(&l, 3, Some(Read), 2000, 2000), Err(libc::ENOLCK));
+        assert_eq!(
+            waiter(&l, 3, Write, 0, 0).load(Ordering::SeqCst),
+            -libc::ENOLCK
+        );
+        check_counts(&l);
+        // Closing the file gives back what the owner had: owner 2's wait is let in.
+        l.release_owner(&key(), 1).give();
+        assert_eq!(waits.load(Ordering::SeqCst), 1);
+        assert_eq!(set(&l, 3, Some(Read), 2000, 2000), Ok(true));
+        check_counts(&l);
+        l.release_handle(&key(), 2).give();
+        l.release_handle(&key(), 3).give();
+        check_counts(&l);
+        assert_eq!(l.table().total, 0);
     }
 
     #[test]
