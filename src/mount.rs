@@ -248,14 +248,62 @@ pub fn check_mountpoint(path: &Path) -> anyhow::Result<PathBuf> {
 /// cannot be renamed or removed while it is mounted on, so the check holds until the
 /// unmount: whoever owns a directory on the path (an agent's home) cannot swap in a symlink
 /// between the two and have the root daemon unmount or detach another mount.
+///
+/// Without `lazy`, a mount still busy is asked again for a second (each time checked anew)
+/// before it is reported busy: files closed just before can hold it for a moment.
 pub fn unmount(path: &Path, dev: libc::dev_t, lazy: bool) -> anyhow::Result<()> {
-    use nix::mount::{MntFlags, umount2};
+    use nix::mount::MntFlags;
     let flags = if lazy {
         MntFlags::MNT_DETACH
     } else {
         MntFlags::empty()
     };
-    let result = if nix::unistd::geteuid().is_root() {
+    // Busy for a moment after its files were closed: a child forked while one was open holds
+    // it until its exec. Asked again for up to `BUSY_GRACE` before it is reported busy.
+    const BUSY_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+    let deadline = std::time::Instant::now() + BUSY_GRACE;
+    let result = loop {
+        let result = unmount_once(path, dev, flags)?;
+        match result {
+            Err(nix::errno::Errno::EBUSY) if !lazy && std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            result => break result,
+        }
+    };
+    match result {
+        Ok(()) => Ok(()),
+        Err(nix::errno::Errno::EBUSY) => Err(anyhow!(
+            "{} is busy: a process still has files open there (close them, or use --lazy)",
+            path.display()
+        )),
+        Err(nix::errno::Errno::EPERM) => {
+            // Not root: the setuid helper of the fuse3 package may unmount our own mounts.
+            let mut cmd = std::process::Command::new("fusermount3");
+            cmd.arg("-u");
+            if lazy {
+                cmd.arg("-z");
+            }
+            match cmd.arg(path).status() {
+                Ok(s) if s.success() => Ok(()),
+                _ => Err(anyhow!(
+                    "not permitted to unmount {} (run as root or as the user who mounted it)",
+                    path.display()
+                )),
+            }
+        }
+        Err(e) => Err(anyhow!("could not unmount {}: {e}", path.display())),
+    }
+}
+
+/// One try of [`unmount`]: the checks' errors, or what `umount2` answered.
+fn unmount_once(
+    path: &Path,
+    dev: libc::dev_t,
+    flags: nix::mount::MntFlags,
+) -> anyhow::Result<nix::Result<()>> {
+    use nix::mount::{MntFlags, umount2};
+    Ok(if nix::unistd::geteuid().is_root() {
         let (parent, name) = match (path.parent(), path.file_name()) {
             (Some(parent), Some(name)) if path.is_absolute() => (parent, name),
             _ => {
@@ -297,30 +345,7 @@ pub fn unmount(path: &Path, dev: libc::dev_t, lazy: bool) -> anyhow::Result<()> 
         umount2(Path::new(&through), flags | MntFlags::UMOUNT_NOFOLLOW)
     } else {
         umount2(path, flags)
-    };
-    match result {
-        Ok(()) => Ok(()),
-        Err(nix::errno::Errno::EBUSY) => Err(anyhow!(
-            "{} is busy: a process still has files open there (close them, or use --lazy)",
-            path.display()
-        )),
-        Err(nix::errno::Errno::EPERM) => {
-            // Not root: the setuid helper of the fuse3 package may unmount our own mounts.
-            let mut cmd = std::process::Command::new("fusermount3");
-            cmd.arg("-u");
-            if lazy {
-                cmd.arg("-z");
-            }
-            match cmd.arg(path).status() {
-                Ok(s) if s.success() => Ok(()),
-                _ => Err(anyhow!(
-                    "not permitted to unmount {} (run as root or as the user who mounted it)",
-                    path.display()
-                )),
-            }
-        }
-        Err(e) => Err(anyhow!("could not unmount {}: {e}", path.display())),
-    }
+    })
 }
 
 /// The device of the file system mounted at `name` in `dir` (the mount's own, not the
