@@ -622,20 +622,29 @@ fn a_new_file_is_one_put_and_other_hosts_see_it_from_its_close() {
     let h = two_hosts();
     fs::create_dir(h.ma.join("out")).unwrap();
     let before = h.a.cli(&["metrics"]).1;
-    python(
+    // A file held open for a second is published before its close (a second PUT): on a
+    // loaded machine one of these may be, so those are counted.
+    let held_long: u64 = python(
         &h.ma,
         r#"
-import os
+import os, time
+slow = 0
 for i in range(50):
+    t = time.monotonic()
     with open(os.environ['MNT'] + f'/out/f{i:02}', 'wb') as f:
         f.write(bytes([i]) * 4096)
+    slow += time.monotonic() - t > 0.9
+print(slow)
 "#,
-    );
+    )
+    .trim()
+    .parse()
+    .unwrap();
     let after = h.a.cli(&["metrics"]).1;
-    assert_eq!(
-        requests(&before, &after, "put"),
-        50,
-        "one PUT a file, its bytes with it"
+    let puts = requests(&before, &after, "put");
+    assert!(
+        (50..=50 + held_long).contains(&puts),
+        "one PUT a file, its bytes with it: {puts} ({held_long} held open a second)"
     );
     // Held open on A: A shows it at once; B from its first commit on, which the mount makes
     // a second after the open (as it publishes a running writer's output), or the close.
