@@ -543,6 +543,33 @@ fn a_file_removed_or_replaced_by_another_process_while_open_is_as_if_done_here()
     assert_eq!(fs::read(a.join("l2")).unwrap(), b"newdata");
 }
 
+/// A name the kernel cached is opened as the file it named: when another process removed it
+/// since, `open(O_CREAT)` makes a new file (not `ENOENT`), and a plain open is `ENOENT`.
+#[test]
+fn a_create_of_a_name_another_process_just_removed_makes_the_file() {
+    let (_tmp, pa, pb) = two_mount_processes();
+    let (a, b) = (pa.mnt.clone(), pb.mnt.clone());
+    for i in 0..20 {
+        fs::write(a.join("c"), b"old").unwrap();
+        eventually("B sees c", || b.join("c").exists());
+        fs::remove_file(a.join("c")).unwrap();
+        let created = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .open(b.join("c"));
+        assert!(created.is_ok(), "round {i}: {created:?}");
+        drop(created);
+        assert_eq!(fs::read(a.join("c")).unwrap(), b"", "round {i}");
+        fs::remove_file(a.join("c")).unwrap();
+        let opened = fs::OpenOptions::new().write(true).open(b.join("c"));
+        assert_eq!(
+            opened.map_err(|e| e.raw_os_error()).err(),
+            Some(Some(libc::ENOENT)),
+            "round {i}"
+        );
+    }
+}
+
 #[test]
 fn a_directory_another_process_moved_is_resolved_again_at_once() {
     // B's store keeps the directories it resolved for a moment; a move heard from A's process

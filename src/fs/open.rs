@@ -12,7 +12,7 @@ use super::passthrough::Passing;
 use super::{Attr, Caller, Errno, Fs, FsResult, Ino, Opened, Tid, lock, read_lock, write_lock};
 use crate::events::Changed;
 use crate::grant::Access;
-use crate::store::{Content, Kind, Meta};
+use crate::store::{Content, Kind, Meta, StoreError};
 
 /// Whether an open made the file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -60,11 +60,23 @@ impl Fs {
         self.allow("open", path, access)?;
         let truncate = writable && flags & libc::O_TRUNC != 0;
         let found = std::time::Instant::now();
-        let open = |path| match access {
-            // A reader reads the version it opens (fetched now from a store that keeps no
-            // replaced versions, see `Store::open_to_read`).
-            Access::Read => self.store.open_to_read(path),
-            Access::Write => self.store.open(path),
+        let open = |path| {
+            let opened = match access {
+                // A reader reads the version it opens (fetched now from a store that keeps no
+                // replaced versions, see `Store::open_to_read`).
+                Access::Read => self.store.open_to_read(path),
+                Access::Write => self.store.open(path),
+            };
+            match opened {
+                // Removed (by another process or host) since the kernel looked the name up,
+                // which it may have done a TTL ago: it looks it up again on `ESTALE`, and then
+                // reports `ENOENT` itself, or creates the file for `O_CREAT`, as a local disk
+                // would have.
+                Err(e) if e.raw_os_error() == libc::ENOENT && created == Created::No => {
+                    Err(StoreError::errno(libc::ESTALE))
+                }
+                opened => opened,
+            }
         };
         let mut committed = open(path)?;
         // A rename onto the name changes the store first and the table after: the store may
