@@ -556,6 +556,7 @@ fn a_create_of_a_name_another_process_just_removed_makes_the_file() {
         let created = fs::OpenOptions::new()
             .write(true)
             .create(true)
+            .truncate(false)
             .open(b.join("c"));
         assert!(created.is_ok(), "round {i}: {created:?}");
         drop(created);
