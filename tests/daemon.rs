@@ -846,6 +846,38 @@ fn hard_links_count_against_a_byte_limit_and_cannot_take_it_below_what_is_stored
         f3.write_all(&[b'3'; 90_000]).unwrap_err().raw_os_error(),
         Some(libc::EDQUOT)
     );
+    drop(f3);
+    fs::remove_file(mnt.join("f2")).unwrap();
+    fs::remove_file(mnt.join("f3")).unwrap();
+    // Growth is charged for the names the file has at its close: names removed while it was
+    // open leave room for it; names added meanwhile count.
+    fs::write(mnt.join("g"), vec![b'g'; 10_000]).unwrap();
+    for i in 0..4 {
+        fs::hard_link(mnt.join("g"), mnt.join(format!("g{i}"))).unwrap();
+    }
+    let mut g = fs::OpenOptions::new()
+        .append(true)
+        .open(mnt.join("g"))
+        .unwrap();
+    for i in 0..4 {
+        fs::remove_file(mnt.join(format!("g{i}"))).unwrap();
+    }
+    g.write_all(&[b'+'; 50_000]).unwrap();
+    g.sync_all().unwrap();
+    drop(g);
+    assert_eq!(fs::metadata(mnt.join("g")).unwrap().len(), 60_000);
+    let mut h = fs::File::create(mnt.join("h")).unwrap();
+    for i in 0..4 {
+        fs::hard_link(mnt.join("h"), mnt.join(format!("h{i}"))).unwrap();
+    }
+    h.write_all(&[b'h'; 30_000]).unwrap();
+    assert_eq!(
+        h.sync_all().unwrap_err().raw_os_error(),
+        Some(libc::EDQUOT),
+        "five names of 30,000 bytes past what is left"
+    );
+    let info = d.json(&["session", "show", "q", "--json"]);
+    assert!(info["bytes"].as_u64().unwrap() <= 200_000, "{info}");
 }
 
 #[test]

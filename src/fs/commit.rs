@@ -202,12 +202,15 @@ impl Fs {
         let base = h.base().clone();
         let mut sizes = (base.meta().size, h.size()?);
         // A file counts once per name (see `link`), so its growth does too: charged for the
-        // names it had when opened, settled for those it has once committed (links made
-        // meanwhile, or a commit that left the other names on the old version).
+        // names it has now (links made or removed since it was opened), settled for those it
+        // has once committed (a commit may leave the other names on the old version).
         let names = |meta: &crate::store::Meta| u64::from(meta.nlink.max(1));
         let per_names =
             |(old, new): (u64, u64), n: u64| (old.saturating_mul(n), new.saturating_mul(n));
-        let opened_with = names(base.meta());
+        let opened_with = match self.space.quota() {
+            Some(_) => names(&self.store.stat(&path)?),
+            None => names(base.meta()),
+        };
         // The byte quota is charged for the growth, and settled with what the commit did.
         // Refused, the change of a handle that does not append (which replaces the file, see
         // `Change`) is charged again from the file as it is now, which another writer's close
