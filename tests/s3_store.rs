@@ -272,6 +272,47 @@ fn a_reader_gets_a_whole_version_when_another_host_saves_the_file_around_its_ope
     assert_eq!(fs::metadata(m.p("config")).unwrap().len(), 12);
 }
 
+/// A file B creates just after A removed the name, or moved it away, is B's: A's change,
+/// heard by B while its writer still writes (the new file is not in the bucket before its
+/// close), is older than B's create and must not drop it. And `open(O_CREAT)` of the name B
+/// had looked up just before is never `ENOENT`.
+#[test]
+fn a_file_made_right_after_another_host_removed_the_name_is_kept() {
+    let h = two_hosts();
+    for (i, how) in ["remove", "move"].iter().enumerate() {
+        let (y, z) = (format!("y{i}"), format!("z{i}"));
+        fs::write(h.ma.join(&y), b"old").unwrap();
+        eventually("B sees y", || h.mb.join(&y).exists());
+        // What B knows of y expires (the TTL): B's open asks the store, which says y is gone,
+        // and B creates it; A's change reaches B a moment later, through the feed.
+        std::thread::sleep(Duration::from_millis(1500));
+        match *how {
+            "remove" => fs::remove_file(h.ma.join(&y)).unwrap(),
+            _ => fs::rename(h.ma.join(&y), h.ma.join(&z)).unwrap(),
+        }
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(h.mb.join(&y))
+            .unwrap_or_else(|e| panic!("{how}: {e}"));
+        f.write_all(b"new, from B").unwrap();
+        // Long enough for B to hear A's change while the file is open.
+        std::thread::sleep(Duration::from_millis(800));
+        assert_eq!(
+            fs::read(h.mb.join(&y)).unwrap_or_else(|e| panic!("{how}: {e}")),
+            b"",
+            "{how}: B's own file, still open (nothing committed yet)"
+        );
+        drop(f);
+        eventually("A sees B's file", || {
+            fs::read(h.ma.join(&y)).is_ok_and(|b| b == b"new, from B")
+        });
+        assert_eq!(fs::read(h.mb.join(&y)).unwrap(), b"new, from B", "{how}");
+    }
+    assert_eq!(fs::read(h.mb.join("z1")).unwrap(), b"old");
+}
+
 #[test]
 fn renames_and_deletes_show_on_both_hosts() {
     let h = two_hosts();

@@ -92,6 +92,15 @@ impl Fs {
             Some(state) if !state.handles.is_empty() => state.handles.clone(),
             _ => return,
         };
+        // A file made here whose creation is not committed yet (on a store that makes new
+        // files at their first commit) is not what was removed elsewhere: nobody else has
+        // seen it, so what they removed was there before it.
+        if handles
+            .iter()
+            .any(|&fh| self.file(fh).is_ok_and(|h| lock(&h).creates))
+        {
+            return;
+        }
         let now = match self.store.stat(path) {
             Ok(meta) => Some(meta.version),
             Err(e) if e.raw_os_error() == libc::ENOENT => None,

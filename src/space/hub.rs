@@ -323,12 +323,12 @@ impl ForeignChanges for Space {
         let forget = |path: &Path, tree: bool| self.store.forget(path, tree);
         match &record.change {
             Changed::File { path, .. }
-            | Changed::FileDeleted { path }
             | Changed::FolderCreated { path }
             | Changed::Attributes { path } => forget(path, false),
+            Changed::FileDeleted { path } => self.store.forget_removed(path),
             Changed::FolderDeleted { path } => forget(path, true),
             Changed::FileMoved { from, to, .. } => {
-                forget(from, false);
+                self.store.forget_removed(from);
                 forget(to, false);
             }
             Changed::FolderMoved { from, to } | Changed::Exchanged { a: from, b: to } => {

@@ -196,6 +196,10 @@ impl Store for Ending {
     fn forget(&self, path: &Path, tree: bool) {
         self.inner.forget(path, tree)
     }
+
+    fn forget_removed(&self, path: &Path) {
+        self.inner.forget_removed(path)
+    }
 }
 
 #[cfg(test)]

@@ -391,4 +391,8 @@ impl<S: Store> Store for FailingStore<S> {
     fn forget(&self, path: &Path, tree: bool) {
         self.inner.forget(path, tree)
     }
+
+    fn forget_removed(&self, path: &Path) {
+        self.inner.forget_removed(path)
+    }
 }

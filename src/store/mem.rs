@@ -835,6 +835,8 @@ impl Store for MemStore {
     }
 
     fn forget(&self, _path: &Path, _tree: bool) {}
+
+    fn forget_removed(&self, _path: &Path) {}
 }
 
 fn join(root: &Path, rel: &Path) -> PathBuf {

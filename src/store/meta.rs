@@ -382,6 +382,10 @@ impl Store for MetaOverlay {
     fn forget(&self, path: &Path, tree: bool) {
         self.inner.forget(path, tree)
     }
+
+    fn forget_removed(&self, path: &Path) {
+        self.inner.forget_removed(path)
+    }
 }
 
 #[cfg(test)]

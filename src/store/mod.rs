@@ -422,6 +422,11 @@ pub trait Store: Send + Sync + 'static {
     /// what the store remembers of it, so that the next question asks the backend. A store
     /// that remembers nothing does nothing. Never waits for I/O.
     fn forget(&self, path: &Path, tree: bool);
+    /// Another host (or process) removed the file at `path`, or moved it away: like
+    /// `forget(path, false)`, except that a file this store made at `path` and has not stored
+    /// yet (`create_held`) stays. Nobody else can have seen that one, so what they removed was
+    /// there before it. Never waits for I/O.
+    fn forget_removed(&self, path: &Path);
 }
 
 /// Where a process stores spaces of one kind: its data dir, or an S3 bucket. In JSON

@@ -699,6 +699,9 @@ impl Store for LocalStore {
             self.dirs.forget_all();
         }
     }
+
+    /// A file's name: no directory resolved changes.
+    fn forget_removed(&self, _path: &Path) {}
 }
 
 #[cfg(test)]

@@ -210,6 +210,8 @@ pub struct S3Store {
     /// Files made by `create_held` that the open holding them has not committed yet
     /// (`Capabilities::created_at_commit`): no object yet; this process shows them.
     pending: Mutex<HashMap<PathBuf, Meta>>,
+    /// Pending files whose name another host told of a file at since (see `pending`).
+    contested: Mutex<std::collections::HashSet<PathBuf>>,
     /// When this store made the versions it wrote (the ETag, and this host's clock then): the
     /// time it showed for them at once, kept once what it remembered of the entry expires, so
     /// that a file's times on this host do not move when the store is asked again (its
@@ -336,12 +338,47 @@ impl S3Store {
             attrs_set: Mutex::new(HashMap::new()),
             stamped: Mutex::new(HashMap::new()),
             pending: Mutex::new(HashMap::new()),
+            contested: Mutex::new(std::collections::HashSet::new()),
         }
     }
 
     /// The file made by `create_held` at `path`, not committed yet.
+    ///
+    /// When another host told of a file at the name since (`Store::forget`), the store is
+    /// asked once: an object there now is what the name shows (this host's writer still
+    /// commits over it at its close: the last close wins); none means that what it told of
+    /// was made before this host's create and removed since (the feed is heard a moment
+    /// late): the name is still this host's file.
     fn pending(&self, path: &Path) -> Option<Meta> {
-        lock(&self.pending).get(path).cloned()
+        let meta = lock(&self.pending).get(path).cloned()?;
+        if !lock(&self.contested).remove(path) {
+            return Some(meta);
+        }
+        let tag = meta.version.tag().unwrap_or_default().to_string();
+        let there = self
+            .keys
+            .key(path)
+            .map_err(|e| log::debug!("{}: {e}", path.display()))
+            .and_then(|key| {
+                self.shared.client.head(&key).map(|_| true).or_else(|e| {
+                    match e.is(Failure::NotFound) {
+                        true => Ok(false),
+                        false => Err(log::debug!("{}: {e}", path.display())),
+                    }
+                })
+            });
+        match there {
+            Ok(false) => Some(meta),
+            Ok(true) => {
+                self.take_pending(path, &tag);
+                None
+            }
+            Err(()) => {
+                // Cannot tell now: asked again at the next look.
+                lock(&self.contested).insert(path.to_path_buf());
+                Some(meta)
+            }
+        }
     }
 
     /// Drops the pending file made by `create_held` with version `tag` at `path`; whether it
@@ -1907,6 +1944,7 @@ impl Store for S3Store {
         lineage.insert(super::LINEAGE.into(), self.shared.new_lineage());
         self.shared.learn_lineage(&tag, &lineage);
         let meta = self.object_meta(0, &tag, SystemTime::now(), &attrs);
+        lock(&self.contested).remove(path);
         lock(&self.pending).insert(path.to_path_buf(), meta.clone());
         self.remember(path, Some(meta.clone()));
         Ok(meta)
@@ -2260,12 +2298,12 @@ impl Store for S3Store {
 
     fn forget(&self, path: &Path, tree: bool) {
         // What another host made at a name this host created and has not committed yet is
-        // what the name shows now (this host's writer still commits over it at its close: the
-        // last close wins).
+        // what the name shows now, if it is still there (see `pending`).
         if tree {
             lock(&self.pending).retain(|p, _| !p.starts_with(path));
-        } else {
-            lock(&self.pending).remove(path);
+            lock(&self.contested).retain(|p| !p.starts_with(path));
+        } else if lock(&self.pending).contains_key(path) {
+            lock(&self.contested).insert(path.to_path_buf());
         }
         // The entry (or the tree), its directory's listing, and the index holding its
         // attributes (`S3Store::forget` here is the inherent one, of one entry).
@@ -2279,6 +2317,17 @@ impl Store for S3Store {
             lock(&self.stamped).remove(path);
         }
         lock(&self.indexes).remove(&split(path).0);
+    }
+
+    fn forget_removed(&self, path: &Path) {
+        // A file this host is still creating has no object: the removal heard is of an older
+        // one, and the name still shows this host's file (`remembered` answers from `pending`).
+        if lock(&self.pending).contains_key(path) {
+            // Whatever was told of at the name before is gone now.
+            lock(&self.contested).remove(path);
+            return;
+        }
+        Store::forget(self, path, false);
     }
 }
 
