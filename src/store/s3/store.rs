@@ -355,26 +355,26 @@ impl S3Store {
             return Some(meta);
         }
         let tag = meta.version.tag().unwrap_or_default().to_string();
-        let there = self
-            .keys
-            .key(path)
-            .map_err(|e| log::debug!("{}: {e}", path.display()))
-            .and_then(|key| {
-                self.shared.client.head(&key).map(|_| true).or_else(|e| {
-                    match e.is(Failure::NotFound) {
-                        true => Ok(false),
-                        false => Err(log::debug!("{}: {e}", path.display())),
-                    }
-                })
-            });
+        let there = match self.keys.key(path) {
+            Ok(key) => match self.shared.client.head(&key) {
+                Ok(_) => Ok(true),
+                Err(e) if e.is(Failure::NotFound) => Ok(false),
+                Err(e) => Err(StoreError::from(e)),
+            },
+            Err(e) => Err(e),
+        };
         match there {
             Ok(false) => Some(meta),
             Ok(true) => {
                 self.take_pending(path, &tag);
                 None
             }
-            Err(()) => {
-                // Cannot tell now: asked again at the next look.
+            Err(e) => {
+                log::debug!(
+                    "{}: cannot tell whether another host made it: {e}",
+                    path.display()
+                );
+                // Asked again at the next look.
                 lock(&self.contested).insert(path.to_path_buf());
                 Some(meta)
             }
