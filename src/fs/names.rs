@@ -230,9 +230,12 @@ impl Fs {
     /// lives on under them, and its open handles must go on committing to it, as writes to an
     /// inode do on a local disk, not be dropped as a removed file's are. So another name is
     /// looked for among those this mount may write, first beside the one removed, then
-    /// through the space (at most [`NAME_SEARCH`] entries); found, the inode takes it. (No
-    /// lock is held while the store is asked; a name changed meanwhile is looked for again
-    /// at the commit, which finds the inode's path as for any name.)
+    /// through the space (directory by directory, until [`NAME_SEARCH`] entries were looked
+    /// at); found, and asked about again (a listing is a moment old: the name may hold
+    /// another file by now), the inode takes it. No lock is held while the store is asked,
+    /// and the thread announces a long wait first (`store::wait`), so the mount's other
+    /// requests are read by another thread meanwhile. Changes at the name after that reach
+    /// the inode as any other change does (heard from elsewhere, or made here).
     pub(super) fn keep_a_name(&self, ino: Ino, removed: &Path, meta: &Meta) {
         let Some(id) = meta.file_id else {
             return;
@@ -259,6 +262,7 @@ impl Fs {
     /// A name of the file `id` (with several names) this mount may write: the directory
     /// `near` first, then the whole space, breadth first.
     fn search_name(&self, id: FileId, near: &Path) -> Option<PathBuf> {
+        crate::store::wait::announce();
         let mut budget = NAME_SEARCH;
         let mut listed: HashSet<PathBuf> = HashSet::new();
         let mut queue = VecDeque::from([near.to_path_buf(), PathBuf::new()]);
@@ -291,8 +295,14 @@ impl Fs {
                                 Err(_) => continue,
                             },
                         };
-                        // (Its last other name may have no other now.)
-                        if meta.file_id == Some(id) {
+                        // (Its last other name may have no other now.) Listed a moment ago: still
+                        // the file?
+                        if meta.file_id == Some(id)
+                            && self
+                                .store
+                                .stat(&path)
+                                .is_ok_and(|now| now.file_id == Some(id))
+                        {
                             return Some(path);
                         }
                     }
