@@ -238,8 +238,14 @@ impl Fs {
         // made anew). Moving that inode to `to` would commit the new file there. So the inode
         // at `from` follows such a move only while the name is free in the store (and no
         // handle here is still creating its file), or when it is the moved file held open
-        // here (the file at `to` now); otherwise both names are just looked up again.
-        if !exchange && made == Made::Elsewhere && !self.moves_along(from, to) {
+        // here (the file at `to` now); otherwise both names are just looked up again. The
+        // inodes of an exchange swap unless one of them is held open here as a file that is
+        // not the one now at the other name (made at its name since the exchange).
+        let follows = |from, to| match exchange {
+            true => self.exchanges_along(from, to),
+            false => self.moves_along(from, to),
+        };
+        if made == Made::Elsewhere && !follows(from, to) {
             let table = read_lock(&self.table);
             let (src, dst) = (table.resolve(from), table.resolve(to));
             drop(table);
@@ -305,6 +311,40 @@ impl Fs {
         entry(dst, to_name);
     }
 
+    /// Whether the inodes this mount knows at `a` and `b` may swap for an exchange of the two
+    /// heard from elsewhere (see `moved_elsewhere`): none of them is held open here as another
+    /// file than the one now at the other name.
+    fn exchanges_along(&self, a: &Path, b: &Path) -> bool {
+        for (from, to) in [(a, b), (b, a)] {
+            let Some((_, Some(ino))) = read_lock(&self.table).resolve(from) else {
+                continue;
+            };
+            let handles: Vec<_> = lock(&self.opens)
+                .get(&ino)
+                .map(|state| state.handles.clone())
+                .unwrap_or_default()
+                .into_iter()
+                .filter_map(|fh| self.file(fh).ok())
+                .collect();
+            if handles.is_empty() {
+                continue;
+            }
+            if handles.iter().any(|h| lock(h).creates) {
+                return false;
+            }
+            let Ok(there) = self.store.stat(to) else {
+                return false;
+            };
+            if !handles
+                .iter()
+                .any(|h| same_file(lock(h).base().meta(), &there))
+            {
+                return false;
+            }
+        }
+        true
+    }
+
     /// Whether what this mount knows at `from` is what moved to `to` elsewhere (see
     /// `moved_elsewhere`): `from` is free in the store, or the inode there is held open here
     /// as the file now at `to`.
@@ -335,13 +375,9 @@ impl Fs {
         let Ok(moved) = self.store.stat(to) else {
             return false;
         };
-        // The same file: by its identity where the store has one (a rename changes the
-        // version of a local file, its ctime), else by its version (S3's ETag).
-        let same = |held: &crate::store::Meta| match (held.file_id, moved.file_id) {
-            (Some(a), Some(b)) => a == b,
-            _ => held.version == moved.version,
-        };
-        handles.iter().any(|h| same(lock(h).base().meta()))
+        handles
+            .iter()
+            .any(|h| same_file(lock(h).base().meta(), &moved))
     }
 
     /// The changes a rename of `from` to `to` made, for the space to announce: a move (of a
@@ -369,5 +405,14 @@ impl Fs {
                 (false, size) => vec![Changed::FileMoved { from, to, size }],
             },
         }
+    }
+}
+
+/// Whether `held` and `now` are the same file: by its identity where the store has one (a
+/// rename changes the version of a local file, its ctime), else by its version (S3's ETag).
+fn same_file(held: &crate::store::Meta, now: &crate::store::Meta) -> bool {
+    match (held.file_id, now.file_id) {
+        (Some(a), Some(b)) => a == b,
+        _ => held.version == now.version,
     }
 }

@@ -1441,6 +1441,49 @@ fn a_move_heard_late_does_not_carry_off_a_new_file_of_the_old_name() {
     }
 }
 
+/// An exchange of two names heard late, after this mount removed one of them and made it
+/// anew: the new file stays under its own name; the other name shows what the exchange put
+/// there.
+#[test]
+fn an_exchange_heard_late_does_not_carry_off_a_new_file_of_either_name() {
+    use crate::space::SpaceWatcher;
+    for backend in BACKENDS {
+        let s = full_on(backend);
+        s.fs.set_kernel_cache(Box::new(NoKernel));
+        s.put("xa", b"A0");
+        s.put("xb", b"B0");
+        for n in ["xa", "xb"] {
+            s.fs.lookup(ROOT, name(n)).unwrap();
+        }
+        // Another process swaps them (where the store can).
+        let swapped = s.store.rename(
+            Path::new("xa"),
+            Path::new("xb"),
+            crate::store::RenameMode::Exchange,
+        );
+        if swapped.is_err() {
+            continue;
+        }
+        // This mount, before it hears of it, replaces `xa`: removed, made anew, written.
+        s.fs.unlink(ROOT, name("xa")).unwrap();
+        let (_, h) = create(&s.fs, ROOT, "xa", libc::O_WRONLY | libc::O_EXCL);
+        s.fs.write(h.fh, 0, b"NEW", CALLER).unwrap();
+        for p in ["xa", "xb"] {
+            s.store.forget(Path::new(p), true);
+        }
+        s.fs.changed_elsewhere(
+            &Changed::Exchanged {
+                a: "xa".into(),
+                b: "xb".into(),
+            },
+            crate::space::Made::Elsewhere,
+        );
+        s.fs.release(h.fh).unwrap();
+        assert_eq!(s.read("xa"), b"NEW", "{backend:?}");
+        assert_eq!(s.read("xb"), b"A0", "{backend:?}");
+    }
+}
+
 #[test]
 fn seek_data_and_hole_follow_each_handles_view() {
     use std::os::unix::fs::FileExt;
