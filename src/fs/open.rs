@@ -347,7 +347,13 @@ impl Fs {
                 meta
             }
             Err(e) if e == Errno::EEXIST && flags & libc::O_EXCL == 0 => {
-                let meta = self.store.stat(&path)?;
+                let meta = match self.store.stat(&path) {
+                    Ok(meta) => meta,
+                    // Made and removed again elsewhere in between: the name is free, and the
+                    // kernel, told `ESTALE`, looks it up again and creates it.
+                    Err(e) if e.raw_os_error() == libc::ENOENT => return Err(Errno::ESTALE),
+                    Err(e) => return Err(e.into()),
+                };
                 if meta.kind == Kind::Dir {
                     return Err(Errno::EISDIR);
                 }

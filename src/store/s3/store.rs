@@ -1589,6 +1589,15 @@ impl S3Store {
                 self.forget(to);
                 return Ok(false);
             }
+            Err(e) if e.is(Failure::NotFound) => {
+                // The source is gone (another host moved or removed it): nothing was copied,
+                // nothing is left half done.
+                if let Some(j) = journal {
+                    j.done();
+                }
+                self.forget(from);
+                return Err(err(libc::ENOENT));
+            }
             Err(e) => return Err(e.into()),
         };
         // The copy as this store made it: as new as this host's clock says (see `stamped`).
@@ -1613,6 +1622,10 @@ impl S3Store {
         Ok(true)
     }
 }
+
+/// How many times a rename looks its source up and copies it before it gives up on a source
+/// that changes under every copy.
+const RENAME_ATTEMPTS: u32 = 5;
 
 /// Waits a little before try `attempt + 1` of a conflicting write (jittered, growing).
 fn backoff(attempt: u32) {
@@ -2088,8 +2101,13 @@ impl Store for S3Store {
         // Both names as the store last saw them, within the metadata TTL (the kernel has just
         // looked them up): a file saved by a rename costs its copy and delete alone. A source
         // that changed meanwhile fails the copy's condition, and is looked up again, as is one
-        // whose metadata the copy writes (see `rename_file`).
-        for again in [false, true] {
+        // whose metadata the copy writes (see `rename_file`); a source another host keeps
+        // rewriting is tried again a few times, with a growing pause, before `EIO`.
+        for attempt in 0..RENAME_ATTEMPTS {
+            let again = attempt > 0;
+            if attempt > 1 {
+                backoff(attempt - 2);
+            }
             let (source, fresh) = match self.remembered(from) {
                 Some(Some(meta)) if !again => (meta, false),
                 Some(None) if !again => return Err(err(libc::ENOENT)),

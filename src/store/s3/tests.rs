@@ -2151,3 +2151,45 @@ fn a_readers_open_of_a_version_gone_is_estale_and_the_next_reads_the_new_version
         libc::ENOENT
     );
 }
+
+/// A rename whose source another host keeps rewriting (each copy's `If-Match` fails) tries
+/// again a few times before `EIO`; one whose source another host moved away is `ENOENT`
+/// (nothing half done, nothing left for a restart to finish).
+#[test]
+fn a_rename_outlasts_a_source_rewritten_meanwhile_and_a_source_gone_is_enoent() {
+    let client = Arc::new(MemClient::new());
+    let a = host(&client);
+    let s = a.store.as_ref();
+    write(s, "x.tmp", b"saved").unwrap();
+    client.fail(Op::Copy, Some("/x"), Failure::Precondition, 3);
+    s.rename(p("x.tmp"), p("x"), RenameMode::Replace).unwrap();
+    assert_eq!(client.object(&key("x")).unwrap(), b"saved");
+    assert!(client.object(&key("x.tmp")).is_none());
+    // Rewritten under every copy: given up, the source where it was.
+    write(s, "y.tmp", b"y").unwrap();
+    client.fail(Op::Copy, Some("/y"), Failure::Precondition, 100);
+    assert_eq!(
+        s.rename(p("y.tmp"), p("y"), RenameMode::Replace)
+            .unwrap_err()
+            .raw_os_error(),
+        libc::EIO
+    );
+    client.heal();
+    assert!(client.object(&key("y.tmp")).is_some());
+    // Moved away by another host after this one looked: ENOENT, and no journal record.
+    write(s, "z.tmp", b"z").unwrap();
+    client.fail(Op::Copy, Some("/z"), Failure::NotFound, 1);
+    assert_eq!(
+        s.rename(p("z.tmp"), p("z"), RenameMode::Replace)
+            .unwrap_err()
+            .raw_os_error(),
+        libc::ENOENT
+    );
+    let journal = a
+        .spaces
+        .shared()
+        .state
+        .spool_dir()
+        .with_file_name("journal");
+    assert_eq!(std::fs::read_dir(&journal).unwrap().count(), 0);
+}
