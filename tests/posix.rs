@@ -2152,6 +2152,37 @@ assert data[:4] == b'new!' and data[-4:] == b'tail' and len(data) == (2 << 20) +
     );
 }
 
+/// A hard-linked large file (`cp -l`, `rsync -H`, pnpm's store) updated in place while
+/// something reads it: the read-write open through either name is not turned away.
+#[test]
+fn a_linked_large_file_opened_read_write_beside_a_reader_opens() {
+    let m = Mounted::room();
+    if m.is_s3() {
+        return; // no hard links on S3 (EPERM, tested above)
+    }
+    python(
+        &m.mnt,
+        r#"
+import os
+a = os.environ['MNT'] + '/a'
+b = os.environ['MNT'] + '/b'
+open(a, 'wb').write(b'a' * (2 << 20))
+os.link(a, b)
+for held, written in ((a, a), (a, b), (b, a)):
+    reader = open(held, 'rb')
+    assert reader.read(4)[:1] in (b'a', b'n')
+    before = reader.read(4)
+    with open(written, 'r+b') as w:
+        w.write(b'new!')
+    with open(b if written == a else a, 'rb') as other:
+        assert other.read(4) == b'new!', 'both names show the commit'
+    reader.close()
+    with open(a, 'r+b') as w:
+        w.write(b'aaaa')
+"#,
+    );
+}
+
 #[test]
 fn a_mapped_database_beside_a_passthrough_reader_stays_whole() {
     // A read-only holder (a backup, a viewer) makes the database a passthrough file; sqlite

@@ -348,6 +348,9 @@ impl InodeTable {
         if self.children.get(&key) == Some(&ino) {
             self.children.remove(&key);
         }
+        // Nor does another name of the file lead to it any more: the look-up that follows
+        // makes the successor, which the file's names join.
+        self.linked.retain(|_, &mut i| i != ino);
         self.aliases.push(ino);
     }
 
