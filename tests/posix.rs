@@ -1828,14 +1828,23 @@ c = sqlite3.connect('file:' + sys.argv[1] + '?mode=ro', uri=True)
 for line in sys.stdin:
     print(c.execute("select count(*), coalesce(max(body), '') from t").fetchone(), flush=True)
 """
-for mode in ['wal', 'delete']:
-    db = os.environ['MNT'] + f'/{mode}.db'
+# Also with a database of 2 MiB, which a read-only open alone would have the kernel read
+# (passthrough), reading on in the version it opened: a file once locked is not passed through.
+for mode, pad in [('wal', 0), ('delete', 0), ('wal', 2 << 20), ('delete', 2 << 20)]:
+    db = os.environ['MNT'] + f'/{mode}{pad}.db'
     w = sqlite3.connect(db)
     w.execute(f'pragma journal_mode={mode}')
     w.execute('create table t(id integer primary key, body text)')
+    w.execute('create table pad(x blob)')
+    w.execute('insert into pad values (zeroblob(?))', (pad,))
     w.commit()
+    w.close()
+    # The reader opens the database alone, as a dashboard started after the agent's writes.
     r = subprocess.Popen([sys.executable, '-c', reader_code, db], stdin=subprocess.PIPE,
                          stdout=subprocess.PIPE, text=True)
+    r.stdin.write('?\n'); r.stdin.flush()
+    assert r.stdout.readline().strip() == "(0, '')"
+    w = sqlite3.connect(db)
     seen = []
     for i in range(1, 41):
         w.execute('insert into t(body) values (?)', (f'row {i:03}',))
@@ -1848,10 +1857,13 @@ for mode in ['wal', 'delete']:
     w.close()
     expected = [str((i, f'row {i:03}')) for i in range(1, 41)]
     bad = [(want, got) for want, got in zip(expected, seen) if want != got]
-    print(mode, 'ok' if not bad else f'stale: {bad[:3]}')
+    print(mode, pad, 'ok' if not bad else f'stale: {bad[:3]}')
 "#,
     );
-    assert_eq!(out, "wal ok\ndelete ok\n");
+    assert_eq!(
+        out,
+        "wal 0 ok\ndelete 0 ok\nwal 2097152 ok\ndelete 2097152 ok\n"
+    );
 }
 
 /// Several connections, in one process and in several, to one database: sqlite coordinates
@@ -2150,6 +2162,39 @@ with open(p, 'rb') as f:
 assert data[:4] == b'new!' and data[-4:] == b'tail' and len(data) == (2 << 20) + 4
 "#,
     );
+}
+
+/// A reader that locks a large file it opened read-only (the kernel reads it: passthrough)
+/// and a read-write open of it (which the mount serves through another inode) share the
+/// file's record locks, as on a local disk.
+#[test]
+fn record_locks_of_a_large_file_meet_across_a_reader_and_a_writer() {
+    let m = Mounted::room();
+    let out = python(
+        &m.mnt,
+        r#"
+import fcntl, os, subprocess, sys
+p = os.environ['MNT'] + '/big.bin'
+open(p, 'wb').write(b'L' * (2 << 20))
+fd = os.open(p, os.O_RDONLY)
+os.read(fd, 4)
+fcntl.lockf(fd, fcntl.LOCK_SH)
+other = """
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR)
+try:
+    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    print("granted")
+except OSError as e:
+    print(os.strerror(e.errno))
+"""
+run = lambda: subprocess.run([sys.executable, '-c', other, p], capture_output=True, text=True)
+print(run().stdout.strip())
+os.close(fd)
+print(run().stdout.strip())
+"#,
+    );
+    assert_eq!(out, "Resource temporarily unavailable\ngranted\n");
 }
 
 /// A hard-linked large file (`cp -l`, `rsync -H`, pnpm's store) updated in place while

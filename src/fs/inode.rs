@@ -30,6 +30,9 @@ struct Node {
     nlookup: u64,
     /// It took its name over from a superseded inode and has not been opened yet.
     successor: bool,
+    /// The inode whose record locks it shares: the first of the inodes its name moved
+    /// through (see [`InodeTable::lock_ino`]).
+    lock_as: Option<Ino>,
     /// Its other names (hard links), besides `parent`/`name`.
     links: Vec<(Ino, OsString)>,
     /// A directory's attributes as last looked up (or as it went, if removed here), so that
@@ -64,6 +67,7 @@ impl Default for InodeTable {
                 kind: Kind::Dir,
                 nlookup: 1,
                 successor: false,
+                lock_as: None,
                 links: Vec::new(),
                 attrs: None,
                 removed: false,
@@ -186,6 +190,7 @@ impl InodeTable {
                             kind: Kind::Dir,
                             nlookup: 0,
                             successor: false,
+                            lock_as: None,
                             links: Vec::new(),
                             attrs: None,
                             removed: false,
@@ -269,7 +274,9 @@ impl InodeTable {
         }
         let ino = self.next;
         self.next += 1;
-        let successor = !self.aliases_at(parent, name).is_empty();
+        let predecessor = self.aliases_at(parent, name).first().copied();
+        let successor = predecessor.is_some();
+        let lock_as = predecessor.map(|p| self.lock_ino(p));
         self.nodes.insert(
             ino,
             Node {
@@ -278,6 +285,7 @@ impl InodeTable {
                 kind,
                 nlookup: 1,
                 successor,
+                lock_as,
                 links: Vec::new(),
                 attrs: None,
                 removed: false,
@@ -366,6 +374,13 @@ impl InodeTable {
         self.nodes
             .get_mut(&ino)
             .is_some_and(|n| std::mem::take(&mut n.successor))
+    }
+
+    /// The inode number `ino`'s record locks are kept under: a name that moved to a new inode
+    /// because passthrough readers held the old one (`supersede`) names one file still, and
+    /// the locks taken through either inode must meet.
+    pub fn lock_ino(&self, ino: Ino) -> Ino {
+        self.nodes.get(&ino).and_then(|n| n.lock_as).unwrap_or(ino)
     }
 
     /// Whether `ino` took its name over from a superseded inode and was not opened yet.

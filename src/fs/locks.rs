@@ -52,11 +52,11 @@ pub fn lock_type(kind: LockKind) -> i32 {
 }
 
 impl Fs {
-    /// The key the space's lock table knows the file of `h` by.
+    /// The key the space's lock table knows the file of `h` by (see `InodeTable::lock_ino`).
     fn lock_key(&self, h: &FileHandle) -> FileKey {
         FileKey {
             mount: self.id,
-            ino: h.ino,
+            ino: read_lock(&self.table).lock_ino(h.ino),
         }
     }
 
@@ -116,6 +116,11 @@ impl Fs {
         let locking = request.kind.is_some();
         if !locking {
             self.commit_before_unlock(fh, pid);
+        } else if let Ok(handle) = self.file(fh) {
+            let ino = lock(&handle).ino;
+            if let Some(path) = read_lock(&self.table).path(ino) {
+                self.space.locks().mark(&path);
+            }
         }
         let locks = self.space.locks();
         if !wait {

@@ -133,6 +133,8 @@ impl Fs {
             true => None,
             false => self.shared_written_by(ino, by),
         };
+        // (Asked before the opens are locked.)
+        let locked = self.space.locks().marked(path);
         let (direct_io, keep_cache, alone, passing, only) = {
             let mut opens = lock(&self.opens);
             let state = opens.entry(ino).or_default();
@@ -153,6 +155,7 @@ impl Fs {
             let passing = self.passing_for(
                 &mut state.window,
                 others_open || successor,
+                locked,
                 fh,
                 committed.as_ref(),
                 &meta,

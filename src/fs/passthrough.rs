@@ -102,11 +102,14 @@ impl Fs {
 
     /// Decides how the kernel serves `fh`, a new open with `flags` of the inode whose open
     /// bookkeeping is `window` and `others_open` (any handle of it open), on `content`
-    /// (whose attributes are `meta`). Registers a backing file when a window opens.
+    /// (whose attributes are `meta`). Registers a backing file when a window opens. No
+    /// window opens on a file record locks were taken on (`locked`, see `Locks::mark`).
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn passing_for(
         &self,
         window: &mut Option<Window>,
         others_open: bool,
+        locked: bool,
         fh: u64,
         content: &dyn Content,
         meta: &Meta,
@@ -137,6 +140,7 @@ impl Fs {
         };
         if !read_only
             || others_open
+            || locked
             || meta.size < PASSTHROUGH_MIN
             || self.passthrough_failed.load(Ordering::Relaxed)
         {

@@ -208,7 +208,13 @@ struct Table {
 /// The locks of one space (see the module docs).
 pub struct Locks {
     table: Mutex<Table>,
+    /// Files record locks were taken on (see [`Locks::mark`]): the most recent
+    /// [`MARKED_MAX`], oldest first.
+    marked: Mutex<std::collections::VecDeque<std::path::PathBuf>>,
 }
+
+/// How many files locked once [`Locks`] remembers.
+const MARKED_MAX: usize = 4096;
 
 impl Default for Locks {
     fn default() -> Self {
@@ -229,7 +235,45 @@ impl Locks {
                 per_owner,
                 max,
             }),
+            marked: Mutex::new(std::collections::VecDeque::new()),
         }
+    }
+
+    /// Remembers that a record lock was taken on the file at `path`: a program coordinating
+    /// through locks (sqlite) reads it again under each lock, and the mounts serve its later
+    /// read-only opens through the daemon, whose handles move on to the latest version at
+    /// each lock, rather than handing them to the kernel (passthrough), which keeps reading
+    /// the version it opened. A lock on sqlite's WAL index `NAME-shm` marks `NAME` and
+    /// `NAME-wal` too.
+    pub fn mark(&self, path: &std::path::Path) {
+        use std::os::unix::ffi::OsStrExt;
+        let mut paths = vec![path.to_path_buf()];
+        if let Some(db) = path
+            .file_name()
+            .and_then(|n| n.as_bytes().strip_suffix(b"-shm"))
+        {
+            let db = std::ffi::OsStr::from_bytes(db);
+            let mut wal = db.to_os_string();
+            wal.push("-wal");
+            paths.push(path.with_file_name(db));
+            paths.push(path.with_file_name(wal));
+        }
+        let mut marked = self.marked.lock().unwrap_or_else(|e| e.into_inner());
+        for p in paths {
+            if let Some(i) = marked.iter().position(|m| *m == p) {
+                marked.remove(i);
+            }
+            if marked.len() == MARKED_MAX {
+                marked.pop_front();
+            }
+            marked.push_back(p);
+        }
+    }
+
+    /// Whether a record lock was taken on the file at `path` (see [`Locks::mark`]).
+    pub fn marked(&self, path: &std::path::Path) -> bool {
+        let marked = self.marked.lock().unwrap_or_else(|e| e.into_inner());
+        marked.iter().any(|m| m == path)
     }
 
     fn table(&self) -> std::sync::MutexGuard<'_, Table> {
