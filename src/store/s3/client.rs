@@ -140,6 +140,9 @@ pub struct ClientError {
     /// The request (`"PUT rooms/r1/a.txt"`).
     pub what: String,
     pub source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    /// The store did not answer at all (a timeout, no connection): not a 5xx or a throttle,
+    /// which are answers.
+    pub unanswered: bool,
 }
 
 pub type ClientResult<T> = Result<T, ClientError>;
@@ -150,6 +153,7 @@ impl ClientError {
             failure,
             what: what.into(),
             source: None,
+            unanswered: false,
         }
     }
 
@@ -162,6 +166,7 @@ impl ClientError {
             failure,
             what: what.into(),
             source: Some(source.into()),
+            unanswered: false,
         }
     }
 

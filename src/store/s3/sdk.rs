@@ -140,7 +140,8 @@ pub struct SdkClient {
     /// The system's CA certificates and those of the configured bundle, if any.
     tls: Option<TlsContext>,
     /// When a look-up (HEAD, LIST) last failed for want of an answer, after all its attempts
-    /// (see [`LOOKUPS_FAIL_FAST`]).
+    /// (see [`LOOKUPS_FAIL_FAST`]): a timeout or no connection, not an error the store
+    /// answered (a 503 `SlowDown` of one request must not fail every look-up for a while).
     lookups_failed: std::sync::Mutex<Option<Instant>>,
 }
 
@@ -298,7 +299,14 @@ where
         SdkError::TimeoutError(_) => "no answer in time".to_string(),
         _ => causes(&e),
     };
-    ClientError::with_source(failure, what, cause)
+    let unanswered = matches!(
+        &e,
+        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_)
+    );
+    ClientError {
+        unanswered,
+        ..ClientError::with_source(failure, what, cause)
+    }
 }
 
 /// An error and its causes, `: `-separated (the SDK's own rendering adds the whole error in
@@ -726,7 +734,8 @@ impl SdkClient {
             ));
         }
         let result = send();
-        let unanswered = matches!(&result, Err(e) if e.is(Failure::Unavailable));
+        // An answer, even a 5xx or a throttle, says the store is there: only silence counts.
+        let unanswered = matches!(&result, Err(e) if e.unanswered);
         *self
             .lookups_failed
             .lock()
@@ -1470,6 +1479,26 @@ mod tests {
         let bytes: Vec<u8> = (0..len).map(|i| (i % 251) as u8 ^ seed).collect();
         std::fs::write(&path, bytes).unwrap();
         (Arc::new(File::open(&path).unwrap()), path)
+    }
+
+    /// A store that answers look-ups with a throttle or a 5xx is there: the next look-up is
+    /// sent (only a store that did not answer at all makes look-ups fail at once for a
+    /// while, see `LOOKUPS_FAIL_FAST`).
+    #[test]
+    fn look_ups_answered_with_an_error_do_not_stop_the_next_ones() {
+        const SLOW_DOWN: &str = "HTTP/1.1 503 Slow Down\r\nContent-Length: 0\r\n\r\n";
+        let (url, log) = recording_server(vec![SLOW_DOWN], |_| {});
+        let client = connect(&url);
+        let e = client.head("k").unwrap_err();
+        assert_eq!(e.failure, Failure::Unavailable, "{e}");
+        let sent = log.lock().unwrap().len();
+        assert!(sent >= 1);
+        let e = client.head("k").unwrap_err();
+        assert!(!e.to_string().contains("not sent"), "{e}");
+        assert!(
+            log.lock().unwrap().len() > sent,
+            "the second look-up was sent"
+        );
     }
 
     #[test]
