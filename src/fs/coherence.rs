@@ -29,7 +29,9 @@
 
 use std::ffi::OsStr;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 
+use super::handle::FileHandle;
 use super::{Fs, Ino, KernelCache, lock, read_lock, write_lock};
 use crate::events::Changed;
 use crate::space::{Made, SpaceWatcher};
@@ -311,6 +313,17 @@ impl Fs {
         entry(dst, to_name);
     }
 
+    /// The handles open on `ino`.
+    fn open_handles(&self, ino: Ino) -> Vec<Arc<Mutex<FileHandle>>> {
+        lock(&self.opens)
+            .get(&ino)
+            .map(|state| state.handles.clone())
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|fh| self.file(fh).ok())
+            .collect()
+    }
+
     /// Whether the inodes this mount knows at `a` and `b` may swap for an exchange of the two
     /// heard from elsewhere (see `moved_elsewhere`): none of them is held open here as another
     /// file than the one now at the other name.
@@ -319,13 +332,7 @@ impl Fs {
             let Some((_, Some(ino))) = read_lock(&self.table).resolve(from) else {
                 continue;
             };
-            let handles: Vec<_> = lock(&self.opens)
-                .get(&ino)
-                .map(|state| state.handles.clone())
-                .unwrap_or_default()
-                .into_iter()
-                .filter_map(|fh| self.file(fh).ok())
-                .collect();
+            let handles = self.open_handles(ino);
             if handles.is_empty() {
                 continue;
             }
@@ -353,13 +360,7 @@ impl Fs {
         let Some((_, Some(ino))) = read_lock(&self.table).resolve(from) else {
             return true;
         };
-        let handles: Vec<_> = lock(&self.opens)
-            .get(&ino)
-            .map(|state| state.handles.clone())
-            .unwrap_or_default()
-            .into_iter()
-            .filter_map(|fh| self.file(fh).ok())
-            .collect();
+        let handles = self.open_handles(ino);
         // A file made here whose creation is not committed yet (on a store that makes new
         // files at their first commit, the store does not show it: its name looks free) is
         // not what another mount moved.

@@ -274,7 +274,13 @@ impl InodeTable {
         }
         let ino = self.next;
         self.next += 1;
-        let predecessor = self.aliases_at(parent, name).first().copied();
+        // The superseded inode this name was one of the names of, if any.
+        let predecessor = self.aliases.iter().copied().find(|a| {
+            self.nodes.get(a).is_some_and(|n| {
+                n.parent == parent && n.name == name
+                    || n.links.iter().any(|(p, l)| *p == parent && l == name)
+            })
+        });
         let successor = predecessor.is_some();
         let lock_as = predecessor.map(|p| self.lock_ino(p));
         self.nodes.insert(
@@ -342,6 +348,19 @@ impl InodeTable {
         }
     }
 
+    /// Every name of `ino` this table knows (hard links too), unless detached.
+    pub fn names(&self, ino: Ino) -> Vec<(Ino, OsString)> {
+        self.nodes
+            .get(&ino)
+            .filter(|n| n.parent != DETACHED)
+            .map(|n| {
+                std::iter::once((n.parent, n.name.clone()))
+                    .chain(n.links.iter().cloned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// Gives the name of `ino` up to a new inode (the next lookup of the name makes one), while
     /// `ino` keeps the name as an alias: its open handles still commit to it (and follow its
     /// renames), but the kernel is to reach the file through the new inode from now on.
@@ -352,12 +371,16 @@ impl InodeTable {
         if node.parent == DETACHED || self.aliases.contains(&ino) {
             return;
         }
-        let key = (node.parent, node.name.clone());
-        if self.children.get(&key) == Some(&ino) {
-            self.children.remove(&key);
+        // Its other names (hard links) move on too: the look-up that follows makes the
+        // successor, which the file's names join (by its identity, which leads no more here).
+        let names: Vec<_> = std::iter::once((node.parent, node.name.clone()))
+            .chain(node.links.iter().cloned())
+            .collect();
+        for key in names {
+            if self.children.get(&key) == Some(&ino) {
+                self.children.remove(&key);
+            }
         }
-        // Nor does another name of the file lead to it any more: the look-up that follows
-        // makes the successor, which the file's names join.
         self.linked.retain(|_, &mut i| i != ino);
         self.aliases.push(ino);
     }

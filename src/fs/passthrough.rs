@@ -186,7 +186,19 @@ impl Fs {
     /// caller answers `ESTALE`, on which the kernel looks the name up again and opens that.
     /// The window's readers keep the old inode; its handles still commit to the name.
     pub(super) fn supersede(&self, ino: super::Ino) {
-        super::write_lock(&self.table).supersede(ino);
+        let links = {
+            let mut table = super::write_lock(&self.table);
+            let links = table.names(ino);
+            table.supersede(ino);
+            links
+        };
+        // The kernel looks the name opened up again at the `ESTALE`; the file's other names
+        // (hard links) too, once told (by the notifier thread).
+        if let Some(kernel) = self.kernel.get() {
+            for (parent, name) in links {
+                kernel.entry_changed(parent, &name);
+            }
+        }
         log::debug!("inode {ino}: passthrough readers hold it; its name moves to a new inode");
     }
 }

@@ -2167,24 +2167,19 @@ fn a_rename_outlasts_a_source_rewritten_meanwhile_and_a_source_gone_is_enoent() 
     assert!(client.object(&key("x.tmp")).is_none());
     // Rewritten under every copy: given up, the source where it was.
     write(s, "y.tmp", b"y").unwrap();
-    client.fail(Op::Copy, Some("/y"), Failure::Precondition, 100);
-    assert_eq!(
-        s.rename(p("y.tmp"), p("y"), RenameMode::Replace)
+    let refused = |from: &str, to: &str| {
+        s.rename(p(from), p(to), RenameMode::Replace)
             .unwrap_err()
-            .raw_os_error(),
-        libc::EIO
-    );
+            .raw_os_error()
+    };
+    client.fail(Op::Copy, Some("/y"), Failure::Precondition, 100);
+    assert_eq!(refused("y.tmp", "y"), libc::EIO);
     client.heal();
     assert!(client.object(&key("y.tmp")).is_some());
     // Moved away by another host after this one looked: ENOENT, and no journal record.
     write(s, "z.tmp", b"z").unwrap();
     client.fail(Op::Copy, Some("/z"), Failure::NotFound, 1);
-    assert_eq!(
-        s.rename(p("z.tmp"), p("z"), RenameMode::Replace)
-            .unwrap_err()
-            .raw_os_error(),
-        libc::ENOENT
-    );
+    assert_eq!(refused("z.tmp", "z"), libc::ENOENT);
     let journal = a
         .spaces
         .shared()
