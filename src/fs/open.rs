@@ -133,8 +133,10 @@ impl Fs {
             true => None,
             false => self.shared_written_by(ino, by),
         };
-        // (Asked before the opens are locked.)
-        let locked = self.space.locks().marked(path);
+        // (Asked before the opens are locked, and only where passthrough may be chosen.)
+        let locked = access == Access::Read
+            && meta.size >= super::passthrough::PASSTHROUGH_MIN
+            && self.space.locks().marked(path);
         let (direct_io, keep_cache, alone, passing, only) = {
             let mut opens = lock(&self.opens);
             let state = opens.entry(ino).or_default();

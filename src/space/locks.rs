@@ -209,8 +209,17 @@ struct Table {
 pub struct Locks {
     table: Mutex<Table>,
     /// Files record locks were taken on (see [`Locks::mark`]): the most recent
-    /// [`MARKED_MAX`], oldest first.
-    marked: Mutex<std::collections::VecDeque<std::path::PathBuf>>,
+    /// [`MARKED_MAX`].
+    marked: Mutex<Marked>,
+}
+
+/// Paths, each with when it was last marked (a count), and the paths by that count, to forget
+/// the one marked longest ago.
+#[derive(Default)]
+struct Marked {
+    paths: HashMap<std::path::PathBuf, u64>,
+    by_age: BTreeMap<u64, std::path::PathBuf>,
+    next: u64,
 }
 
 /// How many files locked once [`Locks`] remembers.
@@ -235,7 +244,7 @@ impl Locks {
                 per_owner,
                 max,
             }),
-            marked: Mutex::new(std::collections::VecDeque::new()),
+            marked: Mutex::new(Marked::default()),
         }
     }
 
@@ -260,20 +269,23 @@ impl Locks {
         }
         let mut marked = self.marked.lock().unwrap_or_else(|e| e.into_inner());
         for p in paths {
-            if let Some(i) = marked.iter().position(|m| *m == p) {
-                marked.remove(i);
+            let now = marked.next;
+            marked.next += 1;
+            if let Some(then) = marked.paths.insert(p.clone(), now) {
+                marked.by_age.remove(&then);
+            } else if marked.paths.len() > MARKED_MAX
+                && let Some((_, oldest)) = marked.by_age.pop_first()
+            {
+                marked.paths.remove(&oldest);
             }
-            if marked.len() == MARKED_MAX {
-                marked.pop_front();
-            }
-            marked.push_back(p);
+            marked.by_age.insert(now, p);
         }
     }
 
     /// Whether a record lock was taken on the file at `path` (see [`Locks::mark`]).
     pub fn marked(&self, path: &std::path::Path) -> bool {
         let marked = self.marked.lock().unwrap_or_else(|e| e.into_inner());
-        marked.iter().any(|m| m == path)
+        marked.paths.contains_key(path)
     }
 
     fn table(&self) -> std::sync::MutexGuard<'_, Table> {
@@ -957,6 +969,29 @@ mod tests {
         l.release_handle(&key(), 3).give();
         check_counts(&l);
         assert_eq!(l.table().total, 0);
+    }
+
+    #[test]
+    fn files_locked_are_remembered_the_latest_first() {
+        let l = Locks::default();
+        let p = |s: &str| std::path::PathBuf::from(s);
+        l.mark(&p("d/app.db-shm"));
+        for n in ["d/app.db-shm", "d/app.db", "d/app.db-wal"] {
+            assert!(l.marked(&p(n)), "{n}");
+        }
+        assert!(!l.marked(&p("d/other")));
+        // Marked again, a file stays while others come and go.
+        for i in 0..MARKED_MAX {
+            l.mark(&p(&format!("f{i}")));
+            if i % 1000 == 0 {
+                l.mark(&p("d/app.db"));
+            }
+        }
+        assert!(l.marked(&p("d/app.db")));
+        assert!(!l.marked(&p("d/app.db-wal")), "forgotten, the longest ago");
+        assert!(l.marked(&p(&format!("f{}", MARKED_MAX - 1))));
+        let m = l.marked.lock().unwrap();
+        assert_eq!((m.paths.len(), m.by_age.len()), (MARKED_MAX, MARKED_MAX));
     }
 
     #[test]
