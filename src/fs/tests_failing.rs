@@ -360,3 +360,46 @@ fn attributes_held_for_a_commit_that_fails_stay_unset_with_the_changes() {
     let committed = s.store.inner().stat(Path::new("f")).unwrap();
     assert_eq!((committed.perm, s.committed("f")), (0o700, b"new".to_vec()));
 }
+
+/// An open file whose last known name is removed while it has another name this mount never
+/// looked up: the search for that name lists the space, and another process renames a file
+/// over it right after the listing. The name, holding another file now, is not taken: the
+/// writes of the removed name's file are not committed over the file moved there.
+#[test]
+fn a_name_found_for_a_removed_names_file_is_asked_about_again_before_it_is_taken() {
+    let data = tempfile::tempdir().unwrap();
+    let store = Arc::new(FailingStore::new(crate::store::local::test_store(
+        data.path(),
+    )));
+    let id = crate::space::SpaceId::new(crate::space::SpaceKind::Room, "r").unwrap();
+    let space = Arc::new(Space::new(id, store.clone(), None));
+    let fs = Fs::new(
+        space,
+        FsOptions {
+            links_anywhere: true,
+            ..Default::default()
+        },
+    );
+    // Behind the mount: `x/a` and `d/b` one file, `e/v` another.
+    let root = data.path().join("rooms/r");
+    for d in ["x", "d", "e"] {
+        std::fs::create_dir_all(root.join(d)).unwrap();
+    }
+    std::fs::write(root.join("x/a"), b"OLD").unwrap();
+    std::fs::hard_link(root.join("x/a"), root.join("d/b")).unwrap();
+    std::fs::write(root.join("e/v"), b"VVVV").unwrap();
+    let x = fs.lookup(ROOT, name("x")).unwrap().ino;
+    let a = fs.lookup(x, name("a")).unwrap();
+    let h = fs.open(a.ino, RW, CALLER).unwrap();
+    fs.write(h.fh, 0, b"NEWDATA", CALLER).unwrap();
+    // Right after `d` is listed (the search's listing has `d/b` as the file), `mv e/v d/b`.
+    let moved = root.clone();
+    store.after_list(move |dir| {
+        if dir == Path::new("d") && moved.join("e/v").exists() {
+            std::fs::rename(moved.join("e/v"), moved.join("d/b")).unwrap();
+        }
+    });
+    fs.unlink(x, name("a")).unwrap();
+    fs.release(h.fh).unwrap();
+    assert_eq!(std::fs::read(root.join("d/b")).unwrap(), b"VVVV");
+}

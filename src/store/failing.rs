@@ -117,10 +117,16 @@ impl Faults {
     }
 }
 
+/// What runs after each `list` answered, with the directory listed.
+type AfterList = Box<dyn Fn(&Path) + Send + Sync>;
+
 /// A store whose operations fail as planned (see the module docs).
 pub struct FailingStore<S: Store> {
     inner: S,
     faults: Arc<Faults>,
+    /// Runs after each `list` answered (another process changing the space between a
+    /// listing and what the core does with it).
+    after_list: Mutex<Option<AfterList>>,
 }
 
 /// Says what a planned fault does; dropped, it plans nothing.
@@ -165,7 +171,13 @@ impl<S: Store> FailingStore<S> {
         FailingStore {
             inner,
             faults: Arc::new(Faults::default()),
+            after_list: Mutex::new(None),
         }
+    }
+
+    /// Runs `then` after each `list` answered, with the directory listed.
+    pub fn after_list(&self, then: impl Fn(&Path) + Send + Sync + 'static) {
+        *self.after_list.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(then));
     }
 
     /// The store underneath (to look behind the faults).
@@ -275,7 +287,11 @@ impl<S: Store> Store for FailingStore<S> {
     }
     fn list(&self, path: &Path) -> StoreResult<Vec<DirEntry>> {
         self.faults.check(Op::List)?;
-        self.inner.list(path)
+        let listed = self.inner.list(path);
+        if let Some(then) = &*self.after_list.lock().unwrap_or_else(|e| e.into_inner()) {
+            then(path);
+        }
+        listed
     }
     fn open(&self, path: &Path) -> StoreResult<Arc<dyn Content>> {
         self.faults.check(Op::Open)?;
