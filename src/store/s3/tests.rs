@@ -27,6 +27,17 @@ struct Host {
     store: Arc<dyn Store>,
 }
 
+/// How many records `host`'s journal holds (renames and uploads a restart would finish).
+fn journaled(host: &Host) -> usize {
+    let journal = host
+        .spaces
+        .shared()
+        .state
+        .spool_dir()
+        .with_file_name("journal");
+    std::fs::read_dir(journal).unwrap().count()
+}
+
 fn config() -> S3Config {
     let mut config = S3Config::new("test-bucket", "team");
     config.part_size = PART;
@@ -944,13 +955,7 @@ fn a_rename_that_failed_part_way_is_finished_before_anything_touches_its_names()
         "not nested"
     );
     // Nothing is left for a restart to replay.
-    let journal = a
-        .spaces
-        .shared()
-        .state
-        .spool_dir()
-        .with_file_name("journal");
-    assert_eq!(std::fs::read_dir(&journal).unwrap().count(), 0);
+    assert_eq!(journaled(&a), 0);
 
     // A file rename cut between its copy and its delete: the janitor finishes it unasked.
     client.fail(Op::Delete, Some("other"), Failure::Unavailable, 1);
@@ -2180,11 +2185,5 @@ fn a_rename_outlasts_a_source_rewritten_meanwhile_and_a_source_gone_is_enoent() 
     write(s, "z.tmp", b"z").unwrap();
     client.fail(Op::Copy, Some("/z"), Failure::NotFound, 1);
     assert_eq!(refused("z.tmp", "z"), libc::ENOENT);
-    let journal = a
-        .spaces
-        .shared()
-        .state
-        .spool_dir()
-        .with_file_name("journal");
-    assert_eq!(std::fs::read_dir(&journal).unwrap().count(), 0);
+    assert_eq!(journaled(&a), 0);
 }
