@@ -23,19 +23,21 @@ fn setup() -> Setup {
 
 fn setup_on(mem: MemStore) -> Setup {
     let store = Arc::new(FailingStore::new(mem));
+    let fs = Arc::new(fs_over(store.clone()));
+    Setup { store, fs }
+}
+
+/// A mount of room `r` stored in `store`, hard links allowed anywhere.
+fn fs_over(store: Arc<dyn Store>) -> Fs {
     let id = crate::space::SpaceId::new(crate::space::SpaceKind::Room, "r").unwrap();
-    let space = Arc::new(Space::new(id, store.clone(), None));
-    let fs = Fs::new(
+    let space = Arc::new(Space::new(id, store, None));
+    Fs::new(
         space,
         FsOptions {
             links_anywhere: true,
             ..Default::default()
         },
-    );
-    Setup {
-        store,
-        fs: Arc::new(fs),
-    }
+    )
 }
 
 fn name(s: &str) -> &OsStr {
@@ -371,15 +373,7 @@ fn a_name_found_for_a_removed_names_file_is_asked_about_again_before_it_is_taken
     let store = Arc::new(FailingStore::new(crate::store::local::test_store(
         data.path(),
     )));
-    let id = crate::space::SpaceId::new(crate::space::SpaceKind::Room, "r").unwrap();
-    let space = Arc::new(Space::new(id, store.clone(), None));
-    let fs = Fs::new(
-        space,
-        FsOptions {
-            links_anywhere: true,
-            ..Default::default()
-        },
-    );
+    let fs = fs_over(store.clone());
     // Behind the mount: `x/a` and `d/b` one file, `e/v` another.
     let root = data.path().join("rooms/r");
     for d in ["x", "d", "e"] {
