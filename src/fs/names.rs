@@ -125,6 +125,7 @@ impl Fs {
             ino
         };
         if let Some(ino) = ino {
+            self.links_dropped(ino, &meta);
             self.keep_a_name(ino, &path, &meta);
         }
         self.released(&meta);
@@ -215,6 +216,7 @@ impl Fs {
         };
         // A file replaced while open here that has other names lives on under them.
         if let (Some(meta), Some(ino)) = (&replaced, replaced_ino) {
+            self.links_dropped(ino, meta);
             self.keep_a_name(ino, &to, meta);
         }
         // Published before the names are let go: a commit to the old name by another mount
@@ -222,6 +224,25 @@ impl Fs {
         self.publish_all(&self.renamed(&from, &to, mode));
         drop(claim);
         Ok(())
+    }
+
+    /// A name of `ino`, a file that had other names (`meta`, from before), was removed here.
+    /// The kernel lowers the link count it caches itself at an `unlink` (or a rename over the
+    /// name), but it drops the raised count a `link()` answered with when a write to the file
+    /// was changing its size at that moment: the count it caches can so reach 0, and the
+    /// kernel then refuses `link()` of the file with `ENOENT`, without asking (a file linked,
+    /// the link removed, while another process rewrites it). The file's other names are
+    /// looked up again (by the notifier thread), which brings the count the store holds.
+    fn links_dropped(&self, ino: Ino, meta: &Meta) {
+        if meta.kind != Kind::File || meta.nlink <= 1 {
+            return;
+        }
+        let Some(kernel) = self.kernel.get() else {
+            return;
+        };
+        for (parent, name) in read_lock(&self.table).names(ino) {
+            kernel.entry_changed(parent, &name);
+        }
     }
 
     /// `ino` lost the last name this mount knew it by (unlinked here, or elsewhere) while open,
