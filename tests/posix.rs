@@ -423,6 +423,47 @@ print('ok')
     assert!(String::from_utf8_lossy(&seen).ends_with("three\nfour\n"));
 }
 
+/// A reader of a large log (which the kernel reads itself, passthrough, where it can) reads on
+/// into the lines appended after it opened, on every store, as `tail -f` does: a log that
+/// commits as one request and one past the store's part size.
+#[test]
+fn a_reader_of_a_large_log_follows_committed_appends() {
+    let m = Mounted::room();
+    let out = python(
+        &m.mnt,
+        r#"
+import os, subprocess
+for mib in (2, 7):
+    p = os.path.join(os.environ['MNT'], f'big{mib}.log')
+    head = bytes(b'abcdefghij'[i % 10] for i in range(mib << 20))
+    with open(p, 'wb') as w:
+        w.write(head)
+    r = open(p, 'rb')
+    assert r.read() == head
+    subprocess.run(['sh', '-c', 'echo one >> "$0"; echo two >> "$0"', p], check=True)
+    assert r.read() == b'one\ntwo\n', f'{mib} MiB: appends by >>'
+    with open(p, 'a') as a:
+        a.write('three\n'); a.flush()
+        assert r.read() == b'', 'appends still open are not shown'
+    assert r.read() == b'three\n', f'{mib} MiB: an appender closed'
+    # Readers opened since read the same file to its end.
+    with open(p, 'rb') as again:
+        assert again.read() == head + b'one\ntwo\nthree\n'
+    # A rewrite is not read on into: the reader keeps the version it has.
+    with open(p, 'wb') as w:
+        w.write(b'new\n')
+    assert r.read() == b''
+    r.seek(0)
+    assert r.read() == head + b'one\ntwo\nthree\n'
+    r.close()
+    with open(p, 'rb') as again:
+        assert again.read() == b'new\n'
+print('ok')
+"#,
+    );
+    assert_eq!(out.trim(), "ok");
+}
+
 #[test]
 fn truncate_and_ftruncate() {
     let m = Mounted::room();

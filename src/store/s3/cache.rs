@@ -3,7 +3,10 @@
 //! committed enters whole (its spool file is linked in), so reading back what was written
 //! costs no request, and a whole entry is a local file the kernel can read directly
 //! (passthrough). Entries are validated by ETag: a reader always asks for the version it
-//! opened, and a newer version of a key replaces the older entry.
+//! opened, and a newer version of a key replaces the older entry. An append this host
+//! committed onto a whole entry grows its file in place instead (`grow`): the entry of the
+//! newer version shares the file, so what the kernel reads of it reads on into the appends,
+//! while the older entry still reads its own version's bytes (the same, up to its size).
 //!
 //! Past the bound, the least recently used entries are removed (their files unlinked); a
 //! reader still holding a removed entry keeps reading it, so the disk can hold more than the
@@ -61,6 +64,10 @@ pub struct Entry {
     /// Bytes counted against the cache for it.
     charged: AtomicU64,
     removed: AtomicBool,
+    /// It was grown into the entry of a newer version (see [`Cache::grow`]): it grows no more.
+    grown: AtomicBool,
+    /// The first version its file was made for: entries grown from it share the file.
+    pub object: String,
     cache: std::sync::Weak<CacheInner>,
 }
 
@@ -89,6 +96,35 @@ fn file_name(key: &str, etag: &str) -> String {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
+}
+
+/// Gives the open `file` the name `path` (a leftover file of that name, of an entry of the
+/// same version, is replaced: rare, versions are new at each commit).
+fn link_in(file: &File, path: &std::path::Path) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let from = CString::new(format!("/proc/self/fd/{}", file.as_raw_fd()))?;
+    let to = CString::new(path.as_os_str().as_bytes())?;
+    let link = || {
+        // SAFETY: NUL-terminated strings that outlive the call.
+        let r = unsafe {
+            libc::linkat(
+                libc::AT_FDCWD,
+                from.as_ptr(),
+                libc::AT_FDCWD,
+                to.as_ptr(),
+                libc::AT_SYMLINK_FOLLOW,
+            )
+        };
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    };
+    link().or_else(|e| match e.raw_os_error() {
+        Some(libc::EEXIST) => std::fs::remove_file(path).and_then(|()| link()),
+        _ => Err(e),
+    })
 }
 
 impl Cache {
@@ -179,6 +215,8 @@ impl Cache {
             last_used: AtomicU64::new(self.inner.tick.fetch_add(1, Ordering::Relaxed)),
             charged: AtomicU64::new(0),
             removed: AtomicBool::new(false),
+            grown: AtomicBool::new(false),
+            object: etag.to_string(),
             cache: Arc::downgrade(&self.inner),
         });
         Some(self.insert(key, entry))
@@ -214,33 +252,7 @@ impl Cache {
             return None;
         }
         let path = self.inner.dir.join(file_name(key, etag));
-        use std::os::fd::AsRawFd;
-        let from = CString::new(format!("/proc/self/fd/{}", file.as_raw_fd())).ok()?;
-        let to = CString::new(path.as_os_str().as_bytes()).ok()?;
-        let link = || {
-            // SAFETY: NUL-terminated strings that outlive the call.
-            let r = unsafe {
-                libc::linkat(
-                    libc::AT_FDCWD,
-                    from.as_ptr(),
-                    libc::AT_FDCWD,
-                    to.as_ptr(),
-                    libc::AT_SYMLINK_FOLLOW,
-                )
-            };
-            if r == 0 {
-                Ok(())
-            } else {
-                Err(io::Error::last_os_error())
-            }
-        };
-        // A file of that name is a leftover of an entry of the same version (rare: versions
-        // are new at each commit), replaced.
-        let linked = link().or_else(|e| match e.raw_os_error() {
-            Some(libc::EEXIST) => std::fs::remove_file(&path).and_then(|()| link()),
-            _ => Err(e),
-        });
-        if let Err(e) = linked {
+        if let Err(e) = link_in(file, &path) {
             log::debug!("cache: cannot link a committed copy in: {e}");
             self.forget(key);
             return None;
@@ -263,9 +275,91 @@ impl Cache {
             last_used: AtomicU64::new(self.inner.tick.fetch_add(1, Ordering::Relaxed)),
             charged: AtomicU64::new(0),
             removed: AtomicBool::new(false),
+            grown: AtomicBool::new(false),
+            object: etag.to_string(),
             cache: Arc::downgrade(&self.inner),
         });
         let entry = self.insert(key, entry);
+        entry.charge(size);
+        Some(entry)
+    }
+
+    /// Makes the version `etag` of `key` (`size` bytes), committed by appending `tail` to the
+    /// version `base` this cache holds whole, an entry by growing `base`'s file in place: the
+    /// kernel reads that file itself for passthrough readers of `base`, which so read on into
+    /// the appends as they are committed, as `tail -f` does on the local store (and no copy of
+    /// the base is made). `None` (nothing changed but perhaps bytes of `tail` past `base`'s
+    /// end, which its readers do not read through the cache) when `base` is not cached whole,
+    /// or was grown already (another commit of this process that appended to it first).
+    ///
+    /// `base`'s entry keeps its size, so reads of it through the cache stay that version; its
+    /// file takes the new version's name (and loses the old one as `base`'s entry leaves the
+    /// map), so an entry made again for `base` later (a reader of that version whose entry
+    /// was evicted) is a file of its own.
+    pub fn grow(
+        &self,
+        key: &str,
+        base: &str,
+        tail: &[u8],
+        etag: &str,
+        size: u64,
+    ) -> Option<Arc<Entry>> {
+        let old = {
+            let entries = lock(&self.inner.entries);
+            let e = entries.get(key).filter(|e| e.etag == base)?;
+            if e.size + tail.len() as u64 != size
+                || size > self.max_object()
+                || e.removed.load(Ordering::Relaxed)
+                || !e.is_whole()
+                || e.grown.swap(true, Ordering::Relaxed)
+            {
+                return None;
+            }
+            e.clone()
+        };
+        let grown = (|| {
+            if old.file.metadata()?.len() < old.size {
+                return Err(io::Error::other(
+                    "the cached file is shorter than its version",
+                ));
+            }
+            old.file.write_all_at(tail, old.size)?;
+            old.file.set_len(size)?;
+            let path = self.inner.dir.join(file_name(key, etag));
+            link_in(&old.file, &path)?;
+            Ok::<_, io::Error>((old.file.try_clone()?, path))
+        })();
+        let (file, path) = match grown {
+            Ok(grown) => grown,
+            Err(e) => {
+                log::debug!("cache: cannot grow the entry of {key} in place: {e}");
+                return None;
+            }
+        };
+        let chunks = size.div_ceil(CHUNK) as usize;
+        let entry = Arc::new(Entry {
+            etag: etag.to_string(),
+            size,
+            file,
+            path,
+            chunks: Mutex::new(Chunks {
+                present: vec![true; chunks],
+                loading: vec![false; chunks],
+                missing: 0,
+                unavailable: None,
+            }),
+            loaded: Condvar::new(),
+            last_used: AtomicU64::new(self.inner.tick.fetch_add(1, Ordering::Relaxed)),
+            charged: AtomicU64::new(0),
+            removed: AtomicBool::new(false),
+            grown: AtomicBool::new(false),
+            object: old.object.clone(),
+            cache: Arc::downgrade(&self.inner),
+        });
+        let entry = self.insert(key, entry);
+        // Out of the count (the map held another entry of `key` by now, if a reader made one
+        // for another version meanwhile); its file's name went with the new entry.
+        self.inner.retire(&old, false);
         entry.charge(size);
         Some(entry)
     }
@@ -552,6 +646,50 @@ mod tests {
             assert_eq!(std::fs::metadata(&e.path).unwrap().len(), 5000);
             assert_eq!(cache.used(), 5000, "counted once");
         }
+    }
+
+    #[test]
+    fn an_append_grows_a_whole_entry_in_place_for_the_readers_of_its_file() {
+        use std::io::Write;
+        use std::os::unix::fs::MetadataExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let cache = Cache::new(tmp.path().join("c"), 64 * CHUNK).unwrap();
+        let mut copy = tempfile::tempfile().unwrap();
+        copy.write_all(b"start\n").unwrap();
+        let v1 = cache.adopt("log", "v1", &copy, 6).unwrap();
+        let never = |_: u64, _: u64, _: &mut dyn FnMut(&[u8]) -> io::Result<()>| {
+            Err(io::Error::other("the store was asked"))
+        };
+        let v2 = cache.grow("log", "v1", b"one\n", "v2", 10).unwrap();
+        // One file: what the kernel reads of v1's file (passthrough) goes on into the append.
+        let (a, b) = (v1.file().metadata().unwrap(), v2.file().metadata().unwrap());
+        assert_eq!((a.ino(), a.len()), (b.ino(), 10));
+        assert_eq!(v2.object, v1.object);
+        assert!(cache.lookup("log", "v1").is_none());
+        assert!(Arc::ptr_eq(&cache.lookup("log", "v2").unwrap(), &v2));
+        // Through the cache, each entry reads its own version, without asking the store.
+        let mut buf = [0u8; 64];
+        let n = v1.read(&mut buf, 0, 0, &never).unwrap();
+        assert_eq!(&buf[..n], b"start\n");
+        let n = v2.read(&mut buf, 0, 0, &never).unwrap();
+        assert_eq!(&buf[..n], b"start\none\n");
+        assert_eq!(cache.used(), 10, "v1 is out of the count");
+        // The file has the newest version's name only: an entry made for v1 again is a file
+        // of its own.
+        let names = std::fs::read_dir(tmp.path().join("c")).unwrap().count();
+        assert_eq!(names, 1);
+        assert!(v2.path.exists() && !v1.path.exists());
+        // An entry grows once (a second append from the same base is another version), only
+        // from the version it holds, only with the sizes adding up, and only when whole.
+        assert!(cache.grow("log", "v1", b"x", "v3", 7).is_none());
+        assert!(cache.grow("log", "v2", b"two\n", "v3", 99).is_none());
+        let v3 = cache.grow("log", "v2", b"two\n", "v3", 14).unwrap();
+        assert_eq!(v1.file().metadata().unwrap().len(), 14);
+        assert!(cache.grow("log", "v2", b"three\n", "v4", 20).is_none());
+        drop(v3);
+        let part = cache.entry("big", "w1", 3 * CHUNK).unwrap();
+        assert!(!part.is_whole());
+        assert!(cache.grow("big", "w1", b"x", "w2", 3 * CHUNK + 1).is_none());
     }
 
     #[test]

@@ -52,6 +52,9 @@ struct Written {
     followed: bool,
     /// The new version's lineage.
     lineage: String,
+    /// For appends that extend their base (the new version begins with it, same lineage):
+    /// the base's ETag.
+    extends: Option<String>,
 }
 
 /// `metadata` with the lineage `lineage`.
@@ -196,11 +199,19 @@ fn commit_once(store: &S3Store, req: CommitRequest<'_>) -> StoreResult<Committed
             append(store, req.path, &key, req.base, tail, *follow, &metadata)?
         }
     };
-    let entry = written.file.as_ref().and_then(|f| {
-        store
-            .shared()
-            .cache
-            .adopt(&key, &written.etag, f, written.size)
+    let cache = &store.shared().cache;
+    // Appends grow a whole cached base in place, which its passthrough readers read on into.
+    let grown = match (&req.change, &written.extends) {
+        (Change::Append { tail, .. }, Some(base)) => {
+            cache.grow(&key, base, tail, &written.etag, written.size)
+        }
+        _ => None,
+    };
+    let entry = grown.or_else(|| {
+        written
+            .file
+            .as_ref()
+            .and_then(|f| cache.adopt(&key, &written.etag, f, written.size))
     });
     if entry.is_none() {
         store.shared().cache.forget(&key);
@@ -333,6 +344,7 @@ fn whole(
             file: Some(copy.file().clone()),
             followed: false,
             lineage: metadata.get(super::LINEAGE).cloned().unwrap_or_default(),
+            extends: None,
         }),
         Err(e) => {
             copy.reopen();
@@ -538,6 +550,7 @@ fn ranged(
         file: None,
         followed: false,
         lineage: metadata.get(super::LINEAGE).cloned().unwrap_or_default(),
+        extends: None,
     }))
 }
 
@@ -658,13 +671,17 @@ fn append(
             append_copy(shared, key, base.as_ref(), tail, &decide).map(|(etag, m)| (etag, None, m))
         };
         match result {
-            Ok((etag, file, written)) => {
+            Ok((new_etag, file, written)) => {
+                // Written on the condition that the base is current: it begins with the base.
+                let extends =
+                    shared.conditional && (follow || !replace) && !super::store::is_new_tag(&etag);
                 return Ok(Written {
-                    etag,
+                    etag: new_etag,
                     size,
                     file,
                     followed,
                     lineage: written.get(super::LINEAGE).cloned().unwrap_or_default(),
+                    extends: extends.then_some(etag),
                 });
             }
             Err(e)

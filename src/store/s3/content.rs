@@ -528,7 +528,8 @@ impl Content for S3Content {
     fn local(&self) -> Option<LocalFile<'_>> {
         self.whole.as_ref().map(|e| LocalFile {
             file: e.file(),
-            object: Version::from_tag(&self.etag),
+            // A file grown in place by appends is the same file for each version it holds.
+            object: Version::from_tag(&e.object),
         })
     }
 }
