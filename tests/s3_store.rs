@@ -247,6 +247,39 @@ fn tail_f_on_another_host_follows_a_growing_log() {
     }
 }
 
+/// A reader on host B of a large log host A appends to reads on into the lines as they come.
+/// B fetches a log of a few MiB whole at its reader's open; the kernel reading it straight
+/// from that cached file (passthrough) stopped at the version fetched.
+#[test]
+fn a_reader_on_another_host_follows_a_large_log() {
+    use std::io::Read;
+    let h = two_hosts();
+    let head: Vec<u8> = (0..2u32 << 20).map(|i| b'a' + (i % 26) as u8).collect();
+    fs::write(h.ma.join("big.log"), &head).unwrap();
+    eventually("B sees the log", || {
+        fs::metadata(h.mb.join("big.log")).is_ok_and(|m| m.len() == head.len() as u64)
+    });
+    let mut reader = File::open(h.mb.join("big.log")).unwrap();
+    let mut got = Vec::new();
+    reader.read_to_end(&mut got).unwrap();
+    assert!(got == head);
+    for i in 0..3 {
+        let line = format!("line {i}\n");
+        OpenOptions::new()
+            .append(true)
+            .open(h.ma.join("big.log"))
+            .unwrap()
+            .write_all(line.as_bytes())
+            .unwrap();
+        let mut new = Vec::new();
+        eventually(&format!("B's reader reads {line:?}"), || {
+            reader.read_to_end(&mut new).unwrap();
+            new.len() >= line.len()
+        });
+        assert_eq!(String::from_utf8_lossy(&new), line);
+    }
+}
+
 /// A reader reads the version it opened, whole, when another host saves the file between its
 /// open and its first read; and a reader's open of a version another host replaced since this
 /// host learnt of it (within the TTL) reads the new one, with its size. S3 keeps no replaced

@@ -68,6 +68,10 @@ pub struct Entry {
     grown: AtomicBool,
     /// The first version its file was made for: entries grown from it share the file.
     pub object: String,
+    /// Its bytes are this host's: a version it committed (or appended to). Only such a file
+    /// is handed to the kernel to read itself: appends this host commits grow it (`grow`),
+    /// where a version fetched from the store would stay as fetched when another host appends.
+    pub written_here: bool,
     cache: std::sync::Weak<CacheInner>,
 }
 
@@ -217,6 +221,7 @@ impl Cache {
             removed: AtomicBool::new(false),
             grown: AtomicBool::new(false),
             object: etag.to_string(),
+            written_here: false,
             cache: Arc::downgrade(&self.inner),
         });
         Some(self.insert(key, entry))
@@ -277,6 +282,7 @@ impl Cache {
             removed: AtomicBool::new(false),
             grown: AtomicBool::new(false),
             object: etag.to_string(),
+            written_here: true,
             cache: Arc::downgrade(&self.inner),
         });
         let entry = self.insert(key, entry);
@@ -354,6 +360,7 @@ impl Cache {
             removed: AtomicBool::new(false),
             grown: AtomicBool::new(false),
             object: old.object.clone(),
+            written_here: true,
             cache: Arc::downgrade(&self.inner),
         });
         let entry = self.insert(key, entry);

@@ -526,10 +526,15 @@ impl Content for S3Content {
     }
 
     fn local(&self) -> Option<LocalFile<'_>> {
-        self.whole.as_ref().map(|e| LocalFile {
-            file: e.file(),
-            // A file grown in place by appends is the same file for each version it holds.
-            object: Version::from_tag(&e.object),
-        })
+        // Not a version fetched from the store: a reader the kernel served from it would not
+        // read on into what another host appends (one this host writes grows its file).
+        self.whole
+            .as_ref()
+            .filter(|e| e.written_here)
+            .map(|e| LocalFile {
+                file: e.file(),
+                // A file grown in place by appends is the same file for each version it holds.
+                object: Version::from_tag(&e.object),
+            })
     }
 }
