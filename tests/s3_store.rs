@@ -247,11 +247,12 @@ fn tail_f_on_another_host_follows_a_growing_log() {
     }
 }
 
-/// A reader on host B of a large log host A appends to reads on into the lines as they come.
-/// B fetches a log of a few MiB whole at its reader's open; the kernel reading it straight
-/// from that cached file (passthrough) stopped at the version fetched.
+/// A reader of a large log reads on into the lines another host appends, as they come. On
+/// the host that wrote the log, the kernel reads it straight from the cached file of this
+/// host's version (passthrough), which stopped there; on the other, a reader's open fetches a
+/// log of a few MiB whole into the cache, which the kernel read the same way.
 #[test]
-fn a_reader_on_another_host_follows_a_large_log() {
+fn a_reader_of_a_large_log_follows_another_hosts_appends() {
     use std::io::Read;
     let h = two_hosts();
     let head: Vec<u8> = (0..2u32 << 20).map(|i| b'a' + (i % 26) as u8).collect();
@@ -259,24 +260,29 @@ fn a_reader_on_another_host_follows_a_large_log() {
     eventually("B sees the log", || {
         fs::metadata(h.mb.join("big.log")).is_ok_and(|m| m.len() == head.len() as u64)
     });
-    let mut reader = File::open(h.mb.join("big.log")).unwrap();
-    let mut got = Vec::new();
-    reader.read_to_end(&mut got).unwrap();
-    assert!(got == head);
-    for i in 0..3 {
+    let mut readers = [&h.ma, &h.mb].map(|m| File::open(m.join("big.log")).unwrap());
+    for r in &mut readers {
+        let mut got = Vec::new();
+        r.read_to_end(&mut got).unwrap();
+        assert!(got == head);
+    }
+    // A's lines reach B's reader, then B's lines A's.
+    for (i, writer) in [&h.ma, &h.ma, &h.mb, &h.mb].into_iter().enumerate() {
         let line = format!("line {i}\n");
         OpenOptions::new()
             .append(true)
-            .open(h.ma.join("big.log"))
+            .open(writer.join("big.log"))
             .unwrap()
             .write_all(line.as_bytes())
             .unwrap();
-        let mut new = Vec::new();
-        eventually(&format!("B's reader reads {line:?}"), || {
-            reader.read_to_end(&mut new).unwrap();
-            new.len() >= line.len()
-        });
-        assert_eq!(String::from_utf8_lossy(&new), line);
+        for (r, host) in readers.iter_mut().zip(["A", "B"]) {
+            let mut new = Vec::new();
+            eventually(&format!("{host}'s reader reads {line:?}"), || {
+                r.read_to_end(&mut new).unwrap();
+                new.len() >= line.len()
+            });
+            assert_eq!(String::from_utf8_lossy(&new), line, "on {host}");
+        }
     }
 }
 

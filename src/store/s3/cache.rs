@@ -56,7 +56,8 @@ struct Chunks {
 pub struct Entry {
     pub etag: String,
     pub size: u64,
-    file: File,
+    /// Shared by the entries grown from one another (see `grow`).
+    file: Arc<File>,
     path: PathBuf,
     chunks: Mutex<Chunks>,
     loaded: Condvar,
@@ -203,6 +204,7 @@ impl Cache {
             .open(&path)
             .map_err(|e| log::warn!("cache: cannot make {}: {e}", path.display()))
             .ok()?;
+        let file = Arc::new(file);
         let chunks = size.div_ceil(CHUNK) as usize;
         let entry = Arc::new(Entry {
             etag: etag.to_string(),
@@ -263,7 +265,7 @@ impl Cache {
             return None;
         }
         // The same open file: the copy is not written after its commit.
-        let file = file.try_clone().ok()?;
+        let file = Arc::new(file.try_clone().ok()?);
         let chunks = size.div_ceil(CHUNK) as usize;
         let entry = Arc::new(Entry {
             etag: etag.to_string(),
@@ -310,10 +312,29 @@ impl Cache {
         etag: &str,
         size: u64,
     ) -> Option<Arc<Entry>> {
+        let end = size.checked_sub(tail.len() as u64)?;
+        self.grow_with(key, base, end, etag, size, &mut |file, at| {
+            file.write_all_at(tail, at)
+        })
+    }
+
+    /// [`Cache::grow`] with the bytes past `base`'s end (`base_size`) written by `write`
+    /// (given the file and the offset to write at): those another host appended, fetched from
+    /// the store. A failed `write` leaves `base` to be grown again later.
+    pub fn grow_with(
+        &self,
+        key: &str,
+        base: &str,
+        base_size: u64,
+        etag: &str,
+        size: u64,
+        write: &mut dyn FnMut(&File, u64) -> io::Result<()>,
+    ) -> Option<Arc<Entry>> {
         let old = {
             let entries = lock(&self.inner.entries);
             let e = entries.get(key).filter(|e| e.etag == base)?;
-            if e.size + tail.len() as u64 != size
+            if e.size != base_size
+                || size <= base_size
                 || size > self.max_object()
                 || e.removed.load(Ordering::Relaxed)
                 || !e.is_whole()
@@ -329,16 +350,17 @@ impl Cache {
                     "the cached file is shorter than its version",
                 ));
             }
-            old.file.write_all_at(tail, old.size)?;
+            write(&old.file, old.size)?;
             old.file.set_len(size)?;
             let path = self.inner.dir.join(file_name(key, etag));
             link_in(&old.file, &path)?;
-            Ok::<_, io::Error>((old.file.try_clone()?, path))
+            Ok::<_, io::Error>((old.file.clone(), path))
         })();
         let (file, path) = match grown {
             Ok(grown) => grown,
             Err(e) => {
                 log::debug!("cache: cannot grow the entry of {key} in place: {e}");
+                old.grown.store(false, Ordering::Relaxed);
                 return None;
             }
         };
@@ -369,6 +391,11 @@ impl Cache {
         self.inner.retire(&old, false);
         entry.charge(size);
         Some(entry)
+    }
+
+    /// The entry of `key`, of whichever version is cached.
+    pub fn current(&self, key: &str) -> Option<Arc<Entry>> {
+        lock(&self.inner.entries).get(key).cloned()
     }
 
     /// Drops what is cached of `key` (it was removed or replaced by this host).
@@ -465,6 +492,12 @@ impl Entry {
     /// The local file (meaningful once whole).
     pub fn file(&self) -> &File {
         &self.file
+    }
+
+    /// Whether a reader holds this entry, or another entry of its file (an older version it
+    /// was grown from), besides `held_here` references the caller knows of (the map's, its own).
+    pub fn is_read(self: &Arc<Self>, held_here: usize) -> bool {
+        Arc::strong_count(self) > held_here || Arc::strong_count(&self.file) > 1
     }
 
     /// Reads at `offset`, once `offset..offset + len` (and `ahead` bytes more) are here:

@@ -567,6 +567,81 @@ impl S3Store {
         lock(&self.listings).remove(&split(path).0);
     }
 
+    /// Another host changed the file at `path`: if this host holds a version it wrote whole in
+    /// its cache, and a reader has it open (whom the kernel may serve from that file itself,
+    /// passthrough), the bytes another host appended to that version are fetched onto the
+    /// file (`Cache::grow_with`), so that reader reads on into them as into this host's own
+    /// appends. In the background (a HEAD, then a ranged GET of the new bytes, if the version
+    /// now stored is of the same lineage and longer); a change of any other kind, or a failed
+    /// request, leaves the file as it is.
+    fn follow_appends_elsewhere(&self, path: &Path) {
+        let Ok(key) = self.keys().key(path) else {
+            return;
+        };
+        let shared = self.shared().clone();
+        let Some(entry) = shared.cache.current(&key) else {
+            return;
+        };
+        // Held by the map and by `entry` here, and read if held by anyone else.
+        if !entry.written_here || !entry.is_whole() || !entry.is_read(2) {
+            return;
+        }
+        let (base, base_size) = (entry.etag.clone(), entry.size);
+        drop(entry);
+        let Some(lineage) = shared.lineage_of(&base) else {
+            return;
+        };
+        let runner = shared.clone();
+        runner.readers.run(move || {
+            use std::os::unix::fs::FileExt;
+            let info = match shared.client.head(&key) {
+                Ok(info) => info,
+                Err(e) => {
+                    log::debug!("{key}: not following appends made elsewhere: {e}");
+                    return;
+                }
+            };
+            shared.learn_lineage(&info.etag, &info.metadata);
+            if info.etag == base
+                || info.size <= base_size
+                || info.metadata.get(super::LINEAGE) != Some(&lineage)
+            {
+                return;
+            }
+            let (client, etag) = (&shared.client, info.etag.as_str());
+            let grown = shared.cache.grow_with(
+                &key,
+                &base,
+                base_size,
+                etag,
+                info.size,
+                &mut |file, mut at| {
+                    let mut sink = |bytes: &[u8]| {
+                        file.write_all_at(bytes, at)?;
+                        at += bytes.len() as u64;
+                        Ok(())
+                    };
+                    client
+                        .get(&key, Some((base_size, info.size)), Some(etag), &mut sink)
+                        .map_err(io::Error::other)?;
+                    if at == info.size {
+                        Ok(())
+                    } else {
+                        Err(io::Error::other(
+                            "the store sent fewer bytes than asked for",
+                        ))
+                    }
+                },
+            );
+            if grown.is_some() {
+                log::trace!(
+                    "{key}: {} bytes appended elsewhere fetched",
+                    info.size - base_size
+                );
+            }
+        });
+    }
+
     /// Forgets everything remembered at and below `path`, but not its directory's listing.
     fn forget_below(&self, path: &Path) {
         Changed::note(&mut lock(&self.changed).trees, path);
@@ -2333,6 +2408,7 @@ impl Store for S3Store {
         } else {
             S3Store::forget(self, path);
             lock(&self.stamped).remove(path);
+            self.follow_appends_elsewhere(path);
         }
         lock(&self.indexes).remove(&split(path).0);
     }

@@ -2117,8 +2117,13 @@ fn a_reader_reads_the_version_it_opened_when_another_host_replaces_it_before_its
     let reader = b.store.open_to_read(p("status")).unwrap();
     assert_eq!(client.count(Op::Get), gets + 1, "fetched whole at the open");
     write(a.store.as_ref(), "status", b"version two, longer\n").unwrap();
+    let gets = client.count(Op::Get);
     assert_eq!(read(reader.as_ref()), b"version one\n");
-    assert!(reader.local().is_some(), "read from the cache entry");
+    assert_eq!(client.count(Op::Get), gets, "read from the cache entry");
+    // Fetched, not written here: not for the kernel to read itself (passthrough), which would
+    // not read on into another host's appends.
+    assert!(reader.local().is_none());
+    assert!(a.store.open_to_read(p("status")).unwrap().local().is_some());
     // A plain open (a writer's base) still fetches nothing until it is read.
     let gets = client.count(Op::Get);
     let base = b.store.open(p("status")).unwrap();
