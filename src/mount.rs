@@ -541,6 +541,7 @@ impl ActiveMount {
             undo(anyhow::Error::new(e).context(format!("cannot mount at {}", mountpoint.display())))
         })?;
         gate.set_device(&session);
+        fs.set_mount_dev(mounted.dev());
         if fs.wants_passthrough() {
             match std::os::fd::AsFd::as_fd(&session).try_clone_to_owned() {
                 Ok(device) => fs.set_backing(Box::new(crate::fuse::Backings(device))),

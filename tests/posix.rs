@@ -486,6 +486,37 @@ fn truncate_and_ftruncate() {
     assert_eq!(m.committed_len("t"), 0);
 }
 
+/// A file emptied by `open(O_TRUNC)` and closed is empty at once, also in a process that has a
+/// file of another roomfs mount open for writing whose inode number is the same. (Its close was
+/// taken for one of a process still writing the file, and the commit waited for the last
+/// close: a `stat` right after showed the old size, in the test suite's one process.)
+#[test]
+fn an_emptied_file_is_committed_at_close_beside_another_mounts_writer() {
+    use std::os::fd::AsRawFd;
+    let (m, other) = (Mounted::room(), Mounted::room());
+    fs::write(m.p("t"), b"hello").unwrap();
+    let ino = fs::metadata(m.p("t")).unwrap().ino();
+    let _writer = (0..200)
+        .find_map(|i| {
+            let f = File::create(other.p(&format!("w{i}"))).unwrap();
+            (f.metadata().unwrap().ino() == ino).then_some(f)
+        })
+        .expect("a file of the other mount with the same inode number");
+    // A child holds the emptying descriptor on: only the test's close (a flush) can commit.
+    let f = File::create(m.p("t")).unwrap();
+    unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETFD, 0) };
+    let mut child = std::process::Command::new("sleep")
+        .arg("5")
+        .spawn()
+        .unwrap();
+    drop(f);
+    let len = m.committed_len("t");
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(len, 0, "committed at the close");
+    assert_eq!(fs::metadata(m.p("t")).unwrap().len(), 0);
+}
+
 /// `fallocate(2)` and `posix_fallocate`: growing, reserving, punching holes and zeroing
 /// ranges change the file like writes do (private until close, then committed whole), in small
 /// files and in large ones that are patched in place.

@@ -106,9 +106,10 @@ pub fn thread_group(tid: Tid) -> Option<u32> {
 /// answers read `/proc`; tests of the core put in their own.
 #[derive(Clone, Copy, Debug)]
 pub struct Processes {
-    /// Whether the process of thread `tid` still has the roomfs inode `ino` open for writing
-    /// (appending, with `true`) on some descriptor.
-    pub holds_writer: fn(tid: Tid, ino: u64, append: bool) -> bool,
+    /// Whether the process of thread `tid` still has the inode `ino` of the roomfs mount whose
+    /// device is `dev` (when known) open for writing (appending, with `true`) on some
+    /// descriptor.
+    pub holds_writer: fn(tid: Tid, dev: Option<libc::dev_t>, ino: u64, append: bool) -> bool,
     /// Whether thread `tid` is ending because a signal killed its process.
     pub killed: fn(tid: Tid) -> bool,
 }
@@ -125,20 +126,29 @@ impl Default for Processes {
 /// The type of filesystem of a roomfs mount, as `/proc/<pid>/mountinfo` lists it.
 const MOUNT_TYPE: &str = "fuse.roomfs";
 
-/// Whether the process of thread `tid` has the inode `ino` of a roomfs mount open for writing
-/// (with `O_APPEND` or without, as `append` says) on a descriptor, as `/proc/<tid>/fdinfo`
-/// shows it. The descriptor whose `close()` is being served is already gone from there, and an
-/// exiting process shows none (they are all being closed). False when that cannot be read.
+/// Whether the process of thread `tid` has the inode `ino` of the roomfs mount whose device is
+/// `dev` open for writing (with `O_APPEND` or without, as `append` says) on a descriptor, as
+/// `/proc/<tid>/fdinfo` shows it. The descriptor whose `close()` is being served is already
+/// gone from there, and an exiting process shows none (they are all being closed). False when
+/// that cannot be read.
 ///
-/// The inode numbers are those of one mount, and the descriptor's open file is not named:
-/// another roomfs mount's file with the same number, open for writing in the same process,
-/// counts too (the commit then waits for the last close, `release`).
-pub fn holds_writer(tid: Tid, ino: u64, append: bool) -> bool {
-    holds_writer_on(tid, ino, append, MOUNT_TYPE)
+/// The inode numbers are those of one mount: the descriptor's mount must be this one (its
+/// device, which every bind mount of it shares), not another roomfs mount's file with the same
+/// number (a process with files open on two mounts; the commit would wait for the last close,
+/// `release`, and a `stat` right after the `close()` could show the old size). Without the
+/// device (a core not mounted), any roomfs mount counts.
+pub fn holds_writer(tid: Tid, dev: Option<libc::dev_t>, ino: u64, append: bool) -> bool {
+    holds_writer_on(tid, dev, ino, append, MOUNT_TYPE)
 }
 
 /// [`holds_writer`] on a mount of type `fs_type`.
-fn holds_writer_on(tid: Tid, ino: u64, append: bool, fs_type: &str) -> bool {
+fn holds_writer_on(
+    tid: Tid,
+    dev: Option<libc::dev_t>,
+    ino: u64,
+    append: bool,
+    fs_type: &str,
+) -> bool {
     let Ok(fds) = std::fs::read_dir(format!("/proc/{tid}/fdinfo")) else {
         return false;
     };
@@ -159,9 +169,12 @@ fn holds_writer_on(tid: Tid, ino: u64, append: bool, fs_type: &str) -> bool {
         return false;
     };
     let mountinfo = String::from_utf8_lossy(&mountinfo);
-    mounts
-        .iter()
-        .any(|&id| mount_type(&mountinfo, id) == Some(fs_type))
+    mounts.iter().any(|&id| match dev {
+        Some(dev) => {
+            mount_dev(&mountinfo, id) == Some(dev) && mount_type(&mountinfo, id) == Some(fs_type)
+        }
+        None => mount_type(&mountinfo, id) == Some(fs_type),
+    })
 }
 
 /// What `/proc/<pid>/fdinfo/<fd>` says of a descriptor.
@@ -204,6 +217,23 @@ fn mount_type(mountinfo: &str, id: u64) -> Option<&str> {
         let (_, after) = line.split_once(" - ")?;
         after.split_whitespace().next()
     })
+}
+
+/// The device of the mount `id` in the mount table `mountinfo` (its `major:minor`).
+fn mount_dev(mountinfo: &str, id: u64) -> Option<libc::dev_t> {
+    mountinfo.lines().find_map(|line| {
+        let mut fields = line.split_whitespace();
+        if fields.next()?.parse::<u64>().ok()? != id {
+            return None;
+        }
+        parse_dev(fields.nth(1)?)
+    })
+}
+
+/// `major:minor` of mountinfo as a device number.
+pub fn parse_dev(field: &str) -> Option<libc::dev_t> {
+    let (major, minor) = field.split_once(':')?;
+    Some(libc::makedev(major.parse().ok()?, minor.parse().ok()?))
 }
 
 /// The kernel's flag of a task that is exiting (`PF_EXITING`, include/linux/sched.h).
@@ -326,6 +356,9 @@ mod tests {
         assert_eq!(mount_type(table, 97), Some("fuse.roomfs"));
         assert_eq!(mount_type(table, 24), Some("proc"));
         assert_eq!(mount_type(table, 9), None);
+        assert_eq!(mount_dev(table, 97), Some(libc::makedev(0, 61)));
+        assert_eq!(mount_dev(table, 24), Some(libc::makedev(0, 22)));
+        assert_eq!(mount_dev(table, 9), None);
     }
 
     #[test]
@@ -342,22 +375,25 @@ mod tests {
         let mountinfo = std::fs::read("/proc/self/mountinfo").unwrap();
         let mountinfo = String::from_utf8_lossy(&mountinfo);
         let fs_type = mount_type(&mountinfo, mnt_id).unwrap().to_string();
+        let dev = file.metadata().unwrap().dev();
         let me = my_tid();
-        assert!(holds_writer_on(me, ino, false, &fs_type));
-        assert!(!holds_writer_on(me, ino, true, &fs_type), "not appending");
-        assert!(
-            !holds_writer_on(me, ino, false, "fuse.other"),
-            "another mount"
-        );
-        assert!(!holds_writer(me, ino, false), "not a roomfs mount");
+        let holds = |dev: Option<libc::dev_t>, append: bool, fs_type: &str| {
+            holds_writer_on(me, dev, ino, append, fs_type)
+        };
+        assert!(holds(None, false, &fs_type));
+        assert!(holds(Some(dev), false, &fs_type), "on this mount");
+        assert!(!holds(Some(dev + 1), false, &fs_type), "another mount's");
+        assert!(!holds(None, true, &fs_type), "not appending");
+        assert!(!holds(None, false, "fuse.other"), "another mount");
+        assert!(!holds_writer(me, None, ino, false), "not a roomfs mount");
         // A dup of it is the same open file, still held once the first descriptor is closed.
         let dup = file.try_clone().unwrap();
         drop(file);
-        assert!(holds_writer_on(me, ino, false, &fs_type));
+        assert!(holds(Some(dev), false, &fs_type));
         drop(dup);
-        assert!(!holds_writer_on(me, ino, false, &fs_type));
+        assert!(!holds(Some(dev), false, &fs_type));
         let _reader = std::fs::File::open(&path).unwrap();
-        assert!(!holds_writer_on(me, ino, false, &fs_type), "a reader");
+        assert!(!holds(Some(dev), false, &fs_type), "a reader");
     }
 
     /// A child that has ended (`sh -c script`), not yet reaped: its `/proc` entry stays.

@@ -72,7 +72,8 @@ impl Fs {
             return Ok(());
         }
         if h.only_emptied && by != 0 {
-            if (self.processes.holds_writer)(by, h.ino, h.appends()) {
+            let dev = self.mount_dev.get().copied();
+            if (self.processes.holds_writer)(by, dev, h.ino, h.appends()) {
                 log::debug!(
                     "not committing inode {} emptied at a close by thread {by}: its process \
                      still has it open for writing",

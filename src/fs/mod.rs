@@ -255,6 +255,8 @@ pub struct Fs {
     last_activity: AtomicU64,
     /// What is asked of the processes closing files (see `closers`).
     processes: closers::Processes,
+    /// The device of the mount, once mounted (tells its descriptors from other mounts').
+    mount_dev: std::sync::OnceLock<libc::dev_t>,
 }
 
 fn unix_secs() -> u64 {
@@ -319,6 +321,7 @@ impl Fs {
             },
             last_activity: AtomicU64::new(unix_secs()),
             processes: closers::Processes::default(),
+            mount_dev: std::sync::OnceLock::new(),
         }
     }
 
@@ -338,6 +341,11 @@ impl Fs {
     /// Connects the kernel's caches, once the mount exists.
     pub fn set_kernel_cache(&self, kernel: Box<dyn KernelCache>) {
         let _ = self.kernel.set(kernel);
+    }
+
+    /// The device number of the mount, once it exists.
+    pub fn set_mount_dev(&self, dev: libc::dev_t) {
+        let _ = self.mount_dev.set(dev);
     }
 
     /// The space this mount shows.

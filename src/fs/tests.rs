@@ -222,7 +222,7 @@ thread_local! {
 /// thread).
 fn closers_fake(mut s: Setup) -> Setup {
     Arc::get_mut(&mut s.fs).unwrap().processes = closers::Processes {
-        holds_writer: |tid, _, _| tid == SHELL && HOLDS.get(),
+        holds_writer: |tid, _, _, _| tid == SHELL && HOLDS.get(),
         killed: |tid| tid == SHELL && KILLED.get(),
     };
     s

@@ -287,8 +287,4 @@ impl Mounted {
     }
 }
 
-/// `major:minor` of mountinfo as a device number.
-pub fn parse_dev(field: &str) -> Option<libc::dev_t> {
-    let (major, minor) = field.split_once(':')?;
-    Some(libc::makedev(major.parse().ok()?, minor.parse().ok()?))
-}
+pub use crate::fs::closers::parse_dev;
