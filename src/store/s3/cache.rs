@@ -205,27 +205,7 @@ impl Cache {
             .map_err(|e| log::warn!("cache: cannot make {}: {e}", path.display()))
             .ok()?;
         let file = Arc::new(file);
-        let chunks = size.div_ceil(CHUNK) as usize;
-        let entry = Arc::new(Entry {
-            etag: etag.to_string(),
-            size,
-            file,
-            path,
-            chunks: Mutex::new(Chunks {
-                present: vec![false; chunks],
-                loading: vec![false; chunks],
-                missing: chunks,
-                unavailable: None,
-            }),
-            loaded: Condvar::new(),
-            last_used: AtomicU64::new(self.inner.tick.fetch_add(1, Ordering::Relaxed)),
-            charged: AtomicU64::new(0),
-            removed: AtomicBool::new(false),
-            grown: AtomicBool::new(false),
-            object: etag.to_string(),
-            written_here: false,
-            cache: Arc::downgrade(&self.inner),
-        });
+        let entry = self.make_entry(etag, size, file, path, false, etag, false);
         Some(self.insert(key, entry))
     }
 
@@ -250,6 +230,43 @@ impl Cache {
         entry
     }
 
+    /// A new entry (not in the map yet) of the version `etag`, `size` bytes held in `file`
+    /// (named `path`): with every chunk there if `whole`; `object` and `written_here` as the
+    /// fields say.
+    #[allow(clippy::too_many_arguments)]
+    fn make_entry(
+        &self,
+        etag: &str,
+        size: u64,
+        file: Arc<File>,
+        path: PathBuf,
+        whole: bool,
+        object: &str,
+        written_here: bool,
+    ) -> Arc<Entry> {
+        let chunks = size.div_ceil(CHUNK) as usize;
+        Arc::new(Entry {
+            etag: etag.to_string(),
+            size,
+            file,
+            path,
+            chunks: Mutex::new(Chunks {
+                present: vec![whole; chunks],
+                loading: vec![false; chunks],
+                missing: if whole { 0 } else { chunks },
+                unavailable: None,
+            }),
+            loaded: Condvar::new(),
+            last_used: AtomicU64::new(self.inner.tick.fetch_add(1, Ordering::Relaxed)),
+            charged: AtomicU64::new(0),
+            removed: AtomicBool::new(false),
+            grown: AtomicBool::new(false),
+            object: object.to_string(),
+            written_here,
+            cache: Arc::downgrade(&self.inner),
+        })
+    }
+
     /// Takes `file` (a committed working copy of `size` bytes, now the version `etag` of
     /// `key`) in as a whole entry, by linking it into the cache; `None` if it is too large or
     /// cannot be linked.
@@ -266,27 +283,7 @@ impl Cache {
         }
         // The same open file: the copy is not written after its commit.
         let file = Arc::new(file.try_clone().ok()?);
-        let chunks = size.div_ceil(CHUNK) as usize;
-        let entry = Arc::new(Entry {
-            etag: etag.to_string(),
-            size,
-            file,
-            path,
-            chunks: Mutex::new(Chunks {
-                present: vec![true; chunks],
-                loading: vec![false; chunks],
-                missing: 0,
-                unavailable: None,
-            }),
-            loaded: Condvar::new(),
-            last_used: AtomicU64::new(self.inner.tick.fetch_add(1, Ordering::Relaxed)),
-            charged: AtomicU64::new(0),
-            removed: AtomicBool::new(false),
-            grown: AtomicBool::new(false),
-            object: etag.to_string(),
-            written_here: true,
-            cache: Arc::downgrade(&self.inner),
-        });
+        let entry = self.make_entry(etag, size, file, path, true, etag, true);
         let entry = self.insert(key, entry);
         entry.charge(size);
         Some(entry)
@@ -364,27 +361,7 @@ impl Cache {
                 return None;
             }
         };
-        let chunks = size.div_ceil(CHUNK) as usize;
-        let entry = Arc::new(Entry {
-            etag: etag.to_string(),
-            size,
-            file,
-            path,
-            chunks: Mutex::new(Chunks {
-                present: vec![true; chunks],
-                loading: vec![false; chunks],
-                missing: 0,
-                unavailable: None,
-            }),
-            loaded: Condvar::new(),
-            last_used: AtomicU64::new(self.inner.tick.fetch_add(1, Ordering::Relaxed)),
-            charged: AtomicU64::new(0),
-            removed: AtomicBool::new(false),
-            grown: AtomicBool::new(false),
-            object: old.object.clone(),
-            written_here: true,
-            cache: Arc::downgrade(&self.inner),
-        });
+        let entry = self.make_entry(etag, size, file, path, true, &old.object, true);
         let entry = self.insert(key, entry);
         // Out of the count (the map held another entry of `key` by now, if a reader made one
         // for another version meanwhile); its file's name went with the new entry.
