@@ -464,6 +464,41 @@ print('ok')
     assert_eq!(out.trim(), "ok");
 }
 
+/// A reader of a large log reads every line of several processes appending at once, as they
+/// commit (on S3, commits that race each other grew the reader's cached file or not, by turns).
+#[test]
+fn a_reader_of_a_large_log_reads_the_lines_of_appenders_racing() {
+    let m = Mounted::room();
+    let out = python(
+        &m.mnt,
+        r#"
+import os, subprocess, time
+p = os.path.join(os.environ['MNT'], 'build.log')
+head = b'x' * (2 << 20)
+with open(p, 'wb') as w:
+    w.write(head)
+r = open(p, 'rb')
+assert r.read() == head
+procs = [subprocess.Popen(['sh', '-c', f'for i in $(seq 1 15); do echo "w{n} $i" >> "$0"; done', p])
+         for n in range(4)]
+for q in procs:
+    assert q.wait() == 0
+got = b''
+deadline = time.monotonic() + 10
+while got.count(b'\n') < 60 and time.monotonic() < deadline:
+    got += r.read()
+    time.sleep(0.05)
+with open(p, 'rb') as again:
+    whole = again.read()
+assert whole[:len(head)] == head
+assert sorted(whole[len(head):].splitlines()) == sorted(f'w{n} {i}'.encode() for n in range(4) for i in range(1, 16))
+assert got == whole[len(head):], (len(got), len(whole) - len(head))
+print('ok')
+"#,
+    );
+    assert_eq!(out.trim(), "ok");
+}
+
 #[test]
 fn truncate_and_ftruncate() {
     let m = Mounted::room();

@@ -3,10 +3,11 @@
 //! committed enters whole (its spool file is linked in), so reading back what was written
 //! costs no request, and a whole entry is a local file the kernel can read directly
 //! (passthrough). Entries are validated by ETag: a reader always asks for the version it
-//! opened, and a newer version of a key replaces the older entry. An append this host
-//! committed onto a whole entry grows its file in place instead (`grow`): the entry of the
-//! newer version shares the file, so what the kernel reads of it reads on into the appends,
-//! while the older entry still reads its own version's bytes (the same, up to its size).
+//! opened, and a newer version of a key replaces the older entry. A version made by appends
+//! to a whole entry's (this host's, or fetched: only the bytes past its end) grows its file
+//! in place instead (`grow`, `grow_with`): the entry of the newer version shares the file, so
+//! what the kernel reads of it reads on into the appends, while the older entry still reads
+//! its own version's bytes (the same, up to its size).
 //!
 //! Past the bound, the least recently used entries are removed (their files unlinked); a
 //! reader still holding a removed entry keeps reading it, so the disk can hold more than the
@@ -310,14 +311,16 @@ impl Cache {
         size: u64,
     ) -> Option<Arc<Entry>> {
         let end = size.checked_sub(tail.len() as u64)?;
-        self.grow_with(key, base, end, etag, size, &mut |file, at| {
+        self.grow_with(key, base, end, etag, size, true, &mut |file, at| {
             file.write_all_at(tail, at)
         })
     }
 
     /// [`Cache::grow`] with the bytes past `base`'s end (`base_size`) written by `write`
-    /// (given the file and the offset to write at): those another host appended, fetched from
-    /// the store. A failed `write` leaves `base` to be grown again later.
+    /// (given the file and the offset to write at): this host's (`own`), or appended
+    /// elsewhere and fetched from the store (the new entry is then written here as far as
+    /// `base` was). A failed `write` leaves `base` to be grown again later.
+    #[allow(clippy::too_many_arguments)]
     pub fn grow_with(
         &self,
         key: &str,
@@ -325,6 +328,7 @@ impl Cache {
         base_size: u64,
         etag: &str,
         size: u64,
+        own: bool,
         write: &mut dyn FnMut(&File, u64) -> io::Result<()>,
     ) -> Option<Arc<Entry>> {
         let old = {
@@ -361,7 +365,8 @@ impl Cache {
                 return None;
             }
         };
-        let entry = self.make_entry(etag, size, file, path, true, &old.object, true);
+        let written_here = own || old.written_here;
+        let entry = self.make_entry(etag, size, file, path, true, &old.object, written_here);
         let entry = self.insert(key, entry);
         // Out of the count (the map held another entry of `key` by now, if a reader made one
         // for another version meanwhile); its file's name went with the new entry.

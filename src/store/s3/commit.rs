@@ -207,13 +207,17 @@ fn commit_once(store: &S3Store, req: CommitRequest<'_>) -> StoreResult<Committed
         }
         _ => None,
     };
+    // Not grown: another append of this host to the file may be growing an older entry now.
+    let kept = grown.is_none()
+        && written.extends.is_some()
+        && store.keeps_growing(&key, &written.lineage, written.size);
     let entry = grown.or_else(|| {
-        written
-            .file
-            .as_ref()
+        (!kept)
+            .then_some(written.file.as_ref())
+            .flatten()
             .and_then(|f| cache.adopt(&key, &written.etag, f, written.size))
     });
-    if entry.is_none() {
+    if entry.is_none() && !kept {
         store.shared().cache.forget(&key);
     }
     store.shared().learn_lineage(

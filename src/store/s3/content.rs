@@ -146,11 +146,56 @@ impl S3Content {
         if size == 0 || size > WHOLE_MAX {
             return Ok(false);
         }
-        let Some(entry) = self.shared.cache.entry(&self.key, &self.etag, size) else {
+        let Some(entry) = self
+            .grown_entry()
+            .or_else(|| self.shared.cache.entry(&self.key, &self.etag, size))
+        else {
             return Ok(false);
         };
         entry.read(&mut [0u8; 1], 0, size, &|s, e, w| self.fetch(s, e, w))?;
         Ok(entry.is_whole())
+    }
+
+    /// This version's entry made by growing the cache's whole entry of an older version of the
+    /// same lineage (which this one begins with), fetching only the bytes past its end: a log
+    /// appended to is fetched a tail at a time, and the older entry's readers here (whom the
+    /// kernel may serve from its file itself) read on with it. `None` where the cache holds
+    /// no such entry, or the lineages are not known.
+    fn grown_entry(&self) -> Option<Arc<Entry>> {
+        let current = self.shared.cache.current(&self.key)?;
+        let size = self.meta.size;
+        if current.etag == self.etag || !current.is_whole() || current.size >= size {
+            return None;
+        }
+        let mine = self.shared.lineage_of(&self.etag)?;
+        if self.shared.lineage_of(&current.etag)? != mine {
+            return None;
+        }
+        let (base, base_size) = (current.etag.clone(), current.size);
+        drop(current);
+        self.shared.cache.grow_with(
+            &self.key,
+            &base,
+            base_size,
+            &self.etag,
+            size,
+            false,
+            &mut |file, mut at| {
+                use std::os::unix::fs::FileExt;
+                self.fetch(base_size, size, &mut |bytes: &[u8]| {
+                    file.write_all_at(bytes, at)?;
+                    at += bytes.len() as u64;
+                    Ok(())
+                })?;
+                if at == size {
+                    Ok(())
+                } else {
+                    Err(io::Error::other(
+                        "the store sent fewer bytes than asked for",
+                    ))
+                }
+            },
+        )
     }
 
     /// The newest version of the key that extends this one by appends (see the module docs),
@@ -476,7 +521,10 @@ impl Content for S3Content {
             }
             return self.read_windowed(buf, offset);
         }
-        let Some(entry) = self.shared.cache.entry(&self.key, &self.etag, size) else {
+        let Some(entry) = self
+            .grown_entry()
+            .or_else(|| self.shared.cache.entry(&self.key, &self.etag, size))
+        else {
             return self.read_windowed(buf, offset);
         };
         if size <= WHOLE_MAX {

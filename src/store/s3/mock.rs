@@ -82,6 +82,8 @@ pub struct MemClient {
     /// HEADs answered late: the object as it was when the request came, after this long.
     slow_head_replies: Mutex<Option<(Duration, u32)>>,
     counts: Mutex<HashMap<Op, u64>>,
+    /// Bytes sent by GETs.
+    bytes_got: AtomicU64,
     next_upload: AtomicU64,
     /// Ignore `If-None-Match`/`If-Match` on writes, as some S3 servers do.
     pub ignore_conditions: std::sync::atomic::AtomicBool,
@@ -159,6 +161,12 @@ impl MemClient {
     /// Forgets the counts.
     pub fn reset_counts(&self) {
         lock(&self.counts).clear();
+        self.bytes_got.store(0, Ordering::Relaxed);
+    }
+
+    /// How many bytes GETs sent.
+    pub fn bytes_got(&self) -> u64 {
+        self.bytes_got.load(Ordering::Relaxed)
     }
 
     /// The keys stored, in order.
@@ -348,6 +356,7 @@ impl ObjectClient for MemClient {
             }
             None => (0, size),
         };
+        self.bytes_got.fetch_add(end - start, Ordering::Relaxed);
         // In pieces, as a network body arrives.
         for piece in o.data[start as usize..end as usize].chunks(64 << 10) {
             sink(piece)

@@ -586,11 +586,43 @@ impl S3Store {
         if !entry.written_here || !entry.is_whole() || !entry.is_read(2) {
             return;
         }
-        let (base, base_size) = (entry.etag.clone(), entry.size);
-        drop(entry);
-        let Some(lineage) = shared.lineage_of(&base) else {
+        let Some(lineage) = shared.lineage_of(&entry.etag) else {
             return;
         };
+        drop(entry);
+        self.catch_up(key, lineage);
+    }
+
+    /// A commit of this host appended to a version of `key` of `lineage` that the cache did not
+    /// hold whole, while it holds another version of that lineage which this host wrote: an
+    /// older one (another of this host's appends to it is being committed at the same moment,
+    /// or was heard of from elsewhere), whose file is grown to the current version from the
+    /// store (`catch_up`), or one at least `size` bytes long, newer. True in both cases: the
+    /// commit leaves that entry in the cache (rather than putting its own there, which would
+    /// leave the older entry's readers, which the kernel may serve from its file, behind).
+    pub(super) fn keeps_growing(&self, key: &str, lineage: &str, size: u64) -> bool {
+        let shared = self.shared();
+        let Some(entry) = shared.cache.current(key) else {
+            return false;
+        };
+        if !entry.written_here
+            || !entry.is_whole()
+            || shared.lineage_of(&entry.etag).as_deref() != Some(lineage)
+        {
+            return false;
+        }
+        if entry.size < size {
+            self.catch_up(key.to_string(), lineage.to_string());
+        }
+        true
+    }
+
+    /// In the background: grows the cache's whole entry of `key` (of `lineage`) to the version
+    /// the store holds now, when that is of the same lineage and longer, by fetching the bytes
+    /// past the entry's end (`Cache::grow_with`). A failed request leaves the entry as it is;
+    /// an entry being grown by a commit of this host is tried again a few times.
+    fn catch_up(&self, key: String, lineage: String) {
+        let shared = self.shared().clone();
         let runner = shared.clone();
         runner.readers.run(move || {
             use std::os::unix::fs::FileExt;
@@ -602,42 +634,49 @@ impl S3Store {
                 }
             };
             shared.learn_lineage(&info.etag, &info.metadata);
-            if info.etag == base
-                || info.size <= base_size
-                || info.metadata.get(super::LINEAGE) != Some(&lineage)
-            {
+            if info.metadata.get(super::LINEAGE) != Some(&lineage) {
                 return;
             }
             let (client, etag) = (&shared.client, info.etag.as_str());
-            let grown = shared.cache.grow_with(
-                &key,
-                &base,
-                base_size,
-                etag,
-                info.size,
-                &mut |file, mut at| {
-                    let mut sink = |bytes: &[u8]| {
-                        file.write_all_at(bytes, at)?;
-                        at += bytes.len() as u64;
-                        Ok(())
-                    };
-                    client
-                        .get(&key, Some((base_size, info.size)), Some(etag), &mut sink)
-                        .map_err(io::Error::other)?;
-                    if at == info.size {
-                        Ok(())
-                    } else {
-                        Err(io::Error::other(
-                            "the store sent fewer bytes than asked for",
-                        ))
-                    }
-                },
-            );
-            if grown.is_some() {
-                log::trace!(
-                    "{key}: {} bytes appended elsewhere fetched",
-                    info.size - base_size
+            for attempt in 0..3 {
+                let Some(entry) = shared.cache.current(&key) else {
+                    return;
+                };
+                if entry.etag == info.etag || entry.size >= info.size {
+                    return;
+                }
+                let (base, base_size) = (entry.etag.clone(), entry.size);
+                drop(entry);
+                let grown = shared.cache.grow_with(
+                    &key,
+                    &base,
+                    base_size,
+                    etag,
+                    info.size,
+                    false,
+                    &mut |file, mut at| {
+                        let mut sink = |bytes: &[u8]| {
+                            file.write_all_at(bytes, at)?;
+                            at += bytes.len() as u64;
+                            Ok(())
+                        };
+                        client
+                            .get(&key, Some((base_size, info.size)), Some(etag), &mut sink)
+                            .map_err(io::Error::other)?;
+                        if at == info.size {
+                            Ok(())
+                        } else {
+                            Err(io::Error::other(
+                                "the store sent fewer bytes than asked for",
+                            ))
+                        }
+                    },
                 );
+                if grown.is_some() {
+                    log::trace!("{key}: {} appended bytes fetched", info.size - base_size);
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20 << attempt));
             }
         });
     }
