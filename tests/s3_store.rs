@@ -158,7 +158,9 @@ print(' '.join(map(str, wins)))
 #[test]
 fn appenders_on_both_hosts_keep_every_line() {
     let h = two_hosts();
-    fs::write(h.ma.join("shared.log"), b"").unwrap();
+    // Large enough that each append is a PUT of a megabyte: a try takes a while.
+    let head = format!("{}\n", "h".repeat((1 << 20) - 1));
+    fs::write(h.ma.join("shared.log"), &head).unwrap();
     eventually("B sees the log", || h.mb.join("shared.log").exists());
     let script = r#"
 import sys
@@ -176,14 +178,20 @@ for i in range(40):
             .spawn()
             .unwrap()
     };
-    let (mut pa, mut pb) = (run(&h.ma, "A"), run(&h.mb, "B"));
-    assert!(pa.wait().unwrap().success() && pb.wait().unwrap().success());
+    // Two appenders on each host: each try of a loser goes after a winner's append, and the
+    // winners kept winning (one host's appender failed with EIO after 32 tries, its line lost).
+    let mut procs =
+        [(&h.ma, "A"), (&h.ma, "C"), (&h.mb, "B"), (&h.mb, "D")].map(|(mnt, tag)| run(mnt, tag));
+    for p in &mut procs {
+        assert!(p.wait().unwrap().success(), "an appender failed");
+    }
     let read = |mnt: &Path| fs::read_to_string(mnt.join("shared.log")).unwrap();
-    eventually("both hosts see all 80 lines", || {
-        read(&h.ma).lines().count() == 80 && read(&h.mb).lines().count() == 80
+    eventually("both hosts see all 160 lines", || {
+        read(&h.ma).lines().count() == 161 && read(&h.mb).lines().count() == 161
     });
     let text = read(&h.mb);
-    for tag in ["A", "B"] {
+    assert!(text.starts_with(&head));
+    for tag in ["A", "B", "C", "D"] {
         let mine: Vec<&str> = text.lines().filter(|l| l.starts_with(tag)).collect();
         let want: Vec<String> = (0..40)
             .map(|i| format!("{tag} {i:03} {}", "x".repeat(50)))

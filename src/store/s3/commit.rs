@@ -40,8 +40,22 @@ use crate::store::{
 /// A request run on the part threads.
 type Job<T> = Box<dyn FnOnce() -> Result<T, ClientError> + Send>;
 
-/// Tries of a conditional append before giving up.
-const APPEND_TRIES: u32 = 32;
+/// How long a conditional append goes on trying while other writers append first (each time
+/// after theirs), before it gives up with `EIO`.
+const APPEND_PATIENCE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The pause before the next try of an append that other writers went before: growing from
+/// 2 ms to at most 32 ms, and random within half of that either way, so that the tries of
+/// several losers spread among the winners' appends (a fixed, longer pause let appenders on
+/// another host win every time: one host appended 9 lines in 20 s, then failed).
+fn append_pause(attempt: u32) -> std::time::Duration {
+    use std::hash::{BuildHasher, Hasher};
+    let ceiling = 2u64 << attempt.min(4);
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(attempt);
+    let micros = ceiling * 1000 / 2 + h.finish() % (ceiling * 1000);
+    std::time::Duration::from_micros(micros)
+}
 
 /// What a commit wrote.
 struct Written {
@@ -221,6 +235,7 @@ fn commit_once(store: &S3Store, req: CommitRequest<'_>) -> StoreResult<Committed
         store.shared().cache.forget(&key);
     }
     store.shared().learn_lineage(
+        &key,
         &written.etag,
         &with_lineage(&Metadata::new(), &written.lineage),
     );
@@ -641,7 +656,11 @@ fn append(
     let mut followed = false;
     // A plain writer (not O_APPEND) whose base is no longer current replaces the file whole.
     let mut replace = false;
-    for attempt in 0..APPEND_TRIES {
+    let started = std::time::Instant::now();
+    for attempt in 0.. {
+        if started.elapsed() > APPEND_PATIENCE {
+            break;
+        }
         let base_meta = base.meta().clone();
         let etag = base_meta.version.tag().unwrap_or_default().to_string();
         let new_lineage = shared.new_lineage();
@@ -650,13 +669,13 @@ fn append(
             if super::store::is_new_tag(&etag) {
                 // A file this process created, made now: if another host made the name
                 // meanwhile, an appender goes after theirs, a writer replaces it.
-                return match (extends, shared.lineage_of(&etag)) {
+                return match (extends, shared.lineage_of(key, &etag)) {
                     (true, Some(lineage)) => (Condition::Absent, with_lineage(metadata, &lineage)),
                     (true, None) => (Condition::Absent, with_lineage(metadata, &new_lineage)),
                     (false, _) => (Condition::None, with_lineage(metadata, &new_lineage)),
                 };
             }
-            match (extends, shared.lineage_of(&etag)) {
+            match (extends, shared.lineage_of(key, &etag)) {
                 (true, Some(lineage)) => (
                     Condition::Matches(etag.clone()),
                     with_lineage(metadata, &lineage),
@@ -716,9 +735,7 @@ fn append(
                 };
                 base = store.content(key.to_string(), meta, None);
                 followed = true;
-                std::thread::sleep(std::time::Duration::from_millis(
-                    (2u64 << attempt.min(7)) + u64::from(attempt) * 3 % 7,
-                ));
+                std::thread::sleep(append_pause(attempt));
             }
             Err(e) => return Err(StoreError::from(e).context(format!("append to {key}"))),
         }

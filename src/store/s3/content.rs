@@ -167,8 +167,8 @@ impl S3Content {
         if current.etag == self.etag || !current.is_whole() || current.size >= size {
             return None;
         }
-        let mine = self.shared.lineage_of(&self.etag)?;
-        if self.shared.lineage_of(&current.etag)? != mine {
+        let mine = self.shared.lineage_of(&self.key, &self.etag)?;
+        if self.shared.lineage_of(&self.key, &current.etag)? != mine {
             return None;
         }
         let (base, base_size) = (current.etag.clone(), current.size);
@@ -206,18 +206,24 @@ impl S3Content {
             // Asked again soon: a read past the end reaches the store only once the kernel
             // learnt of a longer file (its attribute TTL), or for a direct-I/O reader.
             let commits = self.shared.commits_to(&self.key);
+            // Not when the kernel was told of a longer file since: it reads up to that size,
+            // and an answer cut short there would be zeros in its cached page.
+            let reach = f.1.as_ref().map_or(self.meta.size, |n| n.meta.size);
+            let told = self.shared.size_told(&self.key).unwrap_or(0);
             if let Some((at, seen)) = f.0
                 && seen == commits
                 && at.elapsed() < self.shared.metadata_ttl.min(FOLLOW_EVERY)
+                && told <= reach
             {
                 return Ok(f.1.clone());
             }
         }
         let commits = self.shared.commits_to(&self.key);
-        let mine = self.shared.lineage_of(&self.etag);
+        let mine = self.shared.lineage_of(&self.key, &self.etag);
         let found = match self.shared.client.head(&self.key) {
             Ok(info) => {
-                self.shared.learn_lineage(&info.etag, &info.metadata);
+                self.shared
+                    .learn_lineage(&self.key, &info.etag, &info.metadata);
                 let theirs = info.metadata.get(super::LINEAGE);
                 let extends = info.etag != self.etag
                     && info.size > self.meta.size
@@ -466,7 +472,7 @@ pub fn fetch_range(
         .get(key, Some((start, end)), Some(etag), write)
     {
         Ok(info) => {
-            shared.learn_lineage(&info.etag, &info.metadata);
+            shared.learn_lineage(key, &info.etag, &info.metadata);
             Ok(())
         }
         Err(e)
@@ -560,6 +566,17 @@ impl Content for S3Content {
                     Some(next) => next.read_appended_at(buf, offset),
                     None => Err(e),
                 },
+                // A read across this version's end goes on into the appends after it: cut
+                // there, the page the kernel reads (up to the longer size it knows) would
+                // hold zeros where they are.
+                Ok(n) if n < buf.len() && offset + n as u64 == self.meta.size => {
+                    match self.follower(false)? {
+                        Some(next) => {
+                            Ok(n + next.read_appended_at(&mut buf[n..], offset + n as u64)?)
+                        }
+                        None => Ok(n),
+                    }
+                }
                 done => done,
             };
         }

@@ -314,8 +314,12 @@ pub struct Shared {
     pub metadata_ttl: Duration,
     /// Where the store is, for messages.
     pub location: String,
-    /// The lineage of object versions this process learnt (ETag → lineage, see `content`).
-    pub lineages: std::sync::Mutex<std::collections::HashMap<String, String>>,
+    /// The lineage of object versions this process learnt ((key, ETag) → lineage, see
+    /// `content`).
+    pub lineages: std::sync::Mutex<std::collections::HashMap<(String, String), String>>,
+    /// The size of each file as this process last told it (key → bytes): what the kernel
+    /// believes, which a reader at its version's end may already read up to (see `content`).
+    pub sizes_told: std::sync::Mutex<std::collections::HashMap<String, u64>>,
     /// Commits made by this process so far, counted by key in `COMMIT_COUNTERS` slots (a
     /// reader asks for a newer version again at once after a commit to its key: see
     /// [`Shared::commits_to`]).
@@ -430,23 +434,40 @@ impl Shared {
             .collect()
     }
 
-    /// Remembers the lineage of version `etag` (from its metadata).
-    pub fn learn_lineage(&self, etag: &str, metadata: &Metadata) {
+    /// Remembers the lineage of version `etag` of `key` (from its metadata). By key and
+    /// ETag: a single PUT's ETag is the MD5 of its bytes, so files with the same bytes share
+    /// it, each with a lineage of its own.
+    pub fn learn_lineage(&self, key: &str, etag: &str, metadata: &Metadata) {
         if let Some(l) = metadata.get(LINEAGE) {
             let mut map = self.lineages.lock().unwrap_or_else(|e| e.into_inner());
             if map.len() > 100_000 {
                 map.clear();
             }
-            map.insert(etag.to_string(), l.clone());
+            map.insert((key.to_string(), etag.to_string()), l.clone());
         }
     }
 
-    /// The lineage of version `etag`, if known.
-    pub fn lineage_of(&self, etag: &str) -> Option<String> {
+    /// Notes that `key` was last said to have `size` bytes.
+    pub fn told_size(&self, key: &str, size: u64) {
+        let mut sizes = self.sizes_told.lock().unwrap_or_else(|e| e.into_inner());
+        if sizes.len() > 100_000 {
+            sizes.clear();
+        }
+        sizes.insert(key.to_string(), size);
+    }
+
+    /// The size `key` was last said to have, if remembered.
+    pub fn size_told(&self, key: &str) -> Option<u64> {
+        let sizes = self.sizes_told.lock().unwrap_or_else(|e| e.into_inner());
+        sizes.get(key).copied()
+    }
+
+    /// The lineage of version `etag` of `key`, if known.
+    pub fn lineage_of(&self, key: &str, etag: &str) -> Option<String> {
         self.lineages
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .get(etag)
+            .get(&(key.to_string(), etag.to_string()))
             .cloned()
     }
 
@@ -776,6 +797,7 @@ pub fn open_with(
         metadata_ttl: Duration::from_secs_f64(config.metadata_ttl_secs),
         location,
         lineages: Default::default(),
+        sizes_told: Default::default(),
         commits: std::array::from_fn(|_| Default::default()),
         aborts: Default::default(),
         unfinished: Default::default(),

@@ -439,7 +439,7 @@ impl S3Store {
             .put(&key, Body::empty(), &metadata, &condition)
         {
             Ok(etag) => {
-                self.shared.learn_lineage(&etag, &metadata);
+                self.shared.learn_lineage(&key, &etag, &metadata);
                 let meta = self.made_meta(path, 0, &etag, &attrs);
                 self.remember(path, Some(meta));
                 Ok(())
@@ -551,6 +551,11 @@ impl S3Store {
         if is_root(path) {
             return;
         }
+        if let Some(m) = meta.as_ref().filter(|m| m.kind == Kind::File)
+            && let Ok(key) = self.keys.key(path)
+        {
+            self.shared.told_size(&key, m.size);
+        }
         let (dir, name) = split(path);
         if let Some((_, names)) = lock(&self.listings).get_mut(&dir) {
             match meta {
@@ -586,7 +591,7 @@ impl S3Store {
         if !entry.written_here || !entry.is_whole() || !entry.is_read(2) {
             return;
         }
-        let Some(lineage) = shared.lineage_of(&entry.etag) else {
+        let Some(lineage) = shared.lineage_of(&key, &entry.etag) else {
             return;
         };
         drop(entry);
@@ -607,7 +612,7 @@ impl S3Store {
         };
         if !entry.written_here
             || !entry.is_whole()
-            || shared.lineage_of(&entry.etag).as_deref() != Some(lineage)
+            || shared.lineage_of(key, &entry.etag).as_deref() != Some(lineage)
         {
             return false;
         }
@@ -633,7 +638,7 @@ impl S3Store {
                     return;
                 }
             };
-            shared.learn_lineage(&info.etag, &info.metadata);
+            shared.learn_lineage(&key, &info.etag, &info.metadata);
             if info.metadata.get(super::LINEAGE) != Some(&lineage) {
                 return;
             }
@@ -1076,7 +1081,7 @@ impl S3Store {
         }
         match self.shared.client.head(&key) {
             Ok(info) => {
-                self.shared.learn_lineage(&info.etag, &info.metadata);
+                self.shared.learn_lineage(&key, &info.etag, &info.metadata);
                 let attrs = self.attrs_of(&info.metadata);
                 let modified = self.modified(path, &info.etag, info.last_modified);
                 let meta = self.object_meta(info.size, &info.etag, modified, &attrs);
@@ -1482,7 +1487,7 @@ impl S3Store {
             }
             Err(e) => return Err(e.into()),
         };
-        self.shared.learn_lineage(&etag, &metadata);
+        self.shared.learn_lineage(&key, &etag, &metadata);
         if let Err(e) = self.index_attrs(path, attrs, Some(&etag), false) {
             let _ = self.shared.client.delete(&key);
             self.forget(path);
@@ -2060,7 +2065,7 @@ impl Store for S3Store {
         if attrs != Attrs::default_object(&self.defaults) {
             return self.create(path, perm, owner, true);
         }
-        self.keys.key(path)?;
+        let key = self.keys.key(path)?;
         // The kernel looked the name up just before: mostly known, else asked.
         self.check_free(path, true)?;
         static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
@@ -2069,7 +2074,7 @@ impl Store for S3Store {
         // Its commit extends it: a reader that opened it reads on into what is written.
         let mut lineage = Metadata::new();
         lineage.insert(super::LINEAGE.into(), self.shared.new_lineage());
-        self.shared.learn_lineage(&tag, &lineage);
+        self.shared.learn_lineage(&key, &tag, &lineage);
         let meta = self.object_meta(0, &tag, SystemTime::now(), &attrs);
         lock(&self.contested).remove(path);
         lock(&self.pending).insert(path.to_path_buf(), meta.clone());
@@ -2347,7 +2352,10 @@ impl Store for S3Store {
         }
         let etag = meta.version.tag().map(str::to_string);
         let mut metadata = new.to_metadata();
-        if let Some(l) = etag.as_deref().and_then(|e| self.shared.lineage_of(e)) {
+        if let Some(l) = etag
+            .as_deref()
+            .and_then(|e| self.shared.lineage_of(&key, e))
+        {
             metadata.insert(super::LINEAGE.into(), l);
         }
         let new_etag = match self.shared.client.copy(
@@ -2365,7 +2373,7 @@ impl Store for S3Store {
             }
             Err(e) => return Err(e.into()),
         };
-        self.shared.learn_lineage(&new_etag, &metadata);
+        self.shared.learn_lineage(&key, &new_etag, &metadata);
         self.index_attrs(
             path,
             &new,

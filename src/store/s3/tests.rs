@@ -1443,6 +1443,61 @@ fn a_reader_reads_on_into_appends_of_its_version() {
     let _ = v2;
 }
 
+/// A reader at its version's end reads on into an append as soon as this host has told of the
+/// longer file (the kernel then reads up to that size, and a read answered short there is
+/// zeros in its page cache), not only once its last ask for a newer version is 200 ms old.
+#[test]
+fn a_reader_reads_on_at_once_into_a_size_this_host_has_told() {
+    let client = Arc::new(MemClient::new());
+    let (a, b) = (host(&client), host(&client));
+    write(a.store.as_ref(), "log", b"start\n").unwrap();
+    // (Fetched whole at its open: its version stays readable after it is replaced.)
+    let reader = b.store.open_to_read(p("log")).unwrap();
+    let mut buf = [0u8; 64];
+    assert_eq!(reader.read_appended_at(&mut buf, 0).unwrap(), 6);
+    assert_eq!(reader.read_appended_at(&mut buf, 6).unwrap(), 0);
+    let base = a.store.open(p("log")).unwrap();
+    commit_append(a.store.as_ref(), "log", &base, b"more\n", true).unwrap();
+    // B hears of the change and tells the kernel the new size (a `stat`).
+    b.store.forget(p("log"), false);
+    assert_eq!(b.store.stat(p("log")).unwrap().size, 11);
+    let n = reader.read_appended_at(&mut buf, 6).unwrap();
+    assert_eq!(&buf[..n], b"more\n");
+    // And a read across the version's end (a page the kernel reads again) goes on into it.
+    let n = reader.read_appended_at(&mut buf, 0).unwrap();
+    assert_eq!(&buf[..n], b"start\nmore\n");
+}
+
+/// Readers of two logs that began with the same bytes (so the same ETag: the MD5 of a single
+/// PUT) each read on into their own log's appends. The lineage learnt of one file's version
+/// was taken for the other's, and one reader stopped (a mount read zeros there).
+#[test]
+fn readers_of_two_logs_with_the_same_bytes_each_follow_their_own() {
+    let client = Arc::new(MemClient::new());
+    let (a, b) = (host(&client), host(&client));
+    // (In this order, each host's last word on the ETag is the other file's lineage.)
+    for name in ["two.log", "one.log"] {
+        write(a.store.as_ref(), name, b"start\n").unwrap();
+    }
+    let lineage = |name| client.metadata(&key(name)).unwrap()[super::LINEAGE].clone();
+    assert_ne!(lineage("one.log"), lineage("two.log"));
+    let mut buf = [0u8; 64];
+    let readers = ["one.log", "two.log"].map(|name| {
+        let r = b.store.open(p(name)).unwrap();
+        assert_eq!(r.read_appended_at(&mut buf, 0).unwrap(), 6);
+        r
+    });
+    for name in ["one.log", "two.log"] {
+        let base = a.store.open(p(name)).unwrap();
+        commit_append(a.store.as_ref(), name, &base, name.as_bytes(), true).unwrap();
+    }
+    std::thread::sleep(std::time::Duration::from_millis(250));
+    for (r, name) in readers.iter().zip(["one.log", "two.log"]) {
+        let n = r.read_appended_at(&mut buf, 6).unwrap();
+        assert_eq!(&buf[..n], name.as_bytes(), "{name}'s reader");
+    }
+}
+
 /// `tail -f` on another host: the kernel reads a growing file's pages again from the start,
 /// and the version the reader opened is gone by then; the newer version begins with its bytes.
 #[test]
