@@ -108,8 +108,6 @@ impl FuseAdapter {
 enum Notice {
     Attributes(u64),
     Data(u64),
-    /// Pages from an offset on.
-    DataFrom(u64, u64),
     /// Pages to drop, then something to do (a reply that must wait for it).
     DataThen(u64, Box<dyn FnOnce() + Send>),
     Entry(u64, std::ffi::OsString),
@@ -141,10 +139,6 @@ impl Notify {
                             ("attributes", notifier.inval_inode(INodeNo(ino), -1, 0))
                         }
                         Notice::Data(ino) => ("pages", notifier.inval_inode(INodeNo(ino), 0, 0)),
-                        Notice::DataFrom(ino, from) => (
-                            "pages",
-                            notifier.inval_inode(INodeNo(ino), from.min(i64::MAX as u64) as i64, 0),
-                        ),
                         Notice::Entry(parent, name) => {
                             ("entry", notifier.inval_entry(INodeNo(parent), &name))
                         }
@@ -175,10 +169,6 @@ impl crate::fs::KernelCache for Notify {
 
     fn data_changed(&self, ino: u64) {
         self.send(Notice::Data(ino));
-    }
-
-    fn data_changed_from(&self, ino: u64, offset: u64) {
-        self.send(Notice::DataFrom(ino, offset));
     }
 
     fn entry_changed(&self, parent: u64, name: &OsStr) {

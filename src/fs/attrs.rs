@@ -8,9 +8,6 @@ use crate::events::Changed;
 use crate::grant::Access;
 use crate::store::{Kind, SetAttr};
 
-/// The kernel's page size, in which it caches files.
-const PAGE: u64 = 4096;
-
 impl Fs {
     /// Attributes of `ino`.
     ///
@@ -92,42 +89,13 @@ impl Fs {
         match (path, fallback) {
             (Some(path), _) => {
                 self.allow_traverse("stat", &path)?;
-                let meta = self.store.stat(&path)?;
-                if cached_readers > 0 {
-                    self.grown_under_readers(ino, meta.size);
-                }
-                Ok(Attr::new(ino, &meta))
+                Ok(Attr::new(ino, &self.store.stat(&path)?))
             }
             (None, Some(content)) => Ok(unlinked(content.meta())),
             (None, None) => match read_lock(&self.table).removed_dir(ino) {
                 Some(meta) => Ok(unlinked(meta)),
                 None => Err(Errno::ENOENT),
             },
-        }
-    }
-
-    /// `ino`, which readers read through the page cache, is shown `size` bytes long now. Past
-    /// the end of a reader's version, the kernel holds that version's last page as it read it,
-    /// cut with zeros at that end, and keeps it once it knows of a longer file: a reader that
-    /// reads on into appends (`tail -f`) would read those zeros where the appended bytes are
-    /// (several readers racing one another's reads and the size, on S3 a few runs in ten).
-    /// So the pages from the one holding the shortest version's end on are dropped once a
-    /// longer size is shown (by the notifier thread; the kernel waits for a read under way
-    /// before it drops its page); the pages before stay.
-    fn grown_under_readers(&self, ino: Ino, size: u64) {
-        let Some(kernel) = self.kernel.get() else {
-            return;
-        };
-        let shortest = self
-            .handles_of(ino)
-            .iter()
-            .filter_map(|handle| {
-                let h = lock(handle);
-                (h.ino == ino).then(|| h.base().meta().size)
-            })
-            .min();
-        if let Some(end) = shortest.filter(|&end| end < size) {
-            kernel.data_changed_from(ino, end / PAGE * PAGE);
         }
     }
 

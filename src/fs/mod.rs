@@ -215,9 +215,6 @@ pub trait KernelCache: Send + Sync {
     fn attributes_changed(&self, ino: Ino);
     /// The content of `ino` changed: cached pages and attributes are stale.
     fn data_changed(&self, ino: Ino);
-    /// The content of `ino` from `offset` on changed (it grew): the cached pages from the one
-    /// holding `offset` on are stale, those before stay.
-    fn data_changed_from(&self, ino: Ino, offset: u64);
     /// The entry `name` in the directory `parent` changed (created, removed, renamed or
     /// replaced): the kernel must look it up again.
     fn entry_changed(&self, parent: Ino, name: &OsStr);

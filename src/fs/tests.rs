@@ -1372,48 +1372,12 @@ fn writes_to_a_file_whose_name_is_removed_go_to_its_other_names() {
     assert_eq!(s.read("f"), b"");
 }
 
-/// A reader reads a file through the page cache, and the file grows elsewhere: once `stat`
-/// shows the longer size, the kernel is told to drop the pages from the one holding the end
-/// of the reader's version on (it had them cut with zeros there), and only those.
-#[test]
-fn a_longer_size_shown_beside_readers_drops_their_last_page() {
-    struct Pages(Arc<Mutex<Vec<(Ino, u64)>>>);
-    impl KernelCache for Pages {
-        fn attributes_changed(&self, _: Ino) {}
-        fn data_changed(&self, ino: Ino) {
-            self.0.lock().unwrap().push((ino, 0));
-        }
-        fn data_changed_from(&self, ino: Ino, offset: u64) {
-            self.0.lock().unwrap().push((ino, offset));
-        }
-        fn entry_changed(&self, _: Ino, _: &OsStr) {}
-        fn data_changed_then(&self, _: Ino, then: Box<dyn FnOnce() + Send>) {
-            then()
-        }
-    }
-    for s in every_store() {
-        let told = Arc::new(Mutex::new(Vec::new()));
-        s.fs.set_kernel_cache(Box::new(Pages(told.clone())));
-        s.put("log", &[b'a'; 5000]);
-        let ino = s.fs.lookup(ROOT, name("log")).unwrap().ino;
-        let r = s.fs.open(ino, libc::O_RDONLY, CALLER).unwrap();
-        assert_eq!(s.fs.getattr(ino, None).unwrap().size, 5000);
-        assert_eq!(*told.lock().unwrap(), vec![], "nothing grew");
-        s.put("log", &[b'a'; 9000]);
-        s.store.forget(Path::new("log"), false);
-        assert_eq!(s.fs.getattr(ino, None).unwrap().size, 9000);
-        assert_eq!(*told.lock().unwrap(), vec![(ino, 4096)]);
-        s.fs.release(r.fh).unwrap();
-    }
-}
-
 /// A kernel cache that is told nothing (these tests look at the store).
 struct NoKernel;
 
 impl KernelCache for NoKernel {
     fn attributes_changed(&self, _: Ino) {}
     fn data_changed(&self, _: Ino) {}
-    fn data_changed_from(&self, _: Ino, _: u64) {}
     fn entry_changed(&self, _: Ino, _: &OsStr) {}
     fn data_changed_then(&self, _: Ino, then: Box<dyn FnOnce() + Send>) {
         then()
