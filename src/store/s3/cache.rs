@@ -104,6 +104,24 @@ fn file_name(key: &str, etag: &str) -> String {
         .collect()
 }
 
+/// Writes `from..to` of a version into `file` at the same offsets, as `fetch` hands the bytes.
+fn fill(file: &File, from: u64, to: u64, fetch: Fetch<'_>) -> io::Result<()> {
+    let mut at = from;
+    fetch(from, to, &mut |bytes: &[u8]| {
+        file.write_all_at(bytes, at)?;
+        at += bytes.len() as u64;
+        Ok(())
+    })?;
+    if at == to {
+        Ok(())
+    } else {
+        Err(io::Error::other(format!(
+            "the store sent {} bytes of {from}..{to}",
+            at - from
+        )))
+    }
+}
+
 /// Gives the open `file` the name `path` (a leftover file of that name, of an entry of the
 /// same version, is replaced: rare, versions are new at each commit).
 fn link_in(file: &File, path: &std::path::Path) -> io::Result<()> {
@@ -311,15 +329,13 @@ impl Cache {
         size: u64,
     ) -> Option<Arc<Entry>> {
         let end = size.checked_sub(tail.len() as u64)?;
-        self.grow_with(key, base, end, etag, size, true, &mut |file, at| {
-            file.write_all_at(tail, at)
-        })
+        self.grow_with(key, base, end, etag, size, true, &|_, _, write| write(tail))
     }
 
-    /// [`Cache::grow`] with the bytes past `base`'s end (`base_size`) written by `write`
-    /// (given the file and the offset to write at): this host's (`own`), or appended
-    /// elsewhere and fetched from the store (the new entry is then written here as far as
-    /// `base` was). A failed `write` leaves `base` to be grown again later.
+    /// [`Cache::grow`] with the bytes past `base`'s end (`base_size`) handed over by `fetch`
+    /// (as for any entry's chunks): this host's (`own`), or appended elsewhere and fetched
+    /// from the store (the new entry is then written here as far as `base` was). A failed
+    /// fetch leaves `base` to be grown again later.
     #[allow(clippy::too_many_arguments)]
     pub fn grow_with(
         &self,
@@ -329,7 +345,7 @@ impl Cache {
         etag: &str,
         size: u64,
         own: bool,
-        write: &mut dyn FnMut(&File, u64) -> io::Result<()>,
+        fetch: Fetch<'_>,
     ) -> Option<Arc<Entry>> {
         let old = {
             let entries = lock(&self.inner.entries);
@@ -351,7 +367,7 @@ impl Cache {
                     "the cached file is shorter than its version",
                 ));
             }
-            write(&old.file, old.size)?;
+            fill(&old.file, old.size, size, fetch)?;
             old.file.set_len(size)?;
             let path = self.inner.dir.join(file_name(key, etag));
             link_in(&old.file, &path)?;
@@ -556,22 +572,7 @@ impl Entry {
     /// missing again, if the fetch failed).
     fn load(&self, i: usize, j: usize, fetch: Fetch<'_>) -> io::Result<()> {
         let (from, to) = (i as u64 * CHUNK, (j as u64 * CHUNK).min(self.size));
-        let mut at = from;
-        let result = fetch(from, to, &mut |bytes: &[u8]| {
-            self.file.write_all_at(bytes, at)?;
-            at += bytes.len() as u64;
-            Ok(())
-        })
-        .and_then(|()| {
-            if at == to {
-                Ok(())
-            } else {
-                Err(io::Error::other(format!(
-                    "the store sent {} bytes of {from}..{to}",
-                    at - from
-                )))
-            }
-        });
+        let result = fill(&self.file, from, to, fetch);
         let mut c = lock(&self.chunks);
         for k in i..j {
             c.loading[k] = false;

@@ -180,21 +180,7 @@ impl S3Content {
             &self.etag,
             size,
             false,
-            &mut |file, mut at| {
-                use std::os::unix::fs::FileExt;
-                self.fetch(base_size, size, &mut |bytes: &[u8]| {
-                    file.write_all_at(bytes, at)?;
-                    at += bytes.len() as u64;
-                    Ok(())
-                })?;
-                if at == size {
-                    Ok(())
-                } else {
-                    Err(io::Error::other(
-                        "the store sent fewer bytes than asked for",
-                    ))
-                }
-            },
+            &|start, end, write| self.fetch(start, end, write),
         )
     }
 

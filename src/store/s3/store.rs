@@ -630,7 +630,6 @@ impl S3Store {
         let shared = self.shared().clone();
         let runner = shared.clone();
         runner.readers.run(move || {
-            use std::os::unix::fs::FileExt;
             let info = match shared.client.head(&key) {
                 Ok(info) => info,
                 Err(e) => {
@@ -659,22 +658,11 @@ impl S3Store {
                     etag,
                     info.size,
                     false,
-                    &mut |file, mut at| {
-                        let mut sink = |bytes: &[u8]| {
-                            file.write_all_at(bytes, at)?;
-                            at += bytes.len() as u64;
-                            Ok(())
-                        };
+                    &|start, end, write| {
                         client
-                            .get(&key, Some((base_size, info.size)), Some(etag), &mut sink)
-                            .map_err(io::Error::other)?;
-                        if at == info.size {
-                            Ok(())
-                        } else {
-                            Err(io::Error::other(
-                                "the store sent fewer bytes than asked for",
-                            ))
-                        }
+                            .get(&key, Some((start, end)), Some(etag), write)
+                            .map(|_| ())
+                            .map_err(io::Error::other)
                     },
                 );
                 if grown.is_some() {
