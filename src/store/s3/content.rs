@@ -186,7 +186,7 @@ impl S3Content {
 
     /// The newest version of the key that extends this one by appends (see the module docs),
     /// asking the store at most once per `metadata_ttl`, unless `now`.
-    fn follower(&self, now: bool) -> io::Result<Option<Arc<S3Content>>> {
+    pub(super) fn follower(&self, now: bool) -> io::Result<Option<Arc<S3Content>>> {
         if !now {
             let f = self.follower.lock().unwrap_or_else(|e| e.into_inner());
             // Asked again soon: a read past the end reaches the store only once the kernel

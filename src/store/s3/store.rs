@@ -2014,20 +2014,45 @@ impl Store for S3Store {
             return Ok(self.content(key, meta, None));
         }
         let etag = meta.version.tag().unwrap_or_default().to_string();
-        let content = S3Content::new(self.shared.clone(), key.clone(), etag, meta.clone(), None);
-        match content.fetch_whole() {
-            // Read from the cache entry, which the kernel may read directly.
-            Ok(true) => Ok(self.content(key, meta, None)),
-            Ok(false) => Ok(Arc::new(content)),
-            Err(e) if super::content::version_gone(&e) => {
-                log::debug!(
-                    "{key}: the version this host knew was replaced or removed; \
-                     the kernel is to look the name up again ({e})"
-                );
-                self.lookup(path)?;
-                Err(err(libc::ESTALE))
+        let mut content = Arc::new(S3Content::new(
+            self.shared.clone(),
+            key.clone(),
+            etag,
+            meta,
+            None,
+        ));
+        let mut appended = 0;
+        loop {
+            match content.fetch_whole() {
+                // Read from the cache entry, which the kernel may read directly.
+                Ok(true) => return Ok(self.content(key, content.meta().clone(), None)),
+                Ok(false) => return Ok(content),
+                Err(e) if super::content::version_gone(&e) => {
+                    // Replaced by appends (a log another host writes to, maybe faster than
+                    // this open and the kernel's one retry take): the newer version begins
+                    // with the bytes of the one the kernel knows, which the reader reads
+                    // there, and reads on (the kernel learns the longer size at its next
+                    // `stat`, as for an open reader).
+                    if appended < 8
+                        && let Some(next) = content.follower(true)?
+                    {
+                        log::debug!(
+                            "{key}: the version this host knew was appended to; \
+                             the reader opens the newer one ({} bytes)",
+                            next.meta().size
+                        );
+                        (content, appended) = (next, appended + 1);
+                        continue;
+                    }
+                    log::debug!(
+                        "{key}: the version this host knew was replaced or removed; \
+                         the kernel is to look the name up again ({e})"
+                    );
+                    self.lookup(path)?;
+                    return Err(err(libc::ESTALE));
+                }
+                Err(e) => return Err(e.into()),
             }
-            Err(e) => Err(e.into()),
         }
     }
 

@@ -2267,6 +2267,29 @@ fn a_readers_open_of_a_version_gone_is_estale_and_the_next_reads_the_new_version
     );
 }
 
+/// A reader's open of a version another host has appended to since this host learnt of it
+/// reads the newer version, which begins with the bytes the kernel knows of: no `ESTALE`,
+/// which a log appended to faster than the kernel's one retry of the open took would
+/// have given to the reader (`tail -f`, `cat` of another host's log).
+#[test]
+fn a_readers_open_of_a_version_appended_to_opens_the_newer_one() {
+    let client = Arc::new(MemClient::new());
+    let (a, b) = (host(&client), host(&client));
+    write(a.store.as_ref(), "log", b"start\n").unwrap();
+    assert_eq!(b.store.stat(p("log")).unwrap().size, 6);
+    let base = a.store.open(p("log")).unwrap();
+    let v1 = commit_append(a.store.as_ref(), "log", &base, b"one\n", true).unwrap();
+    commit_append(a.store.as_ref(), "log", &v1, b"two\n", true).unwrap();
+    assert_eq!(b.store.stat(p("log")).unwrap().size, 6, "B's TTL: 60 s");
+    let reader = b.store.open_to_read(p("log")).unwrap();
+    assert_eq!(reader.meta().size, 14);
+    assert_eq!(read(reader.as_ref()), b"start\none\ntwo\n");
+    // A rewrite is another file: the kernel must learn its size first.
+    write(a.store.as_ref(), "log", b"rewritten\n").unwrap();
+    let e = b.store.open_to_read(p("log")).err().expect("ESTALE");
+    assert_eq!(e.raw_os_error(), libc::ESTALE);
+}
+
 /// A rename whose source another host keeps rewriting (each copy's `If-Match` fails) tries
 /// again a few times before `EIO`; one whose source another host moved away is `ENOENT`
 /// (nothing half done, nothing left for a restart to finish).
