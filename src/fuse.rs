@@ -98,7 +98,11 @@ impl FuseAdapter {
 
     fn entry(&self, reply: ReplyEntry, result: Result<Attr, Errno>) {
         match result {
-            Ok(a) => reply.entry(&self.ttl(&a), &self.attr(&a), Generation(0)),
+            Ok(a) => {
+                let (ttl, attr) = (self.ttl(&a), self.attr(&a));
+                let reply = move || reply.entry(&ttl, &attr, Generation(0));
+                self.fs.show_then(&[(a.ino, a.size)], Box::new(reply));
+            }
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -108,8 +112,9 @@ impl FuseAdapter {
 enum Notice {
     Attributes(u64),
     Data(u64),
-    /// Pages to drop, then something to do (a reply that must wait for it).
-    DataThen(u64, Box<dyn FnOnce() + Send>),
+    /// Pages to drop (of each inode, from an offset on), then something to do (a reply that
+    /// must wait for it).
+    DataThen(Vec<(u64, u64)>, Box<dyn FnOnce() + Send>),
     Entry(u64, std::ffi::OsString),
 }
 
@@ -129,8 +134,17 @@ impl Notify {
             .spawn(move || {
                 for notice in rx {
                     let (what, result) = match notice {
-                        Notice::DataThen(ino, then) => {
-                            let result = notifier.inval_inode(INodeNo(ino), 0, 0);
+                        Notice::DataThen(pages, then) => {
+                            let mut result = Ok(());
+                            for (ino, from) in pages {
+                                let from = from.min(i64::MAX as u64) as i64;
+                                match notifier.inval_inode(INodeNo(ino), from, 0) {
+                                    Err(e) if e.raw_os_error() != Some(libc::ENOENT) => {
+                                        result = Err(e)
+                                    }
+                                    _ => {}
+                                }
+                            }
                             then();
                             ("pages", result)
                         }
@@ -175,8 +189,8 @@ impl crate::fs::KernelCache for Notify {
         self.send(Notice::Entry(parent, name.to_os_string()));
     }
 
-    fn data_changed_then(&self, ino: u64, then: Box<dyn FnOnce() + Send>) {
-        self.send(Notice::DataThen(ino, then));
+    fn data_changed_then(&self, pages: Vec<(u64, u64)>, then: Box<dyn FnOnce() + Send>) {
+        self.send(Notice::DataThen(pages, then));
     }
 }
 
@@ -349,7 +363,11 @@ impl Filesystem for FuseAdapter {
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
         let _turn = self.turn(FuseOp::Getattr, false);
         match self.fs.getattr(ino.0, fh.map(|f| f.0)) {
-            Ok(a) => reply.attr(&self.ttl(&a), &self.attr(&a)),
+            Ok(a) => {
+                let (ttl, attr) = (self.ttl(&a), self.attr(&a));
+                let reply = move || reply.attr(&ttl, &attr);
+                self.fs.show_then(&[(a.ino, a.size)], Box::new(reply));
+            }
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -754,18 +772,23 @@ impl Filesystem for FuseAdapter {
         mut reply: ReplyDirectoryPlus,
     ) {
         let _turn = self.turn(FuseOp::Readdirplus, offset == 0);
+        let mut shown = Vec::new();
         let result = self.fs.readdirplus(fh.0, offset, |e, a| {
-            !reply.add(
+            let full = reply.add(
                 INodeNo(a.ino),
                 e.next,
                 &e.name,
                 &self.ttl(a),
                 &self.attr(a),
                 Generation(0),
-            )
+            );
+            if !full {
+                shown.push((a.ino, a.size));
+            }
+            !full
         });
         match result {
-            Ok(()) => reply.ok(),
+            Ok(()) => self.fs.show_then(&shown, Box::new(move || reply.ok())),
             Err(e) => reply.error(errno(e)),
         }
     }

@@ -31,6 +31,42 @@ impl Fs {
         Ok(attr)
     }
 
+    /// The kernel is about to be shown `size` as the size of `ino`: returns the offset from
+    /// which it must drop its cached pages first, if any.
+    ///
+    /// A reader through the page cache that read to the end of the file left the kernel that
+    /// end's last page as it read it, cut with zeros past the end. Told of a longer file (it
+    /// grew by appends, here or on another host), the kernel sets the new size first and
+    /// drops its pages after: a reader reading in between (`tail -f`, a poller at the end)
+    /// reads those zeros where the next bytes are. So that page goes first, from a thread of
+    /// its own (the kernel waits for a read of it under way), and the attributes are sent
+    /// after. Dropping pages makes the kernel discard attributes that a request under way
+    /// brings (this reply, too: the process asking gets them, the kernel asks once more), so
+    /// the size shown is remembered and it is done once per growth, not at every `stat`.
+    /// `None` where no reader reads the file through the page cache, where the size grows
+    /// from a page boundary, or does not grow.
+    fn showing(&self, ino: Ino, size: u64) -> Option<u64> {
+        const PAGE: u64 = 4096;
+        let mut opens = lock(&self.opens);
+        let state = opens.get_mut(&ino).filter(|s| s.cached_readers > 0)?;
+        let before = state.shown.replace(size)?;
+        (size > before && before % PAGE != 0).then_some(before / PAGE * PAGE)
+    }
+
+    /// Calls `reply`, which shows the kernel the attributes `shown` (inode, size) of files, once
+    /// it dropped the pages it must drop before it learns them (see [`Fs::showing`]): at once
+    /// where none.
+    pub fn show_then(&self, shown: &[(Ino, u64)], reply: Box<dyn FnOnce() + Send>) {
+        let pages: Vec<_> = shown
+            .iter()
+            .filter_map(|&(ino, size)| Some((ino, self.showing(ino, size)?)))
+            .collect();
+        match self.kernel.get() {
+            Some(kernel) if !pages.is_empty() => kernel.data_changed_then(pages, reply),
+            _ => reply(),
+        }
+    }
+
     /// The open handles of `ino`.
     fn handles_of(&self, ino: Ino) -> Vec<Arc<Mutex<FileHandle>>> {
         let fhs = lock(&self.opens)

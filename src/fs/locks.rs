@@ -178,13 +178,10 @@ impl Fs {
                 drop_pages.extend(self.look_afresh(db));
             }
         }
-        match (drop_pages.pop(), self.kernel.get()) {
-            (Some(last), Some(kernel)) => {
-                // In order: once the last is done, so are the others.
-                for ino in drop_pages {
-                    kernel.data_changed(ino);
-                }
-                kernel.data_changed_then(last, Box::new(|| reply(Ok(()))));
+        match self.kernel.get() {
+            Some(kernel) if !drop_pages.is_empty() => {
+                let pages = drop_pages.into_iter().map(|ino| (ino, 0)).collect();
+                kernel.data_changed_then(pages, Box::new(|| reply(Ok(()))));
             }
             _ => reply(Ok(())),
         }

@@ -198,6 +198,9 @@ struct OpenState {
     cached_lockers: u32,
     /// The committed version the kernel's cached pages hold, if known.
     cached_version: Option<Version>,
+    /// The size the kernel was last shown of this inode while readers read it through the
+    /// page cache (see [`Fs::showing`]).
+    shown: Option<u64>,
     /// The handle that read-write opens without `O_TRUNC`/`O_APPEND` share, and how many of
     /// the open file handles are it.
     shared: Option<(Arc<Mutex<FileHandle>>, u32)>,
@@ -218,9 +221,10 @@ pub trait KernelCache: Send + Sync {
     /// The entry `name` in the directory `parent` changed (created, removed, renamed or
     /// replaced): the kernel must look it up again.
     fn entry_changed(&self, parent: Ino, name: &OsStr);
-    /// Like `data_changed`, then calls `then` once the kernel dropped the pages (a reply that
-    /// must not go out before: see `fs::locks`).
-    fn data_changed_then(&self, ino: Ino, then: Box<dyn FnOnce() + Send>);
+    /// The content of each `(ino, from)` changed from offset `from` on: the kernel drops its
+    /// cached pages from the one holding `from` on (and the attributes). Calls `then` once it
+    /// did (a reply that must not go out before: see `fs::locks`, `Fs::show_then`).
+    fn data_changed_then(&self, pages: Vec<(Ino, u64)>, then: Box<dyn FnOnce() + Send>);
 }
 
 /// A mounted space: the space (its store, limits and other mounts) plus the state of the

@@ -222,6 +222,7 @@ impl Fs {
                     let keep = state.cached_version.as_ref() == Some(&version);
                     state.cached_version = Some(version);
                     state.cached_readers += 1;
+                    state.shown.get_or_insert(meta.size);
                     (false, keep, false, passing, only)
                 }
             }
@@ -421,6 +422,9 @@ impl Fs {
                 state.readers -= 1;
                 if !h.direct_io {
                     state.cached_readers -= 1;
+                    if state.cached_readers == 0 {
+                        state.shown = None;
+                    }
                     if h.locker {
                         state.cached_lockers -= 1;
                     }

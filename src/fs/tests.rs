@@ -1372,6 +1372,57 @@ fn writes_to_a_file_whose_name_is_removed_go_to_its_other_names() {
     assert_eq!(s.read("f"), b"");
 }
 
+/// A file read through the page cache grows elsewhere: before the kernel is shown the longer
+/// size, it drops its pages from the one the shorter size ended in (cached cut with zeros
+/// there, and read as such in the moment between the kernel setting the size and dropping its
+/// pages), and only those; once per growth (dropping pages makes the kernel discard the reply
+/// under way, which must not happen at every `stat`), not from a page boundary, and not
+/// without such readers.
+#[test]
+fn a_longer_size_is_shown_beside_cached_readers_only_once_their_last_page_is_dropped() {
+    #[derive(Default)]
+    struct Pages(Mutex<Vec<String>>);
+    impl KernelCache for Arc<Pages> {
+        fn attributes_changed(&self, _: Ino) {}
+        fn data_changed(&self, _: Ino) {}
+        fn entry_changed(&self, _: Ino, _: &OsStr) {}
+        fn data_changed_then(&self, pages: Vec<(Ino, u64)>, then: Box<dyn FnOnce() + Send>) {
+            self.0.lock().unwrap().push(format!("drop {pages:?}"));
+            then()
+        }
+    }
+    for s in every_store() {
+        let told = Arc::new(Pages::default());
+        s.fs.set_kernel_cache(Box::new(told.clone()));
+        let show = |ino, size| {
+            let told2 = told.clone();
+            s.fs.show_then(
+                &[(ino, size)],
+                Box::new(move || told2.0.lock().unwrap().push(format!("reply {size}"))),
+            );
+            std::mem::take(&mut *told.0.lock().unwrap()).join(", ")
+        };
+        s.put("log", &[b'a'; 5000]);
+        let ino = s.fs.lookup(ROOT, name("log")).unwrap().ino;
+        assert_eq!(show(ino, 9000), "reply 9000", "no reader open");
+        let r = s.fs.open(ino, libc::O_RDONLY, CALLER).unwrap();
+        assert_eq!(show(ino, 5000), "reply 5000");
+        s.put("log", &[b'a'; 9000]);
+        s.store.forget(Path::new("log"), false);
+        let size = s.fs.getattr(ino, None).unwrap().size;
+        assert_eq!(size, 9000);
+        assert_eq!(show(ino, size), format!("drop [({ino}, 4096)], reply 9000"));
+        assert_eq!(show(ino, size), "reply 9000", "once");
+        assert_eq!(
+            show(ino, 12288),
+            format!("drop [({ino}, 8192)], reply 12288")
+        );
+        assert_eq!(show(ino, 13000), "reply 13000", "from a page boundary");
+        s.fs.release(r.fh).unwrap();
+        assert_eq!(show(ino, 20000), "reply 20000", "no reader open");
+    }
+}
+
 /// A kernel cache that is told nothing (these tests look at the store).
 struct NoKernel;
 
@@ -1379,7 +1430,7 @@ impl KernelCache for NoKernel {
     fn attributes_changed(&self, _: Ino) {}
     fn data_changed(&self, _: Ino) {}
     fn entry_changed(&self, _: Ino, _: &OsStr) {}
-    fn data_changed_then(&self, _: Ino, then: Box<dyn FnOnce() + Send>) {
+    fn data_changed_then(&self, _: Vec<(Ino, u64)>, then: Box<dyn FnOnce() + Send>) {
         then()
     }
 }
