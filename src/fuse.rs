@@ -98,11 +98,7 @@ impl FuseAdapter {
 
     fn entry(&self, reply: ReplyEntry, result: Result<Attr, Errno>) {
         match result {
-            Ok(a) => {
-                let (ttl, attr) = (self.ttl(&a), self.attr(&a));
-                let reply = move || reply.entry(&ttl, &attr, Generation(0));
-                self.fs.show_then(&[(a.ino, a.size)], Box::new(reply));
-            }
+            Ok(a) => reply.entry(&self.ttl(&a), &self.attr(&a), Generation(0)),
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -121,16 +117,33 @@ enum Notice {
 /// Tells the kernel about changes through FUSE notifications, sent by a thread of its own:
 /// the core queues them from request handlers and with locks held, and a notification may
 /// wait for the kernel (dropping pages waits on their locks, an entry on its directory's),
-/// which may be waiting for a request that waits for such a lock.
-pub struct Notify(std::sync::mpsc::Sender<Notice>);
+/// which may be waiting for a request that waits for such a lock. Pages a reply waits for
+/// (`DataThen`) are dropped by a second thread: behind an entry's invalidation, which waits
+/// for its directory's lock, such a reply would wait for a lookup holding that lock too.
+pub struct Notify {
+    notices: std::sync::mpsc::Sender<Notice>,
+    replies: std::sync::mpsc::Sender<Notice>,
+}
 
 impl Notify {
     /// Starts the notifier thread for the mount whose notifier is `notifier`; it ends when
     /// the mount's core drops this.
     pub fn start(notifier: fuser::Notifier) -> std::io::Result<Notify> {
-        let (tx, rx) = std::sync::mpsc::channel::<Notice>();
+        let (notices, rx) = std::sync::mpsc::channel::<Notice>();
+        Self::serve("roomfs-notify", notifier.clone(), rx)?;
+        let (replies, rx) = std::sync::mpsc::channel::<Notice>();
+        Self::serve("roomfs-pages", notifier, rx)?;
+        Ok(Notify { notices, replies })
+    }
+
+    /// Starts a thread `name` sending the notices of `rx` to the kernel.
+    fn serve(
+        name: &str,
+        notifier: fuser::Notifier,
+        rx: std::sync::mpsc::Receiver<Notice>,
+    ) -> std::io::Result<()> {
         std::thread::Builder::new()
-            .name("roomfs-notify".into())
+            .name(name.into())
             .spawn(move || {
                 for notice in rx {
                     let (what, result) = match notice {
@@ -165,12 +178,16 @@ impl Notify {
                     }
                 }
             })?;
-        Ok(Notify(tx))
+        Ok(())
     }
 
     fn send(&self, notice: Notice) {
-        // The thread only ends with the mount; what waited for it is done now.
-        if let Err(std::sync::mpsc::SendError(Notice::DataThen(_, then))) = self.0.send(notice) {
+        let queue = match notice {
+            Notice::DataThen(..) => &self.replies,
+            _ => &self.notices,
+        };
+        // The threads only end with the mount; what waited for them is done now.
+        if let Err(std::sync::mpsc::SendError(Notice::DataThen(_, then))) = queue.send(notice) {
             then();
         }
     }
@@ -364,6 +381,8 @@ impl Filesystem for FuseAdapter {
         let _turn = self.turn(FuseOp::Getattr, false);
         match self.fs.getattr(ino.0, fh.map(|f| f.0)) {
             Ok(a) => {
+                // Only here: the kernel asks for attributes holding no directory's lock (a
+                // lookup holds its directory's, which an entry's invalidation waits for).
                 let (ttl, attr) = (self.ttl(&a), self.attr(&a));
                 let reply = move || reply.attr(&ttl, &attr);
                 self.fs.show_then(&[(a.ino, a.size)], Box::new(reply));
@@ -772,23 +791,18 @@ impl Filesystem for FuseAdapter {
         mut reply: ReplyDirectoryPlus,
     ) {
         let _turn = self.turn(FuseOp::Readdirplus, offset == 0);
-        let mut shown = Vec::new();
         let result = self.fs.readdirplus(fh.0, offset, |e, a| {
-            let full = reply.add(
+            !reply.add(
                 INodeNo(a.ino),
                 e.next,
                 &e.name,
                 &self.ttl(a),
                 &self.attr(a),
                 Generation(0),
-            );
-            if !full {
-                shown.push((a.ino, a.size));
-            }
-            !full
+            )
         });
         match result {
-            Ok(()) => self.fs.show_then(&shown, Box::new(move || reply.ok())),
+            Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(e)),
         }
     }
