@@ -629,6 +629,19 @@ fn tail_f_in_another_process_follows_output_written_through_another_mount() {
     assert!(writer.wait().unwrap().success());
 }
 
+/// Readers polling a log at its end through one mount read every line another mount appends,
+/// never a zero byte: before the kernel is shown the longer size, it drops the last page it
+/// cached of the shorter one (cut with zeros there).
+#[test]
+fn readers_in_one_mount_read_what_another_appends_and_never_zeros() {
+    let d = Daemon::start();
+    let a = d.dir("a");
+    d.mount(&["--room", "r1"], &a);
+    let ext = Standalone::start(&d.data, &d.dir("ext"), &["--room", "r1"]);
+    fs::write(a.join("poll.log"), b"").unwrap();
+    common::append_beside_polling_readers(&a.join("poll.log"), &ext.mnt.join("poll.log"));
+}
+
 /// A `roomfs events --follow ARGS` whose lines are read as they come; its stderr kept.
 struct Follower {
     child: Child,

@@ -858,6 +858,62 @@ pub fn cstr(p: &Path) -> CString {
     CString::new(p.as_os_str().as_bytes()).unwrap()
 }
 
+/// Appends 120 lines to the log at `written` (one open file, each line `fsync`ed, 10-100 ms
+/// apart) while three readers of `read` (the same log through another mount or host) poll it
+/// at its end: each must read exactly the log, every line and never a byte that is not the
+/// log's (the zeros of a page the kernel cached cut at an earlier end), within 60 s.
+pub fn append_beside_polling_readers(written: &Path, read: &Path) {
+    use std::io::Write;
+    const LINES: usize = 120;
+    let reader = r#"
+import os, sys, time
+path, lines = sys.argv[1], int(sys.argv[2])
+want = ''.join(f'line {i:04} ' + 'y' * (i % 53) + '\n' for i in range(lines)).encode()
+got = b''
+deadline = time.time() + 60
+fd = os.open(path, os.O_RDONLY)
+while len(got) < len(want) and time.time() < deadline:
+    chunk = os.read(fd, 1 << 16)
+    if chunk:
+        got += chunk
+        if got != want[:len(got)]:
+            bad = next(i for i in range(len(got)) if got[i:i+1] != want[i:i+1])
+            sys.exit(f'at byte {bad}: read {got[bad:bad+48]!r}, the log has {want[bad:bad+48]!r}')
+if got != want:
+    sys.exit(f'read {len(got)} of {len(want)} bytes in 60 s')
+"#;
+    let readers: Vec<_> = (0..3)
+        .map(|_| {
+            Command::new("python3")
+                .arg("-c")
+                .arg(reader)
+                .arg(read)
+                .arg(LINES.to_string())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let mut log = std::fs::OpenOptions::new()
+        .append(true)
+        .open(written)
+        .unwrap();
+    for i in 0..LINES {
+        writeln!(log, "line {i:04} {}", "y".repeat(i % 53)).unwrap();
+        log.sync_all().unwrap();
+        std::thread::sleep(Duration::from_millis(10 + (i as u64 * 37) % 91));
+    }
+    drop(log);
+    for r in readers {
+        let out = r.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "a reader: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
 /// Runs `tail -n +1 -f NAME` in `dir` and returns its first `n` lines (each within 10 s,
 /// else panics naming `what`); the `tail` is stopped before returning.
 pub fn tail_f(dir: &Path, name: &str, n: usize, what: &str) -> Vec<String> {

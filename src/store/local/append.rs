@@ -19,8 +19,11 @@
 //!   not at all (a process killed meanwhile finishes the system call; the check for a fatal
 //!   signal comes only between pages), and the file's size grows only once the bytes are in,
 //!   so readers see the file before or after it. The `flock` still keeps other appenders out.
-//! - Power loss: durable commits (fsync, `--sync-on-close`) do not come here; they copy and
-//!   exchange, as before.
+//! - Power loss: a durable append (`fsync`, `--sync-on-close`) syncs the marker's directory
+//!   before the tail is written, then the file, then removes the marker and syncs its directory
+//!   again (a marker coming back after a power cut would cut a durable append off); a tail
+//!   within one page syncs the file. Until the append returns, a power cut leaves the file
+//!   before or after it; a sync that fails takes the tail back out.
 
 use std::fs::File;
 use std::io;
@@ -65,8 +68,9 @@ impl AppendMark {
 
 /// Appends `tail` to the committed file `target`, which must still be the object
 /// `(dev, ino)` of size `size`. `marker` names the crash marker (a fresh name in the staging
-/// directory `staging`, on the same filesystem). Returns the file (open for reading) when the tail
-/// is in, `None` when the file is not in the expected state or another appender holds it.
+/// directory `staging`, on the same filesystem); `durable`: on disk before it returns. Returns
+/// the file (open for reading) when the tail is in, `None` when the file is not in the
+/// expected state or another appender holds it.
 pub fn append_in_place(
     target: &At,
     (dev, ino): (u64, u64),
@@ -74,11 +78,12 @@ pub fn append_in_place(
     tail: &[u8],
     staging: &Dir,
     marker: impl FnOnce(&AppendMark) -> String,
+    durable: bool,
 ) -> io::Result<Option<File>> {
     let Some(file) = open_for_change(target) else {
         return Ok(None);
     };
-    let result = append_locked(&file, (dev, ino), size, tail, staging, marker);
+    let result = append_locked(&file, (dev, ino), size, tail, staging, marker, durable);
     unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_UN) };
     Ok(result?.then_some(file))
 }
@@ -90,6 +95,7 @@ fn append_locked(
     tail: &[u8],
     staging: &Dir,
     marker: impl FnOnce(&AppendMark) -> String,
+    durable: bool,
 ) -> io::Result<bool> {
     let now = file.metadata()?;
     // A second link is another appender's marker (alive, or dead and not yet rolled back).
@@ -107,7 +113,9 @@ fn append_locked(
     };
     if within_one_page(size, tail.len()) {
         // Whole or not at all (see the module docs): no marker to make and remove.
-        if let Err(e) = file.write_all_at(tail, size) {
+        let written = file.write_all_at(tail, size);
+        let synced = written.and_then(|()| if durable { file.sync_all() } else { Ok(()) });
+        if let Err(e) = synced {
             if let Err(undo) = roll_back(file, &mark) {
                 log::error!(
                     "append to {} failed ({e}) and could not be undone ({undo})",
@@ -119,13 +127,18 @@ fn append_locked(
         return Ok(true);
     }
     let marker = marker(&mark);
+    let remove = || staging.at(Path::new(&marker)).and_then(|at| unlink(&at));
     if let Err(e) = link_open_file(file, staging, &marker) {
         log::debug!("no crash marker for an in-place append ({e}): copying instead");
         return Ok(false);
     }
+    if durable && let Err(e) = staging.sync() {
+        let _ = remove();
+        return Err(e);
+    }
     let written = file.write_all_at(tail, size);
-    let remove = || staging.at(Path::new(&marker)).and_then(|at| unlink(&at));
-    let done = written.and_then(|()| remove());
+    let synced = written.and_then(|()| if durable { file.sync_all() } else { Ok(()) });
+    let done = synced.and_then(|()| remove());
     if let Err(e) = done {
         // Take the tail back out; if that fails too, the marker stays for the next start.
         match roll_back(file, &mark) {
@@ -139,6 +152,10 @@ fn append_locked(
             ),
         }
         return Err(e);
+    }
+    if durable {
+        // The tail is on disk; its marker must not come back after a power cut.
+        staging.sync()?;
     }
     Ok(true)
 }
@@ -249,7 +266,7 @@ mod tests {
 
         // Wrong size: somebody appended meanwhile.
         assert!(
-            append_in_place(&at(), id, 3, b"x", &held, marker)
+            append_in_place(&at(), id, 3, b"x", &held, marker, false)
                 .unwrap()
                 .is_none()
         );
@@ -260,7 +277,7 @@ mod tests {
             0
         );
         assert!(
-            append_in_place(&at(), id, 4, b"x", &held, marker)
+            append_in_place(&at(), id, 4, b"x", &held, marker, false)
                 .unwrap()
                 .is_none()
         );
@@ -268,14 +285,14 @@ mod tests {
         // A marker (second link) of an unfinished append.
         fs::hard_link(&target, dir.path().join("stale")).unwrap();
         assert!(
-            append_in_place(&at(), id, 4, b"x", &held, marker)
+            append_in_place(&at(), id, 4, b"x", &held, marker, false)
                 .unwrap()
                 .is_none()
         );
         fs::remove_file(dir.path().join("stale")).unwrap();
         assert_eq!(fs::read(&target).unwrap(), b"one\n");
 
-        let file = append_in_place(&at(), id, 4, b"two\n", &held, marker)
+        let file = append_in_place(&at(), id, 4, b"two\n", &held, marker, false)
             .unwrap()
             .expect("appended");
         assert_eq!(fs::read(&target).unwrap(), b"one\ntwo\n");

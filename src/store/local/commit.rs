@@ -19,7 +19,7 @@
 //!   moved on, the base and the bytes replace it whole. While another append is under way (in
 //!   this process or another), the commit retries for up to 10 ms, then appends through a
 //!   working copy of the current version (which can lose a racing append of another process).
-//!   Durable appends always go through a working copy. Within this process, append commits to
+//!   Durable appends go in place too, synced (see `append`). Within this process, append commits to
 //!   one file take turns.
 
 use std::any::Any;
@@ -289,7 +289,7 @@ impl LocalStore {
         let mut tries = 0;
         for attempt in 1..=APPEND_RETRIES {
             tries = attempt;
-            if !durable && let Some(content) = self.append_here(&current, path, tail)? {
+            if let Some(content) = self.append_here(&current, path, tail, durable)? {
                 return Ok(Committed {
                     content,
                     replaced_size: current.meta().size,
@@ -304,7 +304,7 @@ impl LocalStore {
                 false
             };
             followed |= moved;
-            if durable || attempt == APPEND_RETRIES {
+            if attempt == APPEND_RETRIES {
                 break;
             }
             if !moved {
@@ -339,6 +339,7 @@ impl LocalStore {
         base: &Arc<dyn Content>,
         path: &Path,
         tail: &[u8],
+        durable: bool,
     ) -> StoreResult<Option<Arc<dyn Content>>> {
         let Some(base) = local(base) else {
             return Ok(None);
@@ -357,6 +358,7 @@ impl LocalStore {
             tail,
             self.staging.dir(),
             marker,
+            durable,
         )?;
         Ok(match appended {
             Some(file) => {

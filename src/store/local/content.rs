@@ -94,6 +94,28 @@ impl LocalContent {
     }
 }
 
+impl LocalContent {
+    /// The file's size once the append (or patch) under way on it is in: its appender holds
+    /// the file's `flock` until then (moments; with `fsync`, a few milliseconds). The kernel
+    /// may have been shown the longer size already (a `stat` during the append), and a read
+    /// answered short of it leaves it zeros in its cached page. `None` when the marker outlived
+    /// its process (the next start undoes that append).
+    fn size_once_settled(&self) -> io::Result<Option<u64>> {
+        let fd = self.file.as_raw_fd();
+        // SAFETY: a valid descriptor; flock touches no memory.
+        while unsafe { libc::flock(fd, libc::LOCK_SH) } != 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EINTR) {
+                return Err(e);
+            }
+        }
+        let size = self.settled_size();
+        // SAFETY: as above.
+        unsafe { libc::flock(fd, libc::LOCK_UN) };
+        size
+    }
+}
+
 impl Content for LocalContent {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
         if self.linked(offset, buf.len())? {
@@ -111,7 +133,10 @@ impl Content for LocalContent {
         if self.linked(offset, buf.len())? {
             return self.file.read_at(buf, offset);
         }
-        let size = self.settled_size()?.unwrap_or(0);
+        let size = match self.settled_size()? {
+            Some(size) => size,
+            None => self.size_once_settled()?.unwrap_or(0),
+        };
         self.read_before(buf, offset, size.max(self.meta.size))
     }
 
