@@ -55,7 +55,9 @@ impl Fs {
 
     /// Calls `reply`, which shows the kernel the attributes `shown` (inode, size) of files, once
     /// it dropped the pages it must drop before it learns them (see [`Fs::showing`]): at once
-    /// where none.
+    /// where none. Only for replies the kernel waits for holding no directory's lock (`getattr`):
+    /// a lookup's reply held back here once waited behind an entry's invalidation, which waited
+    /// for the lookup's own directory lock, and the mount hung.
     pub fn show_then(&self, shown: &[(Ino, u64)], reply: Box<dyn FnOnce() + Send>) {
         let pages: Vec<_> = shown
             .iter()
