@@ -308,12 +308,18 @@ impl SeaweedFs {
             make_certificates(&s.tls_dir());
         }
         // Another process may take one of the ports between `Ports::pick` and `weed`'s bind;
-        // `weed` then exits at once, and new ports are tried.
+        // `weed` then exits at once ("not available" from its own check, or the bind's
+        // "address already in use" from a later component's listener), and new ports are tried.
         for attempt in 1.. {
             s.spawn();
             match s.wait_ready(true) {
                 Ok(()) => return s,
-                Err(status) if attempt < 3 && s.log().contains("not available") => {
+                Err(status)
+                    if attempt < 3
+                        && ["not available", "address already in use"]
+                            .iter()
+                            .any(|taken| s.log().contains(taken)) =>
+                {
                     eprintln!("weed mini exited ({status}), a port was taken: new ports");
                     s.child = None;
                     s.ports = Ports::pick();
