@@ -101,17 +101,10 @@ impl LocalContent {
     /// answered short of it leaves it zeros in its cached page. `None` when the marker outlived
     /// its process (the next start undoes that append).
     fn size_once_settled(&self) -> io::Result<Option<u64>> {
-        let fd = self.file.as_raw_fd();
-        // SAFETY: a valid descriptor; flock touches no memory.
-        while unsafe { libc::flock(fd, libc::LOCK_SH) } != 0 {
-            let e = io::Error::last_os_error();
-            if e.raw_os_error() != Some(libc::EINTR) {
-                return Err(e);
-            }
-        }
+        super::flock_waiting(&self.file, libc::LOCK_SH)?;
         let size = self.settled_size();
-        // SAFETY: as above.
-        unsafe { libc::flock(fd, libc::LOCK_UN) };
+        // SAFETY: a valid descriptor; flock touches no memory.
+        unsafe { libc::flock(self.file.as_raw_fd(), libc::LOCK_UN) };
         size
     }
 }

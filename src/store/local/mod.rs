@@ -132,21 +132,14 @@ impl LocalStore {
     /// or patch. One under way holds the file's `flock` (wait for it to end); one whose process
     /// died is finished or undone first. Either way the attributes are of a whole version.
     fn settled(&self, file: &File) -> io::Result<libc::stat> {
-        let fd = file.as_raw_fd();
-        // SAFETY: a valid descriptor; flock touches no memory.
-        while unsafe { libc::flock(fd, libc::LOCK_SH) } != 0 {
-            let e = io::Error::last_os_error();
-            if e.raw_os_error() != Some(libc::EINTR) {
-                return Err(e);
-            }
-        }
+        flock_waiting(file, libc::LOCK_SH)?;
         let mut st = fstat(file);
         if st.as_ref().is_ok_and(|st| st.st_nlink > 1) {
             self.staging.recover_stale();
             st = fstat(file);
         }
-        // SAFETY: as above.
-        unsafe { libc::flock(fd, libc::LOCK_UN) };
+        // SAFETY: a valid descriptor; flock touches no memory.
+        unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_UN) };
         st
     }
 
@@ -179,6 +172,19 @@ pub fn test_store(data: &Path) -> LocalStore {
     let (backend, _) = LocalBackend::open(data).unwrap();
     let room = crate::space::SpaceId::new(crate::space::SpaceKind::Room, "r").unwrap();
     backend.open_space(&room, Some(None)).unwrap()
+}
+
+/// Takes the `flock` `op` (`LOCK_SH`, `LOCK_EX`) of `file`, waiting for whoever holds a
+/// conflicting one (an appender or patcher of the data dir: moments).
+fn flock_waiting(file: &File, op: libc::c_int) -> io::Result<()> {
+    // SAFETY: a valid descriptor; flock touches no memory.
+    while unsafe { libc::flock(file.as_raw_fd(), op) } != 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EINTR) {
+            return Err(e);
+        }
+    }
+    Ok(())
 }
 
 fn cstr(path: &Path) -> io::Result<CString> {

@@ -396,13 +396,7 @@ pub fn rewrite_in_place(
     if !file.metadata()?.is_file() {
         return Err(io::Error::from_raw_os_error(libc::EISDIR));
     }
-    // SAFETY: a valid descriptor; flock touches no memory.
-    while unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
-        let e = io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::EINTR) {
-            return Err(e);
-        }
-    }
+    super::flock_waiting(&file, libc::LOCK_EX)?;
     let to = staged.metadata()?.len();
     let mark = RewriteMark { to };
     let marker = marker(&mark);
